@@ -1,0 +1,30 @@
+"""stripe-mock (Stripe's own API mock) on a free loopback port, for tests and `make dev`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from iotistic_billing.devenv.controlplane import find_binary
+from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
+
+
+class StripeMock:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> StripeMock:
+        argv = [str(find_binary("stripe-mock")), "-http-addr", f"127.0.0.1:{self.port}"]
+        self.process = ManagedProcess("stripe-mock", argv, self.workdir / "stripe-mock.log")
+        wait_for_port(self.port, timeout, self.process.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
