@@ -76,5 +76,7 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
-            problems.append(f"{variable}: {error['msg']} (got {error.get('input')!r})")
+            secret = any(word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL"))
+            shown = "" if secret else f" (got {error.get('input')!r})"
+            problems.append(f"{variable}: {error['msg']}{shown}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -11,6 +11,12 @@ work="$root/.cache/tools"
 mkdir -p "$bin" "$work"
 export GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
+# Go's download chatter goes to a log; it is printed only when a step fails.
+run() {
+  local log="$work/build.log"
+  "$@" >>"$log" 2>&1 || { echo "failed: $*" >&2; tail -n 60 "$log" >&2; exit 1; }
+}
+
 fresh() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.stamp-$1" 2>/dev/null)" = "$2" ]; }
 stamp() { echo "$2" >"$bin/.stamp-$1"; }
 
@@ -24,7 +30,7 @@ build_kube_apiserver() {
   mkdir -p "$dir"
   (
     cd "$dir"
-    [ -f go.mod ] || go mod init local/kube-build >/dev/null 2>&1
+    [ -f go.mod ] || run go mod init local/kube-build
     # k8s.io/kubernetes requires its staging modules at v0.0.0; map each to the published release.
     local gomod
     gomod=$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
@@ -39,14 +45,14 @@ package tools
 
 import _ "k8s.io/kubernetes/cmd/kube-apiserver"
 GO
-    go get "k8s.io/kubernetes@$v" >/dev/null
-    go mod tidy >/dev/null
+    run go get "k8s.io/kubernetes@$v"
+    run go mod tidy
     local vpkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
     local ld="-s -w"
     for p in $vpkg $cpkg; do
       ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
     done
-    go build -trimpath -ldflags "$ld" -o "$bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+    run go build -trimpath -ldflags "$ld" -o "$bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
   )
   stamp kube-apiserver "$v"
 }
@@ -59,7 +65,7 @@ build_etcd() {
   mkdir -p "$dir"
   (
     cd "$dir"
-    [ -f go.mod ] || go mod init local/etcd-build >/dev/null 2>&1
+    [ -f go.mod ] || run go mod init local/etcd-build
     cat >tools.go <<GO
 //go:build tools
 
@@ -67,9 +73,9 @@ package tools
 
 import _ "go.etcd.io/etcd/server/v3"
 GO
-    go get "go.etcd.io/etcd/server/v3@$v" >/dev/null
-    go mod tidy >/dev/null
-    go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+    run go get "go.etcd.io/etcd/server/v3@$v"
+    run go mod tidy
+    run go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
   )
   stamp etcd "$v"
 }
@@ -78,7 +84,7 @@ build_stripe_mock() {
   local v=$STRIPE_MOCK_VERSION
   fresh stripe-mock "$v" && return 0
   echo "building stripe-mock $v"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "github.com/stripe/stripe-mock@$v"
+  run env GOBIN="$bin" go install -trimpath -ldflags "-s -w" "github.com/stripe/stripe-mock@$v"
   stamp stripe-mock "$v"
 }
 

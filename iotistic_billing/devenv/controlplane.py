@@ -87,6 +87,9 @@ class ControlPlane:
         service_account_key(self.certs)
         self._ca = ca
         self._admin = ca.issue("admin", organizations=("system:masters",))
+        (self.certs / "admin.crt").write_bytes(self._admin.cert_pem)
+        (self.certs / "admin.key").write_bytes(self._admin.key_pem)
+        (self.certs / "admin.key").chmod(0o600)
 
     def _start_etcd(self, timeout: float) -> None:
         client_port, peer_port = free_port(), free_port()
@@ -105,7 +108,9 @@ class ControlPlane:
         ]
         self.etcd = ManagedProcess("etcd", argv, self.workdir / "etcd.log")
         wait_for_port(client_port, timeout, self.etcd.process)
-        self._wait_http(f"{self.etcd_url}/health", timeout, self.etcd, lambda body: b'"health":"true"' in body)
+        self._wait_http(
+            f"{self.etcd_url}/health", timeout, self.etcd, lambda body: b'"health":"true"' in body
+        )
 
     def _apiserver_argv(self) -> list[str]:
         return [
@@ -132,7 +137,9 @@ class ControlPlane:
     def _start_apiserver(self, timeout: float) -> None:
         if not self.api_port:
             self.api_port = free_port()
-        self.apiserver = ManagedProcess("kube-apiserver", self._apiserver_argv(), self.workdir / "apiserver.log")
+        self.apiserver = ManagedProcess(
+            "kube-apiserver", self._apiserver_argv(), self.workdir / "apiserver.log"
+        )
         self._write_kubeconfig(self.kubeconfig, self._admin_pair(), "admin")
         # /readyz includes the RBAC bootstrap roles and the default namespace.
         self._wait_http(f"{self.url}/readyz", timeout, self.apiserver, lambda body: body.strip() == b"ok")
@@ -173,8 +180,13 @@ class ControlPlane:
                 }
             ],
             "users": [
-                {"name": user, "user": {"client-certificate-data": b64(pair.cert_pem),
-                                        "client-key-data": b64(pair.key_pem)}}
+                {
+                    "name": user,
+                    "user": {
+                        "client-certificate-data": b64(pair.cert_pem),
+                        "client-key-data": b64(pair.key_pem),
+                    },
+                }
             ],
             "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
             "current-context": "local",
@@ -184,34 +196,28 @@ class ControlPlane:
 
     def _ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
-        pair = self._admin_pair()
-        cert, key = self.certs / "admin.crt", self.certs / "admin.key"
-        if not cert.exists():
-            cert.write_bytes(pair.cert_pem)
-            key.write_bytes(pair.key_pem)
-            key.chmod(0o600)
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(str(self.certs / "admin.crt"), str(self.certs / "admin.key"))
         return context
 
     def get(self, path: str) -> Any:
         """GET a path of the API server as admin and decode the JSON (used for version and health)."""
-        with urllib.request.urlopen(self.url + path, context=self._ssl_context(), timeout=10) as response:
+        with urllib.request.urlopen(self.url + path, context=self._ssl_context(), timeout=10) as response:  # noqa: S310
             return json.loads(response.read())
 
     def version(self) -> str:
         return str(self.get("/version")["gitVersion"])
 
-    def _wait_http(
-        self, url: str, timeout: float, process: ManagedProcess, ok: Any
-    ) -> None:
+    def _wait_http(self, url: str, timeout: float, process: ManagedProcess, ok: Any) -> None:
         deadline = time.monotonic() + timeout
         context = self._ssl_context() if url.startswith("https") else None
         last = ""
         while time.monotonic() < deadline:
             if not process.running():
-                raise RuntimeError(f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}")
+                raise RuntimeError(
+                    f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
+                )
             try:
-                with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310 - http(s) only
                     body = response.read()
                     if ok(body):
                         return

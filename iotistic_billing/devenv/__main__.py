@@ -1,0 +1,151 @@
+"""`make dev`: PostgreSQL, a local control plane, stripe-mock, the CRDs, then `ready`; Ctrl-C stops it all.
+
+Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so a second run starts
+again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from iotistic_billing.db import migrate
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
+from iotistic_billing.devenv.stripe_mock import StripeMock
+
+REPO = REPO_BIN.parent
+DATABASE = "billing"
+DEV_PRICES = {
+    "STRIPE_PRICE_STARTER": "price_dev_starter",
+    "STRIPE_PRICE_PROFESSIONAL": "price_dev_professional",
+    "STRIPE_PRICE_ENTERPRISE": "price_dev_enterprise",
+}
+
+
+def _kept_secret(path: Path, make: str) -> str:
+    """A generated secret that survives restarts, so tokens in scripts stay valid."""
+    if not path.exists():
+        path.write_text(make)
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    path.write_text("".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items()))
+    path.chmod(0o600)
+
+
+class DevEnvironment:
+    def __init__(self, state: Path, use_existing_cluster: bool, port: int) -> None:
+        self.state = state.resolve()
+        self.use_existing_cluster = use_existing_cluster
+        self.port = port
+        self.stops: list[tuple[str, object]] = []
+
+    def _stop_later(self, name: str, part: object) -> None:
+        self.stops.append((name, part))
+
+    def start(self) -> dict[str, str]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        env: dict[str, str] = {}
+
+        postgres = EmbeddedPostgres(self.state / "postgres").start()
+        self._stop_later("postgres", postgres)
+        url = (
+            postgres.database_url(DATABASE)
+            if postgres.database_exists(DATABASE)
+            else postgres.create_database(DATABASE)
+        )
+        migrate.upgrade(url)
+        env["DATABASE_URL"] = url
+        print(f"postgres      {url}", flush=True)
+
+        kubeconfig = self.state / "kubeconfig"
+        if self.use_existing_cluster:
+            source = Path(os.environ.get("KUBECONFIG", Path.home() / ".kube" / "config"))
+            kubeconfig.write_bytes(source.read_bytes())
+            print(f"cluster       existing, from {source}", flush=True)
+        else:
+            plane = ControlPlane(self.state / "control-plane", etcd_data=self.state / "etcd").start()
+            self._stop_later("control plane", plane)
+            kubeconfig.write_bytes(plane.kubeconfig.read_bytes())
+            kubeconfig.chmod(0o600)
+            print(f"control plane {plane.url} (Kubernetes {plane.version()})", flush=True)
+        env["KUBECONFIG"] = str(kubeconfig)
+
+        try:
+            stripe = StripeMock(self.state).start()
+            self._stop_later("stripe-mock", stripe)
+            env["STRIPE_API_BASE"] = stripe.url
+            env["STRIPE_SECRET_KEY"] = "sk_test_dev_stripe_mock"  # noqa: S105 - stripe-mock accepts any key
+            print(f"stripe-mock   {stripe.url}", flush=True)
+        except MissingBinaryError as missing:
+            print(f"stripe-mock   not started: {missing}", flush=True)
+
+        self._apply_crds(kubeconfig)
+        env["ADMIN_API_TOKEN"] = _kept_secret(self.state / "admin-token", secrets.token_hex(32))
+        env["STRIPE_WEBHOOK_SECRET"] = _kept_secret(
+            self.state / "webhook-secret", "whsec_" + secrets.token_hex(24)
+        )
+        env.update(DEV_PRICES)
+        env["BILLING_URL"] = f"http://127.0.0.1:{self.port}"
+        write_env(self.state / "env", env)
+        return env
+
+    def _apply_crds(self, kubeconfig: Path) -> None:
+        crds = REPO / "crds"
+        if not any(crds.glob("*.yaml")):
+            return
+        kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(kubeconfig)]
+        subprocess.run([*kubectl, "apply", "--server-side", "-f", str(crds)], check=True, capture_output=True)
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        for name, part in reversed(self.stops):
+            print(f"stopping {name}", flush=True)
+            part.stop()  # type: ignore[attr-defined]
+        self.stops.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iotistic_billing.devenv", description=__doc__)
+    parser.add_argument("--state", type=Path, default=REPO / ".dev", help="state directory (default .dev)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3100")))
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    dev = DevEnvironment(args.state, os.environ.get("USE_EXISTING_CLUSTER") == "true", args.port)
+    try:
+        dev.start()
+        print(
+            f"\nsource {args.state / 'env'}   # then kubectl get cust, curl $BILLING_URL/healthz", flush=True
+        )
+        print("ready", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        dev.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kopf handlers that reconcile Customer resources."""

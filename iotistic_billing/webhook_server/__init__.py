@@ -1,0 +1,1 @@
+"""The aiohttp sidecar: Stripe webhooks, the admin API and usage reports."""

@@ -1,0 +1,80 @@
+"""PostgreSQL through the session factory, and the Alembic stairway (upgrade, downgrade, upgrade)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotistic_billing.db import migrate
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.models import StripeEvent
+
+pytestmark = pytest.mark.integration
+
+TABLES = {
+    "customers",
+    "subscriptions",
+    "license_history",
+    "usage_reports",
+    "usage_rollups",
+    "stripe_events",
+    "api_keys",
+}
+
+
+async def test_round_trip_through_the_session_factory(database_url: str) -> None:
+    engine = create_engine(database_url)
+    sessions = session_factory(engine)
+    event_id = f"evt_{uuid.uuid4().hex}"
+    async with sessions() as session, session.begin():
+        session.add(
+            StripeEvent(event_id=event_id, type="invoice.payment_succeeded", created=1, result="applied")
+        )
+    async with sessions() as session:
+        stored = await session.scalar(select(StripeEvent).where(StripeEvent.event_id == event_id))
+        assert stored is not None and stored.type == "invoice.payment_succeeded"
+        assert stored.received_at.tzinfo is not None and stored.received_at <= datetime.now(UTC)
+        await session.delete(stored)
+        await session.commit()
+    await engine.dispose()
+
+
+async def test_db_session_is_rolled_back_after_each_test(db_session: AsyncSession) -> None:
+    db_session.add(StripeEvent(event_id="evt_rolled_back", type="x", created=1, result="applied"))
+    await db_session.commit()  # a commit inside the test is a savepoint of the outer transaction
+    assert await db_session.scalar(
+        select(StripeEvent.event_id).where(StripeEvent.event_id == "evt_rolled_back")
+    )
+
+
+async def test_previous_test_left_nothing(db_session: AsyncSession) -> None:
+    assert (
+        await db_session.scalar(select(StripeEvent).where(StripeEvent.event_id == "evt_rolled_back")) is None
+    )
+
+
+def _tables(url: str) -> set[str]:
+    async def read() -> set[str]:
+        engine = create_engine(url, pool_size=1)
+        async with engine.connect() as connection:
+            names = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        await engine.dispose()
+        return names
+
+    return asyncio.run(read())
+
+
+def test_alembic_stairway_upgrade_downgrade_upgrade(postgres: EmbeddedPostgres) -> None:
+    url = postgres.create_database(f"stairway_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(url)
+    assert _tables(url) >= TABLES
+    migrate.downgrade(url, "base")
+    assert _tables(url) <= {"alembic_version"}
+    migrate.upgrade(url)
+    assert _tables(url) >= TABLES

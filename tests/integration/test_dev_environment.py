@@ -1,0 +1,96 @@
+"""`make dev`'s runner: prints `ready`, writes .dev/env and .dev/kubeconfig, stops everything on Ctrl-C,
+and starts again from the kept data."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from iotistic_billing.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+ENV_NAMES = {
+    "KUBECONFIG",
+    "DATABASE_URL",
+    "ADMIN_API_TOKEN",
+    "STRIPE_WEBHOOK_SECRET",
+    "STRIPE_PRICE_STARTER",
+    "STRIPE_PRICE_PROFESSIONAL",
+    "STRIPE_PRICE_ENTERPRISE",
+    "BILLING_URL",
+}
+
+
+def _start(state: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iotistic_billing.devenv", "--state", str(state), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"dev runner exited early:\n{''.join(lines)}")
+        lines.append(line)
+        if line.strip() == "ready":
+            return process, lines
+    raise AssertionError(f"no `ready` line:\n{''.join(lines)}")
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        values[key] = shlex.split(value)[0]
+    return values
+
+
+def _kubectl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", *args], env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]}, capture_output=True, text=True
+    )
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children, "the dev runner started no child process"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 0
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    process, _ = _start(state, free_port())
+    try:
+        env = _read_env(state / "env")
+        assert set(env) >= ENV_NAMES
+        assert Path(env["KUBECONFIG"]) == state / "kubeconfig"
+        assert _kubectl(env, "get", "namespace", "default").returncode == 0
+        created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
+        assert created.returncode == 0, created.stderr
+    finally:
+        _stop(process)
+
+    process, _ = _start(state, free_port())
+    try:
+        again = _read_env(state / "env")
+        assert again["ADMIN_API_TOKEN"] == env["ADMIN_API_TOKEN"]
+        kept = _kubectl(again, "get", "configmap", "kept-between-runs", "-o", "jsonpath={.data.a}")
+        assert kept.stdout == "b", kept.stderr
+    finally:
+        _stop(process)

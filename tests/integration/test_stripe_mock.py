@@ -1,0 +1,32 @@
+"""The stripe SDK, pointed at stripe-mock, speaks the real Stripe API shapes."""
+
+from __future__ import annotations
+
+import pytest
+import stripe
+
+from iotistic_billing.devenv.stripe_mock import StripeMock
+
+pytestmark = pytest.mark.integration
+
+
+def test_stripe_sdk_creates_a_customer_and_a_checkout_session(stripe_mock: StripeMock) -> None:
+    client = stripe.StripeClient(
+        "sk_test_123", base_addresses={"api": stripe_mock.url}, max_network_retries=0
+    )
+    customer = client.v1.customers.create(
+        params={"email": "ops@acme.example", "metadata": {"customerId": "cust_abc123"}}
+    )
+    assert customer.id.startswith("cus_")
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "subscription",
+            "customer": customer.id,
+            "client_reference_id": "cust_abc123",
+            "line_items": [{"price": "price_professional", "quantity": 1}],
+            "success_url": "https://app.example.com/success",
+            "cancel_url": "https://app.example.com/cancel",
+        }
+    )
+    assert session.id.startswith("cs_")
+    assert session.object == "checkout.session"

@@ -1,0 +1,44 @@
+"""Settings are read from the seed's environment names and refuse bad values by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from iotistic_billing.settings import SettingsError, load_settings
+
+
+def test_defaults_and_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "3200")
+    monkeypatch.setenv("STRIPE_PRICE_PROFESSIONAL", "price_pro")
+    monkeypatch.setenv("DEFAULT_TRIAL_DAYS", "7")
+    monkeypatch.setenv("BASE_DOMAIN", "example.test")
+    settings = load_settings()
+    assert (settings.port, settings.stripe_price_professional) == (3200, "price_pro")
+    assert (settings.default_trial_days, settings.base_domain) == (7, "example.test")
+    assert settings.stripe_configured is False
+    assert settings.database_url is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PORT", "70000", "PORT: Input should be less than or equal to 65535"),
+        ("DEFAULT_TRIAL_DAYS", "120", "DEFAULT_TRIAL_DAYS: Input should be less than or equal to 90"),
+        ("DATABASE_URL", "mysql://x", "DATABASE_URL: Value error, must be a postgresql:// URL"),
+        ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: Value error, must be at least 16 characters"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert message in str(refused.value)
+
+
+def test_secret_values_never_appear_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADMIN_API_TOKEN", "tooshort")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "tooshort" not in str(refused.value)
