@@ -1,0 +1,411 @@
+"""The Customer resource (customers.iotistic.io/v1alpha1) as typed pydantic models, and its constants.
+
+crds/customers.iotistic.io.yaml is the API; these models mirror it field for field (camelCase aliases,
+the same defaults, enums, patterns and bounds), and tests/unit/test_crd_schema.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails
+
+GROUP = "iotistic.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "Customer"
+PLURAL = "customers"
+SINGULAR = "customer"
+SHORT_NAMES = ("cust",)
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# spec.subscription belongs to the webhook server: it applies it server-side under this field manager.
+WEBHOOK_FIELD_MANAGER = "iotistic-webhooks"
+
+# The Secret the operator writes into the customer namespace and the chart reads.
+LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a password)
+LICENSE_JWT_KEY = "license.jwt"
+LICENSE_PUBLIC_KEY_KEY = "public-key.pem"
+USAGE_API_KEY_KEY = "usage-api-key"
+
+DEFAULT_TRIAL_DAYS = 14
+MAX_TRIAL_DAYS = 90
+
+CUSTOMER_ID_PATTERN = r"^cust_[a-z0-9]{6,32}$"
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+STRIPE_CUSTOMER_ID_PATTERN = r"^cus_[A-Za-z0-9]+$"
+STRIPE_SUBSCRIPTION_ID_PATTERN = r"^sub_[A-Za-z0-9]+$"
+SHA256_HEX_PATTERN = r"^[a-f0-9]{64}$"
+# The metav1.Condition patterns, as controller-gen writes them.
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+Plan = Literal["trial", "starter", "professional", "enterprise"]
+PaidPlan = Literal["starter", "professional", "enterprise"]
+# What status.plan reports: a plan, or the unlicensed feature set after a lapsed trial, a cancelled
+# subscription or a suspension.
+EffectivePlan = Literal["trial", "starter", "professional", "enterprise", "unlicensed"]
+BillingMode = Literal["manual", "stripe"]
+SubscriptionStatus = Literal[
+    "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"
+]
+
+PLANS: tuple[Plan, ...] = get_args(Plan)
+PAID_PLANS: tuple[PaidPlan, ...] = get_args(PaidPlan)
+UNLICENSED = "unlicensed"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    SUSPENDED = "Suspended"
+    EXPIRED = "Expired"
+    TERMINATING = "Terminating"
+    FAILED = "Failed"
+
+
+class ConditionType(StrEnum):
+    # kstatus conventions, read by Flux, Argo CD and `kubectl wait`.
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    LICENSE_ISSUED = "LicenseIssued"
+    RELEASE_DEPLOYED = "ReleaseDeployed"
+    TRIAL_ACTIVE = "TrialActive"
+    SUBSCRIPTION_ACTIVE = "SubscriptionActive"
+    WITHIN_LIMITS = "WithinLimits"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+CustomerId = Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN, max_length=37)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class CustomerModel(BaseModel):
+    """camelCase on the wire (the CRD's names), snake_case in Python; unknown fields are an error."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The JSON the API server stores: camelCase, RFC 3339 times, unset (None) fields left out.
+
+        Left-out fields are not cleared by a merge patch; to remove one, patch it to null explicitly.
+        """
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ----- spec -----
+
+
+class BillingSpec(CustomerModel):
+    mode: BillingMode = "manual"
+    stripe_customer_id: Annotated[str, Field(pattern=STRIPE_CUSTOMER_ID_PATTERN, max_length=255)] | None = (
+        None
+    )
+
+
+class TrialSpec(CustomerModel):
+    """trial.endsAt, when set, takes precedence over trial.days (which the CRD always defaults)."""
+
+    days: Annotated[int, Field(ge=0, le=MAX_TRIAL_DAYS)] = DEFAULT_TRIAL_DAYS
+    ends_at: AwareDatetime | None = None
+
+    def ends_at_for(self, created_at: datetime) -> datetime:
+        """End of the trial of a Customer created at `created_at`."""
+        if self.ends_at is not None:
+            return self.ends_at
+        return created_at + timedelta(days=self.days)
+
+
+class InstanceSpec(CustomerModel):
+    enabled: bool = True
+    domain: Annotated[str, Field(pattern=DNS_NAME_PATTERN, max_length=253)] | None = None
+    chart_version: Annotated[str, Field(max_length=64)] | None = None
+    # Free-form Helm values overrides; the chart's values.schema.json judges them.
+    values: dict[str, Any] | None = None
+
+
+class SubscriptionSpec(CustomerModel):
+    """Written only by the webhook server (field manager `iotistic-webhooks`), never by GitOps."""
+
+    status: SubscriptionStatus
+    plan: PaidPlan | None = None
+    stripe_subscription_id: (
+        Annotated[str, Field(pattern=STRIPE_SUBSCRIPTION_ID_PATTERN, max_length=255)] | None
+    ) = None
+    current_period_end: AwareDatetime | None = None
+    cancel_at_period_end: bool | None = None
+    # `created` (Unix seconds) of the last Stripe event applied: older events never overwrite newer state.
+    last_event_created: NonNegativeInt | None = None
+
+
+class CustomerSpec(CustomerModel):
+    customer_id: CustomerId | None = None
+    email: Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]
+    company_name: Annotated[str, Field(min_length=1, max_length=200)]
+    contact_name: Annotated[str, Field(max_length=200)] | None = None
+    plan: Plan = "trial"
+    billing: BillingSpec = Field(default_factory=BillingSpec)
+    trial: TrialSpec = Field(default_factory=TrialSpec)
+    instance: InstanceSpec = Field(default_factory=InstanceSpec)
+    suspended: bool = False
+    subscription: SubscriptionSpec | None = None
+
+
+# ----- status -----
+
+
+class TrialStatus(CustomerModel):
+    is_trial_mode: bool | None = None
+    ends_at: AwareDatetime | None = None
+
+
+class LicenseStatus(CustomerModel):
+    secret_name: Annotated[str, Field(max_length=253)] | None = None
+    jti: Annotated[str, Field(max_length=128)] | None = None
+    key_id: Annotated[str, Field(max_length=128)] | None = None
+    issued_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    sha256: Annotated[str, Field(pattern=SHA256_HEX_PATTERN)] | None = None
+
+
+class ReleaseStatus(CustomerModel):
+    name: Annotated[str, Field(max_length=53)] | None = None
+    namespace: Annotated[str, Field(max_length=63)] | None = None
+    revision: NonNegativeInt | None = None
+    chart_version: Annotated[str, Field(max_length=64)] | None = None
+    values_hash: Annotated[str, Field(max_length=128)] | None = None
+
+
+class InstanceStatus(CustomerModel):
+    namespace: Annotated[str, Field(max_length=63)] | None = None
+    url: Annotated[str, Field(max_length=2048)] | None = None
+
+
+class UsageStatus(CustomerModel):
+    period_start: AwareDatetime | None = None
+    active_devices: NonNegativeInt | None = None
+    last_report_at: AwareDatetime | None = None
+
+
+class Condition(CustomerModel):
+    """metav1.Condition."""
+
+    type: Annotated[str, Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)]
+    status: ConditionStatus
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON_PATTERN)]
+    message: Annotated[str, Field(max_length=32768)]
+    last_transition_time: AwareDatetime
+    observed_generation: NonNegativeInt | None = None
+
+
+class CustomerStatus(CustomerModel):
+    customer_id: CustomerId | None = None
+    phase: Phase | None = None
+    plan: EffectivePlan | None = None
+    observed_generation: NonNegativeInt | None = None
+    trial: TrialStatus | None = None
+    license: LicenseStatus | None = None
+    release: ReleaseStatus | None = None
+    instance: InstanceStatus | None = None
+    usage: UsageStatus | None = None
+    # None, not []: an empty list in a merge patch would wipe the conditions already there.
+    conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
+    # Kopf's bookkeeping, when it keeps it in status rather than in annotations; opaque to us.
+    kopf: dict[str, Any] | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return find_condition(self.conditions or (), type_)
+
+
+# ----- the whole object -----
+
+
+class CustomerMetadata(BaseModel):
+    """The parts of ObjectMeta the operator reads; the rest of metadata is ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    name: str
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    creation_timestamp: AwareDatetime | None = None
+    deletion_timestamp: AwareDatetime | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    finalizers: list[str] = Field(default_factory=list)
+
+
+class Customer(CustomerModel):
+    """A Customer as the API server returns it (for example Kopf's `body`)."""
+
+    api_version: Literal["iotistic.io/v1alpha1"] = "iotistic.io/v1alpha1"
+    kind: Literal["Customer"] = "Customer"
+    metadata: CustomerMetadata
+    spec: CustomerSpec
+    status: CustomerStatus = Field(default_factory=CustomerStatus)
+
+
+# ----- conditions -----
+
+
+def find_condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((condition for condition in conditions if condition.type == type_), None)
+
+
+def set_condition(
+    conditions: Sequence[Condition] | None,
+    *,
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+    now: datetime,
+) -> list[Condition]:
+    """The conditions with `type_` set; lastTransitionTime moves only when the status changes."""
+    existing = list(conditions or ())
+    previous = find_condition(existing, type_)
+    transition_time = (
+        previous.last_transition_time
+        if previous is not None and previous.status == status
+        else now.replace(microsecond=0)
+    )
+    updated = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message[:32768],
+        last_transition_time=transition_time,
+        observed_generation=observed_generation,
+    )
+    if previous is None:
+        return [*existing, updated]
+    return [updated if condition.type == type_ else condition for condition in existing]
+
+
+# ----- validation errors that name the field -----
+
+
+class InvalidSpecError(ValueError):
+    """A Customer spec that the models refuse; `problems` names each field and why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_spec(spec: Mapping[str, Any]) -> CustomerSpec:
+    """`spec` as a CustomerSpec, or InvalidSpecError with messages such as
+    `spec.trial.days must be between 0 and 90, got 120`."""
+    try:
+        return CustomerSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidSpecError(list(describe_errors(exc, CustomerSpec, prefix="spec"))) from None
+
+
+def spec_errors(spec: Mapping[str, Any]) -> list[str]:
+    """Why `spec` is not a valid Customer spec, one message per problem; empty when it is valid."""
+    try:
+        parse_spec(spec)
+    except InvalidSpecError as exc:
+        return exc.problems
+    return []
+
+
+def describe_errors(exc: ValidationError, model: type[BaseModel], *, prefix: str) -> Iterator[str]:
+    for error in exc.errors():
+        yield _describe_error(error, model, prefix)
+
+
+def _describe_error(error: ErrorDetails, model: type[BaseModel], prefix: str) -> str:
+    path = ".".join([prefix, *(_path_part(part) for part in error["loc"])]).replace(".[", "[")
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "missing":
+        return f"{path} is required"
+    if kind == "extra_forbidden":
+        return f"{path} is not a field of the Customer resource"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        low, high = _bounds(model, error["loc"])
+        if low is not None and high is not None:
+            return f"{path} must be between {low} and {high}, got {got!r}"
+        bound = ctx.get("ge", ctx.get("gt", ctx.get("le", ctx.get("lt"))))
+        relation = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}.get(kind, "<")
+        return f"{path} must be {relation} {bound}, got {got!r}"
+    if kind == "literal_error":
+        return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
+    if kind == "enum":
+        return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
+    if kind == "string_pattern_mismatch":
+        return f"{path} must match {ctx.get('pattern')}, got {got!r}"
+    if kind == "string_too_long":
+        return f"{path} must be at most {ctx.get('max_length')} characters long, got {len(str(got))}"
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return f"{path} must not be empty"
+    if kind == "string_too_short":
+        return f"{path} must be at least {ctx.get('min_length')} characters long, got {got!r}"
+    if kind == "too_long":
+        return f"{path} must have at most {ctx.get('max_length')} items"
+    return f"{path}: {error['msg'].lower()}, got {got!r}"
+
+
+def _path_part(part: int | str) -> str:
+    return f"[{part}]" if isinstance(part, int) else part
+
+
+def _bounds(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[Any, Any]:
+    """The numeric bounds (ge, le) declared on the field at `loc` (aliases and list indexes)."""
+    current: Any = model
+    metadata: list[Any] = []
+    for part in loc:
+        current, metadata = _unwrap(current)
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None, None
+        field = next(
+            (f for name, f in current.model_fields.items() if part in (name, f.alias)),
+            None,
+        )
+        if field is None:
+            return None, None
+        current, metadata = field.annotation, list(field.metadata)
+    _, inner_metadata = _unwrap(current)
+    metadata = [*metadata, *inner_metadata]
+    low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    return low, high
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
+    """Strip Optional, list[...] and Annotated, keeping the Annotated constraints."""
+    metadata: list[Any] = []
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            for item in extra:
+                metadata.extend(getattr(item, "metadata", [item]))
+            continue
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if get_origin(annotation) in (list, tuple) or (len(args) == 1 and args != list(get_args(annotation))):
+            annotation = args[0]
+            continue
+        return annotation, metadata
