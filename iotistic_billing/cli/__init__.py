@@ -1,0 +1,56 @@
+"""The `iotistic-billing` command line: one subcommand module per area, each with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+# Add a subcommand by adding its module here. Modules are imported when the parser is built, so each
+# stays free to import what it needs and `iotistic-billing license verify` loads no database code.
+COMMAND_MODULES: Final = (
+    "iotistic_billing.cli.keys",
+    "iotistic_billing.cli.license",
+)
+
+PROGRAM: Final = "iotistic-billing"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """A mistake of the caller (a missing file, a bad value); the message names the argument. Exit 2."""
+
+
+class CommandModule(Protocol):
+    def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="Iotistic billing and licensing tools.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module: CommandModule = importlib.import_module(name)
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        # A command group without its subcommand (`iotistic-billing keys`): show what it offers.
+        help_parser: argparse.ArgumentParser = getattr(args, "help_parser", parser)
+        help_parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except CommandError as exc:
+        print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]

@@ -1,0 +1,5 @@
+"""Licences of customer instances: plan catalog, signing keys, minting, audit history and the verifier.
+
+Nothing is imported here on purpose: `verifier` must stay importable on a customer instance that has
+only pyjwt and cryptography installed, so each module is imported by its full name.
+"""

@@ -1,0 +1,155 @@
+"""Audit history of licences in PostgreSQL: one row per (customer, jti, action), never the token or a key."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotistic_billing.db.models import LICENSE_ACTIONS, LicenseHistory
+from iotistic_billing.licensing.minting import LicenseRecord, MintedLicense
+
+# Anything shaped like a JWT or a PEM block: metadata is free-form, so it is the one way a token or a
+# key could slip into a row.
+_SECRET_SHAPES: Final = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN [A-Z ]+-----")
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseHistoryEntry:
+    id: int
+    customer_id: str
+    action: str
+    plan: str
+    max_devices: int
+    license_hash: str
+    jti: str
+    kid: str
+    issued_at: datetime
+    expires_at: datetime
+    features: dict[str, Any]
+    limits: dict[str, Any]
+    metadata: dict[str, Any]
+    generated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The seed's history item (snake_case, ISO times) plus the hash, jti and key id."""
+        return {
+            "id": self.id,
+            "action": self.action,
+            "plan": self.plan,
+            "max_devices": self.max_devices,
+            "license_hash": self.license_hash,
+            "jti": self.jti,
+            "kid": self.kid,
+            "issued_at": self.issued_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "features": self.features,
+            "limits": self.limits,
+            "metadata": self.metadata,
+            "generated_at": self.generated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseHistoryReport:
+    customer_id: str
+    history: list[LicenseHistoryEntry]
+    statistics: dict[str, Any]
+
+
+async def record_license(
+    session: AsyncSession,
+    license: MintedLicense | LicenseRecord,
+    action: str,
+    metadata: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write one history row; False when this (customer, jti, action) was already recorded.
+
+    Idempotent through the table's unique constraint, so a reconcile step retried after a crash
+    cannot write the same fact twice. The caller owns the transaction.
+    """
+    if action not in LICENSE_ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(LICENSE_ACTIONS)}, got {action!r}")
+    extra = dict(metadata or {})
+    if _SECRET_SHAPES.search(json.dumps(extra, default=str)):
+        raise ValueError("metadata must not carry a token or a key")
+    record = license.record() if isinstance(license, MintedLicense) else license
+    statement = (
+        insert(LicenseHistory)
+        .values(
+            customer_id=record.customer_id,
+            action=action,
+            plan=record.plan,
+            max_devices=record.max_devices,
+            license_hash=record.license_hash,
+            jti=record.jti,
+            kid=record.kid,
+            issued_at=record.issued_at,
+            expires_at=record.expires_at,
+            features=dict(record.features),
+            limits=dict(record.limits),
+            metadata_=extra,
+        )
+        .on_conflict_do_nothing(constraint="uq_license_history_jti_action")
+        .returning(LicenseHistory.id)
+    )
+    result = await session.execute(statement)
+    return result.scalar_one_or_none() is not None
+
+
+async def license_history(session: AsyncSession, customer_id: str, limit: int = 100) -> LicenseHistoryReport:
+    """The newest `limit` rows of a customer, and the seed's statistics over all of its rows."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    rows = (
+        await session.scalars(
+            select(LicenseHistory)
+            .where(LicenseHistory.customer_id == customer_id)
+            # Rows written in one transaction share now(): the id breaks the tie in insertion order.
+            .order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc())
+            .limit(limit)
+        )
+    ).all()
+    counts = await session.execute(
+        select(LicenseHistory.action, LicenseHistory.plan, func.count())
+        .where(LicenseHistory.customer_id == customer_id)
+        .group_by(LicenseHistory.action, LicenseHistory.plan)
+    )
+    by_action: dict[str, int] = {}
+    by_plan: dict[str, int] = {}
+    for action, plan, count in counts:
+        by_action[action] = by_action.get(action, 0) + count
+        by_plan[plan] = by_plan.get(plan, 0) + count
+    return LicenseHistoryReport(
+        customer_id=customer_id,
+        history=[
+            LicenseHistoryEntry(
+                id=row.id,
+                customer_id=row.customer_id,
+                action=row.action,
+                plan=row.plan,
+                max_devices=row.max_devices,
+                license_hash=row.license_hash,
+                jti=row.jti,
+                kid=row.kid,
+                issued_at=row.issued_at,
+                expires_at=row.expires_at,
+                features=row.features,
+                limits=row.limits,
+                metadata=row.metadata_,
+                generated_at=row.generated_at,
+            )
+            for row in rows
+        ],
+        statistics={"totalGenerations": sum(by_action.values()), "byAction": by_action, "byPlan": by_plan},
+    )
+
+
+__all__ = ["LicenseHistoryEntry", "LicenseHistoryReport", "license_history", "record_license"]

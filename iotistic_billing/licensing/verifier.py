@@ -1,0 +1,387 @@
+"""Offline licence verification for customer instances: signature, validity window, audience, typed grants.
+
+Needs nothing but cryptography (a test runs it where only pyjwt and cryptography can be imported), so it
+imports nothing from the rest of the package but `plans` and `keys`. Whatever goes wrong, `verify`
+answers with the seed's unlicensed fallback and the reason, never an exception: an instance with a bad
+licence keeps running, small.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from iotistic_billing.licensing.keys import jwk_thumbprint, load_public_key, public_keys_from_jwks
+from iotistic_billing.licensing.plans import UNLICENSED, UNLIMITED, Features, Limits
+
+DEVICE_LIMIT_STATUS: Final = 403
+DEFAULT_LEEWAY: Final = timedelta(seconds=60)
+# Far above any licence we mint (about 1.5 kB): a bigger "token" is refused before any work.
+MAX_TOKEN_LENGTH: Final = 16_384
+
+_PKCS1: Final = padding.PKCS1v15()
+_SHA256: Final = hashes.SHA256()
+_BOOLEAN_FEATURES: Final = {claim: attribute for attribute, claim, is_bool in Features.spec() if is_bool}
+_NUMERIC_GRANTS: Final = {
+    **{claim: ("features", attribute) for attribute, claim, is_bool in Features.spec() if not is_bool},
+    **{claim: ("limits", attribute) for attribute, claim, _ in Limits.spec()},
+}
+_HEADER_CACHE_SIZE: Final = 32
+_LICENSE_CACHE_SIZE: Final = 16
+_LAST_TIME: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant a datetime can hold
+
+
+class InvalidLicense(Exception):
+    """Why a token is not a valid licence; caught inside `verify`, whose answer carries the message."""
+
+
+def _b64url_decode(segment: str) -> bytes:
+    # The standard alphabet's own "+", "/" and "=" are refused so that each token has one spelling;
+    # str.replace and `in` rather than str.translate, which costs more than the RSA check's margin.
+    if "+" in segment or "/" in segment or "=" in segment:
+        raise InvalidLicense("licence is not base64url")
+    return binascii.a2b_base64(
+        segment.replace("-", "+").replace("_", "/") + "=" * (-len(segment) % 4), strict_mode=True
+    )
+
+
+def _instant(value: int) -> str:
+    return datetime.fromtimestamp(value, UTC).isoformat()
+
+
+def _optional_time(section: Mapping[str, Any], key: str, where: str) -> datetime | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidLicense(f"claim '{where}.{key}' must be an ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidLicense(f"claim '{where}.{key}' is not an ISO 8601 time: {value!r}") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TrialStatus:
+    is_trial_mode: bool
+    ends_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatus:
+    status: str | None
+    current_period_ends_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class License:
+    """What an instance may do: the grants of a valid licence, or the unlicensed fallback and why."""
+
+    valid: bool
+    reason: str | None
+    plan: str
+    features: Features
+    limits: Limits
+    trial: TrialStatus
+    subscription: SubscriptionStatus
+    customer_id: str | None = None
+    customer_name: str | None = None
+    jti: str | None = None
+    kid: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    # Times are read from the claims when asked: most callers never look, and verify() stays cheap.
+    @property
+    def issued_at(self) -> datetime | None:
+        issued = self.claims.get("iat")
+        return (
+            datetime.fromtimestamp(issued, UTC) if type(issued) is int and 0 <= issued <= _LAST_TIME else None
+        )
+
+    @property
+    def expires_at(self) -> datetime | None:
+        expires = self.claims.get("exp")
+        return datetime.fromtimestamp(expires, UTC) if type(expires) is int else None
+
+    def has_feature(self, name: str) -> bool:
+        """Feature guard by the seed's claim name, e.g. `has_feature("canScheduleJobs")`."""
+        try:
+            attribute = _BOOLEAN_FEATURES[name]
+        except KeyError:
+            raise ValueError(
+                f"{name!r} is not a boolean feature; known: {', '.join(_BOOLEAN_FEATURES)}"
+            ) from None
+        return bool(getattr(self.features, attribute))
+
+    def limit(self, name: str) -> int:
+        """A numeric grant by claim name (`maxDevices`, `maxUsers`, ...); -1 is unlimited."""
+        try:
+            section, attribute = _NUMERIC_GRANTS[name]
+        except KeyError:
+            raise ValueError(f"{name!r} is not a limit; known: {', '.join(_NUMERIC_GRANTS)}") from None
+        return int(getattr(getattr(self, section), attribute))
+
+    def allows_another(self, name: str, current: int) -> bool:
+        """Whether one more may be added when `current` exist (e.g. users, alert rules)."""
+        maximum = self.limit(name)
+        return maximum == UNLIMITED or current < maximum
+
+    def check_device_limit(self, current_devices: int) -> dict[str, Any] | None:
+        """None when one more device may be provisioned, else the seed's 403 body."""
+        maximum = self.features.max_devices
+        if maximum == UNLIMITED or current_devices < maximum:
+            return None
+        return {
+            "error": "Device limit exceeded",
+            "message": (
+                f"Your {self.plan} plan allows a maximum of {maximum} devices. "
+                f"You currently have {current_devices} active devices. "
+                "Please upgrade your plan to add more devices."
+            ),
+            "details": {"currentDevices": current_devices, "maxDevices": maximum, "plan": self.plan},
+        }
+
+
+def unlicensed(reason: str) -> License:
+    """The seed's unlicensed mode, carrying why the instance is in it."""
+    return License(
+        valid=False,
+        reason=reason,
+        plan=UNLICENSED.name,
+        features=UNLICENSED.features,
+        limits=UNLICENSED.limits,
+        trial=TrialStatus(is_trial_mode=False),
+        subscription=SubscriptionStatus(status=None),
+    )
+
+
+class LicenseVerifier:
+    """Verifies licences offline against public keys chosen by the token's `kid`.
+
+    Key objects are parsed once here; `verify` does one RSA verification, one JSON parse of the payload
+    and typed checks, so an instance may call it per request.
+    """
+
+    def __init__(
+        self,
+        public_keys: Mapping[str, rsa.RSAPublicKey] | Iterable[rsa.RSAPublicKey],
+        *,
+        audience: str,
+        issuer: str | None = None,
+        leeway: timedelta = DEFAULT_LEEWAY,
+    ) -> None:
+        keys = (
+            dict(public_keys)
+            if isinstance(public_keys, Mapping)
+            else {jwk_thumbprint(k): k for k in public_keys}
+        )
+        if not keys:
+            raise ValueError("at least one public key is needed to verify licences")
+        if not audience:
+            raise ValueError("audience must not be empty")
+        self._keys = keys
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway = leeway.total_seconds()
+        # Every licence from one key has the same header, so its parsing and key lookup are done once.
+        self._headers: dict[str, tuple[str | None, tuple[rsa.RSAPublicKey, ...]]] = {}
+        self._licenses: dict[tuple[str | None, str], License] = {}
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    @classmethod
+    def from_pem(
+        cls,
+        *pems: bytes | str,
+        audience: str,
+        issuer: str | None = None,
+        leeway: timedelta = DEFAULT_LEEWAY,
+    ) -> LicenseVerifier:
+        keys = [
+            load_public_key(pem.encode("ascii") if isinstance(pem, str) else pem, f"public key {index + 1}")
+            for index, pem in enumerate(pems)
+        ]
+        return cls(keys, audience=audience, issuer=issuer, leeway=leeway)
+
+    @classmethod
+    def from_pem_files(
+        cls,
+        *paths: Path,
+        audience: str,
+        issuer: str | None = None,
+        leeway: timedelta = DEFAULT_LEEWAY,
+    ) -> LicenseVerifier:
+        keys = []
+        for path in paths:
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+            keys.append(load_public_key(pem, str(path)))
+        return cls(keys, audience=audience, issuer=issuer, leeway=leeway)
+
+    @classmethod
+    def from_jwks(
+        cls,
+        document: Mapping[str, Any] | str | bytes,
+        *,
+        audience: str,
+        issuer: str | None = None,
+        leeway: timedelta = DEFAULT_LEEWAY,
+    ) -> LicenseVerifier:
+        if isinstance(document, str | bytes):
+            try:
+                document = json.loads(document)
+            except ValueError as exc:
+                raise ValueError(f"JWKS document is not JSON ({exc})") from None
+            if not isinstance(document, Mapping):
+                raise ValueError("JWKS document must be a JSON object")
+        return cls(public_keys_from_jwks(document), audience=audience, issuer=issuer, leeway=leeway)
+
+    def verify(self, token: str | None, *, now: datetime | None = None) -> License:
+        """The licence's grants, or the unlicensed fallback with the reason it was refused."""
+        if not token:
+            return unlicensed("no licence")
+        try:
+            return self._verify(token.strip(), time.time() if now is None else now.timestamp())
+        except InvalidLicense as exc:
+            return unlicensed(str(exc))
+        except (ValueError, TypeError, binascii.Error, RecursionError):
+            return unlicensed("malformed licence")
+
+    def _keys_for(self, header_segment: str) -> tuple[str | None, tuple[rsa.RSAPublicKey, ...]]:
+        cached = self._headers.get(header_segment)
+        if cached is not None:
+            return cached
+        header = json.loads(_b64url_decode(header_segment))
+        if not isinstance(header, dict):
+            raise InvalidLicense("malformed licence header")
+        if header.get("alg") != "RS256":
+            # Only RS256: never let the token choose a weaker or symmetric algorithm.
+            raise InvalidLicense(f"algorithm {header.get('alg')!r} is not RS256")
+        if "crit" in header:
+            raise InvalidLicense("licence header has critical extensions this verifier does not know")
+        kid = header.get("kid")
+        if kid is None:
+            # Licences from before key ids: any trusted key may have signed it.
+            result: tuple[str | None, tuple[rsa.RSAPublicKey, ...]] = (None, tuple(self._keys.values()))
+        elif isinstance(kid, str) and kid in self._keys:
+            result = (kid, (self._keys[kid],))
+        else:
+            raise InvalidLicense(f"licence signed with an unknown key {kid!r}")
+        if len(self._headers) < _HEADER_CACHE_SIZE:
+            self._headers[header_segment] = result
+        return result
+
+    def _verify(self, token: str, now: float) -> License:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidLicense("licence is too large")
+        header_segment, payload_segment, signature_segment = token.split(".")
+        kid, candidates = self._keys_for(header_segment)
+        signature = _b64url_decode(signature_segment)
+        signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
+        for key in candidates:
+            try:
+                key.verify(signature, signing_input, _PKCS1, _SHA256)
+                break
+            except InvalidSignature:
+                continue
+        else:
+            raise InvalidLicense(
+                "signature does not verify: the licence was altered or signed by another key"
+            )
+        # The signature was checked above, on every call; what follows depends only on the signed
+        # payload, so an instance re-verifying the licence it holds parses and types it once.
+        cache_key = (kid, payload_segment)
+        license = self._licenses.get(cache_key)
+        if license is None:
+            claims = json.loads(_b64url_decode(payload_segment))
+            if not isinstance(claims, dict):
+                raise InvalidLicense("licence payload is not a JSON object")
+            license = self._license(claims, kid)
+            if len(self._licenses) >= _LICENSE_CACHE_SIZE:
+                # A copy of the keys and pop(): another thread may evict the same oldest entry.
+                for oldest in list(self._licenses)[:1]:
+                    self._licenses.pop(oldest, None)
+            self._licenses[cache_key] = license
+        self._check_window(license.claims, now)
+        return license
+
+    def _check_window(self, claims: Mapping[str, Any], now: float) -> None:
+        expires, not_before = claims["exp"], claims.get("nbf")
+        if now >= expires + self._leeway:
+            raise InvalidLicense(f"licence expired at {_instant(expires)}")
+        if not_before is not None and now + self._leeway < not_before:
+            raise InvalidLicense(f"licence is not valid before {_instant(not_before)}")
+
+    def _license(self, claims: dict[str, Any], kid: str | None) -> License:
+        """The typed licence of a verified payload; everything but the validity window is checked."""
+        expires = claims.get("exp")
+        if type(expires) is not int or not 0 < expires <= _LAST_TIME:
+            raise InvalidLicense("claim 'exp' is missing or not a time")
+        not_before = claims.get("nbf")
+        if not_before is not None and (type(not_before) is not int or not 0 <= not_before <= _LAST_TIME):
+            raise InvalidLicense("claim 'nbf' is not a time")
+        audience = claims.get("aud")
+        if audience != self._audience and not (isinstance(audience, list) and self._audience in audience):
+            raise InvalidLicense(f"licence is for audience {audience!r}, not {self._audience!r}")
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise InvalidLicense(f"licence is from issuer {claims.get('iss')!r}, not {self._issuer!r}")
+        customer_id, plan = claims.get("customerId"), claims.get("plan")
+        if not isinstance(customer_id, str) or not customer_id:
+            raise InvalidLicense("claim 'customerId' is missing")
+        if not isinstance(plan, str) or not plan:
+            raise InvalidLicense("claim 'plan' is missing")
+        customer_name = claims.get("customerName")
+        trial = claims.get("trial") or {}
+        subscription = claims.get("subscription") or {}
+        if not isinstance(trial, dict) or not isinstance(trial.get("isTrialMode", False), bool):
+            raise InvalidLicense("claim 'trial' must be an object with a boolean isTrialMode")
+        if not isinstance(subscription, dict) or not isinstance(subscription.get("status", ""), str):
+            raise InvalidLicense("claim 'subscription' must be an object with a string status")
+        try:
+            features = Features.from_claims(claims.get("features"), UNLICENSED.features)
+            limits = Limits.from_claims(claims.get("limits"), UNLICENSED.limits)
+        except ValueError as exc:
+            raise InvalidLicense(str(exc)) from None
+        return License(
+            valid=True,
+            reason=None,
+            plan=plan,
+            features=features,
+            limits=limits,
+            trial=TrialStatus(trial.get("isTrialMode", False), _optional_time(trial, "endsAt", "trial")),
+            subscription=SubscriptionStatus(
+                subscription.get("status"),
+                _optional_time(subscription, "currentPeriodEndsAt", "subscription"),
+            ),
+            customer_id=customer_id,
+            customer_name=customer_name if isinstance(customer_name, str) else None,
+            jti=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+            kid=kid,
+            claims=claims,
+        )
+
+
+__all__ = [
+    "DEVICE_LIMIT_STATUS",
+    "InvalidLicense",
+    "License",
+    "LicenseVerifier",
+    "SubscriptionStatus",
+    "TrialStatus",
+    "unlicensed",
+]

@@ -1,0 +1,287 @@
+"""`iotistic-billing keys` and `iotistic-billing license`, through main(argv) and the installed script."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+
+from iotistic_billing.cli import main
+from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
+
+SCRIPT = Path(sys.executable).parent / "iotistic-billing"
+AUDIENCE = "iotistic-instance"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer shell that sourced .dev/env must not change what these tests see.
+    for name in (
+        "LICENSE_PRIVATE_KEY_PATH",
+        "LICENSE_PUBLIC_KEY_PATH",
+        "LICENSE_EXTRA_PUBLIC_KEY_PATHS",
+        "LICENSE_ISSUER",
+        "LICENSE_AUDIENCE",
+        "LICENSE_LIFETIME_DAYS",
+        "DEFAULT_TRIAL_DAYS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cli-keys")
+    assert main(["keys", "generate", "--out", str(directory)]) == 0
+    return directory
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def mint(capsys: pytest.CaptureFixture[str], key_dir: Path, *extra: str) -> str:
+    code, out, err = run(
+        capsys,
+        "license",
+        "mint",
+        "--customer-id",
+        "cust_abc123",
+        "--name",
+        "Acme Corp",
+        "--private-key",
+        str(key_dir / "private-key.pem"),
+        *extra,
+    )
+    assert code == 0, err
+    return out.strip()
+
+
+def test_keys_generate_writes_the_pair_and_prints_the_kid(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run(capsys, "keys", "generate", "--bits", "3072", "--out", str(tmp_path / "keys"))
+    assert code == 0, err
+    public = read_public_key(tmp_path / "keys" / "public-key.pem")
+    assert public.key_size == 3072
+    assert out.strip() == jwk_thumbprint(public)
+    assert stat.S_IMODE((tmp_path / "keys" / "private-key.pem").stat().st_mode) == 0o600
+
+
+def test_keys_generate_refuses_other_sizes_naming_the_argument(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "keys", "generate", "--bits", "1024", "--out", str(tmp_path))
+    assert code == 2
+    assert "error: --bits: RSA key size must be one of 2048, 3072, 4096 bits, got 1024" in err
+    assert not (tmp_path / "private-key.pem").exists()
+
+
+def test_keys_generate_does_not_replace_a_key_without_force(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert run(capsys, "keys", "generate", "--out", str(tmp_path))[0] == 0
+    code, _, err = run(capsys, "keys", "generate", "--out", str(tmp_path))
+    assert code == 2
+    assert "--out:" in err
+    assert "already exists" in err
+    assert "--force" in err
+    assert run(capsys, "keys", "generate", "--out", str(tmp_path), "--force")[0] == 0
+
+
+def test_keys_jwks_prints_the_document(capsys: pytest.CaptureFixture[str], key_dir: Path) -> None:
+    code, out, _ = run(capsys, "keys", "jwks", str(key_dir / "public-key.pem"))
+    assert code == 0
+    document = json.loads(out)
+    assert document["keys"][0]["kid"] == jwk_thumbprint(read_public_key(key_dir / "public-key.pem"))
+
+
+def test_license_mint_prints_a_jwt_with_the_requested_grants(
+    capsys: pytest.CaptureFixture[str], key_dir: Path
+) -> None:
+    token = mint(capsys, key_dir, "--plan", "professional", "--lifetime-days", "10")
+    claims = jwt.decode(
+        token, read_public_key(key_dir / "public-key.pem"), algorithms=["RS256"], audience=AUDIENCE
+    )
+    assert (claims["customerId"], claims["customerName"], claims["plan"]) == (
+        "cust_abc123",
+        "Acme Corp",
+        "professional",
+    )
+    assert claims["features"]["maxDevices"] == 50
+    assert claims["exp"] - claims["iat"] == 10 * 86400
+    assert claims["trial"] == {"isTrialMode": False}
+    assert claims["subscription"] == {"status": "active"}
+
+
+def test_license_mint_trial_defaults_to_default_trial_days(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFAULT_TRIAL_DAYS", "7")
+    claims = jwt.decode(mint(capsys, key_dir, "--plan", "trial"), options={"verify_signature": False})
+    assert claims["trial"]["isTrialMode"] is True
+    assert claims["exp"] - claims["iat"] == 7 * 86400  # capped at the trial end
+    assert claims["subscription"]["status"] == "trialing"
+    starter_trial = jwt.decode(
+        mint(capsys, key_dir, "--plan", "starter", "--trial-days", "3"), options={"verify_signature": False}
+    )
+    assert (starter_trial["plan"], starter_trial["exp"] - starter_trial["iat"]) == ("starter", 3 * 86400)
+
+
+def test_license_mint_reads_the_key_path_from_settings(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LICENSE_PRIVATE_KEY_PATH", str(key_dir / "private-key.pem"))
+    monkeypatch.setenv("LICENSE_AUDIENCE", "edge-instance")
+    code, out, err = run(
+        capsys, "license", "mint", "--customer-id", "cust_abc123", "--name", "A", "--plan", "starter"
+    )
+    assert code == 0, err
+    assert jwt.decode(out.strip(), options={"verify_signature": False})["aud"] == "edge-instance"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), "--private-key: not given and LICENSE_PRIVATE_KEY_PATH is not set"),
+        (("--private-key", "/nonexistent/key.pem"), "--private-key: /nonexistent/key.pem: cannot read"),
+        (("--private-key", "KEY", "--trial-days", "0"), "--trial-days: must be between 1 and 90, got 0"),
+        (
+            ("--private-key", "KEY", "--lifetime-days", "0"),
+            "--lifetime-days: must be between 1 and 366, got 0",
+        ),
+    ],
+)
+def test_license_mint_errors_name_the_argument(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, extra: tuple[str, ...], message: str
+) -> None:
+    argv = [arg.replace("KEY", str(key_dir / "private-key.pem")) for arg in extra]
+    code, out, err = run(
+        capsys,
+        "license",
+        "mint",
+        "--customer-id",
+        "cust_abc123",
+        "--name",
+        "Acme",
+        "--plan",
+        "starter",
+        *argv,
+    )
+    assert code == 2
+    assert out == ""
+    assert message in err
+
+
+def test_license_mint_refuses_an_unknown_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["license", "mint", "--customer-id", "c", "--name", "n", "--plan", "gold"])
+    assert exited.value.code == 2
+    assert "argument --plan: invalid choice: 'gold'" in capsys.readouterr().err
+
+
+def test_license_verify_valid_and_invalid(capsys: pytest.CaptureFixture[str], key_dir: Path) -> None:
+    token = mint(capsys, key_dir, "--plan", "professional")
+    public = str(key_dir / "public-key.pem")
+    code, out, _ = run(capsys, "license", "verify", token, "--public-key", public)
+    assert code == 0
+    assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan professional, maxDevices 50")
+
+    header, payload, signature = token.split(".")
+    code, out, _ = run(
+        capsys, "license", "verify", f"{header}.{payload}.{signature[::-1]}", "--public-key", public
+    )
+    assert code == 1
+    assert out.startswith("invalid: signature does not verify")
+
+    code, out, _ = run(capsys, "license", "verify", token, "--public-key", public, "--audience", "other")
+    assert code == 1
+    assert "invalid: licence is for audience 'iotistic-instance', not 'other'" in out
+
+
+def test_license_verify_reads_stdin_and_jwks(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = mint(capsys, key_dir, "--plan", "starter")
+    code, document, _ = run(capsys, "keys", "jwks", str(key_dir / "public-key.pem"))
+    assert code == 0
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(document)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
+    code, out, err = run(capsys, "license", "verify", "-", "--jwks", str(jwks))
+    assert code == 0, err
+    assert "plan starter" in out
+
+
+def test_license_verify_defaults_to_the_settings_public_key(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = mint(capsys, key_dir, "--plan", "enterprise")
+    code, _, err = run(capsys, "license", "verify", token)
+    assert code == 2
+    assert "--public-key: not given and LICENSE_PUBLIC_KEY_PATH is not set" in err
+    monkeypatch.setenv("LICENSE_PUBLIC_KEY_PATH", str(key_dir / "public-key.pem"))
+    code, out, _ = run(capsys, "license", "verify", token)
+    assert code == 0
+    assert "maxDevices -1" in out
+
+
+def test_license_verify_errors_name_the_argument(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "license", "verify", "x.y.z", "--public-key", str(tmp_path / "missing.pem"))
+    assert (code, "--public-key:" in err, "missing.pem: cannot read" in err) == (2, True, True)
+    code, _, err = run(capsys, "license", "verify", "x.y.z", "--jwks", str(tmp_path / "missing.json"))
+    assert (code, "--jwks: cannot read" in err) == (2, True)
+
+
+def test_license_show_decodes_without_verifying(capsys: pytest.CaptureFixture[str], key_dir: Path) -> None:
+    token = mint(capsys, key_dir, "--plan", "professional")
+    code, out, _ = run(capsys, "license", "show", token)
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["verified"] is False
+    assert shown["header"]["alg"] == "RS256"
+    assert shown["header"]["kid"] == jwk_thumbprint(read_public_key(key_dir / "public-key.pem"))
+    assert shown["claims"]["limits"]["maxUsers"] == 15
+    code, _, err = run(capsys, "license", "show", "not-a-token")
+    assert code == 2
+    assert "TOKEN: not a JWT" in err
+
+
+def test_commands_without_a_subcommand_show_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "keys" in err
+    assert "license" in err
+    code, _, err = run(capsys, "license")
+    assert code == 2
+    assert "mint" in err
+    assert "verify" in err
+
+
+def test_installed_script_round_trip(tmp_path: Path) -> None:
+    def script(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), *argv], capture_output=True, text=True, input=stdin, check=False, cwd=tmp_path
+        )
+
+    generated = script("keys", "generate")
+    assert generated.returncode == 0, generated.stderr
+    assert (tmp_path / "keys" / "private-key.pem").exists()
+    minted = script(
+        "license", "mint", "--customer-id", "cust_abc123", "--name", "Acme", "--plan", "professional",
+        "--private-key", "keys/private-key.pem",
+    )  # fmt: skip
+    assert minted.returncode == 0, minted.stderr
+    verified = script("license", "verify", "-", "--public-key", "keys/public-key.pem", stdin=minted.stdout)
+    assert verified.returncode == 0, verified.stderr
+    assert f"key {generated.stdout.strip()}" in verified.stdout
+    refused = script("license", "verify", minted.stdout.strip()[:-8], "--public-key", "keys/public-key.pem")
+    assert refused.returncode == 1
+    assert refused.stdout.startswith("invalid:")
