@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,15 @@ class Settings(BaseSettings):
 
     admin_api_token: SecretStr | None = None
 
+    # The operator: liveness endpoint port, Kopf peering name ("" runs standalone) and priority.
+    operator_liveness_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    operator_peering: str = "iotistic-billing"
+    operator_priority: int = 0
+    # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).
+    operator_timer_interval: Annotated[float, Field(gt=0)] = 60.0
+    # Public URL of the webhook server, given to customer instances for usage reports.
+    billing_url: str = "http://localhost:3100"
+
     @field_validator("admin_api_token")
     @classmethod
     def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
@@ -62,6 +72,11 @@ class Settings(BaseSettings):
         ):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @property
+    def lifetime(self) -> timedelta:
+        """Lifetime of a licence (a trial licence ends with its trial, sooner)."""
+        return timedelta(days=self.license_lifetime_days)
 
     @property
     def stripe_configured(self) -> bool:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
@@ -123,3 +125,134 @@ def stripe_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StripeMock
         yield mock
     finally:
         mock.stop()
+
+
+@pytest.fixture(scope="session")
+def license_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A licence signing key pair made by the product's own `keys generate`."""
+    directory = tmp_path_factory.mktemp("license-keys")
+    from iotistic_billing.cli import main as cli
+
+    assert cli(["keys", "generate", "--out", str(directory)]) == 0
+    return directory / "private-key.pem", directory / "public-key.pem"
+
+
+class OperatorProcess:
+    """`python -m iotistic_billing.operator` as a user runs it, restartable with other settings."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.base_env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, **overrides: str) -> None:
+        from iotistic_billing.processes import free_port
+
+        env = {**self.base_env, "OPERATOR_LIVENESS_PORT": str(free_port()), **overrides}
+        self.liveness_url = f"http://127.0.0.1:{env['OPERATOR_LIVENESS_PORT']}/healthz"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "iotistic_billing.operator"],
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self._live, timeout=60, message=f"operator not live; log: {self.log}")
+
+    def _live(self) -> bool:
+        import urllib.request
+
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"operator exited with {self.process.returncode}; log: {self.log}")
+        try:
+            with urllib.request.urlopen(self.liveness_url, timeout=1) as response:  # noqa: S310 - loopback
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """kill -9 of the operator and whatever it had started (helm processes)."""
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = 30, message: str = "", interval: float = 0.2
+) -> Any:
+    """Poll `condition` until it returns something truthy (and return it); fail with `message` on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message} (last: {last!r})")
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[object]], within: float = 30, message: str = "", interval: float = 0.2
+) -> Any:
+    """wait_until for async conditions (database reads in async tests)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    last: object = None
+    while time.monotonic() < deadline:
+        last = await condition()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {within}s: {message} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def operator_env(
+    control_plane: ControlPlane,
+    database_url: str,
+    license_keys: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
+    private_key, public_key = license_keys
+    return {
+        **os.environ,
+        "KUBECONFIG": str(control_plane.kubeconfig),
+        "DATABASE_URL": database_url,
+        "LICENSE_PRIVATE_KEY_PATH": str(private_key),
+        "LICENSE_PUBLIC_KEY_PATH": str(public_key),
+        "HELM_CHART_PATH": str(REPO / "charts" / "customer-instance"),
+        "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "BASE_DOMAIN": "test.iotistic.example",
+        # Tests restart the operator (kill -9 included); standalone, a restarted process does not
+        # wait for the peering record of the one it replaces to expire.
+        "OPERATOR_PEERING": "",
+    }
+
+
+@pytest.fixture(scope="session")
+def operator(
+    operator_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(operator_env, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -85,7 +85,7 @@ class EmbeddedPostgres:
             os.chown(self.data_dir, *ids)
         if not (pgdata / "PG_VERSION").exists():
             shutil.rmtree(pgdata, ignore_errors=True)
-            subprocess.run(
+            initdb = subprocess.run(
                 [
                     str(_binaries() / "initdb"),
                     "-D",
@@ -96,11 +96,16 @@ class EmbeddedPostgres:
                     "--encoding=UTF8",
                     "--no-sync",
                 ],
-                check=True,
+                check=False,
                 capture_output=True,
+                text=True,
                 user=ids[0] if ids else None,
                 group=ids[1] if ids else None,
             )
+            if initdb.returncode != 0:
+                raise RuntimeError(
+                    f"initdb of {pgdata} failed: {initdb.stderr.strip() or initdb.stdout.strip()}"
+                )
         # A server killed without a clean stop leaves its pid file; it is ours, so it can go.
         (pgdata / "postmaster.pid").unlink(missing_ok=True)
         argv = [

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
@@ -21,6 +23,8 @@ from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
+from iotistic_billing.processes import ManagedProcess, free_port
 
 REPO = REPO_BIN.parent
 DATABASE = "billing"
@@ -91,7 +95,13 @@ class DevEnvironment:
         except MissingBinaryError as missing:
             print(f"stripe-mock   not started: {missing}", flush=True)
 
-        self._apply_crds(kubeconfig)
+        self._apply(kubeconfig, REPO / "crds", wait_established=True)
+        keys = self.state / "keys"
+        if not (keys / "private-key.pem").exists():
+            write_key_pair(generate_private_key(), keys)
+        env["LICENSE_PRIVATE_KEY_PATH"] = str(keys / "private-key.pem")
+        env["LICENSE_PUBLIC_KEY_PATH"] = str(keys / "public-key.pem")
+        env["HELM_CHART_PATH"] = str(REPO / "charts" / "customer-instance")
         env["ADMIN_API_TOKEN"] = _kept_secret(self.state / "admin-token", secrets.token_hex(32))
         env["STRIPE_WEBHOOK_SECRET"] = _kept_secret(
             self.state / "webhook-secret", "whsec_" + secrets.token_hex(24)
@@ -99,19 +109,65 @@ class DevEnvironment:
         env.update(DEV_PRICES)
         env["BILLING_URL"] = f"http://127.0.0.1:{self.port}"
         write_env(self.state / "env", env)
+
+        self._start_service(
+            "operator",
+            "iotistic_billing.operator",
+            env,
+            {
+                # A dev run is alone: standalone, so a restart never waits for a killed run's peering record.
+                "OPERATOR_PEERING": "",
+                "OPERATOR_LIVENESS_PORT": str(free_port()),
+            },
+            health="OPERATOR_LIVENESS_PORT",
+        )
+        self._apply(kubeconfig, REPO / "manifests" / "samples")
+        samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
+        print(f"samples       {', '.join(sample.stem for sample in samples)}", flush=True)
         return env
 
-    def _apply_crds(self, kubeconfig: Path) -> None:
-        crds = REPO / "crds"
-        if not any(crds.glob("*.yaml")):
+    def _start_service(
+        self, name: str, module: str, env: dict[str, str], extra: dict[str, str], health: str
+    ) -> None:
+        """A product process as a user starts it, logging to .dev/<name>.log; returns once it is healthy."""
+        service_env = {
+            **os.environ,
+            **env,
+            **extra,
+            "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        process = ManagedProcess(
+            name, [sys.executable, "-m", module], self.state / f"{name}.log", env=service_env
+        )
+        self._stop_later(name, process)
+        port = int(service_env[health])
+        url = f"http://127.0.0.1:{port}/healthz"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not process.running():
+                raise RuntimeError(f"{name} exited; last lines of {process.log_path}:\n{process.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        print(f"{name:<13} {url} (log {process.log_path})", flush=True)
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"{name} not healthy at {url} within 60s:\n{process.log_tail()}")
+
+    def _apply(self, kubeconfig: Path, folder: Path, wait_established: bool = False) -> None:
+        if not any(folder.glob("*.yaml")):
             return
         kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(kubeconfig)]
-        subprocess.run([*kubectl, "apply", "--server-side", "-f", str(crds)], check=True, capture_output=True)
         subprocess.run(
-            [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
-            check=True,
-            capture_output=True,
+            [*kubectl, "apply", "--server-side", "-f", str(folder)], check=True, capture_output=True
         )
+        if wait_established:
+            subprocess.run(
+                [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+                check=True,
+                capture_output=True,
+            )
 
     def stop(self) -> None:
         for name, part in reversed(self.stops):

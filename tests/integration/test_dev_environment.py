@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from iotistic_billing.processes import free_port
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,10 @@ def _read_env(path: Path) -> dict[str, str]:
 
 def _kubectl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["kubectl", *args], env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]}, capture_output=True, text=True
+        ["kubectl", *args],
+        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+        capture_output=True,
+        text=True,
     )
 
 
@@ -83,6 +87,16 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
         assert _kubectl(env, "get", "namespace", "default").returncode == 0
         created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
         assert created.returncode == 0, created.stderr
+        # The operator runs and reconciles the sample Customers of manifests/samples.
+        for sample in ("acme", "globex"):
+            wait_until(
+                lambda name=sample: (
+                    _kubectl(env, "get", "cust", name, "-o", "jsonpath={.status.release.revision}").stdout
+                    == "1"
+                ),
+                timeout=90,
+                message=f"sample Customer {sample} provisioned",
+            )
     finally:
         _stop(process)
 

@@ -1,0 +1,111 @@
+"""`python -m iotistic_billing.operator`: settings and clients first (a bad setting stops the start with
+its name), then Kopf, cluster-wide, with peering for one active replica and a liveness endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.db import migrate
+from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
+from iotistic_billing.operator import handlers
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.helm import Helm
+from iotistic_billing.operator.kube import Kube
+from iotistic_billing.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("iotistic_billing.operator")
+
+
+def kubernetes_client(kubeconfig: str | None) -> kubernetes.client.ApiClient:
+    """A kubeconfig when given (KUBECONFIG); in a Pod, its service account."""
+    config: Any = kubernetes.config
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+        return kubernetes.client.ApiClient()
+    client: kubernetes.client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
+    return client
+
+
+def build_context(settings: Settings, database_url: str, kubeconfig: str | None = None) -> OperatorContext:
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    if settings.license_private_key_path is None:
+        raise SettingsError("LICENSE_PRIVATE_KEY_PATH: required by the operator to sign licences")
+    if not (settings.helm_chart_path / "Chart.yaml").is_file():
+        raise SettingsError(f"HELM_CHART_PATH: no Chart.yaml in {settings.helm_chart_path}")
+    try:
+        keys = SigningKeys.from_pem_files(
+            settings.license_private_key_path,
+            settings.license_public_key_path,
+            settings.license_extra_public_key_paths,
+        )
+    except LicenseKeyError as error:
+        raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
+    engine = create_engine(database_url)
+    return OperatorContext(
+        settings=settings,
+        keys=keys,
+        kube=Kube(kubernetes_client(kubeconfig)),
+        helm=Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency),
+        engine=engine,
+        sessions=session_factory(engine),
+    )
+
+
+def ensure_peering(kube: Kube, name: str) -> None:
+    """The ClusterKopfPeering object Kopf's peering needs (its CRD ships in crds/)."""
+    try:
+        kube.objects.create_cluster_custom_object(
+            "kopf.dev",
+            "v1",
+            "clusterkopfpeerings",
+            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+        )
+    except ApiException as error:
+        if error.status != 409:
+            raise
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+        if settings.database_url is None:
+            raise SettingsError("DATABASE_URL: required by the operator (make dev sets it in .dev/env)")
+        migrate.upgrade(settings.database_url)
+        context = build_context(settings, settings.database_url)
+    except SettingsError as error:
+        print(f"iotistic-billing operator: {error}", file=sys.stderr)
+        return 2
+    handlers.register_timers(settings.operator_timer_interval)
+    standalone = not settings.operator_peering
+    if not standalone:
+        ensure_peering(context.kube, settings.operator_peering)
+    liveness = (
+        f"http://0.0.0.0:{settings.operator_liveness_port}/healthz"
+        if settings.operator_liveness_port
+        else None
+    )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=standalone,
+            peering_name=settings.operator_peering or None,
+            priority=settings.operator_priority,
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(context=context),
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

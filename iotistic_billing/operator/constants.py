@@ -1,0 +1,47 @@
+"""Names the operator shares with the cluster: finalizer, labels, field manager, condition reasons."""
+
+from __future__ import annotations
+
+from typing import Final
+
+FINALIZER: Final = "iotistic.io/customer-protection"
+FIELD_MANAGER: Final = "iotistic-operator"
+PEERING_NAME: Final = "iotistic-billing"
+
+LABEL_CUSTOMER: Final = "iotistic.io/customer"
+LABEL_CUSTOMER_ID: Final = "iotistic.io/customer-id"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "iotistic-billing-operator"
+# On the licence Secret: the history action its licence was recorded under, so that a pass that
+# crashed after writing the Secret records the same (jti, action) row, never a second one.
+ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"
+
+NAMESPACE_PREFIX: Final = "customer-"
+RELEASE_NAME: Final = "instance"
+
+# Condition reasons, CamelCase pairs.
+LICENSE_ISSUED: Final = "LicenseIssued"
+LICENSE_CURRENT: Final = "LicenseCurrent"
+LICENSE_FAILED: Final = "LicenseFailed"
+INSTALL_SUCCEEDED: Final = "InstallSucceeded"
+UPGRADE_SUCCEEDED: Final = "UpgradeSucceeded"
+RELEASE_UNCHANGED: Final = "ReleaseUnchanged"
+INSTALL_FAILED: Final = "InstallFailed"
+UPGRADE_FAILED: Final = "UpgradeFailed"
+CHART_VERSION_UNAVAILABLE: Final = "ChartVersionUnavailable"
+INVALID_SPEC: Final = "InvalidSpec"
+PROGRESSING: Final = "Progressing"
+DEPLOYMENTS_AVAILABLE: Final = "DeploymentsAvailable"
+DEPLOYMENTS_UNAVAILABLE: Final = "DeploymentsUnavailable"
+INSTANCE_DISABLED: Final = "InstanceDisabled"
+TRIAL_ACTIVE: Final = "TrialActive"
+TRIAL_EXPIRED: Final = "TrialExpired"
+NOT_IN_TRIAL: Final = "NotInTrial"
+MANUAL_BILLING: Final = "ManualBilling"
+SUBSCRIPTION_ACTIVE: Final = "SubscriptionActive"
+SUBSCRIPTION_PAST_DUE: Final = "SubscriptionPastDue"
+SUBSCRIPTION_LAPSED: Final = "SubscriptionLapsed"
+NO_SUBSCRIPTION: Final = "NoSubscription"
+SUSPENDED: Final = "Suspended"
+RECONCILED: Final = "Reconciled"
+DELETING: Final = "Deleting"

@@ -1,0 +1,37 @@
+"""Deletion behind the finalizer: uninstall the release, revoke the licence, request the namespace's deletion.
+
+It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
+object is already gone, so a deletion retried after a crash completes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.license import revoke_license
+from iotistic_billing.operator.state import derived_customer_id, namespace_for
+
+
+def _customer_id(body: dict[str, Any], name: str) -> str:
+    """Read without validating the spec: a Customer must be deletable even with a spec we now refuse."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    return str(
+        spec.get("customerId")
+        or status.get("customerId")
+        or derived_customer_id(body["metadata"].get("uid") or name)
+    )
+
+
+async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
+    meta = body["metadata"]
+    name = str(meta["name"])
+    async with ctx.locks[name]:
+        customer_id = _customer_id(body, name)
+        namespace = namespace_for(name)
+        if await ctx.kube.namespace_exists(namespace):
+            await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+        await revoke_license(ctx, customer_id, namespace, reason="Customer deleted")
+        await ctx.kube.delete_namespace(namespace)
+    ctx.locks.pop(name, None)

@@ -1,0 +1,147 @@
+"""Kopf registrations: thin handlers that hand over to reconcile(), finalize() and the watches below."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from iotistic_billing.customer import GROUP, PLURAL, VERSION, Customer, InvalidSpecError, Phase
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.reconcile import PassResult, reconcile
+from iotistic_billing.operator.state import housekeeping_due
+
+CUSTOMERS = (GROUP, VERSION, PLURAL)
+log = logging.getLogger(__name__)
+_pending: set[str] = set()
+
+
+def _context(memo: kopf.Memo) -> OperatorContext:
+    context: OperatorContext = memo["context"]
+    return context
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = c.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="iotistic.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="iotistic.io", key="last-handled-configuration"
+    )
+    # Our own Events carry the transitions; Kopf's per-log-line Events would drown them.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await _context(memo).engine.dispose()
+
+
+def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
+    """Events for transitions, and Kopf's retry semantics for the pass's outcome."""
+    if result is None:
+        return
+    phase = result.status.phase
+    if phase != result.previous_phase and phase is not None:
+        kind = "Warning" if phase in (Phase.FAILED, Phase.DEGRADED, Phase.EXPIRED) else "Normal"
+        kopf.event(
+            body, type=kind, reason=str(phase), message=f"phase {result.previous_phase or 'none'} -> {phase}"
+        )
+    if result.permanent_error is not None:
+        kopf.warn(body, reason="ReconcileFailed", message=result.permanent_error)
+        raise kopf.PermanentError(result.permanent_error)
+    if result.temporary_error is not None:
+        raise kopf.TemporaryError(result.temporary_error, delay=min(300, 5 * 2**retry))
+
+
+@kopf.on.resume(*CUSTOMERS)
+@kopf.on.create(*CUSTOMERS)
+@kopf.on.update(*CUSTOMERS, field="spec")
+async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    _report(await reconcile(_context(memo), name), body, retry)
+
+
+@kopf.on.delete(*CUSTOMERS)
+async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await finalize(_context(memo), dict(body))
+    kopf.info(
+        body, reason="Deleted", message="release uninstalled, licence revoked, namespace deletion requested"
+    )
+
+
+async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due."""
+    ctx = _context(memo)
+    try:
+        customer = Customer.model_validate(dict(body))
+    except (ValueError, InvalidSpecError):
+        return
+    now: datetime = ctx.clock()
+    created = customer.metadata.creation_timestamp or now
+    if housekeeping_due(customer.spec, customer.status, created, now):
+        await _refresh(ctx, name)
+
+
+def register_timers(interval: float) -> None:
+    """The timer's interval is a setting, so it is registered at start-up rather than at import."""
+    kopf.timer(*CUSTOMERS, id="housekeeping", interval=interval, initial_delay=min(interval, 30.0))(
+        housekeeping
+    )
+
+
+async def _refresh(ctx: OperatorContext, name: str) -> None:
+    try:
+        await reconcile(ctx, name)
+    except Exception:  # a watch-triggered pass; the next event or timer tries again
+        log.exception("pass of Customer %s failed", name)
+
+
+def request_pass(ctx: OperatorContext, name: str) -> None:
+    """Coalesce bursts of watch events (a rollout changes a Deployment many times) into one pass."""
+    if name in _pending:
+        return
+    _pending.add(name)
+
+    async def run() -> None:
+        await asyncio.sleep(0.2)
+        _pending.discard(name)
+        await _refresh(ctx, name)
+
+    asyncio.get_running_loop().create_task(run())
+
+
+def _customer_of_namespace(namespace: str | None) -> str | None:
+    if namespace and namespace.startswith(c.NAMESPACE_PREFIX):
+        return namespace[len(c.NAMESPACE_PREFIX) :]
+    return None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/instance": c.RELEASE_NAME})
+async def deployment_changed(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Readiness follows the instance's Deployments."""
+    name = _customer_of_namespace(namespace)
+    if name:
+        request_pass(_context(memo), name)
+
+
+@kopf.on.event("", "v1", "secrets", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+async def license_secret_changed(type: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Drift repair: a deleted licence Secret comes back."""
+    name = _customer_of_namespace(namespace)
+    if name and type == "DELETED":
+        request_pass(_context(memo), name)
+
+
+@kopf.on.event("", "v1", "secrets", labels={"owner": "helm", "name": c.RELEASE_NAME})
+async def release_storage_changed(type: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Drift repair: an uninstalled release (its storage Secret deleted) comes back."""
+    name = _customer_of_namespace(namespace)
+    if name and type == "DELETED":
+        request_pass(_context(memo), name)

@@ -1,0 +1,133 @@
+"""The real helm CLI as asyncio subprocesses, bounded by a semaphore (no blocking call in the loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Errors helm reports for input it will refuse again: retrying the same values cannot help.
+_PERMANENT_MARKERS = (
+    "values don't meet the specifications of the schema",
+    "at '/",  # JSON-schema failure paths
+    "parse error",
+    "unable to build kubernetes objects from release manifest",
+    "is invalid:",
+    "error converting yaml to json",
+    "chart requires kubeversion",
+)
+_STUCK_MARKER = "another operation (install/upgrade/rollback) is in progress"
+
+
+class HelmError(Exception):
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(f"helm {command} failed: {message}")
+        self.command = command
+        self.message = message
+        lowered = message.lower()
+        self.permanent = any(marker in lowered for marker in _PERMANENT_MARKERS)
+        self.stuck = _STUCK_MARKER in lowered
+
+
+@dataclass(frozen=True)
+class HelmRelease:
+    name: str
+    namespace: str
+    revision: int
+    status: str
+    chart_version: str
+
+
+def chart_version(chart: Path) -> str:
+    return str(yaml.safe_load((chart / "Chart.yaml").read_text())["version"])
+
+
+class Helm:
+    def __init__(self, binary: str, kubeconfig: str | None, concurrency: int) -> None:
+        self.binary = binary
+        self.kubeconfig = kubeconfig
+        self._slots = asyncio.Semaphore(concurrency)
+        self.in_flight = 0
+
+    async def _run(self, *args: str) -> str:
+        argv = [self.binary, *args]
+        if self.kubeconfig:
+            argv += ["--kubeconfig", self.kubeconfig]
+        async with self._slots:
+            self.in_flight += 1
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env={**os.environ, "HELM_MAX_HISTORY": "5"},
+                )
+                stdout, stderr = await process.communicate()
+            finally:
+                self.in_flight -= 1
+        if process.returncode != 0:
+            raise HelmError(
+                args[0], stderr.decode(errors="replace").strip() or f"exit code {process.returncode}"
+            )
+        return stdout.decode()
+
+    async def upgrade_install(
+        self, name: str, namespace: str, chart: Path, values: dict[str, Any]
+    ) -> HelmRelease:
+        """`helm upgrade --install` without --wait: readiness is judged from the Deployments later."""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="values-") as values_file:
+            json.dump(values, values_file)
+            values_file.flush()
+            out = await self._run(
+                "upgrade",
+                "--install",
+                name,
+                str(chart),
+                "--namespace",
+                namespace,
+                "--values",
+                values_file.name,
+                "--history-max",
+                "5",
+                "--output",
+                "json",
+            )
+        return _release(json.loads(out))
+
+    async def status(self, name: str, namespace: str) -> HelmRelease | None:
+        try:
+            out = await self._run("status", name, "--namespace", namespace, "--output", "json")
+        except HelmError as error:
+            if "not found" in error.message.lower():
+                return None
+            raise
+        return _release(json.loads(out))
+
+    async def uninstall(self, name: str, namespace: str) -> bool:
+        """False when there was no such release (an uninstall retried after a crash)."""
+        try:
+            await self._run("uninstall", name, "--namespace", namespace)
+        except HelmError as error:
+            if "not found" in error.message.lower():
+                return False
+            raise
+        return True
+
+    async def rollback(self, name: str, namespace: str) -> None:
+        await self._run("rollback", name, "--namespace", namespace)
+
+
+def _release(document: dict[str, Any]) -> HelmRelease:
+    return HelmRelease(
+        name=document["name"],
+        namespace=document["namespace"],
+        revision=int(document["version"]),
+        status=document["info"]["status"],
+        chart_version=document["chart"]["metadata"]["version"],
+    )

@@ -1,0 +1,126 @@
+"""The operator's own Kubernetes calls, through the official client, run in threads off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.operator import constants as c
+
+_APPLY = "application/apply-patch+yaml"
+_MERGE = "application/merge-patch+json"
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+        "kind": body.get("kind", "Customer"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.objects = kubernetes.client.CustomObjectsApi(api_client)
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        get: Any = self.objects.get_cluster_custom_object
+        try:
+            body: dict[str, Any] = await asyncio.to_thread(get, GROUP, VERSION, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return body
+
+    async def patch_customer_status(self, name: str, status: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.objects.patch_cluster_custom_object_status,
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            {"status": status},
+            _content_type=_MERGE,
+        )
+
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> None:
+        """Server-side apply under the operator's field manager: create or converge in one call."""
+        name = body["metadata"]["name"]
+        options: dict[str, Any] = {"field_manager": c.FIELD_MANAGER, "force": True, "_content_type": _APPLY}
+        if kind == "Namespace":
+            await asyncio.to_thread(lambda: self.core.patch_namespace(name, body, **options))
+        elif kind == "Secret":
+            await asyncio.to_thread(
+                lambda: self.core.patch_namespaced_secret(name, namespace, body, **options)
+            )
+        else:
+            raise ValueError(f"apply of {kind} is not supported")
+
+    async def read_secret_data(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, bytes], dict[str, str]] | None:
+        """A Secret's decoded data and its annotations, or None when it (or its namespace) is missing."""
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        data = {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+        annotations = secret.metadata.annotations if secret.metadata else None
+        return data, dict(annotations or {})
+
+    async def namespace_exists(self, name: str) -> bool:
+        try:
+            namespace = await asyncio.to_thread(self.core.read_namespace, name)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return namespace.metadata is None or namespace.metadata.deletion_timestamp is None
+
+    async def delete_namespace(self, name: str) -> bool:
+        """Request the namespace's deletion; False when it was already gone."""
+        try:
+            await asyncio.to_thread(self.core.delete_namespace, name)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        try:
+            result = await asyncio.to_thread(
+                self.apps.list_namespaced_deployment, namespace, label_selector=selector
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return []
+            raise
+        serialize: Any = self.api_client.sanitize_for_serialization
+        return [serialize(item) for item in result.items]
+
+    async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
+        """Helm's own storage (Secrets labelled owner=helm): revision -> status, read without helm."""
+        result = await asyncio.to_thread(
+            self.core.list_namespaced_secret, namespace, label_selector=f"owner=helm,name={release}"
+        )
+        revisions = {}
+        for item in result.items:
+            labels = (item.metadata.labels if item.metadata else None) or {}
+            revisions[int(labels.get("version", 0))] = labels.get("status", "")
+        return revisions

@@ -1,0 +1,233 @@
+"""The licence step: mint only when the grants changed or renewal is due, write the Secret, record history.
+
+Order matters for crash safety: the Secret is written before the history row, and the row's action is
+kept on the Secret, so a pass that crashed in between records the very same (jti, action) row later.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from datetime import datetime
+from typing import Any
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from iotistic_billing.customer import (
+    LICENSE_JWT_KEY,
+    LICENSE_PUBLIC_KEY_KEY,
+    LICENSE_SECRET_NAME,
+    USAGE_API_KEY_KEY,
+    Customer,
+    LicenseStatus,
+)
+from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.licensing.history import record_license
+from iotistic_billing.licensing.minting import (
+    LicenseCustomer,
+    LicenseRecord,
+    MintedLicense,
+    SubscriptionTerms,
+    TrialTerms,
+    claims_differ,
+    license_claims,
+    mint_license,
+    renewal_due,
+)
+from iotistic_billing.licensing.plans import plan_by_name
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.kube import owner_reference
+from iotistic_billing.operator.state import Entitlement, license_action
+
+
+def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
+    return (
+        TrialTerms(entitlement.trial_active, entitlement.trial_ends_at if entitlement.trial_active else None),
+        SubscriptionTerms(entitlement.subscription_status, entitlement.subscription_period_end),
+    )
+
+
+def desired_claims(
+    ctx: OperatorContext, customer_id: str, name: str, entitlement: Entitlement, now: datetime
+) -> dict[str, Any]:
+    trial, subscription = _terms(entitlement)
+    return license_claims(
+        customer=LicenseCustomer(customer_id, name),
+        plan=plan_by_name(entitlement.plan, allow_unlicensed=True),
+        trial=trial,
+        subscription=subscription,
+        now=now,
+        issuer=ctx.settings.license_issuer,
+        audience=ctx.settings.license_audience,
+        jti="desired",
+        lifetime=ctx.settings.lifetime,
+    )
+
+
+def needs_new_license(
+    ctx: OperatorContext, token: str | None, desired: dict[str, Any], entitlement: Entitlement, now: datetime
+) -> bool:
+    if token is None:
+        return True
+    try:
+        header = jwt.get_unverified_header(token)
+        current = jwt.decode(
+            token,
+            ctx.keys.verification_keys[header.get("kid", "")],
+            algorithms=["RS256"],
+            audience=ctx.settings.license_audience,
+            # Only "is it ours, for instances" matters here; its times are judged by renewal_due below.
+            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+        )
+    except (jwt.InvalidTokenError, KeyError):
+        return True  # tampered, or signed by a key that no longer verifies
+    if claims_differ(current, desired):
+        return True
+    issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
+    # A trial licence already ends with the trial: renewing cannot extend it.
+    capped_by_trial = (
+        entitlement.trial_active
+        and entitlement.trial_ends_at is not None
+        and (expires >= entitlement.trial_ends_at.replace(microsecond=0))
+    )
+    return renewal_due(expires, issued, now) and not capped_by_trial
+
+
+def _status(record: LicenseRecord) -> LicenseStatus:
+    return LicenseStatus(
+        secret_name=LICENSE_SECRET_NAME,
+        jti=record.jti,
+        key_id=record.kid,
+        issued_at=record.issued_at,
+        expires_at=record.expires_at,
+        sha256=record.license_hash,
+    )
+
+
+def usage_key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def ensure_license(
+    ctx: OperatorContext,
+    customer: Customer,
+    body: dict[str, Any],
+    customer_id: str,
+    entitlement: Entitlement,
+    namespace: str,
+    now: datetime,
+) -> LicenseStatus:
+    existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    data, annotations = existing if existing is not None else ({}, {})
+    token = data[LICENSE_JWT_KEY].decode() if LICENSE_JWT_KEY in data else None
+    desired = desired_claims(ctx, customer_id, customer.spec.company_name, entitlement, now)
+
+    if not needs_new_license(ctx, token, desired, entitlement, now):
+        assert token is not None
+        record = LicenseRecord.from_token(token)
+        if customer.status.license is None or customer.status.license.jti != record.jti:
+            # The Secret was written but the pass ended before its history row: write that row now.
+            action = annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
+            async with ctx.sessions() as session, session.begin():
+                await record_license(session, record, action)
+        return _status(record)
+
+    previous = LicenseRecord.from_token(token) if token is not None else None
+    action = license_action(
+        previous.plan if previous else None,
+        annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended",
+        entitlement,
+    )
+    trial, subscription = _terms(entitlement)
+    minted: MintedLicense = mint_license(
+        customer=LicenseCustomer(customer_id, customer.spec.company_name),
+        plan=plan_by_name(entitlement.plan, allow_unlicensed=True),
+        trial=trial,
+        subscription=subscription,
+        now=now,
+        keys=ctx.keys,
+        issuer=ctx.settings.license_issuer,
+        audience=ctx.settings.license_audience,
+        lifetime=ctx.settings.lifetime,
+    )
+    usage_key = data.get(USAGE_API_KEY_KEY, b"").decode() or f"iuk_{secrets.token_urlsafe(32)}"
+    await ctx.kube.apply(
+        "Secret",
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": LICENSE_SECRET_NAME,
+                "namespace": namespace,
+                "labels": {
+                    c.LABEL_CUSTOMER: customer.metadata.name,
+                    c.LABEL_CUSTOMER_ID: customer_id,
+                    c.LABEL_MANAGED_BY: c.MANAGED_BY,
+                },
+                "annotations": {c.ANNOTATION_LICENSE_ACTION: action},
+                "ownerReferences": [owner_reference(body)],
+            },
+            "type": "Opaque",
+            "data": {
+                LICENSE_JWT_KEY: base64.b64encode(minted.token.encode()).decode(),
+                LICENSE_PUBLIC_KEY_KEY: base64.b64encode(ctx.keys.public_key_pem()).decode(),
+                USAGE_API_KEY_KEY: base64.b64encode(usage_key.encode()).decode(),
+            },
+        },
+    )
+    metadata = {
+        "oldPlan": previous.plan if previous else None,
+        "newPlan": minted.plan,
+        "reason": entitlement.reason,
+    }
+    async with ctx.sessions() as session, session.begin():
+        await record_license(session, minted, action, metadata)
+        await session.execute(
+            insert(ApiKey)
+            .values(
+                customer_id=customer_id,
+                key_hash=usage_key_hash(usage_key),
+                key_prefix=usage_key[:12],
+                purpose="usage",
+                description=f"usage key of {customer.metadata.name}",
+            )
+            .on_conflict_do_nothing(index_elements=["key_hash"])
+        )
+    return _status(minted.record())
+
+
+async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str, reason: str) -> bool:
+    """A `revoked` row for the customer's current licence; False when it never had one."""
+    existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    async with ctx.sessions() as session, session.begin():
+        if existing is not None and LICENSE_JWT_KEY in existing[0]:
+            record = LicenseRecord.from_token(existing[0][LICENSE_JWT_KEY].decode())
+        else:
+            # The Secret (or its namespace) is already gone: revoke the last licence the history knows.
+            last = await session.scalar(
+                select(LicenseHistory)
+                .where(LicenseHistory.customer_id == customer_id, LicenseHistory.action != "revoked")
+                .order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc())
+                .limit(1)
+            )
+            if last is None:
+                return False
+            record = LicenseRecord(
+                customer_id=last.customer_id,
+                plan=last.plan,
+                max_devices=last.max_devices,
+                license_hash=last.license_hash,
+                jti=last.jti,
+                kid=last.kid,
+                issued_at=last.issued_at,
+                expires_at=last.expires_at,
+                features=last.features,
+                limits=last.limits,
+            )
+        await record_license(session, record, "revoked", {"reason": reason})
+    return True

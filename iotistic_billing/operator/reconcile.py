@@ -1,0 +1,164 @@
+"""One reconcile pass of a Customer, as a table of contents: namespace, licence, release, health, status.
+
+Every step checks before it acts, so a pass repeated after a crash at any point converges.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import (
+    Customer,
+    CustomerMetadata,
+    CustomerStatus,
+    InvalidSpecError,
+    LicenseStatus,
+    Phase,
+    parse_spec,
+)
+from iotistic_billing.licensing.minting import MintingError
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.kube import owner_reference
+from iotistic_billing.operator.license import ensure_license
+from iotistic_billing.operator.release import ensure_release
+from iotistic_billing.operator.state import (
+    ReleaseOutcome,
+    customer_id_for,
+    effective_plan,
+    instance_domain,
+    instance_health,
+    namespace_for,
+    next_status,
+)
+from iotistic_billing.operator.values import desired_release_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """How a pass ended, for the handler to turn into Kopf's retry semantics and Events."""
+
+    status: CustomerStatus
+    previous_phase: str | None
+    permanent_error: str | None = None
+    temporary_error: str | None = None
+
+
+async def reconcile(ctx: OperatorContext, name: str, now: datetime | None = None) -> PassResult | None:
+    """Bring Customer `name` to its desired state; None when it is gone or being deleted."""
+    async with ctx.locks[name]:
+        body = await ctx.kube.read_customer(name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        return await _reconcile(ctx, body, now or ctx.clock())
+
+
+async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) -> PassResult:
+    meta: dict[str, Any] = body["metadata"]
+    previous = CustomerStatus.model_validate(body.get("status") or {})
+    generation = int(meta.get("generation", 1))
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except InvalidSpecError as invalid:
+        status = previous.model_copy(update={"phase": Phase.FAILED})
+        return await _finish(ctx, meta["name"], previous, status, permanent=str(invalid))
+    customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
+    name = customer.metadata.name
+    created = customer.metadata.creation_timestamp or now
+    customer_id = customer_id_for(spec, customer.metadata.uid or name)
+    namespace = namespace_for(name)
+    domain = instance_domain(name, spec, ctx.settings.base_domain)
+    entitlement = effective_plan(spec, created, now)
+
+    await ctx.kube.apply(
+        "Namespace",
+        "",
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": namespace,
+                "labels": {
+                    c.LABEL_CUSTOMER: name,
+                    c.LABEL_CUSTOMER_ID: customer_id,
+                    c.LABEL_MANAGED_BY: c.MANAGED_BY,
+                },
+                "ownerReferences": [owner_reference(body)],
+            },
+        },
+    )
+
+    license: LicenseStatus | None = None
+    license_error: str | None = None
+    try:
+        license = await ensure_license(ctx, customer, body, customer_id, entitlement, namespace, now)
+    except MintingError as error:
+        license_error = str(error)
+
+    release: ReleaseOutcome | None = None
+    if license is not None:
+        values = desired_release_values(
+            spec=spec,
+            customer_id=customer_id,
+            entitlement=entitlement,
+            domain=domain,
+            billing_url=ctx.settings.billing_url,
+            license_sha256=license.sha256,
+        )
+        release = await ensure_release(ctx, namespace, values, previous.release, spec.instance.chart_version)
+
+    health = None
+    if release is not None and release.deployed:
+        deployments = await ctx.kube.list_deployments(
+            namespace, f"app.kubernetes.io/instance={c.RELEASE_NAME}"
+        )
+        health = instance_health(deployments, spec.instance.enabled and not spec.suspended)
+
+    failure = license_error or (release.message if release is not None and not release.deployed else None)
+    stalled = (
+        c.LICENSE_FAILED if license_error else (release.reason if release and release.permanent else None)
+    )
+    status = next_status(
+        previous,
+        generation=generation,
+        customer_id=customer_id,
+        entitlement=entitlement,
+        license=license,
+        license_error=license_error,
+        release=release,
+        health=health,
+        namespace=namespace,
+        url=f"https://{domain}",
+        stalled_reason=stalled,
+        stalled_message=failure or "",
+        now=now,
+    )
+    if stalled:
+        return await _finish(ctx, name, previous, status, permanent=failure)
+    return await _finish(ctx, name, previous, status, temporary=failure)
+
+
+async def _finish(
+    ctx: OperatorContext,
+    name: str,
+    previous: CustomerStatus,
+    status: CustomerStatus,
+    permanent: str | None = None,
+    temporary: str | None = None,
+) -> PassResult:
+    """The one status patch of the pass, only when something changed."""
+    patch = status.to_k8s()
+    if patch != previous.to_k8s():
+        try:
+            await ctx.kube.patch_customer_status(name, patch)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+    return PassResult(status, previous.phase, permanent, temporary)

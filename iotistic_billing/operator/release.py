@@ -1,0 +1,76 @@
+"""The release step: `helm upgrade --install` when the chart or the values changed or the release is gone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iotistic_billing.customer import ReleaseStatus
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.helm import HelmError, chart_version
+from iotistic_billing.operator.state import ReleaseOutcome
+from iotistic_billing.operator.values import values_hash
+
+
+async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
+    """A helm killed mid-operation (an operator crash) leaves the release pending-*; put it back."""
+    release = await ctx.helm.status(c.RELEASE_NAME, namespace)
+    if release is None:
+        return
+    if release.status == "pending-install":
+        await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+    elif release.status in ("pending-upgrade", "pending-rollback"):
+        await ctx.helm.rollback(c.RELEASE_NAME, namespace)
+
+
+async def ensure_release(
+    ctx: OperatorContext,
+    namespace: str,
+    values: dict[str, Any],
+    previous: ReleaseStatus | None,
+    wanted_chart_version: str | None,
+) -> ReleaseOutcome:
+    chart = ctx.settings.helm_chart_path
+    version = chart_version(chart)
+    if wanted_chart_version and wanted_chart_version != version:
+        return ReleaseOutcome(
+            "failed",
+            c.CHART_VERSION_UNAVAILABLE,
+            f"spec.instance.chartVersion is {wanted_chart_version}, but the chart at {chart} is {version}",
+            permanent=True,
+        )
+    digest = values_hash(values, version)
+    if previous is not None and previous.values_hash == digest and previous.chart_version == version:
+        revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
+        if revisions.get(previous.revision or 0) == "deployed":
+            return ReleaseOutcome(
+                "unchanged", c.RELEASE_UNCHANGED, f"revision {previous.revision} is current", previous
+            )
+
+    for attempt in (1, 2):
+        try:
+            release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart, values)
+            break
+        except HelmError as error:
+            if error.stuck and attempt == 1:
+                await _recover_stuck(ctx, namespace)
+                continue
+            first = previous is None or not previous.revision
+            return ReleaseOutcome(
+                "failed",
+                c.INSTALL_FAILED if first else c.UPGRADE_FAILED,
+                error.message,
+                permanent=error.permanent,
+            )
+    status = ReleaseStatus(
+        name=release.name,
+        namespace=release.namespace,
+        revision=release.revision,
+        chart_version=release.chart_version,
+        values_hash=digest,
+    )
+    if release.revision == 1:
+        return ReleaseOutcome(
+            "installed", c.INSTALL_SUCCEEDED, f"installed chart {version} at revision 1", status
+        )
+    return ReleaseOutcome("upgraded", c.UPGRADE_SUCCEEDED, f"upgraded to revision {release.revision}", status)

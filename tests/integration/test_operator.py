@@ -1,0 +1,347 @@
+"""The operator on the local control plane with the real helm: what a platform engineer sees."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import kubernetes
+import pytest
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.db.models import LicenseHistory
+from tests.conftest import OperatorProcess, unique_name, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def customer_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Customer",
+        "metadata": {"name": name},
+        "spec": {"email": f"ops@{name}.example.com", "companyName": f"{name.title()} Corp", **spec},
+    }
+
+
+class Cluster:
+    """The handful of reads the assertions need, on the admin client."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, kubeconfig: Path) -> None:
+        self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.kubeconfig = kubeconfig
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = self.objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+        return created
+
+    def customer(self, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return found
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": spec})
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        body = self.customer(name) or {}
+        return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+    def license(self, name: str, verify_times: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The licence Secret's claims, verified with the public key the Secret itself carries."""
+        secret = self.core.read_namespaced_secret("iotistic-license", f"customer-{name}")
+        data = {key: base64.b64decode(value) for key, value in secret.data.items()}
+        claims = jwt.decode(
+            data["license.jwt"],
+            data["public-key.pem"],
+            algorithms=["RS256"],
+            audience="iotistic-instance",
+            options={"verify_iat": verify_times, "verify_nbf": verify_times},
+        )
+        return claims, data
+
+    def helm(self, *args: str) -> Any:
+        out = subprocess.run(
+            ["helm", "--kubeconfig", str(self.kubeconfig), *args, "-o", "json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return json.loads(out.stdout)
+
+    def release(self, name: str) -> dict[str, Any] | None:
+        releases = self.helm("list", "-n", f"customer-{name}")
+        return releases[0] if releases else None
+
+    def make_deployments_available(self, name: str) -> int:
+        """No kubelet runs here: report every Deployment of the instance as rolled out."""
+        namespace = f"customer-{name}"
+        deployments = self.apps.list_namespaced_deployment(namespace).items
+        for deployment in deployments:
+            replicas = deployment.spec.replicas or 0
+            self.apps.patch_namespaced_deployment_status(
+                deployment.metadata.name,
+                namespace,
+                {
+                    "status": {
+                        "observedGeneration": deployment.metadata.generation,
+                        "replicas": replicas,
+                        "availableReplicas": replicas,
+                        "readyReplicas": replicas,
+                        "updatedReplicas": replicas,
+                    }
+                },
+            )
+        return len(deployments)
+
+
+@pytest.fixture(scope="module")
+def cluster(k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess) -> Cluster:
+    return Cluster(k8s_client, kubeconfig)
+
+
+async def history(engine: AsyncEngine, customer_id: str) -> list[tuple[str, str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(LicenseHistory.action, LicenseHistory.plan, LicenseHistory.jti)
+            .where(LicenseHistory.customer_id == customer_id)
+            .order_by(LicenseHistory.id)
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def test_applied_customer_gets_namespace_licence_release_and_status(
+    cluster: Cluster, kubectl_binary: Path
+) -> None:
+    name = unique_name("acme")
+    cluster.create(customer_manifest(name, customerId=f"cust_{name.replace('-', '')}", plan="professional"))
+
+    status = wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("release"), message="release in status"
+    )
+    assert status["revision"] == 1 and status["namespace"] == f"customer-{name}"
+    namespace = cluster.core.read_namespace(f"customer-{name}")
+    assert namespace.metadata.labels["iotistic.io/customer"] == name
+    assert namespace.metadata.owner_references[0].kind == "Customer"
+
+    claims, data = cluster.license(name)
+    assert claims["plan"] == "professional" and claims["features"]["maxDevices"] == 50
+    assert claims["customerId"] == f"cust_{name.replace('-', '')}"
+    assert data["usage-api-key"].startswith(b"iuk_")
+    release = cluster.release(name)
+    assert release is not None and (release["status"], release["revision"]) == ("deployed", "1")
+
+    assert cluster.make_deployments_available(name) >= 5
+    ready = wait_until(
+        lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready"
+    )
+    assert ready
+    body = cluster.customer(name)
+    assert body is not None
+    assert body["status"]["phase"] == "Ready"
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    assert body["status"]["license"]["jti"] == claims["jti"]
+    assert {c["type"] for c in body["status"]["conditions"]} >= {
+        "Ready",
+        "Reconciling",
+        "Stalled",
+        "LicenseIssued",
+        "ReleaseDeployed",
+        "TrialActive",
+        "SubscriptionActive",
+    }
+
+    events = wait_until(
+        lambda: [
+            e.reason
+            for e in cluster.core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={name}").items
+            if e.involved_object.kind == "Customer"
+        ],
+        message="Events on the Customer",
+    )
+    assert "Ready" in events or "Provisioning" in events
+
+    table = subprocess.run(
+        [str(kubectl_binary), "--kubeconfig", str(cluster.kubeconfig), "get", "cust", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    assert table[0].split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "TRIAL-ENDS", "URL", "AGE"]
+    assert table[1].split()[1:4] == [claims["customerId"], "professional", "Ready"]
+
+
+async def test_plan_change_re_mints_licence_and_upgrades_release(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("initech")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.release(name) or {}).get("revision") == "1", message="revision 1")
+    first, _ = cluster.license(name)
+    assert first["features"]["maxDevices"] == 10
+
+    cluster.patch_spec(name, {"plan": "professional"})
+    wait_until(lambda: (cluster.release(name) or {}).get("revision") == "2", message="revision 2")
+    claims, _ = cluster.license(name)
+    assert claims["plan"] == "professional" and claims["features"]["maxDevices"] == 50
+    values = cluster.helm("get", "values", "instance", "-n", f"customer-{name}")
+    assert values["plan"] == "professional" and values["license"]["maxDevices"] == 50
+    rows = await history(db_engine, customer_id)
+    assert [(action, plan) for action, plan, _ in rows] == [
+        ("generated", "starter"),
+        ("upgraded", "professional"),
+    ]
+    assert rows[1][2] == claims["jti"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"plan": "platinum"}, "spec.plan"),
+        ({"trial": {"days": 120}}, "spec.trial.days"),
+        ({"customerId": "CUSTOMER-1"}, "spec.customerId"),
+        ({"email": "not-an-address"}, "spec.email"),
+    ],
+)
+def test_invalid_specs_are_refused_by_the_api_server(
+    cluster: Cluster, spec: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ApiException) as refused:
+        cluster.create(customer_manifest(unique_name("bad"), **spec))
+    assert refused.value.status == 422
+    assert field in refused.value.body
+
+
+def test_customer_id_is_immutable(cluster: Cluster) -> None:
+    name = unique_name("umbrella")
+    cluster.create(customer_manifest(name, customerId="cust_umbrella01"))
+    with pytest.raises(ApiException) as refused:
+        cluster.patch_spec(name, {"customerId": "cust_umbrella02"})
+    assert refused.value.status == 422
+    assert "spec.customerId" in refused.value.body and "immutable" in refused.value.body
+
+
+def test_lapsed_trial_is_expired_with_the_unlicensed_feature_set(cluster: Cluster) -> None:
+    name = unique_name("lapsed")
+    cluster.create(customer_manifest(name, plan="trial", trial={"endsAt": "2026-01-01T00:00:00Z"}))
+    wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("phase") == "Expired", message="Expired"
+    )
+    claims, _ = cluster.license(name)
+    assert claims["plan"] == "unlicensed"
+    assert claims["features"]["maxDevices"] == 2 and claims["features"]["canExportData"] is False
+    assert claims["trial"] == {"isTrialMode": False}
+    body = cluster.customer(name)
+    assert body is not None and body["status"]["plan"] == "unlicensed"
+    assert cluster.condition(name, "TrialActive") == cluster.condition(name, "TrialActive") | {
+        "status": "False",
+        "reason": "TrialExpired",
+    }
+
+
+def test_chart_failure_is_reported_and_not_retried_hot(cluster: Cluster) -> None:
+    name = unique_name("broken")
+    # values.schema.json allows at most 20 API replicas: helm refuses the install.
+    cluster.create(customer_manifest(name, plan="starter", instance={"values": {"api": {"replicas": 50}}}))
+    deployed = wait_until(
+        lambda: cluster.condition(name, "ReleaseDeployed"), message="ReleaseDeployed condition"
+    )
+    assert deployed["status"] == "False" and deployed["reason"] == "InstallFailed"
+    assert "replicas" in deployed["message"]
+    stalled = cluster.condition(name, "Stalled")
+    assert stalled is not None and stalled["status"] == "True"
+    body = cluster.customer(name)
+    assert body is not None and body["status"]["phase"] == "Failed"
+    version = body["metadata"]["resourceVersion"]
+    time.sleep(3)  # a hot loop would rewrite the object (Kopf's progress annotations) within this time
+    again = cluster.customer(name)
+    assert again is not None and again["metadata"]["resourceVersion"] == version
+    assert cluster.release(name) is None or cluster.release(name)["status"] == "failed"  # type: ignore[index]
+
+    cluster.patch_spec(name, {"instance": {"values": {"api": {"replicas": 2}}}})
+    wait_until(
+        lambda: (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True", message="fixed"
+    )
+    assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+
+
+async def test_delete_uninstalls_revokes_and_removes_the_namespace(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("hooli")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
+    claims, _ = cluster.license(name)
+
+    cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    wait_until(lambda: cluster.customer(name) is None, message="finalizer removed, Customer gone")
+    assert cluster.release(name) is None
+    namespace = cluster.core.read_namespace(f"customer-{name}")  # no controller-manager: it stays Terminating
+    assert namespace.metadata.deletion_timestamp is not None
+    rows = await history(db_engine, customer_id)
+    assert rows[-1] == ("revoked", "starter", claims["jti"])
+
+
+def test_drift_repair_brings_back_a_deleted_secret_and_release(cluster: Cluster) -> None:
+    name = unique_name("drift")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
+    cluster.core.delete_namespaced_secret("iotistic-license", f"customer-{name}")
+    claims = wait_until(lambda: _license_or_none(cluster, name), message="licence Secret back")
+    assert claims["plan"] == "starter"
+
+    subprocess.run(
+        ["helm", "--kubeconfig", str(cluster.kubeconfig), "uninstall", "instance", "-n", f"customer-{name}"],
+        check=True,
+        capture_output=True,
+    )
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="release back")
+
+
+def _license_or_none(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    try:
+        return cluster.license(name)[0]
+    except ApiException:
+        return None
+
+
+def test_suspension_disables_the_instance_and_reinstatement_restores_it(cluster: Cluster) -> None:
+    name = unique_name("suspend")
+    cluster.create(customer_manifest(name, plan="professional"))
+    wait_until(lambda: (cluster.release(name) or {}).get("revision") == "1", message="revision 1")
+    cluster.patch_spec(name, {"suspended": True})
+    wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("phase") == "Suspended",
+        message="Suspended",
+    )
+    claims, _ = cluster.license(name)
+    assert claims["plan"] == "unlicensed"
+    values = cluster.helm("get", "values", "instance", "-n", f"customer-{name}")
+    assert values["enabled"] is False
+    replicas = {
+        d.metadata.name: d.spec.replicas
+        for d in cluster.apps.list_namespaced_deployment(f"customer-{name}").items
+    }
+    assert set(replicas.values()) == {0}
+
+    cluster.patch_spec(name, {"suspended": False})
+    wait_until(
+        lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "professional",
+        message="reinstated licence",
+    )

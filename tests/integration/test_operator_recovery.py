@@ -1,0 +1,151 @@
+"""Crash safety and timers: kill -9 between the licence and the helm step; renewal and trial expiry by
+moving an injected clock through the very function Kopf's timer calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import kopf
+import kubernetes
+import pytest
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.operator import handlers
+from iotistic_billing.operator.__main__ import build_context
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.settings import load_settings
+from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
+from tests.integration.test_operator import Cluster, customer_manifest, history
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess) -> Cluster:
+    return Cluster(k8s_client, kubeconfig)
+
+
+@pytest.fixture
+def paused_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
+    """The session operator, which the test may stop or restart with other settings; it runs again,
+    as configured for the session, after the test whatever happens."""
+    try:
+        yield operator
+    finally:
+        operator.kill()
+        operator.start()
+
+
+async def test_operator_killed_between_licence_and_helm_converges_without_a_second_row(
+    cluster: Cluster, paused_operator: OperatorProcess, db_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    stuck_helm = tmp_path / "helm"
+    stuck_helm.write_text(
+        "#!/bin/sh\n# a helm that never returns: the operator dies while waiting for it\nsleep 600\n"
+    )
+    stuck_helm.chmod(0o755)
+    paused_operator.stop()
+    paused_operator.start(HELM_BINARY=str(stuck_helm))
+
+    name = unique_name("crash")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    minted = wait_until(lambda: _secret_jti(cluster, name), message="licence Secret written")
+    rows = await eventually(lambda: history(db_engine, customer_id), message="history row written")
+    assert [r[0] for r in rows] == ["generated"]
+    assert cluster.release(name) is None
+
+    paused_operator.kill()
+    paused_operator.start()
+
+    wait_until(
+        lambda: (cluster.release(name) or {}).get("status") == "deployed", timeout=60, message="deployed"
+    )
+    assert _secret_jti(cluster, name) == minted
+    assert [(action, jti) for action, _, jti in await history(db_engine, customer_id)] == [
+        ("generated", minted)
+    ]
+
+
+def _secret_jti(cluster: Cluster, name: str) -> str | None:
+    try:
+        return str(cluster.license(name)[0]["jti"])
+    except ApiException:
+        return None
+
+
+def _context(env: dict[str, str], clock: datetime) -> OperatorContext:
+    settings = load_settings(**{k.lower(): v for k, v in env.items() if k in _SETTINGS})
+    context = build_context(settings, env["DATABASE_URL"], kubeconfig=env["KUBECONFIG"])
+    context.clock = lambda: clock
+    return context
+
+
+_SETTINGS = {
+    "LICENSE_PRIVATE_KEY_PATH",
+    "LICENSE_PUBLIC_KEY_PATH",
+    "HELM_CHART_PATH",
+    "BASE_DOMAIN",
+    "DATABASE_URL",
+}
+
+
+async def _housekeeping(context: OperatorContext, cluster: Cluster, name: str) -> None:
+    body = cluster.customer(name)
+    assert body is not None
+    await handlers.housekeeping(name=name, body=kopf.Body(body), memo=kopf.Memo(context=context))
+
+
+async def test_timer_renews_a_licence_once_a_third_of_its_lifetime_is_left(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
+) -> None:
+    name = unique_name("renew")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    first = wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence"
+    )
+    issued = datetime.fromisoformat(first["issuedAt"])
+    paused_operator.stop()  # the clock under test is the only one acting on this Customer
+
+    early = _context(operator_env, issued + timedelta(days=19))
+    await _housekeeping(early, cluster, name)
+    assert [a for a, _, _ in await history(db_engine, customer_id)] == ["generated"]  # 11 of 30 days left
+
+    late = _context(operator_env, issued + timedelta(days=21))
+    await _housekeeping(late, cluster, name)
+    rows = await history(db_engine, customer_id)
+    assert [a for a, _, _ in rows] == ["generated", "renewed"]
+    claims, _ = cluster.license(name, verify_times=False)  # issued at the moved clock's time
+    assert claims["jti"] == rows[-1][2]
+    assert datetime.fromtimestamp(claims["iat"], UTC) == (issued + timedelta(days=21)).replace(microsecond=0)
+    for context in (early, late):
+        await context.engine.dispose()
+
+
+async def test_timer_expires_a_trial_when_the_clock_passes_its_end(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
+) -> None:
+    name = unique_name("trialend")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="trial", trial={"days": 14}))
+    status = wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("trial"), message="trial"
+    )
+    assert status["isTrialMode"] is True
+    ends = datetime.fromisoformat(status["endsAt"])
+    paused_operator.stop()
+
+    after = _context(operator_env, ends + timedelta(minutes=1))
+    await _housekeeping(after, cluster, name)
+    body = cluster.customer(name)
+    assert (
+        body is not None and body["status"]["phase"] == "Expired" and body["status"]["plan"] == "unlicensed"
+    )
+    claims, _ = cluster.license(name, verify_times=False)
+    assert claims["plan"] == "unlicensed" and claims["features"]["maxDevices"] == 2
+    assert [a for a, _, _ in await history(db_engine, customer_id)] == ["generated", "downgraded"]
+    await after.engine.dispose()

@@ -1,0 +1,263 @@
+"""The operator's pure decisions: effective plan, licence action, health, phase, conditions, values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from iotistic_billing.customer import CustomerSpec, CustomerStatus, LicenseStatus, ReleaseStatus
+from iotistic_billing.operator.state import (
+    Entitlement,
+    InstanceHealth,
+    ReleaseOutcome,
+    customer_id_for,
+    effective_plan,
+    housekeeping_due,
+    instance_health,
+    license_action,
+    next_status,
+)
+from iotistic_billing.operator.values import desired_release_values, values_hash
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+CREATED = NOW - timedelta(days=3)
+
+
+def spec(**fields: Any) -> CustomerSpec:
+    return CustomerSpec.model_validate({"email": "ops@acme.example", "companyName": "Acme", **fields})
+
+
+def subscription(
+    status: str, plan: str = "professional", period_end: datetime = NOW + timedelta(days=20)
+) -> dict[str, Any]:
+    return {"status": status, "plan": plan, "currentPeriodEnd": period_end.isoformat()}
+
+
+@pytest.mark.parametrize(
+    ("fields", "plan", "reason"),
+    [
+        ({}, "trial", "TrialActive"),
+        ({"trial": {"days": 2}}, "unlicensed", "TrialExpired"),
+        ({"trial": {"endsAt": "2026-01-01T00:00:00Z"}}, "unlicensed", "TrialExpired"),
+        ({"plan": "starter"}, "starter", "ManualBilling"),
+        ({"plan": "enterprise", "suspended": True}, "unlicensed", "Suspended"),
+        ({"billing": {"mode": "stripe"}, "plan": "enterprise"}, "trial", "TrialActive"),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("active")},
+            "professional",
+            "SubscriptionActive",
+        ),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("trialing")},
+            "professional",
+            "SubscriptionActive",
+        ),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("past_due")},
+            "professional",
+            "SubscriptionPastDue",
+        ),
+        (
+            {
+                "billing": {"mode": "stripe"},
+                "subscription": subscription("past_due", period_end=NOW - timedelta(days=8)),
+            },
+            "unlicensed",
+            "SubscriptionLapsed",
+        ),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("canceled")},
+            "unlicensed",
+            "SubscriptionLapsed",
+        ),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("unpaid")},
+            "unlicensed",
+            "SubscriptionLapsed",
+        ),
+    ],
+)
+def test_effective_plan(fields: dict[str, Any], plan: str, reason: str) -> None:
+    entitlement = effective_plan(spec(**fields), CREATED, NOW)
+    assert (entitlement.plan, entitlement.reason) == (plan, reason)
+    assert entitlement.lapsed == (reason in ("TrialExpired", "SubscriptionLapsed"))
+
+
+def test_trial_ends_days_after_creation_unless_ends_at_is_given() -> None:
+    assert effective_plan(spec(trial={"days": 14}), CREATED, NOW).trial_ends_at == CREATED + timedelta(
+        days=14
+    )
+    ends = datetime(2026, 12, 1, tzinfo=UTC)
+    assert (
+        effective_plan(spec(trial={"days": 1, "endsAt": ends.isoformat()}), CREATED, NOW).trial_ends_at
+        == ends
+    )
+
+
+def _entitlement(plan: str, suspended: bool = False) -> Entitlement:
+    return Entitlement(plan, "x", "", False, None, "active", None, suspended=suspended)
+
+
+@pytest.mark.parametrize(
+    ("previous", "was_suspended", "entitlement", "action"),
+    [
+        (None, False, _entitlement("trial"), "generated"),
+        ("trial", False, _entitlement("trial"), "renewed"),
+        ("starter", False, _entitlement("professional"), "upgraded"),
+        ("enterprise", False, _entitlement("starter"), "downgraded"),
+        ("trial", False, _entitlement("unlicensed"), "downgraded"),
+        ("professional", False, _entitlement("unlicensed", suspended=True), "suspended"),
+        ("unlicensed", True, _entitlement("professional"), "reinstated"),
+    ],
+)
+def test_license_action(
+    previous: str | None, was_suspended: bool, entitlement: Entitlement, action: str
+) -> None:
+    assert license_action(previous, was_suspended, entitlement) == action
+
+
+def deployment(
+    name: str, replicas: int, available: int, generation: int = 2, observed: int = 2
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "generation": generation},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": observed,
+            "availableReplicas": available,
+            "updatedReplicas": available,
+        },
+    }
+
+
+def test_instance_health_needs_every_deployment_rolled_out() -> None:
+    assert instance_health([deployment("api", 1, 1), deployment("mqtt", 1, 1)], enabled=True).available
+    waiting = instance_health([deployment("api", 2, 1), deployment("mqtt", 1, 1)], enabled=True)
+    assert not waiting.available and "api 1/2" in waiting.message
+    assert not instance_health([deployment("api", 1, 1, generation=3, observed=2)], enabled=True).available
+    assert not instance_health([], enabled=True).available
+    assert instance_health([], enabled=False).available
+
+
+def status_after(
+    release: ReleaseOutcome | None,
+    health: InstanceHealth | None,
+    entitlement: Entitlement | None = None,
+    **kw: Any,
+) -> CustomerStatus:
+    return next_status(
+        CustomerStatus(),
+        generation=4,
+        customer_id="cust_acme0001",
+        entitlement=entitlement or _entitlement("starter"),
+        license=LicenseStatus(jti="j1", expires_at=NOW + timedelta(days=30)),
+        license_error=None,
+        release=release,
+        health=health,
+        namespace="customer-acme",
+        url="https://acme.example",
+        now=NOW,
+        **kw,
+    )
+
+
+DEPLOYED = ReleaseOutcome("installed", "InstallSucceeded", "installed", ReleaseStatus(revision=1))
+
+
+def test_ready_only_when_deployments_are_available_and_then_observed_generation_moves() -> None:
+    provisioning = status_after(DEPLOYED, InstanceHealth(False, "DeploymentsUnavailable", "waiting"))
+    assert provisioning.phase == "Provisioning" and provisioning.observed_generation is None
+    assert provisioning.condition("Ready").status == "False"  # type: ignore[union-attr]
+    assert provisioning.condition("Reconciling").status == "True"  # type: ignore[union-attr]
+
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    assert ready.phase == "Ready" and ready.observed_generation == 4
+    assert [ready.condition(t).status for t in ("Ready", "Reconciling", "Stalled")] == [
+        "True",
+        "False",
+        "False",
+    ]  # type: ignore[union-attr]
+
+
+def test_a_permanent_failure_stalls_with_reason_and_message() -> None:
+    failed = ReleaseOutcome("failed", "InstallFailed", "at '/api/replicas': maximum 20", permanent=True)
+    stalled = status_after(failed, None, stalled_reason="InstallFailed", stalled_message=failed.message)
+    assert stalled.phase == "Failed" and stalled.observed_generation == 4
+    condition = stalled.condition("Stalled")
+    assert condition is not None and (condition.status, condition.reason) == ("True", "InstallFailed")
+    assert stalled.condition("ReleaseDeployed").message == failed.message  # type: ignore[union-attr]
+
+
+def test_transition_time_moves_only_when_a_condition_changes_status() -> None:
+    first = status_after(DEPLOYED, InstanceHealth(False, "DeploymentsUnavailable", "waiting"))
+    later = next_status(
+        first,
+        generation=4,
+        customer_id="cust_acme0001",
+        entitlement=_entitlement("starter"),
+        license=first.license,
+        license_error=None,
+        release=DEPLOYED,
+        health=InstanceHealth(False, "DeploymentsUnavailable", "still waiting"),
+        namespace="customer-acme",
+        url="https://acme.example",
+        now=NOW + timedelta(minutes=5),
+    )
+    assert later.condition("Ready").last_transition_time == first.condition("Ready").last_transition_time  # type: ignore[union-attr]
+    assert later.condition("Ready").message == "still waiting"  # type: ignore[union-attr]
+
+
+def test_derived_customer_id_is_stable_and_valid() -> None:
+    derived = customer_id_for(spec(), "6f1c1d1e-0000-4000-8000-000000000001")
+    assert derived == customer_id_for(spec(), "6f1c1d1e-0000-4000-8000-000000000001")
+    assert CustomerSpec.model_validate({"email": "a@b.cd", "companyName": "x", "customerId": derived})
+    assert customer_id_for(spec(customerId="cust_given01"), "uid") == "cust_given01"
+
+
+def test_release_values_keep_plan_limits_over_user_overrides() -> None:
+    customer = spec(
+        plan="professional",
+        instance={"values": {"plan": "enterprise", "api": {"replicas": 3}, "license": {"maxDevices": 9999}}},
+    )
+    values = desired_release_values(
+        spec=customer,
+        customer_id="cust_acme0001",
+        entitlement=_entitlement("professional"),
+        domain="acme.example",
+        billing_url="https://billing.example",
+        license_sha256="ab" * 32,
+    )
+    assert values["plan"] == "professional" and values["license"]["maxDevices"] == 50
+    assert values["api"] == {"replicas": 3} and values["retention"] == {"days": 365}
+    assert values["enabled"] is True
+    suspended = desired_release_values(
+        spec=spec(plan="professional", suspended=True),
+        customer_id="c",
+        entitlement=_entitlement("unlicensed", True),
+        domain="d",
+        billing_url="b",
+        license_sha256=None,
+    )
+    assert suspended["enabled"] is False
+    assert values_hash(values, "0.1.0") == values_hash(dict(values), "0.1.0") != values_hash(values, "0.1.1")
+
+
+def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_due() -> None:
+    issued = NOW - timedelta(days=10)
+    current = CustomerStatus(
+        plan="starter", license=LicenseStatus(issued_at=issued, expires_at=issued + timedelta(days=30))
+    )
+    starter = spec(plan="starter")
+    assert housekeeping_due(starter, current, CREATED, NOW) is None
+    assert housekeeping_due(starter, current, CREATED, NOW + timedelta(days=11)) == "LicenseRenewal"
+    trial = spec(trial={"days": 5})
+    trial_status = CustomerStatus(
+        plan="trial", license=LicenseStatus(issued_at=CREATED, expires_at=CREATED + timedelta(days=5))
+    )
+    assert housekeeping_due(trial, trial_status, CREATED, NOW) is None  # capped by the trial's end
+    assert (
+        housekeeping_due(trial, trial_status, CREATED, CREATED + timedelta(days=5, seconds=1))
+        == "TrialExpired"
+    )
