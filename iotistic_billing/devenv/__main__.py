@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dev.start()
         print(
-            f"\nsource {args.state / 'env'}   # then kubectl get cust, curl $BILLING_URL/healthz", flush=True
+            f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True
         )
         print("ready", flush=True)
         while not stop.wait(1.0):
