@@ -121,6 +121,8 @@ class IncludedUsage(_Section):
     devices: int
     traffic_gb: int
     storage_gb: int
+    # HTTP API calls per billing period; the seed prices calls "over the limit" without naming it.
+    api_calls: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ _STARTER_FEATURES = Features(
     has_ota_updates=False,
     has_custom_dashboards=False,
 )
-_STARTER_INCLUDED = IncludedUsage(devices=10, traffic_gb=10, storage_gb=5)
+_STARTER_INCLUDED = IncludedUsage(devices=10, traffic_gb=10, storage_gb=5, api_calls=100_000)
 
 # The seed's "Unlicensed Mode": what an instance may do with no valid licence, and what a suspended
 # or lapsed customer's licence carries. Devices keep their MQTT link so that two of them still work.
@@ -225,7 +227,7 @@ UNLICENSED: Final = Plan(
     ),
     limits=Limits(max_users=1, max_alert_rules=5, max_dashboards=1, max_job_templates=5),
     # Never billed: nothing beyond the two devices is included.
-    included=IncludedUsage(devices=2, traffic_gb=0, storage_gb=0),
+    included=IncludedUsage(devices=2, traffic_gb=0, storage_gb=0, api_calls=0),
 )
 
 PLANS: Final[Mapping[str, Plan]] = validate_catalog(
@@ -266,7 +268,7 @@ PLANS: Final[Mapping[str, Plan]] = validate_catalog(
                 has_custom_dashboards=True,
             ),
             limits=Limits(max_users=15, max_alert_rules=100, max_dashboards=20, max_job_templates=100),
-            included=IncludedUsage(devices=50, traffic_gb=100, storage_gb=50),
+            included=IncludedUsage(devices=50, traffic_gb=100, storage_gb=50, api_calls=1_000_000),
         ),
         "enterprise": Plan(
             name="enterprise",
@@ -292,7 +294,9 @@ PLANS: Final[Mapping[str, Plan]] = validate_catalog(
                 max_dashboards=UNLIMITED,
                 max_job_templates=UNLIMITED,
             ),
-            included=IncludedUsage(devices=UNLIMITED, traffic_gb=UNLIMITED, storage_gb=UNLIMITED),
+            included=IncludedUsage(
+                devices=UNLIMITED, traffic_gb=UNLIMITED, storage_gb=UNLIMITED, api_calls=UNLIMITED
+            ),
         ),
     },
     unlicensed=UNLICENSED,

@@ -168,7 +168,9 @@ def test_applied_customer_gets_namespace_licence_release_and_status(
     events = wait_until(
         lambda: [
             e.reason
-            for e in cluster.core.list_event_for_all_namespaces(field_selector=f"involvedObject.name={name}").items
+            for e in cluster.core.list_event_for_all_namespaces(
+                field_selector=f"involvedObject.name={name}"
+            ).items
             if e.involved_object.kind == "Customer"
         ],
         message="Events on the Customer",

@@ -186,7 +186,7 @@ def test_malformed_limit_and_quota_values_are_refused() -> None:
     with pytest.raises(EntitlementError, match=r"limits\.maxUsers must be an integer"):
         Limits(max_users=None, max_alert_rules=1, max_dashboards=1, max_job_templates=1)  # type: ignore[arg-type]
     with pytest.raises(EntitlementError, match=r"included\.trafficGb must be -1"):
-        IncludedUsage(devices=1, traffic_gb=-5, storage_gb=1)
+        IncludedUsage(devices=1, traffic_gb=-5, storage_gb=1, api_calls=1)
 
 
 def _plan(**changes: Any) -> Plan:
@@ -196,7 +196,10 @@ def _plan(**changes: Any) -> Plan:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: _plan(included=IncludedUsage(devices=20, traffic_gb=10, storage_gb=5)), "included.devices"),
+        (
+            lambda: _plan(included=IncludedUsage(devices=20, traffic_gb=10, storage_gb=5, api_calls=1)),
+            "included.devices",
+        ),
         (lambda: _plan(features=_features(max_devices=0)), "maxDevices must be -1 or at least 1"),
         (lambda: _plan(monthly_price_cents=-1), "monthlyPriceCents"),
         (lambda: _plan(name="Gold Plan"), "lower-case word"),
@@ -235,7 +238,7 @@ def test_validate_catalog_accepts_the_real_table() -> None:
             dataclasses.replace(
                 UNLICENSED,
                 features=dataclasses.replace(UNLICENSED.features, max_devices=11),
-                included=IncludedUsage(devices=11, traffic_gb=0, storage_gb=0),
+                included=IncludedUsage(devices=11, traffic_gb=0, storage_gb=0, api_calls=0),
             ),
             r"unlicensed features\.maxDevices \(11\) exceeds plan 'trial' \(10\)",
         ),
