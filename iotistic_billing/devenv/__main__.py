@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = DevEnvironment(args.state, os.environ.get("USE_EXISTING_CLUSTER") == "true", args.port)
     try:
         dev.start()
-        print(
-            f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True
-        )
+        print(f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True)
         print("ready", flush=True)
         while not stop.wait(1.0):
             pass
