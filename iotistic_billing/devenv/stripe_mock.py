@@ -18,10 +18,27 @@ class StripeMock:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> StripeMock:
-        argv = [str(find_binary("stripe-mock")), "-http-addr", f"127.0.0.1:{self.port}"]
-        self.process = ManagedProcess("stripe-mock", argv, self.workdir / "stripe-mock.log")
-        wait_for_port(self.port, timeout, self.process.process)
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> StripeMock:
+        for attempt in range(1, attempts + 1):
+            # An explicit HTTPS address with an empty port: otherwise it also binds :12112, which a
+            # second stripe-mock on the machine already holds.
+            argv = [
+                str(find_binary("stripe-mock")),
+                "-http-addr",
+                f"127.0.0.1:{self.port}",
+                "-https-addr",
+                "127.0.0.1:",
+            ]
+            self.process = ManagedProcess("stripe-mock", argv, self.workdir / "stripe-mock.log")
+            try:
+                wait_for_port(self.port, timeout, self.process.process)
+                return self
+            except RuntimeError as exited:
+                # Another process can take a free port between our probe and stripe-mock's bind.
+                self.process.stop()
+                if attempt == attempts:
+                    raise RuntimeError(f"{exited}:\n{self.process.log_tail()}") from None
+                self.port = free_port()
         return self
 
     def stop(self) -> None:
