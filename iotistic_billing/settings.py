@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     # The operator: liveness endpoint port, Kopf peering name ("" runs standalone) and priority.
     operator_liveness_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    operator_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    # json (structured, with the object and customer id) or text.
+    log_format: Literal["json", "text"] = "json"
     operator_peering: str = "iotistic-billing"
     operator_priority: int = 0
     # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).

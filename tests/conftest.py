@@ -148,8 +148,14 @@ class OperatorProcess:
     def start(self, **overrides: str) -> None:
         from iotistic_billing.processes import free_port
 
-        env = {**self.base_env, "OPERATOR_LIVENESS_PORT": str(free_port()), **overrides}
+        env = {
+            **self.base_env,
+            "OPERATOR_LIVENESS_PORT": str(free_port()),
+            "OPERATOR_METRICS_PORT": str(free_port()),
+            **overrides,
+        }
         self.liveness_url = f"http://127.0.0.1:{env['OPERATOR_LIVENESS_PORT']}/healthz"
+        self.metrics_url = f"http://127.0.0.1:{env['OPERATOR_METRICS_PORT']}/metrics"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "iotistic_billing.operator"],
             env=env,

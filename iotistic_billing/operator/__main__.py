@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 import kubernetes
+import prometheus_client
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.db import migrate
@@ -75,9 +76,11 @@ def ensure_peering(kube: Kube, name: str) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
+        kopf.configure(
+            log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+        )
         if settings.database_url is None:
             raise SettingsError("DATABASE_URL: required by the operator (make dev sets it in .dev/env)")
         migrate.upgrade(settings.database_url)
@@ -86,6 +89,8 @@ def main() -> int:
         print(f"iotistic-billing operator: {error}", file=sys.stderr)
         return 2
     handlers.register_timers(settings.operator_timer_interval)
+    if settings.operator_metrics_port:
+        prometheus_client.start_http_server(settings.operator_metrics_port)
     standalone = not settings.operator_peering
     if not standalone:
         ensure_peering(context.kube, settings.operator_peering)

@@ -6,11 +6,13 @@ object is already gone, so a deletion retried after a crash completes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license
+from iotistic_billing.operator.metrics import LICENSE_EXPIRY
 from iotistic_billing.operator.state import derived_customer_id, namespace_for
 
 
@@ -34,4 +36,6 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
             await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
         await revoke_license(ctx, customer_id, namespace, reason="Customer deleted")
         await ctx.kube.delete_namespace(namespace)
+        with contextlib.suppress(KeyError):  # never reported: it had no licence
+            LICENSE_EXPIRY.remove(customer_id)
     ctx.locks.pop(name, None)

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from iotistic_billing.operator.metrics import HELM_IN_FLIGHT, HELM_OPERATIONS
+
 # Errors helm reports for input it will refuse again: retrying the same values cannot help.
 _PERMANENT_MARKERS = (
     "values don't meet the specifications of the schema",
@@ -61,6 +63,7 @@ class Helm:
             argv += ["--kubeconfig", self.kubeconfig]
         async with self._slots:
             self.in_flight += 1
+            HELM_IN_FLIGHT.inc()
             try:
                 process = await asyncio.create_subprocess_exec(
                     *argv,
@@ -71,6 +74,8 @@ class Helm:
                 stdout, stderr = await process.communicate()
             finally:
                 self.in_flight -= 1
+                HELM_IN_FLIGHT.dec()
+        HELM_OPERATIONS.labels(args[0], "success" if process.returncode == 0 else "failure").inc()
         if process.returncode != 0:
             raise HelmError(
                 args[0], stderr.decode(errors="replace").strip() or f"exit code {process.returncode}"

@@ -41,6 +41,7 @@ from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.kube import owner_reference
+from iotistic_billing.operator.metrics import LICENSES_MINTED
 from iotistic_billing.operator.state import Entitlement, license_action
 
 
@@ -187,6 +188,7 @@ async def ensure_license(
     }
     async with ctx.sessions() as session, session.begin():
         await record_license(session, minted, action, metadata)
+        LICENSES_MINTED.labels(action).inc()
         await session.execute(
             insert(ApiKey)
             .values(

@@ -26,6 +26,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.kube import owner_reference
 from iotistic_billing.operator.license import ensure_license
+from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILES
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
     ReleaseOutcome,
@@ -57,7 +58,34 @@ async def reconcile(ctx: OperatorContext, name: str, now: datetime | None = None
         body = await ctx.kube.read_customer(name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        return await _reconcile(ctx, body, now or ctx.clock())
+        with RECONCILE_DURATION.time():
+            try:
+                result = await _reconcile(ctx, body, now or ctx.clock())
+            except Exception as error:
+                RECONCILES.labels("error").inc()
+                RECONCILE_ERRORS.labels(type(error).__name__).inc()
+                raise
+        _count(result)
+        return result
+
+
+def _count(result: PassResult) -> None:
+    status = result.status
+    if status.customer_id and status.license and status.license.expires_at:
+        LICENSE_EXPIRY.labels(status.customer_id).set(status.license.expires_at.timestamp())
+    if result.permanent_error is None and result.temporary_error is None:
+        RECONCILES.labels("success").inc()
+        return
+    RECONCILES.labels("stalled" if result.permanent_error is not None else "retry").inc()
+    failing = next(
+        (
+            c.reason
+            for c in status.conditions or ()
+            if c.type in ("LicenseIssued", "ReleaseDeployed") and c.status == "False"
+        ),
+        "Unknown",
+    )
+    RECONCILE_ERRORS.labels(failing).inc()
 
 
 async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) -> PassResult:
@@ -156,6 +184,13 @@ async def _finish(
     """The one status patch of the pass, only when something changed."""
     patch = status.to_k8s()
     if patch != previous.to_k8s():
+        log.info(
+            "Customer %s: phase %s, plan %s",
+            name,
+            status.phase,
+            status.plan,
+            extra={"customer": name, "customer_id": status.customer_id, "error": permanent or temporary},
+        )
         try:
             await ctx.kube.patch_customer_status(name, patch)
         except ApiException as error:

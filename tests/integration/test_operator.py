@@ -347,3 +347,48 @@ def test_suspension_disables_the_instance_and_reinstatement_restores_it(cluster:
         lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "professional",
         message="reinstated licence",
     )
+
+
+def _metric(operator: OperatorProcess, name: str, labels: str = "") -> float:
+    """One sample of the operator's /metrics, 0 when the series does not exist yet."""
+    import urllib.request
+
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_show_reconciles_helm_operations_and_minted_licences(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    before = {
+        "reconciles": _metric(operator, "iotistic_operator_reconciles_total", 'result="success"'),
+        "installs": _metric(
+            operator, "iotistic_operator_helm_operations_total", 'operation="upgrade",result="success"'
+        ),
+        "minted": _metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"'),
+    }
+    name = unique_name("metrics")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
+    wait_until(
+        lambda: _metric(
+            operator, "iotistic_operator_license_expiry_timestamp_seconds", f'customer_id="{customer_id}"'
+        ),
+        message="licence expiry gauge",
+    )
+    assert _metric(operator, "iotistic_operator_reconciles_total", 'result="success"') > before["reconciles"]
+    assert (
+        _metric(operator, "iotistic_operator_helm_operations_total", 'operation="upgrade",result="success"')
+        >= before["installs"] + 1
+    )
+    assert (
+        _metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"')
+        >= before["minted"] + 1
+    )
+    assert _metric(operator, "iotistic_operator_reconcile_duration_seconds_count") > 0

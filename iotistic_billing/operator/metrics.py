@@ -1,0 +1,29 @@
+"""The operator's Prometheus metrics, served on OPERATOR_METRICS_PORT (default 8081) at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter("iotistic_operator_reconciles", "Reconcile passes of Customers by result", ["result"])
+RECONCILE_ERRORS = Counter(
+    "iotistic_operator_reconcile_errors", "Reconcile passes that did not converge, by reason", ["reason"]
+)
+RECONCILE_DURATION = Histogram(
+    "iotistic_operator_reconcile_duration_seconds",
+    "Duration of a reconcile pass",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+HELM_OPERATIONS = Counter(
+    "iotistic_operator_helm_operations",
+    "helm CLI invocations by operation and result",
+    ["operation", "result"],
+)
+HELM_IN_FLIGHT = Gauge("iotistic_operator_helm_in_flight", "helm processes running now")
+LICENSES_MINTED = Counter(
+    "iotistic_operator_licenses_minted", "Licences signed, by license_history action", ["action"]
+)
+LICENSE_EXPIRY = Gauge(
+    "iotistic_operator_license_expiry_timestamp_seconds",
+    "Expiry (Unix time) of each customer's current licence",
+    ["customer_id"],
+)
