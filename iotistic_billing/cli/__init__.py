@@ -13,6 +13,7 @@ from typing import Final, Protocol
 COMMAND_MODULES: Final = (
     "iotistic_billing.cli.keys",
     "iotistic_billing.cli.license",
+    "iotistic_billing.cli.customer",
 )
 
 PROGRAM: Final = "iotistic-billing"

@@ -7,15 +7,14 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
 
 import kopf
-import kubernetes
 import prometheus_client
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.k8s import api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import OperatorContext
@@ -24,16 +23,6 @@ from iotistic_billing.operator.kube import Kube
 from iotistic_billing.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("iotistic_billing.operator")
-
-
-def kubernetes_client(kubeconfig: str | None) -> kubernetes.client.ApiClient:
-    """A kubeconfig when given (KUBECONFIG); in a Pod, its service account."""
-    config: Any = kubernetes.config
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        return kubernetes.client.ApiClient()
-    client: kubernetes.client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
-    return client
 
 
 def build_context(settings: Settings, database_url: str, kubeconfig: str | None = None) -> OperatorContext:
@@ -54,7 +43,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     return OperatorContext(
         settings=settings,
         keys=keys,
-        kube=Kube(kubernetes_client(kubeconfig)),
+        kube=Kube(api_client(kubeconfig)),
         helm=Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency),
         engine=engine,
         sessions=session_factory(engine),

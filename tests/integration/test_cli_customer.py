@@ -1,0 +1,96 @@
+"""`iotistic-billing customer` against the local control plane, as an operator types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iotistic_billing.cli.tables import format_table
+from tests.conftest import OperatorProcess, unique_name, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def cli(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "iotistic_billing.cli", *args],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        capture_output=True,
+        text=True,
+    )
+
+
+def listed(kubeconfig: Path, name: str) -> dict[str, Any] | None:
+    rows = json.loads(cli(kubeconfig, "customer", "list", "-o", "json").stdout)
+    return next((row for row in rows if row["name"] == name), None)
+
+
+def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorProcess) -> None:
+    company = unique_name("Wayne Enterprises")
+    added = cli(
+        kubeconfig,
+        "customer",
+        "add",
+        "--email",
+        "bruce@wayne.example",
+        "--company",
+        company,
+        "--name",
+        "Bruce Wayne",
+        "--plan",
+        "starter",
+    )
+    assert added.returncode == 0, added.stderr
+    name = company.lower().replace(" ", "-")
+    assert f"customer/{name} created" in added.stdout
+    row = wait_until(
+        lambda: (listed(kubeconfig, name) or {}).get("customerId") and listed(kubeconfig, name),
+        message="customer id reported",
+    )
+    assert (row["plan"], row["company"]) == ("starter", company)
+
+    upgraded = cli(kubeconfig, "customer", "upgrade", "--id", row["customerId"], "--plan", "professional")
+    assert upgraded.returncode == 0, upgraded.stderr
+    wait_until(
+        lambda: (listed(kubeconfig, name) or {}).get("plan") == "professional", message="plan upgraded"
+    )
+
+    deactivated = cli(kubeconfig, "customer", "deactivate", "--id", name)
+    assert deactivated.returncode == 0, deactivated.stderr
+    wait_until(lambda: (listed(kubeconfig, name) or {}).get("phase") == "Suspended", message="suspended")
+
+    table = cli(kubeconfig, "customer", "list").stdout.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "CUSTOMER",
+        "ID",
+        "COMPANY",
+        "EMAIL",
+        "PLAN",
+        "PHASE",
+        "TRIAL",
+        "ENDS",
+    ]
+    assert any(line.startswith(name + " ") and "Suspended" in line for line in table)
+
+
+def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None:
+    refused = cli(kubeconfig, "customer", "add", "--email", "not-an-email", "--company", "Acme")
+    assert refused.returncode == 2
+    assert "spec.email" in refused.stderr
+    unknown = cli(kubeconfig, "customer", "upgrade", "--id", "cust_doesnotexist", "--plan", "starter")
+    assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
+
+
+def test_table_format() -> None:
+    text = format_table(
+        [{"name": "acme", "plan": "trial"}, {"name": "globex-corp", "plan": None}], ["name", "plan"]
+    )
+    assert text.splitlines() == ["NAME         PLAN", "acme         trial", "globex-corp"]
+    assert format_table([], ["name"]).splitlines() == ["NAME", "(none)"]
