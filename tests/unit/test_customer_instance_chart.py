@@ -239,6 +239,17 @@ def test_a_renewed_licence_rolls_the_pods_that_read_it(operator_objects: list[Ma
         assert annotations["iotistic.io/license-sha256"] == "ab" * 32
 
 
+def test_an_all_digit_licence_hash_stays_a_string(helm: Path, tmp_path: Path) -> None:
+    # YAML reads an unquoted 000...0 as the number 0, which the API server refuses in an annotation.
+    digits = "0" * 64
+    objects = render(
+        helm, tmp_path, {**OPERATOR_VALUES, "license": {**OPERATOR_VALUES["license"], "sha256": digits}}
+    )
+    for name in ("api", "exporter"):
+        annotations = component(objects, name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["iotistic.io/license-sha256"] == digits
+
+
 def test_disabled_instance_scales_every_workload_to_zero(helm: Path, tmp_path: Path) -> None:
     objects = render(helm, tmp_path, {**OPERATOR_VALUES, "enabled": False})
 
