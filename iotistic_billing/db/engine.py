@@ -15,7 +15,14 @@ def async_url(database_url: str) -> str:
 
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
-        async_url(database_url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        async_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        # No SQL parameters (customer data, key hashes) in error messages and logs.
+        hide_parameters=True,
+        # An unreachable database is a fast 503, not asyncpg's 60 s default.
+        connect_args={"timeout": 5},
     )
 
 

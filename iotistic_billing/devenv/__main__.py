@@ -118,8 +118,12 @@ class DevEnvironment:
                 # A dev run is alone: standalone, so a restart never waits for a killed run's peering record.
                 "OPERATOR_PEERING": "",
                 "OPERATOR_LIVENESS_PORT": str(free_port()),
+                "OPERATOR_METRICS_PORT": str(free_port()),
             },
             health="OPERATOR_LIVENESS_PORT",
+        )
+        self._start_service(
+            "webhooks", "iotistic_billing.webhook_server", env, {"PORT": str(self.port)}, health="PORT"
         )
         self._apply(kubeconfig, REPO / "manifests" / "samples")
         samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))

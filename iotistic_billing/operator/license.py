@@ -7,8 +7,6 @@ kept on the Secret, so a pass that crashed in between records the very same (jti
 from __future__ import annotations
 
 import base64
-import hashlib
-import secrets
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +14,7 @@ import jwt
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
+from iotistic_billing.api_keys import new_usage_key, usage_key_hash
 from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
     LICENSE_PUBLIC_KEY_KEY,
@@ -109,10 +108,6 @@ def _status(record: LicenseRecord) -> LicenseStatus:
     )
 
 
-def usage_key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 async def ensure_license(
     ctx: OperatorContext,
     customer: Customer,
@@ -155,7 +150,7 @@ async def ensure_license(
         audience=ctx.settings.license_audience,
         lifetime=ctx.settings.lifetime,
     )
-    usage_key = data.get(USAGE_API_KEY_KEY, b"").decode() or f"iuk_{secrets.token_urlsafe(32)}"
+    usage_key = data.get(USAGE_API_KEY_KEY, b"").decode() or new_usage_key()
     await ctx.kube.apply(
         "Secret",
         namespace,

@@ -87,6 +87,16 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
         assert _kubectl(env, "get", "namespace", "default").returncode == 0
         created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
         assert created.returncode == 0, created.stderr
+        # The webhook server answers on BILLING_URL with the admin token of .dev/env.
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            env["BILLING_URL"] + "/api/queue/stats",
+            headers={"Authorization": f"Bearer {env['ADMIN_API_TOKEN']}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            assert isinstance(json.loads(response.read()), dict)
         # The operator runs and reconciles the sample Customers of manifests/samples.
         for sample in ("acme", "globex"):
             wait_until(

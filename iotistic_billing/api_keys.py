@@ -1,0 +1,17 @@
+"""Instance usage keys: made by the operator, put in the licence Secret, stored only as SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+PREFIX = "iuk_"
+
+
+def new_usage_key() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def usage_key_hash(key: str) -> str:
+    """The one form a usage key is stored and looked up in."""
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,146 @@
+"""The app factory: routes from the route table, middlewares, and the clients the app opens and closes.
+
+Nothing is created at import: `create_app(settings)` builds an app, and its cleanup_ctx opens the
+database engine, the Kubernetes client and the Stripe client when the app starts and closes them when it
+stops (after in-flight requests have finished).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from aiohttp import web
+
+from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.k8s import api_client as kubernetes_api_client
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.billing import StripeBilling
+from iotistic_billing.webhook_server.cluster import Cluster
+from iotistic_billing.webhook_server.context import (
+    ADDRESS_LIMITER,
+    CATALOG,
+    CLOCK,
+    CLUSTER,
+    DIRECTORY,
+    ENGINE,
+    KEY_LIMITER,
+    KEYRING,
+    METRICS,
+    OPENAPI,
+    OPERATIONS,
+    OPTIONS,
+    PRINCIPAL,
+    SESSIONS,
+    SETTINGS,
+    STRIPE,
+)
+from iotistic_billing.webhook_server.directory import Directory
+from iotistic_billing.webhook_server.errors import Handler, error_middleware
+from iotistic_billing.webhook_server.keyring import LicenseKeyring
+from iotistic_billing.webhook_server.metrics import Metrics
+from iotistic_billing.webhook_server.openapi import build_document
+from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.security import (
+    RateLimiter,
+    add_security_headers,
+    authenticate,
+    throttled,
+)
+from iotistic_billing.webhook_server.stripe_events import PriceCatalog
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rate limit per address, authenticate as the route's entry demands, then rate limit per principal."""
+    app = request.app
+    operation = app[OPERATIONS].get(request.match_info.route)
+    if operation is None:
+        return await handler(request)  # aiohttp's own 404/405
+    if operation.rate_limited:
+        wait = app[ADDRESS_LIMITER].take(request.remote or "unknown")
+        if wait is not None:
+            raise throttled(wait, "address")
+    if operation.access in ("admin", "instance"):
+        principal = await authenticate(
+            request, app[SETTINGS], app[SESSIONS], allow_instance=operation.access == "instance"
+        )
+        request[PRINCIPAL] = principal
+        wait = app[KEY_LIMITER].take(principal.rate_key)
+        if wait is not None:
+            raise throttled(wait, "key")
+    return await handler(request)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    kube: kubernetes.client.ApiClient | None = None,
+    clock: Callable[[], datetime] | None = None,
+    options: ServerOptions | None = None,
+) -> web.Application:
+    """The webhook server. `kube`, when given, is used and left open (its owner closes it); otherwise a
+    client is built from the service account or KUBECONFIG when the app starts, and closed with it."""
+    if settings.database_url is None:
+        raise ValueError("DATABASE_URL is required by the webhook server")
+    database_url = settings.database_url
+    options = options or ServerOptions()
+    metrics = Metrics()
+    app = web.Application(
+        client_max_size=options.client_max_size,
+        middlewares=[metrics.middleware(), error_middleware, access_middleware],
+    )
+    app[SETTINGS] = settings
+    app[OPTIONS] = options
+    app[CLOCK] = clock or utc_now
+    app[METRICS] = metrics
+    app[CATALOG] = PriceCatalog.from_settings(settings)
+    app[KEYRING] = LicenseKeyring.from_settings(settings)
+    app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)
+    app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
+
+    operations: dict[web.AbstractRoute, Operation] = {}
+    for operation in ROUTES:
+        route = app.router.add_route(operation.method, operation.path, operation.handler)
+        operations[route] = operation
+    app[OPERATIONS] = operations
+    app[OPENAPI] = build_document(ROUTES)
+    app.on_response_prepare.append(add_security_headers)
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        engine = create_engine(database_url)
+        app[ENGINE] = engine
+        app[SESSIONS] = session_factory(engine)
+        yield
+        await engine.dispose()
+
+    async def kubernetes_api(app: web.Application) -> AsyncIterator[None]:
+        api_client = kube if kube is not None else kubernetes_api_client()
+        cluster = Cluster(api_client, options.kube_timeout, options.kube_concurrency)
+        app[CLUSTER] = cluster
+        app[DIRECTORY] = Directory(cluster)
+        yield
+        if kube is None:
+            close: Any = api_client.close  # untyped in the client
+            close()
+
+    async def stripe_api(app: web.Application) -> AsyncIterator[None]:
+        billing = StripeBilling(settings) if settings.stripe_configured else None
+        app[STRIPE] = billing
+        yield
+        if billing is not None:
+            await billing.close()
+
+    app.cleanup_ctx.extend([database, kubernetes_api, stripe_api])
+    return app
+
+
+__all__ = ["create_app"]

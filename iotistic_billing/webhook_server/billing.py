@@ -1,0 +1,166 @@
+"""Outgoing Stripe calls through the stripe SDK's async methods, on an aiohttp session of its own.
+
+STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
+errors: unreachable or overloaded is 503 (retry), a refused request is 409 with Stripe's message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import stripe
+
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.errors import Conflict, DependencyUnavailable, stripe_not_configured
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CheckoutSession:
+    session_id: str
+    checkout_url: str
+
+
+@dataclass(frozen=True)
+class SubscriptionChange:
+    subscription_id: str
+    status: str
+    cancel_at_period_end: bool
+
+
+async def _stripe(call: Awaitable[T], action: str) -> T:
+    try:
+        return await call
+    except (stripe.APIConnectionError, stripe.RateLimitError) as error:
+        log.warning("Stripe %s failed: %s", action, type(error).__name__)
+        raise DependencyUnavailable("Stripe") from None
+    except stripe.AuthenticationError:
+        raise stripe_not_configured("a valid STRIPE_SECRET_KEY") from None
+    except stripe.StripeError as error:
+        status = error.http_status or 500
+        log.warning("Stripe %s refused with %s (%s)", action, status, error.code)
+        if status >= 500:
+            raise DependencyUnavailable("Stripe") from None
+        raise Conflict(
+            "Stripe refused the request",
+            f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
+            {"stripe_code": error.code},
+        ) from None
+
+
+def _sub_fields(subscription: Any) -> SubscriptionChange:
+    return SubscriptionChange(
+        subscription_id=str(subscription.id),
+        status=str(subscription.status),
+        cancel_at_period_end=bool(subscription.cancel_at_period_end),
+    )
+
+
+class StripeBilling:
+    def __init__(self, settings: Settings) -> None:
+        if settings.stripe_secret_key is None:
+            raise ValueError("StripeBilling needs STRIPE_SECRET_KEY")
+        # aiohttp as the async transport: it is already ours, and this session is closed with the app.
+        self._http = stripe.AIOHTTPClient(timeout=30)
+        self.client = stripe.StripeClient(
+            settings.stripe_secret_key.get_secret_value(),
+            base_addresses={"api": settings.stripe_api_base},
+            http_client=self._http,
+            max_network_retries=2,
+        )
+
+    async def close(self) -> None:
+        http: Any = self._http  # the SDK's transports are untyped
+        await http.close_async()
+
+    async def create_customer(self, *, email: str, name: str, customer_id: str) -> str:
+        customer = await _stripe(
+            self.client.v1.customers.create_async(
+                params={"email": email, "name": name, "metadata": {"customerId": customer_id}},
+                # A retried signup of the same customer id makes no second Stripe customer.
+                options={"idempotency_key": f"signup-{customer_id}"},
+            ),
+            "create a customer",
+        )
+        return str(customer.id)
+
+    async def create_checkout_session(
+        self,
+        *,
+        stripe_customer_id: str,
+        customer_id: str,
+        plan: str,
+        price_id: str,
+        success_url: str,
+        cancel_url: str,
+    ) -> CheckoutSession:
+        metadata = {"customerId": customer_id, "plan": plan}
+        session = await _stripe(
+            self.client.v1.checkout.sessions.create_async(
+                params={
+                    "mode": "subscription",
+                    "customer": stripe_customer_id,
+                    "client_reference_id": customer_id,
+                    "metadata": metadata,
+                    # Copied onto the subscription, so its own events name the customer too.
+                    "subscription_data": {"metadata": metadata},
+                    "line_items": [{"price": price_id, "quantity": 1}],
+                    "success_url": success_url,
+                    "cancel_url": cancel_url,
+                }
+            ),
+            "create a checkout session",
+        )
+        return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
+
+    async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
+        subscription = await _stripe(
+            self.client.v1.subscriptions.retrieve_async(subscription_id), "read the subscription"
+        )
+        items = subscription["items"].data
+        if not items:
+            raise Conflict(
+                "Subscription has no items",
+                f"subscription {subscription_id} has no item whose price could change",
+                {"subscription_id": subscription_id},
+            )
+        updated = await _stripe(
+            self.client.v1.subscriptions.update_async(
+                subscription_id,
+                params={
+                    "items": [{"id": items[0].id, "price": price_id}],
+                    "proration_behavior": "create_prorations",
+                },
+            ),
+            "change the subscription's price",
+        )
+        return _sub_fields(updated)
+
+    async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
+        if immediately:
+            cancelled = await _stripe(
+                self.client.v1.subscriptions.cancel_async(subscription_id), "cancel the subscription"
+            )
+            return _sub_fields(cancelled)
+        updated = await _stripe(
+            self.client.v1.subscriptions.update_async(subscription_id, params={"cancel_at_period_end": True}),
+            "cancel the subscription at the period end",
+        )
+        return _sub_fields(updated)
+
+    async def portal_session(self, *, stripe_customer_id: str, return_url: str) -> str:
+        session = await _stripe(
+            self.client.v1.billing_portal.sessions.create_async(
+                params={"customer": stripe_customer_id, "return_url": return_url}
+            ),
+            "create a portal session",
+        )
+        return str(session.url)
+
+
+__all__ = ["CheckoutSession", "StripeBilling", "SubscriptionChange"]

@@ -1,0 +1,50 @@
+"""Typed keys of what the app holds (built in `app.create_app`, opened and closed in its cleanup_ctx)
+and small accessors the handlers share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.billing import StripeBilling
+from iotistic_billing.webhook_server.cluster import Cluster
+from iotistic_billing.webhook_server.directory import Directory
+from iotistic_billing.webhook_server.errors import stripe_not_configured
+from iotistic_billing.webhook_server.keyring import LicenseKeyring
+from iotistic_billing.webhook_server.metrics import Metrics
+from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.security import Principal, RateLimiter
+from iotistic_billing.webhook_server.stripe_events import PriceCatalog
+
+SETTINGS = web.AppKey("settings", Settings)
+OPTIONS = web.AppKey("options", ServerOptions)
+CLOCK: web.AppKey[Callable[[], datetime]] = web.AppKey("clock")
+CATALOG = web.AppKey("catalog", PriceCatalog)
+KEYRING = web.AppKey("keyring", LicenseKeyring)
+METRICS = web.AppKey("metrics", Metrics)
+ADDRESS_LIMITER = web.AppKey("address_limiter", RateLimiter)
+KEY_LIMITER = web.AppKey("key_limiter", RateLimiter)
+OPERATIONS: web.AppKey[dict[web.AbstractRoute, Operation]] = web.AppKey("operations")
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+# Opened in cleanup_ctx, so they exist only while the app runs.
+ENGINE = web.AppKey("engine", AsyncEngine)
+SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+CLUSTER = web.AppKey("cluster", Cluster)
+DIRECTORY = web.AppKey("directory", Directory)
+STRIPE: web.AppKey[StripeBilling | None] = web.AppKey("stripe")
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def stripe_billing(request: web.Request) -> StripeBilling:
+    """The Stripe client, or 503 "Stripe is not configured" when STRIPE_SECRET_KEY is unset."""
+    billing = request.app[STRIPE]
+    if billing is None:
+        raise stripe_not_configured()
+    return billing

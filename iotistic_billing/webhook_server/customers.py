@@ -1,0 +1,192 @@
+"""Admin routes of customers: signup (creates the Customer resource), one customer, the list.
+
+Signup keeps no password: the seed's clients send one, it is validated for size and discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select, text
+
+from iotistic_billing.customer import LICENSE_JWT_KEY
+from iotistic_billing.db import models
+from iotistic_billing.webhook_server.cluster import Cluster
+from iotistic_billing.webhook_server.context import (
+    CLOCK,
+    CLUSTER,
+    DIRECTORY,
+    OPTIONS,
+    SESSIONS,
+    SETTINGS,
+    STRIPE,
+)
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.errors import ApiError, Conflict, customer_not_found
+from iotistic_billing.webhook_server.routing import json_model, read_body, read_query
+from iotistic_billing.webhook_server.schemas import (
+    CustomerList,
+    LicenseToken,
+    ListCustomersQuery,
+    Pagination,
+    SignupCustomer,
+    SignupRequest,
+    SignupResponse,
+    SignupSubscription,
+)
+from iotistic_billing.webhook_server.views import (
+    customer_view,
+    name_suffix,
+    new_customer_id,
+    resource_name_for,
+    signup_manifest,
+    sort_key,
+    trial_ends_at,
+)
+
+log = logging.getLogger(__name__)
+_NAME_ATTEMPTS = 5
+
+
+async def create_customer(request: web.Request) -> web.Response:
+    """Sign up a customer: a Customer resource in trial, and its licence once the operator issued it."""
+    app = request.app
+    settings, cluster, directory = app[SETTINGS], app[CLUSTER], app[DIRECTORY]
+    body = await read_body(request, SignupRequest)
+    existing = await directory.all()
+    if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
+        raise Conflict(
+            "Customer already exists",
+            "a customer with this email address already exists",
+            [{"field": "email", "message": "already registered"}],
+        )
+    customer_id = new_customer_id()
+    billing = app[STRIPE]
+    stripe_customer_id = None
+    if billing is not None:
+        stripe_customer_id = await billing.create_customer(
+            email=body.email, name=body.company_name, customer_id=customer_id
+        )
+
+    async with app[SESSIONS]() as session, session.begin():
+        # Reach the database before creating anything: when it is down, nothing is created.
+        await session.execute(text("SELECT 1"))
+        created = await _create_resource(
+            cluster,
+            taken={record.name for record in existing},
+            make=lambda name: signup_manifest(
+                name=name,
+                customer_id=customer_id,
+                request=body,
+                billing_mode="stripe" if billing is not None else "manual",
+                trial_days=settings.default_trial_days,
+            ),
+            company_name=body.company_name,
+        )
+        record = CustomerRecord.from_body(created)
+        if record is None:
+            raise ApiError("Internal server error", "the created Customer could not be read back")
+        await directory.remember(session, record, stripe_customer_id)
+
+    log.info("signup created Customer %s (%s)", record.name, customer_id)
+    token = await _wait_for_license(
+        cluster, record.namespace, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval
+    )
+    response = SignupResponse(
+        customer=SignupCustomer(
+            customer_id=customer_id,
+            resource_name=record.name,
+            email=body.email,
+            company_name=body.company_name,
+            full_name=body.full_name,
+            stripe_customer_id=stripe_customer_id,
+            created_at=record.customer.metadata.creation_timestamp,
+        ),
+        subscription=SignupSubscription(
+            plan="trial", status="trialing", trial_ends_at=trial_ends_at(record, app[CLOCK]())
+        ),
+        license=LicenseToken(jwt=token) if token else None,
+    )
+    location = f"/api/customers/{customer_id}"
+    return json_model(response, status=201 if token else 202, headers={"Location": location})
+
+
+async def _create_resource(
+    cluster: Cluster, *, taken: set[str], make: Callable[[str], dict[str, Any]], company_name: str
+) -> dict[str, Any]:
+    """Create under the company's name, or with a random suffix when that name is taken."""
+    candidates = [resource_name_for(company_name)]
+    candidates += [resource_name_for(company_name, name_suffix()) for _ in range(_NAME_ATTEMPTS)]
+    for name in candidates:
+        if name in taken:
+            continue
+        try:
+            return await cluster.create_customer(make(name))
+        except ApiException as error:
+            if error.status != 409:
+                raise
+    raise Conflict("Name not available", "no free Customer name was found for this company; retry")
+
+
+async def _license_token(cluster: Cluster, namespace: str) -> str | None:
+    data = await cluster.read_license_secret(namespace)
+    return data[LICENSE_JWT_KEY].decode() if data is not None and LICENSE_JWT_KEY in data else None
+
+
+async def _wait_for_license(cluster: Cluster, namespace: str, wait: float, interval: float) -> str | None:
+    """The licence JWT once the operator wrote its Secret, or None after `wait` seconds."""
+    token = await _license_token(cluster, namespace)
+    try:
+        async with asyncio.timeout(wait):
+            while token is None:
+                await asyncio.sleep(interval)
+                token = await _license_token(cluster, namespace)
+    except TimeoutError:
+        return None
+    return token
+
+
+async def get_customer(request: web.Request) -> web.Response:
+    """One customer, from its Customer resource."""
+    customer_id = request.match_info["customerId"]
+    async with request.app[SESSIONS]() as session:
+        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+        if record is None:
+            raise customer_not_found(customer_id)
+        stripe_customer_id = await request.app[DIRECTORY].stripe_customer_id(session, record)
+    return json_model(customer_view(record, stripe_customer_id, request.app[CLOCK]()))
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    """Customers, oldest first, a page at a time."""
+    query = read_query(request, ListCustomersQuery)
+    records = sorted(await request.app[DIRECTORY].all(), key=sort_key)
+    page = records[(query.page - 1) * query.limit : query.page * query.limit]
+    async with request.app[SESSIONS]() as session:
+        rows = await session.execute(
+            select(models.Customer.customer_id, models.Customer.stripe_customer_id).where(
+                models.Customer.customer_id.in_([record.customer_id for record in page])
+            )
+        )
+        stripe_ids = {customer_id: stripe_id for customer_id, stripe_id in rows}
+    now = request.app[CLOCK]()
+    return json_model(
+        CustomerList(
+            customers=[customer_view(record, stripe_ids.get(record.customer_id), now) for record in page],
+            pagination=Pagination(
+                page=query.page,
+                limit=query.limit,
+                total=len(records),
+                pages=math.ceil(len(records) / query.limit),
+            ),
+        )
+    )
+
+
+__all__ = ["create_customer", "get_customer", "list_customers"]

@@ -1,0 +1,152 @@
+"""Licence routes: the licence of a customer (admin, or that customer's own instance), its history,
+revocation, and the public keys (PEM and JWKS) anyone may fetch to verify licences offline.
+
+Revocation records a `revoked` history row for the licence in force AND sets spec.suspended: true by a
+merge patch, so the operator re-mints the licence with the unlicensed feature set and scales the instance
+down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import LICENSE_JWT_KEY
+from iotistic_billing.licensing.history import license_history, record_license
+from iotistic_billing.licensing.minting import LicenseRecord, MintingError
+from iotistic_billing.webhook_server.context import CLUSTER, DIRECTORY, KEYRING, PRINCIPAL, SESSIONS, SETTINGS
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+    customer_not_found,
+)
+from iotistic_billing.webhook_server.routing import json_model, read_body, read_query
+from iotistic_billing.webhook_server.schemas import (
+    HistoryQuery,
+    Jwks,
+    LicenseHistoryItem,
+    LicenseHistoryResponse,
+    LicenseResponse,
+    LicenseStatistics,
+    RevokeRequest,
+    RevokeResponse,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _keys_not_configured() -> Unavailable:
+    return Unavailable(
+        "Licence keys are not configured",
+        "neither LICENSE_PRIVATE_KEY_PATH nor LICENSE_PUBLIC_KEY_PATH is set on this server",
+        {"setting": "LICENSE_PUBLIC_KEY_PATH"},
+    )
+
+
+async def _license_token(request: web.Request, record: CustomerRecord) -> str:
+    data = await request.app[CLUSTER].read_license_secret(record.namespace)
+    if data is None or LICENSE_JWT_KEY not in data:
+        raise NotFound(
+            "Licence not issued yet",
+            f"the operator has not issued a licence for {record.customer_id} yet",
+            {"customer_id": record.customer_id},
+        )
+    return data[LICENSE_JWT_KEY].decode()
+
+
+async def get_license(request: web.Request) -> web.Response:
+    """The customer's current licence and its claims."""
+    customer_id = request.match_info["customerId"]
+    principal = request[PRINCIPAL]
+    # Checked before any lookup: an instance learns nothing about other customers, not even existence.
+    if principal.kind == "instance" and principal.customer_id != customer_id:
+        raise Forbidden("a usage key may only read its own customer's licence")
+    async with request.app[SESSIONS]() as session:
+        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+    if record is None:
+        raise customer_not_found(customer_id)
+    token = await _license_token(request, record)
+    claims, _verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
+    return json_model(LicenseResponse(license=token, decoded=claims))
+
+
+async def get_license_history(request: web.Request) -> web.Response:
+    """Every licence issued or revoked for the customer (hashes, never tokens), newest first."""
+    customer_id = request.match_info["customerId"]
+    query = read_query(request, HistoryQuery)
+    async with request.app[SESSIONS]() as session:
+        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+        if record is None:
+            raise customer_not_found(customer_id)
+        report = await license_history(session, customer_id, limit=query.limit)
+    return json_model(
+        LicenseHistoryResponse(
+            customer_id=customer_id,
+            email=record.customer.spec.email,
+            history=[LicenseHistoryItem.model_validate(entry.to_json()) for entry in report.history],
+            statistics=LicenseStatistics.model_validate(report.statistics),
+        )
+    )
+
+
+async def revoke_license(request: web.Request) -> web.Response:
+    """Revoke the licence in force and suspend the customer (see the module's note)."""
+    customer_id = request.match_info["customerId"]
+    body = await read_body(request, RevokeRequest)
+    async with request.app[SESSIONS]() as session, session.begin():
+        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+        if record is None:
+            raise customer_not_found(customer_id)
+        data = await request.app[CLUSTER].read_license_secret(record.namespace)
+        if data is None or LICENSE_JWT_KEY not in data:
+            raise Conflict(
+                "No licence to revoke",
+                f"the operator has not issued a licence for {customer_id} yet",
+                {"customer_id": customer_id},
+            )
+        try:
+            revoked = LicenseRecord.from_token(data[LICENSE_JWT_KEY].decode())
+        except MintingError:
+            raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
+        try:
+            await record_license(session, revoked, "revoked", {"reason": body.reason, "by": "admin"})
+        except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
+            raise ValidationFailed.single("reason", str(refused)) from None
+        # Before the commit: if the patch fails, the history row is rolled back with it.
+        try:
+            await request.app[CLUSTER].suspend(record.name)
+        except ApiException as error:
+            if error.status == 404:
+                raise customer_not_found(customer_id) from None
+            raise
+    log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
+    return json_model(
+        RevokeResponse(customer_id=customer_id, revoked_jti=revoked.jti, reason=body.reason, suspended=True)
+    )
+
+
+async def get_public_key(request: web.Request) -> web.Response:
+    """The PEM public key that verifies licences (the current signing key's)."""
+    keyring = request.app[KEYRING]
+    if not keyring.configured:
+        raise _keys_not_configured()
+    response = web.Response(body=keyring.pem(), content_type="text/plain", charset="utf-8")
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+async def get_jwks(request: web.Request) -> web.Response:
+    """Every public key that verifies licences, as a JWKS (current key first)."""
+    keyring = request.app[KEYRING]
+    if not keyring.configured:
+        raise _keys_not_configured()
+    return json_model(Jwks.model_validate(keyring.jwks()), headers={"Cache-Control": "public, max-age=300"})
+
+
+__all__ = ["get_jwks", "get_license", "get_license_history", "get_public_key", "revoke_license"]

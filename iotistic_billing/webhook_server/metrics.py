@@ -1,0 +1,71 @@
+"""Prometheus metrics of one app, in a registry of its own (no import-time global state)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from iotistic_billing.webhook_server.stripe_events import HANDLED_EVENT_TYPES
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "iotistic_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "iotistic_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route", "method"],
+            registry=self.registry,
+        )
+        self.webhook_events = Counter(
+            "iotistic_stripe_webhook_events",
+            "Stripe events received, by type and result "
+            "(applied, stale, superseded, unmatched, ignored, duplicate, rejected).",
+            ["type", "result"],
+            registry=self.registry,
+        )
+
+    def webhook_event(self, event_type: str, result: str) -> None:
+        # Only types we know become labels: a label per arbitrary string would grow without bound.
+        self.webhook_events.labels(event_type if event_type in HANDLED_EVENT_TYPES else "other", result).inc()
+
+    def exposition(self) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as http_error:
+                status = http_error.status
+                raise
+            finally:
+                # The route template, never the raw path: ids in paths would explode the label set.
+                route = request.match_info.route.resource
+                template = route.canonical if route is not None else "unmatched"
+                self.requests.labels(template, request.method, str(status)).inc()
+                self.latency.labels(template, request.method).observe(time.perf_counter() - started)
+
+        return count_requests
+
+
+__all__ = ["Metrics"]

@@ -1,0 +1,177 @@
+"""The OpenAPI 3.1 document of the route table, with JSON schemas generated from the pydantic models.
+
+Errors every route may answer follow from its entry: 400 and 413 with a body or query, 401/403 behind a
+token, 429 when rate limited, 503 when it needs a dependency; the entry adds its own (404, 409, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN
+from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.schemas import ErrorBody
+
+TITLE: Final = "Iotistic billing API"
+VERSION: Final = "1.0.0"
+_REF: Final = "#/components/schemas/{model}"
+_DESCRIPTIONS: Final = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted: not finished yet; see Location",
+    400: "Validation failed; details name each field",
+    401: "No valid admin token or usage key",
+    403: "Authenticated, but not allowed here",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    429: "Rate limited; see Retry-After",
+    503: "A dependency is down or not configured; retry later",
+}
+_PATH_PARAMETERS: Final = {
+    "customerId": {
+        "type": "string",
+        "pattern": CUSTOMER_ID_PATTERN,
+        "maxLength": 37,
+        "description": "The customer id (spec.customerId or status.customerId of the Customer).",
+    }
+}
+
+
+def _error_statuses(operation: Operation) -> list[int]:
+    statuses = set(operation.errors)
+    if operation.body is not None or operation.query is not None:
+        statuses.add(400)
+    if operation.body is not None:
+        statuses.add(413)
+    if operation.access in ("admin", "instance"):
+        statuses.update((401, 403, 503))
+    if operation.rate_limited:
+        statuses.add(429)
+    return sorted(statuses)
+
+
+def _models(operations: Iterable[Operation]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
+    seen: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(ErrorBody, "serialization"): None}
+    for operation in operations:
+        if operation.body is not None:
+            seen[(operation.body, "validation")] = None
+        for response in operation.responses.values():
+            if isinstance(response, type):
+                seen[(response, "serialization")] = None
+    return list(seen)
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(mode="validation")
+    required = set(schema.get("required", ()))
+    return [
+        {"name": name, "in": "query", "required": name in required, "schema": property_schema}
+        for name, property_schema in schema.get("properties", {}).items()
+    ]
+
+
+def _security(access: Literal["public", "admin", "instance", "stripe"]) -> list[dict[str, list[str]]] | None:
+    if access == "admin":
+        return [{"adminToken": []}]
+    if access == "instance":
+        return [{"adminToken": []}, {"usageKey": []}]
+    return None
+
+
+def build_document(operations: Iterable[Operation]) -> dict[str, Any]:
+    operations = list(operations)
+    refs, definitions = models_json_schema(_models(operations), ref_template=_REF)
+
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(refs[(model, mode)])
+
+    error_ref = ref(ErrorBody, "serialization")
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in operations:
+        responses: dict[str, Any] = {}
+        for status, body in operation.responses.items():
+            content: dict[str, Any] = (
+                {"application/json": {"schema": ref(body, "serialization")}}
+                if isinstance(body, type)
+                else {body: {"schema": {"type": "object" if body == "application/json" else "string"}}}
+            )
+            responses[str(status)] = {"description": _DESCRIPTIONS.get(status, "OK"), "content": content}
+            if operation.headers and status in (201, 202):
+                responses[str(status)]["headers"] = dict(operation.headers)
+        for status in _error_statuses(operation):
+            responses.setdefault(
+                str(status),
+                {
+                    "description": _DESCRIPTIONS[status],
+                    "content": {"application/json": {"schema": error_ref}},
+                },
+            )
+        entry: dict[str, Any] = {
+            "operationId": operation.operation_id,
+            "summary": operation.summary,
+            "tags": [operation.tag],
+            "responses": responses,
+        }
+        if operation.description:
+            entry["description"] = operation.description
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": schema}
+            for name, schema in _PATH_PARAMETERS.items()
+            if "{" + name + "}" in operation.path
+        ]
+        if operation.query is not None:
+            parameters += _query_parameters(operation.query)
+        if operation.access == "stripe":
+            parameters.append(
+                {
+                    "name": "Stripe-Signature",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "t=<unix time>,v1=<HMAC-SHA256 of '<t>.<body>' with the endpoint secret>",
+                }
+            )
+        if parameters:
+            entry["parameters"] = parameters
+        if operation.body is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(operation.body, "validation")}},
+            }
+        security = _security(operation.access)
+        entry["security"] = security if security is not None else []
+        paths.setdefault(operation.path, {})[operation.method.lower()] = entry
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": TITLE,
+            "version": VERSION,
+            "description": (
+                "The webhook server of iotistic-billing: Stripe webhooks, the admin API (bearer "
+                "ADMIN_API_TOKEN) and the routes customer instances call with their usage key. "
+                "Errors are JSON {error, message, details}."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "ADMIN_API_TOKEN"},
+                "usageKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-API-Key",
+                    "description": "An instance's usage key (its Secret's usage-api-key)",
+                },
+            },
+        },
+    }
+
+
+__all__ = ["TITLE", "VERSION", "build_document"]

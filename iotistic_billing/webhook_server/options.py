@@ -1,0 +1,37 @@
+"""Tunables of the webhook server that are not product settings: limits and waits, with safe defaults.
+
+Kept apart from Settings so that tests can build an app with a tiny rate limit or no licence wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: `burst` requests at once, refilled at `per_second`."""
+
+    per_second: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.per_second <= 0 or self.burst < 1:
+            raise ValueError(f"rate limit needs per_second > 0 and burst >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    # Larger bodies are refused with 413 before a handler sees them (Stripe events are a few KiB).
+    client_max_size: int = 256 * 1024
+    # Generous: a busy admin script or Stripe's retries after an outage are not throttled.
+    rate_per_address: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
+    rate_per_key: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
+    # How long signup waits for the operator's licence before answering 202 with a Location.
+    license_wait: float = 10.0
+    license_poll_interval: float = 0.25
+    # Per call to the API server, so that a hung connection becomes a 503 rather than a hung request.
+    kube_timeout: float = 10.0
+    kube_concurrency: int = 16
+    # In-flight requests get this long to finish after SIGTERM.
+    shutdown_timeout: float = 30.0

@@ -1,0 +1,268 @@
+"""The route table: every route of the server, in registration order (fixed paths before `{customerId}`)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from iotistic_billing.webhook_server import customers, licenses, operations, subscriptions, webhooks
+from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.schemas import (
+    CancelRequest,
+    CheckoutRequest,
+    CheckoutResponse,
+    CustomerList,
+    CustomerView,
+    Health,
+    HistoryQuery,
+    Jwks,
+    LicenseHistoryResponse,
+    LicenseResponse,
+    ListCustomersQuery,
+    PortalRequest,
+    PortalResponse,
+    QueueStats,
+    Readiness,
+    RevokeRequest,
+    RevokeResponse,
+    SignupRequest,
+    SignupResponse,
+    StripeEvent,
+    SubscriptionChangeResponse,
+    SubscriptionStatusResponse,
+    UpgradeRequest,
+    WebhookAck,
+)
+
+_LOCATION: Final = {"Location": {"description": "The customer's URL", "schema": {"type": "string"}}}
+
+ROUTES: Final[tuple[Operation, ...]] = (
+    # ----- Stripe -----
+    Operation(
+        "POST",
+        "/api/webhooks/stripe",
+        webhooks.receive_stripe_event,
+        "Receive a Stripe event",
+        "webhooks",
+        "stripe",
+        {200: WebhookAck},
+        body=StripeEvent,
+        errors=(503,),
+        description=(
+            "Signature verified with STRIPE_WEBHOOK_SECRET (tolerance 300 s). Each event id is applied once; "
+            "a repeat answers duplicate: true. An event older than the state applied for its subscription "
+            "is recorded and not applied. An event that matches no customer is acknowledged and recorded "
+            "as unmatched, as Stripe would otherwise retry it for days."
+        ),
+    ),
+    # ----- customers -----
+    Operation(
+        "POST",
+        "/api/customers",
+        customers.create_customer,
+        "Sign up a customer",
+        "customers",
+        "admin",
+        {201: SignupResponse, 202: SignupResponse},
+        body=SignupRequest,
+        errors=(409,),
+        headers=_LOCATION,
+        description=(
+            "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
+            "waits a bounded time for the operator's licence: 201 with it, or 202 with license null. "
+            "The password of the seed's payload is accepted and discarded, never stored."
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/customers",
+        customers.list_customers,
+        "List customers",
+        "customers",
+        "admin",
+        {200: CustomerList},
+        query=ListCustomersQuery,
+    ),
+    Operation(
+        "GET",
+        "/api/customers/{customerId}",
+        customers.get_customer,
+        "Get a customer",
+        "customers",
+        "admin",
+        {200: CustomerView},
+        errors=(404,),
+    ),
+    # ----- subscriptions -----
+    Operation(
+        "POST",
+        "/api/subscriptions/checkout",
+        subscriptions.create_checkout,
+        "Create a checkout session for a plan",
+        "subscriptions",
+        "admin",
+        {200: CheckoutResponse},
+        body=CheckoutRequest,
+        errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/subscriptions/upgrade",
+        subscriptions.upgrade_subscription,
+        "Change the subscription's plan (prorated)",
+        "subscriptions",
+        "admin",
+        {200: SubscriptionChangeResponse},
+        body=UpgradeRequest,
+        errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/subscriptions/cancel",
+        subscriptions.cancel_subscription,
+        "Cancel the subscription",
+        "subscriptions",
+        "admin",
+        {200: SubscriptionChangeResponse},
+        body=CancelRequest,
+        errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/subscriptions/portal",
+        subscriptions.create_portal_session,
+        "Create a Stripe customer portal session",
+        "subscriptions",
+        "admin",
+        {200: PortalResponse},
+        body=PortalRequest,
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/subscriptions/{customerId}",
+        subscriptions.get_subscription,
+        "Get a customer's subscription",
+        "subscriptions",
+        "admin",
+        {200: SubscriptionStatusResponse},
+        errors=(404,),
+    ),
+    # ----- licences -----
+    Operation(
+        "GET",
+        "/api/licenses/public-key",
+        licenses.get_public_key,
+        "The public key that verifies licences (PEM)",
+        "licenses",
+        "public",
+        {200: "text/plain"},
+        errors=(503,),
+    ),
+    Operation(
+        "GET",
+        "/.well-known/jwks.json",
+        licenses.get_jwks,
+        "The public keys that verify licences (JWKS)",
+        "licenses",
+        "public",
+        {200: Jwks},
+        errors=(503,),
+    ),
+    Operation(
+        "GET",
+        "/api/licenses/{customerId}",
+        licenses.get_license,
+        "Get a customer's licence",
+        "licenses",
+        "instance",
+        {200: LicenseResponse},
+        errors=(404,),
+        description="The admin token, or the customer's own usage key in X-API-Key.",
+    ),
+    Operation(
+        "GET",
+        "/api/licenses/{customerId}/history",
+        licenses.get_license_history,
+        "Get a customer's licence history",
+        "licenses",
+        "admin",
+        {200: LicenseHistoryResponse},
+        query=HistoryQuery,
+        errors=(404,),
+    ),
+    Operation(
+        "POST",
+        "/api/licenses/{customerId}/revoke",
+        licenses.revoke_license,
+        "Revoke the licence and suspend the customer",
+        "licenses",
+        "admin",
+        {200: RevokeResponse},
+        body=RevokeRequest,
+        errors=(404, 409),
+        description=(
+            "Records a revoked history row for the licence in force and sets spec.suspended: true, so the "
+            "operator re-mints an unlicensed licence. Reinstate by setting spec.suspended: false."
+        ),
+    ),
+    # ----- operations -----
+    Operation(
+        "GET",
+        "/api/queue/stats",
+        operations.get_queue_stats,
+        "Customers by phase",
+        "operations",
+        "admin",
+        {200: QueueStats},
+    ),
+    Operation(
+        "GET",
+        "/healthz",
+        operations.healthz,
+        "Liveness",
+        "operations",
+        "public",
+        {200: Health},
+        rate_limited=False,
+    ),
+    Operation(
+        "GET",
+        "/readyz",
+        operations.readyz,
+        "Readiness: PostgreSQL and the API server reachable",
+        "operations",
+        "public",
+        {200: Readiness, 503: Readiness},
+        rate_limited=False,
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        operations.metrics,
+        "Prometheus metrics",
+        "operations",
+        "public",
+        {200: "text/plain"},
+        rate_limited=False,
+    ),
+    Operation(
+        "GET",
+        "/api/openapi.json",
+        operations.get_openapi,
+        "This OpenAPI document",
+        "operations",
+        "public",
+        {200: "application/json"},
+    ),
+    Operation(
+        "GET",
+        "/api/docs",
+        operations.get_docs,
+        "The routes of this API as a page",
+        "operations",
+        "public",
+        {200: "text/html"},
+    ),
+)
+
+__all__ = ["ROUTES"]

@@ -1,0 +1,381 @@
+"""Request and response bodies of the API, in the seed's snake_case shapes.
+
+Requests are validated by these models (400s name the field), responses are built through them, and the
+OpenAPI document takes its JSON schemas from them, so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from iotistic_billing.customer import (
+    CUSTOMER_ID_PATTERN,
+    EMAIL_PATTERN,
+    BillingMode,
+    EffectivePlan,
+    PaidPlan,
+    Plan,
+    SubscriptionStatus,
+)
+
+_EMAIL = re.compile(EMAIL_PATTERN)
+URL_PATTERN = r"^https?://[^\s]+$"
+
+
+def _email(value: str) -> str:
+    # The CRD's own pattern: an address the API server would refuse must be refused here first.
+    if not _EMAIL.fullmatch(value):
+        raise PydanticCustomError("value_error", "value is not a valid email address")
+    return value
+
+
+Email = Annotated[str, Field(max_length=320, json_schema_extra={"format": "email"}), AfterValidator(_email)]
+CustomerIdField = Annotated[
+    str, Field(pattern=CUSTOMER_ID_PATTERN, max_length=37, examples=["cust_abc123xyz789"])
+]
+Url = Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)]
+
+
+class Request(BaseModel):
+    """Unknown fields are refused, so a misspelt field is a 400 rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL text and JSONB cannot hold NUL: refused here, it is a 400 rather than a failed write.
+        if isinstance(value, str) and "\x00" in value:
+            raise PydanticCustomError("string_nul", "must not contain NUL characters")
+        return value
+
+
+class Query(BaseModel):
+    """Query strings: unknown parameters are ignored (cache busters and the like)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----- errors -----
+
+
+class ErrorDetail(Response):
+    model_config = ConfigDict(extra="allow")
+
+    field: str | None = None
+    message: str | None = None
+    type: str | None = None
+
+
+class ErrorBody(Response):
+    error: str = Field(description="Short title of the error.")
+    message: str = Field(description="What went wrong, for a person.")
+    details: list[ErrorDetail] | dict[str, Any] | None = Field(
+        default=None, description="Per-field problems of a validation error, or facts about the error."
+    )
+
+
+# ----- customers -----
+
+
+class SignupRequest(Request):
+    email: Email
+    company_name: Annotated[str, Field(min_length=1, max_length=200)]
+    full_name: Annotated[str, Field(max_length=200)] | None = None
+    # Accepted for the seed's clients and discarded: this service keeps no passwords.
+    password: (
+        Annotated[str, Field(max_length=1024, description="Accepted and discarded, never stored.")] | None
+    ) = None
+
+
+class SubscriptionView(Response):
+    status: SubscriptionStatus
+    plan: PaidPlan | None = None
+    stripe_subscription_id: str | None = None
+    current_period_end: datetime | None = None
+    cancel_at_period_end: bool | None = None
+    last_event_created: int | None = None
+
+
+class CustomerView(Response):
+    customer_id: str
+    resource_name: str
+    email: str
+    company_name: str
+    contact_name: str | None = None
+    plan: Plan = Field(description="spec.plan, the plan of a manually billed customer.")
+    effective_plan: EffectivePlan | None = Field(
+        default=None, description="status.plan, what the licence grants."
+    )
+    phase: str | None = None
+    billing_mode: BillingMode
+    stripe_customer_id: str | None = None
+    suspended: bool = False
+    trial_ends_at: datetime | None = None
+    instance_url: str | None = None
+    created_at: datetime | None = None
+    subscription: SubscriptionView | None = None
+
+
+class SignupCustomer(Response):
+    customer_id: str
+    resource_name: str
+    email: str
+    company_name: str
+    full_name: str | None = None
+    stripe_customer_id: str | None = None
+    created_at: datetime | None = None
+
+
+class SignupSubscription(Response):
+    plan: Plan
+    status: SubscriptionStatus
+    trial_ends_at: datetime | None = None
+
+
+class LicenseToken(Response):
+    jwt: str
+
+
+class SignupResponse(Response):
+    customer: SignupCustomer
+    subscription: SignupSubscription
+    license: LicenseToken | None = Field(
+        description="null when the operator had not issued the licence in time (answer 202, see Location)."
+    )
+
+
+class ListCustomersQuery(Query):
+    page: Annotated[int, Field(ge=1, le=100_000)] = 1
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+
+
+class Pagination(Response):
+    page: int
+    limit: int
+    total: int
+    pages: int
+
+
+class CustomerList(Response):
+    customers: list[CustomerView]
+    pagination: Pagination
+
+
+# ----- subscriptions -----
+
+
+class TrialView(Response):
+    is_trial_mode: bool | None = None
+    ends_at: datetime | None = None
+
+
+class SubscriptionStatusResponse(Response):
+    customer_id: str
+    billing_mode: BillingMode
+    plan: EffectivePlan | None = Field(default=None, description="The effective plan (status.plan).")
+    subscription: SubscriptionView | None = None
+    trial: TrialView | None = None
+
+
+class CheckoutRequest(Request):
+    customer_id: CustomerIdField
+    plan: PaidPlan
+    success_url: Url
+    cancel_url: Url
+
+
+class CheckoutResponse(Response):
+    session_id: str
+    checkout_url: str
+
+
+class UpgradeRequest(Request):
+    customer_id: CustomerIdField
+    new_plan: PaidPlan
+
+
+class CancelRequest(Request):
+    customer_id: CustomerIdField
+    immediately: bool = Field(default=False, description="Cancel now rather than at the period end.")
+
+
+class PortalRequest(Request):
+    customer_id: CustomerIdField
+    return_url: Url
+
+
+class SubscriptionChangeResponse(Response):
+    customer_id: str
+    subscription_id: str
+    status: str
+    plan: PaidPlan | None = None
+    cancel_at_period_end: bool
+    canceled_immediately: bool = False
+
+
+class PortalResponse(Response):
+    url: str
+
+
+# ----- licences -----
+
+
+class LicenseResponse(Response):
+    license: str = Field(description="The licence JWT from the customer's Secret.")
+    decoded: dict[str, Any] = Field(description="Its claims.")
+
+
+class HistoryQuery(Query):
+    limit: Annotated[int, Field(ge=1, le=500)] = 100
+
+
+class LicenseHistoryItem(Response):
+    id: int
+    action: str
+    plan: str
+    max_devices: int
+    license_hash: str
+    jti: str
+    kid: str
+    issued_at: datetime
+    expires_at: datetime
+    features: dict[str, Any]
+    limits: dict[str, Any]
+    metadata: dict[str, Any]
+    generated_at: datetime
+
+
+class LicenseStatistics(Response):
+    model_config = ConfigDict(populate_by_name=True)
+
+    total_generations: int = Field(alias="totalGenerations")
+    by_action: dict[str, int] = Field(alias="byAction")
+    by_plan: dict[str, int] = Field(alias="byPlan")
+
+
+class LicenseHistoryResponse(Response):
+    customer_id: str
+    email: str
+    history: list[LicenseHistoryItem]
+    statistics: LicenseStatistics
+
+
+class RevokeRequest(Request):
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class RevokeResponse(Response):
+    customer_id: str
+    revoked_jti: str
+    reason: str
+    suspended: bool = Field(
+        description="spec.suspended was set: the operator re-mints an unlicensed licence."
+    )
+
+
+class Jwk(Response):
+    kty: str
+    n: str
+    e: str
+    kid: str
+    use: str
+    alg: str
+
+
+class Jwks(Response):
+    keys: list[Jwk]
+
+
+# ----- operations -----
+
+
+class QueueStats(Response):
+    """Customers by status.phase (a Customer not reconciled yet counts as Pending)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    pending: int = Field(alias="Pending")
+    provisioning: int = Field(alias="Provisioning")
+    ready: int = Field(alias="Ready")
+    degraded: int = Field(alias="Degraded")
+    suspended: int = Field(alias="Suspended")
+    expired: int = Field(alias="Expired")
+    terminating: int = Field(alias="Terminating")
+    failed: int = Field(alias="Failed")
+    total: int
+
+
+class Health(Response):
+    status: Literal["ok"]
+
+
+class Readiness(Response):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, Literal["ok", "unavailable"]]
+
+
+# ----- Stripe webhooks -----
+
+
+class StripeEventObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    object: dict[str, Any]
+
+
+class StripeEvent(BaseModel):
+    """The envelope of a Stripe event; the object inside is read by stripe_events."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: Annotated[str, Field(min_length=1, max_length=255)]
+    type: Annotated[str, Field(min_length=1, max_length=100)]
+    created: Annotated[int, Field(ge=0)]
+    data: StripeEventObject
+
+
+class WebhookAck(Response):
+    received: Literal[True] = True
+    duplicate: bool = False
+    result: str | None = Field(
+        default=None, description="applied, stale, superseded, unmatched or ignored; null for a duplicate."
+    )
+
+
+__all__ = [
+    "CancelRequest",
+    "CheckoutRequest",
+    "CheckoutResponse",
+    "CustomerList",
+    "CustomerView",
+    "ErrorBody",
+    "Health",
+    "HistoryQuery",
+    "Jwks",
+    "LicenseHistoryResponse",
+    "LicenseResponse",
+    "ListCustomersQuery",
+    "PortalRequest",
+    "PortalResponse",
+    "QueueStats",
+    "Readiness",
+    "RevokeRequest",
+    "RevokeResponse",
+    "SignupRequest",
+    "SignupResponse",
+    "StripeEvent",
+    "SubscriptionChangeResponse",
+    "SubscriptionStatusResponse",
+    "UpgradeRequest",
+    "WebhookAck",
+]

@@ -1,0 +1,334 @@
+"""Pure reading of Stripe events: which customer an event is about, the subscription facts it carries,
+and whether those facts may overwrite what the Customer already holds (DESIGN.md section 5).
+
+No I/O here: the webhook handler reads the Customer and the `subscriptions` row, asks `decide()`, and
+then writes what it was told to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, get_args
+
+from iotistic_billing.customer import (
+    CUSTOMER_ID_PATTERN,
+    PAID_PLANS,
+    STRIPE_CUSTOMER_ID_PATTERN,
+    STRIPE_SUBSCRIPTION_ID_PATTERN,
+    PaidPlan,
+    SubscriptionSpec,
+    SubscriptionStatus,
+)
+from iotistic_billing.settings import Settings
+
+CHECKOUT_COMPLETED: Final = "checkout.session.completed"
+SUBSCRIPTION_UPDATED: Final = "customer.subscription.updated"
+SUBSCRIPTION_DELETED: Final = "customer.subscription.deleted"
+INVOICE_PAID: Final = "invoice.payment_succeeded"
+INVOICE_FAILED: Final = "invoice.payment_failed"
+HANDLED_EVENT_TYPES: Final = frozenset(
+    {CHECKOUT_COMPLETED, SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_FAILED}
+)
+SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(SubscriptionStatus)
+# Statuses under which a subscription still grants its plan (past_due within the operator's grace).
+LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+
+_CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
+_STRIPE_CUSTOMER_ID = re.compile(STRIPE_CUSTOMER_ID_PATTERN)
+_SUBSCRIPTION_ID = re.compile(STRIPE_SUBSCRIPTION_ID_PATTERN)
+
+
+@dataclass(frozen=True)
+class PriceCatalog:
+    """The Stripe price of each paid plan (STRIPE_PRICE_*), both ways."""
+
+    prices: Mapping[PaidPlan, str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PriceCatalog:
+        configured: dict[PaidPlan, str | None] = {
+            "starter": settings.stripe_price_starter,
+            "professional": settings.stripe_price_professional,
+            "enterprise": settings.stripe_price_enterprise,
+        }
+        return cls({plan: price for plan, price in configured.items() if price})
+
+    def price_for(self, plan: PaidPlan) -> str | None:
+        return self.prices.get(plan)
+
+    def plan_for(self, price_id: str | None) -> PaidPlan | None:
+        return next((plan for plan, price in self.prices.items() if price == price_id), None)
+
+
+@dataclass(frozen=True)
+class LookupHints:
+    """What an event says about whose it is, strongest first: our id, then Stripe's ids."""
+
+    customer_id: str | None = None
+    stripe_customer_id: str | None = None
+    subscription_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SubscriptionFacts:
+    """What one event tells about one subscription; None means the event does not say."""
+
+    subscription_id: str
+    status: SubscriptionStatus
+    plan: PaidPlan | None = None
+    current_period_end: datetime | None = None
+    cancel_at_period_end: bool | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """`apply`: write `subscription` to the Customer. `stale`: an older event for the same subscription,
+    recorded and acknowledged, nothing written. `superseded`: the event is the newest for its own
+    subscription (so its row is written) but the Customer holds another, live subscription."""
+
+    action: Literal["apply", "stale", "superseded"]
+    subscription: SubscriptionSpec | None
+    record_row: bool
+
+
+# ----- small readers of Stripe's JSON, tolerant of expanded and unexpanded references -----
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _ref_id(value: object) -> str | None:
+    """An id, whether Stripe sent the bare id or the expanded object."""
+    if isinstance(value, str):
+        return value
+    identifier = _mapping(value).get("id")
+    return identifier if isinstance(identifier, str) else None
+
+
+def _matching(value: object, pattern: re.Pattern[str]) -> str | None:
+    return value if isinstance(value, str) and pattern.fullmatch(value) else None
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _status(value: object) -> SubscriptionStatus | None:
+    return value if isinstance(value, str) and value in SUBSCRIPTION_STATUSES else None
+
+
+def _plan(value: object) -> PaidPlan | None:
+    return value if isinstance(value, str) and value in PAID_PLANS else None
+
+
+def _first_item(subscription: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = _mapping(subscription.get("items")).get("data")
+    return _mapping(data[0]) if isinstance(data, list) and data else {}
+
+
+def _invoice_subscription_details(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
+    # API versions from 2025-03 moved the subscription of an invoice under parent.subscription_details.
+    return _mapping(_mapping(invoice.get("parent")).get("subscription_details")) or _mapping(
+        invoice.get("subscription_details")
+    )
+
+
+def _invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
+    return _ref_id(invoice.get("subscription")) or _ref_id(
+        _invoice_subscription_details(invoice).get("subscription")
+    )
+
+
+def _invoice_line(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The invoice line of the subscription's own price: prorations of a plan change come first
+    on an upgrade invoice and name the old price, so they are passed over."""
+    data = _mapping(invoice.get("lines")).get("data")
+    lines = [_mapping(line) for line in data] if isinstance(data, list) else []
+
+    def is_proration(line: Mapping[str, Any]) -> bool:
+        item_details = _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
+        return bool(line.get("proration") or item_details.get("proration"))
+
+    return next((line for line in lines if not is_proration(line)), lines[0] if lines else {})
+
+
+def _line_price_id(line: Mapping[str, Any]) -> str | None:
+    # Older API versions: line.price; newer: line.pricing.price_details.price.
+    return _ref_id(line.get("price")) or _ref_id(
+        _mapping(_mapping(line.get("pricing")).get("price_details")).get("price")
+    )
+
+
+def event_object(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _mapping(_mapping(event.get("data")).get("object"))
+
+
+# ----- what an event says -----
+
+
+def lookup_hints(event_type: str, obj: Mapping[str, Any]) -> LookupHints:
+    """Whose event this is: metadata.customerId, client_reference_id, Stripe customer and subscription."""
+    metadata = _mapping(obj.get("metadata"))
+    customer_id = _matching(metadata.get("customerId"), _CUSTOMER_ID)
+    subscription_id: str | None = None
+    if event_type == CHECKOUT_COMPLETED:
+        customer_id = customer_id or _matching(obj.get("client_reference_id"), _CUSTOMER_ID)
+        subscription_id = _ref_id(obj.get("subscription"))
+    elif event_type in (SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED):
+        subscription_id = _ref_id(obj.get("id"))
+    elif event_type in (INVOICE_PAID, INVOICE_FAILED):
+        subscription_metadata = _mapping(_invoice_subscription_details(obj).get("metadata"))
+        customer_id = customer_id or _matching(subscription_metadata.get("customerId"), _CUSTOMER_ID)
+        subscription_id = _invoice_subscription_id(obj)
+    return LookupHints(
+        customer_id=customer_id,
+        stripe_customer_id=_matching(_ref_id(obj.get("customer")), _STRIPE_CUSTOMER_ID),
+        subscription_id=_matching(subscription_id, _SUBSCRIPTION_ID),
+    )
+
+
+def facts_of_subscription(
+    subscription: Mapping[str, Any], catalog: PriceCatalog, *, deleted: bool = False
+) -> SubscriptionFacts | None:
+    """A Stripe subscription object as facts; None when it has no usable id or status."""
+    subscription_id = _matching(_ref_id(subscription.get("id")), _SUBSCRIPTION_ID)
+    status: SubscriptionStatus | None = "canceled" if deleted else _status(subscription.get("status"))
+    if subscription_id is None or status is None:
+        return None
+    item = _first_item(subscription)
+    # Newer API versions (2025-03 on) moved the billing period from the subscription to its items.
+    period_end = _timestamp(item.get("current_period_end")) or _timestamp(
+        subscription.get("current_period_end")
+    )
+    cancel = subscription.get("cancel_at_period_end")
+    return SubscriptionFacts(
+        subscription_id=subscription_id,
+        status=status,
+        plan=catalog.plan_for(_ref_id(item.get("price"))),
+        current_period_end=period_end,
+        cancel_at_period_end=cancel if isinstance(cancel, bool) else None,
+    )
+
+
+def _facts_of_checkout(session: Mapping[str, Any], catalog: PriceCatalog) -> SubscriptionFacts | None:
+    if session.get("mode") != "subscription":
+        return None
+    expanded = session.get("subscription")
+    if isinstance(expanded, Mapping):
+        return facts_of_subscription(expanded, catalog)
+    subscription_id = _matching(expanded, _SUBSCRIPTION_ID)
+    if subscription_id is None:
+        return None
+    # The session does not carry the subscription's status: a paid (or free) completed checkout means
+    # Stripe made the subscription active; the customer.subscription.* events that follow refine it.
+    paid = session.get("payment_status") in ("paid", "no_payment_required")
+    return SubscriptionFacts(
+        subscription_id=subscription_id,
+        status="active" if paid else "incomplete",
+        plan=_plan(_mapping(session.get("metadata")).get("plan")),
+    )
+
+
+def _facts_of_invoice(
+    invoice: Mapping[str, Any], catalog: PriceCatalog, *, paid: bool
+) -> SubscriptionFacts | None:
+    subscription_id = _matching(_invoice_subscription_id(invoice), _SUBSCRIPTION_ID)
+    if subscription_id is None:
+        return None  # a one-off invoice: no subscription to update
+    status: SubscriptionStatus
+    if paid:
+        status = "active"
+    else:
+        # The first invoice of a subscription failing leaves it incomplete; a renewal makes it past_due.
+        status = "incomplete" if invoice.get("billing_reason") == "subscription_create" else "past_due"
+    line = _invoice_line(invoice)
+    return SubscriptionFacts(
+        subscription_id=subscription_id,
+        status=status,
+        plan=catalog.plan_for(_line_price_id(line)),
+        current_period_end=_timestamp(_mapping(line.get("period")).get("end")) if paid else None,
+    )
+
+
+def subscription_facts(
+    event_type: str, obj: Mapping[str, Any], catalog: PriceCatalog
+) -> SubscriptionFacts | None:
+    """The subscription facts a handled event carries; None when it carries none (nothing to apply)."""
+    if event_type == CHECKOUT_COMPLETED:
+        return _facts_of_checkout(obj, catalog)
+    if event_type in (SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED):
+        return facts_of_subscription(obj, catalog, deleted=event_type == SUBSCRIPTION_DELETED)
+    if event_type in (INVOICE_PAID, INVOICE_FAILED):
+        return _facts_of_invoice(obj, catalog, paid=event_type == INVOICE_PAID)
+    return None
+
+
+# ----- ordering -----
+
+
+def decide(
+    current: SubscriptionSpec | None,
+    stored_last_created: int | None,
+    facts: SubscriptionFacts,
+    created: int,
+) -> Decision:
+    """Whether an event created at `created` may write `facts`, given the Customer's spec.subscription and
+    the `last_event_created` of the subscription's row (either may be missing or lost).
+
+    Ordering is per subscription: an older event never overwrites newer state of its subscription. An
+    event of equal age applies, so a same-second pair lands in delivery order. A different subscription
+    replaces the Customer's only when it is not older, and never a live one with a dead one: the final
+    `deleted` of a replaced subscription must not cancel its successor.
+    """
+    same = current is not None and current.stripe_subscription_id == facts.subscription_id
+    newest = [stored_last_created]
+    if same and current is not None:
+        newest.append(current.last_event_created)
+    if any(last is not None and created < last for last in newest):
+        return Decision("stale", None, record_row=False)
+
+    if current is not None and not same and current.stripe_subscription_id is not None:
+        older = current.last_event_created is not None and created < current.last_event_created
+        if older or (current.status in LIVE_STATUSES and facts.status not in LIVE_STATUSES):
+            return Decision("superseded", None, record_row=True)
+
+    base = current if same else None
+    merged = SubscriptionSpec(
+        status=facts.status,
+        plan=facts.plan or (base.plan if base else None),
+        stripe_subscription_id=facts.subscription_id,
+        current_period_end=facts.current_period_end or (base.current_period_end if base else None),
+        cancel_at_period_end=(
+            facts.cancel_at_period_end
+            if facts.cancel_at_period_end is not None
+            else (base.cancel_at_period_end if base else None)
+        ),
+        last_event_created=created,
+    )
+    return Decision("apply", merged, record_row=True)
+
+
+__all__ = [
+    "CHECKOUT_COMPLETED",
+    "HANDLED_EVENT_TYPES",
+    "INVOICE_FAILED",
+    "INVOICE_PAID",
+    "LIVE_STATUSES",
+    "SUBSCRIPTION_DELETED",
+    "SUBSCRIPTION_UPDATED",
+    "Decision",
+    "LookupHints",
+    "PriceCatalog",
+    "SubscriptionFacts",
+    "decide",
+    "event_object",
+    "facts_of_subscription",
+    "lookup_hints",
+    "subscription_facts",
+]

@@ -1,0 +1,179 @@
+"""Admin routes of subscriptions: state, checkout, plan change, cancellation, the customer portal.
+
+These only ask Stripe; the Customer learns the outcome from the webhook events Stripe sends afterwards,
+so there is one writer of spec.subscription and one order of truth (the events' `created`).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotistic_billing.customer import PaidPlan
+from iotistic_billing.db import models
+from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_billing
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.errors import Conflict, customer_not_found, stripe_not_configured
+from iotistic_billing.webhook_server.routing import json_model, read_body
+from iotistic_billing.webhook_server.schemas import (
+    CancelRequest,
+    CheckoutRequest,
+    CheckoutResponse,
+    PortalRequest,
+    PortalResponse,
+    SubscriptionChangeResponse,
+    UpgradeRequest,
+)
+from iotistic_billing.webhook_server.stripe_events import LIVE_STATUSES
+from iotistic_billing.webhook_server.views import subscription_status
+
+
+async def _customer(session: AsyncSession, request: web.Request, customer_id: str) -> CustomerRecord:
+    record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+    if record is None:
+        raise customer_not_found(customer_id)
+    return record
+
+
+def _price(request: web.Request, plan: PaidPlan) -> str:
+    price = request.app[CATALOG].price_for(plan)
+    if price is None:
+        raise stripe_not_configured(f"STRIPE_PRICE_{plan.upper()}")
+    return price
+
+
+async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> str:
+    """The id of the customer's current subscription: spec.subscription, else the newest live row."""
+    current = record.customer.spec.subscription
+    if current is not None and current.stripe_subscription_id and current.status in LIVE_STATUSES:
+        return current.stripe_subscription_id
+    row = await session.scalar(
+        select(models.Subscription.stripe_subscription_id)
+        .where(
+            models.Subscription.customer_id == record.customer_id,
+            models.Subscription.status.in_(sorted(LIVE_STATUSES)),
+        )
+        .order_by(models.Subscription.last_event_created.desc())
+        .limit(1)
+    )
+    if row is None:
+        raise Conflict(
+            "No active subscription",
+            f"customer {record.customer_id} has no active subscription; start one with a checkout",
+            {"customer_id": record.customer_id},
+        )
+    return row
+
+
+async def get_subscription(request: web.Request) -> web.Response:
+    """The subscription state the Customer holds (spec.subscription) and the effective plan."""
+    customer_id = request.match_info["customerId"]
+    async with request.app[SESSIONS]() as session:
+        record = await _customer(session, request, customer_id)
+    return json_model(subscription_status(record))
+
+
+async def create_checkout(request: web.Request) -> web.Response:
+    """A Stripe Checkout session that subscribes the customer to a plan."""
+    billing = stripe_billing(request)
+    body = await read_body(request, CheckoutRequest)
+    price = _price(request, body.plan)
+    directory = request.app[DIRECTORY]
+    async with request.app[SESSIONS]() as session, session.begin():
+        record = await _customer(session, request, body.customer_id)
+        stripe_customer_id = await directory.stripe_customer_id(session, record)
+        if stripe_customer_id is None:
+            # A Customer applied by GitOps has no Stripe customer yet: make it now and remember it.
+            stripe_customer_id = await billing.create_customer(
+                email=record.customer.spec.email,
+                name=record.customer.spec.company_name,
+                customer_id=record.customer_id,
+            )
+            await directory.remember(session, record, stripe_customer_id)
+        checkout = await billing.create_checkout_session(
+            stripe_customer_id=stripe_customer_id,
+            customer_id=record.customer_id,
+            plan=body.plan,
+            price_id=price,
+            success_url=body.success_url,
+            cancel_url=body.cancel_url,
+        )
+    return json_model(CheckoutResponse(session_id=checkout.session_id, checkout_url=checkout.checkout_url))
+
+
+async def upgrade_subscription(request: web.Request) -> web.Response:
+    """Move the subscription to another plan's price, prorated."""
+    billing = stripe_billing(request)
+    body = await read_body(request, UpgradeRequest)
+    price = _price(request, body.new_plan)
+    async with request.app[SESSIONS]() as session:
+        record = await _customer(session, request, body.customer_id)
+        subscription_id = await _live_subscription(session, record)
+    current = record.customer.spec.subscription
+    if (
+        current is not None
+        and current.stripe_subscription_id == subscription_id
+        and current.plan == body.new_plan
+    ):
+        raise Conflict(
+            "Plan unchanged",
+            f"the subscription is already on the {body.new_plan} plan",
+            [{"field": "new_plan", "message": "equals the current plan"}],
+        )
+    change = await billing.change_price(subscription_id, price)
+    return json_model(
+        SubscriptionChangeResponse(
+            customer_id=record.customer_id,
+            subscription_id=change.subscription_id,
+            status=change.status,
+            plan=body.new_plan,
+            cancel_at_period_end=change.cancel_at_period_end,
+        )
+    )
+
+
+async def cancel_subscription(request: web.Request) -> web.Response:
+    """Cancel at the period end, or now with `immediately: true`."""
+    billing = stripe_billing(request)
+    body = await read_body(request, CancelRequest)
+    async with request.app[SESSIONS]() as session:
+        record = await _customer(session, request, body.customer_id)
+        subscription_id = await _live_subscription(session, record)
+    change = await billing.cancel(subscription_id, immediately=body.immediately)
+    return json_model(
+        SubscriptionChangeResponse(
+            customer_id=record.customer_id,
+            subscription_id=change.subscription_id,
+            status=change.status,
+            plan=record.customer.spec.subscription.plan if record.customer.spec.subscription else None,
+            cancel_at_period_end=change.cancel_at_period_end,
+            canceled_immediately=body.immediately,
+        )
+    )
+
+
+async def create_portal_session(request: web.Request) -> web.Response:
+    """A Stripe customer portal session, where the customer manages payment methods and invoices."""
+    billing = stripe_billing(request)
+    body = await read_body(request, PortalRequest)
+    async with request.app[SESSIONS]() as session:
+        record = await _customer(session, request, body.customer_id)
+        stripe_customer_id = await request.app[DIRECTORY].stripe_customer_id(session, record)
+    if stripe_customer_id is None:
+        raise Conflict(
+            "No Stripe customer",
+            f"customer {record.customer_id} has no Stripe customer yet; start with a checkout",
+            {"customer_id": record.customer_id},
+        )
+    url = await billing.portal_session(stripe_customer_id=stripe_customer_id, return_url=body.return_url)
+    return json_model(PortalResponse(url=url))
+
+
+__all__ = [
+    "cancel_subscription",
+    "create_checkout",
+    "create_portal_session",
+    "get_subscription",
+    "upgrade_subscription",
+]

@@ -1,0 +1,134 @@
+"""Pure builders: the Customer a signup creates, and the API's views of a Customer resource."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+import unicodedata
+from datetime import datetime
+from typing import Any, Final
+
+from iotistic_billing.customer import API_VERSION, KIND, BillingMode, Phase, SubscriptionSpec
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.schemas import (
+    CustomerView,
+    QueueStats,
+    SignupRequest,
+    SubscriptionStatusResponse,
+    SubscriptionView,
+    TrialView,
+)
+
+_ID_ALPHABET: Final = string.ascii_lowercase + string.digits
+# The namespace is `customer-<name>`, a DNS label of at most 63 characters.
+_MAX_SLUG: Final = 40
+SIGNUP_LABEL: Final = "iotistic.io/created-by"
+
+
+def new_customer_id() -> str:
+    return "cust_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+def name_suffix() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(6))
+
+
+def resource_name_for(company_name: str, suffix: str = "") -> str:
+    """A DNS-safe Customer name from the company name: `Acme Corp.` -> `acme-corp`."""
+    ascii_name = unicodedata.normalize("NFKD", company_name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:_MAX_SLUG].strip("-") or "customer"
+    return f"{slug}-{suffix}" if suffix else slug
+
+
+def signup_manifest(
+    *, name: str, customer_id: str, request: SignupRequest, billing_mode: BillingMode, trial_days: int
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "customerId": customer_id,
+        "email": request.email,
+        "companyName": request.company_name,
+        "plan": "trial",
+        "billing": {"mode": billing_mode},
+        "trial": {"days": trial_days},
+    }
+    if request.full_name:
+        spec["contactName"] = request.full_name
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "labels": {SIGNUP_LABEL: "signup"}},
+        "spec": spec,
+    }
+
+
+def trial_ends_at(record: CustomerRecord, now: datetime) -> datetime | None:
+    if record.customer.status.trial is not None and record.customer.status.trial.ends_at is not None:
+        return record.customer.status.trial.ends_at
+    if record.customer.spec.plan != "trial":
+        return None
+    return record.customer.spec.trial.ends_at_for(record.customer.metadata.creation_timestamp or now)
+
+
+def subscription_view(subscription: SubscriptionSpec | None) -> SubscriptionView | None:
+    if subscription is None:
+        return None
+    return SubscriptionView.model_validate(subscription.model_dump())
+
+
+def customer_view(record: CustomerRecord, stripe_customer_id: str | None, now: datetime) -> CustomerView:
+    spec, status = record.customer.spec, record.customer.status
+    return CustomerView(
+        customer_id=record.customer_id,
+        resource_name=record.name,
+        email=spec.email,
+        company_name=spec.company_name,
+        contact_name=spec.contact_name,
+        plan=spec.plan,
+        effective_plan=status.plan,
+        phase=str(status.phase) if status.phase else None,
+        billing_mode=spec.billing.mode,
+        stripe_customer_id=stripe_customer_id or spec.billing.stripe_customer_id,
+        suspended=spec.suspended,
+        trial_ends_at=trial_ends_at(record, now),
+        instance_url=status.instance.url if status.instance else None,
+        created_at=record.customer.metadata.creation_timestamp,
+        subscription=subscription_view(spec.subscription),
+    )
+
+
+def subscription_status(record: CustomerRecord) -> SubscriptionStatusResponse:
+    status = record.customer.status
+    return SubscriptionStatusResponse(
+        customer_id=record.customer_id,
+        billing_mode=record.customer.spec.billing.mode,
+        plan=status.plan,
+        subscription=subscription_view(record.customer.spec.subscription),
+        trial=TrialView(is_trial_mode=status.trial.is_trial_mode, ends_at=status.trial.ends_at)
+        if status.trial
+        else None,
+    )
+
+
+def queue_stats(records: list[CustomerRecord]) -> QueueStats:
+    counts = {phase.value: 0 for phase in Phase}
+    for record in records:
+        # Not reconciled yet: waiting, as the seed's queue would say.
+        counts[(record.customer.status.phase or Phase.PENDING).value] += 1
+    return QueueStats.model_validate({**counts, "total": len(records)})
+
+
+def sort_key(record: CustomerRecord) -> tuple[float, str]:
+    created = record.customer.metadata.creation_timestamp
+    return (created.timestamp() if created else 0.0, record.name)
+
+
+__all__ = [
+    "customer_view",
+    "new_customer_id",
+    "queue_stats",
+    "resource_name_for",
+    "signup_manifest",
+    "subscription_status",
+    "subscription_view",
+]

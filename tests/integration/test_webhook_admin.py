@@ -1,0 +1,305 @@
+"""The admin API and its guards: tokens, usage keys, validation, limits, headers, Stripe calls on
+stripe-mock, and the operational routes."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
+from iotistic_billing.webhook_server.routes import ROUTES
+from tests.conftest import unique_name
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    ADMIN_TOKEN,
+    PRICES,
+    Customers,
+    add_usage_key,
+    admin_headers,
+    api_fixture,
+    customer_id_for,
+    customers_fixture,
+    deliver,
+    event,
+    random_id,
+    running_app,
+    subscription_object,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+ADMIN_ROUTES = [op for op in ROUTES if op.access == "admin"]
+
+
+def concrete(path: str) -> str:
+    return path.replace("{customerId}", "cust_abcdef123456")
+
+
+def error_shape(body: dict[str, Any]) -> bool:
+    return set(body) == {"error", "message", "details"}
+
+
+@pytest.mark.parametrize("operation", ADMIN_ROUTES, ids=lambda op: f"{op.method} {op.path}")
+async def test_admin_routes_need_the_admin_token(api: TestClient[Any, Any], operation: Any) -> None:
+    anonymous = await api.request(operation.method, concrete(operation.path), json={})
+    body = await anonymous.json()
+    assert anonymous.status == 401 and error_shape(body) and body["error"] == "Unauthorized"
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = await api.request(
+        operation.method, concrete(operation.path), json={}, headers={"Authorization": "Bearer " + "x" * 40}
+    )
+    assert wrong.status == 401
+
+
+async def test_a_usage_key_reaches_only_its_own_licence(
+    api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers
+) -> None:
+    name = unique_name("keyed")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id)
+    key = await add_usage_key(db_engine, customer_id)
+    headers = {"X-API-Key": key}
+    for operation in ADMIN_ROUTES:
+        response = await api.request(operation.method, concrete(operation.path), json={}, headers=headers)
+        assert response.status == 403, operation.path
+        assert (await response.json())["error"] == "Forbidden"
+    other = await api.get("/api/licenses/cust_someoneelse01", headers=headers)
+    assert other.status == 403
+    own = await api.get(f"/api/licenses/{customer_id}", headers=headers)
+    # Its own customer: allowed through; whether a licence exists yet is the operator's business.
+    assert own.status in (200, 404)
+    unknown_key = await api.get(f"/api/licenses/{customer_id}", headers={"X-API-Key": "iuk_not-a-key"})
+    assert unknown_key.status == 401
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "message"),
+    [
+        ({"email": "not-an-address", "company_name": "Acme"}, "email", "value is not a valid email address"),
+        ({"email": "a@b.example"}, "company_name", "field required"),
+        ({"email": "a@b.example", "company_name": "   "}, "company_name", None),
+        ({"email": "a@b.example", "company_name": "Acme", "plan": "gold"}, "plan", "unknown field"),
+    ],
+)
+async def test_signup_validation_names_the_field(
+    api: TestClient[Any, Any], payload: dict[str, Any], field: str, message: str | None
+) -> None:
+    response = await api.post("/api/customers", json=payload, headers=admin_headers())
+    body = await response.json()
+    assert response.status == 400 and body["error"] == "Validation failed"
+    assert body["details"][0]["field"] == field
+    assert body["message"].startswith(f"{field}: ")
+    if message:
+        assert body["message"] == f"{field}: {message}"
+
+
+async def test_bodies_that_are_not_json_objects_are_400(api: TestClient[Any, Any]) -> None:
+    for data in (b"{not json", b"[1, 2]"):
+        response = await api.post(
+            "/api/customers", data=data, headers={**admin_headers(), "Content-Type": "application/json"}
+        )
+        body = await response.json()
+        assert response.status == 400 and body["details"][0]["field"] == "body"
+
+
+async def test_unknown_customers_are_404_and_unknown_routes_too(api: TestClient[Any, Any]) -> None:
+    for path in ("/api/customers/cust_doesnotexist1", "/api/subscriptions/cust_doesnotexist1"):
+        response = await api.get(path, headers=admin_headers())
+        body = await response.json()
+        assert response.status == 404 and body["error"] == "Customer not found" and error_shape(body)
+    missing = await api.get("/api/nothing-here")
+    assert missing.status == 404 and error_shape(await missing.json())
+    wrong_method = await api.delete("/api/customers")
+    assert wrong_method.status == 405 and "POST" in wrong_method.headers["Allow"]
+
+
+async def test_a_body_over_the_limit_is_413(api: TestClient[Any, Any]) -> None:
+    huge = b'{"email": "' + b"a" * (300 * 1024) + b'"}'
+    response = await api.post("/api/customers", data=huge, headers=admin_headers())
+    body = await response.json()
+    assert response.status == 413 and body["error"] == "Payload too large"
+    webhook = await api.post("/api/webhooks/stripe", data=huge, headers={"Stripe-Signature": "t=1,v1=x"})
+    assert webhook.status == 413
+
+
+async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Settings, kubeconfig: Path) -> None:
+    options = ServerOptions(
+        license_wait=0,
+        rate_per_address=RateLimit(per_second=0.5, burst=3),
+        rate_per_key=RateLimit(per_second=0.5, burst=100),
+    )
+    async with running_app(webhook_settings, kubeconfig, options) as client:
+        statuses = [(await client.get("/.well-known/jwks.json")).status for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        throttled = await client.get("/.well-known/jwks.json")
+        body = await throttled.json()
+        assert throttled.status == 429 and body["error"] == "Too many requests"
+        assert int(throttled.headers["Retry-After"]) >= 1
+        # Probes are never throttled.
+        assert (await client.get("/healthz")).status == 200
+
+    per_key = ServerOptions(license_wait=0, rate_per_key=RateLimit(per_second=0.5, burst=2))
+    async with running_app(webhook_settings, kubeconfig, per_key) as client:
+        statuses = [(await client.get("/api/queue/stats", headers=admin_headers())).status for _ in range(3)]
+        assert statuses == [200, 200, 429]
+
+
+async def test_every_answer_carries_the_security_headers(api: TestClient[Any, Any]) -> None:
+    for path in ("/healthz", "/api/docs", "/api/customers", "/api/nothing-here"):
+        response = await api.get(path)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", path
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+
+
+async def test_customers_list_paginates(api: TestClient[Any, Any], customers: Customers) -> None:
+    names = [unique_name("paged") for _ in range(3)]
+    for name in names:
+        customers.create(name, customerId=customer_id_for(name))
+    first = await (await api.get("/api/customers?page=1&limit=2", headers=admin_headers())).json()
+    total = first["pagination"]["total"]
+    assert total >= 3 and len(first["customers"]) == 2
+    assert first["pagination"] == {"page": 1, "limit": 2, "total": total, "pages": math.ceil(total / 2)}
+    everyone = await (await api.get(f"/api/customers?limit=100&page={1}", headers=admin_headers())).json()
+    listed = {item["resource_name"] for item in everyone["customers"]}
+    assert set(names) <= listed or total > 100
+    bad = await api.get("/api/customers?limit=1000", headers=admin_headers())
+    assert bad.status == 400 and (await bad.json())["details"][0]["field"] == "limit"
+
+    one = await (await api.get(f"/api/customers/{customer_id_for(names[0])}", headers=admin_headers())).json()
+    assert one["resource_name"] == names[0] and one["billing_mode"] == "manual" and one["plan"] == "trial"
+
+
+async def test_queue_stats_count_customers_by_phase(api: TestClient[Any, Any]) -> None:
+    response = await api.get("/api/queue/stats", headers=admin_headers())
+    stats = await response.json()
+    phases = ["Pending", "Provisioning", "Ready", "Degraded", "Suspended", "Expired", "Terminating", "Failed"]
+    assert response.status == 200 and set(stats) == {*phases, "total"}
+    assert sum(stats[phase] for phase in phases) == stats["total"]
+
+
+async def test_public_keys_are_published(api: TestClient[Any, Any], license_keys: tuple[Path, Path]) -> None:
+    pem = await api.get("/api/licenses/public-key")
+    assert pem.status == 200 and pem.content_type == "text/plain"
+    assert (await pem.read()) == license_keys[1].read_bytes()
+    jwks = await (await api.get("/.well-known/jwks.json")).json()
+    assert jwks["keys"][0]["kid"] == jwk_thumbprint(read_public_key(license_keys[1]))
+    assert jwks["keys"][0]["alg"] == "RS256"
+
+
+async def test_subscription_routes_call_stripe(api: TestClient[Any, Any], customers: Customers) -> None:
+    name = unique_name("subscriber")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    body = {"customer_id": customer_id, "new_plan": "enterprise"}
+    none_yet = await api.post("/api/subscriptions/upgrade", json=body, headers=admin_headers())
+    assert none_yet.status == 409 and (await none_yet.json())["error"] == "No active subscription"
+    portal_none = await api.post(
+        "/api/subscriptions/portal",
+        json={"customer_id": customer_id, "return_url": "https://app.example.com/account"},
+        headers=admin_headers(),
+    )
+    assert portal_none.status == 409
+
+    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
+    update = event(
+        "customer.subscription.updated",
+        subscription_object(
+            subscription_id,
+            customer=stripe_customer,
+            price=PRICES["starter"],
+            metadata={"customerId": customer_id},
+        ),
+        created=int(time.time()),
+    )
+    assert (await deliver(api, update))[0] == 200
+
+    state = await (await api.get(f"/api/subscriptions/{customer_id}", headers=admin_headers())).json()
+    assert state["subscription"]["plan"] == "starter"
+    assert state["subscription"]["stripe_subscription_id"] == subscription_id
+
+    upgraded = await api.post("/api/subscriptions/upgrade", json=body, headers=admin_headers())
+    answer = await upgraded.json()
+    assert upgraded.status == 200, answer
+    assert answer["plan"] == "enterprise" and answer["customer_id"] == customer_id
+    same = await api.post(
+        "/api/subscriptions/upgrade", json={**body, "new_plan": "starter"}, headers=admin_headers()
+    )
+    assert same.status == 409 and (await same.json())["details"][0]["field"] == "new_plan"
+
+    cancelled = await api.post(
+        "/api/subscriptions/cancel", json={"customer_id": customer_id}, headers=admin_headers()
+    )
+    assert cancelled.status == 200 and (await cancelled.json())["canceled_immediately"] is False
+    now = await api.post(
+        "/api/subscriptions/cancel",
+        json={"customer_id": customer_id, "immediately": True},
+        headers=admin_headers(),
+    )
+    assert now.status == 200 and (await now.json())["canceled_immediately"] is True
+
+    portal = await api.post(
+        "/api/subscriptions/portal",
+        json={"customer_id": customer_id, "return_url": "https://app.example.com/account"},
+        headers=admin_headers(),
+    )
+    assert portal.status == 200 and (await portal.json())["url"].startswith("https://")
+
+
+async def test_without_stripe_or_admin_settings_those_routes_answer_503(
+    webhook_settings: Settings, kubeconfig: Path
+) -> None:
+    bare = webhook_settings.model_copy(
+        update={"stripe_secret_key": None, "stripe_webhook_secret": None, "admin_api_token": None}
+    )
+    async with running_app(bare, kubeconfig) as client:
+        webhook = await client.post("/api/webhooks/stripe", json={}, headers={"Stripe-Signature": "t=1,v1=x"})
+        body = await webhook.json()
+        assert webhook.status == 503 and body["error"] == "Stripe is not configured"
+        admin = await client.get("/api/queue/stats", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert admin.status == 503 and (await admin.json())["error"] == "Admin API is not configured"
+        assert (await client.get("/healthz")).status == 200
+
+    no_stripe = webhook_settings.model_copy(update={"stripe_secret_key": None})
+    async with running_app(no_stripe, kubeconfig) as client:
+        for path in ("checkout", "upgrade", "cancel", "portal"):
+            response = await client.post(f"/api/subscriptions/{path}", json={}, headers=admin_headers())
+            assert response.status == 503 and (await response.json())["error"] == "Stripe is not configured"
+
+
+async def test_health_readiness_metrics_and_the_api_document(api: TestClient[Any, Any]) -> None:
+    assert await (await api.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.status == 200
+    assert await ready.json() == {"status": "ready", "checks": {"database": "ok", "kubernetes": "ok"}}
+
+    await deliver(api, event("customer.created", {"id": random_id("cus_")}))
+    metrics = await (await api.get("/metrics")).text()
+    assert re.search(
+        r'iotistic_http_requests_total\{method="GET",route="/readyz",status="200"\} 1\.0', metrics
+    )
+    assert 'iotistic_stripe_webhook_events_total{result="ignored",type="other"} 1.0' in metrics
+
+    document = await (await api.get("/api/openapi.json")).json()
+    assert document["openapi"] == "3.1.0"
+    documented = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
+    assert documented == {(op.method, op.path) for op in ROUTES}
+    signup = document["paths"]["/api/customers"]["post"]
+    assert signup["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SignupRequest"
+    }
+    assert "email" in document["components"]["schemas"]["SignupRequest"]["properties"]
+    page = await api.get("/api/docs")
+    html = await page.text()
+    assert page.status == 200 and "/api/webhooks/stripe" in html and "<script" not in html

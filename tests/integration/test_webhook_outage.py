@@ -1,0 +1,142 @@
+"""Dependencies down: PostgreSQL stopped or the API server unreachable is a 503 with nothing written,
+and the same event delivered after the recovery is applied exactly once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db import migrate
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine
+from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.processes import free_port
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.options import ServerOptions
+from tests.conftest import unique_name
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    PRICES,
+    Customers,
+    api_fixture,
+    customer_id_for,
+    customers_fixture,
+    deliver,
+    event,
+    event_rows,
+    make_settings,
+    random_id,
+    running_app,
+    subscription_object,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A PostgreSQL of this test's own, so stopping it disturbs no other test."""
+    server = EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        url = server.create_database(f"outage_{uuid.uuid4().hex[:8]}")
+        migrate.upgrade(url)
+        yield server, url
+    finally:
+        server.stop()
+
+
+async def test_postgres_down_is_503_and_the_retry_applies_once(
+    own_postgres: tuple[EmbeddedPostgres, str],
+    stripe_mock: StripeMock,
+    license_keys: tuple[Path, Path],
+    kubeconfig: Path,
+    customers: Customers,
+) -> None:
+    server, url = own_postgres
+    settings = make_settings(url, stripe_mock, license_keys)
+    name = unique_name("outage")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    body = event(
+        "customer.subscription.updated",
+        subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=PRICES["professional"],
+            metadata={"customerId": customer_id},
+        ),
+    )
+    engine = create_engine(url)
+    try:
+        async with running_app(settings, kubeconfig) as client:
+            # Warm the pool first: a dead pooled connection must be noticed, not only a refused new one.
+            assert (await client.get("/readyz")).status == 200
+            server.stop()
+
+            payload_status, answer = await deliver(client, body)
+            assert payload_status == 503 and answer["error"] == "Database unavailable"
+            assert customers.subscription(name) is None
+            ready = await client.get("/readyz")
+            assert ready.status == 503
+            assert (await ready.json())["checks"] == {"database": "unavailable", "kubernetes": "ok"}
+
+            # Same data directory, same port: what a restarted database looks like to the server.
+            restarted = EmbeddedPostgres(server.data_dir, port=server.port).start()
+            try:
+                assert await deliver(client, body) == (
+                    200,
+                    {"received": True, "duplicate": False, "result": "applied"},
+                )
+                assert await deliver(client, body) == (
+                    200,
+                    {"received": True, "duplicate": True, "result": None},
+                )
+                assert await event_rows(engine, body["id"]) == [(body["id"], "applied", customer_id)]
+                assert (customers.subscription(name) or {})["plan"] == "professional"
+            finally:
+                await engine.dispose()
+                restarted.stop()
+    finally:
+        await engine.dispose()
+
+
+async def test_api_server_unreachable_is_503_and_records_nothing(
+    webhook_settings: Settings, db_engine: AsyncEngine
+) -> None:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    configuration.retries = False
+    unreachable = kubernetes.client.ApiClient(configuration)
+    app = create_app(
+        webhook_settings, kube=unreachable, options=ServerOptions(license_wait=0, kube_timeout=2)
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        body = event(
+            "customer.subscription.updated",
+            subscription_object(
+                random_id("sub_"),
+                customer=random_id("cus_"),
+                price=PRICES["starter"],
+                metadata={"customerId": "cust_unreachable01"},
+            ),
+        )
+        status, answer = await deliver(client, body)
+        assert status == 503 and answer["error"] == "Kubernetes API unavailable"
+        assert await event_rows(db_engine, body["id"]) == []
+
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["checks"] == {"database": "ok", "kubernetes": "unavailable"}
+    finally:
+        await client.close()
+        unreachable.close()

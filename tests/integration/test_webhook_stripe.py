@@ -1,0 +1,329 @@
+"""Stripe webhooks against the real API server and PostgreSQL: signatures, exactly-once, ordering, and
+what the Customer, its managedFields and the tables show afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db.models import Customer as CustomerRow
+from iotistic_billing.db.models import Subscription
+from tests.conftest import unique_name
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    PRICES,
+    Customers,
+    api_fixture,
+    checkout_session_object,
+    customer_id_for,
+    customers_fixture,
+    deliver,
+    event,
+    event_rows,
+    invoice_object,
+    random_id,
+    sign,
+    subscription_object,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def stripe_customer(customers: Customers, **spec: Any) -> tuple[str, str]:
+    name = unique_name("stripe")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"}, **spec)
+    return name, customer_id
+
+
+async def test_subscription_update_is_applied_server_side_under_the_webhook_manager(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    name, customer_id = stripe_customer(customers)
+    subscription_id = random_id("sub_")
+    period_end = int(time.time()) + 30 * 86400
+    body = event(
+        "customer.subscription.updated",
+        subscription_object(
+            subscription_id,
+            customer=random_id("cus_"),
+            price=PRICES["professional"],
+            period_end=period_end,
+            metadata={"customerId": customer_id},
+        ),
+    )
+    status, answer = await deliver(api, body)
+    assert (status, answer) == (200, {"received": True, "duplicate": False, "result": "applied"})
+
+    subscription = customers.subscription(name)
+    assert subscription == {
+        "status": "active",
+        "plan": "professional",
+        "stripeSubscriptionId": subscription_id,
+        "currentPeriodEnd": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end)),
+        "cancelAtPeriodEnd": False,
+        "lastEventCreated": body["created"],
+    }
+    assert customers.managers_of_subscription(name) == [("iotistic-webhooks", "Apply")]
+    assert await event_rows(db_engine, body["id"]) == [(body["id"], "applied", customer_id)]
+    async with db_engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(Subscription.customer_id, Subscription.status, Subscription.plan).where(
+                    Subscription.stripe_subscription_id == subscription_id
+                )
+            )
+        ).one()
+    assert tuple(row) == (customer_id, "active", "professional")
+
+
+async def test_the_same_event_five_times_is_recorded_once_and_applied_once(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    name, customer_id = stripe_customer(customers)
+    generation = (customers.get(name) or {})["metadata"]["generation"]
+    body = event(
+        "customer.subscription.updated",
+        subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=PRICES["starter"],
+            metadata={"customerId": customer_id},
+        ),
+    )
+    answers = [await deliver(api, body) for _ in range(5)]
+    assert answers[0] == (200, {"received": True, "duplicate": False, "result": "applied"})
+    assert answers[1:] == [(200, {"received": True, "duplicate": True, "result": None})] * 4
+    assert await event_rows(db_engine, body["id"]) == [(body["id"], "applied", customer_id)]
+    # metadata.generation moves with spec changes only (the operator's status writes leave it alone).
+    assert (customers.get(name) or {})["metadata"]["generation"] == generation + 1
+
+
+async def test_events_delivered_newest_first_leave_the_newest_state(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    name, customer_id = stripe_customer(customers)
+    subscription_id, stripe_id = random_id("sub_"), random_id("cus_")
+    now = int(time.time())
+    older = event(
+        "customer.subscription.updated",
+        subscription_object(
+            subscription_id, customer=stripe_id, price=PRICES["starter"], metadata={"customerId": customer_id}
+        ),
+        created=now - 100,
+    )
+    newer = event(
+        "customer.subscription.updated",
+        subscription_object(
+            subscription_id,
+            customer=stripe_id,
+            price=PRICES["enterprise"],
+            cancel_at_period_end=True,
+            metadata={"customerId": customer_id},
+        ),
+        created=now - 10,
+    )
+    assert (await deliver(api, newer))[1]["result"] == "applied"
+    generation = (customers.get(name) or {})["metadata"]["generation"]
+    assert (await deliver(api, older))[1] == {"received": True, "duplicate": False, "result": "stale"}
+
+    subscription = customers.subscription(name) or {}
+    assert (subscription["plan"], subscription["cancelAtPeriodEnd"], subscription["lastEventCreated"]) == (
+        "enterprise",
+        True,
+        now - 10,
+    )
+    assert (customers.get(name) or {})["metadata"]["generation"] == generation
+    assert await event_rows(db_engine, older["id"]) == [(older["id"], "stale", customer_id)]
+
+
+async def test_checkout_then_invoices_follow_the_subscription_through_its_life(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found by client_reference_id first, then by the Stripe customer id the checkout linked."""
+    name, customer_id = stripe_customer(customers)
+    subscription_id, stripe_id = random_id("sub_"), random_id("cus_")
+    now = int(time.time())
+    checkout = event(
+        "checkout.session.completed",
+        checkout_session_object(
+            customer_id=customer_id, customer=stripe_id, subscription_id=subscription_id, plan="starter"
+        ),
+        created=now - 50,
+    )
+    assert (await deliver(api, checkout))[1]["result"] == "applied"
+    assert (customers.subscription(name) or {})["plan"] == "starter"
+    async with db_engine.connect() as connection:
+        linked = await connection.scalar(
+            select(CustomerRow.stripe_customer_id).where(CustomerRow.customer_id == customer_id)
+        )
+    assert linked == stripe_id
+
+    # No customerId anywhere in these invoices: only the Stripe customer id leads to the Customer.
+    failed = event(
+        "invoice.payment_failed",
+        invoice_object(
+            customer=stripe_id, subscription_id=subscription_id, price=PRICES["starter"], paid=False
+        ),
+        created=now - 40,
+    )
+    assert (await deliver(api, failed))[1]["result"] == "applied"
+    assert (customers.subscription(name) or {})["status"] == "past_due"
+
+    period_end = now + 31 * 86400
+    paid = event(
+        "invoice.payment_succeeded",
+        invoice_object(
+            customer=stripe_id,
+            subscription_id=subscription_id,
+            price=PRICES["starter"],
+            paid=True,
+            period_end=period_end,
+        ),
+        created=now - 30,
+    )
+    assert (await deliver(api, paid))[1]["result"] == "applied"
+    subscription = customers.subscription(name) or {}
+    assert (subscription["status"], subscription["plan"]) == ("active", "starter")
+    assert subscription["currentPeriodEnd"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end))
+
+    deleted = event(
+        "customer.subscription.deleted",
+        subscription_object(subscription_id, customer=stripe_id, price=PRICES["starter"], status="canceled"),
+        created=now - 20,
+    )
+    assert (await deliver(api, deleted))[1]["result"] == "applied"
+    assert (customers.subscription(name) or {})["status"] == "canceled"
+
+
+async def test_subscription_with_the_period_on_the_subscription_itself(
+    api: TestClient[Any, Any], customers: Customers
+) -> None:
+    """Older API versions: current_period_end on the subscription, not on its items."""
+    name, customer_id = stripe_customer(customers)
+    period_end = int(time.time()) + 10 * 86400
+    body = event(
+        "customer.subscription.updated",
+        subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=PRICES["starter"],
+            period_end=period_end,
+            period_on_subscription=True,
+            metadata={"customerId": customer_id},
+        ),
+    )
+    assert (await deliver(api, body))[0] == 200
+    subscription = customers.subscription(name) or {}
+    assert subscription["currentPeriodEnd"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end))
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        pytest.param(None, id="no-signature"),
+        pytest.param("wrong-secret", id="wrong-secret"),
+        pytest.param("stale", id="stale-timestamp"),
+        pytest.param("garbage", id="malformed-header"),
+    ],
+)
+async def test_a_bad_signature_is_refused_and_changes_nothing(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine, signature: str | None
+) -> None:
+    name, customer_id = stripe_customer(customers)
+    body = event(
+        "customer.subscription.updated",
+        subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=PRICES["starter"],
+            metadata={"customerId": customer_id},
+        ),
+    )
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if signature == "wrong-secret":
+        headers["Stripe-Signature"] = sign(payload, secret="whsec_not_the_right_one")
+    elif signature == "stale":
+        headers["Stripe-Signature"] = sign(payload, timestamp=int(time.time()) - 301)
+    elif signature == "garbage":
+        headers["Stripe-Signature"] = "t=abc,v2=def"
+    response = await api.post("/api/webhooks/stripe", data=payload, headers=headers)
+    answer = await response.json()
+    assert response.status == 400
+    assert answer["error"] == "Invalid signature" and set(answer) == {"error", "message", "details"}
+    assert await event_rows(db_engine, body["id"]) == []
+    assert customers.subscription(name) is None
+
+
+async def test_a_tampered_payload_is_refused(api: TestClient[Any, Any], db_engine: AsyncEngine) -> None:
+    body = event("customer.subscription.updated", {"id": random_id("sub_")})
+    payload = json.dumps(body).encode()
+    header = sign(payload)
+    tampered = payload.replace(b'"livemode": false', b'"livemode": true')
+    response = await api.post("/api/webhooks/stripe", data=tampered, headers={"Stripe-Signature": header})
+    assert response.status == 400
+    assert await event_rows(db_engine, body["id"]) == []
+
+
+async def test_unknown_types_and_unknown_customers_are_acknowledged_and_recorded(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    other = event("customer.created", {"id": random_id("cus_"), "object": "customer"})
+    assert await deliver(api, other) == (200, {"received": True, "duplicate": False, "result": "ignored"})
+    assert await event_rows(db_engine, other["id"]) == [(other["id"], "ignored", None)]
+
+    orphan = event(
+        "customer.subscription.updated",
+        subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=PRICES["starter"],
+            metadata={"customerId": "cust_nobodyhasthis"},
+        ),
+    )
+    assert await deliver(api, orphan) == (200, {"received": True, "duplicate": False, "result": "unmatched"})
+    assert await event_rows(db_engine, orphan["id"]) == [(orphan["id"], "unmatched", None)]
+
+
+async def test_a_replaced_subscription_ending_does_not_cancel_its_successor(
+    api: TestClient[Any, Any], customers: Customers
+) -> None:
+    name, customer_id = stripe_customer(customers)
+    stripe_id = random_id("cus_")
+    old, new = random_id("sub_"), random_id("sub_")
+    now = int(time.time())
+    meta = {"customerId": customer_id}
+    for subscription_id, price, created in ((old, "starter", now - 60), (new, "enterprise", now - 30)):
+        body = event(
+            "customer.subscription.updated",
+            subscription_object(subscription_id, customer=stripe_id, price=PRICES[price], metadata=meta),
+            created=created,
+        )
+        assert (await deliver(api, body))[1]["result"] == "applied"
+    ended = event(
+        "customer.subscription.deleted",
+        subscription_object(
+            old, customer=stripe_id, price=PRICES["starter"], status="canceled", metadata=meta
+        ),
+        created=now - 5,
+    )
+    assert (await deliver(api, ended))[1]["result"] == "superseded"
+    subscription = customers.subscription(name) or {}
+    assert (subscription["stripeSubscriptionId"], subscription["status"]) == (new, "active")
+
+
+async def test_invalid_event_bodies_are_refused_with_the_field_named(api: TestClient[Any, Any]) -> None:
+    payload = json.dumps({"id": "evt_1", "type": "x", "data": {"object": {}}}).encode()
+    response = await api.post(
+        "/api/webhooks/stripe", data=payload, headers={"Stripe-Signature": sign(payload)}
+    )
+    answer = await response.json()
+    assert response.status == 400
+    assert answer["error"] == "Validation failed" and answer["details"][0]["field"] == "created"

@@ -1,0 +1,196 @@
+"""The pure reading of Stripe events: facts, whose they are, and the ordering decision."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from iotistic_billing.customer import SubscriptionSpec
+from iotistic_billing.webhook_server.stripe_events import (
+    LookupHints,
+    PriceCatalog,
+    SubscriptionFacts,
+    decide,
+    lookup_hints,
+    subscription_facts,
+)
+
+CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
+PERIOD_END = 1_900_000_000
+AT_PERIOD_END = datetime.fromtimestamp(PERIOD_END, UTC)
+
+
+def subscription(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "sub_1",
+        "object": "subscription",
+        "customer": "cus_1",
+        "status": "active",
+        "cancel_at_period_end": False,
+        "metadata": {"customerId": "cust_abcdef123"},
+        "items": {"object": "list", "data": [{"price": {"id": "price_p"}, "current_period_end": PERIOD_END}]},
+    }
+    body.update(overrides)
+    return body
+
+
+def test_subscription_facts_read_the_period_from_the_items() -> None:
+    facts = subscription_facts("customer.subscription.updated", subscription(), CATALOG)
+    assert facts == SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END, False)
+
+
+def test_subscription_facts_fall_back_to_the_period_on_the_subscription() -> None:
+    legacy = subscription(
+        items={"data": [{"price": {"id": "price_s"}}]},
+        current_period_end=PERIOD_END,
+        cancel_at_period_end=True,
+    )
+    facts = subscription_facts("customer.subscription.updated", legacy, CATALOG)
+    assert facts == SubscriptionFacts("sub_1", "active", "starter", AT_PERIOD_END, True)
+
+
+def test_a_deleted_subscription_is_canceled_and_an_unknown_price_has_no_plan() -> None:
+    facts = subscription_facts(
+        "customer.subscription.deleted",
+        subscription(items={"data": [{"price": {"id": "price_other"}}]}),
+        CATALOG,
+    )
+    assert facts is not None and (facts.status, facts.plan) == ("canceled", None)
+
+
+def test_checkout_sessions_carry_the_subscription_and_the_plan_of_their_metadata() -> None:
+    session = {
+        "mode": "subscription",
+        "payment_status": "paid",
+        "subscription": "sub_9",
+        "client_reference_id": "cust_abcdef123",
+        "customer": "cus_9",
+        "metadata": {"plan": "enterprise"},
+    }
+    assert subscription_facts("checkout.session.completed", session, CATALOG) == SubscriptionFacts(
+        "sub_9", "active", "enterprise"
+    )
+    assert lookup_hints("checkout.session.completed", session) == LookupHints(
+        "cust_abcdef123", "cus_9", "sub_9"
+    )
+    unpaid = {**session, "payment_status": "unpaid"}
+    assert subscription_facts("checkout.session.completed", unpaid, CATALOG).status == "incomplete"  # type: ignore[union-attr]
+    payment = {**session, "mode": "payment"}
+    assert subscription_facts("checkout.session.completed", payment, CATALOG) is None
+
+
+def test_an_expanded_subscription_in_a_checkout_session_is_read_whole() -> None:
+    session = {"mode": "subscription", "subscription": subscription(status="trialing")}
+    facts = subscription_facts("checkout.session.completed", session, CATALOG)
+    assert facts == SubscriptionFacts("sub_1", "trialing", "professional", AT_PERIOD_END, False)
+
+
+@pytest.mark.parametrize("api", ["2025", "legacy"])
+def test_invoices_of_both_api_shapes(api: str) -> None:
+    line: dict[str, Any] = {"period": {"end": PERIOD_END}}
+    invoice: dict[str, Any] = {"customer": "cus_1", "billing_reason": "subscription_cycle"}
+    if api == "2025":
+        line["pricing"] = {"price_details": {"price": "price_e"}}
+        invoice["parent"] = {
+            "subscription_details": {"subscription": "sub_1", "metadata": {"customerId": "cust_abcdef123"}}
+        }
+        proration = {
+            "parent": {"subscription_item_details": {"proration": True}},
+            "pricing": {"price_details": {"price": "price_s"}},
+        }
+    else:
+        line["price"] = {"id": "price_e"}
+        invoice["subscription"] = "sub_1"
+        invoice["subscription_details"] = {"metadata": {"customerId": "cust_abcdef123"}}
+        proration = {"proration": True, "price": {"id": "price_s"}}
+    invoice["lines"] = {"data": [proration, line]}
+
+    paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
+    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END)
+    failed = subscription_facts("invoice.payment_failed", invoice, CATALOG)
+    assert failed is not None and (failed.status, failed.current_period_end) == ("past_due", None)
+    first = subscription_facts(
+        "invoice.payment_failed", {**invoice, "billing_reason": "subscription_create"}, CATALOG
+    )
+    assert first is not None and first.status == "incomplete"
+    assert lookup_hints("invoice.payment_failed", invoice) == LookupHints("cust_abcdef123", "cus_1", "sub_1")
+
+
+def test_a_one_off_invoice_carries_no_subscription() -> None:
+    assert (
+        subscription_facts("invoice.payment_succeeded", {"customer": "cus_1", "lines": {"data": []}}, CATALOG)
+        is None
+    )
+
+
+def test_hints_ignore_values_that_are_not_ids() -> None:
+    hints = lookup_hints(
+        "customer.subscription.updated",
+        subscription(metadata={"customerId": "DROP TABLE"}, customer={"id": "cus_2", "object": "customer"}),
+    )
+    assert hints == LookupHints(None, "cus_2", "sub_1")
+
+
+def current(**overrides: Any) -> SubscriptionSpec:
+    values: dict[str, Any] = {
+        "status": "active",
+        "plan": "starter",
+        "stripe_subscription_id": "sub_1",
+        "current_period_end": AT_PERIOD_END,
+        "cancel_at_period_end": False,
+        "last_event_created": 100,
+    }
+    values.update(overrides)
+    return SubscriptionSpec(**values)
+
+
+def test_a_newer_event_applies_and_keeps_what_it_does_not_say() -> None:
+    decision = decide(current(), 100, SubscriptionFacts("sub_1", "past_due"), 150)
+    assert decision.action == "apply" and decision.record_row
+    assert decision.subscription == current(status="past_due", last_event_created=150)
+
+
+def test_an_older_event_of_the_same_subscription_is_stale() -> None:
+    assert decide(current(), 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+    # Either record of the newest event is enough: the Customer's, or the row's.
+    assert decide(None, 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+    assert decide(current(), None, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+
+
+def test_an_event_as_old_as_the_last_applies() -> None:
+    assert decide(current(), 100, SubscriptionFacts("sub_1", "active", "enterprise"), 100).action == "apply"
+
+
+def test_the_first_event_applies() -> None:
+    decision = decide(None, None, SubscriptionFacts("sub_2", "trialing", "professional"), 5)
+    assert decision.subscription == SubscriptionSpec(
+        status="trialing", plan="professional", stripe_subscription_id="sub_2", last_event_created=5
+    )
+
+
+def test_another_subscription_replaces_only_when_it_does_not_end_a_live_one() -> None:
+    ended = decide(current(), None, SubscriptionFacts("sub_old", "canceled"), 200)
+    assert (ended.action, ended.record_row) == ("superseded", True)
+    older = decide(current(), None, SubscriptionFacts("sub_new", "active", "enterprise"), 50)
+    assert older.action == "superseded"
+    newer = decide(current(), None, SubscriptionFacts("sub_new", "active", "enterprise"), 200)
+    assert newer.action == "apply"
+    assert newer.subscription == SubscriptionSpec(
+        status="active", plan="enterprise", stripe_subscription_id="sub_new", last_event_created=200
+    )
+    after_cancel = decide(current(status="canceled"), None, SubscriptionFacts("sub_new", "incomplete"), 200)
+    assert after_cancel.action == "apply"
+
+
+def test_price_catalog_from_settings_leaves_unset_prices_out() -> None:
+    from iotistic_billing.settings import load_settings
+
+    catalog = PriceCatalog.from_settings(
+        load_settings(
+            stripe_price_starter="price_a", stripe_price_professional=None, stripe_price_enterprise=""
+        )
+    )
+    assert catalog.prices == {"starter": "price_a"}
+    assert catalog.plan_for("price_a") == "starter" and catalog.plan_for(None) is None

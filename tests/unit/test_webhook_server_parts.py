@@ -1,0 +1,165 @@
+"""Pure parts of the webhook server: rate limiting, names and manifests of signup, views, the API document."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from iotistic_billing.api_keys import usage_key_hash
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, parse_spec
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.errors import ValidationFailed
+from iotistic_billing.webhook_server.openapi import build_document
+from iotistic_billing.webhook_server.options import RateLimit
+from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.schemas import SignupRequest
+from iotistic_billing.webhook_server.security import RateLimiter
+from iotistic_billing.webhook_server.views import (
+    customer_view,
+    new_customer_id,
+    queue_stats,
+    resource_name_for,
+    signup_manifest,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_allows_a_burst_then_refills_at_its_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimit(per_second=2.0, burst=3), clock=clock)
+    assert [limiter.take("a") for _ in range(3)] == [None, None, None]
+    wait = limiter.take("a")
+    assert wait == pytest.approx(0.5)
+    assert limiter.take("b") is None  # buckets are per key
+    clock.now += 0.5
+    assert limiter.take("a") is None
+    assert limiter.take("a") is not None
+    clock.now += 100
+    assert [limiter.take("a") for _ in range(4)].count(None) == 3  # never more than the burst
+
+
+def test_token_bucket_memory_is_bounded() -> None:
+    limiter = RateLimiter(RateLimit(per_second=1.0, burst=1), clock=FakeClock(), max_keys=10)
+    for index in range(100):
+        limiter.take(f"client-{index}")
+    assert len(limiter._buckets) == 10
+
+
+def test_usage_keys_are_looked_up_by_their_sha256() -> None:
+    # The operator stores the same form (operator/license.py usage_key_hash).
+    assert usage_key_hash("iuk_secret") == "7fc9465164ca6fb6a1643785a3d90e5b5dee701f040405eab2c7530a179a2365"
+
+
+@pytest.mark.parametrize(
+    ("company", "expected"),
+    [
+        ("Acme Corp.", "acme-corp"),
+        ("  Müller & Söhne GmbH ", "muller-sohne-gmbh"),
+        ("株式会社", "customer"),
+        ("A" * 80, "a" * 40),
+    ],
+)
+def test_resource_names_are_dns_labels_short_enough_for_the_namespace(company: str, expected: str) -> None:
+    name = resource_name_for(company)
+    assert name == expected
+    suffixed = resource_name_for(company, "x1y2z3")
+    assert re.fullmatch(DNS_NAME_PATTERN, suffixed) and len("customer-" + suffixed) <= 63
+
+
+def test_customer_ids_match_the_crd_pattern() -> None:
+    ids = {new_customer_id() for _ in range(50)}
+    assert len(ids) == 50 and all(re.fullmatch(CUSTOMER_ID_PATTERN, value) for value in ids)
+
+
+def test_signup_manifest_is_a_valid_customer_without_the_password() -> None:
+    request = SignupRequest(
+        email="owner@acme.example", company_name="Acme", full_name="Ann Owner", password="hunter2-hunter2"
+    )
+    manifest = signup_manifest(
+        name="acme", customer_id="cust_abc123def456", request=request, billing_mode="stripe", trial_days=14
+    )
+    spec = parse_spec(manifest["spec"])
+    assert (spec.customer_id, spec.contact_name, spec.billing.mode, spec.trial.days) == (
+        "cust_abc123def456",
+        "Ann Owner",
+        "stripe",
+        14,
+    )
+    assert "hunter2" not in str(manifest)
+
+
+def test_signup_validation_messages_name_the_field() -> None:
+    with pytest.raises(ValidationError) as invalid:
+        SignupRequest.model_validate({"email": "nope", "company_name": ""})
+    failed = ValidationFailed.from_pydantic(invalid.value)
+    assert failed.message == (
+        "email: value is not a valid email address; company_name: String should have at least 1 character"
+    )
+    assert [problem["field"] for problem in failed.details] == ["email", "company_name"]
+
+
+def record(name: str, phase: str | None = None, **spec: Any) -> CustomerRecord:
+    body: dict[str, Any] = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"email": f"a@{name}.example", "companyName": name.title(), **spec},
+        "status": {"phase": phase} if phase else {},
+    }
+    found = CustomerRecord.from_body(body)
+    assert found is not None
+    return found
+
+
+def test_records_use_the_derived_customer_id_when_the_spec_has_none() -> None:
+    assert record("a", customerId="cust_given123").customer_id == "cust_given123"
+    derived = record("b").customer_id
+    assert re.fullmatch(CUSTOMER_ID_PATTERN, derived)
+    assert CustomerRecord.from_body({"metadata": {"name": "broken"}, "spec": {}}) is None
+
+
+def test_customer_view_shows_the_trial_end_and_the_subscription() -> None:
+    view = customer_view(
+        record(
+            "acme",
+            trial={"days": 10},
+            subscription={"status": "active", "plan": "starter", "stripeSubscriptionId": "sub_1"},
+        ),
+        "cus_1",
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    assert view.trial_ends_at == datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=10)
+    assert view.subscription is not None and view.subscription.stripe_subscription_id == "sub_1"
+    assert view.stripe_customer_id == "cus_1"
+
+
+def test_queue_stats_count_unreconciled_customers_as_pending() -> None:
+    stats = queue_stats([record("a"), record("b", "Ready"), record("c", "Ready"), record("d", "Failed")])
+    dumped = stats.model_dump(by_alias=True)
+    assert (dumped["Pending"], dumped["Ready"], dumped["Failed"], dumped["total"]) == (1, 2, 1, 4)
+
+
+def test_the_document_describes_every_route_with_its_errors() -> None:
+    document = build_document(ROUTES)
+    for operation in ROUTES:
+        entry = document["paths"][operation.path][operation.method.lower()]
+        statuses = set(entry["responses"])
+        if operation.access == "admin":
+            assert {"401", "403", "429"} <= statuses, operation.path
+            assert entry["security"] == [{"adminToken": []}]
+        if operation.body is not None:
+            assert {"400", "413"} <= statuses
+    schemas = document["components"]["schemas"]
+    assert schemas["ErrorBody"]["required"] == ["error", "message"]
+    assert "customerId" in str(document["paths"]["/api/customers/{customerId}"]["get"]["parameters"])
