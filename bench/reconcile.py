@@ -1,0 +1,319 @@
+"""Provisioning N Customers at once with the operator, against plain `helm upgrade --install` loops.
+
+For each N (default 1, 10, 100; add 1000 with --sizes): a fresh local control plane and PostgreSQL,
+then in the same run
+  - baseline: N `helm upgrade --install` of the customer-instance chart with operator-like values, at
+    the operator's helm concurrency (HELM_CONCURRENCY), timed until the last one returns;
+  - operator: N Customers created at once; timed until every one has its licence Secret, a deployed
+    release and status.release written. Operator peak RSS and helm processes in flight are sampled.
+  - idle (with --idle SECONDS): every Deployment reported available, all Customers Ready, then the
+    operator's CPU use and helm calls over SECONDS.
+Targets: N=1 within 1.25x the bare helm install; 1,000 within 4 minutes at <= 250 MiB RSS; idle: no
+helm call and under 2% of a core. Run: `.venv/bin/python bench/reconcile.py --sizes 1,10,100 --idle 60`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import psutil
+
+from iotistic_billing.cli import main as cli
+from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
+from iotistic_billing.processes import ManagedProcess, free_port
+
+REPO = REPO_BIN.parent
+CHART = REPO / "charts" / "customer-instance"
+CONCURRENCY = int(os.environ.get("HELM_CONCURRENCY", "4"))
+
+
+def baseline_values(i: int) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "customerId": f"cust_bench{i:08d}",
+        "plan": "starter",
+        "domain": f"b{i}.bench.example",
+        "billingUrl": "http://billing",
+        "license": {"maxDevices": 10, "sha256": "0" * 64},
+        "retention": {"days": 30},
+    }
+
+
+async def helm_loop(kubeconfig: Path, n: int) -> float:
+    """The baseline: what the operator's helm step costs with nothing around it."""
+    slots = asyncio.Semaphore(CONCURRENCY)
+    helm = str(find_binary("helm"))
+
+    async def install(i: int) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
+            json.dump(baseline_values(i), values)
+            values.flush()
+            async with slots:
+                process = await asyncio.create_subprocess_exec(
+                    helm,
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "upgrade",
+                    "--install",
+                    "instance",
+                    str(CHART),
+                    "--namespace",
+                    f"baseline-{i}",
+                    "--create-namespace",
+                    "--values",
+                    values.name,
+                    "--history-max",
+                    "5",
+                    "--output",
+                    "json",
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                _, err = await process.communicate()
+                if process.returncode != 0:
+                    raise RuntimeError(err.decode())
+
+    started = time.monotonic()
+    await asyncio.gather(*(install(i) for i in range(n)))
+    return time.monotonic() - started
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of the operator process and peak number of helm children, every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.peak_rss = 0
+        self.peak_helm = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.05):
+            try:
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+                helms = [c for c in self.process.children(recursive=True) if c.name() == "helm"]
+                self.peak_helm = max(self.peak_helm, len(helms))
+            except psutil.NoSuchProcess:
+                return
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+        total = 0.0
+        for line in response.read().decode().splitlines():
+            if line.startswith(name):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
+    plane = ControlPlane(work / f"cp-{n}").start()
+    postgres = EmbeddedPostgres(work / f"pg-{n}").start()
+    operator: ManagedProcess | None = None
+    try:
+        database = postgres.create_database("bench")
+        keys = work / "keys"
+        if not (keys / "private-key.pem").exists():
+            cli(["keys", "generate", "--out", str(keys)])
+        subprocess.run(
+            [
+                str(find_binary("kubectl")),
+                "--kubeconfig",
+                str(plane.kubeconfig),
+                "apply",
+                "--server-side",
+                "-f",
+                str(REPO / "crds"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        baseline = asyncio.run(helm_loop(plane.kubeconfig, n))
+
+        metrics_port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(plane.kubeconfig),
+            "DATABASE_URL": database,
+            "LICENSE_PRIVATE_KEY_PATH": str(keys / "private-key.pem"),
+            "HELM_CHART_PATH": str(CHART),
+            "PATH": f"{REPO_BIN}{os.pathsep}{os.environ['PATH']}",
+            "OPERATOR_PEERING": "",
+            "OPERATOR_LIVENESS_PORT": str(free_port()),
+            "OPERATOR_METRICS_PORT": str(metrics_port),
+            "HELM_CONCURRENCY": str(CONCURRENCY),
+            "LOG_FORMAT": "json",
+        }
+        operator = ManagedProcess(
+            "operator",
+            [sys.executable, "-m", "iotistic_billing.operator"],
+            work / f"operator-{n}.log",
+            env=env,
+        )
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        _wait(lambda: _up(metrics_url), 60, "operator metrics endpoint")
+        sampler = Sampler(operator.pid)
+        sampler.start()
+
+        client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+        objects = kubernetes.client.CustomObjectsApi(client)
+        started = time.monotonic()
+        for i in range(n):
+            objects.create_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "Customer",
+                    "metadata": {"name": f"bench-{i}"},
+                    "spec": {
+                        "email": f"ops{i}@bench.example",
+                        "companyName": f"Bench {i}",
+                        "plan": "starter",
+                    },
+                },
+            )
+        created = time.monotonic() - started
+
+        def provisioned() -> int:
+            items = objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+            return sum(1 for c in items if (c.get("status", {}).get("release") or {}).get("revision"))
+
+        _wait(lambda: provisioned() == n, 1800, f"{n} Customers provisioned", interval=0.25)
+        elapsed = time.monotonic() - started
+        secrets = (
+            kubernetes.client.CoreV1Api(client)
+            .list_secret_for_all_namespaces(
+                label_selector="app.kubernetes.io/managed-by=iotistic-billing-operator"
+            )
+            .items
+        )
+        assert len(secrets) == n, f"{len(secrets)} licence Secrets for {n} Customers"
+        sampler.stop_event.set()
+        result: dict[str, Any] = {
+            "customers": n,
+            "operator_s": round(elapsed, 2),
+            "create_calls_s": round(created, 2),
+            "bare_helm_s": round(baseline, 2),
+            "ratio": round(elapsed / baseline, 2),
+            "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+            "peak_helm_in_flight": sampler.peak_helm,
+        }
+        if idle:
+            result |= measure_idle(client, objects, n, operator.pid, metrics_url, idle)
+        client.close()
+        return result
+    finally:
+        if operator is not None:
+            operator.stop()
+        postgres.stop()
+        plane.stop()
+
+
+def measure_idle(
+    client: kubernetes.client.ApiClient, objects: Any, n: int, pid: int, metrics_url: str, seconds: float
+) -> dict[str, Any]:
+    apps = kubernetes.client.AppsV1Api(client)
+    for deployment in apps.list_deployment_for_all_namespaces(
+        label_selector="app.kubernetes.io/instance=instance"
+    ).items:
+        if not deployment.metadata.namespace.startswith("customer-"):
+            continue
+        replicas = deployment.spec.replicas or 0
+        apps.patch_namespaced_deployment_status(
+            deployment.metadata.name,
+            deployment.metadata.namespace,
+            {
+                "status": {
+                    "observedGeneration": deployment.metadata.generation,
+                    "replicas": replicas,
+                    "availableReplicas": replicas,
+                    "readyReplicas": replicas,
+                    "updatedReplicas": replicas,
+                }
+            },
+        )
+
+    def ready() -> int:
+        items = objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        return sum(1 for c in items if c.get("status", {}).get("phase") == "Ready")
+
+    _wait(lambda: ready() == n, 600, "all Ready", interval=0.5)
+    time.sleep(5)  # let the last watch events settle
+    process = psutil.Process(pid)
+    helm_before = metric(metrics_url, "iotistic_operator_helm_operations_total")
+    cpu_before = sum(process.cpu_times()[:2])
+    time.sleep(seconds)
+    cpu = sum(process.cpu_times()[:2]) - cpu_before
+    return {
+        "idle_s": seconds,
+        "idle_cpu_percent_of_core": round(100 * cpu / seconds, 2),
+        "idle_helm_calls": int(metric(metrics_url, "iotistic_operator_helm_operations_total") - helm_before),
+    }
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback
+            return True
+    except OSError:
+        return False
+
+
+def _wait(condition: Any, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1,10,100", help="comma-separated numbers of Customers")
+    parser.add_argument("--idle", type=float, default=0, help="seconds of idle measurement after Ready")
+    args = parser.parse_args()
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as work:
+        for n in (int(s) for s in args.sizes.split(",")):
+            result = run_size(n, args.idle, Path(work))
+            checks = []
+            if n == 1:
+                checks.append(("ratio <= 1.25", result["ratio"] <= 1.25))
+            if n >= 1000:
+                checks += [
+                    ("<= 240 s", result["operator_s"] <= 240),
+                    ("RSS <= 250 MiB", result["peak_rss_mib"] <= 250),
+                ]
+            if "idle_helm_calls" in result:
+                checks += [
+                    ("idle: no helm call", result["idle_helm_calls"] == 0),
+                    ("idle: < 2% of a core", result["idle_cpu_percent_of_core"] < 2),
+                ]
+            result["targets"] = {name: ("met" if ok else "MISSED") for name, ok in checks}
+            failed |= not all(ok for _, ok in checks)
+            print(json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
