@@ -61,9 +61,11 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
         raise kopf.TemporaryError(result.temporary_error, delay=min(300, 5 * 2**retry))
 
 
-@kopf.on.resume(*CUSTOMERS)
-@kopf.on.create(*CUSTOMERS)
-@kopf.on.update(*CUSTOMERS, field="spec")
+# An unexpected error is mostly an API server or database away for a moment: retry soon, not in Kopf's
+# default minute. Expected failures back off exponentially in _report.
+@kopf.on.resume(*CUSTOMERS, backoff=5)
+@kopf.on.create(*CUSTOMERS, backoff=5)
+@kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
 async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     _report(await reconcile(_context(memo), name), body, retry)
 

@@ -134,5 +134,6 @@ def _release(document: dict[str, Any]) -> HelmRelease:
         namespace=document["namespace"],
         revision=int(document["version"]),
         status=document["info"]["status"],
-        chart_version=document["chart"]["metadata"]["version"],
+        # `helm status` (unlike upgrade) leaves the chart out of its JSON.
+        chart_version=str(document.get("chart", {}).get("metadata", {}).get("version", "")),
     )

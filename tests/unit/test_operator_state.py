@@ -261,3 +261,16 @@ def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_
         housekeeping_due(trial, trial_status, CREATED, CREATED + timedelta(days=5, seconds=1))
         == "TrialExpired"
     )
+
+
+def test_helm_status_json_without_chart_is_read() -> None:
+    from iotistic_billing.operator.helm import _release
+
+    status = {
+        "name": "instance",
+        "namespace": "customer-a",
+        "version": 3,
+        "info": {"status": "pending-upgrade"},
+    }
+    release = _release(status)
+    assert (release.revision, release.status, release.chart_version) == (3, "pending-upgrade", "")
