@@ -1,0 +1,152 @@
+{{/* Names, labels and the pod pieces both components share. */}}
+
+{{- define "iotistic-billing.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The release name alone when it already says iotistic-billing; room is left for "-webhook-server". */}}
+{{- define "iotistic-billing.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "iotistic-billing.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 48 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of one component's objects: (dict "root" $ "component" "operator"). */}}
+{{- define "iotistic-billing.componentName" -}}
+{{- printf "%s-%s" (include "iotistic-billing.fullname" .root) .component -}}
+{{- end -}}
+
+{{- define "iotistic-billing.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels: never change after install (a Deployment's selector is immutable). */}}
+{{- define "iotistic-billing.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "iotistic-billing.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "iotistic-billing.labels" -}}
+{{ include "iotistic-billing.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: iotistic
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "iotistic-billing.chart" .root }}
+{{- end -}}
+
+{{- define "iotistic-billing.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- end -}}
+
+{{- define "iotistic-billing.webhookServerUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "iotistic-billing.componentName" (dict "root" . "component" "webhook-server")) .Release.Namespace .Values.webhookServer.port -}}
+{{- end -}}
+
+{{/* Where the licence key Secret is mounted. */}}
+{{- define "iotistic-billing.licenseKeysDir" -}}/etc/iotistic/license-keys{{- end -}}
+
+{{/* Non-root with the image's uid, RuntimeDefault seccomp. */}}
+{{- define "iotistic-billing.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The root filesystem is read-only: /tmp (helm's cache and the values files it is given) is an emptyDir. */}}
+{{- define "iotistic-billing.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/* The pod spec fields both components share; .component picks its scheduling values. */}}
+{{- define "iotistic-billing.podCommon" -}}
+{{- $c := get .root.Values .values -}}
+serviceAccountName: {{ include "iotistic-billing.componentName" . }}
+# Both talk to the API server; the ServiceAccount itself does not automount, the pod asks for it.
+automountServiceAccountToken: true
+enableServiceLinks: false
+{{- with $c.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- include "iotistic-billing.podSecurityContext" . | nindent 2 }}
+{{- end -}}
+
+{{/* Environment both components read: settings, the database, the image's writable paths. */}}
+{{- define "iotistic-billing.commonEnv" -}}
+{{- $config := .Values.config -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secrets.database.name is required" .Values.secrets.database.name }}
+      key: {{ .Values.secrets.database.key }}
+- name: BASE_DOMAIN
+  value: {{ $config.baseDomain | quote }}
+- name: BILLING_URL
+  value: {{ $config.billingUrl | default (include "iotistic-billing.webhookServerUrl" .) | quote }}
+- name: DEFAULT_TRIAL_DAYS
+  value: {{ $config.defaultTrialDays | quote }}
+- name: LICENSE_ISSUER
+  value: {{ $config.license.issuer | quote }}
+- name: LICENSE_AUDIENCE
+  value: {{ $config.license.audience | quote }}
+- name: LICENSE_LIFETIME_DAYS
+  value: {{ $config.license.lifetimeDays | quote }}
+- name: LOG_FORMAT
+  value: {{ $config.logFormat | quote }}
+{{- with .Values.secrets.licenseKeys.extraPublicKeys }}
+- name: LICENSE_EXTRA_PUBLIC_KEY_PATHS
+  value: {{ include "iotistic-billing.extraPublicKeyPaths" $ | quote }}
+{{- end }}
+- name: HOME
+  value: /tmp
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+{{- end -}}
+
+{{/* LICENSE_EXTRA_PUBLIC_KEY_PATHS as the JSON list pydantic-settings reads. */}}
+{{- define "iotistic-billing.extraPublicKeyPaths" -}}
+{{- $paths := list -}}
+{{- range $index, $key := .Values.secrets.licenseKeys.extraPublicKeys -}}
+{{- $paths = append $paths (printf "%s/extra-public-key-%d.pem" (include "iotistic-billing.licenseKeysDir" $) $index) -}}
+{{- end -}}
+{{- toJson $paths -}}
+{{- end -}}
+
+{{/* Volume items of the retired public keys. */}}
+{{- define "iotistic-billing.extraPublicKeyItems" -}}
+{{- range $index, $key := .Values.secrets.licenseKeys.extraPublicKeys }}
+- key: {{ $key }}
+  path: extra-public-key-{{ $index }}.pem
+{{- end }}
+{{- end -}}

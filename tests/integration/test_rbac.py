@@ -1,0 +1,401 @@
+"""The chart's ClusterRoles are enough for the code and no more: the operator's and the webhook server's
+own calls made as their ServiceAccounts, and `kubectl auth can-i` for what they must not do.
+
+This module runs its own control plane. On the session one, the session operator (admin rights) may be
+running and would provision the same Customers first, and then a pass as the ServiceAccount would
+prove little. This one also enables OwnerReferencesPermissionEnforcement, as hardened clusters do, so
+the ownerReferences with blockOwnerDeletion that the operator sets are checked as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
+
+from iotistic_billing.customer import GROUP, LICENSE_SECRET_NAME, PLURAL, VERSION
+from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane
+from iotistic_billing.operator.__main__ import build_context
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.reconcile import reconcile
+from iotistic_billing.settings import load_settings
+from iotistic_billing.webhook_server.cluster import Cluster
+from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
+
+pytestmark = pytest.mark.integration
+
+CHART = REPO / "charts" / "iotistic-billing"
+INSTANCE_CHART = REPO / "charts" / "customer-instance"
+RELEASE = "iotistic-billing"
+# Short: a client certificate's CN (the user name) holds 64 characters at most.
+NAMESPACE = "billing"
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+
+
+class HardenedControlPlane(ControlPlane):
+    def _apiserver_argv(self) -> list[str]:
+        return [*super()._apiserver_argv(), "--enable-admission-plugins=OwnerReferencesPermissionEnforcement"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    groups: tuple[str, ...]
+    kubeconfig: Path
+
+    def impersonation(self) -> list[str]:
+        return [f"--as={self.user}", *(f"--as-group={group}" for group in self.groups)]
+
+
+@dataclass(frozen=True)
+class Installed:
+    plane: ControlPlane
+    admin: kubernetes.client.ApiClient
+    kubectl: list[str]
+    helm: list[str]
+    operator: Identity
+    webhook_server: Identity
+
+    @property
+    def objects(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.admin)
+
+    @property
+    def core(self) -> kubernetes.client.CoreV1Api:
+        return kubernetes.client.CoreV1Api(self.admin)
+
+
+def service_account(plane: ControlPlane, name: str) -> Identity:
+    """The identity a Pod of this ServiceAccount has: its user name and groups, as a client certificate."""
+    user = f"system:serviceaccount:{NAMESPACE}:{name}"
+    groups = ("system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}")
+    return Identity(user, groups, plane.user_kubeconfig(user, groups))
+
+
+@pytest.fixture(scope="module")
+def installed(
+    tmp_path_factory: pytest.TempPathFactory, helm_binary: Path, kubectl_binary: Path
+) -> Iterator[Installed]:
+    plane = HardenedControlPlane(tmp_path_factory.mktemp("rbac-control-plane")).start()
+    admin = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+    try:
+        kubectl = [str(kubectl_binary), "--kubeconfig", str(plane.kubeconfig)]
+        helm = [str(helm_binary), "--kubeconfig", str(plane.kubeconfig)]
+        run([*kubectl, "apply", "--server-side", "-f", str(CHART / "crds")])
+        run([*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"])
+        run([*kubectl, "create", "namespace", NAMESPACE])
+        rendered = run([str(helm_binary), "template", RELEASE, str(CHART), "--namespace", NAMESPACE])
+        rbac = [doc for doc in yaml.safe_load_all(rendered) if doc and doc["kind"] in RBAC_KINDS]
+        assert {doc["kind"] for doc in rbac} == RBAC_KINDS
+        run([*kubectl, "apply", "-f", "-"], stdin=yaml.safe_dump_all(rbac))
+        yield Installed(
+            plane=plane,
+            admin=admin,
+            kubectl=kubectl,
+            helm=helm,
+            operator=service_account(plane, f"{RELEASE}-operator"),
+            webhook_server=service_account(plane, f"{RELEASE}-webhook-server"),
+        )
+    finally:
+        admin.close()
+        plane.stop()
+
+
+def run(argv: list[str], stdin: str | None = None) -> str:
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+    return result.stdout
+
+
+def customer_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Customer",
+        "metadata": {"name": name},
+        "spec": {"email": f"ops@{name}.example.com", "companyName": f"{name.title()} Corp", **spec},
+    }
+
+
+def helm_release_records(installed: Installed, namespace: str) -> list[str]:
+    secrets = installed.core.list_namespaced_secret(namespace, label_selector="owner=helm,name=instance")
+    return sorted(item.metadata.name for item in secrets.items)
+
+
+# ----- the operator -----
+
+
+@pytest.fixture
+async def operator_context(
+    installed: Installed, database_url: str, license_keys: tuple[Path, Path], helm_binary: Path
+) -> AsyncIterator[OperatorContext]:
+    private_key, public_key = license_keys
+    settings = load_settings(
+        database_url=database_url,
+        license_private_key_path=private_key,
+        license_public_key_path=public_key,
+        helm_chart_path=INSTANCE_CHART,
+        helm_binary=str(helm_binary),
+        base_domain="rbac.iotistic.example",
+    )
+    ctx = build_context(settings, database_url, kubeconfig=str(installed.operator.kubeconfig))
+    try:
+        yield ctx
+    finally:
+        await ctx.engine.dispose()
+        ctx.kube.api_client.close()
+
+
+async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
+    installed: Installed, operator_context: OperatorContext
+) -> None:
+    name = unique_name("rbac")
+    namespace = f"customer-{name}"
+    installed.objects.create_cluster_custom_object(
+        GROUP, VERSION, PLURAL, customer_manifest(name, plan="starter")
+    )
+
+    # First pass: namespace (server-side apply creates it), licence Secret, helm install, status.
+    first = await reconcile(operator_context, name)
+    assert first is not None
+    assert first.permanent_error is None and first.temporary_error is None, first
+    assert first.status.license is not None and first.status.release is not None
+    assert first.status.release.revision == 1
+    labels = installed.core.read_namespace(namespace).metadata.labels
+    assert labels["app.kubernetes.io/managed-by"] == "iotistic-billing-operator"
+    secret = installed.core.read_namespaced_secret(LICENSE_SECRET_NAME, namespace)
+    assert secret.metadata.owner_references[0].block_owner_deletion is True
+    assert helm_release_records(installed, namespace) == ["sh.helm.release.v1.instance.v1"]
+    body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    assert body["status"]["release"]["revision"] == 1
+
+    # A plan change: a new licence over the existing Secret, helm upgrade to revision 2.
+    installed.objects.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"spec": {"plan": "professional"}}
+    )
+    second = await reconcile(operator_context, name)
+    assert second is not None and second.temporary_error is None, second
+    assert second.status.release is not None and second.status.release.revision == 2
+    assert second.status.license is not None and second.status.license.jti != first.status.license.jti
+
+    # The finalizer's work: helm uninstall, the licence revoked, the namespace's deletion requested.
+    body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    await finalize(operator_context, body)
+    assert helm_release_records(installed, namespace) == []
+    assert installed.core.read_namespace(namespace).metadata.deletion_timestamp is not None
+    async with operator_context.sessions() as session:
+        actions = (
+            await session.scalars(
+                select(LicenseHistory.action).where(LicenseHistory.jti == second.status.license.jti)
+            )
+        ).all()
+    assert "revoked" in actions
+    installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+def test_operator_process_runs_end_to_end_as_its_service_account(
+    installed: Installed,
+    database_url: str,
+    license_keys: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """Kopf's own calls too: CRD discovery, peering, the finalizer and annotation patches, Events."""
+    private_key, public_key = license_keys
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(installed.operator.kubeconfig),
+        "DATABASE_URL": database_url,
+        "LICENSE_PRIVATE_KEY_PATH": str(private_key),
+        "LICENSE_PUBLIC_KEY_PATH": str(public_key),
+        "HELM_CHART_PATH": str(INSTANCE_CHART),
+        "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "BASE_DOMAIN": "rbac.iotistic.example",
+        # As deployed: with peering, so that ensure_peering and Kopf's peering run as the account.
+        "OPERATOR_PEERING": RELEASE,
+    }
+    log = tmp_path / "operator.log"
+    operator = OperatorProcess(env, log)
+    name = unique_name("rbac-kopf")
+    namespace = f"customer-{name}"
+    operator.start()
+    try:
+        installed.objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, customer_manifest(name))
+
+        def deployed() -> bool:
+            body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            release = (body.get("status") or {}).get("release") or {}
+            return release.get("revision") == 1 and bool(body["metadata"].get("finalizers"))
+
+        wait_until(deployed, timeout=90, message=f"Customer {name} provisioned; log: {log}")
+        installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+        def gone() -> bool:
+            try:
+                installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        wait_until(gone, timeout=90, message=f"Customer {name} finalized; log: {log}")
+        assert installed.core.read_namespace(namespace).metadata.deletion_timestamp is not None
+        peering = installed.objects.get_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", RELEASE
+        )
+        # Kopf keeps its own record in the peering object: the account may patch it.
+        assert RELEASE in peering["metadata"]["name"] and peering.get("status")
+        # The phase transitions' Events, posted by the account (a cluster-scoped object's go to default).
+        wait_until(
+            lambda: (
+                installed.core.list_namespaced_event(
+                    "default", field_selector=f"involvedObject.name={name}"
+                ).items
+            ),
+            message=f"Events of Customer {name}; log: {log}",
+        )
+    finally:
+        operator.stop()
+    text = log.read_text()
+    for refusal in ("forbidden", "Not enough permissions", "Failed to post an event"):
+        assert refusal.lower() not in text.lower(), f"{refusal!r} in the operator's log: {log}"
+
+
+OPERATOR_ALLOWED = [
+    # Kopf: discovery of resources, peering, watches, finalizers and annotations, Events.
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", None, None),
+    ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, None),
+    ("create", "clusterkopfpeerings.kopf.dev", None, None),
+    ("patch", "clusterkopfpeerings.kopf.dev", None, None),
+    ("watch", "customers.iotistic.io", None, None),
+    ("patch", "customers.iotistic.io", None, None),
+    ("patch", "customers.iotistic.io", None, "status"),
+    ("update", "customers.iotistic.io", None, "finalizers"),
+    ("create", "events", "default", None),
+    ("watch", "secrets", None, None),
+    ("watch", "deployments.apps", None, None),
+]
+
+OPERATOR_REFUSED = [
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, None),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "customer-x", None),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io", None, None),
+    ("bind", "clusterroles.rbac.authorization.k8s.io", None, None),
+    ("impersonate", "users", None, None),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io", None, None),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io", None, None),
+    ("delete", "customers.iotistic.io", None, None),
+    ("update", "customers.iotistic.io", None, None),
+    ("delete", "clusterkopfpeerings.kopf.dev", None, None),
+    ("get", "nodes", None, None),
+    ("create", "pods", "customer-x", None),
+    ("create", "pods", "customer-x", "exec"),
+    ("create", "serviceaccounts", "customer-x", "token"),
+    ("list", "configmaps", None, None),
+    ("create", "jobs.batch", "customer-x", None),
+    ("*", "*", None, None),
+]
+
+WEBHOOK_SERVER_REFUSED = [
+    ("delete", "customers.iotistic.io", None, None),
+    ("update", "customers.iotistic.io", None, None),
+    ("watch", "customers.iotistic.io", None, None),
+    ("patch", "customers.iotistic.io", None, "status"),
+    ("delete", "namespaces", None, None),
+    ("create", "namespaces", None, None),
+    ("list", "secrets", "customer-x", None),
+    ("get", "secrets/other", "customer-x", None),
+    ("create", "secrets", "customer-x", None),
+    ("get", "secrets/iotistic-billing-database", NAMESPACE, None),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, None),
+    ("impersonate", "users", None, None),
+    ("create", "events", "default", None),
+]
+
+
+def can_i(
+    installed: Installed, identity: Identity, verb: str, resource: str, namespace: str | None, sub: str | None
+) -> bool:
+    argv = [*installed.kubectl, "auth", "can-i", verb, resource, *identity.impersonation()]
+    argv += ["--namespace", namespace] if namespace else ["--all-namespaces"]
+    if sub:
+        argv += [f"--subresource={sub}"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert result.stdout.strip() in ("yes", "no"), f"{' '.join(argv)}: {result.stdout} {result.stderr}"
+    return result.stdout.strip() == "yes"
+
+
+def check_id(check: tuple[str, str, str | None, str | None]) -> str:
+    verb, resource, namespace, sub = check
+    return f"{verb} {resource}{'/' + sub if sub else ''}{' -n ' + namespace if namespace else ''}"
+
+
+@pytest.mark.parametrize("check", OPERATOR_ALLOWED, ids=check_id)
+def test_operator_may_do_what_kopf_needs(
+    installed: Installed, check: tuple[str, str, str | None, str | None]
+) -> None:
+    assert can_i(installed, installed.operator, *check)
+
+
+@pytest.mark.parametrize("check", OPERATOR_REFUSED, ids=check_id)
+def test_operator_may_not(installed: Installed, check: tuple[str, str, str | None, str | None]) -> None:
+    assert not can_i(installed, installed.operator, *check)
+
+
+@pytest.mark.parametrize("check", WEBHOOK_SERVER_REFUSED, ids=check_id)
+def test_webhook_server_may_not(installed: Installed, check: tuple[str, str, str | None, str | None]) -> None:
+    assert not can_i(installed, installed.webhook_server, *check)
+
+
+# ----- the webhook server -----
+
+
+async def test_webhook_server_account_makes_every_cluster_call(installed: Installed) -> None:
+    """Each method of webhook_server.cluster.Cluster, the module's only API calls, as its account."""
+    name = unique_name("rbac-hooks")
+    namespace = f"customer-{name}"
+    api_client = kubernetes.config.new_client_from_config(
+        config_file=str(installed.webhook_server.kubeconfig)
+    )
+    cluster = Cluster(api_client, timeout=10, concurrency=4)
+    try:
+        await cluster.ping()
+        created = await cluster.create_customer(customer_manifest(name, plan="trial"))
+        assert created["metadata"]["name"] == name
+        assert (await cluster.get_customer(name) or {})["spec"]["plan"] == "trial"
+        assert name in {item["metadata"]["name"] for item in await cluster.list_customers(page_size=2)}
+
+        subscription = {
+            "status": "active",
+            "plan": "starter",
+            "stripeSubscriptionId": "sub_rbac123",
+            "currentPeriodEnd": "2030-01-01T00:00:00Z",
+            "cancelAtPeriodEnd": False,
+            "lastEventCreated": 1700000000,
+        }
+        applied = await cluster.apply_subscription(name, subscription)
+        assert applied["spec"]["subscription"]["stripeSubscriptionId"] == "sub_rbac123"
+        assert (await cluster.suspend(name))["spec"]["suspended"] is True
+
+        assert await cluster.read_license_secret(namespace) is None  # not written yet: 404, not 403
+        installed.core.create_namespace({"metadata": {"name": namespace}})
+        installed.core.create_namespaced_secret(
+            namespace,
+            {
+                "metadata": {"name": LICENSE_SECRET_NAME},
+                "data": {"license.jwt": base64.b64encode(b"a.b.c").decode()},
+            },
+        )
+        assert await cluster.read_license_secret(namespace) == {"license.jwt": b"a.b.c"}
+    finally:
+        api_client.close()
+        installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)

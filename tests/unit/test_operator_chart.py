@@ -1,0 +1,627 @@
+"""The iotistic-billing chart (operator and webhook server), rendered by the real helm CLI, and the
+kustomize base generated from it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+import yaml
+
+REPO = Path(__file__).parents[2]
+CHART = REPO / "charts" / "iotistic-billing"
+INSTANCE_CHART = REPO / "charts" / "customer-instance"
+BASE = REPO / "manifests" / "base"
+RELEASE = "iotistic-billing"
+NAMESPACE = "iotistic-system"
+OPERATOR = f"{RELEASE}-operator"
+WEBHOOK_SERVER = f"{RELEASE}-webhook-server"
+MONITORING = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+# Environment variables that carry credentials: always a secretKeyRef, never a value.
+CREDENTIAL_ENV = {"DATABASE_URL", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "ADMIN_API_TOKEN"}
+
+Manifest = dict[str, Any]
+
+
+def tool(name: str) -> Path:
+    in_repo = REPO / "bin" / name
+    if in_repo.exists():
+        return in_repo
+    on_path = shutil.which(name)
+    if on_path is None:
+        pytest.fail(f"no {name} binary: neither {in_repo} (run `make tools`) nor `{name}` on PATH")
+    return Path(on_path)
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return tool("helm")
+
+
+@pytest.fixture(scope="module")
+def kubectl() -> Path:
+    return tool("kubectl")
+
+
+def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, check=False)
+
+
+def values_args(tmp_path: Path, values: dict[str, Any] | None) -> list[str]:
+    if values is None:
+        return []
+    values_file = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    return ["--values", str(values_file)]
+
+
+def render_text(helm: Path, *args: str) -> str:
+    result = run(helm, "template", RELEASE, CHART, "--namespace", NAMESPACE, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def parse(text: str) -> list[Manifest]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def render(helm: Path, tmp_path: Path, values: dict[str, Any] | None = None, *args: str) -> list[Manifest]:
+    return parse(render_text(helm, *values_args(tmp_path, values), *args))
+
+
+@pytest.fixture(scope="module")
+def default_objects(helm: Path) -> list[Manifest]:
+    return parse(render_text(helm))
+
+
+@pytest.fixture(scope="module")
+def monitored_objects(helm: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Manifest]:
+    return render(helm, tmp_path_factory.mktemp("monitoring"), MONITORING)
+
+
+def one(objects: Iterable[Manifest], kind: str, name: str) -> Manifest:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def pod_spec(deployment: Manifest) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def container(deployment: Manifest) -> dict[str, Any]:
+    [found] = pod_spec(deployment)["containers"]
+    return dict(found)
+
+
+def env_of(deployment: Manifest) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container(deployment)["env"]}
+
+
+def rules(objects: list[Manifest], name: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = one(objects, "ClusterRole", name)["rules"]
+    return found
+
+
+def granted(role_rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    return {
+        verb
+        for rule in role_rules
+        if group in rule["apiGroups"] and resource in rule["resources"] and not rule.get("resourceNames")
+        for verb in rule["verbs"]
+    }
+
+
+# ----- lint, schema, CRDs -----
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, {**MONITORING, "ingress": {"tls": {"enabled": True}, "className": "nginx"}}],
+    ids=["default", "monitoring-tls"],
+)
+def test_helm_lint_strict_is_clean(helm: Path, tmp_path: Path, values: dict[str, Any] | None) -> None:
+    result = run(helm, "lint", "--strict", CHART, *values_args(tmp_path, values))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+def test_values_schema_is_draft_07_and_closed() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def test_a_misspelt_value_is_refused(helm: Path) -> None:
+    result = run(helm, "template", RELEASE, CHART, "--set", "webhookServer.replica=3")
+
+    assert result.returncode != 0
+    assert "additional properties 'replica' not allowed" in result.stderr
+
+
+@pytest.mark.parametrize("source", ["customers.iotistic.io.yaml", "kopf-peering.yaml"])
+def test_chart_crds_are_copies_of_the_repository_crds(source: str) -> None:
+    assert (CHART / "crds" / source).read_bytes() == (REPO / "crds" / source).read_bytes(), (
+        f"charts/iotistic-billing/crds/{source} differs from crds/{source}: cp crds/{source} {CHART}/crds/"
+    )
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(
+        p.name for p in (REPO / "crds").glob("*.yaml")
+    )
+
+
+# ----- what renders -----
+
+
+def test_default_values_render_both_components(default_objects: list[Manifest]) -> None:
+    assert {(o["kind"], o["metadata"]["name"]) for o in default_objects} == {
+        ("ServiceAccount", OPERATOR),
+        ("ServiceAccount", WEBHOOK_SERVER),
+        ("ClusterRole", OPERATOR),
+        ("ClusterRole", WEBHOOK_SERVER),
+        ("ClusterRoleBinding", OPERATOR),
+        ("ClusterRoleBinding", WEBHOOK_SERVER),
+        ("Deployment", OPERATOR),
+        ("Deployment", WEBHOOK_SERVER),
+        ("Service", OPERATOR),
+        ("Service", WEBHOOK_SERVER),
+        ("PodDisruptionBudget", WEBHOOK_SERVER),
+        ("NetworkPolicy", OPERATOR),
+        ("NetworkPolicy", WEBHOOK_SERVER),
+        ("Ingress", RELEASE),
+    }
+    namespaced = [o for o in default_objects if not o["kind"].startswith("ClusterRole")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {NAMESPACE}
+
+
+def test_monitoring_adds_service_monitors_and_rules(
+    default_objects: list[Manifest], monitored_objects: list[Manifest]
+) -> None:
+    added = {(o["kind"], o["metadata"]["name"]) for o in monitored_objects} - {
+        (o["kind"], o["metadata"]["name"]) for o in default_objects
+    }
+
+    assert added == {
+        ("ServiceMonitor", OPERATOR),
+        ("ServiceMonitor", WEBHOOK_SERVER),
+        ("PrometheusRule", RELEASE),
+    }
+    ports = {
+        o["metadata"]["name"]: o["spec"]["endpoints"][0]["port"]
+        for o in monitored_objects
+        if o["kind"] == "ServiceMonitor"
+    }
+    for name, port in ports.items():
+        assert port in {p["name"] for p in one(monitored_objects, "Service", name)["spec"]["ports"]}
+
+
+def test_every_container_is_non_root_read_only_with_probes_and_resources(
+    default_objects: list[Manifest],
+) -> None:
+    for name in (OPERATOR, WEBHOOK_SERVER):
+        deployment = one(default_objects, "Deployment", name)
+        pod = pod_spec(deployment)
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] == 10001, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod["serviceAccountName"] == name
+        for c in pod["containers"]:
+            security = c["securityContext"]
+            assert security["runAsNonRoot"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["capabilities"] == {"drop": ["ALL"]}, name
+            assert c["resources"]["requests"].keys() >= {"cpu", "memory"}, name
+            assert c["resources"]["limits"].keys() >= {"cpu", "memory"}, name
+            assert "livenessProbe" in c, name
+            tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"]), name
+
+
+def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
+    default_objects: list[Manifest],
+) -> None:
+    operator = one(default_objects, "Deployment", OPERATOR)
+    c = container(operator)
+    env = env_of(operator)
+
+    assert operator["spec"]["replicas"] == 1
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert c["args"] == ["iotistic_billing.operator"]
+    assert env["OPERATOR_PEERING"]["value"] == "iotistic-billing"
+    assert env["HELM_CHART_PATH"]["value"] == "/app/charts/customer-instance"
+    liveness = c["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert liveness["path"] == "/healthz" and ports[liveness["port"]] == 8080
+    assert env["OPERATOR_LIVENESS_PORT"]["value"] == "8080"
+    assert ports["metrics"] == 8081 and env["OPERATOR_METRICS_PORT"]["value"] == "8081"
+
+
+def test_webhook_server_rolls_several_replicas_behind_a_disruption_budget(
+    default_objects: list[Manifest],
+) -> None:
+    webhook = one(default_objects, "Deployment", WEBHOOK_SERVER)
+    c = container(webhook)
+    budget = one(default_objects, "PodDisruptionBudget", WEBHOOK_SERVER)
+
+    assert webhook["spec"]["replicas"] == 2
+    assert webhook["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert webhook["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert c["args"] == ["iotistic_billing.webhook_server"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["ports"] == [{"name": "http", "containerPort": 3100}]
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= (
+        webhook["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_a_budget_that_would_block_every_drain_is_refused(helm: Path) -> None:
+    result = run(helm, "template", RELEASE, CHART, "--set", "webhookServer.replicas=1")
+
+    assert result.returncode != 0
+    assert "minAvailable must be below webhookServer.replicas" in result.stderr
+
+
+def test_licence_keys_are_files_and_only_the_operator_gets_the_private_key(
+    default_objects: list[Manifest],
+) -> None:
+    def mounted_items(name: str) -> dict[str, str]:
+        deployment = one(default_objects, "Deployment", name)
+        [volume] = [v for v in pod_spec(deployment)["volumes"] if v.get("secret")]
+        assert volume["secret"]["secretName"] == "iotistic-billing-license-keys"
+        [mount] = [m for m in container(deployment)["volumeMounts"] if m["name"] == volume["name"]]
+        return {f"{mount['mountPath']}/{i['path']}": i["key"] for i in volume["secret"]["items"]}
+
+    operator_files, webhook_files = mounted_items(OPERATOR), mounted_items(WEBHOOK_SERVER)
+    operator_env, webhook_env = (
+        env_of(one(default_objects, "Deployment", OPERATOR)),
+        env_of(one(default_objects, "Deployment", WEBHOOK_SERVER)),
+    )
+
+    assert operator_files[operator_env["LICENSE_PRIVATE_KEY_PATH"]["value"]] == "private-key.pem"
+    assert operator_files[operator_env["LICENSE_PUBLIC_KEY_PATH"]["value"]] == "public-key.pem"
+    assert webhook_files == {webhook_env["LICENSE_PUBLIC_KEY_PATH"]["value"]: "public-key.pem"}
+    assert "LICENSE_PRIVATE_KEY_PATH" not in webhook_env
+
+
+def test_retired_public_keys_are_mounted_for_rotation(helm: Path, tmp_path: Path) -> None:
+    values = {"secrets": {"licenseKeys": {"extraPublicKeys": ["old-public-key.pem"]}}}
+    objects = render(helm, tmp_path, values)
+
+    for name in (OPERATOR, WEBHOOK_SERVER):
+        deployment = one(objects, "Deployment", name)
+        paths = json.loads(env_of(deployment)["LICENSE_EXTRA_PUBLIC_KEY_PATHS"]["value"])
+        [volume] = [v for v in pod_spec(deployment)["volumes"] if v.get("secret")]
+        assert paths == ["/etc/iotistic/license-keys/extra-public-key-0.pem"]
+        assert {"key": "old-public-key.pem", "path": "extra-public-key-0.pem"} in volume["secret"]["items"]
+
+
+# ----- secrets: named, never inlined -----
+
+SENTINEL = "sk_test_MUSTNOTRENDER0123456789"
+
+
+def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> None:
+    values = {
+        "secrets": {
+            "database": {"name": "pg-credentials", "key": "dsn"},
+            "stripe": {"name": "stripe-live", "secretKey": "api-key", "webhookSecretKey": "signing"},
+            "admin": {"name": "admin-token", "tokenKey": "bearer"},
+            "licenseKeys": {"name": "licence-signing"},
+        }
+    }
+    objects = render(helm, tmp_path, values)
+    references = {
+        (deployment["metadata"]["name"], name): (
+            item["valueFrom"]["secretKeyRef"]["name"],
+            item["valueFrom"]["secretKeyRef"]["key"],
+        )
+        for deployment in objects
+        if deployment["kind"] == "Deployment"
+        for name, item in env_of(deployment).items()
+        if name in CREDENTIAL_ENV
+    }
+
+    assert references == {
+        (OPERATOR, "DATABASE_URL"): ("pg-credentials", "dsn"),
+        (WEBHOOK_SERVER, "DATABASE_URL"): ("pg-credentials", "dsn"),
+        (WEBHOOK_SERVER, "STRIPE_SECRET_KEY"): ("stripe-live", "api-key"),
+        (WEBHOOK_SERVER, "STRIPE_WEBHOOK_SECRET"): ("stripe-live", "signing"),
+        (WEBHOOK_SERVER, "ADMIN_API_TOKEN"): ("admin-token", "bearer"),
+    }
+    assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_without_stripe_and_admin_secrets_those_variables_are_absent(helm: Path, tmp_path: Path) -> None:
+    objects = render(helm, tmp_path, {"secrets": {"stripe": {"name": ""}, "admin": {"name": ""}}})
+
+    env = env_of(one(objects, "Deployment", WEBHOOK_SERVER))
+    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "ADMIN_API_TOKEN"} & env.keys()
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        ["--set", f"stripeSecretKey={SENTINEL}"],
+        ["--set", f"secrets.stripe.value={SENTINEL}"],
+        ["--set", f"config.stripe.secretKey={SENTINEL}"],
+        ["--set", f"secrets.database.url=postgresql://u:{SENTINEL}@db/billing"],
+        ["--set", f"secrets.admin.token={SENTINEL}"],
+        [
+            "--set",
+            "webhookServer.extraEnv[0].name=STRIPE_SECRET_KEY",
+            "--set",
+            f"webhookServer.extraEnv[0].value={SENTINEL}",
+        ],
+        [
+            "--set",
+            "operator.extraEnv[0].name=DATABASE_URL",
+            "--set",
+            f"operator.extraEnv[0].value={SENTINEL}",
+        ],
+    ],
+    ids=lambda attempt: attempt[1].split("=")[0],
+)
+def test_a_secret_value_has_nowhere_to_go(helm: Path, attempt: list[str]) -> None:
+    result = run(helm, "template", RELEASE, CHART, *attempt)
+
+    assert result.returncode != 0, "the schema accepted a place for a secret value"
+    assert SENTINEL not in result.stdout
+
+
+def test_secret_names_and_keys_render_but_no_secret_value(helm: Path) -> None:
+    text = render_text(helm, "--set", "secrets.stripe.name=stripe-live")
+
+    assert "stripe-live" in text
+    for marker in ("sk_live_", "sk_test_", "whsec_", "postgresql://", "BEGIN PRIVATE KEY", "BEGIN RSA"):
+        assert marker not in text
+
+
+# ----- RBAC -----
+
+
+def test_cluster_roles_have_no_wildcards_and_no_rights_over_rbac(default_objects: list[Manifest]) -> None:
+    for name in (OPERATOR, WEBHOOK_SERVER):
+        for rule in rules(default_objects, name):
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], (name, rule)
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
+            assert "rbac.authorization.k8s.io" not in rule["apiGroups"], rule
+            assert "pods" not in rule["resources"], rule
+    for binding in (o for o in default_objects if o["kind"] == "ClusterRoleBinding"):
+        name = binding["metadata"]["name"]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": name,
+        }
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}]
+
+
+def test_every_rule_says_which_code_needs_it() -> None:
+    for template in ("rbac-operator.yaml", "rbac-webhook-server.yaml"):
+        lines = (CHART / "templates" / template).read_text().splitlines()
+        for index, line in enumerate(lines):
+            if line.strip().startswith("- apiGroups:"):
+                assert lines[index - 1].strip().startswith("#"), f"{template}:{index + 1} has no comment"
+
+
+def test_webhook_server_role_is_exactly_what_its_cluster_module_calls(
+    default_objects: list[Manifest],
+) -> None:
+    assert rules(default_objects, WEBHOOK_SERVER) == [
+        {
+            "apiGroups": ["iotistic.io"],
+            "resources": ["customers"],
+            "verbs": ["get", "list", "create", "patch"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["iotistic-license"],
+            "verbs": ["get"],
+        },
+    ]
+
+
+# Kinds of charts/customer-instance and where RBAC names them. A kind the chart starts to render fails
+# here until it is added both to this table and to the operator's ClusterRole.
+INSTANCE_KINDS = {
+    "ConfigMap": ("", "configmaps"),
+    "Deployment": ("apps", "deployments"),
+    "Ingress": ("networking.k8s.io", "ingresses"),
+    "Secret": ("", "secrets"),
+    "Service": ("", "services"),
+    "ServiceAccount": ("", "serviceaccounts"),
+    "StatefulSet": ("apps", "statefulsets"),
+}
+HELM_VERBS = {"get", "create", "patch", "delete"}
+
+
+def test_operator_role_covers_every_kind_the_instance_chart_renders(
+    helm: Path, tmp_path: Path, default_objects: list[Manifest]
+) -> None:
+    kinds: set[str] = set()
+    instance_values: list[dict[str, Any] | None] = [
+        None,
+        {"customerId": "cust_rbac0001", "domain": "rbac.example.com", "ingress": {"tls": {"enabled": True}}},
+        {"postgresql": {"persistence": {"enabled": False}}, "enabled": False},
+    ]
+    for values in instance_values:
+        result = run(helm, "template", "instance", INSTANCE_CHART, *values_args(tmp_path, values))
+        assert result.returncode == 0, result.stderr
+        kinds |= {doc["kind"] for doc in parse(result.stdout)}
+    operator_rules = rules(default_objects, OPERATOR)
+
+    assert kinds <= INSTANCE_KINDS.keys(), f"new kinds in customer-instance: {kinds - INSTANCE_KINDS.keys()}"
+    for kind in kinds:
+        group, resource = INSTANCE_KINDS[kind]
+        assert granted(operator_rules, group, resource) >= HELM_VERBS, kind
+    # And nothing else is created or deleted: the namespaces (kube.apply, delete_namespace), the
+    # peering (ensure_peering), Events (Kopf) are the operator's own.
+    creatable = {
+        (group, resource)
+        for rule in operator_rules
+        if {"create", "delete"} & set(rule["verbs"])
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert creatable - set(INSTANCE_KINDS.values()) == {
+        ("", "namespaces"),
+        ("kopf.dev", "clusterkopfpeerings"),
+        ("", "events"),
+    }
+
+
+# ----- network, ingress -----
+
+
+def test_network_policies_admit_only_the_serving_ports(default_objects: list[Manifest]) -> None:
+    def ingress_ports(name: str) -> set[int]:
+        policy = one(default_objects, "NetworkPolicy", name)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        return {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+
+    def egress_ports(name: str) -> set[tuple[str, int]]:
+        policy = one(default_objects, "NetworkPolicy", name)
+        return {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
+
+    assert ingress_ports(OPERATOR) == {8080, 8081}
+    assert ingress_ports(WEBHOOK_SERVER) == {3100}
+    common = {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6443), ("TCP", 5432)}
+    assert egress_ports(OPERATOR) == common
+    assert egress_ports(WEBHOOK_SERVER) == common
+    webhook_egress = one(default_objects, "NetworkPolicy", WEBHOOK_SERVER)["spec"]["egress"]
+    assert any(
+        rule["ports"] == [{"protocol": "TCP", "port": 443}] and "ipBlock" in rule["to"][0]
+        for rule in webhook_egress
+    ), "HTTPS for Stripe"
+
+
+def test_ingress_routes_webhooks_and_instance_calls_only(helm: Path, tmp_path: Path) -> None:
+    values = {"ingress": {"host": "billing.example.com", "className": "nginx", "tls": {"enabled": True}}}
+    ingress = one(render(helm, tmp_path, values), "Ingress", RELEASE)
+    [rule] = ingress["spec"]["rules"]
+    paths = {p["path"] for p in rule["http"]["paths"]}
+
+    assert rule["host"] == "billing.example.com"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["billing.example.com"], "secretName": f"{RELEASE}-tls"}]
+    assert "/api/webhooks/stripe" in paths and "/api/usage" in paths
+    assert not {"/", "/metrics", "/api/customers", "/api/subscriptions"} & paths
+    for path in rule["http"]["paths"]:
+        assert path["backend"]["service"] == {"name": WEBHOOK_SERVER, "port": {"name": "http"}}
+
+
+def test_ingress_is_optional_and_tls_off_by_default(
+    helm: Path, tmp_path: Path, default_objects: list[Manifest]
+) -> None:
+    assert "tls" not in one(default_objects, "Ingress", RELEASE)["spec"]
+    assert not [o for o in render(helm, tmp_path, {"ingress": {"enabled": False}}) if o["kind"] == "Ingress"]
+
+
+# ----- alerts -----
+
+
+def exposed_series(registry: prometheus_client.CollectorRegistry) -> set[str]:
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    return {
+        family.name + suffix for family in registry.collect() for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manifest]) -> None:
+    import iotistic_billing.operator.metrics  # noqa: F401 - registers the operator's metrics
+    from iotistic_billing.webhook_server.metrics import Metrics
+
+    exposed = exposed_series(prometheus_client.REGISTRY) | exposed_series(Metrics().registry)
+    rule = one(monitored_objects, "PrometheusRule", RELEASE)
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    used = {name for r in alerts for name in re.findall(r"\b(iotistic_[a-z_]+)", r["expr"])}
+
+    assert used <= exposed, used - exposed
+    assert {
+        "iotistic_operator_reconcile_errors_total",
+        "iotistic_operator_license_expiry_timestamp_seconds",
+        "iotistic_http_requests_total",
+        "iotistic_stripe_webhook_events_total",
+    } <= used
+    for alert in alerts:
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+
+
+# ----- the kustomize base -----
+
+
+def test_kustomize_base_is_the_current_render_of_the_chart(helm: Path, tmp_path: Path) -> None:
+    result = run(sys.executable, BASE / "generate.py", "--out", tmp_path, "--helm", helm)
+    assert result.returncode == 0, result.stderr
+
+    generated = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    committed = {p.name: p.read_text() for p in BASE.glob("*.yaml")}
+    assert generated == committed, "manifests/base is stale: run python manifests/base/generate.py"
+
+
+def test_kustomize_base_has_the_objects_of_the_chart(helm: Path, kubectl: Path) -> None:
+    def identities(objects: list[Manifest]) -> set[tuple[str, str, str | None]]:
+        return {(o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in objects}
+
+    built = run(kubectl, "kustomize", BASE)
+    assert built.returncode == 0, built.stderr
+
+    assert identities(parse(built.stdout)) == identities(parse(render_text(helm, "--include-crds")))
+
+
+# ----- the environment is the settings -----
+
+NOT_SETTINGS = {"HOME", "PYTHONDONTWRITEBYTECODE", "HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"}
+
+
+@pytest.mark.parametrize("name", [OPERATOR, WEBHOOK_SERVER])
+def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
+    helm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    from iotistic_billing.settings import Settings, load_settings
+
+    values = {"secrets": {"licenseKeys": {"extraPublicKeys": ["old.pem"]}}}
+    env = env_of(one(render(helm, tmp_path, values), "Deployment", name))
+    unknown = {var for var in env.keys() - NOT_SETTINGS if var.lower() not in Settings.model_fields}
+    assert not unknown, f"not in iotistic_billing/settings.py: {unknown}"
+
+    for var in list(Settings.model_fields):
+        monkeypatch.delenv(var.upper(), raising=False)
+    credentials = {
+        "DATABASE_URL": "postgresql://billing@db/billing",
+        "ADMIN_API_TOKEN": "t" * 32,
+        "STRIPE_SECRET_KEY": "sk_test_x",
+        "STRIPE_WEBHOOK_SECRET": "whsec_x",
+    }
+    for var, item in env.items():
+        monkeypatch.setenv(var, item["value"] if "value" in item else credentials[var])
+    settings = load_settings()
+
+    assert settings.license_public_key_path == Path("/etc/iotistic/license-keys/public-key.pem")
+    assert settings.license_extra_public_key_paths == [
+        Path("/etc/iotistic/license-keys/extra-public-key-0.pem")
+    ]
+    assert settings.billing_url == "http://iotistic-billing-webhook-server.iotistic-system.svc:3100"
+    if name == OPERATOR:
+        assert settings.helm_chart_path == Path("/app/charts/customer-instance")
+        assert settings.operator_peering == "iotistic-billing"
+        assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
+    else:
+        assert settings.port == 3100 and settings.license_private_key_path is None
