@@ -36,6 +36,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Our own Events carry the transitions; Kopf's per-log-line Events would drown them.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # Kopf waits this long for more events of an object before handling it; at its default (0.1 s) a
+    # creation pays it twice (the event, then the one of adding the finalizer).
+    settings.batching.batch_window = 0.02
     settings.networking.request_timeout = 60
 
 
