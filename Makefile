@@ -13,6 +13,8 @@ help:
 	@echo "make test   lint, unit and integration tests (installs what it needs, tools included)"
 	@echo "make tools  build the pinned kube-apiserver, etcd, stripe-mock; fetch helm and kubectl into bin/"
 	@echo "make lint   ruff and mypy --strict"
+	@echo "make e2e    the end-to-end suite on a simulated full cluster (controller-manager, scheduler, kwok)"
+	@echo "make e2e-kind  the same suite on a kind cluster (needs Docker and kind)"
 	@echo "make clean  remove .venv, bin, .cache and .dev"
 
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +49,26 @@ test: venv tools lint
 
 dev: venv tools
 	$(PY) -m iotistic_billing.devenv
+
+# End-to-end on a simulated full cluster: kube-controller-manager, kube-scheduler and kwok's fake nodes
+# next to the local control plane, so instances really roll out. Not part of `make test`.
+.PHONY: tools-e2e e2e e2e-kind
+KIND_CLUSTER := iotistic-e2e
+KIND_KUBECONFIG := .cache/kind-$(KIND_CLUSTER).kubeconfig
+
+tools-e2e: tools
+	tools/build.sh e2e
+
+e2e: venv tools-e2e
+	$(VENV)/bin/pytest tests/e2e -q
+
+# The same suite on a kind cluster (needs Docker and kind on PATH); the cluster is kept for the next run:
+# `kind delete cluster --name iotistic-e2e` removes it. Only helm and kubectl are needed locally.
+e2e-kind: venv
+	tools/build.sh helm kubectl
+	kind get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || kind create cluster --name $(KIND_CLUSTER)
+	mkdir -p .cache && kind get kubeconfig --name $(KIND_CLUSTER) >$(KIND_KUBECONFIG)
+	E2E_KUBECONFIG=$(KIND_KUBECONFIG) $(VENV)/bin/pytest tests/e2e -q
 
 clean:
 	rm -rf $(VENV) bin .cache .dev .pytest_cache .mypy_cache .ruff_cache

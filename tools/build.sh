@@ -20,10 +20,15 @@ run() {
 fresh() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.stamp-$1" 2>/dev/null)" = "$2" ]; }
 stamp() { echo "$2" >"$bin/.stamp-$1"; }
 
-build_kube_apiserver() {
-  local v=$KUBERNETES_VERSION
-  fresh kube-apiserver "$v" && return 0
-  echo "building kube-apiserver $v (first time: about 10 minutes on 2 cores)"
+# kube-apiserver, and for `e2e` kube-controller-manager and kube-scheduler, come from one throwaway module
+# requiring k8s.io/kubernetes; each binary has its own stamp, so one is rebuilt without the others.
+build_kube_component() {
+  local cmd=$1 v=$KUBERNETES_VERSION
+  fresh "$cmd" "$v" && return 0
+  # kube-apiserver pays for compiling most of Kubernetes; the other two reuse Go's build cache.
+  local hint=""
+  [ "$cmd" = kube-apiserver ] && hint=" (first time: about 10 minutes on 2 cores)"
+  echo "building $cmd $v$hint"
   local minor=${v#v1.}; minor=${minor%%.*}
   local staging="v0.${v#v1.}"
   local dir="$work/kubernetes-$v"
@@ -38,12 +43,15 @@ build_kube_apiserver() {
     while read -r mod; do replaces+=("-replace=$mod=$mod@$staging"); done < <(
       sed -n 's/^\t\(k8s\.io\/[a-z0-9-]*\) v0\.0\.0$/\1/p' "$gomod" | sort -u)
     go mod edit "${replaces[@]}"
-    cat >tools.go <<GO
+    # One file per command, so that `go mod tidy` keeps what every command built so far needs.
+    local file=tools.go
+    [ "$cmd" = kube-apiserver ] || file="tools-$cmd.go"
+    cat >"$file" <<GO
 //go:build tools
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+import _ "k8s.io/kubernetes/cmd/$cmd"
 GO
     run go get "k8s.io/kubernetes@$v"
     run go mod tidy
@@ -52,10 +60,12 @@ GO
     for p in $vpkg $cpkg; do
       ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
     done
-    run go build -trimpath -ldflags "$ld" -o "$bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+    run go build -trimpath -ldflags "$ld" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
   )
-  stamp kube-apiserver "$v"
+  stamp "$cmd" "$v"
 }
+
+build_kube_apiserver() { build_kube_component kube-apiserver; }
 
 build_etcd() {
   local v=$ETCD_VERSION
@@ -86,6 +96,38 @@ build_stripe_mock() {
   echo "building stripe-mock $v"
   run env GOBIN="$bin" go install -trimpath -ldflags "-s -w" "github.com/stripe/stripe-mock@$v"
   stamp stripe-mock "$v"
+}
+
+# kwok does nothing without Stages (how fake Nodes and Pods move through their lives): bin/kwok-stages.yaml
+# carries the "fast" set of the same kwok version (Nodes Ready with leases; Pods Running/Ready at once,
+# completed, deleted), which iotistic_billing.devenv.simulated passes with --config.
+build_kwok() {
+  local v=$KWOK_VERSION
+  fresh kwok "$v" && [ -f "$bin/kwok-stages.yaml" ] && return 0
+  echo "building kwok $v"
+  local dir="$work/kwok-$v"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    [ -f go.mod ] || run go mod init local/kwok-build
+    cat >tools.go <<GO
+//go:build tools
+
+package tools
+
+import _ "sigs.k8s.io/kwok/cmd/kwok"
+GO
+    run go get "sigs.k8s.io/kwok@$v"
+    run go mod tidy
+    run go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" -o "$bin/kwok" \
+      sigs.k8s.io/kwok/cmd/kwok
+    local src stages=()
+    src=$(go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage
+    stages=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
+      pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml)
+    for f in "${stages[@]}"; do echo "---"; cat "$src/$f"; done >"$bin/kwok-stages.yaml"
+  )
+  stamp kwok "$v"
 }
 
 extract_helm_kubectl() {
@@ -127,7 +169,11 @@ for t in "${targets[@]}"; do
     all)
       if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then link_kubebuilder_assets; else build_etcd; build_kube_apiserver; fi
       build_stripe_mock; extract_helm_kubectl ;;
+    # The simulated cluster of `make e2e`; not needed by `make test`.
+    e2e) build_kube_component kube-controller-manager; build_kube_component kube-scheduler; build_kwok ;;
     kube-apiserver) build_kube_apiserver ;;
+    kube-controller-manager|kube-scheduler) build_kube_component "$t" ;;
+    kwok) build_kwok ;;
     etcd) build_etcd ;;
     stripe-mock) build_stripe_mock ;;
     helm|kubectl) extract_helm_kubectl ;;

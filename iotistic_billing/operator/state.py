@@ -190,7 +190,9 @@ def instance_health(deployments: Sequence[Mapping[str, Any]], enabled: bool) -> 
         rolled_out = status.get("observedGeneration", 0) >= meta.get("generation", 0)
         available = status.get("availableReplicas") or 0
         updated = status.get("updatedReplicas") or 0
-        if not (rolled_out and available >= wanted and updated >= wanted):
+        # As `kubectl rollout status`: no replica of an older ReplicaSet may be left.
+        leftover = (status.get("replicas") or 0) > updated
+        if not (rolled_out and available >= wanted and updated >= wanted) or leftover:
             waiting.append(f"{meta.get('name')} {available}/{wanted}")
     if waiting:
         return InstanceHealth(

@@ -139,6 +139,9 @@ def test_instance_health_needs_every_deployment_rolled_out() -> None:
     assert not instance_health([deployment("api", 1, 1, generation=3, observed=2)], enabled=True).available
     assert not instance_health([], enabled=True).available
     assert instance_health([], enabled=False).available
+    mid_rollout = deployment("api", 1, 1)
+    mid_rollout["status"]["replicas"] = 2  # the old ReplicaSet's pod is still there
+    assert not instance_health([mid_rollout], enabled=True).available
 
 
 def status_after(
