@@ -12,8 +12,11 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -59,7 +62,7 @@ class ManagedProcess:
         self,
         name: str,
         argv: Sequence[str],
-        log_path: Path,
+        log_path: Path | None,
         env: dict[str, str] | None = None,
         uid: int | None = None,
         gid: int | None = None,
@@ -67,12 +70,15 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = log_path.open("ab")
+        # No log file: the child writes to our stdout and stderr (a sidecar process of a server).
+        self._log: IO[bytes] | None = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             list(argv),
             stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if self._log is not None else None,
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=cwd,
@@ -87,6 +93,8 @@ class ManagedProcess:
         return self.process.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None:
+            return ""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -105,7 +113,36 @@ class ManagedProcess:
         # Anything the child left in its group goes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     def kill(self) -> None:
         self.stop(timeout=5.0, sig=signal.SIGKILL)
+
+
+def wait_for_http(
+    url: str,
+    process: ManagedProcess,
+    timeout: float,
+    ok: Callable[[bytes], bool] = lambda body: True,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Poll `url` until it answers 2xx with a body `ok` accepts; fail early, with the log, if the
+    process serving it exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not process.running():
+            raise RuntimeError(
+                f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310 - loopback
+                body = response.read()
+                if ok(body):
+                    return
+                last = body.decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy within {timeout}s ({last}):\n{process.log_tail()}")

@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
@@ -24,7 +22,7 @@ from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
-from iotistic_billing.processes import ManagedProcess, free_port
+from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
 
 REPO = REPO_BIN.parent
 DATABASE = "billing"
@@ -144,20 +142,9 @@ class DevEnvironment:
             name, [sys.executable, "-m", module], self.state / f"{name}.log", env=service_env
         )
         self._stop_later(name, process)
-        port = int(service_env[health])
-        url = f"http://127.0.0.1:{port}/healthz"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not process.running():
-                raise RuntimeError(f"{name} exited; last lines of {process.log_path}:\n{process.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        print(f"{name:<13} {url} (log {process.log_path})", flush=True)
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"{name} not healthy at {url} within 60s:\n{process.log_tail()}")
+        url = f"http://127.0.0.1:{service_env[health]}/healthz"
+        wait_for_http(url, process, 60)
+        print(f"{name:<13} {url} (log {process.log_path})", flush=True)
 
     def _apply(self, kubeconfig: Path, folder: Path, wait_established: bool = False) -> None:
         if not any(folder.glob("*.yaml")):

@@ -10,16 +10,16 @@ import json
 import os
 import shutil
 import ssl
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from iotistic_billing.devenv.pki import CertificateAuthority, KeyPair, service_account_key
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
+from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http, wait_for_port
 
 REPO_BIN = Path(__file__).resolve().parents[2] / "bin"
 
@@ -207,25 +207,11 @@ class ControlPlane:
     def version(self) -> str:
         return str(self.get("/version")["gitVersion"])
 
-    def _wait_http(self, url: str, timeout: float, process: ManagedProcess, ok: Any) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_http(
+        self, url: str, timeout: float, process: ManagedProcess, ok: Callable[[bytes], bool]
+    ) -> None:
         context = self._ssl_context() if url.startswith("https") else None
-        last = ""
-        while time.monotonic() < deadline:
-            if not process.running():
-                raise RuntimeError(
-                    f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310 - http(s) only
-                    body = response.read()
-                    if ok(body):
-                        return
-                    last = body.decode(errors="replace")
-            except (urllib.error.URLError, OSError) as exc:
-                last = str(exc)
-            time.sleep(0.2)
-        raise TimeoutError(f"{url} not healthy within {timeout}s ({last}):\n{process.log_tail()}")
+        wait_for_http(url, process, timeout, ok, context)
 
     def stop(self) -> None:
         for process in (self.apiserver, self.etcd):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import ssl
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import kubernetes
 
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
 from iotistic_billing.k8s import api_client
-from iotistic_billing.processes import ManagedProcess, free_port
+from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
 
 # kwok manages only the Nodes carrying this annotation (the convention of kwok's own examples).
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -211,20 +209,4 @@ def _wait_healthz(url: str, process: ManagedProcess, timeout: float) -> None:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not process.running():
-            raise RuntimeError(
-                f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310 - loopback
-                body = response.read()
-                if body.strip() == b"ok":
-                    return
-                last = body.decode(errors="replace")
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy within {timeout}s ({last}):\n{process.log_tail()}")
+    wait_for_http(url, process, timeout, lambda body: body.strip() == b"ok", context)
