@@ -57,6 +57,18 @@ class Settings(BaseSettings):
     operator_priority: int = 0
     # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).
     operator_timer_interval: Annotated[float, Field(gt=0)] = 60.0
+    # Webhook server rate limits, per client address and per API key: a token bucket.
+    rate_limit_per_second: Annotated[float, Field(gt=0)] = 50.0
+    rate_limit_burst: Annotated[int, Field(ge=1)] = 500
+    # Stripe events are applied after their 2xx by a process of their own beside each webhook server
+    # (so that applying never slows the answers): its workers (0: none here) and its health/metrics port
+    # (0: PORT + 1).
+    stripe_inbox_workers: Annotated[int, Field(ge=0, le=64)] = 4
+    stripe_inbox_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # Usage metering: seconds between status flushes and between meter runs; usage-key cache TTL.
+    usage_flush_interval: Annotated[float, Field(gt=0)] = 10.0
+    usage_meter_interval: Annotated[float, Field(gt=0)] = 3600.0
+    usage_key_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
     # Public URL of the webhook server, given to customer instances for usage reports.
     billing_url: str = "http://localhost:3100"
 

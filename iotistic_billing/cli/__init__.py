@@ -14,6 +14,7 @@ COMMAND_MODULES: Final = (
     "iotistic_billing.cli.keys",
     "iotistic_billing.cli.license",
     "iotistic_billing.cli.customer",
+    "iotistic_billing.cli.usage",
 )
 
 PROGRAM: Final = "iotistic-billing"

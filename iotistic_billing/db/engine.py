@@ -13,6 +13,11 @@ def async_url(database_url: str) -> str:
     raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
 
 
+def plain_url(database_url: str) -> str:
+    """The URL as libpq and asyncpg take it (no SQLAlchemy driver suffix)."""
+    return "postgresql://" + async_url(database_url).removeprefix("postgresql+asyncpg://")
+
+
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         async_url(database_url),

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -124,7 +125,11 @@ class UsageRollup(Base):
     """Usage summed per customer and billing period, with the overage computed from it."""
 
     __tablename__ = "usage_rollups"
-    __table_args__ = (UniqueConstraint("customer_id", "period_start", name="uq_usage_rollups_period"),)
+    __table_args__ = (
+        UniqueConstraint("customer_id", "period_start", name="uq_usage_rollups_period"),
+        # The meter run's work list: closed periods whose Stripe meter events are not all recorded.
+        Index("ix_usage_rollups_unmetered", "period_end", postgresql_where=text("metered_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     customer_id: Mapped[str] = mapped_column(String(40))
@@ -134,12 +139,46 @@ class UsageRollup(Base):
     overage: Mapped[dict[str, Any]]
     overage_amount_cents: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+    # The plan whose included usage the overage is computed against (the effective plan when last rolled up).
+    plan: Mapped[str | None] = mapped_column(String(20))
+    # Set once the period has ended and was rolled up for the last time; a closed rollup never changes.
+    closed_at: Mapped[datetime | None]
+    # Set once every meter event of the period is recorded (or there was nothing to send).
+    metered_at: Mapped[datetime | None]
+
+
+class UsageMeterEvent(Base):
+    """A Stripe Billing meter event Stripe accepted: one per customer, period and metric, written only
+    after Stripe's answer, so a crash in between re-sends the same identifier (Stripe deduplicates it)."""
+
+    __tablename__ = "usage_meter_events"
+    __table_args__ = (Index("ix_usage_meter_events_period", "customer_id", "period_start"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(40))
+    period_start: Mapped[datetime]
+    metric: Mapped[str] = mapped_column(String(40))
+    # `<customer id>:<period start, YYYYMMDD>:<metric>`: the meter event's identifier at Stripe.
+    identifier: Mapped[str] = mapped_column(String(200), unique=True)
+    value: Mapped[str] = mapped_column(Text)
+    # The identifier as Stripe echoed it.
+    stripe_event_identifier: Mapped[str | None] = mapped_column(String(255))
+    sent_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 class StripeEvent(Base):
-    """Every Stripe event id seen, once: a repeated delivery finds its row and changes nothing."""
+    """Every Stripe event id seen, once: a repeated delivery finds its row and changes nothing.
+
+    It is also the inbox: a verified event is stored `pending` with its payload before the 2xx, and
+    applied after it; `result` then says what applying it did.
+    """
 
     __tablename__ = "stripe_events"
+    __table_args__ = (
+        Index(
+            "ix_stripe_events_pending", "created", "received_at", postgresql_where=text("result = 'pending'")
+        ),
+    )
 
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100))
@@ -147,6 +186,10 @@ class StripeEvent(Base):
     customer_id: Mapped[str | None] = mapped_column(String(40))
     result: Mapped[str] = mapped_column(String(40))
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    payload: Mapped[dict[str, Any] | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    applied_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):
@@ -172,6 +215,7 @@ __all__ = [
     "LicenseHistory",
     "StripeEvent",
     "Subscription",
+    "UsageMeterEvent",
     "UsageReport",
     "UsageRollup",
 ]

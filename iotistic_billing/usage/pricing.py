@@ -107,9 +107,39 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         calls += sample.http_requests
         covered = min(sample.period_end, period_end) - sample.period_start
         storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
+    return totals_from_sums(
+        period_start,
+        period_end,
+        peak_devices=peak,
+        mqtt_bytes=mqtt,
+        http_bytes=http,
+        api_calls=calls,
+        storage_mb_seconds=storage_mb_seconds,
+        reports=count,
+    )
+
+
+def totals_from_sums(
+    period_start: datetime,
+    period_end: datetime,
+    *,
+    peak_devices: int,
+    mqtt_bytes: int,
+    http_bytes: int,
+    api_calls: int,
+    storage_mb_seconds: Decimal,
+    reports: int,
+) -> PeriodTotals:
+    """The totals of a period from its sums, as `roll_up` ends: shared with the SQL aggregate that
+    computes the same sums inside PostgreSQL (usage.store), so the two cannot drift apart."""
+    length = period_end - period_start
+    if length <= timedelta(0):
+        raise ValueError(f"period_end must be after period_start, got {period_start} .. {period_end}")
     # GB-months: the size averaged over the whole period (a period without reports counts as empty).
     gb_months = storage_mb_seconds / MB_PER_GB / Decimal(int(length.total_seconds()))
-    return PeriodTotals(period_start, period_end, peak, mqtt, http, calls, gb_months, count)
+    return PeriodTotals(
+        period_start, period_end, peak_devices, mqtt_bytes, http_bytes, api_calls, gb_months, reports
+    )
 
 
 def _over(used: Decimal, included: int) -> Decimal:

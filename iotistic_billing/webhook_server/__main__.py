@@ -1,21 +1,70 @@
 """`python -m iotistic_billing.webhook_server`: settings first (a bad one exits 2 naming the variable),
-then the server on PORT until SIGTERM or SIGINT, which let in-flight requests finish."""
+then the server on PORT until SIGTERM or SIGINT, which let in-flight requests finish.
+
+The server answers Stripe once an event is stored; applying events is the job of a second process it
+starts beside itself (`--role inbox`, health and metrics on STRIPE_INBOX_PORT), on the other core, so
+that applying never delays an answer. It is restarted if it dies, and stopped with the server.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from iotistic_billing.settings import SettingsError, load_settings
+from iotistic_billing.processes import ManagedProcess
+from iotistic_billing.settings import Settings, SettingsError, load_settings
+from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.webhook_server.app import create_app
-from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 
 log = logging.getLogger("iotistic_billing.webhook_server")
 
 
-def main() -> int:
+def start_inbox(settings: Settings) -> Callable[[web.Application], Awaitable[None]]:
+    """An on_startup hook: run the inbox process for as long as the server runs."""
+
+    async def run(app: web.Application) -> None:
+        port = settings.stripe_inbox_port or settings.port + 1
+        argv = [sys.executable, "-m", "iotistic_billing.webhook_server", "--role", "inbox"]
+        env = {**os.environ, "PORT": str(port)}
+
+        async def supervise() -> None:
+            while True:
+                child = ManagedProcess("stripe-inbox", argv, None, env=env)
+                try:
+                    # The thread ends with the process, also when cancelling stops it below.
+                    await asyncio.to_thread(child.process.wait)
+                    log.warning("stripe inbox process exited with %s; restarting", child.process.returncode)
+                finally:
+                    child.stop()
+                await asyncio.sleep(1)
+
+        task = asyncio.create_task(supervise())
+
+        async def stop(app: web.Application) -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.on_cleanup.append(stop)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iotistic_billing.webhook_server")
+    parser.add_argument("--role", choices=("server", "inbox"), default="server")
+    role = parser.parse_args(argv).role
+    if role == "inbox":
+        # Below the server in CPU priority: under load, answering Stripe comes first, applying follows.
+        os.nice(10)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # The SDK logs request parameters at debug level; they never belong in our logs.
     logging.getLogger("stripe").setLevel(logging.WARNING)
@@ -23,13 +72,24 @@ def main() -> int:
         settings = load_settings()
         if settings.database_url is None:
             raise SettingsError("DATABASE_URL: required by the webhook server (make dev sets it in .dev/env)")
-        options = ServerOptions()
-        app = create_app(settings, options=options)
+        limit = RateLimit(settings.rate_limit_per_second, settings.rate_limit_burst)
+        workers = settings.stripe_inbox_workers if role == "inbox" else 0
+        options = ServerOptions(rate_per_address=limit, rate_per_key=limit, inbox_workers=workers)
+        usage = UsageOptions(
+            flush_interval=settings.usage_flush_interval,
+            # The inbox process receives no reports; one meter run at a time is enough (it is locked).
+            meter_interval=settings.usage_meter_interval if role == "server" else None,
+            key_cache_ttl=settings.usage_key_cache_ttl,
+        )
+        app = create_app(settings, options=options, usage=usage)
+        if role == "server" and settings.stripe_inbox_workers > 0:
+            app.on_startup.append(start_inbox(settings))
     except SettingsError as error:
         print(f"iotistic-billing webhook server: {error}", file=sys.stderr)
         return 2
     log.info(
-        "listening on :%d (Stripe %s, admin API %s)",
+        "%s listening on :%d (Stripe %s, admin API %s)",
+        role,
         settings.port,
         "configured" if settings.stripe_configured else "not configured",
         "enabled" if settings.admin_api_token is not None else "closed: ADMIN_API_TOKEN unset",

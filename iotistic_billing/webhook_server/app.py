@@ -17,6 +17,9 @@ from aiohttp import web
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.k8s import api_client as kubernetes_api_client
 from iotistic_billing.settings import Settings
+from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.service import UsageMetering
+from iotistic_billing.usage.store import open_pool
 from iotistic_billing.webhook_server.billing import StripeBilling
 from iotistic_billing.webhook_server.cluster import Cluster
 from iotistic_billing.webhook_server.context import (
@@ -26,6 +29,7 @@ from iotistic_billing.webhook_server.context import (
     CLUSTER,
     DIRECTORY,
     ENGINE,
+    INBOX,
     KEY_LIMITER,
     KEYRING,
     METRICS,
@@ -36,9 +40,12 @@ from iotistic_billing.webhook_server.context import (
     SESSIONS,
     SETTINGS,
     STRIPE,
+    USAGE,
+    USAGE_KEYS,
 )
 from iotistic_billing.webhook_server.directory import Directory
 from iotistic_billing.webhook_server.errors import Handler, error_middleware
+from iotistic_billing.webhook_server.inbox import EventInbox
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
@@ -47,6 +54,7 @@ from iotistic_billing.webhook_server.routes import ROUTES
 from iotistic_billing.webhook_server.routing import Operation
 from iotistic_billing.webhook_server.security import (
     RateLimiter,
+    UsageKeyCache,
     add_security_headers,
     authenticate,
     throttled,
@@ -71,7 +79,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise throttled(wait, "address")
     if operation.access in ("admin", "instance"):
         principal = await authenticate(
-            request, app[SETTINGS], app[SESSIONS], allow_instance=operation.access == "instance"
+            request, app[SETTINGS], app[USAGE_KEYS], allow_instance=operation.access == "instance"
         )
         request[PRINCIPAL] = principal
         wait = app[KEY_LIMITER].take(principal.rate_key)
@@ -86,6 +94,7 @@ def create_app(
     kube: kubernetes.client.ApiClient | None = None,
     clock: Callable[[], datetime] | None = None,
     options: ServerOptions | None = None,
+    usage: UsageOptions | None = None,
 ) -> web.Application:
     """The webhook server. `kube`, when given, is used and left open (its owner closes it); otherwise a
     client is built from the service account or KUBECONFIG when the app starts, and closed with it."""
@@ -93,6 +102,7 @@ def create_app(
         raise ValueError("DATABASE_URL is required by the webhook server")
     database_url = settings.database_url
     options = options or ServerOptions()
+    usage_options = usage or UsageOptions()
     metrics = Metrics()
     app = web.Application(
         client_max_size=options.client_max_size,
@@ -139,7 +149,37 @@ def create_app(
         if billing is not None:
             await billing.close()
 
-    app.cleanup_ctx.extend([database, kubernetes_api, stripe_api])
+    async def stripe_inbox(app: web.Application) -> AsyncIterator[None]:
+        inbox = EventInbox(app, workers=options.inbox_workers, database_url=database_url)
+        app[INBOX] = inbox
+        await inbox.start()
+        yield
+        await inbox.stop()
+
+    async def usage_metering(app: web.Application) -> AsyncIterator[None]:
+        # Last in, first out: stopped (with its final status flush) while the engine, the Kubernetes
+        # client and Stripe are still open.
+        app[USAGE_KEYS] = UsageKeyCache(
+            app[SESSIONS], ttl=usage_options.key_cache_ttl, negative_ttl=usage_options.key_cache_negative_ttl
+        )
+        pool = await open_pool(database_url, usage_options.pool_size)
+        metering = UsageMetering(
+            pool=pool,
+            options=usage_options,
+            session_factory=app[SESSIONS],
+            directory=app[DIRECTORY],
+            cluster=app[CLUSTER],
+            stripe=app[STRIPE],
+            metrics=metrics,
+            clock=app[CLOCK],
+        )
+        app[USAGE] = metering
+        metering.start()
+        yield
+        await metering.stop()
+        await pool.close()
+
+    app.cleanup_ctx.extend([database, kubernetes_api, stripe_api, stripe_inbox, usage_metering])
     return app
 
 

@@ -131,6 +131,20 @@ class Cluster:
         )
         return patched
 
+    async def patch_status(self, name: str, patch: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        """A merge patch of a Customer's status (carrying metadata.resourceVersion makes it conditional)."""
+        patched: dict[str, Any] = await self._call(
+            self.objects.patch_cluster_custom_object_status,
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            patch,
+            field_manager=field_manager,
+            _content_type=_MERGE,
+        )
+        return patched
+
     async def read_license_secret(self, namespace: str) -> dict[str, bytes] | None:
         """The decoded data of the licence Secret, or None while it (or its namespace) does not exist."""
         try:

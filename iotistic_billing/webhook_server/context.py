@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iotistic_billing.settings import Settings
+from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.webhook_server.billing import StripeBilling
 from iotistic_billing.webhook_server.cluster import Cluster
 from iotistic_billing.webhook_server.directory import Directory
@@ -19,8 +20,11 @@ from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.webhook_server.routing import Operation
-from iotistic_billing.webhook_server.security import Principal, RateLimiter
+from iotistic_billing.webhook_server.security import Principal, RateLimiter, UsageKeyCache
 from iotistic_billing.webhook_server.stripe_events import PriceCatalog
+
+if TYPE_CHECKING:
+    from iotistic_billing.webhook_server.inbox import EventInbox
 
 SETTINGS = web.AppKey("settings", Settings)
 OPTIONS = web.AppKey("options", ServerOptions)
@@ -38,6 +42,10 @@ SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
 CLUSTER = web.AppKey("cluster", Cluster)
 DIRECTORY = web.AppKey("directory", Directory)
 STRIPE: web.AppKey[StripeBilling | None] = web.AppKey("stripe")
+# Usage metering: its asyncpg pool, coalescer and timers; the usage-key cache of the auth middleware.
+USAGE = web.AppKey("usage", UsageMetering)
+USAGE_KEYS = web.AppKey("usage_keys", UsageKeyCache)
+INBOX: web.AppKey[EventInbox] = web.AppKey("inbox")
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 

@@ -22,7 +22,7 @@ _REF: Final = "#/components/schemas/{model}"
 _DESCRIPTIONS: Final = {
     200: "OK",
     201: "Created",
-    202: "Accepted: not finished yet; see Location",
+    202: "Accepted",
     400: "Validation failed; details name each field",
     401: "No valid admin token or usage key",
     403: "Authenticated, but not allowed here",
@@ -167,7 +167,10 @@ def build_document(operations: Iterable[Operation]) -> dict[str, Any]:
                     "type": "apiKey",
                     "in": "header",
                     "name": "X-API-Key",
-                    "description": "An instance's usage key (its Secret's usage-api-key)",
+                    "description": (
+                        "An instance's usage key (its Secret's usage-api-key); also accepted as "
+                        "`Authorization: Bearer <key>`"
+                    ),
                 },
             },
         },

@@ -33,5 +33,7 @@ class ServerOptions:
     # Per call to the API server, so that a hung connection becomes a 503 rather than a hung request.
     kube_timeout: float = 10.0
     kube_concurrency: int = 16
+    # Workers of this app's Stripe inbox; the server process runs none (a process of its own applies).
+    inbox_workers: int = 4
     # In-flight requests get this long to finish after SIGTERM.
     shutdown_timeout: float = 30.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from iotistic_billing.webhook_server import customers, licenses, operations, subscriptions, webhooks
+from iotistic_billing.webhook_server import customers, licenses, operations, subscriptions, usage, webhooks
 from iotistic_billing.webhook_server.routing import Operation
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
@@ -30,6 +30,10 @@ from iotistic_billing.webhook_server.schemas import (
     SubscriptionChangeResponse,
     SubscriptionStatusResponse,
     UpgradeRequest,
+    UsageHistory,
+    UsageQuery,
+    UsageReportAck,
+    UsageReportRequest,
     WebhookAck,
 )
 
@@ -53,6 +57,9 @@ ROUTES: Final[tuple[Operation, ...]] = (
             "is recorded and not applied. An event that matches no customer is acknowledged and recorded "
             "as unmatched, as Stripe would otherwise retry it for days."
         ),
+        # Stripe delivers from a few addresses, in bursts after an outage; the signature check (one
+        # HMAC) is the guard here, and a throttled event would only come back later.
+        rate_limited=False,
     ),
     # ----- customers -----
     Operation(
@@ -204,6 +211,38 @@ ROUTES: Final[tuple[Operation, ...]] = (
             "Records a revoked history row for the licence in force and sets spec.suspended: true, so the "
             "operator re-mints an unlicensed licence. Reinstate by setting spec.suspended: false."
         ),
+    ),
+    # ----- usage -----
+    Operation(
+        "POST",
+        "/api/usage/report",
+        usage.report_usage,
+        "Report usage (one report or a batch of up to 1,000)",
+        "usage",
+        "instance",
+        {202: UsageReportAck},
+        body=UsageReportRequest,
+        errors=(403, 413),
+        description=(
+            "The instance's usage key in X-API-Key or as the bearer token (the admin token may report for "
+            "any customer). Counters are deltas over [period_start, period_end) (at most 31 days, not in "
+            "the future); active_devices and total_devices are levels. Each (customer_id, instance_id, "
+            "report_id) is stored once: a repeat counts as duplicate. Every report must be the key's "
+            "customer's (403 naming the first that is not), and a batch is stored whole or not at all. "
+            "Usage keys are cached for 30 s, so a revoked key works that much longer."
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/usage/{customerId}",
+        usage.get_usage,
+        "Get a customer's usage: reports, daily series, billing period and overage",
+        "usage",
+        "instance",
+        {200: UsageHistory},
+        query=UsageQuery,
+        errors=(404,),
+        description="The admin token, or the customer's own usage key.",
     ),
     # ----- operations -----
     Operation(

@@ -7,10 +7,10 @@ OpenAPI document takes its JSON schemas from them, so the three never disagree.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic_core import PydanticCustomError
 
 from iotistic_billing.customer import (
@@ -22,6 +22,7 @@ from iotistic_billing.customer import (
     Plan,
     SubscriptionStatus,
 )
+from iotistic_billing.usage.reports import ReportBody
 
 _EMAIL = re.compile(EMAIL_PATTERN)
 URL_PATTERN = r"^https?://[^\s]+$"
@@ -348,11 +349,118 @@ class WebhookAck(Response):
     received: Literal[True] = True
     duplicate: bool = False
     result: str | None = Field(
-        default=None, description="applied, stale, superseded, unmatched or ignored; null for a duplicate."
+        default=None,
+        description=(
+            "queued: stored, applied right after this answer (stripe_events.result then says applied, "
+            "stale, superseded, unmatched or ignored); null for a duplicate."
+        ),
     )
 
 
+# ----- usage -----
+
+
+class UsageReportRequest(RootModel[ReportBody]):
+    """One report, or {"reports": [...]} with 1 to 1,000 of them. Counters are deltas over
+    [period_start, period_end); report_id makes a report idempotent per customer and instance."""
+
+
+class UsageReportAck(Response):
+    accepted: int = Field(description="Reports stored by this request.")
+    duplicate: int = Field(description="Reports already stored earlier (same customer, instance, report_id).")
+
+
+class UsageQuery(Query):
+    days: Annotated[int, Field(ge=1, le=366, description="Whole UTC days, today included.")] = 30
+
+
+class UsageReportView(Response):
+    instance_id: str
+    report_id: str
+    period_start: datetime
+    period_end: datetime
+    active_devices: int
+    total_devices: int
+    mqtt_messages_published: int
+    mqtt_messages_received: int
+    mqtt_bytes_sent: int
+    mqtt_bytes_received: int
+    http_requests: int
+    http_bytes_sent: int
+    http_bytes_received: int
+    postgres_size_mb: str = Field(description="A decimal, as a string.")
+    postgres_row_count: int
+    reported_at: datetime
+
+
+class UsageDay(Response):
+    date: date
+    reports: int
+    peak_active_devices: int
+    mqtt_messages: int
+    mqtt_bytes: int = Field(description="Sent and received.")
+    http_requests: int
+    http_bytes: int = Field(description="Sent and received.")
+    postgres_size_mb: str | None = Field(description="The last size reported that day (a decimal string).")
+
+
+class IncludedUsageView(Response):
+    """The plan's included usage per billing period; -1 is unlimited."""
+
+    devices: int
+    traffic_gb: int
+    storage_gb: int
+    api_calls: int
+
+
+class PeriodTotalsView(Response):
+    peak_devices: int
+    mqtt_bytes: int
+    http_bytes: int
+    api_calls: int
+    storage_gb_months: str = Field(description="A decimal, as a string.")
+    reports: int
+
+
+class OverageLineView(Response):
+    metric: str
+    quantity: str = Field(description="Units over the quota, a decimal string.")
+    unit_price: str = Field(description="Dollars per `per` units.")
+    per: int
+    amount: str = Field(description="Dollars, rounded to the cent.")
+
+
+class OverageView(Response):
+    lines: list[OverageLineView]
+    total: str = Field(description="Dollars.")
+    total_cents: int
+
+
+class BillingPeriodUsage(Response):
+    plan: str
+    period_start: datetime
+    period_end: datetime
+    included: IncludedUsageView
+    totals: PeriodTotalsView
+    overage: OverageView
+    within_limits: bool
+    exceeded: list[str] = Field(description="What is over the included usage, for a person.")
+
+
+class UsageHistory(Response):
+    customer_id: str
+    days: int
+    window_start: datetime
+    window_end: datetime
+    report_count: int = Field(description="Reports in the window.")
+    reports: list[UsageReportView] = Field(description="The newest reports of the window, newest first.")
+    reports_truncated: bool = Field(description="More reports than listed; the daily series counts all.")
+    daily: list[UsageDay] = Field(description="One entry per UTC day of the window, oldest first.")
+    billing_period: BillingPeriodUsage
+
+
 __all__ = [
+    "BillingPeriodUsage",
     "CancelRequest",
     "CheckoutRequest",
     "CheckoutResponse",
@@ -377,5 +485,11 @@ __all__ = [
     "SubscriptionChangeResponse",
     "SubscriptionStatusResponse",
     "UpgradeRequest",
+    "UsageDay",
+    "UsageHistory",
+    "UsageQuery",
+    "UsageReportAck",
+    "UsageReportRequest",
+    "UsageReportView",
     "WebhookAck",
 ]

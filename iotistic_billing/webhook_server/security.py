@@ -1,12 +1,15 @@
 """Who may call what, how often, and the headers every answer carries.
 
 - Admin: `Authorization: Bearer <ADMIN_API_TOKEN>`, compared in constant time.
-- Instance: `X-API-Key: <usage key>`; only its SHA-256 is stored (api_keys), so lookup is by hash.
+- Instance: `X-API-Key: <usage key>` or `Authorization: Bearer <usage key>`; only its SHA-256 is stored
+  (api_keys), so lookup is by hash. Lookups are cached for a short TTL (UsageKeyCache): a revoked key
+  keeps working until its cache entry expires (30 s by default).
 - Rate limits: an in-memory token bucket per client address and per authenticated principal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import time
@@ -66,14 +69,78 @@ def is_admin(request: web.Request, settings: Settings) -> bool:
     return hmac.compare_digest(token.encode(), settings.admin_api_token.get_secret_value().encode())
 
 
-async def instance_principal(request: web.Request, session: AsyncSession) -> Principal | None:
-    key = request.headers.get(API_KEY_HEADER)
-    if not key or len(key) > 512:
+MAX_KEY_LENGTH: Final = 512
+
+
+async def usage_key_customer(session: AsyncSession, key: str) -> str | None:
+    """The customer whose live usage key `key` is, or None."""
+    if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    customer_id = await session.scalar(
+    customer_id: str | None = await session.scalar(
         select(ApiKey.customer_id).where(ApiKey.key_hash == usage_key_hash(key), ApiKey.revoked_at.is_(None))
     )
+    return customer_id
+
+
+async def instance_principal(request: web.Request, session: AsyncSession) -> Principal | None:
+    customer_id = await usage_key_customer(session, request.headers.get(API_KEY_HEADER, ""))
     return Principal("instance", customer_id) if customer_id is not None else None
+
+
+class UsageKeyCache:
+    """Usage key -> customer id, remembered for `ttl` seconds (unknown keys for `negative_ttl`), so
+    that the hot usage route does not query PostgreSQL per request. Entries are keyed by the key's
+    SHA-256, never the key; the least recently used go first beyond `max_keys`.
+
+    The price: a key revoked in api_keys keeps working until its entry expires.
+    """
+
+    def __init__(
+        self,
+        session_factory: Callable[[], AsyncSession],
+        ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session_factory = session_factory
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_keys = max_keys
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        # One lookup per key at a time: when an entry expires under load, the requests that arrive
+        # meanwhile wait for that lookup instead of each querying PostgreSQL. The lookup is a task of
+        # its own, so a client that disconnects does not cancel it for the others.
+        self._lookups: dict[str, asyncio.Task[str | None]] = {}
+
+    async def customer_for(self, key: str) -> str | None:
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return None
+        digest = usage_key_hash(key)
+        cached = self._entries.get(digest)
+        if cached is not None and cached[1] > self.clock():
+            self._entries.move_to_end(digest)
+            return cached[0]
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.create_task(self._lookup(key, digest))
+            self._lookups[digest] = lookup
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, key: str, digest: str) -> str | None:
+        try:
+            async with self.session_factory() as session:
+                customer_id = await usage_key_customer(session, key)
+        finally:
+            # A failure (PostgreSQL down: a 503 for every waiter) is not cached.
+            del self._lookups[digest]
+        expires = self.clock() + (self.ttl if customer_id is not None else self.negative_ttl)
+        self._entries[digest] = (customer_id, expires)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_keys:
+            self._entries.popitem(last=False)
+        return customer_id
 
 
 def admin_not_configured() -> ApiError:
@@ -88,25 +155,33 @@ def admin_not_configured() -> ApiError:
 async def authenticate(
     request: web.Request,
     settings: Settings,
-    session_factory: Callable[[], AsyncSession],
+    usage_keys: UsageKeyCache,
     allow_instance: bool,
 ) -> Principal:
-    """The caller of an admin route (or, where `allow_instance`, of an instance route), or 401/403."""
+    """The caller of an admin route (or, where `allow_instance`, of an instance route), or 401/403.
+
+    A usage key comes in X-API-Key or, as instances with a generic HTTP client prefer, as the bearer
+    token: a bearer that is not the admin token is looked up as a usage key.
+    """
     if is_admin(request, settings):
         return ADMIN
-    if request.headers.get(API_KEY_HEADER):
-        async with session_factory() as session:
-            principal = await instance_principal(request, session)
-        if principal is None:
-            raise Unauthorized("the X-API-Key is not a known usage key")
+    header_key = request.headers.get(API_KEY_HEADER)
+    bearer = _bearer(request)
+    key = header_key or bearer
+    if key:
+        customer_id = await usage_keys.customer_for(key)
+        if customer_id is None:
+            if header_key:
+                raise Unauthorized("the X-API-Key is not a known usage key")
+            if settings.admin_api_token is None and not allow_instance:
+                raise admin_not_configured()
+            raise Unauthorized("the bearer token is neither the admin token nor a known usage key")
         if not allow_instance:
-            raise Forbidden("this route needs the admin token; a usage key may only read its own licence")
-        return principal
+            raise Forbidden("this route needs the admin token; a usage key may only reach its own customer")
+        return Principal("instance", customer_id)
     if settings.admin_api_token is None and not allow_instance:
         raise admin_not_configured()
-    if _bearer(request) is not None:
-        raise Unauthorized("the bearer token is not valid")
-    raise Unauthorized("send Authorization: Bearer <ADMIN_API_TOKEN>")
+    raise Unauthorized("send Authorization: Bearer <ADMIN_API_TOKEN>, or a usage key in X-API-Key")
 
 
 class RateLimiter:
@@ -158,9 +233,11 @@ __all__ = [
     "SECURITY_HEADERS",
     "Principal",
     "RateLimiter",
+    "UsageKeyCache",
     "add_security_headers",
     "authenticate",
     "instance_principal",
     "is_admin",
     "throttled",
+    "usage_key_customer",
 ]

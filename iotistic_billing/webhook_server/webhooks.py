@@ -1,9 +1,10 @@
-"""POST /api/webhooks/stripe: verify, record once, apply in order, acknowledge fast.
+"""POST /api/webhooks/stripe: verify, store once, acknowledge fast; the inbox applies it in order.
 
-One transaction per event: the event id row, the subscription row and the mirror row are written in it,
-and the Customer's spec.subscription is applied before it commits. A failure anywhere rolls the event id
-back with the rest, so Stripe's retry applies the event again (the apply is idempotent); a repeated
-delivery finds the committed id and changes nothing.
+The 2xx goes out once the verified event is committed to `stripe_events` as `pending` with its payload:
+nothing is lost (Stripe retries what got no 2xx, and a crash leaves the row pending for the next run)
+and a repeated delivery finds the row and changes nothing. Applying an event (inbox.py) is one
+transaction: the subscription row and the mirror row are written in it and the Customer's
+spec.subscription is applied before it commits, so a failure leaves the event pending to be tried again.
 
 An event whose customer cannot be found is acknowledged (200) and recorded as `unmatched` with a warning:
 answering an error would make Stripe retry it for days without any chance of success, and the row keeps
@@ -21,7 +22,7 @@ import stripe
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +31,7 @@ from iotistic_billing.webhook_server.context import (
     CATALOG,
     CLUSTER,
     DIRECTORY,
+    INBOX,
     METRICS,
     SESSIONS,
     SETTINGS,
@@ -51,6 +53,8 @@ from iotistic_billing.webhook_server.stripe_events import (
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER: Final = "Stripe-Signature"
+PENDING: Final = "pending"
+INBOX_CHANNEL: Final = "stripe_inbox"
 # Stripe's own default: a signed payload older than this is refused, which bounds replays.
 SIGNATURE_TOLERANCE: Final = 300
 
@@ -59,7 +63,6 @@ SIGNATURE_TOLERANCE: Final = 300
 class Outcome:
     result: str
     customer_id: str | None = None
-    duplicate: bool = False
 
 
 def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent:
@@ -100,36 +103,35 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
     except BadRequest:
         metrics.webhook_event("unverified", "rejected")
         raise
-    outcome = await process_event(request.app, event)
-    metrics.webhook_event(event.type, outcome.result)
+    stored = await store_event(request.app, event, json.loads(payload))
+    metrics.webhook_event(event.type, "queued" if stored else "duplicate")
+    if stored:
+        request.app[INBOX].wake()  # this process's own workers, if it has any
     # The id and type only: the payload holds customer data and is never logged.
-    log.info("stripe event %s (%s): %s", event.id, event.type, outcome.result)
-    return json_model(
-        WebhookAck(duplicate=outcome.duplicate, result=None if outcome.duplicate else outcome.result)
-    )
+    log.info("stripe event %s (%s): %s", event.id, event.type, "queued" if stored else "duplicate")
+    return json_model(WebhookAck(duplicate=not stored, result="queued" if stored else None))
 
 
-async def process_event(app: web.Application, event: StripeEvent) -> Outcome:
+async def store_event(app: web.Application, event: StripeEvent, payload: dict[str, object]) -> bool:
+    """Commit the verified event as pending; False when its id was already there (a redelivery)."""
     async with app[SESSIONS]() as session, session.begin():
         first = await session.scalar(
             insert(models.StripeEvent)
-            .values(event_id=event.id, type=event.type, created=event.created, result="received")
+            .values(
+                event_id=event.id, type=event.type, created=event.created, result=PENDING, payload=payload
+            )
             # A concurrent delivery of the same id waits here for this transaction, then sees the row.
             .on_conflict_do_nothing(index_elements=[models.StripeEvent.event_id])
             .returning(models.StripeEvent.event_id)
         )
-        if first is None:
-            return Outcome("duplicate", duplicate=True)
-        outcome = await _apply(app, session, event)
-        await session.execute(
-            update(models.StripeEvent)
-            .where(models.StripeEvent.event_id == event.id)
-            .values(result=outcome.result, customer_id=outcome.customer_id)
-        )
-    return outcome
+        if first is not None:
+            # Delivered at commit to every inbox LISTENing, in whichever process or replica.
+            await session.execute(select(func.pg_notify(INBOX_CHANNEL, event.id)))
+    return first is not None
 
 
-async def _apply(app: web.Application, session: AsyncSession, event: StripeEvent) -> Outcome:
+async def apply_event(app: web.Application, session: AsyncSession, event: StripeEvent) -> Outcome:
+    """What the event does to its Customer, inside the caller's transaction (see inbox.py)."""
     if event.type not in HANDLED_EVENT_TYPES:
         log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)
         return Outcome("ignored")
@@ -230,4 +232,13 @@ async def _write_row(
     )
 
 
-__all__ = ["SIGNATURE_HEADER", "Outcome", "process_event", "receive_stripe_event", "verify_event"]
+__all__ = [
+    "INBOX_CHANNEL",
+    "PENDING",
+    "SIGNATURE_HEADER",
+    "Outcome",
+    "apply_event",
+    "receive_stripe_event",
+    "store_event",
+    "verify_event",
+]

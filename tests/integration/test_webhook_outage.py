@@ -3,6 +3,7 @@ and the same event delivered after the recovery is applied exactly once."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,17 +12,19 @@ from typing import Any
 import kubernetes
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
+from iotistic_billing.db.models import StripeEvent as StripeEventRow
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import ServerOptions
-from tests.conftest import unique_name
+from tests.conftest import eventually, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
@@ -34,6 +37,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     make_settings,
     random_id,
     running_app,
+    sign,
     subscription_object,
     webhook_settings_fixture,
 )
@@ -108,9 +112,11 @@ async def test_postgres_down_is_503_and_the_retry_applies_once(
         await engine.dispose()
 
 
-async def test_api_server_unreachable_is_503_and_records_nothing(
+async def test_api_server_unreachable_keeps_the_event_pending_and_not_ready(
     webhook_settings: Settings, db_engine: AsyncEngine
 ) -> None:
+    """The event is stored before the 2xx, so Stripe stops retrying and nothing is lost: the inbox keeps
+    it pending, with the error, and tries again until the API server answers."""
     configuration = kubernetes.client.Configuration()
     configuration.host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     configuration.retries = False
@@ -130,9 +136,28 @@ async def test_api_server_unreachable_is_503_and_records_nothing(
                 metadata={"customerId": "cust_unreachable01"},
             ),
         )
-        status, answer = await deliver(client, body)
-        assert status == 503 and answer["error"] == "Kubernetes API unavailable"
-        assert await event_rows(db_engine, body["id"]) == []
+        payload = json.dumps(body).encode()
+        response = await client.post(
+            "/api/webhooks/stripe",
+            data=payload,
+            headers={"Content-Type": "application/json", "Stripe-Signature": sign(payload)},
+        )
+        assert response.status == 200
+        assert await response.json() == {"received": True, "duplicate": False, "result": "queued"}
+
+        async def failed_attempt() -> tuple[str, int, str | None] | None:
+            async with db_engine.connect() as connection:
+                row = (
+                    await connection.execute(
+                        select(
+                            StripeEventRow.result, StripeEventRow.attempts, StripeEventRow.last_error
+                        ).where(StripeEventRow.event_id == body["id"])
+                    )
+                ).first()
+            return tuple(row) if row is not None and row.attempts >= 1 else None  # type: ignore[return-value]
+
+        result, attempts, error = await eventually(failed_attempt, within=30, message="a failed attempt")
+        assert result == "pending" and attempts >= 1 and error
 
         ready = await client.get("/readyz")
         assert ready.status == 503

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
@@ -32,6 +33,7 @@ from iotistic_billing.db.models import ApiKey, StripeEvent
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.context import SESSIONS
 from iotistic_billing.webhook_server.options import ServerOptions
 from tests.conftest import wait_until
 
@@ -248,13 +250,30 @@ async def deliver(
     secret: str = WEBHOOK_SECRET,
     timestamp: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
+    """POST a signed event; for a first delivery, also wait until the inbox applied it and report the
+    result it recorded (the 2xx itself only says `queued`)."""
     payload = json.dumps(body).encode()
     response = await client.post(
         "/api/webhooks/stripe",
         data=payload,
         headers={"Content-Type": "application/json", "Stripe-Signature": sign(payload, secret, timestamp)},
     )
-    return response.status, await response.json()
+    answer = await response.json()
+    if response.status == 200 and answer.get("result") == "queued":
+        assert answer == {"received": True, "duplicate": False, "result": "queued"}
+        answer["result"] = await applied_result(client.app, body["id"])
+    return response.status, answer
+
+
+async def applied_result(app: web.Application, event_id: str, within: float = 30) -> str:
+    """The result the inbox recorded for `event_id`, once it is no longer pending."""
+
+    async def result() -> str | None:
+        async with app[SESSIONS]() as session:
+            value = await session.scalar(select(StripeEvent.result).where(StripeEvent.event_id == event_id))
+        return value if value not in (None, "pending") else None
+
+    return await eventually(result, within=within, message=f"event {event_id} applied")
 
 
 # ----- the cluster, from the tests' side -----

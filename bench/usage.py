@@ -1,0 +1,405 @@
+"""Usage report throughput of the webhook server against what the same machine and PostgreSQL can do bare.
+
+Starts an embedded PostgreSQL (migrated by Alembic) and two servers, each a process of its own run the
+same way (`web.run_app`, one process, a pool of 10 asyncpg connections):
+- product: the webhook server (`create_app`) with everything a report goes through (metrics, error and
+  access middlewares, the usage-key cache, rate limiters, validation, the exactly-once insert, the
+  coalescer; the status flusher runs every 10 s against an API server that is not there);
+- baseline: a bare aiohttp handler that parses the JSON and does one asyncpg INSERT of the row.
+Then, in one run:
+(a) single reports: `--clients` concurrent aiohttp clients post one report per request for `--seconds`,
+    to each server in turn (`--rounds` rounds each, alternating; the best round of each counts, as other
+    work on the machine only ever slows a round down);
+    target: product >= 0.6 x baseline requests/s;
+(b) batches: `--batch-clients` clients post 1,000-report batches to the product, against the same rows
+    written by raw asyncpg COPY (`copy_records_to_table`) from as many connections (rounds alternating);
+    target: product >= 0.25 x COPY reports/s.
+Prints absolute numbers and ratios; exits 1 when a target is missed.
+Run: `.venv/bin/python bench/usage.py [--seconds 5] [--rounds 3] [--clients 16] [--batch-clients 4]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg  # type: ignore[import-untyped]
+import kubernetes
+from aiohttp import web
+
+from iotistic_billing.api_keys import usage_key_hash
+from iotistic_billing.db import migrate
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.processes import free_port, wait_for_port
+from iotistic_billing.settings import load_settings
+from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.reports import COLUMNS
+from iotistic_billing.usage.store import asyncpg_dsn, keep_session
+from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
+
+CUSTOMER_ID = "cust_benchmark01"
+USAGE_KEY = "iuk_bench_" + "k" * 32
+ADMIN_TOKEN = "bench-admin-token-" + "0" * 16
+SINGLE_TARGET = 0.6
+BATCH_TARGET = 0.25
+BATCH = 1000
+BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
+BASELINE_INSERT = (
+    f"INSERT INTO usage_reports ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS}) "  # noqa: S608 - constants
+    "ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING"
+)
+
+
+def report(report_id: str, instance_id: str = "bench-1") -> dict[str, Any]:
+    return {
+        "customer_id": CUSTOMER_ID,
+        "instance_id": instance_id,
+        "report_id": report_id,
+        "period_start": BASE_TIME.isoformat(),
+        "period_end": (BASE_TIME + timedelta(minutes=5)).isoformat(),
+        "active_devices": 42,
+        "total_devices": 45,
+        "mqtt_messages_published": 150000,
+        "mqtt_messages_received": 120000,
+        "mqtt_bytes_sent": 1500000,
+        "mqtt_bytes_received": 1200000,
+        "http_requests": 5000,
+        "http_bytes_sent": 500000,
+        "http_bytes_received": 300000,
+        "postgres_size_mb": 125.5,
+        "postgres_row_count": 500000,
+    }
+
+
+# ----- the two servers (each runs as `bench/usage.py --serve product|baseline`) -----
+
+
+def baseline_app(database_url: str) -> web.Application:
+    """One JSON parse and one INSERT: the least a server can do to store a report."""
+    pool_key = web.AppKey("pool", asyncpg.Pool)
+
+    async def store(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        await request.app[pool_key].execute(
+            BASELINE_INSERT,
+            body["customer_id"],
+            body["instance_id"],
+            body["report_id"],
+            datetime.fromisoformat(body["period_start"]),
+            datetime.fromisoformat(body["period_end"]),
+            *(body[column] for column in COLUMNS[5:14]),
+            Decimal(str(body["postgres_size_mb"])),
+            body["postgres_row_count"],
+        )
+        return web.json_response({"accepted": 1, "duplicate": 0}, status=202)
+
+    async def pool(app: web.Application) -> AsyncIterator[None]:
+        # The product's pool settings (no per-release reset query), so that only the work differs.
+        app[pool_key] = await asyncpg.create_pool(
+            asyncpg_dsn(database_url), min_size=0, max_size=10, reset=keep_session
+        )
+        yield
+        await app[pool_key].close()
+
+    app = web.Application()
+    app.router.add_post("/api/usage/report", store)
+    app.cleanup_ctx.append(pool)
+    return app
+
+
+def product_app(database_url: str) -> web.Application:
+    settings = load_settings(database_url=database_url, admin_api_token=ADMIN_TOKEN)
+    # No API server in this benchmark: reports never wait for one, and the flusher's calls fail fast.
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{free_port()}"
+    configuration.retries = False
+    # The limits are the operator's to set; they must not be what this measures.
+    unlimited = RateLimit(per_second=1e9, burst=10**9)
+    options: dict[str, Any] = {"rate_per_address": unlimited, "rate_per_key": unlimited, "kube_timeout": 1}
+    if "inbox_workers" in {field.name for field in fields(ServerOptions)}:
+        # As `python -m iotistic_billing.webhook_server` runs the server: Stripe events are applied by a
+        # process of its own, not by the process that answers.
+        options["inbox_workers"] = 0
+    return create_app(
+        settings,
+        kube=kubernetes.client.ApiClient(configuration),
+        options=ServerOptions(**options),
+        usage=UsageOptions(meter_interval=None),
+    )
+
+
+def serve(kind: str, port: int, database_url: str) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    app = product_app(database_url) if kind == "product" else baseline_app(database_url)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    return 0
+
+
+@dataclass
+class Server:
+    kind: str
+    url: str
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, kind: str, database_url: str, log: Path) -> Server:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--port", str(port), "--database-url", database_url],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(port, 30, process)
+        return cls(kind, f"http://127.0.0.1:{port}/api/usage/report", process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+# ----- the load -----
+
+
+@dataclass
+class Round:
+    count: int  # reports stored
+    requests: int
+    elapsed: float
+    latencies: list[float]
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.elapsed
+
+    @property
+    def reports_per_second(self) -> float:
+        return self.count / self.elapsed
+
+    def describe(self) -> str:
+        cuts = statistics.quantiles(self.latencies, n=100) if len(self.latencies) > 1 else [0.0] * 99
+        return (
+            f"{self.requests_per_second:9.1f} req/s {self.reports_per_second:10.1f} reports/s   "
+            f"p50 {cuts[49] * 1000:6.1f} ms  p99 {cuts[98] * 1000:6.1f} ms"
+        )
+
+
+async def drive(
+    url: str,
+    bodies: Callable[[], bytes],
+    per_request: int,
+    clients: int,
+    seconds: float,
+    headers: dict[str, str],
+) -> Round:
+    """`clients` workers posting bodies back to back for `seconds`; every answer must be a 202."""
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < deadline:
+            payload = bodies()
+            started = time.perf_counter()
+            async with session.post(url, data=payload, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 202:
+                    raise SystemExit(f"{url} answered {response.status}: {answer[:300]!r}")
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return Round(len(latencies) * per_request, len(latencies), elapsed, latencies)
+
+
+class Ids:
+    """Report ids never used before in this run, so every report is stored (no duplicates measured)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.next = 0
+
+    def take(self) -> str:
+        self.next += 1
+        return f"{self.prefix}-{self.next:09d}"
+
+
+def single_bodies(ids: Ids) -> Callable[[], bytes]:
+    template = json.dumps(report("REPORT_ID_PLACEHOLDER")).encode()
+    return lambda: template.replace(b"REPORT_ID_PLACEHOLDER", ids.take().encode())
+
+
+def batch_bodies(ids: Ids) -> Callable[[], bytes]:
+    # One serialised batch, its instance id swapped per request: 1,000 new reports each time.
+    template = json.dumps({"reports": [report(f"r-{i:04d}", "INSTANCE_PLACEHOLDER") for i in range(BATCH)]})
+    encoded = template.encode()
+    return lambda: encoded.replace(b"INSTANCE_PLACEHOLDER", ids.take().encode())
+
+
+async def copy_rows(database_url: str, connections: int, seconds: float, ids: Ids) -> Round:
+    """The same rows as the batch endpoint stores, by COPY from `connections` connections."""
+    sample = report("x")
+    values = [
+        datetime.fromisoformat(sample[c]) if c.startswith("period_") else sample[c] for c in COLUMNS[3:]
+    ]
+    values[COLUMNS.index("postgres_size_mb") - 3] = Decimal("125.5")
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=connections, max_size=connections)
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        async with pool.acquire() as conn:
+            while time.perf_counter() < deadline:
+                instance = ids.take()
+                rows = [(CUSTOMER_ID, instance, f"r-{i:04d}", *values) for i in range(BATCH)]
+                started = time.perf_counter()
+                await conn.copy_records_to_table("usage_reports", records=rows, columns=list(COLUMNS))
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    await pool.close()
+    return Round(len(latencies) * BATCH, len(latencies), elapsed, latencies)
+
+
+async def stored_reports(database_url: str) -> int:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM usage_reports"))
+    finally:
+        await conn.close()
+
+
+async def measure(args: argparse.Namespace, database_url: str, product: Server, baseline: Server) -> int:
+    headers = {"X-API-Key": USAGE_KEY, "Content-Type": "application/json"}
+    ids = Ids("s")
+    warm = single_bodies(ids)
+    for server in (baseline, product):  # connections opened, statements prepared, key cached
+        await drive(server.url, warm, 1, args.clients, 1.0, headers)
+
+    print(f"(a) single reports, {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s each")
+    rounds: dict[str, list[Round]] = {"baseline": [], "product": []}
+    for _ in range(args.rounds):
+        for server in (baseline, product):
+            result = await drive(server.url, single_bodies(ids), 1, args.clients, args.seconds, headers)
+            rounds[server.kind].append(result)
+            print(f"    {server.kind:<9}{result.describe()}")
+    best = {kind: max(r.requests_per_second for r in results) for kind, results in rounds.items()}
+    single_ratio = best["product"] / best["baseline"]
+    print(
+        f"    best: product {best['product']:.1f} req/s, baseline {best['baseline']:.1f} req/s, "
+        f"ratio {single_ratio:.2f} (target >= {SINGLE_TARGET})"
+    )
+
+    print(
+        f"(b) batches of {BATCH} reports, {args.batch_clients} clients / connections, "
+        f"{args.rounds} rounds of {args.seconds:g} s each"
+    )
+    before = await stored_reports(database_url)
+    batch_ids, copy_ids = Ids("b"), Ids("c")
+    await drive(product.url, batch_bodies(batch_ids), BATCH, args.batch_clients, 1.0, headers)  # warm-up
+    endpoints: list[Round] = []
+    copies: list[Round] = []
+    for _ in range(args.rounds):
+        endpoint = await drive(
+            product.url, batch_bodies(batch_ids), BATCH, args.batch_clients, args.seconds, headers
+        )
+        endpoints.append(endpoint)
+        print(f"    endpoint {endpoint.describe()}")
+        copied = await copy_rows(database_url, args.batch_clients, args.seconds, copy_ids)
+        copies.append(copied)
+        print(f"    COPY     {copied.describe()}")
+    best_endpoint = max(r.reports_per_second for r in endpoints)
+    best_copy = max(r.reports_per_second for r in copies)
+    batch_ratio = best_endpoint / best_copy
+    print(
+        f"    best: endpoint {best_endpoint:.0f} reports/s, COPY {best_copy:.0f} rows/s, "
+        f"ratio {batch_ratio:.2f} (target >= {BATCH_TARGET})"
+    )
+    # Every report the servers acknowledged is in the table (the warm-ups included), and no more.
+    stored = await stored_reports(database_url)
+    assert stored - before >= sum(r.count for r in [*endpoints, *copies]), (stored, before)
+
+    ok = single_ratio >= SINGLE_TARGET and batch_ratio >= BATCH_TARGET
+    print(f"targets: {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+async def add_key(database_url: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            "INSERT INTO api_keys (customer_id, key_hash, key_prefix, purpose) VALUES ($1, $2, $3, 'usage')",
+            CUSTOMER_ID,
+            usage_key_hash(USAGE_KEY),
+            USAGE_KEY[:12],
+        )
+    finally:
+        await conn.close()
+
+
+def run(args: argparse.Namespace, run_async: Callable[[Awaitable[int]], int] = asyncio.run) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-usage-") as folder:
+        workdir = Path(folder)
+        postgres = EmbeddedPostgres(workdir / "postgres").start()
+        servers: list[Server] = []
+        try:
+            database_url = postgres.create_database("bench")
+            migrate.upgrade(database_url)
+            run_async(add_key(database_url))
+            servers = [
+                Server.start("product", database_url, workdir / "product.log"),
+                Server.start("baseline", database_url, workdir / "baseline.log"),
+            ]
+            print(f"{os.cpu_count()} CPUs; PostgreSQL, both servers and the clients share them")
+            return run_async(measure(args, database_url, servers[0], servers[1]))
+        finally:
+            for server in servers:
+                server.stop()
+            postgres.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side, alternating; best counts")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument("--serve", choices=("product", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.port, args.database_url)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""`iotistic-billing usage`: the seed's usage viewer, reading PostgreSQL directly (DATABASE_URL).
+
+`--customer cust_x` prints one line per UTC day with reports and the billing period's overage;
+`--all` prints one line per customer that reported in the window, with its period's overage in dollars.
+The billing period is the one the webhook server last rolled up (it knows the Stripe subscription);
+for a customer it never rolled up, the UTC calendar month and the plan in the customers table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+from iotistic_billing.cli import CommandError
+from iotistic_billing.cli.tables import print_table
+from iotistic_billing.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    # Imported when a command runs: `iotistic-billing --help` loads no database driver.
+    from iotistic_billing.usage.store import Connection
+
+MAX_DAYS: Final = 366
+MB: Final = Decimal(10**6)
+GB: Final = Decimal(10**9)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    usage = subparsers.add_parser(
+        "usage",
+        help="usage reported by customer instances, per day or per customer (reads PostgreSQL)",
+        description="Usage reports per UTC day of one customer, or per customer; reads DATABASE_URL.",
+    )
+    target = usage.add_mutually_exclusive_group(required=True)
+    target.add_argument("--customer", metavar="CUSTOMER_ID", help="one customer, per day")
+    target.add_argument("--all", action="store_true", help="every customer that reported, one line each")
+    usage.add_argument("--days", type=int, default=30, help="whole UTC days, today included (default 30)")
+    usage.add_argument(
+        "--until",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="last day of the window (default today)",
+    )
+    usage.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    usage.set_defaults(handler=_usage)
+
+
+def _database_url() -> str:
+    try:
+        url = load_settings().database_url
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from None
+    if url is None:
+        raise CommandError(
+            "DATABASE_URL is not set; point it at the billing database (make dev writes .dev/env)"
+        )
+    return url
+
+
+def _usage(args: argparse.Namespace) -> int:
+    if not 1 <= args.days <= MAX_DAYS:
+        raise CommandError(f"--days: must be between 1 and {MAX_DAYS}, got {args.days}")
+    now = datetime.now(UTC)
+    if args.until is not None:
+        # As of the end of that day, or now when that day is today.
+        now = min(
+            now,
+            datetime(args.until.year, args.until.month, args.until.day, tzinfo=UTC)
+            + timedelta(days=1, microseconds=-1),
+        )
+    url = _database_url()
+    from iotistic_billing.usage.store import DatabaseUnavailable
+
+    try:
+        return asyncio.run(_show(url, args, now))
+    except DatabaseUnavailable as error:
+        raise CommandError(f"cannot reach PostgreSQL at DATABASE_URL ({error})") from None
+
+
+def window_text(start: datetime, days: int) -> str:
+    return f"{days} days, {start.date()} .. {(start + timedelta(days=days - 1)).date()} UTC"
+
+
+def dollars(amount: Decimal | str) -> str:
+    return f"${Decimal(amount):,.2f}"
+
+
+def megabytes(count: int) -> str:
+    return f"{Decimal(count) / MB:,.1f}"
+
+
+def gigabytes(count: int) -> str:
+    return f"{Decimal(count) / GB:,.3f}"
+
+
+def overage_rows(overage: dict[str, Any]) -> list[dict[str, object]]:
+    return [
+        {
+            "metric": line["metric"],
+            "over": line["quantity"],
+            "price": f"{dollars(line['unit_price'])} / {line['per']:,}",
+            "amount": dollars(line["amount"]),
+        }
+        for line in overage.get("lines", ())
+    ]
+
+
+async def _show(url: str, args: argparse.Namespace, now: datetime) -> int:
+    from iotistic_billing.usage.store import connect
+
+    conn = await connect(url)
+    try:
+        if args.all:
+            return await _all(conn, args, now)
+        return await _customer(conn, args, now)
+    finally:
+        await conn.close()
+
+
+async def _period(conn: Connection, customer_id: str, plan: str | None, now: datetime) -> dict[str, Any]:
+    """The billing period holding `now` as the server rolled it up, else the calendar month."""
+    from iotistic_billing.usage.periods import billing_period
+    from iotistic_billing.usage.rollups import compute_rollup, overage_json
+    from iotistic_billing.usage.store import current_rollups, period_totals
+
+    row = (await current_rollups(conn, [customer_id], now)).get(customer_id)
+    if row is not None and row["period_end"] > now:
+        return {
+            "period_start": row["period_start"].isoformat(),
+            "period_end": row["period_end"].isoformat(),
+            "plan": row["plan"],
+            "source": "closed rollup" if row["closed_at"] else "open rollup",
+            "overage": json.loads(row["overage"]),
+        }
+    period = billing_period(now, None)
+    chosen = plan or (row["plan"] if row is not None else None) or "trial"
+    rollup = compute_rollup(customer_id, period, chosen, await period_totals(conn, customer_id, period))
+    return {
+        "period_start": period.start.isoformat(),
+        "period_end": period.end.isoformat(),
+        "plan": chosen,
+        "source": "calendar month, computed now",
+        "overage": overage_json(rollup.overage),
+    }
+
+
+async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -> int:
+    from iotistic_billing.usage.periods import window_start
+    from iotistic_billing.usage.store import customer_summaries, daily_usage
+
+    start = window_start(now, args.days)
+    end = start + timedelta(days=args.days)
+    days = await daily_usage(conn, args.customer, start, end)
+    summaries = await customer_summaries(conn, start, end, args.customer)
+    summary = summaries[0] if summaries else None
+    period = await _period(conn, args.customer, summary.mirror_plan if summary else None, now)
+    rows: list[dict[str, object]] = [
+        {
+            "date": day.day.isoformat(),
+            "reports": day.reports,
+            "peakDevices": day.peak_active_devices,
+            "mqttMessages": f"{day.mqtt_messages:,}",
+            "mqttMb": megabytes(day.mqtt_bytes),
+            "httpRequests": f"{day.http_requests:,}",
+            "httpMb": megabytes(day.http_bytes),
+            "databaseMb": day.postgres_size_mb,
+        }
+        for day in days
+    ]
+    if args.output == "json":
+        print(
+            json.dumps(
+                {"customer_id": args.customer, "days": rows, "billing_period": period}, indent=2, default=str
+            )
+        )
+        return 0
+    company = f" ({summary.company_name})" if summary and summary.company_name else ""
+    print(f"Usage of {args.customer}{company}: {window_text(start, args.days)}")
+    print()
+    print_table(
+        rows,
+        ["date", "reports", "peakDevices", "mqttMessages", "mqttMb", "httpRequests", "httpMb", "databaseMb"],
+    )
+    print()
+    print(
+        f"Billing period {period['period_start'][:10]} .. {period['period_end'][:10]}, plan {period['plan']} "
+        f"({period['source']})"
+    )
+    print_table(overage_rows(period["overage"]), ["metric", "over", "price", "amount"])
+    print(f"Overage: {dollars(period['overage']['total'])}")
+    return 0
+
+
+def _all_rows(summaries: Sequence[Any], periods: dict[str, dict[str, Any]]) -> list[dict[str, object]]:
+    return [
+        {
+            "customerId": summary.customer_id,
+            "company": summary.company_name or "",
+            "plan": periods[summary.customer_id]["plan"],
+            "reports": f"{summary.reports:,}",
+            "peakDevices": summary.peak_active_devices,
+            "trafficGb": gigabytes(summary.traffic_bytes),
+            "apiCalls": f"{summary.http_requests:,}",
+            "databaseMb": summary.postgres_size_mb,
+            "lastReport": summary.last_report_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+            "periodOverage": dollars(periods[summary.customer_id]["overage"]["total"]),
+        }
+        for summary in summaries
+    ]
+
+
+async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int:
+    from iotistic_billing.usage.periods import window_start
+    from iotistic_billing.usage.store import customer_summaries
+
+    start = window_start(now, args.days)
+    end = start + timedelta(days=args.days)
+    summaries = await customer_summaries(conn, start, end)
+    periods = {s.customer_id: await _period(conn, s.customer_id, s.mirror_plan, now) for s in summaries}
+    rows = _all_rows(summaries, periods)
+    if args.output == "json":
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(
+        f"Usage of every customer: {args.days} days, {start.date()} .. {(end - timedelta(days=1)).date()} UTC"
+    )
+    print()
+    print_table(
+        rows,
+        [
+            "customerId",
+            "company",
+            "plan",
+            "reports",
+            "peakDevices",
+            "trafficGb",
+            "apiCalls",
+            "databaseMb",
+            "lastReport",
+            "periodOverage",
+        ],
+    )
+    total = sum((Decimal(p["overage"]["total"]) for p in periods.values()), Decimal("0.00"))
+    print()
+    print(f"Overage of the current periods: {dollars(total)}")
+    return 0

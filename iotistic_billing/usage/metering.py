@@ -1,0 +1,250 @@
+"""Stripe metered billing: one Billing meter event per closed period and metric with overage.
+
+Exactly once, end to end: an event is recorded in `usage_meter_events` only after Stripe accepted it,
+under the identifier `<customer id>:<period start YYYYMMDD>:<metric>`. A crash between Stripe's answer
+and the insert re-sends the same identifier on the next run, and Stripe drops a repeated identifier;
+a send that fails is tried again by the next run; a recorded event is never sent again. One run at a
+time across server replicas (a PostgreSQL advisory lock), so two replicas never race on one event.
+
+Stripe side: one meter per metric (`iotistic_devices`, `iotistic_mqtt_traffic_gb`,
+`iotistic_http_traffic_gb`, `iotistic_storage_gb_months`, `iotistic_api_calls`), aggregated by sum,
+with a metered price at the seed's overage rate (API calls: per unit, $0.0005, or $0.50 per 1,000
+with transform_quantity divide_by 1000).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import stripe
+
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.rollups import BILLED_PLANS, close_periods, overage_quantities
+from iotistic_billing.usage.store import Connection, Pool, Queryable, connection
+
+if TYPE_CHECKING:
+    from stripe.params.billing import MeterEventCreateParams
+
+log = logging.getLogger(__name__)
+
+EVENT_NAME_PREFIX: Final = "iotistic_"
+# Stripe refuses meter values with more than 15 significant digits; quantities keep at most 6 decimals
+# (a kilobyte of a GB), fewer when the integer part is long.
+MAX_DIGITS: Final = 15
+MAX_DECIMALS: Final = 6
+# Any constant of ours: pg_try_advisory_lock keys are one bigint per purpose.
+METER_LOCK_KEY: Final = 0x10715_0006
+
+
+def meter_identifier(customer_id: str, period_start: datetime, metric: str) -> str:
+    return f"{customer_id}:{period_start.astimezone(UTC):%Y%m%d}:{metric}"
+
+
+def meter_value(quantity: Decimal) -> str | None:
+    """The quantity as Stripe takes it (a plain decimal string, at most 15 significant digits), or None
+    when it rounds to nothing."""
+    if quantity <= 0:
+        return None
+    integer_digits = max(1, quantity.adjusted() + 1)
+    decimals = max(0, min(MAX_DECIMALS, MAX_DIGITS - integer_digits))
+    rounded = quantity.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    if rounded <= 0:
+        return None
+    text = f"{rounded:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+@dataclass(frozen=True)
+class MeterEvent:
+    customer_id: str
+    period_start: datetime
+    metric: str
+    identifier: str
+    stripe_customer_id: str
+    value: str
+    # Unix seconds: the last second of the period, so Stripe counts the event in that period (a period
+    # is [start, end), and an event stamped at its end would fall into the next one).
+    timestamp: int
+
+    @property
+    def event_name(self) -> str:
+        return EVENT_NAME_PREFIX + self.metric
+
+    def params(self) -> MeterEventCreateParams:
+        return {
+            "event_name": self.event_name,
+            "payload": {"stripe_customer_id": self.stripe_customer_id, "value": self.value},
+            "identifier": self.identifier,
+            "timestamp": self.timestamp,
+        }
+
+
+def meter_events_for(
+    customer_id: str, stripe_customer_id: str, period: BillingPeriod, quantities: Mapping[str, Decimal]
+) -> list[MeterEvent]:
+    """The meter events a closed period owes: one per metric over its quota (nothing for a quantity
+    too small to bill)."""
+    events = []
+    for metric, quantity in quantities.items():
+        value = meter_value(quantity)
+        if value is None:
+            continue
+        events.append(
+            MeterEvent(
+                customer_id=customer_id,
+                period_start=period.start,
+                metric=metric,
+                identifier=meter_identifier(customer_id, period.start, metric),
+                stripe_customer_id=stripe_customer_id,
+                value=value,
+                timestamp=int(period.end.timestamp()) - 1,
+            )
+        )
+    return events
+
+
+class StripeUnavailable(Exception):
+    """Stripe cannot be reached, is overloaded or refuses our key: the run stops, the next one retries."""
+
+
+class MeterSender(Protocol):
+    async def __call__(self, event: MeterEvent) -> str:
+        """Send the event; the identifier Stripe answered with."""
+        ...
+
+
+class StripeMeterSender:
+    """Meter events through the stripe SDK (`client.v1.billing.meter_events`)."""
+
+    def __init__(self, client: stripe.StripeClient) -> None:
+        self.client = client
+
+    async def __call__(self, event: MeterEvent) -> str:
+        try:
+            created = await self.client.v1.billing.meter_events.create_async(params=event.params())
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.AuthenticationError) as error:
+            raise StripeUnavailable(type(error).__name__) from None
+        except stripe.StripeError as error:
+            if (error.http_status or 500) >= 500:
+                raise StripeUnavailable(f"HTTP {error.http_status}") from None
+            raise
+        return str(created.identifier or event.identifier)
+
+
+@dataclass(frozen=True)
+class MeterRun:
+    closed: int = 0  # periods closed by this run
+    sent: int = 0  # events Stripe accepted and we recorded
+    failed: int = 0  # events to try again next run
+    skipped: bool = False  # another replica holds the lock
+
+
+_UNMETERED: Final = """
+SELECT r.customer_id, r.period_start, r.period_end, r.plan, r.overage::text AS overage,
+       c.stripe_customer_id
+FROM usage_rollups r JOIN customers c ON c.customer_id = r.customer_id
+WHERE r.metered_at IS NULL AND r.closed_at IS NOT NULL AND r.period_end <= $1
+  AND c.stripe_customer_id IS NOT NULL
+ORDER BY r.period_end
+LIMIT $2
+"""
+_RECORDED: Final = "SELECT identifier FROM usage_meter_events WHERE identifier = ANY($1::varchar[])"
+_RECORD: Final = """
+INSERT INTO usage_meter_events (customer_id, period_start, metric, identifier, value, stripe_event_identifier)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (identifier) DO NOTHING
+"""
+_METERED: Final = "UPDATE usage_rollups SET metered_at = $3 WHERE customer_id = $1 AND period_start = $2"
+
+
+async def record_meter_event(conn: Queryable, event: MeterEvent, stripe_identifier: str) -> None:
+    await conn.execute(
+        _RECORD,
+        event.customer_id,
+        event.period_start,
+        event.metric,
+        event.identifier,
+        event.value,
+        stripe_identifier,
+    )
+
+
+async def _meter_period(
+    conn: Connection, row: Mapping[str, Any], sender: MeterSender, now: datetime
+) -> MeterRun:
+    period = BillingPeriod(row["period_start"], row["period_end"])
+    quantities = overage_quantities(json.loads(row["overage"]))
+    events = (
+        meter_events_for(row["customer_id"], row["stripe_customer_id"], period, quantities)
+        if row["plan"] in BILLED_PLANS
+        else []
+    )
+    recorded = {r["identifier"] for r in await conn.fetch(_RECORDED, [e.identifier for e in events])}
+    sent = failed = 0
+    for event in events:
+        if event.identifier in recorded:
+            continue
+        try:
+            echoed = await sender(event)
+        except StripeUnavailable:
+            raise
+        except Exception:
+            # One bad event (a meter missing at Stripe, a customer deleted there) must not hold up the
+            # others; it stays unrecorded and is tried again next run.
+            log.exception("meter event %s was not accepted; retried next run", event.identifier)
+            failed += 1
+            continue
+        await record_meter_event(conn, event, echoed)
+        sent += 1
+    if failed == 0:
+        await conn.execute(_METERED, row["customer_id"], period.start, now)
+    return MeterRun(sent=sent, failed=failed)
+
+
+async def send_meter_events(
+    pool: Pool, sender: MeterSender | None, now: datetime, limit: int = 500
+) -> MeterRun:
+    """Close the periods that have ended, then send the meter events they owe (see the module's note).
+
+    Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
+    """
+    async with connection(pool) as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", METER_LOCK_KEY):
+            return MeterRun(skipped=True)
+        try:
+            closed = await close_periods(conn, now)
+            if sender is None:
+                return MeterRun(closed=closed)
+            sent = failed = 0
+            for row in await conn.fetch(_UNMETERED, now, limit):
+                try:
+                    result = await _meter_period(conn, row, sender, now)
+                except StripeUnavailable as error:
+                    log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
+                    return MeterRun(closed=closed, sent=sent, failed=failed + 1)
+                sent += result.sent
+                failed += result.failed
+            return MeterRun(closed=closed, sent=sent, failed=failed)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", METER_LOCK_KEY)
+
+
+__all__ = [
+    "EVENT_NAME_PREFIX",
+    "MeterEvent",
+    "MeterRun",
+    "MeterSender",
+    "StripeMeterSender",
+    "StripeUnavailable",
+    "meter_events_for",
+    "meter_identifier",
+    "meter_value",
+    "record_meter_event",
+    "send_meter_events",
+]

@@ -1,0 +1,42 @@
+"""Tunables of usage metering in the webhook server, with safe defaults (tests shorten or disable the
+timers; production takes the defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class UsageOptions:
+    # A report batch of 1,000 is about 0.5 MB of JSON; the app-wide limit (256 KiB) is for everything else.
+    max_body: int = 2 * 1024 * 1024
+    # A period may end this far ahead of our clock (instances' clocks drift).
+    clock_skew: timedelta = timedelta(minutes=5)
+    # Usage keys are looked up once per TTL: a revoked key keeps working for up to this long.
+    key_cache_ttl: float = 30.0
+    # An unknown key is remembered for less time, so that a key created just now works soon.
+    key_cache_negative_ttl: float = 5.0
+    # Seconds between status flushes (one merge patch per customer that reported); None: never by
+    # timer (tests call flush()). Also flushed once on shutdown.
+    flush_interval: float | None = 10.0
+    # Seconds between runs of the period closing and Stripe meter events; None: never by timer.
+    meter_interval: float | None = 3600.0
+    # The first run comes this long after start-up, not at once: a crash-looping server does not
+    # hammer Stripe, and a restart soon after a run does not repeat it.
+    meter_initial_delay: float = 60.0
+    # Connections of the dedicated asyncpg pool.
+    pool_size: int = 10
+    # GET /api/usage/{customerId} lists at most this many reports (the daily series covers them all).
+    report_list_limit: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("flush_interval", "meter_interval"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.max_body < 1024 or self.pool_size < 1 or self.report_list_limit < 1:
+            raise ValueError(f"max_body, pool_size and report_list_limit are too small in {self}")
+
+
+__all__ = ["UsageOptions"]

@@ -1,0 +1,239 @@
+"""The usage report an instance sends (the seed's payload plus an idempotency key and its period), and
+the pure steps between the request body and the database: parse, check the periods, lay out columns.
+
+Counters are DELTAS: what happened in [period_start, period_end), not running totals since the
+instance started, so that reports sum to a billing period and a lost report loses only its own
+interval. active_devices and total_devices are levels at the end of the period (the billing counts
+the peak of active devices); postgres_size_mb is the database size over the period (billed in
+GB-months, weighted by the period's length).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Final
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
+
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN
+
+MAX_BATCH: Final = 1000
+MAX_PERIOD: Final = timedelta(days=31)
+INT32_MAX: Final = 2**31 - 1
+INT64_MAX: Final = 2**63 - 1
+# usage_reports.postgres_size_mb is NUMERIC(14, 3): anything up to this rounds into it.
+SIZE_MAX: Final = Decimal("99999999999.999")
+EARLIEST: Final = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(9000, 1, 1, tzinfo=UTC)
+# Printable ASCII without spaces: ids end up in logs, tables and Stripe identifiers.
+PRINTABLE_ID_PATTERN: Final = r"^[!-~]+$"
+
+
+# Every check below is a constraint pydantic-core runs itself: a Python validator per field would make
+# a batch of 1,000 reports three times slower to validate.
+Timestamp = Annotated[
+    AwareDatetime,
+    # Bounded, so that times far outside ours never reach arithmetic that would overflow.
+    Field(strict=True, ge=EARLIEST, lt=LATEST, description="RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z"),
+]
+Counter = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
+Level = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+PrintableId = Annotated[str, Field(min_length=1, max_length=100, pattern=PRINTABLE_ID_PATTERN)]
+
+
+class UsageReport(BaseModel):
+    """One report of one instance; (customer_id, instance_id, report_id) is stored once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    customer_id: Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN, max_length=37)]
+    instance_id: PrintableId
+    report_id: Annotated[
+        PrintableId, Field(description="The idempotency key: a report sent again with it is stored once.")
+    ]
+    period_start: Timestamp
+    period_end: Annotated[Timestamp, Field(description="After period_start, at most 31 days later.")]
+    active_devices: Level
+    total_devices: Level
+    mqtt_messages_published: Counter = 0
+    mqtt_messages_received: Counter = 0
+    mqtt_bytes_sent: Counter = 0
+    mqtt_bytes_received: Counter = 0
+    http_requests: Counter = 0
+    http_bytes_sent: Counter = 0
+    http_bytes_received: Counter = 0
+    # Floats as reporters send them (125.5, or 0.30000000000000004): the NUMERIC(14, 3) column rounds
+    # them to the thousandth, rather than this refusing them.
+    postgres_size_mb: Annotated[Decimal, Field(ge=0, le=SIZE_MAX, allow_inf_nan=False)] = Decimal(0)
+    postgres_row_count: Counter = 0
+
+
+class UsageReportBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reports: Annotated[list[UsageReport], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+# The body is one report or {"reports": [...]}. What the OpenAPI document shows:
+ReportBody = UsageReportBatch | UsageReport
+# Built once; validate_json parses and validates the raw body in one pass in pydantic-core, without
+# Python dicts in between. (A union, or a callable discriminator, would build those dicts first.)
+BATCH: Final = TypeAdapter(UsageReportBatch)
+REPORT: Final = TypeAdapter(UsageReport)
+# How batches are serialised in practice: the "reports" key first. Only a shortcut: any other body is
+# tried as one report, and becomes a batch too when it turns out to have a "reports" key.
+_BATCH_START: Final = re.compile(rb'\A\s*\{\s*"reports"\s*:')
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad field: `reports[3].active_devices`, why, and pydantic's error type."""
+
+    field: str
+    message: str
+    type: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message, "type": self.type}
+
+
+class InvalidReports(ValueError):
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class ParsedReports:
+    reports: list[UsageReport]
+    batch: bool
+
+    def field(self, index: int, name: str) -> str:
+        """How a field of report `index` is named in errors: as the caller wrote the body."""
+        return f"reports[{index}].{name}" if self.batch else name
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """('reports', 3, 'active_devices') -> 'reports[3].active_devices'."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path or "body"
+
+
+def _problem(error: ErrorDetails) -> Problem:
+    loc = error["loc"]
+    kind = error["type"]
+    message = error["msg"]
+    if kind == "json_invalid":
+        return Problem("body", "is not valid JSON", kind)
+    if kind == "model_type" and not loc:
+        return Problem("body", 'must be a JSON object: one report or {"reports": [...]}', kind)
+    if kind == "missing":
+        message = "field required"
+    elif kind == "extra_forbidden":
+        message = "unknown field"
+    return Problem(field_path(loc), message, kind)
+
+
+def _batch(raw: bytes) -> ParsedReports:
+    try:
+        return ParsedReports(BATCH.validate_json(raw).reports, batch=True)
+    except ValidationError as invalid:
+        raise InvalidReports([_problem(error) for error in invalid.errors()]) from None
+
+
+def parse_reports(raw: bytes) -> ParsedReports:
+    """The reports of a request body, or InvalidReports naming every bad field. A body with a
+    "reports" key is a batch; any other is one report."""
+    if _BATCH_START.match(raw):
+        return _batch(raw)
+    try:
+        return ParsedReports([REPORT.validate_json(raw)], batch=False)
+    except ValidationError as invalid:
+        errors = invalid.errors()
+    if any(error["type"] == "extra_forbidden" and error["loc"] == ("reports",) for error in errors):
+        return _batch(raw)
+    raise InvalidReports([_problem(error) for error in errors])
+
+
+def period_problems(parsed: ParsedReports, now: datetime, skew: timedelta) -> list[Problem]:
+    """Periods that cannot be billed: ending before they start, longer than 31 days, in the future."""
+    problems = []
+    latest = now + skew
+    for index, report in enumerate(parsed.reports):
+        start, end = report.period_start, report.period_end
+        if end <= start:
+            problem = ("must be after period_start", "period_order")
+        elif end - start > MAX_PERIOD:
+            problem = ("must be at most 31 days after period_start", "period_length")
+        elif end > latest:
+            problem = (f"is in the future (this server's time is {now.isoformat()})", "period_future")
+        else:
+            continue
+        problems.append(Problem(parsed.field(index, "period_end"), *problem))
+    return problems
+
+
+def foreign_report(parsed: ParsedReports, customer_id: str) -> int | None:
+    """The index of the first report of another customer than `customer_id`, if any."""
+    return next(
+        (index for index, report in enumerate(parsed.reports) if report.customer_id != customer_id), None
+    )
+
+
+# The column order of usage.store's INSERT; one list per column (asyncpg sends each as one array).
+COLUMNS: Final = (
+    "customer_id",
+    "instance_id",
+    "report_id",
+    "period_start",
+    "period_end",
+    "active_devices",
+    "total_devices",
+    "mqtt_messages_published",
+    "mqtt_messages_received",
+    "mqtt_bytes_sent",
+    "mqtt_bytes_received",
+    "http_requests",
+    "http_bytes_sent",
+    "http_bytes_received",
+    "postgres_size_mb",
+    "postgres_row_count",
+)
+
+
+def report_columns(reports: Sequence[UsageReport]) -> list[list[Any]]:
+    """The reports laid out column by column, in COLUMNS order."""
+    return [[getattr(report, column) for report in reports] for column in COLUMNS]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    accepted: int
+    duplicate: int
+
+
+__all__ = [
+    "BATCH",
+    "COLUMNS",
+    "MAX_BATCH",
+    "REPORT",
+    "Accepted",
+    "InvalidReports",
+    "ParsedReports",
+    "Problem",
+    "ReportBody",
+    "UsageReport",
+    "UsageReportBatch",
+    "field_path",
+    "foreign_report",
+    "parse_reports",
+    "period_problems",
+    "report_columns",
+]

@@ -1,0 +1,186 @@
+"""Rollups: a customer's usage of one billing period, its overage against the plan, in `usage_rollups`.
+
+While a period is open its row is refreshed by every status flush (from PostgreSQL's sums); once the
+period has ended, the meter run rolls it up one last time from the stored reports with
+`pricing.roll_up` and closes it: a closed row never changes, so what was sent to Stripe stays what the
+row says. Amounts are stored as strings of exact decimals.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+from iotistic_billing.customer import PAID_PLANS
+from iotistic_billing.licensing.plans import IncludedUsage, plan_by_name
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
+from iotistic_billing.usage.store import Connection, Queryable, period_samples
+
+# Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
+BILLED_PLANS: Final = frozenset(PAID_PLANS)
+
+
+@dataclass(frozen=True)
+class Rollup:
+    customer_id: str
+    period: BillingPeriod
+    plan: str
+    totals: PeriodTotals
+    overage: Overage
+
+    @property
+    def billed(self) -> bool:
+        """Whether Stripe meter events are owed for this rollup (once its period has closed)."""
+        return self.plan in BILLED_PLANS and bool(self.overage.lines)
+
+
+def included_usage(plan: str) -> IncludedUsage:
+    return plan_by_name(plan, allow_unlicensed=True).included
+
+
+def compute_rollup(customer_id: str, period: BillingPeriod, plan: str, totals: PeriodTotals) -> Rollup:
+    return Rollup(customer_id, period, plan, totals, overage(totals, included_usage(plan)))
+
+
+def totals_json(totals: PeriodTotals) -> dict[str, Any]:
+    return {
+        "period_start": totals.period_start.isoformat(),
+        "period_end": totals.period_end.isoformat(),
+        "peak_devices": totals.peak_devices,
+        "mqtt_bytes": totals.mqtt_bytes,
+        "http_bytes": totals.http_bytes,
+        "api_calls": totals.api_calls,
+        "storage_gb_months": str(totals.storage_gb_months),
+        "reports": totals.reports,
+    }
+
+
+def overage_json(bill: Overage) -> dict[str, Any]:
+    return {
+        "lines": [
+            {
+                "metric": line.metric,
+                "quantity": str(line.quantity),
+                "unit_price": str(line.unit_price),
+                "per": line.per,
+                "amount": str(line.amount),
+            }
+            for line in bill.lines
+        ],
+        "total": str(bill.total),
+        "total_cents": bill.total_cents,
+    }
+
+
+def overage_quantities(stored: dict[str, Any]) -> dict[str, Decimal]:
+    """metric -> quantity over the quota, from a stored overage JSON."""
+    return {line["metric"]: Decimal(line["quantity"]) for line in stored.get("lines", ())}
+
+
+# A closed row is final: the WHERE of the DO UPDATE leaves it as it is.
+_UPSERT: Final = """
+INSERT INTO usage_rollups
+    (customer_id, period_start, period_end, totals, overage, overage_amount_cents, plan, closed_at,
+     metered_at, updated_at)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, now())
+ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
+    period_end = EXCLUDED.period_end,
+    totals = EXCLUDED.totals,
+    overage = EXCLUDED.overage,
+    overage_amount_cents = EXCLUDED.overage_amount_cents,
+    plan = EXCLUDED.plan,
+    closed_at = EXCLUDED.closed_at,
+    metered_at = EXCLUDED.metered_at,
+    updated_at = now()
+WHERE usage_rollups.closed_at IS NULL
+"""
+
+# When the period definition of a customer changes (manual billing -> a Stripe subscription anchored
+# elsewhere), an open row of the old definition must not overlap the new period, or reports would be
+# billed twice: an earlier open row is cut at the new start, a later one (a period that no longer
+# exists) is dropped. Closed rows are history and stay.
+_CUT_EARLIER: Final = """
+UPDATE usage_rollups SET period_end = $2, updated_at = now()
+WHERE customer_id = $1 AND closed_at IS NULL AND period_start < $2 AND period_end > $2
+"""
+_DROP_LATER: Final = """
+DELETE FROM usage_rollups
+WHERE customer_id = $1 AND closed_at IS NULL AND period_start > $2 AND period_start < $3
+"""
+
+
+async def save_rollup(
+    conn: Queryable, rollup: Rollup, *, closed_at: datetime | None = None, metered_at: datetime | None = None
+) -> None:
+    await conn.execute(
+        _UPSERT,
+        rollup.customer_id,
+        rollup.period.start,
+        rollup.period.end,
+        json.dumps(totals_json(rollup.totals)),
+        json.dumps(overage_json(rollup.overage)),
+        rollup.overage.total_cents,
+        rollup.plan,
+        closed_at,
+        metered_at,
+    )
+
+
+async def save_open_rollup(conn: Connection, rollup: Rollup) -> None:
+    """The current period's row, refreshed; overlapping open rows of an older period definition fixed."""
+    async with conn.transaction():
+        await conn.execute(_CUT_EARLIER, rollup.customer_id, rollup.period.start)
+        await conn.execute(_DROP_LATER, rollup.customer_id, rollup.period.start, rollup.period.end)
+        await save_rollup(conn, rollup)
+
+
+async def roll_up_period(
+    conn: Queryable, customer_id: str, period: BillingPeriod, plan: str, *, close_at: datetime | None = None
+) -> Rollup:
+    """Roll the customer's stored reports of `period` up with `pricing.roll_up`, price the overage
+    against `plan`, and upsert the row; `close_at` closes it (its meter events are then owed, or, when
+    nothing is billed, it is marked metered at once)."""
+    totals = roll_up(await period_samples(conn, customer_id, period), period.start, period.end)
+    rollup = compute_rollup(customer_id, period, plan, totals)
+    metered_at = close_at if close_at is not None and not rollup.billed else None
+    await save_rollup(conn, rollup, closed_at=close_at, metered_at=metered_at)
+    return rollup
+
+
+_DUE: Final = """
+SELECT customer_id, period_start, period_end, plan FROM usage_rollups
+WHERE closed_at IS NULL AND period_end <= $1
+ORDER BY period_end
+LIMIT $2
+"""
+
+
+async def close_periods(
+    conn: Queryable, now: datetime, default_plan: str = "trial", limit: int = 1000
+) -> int:
+    """Close every open rollup whose period has ended, with a last roll-up from the stored reports;
+    how many were closed. Reports arriving for a period after it closed are kept but not billed."""
+    rows = await conn.fetch(_DUE, now, limit)
+    for row in rows:
+        period = BillingPeriod(row["period_start"], row["period_end"])
+        await roll_up_period(conn, row["customer_id"], period, row["plan"] or default_plan, close_at=now)
+    return len(rows)
+
+
+__all__ = [
+    "BILLED_PLANS",
+    "Rollup",
+    "close_periods",
+    "compute_rollup",
+    "included_usage",
+    "overage_json",
+    "overage_quantities",
+    "roll_up_period",
+    "save_open_rollup",
+    "save_rollup",
+    "totals_json",
+]

@@ -1,0 +1,302 @@
+"""Usage metering inside the webhook server: storing reports, the status flusher and the meter runs.
+
+The request path stores a batch with one statement and notes the customer in the coalescer; nothing
+there touches Kubernetes. A background task flushes the coalescer every `flush_interval`: per customer
+that reported, one read of the Customer, the period's totals from PostgreSQL, the open rollup row
+refreshed, and one merge patch of status.usage and the WithinLimits condition when they changed.
+Another task closes ended periods and sends their Stripe meter events every `meter_interval`.
+Both run once more, or at least the flush does, when the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotistic_billing.customer import Customer
+from iotistic_billing.db import models
+from iotistic_billing.usage.coalescer import UsageCoalescer
+from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
+from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.periods import BillingPeriod, billing_period
+from iotistic_billing.usage.reports import Accepted, ParsedReports, report_columns
+from iotistic_billing.usage.rollups import compute_rollup, included_usage, save_open_rollup
+from iotistic_billing.usage.status import status_patch, usage_status
+from iotistic_billing.usage.store import (
+    DatabaseUnavailable,
+    Pool,
+    connection,
+    insert_reports,
+    latest_report,
+    period_totals,
+)
+from iotistic_billing.webhook_server.billing import StripeBilling
+from iotistic_billing.webhook_server.cluster import Cluster
+from iotistic_billing.webhook_server.directory import CustomerRecord, Directory
+from iotistic_billing.webhook_server.errors import DependencyUnavailable
+from iotistic_billing.webhook_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# status.usage and WithinLimits are written by merge patches under this manager (managedFields).
+USAGE_FIELD_MANAGER: Final = "iotistic-usage"
+_MERGE: Final = "application/merge-patch+json"
+# Customers flushed at once; the Cluster bounds its own API calls further.
+FLUSH_CONCURRENCY: Final = 8
+# A flush that loses the race with another writer of the status reads the Customer again this often.
+CONFLICT_RETRIES: Final = 3
+SHUTDOWN_FLUSH_TIMEOUT: Final = 10.0
+
+
+def customer_period(customer: Customer, now: datetime) -> BillingPeriod:
+    """The billing period `now` falls in for this Customer (see usage.periods)."""
+    subscription = customer.spec.subscription
+    anchor = (
+        subscription.current_period_end
+        if customer.spec.billing.mode == "stripe" and subscription is not None
+        else None
+    )
+    return billing_period(now, anchor)
+
+
+def customer_plan(customer: Customer) -> str:
+    """The plan whose included usage applies: the effective plan once the operator has set it."""
+    return customer.status.plan or customer.spec.plan
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    patched: int = 0
+    unchanged: int = 0
+    missing: int = 0
+    failed: int = 0
+
+
+class UsageMetering:
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        options: UsageOptions,
+        session_factory: Callable[[], AsyncSession],
+        directory: Directory,
+        cluster: Cluster,
+        stripe: StripeBilling | None,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.pool = pool
+        self.options = options
+        self.session_factory = session_factory
+        self.directory = directory
+        self.cluster = cluster
+        self.metrics = metrics
+        self.clock = clock
+        self.coalescer = UsageCoalescer()
+        # Replaceable, so that tests can wrap the real sender (a crash after Stripe's answer).
+        self.meter_sender: MeterSender | None = (
+            StripeMeterSender(stripe.client) if stripe is not None else None
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ----- the request path -----
+
+    async def store(self, parsed: ParsedReports, received_at: datetime) -> Accepted:
+        """Store the reports exactly once (one statement) and note their customers for the flusher."""
+        accepted = await insert_reports(self.pool, report_columns(parsed.reports))
+        duplicate = len(parsed.reports) - accepted
+        self.coalescer.saw({report.customer_id for report in parsed.reports}, received_at)
+        if accepted:
+            self.metrics.usage_reports.labels("accepted").inc(accepted)
+        if duplicate:
+            self.metrics.usage_reports.labels("duplicate").inc(duplicate)
+        return Accepted(accepted, duplicate)
+
+    # ----- the status flush -----
+
+    async def flush(self) -> FlushResult:
+        """One merge patch per customer that reported since the last flush (see the module's note)."""
+        entries = self.coalescer.drain()
+        if not entries:
+            return FlushResult()
+        try:
+            records = await self._records(entries)
+        except Exception as error:
+            # The API server or PostgreSQL is down: nothing is lost, the customers wait for the next flush.
+            log.warning("usage flush: cannot read Customers (%s); retried next flush", type(error).__name__)
+            self.coalescer.requeue(entries)
+            self.metrics.usage_status_flushes.labels("failed").inc(len(entries))
+            return FlushResult(failed=len(entries))
+        slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
+
+        async def flush_one(customer_id: str) -> str:
+            record = records.get(customer_id)
+            if record is None:
+                # Reports of a customer id no Customer holds (deleted, or an admin's typo): kept, not shown.
+                return "missing"
+            async with slots:
+                try:
+                    return await self._flush_customer(record, entries[customer_id])
+                except (DependencyUnavailable, DatabaseUnavailable, ApiException) as error:
+                    log.warning("usage flush of %s failed (%s); retried next flush", customer_id, error)
+                except Exception:
+                    log.exception("usage flush of %s failed; retried next flush", customer_id)
+                self.coalescer.requeue({customer_id: entries[customer_id]})
+                return "failed"
+
+        outcomes = await asyncio.gather(*(flush_one(customer_id) for customer_id in entries))
+        for outcome in outcomes:
+            self.metrics.usage_status_flushes.labels(outcome).inc()
+        return FlushResult(
+            patched=outcomes.count("patched"),
+            unchanged=outcomes.count("unchanged"),
+            missing=outcomes.count("missing"),
+            failed=outcomes.count("failed"),
+        )
+
+    async def _records(self, customer_ids: Iterable[str]) -> dict[str, CustomerRecord]:
+        """The Customers of `customer_ids`: a GET each where the mirror knows the name, one LIST for the
+        rest; the mirror is refreshed on the way (it links Stripe customers for the meter runs)."""
+        wanted = set(customer_ids)
+        async with self.session_factory() as session:
+            rows = await session.execute(
+                select(models.Customer.customer_id, models.Customer.resource_name).where(
+                    models.Customer.customer_id.in_(wanted)
+                )
+            )
+            names = {customer_id: name for customer_id, name in rows}
+        records: dict[str, CustomerRecord] = {}
+        for customer_id, name in names.items():
+            record = await self.directory.by_name(name)
+            if record is not None and record.customer_id == customer_id:
+                records[customer_id] = record
+        if wanted - records.keys():
+            for record in await self.directory.all():
+                if record.customer_id in wanted and record.customer_id not in records:
+                    records[record.customer_id] = record
+        async with self.session_factory() as session, session.begin():
+            for record in records.values():
+                await self.directory.remember(session, record)
+        return records
+
+    async def _flush_customer(self, record: CustomerRecord, seen: datetime) -> str:
+        for _attempt in range(CONFLICT_RETRIES):
+            now = self.clock()
+            customer = record.customer
+            period = customer_period(customer, now)
+            plan = customer_plan(customer)
+            async with connection(self.pool) as conn:
+                totals = await period_totals(conn, record.customer_id, period)
+                latest = await latest_report(conn, record.customer_id)
+                await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
+            updated = usage_status(
+                customer.status,
+                period=period,
+                active_devices=latest[0] if latest is not None else None,
+                last_report_at=seen,
+                totals=totals,
+                plan=plan,
+                included=included_usage(plan),
+                generation=customer.metadata.generation,
+                now=now,
+            )
+            if updated.to_k8s() == customer.status.to_k8s():
+                return "unchanged"
+            try:
+                await self._patch_status(
+                    record.name, status_patch(updated, customer.metadata.resource_version)
+                )
+                return "patched"
+            except ApiException as error:
+                if error.status == 404:
+                    return "missing"
+                if error.status != 409:
+                    raise
+            # 409: someone (the operator) wrote the Customer since we read it; read it again.
+            fresh = await self.directory.by_name(record.name)
+            if fresh is None:
+                return "missing"
+            record = fresh
+        raise DependencyUnavailable(
+            "Kubernetes API", f"status of {record.name} kept changing under the flush"
+        )
+
+    async def _patch_status(self, name: str, patch: dict[str, Any]) -> None:
+        await self.cluster.patch_status(name, patch, USAGE_FIELD_MANAGER)
+
+    # ----- the meter run -----
+
+    async def send_meter_events(self, now: datetime | None = None) -> MeterRun:
+        """Close the periods ended by `now` and send the Stripe meter events they owe (usage.metering)."""
+        run = await send_meter_events(self.pool, self.meter_sender, now or self.clock())
+        if run.sent:
+            self.metrics.usage_meter_events.labels("sent").inc(run.sent)
+        if run.failed:
+            self.metrics.usage_meter_events.labels("failed").inc(run.failed)
+        if run.closed or run.sent or run.failed:
+            log.info(
+                "meter run: %d periods closed, %d events sent, %d failed", run.closed, run.sent, run.failed
+            )
+        return run
+
+    # ----- the background tasks -----
+
+    def start(self) -> None:
+        if self.options.flush_interval is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(self.options.flush_interval, self.flush, self.options.flush_interval, "flush")
+                )
+            )
+        if self.options.meter_interval is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(
+                        self.options.meter_interval,
+                        self.send_meter_events,
+                        self.options.meter_initial_delay,
+                        "meter run",
+                    )
+                )
+            )
+
+    async def stop(self) -> None:
+        """Stop the timers, then flush what the last requests reported (bounded: a dead API server must
+        not hold the shutdown)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        try:
+            await asyncio.wait_for(self.flush(), SHUTDOWN_FLUSH_TIMEOUT)
+        except Exception as error:
+            log.warning(
+                "usage flush at shutdown failed (%s): status.usage catches up with the next report",
+                type(error).__name__,
+            )
+
+    @staticmethod
+    async def _every(
+        interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, name: str
+    ) -> None:
+        await asyncio.sleep(initial_delay)
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A failed run is logged and the next one tries again: the timer must outlive any error.
+                log.exception("usage %s failed", name)
+            await asyncio.sleep(interval)
+
+
+__all__ = ["USAGE_FIELD_MANAGER", "FlushResult", "UsageMetering", "customer_period", "customer_plan"]

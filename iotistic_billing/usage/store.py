@@ -1,0 +1,387 @@
+"""Usage reports in PostgreSQL through a dedicated asyncpg pool (the hot path skips SQLAlchemy's ORM
+and its per-statement overhead): the exactly-once batch insert and the queries the views need.
+
+Every function takes a connection or a pool and plain values; an unreachable database is raised as
+`DatabaseUnavailable`, which the API turns into a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Final, Protocol
+
+# asyncpg ships no type information; the Protocols below say what this package uses of it.
+import asyncpg
+
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, totals_from_sums
+from iotistic_billing.usage.reports import COLUMNS
+
+Record = Mapping[str, Any]
+
+
+class Queryable(Protocol):
+    """What a connection and a pool both offer (the pool runs each call on a connection of its own)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]: ...
+    async def fetchrow(self, query: str, *args: Any) -> Record | None: ...
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+
+class Connection(Queryable, Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+    async def close(self) -> None: ...
+
+
+class Pool(Queryable, Protocol):
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Connection]: ...
+    async def close(self) -> None: ...
+
+
+# The counters not listed are bigint.
+_TYPES: Final = {
+    "customer_id": "varchar",
+    "instance_id": "varchar",
+    "report_id": "varchar",
+    "period_start": "timestamptz",
+    "period_end": "timestamptz",
+    "active_devices": "int",
+    "total_devices": "int",
+    "postgres_size_mb": "numeric",
+}
+
+# One statement per request whatever its size: the reports arrive as one array per column. Rows are
+# inserted in key order, so that two batches sharing report ids take their row locks in the same
+# order and cannot deadlock; a report already stored (or twice in the batch) is skipped by the unique
+# constraint, and only the rows really inserted are counted.
+INSERT_REPORTS: Final = f"""
+WITH inserted AS (
+    INSERT INTO usage_reports ({", ".join(COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"${i}::{_TYPES.get(c, 'bigint')}[]" for i, c in enumerate(COLUMNS, 1))})
+        AS report({", ".join(COLUMNS)})
+    ORDER BY customer_id COLLATE "C", instance_id COLLATE "C", report_id COLLATE "C"
+    ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""  # noqa: S608 - built from constant column names
+
+# The same for the commonest request, one report: a plain row costs PostgreSQL less than unnest.
+INSERT_REPORT: Final = f"""
+WITH inserted AS (
+    INSERT INTO usage_reports ({", ".join(COLUMNS)})
+    VALUES ({", ".join(f"${i}::{_TYPES.get(c, 'bigint')}" for i, c in enumerate(COLUMNS, 1))})
+    ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""  # noqa: S608 - built from constant column names
+
+# The sums `pricing.roll_up` makes, made by PostgreSQL: reports belong to the period they start in,
+# storage counts the seconds of each report inside the period. Sums of bigint are numeric: no overflow.
+PERIOD_SUMS: Final = """
+SELECT coalesce(max(active_devices), 0) AS peak_devices,
+       coalesce(sum(mqtt_bytes_sent), 0) + coalesce(sum(mqtt_bytes_received), 0) AS mqtt_bytes,
+       coalesce(sum(http_bytes_sent), 0) + coalesce(sum(http_bytes_received), 0) AS http_bytes,
+       coalesce(sum(http_requests), 0) AS api_calls,
+       coalesce(sum(postgres_size_mb * floor(extract(epoch FROM least(period_end, $3) - period_start))), 0)
+           AS storage_mb_seconds,
+       count(*) AS reports
+FROM usage_reports
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+"""
+
+PERIOD_SAMPLES: Final = """
+SELECT period_start, period_end, active_devices,
+       mqtt_bytes_sent::numeric + mqtt_bytes_received AS mqtt_bytes,
+       http_bytes_sent::numeric + http_bytes_received AS http_bytes,
+       http_requests, postgres_size_mb
+FROM usage_reports
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+"""
+
+DAILY: Final = """
+SELECT (period_start AT TIME ZONE 'UTC')::date AS day,
+       count(*) AS reports,
+       max(active_devices) AS peak_active_devices,
+       coalesce(sum(mqtt_messages_published), 0) + coalesce(sum(mqtt_messages_received), 0) AS mqtt_messages,
+       coalesce(sum(mqtt_bytes_sent), 0) + coalesce(sum(mqtt_bytes_received), 0) AS mqtt_bytes,
+       coalesce(sum(http_requests), 0) AS http_requests,
+       coalesce(sum(http_bytes_sent), 0) + coalesce(sum(http_bytes_received), 0) AS http_bytes,
+       (array_agg(postgres_size_mb ORDER BY period_end DESC))[1] AS postgres_size_mb
+FROM usage_reports
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+GROUP BY 1
+ORDER BY 1
+"""
+
+RECENT: Final = f"""
+SELECT {", ".join(COLUMNS[1:])}, reported_at
+FROM usage_reports
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+ORDER BY period_end DESC, id DESC
+LIMIT $4
+"""  # noqa: S608 - built from constant column names
+
+LATEST: Final = """
+SELECT active_devices, period_end FROM usage_reports
+WHERE customer_id = $1
+ORDER BY period_start DESC, period_end DESC, id DESC
+LIMIT 1
+"""
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (or dropped the connection): nothing was written, retry later."""
+
+
+# Connection lost or refused, the server shutting down or starting up, out of connections: retry later.
+_CONNECTION_ERRORS: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """DATABASE_URL as asyncpg takes it: `postgresql://` (SQLAlchemy's `+asyncpg` driver suffix off)."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql://" + database_url[len(prefix) :]
+    raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
+
+
+async def keep_session(connection: Connection) -> None:
+    """The pool's reset: nothing. asyncpg's default runs `RESET ALL; UNLISTEN *; CLOSE ALL; SELECT
+    pg_advisory_unlock_all()` on every release, a second round trip per report; our sessions set
+    nothing, listen to nothing and hold no cursors, and the one advisory lock (usage.metering) is
+    released by its holder. An open transaction is still rolled back by asyncpg before this runs."""
+
+
+async def open_pool(database_url: str, max_size: int = 10) -> Pool:
+    """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
+    and answers 503 until it is back, as the rest of the API does."""
+    pool: Pool = await asyncpg.create_pool(
+        asyncpg_dsn(database_url),
+        min_size=0,
+        max_size=max_size,
+        reset=keep_session,
+        # An unreachable database is a fast 503, not asyncpg's 60 s default.
+        timeout=5,
+        # A statement that hangs (locks, an overloaded server) fails the request rather than holding it.
+        command_timeout=10,
+        # Idle connections are dropped, so a restarted PostgreSQL costs one failed request at most.
+        max_inactive_connection_lifetime=60,
+    )
+    return pool
+
+
+async def connect(database_url: str) -> Connection:
+    """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
+    try:
+        conn: Connection = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5, command_timeout=60)
+    except _CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
+    return conn
+
+
+@asynccontextmanager
+async def connection(pool: Pool) -> AsyncIterator[Connection]:
+    """A pooled connection; connection failures become DatabaseUnavailable."""
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            yield conn
+    except _CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
+
+
+async def insert_reports(pool: Pool, columns: Sequence[Sequence[Any]]) -> int:
+    """Store the reports laid out by `reports.report_columns`; how many were new (not duplicates)."""
+    single = len(columns[0]) == 1
+    statement = INSERT_REPORT if single else INSERT_REPORTS
+    values = [column[0] for column in columns] if single else columns
+    try:
+        try:
+            inserted = await pool.fetchval(statement, *values)
+        except asyncpg.DeadlockDetectedError:
+            # Ordered inserts should never deadlock; should one still happen, the retry is safe
+            # (exactly-once is the unique constraint's job, not the statement's).
+            inserted = await pool.fetchval(statement, *values)
+    except _CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
+    return int(inserted)
+
+
+async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod) -> PeriodTotals:
+    """The period's totals summed by PostgreSQL (cheap enough for every status flush and view)."""
+    row = await conn.fetchrow(PERIOD_SUMS, customer_id, period.start, period.end)
+    assert row is not None  # an aggregate always returns a row
+    return totals_from_sums(
+        period.start,
+        period.end,
+        peak_devices=int(row["peak_devices"]),
+        mqtt_bytes=int(row["mqtt_bytes"]),
+        http_bytes=int(row["http_bytes"]),
+        api_calls=int(row["api_calls"]),
+        storage_mb_seconds=Decimal(row["storage_mb_seconds"]),
+        reports=int(row["reports"]),
+    )
+
+
+async def period_samples(conn: Queryable, customer_id: str, period: BillingPeriod) -> list[UsageSample]:
+    rows = await conn.fetch(PERIOD_SAMPLES, customer_id, period.start, period.end)
+    return [
+        UsageSample(
+            period_start=row["period_start"],
+            period_end=row["period_end"],
+            active_devices=row["active_devices"],
+            mqtt_bytes=int(row["mqtt_bytes"]),
+            http_bytes=int(row["http_bytes"]),
+            http_requests=row["http_requests"],
+            postgres_size_mb=row["postgres_size_mb"],
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class DailyUsage:
+    day: date
+    reports: int
+    peak_active_devices: int
+    mqtt_messages: int
+    mqtt_bytes: int
+    http_requests: int
+    http_bytes: int
+    postgres_size_mb: Decimal | None  # the last size reported that day
+
+
+async def daily_usage(conn: Queryable, customer_id: str, start: datetime, end: datetime) -> list[DailyUsage]:
+    rows = await conn.fetch(DAILY, customer_id, start, end)
+    return [
+        DailyUsage(
+            day=row["day"],
+            reports=int(row["reports"]),
+            peak_active_devices=int(row["peak_active_devices"]),
+            mqtt_messages=int(row["mqtt_messages"]),
+            mqtt_bytes=int(row["mqtt_bytes"]),
+            http_requests=int(row["http_requests"]),
+            http_bytes=int(row["http_bytes"]),
+            postgres_size_mb=row["postgres_size_mb"],
+        )
+        for row in rows
+    ]
+
+
+async def recent_reports(
+    conn: Queryable, customer_id: str, start: datetime, end: datetime, limit: int
+) -> list[dict[str, Any]]:
+    """The newest reports of the window (by period_end), at most `limit`, as column -> value."""
+    return [dict(row) for row in await conn.fetch(RECENT, customer_id, start, end, limit)]
+
+
+async def latest_report(conn: Queryable, customer_id: str) -> tuple[int, datetime] | None:
+    """(active_devices, period_end) of the customer's latest report, or None before the first."""
+    row = await conn.fetchrow(LATEST, customer_id)
+    return (int(row["active_devices"]), row["period_end"]) if row is not None else None
+
+
+_SUMMARIES: Final = """
+SELECT r.customer_id,
+       count(*) AS reports,
+       max(r.active_devices) AS peak_active_devices,
+       sum(r.mqtt_bytes_sent::numeric + r.mqtt_bytes_received + r.http_bytes_sent + r.http_bytes_received)
+           AS traffic_bytes,
+       sum(r.http_requests) AS http_requests,
+       (array_agg(r.postgres_size_mb ORDER BY r.period_end DESC))[1] AS postgres_size_mb,
+       max(r.reported_at) AS last_report_at,
+       c.company_name, c.plan AS mirror_plan
+FROM usage_reports r LEFT JOIN customers c ON c.customer_id = r.customer_id
+WHERE r.period_start >= $1 AND r.period_start < $2 AND ($3::varchar IS NULL OR r.customer_id = $3)
+GROUP BY r.customer_id, c.company_name, c.plan
+ORDER BY r.customer_id
+"""
+
+# The rollup of the period holding `now` (or the latest before it) per customer.
+_CURRENT_ROLLUPS: Final = """
+SELECT DISTINCT ON (customer_id) customer_id, period_start, period_end, plan, overage::text AS overage,
+       overage_amount_cents, closed_at
+FROM usage_rollups
+WHERE customer_id = ANY($1::varchar[]) AND period_start <= $2
+ORDER BY customer_id, period_start DESC
+"""
+
+
+@dataclass(frozen=True)
+class CustomerSummary:
+    """A customer's usage over a window, with what the customers mirror knows of it."""
+
+    customer_id: str
+    reports: int
+    peak_active_devices: int
+    traffic_bytes: int
+    http_requests: int
+    postgres_size_mb: Decimal | None
+    last_report_at: datetime
+    company_name: str | None
+    mirror_plan: str | None
+
+
+async def customer_summaries(
+    conn: Queryable, start: datetime, end: datetime, customer_id: str | None = None
+) -> list[CustomerSummary]:
+    rows = await conn.fetch(_SUMMARIES, start, end, customer_id)
+    return [
+        CustomerSummary(
+            customer_id=row["customer_id"],
+            reports=int(row["reports"]),
+            peak_active_devices=int(row["peak_active_devices"]),
+            traffic_bytes=int(row["traffic_bytes"]),
+            http_requests=int(row["http_requests"]),
+            postgres_size_mb=row["postgres_size_mb"],
+            last_report_at=row["last_report_at"],
+            company_name=row["company_name"],
+            mirror_plan=row["mirror_plan"],
+        )
+        for row in rows
+    ]
+
+
+async def current_rollups(conn: Queryable, customer_ids: Sequence[str], now: datetime) -> dict[str, Record]:
+    """customer id -> its rollup row of the period holding `now` or the latest before (overage as text)."""
+    return {row["customer_id"]: row for row in await conn.fetch(_CURRENT_ROLLUPS, list(customer_ids), now)}
+
+
+__all__ = [
+    "INSERT_REPORT",
+    "INSERT_REPORTS",
+    "Connection",
+    "CustomerSummary",
+    "DailyUsage",
+    "DatabaseUnavailable",
+    "Pool",
+    "Queryable",
+    "Record",
+    "asyncpg_dsn",
+    "connect",
+    "connection",
+    "current_rollups",
+    "customer_summaries",
+    "daily_usage",
+    "insert_reports",
+    "keep_session",
+    "latest_report",
+    "open_pool",
+    "period_samples",
+    "period_totals",
+    "recent_reports",
+]

@@ -1,0 +1,166 @@
+"""The Stripe event inbox: applies the events the webhook route stored as `pending`, after their 2xx.
+
+A few workers claim one pending event at a time (`FOR UPDATE SKIP LOCKED`, oldest `created` first, so
+replicas share the work without taking the same event), apply it in that row's transaction and write
+the result. A failure (API server or database down) rolls the apply back and leaves the event pending;
+it is tried again after a backoff. Ordering per subscription does not depend on the order of apply:
+`stripe_events.decide` refuses an event older than the state already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Final
+
+import asyncpg
+from aiohttp import web
+from sqlalchemy import select, update
+from sqlalchemy.sql import func
+
+from iotistic_billing.db import models
+from iotistic_billing.db.engine import plain_url
+from iotistic_billing.webhook_server.context import METRICS, SESSIONS
+from iotistic_billing.webhook_server.schemas import StripeEvent
+from iotistic_billing.webhook_server.webhooks import INBOX_CHANNEL, PENDING, apply_event
+
+log = logging.getLogger(__name__)
+
+WORKERS: Final = 4
+POLL_SECONDS: Final = 1.0
+RETRY_BACKOFF: Final = (1.0, 2.0, 5.0, 15.0, 60.0)
+
+
+class EventInbox:
+    def __init__(
+        self, app: web.Application, workers: int = WORKERS, poll: float = POLL_SECONDS, database_url: str = ""
+    ) -> None:
+        self.app = app
+        self.workers = workers
+        self.poll = poll
+        self.database_url = database_url
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # event id -> monotonic time before which it is not retried (per process; a restart retries now).
+        self._not_before: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        if self.workers == 0:
+            return
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"stripe-inbox-{i}") for i in range(self.workers)
+        ]
+        if self.database_url:
+            self._tasks.append(asyncio.create_task(self._listen(), name="stripe-inbox-listen"))
+
+    async def _listen(self) -> None:
+        """Wake on the NOTIFY of any server that stored an event; polling stays the fallback."""
+        while True:
+            listener: Any = None
+            try:
+                listener = await asyncpg.connect(plain_url(self.database_url), timeout=5)
+                lost = asyncio.Event()
+                listener.add_termination_listener(lambda *_, lost=lost: lost.set())
+                await listener.add_listener(INBOX_CHANNEL, lambda *_: self.wake())
+                self.wake()  # events stored while we were not listening
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("stripe inbox: not listening (%s); polling", type(error).__name__)
+                await asyncio.sleep(5)
+            finally:
+                if listener is not None and not listener.is_closed():
+                    await listener.close()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                applied = await self.apply_one()
+            except Exception:  # the database is down: wait and try again, the events stay pending
+                log.exception("stripe inbox: cannot claim an event")
+                applied = False
+            if applied:
+                continue
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.poll)
+
+    async def apply_one(self) -> bool:
+        """Claim and apply the oldest pending event that is due; False when there is none."""
+        now = time.monotonic()
+        waiting = [event_id for event_id, due in self._not_before.items() if due > now]
+        async with self.app[SESSIONS]() as session, session.begin():
+            query = (
+                select(models.StripeEvent.event_id, models.StripeEvent.payload)
+                .where(models.StripeEvent.result == PENDING)
+                .order_by(models.StripeEvent.created, models.StripeEvent.received_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if waiting:
+                query = query.where(models.StripeEvent.event_id.not_in(waiting))
+            row = (await session.execute(query)).first()
+            if row is None:
+                return False
+            event_id, payload = row
+            event = StripeEvent.model_validate(payload)
+            try:
+                async with session.begin_nested():
+                    outcome = await apply_event(self.app, session, event)
+            except Exception as error:
+                self._backoff(event_id)
+                await session.execute(
+                    update(models.StripeEvent)
+                    .where(models.StripeEvent.event_id == event_id)
+                    .values(attempts=models.StripeEvent.attempts + 1, last_error=str(error)[:1000])
+                )
+                log.warning(
+                    "stripe event %s (%s) not applied yet, will retry: %s",
+                    event_id,
+                    event.type,
+                    type(error).__name__,
+                )
+                self.app[METRICS].webhook_event(event.type, "retry")
+                return True
+            await session.execute(
+                update(models.StripeEvent)
+                .where(models.StripeEvent.event_id == event_id)
+                .values(
+                    result=outcome.result,
+                    customer_id=outcome.customer_id,
+                    applied_at=func.now(),
+                    last_error=None,
+                )
+            )
+        self._not_before.pop(event_id, None)
+        self._failures.pop(event_id, None)
+        self.app[METRICS].webhook_event(event.type, outcome.result)
+        log.info("stripe event %s (%s): %s", event_id, event.type, outcome.result)
+        return True
+
+    def _backoff(self, event_id: str) -> None:
+        failures = self._failures.get(event_id, 0)
+        self._failures[event_id] = failures + 1
+        delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+        self._not_before[event_id] = time.monotonic() + delay
+
+    async def drain(self, within: float = 30.0) -> None:
+        """Apply until nothing is pending and due (tests, and shutdown)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not await self.apply_one():
+                return
+        raise TimeoutError("stripe inbox not drained")

@@ -1,0 +1,222 @@
+"""Usage routes: instances report usage (`POST /api/usage/report`), and the usage of a customer is read
+back per report, per UTC day and for the current billing period (`GET /api/usage/{customerId}`).
+
+The report route is the hot one: the body is read with its own size limit, parsed and validated in one
+pass, checked against the caller's key, and stored with one statement; the Customer's status follows
+through the coalescer and the flusher (usage.service), never from the request.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from iotistic_billing.usage.periods import utc_days, window_start
+from iotistic_billing.usage.pricing import Overage, PeriodTotals
+from iotistic_billing.usage.reports import (
+    InvalidReports,
+    Problem,
+    foreign_report,
+    parse_reports,
+    period_problems,
+)
+from iotistic_billing.usage.rollups import compute_rollup, included_usage, overage_json
+from iotistic_billing.usage.service import customer_period, customer_plan
+from iotistic_billing.usage.status import exceeded
+from iotistic_billing.usage.store import (
+    DailyUsage,
+    DatabaseUnavailable,
+    connection,
+    daily_usage,
+    period_totals,
+    recent_reports,
+)
+from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, OPTIONS, PRINCIPAL, SESSIONS, USAGE
+from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.webhook_server.errors import (
+    ApiError,
+    DependencyUnavailable,
+    Forbidden,
+    ValidationFailed,
+    customer_not_found,
+)
+from iotistic_billing.webhook_server.routing import json_model, read_query
+from iotistic_billing.webhook_server.schemas import (
+    BillingPeriodUsage,
+    IncludedUsageView,
+    OverageView,
+    PeriodTotalsView,
+    UsageDay,
+    UsageHistory,
+    UsageQuery,
+    UsageReportView,
+)
+
+
+def payload_too_large(limit: int) -> ApiError:
+    return ApiError(
+        "Payload too large",
+        f"the request body is larger than {limit} bytes; send at most 1,000 reports per request",
+        {"limit": limit},
+        status=413,
+    )
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, up to `limit` bytes (this route's own limit, above the app's client_max_size)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise payload_too_large(limit)
+    if length is not None and length <= request.app[OPTIONS].client_max_size:
+        return await request.read()  # the common case, a report or a small batch: one read
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise payload_too_large(limit)
+    return bytes(body)
+
+
+def _invalid(problems: list[Problem]) -> ValidationFailed:
+    return ValidationFailed([problem.to_json() for problem in problems])
+
+
+async def report_usage(request: web.Request) -> web.Response:
+    """Store one report or a batch, each exactly once; 202 with how many were new."""
+    usage = request.app[USAGE]
+    raw = await read_limited(request, usage.options.max_body)
+    now = request.app[CLOCK]()
+    try:
+        parsed = parse_reports(raw)
+    except InvalidReports as invalid:
+        raise _invalid(invalid.problems) from None
+    problems = period_problems(parsed, now, usage.options.clock_skew)
+    if problems:
+        raise _invalid(problems)
+    principal = request[PRINCIPAL]
+    if principal.kind == "instance":
+        assert principal.customer_id is not None
+        index = foreign_report(parsed, principal.customer_id)
+        if index is not None:
+            field = parsed.field(index, "customer_id")
+            # Nothing of the request is stored: a batch is all or nothing.
+            raise ApiError(
+                "Forbidden",
+                f"{field} is {parsed.reports[index].customer_id}; this usage key reports for "
+                f"{principal.customer_id} only",
+                {"index": index, "field": field},
+                status=403,
+            )
+    try:
+        stored = await usage.store(parsed, now)
+    except DatabaseUnavailable:
+        raise DependencyUnavailable("Database") from None
+    return web.json_response({"accepted": stored.accepted, "duplicate": stored.duplicate}, status=202)
+
+
+# ----- reading usage back -----
+
+
+def report_view(row: dict[str, Any]) -> UsageReportView:
+    return UsageReportView.model_validate({**row, "postgres_size_mb": str(row["postgres_size_mb"])})
+
+
+def daily_views(days: list[date], rows: list[DailyUsage]) -> list[UsageDay]:
+    """One entry per day of the window; a day without reports is all zeros."""
+    by_day = {row.day: row for row in rows}
+    views = []
+    for day in days:
+        row = by_day.get(day)
+        views.append(
+            UsageDay(
+                date=day,
+                reports=row.reports if row else 0,
+                peak_active_devices=row.peak_active_devices if row else 0,
+                mqtt_messages=row.mqtt_messages if row else 0,
+                mqtt_bytes=row.mqtt_bytes if row else 0,
+                http_requests=row.http_requests if row else 0,
+                http_bytes=row.http_bytes if row else 0,
+                postgres_size_mb=str(row.postgres_size_mb)
+                if row and row.postgres_size_mb is not None
+                else None,
+            )
+        )
+    return views
+
+
+def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriodUsage:
+    included = included_usage(plan)
+    over = exceeded(totals, included)
+    return BillingPeriodUsage(
+        plan=plan,
+        period_start=totals.period_start,
+        period_end=totals.period_end,
+        included=IncludedUsageView(
+            devices=included.devices,
+            traffic_gb=included.traffic_gb,
+            storage_gb=included.storage_gb,
+            api_calls=included.api_calls,
+        ),
+        totals=PeriodTotalsView(
+            peak_devices=totals.peak_devices,
+            mqtt_bytes=totals.mqtt_bytes,
+            http_bytes=totals.http_bytes,
+            api_calls=totals.api_calls,
+            storage_gb_months=str(totals.storage_gb_months),
+            reports=totals.reports,
+        ),
+        overage=OverageView.model_validate(overage_json(bill)),
+        within_limits=not over,
+        exceeded=over,
+    )
+
+
+async def usage_history(
+    request: web.Request, record: CustomerRecord, days: int, now: datetime
+) -> UsageHistory:
+    usage = request.app[USAGE]
+    start = window_start(now, days)
+    end = start + timedelta(days=days)
+    period = customer_period(record.customer, now)
+    plan = customer_plan(record.customer)
+    async with connection(usage.pool) as conn:
+        daily = await daily_usage(conn, record.customer_id, start, end)
+        recent = await recent_reports(conn, record.customer_id, start, end, usage.options.report_list_limit)
+        totals = await period_totals(conn, record.customer_id, period)
+    count = sum(day.reports for day in daily)
+    rollup = compute_rollup(record.customer_id, period, plan, totals)
+    return UsageHistory(
+        customer_id=record.customer_id,
+        days=days,
+        window_start=start,
+        window_end=end,
+        report_count=count,
+        reports=[report_view(row) for row in recent],
+        reports_truncated=count > len(recent),
+        daily=daily_views(utc_days(start, end - timedelta(microseconds=1)), daily),
+        billing_period=period_view(plan, totals, rollup.overage),
+    )
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """A customer's reports, daily series and current billing period with its overage."""
+    customer_id = request.match_info["customerId"]
+    principal = request[PRINCIPAL]
+    # Checked before any lookup: a usage key learns nothing about other customers, not even existence.
+    if principal.kind == "instance" and principal.customer_id != customer_id:
+        raise Forbidden("a usage key may only read its own customer's usage")
+    query = read_query(request, UsageQuery)
+    async with request.app[SESSIONS]() as session:
+        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
+    if record is None:
+        raise customer_not_found(customer_id)
+    try:
+        history = await usage_history(request, record, query.days, request.app[CLOCK]())
+    except DatabaseUnavailable:
+        raise DependencyUnavailable("Database") from None
+    return json_model(history)
+
+
+__all__ = ["daily_views", "get_usage", "period_view", "read_limited", "report_usage", "report_view"]

@@ -1,0 +1,563 @@
+"""From stored reports to money: rollups checked against amounts worked out by hand, Stripe meter events
+sent once per period and metric (retries and a crash included) against stripe-mock, status.usage and
+WithinLimits on the Customer after a flush, and the usage viewer CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import stripe
+from aiohttp.test_utils import TestClient, TestServer
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db.models import Base
+from iotistic_billing.settings import Settings
+from iotistic_billing.usage.metering import MeterEvent, MeterSender
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import roll_up
+from iotistic_billing.usage.rollups import roll_up_period
+from iotistic_billing.usage.store import connection, period_samples, period_totals
+from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.context import USAGE
+from tests.conftest import unique_name
+from tests.integration.test_usage_reports import (  # noqa: F401 - fixtures
+    GB,
+    NOW,
+    post,
+    report,
+    tenant_fixture,
+    usage_api_fixture,
+    usage_options,
+)
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    Customers,
+    add_usage_key,
+    customer_id_for,
+    customers_fixture,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+MARCH = BillingPeriod(datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 4, 1, tzinfo=UTC))
+DAY = timedelta(days=1)
+
+
+def march_reports(customer_id: str) -> list[dict[str, Any]]:
+    """A starter customer's March 2025 (31 days), to be priced by hand in the tests below."""
+    start = MARCH.start
+    zero = {
+        key: 0
+        for key in (
+            "mqtt_bytes_sent",
+            "mqtt_bytes_received",
+            "http_requests",
+            "http_bytes_sent",
+            "http_bytes_received",
+        )
+    }
+    return [
+        # 10 days at 3,100 MB, 8 devices.
+        report(
+            customer_id,
+            "mar-1",
+            start=start,
+            hours=24 * 10,
+            active_devices=8,
+            mqtt_bytes_sent=2 * GB,
+            mqtt_bytes_received=1 * GB,
+            http_requests=60_000,
+            http_bytes_sent=1 * GB,
+            http_bytes_received=0,
+            postgres_size_mb=3100,
+        ),
+        # 20 days at 6,200 MB, 12 devices.
+        report(
+            customer_id,
+            "mar-2",
+            start=start + 10 * DAY,
+            hours=24 * 20,
+            active_devices=12,
+            mqtt_bytes_sent=4 * GB,
+            mqtt_bytes_received=2 * GB,
+            http_requests=50_000,
+            http_bytes_sent=1 * GB,
+            http_bytes_received=1 * GB,
+            postgres_size_mb=6200,
+        ),
+        # The last day, at 6,200 MB, 11 devices, no traffic.
+        report(
+            customer_id,
+            "mar-3",
+            start=start + 30 * DAY,
+            hours=24,
+            active_devices=11,
+            postgres_size_mb=6200,
+            **zero,
+        ),
+        # Starts in February and in April: not March's, whatever their size.
+        report(customer_id, "feb", start=start - DAY, hours=24, active_devices=40, mqtt_bytes_sent=100 * GB),
+        report(customer_id, "apr", start=MARCH.end, hours=24, active_devices=50, mqtt_bytes_sent=100 * GB),
+    ]
+
+
+# Worked by hand for the starter plan (10 devices, 10 GB traffic, 5 GB storage, 100,000 API calls):
+#   devices: peak 12 -> 2 over x $2.00 = $4.00
+#   traffic: MQTT 3 + 6 = 9 GB, HTTP 1 + 2 = 3 GB: 12 GB, 2 GB over, split 9:3 ->
+#            MQTT 1.5 GB x $0.10 = $0.15, HTTP 0.5 GB x $0.15 = $0.075 -> $0.08 (half up)
+#   storage: (3,100 MB x 10 d + 6,200 MB x 20 d + 6,200 MB x 1 d) / 31 d = 5,200 MB = 5.2 GB-months,
+#            0.2 over x $0.20 = $0.04
+#   API calls: 60,000 + 50,000 = 110,000, 10,000 over x $0.50 / 1,000 = $5.00
+#   total: $9.27
+MARCH_LINES = [
+    ("devices", Decimal("2"), "4.00"),
+    ("mqtt_traffic_gb", Decimal("1.5"), "0.15"),
+    ("http_traffic_gb", Decimal("0.5"), "0.08"),
+    ("storage_gb_months", Decimal("0.2"), "0.04"),
+    ("api_calls", Decimal("10000"), "5.00"),
+]
+MARCH_METER_VALUES = {
+    "devices": "2",
+    "mqtt_traffic_gb": "1.5",
+    "http_traffic_gb": "0.5",
+    "storage_gb_months": "0.2",
+    "api_calls": "10000",
+}
+
+
+async def send_march(api: TestClient[Any, Any], engine: AsyncEngine, customer_id: str) -> None:
+    headers = {"X-API-Key": await add_usage_key(engine, customer_id)}
+    reports = march_reports(customer_id)
+    assert await post(api, {"reports": reports}, headers) == (202, {"accepted": 5, "duplicate": 0})
+    # The middle report again, as a retrying instance would: stored once.
+    assert await post(api, reports[1], headers) == (202, {"accepted": 0, "duplicate": 1})
+
+
+async def rollup_row(engine: AsyncEngine, customer_id: str, period: BillingPeriod) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT period_end, totals, overage, overage_amount_cents, plan, closed_at, metered_at"
+                    " FROM usage_rollups WHERE customer_id = :c AND period_start = :s"
+                ),
+                {"c": customer_id, "s": period.start},
+            )
+        ).one()
+    return dict(row._mapping)
+
+
+async def test_a_period_rolls_up_to_the_amounts_worked_out_by_hand(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = customer_id_for(unique_name("rollup"))
+    await send_march(usage_api, db_engine, customer_id)
+    async with connection(usage_api.app[USAGE].pool) as conn:
+        rollup = await roll_up_period(conn, customer_id, MARCH, "starter")
+    assert rollup.totals.reports == 3 and rollup.overage.total == Decimal("9.27")
+
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert row["period_end"] == MARCH.end and row["plan"] == "starter"
+    assert row["closed_at"] is None and row["overage_amount_cents"] == 927
+    totals = row["totals"]
+    assert {
+        key: totals[key] for key in ("peak_devices", "mqtt_bytes", "http_bytes", "api_calls", "reports")
+    } == {
+        "peak_devices": 12,
+        "mqtt_bytes": 9 * GB,
+        "http_bytes": 3 * GB,
+        "api_calls": 110_000,
+        "reports": 3,
+    }
+    assert Decimal(totals["storage_gb_months"]) == Decimal("5.2")
+    overage = row["overage"]
+    assert [
+        (line["metric"], Decimal(line["quantity"]), line["amount"]) for line in overage["lines"]
+    ] == MARCH_LINES
+    assert overage["total"] == "9.27" and overage["total_cents"] == 927
+    # A professional plan includes all of it.
+    async with connection(usage_api.app[USAGE].pool) as conn:
+        professional = await roll_up_period(conn, customer_id, MARCH, "professional")
+    assert professional.overage.lines == ()
+    assert (await rollup_row(db_engine, customer_id, MARCH))["overage_amount_cents"] == 0
+
+
+async def test_postgres_sums_agree_with_roll_up(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """The flusher and the views total a period in SQL; that must be pricing.roll_up's arithmetic."""
+    customer_id = customer_id_for(unique_name("sums"))
+    await send_march(usage_api, db_engine, customer_id)
+    # Odd lengths and sizes, and a report that runs past the period's end (storage counts its part inside).
+    odd = [
+        report(
+            customer_id,
+            f"odd-{i}",
+            start=MARCH.start + timedelta(hours=7 * i, seconds=13),
+            hours=5.5,
+            postgres_size_mb=str(Decimal("1234.567") + i),
+            active_devices=i % 17,
+        )
+        for i in range(100)
+    ]
+    odd.append(
+        report(customer_id, "late", start=MARCH.end - timedelta(hours=3), hours=30, postgres_size_mb=999)
+    )
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    assert (await post(usage_api, {"reports": odd}, headers))[0] == 202
+    async with connection(usage_api.app[USAGE].pool) as conn:
+        in_sql = await period_totals(conn, customer_id, MARCH)
+        in_python = roll_up(await period_samples(conn, customer_id, MARCH), MARCH.start, MARCH.end)
+    assert in_sql == in_python and in_sql.reports == 104
+
+
+class Recorder:
+    """The real sender (stripe-mock), watched: what was sent, and optionally a failure around it."""
+
+    def __init__(
+        self, inner: MeterSender, *, crash_after_send: bool = False, refuse: str | None = None
+    ) -> None:
+        self.inner = inner
+        self.crash_after_send = crash_after_send
+        self.refuse = refuse
+        self.sent: list[tuple[str, str, str]] = []
+
+    async def __call__(self, event: MeterEvent) -> str:
+        if event.metric == self.refuse:
+            raise stripe.InvalidRequestError("No active meter with event_name", param="event_name")
+        echoed = await self.inner(event)
+        self.sent.append((event.identifier, event.value, echoed))
+        if self.crash_after_send:
+            # Stripe accepted it; the process dies before the insert.
+            raise RuntimeError("crashed between Stripe's answer and the insert")
+        return echoed
+
+    def of(self, customer_id: str) -> list[tuple[str, str]]:
+        return sorted(
+            (identifier, value) for identifier, value, _ in self.sent if identifier.startswith(customer_id)
+        )
+
+
+async def link_stripe_customer(engine: AsyncEngine, customer_id: str) -> str:
+    stripe_customer_id = f"cus_{customer_id[5:]}"
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO customers"
+                " (customer_id, resource_name, email, company_name, plan, stripe_customer_id)"
+                " VALUES (:c, :r, 'ops@example.com', 'Metered Inc', 'starter', :s)"
+            ),
+            {"c": customer_id, "r": customer_id.replace("_", "-"), "s": stripe_customer_id},
+        )
+    return stripe_customer_id
+
+
+async def recorded(engine: AsyncEngine, customer_id: str) -> list[tuple[str, str, str, str | None]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT metric, identifier, value, stripe_event_identifier FROM usage_meter_events"
+                " WHERE customer_id = :c ORDER BY metric"
+            ),
+            {"c": customer_id},
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def expected_events(customer_id: str) -> list[tuple[str, str]]:
+    return sorted((f"{customer_id}:20250301:{metric}", value) for metric, value in MARCH_METER_VALUES.items())
+
+
+async def prepare_metered_march(api: TestClient[Any, Any], engine: AsyncEngine, prefix: str) -> str:
+    customer_id = customer_id_for(unique_name(prefix))
+    await send_march(api, engine, customer_id)
+    await link_stripe_customer(engine, customer_id)
+    async with connection(api.app[USAGE].pool) as conn:
+        await roll_up_period(conn, customer_id, MARCH, "starter")  # open, as the flusher leaves it
+    return customer_id
+
+
+async def test_meter_events_are_sent_once_per_period_and_metric(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = await prepare_metered_march(usage_api, db_engine, "metered")
+    usage = usage_api.app[USAGE]
+    assert usage.meter_sender is not None
+    recorder = Recorder(usage.meter_sender)
+    usage.meter_sender = recorder
+
+    # Before the period ends nothing is closed or sent.
+    await usage.send_meter_events(MARCH.end - timedelta(seconds=1))
+    assert recorder.of(customer_id) == [] and await recorded(db_engine, customer_id) == []
+
+    first = await usage.send_meter_events(NOW)
+    assert first.closed >= 1 and first.failed == 0
+    assert recorder.of(customer_id) == expected_events(customer_id)
+    rows = await recorded(db_engine, customer_id)
+    assert [(identifier, value) for _, identifier, value, _ in rows] == sorted(
+        expected_events(customer_id), key=lambda event: event[0].rsplit(":", 1)[1]
+    )
+    # stripe-mock echoes the identifier, as Stripe does.
+    assert all(echoed == identifier for _, identifier, _, echoed in rows)
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert row["closed_at"] == NOW and row["metered_at"] == NOW and row["overage_amount_cents"] == 927
+
+    # Again, and later: nothing is sent twice once recorded.
+    await usage.send_meter_events(NOW)
+    await usage.send_meter_events(NOW + timedelta(days=3))
+    assert len(recorder.of(customer_id)) == 5 and len(await recorded(db_engine, customer_id)) == 5
+
+
+async def test_a_crash_after_stripe_accepted_resends_the_same_identifiers_and_records_them_once(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = await prepare_metered_march(usage_api, db_engine, "crashed")
+    usage = usage_api.app[USAGE]
+    assert usage.meter_sender is not None
+    real = usage.meter_sender
+    crashing = Recorder(real, crash_after_send=True)
+    usage.meter_sender = crashing
+    run = await usage.send_meter_events(NOW)
+    assert run.failed >= 5
+    assert crashing.of(customer_id) == expected_events(customer_id)  # Stripe got them all...
+    assert await recorded(db_engine, customer_id) == []  # ...and we recorded none
+    assert (await rollup_row(db_engine, customer_id, MARCH))["metered_at"] is None
+
+    retry = Recorder(real)
+    usage.meter_sender = retry
+    await usage.send_meter_events(NOW + timedelta(hours=1))
+    # The same identifiers again (Stripe drops repeats of an identifier), now recorded, once each.
+    assert retry.of(customer_id) == crashing.of(customer_id)
+    assert sorted(
+        (identifier, value) for _, identifier, value, _ in await recorded(db_engine, customer_id)
+    ) == (expected_events(customer_id))
+    await usage.send_meter_events(NOW + timedelta(hours=2))
+    assert len(retry.of(customer_id)) == 5 and len(await recorded(db_engine, customer_id)) == 5
+
+
+async def test_a_refused_event_is_retried_by_the_next_run_and_the_others_are_not(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = await prepare_metered_march(usage_api, db_engine, "refused")
+    usage = usage_api.app[USAGE]
+    assert usage.meter_sender is not None
+    real = usage.meter_sender
+    refusing = Recorder(real, refuse="api_calls")  # say the meter was missing at Stripe
+    usage.meter_sender = refusing
+    await usage.send_meter_events(NOW)
+    assert [metric for metric, *_ in await recorded(db_engine, customer_id)] == [
+        "devices",
+        "http_traffic_gb",
+        "mqtt_traffic_gb",
+        "storage_gb_months",
+    ]
+    assert (await rollup_row(db_engine, customer_id, MARCH))["metered_at"] is None
+
+    fixed = Recorder(real)
+    usage.meter_sender = fixed
+    await usage.send_meter_events(NOW + timedelta(hours=1))
+    assert fixed.of(customer_id) == [(f"{customer_id}:20250301:api_calls", "10000")]
+    assert len(await recorded(db_engine, customer_id)) == 5
+    assert (await rollup_row(db_engine, customer_id, MARCH))["metered_at"] == NOW + timedelta(hours=1)
+
+
+async def test_trials_and_customers_without_stripe_send_nothing(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    trial = customer_id_for(unique_name("trial"))
+    await send_march(usage_api, db_engine, trial)
+    await link_stripe_customer(db_engine, trial)
+    unlinked = customer_id_for(unique_name("unlinked"))
+    await send_march(usage_api, db_engine, unlinked)
+    async with connection(usage_api.app[USAGE].pool) as conn:
+        await roll_up_period(conn, trial, MARCH, "trial")  # the trial is free, overage or not
+        await roll_up_period(conn, unlinked, MARCH, "starter")
+    usage = usage_api.app[USAGE]
+    assert usage.meter_sender is not None
+    recorder = Recorder(usage.meter_sender)
+    usage.meter_sender = recorder
+    await usage.send_meter_events(NOW)
+    assert recorder.of(trial) == [] and recorder.of(unlinked) == []
+    trial_row = await rollup_row(db_engine, trial, MARCH)
+    assert trial_row["closed_at"] == NOW and trial_row["metered_at"] == NOW  # nothing owed
+    assert trial_row["overage_amount_cents"] == 927  # shown, not billed
+    # Owed but no Stripe customer yet: it waits (and is sent once the customer is linked).
+    assert (await rollup_row(db_engine, unlinked, MARCH))["metered_at"] is None
+    await link_stripe_customer(db_engine, unlinked)
+    await usage.send_meter_events(NOW + timedelta(hours=1))
+    assert recorder.of(unlinked) == expected_events(unlinked)
+
+
+async def test_a_flush_puts_usage_and_within_limits_on_the_customer(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, tenant: tuple[str, str]
+) -> None:
+    name, customer_id = tenant
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    usage = usage_api.app[USAGE]
+    reports = [
+        report(customer_id, "a", start=NOW - timedelta(hours=3), active_devices=9),
+        report(customer_id, "b", start=NOW - timedelta(hours=2), active_devices=13),
+        report(customer_id, "c", start=NOW - timedelta(hours=5), active_devices=4),  # late, older
+    ]
+    assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+    # Reported, not flushed: the request path never writes the Customer.
+    assert "usage" not in ((customers.get(name) or {}).get("status") or {})
+
+    result = await usage.flush()
+    assert result.patched == 1 and result.failed == 0
+    status = (customers.get(name) or {})["status"]
+    assert status["usage"] == {
+        "periodStart": "2025-04-01T00:00:00Z",
+        "activeDevices": 13,  # of the latest report by period, not the latest to arrive
+        "lastReportAt": "2025-04-17T12:00:00Z",
+    }
+    limits = next(c for c in status["conditions"] if c["type"] == "WithinLimits")
+    assert limits["status"] == "False" and limits["reason"] == "IncludedUsageExceeded"
+    assert "over the starter plan's included usage: devices (peak 13, 10 included)" in limits["message"]
+    # The open rollup of April is kept current by the flush, against the plan of the Customer.
+    april = BillingPeriod(datetime(2025, 4, 1, tzinfo=UTC), datetime(2025, 5, 1, tzinfo=UTC))
+    row = await rollup_row(db_engine, customer_id, april)
+    assert row["plan"] == "starter" and row["overage_amount_cents"] == 600 and row["closed_at"] is None
+
+    # Nothing reported since: nothing to do, no patch.
+    assert await usage.flush() == type(result)()
+    # A report of a customer id no Customer holds is kept, and the flush skips it.
+    stranger = customer_id_for(unique_name("stranger"))
+    assert (
+        await post(usage_api, report(stranger, "s"), {"X-API-Key": await add_usage_key(db_engine, stranger)})
+    )[0] == 202
+    assert (await usage.flush()).missing == 1
+
+
+def usage_cli(*args: str, database_url: str | None) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "iotistic_billing.cli", "usage", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_the_usage_viewer_prints_days_and_customers(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, database_url: str
+) -> None:
+    customer_id = customer_id_for(unique_name("viewer"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    day = datetime(2025, 4, 15, tzinfo=UTC)
+    reports = [
+        report(
+            customer_id,
+            "a",
+            start=day,
+            hours=6,
+            active_devices=13,
+            http_requests=1500,
+            mqtt_bytes_sent=5 * 10**6,
+        ),
+        report(customer_id, "b", start=day + DAY, hours=6, active_devices=7),
+    ]
+    assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+
+    shown = usage_cli(
+        "--customer", customer_id, "--days", "5", "--until", "2025-04-17", database_url=database_url
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"Usage of {customer_id}: 5 days, 2025-04-13 .. 2025-04-17 UTC"
+    assert lines[2].split() == [
+        "DATE",
+        "REPORTS",
+        "PEAK",
+        "DEVICES",
+        "MQTT",
+        "MESSAGES",
+        "MQTT",
+        "MB",
+        "HTTP",
+        "REQUESTS",
+        "HTTP",
+        "MB",
+        "DATABASE",
+        "MB",
+    ]
+    assert lines[3].split() == ["2025-04-15", "1", "13", "30", "5.0", "1,500", "0.0", "125.500"]
+    assert lines[4].split()[:3] == ["2025-04-16", "1", "7"]
+    assert (
+        "Billing period 2025-04-01 .. 2025-05-01, plan trial (calendar month, computed now)" in shown.stdout
+    )
+    assert "devices  3     $2.00 / 1  $6.00" in shown.stdout and shown.stdout.rstrip().endswith(
+        "Overage: $6.00"
+    )
+
+    everyone = usage_cli(
+        "--all", "--days", "5", "--until", "2025-04-17", "-o", "json", database_url=database_url
+    )
+    assert everyone.returncode == 0, everyone.stderr
+    row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
+    assert (row["reports"], row["peakDevices"], row["apiCalls"], row["periodOverage"]) == (
+        "2",
+        13,
+        "1,503",
+        "$6.00",
+    )
+    table = usage_cli("--all", "--days", "5", "--until", "2025-04-17", database_url=database_url)
+    assert any(line.startswith(customer_id) and line.endswith("$6.00") for line in table.stdout.splitlines())
+
+    unset = usage_cli("--all", database_url=None)
+    assert unset.returncode == 2 and "DATABASE_URL is not set" in unset.stderr
+    bad = usage_cli("--customer", customer_id, "--days", "400", database_url=database_url)
+    assert bad.returncode == 2 and "--days: must be between 1 and 366, got 400" in bad.stderr
+
+
+async def test_what_was_reported_is_flushed_when_the_server_stops(
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    db_engine: AsyncEngine,
+    customers: Customers,
+    tenant: tuple[str, str],
+) -> None:
+    name, customer_id = tenant
+    api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    app = create_app(webhook_settings, kube=api_client, clock=lambda: NOW, usage=usage_options())
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+        assert (await post(client, report(customer_id, "last", active_devices=3), headers))[0] == 202
+    finally:
+        await client.close()  # SIGTERM's path: requests finish, then cleanup_ctx stops the metering
+        api_client.close()
+    status = (customers.get(name) or {})["status"]
+    assert status["usage"]["activeDevices"] == 3
+    limits = next(c for c in status["conditions"] if c["type"] == "WithinLimits")
+    assert limits["status"] == "True" and limits["reason"] == "WithinIncludedUsage"
+
+
+async def test_the_migration_matches_the_models_of_usage_metering(db_engine: AsyncEngine) -> None:
+    def differences(sync_connection: Any) -> list[Any]:
+        context = MigrationContext.configure(sync_connection)
+        tables = {"usage_rollups", "usage_meter_events", "usage_reports"}
+        return [
+            diff
+            for diff in compare_metadata(context, Base.metadata)
+            if any(table in repr(diff) for table in tables)
+        ]
+
+    async with db_engine.connect() as connection:
+        assert await connection.run_sync(differences) == []

@@ -1,0 +1,85 @@
+"""Stripe meter events of a closed period: identifiers, values Stripe accepts, and the stored JSON."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from iotistic_billing.licensing.plans import plan_by_name
+from iotistic_billing.usage.metering import meter_events_for, meter_identifier, meter_value
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import PeriodTotals, overage
+from iotistic_billing.usage.rollups import compute_rollup, overage_json, overage_quantities, totals_json
+
+START = datetime(2026, 11, 15, 9, 30, tzinfo=UTC)
+END = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
+GB = 10**9
+
+
+def test_the_identifier_is_stable_per_customer_period_and_metric() -> None:
+    assert meter_identifier("cust_abc123", START, "devices") == "cust_abc123:20261115:devices"
+    # The period start is taken in UTC, whatever zone the datetime carries.
+    assert meter_identifier("cust_abc123", START.astimezone(), "api_calls").endswith(":20261115:api_calls")
+
+
+def test_values_are_plain_decimals_of_at_most_15_digits() -> None:
+    assert meter_value(Decimal(3)) == "3"
+    assert meter_value(Decimal("1.5")) == "1.5"
+    assert meter_value(Decimal("0.3333333333333333333333333333")) == "0.333333"
+    assert meter_value(Decimal("123456789012.123456789")) == "123456789012.123"
+    assert meter_value(Decimal("1E+20")) == "100000000000000000000"
+    assert meter_value(Decimal("1E-9")) is None  # rounds to nothing: nothing to bill
+    assert meter_value(Decimal(0)) is None
+
+
+def test_a_closed_period_owes_one_event_per_metric_over_its_quota() -> None:
+    totals = PeriodTotals(
+        START, END, peak_devices=13, mqtt_bytes=9 * GB, http_bytes=3 * GB, api_calls=102_500
+    )
+    stored = overage_json(overage(totals, plan_by_name("starter").included))
+    events = meter_events_for("cust_abc123", "cus_Q1", BillingPeriod(START, END), overage_quantities(stored))
+    assert [(e.metric, e.value) for e in events] == [
+        ("devices", "3"),
+        ("mqtt_traffic_gb", "1.5"),
+        ("http_traffic_gb", "0.5"),
+        ("api_calls", "2500"),
+    ]
+    first = events[0]
+    assert first.params() == {
+        "event_name": "iotistic_devices",
+        "payload": {"stripe_customer_id": "cus_Q1", "value": "3"},
+        "identifier": "cust_abc123:20261115:devices",
+        # The last second of the period: Stripe bills [start, end), and the end is the next period's.
+        "timestamp": int(END.timestamp()) - 1,
+    }
+
+
+def test_rollup_json_keeps_decimals_exact_as_strings() -> None:
+    totals = PeriodTotals(START, END, peak_devices=13, storage_gb_months=Decimal("7.5"), reports=2)
+    rollup = compute_rollup("cust_abc123", BillingPeriod(START, END), "starter", totals)
+    assert totals_json(totals) == {
+        "period_start": "2026-11-15T09:30:00+00:00",
+        "period_end": "2026-12-15T09:30:00+00:00",
+        "peak_devices": 13,
+        "mqtt_bytes": 0,
+        "http_bytes": 0,
+        "api_calls": 0,
+        "storage_gb_months": "7.5",
+        "reports": 2,
+    }
+    assert overage_json(rollup.overage) == {
+        "lines": [
+            {"metric": "devices", "quantity": "3", "unit_price": "2.00", "per": 1, "amount": "6.00"},
+            {
+                "metric": "storage_gb_months",
+                "quantity": "2.5",
+                "unit_price": "0.20",
+                "per": 1,
+                "amount": "0.50",
+            },
+        ],
+        "total": "6.50",
+        "total_cents": 650,
+    }
+    assert rollup.billed
+    assert not compute_rollup("cust_abc123", BillingPeriod(START, END), "trial", totals).billed

@@ -1,0 +1,198 @@
+"""Parsing usage reports: one or a batch, strict fields, errors that name the field, period checks."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from iotistic_billing.usage.reports import (
+    COLUMNS,
+    INT64_MAX,
+    InvalidReports,
+    field_path,
+    foreign_report,
+    parse_reports,
+    period_problems,
+    report_columns,
+)
+
+NOW = datetime(2026, 11, 17, 12, tzinfo=UTC)
+SKEW = timedelta(minutes=5)
+
+
+def report(**fields: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "customer_id": "cust_abc123",
+        "instance_id": "prod-1",
+        "report_id": "r-0001",
+        "period_start": "2026-11-17T10:00:00Z",
+        "period_end": "2026-11-17T11:00:00Z",
+        "active_devices": 42,
+        "total_devices": 45,
+        "mqtt_messages_published": 150000,
+        "mqtt_messages_received": 120000,
+        "mqtt_bytes_sent": 1500000,
+        "mqtt_bytes_received": 1200000,
+        "http_requests": 5000,
+        "http_bytes_sent": 500000,
+        "http_bytes_received": 300000,
+        "postgres_size_mb": 125.5,
+        "postgres_row_count": 500000,
+    }
+    values.update(fields)
+    return {key: value for key, value in values.items() if value is not ...}
+
+
+def body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def problems(raw: bytes) -> dict[str, str]:
+    with pytest.raises(InvalidReports) as caught:
+        parse_reports(raw)
+    return {problem.field: problem.message for problem in caught.value.problems}
+
+
+def test_the_seed_payload_with_an_id_and_a_period_is_one_report() -> None:
+    parsed = parse_reports(body(report()))
+    assert not parsed.batch and len(parsed.reports) == 1
+    stored = parsed.reports[0]
+    assert stored.period_start == datetime(2026, 11, 17, 10, tzinfo=UTC)
+    assert stored.postgres_size_mb == Decimal("125.500")
+    assert stored.mqtt_bytes_sent == 1_500_000
+
+
+def test_a_batch_holds_up_to_a_thousand_reports() -> None:
+    reports = [report(report_id=f"r-{i}") for i in range(1000)]
+    parsed = parse_reports(body({"reports": reports}))
+    assert parsed.batch and len(parsed.reports) == 1000
+    assert problems(body({"reports": [*reports, report(report_id="one-too-many")]})) == {
+        "reports": "List should have at most 1000 items after validation, not 1001"
+    }
+    assert "reports" in problems(body({"reports": []}))
+
+
+def test_errors_name_the_field_inside_the_batch() -> None:
+    reports = [report(report_id=f"r-{i}") for i in range(5)]
+    reports[3]["active_devices"] = -1
+    reports[1]["mqtt_bytes_sent"] = INT64_MAX + 1
+    reports[4]["colour"] = "blue"
+    del reports[2]["instance_id"]
+    found = problems(body({"reports": reports}))
+    assert found == {
+        "reports[3].active_devices": "Input should be greater than or equal to 0",
+        "reports[1].mqtt_bytes_sent": f"Input should be less than or equal to {INT64_MAX}",
+        "reports[4].colour": "unknown field",
+        "reports[2].instance_id": "field required",
+    }
+
+
+def test_a_single_report_names_its_fields_without_a_prefix() -> None:
+    assert problems(body(report(http_requests=1.5, customer_id="acme"))) == {
+        "http_requests": "Input should be a valid integer",
+        "customer_id": "String should match pattern '^cust_[a-z0-9]{6,32}$'",
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("active_devices", "42"),  # a string is not a count
+        ("active_devices", True),
+        ("active_devices", 2**31),  # usage_reports.active_devices is an int4
+        ("http_requests", 10.0),  # counters are integers, not floats that happen to be whole
+        ("period_start", "2026-11-17T10:00:00"),  # no zone
+        ("period_start", 1763373600),  # RFC 3339 strings only, not Unix seconds
+        ("period_start", "1999-12-31T23:00:00Z"),  # out of range
+        ("postgres_size_mb", -0.5),
+        ("postgres_size_mb", "NaN"),
+        ("postgres_size_mb", 1e12),
+        ("report_id", ""),
+        ("report_id", "x" * 101),
+        ("instance_id", "prod 1"),  # no spaces or control characters in ids
+        ("instance_id", "prod\u00001"),
+    ],
+)
+def test_strict_fields_refuse_what_would_be_guessed(field: str, value: Any) -> None:
+    assert field in problems(body(report(**{field: value})))
+
+
+def test_optional_counters_default_to_zero_and_sizes_are_kept_for_the_column_to_round() -> None:
+    minimal = {key: report()[key] for key in ("customer_id", "instance_id", "report_id", "period_start")}
+    minimal.update({"period_end": "2026-11-17T11:00:00+01:00", "active_devices": 1, "total_devices": 1})
+    parsed = parse_reports(body({**minimal, "postgres_size_mb": 0.30000000000000004}))
+    stored = parsed.reports[0]
+    assert stored.http_requests == 0 and stored.postgres_row_count == 0
+    # Not refused: NUMERIC(14, 3) stores it as 0.300 (tests/integration/test_usage_reports.py).
+    assert stored.postgres_size_mb == Decimal("0.30000000000000004")
+    # Zones are kept as instants: 11:00+01:00 is 10:00 UTC.
+    assert stored.period_end == datetime(2026, 11, 17, 10, tzinfo=UTC)
+
+
+def test_bodies_that_are_not_reports_say_so() -> None:
+    assert problems(b"{not json") == {"body": "is not valid JSON"}
+    assert problems(b"") == {"body": "is not valid JSON"}
+    assert set(problems(b"[1, 2]")) == {"body"}
+
+
+def test_period_problems_name_the_period_end_of_each_report() -> None:
+    reports = [
+        report(report_id="fine"),
+        report(report_id="backwards", period_end="2026-11-17T09:00:00Z"),
+        report(report_id="too-long", period_start="2026-10-01T00:00:00Z", period_end="2026-11-02T00:00:00Z"),
+        report(report_id="future", period_end="2026-11-17T12:06:00Z"),
+        report(report_id="within-skew", period_end="2026-11-17T12:04:00Z"),
+        report(report_id="31-days", period_start="2026-10-17T00:00:00Z", period_end="2026-11-17T00:00:00Z"),
+    ]
+    found = period_problems(parse_reports(body({"reports": reports})), NOW, SKEW)
+    assert [(p.field, p.type) for p in found] == [
+        ("reports[1].period_end", "period_order"),
+        ("reports[2].period_end", "period_length"),
+        ("reports[3].period_end", "period_future"),
+    ]
+    single = period_problems(parse_reports(body(report(period_end="2026-11-17T10:00:00Z"))), NOW, SKEW)
+    assert [p.field for p in single] == ["period_end"]
+
+
+def test_foreign_report_finds_the_first_report_of_another_customer() -> None:
+    parsed = parse_reports(
+        body(
+            {"reports": [report(), report(report_id="b"), report(customer_id="cust_other99", report_id="c")]}
+        )
+    )
+    assert foreign_report(parsed, "cust_abc123") == 2
+    assert parsed.field(2, "customer_id") == "reports[2].customer_id"
+    assert foreign_report(parse_reports(body(report())), "cust_abc123") is None
+
+
+def test_columns_are_laid_out_in_insert_order() -> None:
+    parsed = parse_reports(
+        body({"reports": [report(report_id="a"), report(report_id="b", active_devices=7)]})
+    )
+    columns = report_columns(parsed.reports)
+    assert len(columns) == len(COLUMNS) == 16
+    by_name = dict(zip(COLUMNS, columns, strict=True))
+    assert by_name["report_id"] == ["a", "b"] and by_name["active_devices"] == [42, 7]
+    assert by_name["postgres_size_mb"] == [Decimal("125.500"), Decimal("125.500")]
+
+
+def test_field_path_reads_like_the_body() -> None:
+    assert field_path(("reports", 3, "active_devices")) == "reports[3].active_devices"
+    assert field_path(("period_end",)) == "period_end"
+    assert field_path(()) == "body"
+
+
+def test_a_body_with_a_reports_key_is_a_batch_wherever_the_key_is() -> None:
+    one = report()
+    spaced = b'  {\n  "reports" : ' + body([one]) + b"}"
+    assert parse_reports(spaced).batch
+    assert parse_reports(body({"reports": [one]})).batch
+    # "reports" not first: still a batch, and the other key is what is wrong with it.
+    assert problems(body({"customer_id": "cust_abc123", "reports": [one]})) == {
+        "customer_id": "unknown field"
+    }
+    assert problems(body({"reports": "all of them"})) == {"reports": "Input should be a valid array"}
