@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from iotistic_billing.logs import configure_logging
 from iotistic_billing.processes import ManagedProcess
 from iotistic_billing.settings import Settings, SettingsError, load_settings
 from iotistic_billing.usage.options import UsageOptions
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if role == "inbox":
         # Below the server in CPU priority: under load, answering Stripe comes first, applying follows.
         os.nice(10)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(os.environ.get("LOG_FORMAT", "json"))
     # The SDK logs request parameters at debug level; they never belong in our logs.
     logging.getLogger("stripe").setLevel(logging.WARNING)
     try:

@@ -148,7 +148,13 @@ class EventInbox:
         self._not_before.pop(event_id, None)
         self._failures.pop(event_id, None)
         self.app[METRICS].webhook_event(event.type, outcome.result)
-        log.info("stripe event %s (%s): %s", event_id, event.type, outcome.result)
+        log.info(
+            "stripe event %s (%s): %s",
+            event_id,
+            event.type,
+            outcome.result,
+            extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
+        )
         return True
 
     def _backoff(self, event_id: str) -> None:
