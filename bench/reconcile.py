@@ -89,8 +89,12 @@ async def helm_loop(kubeconfig: Path, n: int) -> float:
 
     await install(n)  # warm-up, like the operator's: caches and the first helm run are not measured
     started = time.monotonic()
-    await asyncio.gather(*(install(i) for i in range(n)))
-    return time.monotonic() - started
+    results = await asyncio.gather(*(install(i) for i in range(n)), return_exceptions=True)
+    elapsed = time.monotonic() - started
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise SystemExit(f"{len(failures)} of {n} baseline installs failed; first: {failures[0]}")
+    return elapsed
 
 
 class Sampler(threading.Thread):
