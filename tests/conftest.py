@@ -230,16 +230,11 @@ async def eventually(
 
 
 @pytest.fixture(scope="session")
-def operator_env(
-    control_plane: ControlPlane,
-    database_url: str,
-    license_keys: tuple[Path, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, str]:
+def operator_env(kubeconfig: Path, database_url: str, license_keys: tuple[Path, Path]) -> dict[str, str]:
     private_key, public_key = license_keys
     return {
         **os.environ,
-        "KUBECONFIG": str(control_plane.kubeconfig),
+        "KUBECONFIG": str(kubeconfig),
         "DATABASE_URL": database_url,
         "LICENSE_PRIVATE_KEY_PATH": str(private_key),
         "LICENSE_PUBLIC_KEY_PATH": str(public_key),

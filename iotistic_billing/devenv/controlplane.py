@@ -123,7 +123,8 @@ class ControlPlane:
             f"--secure-port={self.api_port}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            # Room for thousands of customer instances (each has several Services); envtest's /24 has 254.
+            "--service-cluster-ip-range=10.96.0.0/12",
             "--allow-privileged=true",
             "--disable-admission-plugins=ServiceAccount",
             "--authorization-mode=RBAC",
