@@ -56,6 +56,9 @@ def k8s_client(kubeconfig: Path) -> Iterator[kubernetes.client.ApiClient]:
     client.close()
 
 
+# operator_env and operator repeat tests/conftest.py on purpose: defined here, they get their own
+# session instances on this cluster, so `pytest tests/e2e tests/integration` cannot hand the e2e operator
+# to the integration tests (or the reverse), which sharing the root fixtures did.
 @pytest.fixture(scope="session")
 def operator_env(kubeconfig: Path, database_url: str, license_keys: tuple[Path, Path]) -> dict[str, str]:
     private_key, public_key = license_keys
