@@ -27,8 +27,10 @@ async def test_kube_apiserver_restart_under_the_operator(
 ) -> None:
     before = unique_name("before")
     cluster.create(customer_manifest(before, customerId=f"cust_{before.replace('-', '')}", plan="starter"))
+    # Deployed, not just revision 1: a first install still pending when the API server goes away is
+    # uninstalled and installed again by the operator, so its release is briefly not found.
     wait_until(
-        lambda: (cluster.release(before) or {}).get("revision") == "1", message="first Customer deployed"
+        lambda: (cluster.release(before) or {}).get("status") == "deployed", message="first Customer deployed"
     )
 
     control_plane.restart_apiserver()
@@ -45,7 +47,8 @@ async def test_kube_apiserver_restart_under_the_operator(
     # say the change arrived; the deployed values do.
     wait_until(
         lambda: (
-            cluster.helm("get", "values", "instance", "-n", f"customer-{before}").get("plan")
+            cluster.release(before) is not None
+            and cluster.helm("get", "values", "instance", "-n", f"customer-{before}").get("plan")
             == "professional"
         ),
         timeout=90,

@@ -77,10 +77,11 @@ class Cluster:
     def helm(self, *args: str) -> Any:
         out = subprocess.run(
             ["helm", "--kubeconfig", str(self.kubeconfig), *args, "-o", "json"],
-            check=True,
             capture_output=True,
             text=True,
         )
+        if out.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
         return json.loads(out.stdout)
 
     def release(self, name: str) -> dict[str, Any] | None:
