@@ -1,11 +1,13 @@
 """Provisioning N Customers at once with the operator, against plain `helm upgrade --install` loops.
 
-For each N (default 1, 10, 100; add 1000 with --sizes): a fresh local control plane and PostgreSQL,
-then in the same run
+For each N (default 1, 10, 100; add 1000 with --sizes), in the same run, each on a fresh local control
+plane:
   - baseline: N `helm upgrade --install` of the customer-instance chart with operator-like values, at
-    the operator's helm concurrency (HELM_CONCURRENCY), timed until the last one returns;
-  - operator: N Customers created at once; timed until every one has its licence Secret, a deployed
-    release and status.release written. Operator peak RSS and helm processes in flight are sampled.
+    the operator's helm concurrency (HELM_CONCURRENCY) and with the operator's flags, timed until the
+    last one returns;
+  - operator (with a fresh PostgreSQL): N Customers created at once; timed until every one has its
+    licence Secret, a deployed release and status.release written. Operator peak RSS, its CPU time
+    and helm processes in flight are sampled.
   - idle (with --idle SECONDS): every Deployment reported available, all Customers Ready, then the
     operator's CPU use and helm calls over SECONDS.
 Targets: N=1 within 1.25x the bare helm install; 1,000 within 4 minutes at <= 250 MiB RSS; idle: no
@@ -34,6 +36,7 @@ from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
+from iotistic_billing.operator.helm import upgrade_install_args
 from iotistic_billing.processes import ManagedProcess, free_port
 
 REPO = REPO_BIN.parent
@@ -54,7 +57,7 @@ def baseline_values(i: int) -> dict[str, Any]:
 
 
 async def helm_loop(kubeconfig: Path, n: int) -> float:
-    """The baseline: what the operator's helm step costs with nothing around it."""
+    """The baseline: the operator's own helm command (same flags) with nothing around it."""
     slots = asyncio.Semaphore(CONCURRENCY)
     helm = str(find_binary("helm"))
 
@@ -67,19 +70,8 @@ async def helm_loop(kubeconfig: Path, n: int) -> float:
                     helm,
                     "--kubeconfig",
                     str(kubeconfig),
-                    "upgrade",
-                    "--install",
-                    "instance",
-                    str(CHART),
-                    "--namespace",
-                    f"baseline-{i}",
+                    *upgrade_install_args("instance", f"baseline-{i}", CHART, Path(values.name)),
                     "--create-namespace",
-                    "--values",
-                    values.name,
-                    "--history-max",
-                    "5",
-                    "--output",
-                    "json",
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
                 )
@@ -126,7 +118,18 @@ def metric(url: str, name: str) -> float:
         return total
 
 
+def baseline(n: int, work: Path) -> float:
+    """The baseline on a control plane of its own: its 1,000 releases would otherwise be in the
+    operator's cluster, and its later run would start from a larger etcd than the baseline did."""
+    plane = ControlPlane(work / f"cp-{n}-baseline").start()
+    try:
+        return asyncio.run(helm_loop(plane.kubeconfig, n))
+    finally:
+        plane.stop()
+
+
 def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
+    bare_helm = baseline(n, work)
     plane = ControlPlane(work / f"cp-{n}").start()
     postgres = EmbeddedPostgres(work / f"pg-{n}").start()
     operator: ManagedProcess | None = None
@@ -148,7 +151,6 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             check=True,
             capture_output=True,
         )
-        baseline = asyncio.run(helm_loop(plane.kubeconfig, n))
 
         metrics_port = free_port()
         env = {
@@ -191,6 +193,7 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             },
         )
         watch_provisioned(objects, {"warm-up"}, time.monotonic(), timeout=120)
+        operator_cpu = psutil.Process(operator.pid).cpu_times()
         started = time.monotonic()
         for i in range(n):
             objects.create_cluster_custom_object(
@@ -211,24 +214,29 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
         created = time.monotonic() - started
 
         elapsed = watch_provisioned(objects, {f"bench-{i}" for i in range(n)}, started, timeout=1800)
+        cpu_after = psutil.Process(operator.pid).cpu_times()
+        operator_cpu_s = cpu_after.user + cpu_after.system - operator_cpu.user - operator_cpu.system
         secrets = (
             kubernetes.client.CoreV1Api(client)
             .list_secret_for_all_namespaces(
-                label_selector="app.kubernetes.io/managed-by=iotistic-billing-operator"
+                # helm's storage Secrets carry the label too, and the label owner=helm
+                label_selector="app.kubernetes.io/managed-by=iotistic-billing-operator,!owner"
             )
             .items
         )
-        assert len(secrets) == n + 1, f"{len(secrets)} licence Secrets for {n} Customers and the warm-up"
         sampler.stop_event.set()
         result: dict[str, Any] = {
             "customers": n,
             "operator_s": round(elapsed, 2),
             "create_calls_s": round(created, 2),
-            "bare_helm_s": round(baseline, 2),
-            "ratio": round(elapsed / baseline, 2),
+            "bare_helm_s": round(bare_helm, 2),
+            "ratio": round(elapsed / bare_helm, 2),
             "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+            "operator_cpu_s": round(operator_cpu_s, 1),
             "peak_helm_in_flight": sampler.peak_helm,
         }
+        print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
+        assert len(secrets) == n + 1, f"{len(secrets)} licence Secrets for {n} Customers and the warm-up"
         if idle:
             result |= measure_idle(client, objects, n, operator.pid, metrics_url, idle)
         client.close()

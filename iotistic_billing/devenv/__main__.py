@@ -121,7 +121,11 @@ class DevEnvironment:
             health="OPERATOR_LIVENESS_PORT",
         )
         self._start_service(
-            "webhooks", "iotistic_billing.webhook_server", env, {"PORT": str(self.port)}, health="PORT"
+            "webhooks",
+            "iotistic_billing.webhook_server",
+            env,
+            {"PORT": str(self.port), "STRIPE_INBOX_PORT": str(free_port())},
+            health="PORT",
         )
         self._apply(kubeconfig, REPO / "manifests" / "samples")
         samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))

@@ -16,6 +16,9 @@ MANAGED_BY: Final = "iotistic-billing-operator"
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"
 
+# Kopf workers (one per object with pending events) per watched resource at most.
+WORKER_LIMIT: Final = 32
+
 NAMESPACE_PREFIX: Final = "customer-"
 RELEASE_NAME: Final = "instance"
 

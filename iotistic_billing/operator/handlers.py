@@ -40,6 +40,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # creation pays it twice (the event, then the one of adding the finalizer).
     settings.batching.batch_window = 0.02
     settings.networking.request_timeout = 60
+    # Kopf starts a worker per object with events, unbounded by default: a thousand Customers applied at
+    # once would each hold a worker, a body and a handler state while helm works through them (most of
+    # the operator's peak memory). Bounded, the rest wait as queued events; a worker that saw no event
+    # for a second makes room (Kopf's default keeps it five).
+    settings.queueing.worker_limit = c.WORKER_LIMIT
+    settings.queueing.idle_timeout = 1.0
+    # The label filters of the handlers below, applied by the API server: without them Kopf lists and
+    # watches every Secret and Deployment of the cluster and filters them here.
+    settings.watching.label_selectors["v1", "secrets"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+    settings.watching.label_selectors["apps", "v1", "deployments"] = (
+        f"app.kubernetes.io/instance={c.RELEASE_NAME},app.kubernetes.io/managed-by=Helm"
+    )
 
 
 @kopf.on.cleanup()
@@ -144,6 +156,7 @@ async def license_secret_changed(type: str, namespace: str | None, memo: kopf.Me
         request_pass(_context(memo), name)
 
 
+# Helm's storage Secrets carry the operator's label too: it is passed to helm as a release label.
 @kopf.on.event("", "v1", "secrets", labels={"owner": "helm", "name": c.RELEASE_NAME})
 async def release_storage_changed(type: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Drift repair: an uninstalled release (its storage Secret deleted) comes back."""

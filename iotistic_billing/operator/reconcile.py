@@ -54,7 +54,7 @@ class PassResult:
 
 async def reconcile(ctx: OperatorContext, name: str, now: datetime | None = None) -> PassResult | None:
     """Bring Customer `name` to its desired state; None when it is gone or being deleted."""
-    async with ctx.locks[name]:
+    async with ctx.locks[name], ctx.pass_slots:
         body = await ctx.kube.read_customer(name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None

@@ -31,6 +31,7 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db.models import ApiKey, StripeEvent
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import SESSIONS
@@ -433,6 +434,8 @@ def server_env(
     return {
         **os.environ,
         "PORT": str(port),
+        # The inbox beside the server would take PORT + 1, which a free PORT does not make free.
+        "STRIPE_INBOX_PORT": str(free_port()),
         "KUBECONFIG": str(kubeconfig),
         "DATABASE_URL": database_url,
         "STRIPE_SECRET_KEY": "sk_test_webhooks",
