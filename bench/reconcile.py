@@ -224,7 +224,6 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             )
             .items
         )
-        sampler.stop_event.set()
         result: dict[str, Any] = {
             "customers": n,
             "operator_s": round(elapsed, 2),
@@ -239,6 +238,9 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
         assert len(secrets) == n + 1, f"{len(secrets)} licence Secrets for {n} Customers and the warm-up"
         if idle:
             result |= measure_idle(client, objects, n, operator.pid, metrics_url, idle)
+            # Every Deployment turning available is a burst of watch events and passes of its own.
+            result["peak_rss_through_ready_mib"] = round(sampler.peak_rss / 2**20, 1)
+        sampler.stop_event.set()
         client.close()
         return result
     finally:
@@ -345,7 +347,10 @@ def main() -> int:
             if n >= 1000:
                 checks += [
                     ("<= 240 s", result["operator_s"] <= 240),
-                    ("RSS <= 250 MiB", result["peak_rss_mib"] <= 250),
+                    (
+                        "RSS <= 250 MiB",
+                        result.get("peak_rss_through_ready_mib", result["peak_rss_mib"]) <= 250,
+                    ),
                 ]
             if "idle_helm_calls" in result:
                 checks += [

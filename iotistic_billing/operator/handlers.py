@@ -26,8 +26,28 @@ def _context(memo: kopf.Memo) -> OperatorContext:
     return context
 
 
+class QuietRoutineSuccesses(logging.Filter):
+    """Kopf logs each handler's success at INFO. For the housekeeping timer (every Customer, every
+    interval) and the watch handlers (every Deployment and Secret event) that is thousands of lines a
+    minute at 1,000 Customers, and most of the operator's idle CPU; failures are still logged."""
+
+    ROUTINE = tuple(
+        f"{kind} '{name}' succeeded."
+        for kind, name in (
+            ("Timer", "housekeeping"),
+            ("Handler", "deployment_changed"),
+            ("Handler", "license_secret_changed"),
+            ("Handler", "release_storage_changed"),
+        )
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.msg in self.ROUTINE)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    logging.getLogger("kopf.objects").addFilter(QuietRoutineSuccesses())
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="iotistic.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -42,10 +62,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     # Kopf starts a worker per object with events, unbounded by default: a thousand Customers applied at
     # once would each hold a worker, a body and a handler state while helm works through them (most of
-    # the operator's peak memory). Bounded, the rest wait as queued events; a worker that saw no event
-    # for a second makes room (Kopf's default keeps it five).
+    # the operator's peak memory). Bounded, the rest wait as queued events, and a worker that saw no
+    # event for 0.1 s makes room: at Kopf's default (5 s) the 6,000 Deployments of 1,000 instances turning
+    # available queued their bodies faster than the workers freed up (+250 MiB, measured).
     settings.queueing.worker_limit = c.WORKER_LIMIT
-    settings.queueing.idle_timeout = 1.0
+    settings.queueing.idle_timeout = 0.1
     # The label filters of the handlers below, applied by the API server: without them Kopf lists and
     # watches every Secret and Deployment of the cluster and filters them here.
     settings.watching.label_selectors["v1", "secrets"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"

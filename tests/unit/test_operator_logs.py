@@ -1,0 +1,41 @@
+"""Kopf's per-success INFO lines of the routine handlers are dropped; everything else passes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from iotistic_billing.operator.handlers import QuietRoutineSuccesses
+
+
+def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Timer 'housekeeping' succeeded.",
+        "Handler 'deployment_changed' succeeded.",
+        "Handler 'license_secret_changed' succeeded.",
+        "Handler 'release_storage_changed' succeeded.",
+    ],
+)
+def test_routine_successes_are_dropped(message: str) -> None:
+    assert not QuietRoutineSuccesses().filter(record(message))
+
+
+@pytest.mark.parametrize(
+    ("message", "level"),
+    [
+        ("Handler 'reconcile_customer' succeeded.", logging.INFO),
+        (
+            "Timer 'housekeeping' failed with an exception and will try again in 5 seconds: boom",
+            logging.ERROR,
+        ),
+        ("Timer 'housekeeping' succeeded.", logging.WARNING),
+    ],
+)
+def test_everything_else_is_kept(message: str, level: int) -> None:
+    assert QuietRoutineSuccesses().filter(record(message, level))
