@@ -51,6 +51,22 @@ def test_helm_installs_a_small_chart(helm_binary: Path, kubeconfig: Path, tmp_pa
     assert json.loads(values.stdout) == {"greeting": "bye"}
 
 
+def config_map_chart(chart: Path, body: str) -> Path:
+    """A chart of one ConfigMap named after the chart, with `body` after its metadata."""
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(f"apiVersion: v2\nname: {chart.name}\nversion: 0.1.0\n")
+    (chart / "templates" / "configmap.yaml").write_text(
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {chart.name}\n{body}"
+    )
+    return chart
+
+
+def new_namespace(k8s_client: kubernetes.client.ApiClient) -> str:
+    namespace = unique_name("helm")
+    kubernetes.client.CoreV1Api(k8s_client).create_namespace({"metadata": {"name": namespace}})
+    return namespace
+
+
 def test_the_operator_command_skips_only_the_client_side_openapi_check(tmp_path: Path) -> None:
     args = upgrade_install_args("instance", "customer-a", tmp_path, tmp_path / "values.json")
     assert args[:4] == ["upgrade", "--install", "instance", str(tmp_path)]
@@ -61,14 +77,8 @@ def test_the_operator_command_skips_only_the_client_side_openapi_check(tmp_path:
 async def test_an_unknown_field_is_refused_by_the_api_server_as_a_permanent_error(
     k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
 ) -> None:
-    chart = tmp_path / "bad"
-    (chart / "templates").mkdir(parents=True)
-    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: bad\nversion: 0.1.0\n")
-    (chart / "templates" / "configmap.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bad\ndata:\n  a: b\nbogusField: 1\n"
-    )
-    namespace = unique_name("helm")
-    kubernetes.client.CoreV1Api(k8s_client).create_namespace({"metadata": {"name": namespace}})
+    chart = config_map_chart(tmp_path / "bad", "data:\n  a: b\nbogusField: 1\n")
+    namespace = new_namespace(k8s_client)
     helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1)
     with pytest.raises(HelmError) as refused:
         await helm.upgrade_install("bad", namespace, chart, {})
@@ -79,20 +89,17 @@ async def test_an_unknown_field_is_refused_by_the_api_server_as_a_permanent_erro
 async def test_the_operator_labels_helm_storage_so_its_filtered_watch_sees_it(
     k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
 ) -> None:
-    chart = tmp_path / "good"
-    (chart / "templates").mkdir(parents=True)
-    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: good\nversion: 0.1.0\n")
-    (chart / "templates" / "configmap.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: good\ndata:\n  plan: {{ .Values.plan }}\n"
-    )
-    namespace = unique_name("helm")
-    core = kubernetes.client.CoreV1Api(k8s_client)
-    core.create_namespace({"metadata": {"name": namespace}})
+    chart = config_map_chart(tmp_path / "good", "data:\n  plan: {{ .Values.plan }}\n")
+    namespace = new_namespace(k8s_client)
     release = await Helm(str(helm_binary), str(kubeconfig), concurrency=1).upgrade_install(
         "instance", namespace, chart, {"plan": "starter"}
     )
     assert (release.revision, release.status) == (1, "deployed")
-    selected = core.list_namespaced_secret(
-        namespace, label_selector="app.kubernetes.io/managed-by=iotistic-billing-operator"
-    ).items
+    selected = (
+        kubernetes.client.CoreV1Api(k8s_client)
+        .list_namespaced_secret(
+            namespace, label_selector="app.kubernetes.io/managed-by=iotistic-billing-operator"
+        )
+        .items
+    )
     assert [(s.metadata.labels["owner"], s.metadata.labels["version"]) for s in selected] == [("helm", "1")]
