@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -72,13 +71,10 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the Kubernetes
     client's calls run in a thread pool, and each arena keeps its freed pages, so the operator's RSS
     grew with the thread count rather than with its data. Two arenas, set before any thread starts
-    (what MALLOC_ARENA_MAX=2 does): 30 MiB less at 300 Customers, measured with bench/reconcile.py."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
+    (what MALLOC_ARENA_MAX=2 does, which measured 30 MiB less at 300 Customers)."""
     try:
-        mallopt = ctypes.CDLL(libc_name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
+    except AttributeError:  # not glibc (musl, macOS): nothing to tune
         return
     m_arena_max = -8
     mallopt(m_arena_max, arenas)

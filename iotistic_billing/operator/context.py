@@ -28,10 +28,10 @@ class OperatorContext:
     helm: Helm
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
+    # instead of each holding a read body, a minted licence and rendered values while helm is busy.
+    pass_slots: asyncio.Semaphore
     # Time is an input: tests move this clock instead of sleeping until a timer fires.
     clock: Callable[[], datetime] = utc_now
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
-    # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
-    # instead of each holding a read body, a minted licence and rendered values while helm is busy.
-    pass_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
