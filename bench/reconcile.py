@@ -36,7 +36,7 @@ from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
-from iotistic_billing.operator.helm import upgrade_install_args
+from iotistic_billing.operator.helm import helm_environment, upgrade_install_args
 from iotistic_billing.processes import ManagedProcess, free_port
 
 REPO = REPO_BIN.parent
@@ -57,7 +57,7 @@ def baseline_values(i: int) -> dict[str, Any]:
 
 
 async def helm_loop(kubeconfig: Path, n: int) -> float:
-    """The baseline: the operator's own helm command (same flags) with nothing around it."""
+    """The baseline: the operator's own helm command (same flags and environment), nothing around it."""
     slots = asyncio.Semaphore(CONCURRENCY)
     helm = str(find_binary("helm"))
 
@@ -74,6 +74,7 @@ async def helm_loop(kubeconfig: Path, n: int) -> float:
                     "--create-namespace",
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
+                    env=helm_environment(),
                 )
                 _, err = await process.communicate()
                 if process.returncode != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import tempfile
@@ -49,7 +50,24 @@ class HelmRelease:
 
 
 def chart_version(chart: Path) -> str:
-    return str(yaml.safe_load((chart / "Chart.yaml").read_text())["version"])
+    """Read once per change of Chart.yaml (every pass asks; parsing it took 0.56 ms)."""
+    chart_file = chart / "Chart.yaml"
+    return _chart_version(chart_file, chart_file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _chart_version(chart_file: Path, _mtime_ns: int) -> str:
+    return str(yaml.safe_load(chart_file.read_text())["version"])
+
+
+def helm_environment() -> dict[str, str]:
+    """The environment of every helm process (the reconcile benchmark's baseline uses it too).
+
+    GOGC=400 unless set: a helm process lives a fraction of a second, and Go's default collector
+    (GOGC=100) spent about a fifth of its CPU (median CPU of an install measured here: 209 ms at the
+    default, 165 ms at 400; its peak memory stays under 100 MiB).
+    """
+    return {"GOGC": "400", **os.environ, "HELM_MAX_HISTORY": "5"}
 
 
 def upgrade_install_args(name: str, namespace: str, chart: Path, values_file: Path) -> list[str]:
@@ -98,7 +116,7 @@ class Helm:
                     *argv,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
-                    env={**os.environ, "HELM_MAX_HISTORY": "5"},
+                    env=helm_environment(),
                 )
                 stdout, stderr = await process.communicate()
             finally:
