@@ -17,7 +17,7 @@ from iotistic_billing.db import migrate
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.k8s import api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
-from iotistic_billing.operator import handlers
+from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.kube import Kube
@@ -94,7 +94,6 @@ def main() -> int:
     except SettingsError as error:
         print(f"iotistic-billing operator: {error}", file=sys.stderr)
         return 2
-    handlers.register_timers(settings.operator_timer_interval)
     if settings.operator_metrics_port:
         prometheus_client.start_http_server(settings.operator_metrics_port)
     standalone = not settings.operator_peering

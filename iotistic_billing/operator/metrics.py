@@ -27,3 +27,8 @@ LICENSE_EXPIRY = Gauge(
     "Expiry (Unix time) of each customer's current licence",
     ["customer_id"],
 )
+HOUSEKEEPING_CHECKS = Counter(
+    "iotistic_operator_housekeeping_checks",
+    "Housekeeping checks of Customers, by what was due (renewal, trial end, grace end, or nothing)",
+    ["due"],
+)

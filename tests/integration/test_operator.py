@@ -350,46 +350,63 @@ def test_suspension_disables_the_instance_and_reinstatement_restores_it(cluster:
     )
 
 
-def _metric(operator: OperatorProcess, name: str, labels: str = "") -> float:
-    """One sample of the operator's /metrics, 0 when the series does not exist yet."""
+def _metrics_text(operator: OperatorProcess) -> str:
     import urllib.request
 
     with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:  # noqa: S310 - loopback
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def operator_metric(operator: OperatorProcess, name: str, labels: str = "") -> float:
+    """One sample of the operator's /metrics, 0 when the series does not exist yet."""
     wanted = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
+    for line in _metrics_text(operator).splitlines():
         if line.startswith(wanted + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def operator_metric_total(operator: OperatorProcess, name: str) -> float:
+    """The sum of every series of a labelled metric."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in _metrics_text(operator).splitlines()
+        if line.startswith(name + "{")
+    )
 
 
 def test_metrics_show_reconciles_helm_operations_and_minted_licences(
     cluster: Cluster, operator: OperatorProcess
 ) -> None:
     before = {
-        "reconciles": _metric(operator, "iotistic_operator_reconciles_total", 'result="success"'),
-        "installs": _metric(
+        "reconciles": operator_metric(operator, "iotistic_operator_reconciles_total", 'result="success"'),
+        "installs": operator_metric(
             operator, "iotistic_operator_helm_operations_total", 'operation="upgrade",result="success"'
         ),
-        "minted": _metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"'),
+        "minted": operator_metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"'),
     }
     name = unique_name("metrics")
     customer_id = f"cust_{name.replace('-', '')}"
     cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
     wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
     wait_until(
-        lambda: _metric(
+        lambda: operator_metric(
             operator, "iotistic_operator_license_expiry_timestamp_seconds", f'customer_id="{customer_id}"'
         ),
         message="licence expiry gauge",
     )
-    assert _metric(operator, "iotistic_operator_reconciles_total", 'result="success"') > before["reconciles"]
     assert (
-        _metric(operator, "iotistic_operator_helm_operations_total", 'operation="upgrade",result="success"')
+        operator_metric(operator, "iotistic_operator_reconciles_total", 'result="success"')
+        > before["reconciles"]
+    )
+    assert (
+        operator_metric(
+            operator, "iotistic_operator_helm_operations_total", 'operation="upgrade",result="success"'
+        )
         >= before["installs"] + 1
     )
     assert (
-        _metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"')
+        operator_metric(operator, "iotistic_operator_licenses_minted_total", 'action="generated"')
         >= before["minted"] + 1
     )
-    assert _metric(operator, "iotistic_operator_reconcile_duration_seconds_count") > 0
+    assert operator_metric(operator, "iotistic_operator_reconcile_duration_seconds_count") > 0

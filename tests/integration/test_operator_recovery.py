@@ -1,5 +1,5 @@
 """Crash safety and timers: kill -9 between the licence and the helm step; renewal and trial expiry by
-moving an injected clock through the very function Kopf's timer calls."""
+moving an injected clock through the very check the housekeeping daemon runs; the daemon's cadence."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.settings import load_settings
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
-from tests.integration.test_operator import Cluster, customer_manifest, history
+from tests.integration.test_operator import Cluster, customer_manifest, history, operator_metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +150,26 @@ async def test_timer_expires_a_trial_when_the_clock_passes_its_end(
     assert claims["plan"] == "unlicensed" and claims["features"]["maxDevices"] == 2
     assert [a for a, _, _ in await history(db_engine, customer_id)] == ["generated", "downgraded"]
     await after.engine.dispose()
+
+
+def test_housekeeping_checks_every_customer_at_the_interval(
+    cluster: Cluster, paused_operator: OperatorProcess
+) -> None:
+    name = unique_name("tick")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    paused_operator.stop()
+    paused_operator.start(OPERATOR_TIMER_INTERVAL="0.5")
+    # Those with a licence and not being deleted: their checks run (a Customer with a broken spec is
+    # skipped before the count).
+    customers = sum(
+        1
+        for item in cluster.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        if (item.get("status") or {}).get("license") and not item["metadata"].get("deletionTimestamp")
+    )
+
+    def checks() -> float:
+        return operator_metric_total(paused_operator, "iotistic_operator_housekeeping_checks_total")
+
+    # Each Customer is checked 0.5 s after the start and every 0.5 s after: three rounds in about 1.5 s.
+    wait_until(lambda: checks() >= 3 * customers, timeout=20, message=f"3 rounds of {customers} checks")

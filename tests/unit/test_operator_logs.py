@@ -16,7 +16,6 @@ def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
 @pytest.mark.parametrize(
     "message",
     [
-        "Timer 'housekeeping' succeeded.",
         "Handler 'deployment_changed' succeeded.",
         "Handler 'license_secret_changed' succeeded.",
         "Handler 'release_storage_changed' succeeded.",
@@ -30,11 +29,12 @@ def test_routine_successes_are_dropped(message: str) -> None:
     ("message", "level"),
     [
         ("Handler 'reconcile_customer' succeeded.", logging.INFO),
+        ("Daemon 'housekeeping' succeeded.", logging.INFO),
         (
-            "Timer 'housekeeping' failed with an exception and will try again in 5 seconds: boom",
+            "Handler 'deployment_changed' failed with an exception and will try again in 5 seconds: boom",
             logging.ERROR,
         ),
-        ("Timer 'housekeeping' succeeded.", logging.WARNING),
+        ("Handler 'deployment_changed' succeeded.", logging.WARNING),
     ],
 )
 def test_everything_else_is_kept(message: str, level: int) -> None:
