@@ -91,14 +91,21 @@ async def helm_loop(kubeconfig: Path, n: int) -> float:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of the operator process and peak number of helm children, every 50 ms."""
+    """Peak RSS of the operator process and its helm children (peak, and each sample), every 50 ms."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.process = psutil.Process(pid)
         self.peak_rss = 0
         self.peak_helm = 0
+        self.helm_samples: list[tuple[float, int]] = []
         self.stop_event = threading.Event()
+
+    def mean_helm(self, start: float, end: float) -> float:
+        """Helm processes in flight on average between two monotonic times: below HELM_CONCURRENCY,
+        helm waited for the operator."""
+        counts = [n for at, n in self.helm_samples if start <= at <= end]
+        return sum(counts) / len(counts) if counts else 0.0
 
     def run(self) -> None:
         while not self.stop_event.wait(0.05):
@@ -106,6 +113,7 @@ class Sampler(threading.Thread):
                 self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
                 helms = [c for c in self.process.children(recursive=True) if c.name() == "helm"]
                 self.peak_helm = max(self.peak_helm, len(helms))
+                self.helm_samples.append((time.monotonic(), len(helms)))
             except psutil.NoSuchProcess:
                 return
 
@@ -234,6 +242,7 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
             "operator_cpu_s": round(operator_cpu_s, 1),
             "peak_helm_in_flight": sampler.peak_helm,
+            "mean_helm_in_flight": round(sampler.mean_helm(started, started + elapsed), 2),
         }
         print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
         assert len(secrets) == n + 1, f"{len(secrets)} licence Secrets for {n} Customers and the warm-up"
