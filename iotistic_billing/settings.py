@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 
 class SettingsError(ValueError):
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
     # Webhook server rate limits, per client address and per API key: a token bucket.
     rate_limit_per_second: Annotated[float, Field(gt=0)] = 50.0
     rate_limit_burst: Annotated[int, Field(ge=1)] = 500
+    # Proxies in front of the webhook server (the ingress controller's pod range), as a JSON list of
+    # CIDRs: for a request from one of them the client address is read from X-Forwarded-For.
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
     # Stripe events are applied after their 2xx by a process of their own beside each webhook server
     # (so that applying never slows the answers): its workers (0: none here) and its health/metrics port
     # (0: PORT + 1).
@@ -78,6 +84,19 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for entry in value:
+            try:
+                networks.append(ip_network(str(entry)))
+            except ValueError as error:
+                raise ValueError(f"{entry!r} is not a network in CIDR form ({error})") from None
+        return networks
 
     @field_validator("database_url")
     @classmethod
@@ -102,6 +121,11 @@ def load_settings(**overrides: object) -> Settings:
     """Read the environment; a bad value raises SettingsError naming each offending variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SourceError as exc:  # a list setting that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        variable = field.group(1).upper() if field else "settings"
+        example = '["10.0.0.0/8"]'
+        raise SettingsError(f"invalid settings: {variable}: must be a JSON list, e.g. {example}") from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError("DATABASE_URL: required by the webhook server (make dev sets it in .dev/env)")
         limit = RateLimit(settings.rate_limit_per_second, settings.rate_limit_burst)
         workers = settings.stripe_inbox_workers if role == "inbox" else 0
-        options = ServerOptions(rate_per_address=limit, rate_per_key=limit, inbox_workers=workers)
+        options = ServerOptions(
+            rate_per_address=limit,
+            rate_per_key=limit,
+            trusted_proxies=tuple(settings.trusted_proxies),
+            inbox_workers=workers,
+        )
         usage = UsageOptions(
             flush_interval=settings.usage_flush_interval,
             # The inbox process receives no reports; one meter run at a time is enough (it is locked).

@@ -57,6 +57,7 @@ from iotistic_billing.webhook_server.security import (
     UsageKeyCache,
     add_security_headers,
     authenticate,
+    client_address,
     throttled,
 )
 from iotistic_billing.webhook_server.stripe_events import PriceCatalog
@@ -74,7 +75,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if operation is None:
         return await handler(request)  # aiohttp's own 404/405
     if operation.rate_limited:
-        wait = app[ADDRESS_LIMITER].take(request.remote or "unknown")
+        address = client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), app[OPTIONS].trusted_proxies
+        )
+        wait = app[ADDRESS_LIMITER].take(address)
         if wait is not None:
             raise throttled(wait, "address")
     if operation.access in ("admin", "instance"):

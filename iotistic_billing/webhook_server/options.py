@@ -6,6 +6,7 @@ Kept apart from Settings so that tests can build an app with a tiny rate limit o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ServerOptions:
     # Generous: a busy admin script or Stripe's retries after an outage are not throttled.
     rate_per_address: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
     rate_per_key: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
+    # Behind an ingress every request comes from the ingress controller: the limit per address applies
+    # to the client that X-Forwarded-For names when the request comes from one of these networks.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     # How long signup waits for the operator's licence before answering 202 with a Location.
     license_wait: float = 10.0
     license_poll_interval: float = 0.25

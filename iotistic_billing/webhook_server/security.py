@@ -14,8 +14,9 @@ import hmac
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Final, Literal
 
 from aiohttp import web
@@ -184,6 +185,29 @@ async def authenticate(
     raise Unauthorized("send Authorization: Bearer <ADMIN_API_TOKEN>, or a usage key in X-API-Key")
 
 
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPv4Network | IPv6Network]
+) -> str:
+    """The address a request's rate limit applies to: the peer, unless the peer is a trusted proxy;
+    then X-Forwarded-For read from the right, skipping trusted proxies (a client can prepend anything,
+    but the entries a trusted proxy appended are true). Without a trusted proxy the header is ignored."""
+
+    def is_trusted(address: str) -> bool:
+        try:
+            parsed = ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(parsed in network for network in trusted)
+
+    if peer is None or not trusted or not is_trusted(peer):
+        return peer or "unknown"
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
+
+
 class RateLimiter:
     """Token buckets by key. Memory is bounded: the least recently used buckets are dropped first, and a
     dropped bucket comes back full, which only ever errs towards letting a request through."""
@@ -236,6 +260,7 @@ __all__ = [
     "UsageKeyCache",
     "add_security_headers",
     "authenticate",
+    "client_address",
     "instance_principal",
     "is_admin",
     "throttled",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,24 @@ async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Setting
         assert int(throttled.headers["Retry-After"]) >= 1
         # Probes are never throttled.
         assert (await client.get("/healthz")).status == 200
+
+    # Behind a trusted proxy (the test client connects from 127.0.0.1), each forwarded client has a
+    # bucket of its own.
+    proxied = ServerOptions(
+        license_wait=0,
+        rate_per_address=RateLimit(per_second=0.5, burst=2),
+        trusted_proxies=(ip_network("127.0.0.0/8"),),
+    )
+    async with running_app(webhook_settings, kubeconfig, proxied) as client:
+
+        async def status(forwarded_for: str) -> int:
+            response = await client.get("/.well-known/jwks.json", headers={"X-Forwarded-For": forwarded_for})
+            return response.status
+
+        assert [await status("198.51.100.1") for _ in range(3)] == [200, 200, 429]
+        assert [await status("198.51.100.2") for _ in range(2)] == [200, 200]
+        # A client cannot pick a fresh bucket by prepending addresses of its own.
+        assert await status("203.0.113.9, 198.51.100.1") == 429
 
     per_key = ServerOptions(license_wait=0, rate_per_key=RateLimit(per_second=0.5, burst=2))
     async with running_app(webhook_settings, kubeconfig, per_key) as client:

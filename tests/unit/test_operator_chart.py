@@ -197,13 +197,18 @@ def test_monitoring_adds_service_monitors_and_rules(
         ("ServiceMonitor", WEBHOOK_SERVER),
         ("PrometheusRule", RELEASE),
     }
-    ports = {
-        o["metadata"]["name"]: o["spec"]["endpoints"][0]["port"]
+    scraped = {
+        o["metadata"]["name"]: [endpoint["port"] for endpoint in o["spec"]["endpoints"]]
         for o in monitored_objects
         if o["kind"] == "ServiceMonitor"
     }
-    for name, port in ports.items():
-        assert port in {p["name"] for p in one(monitored_objects, "Service", name)["spec"]["ports"]}
+    # The webhook server's pods run two processes with metrics: the server and its Stripe inbox.
+    assert scraped == {OPERATOR: ["metrics"], WEBHOOK_SERVER: ["http", "inbox"]}
+    for name, ports in scraped.items():
+        assert set(ports) <= {p["name"] for p in one(monitored_objects, "Service", name)["spec"]["ports"]}
+    webhook = one(monitored_objects, "Deployment", WEBHOOK_SERVER)
+    inbox_port = next(p["containerPort"] for p in container(webhook)["ports"] if p["name"] == "inbox")
+    assert env_of(webhook)["STRIPE_INBOX_PORT"]["value"] == str(inbox_port)
 
 
 def test_every_container_is_non_root_read_only_with_probes_and_resources(
@@ -261,7 +266,7 @@ def test_webhook_server_rolls_several_replicas_behind_a_disruption_budget(
     assert c["args"] == ["iotistic_billing.webhook_server"]
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 3100}]
+    assert c["ports"] == [{"name": "http", "containerPort": 3100}, {"name": "inbox", "containerPort": 3101}]
     assert budget["spec"]["minAvailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"].items() <= (
         webhook["spec"]["template"]["metadata"]["labels"].items()
@@ -500,7 +505,7 @@ def test_network_policies_admit_only_the_serving_ports(default_objects: list[Man
         return {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
 
     assert ingress_ports(OPERATOR) == {8080, 8081}
-    assert ingress_ports(WEBHOOK_SERVER) == {3100}
+    assert ingress_ports(WEBHOOK_SERVER) == {3100, 3101}  # the server, and its Stripe inbox's /metrics
     common = {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6443), ("TCP", 5432)}
     assert egress_ports(OPERATOR) == common
     assert egress_ports(WEBHOOK_SERVER) == common

@@ -17,6 +17,12 @@ def test_defaults_and_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.default_trial_days, settings.base_domain) == (7, "example.test")
     assert settings.stripe_configured is False
     assert settings.database_url is None
+    assert settings.trusted_proxies == []
+
+
+def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRUSTED_PROXIES", '["10.244.0.0/16", "fd00::/8"]')
+    assert [str(network) for network in load_settings().trusted_proxies] == ["10.244.0.0/16", "fd00::/8"]
 
 
 @pytest.mark.parametrize(
@@ -26,6 +32,8 @@ def test_defaults_and_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DEFAULT_TRIAL_DAYS", "120", "DEFAULT_TRIAL_DAYS: Input should be less than or equal to 90"),
         ("DATABASE_URL", "mysql://x", "DATABASE_URL: Value error, must be a postgresql:// URL"),
         ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: Value error, must be at least 16 characters"),
+        ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: Value error, '10.1.2.3/8' is not a network"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8", 'TRUSTED_PROXIES: must be a JSON list, e.g. ["10.0.0.0/8"]'),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.routes import ROUTES
 from iotistic_billing.webhook_server.schemas import SignupRequest
-from iotistic_billing.webhook_server.security import RateLimiter
+from iotistic_billing.webhook_server.security import RateLimiter, client_address
 from iotistic_billing.webhook_server.views import (
     customer_view,
     new_customer_id,
@@ -54,6 +55,36 @@ def test_token_bucket_memory_is_bounded() -> None:
     for index in range(100):
         limiter.take(f"client-{index}")
     assert len(limiter._buckets) == 10
+
+
+INGRESS = (ip_network("10.244.0.0/16"), ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "trusted", "client"),
+    [
+        # No trusted proxy: the header is anyone's to write and is ignored.
+        ("203.0.113.7", ["198.51.100.1"], (), "203.0.113.7"),
+        # From an untrusted peer the header is ignored too.
+        ("203.0.113.7", ["198.51.100.1"], INGRESS, "203.0.113.7"),
+        # From the ingress: the address it appended.
+        ("10.244.1.5", ["198.51.100.1"], INGRESS, "198.51.100.1"),
+        # A client's own prefix does not choose its bucket: the right-most untrusted hop does.
+        ("10.244.1.5", ["6.6.6.6, 198.51.100.1"], INGRESS, "198.51.100.1"),
+        # Chained trusted proxies are skipped, over repeated headers too.
+        ("10.244.1.5", ["198.51.100.1, 10.244.2.9", "fd00::3"], INGRESS, "198.51.100.1"),
+        # Only proxies in the chain: the first of them; no header at all: the peer.
+        ("10.244.1.5", ["10.244.3.3"], INGRESS, "10.244.3.3"),
+        ("10.244.1.5", [], INGRESS, "10.244.1.5"),
+        # Unparsable entries are never trusted, so they name (their own) bucket.
+        ("10.244.1.5", ["junk"], INGRESS, "junk"),
+        (None, [], INGRESS, "unknown"),
+    ],
+)
+def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
+    peer: str | None, forwarded_for: list[str], trusted: tuple[Any, ...], client: str
+) -> None:
+    assert client_address(peer, forwarded_for, trusted) == client
 
 
 def test_usage_keys_are_looked_up_by_their_sha256() -> None:
