@@ -23,6 +23,7 @@ from iotistic_billing.customer import (
     Phase,
     ReleaseStatus,
     TrialStatus,
+    find_condition,
     set_condition,
 )
 from iotistic_billing.licensing.minting import renewal_due
@@ -282,7 +283,13 @@ def next_status(
             f"{entitlement.plan} licence, expires {license.expires_at}",
         )
     if release is not None:
-        put(ConditionType.RELEASE_DEPLOYED, release.deployed, release.reason, release.message)
+        reason, message = release.reason, release.message
+        last = find_condition(previous.conditions or (), ConditionType.RELEASE_DEPLOYED)
+        if release.result == "unchanged" and last is not None and last.status == ConditionStatus.TRUE:
+            # Keep what the last install or upgrade said: rewriting it to "unchanged" on the next pass
+            # was a status patch (and a watch event) per Customer that told nobody anything.
+            reason, message = last.reason, last.message
+        put(ConditionType.RELEASE_DEPLOYED, release.deployed, reason, message)
     put(
         ConditionType.TRIAL_ACTIVE,
         entitlement.trial_active,

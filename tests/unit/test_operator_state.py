@@ -193,6 +193,30 @@ def test_a_permanent_failure_stalls_with_reason_and_message() -> None:
     assert stalled.condition("ReleaseDeployed").message == failed.message  # type: ignore[union-attr]
 
 
+def test_the_pass_after_an_install_writes_the_same_status() -> None:
+    """The next pass finds the release current: it keeps what the install said, so no status patch."""
+    waiting = InstanceHealth(False, "DeploymentsUnavailable", "waiting")
+    installed = status_after(DEPLOYED, waiting)
+    unchanged = ReleaseOutcome(
+        "unchanged", "ReleaseUnchanged", "revision 1 is current", ReleaseStatus(revision=1)
+    )
+    again = next_status(
+        installed,
+        generation=4,
+        customer_id="cust_acme0001",
+        entitlement=_entitlement("starter"),
+        license=LicenseStatus(jti="j1", expires_at=NOW + timedelta(days=30)),
+        license_error=None,
+        release=unchanged,
+        health=waiting,
+        namespace="customer-acme",
+        url="https://acme.example",
+        now=NOW + timedelta(seconds=3),
+    )
+    assert again.to_k8s() == installed.to_k8s()
+    assert again.condition("ReleaseDeployed").reason == "InstallSucceeded"  # type: ignore[union-attr]
+
+
 def test_transition_time_moves_only_when_a_condition_changes_status() -> None:
     first = status_after(DEPLOYED, InstanceHealth(False, "DeploymentsUnavailable", "waiting"))
     later = next_status(
