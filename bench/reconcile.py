@@ -93,7 +93,7 @@ async def helm_loop(kubeconfig: Path, n: int) -> float:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of the operator process and its helm children (peak, and each sample), every 50 ms."""
+    """Every 50 ms: the operator's RSS (its peak) and how many helm processes it runs (peak, samples)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)

@@ -124,8 +124,8 @@ def load_settings(**overrides: object) -> Settings:
     except SourceError as exc:  # a list setting that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         variable = field.group(1).upper() if field else "settings"
-        example = '["10.0.0.0/8"]'
-        raise SettingsError(f"invalid settings: {variable}: must be a JSON list, e.g. {example}") from None
+        example = '["a", "b"]'
+        raise SettingsError(f"invalid settings: {variable}: must be a JSON list, like {example}") from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -42,11 +42,13 @@ class Kube:
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.objects = kubernetes.client.CustomObjectsApi(api_client)
 
-    async def _call(self, method: Any, *args: Any, **options: Any) -> Any:
-        """A method of the official client in a thread, its response body parsed as plain JSON."""
+    async def _call(self, method: Any, *args: Any, parse: bool = True, **options: Any) -> Any:
+        """A method of the official client in a thread, its response body parsed as plain JSON (read
+        whole either way, which returns the connection to the pool)."""
 
         def call() -> Any:
-            return json.loads(method(*args, _preload_content=False, **options).data)
+            body = method(*args, _preload_content=False, **options).data
+            return json.loads(body) if parse else None
 
         return await asyncio.to_thread(call)
 
@@ -70,6 +72,7 @@ class Kube:
             name,
             {"status": status},
             _content_type=_MERGE,
+            parse=False,
         )
 
     async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> None:
@@ -77,9 +80,9 @@ class Kube:
         name = body["metadata"]["name"]
         options: dict[str, Any] = {"field_manager": c.FIELD_MANAGER, "force": True, "_content_type": _APPLY}
         if kind == "Namespace":
-            await self._call(self.core.patch_namespace, name, body, **options)
+            await self._call(self.core.patch_namespace, name, body, parse=False, **options)
         elif kind == "Secret":
-            await self._call(self.core.patch_namespaced_secret, name, namespace, body, **options)
+            await self._call(self.core.patch_namespaced_secret, name, namespace, body, parse=False, **options)
         else:
             raise ValueError(f"apply of {kind} is not supported")
 
@@ -108,7 +111,7 @@ class Kube:
     async def delete_namespace(self, name: str) -> bool:
         """Request the namespace's deletion; False when it was already gone."""
         try:
-            await self._call(self.core.delete_namespace, name)
+            await self._call(self.core.delete_namespace, name, parse=False)
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -124,7 +127,7 @@ class Kube:
             if error.status == 404:
                 return []
             raise
-        items: list[dict[str, Any]] = result["items"]
+        items: list[dict[str, Any]] = result.get("items") or []
         return items
 
     async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
@@ -136,7 +139,8 @@ class Kube:
             _headers=_METADATA_ONLY,
         )
         revisions = {}
-        for item in result["items"]:
+        # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
+        for item in result.get("items") or []:
             labels = item["metadata"].get("labels") or {}
             revisions[int(labels.get("version", 0))] = labels.get("status", "")
         return revisions

@@ -29,6 +29,6 @@ LICENSE_EXPIRY = Gauge(
 )
 HOUSEKEEPING_CHECKS = Counter(
     "iotistic_operator_housekeeping_checks",
-    "Housekeeping checks of Customers, by what was due (renewal, trial end, grace end, or nothing)",
+    "Housekeeping checks of Customers, by the reason a pass was due (e.g. LicenseRenewal) or nothing",
     ["due"],
 )

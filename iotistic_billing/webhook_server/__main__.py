@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_per_key=limit,
             trusted_proxies=tuple(settings.trusted_proxies),
             inbox_workers=workers,
+            probes_only=role == "inbox",
         )
         usage = UsageOptions(
             flush_interval=settings.usage_flush_interval,

@@ -50,7 +50,7 @@ from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import ServerOptions
-from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.routes import INBOX_ROUTES, ROUTES
 from iotistic_billing.webhook_server.routing import Operation
 from iotistic_billing.webhook_server.security import (
     RateLimiter,
@@ -121,12 +121,13 @@ def create_app(
     app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
 
+    served = INBOX_ROUTES if options.probes_only else ROUTES
     operations: dict[web.AbstractRoute, Operation] = {}
-    for operation in ROUTES:
+    for operation in served:
         route = app.router.add_route(operation.method, operation.path, operation.handler)
         operations[route] = operation
     app[OPERATIONS] = operations
-    app[OPENAPI] = build_document(ROUTES)
+    app[OPENAPI] = build_document(served)
     app.on_response_prepare.append(add_security_headers)
 
     async def database(app: web.Application) -> AsyncIterator[None]:

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Final, Literal
 
 from aiohttp import web
@@ -185,27 +185,42 @@ async def authenticate(
     raise Unauthorized("send Authorization: Bearer <ADMIN_API_TOKEN>, or a usage key in X-API-Key")
 
 
+def _hop_address(hop: str) -> IPv4Address | IPv6Address | None:
+    """An X-Forwarded-For entry as an address: plain, or with a port as some proxies write it
+    (`192.0.2.1:5678`, `[2001:db8::1]:5678`); None when it is neither."""
+    hop = hop.strip()
+    for candidate in (hop, hop.rsplit(":", 1)[0].strip("[]") if ":" in hop else None):
+        if candidate:
+            try:
+                return ip_address(candidate)
+            except ValueError:
+                continue
+    return None
+
+
 def client_address(
     peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPv4Network | IPv6Network]
 ) -> str:
-    """The address a request's rate limit applies to: the peer, unless the peer is a trusted proxy;
-    then X-Forwarded-For read from the right, skipping trusted proxies (a client can prepend anything,
-    but the entries a trusted proxy appended are true). Without a trusted proxy the header is ignored."""
+    """The address a request's rate limit applies to. The peer, unless the peer is a trusted proxy;
+    then X-Forwarded-For read from the right, skipping trusted proxies: the first other entry is what
+    the last trusted proxy saw (a client can prepend anything, but not append). An entry that is no
+    address ends the walk at the peer; so does a chain of trusted proxies only. Without trusted proxies
+    the header is ignored."""
 
-    def is_trusted(address: str) -> bool:
-        try:
-            parsed = ip_address(address.strip())
-        except ValueError:
-            return False
-        return any(parsed in network for network in trusted)
+    def is_trusted(address: IPv4Address | IPv6Address | None) -> bool:
+        return address is not None and any(address in network for network in trusted)
 
-    if peer is None or not trusted or not is_trusted(peer):
+    peer_address = _hop_address(peer) if peer else None
+    if peer is None or not is_trusted(peer_address):
         return peer or "unknown"
-    hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
+    hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
     for hop in reversed(hops):
-        if not is_trusted(hop):
-            return hop
-    return hops[0] if hops else peer
+        address = _hop_address(hop)
+        if address is None:
+            return peer
+        if not is_trusted(address):
+            return str(address)
+    return peer
 
 
 class RateLimiter:

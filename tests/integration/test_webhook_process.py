@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
-from tests.conftest import OperatorProcess, unique_name
+from tests.conftest import OperatorProcess, unique_name, wait_until
 from tests.integration.webhook_support import ADMIN_TOKEN, ServerProcess, server_env
 
 pytestmark = pytest.mark.integration
@@ -94,3 +95,28 @@ def test_sigterm_lets_the_request_in_flight_finish(
         server.kill()
     log = (tmp_path / "webhooks.log").read_text()
     assert ADMIN_TOKEN not in log
+
+
+def test_the_stripe_inbox_port_serves_probes_and_metrics_only(env: dict[str, str], tmp_path: Path) -> None:
+    """The inbox process beside the server answers the kubelet and Prometheus on its port, not the API
+    (which stays on the server's port, behind its rate limits)."""
+    server = ServerProcess(env, tmp_path / "webhooks.log").start()
+    inbox = f"http://127.0.0.1:{env['STRIPE_INBOX_PORT']}"
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+    try:
+        wait_until(lambda: status(f"{inbox}/healthz") == 200, timeout=60, message="inbox /healthz")
+        assert status(f"{inbox}/metrics") == 200
+        assert status(f"{inbox}/api/openapi.json") == 404
+        assert status(f"{inbox}/api/licenses/public-key") == 404
+        assert status(f"{server.url}/api/licenses/public-key") == 200
+    finally:
+        server.terminate()

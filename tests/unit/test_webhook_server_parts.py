@@ -73,11 +73,14 @@ INGRESS = (ip_network("10.244.0.0/16"), ip_network("fd00::/8"))
         ("10.244.1.5", ["6.6.6.6, 198.51.100.1"], INGRESS, "198.51.100.1"),
         # Chained trusted proxies are skipped, over repeated headers too.
         ("10.244.1.5", ["198.51.100.1, 10.244.2.9", "fd00::3"], INGRESS, "198.51.100.1"),
-        # Only proxies in the chain: the first of them; no header at all: the peer.
-        ("10.244.1.5", ["10.244.3.3"], INGRESS, "10.244.3.3"),
+        # One address, one bucket: ports and spellings are normalised.
+        ("10.244.1.5", ["198.51.100.1:5678"], INGRESS, "198.51.100.1"),
+        ("10.244.1.5", ["[2001:db8:0::1]:443"], INGRESS, "2001:db8::1"),
+        ("10.244.1.5", [" 2001:DB8::1 "], INGRESS, "2001:db8::1"),
+        # Only proxies in the chain, no header, or an entry that is no address: the peer.
+        ("10.244.1.5", ["10.244.3.3"], INGRESS, "10.244.1.5"),
         ("10.244.1.5", [], INGRESS, "10.244.1.5"),
-        # Unparsable entries are never trusted, so they name (their own) bucket.
-        ("10.244.1.5", ["junk"], INGRESS, "junk"),
+        ("10.244.1.5", ["198.51.100.1, junk"], INGRESS, "10.244.1.5"),
         (None, [], INGRESS, "unknown"),
     ],
 )
