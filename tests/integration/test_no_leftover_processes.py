@@ -14,8 +14,11 @@ import pytest
 pytestmark = pytest.mark.integration
 
 STARTER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# A test run started in the background of a script (`cmd &`) inherits SIGINT ignored, and Python then
+# keeps it ignored: this runner takes Ctrl-C as an interactive `make dev` does.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import ControlPlane
 from iotistic_billing.devenv.stripe_mock import StripeMock

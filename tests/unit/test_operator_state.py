@@ -148,10 +148,12 @@ def status_after(
     release: ReleaseOutcome | None,
     health: InstanceHealth | None,
     entitlement: Entitlement | None = None,
+    previous: CustomerStatus | None = None,
+    now: datetime = NOW,
     **kw: Any,
 ) -> CustomerStatus:
     return next_status(
-        CustomerStatus(),
+        previous or CustomerStatus(),
         generation=4,
         customer_id="cust_acme0001",
         entitlement=entitlement or _entitlement("starter"),
@@ -161,7 +163,7 @@ def status_after(
         health=health,
         namespace="customer-acme",
         url="https://acme.example",
-        now=NOW,
+        now=now,
         **kw,
     )
 
@@ -200,19 +202,7 @@ def test_the_pass_after_an_install_writes_the_same_status() -> None:
     unchanged = ReleaseOutcome(
         "unchanged", "ReleaseUnchanged", "revision 1 is current", ReleaseStatus(revision=1)
     )
-    again = next_status(
-        installed,
-        generation=4,
-        customer_id="cust_acme0001",
-        entitlement=_entitlement("starter"),
-        license=LicenseStatus(jti="j1", expires_at=NOW + timedelta(days=30)),
-        license_error=None,
-        release=unchanged,
-        health=waiting,
-        namespace="customer-acme",
-        url="https://acme.example",
-        now=NOW + timedelta(seconds=3),
-    )
+    again = status_after(unchanged, waiting, previous=installed, now=NOW + timedelta(seconds=3))
     assert again.to_k8s() == installed.to_k8s()
     assert again.condition("ReleaseDeployed").reason == "InstallSucceeded"  # type: ignore[union-attr]
 
