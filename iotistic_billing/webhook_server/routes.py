@@ -304,11 +304,10 @@ ROUTES: Final[tuple[Operation, ...]] = (
     ),
 )
 
-__all__ = ["ROUTES"]
-
-
 # What the Stripe inbox process serves on its own port (STRIPE_INBOX_PORT): the kubelet's probes and
 # Prometheus. The API stays on the server's port, behind its rate limits.
 INBOX_ROUTES: Final[tuple[Operation, ...]] = tuple(
     operation for operation in ROUTES if operation.path in ("/healthz", "/readyz", "/metrics")
 )
+
+__all__ = ["INBOX_ROUTES", "ROUTES"]
