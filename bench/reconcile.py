@@ -8,7 +8,9 @@ plane:
   - operator (with a fresh PostgreSQL): N Customers created at once; timed until every one has its
     licence Secret, a deployed release and status.release written. Operator peak RSS, its CPU time
     and helm processes in flight are sampled.
-  - N=1 is the median of 5 rounds on each side (one install of ~0.25 s is too short to time once).
+  - N=1 is the median of 15 rounds on each side (one install of ~0.3 s varies too much to time once):
+    a bare install, then an operator's Customer, each after 1 s of quiet, both control planes up. The
+    same number of bare installs before the operator's stack starts gives `ratio_to_alone`.
   - idle (with --idle SECONDS): every Deployment reported available, all Customers Ready, then the
     operator's CPU use and helm calls over SECONDS.
 Targets: N=1 within 1.25x the bare helm install; 1,000 within 4 minutes at <= 250 MiB RSS; idle: no
@@ -60,8 +62,9 @@ def baseline_values(i: int) -> dict[str, Any]:
     }
 
 
-async def helm_loop(kubeconfig: Path, n: int, rounds: int = 1) -> float:
-    """The baseline: the operator's own helm command (same flags and environment), nothing around it."""
+async def helm_installs(kubeconfig: Path, numbers: range) -> float:
+    """The baseline: the operator's own helm command (same flags and environment), nothing around it,
+    for one release per number at the operator's concurrency; seconds until the last one returned."""
     slots = asyncio.Semaphore(CONCURRENCY)
     helm = str(find_binary("helm"))
 
@@ -84,17 +87,31 @@ async def helm_loop(kubeconfig: Path, n: int, rounds: int = 1) -> float:
                 if process.returncode != 0:
                     raise RuntimeError(err.decode())
 
-    await install(n * rounds)  # warm-up, like the operator's: caches and the first helm are not measured
-    times = []
-    for round_ in range(rounds):
-        started = time.monotonic()
-        first = round_ * n
-        results = await asyncio.gather(*(install(first + i) for i in range(n)), return_exceptions=True)
-        times.append(time.monotonic() - started)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise SystemExit(f"{len(failures)} of {n} baseline installs failed; first: {failures[0]}")
-    return statistics.median(times)
+    started = time.monotonic()
+    results = await asyncio.gather(*(install(i) for i in numbers), return_exceptions=True)
+    elapsed = time.monotonic() - started
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(numbers)} baseline installs failed; first: {failures[0]}")
+    return elapsed
+
+
+class Baseline:
+    """Bare helm on a control plane of its own: its releases would otherwise be in the operator's
+    cluster, and the operator's run would start from a larger etcd than the baseline did."""
+
+    def __init__(self, work: Path) -> None:
+        self.plane = ControlPlane(work).start()
+        self.installed = 0
+        self.time(1)  # warm-up, like the operator's: caches and the first helm are not measured
+
+    def time(self, n: int) -> float:
+        numbers = range(self.installed, self.installed + n)
+        self.installed += n
+        return asyncio.run(helm_installs(self.plane.kubeconfig, numbers))
+
+    def stop(self) -> None:
+        self.plane.stop()
 
 
 class Sampler(threading.Thread):
@@ -108,10 +125,10 @@ class Sampler(threading.Thread):
         self.helm_samples: list[tuple[float, int]] = []
         self.stop_event = threading.Event()
 
-    def mean_helm(self, start: float, end: float) -> float:
-        """Helm processes in flight on average between two monotonic times: below HELM_CONCURRENCY,
-        helm waited for the operator."""
-        counts = [n for at, n in self.helm_samples if start <= at <= end]
+    def mean_helm(self, windows: list[tuple[float, float]]) -> float:
+        """Helm processes in flight on average within the timed windows (monotonic start, end): below
+        HELM_CONCURRENCY, helm waited for the operator."""
+        counts = [n for at, n in self.helm_samples if any(start <= at <= end for start, end in windows)]
         return sum(counts) / len(counts) if counts else 0.0
 
     def helm_children(self) -> int:
@@ -148,24 +165,26 @@ def metric(url: str, name: str) -> float:
         return total
 
 
-def baseline(n: int, work: Path) -> float:
-    """The baseline on a control plane of its own: its 1,000 releases would otherwise be in the
-    operator's cluster, and its later run would start from a larger etcd than the baseline did."""
-    plane = ControlPlane(work / f"cp-{n}-baseline").start()
-    try:
-        return asyncio.run(helm_loop(plane.kubeconfig, n, rounds_for(n)))
-    finally:
-        plane.stop()
-
-
 def rounds_for(n: int) -> int:
-    """One Customer is a single helm install of about 0.25 s: timed once, a few tens of milliseconds of
-    noise decide its ratio. It is the median of five rounds on each side; larger sizes run once."""
-    return 5 if n == 1 else 1
+    """One Customer is a single helm install of about 0.3 s, and helm alone varies by a third from one
+    install to the next here: timed once, the noise decides the ratio. It is the median of 15 rounds, each
+    a bare install right before an operator's Customer (the machine drifts between halves of a run);
+    larger sizes run once, the baseline first and stopped before the operator starts."""
+    return 15 if n == 1 else 1
 
 
 def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
-    bare_helm = baseline(n, work)
+    rounds = rounds_for(n)
+    baseline = Baseline(work / f"cp-{n}-baseline")
+    bare_times: list[float] = []
+    if rounds == 1:
+        try:
+            bare_times.append(baseline.time(n))
+        finally:
+            baseline.stop()
+    interleaved = baseline if rounds > 1 else None
+    # The same rounds of bare helm before the operator's stack starts, for comparison.
+    alone = [baseline.time(n) for _ in range(rounds)] if interleaved is not None else bare_times
     plane = ControlPlane(work / f"cp-{n}").start()
     postgres = EmbeddedPostgres(work / f"pg-{n}").start()
     operator: ManagedProcess | None = None
@@ -229,8 +248,6 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             },
         )
         watch_provisioned(objects, {"warm-up"}, time.monotonic(), timeout=120)
-        operator_cpu = psutil.Process(operator.pid).cpu_times()
-        bench_cpu = time.process_time()
 
         def create(i: int) -> None:
             body = {
@@ -242,23 +259,31 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             # The answer is not needed: reading it into the client's models is CPU taken from the run.
             objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, body, _preload_content=False).read()
 
-        rounds = rounds_for(n)
         total = n * rounds
         times = []
-        first_started = time.monotonic()
+        windows = []
+        operator_cpu_s = bench_cpu_s = 0.0
+        process = psutil.Process(operator.pid)
         for round_ in range(rounds):
             names = range(round_ * n, (round_ + 1) * n)
+            if interleaved is not None:
+                # Each half starts on a quiet machine: the operator's trailing work of the last round
+                # (Kopf's annotations, the pass that follows the new Deployments) is not timed against helm.
+                time.sleep(1)
+                bare_times.append(interleaved.time(n))
+                time.sleep(1)
+            cpu_before, bench_before = sum(process.cpu_times()[:2]), time.process_time()
             started = time.monotonic()
             # All at once, as `kubectl apply` of a directory with a few connections would.
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(create, names))
             created = time.monotonic() - started
             times.append(watch_provisioned(objects, {f"bench-{i}" for i in names}, started, timeout=1800))
+            windows.append((started, time.monotonic()))
+            operator_cpu_s += sum(process.cpu_times()[:2]) - cpu_before
+            bench_cpu_s += time.process_time() - bench_before
         elapsed = statistics.median(times)
-        last_ended = time.monotonic()
-        bench_cpu_s = time.process_time() - bench_cpu
-        cpu_after = psutil.Process(operator.pid).cpu_times()
-        operator_cpu_s = cpu_after.user + cpu_after.system - operator_cpu.user - operator_cpu.system
+        bare_helm = statistics.median(bare_times)
         secrets = (
             kubernetes.client.CoreV1Api(client)
             .list_secret_for_all_namespaces(
@@ -280,8 +305,13 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             # baseline does not pay; on two cores it is not free.
             "bench_cpu_s": round(bench_cpu_s, 1),
             "peak_helm_in_flight": sampler.peak_helm,
-            "mean_helm_in_flight": round(sampler.mean_helm(first_started, last_ended), 2),
+            "mean_helm_in_flight": round(sampler.mean_helm(windows), 2),
         }
+        if rounds > 1:
+            result["operator_rounds_s"] = [round(t, 3) for t in times]
+            result["bare_helm_rounds_s"] = [round(t, 3) for t in bare_times]
+            result["bare_helm_alone_rounds_s"] = [round(t, 3) for t in alone]
+            result["ratio_to_alone"] = round(elapsed / statistics.median(alone), 2)
         print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
         assert len(secrets) == total + 1, (
             f"{len(secrets)} licence Secrets for {total} Customers and the warm-up"
@@ -296,6 +326,8 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
     finally:
         if operator is not None:
             operator.stop()
+        if interleaved is not None:
+            interleaved.stop()
         postgres.stop()
         plane.stop()
 

@@ -19,6 +19,7 @@ from iotistic_billing.k8s import api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.kube import Kube
 from iotistic_billing.settings import Settings, SettingsError, load_settings
@@ -41,10 +42,12 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     except LicenseKeyError as error:
         raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
     engine = create_engine(database_url)
+    kube = Kube(api_client(kubeconfig))
     return OperatorContext(
         settings=settings,
         keys=keys,
-        kube=Kube(api_client(kubeconfig)),
+        kube=kube,
+        deployments=InstanceDeployments(kube),
         helm=Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency),
         engine=engine,
         sessions=session_factory(engine),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iotistic_billing.licensing.keys import SigningKeys
+from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.kube import Kube
 from iotistic_billing.settings import Settings
@@ -28,6 +29,8 @@ class OperatorContext:
     helm: Helm
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # The instance Deployments readiness is judged by (Kopf's watch-fed index once the operator runs).
+    deployments: InstanceDeployments
     # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
     # instead of each holding a read body, a minted licence and rendered values while helm is busy.
     pass_slots: asyncio.Semaphore

@@ -31,6 +31,8 @@ def _context(memo: kopf.Memo) -> OperatorContext:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # From here on the Deployment watch below keeps the operator's view of the instances current.
+    _context(memo).deployments.watched = True
     logging.getLogger("kopf.objects").addFilter(QuietRoutineSuccesses())
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="iotistic.io")
@@ -158,11 +160,16 @@ def _customer_of_namespace(namespace: str | None) -> str | None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/instance": c.RELEASE_NAME})
-async def deployment_changed(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def deployment_changed(
+    type: str | None, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     """Readiness follows the instance's Deployments."""
-    name = _customer_of_namespace(namespace)
-    if name:
-        request_pass(_context(memo), name)
+    customer = _customer_of_namespace(namespace)
+    if customer:
+        assert namespace is not None
+        ctx = _context(memo)
+        ctx.deployments.observe(type, namespace, body)
+        request_pass(ctx, customer)
 
 
 @kopf.on.event("", "v1", "secrets", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

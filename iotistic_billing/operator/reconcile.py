@@ -105,7 +105,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     domain = instance_domain(name, spec, ctx.settings.base_domain)
     entitlement = effective_plan(spec, created, now)
 
-    await ctx.kube.apply(
+    namespace_created = await ctx.kube.apply(
         "Namespace",
         "",
         {
@@ -122,6 +122,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             },
         },
     )
+
+    if namespace_created:
+        ctx.deployments.expect_new(namespace)
 
     license: LicenseStatus | None = None
     license_error: str | None = None
@@ -144,9 +147,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
 
     health = None
     if release is not None and release.deployed:
-        deployments = await ctx.kube.list_deployments(
-            namespace, f"app.kubernetes.io/instance={c.RELEASE_NAME}"
-        )
+        deployments = await ctx.deployments.of(namespace, upgraded=release.result == "upgraded")
         health = instance_health(deployments, spec.instance.enabled and not spec.suspended)
 
     failure = license_error or (release.message if release is not None and not release.deployed else None)

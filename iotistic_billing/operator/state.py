@@ -174,6 +174,29 @@ class InstanceHealth:
     message: str
 
 
+def deployment_summary(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a Deployment that instance_health reads (and its uid), in the Deployment's own shape:
+    what the operator keeps of each instance Deployment it watches (the whole object is ~5 KB)."""
+    meta, spec, status = (
+        deployment.get("metadata") or {},
+        deployment.get("spec") or {},
+        deployment.get("status") or {},
+    )
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "generation": meta.get("generation", 0),
+        },
+        "spec": {"replicas": spec.get("replicas", 1)},
+        "status": {
+            key: status[key]
+            for key in ("observedGeneration", "availableReplicas", "updatedReplicas", "replicas")
+            if key in status
+        },
+    }
+
+
 def instance_health(deployments: Sequence[Mapping[str, Any]], enabled: bool) -> InstanceHealth:
     """Available when every Deployment of the release has rolled out its current generation."""
     if not enabled:

@@ -212,6 +212,41 @@ async def test_plan_change_re_mints_licence_and_upgrades_release(
     assert rows[1][2] == claims["jti"]
 
 
+def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_out(cluster: Cluster) -> None:
+    """Every status written between the upgrade and the roll-out says not Ready, the first one included:
+    the operator's Deployment index still shows the previous revision rolled out when helm returns."""
+    name = unique_name("globex")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: cluster.release(name), message="release")
+    cluster.make_deployments_available(name)
+    wait_until(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready")
+    since = (cluster.customer(name) or {})["metadata"]["resourceVersion"]
+
+    cluster.patch_spec(name, {"plan": "professional"})
+    seen: list[tuple[int, str]] = []
+    watch = kubernetes.watch.Watch()
+    for event in watch.stream(
+        cluster.objects.list_cluster_custom_object,
+        GROUP,
+        VERSION,
+        PLURAL,
+        field_selector=f"metadata.name={name}",
+        resource_version=since,
+        timeout_seconds=60,
+    ):
+        status = event["object"].get("status") or {}
+        ready = next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), "")
+        seen.append(((status.get("release") or {}).get("revision", 0), ready))
+        if seen[-1] == (2, "False"):
+            watch.stop()
+    assert (2, "True") not in seen and seen[-1] == (2, "False"), seen
+
+    cluster.make_deployments_available(name)
+    wait_until(
+        lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready again"
+    )
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
