@@ -1,16 +1,15 @@
-"""The instance Deployments a pass judges readiness by: listed once per namespace, then kept by the watch.
+"""The instance Deployments a pass judges readiness by: listed after helm ran, then kept by the watch.
 
 Under Kopf every change of an instance Deployment reaches `observe` and then starts a pass (the
 `deployment_changed` watch), so a pass sees at least what its trigger saw, and a change it has not seen
 yet starts another pass. Before, every pass listed the release's Deployments (about 33 KB of JSON for
-six, on each of the thousands of passes that Deployment events start at scale).
+six), the thousands of passes that Deployment events start at scale included.
 
-A namespace is listed the first time a pass needs it (after a restart, say), and again right after every
-upgrade: helm has just patched the Deployments and their events are still on the way. A namespace the
-pass has just created needs no list: it holds only what helm is about to create, and those events follow.
-An event older than what a list saw (a lower generation of the same object) does not overwrite it.
-Kopf's own index (`kopf.index`) is not used: with a worker limit it deadlocks at start-up when there are
-more objects than workers (nolar/kopf#1243), and the operator bounds its workers.
+A namespace is listed when a pass runs helm (its patches are not all in the events yet: an upgraded
+Deployment would still look rolled out, a new one would be missing) and the first time a pass needs it
+(after a restart, say). An event older than what a list saw (a lower generation of the same object)
+does not overwrite it. Kopf's own index (`kopf.index`) is not used: with a worker limit it deadlocks at
+start-up when there are more objects than workers (nolar/kopf#1243), and the operator bounds its workers.
 """
 
 from __future__ import annotations
@@ -20,13 +19,7 @@ from typing import Any
 
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.kube import Kube
-from iotistic_billing.operator.state import deployment_summary
-
-Summary = dict[str, Any]
-
-
-def _generation(summary: Mapping[str, Any]) -> int:
-    return int(summary["metadata"].get("generation") or 0)
+from iotistic_billing.operator.state import DeploymentState
 
 
 class InstanceDeployments:
@@ -34,23 +27,18 @@ class InstanceDeployments:
         self.kube = kube
         # False outside Kopf (a pass run by a test): no events arrive, so every pass lists.
         self.watched = False
-        # namespace -> Deployment name -> summary, for the namespaces events keep current.
-        self._namespaces: dict[str, dict[str, Summary]] = {}
+        # namespace -> Deployment name -> state, for the namespaces events keep current.
+        self._namespaces: dict[str, dict[str, DeploymentState]] = {}
 
-    def expect_new(self, namespace: str) -> None:
-        """The pass has just created `namespace`: no Deployment is in it but those events will bring."""
-        if self.watched:
-            self._namespaces[namespace] = {}
-
-    async def of(self, namespace: str, upgraded: bool) -> list[Summary]:
-        """The release's Deployments in `namespace`; `upgraded`: the pass has just run an upgrade."""
+    async def of(self, namespace: str, helm_ran: bool) -> list[DeploymentState]:
+        """The release's Deployments in `namespace`; `helm_ran`: the pass has just installed or upgraded."""
         known = self._namespaces.get(namespace)
-        if known is not None and not upgraded:
+        if known is not None and not helm_ran:
             return list(known.values())
         selector = f"app.kubernetes.io/instance={c.RELEASE_NAME}"
-        listed = [deployment_summary(d) for d in await self.kube.list_deployments(namespace, selector)]
+        listed = [DeploymentState.of(d) for d in await self.kube.list_deployments(namespace, selector)]
         if self.watched:
-            self._namespaces[namespace] = {summary["metadata"]["name"]: summary for summary in listed}
+            self._namespaces[namespace] = {state.name: state for state in listed}
         return listed
 
     def observe(self, event: str | None, namespace: str, body: Mapping[str, Any]) -> None:
@@ -64,12 +52,8 @@ class InstanceDeployments:
             if not known:
                 del self._namespaces[namespace]  # a deleted instance leaves nothing behind
             return
-        summary = deployment_summary(body)
+        state = DeploymentState.of(body)
         current = known.get(name)
-        if (
-            current is not None
-            and current["metadata"]["uid"] == summary["metadata"]["uid"]
-            and _generation(summary) < _generation(current)
-        ):
+        if current is not None and current.uid == state.uid and state.generation < current.generation:
             return  # queued before the list that saw the upgrade
-        known[name] = summary
+        known[name] = state

@@ -43,14 +43,12 @@ class Kube:
         self.objects = kubernetes.client.CustomObjectsApi(api_client)
 
     async def _call(self, method: Any, *args: Any, parse: bool = True, **options: Any) -> Any:
-        """A method of the official client in a thread: its response body parsed as plain JSON, or with
-        parse=False only its HTTP status (the body is read whole either way, which returns the connection
-        to the pool)."""
+        """A method of the official client in a thread, its response body parsed as plain JSON (read
+        whole either way, which returns the connection to the pool)."""
 
         def call() -> Any:
-            response = method(*args, _preload_content=False, **options)
-            body = response.data
-            return json.loads(body) if parse else response.status
+            body = method(*args, _preload_content=False, **options).data
+            return json.loads(body) if parse else None
 
         return await asyncio.to_thread(call)
 
@@ -77,20 +75,16 @@ class Kube:
             parse=False,
         )
 
-    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
-        """Server-side apply under the operator's field manager: create or converge in one call. True
-        when it created the object (the API server answers 201 Created)."""
+    async def apply(self, kind: str, namespace: str, body: dict[str, Any]) -> None:
+        """Server-side apply under the operator's field manager: create or converge in one call."""
         name = body["metadata"]["name"]
         options: dict[str, Any] = {"field_manager": c.FIELD_MANAGER, "force": True, "_content_type": _APPLY}
         if kind == "Namespace":
-            status = await self._call(self.core.patch_namespace, name, body, parse=False, **options)
+            await self._call(self.core.patch_namespace, name, body, parse=False, **options)
         elif kind == "Secret":
-            status = await self._call(
-                self.core.patch_namespaced_secret, name, namespace, body, parse=False, **options
-            )
+            await self._call(self.core.patch_namespaced_secret, name, namespace, body, parse=False, **options)
         else:
             raise ValueError(f"apply of {kind} is not supported")
-        return bool(status == 201)
 
     async def read_secret_data(
         self, namespace: str, name: str

@@ -105,7 +105,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     domain = instance_domain(name, spec, ctx.settings.base_domain)
     entitlement = effective_plan(spec, created, now)
 
-    namespace_created = await ctx.kube.apply(
+    await ctx.kube.apply(
         "Namespace",
         "",
         {
@@ -122,9 +122,6 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             },
         },
     )
-
-    if namespace_created:
-        ctx.deployments.expect_new(namespace)
 
     license: LicenseStatus | None = None
     license_error: str | None = None
@@ -147,7 +144,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
 
     health = None
     if release is not None and release.deployed:
-        deployments = await ctx.deployments.of(namespace, upgraded=release.result == "upgraded")
+        deployments = await ctx.deployments.of(namespace, helm_ran=release.result != "unchanged")
         health = instance_health(deployments, spec.instance.enabled and not spec.suspended)
 
     failure = license_error or (release.message if release is not None and not release.deployed else None)

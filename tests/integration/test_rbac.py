@@ -204,20 +204,6 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
 
-async def test_apply_tells_the_namespace_it_created_from_one_that_was_there(
-    operator_context: OperatorContext,
-) -> None:
-    """A pass that created the namespace knows it holds no Deployments yet (and lists none)."""
-    name = f"customer-{unique_name('apply')}"
-    body = {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "iotistic-billing-operator"}},
-    }
-    assert await operator_context.kube.apply("Namespace", "", body) is True
-    assert await operator_context.kube.apply("Namespace", "", body) is False
-
-
 def test_operator_process_runs_end_to_end_as_its_service_account(
     installed: Installed,
     database_url: str,

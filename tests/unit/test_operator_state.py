@@ -9,6 +9,7 @@ import pytest
 
 from iotistic_billing.customer import CustomerSpec, CustomerStatus, LicenseStatus, ReleaseStatus
 from iotistic_billing.operator.state import (
+    DeploymentState,
     Entitlement,
     InstanceHealth,
     ReleaseOutcome,
@@ -119,17 +120,20 @@ def test_license_action(
 
 
 def deployment(
-    name: str, replicas: int, available: int, generation: int = 2, observed: int = 2
-) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "generation": generation},
-        "spec": {"replicas": replicas},
-        "status": {
-            "observedGeneration": observed,
-            "availableReplicas": available,
-            "updatedReplicas": available,
-        },
-    }
+    name: str, replicas: int, available: int, generation: int = 2, observed: int = 2, current: int = 0
+) -> DeploymentState:
+    return DeploymentState.of(
+        {
+            "metadata": {"name": name, "generation": generation},
+            "spec": {"replicas": replicas},
+            "status": {
+                "observedGeneration": observed,
+                "availableReplicas": available,
+                "updatedReplicas": available,
+                "replicas": current or available,
+            },
+        }
+    )
 
 
 def test_instance_health_needs_every_deployment_rolled_out() -> None:
@@ -139,8 +143,7 @@ def test_instance_health_needs_every_deployment_rolled_out() -> None:
     assert not instance_health([deployment("api", 1, 1, generation=3, observed=2)], enabled=True).available
     assert not instance_health([], enabled=True).available
     assert instance_health([], enabled=False).available
-    mid_rollout = deployment("api", 1, 1)
-    mid_rollout["status"]["replicas"] = 2  # the old ReplicaSet's pod is still there
+    mid_rollout = deployment("api", 1, 1, current=2)  # the old ReplicaSet's pod is still there
     assert not instance_health([mid_rollout], enabled=True).available
 
 
