@@ -29,7 +29,7 @@ class OperatorContext:
     helm: Helm
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    # The instance Deployments readiness is judged by (Kopf's watch-fed index once the operator runs).
+    # The instance Deployments readiness is judged by: listed after helm runs, kept by the watch.
     deployments: InstanceDeployments
     # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
     # instead of each holding a read body, a minted licence and rendered values while helm is busy.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from iotistic_billing.operator.deployments import InstanceDeployments
+from iotistic_billing.operator.deployments import RESYNC_SECONDS, InstanceDeployments
 from iotistic_billing.operator.kube import Kube
 from iotistic_billing.operator.state import DeploymentState, instance_health
 
@@ -44,9 +44,17 @@ class ListedDeployments:
         return self.items
 
 
-def view(watched: bool = True) -> tuple[InstanceDeployments, ListedDeployments]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def view(watched: bool = True, clock: Clock | None = None) -> tuple[InstanceDeployments, ListedDeployments]:
     server = ListedDeployments()
-    deployments = InstanceDeployments(cast(Kube, server))
+    deployments = InstanceDeployments(cast(Kube, server), clock or Clock())
     deployments.watched = watched
     return deployments, server
 
@@ -124,4 +132,19 @@ async def test_after_helm_ran_the_list_wins_over_events_queued_before_it() -> No
     # A Deployment deleted and created again starts at generation 1: a new object, not an old event.
     deployments.observe("ADDED", NAMESPACE, deployment("api", 1, 0, available=0, uid="uid-api-2"))
     assert ("api", 1) in names(await deployments.of(NAMESPACE, helm_ran=False))
+    assert server.lists == 2
+
+
+async def test_a_kept_namespace_is_listed_again_after_the_resync_period() -> None:
+    """Kopf re-lists after a broken watch without reporting deletions: a kept Deployment may be gone."""
+    clock = Clock()
+    deployments, server = view(clock=clock)
+    server.items = [deployment("api", 1, 1), deployment("mqtt", 1, 0, available=0)]
+    await deployments.of(NAMESPACE, helm_ran=False)
+    server.items = [deployment("api", 1, 1)]  # mqtt deleted while the watch was down: no event
+    clock.now += RESYNC_SECONDS - 1
+    assert names(await deployments.of(NAMESPACE, helm_ran=False)) == [("api", 1), ("mqtt", 1)]
+    clock.now += 1
+    listed = await deployments.of(NAMESPACE, helm_ran=False)
+    assert names(listed) == [("api", 1)] and instance_health(listed, enabled=True).available
     assert server.lists == 2
