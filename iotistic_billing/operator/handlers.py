@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     logging.getLogger("kopf.objects").addFilter(QuietRoutineSuccesses())
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="iotistic.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         prefix="iotistic.io", key="last-handled-configuration"
     )
     # Our own Events carry the transitions; Kopf's per-log-line Events would drown them.
@@ -201,3 +201,34 @@ class QuietRoutineSuccesses(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno == logging.INFO and record.msg in self.ROUTINE)
+
+
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """Kopf's annotation diff-base storage, building the same essence from less.
+
+        On every Customer event Kopf builds the object's essence (spec, labels, annotations) by deep-copying
+        the whole body, managedFields and status included, and then dropping them: about a tenth of the
+        operator's CPU while 300 Customers were provisioned (py-spy, GIL samples). Handed only the parts it
+        keeps, it copies those alone. When a handler watches a field outside them (Kopf's extra fields: the
+    status, metadata other than labels and annotations), Kopf gets the whole body as before.
+    """
+
+    KEPT_METADATA = ("labels", "annotations")
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        paths = [tuple(f.split(".")) if isinstance(f, str) else tuple(f or ()) for f in extra_fields or ()]
+        if any(self._dropped(path) for path in paths):
+            return super().build(body=body, extra_fields=extra_fields)
+        metadata = body.get("metadata") or {}
+        lean = {key: value for key, value in body.items() if key not in ("metadata", "status")}
+        lean["metadata"] = {key: metadata[key] for key in self.KEPT_METADATA if key in metadata}
+        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra_fields)
+
+    @classmethod
+    def _dropped(cls, path: tuple[str, ...]) -> bool:
+        """A field the lean body leaves out (the reconcile handler's `spec` is kept)."""
+        if path[:1] == ("status",):
+            return True
+        return path[:1] == ("metadata",) and path[1:2] not in [(key,) for key in cls.KEPT_METADATA]

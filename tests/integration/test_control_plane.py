@@ -77,13 +77,21 @@ def test_custom_resource_create_read_patch_watch_delete(k8s_client: kubernetes.c
     body = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w1"}, "spec": {"size": 1}}
 
     seen: list[tuple[str, int]] = []
-    started = threading.Event()
+    # Watched from the empty list's version: every write below is seen, however late the watch starts.
+    since = objects.list_namespaced_custom_object(group, "v1", "default", "widgets")["metadata"][
+        "resourceVersion"
+    ]
 
     def watch_widgets() -> None:
         watch = kubernetes.watch.Watch()
-        started.set()
         for event in watch.stream(
-            objects.list_namespaced_custom_object, group, "v1", "default", "widgets", timeout_seconds=20
+            objects.list_namespaced_custom_object,
+            group,
+            "v1",
+            "default",
+            "widgets",
+            resource_version=since,
+            timeout_seconds=20,
         ):
             seen.append((event["type"], event["object"]["spec"]["size"]))
             if event["type"] == "DELETED":
@@ -91,8 +99,6 @@ def test_custom_resource_create_read_patch_watch_delete(k8s_client: kubernetes.c
 
     watcher = threading.Thread(target=watch_widgets, daemon=True)
     watcher.start()
-    started.wait()
-    time.sleep(0.5)  # let the watch request reach the server before the first write
 
     objects.create_namespaced_custom_object(group, "v1", "default", "widgets", body)
     read = objects.get_namespaced_custom_object(group, "v1", "default", "widgets", "w1")

@@ -1,0 +1,109 @@
+"""The operator's diff-base storage builds exactly Kopf's essence, without copying what Kopf drops."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+import pytest
+
+from iotistic_billing.operator.handlers import LeanDiffBaseStorage
+
+
+def customer_body() -> dict[str, Any]:
+    return {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {
+            "name": "acme",
+            "uid": "0f4c",
+            "resourceVersion": "812",
+            "generation": 3,
+            "creationTimestamp": "2026-11-30T10:00:00Z",
+            "finalizers": ["iotistic.io/customer-protection"],
+            "labels": {"team": "edge", "tier": ""},
+            "annotations": {
+                "iotistic.io/kopf-managed": "yes",
+                "iotistic.io/last-handled-configuration": '{"spec":{"plan":"trial"}}',
+                "iotistic.io/reconcile_customer": '{"started":"2026-11-30T10:00:01Z"}',
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "owner": "platform",
+            },
+            "managedFields": [
+                {"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {"f:plan": {}}}},
+                {"manager": "iotistic", "operation": "Update", "subresource": "status", "fieldsV1": {}},
+            ],
+        },
+        "spec": {"email": "ops@acme.example.com", "plan": "starter", "instance": {"values": {"a": [1, {}]}}},
+        "status": {"phase": "Ready", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def kopfs_storage() -> kopf.AnnotationsDiffBaseStorage:
+    return kopf.AnnotationsDiffBaseStorage(prefix="iotistic.io", key="last-handled-configuration")
+
+
+def lean_storage() -> LeanDiffBaseStorage:
+    return LeanDiffBaseStorage(prefix="iotistic.io", key="last-handled-configuration")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda body: None,
+        lambda body: body["metadata"].pop("labels"),
+        lambda body: body["metadata"].pop("annotations"),
+        lambda body: body.pop("status"),
+        lambda body: body.pop("spec"),
+        lambda body: body["metadata"].update(labels={}, annotations={"iotistic.io/kopf-managed": "yes"}),
+    ],
+)
+def test_the_essence_is_kopfs(change: Any) -> None:
+    body = customer_body()
+    change(body)
+    essence = lean_storage().build(body=kopf.Body(copy.deepcopy(body)))
+    assert essence == kopfs_storage().build(body=kopf.Body(copy.deepcopy(body)))
+    assert "status" not in essence and "managedFields" not in essence.get("metadata", {})
+
+
+def test_the_essence_does_not_share_the_bodys_objects() -> None:
+    body = customer_body()
+    essence = lean_storage().build(body=kopf.Body(body))
+    essence["spec"]["instance"]["values"]["a"][1]["changed"] = True
+    essence["metadata"]["labels"]["team"] = "core"
+    assert body["spec"]["instance"]["values"]["a"][1] == {}
+    assert body["metadata"]["labels"]["team"] == "edge"
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [
+        (["status.phase"], {"status": {"phase": "Ready"}}),
+        ([("metadata", "generation")], {"metadata": {"generation": 3}}),
+        ([("spec",)], {}),  # the reconcile handler's field: in the lean body already
+        (["metadata.labels.team", "spec.plan"], {}),
+    ],
+)
+def test_extra_fields_are_kopfs(extra: list[Any], kept: dict[str, Any]) -> None:
+    body = customer_body()
+    essence = lean_storage().build(body=kopf.Body(body), extra_fields=extra)
+    assert essence == kopfs_storage().build(body=kopf.Body(body), extra_fields=extra)
+    for stanza, fields in kept.items():
+        assert essence[stanza].items() >= fields.items()
+
+
+class NotToBeCopied:
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise AssertionError("the status and managedFields are not copied")
+
+
+@pytest.mark.parametrize("extra", [None, [("spec",)]])
+def test_status_and_managed_fields_are_not_copied(extra: Any) -> None:
+    body = customer_body()
+    body["status"]["conditions"].append(NotToBeCopied())
+    body["metadata"]["managedFields"].append(NotToBeCopied())
+    essence = lean_storage().build(body=kopf.Body(body), extra_fields=extra)
+    assert essence["spec"] == body["spec"]
+    with pytest.raises(AssertionError, match="not copied"):
+        kopfs_storage().build(body=kopf.Body(body), extra_fields=extra)
