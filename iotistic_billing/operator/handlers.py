@@ -100,35 +100,62 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     )
 
 
-async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+class CustomerView:
+    """The Customer in Kopf's live body, parsed again only when its resourceVersion has moved: a daemon
+    checks an unchanged Customer every interval, and parsing it each time was most of an idle tick."""
+
+    def __init__(self, body: kopf.Body) -> None:
+        self.body = body
+        self._version: str | None = None
+        self._customer: Customer | None = None
+
+    def current(self) -> Customer | None:
+        """None for a Customer whose spec does not parse (the pass reports it)."""
+        version = (self.body.get("metadata") or {}).get("resourceVersion")
+        if version is None or version != self._version:
+            try:
+                self._customer = Customer.model_validate(dict(self.body))
+            except (ValueError, InvalidSpecError):
+                self._customer = None
+            self._version = version
+        return self._customer
+
+
+async def housekeeping(
+    name: str, body: kopf.Body, memo: kopf.Memo, view: CustomerView | None = None, **_: Any
+) -> None:
     """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due."""
     ctx = _context(memo)
-    try:
-        customer = Customer.model_validate(dict(body))
-    except (ValueError, InvalidSpecError):
+    customer = (view or CustomerView(body)).current()
+    if customer is None:
         return
     now: datetime = ctx.clock()
     created = customer.metadata.creation_timestamp or now
     due = housekeeping_due(customer.spec, customer.status, created, now)
     HOUSEKEEPING_CHECKS.labels(due or "nothing").inc()
     if due:
-        await _refresh(ctx, name)
+        # A pass the check started finishes even when Kopf stops the daemon meanwhile.
+        await asyncio.shield(_refresh(ctx, name))
 
 
-@kopf.daemon(*CUSTOMERS, id=HOUSEKEEPING)
-async def housekeeping_daemon(
-    stopped: kopf.DaemonStopped, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
+# Kopf stops the daemon (deletion, exit, peering pause) by cancelling its sleep right away.
+@kopf.daemon(*CUSTOMERS, id=HOUSEKEEPING, cancellation_timeout=5.0)
+async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The timer of DESIGN (renewal, trial end), as a daemon per Customer that sleeps between checks.
 
-    A Kopf timer runs Kopf's handler machinery on every tick; a daemon's tick is the check alone (about
-    0.1 ms with the wait). `body` is Kopf's live view, so each check sees the Customer as it is now.
-    Kopf stops the daemon on deletion, exit and peering pause (it logs one success line when it does).
+    A Kopf timer runs Kopf's handler machinery on every tick; a daemon's tick is the check alone. It
+    sleeps with asyncio.sleep (Kopf's advice for async daemons), not `stopped.wait(delay)`: each timed-out
+    wait leaves about 26 objects of cyclic garbage (its task and TimeoutError), a minute old by then, so
+    only the collector's full passes free them; at 1,000 idle Customers one full pass took 0.4 s of CPU,
+    about 40% of that minute's idle cost (py-spy). `body` is Kopf's live view, so each check sees the
+    Customer as it is now.
     """
     interval = _context(memo).settings.operator_timer_interval
+    view = CustomerView(body)
     delay = min(interval, 30.0)
-    while not await stopped.wait(delay):
-        await housekeeping(name=name, body=body, memo=memo)
+    while True:
+        await asyncio.sleep(delay)
+        await housekeeping(name=name, body=body, memo=memo, view=view)
         delay = interval
 
 
