@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import ssl
@@ -39,9 +40,29 @@ def _die_with_parent(uid: int | None = None, gid: int | None = None) -> Callable
 
 
 def free_port() -> int:
+    """A port nothing is bound to, below the kernel's ephemeral range: a port the kernel hands out for
+    `bind(0)` comes from that range, where an outgoing connection can take it as its source port
+    before the server binds it (a restarted operator failed on its liveness port that way)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(10_000, low - 1)  # noqa: S311 - not a secret
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # noqa: S104 - a probe, closed at once
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return max(low, 20_000)
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:

@@ -10,9 +10,11 @@ Deployment would still look rolled out, a new one would be missing) and the firs
 (after a restart, say), and again when its list is older than RESYNC_SECONDS: Kopf re-lists after a
 broken watch without reporting what was deleted meanwhile, so a kept Deployment could outlive the object
 (as an informer's resync period bounds that). An event older than what a list saw (a lower generation
-of the same object) does not overwrite it. Kopf's own index (`kopf.index`) is not used: with a worker
-limit it deadlocks at start-up when there are more objects than workers (nolar/kopf#1243), and the
-operator bounds its workers.
+of the same object) does not overwrite it; events that arrive while a list is in flight are applied on
+top of it once it is answered (the list may predate their changes, and the watch does not send them
+again: an instance made available during its first list stayed Provisioning until the resync).
+Kopf's own index (`kopf.index`) is not used: with a worker limit it deadlocks at start-up when there
+are more objects than workers (nolar/kopf#1243), and the operator bounds its workers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class InstanceDeployments:
         # namespace -> Deployment name -> state, for the namespaces events keep current.
         self._namespaces: dict[str, dict[str, DeploymentState]] = {}
         self._listed_at: dict[str, float] = {}
+        # namespace -> the events that arrived while its list was in flight, applied on top of the list:
+        # the list may have been answered before their changes, and they are not sent again.
+        self._in_flight: dict[str, list[tuple[str, DeploymentState | None]]] = {}
 
     async def of(self, namespace: str, helm_ran: bool) -> list[DeploymentState]:
         """The release's Deployments in `namespace`; `helm_ran`: the pass has just installed or upgraded."""
@@ -45,26 +50,42 @@ class InstanceDeployments:
         if known is not None and fresh and not helm_ran:
             return list(known.values())
         selector = f"app.kubernetes.io/instance={c.RELEASE_NAME}"
-        listed = [DeploymentState.of(d) for d in await self.kube.list_deployments(namespace, selector)]
-        if self.watched:
-            self._namespaces[namespace] = {state.name: state for state in listed}
-            self._listed_at[namespace] = self.clock()
-        return listed
+        if not self.watched:
+            return [DeploymentState.of(d) for d in await self.kube.list_deployments(namespace, selector)]
+        arrived = self._in_flight.setdefault(namespace, [])
+        try:
+            listed = await self.kube.list_deployments(namespace, selector)
+        finally:
+            self._in_flight.pop(namespace, None)
+        kept = {state.name: state for state in map(DeploymentState.of, listed)}
+        for name, state in arrived:
+            _apply(kept, name, state)
+        self._namespaces[namespace] = kept
+        self._listed_at[namespace] = self.clock()
+        return list(kept.values())
 
     def observe(self, event: str | None, namespace: str, body: Mapping[str, Any]) -> None:
         """A watch event of an instance Deployment (`event` None: Kopf's initial listing)."""
+        name = body["metadata"]["name"]
+        state = None if event == "DELETED" else DeploymentState.of(body)
+        arrived = self._in_flight.get(namespace)
+        if arrived is not None:
+            arrived.append((name, state))
         known = self._namespaces.get(namespace)
         if known is None:
             return  # not listed yet: the next pass that needs it lists it
-        name = body["metadata"]["name"]
-        if event == "DELETED":
-            known.pop(name, None)
-            if not known:
-                del self._namespaces[namespace]  # a deleted instance leaves nothing behind
-                self._listed_at.pop(namespace, None)
-            return
-        state = DeploymentState.of(body)
-        current = known.get(name)
-        if current is not None and current.uid == state.uid and state.generation < current.generation:
-            return  # queued before the list that saw the upgrade
-        known[name] = state
+        _apply(known, name, state)
+        if not known:
+            del self._namespaces[namespace]  # a deleted instance leaves nothing behind
+            self._listed_at.pop(namespace, None)
+
+
+def _apply(kept: dict[str, DeploymentState], name: str, state: DeploymentState | None) -> None:
+    """One event on the kept Deployments of a namespace (`state` None: deleted)."""
+    if state is None:
+        kept.pop(name, None)
+        return
+    current = kept.get(name)
+    if current is not None and current.uid == state.uid and state.generation < current.generation:
+        return  # queued before the list that saw the upgrade
+    kept[name] = state

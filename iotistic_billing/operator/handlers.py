@@ -133,10 +133,13 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: 
     """
     interval = _context(memo).settings.operator_timer_interval
     delay = min(interval, 30.0)
-    while True:
-        await asyncio.sleep(delay)
-        await housekeeping(name=name, body=body, memo=memo)
-        delay = interval
+    try:
+        while True:
+            await asyncio.sleep(delay)
+            await housekeeping(name=name, body=body, memo=memo)
+            delay = interval
+    except asyncio.CancelledError:
+        return  # how Kopf stops it; returning (not raising) spares a warning per Customer at every exit
 
 
 async def _refresh(ctx: OperatorContext, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from iotistic_billing.operator.deployments import RESYNC_SECONDS, InstanceDeployments
@@ -37,11 +38,17 @@ class ListedDeployments:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
         self.lists = 0
+        # Changes made (and their watch events delivered) after the list is answered, before it returns.
+        self.while_in_flight: list[Callable[[], None]] = []
 
     async def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         assert namespace == NAMESPACE and selector == "app.kubernetes.io/instance=instance"
         self.lists += 1
-        return self.items
+        answer = list(self.items)  # answered now; what happens before the caller resumes comes after
+        for happening in self.while_in_flight:
+            happening()
+        self.while_in_flight = []
+        return answer
 
 
 class Clock:
@@ -148,3 +155,34 @@ async def test_a_kept_namespace_is_listed_again_after_the_resync_period() -> Non
     listed = await deployments.of(NAMESPACE, helm_ran=False)
     assert names(listed) == [("api", 1)] and instance_health(listed, enabled=True).available
     assert server.lists == 2
+
+
+async def test_events_that_arrive_while_the_first_list_is_in_flight_are_not_lost() -> None:
+    """The list was answered before the Deployments turned available; their events, the only ones the
+    watch sends, arrived before the pass had the answer."""
+    deployments, server = view()
+    server.items = [deployment("api", 1, 0, available=0), deployment("mqtt", 1, 0, available=0)]
+    server.while_in_flight = [
+        lambda: deployments.observe("MODIFIED", NAMESPACE, deployment("api", 1, 1)),
+        lambda: deployments.observe("MODIFIED", NAMESPACE, deployment("mqtt", 1, 1)),
+    ]
+    assert instance_health(await deployments.of(NAMESPACE, helm_ran=False), enabled=True).available
+    assert instance_health(await deployments.of(NAMESPACE, helm_ran=False), enabled=True).available
+    assert server.lists == 1
+
+
+async def test_a_relist_keeps_the_events_of_its_flight_and_the_generation_rule() -> None:
+    deployments, server = view()
+    server.items = [deployment("api", 1, 1), deployment("mqtt", 1, 1)]
+    await deployments.of(NAMESPACE, helm_ran=False)
+    # helm upgraded both; the list is answered before mqtt rolls out and before worker is deleted, and
+    # an event from before the upgrade (generation 1) arrives in flight too.
+    server.items = [deployment("api", 2, 2), deployment("mqtt", 2, 1), deployment("worker", 1, 1)]
+    server.while_in_flight = [
+        lambda: deployments.observe("MODIFIED", NAMESPACE, deployment("api", 1, 1)),
+        lambda: deployments.observe("MODIFIED", NAMESPACE, deployment("mqtt", 2, 2)),
+        lambda: deployments.observe("DELETED", NAMESPACE, deployment("worker", 1, 1)),
+    ]
+    kept = await deployments.of(NAMESPACE, helm_ran=True)
+    assert names(kept) == [("api", 2), ("mqtt", 2)]
+    assert instance_health(kept, enabled=True).available
