@@ -13,12 +13,18 @@ broken watch without reporting what was deleted meanwhile, so a kept Deployment 
 of the same object) does not overwrite it; events that arrive while a list is in flight are applied on
 top of it once it is answered (the list may predate their changes, and the watch does not send them
 again: an instance made available during its first list stayed Provisioning until the resync).
+A pass that judged a namespace's readiness covers every event observed before it began to read them:
+`observe` returns the event's tick, `mark` the reading pass's, and `judged_since` tells a pass an
+event asked for that it has nothing left to see. Without it each instance had a second pass for the
+Deployments helm had just created (the first pass lists them after helm), four API calls and a parse of
+the Customer for nothing.
 Kopf's own index (`kopf.index`) is not used: with a worker limit it deadlocks at start-up when there
 are more objects than workers (nolar/kopf#1243), and the operator bounds its workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,6 +48,9 @@ class InstanceDeployments:
         # namespace -> the events that arrived while its list was in flight, applied on top of the list:
         # the list may have been answered before their changes, and they are not sent again.
         self._in_flight: dict[str, list[tuple[str, DeploymentState | None]]] = {}
+        # Ticks order events and readings; namespace -> the tick of the last completed pass's reading.
+        self._ticks = itertools.count()
+        self._judged: dict[str, int] = {}
 
     async def of(self, namespace: str, helm_ran: bool) -> list[DeploymentState]:
         """The release's Deployments in `namespace`; `helm_ran`: the pass has just installed or upgraded."""
@@ -64,20 +73,33 @@ class InstanceDeployments:
         self._listed_at[namespace] = self.clock()
         return list(kept.values())
 
-    def observe(self, event: str | None, namespace: str, body: Mapping[str, Any]) -> None:
-        """A watch event of an instance Deployment (`event` None: Kopf's initial listing)."""
+    def mark(self) -> int:
+        """The tick of a reading about to start: what `of` returns next includes every earlier event."""
+        return next(self._ticks)
+
+    def judged(self, namespace: str, tick: int) -> None:
+        """A pass that read the Deployments at `tick` (from `mark`) has written its outcome."""
+        self._judged[namespace] = max(tick, self._judged.get(namespace, -1))
+
+    def judged_since(self, namespace: str, event: int) -> bool:
+        """Whether a completed pass read the namespace's Deployments after the event of tick `event`."""
+        return self._judged.get(namespace, -1) > event
+
+    def observe(self, event: str | None, namespace: str, body: Mapping[str, Any]) -> int:
+        """A watch event of an instance Deployment (`event` None: Kopf's initial listing); its tick."""
         name = body["metadata"]["name"]
         state = None if event == "DELETED" else DeploymentState.of(body)
         arrived = self._in_flight.get(namespace)
         if arrived is not None:
             arrived.append((name, state))
         known = self._namespaces.get(namespace)
-        if known is None:
-            return  # not listed yet: the next pass that needs it lists it
-        _apply(known, name, state)
-        if not known:
-            del self._namespaces[namespace]  # a deleted instance leaves nothing behind
-            self._listed_at.pop(namespace, None)
+        if known is not None:  # else not listed yet: the next pass that needs it lists it
+            _apply(known, name, state)
+            if not known:
+                del self._namespaces[namespace]  # a deleted instance leaves nothing behind
+                self._listed_at.pop(namespace, None)
+                self._judged.pop(namespace, None)
+        return next(self._ticks)
 
 
 def _apply(kept: dict[str, DeploymentState], name: str, state: DeploymentState | None) -> None:

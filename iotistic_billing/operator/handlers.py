@@ -21,7 +21,8 @@ from iotistic_billing.operator.state import housekeeping_due
 CUSTOMERS = (GROUP, VERSION, PLURAL)
 HOUSEKEEPING = "housekeeping"
 log = logging.getLogger(__name__)
-_pending: set[str] = set()
+# Customer -> the tick of the latest Deployment event its coming pass is for (None: another watch's event).
+_pending: dict[str, int | None] = {}
 
 
 def _context(memo: kopf.Memo) -> OperatorContext:
@@ -142,23 +143,25 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: 
         return  # how Kopf stops it; returning (not raising) spares a warning per Customer at every exit
 
 
-async def _refresh(ctx: OperatorContext, name: str) -> None:
+async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
     try:
-        await reconcile(ctx, name)
+        await reconcile(ctx, name, deployment_event=deployment_event)
     except Exception:  # a watch-triggered pass; the next event or timer tries again
         log.exception("pass of Customer %s failed", name)
 
 
-def request_pass(ctx: OperatorContext, name: str) -> None:
-    """Coalesce bursts of watch events (a rollout changes a Deployment many times) into one pass."""
+def request_pass(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
+    """Coalesce bursts of watch events (a rollout changes a Deployment many times) into one pass;
+    `deployment_event`: the tick of the Deployment event asking, for a pass that may be covered already."""
     if name in _pending:
+        queued = _pending[name]
+        _pending[name] = None if queued is None or deployment_event is None else max(queued, deployment_event)
         return
-    _pending.add(name)
+    _pending[name] = deployment_event
 
     async def run() -> None:
         await asyncio.sleep(0.2)
-        _pending.discard(name)
-        await _refresh(ctx, name)
+        await _refresh(ctx, name, _pending.pop(name))
 
     asyncio.get_running_loop().create_task(run())
 
@@ -178,8 +181,7 @@ async def deployment_changed(
     if customer:
         assert namespace is not None
         ctx = _context(memo)
-        ctx.deployments.observe(type, namespace, body)
-        request_pass(ctx, customer)
+        request_pass(ctx, customer, ctx.deployments.observe(type, namespace, body))
 
 
 @kopf.on.event("", "v1", "secrets", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

@@ -52,21 +52,30 @@ class PassResult:
     temporary_error: str | None = None
 
 
-async def reconcile(ctx: OperatorContext, name: str, now: datetime | None = None) -> PassResult | None:
-    """Bring Customer `name` to its desired state; None when it is gone or being deleted."""
-    async with ctx.locks[name], ctx.pass_slots:
-        body = await ctx.kube.read_customer(name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+async def reconcile(
+    ctx: OperatorContext, name: str, now: datetime | None = None, deployment_event: int | None = None
+) -> PassResult | None:
+    """Bring Customer `name` to its desired state; None when it is gone or being deleted, or when the
+    pass was asked for by the Deployment event of tick `deployment_event` and a pass since saw it."""
+    async with ctx.locks[name]:
+        covered = deployment_event is not None and ctx.deployments.judged_since(
+            namespace_for(name), deployment_event
+        )
+        if covered:
             return None
-        with RECONCILE_DURATION.time():
-            try:
-                result = await _reconcile(ctx, body, now or ctx.clock())
-            except Exception as error:
-                RECONCILES.labels("error").inc()
-                RECONCILE_ERRORS.labels(type(error).__name__).inc()
-                raise
-        _count(result)
-        return result
+        async with ctx.pass_slots:
+            body = await ctx.kube.read_customer(name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            with RECONCILE_DURATION.time():
+                try:
+                    result = await _reconcile(ctx, body, now or ctx.clock())
+                except Exception as error:
+                    RECONCILES.labels("error").inc()
+                    RECONCILE_ERRORS.labels(type(error).__name__).inc()
+                    raise
+            _count(result)
+            return result
 
 
 def _count(result: PassResult) -> None:
@@ -143,7 +152,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         release = await ensure_release(ctx, namespace, values, previous.release, spec.instance.chart_version)
 
     health = None
+    read_at: int | None = None
     if release is not None and release.deployed:
+        read_at = ctx.deployments.mark()
         deployments = await ctx.deployments.of(namespace, helm_ran=release.result != "unchanged")
         health = instance_health(deployments, spec.instance.enabled and not spec.suspended)
 
@@ -167,8 +178,12 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         now=now,
     )
     if stalled:
-        return await _finish(ctx, name, previous, status, permanent=failure)
-    return await _finish(ctx, name, previous, status, temporary=failure)
+        result = await _finish(ctx, name, previous, status, permanent=failure)
+    else:
+        result = await _finish(ctx, name, previous, status, temporary=failure)
+    if read_at is not None:
+        ctx.deployments.judged(namespace, read_at)
+    return result
 
 
 async def _finish(

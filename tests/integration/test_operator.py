@@ -218,8 +218,9 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
     rolled out (the pass lists them after a helm run)."""
     name = unique_name("globex")
     cluster.create(customer_manifest(name, plan="starter"))
-    wait_until(lambda: cluster.release(name), message="release")
-    cluster.make_deployments_available(name)
+    # helm 4 lists a release while it is still pending-install, before its Deployments exist.
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
+    assert cluster.make_deployments_available(name) >= 5
     wait_until(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready")
     ready = cluster.customer(name) or {}
     since = ready["metadata"]["resourceVersion"]
@@ -245,7 +246,7 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
             watch.stop()
     assert (upgraded, "True") not in seen and seen[-1:] == [(upgraded, "False")], seen
 
-    cluster.make_deployments_available(name)
+    assert cluster.make_deployments_available(name) >= 5
     wait_until(
         lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready again"
     )

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+
+from iotistic_billing.operator import handlers
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import RESYNC_SECONDS, InstanceDeployments
 from iotistic_billing.operator.kube import Kube
+from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.operator.state import DeploymentState, instance_health
 
 NAMESPACE = "customer-acme"
@@ -186,3 +194,85 @@ async def test_a_relist_keeps_the_events_of_its_flight_and_the_generation_rule()
     kept = await deployments.of(NAMESPACE, helm_ran=True)
     assert names(kept) == [("api", 2), ("mqtt", 2)]
     assert instance_health(kept, enabled=True).available
+
+
+async def test_a_pass_covers_the_events_observed_before_it_read_the_deployments() -> None:
+    """helm creates the Deployments during the first pass, whose list after helm sees them: their events
+    need no pass of their own. An event after the reading does, and so does one while no pass completed."""
+    deployments, server = view()
+    server.items = [deployment("api", 1, 0, available=0)]
+    created = deployments.observe("ADDED", NAMESPACE, deployment("api", 1, 0, available=0))
+    read_at = deployments.mark()
+    await deployments.of(NAMESPACE, helm_ran=True)
+    during = deployments.observe("MODIFIED", NAMESPACE, deployment("api", 1, 1))
+    assert not deployments.judged_since(NAMESPACE, created)  # the pass has not written its outcome yet
+    deployments.judged(NAMESPACE, read_at)
+    assert deployments.judged_since(NAMESPACE, created)
+    assert not deployments.judged_since(NAMESPACE, during)
+    assert not deployments.judged_since("customer-other", created)
+    later = deployments.mark()
+    deployments.judged(NAMESPACE, read_at)  # an older pass finishing late does not move coverage back
+    deployments.judged(NAMESPACE, later)
+    deployments.judged(NAMESPACE, read_at)
+    assert deployments.judged_since(NAMESPACE, during)
+
+
+async def test_a_deleted_instance_forgets_what_was_judged() -> None:
+    deployments, server = view()
+    server.items = [deployment("api", 1, 1)]
+    read_at = deployments.mark()
+    await deployments.of(NAMESPACE, helm_ran=True)
+    deployments.judged(NAMESPACE, read_at)
+    gone = deployments.observe("DELETED", NAMESPACE, deployment("api", 1, 1))
+    assert not deployments.judged_since(NAMESPACE, gone) and not deployments.judged_since(NAMESPACE, -1)
+
+
+class NoKube:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a covered pass called the API server ({name})")
+
+
+async def test_a_pass_asked_for_by_a_covered_event_calls_nothing() -> None:
+    deployments, server = view()
+    server.items = [deployment("api", 1, 1)]
+    event = deployments.observe("ADDED", NAMESPACE, deployment("api", 1, 1))
+    read_at = deployments.mark()
+    await deployments.of(NAMESPACE, helm_ran=True)
+    deployments.judged(NAMESPACE, read_at)
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            deployments=deployments,
+            kube=NoKube(),
+            locks=defaultdict(asyncio.Lock),
+            pass_slots=asyncio.Semaphore(1),
+        ),
+    )
+    assert await reconcile(ctx, "acme", deployment_event=event) is None
+    with pytest.raises(AssertionError, match="read_customer"):
+        await reconcile(
+            ctx, "acme", deployment_event=deployments.observe("MODIFIED", NAMESPACE, deployment("api", 1, 1))
+        )
+
+
+async def test_watch_events_coalesce_into_one_pass_for_the_latest_of_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    passes: list[tuple[str, int | None]] = []
+
+    async def pass_(ctx: Any, name: str, now: Any = None, deployment_event: int | None = None) -> None:
+        passes.append((name, deployment_event))
+
+    monkeypatch.setattr(handlers, "reconcile", pass_)
+    monkeypatch.setattr(handlers, "_pending", {})
+    ctx = cast(OperatorContext, SimpleNamespace())
+    for tick in (3, 7, 5):
+        handlers.request_pass(ctx, "acme", tick)
+    handlers.request_pass(ctx, "globex", 4)
+    handlers.request_pass(ctx, "globex", None)  # a Secret's event: the pass must run
+    handlers.request_pass(ctx, "globex", 9)
+    await asyncio.sleep(0.3)
+    assert sorted(passes) == [("acme", 7), ("globex", None)]
+    handlers.request_pass(ctx, "acme", 8)  # after the pass started: a pass of its own
+    await asyncio.sleep(0.3)
+    assert passes[-1] == ("acme", 8)
