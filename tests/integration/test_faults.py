@@ -88,7 +88,12 @@ async def test_a_helm_that_fails_once_is_retried_and_converges(
         assert marker.exists(), "the flaky helm was never called"
         rows = await eventually(lambda: history(db_engine, customer_id), message="history")
         assert [action for action, _, _ in rows] == ["generated"]
-        assert (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True"
+        # helm marks the release deployed before the operator's pass writes the condition
+        wait_until(
+            lambda: (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True",
+            timeout=30,
+            message="ReleaseDeployed True",
+        )
     finally:
         operator.stop()
         operator.start()
