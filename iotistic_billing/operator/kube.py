@@ -63,14 +63,15 @@ class Kube:
             raise
         return body
 
-    async def patch_customer_status(self, name: str, status: dict[str, Any]) -> None:
+    async def patch_customer_status(self, name: str, status: dict[str, Any], resource_version: str) -> None:
+        """A merge patch of the status, conditional on `resource_version` (a 409 when it moved)."""
         await self._call(
             self.objects.patch_cluster_custom_object_status,
             GROUP,
             VERSION,
             PLURAL,
             name,
-            {"status": status},
+            {"metadata": {"resourceVersion": resource_version}, "status": status},
             _content_type=_MERGE,
             parse=False,
         )

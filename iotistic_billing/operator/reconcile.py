@@ -36,10 +36,19 @@ from iotistic_billing.operator.state import (
     instance_health,
     namespace_for,
     next_status,
+    over_current,
 )
 from iotistic_billing.operator.values import desired_release_values
 
 log = logging.getLogger(__name__)
+
+
+# A pass whose status patch loses this many races in a row fails, and Kopf retries the pass.
+STATUS_CONFLICT_RETRIES = 3
+
+
+class StatusConflict(Exception):
+    """The Customer kept changing between the pass's read and its status patch."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         spec = parse_spec(body.get("spec") or {})
     except InvalidSpecError as invalid:
         status = previous.model_copy(update={"phase": Phase.FAILED})
-        return await _finish(ctx, meta["name"], previous, status, permanent=str(invalid))
+        return await _finish(ctx, body, previous, status, permanent=str(invalid))
     customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
     name = customer.metadata.name
     created = customer.metadata.creation_timestamp or now
@@ -178,9 +187,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         now=now,
     )
     if stalled:
-        result = await _finish(ctx, name, previous, status, permanent=failure)
+        result = await _finish(ctx, body, previous, status, permanent=failure)
     else:
-        result = await _finish(ctx, name, previous, status, temporary=failure)
+        result = await _finish(ctx, body, previous, status, temporary=failure)
     if read_at is not None:
         ctx.deployments.judged(namespace, read_at)
     return result
@@ -188,15 +197,22 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
 
 async def _finish(
     ctx: OperatorContext,
-    name: str,
+    body: dict[str, Any],
     previous: CustomerStatus,
     status: CustomerStatus,
     permanent: str | None = None,
     temporary: str | None = None,
 ) -> PassResult:
-    """The one status patch of the pass, only when something changed."""
-    patch = status.to_k8s()
-    if patch != previous.to_k8s():
+    """The one status patch of the pass, only when something changed.
+
+    A merge patch replaces the conditions list, so the patch is conditional on the resourceVersion the
+    pass read: when usage metering wrote status.usage or WithinLimits meanwhile, the API server answers
+    409 and the pass's status is laid over the Customer as it is now (their fields kept) and sent again.
+    """
+    name: str = body["metadata"]["name"]
+    resource_version: str = body["metadata"]["resourceVersion"]
+    was = previous.phase
+    if status.to_k8s() != previous.to_k8s():
         log.info(
             "Customer %s: phase %s, plan %s",
             name,
@@ -204,9 +220,26 @@ async def _finish(
             status.plan,
             extra={"customer": name, "customer_id": status.customer_id, "error": permanent or temporary},
         )
-        try:
-            await ctx.kube.patch_customer_status(name, patch)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-    return PassResult(status, previous.phase, permanent, temporary)
+    for _attempt in range(STATUS_CONFLICT_RETRIES):
+        patch = status.to_k8s()
+        if patch == previous.to_k8s() or await _patched(ctx, name, patch, resource_version):
+            return PassResult(status, was, permanent, temporary)
+        current = await ctx.kube.read_customer(name)
+        if current is None:
+            return PassResult(status, was, permanent, temporary)
+        previous = CustomerStatus.model_validate(current.get("status") or {})
+        status = over_current(status, previous)
+        resource_version = current["metadata"]["resourceVersion"]
+    raise StatusConflict(f"the status of Customer {name} kept changing under the pass")
+
+
+async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], resource_version: str) -> bool:
+    """False when the Customer changed since `resource_version` (409); a Customer gone counts as done."""
+    try:
+        await ctx.kube.patch_customer_status(name, patch, resource_version)
+    except ApiException as error:
+        if error.status == 409:
+            return False
+        if error.status != 404:
+            raise
+    return True

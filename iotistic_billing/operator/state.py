@@ -377,6 +377,24 @@ def next_status(
     )
 
 
+# What other writers keep in a Customer's status: usage metering's status.usage and its condition.
+FOREIGN_CONDITIONS = frozenset({ConditionType.WITHIN_LIMITS})
+
+
+def over_current(status: CustomerStatus, current: CustomerStatus) -> CustomerStatus:
+    """A pass's status laid over the status as it is now: the pass's own fields, and what the other
+    writers own (`status.usage`, FOREIGN_CONDITIONS) as `current` has it, each condition in its place."""
+    theirs = {c.type: c for c in current.conditions or () if c.type in FOREIGN_CONDITIONS}
+    conditions: list[Condition] = []
+    for condition in status.conditions or ():
+        if condition.type not in FOREIGN_CONDITIONS:
+            conditions.append(condition)
+        elif condition.type in theirs:
+            conditions.append(theirs.pop(condition.type))
+    conditions.extend(theirs.values())
+    return status.model_copy(update={"usage": current.usage, "conditions": conditions or None})
+
+
 def housekeeping_due(
     spec: CustomerSpec, status: CustomerStatus, created_at: datetime, now: datetime
 ) -> str | None:

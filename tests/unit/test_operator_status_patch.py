@@ -1,0 +1,121 @@
+"""The pass's status patch against another writer of the status (usage metering): nothing it wrote is lost."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import CustomerStatus
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.reconcile import STATUS_CONFLICT_RETRIES, StatusConflict, _finish
+from iotistic_billing.operator.state import over_current
+
+T0 = "2026-11-25T12:00:00Z"
+T1 = "2026-11-25T12:05:00Z"
+
+
+def condition(type_: str, status: str = "True", reason: str = "Ok", at: str = T0) -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": "", "lastTransitionTime": at}
+
+
+READ = {  # what the pass read
+    "phase": "Provisioning",
+    "conditions": [condition("LicenseIssued"), condition("Ready", "False", "Provisioning")],
+}
+WRITTEN = {  # what usage metering wrote after that read
+    **READ,
+    "usage": {"periodStart": "2026-11-01T00:00:00Z", "activeDevices": 3, "lastReportAt": T1},
+    "conditions": [*READ["conditions"], condition("WithinLimits", reason="WithinIncludedUsage", at=T1)],
+}
+PASS = {  # what the pass computed from its read
+    "phase": "Ready",
+    "conditions": [condition("LicenseIssued"), condition("Ready", "True", "Available", at=T1)],
+}
+
+
+def status(document: dict[str, Any]) -> CustomerStatus:
+    return CustomerStatus.model_validate(document)
+
+
+def test_the_pass_status_over_the_current_one_keeps_usage_and_within_limits_in_place() -> None:
+    merged = over_current(status(PASS), status(WRITTEN)).to_k8s()
+    assert merged["phase"] == "Ready" and merged["usage"] == WRITTEN["usage"]
+    assert [(c["type"], c["status"]) for c in merged["conditions"]] == [
+        ("LicenseIssued", "True"),
+        ("Ready", "True"),
+        ("WithinLimits", "True"),
+    ]
+    # A WithinLimits the pass carried from an older read takes the current one's place and value.
+    stale = {
+        **PASS,
+        "conditions": [condition("WithinLimits", "False", "IncludedUsageExceeded"), *PASS["conditions"]],
+    }
+    merged = over_current(status(stale), status(WRITTEN)).to_k8s()
+    first = merged["conditions"][0]
+    assert (first["type"], first["reason"]) == ("WithinLimits", "WithinIncludedUsage")
+    # Gone from the current status: gone from the patch too.
+    assert [c["type"] for c in over_current(status(stale), status(READ)).to_k8s()["conditions"]] == [
+        "LicenseIssued",
+        "Ready",
+    ]
+
+
+class StatusServer:
+    """The Customer's status on the API server: merge patches conditional on the resourceVersion."""
+
+    def __init__(self, document: dict[str, Any], resource_version: int, moves: int = 0) -> None:
+        self.document = document
+        self.resource_version = resource_version
+        self.moves = moves  # times another writer changes the Customer right after each read
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+
+    async def read_customer(self, name: str) -> dict[str, Any]:
+        body = {"metadata": {"name": name, "resourceVersion": str(self.resource_version)}}
+        if self.moves:
+            self.moves -= 1
+            self.resource_version += 1
+        return {**body, "status": self.document}
+
+    async def patch_customer_status(self, name: str, patch: dict[str, Any], resource_version: str) -> None:
+        self.patches.append((resource_version, patch))
+        if resource_version != str(self.resource_version):
+            raise ApiException(status=409, reason="Conflict")
+        conditions = patch.get("conditions", self.document.get("conditions"))  # merge patch: lists replaced
+        self.document = {**self.document, **patch, "conditions": conditions}
+        self.resource_version += 1
+
+
+def context(server: StatusServer) -> OperatorContext:
+    return cast(OperatorContext, SimpleNamespace(kube=server))
+
+
+async def test_a_status_patch_that_lost_the_race_keeps_what_usage_metering_wrote() -> None:
+    server = StatusServer(WRITTEN, resource_version=8)
+    body = {
+        "metadata": {"name": "acme", "resourceVersion": "7"},
+        "status": READ,
+    }  # read before the usage write
+    result = await _finish(context(server), body, status(READ), status(PASS))
+    assert [rv for rv, _ in server.patches] == ["7", "8"]
+    assert server.document["usage"] == WRITTEN["usage"] and server.document["phase"] == "Ready"
+    assert [c["type"] for c in server.document["conditions"]] == ["LicenseIssued", "Ready", "WithinLimits"]
+    assert result.status.to_k8s() == server.document and result.previous_phase == "Provisioning"
+
+
+async def test_a_pass_whose_status_is_already_there_after_the_race_patches_nothing_more() -> None:
+    current = over_current(status(PASS), status(WRITTEN)).to_k8s()
+    server = StatusServer(current, resource_version=8)
+    body = {"metadata": {"name": "acme", "resourceVersion": "7"}, "status": READ}
+    await _finish(context(server), body, status(READ), status(PASS))
+    assert [rv for rv, _ in server.patches] == ["7"]
+
+
+async def test_a_status_that_keeps_changing_fails_the_pass_for_a_retry() -> None:
+    server = StatusServer(WRITTEN, resource_version=8, moves=STATUS_CONFLICT_RETRIES)
+    body = {"metadata": {"name": "acme", "resourceVersion": "7"}, "status": READ}
+    with pytest.raises(StatusConflict, match="acme"):
+        await _finish(context(server), body, status(READ), status(PASS))
+    assert len(server.patches) == STATUS_CONFLICT_RETRIES and server.document == WRITTEN
