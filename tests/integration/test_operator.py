@@ -7,7 +7,8 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import jwt
 import kubernetes
@@ -16,8 +17,11 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerStatus, Phase
 from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.kube import Kube
+from iotistic_billing.operator.reconcile import _finish
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
@@ -462,3 +466,60 @@ def test_metrics_show_reconciles_helm_operations_and_minted_licences(
         >= before["minted"] + 1
     )
     assert operator_metric(operator, "iotistic_operator_reconcile_duration_seconds_count") > 0
+
+
+class RefusalsKept(Kube):
+    """The operator's Kube, keeping the API server's refusals of status patches."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        super().__init__(api_client)
+        self.refused: list[int] = []
+
+    async def patch_customer_status(self, name: str, status: dict[str, Any], resource_version: str) -> None:
+        try:
+            await super().patch_customer_status(name, status, resource_version)
+        except ApiException as error:
+            self.refused.append(error.status)
+            raise
+
+
+async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
+    cluster: Cluster, k8s_client: kubernetes.client.ApiClient
+) -> None:
+    """The API server refuses the pass's status patch on the resourceVersion it read (409); the pass
+    sends its status again over the current one, and status.usage and WithinLimits stay."""
+    name = unique_name("race")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("release"), message="provisioned")
+    read = cluster.customer(name) or {}
+    within = {
+        "type": "WithinLimits",
+        "status": "True",
+        "reason": "WithinIncludedUsage",
+        "message": "within the starter plan's included usage",
+        "lastTransitionTime": "2026-11-25T12:00:00Z",
+    }
+    usage = {
+        "periodStart": "2026-11-01T00:00:00Z",
+        "activeDevices": 3,
+        "lastReportAt": "2026-11-25T12:00:00Z",
+    }
+    cluster.objects.patch_cluster_custom_object_status(  # usage metering's flush, after the pass's read
+        GROUP,
+        VERSION,
+        PLURAL,
+        name,
+        {"status": {"usage": usage, "conditions": [*read["status"]["conditions"], within]}},
+    )
+    kube = RefusalsKept(k8s_client)
+    previous = CustomerStatus.model_validate(read["status"])
+    await _finish(
+        cast(OperatorContext, SimpleNamespace(kube=kube)),
+        read,
+        previous,
+        previous.model_copy(update={"phase": Phase.DEGRADED}),
+    )
+    assert kube.refused == [409]
+    status = (cluster.customer(name) or {})["status"]
+    assert status["phase"] == "Degraded" and status["usage"] == usage
+    assert [c for c in status["conditions"] if c["type"] == "WithinLimits"] == [within]
