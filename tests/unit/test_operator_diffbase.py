@@ -107,3 +107,30 @@ def test_status_and_managed_fields_are_not_copied(extra: Any) -> None:
     assert essence["spec"] == body["spec"]
     with pytest.raises(AssertionError, match="not copied"):
         kopfs_storage().build(body=kopf.Body(body), extra_fields=extra)
+
+
+def deployment_body() -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "instance-api", "namespace": "customer-acme", "labels": {"app": "api"}},
+        "spec": {"replicas": 1, "template": {"spec": {"containers": [NotToBeCopied()]}}},
+    }
+
+
+@pytest.mark.parametrize("api_version", ["apps/v1", "v1"])
+def test_other_kinds_have_an_empty_essence_built_without_copying(api_version: str) -> None:
+    body = deployment_body() | {"apiVersion": api_version}
+    assert lean_storage().build(body=kopf.Body(body)) == {}
+
+
+def test_only_customers_have_handlers_that_use_the_essence() -> None:
+    """Kopf's essence feeds change handlers (their diff) and daemons (a change resets their idling);
+    the lean storage leaves it empty for every other kind, so such a handler on another resource
+    would never see a change."""
+    registry = kopf.get_default_registry()
+    handlers = [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    assert handlers
+    for handler in handlers:
+        assert handler.selector is not None
+        assert (handler.selector.group, handler.selector.any_name) == ("iotistic.io", "customers"), handler.id
