@@ -460,6 +460,7 @@ def main() -> int:
     args = parser.parse_args()
     failed = False
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as work:
+        os.environ["KUBECACHEDIR"] = str(Path(work) / "kube-cache")  # helm's and kubectl's, gone with it
         for n in (int(s) for s in args.sizes.split(",")):
             result = run_size(n, args.idle, Path(work))
             checks = []

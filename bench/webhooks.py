@@ -179,6 +179,7 @@ def main() -> int:
     rates = [int(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as folder:
         work = Path(folder)
+        os.environ["KUBECACHEDIR"] = str(work / "kube-cache")  # kubectl's, gone with the folder
         postgres = EmbeddedPostgres(work / "postgres").start()
         plane = ControlPlane(work / "control-plane").start()
         servers: list[ManagedProcess] = []

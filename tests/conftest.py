@@ -33,9 +33,12 @@ def unique_name(prefix: str) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tools_on_path() -> None:
-    """helm and kubectl from bin/ first on PATH, for the code under test and for the tests."""
+def tools_on_path(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """helm and kubectl from bin/ first on PATH, for the code under test and for the tests; their
+    discovery caches in the session's folder (under ~/.kube/cache, each control plane's port left 1.3 MB
+    behind for good)."""
     os.environ["PATH"] = f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["KUBECACHEDIR"] = str(tmp_path_factory.mktemp("kube-cache"))
 
 
 @pytest.fixture(scope="session")

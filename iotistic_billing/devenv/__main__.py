@@ -81,6 +81,8 @@ class DevEnvironment:
             self._stop_later("control plane", plane)
             kubeconfig.write_bytes(plane.kubeconfig.read_bytes())
             kubeconfig.chmod(0o600)
+            # helm's and kubectl's discovery cache of this control plane, not one more in ~/.kube/cache.
+            env["KUBECACHEDIR"] = str(self.state / "kube-cache")
             print(f"control plane {plane.url} (Kubernetes {plane.version()})", flush=True)
         env["KUBECONFIG"] = str(kubeconfig)
 
@@ -93,7 +95,7 @@ class DevEnvironment:
         except MissingBinaryError as missing:
             print(f"stripe-mock   not started: {missing}", flush=True)
 
-        self._apply(kubeconfig, REPO / "crds", wait_established=True)
+        self._apply(kubeconfig, env, REPO / "crds", wait_established=True)
         keys = self.state / "keys"
         if not (keys / "private-key.pem").exists():
             write_key_pair(generate_private_key(), keys)
@@ -127,7 +129,7 @@ class DevEnvironment:
             {"PORT": str(self.port), "STRIPE_INBOX_PORT": str(free_port())},
             health="PORT",
         )
-        self._apply(kubeconfig, REPO / "manifests" / "samples")
+        self._apply(kubeconfig, env, REPO / "manifests" / "samples")
         samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
         print(f"samples       {', '.join(sample.stem for sample in samples)}", flush=True)
         return env
@@ -150,18 +152,25 @@ class DevEnvironment:
         wait_for_http(url, process, 60)
         print(f"{name:<13} {url} (log {process.log_path})", flush=True)
 
-    def _apply(self, kubeconfig: Path, folder: Path, wait_established: bool = False) -> None:
+    def _apply(
+        self, kubeconfig: Path, env: dict[str, str], folder: Path, wait_established: bool = False
+    ) -> None:
         if not any(folder.glob("*.yaml")):
             return
         kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(kubeconfig)]
+        kubectl_env = {**os.environ, **env}
         subprocess.run(
-            [*kubectl, "apply", "--server-side", "-f", str(folder)], check=True, capture_output=True
+            [*kubectl, "apply", "--server-side", "-f", str(folder)],
+            check=True,
+            capture_output=True,
+            env=kubectl_env,
         )
         if wait_established:
             subprocess.run(
                 [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
                 check=True,
                 capture_output=True,
+                env=kubectl_env,
             )
 
     def stop(self) -> None:

@@ -84,6 +84,7 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
         env = _read_env(state / "env")
         assert set(env) >= ENV_NAMES
         assert Path(env["KUBECONFIG"]) == state / "kubeconfig"
+        assert Path(env["KUBECACHEDIR"]) == state / "kube-cache"
         assert _kubectl(env, "get", "namespace", "default").returncode == 0
         created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
         assert created.returncode == 0, created.stderr
@@ -107,6 +108,8 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
                 timeout=90,
                 message=f"sample Customer {sample} provisioned",
             )
+        # kubectl's and the operator's helm's discovery cache is the dev state's, not one more in ~/.kube.
+        assert list((state / "kube-cache" / "discovery").iterdir())
     finally:
         _stop(process)
 
