@@ -108,7 +108,7 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
                 timeout=90,
                 message=f"sample Customer {sample} provisioned",
             )
-        # kubectl's and the operator's helm's discovery cache is the dev state's, not one more in ~/.kube.
+        # The dev runner's kubectl (and the operator's helm) cache discovery in the dev state, not in ~/.kube.
         assert list((state / "kube-cache" / "discovery").iterdir())
     finally:
         _stop(process)
