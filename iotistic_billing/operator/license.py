@@ -116,8 +116,9 @@ async def ensure_license(
     entitlement: Entitlement,
     namespace: str,
     now: datetime,
+    existing: tuple[dict[str, bytes], dict[str, str]] | None,
 ) -> LicenseStatus:
-    existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    """`existing`: the data and annotations of the current licence Secret (None when there is none)."""
     data, annotations = existing if existing is not None else ({}, {})
     token = data[LICENSE_JWT_KEY].decode() if LICENSE_JWT_KEY in data else None
     desired = desired_claims(ctx, customer_id, customer.spec.company_name, entitlement, now)

@@ -5,14 +5,17 @@ Every step checks before it acts, so a pass repeated after a crash at any point 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import (
+    LICENSE_SECRET_NAME,
     Customer,
     CustomerMetadata,
     CustomerStatus,
@@ -49,6 +52,19 @@ STATUS_CONFLICT_RETRIES = 3
 
 class StatusConflict(Exception):
     """The Customer kept changing between the pass's read and its status patch."""
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def together(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both awaited at once; the first failure is raised once both have ended."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for outcome in (one, two):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return cast(A, one), cast(B, two)
 
 
 @dataclass(frozen=True)
@@ -123,28 +139,41 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     domain = instance_domain(name, spec, ctx.settings.base_domain)
     entitlement = effective_plan(spec, created, now)
 
-    await ctx.kube.apply(
-        "Namespace",
-        "",
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {
-                "name": namespace,
-                "labels": {
-                    c.LABEL_CUSTOMER: name,
-                    c.LABEL_CUSTOMER_ID: customer_id,
-                    c.LABEL_MANAGED_BY: c.MANAGED_BY,
+    # The licence Secret is read while the namespace is applied (a missing namespace reads as no Secret).
+    _, secret = await together(
+        ctx.kube.apply(
+            "Namespace",
+            "",
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": namespace,
+                    "labels": {
+                        c.LABEL_CUSTOMER: name,
+                        c.LABEL_CUSTOMER_ID: customer_id,
+                        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+                    },
+                    "ownerReferences": [owner_reference(body)],
                 },
-                "ownerReferences": [owner_reference(body)],
             },
-        },
+        ),
+        ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME),
     )
 
     license: LicenseStatus | None = None
     license_error: str | None = None
     try:
-        license = await ensure_license(ctx, customer, body, customer_id, entitlement, namespace, now)
+        license = await ensure_license(
+            ctx,
+            customer,
+            body,
+            customer_id,
+            entitlement,
+            namespace,
+            now,
+            secret,
+        )
     except MintingError as error:
         license_error = str(error)
 
