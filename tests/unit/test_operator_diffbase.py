@@ -1,4 +1,5 @@
-"""The operator's diff-base storage builds exactly Kopf's essence, without copying what Kopf drops."""
+"""The operator's diff-base storage builds exactly Kopf's essence, without copying what Kopf drops, and
+keeps it in memory instead of an annotation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from iotistic_billing.operator.handlers import LeanDiffBaseStorage
+from iotistic_billing.operator.handlers import HandledSpecs, LeanDiffBaseStorage, TransientProgressStorage
 
 
 def customer_body() -> dict[str, Any]:
@@ -134,3 +135,81 @@ def test_only_customers_have_handlers_that_use_the_essence() -> None:
     for handler in handlers:
         assert handler.selector is not None
         assert (handler.selector.group, handler.selector.any_name) == ("iotistic.io", "customers"), handler.id
+
+
+def handled_specs() -> HandledSpecs:
+    return HandledSpecs(prefix="iotistic.io", key="last-handled-configuration")
+
+
+def test_the_handled_essence_is_kept_per_customer_without_a_patch() -> None:
+    storage, body = handled_specs(), kopf.Body(customer_body())
+    essence = storage.build(body=body)
+    assert storage.fetch(body=body) is None  # the earlier versions' annotation is not read
+    patch = kopf.Patch()
+    storage.store(body=body, patch=patch, essence=essence)
+    assert not patch  # nothing for Kopf to write to the Customer
+    assert storage.fetch(body=body) == essence
+    other = customer_body()
+    other["metadata"]["uid"] = "7a21"
+    assert storage.fetch(body=kopf.Body(other)) is None
+
+
+def test_a_changed_spec_differs_from_the_handled_essence() -> None:
+    storage, body = handled_specs(), kopf.Body(customer_body())
+    storage.store(body=body, patch=kopf.Patch(), essence=storage.build(body=body))
+    changed = customer_body()
+    changed["spec"]["plan"] = "professional"
+    old = storage.fetch(body=kopf.Body(changed))
+    new = storage.build(body=kopf.Body(changed))
+    assert old is not None and old["spec"]["plan"] == "starter" and new["spec"]["plan"] == "professional"
+
+
+def test_a_deleted_customer_is_forgotten() -> None:
+    storage, body = handled_specs(), kopf.Body(customer_body())
+    storage.store(body=body, patch=kopf.Patch(), essence=storage.build(body=body))
+    storage.forget(body)
+    assert storage.fetch(body=body) is None and len(storage) == 0
+    deleting = customer_body()
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-30T11:00:00Z"
+    storage.store(body=body, patch=kopf.Patch(), essence=storage.build(body=body))
+    storage.store(body=kopf.Body(deleting), patch=kopf.Patch(), essence=storage.build(body=body))
+    assert len(storage) == 0
+
+
+def progress_storage() -> TransientProgressStorage:
+    return TransientProgressStorage(prefix="iotistic.io")
+
+
+def plain_customer() -> kopf.Body:
+    body = customer_body()
+    body["metadata"]["annotations"] = {"owner": "platform"}
+    return kopf.Body(body)
+
+
+def test_progress_purged_in_the_same_cycle_leaves_no_patch() -> None:
+    storage, body, patch = progress_storage(), plain_customer(), kopf.Patch()
+    storage.store(key=kopf.HandlerId("reconcile_customer"), record={"success": True}, body=body, patch=patch)
+    assert patch["metadata"]["annotations"]["iotistic.io/kopf-managed"] == "yes"
+    storage.purge(key=kopf.HandlerId("reconcile_customer"), body=body, patch=patch)
+    assert not patch
+
+
+def test_the_marker_stays_beside_progress_that_stays() -> None:
+    storage, body, patch = progress_storage(), plain_customer(), kopf.Patch({"status": {"phase": "Ready"}})
+    storage.store(key=kopf.HandlerId("reconcile_customer"), record={"retries": 1}, body=body, patch=patch)
+    storage.store(key=kopf.HandlerId("housekeeping"), record={"success": True}, body=body, patch=patch)
+    storage.purge(key=kopf.HandlerId("housekeeping"), body=body, patch=patch)
+    annotations = patch["metadata"]["annotations"]
+    assert set(annotations) == {"iotistic.io/kopf-managed", "iotistic.io/reconcile_customer"}
+    assert patch["status"] == {"phase": "Ready"}
+
+
+def test_a_purge_of_stored_progress_keeps_the_written_marker() -> None:
+    body = customer_body()
+    body["metadata"]["annotations"] = {
+        "iotistic.io/kopf-managed": "yes",
+        "iotistic.io/reconcile_customer": '{"retries":1}',
+    }
+    storage, patch = progress_storage(), kopf.Patch()
+    storage.purge(key=kopf.HandlerId("reconcile_customer"), body=kopf.Body(body), patch=patch)
+    assert patch == {"metadata": {"annotations": {"iotistic.io/reconcile_customer": None}}}
