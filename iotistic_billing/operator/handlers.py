@@ -284,9 +284,6 @@ class HandledSpecs(LeanDiffBaseStorage):
         """A deleted Customer's (its deletion handler has finished)."""
         self._handled.pop(body.metadata.uid or "", None)
 
-    def __len__(self) -> int:
-        return len(self._handled)
-
 
 class TransientProgressStorage(kopf.AnnotationsProgressStorage):
     """Kopf's annotation progress storage, without its marker when no progress annotation stays.
