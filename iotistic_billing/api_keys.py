@@ -14,4 +14,6 @@ def new_usage_key() -> str:
 
 def usage_key_hash(key: str) -> str:
     """The one form a usage key is stored and looked up in."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: a header that is not UTF-8 reaches us as surrogate-escaped str (aiohttp); it is
+    # hashed as the bytes sent, so it finds no key instead of raising.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()

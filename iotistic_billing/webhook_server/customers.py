@@ -29,7 +29,7 @@ from iotistic_billing.webhook_server.context import (
 )
 from iotistic_billing.webhook_server.directory import CustomerRecord
 from iotistic_billing.webhook_server.errors import ApiError, Conflict, customer_not_found
-from iotistic_billing.webhook_server.routing import json_model, read_body, read_query
+from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     CustomerList,
     LicenseToken,
@@ -154,7 +154,7 @@ async def _wait_for_license(cluster: Cluster, namespace: str, wait: float, inter
 
 async def get_customer(request: web.Request) -> web.Response:
     """One customer, from its Customer resource."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
         if record is None:

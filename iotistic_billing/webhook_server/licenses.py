@@ -26,7 +26,7 @@ from iotistic_billing.webhook_server.errors import (
     ValidationFailed,
     customer_not_found,
 )
-from iotistic_billing.webhook_server.routing import json_model, read_body, read_query
+from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     HistoryQuery,
     Jwks,
@@ -62,7 +62,7 @@ async def _license_token(request: web.Request, record: CustomerRecord) -> str:
 
 async def get_license(request: web.Request) -> web.Response:
     """The customer's current licence and its claims."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     principal = request[PRINCIPAL]
     # Checked before any lookup: an instance learns nothing about other customers, not even existence.
     if principal.kind == "instance" and principal.customer_id != customer_id:
@@ -78,7 +78,7 @@ async def get_license(request: web.Request) -> web.Response:
 
 async def get_license_history(request: web.Request) -> web.Response:
     """Every licence issued or revoked for the customer (hashes, never tokens), newest first."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     query = read_query(request, HistoryQuery)
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
@@ -97,7 +97,7 @@ async def get_license_history(request: web.Request) -> web.Response:
 
 async def revoke_license(request: web.Request) -> web.Response:
     """Revoke the licence in force and suspend the customer (see the module's note)."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     body = await read_body(request, RevokeRequest)
     async with request.app[SESSIONS]() as session, session.begin():
         record = await request.app[DIRECTORY].by_customer_id(session, customer_id)

@@ -42,9 +42,14 @@ _PATH_PARAMETERS: Final = {
 }
 
 
+def _path_parameters(operation: Operation) -> list[str]:
+    return [name for name in _PATH_PARAMETERS if f"{{{name}}}" in operation.path]
+
+
 def _error_statuses(operation: Operation) -> list[int]:
     statuses = set(operation.errors)
-    if operation.body is not None or operation.query is not None:
+    # A path parameter is checked against its pattern (routing.read_customer_id).
+    if operation.body is not None or operation.query is not None or _path_parameters(operation):
         statuses.add(400)
     if operation.body is not None:
         statuses.add(413)
@@ -120,9 +125,8 @@ def build_document(operations: Iterable[Operation]) -> dict[str, Any]:
         if operation.description:
             entry["description"] = operation.description
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": schema}
-            for name, schema in _PATH_PARAMETERS.items()
-            if "{" + name + "}" in operation.path
+            {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMETERS[name]}
+            for name in _path_parameters(operation)
         ]
         if operation.query is not None:
             parameters += _query_parameters(operation.query)

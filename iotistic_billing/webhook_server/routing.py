@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from iotistic_billing.customer import CustomerId
 from iotistic_billing.webhook_server.errors import ValidationFailed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -21,6 +22,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # stripe: anyone, but the handler verifies Stripe's signature.
 Access = Literal["public", "admin", "instance", "stripe"]
 M = TypeVar("M", bound=BaseModel)
+CUSTOMER_ID_PARAMETER = "customerId"
+_CUSTOMER_ID: TypeAdapter[str] = TypeAdapter(CustomerId)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
     try:
         data = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: nested deeper than the parser's recursion limit (~1,000 levels).
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValidationFailed.single("body", "is not valid JSON") from None
     if not isinstance(data, dict):
         raise ValidationFailed.single("body", "must be a JSON object")
@@ -69,10 +73,28 @@ def read_query(request: web.Request, model: type[M]) -> M:
         raise ValidationFailed.from_pydantic(invalid) from None
 
 
+def read_customer_id(request: web.Request) -> str:
+    """The `{customerId}` of the path, or a 400 naming it: the CRD's pattern, which every id in use
+    (spec.customerId, status.customerId, the operator's derived ids) matches."""
+    try:
+        return _CUSTOMER_ID.validate_python(request.match_info[CUSTOMER_ID_PARAMETER])
+    except ValidationError as invalid:
+        raise ValidationFailed.from_pydantic(invalid, prefix=CUSTOMER_ID_PARAMETER) from None
+
+
 def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response(
         model.model_dump(mode="json", by_alias=True), status=status, headers=dict(headers or {})
     )
 
 
-__all__ = ["Access", "Handler", "Operation", "json_model", "read_body", "read_query"]
+__all__ = [
+    "CUSTOMER_ID_PARAMETER",
+    "Access",
+    "Handler",
+    "Operation",
+    "json_model",
+    "read_body",
+    "read_customer_id",
+    "read_query",
+]

@@ -42,6 +42,50 @@ CustomerIdField = Annotated[
 Url = Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)]
 
 
+NUL_MESSAGE = "must not contain NUL characters"
+SURROGATE_MESSAGE = "must not contain unpaired surrogates (escapes such as \\ud800)"
+
+
+def _has_nul(value: object) -> bool:
+    # PostgreSQL text and JSONB cannot hold NUL: refused as a 400 rather than left to fail the write.
+    return isinstance(value, str) and "\x00" in value
+
+
+def _text_problem(value: object) -> tuple[str, str] | None:
+    """(type, message) when PostgreSQL could not store `value` as text, else None."""
+    if _has_nul(value):
+        return "string_nul", NUL_MESSAGE
+    # json.loads turns an escaped lone surrogate ("\ud800") into text no UTF-8 column or JSONB holds.
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "string_unicode", SURROGATE_MESSAGE
+    return None
+
+
+def unstorable_text(value: object) -> dict[str, str] | None:
+    """The first string or key of a parsed JSON value that PostgreSQL cannot store, as a problem for
+    ValidationFailed naming its field (`data.object.name`, `items.0`; a bad key names the object holding
+    it, `body` at the top); None when all can be stored. Iterative: any depth json.loads accepted."""
+    pending: list[tuple[tuple[str, ...], object]] = [((), value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, dict):
+            texts: list[object] = list(item)
+            children = [((*path, str(key)), child) for key, child in item.items()]
+        elif isinstance(item, list):
+            texts, children = [], [((*path, str(index)), child) for index, child in enumerate(item)]
+        else:
+            texts, children = [item], []
+        for text in texts:
+            problem = _text_problem(text)
+            if problem is not None:
+                return {"field": ".".join(path) or "body", "message": problem[1], "type": problem[0]}
+        pending.extend(reversed(children))
+    return None
+
+
 class Request(BaseModel):
     """Unknown fields are refused, so a misspelt field is a 400 rather than silently ignored."""
 
@@ -50,9 +94,8 @@ class Request(BaseModel):
     @field_validator("*", mode="after")
     @classmethod
     def _no_nul(cls, value: object) -> object:
-        # PostgreSQL text and JSONB cannot hold NUL: refused here, it is a 400 rather than a failed write.
-        if isinstance(value, str) and "\x00" in value:
-            raise PydanticCustomError("string_nul", "must not contain NUL characters")
+        if _has_nul(value):
+            raise PydanticCustomError("string_nul", NUL_MESSAGE)
         return value
 
 
@@ -341,7 +384,8 @@ class StripeEvent(BaseModel):
 
     id: Annotated[str, Field(min_length=1, max_length=255)]
     type: Annotated[str, Field(min_length=1, max_length=100)]
-    created: Annotated[int, Field(ge=0)]
+    # stripe_events.created is a BIGINT.
+    created: Annotated[int, Field(ge=0, le=2**63 - 1)]
     data: StripeEventObject
 
 
@@ -492,4 +536,5 @@ __all__ = [
     "UsageReportRequest",
     "UsageReportView",
     "WebhookAck",
+    "unstorable_text",
 ]

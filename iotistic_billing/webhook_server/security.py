@@ -67,7 +67,10 @@ def is_admin(request: web.Request, settings: Settings) -> bool:
     token = _bearer(request)
     if token is None or settings.admin_api_token is None:
         return False
-    return hmac.compare_digest(token.encode(), settings.admin_api_token.get_secret_value().encode())
+    # surrogateescape: the bytes sent, even when they are not UTF-8 (see api_keys.usage_key_hash).
+    return hmac.compare_digest(
+        token.encode("utf-8", "surrogateescape"), settings.admin_api_token.get_secret_value().encode()
+    )
 
 
 MAX_KEY_LENGTH: Final = 512

@@ -15,7 +15,7 @@ from iotistic_billing.db import models
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_billing
 from iotistic_billing.webhook_server.directory import CustomerRecord
 from iotistic_billing.webhook_server.errors import Conflict, customer_not_found, stripe_not_configured
-from iotistic_billing.webhook_server.routing import json_model, read_body
+from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
     CheckoutRequest,
@@ -68,7 +68,7 @@ async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> s
 
 async def get_subscription(request: web.Request) -> web.Response:
     """The subscription state the Customer holds (spec.subscription) and the effective plan."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     async with request.app[SESSIONS]() as session:
         record = await _customer(session, request, customer_id)
     return json_model(subscription_status(record))

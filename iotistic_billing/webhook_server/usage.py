@@ -42,7 +42,7 @@ from iotistic_billing.webhook_server.errors import (
     ValidationFailed,
     customer_not_found,
 )
-from iotistic_billing.webhook_server.routing import json_model, read_query
+from iotistic_billing.webhook_server.routing import json_model, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     BillingPeriodUsage,
     IncludedUsageView,
@@ -202,7 +202,7 @@ async def usage_history(
 
 async def get_usage(request: web.Request) -> web.Response:
     """A customer's reports, daily series and current billing period with its overage."""
-    customer_id = request.match_info["customerId"]
+    customer_id = read_customer_id(request)
     principal = request[PRINCIPAL]
     # Checked before any lookup: a usage key learns nothing about other customers, not even existence.
     if principal.kind == "instance" and principal.customer_id != customer_id:

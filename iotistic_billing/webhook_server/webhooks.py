@@ -39,7 +39,7 @@ from iotistic_billing.webhook_server.context import (
 from iotistic_billing.webhook_server.directory import CustomerRecord
 from iotistic_billing.webhook_server.errors import BadRequest, ValidationFailed, stripe_not_configured
 from iotistic_billing.webhook_server.routing import json_model
-from iotistic_billing.webhook_server.schemas import StripeEvent, WebhookAck
+from iotistic_billing.webhook_server.schemas import StripeEvent, WebhookAck, unstorable_text
 from iotistic_billing.webhook_server.stripe_events import (
     CHECKOUT_COMPLETED,
     HANDLED_EVENT_TYPES,
@@ -69,6 +69,9 @@ def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent
     """The event, once its Stripe-Signature checks out against `secret`; otherwise 400."""
     if not header:
         raise BadRequest("Invalid signature", f"the {SIGNATURE_HEADER} header is missing")
+    if not header.isascii():
+        # Stripe writes hex digests and digits only; stripe's compare_digest raises TypeError on others.
+        raise BadRequest("Invalid signature", f"the {SIGNATURE_HEADER} header is not ASCII")
     try:
         text = payload.decode("utf-8")
         stripe.WebhookSignature.verify_header(text, header, secret, SIGNATURE_TOLERANCE)
@@ -82,12 +85,18 @@ def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent
         ) from None
     try:
         data = json.loads(text)
-    except ValueError:
+    # RecursionError: nested deeper than the parser's recursion limit (~1,000 levels).
+    except (ValueError, RecursionError):
         raise ValidationFailed.single("body", "is not valid JSON") from None
     try:
-        return StripeEvent.model_validate(data)
+        event = StripeEvent.model_validate(data)
     except ValidationError as invalid:
         raise ValidationFailed.from_pydantic(invalid) from None
+    # The whole payload is stored (JSONB), not only the fields the model reads.
+    problem = unstorable_text(data)
+    if problem is not None:
+        raise ValidationFailed([problem])
+    return event
 
 
 async def receive_stripe_event(request: web.Request) -> web.Response:

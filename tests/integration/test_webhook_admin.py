@@ -3,6 +3,8 @@ stripe-mock, and the operational routes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import re
 import time
@@ -49,6 +51,19 @@ def error_shape(body: dict[str, Any]) -> bool:
     return set(body) == {"error", "message", "details"}
 
 
+async def raw_get(client: TestClient[Any, Any], path: str, header: bytes) -> tuple[int, dict[str, Any]]:
+    """A GET with one header line sent byte for byte: aiohttp's client drops bytes that are not UTF-8."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    request = f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n".encode() + header + b"\r\n\r\n"
+    writer.write(request)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
 @pytest.mark.parametrize("operation", ADMIN_ROUTES, ids=lambda op: f"{op.method} {op.path}")
 async def test_admin_routes_need_the_admin_token(api: TestClient[Any, Any], operation: Any) -> None:
     anonymous = await api.request(operation.method, concrete(operation.path), json={})
@@ -82,6 +97,29 @@ async def test_a_usage_key_reaches_only_its_own_licence(
     assert unknown_key.status == 401
 
 
+async def test_keys_that_are_not_utf8_are_unknown_keys(api: TestClient[Any, Any]) -> None:
+    # aiohttp hands such bytes over as surrogate-escaped text, which .encode() refused: once a 500.
+    status, body = await raw_get(api, "/api/licenses/cust_abcdef123456", b"X-API-Key: iuk_\xff\xfe")
+    assert status == 401 and body["message"] == "the X-API-Key is not a known usage key"
+    status, body = await raw_get(api, "/api/queue/stats", b"Authorization: Bearer " + b"\xc3\x28" * 20)
+    assert status == 401 and body["error"] == "Unauthorized" and error_shape(body)
+
+
+CUSTOMER_ROUTES = [op for op in ROUTES if "{customerId}" in op.path]
+
+
+@pytest.mark.parametrize("operation", CUSTOMER_ROUTES, ids=lambda op: f"{op.method} {op.path}")
+@pytest.mark.parametrize("customer_id", ["cust_x%00", "cust_ABCDEF123", "cust_" + "a" * 33, "abcdef123456"])
+async def test_a_customer_id_off_the_crd_pattern_is_400_naming_it(
+    api: TestClient[Any, Any], operation: Any, customer_id: str
+) -> None:
+    path = operation.path.replace("{customerId}", customer_id)
+    response = await api.request(operation.method, path, json={"reason": "test"}, headers=admin_headers())
+    body = await response.json()
+    assert response.status == 400 and body["error"] == "Validation failed", body
+    assert body["details"][0]["field"] == "customerId" and body["message"].startswith("customerId: ")
+
+
 @pytest.mark.parametrize(
     ("payload", "field", "message"),
     [
@@ -104,7 +142,8 @@ async def test_signup_validation_names_the_field(
 
 
 async def test_bodies_that_are_not_json_objects_are_400(api: TestClient[Any, Any]) -> None:
-    for data in (b"{not json", b"[1, 2]"):
+    # Nested deeper than json.loads recurses: once a RecursionError and a 500.
+    for data in (b"{not json", b"[1, 2]", b"[" * 5000 + b"]" * 5000):
         response = await api.post(
             "/api/customers", data=data, headers={**admin_headers(), "Content-Type": "application/json"}
         )

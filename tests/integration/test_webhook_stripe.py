@@ -231,6 +231,8 @@ async def test_subscription_with_the_period_on_the_subscription_itself(
         pytest.param("wrong-secret", id="wrong-secret"),
         pytest.param("stale", id="stale-timestamp"),
         pytest.param("garbage", id="malformed-header"),
+        # stripe's compare_digest raises TypeError on non-ASCII text: once a 500.
+        pytest.param("non-ascii", id="non-ascii-header"),
     ],
 )
 async def test_a_bad_signature_is_refused_and_changes_nothing(
@@ -254,12 +256,18 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
         headers["Stripe-Signature"] = sign(payload, timestamp=int(time.time()) - 301)
     elif signature == "garbage":
         headers["Stripe-Signature"] = "t=abc,v2=def"
+    elif signature == "non-ascii":
+        headers["Stripe-Signature"] = f"t={int(time.time())},v1=é"
     response = await api.post("/api/webhooks/stripe", data=payload, headers=headers)
     answer = await response.json()
     assert response.status == 400
     assert answer["error"] == "Invalid signature" and set(answer) == {"error", "message", "details"}
+    if signature in (None, "non-ascii"):
+        assert "Stripe-Signature" in answer["message"]
     assert await event_rows(db_engine, body["id"]) == []
     assert customers.subscription(name) is None
+    metrics = await (await api.get("/metrics")).text()
+    assert 'iotistic_stripe_webhook_events_total{result="rejected",type="other"} 1.0' in metrics
 
 
 async def test_a_tampered_payload_is_refused(api: TestClient[Any, Any], db_engine: AsyncEngine) -> None:
@@ -327,3 +335,46 @@ async def test_invalid_event_bodies_are_refused_with_the_field_named(api: TestCl
     answer = await response.json()
     assert response.status == 400
     assert answer["error"] == "Validation failed" and answer["details"][0]["field"] == "created"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        # stripe_events.created is a BIGINT.
+        pytest.param({"created": 2**63}, "created", id="created-beyond-bigint"),
+        # PostgreSQL text and JSONB cannot hold NUL.
+        pytest.param({"id": "evt_\x00nul"}, "id", id="nul-in-id"),
+        pytest.param({"type": "customer.\x00created"}, "type", id="nul-in-type"),
+        pytest.param(
+            {"data": {"object": {"id": "cus_1", "name": "a\x00b"}}}, "data.object.name", id="nul-deep"
+        ),
+        pytest.param(
+            {"request": {"id": None, "idempotency_key": "k\x00"}}, "request.idempotency_key", id="nul-extra"
+        ),
+        # An escaped lone surrogate reads as text that no UTF-8 column or JSONB holds.
+        pytest.param({"data": {"object": {"name": "\ud800"}}}, "data.object.name", id="lone-surrogate"),
+    ],
+)
+async def test_a_signed_event_the_table_cannot_hold_is_refused_with_the_field_named(
+    api: TestClient[Any, Any], db_engine: AsyncEngine, change: dict[str, Any], field: str
+) -> None:
+    body = {**event("customer.created", {"id": random_id("cus_")}), **change}
+    payload = json.dumps(body).encode()
+    response = await api.post(
+        "/api/webhooks/stripe", data=payload, headers={"Stripe-Signature": sign(payload)}
+    )
+    answer = await response.json()
+    assert response.status == 400, answer
+    assert answer["error"] == "Validation failed" and answer["details"][0]["field"] == field
+    assert answer["message"].startswith(f"{field}: ")
+    # An id with NUL cannot even be looked up (nor stored): the event's own id is checked otherwise.
+    assert "\x00" in body["id"] or await event_rows(db_engine, body["id"]) == []
+
+
+async def test_a_signed_body_nested_too_deep_is_not_json_to_us(api: TestClient[Any, Any]) -> None:
+    payload = b"[" * 5000 + b"]" * 5000
+    response = await api.post(
+        "/api/webhooks/stripe", data=payload, headers={"Stripe-Signature": sign(payload)}
+    )
+    answer = await response.json()
+    assert response.status == 400 and answer["message"] == "body: is not valid JSON"

@@ -1,13 +1,17 @@
-"""The pure reading of Stripe events: facts, whose they are, and the ordering decision."""
+"""The pure reading of Stripe events: verification, facts, whose they are, and the ordering decision."""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import stripe
 
 from iotistic_billing.customer import SubscriptionSpec
+from iotistic_billing.webhook_server.errors import BadRequest, ValidationFailed
 from iotistic_billing.webhook_server.stripe_events import (
     LookupHints,
     PriceCatalog,
@@ -16,10 +20,63 @@ from iotistic_billing.webhook_server.stripe_events import (
     lookup_hints,
     subscription_facts,
 )
+from iotistic_billing.webhook_server.webhooks import verify_event
 
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
 PERIOD_END = 1_900_000_000
 AT_PERIOD_END = datetime.fromtimestamp(PERIOD_END, UTC)
+
+
+SECRET = "whsec_unit"
+
+
+def signed(payload: bytes) -> str:
+    return stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET)
+
+
+def envelope(**overrides: Any) -> bytes:
+    body = {"id": "evt_1", "type": "customer.created", "created": 1_800_000_000, "data": {"object": {}}}
+    return json.dumps({**body, **overrides}).encode()
+
+
+def test_a_signature_header_that_is_not_ascii_is_an_invalid_signature() -> None:
+    # stripe's hmac.compare_digest raises TypeError on such text: once a 500.
+    with pytest.raises(BadRequest) as refused:
+        verify_event(envelope(), f"t={int(time.time())},v1=é", SECRET)
+    assert refused.value.error == "Invalid signature" and "Stripe-Signature" in refused.value.message
+
+
+def test_a_signed_body_nested_deeper_than_the_parser_recurses_is_not_json() -> None:
+    payload = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(ValidationFailed) as refused:
+        verify_event(payload, signed(payload), SECRET)
+    assert refused.value.message == "body: is not valid JSON"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"created": 2**63}, "created"),  # the column is a BIGINT
+        ({"id": "evt_\x00"}, "id"),
+        ({"type": "customer.\x00"}, "type"),
+        ({"data": {"object": {"items": [{"note": "a\x00"}]}}}, "data.object.items.0.note"),
+        ({"data": {"object": {"k\x00": 1}}}, "data.object"),
+        ({"request": {"idempotency_key": "\x00"}}, "request.idempotency_key"),
+        # json.loads reads an escaped lone surrogate, which no UTF-8 text or JSONB holds.
+        ({"data": {"object": {"name": "a\ud800"}}}, "data.object.name"),
+        ({"data": {"object": {"\udcff": 1}}}, "data.object"),
+    ],
+)
+def test_a_signed_event_the_table_cannot_hold_names_the_field(overrides: dict[str, Any], field: str) -> None:
+    payload = envelope(**overrides)
+    with pytest.raises(ValidationFailed) as refused:
+        verify_event(payload, signed(payload), SECRET)
+    assert refused.value.details[0]["field"] == field and refused.value.message.startswith(f"{field}: ")
+
+
+def test_a_signed_event_at_the_limits_of_the_table_is_accepted() -> None:
+    payload = envelope(created=2**63 - 1, data={"object": {"deep": json.loads("[" * 900 + "]" * 900)}})
+    assert verify_event(payload, signed(payload), SECRET).created == 2**63 - 1
 
 
 def subscription(**overrides: Any) -> dict[str, Any]:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, parse_spec
+from iotistic_billing.operator.state import derived_customer_id
 from iotistic_billing.webhook_server.directory import CustomerRecord
 from iotistic_billing.webhook_server.errors import ValidationFailed
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.routing import read_customer_id
 from iotistic_billing.webhook_server.schemas import SignupRequest
 from iotistic_billing.webhook_server.security import RateLimiter, client_address
 from iotistic_billing.webhook_server.views import (
@@ -93,6 +97,33 @@ def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
 def test_usage_keys_are_looked_up_by_their_sha256() -> None:
     # The operator stores the same form (operator/license.py usage_key_hash).
     assert usage_key_hash("iuk_secret") == "7fc9465164ca6fb6a1643785a3d90e5b5dee701f040405eab2c7530a179a2365"
+
+
+def test_a_usage_key_that_was_not_utf8_hashes_as_the_bytes_sent() -> None:
+    # aiohttp hands header bytes that are not UTF-8 over as surrogate-escaped text; .encode() raised.
+    assert usage_key_hash("iuk_\udcff") == hashlib.sha256(b"iuk_\xff").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "customer_id",
+    ["cust_abc123", "cust_" + "a1" * 16, derived_customer_id("2f0e6c1a-uid"), "cust_abcdef123456"],
+)
+def test_customer_ids_in_use_are_read_from_the_path(customer_id: str) -> None:
+    request = make_mocked_request(
+        "GET", f"/api/customers/{customer_id}", match_info={"customerId": customer_id}
+    )
+    assert read_customer_id(request) == customer_id
+
+
+@pytest.mark.parametrize(
+    "customer_id", ["cust_x\x00", "cust_abc", "cust_ABCDEF123", "cust_" + "a" * 33, "customer-1", ""]
+)
+def test_a_customer_id_off_the_crd_pattern_is_a_400_naming_it(customer_id: str) -> None:
+    request = make_mocked_request("GET", "/api/customers/x", match_info={"customerId": customer_id})
+    with pytest.raises(ValidationFailed) as refused:
+        read_customer_id(request)
+    assert refused.value.details[0]["field"] == "customerId"
+    assert refused.value.message.startswith("customerId: ")
 
 
 @pytest.mark.parametrize(
@@ -194,6 +225,8 @@ def test_the_document_describes_every_route_with_its_errors() -> None:
             assert entry["security"] == [{"adminToken": []}]
         if operation.body is not None:
             assert {"400", "413"} <= statuses
+        if "{customerId}" in operation.path:
+            assert "400" in statuses, operation.path
     schemas = document["components"]["schemas"]
     assert schemas["ErrorBody"]["required"] == ["error", "message"]
     assert "customerId" in str(document["paths"]["/api/customers/{customerId}"]["get"]["parameters"])
