@@ -6,6 +6,7 @@ the same defaults, enums, patterns and bounds), and tests/unit/test_crd_schema.p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -38,7 +39,14 @@ DEFAULT_TRIAL_DAYS = 14
 MAX_TRIAL_DAYS = 90
 
 CUSTOMER_ID_PATTERN = r"^cust_[a-z0-9]{6,32}$"
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+# Whitespace beyond Go's \s spelled out: the API server's \s is [\t\n\f\r ], Python's and pydantic's are
+# Unicode (each its own set), and an address with a pasted no-break space must be refused by all alike.
+_UNICODE_SPACES = "\x0b\x1c-\x1f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_EMAIL_PART = r"[^@\s" + _UNICODE_SPACES + "]+"
+EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
+# metadata.name: the operator's namespace is customer-<name>, and a namespace name is a DNS label.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 63 - len("customer-")
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 STRIPE_CUSTOMER_ID_PATTERN = r"^cus_[A-Za-z0-9]+$"
 STRIPE_SUBSCRIPTION_ID_PATTERN = r"^sub_[A-Za-z0-9]+$"
@@ -322,6 +330,18 @@ def parse_spec(spec: Mapping[str, Any]) -> CustomerSpec:
         raise InvalidSpecError(list(describe_errors(exc, CustomerSpec, prefix="spec"))) from None
 
 
+def name_errors(name: str) -> list[str]:
+    """Why `name` cannot name a Customer (its namespace would be refused); empty when it can."""
+    if len(name) > MAX_NAME_LENGTH:
+        return [f"metadata.name must be at most {MAX_NAME_LENGTH} characters long, got {len(name)}"]
+    if not re.fullmatch(NAME_PATTERN, name):
+        return [
+            "metadata.name must be lowercase letters, digits and '-', starting and ending with a letter"
+            f" or digit (the namespace customer-<name> is a DNS label), got {name!r}"
+        ]
+    return []
+
+
 def spec_errors(spec: Mapping[str, Any]) -> list[str]:
     """Why `spec` is not a valid Customer spec, one message per problem; empty when it is valid."""
     try:
@@ -354,6 +374,8 @@ def _describe_error(error: ErrorDetails, model: type[BaseModel], prefix: str) ->
         return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
     if kind == "enum":
         return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == EMAIL_PATTERN:
+        return f"{path} must be an email address (name@domain.tld, no spaces), got {got!r}"
     if kind == "string_pattern_mismatch":
         return f"{path} must match {ctx.get('pattern')}, got {got!r}"
     if kind == "string_too_long":

@@ -12,7 +12,15 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.cli import CommandError
 from iotistic_billing.cli.tables import print_table
-from iotistic_billing.customer import GROUP, PLANS, PLURAL, VERSION, InvalidSpecError, parse_spec
+from iotistic_billing.customer import (
+    GROUP,
+    PLANS,
+    PLURAL,
+    VERSION,
+    InvalidSpecError,
+    name_errors,
+    parse_spec,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,6 +102,8 @@ def _add(args: argparse.Namespace) -> int:
     except InvalidSpecError as invalid:
         raise CommandError(str(invalid)) from None
     name = args.resource_name or resource_name_for(args.company)
+    if problems := name_errors(name):
+        raise CommandError("--resource-name: " + "; ".join(problems))
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Customer", "metadata": {"name": name}, "spec": spec}
     try:
         _objects().create_cluster_custom_object(GROUP, VERSION, PLURAL, body)

@@ -22,6 +22,7 @@ from iotistic_billing.customer import (
     InvalidSpecError,
     LicenseStatus,
     Phase,
+    name_errors,
     parse_spec,
 )
 from iotistic_billing.licensing.minting import MintingError
@@ -127,6 +128,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     previous = CustomerStatus.model_validate(body.get("status") or {})
     generation = int(meta.get("generation", 1))
     try:
+        # A name the CRD refuses today, on a Customer created before the rule: its namespace cannot exist.
+        if problems := name_errors(str(meta.get("name", ""))):
+            raise InvalidSpecError(problems)
         spec = parse_spec(body.get("spec") or {})
     except InvalidSpecError as invalid:
         status = previous.model_copy(update={"phase": Phase.FAILED})

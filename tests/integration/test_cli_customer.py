@@ -84,6 +84,19 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
     refused = cli(kubeconfig, "customer", "add", "--email", "not-an-email", "--company", "Acme")
     assert refused.returncode == 2
     assert "spec.email" in refused.stderr
+    dotted = cli(
+        kubeconfig,
+        "customer",
+        "add",
+        "--email",
+        "a@acme.example",
+        "--company",
+        "Acme",
+        "--resource-name",
+        "a.b",
+    )
+    assert dotted.returncode == 2
+    assert "--resource-name: metadata.name must be lowercase letters" in dotted.stderr
     unknown = cli(kubeconfig, "customer", "upgrade", "--id", "cust_doesnotexist", "--plan", "starter")
     assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
 

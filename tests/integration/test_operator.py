@@ -263,6 +263,8 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
         ({"trial": {"days": 120}}, "spec.trial.days"),
         ({"customerId": "CUSTOMER-1"}, "spec.customerId"),
         ({"email": "not-an-address"}, "spec.email"),
+        # Go's \s is ASCII only: a pasted no-break space would pass a pattern written with \s alone.
+        ({"email": "jane@acme.example\u00a0"}, "spec.email"),
     ],
 )
 def test_invalid_specs_are_refused_by_the_api_server(
@@ -272,6 +274,16 @@ def test_invalid_specs_are_refused_by_the_api_server(
         cluster.create(customer_manifest(unique_name("bad"), **spec))
     assert refused.value.status == 422
     assert field in refused.value.body
+
+
+@pytest.mark.parametrize("name", ["acme.corp", "n" * 55])
+def test_names_the_namespace_could_not_hold_are_refused_by_the_api_server(
+    cluster: Cluster, name: str
+) -> None:
+    with pytest.raises(ApiException) as refused:
+        cluster.create(customer_manifest(name))
+    assert refused.value.status == 422
+    assert "metadata.name must be at most 54 lowercase letters" in refused.value.body
 
 
 def test_customer_id_is_immutable(cluster: Cluster) -> None:

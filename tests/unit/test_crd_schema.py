@@ -291,9 +291,16 @@ def test_customer_id_is_immutable_and_cannot_be_removed_or_changed_by_adding(crd
     [removal] = spec["x-kubernetes-validations"]
     assert "oldSelf.customerId" in removal["rule"]
     assert removal["fieldPath"] == ".customerId"
-    [adding] = schema["x-kubernetes-validations"]
+    adding, _ = schema["x-kubernetes-validations"]
     assert "oldSelf.status.customerId" in adding["rule"]
     assert adding["fieldPath"] == ".spec.customerId"
+
+
+def test_names_are_checked_at_creation_as_the_operator_checks_them(crd: dict[str, Any]) -> None:
+    _, name_rule = openapi_schema(crd)["x-kubernetes-validations"]
+    assert name_rule["optionalOldSelf"] is True and name_rule["rule"].startswith("oldSelf.hasValue() ||")
+    assert f"size(self.metadata.name) <= {customer.MAX_NAME_LENGTH}" in name_rule["rule"]
+    assert f"self.metadata.name.matches('{customer.NAME_PATTERN}')" in name_rule["rule"]
 
 
 def test_conditions_are_metav1_conditions_in_a_map_list_keyed_by_type(crd: dict[str, Any]) -> None:
