@@ -106,10 +106,12 @@ def _mint(args: argparse.Namespace) -> int:
     if not 1 <= lifetime_days <= MAX_LIFETIME_DAYS:
         raise CommandError(f"--lifetime-days: must be between 1 and {MAX_LIFETIME_DAYS}, got {lifetime_days}")
     trial_days = args.trial_days
-    if trial_days is None and args.plan == "trial":
-        trial_days = settings.default_trial_days
     if trial_days is not None and not 1 <= trial_days <= MAX_TRIAL_DAYS:
         raise CommandError(f"--trial-days: must be between 1 and {MAX_TRIAL_DAYS}, got {trial_days}")
+    if trial_days is None and args.plan == "trial":
+        trial_days = settings.default_trial_days
+        if trial_days == 0:  # valid for the webhook server's signups (a trial that ends at once)
+            raise CommandError("--trial-days: not given, and DEFAULT_TRIAL_DAYS is 0: the licence ends now")
     private_key_path = args.private_key or settings.license_private_key_path
     if private_key_path is None:
         raise CommandError("--private-key: not given and LICENSE_PRIVATE_KEY_PATH is not set")

@@ -64,6 +64,8 @@ def _database_url() -> str:
 def _usage(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= MAX_DAYS:
         raise CommandError(f"--days: must be between 1 and {MAX_DAYS}, got {args.days}")
+    if args.until is not None and args.until.toordinal() < args.days:
+        raise CommandError(f"--until: a window of {args.days} days ending {args.until} starts before year 1")
     now = datetime.now(UTC)
     if args.until is not None:
         # As of the end of that day, or now when that day is today.

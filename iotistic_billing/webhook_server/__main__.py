@@ -31,8 +31,9 @@ log = logging.getLogger("iotistic_billing.webhook_server")
 def start_inbox(settings: Settings) -> Callable[[web.Application], Awaitable[None]]:
     """An on_startup hook: run the inbox process for as long as the server runs."""
 
+    port = inbox_port(settings)
+
     async def run(app: web.Application) -> None:
-        port = settings.stripe_inbox_port or settings.port + 1
         argv = [sys.executable, "-m", "iotistic_billing.webhook_server", "--role", "inbox"]
         env = {**os.environ, "PORT": str(port)}
 
@@ -57,6 +58,16 @@ def start_inbox(settings: Settings) -> Callable[[web.Application], Awaitable[Non
         app.on_cleanup.append(stop)
 
     return run
+
+
+def inbox_port(settings: Settings) -> int:
+    """STRIPE_INBOX_PORT, or PORT + 1 when it is 0; a port the server does not use itself."""
+    port = settings.stripe_inbox_port or settings.port + 1
+    if port > 65535:
+        raise SettingsError(f"STRIPE_INBOX_PORT: unset, it is PORT + 1 = {port}, not a port; set it")
+    if port == settings.port:
+        raise SettingsError(f"STRIPE_INBOX_PORT: must differ from PORT (both {port})")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -523,6 +523,8 @@ async def test_the_usage_viewer_prints_days_and_customers(
     assert unset.returncode == 2 and "DATABASE_URL is not set" in unset.stderr
     bad = usage_cli("--customer", customer_id, "--days", "400", database_url=database_url)
     assert bad.returncode == 2 and "--days: must be between 1 and 366, got 400" in bad.stderr
+    early = usage_cli("--customer", customer_id, "--until", "0001-01-05", database_url=database_url)
+    assert early.returncode == 2 and "--until: a window of 30 days ending 0001-01-05" in early.stderr
 
 
 async def test_what_was_reported_is_flushed_when_the_server_stops(

@@ -47,6 +47,9 @@ def run_briefly(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"DATABASE_URL": ""}, "DATABASE_URL"),
         ({"ADMIN_API_TOKEN": "short-secret"}, "ADMIN_API_TOKEN"),
         ({"LICENSE_PRIVATE_KEY_PATH": "/nonexistent/private-key.pem"}, "LICENSE_PRIVATE_KEY_PATH"),
+        # The Stripe inbox process listens on STRIPE_INBOX_PORT, by default PORT + 1.
+        ({"PORT": "65535", "STRIPE_INBOX_PORT": "0"}, "STRIPE_INBOX_PORT: unset, it is PORT + 1 = 65536"),
+        ({"PORT": "3999", "STRIPE_INBOX_PORT": "3999"}, "STRIPE_INBOX_PORT: must differ from PORT"),
     ],
 )
 def test_a_bad_setting_stops_the_start_with_its_name(

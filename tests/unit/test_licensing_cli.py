@@ -135,6 +135,27 @@ def test_license_mint_trial_defaults_to_default_trial_days(
     assert (starter_trial["plan"], starter_trial["exp"] - starter_trial["iat"]) == ("starter", 3 * 86400)
 
 
+def test_license_mint_names_default_trial_days_when_it_makes_a_trial_that_ends_at_once(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEFAULT_TRIAL_DAYS", "0")  # allowed: the webhook server's signups may end at once
+    code, out, err = run(
+        capsys,
+        "license",
+        "mint",
+        "--customer-id",
+        "cust_abc123",
+        "--name",
+        "Acme",
+        "--plan",
+        "trial",
+        "--private-key",
+        str(key_dir / "private-key.pem"),
+    )
+    assert (code, out) == (2, "")
+    assert "--trial-days: not given, and DEFAULT_TRIAL_DAYS is 0: the licence ends now" in err
+
+
 def test_license_mint_reads_the_key_path_from_settings(
     capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
