@@ -43,15 +43,15 @@ unit: venv
 integration: venv tools
 	$(VENV)/bin/pytest tests/integration -q
 
-# One pytest run for both layers, so the control plane and PostgreSQL start once per session.
-test: venv tools lint
+# One pytest run for every layer, so the control plane and PostgreSQL start once per session.
+test: venv tools tools-e2e lint
 	$(VENV)/bin/pytest -q
 
 dev: venv tools
 	$(PY) -m iotistic_billing.devenv
 
 # End-to-end on a simulated full cluster: kube-controller-manager, kube-scheduler and kwok's fake nodes
-# next to the local control plane, so instances really roll out. Not part of `make test`.
+# next to the local control plane, so instances really roll out. `make test` runs it too.
 .PHONY: tools-e2e e2e e2e-kind
 KIND_CLUSTER := iotistic-e2e
 KIND_KUBECONFIG := .cache/kind-$(KIND_CLUSTER).kubeconfig

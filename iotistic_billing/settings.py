@@ -23,9 +23,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     port: Annotated[int, Field(ge=1, le=65535)] = 3100
-    # Unset: an embedded PostgreSQL is started in `embedded_postgres_dir`.
+    # Required by the operator, the webhook server and `iotistic-billing usage` (each says so when unset).
     database_url: str | None = None
-    embedded_postgres_dir: Path = Path(".dev/postgres")
 
     stripe_secret_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
