@@ -13,7 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -186,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3100")))
     args = parser.parse_args(argv)
 
-    stop = threading.Event()
+    stops: list[int] = []
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        # Only a note, no lock: a handler calling threading.Event.set deadlocked when a second signal
+        # (a double Ctrl-C, `timeout`'s signal to the process and its group) ran it again inside the
+        # first one, which held the Event's lock. The runner then never stopped its processes.
+        stops.append(signum)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -198,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         dev.start()
         print(f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True)
         print("ready", flush=True)
-        while not stop.wait(1.0):
-            pass
+        while not stops:
+            time.sleep(0.2)
     finally:
         dev.stop()
     return 0

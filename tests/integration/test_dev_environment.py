@@ -3,6 +3,7 @@ and starts again from the kept data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -68,11 +69,20 @@ def _kubectl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
     )
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
+def _stop(process: subprocess.Popen[str], burst: bool = False) -> None:
     children = psutil.Process(process.pid).children(recursive=True)
     assert children, "the dev runner started no child process"
     process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 0
+    if burst:
+        # More signals while it stops, as a double Ctrl-C or `timeout` (the process and its group) send:
+        # a handler that took a lock deadlocked in a run of it (5 of 20 runs of a model of it).
+        deadline = time.monotonic() + 1
+        while process.poll() is None and time.monotonic() < deadline:
+            for _ in range(100):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+    # A SIGTERM that lands once Python has restored the default handlers on its way out ends it as -15.
+    assert process.wait(60) in ((0, -signal.SIGTERM) if burst else (0,))
     _, alive = psutil.wait_procs(children, timeout=30)
     assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
@@ -120,4 +130,4 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
         kept = _kubectl(again, "get", "configmap", "kept-between-runs", "-o", "jsonpath={.data.a}")
         assert kept.stdout == "b", kept.stderr
     finally:
-        _stop(process)
+        _stop(process, burst=True)
