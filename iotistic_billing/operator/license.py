@@ -1,7 +1,8 @@
 """The licence step: mint only when the grants changed or renewal is due, write the Secret, record history.
 
-Order matters for crash safety: the Secret is written before the history row, and the row's action is
-kept on the Secret, so a pass that crashed in between records the very same (jti, action) row later.
+Order matters for crash safety: the Secret is written before the history row and the usage key's row,
+and the row's action is kept on the Secret, so a pass that crashed in between (or whose transaction
+PostgreSQL refused) records the very same rows later, also when that licence is being replaced by then.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import jwt
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.api_keys import new_usage_key, usage_key_hash
 from iotistic_billing.customer import (
@@ -29,6 +31,7 @@ from iotistic_billing.licensing.minting import (
     LicenseCustomer,
     LicenseRecord,
     MintedLicense,
+    MintingError,
     SubscriptionTerms,
     TrialTerms,
     claims_differ,
@@ -68,23 +71,32 @@ def desired_claims(
     )
 
 
-def needs_new_license(
-    ctx: OperatorContext, token: str | None, desired: dict[str, Any], entitlement: Entitlement, now: datetime
-) -> bool:
+def verified_claims(ctx: OperatorContext, token: str | None) -> dict[str, Any] | None:
+    """The token's claims when it is ours (signed by a key that still verifies, for instances); None when
+    it is absent, tampered, malformed or signed by a key no longer trusted."""
     if token is None:
-        return True
+        return None
     try:
         header = jwt.get_unverified_header(token)
-        current = jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token,
             ctx.keys.verification_keys[header.get("kid", "")],
             algorithms=["RS256"],
             audience=ctx.settings.license_audience,
-            # Only "is it ours, for instances" matters here; its times are judged by renewal_due below.
+            # Only "is it ours, for instances" matters here; its times are judged by renewal_due.
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
         )
     except (jwt.InvalidTokenError, KeyError):
-        return True  # tampered, or signed by a key that no longer verifies
+        return None
+    return claims
+
+
+def needs_new_license(
+    current: dict[str, Any] | None, desired: dict[str, Any], entitlement: Entitlement, now: datetime
+) -> bool:
+    """`current`: the Secret's licence claims when the token is ours (verified_claims), else None."""
+    if current is None:
+        return True
     if claims_differ(current, desired):
         return True
     issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
@@ -120,20 +132,37 @@ async def ensure_license(
 ) -> LicenseStatus:
     """`existing`: the data and annotations of the current licence Secret (None when there is none)."""
     data, annotations = existing if existing is not None else ({}, {})
-    token = data[LICENSE_JWT_KEY].decode() if LICENSE_JWT_KEY in data else None
+    # An edited value that is not UTF-8 is as good as a tampered token: replaced, not retried forever.
+    token = data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
     desired = desired_claims(ctx, customer_id, customer.spec.company_name, entitlement, now)
+    stored_key = data.get(USAGE_API_KEY_KEY, b"").decode(errors="replace")
+    usage_key = stored_key or new_usage_key()
+    current = verified_claims(ctx, token)
+    previous = _readable(token)
+    # Ours, in the Secret, and not what the last completed pass reported: its pass may have ended before
+    # its history row and its usage key's row were written (a crash, PostgreSQL away).
+    unrecorded = (
+        current is not None
+        and previous is not None
+        and (customer.status.license is None or customer.status.license.jti != previous.jti)
+    )
+    written_action = annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
 
-    if not needs_new_license(ctx, token, desired, entitlement, now):
-        assert token is not None
-        record = LicenseRecord.from_token(token)
-        if customer.status.license is None or customer.status.license.jti != record.jti:
-            # The Secret was written but the pass ended before its history row: write that row now.
-            action = annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
+    if previous is not None and not needs_new_license(current, desired, entitlement, now):
+        if unrecorded:
+            # Both inserts are idempotent: written now if that pass did not.
             async with ctx.sessions() as session, session.begin():
-                await record_license(session, record, action)
-        return _status(record)
+                await record_license(session, previous, written_action)
+                if stored_key:
+                    await _record_usage_key(session, customer_id, customer.metadata.name, stored_key)
+        return _status(previous)
 
-    previous = LicenseRecord.from_token(token) if token is not None else None
+    if unrecorded:
+        assert previous is not None
+        # Being replaced (the spec changed meanwhile, or renewal came due): recorded first, so that the
+        # history holds every licence an instance may have held.
+        async with ctx.sessions() as session, session.begin():
+            await record_license(session, previous, written_action)
     action = license_action(
         previous.plan if previous else None,
         annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended",
@@ -151,7 +180,6 @@ async def ensure_license(
         audience=ctx.settings.license_audience,
         lifetime=ctx.settings.lifetime,
     )
-    usage_key = data.get(USAGE_API_KEY_KEY, b"").decode() or new_usage_key()
     await ctx.kube.apply(
         "Secret",
         namespace,
@@ -185,28 +213,48 @@ async def ensure_license(
     async with ctx.sessions() as session, session.begin():
         await record_license(session, minted, action, metadata)
         LICENSES_MINTED.labels(action).inc()
-        await session.execute(
-            insert(ApiKey)
-            .values(
-                customer_id=customer_id,
-                key_hash=usage_key_hash(usage_key),
-                key_prefix=usage_key[:12],
-                purpose="usage",
-                description=f"usage key of {customer.metadata.name}",
-            )
-            .on_conflict_do_nothing(index_elements=["key_hash"])
-        )
+        await _record_usage_key(session, customer_id, customer.metadata.name, usage_key)
     return _status(minted.record())
+
+
+def _readable(token: str | None) -> LicenseRecord | None:
+    """The licence record of `token`, signature unchecked; None when it cannot be read as one."""
+    if token is None:
+        return None
+    try:
+        return LicenseRecord.from_token(token)
+    except MintingError:
+        return None
+
+
+async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, usage_key: str) -> None:
+    """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted;
+    a key already stored is left as it is."""
+    await session.execute(
+        insert(ApiKey)
+        .values(
+            customer_id=customer_id,
+            key_hash=usage_key_hash(usage_key),
+            key_prefix=usage_key[:12],
+            purpose="usage",
+            description=f"usage key of {name}",
+        )
+        .on_conflict_do_nothing(index_elements=["key_hash"])
+    )
 
 
 async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str, reason: str) -> bool:
     """A `revoked` row for the customer's current licence; False when it never had one."""
     existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
     async with ctx.sessions() as session, session.begin():
-        if existing is not None and LICENSE_JWT_KEY in existing[0]:
-            record = LicenseRecord.from_token(existing[0][LICENSE_JWT_KEY].decode())
+        raw = existing[0].get(LICENSE_JWT_KEY) if existing is not None else None
+        token = raw.decode(errors="replace") if raw is not None else None
+        readable = _readable(token) if verified_claims(ctx, token) is not None else None
+        if readable is not None:
+            record = readable
         else:
-            # The Secret (or its namespace) is already gone: revoke the last licence the history knows.
+            # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,
+            # signed by a retired key): revoke the last licence the history knows.
             last = await session.scalar(
                 select(LicenseHistory)
                 .where(LicenseHistory.customer_id == customer_id, LicenseHistory.action != "revoked")

@@ -254,8 +254,9 @@ async def _finish(
             extra={"customer": name, "customer_id": status.customer_id, "error": permanent or temporary},
         )
     for _attempt in range(STATUS_CONFLICT_RETRIES):
-        patch = status.to_k8s()
-        if patch == previous.to_k8s() or await _patched(ctx, name, patch, resource_version):
+        if status.to_k8s() == previous.to_k8s() or await _patched(
+            ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), resource_version
+        ):
             return PassResult(status, was, permanent, temporary)
         current = await ctx.kube.read_customer(name)
         if current is None:
@@ -264,6 +265,19 @@ async def _finish(
         status = over_current(status, previous)
         resource_version = current["metadata"]["resourceVersion"]
     raise StatusConflict(f"the status of Customer {name} kept changing under the pass")
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` as a JSON merge patch over `old`: a field `old` has and `new` lacks is patched to null, since
+    a merge patch leaves the fields it does not name as they are (status.trial.endsAt of a trial that
+    became a paid plan stayed, and every later pass patched again to remove it)."""
+    patch = dict(new)
+    for key, value in old.items():
+        if key not in new:
+            patch[key] = None
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            patch[key] = merge_patch(value, new[key])
+    return patch
 
 
 async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], resource_version: str) -> bool:

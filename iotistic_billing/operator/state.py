@@ -68,7 +68,9 @@ def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
 
 
 def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
-    ends_at = spec.trial.ends_at_for(created_at)
+    # On the whole second: a licence's times are whole seconds, and a trial judged active in the fraction
+    # of a second before an endsAt like 12:00:00.5Z would need a licence ending before it was issued.
+    ends_at = spec.trial.ends_at_for(created_at).replace(microsecond=0)
     if now < ends_at:
         return Entitlement(
             "trial", c.TRIAL_ACTIVE, f"trial ends {ends_at.isoformat()}", True, ends_at, "trialing", None

@@ -295,6 +295,26 @@ def test_customer_id_is_immutable(cluster: Cluster) -> None:
     assert "spec.customerId" in refused.value.body and "immutable" in refused.value.body
 
 
+def test_a_trial_that_becomes_a_paid_plan_loses_its_trial_end_in_status(cluster: Cluster) -> None:
+    name = unique_name("convert")
+    cluster.create(customer_manifest(name, plan="trial", trial={"days": 14}))
+    wait_until(
+        lambda: ((cluster.customer(name) or {}).get("status", {}).get("trial") or {}).get("endsAt"),
+        message="trial end in status",
+    )
+    cluster.patch_spec(name, {"plan": "starter"})
+    trial = wait_until(
+        lambda: (
+            ((cluster.customer(name) or {}).get("status", {}).get("trial") or {})
+            if (cluster.customer(name) or {}).get("status", {}).get("plan") == "starter"
+            else None
+        ),
+        message="starter in status",
+    )
+    # The Trial-Ends column of `kubectl get cust` is empty for a paying customer.
+    assert trial == {"isTrialMode": False}
+
+
 def test_lapsed_trial_is_expired_with_the_unlicensed_feature_set(cluster: Cluster) -> None:
     name = unique_name("lapsed")
     cluster.create(customer_manifest(name, plan="trial", trial={"endsAt": "2026-01-01T00:00:00Z"}))

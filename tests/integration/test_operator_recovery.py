@@ -3,6 +3,7 @@ moving an injected clock through the very check the housekeeping daemon runs; th
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,12 +12,17 @@ import kopf
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.license import revoke_license
+from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.settings import load_settings
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 from tests.integration.test_operator import Cluster, customer_manifest, history, operator_metric_total
@@ -69,6 +75,108 @@ async def test_operator_killed_between_licence_and_helm_converges_without_a_seco
     assert [(action, jti) for action, _, jti in await history(db_engine, customer_id)] == [
         ("generated", minted)
     ]
+
+
+async def _halfway(cluster: Cluster, db_engine: AsyncEngine, name: str, customer_id: str) -> str:
+    """What a pass leaves when it dies right after writing the licence Secret (or PostgreSQL refuses its
+    transaction): the Secret, but no history row, no usage key row, and status.license not reporting it.
+    Returns the Secret's licence jti."""
+    jti = _secret_jti(cluster, name)
+    assert jti is not None
+    async with db_engine.begin() as connection:
+        await connection.execute(delete(LicenseHistory).where(LicenseHistory.customer_id == customer_id))
+        await connection.execute(delete(ApiKey).where(ApiKey.customer_id == customer_id))
+    cluster.objects.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, name, {"status": {"license": None}}
+    )
+    return jti
+
+
+async def _usage_key_stored(cluster: Cluster, db_engine: AsyncEngine, name: str) -> bool:
+    _, data = cluster.license(name, verify_times=False)
+    async with db_engine.connect() as connection:
+        found = await connection.scalar(
+            select(ApiKey.id).where(ApiKey.key_hash == usage_key_hash(data["usage-api-key"].decode()))
+        )
+    return found is not None
+
+
+async def test_a_pass_that_ended_after_the_secret_records_its_licence_and_usage_key_later(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
+) -> None:
+    name = unique_name("halfway")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    paused_operator.stop()
+    jti = await _halfway(cluster, db_engine, name, customer_id)
+    assert not await _usage_key_stored(cluster, db_engine, name)
+
+    context = _context(operator_env, datetime.now(UTC))
+    await reconcile(context, name)
+    await context.engine.dispose()
+
+    assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [("generated", jti)]
+    # Without its row the instance's usage reports and licence fetches would be refused (401).
+    assert await _usage_key_stored(cluster, db_engine, name)
+    assert _secret_jti(cluster, name) == jti
+
+
+async def test_a_licence_replaced_before_its_row_was_written_is_recorded_first(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
+) -> None:
+    name = unique_name("replaced")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    paused_operator.stop()
+    first = await _halfway(cluster, db_engine, name, customer_id)
+    cluster.patch_spec(name, {"plan": "professional"})  # changed while the pass was being retried
+
+    context = _context(operator_env, datetime.now(UTC))
+    await reconcile(context, name)
+    await context.engine.dispose()
+
+    rows = await history(db_engine, customer_id)
+    assert [(a, p) for a, p, _ in rows] == [("generated", "starter"), ("upgraded", "professional")]
+    assert rows[0][2] == first and rows[1][2] == _secret_jti(cluster, name) != first
+
+
+@pytest.mark.parametrize("token", [b"not-a-licence", b"\xff\xfe"])
+async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revocable(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+    token: bytes,
+) -> None:
+    name = unique_name("garbled")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    status = wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence"
+    )
+    paused_operator.stop()
+    namespace = f"customer-{name}"
+    garbled = {"data": {"license.jwt": base64.b64encode(token).decode()}}
+    cluster.core.patch_namespaced_secret("iotistic-license", namespace, garbled)
+
+    # Deletion first: the revoked row is the last licence the history knows, not an error retried forever.
+    context = _context(operator_env, datetime.now(UTC))
+    assert await revoke_license(context, customer_id, namespace, reason="test") is True
+    assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [
+        ("generated", status["jti"]),
+        ("revoked", status["jti"]),
+    ]
+
+    # A pass mints a licence in its place instead of failing the Customer.
+    await reconcile(context, name)
+    await context.engine.dispose()
+    replaced = _secret_jti(cluster, name)
+    assert replaced is not None and replaced != status["jti"]
+    body = cluster.customer(name)
+    assert body is not None and body["status"]["license"]["jti"] == replaced
+    assert body["status"]["phase"] != "Failed"
 
 
 def _secret_jti(cluster: Cluster, name: str) -> str | None:

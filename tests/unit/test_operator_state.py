@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from iotistic_billing.customer import CustomerSpec, CustomerStatus, LicenseStatus, ReleaseStatus
+from iotistic_billing.operator.reconcile import merge_patch
 from iotistic_billing.operator.state import (
     DeploymentState,
     Entitlement,
@@ -95,6 +96,17 @@ def test_trial_ends_days_after_creation_unless_ends_at_is_given() -> None:
         effective_plan(spec(trial={"days": 1, "endsAt": ends.isoformat()}), CREATED, NOW).trial_ends_at
         == ends
     )
+
+
+def test_a_trial_end_with_a_fraction_of_a_second_ends_on_the_whole_second() -> None:
+    # Judged active 0.2 s before 12:00:00.5, the trial would need a licence ending (12:00:00, times are
+    # whole seconds) at or before its issue time (12:00:00): minting refused, the Customer Failed.
+    ends = datetime(2026, 11, 26, 12, 0, 0, 500_000, tzinfo=UTC)
+    entitlement = effective_plan(
+        spec(trial={"endsAt": ends.isoformat()}), CREATED, ends - timedelta(seconds=0.2)
+    )
+    assert entitlement.trial_ends_at == ends.replace(microsecond=0)
+    assert not entitlement.trial_active and entitlement.plan == "unlicensed"
 
 
 def _entitlement(plan: str, suspended: bool = False) -> Entitlement:
@@ -294,3 +306,19 @@ def test_helm_status_json_without_chart_is_read() -> None:
     }
     release = _release(status)
     assert (release.revision, release.status, release.chart_version) == (3, "pending-upgrade", "")
+
+
+def test_the_status_patch_removes_what_the_new_status_no_longer_has() -> None:
+    old = {
+        "phase": "Ready",
+        "trial": {"isTrialMode": True, "endsAt": "2026-12-09T00:00:00Z"},
+        "usage": {"x": 1},
+    }
+    new = {"phase": "Ready", "trial": {"isTrialMode": False}, "usage": {"x": 1}}
+    assert merge_patch(old, new) == {
+        "phase": "Ready",
+        "trial": {"isTrialMode": False, "endsAt": None},
+        "usage": {"x": 1},
+    }
+    assert merge_patch(old, old) == old
+    assert merge_patch({"conditions": [1, 2]}, {"conditions": [1]}) == {"conditions": [1]}  # lists replace
