@@ -70,10 +70,12 @@ class Settings(BaseSettings):
     # (0: PORT + 1).
     stripe_inbox_workers: Annotated[int, Field(ge=0, le=64)] = 4
     stripe_inbox_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    # Usage metering: seconds between status flushes and between meter runs; usage-key cache TTL.
+    # Usage metering: seconds between status flushes and between meter runs; usage-key cache TTL;
+    # seconds after its end before a period is closed (late reports of it are still billed until then).
     usage_flush_interval: Annotated[float, Field(gt=0)] = 10.0
     usage_meter_interval: Annotated[float, Field(gt=0)] = 3600.0
     usage_key_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
+    usage_close_grace: Annotated[float, Field(ge=0)] = 3600.0
     # Public URL of the webhook server, given to customer instances for usage reports.
     billing_url: str = "http://localhost:3100"
 

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -208,9 +208,10 @@ async def _meter_period(
 
 
 async def send_meter_events(
-    pool: Pool, sender: MeterSender | None, now: datetime, limit: int = 500
+    pool: Pool, sender: MeterSender | None, now: datetime, *, close_grace: timedelta, limit: int = 500
 ) -> MeterRun:
-    """Close the periods that have ended, then send the meter events they owe (see the module's note).
+    """Close the periods that ended at least `close_grace` ago (rollups.close_periods), then send the
+    meter events they owe (see the module's note).
 
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
@@ -218,7 +219,7 @@ async def send_meter_events(
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", METER_LOCK_KEY):
             return MeterRun(skipped=True)
         try:
-            closed = await close_periods(conn, now)
+            closed = await close_periods(conn, now, grace=close_grace)
             if sender is None:
                 return MeterRun(closed=closed)
             sent = failed = 0

@@ -25,6 +25,10 @@ class UsageOptions:
     # The first run comes this long after start-up, not at once: a crash-looping server does not
     # hammer Stripe, and a restart soon after a run does not repeat it.
     meter_initial_delay: float = 60.0
+    # Seconds after its end before a period is closed (rolled up a last time, then metered): reports of
+    # its last hours that arrive late, or are retried after an outage, are billed with it. A report
+    # arriving later than that is kept but billed in no period.
+    close_grace: float = 3600.0
     # Connections of the dedicated asyncpg pool.
     pool_size: int = 10
     # GET /api/usage/{customerId} lists at most this many reports (the daily series covers them all).
@@ -35,6 +39,8 @@ class UsageOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.close_grace < 0:
+            raise ValueError(f"close_grace must not be negative, got {self.close_grace}")
         if self.max_body < 1024 or self.pool_size < 1 or self.report_list_limit < 1:
             raise ValueError(f"max_body, pool_size and report_list_limit are too small in {self}")
 

@@ -1,16 +1,18 @@
 """Rollups: a customer's usage of one billing period, its overage against the plan, in `usage_rollups`.
 
 While a period is open its row is refreshed by every status flush (from PostgreSQL's sums); once the
-period has ended, the meter run rolls it up one last time from the stored reports with
-`pricing.roll_up` and closes it: a closed row never changes, so what was sent to Stripe stays what the
-row says. Amounts are stored as strings of exact decimals.
+period has ended and a grace has passed (for the reports of its last hours still on their way), the
+meter run rolls it up one last time from the stored reports with `pricing.roll_up` and closes it: a
+closed row never changes, so what was sent to Stripe stays what the row says. The current period starts
+no earlier than the end of the customer's ended rows (`unsettled_period`), so that no report is billed
+twice. Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -130,6 +132,29 @@ async def save_rollup(
     )
 
 
+# The latest end, inside (start, end), of a customer's rollup that is closed or has ended: its reports
+# are billed, or about to be, with that period. A period anchored on the 29th to 31st reaches back over
+# the previous one's end (Dec 31 .. Jan 31, then Jan 28 .. Feb 28), and so may a Stripe period that
+# follows a calendar month; the current period starts after it instead. An ended row not yet closed
+# counts too: closing waits for a grace, and the flushes in between must not cut the period it bills.
+_SETTLED_END: Final = """
+SELECT max(period_end) FROM usage_rollups
+WHERE customer_id = $1 AND period_end > $2 AND period_end < $3
+  AND (closed_at IS NOT NULL OR period_end <= $4)
+"""
+
+
+async def unsettled_period(
+    conn: Queryable, customer_id: str, period: BillingPeriod, now: datetime
+) -> BillingPeriod:
+    """`period` (the one holding `now`) without its part already held by a closed or ended rollup of
+    the customer: it starts no earlier than the latest such rollup's end."""
+    settled_end: datetime | None = await conn.fetchval(
+        _SETTLED_END, customer_id, period.start, period.end, now
+    )
+    return period if settled_end is None else BillingPeriod(settled_end, period.end)
+
+
 async def save_open_rollup(conn: Connection, rollup: Rollup) -> None:
     """The current period's row, refreshed; overlapping open rows of an older period definition fixed."""
     async with conn.transaction():
@@ -160,11 +185,15 @@ LIMIT $2
 
 
 async def close_periods(
-    conn: Queryable, now: datetime, default_plan: str = "trial", limit: int = 1000
+    conn: Queryable, now: datetime, *, grace: timedelta, default_plan: str = "trial", limit: int = 1000
 ) -> int:
-    """Close every open rollup whose period has ended, with a last roll-up from the stored reports;
-    how many were closed. Reports arriving for a period after it closed are kept but not billed."""
-    rows = await conn.fetch(_DUE, now, limit)
+    """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
+    from the stored reports; how many were closed. A report of a period that arrives within the grace
+    (its instance reports late, or retries after an outage) is billed with it; one that arrives after
+    the period closed is kept but not billed."""
+    if grace < timedelta(0):
+        raise ValueError(f"grace must not be negative, got {grace}")
+    rows = await conn.fetch(_DUE, now - grace, limit)
     for row in rows:
         period = BillingPeriod(row["period_start"], row["period_end"])
         await roll_up_period(conn, row["customer_id"], period, row["plan"] or default_plan, close_at=now)
@@ -183,4 +212,5 @@ __all__ = [
     "save_open_rollup",
     "save_rollup",
     "totals_json",
+    "unsettled_period",
 ]

@@ -4,7 +4,8 @@ The request path stores a batch with one statement and notes the customer in the
 there touches Kubernetes. A background task flushes the coalescer every `flush_interval`: per customer
 that reported, one read of the Customer, the period's totals from PostgreSQL, the open rollup row
 refreshed, and one merge patch of status.usage and the WithinLimits condition when they changed.
-Another task closes ended periods and sends their Stripe meter events every `meter_interval`.
+Another task closes ended periods (a grace after their end, for late reports) and sends their Stripe
+meter events every `meter_interval`.
 Both run once more, or at least the flush does, when the server stops.
 """
 
@@ -14,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
@@ -28,11 +29,17 @@ from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSe
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.reports import Accepted, ParsedReports, report_columns
-from iotistic_billing.usage.rollups import compute_rollup, included_usage, save_open_rollup
+from iotistic_billing.usage.rollups import (
+    compute_rollup,
+    included_usage,
+    save_open_rollup,
+    unsettled_period,
+)
 from iotistic_billing.usage.status import status_patch, usage_status
 from iotistic_billing.usage.store import (
     DatabaseUnavailable,
     Pool,
+    Queryable,
     connection,
     insert_reports,
     latest_report,
@@ -65,6 +72,12 @@ def customer_period(customer: Customer, now: datetime) -> BillingPeriod:
         else None
     )
     return billing_period(now, anchor)
+
+
+async def open_period(conn: Queryable, customer_id: str, customer: Customer, now: datetime) -> BillingPeriod:
+    """The period the customer's usage at `now` is billed in: `customer_period`, started no earlier
+    than the end of the customer's closed (or ended) rollups, so that no report is in two of them."""
+    return await unsettled_period(conn, customer_id, customer_period(customer, now), now)
 
 
 def customer_plan(customer: Customer) -> str:
@@ -191,9 +204,9 @@ class UsageMetering:
         for _attempt in range(CONFLICT_RETRIES):
             now = self.clock()
             customer = record.customer
-            period = customer_period(customer, now)
             plan = customer_plan(customer)
             async with connection(self.pool) as conn:
+                period = await open_period(conn, record.customer_id, customer, now)
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
@@ -235,8 +248,14 @@ class UsageMetering:
     # ----- the meter run -----
 
     async def send_meter_events(self, now: datetime | None = None) -> MeterRun:
-        """Close the periods ended by `now` and send the Stripe meter events they owe (usage.metering)."""
-        run = await send_meter_events(self.pool, self.meter_sender, now or self.clock())
+        """Close the periods ended by `now` less the close grace and send the Stripe meter events they
+        owe (usage.metering)."""
+        run = await send_meter_events(
+            self.pool,
+            self.meter_sender,
+            now or self.clock(),
+            close_grace=timedelta(seconds=self.options.close_grace),
+        )
         if run.sent:
             self.metrics.usage_meter_events.labels("sent").inc(run.sent)
         if run.failed:
@@ -299,4 +318,11 @@ class UsageMetering:
             await asyncio.sleep(interval)
 
 
-__all__ = ["USAGE_FIELD_MANAGER", "FlushResult", "UsageMetering", "customer_period", "customer_plan"]
+__all__ = [
+    "USAGE_FIELD_MANAGER",
+    "FlushResult",
+    "UsageMetering",
+    "customer_period",
+    "customer_plan",
+    "open_period",
+]

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             # The inbox process receives no reports; one meter run at a time is enough (it is locked).
             meter_interval=settings.usage_meter_interval if role == "server" else None,
             key_cache_ttl=settings.usage_key_cache_ttl,
+            close_grace=settings.usage_close_grace,
         )
         app = create_app(settings, options=options, usage=usage)
         if role == "server" and settings.stripe_inbox_workers > 0:

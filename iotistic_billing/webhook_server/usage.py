@@ -23,7 +23,7 @@ from iotistic_billing.usage.reports import (
     period_problems,
 )
 from iotistic_billing.usage.rollups import compute_rollup, included_usage, overage_json
-from iotistic_billing.usage.service import customer_period, customer_plan
+from iotistic_billing.usage.service import customer_plan, open_period
 from iotistic_billing.usage.status import exceeded
 from iotistic_billing.usage.store import (
     DailyUsage,
@@ -179,9 +179,10 @@ async def usage_history(
     usage = request.app[USAGE]
     start = window_start(now, days)
     end = start + timedelta(days=days)
-    period = customer_period(record.customer, now)
     plan = customer_plan(record.customer)
     async with connection(usage.pool) as conn:
+        # The period the flush and the rollups use (never reaching back into an ended one).
+        period = await open_period(conn, record.customer_id, record.customer, now)
         daily = await daily_usage(conn, record.customer_id, start, end)
         recent = await recent_reports(conn, record.customer_id, start, end, usage.options.report_list_limit)
         totals = await period_totals(conn, record.customer_id, period)

@@ -400,6 +400,141 @@ async def test_trials_and_customers_without_stripe_send_nothing(
     assert recorder.of(unlinked) == expected_events(unlinked)
 
 
+async def test_a_report_arriving_within_the_close_grace_is_billed_with_its_period(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = await prepare_metered_march(usage_api, db_engine, "late")
+    usage = usage_api.app[USAGE]
+    assert usage.options.close_grace == 3600
+    assert usage.meter_sender is not None
+    recorder = Recorder(usage.meter_sender)
+    usage.meter_sender = recorder
+
+    # March has ended, but the grace has not passed: the run closes and sends nothing of it.
+    await usage.send_meter_events(MARCH.end + timedelta(minutes=10))
+    assert (await rollup_row(db_engine, customer_id, MARCH))["closed_at"] is None
+    assert recorder.of(customer_id) == []
+    # March's last half hour, reported after the period's end (the instance retried after an outage).
+    late = report(customer_id, "late", start=MARCH.end - timedelta(minutes=30), hours=1, http_requests=2_500)
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    assert await post(usage_api, late, headers) == (202, {"accepted": 1, "duplicate": 0})
+
+    closing = MARCH.end + timedelta(hours=1)
+    await usage.send_meter_events(closing)
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert row["closed_at"] == closing and row["totals"]["reports"] == 4
+    # 110,000 + 2,500 API calls: 12,500 over the starter plan's 100,000.
+    assert (f"{customer_id}:20250301:api_calls", "12500") in recorder.of(customer_id)
+
+
+def stripe_customer(customers: Customers, current_period_end: datetime) -> tuple[str, str]:
+    """A starter Customer billed through Stripe, its subscription's period ending at the given time:
+    (resource name, customer id)."""
+    name = unique_name("anchored")
+    customer_id = customer_id_for(name)
+    customers.create(
+        name,
+        customerId=customer_id,
+        plan="starter",
+        billing={"mode": "stripe"},
+        subscription={
+            "status": "active",
+            "plan": "starter",
+            "currentPeriodEnd": current_period_end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+    )
+    return name, customer_id
+
+
+async def rollup_periods(engine: AsyncEngine, customer_id: str) -> list[tuple[datetime, datetime, int, bool]]:
+    """(start, end, reports, closed) of every rollup of the customer, oldest first."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT period_start, period_end, totals, closed_at FROM usage_rollups"
+                " WHERE customer_id = :c ORDER BY period_start"
+            ),
+            {"c": customer_id},
+        )
+        return [(r[0], r[1], r[2]["reports"], r[3] is not None) for r in rows]
+
+
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("previous", "closed", "current_period_end", "now", "overlapping_report", "start"),
+    [
+        # A subscription anchored on the 31st: Feb 28's month would start on Jan 28.
+        (
+            BillingPeriod(at(2024, 12, 31), at(2025, 1, 31)),
+            True,
+            at(2025, 2, 28),
+            at(2025, 2, 10),
+            at(2025, 1, 29),
+            at(2025, 1, 31),
+        ),
+        # A switch from manual billing (January closed) to a subscription whose month started Jan 15.
+        (
+            BillingPeriod(at(2025, 1, 1), at(2025, 2, 1)),
+            True,
+            at(2025, 2, 15),
+            at(2025, 2, 10),
+            at(2025, 1, 20),
+            at(2025, 2, 1),
+        ),
+        # The previous period has ended but waits for the close grace: it is not cut either.
+        (
+            BillingPeriod(at(2024, 12, 31), at(2025, 1, 31)),
+            False,
+            at(2025, 2, 28),
+            at(2025, 1, 31, 0, 30),
+            at(2025, 1, 29),
+            at(2025, 1, 31),
+        ),
+    ],
+    ids=["anchored-on-the-31st", "manual-to-stripe", "ended-not-yet-closed"],
+)
+async def test_the_current_period_starts_where_the_previous_one_ended(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    customers: Customers,
+    previous: BillingPeriod,
+    closed: bool,
+    current_period_end: datetime,
+    now: datetime,
+    overlapping_report: datetime,
+    start: datetime,
+) -> None:
+    """A report is in one rollup only, so it is billed once, and status.usage shows that rollup's start."""
+    name, customer_id = stripe_customer(customers, current_period_end)
+    try:
+        headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+        reports = [
+            report(customer_id, "previous", start=overlapping_report, hours=1, active_devices=20),
+            report(customer_id, "current", start=start, hours=0.25, active_devices=3),
+        ]
+        assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+        async with connection(usage_api.app[USAGE].pool) as conn:
+            await roll_up_period(
+                conn, customer_id, previous, "starter", close_at=previous.end + DAY if closed else None
+            )
+        usage = usage_api.app[USAGE]
+        usage.clock = lambda: now
+
+        assert (await usage.flush()).patched == 1
+        assert await rollup_periods(db_engine, customer_id) == [
+            (previous.start, previous.end, 1, closed),
+            (start, current_period_end, 1, False),
+        ]
+        status = (customers.get(name) or {})["status"]
+        assert status["usage"]["periodStart"] == start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert status["usage"]["activeDevices"] == 3
+    finally:
+        customers.delete(name)
+
+
 async def test_a_flush_puts_usage_and_within_limits_on_the_customer(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, tenant: tuple[str, str]
 ) -> None:

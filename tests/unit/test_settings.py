@@ -18,6 +18,7 @@ def test_defaults_and_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.stripe_configured is False
     assert settings.database_url is None
     assert settings.trusted_proxies == []
+    assert settings.usage_close_grace == 3600
 
 
 def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,6 +36,7 @@ def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyP
         ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: Value error, '10.1.2.3/8' is not a network"),
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
+        ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(

@@ -5,8 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
+
 from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.usage.metering import meter_events_for, meter_identifier, meter_value
+from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, overage
 from iotistic_billing.usage.rollups import compute_rollup, overage_json, overage_quantities, totals_json
@@ -83,3 +86,10 @@ def test_rollup_json_keeps_decimals_exact_as_strings() -> None:
     }
     assert rollup.billed
     assert not compute_rollup("cust_abc123", BillingPeriod(START, END), "trial", totals).billed
+
+
+def test_periods_are_closed_an_hour_after_their_end_unless_told_otherwise() -> None:
+    assert UsageOptions().close_grace == 3600
+    assert UsageOptions(close_grace=0).close_grace == 0
+    with pytest.raises(ValueError, match="close_grace must not be negative, got -1"):
+        UsageOptions(close_grace=-1)
