@@ -1,4 +1,5 @@
-"""Deletion behind the finalizer: uninstall the release, revoke the licence, request the namespace's deletion.
+"""Deletion behind the finalizer: uninstall the release, revoke the licence and the usage keys, request the
+namespace's deletion.
 
 It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
 object is already gone, so a deletion retried after a crash completes.
@@ -11,7 +12,7 @@ from typing import Any
 
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.license import revoke_license
+from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY
 from iotistic_billing.operator.state import derived_customer_id, namespace_for
 
@@ -35,6 +36,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         if await ctx.kube.namespace_exists(namespace):
             await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
         await revoke_license(ctx, customer_id, namespace, reason="Customer deleted")
+        await revoke_usage_keys(ctx, customer_id)
         await ctx.kube.delete_namespace(namespace)
         with contextlib.suppress(KeyError):  # never reported: it had no licence
             LICENSE_EXPIRY.remove(customer_id)

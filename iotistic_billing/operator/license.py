@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import jwt
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -228,18 +228,22 @@ def _readable(token: str | None) -> LicenseRecord | None:
 
 
 async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, usage_key: str) -> None:
-    """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted;
-    a key already stored is left as it is."""
+    """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted.
+    A key already stored for this customer is valid again if a deletion had revoked it (a Customer
+    re-created while its old namespace and Secret were still there reuses that Secret's key)."""
+    statement = insert(ApiKey).values(
+        customer_id=customer_id,
+        key_hash=usage_key_hash(usage_key),
+        key_prefix=usage_key[:12],
+        purpose="usage",
+        description=f"usage key of {name}",
+    )
     await session.execute(
-        insert(ApiKey)
-        .values(
-            customer_id=customer_id,
-            key_hash=usage_key_hash(usage_key),
-            key_prefix=usage_key[:12],
-            purpose="usage",
-            description=f"usage key of {name}",
+        statement.on_conflict_do_update(
+            index_elements=["key_hash"],
+            set_={"revoked_at": None},
+            where=(ApiKey.customer_id == customer_id) & ApiKey.revoked_at.is_not(None),
         )
-        .on_conflict_do_nothing(index_elements=["key_hash"])
     )
 
 
@@ -277,3 +281,15 @@ async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str,
             )
         await record_license(session, record, "revoked", {"reason": reason})
     return True
+
+
+async def revoke_usage_keys(ctx: OperatorContext, customer_id: str) -> int:
+    """The customer's usage keys stop working (a deleted Customer's instance reports nothing more);
+    how many were revoked. Again after a crash: none left to revoke."""
+    async with ctx.sessions() as session, session.begin():
+        result = await session.execute(
+            update(ApiKey)
+            .where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.revoked_at.is_(None))
+            .values(revoked_at=func.now())
+        )
+    return int(getattr(result, "rowcount", 0) or 0)

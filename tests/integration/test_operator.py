@@ -17,8 +17,9 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerStatus, Phase
-from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.kube import Kube
 from iotistic_billing.operator.reconcile import _finish
@@ -389,6 +390,35 @@ async def test_delete_uninstalls_revokes_and_removes_the_namespace(
     assert namespace.metadata.deletion_timestamp is not None
     rows = await history(db_engine, customer_id)
     assert rows[-1] == ("revoked", "starter", claims["jti"])
+    async with db_engine.connect() as connection:
+        keys = (
+            await connection.execute(select(ApiKey.revoked_at).where(ApiKey.customer_id == customer_id))
+        ).all()
+    assert keys and all(revoked_at is not None for (revoked_at,) in keys)  # its instance reports no more
+
+
+async def test_a_customer_recreated_over_its_old_secret_gets_its_usage_key_back(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("again")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    _, data = cluster.license(name)
+    cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    wait_until(lambda: cluster.customer(name) is None, message="Customer gone, its usage key revoked")
+
+    # Its namespace is still terminating (no controller-manager here; on a cluster, for a while), with
+    # the old Secret in it: the new Customer's instance would report with that Secret's usage key.
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    _, again = cluster.license(name)
+    assert again["usage-api-key"] == data["usage-api-key"]
+    async with db_engine.connect() as connection:
+        revoked_at = await connection.scalar(
+            select(ApiKey.revoked_at).where(ApiKey.key_hash == usage_key_hash(data["usage-api-key"].decode()))
+        )
+    assert revoked_at is None
 
 
 def test_drift_repair_brings_back_a_deleted_secret_and_release(cluster: Cluster) -> None:
