@@ -158,7 +158,7 @@ class UsageMeterEvent(Base):
     customer_id: Mapped[str] = mapped_column(String(40))
     period_start: Mapped[datetime]
     metric: Mapped[str] = mapped_column(String(40))
-    # `<customer id>:<period start, YYYYMMDD>:<metric>`: the meter event's identifier at Stripe.
+    # `<customer id>:<period start>:<metric>` (metering.meter_identifier): the event's identifier at Stripe.
     identifier: Mapped[str] = mapped_column(String(200), unique=True)
     value: Mapped[str] = mapped_column(Text)
     # The identifier as Stripe echoed it.

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -43,7 +43,13 @@ METER_LOCK_KEY: Final = 0x10715_0006
 
 
 def meter_identifier(customer_id: str, period_start: datetime, metric: str) -> str:
-    return f"{customer_id}:{period_start.astimezone(UTC):%Y%m%d}:{metric}"
+    """Stripe drops a meter event whose identifier it has seen: one per customer, period and metric.
+    The period start is the date when it is a midnight UTC (calendar months), the second otherwise: two
+    periods can start on one day (a checkout cuts the running period short at its own start), and with
+    the date alone the second period's events were taken for the first's and never sent."""
+    start = period_start.astimezone(UTC)
+    stamp = f"{start:%Y%m%d}" if start.time() == time(0) else f"{start:%Y%m%dT%H%M%SZ}"
+    return f"{customer_id}:{stamp}:{metric}"
 
 
 def meter_value(quantity: Decimal) -> str | None:

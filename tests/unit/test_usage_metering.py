@@ -20,9 +20,21 @@ GB = 10**9
 
 
 def test_the_identifier_is_stable_per_customer_period_and_metric() -> None:
-    assert meter_identifier("cust_abc123", START, "devices") == "cust_abc123:20261115:devices"
+    midnight = datetime(2026, 11, 1, tzinfo=UTC)  # a calendar month
+    assert meter_identifier("cust_abc123", midnight, "devices") == "cust_abc123:20261101:devices"
+    assert meter_identifier("cust_abc123", START, "devices") == "cust_abc123:20261115T093000Z:devices"
     # The period start is taken in UTC, whatever zone the datetime carries.
-    assert meter_identifier("cust_abc123", START.astimezone(), "api_calls").endswith(":20261115:api_calls")
+    assert meter_identifier("cust_abc123", START.astimezone(), "api_calls").endswith(
+        ":20261115T093000Z:api_calls"
+    )
+
+
+def test_two_periods_that_start_on_one_day_have_their_own_identifiers() -> None:
+    # A checkout at 15:00 cuts the period that started at 09:00 short: both start on Nov 15.
+    later = START.replace(hour=15)
+    assert meter_identifier("cust_abc123", START, "devices") != meter_identifier(
+        "cust_abc123", later, "devices"
+    )
 
 
 def test_values_are_plain_decimals_of_at_most_15_digits() -> None:
@@ -51,7 +63,7 @@ def test_a_closed_period_owes_one_event_per_metric_over_its_quota() -> None:
     assert first.params() == {
         "event_name": "iotistic_devices",
         "payload": {"stripe_customer_id": "cus_Q1", "value": "3"},
-        "identifier": "cust_abc123:20261115:devices",
+        "identifier": "cust_abc123:20261115T093000Z:devices",
         # The last second of the period: Stripe bills [start, end), and the end is the next period's.
         "timestamp": int(END.timestamp()) - 1,
     }
