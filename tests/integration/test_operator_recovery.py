@@ -7,6 +7,7 @@ import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import kopf
 import kubernetes
@@ -101,14 +102,25 @@ async def _usage_key_stored(cluster: Cluster, db_engine: AsyncEngine, name: str)
     return found is not None
 
 
+def _licensed_then_paused(
+    cluster: Cluster, operator: OperatorProcess, prefix: str
+) -> tuple[str, str, dict[str, Any]]:
+    """A starter Customer with its licence, then the operator stopped: the test's passes are the only
+    ones acting on it. Returns its name, customer id and status.license."""
+    name = unique_name(prefix)
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    license = wait_until(
+        lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence"
+    )
+    operator.stop()
+    return name, customer_id, license
+
+
 async def test_a_pass_that_ended_after_the_secret_records_its_licence_and_usage_key_later(
     cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
 ) -> None:
-    name = unique_name("halfway")
-    customer_id = f"cust_{name.replace('-', '')}"
-    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
-    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
-    paused_operator.stop()
+    name, customer_id, _ = _licensed_then_paused(cluster, paused_operator, "halfway")
     jti = await _halfway(cluster, db_engine, name, customer_id)
     assert not await _usage_key_stored(cluster, db_engine, name)
 
@@ -125,11 +137,7 @@ async def test_a_pass_that_ended_after_the_secret_records_its_licence_and_usage_
 async def test_a_licence_replaced_before_its_row_was_written_is_recorded_first(
     cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
 ) -> None:
-    name = unique_name("replaced")
-    customer_id = f"cust_{name.replace('-', '')}"
-    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
-    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
-    paused_operator.stop()
+    name, customer_id, _ = _licensed_then_paused(cluster, paused_operator, "replaced")
     first = await _halfway(cluster, db_engine, name, customer_id)
     cluster.patch_spec(name, {"plan": "professional"})  # changed while the pass was being retried
 
@@ -150,13 +158,7 @@ async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revoca
     db_engine: AsyncEngine,
     token: bytes,
 ) -> None:
-    name = unique_name("garbled")
-    customer_id = f"cust_{name.replace('-', '')}"
-    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
-    status = wait_until(
-        lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence"
-    )
-    paused_operator.stop()
+    name, customer_id, status = _licensed_then_paused(cluster, paused_operator, "garbled")
     namespace = f"customer-{name}"
     garbled = {"data": {"license.jwt": base64.b64encode(token).decode()}}
     cluster.core.patch_namespaced_secret("iotistic-license", namespace, garbled)
