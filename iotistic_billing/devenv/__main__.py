@@ -90,7 +90,9 @@ class DevEnvironment:
             stripe = StripeMock(self.state).start()
             self._stop_later("stripe-mock", stripe)
             env["STRIPE_API_BASE"] = stripe.url
-            env["STRIPE_SECRET_KEY"] = "sk_test_dev_stripe_mock"  # noqa: S105 - stripe-mock accepts any key
+            # stripe-mock takes `sk_test_` and letters or digits only: with an underscore after the prefix
+            # every call of the dev environment was a 401.
+            env["STRIPE_SECRET_KEY"] = "sk_test_devstripemock"  # noqa: S105 - a test-mode key for stripe-mock
             print(f"stripe-mock   {stripe.url}", flush=True)
         except MissingBinaryError as missing:
             print(f"stripe-mock   not started: {missing}", flush=True)

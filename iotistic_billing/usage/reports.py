@@ -39,10 +39,17 @@ PRINTABLE_ID_PATTERN: Final = r"^[!-~]+$"
 Timestamp = Annotated[
     AwareDatetime,
     # Bounded, so that times far outside ours never reach arithmetic that would overflow.
-    Field(strict=True, ge=EARLIEST, lt=LATEST, description="RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z"),
+    Field(
+        strict=True,
+        ge=EARLIEST,
+        lt=LATEST,
+        description="RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z; from 2000-01-01T00:00:00Z, before 9000",
+    ),
 ]
-Counter = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
-Level = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+# Strict: "42" is refused as the document says, and so is 42.0, which JSON Schema calls an integer too.
+_WHOLE = "A whole number written without a fraction (42, not 42.0)."
+Counter = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX, description=_WHOLE)]
+Level = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX, description=_WHOLE)]
 PrintableId = Annotated[str, Field(min_length=1, max_length=100, pattern=PRINTABLE_ID_PATTERN)]
 
 
@@ -67,9 +74,12 @@ class UsageReport(BaseModel):
     http_requests: Counter = 0
     http_bytes_sent: Counter = 0
     http_bytes_received: Counter = 0
-    # Floats as reporters send them (125.5, or 0.30000000000000004): the NUMERIC(14, 3) column rounds
-    # them to the thousandth, rather than this refusing them.
-    postgres_size_mb: Annotated[Decimal, Field(ge=0, le=SIZE_MAX, allow_inf_nan=False)] = Decimal(0)
+    # Numbers as reporters send them (125.5, or 0.30000000000000004): the NUMERIC(14, 3) column rounds
+    # them to the thousandth, rather than this refusing them. A JSON number only, as the document says
+    # (a Decimal field took strings too, and the document then said any string).
+    postgres_size_mb: Annotated[float, Field(strict=True, ge=0, le=float(SIZE_MAX), allow_inf_nan=False)] = (
+        0.0
+    )
     postgres_row_count: Counter = 0
 
 
@@ -209,8 +219,14 @@ COLUMNS: Final = (
 
 
 def report_columns(reports: Sequence[UsageReport]) -> list[list[Any]]:
-    """The reports laid out column by column, in COLUMNS order."""
-    return [[getattr(report, column) for report in reports] for column in COLUMNS]
+    """The reports laid out column by column, in COLUMNS order; the size as the decimal its shortest
+    float text spells (0.1 + 0.2 is 0.30000000000000004, not the binary float's 55 digits)."""
+    return [
+        [Decimal(repr(report.postgres_size_mb)) for report in reports]
+        if column == "postgres_size_mb"
+        else [getattr(report, column) for report in reports]
+        for column in COLUMNS
+    ]
 
 
 @dataclass(frozen=True)

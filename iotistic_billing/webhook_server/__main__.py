@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "%s listening on :%d (Stripe %s, admin API %s)",
         role,
         settings.port,
-        "configured" if settings.stripe_configured else "not configured",
+        # Whether Stripe takes the key is the next line, once the app has called it.
+        "key set" if settings.stripe_configured else "not configured",
         "enabled" if settings.admin_api_token is not None else "closed: ADMIN_API_TOKEN unset",
     )
     # run_app turns SIGTERM and SIGINT into a graceful exit: the listener closes, in-flight requests get

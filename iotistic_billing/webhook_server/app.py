@@ -7,12 +7,13 @@ stops (after in-flight requests have finished).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.k8s import api_client as kubernetes_api_client
@@ -44,7 +45,7 @@ from iotistic_billing.webhook_server.context import (
     USAGE_KEYS,
 )
 from iotistic_billing.webhook_server.directory import Directory
-from iotistic_billing.webhook_server.errors import Handler, error_middleware
+from iotistic_billing.webhook_server.errors import Handler, error_middleware, method_not_allowed
 from iotistic_billing.webhook_server.inbox import EventInbox
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
@@ -61,6 +62,8 @@ from iotistic_billing.webhook_server.security import (
     throttled,
 )
 from iotistic_billing.webhook_server.stripe_events import PriceCatalog
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> datetime:
@@ -123,9 +126,16 @@ def create_app(
 
     served = INBOX_ROUTES if options.probes_only else ROUTES
     operations: dict[web.AbstractRoute, Operation] = {}
+    methods: dict[web.Resource, list[str]] = {}
     for operation in served:
         route = app.router.add_route(operation.method, operation.path, operation.handler)
         operations[route] = operation
+        assert isinstance(route.resource, web.Resource)  # add_route always makes one
+        methods.setdefault(route.resource, []).append(operation.method)
+    for resource, allowed in methods.items():
+        # Without it aiohttp goes on to the next resource: `GET /api/subscriptions/checkout` was read as
+        # `GET /api/subscriptions/{customerId}`, and other methods got an Allow of both paths' methods.
+        resource.add_route(hdrs.METH_ANY, method_not_allowed(allowed))
     app[OPERATIONS] = operations
     app[OPENAPI] = build_document(served)
     app.on_response_prepare.append(add_security_headers)
@@ -150,6 +160,8 @@ def create_app(
     async def stripe_api(app: web.Application) -> AsyncIterator[None]:
         billing = StripeBilling(settings) if settings.stripe_configured else None
         app[STRIPE] = billing
+        if billing is not None and not options.probes_only:
+            log.info("Stripe at %s: %s", settings.stripe_api_base, await billing.probe())
         yield
         if billing is not None:
             await billing.close()

@@ -6,6 +6,7 @@ errors: unreachable or overloaded is 503 (retry), a refused request is 409 with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -14,10 +15,17 @@ from typing import Any, TypeVar
 import stripe
 
 from iotistic_billing.settings import Settings
-from iotistic_billing.webhook_server.errors import Conflict, DependencyUnavailable, stripe_not_configured
+from iotistic_billing.webhook_server.errors import (
+    ApiError,
+    Conflict,
+    DependencyUnavailable,
+    stripe_refused_key,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The start-up probe must not hold the server's start for the SDK's 30 s and retries.
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,10 @@ async def _stripe(call: Awaitable[T], action: str) -> T:
     except (stripe.APIConnectionError, stripe.RateLimitError) as error:
         log.warning("Stripe %s failed: %s", action, type(error).__name__)
         raise DependencyUnavailable("Stripe") from None
-    except stripe.AuthenticationError:
-        raise stripe_not_configured("a valid STRIPE_SECRET_KEY") from None
+    except (stripe.AuthenticationError, stripe.PermissionError) as refused:
+        status = refused.http_status or 401
+        log.warning("Stripe %s: the API key was refused with %s", action, status)
+        raise stripe_refused_key(status) from None
     except stripe.StripeError as error:
         status = error.http_status or 500
         log.warning("Stripe %s refused with %s (%s)", action, status, error.code)
@@ -73,6 +83,18 @@ class StripeBilling:
             http_client=self._http,
             max_network_retries=2,
         )
+
+    async def probe(self) -> str:
+        """One read-only call (the balance), for the start-up line: whether Stripe takes our key."""
+        try:
+            await asyncio.wait_for(
+                _stripe(self.client.v1.balance.retrieve_async(), "read the balance"), PROBE_TIMEOUT
+            )
+        except ApiError as error:
+            return f"a first call failed: {error.message}"
+        except TimeoutError:
+            return f"a first call got no answer in {PROBE_TIMEOUT:g} s"
+        return "a first call succeeded"
 
     async def close(self) -> None:
         http: Any = self._http  # the SDK's transports are untyped

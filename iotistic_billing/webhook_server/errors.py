@@ -119,6 +119,34 @@ def stripe_not_configured(what: str = "STRIPE_SECRET_KEY") -> Unavailable:
     return Unavailable("Stripe is not configured", f"{what} is not set on this server", {"setting": what})
 
 
+def method_not_allowed(allowed: list[str]) -> Handler:
+    """The answer of a path to the methods the route table does not give it, with a true Allow."""
+    allow = ",".join(allowed)
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise ApiError(
+            "Method not allowed",
+            f"{request.method} is not allowed on {request.path}; allowed: {allow}",
+            {"allowed": allowed},
+            status=405,
+            headers={"Allow": allow},
+        )
+
+    return refuse
+
+
+def stripe_refused_key(status: int) -> Unavailable:
+    """Stripe answered the configured key with 401/403: set, but wrong (revoked, another account's, a
+    key stripe-mock's pattern refuses), which "not configured" would hide. Stripe's own text is left
+    out: stripe-mock's quotes the key."""
+    return Unavailable(
+        "Stripe refused the API key",
+        f"Stripe answered {status} to this server's STRIPE_SECRET_KEY: revoked, of another account, "
+        "or not a key Stripe accepts",
+        {"setting": "STRIPE_SECRET_KEY", "stripe_status": status},
+    )
+
+
 class ValidationFailed(BadRequest):
     """400 naming each field: message `email: value is not a valid email address`, details per field."""
 
@@ -224,5 +252,7 @@ __all__ = [
     "error_body",
     "error_middleware",
     "json_error",
+    "method_not_allowed",
     "stripe_not_configured",
+    "stripe_refused_key",
 ]

@@ -4,17 +4,23 @@ and starts again from the kept data."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from iotistic_billing.devenv.controlplane import REPO_BIN
 from iotistic_billing.processes import free_port
 from tests.conftest import wait_until
 
@@ -87,27 +93,33 @@ def _stop(process: subprocess.Popen[str], burst: bool = False) -> None:
     assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
-    state = tmp_path / "dev"
-    process, _ = _start(state, free_port())
-    try:
-        env = _read_env(state / "env")
-        assert set(env) >= ENV_NAMES
-        assert Path(env["KUBECONFIG"]) == state / "kubeconfig"
-        assert Path(env["KUBECACHEDIR"]) == state / "kube-cache"
-        assert _kubectl(env, "get", "namespace", "default").returncode == 0
-        created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
-        assert created.returncode == 0, created.stderr
-        # The webhook server answers on BILLING_URL with the admin token of .dev/env.
-        import json
-        import urllib.request
+class DevRun:
+    """One `make dev` runner of this module: its state folder, started, stopped and started again."""
 
-        request = urllib.request.Request(  # noqa: S310 - loopback
-            env["BILLING_URL"] + "/api/queue/stats",
-            headers={"Authorization": f"Bearer {env['ADMIN_API_TOKEN']}"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-            assert isinstance(json.loads(response.read()), dict)
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return _read_env(self.state / "env")
+
+    def start(self) -> DevRun:
+        self.process, _ = _start(self.state, free_port())
+        return self
+
+    def stop(self, burst: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            _stop(self.process, burst=burst)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
+    """One dev environment for this module's tests; the last test stops it and starts it again."""
+    run = DevRun(tmp_path_factory.mktemp("devenv") / "dev").start()
+    try:
+        env = run.env
         # The operator runs and reconciles the sample Customers of manifests/samples.
         for sample in ("acme", "globex"):
             wait_until(
@@ -118,16 +130,157 @@ def test_dev_runner_ready_env_clean_stop_and_restart(tmp_path: Path) -> None:
                 timeout=90,
                 message=f"sample Customer {sample} provisioned",
             )
-        # The dev runner's kubectl (and the operator's helm) cache discovery in the dev state, not in ~/.kube.
-        assert list((state / "kube-cache" / "discovery").iterdir())
+        yield run
     finally:
-        _stop(process)
+        run.stop()
 
-    process, _ = _start(state, free_port())
+
+def test_dev_runner_ready_env_and_samples(dev: DevRun) -> None:
+    env = dev.env
+    assert set(env) >= ENV_NAMES
+    assert Path(env["KUBECONFIG"]) == dev.state / "kubeconfig"
+    assert Path(env["KUBECACHEDIR"]) == dev.state / "kube-cache"
+    assert _kubectl(env, "get", "namespace", "default").returncode == 0
+    # The webhook server answers on BILLING_URL with the admin token of .dev/env.
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        env["BILLING_URL"] + "/api/queue/stats",
+        headers={"Authorization": f"Bearer {env['ADMIN_API_TOKEN']}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+        assert isinstance(json.loads(response.read()), dict)
+    # The dev runner's kubectl (and the operator's helm) cache discovery in the dev state, not in ~/.kube.
+    assert list((dev.state / "kube-cache" / "discovery").iterdir())
+    # Stripe takes the dev environment's key: the server's start-up line says so (a key stripe-mock
+    # refuses made every Stripe call of `make dev` a 401, reported as "not configured").
+    log = (dev.state / "webhooks.log").read_text()
+    assert "a first call succeeded" in log, log[-2000:]
+
+
+# ----- the README's examples, against this dev environment -----
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TESTED_BLOCK = re.compile(r"^```bash tested:(?P<name>[a-z-]+)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    return {match["name"]: match["code"] for match in TESTED_BLOCK.finditer(text)}
+
+
+def _json_documents(output: str) -> list[Any]:
+    """The JSON values a block printed, one per line that holds one (curl prints no newline after its
+    body, so a document can share its line with the next command's first output)."""
+    decoder = json.JSONDecoder()
+    documents, index = [], 0
+    while (start := _next_json(output, index)) != -1:
+        try:
+            value, index = decoder.raw_decode(output, start)
+        except ValueError:
+            index = start + 1
+            continue
+        documents.append(value)
+    return documents
+
+
+def _next_json(output: str, index: int) -> int:
+    found = [i for i in (output.find("{", index), output.find("[", index)) if i != -1]
+    return min(found, default=-1)
+
+
+def _check_env(out: str) -> None:
+    assert re.search(r"^default\s+Active", out, re.MULTILINE), out
+
+
+def _check_get_customers(out: str) -> None:
+    header, *rows = out.splitlines()
+    assert header.split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "TRIAL-ENDS", "URL", "AGE"], header
+    assert {row.split()[0] for row in rows} >= {"acme", "globex"}, out
+
+
+def _check_queue_stats(out: str) -> None:
+    (stats,) = _json_documents(out)
+    assert set(stats) >= {"Pending", "Provisioning", "Ready", "Failed"}, stats
+
+
+def _check_signup(out: str) -> None:
+    (signup,) = _json_documents(out)
+    assert re.fullmatch(r"cust_[a-z0-9]+", signup["customer"]["customer_id"]), signup
+    assert signup["customer"]["email"] == "ops@initech.example", signup
+    assert "license" in signup, signup
+
+
+def _check_checkout(out: str) -> None:
+    (checkout,) = _json_documents(out)
+    assert checkout["session_id"].startswith("cs_"), checkout
+    assert checkout["checkout_url"].startswith("https://"), checkout
+
+
+def _check_cli(out: str) -> None:
+    documents = _json_documents(out)
+    assert any(isinstance(d, dict) and d.get("keys") for d in documents), out  # the JWKS
+    assert re.search(r"^valid: customer cust_abc123 \(Acme\), plan professional", out, re.MULTILINE), out
+    shown = [d["claims"] for d in documents if isinstance(d, dict) and "claims" in d]
+    assert shown and shown[0]["plan"] == "professional", out
+    assert re.search(r"^hooli\s", out, re.MULTILINE), out  # the list holds the added Customer
+
+
+def _check_usage(out: str) -> None:
+    ack, history, *_ = _json_documents(out)
+    assert ack in ({"accepted": 1, "duplicate": 0}, {"accepted": 0, "duplicate": 1}), ack
+    assert history["report_count"] >= 1, history
+    assert history["reports"][0]["instance_id"] == "prod-1", history
+
+
+CHECKS: dict[str, Callable[[str], None]] = {
+    "env": _check_env,
+    "get-customers": _check_get_customers,
+    "queue-stats": _check_queue_stats,
+    "signup": _check_signup,
+    "checkout": _check_checkout,
+    "cli": _check_cli,
+    "usage": _check_usage,
+}
+
+
+def test_every_tested_readme_block_has_a_check() -> None:
+    assert list(readme_blocks(README.read_text())) == list(CHECKS)
+
+
+def run_readme_block(dev: DevRun, workdir: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """The block as a user types it in the repository after `source .dev/env`: here in a folder whose
+    `.dev` is this module's dev state, with bin/ and the virtual environment's scripts on PATH."""
+    (workdir / ".dev").symlink_to(dev.state)
+    path = os.pathsep.join([str(REPO_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\nsource .dev/env\n{code}"],
+        cwd=workdir,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_readme_example(dev: DevRun, tmp_path: Path, name: str) -> None:
+    code = readme_blocks(README.read_text())[name]
+    result = run_readme_block(dev, tmp_path, code)
+    assert result.returncode == 0, (
+        f"README block {name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
+    CHECKS[name](result.stdout)
+
+
+def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
+    env = dev.env
+    created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
+    assert created.returncode == 0, created.stderr
+    dev.stop()
+
+    dev.start()
     try:
-        again = _read_env(state / "env")
+        again = dev.env
         assert again["ADMIN_API_TOKEN"] == env["ADMIN_API_TOKEN"]
         kept = _kubectl(again, "get", "configmap", "kept-between-runs", "-o", "jsonpath={.data.a}")
         assert kept.stdout == "b", kept.stderr
     finally:
-        _stop(process, burst=True)
+        dev.stop(burst=True)

@@ -207,7 +207,7 @@ async def test_postgres_sums_agree_with_roll_up(
             f"odd-{i}",
             start=MARCH.start + timedelta(hours=7 * i, seconds=13),
             hours=5.5,
-            postgres_size_mb=str(Decimal("1234.567") + i),
+            postgres_size_mb=float(Decimal("1234.567") + i),
             active_devices=i % 17,
         )
         for i in range(100)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
@@ -334,6 +335,45 @@ async def test_without_stripe_or_admin_settings_those_routes_answer_503(
         for path in ("checkout", "upgrade", "cancel", "portal"):
             response = await client.post(f"/api/subscriptions/{path}", json={}, headers=admin_headers())
             assert response.status == 503 and (await response.json())["error"] == "Stripe is not configured"
+
+
+async def test_a_key_stripe_refuses_is_said_so_not_not_configured(
+    webhook_settings: Settings, kubeconfig: Path, customers: Customers, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stripe-mock takes `sk_test_` and letters or digits only; `make dev` once set this one.
+    refused_key = "sk_test_dev_stripe_mock"
+    wrong = webhook_settings.model_copy(update={"stripe_secret_key": SecretStr(refused_key)})
+    name = unique_name("refused")
+    customers.create(name, customerId=customer_id_for(name))
+    with caplog.at_level("INFO", logger="iotistic_billing.webhook_server"):
+        async with running_app(wrong, kubeconfig) as client:
+            response = await client.post(
+                "/api/subscriptions/checkout",
+                json={
+                    "customer_id": customer_id_for(name),
+                    "plan": "starter",
+                    "success_url": "https://app.example.com/ok",
+                    "cancel_url": "https://app.example.com/cancel",
+                },
+                headers=admin_headers(),
+            )
+            body = await response.json()
+    assert response.status == 503 and body["error"] == "Stripe refused the API key", body
+    assert body["details"] == {"setting": "STRIPE_SECRET_KEY", "stripe_status": 401}
+    assert refused_key not in json.dumps(body)  # stripe-mock's own message quotes the key
+    started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stripe at ")]
+    assert started and "a first call failed: Stripe answered 401" in started[0], started
+    assert not any(refused_key in r.getMessage() for r in caplog.records)
+
+
+async def test_a_path_answers_other_methods_with_405_and_its_own_allow(api: TestClient[Any, Any]) -> None:
+    # GET there once reached GET /api/subscriptions/{customerId}, and PUT got "Allow: GET,POST".
+    for method in ("GET", "PUT", "DELETE"):
+        response = await api.request(method, "/api/subscriptions/checkout", headers=admin_headers())
+        assert response.status == 405 and response.headers["Allow"] == "POST", method
+        assert error_shape(await response.json())
+    customers = await api.request("PATCH", "/api/customers", headers=admin_headers())
+    assert customers.status == 405 and customers.headers["Allow"] == "POST,GET"
 
 
 async def test_health_readiness_metrics_and_the_api_document(api: TestClient[Any, Any]) -> None:

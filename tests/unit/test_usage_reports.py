@@ -128,7 +128,7 @@ def test_optional_counters_default_to_zero_and_sizes_are_kept_for_the_column_to_
     stored = parsed.reports[0]
     assert stored.http_requests == 0 and stored.postgres_row_count == 0
     # Not refused: NUMERIC(14, 3) stores it as 0.300 (tests/integration/test_usage_reports.py).
-    assert stored.postgres_size_mb == Decimal("0.30000000000000004")
+    assert report_columns([stored])[COLUMNS.index("postgres_size_mb")] == [Decimal("0.30000000000000004")]
     # Zones are kept as instants: 11:00+01:00 is 10:00 UTC.
     assert stored.period_end == datetime(2026, 11, 17, 10, tzinfo=UTC)
 
@@ -196,3 +196,12 @@ def test_a_body_with_a_reports_key_is_a_batch_wherever_the_key_is() -> None:
         "customer_id": "unknown field"
     }
     assert problems(body({"reports": "all of them"})) == {"reports": "Input should be a valid array"}
+
+
+def test_numbers_are_json_numbers_as_the_document_says() -> None:
+    # The document says number for the size and integer for the counts: a string is refused (a Decimal
+    # field took "=" and the document then allowed any string), and so is a count with a fraction,
+    # which the document's descriptions state (JSON Schema's integer includes 42.0).
+    assert set(problems(body(report(postgres_size_mb="125.5")))) == {"postgres_size_mb"}
+    assert set(problems(body(report(active_devices=42.0)))) == {"active_devices"}
+    assert parse_reports(body(report(postgres_size_mb=125))).reports[0].postgres_size_mb == 125
