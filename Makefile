@@ -32,6 +32,7 @@ lint: venv
 	$(VENV)/bin/ruff check iotistic_billing tests bench
 	$(VENV)/bin/ruff format --check iotistic_billing tests bench
 	$(VENV)/bin/mypy iotistic_billing
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv
 	$(VENV)/bin/ruff format iotistic_billing tests bench

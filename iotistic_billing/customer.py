@@ -6,6 +6,7 @@ the same defaults, enums, patterns and bounds), and tests/unit/test_crd_schema.p
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -26,8 +27,8 @@ SINGULAR = "customer"
 SHORT_NAMES = ("cust",)
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
-# spec.subscription belongs to the webhook server: it applies it server-side under this field manager.
-WEBHOOK_FIELD_MANAGER = "iotistic-webhooks"
+# A Customer's namespace is this prefix and its name.
+NAMESPACE_PREFIX = "customer-"
 
 # The Secret the operator writes into the customer namespace and the chart reads.
 LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a password)
@@ -46,7 +47,7 @@ _EMAIL_PART = r"[^@\s" + _UNICODE_SPACES + "]+"
 EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
 # metadata.name: the operator's namespace is customer-<name>, and a namespace name is a DNS label.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-MAX_NAME_LENGTH = 63 - len("customer-")
+MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 STRIPE_CUSTOMER_ID_PATTERN = r"^cus_[A-Za-z0-9]+$"
 STRIPE_SUBSCRIPTION_ID_PATTERN = r"^sub_[A-Za-z0-9]+$"
@@ -58,19 +59,20 @@ CONDITION_TYPE_PATTERN = (
 )
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
-Plan = Literal["trial", "starter", "professional", "enterprise"]
-PaidPlan = Literal["starter", "professional", "enterprise"]
+PlanName = Literal["trial", "starter", "professional", "enterprise"]
+PaidPlanName = Literal["starter", "professional", "enterprise"]
 # What status.plan reports: a plan, or the unlicensed feature set after a lapsed trial, a cancelled
 # subscription or a suspension.
-EffectivePlan = Literal["trial", "starter", "professional", "enterprise", "unlicensed"]
+EffectivePlanName = Literal["trial", "starter", "professional", "enterprise", "unlicensed"]
 BillingMode = Literal["manual", "stripe"]
 SubscriptionStatus = Literal[
     "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"
 ]
 
-PLANS: tuple[Plan, ...] = get_args(Plan)
-PAID_PLANS: tuple[PaidPlan, ...] = get_args(PaidPlan)
-UNLICENSED = "unlicensed"
+# Plan names; the plans themselves (features, limits, included usage) are licensing.plans.PLANS, whose
+# names tests/unit/test_customer_model.py holds equal to these.
+PLAN_NAMES: tuple[PlanName, ...] = get_args(PlanName)
+PAID_PLAN_NAMES: tuple[PaidPlanName, ...] = get_args(PaidPlanName)
 
 
 class Phase(StrEnum):
@@ -154,7 +156,7 @@ class SubscriptionSpec(CustomerModel):
     """Written only by the webhook server (field manager `iotistic-webhooks`), never by GitOps."""
 
     status: SubscriptionStatus
-    plan: PaidPlan | None = None
+    plan: PaidPlanName | None = None
     stripe_subscription_id: (
         Annotated[str, Field(pattern=STRIPE_SUBSCRIPTION_ID_PATTERN, max_length=255)] | None
     ) = None
@@ -169,7 +171,7 @@ class CustomerSpec(CustomerModel):
     email: Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]
     company_name: Annotated[str, Field(min_length=1, max_length=200)]
     contact_name: Annotated[str, Field(max_length=200)] | None = None
-    plan: Plan = "trial"
+    plan: PlanName = "trial"
     billing: BillingSpec = Field(default_factory=BillingSpec)
     trial: TrialSpec = Field(default_factory=TrialSpec)
     instance: InstanceSpec = Field(default_factory=InstanceSpec)
@@ -227,7 +229,7 @@ class Condition(CustomerModel):
 class CustomerStatus(CustomerModel):
     customer_id: CustomerId | None = None
     phase: Phase | None = None
-    plan: EffectivePlan | None = None
+    plan: EffectivePlanName | None = None
     observed_generation: NonNegativeInt | None = None
     trial: TrialStatus | None = None
     license: LicenseStatus | None = None
@@ -270,6 +272,37 @@ class Customer(CustomerModel):
     metadata: CustomerMetadata
     spec: CustomerSpec
     status: CustomerStatus = Field(default_factory=CustomerStatus)
+
+
+# ----- identity -----
+
+
+def namespace_for(name: str) -> str:
+    return NAMESPACE_PREFIX + name
+
+
+def customer_of_namespace(namespace: str | None) -> str | None:
+    """The Customer whose namespace this is, if it is one."""
+    if namespace and namespace.startswith(NAMESPACE_PREFIX):
+        return namespace[len(NAMESPACE_PREFIX) :]
+    return None
+
+
+def derived_customer_id(uid: str) -> str:
+    """A stable id for a Customer without spec.customerId: it never changes for the object."""
+    return "cust_" + hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+def customer_id_in_use(body: Mapping[str, Any]) -> str:
+    """The customer id a Customer goes by: spec.customerId, else the one the operator reported, else
+    the one derived from its uid. Read from the raw object, so that a Customer whose spec no longer
+    validates can still be found and deleted."""
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    return str(
+        spec.get("customerId")
+        or status.get("customerId")
+        or derived_customer_id(str(meta.get("uid") or meta.get("name", "")))
+    )
 
 
 # ----- conditions -----

@@ -1,19 +1,353 @@
-"""One way to reach the Kubernetes API for every part (operator, webhook server, CLI)."""
+"""The one way into Kubernetes for every part (operator, webhook server, CLI, tests).
+
+A client named after its component (its User-Agent), every write under a field manager of ours (who
+writes which field: docs/architecture.md), answers read as plain JSON rather than the client's models,
+"not found" as None, and an API server that cannot answer as `KubernetesUnavailable`. `KubeApi` makes
+the calls; `Kube` runs them in threads off the event loop, bounded, for the asynchronous parts.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import os
-from typing import Any
+from collections.abc import Callable
+from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final, ParamSpec, TypeVar
 
 import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+APPLY_PATCH: Final = "application/apply-patch+yaml"
+MERGE_PATCH: Final = "application/merge-patch+json"
+# Labels and names only: helm's storage Secrets carry the whole release (chart files included).
+_METADATA_ONLY: Final = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
-    """The given kubeconfig, else KUBECONFIG; in a Pod without either, its service account."""
+class FieldManager(StrEnum):
+    """Who wrote a field, as `managedFields` shows it."""
+
+    OPERATOR = "iotistic-operator"  # namespaces, licence Secrets, Customer status
+    SIGNUP = "iotistic-billing-api"  # Customers created by the signup route, admin suspensions
+    STRIPE = "iotistic-webhooks"  # spec.subscription, by server-side apply
+    USAGE = "iotistic-usage"  # status.usage and the WithinLimits condition
+    CLI = "iotistic-billing-cli"  # `iotistic-billing customer`
+
+
+class KubernetesUnavailable(Exception):
+    """The API server cannot be reached, or answered 5xx or 429: nothing was changed, retry later."""
+
+
+def _package_version() -> str:
+    try:
+        return version("iotistic-billing")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def api_client(component: str, *, kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
+    """The given kubeconfig, else KUBECONFIG; in a Pod without either, its service account. Requests
+    carry `iotistic-billing/<version> (<component>)` as User-Agent (the API server's audit log)."""
     config: Any = kubernetes.config
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
-        return kubernetes.client.ApiClient()
-    client: kubernetes.client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
+        client = kubernetes.client.ApiClient()
+    else:
+        client = config.new_client_from_config(config_file=kubeconfig)
+    client.user_agent = f"iotistic-billing/{_package_version()} ({component})"
     return client
+
+
+def not_found_as_none(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+    try:
+        return call(*args, **kwargs)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def customer_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
+
+
+class KubeApi:
+    """Synchronous calls, bodies as plain JSON. Writes go under `field_manager` unless a call names
+    another; `timeout` bounds each call (None: the client's default)."""
+
+    def __init__(
+        self, client: kubernetes.client.ApiClient, field_manager: FieldManager, timeout: float | None = None
+    ) -> None:
+        self.client = client
+        self.field_manager = field_manager
+        self.timeout = timeout
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.versions = kubernetes.client.VersionApi(client)
+
+    def call(self, method: Callable[..., Any], *args: Any, parse: bool = True, **options: Any) -> Any:
+        """`method` of the official client, its body parsed as plain JSON (read whole either way, which
+        returns the connection to the pool); building the client's models was the largest single part
+        of the operator's CPU."""
+        if self.timeout is not None:
+            options["_request_timeout"] = self.timeout
+        try:
+            body = method(*args, _preload_content=False, **options).data
+        except ApiException as error:
+            if error.status is None or error.status >= 500 or error.status == 429:
+                raise KubernetesUnavailable(f"the API server answered {error.status}") from None
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise KubernetesUnavailable(
+                f"the API server cannot be reached ({type(error).__name__})"
+            ) from None
+        return json.loads(body) if parse else None
+
+    def _manager(self, manager: FieldManager | None) -> str:
+        return str(manager or self.field_manager)
+
+    # ----- Customers -----
+
+    def read_customer(self, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = not_found_as_none(
+            self.call, self.objects.get_cluster_custom_object, GROUP, VERSION, PLURAL, name
+        )
+        return found
+
+    def list_customers(self, page_size: int = 500) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            extra: dict[str, Any] = {"_continue": token} if token else {}
+            page = self.call(
+                self.objects.list_cluster_custom_object, GROUP, VERSION, PLURAL, limit=page_size, **extra
+            )
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    def create_customer(self, body: dict[str, Any], manager: FieldManager | None = None) -> dict[str, Any]:
+        """Create a Customer; ApiException 409 when the name is taken."""
+        created: dict[str, Any] = self.call(
+            self.objects.create_cluster_custom_object,
+            GROUP,
+            VERSION,
+            PLURAL,
+            body,
+            field_manager=self._manager(manager),
+        )
+        return created
+
+    def _merge_patch(
+        self, method: Callable[..., Any], name: str, patch: dict[str, Any], manager: FieldManager | None
+    ) -> dict[str, Any]:
+        patched: dict[str, Any] = self.call(
+            method,
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            patch,
+            field_manager=self._manager(manager),
+            _content_type=MERGE_PATCH,
+        )
+        return patched
+
+    def patch_customer(
+        self, name: str, patch: dict[str, Any], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        """A merge patch of a Customer (spec changes of people and admins: a plan, a suspension)."""
+        return self._merge_patch(self.objects.patch_cluster_custom_object, name, patch, manager)
+
+    def apply_customer_spec(
+        self, name: str, spec: dict[str, Any], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply of the given part of a spec: the manager owns exactly the fields it sends
+        (spec.subscription for the Stripe inbox), the rest belongs to people and GitOps."""
+        applied: dict[str, Any] = self.call(
+            self.objects.patch_cluster_custom_object,
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            customer_body(name, spec),
+            field_manager=self._manager(manager),
+            force=True,
+            _content_type=APPLY_PATCH,
+        )
+        return applied
+
+    def patch_customer_status(
+        self,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+        manager: FieldManager | None = None,
+    ) -> dict[str, Any]:
+        """A merge patch of the status; with `resource_version`, conditional on it (409 when it moved,
+        as a merge patch replaces the conditions list another writer may have changed)."""
+        patch: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return self._merge_patch(self.objects.patch_cluster_custom_object_status, name, patch, manager)
+
+    # ----- namespaced objects -----
+
+    def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply of a Namespace or a Secret: create or converge in one call."""
+        meta = body["metadata"]
+        options: dict[str, Any] = {
+            "field_manager": self._manager(None),
+            "force": True,
+            "_content_type": APPLY_PATCH,
+            "parse": False,
+        }
+        if body["kind"] == "Namespace":
+            self.call(self.core.patch_namespace, meta["name"], body, **options)
+        elif body["kind"] == "Secret":
+            self.call(self.core.patch_namespaced_secret, meta["name"], meta["namespace"], body, **options)
+        else:
+            raise ValueError(f"apply of {body['kind']} is not supported")
+
+    def read_secret_data(self, namespace: str, name: str) -> tuple[dict[str, bytes], dict[str, str]] | None:
+        """A Secret's decoded data and its annotations, or None when it (or its namespace) is missing."""
+        secret = not_found_as_none(self.call, self.core.read_namespaced_secret, name, namespace)
+        if secret is None:
+            return None
+        data = {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
+        return data, dict(secret["metadata"].get("annotations") or {})
+
+    def namespace_exists(self, name: str) -> bool:
+        namespace = not_found_as_none(self.call, self.core.read_namespace, name)
+        return namespace is not None and "deletionTimestamp" not in namespace["metadata"]
+
+    def delete_namespace(self, name: str) -> bool:
+        """Request the namespace's deletion; False when it was already gone."""
+        try:
+            self.call(self.core.delete_namespace, name, parse=False)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        result = not_found_as_none(
+            self.call, self.apps.list_namespaced_deployment, namespace, label_selector=selector
+        )
+        items: list[dict[str, Any]] = (result or {}).get("items") or []
+        return items
+
+    def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
+        """Helm's own storage (Secrets labelled owner=helm): revision -> status, read without helm."""
+        result = self.call(
+            self.core.list_namespaced_secret,
+            namespace,
+            label_selector=f"owner=helm,name={release}",
+            _headers=_METADATA_ONLY,
+        )
+        revisions = {}
+        # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
+        for item in result.get("items") or []:
+            labels = item["metadata"].get("labels") or {}
+            revisions[int(labels.get("version", 0))] = labels.get("status", "")
+        return revisions
+
+    def server_version(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.call(self.versions.get_code)
+        return found
+
+    def close(self) -> None:
+        close: Any = self.client.close  # untyped in the client
+        close()
+
+
+class Kube:
+    """`KubeApi`'s calls for asynchronous code: each in a thread, at most `concurrency` at once."""
+
+    def __init__(self, api: KubeApi, concurrency: int | None = None) -> None:
+        self.api = api
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._slots is None:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        async with self._slots:
+            return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        return await self.run(self.api.read_customer, name)
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return await self.run(self.api.list_customers)
+
+    async def create_customer(
+        self, body: dict[str, Any], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        return await self.run(self.api.create_customer, body, manager)
+
+    async def patch_customer(
+        self, name: str, patch: dict[str, Any], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        return await self.run(self.api.patch_customer, name, patch, manager)
+
+    async def apply_customer_spec(
+        self, name: str, spec: dict[str, Any], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        return await self.run(self.api.apply_customer_spec, name, spec, manager)
+
+    async def patch_customer_status(
+        self,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+        manager: FieldManager | None = None,
+    ) -> dict[str, Any]:
+        return await self.run(self.api.patch_customer_status, name, status, resource_version, manager)
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        await self.run(self.api.apply, body)
+
+    async def read_secret_data(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, bytes], dict[str, str]] | None:
+        return await self.run(self.api.read_secret_data, namespace, name)
+
+    async def namespace_exists(self, name: str) -> bool:
+        return await self.run(self.api.namespace_exists, name)
+
+    async def delete_namespace(self, name: str) -> bool:
+        return await self.run(self.api.delete_namespace, name)
+
+    async def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return await self.run(self.api.list_deployments, namespace, selector)
+
+    async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
+        return await self.run(self.api.helm_release_revisions, namespace, release)
+
+    async def server_version(self) -> dict[str, Any]:
+        return await self.run(self.api.server_version)
+
+
+__all__ = [
+    "APPLY_PATCH",
+    "MERGE_PATCH",
+    "FieldManager",
+    "Kube",
+    "KubeApi",
+    "KubernetesUnavailable",
+    "api_client",
+    "customer_body",
+    "not_found_as_none",
+]

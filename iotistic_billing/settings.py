@@ -18,7 +18,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    """Environment names follow the seed where they apply (`PORT`, `DATABASE_URL`, `STRIPE_*`, ...)."""
+    """Environment names follow the earlier system where they apply (`PORT`, `DATABASE_URL`,
+    `STRIPE_*`, ...)."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 

@@ -1,4 +1,4 @@
-"""`iotistic-billing customer`: add, upgrade, deactivate and list Customer resources (the seed's
+"""`iotistic-billing customer`: add, upgrade, deactivate and list Customer resources (the earlier system's
 customer manager, on the Kubernetes API instead of the database)."""
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from kubernetes.client.exceptions import ApiException
 from iotistic_billing.cli import CommandError
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
-    GROUP,
-    PLANS,
-    PLURAL,
-    VERSION,
+    PLAN_NAMES,
     InvalidSpecError,
+    customer_id_in_use,
     name_errors,
     parse_spec,
 )
+from iotistic_billing.k8s import FieldManager, KubeApi, KubernetesUnavailable, api_client, customer_body
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--company", required=True, help="company name")
     add.add_argument("--name", dest="contact", help="contact name")
     add.add_argument("--resource-name", help="name of the Customer resource (default: from the company)")
-    add.add_argument("--plan", choices=PLANS, default="trial")
+    add.add_argument("--plan", choices=PLAN_NAMES, default="trial")
     add.add_argument("--customer-id", help="cust_... (default: derived by the operator)")
     add.add_argument("--trial-days", type=int)
     add.add_argument("--billing", choices=("manual", "stripe"), default="manual")
@@ -41,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     upgrade = commands.add_parser("upgrade", help="change a Customer's plan (spec.plan)")
     upgrade.add_argument("--id", required=True, help="customer id (cust_...) or resource name")
-    upgrade.add_argument("--plan", choices=PLANS, required=True)
+    upgrade.add_argument("--plan", choices=PLAN_NAMES, required=True)
     upgrade.set_defaults(handler=_upgrade)
 
     deactivate = commands.add_parser(
@@ -56,20 +55,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.set_defaults(handler=_list)
 
 
-def _objects() -> Any:
-    import kubernetes
-
-    from iotistic_billing.k8s import api_client
-
+def _kube() -> KubeApi:
     try:
-        return kubernetes.client.CustomObjectsApi(api_client())
+        return KubeApi(api_client("cli"), FieldManager.CLI)
     except Exception as error:  # no kubeconfig, unreadable file: say how to fix it
         raise CommandError(
             f"cannot reach Kubernetes ({error}); set KUBECONFIG (make dev writes .dev/env)"
         ) from None
 
 
-def _api_error(error: ApiException) -> CommandError:
+def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
+    if isinstance(error, KubernetesUnavailable):
+        return CommandError(f"{error}; nothing was changed, try again")
     try:
         message = json.loads(error.body or "{}").get("message") or error.reason
     except ValueError:
@@ -104,36 +101,34 @@ def _add(args: argparse.Namespace) -> int:
     name = args.resource_name or resource_name_for(args.company)
     if problems := name_errors(name):
         raise CommandError("--resource-name: " + "; ".join(problems))
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Customer", "metadata": {"name": name}, "spec": spec}
     try:
-        _objects().create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
-    except ApiException as error:
+        _kube().create_customer(customer_body(name, spec))
+    except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
     print(f"customer/{name} created (plan {args.plan}); `iotistic-billing customer list` shows its progress")
     return 0
 
 
-def find_customer(objects: Any, key: str) -> dict[str, Any]:
-    """A Customer by resource name or by customer id (spec or status)."""
+def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:
+    """A Customer by resource name or by customer id."""
     try:
-        found: dict[str, Any] = objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, key)
-        return found
-    except ApiException as error:
-        if error.status != 404:
-            raise _api_error(error) from None
-    for item in objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]:
-        ids = {item.get("spec", {}).get("customerId"), item.get("status", {}).get("customerId")}
-        if key in ids:
-            return dict(item)
+        found = kube.read_customer(key)
+        if found is not None:
+            return found
+        for item in kube.list_customers():
+            if customer_id_in_use(item) == key:
+                return item
+    except (ApiException, KubernetesUnavailable) as error:
+        raise _api_error(error) from None
     raise CommandError(f"--id: no Customer named or with customer id {key!r}")
 
 
 def _patch_spec(key: str, spec: dict[str, Any]) -> str:
-    objects = _objects()
-    name = str(find_customer(objects, key)["metadata"]["name"])
+    kube = _kube()
+    name = str(find_customer(kube, key)["metadata"]["name"])
     try:
-        objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": spec})
-    except ApiException as error:
+        kube.patch_customer(name, {"spec": spec})
+    except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
     return name
 
@@ -152,13 +147,13 @@ def _deactivate(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     try:
-        items = _objects().list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
-    except ApiException as error:
+        items = _kube().list_customers()
+    except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
     rows = [
         {
             "name": item["metadata"]["name"],
-            "customerId": item.get("status", {}).get("customerId") or item["spec"].get("customerId") or "",
+            "customerId": customer_id_in_use(item),
             "company": item["spec"].get("companyName", ""),
             "email": item["spec"].get("email", ""),
             "plan": item.get("status", {}).get("plan") or item["spec"].get("plan", ""),

@@ -1,4 +1,4 @@
-"""`iotistic-billing usage`: the seed's usage viewer, reading PostgreSQL directly (DATABASE_URL).
+"""`iotistic-billing usage`: the earlier system's usage viewer, reading PostgreSQL directly (DATABASE_URL).
 
 `--customer cust_x` prints one line per UTC day with reports and the billing period's overage;
 `--all` prints one line per customer that reported in the window, with its period's overage in dollars.

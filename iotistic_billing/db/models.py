@@ -1,7 +1,8 @@
-"""SQLAlchemy models of the records the Customer resource does not hold (DESIGN.md section 6)."""
+"""SQLAlchemy models of the records the Customer resource does not hold (docs/architecture.md, "Tables")."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -22,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from iotistic_billing.licensing.minting import LicenseRecord
 
 LICENSE_ACTIONS = ("generated", "renewed", "upgraded", "downgraded", "suspended", "revoked", "reinstated")
 
@@ -90,6 +93,15 @@ class LicenseHistory(Base):
     limits: Mapped[dict[str, Any]]
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     generated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    # A row is a LicenseRecord (its columns carry the record's field names) plus the action and when.
+    @staticmethod
+    def columns_of(record: LicenseRecord) -> dict[str, Any]:
+        columns = {field.name: getattr(record, field.name) for field in fields(LicenseRecord)}
+        return {**columns, "features": dict(record.features), "limits": dict(record.limits)}
+
+    def record(self) -> LicenseRecord:
+        return LicenseRecord(**{field.name: getattr(self, field.name) for field in fields(LicenseRecord)})
 
 
 class UsageReport(Base):

@@ -170,7 +170,7 @@ class SimulatedCluster:
         raise AssertionError("unreachable")
 
     def _create_nodes(self, timeout: float) -> None:
-        client: Any = api_client(str(self.plane.kubeconfig))
+        client: Any = api_client("devenv", kubeconfig=str(self.plane.kubeconfig))
         try:
             # Any: the client's stubs want V1Node objects where the API takes the plain dict.
             core: Any = kubernetes.client.CoreV1Api(client)

@@ -169,7 +169,8 @@ def license_claims(
     jti: str,
     lifetime: timedelta = DEFAULT_LIFETIME,
 ) -> dict[str, Any]:
-    """The claims of a licence, unsigned: the seed's camelCase claims plus the registered JWT claims."""
+    """The claims of a licence, unsigned: the earlier system's camelCase claims plus the registered JWT
+    claims."""
     if not customer.customer_id or len(customer.customer_id) > MAX_CUSTOMER_ID_LENGTH:
         raise MintingError(
             f"customer.customer_id must be 1 to {MAX_CUSTOMER_ID_LENGTH} characters, "

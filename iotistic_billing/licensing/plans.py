@@ -24,7 +24,7 @@ class PlanCatalogError(EntitlementError):
 
 
 def claim_name(attribute: str) -> str:
-    """`max_devices` -> `maxDevices`: the licence claims use the seed's camelCase names."""
+    """`max_devices` -> `maxDevices`: the licence claims use the earlier system's camelCase names."""
     head, *rest = attribute.split("_")
     return head + "".join(part.capitalize() for part in rest)
 
@@ -114,14 +114,15 @@ class Limits(_Section):
 
 @dataclass(frozen=True, slots=True)
 class IncludedUsage(_Section):
-    """What the base price covers before consumption billing charges overage (seed: Pricing Model)."""
+    """What the base price covers before consumption billing charges overage (the earlier system's
+    Pricing Model)."""
 
     section: ClassVar[str] = "included"
 
     devices: int
     traffic_gb: int
     storage_gb: int
-    # HTTP API calls per billing period; the seed prices calls "over the limit" without naming it.
+    # HTTP API calls per billing period; the earlier system prices calls "over the limit" without naming it.
     api_calls: int
 
 
@@ -129,7 +130,7 @@ class IncludedUsage(_Section):
 class Plan:
     name: str
     display_name: str
-    # None: priced per contract (the seed's "Custom" enterprise price).
+    # None: priced per contract (the earlier system's "Custom" enterprise price).
     monthly_price_cents: int | None
     features: Features
     limits: Limits
@@ -205,7 +206,7 @@ _STARTER_FEATURES = Features(
 )
 _STARTER_INCLUDED = IncludedUsage(devices=10, traffic_gb=10, storage_gb=5, api_calls=100_000)
 
-# The seed's "Unlicensed Mode": what an instance may do with no valid licence, and what a suspended
+# The earlier system's "Unlicensed Mode": what an instance may do with no valid licence, and what a suspended
 # or lapsed customer's licence carries. Devices keep their MQTT link so that two of them still work.
 UNLICENSED: Final = Plan(
     name=UNLICENSED_PLAN_NAME,
@@ -232,7 +233,7 @@ UNLICENSED: Final = Plan(
 
 PLANS: Final[Mapping[str, Plan]] = validate_catalog(
     {
-        # The seed's trial is the starter plan with fewer users, free.
+        # The earlier system's trial is the starter plan with fewer users, free.
         "trial": Plan(
             name="trial",
             display_name="Trial",

@@ -2,8 +2,8 @@
 
 Needs nothing but cryptography (a test runs it where only pyjwt and cryptography can be imported), so it
 imports nothing from the rest of the package but `plans` and `keys`. Whatever goes wrong, `verify`
-answers with the seed's unlicensed fallback and the reason, never an exception: an instance with a bad
-licence keeps running, small.
+answers with the earlier system's unlicensed fallback and the reason, never an exception: an instance
+with a bad licence keeps running, small.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class License:
         return datetime.fromtimestamp(expires, UTC) if type(expires) is int else None
 
     def has_feature(self, name: str) -> bool:
-        """Feature guard by the seed's claim name, e.g. `has_feature("canScheduleJobs")`."""
+        """Feature guard by the earlier system's claim name, e.g. `has_feature("canScheduleJobs")`."""
         try:
             attribute = _BOOLEAN_FEATURES[name]
         except KeyError:
@@ -138,7 +138,7 @@ class License:
         return maximum == UNLIMITED or current < maximum
 
     def check_device_limit(self, current_devices: int) -> dict[str, Any] | None:
-        """None when one more device may be provisioned, else the seed's 403 body."""
+        """None when one more device may be provisioned, else the earlier system's 403 body."""
         maximum = self.features.max_devices
         if maximum == UNLIMITED or current_devices < maximum:
             return None
@@ -154,7 +154,7 @@ class License:
 
 
 def unlicensed(reason: str) -> License:
-    """The seed's unlicensed mode, carrying why the instance is in it."""
+    """The earlier system's unlicensed mode, carrying why the instance is in it."""
     return License(
         valid=False,
         reason=reason,

@@ -15,13 +15,12 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.k8s import api_client
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
-from iotistic_billing.operator.kube import Kube
 from iotistic_billing.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("iotistic_billing.operator")
@@ -42,7 +41,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     except LicenseKeyError as error:
         raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
     engine = create_engine(database_url)
-    kube = Kube(api_client(kubeconfig))
+    kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
     return OperatorContext(
         settings=settings,
         keys=keys,
@@ -59,7 +58,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
 def ensure_peering(kube: Kube, name: str) -> None:
     """The ClusterKopfPeering object Kopf's peering needs (its CRD ships in crds/)."""
     try:
-        kube.objects.create_cluster_custom_object(
+        kube.api.objects.create_cluster_custom_object(
             "kopf.dev",
             "v1",
             "clusterkopfpeerings",
@@ -74,12 +73,11 @@ def tune_malloc(arenas: int = 2, threshold: int = 128 * 1024) -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the Kubernetes
     client's calls run in a thread pool, and each arena keeps its freed pages, so the operator's RSS
     grew with the thread count rather than with its data. Two arenas, set before any thread starts
-    (what MALLOC_ARENA_MAX=2 does, which measured 30 MiB less at 300 Customers).
+    (what MALLOC_ARENA_MAX=2 does).
 
     Fixed mmap and trim thresholds: by default glibc raises its mmap threshold each time a large block
     is freed, after which big buffers (API answers, watch events) come from the heap, where they
-    fragment it and are not given back. At 300 Customers the peak RSS through Ready measured 188.1 MiB
-    with the defaults and 178.7 MiB with both at 128 KiB (operator CPU 15.7 and 14.5 s)."""
+    fragment it and are not given back. bench/README.md has what each measured."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
     except AttributeError:  # not glibc (musl, macOS): nothing to tune

@@ -1,12 +1,11 @@
-"""Names the operator shares with the cluster: finalizer, labels, field manager, condition reasons."""
+"""Names the operator shares with the cluster: finalizer, labels, annotations, condition reasons
+(its field manager is k8s.FieldManager.OPERATOR)."""
 
 from __future__ import annotations
 
 from typing import Final
 
 FINALIZER: Final = "iotistic.io/customer-protection"
-FIELD_MANAGER: Final = "iotistic-operator"
-PEERING_NAME: Final = "iotistic-billing"
 
 LABEL_CUSTOMER: Final = "iotistic.io/customer"
 LABEL_CUSTOMER_ID: Final = "iotistic.io/customer-id"
@@ -19,12 +18,10 @@ ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"
 # Kopf workers (one per object with pending events) per watched resource at most.
 WORKER_LIMIT: Final = 32
 
-NAMESPACE_PREFIX: Final = "customer-"
 RELEASE_NAME: Final = "instance"
 
 # Condition reasons, CamelCase pairs.
 LICENSE_ISSUED: Final = "LicenseIssued"
-LICENSE_CURRENT: Final = "LicenseCurrent"
 LICENSE_FAILED: Final = "LicenseFailed"
 INSTALL_SUCCEEDED: Final = "InstallSucceeded"
 UPGRADE_SUCCEEDED: Final = "UpgradeSucceeded"
@@ -47,4 +44,3 @@ SUBSCRIPTION_LAPSED: Final = "SubscriptionLapsed"
 NO_SUBSCRIPTION: Final = "NoSubscription"
 SUSPENDED: Final = "Suspended"
 RECONCILED: Final = "Reconciled"
-DELETING: Final = "Deleting"

@@ -10,15 +10,39 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
-from iotistic_billing.operator.kube import Kube
 from iotistic_billing.settings import Settings
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class PassRequests:
+    """Bursts of watch events (a rollout changes a Deployment many times) coalesced into one pass per
+    Customer. A request carries the tick of the Deployment event asking for it, or None for any other
+    event: the pass that runs is for the latest tick, or unconditional once any request was None."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int | None] = {}
+
+    def add(self, name: str, deployment_event: int | None) -> bool:
+        """True when no pass of `name` is queued yet: the caller starts one."""
+        if name in self._pending:
+            queued = self._pending[name]
+            self._pending[name] = (
+                None if queued is None or deployment_event is None else max(queued, deployment_event)
+            )
+            return False
+        self._pending[name] = deployment_event
+        return True
+
+    def take(self, name: str) -> int | None:
+        """The queued pass of `name` starts: what it is for. A request after this queues another."""
+        return self._pending.pop(name)
 
 
 @dataclass
@@ -38,3 +62,4 @@ class OperatorContext:
     clock: Callable[[], datetime] = utc_now
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    pass_requests: PassRequests = field(default_factory=PassRequests)

@@ -10,28 +10,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from iotistic_billing.customer import customer_id_in_use, namespace_for
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY
-from iotistic_billing.operator.state import derived_customer_id, namespace_for
-
-
-def _customer_id(body: dict[str, Any], name: str) -> str:
-    """Read without validating the spec: a Customer must be deletable even with a spec we now refuse."""
-    spec, status = body.get("spec") or {}, body.get("status") or {}
-    return str(
-        spec.get("customerId")
-        or status.get("customerId")
-        or derived_customer_id(body["metadata"].get("uid") or name)
-    )
 
 
 async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
     meta = body["metadata"]
     name = str(meta["name"])
     async with ctx.locks[name]:
-        customer_id = _customer_id(body, name)
+        # Read from the raw object: a Customer must be deletable even with a spec we now refuse.
+        customer_id = customer_id_in_use(body)
         namespace = namespace_for(name)
         if await ctx.kube.namespace_exists(namespace):
             await ctx.helm.uninstall(c.RELEASE_NAME, namespace)

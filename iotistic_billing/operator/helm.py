@@ -50,7 +50,7 @@ class HelmRelease:
 
 
 def chart_version(chart: Path) -> str:
-    """Read once per change of Chart.yaml (every pass asks; parsing it took 0.56 ms)."""
+    """Read once per change of Chart.yaml (every pass asks)."""
     chart_file = chart / "Chart.yaml"
     return _chart_version(chart_file, chart_file.stat().st_mtime_ns)
 
@@ -64,8 +64,7 @@ def helm_environment() -> dict[str, str]:
     """The environment of every helm process (the reconcile benchmark's baseline uses it too).
 
     GOGC=400 unless set: a helm process lives a fraction of a second, and Go's default collector
-    (GOGC=100) spent about a fifth of its CPU (median CPU of an install measured here: 209 ms at the
-    default, 165 ms at 400; its peak memory stays under 100 MiB).
+    (GOGC=100) spent a fifth of its CPU (bench/README.md).
     """
     return {"GOGC": "400", **os.environ, "HELM_MAX_HISTORY": "5"}
 
@@ -74,8 +73,8 @@ def upgrade_install_args(name: str, namespace: str, chart: Path, values_file: Pa
     """The operator's `helm upgrade --install` (the reconcile benchmark's baseline runs the same).
 
     Without client-side OpenAPI validation: it downloads and parses the API server's OpenAPI document in
-    every helm process (about 40% of an install's CPU here), while the server-side apply that follows
-    validates every object against the same schema anyway.
+    every helm process (much of an install's CPU, bench/README.md), while the server-side apply that
+    follows validates every object against the same schema anyway.
     """
     return [
         "upgrade",

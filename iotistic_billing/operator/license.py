@@ -7,7 +7,6 @@ PostgreSQL refused) records the very same rows later, also when that licence is 
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any
 
@@ -17,16 +16,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.api_keys import new_usage_key, usage_key_hash
-from iotistic_billing.customer import (
-    LICENSE_JWT_KEY,
-    LICENSE_PUBLIC_KEY_KEY,
-    LICENSE_SECRET_NAME,
-    USAGE_API_KEY_KEY,
-    Customer,
-    LicenseStatus,
-)
+from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, USAGE_API_KEY_KEY, LicenseStatus
+from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
-from iotistic_billing.licensing.history import record_license
 from iotistic_billing.licensing.minting import (
     LicenseCustomer,
     LicenseRecord,
@@ -42,9 +34,10 @@ from iotistic_billing.licensing.minting import (
 from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.kube import owner_reference
+from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, license_action
+from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.metrics import LICENSES_MINTED
-from iotistic_billing.operator.state import Entitlement, license_action
+from iotistic_billing.operator.state import PassTarget
 
 
 def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
@@ -54,16 +47,14 @@ def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
     )
 
 
-def desired_claims(
-    ctx: OperatorContext, customer_id: str, name: str, entitlement: Entitlement, now: datetime
-) -> dict[str, Any]:
-    trial, subscription = _terms(entitlement)
+def desired_claims(ctx: OperatorContext, target: PassTarget) -> dict[str, Any]:
+    trial, subscription = _terms(target.entitlement)
     return license_claims(
-        customer=LicenseCustomer(customer_id, name),
-        plan=plan_by_name(entitlement.plan, allow_unlicensed=True),
+        customer=LicenseCustomer(target.customer_id, target.spec.company_name),
+        plan=plan_by_name(target.entitlement.plan, allow_unlicensed=True),
         trial=trial,
         subscription=subscription,
-        now=now,
+        now=target.now,
         issuer=ctx.settings.license_issuer,
         audience=ctx.settings.license_audience,
         jti="desired",
@@ -100,13 +91,7 @@ def needs_new_license(
     if claims_differ(current, desired):
         return True
     issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
-    # A trial licence already ends with the trial: renewing cannot extend it.
-    capped_by_trial = (
-        entitlement.trial_active
-        and entitlement.trial_ends_at is not None
-        and (expires >= entitlement.trial_ends_at.replace(microsecond=0))
-    )
-    return renewal_due(expires, issued, now) and not capped_by_trial
+    return renewal_due(expires, issued, now) and not capped_by_trial(entitlement, expires)
 
 
 def _status(record: LicenseRecord) -> LicenseStatus:
@@ -121,40 +106,33 @@ def _status(record: LicenseRecord) -> LicenseStatus:
 
 
 async def ensure_license(
-    ctx: OperatorContext,
-    customer: Customer,
-    body: dict[str, Any],
-    customer_id: str,
-    entitlement: Entitlement,
-    namespace: str,
-    now: datetime,
-    existing: tuple[dict[str, bytes], dict[str, str]] | None,
+    ctx: OperatorContext, target: PassTarget, existing: tuple[dict[str, bytes], dict[str, str]] | None
 ) -> LicenseStatus:
     """`existing`: the data and annotations of the current licence Secret (None when there is none)."""
     data, annotations = existing if existing is not None else ({}, {})
     # An edited value that is not UTF-8 is as good as a tampered token: replaced, not retried forever.
     token = data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
-    desired = desired_claims(ctx, customer_id, customer.spec.company_name, entitlement, now)
     stored_key = data.get(USAGE_API_KEY_KEY, b"").decode(errors="replace")
     usage_key = stored_key or new_usage_key()
     current = verified_claims(ctx, token)
     previous = _readable(token)
+    reported = target.customer.status.license
     # Ours, in the Secret, and not what the last completed pass reported: its pass may have ended before
     # its history row and its usage key's row were written (a crash, PostgreSQL away).
     unrecorded = (
-        current is not None
-        and previous is not None
-        and (customer.status.license is None or customer.status.license.jti != previous.jti)
+        current is not None and previous is not None and (reported is None or reported.jti != previous.jti)
     )
     written_action = annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
 
-    if previous is not None and not needs_new_license(current, desired, entitlement, now):
+    if previous is not None and not needs_new_license(
+        current, desired_claims(ctx, target), target.entitlement, target.now
+    ):
         if unrecorded:
             # Both inserts are idempotent: written now if that pass did not.
             async with ctx.sessions() as session, session.begin():
                 await record_license(session, previous, written_action)
                 if stored_key:
-                    await _record_usage_key(session, customer_id, customer.metadata.name, stored_key)
+                    await _record_usage_key(session, target.customer_id, target.name, stored_key)
         return _status(previous)
 
     if unrecorded:
@@ -166,54 +144,41 @@ async def ensure_license(
     action = license_action(
         previous.plan if previous else None,
         annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended",
-        entitlement,
+        target.entitlement,
     )
-    trial, subscription = _terms(entitlement)
+    trial, subscription = _terms(target.entitlement)
     minted: MintedLicense = mint_license(
-        customer=LicenseCustomer(customer_id, customer.spec.company_name),
-        plan=plan_by_name(entitlement.plan, allow_unlicensed=True),
+        customer=LicenseCustomer(target.customer_id, target.spec.company_name),
+        plan=plan_by_name(target.entitlement.plan, allow_unlicensed=True),
         trial=trial,
         subscription=subscription,
-        now=now,
+        now=target.now,
         keys=ctx.keys,
         issuer=ctx.settings.license_issuer,
         audience=ctx.settings.license_audience,
         lifetime=ctx.settings.lifetime,
     )
     await ctx.kube.apply(
-        "Secret",
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": LICENSE_SECRET_NAME,
-                "namespace": namespace,
-                "labels": {
-                    c.LABEL_CUSTOMER: customer.metadata.name,
-                    c.LABEL_CUSTOMER_ID: customer_id,
-                    c.LABEL_MANAGED_BY: c.MANAGED_BY,
-                },
-                "annotations": {c.ANNOTATION_LICENSE_ACTION: action},
-                "ownerReferences": [owner_reference(body)],
-            },
-            "type": "Opaque",
-            "data": {
-                LICENSE_JWT_KEY: base64.b64encode(minted.token.encode()).decode(),
-                LICENSE_PUBLIC_KEY_KEY: base64.b64encode(ctx.keys.public_key_pem()).decode(),
-                USAGE_API_KEY_KEY: base64.b64encode(usage_key.encode()).decode(),
-            },
-        },
+        license_secret_manifest(
+            namespace=target.namespace,
+            name=target.name,
+            customer_id=target.customer_id,
+            owner=target.owner,
+            action=action,
+            token=minted.token,
+            public_key_pem=ctx.keys.public_key_pem(),
+            usage_key=usage_key,
+        )
     )
     metadata = {
         "oldPlan": previous.plan if previous else None,
         "newPlan": minted.plan,
-        "reason": entitlement.reason,
+        "reason": target.entitlement.reason,
     }
     async with ctx.sessions() as session, session.begin():
         await record_license(session, minted, action, metadata)
         LICENSES_MINTED.labels(action).inc()
-        await _record_usage_key(session, customer_id, customer.metadata.name, usage_key)
+        await _record_usage_key(session, target.customer_id, target.name, usage_key)
     return _status(minted.record())
 
 
@@ -267,18 +232,7 @@ async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str,
             )
             if last is None:
                 return False
-            record = LicenseRecord(
-                customer_id=last.customer_id,
-                plan=last.plan,
-                max_devices=last.max_devices,
-                license_hash=last.license_hash,
-                jti=last.jti,
-                kid=last.kid,
-                issued_at=last.issued_at,
-                expires_at=last.expires_at,
-                features=last.features,
-                limits=last.limits,
-            )
+            record = last.record()
         await record_license(session, record, "revoked", {"reason": reason})
     return True
 

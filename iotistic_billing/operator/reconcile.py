@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -20,29 +20,20 @@ from iotistic_billing.customer import (
     CustomerMetadata,
     CustomerStatus,
     InvalidSpecError,
-    LicenseStatus,
-    Phase,
     name_errors,
+    namespace_for,
     parse_spec,
 )
 from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.kube import owner_reference
+from iotistic_billing.operator.deployments import instance_health
 from iotistic_billing.operator.license import ensure_license
+from iotistic_billing.operator.manifests import namespace_manifest
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILES
+from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
-from iotistic_billing.operator.state import (
-    ReleaseOutcome,
-    customer_id_for,
-    effective_plan,
-    instance_domain,
-    instance_health,
-    namespace_for,
-    next_status,
-    over_current,
-)
-from iotistic_billing.operator.values import desired_release_values
+from iotistic_billing.operator.state import invalid_spec_status, next_status, over_current, pass_target
 
 log = logging.getLogger(__name__)
 
@@ -133,98 +124,39 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             raise InvalidSpecError(problems)
         spec = parse_spec(body.get("spec") or {})
     except InvalidSpecError as invalid:
-        status = previous.model_copy(update={"phase": Phase.FAILED})
+        status = invalid_spec_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
     customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
-    name = customer.metadata.name
-    created = customer.metadata.creation_timestamp or now
-    customer_id = customer_id_for(spec, customer.metadata.uid or name)
-    namespace = namespace_for(name)
-    domain = instance_domain(name, spec, ctx.settings.base_domain)
-    entitlement = effective_plan(spec, created, now)
+    target = pass_target(body, customer, ctx.settings.base_domain, now)
 
     # The licence Secret is read while the namespace is applied (a missing namespace reads as no Secret).
     _, secret = await together(
-        ctx.kube.apply(
-            "Namespace",
-            "",
-            {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "metadata": {
-                    "name": namespace,
-                    "labels": {
-                        c.LABEL_CUSTOMER: name,
-                        c.LABEL_CUSTOMER_ID: customer_id,
-                        c.LABEL_MANAGED_BY: c.MANAGED_BY,
-                    },
-                    "ownerReferences": [owner_reference(body)],
-                },
-            },
-        ),
-        ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME),
+        ctx.kube.apply(namespace_manifest(target.namespace, target.name, target.customer_id, target.owner)),
+        ctx.kube.read_secret_data(target.namespace, LICENSE_SECRET_NAME),
     )
-
-    license: LicenseStatus | None = None
-    license_error: str | None = None
     try:
-        license = await ensure_license(
-            ctx,
-            customer,
-            body,
-            customer_id,
-            entitlement,
-            namespace,
-            now,
-            secret,
-        )
+        outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
-        license_error = str(error)
+        outcome = PassOutcome(license_error=str(error))
 
-    release: ReleaseOutcome | None = None
-    if license is not None:
-        values = desired_release_values(
-            spec=spec,
-            customer_id=customer_id,
-            entitlement=entitlement,
-            domain=domain,
-            billing_url=ctx.settings.billing_url,
-            license_sha256=license.sha256,
-        )
-        release = await ensure_release(ctx, namespace, values, previous.release, spec.instance.chart_version)
-
-    health = None
     read_at: int | None = None
-    if release is not None and release.deployed:
-        read_at = ctx.deployments.mark()
-        deployments = await ctx.deployments.of(namespace, helm_ran=release.result != "unchanged")
-        health = instance_health(deployments, spec.instance.enabled and not spec.suspended)
+    if outcome.license is not None:
+        release = await ensure_release(ctx, target, outcome.license, previous.release)
+        outcome = replace(outcome, release=release)
+        if release.deployed:
+            read_at = ctx.deployments.mark()
+            deployments = await ctx.deployments.of(target.namespace, helm_ran=release.result != "unchanged")
+            outcome = replace(
+                outcome, health=instance_health(deployments, spec.instance.enabled and not spec.suspended)
+            )
 
-    failure = license_error or (release.message if release is not None and not release.deployed else None)
-    stalled = (
-        c.LICENSE_FAILED if license_error else (release.reason if release and release.permanent else None)
-    )
-    status = next_status(
-        previous,
-        generation=generation,
-        customer_id=customer_id,
-        entitlement=entitlement,
-        license=license,
-        license_error=license_error,
-        release=release,
-        health=health,
-        namespace=namespace,
-        url=f"https://{domain}",
-        stalled_reason=stalled,
-        stalled_message=failure or "",
-        now=now,
-    )
-    if stalled:
-        result = await _finish(ctx, body, previous, status, permanent=failure)
+    status = next_status(previous, target, outcome, generation)
+    if outcome.stalled_reason is not None:
+        result = await _finish(ctx, body, previous, status, permanent=outcome.failure)
     else:
-        result = await _finish(ctx, body, previous, status, temporary=failure)
+        result = await _finish(ctx, body, previous, status, temporary=outcome.failure)
     if read_at is not None:
-        ctx.deployments.judged(namespace, read_at)
+        ctx.deployments.judged(target.namespace, read_at)
     return result
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from iotistic_billing.customer import ReleaseStatus
+from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.helm import HelmError, chart_version
-from iotistic_billing.operator.state import ReleaseOutcome
-from iotistic_billing.operator.values import values_hash
+from iotistic_billing.operator.outcomes import ReleaseOutcome
+from iotistic_billing.operator.state import PassTarget
+from iotistic_billing.operator.values import desired_release_values, values_hash
 
 
 async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
@@ -24,12 +23,12 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
 
 
 async def ensure_release(
-    ctx: OperatorContext,
-    namespace: str,
-    values: dict[str, Any],
-    previous: ReleaseStatus | None,
-    wanted_chart_version: str | None,
+    ctx: OperatorContext, target: PassTarget, license: LicenseStatus, previous: ReleaseStatus | None
 ) -> ReleaseOutcome:
+    """`previous`: the release the last pass reported (status.release)."""
+    namespace = target.namespace
+    values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
+    wanted_chart_version = target.spec.instance.chart_version
     chart = ctx.settings.helm_chart_path
     version = chart_version(chart)
     if wanted_chart_version and wanted_chart_version != version:

@@ -1,237 +1,84 @@
-"""Pure decisions of a reconcile pass: the effective plan, the licence action, the phase and conditions.
+"""Pure decisions of a reconcile pass: what it aims at, the phase, and the status it ends with.
 
-No I/O here: every function takes the facts (spec, times, step outcomes) and returns what should be.
+No I/O here: every function takes the facts (the Customer, the clock, the steps' outcome) and returns
+what should be. Conditions are conditions.py's; the effective plan is entitlement.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 from iotistic_billing.customer import (
-    UNLICENSED,
     Condition,
-    ConditionStatus,
     ConditionType,
+    Customer,
     CustomerSpec,
     CustomerStatus,
     InstanceStatus,
-    LicenseStatus,
     Phase,
-    ReleaseStatus,
     TrialStatus,
-    find_condition,
-    set_condition,
+    customer_id_in_use,
+    namespace_for,
 )
 from iotistic_billing.licensing.minting import renewal_due
-from iotistic_billing.operator import constants as c
-
-# How long a past_due subscription keeps its plan before the customer falls back to unlicensed.
-PAST_DUE_GRACE = timedelta(days=7)
-PLAN_RANK = {UNLICENSED: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}
-
-
-@dataclass(frozen=True)
-class Entitlement:
-    """What a Customer is entitled to at a moment: the plan its licence carries, and why."""
-
-    plan: str  # a plan name or "unlicensed"
-    reason: str
-    message: str
-    trial_active: bool
-    trial_ends_at: datetime | None
-    # Stripe's status for the licence's subscription claim; a manual paid plan is "active".
-    subscription_status: str
-    subscription_period_end: datetime | None
-    suspended: bool = False
-    lapsed: bool = False  # a lapsed trial or a cancelled/unpaid subscription
+from iotistic_billing.operator.conditions import (
+    license_condition,
+    release_condition,
+    stalled,
+    subscription_condition,
+    summarize,
+    trial_condition,
+    with_conditions,
+)
+from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, effective_plan
+from iotistic_billing.operator.manifests import owner_reference
+from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
 
 
-def customer_id_for(spec: CustomerSpec, uid: str) -> str:
-    """spec.customerId, or a stable id derived from the object's uid (it never changes for the object)."""
-    return spec.customer_id or derived_customer_id(uid)
+@dataclass(frozen=True, kw_only=True)
+class PassTarget:
+    """What one pass aims at, worked out once from the Customer and the clock; every step reads it."""
 
+    customer: Customer
+    customer_id: str
+    namespace: str
+    domain: str
+    entitlement: Entitlement
+    # The ownerReference of everything the pass creates for the Customer.
+    owner: dict[str, Any]
+    now: datetime
 
-def derived_customer_id(uid: str) -> str:
-    return "cust_" + hashlib.sha256(uid.encode()).hexdigest()[:16]
+    @property
+    def name(self) -> str:
+        return self.customer.metadata.name
 
+    @property
+    def spec(self) -> CustomerSpec:
+        return self.customer.spec
 
-def namespace_for(name: str) -> str:
-    return c.NAMESPACE_PREFIX + name
+    @property
+    def url(self) -> str:
+        return f"https://{self.domain}"
 
 
 def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
     return spec.instance.domain or f"{name}.{base_domain}"
 
 
-def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
-    # On the whole second: a licence's times are whole seconds, and a trial judged active in the fraction
-    # of a second before an endsAt like 12:00:00.5Z would need a licence ending before it was issued.
-    ends_at = spec.trial.ends_at_for(created_at).replace(microsecond=0)
-    if now < ends_at:
-        return Entitlement(
-            "trial", c.TRIAL_ACTIVE, f"trial ends {ends_at.isoformat()}", True, ends_at, "trialing", None
-        )
-    return Entitlement(
-        UNLICENSED,
-        c.TRIAL_EXPIRED,
-        f"trial ended {ends_at.isoformat()}",
-        False,
-        ends_at,
-        "canceled",
-        None,
-        lapsed=True,
+def pass_target(body: Mapping[str, Any], customer: Customer, base_domain: str, now: datetime) -> PassTarget:
+    name = customer.metadata.name
+    return PassTarget(
+        customer=customer,
+        customer_id=customer_id_in_use(body),
+        namespace=namespace_for(name),
+        domain=instance_domain(name, customer.spec, base_domain),
+        entitlement=effective_plan(customer.spec, customer.metadata.creation_timestamp or now, now),
+        owner=owner_reference(body),
+        now=now,
     )
-
-
-def effective_plan(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
-    """DESIGN.md section 2: the subscription's plan in stripe mode, spec.plan in manual mode, a lapsed
-    trial or subscription and a suspension give the unlicensed feature set."""
-    if spec.suspended:
-        return Entitlement(
-            UNLICENSED, c.SUSPENDED, "suspended by an administrator", False, None, "paused", None, True
-        )
-    if spec.billing.mode == "manual":
-        if spec.plan == "trial":
-            return _trial(spec, created_at, now)
-        return Entitlement(
-            spec.plan, c.MANUAL_BILLING, f"{spec.plan} plan, billed manually", False, None, "active", None
-        )
-
-    subscription = spec.subscription
-    if subscription is None or subscription.status in ("incomplete",) or subscription.plan is None:
-        return _trial(spec, created_at, now)
-    period_end = subscription.current_period_end
-    if subscription.status in ("active", "trialing"):
-        return Entitlement(
-            subscription.plan,
-            c.SUBSCRIPTION_ACTIVE,
-            f"Stripe subscription {subscription.status}",
-            False,
-            None,
-            subscription.status,
-            period_end,
-        )
-    if subscription.status == "past_due" and period_end is not None and now < period_end + PAST_DUE_GRACE:
-        return Entitlement(
-            subscription.plan,
-            c.SUBSCRIPTION_PAST_DUE,
-            f"payment past due; plan kept until {(period_end + PAST_DUE_GRACE).isoformat()}",
-            False,
-            None,
-            "past_due",
-            period_end,
-        )
-    return Entitlement(
-        UNLICENSED,
-        c.SUBSCRIPTION_LAPSED,
-        f"Stripe subscription {subscription.status}",
-        False,
-        None,
-        subscription.status,
-        period_end,
-        lapsed=True,
-    )
-
-
-def license_action(previous_plan: str | None, previous_suspended: bool, entitlement: Entitlement) -> str:
-    """The license_history action of a new licence, given the plan of the licence it replaces."""
-    if previous_plan is None:
-        return "generated"
-    if entitlement.suspended:
-        return "suspended"
-    if previous_suspended:
-        return "reinstated"
-    old, new = PLAN_RANK.get(previous_plan, 0), PLAN_RANK.get(entitlement.plan, 0)
-    if new > old:
-        return "upgraded"
-    if new < old:
-        return "downgraded"
-    return "renewed"
-
-
-# ----- outcomes of the steps, as the status builder sees them -----
-
-
-@dataclass(frozen=True)
-class ReleaseOutcome:
-    result: Literal["installed", "upgraded", "unchanged", "failed", "disabled-pending"]
-    reason: str
-    message: str
-    release: ReleaseStatus | None = None
-    permanent: bool = False
-
-    @property
-    def deployed(self) -> bool:
-        return self.result in ("installed", "upgraded", "unchanged")
-
-
-@dataclass(frozen=True)
-class InstanceHealth:
-    available: bool
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentState:
-    """What readiness needs of an instance Deployment, and its identity: the operator keeps one per
-    Deployment it watches (six thousand at 1,000 Customers; the object itself is ~5 KB of JSON)."""
-
-    name: str
-    uid: str
-    generation: int
-    replicas: int  # spec.replicas: wanted
-    observed_generation: int
-    available: int
-    updated: int
-    current: int  # status.replicas: of every ReplicaSet, old ones included
-
-    @classmethod
-    def of(cls, deployment: Mapping[str, Any]) -> DeploymentState:
-        meta, spec, status = (
-            deployment.get("metadata") or {},
-            deployment.get("spec") or {},
-            deployment.get("status") or {},
-        )
-        return cls(
-            name=str(meta.get("name", "")),
-            uid=str(meta.get("uid", "")),
-            generation=int(meta.get("generation") or 0),
-            replicas=1 if spec.get("replicas") is None else int(spec["replicas"]),
-            observed_generation=int(status.get("observedGeneration") or 0),
-            available=int(status.get("availableReplicas") or 0),
-            updated=int(status.get("updatedReplicas") or 0),
-            current=int(status.get("replicas") or 0),
-        )
-
-    @property
-    def rolled_out(self) -> bool:
-        """As `kubectl rollout status`: the current generation observed, every wanted replica updated and
-        available, and no replica of an older ReplicaSet left."""
-        return (
-            self.observed_generation >= self.generation
-            and self.available >= self.replicas
-            and self.updated >= self.replicas
-            and self.current <= self.updated
-        )
-
-
-def instance_health(deployments: Sequence[DeploymentState], enabled: bool) -> InstanceHealth:
-    """Available when every Deployment of the release has rolled out its current generation."""
-    if not enabled:
-        return InstanceHealth(True, c.INSTANCE_DISABLED, "instance disabled: scaled to zero")
-    if not deployments:
-        return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "no Deployments of the release yet")
-    waiting = sorted(f"{d.name} {d.available}/{d.replicas}" for d in deployments if not d.rolled_out)
-    if waiting:
-        return InstanceHealth(
-            False, c.DEPLOYMENTS_UNAVAILABLE, "waiting for Deployments: " + ", ".join(waiting)
-        )
-    return InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, f"{len(deployments)} Deployments available")
 
 
 def phase_for(
@@ -259,122 +106,55 @@ def phase_for(
 
 
 def next_status(
-    previous: CustomerStatus,
-    *,
-    generation: int,
-    customer_id: str,
-    entitlement: Entitlement,
-    license: LicenseStatus | None,
-    license_error: str | None,
-    release: ReleaseOutcome | None,
-    health: InstanceHealth | None,
-    namespace: str,
-    url: str,
-    stalled_reason: str | None = None,
-    stalled_message: str = "",
-    now: datetime,
+    previous: CustomerStatus, target: PassTarget, outcome: PassOutcome, generation: int
 ) -> CustomerStatus:
     """The status a pass ends with; observedGeneration moves only when the pass ends ready or stalled."""
-    stalled = stalled_reason is not None
-    phase = phase_for(entitlement, release, health, previous.phase, stalled)
-    ready = (
-        not stalled
-        and license is not None
-        and release is not None
-        and release.deployed
-        and bool(health and health.available)
+    entitlement = target.entitlement
+    is_stalled = outcome.stalled_reason is not None
+    conditions = with_conditions(
+        previous.conditions,
+        [
+            license_condition(outcome, entitlement),
+            release_condition(outcome.release, previous.conditions or ()),
+            trial_condition(entitlement),
+            subscription_condition(entitlement),
+            *summarize(outcome),
+        ],
+        generation=generation,
+        now=target.now,
     )
-    conditions: list[Condition] | None = previous.conditions
-
-    def put(type_: str, status: bool | None, reason: str, message: str) -> None:
-        nonlocal conditions
-        value = (
-            ConditionStatus.UNKNOWN
-            if status is None
-            else ConditionStatus.TRUE
-            if status
-            else ConditionStatus.FALSE
-        )
-        conditions = set_condition(
-            conditions,
-            type_=type_,
-            status=value,
-            reason=reason,
-            message=message,
-            observed_generation=generation,
-            now=now,
-        )
-
-    if license_error is not None:
-        put(ConditionType.LICENSE_ISSUED, False, c.LICENSE_FAILED, license_error)
-    elif license is not None:
-        put(
-            ConditionType.LICENSE_ISSUED,
-            True,
-            c.LICENSE_ISSUED,
-            f"{entitlement.plan} licence, expires {license.expires_at}",
-        )
-    if release is not None:
-        reason, message = release.reason, release.message
-        last = find_condition(previous.conditions or (), ConditionType.RELEASE_DEPLOYED)
-        if release.result == "unchanged" and last is not None and last.status == ConditionStatus.TRUE:
-            # Keep what the last install or upgrade said: rewriting it to "unchanged" on the next pass
-            # was a status patch (and a watch event) per Customer that told nobody anything.
-            reason, message = last.reason, last.message
-        put(ConditionType.RELEASE_DEPLOYED, release.deployed, reason, message)
-    put(
-        ConditionType.TRIAL_ACTIVE,
-        entitlement.trial_active,
-        c.TRIAL_ACTIVE
-        if entitlement.trial_active
-        else (c.TRIAL_EXPIRED if entitlement.reason == c.TRIAL_EXPIRED else c.NOT_IN_TRIAL),
-        entitlement.message if entitlement.trial_ends_at else "not in a trial",
-    )
-    subscription_ok = entitlement.reason in (c.MANUAL_BILLING, c.SUBSCRIPTION_ACTIVE, c.SUBSCRIPTION_PAST_DUE)
-    subscription_reason = entitlement.reason if entitlement.reason != c.TRIAL_ACTIVE else c.NO_SUBSCRIPTION
-    put(ConditionType.SUBSCRIPTION_ACTIVE, subscription_ok, subscription_reason, entitlement.message)
-
-    if stalled:
-        put(ConditionType.STALLED, True, stalled_reason or "Stalled", stalled_message)
-        put(ConditionType.RECONCILING, False, stalled_reason or "Stalled", "waiting for a change of the spec")
-        put(ConditionType.READY, False, stalled_reason or "Stalled", stalled_message)
-    else:
-        put(ConditionType.STALLED, False, c.RECONCILED, "")
-        if ready:
-            put(ConditionType.RECONCILING, False, c.RECONCILED, "")
-            put(
-                ConditionType.READY,
-                True,
-                health.reason if health else c.RECONCILED,
-                health.message if health else "",
-            )
-        else:
-            waiting_on = (
-                license_error
-                or (release.message if release is not None and not release.deployed else None)
-                or (health.message if health is not None else "provisioning")
-            )
-            put(ConditionType.RECONCILING, True, c.PROGRESSING, waiting_on)
-            put(
-                ConditionType.READY,
-                False,
-                health.reason if health and release and release.deployed else c.PROGRESSING,
-                waiting_on,
-            )
-
+    release = outcome.release
     return previous.model_copy(
         update={
-            "customer_id": customer_id,
-            "phase": phase,
+            "customer_id": target.customer_id,
+            "phase": phase_for(entitlement, release, outcome.health, previous.phase, is_stalled),
             "plan": entitlement.plan,
             "trial": TrialStatus(is_trial_mode=entitlement.trial_active, ends_at=entitlement.trial_ends_at),
-            "license": license or previous.license,
+            "license": outcome.license or previous.license,
             "release": release.release
             if release is not None and release.release is not None
             else previous.release,
-            "instance": InstanceStatus(namespace=namespace, url=url),
+            "instance": InstanceStatus(namespace=target.namespace, url=target.url),
             "conditions": conditions,
-            "observed_generation": generation if (ready or stalled) else previous.observed_generation,
+            "observed_generation": generation
+            if (outcome.ready or is_stalled)
+            else previous.observed_generation,
+        }
+    )
+
+
+def invalid_spec_status(
+    previous: CustomerStatus, generation: int, reason: str, message: str, now: datetime
+) -> CustomerStatus:
+    """A Customer whose spec (or name) the operator refuses: Failed and Stalled, Ready False (an earlier
+    Ready=True kept beside phase Failed made kstatus readers call it healthy)."""
+    return previous.model_copy(
+        update={
+            "phase": Phase.FAILED,
+            "conditions": with_conditions(
+                previous.conditions, stalled(reason, message), generation=generation, now=now
+            ),
+            "observed_generation": generation,
         }
     )
 
@@ -407,11 +187,21 @@ def housekeeping_due(
     license = status.license
     if license is None or license.issued_at is None or license.expires_at is None:
         return None
-    capped_by_trial = (
-        entitlement.trial_active
-        and entitlement.trial_ends_at is not None
-        and license.expires_at >= entitlement.trial_ends_at.replace(microsecond=0)
-    )
-    if not capped_by_trial and renewal_due(license.expires_at, license.issued_at, now):
+    if not capped_by_trial(entitlement, license.expires_at) and renewal_due(
+        license.expires_at, license.issued_at, now
+    ):
         return "LicenseRenewal"
     return None
+
+
+__all__ = [
+    "FOREIGN_CONDITIONS",
+    "PassTarget",
+    "housekeeping_due",
+    "instance_domain",
+    "invalid_spec_status",
+    "next_status",
+    "over_current",
+    "pass_target",
+    "phase_for",
+]

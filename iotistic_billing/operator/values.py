@@ -6,9 +6,8 @@ import hashlib
 import json
 from typing import Any
 
-from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.licensing.plans import plan_by_name
-from iotistic_billing.operator.state import Entitlement
+from iotistic_billing.operator.state import PassTarget
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -22,22 +21,17 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def desired_release_values(
-    *,
-    spec: CustomerSpec,
-    customer_id: str,
-    entitlement: Entitlement,
-    domain: str,
-    billing_url: str,
-    license_sha256: str | None,
+    target: PassTarget, billing_url: str, license_sha256: str | None
 ) -> dict[str, Any]:
     """spec.instance.values first, then the values the operator owns on top: a user override can tune
     the chart but cannot lift the plan's limits or switch a suspended instance back on."""
+    spec, entitlement = target.spec, target.entitlement
     plan = plan_by_name(entitlement.plan, allow_unlicensed=True)
     managed: dict[str, Any] = {
         "enabled": spec.instance.enabled and not spec.suspended,
-        "customerId": customer_id,
+        "customerId": target.customer_id,
         "plan": entitlement.plan,
-        "domain": domain,
+        "domain": target.domain,
         "billingUrl": billing_url,
         "license": {"maxDevices": plan.features.max_devices, "sha256": license_sha256 or ""},
         "retention": {"days": plan.features.data_retention_days},

@@ -8,7 +8,7 @@ time across server replicas (a PostgreSQL advisory lock), so two replicas never 
 
 Stripe side: one meter per metric (`iotistic_devices`, `iotistic_mqtt_traffic_gb`,
 `iotistic_http_traffic_gb`, `iotistic_storage_gb_months`, `iotistic_api_calls`), aggregated by sum,
-with a metered price at the seed's overage rate (API calls: per unit, $0.0005, or $0.50 per 1,000
+with a metered price at the earlier system's overage rate (API calls: per unit, $0.0005, or $0.50 per 1,000
 with transform_quantity divide_by 1000).
 """
 

@@ -1,4 +1,4 @@
-"""Consumption billing (the seed's "Pricing Model"): usage of a billing period against the plan's
+"""Consumption billing (the earlier system's "Pricing Model"): usage of a billing period against the plan's
 included quotas, and the overage in exact decimal dollars.
 
 Pure: every input is a value, every amount a Decimal; rounding happens once per line, to the cent,
@@ -25,7 +25,7 @@ BYTES_PER_GB: Final = Decimal(10) ** 9
 MB_PER_GB: Final = Decimal(1000)
 CENT: Final = Decimal("0.01")
 
-# Dollars per unit over the plan's quota (seed: "Overage Pricing").
+# Dollars per unit over the plan's quota (the earlier system's "Overage Pricing").
 PRICE_PER_DEVICE_MONTH: Final = Decimal("2.00")
 PRICE_PER_GB_MQTT: Final = Decimal("0.10")
 PRICE_PER_GB_HTTP: Final = Decimal("0.15")

@@ -1,5 +1,6 @@
-"""The usage report an instance sends (the seed's payload plus an idempotency key and its period), and
-the pure steps between the request body and the database: parse, check the periods, lay out columns.
+"""The usage report an instance sends (the earlier system's payload plus an idempotency key and its
+period), and the pure steps between the request body and the database: parse, check the periods, lay
+out columns.
 
 Counters are DELTAS: what happened in [period_start, period_end), not running totals since the
 instance started, so that reports sum to a billing period and a lost report loses only its own

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
@@ -24,8 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import models
+from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.errors import DependencyUnavailable
+from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
+from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.usage.coalescer import UsageCoalescer
 from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
+from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.reports import Accepted, ParsedReports, report_columns
@@ -45,17 +50,9 @@ from iotistic_billing.usage.store import (
     latest_report,
     period_totals,
 )
-from iotistic_billing.webhook_server.billing import StripeBilling
-from iotistic_billing.webhook_server.cluster import Cluster
-from iotistic_billing.webhook_server.directory import CustomerRecord, Directory
-from iotistic_billing.webhook_server.errors import DependencyUnavailable
-from iotistic_billing.webhook_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# status.usage and WithinLimits are written by merge patches under this manager (managedFields).
-USAGE_FIELD_MANAGER: Final = "iotistic-usage"
-_MERGE: Final = "application/merge-patch+json"
 # Customers flushed at once; the Cluster bounds its own API calls further.
 FLUSH_CONCURRENCY: Final = 8
 # A flush that loses the race with another writer of the status reads the Customer again this often.
@@ -101,16 +98,16 @@ class UsageMetering:
         options: UsageOptions,
         session_factory: Callable[[], AsyncSession],
         directory: Directory,
-        cluster: Cluster,
-        stripe: StripeBilling | None,
-        metrics: Metrics,
+        kube: Kube,
+        stripe: StripeApi | None,
+        metrics: UsageMetrics,
         clock: Callable[[], datetime],
     ) -> None:
         self.pool = pool
         self.options = options
         self.session_factory = session_factory
         self.directory = directory
-        self.cluster = cluster
+        self.kube = kube
         self.metrics = metrics
         self.clock = clock
         self.coalescer = UsageCoalescer()
@@ -128,9 +125,9 @@ class UsageMetering:
         duplicate = len(parsed.reports) - accepted
         self.coalescer.saw({report.customer_id for report in parsed.reports}, received_at)
         if accepted:
-            self.metrics.usage_reports.labels("accepted").inc(accepted)
+            self.metrics.reports.labels("accepted").inc(accepted)
         if duplicate:
-            self.metrics.usage_reports.labels("duplicate").inc(duplicate)
+            self.metrics.reports.labels("duplicate").inc(duplicate)
         return Accepted(accepted, duplicate)
 
     # ----- the status flush -----
@@ -146,7 +143,7 @@ class UsageMetering:
             # The API server or PostgreSQL is down: nothing is lost, the customers wait for the next flush.
             log.warning("usage flush: cannot read Customers (%s); retried next flush", type(error).__name__)
             self.coalescer.requeue(entries)
-            self.metrics.usage_status_flushes.labels("failed").inc(len(entries))
+            self.metrics.status_flushes.labels("failed").inc(len(entries))
             return FlushResult(failed=len(entries))
         slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
 
@@ -158,7 +155,12 @@ class UsageMetering:
             async with slots:
                 try:
                     return await self._flush_customer(record, entries[customer_id])
-                except (DependencyUnavailable, DatabaseUnavailable, ApiException) as error:
+                except (
+                    DependencyUnavailable,
+                    DatabaseUnavailable,
+                    KubernetesUnavailable,
+                    ApiException,
+                ) as error:
                     log.warning("usage flush of %s failed (%s); retried next flush", customer_id, error)
                 except Exception:
                     log.exception("usage flush of %s failed; retried next flush", customer_id)
@@ -167,7 +169,7 @@ class UsageMetering:
 
         outcomes = await asyncio.gather(*(flush_one(customer_id) for customer_id in entries))
         for outcome in outcomes:
-            self.metrics.usage_status_flushes.labels(outcome).inc()
+            self.metrics.status_flushes.labels(outcome).inc()
         return FlushResult(
             patched=outcomes.count("patched"),
             unchanged=outcomes.count("unchanged"),
@@ -224,8 +226,9 @@ class UsageMetering:
             if updated.to_k8s() == customer.status.to_k8s():
                 return "unchanged"
             try:
-                await self._patch_status(
-                    record.name, status_patch(updated, customer.metadata.resource_version)
+                # status.usage and WithinLimits are usage metering's fields (managedFields).
+                await self.kube.patch_customer_status(
+                    record.name, status_patch(updated), customer.metadata.resource_version, FieldManager.USAGE
                 )
                 return "patched"
             except ApiException as error:
@@ -242,9 +245,6 @@ class UsageMetering:
             "Kubernetes API", f"status of {record.name} kept changing under the flush"
         )
 
-    async def _patch_status(self, name: str, patch: dict[str, Any]) -> None:
-        await self.cluster.patch_status(name, patch, USAGE_FIELD_MANAGER)
-
     # ----- the meter run -----
 
     async def send_meter_events(self, now: datetime | None = None) -> MeterRun:
@@ -257,9 +257,9 @@ class UsageMetering:
             close_grace=timedelta(seconds=self.options.close_grace),
         )
         if run.sent:
-            self.metrics.usage_meter_events.labels("sent").inc(run.sent)
+            self.metrics.meter_events.labels("sent").inc(run.sent)
         if run.failed:
-            self.metrics.usage_meter_events.labels("failed").inc(run.failed)
+            self.metrics.meter_events.labels("failed").inc(run.failed)
         if run.closed or run.sent or run.failed:
             log.info(
                 "meter run: %d periods closed, %d events sent, %d failed", run.closed, run.sent, run.failed
@@ -319,7 +319,6 @@ class UsageMetering:
 
 
 __all__ = [
-    "USAGE_FIELD_MANAGER",
     "FlushResult",
     "UsageMetering",
     "customer_period",

@@ -95,17 +95,13 @@ def usage_status(
     return previous.model_copy(update={"usage": usage, "conditions": conditions})
 
 
-def status_patch(updated: CustomerStatus, resource_version: str | None) -> dict[str, object]:
-    """The merge patch of the status subresource: usage and the whole conditions list (a merge patch
-    replaces lists), guarded by the resourceVersion read, so that conditions the operator wrote in the
-    meantime are never overwritten with the older list (the API server answers 409 and we read again)."""
+def status_patch(updated: CustomerStatus) -> dict[str, object]:
+    """The status fields usage metering writes by merge patch: usage and the whole conditions list (a
+    merge patch replaces lists). Sent conditional on the resourceVersion read, so that conditions the
+    operator wrote in the meantime are never overwritten with the older list (the API server answers 409
+    and we read again)."""
     status = updated.to_k8s()
-    patch: dict[str, object] = {
-        "status": {"usage": status.get("usage", {}), "conditions": status.get("conditions", [])}
-    }
-    if resource_version is not None:
-        patch["metadata"] = {"resourceVersion": resource_version}
-    return patch
+    return {"usage": status.get("usage", {}), "conditions": status.get("conditions", [])}
 
 
 __all__ = [

@@ -10,49 +10,49 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import kubernetes
 from aiohttp import hdrs, web
 
 from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.k8s import api_client as kubernetes_api_client
+from iotistic_billing.directory import Directory
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.settings import Settings
+from iotistic_billing.stripe_api import StripeApi
+from iotistic_billing.stripe_inbox.apply import EventApplier
+from iotistic_billing.stripe_inbox.events import PriceCatalog
+from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import open_pool
-from iotistic_billing.webhook_server.billing import StripeBilling
-from iotistic_billing.webhook_server.cluster import Cluster
 from iotistic_billing.webhook_server.context import (
     ADDRESS_LIMITER,
     CATALOG,
     CLOCK,
-    CLUSTER,
     DIRECTORY,
     ENGINE,
     INBOX,
     KEY_LIMITER,
     KEYRING,
+    KUBE,
     METRICS,
     OPENAPI,
-    OPERATIONS,
     OPTIONS,
     PRINCIPAL,
+    ROUTE_ENTRIES,
     SESSIONS,
     SETTINGS,
     STRIPE,
     USAGE,
     USAGE_KEYS,
 )
-from iotistic_billing.webhook_server.directory import Directory
 from iotistic_billing.webhook_server.errors import Handler, error_middleware, method_not_allowed
-from iotistic_billing.webhook_server.inbox import EventInbox
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import ServerOptions
-from iotistic_billing.webhook_server.routes import INBOX_ROUTES, ROUTES
-from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.route import Route
+from iotistic_billing.webhook_server.route_table import INBOX_ROUTES, ROUTES
 from iotistic_billing.webhook_server.security import (
     RateLimiter,
     UsageKeyCache,
@@ -61,7 +61,6 @@ from iotistic_billing.webhook_server.security import (
     client_address,
     throttled,
 )
-from iotistic_billing.webhook_server.stripe_events import PriceCatalog
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +73,19 @@ def utc_now() -> datetime:
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Rate limit per address, authenticate as the route's entry demands, then rate limit per principal."""
     app = request.app
-    operation = app[OPERATIONS].get(request.match_info.route)
-    if operation is None:
-        return await handler(request)  # aiohttp's own 404/405
-    if operation.rate_limited:
+    entry = app[ROUTE_ENTRIES].get(request.match_info.route)
+    if entry is None:
+        return await handler(request)  # aiohttp's own 404, or the route table's 405
+    if entry.rate_limited:
         address = client_address(
             request.remote, request.headers.getall("X-Forwarded-For", ()), app[OPTIONS].trusted_proxies
         )
         wait = app[ADDRESS_LIMITER].take(address)
         if wait is not None:
             raise throttled(wait, "address")
-    if operation.access in ("admin", "instance"):
+    if entry.access in ("admin", "instance"):
         principal = await authenticate(
-            request, app[SETTINGS], app[USAGE_KEYS], allow_instance=operation.access == "instance"
+            request, app[SETTINGS], app[USAGE_KEYS], allow_instance=entry.access == "instance"
         )
         request[PRINCIPAL] = principal
         wait = app[KEY_LIMITER].take(principal.rate_key)
@@ -125,18 +124,18 @@ def create_app(
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
 
     served = INBOX_ROUTES if options.probes_only else ROUTES
-    operations: dict[web.AbstractRoute, Operation] = {}
+    entries: dict[web.AbstractRoute, Route] = {}
     methods: dict[web.Resource, list[str]] = {}
-    for operation in served:
-        route = app.router.add_route(operation.method, operation.path, operation.handler)
-        operations[route] = operation
+    for entry in served:
+        route = app.router.add_route(entry.method, entry.path, entry.handler)
+        entries[route] = entry
         assert isinstance(route.resource, web.Resource)  # add_route always makes one
-        methods.setdefault(route.resource, []).append(operation.method)
+        methods.setdefault(route.resource, []).append(entry.method)
     for resource, allowed in methods.items():
         # Without it aiohttp goes on to the next resource: `GET /api/subscriptions/checkout` was read as
         # `GET /api/subscriptions/{customerId}`, and other methods got an Allow of both paths' methods.
         resource.add_route(hdrs.METH_ANY, method_not_allowed(allowed))
-    app[OPERATIONS] = operations
+    app[ROUTE_ENTRIES] = entries
     app[OPENAPI] = build_document(served)
     app.on_response_prepare.append(add_security_headers)
 
@@ -148,26 +147,32 @@ def create_app(
         await engine.dispose()
 
     async def kubernetes_api(app: web.Application) -> AsyncIterator[None]:
-        api_client = kube if kube is not None else kubernetes_api_client()
-        cluster = Cluster(api_client, options.kube_timeout, options.kube_concurrency)
-        app[CLUSTER] = cluster
-        app[DIRECTORY] = Directory(cluster)
+        client = kube if kube is not None else api_client("webhook-server")
+        # Its own writes are signups and suspensions; the Stripe inbox and usage metering name theirs.
+        api = KubeApi(client, FieldManager.SIGNUP, timeout=options.kube_timeout)
+        app[KUBE] = Kube(api, options.kube_concurrency)
+        app[DIRECTORY] = Directory(app[KUBE])
         yield
         if kube is None:
-            close: Any = api_client.close  # untyped in the client
-            close()
+            api.close()
 
-    async def stripe_api(app: web.Application) -> AsyncIterator[None]:
-        billing = StripeBilling(settings) if settings.stripe_configured else None
-        app[STRIPE] = billing
-        if billing is not None and not options.probes_only:
-            log.info("Stripe at %s: %s", settings.stripe_api_base, await billing.probe())
+    async def stripe_client(app: web.Application) -> AsyncIterator[None]:
+        stripe = StripeApi(settings) if settings.stripe_configured else None
+        app[STRIPE] = stripe
+        if stripe is not None and not options.probes_only:
+            log.info("Stripe at %s: %s", settings.stripe_api_base, await stripe.probe())
         yield
-        if billing is not None:
-            await billing.close()
+        if stripe is not None:
+            await stripe.close()
 
     async def stripe_inbox(app: web.Application) -> AsyncIterator[None]:
-        inbox = EventInbox(app, workers=options.inbox_workers, database_url=database_url)
+        inbox = EventInbox(
+            sessions=app[SESSIONS],
+            applier=EventApplier(kube=app[KUBE], directory=app[DIRECTORY], catalog=app[CATALOG]),
+            count=metrics.webhook_event,
+            workers=options.inbox_workers,
+            database_url=database_url,
+        )
         app[INBOX] = inbox
         await inbox.start()
         yield
@@ -185,9 +190,9 @@ def create_app(
             options=usage_options,
             session_factory=app[SESSIONS],
             directory=app[DIRECTORY],
-            cluster=app[CLUSTER],
+            kube=app[KUBE],
             stripe=app[STRIPE],
-            metrics=metrics,
+            metrics=metrics.usage,
             clock=app[CLOCK],
         )
         app[USAGE] = metering
@@ -196,7 +201,7 @@ def create_app(
         await metering.stop()
         await pool.close()
 
-    app.cleanup_ctx.extend([database, kubernetes_api, stripe_api, stripe_inbox, usage_metering])
+    app.cleanup_ctx.extend([database, kubernetes_api, stripe_client, stripe_inbox, usage_metering])
     return app
 
 

@@ -5,26 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from iotistic_billing.directory import Directory
+from iotistic_billing.errors import stripe_not_configured
+from iotistic_billing.k8s import Kube
 from iotistic_billing.settings import Settings
+from iotistic_billing.stripe_api import StripeApi
+from iotistic_billing.stripe_inbox.events import PriceCatalog
+from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.service import UsageMetering
-from iotistic_billing.webhook_server.billing import StripeBilling
-from iotistic_billing.webhook_server.cluster import Cluster
-from iotistic_billing.webhook_server.directory import Directory
-from iotistic_billing.webhook_server.errors import stripe_not_configured
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.options import ServerOptions
-from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.security import Principal, RateLimiter, UsageKeyCache
-from iotistic_billing.webhook_server.stripe_events import PriceCatalog
-
-if TYPE_CHECKING:
-    from iotistic_billing.webhook_server.inbox import EventInbox
 
 SETTINGS = web.AppKey("settings", Settings)
 OPTIONS = web.AppKey("options", ServerOptions)
@@ -34,23 +32,23 @@ KEYRING = web.AppKey("keyring", LicenseKeyring)
 METRICS = web.AppKey("metrics", Metrics)
 ADDRESS_LIMITER = web.AppKey("address_limiter", RateLimiter)
 KEY_LIMITER = web.AppKey("key_limiter", RateLimiter)
-OPERATIONS: web.AppKey[dict[web.AbstractRoute, Operation]] = web.AppKey("operations")
+ROUTE_ENTRIES: web.AppKey[dict[web.AbstractRoute, Route]] = web.AppKey("route_entries")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Opened in cleanup_ctx, so they exist only while the app runs.
 ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
-CLUSTER = web.AppKey("cluster", Cluster)
+KUBE = web.AppKey("kube", Kube)
 DIRECTORY = web.AppKey("directory", Directory)
-STRIPE: web.AppKey[StripeBilling | None] = web.AppKey("stripe")
+STRIPE: web.AppKey[StripeApi | None] = web.AppKey("stripe")
 # Usage metering: its asyncpg pool, coalescer and timers; the usage-key cache of the auth middleware.
 USAGE = web.AppKey("usage", UsageMetering)
 USAGE_KEYS = web.AppKey("usage_keys", UsageKeyCache)
-INBOX: web.AppKey[EventInbox] = web.AppKey("inbox")
+INBOX = web.AppKey("inbox", EventInbox)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-def stripe_billing(request: web.Request) -> StripeBilling:
+def stripe_api(request: web.Request) -> StripeApi:
     """The Stripe client, or 503 "Stripe is not configured" when STRIPE_SECRET_KEY is unset."""
     billing = request.app[STRIPE]
     if billing is None:

@@ -1,6 +1,6 @@
 """Admin routes of customers: signup (creates the Customer resource), one customer, the list.
 
-Signup keeps no password: the seed's clients send one, it is validated for size and discarded.
+Signup keeps no password: the earlier system's clients send one, it is validated for size and discarded.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select, text
 
-from iotistic_billing.customer import LICENSE_JWT_KEY
 from iotistic_billing.db import models
-from iotistic_billing.webhook_server.cluster import Cluster
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import ApiError, Conflict
+from iotistic_billing.k8s import Kube
 from iotistic_billing.webhook_server.context import (
     CLOCK,
-    CLUSTER,
     DIRECTORY,
+    KUBE,
     OPTIONS,
     SESSIONS,
     SETTINGS,
     STRIPE,
 )
-from iotistic_billing.webhook_server.directory import CustomerRecord
-from iotistic_billing.webhook_server.errors import ApiError, Conflict, customer_not_found
-from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id, read_query
+from iotistic_billing.webhook_server.licenses import license_token
+from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     CustomerList,
     LicenseToken,
@@ -44,6 +44,7 @@ from iotistic_billing.webhook_server.views import (
     customer_view,
     name_suffix,
     new_customer_id,
+    queue_stats,
     resource_name_for,
     signup_manifest,
     sort_key,
@@ -57,7 +58,7 @@ _NAME_ATTEMPTS = 5
 async def create_customer(request: web.Request) -> web.Response:
     """Sign up a customer: a Customer resource in trial, and its licence once the operator issued it."""
     app = request.app
-    settings, cluster, directory = app[SETTINGS], app[CLUSTER], app[DIRECTORY]
+    settings, kube, directory = app[SETTINGS], app[KUBE], app[DIRECTORY]
     body = await read_body(request, SignupRequest)
     existing = await directory.all()
     if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
@@ -78,7 +79,7 @@ async def create_customer(request: web.Request) -> web.Response:
         # Reach the database before creating anything: when it is down, nothing is created.
         await session.execute(text("SELECT 1"))
         created = await _create_resource(
-            cluster,
+            kube,
             taken={record.name for record in existing},
             make=lambda name: signup_manifest(
                 name=name,
@@ -96,7 +97,7 @@ async def create_customer(request: web.Request) -> web.Response:
 
     log.info("signup created Customer %s (%s)", record.name, customer_id)
     token = await _wait_for_license(
-        cluster, record.namespace, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval
+        kube, record.namespace, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval
     )
     response = SignupResponse(
         customer=SignupCustomer(
@@ -118,7 +119,7 @@ async def create_customer(request: web.Request) -> web.Response:
 
 
 async def _create_resource(
-    cluster: Cluster, *, taken: set[str], make: Callable[[str], dict[str, Any]], company_name: str
+    kube: Kube, *, taken: set[str], make: Callable[[str], dict[str, Any]], company_name: str
 ) -> dict[str, Any]:
     """Create under the company's name, or with a random suffix when that name is taken."""
     candidates = [resource_name_for(company_name)]
@@ -127,26 +128,21 @@ async def _create_resource(
         if name in taken:
             continue
         try:
-            return await cluster.create_customer(make(name))
+            return await kube.create_customer(make(name))
         except ApiException as error:
             if error.status != 409:
                 raise
     raise Conflict("Name not available", "no free Customer name was found for this company; retry")
 
 
-async def _license_token(cluster: Cluster, namespace: str) -> str | None:
-    data = await cluster.read_license_secret(namespace)
-    return data[LICENSE_JWT_KEY].decode() if data is not None and LICENSE_JWT_KEY in data else None
-
-
-async def _wait_for_license(cluster: Cluster, namespace: str, wait: float, interval: float) -> str | None:
+async def _wait_for_license(kube: Kube, namespace: str, wait: float, interval: float) -> str | None:
     """The licence JWT once the operator wrote its Secret, or None after `wait` seconds."""
-    token = await _license_token(cluster, namespace)
+    token = await license_token(kube, namespace)
     try:
         async with asyncio.timeout(wait):
             while token is None:
                 await asyncio.sleep(interval)
-                token = await _license_token(cluster, namespace)
+                token = await license_token(kube, namespace)
     except TimeoutError:
         return None
     return token
@@ -156,9 +152,7 @@ async def get_customer(request: web.Request) -> web.Response:
     """One customer, from its Customer resource."""
     customer_id = read_customer_id(request)
     async with request.app[SESSIONS]() as session:
-        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-        if record is None:
-            raise customer_not_found(customer_id)
+        record = await request.app[DIRECTORY].existing(session, customer_id)
         stripe_customer_id = await request.app[DIRECTORY].stripe_customer_id(session, record)
     return json_model(customer_view(record, stripe_customer_id, request.app[CLOCK]()))
 
@@ -189,4 +183,10 @@ async def list_customers(request: web.Request) -> web.Response:
     )
 
 
-__all__ = ["create_customer", "get_customer", "list_customers"]
+async def get_queue_stats(request: web.Request) -> web.Response:
+    """Customers counted by status.phase: what the earlier system's deployment queue showed, now the
+    operator's work."""
+    return json_model(queue_stats(await request.app[DIRECTORY].all()))
+
+
+__all__ = ["create_customer", "get_customer", "get_queue_stats", "list_customers"]

@@ -13,12 +13,10 @@ import logging
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import LICENSE_JWT_KEY
-from iotistic_billing.licensing.history import license_history, record_license
-from iotistic_billing.licensing.minting import LicenseRecord, MintingError
-from iotistic_billing.webhook_server.context import CLUSTER, DIRECTORY, KEYRING, PRINCIPAL, SESSIONS, SETTINGS
-from iotistic_billing.webhook_server.directory import CustomerRecord
-from iotistic_billing.webhook_server.errors import (
+from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME
+from iotistic_billing.db.license_history import license_history, record_license
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import (
     Conflict,
     Forbidden,
     NotFound,
@@ -26,7 +24,10 @@ from iotistic_billing.webhook_server.errors import (
     ValidationFailed,
     customer_not_found,
 )
-from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id, read_query
+from iotistic_billing.k8s import Kube
+from iotistic_billing.licensing.minting import LicenseRecord, MintingError
+from iotistic_billing.webhook_server.context import DIRECTORY, KEYRING, KUBE, PRINCIPAL, SESSIONS, SETTINGS
+from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     HistoryQuery,
     Jwks,
@@ -49,15 +50,22 @@ def _keys_not_configured() -> Unavailable:
     )
 
 
-async def _license_token(request: web.Request, record: CustomerRecord) -> str:
-    data = await request.app[CLUSTER].read_license_secret(record.namespace)
-    if data is None or LICENSE_JWT_KEY not in data:
+async def license_token(kube: Kube, namespace: str) -> str | None:
+    """The licence JWT of the Secret the operator wrote, or None while there is none."""
+    secret = await kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    data = secret[0] if secret is not None else {}
+    return data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
+
+
+async def _issued_token(request: web.Request, record: CustomerRecord) -> str:
+    token = await license_token(request.app[KUBE], record.namespace)
+    if token is None:
         raise NotFound(
             "Licence not issued yet",
             f"the operator has not issued a licence for {record.customer_id} yet",
             {"customer_id": record.customer_id},
         )
-    return data[LICENSE_JWT_KEY].decode()
+    return token
 
 
 async def get_license(request: web.Request) -> web.Response:
@@ -68,10 +76,8 @@ async def get_license(request: web.Request) -> web.Response:
     if principal.kind == "instance" and principal.customer_id != customer_id:
         raise Forbidden("a usage key may only read its own customer's licence")
     async with request.app[SESSIONS]() as session:
-        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-    if record is None:
-        raise customer_not_found(customer_id)
-    token = await _license_token(request, record)
+        record = await request.app[DIRECTORY].existing(session, customer_id)
+    token = await _issued_token(request, record)
     claims, _verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
     return json_model(LicenseResponse(license=token, decoded=claims))
 
@@ -81,15 +87,13 @@ async def get_license_history(request: web.Request) -> web.Response:
     customer_id = read_customer_id(request)
     query = read_query(request, HistoryQuery)
     async with request.app[SESSIONS]() as session:
-        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-        if record is None:
-            raise customer_not_found(customer_id)
+        record = await request.app[DIRECTORY].existing(session, customer_id)
         report = await license_history(session, customer_id, limit=query.limit)
     return json_model(
         LicenseHistoryResponse(
             customer_id=customer_id,
             email=record.customer.spec.email,
-            history=[LicenseHistoryItem.model_validate(entry.to_json()) for entry in report.history],
+            history=[LicenseHistoryItem.model_validate(row, from_attributes=True) for row in report.history],
             statistics=LicenseStatistics.model_validate(report.statistics),
         )
     )
@@ -100,18 +104,16 @@ async def revoke_license(request: web.Request) -> web.Response:
     customer_id = read_customer_id(request)
     body = await read_body(request, RevokeRequest)
     async with request.app[SESSIONS]() as session, session.begin():
-        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-        if record is None:
-            raise customer_not_found(customer_id)
-        data = await request.app[CLUSTER].read_license_secret(record.namespace)
-        if data is None or LICENSE_JWT_KEY not in data:
+        record = await request.app[DIRECTORY].existing(session, customer_id)
+        token = await license_token(request.app[KUBE], record.namespace)
+        if token is None:
             raise Conflict(
                 "No licence to revoke",
                 f"the operator has not issued a licence for {customer_id} yet",
                 {"customer_id": customer_id},
             )
         try:
-            revoked = LicenseRecord.from_token(data[LICENSE_JWT_KEY].decode())
+            revoked = LicenseRecord.from_token(token)
         except MintingError:
             raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
         try:
@@ -120,7 +122,7 @@ async def revoke_license(request: web.Request) -> web.Response:
             raise ValidationFailed.single("reason", str(refused)) from None
         # Before the commit: if the patch fails, the history row is rolled back with it.
         try:
-            await request.app[CLUSTER].suspend(record.name)
+            await request.app[KUBE].patch_customer(record.name, {"spec": {"suspended": True}})
         except ApiException as error:
             if error.status == 404:
                 raise customer_not_found(customer_id) from None
@@ -149,4 +151,11 @@ async def get_jwks(request: web.Request) -> web.Response:
     return json_model(Jwks.model_validate(keyring.jwks()), headers={"Cache-Control": "public, max-age=300"})
 
 
-__all__ = ["get_jwks", "get_license", "get_license_history", "get_public_key", "revoke_license"]
+__all__ = [
+    "get_jwks",
+    "get_license",
+    "get_license_history",
+    "get_public_key",
+    "license_token",
+    "revoke_license",
+]

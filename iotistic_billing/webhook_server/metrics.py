@@ -9,7 +9,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from iotistic_billing.webhook_server.stripe_events import HANDLED_EVENT_TYPES
+from iotistic_billing.stripe_inbox.events import HANDLED_EVENT_TYPES
+from iotistic_billing.usage.metrics import UsageMetrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,24 +37,7 @@ class Metrics:
             ["type", "result"],
             registry=self.registry,
         )
-        self.usage_reports = Counter(
-            "iotistic_usage_reports",
-            "Usage reports received, by result (accepted: stored; duplicate: stored before).",
-            ["result"],
-            registry=self.registry,
-        )
-        self.usage_status_flushes = Counter(
-            "iotistic_usage_status_flushes",
-            "Customers handled by the usage status flush, by result (patched, unchanged, missing, failed).",
-            ["result"],
-            registry=self.registry,
-        )
-        self.usage_meter_events = Counter(
-            "iotistic_usage_meter_events",
-            "Stripe meter events, by result (sent: accepted and recorded; failed: retried next run).",
-            ["result"],
-            registry=self.registry,
-        )
+        self.usage = UsageMetrics(self.registry)
 
     def webhook_event(self, event_type: str, result: str) -> None:
         # Only types we know become labels: a label per arbitrary string would grow without bound.

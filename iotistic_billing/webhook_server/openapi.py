@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document of the route table, with JSON schemas generated from the pydantic models.
+"""The OpenAPI 3.1 document of the route table, with JSON schemas generated from the pydantic models, and
+the two routes that serve it (JSON, and a plain page).
 
 Errors every route may answer follow from its entry: 400 and 413 with a body or query, 401/403 behind a
 token, 429 when rate limited, 503 when it needs a dependency; the entry adds its own (404, 409, ...).
@@ -6,14 +7,17 @@ token, 429 when rate limited, 503 when it needs a dependency; the entry adds its
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
+from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
-from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server.context import OPENAPI
+from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.schemas import ErrorBody
 
 TITLE: Final = "Iotistic billing API"
@@ -42,11 +46,11 @@ _PATH_PARAMETERS: Final = {
 }
 
 
-def _path_parameters(operation: Operation) -> list[str]:
+def _path_parameters(operation: Route) -> list[str]:
     return [name for name in _PATH_PARAMETERS if f"{{{name}}}" in operation.path]
 
 
-def _error_statuses(operation: Operation) -> list[int]:
+def _error_statuses(operation: Route) -> list[int]:
     statuses = set(operation.errors)
     # A path parameter is checked against its pattern (routing.read_customer_id).
     if operation.body is not None or operation.query is not None or _path_parameters(operation):
@@ -60,7 +64,7 @@ def _error_statuses(operation: Operation) -> list[int]:
     return sorted(statuses)
 
 
-def _models(operations: Iterable[Operation]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
+def _models(operations: Iterable[Route]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
     seen: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(ErrorBody, "serialization"): None}
     for operation in operations:
         if operation.body is not None:
@@ -88,7 +92,7 @@ def _security(access: Literal["public", "admin", "instance", "stripe"]) -> list[
     return None
 
 
-def build_document(operations: Iterable[Operation]) -> dict[str, Any]:
+def build_document(operations: Iterable[Route]) -> dict[str, Any]:
     operations = list(operations)
     refs, definitions = models_json_schema(_models(operations), ref_template=_REF)
 
@@ -181,4 +185,36 @@ def build_document(operations: Iterable[Operation]) -> dict[str, Any]:
     }
 
 
-__all__ = ["TITLE", "VERSION", "build_document"]
+async def get_openapi(request: web.Request) -> web.Response:
+    """This document."""
+    response = web.json_response(request.app[OPENAPI])
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+async def get_docs(request: web.Request) -> web.Response:
+    """A page listing every route of the OpenAPI document; no script, no style, no CDN."""
+    document: dict[str, Any] = request.app[OPENAPI]
+    rows = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            rows.append(
+                "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>".format(
+                    html.escape(method.upper()),
+                    html.escape(path),
+                    html.escape(operation.get("summary", "")),
+                    html.escape(", ".join(sorted(str(code) for code in operation.get("responses", {})))),
+                )
+            )
+    page = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(document['info']['title'])}</title></head><body>"
+        f"<h1>{html.escape(document['info']['title'])} {html.escape(document['info']['version'])}</h1>"
+        '<p>The machine-readable document: <a href="/api/openapi.json">/api/openapi.json</a>.</p>'
+        "<table><thead><tr><th>Method</th><th>Path</th><th>Summary</th><th>Statuses</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+__all__ = ["build_document", "get_docs", "get_openapi"]

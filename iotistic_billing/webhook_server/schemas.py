@@ -1,4 +1,4 @@
-"""Request and response bodies of the API, in the seed's snake_case shapes.
+"""Request and response bodies of the API, in the earlier system's snake_case shapes.
 
 Requests are validated by these models (400s name the field), responses are built through them, and the
 OpenAPI document takes its JSON schemas from them, so the three never disagree.
@@ -10,18 +10,19 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic_core import PydanticCustomError
 
 from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
     EMAIL_PATTERN,
     BillingMode,
-    EffectivePlan,
-    PaidPlan,
-    Plan,
+    EffectivePlanName,
+    PaidPlanName,
+    PlanName,
     SubscriptionStatus,
 )
+from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.usage.reports import ReportBody
 
 _EMAIL = re.compile(EMAIL_PATTERN)
@@ -148,7 +149,7 @@ class SignupRequest(Request):
     email: Email
     company_name: Annotated[str, Field(min_length=1, max_length=200)]
     full_name: Annotated[str, Field(max_length=200)] | None = None
-    # Accepted for the seed's clients and discarded: this service keeps no passwords.
+    # Accepted for the earlier system's clients and discarded: this service keeps no passwords.
     password: (
         Annotated[str, Field(max_length=1024, description="Accepted and discarded, never stored.")] | None
     ) = None
@@ -156,7 +157,7 @@ class SignupRequest(Request):
 
 class SubscriptionView(Response):
     status: SubscriptionStatus
-    plan: PaidPlan | None = None
+    plan: PaidPlanName | None = None
     stripe_subscription_id: str | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
@@ -169,8 +170,8 @@ class CustomerView(Response):
     email: str
     company_name: str
     contact_name: str | None = None
-    plan: Plan = Field(description="spec.plan, the plan of a manually billed customer.")
-    effective_plan: EffectivePlan | None = Field(
+    plan: PlanName = Field(description="spec.plan, the plan of a manually billed customer.")
+    effective_plan: EffectivePlanName | None = Field(
         default=None, description="status.plan, what the licence grants."
     )
     phase: str | None = None
@@ -194,7 +195,7 @@ class SignupCustomer(Response):
 
 
 class SignupSubscription(Response):
-    plan: Plan
+    plan: PlanName
     status: SubscriptionStatus
     trial_ends_at: datetime | None = None
 
@@ -239,14 +240,14 @@ class TrialView(Response):
 class SubscriptionStatusResponse(Response):
     customer_id: str
     billing_mode: BillingMode
-    plan: EffectivePlan | None = Field(default=None, description="The effective plan (status.plan).")
+    plan: EffectivePlanName | None = Field(default=None, description="The effective plan (status.plan).")
     subscription: SubscriptionView | None = None
     trial: TrialView | None = None
 
 
 class CheckoutRequest(Request):
     customer_id: CustomerIdField
-    plan: PaidPlan
+    plan: PaidPlanName
     success_url: Url
     cancel_url: Url
 
@@ -258,7 +259,7 @@ class CheckoutResponse(Response):
 
 class UpgradeRequest(Request):
     customer_id: CustomerIdField
-    new_plan: PaidPlan
+    new_plan: PaidPlanName
 
 
 class CancelRequest(Request):
@@ -275,7 +276,7 @@ class SubscriptionChangeResponse(Response):
     customer_id: str
     subscription_id: str
     status: str
-    plan: PaidPlan | None = None
+    plan: PaidPlanName | None = None
     cancel_at_period_end: bool
     canceled_immediately: bool = False
 
@@ -297,6 +298,9 @@ class HistoryQuery(Query):
 
 
 class LicenseHistoryItem(Response):
+    """A license_history row (db.models.LicenseHistory: a LicenseRecord with its action), as the API
+    shows it: the customer id is the route's."""
+
     id: int
     action: str
     plan: str
@@ -308,7 +312,8 @@ class LicenseHistoryItem(Response):
     expires_at: datetime
     features: dict[str, Any]
     limits: dict[str, Any]
-    metadata: dict[str, Any]
+    # The row's attribute is metadata_ (SQLAlchemy keeps `metadata` for itself).
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     generated_at: datetime
 
 
@@ -382,24 +387,6 @@ class Readiness(Response):
 
 
 # ----- Stripe webhooks -----
-
-
-class StripeEventObject(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    object: dict[str, Any]
-
-
-class StripeEvent(BaseModel):
-    """The envelope of a Stripe event; the object inside is read by stripe_events."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: Annotated[str, Field(min_length=1, max_length=255)]
-    type: Annotated[str, Field(min_length=1, max_length=100)]
-    # stripe_events.created is a BIGINT.
-    created: Annotated[int, Field(ge=0, le=2**63 - 1)]
-    data: StripeEventObject
 
 
 class WebhookAck(Response):

@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.db.models import ApiKey
+from iotistic_billing.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
 from iotistic_billing.settings import Settings
-from iotistic_billing.webhook_server.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
 from iotistic_billing.webhook_server.options import RateLimit
 
 API_KEY_HEADER: Final = "X-API-Key"

@@ -10,12 +10,13 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import PaidPlan
+from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
-from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_billing
-from iotistic_billing.webhook_server.directory import CustomerRecord
-from iotistic_billing.webhook_server.errors import Conflict, customer_not_found, stripe_not_configured
-from iotistic_billing.webhook_server.routing import json_model, read_body, read_customer_id
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import Conflict, stripe_not_configured
+from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
+from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
+from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
     CheckoutRequest,
@@ -25,18 +26,10 @@ from iotistic_billing.webhook_server.schemas import (
     SubscriptionChangeResponse,
     UpgradeRequest,
 )
-from iotistic_billing.webhook_server.stripe_events import LIVE_STATUSES
 from iotistic_billing.webhook_server.views import subscription_status
 
 
-async def _customer(session: AsyncSession, request: web.Request, customer_id: str) -> CustomerRecord:
-    record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-    if record is None:
-        raise customer_not_found(customer_id)
-    return record
-
-
-def _price(request: web.Request, plan: PaidPlan) -> str:
+def _price(request: web.Request, plan: PaidPlanName) -> str:
     price = request.app[CATALOG].price_for(plan)
     if price is None:
         raise stripe_not_configured(f"STRIPE_PRICE_{plan.upper()}")
@@ -70,18 +63,18 @@ async def get_subscription(request: web.Request) -> web.Response:
     """The subscription state the Customer holds (spec.subscription) and the effective plan."""
     customer_id = read_customer_id(request)
     async with request.app[SESSIONS]() as session:
-        record = await _customer(session, request, customer_id)
+        record = await request.app[DIRECTORY].existing(session, customer_id)
     return json_model(subscription_status(record))
 
 
 async def create_checkout(request: web.Request) -> web.Response:
     """A Stripe Checkout session that subscribes the customer to a plan."""
-    billing = stripe_billing(request)
+    billing = stripe_api(request)
     body = await read_body(request, CheckoutRequest)
     price = _price(request, body.plan)
     directory = request.app[DIRECTORY]
     async with request.app[SESSIONS]() as session, session.begin():
-        record = await _customer(session, request, body.customer_id)
+        record = await request.app[DIRECTORY].existing(session, body.customer_id)
         stripe_customer_id = await directory.stripe_customer_id(session, record)
         if stripe_customer_id is None:
             # A Customer applied by GitOps has no Stripe customer yet: make it now and remember it.
@@ -104,11 +97,11 @@ async def create_checkout(request: web.Request) -> web.Response:
 
 async def upgrade_subscription(request: web.Request) -> web.Response:
     """Move the subscription to another plan's price, prorated."""
-    billing = stripe_billing(request)
+    billing = stripe_api(request)
     body = await read_body(request, UpgradeRequest)
     price = _price(request, body.new_plan)
     async with request.app[SESSIONS]() as session:
-        record = await _customer(session, request, body.customer_id)
+        record = await request.app[DIRECTORY].existing(session, body.customer_id)
         subscription_id = await _live_subscription(session, record)
     current = record.customer.spec.subscription
     if (
@@ -135,10 +128,10 @@ async def upgrade_subscription(request: web.Request) -> web.Response:
 
 async def cancel_subscription(request: web.Request) -> web.Response:
     """Cancel at the period end, or now with `immediately: true`."""
-    billing = stripe_billing(request)
+    billing = stripe_api(request)
     body = await read_body(request, CancelRequest)
     async with request.app[SESSIONS]() as session:
-        record = await _customer(session, request, body.customer_id)
+        record = await request.app[DIRECTORY].existing(session, body.customer_id)
         subscription_id = await _live_subscription(session, record)
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(
@@ -155,10 +148,10 @@ async def cancel_subscription(request: web.Request) -> web.Response:
 
 async def create_portal_session(request: web.Request) -> web.Response:
     """A Stripe customer portal session, where the customer manages payment methods and invoices."""
-    billing = stripe_billing(request)
+    billing = stripe_api(request)
     body = await read_body(request, PortalRequest)
     async with request.app[SESSIONS]() as session:
-        record = await _customer(session, request, body.customer_id)
+        record = await request.app[DIRECTORY].existing(session, body.customer_id)
         stripe_customer_id = await request.app[DIRECTORY].stripe_customer_id(session, record)
     if stripe_customer_id is None:
         raise Conflict(

@@ -13,6 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import (
+    ApiError,
+    DependencyUnavailable,
+    Forbidden,
+    ValidationFailed,
+)
 from iotistic_billing.usage.periods import utc_days, window_start
 from iotistic_billing.usage.pricing import Overage, PeriodTotals
 from iotistic_billing.usage.reports import (
@@ -34,15 +41,7 @@ from iotistic_billing.usage.store import (
     recent_reports,
 )
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, OPTIONS, PRINCIPAL, SESSIONS, USAGE
-from iotistic_billing.webhook_server.directory import CustomerRecord
-from iotistic_billing.webhook_server.errors import (
-    ApiError,
-    DependencyUnavailable,
-    Forbidden,
-    ValidationFailed,
-    customer_not_found,
-)
-from iotistic_billing.webhook_server.routing import json_model, read_customer_id, read_query
+from iotistic_billing.webhook_server.messages import json_model, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     BillingPeriodUsage,
     IncludedUsageView,
@@ -210,9 +209,7 @@ async def get_usage(request: web.Request) -> web.Response:
         raise Forbidden("a usage key may only read its own customer's usage")
     query = read_query(request, UsageQuery)
     async with request.app[SESSIONS]() as session:
-        record = await request.app[DIRECTORY].by_customer_id(session, customer_id)
-    if record is None:
-        raise customer_not_found(customer_id)
+        record = await request.app[DIRECTORY].existing(session, customer_id)
     try:
         history = await usage_history(request, record, query.days, request.app[CLOCK]())
     except DatabaseUnavailable:

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from iotistic_billing.customer import API_VERSION, KIND, BillingMode, Phase, SubscriptionSpec
-from iotistic_billing.webhook_server.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.webhook_server.schemas import (
     CustomerView,
     QueueStats,
@@ -113,7 +113,7 @@ def subscription_status(record: CustomerRecord) -> SubscriptionStatusResponse:
 def queue_stats(records: list[CustomerRecord]) -> QueueStats:
     counts = {phase.value: 0 for phase in Phase}
     for record in records:
-        # Not reconciled yet: waiting, as the seed's queue would say.
+        # Not reconciled yet: waiting, as the earlier system's queue would say.
         counts[(record.customer.status.phase or Phase.PENDING).value] += 1
     return QueueStats.model_validate({**counts, "total": len(records)})
 

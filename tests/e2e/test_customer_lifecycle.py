@@ -18,6 +18,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.k8s import FieldManager, KubeApi
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +48,7 @@ class Cluster:
         self, client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess
     ) -> None:
         self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.kube = KubeApi(client, FieldManager.CLI)
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.kubeconfig = kubeconfig
@@ -72,13 +74,7 @@ class Cluster:
         )
 
     def customer(self, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return found
+        return self.kube.read_customer(name)
 
     def condition(self, name: str, type_: str) -> dict[str, Any]:
         status = (self.customer(name) or {}).get("status", {})

@@ -1,4 +1,5 @@
-"""Licence audit history in the real PostgreSQL: idempotent rows, the seed's statistics, never a token."""
+"""Licence audit history in the real PostgreSQL: idempotent rows, the earlier system's statistics,
+never a token."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotistic_billing.db.license_history import license_history, record_license
 from iotistic_billing.db.models import LicenseHistory
-from iotistic_billing.licensing.history import license_history, record_license
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, private_key_pem
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
@@ -23,6 +24,7 @@ from iotistic_billing.licensing.minting import (
     mint_license,
 )
 from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.webhook_server.schemas import LicenseHistoryItem
 
 pytestmark = pytest.mark.integration
 
@@ -115,10 +117,10 @@ async def test_same_jti_and_action_twice_leaves_one_row(
     assert [row["metadata"] for row in await rows_of(db_session, customer_id)] == [{}, {"reason": "deleted"}]
 
 
-async def test_history_and_the_seeds_statistics(
+async def test_history_and_the_earlier_systems_statistics(
     db_session: AsyncSession, keys: SigningKeys, customer_id: str
 ) -> None:
-    # The seed's example: five generations, three `generated` and two `upgraded`, on two plans.
+    # The earlier system's example: five generations, three `generated` and two `upgraded`, on two plans.
     plan_actions = [
         ("starter", "generated"),
         ("starter", "generated"),
@@ -142,7 +144,9 @@ async def test_history_and_the_seeds_statistics(
     }
     # Newest first; rows of one transaction share now(), so insertion order decides.
     assert [entry.jti for entry in report.history] == [license.jti for license in reversed(minted)]
-    item = report.history[0].to_json()
+    newest = report.history[0]
+    assert newest.record() == minted[-1].record()  # the row is the minted licence's record, whole
+    item = LicenseHistoryItem.model_validate(newest, from_attributes=True).model_dump(mode="json")
     assert set(item) >= {"id", "action", "plan", "max_devices", "generated_at", "metadata"}
     assert (item["action"], item["plan"], item["max_devices"]) == ("upgraded", "professional", 50)
 

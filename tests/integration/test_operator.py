@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerStatus, Phase
 from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.kube import Kube
 from iotistic_billing.operator.reconcile import _finish
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
@@ -42,6 +42,7 @@ class Cluster:
 
     def __init__(self, client: kubernetes.client.ApiClient, kubeconfig: Path) -> None:
         self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.kube = KubeApi(client, FieldManager.CLI)
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.kubeconfig = kubeconfig
@@ -51,13 +52,7 @@ class Cluster:
         return created
 
     def customer(self, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return found
+        return self.kube.read_customer(name)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": spec})
@@ -532,16 +527,16 @@ def test_metrics_show_reconciles_helm_operations_and_minted_licences(
     assert operator_metric(operator, "iotistic_operator_reconcile_duration_seconds_count") > 0
 
 
-class RefusalsKept(Kube):
-    """The operator's Kube, keeping the API server's refusals of status patches."""
+class RefusalsKept(KubeApi):
+    """The operator's calls, keeping the API server's refusals of status patches."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
-        super().__init__(api_client)
+        super().__init__(api_client, FieldManager.OPERATOR)
         self.refused: list[int] = []
 
-    async def patch_customer_status(self, name: str, status: dict[str, Any], resource_version: str) -> None:
+    def patch_customer_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
-            await super().patch_customer_status(name, status, resource_version)
+            return super().patch_customer_status(*args, **kwargs)
         except ApiException as error:
             self.refused.append(error.status)
             raise
@@ -578,7 +573,7 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     kube = RefusalsKept(k8s_client)
     previous = CustomerStatus.model_validate(read["status"])
     await _finish(
-        cast(OperatorContext, SimpleNamespace(kube=kube)),
+        cast(OperatorContext, SimpleNamespace(kube=Kube(kube))),
         read,
         previous,
         previous.model_copy(update={"phase": Phase.DEGRADED}),

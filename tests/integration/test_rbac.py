@@ -26,12 +26,12 @@ from sqlalchemy import select
 from iotistic_billing.customer import GROUP, LICENSE_SECRET_NAME, PLURAL, VERSION
 from iotistic_billing.db.models import LicenseHistory
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.settings import load_settings
-from iotistic_billing.webhook_server.cluster import Cluster
 from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ async def operator_context(
         yield ctx
     finally:
         await ctx.engine.dispose()
-        ctx.kube.api_client.close()
+        ctx.kube.api.close()
 
 
 async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
@@ -309,7 +309,7 @@ WEBHOOK_SERVER_REFUSED = [
     ("delete", "customers.iotistic.io", None, None),
     ("update", "customers.iotistic.io", None, None),
     ("watch", "customers.iotistic.io", None, None),
-    ("patch", "customers.iotistic.io", None, "status"),
+    ("update", "customers.iotistic.io", None, "status"),
     ("delete", "namespaces", None, None),
     ("create", "namespaces", None, None),
     ("list", "secrets", "customer-x", None),
@@ -360,19 +360,22 @@ def test_webhook_server_may_not(installed: Installed, check: tuple[str, str, str
 
 
 async def test_webhook_server_account_makes_every_cluster_call(installed: Installed) -> None:
-    """Each method of webhook_server.cluster.Cluster, the module's only API calls, as its account."""
+    """Each call the webhook server makes (k8s.Kube, as app.py builds it, under every field manager it
+    writes with), as its account."""
     name = unique_name("rbac-hooks")
     namespace = f"customer-{name}"
-    api_client = kubernetes.config.new_client_from_config(
-        config_file=str(installed.webhook_server.kubeconfig)
+    api = KubeApi(
+        api_client("webhook-server", kubeconfig=str(installed.webhook_server.kubeconfig)),
+        FieldManager.SIGNUP,
+        timeout=10,
     )
-    cluster = Cluster(api_client, timeout=10, concurrency=4)
+    kube = Kube(api, concurrency=4)
     try:
-        await cluster.ping()
-        created = await cluster.create_customer(customer_manifest(name, plan="trial"))
+        await kube.server_version()
+        created = await kube.create_customer(customer_manifest(name, plan="trial"))
         assert created["metadata"]["name"] == name
-        assert (await cluster.get_customer(name) or {})["spec"]["plan"] == "trial"
-        assert name in {item["metadata"]["name"] for item in await cluster.list_customers(page_size=2)}
+        assert (await kube.read_customer(name) or {})["spec"]["plan"] == "trial"
+        assert name in {item["metadata"]["name"] for item in await kube.list_customers()}
 
         subscription = {
             "status": "active",
@@ -382,11 +385,17 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
             "cancelAtPeriodEnd": False,
             "lastEventCreated": 1700000000,
         }
-        applied = await cluster.apply_subscription(name, subscription)
+        applied = await kube.apply_customer_spec(name, {"subscription": subscription}, FieldManager.STRIPE)
         assert applied["spec"]["subscription"]["stripeSubscriptionId"] == "sub_rbac123"
-        assert (await cluster.suspend(name))["spec"]["suspended"] is True
+        suspended = await kube.patch_customer(name, {"spec": {"suspended": True}})
+        assert suspended["spec"]["suspended"] is True
+        version = suspended["metadata"]["resourceVersion"]
+        await kube.patch_customer_status(name, {"usage": {"activeDevices": 1}}, version, FieldManager.USAGE)
+        written = (await kube.read_customer(name) or {})["metadata"]["managedFields"]
+        managers = {entry["manager"] for entry in written}
+        assert managers >= {"iotistic-billing-api", "iotistic-webhooks", "iotistic-usage"}, managers
 
-        assert await cluster.read_license_secret(namespace) is None  # not written yet: 404, not 403
+        assert await kube.read_secret_data(namespace, LICENSE_SECRET_NAME) is None  # 404, not 403
         installed.core.create_namespace({"metadata": {"name": namespace}})
         installed.core.create_namespaced_secret(
             namespace,
@@ -395,7 +404,8 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
                 "data": {"license.jwt": base64.b64encode(b"a.b.c").decode()},
             },
         )
-        assert await cluster.read_license_secret(namespace) == {"license.jwt": b"a.b.c"}
+        secret = await kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+        assert secret is not None and secret[0] == {"license.jwt": b"a.b.c"}
     finally:
-        api_client.close()
+        api.close()
         installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
-from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.route_table import ROUTES
 from tests.conftest import unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,

@@ -17,7 +17,7 @@ import pytest
 
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
-from iotistic_billing.webhook_server.routes import ROUTES
+from iotistic_billing.webhook_server.route_table import ROUTES
 from tests.conftest import unique_name
 from tests.integration.webhook_support import (
     ADMIN_TOKEN,

@@ -31,6 +31,7 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db.models import ApiKey, StripeEvent
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.app import create_app
@@ -286,6 +287,7 @@ class Customers:
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.objects = kubernetes.client.CustomObjectsApi(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.kube = KubeApi(api_client, FieldManager.CLI)
 
     def create(self, name: str, **spec: Any) -> dict[str, Any]:
         body = {
@@ -298,13 +300,7 @@ class Customers:
         return created
 
     def get(self, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return found
+        return self.kube.read_customer(name)
 
     def subscription(self, name: str) -> dict[str, Any] | None:
         body = self.get(name) or {}

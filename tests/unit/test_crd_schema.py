@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from iotistic_billing import customer
+from iotistic_billing.k8s import FieldManager
 
 CRD_PATH = Path(__file__).parents[2] / "crds" / "customers.iotistic.io.yaml"
 
@@ -326,7 +327,7 @@ def test_conditions_are_metav1_conditions_in_a_map_list_keyed_by_type(crd: dict[
 
 def test_subscription_says_who_writes_it(crd: dict[str, Any]) -> None:
     subscription = openapi_schema(crd)["properties"]["spec"]["properties"]["subscription"]
-    assert customer.WEBHOOK_FIELD_MANAGER in subscription["description"]
+    assert FieldManager.STRIPE in subscription["description"]
     assert "only by the webhook server" in subscription["description"]
 
 

@@ -336,3 +336,29 @@ def test_there_are_samples_for_a_trial_and_a_paid_manual_customer() -> None:
 
     assert ("trial", "manual") in plans
     assert ("professional", "manual") in plans
+
+
+def test_the_plan_names_are_the_plan_catalog_s() -> None:
+    from iotistic_billing.customer import PLAN_NAMES
+    from iotistic_billing.licensing.plans import PLAN_NAMES as CATALOG_NAMES
+
+    assert PLAN_NAMES == CATALOG_NAMES
+
+
+def test_a_license_history_row_is_a_license_record_with_its_action() -> None:
+    """One record type from minting to the table to the API: the row's columns carry its fields."""
+    from dataclasses import fields
+
+    from iotistic_billing.db.models import LicenseHistory
+    from iotistic_billing.licensing.minting import LicenseRecord
+    from iotistic_billing.webhook_server.schemas import LicenseHistoryItem
+
+    record_fields = {field.name for field in fields(LicenseRecord)}
+    assert record_fields <= set(LicenseHistory.__table__.columns.keys())
+    # The API item is the row without the customer id (the route's own).
+    assert set(LicenseHistoryItem.model_fields) == (record_fields - {"customer_id"}) | {
+        "id",
+        "action",
+        "metadata",
+        "generated_at",
+    }

@@ -70,7 +70,7 @@ def decoded(minted: MintedLicense, keys: SigningKeys) -> dict[str, Any]:
     return claims
 
 
-def test_claims_are_the_seed_payload_plus_registered_claims(keys: SigningKeys) -> None:
+def test_claims_are_the_earlier_system_payload_plus_registered_claims(keys: SigningKeys) -> None:
     minted = mint(keys)
     iat = int(NOW.timestamp())
     exp = iat + 30 * 86400

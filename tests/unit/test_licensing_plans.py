@@ -1,4 +1,5 @@
-"""The plan catalog carries the seed's table, the unlicensed fallback, and refuses a malformed table."""
+"""The plan catalog carries the earlier system's table, the unlicensed fallback, and refuses a malformed
+table."""
 
 from __future__ import annotations
 
@@ -38,14 +39,15 @@ FEATURE_CLAIMS = (
 )
 LIMIT_CLAIMS = ("maxUsers", "maxAlertRules", "maxDashboards", "maxJobTemplates")
 
-# The seed's "Subscription Plans" table: price, max devices, retention, advanced alerts, branding, users.
+# The earlier system's "Subscription Plans" table: price, max devices, retention, advanced alerts,
+# branding, users.
 SEED_TABLE = {
     "trial": (0, 10, 30, False, False, 2),
     "starter": (2900, 10, 30, False, False, 5),
     "professional": (9900, 50, 365, True, False, 15),
     "enterprise": (None, UNLIMITED, UNLIMITED, True, True, UNLIMITED),
 }
-# The seed's "Feature Comparison": which plans have each feature.
+# The earlier system's "Feature Comparison": which plans have each feature.
 ALL_PLANS = set(PLAN_NAMES)
 PROFESSIONAL_UP = {"professional", "enterprise"}
 SEED_FEATURE_PLANS = {
@@ -60,7 +62,7 @@ SEED_FEATURE_PLANS = {
     "hasMqttAccess": ALL_PLANS,
     "hasCustomBranding": {"enterprise"},
 }
-# The seed's "Pricing Model": included devices, traffic GB, storage GB.
+# The earlier system's "Pricing Model": included devices, traffic GB, storage GB.
 SEED_INCLUDED = {
     "starter": (10, 10, 5),
     "professional": (50, 100, 50),
@@ -73,7 +75,7 @@ def test_catalog_lists_the_four_plans_in_order() -> None:
 
 
 @pytest.mark.parametrize("name", PLAN_NAMES)
-def test_plan_matches_the_seed_table(name: str) -> None:
+def test_plan_matches_the_earlier_system_table(name: str) -> None:
     price, devices, retention, alerts, branding, users = SEED_TABLE[name]
     plan = PLANS[name]
     assert plan.name == name
@@ -86,20 +88,20 @@ def test_plan_matches_the_seed_table(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PLAN_NAMES)
-def test_plan_features_match_the_seed_comparison(name: str) -> None:
+def test_plan_features_match_the_earlier_system_comparison(name: str) -> None:
     claims = PLANS[name].features.to_claims()
     for feature, plans in SEED_FEATURE_PLANS.items():
         assert claims[feature] is (name in plans), feature
 
 
 @pytest.mark.parametrize("name", PLAN_NAMES)
-def test_plan_carries_every_feature_and_limit_claim_of_the_seed(name: str) -> None:
+def test_plan_carries_every_feature_and_limit_claim_of_the_earlier_system(name: str) -> None:
     plan = PLANS[name]
     assert tuple(plan.features.to_claims()) == FEATURE_CLAIMS
     assert tuple(plan.limits.to_claims()) == LIMIT_CLAIMS
 
 
-def test_professional_limits_are_the_seed_example() -> None:
+def test_professional_limits_are_the_earlier_system_example() -> None:
     limits = PLANS["professional"].limits.to_claims()
     assert limits["maxUsers"] == 15
     assert limits["maxAlertRules"] == 100
@@ -113,7 +115,7 @@ def test_enterprise_is_unlimited_everywhere() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SEED_INCLUDED))
-def test_included_usage_matches_the_seed_pricing_model(name: str) -> None:
+def test_included_usage_matches_the_earlier_system_pricing_model(name: str) -> None:
     included = PLANS[name].included
     assert (included.devices, included.traffic_gb, included.storage_gb) == SEED_INCLUDED[name]
 
@@ -123,7 +125,7 @@ def test_included_devices_equal_max_devices_on_every_plan() -> None:
         assert plan.included.devices == plan.features.max_devices
 
 
-def test_unlicensed_fallback_is_the_seeds_unlicensed_mode() -> None:
+def test_unlicensed_fallback_is_the_earlier_systems_unlicensed_mode() -> None:
     features = UNLICENSED.features
     assert UNLICENSED.name == "unlicensed"
     assert features.max_devices == 2

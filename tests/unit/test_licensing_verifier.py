@@ -283,7 +283,7 @@ def test_features_an_older_licence_lacks_take_the_fallback_value(
     assert license.features.has_ota_updates is UNLICENSED.features.has_ota_updates
 
 
-def test_device_limit_body_is_the_seeds_403(keys: SigningKeys, verifier: LicenseVerifier) -> None:
+def test_device_limit_body_is_the_earlier_systems_403(keys: SigningKeys, verifier: LicenseVerifier) -> None:
     license = verifier.verify(mint(keys).token, now=NOW)
     assert license.check_device_limit(49) is None
     assert license.check_device_limit(50) == {

@@ -10,12 +10,16 @@ from typing import Any, cast
 
 import pytest
 
+from iotistic_billing.k8s import Kube
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.deployments import RESYNC_SECONDS, InstanceDeployments
-from iotistic_billing.operator.kube import Kube
+from iotistic_billing.operator.context import OperatorContext, PassRequests
+from iotistic_billing.operator.deployments import (
+    RESYNC_SECONDS,
+    DeploymentState,
+    InstanceDeployments,
+    instance_health,
+)
 from iotistic_billing.operator.reconcile import reconcile
-from iotistic_billing.operator.state import DeploymentState, instance_health
 
 NAMESPACE = "customer-acme"
 
@@ -255,24 +259,30 @@ async def test_a_pass_asked_for_by_a_covered_event_calls_nothing() -> None:
         )
 
 
-async def test_watch_events_coalesce_into_one_pass_for_the_latest_of_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_watch_events_coalesce_into_one_pass_for_the_latest_of_them() -> None:
+    requests = PassRequests()
+    assert requests.add("acme", 3)  # the first request starts a pass
+    assert not requests.add("acme", 7) and not requests.add("acme", 5)
+    assert requests.add("globex", 4)
+    assert not requests.add("globex", None)  # a Secret's event: the pass must run whatever it covers
+    assert not requests.add("globex", 9)
+    assert (requests.take("acme"), requests.take("globex")) == (7, None)
+    assert requests.add("acme", 8)  # after the pass started: a pass of its own
+    assert requests.take("acme") == 8
+
+
+async def test_a_requested_pass_runs_once_for_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
     passes: list[tuple[str, int | None]] = []
+    started = asyncio.Event()
 
     async def pass_(ctx: Any, name: str, now: Any = None, deployment_event: int | None = None) -> None:
         passes.append((name, deployment_event))
+        started.set()
 
     monkeypatch.setattr(handlers, "reconcile", pass_)
-    monkeypatch.setattr(handlers, "_pending", {})
-    ctx = cast(OperatorContext, SimpleNamespace())
+    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+    ctx = cast(OperatorContext, SimpleNamespace(pass_requests=PassRequests()))
     for tick in (3, 7, 5):
         handlers.request_pass(ctx, "acme", tick)
-    handlers.request_pass(ctx, "globex", 4)
-    handlers.request_pass(ctx, "globex", None)  # a Secret's event: the pass must run
-    handlers.request_pass(ctx, "globex", 9)
-    await asyncio.sleep(0.3)
-    assert sorted(passes) == [("acme", 7), ("globex", None)]
-    handlers.request_pass(ctx, "acme", 8)  # after the pass started: a pass of its own
-    await asyncio.sleep(0.3)
-    assert passes[-1] == ("acme", 8)
+    await asyncio.wait_for(started.wait(), 5)
+    assert passes == [("acme", 7)]

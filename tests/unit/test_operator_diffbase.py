@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from iotistic_billing.operator.handlers import HandledSpecs, LeanDiffBaseStorage, TransientProgressStorage
+from iotistic_billing.operator.kopf_tuning import HandledSpecs, LeanDiffBaseStorage, TransientProgressStorage
 
 
 def customer_body() -> dict[str, Any]:

@@ -7,19 +7,25 @@ from typing import Any
 
 import pytest
 
-from iotistic_billing.customer import CustomerSpec, CustomerStatus, LicenseStatus, ReleaseStatus
+from iotistic_billing.customer import (
+    Customer,
+    CustomerSpec,
+    CustomerStatus,
+    LicenseStatus,
+    ReleaseStatus,
+    customer_id_in_use,
+    derived_customer_id,
+)
+from iotistic_billing.operator.deployments import DeploymentState, instance_health
+from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
+from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
 from iotistic_billing.operator.reconcile import merge_patch
 from iotistic_billing.operator.state import (
-    DeploymentState,
-    Entitlement,
-    InstanceHealth,
-    ReleaseOutcome,
-    customer_id_for,
-    effective_plan,
+    PassTarget,
     housekeeping_due,
-    instance_health,
-    license_action,
+    invalid_spec_status,
     next_status,
+    pass_target,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
 
@@ -110,7 +116,26 @@ def test_a_trial_end_with_a_fraction_of_a_second_ends_on_the_whole_second() -> N
 
 
 def _entitlement(plan: str, suspended: bool = False) -> Entitlement:
-    return Entitlement(plan, "x", "", False, None, "active", None, suspended=suspended)
+    return Entitlement(plan=plan, reason="x", message="", subscription_status="active", suspended=suspended)
+
+
+def target(
+    entitlement: Entitlement | None = None, now: datetime = NOW, customer_spec: CustomerSpec | None = None
+) -> PassTarget:
+    customer = Customer.model_validate(
+        {"metadata": {"name": "acme", "uid": "6f1c1d1e-uid"}, "spec": {"email": "a@b.cd", "companyName": "x"}}
+    )
+    if customer_spec is not None:
+        customer = customer.model_copy(update={"spec": customer_spec})
+    return PassTarget(
+        customer=customer,
+        customer_id="cust_acme0001",
+        namespace="customer-acme",
+        domain="acme.example",
+        entitlement=entitlement or _entitlement("starter"),
+        owner={},
+        now=now,
+    )
 
 
 @pytest.mark.parametrize(
@@ -165,22 +190,11 @@ def status_after(
     entitlement: Entitlement | None = None,
     previous: CustomerStatus | None = None,
     now: datetime = NOW,
-    **kw: Any,
 ) -> CustomerStatus:
-    return next_status(
-        previous or CustomerStatus(),
-        generation=4,
-        customer_id="cust_acme0001",
-        entitlement=entitlement or _entitlement("starter"),
-        license=LicenseStatus(jti="j1", expires_at=NOW + timedelta(days=30)),
-        license_error=None,
-        release=release,
-        health=health,
-        namespace="customer-acme",
-        url="https://acme.example",
-        now=now,
-        **kw,
+    outcome = PassOutcome(
+        license=LicenseStatus(jti="j1", expires_at=NOW + timedelta(days=30)), release=release, health=health
     )
+    return next_status(previous or CustomerStatus(), target(entitlement, now), outcome, generation=4)
 
 
 DEPLOYED = ReleaseOutcome("installed", "InstallSucceeded", "installed", ReleaseStatus(revision=1))
@@ -203,7 +217,7 @@ def test_ready_only_when_deployments_are_available_and_then_observed_generation_
 
 def test_a_permanent_failure_stalls_with_reason_and_message() -> None:
     failed = ReleaseOutcome("failed", "InstallFailed", "at '/api/replicas': maximum 20", permanent=True)
-    stalled = status_after(failed, None, stalled_reason="InstallFailed", stalled_message=failed.message)
+    stalled = status_after(failed, None)
     assert stalled.phase == "Failed" and stalled.observed_generation == 4
     condition = stalled.condition("Stalled")
     assert condition is not None and (condition.status, condition.reason) == ("True", "InstallFailed")
@@ -224,28 +238,59 @@ def test_the_pass_after_an_install_writes_the_same_status() -> None:
 
 def test_transition_time_moves_only_when_a_condition_changes_status() -> None:
     first = status_after(DEPLOYED, InstanceHealth(False, "DeploymentsUnavailable", "waiting"))
-    later = next_status(
-        first,
-        generation=4,
-        customer_id="cust_acme0001",
-        entitlement=_entitlement("starter"),
-        license=first.license,
-        license_error=None,
-        release=DEPLOYED,
-        health=InstanceHealth(False, "DeploymentsUnavailable", "still waiting"),
-        namespace="customer-acme",
-        url="https://acme.example",
-        now=NOW + timedelta(minutes=5),
-    )
+    waiting = InstanceHealth(False, "DeploymentsUnavailable", "still waiting")
+    later = status_after(DEPLOYED, waiting, previous=first, now=NOW + timedelta(minutes=5))
     assert later.condition("Ready").last_transition_time == first.condition("Ready").last_transition_time  # type: ignore[union-attr]
     assert later.condition("Ready").message == "still waiting"  # type: ignore[union-attr]
 
 
-def test_derived_customer_id_is_stable_and_valid() -> None:
-    derived = customer_id_for(spec(), "6f1c1d1e-0000-4000-8000-000000000001")
-    assert derived == customer_id_for(spec(), "6f1c1d1e-0000-4000-8000-000000000001")
+def test_the_customer_id_in_use_is_the_spec_s_else_the_reported_else_the_derived_one() -> None:
+    uid = "6f1c1d1e-0000-4000-8000-000000000001"
+    derived = derived_customer_id(uid)
+    assert derived == derived_customer_id(uid) != derived_customer_id(uid + "x")
     assert CustomerSpec.model_validate({"email": "a@b.cd", "companyName": "x", "customerId": derived})
-    assert customer_id_for(spec(customerId="cust_given01"), "uid") == "cust_given01"
+    body: dict[str, Any] = {"metadata": {"name": "acme", "uid": uid}, "spec": {}}
+    assert customer_id_in_use(body) == derived
+    assert customer_id_in_use({**body, "status": {"customerId": "cust_reported1"}}) == "cust_reported1"
+    given = {**body, "spec": {"customerId": "cust_given01"}, "status": {"customerId": "cust_reported1"}}
+    assert customer_id_in_use(given) == "cust_given01"
+    # A spec the models refuse is still read: a Customer must stay deletable.
+    assert customer_id_in_use({**body, "spec": {"plan": 42}}) == derived
+
+
+def test_the_pass_target_is_worked_out_once_from_the_customer() -> None:
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": "acme", "uid": "u-1", "creationTimestamp": CREATED.isoformat()},
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "plan": "starter",
+            "instance": {"domain": "a.example"},
+        },
+    }
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW)
+    assert (aimed.customer_id, aimed.namespace, aimed.url) == (
+        derived_customer_id("u-1"),
+        "customer-acme",
+        "https://a.example",
+    )
+    assert aimed.entitlement.plan == "starter" and aimed.owner["uid"] == "u-1"
+
+
+def test_an_invalid_spec_is_failed_and_stalled_and_no_longer_ready() -> None:
+    """Found in review: the Customer was set Failed but kept an earlier Ready=True (no Stalled written),
+    which kstatus readers (Flux, Argo CD, `kubectl wait`) call healthy."""
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    assert ready.condition("Ready").status == "True"  # type: ignore[union-attr]
+    failed = invalid_spec_status(ready, 5, "InvalidSpec", "spec.trial.days must be at most 90", NOW)
+    assert failed.phase == "Failed" and failed.observed_generation == 5
+    states = {c.type: (c.status, c.reason) for c in failed.conditions or ()}
+    assert states["Ready"] == ("False", "InvalidSpec")
+    assert states["Stalled"] == ("True", "InvalidSpec")
+    assert states["Reconciling"] == ("False", "InvalidSpec")
+    assert failed.condition("Stalled").message == "spec.trial.days must be at most 90"  # type: ignore[union-attr]
 
 
 def test_release_values_keep_plan_limits_over_user_overrides() -> None:
@@ -254,23 +299,15 @@ def test_release_values_keep_plan_limits_over_user_overrides() -> None:
         instance={"values": {"plan": "enterprise", "api": {"replicas": 3}, "license": {"maxDevices": 9999}}},
     )
     values = desired_release_values(
-        spec=customer,
-        customer_id="cust_acme0001",
-        entitlement=_entitlement("professional"),
-        domain="acme.example",
-        billing_url="https://billing.example",
-        license_sha256="ab" * 32,
+        target(_entitlement("professional"), customer_spec=customer), "https://billing.example", "ab" * 32
     )
     assert values["plan"] == "professional" and values["license"]["maxDevices"] == 50
     assert values["api"] == {"replicas": 3} and values["retention"] == {"days": 365}
     assert values["enabled"] is True
     suspended = desired_release_values(
-        spec=spec(plan="professional", suspended=True),
-        customer_id="c",
-        entitlement=_entitlement("unlicensed", True),
-        domain="d",
-        billing_url="b",
-        license_sha256=None,
+        target(_entitlement("unlicensed", True), customer_spec=spec(plan="professional", suspended=True)),
+        "b",
+        None,
     )
     assert suspended["enabled"] is False
     assert values_hash(values, "0.1.0") == values_hash(dict(values), "0.1.0") != values_hash(values, "0.1.1")

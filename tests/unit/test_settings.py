@@ -1,4 +1,4 @@
-"""Settings are read from the seed's environment names and refuse bad values by name."""
+"""Settings are read from the earlier system's environment names and refuse bad values by name."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from iotistic_billing.settings import SettingsError, load_settings
 
 
-def test_defaults_and_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "3200")
     monkeypatch.setenv("STRIPE_PRICE_PROFESSIONAL", "price_pro")
     monkeypatch.setenv("DEFAULT_TRIAL_DAYS", "7")

@@ -57,7 +57,7 @@ def problems(raw: bytes) -> dict[str, str]:
     return {problem.field: problem.message for problem in caught.value.problems}
 
 
-def test_the_seed_payload_with_an_id_and_a_period_is_one_report() -> None:
+def test_the_earlier_system_payload_with_an_id_and_a_period_is_one_report() -> None:
     parsed = parse_reports(body(report()))
     assert not parsed.batch and len(parsed.reports) == 1
     stored = parsed.reports[0]

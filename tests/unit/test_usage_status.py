@@ -123,10 +123,7 @@ def test_the_patch_carries_usage_all_conditions_and_the_resource_version() -> No
         generation=None,
         now=NOW,
     )
-    patch = status_patch(updated, "12345")
-    assert patch["metadata"] == {"resourceVersion": "12345"}
-    status = patch["status"]
-    assert isinstance(status, dict)
+    status = status_patch(updated)
     assert status["usage"] == {
         "periodStart": "2026-11-01T00:00:00Z",
         "activeDevices": 2,

@@ -11,8 +11,8 @@ import pytest
 import stripe
 
 from iotistic_billing.customer import SubscriptionSpec
-from iotistic_billing.webhook_server.errors import BadRequest, ValidationFailed
-from iotistic_billing.webhook_server.stripe_events import (
+from iotistic_billing.errors import BadRequest, ValidationFailed
+from iotistic_billing.stripe_inbox.events import (
     LookupHints,
     PriceCatalog,
     SubscriptionFacts,

@@ -13,14 +13,13 @@ from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
-from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, parse_spec
-from iotistic_billing.operator.state import derived_customer_id
-from iotistic_billing.webhook_server.directory import CustomerRecord
-from iotistic_billing.webhook_server.errors import ValidationFailed
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, derived_customer_id, parse_spec
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import ValidationFailed
+from iotistic_billing.webhook_server.messages import read_customer_id
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
-from iotistic_billing.webhook_server.routes import ROUTES
-from iotistic_billing.webhook_server.routing import read_customer_id
+from iotistic_billing.webhook_server.route_table import ROUTES
 from iotistic_billing.webhook_server.schemas import SignupRequest
 from iotistic_billing.webhook_server.security import RateLimiter, client_address
 from iotistic_billing.webhook_server.views import (

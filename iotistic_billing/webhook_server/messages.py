@@ -1,53 +1,21 @@
-"""The route table's entries: one `Operation` per route says who may call it and what it takes and answers.
-
-The same entries register the aiohttp routes, drive the authentication middleware and write the OpenAPI
-document, so a route cannot exist undocumented or unguarded.
-"""
+"""What a handler reads from a request (the JSON body, the query, the `{customerId}` of the path) and
+how it answers in JSON; a bad input is a 400 naming the field."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from iotistic_billing.customer import CustomerId
-from iotistic_billing.webhook_server.errors import ValidationFailed
+from iotistic_billing.errors import ValidationFailed
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# public: anyone; admin: the bearer token; instance: the bearer token or the customer's own usage key;
-# stripe: anyone, but the handler verifies Stripe's signature.
-Access = Literal["public", "admin", "instance", "stripe"]
 M = TypeVar("M", bound=BaseModel)
 CUSTOMER_ID_PARAMETER = "customerId"
 _CUSTOMER_ID: TypeAdapter[str] = TypeAdapter(CustomerId)
-
-
-@dataclass(frozen=True)
-class Operation:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    tag: str
-    access: Access
-    # Status -> the model of the JSON body, or a media type for a body that is not JSON.
-    responses: Mapping[int, type[BaseModel] | str]
-    body: type[BaseModel] | None = None
-    query: type[BaseModel] | None = None
-    # Error statuses the route can answer besides those implied by access, body and rate limiting.
-    errors: tuple[int, ...] = ()
-    description: str = ""
-    headers: Mapping[str, dict[str, Any]] = field(default_factory=dict)
-    # Probes and metrics must answer whatever the load.
-    rate_limited: bool = True
-
-    @property
-    def operation_id(self) -> str:
-        return self.handler.__name__
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:
@@ -88,13 +56,4 @@ def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] |
     )
 
 
-__all__ = [
-    "CUSTOMER_ID_PARAMETER",
-    "Access",
-    "Handler",
-    "Operation",
-    "json_model",
-    "read_body",
-    "read_customer_id",
-    "read_query",
-]
+__all__ = ["CUSTOMER_ID_PARAMETER", "json_model", "read_body", "read_customer_id", "read_query"]

@@ -6,7 +6,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import func, select
@@ -22,45 +21,9 @@ _SECRET_SHAPES: Final = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN [A-Z ]
 
 
 @dataclass(frozen=True, slots=True)
-class LicenseHistoryEntry:
-    id: int
-    customer_id: str
-    action: str
-    plan: str
-    max_devices: int
-    license_hash: str
-    jti: str
-    kid: str
-    issued_at: datetime
-    expires_at: datetime
-    features: dict[str, Any]
-    limits: dict[str, Any]
-    metadata: dict[str, Any]
-    generated_at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        """The seed's history item (snake_case, ISO times) plus the hash, jti and key id."""
-        return {
-            "id": self.id,
-            "action": self.action,
-            "plan": self.plan,
-            "max_devices": self.max_devices,
-            "license_hash": self.license_hash,
-            "jti": self.jti,
-            "kid": self.kid,
-            "issued_at": self.issued_at.isoformat(),
-            "expires_at": self.expires_at.isoformat(),
-            "features": self.features,
-            "limits": self.limits,
-            "metadata": self.metadata,
-            "generated_at": self.generated_at.isoformat(),
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class LicenseHistoryReport:
     customer_id: str
-    history: list[LicenseHistoryEntry]
+    history: list[LicenseHistory]  # newest first
     statistics: dict[str, Any]
 
 
@@ -83,20 +46,7 @@ async def record_license(
     record = license.record() if isinstance(license, MintedLicense) else license
     statement = (
         insert(LicenseHistory)
-        .values(
-            customer_id=record.customer_id,
-            action=action,
-            plan=record.plan,
-            max_devices=record.max_devices,
-            license_hash=record.license_hash,
-            jti=record.jti,
-            kid=record.kid,
-            issued_at=record.issued_at,
-            expires_at=record.expires_at,
-            features=dict(record.features),
-            limits=dict(record.limits),
-            metadata_=extra,
-        )
+        .values(**LicenseHistory.columns_of(record), action=action, metadata_=extra)
         .on_conflict_do_nothing(constraint="uq_license_history_jti_action")
         .returning(LicenseHistory.id)
     )
@@ -105,7 +55,7 @@ async def record_license(
 
 
 async def license_history(session: AsyncSession, customer_id: str, limit: int = 100) -> LicenseHistoryReport:
-    """The newest `limit` rows of a customer, and the seed's statistics over all of its rows."""
+    """The newest `limit` rows of a customer, and the earlier system's statistics over all of its rows."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     rows = (
@@ -129,27 +79,9 @@ async def license_history(session: AsyncSession, customer_id: str, limit: int = 
         by_plan[plan] = by_plan.get(plan, 0) + count
     return LicenseHistoryReport(
         customer_id=customer_id,
-        history=[
-            LicenseHistoryEntry(
-                id=row.id,
-                customer_id=row.customer_id,
-                action=row.action,
-                plan=row.plan,
-                max_devices=row.max_devices,
-                license_hash=row.license_hash,
-                jti=row.jti,
-                kid=row.kid,
-                issued_at=row.issued_at,
-                expires_at=row.expires_at,
-                features=row.features,
-                limits=row.limits,
-                metadata=row.metadata_,
-                generated_at=row.generated_at,
-            )
-            for row in rows
-        ],
+        history=list(rows),
         statistics={"totalGenerations": sum(by_action.values()), "byAction": by_action, "byPlan": by_plan},
     )
 
 
-__all__ = ["LicenseHistoryEntry", "LicenseHistoryReport", "license_history", "record_license"]
+__all__ = ["LicenseHistoryReport", "license_history", "record_license"]

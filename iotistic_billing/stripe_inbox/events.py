@@ -1,8 +1,9 @@
 """Pure reading of Stripe events: which customer an event is about, the subscription facts it carries,
-and whether those facts may overwrite what the Customer already holds (DESIGN.md section 5).
+and whether those facts may overwrite what the Customer already holds (docs/architecture.md, "Stripe
+events").
 
-No I/O here: the webhook handler reads the Customer and the `subscriptions` row, asks `decide()`, and
-then writes what it was told to.
+No I/O here: the apply step (apply.py) reads the Customer and the `subscriptions` row, asks `decide()`,
+and then writes what it was told to.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
-    PAID_PLANS,
+    PAID_PLAN_NAMES,
     STRIPE_CUSTOMER_ID_PATTERN,
     STRIPE_SUBSCRIPTION_ID_PATTERN,
-    PaidPlan,
+    PaidPlanName,
     SubscriptionSpec,
     SubscriptionStatus,
 )
@@ -41,25 +44,43 @@ _STRIPE_CUSTOMER_ID = re.compile(STRIPE_CUSTOMER_ID_PATTERN)
 _SUBSCRIPTION_ID = re.compile(STRIPE_SUBSCRIPTION_ID_PATTERN)
 
 
+class StripeEventObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    object: dict[str, Any]
+
+
+class StripeEvent(BaseModel):
+    """The envelope of a Stripe event as the webhook route accepts it; the object inside is read below."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: Annotated[str, Field(min_length=1, max_length=255)]
+    type: Annotated[str, Field(min_length=1, max_length=100)]
+    # stripe_events.created is a BIGINT.
+    created: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    data: StripeEventObject
+
+
 @dataclass(frozen=True)
 class PriceCatalog:
     """The Stripe price of each paid plan (STRIPE_PRICE_*), both ways."""
 
-    prices: Mapping[PaidPlan, str]
+    prices: Mapping[PaidPlanName, str]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PriceCatalog:
-        configured: dict[PaidPlan, str | None] = {
+        configured: dict[PaidPlanName, str | None] = {
             "starter": settings.stripe_price_starter,
             "professional": settings.stripe_price_professional,
             "enterprise": settings.stripe_price_enterprise,
         }
         return cls({plan: price for plan, price in configured.items() if price})
 
-    def price_for(self, plan: PaidPlan) -> str | None:
+    def price_for(self, plan: PaidPlanName) -> str | None:
         return self.prices.get(plan)
 
-    def plan_for(self, price_id: str | None) -> PaidPlan | None:
+    def plan_for(self, price_id: str | None) -> PaidPlanName | None:
         return next((plan for plan, price in self.prices.items() if price == price_id), None)
 
 
@@ -78,7 +99,7 @@ class SubscriptionFacts:
 
     subscription_id: str
     status: SubscriptionStatus
-    plan: PaidPlan | None = None
+    plan: PaidPlanName | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
 
@@ -123,8 +144,8 @@ def _status(value: object) -> SubscriptionStatus | None:
     return value if isinstance(value, str) and value in SUBSCRIPTION_STATUSES else None
 
 
-def _plan(value: object) -> PaidPlan | None:
-    return value if isinstance(value, str) and value in PAID_PLANS else None
+def _plan(value: object) -> PaidPlanName | None:
+    return value if isinstance(value, str) and value in PAID_PLAN_NAMES else None
 
 
 def _first_item(subscription: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,4 +1,5 @@
-"""Outgoing Stripe calls through the stripe SDK's async methods, on an aiohttp session of its own.
+"""The Stripe client: outgoing Stripe calls through the stripe SDK's async methods, on an aiohttp
+session of its own (the webhook server's subscription routes, usage metering's meter events).
 
 STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
 errors: unreachable or overloaded is 503 (retry), a refused request is 409 with Stripe's message.
@@ -14,13 +15,8 @@ from typing import Any, TypeVar
 
 import stripe
 
+from iotistic_billing.errors import ApiError, Conflict, DependencyUnavailable, stripe_refused_key
 from iotistic_billing.settings import Settings
-from iotistic_billing.webhook_server.errors import (
-    ApiError,
-    Conflict,
-    DependencyUnavailable,
-    stripe_refused_key,
-)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,10 +67,10 @@ def _sub_fields(subscription: Any) -> SubscriptionChange:
     )
 
 
-class StripeBilling:
+class StripeApi:
     def __init__(self, settings: Settings) -> None:
         if settings.stripe_secret_key is None:
-            raise ValueError("StripeBilling needs STRIPE_SECRET_KEY")
+            raise ValueError("StripeApi needs STRIPE_SECRET_KEY")
         # aiohttp as the async transport: it is already ours, and this session is closed with the app.
         self._http = stripe.AIOHTTPClient(timeout=30)
         self.client = stripe.StripeClient(
@@ -185,4 +181,4 @@ class StripeBilling:
         return str(session.url)
 
 
-__all__ = ["CheckoutSession", "StripeBilling", "SubscriptionChange"]
+__all__ = ["CheckoutSession", "StripeApi", "SubscriptionChange"]

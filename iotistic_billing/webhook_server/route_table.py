@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Final
 
-from iotistic_billing.webhook_server import customers, licenses, operations, subscriptions, usage, webhooks
-from iotistic_billing.webhook_server.routing import Operation
+from iotistic_billing.webhook_server import (
+    customers,
+    licenses,
+    openapi,
+    probes,
+    subscriptions,
+    usage,
+    webhooks,
+)
+from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
     CheckoutRequest,
@@ -39,9 +47,9 @@ from iotistic_billing.webhook_server.schemas import (
 
 _LOCATION: Final = {"Location": {"description": "The customer's URL", "schema": {"type": "string"}}}
 
-ROUTES: Final[tuple[Operation, ...]] = (
+ROUTES: Final[tuple[Route, ...]] = (
     # ----- Stripe -----
-    Operation(
+    Route(
         "POST",
         "/api/webhooks/stripe",
         webhooks.receive_stripe_event,
@@ -62,7 +70,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         rate_limited=False,
     ),
     # ----- customers -----
-    Operation(
+    Route(
         "POST",
         "/api/customers",
         customers.create_customer,
@@ -76,10 +84,10 @@ ROUTES: Final[tuple[Operation, ...]] = (
         description=(
             "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
             "waits a bounded time for the operator's licence: 201 with it, or 202 with license null. "
-            "The password of the seed's payload is accepted and discarded, never stored."
+            "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
     ),
-    Operation(
+    Route(
         "GET",
         "/api/customers",
         customers.list_customers,
@@ -89,7 +97,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         {200: CustomerList},
         query=ListCustomersQuery,
     ),
-    Operation(
+    Route(
         "GET",
         "/api/customers/{customerId}",
         customers.get_customer,
@@ -100,7 +108,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         errors=(404,),
     ),
     # ----- subscriptions -----
-    Operation(
+    Route(
         "POST",
         "/api/subscriptions/checkout",
         subscriptions.create_checkout,
@@ -111,7 +119,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         body=CheckoutRequest,
         errors=(404, 409),
     ),
-    Operation(
+    Route(
         "POST",
         "/api/subscriptions/upgrade",
         subscriptions.upgrade_subscription,
@@ -122,7 +130,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         body=UpgradeRequest,
         errors=(404, 409),
     ),
-    Operation(
+    Route(
         "POST",
         "/api/subscriptions/cancel",
         subscriptions.cancel_subscription,
@@ -133,7 +141,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         body=CancelRequest,
         errors=(404, 409),
     ),
-    Operation(
+    Route(
         "POST",
         "/api/subscriptions/portal",
         subscriptions.create_portal_session,
@@ -144,7 +152,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         body=PortalRequest,
         errors=(404, 409),
     ),
-    Operation(
+    Route(
         "GET",
         "/api/subscriptions/{customerId}",
         subscriptions.get_subscription,
@@ -155,7 +163,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         errors=(404,),
     ),
     # ----- licences -----
-    Operation(
+    Route(
         "GET",
         "/api/licenses/public-key",
         licenses.get_public_key,
@@ -165,7 +173,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         {200: "text/plain"},
         errors=(503,),
     ),
-    Operation(
+    Route(
         "GET",
         "/.well-known/jwks.json",
         licenses.get_jwks,
@@ -175,7 +183,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         {200: Jwks},
         errors=(503,),
     ),
-    Operation(
+    Route(
         "GET",
         "/api/licenses/{customerId}",
         licenses.get_license,
@@ -186,7 +194,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         errors=(404,),
         description="The admin token, or the customer's own usage key in X-API-Key.",
     ),
-    Operation(
+    Route(
         "GET",
         "/api/licenses/{customerId}/history",
         licenses.get_license_history,
@@ -197,7 +205,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         query=HistoryQuery,
         errors=(404,),
     ),
-    Operation(
+    Route(
         "POST",
         "/api/licenses/{customerId}/revoke",
         licenses.revoke_license,
@@ -213,7 +221,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
         ),
     ),
     # ----- usage -----
-    Operation(
+    Route(
         "POST",
         "/api/usage/report",
         usage.report_usage,
@@ -232,7 +240,7 @@ ROUTES: Final[tuple[Operation, ...]] = (
             "Usage keys are cached for 30 s, so a revoked key works that much longer."
         ),
     ),
-    Operation(
+    Route(
         "GET",
         "/api/usage/{customerId}",
         usage.get_usage,
@@ -244,59 +252,59 @@ ROUTES: Final[tuple[Operation, ...]] = (
         errors=(404,),
         description="The admin token, or the customer's own usage key.",
     ),
-    # ----- operations -----
-    Operation(
+    # ----- operations: probes, metrics, this document -----
+    Route(
         "GET",
         "/api/queue/stats",
-        operations.get_queue_stats,
+        customers.get_queue_stats,
         "Customers by phase",
         "operations",
         "admin",
         {200: QueueStats},
     ),
-    Operation(
+    Route(
         "GET",
         "/healthz",
-        operations.healthz,
+        probes.healthz,
         "Liveness",
         "operations",
         "public",
         {200: Health},
         rate_limited=False,
     ),
-    Operation(
+    Route(
         "GET",
         "/readyz",
-        operations.readyz,
+        probes.readyz,
         "Readiness: PostgreSQL and the API server reachable",
         "operations",
         "public",
         {200: Readiness, 503: Readiness},
         rate_limited=False,
     ),
-    Operation(
+    Route(
         "GET",
         "/metrics",
-        operations.metrics,
+        probes.metrics,
         "Prometheus metrics",
         "operations",
         "public",
         {200: "text/plain"},
         rate_limited=False,
     ),
-    Operation(
+    Route(
         "GET",
         "/api/openapi.json",
-        operations.get_openapi,
+        openapi.get_openapi,
         "This OpenAPI document",
         "operations",
         "public",
         {200: "application/json"},
     ),
-    Operation(
+    Route(
         "GET",
         "/api/docs",
-        operations.get_docs,
+        openapi.get_docs,
         "The routes of this API as a page",
         "operations",
         "public",
@@ -306,8 +314,8 @@ ROUTES: Final[tuple[Operation, ...]] = (
 
 # What the Stripe inbox process serves on its own port (STRIPE_INBOX_PORT): the kubelet's probes and
 # Prometheus. The API stays on the server's port, behind its rate limits.
-INBOX_ROUTES: Final[tuple[Operation, ...]] = tuple(
-    operation for operation in ROUTES if operation.path in ("/healthz", "/readyz", "/metrics")
+INBOX_ROUTES: Final[tuple[Route, ...]] = tuple(
+    route for route in ROUTES if route.path in ("/healthz", "/readyz", "/metrics")
 )
 
 __all__ = ["INBOX_ROUTES", "ROUTES"]

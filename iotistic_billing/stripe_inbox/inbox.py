@@ -1,4 +1,5 @@
-"""The Stripe event inbox: applies the events the webhook route stored as `pending`, after their 2xx.
+"""The Stripe event inbox: the webhook route stores each verified event as `pending` (store_event) and
+answers; workers here apply them after that 2xx.
 
 A few workers claim one pending event at a time (`FOR UPDATE SKIP LOCKED`, oldest `created` first, so
 replicas share the work without taking the same event), apply it in that row's transaction and write
@@ -13,31 +14,65 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import asyncpg
-from aiohttp import web
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
 
 from iotistic_billing.db import models
 from iotistic_billing.db.engine import plain_url
-from iotistic_billing.webhook_server.context import METRICS, SESSIONS
-from iotistic_billing.webhook_server.schemas import StripeEvent
-from iotistic_billing.webhook_server.webhooks import INBOX_CHANNEL, PENDING, apply_event
+from iotistic_billing.stripe_inbox.apply import EventApplier
+from iotistic_billing.stripe_inbox.events import StripeEvent
 
 log = logging.getLogger(__name__)
 
+Sessions = async_sessionmaker[AsyncSession]
+# Counts an applied (or retried) event: (event type, result).
+ResultCounter = Callable[[str, str], None]
+
+PENDING: Final = "pending"
+INBOX_CHANNEL: Final = "stripe_inbox"
 WORKERS: Final = 4
 POLL_SECONDS: Final = 1.0
 RETRY_BACKOFF: Final = (1.0, 2.0, 5.0, 15.0, 60.0)
 
 
+async def store_event(sessions: Sessions, event: StripeEvent, payload: dict[str, object]) -> bool:
+    """Commit the verified event as pending; False when its id was already there (a redelivery)."""
+    async with sessions() as session, session.begin():
+        first = await session.scalar(
+            insert(models.StripeEvent)
+            .values(
+                event_id=event.id, type=event.type, created=event.created, result=PENDING, payload=payload
+            )
+            # A concurrent delivery of the same id waits here for this transaction, then sees the row.
+            .on_conflict_do_nothing(index_elements=[models.StripeEvent.event_id])
+            .returning(models.StripeEvent.event_id)
+        )
+        if first is not None:
+            # Delivered at commit to every inbox LISTENing, in whichever process or replica.
+            await session.execute(select(func.pg_notify(INBOX_CHANNEL, event.id)))
+    return first is not None
+
+
 class EventInbox:
     def __init__(
-        self, app: web.Application, workers: int = WORKERS, poll: float = POLL_SECONDS, database_url: str = ""
+        self,
+        *,
+        sessions: Sessions,
+        applier: EventApplier,
+        count: ResultCounter,
+        workers: int = WORKERS,
+        poll: float = POLL_SECONDS,
+        database_url: str = "",
     ) -> None:
-        self.app = app
+        self.sessions = sessions
+        self.applier = applier
+        self.count = count
         self.workers = workers
         self.poll = poll
         self.database_url = database_url
@@ -102,7 +137,7 @@ class EventInbox:
         """Claim and apply the oldest pending event that is due; False when there is none."""
         now = time.monotonic()
         waiting = [event_id for event_id, due in self._not_before.items() if due > now]
-        async with self.app[SESSIONS]() as session, session.begin():
+        async with self.sessions() as session, session.begin():
             query = (
                 select(models.StripeEvent.event_id, models.StripeEvent.payload)
                 .where(models.StripeEvent.result == PENDING)
@@ -119,7 +154,7 @@ class EventInbox:
             event = StripeEvent.model_validate(payload)
             try:
                 async with session.begin_nested():
-                    outcome = await apply_event(self.app, session, event)
+                    outcome = await self.applier.apply(session, event)
             except Exception as error:
                 self._backoff(event_id)
                 await session.execute(
@@ -133,7 +168,7 @@ class EventInbox:
                     event.type,
                     type(error).__name__,
                 )
-                self.app[METRICS].webhook_event(event.type, "retry")
+                self.count(event.type, "retry")
                 return True
             await session.execute(
                 update(models.StripeEvent)
@@ -147,7 +182,7 @@ class EventInbox:
             )
         self._not_before.pop(event_id, None)
         self._failures.pop(event_id, None)
-        self.app[METRICS].webhook_event(event.type, outcome.result)
+        self.count(event.type, outcome.result)
         log.info(
             "stripe event %s (%s): %s",
             event_id,
@@ -170,3 +205,6 @@ class EventInbox:
             if not await self.apply_one():
                 return
         raise TimeoutError("stripe inbox not drained")
+
+
+__all__ = ["INBOX_CHANNEL", "PENDING", "EventInbox", "store_event"]

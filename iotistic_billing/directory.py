@@ -1,4 +1,5 @@
-"""Finding Customers: by our customer id, by Stripe customer id or by Stripe subscription id.
+"""The customer directory: finding Customers by our customer id, by Stripe customer id or by Stripe
+subscription id, for the webhook server's routes, the Stripe inbox and usage metering.
 
 The Customer resources are the truth; the `customers` mirror table remembers which resource holds which
 customer id and which Stripe customer, so a lookup is usually one GET. A mirror entry that is missing or
@@ -17,11 +18,10 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import Customer
+from iotistic_billing.customer import Customer, customer_id_in_use, namespace_for
 from iotistic_billing.db import models
-from iotistic_billing.operator.state import customer_id_for, namespace_for
-from iotistic_billing.webhook_server.cluster import Cluster
-from iotistic_billing.webhook_server.stripe_events import LookupHints
+from iotistic_billing.errors import customer_not_found
+from iotistic_billing.k8s import Kube
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,7 @@ class CustomerRecord:
             # not fatal for every lookup.
             log.warning("Customer %s does not parse; skipped", (body.get("metadata") or {}).get("name"))
             return None
-        customer_id = customer.status.customer_id or customer_id_for(
-            customer.spec, customer.metadata.uid or customer.metadata.name
-        )
-        if customer.spec.customer_id:
-            customer_id = customer.spec.customer_id
-        return cls(customer, body, customer_id)
+        return cls(customer, body, customer_id_in_use(body))
 
 
 def _records(bodies: Iterable[dict[str, Any]]) -> list[CustomerRecord]:
@@ -64,14 +59,14 @@ def _records(bodies: Iterable[dict[str, Any]]) -> list[CustomerRecord]:
 
 
 class Directory:
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
 
     async def all(self) -> list[CustomerRecord]:
-        return _records(await self.cluster.list_customers())
+        return _records(await self.kube.list_customers())
 
     async def by_name(self, name: str) -> CustomerRecord | None:
-        body = await self.cluster.get_customer(name)
+        body = await self.kube.read_customer(name)
         return CustomerRecord.from_body(body) if body is not None else None
 
     async def by_customer_id(self, session: AsyncSession, customer_id: str) -> CustomerRecord | None:
@@ -83,6 +78,13 @@ class Directory:
             if record is not None and record.customer_id == customer_id:
                 return record
         return next((r for r in await self.all() if r.customer_id == customer_id), None)
+
+    async def existing(self, session: AsyncSession, customer_id: str) -> CustomerRecord:
+        """The Customer of `customer_id`, or a 404 "Customer not found" naming it."""
+        record = await self.by_customer_id(session, customer_id)
+        if record is None:
+            raise customer_not_found(customer_id)
+        return record
 
     async def by_stripe_customer(
         self, session: AsyncSession, stripe_customer_id: str
@@ -109,18 +111,26 @@ class Directory:
         )
         return await self.by_customer_id(session, customer_id) if customer_id is not None else None
 
-    async def resolve(self, session: AsyncSession, hints: LookupHints) -> CustomerRecord | None:
-        """The Customer an event is about, strongest hint first."""
-        if hints.customer_id is not None:
-            record = await self.by_customer_id(session, hints.customer_id)
+    async def resolve(
+        self,
+        session: AsyncSession,
+        *,
+        customer_id: str | None,
+        stripe_customer_id: str | None,
+        subscription_id: str | None,
+    ) -> CustomerRecord | None:
+        """The Customer these ids point at, strongest first: ours, Stripe's customer, Stripe's
+        subscription (what a Stripe event says about whose it is)."""
+        if customer_id is not None:
+            record = await self.by_customer_id(session, customer_id)
             if record is not None:
                 return record
-        if hints.stripe_customer_id is not None:
-            record = await self.by_stripe_customer(session, hints.stripe_customer_id)
+        if stripe_customer_id is not None:
+            record = await self.by_stripe_customer(session, stripe_customer_id)
             if record is not None:
                 return record
-        if hints.subscription_id is not None:
-            return await self.by_subscription(session, hints.subscription_id)
+        if subscription_id is not None:
+            return await self.by_subscription(session, subscription_id)
         return None
 
     async def stripe_customer_id(self, session: AsyncSession, record: CustomerRecord) -> str | None:

@@ -1,0 +1,137 @@
+"""The conditions a pass writes: one function per step, and `summarize` deriving the kstatus trio
+(Stalled, Reconciling, Ready) from the outcome, as Flux's helm-controller does (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from iotistic_billing.customer import Condition, ConditionStatus, ConditionType, find_condition, set_condition
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.entitlement import Entitlement
+from iotistic_billing.operator.outcomes import PassOutcome, ReleaseOutcome
+
+
+@dataclass(frozen=True)
+class ConditionValue:
+    type: str
+    status: bool | None  # None: Unknown
+    reason: str
+    message: str
+
+
+def license_condition(outcome: PassOutcome, entitlement: Entitlement) -> ConditionValue | None:
+    if outcome.license_error is not None:
+        return ConditionValue(ConditionType.LICENSE_ISSUED, False, c.LICENSE_FAILED, outcome.license_error)
+    if outcome.license is None:
+        return None
+    return ConditionValue(
+        ConditionType.LICENSE_ISSUED,
+        True,
+        c.LICENSE_ISSUED,
+        f"{entitlement.plan} licence, expires {outcome.license.expires_at}",
+    )
+
+
+def release_condition(release: ReleaseOutcome | None, previous: Sequence[Condition]) -> ConditionValue | None:
+    if release is None:
+        return None
+    reason, message = release.reason, release.message
+    last = find_condition(previous, ConditionType.RELEASE_DEPLOYED)
+    if release.result == "unchanged" and last is not None and last.status == ConditionStatus.TRUE:
+        # Keep what the last install or upgrade said: rewriting it to "unchanged" on the next pass was
+        # a status patch (and a watch event) per Customer that told nobody anything.
+        reason, message = last.reason, last.message
+    return ConditionValue(ConditionType.RELEASE_DEPLOYED, release.deployed, reason, message)
+
+
+def trial_condition(entitlement: Entitlement) -> ConditionValue:
+    if entitlement.trial_active:
+        reason = c.TRIAL_ACTIVE
+    else:
+        reason = c.TRIAL_EXPIRED if entitlement.reason == c.TRIAL_EXPIRED else c.NOT_IN_TRIAL
+    message = entitlement.message if entitlement.trial_ends_at else "not in a trial"
+    return ConditionValue(ConditionType.TRIAL_ACTIVE, entitlement.trial_active, reason, message)
+
+
+def subscription_condition(entitlement: Entitlement) -> ConditionValue:
+    paying = entitlement.reason in (c.MANUAL_BILLING, c.SUBSCRIPTION_ACTIVE, c.SUBSCRIPTION_PAST_DUE)
+    reason = entitlement.reason if entitlement.reason != c.TRIAL_ACTIVE else c.NO_SUBSCRIPTION
+    return ConditionValue(ConditionType.SUBSCRIPTION_ACTIVE, paying, reason, entitlement.message)
+
+
+def stalled(reason: str, message: str) -> list[ConditionValue]:
+    """Retrying cannot help until the spec changes: Stalled, and Ready False with the same words (a
+    kstatus reader must never see an earlier Ready=True on a Customer that failed since)."""
+    return [
+        ConditionValue(ConditionType.STALLED, True, reason, message),
+        ConditionValue(ConditionType.RECONCILING, False, reason, "waiting for a change of the spec"),
+        ConditionValue(ConditionType.READY, False, reason, message),
+    ]
+
+
+def summarize(outcome: PassOutcome) -> list[ConditionValue]:
+    """Stalled, Reconciling and Ready, from the steps' outcome."""
+    if outcome.stalled_reason is not None:
+        return stalled(outcome.stalled_reason, outcome.failure or "")
+    health = outcome.health
+    if outcome.ready:
+        assert health is not None
+        return [
+            ConditionValue(ConditionType.STALLED, False, c.RECONCILED, ""),
+            ConditionValue(ConditionType.RECONCILING, False, c.RECONCILED, ""),
+            ConditionValue(ConditionType.READY, True, health.reason, health.message),
+        ]
+    deployed = outcome.release is not None and outcome.release.deployed
+    waiting_on = outcome.waiting_on
+    return [
+        ConditionValue(ConditionType.STALLED, False, c.RECONCILED, ""),
+        ConditionValue(ConditionType.RECONCILING, True, c.PROGRESSING, waiting_on),
+        ConditionValue(
+            ConditionType.READY, False, health.reason if health and deployed else c.PROGRESSING, waiting_on
+        ),
+    ]
+
+
+def with_conditions(
+    conditions: Sequence[Condition] | None,
+    values: Iterable[ConditionValue | None],
+    *,
+    generation: int,
+    now: datetime,
+) -> list[Condition] | None:
+    """`conditions` with each value set; lastTransitionTime moves only when a status changes."""
+    result = list(conditions) if conditions is not None else None
+    for value in values:
+        if value is None:
+            continue
+        status = (
+            ConditionStatus.UNKNOWN
+            if value.status is None
+            else ConditionStatus.TRUE
+            if value.status
+            else ConditionStatus.FALSE
+        )
+        result = set_condition(
+            result,
+            type_=value.type,
+            status=status,
+            reason=value.reason,
+            message=value.message,
+            observed_generation=generation,
+            now=now,
+        )
+    return result
+
+
+__all__ = [
+    "ConditionValue",
+    "license_condition",
+    "release_condition",
+    "stalled",
+    "subscription_condition",
+    "summarize",
+    "trial_condition",
+    "with_conditions",
+]

@@ -1,0 +1,140 @@
+"""What a Customer is entitled to at a moment (pure): the effective plan, and the history action of a
+licence that changes it. The rule: docs/architecture.md, "Effective plan"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from iotistic_billing.customer import CustomerSpec
+from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
+from iotistic_billing.operator import constants as c
+
+# How long a past_due subscription keeps its plan before the customer falls back to unlicensed.
+PAST_DUE_GRACE = timedelta(days=7)
+PLAN_RANK = {UNLICENSED_PLAN_NAME: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entitlement:
+    """The plan a Customer's licence carries at a moment, and why."""
+
+    plan: str  # a plan name or "unlicensed"
+    reason: str
+    message: str
+    trial_active: bool = False
+    trial_ends_at: datetime | None = None
+    # Stripe's status for the licence's subscription claim; a manual paid plan is "active".
+    subscription_status: str
+    subscription_period_end: datetime | None = None
+    suspended: bool = False
+    lapsed: bool = False  # a lapsed trial or a cancelled/unpaid subscription
+
+
+def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
+    # On the whole second: a licence's times are whole seconds, and a trial judged active in the fraction
+    # of a second before an endsAt like 12:00:00.5Z would need a licence ending before it was issued.
+    ends_at = spec.trial.ends_at_for(created_at).replace(microsecond=0)
+    if now < ends_at:
+        return Entitlement(
+            plan="trial",
+            reason=c.TRIAL_ACTIVE,
+            message=f"trial ends {ends_at.isoformat()}",
+            trial_active=True,
+            trial_ends_at=ends_at,
+            subscription_status="trialing",
+        )
+    return Entitlement(
+        plan=UNLICENSED_PLAN_NAME,
+        reason=c.TRIAL_EXPIRED,
+        message=f"trial ended {ends_at.isoformat()}",
+        trial_ends_at=ends_at,
+        subscription_status="canceled",
+        lapsed=True,
+    )
+
+
+def effective_plan(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
+    """The subscription's plan in stripe mode, spec.plan in manual mode; a lapsed trial or subscription
+    and a suspension give the unlicensed feature set."""
+    if spec.suspended:
+        return Entitlement(
+            plan=UNLICENSED_PLAN_NAME,
+            reason=c.SUSPENDED,
+            message="suspended by an administrator",
+            subscription_status="paused",
+            suspended=True,
+        )
+    if spec.billing.mode == "manual":
+        if spec.plan == "trial":
+            return _trial(spec, created_at, now)
+        return Entitlement(
+            plan=spec.plan,
+            reason=c.MANUAL_BILLING,
+            message=f"{spec.plan} plan, billed manually",
+            subscription_status="active",
+        )
+
+    subscription = spec.subscription
+    if subscription is None or subscription.status in ("incomplete",) or subscription.plan is None:
+        return _trial(spec, created_at, now)
+    period_end = subscription.current_period_end
+    if subscription.status in ("active", "trialing"):
+        return Entitlement(
+            plan=subscription.plan,
+            reason=c.SUBSCRIPTION_ACTIVE,
+            message=f"Stripe subscription {subscription.status}",
+            subscription_status=subscription.status,
+            subscription_period_end=period_end,
+        )
+    if subscription.status == "past_due" and period_end is not None and now < period_end + PAST_DUE_GRACE:
+        return Entitlement(
+            plan=subscription.plan,
+            reason=c.SUBSCRIPTION_PAST_DUE,
+            message=f"payment past due; plan kept until {(period_end + PAST_DUE_GRACE).isoformat()}",
+            subscription_status="past_due",
+            subscription_period_end=period_end,
+        )
+    return Entitlement(
+        plan=UNLICENSED_PLAN_NAME,
+        reason=c.SUBSCRIPTION_LAPSED,
+        message=f"Stripe subscription {subscription.status}",
+        subscription_status=subscription.status,
+        subscription_period_end=period_end,
+        lapsed=True,
+    )
+
+
+def capped_by_trial(entitlement: Entitlement, expires_at: datetime) -> bool:
+    """A trial licence that already ends with the trial: renewing it cannot give it more time."""
+    return (
+        entitlement.trial_active
+        and entitlement.trial_ends_at is not None
+        and expires_at >= entitlement.trial_ends_at.replace(microsecond=0)
+    )
+
+
+def license_action(previous_plan: str | None, previous_suspended: bool, entitlement: Entitlement) -> str:
+    """The license_history action of a new licence, given the plan of the licence it replaces."""
+    if previous_plan is None:
+        return "generated"
+    if entitlement.suspended:
+        return "suspended"
+    if previous_suspended:
+        return "reinstated"
+    old, new = PLAN_RANK.get(previous_plan, 0), PLAN_RANK.get(entitlement.plan, 0)
+    if new > old:
+        return "upgraded"
+    if new < old:
+        return "downgraded"
+    return "renewed"
+
+
+__all__ = [
+    "PAST_DUE_GRACE",
+    "PLAN_RANK",
+    "Entitlement",
+    "capped_by_trial",
+    "effective_plan",
+    "license_action",
+]

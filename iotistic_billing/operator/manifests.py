@@ -1,0 +1,80 @@
+"""The objects a pass applies for a Customer, as manifests (pure): its namespace and its licence Secret."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from iotistic_billing.customer import (
+    API_VERSION,
+    KIND,
+    LICENSE_JWT_KEY,
+    LICENSE_PUBLIC_KEY_KEY,
+    LICENSE_SECRET_NAME,
+    USAGE_API_KEY_KEY,
+)
+from iotistic_billing.operator import constants as c
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", KIND),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(name: str, customer_id: str) -> dict[str, str]:
+    return {c.LABEL_CUSTOMER: name, c.LABEL_CUSTOMER_ID: customer_id, c.LABEL_MANAGED_BY: c.MANAGED_BY}
+
+
+def namespace_manifest(namespace: str, name: str, customer_id: str, owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": namespace, "labels": _labels(name, customer_id), "ownerReferences": [owner]},
+    }
+
+
+def license_secret_manifest(
+    *,
+    namespace: str,
+    name: str,
+    customer_id: str,
+    owner: dict[str, Any],
+    action: str,
+    token: str,
+    public_key_pem: bytes,
+    usage_key: str,
+) -> dict[str, Any]:
+    """The Secret the instance reads; `action` is the history action its licence is recorded under
+    (operator/license.py: a pass that crashed after writing it records the same row later)."""
+
+    def encoded(value: bytes) -> str:
+        return base64.b64encode(value).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": LICENSE_SECRET_NAME,
+            "namespace": namespace,
+            "labels": _labels(name, customer_id),
+            "annotations": {c.ANNOTATION_LICENSE_ACTION: action},
+            "ownerReferences": [owner],
+        },
+        "type": "Opaque",
+        "data": {
+            LICENSE_JWT_KEY: encoded(token.encode()),
+            LICENSE_PUBLIC_KEY_KEY: encoded(public_key_pem),
+            USAGE_API_KEY_KEY: encoded(usage_key.encode()),
+        },
+    }
+
+
+__all__ = ["license_secret_manifest", "namespace_manifest", "owner_reference"]

@@ -1,0 +1,77 @@
+"""How the steps of a pass ended, as the status builder sees them (pure values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from iotistic_billing.customer import LicenseStatus, ReleaseStatus
+from iotistic_billing.operator import constants as c
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    result: Literal["installed", "upgraded", "unchanged", "failed", "disabled-pending"]
+    reason: str
+    message: str
+    release: ReleaseStatus | None = None
+    permanent: bool = False
+
+    @property
+    def deployed(self) -> bool:
+        return self.result in ("installed", "upgraded", "unchanged")
+
+
+@dataclass(frozen=True)
+class InstanceHealth:
+    available: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassOutcome:
+    """The steps' results: the licence (or why none), the release, the instance's health."""
+
+    license: LicenseStatus | None = None
+    license_error: str | None = None
+    release: ReleaseOutcome | None = None
+    health: InstanceHealth | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """What failed this pass, if anything."""
+        if self.license_error is not None:
+            return self.license_error
+        if self.release is not None and not self.release.deployed:
+            return self.release.message
+        return None
+
+    @property
+    def stalled_reason(self) -> str | None:
+        """Set when retrying cannot help until the spec changes: a licence that cannot be minted, a
+        chart the values break."""
+        if self.license_error is not None:
+            return c.LICENSE_FAILED
+        if self.release is not None and self.release.permanent:
+            return self.release.reason
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.stalled_reason is None
+            and self.license is not None
+            and self.release is not None
+            and self.release.deployed
+            and self.health is not None
+            and self.health.available
+        )
+
+    @property
+    def waiting_on(self) -> str:
+        """What a pass that is not ready waits for."""
+        return self.failure or (self.health.message if self.health is not None else "provisioning")
+
+
+__all__ = ["InstanceHealth", "PassOutcome", "ReleaseOutcome"]
