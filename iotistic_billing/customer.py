@@ -35,7 +35,14 @@ LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a p
 LICENSE_JWT_KEY = "license.jwt"
 LICENSE_PUBLIC_KEY_KEY = "public-key.pem"
 USAGE_API_KEY_KEY = "usage-api-key"
+# The Secret the operator writes from spec.notifications.webhook.secretRef: the only other Secret the
+# webhook server may read (its notice sender signs the customer's webhooks with it).
+NOTIFICATIONS_SECRET_NAME = "iotistic-notifications"  # noqa: S105 (a Secret's name, not a password)
+NOTIFICATIONS_SECRET_KEY = "webhook-secret"  # noqa: S105
 
+# The dunning ladder (docs/architecture.md, "Effective plan"): a failed payment keeps full access this
+# long, then a restricted licence for DUNNING_RESTRICT_DAYS (a setting), then the unlicensed feature set.
+PAST_DUE_GRACE = timedelta(days=7)
 DEFAULT_TRIAL_DAYS = 14
 MAX_TRIAL_DAYS = 90
 
@@ -50,6 +57,12 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 STRIPE_CUSTOMER_ID_PATTERN = r"^cus_[A-Za-z0-9]+$"
+# http(s), then no control character and no space of any kind, spelt out: `\s` is one set in Go's
+# regexp (the API server), another in ECMA-262 (the OpenAPI document's readers) and in Python; Go knows
+# no `\u` escape, so the spaces beyond Latin-1 are the characters themselves.
+URL_PATTERN = (
+    r"^https?://[^\x00-\x20\x7f-\xa0" + "\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff" + "]+$"
+)
 STRIPE_SUBSCRIPTION_ID_PATTERN = r"^sub_[A-Za-z0-9]+$"
 SHA256_HEX_PATTERN = r"^[a-f0-9]{64}$"
 # The metav1.Condition patterns, as controller-gen writes them.
@@ -96,6 +109,8 @@ class ConditionType(StrEnum):
     TRIAL_ACTIVE = "TrialActive"
     SUBSCRIPTION_ACTIVE = "SubscriptionActive"
     WITHIN_LIMITS = "WithinLimits"
+    NOTIFICATIONS_READY = "NotificationsReady"
+    PAYMENT_OVERDUE = "PaymentOverdue"
 
 
 class ConditionStatus(StrEnum):
@@ -152,6 +167,38 @@ class InstanceSpec(CustomerModel):
     values: dict[str, Any] | None = None
 
 
+# A Secret's name and a key of its data, as Kubernetes validates them.
+SECRET_NAME_PATTERN = DNS_NAME_PATTERN
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 (a pattern of data keys)
+# The quotas of a plan (licensing.plans.IncludedUsage) a threshold can watch.
+UsageMetric = Literal["devices", "trafficGb", "storageGb", "apiCalls"]
+USAGE_METRICS: tuple[UsageMetric, ...] = get_args(UsageMetric)
+
+
+class SecretKeyRef(CustomerModel):
+    name: Annotated[str, Field(pattern=SECRET_NAME_PATTERN, max_length=253)]
+    key: Annotated[str, Field(pattern=SECRET_KEY_PATTERN, max_length=253)] = "secret"
+
+
+class NotificationWebhook(CustomerModel):
+    url: Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)]
+    secret_ref: SecretKeyRef
+
+
+class UsageThreshold(CustomerModel):
+    metric: UsageMetric
+    value: Annotated[int, Field(ge=1)]
+
+
+class NotificationsSpec(CustomerModel):
+    emails: (
+        Annotated[list[Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]], Field(max_length=10)]
+        | None
+    ) = None
+    webhook: NotificationWebhook | None = None
+    usage_thresholds: Annotated[list[UsageThreshold], Field(max_length=20)] | None = None
+
+
 class SubscriptionSpec(CustomerModel):
     """Written only by the webhook server (field manager `iotistic-webhooks`), never by GitOps."""
 
@@ -162,6 +209,9 @@ class SubscriptionSpec(CustomerModel):
     ) = None
     current_period_end: AwareDatetime | None = None
     cancel_at_period_end: bool | None = None
+    # When the payment first failed (the event's time), while the status is past_due or unpaid: the
+    # dunning ladder counts from it.
+    past_due_since: AwareDatetime | None = None
     # `created` (Unix seconds) of the last Stripe event applied: older events never overwrite newer state.
     last_event_created: NonNegativeInt | None = None
 
@@ -176,6 +226,7 @@ class CustomerSpec(CustomerModel):
     trial: TrialSpec = Field(default_factory=TrialSpec)
     instance: InstanceSpec = Field(default_factory=InstanceSpec)
     suspended: bool = False
+    notifications: NotificationsSpec = Field(default_factory=NotificationsSpec)
     subscription: SubscriptionSpec | None = None
 
 

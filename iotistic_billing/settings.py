@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -80,6 +82,23 @@ class Settings(BaseSettings):
     # Public URL of the webhook server, given to customer instances for usage reports.
     billing_url: str = "http://localhost:3100"
 
+    # Notices (docs/architecture.md, "Notices"): mail through this SMTP server (smtp:// or smtps://,
+    # user:password@ when it wants them; unset: no mail is sent, webhooks still are), from this address.
+    smtp_url: SecretStr | None = None
+    notify_from: str = "Iotistic Billing <billing@iotistic.cloud>"
+    # The platform team's endpoint: every notice of every customer, signed with NOTIFY_WEBHOOK_SECRET.
+    notify_webhook_url: str | None = None
+    notify_webhook_secret: SecretStr | None = None
+    # Where a customer whose payment failed updates the card: Stripe's customer portal login link.
+    customer_portal_url: str | None = None
+    # Days before a trial's end that its "trial ends" notice goes out (Stripe's trial_will_end: 3).
+    trial_notice_days: Annotated[int, Field(ge=1, le=30)] = 3
+    # Days of the restricted licence after a failed payment's grace (PAST_DUE_GRACE, 7 days), before the
+    # customer falls back to the unlicensed feature set if Stripe has not ended the subscription first.
+    dunning_restrict_days: Annotated[int, Field(ge=0, le=90)] = 14
+    # A delivery that failed this many times is dead (the admin API sends it again on request).
+    notify_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+
     @field_validator("admin_api_token")
     @classmethod
     def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
@@ -109,6 +128,35 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value
 
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("smtp://", "smtps://")):
+            raise ValueError("must be an smtp:// or smtps:// URL")
+        return value
+
+    @field_validator("notify_webhook_url", "customer_portal_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("notify_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhook_secret_bytes(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _platform_webhook_is_signed(self) -> Settings:
+        if self.notify_webhook_url is not None and self.notify_webhook_secret is None:
+            raise ValueError(
+                "NOTIFY_WEBHOOK_SECRET: required when NOTIFY_WEBHOOK_URL is set (webhooks are signed)"
+            )
+        return self
+
     @property
     def lifetime(self) -> timedelta:
         """Lifetime of a licence (a trial licence ends with its trial, sooner)."""
@@ -117,6 +165,19 @@ class Settings(BaseSettings):
     @property
     def stripe_configured(self) -> bool:
         return self.stripe_secret_key is not None
+
+
+def webhook_secret_bytes(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret: `whsec_` and base64, or the bare base64; at least 24
+    bytes (the specification's minimum)."""
+    encoded = secret.removeprefix("whsec_").strip()
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("must be whsec_ and base64 (Standard Webhooks)") from None
+    if len(key) < 24:
+        raise ValueError(f"must hold at least 24 bytes, holds {len(key)}")
+    return key
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -131,7 +192,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            variable = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            if not error["loc"]:  # a rule across settings: its message names them; the input is all of them
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            variable = "_".join(str(part) for part in error["loc"]).upper()
             secret = any(word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL"))
             shown = "" if secret else f" (got {error.get('input')!r})"
             problems.append(f"{variable}: {error['msg']}{shown}")

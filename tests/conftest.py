@@ -21,6 +21,7 @@ from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
+from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.devenv.stripe_mock import StripeMock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,16 @@ def stripe_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StripeMock
         yield mock
     finally:
         mock.stop()
+
+
+@pytest.fixture(scope="session")
+def mailpit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailpit]:
+    """The SMTP server of the tests; what was sent is read back through its HTTP API."""
+    server = Mailpit(tmp_path_factory.mktemp("mailpit")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,41 @@ build_stripe_mock() {
   stamp stripe-mock "$v"
 }
 
+# Mailpit, the SMTP server (with an HTTP API and a web page) that the product's mail goes to in `make dev`
+# and the tests; the release builds set the version the same way (`bin/mailpit version --no-release-check`).
+build_mailpit() {
+  local v=$MAILPIT_VERSION
+  fresh mailpit "$v" && return 0
+  echo "building mailpit $v"
+  run env GOBIN="$bin" go install -trimpath -ldflags "-s -w -X github.com/axllent/mailpit/config.Version=$v" \
+    "github.com/axllent/mailpit@$v"
+  stamp mailpit "$v"
+}
+
+# CNCF Distribution, the OCI registry that charts are pushed to and pulled from (`bin/registry serve <config>`).
+build_registry() {
+  local v=$REGISTRY_VERSION pkg=github.com/distribution/distribution/v3
+  fresh registry "$v" && return 0
+  echo "building registry $v"
+  run env GOBIN="$bin" go install -trimpath \
+    -ldflags "-s -w -X $pkg/version.version=$v -X $pkg/version.mainpkg=$pkg" "$pkg/cmd/registry@$v"
+  stamp registry "$v"
+}
+
+# Debian's Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) for the browser tests; not
+# a pinned tool: apt-get installs the release's current packages, only when either binary is missing.
+install_chromium() {
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    echo "chromium already installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
+    return 0
+  fi
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  run "${sudo[@]}" apt-get update
+  run "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+  echo "installed chromium and chromium-driver with apt-get: $(/usr/bin/chromium --version 2>/dev/null)"
+}
+
 # kwok does nothing without Stages (how fake Nodes and Pods move through their lives): bin/kwok-stages.yaml
 # carries the "fast" set of the same kwok version (Nodes Ready with leases; Pods Running/Ready at once,
 # completed, deleted), which iotistic_billing.devenv.simulated passes with --config.
@@ -168,7 +203,7 @@ for t in "${targets[@]}"; do
   case $t in
     all)
       if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then link_kubebuilder_assets; else build_etcd; build_kube_apiserver; fi
-      build_stripe_mock; extract_helm_kubectl ;;
+      build_stripe_mock; build_mailpit; extract_helm_kubectl ;;
     # The simulated cluster of `make e2e`; not needed by `make test`.
     e2e) build_kube_component kube-controller-manager; build_kube_component kube-scheduler; build_kwok ;;
     kube-apiserver) build_kube_apiserver ;;
@@ -176,6 +211,11 @@ for t in "${targets[@]}"; do
     kwok) build_kwok ;;
     etcd) build_etcd ;;
     stripe-mock) build_stripe_mock ;;
+    mailpit) build_mailpit ;;
+    # The OCI registry of the fleet rollouts (not built by default until they use it).
+    registry) build_registry ;;
+    # Debian's Chromium and ChromeDriver for the browser tests, with apt-get; not part of `all`.
+    chromium) install_chromium ;;
     helm|kubectl) extract_helm_kubectl ;;
     *) echo "unknown tool $t" >&2; exit 2 ;;
   esac

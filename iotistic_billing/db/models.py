@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     Numeric,
@@ -204,6 +205,48 @@ class StripeEvent(Base):
     applied_at: Mapped[datetime | None]
 
 
+class Notice(Base):
+    """A notice to a customer (and the platform team): one row per idempotency key, written in the
+    transaction of the fact that causes it (the outbox); its deliveries carry the sending state."""
+
+    __tablename__ = "notices"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    customer_id: Mapped[str] = mapped_column(String(40), index=True)
+    # The Customer resource's name: its namespace holds the customer's webhook secret.
+    customer_name: Mapped[str] = mapped_column(String(63))
+    subject: Mapped[str] = mapped_column(Text)
+    # What the templates and the webhook body say: the facts of the notice, as JSON.
+    facts: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class NoticeDelivery(Base):
+    """One notice to one target (an address, an endpoint): pending until sent, dead after the last try.
+    `message_id` is the email's Message-ID and the webhook's webhook-id, the same on every try."""
+
+    __tablename__ = "notice_deliveries"
+    __table_args__ = (
+        UniqueConstraint("notice_id", "channel", "target", name="uq_notice_deliveries_target"),
+        CheckConstraint("status IN ('pending', 'sent', 'dead')", name="notice_deliveries_status"),
+        Index("ix_notice_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    notice_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("notices.id", ondelete="CASCADE"))
+    # email, webhook (the customer's endpoint) or platform (NOTIFY_WEBHOOK_URL).
+    channel: Mapped[str] = mapped_column(String(20))
+    target: Mapped[str] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(10), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+
+
 class ApiKey(Base):
     """Instance usage keys, stored as SHA-256 hashes only."""
 
@@ -225,6 +268,8 @@ __all__ = [
     "Base",
     "Customer",
     "LicenseHistory",
+    "Notice",
+    "NoticeDelivery",
     "StripeEvent",
     "Subscription",
     "UsageMeterEvent",

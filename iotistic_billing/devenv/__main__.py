@@ -1,4 +1,5 @@
-"""`make dev`: PostgreSQL, a local control plane, stripe-mock, the CRDs, then `ready`; Ctrl-C stops it all.
+"""`make dev`: PostgreSQL, a local control plane, stripe-mock, Mailpit, the CRDs, then `ready`; Ctrl-C stops
+it all.
 
 Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so a second run starts
 again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI.
@@ -20,6 +21,7 @@ from types import FrameType
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
+from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
 from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
@@ -96,6 +98,12 @@ class DevEnvironment:
             print(f"stripe-mock   {stripe.url}", flush=True)
         except MissingBinaryError as missing:
             print(f"stripe-mock   not started: {missing}", flush=True)
+
+        mailpit = Mailpit(self.state).start()
+        self._stop_later("mailpit", mailpit)
+        env["SMTP_URL"] = mailpit.smtp_url
+        env["MAILPIT_URL"] = mailpit.url
+        print(f"mailpit       {mailpit.url} (the notices' mail; SMTP {mailpit.smtp_url})", flush=True)
 
         self._apply(kubeconfig, env, REPO / "crds", wait_established=True)
         keys = self.state / "keys"

@@ -6,7 +6,7 @@ Standard library only, because the instance-side verifier imports it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, Self
 
@@ -100,6 +100,9 @@ class Features(_Section):
     has_remote_access: bool
     has_ota_updates: bool
     has_custom_dashboards: bool
+    # False in a restricted licence (a payment overdue past its grace): the devices there keep working,
+    # no new one is provisioned. Licences minted before it have no claim: the fallback's True.
+    can_add_devices: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +307,12 @@ PLANS: Final[Mapping[str, Plan]] = validate_catalog(
 )
 
 
+def restricted(plan: Plan) -> Plan:
+    """The plan read-only, as a payment overdue past its grace gets it: its limits kept, no new devices,
+    no exports (the licence's plan claim still names the plan)."""
+    return replace(plan, features=replace(plan.features, can_add_devices=False, can_export_data=False))
+
+
 def plan_by_name(name: str, *, allow_unlicensed: bool = False) -> Plan:
     """The catalog entry for `name`; a ValueError lists the valid names."""
     if allow_unlicensed and name == UNLICENSED_PLAN_NAME:
@@ -329,5 +338,6 @@ __all__ = [
     "PlanCatalogError",
     "claim_name",
     "plan_by_name",
+    "restricted",
     "validate_catalog",
 ]

@@ -138,8 +138,23 @@ class License:
         return maximum == UNLIMITED or current < maximum
 
     def check_device_limit(self, current_devices: int) -> dict[str, Any] | None:
-        """None when one more device may be provisioned, else the earlier system's 403 body."""
+        """None when one more device may be provisioned, else the earlier system's 403 body (also when
+        a restricted licence, a payment overdue, provisions none)."""
         maximum = self.features.max_devices
+        if not self.features.can_add_devices:
+            return {
+                "error": "Device limit exceeded",
+                "message": (
+                    f"Your {self.plan} plan is restricted while a payment is overdue: the devices you have "
+                    "keep working, and no device can be added until the payment succeeds."
+                ),
+                "details": {
+                    "currentDevices": current_devices,
+                    "maxDevices": maximum,
+                    "plan": self.plan,
+                    "restricted": True,
+                },
+            }
         if maximum == UNLIMITED or current_devices < maximum:
             return None
         return {

@@ -17,6 +17,7 @@ from iotistic_billing.db import migrate
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
+from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import InstanceDeployments
@@ -52,6 +53,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         sessions=session_factory(engine),
         # Twice helm's slots: the steps before helm (licence, namespace) overlap the installs.
         pass_slots=asyncio.Semaphore(2 * settings.helm_concurrency),
+        outbox=Outbox(settings.notify_webhook_url),
     )
 
 

@@ -61,6 +61,26 @@ def subscription_condition(entitlement: Entitlement) -> ConditionValue:
     return ConditionValue(ConditionType.SUBSCRIPTION_ACTIVE, paying, reason, entitlement.message)
 
 
+def notifications_condition(outcome: PassOutcome) -> ConditionValue | None:
+    """Only for a Customer with a webhook: whether its notices can be signed (Ready does not wait on it)."""
+    notifications = outcome.notifications
+    if notifications is None:
+        return None
+    return ConditionValue(
+        ConditionType.NOTIFICATIONS_READY, notifications.ready, notifications.reason, notifications.message
+    )
+
+
+def payment_condition(entitlement: Entitlement, stripe_billed: bool) -> ConditionValue | None:
+    """The dunning ladder's step, for a Stripe-billed Customer: True while a payment is overdue."""
+    if not stripe_billed:
+        return None
+    step = entitlement.payment_step
+    if step is None:
+        return ConditionValue(ConditionType.PAYMENT_OVERDUE, False, c.PAYMENTS_CURRENT, "no payment overdue")
+    return ConditionValue(ConditionType.PAYMENT_OVERDUE, True, step, entitlement.message)
+
+
 def stalled(reason: str, message: str) -> list[ConditionValue]:
     """Retrying cannot help until the spec changes: Stalled, and Ready False with the same words (a
     kstatus reader must never see an earlier Ready=True on a Customer that failed since)."""
@@ -128,6 +148,8 @@ def with_conditions(
 __all__ = [
     "ConditionValue",
     "license_condition",
+    "notifications_condition",
+    "payment_condition",
     "release_condition",
     "stalled",
     "subscription_condition",

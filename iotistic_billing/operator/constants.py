@@ -40,7 +40,17 @@ NOT_IN_TRIAL: Final = "NotInTrial"
 MANUAL_BILLING: Final = "ManualBilling"
 SUBSCRIPTION_ACTIVE: Final = "SubscriptionActive"
 SUBSCRIPTION_PAST_DUE: Final = "SubscriptionPastDue"
+SUBSCRIPTION_RESTRICTED: Final = "SubscriptionRestricted"
+# PaymentOverdue's reasons: the steps of the dunning ladder, and none.
+GRACE_PERIOD: Final = "GracePeriod"
+RESTRICTED: Final = "Restricted"
+PAYMENT_SUSPENDED: Final = "Suspended"
+PAYMENTS_CURRENT: Final = "PaymentsCurrent"
 SUBSCRIPTION_LAPSED: Final = "SubscriptionLapsed"
 NO_SUBSCRIPTION: Final = "NoSubscription"
 SUSPENDED: Final = "Suspended"
 RECONCILED: Final = "Reconciled"
+WEBHOOK_SECRET_READY: Final = "WebhookSecretReady"  # noqa: S105 (condition reasons, not secrets)
+SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
+SECRET_KEY_NOT_FOUND: Final = "SecretKeyNotFound"  # noqa: S105
+INVALID_SECRET: Final = "InvalidSecret"  # noqa: S105

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.keys import SigningKeys
+from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.settings import Settings
@@ -58,8 +59,12 @@ class OperatorContext:
     # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
     # instead of each holding a read body, a minted licence and rendered values while helm is busy.
     pass_slots: asyncio.Semaphore
+    # Notices written with the facts that cause them (licence suspended, trial ending, ...).
+    outbox: Outbox = field(default_factory=Outbox)
     # Time is an input: tests move this clock instead of sleeping until a timer fires.
     clock: Callable[[], datetime] = utc_now
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     pass_requests: PassRequests = field(default_factory=PassRequests)
+    # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.
+    noticed: set[str] = field(default_factory=set)

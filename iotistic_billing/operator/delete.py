@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from iotistic_billing.customer import customer_id_in_use, namespace_for
+from iotistic_billing.customer import InvalidSpecError, customer_id_in_use, namespace_for, parse_spec
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
@@ -26,7 +26,11 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         namespace = namespace_for(name)
         if await ctx.kube.namespace_exists(namespace):
             await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
-        await revoke_license(ctx, customer_id, namespace, reason="Customer deleted")
+        try:
+            notify = (name, parse_spec(body.get("spec") or {}))
+        except InvalidSpecError:
+            notify = None  # a spec we refuse has no addresses we trust
+        await revoke_license(ctx, customer_id, namespace, reason="Customer deleted", notify=notify)
         await revoke_usage_keys(ctx, customer_id)
         await ctx.kube.delete_namespace(namespace)
         with contextlib.suppress(KeyError):  # never reported: it had no licence

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from iotistic_billing.customer import CustomerSpec
+from iotistic_billing.customer import PAST_DUE_GRACE, CustomerSpec
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.operator import constants as c
 
-# How long a past_due subscription keeps its plan before the customer falls back to unlicensed.
-PAST_DUE_GRACE = timedelta(days=7)
+# DUNNING_RESTRICT_DAYS' default; the operator passes the setting.
+RESTRICTED_FOR = timedelta(days=14)
 PLAN_RANK = {UNLICENSED_PLAN_NAME: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}
 
 
@@ -29,6 +29,11 @@ class Entitlement:
     subscription_period_end: datetime | None = None
     suspended: bool = False
     lapsed: bool = False  # a lapsed trial or a cancelled/unpaid subscription
+    # The dunning ladder: a failed payment's step (GracePeriod, Restricted, Suspended) and when the next
+    # one comes; restricted: the plan's limits with the read-only features (no new devices, no exports).
+    payment_step: str | None = None
+    next_step_at: datetime | None = None
+    restricted: bool = False
 
 
 def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
@@ -54,9 +59,12 @@ def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitleme
     )
 
 
-def effective_plan(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
+def effective_plan(
+    spec: CustomerSpec, created_at: datetime, now: datetime, restricted_for: timedelta = RESTRICTED_FOR
+) -> Entitlement:
     """The subscription's plan in stripe mode, spec.plan in manual mode; a lapsed trial or subscription
-    and a suspension give the unlicensed feature set."""
+    and a suspension give the unlicensed feature set; an unpaid renewal walks the dunning ladder
+    (`restricted_for`: DUNNING_RESTRICT_DAYS)."""
     if spec.suspended:
         return Entitlement(
             plan=UNLICENSED_PLAN_NAME,
@@ -87,14 +95,46 @@ def effective_plan(spec: CustomerSpec, created_at: datetime, now: datetime) -> E
             subscription_status=subscription.status,
             subscription_period_end=period_end,
         )
-    if subscription.status == "past_due" and period_end is not None and now < period_end + PAST_DUE_GRACE:
+    if subscription.status == "past_due":
+        # Subscriptions written before pastDueSince count from their period's end, as they did.
+        since = subscription.past_due_since or period_end or now
+        restricted_at = since + PAST_DUE_GRACE
+        suspended_at = restricted_at + restricted_for
+        if now < restricted_at:
+            return Entitlement(
+                plan=subscription.plan,
+                reason=c.SUBSCRIPTION_PAST_DUE,
+                message=(
+                    f"payment failed {_day(since)}; full access until {_day(restricted_at)}, then restricted"
+                ),
+                subscription_status="past_due",
+                subscription_period_end=period_end,
+                payment_step=c.GRACE_PERIOD,
+                next_step_at=restricted_at,
+            )
+        if now < suspended_at:
+            return Entitlement(
+                plan=subscription.plan,
+                reason=c.SUBSCRIPTION_RESTRICTED,
+                message=(
+                    f"payment failed {_day(since)}; restricted until {_day(suspended_at)}, then suspended"
+                ),
+                subscription_status="past_due",
+                subscription_period_end=period_end,
+                payment_step=c.RESTRICTED,
+                next_step_at=suspended_at,
+                restricted=True,
+            )
         return Entitlement(
-            plan=subscription.plan,
-            reason=c.SUBSCRIPTION_PAST_DUE,
-            message=f"payment past due; plan kept until {(period_end + PAST_DUE_GRACE).isoformat()}",
+            plan=UNLICENSED_PLAN_NAME,
+            reason=c.SUBSCRIPTION_LAPSED,
+            message=f"payment failed {_day(since)}; suspended since {_day(suspended_at)}",
             subscription_status="past_due",
             subscription_period_end=period_end,
+            lapsed=True,
+            payment_step=c.PAYMENT_SUSPENDED,
         )
+    overdue = subscription.status == "unpaid"
     return Entitlement(
         plan=UNLICENSED_PLAN_NAME,
         reason=c.SUBSCRIPTION_LAPSED,
@@ -102,7 +142,12 @@ def effective_plan(spec: CustomerSpec, created_at: datetime, now: datetime) -> E
         subscription_status=subscription.status,
         subscription_period_end=period_end,
         lapsed=True,
+        payment_step=c.PAYMENT_SUSPENDED if overdue else None,
     )
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d")
 
 
 def capped_by_trial(entitlement: Entitlement, expires_at: datetime) -> bool:
@@ -114,14 +159,22 @@ def capped_by_trial(entitlement: Entitlement, expires_at: datetime) -> bool:
     )
 
 
-def license_action(previous_plan: str | None, previous_suspended: bool, entitlement: Entitlement) -> str:
-    """The license_history action of a new licence, given the plan of the licence it replaces."""
+def license_action(
+    previous_plan: str | None,
+    previous_suspended: bool,
+    entitlement: Entitlement,
+    previous_restricted: bool = False,
+) -> str:
+    """The license_history action of a new licence, given the plan of the licence it replaces (a
+    restricted licence ranks below its plan)."""
     if previous_plan is None:
         return "generated"
     if entitlement.suspended:
         return "suspended"
     if previous_suspended:
         return "reinstated"
+    if entitlement.restricted != previous_restricted and entitlement.plan == previous_plan:
+        return "downgraded" if entitlement.restricted else "upgraded"
     old, new = PLAN_RANK.get(previous_plan, 0), PLAN_RANK.get(entitlement.plan, 0)
     if new > old:
         return "upgraded"
@@ -131,7 +184,6 @@ def license_action(previous_plan: str | None, previous_suspended: bool, entitlem
 
 
 __all__ = [
-    "PAST_DUE_GRACE",
     "PLAN_RANK",
     "Entitlement",
     "capped_by_trial",

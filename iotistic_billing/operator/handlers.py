@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import kopf
@@ -14,6 +14,7 @@ from iotistic_billing.customer import (
     GROUP,
     PLURAL,
     VERSION,
+    ConditionType,
     Customer,
     InvalidSpecError,
     Phase,
@@ -24,6 +25,7 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS
+from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
 
@@ -63,6 +65,11 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
         kopf.event(
             body, type=kind, reason=str(phase), message=f"phase {result.previous_phase or 'none'} -> {phase}"
         )
+    if result.payment_step_changed:
+        overdue = result.status.condition(ConditionType.PAYMENT_OVERDUE)
+        assert overdue is not None
+        kind = "Normal" if overdue.status == "False" else "Warning"
+        kopf.event(body, type=kind, reason=f"Payment{overdue.reason}", message=overdue.message)
     if result.permanent_error is not None:
         kopf.warn(body, reason="ReconcileFailed", message=result.permanent_error)
         raise kopf.PermanentError(result.permanent_error)
@@ -89,7 +96,8 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due.
+    """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due;
+    and the "trial ends soon" notice of the operator's own trials.
 
     The Customer is parsed on every check rather than kept parsed between checks (memory over a little
     CPU at idle)."""
@@ -100,7 +108,12 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
         return
     now: datetime = ctx.clock()
     created = customer.metadata.creation_timestamp or now
-    due = housekeeping_due(customer.spec, customer.status, created, now)
+    try:
+        await write_trial_ending(ctx, customer, dict(body), now)
+    except Exception:  # PostgreSQL away: the next check writes it
+        log.exception("trial notice of Customer %s not written", name)
+    restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
+    due = housekeeping_due(customer.spec, customer.status, created, now, restricted_for)
     HOUSEKEEPING_CHECKS.labels(due or "nothing").inc()
     if due:
         # A pass the check started finishes even when Kopf stops the daemon meanwhile.

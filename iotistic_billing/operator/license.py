@@ -16,7 +16,13 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.api_keys import new_usage_key, usage_key_hash
-from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, USAGE_API_KEY_KEY, LicenseStatus
+from iotistic_billing.customer import (
+    LICENSE_JWT_KEY,
+    LICENSE_SECRET_NAME,
+    USAGE_API_KEY_KEY,
+    CustomerSpec,
+    LicenseStatus,
+)
 from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.licensing.minting import (
@@ -31,7 +37,14 @@ from iotistic_billing.licensing.minting import (
     mint_license,
     renewal_due,
 )
-from iotistic_billing.licensing.plans import plan_by_name
+from iotistic_billing.licensing.plans import Plan, plan_by_name, restricted
+from iotistic_billing.notices.content import (
+    Notice,
+    NoticeKind,
+    access_restricted,
+    license_changed,
+    trial_ended,
+)
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, license_action
@@ -47,11 +60,17 @@ def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
     )
 
 
+def licensed_plan(entitlement: Entitlement) -> Plan:
+    """The plan the licence carries: the entitlement's, read-only while a payment is overdue."""
+    plan = plan_by_name(entitlement.plan, allow_unlicensed=True)
+    return restricted(plan) if entitlement.restricted else plan
+
+
 def desired_claims(ctx: OperatorContext, target: PassTarget) -> dict[str, Any]:
     trial, subscription = _terms(target.entitlement)
     return license_claims(
         customer=LicenseCustomer(target.customer_id, target.spec.company_name),
-        plan=plan_by_name(target.entitlement.plan, allow_unlicensed=True),
+        plan=licensed_plan(target.entitlement),
         trial=trial,
         subscription=subscription,
         now=target.now,
@@ -130,7 +149,7 @@ async def ensure_license(
         if unrecorded:
             # Both inserts are idempotent: written now if that pass did not.
             async with ctx.sessions() as session, session.begin():
-                await record_license(session, previous, written_action)
+                await _record(ctx, session, target, previous, written_action)
                 if stored_key:
                     await _record_usage_key(session, target.customer_id, target.name, stored_key)
         return _status(previous)
@@ -140,16 +159,17 @@ async def ensure_license(
         # Being replaced (the spec changed meanwhile, or renewal came due): recorded first, so that the
         # history holds every licence an instance may have held.
         async with ctx.sessions() as session, session.begin():
-            await record_license(session, previous, written_action)
+            await _record(ctx, session, target, previous, written_action)
     action = license_action(
         previous.plan if previous else None,
         annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended",
         target.entitlement,
+        previous_restricted=previous is not None and previous.features.get("canAddDevices") is False,
     )
     trial, subscription = _terms(target.entitlement)
     minted: MintedLicense = mint_license(
         customer=LicenseCustomer(target.customer_id, target.spec.company_name),
-        plan=plan_by_name(target.entitlement.plan, allow_unlicensed=True),
+        plan=licensed_plan(target.entitlement),
         trial=trial,
         subscription=subscription,
         now=target.now,
@@ -176,10 +196,68 @@ async def ensure_license(
         "reason": target.entitlement.reason,
     }
     async with ctx.sessions() as session, session.begin():
-        await record_license(session, minted, action, metadata)
+        await _record(ctx, session, target, minted.record(), action, metadata)
         LICENSES_MINTED.labels(action).inc()
         await _record_usage_key(session, target.customer_id, target.name, usage_key)
     return _status(minted.record())
+
+
+async def _record(
+    ctx: OperatorContext,
+    session: AsyncSession,
+    target: PassTarget,
+    record: LicenseRecord,
+    action: str,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """The history row of a licence, and in the same transaction the notice its action gives (so a
+    crash that loses the row loses the notice with it, and the pass that records it later sends it)."""
+    await record_license(session, record, action, metadata)
+    notice = license_notice(target, record, action)
+    if notice is not None:
+        await ctx.outbox.enqueue(session, notice, target.spec)
+
+
+def license_notice(target: PassTarget, record: LicenseRecord, action: str) -> Notice | None:
+    """Suspended, reinstated, or the end of the operator's own trial (docs/architecture.md, "Notices")."""
+    about = {
+        "customer_id": target.customer_id,
+        "customer_name": target.name,
+        "company": target.spec.company_name,
+    }
+    if action == "suspended":
+        return license_changed(
+            NoticeKind.LICENSE_SUSPENDED,
+            **about,
+            jti=record.jti,
+            plan=record.plan,
+            reason="suspended by an administrator",
+        )
+    if action == "reinstated":
+        return license_changed(
+            NoticeKind.LICENSE_REINSTATED,
+            **about,
+            jti=record.jti,
+            plan=record.plan,
+            reason=f"back on the {record.plan} plan",
+        )
+    entitlement = target.entitlement
+    if entitlement.restricted and action == "downgraded" and entitlement.next_step_at is not None:
+        return access_restricted(
+            **about, jti=record.jti, plan=record.plan, suspended_at=entitlement.next_step_at
+        )
+    if entitlement.payment_step == c.PAYMENT_SUSPENDED and action == "downgraded":
+        return license_changed(
+            NoticeKind.LICENSE_SUSPENDED,
+            **about,
+            jti=record.jti,
+            plan=record.plan,
+            reason=entitlement.message,
+        )
+    ends_at = entitlement.trial_ends_at
+    if entitlement.reason == c.TRIAL_EXPIRED and ends_at is not None:
+        return trial_ended(**about, ends_at=ends_at)
+    return None
 
 
 def _readable(token: str | None) -> LicenseRecord | None:
@@ -212,8 +290,15 @@ async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, 
     )
 
 
-async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str, reason: str) -> bool:
-    """A `revoked` row for the customer's current licence; False when it never had one."""
+async def revoke_license(
+    ctx: OperatorContext,
+    customer_id: str,
+    namespace: str,
+    reason: str,
+    notify: tuple[str, CustomerSpec] | None = None,
+) -> bool:
+    """A `revoked` row for the customer's current licence; False when it never had one. `notify`: the
+    Customer's name and spec, when its addresses are known (a spec that no longer validates has none)."""
     existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
     async with ctx.sessions() as session, session.begin():
         raw = existing[0].get(LICENSE_JWT_KEY) if existing is not None else None
@@ -234,6 +319,18 @@ async def revoke_license(ctx: OperatorContext, customer_id: str, namespace: str,
                 return False
             record = last.record()
         await record_license(session, record, "revoked", {"reason": reason})
+        if notify is not None:
+            customer_name, spec = notify
+            notice = license_changed(
+                NoticeKind.LICENSE_REVOKED,
+                customer_id=customer_id,
+                customer_name=customer_name,
+                company=spec.company_name,
+                jti=record.jti,
+                plan=record.plan,
+                reason=reason,
+            )
+            await ctx.outbox.enqueue(session, notice, spec)
     return True
 
 

@@ -12,6 +12,8 @@ from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
     LICENSE_PUBLIC_KEY_KEY,
     LICENSE_SECRET_NAME,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
     USAGE_API_KEY_KEY,
 )
 from iotistic_billing.operator import constants as c
@@ -77,4 +79,27 @@ def license_secret_manifest(
     }
 
 
-__all__ = ["license_secret_manifest", "namespace_manifest", "owner_reference"]
+def notifications_secret_manifest(
+    *, namespace: str, name: str, customer_id: str, owner: dict[str, Any], secret: bytes
+) -> dict[str, Any]:
+    """The copy of the customer's webhook signing secret that the webhook server may read."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": NOTIFICATIONS_SECRET_NAME,
+            "namespace": namespace,
+            "labels": _labels(name, customer_id),
+            "ownerReferences": [owner],
+        },
+        "type": "Opaque",
+        "data": {NOTIFICATIONS_SECRET_KEY: base64.b64encode(secret).decode()},
+    }
+
+
+__all__ = [
+    "license_secret_manifest",
+    "namespace_manifest",
+    "notifications_secret_manifest",
+    "owner_reference",
+]

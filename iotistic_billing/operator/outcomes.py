@@ -29,6 +29,16 @@ class InstanceHealth:
     message: str
 
 
+@dataclass(frozen=True)
+class NotificationsOutcome:
+    """Whether the customer's webhook can be signed: the Secret spec.notifications.webhook.secretRef
+    names exists, holds the key, and was copied for the webhook server."""
+
+    ready: bool
+    reason: str
+    message: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class PassOutcome:
     """The steps' results: the licence (or why none), the release, the instance's health."""
@@ -37,6 +47,7 @@ class PassOutcome:
     license_error: str | None = None
     release: ReleaseOutcome | None = None
     health: InstanceHealth | None = None
+    notifications: NotificationsOutcome | None = None
 
     @property
     def failure(self) -> str | None:
@@ -74,4 +85,4 @@ class PassOutcome:
         return self.failure or (self.health.message if self.health is not None else "provisioning")
 
 
-__all__ = ["InstanceHealth", "PassOutcome", "ReleaseOutcome"]
+__all__ = ["InstanceHealth", "NotificationsOutcome", "PassOutcome", "ReleaseOutcome"]

@@ -1,4 +1,5 @@
-"""One reconcile pass of a Customer, as a table of contents: namespace, licence, release, health, status.
+"""One reconcile pass of a Customer, as a table of contents: namespace, licence, the notifications'
+webhook secret, release, health, status.
 
 Every step checks before it acts, so a pass repeated after a crash at any point converges.
 """
@@ -9,13 +10,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
+    ConditionType,
     Customer,
     CustomerMetadata,
     CustomerStatus,
@@ -34,6 +36,7 @@ from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import invalid_spec_status, next_status, over_current, pass_target
+from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,15 @@ class PassResult:
     previous_phase: str | None
     permanent_error: str | None = None
     temporary_error: str | None = None
+    # The dunning step before the pass (PaymentOverdue's reason), for the Event of a step change.
+    previous_payment_step: str | None = None
+
+    @property
+    def payment_step_changed(self) -> bool:
+        now = self.status.condition(ConditionType.PAYMENT_OVERDUE)
+        if now is None or now.reason == self.previous_payment_step:
+            return False
+        return self.previous_payment_step is not None or now.status == "True"  # not a first "current"
 
 
 async def reconcile(
@@ -127,7 +139,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         status = invalid_spec_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
     customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
-    target = pass_target(body, customer, ctx.settings.base_domain, now)
+    target = pass_target(
+        body, customer, ctx.settings.base_domain, now, timedelta(days=ctx.settings.dunning_restrict_days)
+    )
 
     # The licence Secret is read while the namespace is applied (a missing namespace reads as no Secret).
     _, secret = await together(
@@ -138,6 +152,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
         outcome = PassOutcome(license_error=str(error))
+    outcome = replace(outcome, notifications=await ensure_webhook_secret(ctx, target))
 
     read_at: int | None = None
     if outcome.license is not None:
@@ -177,6 +192,8 @@ async def _finish(
     name: str = body["metadata"]["name"]
     resource_version: str = body["metadata"]["resourceVersion"]
     was = previous.phase
+    overdue = previous.condition(ConditionType.PAYMENT_OVERDUE)
+    step = overdue.reason if overdue is not None else None
     if status.to_k8s() != previous.to_k8s():
         log.info(
             "Customer %s: phase %s, plan %s",
@@ -189,10 +206,10 @@ async def _finish(
         if status.to_k8s() == previous.to_k8s() or await _patched(
             ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), resource_version
         ):
-            return PassResult(status, was, permanent, temporary)
+            return PassResult(status, was, permanent, temporary, step)
         current = await ctx.kube.read_customer(name)
         if current is None:
-            return PassResult(status, was, permanent, temporary)
+            return PassResult(status, was, permanent, temporary, step)
         previous = CustomerStatus.model_validate(current.get("status") or {})
         status = over_current(status, previous)
         resource_version = current["metadata"]["resourceVersion"]

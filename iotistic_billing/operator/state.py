@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from iotistic_billing.customer import (
@@ -24,8 +24,11 @@ from iotistic_billing.customer import (
     namespace_for,
 )
 from iotistic_billing.licensing.minting import renewal_due
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.conditions import (
     license_condition,
+    notifications_condition,
+    payment_condition,
     release_condition,
     stalled,
     subscription_condition,
@@ -33,7 +36,7 @@ from iotistic_billing.operator.conditions import (
     trial_condition,
     with_conditions,
 )
-from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, effective_plan
+from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
 from iotistic_billing.operator.manifests import owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
 
@@ -68,14 +71,21 @@ def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
     return spec.instance.domain or f"{name}.{base_domain}"
 
 
-def pass_target(body: Mapping[str, Any], customer: Customer, base_domain: str, now: datetime) -> PassTarget:
+def pass_target(
+    body: Mapping[str, Any],
+    customer: Customer,
+    base_domain: str,
+    now: datetime,
+    restricted_for: timedelta = RESTRICTED_FOR,
+) -> PassTarget:
     name = customer.metadata.name
+    created = customer.metadata.creation_timestamp or now
     return PassTarget(
         customer=customer,
         customer_id=customer_id_in_use(body),
         namespace=namespace_for(name),
         domain=instance_domain(name, customer.spec, base_domain),
-        entitlement=effective_plan(customer.spec, customer.metadata.creation_timestamp or now, now),
+        entitlement=effective_plan(customer.spec, created, now, restricted_for),
         owner=owner_reference(body),
         now=now,
     )
@@ -118,6 +128,8 @@ def next_status(
             release_condition(outcome.release, previous.conditions or ()),
             trial_condition(entitlement),
             subscription_condition(entitlement),
+            notifications_condition(outcome),
+            payment_condition(entitlement, target.spec.billing.mode == "stripe"),
             *summarize(outcome),
         ],
         generation=generation,
@@ -178,12 +190,27 @@ def over_current(status: CustomerStatus, current: CustomerStatus) -> CustomerSta
 
 
 def housekeeping_due(
-    spec: CustomerSpec, status: CustomerStatus, created_at: datetime, now: datetime
+    spec: CustomerSpec,
+    status: CustomerStatus,
+    created_at: datetime,
+    now: datetime,
+    restricted_for: timedelta = RESTRICTED_FOR,
 ) -> str | None:
     """Why the periodic check should run a pass now (a timer's whole cost when nothing is due)."""
-    entitlement = effective_plan(spec, created_at, now)
+    entitlement = effective_plan(spec, created_at, now, restricted_for)
     if status.plan is not None and status.plan != entitlement.plan:
         return entitlement.reason
+    overdue = status.condition(ConditionType.PAYMENT_OVERDUE)
+    if overdue is not None and overdue.reason != (entitlement.payment_step or c.PAYMENTS_CURRENT):
+        return entitlement.reason  # the dunning ladder's next step (a restricted licence keeps its plan)
+    notifications = status.condition(ConditionType.NOTIFICATIONS_READY)
+    if (
+        notifications is not None
+        and notifications.status == "False"
+        and spec.notifications.webhook is not None
+    ):
+        # The Secret it names may have been created since: a pass looks again (no watch sees it).
+        return notifications.reason
     license = status.license
     if license is None or license.issued_at is None or license.expires_at is None:
         return None

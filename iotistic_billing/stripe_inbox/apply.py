@@ -10,7 +10,7 @@ row keeps it for an operator to look at.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.k8s import FieldManager, Kube
+from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_inbox.events import (
     CHECKOUT_COMPLETED,
     HANDLED_EVENT_TYPES,
@@ -31,6 +32,7 @@ from iotistic_billing.stripe_inbox.events import (
     lookup_hints,
     subscription_facts,
 )
+from iotistic_billing.stripe_inbox.notices import event_notices
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class EventApplier:
     kube: Kube
     directory: Directory
     catalog: PriceCatalog
+    outbox: Outbox = field(default_factory=Outbox)
+    # Stripe's customer portal login link, for the "payment failed" notice.
+    portal_url: str | None = None
 
     async def apply(self, session: AsyncSession, event: StripeEvent) -> Outcome:
         return await apply_event(self, session, event)
@@ -103,6 +108,9 @@ async def apply_event(deps: EventApplier, session: AsyncSession, event: StripeEv
     )
     if decision.record_row:
         await _write_row(session, record, row, facts, decision, event.created)
+    previous = record.customer.spec.subscription
+    for notice in event_notices(event.type, obj, record, previous, decision, event.created, deps.portal_url):
+        await deps.outbox.enqueue(session, notice, record.customer.spec)
     if decision.action == "apply" and decision.subscription is not None:
         try:
             await deps.kube.apply_customer_spec(

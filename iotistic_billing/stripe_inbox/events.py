@@ -28,16 +28,36 @@ from iotistic_billing.customer import (
 from iotistic_billing.settings import Settings
 
 CHECKOUT_COMPLETED: Final = "checkout.session.completed"
+SUBSCRIPTION_CREATED: Final = "customer.subscription.created"
 SUBSCRIPTION_UPDATED: Final = "customer.subscription.updated"
 SUBSCRIPTION_DELETED: Final = "customer.subscription.deleted"
+SUBSCRIPTION_PAUSED: Final = "customer.subscription.paused"
+SUBSCRIPTION_RESUMED: Final = "customer.subscription.resumed"
+TRIAL_WILL_END: Final = "customer.subscription.trial_will_end"
 INVOICE_PAID: Final = "invoice.payment_succeeded"
+# Stripe sends invoice.paid beside invoice.payment_succeeded (and alone for an invoice paid out of band).
+INVOICE_PAID_ALSO: Final = "invoice.paid"
 INVOICE_FAILED: Final = "invoice.payment_failed"
+# Events whose object is the subscription itself: each says its state as of the event.
+SUBSCRIPTION_EVENTS: Final = frozenset(
+    {
+        SUBSCRIPTION_CREATED,
+        SUBSCRIPTION_UPDATED,
+        SUBSCRIPTION_DELETED,
+        SUBSCRIPTION_PAUSED,
+        SUBSCRIPTION_RESUMED,
+        TRIAL_WILL_END,
+    }
+)
+INVOICE_PAID_EVENTS: Final = frozenset({INVOICE_PAID, INVOICE_PAID_ALSO})
 HANDLED_EVENT_TYPES: Final = frozenset(
-    {CHECKOUT_COMPLETED, SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED, INVOICE_PAID, INVOICE_FAILED}
+    {CHECKOUT_COMPLETED, *SUBSCRIPTION_EVENTS, *INVOICE_PAID_EVENTS, INVOICE_FAILED}
 )
 SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(SubscriptionStatus)
 # Statuses under which a subscription still grants its plan (past_due within the operator's grace).
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+# A payment failed and is not paid yet: the dunning ladder's statuses.
+OVERDUE_STATUSES: Final = frozenset({"past_due", "unpaid"})
 
 _CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
 _STRIPE_CUSTOMER_ID = re.compile(STRIPE_CUSTOMER_ID_PATTERN)
@@ -201,9 +221,9 @@ def lookup_hints(event_type: str, obj: Mapping[str, Any]) -> LookupHints:
     if event_type == CHECKOUT_COMPLETED:
         customer_id = customer_id or _matching(obj.get("client_reference_id"), _CUSTOMER_ID)
         subscription_id = _ref_id(obj.get("subscription"))
-    elif event_type in (SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED):
+    elif event_type in SUBSCRIPTION_EVENTS:
         subscription_id = _ref_id(obj.get("id"))
-    elif event_type in (INVOICE_PAID, INVOICE_FAILED):
+    elif event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
         subscription_metadata = _mapping(_invoice_subscription_details(obj).get("metadata"))
         customer_id = customer_id or _matching(subscription_metadata.get("customerId"), _CUSTOMER_ID)
         subscription_id = _invoice_subscription_id(obj)
@@ -283,11 +303,21 @@ def subscription_facts(
     """The subscription facts a handled event carries; None when it carries none (nothing to apply)."""
     if event_type == CHECKOUT_COMPLETED:
         return _facts_of_checkout(obj, catalog)
-    if event_type in (SUBSCRIPTION_UPDATED, SUBSCRIPTION_DELETED):
+    if event_type in SUBSCRIPTION_EVENTS:
         return facts_of_subscription(obj, catalog, deleted=event_type == SUBSCRIPTION_DELETED)
-    if event_type in (INVOICE_PAID, INVOICE_FAILED):
-        return _facts_of_invoice(obj, catalog, paid=event_type == INVOICE_PAID)
+    if event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
+        return _facts_of_invoice(obj, catalog, paid=event_type in INVOICE_PAID_EVENTS)
     return None
+
+
+def trial_end(subscription: Mapping[str, Any]) -> datetime | None:
+    """When a subscription's trial ends (trial_will_end events)."""
+    return _timestamp(subscription.get("trial_end"))
+
+
+def object_id(obj: Mapping[str, Any]) -> str | None:
+    identifier = obj.get("id")
+    return identifier if isinstance(identifier, str) and identifier else None
 
 
 # ----- ordering -----
@@ -330,9 +360,20 @@ def decide(
             if facts.cancel_at_period_end is not None
             else (base.cancel_at_period_end if base else None)
         ),
+        past_due_since=past_due_since(base, facts.status, created),
         last_event_created=created,
     )
     return Decision("apply", merged, record_row=True)
+
+
+def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> datetime | None:
+    """When the payment first failed: kept while the subscription stays overdue, from this event when it
+    becomes so, gone once it is paid (or ended: the ladder counts no more)."""
+    if status not in OVERDUE_STATUSES:
+        return None
+    if base is not None and base.status in OVERDUE_STATUSES and base.past_due_since is not None:
+        return base.past_due_since
+    return datetime.fromtimestamp(created, UTC)
 
 
 __all__ = [
@@ -340,9 +381,14 @@ __all__ = [
     "HANDLED_EVENT_TYPES",
     "INVOICE_FAILED",
     "INVOICE_PAID",
+    "INVOICE_PAID_EVENTS",
     "LIVE_STATUSES",
+    "OVERDUE_STATUSES",
+    "SUBSCRIPTION_CREATED",
     "SUBSCRIPTION_DELETED",
+    "SUBSCRIPTION_EVENTS",
     "SUBSCRIPTION_UPDATED",
+    "TRIAL_WILL_END",
     "Decision",
     "LookupHints",
     "PriceCatalog",
@@ -351,5 +397,8 @@ __all__ = [
     "event_object",
     "facts_of_subscription",
     "lookup_hints",
+    "object_id",
+    "past_due_since",
     "subscription_facts",
+    "trial_end",
 ]

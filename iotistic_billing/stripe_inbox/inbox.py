@@ -15,16 +15,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
-import asyncpg
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
 
 from iotistic_billing.db import models
-from iotistic_billing.db.engine import plain_url
+from iotistic_billing.db.listen import listen
 from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
 
@@ -92,25 +91,11 @@ class EventInbox:
             asyncio.create_task(self._work(), name=f"stripe-inbox-{i}") for i in range(self.workers)
         ]
         if self.database_url:
-            self._tasks.append(asyncio.create_task(self._listen(), name="stripe-inbox-listen"))
-
-    async def _listen(self) -> None:
-        """Wake on the NOTIFY of any server that stored an event; polling stays the fallback."""
-        while True:
-            listener: Any = None
-            try:
-                listener = await asyncpg.connect(plain_url(self.database_url), timeout=5)
-                lost = asyncio.Event()
-                listener.add_termination_listener(lambda *_, lost=lost: lost.set())
-                await listener.add_listener(INBOX_CHANNEL, lambda *_: self.wake())
-                self.wake()  # events stored while we were not listening
-                await lost.wait()
-            except (OSError, asyncpg.PostgresError) as error:
-                log.warning("stripe inbox: not listening (%s); polling", type(error).__name__)
-                await asyncio.sleep(5)
-            finally:
-                if listener is not None and not listener.is_closed():
-                    await listener.close()
+            self._tasks.append(
+                asyncio.create_task(
+                    listen(self.database_url, INBOX_CHANNEL, self.wake), name="stripe-inbox-listen"
+                )
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:

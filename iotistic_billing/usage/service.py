@@ -27,12 +27,15 @@ from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
+from iotistic_billing.notices.content import usage_threshold
+from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.usage.coalescer import UsageCoalescer
 from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
+from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.reports import Accepted, ParsedReports, report_columns
 from iotistic_billing.usage.rollups import (
     compute_rollup,
@@ -40,7 +43,7 @@ from iotistic_billing.usage.rollups import (
     save_open_rollup,
     unsettled_period,
 )
-from iotistic_billing.usage.status import status_patch, usage_status
+from iotistic_billing.usage.status import crossings, status_patch, usage_status
 from iotistic_billing.usage.store import (
     DatabaseUnavailable,
     Pool,
@@ -102,6 +105,7 @@ class UsageMetering:
         stripe: StripeApi | None,
         metrics: UsageMetrics,
         clock: Callable[[], datetime],
+        outbox: Outbox | None = None,
     ) -> None:
         self.pool = pool
         self.options = options
@@ -110,6 +114,7 @@ class UsageMetering:
         self.kube = kube
         self.metrics = metrics
         self.clock = clock
+        self.outbox = outbox or Outbox()
         self.coalescer = UsageCoalescer()
         # Replaceable, so that tests can wrap the real sender (a crash after Stripe's answer).
         self.meter_sender: MeterSender | None = (
@@ -212,6 +217,7 @@ class UsageMetering:
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
+            await self._notice_crossings(record, period, totals, plan)
             updated = usage_status(
                 customer.status,
                 period=period,
@@ -244,6 +250,28 @@ class UsageMetering:
         raise DependencyUnavailable(
             "Kubernetes API", f"status of {record.name} kept changing under the flush"
         )
+
+    async def _notice_crossings(
+        self, record: CustomerRecord, period: BillingPeriod, totals: PeriodTotals, plan: str
+    ) -> None:
+        """A notice per threshold reached in the period; a notice already written is none (its key)."""
+        customer = record.customer
+        reached = crossings(totals, included_usage(plan), customer.spec.notifications.usage_thresholds or ())
+        if not reached:
+            return
+        async with self.session_factory() as session, session.begin():
+            for crossing in reached:
+                notice = usage_threshold(
+                    customer_id=record.customer_id,
+                    customer_name=record.name,
+                    company=customer.spec.company_name,
+                    period_start=period.start,
+                    metric=crossing.metric,
+                    threshold=crossing.threshold,
+                    used=crossing.used,
+                    limit=crossing.limit,
+                )
+                await self.outbox.enqueue(session, notice, customer.spec)
 
     # ----- the meter run -----
 

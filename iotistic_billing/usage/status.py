@@ -6,6 +6,8 @@ sends the result as one merge patch when it differs from what it read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Final
@@ -15,6 +17,7 @@ from iotistic_billing.customer import (
     ConditionType,
     CustomerStatus,
     UsageStatus,
+    UsageThreshold,
     set_condition,
 )
 from iotistic_billing.licensing.plans import UNLIMITED, IncludedUsage
@@ -47,6 +50,59 @@ def exceeded(totals: PeriodTotals, included: IncludedUsage) -> list[str]:
     if included.api_calls != UNLIMITED and totals.api_calls > included.api_calls:
         over.append(f"API calls ({totals.api_calls:,}, {included.api_calls:,} included)")
     return over
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """A threshold the period's usage has reached: `80%` or `100%` of a quota, or a value the Customer
+    set in spec.notifications.usageThresholds."""
+
+    metric: str  # devices, trafficGb, storageGb, apiCalls
+    threshold: str
+    used: int | float
+    limit: int | float
+
+
+def _used(totals: PeriodTotals) -> dict[str, Decimal]:
+    return {
+        "devices": Decimal(totals.peak_devices),
+        "trafficGb": Decimal(totals.mqtt_bytes + totals.http_bytes) / BYTES_PER_GB,
+        "storageGb": totals.storage_gb_months,
+        "apiCalls": Decimal(totals.api_calls),
+    }
+
+
+def crossings(
+    totals: PeriodTotals, included: IncludedUsage, thresholds: Sequence[UsageThreshold]
+) -> list[Crossing]:
+    """Every threshold the period's usage has reached so far; the notices' keys make each one notice
+    once per period, however often the flush finds it."""
+    used = _used(totals)
+    quotas = {
+        "devices": included.devices,
+        "trafficGb": included.traffic_gb,
+        "storageGb": included.storage_gb,
+        "apiCalls": included.api_calls,
+    }
+
+    def shown(value: Decimal) -> int | float:
+        return int(value) if value == value.to_integral_value() else float(_number(value))
+
+    found = []
+    for metric, quota in quotas.items():
+        if quota in (UNLIMITED, 0):
+            continue
+        for share in (80, 100):
+            if used[metric] * 100 >= quota * share:
+                found.append(Crossing(metric, f"{share}%", shown(used[metric]), quota))
+    for threshold in thresholds:
+        if used[threshold.metric] >= threshold.value:
+            found.append(
+                Crossing(
+                    threshold.metric, str(threshold.value), shown(used[threshold.metric]), threshold.value
+                )
+            )
+    return found
 
 
 def within_limits(totals: PeriodTotals, plan: str, included: IncludedUsage) -> tuple[bool, str, str]:
@@ -107,6 +163,8 @@ def status_patch(updated: CustomerStatus) -> dict[str, object]:
 __all__ = [
     "INCLUDED_USAGE_EXCEEDED",
     "WITHIN_INCLUDED_USAGE",
+    "Crossing",
+    "crossings",
     "exceeded",
     "status_patch",
     "usage_status",

@@ -17,6 +17,8 @@ from aiohttp import hdrs, web
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
+from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.notices.sender import NoticeSender, SenderOptions
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.stripe_inbox.apply import EventApplier
@@ -36,8 +38,10 @@ from iotistic_billing.webhook_server.context import (
     KEYRING,
     KUBE,
     METRICS,
+    NOTICES,
     OPENAPI,
     OPTIONS,
+    OUTBOX,
     PRINCIPAL,
     ROUTE_ENTRIES,
     SESSIONS,
@@ -119,6 +123,7 @@ def create_app(
     app[CLOCK] = clock or utc_now
     app[METRICS] = metrics
     app[CATALOG] = PriceCatalog.from_settings(settings)
+    app[OUTBOX] = Outbox(settings.notify_webhook_url)
     app[KEYRING] = LicenseKeyring.from_settings(settings)
     app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
@@ -166,9 +171,16 @@ def create_app(
             await stripe.close()
 
     async def stripe_inbox(app: web.Application) -> AsyncIterator[None]:
+        applier = EventApplier(
+            kube=app[KUBE],
+            directory=app[DIRECTORY],
+            catalog=app[CATALOG],
+            outbox=app[OUTBOX],
+            portal_url=settings.customer_portal_url,
+        )
         inbox = EventInbox(
             sessions=app[SESSIONS],
-            applier=EventApplier(kube=app[KUBE], directory=app[DIRECTORY], catalog=app[CATALOG]),
+            applier=applier,
             count=metrics.webhook_event,
             workers=options.inbox_workers,
             database_url=database_url,
@@ -177,6 +189,30 @@ def create_app(
         await inbox.start()
         yield
         await inbox.stop()
+
+    async def notice_sender(app: web.Application) -> AsyncIterator[None]:
+        # Beside the inbox: the server process, which runs no inbox workers, sends nothing either.
+        sender = NoticeSender(
+            sessions=app[SESSIONS],
+            kube=app[KUBE],
+            options=SenderOptions(
+                smtp_url=settings.smtp_url.get_secret_value() if settings.smtp_url else None,
+                mail_from=settings.notify_from,
+                platform_webhook_secret=(
+                    settings.notify_webhook_secret.get_secret_value()
+                    if settings.notify_webhook_secret
+                    else None
+                ),
+                max_attempts=settings.notify_max_attempts,
+                workers=options.notice_workers if options.inbox_workers else 0,
+            ),
+            clock=app[CLOCK],
+            database_url=database_url,
+        )
+        app[NOTICES] = sender
+        await sender.start()
+        yield
+        await sender.stop()
 
     async def usage_metering(app: web.Application) -> AsyncIterator[None]:
         # Last in, first out: stopped (with its final status flush) while the engine, the Kubernetes
@@ -193,6 +229,7 @@ def create_app(
             kube=app[KUBE],
             stripe=app[STRIPE],
             metrics=metrics.usage,
+            outbox=app[OUTBOX],
             clock=app[CLOCK],
         )
         app[USAGE] = metering
@@ -201,7 +238,9 @@ def create_app(
         await metering.stop()
         await pool.close()
 
-    app.cleanup_ctx.extend([database, kubernetes_api, stripe_client, stripe_inbox, usage_metering])
+    app.cleanup_ctx.extend(
+        [database, kubernetes_api, stripe_client, stripe_inbox, notice_sender, usage_metering]
+    )
     return app
 
 

@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import stripe_not_configured
 from iotistic_billing.k8s import Kube
+from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.notices.sender import NoticeSender
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.stripe_inbox.events import PriceCatalog
@@ -44,6 +46,9 @@ STRIPE: web.AppKey[StripeApi | None] = web.AppKey("stripe")
 USAGE = web.AppKey("usage", UsageMetering)
 USAGE_KEYS = web.AppKey("usage_keys", UsageKeyCache)
 INBOX = web.AppKey("inbox", EventInbox)
+# Notices: written by the routes and services beside their facts; sent by the inbox process.
+OUTBOX = web.AppKey("outbox", Outbox)
+NOTICES = web.AppKey("notices", NoticeSender)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 

@@ -26,7 +26,16 @@ from iotistic_billing.errors import (
 )
 from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.minting import LicenseRecord, MintingError
-from iotistic_billing.webhook_server.context import DIRECTORY, KEYRING, KUBE, PRINCIPAL, SESSIONS, SETTINGS
+from iotistic_billing.notices.content import NoticeKind, license_changed
+from iotistic_billing.webhook_server.context import (
+    DIRECTORY,
+    KEYRING,
+    KUBE,
+    OUTBOX,
+    PRINCIPAL,
+    SESSIONS,
+    SETTINGS,
+)
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
     HistoryQuery,
@@ -120,6 +129,16 @@ async def revoke_license(request: web.Request) -> web.Response:
             await record_license(session, revoked, "revoked", {"reason": body.reason, "by": "admin"})
         except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
             raise ValidationFailed.single("reason", str(refused)) from None
+        notice = license_changed(
+            NoticeKind.LICENSE_REVOKED,
+            customer_id=customer_id,
+            customer_name=record.name,
+            company=record.customer.spec.company_name,
+            jti=revoked.jti,
+            plan=revoked.plan,
+            reason=body.reason,
+        )
+        await request.app[OUTBOX].enqueue(session, notice, record.customer.spec)
         # Before the commit: if the patch fails, the history row is rolled back with it.
         try:
             await request.app[KUBE].patch_customer(record.name, {"spec": {"suspended": True}})

@@ -15,6 +15,8 @@ from iotistic_billing.errors import ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 CUSTOMER_ID_PARAMETER = "customerId"
+NOTICE_ID_PARAMETER = "noticeId"
+NOTICE_ID_MAX = 2**63 - 1
 _CUSTOMER_ID: TypeAdapter[str] = TypeAdapter(CustomerId)
 
 
@@ -50,10 +52,27 @@ def read_customer_id(request: web.Request) -> str:
         raise ValidationFailed.from_pydantic(invalid, prefix=CUSTOMER_ID_PARAMETER) from None
 
 
+def read_notice_id(request: web.Request) -> int:
+    """The `{noticeId}` of the path (a notices.id), or a 400 naming it."""
+    text = request.match_info[NOTICE_ID_PARAMETER]
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= NOTICE_ID_MAX:
+        raise ValidationFailed.single(NOTICE_ID_PARAMETER, f"must be an integer from 1 to {NOTICE_ID_MAX}")
+    return int(text)
+
+
 def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response(
         model.model_dump(mode="json", by_alias=True), status=status, headers=dict(headers or {})
     )
 
 
-__all__ = ["CUSTOMER_ID_PARAMETER", "json_model", "read_body", "read_customer_id", "read_query"]
+__all__ = [
+    "CUSTOMER_ID_PARAMETER",
+    "NOTICE_ID_MAX",
+    "NOTICE_ID_PARAMETER",
+    "json_model",
+    "read_body",
+    "read_customer_id",
+    "read_notice_id",
+    "read_query",
+]

@@ -17,6 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.webhook_server.context import OPENAPI
+from iotistic_billing.webhook_server.messages import NOTICE_ID_MAX, NOTICE_ID_PARAMETER
 from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.schemas import ErrorBody
 
@@ -42,7 +43,13 @@ _PATH_PARAMETERS: Final = {
         "pattern": CUSTOMER_ID_PATTERN,
         "maxLength": 37,
         "description": "The customer id (spec.customerId or status.customerId of the Customer).",
-    }
+    },
+    NOTICE_ID_PARAMETER: {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": NOTICE_ID_MAX,
+        "description": "The id of a notice (GET /api/notices).",
+    },
 }
 
 

@@ -39,6 +39,8 @@ class ServerOptions:
     kube_concurrency: int = 16
     # Workers of this app's Stripe inbox; the server process runs none (a process of its own applies).
     inbox_workers: int = 4
+    # Workers sending notices, where the inbox runs.
+    notice_workers: int = 2
     # The inbox process: only /healthz, /readyz and /metrics on its port (no API beside the server's).
     probes_only: bool = False
     # In-flight requests get this long to finish after SIGTERM.

@@ -7,6 +7,7 @@ from typing import Final
 from iotistic_billing.webhook_server import (
     customers,
     licenses,
+    notices,
     openapi,
     probes,
     subscriptions,
@@ -26,6 +27,9 @@ from iotistic_billing.webhook_server.schemas import (
     LicenseHistoryResponse,
     LicenseResponse,
     ListCustomersQuery,
+    NoticeList,
+    NoticeQuery,
+    NoticeView,
     PortalRequest,
     PortalResponse,
     QueueStats,
@@ -251,6 +255,33 @@ ROUTES: Final[tuple[Route, ...]] = (
         query=UsageQuery,
         errors=(404,),
         description="The admin token, or the customer's own usage key.",
+    ),
+    # ----- notices -----
+    Route(
+        "GET",
+        "/api/notices",
+        notices.list_notices,
+        "Notices and their deliveries",
+        "notices",
+        "admin",
+        {200: NoticeList},
+        query=NoticeQuery,
+        description=(
+            "Each notice (trial ending, payment failed, licence suspended, usage threshold, ...) with the "
+            "state of its deliveries by mail and webhook: sent, pending (with the next try and the last "
+            "error) or dead after the last try."
+        ),
+    ),
+    Route(
+        "POST",
+        "/api/notices/{noticeId}/resend",
+        notices.resend_notice,
+        "Send a notice again",
+        "notices",
+        "admin",
+        {202: NoticeView},
+        errors=(404,),
+        description="Every delivery of the notice is pending again, with the same Message-ID and webhook-id.",
     ),
     # ----- operations: probes, metrics, this document -----
     Route(

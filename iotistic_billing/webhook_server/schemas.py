@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
     EMAIL_PATTERN,
+    URL_PATTERN,
     BillingMode,
     EffectivePlanName,
     PaidPlanName,
@@ -26,9 +27,6 @@ from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.usage.reports import ReportBody
 
 _EMAIL = re.compile(EMAIL_PATTERN)
-# No control character, no space of any kind, no NUL: spelt out, since `\s` means one set in ECMA-262
-# (the document's reader) and another in pydantic's Rust regex (U+0085, U+FEFF), and NUL passed both.
-URL_PATTERN = r"^https?://[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$"
 
 
 def _email(value: str) -> str:
@@ -161,6 +159,9 @@ class SubscriptionView(Response):
     stripe_subscription_id: str | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
+    past_due_since: datetime | None = Field(
+        default=None, description="When the payment first failed, while past_due or unpaid (dunning)."
+    )
     last_event_created: int | None = None
 
 
@@ -503,6 +504,48 @@ class UsageHistory(Response):
     billing_period: BillingPeriodUsage
 
 
+# ----- notices -----
+
+
+class NoticeQuery(Query):
+    customer_id: CustomerIdField | None = None
+    status: Literal["pending", "sent", "dead"] | None = Field(
+        default=None, description="Only notices with a delivery in this state."
+    )
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+class DeliveryView(Response):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel: Literal["email", "webhook", "platform"]
+    target: str = Field(description="The address, or the endpoint's URL.")
+    message_id: str = Field(description="The mail's Message-ID and the webhook's webhook-id, on every try.")
+    status: Literal["pending", "sent", "dead"]
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    sent_at: datetime | None
+
+
+class NoticeView(Response):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    key: str = Field(description="The idempotency key: one notice per key.")
+    kind: str
+    customer_id: str
+    subject: str
+    facts: dict[str, Any]
+    created_at: datetime
+    deliveries: list[DeliveryView]
+
+
+class NoticeList(Response):
+    notices: list[NoticeView]
+
+
 __all__ = [
     "BillingPeriodUsage",
     "CancelRequest",
@@ -510,6 +553,7 @@ __all__ = [
     "CheckoutResponse",
     "CustomerList",
     "CustomerView",
+    "DeliveryView",
     "ErrorBody",
     "Health",
     "HistoryQuery",
@@ -517,6 +561,9 @@ __all__ = [
     "LicenseHistoryResponse",
     "LicenseResponse",
     "ListCustomersQuery",
+    "NoticeList",
+    "NoticeQuery",
+    "NoticeView",
     "PortalRequest",
     "PortalResponse",
     "QueueStats",

@@ -35,6 +35,8 @@ ENV_NAMES = {
     "STRIPE_PRICE_PROFESSIONAL",
     "STRIPE_PRICE_ENTERPRISE",
     "BILLING_URL",
+    "SMTP_URL",
+    "MAILPIT_URL",
 }
 
 
@@ -230,6 +232,12 @@ def _check_usage(out: str) -> None:
     assert history["reports"][0]["instance_id"] == "prod-1", history
 
 
+def _check_notices(out: str) -> None:
+    log, mail = _json_documents(out)
+    assert any(n["kind"] == "license.suspended" for n in log["notices"]), log
+    assert [m["Subject"] for m in mail["messages"]] == ["Your Iotistic licence is suspended"], mail
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
     "env": _check_env,
     "get-customers": _check_get_customers,
@@ -237,8 +245,12 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "signup": _check_signup,
     "checkout": _check_checkout,
     "cli": _check_cli,
+    "notices": _check_notices,
     "usage": _check_usage,
 }
+# Blocks that show the outcome of asynchronous work (the operator's pass, the notice sender): run again
+# until their check holds, as a person would look again.
+EVENTUALLY = {"notices": 60.0}
 
 
 def test_every_tested_readme_block_has_a_check() -> None:
@@ -248,6 +260,7 @@ def test_every_tested_readme_block_has_a_check() -> None:
 def run_readme_block(dev: DevRun, workdir: Path, code: str) -> subprocess.CompletedProcess[str]:
     """The block as a user types it in the repository after `source .dev/env`: here in a folder whose
     `.dev` is this module's dev state, with bin/ and the virtual environment's scripts on PATH."""
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ".dev").symlink_to(dev.state)
     path = os.pathsep.join([str(REPO_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(
@@ -263,11 +276,21 @@ def run_readme_block(dev: DevRun, workdir: Path, code: str) -> subprocess.Comple
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_readme_example(dev: DevRun, tmp_path: Path, name: str) -> None:
     code = readme_blocks(README.read_text())[name]
-    result = run_readme_block(dev, tmp_path, code)
-    assert result.returncode == 0, (
-        f"README block {name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    )
-    CHECKS[name](result.stdout)
+    deadline = time.monotonic() + EVENTUALLY.get(name, 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        result = run_readme_block(dev, tmp_path / str(attempt), code)
+        try:
+            assert result.returncode == 0, (
+                f"README block {name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
+            CHECKS[name](result.stdout)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1)
 
 
 def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:

@@ -18,12 +18,20 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.api_keys import usage_key_hash
-from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerStatus, Phase
-from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.customer import (
+    GROUP,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    PLURAL,
+    VERSION,
+    CustomerStatus,
+    Phase,
+)
+from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.reconcile import _finish
-from tests.conftest import OperatorProcess, unique_name, wait_until
+from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -582,3 +590,80 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     status = (cluster.customer(name) or {})["status"]
     assert status["phase"] == "Degraded" and status["usage"] == usage
     assert [c for c in status["conditions"] if c["type"] == "WithinLimits"] == [within]
+
+
+async def notice_kinds(engine: AsyncEngine, name: str) -> list[str]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(Notice.kind).where(Notice.customer_name == name).order_by(Notice.id)
+        )
+        return [row[0] for row in rows]
+
+
+async def test_suspension_and_reinstatement_each_notice_once_with_the_licence_row(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("noticed")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: (cluster.release(name) or {}).get("revision") == "1", message="revision 1")
+    assert await notice_kinds(db_engine, name) == []
+    cluster.patch_spec(name, {"suspended": True})
+    wait_until(
+        lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "unlicensed",
+        message="suspended licence",
+    )
+    cluster.patch_spec(name, {"suspended": False})
+    wait_until(
+        lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "starter",
+        message="reinstated licence",
+    )
+    assert await eventually(
+        lambda: _kinds_are(db_engine, name, ["license.suspended", "license.reinstated"]), message="notices"
+    )
+
+
+async def _kinds_are(engine: AsyncEngine, name: str, kinds: list[str]) -> bool:
+    return await notice_kinds(engine, name) == kinds
+
+
+def test_a_webhook_secret_the_customer_names_is_reported_until_it_exists_then_copied(
+    cluster: Cluster,
+) -> None:
+    name = unique_name("hooked")
+    namespace = f"customer-{name}"
+    cluster.create(
+        customer_manifest(
+            name,
+            plan="starter",
+            notifications={
+                "webhook": {"url": "https://hooks.example/x", "secretRef": {"name": "hook", "key": "k"}}
+            },
+        )
+    )
+
+    def ready() -> dict[str, Any] | None:
+        return cluster.condition(name, "NotificationsReady")
+
+    missing = wait_until(ready, message="NotificationsReady written")
+    assert (missing["status"], missing["reason"]) == ("False", "SecretNotFound")
+    assert f"spec.notifications.webhook.secretRef.name: no Secret hook in {namespace}" == missing["message"]
+    assert (cluster.condition(name, "Ready") or {}).get(
+        "reason"
+    ) != "SecretNotFound"  # Ready does not wait on it
+
+    secret = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "hook"}, "data": {"other": base64.b64encode(b"x").decode()}}
+    )
+    cluster.patch_spec(name, {"notifications": {"emails": ["a@hooked.example"]}})  # a pass
+    wait_until(lambda: (ready() or {}).get("reason") == "SecretKeyNotFound", message="the key is named")
+    assert "spec.notifications.webhook.secretRef.key" in (ready() or {})["message"]
+
+    cluster.core.patch_namespaced_secret(
+        "hook", namespace, {"data": {"k": base64.b64encode(secret.encode()).decode()}}
+    )
+    cluster.patch_spec(name, {"notifications": {"emails": ["b@hooked.example"]}})
+    wait_until(lambda: (ready() or {}).get("status") == "True", message="NotificationsReady")
+    copied = cluster.core.read_namespaced_secret(NOTIFICATIONS_SECRET_NAME, namespace)
+    assert base64.b64decode(copied.data[NOTIFICATIONS_SECRET_KEY]).decode() == secret
+    assert copied.metadata.owner_references[0].name == name

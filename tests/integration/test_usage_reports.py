@@ -15,16 +15,18 @@ from typing import Any
 import kubernetes
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
+from iotistic_billing.db.models import Notice
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.context import USAGE
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from tests.conftest import unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
@@ -415,3 +417,41 @@ async def test_usage_counts_reach_the_metrics(
     exposition = await (await usage_api.get("/metrics")).text()
     assert 'iotistic_usage_reports_total{result="accepted"} 2.0' in exposition
     assert 'iotistic_usage_reports_total{result="duplicate"} 2.0' in exposition
+
+
+async def test_device_usage_crossing_80_then_100_percent_notices_twice_and_replays_none(
+    usage_api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """A starter plan includes 10 devices; an absolute threshold of 9 the Customer set notices too."""
+    name = unique_name("quota")
+    customer_id = customer_id_for(name)
+    customers.create(
+        name,
+        customerId=customer_id,
+        plan="starter",
+        notifications={"usageThresholds": [{"metric": "devices", "value": 9}]},
+    )
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    usage = usage_api.app[USAGE]
+
+    async def kinds() -> list[tuple[str, str]]:
+        async with db_engine.connect() as connection:
+            rows = await connection.execute(
+                select(Notice.key, Notice.subject)
+                .where(Notice.customer_id == customer_id)
+                .order_by(Notice.id)
+            )
+            return [(key.rsplit(":", 1)[1], subject) for key, subject in rows]
+
+    first = [report(customer_id, "r-8", active_devices=8)]
+    assert (await post(usage_api, {"reports": first}, headers))[0] == 202
+    await usage.flush()
+    assert await kinds() == [("80%", "Iotistic usage: devices reached 80%")]
+    second = [report(customer_id, "r-10", start=NOW - timedelta(hours=1), active_devices=10)]
+    assert (await post(usage_api, {"reports": second}, headers))[0] == 202
+    await usage.flush()
+    assert [threshold for threshold, _ in await kinds()] == ["80%", "100%", "9"]
+    for _ in range(2):  # the same reports again: stored once, noticed once
+        await post(usage_api, {"reports": first + second}, headers)
+        await usage.flush()
+    assert [threshold for threshold, _ in await kinds()] == ["80%", "100%", "9"]

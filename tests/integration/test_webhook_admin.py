@@ -45,7 +45,7 @@ ADMIN_ROUTES = [op for op in ROUTES if op.access == "admin"]
 
 
 def concrete(path: str) -> str:
-    return path.replace("{customerId}", "cust_abcdef123456")
+    return path.replace("{customerId}", "cust_abcdef123456").replace("{noticeId}", "1")
 
 
 def error_shape(body: dict[str, Any]) -> bool:

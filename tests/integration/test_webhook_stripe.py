@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import Customer as CustomerRow
-from iotistic_billing.db.models import Subscription
+from iotistic_billing.db.models import Notice, Subscription
 from tests.conftest import unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
@@ -378,3 +378,50 @@ async def test_a_signed_body_nested_too_deep_is_not_json_to_us(api: TestClient[A
     )
     answer = await response.json()
     assert response.status == 400 and answer["message"] == "body: is not valid JSON"
+
+
+async def test_a_failed_then_paid_renewal_and_a_cancellation_notice_once_each(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """The notices are written in the event's own transaction: a redelivery writes none."""
+    name, customer_id = stripe_customer(customers)
+    subscription_id, stripe_customer_id = random_id("sub_"), random_id("cus_")
+    started = event(
+        "customer.subscription.created",
+        subscription_object(
+            subscription_id,
+            customer=stripe_customer_id,
+            price=PRICES["starter"],
+            metadata={"customerId": customer_id},
+        ),
+    )
+    assert (await deliver(api, started))[1]["result"] == "applied"  # dropped before: "not handled"
+    invoice = invoice_object(
+        customer=stripe_customer_id, subscription_id=subscription_id, price=PRICES["starter"], paid=False
+    )
+    failed = event("invoice.payment_failed", invoice, created=started["created"] + 1)
+    for _ in range(2):
+        await deliver(api, failed)
+    assert (customers.subscription(name) or {})["status"] == "past_due"
+    paid = event(
+        "invoice.paid",
+        {**invoice, "id": random_id("in_"), "status": "paid", "amount_paid": 9900},
+        created=started["created"] + 2,
+    )
+    assert (await deliver(api, paid))[1]["result"] == "applied"
+    deleted = event(
+        "customer.subscription.deleted",
+        subscription_object(
+            subscription_id, customer=stripe_customer_id, price=PRICES["starter"], status="canceled"
+        ),
+        created=started["created"] + 3,
+    )
+    await deliver(api, deleted)
+    async with db_engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                select(Notice.kind, Notice.facts).where(Notice.customer_id == customer_id).order_by(Notice.id)
+            )
+        ).all()
+    assert [kind for kind, _ in rows] == ["payment.failed", "payment.recovered", "subscription.canceled"]
+    assert rows[0][1]["invoice_id"] == invoice["id"] and rows[0][1]["restricted_at"].endswith("Z")

@@ -322,7 +322,11 @@ def test_conditions_are_metav1_conditions_in_a_map_list_keyed_by_type(crd: dict[
         "TrialActive",
         "SubscriptionActive",
         "WithinLimits",
+        "NotificationsReady",
+        "PaymentOverdue",
     }
+    for condition_type in customer.ConditionType:
+        assert condition_type.value in conditions["description"]
 
 
 def test_subscription_says_who_writes_it(crd: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ FROM_API_SERVER: dict[str, Any] = {
         "companyName": "Acme",
         "email": "a@b.io",
         "instance": {"enabled": True},
+        "notifications": {},
         "plan": "trial",
         "suspended": False,
         "trial": {"days": 14},

@@ -98,6 +98,8 @@ def test_claims_are_the_earlier_system_payload_plus_registered_claims(keys: Sign
             "hasRemoteAccess": True,
             "hasOtaUpdates": True,
             "hasCustomDashboards": True,
+            # Beyond the earlier system's claims: false in a restricted licence (dunning).
+            "canAddDevices": True,
         },
         "limits": {"maxUsers": 15, "maxAlertRules": 100, "maxDashboards": 20, "maxJobTemplates": 100},
         "trial": {"isTrialMode": False},

@@ -36,6 +36,8 @@ FEATURE_CLAIMS = (
     "hasRemoteAccess",
     "hasOtaUpdates",
     "hasCustomDashboards",
+    # Ours: false in a restricted licence (a payment overdue past its grace).
+    "canAddDevices",
 )
 LIMIT_CLAIMS = ("maxUsers", "maxAlertRules", "maxDashboards", "maxJobTemplates")
 

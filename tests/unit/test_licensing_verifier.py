@@ -353,3 +353,23 @@ def test_more_licences_than_the_verifier_remembers_all_verify(
             license = verifier.verify(token, now=NOW)
             assert license.valid
             assert license.customer_id == f"cust_many{index:04d}"
+
+
+def test_a_restricted_licence_provisions_no_new_device(keys: SigningKeys) -> None:
+    from iotistic_billing.licensing.plans import restricted
+
+    token = mint_license(
+        customer=LicenseCustomer("cust_abc123", "Acme"),
+        plan=restricted(PLANS["professional"]),
+        trial=NO_TRIAL,
+        subscription=SubscriptionTerms("past_due"),
+        now=datetime.now(UTC),
+        keys=keys,
+        issuer="https://billing.iotistic.cloud",
+        audience="iotistic-instance",
+    ).token
+    licence = LicenseVerifier([keys.public_key], audience="iotistic-instance").verify(token)
+    assert licence.valid and licence.plan == "professional"
+    body = licence.check_device_limit(3)
+    assert body is not None and body["details"]["restricted"] is True
+    assert not licence.has_feature("canExportData")

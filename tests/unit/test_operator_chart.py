@@ -439,7 +439,7 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         {
             "apiGroups": [""],
             "resources": ["secrets"],
-            "resourceNames": ["iotistic-license"],
+            "resourceNames": ["iotistic-license", "iotistic-notifications"],
             "verbs": ["get"],
         },
     ]

@@ -72,8 +72,8 @@ def subscription(
                 "billing": {"mode": "stripe"},
                 "subscription": subscription("past_due", period_end=NOW - timedelta(days=8)),
             },
-            "unlicensed",
-            "SubscriptionLapsed",
+            "professional",
+            "SubscriptionRestricted",
         ),
         (
             {"billing": {"mode": "stripe"}, "subscription": subscription("canceled")},
@@ -91,6 +91,32 @@ def test_effective_plan(fields: dict[str, Any], plan: str, reason: str) -> None:
     entitlement = effective_plan(spec(**fields), CREATED, NOW)
     assert (entitlement.plan, entitlement.reason) == (plan, reason)
     assert entitlement.lapsed == (reason in ("TrialExpired", "SubscriptionLapsed"))
+
+
+@pytest.mark.parametrize(
+    ("failed_days_ago", "plan", "step", "next_in_days", "restricted"),
+    [
+        (3, "professional", "GracePeriod", 4, False),  # full access for 7 days
+        (10, "professional", "Restricted", 11, True),  # then read-only for DUNNING_RESTRICT_DAYS (14)
+        (22, "unlicensed", "Suspended", None, False),  # then the unlicensed feature set
+    ],
+)
+def test_a_failed_payment_walks_the_dunning_ladder(
+    failed_days_ago: int, plan: str, step: str, next_in_days: int | None, restricted: bool
+) -> None:
+    since = NOW - timedelta(days=failed_days_ago)
+    overdue = subscription("past_due", period_end=NOW + timedelta(days=25))
+    overdue["pastDueSince"] = since.isoformat()
+    entitlement = effective_plan(spec(billing={"mode": "stripe"}, subscription=overdue), CREATED, NOW)
+    assert (entitlement.plan, entitlement.payment_step, entitlement.restricted) == (plan, step, restricted)
+    assert entitlement.next_step_at == (NOW + timedelta(days=next_in_days) if next_in_days else None)
+    assert entitlement.lapsed == (step == "Suspended")
+    shorter = effective_plan(
+        spec(billing={"mode": "stripe"}, subscription=overdue), CREATED, NOW, restricted_for=timedelta(days=2)
+    )
+    assert shorter.payment_step == ("GracePeriod" if failed_days_ago < 7 else "Suspended")
+    paid = effective_plan(spec(billing={"mode": "stripe"}, subscription=subscription("active")), CREATED, NOW)
+    assert paid.payment_step is None and not paid.restricted  # back to the plan at once
 
 
 def test_trial_ends_days_after_creation_unless_ends_at_is_given() -> None:
@@ -359,3 +385,39 @@ def test_the_status_patch_removes_what_the_new_status_no_longer_has() -> None:
     }
     assert merge_patch(old, old) == old
     assert merge_patch({"conditions": [1, 2]}, {"conditions": [1]}) == {"conditions": [1]}  # lists replace
+
+
+def test_a_restricted_licence_is_the_plan_read_only_and_the_verifier_refuses_new_devices() -> None:
+    from iotistic_billing.licensing.plans import PLANS, restricted
+
+    read_only = restricted(PLANS["professional"])
+    assert read_only.limits == PLANS["professional"].limits  # the plan's limits kept
+    assert (read_only.features.can_add_devices, read_only.features.can_export_data) == (False, False)
+    assert read_only.features.max_devices == 50
+    entitlement = Entitlement(
+        plan="professional", reason="r", message="", subscription_status="past_due", restricted=True
+    )
+    assert license_action("professional", False, entitlement) == "downgraded"
+    lifted = Entitlement(plan="professional", reason="r", message="", subscription_status="active")
+    assert license_action("professional", False, lifted, previous_restricted=True) == "upgraded"
+
+
+def test_payment_overdue_says_the_step_for_stripe_billing_only() -> None:
+    from iotistic_billing.operator.conditions import payment_condition
+
+    overdue = Entitlement(
+        plan="starter",
+        reason="x",
+        message="restricted until 2026-12-20",
+        subscription_status="past_due",
+        payment_step="Restricted",
+    )
+    value = payment_condition(overdue, stripe_billed=True)
+    assert value is not None and (value.status, value.reason, value.message) == (
+        True,
+        "Restricted",
+        overdue.message,
+    )
+    current = payment_condition(_entitlement("starter"), stripe_billed=True)
+    assert current is not None and (current.status, current.reason) == (False, "PaymentsCurrent")
+    assert payment_condition(overdue, stripe_billed=False) is None

@@ -206,7 +206,15 @@ def current(**overrides: Any) -> SubscriptionSpec:
 def test_a_newer_event_applies_and_keeps_what_it_does_not_say() -> None:
     decision = decide(current(), 100, SubscriptionFacts("sub_1", "past_due"), 150)
     assert decision.action == "apply" and decision.record_row
-    assert decision.subscription == current(status="past_due", last_event_created=150)
+    overdue_since = datetime.fromtimestamp(150, UTC)  # the dunning ladder counts from the failure
+    assert decision.subscription == current(
+        status="past_due", last_event_created=150, past_due_since=overdue_since
+    )
+    # Still overdue later: the ladder keeps counting from the first failure; paid: it stops.
+    later = decide(decision.subscription, 150, SubscriptionFacts("sub_1", "past_due"), 200)
+    assert later.subscription is not None and later.subscription.past_due_since == overdue_since
+    paid = decide(later.subscription, 200, SubscriptionFacts("sub_1", "active"), 250)
+    assert paid.subscription is not None and paid.subscription.past_due_since is None
 
 
 def test_an_older_event_of_the_same_subscription_is_stale() -> None:

@@ -128,6 +128,33 @@ securityContext:
 - name: LICENSE_EXTRA_PUBLIC_KEY_PATHS
   value: {{ include "iotistic-billing.extraPublicKeyPaths" $ | quote }}
 {{- end }}
+{{- /* Notices: the operator writes some (trial ending, licence suspended), the webhook server sends. */}}
+- name: NOTIFY_FROM
+  value: {{ $config.notices.from | quote }}
+- name: TRIAL_NOTICE_DAYS
+  value: {{ $config.notices.trialNoticeDays | quote }}
+{{- with $config.notices.customerPortalUrl }}
+- name: CUSTOMER_PORTAL_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.secrets.notices.name }}
+{{- if $.Values.secrets.notices.smtpUrlKey }}
+- name: SMTP_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.notices.smtpUrlKey }}
+{{- end }}
+{{- if $config.notices.platformWebhookUrl }}
+- name: NOTIFY_WEBHOOK_URL
+  value: {{ $config.notices.platformWebhookUrl | quote }}
+- name: NOTIFY_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.notices.platformWebhookSecretKey }}
+{{- end }}
+{{- end }}
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE

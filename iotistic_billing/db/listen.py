@@ -1,0 +1,38 @@
+"""Waking on PostgreSQL's NOTIFY: a worker that polls a table also LISTENs on its channel, so that a row
+another process commits is picked up at once; polling stays the fallback when the connection is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from iotistic_billing.db.engine import plain_url
+
+log = logging.getLogger(__name__)
+
+
+async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> None:
+    """Call `wake` on every NOTIFY on `channel`, and once on each (re)connection (rows written while no
+    one listened); runs until cancelled."""
+    while True:
+        listener: Any = None
+        try:
+            listener = await asyncpg.connect(plain_url(database_url), timeout=5)
+            lost = asyncio.Event()
+            listener.add_termination_listener(lambda *_, lost=lost: lost.set())
+            await listener.add_listener(channel, lambda *_: wake())
+            wake()
+            await lost.wait()
+        except (OSError, asyncpg.PostgresError) as error:
+            log.warning("not listening on %s (%s); polling", channel, type(error).__name__)
+            await asyncio.sleep(5)
+        finally:
+            if listener is not None and not listener.is_closed():
+                await listener.close()
+
+
+__all__ = ["listen"]

@@ -1,0 +1,274 @@
+"""The sender: claims due deliveries (`FOR UPDATE SKIP LOCKED`, so several replicas share them without
+sending one twice at once), sends each by mail or signed webhook, and records the outcome.
+
+A delivery's row stays locked while it is sent, and is marked sent in the same transaction: a crash
+between the send and the commit sends it again, with the same Message-ID or webhook-id, so receivers
+can drop the duplicate (at least once; exactly once where the receiver keeps ids). A failure is retried
+after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+import aiosmtplib
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME, namespace_for
+from iotistic_billing.db import models
+from iotistic_billing.db.listen import listen
+from iotistic_billing.k8s import Kube, KubernetesUnavailable
+from iotistic_billing.notices.content import Channel
+from iotistic_billing.notices.outbox import NOTICES_CHANNEL
+from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
+from iotistic_billing.settings import webhook_secret_bytes
+
+log = logging.getLogger(__name__)
+
+# Seconds before the next try, by the number of tries so far: about nine hours in all.
+BACKOFF: Final = (10, 30, 120, 600, 1800, 3600, 7200, 14400, 14400)
+POLL_SECONDS: Final = 1.0
+SEND_TIMEOUT: Final = 10.0
+
+
+class DeliveryFailed(Exception):
+    """The target did not take it (refused, unreachable, an error status): try again later."""
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    smtp_url: str | None  # unset: mail deliveries wait (and say why) until it is set
+    mail_from: str
+    platform_webhook_secret: str | None
+    max_attempts: int = 8
+    workers: int = 2
+
+
+def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks signature: HMAC-SHA256 of `id.timestamp.body`, base64, version v1."""
+    signed = hmac.new(secret, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(signed).decode()
+
+
+def backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=BACKOFF[min(attempts, len(BACKOFF)) - 1])
+
+
+class NoticeSender:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        kube: Kube,
+        options: SenderOptions,
+        clock: Callable[[], datetime],
+        database_url: str = "",
+    ) -> None:
+        self.sessions = sessions
+        self.kube = kube
+        self.options = options
+        self.clock = clock
+        self.database_url = database_url
+        self._http: aiohttp.ClientSession | None = None
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT))
+        if self.options.workers == 0:
+            return
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
+        ]
+        if self.database_url:
+            self._tasks.append(asyncio.create_task(listen(self.database_url, NOTICES_CHANNEL, self.wake)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                sent = await self.send_one()
+            except Exception:  # the database is down: the deliveries stay pending
+                log.exception("notice sender: cannot claim a delivery")
+                sent = False
+            if sent:
+                continue
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
+
+    async def send_due(self) -> int:
+        """Try every delivery that is due now, once (tests, and a drain at shutdown)."""
+        tried = 0
+        while await self.send_one():
+            tried += 1
+        return tried
+
+    async def send_one(self) -> bool:
+        """Claim the delivery that has been due longest and try it; False when none is due."""
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            row = (
+                await session.execute(
+                    select(models.NoticeDelivery, models.Notice)
+                    .join(models.Notice, models.Notice.id == models.NoticeDelivery.notice_id)
+                    .where(
+                        models.NoticeDelivery.status == "pending",
+                        models.NoticeDelivery.next_attempt_at <= now,
+                    )
+                    .order_by(models.NoticeDelivery.next_attempt_at, models.NoticeDelivery.id)
+                    .limit(1)
+                    .with_for_update(of=models.NoticeDelivery, skip_locked=True)
+                )
+            ).first()
+            if row is None:
+                return False
+            delivery, notice_row = row
+            notice = StoredNotice(
+                kind=notice_row.kind,
+                customer_id=notice_row.customer_id,
+                customer_name=notice_row.customer_name,
+                subject=notice_row.subject,
+                facts=notice_row.facts,
+                created_at=notice_row.created_at,
+            )
+            delivery.attempts += 1
+            started = time.monotonic()
+            try:
+                await self._deliver(delivery, notice, now)
+            except DeliveryFailed as failed:
+                delivery.last_error = str(failed)[:1000]
+                if delivery.attempts >= self.options.max_attempts:
+                    delivery.status = "dead"
+                    log.warning(
+                        "notice %s to %s is dead after %d tries: %s",
+                        delivery.message_id,
+                        delivery.channel,
+                        delivery.attempts,
+                        failed,
+                    )
+                else:
+                    delivery.next_attempt_at = now + backoff(delivery.attempts)
+                    log.info(
+                        "notice %s to %s failed, retried later: %s",
+                        delivery.message_id,
+                        delivery.channel,
+                        failed,
+                    )
+                return True
+            delivery.status = "sent"
+            delivery.sent_at = now
+            delivery.last_error = None
+            log.info(
+                "notice %s (%s) sent by %s in %.0f ms",
+                delivery.message_id,
+                notice.kind,
+                delivery.channel,
+                (time.monotonic() - started) * 1000,
+                extra={"customer_id": notice.customer_id},
+            )
+        return True
+
+    async def _deliver(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
+        if delivery.channel == Channel.EMAIL:
+            await self._mail(delivery, notice, now)
+        elif delivery.channel == Channel.WEBHOOK:
+            await self._post(delivery, notice, await self._customer_secret(notice), now)
+        elif delivery.channel == Channel.PLATFORM:
+            if self.options.platform_webhook_secret is None:
+                raise DeliveryFailed("NOTIFY_WEBHOOK_SECRET is not set")
+            await self._post(
+                delivery, notice, webhook_secret_bytes(self.options.platform_webhook_secret), now
+            )
+        else:
+            raise DeliveryFailed(f"unknown channel {delivery.channel!r}")
+
+    async def _mail(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
+        if self.options.smtp_url is None:
+            raise DeliveryFailed("SMTP_URL is not set")
+        url = urlsplit(self.options.smtp_url)
+        message = email_message(
+            notice, sender=self.options.mail_from, to=delivery.target, message_id=delivery.message_id, now=now
+        )
+        try:
+            await aiosmtplib.send(
+                message,
+                hostname=url.hostname or "localhost",
+                port=url.port or (465 if url.scheme == "smtps" else 25),
+                username=unquote(url.username) if url.username else None,
+                password=unquote(url.password) if url.password else None,
+                use_tls=url.scheme == "smtps",
+                timeout=SEND_TIMEOUT,
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
+
+    async def _customer_secret(self, notice: StoredNotice) -> bytes:
+        """The signing secret the operator copied from spec.notifications.webhook.secretRef."""
+        try:
+            secret = await self.kube.read_secret_data(
+                namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME
+            )
+        except KubernetesUnavailable as error:
+            raise DeliveryFailed(str(error)) from None
+        value = (secret[0] if secret is not None else {}).get(NOTIFICATIONS_SECRET_KEY)
+        if value is None:
+            raise DeliveryFailed(
+                f"no signing secret yet: the operator writes {NOTIFICATIONS_SECRET_NAME} from "
+                "spec.notifications.webhook.secretRef (see the Customer's NotificationsReady condition)"
+            )
+        try:
+            return webhook_secret_bytes(value.decode(errors="replace"))
+        except ValueError as error:
+            raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+    async def _post(
+        self, delivery: models.NoticeDelivery, notice: StoredNotice, secret: bytes, now: datetime
+    ) -> None:
+        assert self._http is not None, "start() first"
+        body = webhook_body(notice)
+        timestamp = int(now.timestamp())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "iotistic-billing-notices",
+            "webhook-id": delivery.message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, delivery.message_id, timestamp, body),
+        }
+        try:
+            async with self._http.post(
+                delivery.target, data=body, headers=headers, allow_redirects=False
+            ) as answer:
+                if not 200 <= answer.status < 300:
+                    raise DeliveryFailed(f"HTTP {answer.status}")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise DeliveryFailed(f"{type(error).__name__}: {error}") from None
+
+
+__all__ = ["BACKOFF", "DeliveryFailed", "NoticeSender", "SenderOptions", "backoff", "sign"]

@@ -1,0 +1,57 @@
+"""The notifications step: the Secret spec.notifications.webhook.secretRef names (in the Customer's
+namespace) is checked and its key copied into the Secret the webhook server's notice sender reads
+(the only one it may read besides the licence), and the outcome is the NotificationsReady condition,
+naming the field when the Secret or its key is missing."""
+
+from __future__ import annotations
+
+from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.manifests import notifications_secret_manifest
+from iotistic_billing.operator.outcomes import NotificationsOutcome
+from iotistic_billing.operator.state import PassTarget
+from iotistic_billing.settings import webhook_secret_bytes
+
+FIELD = "spec.notifications.webhook.secretRef"
+
+
+async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> NotificationsOutcome | None:
+    """None for a Customer without a webhook."""
+    webhook = target.spec.notifications.webhook
+    if webhook is None:
+        return None
+    ref, namespace = webhook.secret_ref, target.namespace
+    source = await ctx.kube.read_secret_data(namespace, ref.name)
+    if source is None:
+        return NotificationsOutcome(
+            False, c.SECRET_NOT_FOUND, f"{FIELD}.name: no Secret {ref.name} in {namespace}"
+        )
+    value = source[0].get(ref.key)
+    if value is None:
+        return NotificationsOutcome(
+            False, c.SECRET_KEY_NOT_FOUND, f"{FIELD}.key: Secret {namespace}/{ref.name} has no key {ref.key}"
+        )
+    try:
+        webhook_secret_bytes(value.decode(errors="replace"))
+    except ValueError as invalid:
+        return NotificationsOutcome(
+            False, c.INVALID_SECRET, f"{FIELD}: {namespace}/{ref.name} {ref.key} {invalid}"
+        )
+    copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
+    if copied is None or copied[0].get(NOTIFICATIONS_SECRET_KEY) != value:
+        await ctx.kube.apply(
+            notifications_secret_manifest(
+                namespace=namespace,
+                name=target.name,
+                customer_id=target.customer_id,
+                owner=target.owner,
+                secret=value,
+            )
+        )
+    return NotificationsOutcome(
+        True, c.WEBHOOK_SECRET_READY, f"webhooks signed with {namespace}/{ref.name} key {ref.key}"
+    )
+
+
+__all__ = ["ensure_webhook_secret"]

@@ -1,0 +1,49 @@
+"""Admin routes of notices: the log (what was sent to whom, what failed and why) and the re-send."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from iotistic_billing.errors import NotFound
+from iotistic_billing.notices.log import LoggedNotice, recent_notices, resend
+from iotistic_billing.webhook_server.context import CLOCK, NOTICES, SESSIONS
+from iotistic_billing.webhook_server.messages import json_model, read_notice_id, read_query
+from iotistic_billing.webhook_server.schemas import DeliveryView, NoticeList, NoticeQuery, NoticeView
+
+
+def _view(logged: LoggedNotice) -> NoticeView:
+    notice = logged.notice
+    return NoticeView(
+        id=notice.id,
+        key=notice.key,
+        kind=notice.kind,
+        customer_id=notice.customer_id,
+        subject=notice.subject,
+        facts=notice.facts,
+        created_at=notice.created_at,
+        deliveries=[DeliveryView.model_validate(delivery) for delivery in logged.deliveries],
+    )
+
+
+async def list_notices(request: web.Request) -> web.Response:
+    """Notices, newest first, with the state of each delivery."""
+    query = read_query(request, NoticeQuery)
+    async with request.app[SESSIONS]() as session:
+        logged = await recent_notices(
+            session, customer_id=query.customer_id, status=query.status, limit=query.limit
+        )
+    return json_model(NoticeList(notices=[_view(entry) for entry in logged]))
+
+
+async def resend_notice(request: web.Request) -> web.Response:
+    """Send every delivery of a notice again (a dead one, or one a customer says it lost)."""
+    notice_id = read_notice_id(request)
+    async with request.app[SESSIONS]() as session, session.begin():
+        logged = await resend(session, notice_id, request.app[CLOCK]())
+    if logged is None:
+        raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
+    request.app[NOTICES].wake()
+    return json_model(_view(logged), status=202)
+
+
+__all__ = ["list_notices", "resend_notice"]

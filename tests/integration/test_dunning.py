@@ -1,0 +1,150 @@
+"""The dunning ladder end to end: Stripe events through the webhook server's inbox, the operator's passes
+on an injected clock. A failed renewal keeps the plan through its grace, then restricts the licence (its
+claims checked), then a paid invoice brings the plan back at once; a second failure ends with Stripe's
+deletion of the subscription: suspended. One notice per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from aiohttp.test_utils import TestClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db.models import Notice
+from iotistic_billing.operator.reconcile import reconcile
+from tests.conftest import OperatorProcess, unique_name
+from tests.integration.test_operator import Cluster
+from tests.integration.test_operator_recovery import _context
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    PRICES,
+    Customers,
+    api_fixture,
+    customer_id_for,
+    customers_fixture,
+    deliver,
+    event,
+    invoice_object,
+    random_id,
+    subscription_object,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(k8s_client: kubernetes.client.ApiClient, kubeconfig: Path) -> Cluster:
+    return Cluster(k8s_client, kubeconfig)
+
+
+@pytest.fixture
+def stopped_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
+    """The session operator stopped: the passes under test, on their clock, are the only ones."""
+    operator.stop()
+    try:
+        yield operator
+    finally:
+        operator.start()
+
+
+def overdue(cluster: Cluster, name: str) -> tuple[str, str] | None:
+    condition = cluster.condition(name, "PaymentOverdue")
+    return (condition["status"], condition["reason"]) if condition else None
+
+
+async def notices(engine: AsyncEngine, customer_id: str) -> list[str]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(Notice.kind).where(Notice.customer_id == customer_id).order_by(Notice.id)
+        )
+        return [row[0] for row in rows]
+
+
+async def test_a_failed_payment_walks_the_ladder_and_a_payment_brings_the_plan_back(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    cluster: Cluster,
+    stopped_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    name = unique_name("dunning")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
+    now = datetime.now(UTC)
+
+    async def stripe(event_type: str, obj: dict[str, Any], at: datetime) -> None:
+        status, answer = await deliver(api, event(event_type, obj, created=int(at.timestamp())))
+        assert (status, answer["result"]) == (200, "applied"), answer
+
+    async def pass_at(moment: datetime) -> None:
+        context = _context(operator_env, moment)
+        try:
+            result = await reconcile(context, name)
+            assert result is not None and result.permanent_error is None, result
+        finally:
+            await context.engine.dispose()
+
+    def licence() -> dict[str, Any]:
+        return cluster.license(name, verify_times=False)[0]
+
+    subscription = subscription_object(
+        subscription_id,
+        customer=stripe_customer,
+        price=PRICES["professional"],
+        metadata={"customerId": customer_id},
+    )
+    await stripe("customer.subscription.created", subscription, now - timedelta(minutes=5))
+    await pass_at(now)
+    assert licence()["plan"] == "professional" and licence()["features"]["canAddDevices"] is True
+    assert overdue(cluster, name) == ("False", "PaymentsCurrent")
+
+    invoice = invoice_object(
+        customer=stripe_customer, subscription_id=subscription_id, price=PRICES["professional"], paid=False
+    )
+    await stripe("invoice.payment_failed", invoice, now)
+    assert (customers.subscription(name) or {})["pastDueSince"] == now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    await pass_at(now + timedelta(days=2))  # the grace: full access
+    assert overdue(cluster, name) == ("True", "GracePeriod")
+    assert licence()["features"]["canAddDevices"] is True
+
+    await pass_at(now + timedelta(days=8))  # restricted: the plan's limits, read-only features
+    assert overdue(cluster, name) == ("True", "Restricted")
+    restricted = licence()
+    assert restricted["plan"] == "professional" and restricted["limits"]["maxUsers"] == 15
+    assert (restricted["features"]["canAddDevices"], restricted["features"]["canExportData"]) == (
+        False,
+        False,
+    )
+    assert restricted["subscription"]["status"] == "past_due"
+
+    paid = {**invoice, "id": random_id("in_"), "status": "paid", "amount_paid": 9900}
+    await stripe("invoice.payment_succeeded", paid, now + timedelta(days=8, hours=1))
+    await pass_at(now + timedelta(days=8, hours=2))  # back to the plan at once
+    assert overdue(cluster, name) == ("False", "PaymentsCurrent")
+    assert licence()["features"]["canAddDevices"] is True and licence()["features"]["canExportData"] is True
+
+    await stripe("invoice.payment_failed", {**invoice, "id": random_id("in_")}, now + timedelta(days=30))
+    canceled = subscription_object(
+        subscription_id, customer=stripe_customer, price=PRICES["professional"], status="canceled"
+    )
+    await stripe("customer.subscription.deleted", canceled, now + timedelta(days=45))
+    await pass_at(now + timedelta(days=45, hours=1))
+    assert licence()["plan"] == "unlicensed"
+    assert (cluster.customer(name) or {})["status"]["phase"] == "Expired"
+
+    assert await notices(db_engine, customer_id) == [
+        "payment.failed",
+        "access.restricted",
+        "payment.recovered",
+        "payment.failed",
+        "subscription.canceled",
+    ]

@@ -1,0 +1,450 @@
+"""Notices on the real parts: written in PostgreSQL with their facts, mailed to Mailpit, posted to a real
+aiohttp receiver that checks signatures with the standardwebhooks package (not our code), retried with
+the same ids, shared by two senders without a double send, re-sent on request."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import kubernetes
+import pytest
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from iotistic_billing.customer import (
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    Customer,
+    CustomerSpec,
+)
+from iotistic_billing.db import models
+from iotistic_billing.db.engine import session_factory
+from iotistic_billing.devenv.mailpit import Mailpit
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi
+from iotistic_billing.notices.content import NoticeKind, license_changed
+from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.notices import write_trial_ending
+from iotistic_billing.processes import free_port
+from tests.conftest import unique_name
+
+pytestmark = pytest.mark.integration
+
+PLATFORM_SECRET = "whsec_" + base64.b64encode(b"p" * 32).decode()
+CUSTOMER_SECRET = "whsec_" + base64.b64encode(b"c" * 32).decode()
+
+
+@dataclass
+class Receiver:
+    """An endpoint that verifies each delivery with standardwebhooks and answers `fail` 500s first."""
+
+    secret: str
+    fail: int = 0
+    seen: list[str] = field(default_factory=list)  # webhook-id of every verified delivery
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            payload = Webhook(self.secret).verify(body, dict(request.headers))
+        except WebhookVerificationError as error:
+            self.refused.append(str(error))
+            return web.Response(status=400)
+        self.seen.append(request.headers["webhook-id"])
+        if self.fail > 0:
+            self.fail -= 1
+            return web.Response(status=500)
+        self.bodies.append(payload)
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[tuple[Receiver, Receiver]]:
+    """The platform team's endpoint and a customer's, on one real server."""
+    platform, customer = Receiver(PLATFORM_SECRET), Receiver(CUSTOMER_SECRET)
+    app = web.Application()
+    app.router.add_post("/platform", platform.handle)
+    app.router.add_post("/customer", customer.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    platform.url, customer.url = f"http://127.0.0.1:{port}/platform", f"http://127.0.0.1:{port}/customer"
+    try:
+        yield platform, customer
+    finally:
+        await runner.cleanup()
+
+
+class Clock:
+    """Real time, moved forward by the test: a retry is due without waiting for it (and webhook
+    timestamps stay within the receivers' five minutes)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(db_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return session_factory(db_engine)
+
+
+@pytest.fixture
+def kube(k8s_client: kubernetes.client.ApiClient) -> Kube:
+    return Kube(KubeApi(k8s_client, FieldManager.SIGNUP))
+
+
+def sender(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    clock: Clock,
+    smtp_url: str | None,
+    max_attempts: int = 8,
+) -> NoticeSender:
+    return NoticeSender(
+        sessions=sessions,
+        kube=kube,
+        options=SenderOptions(
+            smtp_url=smtp_url,
+            mail_from="Iotistic Billing <billing@iotistic.example>",
+            platform_webhook_secret=PLATFORM_SECRET,
+            max_attempts=max_attempts,
+            workers=0,  # the test drives it
+        ),
+        clock=clock,
+    )
+
+
+@pytest.fixture
+async def started(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
+) -> AsyncIterator[tuple[NoticeSender, Clock]]:
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url)
+    await one.start()
+    try:
+        yield one, clock
+    finally:
+        await one.stop()
+
+
+def customer_spec(name: str, webhook_url: str | None = None, **extra: Any) -> CustomerSpec:
+    notifications: dict[str, Any] = {"emails": [f"finance@{name}.example"]}
+    if webhook_url:
+        notifications["webhook"] = {"url": webhook_url, "secretRef": {"name": "hook-secret"}}
+    return CustomerSpec.model_validate(
+        {"email": f"ops@{name}.example", "companyName": name.title(), "notifications": notifications, **extra}
+    )
+
+
+def suspended_notice(name: str, jti: str = "j-1") -> Any:
+    return license_changed(
+        NoticeKind.LICENSE_SUSPENDED,
+        customer_id=f"cust_{name.replace('-', '')[:20]}",
+        customer_name=name,
+        company=name.title(),
+        jti=jti,
+        plan="unlicensed",
+        reason="suspended by an administrator",
+    )
+
+
+async def enqueue(
+    sessions: async_sessionmaker[AsyncSession], outbox: Outbox, notice: Any, spec: CustomerSpec
+) -> bool:
+    async with sessions() as session, session.begin():
+        return await outbox.enqueue(session, notice, spec)
+
+
+async def deliveries(sessions: async_sessionmaker[AsyncSession], key: str) -> list[models.NoticeDelivery]:
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(models.NoticeDelivery)
+            .join(models.Notice)
+            .where(models.Notice.key == key)
+            .order_by(models.NoticeDelivery.id)
+        )
+        return list(rows.all())
+
+
+def mails_to(mailpit: Mailpit, address: str) -> list[dict[str, Any]]:
+    return mailpit.messages(f"to:{address}")
+
+
+def write_customer_secret(k8s_client: kubernetes.client.ApiClient, name: str) -> None:
+    """What the operator writes from spec.notifications.webhook.secretRef (its own test is below)."""
+    core = kubernetes.client.CoreV1Api(k8s_client)
+    namespace = f"customer-{name}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": NOTIFICATIONS_SECRET_NAME},
+            "data": {NOTIFICATIONS_SECRET_KEY: base64.b64encode(CUSTOMER_SECRET.encode()).decode()},
+        },
+    )
+
+
+async def test_a_notice_is_mailed_to_each_address_and_posted_signed_once(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    platform, customer = receivers
+    name = unique_name("notified")
+    write_customer_secret(k8s_client, name)
+    spec = customer_spec(name, customer.url)
+    notice = suspended_notice(name)
+    outbox = Outbox(platform.url)
+    assert await enqueue(sessions, outbox, notice, spec)
+    assert not await enqueue(sessions, outbox, notice, spec)  # the same fact again: no second notice
+
+    one, _ = started
+    await one.send_due()  # (other tests' notices of the session's database go out too)
+    sent = await deliveries(sessions, notice.key)
+    assert sorted(d.channel for d in sent) == [
+        "email",
+        "email",
+        "platform",
+        "webhook",
+    ]  # two addresses, two endpoints
+    assert {d.status for d in sent} == {"sent"}
+    for address in (f"ops@{name}.example", f"finance@{name}.example"):
+        (summary,) = mails_to(mailpit, address)
+        mail = mailpit.message(summary["ID"])
+        assert mail["Subject"] == "Your Iotistic licence is suspended"
+        assert "suspended by an administrator" in mail["Text"] and "<p>" in mail["HTML"]
+        (sent,) = [d for d in await deliveries(sessions, notice.key) if d.target == address]
+        assert mail["MessageID"] == f"{sent.message_id}@iotistic.example"
+    for receiver in (platform, customer):
+        assert len(receiver.seen) == 1 and not receiver.refused
+        assert receiver.bodies[0]["type"] == "license.suspended"
+        assert receiver.bodies[0]["data"]["reason"] == "suspended by an administrator"
+    assert platform.seen != customer.seen  # each delivery has its own id
+    assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+
+
+async def test_nothing_is_sent_for_a_fact_that_was_rolled_back(
+    sessions: async_sessionmaker[AsyncSession], started: tuple[NoticeSender, Clock], mailpit: Mailpit
+) -> None:
+    name = unique_name("rolledback")
+    notice = suspended_notice(name)
+    with pytest.raises(RuntimeError):
+        async with sessions() as session, session.begin():
+            assert await Outbox().enqueue(session, notice, customer_spec(name))
+            raise RuntimeError("the fact's transaction fails after the notice was written")
+    one, _ = started
+    await one.send_due()
+    assert await deliveries(sessions, notice.key) == []
+    assert mails_to(mailpit, f"ops@{name}.example") == []
+
+
+async def test_a_receiver_that_fails_three_times_gets_the_same_webhook_id_four_times(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+) -> None:
+    platform, _ = receivers
+    platform.fail = 3
+    name = unique_name("retried")
+    notice = suspended_notice(name)
+    spec = CustomerSpec.model_validate({"email": f"ops@{name}.example", "companyName": "R"})
+    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    one, clock = started
+    for wait in (0, *BACKOFF[:3]):
+        clock.advance(wait)
+        await one.send_due()
+    assert len(platform.seen) == 4 and len(set(platform.seen)) == 1, platform.seen
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "platform"]
+    assert (webhook.status, webhook.attempts, webhook.message_id) == ("sent", 4, platform.seen[0])
+
+
+async def test_smtp_down_for_a_minute_delays_mail_and_loses_none(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    tmp_path: Path,
+) -> None:
+    later = Mailpit(tmp_path)  # not started yet: nothing listens on its SMTP port
+    clock = Clock()
+    one = sender(sessions, kube, clock, later.smtp_url)
+    await one.start()
+    try:
+        name = unique_name("smtpdown")
+        notice = suspended_notice(name)
+        await enqueue(sessions, Outbox(), notice, customer_spec(name))
+        assert await one.send_due() == 2
+        assert {(d.status, d.attempts) for d in await deliveries(sessions, notice.key)} == {("pending", 1)}
+        assert all("SMTP" in (d.last_error or "") for d in await deliveries(sessions, notice.key))
+        later.start()
+        try:
+            clock.advance(60)
+            assert await one.send_due() == 2
+            assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+            assert len(later.messages()) == 2
+        finally:
+            later.stop()
+    finally:
+        await one.stop()
+
+
+async def test_two_senders_share_the_deliveries_and_send_none_twice(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+) -> None:
+    platform, _ = receivers
+    clock = Clock()
+    replicas = [sender(sessions, kube, clock, mailpit.smtp_url) for _ in range(2)]
+    for replica in replicas:
+        await replica.start()
+    await replicas[0].send_due()  # what other tests left: this test's notices alone are shared below
+    try:
+        name = unique_name("shared")
+        keys = []
+        for index in range(10):
+            notice = suspended_notice(name, jti=f"j-{index}")
+            keys.append(notice.key)
+            await enqueue(sessions, Outbox(platform.url), notice, customer_spec(name))
+        tried = await asyncio.gather(*(replica.send_due() for replica in replicas))
+        assert all(tried), tried  # both took part
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    assert len(mails_to(mailpit, f"ops@{name}.example")) == 10
+    assert len(mails_to(mailpit, f"finance@{name}.example")) == 10
+    ids = [webhook_id for webhook_id in platform.seen]
+    assert len(ids) == 10 and len(set(ids)) == 10
+
+
+async def test_a_dead_delivery_is_sent_again_on_request(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    receivers: tuple[Receiver, Receiver],
+) -> None:
+    from iotistic_billing.notices.log import recent_notices, resend
+
+    platform, _ = receivers
+    platform.fail = 2
+    clock = Clock()
+    one = sender(sessions, kube, clock, None, max_attempts=2)
+    await one.start()
+    try:
+        name = unique_name("dead")
+        notice = suspended_notice(name)
+        spec = CustomerSpec.model_validate({"email": f"ops@{name}.example", "companyName": "D"})
+        await enqueue(sessions, Outbox(platform.url), notice, spec)
+        await one.send_due()
+        clock.advance(BACKOFF[0])
+        await one.send_due()
+        statuses = {d.channel: d.status for d in await deliveries(sessions, notice.key)}
+        assert statuses == {"email": "dead", "platform": "dead"}  # no SMTP_URL: mail waits, then dies
+        async with sessions() as session:
+            (logged,) = await recent_notices(session, customer_id=notice.customer_id, status="dead", limit=5)
+        async with sessions() as session, session.begin():
+            assert await resend(session, logged.notice.id, clock()) is not None
+        await one.send_due()
+        (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "platform"]
+        assert (webhook.status, webhook.attempts) == ("sent", 1)
+        assert len(platform.seen) == 3 and len(set(platform.seen)) == 1
+    finally:
+        await one.stop()
+
+
+async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_replicas(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    db_engine: AsyncEngine,
+) -> None:
+    """The operator writes the notice on its clock, is killed before anything is sent (a new process
+    checks again), and two webhook-server replicas send: one mail to each address, one webhook."""
+    platform, _ = receivers
+    name = unique_name("trial4")
+    created = datetime.now(UTC) - timedelta(days=1, hours=12)  # a 4-day trial ending in 2.5 days
+    body = {
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created.isoformat()},
+        "spec": {"email": f"ops@{name}.example", "companyName": "Four", "trial": {"days": 4}},
+    }
+    customer = Customer.model_validate(body)
+
+    def operator_process() -> OperatorContext:
+        return cast(
+            OperatorContext,
+            SimpleNamespace(
+                settings=SimpleNamespace(trial_notice_days=3),
+                sessions=sessions,
+                outbox=Outbox(platform.url),
+                noticed=set(),
+            ),
+        )
+
+    first = operator_process()
+    now = datetime.now(UTC)
+    assert await write_trial_ending(first, customer, body, now)
+    assert not await write_trial_ending(first, customer, body, now)  # remembered: no second write
+    restarted = operator_process()  # the first was killed before the notice went out
+    assert not await write_trial_ending(restarted, customer, body, now + timedelta(minutes=1))
+
+    clock = Clock()
+    replicas = [sender(sessions, kube, clock, mailpit.smtp_url) for _ in range(2)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        await asyncio.gather(*(replica.send_due() for replica in replicas))
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    (mail,) = mails_to(mailpit, f"ops@{name}.example")
+    assert mail["Subject"].startswith("Your Iotistic trial ends on")
+    (webhook,) = platform.bodies  # this test's receiver: one webhook in all
+    assert webhook["type"] == "trial.ending" and webhook["data"]["days_left"] == 2
+    assert len(platform.seen) == 1
+    async with sessions() as session:
+        notices = (
+            await session.scalars(select(models.Notice).where(models.Notice.customer_name == name))
+        ).all()
+    assert [n.kind for n in notices] == ["trial.ending"]
+
+
+def test_a_bad_webhook_url_is_refused_by_the_api_server_naming_the_field(
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": unique_name("badhook")},
+        "spec": {
+            "email": "ops@bad.example",
+            "companyName": "Bad",
+            "notifications": {"webhook": {"url": "ftp://hooks.example/x", "secretRef": {"name": "s"}}},
+        },
+    }
+    with pytest.raises(ApiException) as refused:
+        objects.create_cluster_custom_object("iotistic.io", "v1alpha1", "customers", body)
+    assert refused.value.status == 422
+    assert "spec.notifications.webhook.url" in json.loads(refused.value.body)["message"]

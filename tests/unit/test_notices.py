@@ -1,0 +1,268 @@
+"""Notices, pure: their keys, targets and ids; the mail and the webhook body; the signature, checked by the
+standardwebhooks package (not our code); usage thresholds; the notices Stripe events give."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from iotistic_billing.customer import CustomerSpec, SubscriptionSpec, UsageThreshold
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.notices.content import (
+    Channel,
+    NoticeKind,
+    Target,
+    license_changed,
+    message_id,
+    payment_failed,
+    targets_for,
+    trial_ending,
+)
+from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
+from iotistic_billing.notices.sender import BACKOFF, backoff, sign
+from iotistic_billing.operator.entitlement import effective_plan
+from iotistic_billing.operator.notices import trial_ending_due
+from iotistic_billing.settings import webhook_secret_bytes
+from iotistic_billing.stripe_inbox.events import Decision
+from iotistic_billing.stripe_inbox.notices import event_notices
+from iotistic_billing.usage.pricing import PeriodTotals
+from iotistic_billing.usage.status import crossings
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+
+
+def spec(**fields: object) -> CustomerSpec:
+    return CustomerSpec.model_validate({"email": "Ops@Acme.example", "companyName": "Acme", **fields})
+
+
+def test_targets_are_each_address_once_the_customer_endpoint_and_the_platform() -> None:
+    targets = targets_for(
+        spec(
+            notifications={
+                "emails": ["billing@acme.example", "ops@acme.example"],
+                "webhook": {"url": "https://hooks.acme.example/iot", "secretRef": {"name": "hook"}},
+            }
+        ),
+        "https://ops.platform.example/notices",
+    )
+    assert targets == [
+        Target(Channel.EMAIL, "ops@acme.example"),
+        Target(Channel.EMAIL, "billing@acme.example"),
+        Target(Channel.WEBHOOK, "https://hooks.acme.example/iot"),
+        Target(Channel.PLATFORM, "https://ops.platform.example/notices"),
+    ]
+    assert targets_for(spec(), None) == [Target(Channel.EMAIL, "ops@acme.example")]
+
+
+def test_a_notice_key_names_its_fact_and_a_delivery_id_is_stable() -> None:
+    ends = NOW + timedelta(days=3)
+    one = trial_ending(
+        customer_id="cust_acme01", customer_name="acme", company="Acme", plan="trial", ends_at=ends, now=NOW
+    )
+    again = trial_ending(
+        customer_id="cust_acme01",
+        customer_name="acme",
+        company="Acme",
+        plan="trial",
+        ends_at=ends,
+        now=NOW + timedelta(hours=5),
+    )
+    assert one.key == again.key == "trial-ending:cust_acme01:20261128T120000Z"
+    target = Target(Channel.WEBHOOK, "https://x.example")
+    assert (
+        message_id(one.key, target)
+        == message_id(again.key, target)
+        != message_id(one.key, Target(Channel.PLATFORM, "https://x.example"))
+    )
+    assert one.facts["days_left"] == 3 and one.facts["max_devices"] == PLANS["trial"].features.max_devices
+
+
+def stored(notice_kind: str = "payment.failed") -> StoredNotice:
+    notice = payment_failed(
+        customer_id="cust_acme01",
+        customer_name="acme",
+        company="Acme <Corp>",
+        invoice_id="in_123",
+        plan="professional",
+        restricted_at=NOW + timedelta(days=7),
+        portal_url="https://billing.stripe.com/p/login/test",
+    )
+    return StoredNotice(
+        notice.kind, notice.customer_id, notice.customer_name, notice.subject, notice.to_facts(), NOW
+    )
+
+
+def test_the_mail_has_text_and_html_the_plan_s_facts_links_and_a_stable_message_id() -> None:
+    mail = email_message(
+        stored(),
+        sender="Billing <billing@iotistic.example>",
+        to="ops@acme.example",
+        message_id="msg_1",
+        now=NOW,
+    )
+    assert mail["Message-ID"] == "<msg_1@iotistic.example>"
+    assert mail["Subject"] == "Your Iotistic payment failed"
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "2026-12-02" in text and "https://billing.stripe.com/p/login/test" in text
+    assert "plan name: Professional" in text and "monthly price: $99.00" in text
+    assert "Acme &lt;Corp&gt;" in html and "Acme <Corp>" not in html  # escaped in HTML
+    assert '<a href="https://billing.stripe.com/p/login/test">' in html
+
+
+def test_the_webhook_body_is_the_same_bytes_on_every_try_and_verifies_with_standardwebhooks() -> None:
+    body = webhook_body(stored())
+    assert body == webhook_body(stored())
+    payload = json.loads(body)
+    assert payload["type"] == "payment.failed" and payload["data"]["invoice_id"] == "in_123"
+    assert payload["timestamp"] == "2026-11-25T12:00:00+00:00"
+    timestamp = int(datetime.now(UTC).timestamp())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(webhook_secret_bytes(SECRET), "msg_1", timestamp, body),
+    }
+    assert Webhook(SECRET).verify(body, headers) == payload
+    with pytest.raises(Exception, match="No matching signature"):
+        Webhook(SECRET).verify(body + b" ", headers)
+
+
+def test_secrets_are_standard_webhooks_secrets_of_24_bytes_at_least() -> None:
+    assert webhook_secret_bytes(SECRET) == b"k" * 32
+    assert webhook_secret_bytes(base64.b64encode(b"k" * 24).decode()) == b"k" * 24
+    with pytest.raises(ValueError, match="at least 24 bytes"):
+        webhook_secret_bytes("whsec_" + base64.b64encode(b"short").decode())
+    with pytest.raises(ValueError, match="base64"):
+        webhook_secret_bytes("whsec_not base64!")
+
+
+def test_retries_back_off_then_stop() -> None:
+    assert [backoff(n) for n in (1, 2, 3)] == [timedelta(seconds=s) for s in BACKOFF[:3]]
+    assert backoff(99) == timedelta(seconds=BACKOFF[-1])
+
+
+def totals(**fields: object) -> PeriodTotals:
+    return PeriodTotals(NOW - timedelta(days=10), NOW + timedelta(days=20), **fields)  # type: ignore[arg-type]
+
+
+def test_usage_crossings_at_80_and_100_percent_of_a_quota_and_at_absolute_thresholds() -> None:
+    starter = PLANS["starter"].included  # 10 devices
+    assert crossings(totals(peak_devices=7), starter, ()) == []
+    assert [(c.metric, c.threshold) for c in crossings(totals(peak_devices=8), starter, ())] == [
+        ("devices", "80%")
+    ]
+    at_quota = crossings(totals(peak_devices=10), starter, ())
+    assert [(c.metric, c.threshold, c.used, c.limit) for c in at_quota] == [
+        ("devices", "80%", 10, 10),
+        ("devices", "100%", 10, 10),
+    ]
+    traffic = crossings(
+        totals(mqtt_bytes=6 * 10**9, storage_gb_months=Decimal("0.5")),
+        starter,
+        [UsageThreshold(metric="trafficGb", value=5), UsageThreshold(metric="apiCalls", value=10)],
+    )
+    assert [(c.metric, c.threshold, c.used) for c in traffic] == [("trafficGb", "5", 6)]
+    assert crossings(totals(peak_devices=10**6), PLANS["enterprise"].included, ()) == []  # unlimited
+
+
+def test_the_operator_notices_its_own_trials_only_within_the_notice_days() -> None:
+    created = NOW - timedelta(days=10)
+    trial = spec(trial={"days": 14})  # ends in 4 days
+    assert not trial_ending_due(effective_plan(trial, created, NOW), NOW, 3)
+    assert trial_ending_due(
+        effective_plan(trial, created, NOW + timedelta(days=1)), NOW + timedelta(days=1), 3
+    )
+    ended = NOW + timedelta(days=4, seconds=1)
+    assert not trial_ending_due(effective_plan(trial, created, ended), ended, 3)
+    paying = spec(plan="starter")
+    assert not trial_ending_due(effective_plan(paying, created, NOW), NOW, 30)
+
+
+def record(subscription: dict[str, object] | None = None) -> CustomerRecord:
+    body = {
+        "metadata": {"name": "acme", "uid": "u-1"},
+        "spec": {
+            "email": "ops@acme.example",
+            "companyName": "Acme",
+            "billing": {"mode": "stripe"},
+            "subscription": subscription,
+        },
+        "status": {"customerId": "cust_acme01"},
+    }
+    found = CustomerRecord.from_body(body)
+    assert found is not None
+    return found
+
+
+def applied(status: str, period_end: datetime | None = None) -> Decision:
+    subscription = SubscriptionSpec(
+        status=status,
+        plan="professional",
+        stripe_subscription_id="sub_1",
+        current_period_end=period_end,
+        last_event_created=1,
+    )
+    return Decision("apply", subscription, record_row=True)
+
+
+def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_ending() -> None:
+    created = int(NOW.timestamp())
+    period_end = NOW + timedelta(days=2)
+    failed = event_notices(
+        "invoice.payment_failed",
+        {"id": "in_1"},
+        record(),
+        None,
+        applied("past_due", period_end),
+        created,
+        None,
+    )
+    assert [(n.kind, n.key) for n in failed] == [
+        (NoticeKind.PAYMENT_FAILED, "payment-failed:cust_acme01:in_1")
+    ]
+    assert failed[0].facts["restricted_at"] == "2026-12-04T12:00:00Z"  # period end + the grace
+    was_past_due = SubscriptionSpec(status="past_due", plan="professional", stripe_subscription_id="sub_1")
+    recovered = event_notices(
+        "invoice.paid", {"id": "in_2"}, record(), was_past_due, applied("active"), created, None
+    )
+    assert [n.kind for n in recovered] == [NoticeKind.PAYMENT_RECOVERED]
+    paid_anyway = event_notices(
+        "invoice.paid", {"id": "in_3"}, record(), None, applied("active"), created, None
+    )
+    assert paid_anyway == []
+    canceled = event_notices(
+        "customer.subscription.deleted", {"id": "sub_1"}, record(), None, applied("canceled"), created, None
+    )
+    assert [n.key for n in canceled] == ["subscription-canceled:cust_acme01:sub_1"]
+    trial_end = int((NOW + timedelta(days=3)).timestamp())
+    ending = event_notices(
+        "customer.subscription.trial_will_end",
+        {"id": "sub_1", "trial_end": trial_end},
+        record(),
+        None,
+        applied("trialing"),
+        created,
+        None,
+    )
+    assert [n.key for n in ending] == ["trial-ending:cust_acme01:20261128T120000Z"]
+    stale = Decision("stale", None, record_row=False)
+    assert event_notices("invoice.payment_failed", {"id": "in_1"}, record(), None, stale, created, None) == []
+
+
+def test_licence_notices_are_keyed_by_the_licence_and_what_happened_to_it() -> None:
+    about = {"customer_id": "cust_acme01", "customer_name": "acme", "company": "Acme"}
+    suspended = license_changed(
+        NoticeKind.LICENSE_SUSPENDED, **about, jti="j-1", plan="unlicensed", reason="r"
+    )
+    revoked = license_changed(NoticeKind.LICENSE_REVOKED, **about, jti="j-1", plan="starter", reason="r")
+    assert (suspended.key, revoked.key) == (
+        "license-suspended:cust_acme01:j-1",
+        "license-revoked:cust_acme01:j-1",
+    )
