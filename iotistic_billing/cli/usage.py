@@ -165,6 +165,7 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
             "date": day.day.isoformat(),
             "reports": day.reports,
             "peakDevices": day.peak_active_devices,
+            "deviceHours": day.device_hours,
             "mqttMessages": f"{day.mqtt_messages:,}",
             "mqttMb": megabytes(day.mqtt_bytes),
             "httpRequests": f"{day.http_requests:,}",
@@ -185,7 +186,17 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
     print()
     print_table(
         rows,
-        ["date", "reports", "peakDevices", "mqttMessages", "mqttMb", "httpRequests", "httpMb", "databaseMb"],
+        [
+            "date",
+            "reports",
+            "peakDevices",
+            "deviceHours",
+            "mqttMessages",
+            "mqttMb",
+            "httpRequests",
+            "httpMb",
+            "databaseMb",
+        ],
     )
     print()
     print(
@@ -205,6 +216,7 @@ def _all_rows(summaries: Sequence[Any], periods: dict[str, dict[str, Any]]) -> l
             "plan": periods[summary.customer_id]["plan"],
             "reports": f"{summary.reports:,}",
             "peakDevices": summary.peak_active_devices,
+            "deviceHours": summary.device_hours,
             "trafficGb": gigabytes(summary.traffic_bytes),
             "apiCalls": f"{summary.http_requests:,}",
             "databaseMb": summary.postgres_size_mb,
@@ -239,6 +251,7 @@ async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int
             "plan",
             "reports",
             "peakDevices",
+            "deviceHours",
             "trafficGb",
             "apiCalls",
             "databaseMb",

@@ -64,6 +64,8 @@ class Subscription(Base):
     current_period_end: Mapped[datetime | None]
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
     last_event_created: Mapped[int] = mapped_column(BigInteger)
+    # When Stripe created the subscription (its `created`): of a customer's live ones the newest wins.
+    stripe_created: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
 

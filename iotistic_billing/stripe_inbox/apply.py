@@ -10,13 +10,14 @@ row keeps it for an operator to look at.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.k8s import FieldManager, Kube
@@ -103,8 +104,14 @@ async def apply_event(deps: EventApplier, session: AsyncSession, event: StripeEv
         .where(models.Subscription.stripe_subscription_id == facts.subscription_id)
         .with_for_update()
     )
+    current = record.customer.spec.subscription
     decision = decide(
-        record.customer.spec.subscription, row.last_event_created if row else None, facts, event.created
+        current,
+        row.last_event_created if row else None,
+        replace(facts, started=facts.started or (row.stripe_created if row else None)),
+        event.created,
+        stored_status=row.status if row else None,
+        current_started=await _started(session, current),
     )
     if decision.record_row:
         await _write_row(session, record, row, facts, decision, event.created)
@@ -129,6 +136,18 @@ async def apply_event(deps: EventApplier, session: AsyncSession, event: StripeEv
             facts.subscription_id,
         )
     return Outcome(decision.action, record.customer_id)
+
+
+async def _started(session: AsyncSession, current: SubscriptionSpec | None) -> int | None:
+    """When Stripe created the Customer's current subscription, as its row remembers it."""
+    if current is None or current.stripe_subscription_id is None:
+        return None
+    started: int | None = await session.scalar(
+        select(models.Subscription.stripe_created).where(
+            models.Subscription.stripe_subscription_id == current.stripe_subscription_id
+        )
+    )
+    return started
 
 
 async def _write_row(
@@ -160,6 +179,7 @@ async def _write_row(
             )
         ),
         "last_event_created": created,
+        "stripe_created": facts.started or (row.stripe_created if row else None),
     }
     statement = insert(models.Subscription).values(stripe_subscription_id=facts.subscription_id, **values)
     await session.execute(

@@ -122,6 +122,8 @@ class SubscriptionFacts:
     plan: PaidPlanName | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
+    # When Stripe created the subscription (Unix seconds): of two live ones, the newer wins.
+    started: int | None = None
 
 
 @dataclass(frozen=True)
@@ -248,12 +250,16 @@ def facts_of_subscription(
         subscription.get("current_period_end")
     )
     cancel = subscription.get("cancel_at_period_end")
+    started = subscription.get("created")
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
         plan=catalog.plan_for(_ref_id(item.get("price"))),
         current_period_end=period_end,
         cancel_at_period_end=cancel if isinstance(cancel, bool) else None,
+        started=started
+        if isinstance(started, int) and not isinstance(started, bool) and started > 0
+        else None,
     )
 
 
@@ -323,30 +329,64 @@ def object_id(obj: Mapping[str, Any]) -> str | None:
 # ----- ordering -----
 
 
+# The order of a subscription's statuses, for two events of the same second: the later state in
+# Stripe's lifecycle wins, whichever worker applies first.
+STATUS_ORDER: Final = {
+    "incomplete": 0,
+    "trialing": 1,
+    "active": 2,
+    "paused": 3,
+    "past_due": 4,
+    "unpaid": 5,
+    "incomplete_expired": 6,
+    "canceled": 7,
+}
+
+
 def decide(
     current: SubscriptionSpec | None,
     stored_last_created: int | None,
     facts: SubscriptionFacts,
     created: int,
+    *,
+    stored_status: str | None = None,
+    current_started: int | None = None,
 ) -> Decision:
     """Whether an event created at `created` may write `facts`, given the Customer's spec.subscription and
-    the `last_event_created` of the subscription's row (either may be missing or lost).
+    the subscription's row (its `last_event_created` and status; either record may be missing or lost).
 
-    Ordering is per subscription: an older event never overwrites newer state of its subscription. An
-    event of equal age applies, so a same-second pair lands in delivery order. A different subscription
-    replaces the Customer's only when it is not older, and never a live one with a dead one: the final
-    `deleted` of a replaced subscription must not cancel its successor.
+    Ordering is per subscription: an older event never overwrites newer state of its subscription. Two
+    events of the same second apply in STATUS_ORDER, whichever comes first. A different subscription
+    replaces the Customer's only when its event is not older, never a live one with a dead one (the
+    final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
+    subscription with an older live one (`current_started`: when Stripe created the Customer's; the
+    newest live subscription wins, an older one's events are recorded, not applied).
     """
     same = current is not None and current.stripe_subscription_id == facts.subscription_id
-    newest = [stored_last_created]
+    newest = [(stored_last_created, stored_status)]
     if same and current is not None:
-        newest.append(current.last_event_created)
-    if any(last is not None and created < last for last in newest):
-        return Decision("stale", None, record_row=False)
+        newest.append((current.last_event_created, current.status))
+    for last, status in newest:
+        if last is None:
+            continue
+        if created < last or (
+            created == last
+            and status is not None
+            and STATUS_ORDER[facts.status] < STATUS_ORDER.get(status, 0)
+        ):
+            return Decision("stale", None, record_row=False)
 
     if current is not None and not same and current.stripe_subscription_id is not None:
         older = current.last_event_created is not None and created < current.last_event_created
-        if older or (current.status in LIVE_STATUSES and facts.status not in LIVE_STATUSES):
+        live = current.status in LIVE_STATUSES
+        older_subscription = (
+            live
+            and facts.status in LIVE_STATUSES
+            and facts.started is not None
+            and current_started is not None
+            and facts.started < current_started
+        )
+        if older or older_subscription or (live and facts.status not in LIVE_STATUSES):
             return Decision("superseded", None, record_row=True)
 
     base = current if same else None
@@ -384,6 +424,7 @@ __all__ = [
     "INVOICE_PAID_EVENTS",
     "LIVE_STATUSES",
     "OVERDUE_STATUSES",
+    "STATUS_ORDER",
     "SUBSCRIPTION_CREATED",
     "SUBSCRIPTION_DELETED",
     "SUBSCRIPTION_EVENTS",

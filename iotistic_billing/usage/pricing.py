@@ -24,6 +24,7 @@ from iotistic_billing.licensing.plans import UNLIMITED, IncludedUsage
 BYTES_PER_GB: Final = Decimal(10) ** 9
 MB_PER_GB: Final = Decimal(1000)
 CENT: Final = Decimal("0.01")
+SECONDS_PER_HOUR: Final = Decimal(3600)
 
 # Dollars per unit over the plan's quota (the earlier system's "Overage Pricing").
 PRICE_PER_DEVICE_MONTH: Final = Decimal("2.00")
@@ -58,6 +59,8 @@ class PeriodTotals:
     api_calls: int = 0
     storage_gb_months: Decimal = Decimal(0)
     reports: int = 0
+    # Active devices times hours, summed over the reports (the earlier system's device-hours metric).
+    device_hours: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
     length = period_end - period_start
     if length <= timedelta(0):
         raise ValueError(f"period_end must be after period_start, got {period_start} .. {period_end}")
-    peak = mqtt = http = calls = count = 0
+    peak = mqtt = http = calls = count = device_seconds = 0
     storage_mb_seconds = Decimal(0)
     for sample in samples:
         if not period_start <= sample.period_start < period_end:
@@ -105,6 +108,9 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         mqtt += sample.mqtt_bytes
         http += sample.http_bytes
         calls += sample.http_requests
+        device_seconds += sample.active_devices * int(
+            (sample.period_end - sample.period_start).total_seconds()
+        )
         covered = min(sample.period_end, period_end) - sample.period_start
         storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
     return totals_from_sums(
@@ -116,6 +122,7 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         api_calls=calls,
         storage_mb_seconds=storage_mb_seconds,
         reports=count,
+        device_seconds=Decimal(device_seconds),
     )
 
 
@@ -129,6 +136,7 @@ def totals_from_sums(
     api_calls: int,
     storage_mb_seconds: Decimal,
     reports: int,
+    device_seconds: Decimal = Decimal(0),
 ) -> PeriodTotals:
     """The totals of a period from its sums, as `roll_up` ends: shared with the SQL aggregate that
     computes the same sums inside PostgreSQL (usage.store), so the two cannot drift apart."""
@@ -138,8 +146,21 @@ def totals_from_sums(
     # GB-months: the size averaged over the whole period (a period without reports counts as empty).
     gb_months = storage_mb_seconds / MB_PER_GB / Decimal(int(length.total_seconds()))
     return PeriodTotals(
-        period_start, period_end, peak_devices, mqtt_bytes, http_bytes, api_calls, gb_months, reports
+        period_start,
+        period_end,
+        peak_devices,
+        mqtt_bytes,
+        http_bytes,
+        api_calls,
+        gb_months,
+        reports,
+        device_hours(device_seconds),
     )
+
+
+def device_hours(device_seconds: Decimal) -> Decimal:
+    """Device-seconds as device-hours, to the thousandth."""
+    return (device_seconds / SECONDS_PER_HOUR).quantize(Decimal("0.001"), rounding=ROUND_HALF_UP)
 
 
 def _over(used: Decimal, included: int) -> Decimal:

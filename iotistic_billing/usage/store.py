@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 import asyncpg
 
 from iotistic_billing.usage.periods import BillingPeriod
-from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, totals_from_sums
+from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, device_hours, totals_from_sums
 from iotistic_billing.usage.reports import COLUMNS
 
 Record = Mapping[str, Any]
@@ -92,7 +92,9 @@ SELECT coalesce(max(active_devices), 0) AS peak_devices,
        coalesce(sum(http_requests), 0) AS api_calls,
        coalesce(sum(postgres_size_mb * floor(extract(epoch FROM least(period_end, $3) - period_start))), 0)
            AS storage_mb_seconds,
-       count(*) AS reports
+       count(*) AS reports,
+       coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start))), 0)
+           AS device_seconds
 FROM usage_reports
 WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
 """
@@ -114,7 +116,9 @@ SELECT (period_start AT TIME ZONE 'UTC')::date AS day,
        coalesce(sum(mqtt_bytes_sent), 0) + coalesce(sum(mqtt_bytes_received), 0) AS mqtt_bytes,
        coalesce(sum(http_requests), 0) AS http_requests,
        coalesce(sum(http_bytes_sent), 0) + coalesce(sum(http_bytes_received), 0) AS http_bytes,
-       (array_agg(postgres_size_mb ORDER BY period_end DESC))[1] AS postgres_size_mb
+       (array_agg(postgres_size_mb ORDER BY period_end DESC))[1] AS postgres_size_mb,
+       coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start))), 0)
+           AS device_seconds
 FROM usage_reports
 WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
 GROUP BY 1
@@ -234,6 +238,7 @@ async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod
         api_calls=int(row["api_calls"]),
         storage_mb_seconds=Decimal(row["storage_mb_seconds"]),
         reports=int(row["reports"]),
+        device_seconds=Decimal(row["device_seconds"]),
     )
 
 
@@ -263,6 +268,7 @@ class DailyUsage:
     http_requests: int
     http_bytes: int
     postgres_size_mb: Decimal | None  # the last size reported that day
+    device_hours: Decimal = Decimal(0)
 
 
 async def daily_usage(conn: Queryable, customer_id: str, start: datetime, end: datetime) -> list[DailyUsage]:
@@ -277,6 +283,7 @@ async def daily_usage(conn: Queryable, customer_id: str, start: datetime, end: d
             http_requests=int(row["http_requests"]),
             http_bytes=int(row["http_bytes"]),
             postgres_size_mb=row["postgres_size_mb"],
+            device_hours=device_hours(Decimal(row["device_seconds"])),
         )
         for row in rows
     ]
@@ -304,6 +311,8 @@ SELECT r.customer_id,
        sum(r.http_requests) AS http_requests,
        (array_agg(r.postgres_size_mb ORDER BY r.period_end DESC))[1] AS postgres_size_mb,
        max(r.reported_at) AS last_report_at,
+       sum(r.active_devices::numeric * floor(extract(epoch FROM r.period_end - r.period_start)))
+           AS device_seconds,
        c.company_name, c.plan AS mirror_plan
 FROM usage_reports r LEFT JOIN customers c ON c.customer_id = r.customer_id
 WHERE r.period_start >= $1 AND r.period_start < $2 AND ($3::varchar IS NULL OR r.customer_id = $3)
@@ -334,6 +343,7 @@ class CustomerSummary:
     last_report_at: datetime
     company_name: str | None
     mirror_plan: str | None
+    device_hours: Decimal = Decimal(0)
 
 
 async def customer_summaries(
@@ -351,6 +361,7 @@ async def customer_summaries(
             last_report_at=row["last_report_at"],
             company_name=row["company_name"],
             mirror_plan=row["mirror_plan"],
+            device_hours=device_hours(Decimal(row["device_seconds"])),
         )
         for row in rows
     ]

@@ -447,6 +447,9 @@ class UsageDay(Response):
     http_requests: int
     http_bytes: int = Field(description="Sent and received.")
     postgres_size_mb: str | None = Field(description="The last size reported that day (a decimal string).")
+    device_hours: str = Field(
+        description="Active devices times the hours of each report starting that day (a decimal string)."
+    )
 
 
 class IncludedUsageView(Response):
@@ -465,6 +468,9 @@ class PeriodTotalsView(Response):
     api_calls: int
     storage_gb_months: str = Field(description="A decimal, as a string.")
     reports: int
+    device_hours: str = Field(
+        description="Active devices times hours over the period's reports (a decimal string)."
+    )
 
 
 class OverageLineView(Response):

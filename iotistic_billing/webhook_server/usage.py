@@ -140,6 +140,7 @@ def daily_views(days: list[date], rows: list[DailyUsage]) -> list[UsageDay]:
                 postgres_size_mb=str(row.postgres_size_mb)
                 if row and row.postgres_size_mb is not None
                 else None,
+                device_hours=str(row.device_hours) if row else "0.000",
             )
         )
     return views
@@ -165,6 +166,7 @@ def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriod
             api_calls=totals.api_calls,
             storage_gb_months=str(totals.storage_gb_months),
             reports=totals.reports,
+            device_hours=str(totals.device_hours),
         ),
         overage=OverageView.model_validate(overage_json(bill)),
         within_limits=not over,

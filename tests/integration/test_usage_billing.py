@@ -620,6 +620,8 @@ async def test_the_usage_viewer_prints_days_and_customers(
         "REPORTS",
         "PEAK",
         "DEVICES",
+        "DEVICE",
+        "HOURS",
         "MQTT",
         "MESSAGES",
         "MQTT",
@@ -631,7 +633,8 @@ async def test_the_usage_viewer_prints_days_and_customers(
         "DATABASE",
         "MB",
     ]
-    assert lines[3].split() == ["2025-04-15", "1", "13", "30", "5.0", "1,500", "0.0", "125.500"]
+    # 13 devices for 6 hours: 78 device-hours.
+    assert lines[3].split() == ["2025-04-15", "1", "13", "78.000", "30", "5.0", "1,500", "0.0", "125.500"]
     assert lines[4].split()[:3] == ["2025-04-16", "1", "7"]
     assert (
         "Billing period 2025-04-01 .. 2025-05-01, plan trial (calendar month, computed now)" in shown.stdout
@@ -645,6 +648,7 @@ async def test_the_usage_viewer_prints_days_and_customers(
     )
     assert everyone.returncode == 0, everyone.stderr
     row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
+    assert row["deviceHours"] == "120.000"  # 13 x 6 h + 7 x 6 h
     assert (row["reports"], row["peakDevices"], row["apiCalls"], row["periodOverage"]) == (
         "2",
         13,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -322,6 +325,7 @@ async def test_usage_history_lists_reports_days_and_the_billing_period(
             "http_requests": 0,
             "http_bytes": 0,
             "postgres_size_mb": None,
+            "device_hours": "0.000",
         }
     )
     period = history["billing_period"]
@@ -455,3 +459,41 @@ async def test_device_usage_crossing_80_then_100_percent_notices_twice_and_repla
         await post(usage_api, {"reports": first + second}, headers)
         await usage.flush()
     assert [threshold for threshold, _ in await kinds()] == ["80%", "100%", "9"]
+
+
+async def test_device_hours_are_active_devices_times_hours_in_the_api_and_the_cli(
+    usage_api: TestClient[Any, Any], tenant: tuple[str, str], db_engine: AsyncEngine, database_url: str
+) -> None:
+    _, customer_id = tenant
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    reports = [
+        report(customer_id, "dh-1", start=NOW - timedelta(hours=4), hours=1, active_devices=5),
+        report(customer_id, "dh-2", start=NOW - timedelta(hours=3), hours=2, active_devices=8),
+    ]
+    assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+    response = await usage_api.get(f"/api/usage/{customer_id}?days=1", headers=admin_headers())
+    history = await response.json()
+    assert [day["device_hours"] for day in history["daily"]] == ["21.000"]  # 5 x 1 h + 8 x 2 h
+    assert history["billing_period"]["totals"]["device_hours"] == "21.000"
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "iotistic_billing.cli",
+            "usage",
+            "--customer",
+            customer_id,
+            "--days",
+            "1",
+            "--until",
+            NOW.date().isoformat(),
+            "-o",
+            "json",
+        ],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [day["deviceHours"] for day in json.loads(listed.stdout)["days"]] == ["21.000"]

@@ -425,3 +425,50 @@ async def test_a_failed_then_paid_renewal_and_a_cancellation_notice_once_each(
         ).all()
     assert [kind for kind, _ in rows] == ["payment.failed", "payment.recovered", "subscription.canceled"]
     assert rows[0][1]["invoice_id"] == invoice["id"] and rows[0][1]["restricted_at"].endswith("Z")
+
+
+async def test_an_older_live_subscription_never_takes_the_customer_back_from_the_newest(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: A's cancel-at-period-end after a checkout of B put A back on the Customer."""
+    name, customer_id = stripe_customer(customers)
+    stripe_customer_id = random_id("cus_")
+    now = int(time.time())
+    older, newer = random_id("sub_"), random_id("sub_")
+
+    def subscription(subscription_id: str, started: int, price: str, **extra: Any) -> dict[str, Any]:
+        return {
+            **subscription_object(
+                subscription_id,
+                customer=stripe_customer_id,
+                price=price,
+                metadata={"customerId": customer_id},
+                **extra,
+            ),
+            "created": started,
+        }
+
+    a = subscription(older, now - 86400, PRICES["starter"])
+    b = subscription(newer, now - 60, PRICES["professional"])
+    assert (await deliver(api, event("customer.subscription.created", a, created=now - 86400)))[1][
+        "result"
+    ] == "applied"
+    assert (await deliver(api, event("customer.subscription.created", b, created=now - 60)))[1][
+        "result"
+    ] == "applied"
+    late_a = {**a, "cancel_at_period_end": True}
+    status, answer = await deliver(api, event("customer.subscription.updated", late_a, created=now))
+    assert (status, answer["result"]) == (200, "superseded")
+    held = customers.subscription(name) or {}
+    assert (held["stripeSubscriptionId"], held["plan"]) == (newer, "professional")
+    async with db_engine.connect() as connection:
+        rows = dict(
+            (
+                await connection.execute(
+                    select(Subscription.stripe_subscription_id, Subscription.cancel_at_period_end).where(
+                        Subscription.customer_id == customer_id
+                    )
+                )
+            ).all()
+        )
+    assert rows == {older: True, newer: False}  # A's news recorded, not applied

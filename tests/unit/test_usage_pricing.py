@@ -61,6 +61,7 @@ def test_roll_up_sums_counters_takes_peak_devices_and_averages_storage() -> None
         api_calls=1000,
         storage_gb_months=Decimal(6),
         reports=2,
+        device_hours=Decimal(8 * 360 + 12 * 360),  # active devices times each report's hours
     )
 
 

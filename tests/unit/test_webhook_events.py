@@ -259,3 +259,36 @@ def test_price_catalog_from_settings_leaves_unset_prices_out() -> None:
     )
     assert catalog.prices == {"starter": "price_a"}
     assert catalog.plan_for("price_a") == "starter" and catalog.plan_for(None) is None
+
+
+def test_two_events_of_one_second_apply_in_the_lifecycle_s_order_whatever_comes_first() -> None:
+    applied = current(status="active", last_event_created=100)
+    failed = decide(applied, 100, SubscriptionFacts("sub_1", "past_due"), 100)
+    assert failed.action == "apply"  # later in the lifecycle: it wins the second
+    assert failed.subscription is not None
+    back = decide(
+        failed.subscription, 100, SubscriptionFacts("sub_1", "active"), 100, stored_status="past_due"
+    )
+    assert back.action == "stale"  # the same pair the other way round ends the same
+    # Only the row knows the second's state (the Customer was written by another subscription):
+    assert (
+        decide(None, 100, SubscriptionFacts("sub_1", "active"), 100, stored_status="canceled").action
+        == "stale"
+    )
+
+
+def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -> None:
+    newer = current(stripe_subscription_id="sub_new", status="active", last_event_created=100)
+    older_event = SubscriptionFacts("sub_old", "active", cancel_at_period_end=True, started=10)
+    decision = decide(newer, 90, older_event, 200, current_started=50)
+    assert (decision.action, decision.record_row) == ("superseded", True)
+    # A subscription newer than the Customer's takes over; unknown start times decide as before.
+    assert (
+        decide(
+            newer, None, SubscriptionFacts("sub_next", "active", started=60), 200, current_started=50
+        ).action
+        == "apply"
+    )
+    assert (
+        decide(newer, None, SubscriptionFacts("sub_x", "active"), 200, current_started=50).action == "apply"
+    )
