@@ -45,11 +45,17 @@ integration: venv tools
 	$(VENV)/bin/pytest tests/integration -q
 
 # One pytest run for every layer, so the control plane and PostgreSQL start once per session.
-test: venv tools tools-e2e lint
+test: venv tools tools-e2e tools-browser lint
 	$(VENV)/bin/pytest -q
 
-dev: venv tools
+# The simulated cluster's parts too: the sample Customers roll out and turn Ready.
+dev: venv tools tools-e2e
 	$(PY) -m iotistic_billing.devenv
+
+# Debian's Chromium for the admin console's browser tests (apt-get, only when it is missing).
+.PHONY: tools-browser
+tools-browser:
+	tools/build.sh chromium
 
 # End-to-end on a simulated full cluster: kube-controller-manager, kube-scheduler and kwok's fake nodes
 # next to the local control plane, so instances really roll out. `make test` runs it too.

@@ -27,6 +27,10 @@ SINGULAR = "customer"
 SHORT_NAMES = ("cust",)
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
+# Set by the admin console (or a person) to ask for a pass now, as Flux's reconcile.fluxcd.io/requestedAt;
+# a Stalled Customer is tried again too. Not under the operator's own `iotistic.io/` prefix: Kopf leaves
+# the annotations of its storage prefix out of what it compares, so a change there would start no handler.
+RECONCILE_REQUESTED_AT = "reconcile.iotistic.io/requested-at"
 # A Customer's namespace is this prefix and its name.
 NAMESPACE_PREFIX = "customer-"
 
@@ -282,6 +286,8 @@ class CustomerStatus(CustomerModel):
     phase: Phase | None = None
     plan: EffectivePlanName | None = None
     observed_generation: NonNegativeInt | None = None
+    # The RECONCILE_REQUESTED_AT value the last pass answered (Flux's lastHandledReconcileAt).
+    last_handled_reconcile_at: Annotated[str, Field(max_length=64)] | None = None
     trial: TrialStatus | None = None
     license: LicenseStatus | None = None
     release: ReleaseStatus | None = None

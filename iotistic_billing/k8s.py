@@ -13,6 +13,7 @@ import base64
 import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, ParamSpec, TypeVar
@@ -40,6 +41,7 @@ class FieldManager(StrEnum):
     STRIPE = "iotistic-webhooks"  # spec.subscription, by server-side apply
     USAGE = "iotistic-usage"  # status.usage and the WithinLimits condition
     CLI = "iotistic-billing-cli"  # `iotistic-billing customer`
+    CONSOLE = "iotistic-console"  # the admin console's actions: a suspension, a reconcile request
 
 
 class KubernetesUnavailable(Exception):
@@ -264,6 +266,54 @@ class KubeApi:
             revisions[int(labels.get("version", 0))] = labels.get("status", "")
         return revisions
 
+    def list_customer_events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The Events about Customer `name` (Kopf posts those of cluster-scoped objects in `default`),
+        newest first."""
+        result = self.call(
+            self.core.list_event_for_all_namespaces,
+            field_selector=f"involvedObject.kind={KIND},involvedObject.name={name}",
+            limit=limit,
+        )
+        items: list[dict[str, Any]] = result.get("items") or []
+
+        def when(event: dict[str, Any]) -> str:
+            return str(
+                event.get("lastTimestamp")
+                or event.get("eventTime")
+                or event["metadata"].get("creationTimestamp")
+                or ""
+            )
+
+        return sorted(items, key=when, reverse=True)
+
+    def create_customer_event(
+        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        """An Event on a Customer, where `kubectl describe` and the console find it."""
+        meta = customer["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": "default"},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
+            "source": {"component": str(self.field_manager)},
+            "reportingComponent": str(self.field_manager),
+            "reportingInstance": str(self.field_manager),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.call(self.core.create_namespaced_event, "default", body, parse=False)
+
     def server_version(self) -> dict[str, Any]:
         found: dict[str, Any] = self.call(self.versions.get_code)
         return found
@@ -335,6 +385,16 @@ class Kube:
 
     async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
         return await self.run(self.api.helm_release_revisions, namespace, release)
+
+    async def list_customer_events(self, name: str) -> list[dict[str, Any]]:
+        return await self.run(self.api.list_customer_events, name)
+
+    async def create_customer_event(
+        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        await self.run(
+            self.api.create_customer_event, customer, reason=reason, message=message, event_type=event_type
+        )
 
     async def server_version(self) -> dict[str, Any]:
         return await self.run(self.api.server_version)

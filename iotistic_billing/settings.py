@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
     admin_api_token: SecretStr | None = None
+    # The admin console's second role: signed in with it, a person may look but not act.
+    admin_viewer_token: SecretStr | None = None
 
     # The operator: liveness endpoint port, Kopf peering name ("" runs standalone) and priority.
     operator_liveness_port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -99,7 +101,7 @@ class Settings(BaseSettings):
     # A delivery that failed this many times is dead (the admin API sends it again on request).
     notify_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
 
-    @field_validator("admin_api_token")
+    @field_validator("admin_api_token", "admin_viewer_token")
     @classmethod
     def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
@@ -148,6 +150,13 @@ class Settings(BaseSettings):
         if value is not None:
             webhook_secret_bytes(value.get_secret_value())
         return value
+
+    @model_validator(mode="after")
+    def _viewer_is_not_admin(self) -> Settings:
+        admin, viewer = self.admin_api_token, self.admin_viewer_token
+        if admin is not None and viewer is not None and admin.get_secret_value() == viewer.get_secret_value():
+            raise ValueError("ADMIN_VIEWER_TOKEN: must differ from ADMIN_API_TOKEN (the viewer may not act)")
+        return self
 
     @model_validator(mode="after")
     def _platform_webhook_is_signed(self) -> Settings:

@@ -114,6 +114,8 @@ class UsageReport(Base):
     __table_args__ = (
         UniqueConstraint("customer_id", "instance_id", "report_id", name="uq_usage_reports_report"),
         Index("ix_usage_reports_customer_period", "customer_id", "period_start"),
+        # The console's overview counts the last hour's reports: without it, a scan of every report.
+        Index("ix_usage_reports_reported_at", "reported_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -249,6 +251,20 @@ class NoticeDelivery(Base):
     sent_at: Mapped[datetime | None]
 
 
+class ConsoleAction(Base):
+    """Who did what, when, in the admin console (each also an Event on its Customer)."""
+
+    __tablename__ = "console_actions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    role: Mapped[str] = mapped_column(String(10))
+    action: Mapped[str] = mapped_column(String(40))
+    customer_name: Mapped[str | None] = mapped_column(String(63), index=True)
+    target: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[str] = mapped_column(Text)
+
+
 class ApiKey(Base):
     """Instance usage keys, stored as SHA-256 hashes only."""
 
@@ -268,6 +284,7 @@ __all__ = [
     "LICENSE_ACTIONS",
     "ApiKey",
     "Base",
+    "ConsoleAction",
     "Customer",
     "LicenseHistory",
     "Notice",

@@ -1,8 +1,10 @@
-"""`make dev`: PostgreSQL, a local control plane, stripe-mock, Mailpit, the CRDs, then `ready`; Ctrl-C stops
-it all.
+"""`make dev`: PostgreSQL, a simulated cluster, stripe-mock, Mailpit, the CRDs, the operator and the webhook
+server, the samples, then `ready`; Ctrl-C stops it all.
 
-Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so a second run starts
-again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI.
+The cluster is the end-to-end tests' simulated one (iotistic_billing.devenv.simulated: the local control
+plane plus kube-controller-manager, kube-scheduler and kwok's fake nodes), so the sample Customers' instances
+really roll out and turn Ready. Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so
+a second run starts again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from types import FrameType
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
+from iotistic_billing.devenv.controlplane import REPO_BIN, MissingBinaryError, find_binary
 from iotistic_billing.devenv.mailpit import Mailpit
+from iotistic_billing.devenv.simulated import SimulatedCluster
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
 from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
@@ -41,6 +44,14 @@ def _kept_secret(path: Path, make: str) -> str:
         path.write_text(make)
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _shown(path: Path) -> Path:
+    """A path as a person in the repository types it (`.dev/env`), else in full."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
@@ -79,13 +90,20 @@ class DevEnvironment:
             kubeconfig.write_bytes(source.read_bytes())
             print(f"cluster       existing, from {source}", flush=True)
         else:
-            plane = ControlPlane(self.state / "control-plane", etcd_data=self.state / "etcd").start()
-            self._stop_later("control plane", plane)
-            kubeconfig.write_bytes(plane.kubeconfig.read_bytes())
+            # The end-to-end tests' simulated cluster, where the samples' instances roll out: its
+            # parts' folders and logs under the state folder (.dev/kwok.log, ...), etcd's data in .dev/etcd.
+            cluster = SimulatedCluster(self.state, etcd_data=self.state / "etcd").start()
+            self._stop_later("cluster", cluster)
+            kubeconfig.write_bytes(cluster.kubeconfig.read_bytes())
             kubeconfig.chmod(0o600)
             # helm's and kubectl's discovery cache of this control plane, not one more in ~/.kube/cache.
             env["KUBECACHEDIR"] = str(self.state / "kube-cache")
+            plane = cluster.plane
             print(f"control plane {plane.url} (Kubernetes {plane.version()})", flush=True)
+            print(
+                f"nodes         {', '.join(cluster.node_names)} (kwok: Pods turn Ready, no container runs)",
+                flush=True,
+            )
         env["KUBECONFIG"] = str(kubeconfig)
 
         try:
@@ -113,6 +131,12 @@ class DevEnvironment:
         env["LICENSE_PUBLIC_KEY_PATH"] = str(keys / "public-key.pem")
         env["HELM_CHART_PATH"] = str(REPO / "charts" / "customer-instance")
         env["ADMIN_API_TOKEN"] = _kept_secret(self.state / "admin-token", secrets.token_hex(32))
+        # The admin console's read-only sign-in: its own kept secret, never the admin token.
+        env["ADMIN_VIEWER_TOKEN"] = _kept_secret(self.state / "viewer-token", secrets.token_hex(32))
+        if env["ADMIN_VIEWER_TOKEN"] == env["ADMIN_API_TOKEN"]:
+            raise SystemExit(
+                f"{self.state / 'viewer-token'} holds the admin token; delete it to get a new one"
+            )
         env["STRIPE_WEBHOOK_SECRET"] = _kept_secret(
             self.state / "webhook-secret", "whsec_" + secrets.token_hex(24)
         )
@@ -138,6 +162,11 @@ class DevEnvironment:
             env,
             {"PORT": str(self.port), "STRIPE_INBOX_PORT": str(free_port())},
             health="PORT",
+        )
+        print(
+            f"console       {env['BILLING_URL']}/admin/ (sign in with ADMIN_API_TOKEN, or ADMIN_VIEWER_TOKEN"
+            f" to look only: source {_shown(self.state / 'env')})",
+            flush=True,
         )
         self._apply(kubeconfig, env, REPO / "manifests" / "samples")
         samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
 from iotistic_billing.k8s import api_client
@@ -68,12 +69,17 @@ def _kwok_stages(kwok: Path) -> Path:
 
 
 class SimulatedCluster:
-    """ControlPlane + kube-controller-manager + kube-scheduler + kwok with `nodes` fake Nodes."""
+    """ControlPlane + kube-controller-manager + kube-scheduler + kwok with `nodes` fake Nodes.
 
-    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+    `etcd_data` keeps etcd's data elsewhere than in `workdir/control-plane/etcd` (ControlPlane's
+    default): the dev environment's `.dev/etcd`, so a second start finds the cluster it left, fake Nodes
+    included (their creation accepts that they exist).
+    """
+
+    def __init__(self, workdir: Path, nodes: int = 3, etcd_data: Path | None = None) -> None:
         self.workdir = workdir.resolve()
         self.node_names = [f"kwok-node-{index}" for index in range(nodes)]
-        self.plane = ControlPlane(self.workdir / "control-plane")
+        self.plane = ControlPlane(self.workdir / "control-plane", etcd_data=etcd_data)
         self.processes: list[ManagedProcess] = []
 
     @property
@@ -140,6 +146,10 @@ class SimulatedCluster:
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
             "--cidr=10.244.0.1/16",
             f"--server-address=127.0.0.1:{port}",
+            # The stages' heartbeat expects Leases: without them the controller-manager marks every Node
+            # (and so every Pod) NotReady after its grace period, and `make dev`'s instances fell from
+            # Ready to Degraded 50 s after they rolled out.
+            "--node-lease-duration-seconds=40",
         ]
 
     def _start_serving(
@@ -175,7 +185,12 @@ class SimulatedCluster:
             # Any: the client's stubs want V1Node objects where the API takes the plain dict.
             core: Any = kubernetes.client.CoreV1Api(client)
             for index, name in enumerate(self.node_names):
-                core.create_node(fake_node(name, ip=f"10.240.0.{index + 1}"))
+                try:
+                    core.create_node(fake_node(name, ip=f"10.240.0.{index + 1}"))
+                except ApiException as error:
+                    # Kept from an earlier start on the same etcd data: kwok takes it over as it is.
+                    if error.status != 409:
+                        raise
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 self._check_running()

@@ -13,6 +13,7 @@ import kopf
 from iotistic_billing.customer import (
     GROUP,
     PLURAL,
+    RECONCILE_REQUESTED_AT,
     VERSION,
     ConditionType,
     Customer,
@@ -84,6 +85,16 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
 @kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
 async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     _report(await reconcile(_context(memo), name), body, retry)
+
+
+@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
+async def reconcile_requested(
+    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, new: Any, **_: Any
+) -> None:
+    """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
+    Customer, whose spec handler Kopf does not retry until the spec changes."""
+    if new:
+        _report(await reconcile(_context(memo), name), body, retry)
 
 
 @kopf.on.delete(*CUSTOMERS)

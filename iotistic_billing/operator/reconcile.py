@@ -35,7 +35,13 @@ from iotistic_billing.operator.manifests import namespace_manifest
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILES
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
-from iotistic_billing.operator.state import invalid_spec_status, next_status, over_current, pass_target
+from iotistic_billing.operator.state import (
+    answered_request,
+    invalid_spec_status,
+    next_status,
+    over_current,
+    pass_target,
+)
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 
 log = logging.getLogger(__name__)
@@ -137,6 +143,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         spec = parse_spec(body.get("spec") or {})
     except InvalidSpecError as invalid:
         status = invalid_spec_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
+        status = answered_request(status, meta.get("annotations") or {})
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
     customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
     target = pass_target(
@@ -165,7 +172,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
                 outcome, health=instance_health(deployments, spec.instance.enabled and not spec.suspended)
             )
 
-    status = next_status(previous, target, outcome, generation)
+    status = answered_request(
+        next_status(previous, target, outcome, generation), meta.get("annotations") or {}
+    )
     if outcome.stalled_reason is not None:
         result = await _finish(ctx, body, previous, status, permanent=outcome.failure)
     else:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from iotistic_billing.customer import (
+    RECONCILE_REQUESTED_AT,
     Condition,
     ConditionType,
     Customer,
@@ -171,6 +172,15 @@ def invalid_spec_status(
     )
 
 
+def answered_request(status: CustomerStatus, annotations: Mapping[str, str]) -> CustomerStatus:
+    """The status with the reconcile request this pass answered (RECONCILE_REQUESTED_AT), so the
+    person who asked sees that it ran, even when nothing else changed."""
+    requested = annotations.get(RECONCILE_REQUESTED_AT)
+    if not requested or requested == status.last_handled_reconcile_at:
+        return status
+    return status.model_copy(update={"last_handled_reconcile_at": requested[:64]})
+
+
 # What other writers keep in a Customer's status: usage metering's status.usage and its condition.
 FOREIGN_CONDITIONS = frozenset({ConditionType.WITHIN_LIMITS})
 
@@ -224,6 +234,7 @@ def housekeeping_due(
 __all__ = [
     "FOREIGN_CONDITIONS",
     "PassTarget",
+    "answered_request",
     "housekeeping_due",
     "instance_domain",
     "invalid_spec_status",

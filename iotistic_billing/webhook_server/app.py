@@ -27,6 +27,8 @@ from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import open_pool
+from iotistic_billing.webhook_server.console.pages import console_guard
+from iotistic_billing.webhook_server.console.pages import register as register_console
 from iotistic_billing.webhook_server.context import (
     ADDRESS_LIMITER,
     CATALOG,
@@ -116,7 +118,7 @@ def create_app(
     metrics = Metrics()
     app = web.Application(
         client_max_size=options.client_max_size,
-        middlewares=[metrics.middleware(), error_middleware, access_middleware],
+        middlewares=[metrics.middleware(), error_middleware, access_middleware, console_guard],
     )
     app[SETTINGS] = settings
     app[OPTIONS] = options
@@ -141,6 +143,8 @@ def create_app(
         # `GET /api/subscriptions/{customerId}`, and other methods got an Allow of both paths' methods.
         resource.add_route(hdrs.METH_ANY, method_not_allowed(allowed))
     app[ROUTE_ENTRIES] = entries
+    if not options.probes_only:
+        register_console(app, settings)
     app[OPENAPI] = build_document(served)
     app.on_response_prepare.append(add_security_headers)
 

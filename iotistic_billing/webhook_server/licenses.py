@@ -12,6 +12,7 @@ import logging
 
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME
 from iotistic_billing.db.license_history import license_history, record_license
@@ -114,42 +115,52 @@ async def revoke_license(request: web.Request) -> web.Response:
     body = await read_body(request, RevokeRequest)
     async with request.app[SESSIONS]() as session, session.begin():
         record = await request.app[DIRECTORY].existing(session, customer_id)
-        token = await license_token(request.app[KUBE], record.namespace)
-        if token is None:
-            raise Conflict(
-                "No licence to revoke",
-                f"the operator has not issued a licence for {customer_id} yet",
-                {"customer_id": customer_id},
-            )
-        try:
-            revoked = LicenseRecord.from_token(token)
-        except MintingError:
-            raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
-        try:
-            await record_license(session, revoked, "revoked", {"reason": body.reason, "by": "admin"})
-        except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
-            raise ValidationFailed.single("reason", str(refused)) from None
-        notice = license_changed(
-            NoticeKind.LICENSE_REVOKED,
-            customer_id=customer_id,
-            customer_name=record.name,
-            company=record.customer.spec.company_name,
-            jti=revoked.jti,
-            plan=revoked.plan,
-            reason=body.reason,
-        )
-        await request.app[OUTBOX].enqueue(session, notice, record.customer.spec)
-        # Before the commit: if the patch fails, the history row is rolled back with it.
-        try:
-            await request.app[KUBE].patch_customer(record.name, {"spec": {"suspended": True}})
-        except ApiException as error:
-            if error.status == 404:
-                raise customer_not_found(customer_id) from None
-            raise
-    log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
+        revoked = await revoke_and_suspend(request.app, session, record, body.reason, by="admin")
     return json_model(
         RevokeResponse(customer_id=customer_id, revoked_jti=revoked.jti, reason=body.reason, suspended=True)
     )
+
+
+async def revoke_and_suspend(
+    app: web.Application, session: AsyncSession, record: CustomerRecord, reason: str, by: str
+) -> LicenseRecord:
+    """A `revoked` row and its notice for the licence in force, and spec.suspended: true, in `session`'s
+    transaction (the admin API's revoke route and the console's action)."""
+    customer_id = record.customer_id
+    token = await license_token(app[KUBE], record.namespace)
+    if token is None:
+        raise Conflict(
+            "No licence to revoke",
+            f"the operator has not issued a licence for {customer_id} yet",
+            {"customer_id": customer_id},
+        )
+    try:
+        revoked = LicenseRecord.from_token(token)
+    except MintingError:
+        raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
+    try:
+        await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
+    except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
+        raise ValidationFailed.single("reason", str(refused)) from None
+    notice = license_changed(
+        NoticeKind.LICENSE_REVOKED,
+        customer_id=customer_id,
+        customer_name=record.name,
+        company=record.customer.spec.company_name,
+        jti=revoked.jti,
+        plan=revoked.plan,
+        reason=reason,
+    )
+    await app[OUTBOX].enqueue(session, notice, record.customer.spec)
+    # Before the commit: if the patch fails, the history row is rolled back with it.
+    try:
+        await app[KUBE].patch_customer(record.name, {"spec": {"suspended": True}})
+    except ApiException as error:
+        if error.status == 404:
+            raise customer_not_found(customer_id) from None
+        raise
+    log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
+    return revoked
 
 
 async def get_public_key(request: web.Request) -> web.Response:

@@ -210,20 +210,23 @@ def client_address(
     address ends the walk at the peer; so does a chain of trusted proxies only. Without trusted proxies
     the header is ignored."""
 
-    def is_trusted(address: IPv4Address | IPv6Address | None) -> bool:
-        return address is not None and any(address in network for network in trusted)
-
-    peer_address = _hop_address(peer) if peer else None
-    if peer is None or not is_trusted(peer_address):
+    if peer is None or not is_trusted_proxy(peer, trusted):
         return peer or "unknown"
     hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
     for hop in reversed(hops):
         address = _hop_address(hop)
         if address is None:
             return peer
-        if not is_trusted(address):
+        if not is_trusted_proxy(hop, trusted):
             return str(address)
     return peer
+
+
+def is_trusted_proxy(hop: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether an address (a peer, an X-Forwarded-For entry) is one of the trusted proxies: only their
+    X-Forwarded-* headers are believed."""
+    address = _hop_address(hop) if hop else None
+    return address is not None and any(address in network for network in trusted)
 
 
 class RateLimiter:
@@ -262,8 +265,20 @@ def throttled(retry_after: float, scope: str) -> TooManyRequests:
     )
 
 
+# The admin console's pages: this server's own script, styles and images, nothing inline, no other host.
+CONSOLE_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every answer, errors and aiohttp's own included."""
+    if request.path.startswith("/admin"):
+        response.headers.setdefault("Content-Security-Policy", CONSOLE_CSP)
+        # no-referrer makes a browser send `Origin: null` with a form's POST: the console's same-origin
+        # check needs its own origin there, and nothing leaves for another site either way.
+        response.headers.setdefault("Referrer-Policy", "same-origin")
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     response.headers.setdefault("Cache-Control", "no-store")
@@ -272,6 +287,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
 __all__ = [
     "ADMIN",
     "API_KEY_HEADER",
+    "CONSOLE_CSP",
     "SECURITY_HEADERS",
     "Principal",
     "RateLimiter",
@@ -281,6 +297,7 @@ __all__ = [
     "client_address",
     "instance_principal",
     "is_admin",
+    "is_trusted_proxy",
     "throttled",
     "usage_key_customer",
 ]

@@ -1,5 +1,6 @@
-"""`make dev`'s runner: prints `ready`, writes .dev/env and .dev/kubeconfig, stops everything on Ctrl-C,
-and starts again from the kept data."""
+"""`make dev`'s runner: prints `ready`, writes .dev/env and .dev/kubeconfig, runs a simulated cluster where
+the sample Customers roll out and turn Ready, stops everything on Ctrl-C, and starts again from the kept
+data."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ ENV_NAMES = {
     "KUBECONFIG",
     "DATABASE_URL",
     "ADMIN_API_TOKEN",
+    "ADMIN_VIEWER_TOKEN",
     "STRIPE_WEBHOOK_SECRET",
     "STRIPE_PRICE_STARTER",
     "STRIPE_PRICE_PROFESSIONAL",
@@ -95,19 +97,27 @@ def _stop(process: subprocess.Popen[str], burst: bool = False) -> None:
     assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
+SAMPLES = ("acme", "globex")
+
+
+def _phase(env: dict[str, str], name: str) -> str:
+    return _kubectl(env, "get", "cust", name, "-o", "jsonpath={.status.phase}").stdout
+
+
 class DevRun:
     """One `make dev` runner of this module: its state folder, started, stopped and started again."""
 
     def __init__(self, state: Path) -> None:
         self.state = state
         self.process: subprocess.Popen[str] | None = None
+        self.output: list[str] = []  # what the runner printed up to `ready`
 
     @property
     def env(self) -> dict[str, str]:
         return _read_env(self.state / "env")
 
     def start(self) -> DevRun:
-        self.process, _ = _start(self.state, free_port())
+        self.process, self.output = _start(self.state, free_port())
         return self
 
     def stop(self, burst: bool = False) -> None:
@@ -122,8 +132,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
     run = DevRun(tmp_path_factory.mktemp("devenv") / "dev").start()
     try:
         env = run.env
-        # The operator runs and reconciles the sample Customers of manifests/samples.
-        for sample in ("acme", "globex"):
+        # The operator runs and reconciles the sample Customers of manifests/samples, and their instances
+        # roll out on the simulated cluster's nodes: phase Ready.
+        for sample in SAMPLES:
             wait_until(
                 lambda name=sample: (
                     _kubectl(env, "get", "cust", name, "-o", "jsonpath={.status.release.revision}").stdout
@@ -131,6 +142,13 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevRun]:
                 ),
                 timeout=90,
                 message=f"sample Customer {sample} provisioned",
+            )
+        for sample in SAMPLES:
+            wait_until(
+                lambda name=sample: _phase(env, name) == "Ready",
+                timeout=180,
+                message=f"sample Customer {sample} Ready; operator log {run.state / 'operator.log'}",
+                interval=1,
             )
         yield run
     finally:
@@ -143,6 +161,27 @@ def test_dev_runner_ready_env_and_samples(dev: DevRun) -> None:
     assert Path(env["KUBECONFIG"]) == dev.state / "kubeconfig"
     assert Path(env["KUBECACHEDIR"]) == dev.state / "kube-cache"
     assert _kubectl(env, "get", "namespace", "default").returncode == 0
+    # The console's read-only sign-in is a secret of its own, and the runner says where to sign in.
+    assert env["ADMIN_VIEWER_TOKEN"] and env["ADMIN_VIEWER_TOKEN"] != env["ADMIN_API_TOKEN"]
+    console = [line for line in dev.output if line.startswith("console ")]
+    assert console and f"{env['BILLING_URL']}/admin/" in console[0], dev.output
+    assert "ADMIN_VIEWER_TOKEN" in console[0], console
+    # The samples are Ready because their Pods run on the simulated cluster's (kwok's) nodes.
+    for sample in SAMPLES:
+        ready = _kubectl(
+            env, "get", "cust", sample, "-o", 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+        )
+        assert ready.stdout == "True", (sample, ready.stdout, ready.stderr)
+        pods = _kubectl(
+            env, "get", "pods", "-n", f"customer-{sample}", "-o", "jsonpath={.items[*].spec.nodeName}"
+        )
+        assert pods.stdout and set(pods.stdout.split()) <= {"kwok-node-0", "kwok-node-1", "kwok-node-2"}, pods
+    # The nodes stay Ready past the controller-manager's grace period: kwok renews a Lease for each (without
+    # them every Node, and so every instance, went NotReady 50 s after the start).
+    leases = _kubectl(
+        env, "get", "leases", "-n", "kube-node-lease", "-o", "jsonpath={.items[*].metadata.name}"
+    )
+    assert set(leases.stdout.split()) >= {"kwok-node-0", "kwok-node-1", "kwok-node-2"}, leases
     # The webhook server answers on BILLING_URL with the admin token of .dev/env.
     request = urllib.request.Request(  # noqa: S310 - loopback
         env["BILLING_URL"] + "/api/queue/stats",
@@ -216,6 +255,13 @@ def _check_checkout(out: str) -> None:
     assert checkout["checkout_url"].startswith("https://"), checkout
 
 
+def _check_reconcile(out: str) -> None:
+    assert out.splitlines() == [
+        "customer.iotistic.io/acme annotated",
+        "customer.iotistic.io/acme condition met",
+    ], out
+
+
 def _check_cli(out: str) -> None:
     documents = _json_documents(out)
     assert any(isinstance(d, dict) and d.get("keys") for d in documents), out  # the JWKS
@@ -244,6 +290,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "queue-stats": _check_queue_stats,
     "signup": _check_signup,
     "checkout": _check_checkout,
+    "reconcile": _check_reconcile,
     "cli": _check_cli,
     "notices": _check_notices,
     "usage": _check_usage,
@@ -303,7 +350,14 @@ def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
     try:
         again = dev.env
         assert again["ADMIN_API_TOKEN"] == env["ADMIN_API_TOKEN"]
+        assert again["ADMIN_VIEWER_TOKEN"] == env["ADMIN_VIEWER_TOKEN"]
         kept = _kubectl(again, "get", "configmap", "kept-between-runs", "-o", "jsonpath={.data.a}")
         assert kept.stdout == "b", kept.stderr
+        # The kept fake Nodes were taken over (creating them again did not fail the start): the samples
+        # stay Ready.
+        nodes = _kubectl(again, "get", "nodes", "-l", "type=kwok", "-o", "name")
+        assert sorted(nodes.stdout.split()) == [f"node/kwok-node-{index}" for index in range(3)], nodes
+        for sample in SAMPLES:
+            wait_until(lambda name=sample: _phase(again, name) == "Ready", timeout=60, interval=1)
     finally:
         dev.stop(burst=True)

@@ -318,7 +318,8 @@ WEBHOOK_SERVER_REFUSED = [
     ("get", "secrets/iotistic-billing-database", NAMESPACE, None),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, None),
     ("impersonate", "users", None, None),
-    ("create", "events", "default", None),
+    ("delete", "events", "default", None),
+    ("patch", "events", "default", None),
 ]
 
 
@@ -394,6 +395,13 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
         written = (await kube.read_customer(name) or {})["metadata"]["managedFields"]
         managers = {entry["manager"] for entry in written}
         assert managers >= {"iotistic-billing-api", "iotistic-webhooks", "iotistic-usage"}, managers
+
+        # The console's: the Customer's Events, and an action told as one.
+        await kube.create_customer_event(
+            suspended, reason="ConsoleSuspend", message="suspended (by the admin)"
+        )
+        reasons = [event["reason"] for event in await kube.list_customer_events(name)]
+        assert "ConsoleSuspend" in reasons
 
         assert await kube.read_secret_data(namespace, LICENSE_SECRET_NAME) is None  # 404, not 403
         installed.core.create_namespace({"metadata": {"name": namespace}})

@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 WEBHOOK_SECRET = "whsec_test_" + "a1b2c3d4" * 4
 ADMIN_TOKEN = "admin-token-" + "0123456789abcdef" * 2
+VIEWER_TOKEN = "viewer-token-" + "fedcba9876543210" * 2
 PRICES = {
     "starter": "price_test_starter",
     "professional": "price_test_professional",
@@ -377,6 +378,7 @@ def make_settings(
         "license_private_key_path": private_key,
         "license_public_key_path": public_key,
         "admin_api_token": ADMIN_TOKEN,
+        "admin_viewer_token": VIEWER_TOKEN,
         "base_domain": "test.iotistic.example",
     }
     values.update(overrides)

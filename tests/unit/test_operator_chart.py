@@ -436,6 +436,8 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         # Usage metering's status.usage and WithinLimits (the Role once left it out: every flush of a
         # deployed server was a 403, seen when tests/integration/test_rbac.py made that call too).
         {"apiGroups": ["iotistic.io"], "resources": ["customers/status"], "verbs": ["patch"]},
+        # The console: the Events about a Customer, and its actions told as Events.
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
         {
             "apiGroups": [""],
             "resources": ["secrets"],

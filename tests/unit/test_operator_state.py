@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from iotistic_billing.customer import (
+    RECONCILE_REQUESTED_AT,
     Customer,
     CustomerSpec,
     CustomerStatus,
@@ -22,6 +23,7 @@ from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, Rele
 from iotistic_billing.operator.reconcile import merge_patch
 from iotistic_billing.operator.state import (
     PassTarget,
+    answered_request,
     housekeeping_due,
     invalid_spec_status,
     next_status,
@@ -421,3 +423,15 @@ def test_payment_overdue_says_the_step_for_stripe_billing_only() -> None:
     current = payment_condition(_entitlement("starter"), stripe_billed=True)
     assert current is not None and (current.status, current.reason) == (False, "PaymentsCurrent")
     assert payment_condition(overdue, stripe_billed=False) is None
+
+
+def test_a_requested_pass_says_which_request_it_answered() -> None:
+    stalled = invalid_spec_status(CustomerStatus(), 2, "InvalidSpec", "spec.plan: unknown", NOW)
+    asked = {RECONCILE_REQUESTED_AT: "2026-11-25T12:00:00Z"}
+    answered = answered_request(stalled, asked)
+    assert answered.last_handled_reconcile_at == "2026-11-25T12:00:00Z"
+    assert answered.to_k8s()["lastHandledReconcileAt"] == "2026-11-25T12:00:00Z"
+    assert answered_request(answered, asked) is answered
+    # Without a request the value stays what the last answered request left.
+    assert answered_request(answered, {}).last_handled_reconcile_at == "2026-11-25T12:00:00Z"
+    assert answered_request(stalled, {}).last_handled_reconcile_at is None

@@ -1,0 +1,268 @@
+"""What the console's pages show, read from the same places the JSON API reads (the Customers through
+the directory, PostgreSQL's records), and its audit of actions. No HTML here."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from iotistic_billing.customer import Phase
+from iotistic_billing.db import models
+from iotistic_billing.directory import CustomerRecord
+
+# The phases a person should look at first, and the condition that says why.
+FAILING_PHASES: Final = (Phase.FAILED, Phase.DEGRADED)
+# Field managers of people and of this system: any other manager of spec fields is a GitOps controller
+# (Flux's kustomize-controller and helm-controller, Argo CD's application controller, ...).
+OWN_MANAGERS: Final = frozenset(
+    {
+        "kubectl",
+        "kubectl-client-side-apply",
+        "kubectl-create",
+        "kubectl-edit",
+        "kubectl-patch",
+        "kubectl-label",
+        "kubectl-annotate",
+        "iotistic-console",
+        "iotistic-billing-api",
+        "iotistic-billing-cli",
+        "iotistic-webhooks",
+        "iotistic-operator",
+        "iotistic-usage",
+        "OpenAPI-Generator",
+    }
+)
+GITOPS_LABELS: Final = (
+    "kustomize.toolkit.fluxcd.io/name",
+    "helm.toolkit.fluxcd.io/name",
+    "argocd.argoproj.io/instance",
+)
+PAGE_SIZE: Final = 50
+
+
+@dataclass(frozen=True)
+class FailingCustomer:
+    name: str
+    phase: str
+    reason: str
+    message: str
+    since: datetime | None
+
+
+@dataclass(frozen=True)
+class InboxStats:
+    pending: int
+    retrying: int  # pending, with a failed try (the API server or the database was away)
+    unmatched: int
+    oldest_pending: datetime | None
+
+
+@dataclass(frozen=True)
+class Overview:
+    customers: int
+    phases: dict[str, int]
+    failing: list[FailingCustomer]
+    inbox: InboxStats
+    trials_ending: list[tuple[str, datetime]]
+    licences_expiring: list[tuple[str, datetime]]
+    reports_last_hour: int
+    customers_reporting: int
+    notices_pending: int
+    notices_dead: int
+
+
+def phase_of(record: CustomerRecord) -> str:
+    return str(record.customer.status.phase or Phase.PENDING)
+
+
+def failing(records: Iterable[CustomerRecord]) -> list[FailingCustomer]:
+    """Failed and Degraded Customers, and any Stalled one, longest first."""
+    found = []
+    for record in records:
+        status = record.customer.status
+        stalled = status.condition("Stalled")
+        is_stalled = stalled is not None and stalled.status == "True"
+        if not is_stalled and status.phase not in FAILING_PHASES:
+            continue
+        why = stalled if is_stalled else status.condition("Ready")
+        found.append(
+            FailingCustomer(
+                name=record.name,
+                phase=phase_of(record),
+                reason=why.reason if why else "",
+                message=why.message if why else "",
+                since=why.last_transition_time if why else None,
+            )
+        )
+    return sorted(found, key=lambda f: (f.since is None, f.since or datetime.max))
+
+
+async def inbox_stats(session: AsyncSession) -> InboxStats:
+    pending = models.StripeEvent.result == "pending"
+    row = (
+        await session.execute(
+            select(
+                func.count().filter(pending),
+                func.count().filter(pending & (models.StripeEvent.attempts > 0)),
+                func.count().filter(models.StripeEvent.result == "unmatched"),
+                func.min(models.StripeEvent.received_at).filter(pending),
+            )
+        )
+    ).one()
+    return InboxStats(int(row[0]), int(row[1]), int(row[2]), row[3])
+
+
+async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now: datetime) -> Overview:
+    soon = now + timedelta(days=7)
+    trials = sorted(
+        (ends, r.name)
+        for r in records
+        if (trial := r.customer.status.trial)
+        and trial.is_trial_mode
+        and (ends := trial.ends_at)
+        and now <= ends <= soon
+    )
+    licences = sorted(
+        (expires, r.name)
+        for r in records
+        if (licence := r.customer.status.license)
+        and (expires := licence.expires_at)
+        and now <= expires <= soon
+    )
+    reports = (
+        await session.execute(
+            select(func.count(), func.count(func.distinct(models.UsageReport.customer_id))).where(
+                models.UsageReport.reported_at > now - timedelta(hours=1)
+            )
+        )
+    ).one()
+    notices = dict(
+        (
+            await session.execute(
+                select(models.NoticeDelivery.status, func.count())
+                .where(models.NoticeDelivery.status.in_(("pending", "dead")))
+                .group_by(models.NoticeDelivery.status)
+            )
+        ).all()
+    )
+    return Overview(
+        customers=len(records),
+        phases=dict(Counter(phase_of(r) for r in records)),
+        failing=failing(records),
+        inbox=await inbox_stats(session),
+        trials_ending=[(name, ends) for ends, name in trials],
+        licences_expiring=[(name, expires) for expires, name in licences],
+        reports_last_hour=int(reports[0]),
+        customers_reporting=int(reports[1]),
+        notices_pending=int(notices.get("pending", 0)),
+        notices_dead=int(notices.get("dead", 0)),
+    )
+
+
+def matching(
+    records: Iterable[CustomerRecord], *, search: str = "", phase: str = "", plan: str = ""
+) -> list[CustomerRecord]:
+    """Customers whose name, email or customer id holds `search`, in a phase and on a plan; by name."""
+    needle = search.strip().lower()
+    found = []
+    for record in records:
+        spec = record.customer.spec
+        if needle and not any(
+            needle in text.lower() for text in (record.name, spec.email, record.customer_id)
+        ):
+            continue
+        if phase and phase_of(record) != phase:
+            continue
+        if plan and (record.customer.status.plan or spec.plan) != plan:
+            continue
+        found.append(record)
+    return sorted(found, key=lambda r: r.name)
+
+
+def gitops_manager(body: dict[str, Any]) -> str | None:
+    """The controller that owns the Customer's spec when Git does (Git would revert a spec action)."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    for label in GITOPS_LABELS:
+        if label in labels:
+            return f"{label}={labels[label]}"
+    for entry in meta.get("managedFields") or []:
+        manager = entry.get("manager", "")
+        owns_spec = "f:spec" in (entry.get("fieldsV1") or {})
+        if owns_spec and manager not in OWN_MANAGERS and not manager.startswith("kubectl"):
+            return str(manager)
+    return None
+
+
+async def stripe_events(
+    session: AsyncSession, *, result: str = "", event_type: str = "", customer_id: str = "", limit: int = 100
+) -> list[models.StripeEvent]:
+    query = select(models.StripeEvent).order_by(models.StripeEvent.received_at.desc()).limit(limit)
+    if result == "failed":
+        query = query.where(models.StripeEvent.result == "pending", models.StripeEvent.attempts > 0)
+    elif result:
+        query = query.where(models.StripeEvent.result == result)
+    if event_type:
+        query = query.where(models.StripeEvent.type == event_type)
+    if customer_id:
+        query = query.where(models.StripeEvent.customer_id == customer_id)
+    return list((await session.scalars(query)).all())
+
+
+async def event_types(session: AsyncSession) -> list[str]:
+    return list(
+        (
+            await session.scalars(
+                select(models.StripeEvent.type).distinct().order_by(models.StripeEvent.type)
+            )
+        ).all()
+    )
+
+
+async def audit(
+    session: AsyncSession, customer_name: str | None = None, limit: int = 50
+) -> list[models.ConsoleAction]:
+    query = select(models.ConsoleAction).order_by(models.ConsoleAction.id.desc()).limit(limit)
+    if customer_name is not None:
+        query = query.where(models.ConsoleAction.customer_name == customer_name)
+    return list((await session.scalars(query)).all())
+
+
+async def record_action(
+    session: AsyncSession,
+    *,
+    role: str,
+    action: str,
+    customer_name: str | None,
+    target: str | None,
+    detail: str,
+) -> None:
+    session.add(
+        models.ConsoleAction(
+            role=role, action=action, customer_name=customer_name, target=target, detail=detail
+        )
+    )
+
+
+__all__ = [
+    "PAGE_SIZE",
+    "FailingCustomer",
+    "InboxStats",
+    "Overview",
+    "audit",
+    "event_types",
+    "failing",
+    "gitops_manager",
+    "inbox_stats",
+    "matching",
+    "overview",
+    "phase_of",
+    "record_action",
+    "stripe_events",
+]

@@ -1,0 +1,526 @@
+"""The console's pages and actions, and the table that routes them with the role each needs: as the
+API's route table, a page cannot exist without its guard.
+
+Pages are GETs any signed-in person may see; actions are POSTs only the admin role may make, each with
+the session's CSRF token from the same origin, each recorded (who, what, when) and told to the Customer
+as a Kubernetes Event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Any, Final, Literal
+from urllib.parse import urlencode
+
+from aiohttp import web
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import func, select, update
+
+from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
+from iotistic_billing.db import models
+from iotistic_billing.db.license_history import license_history
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.errors import ApiError, Forbidden, NotFound
+from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
+from iotistic_billing.notices.log import recent_notices
+from iotistic_billing.settings import Settings
+from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
+from iotistic_billing.webhook_server.console import data
+from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
+from iotistic_billing.webhook_server.console.session import COOKIE, LIFETIME_SECONDS, ConsoleSession, Sessions
+from iotistic_billing.webhook_server.context import (
+    CLOCK,
+    DIRECTORY,
+    KEYRING,
+    KUBE,
+    OPTIONS,
+    SESSIONS,
+    SETTINGS,
+)
+from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
+from iotistic_billing.webhook_server.security import is_trusted_proxy
+from iotistic_billing.webhook_server.usage import usage_history
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Role = Literal["public", "viewer", "admin"]
+CSRF_FIELD: Final = "csrf"
+STATIC_FILES: Final = {
+    "console.css": "text/css",
+    "console.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
+}
+SESSION = web.RequestKey("console_session", ConsoleSession)
+TEMPLATES = web.AppKey("console_templates", Environment)
+SESSIONS_KEY = web.AppKey("console_sessions", Sessions)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A console route and who may reach it."""
+
+    method: str
+    path: str
+    handler: Handler
+    role: Role
+
+
+def templates() -> Environment:
+    environment = Environment(
+        loader=PackageLoader("iotistic_billing.webhook_server.console", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["epoch"] = epoch
+    environment.filters["pairs"] = pairs
+    return environment
+
+
+def epoch(seconds: Any) -> str:
+    """A JWT's NumericDate as a person reads it."""
+    if not isinstance(seconds, int | float):
+        return "" if seconds is None else str(seconds)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def pairs(value: Any) -> str:
+    """A claim that is an object as `key: value, ...` (not Python's repr)."""
+    if not isinstance(value, dict):
+        return "" if value is None else str(value)
+    return ", ".join(
+        f"{key}: {'yes' if item is True else 'no' if item is False else item}" for key, item in value.items()
+    )
+
+
+def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    session = request.get(SESSION)
+    fragment = request.query.get("fragment") == "1"
+    html = (
+        request.app[TEMPLATES]
+        .get_template(template)
+        .render(
+            session=session,
+            csrf=session.csrf if session else "",
+            fragment=fragment,
+            now=request.app[CLOCK](),
+            done=request.query.get("done", ""),
+            **context,
+        )
+    )
+    return web.Response(text=html, content_type="text/html", status=status)
+
+
+def see_other(location: str) -> web.Response:
+    """After a form, the page to show (303: the browser GETs it), as a response that keeps its cookies."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def ago(moment: datetime | None, now: datetime) -> str:
+    """`3 h 20 min`: how long ago, for a person."""
+    if moment is None:
+        return ""
+    seconds = max(0, int((now - moment).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min" if minutes else f"{seconds} s"
+
+
+# ----- signing in -----
+
+
+async def login_form(request: web.Request) -> web.Response:
+    """The sign-in page."""
+    return render(request, "login.html.j2", failed=False)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """A token opens a session: the admin token may act, the viewer token may look."""
+    sessions = request.app[SESSIONS_KEY]
+    if not sessions.configured:
+        raise ApiError("Console is not configured", "ADMIN_API_TOKEN is not set on this server", status=503)
+    form = await request.post()
+    session = sessions.sign_in(str(form.get("token", "")))
+    if session is None:
+        return render(request, "login.html.j2", status=401, failed=True)
+    response = see_other("/admin/")
+    response.set_cookie(
+        COOKIE,
+        sessions.seal(session),
+        max_age=LIFETIME_SECONDS,
+        path="/admin",
+        httponly=True,
+        samesite="Strict",
+        secure=_secure(request),
+    )
+    log.info("console: %s signed in from %s", session.role, request.remote)
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    """The session ends (its cookie is gone)."""
+    response = see_other("/admin/login")
+    response.del_cookie(COOKIE, path="/admin")
+    return response
+
+
+def _secure(request: web.Request) -> bool:
+    """Over TLS: directly, or as X-Forwarded-Proto says when a trusted proxy (TRUSTED_PROXIES) sent it."""
+    if request.secure:
+        return True
+    if not is_trusted_proxy(request.remote, request.app[OPTIONS].trusted_proxies):
+        return False
+    forwarded = request.headers.get("X-Forwarded-Proto", "")
+    return forwarded.rsplit(",", 1)[-1].strip() == "https"
+
+
+# ----- pages -----
+
+
+async def overview_page(request: web.Request) -> web.Response:
+    """Customers by phase, the failing ones first, the Stripe inbox, trials and licences ending soon."""
+    now = request.app[CLOCK]()
+    records = await request.app[DIRECTORY].all()
+    async with request.app[SESSIONS]() as session:
+        summary = await data.overview(records, session, now)
+    return render(
+        request, "overview.html.j2", overview=summary, phases=list(Phase), ago=lambda t: ago(t, now)
+    )
+
+
+async def customers_page(request: web.Request) -> web.Response:
+    """Every Customer, searched and filtered, a page at a time."""
+    query = request.query
+    search, phase, plan = query.get("q", ""), query.get("phase", ""), query.get("plan", "")
+    page = max(1, int(query["page"])) if query.get("page", "").isdigit() else 1
+    found = data.matching(await request.app[DIRECTORY].all(), search=search, phase=phase, plan=plan)
+    pages = max(1, -(-len(found) // data.PAGE_SIZE))
+    shown = found[(page - 1) * data.PAGE_SIZE : page * data.PAGE_SIZE]
+
+    def link(to: int) -> str:
+        return "?" + urlencode(
+            {k: v for k, v in (("q", search), ("phase", phase), ("plan", plan), ("page", to)) if v}
+        )
+
+    return render(
+        request,
+        "customers.html.j2",
+        customers=shown,
+        total=len(found),
+        page=page,
+        pages=pages,
+        link=link,
+        search=search,
+        phase=phase,
+        plan=plan,
+        phases=list(Phase),
+        plans=[*PLAN_NAMES, "unlicensed"],
+        phase_of=data.phase_of,
+    )
+
+
+async def _record(request: web.Request) -> CustomerRecord:
+    record = await request.app[DIRECTORY].by_name(request.match_info["name"])
+    if record is None:
+        raise NotFound("Customer not found", f"no Customer named {request.match_info['name']!r}")
+    return record
+
+
+def usage_charts(history: Any) -> list[str]:
+    """One SVG per metric: a day's value against the plan's quota (the period's so far, where the quota
+    is the period's)."""
+    days = history.daily
+    period = history.billing_period
+    since = period.period_start.date()
+    included = period.included
+
+    def quota(value: int, scale: float = 1.0) -> float | None:
+        return None if value == -1 else value * scale
+
+    def points(pick: Callable[[Any], float]) -> list[tuple[Any, float]]:
+        return [(day.date, pick(day)) for day in days]
+
+    traffic_mb = running_total(points(lambda d: (d.mqtt_bytes + d.http_bytes) / 1e6), since)
+    api_calls = running_total(points(lambda d: float(d.http_requests)), since)
+    series = [
+        Series(
+            "Peak active devices",
+            "devices",
+            points(lambda d: float(d.peak_active_devices)),
+            quota(included.devices),
+        ),
+        Series("Traffic this period", "MB", traffic_mb, quota(included.traffic_gb, 1000.0), cumulative=True),
+        Series("API calls this period", "calls", api_calls, quota(included.api_calls), cumulative=True),
+        Series(
+            "Database size",
+            "MB",
+            points(lambda d: float(d.postgres_size_mb or 0)),
+            quota(included.storage_gb, 1000.0),
+        ),
+        Series("Device-hours", "device-hours", points(lambda d: float(d.device_hours))),
+    ]
+    return [svg_chart(s) for s in series]
+
+
+def licence_claims(request: web.Request, token: str | None) -> dict[str, Any] | None:
+    """The licence's claims, decoded; never the JWT itself."""
+    if token is None:
+        return None
+    claims, verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
+    return {**claims, "_verified": verified}
+
+
+async def customer_page(request: web.Request) -> web.Response:
+    """One Customer: its spec, status, licence, history, subscription, Events, Stripe events, notices,
+    usage, and the actions."""
+    record = await _record(request)
+    now = request.app[CLOCK]()
+    kube = request.app[KUBE]
+    try:
+        events = await kube.list_customer_events(record.name)
+    except KubernetesUnavailable:
+        events = []
+    claims = licence_claims(request, await license_token(kube, record.namespace))
+    async with request.app[SESSIONS]() as session:
+        history = await license_history(session, record.customer_id, limit=20)
+        subscriptions = (
+            await session.scalars(
+                select(models.Subscription)
+                .where(models.Subscription.customer_id == record.customer_id)
+                .order_by(models.Subscription.updated_at.desc())
+            )
+        ).all()
+        stripe = await data.stripe_events(session, customer_id=record.customer_id, limit=20)
+        notices = await recent_notices(session, customer_id=record.customer_id, status=None, limit=20)
+        audit = await data.audit(session, record.name)
+    usage = await usage_history(request, record, 31, now)
+    return render(
+        request,
+        "customer.html.j2",
+        record=record,
+        spec=json.dumps(record.customer.spec.to_k8s(), indent=2, sort_keys=True),
+        conditions=record.customer.status.conditions or [],
+        claims=claims,
+        history=history.history,
+        subscriptions=subscriptions,
+        events=events,
+        stripe_events=stripe,
+        notices=notices,
+        audit=audit,
+        usage=usage,
+        charts=usage_charts(usage),
+        gitops=data.gitops_manager(record.body),
+        phase=data.phase_of(record),
+        ago=lambda t: ago(t, now),
+    )
+
+
+async def stripe_events_page(request: web.Request) -> web.Response:
+    """The Stripe inbox's log, filtered by result and type."""
+    result, event_type = request.query.get("result", ""), request.query.get("type", "")
+    async with request.app[SESSIONS]() as session:
+        rows = await data.stripe_events(session, result=result, event_type=event_type, limit=200)
+        types = await data.event_types(session)
+    return render(
+        request,
+        "stripe_events.html.j2",
+        events=rows,
+        result=result,
+        event_type=event_type,
+        types=types,
+        results=["pending", "failed", "applied", "unmatched", "stale", "superseded", "ignored"],
+    )
+
+
+async def stripe_event_page(request: web.Request) -> web.Response:
+    """One Stripe event: what it said (its payload) and what applying it did."""
+    async with request.app[SESSIONS]() as session:
+        row = await session.get(models.StripeEvent, request.match_info["event_id"])
+    if row is None:
+        raise NotFound("Stripe event not found", f"no Stripe event {request.match_info['event_id']!r}")
+    return render(
+        request,
+        "stripe_event.html.j2",
+        event=row,
+        payload=json.dumps(row.payload, indent=2, sort_keys=True) if row.payload else "",
+        replayable=replayable(row),
+    )
+
+
+async def static_file(request: web.Request) -> web.Response:
+    name = request.match_info["file"]
+    if name not in STATIC_FILES:
+        raise NotFound("Not found", f"no file {name}")
+    body = files("iotistic_billing.webhook_server.console").joinpath("static", name).read_bytes()
+    response = web.Response(body=body, content_type=STATIC_FILES[name])
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+# ----- actions -----
+
+
+def replayable(row: models.StripeEvent) -> bool:
+    """Unmatched (its Customer may exist now), or pending after failed tries (retried at once)."""
+    return row.result == "unmatched" or (row.result == PENDING and row.attempts > 0)
+
+
+async def _act(
+    request: web.Request, record: CustomerRecord | None, action: str, detail: str, target: str | None = None
+) -> None:
+    """The audit row, and the Event on the Customer."""
+    session = request[SESSION]
+    async with request.app[SESSIONS]() as db, db.begin():
+        await data.record_action(
+            db,
+            role=session.role,
+            action=action,
+            customer_name=record.name if record else None,
+            target=target,
+            detail=detail,
+        )
+    if record is not None:
+        try:
+            await request.app[KUBE].create_customer_event(
+                record.body,
+                reason=f"Console{action.title().replace('-', '')}",
+                message=f"{detail} (by the {session.role})",
+            )
+        except KubernetesUnavailable:
+            log.warning("console: the Event of %s on %s was not written", action, record.name)
+
+
+async def customer_action(request: web.Request) -> web.StreamResponse:
+    """Reconcile now, suspend, resume, revoke the licence."""
+    action = request.match_info["action"]
+    record = await _record(request)
+    kube = request.app[KUBE]
+    now = request.app[CLOCK]()
+    if action == "reconcile":
+        stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await kube.patch_customer(
+            record.name, {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}}, FieldManager.CONSOLE
+        )
+        detail = f"reconcile requested at {stamp}"
+    elif action in ("suspend", "resume"):
+        await kube.patch_customer(
+            record.name, {"spec": {"suspended": action == "suspend"}}, FieldManager.CONSOLE
+        )
+        detail = "suspended" if action == "suspend" else "suspension lifted"
+    elif action == "revoke":
+        async with request.app[SESSIONS]() as db, db.begin():
+            revoked = await revoke_and_suspend(
+                request.app, db, record, "revoked in the admin console", by="console"
+            )
+        detail = f"licence {revoked.jti} revoked, Customer suspended"
+    else:
+        raise NotFound("Not found", f"no action {action!r}")
+    await _act(request, record, action, detail)
+    return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": detail}))
+
+
+async def replay_event(request: web.Request) -> web.StreamResponse:
+    """An unmatched or failing Stripe event applied again, once: it goes back to the inbox."""
+    event_id = request.match_info["event_id"]
+    async with request.app[SESSIONS]() as session, session.begin():
+        row = await session.get(models.StripeEvent, event_id, with_for_update=True)
+        if row is None:
+            raise NotFound("Stripe event not found", f"no Stripe event {event_id!r}")
+        if not replayable(row):
+            raise ApiError(
+                "Not replayable",
+                f"event {event_id} is {row.result}: only unmatched or failing events replay",
+                status=409,
+            )
+        await session.execute(
+            update(models.StripeEvent)
+            .where(models.StripeEvent.event_id == event_id)
+            .values(result=PENDING, attempts=0, last_error=None, applied_at=None)
+        )
+        await session.execute(select(func.pg_notify(INBOX_CHANNEL, event_id)))
+    record = None
+    if row.customer_id:
+        async with request.app[SESSIONS]() as session:
+            record = await request.app[DIRECTORY].by_customer_id(session, row.customer_id)
+    await _act(request, record, "replay", f"Stripe event {event_id} ({row.type}) replayed", target=event_id)
+    return see_other(
+        f"/admin/stripe-events/{event_id}?" + urlencode({"done": "replayed: see its result below"})
+    )
+
+
+# ----- the table -----
+
+PAGES: Final[tuple[Page, ...]] = (
+    Page("GET", "/admin/login", login_form, "public"),
+    Page("POST", "/admin/login", login, "public"),
+    Page("GET", "/admin/static/{file}", static_file, "public"),
+    Page("POST", "/admin/logout", logout, "viewer"),
+    Page("GET", "/admin/", overview_page, "viewer"),
+    Page("GET", "/admin/customers", customers_page, "viewer"),
+    Page("GET", "/admin/customers/{name}", customer_page, "viewer"),
+    Page("POST", "/admin/customers/{name}/{action}", customer_action, "admin"),
+    Page("GET", "/admin/stripe-events", stripe_events_page, "viewer"),
+    Page("GET", "/admin/stripe-events/{event_id}", stripe_event_page, "viewer"),
+    Page("POST", "/admin/stripe-events/{event_id}/replay", replay_event, "admin"),
+)
+
+PAGES_KEY: web.AppKey[dict[web.AbstractRoute, Page]] = web.AppKey("console_pages")
+
+
+def same_origin(request: web.Request) -> bool:
+    """A POST from this origin: Origin (or, without it, Referer) names this host. Browsers send Origin
+    on every POST; a request with neither is not a browser's form and is refused too."""
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if not source:
+        return False
+    scheme = "https" if _secure(request) else "http"
+    own = f"{scheme}://{request.host}"
+    return source == own or source.startswith(own + "/")
+
+
+@web.middleware
+async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A session for every page but the public ones (else to the sign-in page), the admin role for
+    actions, and for every POST the same origin and the session's CSRF token."""
+    pages = request.app.get(PAGES_KEY)
+    page = pages.get(request.match_info.route) if pages is not None else None
+    if page is None:
+        return await handler(request)
+    if request.method == "POST" and not same_origin(request):
+        raise Forbidden("a console form must come from this console (Origin)")
+    if page.role == "public":
+        return await handler(request)
+    session = request.app[SESSIONS_KEY].read(request.cookies.get(COOKIE))
+    if session is None:
+        if request.method == "GET":
+            return see_other("/admin/login")
+        raise ApiError("Unauthorized", "sign in to the console first", status=401)
+    request[SESSION] = session
+    if request.method == "POST":
+        form = await request.post()
+        if form.get(CSRF_FIELD) != session.csrf:
+            raise Forbidden("the form's CSRF token is missing or not this session's")
+    if page.role == "admin" and not session.may_act:
+        raise Forbidden("the viewer role may look, not act")
+    return await handler(request)
+
+
+def register(app: web.Application, settings: Settings) -> None:
+    """The console's routes on `app`, for console_guard to find with the role each needs."""
+    app[TEMPLATES] = templates()
+    app[SESSIONS_KEY] = Sessions(settings)
+    app[PAGES_KEY] = {app.router.add_route(page.method, page.path, page.handler): page for page in PAGES}
+
+
+__all__ = ["PAGES", "Page", "console_guard", "register", "same_origin"]

@@ -1,0 +1,268 @@
+"""The admin console's guard: sessions, roles, CSRF and origin, cookie flags, the CSP, and no secret on
+any page; every refused request changes nothing."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+from kubernetes.client.exceptions import ApiException
+from pydantic import SecretStr
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db.models import ConsoleAction
+from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.console.pages import PAGES
+from iotistic_billing.webhook_server.console.session import COOKIE
+from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.security import CONSOLE_CSP
+from tests.conftest import unique_name
+from tests.integration.console_support import event_state, origin, post_form, sign_in, unmatched_event
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    ADMIN_TOKEN,
+    VIEWER_TOKEN,
+    WEBHOOK_SECRET,
+    Customers,
+    add_usage_key,
+    api_fixture,
+    customer_id_for,
+    customers_fixture,
+    deliver,
+    event,
+    eventually,
+    random_id,
+    running_app,
+    subscription_object,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+ACTIONS = ("reconcile", "suspend", "resume", "revoke")
+
+
+def sample_path(path: str, name: str, event_id: str) -> str:
+    return (
+        path.replace("{name}", name)
+        .replace("{event_id}", event_id)
+        .replace("{file}", "console.css")
+        .replace("{action}", "suspend")
+    )
+
+
+async def audit_rows(engine: AsyncEngine, name: str) -> int:
+    async with engine.connect() as connection:
+        count = await connection.scalar(
+            select(func.count()).select_from(ConsoleAction).where(ConsoleAction.customer_name == name)
+        )
+    return int(count or 0)
+
+
+@pytest.fixture
+def customer(customers: Customers) -> str:
+    name = unique_name("guarded")
+    customers.create(name, customerId=customer_id_for(name))
+    return name
+
+
+async def test_every_page_sends_a_stranger_to_sign_in(api: TestClient[Any, Any], customer: str) -> None:
+    event_id = (await unmatched_event(api, "cust_" + random_id("", 12)))["id"]
+    for page in PAGES:
+        if page.method != "GET" or page.role == "public":
+            continue
+        for cookie in (None, "not-a-sealed-cookie", ""):
+            api.session.cookie_jar.clear()
+            if cookie is not None:
+                api.session.cookie_jar.update_cookies({COOKIE: cookie})
+            answer = await api.get(sample_path(page.path, customer, event_id), allow_redirects=False)
+            assert (answer.status, answer.headers.get("Location")) == (303, "/admin/login"), page.path
+            assert answer.headers["Content-Security-Policy"] == CONSOLE_CSP
+
+
+async def test_a_wrong_token_opens_no_session(api: TestClient[Any, Any]) -> None:
+    answer = await post_form(api, "/admin/login", {"token": ADMIN_TOKEN[:-1] + "x"})
+    assert answer.status == 401
+    assert "That token opens no session" in await answer.text()
+    assert COOKIE not in {cookie.key for cookie in api.session.cookie_jar}
+
+
+async def test_the_viewer_looks_but_cannot_act(
+    api: TestClient[Any, Any], customers: Customers, customer: str, db_engine: AsyncEngine
+) -> None:
+    event_id = (await unmatched_event(api, "cust_" + random_id("", 12)))["id"]
+    csrf = await sign_in(api, VIEWER_TOKEN)
+    page = await api.get(f"/admin/customers/{customer}")
+    assert page.status == 200
+    assert "Reconcile now" not in await page.text(), "the viewer is shown no action"
+    before = customers.get(customer)
+    for action in ACTIONS:
+        answer = await post_form(api, f"/admin/customers/{customer}/{action}", {"csrf": csrf})
+        assert answer.status == 403, action
+        assert "the viewer role may look, not act" in await answer.text()
+    replay = await post_form(api, f"/admin/stripe-events/{event_id}/replay", {"csrf": csrf})
+    assert replay.status == 403
+    after = customers.get(customer)
+    assert before and after
+    assert after["spec"] == before["spec"]
+    assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    assert await audit_rows(db_engine, customer) == 0
+    assert await event_state(db_engine, event_id) == ("unmatched", 0)
+
+
+async def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(
+    api: TestClient[Any, Any], customers: Customers, customer: str, db_engine: AsyncEngine
+) -> None:
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    path = f"/admin/customers/{customer}/suspend"
+    refused = [
+        await post_form(api, path, {}),
+        await post_form(api, path, {"csrf": csrf[:-2] + "xx"}),
+        await post_form(api, path, {"csrf": csrf}, {"Origin": "https://evil.example"}),
+        await post_form(api, path, {"csrf": csrf}, {"Origin": origin(api) + ".evil.example"}),
+        await post_form(api, path, {"csrf": csrf}, {"Origin": "null"}),
+    ]
+    no_origin = await api.post(path, data={"csrf": csrf}, allow_redirects=False)
+    for answer in [*refused, no_origin]:
+        assert answer.status == 403, await answer.text()
+    assert (customers.get(customer) or {})["spec"].get("suspended") in (None, False)
+    assert await audit_rows(db_engine, customer) == 0
+    # The same form from the console itself goes through: the refusals were the guard's.
+    done = await post_form(api, path, {"csrf": csrf})
+    assert done.status == 303
+    assert (customers.get(customer) or {})["spec"]["suspended"] is True
+    assert await audit_rows(db_engine, customer) == 1
+
+
+async def test_the_session_cookie_carries_its_flags(webhook_settings: Settings, kubeconfig: Path) -> None:
+    options = ServerOptions(license_wait=0, trusted_proxies=(ip_network("127.0.0.1/32"),))
+    async with running_app(webhook_settings, kubeconfig, options) as client:
+        plain = await post_form(client, "/admin/login", {"token": ADMIN_TOKEN})
+        over_tls = await post_form(
+            client,
+            "/admin/login",
+            {"token": ADMIN_TOKEN},
+            {"X-Forwarded-Proto": "https", "Origin": origin(client).replace("http://", "https://")},
+        )
+    for answer, secure in ((plain, False), (over_tls, True)):
+        assert answer.status == 303
+        cookie = answer.cookies[COOKIE]
+        assert cookie["httponly"] is True
+        assert cookie["samesite"] == "Strict"
+        assert cookie["path"] == "/admin"
+        assert bool(cookie["secure"]) is secure
+        assert int(cookie["max-age"]) == 8 * 3600
+
+
+async def test_an_untrusted_peer_cannot_claim_tls(api: TestClient[Any, Any]) -> None:
+    answer = await post_form(api, "/admin/login", {"token": ADMIN_TOKEN}, {"X-Forwarded-Proto": "https"})
+    assert answer.status == 303
+    assert not answer.cookies[COOKIE]["secure"]
+
+
+def signed_licence(license_keys: tuple[Path, Path], customer_id: str) -> str:
+    """A licence as the operator signs it (with the test keys), to look for on the pages."""
+    private_key, public_key = license_keys
+    now = int(time.time())
+    claims = {
+        "iss": "iotistic-billing",
+        "aud": "iotistic-instance",
+        "sub": customer_id,
+        "customerId": customer_id,
+        "plan": "starter",
+        "jti": uuid.uuid4().hex,
+        "iat": now,
+        "exp": now + 86400,
+        "issuedAt": now,
+        "expiresAt": now + 86400,
+    }
+    kid = jwk_thumbprint(read_public_key(public_key))
+    return jwt.encode(claims, private_key.read_bytes(), algorithm="RS256", headers={"kid": kid})
+
+
+def put_licence(customers: Customers, namespace: str, licence: str) -> None:
+    """The licence Secret as the operator writes it; the operator, when it runs, may be first."""
+    try:
+        customers.core.create_namespace({"metadata": {"name": namespace}})
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    secret = {"metadata": {"name": "iotistic-license"}, "stringData": {"license.jwt": licence}}
+    try:
+        customers.core.create_namespaced_secret(namespace, secret)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        customers.core.patch_namespaced_secret("iotistic-license", namespace, secret)
+
+
+def stored_licence(customers: Customers, namespace: str) -> str:
+    data = customers.core.read_namespaced_secret("iotistic-license", namespace).data
+    return base64.b64decode(data["license.jwt"]).decode()
+
+
+async def test_no_page_embeds_a_token_a_licence_or_a_usage_key(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    db_engine: AsyncEngine,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+) -> None:
+    name = unique_name("secretive")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id)
+    usage_key = await add_usage_key(db_engine, customer_id)
+    licence = signed_licence(license_keys, customer_id)
+    put_licence(customers, f"customer-{name}", licence)
+    event_id = (await unmatched_event(api, "cust_" + random_id("", 12)))["id"]
+    await sign_in(api, ADMIN_TOKEN)
+    stripe_key = webhook_settings.stripe_secret_key
+    assert stripe_key is not None
+    secrets = [ADMIN_TOKEN, VIEWER_TOKEN, WEBHOOK_SECRET, licence, licence.split(".")[2], usage_key]
+    secrets.append(stripe_key.get_secret_value())
+    paths = [
+        sample_path(page.path, name, event_id)
+        for page in PAGES
+        if page.method == "GET" and page.path != "/admin/static/{file}"
+    ] + [f"/admin/customers?q={name}", "/admin/stripe-events?result=unmatched", "/admin/?fragment=1"]
+    assert "unsafe-inline" not in CONSOLE_CSP and "script-src 'self'" in CONSOLE_CSP
+    for path in paths:
+        # The operator of the session (when it runs) may have put its own licence there meanwhile.
+        secrets.append(stored_licence(customers, f"customer-{name}"))
+        answer = await api.get(path, allow_redirects=False)
+        assert answer.status == 200, path
+        assert answer.headers["Content-Security-Policy"] == CONSOLE_CSP, path
+        body = await answer.text()
+        assert "<script>" not in body and " onclick=" not in body, path
+        for secret in secrets:
+            assert secret not in body, f"{path} embeds a secret"
+
+    # The licence is there, decoded: its claims without the token.
+    async def shows_the_stored_licence() -> str | None:
+        stored = jwt.decode(
+            stored_licence(customers, f"customer-{name}"), options={"verify_signature": False}
+        )
+        body = await (await api.get(f"/admin/customers/{name}")).text()
+        return body if stored["jti"] in body else None
+
+    body = await eventually(shows_the_stored_licence, within=20, message="the stored licence's claims")
+    assert "Verifies with this server's keys." in body and customer_id in body
+
+
+async def test_rotating_a_token_ends_its_sessions(webhook_settings: Settings, kubeconfig: Path) -> None:
+    async with running_app(webhook_settings, kubeconfig) as client:
+        await sign_in(client, VIEWER_TOKEN)
+        sealed = {cookie.key: cookie.value for cookie in client.session.cookie_jar}[COOKIE]
+    rotated = webhook_settings.model_copy(update={"admin_viewer_token": SecretStr("viewer-" + "9" * 30)})
+    async with running_app(rotated, kubeconfig) as client:
+        client.session.cookie_jar.update_cookies({COOKIE: sealed})
+        answer = await client.get("/admin/", allow_redirects=False)
+        assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")

@@ -1,0 +1,135 @@
+"""The admin console's pure parts: charts, GitOps ownership, time for a person, sessions, the origin
+check."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from xml.etree import ElementTree
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from iotistic_billing.settings import load_settings
+from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
+from iotistic_billing.webhook_server.console.data import gitops_manager
+from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin
+from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions
+from iotistic_billing.webhook_server.context import OPTIONS
+from iotistic_billing.webhook_server.options import ServerOptions
+
+ADMIN = "admin-token-" + "a" * 20
+VIEWER = "viewer-token-" + "b" * 20
+DAY = date(2026, 12, 1)
+
+
+def test_a_chart_titles_every_bar_and_marks_those_over_the_quota() -> None:
+    series = Series("Peak active devices", "devices", [(DAY, 4.0), (DAY + timedelta(days=1), 12.0)], 10.0)
+    svg = svg_chart(series)
+    root = ElementTree.fromstring(svg)  # noqa: S314 - our own SVG; parsing proves it well-formed
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect")]
+    assert [bar.get("class") for bar in bars] == ["bar", "bar over"]
+    assert [bar.find("{http://www.w3.org/2000/svg}title").text for bar in bars] == [  # type: ignore[union-attr]
+        "2026-12-01: 4 devices",
+        "2026-12-02: 12 devices",
+    ]
+    assert "plan quota 10" in svg
+    # The higher bar is the taller one, and the axis top is above the quota and the values.
+    heights = [float(bar.get("height", 0)) for bar in bars]
+    assert heights[1] > heights[0] > 0
+
+
+def test_a_chart_escapes_its_words() -> None:
+    svg = svg_chart(Series("<script>", "a&b", [(DAY, 1.0)]))
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "a&amp;b" in svg
+
+
+def test_a_period_total_starts_at_the_period() -> None:
+    points = [(DAY - timedelta(days=1), 5.0), (DAY, 1.0), (DAY + timedelta(days=1), 2.0)]
+    assert running_total(points, DAY) == [(DAY, 1.0), (DAY + timedelta(days=1), 3.0)]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        (
+            {"labels": {"kustomize.toolkit.fluxcd.io/name": "tenants"}},
+            "kustomize.toolkit.fluxcd.io/name=tenants",
+        ),
+        (
+            {"managedFields": [{"manager": "argocd-controller", "fieldsV1": {"f:spec": {}}}]},
+            "argocd-controller",
+        ),
+        ({"managedFields": [{"manager": "kubectl-client-side-apply", "fieldsV1": {"f:spec": {}}}]}, None),
+        ({"managedFields": [{"manager": "iotistic-console", "fieldsV1": {"f:spec": {}}}]}, None),
+        # A controller that writes only the status does not own the spec.
+        ({"managedFields": [{"manager": "flux", "fieldsV1": {"f:status": {}}}]}, None),
+        ({}, None),
+    ],
+)
+def test_gitops_ownership_is_read_from_labels_and_field_managers(
+    metadata: dict[str, object], expected: str | None
+) -> None:
+    assert gitops_manager({"metadata": metadata}) == expected
+
+
+def test_times_read_as_a_person_says_them() -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    assert ago(now - timedelta(seconds=5), now) == "5 s"
+    assert ago(now - timedelta(minutes=3, seconds=5), now) == "3 min"
+    assert ago(now - timedelta(hours=3, minutes=20), now) == "3 h 20 min"
+    assert ago(now - timedelta(days=2, hours=1), now) == "2 d 1 h"
+    assert ago(None, now) == ""
+    assert epoch(1796287815) == "2026-12-03 08:50 UTC"
+    assert pairs({"isTrialMode": True, "endsAt": "2026-12-17"}) == "isTrialMode: yes, endsAt: 2026-12-17"
+
+
+def sessions(**tokens: str) -> Sessions:
+    return Sessions(load_settings(**{"admin_api_token": ADMIN, "admin_viewer_token": VIEWER, **tokens}))
+
+
+def test_a_session_is_sealed_and_read_back_only_with_its_token() -> None:
+    keeper = sessions()
+    viewer = keeper.sign_in(VIEWER)
+    assert viewer is not None and viewer.role == "viewer" and not viewer.may_act
+    admin = keeper.sign_in(ADMIN)
+    assert admin is not None and admin.may_act and admin.csrf != viewer.csrf
+    assert keeper.sign_in(ADMIN + "x") is None and keeper.sign_in("") is None
+    sealed = keeper.seal(viewer)
+    assert keeper.read(sealed) == viewer
+    assert VIEWER not in sealed and viewer.csrf not in sealed  # encrypted, not only signed
+    tampered = sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB")
+    assert keeper.read(tampered) is None
+    # A new viewer token ends the viewer's sessions; the admin's stay.
+    rotated = sessions(admin_viewer_token="viewer-token-" + "c" * 20)
+    assert rotated.read(sealed) is None
+    assert rotated.read(keeper.seal(admin)) == admin
+    # A new admin token changes the sealing key: every session ends.
+    assert sessions(admin_api_token="admin-token-" + "d" * 20).read(keeper.seal(admin)) is None
+
+
+def test_a_forged_role_does_not_read() -> None:
+    keeper = sessions()
+    forged = ConsoleSession("admin", "csrf", "0" * 16)  # a tag no token has
+    assert keeper.read(keeper.seal(forged)) is None
+
+
+def origin_request(headers: dict[str, str]) -> bool:
+    request = make_mocked_request("POST", "/admin/logout", headers={"Host": "billing.example", **headers})
+    request.app[OPTIONS] = ServerOptions()
+    return same_origin(request)
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({"Origin": "http://billing.example"}, True),
+        ({"Referer": "http://billing.example/admin/customers"}, True),
+        ({"Origin": "http://billing.example.evil.example"}, False),
+        ({"Referer": "http://billing.example.evil.example/admin/"}, False),
+        ({"Origin": "https://billing.example"}, False),  # not the scheme this request came over
+        ({"Origin": "null"}, False),
+        ({}, False),
+    ],
+)
+def test_a_form_must_come_from_the_console_itself(headers: dict[str, str], allowed: bool) -> None:
+    assert origin_request(headers) is allowed
