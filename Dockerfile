@@ -38,7 +38,7 @@ RUN groupadd --system --gid 10001 iotistic \
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels iotistic-billing
 COPY --from=helm /usr/bin/helm /usr/local/bin/helm
-# The chart the operator installs per Customer (HELM_CHART_PATH).
+# The chart the operator installs per Customer (INSTANCE_CHART).
 COPY charts/customer-instance /app/charts/customer-instance
 RUN helm version --short && helm lint /app/charts/customer-instance --quiet
 
@@ -47,7 +47,7 @@ ENV HOME=/tmp \
     HELM_CACHE_HOME=/tmp/helm/cache \
     HELM_CONFIG_HOME=/tmp/helm/config \
     HELM_DATA_HOME=/tmp/helm/data \
-    HELM_CHART_PATH=/app/charts/customer-instance \
+    INSTANCE_CHART=/app/charts/customer-instance \
     HELM_BINARY=/usr/local/bin/helm
 WORKDIR /app
 USER 10001:10001

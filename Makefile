@@ -11,7 +11,7 @@ export GOFLAGS := -buildvcs=false
 help:
 	@echo "make dev    run the product locally (PostgreSQL, control plane, stripe-mock, operator, webhook server)"
 	@echo "make test   lint, unit and integration tests (installs what it needs, tools included)"
-	@echo "make tools  build the pinned kube-apiserver, etcd, stripe-mock, mailpit; fetch helm and kubectl into bin/"
+	@echo "make tools  build the pinned kube-apiserver, etcd, stripe-mock, mailpit, registry; fetch helm and kubectl into bin/"
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make e2e    the end-to-end suite on a simulated full cluster (controller-manager, scheduler, kwok)"
 	@echo "make e2e-kind  the same suite on a kind cluster (needs Docker and kind)"

@@ -334,7 +334,7 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
             "KUBECONFIG": str(plane.kubeconfig),
             "DATABASE_URL": database,
             "LICENSE_PRIVATE_KEY_PATH": str(keys / "private-key.pem"),
-            "HELM_CHART_PATH": str(CHART),
+            "INSTANCE_CHART": str(CHART),
             "PATH": f"{REPO_BIN}{os.pathsep}{os.environ['PATH']}",
             "OPERATOR_PEERING": "",
             "OPERATOR_LIVENESS_PORT": str(free_port()),

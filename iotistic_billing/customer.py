@@ -163,10 +163,14 @@ class TrialSpec(CustomerModel):
         return created_at + timedelta(days=self.days)
 
 
+# A chart version as helm and OCI tags take it (SemVer 2, an optional leading v); INSTANCE_CHART_VERSION too.
+CHART_VERSION_PATTERN = r"^v?[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.+-]+)?$"
+
+
 class InstanceSpec(CustomerModel):
     enabled: bool = True
     domain: Annotated[str, Field(pattern=DNS_NAME_PATTERN, max_length=253)] | None = None
-    chart_version: Annotated[str, Field(max_length=64)] | None = None
+    chart_version: Annotated[str, Field(max_length=64, pattern=CHART_VERSION_PATTERN)] | None = None
     # Free-form Helm values overrides; the chart's values.schema.json judges them.
     values: dict[str, Any] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -13,6 +14,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
+
+from iotistic_billing.customer import CHART_VERSION_PATTERN
+
+OCI_PREFIX = "oci://"
+_OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
 
 
 class SettingsError(ValueError):
@@ -47,7 +53,13 @@ class Settings(BaseSettings):
 
     default_trial_days: Annotated[int, Field(ge=0, le=90)] = 14
     base_domain: str = "iotistic.cloud"
-    helm_chart_path: Path = Path("charts/customer-instance")
+    # The customer-instance chart: a chart directory, or an OCI reference `oci://host[:port]/path/name`
+    # (no tag: the version is INSTANCE_CHART_VERSION, or a Customer's spec.instance.chartVersion).
+    instance_chart: str = "charts/customer-instance"
+    # With an OCI chart: the version of every Customer without spec.instance.chartVersion (required).
+    instance_chart_version: Annotated[str, Field(pattern=CHART_VERSION_PATTERN)] | None = None
+    # The registry speaks plain HTTP (a local registry without TLS, as make dev's).
+    instance_chart_plain_http: bool = False
     helm_binary: str = "helm"
     helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
@@ -158,6 +170,23 @@ class Settings(BaseSettings):
             raise ValueError("ADMIN_VIEWER_TOKEN: must differ from ADMIN_API_TOKEN (the viewer may not act)")
         return self
 
+    @field_validator("instance_chart")
+    @classmethod
+    def _chart_reference(cls, value: str) -> str:
+        if value.startswith(OCI_PREFIX) and not _OCI_REFERENCE.match(value):
+            raise ValueError(
+                "must be a chart directory or oci://<registry>/<path>/<chart> without a tag or digest"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _oci_chart_has_a_fleet_version(self) -> Settings:
+        if self.instance_chart.startswith(OCI_PREFIX) and self.instance_chart_version is None:
+            raise ValueError(
+                "INSTANCE_CHART_VERSION: required with an oci:// INSTANCE_CHART (the version the fleet runs)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _platform_webhook_is_signed(self) -> Settings:
         if self.notify_webhook_url is not None and self.notify_webhook_secret is None:
@@ -191,6 +220,8 @@ def webhook_secret_bytes(secret: str) -> bytes:
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; a bad value raises SettingsError naming each offending variable."""
+    if "HELM_CHART_PATH" in os.environ:  # an earlier name: ignored silently, it would install the default
+        raise SettingsError("invalid settings: HELM_CHART_PATH: renamed INSTANCE_CHART (a path or oci://)")
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SourceError as exc:  # a list setting that is not JSON
@@ -207,5 +238,5 @@ def load_settings(**overrides: object) -> Settings:
             variable = "_".join(str(part) for part in error["loc"]).upper()
             secret = any(word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL"))
             shown = "" if secret else f" (got {error.get('input')!r})"
-            problems.append(f"{variable}: {error['msg']}{shown}")
+            problems.append(f"{variable}: {str(error['msg']).removeprefix('Value error, ')}{shown}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

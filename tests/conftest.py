@@ -22,6 +22,7 @@ from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
 from iotistic_billing.devenv.mailpit import Mailpit
+from iotistic_billing.devenv.registry import ChartRegistry
 from iotistic_billing.devenv.stripe_mock import StripeMock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +143,17 @@ def mailpit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailpit]:
 
 
 @pytest.fixture(scope="session")
+def chart_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartRegistry]:
+    """The OCI registry of the session, with the customer-instance chart at its own version, 0.1.0."""
+    registry = ChartRegistry(tmp_path_factory.mktemp("registry")).start()
+    try:
+        registry.push(REPO / "charts" / "customer-instance")
+        yield registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="session")
 def license_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A licence signing key pair made by the product's own `keys generate`."""
     directory = tmp_path_factory.mktemp("license-keys")
@@ -252,7 +264,7 @@ def operator_env(kubeconfig: Path, database_url: str, license_keys: tuple[Path, 
         "DATABASE_URL": database_url,
         "LICENSE_PRIVATE_KEY_PATH": str(private_key),
         "LICENSE_PUBLIC_KEY_PATH": str(public_key),
-        "HELM_CHART_PATH": str(REPO / "charts" / "customer-instance"),
+        "INSTANCE_CHART": str(REPO / "charts" / "customer-instance"),
         "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "BASE_DOMAIN": "test.iotistic.example",
         # Tests restart the operator (kill -9 included); standalone, a restarted process does not

@@ -203,7 +203,7 @@ for t in "${targets[@]}"; do
   case $t in
     all)
       if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then link_kubebuilder_assets; else build_etcd; build_kube_apiserver; fi
-      build_stripe_mock; build_mailpit; extract_helm_kubectl ;;
+      build_stripe_mock; build_mailpit; build_registry; extract_helm_kubectl ;;
     # The simulated cluster of `make e2e`; not needed by `make test`.
     e2e) build_kube_component kube-controller-manager; build_kube_component kube-scheduler; build_kwok ;;
     kube-apiserver) build_kube_apiserver ;;
@@ -212,7 +212,7 @@ for t in "${targets[@]}"; do
     etcd) build_etcd ;;
     stripe-mock) build_stripe_mock ;;
     mailpit) build_mailpit ;;
-    # The OCI registry of the fleet rollouts (not built by default until they use it).
+    # The OCI registry the instance chart is pushed to and installed from.
     registry) build_registry ;;
     # Debian's Chromium and ChromeDriver for the browser tests, with apt-get; not part of `all`.
     chromium) install_chromium ;;

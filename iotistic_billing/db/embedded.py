@@ -148,11 +148,23 @@ class EmbeddedPostgres:
                 capture_output=True,
                 check=False,
             )
-            if probe.returncode == 0:
+            if probe.returncode == 0 and self._serving_the_port():
                 return
+            if self.process is not None and not self.process.running():
+                raise RuntimeError(f"PostgreSQL exited:\n{self.process.log_tail()}")
             time.sleep(0.1)
         tail = self.process.log_tail() if self.process else ""
         raise TimeoutError(f"PostgreSQL on port {self.port} not ready within {timeout}s:\n{tail}")
+
+    def _serving_the_port(self) -> bool:
+        """Our postmaster answers, not another server that took the port meanwhile (a restart on a
+        port freed by the stop): its pid file names our process once it listens."""
+        pid_file = self.data_dir / "data" / "postmaster.pid"
+        try:
+            first_line = pid_file.read_text().split("\n", 1)[0].strip()
+        except OSError:
+            return False
+        return self.process is not None and first_line == str(self.process.process.pid)
 
     def create_database(self, name: str) -> str:
         _check_database_name(name)

@@ -24,6 +24,7 @@ from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, MissingBinaryError, find_binary
 from iotistic_billing.devenv.mailpit import Mailpit
+from iotistic_billing.devenv.registry import ChartRegistry
 from iotistic_billing.devenv.simulated import SimulatedCluster
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
@@ -129,7 +130,16 @@ class DevEnvironment:
             write_key_pair(generate_private_key(), keys)
         env["LICENSE_PRIVATE_KEY_PATH"] = str(keys / "private-key.pem")
         env["LICENSE_PUBLIC_KEY_PATH"] = str(keys / "public-key.pem")
-        env["HELM_CHART_PATH"] = str(REPO / "charts" / "customer-instance")
+        # The instance chart as a deployed operator gets it: from an OCI registry, at the fleet's version.
+        registry = ChartRegistry(self.state).start()
+        self._stop_later("registry", registry)
+        env["INSTANCE_CHART_VERSION"] = registry.push(REPO / "charts" / "customer-instance")
+        env["INSTANCE_CHART"] = registry.reference("customer-instance")
+        env["INSTANCE_CHART_PLAIN_HTTP"] = "true"
+        print(
+            f"registry      {env['INSTANCE_CHART']}:{env['INSTANCE_CHART_VERSION']} (helm push --plain-http)",
+            flush=True,
+        )
         env["ADMIN_API_TOKEN"] = _kept_secret(self.state / "admin-token", secrets.token_hex(32))
         # The admin console's read-only sign-in: its own kept secret, never the admin token.
         env["ADMIN_VIEWER_TOKEN"] = _kept_secret(self.state / "viewer-token", secrets.token_hex(32))

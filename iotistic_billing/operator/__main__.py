@@ -4,10 +4,14 @@ its name), then Kopf, cluster-wide, with peering for one active replica and a li
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import kopf
 import prometheus_client
@@ -19,10 +23,11 @@ from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
+from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
-from iotistic_billing.settings import Settings, SettingsError, load_settings
+from iotistic_billing.settings import OCI_PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger("iotistic_billing.operator")
 
@@ -31,8 +36,9 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if settings.license_private_key_path is None:
         raise SettingsError("LICENSE_PRIVATE_KEY_PATH: required by the operator to sign licences")
-    if not (settings.helm_chart_path / "Chart.yaml").is_file():
-        raise SettingsError(f"HELM_CHART_PATH: no Chart.yaml in {settings.helm_chart_path}")
+    oci_chart = settings.instance_chart.startswith(OCI_PREFIX)
+    if not oci_chart and not (Path(settings.instance_chart) / "Chart.yaml").is_file():
+        raise SettingsError(f"INSTANCE_CHART: no Chart.yaml in {settings.instance_chart}")
     try:
         keys = SigningKeys.from_pem_files(
             settings.license_private_key_path,
@@ -43,12 +49,17 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
     engine = create_engine(database_url)
     kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
+    helm = Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency)
+    # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
+    chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))
+    atexit.register(shutil.rmtree, chart_cache, ignore_errors=True)
     return OperatorContext(
         settings=settings,
         keys=keys,
         kube=kube,
         deployments=InstanceDeployments(kube),
-        helm=Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency),
+        helm=helm,
+        charts=ChartStore(settings, helm, chart_cache),
         engine=engine,
         sessions=session_factory(engine),
         # Twice helm's slots: the steps before helm (licence, namespace) overlap the installs.

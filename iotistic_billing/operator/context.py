@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.settings import Settings
@@ -52,6 +53,8 @@ class OperatorContext:
     keys: SigningKeys
     kube: Kube
     helm: Helm
+    # The customer-instance chart's versions (a directory, or pulled from an OCI registry).
+    charts: ChartStore
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     # The instance Deployments readiness is judged by: listed after helm runs, kept by the watch.

@@ -128,6 +128,13 @@ class Helm:
             )
         return stdout.decode()
 
+    async def pull(
+        self, reference: str, version: str, destination: Path, *, plain_http: bool = False
+    ) -> None:
+        """`helm pull` of one version of an OCI chart, unpacked under `destination`."""
+        args = ["pull", reference, "--version", version, "--untar", "--destination", str(destination)]
+        await self._run(*args, *(["--plain-http"] if plain_http else []))
+
     async def upgrade_install(
         self, name: str, namespace: str, chart: Path, values: dict[str, Any]
     ) -> HelmRelease:

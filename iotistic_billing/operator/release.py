@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.charts import ChartUnavailable
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import HelmError, chart_version
+from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.outcomes import ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
@@ -28,16 +29,13 @@ async def ensure_release(
     """`previous`: the release the last pass reported (status.release)."""
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
-    wanted_chart_version = target.spec.instance.chart_version
-    chart = ctx.settings.helm_chart_path
-    version = chart_version(chart)
-    if wanted_chart_version and wanted_chart_version != version:
-        return ReleaseOutcome(
-            "failed",
-            c.CHART_VERSION_UNAVAILABLE,
-            f"spec.instance.chartVersion is {wanted_chart_version}, but the chart at {chart} is {version}",
-            permanent=True,
-        )
+    try:
+        chart = await ctx.charts.get(target.spec.instance.chart_version)
+    except ChartUnavailable as error:
+        return ReleaseOutcome("failed", c.CHART_VERSION_UNAVAILABLE, str(error), permanent=True)
+    except HelmError as error:  # the registry is away: the next pass tries again
+        return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
+    version = chart.version
     digest = values_hash(values, version)
     if previous is not None and previous.values_hash == digest and previous.chart_version == version:
         revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
@@ -48,7 +46,7 @@ async def ensure_release(
 
     for attempt in (1, 2):
         try:
-            release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart, values)
+            release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart.path, values)
             break
         except HelmError as error:
             if error.stuck and attempt == 1:

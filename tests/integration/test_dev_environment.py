@@ -39,6 +39,8 @@ ENV_NAMES = {
     "BILLING_URL",
     "SMTP_URL",
     "MAILPIT_URL",
+    "INSTANCE_CHART",
+    "INSTANCE_CHART_VERSION",
 }
 
 
@@ -163,6 +165,10 @@ def test_dev_runner_ready_env_and_samples(dev: DevRun) -> None:
     assert _kubectl(env, "get", "namespace", "default").returncode == 0
     # The console's read-only sign-in is a secret of its own, and the runner says where to sign in.
     assert env["ADMIN_VIEWER_TOKEN"] and env["ADMIN_VIEWER_TOKEN"] != env["ADMIN_API_TOKEN"]
+    # The operator installs the instance chart from the registry make dev pushed it to.
+    assert env["INSTANCE_CHART"].startswith("oci://127.0.0.1:") and env["INSTANCE_CHART_VERSION"] == "0.1.0"
+    charts = _kubectl(env, "get", "cust", "acme", "-o", "jsonpath={.status.release.chartVersion}")
+    assert charts.stdout == env["INSTANCE_CHART_VERSION"], charts
     console = [line for line in dev.output if line.startswith("console ")]
     assert console and f"{env['BILLING_URL']}/admin/" in console[0], dev.output
     assert "ADMIN_VIEWER_TOKEN" in console[0], console

@@ -198,7 +198,7 @@ def _context(env: dict[str, str], clock: datetime) -> OperatorContext:
 _SETTINGS = {
     "LICENSE_PRIVATE_KEY_PATH",
     "LICENSE_PUBLIC_KEY_PATH",
-    "HELM_CHART_PATH",
+    "INSTANCE_CHART",
     "BASE_DOMAIN",
     "DATABASE_URL",
 }

@@ -145,7 +145,7 @@ async def operator_context(
         database_url=database_url,
         license_private_key_path=private_key,
         license_public_key_path=public_key,
-        helm_chart_path=INSTANCE_CHART,
+        instance_chart=str(INSTANCE_CHART),
         helm_binary=str(helm_binary),
         base_domain="rbac.iotistic.example",
     )
@@ -218,7 +218,7 @@ def test_operator_process_runs_end_to_end_as_its_service_account(
         "DATABASE_URL": database_url,
         "LICENSE_PRIVATE_KEY_PATH": str(private_key),
         "LICENSE_PUBLIC_KEY_PATH": str(public_key),
-        "HELM_CHART_PATH": str(INSTANCE_CHART),
+        "INSTANCE_CHART": str(INSTANCE_CHART),
         "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "BASE_DOMAIN": "rbac.iotistic.example",
         # As deployed: with peering, so that ensure_peering and Kopf's peering run as the account.

@@ -245,7 +245,7 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
     assert operator["spec"]["strategy"] == {"type": "Recreate"}
     assert c["args"] == ["iotistic_billing.operator"]
     assert env["OPERATOR_PEERING"]["value"] == "iotistic-billing"
-    assert env["HELM_CHART_PATH"]["value"] == "/app/charts/customer-instance"
+    assert env["INSTANCE_CHART"]["value"] == "/app/charts/customer-instance"
     liveness = c["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert liveness["path"] == "/healthz" and ports[liveness["port"]] == 8080
@@ -278,6 +278,26 @@ def test_a_budget_that_would_block_every_drain_is_refused(helm: Path) -> None:
 
     assert result.returncode != 0
     assert "minAvailable must be below webhookServer.replicas" in result.stderr
+
+
+def test_the_instance_chart_can_come_from_a_registry_at_the_fleet_s_version(
+    helm: Path, tmp_path: Path
+) -> None:
+    reference = "oci://registry.example:5000/charts/customer-instance"
+    chart = {"reference": reference, "version": "0.2.0", "plainHttp": True}
+    env = env_of(one(render(helm, tmp_path, {"operator": {"instanceChart": chart}}), "Deployment", OPERATOR))
+    assert (env["INSTANCE_CHART"]["value"], env["INSTANCE_CHART_VERSION"]["value"]) == (reference, "0.2.0")
+    assert env["INSTANCE_CHART_PLAIN_HTTP"]["value"] == "true"
+
+    without_version = run(
+        helm, "template", RELEASE, CHART, "--set", f"operator.instanceChart.reference={reference}"
+    )
+    assert without_version.returncode != 0
+    assert "operator.instanceChart.version is required with a reference" in without_version.stderr
+    tagged = run(
+        helm, "template", RELEASE, CHART, "--set", f"operator.instanceChart.reference={reference}:0.2.0"
+    )
+    assert tagged.returncode != 0 and "/operator/instanceChart/reference" in tagged.stderr
 
 
 def test_licence_keys_are_files_and_only_the_operator_gets_the_private_key(
@@ -630,7 +650,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
     ]
     assert settings.billing_url == "http://iotistic-billing-webhook-server.iotistic-system.svc:3100"
     if name == OPERATOR:
-        assert settings.helm_chart_path == Path("/app/charts/customer-instance")
+        assert settings.instance_chart == "/app/charts/customer-instance"
         assert settings.operator_peering == "iotistic-billing"
         assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
     else:

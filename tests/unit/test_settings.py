@@ -31,9 +31,9 @@ def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyP
     [
         ("PORT", "70000", "PORT: Input should be less than or equal to 65535"),
         ("DEFAULT_TRIAL_DAYS", "120", "DEFAULT_TRIAL_DAYS: Input should be less than or equal to 90"),
-        ("DATABASE_URL", "mysql://x", "DATABASE_URL: Value error, must be a postgresql:// URL"),
-        ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: Value error, must be at least 16 characters"),
-        ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: Value error, '10.1.2.3/8' is not a network"),
+        ("DATABASE_URL", "mysql://x", "DATABASE_URL: must be a postgresql:// URL"),
+        ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: must be at least 16 characters"),
+        ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: '10.1.2.3/8' is not a network"),
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
@@ -53,3 +53,47 @@ def test_secret_values_never_appear_in_the_error(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert "tooshort" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"INSTANCE_CHART": "oci://registry.example/charts/customer-instance"},
+            "INSTANCE_CHART_VERSION: required",
+        ),
+        (
+            {
+                "INSTANCE_CHART": "oci://registry.example/charts/customer-instance:0.2.0",
+                "INSTANCE_CHART_VERSION": "0.2.0",
+            },
+            "INSTANCE_CHART: must be a chart directory or oci://",
+        ),
+        (
+            {
+                "INSTANCE_CHART": "oci://registry.example/charts/customer-instance",
+                "INSTANCE_CHART_VERSION": "latest",
+            },
+            "INSTANCE_CHART_VERSION: String should match pattern",
+        ),
+        ({"HELM_CHART_PATH": "charts/customer-instance"}, "HELM_CHART_PATH: renamed INSTANCE_CHART"),
+    ],
+)
+def test_the_instance_chart_is_a_directory_or_an_oci_chart_at_a_version(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_an_oci_chart_with_its_fleet_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSTANCE_CHART", "oci://127.0.0.1:5000/charts/customer-instance")
+    monkeypatch.setenv("INSTANCE_CHART_VERSION", "0.2.0")
+    monkeypatch.setenv("INSTANCE_CHART_PLAIN_HTTP", "true")
+    settings = load_settings()
+    assert (settings.instance_chart_version, settings.instance_chart_plain_http) == ("0.2.0", True)
+    assert (
+        load_settings(instance_chart="charts/customer-instance").instance_chart == "charts/customer-instance"
+    )

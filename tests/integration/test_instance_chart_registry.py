@@ -1,0 +1,124 @@
+"""The customer-instance chart from a real OCI registry (CNCF Distribution): the fleet's version from
+INSTANCE_CHART_VERSION, a Customer pinned to another, a version the registry lacks stalls the Customer
+until it is pushed and a reconcile is asked for, a registry that is away is retried."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from iotistic_billing.customer import RECONCILE_REQUESTED_AT
+from iotistic_billing.devenv.registry import ChartRegistry
+from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
+from tests.integration.test_operator import Cluster, customer_manifest
+
+pytestmark = pytest.mark.integration
+
+CHART = REPO / "charts" / "customer-instance"
+
+
+@pytest.fixture
+def oci_operator(operator: OperatorProcess, chart_registry: ChartRegistry) -> Iterator[OperatorProcess]:
+    """The session operator, on the registry's chart at 0.1.0 for the fleet; back to the directory after."""
+    operator.stop()
+    operator.start(
+        INSTANCE_CHART=chart_registry.reference("customer-instance"),
+        INSTANCE_CHART_VERSION="0.1.0",
+        INSTANCE_CHART_PLAIN_HTTP="true",
+    )
+    try:
+        yield operator
+    finally:
+        operator.stop()
+        operator.start()
+
+
+@pytest.fixture
+def cluster(
+    k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, oci_operator: OperatorProcess
+) -> Cluster:
+    return Cluster(k8s_client, kubeconfig)
+
+
+def deployed_chart(cluster: Cluster, name: str) -> str | None:
+    """The chart version of the Customer's deployed release, once the operator reported it."""
+    body = cluster.customer(name) or {}
+    release = (body.get("status") or {}).get("release") or {}
+    deployed = (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True"
+    helm = cluster.release(name) or {}
+    if (
+        deployed
+        and helm.get("status") == "deployed"
+        and helm.get("chart") == f"customer-instance-{release.get('chartVersion')}"
+    ):
+        return str(release["chartVersion"])
+    return None
+
+
+def release_condition(cluster: Cluster, name: str, reason: str) -> dict[str, Any] | None:
+    condition = cluster.condition(name, "ReleaseDeployed") or {}
+    return condition if condition.get("reason") == reason else None
+
+
+def test_the_fleet_runs_the_registry_s_version_and_a_pinned_customer_its_own(
+    cluster: Cluster, chart_registry: ChartRegistry
+) -> None:
+    chart_registry.push(CHART, "0.2.0")
+    fleet, pinned = unique_name("fleet"), unique_name("pinned")
+    cluster.create(customer_manifest(fleet, plan="starter"))
+    cluster.create(customer_manifest(pinned, plan="starter", instance={"chartVersion": "0.2.0"}))
+    assert wait_until(lambda: deployed_chart(cluster, fleet), timeout=90, message="fleet deployed") == "0.1.0"
+    assert (
+        wait_until(lambda: deployed_chart(cluster, pinned), timeout=90, message="pinned deployed") == "0.2.0"
+    )
+
+
+def test_a_version_the_registry_lacks_stalls_until_it_is_pushed_and_a_reconcile_is_asked(
+    cluster: Cluster, chart_registry: ChartRegistry
+) -> None:
+    name = unique_name("ahead")
+    version = "0.3." + datetime.now(UTC).strftime("%H%M%S%f")  # a version no other test pushed
+    cluster.create(customer_manifest(name, plan="starter", instance={"chartVersion": version}))
+    stalled = wait_until(
+        lambda: release_condition(cluster, name, "ChartVersionUnavailable"), timeout=60, message="stalled"
+    )
+    reference = chart_registry.reference("customer-instance")
+    assert stalled["status"] == "False"
+    assert stalled["message"] == f"spec.instance.chartVersion is {version}, which {reference} does not have"
+    assert (cluster.condition(name, "Stalled") or {}).get("status") == "True"
+
+    chart_registry.push(CHART, version)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.objects.patch_cluster_custom_object(
+        "iotistic.io",
+        "v1alpha1",
+        "customers",
+        name,
+        {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}},
+    )
+    assert wait_until(lambda: deployed_chart(cluster, name), timeout=90, message="deployed") == version
+    assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+
+
+def test_a_registry_that_is_away_is_retried_not_stalled(
+    cluster: Cluster, chart_registry: ChartRegistry
+) -> None:
+    name = unique_name("patient")
+    version = "0.4." + datetime.now(UTC).strftime("%H%M%S%f")
+    chart_registry.push(CHART, version)
+    chart_registry.stop()
+    try:
+        cluster.create(customer_manifest(name, plan="starter", instance={"chartVersion": version}))
+        failed = wait_until(
+            lambda: release_condition(cluster, name, "ChartPullFailed"), timeout=60, message="pull failed"
+        )
+        assert failed["status"] == "False" and "connection refused" in failed["message"]
+        assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+    finally:
+        chart_registry.start()
+    assert wait_until(lambda: deployed_chart(cluster, name), timeout=120, message="deployed") == version

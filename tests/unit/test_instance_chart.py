@@ -1,0 +1,32 @@
+"""The chart store with a chart directory: the fleet runs the directory's version, and a pin to another
+version is refused naming the field (the OCI side runs against a real registry in the integration
+tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
+from iotistic_billing.operator.helm import Helm
+from iotistic_billing.settings import load_settings
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "customer-instance"
+
+
+def store(tmp_path: Path) -> ChartStore:
+    return ChartStore(load_settings(instance_chart=str(CHART)), Helm("helm", None, 1), tmp_path)
+
+
+async def test_a_chart_directory_serves_its_own_version(tmp_path: Path) -> None:
+    charts = store(tmp_path)
+    assert charts.fleet_version == "0.1.0"
+    assert (await charts.get(None)).path == CHART
+    assert (await charts.get("0.1.0")).version == "0.1.0"
+    with pytest.raises(
+        ChartUnavailable, match=rf"^spec.instance.chartVersion is 0.2.0, but the chart at {CHART} is 0.1.0$"
+    ):
+        await charts.get("0.2.0")
+    assert not any(os.scandir(tmp_path))  # nothing pulled, nothing cached
