@@ -46,7 +46,7 @@ integration: venv tools
 
 # One pytest run for every layer, so the control plane and PostgreSQL start once per session.
 test: venv tools tools-e2e tools-browser lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # The simulated cluster's parts too: the sample Customers roll out and turn Ready.
 dev: venv tools tools-e2e

@@ -70,7 +70,13 @@ def baseline_values(i: int) -> dict[str, Any]:
     }
 
 
-async def helm_installs(kubeconfig: Path, numbers: range, create_namespace: Callable[[str], None]) -> float:
+async def helm_installs(
+    kubeconfig: Path,
+    numbers: range,
+    create_namespace: Callable[[str], None] | None,
+    chart: Path = CHART,
+    values_of: Callable[[int], dict[str, Any]] = baseline_values,
+) -> float:
     """The baseline: a namespace created through the API, then the operator's own helm command (same
     flags and environment), nothing around it, for one release per number at the operator's concurrency;
     seconds until the last one returned.
@@ -83,16 +89,17 @@ async def helm_installs(kubeconfig: Path, numbers: range, create_namespace: Call
     helm = str(find_binary("helm"))
 
     async def install(i: int) -> None:
-        await asyncio.to_thread(create_namespace, f"baseline-{i}")
+        if create_namespace is not None:  # None: the releases exist, this is their upgrade
+            await asyncio.to_thread(create_namespace, f"baseline-{i}")
         with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
-            json.dump(baseline_values(i), values)
+            json.dump(values_of(i), values)
             values.flush()
             async with slots:
                 process = await asyncio.create_subprocess_exec(
                     helm,
                     "--kubeconfig",
                     str(kubeconfig),
-                    *upgrade_install_args("instance", f"baseline-{i}", CHART, Path(values.name)),
+                    *upgrade_install_args("instance", f"baseline-{i}", chart, Path(values.name)),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
                     env=helm_environment(),

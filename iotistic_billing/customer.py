@@ -167,6 +167,10 @@ class TrialSpec(CustomerModel):
 CHART_VERSION_PATTERN = r"^v?[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.+-]+)?$"
 
 
+# Where a Customer's chart version comes from: its spec (pinned), a rollout's annotation, the fleet.
+VersionSource = Literal["Pinned", "Rollout", "Fleet"]
+
+
 class InstanceSpec(CustomerModel):
     enabled: bool = True
     domain: Annotated[str, Field(pattern=DNS_NAME_PATTERN, max_length=253)] | None = None
@@ -261,6 +265,9 @@ class ReleaseStatus(CustomerModel):
     revision: NonNegativeInt | None = None
     chart_version: Annotated[str, Field(max_length=64)] | None = None
     values_hash: Annotated[str, Field(max_length=128)] | None = None
+    # The version the last pass aimed at, and where it came from (docs/architecture.md, "Fleet rollouts").
+    target_version: Annotated[str, Field(max_length=64)] | None = None
+    version_source: VersionSource | None = None
 
 
 class InstanceStatus(CustomerModel):

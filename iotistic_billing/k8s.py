@@ -23,6 +23,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from iotistic_billing.rollout import ROLLOUT_PLURAL
 
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -42,6 +43,7 @@ class FieldManager(StrEnum):
     USAGE = "iotistic-usage"  # status.usage and the WithinLimits condition
     CLI = "iotistic-billing-cli"  # `iotistic-billing customer`
     CONSOLE = "iotistic-console"  # the admin console's actions: a suspension, a reconcile request
+    ROLLOUT = "iotistic-rollout"  # a Customer's rollout.iotistic.io/* annotations, InstanceRollout status
 
 
 class KubernetesUnavailable(Exception):
@@ -177,13 +179,16 @@ class KubeApi:
     ) -> dict[str, Any]:
         """Server-side apply of the given part of a spec: the manager owns exactly the fields it sends
         (spec.subscription for the Stripe inbox), the rest belongs to people and GitOps."""
+        return self._apply_customer(customer_body(name, spec), manager)
+
+    def _apply_customer(self, body: dict[str, Any], manager: FieldManager | None) -> dict[str, Any]:
         applied: dict[str, Any] = self.call(
             self.objects.patch_cluster_custom_object,
             GROUP,
             VERSION,
             PLURAL,
-            name,
-            customer_body(name, spec),
+            body["metadata"]["name"],
+            body,
             field_manager=self._manager(manager),
             force=True,
             _content_type=APPLY_PATCH,
@@ -203,6 +208,52 @@ class KubeApi:
         if resource_version is not None:
             patch["metadata"] = {"resourceVersion": resource_version}
         return self._merge_patch(self.objects.patch_cluster_custom_object_status, name, patch, manager)
+
+    def apply_customer_annotations(
+        self, name: str, annotations: dict[str, str], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply of annotations alone: the manager owns exactly these keys (one it owned
+        and leaves out is removed), never the spec."""
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "annotations": annotations},
+        }
+        return self._apply_customer(body, manager)
+
+    # ----- InstanceRollouts -----
+
+    def list_rollouts(self) -> list[dict[str, Any]]:
+        page = self.call(self.objects.list_cluster_custom_object, GROUP, VERSION, ROLLOUT_PLURAL)
+        items: list[dict[str, Any]] = page.get("items") or []
+        return items
+
+    def read_rollout(self, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = not_found_as_none(
+            self.call, self.objects.get_cluster_custom_object, GROUP, VERSION, ROLLOUT_PLURAL, name
+        )
+        return found
+
+    def patch_rollout(
+        self, name: str, patch: dict[str, Any], manager: FieldManager | None = None, status: bool = False
+    ) -> dict[str, Any]:
+        """A merge patch of an InstanceRollout (the console's pause, resume, abort), or of its status."""
+        method = (
+            self.objects.patch_cluster_custom_object_status
+            if status
+            else self.objects.patch_cluster_custom_object
+        )
+        patched: dict[str, Any] = self.call(
+            method,
+            GROUP,
+            VERSION,
+            ROLLOUT_PLURAL,
+            name,
+            patch,
+            field_manager=self._manager(manager),
+            _content_type=MERGE_PATCH,
+        )
+        return patched
 
     # ----- namespaced objects -----
 
@@ -365,6 +416,22 @@ class Kube:
         manager: FieldManager | None = None,
     ) -> dict[str, Any]:
         return await self.run(self.api.patch_customer_status, name, status, resource_version, manager)
+
+    async def apply_customer_annotations(
+        self, name: str, annotations: dict[str, str], manager: FieldManager | None = None
+    ) -> dict[str, Any]:
+        return await self.run(self.api.apply_customer_annotations, name, annotations, manager)
+
+    async def list_rollouts(self) -> list[dict[str, Any]]:
+        return await self.run(self.api.list_rollouts)
+
+    async def read_rollout(self, name: str) -> dict[str, Any] | None:
+        return await self.run(self.api.read_rollout, name)
+
+    async def patch_rollout(
+        self, name: str, patch: dict[str, Any], manager: FieldManager | None = None, status: bool = False
+    ) -> dict[str, Any]:
+        return await self.run(self.api.patch_rollout, name, patch, manager, status)
 
     async def apply(self, body: dict[str, Any]) -> None:
         await self.run(self.api.apply, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 from datetime import timedelta
@@ -60,6 +61,13 @@ class Settings(BaseSettings):
     instance_chart_version: Annotated[str, Field(pattern=CHART_VERSION_PATTERN)] | None = None
     # The registry speaks plain HTTP (a local registry without TLS, as make dev's).
     instance_chart_plain_http: bool = False
+    # The registry's credentials: a Docker config JSON (the `.dockerconfigjson` of a Secret of type
+    # kubernetes.io/dockerconfigjson, mounted), given to `helm pull` as its registry config.
+    instance_chart_registry_config: Path | None = None
+    # How the fleet moves to a new INSTANCE_CHART_VERSION: `rollout`, only through InstanceRollouts (a
+    # Customer keeps the version it runs); `immediate`, every unpinned Customer at once. A chart
+    # directory has one version only, so with one the fleet always moves at once.
+    instance_chart_upgrade: Literal["rollout", "immediate"] = "rollout"
     helm_binary: str = "helm"
     helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
@@ -186,6 +194,21 @@ class Settings(BaseSettings):
                 "INSTANCE_CHART_VERSION: required with an oci:// INSTANCE_CHART (the version the fleet runs)"
             )
         return self
+
+    @field_validator("instance_chart_registry_config")
+    @classmethod
+    def _registry_config(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        try:
+            config = json.loads(value.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"cannot read {value} as a Docker config JSON ({type(error).__name__})"
+            ) from None
+        if not isinstance(config, dict) or not isinstance(config.get("auths"), dict):
+            raise ValueError(f'{value} has no "auths" object (a .dockerconfigjson has one)')
+        return value
 
     @model_validator(mode="after")
     def _platform_webhook_is_signed(self) -> Settings:

@@ -170,10 +170,12 @@ class OperatorProcess:
         self.base_env = env
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.overrides: dict[str, str] = {}
 
     def start(self, **overrides: str) -> None:
         from iotistic_billing.processes import free_port
 
+        self.overrides = overrides  # a restart after a kill takes the same settings
         env = {
             **self.base_env,
             "OPERATOR_LIVENESS_PORT": str(free_port()),

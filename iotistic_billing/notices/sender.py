@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -35,6 +34,7 @@ from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
+from iotistic_billing.workers import nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,7 @@ class NoticeSender:
             self._tasks.append(asyncio.create_task(listen(self.database_url, NOTICES_CHANNEL, self.wake)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
         if self._http is not None:
             await self._http.close()
@@ -120,8 +116,7 @@ class NoticeSender:
             if sent:
                 continue
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
+            await nap(self._wakeup, POLL_SECONDS)
 
     async def send_due(self) -> int:
         """Try every delivery that is due now, once (tests, and a drain at shutdown)."""

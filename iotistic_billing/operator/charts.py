@@ -17,6 +17,9 @@ from iotistic_billing.settings import OCI_PREFIX, Settings
 
 # Helm's answers when a chart version is not in the registry (the tag is missing, or the repository).
 _NOT_FOUND_MARKERS = ("not found", "name unknown", "manifest unknown")
+# ... and when the registry refuses us, however worded ("basic credential not found" without a login):
+# the credentials may come, so the pull is retried rather than the Customer stalled.
+_REFUSED_MARKERS = ("credential", "unauthorized", "denied", "status code 401", "status code 403")
 
 
 class ChartUnavailable(Exception):
@@ -41,6 +44,7 @@ class ChartStore:
         self.helm = helm
         self.cache = cache
         self.plain_http = settings.instance_chart_plain_http
+        self.registry_config = settings.instance_chart_registry_config
         self._fleet_version = settings.instance_chart_version
         self._pulls: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -53,10 +57,10 @@ class ChartStore:
             return self._fleet_version
         return chart_version(Path(self.source))
 
-    async def get(self, pinned: str | None) -> InstanceChart:
-        """The chart at `pinned` (spec.instance.chartVersion), or at the fleet's version."""
-        version = pinned or self.fleet_version
-        asked = f"spec.instance.chartVersion is {pinned}" if pinned else f"the fleet's version is {version}"
+    async def get(self, version: str | None, source: str = "spec.instance.chartVersion") -> InstanceChart:
+        """The chart at `version`, which `source` asks for (the errors name it), or at the fleet's version."""
+        asked = f"{source} is {version}" if version else f"the fleet's version is {self.fleet_version}"
+        version = version or self.fleet_version
         if not self.oci:
             if version != (found := self.fleet_version):
                 raise ChartUnavailable(f"{asked}, but the chart at {self.source} is {found}")
@@ -73,9 +77,17 @@ class ChartStore:
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache))
         try:
             try:
-                await self.helm.pull(self.source, version, staging, plain_http=self.plain_http)
+                await self.helm.pull(
+                    self.source,
+                    version,
+                    staging,
+                    plain_http=self.plain_http,
+                    registry_config=self.registry_config,
+                )
             except HelmError as error:
-                if any(marker in error.message.lower() for marker in _NOT_FOUND_MARKERS):
+                said = error.message.lower()
+                refused = any(marker in said for marker in _REFUSED_MARKERS)
+                if not refused and any(marker in said for marker in _NOT_FOUND_MARKERS):
                     raise ChartUnavailable(f"{asked}, which {self.source} does not have") from None
                 raise
             self._settle(staging, version, directory, asked)

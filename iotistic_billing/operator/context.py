@@ -71,3 +71,12 @@ class OperatorContext:
     pass_requests: PassRequests = field(default_factory=PassRequests)
     # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.
     noticed: set[str] = field(default_factory=set)
+    # One per running InstanceRollout's daemon: set when a pass wrote a Customer's status, so the
+    # rollout looks again now rather than at its next tick.
+    rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
+
+    @property
+    def fleet_moves_at_once(self) -> bool:
+        """Every unpinned Customer follows INSTANCE_CHART_VERSION at once (no rollouts): as the
+        platform said (INSTANCE_CHART_UPGRADE), or because a chart directory holds one version only."""
+        return self.settings.instance_chart_upgrade == "immediate" or not self.charts.oci

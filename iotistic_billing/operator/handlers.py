@@ -22,6 +22,7 @@ from iotistic_billing.customer import (
     customer_of_namespace,
 )
 from iotistic_billing.operator import constants as c
+from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
@@ -29,6 +30,8 @@ from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
+from iotistic_billing.workers import nap
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
 HOUSEKEEPING = "housekeeping"
@@ -95,6 +98,42 @@ async def reconcile_requested(
     Customer, whose spec handler Kopf does not retry until the spec changes."""
     if new:
         _report(await reconcile(_context(memo), name), body, retry)
+
+
+@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", ROLLOUT_CHART_VERSION), backoff=5)
+async def rollout_version_changed(
+    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, old: Any, new: Any, **_: Any
+) -> None:
+    """A rollout moved the Customer to another chart version (or back): a pass installs it."""
+    if old != new:
+        _report(await reconcile(_context(memo), name), body, retry)
+
+
+@kopf.daemon(*ROLLOUT_RESOURCE, id="rollout", cancellation_timeout=5.0)
+async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """An InstanceRollout's ticks (rollouts.advance) while it runs; a finished one is only looked at,
+    in Kopf's live body, until its spec asks for a new version."""
+    ctx = _context(memo)
+    wakeup = asyncio.Event()
+    ctx.rollout_wakeups.add(wakeup)
+    try:
+        while True:
+            if not rollouts.settled(body):
+                try:
+                    decision = await rollouts.advance(ctx, name)
+                except Exception:  # the API server away, a conflict: the next tick tries again
+                    log.exception("tick of InstanceRollout %s failed", name)
+                    decision = None
+                for kind, reason, message in decision.events if decision else ():
+                    kopf.event(body, type=kind, reason=reason, message=message)
+            # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK.
+            await asyncio.sleep(rollouts.QUIET_SECONDS)
+            wakeup.clear()
+            await nap(wakeup, rollouts.TICK_SECONDS - rollouts.QUIET_SECONDS)
+    except asyncio.CancelledError:
+        return
+    finally:
+        ctx.rollout_wakeups.discard(wakeup)
 
 
 @kopf.on.delete(*CUSTOMERS)

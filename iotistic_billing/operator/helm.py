@@ -129,10 +129,19 @@ class Helm:
         return stdout.decode()
 
     async def pull(
-        self, reference: str, version: str, destination: Path, *, plain_http: bool = False
+        self,
+        reference: str,
+        version: str,
+        destination: Path,
+        *,
+        plain_http: bool = False,
+        registry_config: Path | None = None,
     ) -> None:
-        """`helm pull` of one version of an OCI chart, unpacked under `destination`."""
+        """`helm pull` of one version of an OCI chart, unpacked under `destination`; with the registry's
+        credentials from `registry_config` (a Docker config JSON) when given."""
         args = ["pull", reference, "--version", version, "--untar", "--destination", str(destination)]
+        if registry_config is not None:
+            args += ["--registry-config", str(registry_config)]
         await self._run(*args, *(["--plain-http"] if plain_http else []))
 
     async def upgrade_install(

@@ -37,12 +37,14 @@ from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
     answered_request,
+    chart_target,
     invalid_spec_status,
     next_status,
     over_current,
     pass_target,
 )
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
+from iotistic_billing.rollout import settled_version
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,14 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         status = answered_request(status, meta.get("annotations") or {})
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
     customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
+    version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
     target = pass_target(
-        body, customer, ctx.settings.base_domain, now, timedelta(days=ctx.settings.dunning_restrict_days)
+        body,
+        customer,
+        ctx.settings.base_domain,
+        now,
+        (version or await _fleet_version(ctx, body), source),
+        timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
     # The licence Secret is read while the namespace is applied (a missing namespace reads as no Secret).
@@ -184,6 +192,14 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     return result
 
 
+async def _fleet_version(ctx: OperatorContext, body: dict[str, Any]) -> str:
+    """The version the fleet has settled on for a Customer that runs none of its own yet: the newest
+    Succeeded InstanceRollout selecting it, else INSTANCE_CHART_VERSION. Listed only for such
+    Customers (new ones), so a thousand Ready Customers list no rollouts."""
+    settled = None if ctx.fleet_moves_at_once else settled_version(await ctx.kube.list_rollouts(), body)
+    return settled or ctx.charts.fleet_version
+
+
 async def _finish(
     ctx: OperatorContext,
     body: dict[str, Any],
@@ -212,9 +228,11 @@ async def _finish(
             extra={"customer": name, "customer_id": status.customer_id, "error": permanent or temporary},
         )
     for _attempt in range(STATUS_CONFLICT_RETRIES):
-        if status.to_k8s() == previous.to_k8s() or await _patched(
-            ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), resource_version
-        ):
+        if status.to_k8s() == previous.to_k8s():
+            return PassResult(status, was, permanent, temporary, step)
+        if await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), resource_version):
+            for wakeup in ctx.rollout_wakeups:
+                wakeup.set()
             return PassResult(status, was, permanent, temporary, step)
         current = await ctx.kube.read_customer(name)
         if current is None:

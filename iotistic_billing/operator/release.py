@@ -10,6 +10,14 @@ from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.outcomes import ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
+
+# How a version's source is named in a ChartUnavailable message.
+_VERSION_SOURCES = {
+    "Pinned": "spec.instance.chartVersion",
+    "Rollout": f"the annotation {ROLLOUT_CHART_VERSION}",
+    "Fleet": "the fleet's version",
+}
 
 
 async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
@@ -30,7 +38,7 @@ async def ensure_release(
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
     try:
-        chart = await ctx.charts.get(target.spec.instance.chart_version)
+        chart = await ctx.charts.get(target.chart_version, _VERSION_SOURCES[target.version_source])
     except ChartUnavailable as error:
         return ReleaseOutcome("failed", c.CHART_VERSION_UNAVAILABLE, str(error), permanent=True)
     except HelmError as error:  # the registry is away: the next pass tries again

@@ -20,7 +20,9 @@ from iotistic_billing.customer import (
     CustomerStatus,
     InstanceStatus,
     Phase,
+    ReleaseStatus,
     TrialStatus,
+    VersionSource,
     customer_id_in_use,
     namespace_for,
 )
@@ -40,6 +42,7 @@ from iotistic_billing.operator.conditions import (
 from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
 from iotistic_billing.operator.manifests import owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,9 @@ class PassTarget:
     # The ownerReference of everything the pass creates for the Customer.
     owner: dict[str, Any]
     now: datetime
+    # The instance chart's version the pass installs, and where it came from (chart_target).
+    chart_version: str
+    version_source: VersionSource
 
     @property
     def name(self) -> str:
@@ -72,11 +78,29 @@ def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
     return spec.instance.domain or f"{name}.{base_domain}"
 
 
+def chart_target(
+    customer: Customer, previous: ReleaseStatus | None, immediate: bool
+) -> tuple[str | None, VersionSource]:
+    """The chart version a pass aims at: the spec's pin, else (unless the fleet moves at once) the
+    version a rollout set, else the version the Customer already runs from the fleet, so a new
+    INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up)."""
+    if pinned := customer.spec.instance.chart_version:
+        return pinned, "Pinned"
+    if immediate:
+        return None, "Fleet"
+    if rollout := customer.metadata.annotations.get(ROLLOUT_CHART_VERSION):
+        return rollout, "Rollout"
+    if previous is not None and previous.version_source == "Fleet" and previous.chart_version:
+        return previous.chart_version, "Fleet"
+    return None, "Fleet"
+
+
 def pass_target(
     body: Mapping[str, Any],
     customer: Customer,
     base_domain: str,
     now: datetime,
+    chart: tuple[str, VersionSource],
     restricted_for: timedelta = RESTRICTED_FOR,
 ) -> PassTarget:
     name = customer.metadata.name
@@ -89,6 +113,8 @@ def pass_target(
         entitlement=effective_plan(customer.spec, created, now, restricted_for),
         owner=owner_reference(body),
         now=now,
+        chart_version=chart[0],
+        version_source=chart[1],
     )
 
 
@@ -137,6 +163,8 @@ def next_status(
         now=target.now,
     )
     release = outcome.release
+    deployed = release.release if release is not None and release.release is not None else previous.release
+    aimed = {"target_version": target.chart_version, "version_source": target.version_source}
     return previous.model_copy(
         update={
             "customer_id": target.customer_id,
@@ -144,9 +172,7 @@ def next_status(
             "plan": entitlement.plan,
             "trial": TrialStatus(is_trial_mode=entitlement.trial_active, ends_at=entitlement.trial_ends_at),
             "license": outcome.license or previous.license,
-            "release": release.release
-            if release is not None and release.release is not None
-            else previous.release,
+            "release": deployed.model_copy(update=aimed) if deployed else ReleaseStatus(**aimed),
             "instance": InstanceStatus(namespace=target.namespace, url=target.url),
             "conditions": conditions,
             "observed_generation": generation
@@ -235,6 +261,7 @@ __all__ = [
     "FOREIGN_CONDITIONS",
     "PassTarget",
     "answered_request",
+    "chart_target",
     "housekeeping_due",
     "instance_domain",
     "invalid_spec_status",

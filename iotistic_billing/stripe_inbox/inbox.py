@@ -11,7 +11,6 @@ it is tried again after a backoff. Ordering per subscription does not depend on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
+from iotistic_billing.workers import nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class EventInbox:
             )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     async def _work(self) -> None:
@@ -115,8 +111,7 @@ class EventInbox:
             if applied:
                 continue
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.poll)
+            await nap(self._wakeup, self.poll)
 
     async def apply_one(self) -> bool:
         """Claim and apply the oldest pending event that is due; False when there is none."""

@@ -268,6 +268,13 @@ def _check_reconcile(out: str) -> None:
     ], out
 
 
+def _check_rollout(out: str) -> None:
+    applied, header, row = out.splitlines()
+    assert applied.startswith("instancerollout.iotistic.io/instance-0.2.0 "), applied
+    assert header.split() == ["NAME", "VERSION", "STEP", "UPDATED", "HEALTHY", "PHASE", "AGE"], header
+    assert row.split()[:6] == ["instance-0.2.0", "0.2.0", "3", "2", "2", "Succeeded"], row
+
+
 def _check_cli(out: str) -> None:
     documents = _json_documents(out)
     assert any(isinstance(d, dict) and d.get("keys") for d in documents), out  # the JWKS
@@ -293,6 +300,7 @@ def _check_notices(out: str) -> None:
 CHECKS: dict[str, Callable[[str], None]] = {
     "env": _check_env,
     "get-customers": _check_get_customers,
+    "rollout": _check_rollout,
     "queue-stats": _check_queue_stats,
     "signup": _check_signup,
     "checkout": _check_checkout,
@@ -315,6 +323,7 @@ def run_readme_block(dev: DevRun, workdir: Path, code: str) -> subprocess.Comple
     `.dev` is this module's dev state, with bin/ and the virtual environment's scripts on PATH."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ".dev").symlink_to(dev.state)
+    (workdir / "charts").symlink_to(README.parent / "charts")  # as in a checkout
     path = os.pathsep.join([str(REPO_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(
         ["bash", "-c", f"set -euo pipefail\nsource .dev/env\n{code}"],

@@ -122,3 +122,55 @@ def test_a_registry_that_is_away_is_retried_not_stalled(
     finally:
         chart_registry.start()
     assert wait_until(lambda: deployed_chart(cluster, name), timeout=120, message="deployed") == version
+
+
+@pytest.fixture(scope="module")
+def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartRegistry]:
+    """A registry that asks for credentials (htpasswd), with the chart pushed as its user."""
+    registry = ChartRegistry(
+        tmp_path_factory.mktemp("private-registry"), credentials=("fleet", "s3cret-pw")
+    ).start()
+    try:
+        registry.push(CHART, "0.1.0")
+        yield registry
+    finally:
+        registry.stop()
+
+
+def test_a_private_registry_is_pulled_from_with_the_credentials_of_its_docker_config(
+    operator: OperatorProcess,
+    private_registry: ChartRegistry,
+    k8s_client: kubernetes.client.ApiClient,
+    kubeconfig: Path,
+    tmp_path: Path,
+) -> None:
+    cluster = Cluster(k8s_client, kubeconfig)
+    reference = private_registry.reference("customer-instance")
+    assert private_registry.config is not None
+    operator.stop()
+    try:
+        # Without the credentials: refused by the registry, retried (not stalled).
+        operator.start(
+            INSTANCE_CHART=reference, INSTANCE_CHART_VERSION="0.1.0", INSTANCE_CHART_PLAIN_HTTP="true"
+        )
+        name = unique_name("locked")
+        cluster.create(customer_manifest(name, plan="starter"))
+        failed = wait_until(
+            lambda: release_condition(cluster, name, "ChartPullFailed"), timeout=60, message="pull refused"
+        )
+        assert "credential" in failed["message"].lower(), failed
+        assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+        operator.stop()
+        # With the Docker config a kubernetes.io/dockerconfigjson Secret holds, mounted as the chart does.
+        operator.start(
+            INSTANCE_CHART=reference,
+            INSTANCE_CHART_VERSION="0.1.0",
+            INSTANCE_CHART_PLAIN_HTTP="true",
+            INSTANCE_CHART_REGISTRY_CONFIG=str(private_registry.config),
+        )
+        assert wait_until(lambda: deployed_chart(cluster, name), timeout=120, message="deployed") == "0.1.0"
+        # The password is nowhere in what the Customer shows.
+        assert "s3cret-pw" not in str(cluster.customer(name))
+    finally:
+        operator.stop()
+        operator.start()

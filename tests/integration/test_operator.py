@@ -581,7 +581,7 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     kube = RefusalsKept(k8s_client)
     previous = CustomerStatus.model_validate(read["status"])
     await _finish(
-        cast(OperatorContext, SimpleNamespace(kube=Kube(kube))),
+        cast(OperatorContext, SimpleNamespace(kube=Kube(kube), rollout_wakeups=set())),
         read,
         previous,
         previous.model_copy(update={"phase": Phase.DEGRADED}),

@@ -300,6 +300,28 @@ def test_the_instance_chart_can_come_from_a_registry_at_the_fleet_s_version(
     assert tagged.returncode != 0 and "/operator/instanceChart/reference" in tagged.stderr
 
 
+def test_the_registry_credentials_come_from_a_docker_config_secret(helm: Path, tmp_path: Path) -> None:
+    chart = {"reference": "oci://registry.example/charts/customer-instance", "version": "0.2.0"}
+    chart["credentialsSecret"] = "registry-pull"
+    deployment = one(render(helm, tmp_path, {"operator": {"instanceChart": chart}}), "Deployment", OPERATOR)
+    env = env_of(deployment)
+    assert env["INSTANCE_CHART_REGISTRY_CONFIG"]["value"] == "/etc/iotistic/registry/config.json"
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "registry-credentials")
+    assert volume["secret"]["secretName"] == "registry-pull"
+    assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "registry-credentials")
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/iotistic/registry", True)
+    plain = env_of(
+        one(
+            render(helm, tmp_path, {"operator": {"instanceChart": {**chart, "credentialsSecret": ""}}}),
+            "Deployment",
+            OPERATOR,
+        )
+    )
+    assert "INSTANCE_CHART_REGISTRY_CONFIG" not in plain
+
+
 def test_licence_keys_are_files_and_only_the_operator_gets_the_private_key(
     default_objects: list[Manifest],
 ) -> None:
@@ -456,6 +478,8 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         # Usage metering's status.usage and WithinLimits (the Role once left it out: every flush of a
         # deployed server was a 403, seen when tests/integration/test_rbac.py made that call too).
         {"apiGroups": ["iotistic.io"], "resources": ["customers/status"], "verbs": ["patch"]},
+        # The console's rollouts page, and its Pause, Resume and Abort.
+        {"apiGroups": ["iotistic.io"], "resources": ["instancerollouts"], "verbs": ["list", "patch"]},
         # The console: the Events about a Customer, and its actions told as Events.
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
         {

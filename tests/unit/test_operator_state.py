@@ -163,6 +163,8 @@ def target(
         entitlement=entitlement or _entitlement("starter"),
         owner={},
         now=now,
+        chart_version="0.1.0",
+        version_source="Fleet",
     )
 
 
@@ -298,7 +300,7 @@ def test_the_pass_target_is_worked_out_once_from_the_customer() -> None:
             "instance": {"domain": "a.example"},
         },
     }
-    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW)
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
     assert (aimed.customer_id, aimed.namespace, aimed.url) == (
         derived_customer_id("u-1"),
         "customer-acme",

@@ -89,7 +89,7 @@ class StatusServer:
 
 
 def context(server: StatusServer) -> OperatorContext:
-    return cast(OperatorContext, SimpleNamespace(kube=server))
+    return cast(OperatorContext, SimpleNamespace(kube=server, rollout_wakeups=set()))
 
 
 async def test_a_status_patch_that_lost_the_race_keeps_what_usage_metering_wrote() -> None:

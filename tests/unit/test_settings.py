@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from iotistic_billing.settings import SettingsError, load_settings
@@ -77,6 +79,14 @@ def test_secret_values_never_appear_in_the_error(monkeypatch: pytest.MonkeyPatch
             "INSTANCE_CHART_VERSION: String should match pattern",
         ),
         ({"HELM_CHART_PATH": "charts/customer-instance"}, "HELM_CHART_PATH: renamed INSTANCE_CHART"),
+        (
+            {"INSTANCE_CHART_REGISTRY_CONFIG": "/nonexistent/config.json"},
+            "INSTANCE_CHART_REGISTRY_CONFIG: cannot read /nonexistent/config.json as a Docker config JSON",
+        ),
+        (
+            {"INSTANCE_CHART_UPGRADE": "eventually"},
+            "INSTANCE_CHART_UPGRADE: Input should be 'rollout' or 'immediate'",
+        ),
     ],
 )
 def test_the_instance_chart_is_a_directory_or_an_oci_chart_at_a_version(
@@ -97,3 +107,12 @@ def test_an_oci_chart_with_its_fleet_version(monkeypatch: pytest.MonkeyPatch) ->
     assert (
         load_settings(instance_chart="charts/customer-instance").instance_chart == "charts/customer-instance"
     )
+
+
+def test_the_registry_config_is_a_docker_config_with_auths(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"credsStore": "desktop"}')
+    with pytest.raises(SettingsError, match=r'INSTANCE_CHART_REGISTRY_CONFIG: .* has no "auths" object'):
+        load_settings(instance_chart_registry_config=str(config))
+    config.write_text('{"auths": {"registry.example": {"auth": "dTpw"}}}')
+    assert load_settings(instance_chart_registry_config=str(config)).instance_chart_registry_config == config

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from iotistic_billing.customer import Phase
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
 
 # The phases a person should look at first, and the condition that says why.
 FAILING_PHASES: Final = (Phase.FAILED, Phase.DEGRADED)
@@ -234,6 +235,55 @@ async def audit(
     return list((await session.scalars(query)).all())
 
 
+@dataclass(frozen=True)
+class RolloutStepView:
+    takes: str  # "canaries: a, b", "25%", "the rest"
+    max_parallel: int
+    bake_seconds: int
+    progress: StepStatus
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    name: str
+    created: str
+    spec: RolloutSpec
+    status: RolloutStatus
+    steps: list[RolloutStepView]
+
+    @property
+    def finished(self) -> bool:
+        return self.status.phase in TERMINAL_PHASES
+
+
+def rollout_views(bodies: list[dict[str, Any]]) -> list[RolloutView]:
+    """InstanceRollouts as the console lists them, newest first (one the models refuse is left out)."""
+    views = []
+    for body in bodies:
+        try:
+            spec = RolloutSpec.model_validate(body.get("spec") or {})
+            status = RolloutStatus.model_validate(body.get("status") or {})
+        except ValueError:
+            continue
+        progress = status.steps or []
+        steps = [
+            RolloutStepView(
+                takes=f"canaries: {', '.join(step.customers)}"
+                if step.customers
+                else f"{step.percent}%"
+                if step.percent
+                else "the rest",
+                max_parallel=step.max_parallel,
+                bake_seconds=step.bake_seconds,
+                progress=progress[i] if i < len(progress) else StepStatus(),
+            )
+            for i, step in enumerate(spec.steps)
+        ]
+        meta = body["metadata"]
+        views.append(RolloutView(meta["name"], str(meta.get("creationTimestamp", "")), spec, status, steps))
+    return sorted(views, key=lambda view: view.created, reverse=True)
+
+
 async def record_action(
     session: AsyncSession,
     *,
@@ -255,6 +305,8 @@ __all__ = [
     "FailingCustomer",
     "InboxStats",
     "Overview",
+    "RolloutStepView",
+    "RolloutView",
     "audit",
     "event_types",
     "failing",
@@ -264,5 +316,6 @@ __all__ = [
     "overview",
     "phase_of",
     "record_action",
+    "rollout_views",
     "stripe_events",
 ]

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, select_autoescape
+from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
 
 from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
@@ -28,6 +29,7 @@ from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import ApiError, Forbidden, NotFound
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.notices.log import recent_notices
+from iotistic_billing.rollout import ROLLOUT_ABORT
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
 from iotistic_billing.webhook_server.console import data
@@ -430,6 +432,35 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": detail}))
 
 
+async def rollouts_page(request: web.Request) -> web.Response:
+    """The InstanceRollouts with their steps, counts and failed Customers."""
+    return render(
+        request, "rollouts.html.j2", rollouts=data.rollout_views(await request.app[KUBE].list_rollouts())
+    )
+
+
+async def rollout_action(request: web.Request) -> web.StreamResponse:
+    """Pause (spec.paused), resume, abort (the annotation that ends a rollout where it is)."""
+    name, action = request.match_info["name"], request.match_info["action"]
+    now = request.app[CLOCK]().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patches: dict[str, tuple[dict[str, Any], str]] = {
+        "pause": ({"spec": {"paused": True}}, "paused"),
+        "resume": ({"spec": {"paused": False}}, "resumed"),
+        "abort": ({"metadata": {"annotations": {ROLLOUT_ABORT: now}}}, "aborted"),
+    }
+    if action not in patches:
+        raise NotFound("Not found", f"no action {action!r}")
+    patch, done = patches[action]
+    try:
+        await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
+    except ApiException as error:
+        if error.status == 404:
+            raise NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}") from None
+        raise
+    await _act(request, None, f"rollout-{action}", f"InstanceRollout {name} {done}", target=name)
+    return see_other("/admin/rollouts?" + urlencode({"done": f"{name} {done}"}))
+
+
 async def replay_event(request: web.Request) -> web.StreamResponse:
     """An unmatched or failing Stripe event applied again, once: it goes back to the inbox."""
     event_id = request.match_info["event_id"]
@@ -473,6 +504,8 @@ PAGES: Final[tuple[Page, ...]] = (
     Page("GET", "/admin/stripe-events", stripe_events_page, "viewer"),
     Page("GET", "/admin/stripe-events/{event_id}", stripe_event_page, "viewer"),
     Page("POST", "/admin/stripe-events/{event_id}/replay", replay_event, "admin"),
+    Page("GET", "/admin/rollouts", rollouts_page, "viewer"),
+    Page("POST", "/admin/rollouts/{name}/{action}", rollout_action, "admin"),
 )
 
 PAGES_KEY: web.AppKey[dict[web.AbstractRoute, Page]] = web.AppKey("console_pages")

@@ -1,0 +1,438 @@
+"""Pure decisions of an InstanceRollout: which Customers each step takes, how far each is, and what one
+tick of the rollout does next (the Customers to move, the status, the Events). No I/O here: the tick in
+rollouts.py reads the rollout and the Customers, calls `decide`, and writes what it says.
+
+A Customer counts healthy only on the status the operator wrote after installing the target: its
+rollout annotation, status.release.targetVersion and status.release.chartVersion all the target, and
+Ready True; a pass writes these together, after judging the Deployments helm has just changed, so an
+earlier Ready=True of the old version never counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from iotistic_billing.customer import ConditionType
+from iotistic_billing.operator.conditions import ConditionValue, stalled, with_conditions
+from iotistic_billing.rollout import (
+    ROLLOUT_ABORT,
+    ROLLOUT_CHART_VERSION,
+    ROLLOUT_NAME,
+    ROLLOUT_PREVIOUS_VERSION,
+    ROLLOUT_UPDATED_AT,
+    TERMINAL_PHASES,
+    RolloutFailure,
+    RolloutPhase,
+    RolloutSpec,
+    RolloutStatus,
+    StepStatus,
+    selects,
+)
+
+Health = Literal["pending", "updating", "healthy", "failed"]
+HEALTH_TIMEOUT = "HealthTimeout"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A selected Customer as the rollout sees it."""
+
+    name: str
+    created: str
+    annotations: Mapping[str, str]
+    health: Health
+    reason: str = ""
+    message: str = ""
+    # What it runs now (status.release.chartVersion): recorded when it is moved, for a rollback.
+    running: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.annotations.get(ROLLOUT_CHART_VERSION)
+
+
+@dataclass(frozen=True)
+class Move:
+    """A Customer's rollout annotations, applied whole under the rollout's field manager."""
+
+    customer: str
+    annotations: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: RolloutStatus
+    moves: list[Move] = field(default_factory=list)
+    # (type, reason, message) of the Events to post on the rollout.
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.phase in TERMINAL_PHASES
+
+
+def _time(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedelta) -> Member:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    release = status.get("release") or {}
+    annotations = dict(meta.get("annotations") or {})
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    name, created = str(meta.get("name")), str(meta.get("creationTimestamp") or "")
+    running = release.get("chartVersion")
+    if annotations.get(ROLLOUT_CHART_VERSION) != target:
+        return Member(name, created, annotations, "pending", running=running)
+    aimed = release.get("targetVersion") == target
+    ready = conditions.get(ConditionType.READY) or {}
+    if aimed and running == target and ready.get("status") == "True":
+        return Member(name, created, annotations, "healthy", running=running)
+    stuck = conditions.get(ConditionType.STALLED) or {}
+    if aimed and stuck.get("status") == "True":
+        return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
+    moved_at = _time(annotations.get(ROLLOUT_UPDATED_AT))
+    if moved_at is not None and now - moved_at > timeout:
+        message = ready.get("message") or "not Ready"
+        waited = f"not Ready on {target} {int(timeout.total_seconds())} s after the upgrade: {message}"
+        return Member(name, created, annotations, "failed", HEALTH_TIMEOUT, waited[:1024])
+    return Member(name, created, annotations, "updating", running=running)
+
+
+def assign_steps(spec: RolloutSpec, members: Sequence[Member]) -> list[list[Member]]:
+    """The Customers of each step: named ones as listed, a percentage of all selected (rounded up,
+    oldest first), or the rest. A Customer is in one step at most; created later, it joins the end."""
+    left = sorted(members, key=lambda m: (m.created, m.name))
+    by_name = {m.name: m for m in left}
+    groups: list[list[Member]] = []
+    for step in spec.steps:
+        if step.customers is not None:
+            group = [by_name[n] for n in dict.fromkeys(step.customers) if n in by_name]
+        elif step.percent is not None:
+            group = [m for m in left if m.name in by_name][: math.ceil(step.percent * len(members) / 100)]
+        else:
+            group = [m for m in left if m.name in by_name]
+        for taken in group:
+            del by_name[taken.name]
+        groups.append(group)
+    return groups
+
+
+def moved(customer: Member, version: str, previous: str | None, rollout: str, now: datetime) -> Move:
+    annotations = {
+        ROLLOUT_CHART_VERSION: version,
+        ROLLOUT_NAME: rollout,
+        ROLLOUT_UPDATED_AT: now.isoformat(timespec="seconds"),
+    }
+    if previous:
+        annotations[ROLLOUT_PREVIOUS_VERSION] = previous
+    return Move(customer.name, annotations)
+
+
+def _back(
+    customer: Member, target: str, failure: RolloutFailure | None, rollout: str, now: datetime
+) -> Move | None:
+    """The move that returns a Customer of the failed step to the version it had; None when this
+    rollout did not move it or it is back already. Without a recorded version its annotations are
+    dropped (the fleet's version applies again)."""
+    if customer.annotations.get(ROLLOUT_NAME) != rollout or customer.version != target:
+        return None
+    previous = customer.annotations.get(ROLLOUT_PREVIOUS_VERSION) or (failure and failure.previous_version)
+    if not previous:
+        return Move(customer.name, {})
+    return Move(
+        customer.name,
+        {
+            ROLLOUT_CHART_VERSION: previous,
+            ROLLOUT_NAME: rollout,
+            ROLLOUT_UPDATED_AT: now.isoformat(timespec="seconds"),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The rollout's own facts: name, generation, when it was created, its annotations."""
+
+    name: str
+    generation: int
+    created: str
+    annotations: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class OtherRollout:
+    name: str
+    created: str
+    spec: RolloutSpec | None
+    phase: str | None
+
+
+def decide(
+    rollout: Rollout,
+    spec: RolloutSpec,
+    previous: RolloutStatus,
+    customers: Sequence[Mapping[str, Any]],
+    others: Sequence[OtherRollout],
+    now: datetime,
+    disabled: str | None = None,
+) -> Decision:
+    """One tick. `disabled`: why rollouts cannot run here (the fleet moves at once), or None."""
+    if previous.phase in TERMINAL_PHASES and previous.target_version == spec.chart_version:
+        return Decision(previous)
+    fresh = previous.target_version != spec.chart_version
+    status = RolloutStatus(target_version=spec.chart_version) if fresh else previous.model_copy(deep=True)
+    status.observed_generation = rollout.generation
+    tick = _Tick(rollout, spec, status, now)
+    if disabled is not None:
+        return tick.stall(RolloutPhase.PENDING, "RolloutsDisabled", disabled)
+    if ROLLOUT_ABORT in rollout.annotations:
+        return tick.finish(RolloutPhase.ABORTED, "Aborted", "aborted: no further Customer is moved")
+
+    selected = [c for c in customers if selects(spec, c)]
+    timeout = timedelta(seconds=spec.health_gate.timeout_seconds)
+    members = [member(c, spec.chart_version, now, timeout) for c in selected]
+    groups = assign_steps(spec, members)
+    if status.phase in (None, RolloutPhase.PENDING, RolloutPhase.WAITING):
+        blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
+        if blocking:
+            return tick.wait(blocking)
+    return tick.run(groups, len(members))
+
+
+def _blocking(
+    rollout: Rollout, mine: set[str], others: Sequence[OtherRollout], customers: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """An older active rollout selecting some of the same Customers: this one waits for it."""
+    for other in sorted(others, key=lambda o: (o.created, o.name)):
+        if (other.created, other.name) >= (rollout.created, rollout.name) or other.spec is None:
+            continue
+        if other.phase in TERMINAL_PHASES:
+            continue
+        shared = [c for c in customers if c["metadata"]["name"] in mine and selects(other.spec, c)]
+        if shared:
+            return (
+                f"waits for InstanceRollout {other.name}, which selects {len(shared)} of the same Customers"
+            )
+    return None
+
+
+class _Tick:
+    def __init__(self, rollout: Rollout, spec: RolloutSpec, status: RolloutStatus, now: datetime) -> None:
+        self.rollout, self.spec, self.status, self.now = rollout, spec, status, now
+        self.events: list[tuple[str, str, str]] = []
+        self.moves: list[Move] = []
+
+    def _conditions(self, values: list[ConditionValue]) -> None:
+        self.status.conditions = with_conditions(
+            self.status.conditions, values, generation=self.rollout.generation, now=self.now
+        )
+
+    def _decision(self) -> Decision:
+        return Decision(self.status, self.moves, self.events)
+
+    def stall(self, phase: RolloutPhase, reason: str, message: str) -> Decision:
+        if self.status.phase != phase:
+            self.events.append(("Warning", reason, message))
+        self.status.phase = phase
+        self._conditions(stalled(reason, message))
+        return self._decision()
+
+    def finish(self, phase: RolloutPhase, reason: str, message: str) -> Decision:
+        self.status.completed_at = self.now
+        if phase == RolloutPhase.SUCCEEDED:
+            self.status.phase = phase
+            self.events.append(("Normal", reason, message))
+            self._conditions(
+                [
+                    ConditionValue(ConditionType.STALLED, False, reason, ""),
+                    ConditionValue(ConditionType.RECONCILING, False, reason, ""),
+                    ConditionValue(ConditionType.READY, True, reason, message),
+                ]
+            )
+            return self._decision()
+        return self.stall(phase, reason, message)
+
+    def wait(self, why: str) -> Decision:
+        if self.status.phase != RolloutPhase.WAITING:
+            self.events.append(("Normal", "Waiting", why))
+        self.status.phase = RolloutPhase.WAITING
+        self._progressing("WaitingForRollout", why, reconciling=True)
+        return self._decision()
+
+    def _progressing(self, reason: str, message: str, reconciling: bool) -> None:
+        self._conditions(
+            [
+                ConditionValue(ConditionType.STALLED, False, reason, ""),
+                ConditionValue(ConditionType.RECONCILING, reconciling, reason, message),
+                ConditionValue(ConditionType.READY, False, reason, message),
+            ]
+        )
+
+    def _count(self, groups: list[list[Member]], total: int) -> None:
+        target = self.spec.chart_version
+        steps = list(self.status.steps or [])
+        steps += [StepStatus() for _ in range(len(groups) - len(steps))]
+        failed_names = {f.customer for f in self.status.failures or ()}
+        for step, group in zip(steps, groups, strict=False):
+            step.selected = len(group)
+            step.updated = sum(m.version == target for m in group)
+            step.healthy = sum(m.health == "healthy" for m in group)
+            step.failed = sum(m.name in failed_names for m in group)
+        self.status.steps = steps[: len(groups)]
+        everyone = [m for group in groups for m in group]
+        self.status.selected = total
+        self.status.updated = sum(m.version == target for m in everyone)
+        self.status.healthy = sum(m.health == "healthy" for m in everyone)
+        self.status.failed = len(failed_names)
+
+    def run(self, groups: list[list[Member]], total: int) -> Decision:
+        spec, status, now = self.spec, self.status, self.now
+        if status.started_at is None:
+            status.started_at = now
+        current = max(0, (status.current_step or 1) - 1)
+        if status.current_step is None:
+            status.current_step = 1
+            self.events.append(("Normal", "StepStarted", self._step_message(0, groups)))
+        rolling_back = status.phase == RolloutPhase.ROLLING_BACK
+        if current < len(groups) and not rolling_back:
+            self._record_failures(groups[current], current)
+        self._count(groups, total)
+        steps = status.steps or []
+        if current < len(steps) and steps[current].started_at is None:
+            steps[current].started_at = now
+        if rolling_back:
+            return self._rolling_back(groups, current)
+        if current >= len(groups):
+            return self._succeeded(groups)
+
+        group = groups[current]
+        if len(status.failures or ()) >= spec.health_gate.max_failures:
+            return self._failed(groups, current)
+
+        step = spec.steps[current]
+        earlier = [m for g in groups[:current] for m in g]
+        pending = [m for m in earlier + group if m.health == "pending"]
+        updating = sum(m.health == "updating" for m in earlier + group)
+        if spec.paused:
+            status.phase = RolloutPhase.PAUSED
+            self._progressing("Paused", f"paused at step {current + 1}: no new upgrade starts", False)
+            return self._decision()
+        for waiting in pending[: max(0, step.max_parallel - updating)]:
+            self.moves.append(moved(waiting, spec.chart_version, waiting.running, self.rollout.name, now))
+        status.phase = RolloutPhase.PROGRESSING
+        step_status = steps[current]
+        done = not pending and all(m.health == "healthy" for m in group)
+        if not done:
+            step_status.healthy_at = None
+            self._progressing("Progressing", self._progress(groups, current), True)
+            return self._decision()
+        if step_status.healthy_at is None:
+            step_status.healthy_at = now
+        baked_at = step_status.healthy_at + timedelta(seconds=step.bake_seconds)
+        if now < baked_at:
+            self._progressing(
+                "Baking", f"step {current + 1}/{len(groups)} healthy, baking until {baked_at}", True
+            )
+            return self._decision()
+        step_status.completed_at = now
+        self.events.append(("Normal", "StepCompleted", f"step {current + 1}/{len(groups)} completed"))
+        if current + 1 >= len(groups):
+            status.current_step = len(groups)
+            return self._succeeded(groups)
+        status.current_step = current + 2
+        steps[current + 1].started_at = now
+        self.events.append(("Normal", "StepStarted", self._step_message(current + 1, groups)))
+        self._progressing("Progressing", self._progress(groups, current + 1), True)
+        return self._decision()
+
+    def _step_message(self, index: int, groups: list[list[Member]]) -> str:
+        names = [m.name for m in groups[index]] if index < len(groups) else []
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        return f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({shown or 'none'})"
+
+    def _progress(self, groups: list[list[Member]], current: int) -> str:
+        status = self.status
+        return (
+            f"step {current + 1}/{len(groups)}: {status.updated}/{status.selected} updated, "
+            f"{status.healthy} healthy, {status.failed} failed"
+        )
+
+    def _record_failures(self, group: list[Member], current: int) -> None:
+        failures = list(self.status.failures or ())
+        known = {f.customer for f in failures}
+        for m in group:
+            if m.health == "failed" and m.name not in known and len(failures) < 100:
+                previous = m.annotations.get(ROLLOUT_PREVIOUS_VERSION)
+                failures.append(
+                    RolloutFailure(
+                        customer=m.name,
+                        step=current + 1,
+                        reason=(m.reason or "Failed")[:128],
+                        message=m.message[:1024],
+                        previous_version=previous,
+                    )
+                )
+                self.events.append(("Warning", "CustomerFailed", f"{m.name}: {m.reason}: {m.message}"[:1024]))
+        self.status.failures = failures or None
+        self.status.failed = len(failures)
+
+    def _failed(self, groups: list[list[Member]], current: int) -> Decision:
+        names = ", ".join(f.customer for f in self.status.failures or ())
+        if self.spec.on_failure == "halt":
+            return self.finish(
+                RolloutPhase.HALTED, "HealthGateFailed", f"halted at step {current + 1}: {names}"
+            )
+        self.status.phase = RolloutPhase.ROLLING_BACK
+        self.events.append(("Warning", "RollingBack", f"step {current + 1} rolls back: {names} failed"))
+        return self._rolling_back(groups, current)
+
+    def _rolling_back(self, groups: list[list[Member]], current: int) -> Decision:
+        failures = {f.customer: f for f in self.status.failures or ()}
+        group = groups[current] if current < len(groups) else []
+        for m in group:
+            back = _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now)
+            if back is not None:
+                self.moves.append(back)
+        names = ", ".join(failures)
+        if self.moves or any(
+            not _returned(m) for m in group if m.annotations.get(ROLLOUT_NAME) == self.rollout.name
+        ):
+            self._progressing("RollingBack", f"step {current + 1} rolling back after {names} failed", True)
+            return self._decision()
+        return self.finish(
+            RolloutPhase.ROLLED_BACK, "RolledBack", f"step {current + 1} rolled back after {names} failed"
+        )
+
+    def _succeeded(self, groups: list[list[Member]]) -> Decision:
+        self.status.current_step = len(groups)
+        return self.finish(
+            RolloutPhase.SUCCEEDED,
+            "Succeeded",
+            f"{self.status.healthy}/{self.status.selected} Customers on {self.spec.chart_version}",
+        )
+
+
+def _returned(customer: Member) -> bool:
+    """A rolled-back Customer runs the version its annotation names again."""
+    return customer.version is None or customer.running == customer.version
+
+
+__all__ = [
+    "Decision",
+    "Member",
+    "Move",
+    "OtherRollout",
+    "Rollout",
+    "assign_steps",
+    "decide",
+    "member",
+]

@@ -1,0 +1,108 @@
+"""The console's rollouts page: InstanceRollouts listed with their steps, and Pause, Resume and Abort,
+each an audit row; the viewer cannot act, nor a form without the session's CSRF token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes
+import pytest
+from aiohttp.test_utils import TestClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.customer import GROUP, VERSION
+from iotistic_billing.db.models import ConsoleAction
+from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_PLURAL
+from tests.conftest import unique_name
+from tests.integration.console_support import post_form, sign_in
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    ADMIN_TOKEN,
+    VIEWER_TOKEN,
+    api_fixture,
+    webhook_settings_fixture,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def rollouts(k8s_client: kubernetes.client.ApiClient) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(k8s_client)
+
+
+@pytest.fixture
+def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> str:
+    name = unique_name("wave")
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InstanceRollout",
+        "metadata": {"name": name},
+        "spec": {
+            "chartVersion": "0.9.0",
+            "steps": [{"customers": ["acme", "globex"], "bakeSeconds": 60}, {"percent": 25}, {"rest": True}],
+        },
+    }
+    rollouts.create_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, body)
+    return name
+
+
+def read(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = rollouts.get_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
+    return body
+
+
+async def actions(engine: AsyncEngine, name: str) -> list[str]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(select(ConsoleAction.action).where(ConsoleAction.target == name))
+        return [row[0] for row in rows]
+
+
+async def test_the_admin_sees_the_steps_and_pauses_resumes_and_aborts(
+    api: TestClient[Any, Any],
+    rollouts: kubernetes.client.CustomObjectsApi,
+    rollout: str,
+    db_engine: AsyncEngine,
+) -> None:
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    page = await api.get("/admin/rollouts")
+    html = await page.text()
+    assert page.status == 200 and rollout in html
+    for shown in ("canaries: acme, globex", "25%", "the rest", "60 s", ">Pause<", ">Abort<"):
+        assert shown in html, shown
+
+    paused = await post_form(api, f"/admin/rollouts/{rollout}/pause", {"csrf": csrf})
+    assert paused.status == 303 and read(rollouts, rollout)["spec"]["paused"] is True
+    assert ">Resume<" in await (await api.get("/admin/rollouts")).text()
+    resumed = await post_form(api, f"/admin/rollouts/{rollout}/resume", {"csrf": csrf})
+    assert resumed.status == 303 and read(rollouts, rollout)["spec"]["paused"] is False
+    aborted = await post_form(api, f"/admin/rollouts/{rollout}/abort", {"csrf": csrf})
+    assert aborted.status == 303 and ROLLOUT_ABORT in read(rollouts, rollout)["metadata"]["annotations"]
+    assert await actions(db_engine, rollout) == ["rollout-pause", "rollout-resume", "rollout-abort"]
+    fields = read(rollouts, rollout)["metadata"]["managedFields"]
+    assert any(f["manager"] == "iotistic-console" for f in fields)
+
+    missing = await post_form(api, f"/admin/rollouts/{unique_name('none')}/pause", {"csrf": csrf})
+    assert missing.status == 404
+
+
+async def test_the_viewer_and_a_form_without_the_token_change_nothing(
+    api: TestClient[Any, Any],
+    rollouts: kubernetes.client.CustomObjectsApi,
+    rollout: str,
+    db_engine: AsyncEngine,
+) -> None:
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    refused = await post_form(api, f"/admin/rollouts/{rollout}/pause", {"csrf": csrf[:-2] + "xx"})
+    assert refused.status == 403
+    viewer_csrf = await sign_in(api, VIEWER_TOKEN)
+    page = await (await api.get("/admin/rollouts")).text()
+    assert rollout in page and ">Pause<" not in page
+    for action in ("pause", "abort"):
+        answer = await post_form(api, f"/admin/rollouts/{rollout}/{action}", {"csrf": viewer_csrf})
+        assert answer.status == 403, action
+    body = read(rollouts, rollout)
+    assert body["spec"]["paused"] is False and ROLLOUT_ABORT not in (
+        body["metadata"].get("annotations") or {}
+    )
+    assert await actions(db_engine, rollout) == []

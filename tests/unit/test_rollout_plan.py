@@ -1,0 +1,338 @@
+"""The rollout's decisions on a simulated fleet: each tick's moves are applied to the Customers'
+annotations and a stand-in operator installs what they ask for, so the steps, maxParallel, the bake,
+the health gate, pause, abort, rollback and the overlap rule are checked without a cluster."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from iotistic_billing.operator.rollout_plan import (
+    Decision,
+    OtherRollout,
+    Rollout,
+    assign_steps,
+    decide,
+    member,
+)
+from iotistic_billing.rollout import (
+    ROLLOUT_ABORT,
+    ROLLOUT_CHART_VERSION,
+    ROLLOUT_NAME,
+    ROLLOUT_PREVIOUS_VERSION,
+    RolloutPhase,
+    RolloutSpec,
+    RolloutStatus,
+    settled_version,
+)
+
+T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+def customer(name: str, version: str = "1.0.0", index: int = 0, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": (T0 - timedelta(days=1, seconds=-index)).isoformat(),
+            "labels": {"tier": "edge"},
+            "annotations": {},
+        },
+        "spec": {"plan": "starter", **spec},
+        "status": {
+            "release": {"chartVersion": version, "targetVersion": version, "versionSource": "Fleet"},
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "DeploymentsAvailable", "message": ""}
+            ],
+        },
+    }
+
+
+class Fleet:
+    """Customers, and an operator that installs the annotated version: `good` ones turn Ready."""
+
+    def __init__(self, count: int, bad: str | None = None) -> None:
+        self.customers = {f"c{i:02}": customer(f"c{i:02}", index=i) for i in range(count)}
+        self.bad = bad
+        self.upgrades: dict[str, int] = {}
+
+    def apply(self, decision: Decision) -> None:
+        for move in decision.moves:
+            annotations = self.customers[move.customer]["metadata"]["annotations"]
+            annotations.clear()
+            annotations.update(move.annotations)
+
+    def operate(self) -> None:
+        """One pass of every Customer whose annotation asks for another version."""
+        for name, body in self.customers.items():
+            wanted = body["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) or "1.0.0"
+            release = body["status"]["release"]
+            if release["chartVersion"] != wanted:
+                self.upgrades[name] = self.upgrades.get(name, 0) + 1
+                release.update(chartVersion=wanted, targetVersion=wanted, versionSource="Rollout")
+                ready = "False" if wanted == self.bad else "True"
+                body["status"]["conditions"][0].update(
+                    status=ready, message="api 0/1" if ready == "False" else ""
+                )
+
+    def upgrading(self, target: str) -> int:
+        return sum(
+            1
+            for body in self.customers.values()
+            if body["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) == target
+            and body["status"]["release"]["chartVersion"] != target
+        )
+
+    def on(self, version: str) -> set[str]:
+        return {n for n, b in self.customers.items() if b["status"]["release"]["chartVersion"] == version}
+
+
+def spec(**fields: Any) -> RolloutSpec:
+    return RolloutSpec.model_validate(
+        {
+            "chartVersion": "2.0.0",
+            "steps": [{"customers": ["c05", "c09"]}, {"percent": 25}, {"rest": True}],
+            **fields,
+        }
+    )
+
+
+def run(
+    fleet: Fleet, rollout_spec: RolloutSpec, ticks: int = 60, seconds: float = 1.0, operate_every: int = 1
+) -> tuple[RolloutStatus, list[Decision]]:
+    """Ticks of `seconds` each; the operator runs every `operate_every` ticks (upgrades take time)."""
+    status, decisions = RolloutStatus(), []
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    for i in range(ticks):
+        decision = decide(
+            rollout,
+            rollout_spec,
+            status,
+            list(fleet.customers.values()),
+            [],
+            T0 + timedelta(seconds=i * seconds),
+        )
+        decisions.append(decision)
+        fleet.apply(decision)
+        status = decision.status
+        if decision.finished:
+            break
+        if i % operate_every == operate_every - 1:
+            fleet.operate()
+    return status, decisions
+
+
+def test_a_good_version_reaches_every_customer_step_by_step_never_more_than_max_parallel() -> None:
+    fleet = Fleet(30)
+    steps = [{"customers": ["c05", "c09"]}, {"percent": 25}, {"rest": True, "maxParallel": 5}]
+    status, decisions = run(fleet, spec(steps=steps), ticks=200, operate_every=2)
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert fleet.on("2.0.0") == set(fleet.customers)
+    assert set(fleet.upgrades.values()) == {1}
+    assert [s.selected for s in status.steps or ()] == [2, 8, 20]
+    started = [e for d in decisions for e in d.events if e[1] == "StepStarted"]
+    assert [m.split(":")[0] for _, _, m in started] == [
+        "step 1/3 started",
+        "step 2/3 started",
+        "step 3/3 started",
+    ]
+    assert "c05, c09" in started[0][2]
+    assert status.condition("Ready") is not None and status.condition("Ready").status == "True"  # type: ignore[union-attr]
+
+
+def test_max_parallel_bounds_the_upgrades_in_flight() -> None:
+    fleet = Fleet(30)
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    status = RolloutStatus()
+    most = 0
+    for i in range(300):
+        decision = decide(
+            rollout,
+            spec(steps=[{"rest": True, "maxParallel": 5}]),
+            status,
+            list(fleet.customers.values()),
+            [],
+            T0 + timedelta(seconds=i),
+        )
+        fleet.apply(decision)
+        status = decision.status
+        most = max(most, fleet.upgrading("2.0.0"))
+        if decision.finished:
+            break
+        if i % 3 == 2:
+            fleet.operate()
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert most == 5
+
+
+def test_the_bake_holds_the_next_step() -> None:
+    fleet = Fleet(4)
+    rollout_spec = spec(steps=[{"customers": ["c00"], "bakeSeconds": 10}, {"rest": True}])
+    status, decisions = run(fleet, rollout_spec, ticks=60)
+    completed = next(i for i, d in enumerate(decisions) if any(e[1] == "StepCompleted" for e in d.events))
+    healthy = next(i for i, d in enumerate(decisions) if (d.status.steps or [])[0].healthy_at is not None)
+    assert completed - healthy == 10
+    assert status.phase == RolloutPhase.SUCCEEDED
+
+
+def test_a_customer_counts_healthy_only_on_status_written_for_the_target() -> None:
+    body = customer("c00", "1.0.0")
+    body["metadata"]["annotations"][ROLLOUT_CHART_VERSION] = "2.0.0"
+    # Ready=True from before the upgrade, release still 1.0.0: not healthy.
+    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "updating"
+    body["status"]["release"]["chartVersion"] = "2.0.0"
+    # Installed, but the pass that wrote it aimed elsewhere (targetVersion): not healthy either.
+    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "updating"
+    body["status"]["release"]["targetVersion"] = "2.0.0"
+    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "healthy"
+
+
+@pytest.mark.parametrize("on_failure", ["halt", "rollback"])
+def test_a_bad_version_stops_at_the_canaries(on_failure: str) -> None:
+    fleet = Fleet(30, bad="2.0.0")
+    rollout_spec = spec(healthGate={"timeoutSeconds": 20}, onFailure=on_failure)
+    status, _ = run(fleet, rollout_spec, ticks=200)
+    wanted = RolloutPhase.HALTED if on_failure == "halt" else RolloutPhase.ROLLED_BACK
+    assert status.phase == wanted
+    assert [f.customer for f in status.failures or ()] == ["c05", "c09"]
+    assert status.failures and status.failures[0].reason == "HealthTimeout"
+    assert "api 0/1" in status.failures[0].message
+    others = set(fleet.customers) - {"c05", "c09"}
+    assert not fleet.upgrades.keys() & others, "a Customer outside the canaries was upgraded"
+    if on_failure == "rollback":
+        assert fleet.on("1.0.0") == set(fleet.customers)
+        back = fleet.customers["c05"]["metadata"]["annotations"]
+        assert back[ROLLOUT_CHART_VERSION] == "1.0.0" and back[ROLLOUT_NAME] == "r1"
+    else:
+        assert fleet.on("2.0.0") == {"c05", "c09"}
+    assert (status.condition("Stalled") or None) is not None
+
+
+def test_paused_starts_no_upgrade_and_resume_continues() -> None:
+    fleet = Fleet(10)
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    paused = decide(rollout, spec(paused=True), RolloutStatus(), list(fleet.customers.values()), [], T0)
+    assert paused.moves == [] and paused.status.phase == RolloutPhase.PAUSED
+    status, _ = run(fleet, spec(), ticks=100)
+    assert status.phase == RolloutPhase.SUCCEEDED
+
+
+def test_abort_moves_nothing_more() -> None:
+    fleet = Fleet(10)
+    decision = decide(
+        Rollout("r1", 1, T0.isoformat(), {ROLLOUT_ABORT: "true"}),
+        spec(),
+        RolloutStatus(),
+        list(fleet.customers.values()),
+        [],
+        T0,
+    )
+    assert decision.status.phase == RolloutPhase.ABORTED and decision.moves == []
+
+
+def test_an_overlapping_newer_rollout_waits_for_the_older() -> None:
+    fleet = Fleet(5)
+    older = OtherRollout(
+        "r0", (T0 - timedelta(hours=1)).isoformat(), spec(steps=[{"rest": True}]), RolloutPhase.PROGRESSING
+    )
+    decision = decide(
+        Rollout("r1", 1, T0.isoformat(), {}),
+        spec(steps=[{"rest": True}]),
+        RolloutStatus(),
+        list(fleet.customers.values()),
+        [older],
+        T0,
+    )
+    assert decision.status.phase == RolloutPhase.WAITING and decision.moves == []
+    ready = decision.status.condition("Ready")
+    assert ready is not None and "r0" in ready.message
+    done = OtherRollout("r0", older.created, older.spec, RolloutPhase.SUCCEEDED)
+    decision = decide(
+        Rollout("r1", 1, T0.isoformat(), {}),
+        spec(steps=[{"rest": True}]),
+        decision.status,
+        list(fleet.customers.values()),
+        [done],
+        T0,
+    )
+    assert decision.status.phase == RolloutPhase.PROGRESSING and decision.moves
+
+
+def test_pinned_and_unselected_customers_are_never_touched() -> None:
+    fleet = Fleet(6)
+    fleet.customers["c01"]["spec"]["instance"] = {"chartVersion": "1.0.0"}
+    fleet.customers["c02"]["metadata"]["labels"] = {"tier": "core"}
+    fleet.customers["c03"]["spec"]["plan"] = "enterprise"
+    rollout_spec = spec(selector={"matchLabels": {"tier": "edge"}}, plans=["starter"], steps=[{"rest": True}])
+    status, _ = run(fleet, rollout_spec)
+    assert status.phase == RolloutPhase.SUCCEEDED and status.selected == 3
+    assert fleet.on("2.0.0") == {"c00", "c04", "c05"}
+
+
+def test_steps_take_named_canaries_then_percentages_of_all_then_the_rest() -> None:
+    members = [member(customer(f"c{i:02}", index=i), "2.0.0", T0, timedelta(minutes=1)) for i in range(300)]
+    rollout_spec = spec(steps=[{"percent": 1}, {"percent": 10}, {"rest": True}])
+    assert [len(g) for g in assign_steps(rollout_spec, members)] == [3, 30, 267]
+    groups = assign_steps(spec(), members[:30])
+    assert [m.name for m in groups[0]] == ["c05", "c09"] and len(groups[1]) == 8 and len(groups[2]) == 20
+
+
+def test_the_moved_customer_keeps_the_version_it_had_for_a_rollback() -> None:
+    fleet = Fleet(1)
+    decision = decide(
+        Rollout("r1", 1, T0.isoformat(), {}),
+        spec(steps=[{"rest": True}]),
+        RolloutStatus(),
+        list(fleet.customers.values()),
+        [],
+        T0,
+    )
+    assert decision.moves[0].annotations[ROLLOUT_PREVIOUS_VERSION] == "1.0.0"
+
+
+def test_the_settled_version_is_the_newest_succeeded_rollout_selecting_the_customer() -> None:
+    def finished(version: str, hours: int, phase: str = "Succeeded", **extra: Any) -> dict[str, Any]:
+        return {
+            "spec": {"chartVersion": version, "steps": [{"rest": True}], **extra},
+            "status": {
+                "phase": phase,
+                "targetVersion": version,
+                "completedAt": (T0 + timedelta(hours=hours)).isoformat(),
+            },
+        }
+
+    body = customer("c00")
+    rollouts = [
+        finished("2.0.0", 1),
+        finished("3.0.0", 2, "Halted"),
+        finished("2.5.0", 3, plans=["enterprise"]),
+    ]
+    assert settled_version(rollouts, body) == "2.0.0"
+    assert settled_version([], body) is None
+
+
+def test_a_customer_s_chart_version_pin_then_rollout_then_what_it_runs_then_the_fleet() -> None:
+    from iotistic_billing.customer import Customer, ReleaseStatus
+    from iotistic_billing.operator.state import chart_target
+
+    def of(annotations: dict[str, str], **instance: Any) -> Customer:
+        return Customer.model_validate(
+            {
+                "metadata": {"name": "c", "annotations": annotations},
+                "spec": {"email": "a@b.cd", "companyName": "C", "instance": instance},
+            }
+        )
+
+    runs = ReleaseStatus(chart_version="1.0.0", version_source="Fleet")
+    assert chart_target(of({}, chartVersion="0.9.0"), runs, immediate=False) == ("0.9.0", "Pinned")
+    assert chart_target(of({ROLLOUT_CHART_VERSION: "2.0.0"}), runs, immediate=False) == ("2.0.0", "Rollout")
+    # A new INSTANCE_CHART_VERSION moves nobody: the Customer keeps what it runs from the fleet.
+    assert chart_target(of({}), runs, immediate=False) == ("1.0.0", "Fleet")
+    # Unpinned again: back to the fleet's version, not the pin it ran.
+    pinned = ReleaseStatus(chart_version="0.9.0", version_source="Pinned")
+    assert chart_target(of({}), pinned, immediate=False) == (None, "Fleet")
+    assert chart_target(of({}), None, immediate=False) == (None, "Fleet")
+    # INSTANCE_CHART_UPGRADE=immediate: the setting for every unpinned Customer, rollouts ignored.
+    assert chart_target(of({ROLLOUT_CHART_VERSION: "2.0.0"}), runs, immediate=True) == (None, "Fleet")
+    assert chart_target(of({}, chartVersion="0.9.0"), runs, immediate=True) == ("0.9.0", "Pinned")
