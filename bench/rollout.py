@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,8 +55,6 @@ def disabled_values(i: int) -> dict[str, Any]:
 
 
 def pulled_chart(registry: ChartRegistry, version: str, into: Path) -> Path:
-    import subprocess
-
     helm = str(find_binary("helm"))
     reference = registry.reference("customer-instance")
     subprocess.run(
@@ -97,8 +96,6 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
     client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
     objects = kubernetes.client.CustomObjectsApi(client)
     try:
-        import subprocess
-
         kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(plane.kubeconfig)]
         subprocess.run(
             [*kubectl, "apply", "--server-side", "-f", str(REPO / "crds")], check=True, capture_output=True

@@ -164,10 +164,6 @@ class RolloutStatus(CustomerModel):
         return find_condition(self.conditions or (), type_)
 
 
-def rollout_annotations(body: Mapping[str, Any]) -> dict[str, str]:
-    return dict((body.get("metadata") or {}).get("annotations") or {})
-
-
 def selects(spec: RolloutSpec, customer: Mapping[str, Any]) -> bool:
     """Whether the rollout takes this Customer: its labels and plan match and it is not pinned
     (spec.instance.chartVersion: a rollout never touches a pinned Customer) nor being deleted."""
@@ -217,7 +213,6 @@ __all__ = [
     "RolloutStatus",
     "RolloutStep",
     "StepStatus",
-    "rollout_annotations",
     "selects",
     "settled_version",
 ]

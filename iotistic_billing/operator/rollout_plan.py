@@ -70,10 +70,6 @@ class Decision:
     # (type, reason, message) of the Events to post on the rollout.
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
-    @property
-    def finished(self) -> bool:
-        return self.status.phase in TERMINAL_PHASES
-
 
 def _time(value: str | None) -> datetime | None:
     try:

@@ -22,6 +22,7 @@ from iotistic_billing.rollout import (
     ROLLOUT_CHART_VERSION,
     ROLLOUT_NAME,
     ROLLOUT_PREVIOUS_VERSION,
+    TERMINAL_PHASES,
     RolloutPhase,
     RolloutSpec,
     RolloutStatus,
@@ -116,7 +117,7 @@ def run(
         decisions.append(decision)
         fleet.apply(decision)
         status = decision.status
-        if decision.finished:
+        if decision.status.phase in TERMINAL_PHASES:
             break
         if i % operate_every == operate_every - 1:
             fleet.operate()
@@ -158,7 +159,7 @@ def test_max_parallel_bounds_the_upgrades_in_flight() -> None:
         fleet.apply(decision)
         status = decision.status
         most = max(most, fleet.upgrading("2.0.0"))
-        if decision.finished:
+        if decision.status.phase in TERMINAL_PHASES:
             break
         if i % 3 == 2:
             fleet.operate()
