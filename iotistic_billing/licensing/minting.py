@@ -19,7 +19,6 @@ from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.licensing.plans import Plan
 
 DEFAULT_LIFETIME: Final = timedelta(days=30)
-ALGORITHM: Final = "RS256"
 # Stripe's subscription statuses; a manually billed customer is `active`.
 SUBSCRIPTION_STATUSES: Final = (
     "active",
@@ -255,8 +254,7 @@ def mint_license(
         jti=token_id,
         lifetime=lifetime,
     )
-    # The key object is passed as is: pyjwt uses a prepared RSA key without re-parsing it.
-    token = jwt.encode(claims, keys.private_key, algorithm=ALGORITHM, headers={"kid": keys.kid})
+    token = keys.sign_jwt(claims)
     return MintedLicense(
         token=token,
         claims=claims,

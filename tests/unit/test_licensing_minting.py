@@ -115,6 +115,14 @@ def test_header_is_rs256_with_the_signing_key_id(keys: SigningKeys) -> None:
     assert header == {"alg": "RS256", "typ": "JWT", "kid": keys.kid}
 
 
+def test_token_is_byte_for_byte_what_pyjwt_signs(keys: SigningKeys) -> None:
+    # The licence is signed without pyjwt's per-call work; any JWT library must read it the same.
+    minted = mint(keys)
+    assert minted.token == jwt.encode(
+        dict(minted.claims), keys.private_key, algorithm="RS256", headers={"kid": keys.kid}
+    )
+
+
 def test_minted_license_carries_hash_ids_and_times(keys: SigningKeys) -> None:
     minted = mint(keys)
     assert minted.sha256 == hashlib.sha256(minted.token.encode()).hexdigest()

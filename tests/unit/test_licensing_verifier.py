@@ -283,6 +283,38 @@ def test_features_an_older_licence_lacks_take_the_fallback_value(
     assert license.features.has_ota_updates is UNLICENSED.features.has_ota_updates
 
 
+def test_grants_seen_before_do_not_excuse_a_wrong_type_null_or_missing_claim(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    # The verifier reuses the typed grants of licences with the same values; these differ only in type
+    # (1 == True in Python), in null against absent, so each must be typed on its own.
+    base = dict(mint(keys).claims)
+    assert base["features"]["hasOtaUpdates"] is True
+    assert verifier.verify(mint(keys).token, now=NOW).valid
+
+    def signed(features: dict[str, Any]) -> str:
+        return jwt.encode({**base, "features": features}, keys.private_key, algorithm="RS256")
+
+    assert_fallback(
+        verifier.verify(signed({**base["features"], "hasOtaUpdates": 1}), now=NOW),
+        "features.hasOtaUpdates must be a boolean, got 1",
+    )
+    assert_fallback(
+        verifier.verify(signed({**base["features"], "maxDevices": 50.0}), now=NOW),
+        "features.maxDevices must be an integer, got 50.0",
+    )
+    without = {key: value for key, value in base["features"].items() if key != "hasOtaUpdates"}
+    for _ in range(2):
+        license = verifier.verify(signed(without), now=NOW)
+        assert license.valid
+        assert license.features.has_ota_updates is UNLICENSED.features.has_ota_updates
+    assert_fallback(
+        verifier.verify(signed({**base["features"], "hasOtaUpdates": None}), now=NOW),
+        "features.hasOtaUpdates must be a boolean, got None",
+    )
+    assert verifier.verify(mint(keys).token, now=NOW).features == PLANS["professional"].features
+
+
 def test_device_limit_body_is_the_earlier_systems_403(keys: SigningKeys, verifier: LicenseVerifier) -> None:
     license = verifier.verify(mint(keys).token, now=NOW)
     assert license.check_device_limit(49) is None
