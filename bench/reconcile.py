@@ -47,7 +47,7 @@ import kubernetes
 import psutil
 
 from iotistic_billing.cli import main as cli
-from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
 from iotistic_billing.operator.helm import helm_environment, upgrade_install_args
@@ -148,7 +148,8 @@ class Baseline:
 
 
 class Sampler(threading.Thread):
-    """Every 50 ms: the operator's RSS (its peak) and how many helm processes it runs (peak, samples)."""
+    """Every 50 ms: the operator's RSS (its peak) and how many helm processes it runs (peak, samples).
+    With shards, one per operator process."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -301,21 +302,33 @@ def machine_speed() -> int:
     return round(float(line.split()[-2]))
 
 
-def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
+def shard_label(i: int, shards: int) -> dict[str, str]:
+    """The Customer's shard, round robin (`iotistic.io/shard`); none without shards."""
+    return {SHARD_LABEL: str(i % shards)} if shards > 1 else {}
+
+
+def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = True) -> dict[str, Any]:
+    """The operator's side of size `n` (and, with `bare`, the bare loop before it). With `shards`, that
+    many operator processes, each with HELM_CONCURRENCY / shards helm slots (the same helm work at
+    once in all), the Customers labelled round robin."""
     rounds = rounds_for(n)
-    baseline = Baseline(work / f"cp-{n}-baseline")
     bare_times: list[float] = []
-    if rounds == 1:
-        try:
-            bare_times.append(baseline.time(n))
-        finally:
-            baseline.stop()
-    interleaved = baseline if rounds > 1 else None
-    # The same rounds of bare helm before the operator's stack starts, for comparison.
-    alone = [baseline.time(n) for _ in range(rounds)] if interleaved is not None else bare_times
-    plane = ControlPlane(work / f"cp-{n}").start()
-    postgres = EmbeddedPostgres(work / f"pg-{n}").start()
-    operator: ManagedProcess | None = None
+    interleaved: Baseline | None = None
+    alone: list[float] = []
+    if bare:
+        baseline = Baseline(work / f"cp-{n}-baseline")
+        if rounds == 1:
+            try:
+                bare_times.append(baseline.time(n))
+            finally:
+                baseline.stop()
+        interleaved = baseline if rounds > 1 else None
+        # The same rounds of bare helm before the operator's stack starts, for comparison.
+        alone = [baseline.time(n) for _ in range(rounds)] if interleaved is not None else bare_times
+    tag = f"{n}-shards-{shards}" if shards > 1 else str(n)
+    plane = ControlPlane(work / f"cp-{tag}").start()
+    postgres = EmbeddedPostgres(work / f"pg-{tag}").start()
+    operators: list[ManagedProcess] = []
     try:
         database = postgres.create_database("bench")
         keys = work / "keys"
@@ -335,7 +348,6 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
             capture_output=True,
         )
 
-        metrics_port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(plane.kubeconfig),
@@ -344,44 +356,58 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
             "INSTANCE_CHART": str(CHART),
             "PATH": f"{REPO_BIN}{os.pathsep}{os.environ['PATH']}",
             "OPERATOR_PEERING": "",
-            "OPERATOR_LIVENESS_PORT": str(free_port()),
-            "OPERATOR_METRICS_PORT": str(metrics_port),
-            "HELM_CONCURRENCY": str(CONCURRENCY),
+            "HELM_CONCURRENCY": str(max(1, CONCURRENCY // shards)),
+            "OPERATOR_SHARDS": str(shards),
             "LOG_FORMAT": "json",
         }
-        operator = ManagedProcess(
-            "operator",
-            [sys.executable, "-m", "iotistic_billing.operator"],
-            work / f"operator-{n}.log",
-            env=env,
-        )
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        _wait(lambda: _up(metrics_url), 60, "operator metrics endpoint")
-        sampler = Sampler(operator.pid)
-        sampler.start()
+        metrics_urls = []
+        for shard in range(shards):
+            metrics_port = free_port()
+            operators.append(
+                ManagedProcess(
+                    f"operator-{shard}",
+                    [sys.executable, "-m", "iotistic_billing.operator"],
+                    work / f"operator-{tag}-{shard}.log",
+                    env=env
+                    | {
+                        "OPERATOR_SHARD": str(shard),
+                        "OPERATOR_LIVENESS_PORT": str(free_port()),
+                        "OPERATOR_METRICS_PORT": str(metrics_port),
+                    },
+                )
+            )
+            metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
+        for url in metrics_urls:
+            _wait(lambda url=url: _up(url), 60, "operator metrics endpoint")
+        samplers = [Sampler(operator.pid) for operator in operators]
+        for sampler in samplers:
+            sampler.start()
 
         client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
         objects = kubernetes.client.CustomObjectsApi(client)
-        # Warm-up: one Customer first, so that a cold start (imports, pools, the first helm) is not timed.
+        # Warm-up: one Customer per operator first, so that a cold start (imports, pools, the first helm)
+        # is not timed.
         warm = {"email": "ops@warm.example", "companyName": "Warm-up", "plan": "starter"}
-        objects.create_cluster_custom_object(
-            GROUP,
-            VERSION,
-            PLURAL,
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "Customer",
-                "metadata": {"name": "warm-up"},
-                "spec": warm,
-            },
-        )
-        watch_provisioned(objects, {"warm-up"}, time.monotonic(), timeout=120)
+        warm_ups = {f"warm-up-{shard}": shard for shard in range(shards)}
+        for name, shard in warm_ups.items():
+            objects.create_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "Customer",
+                    "metadata": {"name": name, "labels": shard_label(shard, shards)},
+                    "spec": warm,
+                },
+            )
+        watch_provisioned(objects, set(warm_ups), time.monotonic(), timeout=120)
 
         def create(i: int) -> None:
             body = {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "Customer",
-                "metadata": {"name": f"bench-{i}"},
+                "metadata": {"name": f"bench-{i}", "labels": shard_label(i, shards)},
                 "spec": {"email": f"ops{i}@bench.example", "companyName": f"Bench {i}", "plan": "starter"},
             }
             # The answer is not needed: reading it into the client's models is CPU taken from the run.
@@ -391,11 +417,11 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
         times = []
         windows = []
         assert postgres.process is not None
-        operator_pid, postgres_pid = operator.pid, postgres.process.pid
+        operator_pids, postgres_pid = [operator.pid for operator in operators], postgres.process.pid
         cpu = CpuShares(
             {
-                "operator": lambda: own_cpu(operator_pid),
-                "helm": lambda: children_cpu(operator_pid),
+                "operator": lambda: sum(map(own_cpu, operator_pids)),
+                "helm": lambda: sum(map(children_cpu, operator_pids)),
                 **plane_parts(plane),
                 "postgresql": lambda: own_cpu(postgres_pid) + children_cpu(postgres_pid),
                 # This script's own CPU (creating, watching, sampling), which the baseline does not pay.
@@ -419,7 +445,6 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
                 times.append(watch_provisioned(objects, {f"bench-{i}" for i in names}, started, timeout=1800))
                 windows.append((started, time.monotonic()))
         elapsed = statistics.median(times)
-        bare_helm = statistics.median(bare_times)
         secrets = (
             kubernetes.client.CoreV1Api(client)
             .list_secret_for_all_namespaces(
@@ -433,35 +458,45 @@ def provision(n: int, idle: float, work: Path) -> dict[str, Any]:
             "rounds": rounds,
             "operator_s": round(elapsed, 2),
             "create_calls_s": round(created, 2),
-            "bare_helm_s": round(bare_helm, 2),
-            "ratio": round(elapsed / bare_helm, 2),
-            "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+            "peak_rss_mib": round(max(sampler.peak_rss for sampler in samplers) / 2**20, 1),
             "operator_cpu_s": round(cpu.totals["operator"], 1),
             "bench_cpu_s": round(cpu.totals["bench"], 1),
             # CPU seconds of each part in the timed windows, on both sides: where the two cores went.
             "cpu_s": cpu.rounded(),
-            "bare_helm_cpu_s": baseline.cpu.rounded(),
-            "peak_helm_in_flight": sampler.peak_helm,
-            "mean_helm_in_flight": round(sampler.mean_helm(windows), 2),
+            "peak_helm_in_flight": sum(sampler.peak_helm for sampler in samplers),
+            "mean_helm_in_flight": round(sum(sampler.mean_helm(windows) for sampler in samplers), 2),
         }
+        if bare_times:
+            bare_helm = statistics.median(bare_times)
+            result |= {"bare_helm_s": round(bare_helm, 2), "ratio": round(elapsed / bare_helm, 2)}
+            result["bare_helm_cpu_s"] = baseline.cpu.rounded()
+        if shards > 1:
+            result |= {
+                "shards": shards,
+                "helm_concurrency_per_shard": max(1, CONCURRENCY // shards),
+                "peak_rss_per_shard_mib": [round(sampler.peak_rss / 2**20, 1) for sampler in samplers],
+            }
         if rounds > 1:
             result["operator_rounds_s"] = [round(t, 3) for t in times]
             result["bare_helm_rounds_s"] = [round(t, 3) for t in bare_times]
             result["bare_helm_alone_rounds_s"] = [round(t, 3) for t in alone]
             result["ratio_to_alone"] = round(elapsed / statistics.median(alone), 2)
         print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
-        assert len(secrets) == total + 1, (
-            f"{len(secrets)} licence Secrets for {total} Customers and the warm-up"
+        assert len(secrets) == total + shards, (
+            f"{len(secrets)} licence Secrets for {total} Customers and {shards} warm-up(s)"
         )
         if idle:
-            result |= measure_idle(client, objects, total, operator.pid, metrics_url, idle)
+            result |= measure_idle(client, objects, total + shards, operator_pids, metrics_urls, idle)
             # Every Deployment turning available is a burst of watch events and passes of its own.
-            result["peak_rss_through_ready_mib"] = round(sampler.peak_rss / 2**20, 1)
-        sampler.stop_event.set()
+            result["peak_rss_through_ready_mib"] = round(
+                max(sampler.peak_rss for sampler in samplers) / 2**20, 1
+            )
+        for sampler in samplers:
+            sampler.stop_event.set()
         client.close()
         return result
     finally:
-        if operator is not None:
+        for operator in operators:
             operator.stop()
         if interleaved is not None:
             interleaved.stop()
@@ -529,8 +564,14 @@ def _lines(response: Any) -> Any:
 
 
 def measure_idle(
-    client: kubernetes.client.ApiClient, objects: Any, n: int, pid: int, metrics_url: str, seconds: float
+    client: kubernetes.client.ApiClient,
+    objects: Any,
+    n: int,
+    pids: list[int],
+    metrics_urls: list[str],
+    seconds: float,
 ) -> dict[str, Any]:
+    """`n` Customers (warm-ups included) Ready, then the operators' CPU and helm calls over `seconds`."""
     apps = kubernetes.client.AppsV1Api(client)
     for deployment in apps.list_deployment_for_all_namespaces(
         label_selector="app.kubernetes.io/instance=instance"
@@ -556,17 +597,20 @@ def measure_idle(
         items = objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
         return sum(1 for c in items if c.get("status", {}).get("phase") == "Ready")
 
-    _wait(lambda: ready() == n + 1, 600, "all Ready", interval=0.5)
+    _wait(lambda: ready() == n, 600, "all Ready", interval=0.5)
     time.sleep(5)  # let the last watch events settle
-    process = psutil.Process(pid)
-    helm_before = metric(metrics_url, "iotistic_operator_helm_operations_total")
-    cpu_before = sum(process.cpu_times()[:2])
+
+    def helm_calls() -> float:
+        return sum(metric(url, "iotistic_operator_helm_operations_total") for url in metrics_urls)
+
+    helm_before = helm_calls()
+    cpu_before = sum(map(own_cpu, pids))
     time.sleep(seconds)
-    cpu = sum(process.cpu_times()[:2]) - cpu_before
+    cpu = sum(map(own_cpu, pids)) - cpu_before
     return {
         "idle_s": seconds,
         "idle_cpu_percent_of_core": round(100 * cpu / seconds, 2),
-        "idle_helm_calls": int(metric(metrics_url, "iotistic_operator_helm_operations_total") - helm_before),
+        "idle_helm_calls": int(helm_calls() - helm_before),
     }
 
 
@@ -594,6 +638,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,10,100", help="comma-separated numbers of Customers")
     parser.add_argument("--idle", type=float, default=0, help="seconds of idle measurement after Ready")
     parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="also run the operator as this many shards and print its time against one operator",
+    )
+    parser.add_argument(
         "--bare-only",
         action="store_true",
         help="only the bare helm loop: what this machine's helm and control plane take without the operator",
@@ -613,6 +663,21 @@ def main() -> int:
                     result["targets"] = {"bare loop <= 240 s": "met" if ok else "MISSED"}
                     failed |= not ok
                 print(json.dumps(result | {"openssl_rsa2048_signs_per_s": speed}), flush=True)
+                continue
+            if args.shards > 1:
+                one = provision(n, args.idle, Path(work), shards=1, bare=False)
+                print(json.dumps({"one_operator": one}), flush=True)
+                sharded = provision(n, args.idle, Path(work), shards=args.shards, bare=False)
+                print(
+                    json.dumps(
+                        {
+                            "sharded": sharded,
+                            "ratio_to_one_operator": round(sharded["operator_s"] / one["operator_s"], 2),
+                            "openssl_rsa2048_signs_per_s": speed,
+                        }
+                    ),
+                    flush=True,
+                )
                 continue
             result = run_size(n, args.idle, Path(work))
             result["openssl_rsa2048_signs_per_s"] = speed

@@ -33,6 +33,8 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 RECONCILE_REQUESTED_AT = "reconcile.iotistic.io/requested-at"
 # A Customer's namespace is this prefix and its name.
 NAMESPACE_PREFIX = "customer-"
+# Which operator shard owns the Customer (iotistic_billing/operator/sharding.py); none: shard 0.
+SHARD_LABEL = "iotistic.io/shard"
 
 # The Secret the operator writes into the customer namespace and the chart reads.
 LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a password)

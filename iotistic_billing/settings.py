@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     operator_peering: str = "iotistic-billing"
     operator_priority: int = 0
+    # Sharding (docs/architecture.md, "Shards"): OPERATOR_SHARDS operators, this one owning the Customers
+    # labelled iotistic.io/shard=<OPERATOR_SHARD>; shard 0 also owns those no other shard does.
+    operator_shards: Annotated[int, Field(ge=1, le=64)] = 1
+    operator_shard: Annotated[int, Field(ge=0)] = 0
     # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).
     operator_timer_interval: Annotated[float, Field(gt=0)] = 60.0
     # Webhook server rate limits, per client address and per API key: a token bucket.
@@ -209,6 +213,15 @@ class Settings(BaseSettings):
         if not isinstance(config, dict) or not isinstance(config.get("auths"), dict):
             raise ValueError(f'{value} has no "auths" object (a .dockerconfigjson has one)')
         return value
+
+    @model_validator(mode="after")
+    def _shard_is_one_of_the_shards(self) -> Settings:
+        if self.operator_shard >= self.operator_shards:
+            raise ValueError(
+                f"OPERATOR_SHARD: must be below OPERATOR_SHARDS ({self.operator_shards}), "
+                f"got {self.operator_shard}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _platform_webhook_is_signed(self) -> Settings:

@@ -27,6 +27,7 @@ from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
+from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.settings import OCI_PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger("iotistic_billing.operator")
@@ -65,6 +66,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         # Twice helm's slots: the steps before helm (licence, namespace) overlap the installs.
         pass_slots=asyncio.Semaphore(2 * settings.helm_concurrency),
         outbox=Outbox(settings.notify_webhook_url),
+        shard=Shard(settings.operator_shard, settings.operator_shards),
     )
 
 
@@ -117,9 +119,12 @@ def main() -> int:
         return 2
     if settings.operator_metrics_port:
         prometheus_client.start_http_server(settings.operator_metrics_port)
-    standalone = not settings.operator_peering
+    peering = context.shard.peering(settings.operator_peering)
+    standalone = not peering
     if not standalone:
-        ensure_peering(context.kube, settings.operator_peering)
+        ensure_peering(context.kube, peering)
+    if context.shard.count > 1:
+        log.info("shard %s: Customers %s", context.shard, context.shard.selector())
     liveness = (
         f"http://0.0.0.0:{settings.operator_liveness_port}/healthz"
         if settings.operator_liveness_port
@@ -129,7 +134,7 @@ def main() -> int:
         kopf.operator(
             clusterwide=True,
             standalone=standalone,
-            peering_name=settings.operator_peering or None,
+            peering_name=peering or None,
             priority=settings.operator_priority,
             liveness_endpoint=liveness,
             memo=kopf.Memo(context=context),

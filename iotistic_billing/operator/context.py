@@ -16,6 +16,7 @@ from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
+from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.settings import Settings
 
 
@@ -74,6 +75,8 @@ class OperatorContext:
     # One per running InstanceRollout's daemon: set when a pass wrote a Customer's status, so the
     # rollout looks again now rather than at its next tick.
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
+    # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
+    shard: Shard = field(default_factory=Shard)
 
     @property
     def fleet_moves_at_once(self) -> bool:

@@ -49,8 +49,11 @@ def _context(memo: kopf.Memo) -> OperatorContext:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # From here on the Deployment watch below keeps the operator's view of the instances current.
     _context(memo).deployments.watched = True
+    ctx = _context(memo)
     memo["handled"] = configure_kopf(
-        settings, routine=(deployment_changed, license_secret_changed, release_storage_changed)
+        settings,
+        routine=(deployment_changed, license_secret_changed, release_storage_changed),
+        customer_selector=ctx.shard.selector(),
     )
 
 
@@ -109,7 +112,11 @@ async def rollout_version_changed(
         _report(await reconcile(_context(memo), name), body, retry)
 
 
-@kopf.daemon(*ROLLOUT_RESOURCE, id="rollout", cancellation_timeout=5.0)
+def _runs_rollouts(memo: kopf.Memo, **_: Any) -> bool:
+    return _context(memo).shard.runs_rollouts
+
+
+@kopf.daemon(*ROLLOUT_RESOURCE, id="rollout", cancellation_timeout=5.0, when=_runs_rollouts)
 async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """An InstanceRollout's ticks (rollouts.advance) while it runs; a finished one is only looked at,
     in Kopf's live body, until its spec asks for a new version."""

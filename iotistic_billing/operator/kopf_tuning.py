@@ -12,13 +12,18 @@ from typing import Any, cast
 
 import kopf
 
-from iotistic_billing.customer import GROUP
+from iotistic_billing.customer import GROUP, PLURAL
 from iotistic_billing.operator import constants as c
 
 
-def configure_kopf(settings: kopf.OperatorSettings, routine: Iterable[Callable[..., Any]]) -> HandledSpecs:
-    """Kopf's settings for this operator; `routine`: the watch handlers whose successes are not logged.
-    Returns the diff-base storage, which the deletion handler tells to forget a Customer."""
+def configure_kopf(
+    settings: kopf.OperatorSettings,
+    routine: Iterable[Callable[..., Any]],
+    customer_selector: str | None = None,
+) -> HandledSpecs:
+    """Kopf's settings for this operator; `routine`: the watch handlers whose successes are not logged;
+    `customer_selector`: this shard's Customers (sharding.py). Returns the diff-base storage, which the
+    deletion handler tells to forget a Customer."""
     logging.getLogger("kopf.objects").addFilter(QuietRoutineSuccesses(routine))
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = TransientProgressStorage(prefix="iotistic.io")
@@ -44,6 +49,8 @@ def configure_kopf(settings: kopf.OperatorSettings, routine: Iterable[Callable[.
     settings.watching.label_selectors["apps", "v1", "deployments"] = (
         f"app.kubernetes.io/instance={c.RELEASE_NAME},app.kubernetes.io/managed-by=Helm"
     )
+    if customer_selector is not None:
+        settings.watching.label_selectors[GROUP, PLURAL] = customer_selector
     return handled
 
 

@@ -92,8 +92,9 @@ class PassResult:
 async def reconcile(
     ctx: OperatorContext, name: str, now: datetime | None = None, deployment_event: int | None = None
 ) -> PassResult | None:
-    """Bring Customer `name` to its desired state; None when it is gone or being deleted, or when the
-    pass was asked for by the Deployment event of tick `deployment_event` and a pass since saw it."""
+    """Bring Customer `name` to its desired state; None when it is gone, being deleted or another
+    shard's, or when the pass was asked for by the Deployment event of tick `deployment_event` and a
+    pass since saw it."""
     async with ctx.locks[name]:
         covered = deployment_event is not None and ctx.deployments.judged_since(
             namespace_for(name), deployment_event
@@ -104,6 +105,8 @@ async def reconcile(
             body = await ctx.kube.read_customer(name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
+            if not ctx.shard.owns(body["metadata"].get("labels")):
+                return None  # a Deployment or Secret event of another shard's Customer
             with RECONCILE_DURATION.time():
                 try:
                     result = await _reconcile(ctx, body, now or ctx.clock())

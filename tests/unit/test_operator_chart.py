@@ -253,6 +253,40 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
     assert ports["metrics"] == 8081 and env["OPERATOR_METRICS_PORT"]["value"] == "8081"
 
 
+def test_shards_are_one_operator_deployment_each_with_selectors_that_do_not_share_pods(
+    helm: Path, tmp_path: Path, default_objects: list[Manifest]
+) -> None:
+    objects = render(helm, tmp_path, {"operator": {"shards": 3}})
+    operators = [
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].startswith(OPERATOR)
+    ]
+
+    assert [o["metadata"]["name"] for o in operators] == [
+        OPERATOR,
+        f"{OPERATOR}-shard-1",
+        f"{OPERATOR}-shard-2",
+    ]
+    assert [
+        (env_of(o)["OPERATOR_SHARD"]["value"], env_of(o)["OPERATOR_SHARDS"]["value"]) for o in operators
+    ] == [
+        ("0", "3"),
+        ("1", "3"),
+        ("2", "3"),
+    ]
+    # Shard 0 is the unsharded operator, unchanged: a Deployment's selector cannot change after install.
+    assert (
+        operators[0]["spec"]["selector"] == one(default_objects, "Deployment", OPERATOR)["spec"]["selector"]
+    )
+    for index, operator in enumerate(operators[1:], start=1):
+        selector = operator["spec"]["selector"]["matchLabels"]
+        assert selector["iotistic.io/shard"] == str(index)
+        assert operator["spec"]["template"]["metadata"]["labels"].items() >= selector.items()
+        assert operator["spec"]["replicas"] == 1 and operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert env_of(one(default_objects, "Deployment", OPERATOR))["OPERATOR_SHARDS"]["value"] == "1"
+    result = run(helm, "template", RELEASE, CHART, "--set", "operator.shards=0")
+    assert result.returncode != 0 and "shards" in result.stderr
+
+
 def test_webhook_server_rolls_several_replicas_behind_a_disruption_budget(
     default_objects: list[Manifest],
 ) -> None:

@@ -1,0 +1,115 @@
+"""Two operator shards on one control plane: each Customer is handled by exactly the shard its
+`iotistic.io/shard` label names (shard 0: no label, or no such shard); a killed shard's Customers wait
+for it, untouched by the other; relabelling moves a Customer."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
+from tests.conftest import OperatorProcess, unique_name, wait_until
+from tests.integration.test_operator import Cluster, customer_manifest
+
+pytestmark = pytest.mark.integration
+HANDLER_SUCCEEDED = re.compile(r"Handler '\w+' succeeded\.")
+
+
+@pytest.fixture
+def shards(
+    operator: OperatorProcess, operator_env: dict[str, str], tmp_path: Path
+) -> Iterator[list[OperatorProcess]]:
+    """The session operator stopped (it owns every Customer), two shards in its place; afterwards the
+    session operator runs again whatever happened."""
+    operator.kill()
+    started = [OperatorProcess(operator_env, tmp_path / f"shard-{index}.log") for index in range(2)]
+    try:
+        for index, shard in enumerate(started):
+            # Unbuffered: a shard is killed -9, and its log is the evidence of what it handled.
+            shard.start(OPERATOR_SHARDS="2", OPERATOR_SHARD=str(index), PYTHONUNBUFFERED="1")
+        yield started
+    finally:
+        for shard in started:
+            shard.kill()
+        operator.start(**operator.overrides)
+
+
+def handler_runs(shard: OperatorProcess) -> list[str]:
+    """The Customers whose handlers ran in this shard, once per run (Kopf's JSON log names the object)."""
+    runs = []
+    for line in shard.log.read_text(errors="replace").splitlines():
+        record = json.loads(line) if line.startswith("{") else {}
+        if HANDLER_SUCCEEDED.fullmatch(record.get("message", "")) and "object" in record:
+            runs.append(record["object"]["name"])
+    return runs
+
+
+def handled(shard: OperatorProcess) -> set[str]:
+    return set(handler_runs(shard))
+
+
+def licensed_plan(cluster: Cluster, name: str) -> str | None:
+    try:
+        claims, _ = cluster.license(name, verify_times=False)
+    except ApiException:
+        return None
+    return str(claims["plan"])
+
+
+def label(cluster: Cluster, name: str, shard: str) -> None:
+    cluster.objects.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"metadata": {"labels": {SHARD_LABEL: shard}}}
+    )
+
+
+def test_each_customer_is_handled_by_exactly_its_shard(
+    k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, shards: list[OperatorProcess]
+) -> None:
+    cluster = Cluster(k8s_client, kubeconfig)
+    shard0, shard1 = shards
+    labels = {"plain": None, "zero": "0", "one": "1", "nowhere": "7"}
+    names = {key: unique_name(f"shard-{key}") for key in labels}
+    for key, value in labels.items():
+        manifest = customer_manifest(names[key], plan="starter")
+        if value is not None:
+            manifest["metadata"]["labels"] = {SHARD_LABEL: value}
+        cluster.create(manifest)
+
+    ours = set(names.values())
+    expected = {0: ours - {names["one"]}, 1: {names["one"]}}
+    wait_until(
+        lambda: all(handled(shards[index]) & ours >= owned for index, owned in expected.items()),
+        120,
+        "every Customer handled by its shard",
+    )
+    assert {index: handled(shard) & ours for index, shard in enumerate(shards)} == expected
+    assert all(licensed_plan(cluster, name) == "starter" for name in ours)
+
+    # Shard 1 killed: its Customer waits. Its instance's Deployment events reach shard 0 too (the
+    # Deployments are not sharded), and shard 0 must not act on them.
+    shard1.kill()
+    cluster.patch_spec(names["one"], {"plan": "professional"})
+    cluster.make_deployments_available(names["one"])
+    cluster.patch_spec(names["plain"], {"plan": "professional"})
+    wait_until(lambda: licensed_plan(cluster, names["plain"]) == "professional", 60, "shard 0 works on")
+    with pytest.raises(AssertionError, match="timed out"):
+        wait_until(lambda: licensed_plan(cluster, names["one"]) != "starter", 3, "shard 0 took it")
+    assert names["one"] not in handled(shard0)
+    assert {index: handled(shard) & ours for index, shard in enumerate(shards)} == expected
+
+    shard1.start(**shard1.overrides)
+    wait_until(lambda: licensed_plan(cluster, names["one"]) == "professional", 60, "shard 1 resumed it")
+
+    # Relabelled, a Customer moves: shard 1 handles its next change, shard 0 no longer does.
+    before = handler_runs(shard0).count(names["zero"])
+    label(cluster, names["zero"], "1")
+    wait_until(lambda: names["zero"] in handled(shard1), 60, "shard 1 took the relabelled Customer")
+    cluster.patch_spec(names["zero"], {"plan": "professional"})
+    wait_until(lambda: licensed_plan(cluster, names["zero"]) == "professional", 60, "moved Customer handled")
+    assert handler_runs(shard0).count(names["zero"]) == before
