@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
@@ -129,6 +129,10 @@ class KubeApi:
         return found
 
     def list_customers(self, page_size: int = 500) -> list[dict[str, Any]]:
+        return self.list_customers_at(page_size)[0]
+
+    def list_customers_at(self, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every Customer, and the resourceVersion of the list (where a watch of what follows starts)."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
@@ -137,9 +141,47 @@ class KubeApi:
                 self.objects.list_cluster_custom_object, GROUP, VERSION, PLURAL, limit=page_size, **extra
             )
             items.extend(page.get("items") or [])
-            token = (page.get("metadata") or {}).get("continue")
+            metadata = page.get("metadata") or {}
+            token = metadata.get("continue")
             if not token:
-                return items
+                return items, str(metadata.get("resourceVersion", ""))
+
+    def watch_customers(
+        self, resource_version: str, timeout_seconds: int = 300, opened: Callable[[Any], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The watch events of every Customer after `resource_version` (type and object, bookmarks
+        included), until the server ends the watch. `opened` gets the response, so that another thread
+        may close it to stop the watch."""
+        try:
+            response = self.objects.list_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                watch=True,
+                allow_watch_bookmarks=True,
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                _preload_content=False,
+            )
+            assert isinstance(response, urllib3.BaseHTTPResponse)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+            raise KubernetesUnavailable(f"cannot watch Customers ({type(error).__name__})") from None
+        if opened is not None:
+            opened(response)
+        try:
+            pending = b""
+            for chunk in response.stream(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line:
+                        event: dict[str, Any] = json.loads(line)
+                        yield event
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise KubernetesUnavailable(f"the Customer watch broke ({type(error).__name__})") from None
+        finally:
+            response.close()
+            response.release_conn()
 
     def create_customer(self, body: dict[str, Any], manager: FieldManager | None = None) -> dict[str, Any]:
         """Create a Customer; ApiException 409 when the name is taken."""

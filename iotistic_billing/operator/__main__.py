@@ -25,6 +25,7 @@ from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.sharding import Shard
@@ -65,6 +66,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         sessions=session_factory(engine),
         # Twice helm's slots: the steps before helm (licence, namespace) overlap the installs.
         pass_slots=asyncio.Semaphore(2 * settings.helm_concurrency),
+        customer_view=CustomerView(kube.api),
         outbox=Outbox(settings.notify_webhook_url),
         shard=Shard(settings.operator_shard, settings.operator_shards),
     )

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -14,6 +15,7 @@ from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator.charts import ChartStore
+from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.sharding import Shard
@@ -63,6 +65,8 @@ class OperatorContext:
     # Passes in flight at most: a thousand Customers applied at once wait here as cheap coroutines
     # instead of each holding a read body, a minted licence and rendered values while helm is busy.
     pass_slots: asyncio.Semaphore
+    # Every Customer as the API server last said, for the rollouts' ticks (started by the first).
+    customer_view: CustomerView
     # Notices written with the facts that cause them (licence suspended, trial ending, ...).
     outbox: Outbox = field(default_factory=Outbox)
     # Time is an input: tests move this clock instead of sleeping until a timer fires.
@@ -70,6 +74,8 @@ class OperatorContext:
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     pass_requests: PassRequests = field(default_factory=PassRequests)
+    # The namespace manifest this process last applied, per namespace (reconcile.py).
+    applied_namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.
     noticed: set[str] = field(default_factory=set)
     # One per running InstanceRollout's daemon: set when a pass wrote a Customer's status, so the

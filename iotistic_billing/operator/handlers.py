@@ -59,6 +59,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    _context(memo).customer_view.stop()
     await _context(memo).engine.dispose()
 
 

@@ -36,6 +36,7 @@ from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
+    PassTarget,
     answered_request,
     chart_target,
     invalid_spec_status,
@@ -161,11 +162,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
-    # The licence Secret is read while the namespace is applied (a missing namespace reads as no Secret).
-    _, secret = await together(
-        ctx.kube.apply(namespace_manifest(target.namespace, target.name, target.customer_id, target.owner)),
-        ctx.kube.read_secret_data(target.namespace, LICENSE_SECRET_NAME),
-    )
+    secret = await _namespace_and_secret(ctx, target)
     try:
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
@@ -193,6 +190,27 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     if read_at is not None:
         ctx.deployments.judged(target.namespace, read_at)
     return result
+
+
+async def _namespace_and_secret(
+    ctx: OperatorContext, target: PassTarget
+) -> tuple[dict[str, bytes], dict[str, str]] | None:
+    """The namespace applied and the licence Secret read (a missing namespace reads as no Secret).
+
+    A namespace this process applied as it is now is applied again only when its Secret is missing
+    (the namespace may be gone): the apply of an unchanged namespace was one of the three API calls of
+    every pass a Deployment event starts. Labels someone edits on the namespace are therefore put back
+    at the operator's next start, not at the next pass."""
+    manifest = namespace_manifest(target.namespace, target.name, target.customer_id, target.owner)
+    read = ctx.kube.read_secret_data(target.namespace, LICENSE_SECRET_NAME)
+    if ctx.applied_namespaces.get(target.namespace) == manifest:
+        secret = await read
+        if secret is None:
+            await ctx.kube.apply(manifest)
+        return secret
+    _, secret = await together(ctx.kube.apply(manifest), read)
+    ctx.applied_namespaces[target.namespace] = manifest
+    return secret
 
 
 async def _fleet_version(ctx: OperatorContext, body: dict[str, Any]) -> str:

@@ -53,7 +53,8 @@ def _other(body: Mapping[str, Any]) -> OtherRollout:
 
 
 async def _move(ctx: OperatorContext, move: Move) -> None:
-    await ctx.kube.apply_customer_annotations(move.customer, move.annotations, FieldManager.ROLLOUT)
+    applied = await ctx.kube.apply_customer_annotations(move.customer, move.annotations, FieldManager.ROLLOUT)
+    ctx.customer_view.saw(applied)
 
 
 async def advance(ctx: OperatorContext, name: str) -> Decision | None:
@@ -64,7 +65,7 @@ async def advance(ctx: OperatorContext, name: str) -> Decision | None:
     meta = body["metadata"]
     spec = RolloutSpec.model_validate(body.get("spec") or {})
     previous = RolloutStatus.model_validate(body.get("status") or {})
-    customers, rollouts = await together(ctx.kube.list_customers(), ctx.kube.list_rollouts())
+    customers, rollouts = await together(ctx.customer_view.bodies(), ctx.kube.list_rollouts())
     decision = decide(
         Rollout(
             name,
