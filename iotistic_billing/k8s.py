@@ -161,6 +161,8 @@ class KubeApi:
                 allow_watch_bookmarks=True,
                 resource_version=resource_version,
                 timeout_seconds=timeout_seconds,
+                # A read that waits longer than the server's own end of the watch: the connection is gone.
+                _request_timeout=(10, timeout_seconds + 30),
                 _preload_content=False,
             )
             assert isinstance(response, urllib3.BaseHTTPResponse)

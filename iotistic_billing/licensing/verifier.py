@@ -352,7 +352,10 @@ class LicenseVerifier:
         values = tuple(map(claims.get, _CLAIM_NAMES[kind], repeat(_ABSENT)))
         # The types are part of the key: True == 1, and a boolean must not pass for a limit of 1.
         key = (kind, values, tuple(map(type, values)))
-        section = self._sections.get(key)
+        try:
+            section = self._sections.get(key)
+        except TypeError:  # a list or object where a number belongs: typing says which claim
+            return self._typed_section(kind, claims, fallback)
         if section is None:
             section = self._typed_section(kind, claims, fallback)
             if len(self._sections) < _SECTION_CACHE_SIZE:

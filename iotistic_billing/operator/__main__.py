@@ -22,7 +22,7 @@ from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.notices.outbox import Outbox
-from iotistic_billing.operator import handlers  # noqa: F401 - registers the Kopf handlers
+from iotistic_billing.operator import handlers  # registers the Kopf handlers (rollouts: register_rollouts)
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
@@ -121,6 +121,8 @@ def main() -> int:
         return 2
     if settings.operator_metrics_port:
         prometheus_client.start_http_server(settings.operator_metrics_port)
+    if context.shard.runs_rollouts:
+        handlers.register_rollouts()
     peering = context.shard.peering(settings.operator_peering)
     standalone = not peering
     if not standalone:

@@ -74,6 +74,8 @@ class OperatorContext:
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     pass_requests: PassRequests = field(default_factory=PassRequests)
+    # Each Customer's housekeeping daemon, by uid: stopped when the Customer leaves this shard.
+    housekeepers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # The namespace manifest this process last applied, per namespace (reconcile.py).
     applied_namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.

@@ -16,13 +16,16 @@ import logging
 import threading
 from typing import Any
 
-from iotistic_billing.k8s import KubeApi
+from iotistic_billing.k8s import KubeApi, KubernetesUnavailable
 
 log = logging.getLogger(__name__)
 # Seconds before a broken list or watch is tried again.
 RETRY_SECONDS = 1.0
 # The first list must arrive within this; else the tick fails and the next one waits again.
 FIRST_LIST_SECONDS = 30.0
+# Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
+# gone half-open) is given up and the view lists again.
+WATCH_SECONDS = 60
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -41,19 +44,32 @@ class CustomerView:
     def __init__(self, api: KubeApi) -> None:
         self._api = api
         self._bodies: dict[str, dict[str, Any]] = {}
+        # The resourceVersion each deleted Customer was deleted at: an older body of it is not kept.
+        self._deleted: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._listed = threading.Event()
+        self._following = threading.Event()  # listed, and the watch not broken since
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._response: Any = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def bodies(self) -> list[dict[str, Any]]:
-        """Every Customer as last seen (the first call starts the view and waits for its list)."""
+        """Every Customer as last seen (the first call starts the view and waits for its list). Raises
+        KubernetesUnavailable while the view is not following the API server (its watch broke and the
+        list again has not succeeded yet): a tick on an old view could time out healthy Customers."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._follow, name="customer-view", daemon=True)
             self._thread.start()
-        if not self._listed.is_set() and not await asyncio.to_thread(self._listed.wait, FIRST_LIST_SECONDS):
-            raise TimeoutError(f"no list of the Customers within {FIRST_LIST_SECONDS:.0f} s")
+        if not self._following.is_set():
+            ready = asyncio.Event()
+            with self._lock:
+                self._waiters.append((asyncio.get_running_loop(), ready))
+            if not self._following.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FIRST_LIST_SECONDS):
+                        await ready.wait()
+            if not self._following.is_set():
+                raise KubernetesUnavailable("the Customer view is not following the API server")
         with self._lock:
             return list(self._bodies.values())
 
@@ -66,11 +82,36 @@ class CustomerView:
         self._interrupt(self._response)
 
     def _keep(self, body: dict[str, Any]) -> None:
-        name = body["metadata"]["name"]
+        name, version = body["metadata"]["name"], _version(body)
         with self._lock:
             known = self._bodies.get(name)
-            if known is None or _version(body) >= _version(known):
+            if version <= self._deleted.get(name, -1):
+                return
+            if known is None or version >= _version(known):
                 self._bodies[name] = body
+
+    def _forget(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        with self._lock:
+            self._bodies.pop(name, None)
+            self._deleted[name] = max(_version(body), self._deleted.get(name, -1))
+
+    def _relisted(self, items: list[dict[str, Any]], resource_version: str) -> None:
+        """The list's bodies, except what this process saw newer meanwhile (its own writes)."""
+        listed_at = int(resource_version) if resource_version.isdigit() else 0
+        fresh = {item["metadata"]["name"]: _lean(item) for item in items}
+        with self._lock:
+            for name, known in self._bodies.items():
+                listed = fresh.get(name)
+                if _version(known) > (listed_at if listed is None else _version(listed)):
+                    fresh[name] = known
+            self._bodies = fresh
+            self._deleted = {name: at for name, at in self._deleted.items() if at > listed_at}
+            waiters, self._waiters = self._waiters, []
+        self._following.set()
+        for loop, ready in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(ready.set)
 
     def _opened(self, response: Any) -> None:
         # Set before the flag is read, as stop() sets the flag before it reads this: one of them stops it.
@@ -91,22 +132,22 @@ class CustomerView:
             try:
                 if resource_version is None:
                     items, resource_version = self._api.list_customers_at()
-                    fresh = {item["metadata"]["name"]: _lean(item) for item in items}
-                    with self._lock:
-                        self._bodies = fresh
-                    self._listed.set()
-                for event in self._api.watch_customers(resource_version, opened=self._opened):
+                    self._relisted(items, resource_version)
+                for event in self._api.watch_customers(
+                    resource_version, timeout_seconds=WATCH_SECONDS, opened=self._opened
+                ):
                     kind, body = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":  # 410 Gone: the watch fell too far behind; list again
+                        self._following.clear()
                         resource_version = None
                         break
                     resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
                     if kind == "DELETED":
-                        with self._lock:
-                            self._bodies.pop(body["metadata"]["name"], None)
+                        self._forget(body)
                     elif kind in ("ADDED", "MODIFIED"):
                         self._keep(_lean(body))
-            except Exception:  # the API server away: list again after a pause
+            except Exception:  # the API server away, the watch silent too long: list again after a pause
+                self._following.clear()
                 if self._stopped.is_set():
                     return
                 log.exception("the Customer view's watch broke; listing again")

@@ -20,6 +20,7 @@ from iotistic_billing.customer import (
     InvalidSpecError,
     Phase,
     customer_of_namespace,
+    namespace_for,
 )
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import rollouts
@@ -52,7 +53,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     ctx = _context(memo)
     memo["handled"] = configure_kopf(
         settings,
-        routine=(deployment_changed, license_secret_changed, release_storage_changed),
+        routine=(deployment_changed, license_secret_changed, release_storage_changed, customer_gone),
         customer_selector=ctx.shard.selector(),
     )
 
@@ -113,11 +114,13 @@ async def rollout_version_changed(
         _report(await reconcile(_context(memo), name), body, retry)
 
 
-def _runs_rollouts(memo: kopf.Memo, **_: Any) -> bool:
-    return _context(memo).shard.runs_rollouts
+def register_rollouts() -> None:
+    """The InstanceRollouts' daemon, registered only in the shard that advances them (sharding.py): a
+    shard that registered it with a filter saying no would still watch the rollouts, and Kopf there
+    removes the finalizer that shard 0's daemon needs and adds back, without end."""
+    kopf.daemon(*ROLLOUT_RESOURCE, id="rollout", cancellation_timeout=5.0)(rollout_daemon)
 
 
-@kopf.daemon(*ROLLOUT_RESOURCE, id="rollout", cancellation_timeout=5.0, when=_runs_rollouts)
 async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """An InstanceRollout's ticks (rollouts.advance) while it runs; a finished one is only looked at,
     in Kopf's live body, until its spec asks for a new version."""
@@ -180,7 +183,7 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
 
 # Kopf stops the daemon (deletion, exit, peering pause) by cancelling its sleep right away.
 @kopf.daemon(*CUSTOMERS, id=HOUSEKEEPING, cancellation_timeout=5.0)
-async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, uid: str, **_: Any) -> None:
     """Licence renewal and trial end, as a daemon per Customer that sleeps between checks.
 
     A Kopf timer runs Kopf's handler machinery on every tick; a daemon's tick is the check alone. It
@@ -188,8 +191,12 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: 
     timed-out waits leave cyclic garbage that only the collector's full passes free. `body` is Kopf's
     live view, so each check sees the Customer as it is now.
     """
-    interval = _context(memo).settings.operator_timer_interval
+    ctx = _context(memo)
+    interval = ctx.settings.operator_timer_interval
     delay = min(interval, 30.0)
+    task = asyncio.current_task()
+    assert task is not None
+    ctx.housekeepers[uid] = task
     try:
         while True:
             await asyncio.sleep(delay)
@@ -197,6 +204,9 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: 
             delay = interval
     except asyncio.CancelledError:
         return  # how Kopf stops it; returning (not raising) spares a warning per Customer at every exit
+    finally:
+        if ctx.housekeepers.get(uid) is task:
+            del ctx.housekeepers[uid]
 
 
 async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
@@ -216,6 +226,22 @@ def request_pass(ctx: OperatorContext, name: str, deployment_event: int | None =
         await _refresh(ctx, name, ctx.pass_requests.take(name))
 
     asyncio.get_running_loop().create_task(run())
+
+
+@kopf.on.event(*CUSTOMERS)
+async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid: str, **_: Any) -> None:
+    """A Customer deleted, or relabelled to another shard (the watch's label selector no longer matches:
+    the API server says DELETED). Kopf forgets it but does not stop its daemon then (only a deletion
+    does), so the housekeeping of a Customer another shard now owns is stopped here, and what this
+    process kept of it dropped: coming back, it is new here and gets a pass."""
+    if type != "DELETED":
+        return
+    ctx = _context(memo)
+    housekeeper = ctx.housekeepers.pop(uid, None)
+    if housekeeper is not None:
+        housekeeper.cancel()
+    cast(HandledSpecs, memo["handled"]).forget(body)
+    ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/instance": c.RELEASE_NAME})

@@ -9,7 +9,7 @@ import kubernetes
 import pytest
 
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
-from iotistic_billing.k8s import FieldManager, KubeApi
+from iotistic_billing.k8s import FieldManager, KubeApi, KubernetesUnavailable
 from iotistic_billing.operator.customer_view import CustomerView
 from tests.conftest import eventually, unique_name
 from tests.integration.test_operator import customer_manifest
@@ -80,3 +80,46 @@ async def test_stop_ends_the_watch_thread(k8s_client: kubernetes.client.ApiClien
     view.stop()
     await asyncio.to_thread(thread.join, 10)
     assert not thread.is_alive()
+
+
+async def test_a_broken_watch_is_said_not_hidden_and_the_view_follows_again(
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """While the watch is broken and the list fails, a tick gets an error, not an old view; once the
+    API server answers again the view lists and follows."""
+    api = KubeApi(k8s_client, FieldManager.CLI)
+    view = CustomerView(api)
+    try:
+        await view.bodies()
+
+        async def watching() -> bool:
+            return view._response is not None
+
+        await eventually(watching, 20, "the view's watch is open")
+        real_list, real_watch = api.list_customers_at, api.watch_customers
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise KubernetesUnavailable("the API server answered 503")
+
+        api.list_customers_at = refused  # type: ignore[method-assign]
+        api.watch_customers = refused  # type: ignore[method-assign]
+        view._interrupt(view._response)  # the connection drops, and the API server refuses for now
+
+        async def not_following() -> bool:
+            try:
+                await view.bodies()
+            except KubernetesUnavailable:
+                return True
+            return False
+
+        await eventually(not_following, 20, "the view says it does not follow")
+        api.list_customers_at, api.watch_customers = real_list, real_watch  # type: ignore[method-assign]
+        name = unique_name("view-back")
+        api.create_customer(customer_manifest(name, plan="starter"))
+
+        async def back() -> bool:
+            return name in by_name(await view.bodies())
+
+        await eventually(back, 30, "the view lists again and follows")
+    finally:
+        view.stop()

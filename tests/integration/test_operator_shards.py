@@ -8,12 +8,15 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
+from iotistic_billing.operator.constants import FINALIZER
+from iotistic_billing.rollout import ROLLOUT_PLURAL
 from tests.conftest import OperatorProcess, unique_name, wait_until
 from tests.integration.test_operator import Cluster, customer_manifest
 
@@ -52,6 +55,16 @@ def handler_runs(shard: OperatorProcess) -> list[str]:
 
 def handled(shard: OperatorProcess) -> set[str]:
     return set(handler_runs(shard))
+
+
+def daemons_ended(shard: OperatorProcess) -> set[str]:
+    """The Customers whose housekeeping daemon returned in this shard while it ran."""
+    ended = set()
+    for line in shard.log.read_text(errors="replace").splitlines():
+        record = json.loads(line) if line.startswith("{") else {}
+        if record.get("message") == "Daemon 'housekeeping' succeeded." and "object" in record:
+            ended.add(record["object"]["name"])
+    return ended
 
 
 def licensed_plan(cluster: Cluster, name: str) -> str | None:
@@ -106,10 +119,55 @@ def test_each_customer_is_handled_by_exactly_its_shard(
     shard1.start(**shard1.overrides)
     wait_until(lambda: licensed_plan(cluster, names["one"]) == "professional", 60, "shard 1 resumed it")
 
-    # Relabelled, a Customer moves: shard 1 handles its next change, shard 0 no longer does.
-    before = handler_runs(shard0).count(names["zero"])
-    label(cluster, names["zero"], "1")
-    wait_until(lambda: names["zero"] in handled(shard1), 60, "shard 1 took the relabelled Customer")
-    cluster.patch_spec(names["zero"], {"plan": "professional"})
-    wait_until(lambda: licensed_plan(cluster, names["zero"]) == "professional", 60, "moved Customer handled")
-    assert handler_runs(shard0).count(names["zero"]) == before
+    # Relabelled, a Customer moves: shard 1 handles its next change, shard 0 no longer does, and shard 0
+    # stopped its housekeeping (Kopf forgets a Customer that leaves the watch but keeps its daemon).
+    moved = names["zero"]
+    before = handler_runs(shard0).count(moved)
+    label(cluster, moved, "1")
+    wait_until(lambda: moved in handled(shard1), 60, "shard 1 took the relabelled Customer")
+    wait_until(lambda: moved in daemons_ended(shard0), 30, "shard 0 stopped its housekeeping")
+    cluster.patch_spec(moved, {"plan": "professional"})
+    wait_until(lambda: licensed_plan(cluster, moved) == "professional", 60, "moved Customer handled")
+    assert handler_runs(shard0).count(moved) == before
+
+    # And back: shard 0 handles it again.
+    label(cluster, moved, "0")
+    wait_until(lambda: handler_runs(shard0).count(moved) > before, 60, "shard 0 took it back")
+    cluster.patch_spec(moved, {"plan": "enterprise"})
+    wait_until(lambda: licensed_plan(cluster, moved) == "enterprise", 60, "returned Customer handled")
+
+
+def test_only_shard_zero_watches_rollouts_and_their_finalizer_stays(
+    k8s_client: kubernetes.client.ApiClient, shards: list[OperatorProcess]
+) -> None:
+    """A rollout is advanced by shard 0 alone; another shard that watched it too would take away the
+    finalizer shard 0's daemon puts on it, again and again."""
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    name = unique_name("shard-rollout")
+    objects.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        ROLLOUT_PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InstanceRollout",
+            "metadata": {"name": name},
+            "spec": {"chartVersion": "9.9.9", "steps": [{"rest": True}]},
+        },
+    )
+
+    def rollout() -> dict[str, Any]:
+        body: dict[str, Any] = objects.get_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
+        return body
+
+    # The session's chart is a directory: the rollout stalls RolloutsDisabled, and then nothing changes.
+    wait_until(lambda: (rollout().get("status") or {}).get("phase"), 60, "shard 0 ticked the rollout")
+    settled = rollout()
+    assert FINALIZER in settled["metadata"]["finalizers"]
+    with pytest.raises(AssertionError, match="timed out"):
+        wait_until(
+            lambda: rollout()["metadata"]["resourceVersion"] != settled["metadata"]["resourceVersion"],
+            5,
+            "the rollout kept being written",
+        )
+    assert name not in {run for shard in shards[1:] for run in handler_runs(shard)}

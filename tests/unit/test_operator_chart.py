@@ -256,10 +256,9 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
 def test_shards_are_one_operator_deployment_each_with_selectors_that_do_not_share_pods(
     helm: Path, tmp_path: Path, default_objects: list[Manifest]
 ) -> None:
-    objects = render(helm, tmp_path, {"operator": {"shards": 3}})
-    operators = [
-        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].startswith(OPERATOR)
-    ]
+    objects = render(helm, tmp_path, {"operator": {"shards": 3}, "networkPolicy": {"enabled": True}})
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    operators = [o for o in deployments if o["metadata"]["name"].startswith(OPERATOR)]
 
     assert [o["metadata"]["name"] for o in operators] == [
         OPERATOR,
@@ -277,11 +276,24 @@ def test_shards_are_one_operator_deployment_each_with_selectors_that_do_not_shar
     assert (
         operators[0]["spec"]["selector"] == one(default_objects, "Deployment", OPERATOR)["spec"]["selector"]
     )
-    for index, operator in enumerate(operators[1:], start=1):
-        selector = operator["spec"]["selector"]["matchLabels"]
-        assert selector["iotistic.io/shard"] == str(index)
-        assert operator["spec"]["template"]["metadata"]["labels"].items() >= selector.items()
+    for deployment in deployments:
+        pods = deployment["spec"]["template"]["metadata"]["labels"]
+        selecting = [
+            other["metadata"]["name"]
+            for other in deployments
+            if other["spec"]["selector"]["matchLabels"].items() <= pods.items()
+        ]
+        assert selecting == [deployment["metadata"]["name"]], "each Deployment's pods, its own selector only"
+    for operator in operators:
         assert operator["spec"]["replicas"] == 1 and operator["spec"]["strategy"] == {"type": "Recreate"}
+    # The metrics Service and the operator's NetworkPolicy take every shard's pod.
+    service = one(objects, "Service", OPERATOR)["spec"]["selector"]
+    policy = one(objects, "NetworkPolicy", OPERATOR)["spec"]["podSelector"]["matchLabels"]
+    for operator in operators:
+        pods = operator["spec"]["template"]["metadata"]["labels"]
+        assert service.items() <= pods.items() and policy.items() <= pods.items()
+    webhook_pods = one(objects, "Deployment", WEBHOOK_SERVER)["spec"]["template"]["metadata"]["labels"]
+    assert not service.items() <= webhook_pods.items()
     assert env_of(one(default_objects, "Deployment", OPERATOR))["OPERATOR_SHARDS"]["value"] == "1"
     result = run(helm, "template", RELEASE, CHART, "--set", "operator.shards=0")
     assert result.returncode != 0 and "shards" in result.stderr

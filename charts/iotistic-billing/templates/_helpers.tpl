@@ -34,6 +34,14 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* Every operator pod, of any shard: what the operator's Service and NetworkPolicy select (each shard's
+Deployment selects its own pods by component, operator or operator-shard-k, so selectors never overlap). */}}
+{{- define "iotistic-billing.operatorPods" -}}
+app.kubernetes.io/name: {{ include "iotistic-billing.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+iotistic.io/role: operator
+{{- end -}}
+
 {{- define "iotistic-billing.labels" -}}
 {{ include "iotistic-billing.selectorLabels" . }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
