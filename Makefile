@@ -44,9 +44,10 @@ unit: venv
 integration: venv tools
 	$(VENV)/bin/pytest tests/integration -q
 
-# One pytest run for every layer, so the control plane and PostgreSQL start once per session.
+# One pytest run for every layer on two workers: the end-to-end suite (with the unit tests and the dev
+# environment's) on one, the tests on the bare control plane on the other; each starts its parts once.
 test: venv tools tools-e2e tools-browser lint
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=15
 
 # The simulated cluster's parts too: the sample Customers roll out and turn Ready.
 dev: venv tools tools-e2e

@@ -27,6 +27,17 @@ from iotistic_billing.devenv.stripe_mock import StripeMock
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "crds"
+# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup), each group of tests whole on
+# one worker with its own session parts: the simulated cluster's end-to-end tests, which mostly wait for
+# rollouts and bakes, run beside the tests on the bare control plane instead of after them.
+SIMULATED_CLUSTER_GROUP = ("tests/e2e/", "tests/unit/", "tests/integration/test_dev_environment.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = Path(item.path).relative_to(REPO).as_posix()
+        group = "simulated-cluster" if where.startswith(SIMULATED_CLUSTER_GROUP) else "control-plane"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def unique_name(prefix: str) -> str:

@@ -267,9 +267,12 @@ def test_a_good_version_reaches_every_customer_in_steps(
 def test_a_bad_version_is_stopped_at_the_canaries_and_rolled_back(
     fleet: Fleet, registry_versions: dict[str, str]
 ) -> None:
-    good, bad, rollout = registry_versions["good"], registry_versions["bad"], unique_name("bad")
+    bad, rollout = registry_versions["bad"], unique_name("bad")
+    # The version the fleet runs now: the good one after the test above, the base one when this runs
+    # first on a fresh fleet.
     before = {n: running(c) for n, c in fleet.customers().items()}
     canaries = fleet.names[:2]
+    [good] = {before[n] for n in fleet.names}
     fleet.create_rollout(
         rollout,
         bad,
