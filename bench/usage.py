@@ -4,18 +4,27 @@ Starts an embedded PostgreSQL (migrated by Alembic) and two servers, each a proc
 same way (`web.run_app`, one process, a pool of 10 asyncpg connections):
 - product: the webhook server (`create_app`) with everything a report goes through (metrics, error and
   access middlewares, the usage-key cache, rate limiters, validation, the exactly-once insert, the
-  coalescer; the status flusher runs every 10 s against an API server that is not there);
+  coalescer; the status flusher runs every 10 s against a stand-in API server that knows one Customer,
+  the reader of (c), not the customer the reports of (a) and (b) are for);
 - baseline: a bare aiohttp handler that parses the JSON and does one asyncpg INSERT of the row.
-Then, in one run:
+usage_reports has the monthly partitions of the last `--months` months and the next two, as the usage
+service makes them; the reader has `READER_DAYS` days of 5-minute reports from `READER_INSTANCES`
+instances. Then, in one run:
 (a) single reports: `--clients` concurrent aiohttp clients post one report per request for `--seconds`,
     to each server in turn (`--rounds` rounds each, alternating; the best round of each counts, as other
     work on the machine only ever slows a round down);
     target: product >= 0.6 x baseline requests/s;
 (b) batches: `--batch-clients` clients post 1,000-report batches to the product, against the same rows
     written by raw asyncpg COPY (`copy_records_to_table`) from as many connections (rounds alternating);
-    target: product >= 0.25 x COPY reports/s.
+    target: product >= 0.4 x COPY reports/s;
+(c) the usage API: one client reads GET /api/usage/{reader}?days=30 back to back for `--seconds`
+    (each round; the best round's median counts).
+With `--rows N`, the same again after N more reports were written (by PostgreSQL itself, evenly over
+the `--months` months, 1,000 instances of 100 customers; then VACUUM ANALYZE, as autovacuum would
+have left a table that grew over months), to show (a), (b) and (c) do not move with the table's size.
 Prints absolute numbers and ratios; exits 1 when a target is missed.
-Run: `.venv/bin/python bench/usage.py [--seconds 5] [--rounds 3] [--clients 16] [--batch-clients 4]`.
+Run: `.venv/bin/python bench/usage.py [--seconds 5] [--rounds 3] [--clients 16] [--batch-clients 4]
+[--rows 20000000] [--months 13]`.
 """
 
 from __future__ import annotations
@@ -43,13 +52,16 @@ import kubernetes
 from aiohttp import web
 
 from iotistic_billing.api_keys import usage_key_hash
+from iotistic_billing.customer import Customer
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.processes import free_port, wait_for_port
 from iotistic_billing.settings import load_settings
 from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.partitions import maintain_partitions, month_of
+from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import COLUMNS
-from iotistic_billing.usage.store import asyncpg_dsn, keep_session
+from iotistic_billing.usage.store import asyncpg_dsn, keep_session, open_pool
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 
@@ -57,13 +69,21 @@ CUSTOMER_ID = "cust_benchmark01"
 USAGE_KEY = "iuk_bench_" + "k" * 32
 ADMIN_TOKEN = "bench-admin-token-" + "0" * 16
 SINGLE_TARGET = 0.6
-BATCH_TARGET = 0.25
+BATCH_TARGET = 0.4
 BATCH = 1000
-BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+NOW = datetime.now(UTC).replace(microsecond=0)
+BASE_TIME = NOW - timedelta(days=2)
+# The customer whose usage (c) reads: a Customer the stand-in API server knows, billed manually.
+READER_NAME = "bench-reader"
+READER_ID = "cust_benchreader1"
+READER_INSTANCES = 5
+READER_DAYS = 40
+FILL_INSTANCES = 1000
+FILL_CUSTOMERS = 100
 _PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
 BASELINE_INSERT = (
     f"INSERT INTO usage_reports ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS}) "  # noqa: S608 - constants
-    "ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING"
+    "ON CONFLICT DO NOTHING"
 )
 
 
@@ -124,11 +144,59 @@ def baseline_app(database_url: str) -> web.Application:
     return app
 
 
-def product_app(database_url: str) -> web.Application:
+def reader_customer() -> dict[str, Any]:
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {
+            "name": READER_NAME,
+            "uid": "00000000-0000-4000-8000-000000000001",
+            "resourceVersion": "1",
+            "generation": 1,
+            "creationTimestamp": (NOW - timedelta(days=400)).isoformat().replace("+00:00", "Z"),
+        },
+        "spec": {
+            "customerId": READER_ID,
+            "email": "ops@reader.example",
+            "companyName": "Reader Ltd",
+            "plan": "professional",
+            "billing": {"mode": "manual"},
+        },
+        "status": {"customerId": READER_ID, "plan": "professional", "phase": "Ready"},
+    }
+    Customer.model_validate(body)  # as the product reads it
+    return body
+
+
+def kube_app() -> web.Application:
+    """A stand-in for the API server: the reader's Customer, nothing else (the reports' customer is
+    missing, as a customer id no Customer holds)."""
+    reader = reader_customer()
+    prefix = "/apis/iotistic.io/v1alpha1/customers"
+
+    async def read(request: web.Request) -> web.Response:
+        if request.match_info["name"] != READER_NAME:
+            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound"}
+            return web.json_response({**status, "code": 404}, status=404)
+        return web.json_response(reader)
+
+    async def list_all(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"apiVersion": "iotistic.io/v1alpha1", "kind": "CustomerList", "metadata": {}, "items": [reader]}
+        )
+
+    app = web.Application()
+    app.router.add_get(prefix, list_all)
+    app.router.add_get(prefix + "/{name}", read)
+    app.router.add_patch(prefix + "/{name}/status", read)
+    return app
+
+
+def product_app(database_url: str, kube_url: str) -> web.Application:
     settings = load_settings(database_url=database_url, admin_api_token=ADMIN_TOKEN)
-    # No API server in this benchmark: reports never wait for one, and the flusher's calls fail fast.
+    # The stand-in API server: reports never wait for it, and the flusher's calls are answered at once.
     configuration = kubernetes.client.Configuration()
-    configuration.host = f"http://127.0.0.1:{free_port()}"
+    configuration.host = kube_url
     configuration.retries = False
     # The limits are the operator's to set; they must not be what this measures.
     unlimited = RateLimit(per_second=1e9, burst=10**9)
@@ -145,32 +213,43 @@ def product_app(database_url: str) -> web.Application:
     )
 
 
-def serve(kind: str, port: int, database_url: str) -> int:
+def serve(kind: str, port: int, database_url: str, kube_url: str) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    app = product_app(database_url) if kind == "product" else baseline_app(database_url)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    apps = {
+        "product": lambda: product_app(database_url, kube_url),
+        "baseline": lambda: baseline_app(database_url),
+        "kube": kube_app,
+    }
+    web.run_app(apps[kind](), host="127.0.0.1", port=port, access_log=None, print=None)
     return 0
 
 
 @dataclass
 class Server:
     kind: str
-    url: str
+    base: str
     process: subprocess.Popen[bytes]
 
+    @property
+    def url(self) -> str:
+        return f"{self.base}/api/usage/report"
+
     @classmethod
-    def start(cls, kind: str, database_url: str, log: Path) -> Server:
+    def start(cls, kind: str, database_url: str, log: Path, kube_url: str = "") -> Server:
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--port", str(port), "--database-url", database_url],
+            [
+                *(sys.executable, __file__, "--serve", kind, "--port", str(port)),
+                *("--database-url", database_url, "--kube-url", kube_url),
+            ],
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_for_port(port, 30, process)
-        return cls(kind, f"http://127.0.0.1:{port}/api/usage/report", process)
+        return cls(kind, f"http://127.0.0.1:{port}", process)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -297,9 +376,43 @@ async def stored_reports(database_url: str) -> int:
         await conn.close()
 
 
-async def measure(args: argparse.Namespace, database_url: str, product: Server, baseline: Server) -> int:
+async def read_usage(url: str, seconds: float, headers: dict[str, str]) -> Round:
+    """One client reading a customer's usage back to back for `seconds`; every answer must be a 200."""
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        while time.perf_counter() < deadline:
+            begun = time.perf_counter()
+            async with session.get(url, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise SystemExit(f"{url} answered {response.status}: {answer[:300]!r}")
+            latencies.append(time.perf_counter() - begun)
+    return Round(len(latencies), len(latencies), time.perf_counter() - started, latencies)
+
+
+@dataclass
+class Phase:
+    """What one phase measured: the best rounds of (a), (b) and (c)."""
+
+    table: str
+    single_ratio: float
+    batch_ratio: float
+    reads_p50: float  # seconds, of the best round of (c)
+    reads_p99: float
+
+    @property
+    def met(self) -> bool:
+        return self.single_ratio >= SINGLE_TARGET and self.batch_ratio >= BATCH_TARGET
+
+
+async def measure_phase(
+    args: argparse.Namespace, database_url: str, product: Server, baseline: Server, table: str
+) -> Phase:
+    print(f"--- {table}")
     headers = {"X-API-Key": USAGE_KEY, "Content-Type": "application/json"}
-    ids = Ids("s")
+    ids = Ids(f"s{table[:1]}")
     warm = single_bodies(ids)
     for server in (baseline, product):  # connections opened, statements prepared, key cached
         await drive(server.url, warm, 1, args.clients, 1.0, headers)
@@ -323,7 +436,7 @@ async def measure(args: argparse.Namespace, database_url: str, product: Server, 
         f"{args.rounds} rounds of {args.seconds:g} s each"
     )
     before = await stored_reports(database_url)
-    batch_ids, copy_ids = Ids("b"), Ids("c")
+    batch_ids, copy_ids = Ids(f"b{table[:1]}"), Ids(f"c{table[:1]}")
     await drive(product.url, batch_bodies(batch_ids), BATCH, args.batch_clients, 1.0, headers)  # warm-up
     endpoints: list[Round] = []
     copies: list[Round] = []
@@ -347,7 +460,124 @@ async def measure(args: argparse.Namespace, database_url: str, product: Server, 
     stored = await stored_reports(database_url)
     assert stored - before >= sum(r.count for r in [*endpoints, *copies]), (stored, before)
 
-    ok = single_ratio >= SINGLE_TARGET and batch_ratio >= BATCH_TARGET
+    print(f"(c) GET /api/usage/{READER_ID}?days=30, 1 client, {args.rounds} rounds of {args.seconds:g} s")
+    reads_url = f"{product.base}/api/usage/{READER_ID}?days=30"
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    await read_usage(reads_url, 1.0, admin)  # warm-up
+    reads: list[Round] = []
+    for _ in range(args.rounds):
+        read = await read_usage(reads_url, args.seconds, admin)
+        reads.append(read)
+        print(f"    reads    {read.describe()}")
+    fastest = min(reads, key=lambda r: statistics.median(r.latencies))
+    cuts = statistics.quantiles(fastest.latencies, n=100)
+    print(f"    best: p50 {cuts[49] * 1000:.1f} ms, p99 {cuts[98] * 1000:.1f} ms")
+    return Phase(table, single_ratio, batch_ratio, cuts[49], cuts[98])
+
+
+async def add_reader(database_url: str, months: int) -> int:
+    """The months' partitions, as the usage service made them while the months went by; the reader's
+    mirror row and its READER_DAYS days of 5-minute reports (then VACUUM ANALYZE); how many reports."""
+    pool = await open_pool(database_url, max_size=1)
+    try:
+        first = shift_months(month_of(NOW), -(months - 1))
+        for offset in range(months):
+            await maintain_partitions(pool, shift_months(first, offset), ahead=2, retention_months=months + 1)
+        await pool.execute(
+            "INSERT INTO customers (customer_id, resource_name, email, company_name, plan)"
+            " VALUES ($1, $2, 'ops@reader.example', 'Reader Ltd', 'professional')",
+            READER_ID,
+            READER_NAME,
+        )
+        written = _rows(
+            await pool.execute(
+                GENERATED.format(customer="$1::text", instance="'reader-' || i"),
+                READER_ID,
+                NOW - timedelta(days=READER_DAYS),
+                timedelta(minutes=5),
+                0,
+                READER_DAYS * 24 * 12 - 1,
+                READER_INSTANCES,
+            )
+        )
+        # As after a fill: both phases read a vacuumed, analysed table.
+        await pool.execute("VACUUM (ANALYZE) usage_reports")
+        return written
+    finally:
+        await pool.close()
+
+
+# Reports made by PostgreSQL: instance i (0 .. $6 - 1) reports slot k ($4 .. $5) for [$2 + k x $3, + $3);
+# the customer is an expression of $1 and i.
+GENERATED = f"""
+INSERT INTO usage_reports ({", ".join(COLUMNS)}, reported_at)
+SELECT {{customer}}, {{instance}}, 'r-' || k, start, start + $3::interval, (i * 7 + k) % 50, 50,
+       k % 1000, k % 900, k * 17 % 100000, k * 13 % 100000, k % 300, k * 11 % 50000, k * 5 % 50000,
+       (k % 10000) / 10.0, k % 100000, start + $3::interval
+FROM generate_series($4::bigint, $5::bigint) AS k, generate_series(0, $6::int - 1) AS i,
+     LATERAL (SELECT $2::timestamptz + k * $3::interval AS start) AS slot
+"""  # noqa: S608 - constant column names
+
+
+def _rows(status: str) -> int:
+    return int(status.split()[-1])
+
+
+async def fill(database_url: str, rows: int, months: int) -> int:
+    """About `rows` more reports over the `months` months up to now, FILL_INSTANCES instances of
+    FILL_CUSTOMERS customers reporting evenly, written by PostgreSQL a month at a time on two
+    connections; then VACUUM ANALYZE. How many were written."""
+    first = shift_months(month_of(NOW), -(months - 1))
+    slots = -(-rows // FILL_INSTANCES)
+    step = (NOW - first) / slots
+    # Not the product's pool: its statements time out after 10 s, and a month takes longer.
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=2, max_size=2)
+    written = 0
+
+    async def month_chunk(offset: int) -> None:
+        nonlocal written
+        start, end = shift_months(first, offset), shift_months(first, offset + 1)
+        low, high = -(-(start - first) // step), min(slots, -(-(end - first) // step))
+        if low >= high:
+            return
+        statement = GENERATED.format(
+            customer=f"$1::text || lpad((i % {FILL_CUSTOMERS})::text, 4, '0')", instance="'fill-' || i"
+        )
+        status = await pool.execute(statement, "cust_fill", first, step, low, high - 1, FILL_INSTANCES)
+        written += _rows(status)
+
+    try:
+        began = time.perf_counter()
+        queue = list(range(months))
+
+        async def worker() -> None:
+            while queue:
+                await month_chunk(queue.pop(0))
+
+        await asyncio.gather(worker(), worker())
+        print(f"    {written:,} reports written in {time.perf_counter() - began:.0f} s")
+        began = time.perf_counter()
+        async with pool.acquire() as conn:
+            await conn.execute("VACUUM (ANALYZE) usage_reports")
+        print(f"    VACUUM ANALYZE in {time.perf_counter() - began:.0f} s")
+    finally:
+        await pool.close()
+    return written
+
+
+async def measure(args: argparse.Namespace, database_url: str, product: Server, baseline: Server) -> int:
+    phases = [await measure_phase(args, database_url, product, baseline, "empty table")]
+    if args.rows:
+        print(f"--- filling: {args.rows:,} reports over {args.months} months")
+        written = await fill(database_url, args.rows, args.months)
+        phases.append(await measure_phase(args, database_url, product, baseline, f"{written:,} more reports"))
+    print("--- summary")
+    for phase in phases:
+        print(
+            f"    {phase.table:<22} single {phase.single_ratio:.2f}, batch {phase.batch_ratio:.2f}, "
+            f"usage API p50 {phase.reads_p50 * 1000:.1f} ms p99 {phase.reads_p99 * 1000:.1f} ms"
+        )
+    ok = all(phase.met for phase in phases)
     print(f"targets: {'met' if ok else 'MISSED'}")
     return 0 if ok else 1
 
@@ -374,11 +604,15 @@ def run(args: argparse.Namespace, run_async: Callable[[Awaitable[int]], int] = a
             database_url = postgres.create_database("bench")
             migrate.upgrade(database_url)
             run_async(add_key(database_url))
+            reader = run_async(add_reader(database_url, args.months))
+            kube = Server.start("kube", database_url, workdir / "kube.log")
             servers = [
-                Server.start("product", database_url, workdir / "product.log"),
+                Server.start("product", database_url, workdir / "product.log", kube.base),
                 Server.start("baseline", database_url, workdir / "baseline.log"),
+                kube,
             ]
             print(f"{os.cpu_count()} CPUs; PostgreSQL, both servers and the clients share them")
+            print(f"usage_reports: {args.months} months of partitions; the reader's {reader:,} reports")
             return run_async(measure(args, database_url, servers[0], servers[1]))
         finally:
             for server in servers:
@@ -392,12 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each side, alternating; best counts")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch-clients", type=int, default=4)
-    parser.add_argument("--serve", choices=("product", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=0, help="measure again after this many more reports")
+    parser.add_argument("--months", type=int, default=13, help="months of partitions (and of --rows)")
+    parser.add_argument("--serve", choices=("product", "baseline", "kube"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--kube-url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not 1 <= args.months <= UsageOptions().raw_retention_months:
+        # The server's partition run at start would drop the oldest months.
+        parser.error(f"--months: 1 to the raw retention, {UsageOptions().raw_retention_months}")
     if args.serve:
-        return serve(args.serve, args.port, args.database_url)
+        return serve(args.serve, args.port, args.database_url, args.kube_url)
     return run(args)
 
 

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     usage_meter_interval: Annotated[float, Field(gt=0)] = 3600.0
     usage_key_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
     usage_close_grace: Annotated[float, Field(ge=0)] = 3600.0
+    # Months raw usage reports are kept: older ones go with their month's partition of usage_reports,
+    # never inside a billing period still open; rollups stay. At least 2 (a period is up to a month).
+    usage_raw_retention: Annotated[int, Field(ge=2, le=1200)] = 13
     # Public URL of the webhook server, given to customer instances for usage reports.
     billing_url: str = "http://localhost:3100"
 

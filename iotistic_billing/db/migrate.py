@@ -7,7 +7,15 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from iotistic_billing.db.models import USAGE_REPORT_PARTITION
+
 _HERE = Path(__file__).parent
+
+
+def compared(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic's `include_name`: what autogenerate compares with the models; not the partitions of
+    usage_reports, which usage metering makes and drops."""
+    return not (type_ == "table" and name is not None and USAGE_REPORT_PARTITION.fullmatch(name))
 
 
 def alembic_config(database_url: str) -> Config:

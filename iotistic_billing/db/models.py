@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -16,6 +17,8 @@ from sqlalchemy import (
     Index,
     Integer,
     Numeric,
+    PrimaryKeyConstraint,
+    Sequence,
     String,
     Text,
     UniqueConstraint,
@@ -108,17 +111,26 @@ class LicenseHistory(Base):
 
 
 class UsageReport(Base):
-    """One usage report of an instance; (customer, instance, report id) makes storage exactly-once."""
+    """One usage report of an instance, stored once: its key is (customer, instance, report id, period
+    start). Partitioned by the UTC month of period_start (`usage_reports_YYYY_MM`, and
+    `usage_reports_default` for a month without one): usage metering makes and drops the partitions
+    (usage.partitions; docs/architecture.md, "Usage reports over the years")."""
 
     __tablename__ = "usage_reports"
     __table_args__ = (
-        UniqueConstraint("customer_id", "instance_id", "report_id", name="uq_usage_reports_report"),
+        # A partitioned table's unique keys hold its partition key: a report sent again is the same
+        # report, period included (the report id alone was the key before migration 0007).
+        PrimaryKeyConstraint(
+            "customer_id", "instance_id", "report_id", "period_start", name="usage_reports_pkey"
+        ),
         Index("ix_usage_reports_customer_period", "customer_id", "period_start"),
         # The console's overview counts the last hour's reports: without it, a scan of every report.
         Index("ix_usage_reports_reported_at", "reported_at"),
+        {"postgresql_partition_by": "RANGE (period_start)"},
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # Orders the reports of one instant (newest first); no index of its own.
+    id: Mapped[int] = mapped_column(BigInteger, Sequence("usage_reports_id_seq"))
     customer_id: Mapped[str] = mapped_column(String(40))
     instance_id: Mapped[str] = mapped_column(String(100))
     report_id: Mapped[str] = mapped_column(String(100))
@@ -136,6 +148,10 @@ class UsageReport(Base):
     postgres_size_mb: Mapped[Decimal] = mapped_column(Numeric(14, 3), default=Decimal(0))
     postgres_row_count: Mapped[int] = mapped_column(BigInteger, default=0)
     reported_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+# The partitions of usage_reports, which the models do not declare (Alembic's comparisons leave them out).
+USAGE_REPORT_PARTITION: Final = re.compile(r"usage_reports_(?:\d{4}_\d{2}|default)")
 
 
 class UsageRollup(Base):
@@ -282,6 +298,7 @@ class ApiKey(Base):
 
 __all__ = [
     "LICENSE_ACTIONS",
+    "USAGE_REPORT_PARTITION",
     "ApiKey",
     "Base",
     "ConsoleAction",

@@ -29,18 +29,32 @@ class UsageOptions:
     # its last hours that arrive late, or are retried after an outage, are billed with it. A report
     # arriving later than that is kept but billed in no period.
     close_grace: float = 3600.0
+    # Seconds between partition runs (usage.partitions: this month's partition of usage_reports and the
+    # next `partitions_ahead` made, those past `raw_retention_months` dropped); the first runs at start.
+    # None: never by timer (tests call maintain_partitions()).
+    partition_interval: float | None = 3600.0
+    partitions_ahead: int = 2
+    # Raw reports are kept this many months (USAGE_RAW_RETENTION), and never dropped inside a billing
+    # period still open; rollups are kept for good.
+    raw_retention_months: int = 13
     # Connections of the dedicated asyncpg pool.
     pool_size: int = 10
     # GET /api/usage/{customerId} lists at most this many reports (the daily series covers them all).
     report_list_limit: int = 500
 
     def __post_init__(self) -> None:
-        for name in ("flush_interval", "meter_interval"):
+        for name in ("flush_interval", "meter_interval", "partition_interval"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.close_grace < 0:
             raise ValueError(f"close_grace must not be negative, got {self.close_grace}")
+        # Two months at least: the oldest report of a billing period (a month at most) that is still
+        # being reported is then never in a partition old enough to go.
+        if self.raw_retention_months < 2:
+            raise ValueError(f"raw_retention_months must be at least 2, got {self.raw_retention_months}")
+        if self.partitions_ahead < 1:
+            raise ValueError(f"partitions_ahead must be at least 1, got {self.partitions_ahead}")
         if self.max_body < 1024 or self.pool_size < 1 or self.report_list_limit < 1:
             raise ValueError(f"max_body, pool_size and report_list_limit are too small in {self}")
 

@@ -5,8 +5,9 @@ there touches Kubernetes. A background task flushes the coalescer every `flush_i
 that reported, one read of the Customer, the period's totals from PostgreSQL, the open rollup row
 refreshed, and one merge patch of status.usage and the WithinLimits condition when they changed.
 Another task closes ended periods (a grace after their end, for late reports) and sends their Stripe
-meter events every `meter_interval`.
-Both run once more, or at least the flush does, when the server stops.
+meter events every `meter_interval`; a third keeps the monthly partitions of usage_reports, at start
+and every `partition_interval` (usage.partitions).
+The flush runs once more when the server stops.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from iotistic_billing.usage.coalescer import UsageCoalescer
 from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.pricing import PeriodTotals
-from iotistic_billing.usage.reports import Accepted, ParsedReports, report_columns
+from iotistic_billing.usage.reports import Accepted, ParsedReports, report_rows
 from iotistic_billing.usage.rollups import (
     compute_rollup,
     included_usage,
@@ -125,8 +127,8 @@ class UsageMetering:
     # ----- the request path -----
 
     async def store(self, parsed: ParsedReports, received_at: datetime) -> Accepted:
-        """Store the reports exactly once (one statement) and note their customers for the flusher."""
-        accepted = await insert_reports(self.pool, report_columns(parsed.reports))
+        """Store the reports exactly once (one transaction) and note their customers for the flusher."""
+        accepted = await insert_reports(self.pool, report_rows(parsed.reports))
         duplicate = len(parsed.reports) - accepted
         self.coalescer.saw({report.customer_id for report in parsed.reports}, received_at)
         if accepted:
@@ -294,6 +296,25 @@ class UsageMetering:
             )
         return run
 
+    # ----- the partitions of usage_reports -----
+
+    async def maintain_partitions(self, now: datetime | None = None) -> PartitionRun:
+        """Make the months ahead, drop those past the raw retention (usage.partitions)."""
+        run = await maintain_partitions(
+            self.pool,
+            now or self.clock(),
+            ahead=self.options.partitions_ahead,
+            retention_months=self.options.raw_retention_months,
+        )
+        if run.created or run.dropped or run.deleted:
+            log.info(
+                "partition run: made %s, dropped %s, %d old reports of the default partition deleted",
+                ", ".join(run.created) or "none",
+                ", ".join(run.dropped) or "none",
+                run.deleted,
+            )
+        return run
+
     # ----- the background tasks -----
 
     def start(self) -> None:
@@ -311,6 +332,14 @@ class UsageMetering:
                         self.send_meter_events,
                         self.options.meter_initial_delay,
                         "meter run",
+                    )
+                )
+            )
+        if self.options.partition_interval is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(
+                        self.options.partition_interval, self.maintain_partitions, 0.0, "partition run"
                     )
                 )
             )

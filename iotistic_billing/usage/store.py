@@ -8,7 +8,7 @@ Every function takes a connection or a pool and plain values; an unreachable dat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -36,6 +36,9 @@ class Queryable(Protocol):
 
 class Connection(Queryable, Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+    async def copy_records_to_table(
+        self, table_name: str, *, records: Iterable[Sequence[Any]], columns: Sequence[str]
+    ) -> str: ...
     async def close(self) -> None: ...
 
 
@@ -44,7 +47,7 @@ class Pool(Queryable, Protocol):
     async def close(self) -> None: ...
 
 
-# The counters not listed are bigint.
+# The counters not listed are bigint; the size comes as text (reports.report_rows) and is cast.
 _TYPES: Final = {
     "customer_id": "varchar",
     "instance_id": "varchar",
@@ -53,31 +56,46 @@ _TYPES: Final = {
     "period_end": "timestamptz",
     "active_devices": "int",
     "total_devices": "int",
-    "postgres_size_mb": "numeric",
+    "postgres_size_mb": "text",
 }
 
-# One statement per request whatever its size: the reports arrive as one array per column. Rows are
-# inserted in key order, so that two batches sharing report ids take their row locks in the same
-# order and cannot deadlock; a report already stored (or twice in the batch) is skipped by the unique
-# constraint, and only the rows really inserted are counted.
+
+def _as_column(name: str, value: str) -> str:
+    """`value` (a parameter, a staged column) as what the usage_reports column takes."""
+    return f"{value}::numeric" if name == "postgres_size_mb" else value
+
+
+# A batch is copied (binary COPY: asyncpg encodes rows without the per-element checks of arrays, the
+# cheapest way in) into a temporary table of the connection, then inserted from it with one statement.
+# The table is made when the pool opens the connection and emptied by every commit.
+STAGING_TABLE: Final = "usage_reports_incoming"
+CREATE_STAGING_TABLE: Final = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE}
+    ({", ".join(f"{c} {_TYPES.get(c, 'bigint')} NOT NULL" for c in COLUMNS)})
+    ON COMMIT DELETE ROWS
+"""
+# Rows are inserted in key order (usage_reports' primary key: customer, instance, report id, period
+# start), so that two batches sharing reports take their row locks in the same order and cannot
+# deadlock; a report already stored (or twice in the batch) is skipped by the key, and only the rows
+# really inserted are counted. ON CONFLICT names no key: the statements work on the table before
+# migration 0007 (a unique key without the period start) as after it.
 INSERT_REPORTS: Final = f"""
 WITH inserted AS (
     INSERT INTO usage_reports ({", ".join(COLUMNS)})
-    SELECT * FROM unnest({", ".join(f"${i}::{_TYPES.get(c, 'bigint')}[]" for i, c in enumerate(COLUMNS, 1))})
-        AS report({", ".join(COLUMNS)})
-    ORDER BY customer_id COLLATE "C", instance_id COLLATE "C", report_id COLLATE "C"
-    ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING
+    SELECT {", ".join(_as_column(c, c) for c in COLUMNS)} FROM {STAGING_TABLE}
+    ORDER BY customer_id COLLATE "C", instance_id COLLATE "C", report_id COLLATE "C", period_start
+    ON CONFLICT DO NOTHING
     RETURNING 1
 )
 SELECT count(*) FROM inserted
 """  # noqa: S608 - built from constant column names
 
-# The same for the commonest request, one report: a plain row costs PostgreSQL less than unnest.
+# The commonest request, one report: one statement with a plain row.
 INSERT_REPORT: Final = f"""
 WITH inserted AS (
     INSERT INTO usage_reports ({", ".join(COLUMNS)})
-    VALUES ({", ".join(f"${i}::{_TYPES.get(c, 'bigint')}" for i, c in enumerate(COLUMNS, 1))})
-    ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING
+    VALUES ({", ".join(_as_column(c, f"${i}::{_TYPES.get(c, 'bigint')}") for i, c in enumerate(COLUMNS, 1))})
+    ON CONFLICT DO NOTHING
     RETURNING 1
 )
 SELECT count(*) FROM inserted
@@ -171,6 +189,11 @@ async def keep_session(connection: Connection) -> None:
     released by its holder. An open transaction is still rolled back by asyncpg before this runs."""
 
 
+async def prepare_session(connection: Connection) -> None:
+    """Run on each connection the pool opens: the staging table of batches (INSERT_REPORTS)."""
+    await connection.execute(CREATE_STAGING_TABLE)
+
+
 async def open_pool(database_url: str, max_size: int = 10) -> Pool:
     """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
     and answers 503 until it is back, as the rest of the API does."""
@@ -178,6 +201,7 @@ async def open_pool(database_url: str, max_size: int = 10) -> Pool:
         asyncpg_dsn(database_url),
         min_size=0,
         max_size=max_size,
+        init=prepare_session,
         reset=keep_session,
         # An unreachable database is a fast 503, not asyncpg's 60 s default.
         timeout=5,
@@ -208,21 +232,30 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
         raise DatabaseUnavailable(type(error).__name__) from None
 
 
-async def insert_reports(pool: Pool, columns: Sequence[Sequence[Any]]) -> int:
-    """Store the reports laid out by `reports.report_columns`; how many were new (not duplicates)."""
-    single = len(columns[0]) == 1
-    statement = INSERT_REPORT if single else INSERT_REPORTS
-    values = [column[0] for column in columns] if single else columns
+async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
+    async with pool.acquire(timeout=5) as conn, conn.transaction():
+        await conn.copy_records_to_table(STAGING_TABLE, records=rows, columns=COLUMNS)
+        inserted = await conn.fetchval(INSERT_REPORTS)
+    return int(inserted)
+
+
+async def _insert(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
+    if len(rows) == 1:
+        return int(await pool.fetchval(INSERT_REPORT, *rows[0]))
+    return await _insert_batch(pool, rows)
+
+
+async def insert_reports(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
+    """Store the rows of `reports.report_rows` (one transaction); how many were new (not duplicates)."""
     try:
         try:
-            inserted = await pool.fetchval(statement, *values)
+            return await _insert(pool, rows)
         except asyncpg.DeadlockDetectedError:
             # Ordered inserts should never deadlock; should one still happen, the retry is safe
             # (exactly-once is the unique constraint's job, not the statement's).
-            inserted = await pool.fetchval(statement, *values)
+            return await _insert(pool, rows)
     except _CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None
-    return int(inserted)
 
 
 async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod) -> PeriodTotals:
@@ -373,8 +406,10 @@ async def current_rollups(conn: Queryable, customer_ids: Sequence[str], now: dat
 
 
 __all__ = [
+    "CREATE_STAGING_TABLE",
     "INSERT_REPORT",
     "INSERT_REPORTS",
+    "STAGING_TABLE",
     "Connection",
     "CustomerSummary",
     "DailyUsage",
@@ -394,5 +429,6 @@ __all__ = [
     "open_pool",
     "period_samples",
     "period_totals",
+    "prepare_session",
     "recent_reports",
 ]

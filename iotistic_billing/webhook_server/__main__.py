@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             meter_interval=settings.usage_meter_interval if role == "server" else None,
             key_cache_ttl=settings.usage_key_cache_ttl,
             close_grace=settings.usage_close_grace,
+            raw_retention_months=settings.usage_raw_retention,
         )
         app = create_app(settings, options=options, usage=usage)
         if role == "server" and settings.stripe_inbox_workers > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,7 +18,7 @@ from iotistic_billing.usage.reports import (
     foreign_report,
     parse_reports,
     period_problems,
-    report_columns,
+    report_rows,
 )
 
 NOW = datetime(2026, 11, 17, 12, tzinfo=UTC)
@@ -128,7 +129,7 @@ def test_optional_counters_default_to_zero_and_sizes_are_kept_for_the_column_to_
     stored = parsed.reports[0]
     assert stored.http_requests == 0 and stored.postgres_row_count == 0
     # Not refused: NUMERIC(14, 3) stores it as 0.300 (tests/integration/test_usage_reports.py).
-    assert report_columns([stored])[COLUMNS.index("postgres_size_mb")] == [Decimal("0.30000000000000004")]
+    assert report_rows([stored])[0][COLUMNS.index("postgres_size_mb")] == "0.30000000000000004"
     # Zones are kept as instants: 11:00+01:00 is 10:00 UTC.
     assert stored.period_end == datetime(2026, 11, 17, 10, tzinfo=UTC)
 
@@ -169,15 +170,28 @@ def test_foreign_report_finds_the_first_report_of_another_customer() -> None:
     assert foreign_report(parse_reports(body(report())), "cust_abc123") is None
 
 
-def test_columns_are_laid_out_in_insert_order() -> None:
+def test_rows_are_laid_out_in_insert_order() -> None:
     parsed = parse_reports(
-        body({"reports": [report(report_id="a"), report(report_id="b", active_devices=7)]})
+        body(
+            {
+                "reports": [
+                    report(report_id="a"),
+                    report(report_id="b", active_devices=7, postgres_size_mb=1e-05),
+                ]
+            }
+        )
     )
-    columns = report_columns(parsed.reports)
-    assert len(columns) == len(COLUMNS) == 16
-    by_name = dict(zip(COLUMNS, columns, strict=True))
-    assert by_name["report_id"] == ["a", "b"] and by_name["active_devices"] == [42, 7]
-    assert by_name["postgres_size_mb"] == [Decimal("125.500"), Decimal("125.500")]
+    rows = report_rows(parsed.reports)
+    assert [len(row) for row in rows] == [len(COLUMNS)] * 2 == [16, 16]
+    for row, stored in zip(rows, parsed.reports, strict=True):
+        by_name = dict(zip(COLUMNS, row, strict=True))
+        # Every column is the report's field, the size as the text of its float (PostgreSQL reads it).
+        assert {name: value for name, value in by_name.items() if name != "postgres_size_mb"} == {
+            name: getattr(stored, name) for name in COLUMNS if name != "postgres_size_mb"
+        }
+        assert Decimal(by_name["postgres_size_mb"]) == Decimal(repr(stored.postgres_size_mb))
+    assert [row[COLUMNS.index("report_id")] for row in rows] == ["a", "b"]
+    assert [row[COLUMNS.index("postgres_size_mb")] for row in rows] == ["125.5", "1e-05"]
 
 
 def test_field_path_reads_like_the_body() -> None:
@@ -205,3 +219,18 @@ def test_numbers_are_json_numbers_as_the_document_says() -> None:
     assert set(problems(body(report(postgres_size_mb="125.5")))) == {"postgres_size_mb"}
     assert set(problems(body(report(active_devices=42.0)))) == {"active_devices"}
     assert parse_reports(body(report(postgres_size_mb=125))).reports[0].postgres_size_mb == 125
+
+
+def test_a_batch_is_validated_with_the_collector_paused_and_left_as_it_was() -> None:
+    batch = body({"reports": [report(report_id=f"r-{i}") for i in range(3)]})
+    assert len(parse_reports(batch).reports) == 3
+    assert gc.isenabled()
+    with pytest.raises(InvalidReports):
+        parse_reports(body({"reports": [report(active_devices=-1)]}))
+    assert gc.isenabled()
+    gc.disable()  # whoever paused it before keeps it paused
+    try:
+        parse_reports(batch)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

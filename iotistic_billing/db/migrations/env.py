@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from iotistic_billing.db.engine import create_engine
+from iotistic_billing.db.migrate import compared
 from iotistic_billing.db.models import Base
 
 config = context.config
@@ -15,7 +16,9 @@ target_metadata = Base.metadata
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection, target_metadata=target_metadata, compare_type=True, include_name=compared
+    )
     with context.begin_transaction():
         context.run_migrations()
 
