@@ -66,6 +66,7 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.pool import asyncpg_dsn
 from iotistic_billing.devenv.controlplane import ControlPlane, find_binary
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import CustomerRecord
@@ -82,7 +83,6 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
 from iotistic_billing.settings import load_settings
 from iotistic_billing.usage.reports import COLUMNS
-from iotistic_billing.usage.store import asyncpg_dsn
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-token-" + "0" * 16

@@ -55,13 +55,14 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.pool import asyncpg_dsn, keep_session
 from iotistic_billing.processes import free_port, wait_for_port
 from iotistic_billing.settings import load_settings
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import maintain_partitions, month_of
 from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import COLUMNS
-from iotistic_billing.usage.store import asyncpg_dsn, keep_session, open_pool
+from iotistic_billing.usage.store import open_pool
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 

@@ -22,7 +22,7 @@ from iotistic_billing.settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
     # Imported when a command runs: `iotistic-billing --help` loads no database driver.
-    from iotistic_billing.usage.store import Connection
+    from iotistic_billing.db.pool import Connection
 
 MAX_DAYS: Final = 366
 MB: Final = Decimal(10**6)
@@ -75,7 +75,7 @@ def _usage(args: argparse.Namespace) -> int:
             + timedelta(days=1, microseconds=-1),
         )
     url = _database_url()
-    from iotistic_billing.usage.store import DatabaseUnavailable
+    from iotistic_billing.db.pool import DatabaseUnavailable
 
     try:
         return asyncio.run(_show(url, args, now))
@@ -112,7 +112,7 @@ def overage_rows(overage: dict[str, Any]) -> list[dict[str, object]]:
 
 
 async def _show(url: str, args: argparse.Namespace, now: datetime) -> int:
-    from iotistic_billing.usage.store import connect
+    from iotistic_billing.db.pool import connect
 
     conn = await connect(url)
     try:

@@ -1,6 +1,12 @@
-"""The apply step of the Stripe inbox: what one stored event does to its Customer (spec.subscription,
-by server-side apply under the Stripe field manager), the `subscriptions` row and the customer mirror,
-all inside the inbox's transaction for that event, so that a failure leaves the event pending.
+"""The apply step of the Stripe inbox: what a batch of stored events does to their Customers
+(spec.subscription, by server-side apply under the Stripe field manager), the `subscriptions` rows and the
+customer mirror, all inside the inbox's transaction for the batch, so that a failure leaves the events
+pending.
+
+The pending events of one Customer are coalesced: decided one after the other in Stripe's order
+(`events.coalesce`), then written once: one server-side apply of the Customer, one upsert of each row.
+Each event still gets its own result (and its own notices). Customers are read only once the batch holds
+their locks, so what is decided is what the Customer holds.
 
 An event whose customer cannot be found is recorded as `unmatched` with a warning: its route answered
 Stripe 200 already (an error would make Stripe retry it for days without any chance of success), and the
@@ -9,13 +15,16 @@ row keeps it for an operator to look at.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.db import models
@@ -25,17 +34,26 @@ from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_inbox.events import (
     CHECKOUT_COMPLETED,
     HANDLED_EVENT_TYPES,
-    Decision,
+    Coalesced,
+    LookupHints,
     PriceCatalog,
+    StoredSubscription,
     StripeEvent,
     SubscriptionFacts,
-    decide,
+    coalesce,
     lookup_hints,
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.notices import event_notices
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Sessions = async_sessionmaker[AsyncSession]
+# Customers of a batch looked up, read and applied at once (the inbox passes its `workers`).
+CONCURRENCY = 4
+# Whose events one call applies at most (the inbox passes its own).
+MAX_CUSTOMERS = 100
 
 
 @dataclass(frozen=True)
@@ -44,9 +62,14 @@ class Outcome:
     customer_id: str | None = None
 
 
+# Per event id: the result to record, or the error that leaves it pending for a retry. An event of the
+# batch that is missing was deferred: left pending as it was, for the next batch.
+Results = dict[str, Outcome | Exception]
+
+
 @dataclass(frozen=True)
 class EventApplier:
-    """What applying an event needs: the Customers on the API server, the directory, the price catalog."""
+    """What applying events needs: the Customers on the API server, the directory, the price catalog."""
 
     kube: Kube
     directory: Directory
@@ -55,133 +78,324 @@ class EventApplier:
     # Stripe's customer portal login link, for the "payment failed" notice.
     portal_url: str | None = None
 
-    async def apply(self, session: AsyncSession, event: StripeEvent) -> Outcome:
-        return await apply_event(self, session, event)
+
+@dataclass
+class _CustomerEvents:
+    """One Customer's share of the batch, in Stripe's order, and what they do to it."""
+
+    name: str
+    events: list[StripeEvent]
+    facts: list[SubscriptionFacts | None]
+    record: CustomerRecord
+    link: str | None = None
+    plan: Coalesced | None = None
 
 
-async def apply_event(deps: EventApplier, session: AsyncSession, event: StripeEvent) -> Outcome:
-    """What the event does to its Customer, inside the caller's transaction (see inbox.py)."""
-    if event.type not in HANDLED_EVENT_TYPES:
-        log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)
-        return Outcome("ignored")
-    obj = event.data.object
-    hints = lookup_hints(event.type, obj)
-    directory = deps.directory
-    found = await directory.resolve(
-        session,
-        customer_id=hints.customer_id,
-        stripe_customer_id=hints.stripe_customer_id,
-        subscription_id=hints.subscription_id,
+async def apply_events(
+    deps: EventApplier,
+    session: AsyncSession,
+    events: Sequence[StripeEvent],
+    sessions: Sessions,
+    concurrency: int = CONCURRENCY,
+    max_customers: int = MAX_CUSTOMERS,
+) -> Results:
+    """What the events do, inside the caller's transaction (see inbox.py); `events` in Stripe's order
+    (`created`, then arrival). `sessions` serves the lookups, which run beside that transaction;
+    `concurrency` Customers are looked up, read and applied at once. Only the events before the first
+    that names a `max_customers + 1`th customer are applied; the rest are left as they are (deferred)."""
+    slots = asyncio.Semaphore(max(concurrency, 1))
+    results: Results = {}
+    handled: list[tuple[StripeEvent, LookupHints]] = []
+    named: set[LookupHints] = set()
+    for event in events:
+        if event.type in HANDLED_EVENT_TYPES:
+            hints = lookup_hints(event.type, event.data.object)
+            if hints not in named and len(named) >= max_customers:
+                break  # a prefix, so that no Customer's later event goes before an earlier one
+            named.add(hints)
+            handled.append((event, hints))
+        else:
+            log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)
+            results[event.id] = Outcome("ignored")
+    found, records = await _find_and_lock(deps, session, sessions, {hints for _, hints in handled}, slots)
+
+    groups: dict[str, _CustomerEvents] = {}
+    for event, hints in handled:
+        name = found[hints]
+        record = records.get(name) if isinstance(name, str) else None
+        if isinstance(name, Exception) or isinstance(record, Exception):
+            results[event.id] = name if isinstance(name, Exception) else cast(Exception, record)
+        elif name is None or record is None:
+            log.warning(
+                "stripe event %s (%s) matches no Customer; acknowledged and recorded as unmatched",
+                event.id,
+                event.type,
+            )
+            results[event.id] = Outcome("unmatched")
+        else:
+            group = groups.setdefault(name, _CustomerEvents(name, [], [], record))
+            group.events.append(event)
+            group.facts.append(subscription_facts(event.type, event.data.object, deps.catalog))
+    ready = [groups[name] for name in sorted(groups)]
+
+    rows = await _rows(session, ready)
+    owner: dict[str, str] = {}
+    for group in ready:
+        mine = _subscription_ids(group)
+        if any(owner.get(sub, group.name) != group.name for sub in mine):
+            # A subscription that events of two Customers name: the second waits for the next batch, so
+            # that each row is decided from one state only.
+            continue
+        owner.update(dict.fromkeys(mine, group.name))
+        group.link = await _link(deps.directory, session, group)
+        try:
+            group.plan = coalesce(
+                group.record.customer_id,
+                group.record.customer.spec.subscription,
+                {sub: rows[sub] for sub in mine if sub in rows},
+                [(facts, event.created) for facts, event in zip(group.facts, group.events, strict=True)],
+            )
+        except ValueError as error:  # a state the models refuse: this Customer's events stay pending
+            results.update({event.id: error for event in group.events})
+    planned = [group for group in ready if group.plan is not None]
+    patched = await asyncio.gather(
+        *(_bounded(slots, _apply_to_customer(deps.kube, group)) for group in planned)
     )
-    if found is None:
-        log.warning(
-            "stripe event %s (%s) matches no Customer; acknowledged and recorded as unmatched",
-            event.id,
-            event.type,
+    written: list[tuple[_CustomerEvents, bool]] = []
+    for group, patch in zip(planned, patched, strict=True):
+        if isinstance(patch, Exception):
+            results.update({event.id: patch for event in group.events})
+        else:
+            written.append((group, patch == "gone"))
+    try:  # all Customers' records at once; should one be refused, each on its own below
+        async with session.begin_nested():
+            recorded = [await _record(deps, session, group, gone=gone) for group, gone in written]
+    except Exception:
+        recorded = []
+    if len(recorded) == len(written):
+        for outcomes in recorded:
+            results.update(outcomes)
+        return results
+    for group, gone in written:
+        try:
+            async with session.begin_nested():
+                results.update(await _record(deps, session, group, gone=gone))
+        except Exception as error:  # that Customer's events stay pending; the others are recorded
+            results.update({event.id: error for event in group.events})
+    return results
+
+
+async def _bounded(slots: asyncio.Semaphore, call: Awaitable[T]) -> T:
+    async with slots:
+        return await call
+
+
+async def _find_and_lock(
+    deps: EventApplier,
+    session: AsyncSession,
+    sessions: Sessions,
+    wanted: set[LookupHints],
+    slots: asyncio.Semaphore,
+) -> tuple[dict[LookupHints, str | Exception | None], dict[str, CustomerRecord | Exception | None]]:
+    """Whose events these are (a Customer name per set of hints), each Customer locked, then read.
+
+    Hints that carry our customer id are looked up in the mirror, all in one query, and checked against
+    the Customer read under its lock (the check `Directory.by_customer_id` makes); the others, and those
+    the check refutes, go through the directory, whose lookups read the Customer (before its lock: it is
+    read again under it)."""
+    ids = {hints.customer_id for hints in wanted if hints.customer_id is not None}
+    mirrored: dict[str, str] = {}
+    if ids:
+        rows = await session.execute(
+            select(models.Customer.customer_id, models.Customer.resource_name).where(
+                models.Customer.customer_id.in_(sorted(ids))
+            )
         )
-        return Outcome("unmatched")
-    # One event at a time per Customer, across replicas: read, decide and apply must not interleave.
-    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"customer:{found.name}"))))
-    record = await directory.by_name(found.name)
-    if record is None:
-        log.warning("stripe event %s: Customer %s is gone; recorded as unmatched", event.id, found.name)
-        return Outcome("unmatched")
+        mirrored = {row.customer_id: row.resource_name for row in rows}
+    found: dict[LookupHints, str | Exception | None] = {
+        hints: mirrored[hints.customer_id] for hints in wanted if hints.customer_id in mirrored
+    }
+    candidates = set(found)
+    found.update(await _resolve(deps.directory, sessions, wanted - candidates, slots))
+    records = await _lock_and_read(deps, session, found.values(), slots)
 
-    link = hints.stripe_customer_id
-    if (
-        link is not None
-        and event.type != CHECKOUT_COMPLETED
-        and await directory.stripe_customer_id(session, record)
-    ):
-        link = None  # only a completed checkout moves an existing link to another Stripe customer
-    await directory.remember(session, record, link)
+    def holds(hints: LookupHints) -> bool:
+        record = records.get(cast(str, found[hints]))
+        return isinstance(record, CustomerRecord) and record.customer_id == hints.customer_id
 
-    facts = subscription_facts(event.type, obj, deps.catalog)
-    if facts is None:
-        return Outcome("ignored", record.customer_id)
-    row = await session.scalar(
+    refuted = {hints for hints in candidates if not holds(hints)}
+    if refuted:  # the mirror was out of date (a Customer deleted, or made again under another name)
+        found.update(await _resolve(deps.directory, sessions, refuted, slots))
+        new = [name for hints in refuted if isinstance(name := found[hints], str) and name not in records]
+        records.update(await _lock_and_read(deps, session, new, slots))
+    return found, records
+
+
+async def _lock_and_read(
+    deps: EventApplier,
+    session: AsyncSession,
+    names: Iterable[str | Exception | None],
+    slots: asyncio.Semaphore,
+) -> dict[str, CustomerRecord | Exception | None]:
+    """Each Customer locked for the rest of the transaction, then read (None: gone)."""
+    ordered = sorted({name for name in names if isinstance(name, str)})
+    if not ordered:
+        return {}
+    # Read, decide and apply of a Customer must not interleave with another's. The inbox's batch lock
+    # already keeps batches apart; the Customer's own lock (the one a single-event apply of an earlier
+    # version takes, during a rolling upgrade) costs one statement. In name order: no deadlock.
+    locked = func.unnest(bindparam("names", ordered, type_=ARRAY(Text))).column_valued("name")
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(func.concat("customer:", locked)))))
+    read = await asyncio.gather(
+        *(_bounded(slots, deps.directory.by_name(name)) for name in ordered), return_exceptions=True
+    )
+    records: dict[str, CustomerRecord | Exception | None] = {}
+    for name, record in zip(ordered, read, strict=True):
+        if isinstance(record, BaseException) and not isinstance(record, Exception):
+            raise record
+        records[name] = record
+    return records
+
+
+async def _resolve(
+    directory: Directory, sessions: Sessions, wanted: set[LookupHints], slots: asyncio.Semaphore
+) -> dict[LookupHints, str | Exception | None]:
+    """The Customer name each set of hints points at (None: none), looked up a few at a time."""
+
+    async def one(hints: LookupHints) -> str | Exception | None:
+        async with slots:
+            try:
+                async with sessions() as lookup:
+                    record = await directory.resolve(
+                        lookup,
+                        customer_id=hints.customer_id,
+                        stripe_customer_id=hints.stripe_customer_id,
+                        subscription_id=hints.subscription_id,
+                    )
+            except Exception as error:  # these events stay pending, the others go on
+                return error
+            return record.name if record is not None else None
+
+    order = list(wanted)
+    return dict(zip(order, await asyncio.gather(*(one(hints) for hints in order)), strict=True))
+
+
+def _subscription_ids(group: _CustomerEvents) -> set[str]:
+    """The rows the group's decisions read: its events' subscriptions and the Customer's own."""
+    ids = {facts.subscription_id for facts in group.facts if facts is not None}
+    current = group.record.customer.spec.subscription
+    if current is not None and current.stripe_subscription_id is not None:
+        ids.add(current.stripe_subscription_id)
+    return ids
+
+
+async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dict[str, StoredSubscription]:
+    """The subscriptions' rows the groups read, locked until the batch commits."""
+    ids = sorted(set().union(*(_subscription_ids(group) for group in groups)))
+    if not ids:
+        return {}
+    found = await session.scalars(
         select(models.Subscription)
-        .where(models.Subscription.stripe_subscription_id == facts.subscription_id)
+        .where(models.Subscription.stripe_subscription_id.in_(ids))
+        .order_by(models.Subscription.stripe_subscription_id)
         .with_for_update()
     )
-    current = record.customer.spec.subscription
-    decision = decide(
-        current,
-        row.last_event_created if row else None,
-        replace(facts, started=facts.started or (row.stripe_created if row else None)),
-        event.created,
-        stored_status=row.status if row else None,
-        current_started=await _started(session, current),
-    )
-    if decision.record_row:
-        await _write_row(session, record, row, facts, decision, event.created)
-    previous = record.customer.spec.subscription
-    for notice in event_notices(event.type, obj, record, previous, decision, event.created, deps.portal_url):
-        await deps.outbox.enqueue(session, notice, record.customer.spec)
-    if decision.action == "apply" and decision.subscription is not None:
-        try:
-            await deps.kube.apply_customer_spec(
-                record.name, {"subscription": decision.subscription.to_k8s()}, FieldManager.STRIPE
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            log.warning("stripe event %s: Customer %s deleted meanwhile; unmatched", event.id, record.name)
-            return Outcome("unmatched", record.customer_id)
-        return Outcome("applied", record.customer_id)
-    if decision.action == "stale":
-        log.info(
-            "stripe event %s is older than the state applied for %s; not applied",
-            event.id,
-            facts.subscription_id,
+    return {
+        row.stripe_subscription_id: StoredSubscription(
+            customer_id=row.customer_id,
+            status=row.status,
+            plan=row.plan,
+            current_period_end=row.current_period_end,
+            cancel_at_period_end=row.cancel_at_period_end,
+            last_event_created=row.last_event_created,
+            stripe_created=row.stripe_created,
         )
-    return Outcome(decision.action, record.customer_id)
-
-
-async def _started(session: AsyncSession, current: SubscriptionSpec | None) -> int | None:
-    """When Stripe created the Customer's current subscription, as its row remembers it."""
-    if current is None or current.stripe_subscription_id is None:
-        return None
-    started: int | None = await session.scalar(
-        select(models.Subscription.stripe_created).where(
-            models.Subscription.stripe_subscription_id == current.stripe_subscription_id
-        )
-    )
-    return started
-
-
-async def _write_row(
-    session: AsyncSession,
-    record: CustomerRecord,
-    row: models.Subscription | None,
-    facts: SubscriptionFacts,
-    decision: Decision,
-    created: int,
-) -> None:
-    """The subscription's row holds its newest known state, whether or not the Customer took it."""
-    applied = decision.subscription
-    values = {
-        "customer_id": record.customer_id,
-        "status": facts.status,
-        "plan": applied.plan if applied else (facts.plan or (row.plan if row else None)),
-        "current_period_end": (
-            applied.current_period_end
-            if applied
-            else (facts.current_period_end or (row.current_period_end if row else None))
-        ),
-        "cancel_at_period_end": bool(
-            applied.cancel_at_period_end
-            if applied
-            else (
-                facts.cancel_at_period_end
-                if facts.cancel_at_period_end is not None
-                else (row.cancel_at_period_end if row else False)
-            )
-        ),
-        "last_event_created": created,
-        "stripe_created": facts.started or (row.stripe_created if row else None),
+        for row in found
     }
-    statement = insert(models.Subscription).values(stripe_subscription_id=facts.subscription_id, **values)
+
+
+async def _link(directory: Directory, session: AsyncSession, group: _CustomerEvents) -> str | None:
+    """The Stripe customer the mirror should remember after the group's events (None: keep its own):
+    the first link once there is none; after that only a completed checkout moves it."""
+    known = await directory.stripe_customer_id(session, group.record)
+    link: str | None = None
+    for event in group.events:
+        hint = lookup_hints(event.type, event.data.object).stripe_customer_id
+        if hint is not None and (event.type == CHECKOUT_COMPLETED or not known):
+            link = known = hint
+    return link
+
+
+async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Exception:
+    """One server-side apply of the Customer's new spec.subscription, when it differs from what it holds
+    (after a crash between this apply and the commit, the retry finds it there and writes nothing)."""
+    assert group.plan is not None
+    subscription = group.plan.subscription
+    if (
+        not group.plan.applied
+        or subscription is None
+        or _same(subscription, group.record.customer.spec.subscription)
+    ):
+        return "unchanged"
+    try:
+        await kube.apply_customer_spec(
+            group.name, {"subscription": subscription.to_k8s()}, FieldManager.STRIPE
+        )
+    except ApiException as error:
+        if error.status != 404:
+            return error
+        log.warning("Customer %s deleted meanwhile; its applied events are unmatched", group.name)
+        return "gone"
+    except Exception as error:  # the API server is away: these events stay pending
+        return error
+    return "applied"
+
+
+def _same(new: SubscriptionSpec, held: SubscriptionSpec | None) -> bool:
+    return held is not None and new.to_k8s() == held.to_k8s()
+
+
+async def _record(
+    deps: EventApplier, session: AsyncSession, group: _CustomerEvents, *, gone: bool
+) -> Mapping[str, Outcome]:
+    """The group's rows, mirror entry and notices, and each event's result."""
+    record, plan = group.record, group.plan
+    assert plan is not None
+    await deps.directory.remember(session, record, group.link)
+    for subscription_id, row in plan.rows.items():
+        await _write_row(session, subscription_id, row)
+    outcomes: dict[str, Outcome] = {}
+    for event, facts, step in zip(group.events, group.facts, plan.steps, strict=True):
+        decision = step.decision
+        if decision is None or facts is None:
+            outcomes[event.id] = Outcome("ignored", record.customer_id)
+            continue
+        for notice in event_notices(
+            event.type, event.data.object, record, step.previous, decision, event.created, deps.portal_url
+        ):
+            await deps.outbox.enqueue(session, notice, record.customer.spec)
+        if decision.action == "stale":
+            log.info(
+                "stripe event %s is older than the state applied for %s; not applied",
+                event.id,
+                facts.subscription_id,
+            )
+        result = "unmatched" if gone and decision.action == "apply" else decision.action
+        outcomes[event.id] = Outcome("applied" if result == "apply" else result, record.customer_id)
+    return outcomes
+
+
+async def _write_row(session: AsyncSession, subscription_id: str, row: StoredSubscription) -> None:
+    values = {
+        "customer_id": row.customer_id,
+        "status": row.status,
+        "plan": row.plan,
+        "current_period_end": row.current_period_end,
+        "cancel_at_period_end": row.cancel_at_period_end,
+        "last_event_created": row.last_event_created,
+        "stripe_created": row.stripe_created,
+    }
+    statement = insert(models.Subscription).values(stripe_subscription_id=subscription_id, **values)
     await session.execute(
         statement.on_conflict_do_update(
             index_elements=[models.Subscription.stripe_subscription_id],
@@ -190,4 +404,4 @@ async def _write_row(
     )
 
 
-__all__ = ["EventApplier", "Outcome", "apply_event"]
+__all__ = ["EventApplier", "Outcome", "Results", "apply_events"]

@@ -2,15 +2,16 @@
 and whether those facts may overwrite what the Customer already holds (docs/architecture.md, "Stripe
 events").
 
-No I/O here: the apply step (apply.py) reads the Customer and the `subscriptions` row, asks `decide()`,
-and then writes what it was told to.
+No I/O here: the apply step (apply.py) reads the Customer and the `subscriptions` rows, asks
+`coalesce()` what a Customer's pending events do (`decide()` for each, in Stripe's order), and then writes
+what it was told to, once.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, get_args
 
@@ -406,6 +407,153 @@ def decide(
     return Decision("apply", merged, record_row=True)
 
 
+@dataclass(frozen=True)
+class StoredSubscription:
+    """A `subscriptions` row as `decide` reads it: the newest known state of one Stripe subscription."""
+
+    customer_id: str
+    status: str
+    plan: str | None
+    current_period_end: datetime | None
+    cancel_at_period_end: bool
+    last_event_created: int
+    # When Stripe created the subscription (Unix seconds).
+    stripe_created: int | None
+
+
+def stored_after(
+    customer_id: str,
+    row: StoredSubscription | None,
+    facts: SubscriptionFacts,
+    decision: Decision,
+    created: int,
+) -> StoredSubscription:
+    """The row once an event recorded it: its newest known state, whether or not the Customer took it."""
+    applied = decision.subscription
+    return StoredSubscription(
+        customer_id=customer_id,
+        status=facts.status,
+        plan=applied.plan if applied else (facts.plan or (row.plan if row else None)),
+        current_period_end=(
+            applied.current_period_end
+            if applied
+            else (facts.current_period_end or (row.current_period_end if row else None))
+        ),
+        cancel_at_period_end=bool(
+            applied.cancel_at_period_end
+            if applied
+            else (
+                facts.cancel_at_period_end
+                if facts.cancel_at_period_end is not None
+                else (row.cancel_at_period_end if row else False)
+            )
+        ),
+        last_event_created=created,
+        stripe_created=facts.started or (row.stripe_created if row else None),
+    )
+
+
+def committed_subscription(
+    current: SubscriptionSpec | None,
+    rows: Mapping[str, StoredSubscription],
+    events: Sequence[tuple[SubscriptionFacts | None, int]],
+) -> SubscriptionSpec | None:
+    """The Customer's spec.subscription as the last committed apply left it. An apply writes the Customer
+    before its transaction commits; when that transaction is lost (a crash, a refused write), the Customer
+    is ahead of its subscription's row (written in that transaction, or not there at all) while the
+    events that put it there are still pending. They are then decided again from the row's state, the
+    one they were decided from the first time (no subscription, when the row is not there), so that each
+    gets the same result and notices; otherwise the Customer's own state."""
+    if current is None or current.stripe_subscription_id is None or current.last_event_created is None:
+        return current
+    if not any(
+        facts is not None
+        and facts.subscription_id == current.stripe_subscription_id
+        and created == current.last_event_created
+        for facts, created in events
+    ):
+        return current  # not these events' doing (a restored database, say): the Customer is the truth
+    row = rows.get(current.stripe_subscription_id)
+    if row is None:
+        return None
+    if row.last_event_created >= current.last_event_created:
+        return current
+    overdue = row.status in OVERDUE_STATUSES and current.status in OVERDUE_STATUSES
+    return SubscriptionSpec.model_validate(
+        {
+            "status": row.status,
+            "plan": row.plan,
+            "stripe_subscription_id": current.stripe_subscription_id,
+            "current_period_end": row.current_period_end,
+            "cancel_at_period_end": row.cancel_at_period_end,
+            # Kept through the lost apply while the subscription stayed overdue.
+            "past_due_since": current.past_due_since if overdue else None,
+            "last_event_created": row.last_event_created,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One event's part in a coalesced apply. `decision` None: the event carries no subscription facts.
+    `previous`: the Customer's spec.subscription just before this event (what its notices compare with)."""
+
+    decision: Decision | None
+    previous: SubscriptionSpec | None
+
+
+@dataclass(frozen=True)
+class Coalesced:
+    """What a Customer's pending events do together: each event's step, the Customer's spec.subscription
+    after the last of them (one server-side apply), and the final state of each row they recorded."""
+
+    steps: tuple[Step, ...]
+    subscription: SubscriptionSpec | None
+    rows: Mapping[str, StoredSubscription]
+
+    @property
+    def applied(self) -> bool:
+        return any(step.decision is not None and step.decision.action == "apply" for step in self.steps)
+
+
+def coalesce(
+    customer_id: str,
+    current: SubscriptionSpec | None,
+    rows: Mapping[str, StoredSubscription],
+    events: Sequence[tuple[SubscriptionFacts | None, int]],
+) -> Coalesced:
+    """The pending events of one Customer (`(facts, created)`, in Stripe's order: `created`, then
+    arrival) decided one after the other exactly as separate applies would decide them, each against the
+    state the ones before it left (`current`: the Customer's spec.subscription; `rows`: the subscriptions'
+    rows by id, as read under the Customer's lock), so that the Customer and each row are written once."""
+    state = committed_subscription(current, rows, events)
+    known = dict(rows)
+    written: dict[str, StoredSubscription] = {}
+    steps: list[Step] = []
+    for facts, created in events:
+        if facts is None:
+            steps.append(Step(None, state))
+            continue
+        row = known.get(facts.subscription_id)
+        held = known.get(state.stripe_subscription_id) if state and state.stripe_subscription_id else None
+        decision = decide(
+            state,
+            row.last_event_created if row else None,
+            replace(facts, started=facts.started or (row.stripe_created if row else None)),
+            created,
+            stored_status=row.status if row else None,
+            current_started=held.stripe_created if held else None,
+        )
+        steps.append(Step(decision, state))
+        if decision.record_row:
+            known[facts.subscription_id] = written[facts.subscription_id] = stored_after(
+                customer_id, row, facts, decision, created
+            )
+        if decision.action == "apply":
+            state = decision.subscription
+    return Coalesced(tuple(steps), state, written)
+
+
 def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> datetime | None:
     """When the payment first failed: kept while the subscription stays overdue, from this event when it
     becomes so, gone once it is paid (or ended: the ladder counts no more)."""
@@ -430,16 +578,22 @@ __all__ = [
     "SUBSCRIPTION_EVENTS",
     "SUBSCRIPTION_UPDATED",
     "TRIAL_WILL_END",
+    "Coalesced",
     "Decision",
     "LookupHints",
     "PriceCatalog",
+    "Step",
+    "StoredSubscription",
     "SubscriptionFacts",
+    "coalesce",
+    "committed_subscription",
     "decide",
     "event_object",
     "facts_of_subscription",
     "lookup_hints",
     "object_id",
     "past_due_since",
+    "stored_after",
     "subscription_facts",
     "trial_end",
 ]

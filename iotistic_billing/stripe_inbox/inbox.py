@@ -1,11 +1,21 @@
 """The Stripe event inbox: the webhook route stores each verified event as `pending` (store_event) and
-answers; workers here apply them after that 2xx.
+answers; a loop here applies them after that 2xx.
 
-A few workers claim one pending event at a time (`FOR UPDATE SKIP LOCKED`, oldest `created` first, so
-replicas share the work without taking the same event), apply it in that row's transaction and write
-the result. A failure (API server or database down) rolls the apply back and leaves the event pending;
-it is tried again after a backoff. Ordering per subscription does not depend on the order of apply:
-`stripe_events.decide` refuses an event older than the state already applied.
+One batch at a time, across every replica: a loop takes the batch lock (a transaction-level advisory
+lock), claims the pending events that are due, up to a batch, oldest `created` first (`FOR UPDATE SKIP
+LOCKED`), applies them in that one transaction, the events of each Customer coalesced into one decision
+and one write (apply.py; `workers` Customers at once), and records every event's result in it. Batches
+in turn keep each Customer's events in Stripe's order whichever replica claims them (two batches side by
+side could apply a Customer's newer event first and leave the older one stale, its notice unsent), and
+`events.decide` still refuses an event older than the state applied (a late delivery). A crash rolls the
+whole batch back and releases the lock: its events are pending for the next batch, of any replica. A
+failure of one Customer (API server away, a write refused) leaves that Customer's events pending, retried
+after a backoff; the others are recorded.
+
+Applying yields to accepting: the process runs niced, and while events keep arriving its batches start
+at most twice a second and pause after a long one (`pause_after`), so that under load each batch
+coalesces more events into the same number of Customer writes (the cost of a batch grows with its
+Customers, not with its events). The route NOTIFYs the inboxes once a burst, not once an event.
 """
 
 from __future__ import annotations
@@ -16,14 +26,16 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+from pydantic import ValidationError
+from sqlalchemy import Text, all_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
 
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
-from iotistic_billing.stripe_inbox.apply import EventApplier
+from iotistic_billing.db.pool import CONNECTION_ERRORS, DatabaseUnavailable, Pool
+from iotistic_billing.stripe_inbox.apply import EventApplier, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.workers import nap, stop_tasks
 
@@ -35,26 +47,45 @@ ResultCounter = Callable[[str, str], None]
 
 PENDING: Final = "pending"
 INBOX_CHANNEL: Final = "stripe_inbox"
+# The advisory lock one batch at a time holds, in every replica (any bigint; this one spells "inbox").
+BATCH_LOCK: Final = 0x696E626F78
+# Customers of a batch looked up, read and applied at once.
 WORKERS: Final = 4
+# Events claimed at once: the more are pending, the more of them share each Customer's write.
+BATCH: Final = 2000
+# Whose events a batch applies at most (a batch's cost grows with its Customers, not its events): the
+# claimed events after the one that would be the next set's are left for the next batch.
+BATCH_CUSTOMERS: Final = 100
+# While events keep arriving, batches start at most once a CYCLE (seconds), and a batch is followed by a
+# pause of at least PAUSE_RATIO times its duration (at most MAX_PAUSE seconds).
+CYCLE: Final = 0.5
+PAUSE_RATIO: Final = 0.5
+MAX_PAUSE: Final = 2.0
 POLL_SECONDS: Final = 1.0
+# A process that stores events NOTIFYs the inboxes at most this often (one NOTIFY a burst, not one an
+# event: the commit of a transaction that NOTIFYs takes a lock of the whole database).
+NOTIFY_SECONDS: Final = 0.05
 RETRY_BACKOFF: Final = (1.0, 2.0, 5.0, 15.0, 60.0)
 
 
-async def store_event(sessions: Sessions, event: StripeEvent, payload: dict[str, object]) -> bool:
-    """Commit the verified event as pending; False when its id was already there (a redelivery)."""
-    async with sessions() as session, session.begin():
-        first = await session.scalar(
-            insert(models.StripeEvent)
-            .values(
-                event_id=event.id, type=event.type, created=event.created, result=PENDING, payload=payload
-            )
-            # A concurrent delivery of the same id waits here for this transaction, then sees the row.
-            .on_conflict_do_nothing(index_elements=[models.StripeEvent.event_id])
-            .returning(models.StripeEvent.event_id)
-        )
-        if first is not None:
-            # Delivered at commit to every inbox LISTENing, in whichever process or replica.
-            await session.execute(select(func.pg_notify(INBOX_CHANNEL, event.id)))
+# One statement, its own transaction: a delivery costs the route one round trip to PostgreSQL. A
+# concurrent delivery of the same id waits at the key for the other's commit, then finds the row.
+STORE_EVENT: Final = f"""
+INSERT INTO stripe_events (event_id, type, created, result, payload)
+VALUES ($1, $2, $3, '{PENDING}', $4::jsonb)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""  # noqa: S608 - PENDING is a constant
+
+
+async def store_event(pool: Pool, event: StripeEvent, payload: str) -> bool:
+    """Commit the verified event (`payload`: its JSON text, stored whole) as pending; False when its id
+    was already there (a redelivery). The caller then wakes the inbox (`EventInbox.wake`), which tells
+    every replica's inbox. DatabaseUnavailable when PostgreSQL cannot be reached: nothing was stored."""
+    try:
+        first = await pool.fetchval(STORE_EVENT, event.id, event.type, event.created, payload)
+    except CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
     return first is not None
 
 
@@ -66,6 +97,10 @@ class EventInbox:
         applier: EventApplier,
         count: ResultCounter,
         workers: int = WORKERS,
+        batch: int = BATCH,
+        batch_customers: int = BATCH_CUSTOMERS,
+        cycle: float = CYCLE,
+        pause_ratio: float = PAUSE_RATIO,
         poll: float = POLL_SECONDS,
         database_url: str = "",
     ) -> None:
@@ -73,29 +108,50 @@ class EventInbox:
         self.applier = applier
         self.count = count
         self.workers = workers
+        self.batch = batch
+        self.batch_customers = batch_customers
+        self.cycle = cycle
+        self.pause_ratio = pause_ratio
         self.poll = poll
         self.database_url = database_url
         self._wakeup = asyncio.Event()
+        self._stored = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # event id -> monotonic time before which it is not retried (per process; a restart retries now).
         self._not_before: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        # From the batch lock to the commit, of the last batch that recorded anything.
+        self.last_batch_seconds = 0.0
 
     def wake(self) -> None:
+        """Events were stored: this process's loop, if it runs one, and every inbox LISTENing."""
         self._wakeup.set()
+        self._stored.set()
 
     async def start(self) -> None:
+        if self.database_url:
+            self._tasks.append(asyncio.create_task(self._notify(), name="stripe-inbox-notify"))
         if self.workers == 0:
             return
-        self._tasks = [
-            asyncio.create_task(self._work(), name=f"stripe-inbox-{i}") for i in range(self.workers)
-        ]
+        self._tasks.append(asyncio.create_task(self._work(), name="stripe-inbox"))
         if self.database_url:
             self._tasks.append(
                 asyncio.create_task(
-                    listen(self.database_url, INBOX_CHANNEL, self.wake), name="stripe-inbox-listen"
+                    listen(self.database_url, INBOX_CHANNEL, self._wakeup.set), name="stripe-inbox-listen"
                 )
             )
+
+    async def _notify(self) -> None:
+        """One NOTIFY for the events stored since the last, at most every NOTIFY_SECONDS."""
+        while True:
+            await self._stored.wait()
+            self._stored.clear()
+            try:
+                async with self.sessions() as session, session.begin():
+                    await session.execute(select(func.pg_notify(INBOX_CHANNEL, "")))
+            except Exception as error:  # the inboxes poll: they find the events within POLL_SECONDS
+                log.warning("stripe inbox: cannot NOTIFY (%s)", type(error).__name__)
+            await asyncio.sleep(NOTIFY_SECONDS)
 
     async def stop(self) -> None:
         await stop_tasks(self._tasks)
@@ -103,74 +159,83 @@ class EventInbox:
 
     async def _work(self) -> None:
         while True:
-            try:
-                applied = await self.apply_one()
-            except Exception:  # the database is down: wait and try again, the events stay pending
-                log.exception("stripe inbox: cannot claim an event")
-                applied = False
-            if applied:
-                continue
             self._wakeup.clear()
+            try:
+                recorded = await self.apply_pending()
+            except Exception:  # the database is down: wait and try again, the events stay pending
+                log.exception("stripe inbox: cannot claim events")
+                recorded = 0
+            if recorded:
+                if self._wakeup.is_set():
+                    await asyncio.sleep(pause_after(self.last_batch_seconds, self.cycle, self.pause_ratio))
+                continue
             await nap(self._wakeup, self.poll)
 
-    async def apply_one(self) -> bool:
-        """Claim and apply the oldest pending event that is due; False when there is none."""
+    async def apply_pending(self) -> int:
+        """Claim up to `batch` due pending events, oldest `created` first, apply them Customer by Customer
+        in one transaction, and record each one's result; how many were recorded (0: none was due)."""
         now = time.monotonic()
         waiting = [event_id for event_id, due in self._not_before.items() if due > now]
         async with self.sessions() as session, session.begin():
+            await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
+            started = time.monotonic()  # the wait for another replica's batch is not this one's work
             query = (
                 select(models.StripeEvent.event_id, models.StripeEvent.payload)
                 .where(models.StripeEvent.result == PENDING)
                 .order_by(models.StripeEvent.created, models.StripeEvent.received_at)
-                .limit(1)
+                .limit(self.batch)
                 .with_for_update(skip_locked=True)
             )
             if waiting:
-                query = query.where(models.StripeEvent.event_id.not_in(waiting))
-            row = (await session.execute(query)).first()
-            if row is None:
-                return False
-            event_id, payload = row
-            event = StripeEvent.model_validate(payload)
-            try:
-                async with session.begin_nested():
-                    outcome = await self.applier.apply(session, event)
-            except Exception as error:
-                self._backoff(event_id)
-                await session.execute(
-                    update(models.StripeEvent)
-                    .where(models.StripeEvent.event_id == event_id)
-                    .values(attempts=models.StripeEvent.attempts + 1, last_error=str(error)[:1000])
+                query = query.where(
+                    models.StripeEvent.event_id != all_(bindparam("waiting", waiting, type_=ARRAY(Text)))
                 )
-                log.warning(
-                    "stripe event %s (%s) not applied yet, will retry: %s",
-                    event_id,
-                    event.type,
-                    type(error).__name__,
-                )
-                self.count(event.type, "retry")
-                return True
-            await session.execute(
-                update(models.StripeEvent)
-                .where(models.StripeEvent.event_id == event_id)
-                .values(
-                    result=outcome.result,
-                    customer_id=outcome.customer_id,
-                    applied_at=func.now(),
-                    last_error=None,
+            claimed = (await session.execute(query)).all()
+            if not claimed:
+                return 0
+            events: list[StripeEvent] = []
+            results: Results = {}
+            types: dict[str, str] = {}
+            for event_id, payload in claimed:
+                try:
+                    event = StripeEvent.model_validate(payload)
+                except ValidationError as invalid:  # stored verified; a row edited by hand lands here
+                    results[event_id] = invalid
+                    types[event_id] = str((payload or {}).get("type", "unknown"))
+                    continue
+                events.append(event)
+                types[event_id] = event.type
+            results.update(
+                await apply_events(
+                    self.applier, session, events, self.sessions, self.workers, self.batch_customers
                 )
             )
-        self._not_before.pop(event_id, None)
-        self._failures.pop(event_id, None)
-        self.count(event.type, outcome.result)
-        log.info(
-            "stripe event %s (%s): %s",
-            event_id,
-            event.type,
-            outcome.result,
-            extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
-        )
-        return True
+            outcomes = {k: v for k, v in results.items() if isinstance(v, Outcome)}
+            failures = {k: v for k, v in results.items() if isinstance(v, Exception)}
+            await _record_outcomes(session, outcomes)
+            await _record_failures(session, failures)
+        self.last_batch_seconds = time.monotonic() - started
+        for event_id, outcome in outcomes.items():
+            self._not_before.pop(event_id, None)
+            self._failures.pop(event_id, None)
+            self.count(types[event_id], outcome.result)
+            log.info(
+                "stripe event %s (%s): %s",
+                event_id,
+                types[event_id],
+                outcome.result,
+                extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
+            )
+        for event_id, failure in failures.items():
+            self._backoff(event_id)
+            self.count(types[event_id], "retry")
+            log.warning(
+                "stripe event %s (%s) not applied yet, will retry: %s",
+                event_id,
+                types[event_id],
+                type(failure).__name__,
+            )
+        return len(outcomes) + len(failures)
 
     def _backoff(self, event_id: str) -> None:
         failures = self._failures.get(event_id, 0)
@@ -182,9 +247,70 @@ class EventInbox:
         """Apply until nothing is pending and due (tests, and shutdown)."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            if not await self.apply_one():
+            if not await self.apply_pending():
                 return
         raise TimeoutError("stripe inbox not drained")
 
 
-__all__ = ["INBOX_CHANNEL", "PENDING", "EventInbox", "store_event"]
+def pause_after(batch_seconds: float, cycle: float = CYCLE, ratio: float = PAUSE_RATIO) -> float:
+    """The pause after a batch while events keep arriving (a NOTIFY came during it): applying yields to
+    accepting. A batch starts at most once a `cycle`, and a long batch (a busy machine: the inbox process
+    runs niced) is followed by a longer pause still, so that the next batch coalesces more events into
+    the same Customer writes instead of competing with the webhook route. A backlog with nothing
+    arriving is applied without pauses (the loop does not call this)."""
+    return min(max(cycle - batch_seconds, batch_seconds * ratio), MAX_PAUSE)
+
+
+async def _record_outcomes(session: AsyncSession, outcomes: dict[str, Outcome]) -> None:
+    """Each applied event's result, in one statement; only a row still pending is written (a claimed
+    row is locked, so that is every one of them)."""
+    if not outcomes:
+        return
+    rows = (
+        func.unnest(
+            bindparam("ids", list(outcomes), type_=ARRAY(Text)),
+            bindparam("results", [o.result for o in outcomes.values()], type_=ARRAY(Text)),
+            bindparam("customers", [o.customer_id for o in outcomes.values()], type_=ARRAY(Text)),
+        )
+        .table_valued("event_id", "result", "customer_id")
+        .render_derived("outcome")
+    )
+    await session.execute(
+        update(models.StripeEvent)
+        .where(models.StripeEvent.event_id == rows.c.event_id, models.StripeEvent.result == PENDING)
+        .values(
+            result=rows.c.result,
+            customer_id=rows.c.customer_id,
+            # When it was recorded, after its Customer was written (now() would be the batch's start).
+            applied_at=func.clock_timestamp(),
+            last_error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _record_failures(session: AsyncSession, failures: dict[str, Exception]) -> None:
+    """A failed attempt of each: counted, with its error; the event stays pending."""
+    if not failures:
+        return
+    rows = (
+        func.unnest(
+            bindparam("ids", list(failures), type_=ARRAY(Text)),
+            bindparam(
+                "errors",
+                [(str(error) or type(error).__name__)[:1000] for error in failures.values()],
+                type_=ARRAY(Text),
+            ),
+        )
+        .table_valued("event_id", "error")
+        .render_derived("failure")
+    )
+    await session.execute(
+        update(models.StripeEvent)
+        .where(models.StripeEvent.event_id == rows.c.event_id, models.StripeEvent.result == PENDING)
+        .values(attempts=models.StripeEvent.attempts + 1, last_error=rows.c.error)
+        .execution_options(synchronize_session=False)
+    )
+
+
+__all__ = ["INBOX_CHANNEL", "PENDING", "EventInbox", "pause_after", "store_event"]

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import stripe
 
+from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.rollups import BILLED_PLANS, close_periods, overage_quantities
-from iotistic_billing.usage.store import Connection, Pool, Queryable, connection
 
 if TYPE_CHECKING:
     from stripe.params.billing import MeterEventCreateParams

@@ -19,8 +19,8 @@ from typing import Final
 import asyncpg
 
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
+from iotistic_billing.db.pool import Connection, Pool, connection
 from iotistic_billing.usage.periods import shift_months
-from iotistic_billing.usage.store import Connection, Pool, connection
 
 log = logging.getLogger(__name__)
 

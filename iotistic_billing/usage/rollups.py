@@ -17,10 +17,11 @@ from decimal import Decimal
 from typing import Any, Final
 
 from iotistic_billing.customer import PAID_PLAN_NAMES
+from iotistic_billing.db.pool import Connection, Queryable
 from iotistic_billing.licensing.plans import IncludedUsage, plan_by_name
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
-from iotistic_billing.usage.store import Connection, Queryable, period_samples
+from iotistic_billing.usage.store import period_samples
 
 # Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
 BILLED_PLANS: Final = frozenset(PAID_PLAN_NAMES)

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import models
+from iotistic_billing.db.pool import DatabaseUnavailable, Pool, Queryable, connection
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
@@ -46,15 +47,7 @@ from iotistic_billing.usage.rollups import (
     unsettled_period,
 )
 from iotistic_billing.usage.status import crossings, status_patch, usage_status
-from iotistic_billing.usage.store import (
-    DatabaseUnavailable,
-    Pool,
-    Queryable,
-    connection,
-    insert_reports,
-    latest_report,
-    period_totals,
-)
+from iotistic_billing.usage.store import insert_reports, latest_report, period_totals
 
 log = logging.getLogger(__name__)
 

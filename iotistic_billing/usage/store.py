@@ -1,5 +1,5 @@
-"""Usage reports in PostgreSQL through a dedicated asyncpg pool (the hot path skips SQLAlchemy's ORM
-and its per-statement overhead): the exactly-once batch insert and the queries the views need.
+"""Usage reports in PostgreSQL through the webhook server's asyncpg pool (db.pool): the exactly-once
+batch insert and the queries the views need.
 
 Every function takes a connection or a pool and plain values; an unreachable database is raised as
 `DatabaseUnavailable`, which the API turns into a 503.
@@ -7,45 +7,26 @@ Every function takes a connection or a pool and plain values; an unreachable dat
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-# asyncpg ships no type information; the Protocols below say what this package uses of it.
 import asyncpg
 
+from iotistic_billing.db.pool import (
+    CONNECTION_ERRORS,
+    Connection,
+    DatabaseUnavailable,
+    Pool,
+    Queryable,
+    Record,
+)
+from iotistic_billing.db.pool import open_pool as open_asyncpg_pool
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, device_hours, totals_from_sums
 from iotistic_billing.usage.reports import COLUMNS
-
-Record = Mapping[str, Any]
-
-
-class Queryable(Protocol):
-    """What a connection and a pool both offer (the pool runs each call on a connection of its own)."""
-
-    async def fetch(self, query: str, *args: Any) -> list[Record]: ...
-    async def fetchrow(self, query: str, *args: Any) -> Record | None: ...
-    async def fetchval(self, query: str, *args: Any) -> Any: ...
-    async def execute(self, query: str, *args: Any) -> str: ...
-
-
-class Connection(Queryable, Protocol):
-    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
-    async def copy_records_to_table(
-        self, table_name: str, *, records: Iterable[Sequence[Any]], columns: Sequence[str]
-    ) -> str: ...
-    async def close(self) -> None: ...
-
-
-class Pool(Queryable, Protocol):
-    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Connection]: ...
-    async def close(self) -> None: ...
-
 
 # The counters not listed are bigint; the size comes as text (reports.report_rows) and is cast.
 _TYPES: Final = {
@@ -159,77 +140,14 @@ LIMIT 1
 """
 
 
-class DatabaseUnavailable(Exception):
-    """PostgreSQL cannot be reached (or dropped the connection): nothing was written, retry later."""
-
-
-# Connection lost or refused, the server shutting down or starting up, out of connections: retry later.
-_CONNECTION_ERRORS: Final = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    OSError,
-    asyncio.TimeoutError,
-)
-
-
-def asyncpg_dsn(database_url: str) -> str:
-    """DATABASE_URL as asyncpg takes it: `postgresql://` (SQLAlchemy's `+asyncpg` driver suffix off)."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
-        if database_url.startswith(prefix):
-            return "postgresql://" + database_url[len(prefix) :]
-    raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
-
-
-async def keep_session(connection: Connection) -> None:
-    """The pool's reset: nothing. asyncpg's default runs `RESET ALL; UNLISTEN *; CLOSE ALL; SELECT
-    pg_advisory_unlock_all()` on every release, a second round trip per report; our sessions set
-    nothing, listen to nothing and hold no cursors, and the one advisory lock (usage.metering) is
-    released by its holder. An open transaction is still rolled back by asyncpg before this runs."""
-
-
 async def prepare_session(connection: Connection) -> None:
     """Run on each connection the pool opens: the staging table of batches (INSERT_REPORTS)."""
     await connection.execute(CREATE_STAGING_TABLE)
 
 
 async def open_pool(database_url: str, max_size: int = 10) -> Pool:
-    """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
-    and answers 503 until it is back, as the rest of the API does."""
-    pool: Pool = await asyncpg.create_pool(
-        asyncpg_dsn(database_url),
-        min_size=0,
-        max_size=max_size,
-        init=prepare_session,
-        reset=keep_session,
-        # An unreachable database is a fast 503, not asyncpg's 60 s default.
-        timeout=5,
-        # A statement that hangs (locks, an overloaded server) fails the request rather than holding it.
-        command_timeout=10,
-        # Idle connections are dropped, so a restarted PostgreSQL costs one failed request at most.
-        max_inactive_connection_lifetime=60,
-    )
-    return pool
-
-
-async def connect(database_url: str) -> Connection:
-    """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
-    try:
-        conn: Connection = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5, command_timeout=60)
-    except _CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(type(error).__name__) from None
-    return conn
-
-
-@asynccontextmanager
-async def connection(pool: Pool) -> AsyncIterator[Connection]:
-    """A pooled connection; connection failures become DatabaseUnavailable."""
-    try:
-        async with pool.acquire(timeout=5) as conn:
-            yield conn
-    except _CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(type(error).__name__) from None
+    """The webhook server's asyncpg pool (db.pool), each connection with the staging table of batches."""
+    return await open_asyncpg_pool(database_url, max_size, init=prepare_session)
 
 
 async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
@@ -254,7 +172,7 @@ async def insert_reports(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
             # Ordered inserts should never deadlock; should one still happen, the retry is safe
             # (exactly-once is the unique constraint's job, not the statement's).
             return await _insert(pool, rows)
-    except _CONNECTION_ERRORS as error:
+    except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None
 
 
@@ -410,21 +328,12 @@ __all__ = [
     "INSERT_REPORT",
     "INSERT_REPORTS",
     "STAGING_TABLE",
-    "Connection",
     "CustomerSummary",
     "DailyUsage",
-    "DatabaseUnavailable",
-    "Pool",
-    "Queryable",
-    "Record",
-    "asyncpg_dsn",
-    "connect",
-    "connection",
     "current_rollups",
     "customer_summaries",
     "daily_usage",
     "insert_reports",
-    "keep_session",
     "latest_report",
     "open_pool",
     "period_samples",

@@ -44,6 +44,7 @@ from iotistic_billing.webhook_server.context import (
     OPENAPI,
     OPTIONS,
     OUTBOX,
+    POOL,
     PRINCIPAL,
     ROUTE_ENTRIES,
     SESSIONS,
@@ -152,7 +153,9 @@ def create_app(
         engine = create_engine(database_url)
         app[ENGINE] = engine
         app[SESSIONS] = session_factory(engine)
+        app[POOL] = await open_pool(database_url, usage_options.pool_size)
         yield
+        await app[POOL].close()
         await engine.dispose()
 
     async def kubernetes_api(app: web.Application) -> AsyncIterator[None]:
@@ -224,9 +227,8 @@ def create_app(
         app[USAGE_KEYS] = UsageKeyCache(
             app[SESSIONS], ttl=usage_options.key_cache_ttl, negative_ttl=usage_options.key_cache_negative_ttl
         )
-        pool = await open_pool(database_url, usage_options.pool_size)
         metering = UsageMetering(
-            pool=pool,
+            pool=app[POOL],
             options=usage_options,
             session_factory=app[SESSIONS],
             directory=app[DIRECTORY],
@@ -240,7 +242,6 @@ def create_app(
         metering.start()
         yield
         await metering.stop()
-        await pool.close()
 
     app.cleanup_ctx.extend(
         [database, kubernetes_api, stripe_client, stripe_inbox, notice_sender, usage_metering]

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from iotistic_billing.db.pool import Pool
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import stripe_not_configured
 from iotistic_billing.k8s import Kube
@@ -39,10 +40,12 @@ OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Opened in cleanup_ctx, so they exist only while the app runs.
 ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+# The hot paths' asyncpg pool (db.pool): Stripe deliveries, usage reports and the usage queries.
+POOL = web.AppKey("pool", Pool)
 KUBE = web.AppKey("kube", Kube)
 DIRECTORY = web.AppKey("directory", Directory)
 STRIPE: web.AppKey[StripeApi | None] = web.AppKey("stripe")
-# Usage metering: its asyncpg pool, coalescer and timers; the usage-key cache of the auth middleware.
+# Usage metering: its coalescer and timers; the usage-key cache of the auth middleware.
 USAGE = web.AppKey("usage", UsageMetering)
 USAGE_KEYS = web.AppKey("usage_keys", UsageKeyCache)
 INBOX = web.AppKey("inbox", EventInbox)

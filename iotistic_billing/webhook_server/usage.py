@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from iotistic_billing.db.pool import DatabaseUnavailable, connection
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
     ApiError,
@@ -32,14 +33,7 @@ from iotistic_billing.usage.reports import (
 from iotistic_billing.usage.rollups import compute_rollup, included_usage, overage_json
 from iotistic_billing.usage.service import customer_plan, open_period
 from iotistic_billing.usage.status import exceeded
-from iotistic_billing.usage.store import (
-    DailyUsage,
-    DatabaseUnavailable,
-    connection,
-    daily_usage,
-    period_totals,
-    recent_reports,
-)
+from iotistic_billing.usage.store import DailyUsage, daily_usage, period_totals, recent_reports
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, OPTIONS, PRINCIPAL, SESSIONS, USAGE
 from iotistic_billing.webhook_server.messages import json_model, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (

@@ -15,10 +15,11 @@ import stripe
 from aiohttp import web
 from pydantic import ValidationError
 
-from iotistic_billing.errors import BadRequest, ValidationFailed, stripe_not_configured
+from iotistic_billing.db.pool import DatabaseUnavailable
+from iotistic_billing.errors import BadRequest, DependencyUnavailable, ValidationFailed, stripe_not_configured
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import store_event
-from iotistic_billing.webhook_server.context import INBOX, METRICS, SESSIONS, SETTINGS
+from iotistic_billing.webhook_server.context import INBOX, METRICS, POOL, SETTINGS
 from iotistic_billing.webhook_server.messages import json_model
 from iotistic_billing.webhook_server.schemas import WebhookAck, unstorable_text
 
@@ -76,7 +77,10 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
     except BadRequest:
         metrics.webhook_event("unverified", "rejected")
         raise
-    stored = await store_event(request.app[SESSIONS], event, json.loads(payload))
+    try:
+        stored = await store_event(request.app[POOL], event, payload.decode())
+    except DatabaseUnavailable:
+        raise DependencyUnavailable("Database") from None
     metrics.webhook_event(event.type, "queued" if stored else "duplicate")
     if stored:
         request.app[INBOX].wake()  # this process's own workers, if it has any

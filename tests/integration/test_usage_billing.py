@@ -24,12 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.migrate import compared
 from iotistic_billing.db.models import Base
+from iotistic_billing.db.pool import connection
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import roll_up
 from iotistic_billing.usage.rollups import roll_up_period
-from iotistic_billing.usage.store import connection, period_samples, period_totals
+from iotistic_billing.usage.store import period_samples, period_totals
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import USAGE
 from tests.conftest import unique_name

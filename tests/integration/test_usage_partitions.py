@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.pool import Pool, asyncpg_dsn
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import Kube
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -26,7 +27,7 @@ from iotistic_billing.usage.partitions import create_partition, maintain_partiti
 from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import UsageReport, report_rows
 from iotistic_billing.usage.service import UsageMetering
-from iotistic_billing.usage.store import Pool, asyncpg_dsn, insert_reports, open_pool
+from iotistic_billing.usage.store import insert_reports, open_pool
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.integration

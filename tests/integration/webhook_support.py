@@ -449,16 +449,25 @@ def server_env(
 
 
 class ServerProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    """`python -m iotistic_billing.webhook_server` on env's PORT; `role` "inbox": a replica's inbox
+    process alone, as its server starts it."""
+
+    def __init__(self, env: dict[str, str], log: Path, role: str | None = None) -> None:
         self.env = env
         self.log = log
+        self.role = role
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "iotistic_billing.webhook_server"],
+            [
+                sys.executable,
+                "-m",
+                "iotistic_billing.webhook_server",
+                *(["--role", self.role] if self.role else []),
+            ],
             env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -488,3 +497,11 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then kill -9 should it not have stopped in 30 s."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()

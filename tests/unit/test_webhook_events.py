@@ -15,11 +15,15 @@ from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.stripe_inbox.events import (
     LookupHints,
     PriceCatalog,
+    StoredSubscription,
     SubscriptionFacts,
+    coalesce,
+    committed_subscription,
     decide,
     lookup_hints,
     subscription_facts,
 )
+from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after
 from iotistic_billing.webhook_server.webhooks import verify_event
 
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
@@ -292,3 +296,115 @@ def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -
     assert (
         decide(newer, None, SubscriptionFacts("sub_x", "active"), 200, current_started=50).action == "apply"
     )
+
+
+# ----- coalescing a Customer's pending events -----
+
+
+def row(subscription_id: str = "sub_1", **overrides: Any) -> dict[str, StoredSubscription]:
+    values: dict[str, Any] = {
+        "customer_id": "cust_a",
+        "status": "active",
+        "plan": "starter",
+        "current_period_end": AT_PERIOD_END,
+        "cancel_at_period_end": False,
+        "last_event_created": 100,
+        "stripe_created": 10,
+    }
+    values.update(overrides)
+    return {subscription_id: StoredSubscription(**values)}
+
+
+def test_a_customer_s_events_coalesce_into_what_they_do_one_after_the_other() -> None:
+    later = datetime.fromtimestamp(PERIOD_END + 86400, UTC)
+    events = [
+        (SubscriptionFacts("sub_1", "past_due"), 150),
+        (SubscriptionFacts("sub_1", "active", "enterprise", current_period_end=later), 160),
+        (SubscriptionFacts("sub_1", "canceled"), 120),  # older than both: stale, whatever its place
+        (None, 170),  # carries no subscription facts: recorded as ignored
+    ]
+    result = coalesce("cust_a", current(), row(), events)
+    assert [step.decision.action if step.decision else None for step in result.steps] == [
+        "apply",
+        "apply",
+        "stale",
+        None,
+    ]
+    # Each step saw what the ones before it left (its notices compare with that).
+    assert result.steps[0].previous == current()
+    assert result.steps[1].previous is not None and result.steps[1].previous.status == "past_due"
+    # One write of the Customer and of the row: the second event's state, paid again, on the new plan.
+    assert result.subscription == current(plan="enterprise", current_period_end=later, last_event_created=160)
+    assert result.applied
+    assert result.rows["sub_1"] == StoredSubscription(
+        customer_id="cust_a",
+        status="active",
+        plan="enterprise",
+        current_period_end=later,
+        cancel_at_period_end=False,
+        last_event_created=160,
+        stripe_created=10,
+    )
+
+
+def test_coalesced_decisions_are_the_ones_separate_applies_make() -> None:
+    """The same events decided one apply at a time (the Customer and the row written after each) and
+    coalesced (written once) reach the same decisions and the same final state."""
+    events = [
+        (SubscriptionFacts("sub_1", "past_due"), 150),
+        (SubscriptionFacts("sub_new", "active", "enterprise", started=50), 150),
+        (SubscriptionFacts("sub_1", "canceled"), 155),  # the replaced one ends: recorded only
+        (SubscriptionFacts("sub_new", "active", cancel_at_period_end=True), 140),  # older: stale
+    ]
+    state, rows = current(), row()
+    separate = []
+    for facts, created in events:
+        one = coalesce("cust_a", state, rows, [(facts, created)])
+        separate.append(one.steps[0].decision)
+        state, rows = one.subscription, {**rows, **one.rows}
+    together = coalesce("cust_a", current(), row(), events)
+    assert [step.decision for step in together.steps] == separate
+    assert [d.action for d in separate if d] == ["apply", "apply", "superseded", "stale"]
+    assert together.subscription == state
+    assert {**row(), **together.rows} == rows
+
+
+def test_nothing_new_for_the_customer_applies_nothing() -> None:
+    result = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", "canceled"), 99)])
+    assert not result.applied and result.subscription == current() and result.rows == {}
+
+
+def test_events_whose_apply_was_lost_after_the_customer_was_written_are_decided_as_the_first_time() -> None:
+    """The Customer holds the state of the pending events at 150 and 160 (their apply wrote it, then its
+    transaction was lost): the row still says 100. They are decided again from the row's state."""
+    failed = current(
+        status="past_due", last_event_created=150, past_due_since=datetime.fromtimestamp(150, UTC)
+    )
+    written = current(status="past_due", last_event_created=160, past_due_since=failed.past_due_since)
+    events = [(SubscriptionFacts("sub_1", "past_due"), 150), (SubscriptionFacts("sub_1", "past_due"), 160)]
+    assert committed_subscription(written, row(), events) == current()
+    result = coalesce("cust_a", written, row(), events)
+    assert [step.decision.action for step in result.steps if step.decision] == ["apply", "apply"]
+    assert result.steps[0].previous == current()  # as the lost apply saw it: a payment failure is news
+    assert result.subscription == written  # the Customer has it already: nothing more to write
+
+    # Not these events' doing (the row is behind, but no pending event put the Customer where it is:
+    # a restored database): the Customer's state stands.
+    assert committed_subscription(written, row(), events[:1]) == written
+    # The row caught up (a committed apply): the Customer's state stands.
+    assert committed_subscription(written, row(last_event_created=160), events) == written
+    # No row at all: the lost apply was the subscription's first; it is decided again from nothing.
+    assert committed_subscription(written, {}, events) is None
+    assert [
+        step.decision.action for step in coalesce("cust_a", written, {}, events).steps if step.decision
+    ] == [
+        "apply",
+        "apply",
+    ]
+
+
+def test_while_events_arrive_batches_start_at_most_once_a_cycle_and_back_off_when_slow() -> None:
+    assert pause_after(0.2, cycle=1.0, ratio=0.5) == pytest.approx(0.8)  # the rest of the cycle
+    assert pause_after(1.0, cycle=1.0, ratio=0.5) == pytest.approx(0.5)  # a slow batch: half as long again
+    assert pause_after(3.0, cycle=1.0, ratio=0.5) == pytest.approx(1.5)
+    assert pause_after(60.0, cycle=1.0, ratio=0.5) == MAX_PAUSE

@@ -1,0 +1,127 @@
+"""The webhook server's asyncpg pool: its hot paths (usage reports, Stripe deliveries) and the usage
+queries skip SQLAlchemy's engine, whose checkout ping, transaction and ORM cost several round trips a
+request; a statement here is one.
+
+Every helper takes a connection or a pool; an unreachable database is raised as `DatabaseUnavailable`,
+which the API turns into a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, Protocol
+
+# asyncpg ships no type information; the Protocols below say what this package uses of it.
+import asyncpg
+
+Record = Mapping[str, Any]
+
+
+class Queryable(Protocol):
+    """What a connection and a pool both offer (the pool runs each call on a connection of its own)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]: ...
+    async def fetchrow(self, query: str, *args: Any) -> Record | None: ...
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+
+class Connection(Queryable, Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+    async def copy_records_to_table(
+        self, table_name: str, *, records: Iterable[Sequence[Any]], columns: Sequence[str]
+    ) -> str: ...
+    async def close(self) -> None: ...
+
+
+class Pool(Queryable, Protocol):
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Connection]: ...
+    async def close(self) -> None: ...
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (or dropped the connection): nothing was written, retry later."""
+
+
+# Connection lost or refused, the server shutting down or starting up, out of connections: retry later.
+CONNECTION_ERRORS: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """DATABASE_URL as asyncpg takes it: `postgresql://` (SQLAlchemy's `+asyncpg` driver suffix off)."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql://" + database_url[len(prefix) :]
+    raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
+
+
+async def keep_session(connection: Connection) -> None:
+    """The pool's reset: nothing. asyncpg's default runs `RESET ALL; UNLISTEN *; CLOSE ALL; SELECT
+    pg_advisory_unlock_all()` on every release, a second round trip per statement; our sessions set
+    nothing, listen to nothing and hold no cursors, and a session's advisory lock (usage metering's,
+    the partition run's) is released by its holder. An open transaction is still rolled back by asyncpg
+    before this runs."""
+
+
+async def open_pool(
+    database_url: str, max_size: int = 10, init: Callable[[Connection], Awaitable[None]] | None = None
+) -> Pool:
+    """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
+    and answers 503 until it is back, as the rest of the API does. `init` runs on each new connection."""
+    pool: Pool = await asyncpg.create_pool(
+        asyncpg_dsn(database_url),
+        min_size=0,
+        max_size=max_size,
+        init=init,
+        reset=keep_session,
+        # An unreachable database is a fast 503, not asyncpg's 60 s default.
+        timeout=5,
+        # A statement that hangs (locks, an overloaded server) fails the request rather than holding it.
+        command_timeout=10,
+        # Idle connections are dropped, so a restarted PostgreSQL costs one failed request at most.
+        max_inactive_connection_lifetime=60,
+    )
+    return pool
+
+
+async def connect(database_url: str) -> Connection:
+    """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
+    try:
+        conn: Connection = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5, command_timeout=60)
+    except CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
+    return conn
+
+
+@asynccontextmanager
+async def connection(pool: Pool) -> AsyncIterator[Connection]:
+    """A pooled connection; connection failures become DatabaseUnavailable."""
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            yield conn
+    except CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(type(error).__name__) from None
+
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "Connection",
+    "DatabaseUnavailable",
+    "Pool",
+    "Queryable",
+    "Record",
+    "asyncpg_dsn",
+    "connect",
+    "connection",
+    "keep_session",
+    "open_pool",
+]

@@ -1,0 +1,546 @@
+"""The Stripe inbox on the real parts (PostgreSQL, the control plane): a Customer's pending events
+coalesced into one server-side apply, each still recorded with its own result and notices; a Customer
+PostgreSQL refuses leaves its events pending and the others recorded; a batch's limit of Customers; the
+route's wake reaching the inboxes (NOTIFY); and two replicas' inboxes (each `python -m
+iotistic_billing.webhook_server --role inbox`, as a replica's server starts it) on one database, one of
+them killed in the middle of a batch. Applies are counted by the API server itself (its request
+counter), so an apply that changes nothing is counted too."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import kubernetes
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iotistic_billing.db import migrate, models
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine, plain_url, session_factory
+from iotistic_billing.db.pool import Pool, open_pool
+from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.directory import Directory
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi
+from iotistic_billing.processes import free_port
+from iotistic_billing.stripe_inbox.apply import EventApplier
+from iotistic_billing.stripe_inbox.events import PriceCatalog, StripeEvent
+from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING, EventInbox, store_event
+from tests.conftest import eventually, unique_name
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    PRICES,
+    Customers,
+    ServerProcess,
+    customer_id_for,
+    customers_fixture,
+    event,
+    invoice_object,
+    random_id,
+    server_env,
+    subscription_object,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def inbox_database(postgres: EmbeddedPostgres) -> str:
+    """A database of the test's own: no other test's pending events, and no other inbox on it."""
+    url = postgres.create_database(f"inbox_{uuid.uuid4().hex[:12]}")
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def inbox_engine(inbox_database: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(inbox_database)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def inbox_pool(inbox_database: str) -> AsyncIterator[Pool]:
+    """The webhook route's pool (db.pool), on the test's database."""
+    pool = await open_pool(inbox_database)
+    yield pool
+    await pool.close()
+
+
+def iso(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def customer_applies(client: kubernetes.client.ApiClient) -> int:
+    """Server-side applies of Customers the API server has answered, from its own request counter: a
+    no-op apply changes nothing in the object, but it is counted here."""
+    response = client.call_api("GET", f"{client.configuration.host}/metrics")
+    response.read()
+    total = 0
+    for line in response.data.decode().splitlines():
+        if (
+            line.startswith("apiserver_request_total{")
+            and 'verb="APPLY"' in line
+            and 'resource="customers"' in line
+            and 'subresource=""' in line
+        ):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+class Subscriber:
+    """One Customer in stripe billing and its Stripe subscription, with events in Stripe's shapes."""
+
+    def __init__(self, customers: Customers, prefix: str) -> None:
+        self.name = unique_name(prefix)
+        self.customer_id = customer_id_for(self.name)
+        self.subscription = random_id("sub_")
+        self.stripe_customer = random_id("cus_")
+        customers.create(self.name, customerId=self.customer_id, billing={"mode": "stripe"})
+
+    def updated(self, created: int, *, status: str = "active", plan: str = "starter") -> dict[str, Any]:
+        return event(
+            "customer.subscription.updated",
+            subscription_object(
+                self.subscription,
+                customer=self.stripe_customer,
+                price=PRICES[plan],
+                status=status,
+                period_end=created + 30 * 86400,
+                metadata={"customerId": self.customer_id},
+            ),
+            created=created,
+        )
+
+    def invoice(self, created: int, *, paid: bool, plan: str = "starter") -> dict[str, Any]:
+        return event(
+            "invoice.payment_succeeded" if paid else "invoice.payment_failed",
+            invoice_object(
+                customer=self.stripe_customer,
+                subscription_id=self.subscription,
+                price=PRICES[plan],
+                paid=paid,
+                customer_id=self.customer_id,
+                period_end=created + 30 * 86400,
+            ),
+            created=created,
+        )
+
+
+async def store(pool: Pool, inbox: EventInbox, bodies: list[dict[str, Any]]) -> None:
+    """Each event as the webhook route stores it (its own statement), then the route's wake."""
+    for body in bodies:
+        assert await store_event(pool, StripeEvent.model_validate(body), json.dumps(body))
+        inbox.wake()
+
+
+async def store_at_once(engine: AsyncEngine, bodies: list[dict[str, Any]]) -> None:
+    """All in one transaction, so that one claim sees them all (a burst of deliveries)."""
+    async with engine.begin() as connection:
+        for body in bodies:
+            await connection.execute(
+                insert(models.StripeEvent).values(
+                    event_id=body["id"],
+                    type=body["type"],
+                    created=body["created"],
+                    result=PENDING,
+                    payload=body,
+                )
+            )
+        await connection.execute(select(func.pg_notify(INBOX_CHANNEL, "test")))
+
+
+async def results(engine: AsyncEngine, bodies: list[dict[str, Any]]) -> dict[str, str]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(models.StripeEvent.event_id, models.StripeEvent.result).where(
+                models.StripeEvent.event_id.in_([body["id"] for body in bodies])
+            )
+        )
+        return {row.event_id: row.result for row in rows}
+
+
+async def all_recorded(engine: AsyncEngine, bodies: list[dict[str, Any]]) -> dict[str, str] | None:
+    found = await results(engine, bodies)
+    done = len(found) == len(bodies) and PENDING not in found.values()
+    return found if done else None
+
+
+async def notice_keys(engine: AsyncEngine, customer_ids: list[str]) -> Counter[str]:
+    async with engine.connect() as connection:
+        keys = await connection.scalars(
+            select(models.Notice.key).where(models.Notice.customer_id.in_(customer_ids))
+        )
+        return Counter(keys)
+
+
+@asynccontextmanager
+async def inbox_in_process(
+    engine: AsyncEngine, kubeconfig: Path, database_url: str = ""
+) -> AsyncIterator[EventInbox]:
+    """An inbox with no loop of its own, as in the webhook server's process: the test calls
+    `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes."""
+    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    kube = Kube(KubeApi(client, FieldManager.SIGNUP), 8)
+    applier = EventApplier(kube=kube, directory=Directory(kube), catalog=PriceCatalog(PRICES))  # type: ignore[arg-type]
+    inbox = EventInbox(
+        sessions=session_factory(engine),
+        applier=applier,
+        count=lambda event_type, result: None,
+        workers=0,
+        database_url=database_url,
+    )
+    await inbox.start()
+    try:
+        yield inbox
+    finally:
+        await inbox.stop()
+        client.close()
+
+
+async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    one, two = Subscriber(customers, "coalesce"), Subscriber(customers, "coalesce")
+    base = int(time.time())
+    events_one = [
+        one.updated(base + 1),
+        one.invoice(base + 2, paid=False),
+        one.updated(base + 3, status="past_due", plan="professional"),
+        one.invoice(base + 4, paid=True, plan="professional"),
+    ]
+    events_two = [two.updated(base + 1), two.updated(base + 2, plan="enterprise")]
+    generations = {s.name: (customers.get(s.name) or {})["metadata"]["generation"] for s in (one, two)}
+    applies = customer_applies(k8s_client)
+
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        # Stored newest first: the inbox applies in Stripe's order (`created`), not the order of arrival.
+        await store(inbox_pool, inbox, [*reversed(events_one), *reversed(events_two)])
+        assert await inbox.apply_pending() == 6
+        assert await inbox.apply_pending() == 0
+
+        # One server-side apply of each Customer for all of its events (each says something new).
+        assert customer_applies(k8s_client) == applies + 2
+        for subscriber in (one, two):
+            body = customers.get(subscriber.name) or {}
+            assert body["metadata"]["generation"] == generations[subscriber.name] + 1
+        assert customers.subscription(one.name) == {
+            "status": "active",
+            "plan": "professional",
+            "stripeSubscriptionId": one.subscription,
+            "currentPeriodEnd": iso(base + 4 + 30 * 86400),
+            "cancelAtPeriodEnd": False,
+            "lastEventCreated": base + 4,
+        }
+        assert (customers.subscription(two.name) or {})["plan"] == "enterprise"
+        # Each event is still recorded on its own, with its own notices: the failure and the recovery.
+        assert await results(inbox_engine, events_one + events_two) == {
+            body["id"]: "applied" for body in events_one + events_two
+        }
+        invoices = [body["data"]["object"]["id"] for body in events_one[1::2]]
+        assert await notice_keys(inbox_engine, [one.customer_id]) == {
+            f"payment-failed:{one.customer_id}:{invoices[0]}": 1,
+            f"payment-recovered:{one.customer_id}:{invoices[1]}": 1,
+        }
+        async with inbox_engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(models.Subscription).where(
+                        models.Subscription.stripe_subscription_id == one.subscription
+                    )
+                )
+            ).one()
+        assert (row.status, row.plan, row.last_event_created) == ("active", "professional", base + 4)
+
+        # An event older than what was applied is recorded as stale and writes nothing.
+        late = one.updated(base, status="canceled")
+        await store(inbox_pool, inbox, [late])
+        assert await inbox.apply_pending() == 1
+        assert await results(inbox_engine, [late]) == {late["id"]: "stale"}
+        assert customer_applies(k8s_client) == applies + 2
+
+
+async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others_are_recorded(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """PostgreSQL refuses one Customer's mirror row (a trigger of this test's database): that Customer's
+    events stay pending with the error, the other's are recorded. The refused Customer was written
+    already; the retry finds it ahead of its row, decides its events as the first time and records
+    them, with no second apply."""
+    good, refused = Subscriber(customers, "records"), Subscriber(customers, "records")
+    base = int(time.time())
+    bodies = [good.updated(base), refused.updated(base), refused.invoice(base + 1, paid=False)]
+    async with inbox_engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE FUNCTION refuse_customer() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.customer_id = '{refused.customer_id}' THEN RAISE EXCEPTION 'refused by the test'; "
+                "END IF; RETURN NEW; END $$"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE TRIGGER refuse_customer BEFORE INSERT OR UPDATE ON customers "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_customer()"
+            )
+        )
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, bodies)
+        applies = customer_applies(k8s_client)
+        assert await inbox.apply_pending() == 3
+        assert customer_applies(k8s_client) == applies + 2  # both Customers were written
+    assert await results(inbox_engine, bodies) == {
+        bodies[0]["id"]: "applied",
+        bodies[1]["id"]: PENDING,
+        bodies[2]["id"]: PENDING,
+    }
+    async with inbox_engine.connect() as connection:
+        attempts = await connection.execute(
+            select(models.StripeEvent.attempts, models.StripeEvent.last_error).where(
+                models.StripeEvent.event_id == bodies[1]["id"]
+            )
+        )
+        assert [(row.attempts, "refused by the test" in (row.last_error or "")) for row in attempts] == [
+            (1, True)
+        ]
+    assert (customers.subscription(refused.name) or {})["status"] == "past_due"
+
+    async with inbox_engine.begin() as connection:
+        await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
+    async with inbox_in_process(inbox_engine, kubeconfig) as restarted:  # a new process retries at once
+        assert await restarted.apply_pending() == 2
+    assert await results(inbox_engine, bodies) == {body["id"]: "applied" for body in bodies}
+    assert customer_applies(k8s_client) == applies + 2
+    invoice = bodies[2]["data"]["object"]["id"]
+    assert await notice_keys(inbox_engine, [refused.customer_id]) == {
+        f"payment-failed:{refused.customer_id}:{invoice}": 1
+    }
+
+
+async def test_a_batch_applies_a_prefix_of_its_customers_and_leaves_the_rest_pending(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """A batch's cost grows with its Customers: past its limit, the claimed events from the first that
+    names one Customer too many on stay pending, whoever they are for, and the next batch applies them."""
+    first, second, third = (Subscriber(customers, "prefix") for _ in range(3))
+    base = int(time.time())
+    bodies = [first.updated(base), second.updated(base + 1), third.updated(base + 2), first.updated(base + 3)]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        inbox.batch_customers = 2
+        await store(inbox_pool, inbox, bodies)
+        assert await inbox.apply_pending() == 2
+        # The third Customer's event is pending, and so is the first's later one (it comes after it).
+        assert await results(inbox_engine, bodies) == {
+            bodies[0]["id"]: "applied",
+            bodies[1]["id"]: "applied",
+            bodies[2]["id"]: PENDING,
+            bodies[3]["id"]: PENDING,
+        }
+        assert await inbox.apply_pending() == 2
+        assert set((await results(inbox_engine, bodies)).values()) == {"applied"}
+        assert (customers.subscription(first.name) or {})["lastEventCreated"] == base + 3
+
+
+async def test_the_route_s_wake_reaches_every_listening_inbox(
+    inbox_engine: AsyncEngine, inbox_database: str, kubeconfig: Path
+) -> None:
+    """The webhook server's process stores events without a NOTIFY in their transactions; its wake
+    sends one for a burst, which the inboxes of every replica LISTEN for."""
+    received: list[str] = []
+    listener = await asyncpg.connect(plain_url(inbox_database))
+    try:
+        await listener.add_listener(INBOX_CHANNEL, lambda *args: received.append(args[1]))
+        async with inbox_in_process(inbox_engine, kubeconfig, inbox_database) as route:
+            for _ in range(50):  # one burst: the loop does not yield, so the notifier sees it once
+                route.wake()
+
+            async def notified() -> bool:
+                return bool(received)
+
+            await eventually(notified, within=10, message="a NOTIFY on the inbox channel")
+    finally:
+        await listener.close()
+
+
+# ----- two replicas -----
+
+
+def inbox_process(env: dict[str, str], log: Path) -> ServerProcess:
+    """One replica's inbox, the process its webhook server starts (`--role inbox`), logging JSON to a
+    file: each event it records is a line with its `event_id` and `result`, written after the commit."""
+    return ServerProcess({**env, "PORT": str(free_port()), "LOG_FORMAT": "json"}, log, role="inbox").start()
+
+
+def recorded_by(process: ServerProcess) -> list[str]:
+    """The event ids the process recorded a result for, one per commit of a result."""
+    ids = []
+    for line in process.log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("name") == "iotistic_billing.stripe_inbox.inbox" and "result" in entry:
+            ids.append(entry["event_id"])
+    return ids
+
+
+@pytest.fixture
+def replica_env(
+    inbox_database: str, stripe_mock: StripeMock, license_keys: tuple[Path, Path], kubeconfig: Path
+) -> dict[str, str]:
+    return server_env(inbox_database, stripe_mock, license_keys, kubeconfig, free_port())
+
+
+@pytest.fixture
+async def route(
+    inbox_engine: AsyncEngine, kubeconfig: Path, inbox_database: str
+) -> AsyncIterator[EventInbox]:
+    """The webhook server's side: it stores each event and wakes the replicas' inboxes (a NOTIFY)."""
+    async with inbox_in_process(inbox_engine, kubeconfig, inbox_database) as inbox:
+        yield inbox
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+async def waiting_on_a_row_lock(engine: AsyncEngine) -> bool:
+    """Whether a session waits for a row of `customers` (the test holds one)."""
+    async with engine.connect() as connection:
+        waiting = await connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype IN ('transactionid', 'tuple') "
+                "AND a.datname = current_database() AND a.query ILIKE '%customers%'"
+            )
+        )
+    return bool(waiting)
+
+
+async def test_two_replicas_apply_each_event_once_also_when_one_is_killed_mid_batch(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    replica_env: dict[str, str],
+    replicas: list[ServerProcess],
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+    route: EventInbox,
+    tmp_path: Path,
+) -> None:
+    """Replica A claims a batch, writes its Customers and is killed before it commits; replica B then
+    applies that batch: every event recorded once (by one committed batch, in one replica's log), its
+    notices once, no Customer written again by B (it holds the batch's state already), and A's restart
+    and B share what comes next."""
+    subscribers = [Subscriber(customers, "replicas") for _ in range(4)]
+    ids = [s.customer_id for s in subscribers]
+    base = int(time.time())
+    a = inbox_process(replica_env, tmp_path / "a.log")
+    replicas.append(a)
+    first = [s.updated(base) for s in subscribers]
+    await store(inbox_pool, route, first)
+    await eventually(lambda: all_recorded(inbox_engine, first), within=60, message="first events")
+
+    # A Customer in the middle (in A's name order) whose mirror row the test holds: A's batch writes
+    # every Customer (its server-side applies come first), then stops at that row before its commit.
+    held = sorted(subscribers, key=lambda s: s.name)[1]
+    batch = [
+        body
+        for s in subscribers
+        for body in (
+            s.updated(base + 10),
+            s.invoice(base + 11, paid=False),
+            s.updated(base + 12, status="past_due"),
+        )
+    ]
+    applies = customer_applies(k8s_client)
+    async with inbox_engine.connect() as holder:
+        await holder.begin()
+        await holder.execute(
+            select(models.Customer).where(models.Customer.customer_id == held.customer_id).with_for_update()
+        )
+        await store_at_once(inbox_engine, batch)
+        await eventually(
+            lambda: waiting_on_a_row_lock(inbox_engine), within=60, message="A stopped at the held row"
+        )
+        # A has claimed the batch and written every Customer, and committed nothing.
+        assert set((await results(inbox_engine, batch)).values()) == {PENDING}
+        for s in subscribers:
+            assert customers.subscription(s.name) == {
+                "status": "past_due",
+                "plan": "starter",
+                "stripeSubscriptionId": s.subscription,
+                "currentPeriodEnd": iso(base + 12 + 30 * 86400),
+                "cancelAtPeriodEnd": False,
+                "pastDueSince": iso(base + 11),
+                "lastEventCreated": base + 12,
+            }
+        # One server-side apply per Customer for its three events.
+        assert customer_applies(k8s_client) == applies + len(subscribers)
+
+        b = inbox_process(replica_env, tmp_path / "b.log")
+        replicas.append(b)
+        a.kill()
+        await holder.rollback()
+
+    recorded = await eventually(
+        lambda: all_recorded(inbox_engine, batch), within=60, message="B applied A's batch"
+    )
+    # Each event of the batch got the result it would have had without the crash...
+    assert set(recorded.values()) == {"applied"}
+    # ...and B sent no Customer a second apply: they held the batch's state.
+    assert customer_applies(k8s_client) == applies + len(subscribers)
+
+    a_again = inbox_process(replica_env, tmp_path / "a-again.log")
+    replicas.append(a_again)
+    stream = [
+        body
+        for offset in (20, 21, 22)
+        for s in subscribers
+        for body in ([s.invoice(base + offset, paid=True)] if offset == 20 else [s.updated(base + offset)])
+    ]
+    await store(inbox_pool, route, stream)
+    await eventually(lambda: all_recorded(inbox_engine, stream), within=60, message="the stream")
+
+    everything = first + batch + stream
+    logs = {name: recorded_by(process) for name, process in (("a", a), ("b", b), ("a-again", a_again))}
+    per_event = Counter(event_id for ids_ in logs.values() for event_id in ids_)
+    assert {body["id"]: per_event[body["id"]] for body in everything} == {
+        body["id"]: 1 for body in everything
+    }
+    assert not {body["id"] for body in batch} & set(logs["a"])  # A's batch never committed
+    assert set((await results(inbox_engine, everything)).values()) == {"applied"}
+
+    # Each fact noticed once: every Customer's failed invoice of the batch and its recovery after it.
+    failed = {
+        s.customer_id: body["data"]["object"]["id"] for s, body in zip(subscribers, batch[1::3], strict=True)
+    }
+    paid = {
+        s.customer_id: body["data"]["object"]["id"] for s, body in zip(subscribers, stream[:4], strict=True)
+    }
+    assert await notice_keys(inbox_engine, ids) == Counter(
+        [f"payment-failed:{c}:{failed[c]}" for c in ids] + [f"payment-recovered:{c}:{paid[c]}" for c in ids]
+    )
+    for s in subscribers:
+        subscription = customers.subscription(s.name) or {}
+        assert (subscription["status"], subscription["lastEventCreated"]) == ("active", base + 22)
+        assert "pastDueSince" not in subscription
