@@ -294,15 +294,18 @@ async def test_smtp_down_for_a_minute_delays_mail_and_loses_none(
         name = unique_name("smtpdown")
         notice = suspended_notice(name)
         await enqueue(sessions, Outbox(), notice, customer_spec(name))
-        assert await one.send_due() == 2
+        # What else is due on the shared database (deliveries other tests left) is tried too: this
+        # notice's two deliveries are checked by their rows and their mail.
+        assert await one.send_due() >= 2
         assert {(d.status, d.attempts) for d in await deliveries(sessions, notice.key)} == {("pending", 1)}
         assert all("SMTP" in (d.last_error or "") for d in await deliveries(sessions, notice.key))
         later.start()
         try:
             clock.advance(60)
-            assert await one.send_due() == 2
-            assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
-            assert len(later.messages()) == 2
+            assert await one.send_due() >= 2
+            assert {(d.status, d.attempts) for d in await deliveries(sessions, notice.key)} == {("sent", 2)}
+            assert len(mails_to(later, f"ops@{name}.example")) == 1
+            assert len(mails_to(later, f"finance@{name}.example")) == 1
         finally:
             later.stop()
     finally:
