@@ -63,6 +63,7 @@ from iotistic_billing.usage.partitions import maintain_partitions, month_of
 from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import COLUMNS
 from iotistic_billing.usage.store import open_pool
+from iotistic_billing.webhook_server.__main__ import freeze_startup_objects
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 
@@ -206,12 +207,14 @@ def product_app(database_url: str, kube_url: str) -> web.Application:
         # As `python -m iotistic_billing.webhook_server` runs the server: Stripe events are applied by a
         # process of its own, not by the process that answers.
         options["inbox_workers"] = 0
-    return create_app(
+    app = create_app(
         settings,
         kube=kubernetes.client.ApiClient(configuration),
         options=ServerOptions(**options),
         usage=UsageOptions(meter_interval=None),
     )
+    app.on_startup.append(freeze_startup_objects)  # as `python -m iotistic_billing.webhook_server` does
+    return app
 
 
 def serve(kind: str, port: int, database_url: str, kube_url: str) -> int:

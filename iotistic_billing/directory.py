@@ -8,6 +8,7 @@ stale falls back to listing the Customers (spec.customerId, status.customerId, s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ class Directory:
 
     async def all(self) -> list[CustomerRecord]:
         return _records(await self.kube.list_customers())
+
+    def for_batch(self) -> Directory:
+        """This directory for one batch of lookups: a lookup the mirror cannot answer lists the fleet,
+        and here the first such lookup lists it for all the others (a batch naming a thousand Customers
+        never mirrored, created by GitOps, lists the fleet once, not a thousand times)."""
+        return _BatchDirectory(self.kube)
 
     async def by_name(self, name: str) -> CustomerRecord | None:
         body = await self.kube.read_customer(name)
@@ -175,6 +182,18 @@ class Directory:
                 index_elements=[models.Customer.customer_id], set_={**updates, "updated_at": func.now()}
             )
         )
+
+
+class _BatchDirectory(Directory):
+    def __init__(self, kube: Kube) -> None:
+        super().__init__(kube)
+        self._fleet: asyncio.Future[list[CustomerRecord]] | None = None
+
+    async def all(self) -> list[CustomerRecord]:
+        if self._fleet is None:
+            self._fleet = asyncio.ensure_future(super().all())
+        # Shielded: one lookup given up (cancelled) does not take the list away from the others.
+        return await asyncio.shield(self._fleet)
 
 
 __all__ = ["CustomerRecord", "Directory"]

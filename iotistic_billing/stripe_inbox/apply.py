@@ -216,7 +216,8 @@ async def _find_and_lock(
         hints: mirrored[hints.customer_id] for hints in wanted if hints.customer_id in mirrored
     }
     candidates = set(found)
-    found.update(await _resolve(deps.directory, sessions, wanted - candidates, slots))
+    directory = deps.directory.for_batch()
+    found.update(await _resolve(directory, sessions, wanted - candidates, slots))
     records = await _lock_and_read(deps, session, found.values(), slots)
 
     def holds(hints: LookupHints) -> bool:
@@ -225,7 +226,7 @@ async def _find_and_lock(
 
     refuted = {hints for hints in candidates if not holds(hints)}
     if refuted:  # the mirror was out of date (a Customer deleted, or made again under another name)
-        found.update(await _resolve(deps.directory, sessions, refuted, slots))
+        found.update(await _resolve(directory, sessions, refuted, slots))
         new = [name for hints in refuted if isinstance(name := found[hints], str) and name not in records]
         records.update(await _lock_and_read(deps, session, new, slots))
     return found, records

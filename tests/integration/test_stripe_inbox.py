@@ -82,13 +82,18 @@ def iso(timestamp: int) -> str:
 def customer_applies(client: kubernetes.client.ApiClient) -> int:
     """Server-side applies of Customers the API server has answered, from its own request counter: a
     no-op apply changes nothing in the object, but it is counted here."""
+    return customer_requests(client, "APPLY")
+
+
+def customer_requests(client: kubernetes.client.ApiClient, verb: str) -> int:
+    """Requests of `verb` on Customers the API server has answered (its request counter)."""
     response = client.call_api("GET", f"{client.configuration.host}/metrics")
     response.read()
     total = 0
     for line in response.data.decode().splitlines():
         if (
             line.startswith("apiserver_request_total{")
-            and 'verb="APPLY"' in line
+            and f'verb="{verb}"' in line
             and 'resource="customers"' in line
             and 'subresource=""' in line
         ):
@@ -355,6 +360,27 @@ async def test_a_batch_applies_a_prefix_of_its_customers_and_leaves_the_rest_pen
         assert await inbox.apply_pending() == 2
         assert set((await results(inbox_engine, bodies)).values()) == {"applied"}
         assert (customers.subscription(first.name) or {})["lastEventCreated"] == base + 3
+
+
+async def test_a_batch_of_customers_the_mirror_does_not_know_lists_the_fleet_once(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """Customers made by GitOps are in no mirror row until their first event: a lookup then lists the
+    fleet. A batch lists it once for all of them, not once per Customer (the database is the test's
+    own, so its mirror is empty)."""
+    subscribers = [Subscriber(customers, "unmirrored") for _ in range(5)]
+    base = int(time.time())
+    bodies = [s.updated(base) for s in subscribers]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, bodies)
+        lists = customer_requests(k8s_client, "LIST")
+        assert await inbox.apply_pending() == 5
+        assert customer_requests(k8s_client, "LIST") == lists + 1
+    assert set((await results(inbox_engine, bodies)).values()) == {"applied"}
 
 
 async def test_the_route_s_wake_reaches_every_listening_inbox(
