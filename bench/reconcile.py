@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,6 +118,26 @@ async def helm_installs(
     return elapsed
 
 
+def api_requests(client: kubernetes.client.ApiClient) -> Counter[str]:
+    """The requests the API server has answered so far, by "VERB resource[/subresource]", from its own
+    counter (a watch counts once, when it starts)."""
+    response = client.call_api("GET", f"{client.configuration.host}/metrics")
+    response.read()
+    counts: Counter[str] = Counter()
+    for line in response.data.decode().splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        sub = f"/{labels['subresource']}" if labels.get("subresource") else ""
+        counts[f"{labels.get('verb')} {labels.get('resource')}{sub}"] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def per_customer(counts: Counter[str], n: int) -> dict[str, float]:
+    """Requests a Customer (or a bare release) cost, the commonest first; those under 0.05 left out."""
+    return {key: round(value / n, 2) for key, value in counts.most_common() if value / n >= 0.05}
+
+
 class Baseline:
     """Bare helm on a control plane of its own: its releases would otherwise be in the operator's
     cluster, and the operator's run would start from a larger etcd than the baseline did."""
@@ -131,6 +152,7 @@ class Baseline:
         self.cpu = CpuShares(
             {"helm": waited_children_cpu, **plane_parts(self.plane), "bench": time.process_time}
         )
+        self.requests: Counter[str] = Counter()  # the API requests of the timed loops
 
     def create_namespace(self, name: str) -> None:
         # The answer is not needed: reading it into the client's models is CPU taken from the run.
@@ -139,8 +161,11 @@ class Baseline:
     def time(self, n: int) -> float:
         numbers = range(self.installed, self.installed + n)
         self.installed += n
+        before = api_requests(self.client)
         with self.cpu:
-            return asyncio.run(helm_installs(self.plane.kubeconfig, numbers, self.create_namespace))
+            elapsed = asyncio.run(helm_installs(self.plane.kubeconfig, numbers, self.create_namespace))
+        self.requests += api_requests(self.client) - before
+        return elapsed
 
     def stop(self) -> None:
         self.client.close()
@@ -428,6 +453,7 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
                 "bench": time.process_time,
             }
         )
+        requests_before = api_requests(client)
         for round_ in range(rounds):
             names = range(round_ * n, (round_ + 1) * n)
             if interleaved is not None:
@@ -445,6 +471,8 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
                 times.append(watch_provisioned(objects, {f"bench-{i}" for i in names}, started, timeout=1800))
                 windows.append((started, time.monotonic()))
         elapsed = statistics.median(times)
+        # After the timed windows, the bench's own reads below not counted (the idle ones are, if any).
+        operator_requests = api_requests(client) - requests_before
         secrets = (
             kubernetes.client.CoreV1Api(client)
             .list_secret_for_all_namespaces(
@@ -465,11 +493,14 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
             "cpu_s": cpu.rounded(),
             "peak_helm_in_flight": sum(sampler.peak_helm for sampler in samplers),
             "mean_helm_in_flight": round(sum(sampler.mean_helm(windows) for sampler in samplers), 2),
+            # The bench's own creates and watch are in it (one create each, one list and watch).
+            "api_requests_per_customer": per_customer(operator_requests, n * rounds),
         }
         if bare_times:
             bare_helm = statistics.median(bare_times)
             result |= {"bare_helm_s": round(bare_helm, 2), "ratio": round(elapsed / bare_helm, 2)}
             result["bare_helm_cpu_s"] = baseline.cpu.rounded()
+            result["bare_api_requests_per_release"] = per_customer(baseline.requests, len(bare_times) * n)
         if shards > 1:
             result |= {
                 "shards": shards,
