@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     # CIDRs: for a request from one of them the client address is read from X-Forwarded-For.
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
     # Stripe events are applied after their 2xx by a process of their own beside each webhook server
-    # (so that applying never slows the answers): its workers (0: none here) and its health/metrics port
-    # (0: PORT + 1).
+    # (so that applying never slows the answers): how many Customers of a batch it applies at once (0: no
+    # inbox here) and its health/metrics port (0: PORT + 1).
     stripe_inbox_workers: Annotated[int, Field(ge=0, le=64)] = 4
     stripe_inbox_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # Usage metering: seconds between status flushes and between meter runs; usage-key cache TTL;
