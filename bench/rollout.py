@@ -14,7 +14,8 @@ On this machine's loopback, in one run:
 The Customers run with `spec.instance.enabled: false` (scaled to zero): the local control plane has no
 nodes, so only then can they be Ready and pass the health gate; helm's work, an upgrade of every object
 of the release, is the same. Target: operator <= 1.25x the bare loop. Exit 1 when missed. Also printed:
-each step's time, the operator's CPU seconds, and `openssl speed rsa2048` signs a second at the start.
+each step's time, the operator's CPU seconds, the API server's CPU seconds and requests per Customer
+(per release for the bare loop) while timed, and `openssl speed rsa2048` signs a second at the start.
 Run: `.venv/bin/python bench/rollout.py [--customers 300] [--max-parallel 50]`.
 """
 
@@ -36,7 +37,17 @@ from typing import Any
 
 import kubernetes
 import psutil
-from reconcile import CHART, CONCURRENCY, REPO, baseline_values, helm_installs, machine_speed
+from reconcile import (
+    CHART,
+    CONCURRENCY,
+    REPO,
+    api_requests,
+    baseline_values,
+    helm_installs,
+    machine_speed,
+    own_cpu,
+    per_customer,
+)
 
 from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
@@ -66,7 +77,8 @@ def pulled_chart(registry: ChartRegistry, version: str, into: Path) -> Path:
     return into / "customer-instance"
 
 
-def bare_loop(n: int, chart_new: Path, work: Path) -> float:
+def bare_loop(n: int, chart_new: Path, work: Path) -> tuple[float, dict[str, Any]]:
+    """Seconds the upgrades took, and what the API server spent on them (CPU, requests per release)."""
     plane = ControlPlane(work / "cp-baseline").start()
     client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
     core = kubernetes.client.CoreV1Api(client)
@@ -77,7 +89,9 @@ def bare_loop(n: int, chart_new: Path, work: Path) -> float:
 
         asyncio.run(helm_installs(plane.kubeconfig, range(n), create_namespace, CHART, disabled_values))
         print(f"baseline: {n} releases at {OLD}", file=sys.stderr, flush=True)
-        return asyncio.run(helm_installs(plane.kubeconfig, range(n), None, chart_new, disabled_values))
+        cost = ApiServerCost(plane, client)
+        seconds = asyncio.run(helm_installs(plane.kubeconfig, range(n), None, chart_new, disabled_values))
+        return seconds, cost.since(n)
     finally:
         client.close()
         plane.stop()
@@ -151,6 +165,7 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
 
         process = psutil.Process(operator.pid)
         cpu_before = sum(process.cpu_times()[:2])
+        cost = ApiServerCost(plane, client)
         rollout = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "InstanceRollout",
@@ -169,6 +184,7 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
         status = wait(lambda: succeeded(objects), 1800, "rollout Succeeded")
         elapsed = time.monotonic() - started
         cpu = sum(process.cpu_times()[:2]) - cpu_before
+        api = cost.since(n)
         assert count_ready(objects, NEW) == n, "every Customer Ready on the new version"
         steps = [
             round(
@@ -183,6 +199,7 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
             "operator_cpu_s": round(cpu, 1),
             "steps_s": steps,
             "fleet_list_ms": fleet_list,
+            "api": api,
         }
     finally:
         client.close()
@@ -190,6 +207,21 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
             operator.stop()
         postgres.stop()
         plane.stop()
+
+
+class ApiServerCost:
+    """What the API server spends from now on: its CPU seconds and the requests it answers."""
+
+    def __init__(self, plane: ControlPlane, client: kubernetes.client.ApiClient) -> None:
+        assert plane.apiserver is not None
+        self.pid, self.client = plane.apiserver.pid, client
+        self.cpu, self.requests = own_cpu(self.pid), api_requests(client)
+
+    def since(self, n: int) -> dict[str, Any]:
+        return {
+            "apiserver_cpu_s": round(own_cpu(self.pid) - self.cpu, 1),
+            "requests_per_customer": per_customer(api_requests(self.client) - self.requests, n),
+        }
 
 
 def list_cost(plane: ControlPlane, api: KubeApi, rounds: int = 20) -> dict[str, float]:
@@ -247,7 +279,7 @@ def main() -> int:
             registry.push(CHART, OLD)
             registry.push(CHART, NEW)
             chart_new = pulled_chart(registry, NEW, work / "pulled")
-            bare = bare_loop(args.customers, chart_new, work)
+            bare, bare_api = bare_loop(args.customers, chart_new, work)
             print(f"baseline: {args.customers} upgrades in {bare:.2f} s", file=sys.stderr, flush=True)
             result = operator_run(args.customers, args.max_parallel, registry, work)
         finally:
@@ -258,6 +290,7 @@ def main() -> int:
         "max_parallel": args.max_parallel,
         "helm_concurrency": CONCURRENCY,
         "bare_helm_s": round(bare, 2),
+        "bare_api": bare_api,
         "ratio": round(ratio, 2),
         "target": TARGET,
         "openssl_rsa2048_signs_s": speed,

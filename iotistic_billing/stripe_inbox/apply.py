@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -101,27 +101,27 @@ async def apply_events(
 ) -> Results:
     """What the events do, inside the caller's transaction (see inbox.py); `events` in Stripe's order
     (`created`, then arrival). `sessions` serves the lookups, which run beside that transaction;
-    `concurrency` Customers are looked up, read and applied at once. Only the events before the first
-    that names a `max_customers + 1`th customer are applied; the rest are left as they are (deferred)."""
+    `concurrency` Customers are looked up, read and applied at once. The events of the first
+    `max_customers` Customers they name are applied, each Customer's all; the others' are left as they
+    are (deferred), so that what a Customer has applied is always the oldest of its events."""
     slots = asyncio.Semaphore(max(concurrency, 1))
     results: Results = {}
     handled: list[tuple[StripeEvent, LookupHints]] = []
-    named: set[LookupHints] = set()
     for event in events:
         if event.type in HANDLED_EVENT_TYPES:
-            hints = lookup_hints(event.type, event.data.object)
-            if hints not in named and len(named) >= max_customers:
-                break  # a prefix, so that no Customer's later event goes before an earlier one
-            named.add(hints)
-            handled.append((event, hints))
+            handled.append((event, lookup_hints(event.type, event.data.object)))
         else:
             log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)
             results[event.id] = Outcome("ignored")
-    found, records = await _find_and_lock(deps, session, sessions, {hints for _, hints in handled}, slots)
+    found, records = await _find_and_lock(
+        deps, session, sessions, [hints for _, hints in handled], slots, max_customers
+    )
 
     groups: dict[str, _CustomerEvents] = {}
     for event, hints in handled:
         name = found[hints]
+        if isinstance(name, str) and name not in records:
+            continue  # a Customer past the batch's limit: its events are left pending (deferred)
         record = records.get(name) if isinstance(name, str) else None
         if isinstance(name, Exception) or isinstance(record, Exception):
             results[event.id] = name if isinstance(name, Exception) else cast(Exception, record)
@@ -194,15 +194,18 @@ async def _find_and_lock(
     deps: EventApplier,
     session: AsyncSession,
     sessions: Sessions,
-    wanted: set[LookupHints],
+    wanted: Sequence[LookupHints],
     slots: asyncio.Semaphore,
+    max_customers: int,
 ) -> tuple[dict[LookupHints, str | Exception | None], dict[str, CustomerRecord | Exception | None]]:
-    """Whose events these are (a Customer name per set of hints), each Customer locked, then read.
+    """Whose events these are (a Customer name per set of hints, `wanted` in the events' order), and
+    the first `max_customers` of those Customers locked, then read; a Customer not read is deferred.
 
     Hints that carry our customer id are looked up in the mirror, all in one query, and checked against
     the Customer read under its lock (the check `Directory.by_customer_id` makes); the others, and those
     the check refutes, go through the directory, whose lookups read the Customer (before its lock: it is
-    read again under it)."""
+    read again under it). Which Customers are applied is decided by name, not by hints (two sets of hints
+    can name one Customer), so that a Customer's events are all applied or all deferred."""
     ids = {hints.customer_id for hints in wanted if hints.customer_id is not None}
     mirrored: dict[str, str] = {}
     if ids:
@@ -217,29 +220,44 @@ async def _find_and_lock(
     }
     candidates = set(found)
     directory = deps.directory.for_batch()
-    found.update(await _resolve(directory, sessions, wanted - candidates, slots))
-    records = await _lock_and_read(deps, session, found.values(), slots)
+    found.update(await _resolve(directory, sessions, set(wanted) - candidates, slots))
+    chosen = _first_names((found[hints] for hints in wanted), max_customers)
+    records = await _lock_and_read(deps, session, chosen, slots)
 
     def holds(hints: LookupHints) -> bool:
         record = records.get(cast(str, found[hints]))
         return isinstance(record, CustomerRecord) and record.customer_id == hints.customer_id
 
-    refuted = {hints for hints in candidates if not holds(hints)}
+    refuted = {hints for hints in candidates if found[hints] in records and not holds(hints)}
     if refuted:  # the mirror was out of date (a Customer deleted, or made again under another name)
         found.update(await _resolve(directory, sessions, refuted, slots))
-        new = [name for hints in refuted if isinstance(name := found[hints], str) and name not in records]
+        room = max(max_customers - len(records), 0)
+        new = _first_names((found[hints] for hints in wanted if hints in refuted), room, skip=set(records))
         records.update(await _lock_and_read(deps, session, new, slots))
     return found, records
+
+
+def _first_names(
+    names: Iterable[str | Exception | None], limit: int, skip: Collection[str] = ()
+) -> list[str]:
+    """The first `limit` distinct Customer names, in order, past those in `skip`."""
+    first: dict[str, None] = {}
+    for name in names:
+        if isinstance(name, str) and name not in skip and name not in first:
+            if len(first) == limit:
+                break
+            first[name] = None
+    return list(first)
 
 
 async def _lock_and_read(
     deps: EventApplier,
     session: AsyncSession,
-    names: Iterable[str | Exception | None],
+    names: Iterable[str],
     slots: asyncio.Semaphore,
 ) -> dict[str, CustomerRecord | Exception | None]:
     """Each Customer locked for the rest of the transaction, then read (None: gone)."""
-    ordered = sorted({name for name in names if isinstance(name, str)})
+    ordered = sorted(set(names))
     if not ordered:
         return {}
     # Read, decide and apply of a Customer must not interleave with another's. The inbox's batch lock

@@ -51,11 +51,12 @@ INBOX_CHANNEL: Final = "stripe_inbox"
 BATCH_LOCK: Final = 0x696E626F78
 # Customers of a batch looked up, read and applied at once.
 WORKERS: Final = 4
-# Events claimed at once: the more are pending, the more of them share each Customer's write.
-BATCH: Final = 2000
+# Events claimed at once: the more are pending, the more of them share each Customer's write (a burst
+# of a thousand renewals, several events each, coalesces only when a batch sees them all).
+BATCH: Final = 5000
 # Whose events a batch applies at most (a batch's cost grows with its Customers, not its events): the
-# claimed events after the one that would be the next set's are left for the next batch.
-BATCH_CUSTOMERS: Final = 100
+# claimed events of the Customers past them are left for the next batch.
+BATCH_CUSTOMERS: Final = 500
 # While events keep arriving, batches start at most once a CYCLE (seconds), and a batch is followed by a
 # pause of at least PAUSE_RATIO times its duration (at most MAX_PAUSE seconds).
 CYCLE: Final = 0.5
