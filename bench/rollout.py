@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -43,10 +44,12 @@ from reconcile import (
     REPO,
     api_requests,
     baseline_values,
+    children_cpu,
     helm_installs,
     machine_speed,
     own_cpu,
     per_customer,
+    waited_children_cpu,
 )
 
 from iotistic_billing.cli import main as cli
@@ -89,7 +92,7 @@ def bare_loop(n: int, chart_new: Path, work: Path) -> tuple[float, dict[str, Any
 
         asyncio.run(helm_installs(plane.kubeconfig, range(n), create_namespace, CHART, disabled_values))
         print(f"baseline: {n} releases at {OLD}", file=sys.stderr, flush=True)
-        cost = ApiServerCost(plane, client)
+        cost = ApiServerCost(plane, client, waited_children_cpu)
         seconds = asyncio.run(helm_installs(plane.kubeconfig, range(n), None, chart_new, disabled_values))
         return seconds, cost.since(n)
     finally:
@@ -165,7 +168,7 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
 
         process = psutil.Process(operator.pid)
         cpu_before = sum(process.cpu_times()[:2])
-        cost = ApiServerCost(plane, client)
+        cost = ApiServerCost(plane, client, lambda: children_cpu(process.pid))
         rollout = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "InstanceRollout",
@@ -210,18 +213,38 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
 
 
 class ApiServerCost:
-    """What the API server spends from now on: its CPU seconds and the requests it answers."""
+    """What the API server spends from now on (its CPU seconds and the requests it answers), and where
+    the machine's CPU goes meanwhile: etcd, helm (`helm_cpu`: the CPU seconds of helm's processes so
+    far), and every process together (two cores give two a second)."""
 
-    def __init__(self, plane: ControlPlane, client: kubernetes.client.ApiClient) -> None:
-        assert plane.apiserver is not None
-        self.pid, self.client = plane.apiserver.pid, client
-        self.cpu, self.requests = own_cpu(self.pid), api_requests(client)
+    def __init__(
+        self, plane: ControlPlane, client: kubernetes.client.ApiClient, helm_cpu: Callable[[], float]
+    ) -> None:
+        assert plane.apiserver is not None and plane.etcd is not None
+        self.pid, self.etcd, self.client, self.helm_cpu = (
+            plane.apiserver.pid,
+            plane.etcd.pid,
+            client,
+            helm_cpu,
+        )
+        self.cpu, self.etcd_cpu, self.helm = own_cpu(self.pid), own_cpu(self.etcd), helm_cpu()
+        self.requests = api_requests(client)
+        self.machine, self.started = machine_busy(), time.monotonic()
 
     def since(self, n: int) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
         return {
             "apiserver_cpu_s": round(own_cpu(self.pid) - self.cpu, 1),
+            "etcd_cpu_s": round(own_cpu(self.etcd) - self.etcd_cpu, 1),
+            "helm_cpu_s": round(self.helm_cpu() - self.helm, 1),
+            "machine_busy_cores": round((machine_busy() - self.machine) / seconds, 2),
             "requests_per_customer": per_customer(api_requests(self.client) - self.requests, n),
         }
+
+
+def machine_busy() -> float:
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def list_cost(plane: ControlPlane, api: KubeApi, rounds: int = 20) -> dict[str, float]:

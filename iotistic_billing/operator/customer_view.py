@@ -74,8 +74,10 @@ class CustomerView:
             return list(self._bodies.values())
 
     def saw(self, body: dict[str, Any]) -> None:
-        """A Customer as this process's own write returned it: newer than or as new as the watch."""
-        self._keep(_lean(body))
+        """A Customer as this process's own write returned it: newer than or as new as the watch. Not
+        kept before the view has started (no rollout has ticked): its list will have it."""
+        if self._thread is not None:
+            self._keep(_lean(body))
 
     def stop(self) -> None:
         self._stopped.set()

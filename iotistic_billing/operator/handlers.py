@@ -129,6 +129,9 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
     ctx.rollout_wakeups.add(wakeup)
     try:
         while True:
+            # Cleared before the tick: a Customer written during the tick or the quiet time after it
+            # (the last of a step turning Ready) starts the next tick as soon as that time is over.
+            wakeup.clear()
             if not rollouts.settled(body):
                 try:
                     decision = await rollouts.advance(ctx, name)
@@ -139,7 +142,6 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
                     kopf.event(body, type=kind, reason=reason, message=message)
             # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK.
             await asyncio.sleep(rollouts.QUIET_SECONDS)
-            wakeup.clear()
             await nap(wakeup, rollouts.TICK_SECONDS - rollouts.QUIET_SECONDS)
     except asyncio.CancelledError:
         return

@@ -278,12 +278,16 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], resource_version: str) -> bool:
-    """False when the Customer changed since `resource_version` (409); a Customer gone counts as done."""
+    """False when the Customer changed since `resource_version` (409); a Customer gone counts as done.
+    The patched Customer goes into the Customer view at once: the rollout tick this write wakes reads
+    the view, and the watch's copy of the write can come after the tick (it then waited a whole tick)."""
     try:
-        await ctx.kube.patch_customer_status(name, patch, resource_version)
+        patched = await ctx.kube.patch_customer_status(name, patch, resource_version)
     except ApiException as error:
         if error.status == 409:
             return False
         if error.status != 404:
             raise
+        return True
+    ctx.customer_view.saw(patched)
     return True

@@ -254,9 +254,15 @@ def test_a_good_version_reaches_every_customer_in_steps(
         assert before["completedAt"] <= after["startedAt"]
         baked = datetime.fromisoformat(before["completedAt"]) - datetime.fromisoformat(before["healthyAt"])
         assert baked.total_seconds() >= 10
-    moved_at = {n: c["metadata"]["annotations"][ROLLOUT_UPDATED_AT] for n, c in customers.items()}
-    assert max(moved_at[n] for n in canaries) <= steps_status[0]["completedAt"]
-    assert min(t for n, t in moved_at.items() if n not in canaries) >= steps_status[0]["completedAt"]
+    # The annotation has whole seconds; the next step's first moves are made by the tick that completes
+    # the step, at the same instant.
+    moved_at = {
+        n: datetime.fromisoformat(c["metadata"]["annotations"][ROLLOUT_UPDATED_AT])
+        for n, c in customers.items()
+    }
+    canaries_done = datetime.fromisoformat(steps_status[0]["completedAt"])
+    assert max(moved_at[n] for n in canaries) <= canaries_done
+    assert min(t for n, t in moved_at.items() if n not in canaries) >= canaries_done.replace(microsecond=0)
     # Each Customer was moved once and upgraded once (revision 1 the install, 2 the new version).
     assert all(len(stamps) == 1 for stamps in sampler.moves.values()) and len(sampler.moves) == FLEET_SIZE
     for name in fleet.names[:3] + canaries:

@@ -30,6 +30,7 @@ from iotistic_billing.customer import (
 from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.reconcile import _finish
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 
@@ -581,7 +582,10 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     kube = RefusalsKept(k8s_client)
     previous = CustomerStatus.model_validate(read["status"])
     await _finish(
-        cast(OperatorContext, SimpleNamespace(kube=Kube(kube), rollout_wakeups=set())),
+        cast(
+            OperatorContext,
+            SimpleNamespace(kube=Kube(kube), rollout_wakeups=set(), customer_view=CustomerView(kube)),
+        ),
         read,
         previous,
         previous.model_copy(update={"phase": Phase.DEGRADED}),

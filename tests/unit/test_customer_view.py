@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, cast
 
 from iotistic_billing.k8s import KubeApi
@@ -20,7 +21,18 @@ def kept(view: CustomerView) -> dict[str, tuple[str, str]]:
 
 
 def view() -> CustomerView:
-    return CustomerView(cast(KubeApi, object()))
+    """A view as once a rollout has ticked (its thread started; here one that never runs)."""
+    v = CustomerView(cast(KubeApi, object()))
+    v._thread = threading.Thread(target=lambda: None)
+    return v
+
+
+def test_a_view_no_rollout_has_started_keeps_no_write() -> None:
+    """Every pass hands its status write to the view; before a rollout starts it, nothing is kept (its
+    list will have them), so an operator without rollouts holds no copy of the fleet."""
+    v = CustomerView(cast(KubeApi, object()))
+    v.saw(body("acme", 12))
+    assert kept(v) == {}
 
 
 def test_the_newer_body_wins_whichever_arrives_first() -> None:

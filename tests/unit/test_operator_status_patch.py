@@ -9,7 +9,9 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import CustomerStatus
+from iotistic_billing.k8s import KubeApi
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.reconcile import STATUS_CONFLICT_RETRIES, StatusConflict, _finish
 from iotistic_billing.operator.state import over_current
 
@@ -79,17 +81,24 @@ class StatusServer:
             self.resource_version += 1
         return {**body, "status": self.document}
 
-    async def patch_customer_status(self, name: str, patch: dict[str, Any], resource_version: str) -> None:
+    async def patch_customer_status(
+        self, name: str, patch: dict[str, Any], resource_version: str
+    ) -> dict[str, Any]:
         self.patches.append((resource_version, patch))
         if resource_version != str(self.resource_version):
             raise ApiException(status=409, reason="Conflict")
         conditions = patch.get("conditions", self.document.get("conditions"))  # merge patch: lists replaced
         self.document = {**self.document, **patch, "conditions": conditions}
         self.resource_version += 1
+        return {
+            "metadata": {"name": name, "resourceVersion": str(self.resource_version)},
+            "status": self.document,
+        }
 
 
 def context(server: StatusServer) -> OperatorContext:
-    return cast(OperatorContext, SimpleNamespace(kube=server, rollout_wakeups=set()))
+    view = CustomerView(cast(KubeApi, object()))
+    return cast(OperatorContext, SimpleNamespace(kube=server, rollout_wakeups=set(), customer_view=view))
 
 
 async def test_a_status_patch_that_lost_the_race_keeps_what_usage_metering_wrote() -> None:

@@ -177,6 +177,25 @@ def test_the_bake_holds_the_next_step() -> None:
     assert status.phase == RolloutPhase.SUCCEEDED
 
 
+def test_a_completed_step_starts_the_next_one_s_upgrades_in_the_same_tick() -> None:
+    """No tick between two steps: the one that sees a step done moves the next step's first Customers
+    (the next tick can be seconds away, since nothing upgrading means no status write to wake it)."""
+    fleet = Fleet(10)
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"percent": 30, "maxParallel": 2}, {"rest": True, "maxParallel": 10}]
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=60)
+    boundaries = [d for d in decisions if any(e[1] == "StepCompleted" for e in d.events)]
+    assert len(boundaries) == 3  # the last completes the rollout
+    first, second = boundaries[0], boundaries[1]
+    assert [m.customer for m in first.moves] == ["c01", "c02"]  # step 2's oldest, maxParallel of them
+    assert first.status.current_step == 2 and first.status.phase == RolloutPhase.PROGRESSING
+    assert [e[1] for e in first.events] == ["StepCompleted", "StepStarted"]
+    assert [m.customer for m in second.moves] == [f"c{i:02}" for i in range(4, 10)]  # the rest: all six
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert fleet.upgrades == dict.fromkeys(fleet.customers, 1)
+
+
 def test_a_customer_counts_healthy_only_on_status_written_for_the_target() -> None:
     body = customer("c00", "1.0.0")
     body["metadata"]["annotations"][ROLLOUT_CHART_VERSION] = "2.0.0"
