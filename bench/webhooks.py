@@ -208,8 +208,8 @@ async def backlog_throughput(dsn: str, customer_ids: list[str], count: int) -> t
         ids = [e["id"] for e in events]
         while True:
             # By primary key: the partial index of pending rows still holds the entries of every row
-            # applied since the last vacuum, and walking them ten times a second cost PostgreSQL more
-            # CPU than the inbox's own statements (the time is taken from applied_at, not from here).
+            # applied since the last vacuum, and walking them ten times a second was most of
+            # PostgreSQL's CPU during a backlog (bench/README.md). The time is taken from applied_at.
             pending = await connection.fetchval(
                 "SELECT count(*) FROM unnest($1::text[]) AS ids(id)"
                 " JOIN stripe_events ON stripe_events.event_id = ids.id WHERE result = 'pending'",
