@@ -120,16 +120,22 @@ async def helm_installs(
 
 def api_requests(client: kubernetes.client.ApiClient) -> Counter[str]:
     """The requests the API server has answered so far, by "VERB resource[/subresource]", from its own
-    counter (a watch counts once, when it starts)."""
+    counter (a watch counts once, when it starts), and the watch events it has sent, by "WATCH-EVENT
+    resource" (one per watcher an event goes to)."""
     response = client.call_api("GET", f"{client.configuration.host}/metrics")
     response.read()
     counts: Counter[str] = Counter()
     for line in response.data.decode().splitlines():
-        if not line.startswith("apiserver_request_total{"):
+        name, _, rest = line.partition("{")
+        if name not in ("apiserver_request_total", "apiserver_watch_events_total"):
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', rest.split("}", 1)[0]))
+        value = int(float(line.rsplit(" ", 1)[1]))
+        if name == "apiserver_watch_events_total":
+            counts[f"WATCH-EVENT {labels.get('resource') or labels.get('kind')}"] += value
+            continue
         sub = f"/{labels['subresource']}" if labels.get("subresource") else ""
-        counts[f"{labels.get('verb')} {labels.get('resource')}{sub}"] += int(float(line.rsplit(" ", 1)[1]))
+        counts[f"{labels.get('verb')} {labels.get('resource')}{sub}"] += value
     return counts
 
 
