@@ -13,10 +13,12 @@ import base64
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 import kubernetes
 import urllib3
@@ -29,6 +31,8 @@ APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
 # Labels and names only: helm's storage Secrets carry the whole release (chart files included).
 _METADATA_ONLY: Final = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
+# The same for the objects of a watch's events.
+_METADATA_ONLY_EVENTS: Final = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -44,6 +48,20 @@ class FieldManager(StrEnum):
     CLI = "iotistic-billing-cli"  # `iotistic-billing customer`
     CONSOLE = "iotistic-console"  # the admin console's actions: a suspension, a reconcile request
     ROLLOUT = "iotistic-rollout"  # a Customer's rollout.iotistic.io/* annotations, InstanceRollout status
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What a list and then a watch follow (operator/watches.py): every object of a resource the API
+    server's label selector keeps, whole or its metadata only."""
+
+    what: str  # for messages: "Customers"
+    resource: Literal["customers", "deployments", "secrets"]
+    label_selector: str | None = None
+    metadata_only: bool = False
+
+
+CUSTOMERS: Final = Watched("Customers", "customers")
 
 
 class KubernetesUnavailable(Exception):
@@ -129,34 +147,50 @@ class KubeApi:
         return found
 
     def list_customers(self, page_size: int = 500) -> list[dict[str, Any]]:
-        return self.list_customers_at(page_size)[0]
+        return self.list_at(CUSTOMERS, page_size)[0]
 
-    def list_customers_at(self, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
-        """Every Customer, and the resourceVersion of the list (where a watch of what follows starts)."""
+    def _lister(self, kind: Watched, events: bool) -> Callable[..., Any]:
+        """The client's list call of `kind`, with its selector and Accept header bound."""
+        methods: dict[str, Callable[..., Any]] = {
+            "customers": partial(self.objects.list_cluster_custom_object, GROUP, VERSION, PLURAL),
+            "deployments": self.apps.list_deployment_for_all_namespaces,
+            "secrets": self.core.list_secret_for_all_namespaces,
+        }
+        options: dict[str, Any] = {}
+        if kind.label_selector:
+            options["label_selector"] = kind.label_selector
+        if kind.metadata_only:
+            options["_headers"] = _METADATA_ONLY_EVENTS if events else _METADATA_ONLY
+        return partial(methods[kind.resource], **options)
+
+    def list_at(self, kind: Watched, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every object of `kind`, and the resourceVersion of the list (where a watch of what follows
+        starts)."""
         items: list[dict[str, Any]] = []
         token: str | None = None
+        lister = self._lister(kind, events=False)
         while True:
             extra: dict[str, Any] = {"_continue": token} if token else {}
-            page = self.call(
-                self.objects.list_cluster_custom_object, GROUP, VERSION, PLURAL, limit=page_size, **extra
-            )
+            page = self.call(lister, limit=page_size, **extra)
+            # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
             items.extend(page.get("items") or [])
             metadata = page.get("metadata") or {}
             token = metadata.get("continue")
             if not token:
                 return items, str(metadata.get("resourceVersion", ""))
 
-    def watch_customers(
-        self, resource_version: str, timeout_seconds: int = 300, opened: Callable[[Any], None] | None = None
+    def watch(
+        self,
+        kind: Watched,
+        resource_version: str,
+        timeout_seconds: int = 300,
+        opened: Callable[[Any], None] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """The watch events of every Customer after `resource_version` (type and object, bookmarks
-        included), until the server ends the watch. `opened` gets the response, so that another thread
-        may close it to stop the watch."""
+        """The watch events of `kind` after `resource_version` (type and object, bookmarks included),
+        until the server ends the watch. `opened` gets the response, so that another thread may close
+        it to stop the watch."""
         try:
-            response = self.objects.list_cluster_custom_object(
-                GROUP,
-                VERSION,
-                PLURAL,
+            response = self._lister(kind, events=True)(
                 watch=True,
                 allow_watch_bookmarks=True,
                 resource_version=resource_version,
@@ -167,7 +201,7 @@ class KubeApi:
             )
             assert isinstance(response, urllib3.BaseHTTPResponse)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubernetesUnavailable(f"cannot watch Customers ({type(error).__name__})") from None
+            raise KubernetesUnavailable(f"cannot watch {kind.what} ({type(error).__name__})") from None
         if opened is not None:
             opened(response)
         try:
@@ -180,7 +214,7 @@ class KubeApi:
                         event: dict[str, Any] = json.loads(line)
                         yield event
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubernetesUnavailable(f"the Customer watch broke ({type(error).__name__})") from None
+            raise KubernetesUnavailable(f"the watch of {kind.what} broke ({type(error).__name__})") from None
         finally:
             response.close()
             response.release_conn()
@@ -513,11 +547,13 @@ class Kube:
 
 __all__ = [
     "APPLY_PATCH",
+    "CUSTOMERS",
     "MERGE_PATCH",
     "FieldManager",
     "Kube",
     "KubeApi",
     "KubernetesUnavailable",
+    "Watched",
     "api_client",
     "customer_body",
     "not_found_as_none",

@@ -51,6 +51,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
     engine = create_engine(database_url)
     kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
+    watch_api = KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR)
     helm = Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency)
     # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
     chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))
@@ -66,7 +67,8 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         sessions=session_factory(engine),
         # Twice helm's slots: the steps before helm (licence, namespace) overlap the installs.
         pass_slots=asyncio.Semaphore(2 * settings.helm_concurrency),
-        customer_view=CustomerView(kube.api),
+        customer_view=CustomerView(watch_api),
+        watch_api=watch_api,
         outbox=Outbox(settings.notify_webhook_url),
         shard=Shard(settings.operator_shard, settings.operator_shards),
     )

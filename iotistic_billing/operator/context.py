@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from iotistic_billing.k8s import Kube
+from iotistic_billing.k8s import Kube, KubeApi
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator.charts import ChartStore
@@ -19,6 +19,7 @@ from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.sharding import Shard
+from iotistic_billing.operator.watches import LoopFollower
 from iotistic_billing.settings import Settings
 
 
@@ -67,6 +68,9 @@ class OperatorContext:
     pass_slots: asyncio.Semaphore
     # Every Customer as the API server last said, for the rollouts' ticks (started by the first).
     customer_view: CustomerView
+    # The client of the lists and watches the operator follows itself (watches.py), apart from the
+    # connection pool the passes share: each watch holds a connection open.
+    watch_api: KubeApi
     # Notices written with the facts that cause them (licence suspended, trial ending, ...).
     outbox: Outbox = field(default_factory=Outbox)
     # Time is an input: tests move this clock instead of sleeping until a timer fires.
@@ -85,6 +89,8 @@ class OperatorContext:
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
     # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
     shard: Shard = field(default_factory=Shard)
+    # The Deployment and Secret watches, started with Kopf (handlers.configure).
+    watches: list[LoopFollower] = field(default_factory=list)
 
     @property
     def fleet_moves_at_once(self) -> bool:

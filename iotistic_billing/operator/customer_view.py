@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from typing import Any
 
-from iotistic_billing.k8s import KubeApi, KubernetesUnavailable
+from iotistic_billing.k8s import CUSTOMERS, KubeApi, KubernetesUnavailable
+from iotistic_billing.operator.watches import Follower
 
-log = logging.getLogger(__name__)
-# Seconds before a broken list or watch is tried again.
-RETRY_SECONDS = 1.0
 # The first list must arrive within this; else the tick fails and the next one waits again.
 FIRST_LIST_SECONDS = 30.0
-# Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
-# gone half-open) is given up and the view lists again.
-WATCH_SECONDS = 60
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -42,24 +36,19 @@ def _lean(body: dict[str, Any]) -> dict[str, Any]:
 
 class CustomerView:
     def __init__(self, api: KubeApi) -> None:
-        self._api = api
         self._bodies: dict[str, dict[str, Any]] = {}
         # The resourceVersion each deleted Customer was deleted at: an older body of it is not kept.
         self._deleted: dict[str, int] = {}
         self._lock = threading.Lock()
         self._following = threading.Event()  # listed, and the watch not broken since
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._response: Any = None
+        self._follower = Follower(api, CUSTOMERS, self._relisted, self._changed, self._following.clear)
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def bodies(self) -> list[dict[str, Any]]:
         """Every Customer as last seen (the first call starts the view and waits for its list). Raises
         KubernetesUnavailable while the view is not following the API server (its watch broke and the
         list again has not succeeded yet): a tick on an old view could time out healthy Customers."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._follow, name="customer-view", daemon=True)
-            self._thread.start()
+        self._follower.start()
         if not self._following.is_set():
             ready = asyncio.Event()
             with self._lock:
@@ -76,12 +65,17 @@ class CustomerView:
     def saw(self, body: dict[str, Any]) -> None:
         """A Customer as this process's own write returned it: newer than or as new as the watch. Not
         kept before the view has started (no rollout has ticked): its list will have it."""
-        if self._thread is not None:
+        if self._follower.started:
             self._keep(_lean(body))
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._interrupt(self._response)
+        self._follower.stop()
+
+    def _changed(self, kind: str, body: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            self._forget(body)
+        else:
+            self._keep(_lean(body))
 
     def _keep(self, body: dict[str, Any]) -> None:
         name, version = body["metadata"]["name"], _version(body)
@@ -114,47 +108,6 @@ class CustomerView:
         for loop, ready in waiters:
             with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(ready.set)
-
-    def _opened(self, response: Any) -> None:
-        # Set before the flag is read, as stop() sets the flag before it reads this: one of them stops it.
-        self._response = response
-        if self._stopped.is_set():
-            self._interrupt(response)
-
-    @staticmethod
-    def _interrupt(response: Any) -> None:
-        """End the watch thread's blocking read (the response may be finished already)."""
-        if response is not None:
-            with contextlib.suppress(ValueError, RuntimeError, OSError):
-                response.shutdown()
-
-    def _follow(self) -> None:
-        resource_version: str | None = None
-        while not self._stopped.is_set():
-            try:
-                if resource_version is None:
-                    items, resource_version = self._api.list_customers_at()
-                    self._relisted(items, resource_version)
-                for event in self._api.watch_customers(
-                    resource_version, timeout_seconds=WATCH_SECONDS, opened=self._opened
-                ):
-                    kind, body = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":  # 410 Gone: the watch fell too far behind; list again
-                        self._following.clear()
-                        resource_version = None
-                        break
-                    resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
-                    if kind == "DELETED":
-                        self._forget(body)
-                    elif kind in ("ADDED", "MODIFIED"):
-                        self._keep(_lean(body))
-            except Exception:  # the API server away, the watch silent too long: list again after a pause
-                self._following.clear()
-                if self._stopped.is_set():
-                    return
-                log.exception("the Customer view's watch broke; listing again")
-                resource_version = None
-                self._stopped.wait(RETRY_SECONDS)
 
 
 __all__ = ["CustomerView"]

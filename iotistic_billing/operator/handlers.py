@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 import kopf
@@ -22,7 +23,6 @@ from iotistic_billing.customer import (
     customer_of_namespace,
     namespace_for,
 )
-from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
@@ -31,6 +31,7 @@ from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
+from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS, MANAGED_SECRETS, LoopFollower
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
 from iotistic_billing.workers import nap
 
@@ -48,20 +49,28 @@ def _context(memo: kopf.Memo) -> OperatorContext:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # From here on the Deployment watch below keeps the operator's view of the instances current.
-    _context(memo).deployments.watched = True
     ctx = _context(memo)
     memo["handled"] = configure_kopf(
-        settings,
-        routine=(deployment_changed, license_secret_changed, release_storage_changed, customer_gone),
-        customer_selector=ctx.shard.selector(),
+        settings, routine=(customer_gone,), customer_selector=ctx.shard.selector()
     )
+    # From here on the Deployment watch keeps the operator's view of the instances current.
+    ctx.deployments.watched = True
+    loop = asyncio.get_running_loop()
+    ctx.watches = [
+        LoopFollower(ctx.watch_api, INSTANCE_DEPLOYMENTS, loop, partial(deployment_changed, ctx)),
+        LoopFollower(ctx.watch_api, MANAGED_SECRETS, loop, partial(managed_secret_changed, ctx)),
+    ]
+    for watch in ctx.watches:
+        watch.start()
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    _context(memo).customer_view.stop()
-    await _context(memo).engine.dispose()
+    ctx = _context(memo)
+    for watch in ctx.watches:
+        watch.stop()
+    ctx.customer_view.stop()
+    await ctx.engine.dispose()
 
 
 def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
@@ -246,30 +255,17 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/instance": c.RELEASE_NAME})
-async def deployment_changed(
-    type: str | None, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    """Readiness follows the instance's Deployments."""
+def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:
+    """Readiness follows the instance's Deployments (watches.INSTANCE_DEPLOYMENTS; `type` None: listed)."""
+    namespace = body["metadata"].get("namespace")
     customer = customer_of_namespace(namespace)
     if customer:
-        assert namespace is not None
-        ctx = _context(memo)
         request_pass(ctx, customer, ctx.deployments.observe(type, namespace, body))
 
 
-@kopf.on.event("", "v1", "secrets", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-async def license_secret_changed(type: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Drift repair: a deleted licence Secret comes back."""
-    name = customer_of_namespace(namespace)
+def managed_secret_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:
+    """Drift repair: a deleted licence Secret comes back, and so does an uninstalled release (its
+    storage Secret deleted) (watches.MANAGED_SECRETS)."""
+    name = customer_of_namespace(body["metadata"].get("namespace"))
     if name and type == "DELETED":
-        request_pass(_context(memo), name)
-
-
-# Helm's storage Secrets carry the operator's label too: it is passed to helm as a release label.
-@kopf.on.event("", "v1", "secrets", labels={"owner": "helm", "name": c.RELEASE_NAME})
-async def release_storage_changed(type: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Drift repair: an uninstalled release (its storage Secret deleted) comes back."""
-    name = customer_of_namespace(namespace)
-    if name and type == "DELETED":
-        request_pass(_context(memo), name)
+        request_pass(ctx, name)

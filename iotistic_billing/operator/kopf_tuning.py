@@ -43,21 +43,17 @@ def configure_kopf(
     # available queued their bodies faster than workers freed up).
     settings.queueing.worker_limit = c.WORKER_LIMIT
     settings.queueing.idle_timeout = 0.1
-    # The label filters of the handlers below, applied by the API server: without them Kopf lists and
-    # watches every Secret and Deployment of the cluster and filters them here.
-    settings.watching.label_selectors["v1", "secrets"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
-    settings.watching.label_selectors["apps", "v1", "deployments"] = (
-        f"app.kubernetes.io/instance={c.RELEASE_NAME},app.kubernetes.io/managed-by=Helm"
-    )
+    # This shard's Customers, chosen by the API server (Deployments and Secrets are not Kopf's to
+    # watch: watches.py).
     if customer_selector is not None:
         settings.watching.label_selectors[GROUP, PLURAL] = customer_selector
     return handled
 
 
 class QuietRoutineSuccesses(logging.Filter):
-    """Kopf logs each handler's success at INFO. For the watch handlers (every Deployment and Secret
-    event) that is thousands of lines when 1,000 instances roll out, formatted and written for nothing;
-    failures are still logged."""
+    """Kopf logs each handler's success at INFO. For the watch handlers (every Customer event) that is
+    thousands of lines when 1,000 instances roll out, formatted and written for nothing; failures are
+    still logged."""
 
     def __init__(self, routine: Iterable[Callable[..., Any]]) -> None:
         super().__init__()
@@ -76,9 +72,9 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     watches a field outside them (Kopf's extra fields: the status, metadata other than labels and
     annotations), Kopf gets the whole body as before.
 
-    Kopf builds an essence for the events of every watched resource, the instance Deployments and the
-    Secrets included, though only change and daemon handlers use it, and the operator has those for
-    Customers alone (a unit test holds it to that): for other objects the essence is empty.
+    Kopf builds an essence for the events of every watched resource, the InstanceRollouts included,
+    though only change and daemon handlers use it, and the operator has those for Customers alone (a
+    unit test holds it to that): for other objects the essence is empty.
     """
 
     KEPT_METADATA = ("labels", "annotations")

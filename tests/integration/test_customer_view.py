@@ -75,7 +75,7 @@ async def test_its_own_write_is_seen_at_once_and_an_older_event_does_not_undo_it
 async def test_stop_ends_the_watch_thread(k8s_client: kubernetes.client.ApiClient) -> None:
     view = CustomerView(KubeApi(k8s_client, FieldManager.CLI))
     await view.bodies()
-    thread = view._thread
+    thread = view._follower._thread
     assert thread is not None and thread.is_alive()
     view.stop()
     await asyncio.to_thread(thread.join, 10)
@@ -93,17 +93,18 @@ async def test_a_broken_watch_is_said_not_hidden_and_the_view_follows_again(
         await view.bodies()
 
         async def watching() -> bool:
-            return view._response is not None
+            return view._follower._response is not None
 
         await eventually(watching, 20, "the view's watch is open")
-        real_list, real_watch = api.list_customers_at, api.watch_customers
+        real_list, real_watch = api.list_at, api.watch
 
         def refused(*args: Any, **kwargs: Any) -> Any:
             raise KubernetesUnavailable("the API server answered 503")
 
-        api.list_customers_at = refused  # type: ignore[method-assign]
-        api.watch_customers = refused  # type: ignore[method-assign]
-        view._interrupt(view._response)  # the connection drops, and the API server refuses for now
+        api.list_at = refused  # type: ignore[method-assign]
+        api.watch = refused  # type: ignore[method-assign]
+        # The connection drops, and the API server refuses for now.
+        view._follower._interrupt(view._follower._response)
 
         async def not_following() -> bool:
             try:
@@ -113,7 +114,7 @@ async def test_a_broken_watch_is_said_not_hidden_and_the_view_follows_again(
             return False
 
         await eventually(not_following, 20, "the view says it does not follow")
-        api.list_customers_at, api.watch_customers = real_list, real_watch  # type: ignore[method-assign]
+        api.list_at, api.watch = real_list, real_watch  # type: ignore[method-assign]
         name = unique_name("view-back")
         api.create_customer(customer_manifest(name, plan="starter"))
 

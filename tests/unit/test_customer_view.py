@@ -23,7 +23,7 @@ def kept(view: CustomerView) -> dict[str, tuple[str, str]]:
 def view() -> CustomerView:
     """A view as once a rollout has ticked (its thread started; here one that never runs)."""
     v = CustomerView(cast(KubeApi, object()))
-    v._thread = threading.Thread(target=lambda: None)
+    v._follower._thread = threading.Thread(target=lambda: None)
     return v
 
 

@@ -10,7 +10,7 @@ from iotistic_billing.operator import handlers
 from iotistic_billing.operator.kopf_tuning import QuietRoutineSuccesses
 
 # The watch handlers handlers.py hands to configure_kopf as routine.
-ROUTINE = (handlers.deployment_changed, handlers.license_secret_changed, handlers.release_storage_changed)
+ROUTINE = (handlers.customer_gone,)
 
 
 def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
@@ -19,11 +19,7 @@ def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
 
 @pytest.mark.parametrize(
     "message",
-    [
-        "Handler 'deployment_changed' succeeded.",
-        "Handler 'license_secret_changed' succeeded.",
-        "Handler 'release_storage_changed' succeeded.",
-    ],
+    ["Handler 'customer_gone' succeeded."],
 )
 def test_routine_successes_are_dropped(message: str) -> None:
     assert not QuietRoutineSuccesses(ROUTINE).filter(record(message))
@@ -35,10 +31,10 @@ def test_routine_successes_are_dropped(message: str) -> None:
         ("Handler 'reconcile_customer' succeeded.", logging.INFO),
         ("Daemon 'housekeeping' succeeded.", logging.INFO),
         (
-            "Handler 'deployment_changed' failed with an exception and will try again in 5 seconds: boom",
+            "Handler 'customer_gone' failed with an exception and will try again in 5 seconds: boom",
             logging.ERROR,
         ),
-        ("Handler 'deployment_changed' succeeded.", logging.WARNING),
+        ("Handler 'customer_gone' succeeded.", logging.WARNING),
     ],
 )
 def test_everything_else_is_kept(message: str, level: int) -> None:

@@ -1,0 +1,167 @@
+"""Lists and watches the operator follows itself, each in a thread of its own: the Customer view's
+(customer_view.py), the instance Deployments and the operator's Secrets.
+
+Kopf handles every event of a resource it watches through its whole machinery (a worker per object,
+its batching window, handler invocation) and decodes every body: measured, that was more than half of
+the operator's CPU in a rollout, most of it for Deployments and helm's storage Secrets (40 KB each,
+three per upgrade) that only feed `InstanceDeployments` or ask for a pass when deleted
+(bench/README.md). So Kopf watches the Customers and InstanceRollouts, whose handlers need it, and a
+`Follower` the rest: one list, then a watch from where it ended, listing again when the watch breaks
+or falls behind (410), and the Secrets as metadata only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from iotistic_billing.k8s import KubeApi, Watched
+from iotistic_billing.operator import constants as c
+
+log = logging.getLogger(__name__)
+# Seconds before a broken list or watch is tried again.
+RETRY_SECONDS = 1.0
+# Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
+# gone half-open) is given up and listed again.
+WATCH_SECONDS = 60
+
+# The release's Deployments, whose state readiness is judged by (deployments.InstanceDeployments).
+INSTANCE_DEPLOYMENTS = Watched(
+    "instance Deployments",
+    "deployments",
+    f"app.kubernetes.io/instance={c.RELEASE_NAME},app.kubernetes.io/managed-by=Helm",
+)
+# The licence Secrets and helm's storage Secrets (helm labels them for the operator): a deletion asks
+# for a pass, which brings the Secret or the uninstalled release back. Names are all that is read.
+MANAGED_SECRETS = Watched(
+    "the operator's Secrets", "secrets", f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}", metadata_only=True
+)
+
+# What a follower hands over: the bodies of a list and its resourceVersion, then each event's type and
+# object (bookmarks only move the watch on), and that the watch broke.
+Relisted = Callable[[list[dict[str, Any]], str], None]
+Changed = Callable[[str, dict[str, Any]], None]
+
+
+class Follower:
+    """One kind (k8s.Watched) listed and watched in a thread; `relisted` and `changed` run there."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        kind: Watched,
+        relisted: Relisted,
+        changed: Changed,
+        broke: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._api = api
+        self.kind = kind
+        self._relisted, self._changed, self._broke = relisted, changed, broke
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._response: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._follow, name=f"watch {self.kind.what}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._interrupt(self._response)
+
+    def _opened(self, response: Any) -> None:
+        # Set before the flag is read, as stop() sets the flag before it reads this: one of them stops it.
+        self._response = response
+        if self._stopped.is_set():
+            self._interrupt(response)
+
+    @staticmethod
+    def _interrupt(response: Any) -> None:
+        """End the watch thread's blocking read (the response may be finished already)."""
+        if response is not None:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                response.shutdown()
+
+    def _follow(self) -> None:
+        resource_version: str | None = None
+        while not self._stopped.is_set():
+            try:
+                if resource_version is None:
+                    items, resource_version = self._api.list_at(self.kind)
+                    self._relisted(items, resource_version)
+                for event in self._api.watch(
+                    self.kind, resource_version, timeout_seconds=WATCH_SECONDS, opened=self._opened
+                ):
+                    kind, body = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":  # 410 Gone: the watch fell too far behind; list again
+                        self._broke()
+                        resource_version = None
+                        break
+                    resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        self._changed(kind, body)
+            except Exception:  # the API server away, the watch silent too long: list again after a pause
+                self._broke()
+                if self._stopped.is_set():
+                    return
+                log.exception("the watch of %s broke; listing again", self.kind.what)
+                resource_version = None
+                self._stopped.wait(RETRY_SECONDS)
+
+
+class LoopFollower:
+    """A Follower whose events go to `handle(type, body)` on an asyncio loop, in the order they came:
+    the bodies of each list as type None (as Kopf hands over its listings), then each event."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        kind: Watched,
+        loop: asyncio.AbstractEventLoop,
+        handle: Callable[[str | None, dict[str, Any]], None],
+    ) -> None:
+        self._loop, self._handle = loop, handle
+        self.follower = Follower(api, kind, self._listed, self._changed)
+
+    def start(self) -> None:
+        self.follower.start()
+
+    def stop(self) -> None:
+        self.follower.stop()
+
+    def _listed(self, items: list[dict[str, Any]], _resource_version: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is stopping
+            self._loop.call_soon_threadsafe(self._each, items)
+
+    def _each(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            self._safely(None, item)
+
+    def _changed(self, kind: str, body: dict[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is stopping
+            self._loop.call_soon_threadsafe(self._safely, kind, body)
+
+    def _safely(self, kind: str | None, body: dict[str, Any]) -> None:
+        try:
+            self._handle(kind, body)
+        except Exception:  # one bad event must not stop the ones after it
+            log.exception("handling a %s event of %s failed", kind or "listed", self.follower.kind.what)
+
+
+__all__ = [
+    "INSTANCE_DEPLOYMENTS",
+    "MANAGED_SECRETS",
+    "RETRY_SECONDS",
+    "WATCH_SECONDS",
+    "Follower",
+    "LoopFollower",
+]
