@@ -1,10 +1,10 @@
 """Lists and watches the operator follows itself, each in a thread of its own: the Customer view's
 (customer_view.py), the instance Deployments and the operator's Secrets.
 
-Kopf handles every event of a resource it watches through its whole machinery (a worker per object,
-its batching window, handler invocation) and decodes every body: measured, that was more than half of
-the operator's CPU in a rollout, most of it for Deployments and helm's storage Secrets (40 KB each,
-three per upgrade) that only feed `InstanceDeployments` or ask for a pass when deleted
+Kopf takes every event of a resource it watches through its whole machinery (a worker per object,
+its batching window, handler invocation) and decodes every body: in a rollout, more than half of the
+operator's samples, with the Deployments and helm's storage Secrets (40 KB each, three per upgrade)
+among them, though those only feed `InstanceDeployments` or ask for a pass when deleted
 (bench/README.md). So Kopf watches the Customers and InstanceRollouts, whose handlers need it, and a
 `Follower` the rest: one list, then a watch from where it ended, listing again when the watch breaks
 or falls behind (410), and the Secrets as metadata only.
