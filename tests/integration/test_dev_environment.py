@@ -313,9 +313,9 @@ CHECKS: dict[str, Callable[[str], None]] = {
 # Blocks that show the outcome of asynchronous work (the operator's pass, the notice sender): run again
 # until their check holds, as a person would look again.
 EVENTUALLY = {"notices": 60.0}
-# Blocks that show what another block did. pytest's two workers each start a dev environment of their
-# own for this module's tests, so the block the README says comes first may have run in the other one:
-# it is run here first then.
+# Blocks that show what another block did: the block the README says comes first is run first when this
+# dev environment has not run it (a test run alone with -k, or this module's tests spread over pytest's
+# workers, each with a dev environment of its own, as with pytest 9.2: pyproject.toml).
 AFTER = {"notices": "cli"}
 
 
