@@ -15,11 +15,12 @@ plane:
     their mean.
   - idle (with --idle SECONDS): every Deployment reported available, all Customers Ready, then the
     operator's CPU use and helm calls over SECONDS.
-Targets: N=1 within 1.25x the bare helm install; 1,000 within 4 minutes at <= 250 MiB RSS; idle: no
-helm call and under 2% of a core. Run: `.venv/bin/python bench/reconcile.py --sizes 1,10,100 --idle 60`.
-`--bare-only` runs the bare loop alone: at 1,000, over 240 s means this machine cannot meet the target
-now whatever the operator does (its run includes the same helm work). Every result carries the machine's
-`openssl speed rsa2048` signs a second, measured at the start.
+Targets: N=1 within 1.25x the bare helm install; 100 and 1,000 within 1.15x the bare loop, 1,000 at
+<= 250 MiB RSS; idle: no helm call and under 2% of a core. Run: `.venv/bin/python bench/reconcile.py
+--sizes 1,10,100 --idle 60`. `--bare-only` runs the bare loop alone. Every result carries the machine's
+`openssl speed rsa2048` signs a second, measured at the start, and in `cpu_s` the CPU seconds of each
+part and of the whole machine (`machine`; against the window's length, the cores kept busy: with both
+cores busy on both sides, what the operator's side adds in CPU is what it adds in time).
 """
 
 from __future__ import annotations
@@ -156,7 +157,12 @@ class Baseline:
         asyncio.run(helm_installs(self.plane.kubeconfig, range(1), self.create_namespace))
         self.installed = 1
         self.cpu = CpuShares(
-            {"helm": waited_children_cpu, **plane_parts(self.plane), "bench": time.process_time}
+            {
+                "helm": waited_children_cpu,
+                **plane_parts(self.plane),
+                "bench": time.process_time,
+                "machine": machine_busy,
+            }
         )
         self.requests: Counter[str] = Counter()  # the API requests of the timed loops
 
@@ -247,6 +253,13 @@ def children_cpu(pid: int) -> float:
                 total += sum(child.cpu_times()[:2])
         return total
     return 0.0
+
+
+def machine_busy() -> float:
+    """CPU seconds every process has used so far (Linux counts guest time inside user time)."""
+    times = psutil.cpu_times()._asdict()
+    waiting = ("idle", "iowait", "guest", "guest_nice")
+    return float(sum(value for name, value in times.items() if name not in waiting))
 
 
 def waited_children_cpu() -> float:
@@ -457,6 +470,7 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
                 "postgresql": lambda: own_cpu(postgres_pid) + children_cpu(postgres_pid),
                 # This script's own CPU (creating, watching, sampling), which the baseline does not pay.
                 "bench": time.process_time,
+                "machine": machine_busy,
             }
         )
         requests_before = api_requests(client)
@@ -694,11 +708,6 @@ def main() -> int:
         for n in (int(s) for s in args.sizes.split(",")):
             if args.bare_only:
                 result = bare_only(n, Path(work))
-                if n >= 1000:
-                    # The operator runs this same helm work and more: over 240 s here, it cannot meet it.
-                    ok = result["bare_helm_s"] <= 240
-                    result["targets"] = {"bare loop <= 240 s": "met" if ok else "MISSED"}
-                    failed |= not ok
                 print(json.dumps(result | {"openssl_rsa2048_signs_per_s": speed}), flush=True)
                 continue
             if args.shards > 1:
@@ -721,14 +730,11 @@ def main() -> int:
             checks = []
             if n == 1:
                 checks.append(("ratio <= 1.25", result["ratio"] <= 1.25))
+            if n >= 100:
+                checks.append(("ratio <= 1.15", result["ratio"] <= 1.15))
             if n >= 1000:
-                checks += [
-                    ("<= 240 s", result["operator_s"] <= 240),
-                    (
-                        "RSS <= 250 MiB",
-                        result.get("peak_rss_through_ready_mib", result["peak_rss_mib"]) <= 250,
-                    ),
-                ]
+                rss = result.get("peak_rss_through_ready_mib", result["peak_rss_mib"])
+                checks.append(("RSS <= 250 MiB", rss <= 250))
             if "idle_helm_calls" in result:
                 checks += [
                     ("idle: no helm call", result["idle_helm_calls"] == 0),

@@ -48,6 +48,7 @@ from reconcile import (
     baseline_values,
     children_cpu,
     helm_installs,
+    machine_busy,
     machine_speed,
     own_cpu,
     per_customer,
@@ -242,13 +243,6 @@ class TimedCost:
             "machine_busy_cores": round((machine_busy() - self.machine) / seconds, 2),
             "requests_per_customer": per_customer(api_requests(self.client) - self.requests, n),
         }
-
-
-def machine_busy() -> float:
-    """CPU seconds every process has used so far (Linux counts guest time inside user time)."""
-    times = psutil.cpu_times()._asdict()
-    waiting = ("idle", "iowait", "guest", "guest_nice")
-    return float(sum(value for name, value in times.items() if name not in waiting))
 
 
 def list_cost(plane: ControlPlane, api: KubeApi, rounds: int = 20) -> dict[str, float]:
