@@ -148,40 +148,43 @@ class Directory:
         )
         return stored or record.customer.spec.billing.stripe_customer_id
 
-    async def remember(
-        self, session: AsyncSession, record: CustomerRecord, stripe_customer_id: str | None = None
-    ) -> None:
-        """Upsert the mirror row of `record`; a given Stripe customer id replaces the stored one."""
-        spec, status = record.customer.spec, record.customer.status
-        # A resource name moves to the new customer id when a Customer was deleted and created again.
-        await session.execute(
-            delete(models.Customer).where(
-                models.Customer.resource_name == record.name,
-                models.Customer.customer_id != record.customer_id,
-            )
+
+async def remember(
+    session: AsyncSession, customer: Customer, customer_id: str, stripe_customer_id: str | None = None
+) -> None:
+    """Upsert the mirror row of `customer` (`customer_id`: the id in use); a given Stripe customer id
+    replaces the stored one. The operator writes it when it mints a Customer's licence, the webhook
+    server, the Stripe inbox and usage metering when they found the Customer."""
+    spec, status, name = customer.spec, customer.status, customer.metadata.name
+    # A resource name moves to the new customer id when a Customer was deleted and created again.
+    await session.execute(
+        delete(models.Customer).where(
+            models.Customer.resource_name == name,
+            models.Customer.customer_id != customer_id,
         )
-        values: dict[str, Any] = {
-            "customer_id": record.customer_id,
-            "resource_name": record.name,
-            "email": spec.email,
-            "company_name": spec.company_name,
-            "contact_name": spec.contact_name,
-            "plan": spec.plan,
-            "phase": str(status.phase) if status.phase else None,
-            "stripe_customer_id": stripe_customer_id or spec.billing.stripe_customer_id,
-        }
-        statement = insert(models.Customer).values(**values)
-        updates: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "customer_id"}
-        if stripe_customer_id is None:
-            # Nothing new learnt: keep the link a webhook or checkout stored.
-            updates["stripe_customer_id"] = func.coalesce(
-                models.Customer.stripe_customer_id, statement.excluded.stripe_customer_id
-            )
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[models.Customer.customer_id], set_={**updates, "updated_at": func.now()}
-            )
+    )
+    values: dict[str, Any] = {
+        "customer_id": customer_id,
+        "resource_name": name,
+        "email": spec.email,
+        "company_name": spec.company_name,
+        "contact_name": spec.contact_name,
+        "plan": spec.plan,
+        "phase": str(status.phase) if status.phase else None,
+        "stripe_customer_id": stripe_customer_id or spec.billing.stripe_customer_id,
+    }
+    statement = insert(models.Customer).values(**values)
+    updates: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "customer_id"}
+    if stripe_customer_id is None:
+        # Nothing new learnt: keep the link a webhook or checkout stored.
+        updates["stripe_customer_id"] = func.coalesce(
+            models.Customer.stripe_customer_id, statement.excluded.stripe_customer_id
         )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[models.Customer.customer_id], set_={**updates, "updated_at": func.now()}
+        )
+    )
 
 
 class _BatchDirectory(Directory):
@@ -196,4 +199,4 @@ class _BatchDirectory(Directory):
         return await asyncio.shield(self._fleet)
 
 
-__all__ = ["CustomerRecord", "Directory"]
+__all__ = ["CustomerRecord", "Directory", "remember"]

@@ -25,6 +25,7 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.directory import remember
 from iotistic_billing.licensing.minting import (
     LicenseCustomer,
     LicenseRecord,
@@ -199,6 +200,9 @@ async def ensure_license(
         await _record(ctx, session, target, minted.record(), action, metadata)
         LICENSES_MINTED.labels(action).inc()
         await _record_usage_key(session, target.customer_id, target.name, usage_key)
+        # The directory's mirror row: the Stripe inbox and usage metering then find a Customer made by
+        # kubectl or GitOps by its ids with one GET, not a list of the fleet (directory.py).
+        await remember(session, target.customer, target.customer_id)
     return _status(minted.record())
 
 

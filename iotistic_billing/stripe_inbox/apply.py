@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.k8s import FieldManager, Kube
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_inbox.events import (
@@ -380,7 +380,7 @@ async def _record(
     """The group's rows, mirror entry and notices, and each event's result."""
     record, plan = group.record, group.plan
     assert plan is not None
-    await deps.directory.remember(session, record, group.link)
+    await remember(session, record.customer, record.customer_id, group.link)
     for subscription_id, row in plan.rows.items():
         await _write_row(session, subscription_id, row)
     outcomes: dict[str, Outcome] = {}

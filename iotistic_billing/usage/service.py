@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import DatabaseUnavailable, Pool, Queryable, connection
-from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
 from iotistic_billing.notices.content import usage_threshold
@@ -199,7 +199,7 @@ class UsageMetering:
                     records[record.customer_id] = record
         async with self.session_factory() as session, session.begin():
             for record in records.values():
-                await self.directory.remember(session, record)
+                await remember(session, record.customer, record.customer_id)
         return records
 
     async def _flush_customer(self, record: CustomerRecord, seen: datetime) -> str:

@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select, text
 
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import ApiError, Conflict
 from iotistic_billing.k8s import Kube
 from iotistic_billing.webhook_server.context import (
@@ -93,7 +93,7 @@ async def create_customer(request: web.Request) -> web.Response:
         record = CustomerRecord.from_body(created)
         if record is None:
             raise ApiError("Internal server error", "the created Customer could not be read back")
-        await directory.remember(session, record, stripe_customer_id)
+        await remember(session, record.customer, record.customer_id, stripe_customer_id)
 
     log.info("signup created Customer %s (%s)", record.name, customer_id)
     token = await _wait_for_license(

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import Conflict, stripe_not_configured
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
@@ -83,7 +83,7 @@ async def create_checkout(request: web.Request) -> web.Response:
                 name=record.customer.spec.company_name,
                 customer_id=record.customer_id,
             )
-            await directory.remember(session, record, stripe_customer_id)
+            await remember(session, record.customer, record.customer_id, stripe_customer_id)
         checkout = await billing.create_checkout_session(
             stripe_customer_id=stripe_customer_id,
             customer_id=record.customer_id,

@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import (
@@ -28,6 +28,7 @@ from iotistic_billing.customer import (
     Phase,
 )
 from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
+from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
@@ -195,6 +196,31 @@ def test_applied_customer_gets_namespace_licence_release_and_status(
     ).stdout.split("\n")
     assert table[0].split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "TRIAL-ENDS", "URL", "AGE"]
     assert table[1].split()[1:4] == [claims["customerId"], "professional", "Ready"]
+
+
+class _NoFleetList(Kube):
+    async def list_customers(self) -> list[dict[str, Any]]:
+        raise AssertionError("the directory listed the fleet")
+
+
+async def test_a_customer_made_with_kubectl_is_found_by_its_ids_without_listing_the_fleet(
+    cluster: Cluster, k8s_client: kubernetes.client.ApiClient, db_engine: AsyncEngine
+) -> None:
+    """The operator writes the directory's mirror row with the first licence, so the Stripe inbox and
+    usage metering find a GitOps Customer by our id or its Stripe customer with one GET."""
+    name = unique_name("gitops")
+    customer_id = f"cust_{name.replace('-', '')}"
+    stripe_customer_id = f"cus_{name.replace('-', '')}"
+    billing = {"mode": "stripe", "stripeCustomerId": stripe_customer_id}
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter", billing=billing))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licensed")
+
+    directory = Directory(_NoFleetList(KubeApi(k8s_client, FieldManager.CLI)))
+    async with AsyncSession(db_engine) as session:
+        by_ours = await directory.by_customer_id(session, customer_id)
+        by_stripe = await directory.by_stripe_customer(session, stripe_customer_id)
+    assert by_ours is not None and by_ours.name == name
+    assert by_stripe is not None and by_stripe.name == name
 
 
 async def test_plan_change_re_mints_licence_and_upgrades_release(
