@@ -153,8 +153,9 @@ async def remember(
     session: AsyncSession, customer: Customer, customer_id: str, stripe_customer_id: str | None = None
 ) -> None:
     """Upsert the mirror row of `customer` (`customer_id`: the id in use); a given Stripe customer id
-    replaces the stored one. The operator writes it when it mints a Customer's licence, the webhook
-    server, the Stripe inbox and usage metering when they found the Customer."""
+    replaces the stored one. The operator writes it when it mints a Customer's licence (and once per
+    process when the licence is current), the webhook server, the Stripe inbox and usage metering when
+    they found the Customer."""
     spec, status, name = customer.spec, customer.status, customer.metadata.name
     # A resource name moves to the new customer id when a Customer was deleted and created again.
     await session.execute(

@@ -33,6 +33,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         await revoke_license(ctx, customer_id, namespace, reason="Customer deleted", notify=notify)
         await revoke_usage_keys(ctx, customer_id)
         ctx.applied_namespaces.pop(namespace, None)
+        ctx.mirrored.discard(customer_id)
         await ctx.kube.delete_namespace(namespace)
         with contextlib.suppress(KeyError):  # never reported: it had no licence
             LICENSE_EXPIRY.remove(customer_id)

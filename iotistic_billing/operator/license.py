@@ -7,12 +7,14 @@ PostgreSQL refused) records the very same rows later, also when that licence is 
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 import jwt
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.api_keys import new_usage_key, usage_key_hash
@@ -52,6 +54,8 @@ from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, 
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.metrics import LICENSES_MINTED
 from iotistic_billing.operator.state import PassTarget
+
+log = logging.getLogger(__name__)
 
 
 def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
@@ -153,6 +157,8 @@ async def ensure_license(
                 await _record(ctx, session, target, previous, written_action)
                 if stored_key:
                     await _record_usage_key(session, target.customer_id, target.name, stored_key)
+        if target.customer_id not in ctx.mirrored:
+            await _mirror(ctx, target)
         return _status(previous)
 
     if unrecorded:
@@ -203,7 +209,21 @@ async def ensure_license(
         # The directory's mirror row: the Stripe inbox and usage metering then find a Customer made by
         # kubectl or GitOps by its ids with one GET, not a list of the fleet (directory.py).
         await remember(session, target.customer, target.customer_id)
+    ctx.mirrored.add(target.customer_id)
     return _status(minted.record())
+
+
+async def _mirror(ctx: OperatorContext, target: PassTarget) -> None:
+    """The directory's mirror row of a Customer whose licence is current, once per process: an earlier
+    operator version minted without writing it. Not a step the pass fails on: with PostgreSQL away the
+    Customer stays as it is, and the next pass writes it."""
+    try:
+        async with ctx.sessions() as session, session.begin():
+            await remember(session, target.customer, target.customer_id)
+    except (SQLAlchemyError, OSError) as error:
+        log.warning("mirror row of Customer %s not written: %s", target.name, error)
+        return
+    ctx.mirrored.add(target.customer_id)
 
 
 async def _record(

@@ -198,7 +198,7 @@ def test_applied_customer_gets_namespace_licence_release_and_status(
     assert table[1].split()[1:4] == [claims["customerId"], "professional", "Ready"]
 
 
-class _NoFleetList(Kube):
+class NoFleetList(Kube):
     async def list_customers(self) -> list[dict[str, Any]]:
         raise AssertionError("the directory listed the fleet")
 
@@ -215,7 +215,7 @@ async def test_a_customer_made_with_kubectl_is_found_by_its_ids_without_listing_
     cluster.create(customer_manifest(name, customerId=customer_id, plan="starter", billing=billing))
     wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licensed")
 
-    directory = Directory(_NoFleetList(KubeApi(k8s_client, FieldManager.CLI)))
+    directory = Directory(NoFleetList(KubeApi(k8s_client, FieldManager.CLI)))
     async with AsyncSession(db_engine) as session:
         by_ours = await directory.by_customer_id(session, customer_id)
         by_stripe = await directory.by_stripe_customer(session, stripe_customer_id)

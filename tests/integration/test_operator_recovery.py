@@ -14,11 +14,14 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.db import models
 from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.directory import Directory
+from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
@@ -26,7 +29,13 @@ from iotistic_billing.operator.license import revoke_license
 from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.settings import load_settings
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
-from tests.integration.test_operator import Cluster, customer_manifest, history, operator_metric_total
+from tests.integration.test_operator import (
+    Cluster,
+    NoFleetList,
+    customer_manifest,
+    history,
+    operator_metric_total,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +188,49 @@ async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revoca
     body = cluster.customer(name)
     assert body is not None and body["status"]["license"]["jti"] == replaced
     assert body["status"]["phase"] != "Failed"
+
+
+async def test_an_operator_started_over_customers_licensed_before_the_mirror_writes_their_rows(
+    cluster: Cluster,
+    k8s_client: kubernetes.client.ApiClient,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Operator versions before the mirror row was written with the licence left none for a Customer
+    made by kubectl: the first pass of a new process writes it, minting nothing."""
+    name = unique_name("premirror")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licensed")
+    async with AsyncSession(db_engine) as session, session.begin():  # as an earlier version left it
+        await session.execute(delete(models.Customer).where(models.Customer.customer_id == customer_id))
+
+    context = _context(operator_env, datetime.now(UTC))  # a new operator process's first pass
+    result = await reconcile(context, name)
+    await context.engine.dispose()
+
+    assert result is not None and result.temporary_error is None, result
+    assert [a for a, _, _ in await history(db_engine, customer_id)] == ["generated"]
+    directory = Directory(NoFleetList(KubeApi(k8s_client, FieldManager.CLI)))
+    async with AsyncSession(db_engine) as session:
+        found = await directory.by_customer_id(session, customer_id)
+    assert found is not None and found.name == name
+
+
+async def test_a_pass_over_a_current_licence_does_not_fail_for_its_mirror_row_while_postgresql_is_away(
+    cluster: Cluster, operator_env: dict[str, str]
+) -> None:
+    name = unique_name("mirrorless")
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licensed")
+
+    away = {**operator_env, "DATABASE_URL": "postgresql://billing@127.0.0.1:1/billing"}  # refused
+    context = _context(away, datetime.now(UTC))
+    result = await reconcile(context, name)
+    await context.engine.dispose()
+
+    assert result is not None and result.temporary_error is None and result.permanent_error is None
+    assert context.mirrored == set()  # the next pass tries again
 
 
 def _secret_jti(cluster: Cluster, name: str) -> str | None:
