@@ -17,7 +17,10 @@ plane:
     operator's CPU use and helm calls over SECONDS.
 Targets: N=1 within 1.25x the bare helm install; 100 and 1,000 within 1.15x the bare loop, 1,000 at
 <= 250 MiB RSS; idle: no helm call and under 2% of a core. Run: `.venv/bin/python bench/reconcile.py
---sizes 1,10,100 --idle 60`. `--bare-only` runs the bare loop alone. Every result carries the machine's
+--sizes 1,10,100 --idle 60`. `--bare-only` runs the bare loop alone; `--floor` (sizes of 10 and more)
+also runs bench/floor_operator.py, the least a Kopf operator of Customers does (namespace, the same
+helm, status.release, Kopf's finalizer), between the operator and the second bare loop, and prints its
+ratio (`floor_ratio`): what the operator's own steps add is the difference. Every result carries the machine's
 `openssl speed rsa2048` signs a second, measured at the start, and in `cpu_s` the CPU seconds of each
 part and of the whole machine (`machine`; against the window's length, the cores kept busy: with both
 cores busy on both sides, what the operator's side adds in CPU is what it adds in time).
@@ -302,12 +305,15 @@ def rounds_for(n: int) -> int:
     return 15 if n == 1 else 1
 
 
-def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
+def run_size(n: int, idle: float, work: Path, floor: bool = False) -> dict[str, Any]:
     """One size, both sides. A size timed once gets its bare loop twice, before the operator's stack starts
     and after it stopped, each on a fresh control plane, and the ratio is against their mean: this
     machine's speed drifts over minutes (the same bare loop of 300 took 56 to 78 s within an hour), and
-    one bare loop before the operator's run put all of the drift on one side."""
+    one bare loop before the operator's run put all of the drift on one side. With `floor`, the floor
+    operator (bench/floor_operator.py) runs between the operator and the second bare loop."""
     result = provision(n, idle, work)
+    if floor:
+        result["floor"] = provision(n, 0, work, bare=False, floor=True)
     if result["rounds"] == 1:
         after = Baseline(work / f"cp-{n}-baseline-after")
         try:
@@ -323,6 +329,8 @@ def run_size(n: int, idle: float, work: Path) -> dict[str, Any]:
             "bare_helm_after_s": round(later, 2),
             "bare_helm_after_cpu_s": after.cpu.rounded(),
         }
+        if floor:
+            result["floor_ratio"] = round(result["floor"]["operator_s"] / mean, 2)
     return result
 
 
@@ -351,10 +359,13 @@ def shard_label(i: int, shards: int) -> dict[str, str]:
     return {SHARD_LABEL: str(i % shards)} if shards > 1 else {}
 
 
-def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = True) -> dict[str, Any]:
+def provision(
+    n: int, idle: float, work: Path, shards: int = 1, bare: bool = True, floor: bool = False
+) -> dict[str, Any]:
     """The operator's side of size `n` (and, with `bare`, the bare loop before it). With `shards`, that
     many operator processes, each with HELM_CONCURRENCY / shards helm slots (the same helm work at
-    once in all), the Customers labelled round robin."""
+    once in all), the Customers labelled round robin. With `floor`, bench/floor_operator.py in the
+    operator's place (no licence Secrets to count, no idle measurement)."""
     rounds = rounds_for(n)
     bare_times: list[float] = []
     interleaved: Baseline | None = None
@@ -369,7 +380,7 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
         interleaved = baseline if rounds > 1 else None
         # The same rounds of bare helm before the operator's stack starts, for comparison.
         alone = [baseline.time(n) for _ in range(rounds)] if interleaved is not None else bare_times
-    tag = f"{n}-shards-{shards}" if shards > 1 else str(n)
+    tag = f"{n}-shards-{shards}" if shards > 1 else f"{n}-floor" if floor else str(n)
     plane = ControlPlane(work / f"cp-{tag}").start()
     postgres = EmbeddedPostgres(work / f"pg-{tag}").start()
     operators: list[ManagedProcess] = []
@@ -406,21 +417,24 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
         }
         metrics_urls = []
         for shard in range(shards):
-            metrics_port = free_port()
+            port = free_port()
             operators.append(
                 ManagedProcess(
                     f"operator-{shard}",
-                    [sys.executable, "-m", "iotistic_billing.operator"],
+                    [sys.executable, str(REPO / "bench" / "floor_operator.py")]
+                    if floor
+                    else [sys.executable, "-m", "iotistic_billing.operator"],
                     work / f"operator-{tag}-{shard}.log",
                     env=env
                     | {
                         "OPERATOR_SHARD": str(shard),
                         "OPERATOR_LIVENESS_PORT": str(free_port()),
-                        "OPERATOR_METRICS_PORT": str(metrics_port),
+                        "OPERATOR_METRICS_PORT": str(port),
+                        "FLOOR_LIVENESS_PORT": str(port),
                     },
                 )
             )
-            metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
+            metrics_urls.append(f"http://127.0.0.1:{port}/{'healthz' if floor else 'metrics'}")
         for url in metrics_urls:
             _wait(lambda url=url: _up(url), 60, "operator metrics endpoint")
         samplers = [Sampler(operator.pid) for operator in operators]
@@ -533,7 +547,7 @@ def provision(n: int, idle: float, work: Path, shards: int = 1, bare: bool = Tru
             result["bare_helm_alone_rounds_s"] = [round(t, 3) for t in alone]
             result["ratio_to_alone"] = round(elapsed / statistics.median(alone), 2)
         print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
-        assert len(secrets) == total + shards, (
+        assert floor or len(secrets) == total + shards, (
             f"{len(secrets)} licence Secrets for {total} Customers and {shards} warm-up(s)"
         )
         if idle:
@@ -695,6 +709,11 @@ def main() -> int:
         help="also run the operator as this many shards and print its time against one operator",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/floor_operator.py (Kopf, namespace, helm, status.release) and print its ratio",
+    )
+    parser.add_argument(
         "--bare-only",
         action="store_true",
         help="only the bare helm loop: what this machine's helm and control plane take without the operator",
@@ -725,7 +744,7 @@ def main() -> int:
                     flush=True,
                 )
                 continue
-            result = run_size(n, args.idle, Path(work))
+            result = run_size(n, args.idle, Path(work), floor=args.floor)
             result["openssl_rsa2048_signs_per_s"] = speed
             checks = []
             if n == 1:
