@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
-from iotistic_billing.db import models
 from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.db.models import Customer as MirrorRow
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import handlers
@@ -203,7 +203,7 @@ async def test_an_operator_started_over_customers_licensed_before_the_mirror_wri
     cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
     wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licensed")
     async with AsyncSession(db_engine) as session, session.begin():  # as an earlier version left it
-        await session.execute(delete(models.Customer).where(models.Customer.customer_id == customer_id))
+        await session.execute(delete(MirrorRow).where(MirrorRow.customer_id == customer_id))
 
     context = _context(operator_env, datetime.now(UTC))  # a new operator process's first pass
     result = await reconcile(context, name)
