@@ -9,8 +9,8 @@ Verification is measured three ways. "steady" re-verifies the handful of licence
 is how instances use the verifier (the RSA signature is checked on every call; the decoded claims of a
 known payload are reused). "cold" cycles through more distinct licences than the verifier remembers, so
 every call also decodes and checks the claims (the typed grants of a plan are made once). "floor" is
-the least any Python verifier does per cold licence (cryptography's RSA check, base64url and json.loads,
-nothing checked): no code of ours can make "cold" faster than it.
+the least a verifier on cryptography's RSA verify does per cold licence (that check, base64url and
+json.loads, nothing checked): the verifier's checks can only add to it.
 """
 
 from __future__ import annotations
