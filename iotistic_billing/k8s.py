@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -96,6 +96,15 @@ def not_found_as_none(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -
         if error.status == 404:
             return None
         raise
+
+
+def resource_version(body: Mapping[str, Any]) -> int:
+    """An object's resourceVersion as a number (0 when it has none), to tell which of two copies of one
+    object is newer: Kubernetes calls them opaque, but the API server's are etcd revisions."""
+    try:
+        return int(body["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def customer_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -557,4 +566,5 @@ __all__ = [
     "api_client",
     "customer_body",
     "not_found_as_none",
+    "resource_version",
 ]

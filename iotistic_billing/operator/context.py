@@ -82,6 +82,9 @@ class OperatorContext:
     housekeepers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # The namespace manifest this process last applied, per namespace (reconcile.py).
     applied_namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The resourceVersion of the last status this process wrote, per Customer: a body Kopf hands over
+    # that is older is read again (reconcile.py).
+    written: dict[str, int] = field(default_factory=dict)
     # The customer ids whose directory mirror row this process wrote (license.py).
     mirrored: set[str] = field(default_factory=set)
     # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.

@@ -15,18 +15,11 @@ import contextlib
 import threading
 from typing import Any
 
-from iotistic_billing.k8s import CUSTOMERS, KubeApi, KubernetesUnavailable
+from iotistic_billing.k8s import CUSTOMERS, KubeApi, KubernetesUnavailable, resource_version
 from iotistic_billing.operator.watches import Follower
 
 # The first list must arrive within this; else the tick fails and the next one waits again.
 FIRST_LIST_SECONDS = 30.0
-
-
-def _version(body: dict[str, Any]) -> int:
-    try:
-        return int(body["metadata"]["resourceVersion"])
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 def _lean(body: dict[str, Any]) -> dict[str, Any]:
@@ -78,28 +71,28 @@ class CustomerView:
             self._keep(_lean(body))
 
     def _keep(self, body: dict[str, Any]) -> None:
-        name, version = body["metadata"]["name"], _version(body)
+        name, version = body["metadata"]["name"], resource_version(body)
         with self._lock:
             known = self._bodies.get(name)
             if version <= self._deleted.get(name, -1):
                 return
-            if known is None or version >= _version(known):
+            if known is None or version >= resource_version(known):
                 self._bodies[name] = body
 
     def _forget(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
         with self._lock:
             self._bodies.pop(name, None)
-            self._deleted[name] = max(_version(body), self._deleted.get(name, -1))
+            self._deleted[name] = max(resource_version(body), self._deleted.get(name, -1))
 
-    def _relisted(self, items: list[dict[str, Any]], resource_version: str) -> None:
+    def _relisted(self, items: list[dict[str, Any]], list_version: str) -> None:
         """The list's bodies, except what this process saw newer meanwhile (its own writes)."""
-        listed_at = int(resource_version) if resource_version.isdigit() else 0
+        listed_at = int(list_version) if list_version.isdigit() else 0
         fresh = {item["metadata"]["name"]: _lean(item) for item in items}
         with self._lock:
             for name, known in self._bodies.items():
                 listed = fresh.get(name)
-                if _version(known) > (listed_at if listed is None else _version(listed)):
+                if resource_version(known) > (listed_at if listed is None else resource_version(listed)):
                     fresh[name] = known
             self._bodies = fresh
             self._deleted = {name: at for name, at in self._deleted.items() if at > listed_at}

@@ -38,3 +38,4 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         with contextlib.suppress(KeyError):  # never reported: it had no licence
             LICENSE_EXPIRY.remove(customer_id)
     ctx.locks.pop(name, None)
+    ctx.written.pop(name, None)

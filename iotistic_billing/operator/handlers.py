@@ -101,7 +101,7 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
 @kopf.on.create(*CUSTOMERS, backoff=5)
 @kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
 async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    _report(await reconcile(_context(memo), name), body, retry)
+    _report(await reconcile(_context(memo), name, handed=body), body, retry)
 
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
@@ -111,7 +111,7 @@ async def reconcile_requested(
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
     if new:
-        _report(await reconcile(_context(memo), name), body, retry)
+        _report(await reconcile(_context(memo), name, handed=body), body, retry)
 
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", ROLLOUT_CHART_VERSION), backoff=5)
@@ -120,7 +120,7 @@ async def rollout_version_changed(
 ) -> None:
     """A rollout moved the Customer to another chart version (or back): a pass installs it."""
     if old != new:
-        _report(await reconcile(_context(memo), name), body, retry)
+        _report(await reconcile(_context(memo), name, handed=body), body, retry)
 
 
 def register_rollouts() -> None:
@@ -253,6 +253,7 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
         housekeeper.cancel()
     cast(HandledSpecs, memo["handled"]).forget(body)
     ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
+    ctx.written.pop(body.metadata.name or "", None)
 
 
 def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -26,6 +26,7 @@ from iotistic_billing.customer import (
     namespace_for,
     parse_spec,
 )
+from iotistic_billing.k8s import resource_version
 from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
@@ -91,11 +92,15 @@ class PassResult:
 
 
 async def reconcile(
-    ctx: OperatorContext, name: str, now: datetime | None = None, deployment_event: int | None = None
+    ctx: OperatorContext,
+    name: str,
+    now: datetime | None = None,
+    deployment_event: int | None = None,
+    handed: Mapping[str, Any] | None = None,
 ) -> PassResult | None:
     """Bring Customer `name` to its desired state; None when it is gone, being deleted or another
     shard's, or when the pass was asked for by the Deployment event of tick `deployment_event` and a
-    pass since saw it."""
+    pass since saw it. `handed`: the Customer as Kopf handed it to the handler starting the pass."""
     async with ctx.locks[name]:
         covered = deployment_event is not None and ctx.deployments.judged_since(
             namespace_for(name), deployment_event
@@ -103,7 +108,7 @@ async def reconcile(
         if covered:
             return None
         async with ctx.pass_slots:
-            body = await ctx.kube.read_customer(name)
+            body = await _current(ctx, name, handed)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if not ctx.shard.owns(body["metadata"].get("labels")):
@@ -117,6 +122,18 @@ async def reconcile(
                     raise
             _count(result)
             return result
+
+
+async def _current(
+    ctx: OperatorContext, name: str, handed: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The Customer the pass starts from: the body Kopf handed over unless this process has written the
+    Customer since (a GET saved on every pass Kopf starts, the resume passes of a restart included), else
+    read. A write of someone else's since then fails the pass's conditional status patch, which reads
+    again."""
+    if handed is not None and resource_version(handed) >= ctx.written.get(name, 0):
+        return dict(handed)
+    return await ctx.kube.read_customer(name)
 
 
 def _count(result: PassResult) -> None:
@@ -236,7 +253,7 @@ async def _finish(
     409 and the pass's status is laid over the Customer as it is now (their fields kept) and sent again.
     """
     name: str = body["metadata"]["name"]
-    resource_version: str = body["metadata"]["resourceVersion"]
+    read_version: str = body["metadata"]["resourceVersion"]
     was = previous.phase
     overdue = previous.condition(ConditionType.PAYMENT_OVERDUE)
     step = overdue.reason if overdue is not None else None
@@ -251,7 +268,7 @@ async def _finish(
     for _attempt in range(STATUS_CONFLICT_RETRIES):
         if status.to_k8s() == previous.to_k8s():
             return PassResult(status, was, permanent, temporary, step)
-        if await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), resource_version):
+        if await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), read_version):
             for wakeup in ctx.rollout_wakeups:
                 wakeup.set()
             return PassResult(status, was, permanent, temporary, step)
@@ -260,7 +277,7 @@ async def _finish(
             return PassResult(status, was, permanent, temporary, step)
         previous = CustomerStatus.model_validate(current.get("status") or {})
         status = over_current(status, previous)
-        resource_version = current["metadata"]["resourceVersion"]
+        read_version = current["metadata"]["resourceVersion"]
     raise StatusConflict(f"the status of Customer {name} kept changing under the pass")
 
 
@@ -277,17 +294,18 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], resource_version: str) -> bool:
-    """False when the Customer changed since `resource_version` (409); a Customer gone counts as done.
+async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], read_version: str) -> bool:
+    """False when the Customer changed since `read_version` (409); a Customer gone counts as done.
     The patched Customer goes into the Customer view at once: the rollout tick this write wakes reads
     the view, and the watch's copy of the write can come after the tick (it then waited a whole tick)."""
     try:
-        patched = await ctx.kube.patch_customer_status(name, patch, resource_version)
+        patched = await ctx.kube.patch_customer_status(name, patch, read_version)
     except ApiException as error:
         if error.status == 409:
             return False
         if error.status != 404:
             raise
         return True
+    ctx.written[name] = resource_version(patched)
     ctx.customer_view.saw(patched)
     return True

@@ -610,7 +610,9 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     await _finish(
         cast(
             OperatorContext,
-            SimpleNamespace(kube=Kube(kube), rollout_wakeups=set(), customer_view=CustomerView(kube)),
+            SimpleNamespace(
+                kube=Kube(kube), rollout_wakeups=set(), customer_view=CustomerView(kube), written={}
+            ),
         ),
         read,
         previous,

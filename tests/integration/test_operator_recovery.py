@@ -233,6 +233,43 @@ async def test_a_pass_over_a_current_licence_does_not_fail_for_its_mirror_row_wh
     assert context.mirrored == set()  # the next pass tries again
 
 
+async def test_a_pass_starts_from_the_body_kopf_handed_over_unless_it_wrote_the_customer_since(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kopf hands each handler the Customer it saw: the pass starts from it without a GET, unless this
+    process has written the Customer since, when that body is old and the pass reads it again."""
+    name, customer_id, _ = _licensed_then_paused(cluster, paused_operator, "handed")
+    before = cluster.customer(name)
+    cluster.patch_spec(name, {"plan": "professional"})
+    handed = cluster.customer(name)
+    assert before is not None and handed is not None
+    context = _context(operator_env, datetime.now(UTC))
+    reads: list[str] = []
+    read = context.kube.read_customer
+
+    async def counted(name: str) -> dict[str, Any] | None:
+        reads.append(name)
+        return await read(name)
+
+    monkeypatch.setattr(context.kube, "read_customer", counted)
+    upgraded = await reconcile(context, name, handed=kopf.Body(handed))
+    assert reads == [] and upgraded is not None and upgraded.status.plan == "professional"
+
+    # Kopf's copy from before the plan change (its handler waited for the pass above): read again,
+    # else the pass would mint a starter licence over the professional one.
+    again = await reconcile(context, name, handed=kopf.Body(before))
+    await context.engine.dispose()
+    assert reads == [name] and again is not None and again.status.plan == "professional"
+    assert [(a, p) for a, p, _ in await history(db_engine, customer_id)] == [
+        ("generated", "starter"),
+        ("upgraded", "professional"),
+    ]
+
+
 def _secret_jti(cluster: Cluster, name: str) -> str | None:
     try:
         return str(cluster.license(name)[0]["jti"])

@@ -98,7 +98,9 @@ class StatusServer:
 
 def context(server: StatusServer) -> OperatorContext:
     view = CustomerView(cast(KubeApi, object()))
-    return cast(OperatorContext, SimpleNamespace(kube=server, rollout_wakeups=set(), customer_view=view))
+    return cast(
+        OperatorContext, SimpleNamespace(kube=server, rollout_wakeups=set(), customer_view=view, written={})
+    )
 
 
 async def test_a_status_patch_that_lost_the_race_keeps_what_usage_metering_wrote() -> None:
