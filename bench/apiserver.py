@@ -10,8 +10,9 @@ bench/reconcile.py makes itself.
 The Customer's writes are measured at two sizes: a Customer whose status is what the operator writes
 (seven conditions, licence, release, instance; about 4.5 KB with the managedFields that status brings)
 and one whose status is `release` alone (what bench/floor_operator.py writes). Every write of a
-Customer costs in proportion to the whole object, not to the patch: the API server decodes, validates,
-tracks the fields of and encodes all of it. Run: `.venv/bin/python bench/apiserver.py`.
+Customer costs with the size of the whole object, not of the patch: the API server decodes, validates,
+tracks the fields of and encodes all of it (a rollout's annotation, applied to a Customer, included).
+Run: `.venv/bin/python bench/apiserver.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from reconcile import REPO, own_cpu
 from iotistic_billing.customer import API_VERSION, KIND
 from iotistic_billing.devenv.controlplane import ControlPlane, find_binary
 from iotistic_billing.k8s import FieldManager, KubeApi, api_client
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 
 STAMP = "2026-12-04T13:48:41Z"
 CONDITIONS = [
@@ -176,6 +178,12 @@ class Requests:
             ),
             "PATCH customers (Kopf's annotation), operator's size": (
                 lambda i: api.patch_customer(self.name("c", i), {"metadata": {"annotations": {"k": "v"}}}),
+                None,
+            ),
+            "APPLY customers (a rollout's annotation), operator's size": (
+                lambda i: api.apply_customer_annotations(
+                    self.name("c", i), {ROLLOUT_CHART_VERSION: "0.2.0"}, FieldManager.ROLLOUT
+                ),
                 None,
             ),
             "POST events": (
