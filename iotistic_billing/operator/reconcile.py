@@ -101,14 +101,19 @@ async def reconcile(
     """Bring Customer `name` to its desired state; None when it is gone, being deleted or another
     shard's, or when the pass was asked for by the Deployment event of tick `deployment_event` and a
     pass since saw it. `handed`: the Customer as Kopf handed it to the handler starting the pass."""
-    async with ctx.locks[name]:
+    lock = ctx.locks[name]
+    # Kopf's copy is as new as the last event Kopf saw only if the pass starts at once: one that waited
+    # behind another pass or for a slot (a thousand Customers applied together) reads the Customer, or
+    # a spec changed meanwhile would be licensed and installed twice, once as it was.
+    prompt = not lock.locked() and not ctx.pass_slots.locked()
+    async with lock:
         covered = deployment_event is not None and ctx.deployments.judged_since(
             namespace_for(name), deployment_event
         )
         if covered:
             return None
         async with ctx.pass_slots:
-            body = await _current(ctx, name, handed)
+            body = await _current(ctx, name, handed if prompt else None)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if not ctx.shard.owns(body["metadata"].get("labels")):
@@ -127,10 +132,9 @@ async def reconcile(
 async def _current(
     ctx: OperatorContext, name: str, handed: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
-    """The Customer the pass starts from: the body Kopf handed over unless this process has written the
-    Customer since (a GET saved on every pass Kopf starts, the resume passes of a restart included), else
-    read. A write of someone else's since then fails the pass's conditional status patch, which reads
-    again."""
+    """The Customer the pass starts from: the body Kopf handed over to a pass that started at once,
+    unless this process has written the Customer since (a GET saved), else read. A write of someone
+    else's since then fails the pass's conditional status patch, which reads again."""
     if handed is not None and resource_version(handed) >= ctx.written.get(name, 0):
         return dict(handed)
     return await ctx.kube.read_customer(name)

@@ -3,6 +3,7 @@ moving an injected clock through the very check the housekeeping daemon runs; th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -240,8 +241,8 @@ async def test_a_pass_starts_from_the_body_kopf_handed_over_unless_it_wrote_the_
     db_engine: AsyncEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Kopf hands each handler the Customer it saw: the pass starts from it without a GET, unless this
-    process has written the Customer since, when that body is old and the pass reads it again."""
+    """Kopf hands each handler the Customer it saw: a pass that starts at once starts from it without a
+    GET, unless this process has written the Customer since; one that waited reads the Customer."""
     name, customer_id, _ = _licensed_then_paused(cluster, paused_operator, "handed")
     before = cluster.customer(name)
     cluster.patch_spec(name, {"plan": "professional"})
@@ -262,8 +263,20 @@ async def test_a_pass_starts_from_the_body_kopf_handed_over_unless_it_wrote_the_
     # Kopf's copy from before the plan change (its handler waited for the pass above): read again,
     # else the pass would mint a starter licence over the professional one.
     again = await reconcile(context, name, handed=kopf.Body(before))
-    await context.engine.dispose()
     assert reads == [name] and again is not None and again.status.plan == "professional"
+
+    # A pass that waited for a slot: Kopf's copy, current when handed over, may not be any more.
+    current = cluster.customer(name)
+    assert current is not None
+    slots = context.pass_slots
+    while not slots.locked():
+        await slots.acquire()
+    waiting = asyncio.create_task(reconcile(context, name, handed=kopf.Body(current)))
+    await asyncio.sleep(0.1)
+    slots.release()
+    assert await waiting is not None
+    await context.engine.dispose()
+    assert reads == [name, name]
     assert [(a, p) for a, p, _ in await history(db_engine, customer_id)] == [
         ("generated", "starter"),
         ("upgraded", "professional"),
