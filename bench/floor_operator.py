@@ -23,8 +23,9 @@ from reconcile import CHART, CONCURRENCY, baseline_values
 
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.operator.helm import helm_environment, upgrade_install_args
+from iotistic_billing.operator.helm import chart_version, helm_environment, upgrade_install_args
 from iotistic_billing.operator.kopf_tuning import configure_kopf
+from iotistic_billing.operator.values import values_hash
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
 
@@ -53,7 +54,13 @@ async def release(name: str, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
                 memo["helm"],
                 "--kubeconfig",
                 os.environ["KUBECONFIG"],
-                *upgrade_install_args("instance", namespace, CHART, Path(values.name)),
+                *upgrade_install_args(
+                    "instance",
+                    namespace,
+                    CHART,
+                    Path(values.name),
+                    values_hash(baseline_values(number), chart_version(CHART)),
+                ),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=helm_environment(),

@@ -55,7 +55,8 @@ from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
-from iotistic_billing.operator.helm import helm_environment, upgrade_install_args
+from iotistic_billing.operator.helm import chart_version, helm_environment, upgrade_install_args
+from iotistic_billing.operator.values import values_hash
 from iotistic_billing.processes import ManagedProcess, free_port
 
 REPO = REPO_BIN.parent
@@ -99,12 +100,13 @@ async def helm_installs(
         with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
             json.dump(values_of(i), values)
             values.flush()
+            digest = values_hash(values_of(i), chart_version(chart))
             async with slots:
                 process = await asyncio.create_subprocess_exec(
                     helm,
                     "--kubeconfig",
                     str(kubeconfig),
-                    *upgrade_install_args("instance", f"baseline-{i}", chart, Path(values.name)),
+                    *upgrade_install_args("instance", f"baseline-{i}", chart, Path(values.name), digest),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
                     env=helm_environment(),

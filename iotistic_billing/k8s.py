@@ -389,8 +389,9 @@ class KubeApi:
         items: list[dict[str, Any]] = (result or {}).get("items") or []
         return items
 
-    def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
-        """Helm's own storage (Secrets labelled owner=helm): revision -> status, read without helm."""
+    def helm_release_revisions(self, namespace: str, release: str) -> dict[int, dict[str, str]]:
+        """Helm's own storage (Secrets labelled owner=helm): revision -> its labels (helm's `status`
+        among them), read without helm."""
         result = self.call(
             self.core.list_namespaced_secret,
             namespace,
@@ -401,7 +402,7 @@ class KubeApi:
         # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
         for item in result.get("items") or []:
             labels = item["metadata"].get("labels") or {}
-            revisions[int(labels.get("version", 0))] = labels.get("status", "")
+            revisions[int(labels.get("version", 0))] = labels
         return revisions
 
     def list_customer_events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -537,7 +538,7 @@ class Kube:
     async def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return await self.run(self.api.list_deployments, namespace, selector)
 
-    async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, str]:
+    async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, dict[str, str]]:
         return await self.run(self.api.helm_release_revisions, namespace, release)
 
     async def list_customer_events(self, name: str) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ LABEL_CUSTOMER: Final = "iotistic.io/customer"
 LABEL_CUSTOMER_ID: Final = "iotistic.io/customer-id"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "iotistic-billing-operator"
+# On helm's storage Secret of each revision: the values.values_hash it was installed with.
+LABEL_VALUES_HASH: Final = "iotistic.io/values-hash"
 # On the licence Secret: the history action its licence was recorded under, so that a pass that
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"

@@ -69,7 +69,9 @@ def helm_environment() -> dict[str, str]:
     return {"GOGC": "400", **os.environ, "HELM_MAX_HISTORY": "5"}
 
 
-def upgrade_install_args(name: str, namespace: str, chart: Path, values_file: Path) -> list[str]:
+def upgrade_install_args(
+    name: str, namespace: str, chart: Path, values_file: Path, values_hash: str
+) -> list[str]:
     """The operator's `helm upgrade --install` (the reconcile benchmark's baseline runs the same).
 
     Without client-side OpenAPI validation: it downloads and parses the API server's OpenAPI document in
@@ -89,8 +91,10 @@ def upgrade_install_args(name: str, namespace: str, chart: Path, values_file: Pa
         "5",
         "--disable-openapi-validation",
         # On helm's storage Secrets too, where the operator's server-side filtered watch sees them.
+        # The hash lets a pass whose status write was lost (a crash after helm) see that the newest
+        # revision is already the one it wants (release.py).
         "--labels",
-        f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}",
+        f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_VALUES_HASH}={values_hash}",
         "--output",
         "json",
     ]
@@ -145,13 +149,15 @@ class Helm:
         await self._run(*args, *(["--plain-http"] if plain_http else []))
 
     async def upgrade_install(
-        self, name: str, namespace: str, chart: Path, values: dict[str, Any]
+        self, name: str, namespace: str, chart: Path, values: dict[str, Any], values_hash: str
     ) -> HelmRelease:
         """`helm upgrade --install` without --wait: readiness is judged from the Deployments later."""
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="values-") as values_file:
             json.dump(values, values_file)
             values_file.flush()
-            out = await self._run(*upgrade_install_args(name, namespace, chart, Path(values_file.name)))
+            out = await self._run(
+                *upgrade_install_args(name, namespace, chart, Path(values_file.name), values_hash)
+            )
         return _release(json.loads(out))
 
     async def status(self, name: str, namespace: str) -> HelmRelease | None:

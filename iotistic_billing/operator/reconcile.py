@@ -192,7 +192,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
 
     read_at: int | None = None
     if outcome.license is not None:
-        release = await ensure_release(ctx, target, outcome.license, previous.release)
+        release = await ensure_release(
+            ctx, target, outcome.license, previous.release, may_exist=secret is not None
+        )
         outcome = replace(outcome, release=release)
         if release.deployed:
             read_at = ctx.deployments.mark()

@@ -31,10 +31,44 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
         await ctx.helm.rollback(c.RELEASE_NAME, namespace)
 
 
+async def _deployed_already(
+    ctx: OperatorContext, namespace: str, version: str, digest: str, previous: ReleaseStatus | None
+) -> ReleaseStatus | None:
+    """The release as it is, when helm's deployed revision is the one wanted: labelled with `digest`
+    (helm.upgrade_install_args; the digest covers the chart's version), or, for a revision from before
+    that label, the one the status reports."""
+    revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
+    deployed = [revision for revision, labels in revisions.items() if labels.get("status") == "deployed"]
+    if not deployed:
+        return None
+    newest = max(deployed)
+    if revisions[newest].get(c.LABEL_VALUES_HASH) == digest:
+        return ReleaseStatus(
+            name=c.RELEASE_NAME,
+            namespace=namespace,
+            revision=newest,
+            chart_version=version,
+            values_hash=digest,
+        )
+    if previous is not None and (previous.values_hash, previous.chart_version) == (digest, version):
+        return previous if previous.revision == newest else None
+    return None
+
+
 async def ensure_release(
-    ctx: OperatorContext, target: PassTarget, license: LicenseStatus, previous: ReleaseStatus | None
+    ctx: OperatorContext,
+    target: PassTarget,
+    license: LicenseStatus,
+    previous: ReleaseStatus | None,
+    *,
+    may_exist: bool,
 ) -> ReleaseOutcome:
-    """`previous`: the release the last pass reported (status.release)."""
+    """`previous`: the release the last pass reported (status.release). `may_exist`: False when no
+    release can be there yet, as the licence Secret, which helm runs only after, was not.
+
+    Helm's deployed revision is looked at before upgrading, not only the status: a pass that died after
+    helm and before its status write (a crash, the API server away) left the status a revision behind,
+    and its next pass upgraded to the same values again."""
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
     try:
@@ -45,16 +79,16 @@ async def ensure_release(
         return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
     version = chart.version
     digest = values_hash(values, version)
-    if previous is not None and previous.values_hash == digest and previous.chart_version == version:
-        revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
-        if revisions.get(previous.revision or 0) == "deployed":
+    if previous is not None or may_exist:
+        current = await _deployed_already(ctx, namespace, version, digest, previous)
+        if current is not None:
             return ReleaseOutcome(
-                "unchanged", c.RELEASE_UNCHANGED, f"revision {previous.revision} is current", previous
+                "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
             )
 
     for attempt in (1, 2):
         try:
-            release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart.path, values)
+            release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart.path, values, digest)
             break
         except HelmError as error:
             if error.stuck and attempt == 1:

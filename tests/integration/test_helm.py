@@ -68,7 +68,7 @@ def new_namespace(k8s_client: kubernetes.client.ApiClient) -> str:
 
 
 def test_the_operator_command_skips_only_the_client_side_openapi_check(tmp_path: Path) -> None:
-    args = upgrade_install_args("instance", "customer-a", tmp_path, tmp_path / "values.json")
+    args = upgrade_install_args("instance", "customer-a", tmp_path, tmp_path / "values.json", "0" * 32)
     assert args[:4] == ["upgrade", "--install", "instance", str(tmp_path)]
     assert "--disable-openapi-validation" in args
     assert "--wait" not in args and "--skip-schema-validation" not in args
@@ -81,18 +81,18 @@ async def test_an_unknown_field_is_refused_by_the_api_server_as_a_permanent_erro
     namespace = new_namespace(k8s_client)
     helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1)
     with pytest.raises(HelmError) as refused:
-        await helm.upgrade_install("bad", namespace, chart, {})
+        await helm.upgrade_install("bad", namespace, chart, {}, "0" * 32)
     assert "bogusField" in refused.value.message
     assert refused.value.permanent and not refused.value.stuck
 
 
-async def test_the_operator_labels_helm_storage_so_its_filtered_watch_sees_it(
+async def test_the_operator_labels_helm_storage_for_its_filtered_watch_and_with_the_values_hash(
     k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
 ) -> None:
     chart = config_map_chart(tmp_path / "good", "data:\n  plan: {{ .Values.plan }}\n")
     namespace = new_namespace(k8s_client)
     release = await Helm(str(helm_binary), str(kubeconfig), concurrency=1).upgrade_install(
-        "instance", namespace, chart, {"plan": "starter"}
+        "instance", namespace, chart, {"plan": "starter"}, "1" * 32
     )
     assert (release.revision, release.status) == (1, "deployed")
     selected = (
@@ -102,4 +102,11 @@ async def test_the_operator_labels_helm_storage_so_its_filtered_watch_sees_it(
         )
         .items
     )
-    assert [(s.metadata.labels["owner"], s.metadata.labels["version"]) for s in selected] == [("helm", "1")]
+    assert [
+        (
+            s.metadata.labels["owner"],
+            s.metadata.labels["version"],
+            s.metadata.labels["iotistic.io/values-hash"],
+        )
+        for s in selected
+    ] == [("helm", "1", "1" * 32)]

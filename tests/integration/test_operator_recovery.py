@@ -283,6 +283,50 @@ async def test_a_pass_starts_from_kopfs_copy_only_when_it_starts_at_once_and_wro
     ]
 
 
+async def test_a_pass_whose_status_write_was_lost_after_helm_does_not_run_helm_again(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed between helm and the status patch, a pass leaves the status a revision behind helm; the
+    next pass finds helm's deployed revision labelled with the values it wants and reports it."""
+    name, _, _ = _licensed_then_paused(cluster, paused_operator, "lost")
+    assert wait_until(lambda: _reported_revision(cluster, name), message="release reported") == 1
+
+    # The install's status write lost: status.release gone, the release and its licence Secret there.
+    cluster.objects.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, name, {"status": {"release": None}}
+    )
+    context = _context(operator_env, datetime.now(UTC))
+    await reconcile(context, name)
+    assert _reported_revision(cluster, name) == 1 and cluster.release(name)["revision"] == "1"
+
+    # An upgrade's status write lost: helm at revision 2, the status still at 1.
+    cluster.patch_spec(name, {"plan": "professional"})
+    patch_status = context.kube.patch_customer_status
+
+    async def away(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise ApiException(status=503, reason="Service Unavailable")
+
+    monkeypatch.setattr(context.kube, "patch_customer_status", away)
+    with pytest.raises(ApiException):
+        await reconcile(context, name)
+    assert cluster.release(name)["revision"] == "2" and _reported_revision(cluster, name) == 1
+
+    monkeypatch.setattr(context.kube, "patch_customer_status", patch_status)
+    result = await reconcile(context, name)
+    await context.engine.dispose()
+    assert result is not None and result.status.plan == "professional"
+    assert _reported_revision(cluster, name) == 2 and cluster.release(name)["revision"] == "2"
+
+
+def _reported_revision(cluster: Cluster, name: str) -> int | None:
+    body = cluster.customer(name) or {}
+    return body.get("status", {}).get("release", {}).get("revision")
+
+
 def _secret_jti(cluster: Cluster, name: str) -> str | None:
     try:
         return str(cluster.license(name)[0]["jti"])
