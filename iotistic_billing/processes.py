@@ -76,6 +76,14 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
+def file_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 class ManagedProcess:
     """A started child process with its log file; `stop()` is idempotent and waits for the exit."""
 
@@ -114,12 +122,7 @@ class ManagedProcess:
         return self.process.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return "" if self.log_path is None else file_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:

@@ -209,7 +209,13 @@ class OperatorProcess:
 
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"operator exited with {self.process.returncode}; log: {self.log}")
+            # The end of the log in the failure itself: pytest's temporary folders do not outlive a few runs.
+            from iotistic_billing.processes import file_tail
+
+            tail = file_tail(self.log, 40)
+            raise AssertionError(
+                f"operator exited with {self.process.returncode}; the end of {self.log}:\n{tail}"
+            )
         try:
             with urllib.request.urlopen(self.liveness_url, timeout=1) as response:  # noqa: S310 - loopback
                 return bool(response.status == 200)
