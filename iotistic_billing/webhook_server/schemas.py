@@ -111,6 +111,11 @@ class Request(BaseModel):
         return value
 
 
+# Text a person writes: a Request strips it, so blank text is refused; the pattern says so in the OpenAPI
+# document, where a minimum length alone let " " pass for valid.
+NOT_BLANK = Field(min_length=1, pattern=r"\S")
+
+
 class Query(BaseModel):
     """Query strings: unknown parameters are ignored (cache busters and the like)."""
 
@@ -145,7 +150,7 @@ class ErrorBody(Response):
 
 class SignupRequest(Request):
     email: Email
-    company_name: Annotated[str, Field(min_length=1, max_length=200)]
+    company_name: Annotated[str, NOT_BLANK, Field(max_length=200)]
     full_name: Annotated[str, Field(max_length=200)] | None = None
     # Accepted for the earlier system's clients and discarded: this service keeps no passwords.
     password: (
@@ -334,7 +339,7 @@ class LicenseHistoryResponse(Response):
 
 
 class RevokeRequest(Request):
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Annotated[str, NOT_BLANK, Field(max_length=500)]
 
 
 class RevokeResponse(Response):

@@ -20,7 +20,7 @@ from iotistic_billing.webhook_server.messages import read_customer_id
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
-from iotistic_billing.webhook_server.schemas import SignupRequest
+from iotistic_billing.webhook_server.schemas import Request, SignupRequest
 from iotistic_billing.webhook_server.security import RateLimiter, client_address
 from iotistic_billing.webhook_server.views import (
     customer_view,
@@ -229,3 +229,21 @@ def test_the_document_describes_every_route_with_its_errors() -> None:
     schemas = document["components"]["schemas"]
     assert schemas["ErrorBody"]["required"] == ["error", "message"]
     assert "customerId" in str(document["paths"]["/api/customers/{customerId}"]["get"]["parameters"])
+
+
+def test_every_text_field_a_request_asks_to_be_filled_says_blank_is_refused() -> None:
+    """Requests strip their text, so " " is refused like "": a minimum length alone would document it
+    as valid (Schemathesis sent {"reason": " "} to the revoke route and got the 400)."""
+    document = build_document(ROUTES)
+    requests = {operation.body.__name__ for operation in ROUTES if operation.body is not None}
+    filled = [
+        (name, field, spec)
+        for name in requests & {model.__name__ for model in Request.__subclasses__()}
+        for field, spec in document["components"]["schemas"][name].get("properties", {}).items()
+        if spec.get("type") == "string" and spec.get("minLength", 0) >= 1 and "format" not in spec
+    ]
+    assert {(name, field) for name, field, _ in filled} >= {
+        ("RevokeRequest", "reason"),
+        ("SignupRequest", "company_name"),
+    }
+    assert [(name, field) for name, field, spec in filled if "pattern" not in spec] == []
