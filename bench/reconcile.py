@@ -97,10 +97,11 @@ async def helm_installs(
     async def install(i: int) -> None:
         if create_namespace is not None:  # None: the releases exist, this is their upgrade
             await asyncio.to_thread(create_namespace, f"baseline-{i}")
+        document = values_of(i)
+        digest = values_hash(document, chart_version(chart))
         with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
-            json.dump(values_of(i), values)
+            json.dump(document, values)
             values.flush()
-            digest = values_hash(values_of(i), chart_version(chart))
             async with slots:
                 process = await asyncio.create_subprocess_exec(
                     helm,
