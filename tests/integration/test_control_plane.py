@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from iotistic_billing.devenv.controlplane import ControlPlane
-from tests.conftest import REPO, unique_name
+from tests.conftest import REPO, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,17 @@ def test_rbac_is_enforced_for_a_non_admin_user(
             "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
         },
     )
-    core_as_user.list_namespaced_config_map("default")  # now allowed
+
+    def allowed() -> bool:
+        try:
+            core_as_user.list_namespaced_config_map("default")
+        except ApiException as error:
+            assert error.status == 403, error
+            return False
+        return True
+
+    # The RBAC authorizer reads bindings from its informer's cache: a moment after the write, not at once.
+    wait_until(allowed, timeout=10, message="the RoleBinding allows the list")
     with pytest.raises(ApiException) as still_forbidden:
         core_as_user.create_namespaced_config_map("default", {"metadata": {"name": user}})
     assert still_forbidden.value.status == 403
