@@ -66,10 +66,6 @@ class _Section:
         return {claim: getattr(self, attribute) for attribute, claim, _ in self.spec()}
 
     @classmethod
-    def claim_names(cls) -> tuple[str, ...]:
-        return tuple(claim for _, claim, _ in cls.spec())
-
-    @classmethod
     def from_claims(cls, claims: object, fallback: Self) -> Self:
         """Parse a licence section; a claim an older licence lacks takes the fallback's (smaller) value.
 

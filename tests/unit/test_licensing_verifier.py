@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 
+from iotistic_billing.licensing import verifier as verifier_module
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
@@ -25,6 +29,17 @@ from iotistic_billing.licensing.verifier import License, LicenseVerifier, unlice
 NOW = datetime(2025, 10, 21, 10, 30, 0, tzinfo=UTC)
 ISSUER = "https://billing.iotistic.cloud"
 AUDIENCE = "iotistic-instance"
+
+
+@pytest.fixture(autouse=True, params=["accelerated", "standard library"])
+def decoders(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case runs with orjson and pybase64, as the package installs them, and without them, as an
+    instance that lacks them verifies: the answers must be the same."""
+    if request.param == "standard library":
+        monkeypatch.setattr(verifier_module, "_parse_json", json.loads)
+        monkeypatch.setattr(verifier_module, "_json_text", json.dumps)
+        monkeypatch.setattr(verifier_module, "_decode_base64url", verifier_module._decode_base64url_std)
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +163,58 @@ def test_tampered_signature_is_refused(keys: SigningKeys, verifier: LicenseVerif
     # Characters of the standard alphabet are refused, not decoded leniently into the same bytes.
     for foreign in ("+", "/", "="):
         assert_fallback(verifier.verify(f"{header}.{payload}.{foreign}{signature[1:]}", now=NOW), "base64url")
+
+
+def test_a_signature_over_another_digest_or_of_another_length_is_refused(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    # The verifier compares the signature's whole PKCS#1 block with SHA-256's DigestInfo of the input.
+    header, payload, signature = mint(keys).token.split(".")
+    signing_input = f"{header}.{payload}".encode()
+    others = [
+        keys.private_key.sign(signing_input, padding.PKCS1v15(), hashes.SHA512()),
+        keys.private_key.sign(signing_input, padding.PKCS1v15(), hashes.SHA1()),  # noqa: S303 - a digest it must refuse
+        keys.private_key.sign(signing_input, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256()),
+        b"\0" + base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)),
+    ]
+    for other in others:
+        assert_fallback(
+            verifier.verify(f"{header}.{payload}.{b64url(other)}", now=NOW), "signature does not verify"
+        )
+    # A signature whose first byte is zero, that byte left out: the same number, and still refused
+    # (one spelling per signature, as OpenSSL's RSA_verify has it). About one licence in 200 has one.
+    for number in range(5000):
+        token = mint(keys, customer=LicenseCustomer(f"cust_zero{number}", "Acme Corp")).token
+        header, payload, signature = token.split(".")
+        raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        if raw[0] == 0:
+            break
+    else:
+        pytest.fail("no signature with a leading zero byte in 5,000 licences")
+    assert verifier.verify(token, now=NOW).valid
+    assert_fallback(
+        verifier.verify(f"{header}.{payload}.{b64url(raw[1:])}", now=NOW), "signature does not verify"
+    )
+
+
+def test_the_accelerated_and_the_standard_base64url_agree(decoders: str) -> None:
+    assert verifier_module._parse_json.__module__ == "orjson" or decoders == "standard library"
+    faster = verifier_module._decode_base64url
+    assert (faster is verifier_module._decode_base64url_std) == (decoders == "standard library")
+    generator = random.Random(7)  # noqa: S311 - test inputs, not a secret
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_. !\n\xff"
+    accepted = 0
+    for _ in range(5000):
+        segment = bytes(generator.choice(alphabet) for _ in range(generator.randint(0, 14)))
+        answers = []
+        for decode in (faster, verifier_module._decode_base64url_std):
+            try:
+                answers.append(decode(segment))
+            except ValueError as exc:  # binascii.Error
+                answers.append(type(exc))
+        assert answers[0] == answers[1], segment
+        accepted += isinstance(answers[0], bytes)
+    assert 1000 < accepted < 4000
 
 
 def test_algorithm_none_and_hmac_are_refused(keys: SigningKeys, verifier: LicenseVerifier) -> None:
