@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -45,6 +46,13 @@ _GRANTS_CACHE_SIZE: Final = 64
 _S = TypeVar("_S", Features, Limits)
 _LAST_TIME: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant a datetime can hold
 _FROM_BASE64URL: Final = bytes.maketrans(b"-_", b"+/")
+# The last character of a segment whose length leaves 2 or 3 over a multiple of 4 carries 4 or 2 unused
+# bits; only the characters with those bits zero are its one spelling (as PyJWT has it).
+_CANONICAL_LAST: Final = {2: frozenset(b"AQgw"), 3: frozenset(b"AEIMQUYcgkosw048")}
+
+
+# Not ASCII-escaped: escaped, a character past U+FFFF and its two surrogates would be one key.
+_json_text_std: Final = partial(json.dumps, ensure_ascii=False)
 
 
 def _decode_base64url_std(segment: bytes) -> bytes:
@@ -54,7 +62,9 @@ def _decode_base64url_std(segment: bytes) -> bytes:
 
 
 # Optional accelerators, each a tenth of a cold verification (bench/README.md); an instance without
-# them verifies the same tokens the same way through the standard library.
+# them verifies every licence the minter makes the same way through the standard library. The two
+# parsers differ only on JSON no minter of ours writes (NaN, integers past 64 bits, lone surrogates,
+# encodings other than UTF-8, nesting near a thousand levels), and only after the signature was checked.
 _parse_json: Callable[[bytes], Any]
 _json_text: Callable[[object], bytes | str]
 _decode_base64url: Callable[[bytes], bytes]
@@ -62,7 +72,7 @@ try:
     from orjson import dumps as _json_text
     from orjson import loads as _parse_json
 except ImportError:  # pragma: no cover - the interop test runs this branch in a subprocess
-    _parse_json, _json_text = json.loads, json.dumps
+    _parse_json, _json_text = json.loads, _json_text_std
 try:
     from pybase64 import b64decode as _b64decode
 except ImportError:  # pragma: no cover - the interop test runs this branch in a subprocess
@@ -86,8 +96,12 @@ class InvalidLicense(Exception):
 
 
 def _b64url_decode(segment: bytes) -> bytes:
-    # The standard alphabet's own "+", "/" and "=" are refused so that each token has one spelling.
+    # The standard alphabet's own "+", "/" and "=", and unused bits set, are refused so that each token
+    # has one spelling.
     if b"+" in segment or b"/" in segment or b"=" in segment:
+        raise InvalidLicense("licence is not base64url")
+    unused = len(segment) % 4
+    if unused > 1 and segment[-1] not in _CANONICAL_LAST[unused]:
         raise InvalidLicense("licence is not base64url")
     try:
         return _decode_base64url(segment)
@@ -272,6 +286,8 @@ class LicenseVerifier:
         )
         if not keys:
             raise ValueError("at least one public key is needed to verify licences")
+        if not all(isinstance(key, rsa.RSAPublicKey) for key in keys.values()):
+            raise ValueError("licences are RS256: every key that verifies them must be an RSA public key")
         if not audience:
             raise ValueError("audience must not be empty")
         self._keys = keys
@@ -413,8 +429,12 @@ class LicenseVerifier:
         """A licence's typed sections and states, made once per distinct JSON text of them: the licences
         of one plan share them, and typing them was a third of a cold verification. The text is the key
         because, unlike the values, it tells `true` from `1` (True == 1 in Python)."""
-        key = _json_text((features, limits, trial, subscription))
-        grants = self._grants_made.get(key)
+        key: bytes | str | None
+        try:
+            key = _json_text((features, limits, trial, subscription))
+        except (TypeError, ValueError, RecursionError):
+            key = None  # deeper than orjson writes (255 levels): typed on each verification
+        grants = None if key is None else self._grants_made.get(key)
         if grants is None:
             grants = _Grants(
                 self._typed_section(Features, features, UNLICENSED.features),
@@ -425,7 +445,7 @@ class LicenseVerifier:
                     _optional_time(subscription, "currentPeriodEndsAt", "subscription"),
                 ),
             )
-            if len(self._grants_made) < _GRANTS_CACHE_SIZE:
+            if key is not None and len(self._grants_made) < _GRANTS_CACHE_SIZE:
                 self._grants_made[key] = grants
         return grants
 

@@ -216,9 +216,8 @@ def test_license_verify_valid_and_invalid(capsys: pytest.CaptureFixture[str], ke
     assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan professional, maxDevices 50")
 
     header, payload, signature = token.split(".")
-    code, out, _ = run(
-        capsys, "license", "verify", f"{header}.{payload}.{signature[::-1]}", "--public-key", public
-    )
+    tampered = signature[:10] + ("B" if signature[10] == "A" else "A") + signature[11:]
+    code, out, _ = run(capsys, "license", "verify", f"{header}.{payload}.{tampered}", "--public-key", public)
     assert code == 1
     assert out.startswith("invalid: signature does not verify")
 

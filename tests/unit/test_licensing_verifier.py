@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from iotistic_billing.licensing import verifier as verifier_module
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
@@ -37,7 +37,7 @@ def decoders(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     instance that lacks them verifies: the answers must be the same."""
     if request.param == "standard library":
         monkeypatch.setattr(verifier_module, "_parse_json", json.loads)
-        monkeypatch.setattr(verifier_module, "_json_text", json.dumps)
+        monkeypatch.setattr(verifier_module, "_json_text", verifier_module._json_text_std)
         monkeypatch.setattr(verifier_module, "_decode_base64url", verifier_module._decode_base64url_std)
     return str(request.param)
 
@@ -163,6 +163,11 @@ def test_tampered_signature_is_refused(keys: SigningKeys, verifier: LicenseVerif
     # Characters of the standard alphabet are refused, not decoded leniently into the same bytes.
     for foreign in ("+", "/", "="):
         assert_fallback(verifier.verify(f"{header}.{payload}.{foreign}{signature[1:]}", now=NOW), "base64url")
+    # So are unused bits set in the last character, which lenient decoders drop (the same signature).
+    assert len(signature) % 4 == 2 and signature[-1] in "AQgw"
+    respelled = signature[:-1] + chr(ord(signature[-1]) + 1)
+    assert base64.urlsafe_b64decode(respelled + "==") == base64.urlsafe_b64decode(signature + "==")
+    assert_fallback(verifier.verify(f"{header}.{payload}.{respelled}", now=NOW), "base64url")
 
 
 def test_a_signature_over_another_digest_or_of_another_length_is_refused(
@@ -429,11 +434,54 @@ def test_feature_guards(keys: SigningKeys, verifier: LicenseVerifier) -> None:
         professional.limit("maxCats")
 
 
+def signed_payload(keys: SigningKeys, payload: bytes) -> str:
+    """A token over payload bytes as they are, which JSON encoders would not write."""
+    header = b64url(json.dumps({"alg": "RS256", "kid": keys.kid}).encode())
+    signing_input = f"{header}.{b64url(payload)}"
+    signature = keys.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def test_grants_are_not_shared_by_text_that_only_escaped_looks_the_same(
+    keys: SigningKeys, verifier: LicenseVerifier, decoders: str
+) -> None:
+    # U+10000, and its two surrogates as UTF-8 bytes (json reads them, orjson refuses): ASCII-escaped,
+    # both are "\ud800\udc00", so a key of escaped text would give the second the first's grants.
+    base = dict(mint(keys).claims)
+    astral = json.dumps({**base, "subscription": {"status": "\U00010000"}}, ensure_ascii=False)
+    surrogates = json.dumps({**base, "subscription": {"status": "\ud800\udc00"}}, ensure_ascii=False)
+    first = verifier.verify(signed_payload(keys, astral.encode()), now=NOW)
+    assert first.subscription.status == "\U00010000"
+    second = verifier.verify(signed_payload(keys, surrogates.encode("utf-8", "surrogatepass")), now=NOW)
+    if decoders == "standard library":
+        assert second.subscription.status == "\ud800\udc00"
+    else:
+        assert_fallback(second, "malformed")
+
+
+def test_a_claim_nested_deeper_than_orjson_writes_is_still_typed(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    base = dict(mint(keys).claims)
+    deep: Any = 1
+    for _ in range(300):
+        deep = [deep]
+    token = jwt.encode(
+        {**base, "features": {**base["features"], "note": deep}}, keys.private_key, algorithm="RS256"
+    )
+    for _ in range(2):
+        license = verifier.verify(token, now=NOW)
+        assert license.valid, license.reason
+        assert license.features == PLANS["professional"].features
+
+
 def test_verifier_construction_errors(keys: SigningKeys) -> None:
     with pytest.raises(ValueError, match="at least one public key"):
         LicenseVerifier([], audience=AUDIENCE)
     with pytest.raises(ValueError, match="audience must not be empty"):
         LicenseVerifier([keys.public_key], audience="")
+    with pytest.raises(ValueError, match="must be an RSA public key"):
+        LicenseVerifier({"ec": ec.generate_private_key(ec.SECP256R1()).public_key()}, audience=AUDIENCE)
     with pytest.raises(ValueError, match="JWKS document is not JSON"):
         LicenseVerifier.from_jwks("{", audience=AUDIENCE)
     with pytest.raises(ValueError, match="public key 1: not a PEM public key"):
