@@ -2,9 +2,8 @@
 
 Needs nothing but cryptography (a test runs it where only pyjwt and cryptography can be imported; orjson
 and pybase64 speed it up when present), so it imports nothing from the rest of the package but `plans`
-and `keys`. Whatever goes wrong, `verify`
-answers with the earlier system's unlicensed fallback and the reason, never an exception: an instance
-with a bad licence keeps running, small.
+and `keys`. Whatever goes wrong, `verify` answers with the earlier system's unlicensed fallback and the
+reason, never an exception: an instance with a bad licence keeps running, small.
 """
 
 from __future__ import annotations
@@ -84,13 +83,6 @@ else:
         return _b64decode(segment + b"=" * (-len(segment) % 4), b"-_", True)
 
 
-class _Grants(NamedTuple):
-    features: Features
-    limits: Limits
-    trial: TrialStatus
-    subscription: SubscriptionStatus
-
-
 class InvalidLicense(Exception):
     """Why a token is not a valid licence; caught inside `verify`, whose answer carries the message."""
 
@@ -155,6 +147,15 @@ class TrialStatus:
 class SubscriptionStatus:
     status: str | None
     current_period_ends_at: datetime | None = None
+
+
+class _Grants(NamedTuple):
+    """What licences of one plan share, typed once."""
+
+    features: Features
+    limits: Limits
+    trial: TrialStatus
+    subscription: SubscriptionStatus
 
 
 @dataclass(frozen=True, slots=True)
