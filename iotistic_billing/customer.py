@@ -229,6 +229,11 @@ class SubscriptionSpec(CustomerModel):
     # `created` (Unix seconds) of the last Stripe event applied: older events never overwrite newer state.
     last_event_created: NonNegativeInt | None = None
 
+    def grace_started(self, now: datetime) -> datetime:
+        """Where a past_due subscription's grace (PAST_DUE_GRACE, then the restricted licence) counts
+        from: the first failed payment; a subscription written before pastDueSince, its period's end."""
+        return self.past_due_since or self.current_period_end or now
+
 
 class CustomerSpec(CustomerModel):
     customer_id: CustomerId | None = None

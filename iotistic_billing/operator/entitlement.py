@@ -96,8 +96,7 @@ def effective_plan(
             subscription_period_end=period_end,
         )
     if subscription.status == "past_due":
-        # Subscriptions written before pastDueSince count from their period's end, as they did.
-        since = subscription.past_due_since or period_end or now
+        since = subscription.grace_started(now)
         restricted_at = since + PAST_DUE_GRACE
         suspended_at = restricted_at + restricted_for
         if now < restricted_at:

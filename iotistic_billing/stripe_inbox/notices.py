@@ -50,13 +50,13 @@ def event_notices(
     when = datetime.fromtimestamp(created, UTC)
     identifier = object_id(obj) or str(created)
     if event_type == INVOICE_FAILED and applied.status == "past_due":
-        grace_from = applied.current_period_end or when
         return [
             payment_failed(
                 **about,
                 invoice_id=identifier,
                 plan=applied.plan,
-                restricted_at=grace_from + PAST_DUE_GRACE,
+                # The operator's rule (operator/entitlement.py): the first failed payment, not the period.
+                restricted_at=applied.grace_started(when) + PAST_DUE_GRACE,
                 portal_url=portal_url,
             )
         ]

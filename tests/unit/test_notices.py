@@ -201,12 +201,15 @@ def record(subscription: dict[str, object] | None = None) -> CustomerRecord:
     return found
 
 
-def applied(status: str, period_end: datetime | None = None) -> Decision:
+def applied(
+    status: str, period_end: datetime | None = None, past_due_since: datetime | None = None
+) -> Decision:
     subscription = SubscriptionSpec(
         status=status,
         plan="professional",
         stripe_subscription_id="sub_1",
         current_period_end=period_end,
+        past_due_since=past_due_since,
         last_event_created=1,
     )
     return Decision("apply", subscription, record_row=True)
@@ -214,20 +217,31 @@ def applied(status: str, period_end: datetime | None = None) -> Decision:
 
 def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_ending() -> None:
     created = int(NOW.timestamp())
-    period_end = NOW + timedelta(days=2)
+    # A renewal's payment failing: Stripe sent the new period first, so it ends a month on.
+    period_end = NOW + timedelta(days=30)
     failed = event_notices(
         "invoice.payment_failed",
         {"id": "in_1"},
         record(),
         None,
-        applied("past_due", period_end),
+        applied("past_due", period_end, past_due_since=NOW),
         created,
         None,
     )
     assert [(n.kind, n.key) for n in failed] == [
         (NoticeKind.PAYMENT_FAILED, "payment-failed:cust_acme01:in_1")
     ]
-    assert failed[0].facts["restricted_at"] == "2026-12-04T12:00:00Z"  # period end + the grace
+    # The grace counts from the failed payment, as the operator restricts the licence.
+    assert failed[0].facts["restricted_at"] == "2026-12-02T12:00:00Z"
+    spec = applied("past_due", period_end, past_due_since=NOW).subscription
+    assert spec is not None
+    assert effective_plan(
+        CustomerSpec.model_validate(
+            {"email": "a@example.com", "companyName": "Acme", "billing": {"mode": "stripe"}}
+        ).model_copy(update={"subscription": spec}),
+        NOW,
+        NOW,
+    ).next_step_at == datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
     was_past_due = SubscriptionSpec(status="past_due", plan="professional", stripe_subscription_id="sub_1")
     recovered = event_notices(
         "invoice.paid", {"id": "in_2"}, record(), was_past_due, applied("active"), created, None
