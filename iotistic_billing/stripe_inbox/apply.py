@@ -98,12 +98,15 @@ async def apply_events(
     sessions: Sessions,
     concurrency: int = CONCURRENCY,
     max_customers: int = MAX_CUSTOMERS,
+    waiting: Collection[str] = (),
 ) -> Results:
     """What the events do, inside the caller's transaction (see inbox.py); `events` in Stripe's order
     (`created`, then arrival). `sessions` serves the lookups, which run beside that transaction;
     `concurrency` Customers are looked up, read and applied at once. The events of the first
     `max_customers` Customers they name are applied, each Customer's all; the others' are left as they
-    are (deferred), so that what a Customer has applied is always the oldest of its events."""
+    are (deferred), so that what a Customer has applied is always the oldest of its events. So are the
+    events of a Customer one of whose events is `waiting` (ids in a retry's backoff): a newer event
+    applied before an older one that failed would leave the older one stale, its notice unsent."""
     slots = asyncio.Semaphore(max(concurrency, 1))
     results: Results = {}
     handled: list[tuple[StripeEvent, LookupHints]] = []
@@ -114,14 +117,22 @@ async def apply_events(
             log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)
             results[event.id] = Outcome("ignored")
     found, records = await _find_and_lock(
-        deps, session, sessions, [hints for _, hints in handled], slots, max_customers
+        deps,
+        session,
+        sessions,
+        [hints for _, hints in handled],
+        slots,
+        max_customers,
+        {hints for event, hints in handled if event.id in waiting},
     )
 
     groups: dict[str, _CustomerEvents] = {}
     for event, hints in handled:
         name = found[hints]
         if isinstance(name, str) and name not in records:
-            continue  # a Customer past the batch's limit: its events are left pending (deferred)
+            continue  # past the batch's limit, or waiting for a retry: left pending (deferred)
+        if not isinstance(name, str) and event.id in waiting:
+            continue  # its Customer not known: it waits alone
         record = records.get(name) if isinstance(name, str) else None
         if isinstance(name, Exception) or isinstance(record, Exception):
             results[event.id] = name if isinstance(name, Exception) else cast(Exception, record)
@@ -133,10 +144,16 @@ async def apply_events(
             )
             results[event.id] = Outcome("unmatched")
         else:
-            group = groups.setdefault(name, _CustomerEvents(name, [], [], record))
-            group.events.append(event)
-            group.facts.append(subscription_facts(event.type, event.data.object, deps.catalog))
-    ready = [groups[name] for name in sorted(groups)]
+            groups.setdefault(name, _CustomerEvents(name, [], [], record)).events.append(event)
+    ready: list[_CustomerEvents] = []
+    for name in sorted(groups):
+        group = groups[name]
+        try:
+            group.facts = [subscription_facts(e.type, e.data.object, deps.catalog) for e in group.events]
+        except Exception as error:  # an event no rule foresaw: its Customer's events wait, not the batch's
+            results.update({event.id: error for event in group.events})
+        else:
+            ready.append(group)
 
     rows = await _rows(session, ready)
     owner: dict[str, str] = {}
@@ -155,7 +172,7 @@ async def apply_events(
                 {sub: rows[sub] for sub in mine if sub in rows},
                 [(facts, event.created) for facts, event in zip(group.facts, group.events, strict=True)],
             )
-        except ValueError as error:  # a state the models refuse: this Customer's events stay pending
+        except Exception as error:  # a state the models refuse: this Customer's events stay pending
             results.update({event.id: error for event in group.events})
     planned = [group for group in ready if group.plan is not None]
     patched = await asyncio.gather(
@@ -197,9 +214,11 @@ async def _find_and_lock(
     wanted: Sequence[LookupHints],
     slots: asyncio.Semaphore,
     max_customers: int,
+    waiting: Collection[LookupHints] = (),
 ) -> tuple[dict[LookupHints, str | Exception | None], dict[str, CustomerRecord | Exception | None]]:
     """Whose events these are (a Customer name per set of hints, `wanted` in the events' order), and
-    the first `max_customers` of those Customers locked, then read; a Customer not read is deferred.
+    the first `max_customers` of those Customers locked, then read, past those that `waiting` hints
+    name; a Customer not read is deferred.
 
     Hints that carry our customer id are looked up in the mirror, all in one query, and checked against
     the Customer read under its lock (the check `Directory.by_customer_id` makes); the others, and those
@@ -221,7 +240,8 @@ async def _find_and_lock(
     candidates = set(found)
     directory = deps.directory.for_batch()
     found.update(await _resolve(directory, sessions, set(wanted) - candidates, slots))
-    chosen = _first_names((found[hints] for hints in wanted), max_customers)
+    held_back = {name for hints in waiting if isinstance(name := found[hints], str)}
+    chosen = _first_names((found[hints] for hints in wanted), max_customers, skip=held_back)
     records = await _lock_and_read(deps, session, chosen, slots)
 
     def holds(hints: LookupHints) -> bool:
@@ -232,7 +252,9 @@ async def _find_and_lock(
     if refuted:  # the mirror was out of date (a Customer deleted, or made again under another name)
         found.update(await _resolve(directory, sessions, refuted, slots))
         room = max(max_customers - len(records), 0)
-        new = _first_names((found[hints] for hints in wanted if hints in refuted), room, skip=set(records))
+        new = _first_names(
+            (found[hints] for hints in wanted if hints in refuted), room, skip=held_back | set(records)
+        )
         records.update(await _lock_and_read(deps, session, new, slots))
     return found, records
 

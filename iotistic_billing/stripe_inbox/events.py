@@ -59,6 +59,12 @@ SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(Subscrip
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
 # A payment failed and is not paid yet: the dunning ladder's statuses.
 OVERDUE_STATUSES: Final = frozenset({"past_due", "unpaid"})
+# A subscription that ended stays so: Stripe makes a new one rather than revive it, so a later event of
+# it (the final usage invoice paid after the deletion, an open invoice paid after dunning canceled it)
+# does not bring its plan back.
+ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
+# The latest instant a datetime holds (9999-12-31T23:59:59Z): a later Stripe timestamp is not one.
+MAX_TIMESTAMP: Final = 253_402_300_799
 
 _CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
 _STRIPE_CUSTOMER_ID = re.compile(STRIPE_CUSTOMER_ID_PATTERN)
@@ -78,8 +84,8 @@ class StripeEvent(BaseModel):
 
     id: Annotated[str, Field(min_length=1, max_length=255)]
     type: Annotated[str, Field(min_length=1, max_length=100)]
-    # stripe_events.created is a BIGINT.
-    created: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    # Unix seconds: what facts and notices turn into datetimes (milliseconds by mistake are refused).
+    created: Annotated[int, Field(ge=0, le=MAX_TIMESTAMP)]
     data: StripeEventObject
 
 
@@ -130,8 +136,9 @@ class SubscriptionFacts:
 @dataclass(frozen=True)
 class Decision:
     """`apply`: write `subscription` to the Customer. `stale`: an older event for the same subscription,
-    recorded and acknowledged, nothing written. `superseded`: the event is the newest for its own
-    subscription (so its row is written) but the Customer holds another, live subscription."""
+    or one that would revive an ended subscription; recorded and acknowledged, nothing written.
+    `superseded`: the event is the newest for its own subscription (so its row is written) but the
+    Customer holds another, live subscription."""
 
     action: Literal["apply", "stale", "superseded"]
     subscription: SubscriptionSpec | None
@@ -158,7 +165,7 @@ def _matching(value: object, pattern: re.Pattern[str]) -> str | None:
 
 
 def _timestamp(value: object) -> datetime | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIMESTAMP:
         return None
     return datetime.fromtimestamp(value, UTC)
 
@@ -191,7 +198,8 @@ def _invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
 
 def _invoice_line(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
     """The invoice line of the subscription's own price: prorations of a plan change come first
-    on an upgrade invoice and name the old price, so they are passed over."""
+    on an upgrade invoice and name the old price, so they are passed over. An invoice of prorations
+    only (an upgrade invoiced at once) names no plan: the subscription's own events say it."""
     data = _mapping(invoice.get("lines")).get("data")
     lines = [_mapping(line) for line in data] if isinstance(data, list) else []
 
@@ -199,7 +207,7 @@ def _invoice_line(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
         item_details = _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
         return bool(line.get("proration") or item_details.get("proration"))
 
-    return next((line for line in lines if not is_proration(line)), lines[0] if lines else {})
+    return next((line for line in lines if not is_proration(line)), {})
 
 
 def _line_price_id(line: Mapping[str, Any]) -> str | None:
@@ -356,7 +364,8 @@ def decide(
     """Whether an event created at `created` may write `facts`, given the Customer's spec.subscription and
     the subscription's row (its `last_event_created` and status; either record may be missing or lost).
 
-    Ordering is per subscription: an older event never overwrites newer state of its subscription. Two
+    Ordering is per subscription: an older event never overwrites newer state of its subscription, and
+    nothing but another ending overwrites an ended one (ENDED_STATUSES). Two
     events of the same second apply in STATUS_ORDER, whichever comes first. A different subscription
     replaces the Customer's only when its event is not older, never a live one with a dead one (the
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
@@ -368,6 +377,8 @@ def decide(
     if same and current is not None:
         newest.append((current.last_event_created, current.status))
     for last, status in newest:
+        if status in ENDED_STATUSES and facts.status not in ENDED_STATUSES:
+            return Decision("stale", None, record_row=False)
         if last is None:
             continue
         if created < last or (
@@ -566,11 +577,13 @@ def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> 
 
 __all__ = [
     "CHECKOUT_COMPLETED",
+    "ENDED_STATUSES",
     "HANDLED_EVENT_TYPES",
     "INVOICE_FAILED",
     "INVOICE_PAID",
     "INVOICE_PAID_EVENTS",
     "LIVE_STATUSES",
+    "MAX_TIMESTAMP",
     "OVERDUE_STATUSES",
     "STATUS_ORDER",
     "SUBSCRIPTION_CREATED",

@@ -10,7 +10,8 @@ side could apply a Customer's newer event first and leave the older one stale, i
 `events.decide` still refuses an event older than the state applied (a late delivery). A crash rolls the
 whole batch back and releases the lock: its events are pending for the next batch, of any replica. A
 failure of one Customer (API server away, a write refused) leaves that Customer's events pending, retried
-after a backoff; the others are recorded.
+after a backoff, and its newer events wait with them (a newer one applied first would leave the failed
+one stale, its notice unsent); the others are recorded.
 
 Applying yields to accepting: the process runs niced, and while events keep arriving its batches start
 at most twice a second and pause after a long one (`pause_after`), so that under load each batch
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Final
 
 from pydantic import ValidationError
-from sqlalchemy import Text, all_, bindparam, select, update
+from sqlalchemy import Text, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
@@ -104,6 +105,7 @@ class EventInbox:
         pause_ratio: float = PAUSE_RATIO,
         poll: float = POLL_SECONDS,
         database_url: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
         self.applier = applier
@@ -115,6 +117,7 @@ class EventInbox:
         self.pause_ratio = pause_ratio
         self.poll = poll
         self.database_url = database_url
+        self.clock = clock  # of the retries' backoff
         self._wakeup = asyncio.Event()
         self._stored = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,8 +178,7 @@ class EventInbox:
     async def apply_pending(self) -> int:
         """Claim up to `batch` due pending events, oldest `created` first, apply them Customer by Customer
         in one transaction, and record each one's result; how many were recorded (0: none was due)."""
-        now = time.monotonic()
-        waiting = [event_id for event_id, due in self._not_before.items() if due > now]
+        waiting = self._waiting()
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
@@ -187,10 +189,6 @@ class EventInbox:
                 .limit(self.batch)
                 .with_for_update(skip_locked=True)
             )
-            if waiting:
-                query = query.where(
-                    models.StripeEvent.event_id != all_(bindparam("waiting", waiting, type_=ARRAY(Text)))
-                )
             claimed = (await session.execute(query)).all()
             if not claimed:
                 return 0
@@ -201,14 +199,15 @@ class EventInbox:
                 try:
                     event = StripeEvent.model_validate(payload)
                 except ValidationError as invalid:  # stored verified; a row edited by hand lands here
-                    results[event_id] = invalid
+                    if event_id not in waiting:
+                        results[event_id] = invalid
                     types[event_id] = str((payload or {}).get("type", "unknown"))
                     continue
                 events.append(event)
                 types[event_id] = event.type
             results.update(
                 await apply_events(
-                    self.applier, session, events, self.sessions, self.workers, self.batch_customers
+                    self.applier, session, events, self.sessions, self.workers, self.batch_customers, waiting
                 )
             )
             outcomes = {k: v for k, v in results.items() if isinstance(v, Outcome)}
@@ -238,11 +237,19 @@ class EventInbox:
             )
         return len(outcomes) + len(failures)
 
+    def _waiting(self) -> set[str]:
+        """The events in a retry's backoff now; those due long ago are forgotten (another replica
+        recorded them, or they will fail again and wait anew)."""
+        now = self.clock()
+        for event_id in [e for e, due in self._not_before.items() if due < now - RETRY_BACKOFF[-1]]:
+            del self._not_before[event_id], self._failures[event_id]
+        return {event_id for event_id, due in self._not_before.items() if due > now}
+
     def _backoff(self, event_id: str) -> None:
         failures = self._failures.get(event_id, 0)
         self._failures[event_id] = failures + 1
         delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
-        self._not_before[event_id] = time.monotonic() + delay
+        self._not_before[event_id] = self.clock() + delay
 
     async def drain(self, within: float = 30.0) -> None:
         """Apply until nothing is pending and due (tests, and shutdown)."""

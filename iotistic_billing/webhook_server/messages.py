@@ -20,14 +20,24 @@ NOTICE_ID_MAX = 2**63 - 1
 _CUSTOMER_ID: TypeAdapter[str] = TypeAdapter(CustomerId)
 
 
-async def read_body(request: web.Request, model: type[M]) -> M:
-    """The JSON body as `model`, or a 400 naming each bad field (413 beyond client_max_size)."""
-    raw = await request.read()
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def parse_json(raw: str | bytes) -> object:
+    """A request body as JSON (RFC 8259: NaN and Infinity, which json.loads takes and neither the
+    models nor JSONB do, refused), or a 400 naming the body."""
     try:
-        data = json.loads(raw) if raw else None
+        return json.loads(raw, parse_constant=_not_json)
     # RecursionError: nested deeper than the parser's recursion limit (~1,000 levels).
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValidationFailed.single("body", "is not valid JSON") from None
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    """The JSON body as `model`, or a 400 naming each bad field (413 beyond client_max_size)."""
+    raw = await request.read()
+    data = parse_json(raw) if raw else None
     if not isinstance(data, dict):
         raise ValidationFailed.single("body", "must be a JSON object")
     try:

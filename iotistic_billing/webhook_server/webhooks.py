@@ -7,7 +7,6 @@ and a repeated delivery finds the row and changes nothing. Applying it is stripe
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Final
 
@@ -20,7 +19,7 @@ from iotistic_billing.errors import BadRequest, DependencyUnavailable, Validatio
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import store_event
 from iotistic_billing.webhook_server.context import INBOX, METRICS, POOL, SETTINGS
-from iotistic_billing.webhook_server.messages import json_model
+from iotistic_billing.webhook_server.messages import json_model, parse_json
 from iotistic_billing.webhook_server.schemas import WebhookAck, unstorable_text
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,7 @@ def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent
         raise BadRequest(
             "Invalid signature", str(error.user_message or "signature verification failed")
         ) from None
-    try:
-        data = json.loads(text)
-    # RecursionError: nested deeper than the parser's recursion limit (~1,000 levels).
-    except (ValueError, RecursionError):
-        raise ValidationFailed.single("body", "is not valid JSON") from None
+    data = parse_json(text)
     try:
         event = StripeEvent.model_validate(data)
     except ValidationError as invalid:

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,7 @@ async def notice_keys(engine: AsyncEngine, customer_ids: list[str]) -> Counter[s
 
 @asynccontextmanager
 async def inbox_in_process(
-    engine: AsyncEngine, kubeconfig: Path, database_url: str = ""
+    engine: AsyncEngine, kubeconfig: Path, database_url: str = "", clock: Callable[[], float] = time.monotonic
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
     `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes."""
@@ -202,6 +202,7 @@ async def inbox_in_process(
         count=lambda event_type, result: None,
         workers=0,
         database_url=database_url,
+        clock=clock,
     )
     await inbox.start()
     try:
@@ -285,9 +286,10 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     k8s_client: kubernetes.client.ApiClient,
 ) -> None:
     """PostgreSQL refuses one Customer's mirror row (a trigger of this test's database): that Customer's
-    events stay pending with the error, the other's are recorded. The refused Customer was written
-    already; the retry finds it ahead of its row, decides its events as the first time and records
-    them, with no second apply."""
+    events stay pending with the error, the other's are recorded. A newer event of that Customer waits
+    with them through their backoff (applied alone, it would leave them stale and the payment failure
+    unnoticed). The refused Customer was written already; the retry finds it ahead of its row, decides
+    its events as the first time and records them, with no second apply."""
     good, refused = Subscriber(customers, "records"), Subscriber(customers, "records")
     base = int(time.time())
     bodies = [good.updated(base), refused.updated(base), refused.invoice(base + 1, paid=False)]
@@ -305,16 +307,24 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
                 "FOR EACH ROW EXECUTE FUNCTION refuse_customer()"
             )
         )
-    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+    frozen = time.monotonic()  # the backoff of the failed events never ends for this inbox
+    async with inbox_in_process(inbox_engine, kubeconfig, clock=lambda: frozen) as inbox:
         await store(inbox_pool, inbox, bodies)
         applies = customer_applies(k8s_client)
         assert await inbox.apply_pending() == 3
         assert customer_applies(k8s_client) == applies + 2  # both Customers were written
-    assert await results(inbox_engine, bodies) == {
-        bodies[0]["id"]: "applied",
-        bodies[1]["id"]: PENDING,
-        bodies[2]["id"]: PENDING,
-    }
+        assert await results(inbox_engine, bodies) == {
+            bodies[0]["id"]: "applied",
+            bodies[1]["id"]: PENDING,
+            bodies[2]["id"]: PENDING,
+        }
+        async with inbox_engine.begin() as connection:
+            await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
+        newer = refused.updated(base + 2, status="past_due")
+        await store(inbox_pool, inbox, [newer])
+        assert await inbox.apply_pending() == 0
+        assert await results(inbox_engine, [newer]) == {newer["id"]: PENDING}
+    bodies.append(newer)
     async with inbox_engine.connect() as connection:
         attempts = await connection.execute(
             select(models.StripeEvent.attempts, models.StripeEvent.last_error).where(
@@ -326,12 +336,10 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
         ]
     assert (customers.subscription(refused.name) or {})["status"] == "past_due"
 
-    async with inbox_engine.begin() as connection:
-        await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
     async with inbox_in_process(inbox_engine, kubeconfig) as restarted:  # a new process retries at once
-        assert await restarted.apply_pending() == 2
+        assert await restarted.apply_pending() == 3
     assert await results(inbox_engine, bodies) == {body["id"]: "applied" for body in bodies}
-    assert customer_applies(k8s_client) == applies + 2
+    assert customer_applies(k8s_client) == applies + 3  # the newer event's status
     invoice = bodies[2]["data"]["object"]["id"]
     assert await notice_keys(inbox_engine, [refused.customer_id]) == {
         f"payment-failed:{refused.customer_id}:{invoice}": 1

@@ -13,6 +13,7 @@ import stripe
 from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.stripe_inbox.events import (
+    MAX_TIMESTAMP,
     LookupHints,
     PriceCatalog,
     StoredSubscription,
@@ -57,10 +58,22 @@ def test_a_signed_body_nested_deeper_than_the_parser_recurses_is_not_json() -> N
     assert refused.value.message == "body: is not valid JSON"
 
 
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_a_signed_body_with_a_number_json_has_not_is_not_json(constant: bytes) -> None:
+    # json.loads reads them; JSONB refuses them, which answered Stripe 500 and had it retry for days.
+    payload = envelope().replace(
+        b'"data": {"object": {}}', b'"data": {"object": {"amount": ' + constant + b"}}"
+    )
+    with pytest.raises(ValidationFailed) as refused:
+        verify_event(payload, signed(payload), SECRET)
+    assert refused.value.message == "body: is not valid JSON"
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"created": 2**63}, "created"),  # the column is a BIGINT
+        ({"created": 2**63}, "created"),
+        ({"created": 1_800_000_000_000}, "created"),  # milliseconds, by mistake: no datetime holds it
         ({"id": "evt_\x00"}, "id"),
         ({"type": "customer.\x00"}, "type"),
         ({"data": {"object": {"items": [{"note": "a\x00"}]}}}, "data.object.items.0.note"),
@@ -79,8 +92,8 @@ def test_a_signed_event_the_table_cannot_hold_names_the_field(overrides: dict[st
 
 
 def test_a_signed_event_at_the_limits_of_the_table_is_accepted() -> None:
-    payload = envelope(created=2**63 - 1, data={"object": {"deep": json.loads("[" * 900 + "]" * 900)}})
-    assert verify_event(payload, signed(payload), SECRET).created == 2**63 - 1
+    payload = envelope(created=MAX_TIMESTAMP, data={"object": {"deep": json.loads("[" * 900 + "]" * 900)}})
+    assert verify_event(payload, signed(payload), SECRET).created == MAX_TIMESTAMP
 
 
 def subscription(**overrides: Any) -> dict[str, Any]:
@@ -179,6 +192,33 @@ def test_invoices_of_both_api_shapes(api: str) -> None:
     assert lookup_hints("invoice.payment_failed", invoice) == LookupHints("cust_abcdef123", "cus_1", "sub_1")
 
 
+def test_an_invoice_of_prorations_only_names_no_plan() -> None:
+    # An upgrade invoiced at once: "Unused time on Starter" first; the subscription's events say the plan.
+    invoice = {
+        "subscription": "sub_1",
+        "lines": {
+            "data": [
+                {"proration": True, "price": {"id": "price_s"}},
+                {"proration": True, "price": {"id": "price_p"}},
+            ]
+        },
+    }
+    assert subscription_facts("invoice.payment_succeeded", invoice, CATALOG) == SubscriptionFacts(
+        "sub_1", "active"
+    )
+
+
+@pytest.mark.parametrize("end", [10**12, 2**62])
+def test_a_timestamp_no_datetime_holds_is_not_read(end: int) -> None:
+    # Milliseconds by mistake raised out of the batch, and stopped every Customer's events.
+    facts = subscription_facts(
+        "customer.subscription.updated",
+        subscription(items={"data": [{"price": {"id": "price_p"}, "current_period_end": end}]}),
+        CATALOG,
+    )
+    assert facts == SubscriptionFacts("sub_1", "active", "professional", None, False)
+
+
 def test_a_one_off_invoice_carries_no_subscription() -> None:
     assert (
         subscription_facts("invoice.payment_succeeded", {"customer": "cus_1", "lines": {"data": []}}, CATALOG)
@@ -226,6 +266,21 @@ def test_an_older_event_of_the_same_subscription_is_stale() -> None:
     # Either record of the newest event is enough: the Customer's, or the row's.
     assert decide(None, 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
     assert decide(current(), None, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+
+
+@pytest.mark.parametrize("ended", ["canceled", "incomplete_expired"])
+def test_an_ended_subscription_is_not_revived_by_a_later_event(ended: str) -> None:
+    # The final usage invoice paid after the deletion, an open invoice paid after dunning canceled it.
+    paid = SubscriptionFacts("sub_1", "active", "starter")
+    held = current(status=ended, last_event_created=100)
+    assert decide(held, 100, paid, 200, stored_status=ended).action == "stale"
+    assert decide(None, 100, paid, 200, stored_status=ended).action == "stale"  # the row alone
+    assert decide(held, None, SubscriptionFacts("sub_1", "past_due"), 200).action == "stale"  # the spec alone
+    assert (
+        decide(held, 100, SubscriptionFacts("sub_1", "canceled"), 200, stored_status=ended).action == "apply"
+    )
+    # A new subscription still replaces it.
+    assert decide(held, None, SubscriptionFacts("sub_2", "active", "starter"), 200).action == "apply"
 
 
 def test_an_event_as_old_as_the_last_applies() -> None:
