@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from iotistic_billing.db.pool import DatabaseUnavailable, connection
 from iotistic_billing.directory import CustomerRecord
@@ -58,11 +58,15 @@ def payload_too_large(limit: int) -> ApiError:
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
-    """The body, up to `limit` bytes (this route's own limit, above the app's client_max_size)."""
+    """The body, up to `limit` bytes (this route's own limit, above the app's client_max_size), counted
+    as aiohttp inflates it when it comes compressed."""
     length = request.content_length
     if length is not None and length > limit:
         raise payload_too_large(limit)
-    if length is not None and length <= request.app[OPTIONS].client_max_size:
+    # A compressed body's Content-Length says nothing of what it inflates to, which read() holds to the
+    # app's smaller limit.
+    plain = request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+    if plain and length is not None and length <= request.app[OPTIONS].client_max_size:
         return await request.read()  # the common case, a report or a small batch: one read
     body = bytearray()
     async for chunk in request.content.iter_any():
