@@ -185,5 +185,7 @@ def _show(args: argparse.Namespace) -> int:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.InvalidTokenError as exc:
         raise CommandError(f"TOKEN: not a JWT ({exc})") from None
+    except UnicodeError:  # bytes that are not UTF-8 on standard input
+        raise CommandError("TOKEN: not a JWT (not UTF-8 text)") from None
     print(json.dumps({"verified": False, "header": header, "claims": claims}, indent=2))
     return 0

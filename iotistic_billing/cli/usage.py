@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from iotistic_billing.cli import CommandError
 from iotistic_billing.cli.tables import print_table
@@ -75,12 +76,24 @@ def _usage(args: argparse.Namespace) -> int:
             + timedelta(days=1, microseconds=-1),
         )
     url = _database_url()
-    from iotistic_billing.db.pool import DatabaseUnavailable
+    import asyncpg
 
+    from iotistic_billing.db.pool import DatabaseUnavailable, asyncpg_dsn
+
+    try:
+        _ = urlsplit(asyncpg_dsn(url)).port  # a URL asyncpg cannot parse: said before connecting
+    except ValueError as error:
+        raise CommandError(f"DATABASE_URL: {error}") from None
     try:
         return asyncio.run(_show(url, args, now))
     except DatabaseUnavailable as error:
         raise CommandError(f"cannot reach PostgreSQL at DATABASE_URL ({error})") from None
+    except asyncpg.UndefinedTableError:
+        raise CommandError(
+            "DATABASE_URL: the database has no billing tables (the operator creates them when it starts)"
+        ) from None
+    except asyncpg.PostgresError as error:  # no such database, a refused login
+        raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
 
 
 def window_text(start: datetime, days: int) -> str:

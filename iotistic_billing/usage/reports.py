@@ -58,14 +58,20 @@ PrintableId = Annotated[str, Field(min_length=1, max_length=100, pattern=PRINTAB
 
 
 class UsageReport(BaseModel):
-    """One report of one instance; (customer_id, instance_id, report_id) is stored once."""
+    """One report of one instance; (customer_id, instance_id, report_id, period_start) is stored once (the
+    key of usage_reports, partitioned by period_start)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     customer_id: Annotated[str, Field(pattern=CUSTOMER_ID_PATTERN, max_length=37)]
     instance_id: PrintableId
     report_id: Annotated[
-        PrintableId, Field(description="The idempotency key: a report sent again with it is stored once.")
+        PrintableId,
+        Field(
+            description=(
+                "The idempotency key: a report sent again with it (and the same period_start) is stored once."
+            )
+        ),
     ]
     period_start: Timestamp
     period_end: Annotated[Timestamp, Field(description="After period_start, at most 31 days later.")]

@@ -22,6 +22,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.migrate import compared
 from iotistic_billing.db.models import Base
 from iotistic_billing.db.pool import connection
@@ -592,7 +593,7 @@ def usage_cli(*args: str, database_url: str | None) -> subprocess.CompletedProce
 
 
 async def test_the_usage_viewer_prints_days_and_customers(
-    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, database_url: str
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, database_url: str, postgres: EmbeddedPostgres
 ) -> None:
     customer_id = customer_id_for(unique_name("viewer"))
     headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
@@ -666,6 +667,18 @@ async def test_the_usage_viewer_prints_days_and_customers(
     assert bad.returncode == 2 and "--days: must be between 1 and 366, got 400" in bad.stderr
     early = usage_cli("--customer", customer_id, "--until", "0001-01-05", database_url=database_url)
     assert early.returncode == 2 and "--until: a window of 30 days ending 0001-01-05" in early.stderr
+
+    # A database that is not there, not migrated, or a URL asyncpg cannot read: a message, no traceback.
+    server = database_url.rsplit("/", 1)[0]
+    missing = usage_cli("--all", database_url=f"{server}/no_such_database")
+    assert missing.returncode == 2 and 'DATABASE_URL: PostgreSQL refused (database "no_such_database"' in (
+        missing.stderr
+    )
+    empty = postgres.create_database(unique_name("unmigrated").replace("-", "_"))
+    unmigrated = usage_cli("--all", database_url=empty)
+    assert unmigrated.returncode == 2 and "the database has no billing tables" in unmigrated.stderr
+    garbled = usage_cli("--all", database_url="postgresql://[bad/db")
+    assert garbled.returncode == 2 and "DATABASE_URL: Invalid IPv6 URL" in garbled.stderr
 
 
 async def test_what_was_reported_is_flushed_when_the_server_stops(

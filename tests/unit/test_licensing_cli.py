@@ -260,7 +260,9 @@ def test_license_verify_errors_name_the_argument(capsys: pytest.CaptureFixture[s
     assert (code, "--jwks: cannot read" in err) == (2, True)
 
 
-def test_license_show_decodes_without_verifying(capsys: pytest.CaptureFixture[str], key_dir: Path) -> None:
+def test_license_show_decodes_without_verifying(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token = mint(capsys, key_dir, "--plan", "professional")
     code, out, _ = run(capsys, "license", "show", token)
     assert code == 0
@@ -272,6 +274,10 @@ def test_license_show_decodes_without_verifying(capsys: pytest.CaptureFixture[st
     code, _, err = run(capsys, "license", "show", "not-a-token")
     assert code == 2
     assert "TOKEN: not a JWT" in err
+    # Bytes that are not UTF-8 on standard input (read with surrogateescape): a message, no traceback.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(b"\xff\xfe.e30.x".decode("utf-8", "surrogateescape")))
+    code, _, err = run(capsys, "license", "show", "-")
+    assert code == 2 and "TOKEN: not a JWT (not UTF-8 text)" in err
 
 
 def test_commands_without_a_subcommand_show_help(capsys: pytest.CaptureFixture[str]) -> None:
