@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from iotistic_billing.db.engine import plain_url
+from iotistic_billing.db.pool import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
             await listener.add_listener(channel, lambda *_: wake())
             wake()
             await lost.wait()
-        except (OSError, asyncpg.PostgresError) as error:
+        # InterfaceError: the connection dropped between connecting and LISTEN; the task must not end.
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             log.warning("not listening on %s (%s); polling", channel, type(error).__name__)
             await asyncio.sleep(5)
         finally:
