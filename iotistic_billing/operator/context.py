@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,36 @@ class PassRequests:
         return self._pending.pop(name)
 
 
+class CustomerLocks:
+    """One pass at a time per Customer. A Customer's lock lives while a pass holds it or waits for it:
+    kept for every name ever asked, they grew by one per deleted Customer and per Customer of another
+    shard, whose Deployment and Secret events every shard sees."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def busy(self, name: str) -> bool:
+        """A pass of `name` holds its lock or waits for it."""
+        return name in self._locks
+
+    @contextlib.asynccontextmanager
+    async def held(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name) or (asyncio.Lock(), 0)
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            _, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]  # nobody holds or waits for it: the next pass makes a new one
+            else:
+                self._locks[name] = (lock, users - 1)
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
@@ -76,7 +106,7 @@ class OperatorContext:
     # Time is an input: tests move this clock instead of sleeping until a timer fires.
     clock: Callable[[], datetime] = utc_now
     # One pass at a time per Customer, whichever handler or watch started it.
-    locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    locks: CustomerLocks = field(default_factory=CustomerLocks)
     pass_requests: PassRequests = field(default_factory=PassRequests)
     # Each Customer's housekeeping daemon, by uid: stopped when the Customer leaves this shard.
     housekeepers: dict[str, asyncio.Task[None]] = field(default_factory=dict)

@@ -20,7 +20,7 @@ from iotistic_billing.operator.metrics import LICENSE_EXPIRY
 async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
     meta = body["metadata"]
     name = str(meta["name"])
-    async with ctx.locks[name]:
+    async with ctx.locks.held(name):
         # Read from the raw object: a Customer must be deletable even with a spec we now refuse.
         customer_id = customer_id_in_use(body)
         namespace = namespace_for(name)
@@ -37,5 +37,4 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         await ctx.kube.delete_namespace(namespace)
         with contextlib.suppress(KeyError):  # never reported: it had no licence
             LICENSE_EXPIRY.remove(customer_id)
-    ctx.locks.pop(name, None)
     ctx.written.pop(name, None)

@@ -101,12 +101,11 @@ async def reconcile(
     """Bring Customer `name` to its desired state; None when it is gone, being deleted or another
     shard's, or when the pass was asked for by the Deployment event of tick `deployment_event` and a
     pass since saw it. `handed`: the Customer as Kopf handed it to the handler starting the pass."""
-    lock = ctx.locks[name]
     # Kopf's copy is as new as the last event Kopf saw only if the pass starts at once: one that waited
     # behind another pass or for a slot (a thousand Customers applied together) reads the Customer, or
     # a spec changed meanwhile would be licensed and installed twice, once as it was.
-    prompt = not lock.locked() and not ctx.pass_slots.locked()
-    async with lock:
+    prompt = not ctx.locks.busy(name) and not ctx.pass_slots.locked()
+    async with ctx.locks.held(name):
         covered = deployment_event is not None and ctx.deployments.judged_since(
             namespace_for(name), deployment_event
         )

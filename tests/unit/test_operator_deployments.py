@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -12,7 +11,7 @@ import pytest
 
 from iotistic_billing.k8s import Kube
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import OperatorContext, PassRequests
+from iotistic_billing.operator.context import CustomerLocks, OperatorContext, PassRequests
 from iotistic_billing.operator.deployments import (
     RESYNC_SECONDS,
     DeploymentState,
@@ -248,7 +247,7 @@ async def test_a_pass_asked_for_by_a_covered_event_calls_nothing() -> None:
         SimpleNamespace(
             deployments=deployments,
             kube=NoKube(),
-            locks=defaultdict(asyncio.Lock),
+            locks=CustomerLocks(),
             pass_slots=asyncio.Semaphore(1),
         ),
     )
