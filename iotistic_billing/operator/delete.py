@@ -7,14 +7,13 @@ object is already gone, so a deletion retried after a crash completes.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from iotistic_billing.customer import InvalidSpecError, customer_id_in_use, namespace_for, parse_spec
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
-from iotistic_billing.operator.metrics import LICENSE_EXPIRY
+from iotistic_billing.operator.metrics import forget_license_expiry
 
 
 async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
@@ -35,6 +34,5 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         ctx.applied_namespaces.pop(namespace, None)
         ctx.mirrored.discard(customer_id)
         await ctx.kube.delete_namespace(namespace)
-        with contextlib.suppress(KeyError):  # never reported: it had no licence
-            LICENSE_EXPIRY.remove(customer_id)
+        forget_license_expiry(customer_id)
     ctx.written.pop(name, None)

@@ -20,6 +20,7 @@ from iotistic_billing.customer import (
     Customer,
     InvalidSpecError,
     Phase,
+    customer_id_in_use,
     customer_of_namespace,
     namespace_for,
 )
@@ -27,7 +28,7 @@ from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
-from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS
+from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_license_expiry
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
@@ -244,7 +245,8 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     """A Customer deleted, or relabelled to another shard (the watch's label selector no longer matches:
     the API server says DELETED). Kopf forgets it but does not stop its daemon then (only a deletion
     does), so the housekeeping of a Customer another shard now owns is stopped here, and what this
-    process kept of it dropped: coming back, it is new here and gets a pass."""
+    process kept of it dropped, its licence expiry metric too (the new shard reports it): coming back, it
+    is new here and gets a pass."""
     if type != "DELETED":
         return
     ctx = _context(memo)
@@ -254,6 +256,7 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     cast(HandledSpecs, memo["handled"]).forget(body)
     ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
     ctx.written.pop(body.metadata.name or "", None)
+    forget_license_expiry(customer_id_in_use(body))
 
 
 def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

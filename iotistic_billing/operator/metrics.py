@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILES = Counter("iotistic_operator_reconciles", "Reconcile passes of Customers by result", ["result"])
@@ -32,3 +34,10 @@ HOUSEKEEPING_CHECKS = Counter(
     "Housekeeping checks of Customers, by the reason a pass was due (e.g. LicenseRenewal) or nothing",
     ["due"],
 )
+
+
+def forget_license_expiry(customer_id: str) -> None:
+    """The customer's expiry series no longer exported: its Customer is deleted or another shard's now,
+    and a last value kept would fire the expiry alerts for it weeks later."""
+    with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
+        LICENSE_EXPIRY.remove(customer_id)

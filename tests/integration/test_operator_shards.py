@@ -14,13 +14,14 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
+from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION, customer_id_in_use
 from iotistic_billing.operator.constants import FINALIZER
 from iotistic_billing.rollout import ROLLOUT_PLURAL
 from tests.conftest import OperatorProcess, unique_name, wait_until
-from tests.integration.test_operator import Cluster, customer_manifest
+from tests.integration.test_operator import Cluster, customer_manifest, operator_metric
 
 pytestmark = pytest.mark.integration
+LICENSE_EXPIRY = "iotistic_operator_license_expiry_timestamp_seconds"
 HANDLER_SUCCEEDED = re.compile(r"Handler '\w+' succeeded\.")
 
 
@@ -123,9 +124,15 @@ def test_each_customer_is_handled_by_exactly_its_shard(
     # stopped its housekeeping (Kopf forgets a Customer that leaves the watch but keeps its daemon).
     moved = names["zero"]
     before = handler_runs(shard0).count(moved)
+    expiry = f'customer_id="{customer_id_in_use(cluster.customer(moved) or {})}"'
+    assert operator_metric(shard0, LICENSE_EXPIRY, expiry) > 0
     label(cluster, moved, "1")
     wait_until(lambda: moved in handled(shard1), 60, "shard 1 took the relabelled Customer")
     wait_until(lambda: moved in daemons_ended(shard0), 30, "shard 0 stopped its housekeeping")
+    # Shard 0 no longer exports its licence's expiry (its last value would fire the expiry alerts weeks
+    # later), shard 1 does.
+    assert operator_metric(shard0, LICENSE_EXPIRY, expiry) == 0
+    wait_until(lambda: operator_metric(shard1, LICENSE_EXPIRY, expiry) > 0, 30, "shard 1 exports it")
     cluster.patch_spec(moved, {"plan": "professional"})
     wait_until(lambda: licensed_plan(cluster, moved) == "professional", 60, "moved Customer handled")
     assert handler_runs(shard0).count(moved) == before

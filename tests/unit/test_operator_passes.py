@@ -1,4 +1,5 @@
-"""Passes of one Customer: one at a time, and nothing kept of a Customer once no pass wants it."""
+"""Passes of one Customer: one at a time; and what the operator keeps of a Customer, dropped once no pass
+wants it or the Customer has left this operator."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any, cast
 
+import kopf
+from prometheus_client import REGISTRY
+
+from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import CustomerLocks, OperatorContext
+from iotistic_billing.operator.kopf_tuning import HandledSpecs
+from iotistic_billing.operator.metrics import LICENSE_EXPIRY
 from iotistic_billing.operator.reconcile import reconcile
 
 
@@ -70,3 +77,31 @@ async def test_a_customers_passes_run_one_at_a_time_while_its_lock_comes_and_goe
     await holder
     await asyncio.gather(waiter, return_exceptions=True)
     assert waiter.cancelled() and len(locks) == 0
+
+
+def licence_expiry(customer_id: str) -> float | None:
+    """The operator's licence expiry sample of the customer, as /metrics exports it (None: none)."""
+    return REGISTRY.get_sample_value(
+        "iotistic_operator_license_expiry_timestamp_seconds", {"customer_id": customer_id}
+    )
+
+
+async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_expiry() -> None:
+    """Relabelled to another shard (the watch says DELETED), a Customer's last expiry stayed exported
+    here for good, and weeks later the expiry alerts fired for a Customer the other shard renews."""
+    ctx = SimpleNamespace(housekeepers={}, applied_namespaces={}, written={})
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
+    moved = {
+        "metadata": {"name": "moved", "uid": "uid-moved", "labels": {"iotistic.io/shard": "1"}},
+        "spec": {"customerId": "cust_moved"},
+        "status": {"customerId": "cust_moved"},
+    }
+    LICENSE_EXPIRY.labels("cust_moved").set(1_900_000_000)
+    LICENSE_EXPIRY.labels("cust_staying").set(1_900_000_000)
+
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
+    assert licence_expiry("cust_moved") is None
+    assert licence_expiry("cust_staying") == 1_900_000_000
+    # Again (the Customer's deletion after its finalizer, which forgot the series already): no error.
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
+    LICENSE_EXPIRY.remove("cust_staying")
