@@ -16,10 +16,8 @@ from iotistic_billing.customer import (
     PLURAL,
     RECONCILE_REQUESTED_AT,
     VERSION,
-    ConditionType,
     Customer,
     InvalidSpecError,
-    Phase,
     customer_id_in_use,
     customer_of_namespace,
     namespace_for,
@@ -78,19 +76,9 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
     """Events for transitions, and Kopf's retry semantics for the pass's outcome."""
     if result is None:
         return
-    phase = result.status.phase
-    if phase != result.previous_phase and phase is not None:
-        kind = "Warning" if phase in (Phase.FAILED, Phase.DEGRADED, Phase.EXPIRED) else "Normal"
-        kopf.event(
-            body, type=kind, reason=str(phase), message=f"phase {result.previous_phase or 'none'} -> {phase}"
-        )
-    if result.payment_step_changed:
-        overdue = result.status.condition(ConditionType.PAYMENT_OVERDUE)
-        assert overdue is not None
-        kind = "Normal" if overdue.status == "False" else "Warning"
-        kopf.event(body, type=kind, reason=f"Payment{overdue.reason}", message=overdue.message)
+    for kind, reason, message in result.events:
+        kopf.event(body, type=kind, reason=reason, message=message)
     if result.permanent_error is not None:
-        kopf.warn(body, reason="ReconcileFailed", message=result.permanent_error)
         raise kopf.PermanentError(result.permanent_error)
     if result.temporary_error is not None:
         raise kopf.TemporaryError(result.temporary_error, delay=min(300, 5 * 2**retry))
@@ -222,10 +210,21 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, uid: 
 
 
 async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
+    """A pass the housekeeping or a watch asked for, which no Kopf handler runs: its Events are posted
+    here, through the API server, as kopf.event posts only from Kopf's own tasks (a watch's are not)."""
     try:
-        await reconcile(ctx, name, deployment_event=deployment_event)
+        result = await reconcile(ctx, name, deployment_event=deployment_event)
     except Exception:  # a watch-triggered pass; the next event or timer tries again
         log.exception("pass of Customer %s failed", name)
+        return
+    if result is None:
+        return
+    customer = {"metadata": {"name": name, "uid": result.uid}}
+    for kind, reason, message in result.events:
+        try:
+            await ctx.kube.create_customer_event(customer, reason=reason, message=message, event_type=kind)
+        except Exception:  # the API server away: the transition is in the status all the same
+            log.warning("Event %s of Customer %s not posted", reason, name, exc_info=True)
 
 
 def request_pass(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:

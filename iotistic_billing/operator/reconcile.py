@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
@@ -22,6 +23,7 @@ from iotistic_billing.customer import (
     CustomerMetadata,
     CustomerStatus,
     InvalidSpecError,
+    Phase,
     name_errors,
     namespace_for,
     parse_spec,
@@ -82,6 +84,8 @@ class PassResult:
     temporary_error: str | None = None
     # The dunning step before the pass (PaymentOverdue's reason), for the Event of a step change.
     previous_payment_step: str | None = None
+    # The Customer's, for the Events of a pass no Kopf handler ran (`kubectl describe` matches the uid).
+    uid: str | None = None
 
     @property
     def payment_step_changed(self) -> bool:
@@ -89,6 +93,24 @@ class PassResult:
         if now is None or now.reason == self.previous_payment_step:
             return False
         return self.previous_payment_step is not None or now.status == "True"  # not a first "current"
+
+    @property
+    def events(self) -> list[tuple[str, str, str]]:
+        """The Events of the pass (type, reason, message): a new phase, a new dunning step, why it stalled;
+        the same whichever handler, daemon or watch started the pass."""
+        events: list[tuple[str, str, str]] = []
+        phase = self.status.phase
+        if phase != self.previous_phase and phase is not None:
+            kind = "Warning" if phase in (Phase.FAILED, Phase.DEGRADED, Phase.EXPIRED) else "Normal"
+            events.append((kind, str(phase), f"phase {self.previous_phase or 'none'} -> {phase}"))
+        if self.payment_step_changed:
+            overdue = self.status.condition(ConditionType.PAYMENT_OVERDUE)
+            assert overdue is not None
+            kind = "Normal" if overdue.status == "False" else "Warning"
+            events.append((kind, f"Payment{overdue.reason}", overdue.message))
+        if self.permanent_error is not None:
+            events.append(("Warning", "ReconcileFailed", self.permanent_error))
+        return events
 
 
 async def reconcile(
@@ -259,9 +281,15 @@ async def _finish(
     """
     name: str = body["metadata"]["name"]
     read_version: str = body["metadata"]["resourceVersion"]
-    was = previous.phase
     overdue = previous.condition(ConditionType.PAYMENT_OVERDUE)
-    step = overdue.reason if overdue is not None else None
+    ended = partial(
+        PassResult,
+        previous_phase=previous.phase,
+        permanent_error=permanent,
+        temporary_error=temporary,
+        previous_payment_step=overdue.reason if overdue is not None else None,
+        uid=body["metadata"].get("uid"),
+    )
     if status.to_k8s() != previous.to_k8s():
         log.info(
             "Customer %s: phase %s, plan %s",
@@ -272,14 +300,14 @@ async def _finish(
         )
     for _attempt in range(STATUS_CONFLICT_RETRIES):
         if status.to_k8s() == previous.to_k8s():
-            return PassResult(status, was, permanent, temporary, step)
+            return ended(status)
         if await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), read_version):
             for wakeup in ctx.rollout_wakeups:
                 wakeup.set()
-            return PassResult(status, was, permanent, temporary, step)
+            return ended(status)
         current = await ctx.kube.read_customer(name)
         if current is None:
-            return PassResult(status, was, permanent, temporary, step)
+            return ended(status)
         previous = CustomerStatus.model_validate(current.get("status") or {})
         status = over_current(status, previous)
         read_version = current["metadata"]["resourceVersion"]

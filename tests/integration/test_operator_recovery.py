@@ -408,6 +408,33 @@ async def test_timer_expires_a_trial_when_the_clock_passes_its_end(
     await after.engine.dispose()
 
 
+async def test_transitions_the_deployment_watch_and_the_housekeeping_reach_are_events(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str]
+) -> None:
+    """Provisioning by the creation's pass, Ready by the Deployment watch's, Expired by the
+    housekeeping's: each an Event, as `kubectl describe` and the console show them (only the first was)."""
+    name = unique_name("told")
+    cluster.create(customer_manifest(name, plan="trial", trial={"days": 14}))
+    wait_until(lambda: _phase(cluster, name) == "Provisioning", message="provisioning")
+    cluster.make_deployments_available(name)
+    wait_until(lambda: _phase(cluster, name) == "Ready", message="ready by the Deployment watch")
+    ends = datetime.fromisoformat((cluster.customer(name) or {})["status"]["trial"]["endsAt"])
+    paused_operator.stop()
+
+    after = _context(operator_env, ends + timedelta(minutes=1))
+    await _housekeeping(after, cluster, name)
+    await after.engine.dispose()
+    assert _phase(cluster, name) == "Expired"
+    events = cluster.kube.list_customer_events(name)
+    assert sorted(event["reason"] for event in events) == ["Expired", "Provisioning", "Ready"]
+    uid = (cluster.customer(name) or {})["metadata"]["uid"]
+    assert all(event["involvedObject"]["uid"] == uid for event in events)
+
+
+def _phase(cluster: Cluster, name: str) -> str | None:
+    return (cluster.customer(name) or {}).get("status", {}).get("phase")
+
+
 def test_housekeeping_checks_every_customer_at_the_interval(
     cluster: Cluster, paused_operator: OperatorProcess
 ) -> None:

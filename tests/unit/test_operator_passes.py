@@ -1,20 +1,24 @@
-"""Passes of one Customer: one at a time; and what the operator keeps of a Customer, dropped once no pass
-wants it or the Customer has left this operator."""
+"""Passes of one Customer: one at a time, and the Events of their transitions whoever started them; what
+the operator keeps of a Customer, dropped once no pass wants it or the Customer has left this operator."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
 import kopf
+import pytest
 from prometheus_client import REGISTRY
 
+from iotistic_billing.customer import CustomerStatus
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import CustomerLocks, OperatorContext
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY
-from iotistic_billing.operator.reconcile import reconcile
+from iotistic_billing.operator.reconcile import PassResult, reconcile
 
 
 class GoneCustomers:
@@ -105,3 +109,99 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     # Again (the Customer's deletion after its finalizer, which forgot the series already): no error.
     await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
     LICENSE_EXPIRY.remove("cust_staying")
+
+
+def ended(phase: str, previous: str | None, step: tuple[str, str] | None = None, **more: Any) -> PassResult:
+    """A pass that took the Customer from phase `previous` to `phase`, its dunning step then (status,
+    reason) if any."""
+    conditions = None
+    if step is not None:
+        conditions = [
+            {
+                "type": "PaymentOverdue",
+                "status": step[0],
+                "reason": step[1],
+                "message": f"payment step {step[1]}",
+                "lastTransitionTime": datetime(2025, 3, 1, tzinfo=UTC).isoformat(),
+            }
+        ]
+    status = CustomerStatus.model_validate({"phase": phase, "conditions": conditions})
+    return PassResult(status, previous, **more)
+
+
+@pytest.mark.parametrize(
+    ("result", "events"),
+    [
+        (ended("Ready", "Ready"), []),
+        (ended("Provisioning", None), [("Normal", "Provisioning", "phase none -> Provisioning")]),
+        (ended("Ready", "Provisioning"), [("Normal", "Ready", "phase Provisioning -> Ready")]),
+        (ended("Degraded", "Ready"), [("Warning", "Degraded", "phase Ready -> Degraded")]),
+        (ended("Expired", "Ready"), [("Warning", "Expired", "phase Ready -> Expired")]),
+        (
+            ended("Ready", "Ready", ("True", "Restricted"), previous_payment_step="GracePeriod"),
+            [("Warning", "PaymentRestricted", "payment step Restricted")],
+        ),
+        (ended("Ready", "Ready", ("False", "PaymentsCurrent")), []),  # a first "current" is no step
+        (
+            ended("Failed", "Ready", permanent_error="spec.plan is unknown"),
+            [
+                ("Warning", "Failed", "phase Ready -> Failed"),
+                ("Warning", "ReconcileFailed", "spec.plan is unknown"),
+            ],
+        ),
+    ],
+)
+def test_the_events_of_a_pass_are_its_transitions(result: PassResult, events: list[Any]) -> None:
+    assert result.events == events
+
+
+class EventRecorder:
+    """The API server's Events, as the operator posts them on Customers."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, str | None, str, str]] = []
+        self.away = False
+
+    async def create_customer_event(
+        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        if self.away:
+            raise KubernetesUnavailable("the API server is away")
+        meta = customer["metadata"]
+        self.posted.append((meta["name"], meta["uid"], event_type, reason))
+
+
+async def test_passes_the_housekeeping_and_the_watches_start_post_the_events_of_their_transitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only Kopf's handlers posted Events: trial expiry, the dunning steps time drives, and Ready or
+    Degraded from the Deployments happened without one."""
+    outcomes = {
+        "ready": ended("Ready", "Provisioning", uid="uid-ready"),
+        "expired": ended("Expired", "Ready", uid="uid-expired"),
+        "restricted": ended(
+            "Ready",
+            "Ready",
+            ("True", "Restricted"),
+            previous_payment_step="GracePeriod",
+            uid="uid-restricted",
+        ),
+        "quiet": ended("Ready", "Ready", uid="uid-quiet"),
+    }
+
+    async def pass_(ctx: Any, name: str, deployment_event: int | None = None) -> PassResult | None:
+        return outcomes.get(name)
+
+    monkeypatch.setattr(handlers, "reconcile", pass_)
+    kube = EventRecorder()
+    ctx = cast(OperatorContext, SimpleNamespace(kube=kube))
+    for name in ("ready", "expired", "restricted", "quiet", "gone"):
+        await handlers._refresh(ctx, name, deployment_event=3)
+    assert kube.posted == [
+        ("ready", "uid-ready", "Normal", "Ready"),
+        ("expired", "uid-expired", "Warning", "Expired"),
+        ("restricted", "uid-restricted", "Warning", "PaymentRestricted"),
+    ]
+
+    kube.away = True  # an Event lost is no failure of the pass
+    await handlers._refresh(ctx, "expired", deployment_event=4)
