@@ -5,13 +5,15 @@ A part that cannot start makes the tests that need it error out loudly; nothing 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import kubernetes
 import pytest
@@ -272,6 +274,28 @@ async def eventually(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {within}s: {message} (last: {last!r})")
+
+
+class Retries:
+    """The retries of failed passes an operator schedules (`PassRetries(later=...)`), fired by the test:
+    a backoff is time the test moves past, not time it sleeps through."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[float, Callable[[], None]]] = []
+
+    def later(self, delay: float, retry: Callable[[], None]) -> asyncio.Handle:
+        entry = (delay, retry)
+        self.scheduled.append(entry)
+        return cast(asyncio.Handle, SimpleNamespace(cancel=lambda: self.scheduled.remove(entry)))
+
+    @property
+    def delays(self) -> list[float]:
+        return [delay for delay, _ in self.scheduled]
+
+    def fire(self) -> None:
+        """The first retry scheduled is due now."""
+        _, retry = self.scheduled.pop(0)
+        retry()
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,48 @@ class PassRequests:
         return self._pending.pop(name)
 
 
+def retry_delay(retry: int) -> float:
+    """Seconds before the next try of a pass that failed `retry` times before: 5 s doubling, at most 5 min."""
+    return float(min(300, 5 * 2**retry))
+
+
+class PassRetries:
+    """The retries of the passes no Kopf handler retries (the housekeeping's and the watches' passes), one
+    pending per Customer, after retry_delay of its failures in a row. `later` schedules a retry (the
+    running loop's call_later); tests give their own and fire the retries instead of waiting."""
+
+    def __init__(self, later: Callable[[float, Callable[[], None]], asyncio.Handle] | None = None) -> None:
+        self._later = later
+        self._failures: dict[str, int] = {}
+        self._pending: dict[str, asyncio.Handle] = {}
+
+    def failed(self, name: str, retry: Callable[[], None]) -> float:
+        """A pass of `name` failed: `retry` runs after the backoff, in place of a retry still pending.
+        Returns the backoff."""
+        failures = self._failures.get(name, 0)
+        self._failures[name] = failures + 1
+        delay = retry_delay(failures)
+        self._cancel(name)
+
+        def due() -> None:
+            del self._pending[name]
+            retry()
+
+        later = self._later or asyncio.get_running_loop().call_later
+        self._pending[name] = later(delay, due)
+        return delay
+
+    def forget(self, name: str) -> None:
+        """A pass of `name` ended without a failure to retry, or the Customer left this operator."""
+        self._failures.pop(name, None)
+        self._cancel(name)
+
+    def _cancel(self, name: str) -> None:
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            pending.cancel()
+
+
 class CustomerLocks:
     """One pass at a time per Customer. A Customer's lock lives while a pass holds it or waits for it:
     kept for every name ever asked, they grew by one per deleted Customer and per Customer of another
@@ -108,6 +150,7 @@ class OperatorContext:
     # One pass at a time per Customer, whichever handler or watch started it.
     locks: CustomerLocks = field(default_factory=CustomerLocks)
     pass_requests: PassRequests = field(default_factory=PassRequests)
+    pass_retries: PassRetries = field(default_factory=PassRetries)
     # Each Customer's housekeeping daemon, by uid: stopped when the Customer leaves this shard.
     housekeepers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # The namespace manifest this process last applied, per namespace (reconcile.py).

@@ -23,7 +23,7 @@ from iotistic_billing.customer import (
     namespace_for,
 )
 from iotistic_billing.operator import rollouts
-from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.context import OperatorContext, retry_delay
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_license_expiry
@@ -81,7 +81,7 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
     if result.permanent_error is not None:
         raise kopf.PermanentError(result.permanent_error)
     if result.temporary_error is not None:
-        raise kopf.TemporaryError(result.temporary_error, delay=min(300, 5 * 2**retry))
+        raise kopf.TemporaryError(result.temporary_error, delay=retry_delay(retry))
 
 
 # An unexpected error is mostly an API server or database away for a moment: retry soon, not in Kopf's
@@ -210,15 +210,24 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, uid: 
 
 
 async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
-    """A pass the housekeeping or a watch asked for, which no Kopf handler runs: its Events are posted
-    here, through the API server, as kopf.event posts only from Kopf's own tasks (a watch's are not)."""
+    """A pass the housekeeping or a watch asked for. No Kopf handler runs it, so its Events are posted and
+    its failures retried (after _report's backoff) here: the status a failed helm leaves holds nothing
+    the housekeeping acts on, and a licence Secret whose rows PostgreSQL refused leaves no trace in the
+    status at all. Events go through the API server, as kopf.event posts only from Kopf's own tasks."""
     try:
         result = await reconcile(ctx, name, deployment_event=deployment_event)
-    except Exception:  # a watch-triggered pass; the next event or timer tries again
-        log.exception("pass of Customer %s failed", name)
+    except Exception:  # the API server or PostgreSQL away, a conflict that went on
+        delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
+        log.exception("pass of Customer %s failed; again in %.0f s", name, delay)
         return
     if result is None:
-        return
+        if deployment_event is None:  # gone, being deleted or another shard's: nothing to retry
+            ctx.pass_retries.forget(name)
+        return  # a Deployment event's pass that a later pass covered: a retry pending stays
+    if result.temporary_error is not None:
+        ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
+    else:
+        ctx.pass_retries.forget(name)  # converged, or stalled until the spec changes
     customer = {"metadata": {"name": name, "uid": result.uid}}
     for kind, reason, message in result.events:
         try:
@@ -255,6 +264,7 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     cast(HandledSpecs, memo["handled"]).forget(body)
     ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
     ctx.written.pop(body.metadata.name or "", None)
+    ctx.pass_retries.forget(body.metadata.name or "")
     forget_license_expiry(customer_id_in_use(body))
 
 

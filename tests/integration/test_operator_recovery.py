@@ -25,11 +25,12 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.__main__ import build_context
-from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.context import OperatorContext, PassRetries
+from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.license import revoke_license
 from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.settings import load_settings
-from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
+from tests.conftest import OperatorProcess, Retries, eventually, unique_name, wait_until
 from tests.integration.test_operator import (
     Cluster,
     NoFleetList,
@@ -433,6 +434,109 @@ async def test_transitions_the_deployment_watch_and_the_housekeeping_reach_are_e
 
 def _phase(cluster: Cluster, name: str) -> str | None:
     return (cluster.customer(name) or {}).get("status", {}).get("phase")
+
+
+def _retried(context: OperatorContext, monkeypatch: pytest.MonkeyPatch) -> Retries:
+    """The retries of the context's failed passes, for the test to fire; a pass they request at once."""
+    retries = Retries()
+    context.pass_retries = PassRetries(retries.later)
+    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+    return retries
+
+
+async def test_a_trial_end_helm_could_not_install_is_retried_until_it_is(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The housekeeping's pass fails on helm for a moment: the status it writes (Reconciling, the
+    release failed) is nothing the housekeeping would run a pass for, and no Deployment changes to ask
+    for one, so it stayed so (helm at revision 1) until the spec changed or the operator restarted."""
+    name = unique_name("retried")
+    cluster.create(customer_manifest(name, plan="trial", trial={"days": 14}))
+    wait_until(lambda: _reported_revision(cluster, name) == 1, message="installed")
+    ends = datetime.fromisoformat((cluster.customer(name) or {})["status"]["trial"]["endsAt"])
+    paused_operator.stop()
+
+    context = _context(operator_env, ends + timedelta(minutes=1))
+    retries = _retried(context, monkeypatch)
+    upgrade_install = context.helm.upgrade_install
+
+    async def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        raise HelmError("upgrade", "Kubernetes cluster unreachable: dial tcp: connection refused")
+
+    monkeypatch.setattr(context.helm, "upgrade_install", unreachable)
+    await _housekeeping(context, cluster, name)
+    assert _phase(cluster, name) == "Expired"
+    failed = cluster.condition(name, "ReleaseDeployed") or {}
+    assert (failed.get("status"), failed.get("reason")) == ("False", "UpgradeFailed")
+    assert retries.delays == [5]
+
+    monkeypatch.setattr(context.helm, "upgrade_install", upgrade_install)
+    context.clock = lambda: ends + timedelta(minutes=2)
+    retries.fire()
+
+    async def deployed() -> bool:
+        return (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True"
+
+    await eventually(deployed, message="the retry installed the unlicensed release")
+    await context.engine.dispose()
+    assert cluster.release(name)["revision"] == "2" and _reported_revision(cluster, name) == 2
+    assert retries.scheduled == []  # converged: waiting for its Deployments is no failure
+
+
+async def test_a_licence_secret_rewritten_while_postgresql_was_away_gets_its_rows_from_a_retry(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deleted licence Secret comes back by the Secret watch's pass, with a new licence and usage
+    key; PostgreSQL refused its rows and nothing retried the pass: the instance's usage reports and
+    licence fetches were refused (401) until the renewal about 20 days later."""
+    name, customer_id, license = _licensed_then_paused(cluster, paused_operator, "dbaway")
+    namespace = f"customer-{name}"
+    cluster.core.delete_namespaced_secret("iotistic-license", namespace)
+    context = _context(operator_env, datetime.now(UTC))
+    retries = _retried(context, monkeypatch)
+    away = _context(
+        {**operator_env, "DATABASE_URL": "postgresql://billing@127.0.0.1:1/billing"}, context.clock()
+    )
+    sessions = context.sessions
+    context.sessions = away.sessions
+
+    handlers.managed_secret_changed(
+        context, "DELETED", {"metadata": {"namespace": namespace, "name": "iotistic-license"}}
+    )
+
+    async def failed() -> bool:
+        return retries.delays == [5]
+
+    await eventually(failed, message="the pass failed on PostgreSQL and is to be retried")
+    rewritten = _secret_jti(cluster, name)
+    assert rewritten is not None and rewritten != license["jti"]
+    assert not await _usage_key_stored(cluster, db_engine, name)
+
+    context.sessions = sessions
+    retries.fire()
+
+    async def recorded() -> bool:
+        return await _usage_key_stored(cluster, db_engine, name)
+
+    await eventually(recorded, message="the retry stored the usage key")
+    await eventually(
+        lambda: _reported_jti(cluster, name, rewritten), message="the rewritten licence reported"
+    )
+    for each in (context, away):
+        await each.engine.dispose()
+    assert rewritten in [jti for _, _, jti in await history(db_engine, customer_id)]
+    assert retries.scheduled == []
+
+
+async def _reported_jti(cluster: Cluster, name: str, jti: str) -> bool:
+    return bool((cluster.customer(name) or {}).get("status", {}).get("license", {}).get("jti") == jti)
 
 
 def test_housekeeping_checks_every_customer_at_the_interval(

@@ -1,5 +1,6 @@
-"""Passes of one Customer: one at a time, and the Events of their transitions whoever started them; what
-the operator keeps of a Customer, dropped once no pass wants it or the Customer has left this operator."""
+"""Passes of one Customer: one at a time; the Events of their transitions and the retries of their
+failures, whoever started them; what the operator keeps of a Customer, dropped once no pass wants it or
+the Customer has left this operator."""
 
 from __future__ import annotations
 
@@ -15,10 +16,17 @@ from prometheus_client import REGISTRY
 from iotistic_billing.customer import CustomerStatus
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import CustomerLocks, OperatorContext
+from iotistic_billing.operator.context import (
+    CustomerLocks,
+    OperatorContext,
+    PassRequests,
+    PassRetries,
+    retry_delay,
+)
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY
 from iotistic_billing.operator.reconcile import PassResult, reconcile
+from tests.conftest import Retries
 
 
 class GoneCustomers:
@@ -93,7 +101,11 @@ def licence_expiry(customer_id: str) -> float | None:
 async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_expiry() -> None:
     """Relabelled to another shard (the watch says DELETED), a Customer's last expiry stayed exported
     here for good, and weeks later the expiry alerts fired for a Customer the other shard renews."""
-    ctx = SimpleNamespace(housekeepers={}, applied_namespaces={}, written={})
+    retries = Retries()
+    ctx = SimpleNamespace(
+        housekeepers={}, applied_namespaces={}, written={}, pass_retries=PassRetries(retries.later)
+    )
+    ctx.pass_retries.failed("moved", lambda: None)
     memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
     moved = {
         "metadata": {"name": "moved", "uid": "uid-moved", "labels": {"iotistic.io/shard": "1"}},
@@ -106,6 +118,7 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
     assert licence_expiry("cust_moved") is None
     assert licence_expiry("cust_staying") == 1_900_000_000
+    assert retries.scheduled == []  # its retry is the other shard's business now
     # Again (the Customer's deletion after its finalizer, which forgot the series already): no error.
     await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
     LICENSE_EXPIRY.remove("cust_staying")
@@ -194,7 +207,7 @@ async def test_passes_the_housekeeping_and_the_watches_start_post_the_events_of_
 
     monkeypatch.setattr(handlers, "reconcile", pass_)
     kube = EventRecorder()
-    ctx = cast(OperatorContext, SimpleNamespace(kube=kube))
+    ctx = cast(OperatorContext, SimpleNamespace(kube=kube, pass_retries=PassRetries(Retries().later)))
     for name in ("ready", "expired", "restricted", "quiet", "gone"):
         await handlers._refresh(ctx, name, deployment_event=3)
     assert kube.posted == [
@@ -205,3 +218,64 @@ async def test_passes_the_housekeeping_and_the_watches_start_post_the_events_of_
 
     kube.away = True  # an Event lost is no failure of the pass
     await handlers._refresh(ctx, "expired", deployment_event=4)
+
+
+def test_a_failing_pass_is_tried_again_after_5_s_doubling_up_to_5_minutes() -> None:
+    assert [retry_delay(retry) for retry in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A housekeeping or watch pass that failed was only logged: a failed helm left the Customer
+    Reconciling with nothing due for the housekeeping, a failed database left a usage key unstored."""
+    outcomes: list[PassResult | Exception | None] = [
+        RuntimeError("PostgreSQL is away"),
+        ended("Expired", "Ready", temporary_error="helm: connection refused"),
+        ended("Expired", "Expired", temporary_error="helm: connection refused"),
+        ended("Expired", "Expired"),  # helm is back
+    ]
+    passes: list[int | None] = []
+    passed = asyncio.Event()
+
+    async def pass_(ctx: Any, name: str, deployment_event: int | None = None) -> PassResult | None:
+        passes.append(deployment_event)
+        passed.set()
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def retried() -> None:
+        """The first retry scheduled fired, and the pass it requested has run."""
+        passed.clear()
+        retries.fire()
+        await asyncio.wait_for(passed.wait(), 5)
+
+    monkeypatch.setattr(handlers, "reconcile", pass_)
+    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+    retries = Retries()
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            kube=EventRecorder(), pass_requests=PassRequests(), pass_retries=PassRetries(retries.later)
+        ),
+    )
+    await handlers._refresh(ctx, "acme")
+    assert retries.delays == [5]
+    for delay in (10, 20):
+        await retried()
+        assert retries.delays == [delay]
+    await retried()
+    assert retries.scheduled == [] and passes == [None, None, None, None]
+
+    # Failing again later starts from 5 s; a watch's pass failing meanwhile replaces the pending retry.
+    outcomes.extend([ended("Ready", "Ready", temporary_error="helm: timeout")] * 2)
+    await handlers._refresh(ctx, "acme")
+    await handlers._refresh(ctx, "acme", deployment_event=9)
+    assert retries.delays == [10]
+    # A pass that finds the Customer gone (or another shard's) ends its retries: its failures are
+    # forgotten, and one failing after starts from 5 s again.
+    outcomes.extend([None, ended("Ready", "Ready", temporary_error="helm: timeout")])
+    await retried()
+    assert retries.scheduled == []
+    await handlers._refresh(ctx, "acme")
+    assert retries.delays == [5]
