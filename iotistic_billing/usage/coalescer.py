@@ -1,43 +1,59 @@
 """Coalesces usage reports into one status update per customer and flush.
 
 Reports arrive far more often than the Customer's status should change (a batch of 1,000 reports, many
-instances per customer): the request path only records the latest arrival per customer here, and the
-flusher makes one status patch per customer that reported since the last flush.
+instances per customer): the request path only records, per customer, the latest arrival and the
+earliest period start reported, and the flusher makes one status patch per customer that reported
+since the last flush (and a rollup for each ended period those reports fall in that has none).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 
 
+@dataclass(frozen=True)
+class Reported:
+    """What a customer's reports since the last drain tell the flusher."""
+
+    at: datetime  # the latest arrival: status.usage.lastReportAt
+    earliest_start: datetime  # the earliest period_start: the oldest billing period they fall in
+
+    def merged(self, other: Reported) -> Reported:
+        return Reported(max(self.at, other.at), min(self.earliest_start, other.earliest_start))
+
+
 class UsageCoalescer:
-    """Customer id -> the latest time a report of that customer arrived, since the last drain.
+    """Customer id -> what its reports since the last drain told (`Reported`).
 
     Plain dict operations with no await between them: safe on one event loop without a lock.
     """
 
     def __init__(self) -> None:
-        self._latest: dict[str, datetime] = {}
+        self._reported: dict[str, Reported] = {}
 
-    def saw(self, customer_ids: Iterable[str], at: datetime) -> None:
-        for customer_id in customer_ids:
-            known = self._latest.get(customer_id)
-            if known is None or at > known:
-                self._latest[customer_id] = at
+    def saw(self, earliest_starts: Mapping[str, datetime], at: datetime) -> None:
+        """Reports arrived at `at`: customer id -> the earliest period_start among its reports."""
+        for customer_id, start in earliest_starts.items():
+            self._note(customer_id, Reported(at, start))
 
-    def drain(self) -> dict[str, datetime]:
+    def drain(self) -> dict[str, Reported]:
         """Everything recorded so far; the coalescer starts empty again."""
-        drained, self._latest = self._latest, {}
+        drained, self._reported = self._reported, {}
         return drained
 
-    def requeue(self, entries: Mapping[str, datetime]) -> None:
-        """Put back what a failed flush could not write, keeping anything newer recorded meanwhile."""
-        for customer_id, at in entries.items():
-            self.saw((customer_id,), at)
+    def requeue(self, entries: Mapping[str, Reported]) -> None:
+        """Put back what a failed flush could not write, merged with anything recorded meanwhile."""
+        for customer_id, reported in entries.items():
+            self._note(customer_id, reported)
+
+    def _note(self, customer_id: str, reported: Reported) -> None:
+        known = self._reported.get(customer_id)
+        self._reported[customer_id] = reported if known is None else known.merged(reported)
 
     def __len__(self) -> int:
-        return len(self._latest)
+        return len(self._reported)
 
 
-__all__ = ["UsageCoalescer"]
+__all__ = ["Reported", "UsageCoalescer"]

@@ -27,7 +27,8 @@ class UsageOptions:
     meter_initial_delay: float = 60.0
     # Seconds after its end before a period is closed (rolled up a last time, then metered): reports of
     # its last hours that arrive late, or are retried after an outage, are billed with it. A report
-    # arriving later than that is kept but billed in no period.
+    # arriving later than that is kept but billed in no period (the flush logs it): a closed period is
+    # what Stripe was sent.
     close_grace: float = 3600.0
     # Seconds between partition runs (usage.partitions: this month's partition of usage_reports and the
     # next `partitions_ahead` made, those past `raw_retention_months` dropped); the first runs at start.

@@ -224,6 +224,17 @@ def foreign_report(parsed: ParsedReports, customer_id: str) -> int | None:
     )
 
 
+def earliest_starts(reports: Sequence[UsageReport]) -> dict[str, datetime]:
+    """Customer id -> the earliest period_start among its reports: the oldest billing period they
+    fall in, which the status flush rolls up even when it has ended (usage.service)."""
+    earliest: dict[str, datetime] = {}
+    for report in reports:
+        known = earliest.get(report.customer_id)
+        if known is None or report.period_start < known:
+            earliest[report.customer_id] = report.period_start
+    return earliest
+
+
 # The column order of usage.store's statements and its COPY; one tuple per report in this order.
 COLUMNS: Final = (
     "customer_id",
@@ -274,6 +285,7 @@ __all__ = [
     "ReportBody",
     "UsageReport",
     "UsageReportBatch",
+    "earliest_starts",
     "field_path",
     "foreign_report",
     "parse_reports",

@@ -5,12 +5,15 @@ period has ended and a grace has passed (for the reports of its last hours still
 meter run rolls it up one last time from the stored reports with `pricing.roll_up` and closes it: a
 closed row never changes, so what was sent to Stripe stays what the row says. The current period starts
 no earlier than the end of the customer's ended rows (`unsettled_period`), so that no report is billed
-twice. Amounts are stored as strings of exact decimals.
+twice. A report that no row holds, of a period that ended before any flush saw it, gets its period's row
+from the flush that sees it (`open_missing_rollups`); a report that arrives after its period closed is
+kept, and billed in no period (`reports_after_close`). Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -21,7 +24,7 @@ from iotistic_billing.db.pool import Connection, Queryable
 from iotistic_billing.licensing.plans import IncludedUsage, plan_by_name
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
-from iotistic_billing.usage.store import period_samples
+from iotistic_billing.usage.store import period_samples, period_totals
 
 # Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
 BILLED_PLANS: Final = frozenset(PAID_PLAN_NAMES)
@@ -164,6 +167,79 @@ async def save_open_rollup(conn: Connection, rollup: Rollup) -> None:
         await save_rollup(conn, rollup)
 
 
+# The earliest start, in [$2, $3), of a customer's report that no rollup holds: its period ended before
+# a status flush saw any of its reports (a flush rolls up the period holding its `now`). In the order
+# of the (customer, period start) index, so that the scan stops at the first one.
+_UNHELD_START: Final = """
+SELECT r.period_start FROM usage_reports r
+WHERE r.customer_id = $1 AND r.period_start >= $2 AND r.period_start < $3
+  AND NOT EXISTS (
+      SELECT 1 FROM usage_rollups u
+      WHERE u.customer_id = $1 AND u.period_start <= r.period_start AND u.period_end > r.period_start
+  )
+ORDER BY r.period_start
+LIMIT 1
+"""
+# The customer's rollups either side of a moment none holds: the latest end before it, the earliest
+# start after it.
+_NEIGHBOURS: Final = """
+SELECT (SELECT max(period_end) FROM usage_rollups WHERE customer_id = $1 AND period_end <= $2) AS end_before,
+       (SELECT min(period_start) FROM usage_rollups WHERE customer_id = $1 AND period_start > $2)
+           AS start_after
+"""
+
+
+async def open_missing_rollups(
+    conn: Queryable,
+    customer_id: str,
+    plan: str,
+    period_of: Callable[[datetime], BillingPeriod],
+    since: datetime,
+    until: datetime,
+) -> list[Rollup]:
+    """An open row for each period holding reports of the customer, starting in [since, until), that no
+    row holds: `period_of` the earliest such report's start, cut to the gap between the customer's rows
+    around it (so that no report is in two rows); the meter run closes and meters it as any other."""
+    opened: list[Rollup] = []
+    while (start := await conn.fetchval(_UNHELD_START, customer_id, since, until)) is not None:
+        period = period_of(start)
+        neighbours = await conn.fetchrow(_NEIGHBOURS, customer_id, start)
+        assert neighbours is not None  # two scalar subqueries always return a row
+        gap = BillingPeriod(
+            max(period.start, neighbours["end_before"] or period.start),
+            min(period.end, neighbours["start_after"] or period.end),
+        )
+        rollup = compute_rollup(customer_id, gap, plan, await period_totals(conn, customer_id, gap))
+        await save_rollup(conn, rollup)
+        opened.append(rollup)
+        since = gap.end
+    return opened
+
+
+# Reports starting in [$2, $3) that a closed row holds but that were stored after it closed, per row.
+# Both times are PostgreSQL's: reported_at is set by the insert, updated_at last by the closing upsert
+# (a closed row is never updated again; marking it metered leaves updated_at alone).
+_AFTER_CLOSE: Final = """
+SELECT u.period_start, u.period_end, count(*) AS reports
+FROM usage_rollups u JOIN usage_reports r
+    ON r.customer_id = u.customer_id AND r.period_start >= u.period_start AND r.period_start < u.period_end
+WHERE u.customer_id = $1 AND u.closed_at IS NOT NULL AND u.period_start < $3 AND u.period_end > $2
+  AND r.period_start >= $2 AND r.period_start < $3 AND r.reported_at > u.updated_at
+GROUP BY u.period_start, u.period_end
+ORDER BY u.period_start
+"""
+
+
+async def reports_after_close(
+    conn: Queryable, customer_id: str, since: datetime, until: datetime
+) -> list[tuple[BillingPeriod, int]]:
+    """The customer's closed periods holding reports, starting in [since, until), that arrived after the
+    period closed, and how many: kept (the usage views show them) but billed in no period, as a closed
+    row is what Stripe was sent."""
+    rows = await conn.fetch(_AFTER_CLOSE, customer_id, since, until)
+    return [(BillingPeriod(row["period_start"], row["period_end"]), int(row["reports"])) for row in rows]
+
+
 async def roll_up_period(
     conn: Queryable, customer_id: str, period: BillingPeriod, plan: str, *, close_at: datetime | None = None
 ) -> Rollup:
@@ -190,8 +266,9 @@ async def close_periods(
 ) -> int:
     """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
     from the stored reports; how many were closed. A report of a period that arrives within the grace
-    (its instance reports late, or retries after an outage) is billed with it; one that arrives after
-    the period closed is kept but not billed."""
+    (its instance reports late, or retries after an outage) is billed with it, even when no row held
+    the period before (`open_missing_rollups`); one that arrives after the period closed is kept but
+    not billed (`reports_after_close`)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
     rows = await conn.fetch(_DUE, now - grace, limit)
@@ -207,8 +284,10 @@ __all__ = [
     "close_periods",
     "compute_rollup",
     "included_usage",
+    "open_missing_rollups",
     "overage_json",
     "overage_quantities",
+    "reports_after_close",
     "roll_up_period",
     "save_open_rollup",
     "save_rollup",

@@ -3,7 +3,8 @@
 The request path stores a batch with one statement and notes the customer in the coalescer; nothing
 there touches Kubernetes. A background task flushes the coalescer every `flush_interval`: per customer
 that reported, one read of the Customer, the period's totals from PostgreSQL, the open rollup row
-refreshed, and one merge patch of status.usage and the WithinLimits condition when they changed.
+refreshed (and a row opened for an ended period whose reports all came after its end), and one merge
+patch of status.usage and the WithinLimits condition when they changed.
 Another task closes ended periods (a grace after their end, for late reports) and sends their Stripe
 meter events every `meter_interval`; a third keeps the monthly partitions of usage_reports, at start
 and every `partition_interval` (usage.partitions).
@@ -32,17 +33,19 @@ from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
 from iotistic_billing.notices.content import usage_threshold
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_api import StripeApi
-from iotistic_billing.usage.coalescer import UsageCoalescer
+from iotistic_billing.usage.coalescer import Reported, UsageCoalescer
 from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.pricing import PeriodTotals
-from iotistic_billing.usage.reports import Accepted, ParsedReports, report_rows
+from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
     compute_rollup,
     included_usage,
+    open_missing_rollups,
+    reports_after_close,
     save_open_rollup,
     unsettled_period,
 )
@@ -120,10 +123,11 @@ class UsageMetering:
     # ----- the request path -----
 
     async def store(self, parsed: ParsedReports, received_at: datetime) -> Accepted:
-        """Store the reports exactly once (one transaction) and note their customers for the flusher."""
+        """Store the reports exactly once (one transaction) and note their customers, and the earliest
+        period start each reported, for the flusher."""
         accepted = await insert_reports(self.pool, report_rows(parsed.reports))
         duplicate = len(parsed.reports) - accepted
-        self.coalescer.saw({report.customer_id for report in parsed.reports}, received_at)
+        self.coalescer.saw(earliest_starts(parsed.reports), received_at)
         if accepted:
             self.metrics.reports.labels("accepted").inc(accepted)
         if duplicate:
@@ -202,7 +206,7 @@ class UsageMetering:
                 await remember(session, record.customer, record.customer_id)
         return records
 
-    async def _flush_customer(self, record: CustomerRecord, seen: datetime) -> str:
+    async def _flush_customer(self, record: CustomerRecord, reported: Reported) -> str:
         for _attempt in range(CONFLICT_RETRIES):
             now = self.clock()
             customer = record.customer
@@ -212,12 +216,14 @@ class UsageMetering:
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
+                if reported.earliest_start < period.start:
+                    await self._roll_up_ended_periods(conn, record, plan, reported.earliest_start, period)
             await self._notice_crossings(record, period, totals, plan)
             updated = usage_status(
                 customer.status,
                 period=period,
                 active_devices=latest[0] if latest is not None else None,
-                last_report_at=seen,
+                last_report_at=reported.at,
                 totals=totals,
                 plan=plan,
                 included=included_usage(plan),
@@ -245,6 +251,40 @@ class UsageMetering:
         raise DependencyUnavailable(
             "Kubernetes API", f"status of {record.name} kept changing under the flush"
         )
+
+    async def _roll_up_ended_periods(
+        self, conn: Queryable, record: CustomerRecord, plan: str, since: datetime, current: BillingPeriod
+    ) -> None:
+        """Rows for the ended periods of reports starting from `since`: no flush made them while they
+        held its `now` when every report of theirs came after their end (an instance that reports once
+        a period, a new customer's first report after the month ended, a period's last minutes sent
+        after it ended). A report of a closed period is kept and billed in no period: its row is what
+        Stripe was sent."""
+        customer_id = record.customer_id
+        opened = await open_missing_rollups(
+            conn,
+            customer_id,
+            plan,
+            lambda moment: customer_period(record.customer, moment),
+            since,
+            current.start,
+        )
+        for rollup in opened:
+            log.info(
+                "usage of %s: period %s .. %s reported after it ended, rolled up for closing",
+                customer_id,
+                rollup.period.start.isoformat(),
+                rollup.period.end.isoformat(),
+            )
+        for closed, reports in await reports_after_close(conn, customer_id, since, current.start):
+            log.warning(
+                "usage of %s: period %s .. %s closed before %d of its reports arrived;"
+                " kept, billed in no period",
+                customer_id,
+                closed.start.isoformat(),
+                closed.end.isoformat(),
+                reports,
+            )
 
     async def _notice_crossings(
         self, record: CustomerRecord, period: BillingPeriod, totals: PeriodTotals, plan: str

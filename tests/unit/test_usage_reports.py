@@ -14,6 +14,7 @@ from iotistic_billing.usage.reports import (
     COLUMNS,
     INT64_MAX,
     InvalidReports,
+    earliest_starts,
     field_path,
     foreign_report,
     parse_reports,
@@ -168,6 +169,26 @@ def test_foreign_report_finds_the_first_report_of_another_customer() -> None:
     assert foreign_report(parsed, "cust_abc123") == 2
     assert parsed.field(2, "customer_id") == "reports[2].customer_id"
     assert foreign_report(parse_reports(body(report())), "cust_abc123") is None
+
+
+def test_earliest_starts_give_each_customer_the_oldest_period_its_reports_fall_in() -> None:
+    parsed = parse_reports(
+        body(
+            {
+                "reports": [
+                    report(),
+                    report(report_id="b", period_start="2026-10-31T23:00:00+00:00"),
+                    # An hour earlier than it reads: 22:30 UTC.
+                    report(report_id="c", period_start="2026-11-01T00:30:00+02:00"),
+                    report(customer_id="cust_other99", report_id="d"),
+                ]
+            }
+        )
+    )
+    assert earliest_starts(parsed.reports) == {
+        "cust_abc123": datetime(2026, 10, 31, 22, 30, tzinfo=UTC),
+        "cust_other99": datetime(2026, 11, 17, 10, tzinfo=UTC),
+    }
 
 
 def test_rows_are_laid_out_in_insert_order() -> None:

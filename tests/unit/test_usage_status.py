@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from iotistic_billing.customer import Condition, ConditionStatus, CustomerStatus, UsageStatus
 from iotistic_billing.licensing.plans import plan_by_name
-from iotistic_billing.usage.coalescer import UsageCoalescer
+from iotistic_billing.usage.coalescer import Reported, UsageCoalescer
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.status import (
@@ -133,15 +133,23 @@ def test_the_patch_carries_usage_all_conditions_and_the_resource_version() -> No
     assert status["conditions"][0]["status"] == "True"
 
 
-def test_the_coalescer_keeps_the_latest_arrival_per_customer() -> None:
+def test_the_coalescer_keeps_the_latest_arrival_and_the_earliest_period_start_per_customer() -> None:
     coalescer = UsageCoalescer()
-    coalescer.saw(["cust_a", "cust_b"], NOW)
-    coalescer.saw(["cust_a"], NOW + timedelta(seconds=5))
-    coalescer.saw(["cust_a"], NOW - timedelta(seconds=5))  # late, older: ignored
+    day = timedelta(days=1)
+    coalescer.saw({"cust_a": NOW - day, "cust_b": NOW}, NOW)
+    coalescer.saw({"cust_a": NOW - 40 * day}, NOW + timedelta(seconds=5))  # a backlog, sent later
+    coalescer.saw({"cust_a": NOW}, NOW - timedelta(seconds=5))  # arrived earlier: the latest stays
     assert len(coalescer) == 2
     drained = coalescer.drain()
-    assert drained == {"cust_a": NOW + timedelta(seconds=5), "cust_b": NOW}
+    assert drained == {
+        "cust_a": Reported(NOW + timedelta(seconds=5), NOW - 40 * day),
+        "cust_b": Reported(NOW, NOW),
+    }
     assert len(coalescer) == 0
-    coalescer.saw(["cust_b"], NOW + timedelta(seconds=9))
-    coalescer.requeue(drained)  # a failed flush puts back what it had, newer entries win
-    assert coalescer.drain() == {"cust_a": NOW + timedelta(seconds=5), "cust_b": NOW + timedelta(seconds=9)}
+    coalescer.saw({"cust_b": NOW + day}, NOW + timedelta(seconds=9))
+    # A failed flush puts back what it had, merged with what arrived meanwhile.
+    coalescer.requeue(drained)
+    assert coalescer.drain() == {
+        "cust_a": Reported(NOW + timedelta(seconds=5), NOW - 40 * day),
+        "cust_b": Reported(NOW + timedelta(seconds=9), NOW),
+    }
