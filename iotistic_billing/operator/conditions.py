@@ -21,6 +21,15 @@ class ConditionValue:
     message: str
 
 
+@dataclass(frozen=True)
+class NoCondition:
+    """The condition of a step this Customer does not have (Stripe billing, a webhook), to be removed:
+    left at its last word it read as current, and a Customer moved to manual billing kept its dunning
+    step (and the housekeeping's pass every minute)."""
+
+    type: str
+
+
 def license_condition(outcome: PassOutcome, entitlement: Entitlement) -> ConditionValue | None:
     if outcome.license_error is not None:
         return ConditionValue(ConditionType.LICENSE_ISSUED, False, c.LICENSE_FAILED, outcome.license_error)
@@ -61,20 +70,21 @@ def subscription_condition(entitlement: Entitlement) -> ConditionValue:
     return ConditionValue(ConditionType.SUBSCRIPTION_ACTIVE, paying, reason, entitlement.message)
 
 
-def notifications_condition(outcome: PassOutcome) -> ConditionValue | None:
-    """Only for a Customer with a webhook: whether its notices can be signed (Ready does not wait on it)."""
+def notifications_condition(outcome: PassOutcome) -> ConditionValue | NoCondition:
+    """Only for a Customer with a webhook: whether its notices can be signed (Ready does not wait on it).
+    The step's outcome is None without a webhook."""
     notifications = outcome.notifications
     if notifications is None:
-        return None
+        return NoCondition(ConditionType.NOTIFICATIONS_READY)
     return ConditionValue(
         ConditionType.NOTIFICATIONS_READY, notifications.ready, notifications.reason, notifications.message
     )
 
 
-def payment_condition(entitlement: Entitlement, stripe_billed: bool) -> ConditionValue | None:
+def payment_condition(entitlement: Entitlement, stripe_billed: bool) -> ConditionValue | NoCondition:
     """The dunning ladder's step, for a Stripe-billed Customer: True while a payment is overdue."""
     if not stripe_billed:
-        return None
+        return NoCondition(ConditionType.PAYMENT_OVERDUE)
     step = entitlement.payment_step
     if step is None:
         return ConditionValue(ConditionType.PAYMENT_OVERDUE, False, c.PAYMENTS_CURRENT, "no payment overdue")
@@ -116,15 +126,20 @@ def summarize(outcome: PassOutcome) -> list[ConditionValue]:
 
 def with_conditions(
     conditions: Sequence[Condition] | None,
-    values: Iterable[ConditionValue | None],
+    values: Iterable[ConditionValue | NoCondition | None],
     *,
     generation: int,
     now: datetime,
 ) -> list[Condition] | None:
-    """`conditions` with each value set; lastTransitionTime moves only when a status changes."""
+    """`conditions` with each value set and each NoCondition removed; None leaves a condition as it is
+    (its step did not run). lastTransitionTime moves only when a status changes."""
     result = list(conditions) if conditions is not None else None
     for value in values:
         if value is None:
+            continue
+        if isinstance(value, NoCondition):
+            if result is not None:
+                result = [condition for condition in result if condition.type != value.type]
             continue
         status = (
             ConditionStatus.UNKNOWN
@@ -147,6 +162,7 @@ def with_conditions(
 
 __all__ = [
     "ConditionValue",
+    "NoCondition",
     "license_condition",
     "notifications_condition",
     "payment_condition",

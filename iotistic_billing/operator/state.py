@@ -236,7 +236,8 @@ def housekeeping_due(
     entitlement = effective_plan(spec, created_at, now, restricted_for)
     if status.plan is not None and status.plan != entitlement.plan:
         return entitlement.reason
-    overdue = status.condition(ConditionType.PAYMENT_OVERDUE)
+    # A Customer no longer billed by Stripe has no dunning step, whatever a status not yet passed says.
+    overdue = status.condition(ConditionType.PAYMENT_OVERDUE) if spec.billing.mode == "stripe" else None
     if overdue is not None and overdue.reason != (entitlement.payment_step or c.PAYMENTS_CURRENT):
         return entitlement.reason  # the dunning ladder's next step (a restricted licence keeps its plan)
     notifications = status.condition(ConditionType.NOTIFICATIONS_READY)

@@ -17,9 +17,15 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     derived_customer_id,
 )
+from iotistic_billing.operator.conditions import NoCondition
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
-from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
+from iotistic_billing.operator.outcomes import (
+    InstanceHealth,
+    NotificationsOutcome,
+    PassOutcome,
+    ReleaseOutcome,
+)
 from iotistic_billing.operator.reconcile import merge_patch
 from iotistic_billing.operator.state import (
     PassTarget,
@@ -424,7 +430,49 @@ def test_payment_overdue_says_the_step_for_stripe_billing_only() -> None:
     )
     current = payment_condition(_entitlement("starter"), stripe_billed=True)
     assert current is not None and (current.status, current.reason) == (False, "PaymentsCurrent")
-    assert payment_condition(overdue, stripe_billed=False) is None
+    assert payment_condition(overdue, stripe_billed=False) == NoCondition("PaymentOverdue")
+
+
+def _pass_of(customer_spec: dict[str, Any], previous: CustomerStatus, outcome: PassOutcome) -> CustomerStatus:
+    body = {
+        "metadata": {"name": "acme", "uid": "u-1", "creationTimestamp": CREATED.isoformat()},
+        "spec": {"email": "a@b.cd", "companyName": "x", **customer_spec},
+    }
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    return next_status(previous, aimed, outcome, generation=2)
+
+
+def test_a_customer_moved_to_manual_billing_loses_its_dunning_step_and_its_minutely_pass() -> None:
+    """Found in review: PaymentOverdue stayed Restricted after the move, and every housekeeping check
+    compared it with PaymentsCurrent and ran a full pass."""
+    overdue = subscription("past_due", period_end=NOW + timedelta(days=20))
+    overdue["pastDueSince"] = (NOW - timedelta(days=10)).isoformat()
+    outcome = PassOutcome(
+        license=LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30)),
+        release=DEPLOYED,
+        health=InstanceHealth(True, "DeploymentsAvailable", "6 available"),
+    )
+    dunned = _pass_of({"billing": {"mode": "stripe"}, "subscription": overdue}, CustomerStatus(), outcome)
+    assert dunned.condition("PaymentOverdue").reason == "Restricted"  # type: ignore[union-attr]
+    manual = {"billing": {"mode": "manual"}, "plan": "professional"}
+    moved = _pass_of(manual, dunned, outcome)
+    assert moved.condition("PaymentOverdue") is None
+    assert housekeeping_due(spec(**manual), moved, CREATED, NOW + timedelta(minutes=1)) is None
+    # Nor does the status from before the move, until the move's own pass replaces it.
+    assert housekeeping_due(spec(**manual), dunned, CREATED, NOW + timedelta(minutes=1)) is None
+    assert moved.to_k8s() == _pass_of(manual, moved, outcome).to_k8s()  # no patch on the next pass
+
+
+def test_a_webhook_removed_removes_notifications_ready_and_a_step_that_did_not_run_keeps_its_own() -> None:
+    webhook = {"webhook": {"url": "https://hooks.acme.example/iotistic", "secretRef": {"name": "hook"}}}
+    missing = NotificationsOutcome(False, "SecretNotFound", "no Secret hook in customer-acme")
+    outcome = PassOutcome(license=LicenseStatus(jti="j1"), release=DEPLOYED, notifications=missing)
+    with_webhook = _pass_of({"notifications": webhook}, CustomerStatus(), outcome)
+    assert with_webhook.condition("NotificationsReady").reason == "SecretNotFound"  # type: ignore[union-attr]
+    without = _pass_of({}, with_webhook, PassOutcome(license_error="no signing key"))
+    assert without.condition("NotificationsReady") is None
+    # The release step did not run (the licence failed): its condition stays as the last install said.
+    assert without.condition("ReleaseDeployed") == with_webhook.condition("ReleaseDeployed")
 
 
 def test_a_requested_pass_says_which_request_it_answered() -> None:
