@@ -7,12 +7,13 @@ six), the thousands of passes that Deployment events start at scale included.
 
 A namespace is listed when a pass runs helm (its patches are not all in the events yet: an upgraded
 Deployment would still look rolled out, a new one would be missing) and the first time a pass needs it
-(after a restart, say), and again when its list is older than RESYNC_SECONDS: Kopf re-lists after a
-broken watch without reporting what was deleted meanwhile, so a kept Deployment could outlive the object
-(as an informer's resync period bounds that). An event older than what a list saw (a lower generation
-of the same object) does not overwrite it; events that arrive while a list is in flight are applied on
-top of it once it is answered (the list may predate their changes, and the watch does not send them
-again: an instance made available during its first list stayed Provisioning until the resync).
+(after a restart, say), and again when its list is older than RESYNC_SECONDS, a bound on what a
+missed event could leave (as an informer's resync period is); a list after a broken watch reports what
+was deleted meanwhile (watches.LoopFollower), so a kept Deployment does not outlive the object. An
+event older than what a list saw (a lower generation of the same object) does not overwrite it; events
+that arrive while a list is in flight are applied on top of it once it is answered (the list may
+predate their changes, and the watch does not send them again: an instance made available during its
+first list stayed Provisioning until the resync).
 A pass that judged a namespace's readiness covers every event observed before it began to read them:
 `observe` returns the event's tick, `mark` the reading pass's, and `judged_since` tells a pass an
 event asked for that it has nothing left to see. Without it each instance had a second pass for the
