@@ -151,7 +151,8 @@ class OperatorContext:
     locks: CustomerLocks = field(default_factory=CustomerLocks)
     pass_requests: PassRequests = field(default_factory=PassRequests)
     pass_retries: PassRetries = field(default_factory=PassRetries)
-    # Each Customer's housekeeping daemon, by uid: stopped when the Customer leaves this shard.
+    # Each Customer's housekeeping daemon, by uid: stopped when the Customer leaves this shard. Kopf
+    # stops them all while it pauses the operator, so none running means paused (handlers.kopf_active).
     housekeepers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # The namespace manifest this process last applied, per namespace (reconcile.py).
     applied_namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)

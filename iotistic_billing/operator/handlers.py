@@ -236,9 +236,17 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
             log.warning("Event %s of Customer %s not posted", reason, name, exc_info=True)
 
 
+def kopf_active(ctx: OperatorContext) -> bool:
+    """Whether Kopf runs this operator now, not paused by its peering for one of higher priority: a
+    paused operator's daemons are all stopped, so a running housekeeping daemon is Kopf's word (with no
+    Customer here there is none, and nothing for a pass to do either)."""
+    return bool(ctx.housekeepers)
+
+
 def request_pass(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
-    """A pass of `name` soon, one for a burst of watch events (see PassRequests)."""
-    if not ctx.pass_requests.add(name, deployment_event):
+    """A pass of `name` soon, one for a burst of watch events (see PassRequests); none while Kopf
+    pauses this operator, whose watches still see every event (the active one makes the pass)."""
+    if not kopf_active(ctx) or not ctx.pass_requests.add(name, deployment_event):
         return
 
     async def run() -> None:

@@ -280,8 +280,21 @@ async def test_a_requested_pass_runs_once_for_a_burst(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(handlers, "reconcile", pass_)
     monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
-    ctx = cast(OperatorContext, SimpleNamespace(pass_requests=PassRequests()))
+    housekeeping = asyncio.get_running_loop().create_future()
+    ctx = cast(
+        OperatorContext, SimpleNamespace(pass_requests=PassRequests(), housekeepers={"uid-1": housekeeping})
+    )
     for tick in (3, 7, 5):
         handlers.request_pass(ctx, "acme", tick)
     await asyncio.wait_for(started.wait(), 5)
     assert passes == [("acme", 7)]
+
+
+async def test_an_operator_kopf_pauses_requests_no_pass() -> None:
+    """Found in review: an operator paused by its peering (Kopf stops every daemon) ran the passes its
+    own watches asked for, beside the active one's."""
+    ctx = cast(OperatorContext, SimpleNamespace(pass_requests=PassRequests(), housekeepers={}))
+    handlers.request_pass(ctx, "acme", 3)
+    handlers.request_pass(ctx, "acme")
+    assert not handlers.kopf_active(ctx)
+    assert ctx.pass_requests.add("acme", None)  # nothing was queued, nor a pass started
