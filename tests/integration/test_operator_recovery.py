@@ -437,9 +437,11 @@ def _phase(cluster: Cluster, name: str) -> str | None:
 
 
 def _retried(context: OperatorContext, monkeypatch: pytest.MonkeyPatch) -> Retries:
-    """The retries of the context's failed passes, for the test to fire; a pass they request at once."""
+    """The retries of the context's failed passes, for the test to fire; a pass they request at once.
+    The context stands for an operator Kopf runs, not one its peering paused: a daemon of it runs."""
     retries = Retries()
     context.pass_retries = PassRetries(retries.later)
+    context.housekeepers["uid-active"] = asyncio.get_running_loop().create_future()
     monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
     return retries
 

@@ -256,7 +256,11 @@ async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch
     ctx = cast(
         OperatorContext,
         SimpleNamespace(
-            kube=EventRecorder(), pass_requests=PassRequests(), pass_retries=PassRetries(retries.later)
+            kube=EventRecorder(),
+            pass_requests=PassRequests(),
+            pass_retries=PassRetries(retries.later),
+            # An operator Kopf runs (not paused by its peering): a housekeeping daemon of it runs.
+            housekeepers={"uid-1": asyncio.get_running_loop().create_future()},
         ),
     )
     await handlers._refresh(ctx, "acme")
