@@ -5,9 +5,7 @@ Pure: every input is a value, every amount a Decimal; rounding happens once per 
 half up, and the total is the sum of the rounded lines (what an invoice shows).
 
 Units: a billing period (Stripe's, about a month) counts as one month; a GB is 10^9 bytes; storage is
-charged in GB-months, the time-weighted average database size over the period (each report's size for
-its whole length, in the period it starts in: the part of one that runs past the period's end stands
-for the start of the next period, which the report before its first covers); devices are the peak
+charged in GB-months, the time-weighted average database size over the period; devices are the peak
 of active devices reported in the period; API calls are HTTP requests. The included traffic quota
 covers MQTT and HTTP together; traffic above it is split between MQTT and HTTP in proportion to their
 shares and priced at their own rates.
@@ -95,9 +93,8 @@ class Overage:
 
 
 def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: datetime) -> PeriodTotals:
-    """Sum the samples of one billing period: each belongs wholly to the period it starts in, its
-    storage (a level) for its whole length too, so that reports that cross periods' ends bill each
-    period its length (cut at the end, the part after it was billed in no period)."""
+    """Sum the samples of one billing period; a sample is counted by the part of it inside the period
+    only for storage (a level), while counters belong wholly to the period their report starts in."""
     length = period_end - period_start
     if length <= timedelta(0):
         raise ValueError(f"period_end must be after period_start, got {period_start} .. {period_end}")
@@ -111,9 +108,11 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         mqtt += sample.mqtt_bytes
         http += sample.http_bytes
         calls += sample.http_requests
-        seconds = int((sample.period_end - sample.period_start).total_seconds())
-        device_seconds += sample.active_devices * seconds
-        storage_mb_seconds += sample.postgres_size_mb * Decimal(seconds)
+        device_seconds += sample.active_devices * int(
+            (sample.period_end - sample.period_start).total_seconds()
+        )
+        covered = min(sample.period_end, period_end) - sample.period_start
+        storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
     return totals_from_sums(
         period_start,
         period_end,

@@ -85,13 +85,13 @@ SELECT count(*) FROM inserted
 """  # noqa: S608 - built from constant column names
 
 # The sums `pricing.roll_up` makes, made by PostgreSQL: reports belong to the period they start in,
-# storage each report's seconds, whole. Sums of bigint are numeric: no overflow.
+# storage counts the seconds of each report inside the period. Sums of bigint are numeric: no overflow.
 PERIOD_SUMS: Final = """
 SELECT coalesce(max(active_devices), 0) AS peak_devices,
        coalesce(sum(mqtt_bytes_sent), 0) + coalesce(sum(mqtt_bytes_received), 0) AS mqtt_bytes,
        coalesce(sum(http_bytes_sent), 0) + coalesce(sum(http_bytes_received), 0) AS http_bytes,
        coalesce(sum(http_requests), 0) AS api_calls,
-       coalesce(sum(postgres_size_mb * floor(extract(epoch FROM period_end - period_start))), 0)
+       coalesce(sum(postgres_size_mb * floor(extract(epoch FROM least(period_end, $3) - period_start))), 0)
            AS storage_mb_seconds,
        count(*) AS reports,
        coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start))), 0)

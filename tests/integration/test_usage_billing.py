@@ -203,7 +203,7 @@ async def test_postgres_sums_agree_with_roll_up(
     """The flusher and the views total a period in SQL; that must be pricing.roll_up's arithmetic."""
     customer_id = customer_id_for(unique_name("sums"))
     await send_march(usage_api, db_engine, customer_id)
-    # Odd lengths and sizes, and a report that runs past the period's end (its storage counts whole).
+    # Odd lengths and sizes, and a report that runs past the period's end (storage counts its part inside).
     odd = [
         report(
             customer_id,
