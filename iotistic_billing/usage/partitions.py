@@ -1,6 +1,6 @@
 """The monthly partitions of usage_reports: made ahead of the reports that go into them, and dropped
-whole once older than the raw retention and outside every open billing period (docs/architecture.md,
-"Usage reports over the years").
+whole once older than the raw retention and holding no report of, or reaching into, an open billing
+period (docs/architecture.md, "Usage reports over the years").
 
 A report lives in the partition of the UTC month its period_start falls in, `usage_reports_YYYY_MM`;
 `usage_reports_default` takes a report of a month that has no partition (older than the oldest kept,
@@ -21,6 +21,7 @@ import asyncpg
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
 from iotistic_billing.db.pool import Connection, Pool, connection
 from iotistic_billing.usage.periods import shift_months
+from iotistic_billing.usage.reports import earliest_start_reaching
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def month_of_partition(name: str) -> datetime | None:
 
 def retention_cutoff(now: datetime, retention_months: int, oldest_open_start: datetime | None) -> datetime:
     """Reports that start before this instant may go: `retention_months` before `now`, and never after
-    the start of the oldest billing period still open (its last roll-up reads its reports)."""
+    the earliest start of a report that can reach into the oldest billing period still open (its last
+    roll-up reads its reports, and storage counts a report started before the period for its part
+    inside it)."""
     cutoff = shift_months(now.astimezone(UTC), -retention_months)
-    return cutoff if oldest_open_start is None else min(cutoff, oldest_open_start)
+    return cutoff if oldest_open_start is None else min(cutoff, earliest_start_reaching(oldest_open_start))
 
 
 @dataclass(frozen=True)

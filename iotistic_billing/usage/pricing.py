@@ -5,7 +5,8 @@ Pure: every input is a value, every amount a Decimal; rounding happens once per 
 half up, and the total is the sum of the rounded lines (what an invoice shows).
 
 Units: a billing period (Stripe's, about a month) counts as one month; a GB is 10^9 bytes; storage is
-charged in GB-months, the time-weighted average database size over the period; devices are the peak
+charged in GB-months, the time-weighted average database size over the period (each report weighted by
+its time inside the period: one across the period's end counts in both periods); devices are the peak
 of active devices reported in the period; API calls are HTTP requests. The included traffic quota
 covers MQTT and HTTP together; traffic above it is split between MQTT and HTTP in proportion to their
 shares and priced at their own rates.
@@ -93,14 +94,18 @@ class Overage:
 
 
 def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: datetime) -> PeriodTotals:
-    """Sum the samples of one billing period; a sample is counted by the part of it inside the period
-    only for storage (a level), while counters belong wholly to the period their report starts in."""
+    """Sum the samples of one billing period: counters belong wholly to the period their report starts
+    in, while storage (a level) counts the part of every report inside the period, wherever it starts,
+    so that a report across a period's end is billed in both periods for its time in each."""
     length = period_end - period_start
     if length <= timedelta(0):
         raise ValueError(f"period_end must be after period_start, got {period_start} .. {period_end}")
     peak = mqtt = http = calls = count = device_seconds = 0
     storage_mb_seconds = Decimal(0)
     for sample in samples:
+        covered = min(sample.period_end, period_end) - max(sample.period_start, period_start)
+        if covered > timedelta(0):
+            storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
         if not period_start <= sample.period_start < period_end:
             continue
         count += 1
@@ -111,8 +116,6 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         device_seconds += sample.active_devices * int(
             (sample.period_end - sample.period_start).total_seconds()
         )
-        covered = min(sample.period_end, period_end) - sample.period_start
-        storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
     return totals_from_sums(
         period_start,
         period_end,

@@ -6,7 +6,7 @@ Counters are DELTAS: what happened in [period_start, period_end), not running to
 instance started, so that reports sum to a billing period and a lost report loses only its own
 interval. active_devices and total_devices are levels at the end of the period (the billing counts
 the peak of active devices); postgres_size_mb is the database size over the period (billed in
-GB-months, weighted by the period's length).
+GB-months, weighted by the report's time inside each billing period).
 """
 
 from __future__ import annotations
@@ -224,6 +224,13 @@ def foreign_report(parsed: ParsedReports, customer_id: str) -> int | None:
     )
 
 
+def earliest_start_reaching(moment: datetime) -> datetime:
+    """The earliest period_start of a report that can run past `moment`: a report is at most MAX_PERIOD
+    long, so a query of the reports overlapping a billing period reads from here (and prunes the
+    partitions before it), and retention keeps them."""
+    return moment - MAX_PERIOD
+
+
 def earliest_starts(reports: Sequence[UsageReport]) -> dict[str, datetime]:
     """Customer id -> the earliest period_start among its reports: the oldest billing period they
     fall in, which the status flush rolls up even when it has ended (usage.service)."""
@@ -285,6 +292,7 @@ __all__ = [
     "ReportBody",
     "UsageReport",
     "UsageReportBatch",
+    "earliest_start_reaching",
     "earliest_starts",
     "field_path",
     "foreign_report",

@@ -26,7 +26,7 @@ from iotistic_billing.db.pool import (
 from iotistic_billing.db.pool import open_pool as open_asyncpg_pool
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, device_hours, totals_from_sums
-from iotistic_billing.usage.reports import COLUMNS
+from iotistic_billing.usage.reports import COLUMNS, earliest_start_reaching
 
 # The counters not listed are bigint; the size comes as text (reports.report_rows) and is cast.
 _TYPES: Final = {
@@ -84,20 +84,27 @@ WITH inserted AS (
 SELECT count(*) FROM inserted
 """  # noqa: S608 - built from constant column names
 
-# The sums `pricing.roll_up` makes, made by PostgreSQL: reports belong to the period they start in,
-# storage counts the seconds of each report inside the period. Sums of bigint are numeric: no overflow.
+# The sums `pricing.roll_up` makes, made by PostgreSQL: counters belong to the reports that start in
+# the period, storage counts the seconds inside the period of every report overlapping it. Those start
+# from $4 (`reports.earliest_start_reaching`), a bound of the partition key that prunes the months
+# before it; the reads of the 31 days before the period are the price of no index on period_end (an
+# index every report would pay for). Sums of bigint are numeric: no overflow.
 PERIOD_SUMS: Final = """
-SELECT coalesce(max(active_devices), 0) AS peak_devices,
-       coalesce(sum(mqtt_bytes_sent), 0) + coalesce(sum(mqtt_bytes_received), 0) AS mqtt_bytes,
-       coalesce(sum(http_bytes_sent), 0) + coalesce(sum(http_bytes_received), 0) AS http_bytes,
-       coalesce(sum(http_requests), 0) AS api_calls,
-       coalesce(sum(postgres_size_mb * floor(extract(epoch FROM least(period_end, $3) - period_start))), 0)
+SELECT coalesce(max(active_devices) FILTER (WHERE period_start >= $2), 0) AS peak_devices,
+       coalesce(sum(mqtt_bytes_sent) FILTER (WHERE period_start >= $2), 0)
+           + coalesce(sum(mqtt_bytes_received) FILTER (WHERE period_start >= $2), 0) AS mqtt_bytes,
+       coalesce(sum(http_bytes_sent) FILTER (WHERE period_start >= $2), 0)
+           + coalesce(sum(http_bytes_received) FILTER (WHERE period_start >= $2), 0) AS http_bytes,
+       coalesce(sum(http_requests) FILTER (WHERE period_start >= $2), 0) AS api_calls,
+       coalesce(sum(postgres_size_mb
+                    * floor(extract(epoch FROM least(period_end, $3) - greatest(period_start, $2)))), 0)
            AS storage_mb_seconds,
-       count(*) AS reports,
-       coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start))), 0)
+       count(*) FILTER (WHERE period_start >= $2) AS reports,
+       coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start)))
+                    FILTER (WHERE period_start >= $2), 0)
            AS device_seconds
 FROM usage_reports
-WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+WHERE customer_id = $1 AND period_start >= $4 AND period_start < $3 AND period_end > $2
 """
 
 PERIOD_SAMPLES: Final = """
@@ -106,7 +113,7 @@ SELECT period_start, period_end, active_devices,
        http_bytes_sent::numeric + http_bytes_received AS http_bytes,
        http_requests, postgres_size_mb
 FROM usage_reports
-WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+WHERE customer_id = $1 AND period_start >= $4 AND period_start < $3 AND period_end > $2
 """
 
 DAILY: Final = """
@@ -191,7 +198,9 @@ async def insert_reports(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
 
 async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod) -> PeriodTotals:
     """The period's totals summed by PostgreSQL (cheap enough for every status flush and view)."""
-    row = await conn.fetchrow(PERIOD_SUMS, customer_id, period.start, period.end)
+    row = await conn.fetchrow(
+        PERIOD_SUMS, customer_id, period.start, period.end, earliest_start_reaching(period.start)
+    )
     assert row is not None  # an aggregate always returns a row
     return totals_from_sums(
         period.start,
@@ -207,7 +216,10 @@ async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod
 
 
 async def period_samples(conn: Queryable, customer_id: str, period: BillingPeriod) -> list[UsageSample]:
-    rows = await conn.fetch(PERIOD_SAMPLES, customer_id, period.start, period.end)
+    """The reports overlapping the period, as `pricing.roll_up` takes them."""
+    rows = await conn.fetch(
+        PERIOD_SAMPLES, customer_id, period.start, period.end, earliest_start_reaching(period.start)
+    )
     return [
         UsageSample(
             period_start=row["period_start"],

@@ -203,7 +203,8 @@ async def test_postgres_sums_agree_with_roll_up(
     """The flusher and the views total a period in SQL; that must be pricing.roll_up's arithmetic."""
     customer_id = customer_id_for(unique_name("sums"))
     await send_march(usage_api, db_engine, customer_id)
-    # Odd lengths and sizes, and a report that runs past the period's end (storage counts its part inside).
+    # Odd lengths and sizes, and reports that run over the period's start and past its end (storage
+    # counts their part inside, wherever they start).
     odd = [
         report(
             customer_id,
@@ -218,12 +219,50 @@ async def test_postgres_sums_agree_with_roll_up(
     odd.append(
         report(customer_id, "late", start=MARCH.end - timedelta(hours=3), hours=30, postgres_size_mb=999)
     )
+    odd.append(
+        report(
+            customer_id,
+            "early",
+            start=MARCH.start - timedelta(days=30, seconds=7),
+            hours=24 * 31,
+            postgres_size_mb=4321.5,
+            http_requests=77,
+        )
+    )
     headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
     assert (await post(usage_api, {"reports": odd}, headers))[0] == 202
+    april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
     async with connection(usage_api.app[USAGE].pool) as conn:
-        in_sql = await period_totals(conn, customer_id, MARCH)
-        in_python = roll_up(await period_samples(conn, customer_id, MARCH), MARCH.start, MARCH.end)
-    assert in_sql == in_python and in_sql.reports == 104
+        for period, reports in ((MARCH, 104), (april, 1)):
+            in_sql = await period_totals(conn, customer_id, period)
+            in_python = roll_up(await period_samples(conn, customer_id, period), period.start, period.end)
+            assert in_sql == in_python and in_sql.reports == reports
+
+
+async def test_a_report_across_a_periods_end_bills_its_storage_in_both_periods(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    customer_id = customer_id_for(unique_name("across"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    reports = [
+        # 20 days at 3,100 MB from March 21: 11 days in March, 9 in April.
+        report(customer_id, "across", start=at(2025, 3, 21), hours=24 * 20, postgres_size_mb=3100),
+        # The longest a report may be, 31 days at 9,300 MB: 30.5 days in March, 12 hours in April.
+        report(customer_id, "longest", start=at(2025, 3, 1, 12), hours=24 * 31, postgres_size_mb=9300),
+    ]
+    assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+    april = BillingPeriod(MARCH.end, at(2025, 5, 1))
+    async with connection(usage_api.app[USAGE].pool) as conn:
+        march_totals = await period_totals(conn, customer_id, MARCH)
+        april_totals = await period_totals(conn, customer_id, april)
+        april_samples = roll_up(await period_samples(conn, customer_id, april), april.start, april.end)
+    # March: 3,100 MB x 11 / 31 days + 9,300 MB x 30.5 / 31 days = 1,100 + 9,150 MB.
+    assert march_totals.storage_gb_months == Decimal("10.25")
+    # April: 3,100 MB x 9 / 30 days + 9,300 MB x 0.5 / 30 days = 930 + 155 MB.
+    assert april_totals.storage_gb_months == april_samples.storage_gb_months == Decimal("1.085")
+    # Their counters are March's alone.
+    assert (march_totals.reports, march_totals.api_calls) == (2, 6)
+    assert (april_totals.reports, april_totals.api_calls, april_totals.peak_devices) == (0, 0, 0)
 
 
 class Recorder:

@@ -6,6 +6,7 @@ its own (the partitions are the database's); `now` is always given."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -24,10 +25,10 @@ from iotistic_billing.k8s import Kube
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import create_partition, maintain_partitions, month_of, partition_name
-from iotistic_billing.usage.periods import shift_months
-from iotistic_billing.usage.reports import UsageReport, report_rows
+from iotistic_billing.usage.periods import BillingPeriod, shift_months
+from iotistic_billing.usage.reports import UsageReport, earliest_start_reaching, report_rows
 from iotistic_billing.usage.service import UsageMetering
-from iotistic_billing.usage.store import insert_reports, open_pool
+from iotistic_billing.usage.store import PERIOD_SAMPLES, PERIOD_SUMS, insert_reports, open_pool
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -221,8 +222,11 @@ async def test_retention_drops_old_months_whole_but_no_open_period_and_no_rollup
         if current != month(2026, 6):
             await maintain_partitions(pool, current, ahead=0, retention_months=1200)
     reports = [report("cust_retention01", f"m-{start:%Y-%m}", start + timedelta(days=9)) for start in months]
-    # Customer 02's period Oct 15 .. Nov 15, 2025 is still open (never closed); 01's September is closed.
+    # Customer 02's period Oct 15 .. Nov 15, 2025 is still open (never closed), and its storage counts
+    # a report of 30 days that started in September; 01's September is closed.
+    reaching = report("cust_retention02", "reaching", datetime(2025, 9, 20, tzinfo=UTC))
     reports += [
+        reaching.model_copy(update={"period_end": datetime(2025, 10, 20, tzinfo=UTC)}),
         report("cust_retention02", "open-1", datetime(2025, 10, 20, tzinfo=UTC)),
         report("cust_retention02", "open-2", datetime(2025, 11, 10, tzinfo=UTC)),
         report("cust_retention01", "ancient", datetime(2001, 5, 5, tzinfo=UTC)),
@@ -239,32 +243,70 @@ async def test_retention_drops_old_months_whole_but_no_open_period_and_no_rollup
         located = await where_each_row_is(conn)
     assert located["m-2026-06"] == located["ancient"] == "usage_reports_default"
 
-    # Dec 3, 2026, 13 months: September 2025 goes; October holds the open period's first report.
+    # Dec 3, 2026, 13 months: October holds the open period's first report, and September one that
+    # runs into it: both stay.
     run = await maintain_partitions(pool, NOW, ahead=2, retention_months=13)
-    assert run.dropped == ("usage_reports_2025_09",)
+    assert run.dropped == ()
     assert run.deleted == 1  # the default partition's report of 2001
     async with pool.acquire() as conn:
         left = await where_each_row_is(conn)
-        assert set(left) == {r.report_id for r in reports} - {"m-2025-09", "ancient"}
+        assert set(left) == {r.report_id for r in reports} - {"ancient"}
+        assert left["reaching"] == "usage_reports_2025_09"
         assert left["m-2026-06"] == "usage_reports_default"  # in the retention, kept
         made = await partitions(conn)
-    assert "usage_reports_2025_09" not in made
     # December and the two months ahead exist, whoever made them (the migration makes the months of
     # the day it runs).
     assert {"usage_reports_2026_12", "usage_reports_2027_01", "usage_reports_2027_02"} <= set(made)
     assert await pool.fetch("SELECT * FROM usage_rollups ORDER BY id") == rollups
 
-    # Once the period is closed, October goes too; November (ends Dec 1, after Nov 3, 2025) stays.
+    # Once the period is closed, September and October go; November (ends Dec 1, after Nov 3, 2025)
+    # stays.
     await pool.execute("UPDATE usage_rollups SET closed_at = '2025-11-15 01:00Z' WHERE closed_at IS NULL")
     run = await maintain_partitions(pool, NOW, ahead=2, retention_months=13)
-    assert (run.dropped, run.deleted) == (("usage_reports_2025_10",), 0)
+    assert (run.dropped, run.deleted) == (("usage_reports_2025_09", "usage_reports_2025_10"), 0)
     async with pool.acquire() as conn:
         left = await where_each_row_is(conn)
-    assert set(left) == {r.report_id for r in reports} - {"m-2025-09", "m-2025-10", "ancient", "open-1"}
+        made = await partitions(conn)
+    assert "usage_reports_2025_09" not in made and "usage_reports_2025_10" not in made
+    assert set(left) == {r.report_id for r in reports} - {
+        "m-2025-09",
+        "m-2025-10",
+        "ancient",
+        "open-1",
+        "reaching",
+    }
     assert left["open-2"] == "usage_reports_2025_11"
     assert await pool.fetchval("SELECT count(*) FROM usage_rollups") == 2
     # Nothing more to do at the same moment.
     assert await maintain_partitions(pool, NOW, ahead=2, retention_months=13) == type(run)()
+
+
+def scanned_tables(plan: Any) -> set[str]:
+    """The relations an EXPLAIN (FORMAT JSON) plan reads."""
+    if isinstance(plan, list):
+        return set().union(*map(scanned_tables, plan))
+    if not isinstance(plan, dict):
+        return set()
+    found = {plan["Relation Name"]} if "Relation Name" in plan else set()
+    return found.union(*map(scanned_tables, plan.values()))
+
+
+async def test_a_billing_period_reads_its_months_and_the_31_days_before_and_no_other(pool: Pool) -> None:
+    """The reports that start in a period, and those started up to 31 days before that can run into it
+    (storage counts their part inside): PostgreSQL prunes every other partition."""
+    for current in [shift_months(month(2030, 11), offset) for offset in range(7)]:
+        await maintain_partitions(pool, current, ahead=0, retention_months=1200)
+    march = BillingPeriod(month(2031, 3), month(2031, 4))
+    arguments = ("cust_pruning01", march.start, march.end, earliest_start_reaching(march.start))
+    async with pool.acquire() as conn:
+        for statement in (PERIOD_SUMS, PERIOD_SAMPLES):
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", *arguments))
+            # January 29 is 31 days before March 1.
+            assert scanned_tables(plan) == {
+                "usage_reports_2031_01",
+                "usage_reports_2031_02",
+                "usage_reports_2031_03",
+            }
 
 
 async def test_a_month_made_late_takes_its_reports_out_of_the_default_partition(pool: Pool) -> None:

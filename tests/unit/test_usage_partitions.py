@@ -54,16 +54,11 @@ def test_a_partition_is_named_after_its_utc_month() -> None:
         # 13 months back from Dec 3 is Nov 3, 2025: the months that end by then go, November stays
         # whole (a partition goes at once, so its reports stay up to a month past the retention).
         (months(month(2025, 9), month(2027, 2)), NOW, None, [], [month(2025, 9), month(2025, 10)]),
-        # A billing period still open from Oct 15, 2025: October holds its first reports and stays.
-        (
-            months(month(2025, 9), month(2027, 2)),
-            NOW,
-            datetime(2025, 10, 15, tzinfo=UTC),
-            [],
-            [month(2025, 9)],
-        ),
-        # An open period that starts on the 1st: the month before it ends where it starts, and goes.
-        (months(month(2025, 9), month(2027, 2)), NOW, month(2025, 10), [], [month(2025, 9)]),
+        # A billing period still open from Oct 15, 2025: October holds its first reports, and a report
+        # of up to 31 days that started in September can run into it: both stay.
+        (months(month(2025, 9), month(2027, 2)), NOW, datetime(2025, 10, 15, tzinfo=UTC), [], []),
+        # One open from Nov 1: 31 days before it is Oct 1, where September ends; September goes.
+        (months(month(2025, 9), month(2027, 2)), NOW, month(2025, 11), [], [month(2025, 9)]),
         # Exactly 13 months after a month's end (October 2025 ends on Nov 1), it goes.
         (months(month(2025, 10), month(2027, 2)), month(2026, 12), None, [], [month(2025, 10)]),
         (months(month(2025, 10), month(2027, 2)), month(2026, 12) - timedelta(seconds=1), None, [], []),
@@ -82,21 +77,23 @@ def test_months_ahead_are_made_and_months_past_the_retention_dropped(
     assert (list(plan.create), list(plan.drop)) == (create, drop)
 
 
-def test_the_cutoff_never_reaches_into_an_open_billing_period() -> None:
+def test_the_cutoff_never_reaches_a_report_of_an_open_billing_period() -> None:
     assert retention_cutoff(NOW, 13, None) == datetime(2025, 11, 3, 13, 30, tzinfo=UTC)
     open_since = datetime(2024, 6, 15, tzinfo=UTC)  # a period left open (never closed) long ago
-    assert retention_cutoff(NOW, 13, open_since) == open_since
+    # Reports are at most 31 days long: the earliest that can run into the period starts May 15.
+    assert retention_cutoff(NOW, 13, open_since) == datetime(2024, 5, 15, tzinfo=UTC)
     assert retention_cutoff(NOW, 13, NOW) == datetime(2025, 11, 3, 13, 30, tzinfo=UTC)
     # Months are calendar months, clamped: 13 months before Mar 31 is Feb 28.
     assert retention_cutoff(datetime(2026, 3, 31, tzinfo=UTC), 13, None) == datetime(2025, 2, 28, tzinfo=UTC)
-    # Whatever the retention, no month that ends after the oldest open period's start is dropped.
+    # Whatever the retention, no month holding a report that can run into the oldest open period is
+    # dropped.
     open_start = datetime(2026, 10, 20, tzinfo=UTC)
     everything = months(month(2024, 1), month(2027, 2))
     for retention in range(2, 30):
         plan = plan_partitions(
             everything, NOW, ahead=2, retention_months=retention, oldest_open_start=open_start
         )
-        assert all(shift_months(dropped, 1) <= open_start for dropped in plan.drop)
+        assert all(shift_months(dropped, 1) <= open_start - timedelta(days=31) for dropped in plan.drop)
 
 
 def test_the_retention_is_two_months_at_least() -> None:

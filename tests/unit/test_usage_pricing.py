@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import pairwise
 
 import pytest
 
@@ -63,6 +64,42 @@ def test_roll_up_sums_counters_takes_peak_devices_and_averages_storage() -> None
         reports=2,
         device_hours=Decimal(8 * 360 + 12 * 360),  # active devices times each report's hours
     )
+
+
+def steady(starts: list[datetime]) -> list[UsageSample]:
+    """Reports from each start to the next: a 10,000 MB database, 100 API calls each."""
+    return [
+        UsageSample(start, end, 1, 0, 0, http_requests=100, postgres_size_mb=Decimal(10_000))
+        for start, end in pairwise(starts)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("samples", "period"),
+    [
+        # Daily reports from midnight, a Stripe period anchored at noon: each end cuts a report in two.
+        (
+            steady([datetime(2031, 1, 1, tzinfo=UTC) + timedelta(days=day) for day in range(61)]),
+            (datetime(2031, 1, 15, 12, tzinfo=UTC), datetime(2031, 2, 15, 12, tzinfo=UTC)),
+        ),
+        # A report a month, on the 15th, against calendar February: half of two reports.
+        (
+            steady([datetime(2031, month, 15, tzinfo=UTC) for month in range(1, 5)]),
+            (datetime(2031, 2, 1, tzinfo=UTC), datetime(2031, 3, 1, tzinfo=UTC)),
+        ),
+    ],
+    ids=["daily-reports-noon-period", "monthly-reports-calendar-month"],
+)
+def test_storage_counts_every_report_for_its_time_inside_the_period(
+    samples: list[UsageSample], period: tuple[datetime, datetime]
+) -> None:
+    """A steady 10,000 MB database is 10 GB-months in any period, however the reports fall across its
+    ends (the part after the end counted nowhere gave 9.84 and 5); counters still belong to the period
+    their report starts in."""
+    totals = roll_up(samples, *period)
+    assert totals.storage_gb_months == Decimal(10)
+    starting_inside = [sample for sample in samples if period[0] <= sample.period_start < period[1]]
+    assert totals.reports == len(starting_inside) and totals.api_calls == 100 * len(starting_inside)
 
 
 def test_starter_overage_worked_by_hand() -> None:
