@@ -6,8 +6,9 @@ meter run rolls it up one last time from the stored reports with `pricing.roll_u
 closed row never changes, so what was sent to Stripe stays what the row says. The current period starts
 no earlier than the end of the customer's ended rows (`unsettled_period`), so that no report is billed
 twice. A report that no row holds, of a period that ended before any flush saw it, gets its period's row
-from the flush that sees it (`open_missing_rollups`); a report that arrives after its period closed is
-kept, and billed in no period (`reports_after_close`). Amounts are stored as strings of exact decimals.
+from the flush that sees it while the period's close grace lasts (`open_missing_rollups`); a report that
+arrives after that, or after its period closed, is kept, and billed in no period
+(`reports_after_close`). Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
@@ -196,11 +197,15 @@ async def open_missing_rollups(
     period_of: Callable[[datetime], BillingPeriod],
     since: datetime,
     until: datetime,
-) -> list[Rollup]:
+    closed_by: datetime,
+) -> tuple[list[Rollup], list[BillingPeriod]]:
     """An open row for each period holding reports of the customer, starting in [since, until), that no
     row holds: `period_of` the earliest such report's start, cut to the gap between the customer's rows
-    around it (so that no report is in two rows); the meter run closes and meters it as any other."""
+    around it (so that no report is in two rows); the meter run closes and meters it as any other.
+    A period that ended by `closed_by` (its close grace over) gets none, as a closed one takes no more
+    reports: Stripe would refuse or no longer invoice it. Returns the rows opened and those periods."""
     opened: list[Rollup] = []
+    missed: list[BillingPeriod] = []
     while (start := await conn.fetchval(_UNHELD_START, customer_id, since, until)) is not None:
         period = period_of(start)
         neighbours = await conn.fetchrow(_NEIGHBOURS, customer_id, start)
@@ -209,11 +214,14 @@ async def open_missing_rollups(
             max(period.start, neighbours["end_before"] or period.start),
             min(period.end, neighbours["start_after"] or period.end),
         )
+        since = gap.end
+        if gap.end <= closed_by:
+            missed.append(gap)
+            continue
         rollup = compute_rollup(customer_id, gap, plan, await period_totals(conn, customer_id, gap))
         await save_rollup(conn, rollup)
         opened.append(rollup)
-        since = gap.end
-    return opened
+    return opened, missed
 
 
 # Reports starting in [$2, $3) that a closed row holds but that were stored after it closed, per row.

@@ -255,19 +255,20 @@ class UsageMetering:
     async def _roll_up_ended_periods(
         self, conn: Queryable, record: CustomerRecord, plan: str, since: datetime, current: BillingPeriod
     ) -> None:
-        """Rows for the ended periods of reports starting from `since`: no flush made them while they
-        held its `now` when every report of theirs came after their end (an instance that reports once
-        a period, a new customer's first report after the month ended, a period's last minutes sent
-        after it ended). A report of a closed period is kept and billed in no period: its row is what
-        Stripe was sent."""
+        """Rows for the ended periods of reports starting from `since`, within their close grace: no
+        flush made them while they held its `now` when every report of theirs came after their end (an
+        instance that reports once a period, a new customer's first report after the month ended, a
+        period's last minutes sent after it ended). A report of a period closed, or past its close
+        grace, is kept and billed in no period: a closed row is what Stripe was sent."""
         customer_id = record.customer_id
-        opened = await open_missing_rollups(
+        opened, missed = await open_missing_rollups(
             conn,
             customer_id,
             plan,
             lambda moment: customer_period(record.customer, moment),
             since,
             current.start,
+            closed_by=self.clock() - timedelta(seconds=self.options.close_grace),
         )
         for rollup in opened:
             log.info(
@@ -275,6 +276,14 @@ class UsageMetering:
                 customer_id,
                 rollup.period.start.isoformat(),
                 rollup.period.end.isoformat(),
+            )
+        for period in missed:
+            log.warning(
+                "usage of %s: period %s .. %s ended more than USAGE_CLOSE_GRACE before its reports"
+                " arrived; kept, billed in no period",
+                customer_id,
+                period.start.isoformat(),
+                period.end.isoformat(),
             )
         for closed, reports in await reports_after_close(conn, customer_id, since, current.start):
             log.warning(
