@@ -62,9 +62,18 @@ class Outcome:
     customer_id: str | None = None
 
 
-# Per event id: the result to record, or the error that leaves it pending for a retry. An event of the
+@dataclass(frozen=True)
+class Failure:
+    """An event left pending for a retry: the error, and the Customer (its name, when known) whose
+    newer events wait with it."""
+
+    error: Exception
+    customer: str | None = None
+
+
+# Per event id: the result to record, or the failure that leaves it pending for a retry. An event of the
 # batch that is missing was deferred: left pending as it was, for the next batch.
-Results = dict[str, Outcome | Exception]
+Results = dict[str, Outcome | Failure]
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,10 @@ class _CustomerEvents:
     link: str | None = None
     plan: Coalesced | None = None
 
+    def failed(self, error: Exception) -> dict[str, Failure]:
+        """Each of the group's events left pending by `error`; its newer events wait with them."""
+        return {event.id: Failure(error, self.name) for event in self.events}
+
 
 async def apply_events(
     deps: EventApplier,
@@ -98,15 +111,16 @@ async def apply_events(
     sessions: Sessions,
     concurrency: int = CONCURRENCY,
     max_customers: int = MAX_CUSTOMERS,
-    waiting: Collection[str] = (),
+    held_back: Collection[str] = (),
 ) -> Results:
     """What the events do, inside the caller's transaction (see inbox.py); `events` in Stripe's order
     (`created`, then arrival). `sessions` serves the lookups, which run beside that transaction;
     `concurrency` Customers are looked up, read and applied at once. The events of the first
     `max_customers` Customers they name are applied, each Customer's all; the others' are left as they
     are (deferred), so that what a Customer has applied is always the oldest of its events. So are the
-    events of a Customer one of whose events is `waiting` (ids in a retry's backoff): a newer event
-    applied before an older one that failed would leave the older one stale, its notice unsent."""
+    events of the Customers `held_back` (names: an event of theirs failed and waits for its retry): a
+    newer event applied before the older one that failed would leave that one stale, its notice
+    unsent."""
     slots = asyncio.Semaphore(max(concurrency, 1))
     results: Results = {}
     handled: list[tuple[StripeEvent, LookupHints]] = []
@@ -123,19 +137,19 @@ async def apply_events(
         [hints for _, hints in handled],
         slots,
         max_customers,
-        {hints for event, hints in handled if event.id in waiting},
+        held_back,
     )
 
     groups: dict[str, _CustomerEvents] = {}
     for event, hints in handled:
         name = found[hints]
         if isinstance(name, str) and name not in records:
-            continue  # past the batch's limit, or waiting for a retry: left pending (deferred)
-        if not isinstance(name, str) and event.id in waiting:
-            continue  # its Customer not known: it waits alone
+            continue  # past the batch's limit, or held back for a retry: left pending (deferred)
         record = records.get(name) if isinstance(name, str) else None
-        if isinstance(name, Exception) or isinstance(record, Exception):
-            results[event.id] = name if isinstance(name, Exception) else cast(Exception, record)
+        if isinstance(name, Exception):
+            results[event.id] = Failure(name)
+        elif isinstance(record, Exception):
+            results[event.id] = Failure(record, name)
         elif name is None or record is None:
             log.warning(
                 "stripe event %s (%s) matches no Customer; acknowledged and recorded as unmatched",
@@ -151,7 +165,7 @@ async def apply_events(
         try:
             group.facts = [subscription_facts(e.type, e.data.object, deps.catalog) for e in group.events]
         except Exception as error:  # an event no rule foresaw: its Customer's events wait, not the batch's
-            results.update({event.id: error for event in group.events})
+            results.update(group.failed(error))
         else:
             ready.append(group)
 
@@ -173,7 +187,7 @@ async def apply_events(
                 [(facts, event.created) for facts, event in zip(group.facts, group.events, strict=True)],
             )
         except Exception as error:  # a state the models refuse: this Customer's events stay pending
-            results.update({event.id: error for event in group.events})
+            results.update(group.failed(error))
     planned = [group for group in ready if group.plan is not None]
     patched = await asyncio.gather(
         *(_bounded(slots, _apply_to_customer(deps.kube, group)) for group in planned)
@@ -181,7 +195,7 @@ async def apply_events(
     written: list[tuple[_CustomerEvents, bool]] = []
     for group, patch in zip(planned, patched, strict=True):
         if isinstance(patch, Exception):
-            results.update({event.id: patch for event in group.events})
+            results.update(group.failed(patch))
         else:
             written.append((group, patch == "gone"))
     try:  # all Customers' records at once; should one be refused, each on its own below
@@ -198,7 +212,7 @@ async def apply_events(
             async with session.begin_nested():
                 results.update(await _record(deps, session, group, gone=gone))
         except Exception as error:  # that Customer's events stay pending; the others are recorded
-            results.update({event.id: error for event in group.events})
+            results.update(group.failed(error))
     return results
 
 
@@ -214,11 +228,11 @@ async def _find_and_lock(
     wanted: Sequence[LookupHints],
     slots: asyncio.Semaphore,
     max_customers: int,
-    waiting: Collection[LookupHints] = (),
+    held_back: Collection[str] = (),
 ) -> tuple[dict[LookupHints, str | Exception | None], dict[str, CustomerRecord | Exception | None]]:
     """Whose events these are (a Customer name per set of hints, `wanted` in the events' order), and
-    the first `max_customers` of those Customers locked, then read, past those that `waiting` hints
-    name; a Customer not read is deferred.
+    the first `max_customers` of those Customers locked, then read, past those `held_back`; a
+    Customer not read is deferred.
 
     Hints that carry our customer id are looked up in the mirror, all in one query, and checked against
     the Customer read under its lock (the check `Directory.by_customer_id` makes); the others, and those
@@ -240,7 +254,6 @@ async def _find_and_lock(
     candidates = set(found)
     directory = deps.directory.for_batch()
     found.update(await _resolve(directory, sessions, set(wanted) - candidates, slots))
-    held_back = {name for hints in waiting if isinstance(name := found[hints], str)}
     chosen = _first_names((found[hints] for hints in wanted), max_customers, skip=held_back)
     records = await _lock_and_read(deps, session, chosen, slots)
 
@@ -253,7 +266,7 @@ async def _find_and_lock(
         found.update(await _resolve(directory, sessions, refuted, slots))
         room = max(max_customers - len(records), 0)
         new = _first_names(
-            (found[hints] for hints in wanted if hints in refuted), room, skip=held_back | set(records)
+            (found[hints] for hints in wanted if hints in refuted), room, skip={*held_back, *records}
         )
         records.update(await _lock_and_read(deps, session, new, slots))
     return found, records
@@ -445,4 +458,4 @@ async def _write_row(session: AsyncSession, subscription_id: str, row: StoredSub
     )
 
 
-__all__ = ["EventApplier", "Outcome", "Results", "apply_events"]
+__all__ = ["EventApplier", "Failure", "Outcome", "Results", "apply_events"]

@@ -25,10 +25,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from pydantic import ValidationError
-from sqlalchemy import Text, bindparam, select, update
+from sqlalchemy import Text, all_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
@@ -36,7 +36,7 @@ from sqlalchemy.sql import func
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.db.pool import CONNECTION_ERRORS, DatabaseUnavailable, Pool
-from iotistic_billing.stripe_inbox.apply import EventApplier, Outcome, Results, apply_events
+from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.workers import nap, stop_tasks
 
@@ -117,13 +117,13 @@ class EventInbox:
         self.pause_ratio = pause_ratio
         self.poll = poll
         self.database_url = database_url
-        self.clock = clock  # of the retries' backoff
         self._wakeup = asyncio.Event()
         self._stored = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # event id -> monotonic time before which it is not retried (per process; a restart retries now).
-        self._not_before: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
+        # Per process (a restart retries at once): failed events, left out of the claims, and their
+        # Customers, whose newer events wait with them.
+        self._events_backoff = RetryBackoff(clock)
+        self._customers_backoff = RetryBackoff(clock)
         # From the batch lock to the commit, of the last batch that recorded anything.
         self.last_batch_seconds = 0.0
 
@@ -178,7 +178,7 @@ class EventInbox:
     async def apply_pending(self) -> int:
         """Claim up to `batch` due pending events, oldest `created` first, apply them Customer by Customer
         in one transaction, and record each one's result; how many were recorded (0: none was due)."""
-        waiting = self._waiting()
+        waiting, held_back = self._events_backoff.waiting(), self._customers_backoff.waiting()
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
@@ -189,6 +189,11 @@ class EventInbox:
                 .limit(self.batch)
                 .with_for_update(skip_locked=True)
             )
+            if waiting:
+                query = query.where(
+                    models.StripeEvent.event_id
+                    != all_(bindparam("waiting", sorted(waiting), type_=ARRAY(Text)))
+                )
             claimed = (await session.execute(query)).all()
             if not claimed:
                 return 0
@@ -199,25 +204,29 @@ class EventInbox:
                 try:
                     event = StripeEvent.model_validate(payload)
                 except ValidationError as invalid:  # stored verified; a row edited by hand lands here
-                    if event_id not in waiting:
-                        results[event_id] = invalid
+                    results[event_id] = Failure(invalid)
                     types[event_id] = str((payload or {}).get("type", "unknown"))
                     continue
                 events.append(event)
                 types[event_id] = event.type
             results.update(
                 await apply_events(
-                    self.applier, session, events, self.sessions, self.workers, self.batch_customers, waiting
+                    self.applier,
+                    session,
+                    events,
+                    self.sessions,
+                    self.workers,
+                    self.batch_customers,
+                    held_back,
                 )
             )
             outcomes = {k: v for k, v in results.items() if isinstance(v, Outcome)}
-            failures = {k: v for k, v in results.items() if isinstance(v, Exception)}
+            failures = {k: v for k, v in results.items() if isinstance(v, Failure)}
             await _record_outcomes(session, outcomes)
-            await _record_failures(session, failures)
+            await _record_failures(session, {k: failure.error for k, failure in failures.items()})
         self.last_batch_seconds = time.monotonic() - started
         for event_id, outcome in outcomes.items():
-            self._not_before.pop(event_id, None)
-            self._failures.pop(event_id, None)
+            self._events_backoff.forget(event_id)
             self.count(types[event_id], outcome.result)
             log.info(
                 "stripe event %s (%s): %s",
@@ -226,30 +235,18 @@ class EventInbox:
                 outcome.result,
                 extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
             )
+        for customer in {failure.customer for failure in failures.values()} - {None}:
+            self._customers_backoff.failed(cast(str, customer))
         for event_id, failure in failures.items():
-            self._backoff(event_id)
+            self._events_backoff.failed(event_id)
             self.count(types[event_id], "retry")
             log.warning(
                 "stripe event %s (%s) not applied yet, will retry: %s",
                 event_id,
                 types[event_id],
-                type(failure).__name__,
+                type(failure.error).__name__,
             )
         return len(outcomes) + len(failures)
-
-    def _waiting(self) -> set[str]:
-        """The events in a retry's backoff now; those due long ago are forgotten (another replica
-        recorded them, or they will fail again and wait anew)."""
-        now = self.clock()
-        for event_id in [e for e, due in self._not_before.items() if due < now - RETRY_BACKOFF[-1]]:
-            del self._not_before[event_id], self._failures[event_id]
-        return {event_id for event_id, due in self._not_before.items() if due > now}
-
-    def _backoff(self, event_id: str) -> None:
-        failures = self._failures.get(event_id, 0)
-        self._failures[event_id] = failures + 1
-        delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
-        self._not_before[event_id] = self.clock() + delay
 
     async def drain(self, within: float = 30.0) -> None:
         """Apply until nothing is pending and due (tests, and shutdown)."""
@@ -258,6 +255,32 @@ class EventInbox:
             if not await self.apply_pending():
                 return
         raise TimeoutError("stripe inbox not drained")
+
+
+class RetryBackoff:
+    """Keys (event ids, Customer names) not retried before their time, RETRY_BACKOFF by their failures in
+    a row. One due long ago is forgotten: another replica recorded it, or it fails again and waits anew."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._due: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    def failed(self, key: str) -> None:
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        self._due[key] = self.clock() + RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+
+    def forget(self, key: str) -> None:
+        self._due.pop(key, None)
+        self._failures.pop(key, None)
+
+    def waiting(self) -> set[str]:
+        """The keys whose time has not come."""
+        now = self.clock()
+        for key in [key for key, due in self._due.items() if due < now - RETRY_BACKOFF[-1]]:
+            self.forget(key)
+        return {key for key, due in self._due.items() if due > now}
 
 
 def pause_after(batch_seconds: float, cycle: float = CYCLE, ratio: float = PAUSE_RATIO) -> float:

@@ -288,7 +288,7 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     """PostgreSQL refuses one Customer's mirror row (a trigger of this test's database): that Customer's
     events stay pending with the error, the other's are recorded. A newer event of that Customer waits
     with them through their backoff (applied alone, it would leave them stale and the payment failure
-    unnoticed). The refused Customer was written already; the retry finds it ahead of its row, decides
+    unnoticed), and the other Customer's events go on. The refused Customer was written already; the retry finds it ahead of its row, decides
     its events as the first time and records them, with no second apply."""
     good, refused = Subscriber(customers, "records"), Subscriber(customers, "records")
     base = int(time.time())
@@ -321,10 +321,15 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
         async with inbox_engine.begin() as connection:
             await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
         newer = refused.updated(base + 2, status="past_due")
-        await store(inbox_pool, inbox, [newer])
-        assert await inbox.apply_pending() == 0
-        assert await results(inbox_engine, [newer]) == {newer["id"]: PENDING}
+        other = good.updated(base + 3, plan="professional")
+        await store(inbox_pool, inbox, [newer, other])
+        # The failed events are left out of the claim, so that a batch of two still reaches the other
+        # Customer's event; the newer event of the refused Customer waits.
+        inbox.batch = 2
+        assert await inbox.apply_pending() == 1
+        assert await results(inbox_engine, [newer, other]) == {newer["id"]: PENDING, other["id"]: "applied"}
     bodies.append(newer)
+    applies += 1  # the other Customer's plan
     async with inbox_engine.connect() as connection:
         attempts = await connection.execute(
             select(models.StripeEvent.attempts, models.StripeEvent.last_error).where(
