@@ -288,8 +288,9 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     """PostgreSQL refuses one Customer's mirror row (a trigger of this test's database): that Customer's
     events stay pending with the error, the other's are recorded. A newer event of that Customer waits
     with them through their backoff (applied alone, it would leave them stale and the payment failure
-    unnoticed), and the other Customer's events go on. The refused Customer was written already; the retry finds it ahead of its row, decides
-    its events as the first time and records them, with no second apply."""
+    unnoticed), and the other Customer's events go on. The refused Customer was written already; the
+    retry finds it ahead of its row, decides its events as the first time and records them, with no
+    second apply."""
     good, refused = Subscriber(customers, "records"), Subscriber(customers, "records")
     base = int(time.time())
     bodies = [good.updated(base), refused.updated(base), refused.invoice(base + 1, paid=False)]
