@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final
 
 from pydantic import ValidationError
 from sqlalchemy import Text, all_, bindparam, select, update
@@ -235,8 +235,8 @@ class EventInbox:
                 outcome.result,
                 extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
             )
-        for customer in {failure.customer for failure in failures.values()} - {None}:
-            self._customers_backoff.failed(cast(str, customer))
+        for customer in {failure.customer for failure in failures.values() if failure.customer is not None}:
+            self._customers_backoff.failed(customer)
         for event_id, failure in failures.items():
             self._events_backoff.failed(event_id)
             self.count(types[event_id], "retry")
