@@ -406,8 +406,9 @@ class KubeApi:
         return revisions
 
     def list_customer_events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The Events about Customer `name` (Kopf posts those of cluster-scoped objects in `default`),
-        newest first."""
+        """The Events about Customer `name`, newest first, from every namespace: Kopf posts those of a
+        cluster-scoped object in its own namespace (`default` outside a cluster), the operator's refresh
+        passes and the console in `default`."""
         result = self.call(
             self.core.list_event_for_all_namespaces,
             field_selector=f"involvedObject.kind={KIND},involvedObject.name={name}",
