@@ -130,7 +130,8 @@ class StepStatus(CustomerModel):
     healthy: NonNegativeInt | None = None
     failed: NonNegativeInt | None = None
     started_at: AwareDatetime | None = None
-    # When every Customer of the step (and of the steps before) was first healthy: the bake starts.
+    # When every Customer of the step (and any left over from the steps before) was first healthy: the
+    # bake starts.
     healthy_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
 

@@ -54,6 +54,15 @@ class Member:
     def version(self) -> str | None:
         return self.annotations.get(ROLLOUT_CHART_VERSION)
 
+    @property
+    def rollout(self) -> str | None:
+        """The rollout that last set its version."""
+        return self.annotations.get(ROLLOUT_NAME)
+
+    @property
+    def moved_at(self) -> datetime | None:
+        return _time(self.annotations.get(ROLLOUT_UPDATED_AT))
+
 
 @dataclass(frozen=True)
 class Move:
@@ -136,7 +145,7 @@ def moved(customer: Member, version: str, previous: str | None, rollout: str, no
 def _back(
     customer: Member, target: str, failure: RolloutFailure | None, rollout: str, now: datetime
 ) -> Move | None:
-    """The move that returns a Customer of the failed step to the version it had; None when this
+    """The move that returns a Customer this rollout moved to the version it had; None when this
     rollout did not move it or it is back already. Without a recorded version its annotations are
     dropped (the fleet's version applies again)."""
     if customer.annotations.get(ROLLOUT_NAME) != rollout or customer.version != target:
@@ -273,17 +282,36 @@ class _Tick:
             ]
         )
 
+    def _steps(self, groups: list[list[Member]]) -> list[StepStatus]:
+        steps = list(self.status.steps or [])[: len(groups)]
+        steps += [StepStatus() for _ in range(len(groups) - len(steps))]
+        self.status.steps = steps
+        return steps
+
+    def _watched(self, groups: list[list[Member]], current: int) -> list[Member]:
+        """The Customers the current step waits for: its own, and those of earlier steps left over
+        (a canary created after its step, a Customer relabelled in, a percentage grown with the fleet):
+        not moved yet, or moved by this rollout since the step started. Earlier steps' other Customers
+        were healthy (or failed and counted) when their step ended and are not judged again."""
+        started = (self.status.steps or [])[current].started_at
+        since = started.replace(microsecond=0) if started else self.now  # updated-at has whole seconds
+        leftovers = [
+            m
+            for group in groups[:current]
+            for m in group
+            if m.health == "pending"
+            or (m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since)
+        ]
+        return leftovers + groups[current]
+
     def _count(self, groups: list[list[Member]], total: int) -> None:
         target = self.spec.chart_version
-        steps = list(self.status.steps or [])
-        steps += [StepStatus() for _ in range(len(groups) - len(steps))]
         failed_names = {f.customer for f in self.status.failures or ()}
-        for step, group in zip(steps, groups, strict=False):
+        for step, group in zip(self.status.steps or [], groups, strict=True):
             step.selected = len(group)
             step.updated = sum(m.version == target for m in group)
             step.healthy = sum(m.health == "healthy" for m in group)
             step.failed = sum(m.name in failed_names for m in group)
-        self.status.steps = steps[: len(groups)]
         everyone = [m for group in groups for m in group]
         self.status.selected = total
         self.status.updated = sum(m.version == target for m in everyone)
@@ -298,26 +326,26 @@ class _Tick:
         if status.current_step is None:
             status.current_step = 1
             self.events.append(("Normal", "StepStarted", self._step_message(0, groups)))
-        rolling_back = status.phase == RolloutPhase.ROLLING_BACK
-        if current < len(groups) and not rolling_back:
-            self._record_failures(groups[current], current)
-        self._count(groups, total)
-        steps = status.steps or []
+        steps = self._steps(groups)
         if current < len(steps) and steps[current].started_at is None:
             steps[current].started_at = now
-        if rolling_back:
-            return self._rolling_back(groups, current)
-        if current >= len(groups):
+        everyone = [m for group in groups for m in group]
+        if status.phase == RolloutPhase.ROLLING_BACK or current >= len(groups):
+            self._count(groups, total)
+            if status.phase == RolloutPhase.ROLLING_BACK:
+                return self._rolling_back(everyone)
             return self._succeeded(groups)
 
-        group = groups[current]
+        watched = self._watched(groups, current)
+        self._record_failures(watched, current)
+        self._count(groups, total)
         if len(status.failures or ()) >= spec.health_gate.max_failures:
-            return self._failed(groups, current)
+            return self._failed(everyone, current)
 
         step = spec.steps[current]
         earlier = [m for g in groups[:current] for m in g]
-        pending = [m for m in earlier + group if m.health == "pending"]
-        updating = sum(m.health == "updating" for m in earlier + group)
+        pending = [m for m in watched if m.health == "pending"]
+        updating = sum(m.health == "updating" for m in earlier + groups[current])
         if spec.paused:
             status.phase = RolloutPhase.PAUSED
             self._progressing("Paused", f"paused at step {current + 1}: no new upgrade starts", False)
@@ -326,7 +354,7 @@ class _Tick:
             self.moves.append(moved(waiting, spec.chart_version, waiting.running, self.rollout.name, now))
         status.phase = RolloutPhase.PROGRESSING
         step_status = steps[current]
-        done = not pending and all(m.health == "healthy" for m in group)
+        done = not self.moves and all(m.health == "healthy" for m in watched)
         if not done:
             step_status.healthy_at = None
             self._progressing("Progressing", self._progress(groups, current), True)
@@ -363,10 +391,10 @@ class _Tick:
             f"{status.healthy} healthy, {status.failed} failed"
         )
 
-    def _record_failures(self, group: list[Member], current: int) -> None:
+    def _record_failures(self, watched: list[Member], current: int) -> None:
         failures = list(self.status.failures or ())
         known = {f.customer for f in failures}
-        for m in group:
+        for m in watched:
             if m.health == "failed" and m.name not in known and len(failures) < 100:
                 previous = m.annotations.get(ROLLOUT_PREVIOUS_VERSION)
                 failures.append(
@@ -380,34 +408,33 @@ class _Tick:
                 )
                 self.events.append(("Warning", "CustomerFailed", f"{m.name}: {m.reason}: {m.message}"[:1024]))
         self.status.failures = failures or None
-        self.status.failed = len(failures)
 
-    def _failed(self, groups: list[list[Member]], current: int) -> Decision:
-        names = ", ".join(f.customer for f in self.status.failures or ())
+    def _failed_names(self) -> str:
+        return ", ".join(f.customer for f in self.status.failures or ())
+
+    def _failed(self, everyone: list[Member], current: int) -> Decision:
+        names = self._failed_names()
         if self.spec.on_failure == "halt":
             return self.finish(
-                RolloutPhase.HALTED, "HealthGateFailed", f"halted at step {current + 1}: {names}"
+                RolloutPhase.HALTED, "HealthGateFailed", f"halted at step {current + 1}: {names} failed"
             )
         self.status.phase = RolloutPhase.ROLLING_BACK
-        self.events.append(("Warning", "RollingBack", f"step {current + 1} rolls back: {names} failed"))
-        return self._rolling_back(groups, current)
+        self.events.append(("Warning", "RollingBack", f"step {current + 1}: {names} failed, rolling back"))
+        return self._rolling_back(everyone)
 
-    def _rolling_back(self, groups: list[list[Member]], current: int) -> Decision:
+    def _rolling_back(self, everyone: list[Member]) -> Decision:
+        """Every Customer this rollout set to its version goes back to the one it had."""
         failures = {f.customer: f for f in self.status.failures or ()}
-        group = groups[current] if current < len(groups) else []
-        for m in group:
+        mine = [m for m in everyone if m.rollout == self.rollout.name]
+        for m in mine:
             back = _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now)
             if back is not None:
                 self.moves.append(back)
-        names = ", ".join(failures)
-        if self.moves or any(
-            not _returned(m) for m in group if m.annotations.get(ROLLOUT_NAME) == self.rollout.name
-        ):
-            self._progressing("RollingBack", f"step {current + 1} rolling back after {names} failed", True)
+        names = self._failed_names()
+        if self.moves or any(not _returned(m) for m in mine):
+            self._progressing("RollingBack", f"rolling back after {names} failed", True)
             return self._decision()
-        return self.finish(
-            RolloutPhase.ROLLED_BACK, "RolledBack", f"step {current + 1} rolled back after {names} failed"
-        )
+        return self.finish(RolloutPhase.ROLLED_BACK, "RolledBack", f"rolled back after {names} failed")
 
     def _succeeded(self, groups: list[list[Member]]) -> Decision:
         self.status.current_step = len(groups)

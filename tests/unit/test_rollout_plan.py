@@ -4,6 +4,7 @@ the health gate, pause, abort, rollback and the overlap rule are checked without
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,10 +23,12 @@ from iotistic_billing.rollout import (
     ROLLOUT_CHART_VERSION,
     ROLLOUT_NAME,
     ROLLOUT_PREVIOUS_VERSION,
+    ROLLOUT_UPDATED_AT,
     TERMINAL_PHASES,
     RolloutPhase,
     RolloutSpec,
     RolloutStatus,
+    StepStatus,
     settled_version,
 )
 
@@ -51,11 +54,13 @@ def customer(name: str, version: str = "1.0.0", index: int = 0, **spec: Any) -> 
 
 
 class Fleet:
-    """Customers, and an operator that installs the annotated version: `good` ones turn Ready."""
+    """Customers, and an operator that installs the annotated version: `good` ones turn Ready; the
+    `bad` version never does; helm refuses any new version for the `broken` Customers (Stalled)."""
 
-    def __init__(self, count: int, bad: str | None = None) -> None:
+    def __init__(self, count: int, bad: str | None = None, broken: Collection[str] = ()) -> None:
         self.customers = {f"c{i:02}": customer(f"c{i:02}", index=i) for i in range(count)}
         self.bad = bad
+        self.broken = set(broken)
         self.upgrades: dict[str, int] = {}
 
     def apply(self, decision: Decision) -> None:
@@ -69,13 +74,23 @@ class Fleet:
         for name, body in self.customers.items():
             wanted = body["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) or "1.0.0"
             release = body["status"]["release"]
-            if release["chartVersion"] != wanted:
-                self.upgrades[name] = self.upgrades.get(name, 0) + 1
-                release.update(chartVersion=wanted, targetVersion=wanted, versionSource="Rollout")
-                ready = "False" if wanted == self.bad else "True"
-                body["status"]["conditions"][0].update(
-                    status=ready, message="api 0/1" if ready == "False" else ""
-                )
+            refused = name in self.broken and wanted != release["chartVersion"]
+            if release["targetVersion"] == wanted and (release["chartVersion"] == wanted or refused):
+                continue
+            self.upgrades[name] = self.upgrades.get(name, 0) + 1
+            if refused:
+                release.update(targetVersion=wanted, versionSource="Rollout")
+                body["status"]["conditions"] = [
+                    {"type": "Ready", "status": "False", "reason": "UpgradeFailed", "message": "boom"},
+                    {"type": "Stalled", "status": "True", "reason": "UpgradeFailed", "message": "boom"},
+                ]
+                continue
+            release.update(chartVersion=wanted, targetVersion=wanted, versionSource="Rollout")
+            ready = "False" if wanted == self.bad else "True"
+            message = "api 0/1" if ready == "False" else ""
+            body["status"]["conditions"] = [
+                {"type": "Ready", "status": ready, "reason": "DeploymentsAvailable", "message": message}
+            ]
 
     def upgrading(self, target: str) -> int:
         return sum(
@@ -100,12 +115,18 @@ def spec(**fields: Any) -> RolloutSpec:
 
 
 def run(
-    fleet: Fleet, rollout_spec: RolloutSpec, ticks: int = 60, seconds: float = 1.0, operate_every: int = 1
+    fleet: Fleet,
+    rollout_spec: RolloutSpec,
+    ticks: int = 60,
+    seconds: float = 1.0,
+    operate_every: int = 1,
+    before_tick: Callable[[int], None] = lambda i: None,
 ) -> tuple[RolloutStatus, list[Decision]]:
     """Ticks of `seconds` each; the operator runs every `operate_every` ticks (upgrades take time)."""
     status, decisions = RolloutStatus(), []
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     for i in range(ticks):
+        before_tick(i)
         decision = decide(
             rollout,
             rollout_spec,
@@ -356,3 +377,76 @@ def test_a_customer_s_chart_version_pin_then_rollout_then_what_it_runs_then_the_
     # INSTANCE_CHART_UPGRADE=immediate: the setting for every unpinned Customer, rollouts ignored.
     assert chart_target(of({ROLLOUT_CHART_VERSION: "2.0.0"}), runs, immediate=True) == (None, "Fleet")
     assert chart_target(of({}, chartVersion="0.9.0"), runs, immediate=True) == ("0.9.0", "Pinned")
+
+
+# ----- Customers left over from earlier steps -----
+
+
+@pytest.mark.parametrize("on_failure", ["halt", "rollback"])
+def test_a_customer_left_over_from_a_completed_step_is_judged_with_the_current_one(on_failure: str) -> None:
+    """Canary `late` is created after its step completed (empty): it is moved with step 2, and its
+    failure stops the rollout (rollback returns it) instead of being passed over."""
+    fleet = Fleet(4, broken={"late"})
+
+    def create_late(i: int) -> None:
+        if i == 2:
+            fleet.customers["late"] = customer("late", index=99)
+
+    rollout_spec = spec(
+        steps=[{"customers": ["late"]}, {"rest": True, "maxParallel": 1}], onFailure=on_failure
+    )
+    status, _ = run(fleet, rollout_spec, ticks=100, before_tick=create_late)
+
+    assert status.phase == (RolloutPhase.HALTED if on_failure == "halt" else RolloutPhase.ROLLED_BACK)
+    assert [(f.customer, f.step, f.reason) for f in status.failures or ()] == [("late", 2, "UpgradeFailed")]
+    assert status.failed == 1
+    late = fleet.customers["late"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION]
+    assert late == ("2.0.0" if on_failure == "halt" else "1.0.0")
+
+
+def test_a_step_waits_for_a_left_over_customer_to_turn_healthy() -> None:
+    """c00 joined step 1 after it completed (relabelled into the selector, the oldest) and was moved
+    in step 2: step 2 is healthy, c00 still upgrading; the rollout goes on only once c00 is healthy."""
+    fleet = Fleet(4)
+    for name, body in fleet.customers.items():
+        moved_at = T0 - timedelta(seconds=5 if name == "c00" else 20)
+        body["metadata"]["annotations"].update(
+            {ROLLOUT_CHART_VERSION: "2.0.0", ROLLOUT_NAME: "r1", ROLLOUT_UPDATED_AT: moved_at.isoformat()}
+        )
+        if name != "c00":
+            body["status"]["release"].update(chartVersion="2.0.0", targetVersion="2.0.0")
+    started = T0 - timedelta(seconds=10)
+    status = RolloutStatus(
+        phase=RolloutPhase.PROGRESSING,
+        target_version="2.0.0",
+        current_step=2,
+        started_at=T0 - timedelta(minutes=1),
+        steps=[
+            StepStatus(started_at=T0 - timedelta(minutes=1), completed_at=started),
+            StepStatus(started_at=started),
+        ],
+    )
+    rollout, rollout_spec = (
+        Rollout("r1", 1, T0.isoformat(), {}),
+        spec(steps=[{"percent": 25}, {"rest": True}]),
+    )
+
+    upgrading = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], T0)
+    fleet.operate()
+    healthy = decide(rollout, rollout_spec, upgrading.status, list(fleet.customers.values()), [], T0)
+
+    assert upgrading.status.phase == RolloutPhase.PROGRESSING and upgrading.moves == []
+    assert not any(e[1] == "StepCompleted" for e in upgrading.events)
+    assert healthy.status.phase == RolloutPhase.SUCCEEDED and healthy.status.healthy == 4
+
+
+def test_rollback_returns_every_customer_the_rollout_moved() -> None:
+    """A failure in step 2 rolls back step 1's Customers too: none is left on the version given up on."""
+    fleet = Fleet(8, broken={"c06"})
+    rollout_spec = spec(steps=[{"customers": ["c01"]}, {"rest": True}], onFailure="rollback")
+    status, _ = run(fleet, rollout_spec, ticks=60)
+
+    assert status.phase == RolloutPhase.ROLLED_BACK
+    assert [(f.customer, f.step) for f in status.failures or ()] == [("c06", 2)]
+    assert fleet.on("1.0.0") == set(fleet.customers)
+    assert fleet.upgrades["c01"] == 2  # there and back
