@@ -39,6 +39,8 @@ ROLLOUT_NAME = "rollout.iotistic.io/rollout"
 ROLLOUT_UPDATED_AT = "rollout.iotistic.io/updated-at"
 # On an InstanceRollout: stop it for good where it is (the console's Abort, or kubectl annotate).
 ROLLOUT_ABORT = "rollout.iotistic.io/abort"
+# status.failures lists this many failed Customers at most (the object's size); status.failed counts on.
+MAX_LISTED_FAILURES = 100
 
 
 class RolloutPhase(StrEnum):
@@ -128,10 +130,11 @@ class StepStatus(CustomerModel):
     selected: NonNegativeInt | None = None
     updated: NonNegativeInt | None = None
     healthy: NonNegativeInt | None = None
+    # Failed while the step ran (listed or not: the count is not capped).
     failed: NonNegativeInt | None = None
     started_at: AwareDatetime | None = None
-    # When every Customer of the step (and any left over from the steps before) was first healthy: the
-    # bake starts.
+    # When every Customer of the step (and any left over from the steps before) was first healthy, or
+    # failed below healthGate.maxFailures: the bake starts.
     healthy_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
 
@@ -156,7 +159,7 @@ class RolloutStatus(CustomerModel):
     healthy: NonNegativeInt | None = None
     failed: NonNegativeInt | None = None
     steps: Annotated[list[StepStatus], Field(max_length=20)] | None = None
-    failures: Annotated[list[RolloutFailure], Field(max_length=100)] | None = None
+    failures: Annotated[list[RolloutFailure], Field(max_length=MAX_LISTED_FAILURES)] | None = None
     started_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
     conditions: Annotated[list[Condition], Field(max_length=8)] | None = None
@@ -196,6 +199,7 @@ def settled_version(rollouts: Sequence[Mapping[str, Any]], customer: Mapping[str
 
 
 __all__ = [
+    "MAX_LISTED_FAILURES",
     "ROLLOUT_ABORT",
     "ROLLOUT_CHART_VERSION",
     "ROLLOUT_CRD_NAME",

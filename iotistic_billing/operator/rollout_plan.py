@@ -19,6 +19,7 @@ from typing import Any, Literal
 from iotistic_billing.customer import ConditionType
 from iotistic_billing.operator.conditions import ConditionValue, stalled, with_conditions
 from iotistic_billing.rollout import (
+    MAX_LISTED_FAILURES,
     ROLLOUT_ABORT,
     ROLLOUT_CHART_VERSION,
     ROLLOUT_NAME,
@@ -304,19 +305,27 @@ class _Tick:
         ]
         return leftovers + groups[current]
 
-    def _count(self, groups: list[list[Member]], total: int) -> None:
+    def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
+        """The counts, in total and per step. A step's `failed` is the Customers that failed while it
+        ran: those listed in status.failures with its number, and while it runs, failing ones past the
+        list's 100 too (kept as the most seen, so the count the health gate compares is not capped)."""
         target = self.spec.chart_version
-        failed_names = {f.customer for f in self.status.failures or ()}
-        for step, group in zip(self.status.steps or [], groups, strict=True):
+        steps = self.status.steps or []
+        failures = self.status.failures or []
+        listed = {f.customer for f in failures}
+        for index, (step, group) in enumerate(zip(steps, groups, strict=True)):
             step.selected = len(group)
             step.updated = sum(m.version == target for m in group)
             step.healthy = sum(m.health == "healthy" for m in group)
-            step.failed = sum(m.name in failed_names for m in group)
+            failed = sum(f.step == index + 1 for f in failures)
+            if index == current:
+                failed += sum(m.health == "failed" and m.name not in listed for m in watched)
+            step.failed = failed if index > current else max(step.failed or 0, failed)
         everyone = [m for group in groups for m in group]
         self.status.selected = total
         self.status.updated = sum(m.version == target for m in everyone)
         self.status.healthy = sum(m.health == "healthy" for m in everyone)
-        self.status.failed = len(failed_names)
+        self.status.failed = max(sum(s.failed or 0 for s in steps), len(failures))
 
     def run(self, groups: list[list[Member]], total: int) -> Decision:
         spec, status, now = self.spec, self.status, self.now
@@ -331,15 +340,15 @@ class _Tick:
             steps[current].started_at = now
         everyone = [m for group in groups for m in group]
         if status.phase == RolloutPhase.ROLLING_BACK or current >= len(groups):
-            self._count(groups, total)
+            self._count(groups, total, [], current)
             if status.phase == RolloutPhase.ROLLING_BACK:
                 return self._rolling_back(everyone)
             return self._succeeded(groups)
 
         watched = self._watched(groups, current)
         self._record_failures(watched, current)
-        self._count(groups, total)
-        if len(status.failures or ()) >= spec.health_gate.max_failures:
+        self._count(groups, total, watched, current)
+        if (status.failed or 0) >= spec.health_gate.max_failures:
             return self._failed(everyone, current)
 
         step = spec.steps[current]
@@ -354,7 +363,9 @@ class _Tick:
             self.moves.append(moved(waiting, spec.chart_version, waiting.running, self.rollout.name, now))
         status.phase = RolloutPhase.PROGRESSING
         step_status = steps[current]
-        done = not self.moves and all(m.health == "healthy" for m in watched)
+        # A failure below maxFailures does not hold the step: the Customer stays on the version, listed.
+        listed = {f.customer for f in status.failures or ()}
+        done = not self.moves and all(m.health in ("healthy", "failed") or m.name in listed for m in watched)
         if not done:
             step_status.healthy_at = None
             self._progressing("Progressing", self._progress(groups, current), True)
@@ -381,8 +392,7 @@ class _Tick:
 
     def _step_message(self, index: int, groups: list[list[Member]]) -> str:
         names = [m.name for m in groups[index]] if index < len(groups) else []
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        return f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({shown or 'none'})"
+        return f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({_few(names, 0) or 'none'})"
 
     def _progress(self, groups: list[list[Member]], current: int) -> str:
         status = self.status
@@ -395,7 +405,8 @@ class _Tick:
         failures = list(self.status.failures or ())
         known = {f.customer for f in failures}
         for m in watched:
-            if m.health == "failed" and m.name not in known and len(failures) < 100:
+            # The list keeps the first 100 (the object's size); the count goes on (_count).
+            if m.health == "failed" and m.name not in known and len(failures) < MAX_LISTED_FAILURES:
                 previous = m.annotations.get(ROLLOUT_PREVIOUS_VERSION)
                 failures.append(
                     RolloutFailure(
@@ -410,7 +421,7 @@ class _Tick:
         self.status.failures = failures or None
 
     def _failed_names(self) -> str:
-        return ", ".join(f.customer for f in self.status.failures or ())
+        return _few([f.customer for f in self.status.failures or ()], self.status.failed or 0)
 
     def _failed(self, everyone: list[Member], current: int) -> Decision:
         names = self._failed_names()
@@ -438,11 +449,18 @@ class _Tick:
 
     def _succeeded(self, groups: list[list[Member]]) -> Decision:
         self.status.current_step = len(groups)
-        return self.finish(
-            RolloutPhase.SUCCEEDED,
-            "Succeeded",
-            f"{self.status.healthy}/{self.status.selected} Customers on {self.spec.chart_version}",
-        )
+        status = self.status
+        message = f"{status.healthy}/{status.selected} Customers on {self.spec.chart_version}"
+        if status.failed:
+            # Below healthGate.maxFailures: they stay on the version, listed in status.failures.
+            message += f", {status.failed} failed ({self._failed_names()})"
+        return self.finish(RolloutPhase.SUCCEEDED, "Succeeded", message)
+
+
+def _few(names: Sequence[str], total: int, shown: int = 10) -> str:
+    """The first names, and how many more of `total` (at least the names) there are."""
+    more = max(total, len(names)) - min(shown, len(names))
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _returned(customer: Member) -> bool:

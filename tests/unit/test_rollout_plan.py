@@ -399,7 +399,7 @@ def test_a_customer_left_over_from_a_completed_step_is_judged_with_the_current_o
 
     assert status.phase == (RolloutPhase.HALTED if on_failure == "halt" else RolloutPhase.ROLLED_BACK)
     assert [(f.customer, f.step, f.reason) for f in status.failures or ()] == [("late", 2, "UpgradeFailed")]
-    assert status.failed == 1
+    assert status.failed == 1 and [s.failed for s in status.steps or ()] == [0, 1]
     late = fleet.customers["late"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION]
     assert late == ("2.0.0" if on_failure == "halt" else "1.0.0")
 
@@ -450,3 +450,41 @@ def test_rollback_returns_every_customer_the_rollout_moved() -> None:
     assert [(f.customer, f.step) for f in status.failures or ()] == [("c06", 2)]
     assert fleet.on("1.0.0") == set(fleet.customers)
     assert fleet.upgrades["c01"] == 2  # there and back
+
+
+# ----- healthGate.maxFailures above 1 -----
+
+
+def test_failures_below_max_failures_do_not_hold_the_rollout() -> None:
+    fleet = Fleet(10, broken={"c00", "c07"})
+    rollout_spec = spec(healthGate={"maxFailures": 3}, steps=[{"percent": 50}, {"rest": True}])
+    status, _ = run(fleet, rollout_spec, ticks=60)
+
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert [(f.customer, f.step) for f in status.failures or ()] == [("c00", 1), ("c07", 2)]
+    assert status.failed == 2 and status.healthy == 8
+    # They stay set to the version (the operator keeps trying), and the finish says so.
+    assert {
+        n
+        for n, b in fleet.customers.items()
+        if b["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) == "2.0.0"
+    } == set(fleet.customers)
+    ready = status.condition("Ready")
+    assert ready is not None and ready.status == "True" and "2 failed (c00, c07)" in ready.message
+
+
+def test_the_failure_count_goes_past_the_listed_hundred_and_halts() -> None:
+    """150 fail in step 1 (below 200: the step completes), 150 more in step 2: halted, though only
+    100 are listed."""
+    fleet = Fleet(300, bad="2.0.0")
+    rollout_spec = spec(
+        healthGate={"maxFailures": 200, "timeoutSeconds": 5},
+        steps=[{"percent": 50, "maxParallel": 1000}, {"rest": True, "maxParallel": 1000}],
+    )
+    status, _ = run(fleet, rollout_spec, ticks=60)
+
+    assert status.phase == RolloutPhase.HALTED
+    assert len(status.failures or ()) == 100
+    assert [s.failed for s in status.steps or ()] == [150, 150] and status.failed == 300
+    stalled = status.condition("Stalled")
+    assert stalled is not None and "and 290 more failed" in stalled.message
