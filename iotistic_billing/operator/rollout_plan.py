@@ -36,6 +36,7 @@ from iotistic_billing.rollout import (
 
 Health = Literal["pending", "updating", "healthy", "failed"]
 HEALTH_TIMEOUT = "HealthTimeout"
+WAITING_FOR_ROLLOUT = "WaitingForRollout"
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,36 @@ class OtherRollout:
     created: str
     spec: RolloutSpec | None
     phase: str | None
+    # The version its status was written for: not spec.chartVersion, it is starting again.
+    target_version: str | None = None
+
+    @property
+    def restarting(self) -> bool:
+        """A rollout whose chartVersion was edited: its status (phase too) is of the run before."""
+        return (
+            self.spec is not None
+            and self.target_version is not None
+            and self.target_version != self.spec.chart_version
+        )
+
+    @property
+    def active(self) -> bool:
+        """It may still move Customers: not finished, or finished and started again."""
+        return self.spec is not None and (self.phase not in TERMINAL_PHASES or self.restarting)
+
+    @property
+    def moving(self) -> bool:
+        """Past its wait: it moves Customers (or holds them paused, or returns them)."""
+        return self.active and not self.restarting and self.phase in MOVING_PHASES
+
+
+# The phases of a rollout that has started moving Customers and not finished.
+MOVING_PHASES = frozenset({RolloutPhase.PROGRESSING, RolloutPhase.PAUSED, RolloutPhase.ROLLING_BACK})
+
+
+def _ranked(rollout: Rollout | OtherRollout) -> tuple[str, str]:
+    """Older first: creation time, then name."""
+    return (rollout.created, rollout.name)
 
 
 def decide(
@@ -211,17 +242,19 @@ def decide(
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
         if blocking:
             return tick.wait(blocking)
-    return tick.run(groups, len(members))
+    return tick.run(groups, len(members), _held(rollout, members, others))
 
 
 def _blocking(
     rollout: Rollout, mine: set[str], others: Sequence[OtherRollout], customers: Sequence[Mapping[str, Any]]
 ) -> str | None:
-    """An older active rollout selecting some of the same Customers: this one waits for it."""
-    for other in sorted(others, key=lambda o: (o.created, o.name)):
-        if (other.created, other.name) >= (rollout.created, rollout.name) or other.spec is None:
+    """A rollout selecting some of the same Customers that this one, not started yet, waits for: an
+    older active one, or any that already moves Customers (one started again after it finished waits
+    for those that started meanwhile)."""
+    for other in sorted(others, key=_ranked):
+        if not other.active or other.spec is None:
             continue
-        if other.phase in TERMINAL_PHASES:
+        if _ranked(other) >= _ranked(rollout) and not other.moving:
             continue
         shared = [c for c in customers if c["metadata"]["name"] in mine and selects(other.spec, c)]
         if shared:
@@ -229,6 +262,18 @@ def _blocking(
                 f"waits for InstanceRollout {other.name}, which selects {len(shared)} of the same Customers"
             )
     return None
+
+
+def _held(rollout: Rollout, members: Sequence[Member], others: Sequence[OtherRollout]) -> dict[str, str]:
+    """Customers to move that an older rollout, still moving, has set to its version: name -> that
+    rollout. Left alone until it finishes, so two rollouts never take a Customer back and forth (one
+    relabelled into both, say); a newer one's Customers are not held, so two never wait for each other."""
+    holders = {o.name for o in others if o.moving and _ranked(o) < _ranked(rollout)}
+    return {
+        m.name: m.rollout
+        for m in members
+        if m.health == "pending" and m.rollout is not None and m.rollout in holders
+    }
 
 
 class _Tick:
@@ -271,7 +316,7 @@ class _Tick:
         if self.status.phase != RolloutPhase.WAITING:
             self.events.append(("Normal", "Waiting", why))
         self.status.phase = RolloutPhase.WAITING
-        self._progressing("WaitingForRollout", why, reconciling=True)
+        self._progressing(WAITING_FOR_ROLLOUT, why, reconciling=True)
         return self._decision()
 
     def _progressing(self, reason: str, message: str, reconciling: bool) -> None:
@@ -327,7 +372,7 @@ class _Tick:
         self.status.healthy = sum(m.health == "healthy" for m in everyone)
         self.status.failed = max(sum(s.failed or 0 for s in steps), len(failures))
 
-    def run(self, groups: list[list[Member]], total: int) -> Decision:
+    def run(self, groups: list[list[Member]], total: int, held: Mapping[str, str]) -> Decision:
         spec, status, now = self.spec, self.status, self.now
         if status.started_at is None:
             status.started_at = now
@@ -353,7 +398,7 @@ class _Tick:
 
         step = spec.steps[current]
         earlier = [m for g in groups[:current] for m in g]
-        pending = [m for m in watched if m.health == "pending"]
+        pending = [m for m in watched if m.health == "pending" and m.name not in held]
         updating = sum(m.health == "updating" for m in earlier + groups[current])
         if spec.paused:
             status.phase = RolloutPhase.PAUSED
@@ -368,7 +413,9 @@ class _Tick:
         done = not self.moves and all(m.health in ("healthy", "failed") or m.name in listed for m in watched)
         if not done:
             step_status.healthy_at = None
-            self._progressing("Progressing", self._progress(groups, current), True)
+            only_held = not self.moves and not updating and any(m.name in held for m in watched)
+            reason = WAITING_FOR_ROLLOUT if only_held else "Progressing"
+            self._progressing(reason, self._progress(groups, current, watched, held), True)
             return self._decision()
         if step_status.healthy_at is None:
             step_status.healthy_at = now
@@ -388,18 +435,27 @@ class _Tick:
         self.events.append(("Normal", "StepStarted", self._step_message(current + 1, groups)))
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
-        return self.run(groups, total)
+        return self.run(groups, total, held)
 
     def _step_message(self, index: int, groups: list[list[Member]]) -> str:
         names = [m.name for m in groups[index]] if index < len(groups) else []
         return f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({_few(names, 0) or 'none'})"
 
-    def _progress(self, groups: list[list[Member]], current: int) -> str:
+    def _progress(
+        self, groups: list[list[Member]], current: int, watched: list[Member], held: Mapping[str, str]
+    ) -> str:
         status = self.status
-        return (
+        message = (
             f"step {current + 1}/{len(groups)}: {status.updated}/{status.selected} updated, "
             f"{status.healthy} healthy, {status.failed} failed"
         )
+        holders: dict[str, int] = {}
+        for m in watched:
+            if m.name in held:
+                holders[held[m.name]] = holders.get(held[m.name], 0) + 1
+        for holder, count in sorted(holders.items()):
+            message += f"; {count} waiting for InstanceRollout {holder}, which moves them"
+        return message
 
     def _record_failures(self, watched: list[Member], current: int) -> None:
         failures = list(self.status.failures or ())

@@ -44,11 +44,13 @@ def _other(body: Mapping[str, Any]) -> OtherRollout:
         spec: RolloutSpec | None = RolloutSpec.model_validate(body.get("spec") or {})
     except ValueError:
         spec = None
+    status = body.get("status") or {}
     return OtherRollout(
         str(meta.get("name")),
         str(meta.get("creationTimestamp") or ""),
         spec,
-        (body.get("status") or {}).get("phase"),
+        status.get("phase"),
+        status.get("targetVersion"),
     )
 
 

@@ -488,3 +488,148 @@ def test_the_failure_count_goes_past_the_listed_hundred_and_halts() -> None:
     assert [s.failed for s in status.steps or ()] == [150, 150] and status.failed == 300
     stalled = status.condition("Stalled")
     assert stalled is not None and "and 290 more failed" in stalled.message
+
+
+# ----- two rollouts and one Customer -----
+
+
+def run_together(
+    fleet: Fleet,
+    rollouts: list[tuple[Rollout, RolloutSpec, RolloutStatus]],
+    ticks: int,
+    before_tick: Callable[[int], None] = lambda i: None,
+) -> list[dict[str, Decision]]:
+    """Ticks of several rollouts on one fleet, each seeing the others' last status."""
+    statuses = {r.name: status for r, _, status in rollouts}
+    history = []
+    for i in range(ticks):
+        before_tick(i)
+        decisions = {}
+        for rollout, rollout_spec, _ in rollouts:
+            others = [
+                OtherRollout(r.name, r.created, s, statuses[r.name].phase, statuses[r.name].target_version)
+                for r, s, _ in rollouts
+                if r.name != rollout.name
+            ]
+            decision = decide(
+                rollout,
+                rollout_spec,
+                statuses[rollout.name],
+                list(fleet.customers.values()),
+                others,
+                T0 + timedelta(seconds=i),
+            )
+            fleet.apply(decision)
+            decisions[rollout.name], statuses[rollout.name] = decision, decision.status
+        history.append(decisions)
+        fleet.operate()
+    return history
+
+
+def versions_run(fleet: Fleet, history_of: dict[str, list[str]]) -> None:
+    for name, body in fleet.customers.items():
+        runs = history_of.setdefault(name, [])
+        if not runs or runs[-1] != body["status"]["release"]["chartVersion"]:
+            runs.append(body["status"]["release"]["chartVersion"])
+
+
+def test_a_finished_rollout_started_again_waits_for_one_that_moves_the_same_customers() -> None:
+    """r0 (older) set the fleet to 1.0.0 and is edited to 3.0.0 while r1 takes it to 2.0.0: r0 waits
+    for r1, then moves each Customer once; none goes back and forth."""
+    fleet = Fleet(3)
+    for body in fleet.customers.values():
+        body["metadata"]["annotations"].update({ROLLOUT_CHART_VERSION: "1.0.0", ROLLOUT_NAME: "r0"})
+    r0 = Rollout("r0", 2, (T0 - timedelta(hours=2)).isoformat(), {})
+    r1 = Rollout("r1", 1, (T0 - timedelta(hours=1)).isoformat(), {})
+    r0_finished = RolloutStatus(phase=RolloutPhase.SUCCEEDED, target_version="1.0.0", current_step=1)
+    r1_started = RolloutStatus(phase=RolloutPhase.PROGRESSING, target_version="2.0.0", current_step=1)
+    versions: dict[str, list[str]] = {}
+    history = run_together(
+        fleet,
+        [
+            (r0, spec(chartVersion="3.0.0", steps=[{"rest": True}]), r0_finished),
+            (r1, spec(chartVersion="2.0.0", steps=[{"rest": True, "maxParallel": 10}]), r1_started),
+        ],
+        ticks=12,
+        before_tick=lambda i: versions_run(fleet, versions),
+    )
+
+    assert history[0]["r0"].status.phase == RolloutPhase.WAITING and not history[0]["r0"].moves
+    assert history[-1]["r0"].status.phase == history[-1]["r1"].status.phase == RolloutPhase.SUCCEEDED
+    assert versions == {name: ["1.0.0", "2.0.0", "3.0.0"] for name in fleet.customers}
+
+
+def test_a_customer_relabelled_into_a_second_running_rollout_waits_for_the_first() -> None:
+    fleet = Fleet(4)
+    for name, labels in {"c00": {"ring": "a"}, "c01": {"ring": "a"}, "c02": {"zone": "b"}}.items():
+        fleet.customers[name]["metadata"]["labels"] = labels
+    fleet.customers["c03"]["metadata"]["labels"] = {"zone": "b"}
+    ra = Rollout("ra", 1, (T0 - timedelta(hours=2)).isoformat(), {})
+    rb = Rollout("rb", 1, (T0 - timedelta(hours=1)).isoformat(), {})
+    a_spec = spec(
+        selector={"matchLabels": {"ring": "a"}},
+        steps=[{"customers": ["c00"], "bakeSeconds": 40}, {"rest": True}],
+    )
+    b_spec = spec(
+        chartVersion="3.0.0",
+        selector={"matchLabels": {"zone": "b"}},
+        steps=[{"customers": ["c03"], "bakeSeconds": 5}, {"rest": True}],
+    )
+
+    def relabel(i: int) -> None:
+        versions_run(fleet, versions)
+        if i == 3:  # ra has moved c00; now rb selects it too
+            fleet.customers["c00"]["metadata"]["labels"] = {"ring": "a", "zone": "b"}
+
+    versions: dict[str, list[str]] = {}
+    history = run_together(
+        fleet, [(ra, a_spec, RolloutStatus()), (rb, b_spec, RolloutStatus())], ticks=60, before_tick=relabel
+    )
+
+    assert versions["c00"] == ["1.0.0", "2.0.0", "3.0.0"]
+    held = history[20]["rb"].status
+    ready = held.condition("Ready")
+    assert held.phase == RolloutPhase.PROGRESSING and ready is not None
+    assert ready.reason == "WaitingForRollout" and "1 waiting for InstanceRollout ra" in ready.message
+    # Each moves c00 once: ra first, rb in the tick that sees ra finished.
+    moved_by = {
+        name: [i for i, d in enumerate(history) if any(m.customer == "c00" for m in d[name].moves)]
+        for name in ("ra", "rb")
+    }
+    assert moved_by["ra"] == [0]
+    finished_a = next(i for i, d in enumerate(history) if d["ra"].status.phase == RolloutPhase.SUCCEEDED)
+    assert moved_by["rb"] == [finished_a]
+    assert history[-1]["rb"].status.phase == RolloutPhase.SUCCEEDED
+
+
+def test_two_running_rollouts_holding_each_other_s_customers_both_finish() -> None:
+    """Each moved a Customer the other then selects: the older does not wait for the newer, so the
+    two never wait for each other."""
+    fleet = Fleet(2)
+    fleet.customers["c00"]["metadata"]["annotations"].update(
+        {ROLLOUT_CHART_VERSION: "2.0.0", ROLLOUT_NAME: "ra"}
+    )
+    fleet.customers["c01"]["metadata"]["annotations"].update(
+        {ROLLOUT_CHART_VERSION: "3.0.0", ROLLOUT_NAME: "rb"}
+    )
+    fleet.operate()
+    fleet.upgrades.clear()
+    ra = Rollout("ra", 1, (T0 - timedelta(hours=2)).isoformat(), {})
+    rb = Rollout("rb", 1, (T0 - timedelta(hours=1)).isoformat(), {})
+    running = {
+        v: RolloutStatus(phase=RolloutPhase.PROGRESSING, target_version=v, current_step=1)
+        for v in ("2.0.0", "3.0.0")
+    }
+    history = run_together(
+        fleet,
+        [
+            (ra, spec(steps=[{"rest": True}]), running["2.0.0"]),
+            (rb, spec(chartVersion="3.0.0", steps=[{"rest": True}]), running["3.0.0"]),
+        ],
+        ticks=10,
+    )
+
+    assert history[-1]["ra"].status.phase == history[-1]["rb"].status.phase == RolloutPhase.SUCCEEDED
+    assert fleet.on("3.0.0") == set(fleet.customers)
+    # c01 taken by the older first (rb waits for it meanwhile), then by rb again; c00 by rb once.
+    assert fleet.upgrades == {"c00": 1, "c01": 2}
