@@ -232,7 +232,11 @@ def decide(
     if disabled is not None:
         return tick.stall(RolloutPhase.PENDING, "RolloutsDisabled", disabled)
     if ROLLOUT_ABORT in rollout.annotations:
-        return tick.finish(RolloutPhase.ABORTED, "Aborted", "aborted: no further Customer is moved")
+        return tick.finish(
+            RolloutPhase.ABORTED,
+            "Aborted",
+            f"aborted: no further Customer is moved (remove the annotation {ROLLOUT_ABORT} to run it again)",
+        )
 
     selected = [c for c in customers if selects(spec, c)]
     timeout = timedelta(seconds=spec.health_gate.timeout_seconds)

@@ -270,6 +270,9 @@ def test_abort_moves_nothing_more() -> None:
         T0,
     )
     assert decision.status.phase == RolloutPhase.ABORTED and decision.moves == []
+    # It stays: a new chartVersion ends Aborted again, saying what to remove.
+    stalled = decision.status.condition("Stalled")
+    assert stalled is not None and ROLLOUT_ABORT in stalled.message
 
 
 def test_an_overlapping_newer_rollout_waits_for_the_older() -> None:
