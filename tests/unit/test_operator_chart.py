@@ -650,7 +650,8 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
     exposed = exposed_series(prometheus_client.REGISTRY) | exposed_series(Metrics().registry)
     rule = one(monitored_objects, "PrometheusRule", RELEASE)
     alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
-    used = {name for r in alerts for name in re.findall(r"\b(iotistic_[a-z_]+)", r["expr"])}
+    # Metric names; not a label (iotistic_io_shard="1").
+    used = {name for r in alerts for name in re.findall(r"\b(iotistic_[a-z_]+)\b(?!=)", r["expr"])}
 
     assert used <= exposed, used - exposed
     assert {
@@ -662,6 +663,56 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
     for alert in alerts:
         assert alert["labels"]["severity"] in {"warning", "critical"}
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+
+
+def scraped_up(objects: list[Manifest], down: set[str]) -> list[tuple[dict[str, str], float]]:
+    """The `up` series of the operator's pods as the ServiceMonitor has Prometheus label them (job: the
+    Service; the pod labels podTargetLabels names, "." and "/" as "_"): 0 for the Deployments in `down`."""
+    copied = one(objects, "ServiceMonitor", OPERATOR)["spec"].get("podTargetLabels", [])
+    series = []
+    for deployment in objects:
+        if deployment["kind"] != "Deployment" or not deployment["metadata"]["name"].startswith(OPERATOR):
+            continue
+        pod = deployment["spec"]["template"]["metadata"]["labels"]
+        labels = {"job": OPERATOR, "namespace": NAMESPACE}
+        labels |= {re.sub(r"[^a-zA-Z0-9_]", "_", key): pod[key] for key in copied if key in pod}
+        series.append((labels, 0.0 if deployment["metadata"]["name"] in down else 1.0))
+    return series
+
+
+def absent_fires(expr: str, series: list[tuple[dict[str, str], float]]) -> bool:
+    """`absent(up{...} == 1)` over `series`: the one form the operator's down alert takes."""
+    match = re.fullmatch(r"absent\(up\{(.*)\} == 1\)", expr.strip())
+    assert match, f"not absent(up{{...}} == 1): {expr}"
+    matchers = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+    return not any(
+        value == 1 and all(labels.get(key, "") == wanted for key, wanted in matchers.items())
+        for labels, value in series
+    )
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_operator_down_fires_for_each_shard_that_is_down(helm: Path, tmp_path: Path, shards: int) -> None:
+    """One Service takes every shard's pods: an alert on the job alone stayed silent while one shard
+    was down. The pods carry their shard, the ServiceMonitor copies it, and one alert a shard fires."""
+    objects = render(helm, tmp_path, {**MONITORING, "operator": {"shards": shards}})
+    rule = one(objects, "PrometheusRule", RELEASE)
+    down_alerts = [
+        r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "IotisticOperatorDown"
+    ]
+    operators = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Deployment" and o["metadata"]["name"].startswith(OPERATOR)
+    ]
+    assert len(operators) == shards
+
+    assert not [r for r in down_alerts if absent_fires(r["expr"], scraped_up(objects, set()))]
+    for shard, name in enumerate(operators):
+        firing = [r for r in down_alerts if absent_fires(r["expr"], scraped_up(objects, {name}))]
+        assert [r["labels"].get("shard") for r in firing] == [str(shard)], name
+    everything_down = [r for r in down_alerts if absent_fires(r["expr"], scraped_up(objects, set(operators)))]
+    assert len(everything_down) == shards
 
 
 # ----- the kustomize base -----
