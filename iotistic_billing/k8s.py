@@ -98,6 +98,16 @@ def not_found_as_none(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -
         raise
 
 
+def refusal_message(error: ApiException) -> str:
+    """What the API server said when it refused a request (its Status's message), else the HTTP reason."""
+    try:
+        status = json.loads(error.body or "{}")
+    except ValueError:
+        status = None
+    message = status.get("message") if isinstance(status, dict) else None
+    return str(message or error.reason or f"HTTP {error.status}")
+
+
 def resource_version(body: Mapping[str, Any]) -> int:
     """An object's resourceVersion as a number (0 when it has none), to tell which of two copies of one
     object is newer: Kubernetes calls them opaque, but the API server's are etcd revisions."""
@@ -568,5 +578,6 @@ __all__ = [
     "api_client",
     "customer_body",
     "not_found_as_none",
+    "refusal_message",
     "resource_version",
 ]

@@ -19,7 +19,14 @@ from iotistic_billing.customer import (
     name_errors,
     parse_spec,
 )
-from iotistic_billing.k8s import FieldManager, KubeApi, KubernetesUnavailable, api_client, customer_body
+from iotistic_billing.k8s import (
+    FieldManager,
+    KubeApi,
+    KubernetesUnavailable,
+    api_client,
+    customer_body,
+    refusal_message,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,11 +74,7 @@ def _kube() -> KubeApi:
 def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
     if isinstance(error, KubernetesUnavailable):
         return CommandError(f"{error}; nothing was changed, try again")
-    try:
-        message = json.loads(error.body or "{}").get("message") or error.reason
-    except ValueError:
-        message = error.reason
-    return CommandError(f"the API server refused it ({error.status}): {message}")
+    return CommandError(f"the API server refused it ({error.status}): {refusal_message(error)}")
 
 
 def resource_name_for(company: str) -> str:

@@ -1,9 +1,9 @@
 """Every error the API answers, as JSON `{error, message, details}` with the status that says who must act.
 
 Handlers and services raise `ApiError`s (iotistic_billing/errors.py); `error_middleware` turns those,
-aiohttp's own HTTP errors (404, 405, 413) and an unreachable dependency (PostgreSQL, the API server,
-Stripe) into that shape. A dependency failure is a 503: the caller retries, and the transaction that was
-open has been rolled back, so nothing is half-written.
+aiohttp's own HTTP errors (404, 405, 413), the API server's refusals and an unreachable dependency
+(PostgreSQL, the API server, Stripe) into that shape. A dependency failure is a 503: the caller retries,
+and the transaction that was open has been rolled back, so nothing is half-written.
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from iotistic_billing.errors import ApiError, DependencyUnavailable, ValidationFailed
-from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    DependencyUnavailable,
+    NotFound,
+    ValidationFailed,
+)
+from iotistic_billing.k8s import KubernetesUnavailable, refusal_message
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,22 @@ def json_error(error: ApiError) -> web.Response:
     )
 
 
+def kubernetes_refusal(error: ApiException) -> ApiError:
+    """The API server's refusal as our answer, with its message: 404 the object is gone, 409 a conflict,
+    422 (the object would not validate) a 400; any other refusal (403: this server's RBAC) is ours to
+    mend, a 503 naming the API server. A handler that knows which object a 404 means says so itself."""
+    message = f"the API server refused it: {refusal_message(error)}"
+    details = {"dependency": "Kubernetes API", "kubernetes_status": error.status}
+    if error.status == 404:
+        return NotFound("Not found", message, details)
+    if error.status == 409:
+        return Conflict("Refused by the API server", message, details)
+    if error.status == 422:
+        return BadRequest("Refused by the API server", message, details)
+    log.warning("the API server refused a call with %s: %s", error.status, refusal_message(error))
+    return DependencyUnavailable("Kubernetes API", f"{message}; nothing was changed")
+
+
 def _is_database_down(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
         return True
@@ -89,6 +113,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(error)
     except KubernetesUnavailable:
         return json_error(DependencyUnavailable("Kubernetes API"))
+    except ApiException as refused:
+        return json_error(kubernetes_refusal(refused))
     except web.HTTPException as http_error:
         if http_error.status < 400:
             raise
@@ -121,4 +147,11 @@ def _http_message(error: web.HTTPException, request: web.Request) -> str:
     return error.text or error.reason
 
 
-__all__ = ["Handler", "error_body", "error_middleware", "json_error", "method_not_allowed"]
+__all__ = [
+    "Handler",
+    "error_body",
+    "error_middleware",
+    "json_error",
+    "kubernetes_refusal",
+    "method_not_allowed",
+]

@@ -232,10 +232,14 @@ async def customers_page(request: web.Request) -> web.Response:
     )
 
 
+def _no_customer(name: str) -> NotFound:
+    return NotFound("Customer not found", f"no Customer named {name!r}")
+
+
 async def _record(request: web.Request) -> CustomerRecord:
     record = await request.app[DIRECTORY].by_name(request.match_info["name"])
     if record is None:
-        raise NotFound("Customer not found", f"no Customer named {request.match_info['name']!r}")
+        raise _no_customer(request.match_info["name"])
     return record
 
 
@@ -409,17 +413,20 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     record = await _record(request)
     kube = request.app[KUBE]
     now = request.app[CLOCK]()
-    if action == "reconcile":
-        stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        await kube.patch_customer(
-            record.name, {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}}, FieldManager.CONSOLE
-        )
-        detail = f"reconcile requested at {stamp}"
-    elif action in ("suspend", "resume"):
-        await kube.patch_customer(
-            record.name, {"spec": {"suspended": action == "suspend"}}, FieldManager.CONSOLE
-        )
-        detail = "suspended" if action == "suspend" else "suspension lifted"
+    if action in ("reconcile", "suspend", "resume"):
+        if action == "reconcile":
+            stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            patch: dict[str, Any] = {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}}
+            detail = f"reconcile requested at {stamp}"
+        else:
+            patch = {"spec": {"suspended": action == "suspend"}}
+            detail = "suspended" if action == "suspend" else "suspension lifted"
+        try:
+            await kube.patch_customer(record.name, patch, FieldManager.CONSOLE)
+        except ApiException as error:
+            if error.status == 404:
+                raise _no_customer(record.name) from None
+            raise
     elif action == "revoke":
         async with request.app[SESSIONS]() as db, db.begin():
             revoked = await revoke_and_suspend(

@@ -1,0 +1,183 @@
+"""The console over HTTP with the API server, the directory and the database faked: the API server's
+refusals of an action, what an action writes when a part is away, bad forms and query values."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.settings import load_settings
+from iotistic_billing.webhook_server.console.pages import console_guard, register
+from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, KUBE, OPTIONS, SESSIONS, SETTINGS
+from iotistic_billing.webhook_server.errors import error_middleware
+from iotistic_billing.webhook_server.options import ServerOptions
+
+ADMIN = "admin-token-" + "a" * 20
+VIEWER = "viewer-token-" + "b" * 20
+CSRF_INPUT = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def customer_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "customerId": f"cust_{name}000001",
+            "email": f"ops@{name}.example",
+            "companyName": name.title(),
+            "plan": "starter",
+            "billing": {"mode": "manual"},
+        },
+    }
+
+
+def refusal(status: int, message: str) -> ApiException:
+    """An ApiException as the client raises it for an answer of the API server."""
+    error = ApiException(status=status, reason="Refused")
+    error.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
+    return error
+
+
+class FakeDirectory:
+    def __init__(self, records: list[CustomerRecord]) -> None:
+        self.records = records
+
+    async def all(self) -> list[CustomerRecord]:
+        return self.records
+
+    async def by_name(self, name: str) -> CustomerRecord | None:
+        return next((record for record in self.records if record.name == name), None)
+
+
+class FakeKube:
+    """The API server: patches it took, Events it was told; `refuse` is raised by the next write."""
+
+    def __init__(self) -> None:
+        self.refuse: Exception | None = None
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[str] = []
+
+    async def _write(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if self.refuse is not None:
+            raise self.refuse
+        self.patches.append((name, patch))
+        return {}
+
+    async def patch_customer(self, name: str, patch: dict[str, Any], manager: Any = None) -> dict[str, Any]:
+        return await self._write(name, patch)
+
+    async def patch_rollout(self, name: str, patch: dict[str, Any], manager: Any = None) -> dict[str, Any]:
+        return await self._write(name, patch)
+
+    async def create_customer_event(self, customer: dict[str, Any], *, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+class FakeDatabase:
+    """PostgreSQL as the console uses it: rows added in a transaction are kept when it commits; while
+    `up` is False every statement fails as a refused connection does."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.committed: list[Any] = []
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[FakeSession]:
+        yield FakeSession(self)
+
+
+class FakeSession:
+    def __init__(self, database: FakeDatabase) -> None:
+        self.database = database
+        self.added: list[Any] = []
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeSession]:
+        yield self
+        await self.flush()
+        self.database.committed.extend(self.added)
+
+    def add(self, row: Any) -> None:
+        self.added.append(row)
+
+    async def flush(self) -> None:
+        if not self.database.up:
+            raise ConnectionRefusedError("PostgreSQL is away")
+
+
+class Console:
+    def __init__(self, client: TestClient[Any, Any], kube: FakeKube, database: FakeDatabase) -> None:
+        self.client, self.kube, self.database = client, kube, database
+        self.origin = str(client.make_url("/")).rstrip("/")
+
+    async def sign_in(self, token: str = ADMIN) -> str:
+        """A session in the client's cookie jar; its CSRF token."""
+        answer = await self.post("/admin/login", {"token": token})
+        assert answer.status == 303, await answer.text()
+        page = await self.client.get("/admin/customers")
+        found = CSRF_INPUT.search(await page.text())
+        assert found, await page.text()
+        return found.group(1)
+
+    async def post(self, path: str, fields: dict[str, str] | bytes) -> Any:
+        headers = {"Origin": self.origin}
+        if isinstance(fields, bytes):
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return await self.client.post(path, data=fields, headers=headers, allow_redirects=False)
+
+    async def act(self, path: str) -> tuple[int, str]:
+        """An admin's action: its status and its answer."""
+        answer = await self.post(path, {"csrf": await self.sign_in()})
+        return answer.status, await answer.text()
+
+
+@pytest.fixture
+async def console() -> AsyncIterator[Console]:
+    settings = load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER)
+    app = web.Application(middlewares=[error_middleware, console_guard])
+    kube, database = FakeKube(), FakeDatabase()
+    records = [CustomerRecord.from_body(customer_body(name)) for name in ("acme", "globex")]
+    app[SETTINGS] = settings
+    app[OPTIONS] = ServerOptions()
+    app[CLOCK] = lambda: datetime(2026, 6, 1, tzinfo=UTC)
+    app[DIRECTORY] = FakeDirectory([record for record in records if record is not None])  # type: ignore[misc]
+    app[KUBE] = kube  # type: ignore[misc]
+    app[SESSIONS] = database  # type: ignore[misc]
+    register(app, settings)
+    async with TestClient(TestServer(app)) as client:
+        yield Console(client, kube, database)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "expected", "error"),
+    [
+        ("/admin/customers/acme/suspend", 404, 404, "Customer not found"),
+        ("/admin/customers/acme/reconcile", 409, 409, "Refused by the API server"),
+        ("/admin/customers/acme/resume", 422, 400, "Refused by the API server"),
+        ("/admin/customers/acme/suspend", 403, 503, "Kubernetes API unavailable"),
+        ("/admin/rollouts/wave-1/pause", 404, 404, "InstanceRollout not found"),
+        ("/admin/rollouts/wave-1/abort", 422, 400, "Refused by the API server"),
+        ("/admin/rollouts/wave-1/resume", 403, 503, "Kubernetes API unavailable"),
+    ],
+)
+async def test_an_action_the_api_server_refuses_answers_with_its_reason(
+    console: Console, path: str, status: int, expected: int, error: str
+) -> None:
+    console.kube.refuse = refusal(status, f'the server said no ({status}): spec.suspended: "x"')
+    answer, text = await console.act(path)
+    body = json.loads(text)
+    assert (answer, body["error"]) == (expected, error), body
+    if status != 404:
+        assert f"the server said no ({status})" in body["message"]
+    assert console.kube.patches == [] and console.kube.events == []
