@@ -65,6 +65,7 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.refuse: Exception | None = None
+        self.refuse_events: Exception | None = None
         self.patches: list[tuple[str, dict[str, Any]]] = []
         self.events: list[str] = []
 
@@ -81,6 +82,8 @@ class FakeKube:
         return await self._write(name, patch)
 
     async def create_customer_event(self, customer: dict[str, Any], *, reason: str, message: str) -> None:
+        if self.refuse_events is not None:
+            raise self.refuse_events
         self.events.append(reason)
 
 
@@ -180,4 +183,47 @@ async def test_an_action_the_api_server_refuses_answers_with_its_reason(
     assert (answer, body["error"]) == (expected, error), body
     if status != 404:
         assert f"the server said no ({status})" in body["message"]
+    # The audit row written before the patch was rolled back with it.
+    assert console.kube.patches == [] and console.kube.events == [] and console.database.committed == []
+
+
+def audited(console: Console) -> list[tuple[str, str | None, str | None]]:
+    return [(row.action, row.customer_name, row.target) for row in console.database.committed]
+
+
+@pytest.mark.parametrize(
+    ("path", "row", "events"),
+    [
+        ("/admin/customers/acme/suspend", ("suspend", "acme", None), ["ConsoleSuspend"]),
+        ("/admin/customers/acme/reconcile", ("reconcile", "acme", None), ["ConsoleReconcile"]),
+        ("/admin/rollouts/wave-1/abort", ("rollout-abort", None, "wave-1"), []),
+    ],
+)
+async def test_an_action_is_recorded_with_its_write(
+    console: Console, path: str, row: tuple[str, str | None, str | None], events: list[str]
+) -> None:
+    answer, text = await console.act(path)
+    assert answer == 303, text
+    assert len(console.kube.patches) == 1 and audited(console) == [row] and console.kube.events == events
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/admin/customers/acme/suspend", "/admin/customers/acme/reconcile", "/admin/rollouts/wave-1/pause"],
+)
+async def test_with_the_database_away_an_action_changes_nothing(console: Console, path: str) -> None:
+    csrf = await console.sign_in()
+    console.database.up = False
+    answer = await console.post(path, {"csrf": csrf})
+    body = await answer.json()
+    assert (answer.status, body["error"]) == (503, "Database unavailable"), body
+    assert "nothing was changed" in body["message"]
     assert console.kube.patches == [] and console.kube.events == []
+
+
+async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: Console) -> None:
+    console.kube.refuse_events = refusal(403, "events is forbidden")
+    answer, text = await console.act("/admin/customers/globex/suspend")
+    assert answer == 303, text
+    assert console.kube.patches == [("globex", {"spec": {"suspended": True}})]
+    assert audited(console) == [("suspend", "globex", None)]

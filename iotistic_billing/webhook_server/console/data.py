@@ -298,6 +298,8 @@ async def record_action(
             role=role, action=action, customer_name=customer_name, target=target, detail=detail
         )
     )
+    # Written now, not at the commit: a database that is away stops the action before its write.
+    await session.flush()
 
 
 __all__ = [

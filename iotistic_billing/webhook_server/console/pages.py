@@ -21,6 +21,7 @@ from aiohttp import web
 from jinja2 import Environment, PackageLoader, select_autoescape
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
@@ -382,60 +383,72 @@ def replayable(row: models.StripeEvent) -> bool:
     return row.result == "unmatched" or (row.result == PENDING and row.attempts > 0)
 
 
-async def _act(
-    request: web.Request, record: CustomerRecord | None, action: str, detail: str, target: str | None = None
+async def _audit(
+    request: web.Request,
+    db: AsyncSession,
+    action: str,
+    detail: str,
+    *,
+    customer: str | None = None,
+    target: str | None = None,
 ) -> None:
-    """The audit row, and the Event on the Customer."""
-    session = request[SESSION]
-    async with request.app[SESSIONS]() as db, db.begin():
-        await data.record_action(
-            db,
-            role=session.role,
-            action=action,
-            customer_name=record.name if record else None,
-            target=target,
-            detail=detail,
+    """The action's audit row, in the transaction of its write: written before the write (a database
+    that is away stops the action there), committed with it, rolled back when the write fails."""
+    await data.record_action(
+        db, role=request[SESSION].role, action=action, customer_name=customer, target=target, detail=detail
+    )
+
+
+async def _tell(request: web.Request, record: CustomerRecord, action: str, detail: str) -> None:
+    """The Event on the Customer, once the action is committed: an Event that cannot be written is
+    logged, the action stays done."""
+    try:
+        await request.app[KUBE].create_customer_event(
+            record.body,
+            reason=f"Console{action.title().replace('-', '')}",
+            message=f"{detail} (by the {request[SESSION].role})",
         )
-    if record is not None:
-        try:
-            await request.app[KUBE].create_customer_event(
-                record.body,
-                reason=f"Console{action.title().replace('-', '')}",
-                message=f"{detail} (by the {session.role})",
-            )
-        except KubernetesUnavailable:
-            log.warning("console: the Event of %s on %s was not written", action, record.name)
+    except (KubernetesUnavailable, ApiException) as error:
+        log.warning("console: the Event of %s on %s was not written (%s)", action, record.name, error)
+
+
+def _customer_patch(action: str, now: datetime) -> tuple[dict[str, Any], str] | None:
+    """The merge patch of a Customer action other than revoke, and what it did; None: no such action."""
+    if action == "reconcile":
+        stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch = {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}}
+        return patch, f"reconcile requested at {stamp}"
+    if action in ("suspend", "resume"):
+        done = "suspended" if action == "suspend" else "suspension lifted"
+        return {"spec": {"suspended": action == "suspend"}}, done
+    return None
 
 
 async def customer_action(request: web.Request) -> web.StreamResponse:
     """Reconcile now, suspend, resume, revoke the licence."""
     action = request.match_info["action"]
     record = await _record(request)
-    kube = request.app[KUBE]
-    now = request.app[CLOCK]()
-    if action in ("reconcile", "suspend", "resume"):
-        if action == "reconcile":
-            stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            patch: dict[str, Any] = {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}}
-            detail = f"reconcile requested at {stamp}"
-        else:
-            patch = {"spec": {"suspended": action == "suspend"}}
-            detail = "suspended" if action == "suspend" else "suspension lifted"
-        try:
-            await kube.patch_customer(record.name, patch, FieldManager.CONSOLE)
-        except ApiException as error:
-            if error.status == 404:
-                raise _no_customer(record.name) from None
-            raise
-    elif action == "revoke":
-        async with request.app[SESSIONS]() as db, db.begin():
+    change = _customer_patch(action, request.app[CLOCK]())
+    if change is None and action != "revoke":
+        raise NotFound("Not found", f"no action {action!r}")
+    async with request.app[SESSIONS]() as db, db.begin():
+        if change is None:
+            # The revoke route's history row, notice and patch in this transaction, which the row joins.
             revoked = await revoke_and_suspend(
                 request.app, db, record, "revoked in the admin console", by="console"
             )
-        detail = f"licence {revoked.jti} revoked, Customer suspended"
-    else:
-        raise NotFound("Not found", f"no action {action!r}")
-    await _act(request, record, action, detail)
+            detail = f"licence {revoked.jti} revoked, Customer suspended"
+            await _audit(request, db, action, detail, customer=record.name)
+        else:
+            patch, detail = change
+            await _audit(request, db, action, detail, customer=record.name)
+            try:
+                await request.app[KUBE].patch_customer(record.name, patch, FieldManager.CONSOLE)
+            except ApiException as error:
+                if error.status == 404:
+                    raise _no_customer(record.name) from None
+                raise
+    await _tell(request, record, action, detail)
     return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": detail}))
 
 
@@ -458,13 +471,14 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     if action not in patches:
         raise NotFound("Not found", f"no action {action!r}")
     patch, done = patches[action]
-    try:
-        await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
-    except ApiException as error:
-        if error.status == 404:
-            raise NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}") from None
-        raise
-    await _act(request, None, f"rollout-{action}", f"InstanceRollout {name} {done}", target=name)
+    async with request.app[SESSIONS]() as db, db.begin():
+        await _audit(request, db, f"rollout-{action}", f"InstanceRollout {name} {done}", target=name)
+        try:
+            await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
+        except ApiException as error:
+            if error.status == 404:
+                raise NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}") from None
+            raise
     return see_other("/admin/rollouts?" + urlencode({"done": f"{name} {done}"}))
 
 
@@ -481,17 +495,21 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
                 f"event {event_id} is {row.result}: only unmatched or failing events replay",
                 status=409,
             )
+        record = None
+        if row.customer_id:
+            record = await request.app[DIRECTORY].by_customer_id(session, row.customer_id)
+        detail = f"Stripe event {event_id} ({row.type}) replayed"
+        await _audit(
+            request, session, "replay", detail, customer=record.name if record else None, target=event_id
+        )
         await session.execute(
             update(models.StripeEvent)
             .where(models.StripeEvent.event_id == event_id)
             .values(result=PENDING, attempts=0, last_error=None, applied_at=None)
         )
         await session.execute(select(func.pg_notify(INBOX_CHANNEL, event_id)))
-    record = None
-    if row.customer_id:
-        async with request.app[SESSIONS]() as session:
-            record = await request.app[DIRECTORY].by_customer_id(session, row.customer_id)
-    await _act(request, record, "replay", f"Stripe event {event_id} ({row.type}) replayed", target=event_id)
+    if record is not None:
+        await _tell(request, record, "replay", detail)
     return see_other(
         f"/admin/stripe-events/{event_id}?" + urlencode({"done": "replayed: see its result below"})
     )
