@@ -49,6 +49,11 @@ def refusal(status: int, message: str) -> ApiException:
     return error
 
 
+def records(*names: str) -> list[CustomerRecord]:
+    parsed = [CustomerRecord.from_body(customer_body(name)) for name in names]
+    return [record for record in parsed if record is not None]
+
+
 class FakeDirectory:
     def __init__(self, records: list[CustomerRecord]) -> None:
         self.records = records
@@ -120,8 +125,10 @@ class FakeSession:
 
 
 class Console:
-    def __init__(self, client: TestClient[Any, Any], kube: FakeKube, database: FakeDatabase) -> None:
-        self.client, self.kube, self.database = client, kube, database
+    def __init__(
+        self, client: TestClient[Any, Any], kube: FakeKube, database: FakeDatabase, directory: FakeDirectory
+    ) -> None:
+        self.client, self.kube, self.database, self.directory = client, kube, database, directory
         self.origin = str(client.make_url("/")).rstrip("/")
 
     async def sign_in(self, token: str = ADMIN) -> str:
@@ -149,17 +156,16 @@ class Console:
 async def console() -> AsyncIterator[Console]:
     settings = load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER)
     app = web.Application(middlewares=[error_middleware, console_guard])
-    kube, database = FakeKube(), FakeDatabase()
-    records = [CustomerRecord.from_body(customer_body(name)) for name in ("acme", "globex")]
+    kube, database, directory = FakeKube(), FakeDatabase(), FakeDirectory(records("acme", "globex"))
     app[SETTINGS] = settings
     app[OPTIONS] = ServerOptions()
     app[CLOCK] = lambda: datetime(2026, 6, 1, tzinfo=UTC)
-    app[DIRECTORY] = FakeDirectory([record for record in records if record is not None])  # type: ignore[misc]
+    app[DIRECTORY] = directory  # type: ignore[misc]
     app[KUBE] = kube  # type: ignore[misc]
     app[SESSIONS] = database  # type: ignore[misc]
     register(app, settings)
     async with TestClient(TestServer(app)) as client:
-        yield Console(client, kube, database)
+        yield Console(client, kube, database, directory)
 
 
 @pytest.mark.parametrize(
@@ -227,3 +233,27 @@ async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: C
     assert answer == 303, text
     assert console.kube.patches == [("globex", {"spec": {"suspended": True}})]
     assert audited(console) == [("suspend", "globex", None)]
+
+
+@pytest.mark.parametrize(
+    ("page", "shown"),
+    [
+        ("2", 2),
+        ("", 1),
+        ("0", 1),
+        ("-1", 1),
+        ("\u00b2", 1),
+        ("\u0663", 1),
+        ("99", 3),
+        pytest.param("9" * 5000, 3, id="5000-digits"),
+    ],
+)
+async def test_the_page_number_is_ascii_digits_within_the_pages(
+    console: Console, page: str, shown: int
+) -> None:
+    console.directory.records = records(*(f"customer{index:03}" for index in range(120)))
+    await console.sign_in(VIEWER)
+    answer = await console.client.get("/admin/customers", params={"page": page})
+    text = await answer.text()
+    assert answer.status == 200, text
+    assert f"page {shown} of 3" in text

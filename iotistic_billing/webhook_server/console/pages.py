@@ -202,13 +202,22 @@ async def overview_page(request: web.Request) -> web.Response:
     )
 
 
+def page_number(text: str, pages: int) -> int:
+    """The `page` asked for, within 1..pages: past the end is the last page; anything but ASCII digits
+    (str.isdigit takes "²"), the first."""
+    if not (text.isascii() and text.isdigit()):
+        return 1
+    # More digits than any page count has is past the end (and int() refuses 4,300 digits and more).
+    return max(1, min(pages, int(text) if len(text) <= 9 else pages))
+
+
 async def customers_page(request: web.Request) -> web.Response:
     """Every Customer, searched and filtered, a page at a time."""
     query = request.query
     search, phase, plan = query.get("q", ""), query.get("phase", ""), query.get("plan", "")
-    page = max(1, int(query["page"])) if query.get("page", "").isdigit() else 1
     found = data.matching(await request.app[DIRECTORY].all(), search=search, phase=phase, plan=plan)
     pages = max(1, -(-len(found) // data.PAGE_SIZE))
+    page = page_number(query.get("page", ""), pages)
     shown = found[(page - 1) * data.PAGE_SIZE : page * data.PAGE_SIZE]
 
     def link(to: int) -> str:
