@@ -257,3 +257,29 @@ async def test_the_page_number_is_ascii_digits_within_the_pages(
     text = await answer.text()
     assert answer.status == 200, text
     assert f"page {shown} of 3" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/admin/login", "application/x-www-form-urlencoded", b"token=\xff\xfe"),
+        ("/admin/login", "application/x-www-form-urlencoded; charset=no-such-charset", b"token=x"),
+        ("/admin/login", "multipart/form-data; boundary=x", b"--x\r\nnot a part"),
+        ("/admin/customers/acme/suspend", "application/x-www-form-urlencoded", b"csrf=\xff"),
+        ("/admin/logout", "application/x-www-form-urlencoded", b"csrf=x&note=caf\xe9"),
+    ],
+)
+async def test_a_form_that_does_not_decode_is_400_naming_the_body(
+    console: Console, path: str, content_type: str, body: bytes
+) -> None:
+    await console.sign_in()
+    answer = await console.client.post(
+        path,
+        data=body,
+        headers={"Origin": console.origin, "Content-Type": content_type},
+        allow_redirects=False,
+    )
+    problem = await answer.json()
+    assert answer.status == 400, problem
+    assert problem["details"][0]["field"] == "body" and problem["message"].startswith("body: ")
+    assert console.kube.patches == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from jinja2 import Environment, PackageLoader, select_autoescape
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
@@ -27,7 +28,7 @@ from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.errors import ApiError, Forbidden, NotFound
+from iotistic_billing.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT
@@ -140,6 +141,15 @@ def ago(moment: datetime | None, now: datetime) -> str:
     return f"{minutes} min" if minutes else f"{seconds} s"
 
 
+async def read_form(request: web.Request) -> Mapping[str, object]:
+    """The POSTed form, or a 400 naming the body when it does not decode (bytes that are not UTF-8, a
+    charset Python does not know, a broken multipart body)."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
+        raise ValidationFailed.single("body", "is not a form whose text decodes; send UTF-8") from None
+
+
 # ----- signing in -----
 
 
@@ -153,7 +163,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     sessions = request.app[SESSIONS_KEY]
     if not sessions.configured:
         raise ApiError("Console is not configured", "ADMIN_API_TOKEN is not set on this server", status=503)
-    form = await request.post()
+    form = await read_form(request)
     session = sessions.sign_in(str(form.get("token", "")))
     if session is None:
         return render(request, "login.html.j2", status=401, failed=True)
@@ -575,7 +585,7 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
         raise ApiError("Unauthorized", "sign in to the console first", status=401)
     request[SESSION] = session
     if request.method == "POST":
-        form = await request.post()
+        form = await read_form(request)
         if form.get(CSRF_FIELD) != session.csrf:
             raise Forbidden("the form's CSRF token is missing or not this session's")
     if page.role == "admin" and not session.may_act:
