@@ -558,6 +558,7 @@ class NoticeList(Response):
 
 
 __all__ = [
+    "NUL_MESSAGE",
     "BillingPeriodUsage",
     "CancelRequest",
     "CheckoutRequest",

@@ -266,3 +266,32 @@ async def test_rotating_a_token_ends_its_sessions(webhook_settings: Settings, ku
         client.session.cookie_jar.update_cookies({COOKIE: sealed})
         answer = await client.get("/admin/", allow_redirects=False)
         assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+
+
+async def test_odd_values_in_the_stripe_events_path_and_filters_are_answered_not_a_500(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    event_id = (await unmatched_event(api, "cust_" + random_id("", 12)))["id"]
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    # NUL, which PostgreSQL text cannot hold, names no event.
+    for path in ("/admin/stripe-events/evt%00x", f"/admin/stripe-events/{event_id}%00"):
+        answer = await api.get(path, allow_redirects=False)
+        assert (answer.status, (await answer.json())["error"]) == (404, "Stripe event not found"), path
+    replay = await post_form(api, f"/admin/stripe-events/{event_id}%00/replay", {"csrf": csrf})
+    assert replay.status == 404, await replay.text()
+    assert await event_state(db_engine, event_id) == ("unmatched", 0)
+    # A filter the page cannot offer is a 400 naming it.
+    for query, field in (("type=a%00b", "type"), ("result=a%00b", "result"), ("result=bogus", "result")):
+        answer = await api.get(f"/admin/stripe-events?{query}", allow_redirects=False)
+        problem = await answer.json()
+        assert (answer.status, problem["details"][0]["field"]) == (400, field), (query, problem)
+    for query in (
+        "result=unmatched",
+        "result=failed",
+        "type=customer.subscription.updated",
+        "type=" + "x" * 300,
+    ):
+        answer = await api.get(f"/admin/stripe-events?{query}", allow_redirects=False)
+        assert answer.status == 200, (query, await answer.text())
+    shown = await api.get(f"/admin/stripe-events/{event_id}", allow_redirects=False)
+    assert shown.status == 200

@@ -45,6 +45,9 @@ GITOPS_LABELS: Final = (
     "argocd.argoproj.io/instance",
 )
 PAGE_SIZE: Final = 50
+# What the Stripe events page filters by: the results the inbox records, and "failed" (pending after a
+# failed try).
+EVENT_RESULTS: Final = ("pending", "failed", "applied", "unmatched", "stale", "superseded", "ignored")
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,7 @@ async def record_action(
 
 
 __all__ = [
+    "EVENT_RESULTS",
     "PAGE_SIZE",
     "FailingCustomer",
     "InboxStats",

@@ -47,6 +47,7 @@ from iotistic_billing.webhook_server.context import (
     SETTINGS,
 )
 from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
+from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
 from iotistic_billing.webhook_server.security import is_trusted_proxy
 from iotistic_billing.webhook_server.usage import usage_history
 
@@ -355,6 +356,10 @@ async def customer_page(request: web.Request) -> web.Response:
 async def stripe_events_page(request: web.Request) -> web.Response:
     """The Stripe inbox's log, filtered by result and type."""
     result, event_type = request.query.get("result", ""), request.query.get("type", "")
+    if result and result not in data.EVENT_RESULTS:
+        raise ValidationFailed.single("result", f"must be one of {', '.join(data.EVENT_RESULTS)}")
+    if "\x00" in event_type:  # PostgreSQL text cannot hold NUL: no event has such a type
+        raise ValidationFailed.single("type", NUL_MESSAGE)
     async with request.app[SESSIONS]() as session:
         rows = await data.stripe_events(session, result=result, event_type=event_type, limit=200)
         types = await data.event_types(session)
@@ -365,16 +370,29 @@ async def stripe_events_page(request: web.Request) -> web.Response:
         result=result,
         event_type=event_type,
         types=types,
-        results=["pending", "failed", "applied", "unmatched", "stale", "superseded", "ignored"],
+        results=data.EVENT_RESULTS,
     )
+
+
+def _event_id(request: web.Request) -> str:
+    """The `{event_id}` of the path; one with NUL, which PostgreSQL text cannot hold, names no event."""
+    event_id = request.match_info["event_id"]
+    if "\x00" in event_id:
+        raise _no_event(event_id)
+    return event_id
+
+
+def _no_event(event_id: str) -> NotFound:
+    return NotFound("Stripe event not found", f"no Stripe event {event_id!r}")
 
 
 async def stripe_event_page(request: web.Request) -> web.Response:
     """One Stripe event: what it said (its payload) and what applying it did."""
+    event_id = _event_id(request)
     async with request.app[SESSIONS]() as session:
-        row = await session.get(models.StripeEvent, request.match_info["event_id"])
+        row = await session.get(models.StripeEvent, event_id)
     if row is None:
-        raise NotFound("Stripe event not found", f"no Stripe event {request.match_info['event_id']!r}")
+        raise _no_event(event_id)
     return render(
         request,
         "stripe_event.html.j2",
@@ -503,11 +521,11 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
 
 async def replay_event(request: web.Request) -> web.StreamResponse:
     """An unmatched or failing Stripe event applied again, once: it goes back to the inbox."""
-    event_id = request.match_info["event_id"]
+    event_id = _event_id(request)
     async with request.app[SESSIONS]() as session, session.begin():
         row = await session.get(models.StripeEvent, event_id, with_for_update=True)
         if row is None:
-            raise NotFound("Stripe event not found", f"no Stripe event {event_id!r}")
+            raise _no_event(event_id)
         if not replayable(row):
             raise ApiError(
                 "Not replayable",
