@@ -107,6 +107,10 @@ class StripeApi:
         )
         return str(customer.id)
 
+    async def delete_customer(self, stripe_customer_id: str) -> None:
+        """Delete a Stripe customer: a signup's, when the signup failed before its Customer existed."""
+        await _stripe(self.client.v1.customers.delete_async(stripe_customer_id), "delete a customer")
+
     async def create_checkout_session(
         self,
         *,

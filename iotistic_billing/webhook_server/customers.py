@@ -19,6 +19,7 @@ from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import ApiError, Conflict
 from iotistic_billing.k8s import Kube
+from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.webhook_server.context import (
     CLOCK,
     DIRECTORY,
@@ -58,38 +59,43 @@ _NAME_ATTEMPTS = 5
 async def create_customer(request: web.Request) -> web.Response:
     """Sign up a customer: a Customer resource in trial, and its licence once the operator issued it."""
     app = request.app
-    settings, kube, directory = app[SETTINGS], app[KUBE], app[DIRECTORY]
+    settings, kube, directory, billing = app[SETTINGS], app[KUBE], app[DIRECTORY], app[STRIPE]
     body = await read_body(request, SignupRequest)
-    existing = await directory.all()
-    if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
-        raise Conflict(
-            "Customer already exists",
-            "a customer with this email address already exists",
-            [{"field": "email", "message": "already registered"}],
-        )
     customer_id = new_customer_id()
-    billing = app[STRIPE]
-    stripe_customer_id = None
-    if billing is not None:
-        stripe_customer_id = await billing.create_customer(
-            email=body.email, name=body.company_name, customer_id=customer_id
-        )
-
     async with app[SESSIONS]() as session, session.begin():
         # Reach the database before creating anything: when it is down, nothing is created.
         await session.execute(text("SELECT 1"))
-        created = await _create_resource(
-            kube,
-            taken={record.name for record in existing},
-            make=lambda name: signup_manifest(
-                name=name,
-                customer_id=customer_id,
-                request=body,
-                billing_mode="stripe" if billing is not None else "manual",
-                trial_days=settings.default_trial_days,
-            ),
-            company_name=body.company_name,
-        )
+        existing = await directory.all()
+        if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
+            raise Conflict(
+                "Customer already exists",
+                "a customer with this email address already exists",
+                [{"field": "email", "message": "already registered"}],
+            )
+        stripe_customer_id = None
+        if billing is not None:
+            stripe_customer_id = await billing.create_customer(
+                email=body.email, name=body.company_name, customer_id=customer_id
+            )
+        try:
+            created = await _create_resource(
+                kube,
+                taken={record.name for record in existing},
+                make=lambda name: signup_manifest(
+                    name=name,
+                    customer_id=customer_id,
+                    request=body,
+                    billing_mode="stripe" if billing is not None else "manual",
+                    trial_days=settings.default_trial_days,
+                ),
+                company_name=body.company_name,
+            )
+        except BaseException:
+            if billing is not None and stripe_customer_id is not None:
+                await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
+            raise
+        # From here the Stripe customer is the Customer's (its metadata names the customer id, and
+        # checkout's create with the same idempotency key finds it again), so a failure keeps it.
         record = CustomerRecord.from_body(created)
         if record is None:
             raise ApiError("Internal server error", "the created Customer could not be read back")
@@ -116,6 +122,21 @@ async def create_customer(request: web.Request) -> web.Response:
     )
     location = f"/api/customers/{customer_id}"
     return json_model(response, status=201 if token else 202, headers={"Location": location})
+
+
+async def _delete_stripe_customer(billing: StripeApi, stripe_customer_id: str, customer_id: str) -> None:
+    """Undo the Stripe customer of a signup that made no Customer (each retry would leave one more)."""
+    try:
+        await billing.delete_customer(stripe_customer_id)
+    except Exception as error:  # the signup's own error is the answer; this one is for the operator
+        log.error(
+            "signup of %s failed and its Stripe customer %s was not deleted (%s); delete it in Stripe",
+            customer_id,
+            stripe_customer_id,
+            error,
+        )
+    else:
+        log.info("signup of %s failed: its Stripe customer %s was deleted", customer_id, stripe_customer_id)
 
 
 async def _create_resource(

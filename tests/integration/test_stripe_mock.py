@@ -6,6 +6,8 @@ import pytest
 import stripe
 
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.settings import load_settings
+from iotistic_billing.stripe_api import StripeApi
 
 pytestmark = pytest.mark.integration
 
@@ -30,3 +32,12 @@ def test_stripe_sdk_creates_a_customer_and_a_checkout_session(stripe_mock: Strip
     )
     assert session.id.startswith("cs_")
     assert session.object == "checkout.session"
+
+
+async def test_our_client_deletes_the_customer_a_failed_signup_made(stripe_mock: StripeMock) -> None:
+    billing = StripeApi(load_settings(stripe_secret_key="sk_test_123", stripe_api_base=stripe_mock.url))
+    try:
+        made = await billing.create_customer(email="ops@acme.example", name="Acme", customer_id="cust_abc123")
+        await billing.delete_customer(made)
+    finally:
+        await billing.close()

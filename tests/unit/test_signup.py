@@ -1,0 +1,178 @@
+"""Signup's order of writes, with the API server, the database and Stripe faked: nothing is created in
+Stripe before the database is reached and the email is free, and a signup that fails before its Customer
+exists leaves no Stripe customer behind."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.directory import Directory
+from iotistic_billing.errors import DependencyUnavailable
+from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.settings import load_settings
+from iotistic_billing.webhook_server.context import (
+    CLOCK,
+    DIRECTORY,
+    KUBE,
+    OPTIONS,
+    SESSIONS,
+    SETTINGS,
+    STRIPE,
+)
+from iotistic_billing.webhook_server.customers import create_customer
+from iotistic_billing.webhook_server.errors import error_middleware
+from iotistic_billing.webhook_server.options import ServerOptions
+
+SIGNUP = {"email": "ops@initech.example", "company_name": "Initech"}
+
+
+class FakeKube:
+    """The API server's Customers; `refuse_create` is raised by every create."""
+
+    def __init__(self) -> None:
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.refuse_create: Exception | None = None
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return list(self.customers.values())
+
+    async def create_customer(self, body: dict[str, Any], manager: Any = None) -> dict[str, Any]:
+        if self.refuse_create is not None:
+            raise self.refuse_create
+        name = body["metadata"]["name"]
+        if name in self.customers:
+            raise ApiException(status=409, reason="AlreadyExists")
+        metadata = {**body["metadata"], "uid": f"uid-{name}", "creationTimestamp": "2026-06-01T00:00:00Z"}
+        self.customers[name] = {**body, "metadata": metadata}
+        return self.customers[name]
+
+    async def read_secret_data(self, namespace: str, name: str) -> None:
+        return None
+
+
+class FakeStripe:
+    """Stripe's customers: made, deleted; `refuse_delete` is raised by a delete."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.refuse_delete: Exception | None = None
+
+    async def create_customer(self, *, email: str, name: str, customer_id: str) -> str:
+        self.created.append(f"cus_{len(self.created) + 1}")
+        return self.created[-1]
+
+    async def delete_customer(self, stripe_customer_id: str) -> None:
+        if self.refuse_delete is not None:
+            raise self.refuse_delete
+        self.deleted.append(stripe_customer_id)
+
+    @property
+    def kept(self) -> list[str]:
+        return [customer for customer in self.created if customer not in self.deleted]
+
+
+class FakeDatabase:
+    """While `up` is False every statement fails as a refused connection does."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[FakeDatabase]:
+        yield self
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeDatabase]:
+        yield self
+
+    async def execute(self, *args: Any, **kwargs: Any) -> None:
+        if not self.up:
+            raise ConnectionRefusedError("PostgreSQL is away")
+
+
+class Signup:
+    def __init__(
+        self, client: TestClient[Any, Any], kube: FakeKube, stripe: FakeStripe, database: FakeDatabase
+    ) -> None:
+        self.client, self.kube, self.stripe, self.database = client, kube, stripe, database
+
+    async def post(self, body: dict[str, str] = SIGNUP) -> tuple[int, dict[str, Any]]:
+        answer = await self.client.post("/api/customers", json=body)
+        return answer.status, await answer.json()
+
+
+@pytest.fixture
+async def signup() -> AsyncIterator[Signup]:
+    app = web.Application(middlewares=[error_middleware])
+    kube, stripe, database = FakeKube(), FakeStripe(), FakeDatabase()
+    app[SETTINGS] = load_settings(admin_api_token="admin-token-" + "a" * 20)
+    app[OPTIONS] = ServerOptions(license_wait=0)
+    app[CLOCK] = lambda: datetime(2026, 6, 1, tzinfo=UTC)
+    app[KUBE] = kube  # type: ignore[misc]
+    app[DIRECTORY] = Directory(kube)  # type: ignore[arg-type]
+    app[STRIPE] = stripe  # type: ignore[misc]
+    app[SESSIONS] = database  # type: ignore[misc]
+    app.router.add_post("/api/customers", create_customer)
+    async with TestClient(TestServer(app)) as client:
+        yield Signup(client, kube, stripe, database)
+
+
+async def test_a_signup_keeps_its_stripe_customer(signup: Signup) -> None:
+    status, body = await signup.post()
+    assert status == 202, body
+    assert body["customer"]["stripe_customer_id"] == "cus_1" and signup.stripe.kept == ["cus_1"]
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "error"),
+    [
+        (KubernetesUnavailable("the API server cannot be reached"), 503, "Kubernetes API unavailable"),
+        (ApiException(status=409, reason="AlreadyExists"), 409, "Name not available"),
+        (ApiException(status=422, reason="Invalid"), 400, "Refused by the API server"),
+    ],
+)
+async def test_a_signup_that_makes_no_customer_deletes_its_stripe_customer(
+    signup: Signup, refusal: Exception, status: int, error: str
+) -> None:
+    signup.kube.refuse_create = refusal
+    for _ in range(3):  # each retry made one more
+        answer, body = await signup.post()
+        assert (answer, body["error"]) == (status, error), body
+    assert signup.kube.customers == {}
+    assert len(signup.stripe.created) == 3 and signup.stripe.kept == []
+
+
+async def test_with_the_database_away_nothing_is_created_in_stripe(signup: Signup) -> None:
+    signup.database.up = False
+    status, body = await signup.post()
+    assert (status, body["error"]) == (503, "Database unavailable"), body
+    assert signup.stripe.created == [] and signup.kube.customers == {}
+
+
+async def test_an_email_taken_is_409_before_stripe(signup: Signup) -> None:
+    assert (await signup.post())[0] == 202
+    status, body = await signup.post({**SIGNUP, "email": SIGNUP["email"].upper(), "company_name": "Other"})
+    assert (status, body["error"]) == (409, "Customer already exists"), body
+    assert signup.stripe.created == ["cus_1"] and len(signup.kube.customers) == 1
+
+
+async def test_a_stripe_customer_that_cannot_be_deleted_is_logged(
+    signup: Signup, caplog: pytest.LogCaptureFixture
+) -> None:
+    signup.kube.refuse_create = KubernetesUnavailable("the API server cannot be reached")
+    signup.stripe.refuse_delete = DependencyUnavailable("Stripe")
+    with caplog.at_level(logging.ERROR, logger="iotistic_billing.webhook_server.customers"):
+        status, body = await signup.post()
+    assert (status, body["error"]) == (503, "Kubernetes API unavailable"), body
+    assert signup.stripe.kept == ["cus_1"]
+    assert any("Stripe customer cus_1 was not deleted" in record.getMessage() for record in caplog.records)
