@@ -88,7 +88,8 @@ ROUTES: Final[tuple[Route, ...]] = (
         description=(
             "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
             "waits a bounded time for the operator's licence: 201 with it, or 202 with license null. "
-            "A signup that fails before its Customer exists deletes the Stripe customer it made. "
+            "An email already registered is a 409, also for the second of two signups at once on any "
+            "replicas. A signup that fails before its Customer exists deletes the Stripe customer it made. "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
     ),

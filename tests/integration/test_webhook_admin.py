@@ -240,6 +240,36 @@ async def test_customers_list_paginates(api: TestClient[Any, Any], customers: Cu
     assert one["resource_name"] == names[0] and one["billing_mode"] == "manual" and one["plan"] == "trial"
 
 
+async def test_two_replicas_sign_one_email_up_once(
+    api: TestClient[Any, Any], webhook_settings: Settings, kubeconfig: Path, customers: Customers
+) -> None:
+    async with running_app(webhook_settings, kubeconfig) as replica:
+        for _ in range(3):
+            email = f"ops@{unique_name('twice')}.example.com"
+            signups = [
+                client.post(
+                    "/api/customers",
+                    json={"email": spelt, "company_name": f"Twice {unique_name('co')}"},
+                    headers=admin_headers(),
+                )
+                for client, spelt in ((api, email), (replica, email.upper()))
+            ]
+            answers = await asyncio.gather(*signups)
+            made = [
+                body["metadata"]["name"]
+                for body in customers.kube.list_customers()
+                if body["spec"]["email"].lower() == email
+            ]
+            for name in made:
+                customers.delete(name)
+            assert sorted(answer.status for answer in answers) == [202, 409], [
+                await a.text() for a in answers
+            ]
+            assert len(made) == 1
+            refused = next(answer for answer in answers if answer.status == 409)
+            assert (await refused.json())["error"] == "Customer already exists"
+
+
 async def test_queue_stats_count_customers_by_phase(api: TestClient[Any, Any]) -> None:
     response = await api.get("/api/queue/stats", headers=admin_headers())
     stats = await response.json()
