@@ -16,6 +16,9 @@ LABEL_VALUES_HASH: Final = "iotistic.io/values-hash"
 # On the licence Secret: the history action its licence was recorded under, so that a pass that
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"
+# On the licence Secret, "true" when its licence was minted under spec.suspended: the next licence is
+# `reinstated` only if this one was suspended, whatever re-mints came between (renewals, a deleted Secret).
+ANNOTATION_LICENSE_SUSPENDED: Final = "iotistic.io/license-suspended"
 
 # Kopf workers (one per object with pending events) per watched resource at most.
 WORKER_LIMIT: Final = 32

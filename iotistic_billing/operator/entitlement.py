@@ -165,11 +165,13 @@ def license_action(
     previous_restricted: bool = False,
 ) -> str:
     """The license_history action of a new licence, given the plan of the licence it replaces (a
-    restricted licence ranks below its plan)."""
+    restricted licence ranks below its plan) and whether that one was minted under a suspension."""
     if previous_plan is None:
         return "generated"
     if entitlement.suspended:
-        return "suspended"
+        # Only the suspension itself is `suspended` (and noticed): a re-mint while it lasts (a renewal, a
+        # new company name or signing key) is a renewal.
+        return "renewed" if previous_suspended else "suspended"
     if previous_suspended:
         return "reinstated"
     if entitlement.restricted != previous_restricted and entitlement.plan == previous_plan:

@@ -8,6 +8,7 @@ PostgreSQL refused) records the very same rows later, also when that licence is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -169,7 +170,7 @@ async def ensure_license(
             await _record(ctx, session, target, previous, written_action)
     action = license_action(
         previous.plan if previous else None,
-        annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended",
+        previous_suspended(annotations),
         target.entitlement,
         previous_restricted=previous is not None and previous.features.get("canAddDevices") is False,
     )
@@ -192,6 +193,7 @@ async def ensure_license(
             customer_id=target.customer_id,
             owner=target.owner,
             action=action,
+            suspended=target.entitlement.suspended,
             token=minted.token,
             public_key_pem=ctx.keys.public_key_pem(),
             usage_key=usage_key,
@@ -211,6 +213,15 @@ async def ensure_license(
         await remember(session, target.customer, target.customer_id)
     ctx.mirrored.add(target.customer_id)
     return _status(minted.record())
+
+
+def previous_suspended(annotations: Mapping[str, str]) -> bool:
+    """Whether the licence Secret with these annotations holds a licence minted under a suspension (one
+    written before ANNOTATION_LICENSE_SUSPENDED says so by its action)."""
+    return (
+        annotations.get(c.ANNOTATION_LICENSE_SUSPENDED) == "true"
+        or annotations.get(c.ANNOTATION_LICENSE_ACTION) == "suspended"
+    )
 
 
 async def _mirror(ctx: OperatorContext, target: PassTarget) -> None:

@@ -50,15 +50,21 @@ def license_secret_manifest(
     customer_id: str,
     owner: dict[str, Any],
     action: str,
+    suspended: bool,
     token: str,
     public_key_pem: bytes,
     usage_key: str,
 ) -> dict[str, Any]:
     """The Secret the instance reads; `action` is the history action its licence is recorded under
-    (operator/license.py: a pass that crashed after writing it records the same row later)."""
+    (operator/license.py: a pass that crashed after writing it records the same row later), `suspended`
+    whether it was minted under spec.suspended."""
 
     def encoded(value: bytes) -> str:
         return base64.b64encode(value).decode()
+
+    annotations = {c.ANNOTATION_LICENSE_ACTION: action}
+    if suspended:
+        annotations[c.ANNOTATION_LICENSE_SUSPENDED] = "true"
 
     return {
         "apiVersion": "v1",
@@ -67,7 +73,7 @@ def license_secret_manifest(
             "name": LICENSE_SECRET_NAME,
             "namespace": namespace,
             "labels": _labels(name, customer_id),
-            "annotations": {c.ANNOTATION_LICENSE_ACTION: action},
+            "annotations": annotations,
             "ownerReferences": [owner],
         },
         "type": "Opaque",

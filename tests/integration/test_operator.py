@@ -658,6 +658,41 @@ async def _kinds_are(engine: AsyncEngine, name: str, kinds: list[str]) -> bool:
     return await notice_kinds(engine, name) == kinds
 
 
+async def test_re_mints_while_suspended_are_renewals_and_the_lifting_is_still_a_reinstatement(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("held")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    cluster.patch_spec(name, {"suspended": True})
+    wait_until(
+        lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "unlicensed",
+        message="suspended licence",
+    )
+    # Re-minted while suspended: a new company name, then a deleted Secret.
+    cluster.patch_spec(name, {"companyName": "Held Again Corp"})
+    wait_until(
+        lambda: (_license_or_none(cluster, name) or {}).get("customerName") == "Held Again Corp",
+        message="licence with the new company name",
+    )
+    jti = cluster.license(name)[0]["jti"]
+    cluster.core.delete_namespaced_secret("iotistic-license", f"customer-{name}")
+    wait_until(
+        lambda: (_license_or_none(cluster, name) or {}).get("jti", jti) != jti, message="licence Secret back"
+    )
+    cluster.patch_spec(name, {"suspended": False})
+    wait_until(
+        lambda: _license_or_none(cluster, name) and cluster.license(name)[0]["plan"] == "starter",
+        message="reinstated licence",
+    )
+    assert await eventually(
+        lambda: _kinds_are(db_engine, name, ["license.suspended", "license.reinstated"]), message="notices"
+    )
+    actions = [action for action, _, _ in await history(db_engine, customer_id)]
+    assert actions == ["generated", "suspended", "renewed", "generated", "reinstated"]
+
+
 def test_a_webhook_secret_the_customer_names_is_reported_until_it_exists_then_copied(
     cluster: Cluster,
 ) -> None:

@@ -20,6 +20,8 @@ from iotistic_billing.customer import (
 from iotistic_billing.operator.conditions import NoCondition
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
+from iotistic_billing.operator.license import previous_suspended
+from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
     NotificationsOutcome,
@@ -184,12 +186,43 @@ def target(
         ("trial", False, _entitlement("unlicensed"), "downgraded"),
         ("professional", False, _entitlement("unlicensed", suspended=True), "suspended"),
         ("unlicensed", True, _entitlement("professional"), "reinstated"),
+        ("unlicensed", True, _entitlement("unlicensed", suspended=True), "renewed"),
     ],
 )
 def test_license_action(
     previous: str | None, was_suspended: bool, entitlement: Entitlement, action: str
 ) -> None:
     assert license_action(previous, was_suspended, entitlement) == action
+
+
+def test_a_suspension_is_suspended_once_and_reinstated_after_the_re_mints_while_it_lasts() -> None:
+    def secret_annotations(action: str, suspended: bool) -> dict[str, str]:
+        secret = license_secret_manifest(
+            namespace="customer-acme",
+            name="acme",
+            customer_id="cust_acme0001",
+            owner={},
+            action=action,
+            suspended=suspended,
+            token="t",
+            public_key_pem=b"k",
+            usage_key="iuk_k",
+        )
+        annotations: dict[str, str] = secret["metadata"]["annotations"]
+        return annotations
+
+    suspension = _entitlement("unlicensed", suspended=True)
+    first = license_action("starter", previous_suspended(secret_annotations("generated", False)), suspension)
+    assert first == "suspended"
+    # A renewal, a new company name, a deleted Secret (`generated`) while suspended: none is a second
+    # suspension, and none makes the lifting anything but a reinstatement.
+    held = secret_annotations(first, True)
+    for action in ("renewed", "generated"):
+        assert license_action("unlicensed", previous_suspended(held), suspension) == "renewed"
+        held = secret_annotations(action, True)
+    assert license_action("unlicensed", previous_suspended(held), _entitlement("starter")) == "reinstated"
+    # A Secret written before the marker existed says it by its action.
+    assert previous_suspended({"iotistic.io/license-action": "suspended"})
 
 
 def deployment(
