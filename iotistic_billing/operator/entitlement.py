@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final
 
 from iotistic_billing.customer import PAST_DUE_GRACE, CustomerSpec
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
@@ -13,6 +14,9 @@ from iotistic_billing.operator import constants as c
 # DUNNING_RESTRICT_DAYS' default; the operator passes the setting.
 RESTRICTED_FOR = timedelta(days=14)
 PLAN_RANK = {UNLICENSED_PLAN_NAME: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}
+# A subscription whose first payment never went through (Stripe expires an incomplete one after 23 h):
+# it granted nothing and ended nothing, so the Customer's own trial goes on.
+NEVER_PAID_STATUSES: Final = frozenset({"incomplete", "incomplete_expired"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +88,7 @@ def effective_plan(
         )
 
     subscription = spec.subscription
-    if subscription is None or subscription.status in ("incomplete",) or subscription.plan is None:
+    if subscription is None or subscription.status in NEVER_PAID_STATUSES or subscription.plan is None:
         return _trial(spec, created_at, now)
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):
@@ -185,6 +189,7 @@ def license_action(
 
 
 __all__ = [
+    "NEVER_PAID_STATUSES",
     "PLAN_RANK",
     "Entitlement",
     "capped_by_trial",

@@ -85,6 +85,13 @@ def subscription(
             "professional",
             "SubscriptionRestricted",
         ),
+        # The first payment failed (incomplete), and 23 h later Stripe expired it: the trial goes on.
+        ({"billing": {"mode": "stripe"}, "subscription": subscription("incomplete")}, "trial", "TrialActive"),
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("incomplete_expired")},
+            "trial",
+            "TrialActive",
+        ),
         (
             {"billing": {"mode": "stripe"}, "subscription": subscription("canceled")},
             "unlicensed",
