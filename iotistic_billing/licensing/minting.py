@@ -11,12 +11,15 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.licensing.plans import Plan
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # pyjwt 2.10, the oldest this package takes, has no Options yet
 
 DEFAULT_LIFETIME: Final = timedelta(days=30)
 # Stripe's subscription statuses; a manually billed customer is `active`.
@@ -33,6 +36,10 @@ SUBSCRIPTION_STATUSES: Final = (
 # Claims that change at every minting even when nothing the customer has changed.
 VOLATILE_CLAIMS: Final = frozenset({"iat", "nbf", "exp", "jti", "issuedAt", "expiresAt"})
 MAX_CUSTOMER_ID_LENGTH: Final = 40  # license_history.customer_id
+# jwt.decode's options for a licence read back to ask "is it ours, for instances" (the operator's Secret,
+# the admin API): signature and audience only. Its times are judged apart, and a reader whose clock is a
+# little behind the minting operator's must not take a fresh licence (nbf, iat: now) for a bad one.
+SIGNATURE_ONLY: Final[Options] = {"verify_exp": False, "verify_nbf": False, "verify_iat": False}
 
 
 class MintingError(ValueError):
@@ -282,6 +289,7 @@ def renewal_due(expires_at: datetime, issued_at: datetime, now: datetime) -> boo
 __all__ = [
     "DEFAULT_LIFETIME",
     "NO_TRIAL",
+    "SIGNATURE_ONLY",
     "SUBSCRIPTION_STATUSES",
     "VOLATILE_CLAIMS",
     "LicenseCustomer",

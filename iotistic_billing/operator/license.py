@@ -30,6 +30,7 @@ from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.directory import remember
 from iotistic_billing.licensing.minting import (
+    SIGNATURE_ONLY,
     LicenseCustomer,
     LicenseRecord,
     MintedLicense,
@@ -100,7 +101,7 @@ def verified_claims(ctx: OperatorContext, token: str | None) -> dict[str, Any] |
             algorithms=["RS256"],
             audience=ctx.settings.license_audience,
             # Only "is it ours, for instances" matters here; its times are judged by renewal_due.
-            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            options=SIGNATURE_ONLY,
         )
     except (jwt.InvalidTokenError, KeyError):
         return None

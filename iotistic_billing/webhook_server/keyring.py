@@ -22,6 +22,7 @@ from iotistic_billing.licensing.keys import (
     public_key_pem,
     read_public_key,
 )
+from iotistic_billing.licensing.minting import SIGNATURE_ONLY
 from iotistic_billing.settings import Settings, SettingsError
 
 
@@ -65,14 +66,14 @@ class LicenseKeyring:
         return jwks_document(self.public_keys)
 
     def decode(self, token: str, audience: str) -> tuple[dict[str, Any], bool]:
-        """The licence's claims and whether one of our keys verified its signature (expiry not checked:
-        the caller shows what the Secret holds, expired or not)."""
+        """The licence's claims and whether one of our keys verified its signature (its times not
+        checked: the caller shows what the Secret holds, expired or minted by a clock ahead of ours)."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             key = self.by_kid.get(kid) if isinstance(kid, str) else None
             if key is not None:
                 claims: dict[str, Any] = jwt.decode(
-                    token, key, algorithms=["RS256"], audience=audience, options={"verify_exp": False}
+                    token, key, algorithms=["RS256"], audience=audience, options=SIGNATURE_ONLY
                 )
                 return claims, True
             unverified: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})

@@ -16,6 +16,10 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, derived_customer_id, parse_spec
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import ValidationFailed
+from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
+from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
+from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.messages import read_customer_id
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
@@ -91,6 +95,33 @@ def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
     peer: str | None, forwarded_for: list[str], trusted: tuple[Any, ...], client: str
 ) -> None:
     assert client_address(peer, forwarded_for, trusted) == client
+
+
+def test_the_keyring_verifies_our_licences_whatever_their_times_and_only_ours() -> None:
+    keys = SigningKeys(generate_private_key())
+    keyring = LicenseKeyring((keys.public_key,))
+
+    def minted(now: datetime, signing: SigningKeys = keys) -> str:
+        return mint_license(
+            customer=LicenseCustomer("cust_abc123", "Acme"),
+            plan=PLANS["starter"],
+            trial=NO_TRIAL,
+            subscription=SubscriptionTerms("active"),
+            now=now,
+            keys=signing,
+            issuer="https://billing.example",
+            audience="iotistic-instance",
+        ).token
+
+    now = datetime.now(UTC)
+    # Minted by an operator whose clock is two minutes ahead (nbf and iat in our future), or expired.
+    for token in (minted(now + timedelta(minutes=2)), minted(now - timedelta(days=40))):
+        claims, verified = keyring.decode(token, "iotistic-instance")
+        assert verified and claims["customerId"] == "cust_abc123"
+    assert keyring.decode(minted(now), "another-audience") == ({}, False)
+    stranger = minted(now, SigningKeys(generate_private_key()))
+    claims, verified = keyring.decode(stranger, "iotistic-instance")
+    assert not verified and claims["customerId"] == "cust_abc123"  # shown, never trusted
 
 
 def test_usage_keys_are_looked_up_by_their_sha256() -> None:
