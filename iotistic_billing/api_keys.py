@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
+from typing import Final
 
 PREFIX = "iuk_"
+# How long a customer's older usage keys keep working once its licence Secret got a new one (the Secret
+# was deleted): the new licence rolls the instance's pods, which read the key from their environment,
+# and a report they send meanwhile is still accepted.
+ROTATION_GRACE: Final = timedelta(minutes=10)
 
 
 def new_usage_key() -> str:

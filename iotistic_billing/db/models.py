@@ -23,10 +23,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    or_,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from iotistic_billing.licensing.minting import LicenseRecord
 
@@ -293,7 +295,13 @@ class ApiKey(Base):
     purpose: Mapped[str] = mapped_column(String(20), default="usage")
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Set ahead of now for a key replaced by a new one (api_keys.ROTATION_GRACE): it works until then.
     revoked_at: Mapped[datetime | None]
+
+    @classmethod
+    def live(cls) -> ColumnElement[bool]:
+        """The keys that still work: never revoked, or revoked at a time still to come."""
+        return or_(cls.revoked_at.is_(None), cls.revoked_at > func.now())
 
 
 __all__ = [

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.api_keys import new_usage_key, usage_key_hash
+from iotistic_billing.api_keys import ROTATION_GRACE, new_usage_key, usage_key_hash
 from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
     LICENSE_SECRET_NAME,
@@ -307,12 +307,15 @@ def _readable(token: str | None) -> LicenseRecord | None:
 
 
 async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, usage_key: str) -> None:
-    """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted.
-    A key already stored for this customer is valid again if a deletion had revoked it (a Customer
-    re-created while its old namespace and Secret were still there reuses that Secret's key)."""
+    """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted,
+    as the customer's one key: any other stops working ROTATION_GRACE from now (a deleted Secret got a
+    new key, and the old one, wherever it was copied, must not work for ever). A key already stored for
+    this customer is valid again if a deletion had revoked it (a Customer re-created while its old
+    namespace and Secret were still there reuses that Secret's key)."""
+    key_hash = usage_key_hash(usage_key)
     statement = insert(ApiKey).values(
         customer_id=customer_id,
-        key_hash=usage_key_hash(usage_key),
+        key_hash=key_hash,
         key_prefix=usage_key[:12],
         purpose="usage",
         description=f"usage key of {name}",
@@ -323,6 +326,16 @@ async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, 
             set_={"revoked_at": None},
             where=(ApiKey.customer_id == customer_id) & ApiKey.revoked_at.is_not(None),
         )
+    )
+    await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.customer_id == customer_id,
+            ApiKey.purpose == "usage",
+            ApiKey.key_hash != key_hash,
+            ApiKey.revoked_at.is_(None),
+        )
+        .values(revoked_at=func.now() + ROTATION_GRACE)
     )
 
 
@@ -376,7 +389,7 @@ async def revoke_usage_keys(ctx: OperatorContext, customer_id: str) -> int:
     async with ctx.sessions() as session, session.begin():
         result = await session.execute(
             update(ApiKey)
-            .where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.revoked_at.is_(None))
+            .where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.live())
             .values(revoked_at=func.now())
         )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -3,7 +3,7 @@
 - Admin: `Authorization: Bearer <ADMIN_API_TOKEN>`, compared in constant time.
 - Instance: `X-API-Key: <usage key>` or `Authorization: Bearer <usage key>`; only its SHA-256 is stored
   (api_keys), so lookup is by hash. Lookups are cached for a short TTL (UsageKeyCache): a revoked key
-  keeps working until its cache entry expires (30 s by default).
+  keeps working until its cache entry expires (30 s by default); a replaced one, ROTATION_GRACE longer.
 - Rate limits: an in-memory token bucket per client address and per authenticated principal.
 """
 
@@ -81,7 +81,7 @@ async def usage_key_customer(session: AsyncSession, key: str) -> str | None:
     if not key or len(key) > MAX_KEY_LENGTH:
         return None
     customer_id: str | None = await session.scalar(
-        select(ApiKey.customer_id).where(ApiKey.key_hash == usage_key_hash(key), ApiKey.revoked_at.is_(None))
+        select(ApiKey.customer_id).where(ApiKey.key_hash == usage_key_hash(key), ApiKey.live())
     )
     return customer_id
 

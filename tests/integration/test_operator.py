@@ -6,6 +6,8 @@ import base64
 import json
 import subprocess
 import time
+from collections.abc import Awaitable
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -14,10 +16,10 @@ import jwt
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from iotistic_billing.api_keys import usage_key_hash
+from iotistic_billing.api_keys import ROTATION_GRACE, usage_key_hash
 from iotistic_billing.customer import (
     GROUP,
     NOTIFICATIONS_SECRET_KEY,
@@ -33,6 +35,7 @@ from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.reconcile import _finish
+from iotistic_billing.webhook_server.security import usage_key_customer
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
@@ -449,6 +452,53 @@ async def test_a_customer_recreated_over_its_old_secret_gets_its_usage_key_back(
             select(ApiKey.revoked_at).where(ApiKey.key_hash == usage_key_hash(data["usage-api-key"].decode()))
         )
     assert revoked_at is None
+
+
+async def test_a_deleted_licence_secret_rotates_the_usage_key_and_the_old_one_ends_after_a_grace(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    name = unique_name("rotated")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+    old_key = cluster.license(name)[1]["usage-api-key"].decode()
+    cluster.core.delete_namespaced_secret("iotistic-license", f"customer-{name}")
+
+    def new_key() -> str | None:
+        key = (_license_data_or_none(cluster, name) or {}).get("usage-api-key", b"").decode()
+        return key if key not in ("", old_key) else None
+
+    key = wait_until(new_key, message="licence Secret back with a new usage key")
+
+    async def customer_of(usage_key: str) -> str | None:
+        async with AsyncSession(db_engine) as session:
+            return await usage_key_customer(session, usage_key)
+
+    assert await eventually(lambda: _equal(customer_of(key), customer_id), message="the new key stored")
+    assert await customer_of(old_key) == customer_id  # the pods that read it are being rolled
+    async with AsyncSession(db_engine) as session:
+        left = await session.scalar(
+            select(ApiKey.revoked_at - func.now()).where(ApiKey.key_hash == usage_key_hash(old_key))
+        )
+    assert left is not None and ROTATION_GRACE - timedelta(minutes=1) < left <= ROTATION_GRACE
+    async with AsyncSession(db_engine) as session, session.begin():  # the grace is over
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == usage_key_hash(old_key))
+            .values(revoked_at=func.now() - timedelta(seconds=1))
+        )
+    assert (await customer_of(old_key), await customer_of(key)) == (None, customer_id)
+
+
+async def _equal(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
+
+
+def _license_data_or_none(cluster: Cluster, name: str) -> dict[str, bytes] | None:
+    try:
+        return cluster.license(name)[1]
+    except ApiException:
+        return None
 
 
 def test_drift_repair_brings_back_a_deleted_secret_and_release(cluster: Cluster) -> None:
