@@ -22,6 +22,11 @@ OCI_PREFIX = "oci://"
 _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
 
 
+# A setting whose empty value would only fail later (licences no instance accepts, a URL of nothing):
+# refused at the start.
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
 class SettingsError(ValueError):
     """Raised at start-up when an environment variable is missing or invalid; names the variable."""
 
@@ -39,7 +44,7 @@ class Settings(BaseSettings):
     stripe_secret_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
     # Base URL of the Stripe API; tests and `make dev` point it at stripe-mock.
-    stripe_api_base: str = "https://api.stripe.com"
+    stripe_api_base: NonEmptyStr = "https://api.stripe.com"
     stripe_price_starter: str | None = None
     stripe_price_professional: str | None = None
     stripe_price_enterprise: str | None = None
@@ -48,15 +53,15 @@ class Settings(BaseSettings):
     license_public_key_path: Path | None = None
     # Extra public keys (PEM files) that still verify licences during a key rotation.
     license_extra_public_key_paths: list[Path] = Field(default_factory=list)
-    license_issuer: str = "https://billing.iotistic.cloud"
-    license_audience: str = "iotistic-instance"
+    license_issuer: NonEmptyStr = "https://billing.iotistic.cloud"
+    license_audience: NonEmptyStr = "iotistic-instance"
     license_lifetime_days: Annotated[int, Field(ge=1, le=366)] = 30
 
     default_trial_days: Annotated[int, Field(ge=0, le=90)] = 14
-    base_domain: str = "iotistic.cloud"
+    base_domain: NonEmptyStr = "iotistic.cloud"
     # The customer-instance chart: a chart directory, or an OCI reference `oci://host[:port]/path/name`
     # (no tag: the version is INSTANCE_CHART_VERSION, or a Customer's spec.instance.chartVersion).
-    instance_chart: str = "charts/customer-instance"
+    instance_chart: NonEmptyStr = "charts/customer-instance"
     # With an OCI chart: the version of every Customer without spec.instance.chartVersion (required).
     instance_chart_version: Annotated[str, Field(pattern=CHART_VERSION_PATTERN)] | None = None
     # The registry speaks plain HTTP (a local registry without TLS, as make dev's).
@@ -68,7 +73,7 @@ class Settings(BaseSettings):
     # Customer keeps the version it runs); `immediate`, every unpinned Customer at once. A chart
     # directory has one version only, so with one the fleet always moves at once.
     instance_chart_upgrade: Literal["rollout", "immediate"] = "rollout"
-    helm_binary: str = "helm"
+    helm_binary: NonEmptyStr = "helm"
     helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
     admin_api_token: SecretStr | None = None
@@ -109,12 +114,12 @@ class Settings(BaseSettings):
     # never inside a billing period still open; rollups stay. At least 2 (a period is up to a month).
     usage_raw_retention: Annotated[int, Field(ge=2, le=1200)] = 13
     # Public URL of the webhook server, given to customer instances for usage reports.
-    billing_url: str = "http://localhost:3100"
+    billing_url: NonEmptyStr = "http://localhost:3100"
 
     # Notices (docs/architecture.md, "Notices"): mail through this SMTP server (smtp:// or smtps://,
     # user:password@ when it wants them; unset: no mail is sent, webhooks still are), from this address.
     smtp_url: SecretStr | None = None
-    notify_from: str = "Iotistic Billing <billing@iotistic.cloud>"
+    notify_from: NonEmptyStr = "Iotistic Billing <billing@iotistic.cloud>"
     # The platform team's endpoint: every notice of every customer, signed with NOTIFY_WEBHOOK_SECRET.
     notify_webhook_url: str | None = None
     notify_webhook_secret: SecretStr | None = None

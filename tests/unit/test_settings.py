@@ -50,6 +50,27 @@ def test_bad_values_are_refused_naming_the_variable(
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "LICENSE_ISSUER",
+        "LICENSE_AUDIENCE",
+        "STRIPE_API_BASE",
+        "BASE_DOMAIN",
+        "INSTANCE_CHART",
+        "HELM_BINARY",
+        "BILLING_URL",
+        "NOTIFY_FROM",
+    ],
+)
+def test_an_empty_value_of_a_setting_with_a_default_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(SettingsError, match=f"{variable}: String should have at least 1 character"):
+        load_settings()
+
+
 def test_secret_values_never_appear_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADMIN_API_TOKEN", "tooshort")
     with pytest.raises(SettingsError) as refused:
