@@ -39,13 +39,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--company", required=True, help="company name")
     add.add_argument("--name", dest="contact", help="contact name")
     add.add_argument("--resource-name", help="name of the Customer resource (default: from the company)")
-    add.add_argument("--plan", choices=PLAN_NAMES, default="trial")
+    add.add_argument(
+        "--plan", choices=PLAN_NAMES, default="trial", help="manual billing only (default trial)"
+    )
     add.add_argument("--customer-id", help="cust_... (default: derived by the operator)")
     add.add_argument("--trial-days", type=int)
     add.add_argument("--billing", choices=("manual", "stripe"), default="manual")
     add.set_defaults(handler=_add)
 
-    upgrade = commands.add_parser("upgrade", help="change a Customer's plan (spec.plan)")
+    upgrade = commands.add_parser(
+        "upgrade", help="change a manually billed Customer's plan (spec.plan; Stripe's come from Stripe)"
+    )
     upgrade.add_argument("--id", required=True, help="customer id (cust_...) or resource name")
     upgrade.add_argument("--plan", choices=PLAN_NAMES, required=True)
     upgrade.set_defaults(handler=_upgrade)
@@ -84,7 +88,16 @@ def resource_name_for(company: str) -> str:
     return name
 
 
+# A Stripe-billed Customer's plan is its subscription's (operator/entitlement.py): spec.plan is not read.
+STRIPE_PLAN_CHANGE = (
+    "the plan of a Stripe-billed Customer comes from its Stripe subscription, not spec.plan: change it "
+    "with POST /api/subscriptions/upgrade (POST /api/subscriptions/checkout when it has none)"
+)
+
+
 def _add(args: argparse.Namespace) -> int:
+    if args.billing == "stripe" and args.plan != "trial":
+        raise CommandError(f"--plan: {STRIPE_PLAN_CHANGE}")
     spec: dict[str, Any] = {
         "email": args.email,
         "companyName": args.company,
@@ -126,9 +139,8 @@ def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:
     raise CommandError(f"--id: no Customer named or with customer id {key!r}")
 
 
-def _patch_spec(key: str, spec: dict[str, Any]) -> str:
-    kube = _kube()
-    name = str(find_customer(kube, key)["metadata"]["name"])
+def _patch_spec(kube: KubeApi, customer: dict[str, Any], spec: dict[str, Any]) -> str:
+    name = str(customer["metadata"]["name"])
     try:
         kube.patch_customer(name, {"spec": spec})
     except (ApiException, KubernetesUnavailable) as error:
@@ -137,13 +149,18 @@ def _patch_spec(key: str, spec: dict[str, Any]) -> str:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    name = _patch_spec(args.id, {"plan": args.plan})
+    kube = _kube()
+    customer = find_customer(kube, args.id)
+    if (customer.get("spec", {}).get("billing") or {}).get("mode") == "stripe":
+        raise CommandError(f"--plan: customer/{customer['metadata']['name']}: {STRIPE_PLAN_CHANGE}")
+    name = _patch_spec(kube, customer, {"plan": args.plan})
     print(f"customer/{name}: spec.plan is now {args.plan}; the operator re-mints its licence")
     return 0
 
 
 def _deactivate(args: argparse.Namespace) -> int:
-    name = _patch_spec(args.id, {"suspended": not args.reactivate})
+    kube = _kube()
+    name = _patch_spec(kube, find_customer(kube, args.id), {"suspended": not args.reactivate})
     print(f"customer/{name} {'reactivated' if args.reactivate else 'suspended'}")
     return 0
 

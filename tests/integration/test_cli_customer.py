@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 
 from iotistic_billing.cli.tables import format_table
+from iotistic_billing.k8s import FieldManager, KubeApi
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
@@ -99,6 +101,27 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
     assert "--resource-name: metadata.name must be lowercase letters" in dotted.stderr
     unknown = cli(kubeconfig, "customer", "upgrade", "--id", "cust_doesnotexist", "--plan", "starter")
     assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
+
+
+def test_a_stripe_billed_customer_s_plan_is_not_changed_with_the_cli(
+    kubeconfig: Path, k8s_client: kubernetes.client.ApiClient
+) -> None:
+    company = unique_name("Stripe Billed")
+    name = company.lower().replace(" ", "-")
+    add = ["customer", "add", "--email", "ops@billed.example", "--company", company, "--billing", "stripe"]
+    refused = cli(kubeconfig, *add, "--plan", "starter")
+    assert refused.returncode == 2
+    assert "--plan: the plan of a Stripe-billed Customer comes from its Stripe subscription" in refused.stderr
+    assert "POST /api/subscriptions/checkout" in refused.stderr
+    assert listed(kubeconfig, name) is None  # nothing created
+
+    assert cli(kubeconfig, *add).returncode == 0  # its trial, until a checkout
+    upgrade = cli(kubeconfig, "customer", "upgrade", "--id", name, "--plan", "professional")
+    assert upgrade.returncode == 2
+    assert f"--plan: customer/{name}: the plan" in upgrade.stderr
+    assert "POST /api/subscriptions/upgrade" in upgrade.stderr
+    customer = KubeApi(k8s_client, FieldManager.CLI).read_customer(name)
+    assert customer is not None and customer["spec"]["plan"] == "trial"
 
 
 def test_table_format() -> None:
