@@ -353,10 +353,18 @@ class LicenseVerifier:
                 raise ValueError("JWKS document must be a JSON object")
         return cls(public_keys_from_jwks(document), audience=audience, issuer=issuer, leeway=leeway)
 
-    def verify(self, token: str | None, *, now: datetime | None = None) -> License:
-        """The licence's grants, or the unlicensed fallback with the reason it was refused."""
+    def verify(self, token: str | bytes | None, *, now: datetime | None = None) -> License:
+        """The licence's grants, or the unlicensed fallback with the reason it was refused; `token` as
+        text or as the bytes of a file or an environment read raw (a JWT is ASCII)."""
         if not token:
             return unlicensed("no licence")
+        if isinstance(token, bytes):
+            try:
+                token = token.decode("ascii")
+            except UnicodeDecodeError:
+                return unlicensed("malformed licence")
+        if not isinstance(token, str):
+            return unlicensed("malformed licence")
         try:
             return self._verify(token.strip(), time.time() if now is None else now.timestamp())
         except InvalidLicense as exc:

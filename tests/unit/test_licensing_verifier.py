@@ -143,6 +143,16 @@ def test_missing_licence_gives_the_fallback(verifier: LicenseVerifier, token: st
     assert_fallback(license, "no licence" if token is None or token == "" else "malformed")
 
 
+def test_a_licence_read_as_bytes_verifies_and_other_objects_give_the_fallback(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    token = mint(keys).token
+    assert verifier.verify(token.encode() + b"\n", now=NOW).valid  # a file's bytes, newline and all
+    assert_fallback(verifier.verify(b"\xff" + token.encode(), now=NOW), "malformed")
+    for thing in (bytearray(token.encode()), 42, ["a", "b"]):
+        assert_fallback(verifier.verify(thing, now=NOW), "malformed")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("token", ["abc", "a.b", "a.b.c.d", "eyJhbGciOiJSUzI1NiJ9.e30.c2ln", "x" * 20_000])
 def test_garbage_gives_the_fallback(verifier: LicenseVerifier, token: str) -> None:
     license = verifier.verify(token, now=NOW)
