@@ -88,6 +88,13 @@ def _settings() -> Settings:
         raise CommandError(str(exc)) from None
 
 
+def _given(value: str | None, flag: str) -> str | None:
+    """An option as given; an empty one is refused by name, not taken for its default."""
+    if value is not None and not value.strip():
+        raise CommandError(f"{flag}: must not be empty (leave it out for the default)")
+    return value
+
+
 def _token(argument: str) -> str:
     token = sys.stdin.read() if argument == "-" else argument
     token = token.strip()
@@ -133,8 +140,8 @@ def _mint(args: argparse.Namespace) -> int:
             subscription=SubscriptionTerms(status),
             now=now,
             keys=keys,
-            issuer=args.issuer or settings.license_issuer,
-            audience=args.audience or settings.license_audience,
+            issuer=_given(args.issuer, "--issuer") or settings.license_issuer,
+            audience=_given(args.audience, "--audience") or settings.license_audience,
             lifetime=timedelta(days=lifetime_days),
         )
     except MintingError as exc:
@@ -145,20 +152,21 @@ def _mint(args: argparse.Namespace) -> int:
 
 def _verifier(args: argparse.Namespace) -> LicenseVerifier:
     settings = _settings()
-    audience = args.audience or settings.license_audience
+    audience = _given(args.audience, "--audience") or settings.license_audience
+    issuer = _given(args.issuer, "--issuer")
     try:
         if args.jwks is not None:
             try:
                 document = args.jwks.read_text()
             except OSError as exc:
                 raise CommandError(f"--jwks: cannot read {args.jwks} ({exc.strerror})") from None
-            return LicenseVerifier.from_jwks(document, audience=audience, issuer=args.issuer)
+            return LicenseVerifier.from_jwks(document, audience=audience, issuer=issuer)
         paths = args.public_key
         if not paths:
             if settings.license_public_key_path is None:
                 raise CommandError("--public-key: not given and LICENSE_PUBLIC_KEY_PATH is not set")
             paths = [settings.license_public_key_path, *settings.license_extra_public_key_paths]
-        return LicenseVerifier.from_pem_files(*paths, audience=audience, issuer=args.issuer)
+        return LicenseVerifier.from_pem_files(*paths, audience=audience, issuer=issuer)
     except (LicenseKeyError, ValueError) as exc:
         raise CommandError(f"{'--jwks' if args.jwks is not None else '--public-key'}: {exc}") from None
 

@@ -178,6 +178,8 @@ def test_license_mint_reads_the_key_path_from_settings(
             ("--private-key", "KEY", "--lifetime-days", "0"),
             "--lifetime-days: must be between 1 and 366, got 0",
         ),
+        (("--private-key", "KEY", "--audience", ""), "--audience: must not be empty"),
+        (("--private-key", "KEY", "--issuer", " "), "--issuer: must not be empty"),
     ],
 )
 def test_license_mint_errors_name_the_argument(
@@ -258,6 +260,9 @@ def test_license_verify_errors_name_the_argument(capsys: pytest.CaptureFixture[s
     assert (code, "--public-key:" in err, "missing.pem: cannot read" in err) == (2, True, True)
     code, _, err = run(capsys, "license", "verify", "x.y.z", "--jwks", str(tmp_path / "missing.json"))
     assert (code, "--jwks: cannot read" in err) == (2, True)
+    for flag in ("--audience", "--issuer"):
+        code, _, err = run(capsys, "license", "verify", "x.y.z", "--jwks", "unread.json", flag, "")
+        assert (code, f"{flag}: must not be empty" in err) == (2, True)
 
 
 def test_license_show_decodes_without_verifying(
