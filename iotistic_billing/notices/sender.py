@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import aiosmtplib
+from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -157,25 +158,8 @@ class NoticeSender:
             started = time.monotonic()
             try:
                 await self._deliver(delivery, notice, now)
-            except DeliveryFailed as failed:
-                delivery.last_error = str(failed)[:1000]
-                if delivery.attempts >= self.options.max_attempts:
-                    delivery.status = "dead"
-                    log.warning(
-                        "notice %s to %s is dead after %d tries: %s",
-                        delivery.message_id,
-                        delivery.channel,
-                        delivery.attempts,
-                        failed,
-                    )
-                else:
-                    delivery.next_attempt_at = now + backoff(delivery.attempts)
-                    log.info(
-                        "notice %s to %s failed, retried later: %s",
-                        delivery.message_id,
-                        delivery.channel,
-                        failed,
-                    )
+            except Exception as error:  # any error is this delivery's failure: it must never block the others
+                self._count_failure(delivery, error, now)
                 return True
             delivery.status = "sent"
             delivery.sent_at = now
@@ -189,6 +173,29 @@ class NoticeSender:
                 extra={"customer_id": notice.customer_id},
             )
         return True
+
+    def _count_failure(self, delivery: models.NoticeDelivery, error: Exception, now: datetime) -> None:
+        """The try counts: its error kept, the next try after the backoff, dead after the last. Logged
+        once, with the traceback when the error is not one the sender expects (a bug, or a URL the
+        client cannot even resolve)."""
+        expected = isinstance(error, DeliveryFailed)
+        reason = str(error) if expected else f"{type(error).__name__}: {error}"
+        # PostgreSQL's text holds no NUL: an error quoting one must not fail the commit of this row.
+        delivery.last_error = reason.replace("\x00", "\\x00")[:1000]
+        dead = delivery.attempts >= self.options.max_attempts
+        if dead:
+            delivery.status = "dead"
+        else:
+            delivery.next_attempt_at = now + backoff(delivery.attempts)
+        log.log(
+            logging.WARNING if dead or not expected else logging.INFO,
+            "notice %s to %s %s: %s",
+            delivery.message_id,
+            delivery.channel,
+            f"is dead after {delivery.attempts} tries" if dead else "failed, retried later",
+            reason,
+            exc_info=None if expected else error,
+        )
 
     async def _deliver(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
         if delivery.channel == Channel.EMAIL:
@@ -226,12 +233,16 @@ class NoticeSender:
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
         """The signing secret the operator copied from spec.notifications.webhook.secretRef."""
+        namespace = namespace_for(notice.customer_name)
         try:
-            secret = await self.kube.read_secret_data(
-                namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME
-            )
+            secret = await self.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
         except KubernetesUnavailable as error:
             raise DeliveryFailed(str(error)) from None
+        except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
+            raise DeliveryFailed(
+                f"the API server refused to read {namespace}/{NOTIFICATIONS_SECRET_NAME}: "
+                f"{error.status} {error.reason}"
+            ) from None
         value = (secret[0] if secret is not None else {}).get(NOTIFICATIONS_SECRET_KEY)
         if value is None:
             raise DeliveryFailed(

@@ -281,6 +281,79 @@ async def test_a_receiver_that_fails_three_times_gets_the_same_webhook_id_four_t
     assert (webhook.status, webhook.attempts, webhook.message_id) == ("sent", 4, platform.seen[0])
 
 
+async def test_deliveries_to_hosts_the_resolver_refuses_fail_alone_and_hold_up_no_other(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+) -> None:
+    """URLs the CRD's pattern and NOTIFY_WEBHOOK_URL once took, whose host aiohttp's resolver cannot
+    encode (it raises UnicodeError, no ClientError): once they stopped the sender for every customer."""
+    platform, _ = receivers
+    one, clock = started
+    await one.send_due()  # what other tests left: the bad rows below are the oldest due
+    name = unique_name("badhost")
+    spec = CustomerSpec.model_validate({"email": f"ops@{name}.example", "companyName": "B"})
+    bad = []
+    for index, url in enumerate(("https://hooks..example.com/x", f"https://{'a' * 64}.example.com/x")):
+        notice = suspended_notice(name, jti=f"bad-{index}")
+        await enqueue(sessions, Outbox(url), notice, spec)
+        bad.append(notice.key)
+    good = suspended_notice(name, jti="good")
+    await enqueue(sessions, Outbox(platform.url), good, spec)
+
+    await one.send_due()
+    (sent,) = [d for d in await deliveries(sessions, good.key) if d.channel == "platform"]
+    assert sent.status == "sent" and len(platform.bodies) == 1
+    for key in bad:
+        (failed,) = [d for d in await deliveries(sessions, key) if d.channel == "platform"]
+        assert (failed.status, failed.attempts) == ("pending", 1)
+        assert "UnicodeError" in (failed.last_error or ""), failed.last_error
+        assert failed.next_attempt_at > clock() + timedelta(seconds=BACKOFF[0] - 5)
+    clock.advance(BACKOFF[0])
+    await one.send_due()  # counted again, after its backoff: dead after NOTIFY_MAX_ATTEMPTS like any
+    for key in bad:
+        (failed,) = [d for d in await deliveries(sessions, key) if d.channel == "platform"]
+        assert (failed.status, failed.attempts) == ("pending", 2)
+
+
+async def test_a_signing_secret_the_server_may_not_read_fails_its_delivery_alone(
+    sessions: async_sessionmaker[AsyncSession],
+    receivers: tuple[Receiver, Receiver],
+) -> None:
+    """The API server refusing the read (401, 403: RBAC) is that delivery's failure, not the sender's."""
+    platform, customer = receivers
+
+    class Refusing:
+        async def read_secret_data(self, namespace: str, name: str) -> None:
+            raise ApiException(status=403, reason="Forbidden")
+
+    clock = Clock()
+    one = sender(sessions, cast(Kube, Refusing()), clock, None)
+    await one.start()
+    try:
+        await one.send_due()  # what other tests left
+        name = unique_name("refused")
+        spec = CustomerSpec.model_validate(
+            {
+                "email": f"ops@{name}.example",
+                "companyName": "R",
+                "notifications": {"webhook": {"url": customer.url, "secretRef": {"name": "hook"}}},
+            }
+        )
+        notice = suspended_notice(name)
+        await enqueue(sessions, Outbox(platform.url), notice, spec)
+        await one.send_due()
+    finally:
+        await one.stop()
+    by_channel = {d.channel: d for d in await deliveries(sessions, notice.key)}
+    assert by_channel["platform"].status == "sent"
+    refused = by_channel["webhook"]
+    assert (refused.status, refused.attempts) == ("pending", 1)
+    assert refused.last_error == (
+        f"the API server refused to read customer-{name}/{NOTIFICATIONS_SECRET_NAME}: 403 Forbidden"
+    )
+
+
 async def test_smtp_down_for_a_minute_delays_mail_and_loses_none(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
