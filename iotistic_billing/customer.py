@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import annotated_types
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -448,6 +449,27 @@ def name_errors(name: str) -> list[str]:
             f" or digit (the namespace customer-<name> is a DNS label), got {name!r}"
         ]
     return []
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why no webhook could ever be posted to `url` although URL_PATTERN takes it (a host name the
+    resolver cannot encode: an empty label, a label over 63 characters; no host; a bad port); None
+    when one could. Not part of the model: a bad webhook must not stop the Customer's licence."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it)
+    except ValueError as error:
+        return f"is not a URL ({error})"
+    if not parts.hostname:
+        return "has no host"
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        return (
+            f"host {parts.hostname!r} is not a valid host name (an empty label, or a label longer than "
+            "63 characters)"
+        )
+    return None
 
 
 def spec_errors(spec: Mapping[str, Any]) -> list[str]:

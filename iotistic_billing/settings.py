@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from iotistic_billing.customer import CHART_VERSION_PATTERN
+from iotistic_billing.customer import CHART_VERSION_PATTERN, webhook_url_problem
 
 OCI_PREFIX = "oci://"
 _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
@@ -174,6 +174,14 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("notify_webhook_url")
+    @classmethod
+    def _webhook_host(cls, value: str | None) -> str | None:
+        problem = webhook_url_problem(value) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("notify_webhook_secret")

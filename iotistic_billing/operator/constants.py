@@ -60,3 +60,4 @@ WEBHOOK_SECRET_READY: Final = "WebhookSecretReady"  # noqa: S105 (condition reas
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
 SECRET_KEY_NOT_FOUND: Final = "SecretKeyNotFound"  # noqa: S105
 INVALID_SECRET: Final = "InvalidSecret"  # noqa: S105
+INVALID_WEBHOOK_URL: Final = "InvalidWebhookUrl"

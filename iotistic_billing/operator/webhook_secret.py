@@ -1,11 +1,11 @@
 """The notifications step: the Secret spec.notifications.webhook.secretRef names (in the Customer's
 namespace) is checked and its key copied into the Secret the webhook server's notice sender reads
 (the only one it may read besides the licence), and the outcome is the NotificationsReady condition,
-naming the field when the Secret or its key is missing."""
+naming the field when the Secret or its key is missing, or when the URL's host is no host name."""
 
 from __future__ import annotations
 
-from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME
+from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME, webhook_url_problem
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.manifests import notifications_secret_manifest
@@ -21,6 +21,11 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     webhook = target.spec.notifications.webhook
     if webhook is None:
         return None
+    problem = webhook_url_problem(webhook.url)
+    if problem is not None:
+        return NotificationsOutcome(
+            False, c.INVALID_WEBHOOK_URL, f"spec.notifications.webhook.url: {problem}"
+        )
     ref, namespace = webhook.secret_ref, target.namespace
     source = await ctx.kube.read_secret_data(namespace, ref.name)
     if source is None:

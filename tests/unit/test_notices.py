@@ -7,11 +7,13 @@ import base64
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from iotistic_billing.customer import CustomerSpec, SubscriptionSpec, UsageThreshold
+from iotistic_billing.customer import CustomerSpec, SubscriptionSpec, UsageThreshold, webhook_url_problem
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.notices.content import (
@@ -26,8 +28,11 @@ from iotistic_billing.notices.content import (
 )
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.sender import BACKOFF, backoff, sign
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import effective_plan
 from iotistic_billing.operator.notices import trial_ending_due
+from iotistic_billing.operator.state import PassTarget
+from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.stripe_inbox.events import Decision
 from iotistic_billing.stripe_inbox.notices import event_notices
@@ -141,6 +146,28 @@ def test_secrets_are_standard_webhooks_secrets_of_24_bytes_at_least() -> None:
         webhook_secret_bytes("whsec_" + base64.b64encode(b"short").decode())
     with pytest.raises(ValueError, match="base64"):
         webhook_secret_bytes("whsec_not base64!")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://hooks..example.com/x", "host 'hooks..example.com' is not a valid host name"),
+        (f"https://{'a' * 64}.example.com/x", f"host '{'a' * 64}.example.com' is not a valid host name"),
+        ("https://hooks.example.com:99999/x", "is not a URL (Port out of range 0-65535)"),
+        ("https:///x", "has no host"),
+    ],
+)
+async def test_a_webhook_url_no_post_could_reach_is_named_in_notifications_ready(
+    url: str, problem: str
+) -> None:
+    """URL_PATTERN (the CRD's) takes these; the resolver would refuse each delivery to them."""
+    webhook = {"url": url, "secretRef": {"name": "hook"}}
+    target = cast(PassTarget, SimpleNamespace(spec=spec(notifications={"webhook": webhook}), namespace="ns"))
+    outcome = await ensure_webhook_secret(cast(OperatorContext, SimpleNamespace()), target)
+    assert outcome is not None and (outcome.ready, outcome.reason) == (False, "InvalidWebhookUrl")
+    assert outcome.message.startswith(f"spec.notifications.webhook.url: {problem}"), outcome.message
+    assert webhook_url_problem("https://hooks.example.com./x") is None
+    assert webhook_url_problem("http://[::1]:8080/x") is None
 
 
 def test_retries_back_off_then_stop() -> None:

@@ -39,6 +39,13 @@ def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyP
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
+        # Hosts the resolver cannot encode: every delivery to them would fail.
+        (
+            "NOTIFY_WEBHOOK_URL",
+            "https://hooks..example.com/x",
+            "NOTIFY_WEBHOOK_URL: host 'hooks..example.com' is not a valid host name",
+        ),
+        ("NOTIFY_WEBHOOK_URL", f"https://{'a' * 64}.example/x", "NOTIFY_WEBHOOK_URL: host 'aaaa"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(
