@@ -148,16 +148,20 @@ def payment_failed(
     customer_id: str,
     customer_name: str,
     company: str,
-    invoice_id: str,
+    subscription_id: str,
+    overdue_since: datetime,
+    invoice_id: str | None,
     plan: str | None,
     restricted_at: datetime,
     portal_url: str | None,
 ) -> Notice:
+    """The subscription became past_due: keyed by the subscription and when (its pastDueSince), not by
+    the event that said so, as an invoice's event and the subscription's may come in either order."""
     return Notice(
         NoticeKind.PAYMENT_FAILED,
         customer_id,
         customer_name,
-        key=f"payment-failed:{customer_id}:{invoice_id}",
+        key=f"payment-failed:{customer_id}:{subscription_id}:{_stamp(overdue_since)}",
         subject="Your Iotistic payment failed",
         lines=(
             f"Hello {company},",
@@ -167,7 +171,9 @@ def payment_failed(
             "Please update your payment method.",
         ),
         facts={
-            "invoice_id": invoice_id,
+            "subscription_id": subscription_id,
+            **({"invoice_id": invoice_id} if invoice_id else {}),  # the event may not name one
+            "past_due_since": _iso(overdue_since),
             "restricted_at": _iso(restricted_at),
             **plan_facts(plan or "unlicensed"),
         },
@@ -176,16 +182,29 @@ def payment_failed(
 
 
 def payment_recovered(
-    *, customer_id: str, customer_name: str, company: str, invoice_id: str, plan: str | None
+    *,
+    customer_id: str,
+    customer_name: str,
+    company: str,
+    subscription_id: str,
+    overdue_since: datetime,
+    invoice_id: str | None,
+    plan: str | None,
 ) -> Notice:
+    """The subscription left past_due or unpaid for active: keyed as the failure it ends."""
     return Notice(
         NoticeKind.PAYMENT_RECOVERED,
         customer_id,
         customer_name,
-        key=f"payment-recovered:{customer_id}:{invoice_id}",
+        key=f"payment-recovered:{customer_id}:{subscription_id}:{_stamp(overdue_since)}",
         subject="Your Iotistic payment went through",
         lines=(f"Hello {company},", "thank you: your payment succeeded and your plan is fully back."),
-        facts={"invoice_id": invoice_id, **plan_facts(plan or "unlicensed")},
+        facts={
+            "subscription_id": subscription_id,
+            **({"invoice_id": invoice_id} if invoice_id else {}),  # the event may not name one
+            "past_due_since": _iso(overdue_since),
+            **plan_facts(plan or "unlicensed"),
+        },
     )
 
 

@@ -330,6 +330,17 @@ def trial_end(subscription: Mapping[str, Any]) -> datetime | None:
     return _timestamp(subscription.get("trial_end"))
 
 
+def invoice_id(event_type: str, obj: Mapping[str, Any]) -> str | None:
+    """The invoice an event is about: an invoice event's own, a subscription's latest, a checkout's."""
+    if event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
+        return object_id(obj)
+    if event_type in SUBSCRIPTION_EVENTS:
+        return _ref_id(obj.get("latest_invoice"))
+    if event_type == CHECKOUT_COMPLETED:
+        return _ref_id(obj.get("invoice"))
+    return None
+
+
 def object_id(obj: Mapping[str, Any]) -> str | None:
     identifier = obj.get("id")
     return identifier if isinstance(identifier, str) and identifier else None
@@ -603,6 +614,7 @@ __all__ = [
     "decide",
     "event_object",
     "facts_of_subscription",
+    "invoice_id",
     "lookup_hints",
     "object_id",
     "past_due_since",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from iotistic_billing.customer import PAST_DUE_GRACE, SubscriptionSpec
 from iotistic_billing.directory import CustomerRecord
@@ -18,14 +18,17 @@ from iotistic_billing.notices.content import (
     trial_ending,
 )
 from iotistic_billing.stripe_inbox.events import (
-    INVOICE_FAILED,
-    INVOICE_PAID_EVENTS,
+    OVERDUE_STATUSES,
     SUBSCRIPTION_DELETED,
     TRIAL_WILL_END,
     Decision,
+    invoice_id,
     object_id,
     trial_end,
 )
+
+# A payment that went through: the plan is fully back.
+PAID_STATUSES: Final = frozenset({"active", "trialing"})
 
 
 def event_notices(
@@ -49,33 +52,68 @@ def event_notices(
     }
     when = datetime.fromtimestamp(created, UTC)
     identifier = object_id(obj) or str(created)
-    if event_type == INVOICE_FAILED and applied.status == "past_due":
-        return [
-            payment_failed(
-                **about,
-                invoice_id=identifier,
-                plan=applied.plan,
-                # The operator's rule (operator/entitlement.py): the first failed payment, not the period.
-                restricted_at=applied.grace_started(when) + PAST_DUE_GRACE,
-                portal_url=portal_url,
-            )
-        ]
-    if (
-        event_type in INVOICE_PAID_EVENTS
-        and previous is not None
-        and previous.status in ("past_due", "unpaid")
-    ):
-        return [payment_recovered(**about, invoice_id=identifier, plan=applied.plan)]
+    notices = payment_notices(previous, applied, about, invoice_id(event_type, obj), when, portal_url)
     if event_type == SUBSCRIPTION_DELETED:
-        return [
+        notices.append(
             subscription_canceled(
                 **about, subscription_id=applied.stripe_subscription_id or identifier, status=applied.status
             )
-        ]
+        )
     ends_at = trial_end(obj)
     if event_type == TRIAL_WILL_END and ends_at is not None and ends_at > when:
-        return [trial_ending(**about, plan=applied.plan or "trial", ends_at=ends_at, now=when)]
+        notices.append(trial_ending(**about, plan=applied.plan or "trial", ends_at=ends_at, now=when))
+    return notices
+
+
+def payment_notices(
+    previous: SubscriptionSpec | None,
+    applied: SubscriptionSpec,
+    about: Mapping[str, str],
+    invoice: str | None,
+    when: datetime,
+    portal_url: str | None,
+) -> list[Notice]:
+    """From the subscription's status, whichever event moved it (Stripe sends an invoice's event and the
+    subscription's in no set order, and the older of the two is stale): "payment failed" when it becomes
+    past_due, "payment recovered" when it leaves past_due or unpaid for active. Both are keyed by the
+    subscription and its pastDueSince, so one failure gives one of each, and a retried event, deciding
+    from the same state, the same key. (Going straight to unpaid, the licence is suspended at once: the
+    operator's `license.suspended` says so.)"""
+    subscription_id = applied.stripe_subscription_id
+    if subscription_id is None:
+        return []
+    overdue = (
+        previous
+        if previous is not None
+        and previous.stripe_subscription_id == subscription_id
+        and previous.status in OVERDUE_STATUSES
+        else None
+    )
+    if applied.status == "past_due" and overdue is None:
+        since = applied.grace_started(when)
+        return [
+            payment_failed(
+                **about,
+                subscription_id=subscription_id,
+                overdue_since=since,
+                invoice_id=invoice,
+                plan=applied.plan,
+                # The operator's rule (operator/entitlement.py): the first failed payment, not the period.
+                restricted_at=since + PAST_DUE_GRACE,
+                portal_url=portal_url,
+            )
+        ]
+    if applied.status in PAID_STATUSES and overdue is not None:
+        return [
+            payment_recovered(
+                **about,
+                subscription_id=subscription_id,
+                overdue_since=overdue.grace_started(when),
+                invoice_id=invoice,
+                plan=applied.plan,
+            )
+        ]
     return []
 
 
-__all__ = ["event_notices"]
+__all__ = ["PAID_STATUSES", "event_notices", "payment_notices"]

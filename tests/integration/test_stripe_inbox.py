@@ -79,6 +79,12 @@ def iso(timestamp: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+def overdue_key(kind: str, subscriber: Subscriber, since: int) -> str:
+    """A payment notice's key: the subscription and when it became past_due (its pastDueSince)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(since))
+    return f"payment-{kind}:{subscriber.customer_id}:{subscriber.subscription}:{stamp}"
+
+
 def customer_applies(client: kubernetes.client.ApiClient) -> int:
     """Server-side applies of Customers the API server has answered, from its own request counter: a
     no-op apply changes nothing in the object, but it is counted here."""
@@ -255,10 +261,9 @@ async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
         assert await results(inbox_engine, events_one + events_two) == {
             body["id"]: "applied" for body in events_one + events_two
         }
-        invoices = [body["data"]["object"]["id"] for body in events_one[1::2]]
         assert await notice_keys(inbox_engine, [one.customer_id]) == {
-            f"payment-failed:{one.customer_id}:{invoices[0]}": 1,
-            f"payment-recovered:{one.customer_id}:{invoices[1]}": 1,
+            overdue_key("failed", one, base + 2): 1,
+            overdue_key("recovered", one, base + 2): 1,
         }
         async with inbox_engine.connect() as connection:
             row = (
@@ -346,9 +351,44 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
         assert await restarted.apply_pending() == 3
     assert await results(inbox_engine, bodies) == {body["id"]: "applied" for body in bodies}
     assert customer_applies(k8s_client) == applies + 3  # the newer event's status
-    invoice = bodies[2]["data"]["object"]["id"]
     assert await notice_keys(inbox_engine, [refused.customer_id]) == {
-        f"payment-failed:{refused.customer_id}:{invoice}": 1
+        overdue_key("failed", refused, base + 1): 1
+    }
+
+
+async def test_a_payment_failure_and_its_recovery_notice_once_whichever_of_stripe_s_events_comes_first(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Stripe sends an invoice's event and the subscription's about one change in no set order, a second
+    or so apart. When the subscription's later-created event is applied first, the invoice's is stale:
+    the notice comes from the subscription's status moving, whichever event moves it."""
+    late, timely = Subscriber(customers, "order"), Subscriber(customers, "order")
+    base = int(time.time())
+
+    def arrivals(s: Subscriber) -> list[dict[str, Any]]:
+        failed = [s.invoice(base + 1, paid=False), s.updated(base + 2, status="past_due")]
+        paid = [s.invoice(base + 3, paid=True), s.updated(base + 4)]
+        return [*reversed(failed), *reversed(paid)] if s is late else [*failed, *paid]
+
+    late_events, timely_events = arrivals(late), arrivals(timely)
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, [late.updated(base), timely.updated(base)])
+        assert await inbox.apply_pending() == 2
+        for late_one, timely_one in zip(late_events, timely_events, strict=True):
+            await store(inbox_pool, inbox, [late_one, timely_one])  # each its own batch
+            assert await inbox.apply_pending() == 2
+    assert [(await results(inbox_engine, [body]))[body["id"]] for body in late_events] == [
+        "applied",
+        "stale",  # invoice.payment_failed, older than the past_due applied
+        "applied",
+        "stale",  # invoice.payment_succeeded, older than the active applied
+    ]
+    assert set((await results(inbox_engine, timely_events)).values()) == {"applied"}
+    assert await notice_keys(inbox_engine, [late.customer_id, timely.customer_id]) == {
+        overdue_key("failed", late, base + 2): 1,
+        overdue_key("recovered", late, base + 2): 1,
+        overdue_key("failed", timely, base + 1): 1,
+        overdue_key("recovered", timely, base + 1): 1,
     }
 
 
@@ -586,15 +626,9 @@ async def test_two_replicas_apply_each_event_once_also_when_one_is_killed_mid_ba
     assert not {body["id"] for body in batch} & set(logs["a"])  # A's batch never committed
     assert set((await results(inbox_engine, everything)).values()) == {"applied"}
 
-    # Each fact noticed once: every Customer's failed invoice of the batch and its recovery after it.
-    failed = {
-        s.customer_id: body["data"]["object"]["id"] for s, body in zip(subscribers, batch[1::3], strict=True)
-    }
-    paid = {
-        s.customer_id: body["data"]["object"]["id"] for s, body in zip(subscribers, stream[:4], strict=True)
-    }
+    # Each fact noticed once: every Customer's failed payment of the batch and its recovery after it.
     assert await notice_keys(inbox_engine, ids) == Counter(
-        [f"payment-failed:{c}:{failed[c]}" for c in ids] + [f"payment-recovered:{c}:{paid[c]}" for c in ids]
+        [overdue_key(kind, s, base + 11) for s in subscribers for kind in ("failed", "recovered")]
     )
     for s in subscribers:
         subscription = customers.subscription(s.name) or {}

@@ -34,7 +34,13 @@ from iotistic_billing.operator.notices import trial_ending_due
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.settings import webhook_secret_bytes
-from iotistic_billing.stripe_inbox.events import Decision
+from iotistic_billing.stripe_inbox.events import (
+    Decision,
+    PriceCatalog,
+    StoredSubscription,
+    coalesce,
+    subscription_facts,
+)
 from iotistic_billing.stripe_inbox.notices import event_notices
 from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.status import crossings
@@ -94,6 +100,8 @@ def stored(notice_kind: str = "payment.failed") -> StoredNotice:
         customer_id="cust_acme01",
         customer_name="acme",
         company="Acme <Corp>",
+        subscription_id="sub_1",
+        overdue_since=NOW,
         invoice_id="in_123",
         plan="professional",
         restricted_at=NOW + timedelta(days=7),
@@ -256,8 +264,9 @@ def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_endi
         None,
     )
     assert [(n.kind, n.key) for n in failed] == [
-        (NoticeKind.PAYMENT_FAILED, "payment-failed:cust_acme01:in_1")
+        (NoticeKind.PAYMENT_FAILED, "payment-failed:cust_acme01:sub_1:20261125T120000Z")
     ]
+    assert failed[0].facts["invoice_id"] == "in_1"
     # The grace counts from the failed payment, as the operator restricts the licence.
     assert failed[0].facts["restricted_at"] == "2026-12-02T12:00:00Z"
     spec = applied("past_due", period_end, past_due_since=NOW).subscription
@@ -269,11 +278,15 @@ def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_endi
         NOW,
         NOW,
     ).next_step_at == datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
-    was_past_due = SubscriptionSpec(status="past_due", plan="professional", stripe_subscription_id="sub_1")
+    was_past_due = SubscriptionSpec(
+        status="past_due", plan="professional", stripe_subscription_id="sub_1", past_due_since=NOW
+    )
     recovered = event_notices(
         "invoice.paid", {"id": "in_2"}, record(), was_past_due, applied("active"), created, None
     )
-    assert [n.kind for n in recovered] == [NoticeKind.PAYMENT_RECOVERED]
+    assert [(n.kind, n.key) for n in recovered] == [
+        (NoticeKind.PAYMENT_RECOVERED, "payment-recovered:cust_acme01:sub_1:20261125T120000Z")
+    ]
     paid_anyway = event_notices(
         "invoice.paid", {"id": "in_3"}, record(), None, applied("active"), created, None
     )
@@ -295,6 +308,80 @@ def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_endi
     assert [n.key for n in ending] == ["trial-ending:cust_acme01:20261128T120000Z"]
     stale = Decision("stale", None, record_row=False)
     assert event_notices("invoice.payment_failed", {"id": "in_1"}, record(), None, stale, created, None) == []
+
+
+def subscription_event(kind: str, status: str, created: int) -> tuple[str, dict[str, object], int]:
+    """A customer.subscription.updated, or an invoice event, of sub_1 at `created`."""
+    if kind == "subscription":
+        obj: dict[str, object] = {
+            "id": "sub_1",
+            "status": status,
+            "latest_invoice": f"in_{created}",
+            "items": {"data": [{"price": {"id": "price_pro"}}]},
+        }
+        return "customer.subscription.updated", obj, created
+    event_type = "invoice.payment_failed" if status == "past_due" else "invoice.paid"
+    return event_type, {"id": f"in_{created}", "subscription": "sub_1"}, created
+
+
+def payment_notice_keys(
+    batches: list[list[tuple[str, dict[str, object], int]]],
+) -> tuple[list[str], SubscriptionSpec | None]:
+    """The notices of events applied batch after batch, as the inbox decides them (`coalesce`, from what
+    the Customer and the row hold after the batches before), and the subscription they leave."""
+    catalog = PriceCatalog({"professional": "price_pro"})
+    current: SubscriptionSpec | None = SubscriptionSpec(
+        status="active", plan="professional", stripe_subscription_id="sub_1", last_event_created=BASE
+    )
+    rows: dict[str, StoredSubscription] = {}
+    keys: list[str] = []
+    for batch in batches:
+        facts = [(subscription_facts(kind, obj, catalog), created) for kind, obj, created in batch]
+        plan = coalesce("cust_acme01", current, rows, facts)
+        for (kind, obj, created), step in zip(batch, plan.steps, strict=True):
+            assert step.decision is not None
+            notices = event_notices(kind, obj, record(), step.previous, step.decision, created, None)
+            keys.extend(notice.key for notice in notices)
+        current, rows = plan.subscription, {**rows, **plan.rows}
+    return keys, current
+
+
+BASE = int(NOW.timestamp())
+
+
+@pytest.mark.parametrize("first", ["invoice", "subscription"])
+def test_a_failed_payment_and_its_recovery_notice_once_whichever_event_comes_first(first: str) -> None:
+    """Stripe sends invoice.payment_failed and customer.subscription.updated (past_due) about one
+    failure, and invoice.paid and customer.subscription.updated (active) about its payment, in no set
+    order, a second or so apart: the later-created arriving first makes the other stale."""
+    second = "subscription" if first == "invoice" else "invoice"
+    failing = [
+        subscription_event(first, "past_due", BASE + 10),
+        subscription_event(second, "past_due", BASE + 11),
+    ]
+    paying = [subscription_event(first, "active", BASE + 20), subscription_event(second, "active", BASE + 21)]
+    for batches in (
+        [[failing[1]], [failing[0]], [paying[1]], [paying[0]]],  # the later-created first: the other stale
+        [[failing[0]], [failing[1]], [paying[0]], [paying[1]]],  # in Stripe's order, one batch each
+        [[*failing, *paying]],  # one batch, coalesced
+    ):
+        keys, final = payment_notice_keys(batches)
+        assert final is not None and final.status == "active"
+        assert [key.split(":")[0] for key in keys] == ["payment-failed", "payment-recovered"], batches
+        failed, recovered = keys
+        assert failed.startswith("payment-failed:cust_acme01:sub_1:"), keys
+        assert recovered == failed.replace("payment-failed", "payment-recovered")  # the same failure
+
+
+def test_a_payment_event_decided_again_gives_the_same_notice_or_none() -> None:
+    """A batch lost after its Customer was written is decided again from the same state (the same key:
+    the outbox writes it once); an event delivered again after it was applied changes nothing."""
+    failed = subscription_event("invoice", "past_due", BASE + 10)
+    first, _ = payment_notice_keys([[failed]])
+    again, _ = payment_notice_keys([[failed]])
+    assert first == again and len(first) == 1
+    replayed, state = payment_notice_keys([[failed], [failed]])
+    assert replayed == first and state is not None and state.status == "past_due"
 
 
 def test_licence_notices_are_keyed_by_the_licence_and_what_happened_to_it() -> None:
