@@ -42,10 +42,13 @@ LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a p
 LICENSE_JWT_KEY = "license.jwt"
 LICENSE_PUBLIC_KEY_KEY = "public-key.pem"
 USAGE_API_KEY_KEY = "usage-api-key"
-# The Secret the operator writes from spec.notifications.webhook.secretRef: the only other Secret the
-# webhook server may read (its notice sender signs the customer's webhooks with it).
+# The Secret the operator writes from spec.notifications.webhook.secretRef: the only other Secret of a
+# customer namespace the webhook server may read (its notice sender signs the customer's webhooks with it).
 NOTIFICATIONS_SECRET_NAME = "iotistic-notifications"  # noqa: S105 (a Secret's name, not a password)
 NOTIFICATIONS_SECRET_KEY = "webhook-secret"  # noqa: S105
+# In the billing namespace (BILLING_NAMESPACE): the signing secrets of deleted Customers, one key per
+# customer id, kept while their webhook deliveries are pending (their namespaces are gone).
+DELETED_NOTIFICATIONS_SECRET_NAME = "iotistic-notifications-deleted"  # noqa: S105
 
 # The dunning ladder (docs/architecture.md, "Effective plan"): a failed payment keeps full access this
 # long, then a restricted licence for DUNNING_RESTRICT_DAYS (a setting), then the unlicensed feature set.

@@ -48,6 +48,7 @@ class FieldManager(StrEnum):
     CLI = "iotistic-billing-cli"  # `iotistic-billing customer`
     CONSOLE = "iotistic-console"  # the admin console's actions: a suspension, a reconcile request
     ROLLOUT = "iotistic-rollout"  # a Customer's rollout.iotistic.io/* annotations, InstanceRollout status
+    NOTICES = "iotistic-notices"  # the notice sender: a deleted Customer's kept signing secret, dropped
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,52 @@ class KubeApi:
         data = {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
         return data, dict(secret["metadata"].get("annotations") or {})
 
+    def merge_secret_data(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, bytes | None],
+        labels: Mapping[str, str] | None = None,
+        manager: FieldManager | None = None,
+    ) -> None:
+        """Set (bytes) or remove (None) keys of a Secret that several writers share, in one merge patch
+        (no read-modify-write, so no other writer's key is lost). A missing Secret is created with
+        `labels` when something is set, and left missing when everything is removed."""
+        encoded = {
+            key: None if value is None else base64.b64encode(value).decode() for key, value in data.items()
+        }
+        options: dict[str, Any] = {"field_manager": self._manager(manager), "parse": False}
+        patch = partial(
+            self.call,
+            self.core.patch_namespaced_secret,
+            name,
+            namespace,
+            {"data": encoded},
+            _content_type=MERGE_PATCH,
+            **options,
+        )
+        try:
+            patch()
+            return
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        if all(value is None for value in data.values()):
+            return
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+            "type": "Opaque",
+            "data": {key: value for key, value in encoded.items() if value is not None},
+        }
+        try:
+            self.call(self.core.create_namespaced_secret, namespace, body, **options)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            patch()  # another writer created it meanwhile
+
     def namespace_exists(self, name: str) -> bool:
         namespace = not_found_as_none(self.call, self.core.read_namespace, name)
         return namespace is not None and "deletionTimestamp" not in namespace["metadata"]
@@ -539,6 +586,16 @@ class Kube:
         self, namespace: str, name: str
     ) -> tuple[dict[str, bytes], dict[str, str]] | None:
         return await self.run(self.api.read_secret_data, namespace, name)
+
+    async def merge_secret_data(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, bytes | None],
+        labels: Mapping[str, str] | None = None,
+        manager: FieldManager | None = None,
+    ) -> None:
+        await self.run(self.api.merge_secret_data, namespace, name, data, labels, manager)
 
     async def namespace_exists(self, name: str) -> bool:
         return await self.run(self.api.namespace_exists, name)

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     dunning_restrict_days: Annotated[int, Field(ge=0, le=90)] = 14
     # A delivery that failed this many times is dead (the admin API sends it again on request).
     notify_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    # The namespace the operator and the webhook server run in (the chart sets it from the Pod's own):
+    # where a deleted Customer's webhook signing secret is kept while its deliveries are pending.
+    billing_namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = (
+        "default"
+    )
 
     @field_validator("admin_api_token", "admin_viewer_token")
     @classmethod

@@ -5,6 +5,9 @@ A delivery's row stays locked while it is sent, and is marked sent in the same t
 between the send and the commit sends it again, with the same Message-ID or webhook-id, so receivers
 can drop the duplicate (at least once; exactly once where the receiver keeps ids). A failure is retried
 after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
+
+A deleted Customer's webhooks are signed with the copy of its secret its deletion kept in the billing
+namespace, which the sender drops once none of them is pending.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME, namespace_for
+from iotistic_billing.customer import (
+    DELETED_NOTIFICATIONS_SECRET_NAME,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    customer_id_in_use,
+    namespace_for,
+)
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
-from iotistic_billing.k8s import Kube, KubernetesUnavailable
+from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 BACKOFF: Final = (10, 30, 120, 600, 1800, 3600, 7200, 14400, 14400)
 POLL_SECONDS: Final = 1.0
 SEND_TIMEOUT: Final = 10.0
+# How often the deleted Customers' kept signing secrets are checked, the settled ones dropped.
+FORGET_SECONDS: Final = 300.0
 
 
 class DeliveryFailed(Exception):
@@ -56,6 +67,8 @@ class SenderOptions:
     platform_webhook_secret: str | None
     max_attempts: int = 8
     workers: int = 2
+    # BILLING_NAMESPACE: where a deleted Customer's signing secret is kept while its webhooks are pending.
+    billing_namespace: str = "default"
 
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -97,6 +110,7 @@ class NoticeSender:
         self._tasks = [
             asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
         ]
+        self._tasks.append(asyncio.create_task(self._forget_settled(), name="notice-sender-forget"))
         if self.database_url:
             self._tasks.append(asyncio.create_task(listen(self.database_url, NOTICES_CHANNEL, self.wake)))
 
@@ -118,6 +132,46 @@ class NoticeSender:
                 continue
             self._wakeup.clear()
             await nap(self._wakeup, POLL_SECONDS)
+
+    async def _forget_settled(self) -> None:
+        while True:
+            try:
+                await self.forget_settled_secrets()
+            except Exception:  # the API server or the database is away: the next round tries again
+                log.exception("notice sender: cannot drop the settled signing secrets of deleted Customers")
+            await asyncio.sleep(FORGET_SECONDS)
+
+    async def forget_settled_secrets(self) -> list[str]:
+        """Drop the kept signing secret of each deleted Customer none of whose webhooks is pending any
+        more; the customer ids dropped. Its deletion wrote the secret after its last notice, so a
+        Customer kept here with nothing pending will have nothing more to sign."""
+        namespace = self.options.billing_namespace
+        kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+        if kept is None or not kept[0]:
+            return []
+        async with self.sessions() as session:
+            pending = set(
+                await session.scalars(
+                    select(models.Notice.customer_id)
+                    .distinct()
+                    .join(models.NoticeDelivery, models.NoticeDelivery.notice_id == models.Notice.id)
+                    .where(
+                        models.NoticeDelivery.channel == str(Channel.WEBHOOK),
+                        models.NoticeDelivery.status == "pending",
+                        models.Notice.customer_id.in_(sorted(kept[0])),
+                    )
+                )
+            )
+        settled = sorted(set(kept[0]) - pending)
+        if settled:
+            await self.kube.merge_secret_data(
+                namespace,
+                DELETED_NOTIFICATIONS_SECRET_NAME,
+                {customer_id: None for customer_id in settled},
+                manager=FieldManager.NOTICES,
+            )
+            log.info("dropped the kept signing secrets of deleted Customers %s", ", ".join(settled))
+        return settled
 
     async def send_due(self) -> int:
         """Try every delivery that is due now, once (tests, and a drain at shutdown)."""
@@ -232,27 +286,58 @@ class NoticeSender:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
-        """The signing secret the operator copied from spec.notifications.webhook.secretRef."""
-        namespace = namespace_for(notice.customer_name)
-        try:
-            secret = await self.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
-        except KubernetesUnavailable as error:
-            raise DeliveryFailed(str(error)) from None
-        except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
-            raise DeliveryFailed(
-                f"the API server refused to read {namespace}/{NOTIFICATIONS_SECRET_NAME}: "
-                f"{error.status} {error.reason}"
-            ) from None
-        value = (secret[0] if secret is not None else {}).get(NOTIFICATIONS_SECRET_KEY)
+        """The signing secret the operator copied from spec.notifications.webhook.secretRef; for a
+        Customer deleted since, the copy its deletion kept (its namespace, and the copy in it, went)."""
+        value = await self._secret_value(
+            namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME, NOTIFICATIONS_SECRET_KEY
+        )
         if value is None:
-            raise DeliveryFailed(
-                f"no signing secret yet: the operator writes {NOTIFICATIONS_SECRET_NAME} from "
-                "spec.notifications.webhook.secretRef (see the Customer's NotificationsReady condition)"
+            value = await self._secret_value(
+                self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME, notice.customer_id
             )
+        if value is None:
+            raise DeliveryFailed(await self._why_no_secret(notice))
         try:
             return webhook_secret_bytes(value.decode(errors="replace"))
         except ValueError as error:
             raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+    async def _secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
+        try:
+            secret = await self.kube.read_secret_data(namespace, name)
+        except KubernetesUnavailable as error:
+            raise DeliveryFailed(str(error)) from None
+        except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
+            raise DeliveryFailed(
+                f"the API server refused to read {namespace}/{name}: {error.status} {error.reason}"
+            ) from None
+        return secret[0].get(key) if secret is not None else None
+
+    async def _why_no_secret(self, notice: StoredNotice) -> str:
+        """A deleted Customer's webhook cannot be signed any more; a Customer's that is still there, not
+        yet (the operator has not copied it: its condition says why)."""
+        try:
+            body = await self.kube.read_customer(notice.customer_name)
+        except (KubernetesUnavailable, ApiException) as error:
+            return (
+                f"no signing secret in {namespace_for(notice.customer_name)}, and the Customer cannot be "
+                f"read: {error}"
+            )
+        if (
+            body is None
+            or "deletionTimestamp" in body["metadata"]
+            or customer_id_in_use(body) != notice.customer_id
+        ):
+            return (
+                f"Customer {notice.customer_name} ({notice.customer_id}) was deleted and no copy of its "
+                f"signing secret is kept in {self.options.billing_namespace}/"
+                f"{DELETED_NOTIFICATIONS_SECRET_NAME} (its deletion keeps one only while its webhooks "
+                "are pending, and only when it had one)"
+            )
+        return (
+            f"no signing secret yet: the operator writes {NOTIFICATIONS_SECRET_NAME} from "
+            "spec.notifications.webhook.secretRef (see the Customer's NotificationsReady condition)"
+        )
 
     async def _post(
         self, delivery: models.NoticeDelivery, notice: StoredNotice, secret: bytes, now: datetime

@@ -1,5 +1,5 @@
-"""Deletion behind the finalizer: uninstall the release, revoke the licence and the usage keys, request the
-namespace's deletion.
+"""Deletion behind the finalizer: uninstall the release, revoke the licence and the usage keys, keep the
+webhook signing secret for the pending webhooks, request the namespace's deletion.
 
 It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
 object is already gone, so a deletion retried after a crash completes.
@@ -14,6 +14,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.metrics import forget_license_expiry
+from iotistic_billing.operator.webhook_secret import keep_webhook_secret
 
 
 async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
@@ -31,6 +32,9 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
             notify = None  # a spec we refuse has no addresses we trust
         await revoke_license(ctx, customer_id, namespace, reason="Customer deleted", notify=notify)
         await revoke_usage_keys(ctx, customer_id)
+        # After the notice is written (the sender keeps the copy while a delivery of it is pending) and
+        # before the namespace, and the copy in it, go.
+        await keep_webhook_secret(ctx, customer_id, namespace)
         ctx.applied_namespaces.pop(namespace, None)
         ctx.mirrored.discard(customer_id)
         await ctx.kube.delete_namespace(namespace)

@@ -1,11 +1,17 @@
 """The notifications step: the Secret spec.notifications.webhook.secretRef names (in the Customer's
 namespace) is checked and its key copied into the Secret the webhook server's notice sender reads
 (the only one it may read besides the licence), and the outcome is the NotificationsReady condition,
-naming the field when the Secret or its key is missing, or when the URL's host is no host name."""
+naming the field when the Secret or its key is missing, or when the URL's host is no host name. When the
+Customer is deleted, the copy is kept in the billing namespace for the webhooks still to be sent."""
 
 from __future__ import annotations
 
-from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME, webhook_url_problem
+from iotistic_billing.customer import (
+    DELETED_NOTIFICATIONS_SECRET_NAME,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    webhook_url_problem,
+)
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.manifests import notifications_secret_manifest
@@ -59,4 +65,23 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     )
 
 
-__all__ = ["ensure_webhook_secret"]
+async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, namespace: str) -> bool:
+    """Before a deleted Customer's namespace goes, its copy of the signing secret is kept under its
+    customer id in the billing namespace, so that its pending webhooks (the `license.revoked` just
+    written, any still retrying) can be signed on every try; the notice sender drops it once none is
+    pending (docs/architecture.md, "Notices"). False when the namespace holds no copy: no webhook, or a
+    deletion retried after the namespace went (what was kept then stays as it was)."""
+    copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
+    value = copied[0].get(NOTIFICATIONS_SECRET_KEY) if copied is not None else None
+    if value is None:
+        return False
+    await ctx.kube.merge_secret_data(
+        ctx.settings.billing_namespace,
+        DELETED_NOTIFICATIONS_SECRET_NAME,
+        {customer_id: value},
+        labels={c.LABEL_MANAGED_BY: c.MANAGED_BY},
+    )
+    return True
+
+
+__all__ = ["ensure_webhook_secret", "keep_webhook_secret"]

@@ -212,6 +212,7 @@ def create_app(
                 ),
                 max_attempts=settings.notify_max_attempts,
                 workers=options.notice_workers if options.inbox_workers else 0,
+                billing_namespace=settings.billing_namespace,
             ),
             clock=app[CLOCK],
             database_url=database_url,

@@ -23,8 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from iotistic_billing.customer import (
+    DELETED_NOTIFICATIONS_SECRET_NAME,
+    GROUP,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
+    PLURAL,
+    VERSION,
     Customer,
     CustomerSpec,
 )
@@ -38,7 +42,7 @@ from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
-from tests.conftest import unique_name
+from tests.conftest import OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -447,6 +451,98 @@ async def test_a_dead_delivery_is_sent_again_on_request(
         assert len(platform.seen) == 3 and len(set(platform.seen)) == 1
     finally:
         await one.stop()
+
+
+async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_kept_secret_dropped(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    operator: OperatorProcess,
+) -> None:
+    """The operator's deletion writes `license.revoked` and deletes the namespace, and the signing
+    secret's copy with it, at once: a first try that failed left the retries nothing to sign with. The
+    deletion keeps the copy in the billing namespace (the session operator's: `default`) until no
+    webhook of the Customer is pending; after that a webhook of it says the Customer was deleted."""
+    from iotistic_billing.notices.log import recent_notices, resend
+
+    _, receiver = receivers
+    receiver.fail = 1  # the first try of the revoke notice fails
+    one, clock = started
+    await one.send_due()  # what other tests left
+    core, objects = kubernetes.client.CoreV1Api(k8s_client), kubernetes.client.CustomObjectsApi(k8s_client)
+    name = unique_name("gone")
+    customer_id, namespace = f"cust_{name.replace('-', '')}", f"customer-{name}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(CUSTOMER_SECRET.encode()).decode()}},
+    )
+    spec = customer_spec(name, receiver.url)
+    objects.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Customer",
+            "metadata": {"name": name},
+            "spec": {
+                **spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+                "customerId": customer_id,
+                "notifications": {
+                    "webhook": {"url": receiver.url, "secretRef": {"name": "hook", "key": "k"}}
+                },
+            },
+        },
+    )
+
+    def licensed_and_hooked() -> bool:
+        body = objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        status = body.get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return bool(status.get("license")) and conditions.get("NotificationsReady") == "True"
+
+    wait_until(licensed_and_hooked, timeout=90, message=f"Customer {name} licensed, its webhook ready")
+    objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+    def gone() -> bool:
+        try:
+            objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_until(gone, timeout=90, message=f"Customer {name} finalized")
+    kept = core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, "default")
+    assert base64.b64decode(kept.data[customer_id]).decode() == CUSTOMER_SECRET
+
+    await one.send_due()
+    async with sessions() as session:
+        (revoked,) = await recent_notices(session, customer_id=customer_id, status=None, limit=5)
+    assert revoked.notice.kind == "license.revoked"
+    (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.attempts) == ("pending", 1) and len(receiver.seen) == 1
+    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
+    core.delete_collection_namespaced_secret(namespace)
+    assert await one.forget_settled_secrets() == []  # its webhook is pending: kept
+
+    clock.advance(BACKOFF[0])
+    await one.send_due()
+    (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.attempts, webhook.last_error) == ("sent", 2, None)
+    assert receiver.bodies[-1]["type"] == "license.revoked" and not receiver.refused  # signed as before
+    assert customer_id in await one.forget_settled_secrets()
+    kept = core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, "default")
+    assert customer_id not in (kept.data or {})
+
+    # Sent again on request, with nothing left to sign it: the reason is the deletion.
+    async with sessions() as session, session.begin():
+        assert await resend(session, revoked.notice.id, clock()) is not None
+    await one.send_due()
+    (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
+    assert webhook.status == "pending"
+    assert f"Customer {name} ({customer_id}) was deleted" in (webhook.last_error or ""), webhook.last_error
 
 
 async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_replicas(

@@ -23,7 +23,13 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 
-from iotistic_billing.customer import GROUP, LICENSE_SECRET_NAME, PLURAL, VERSION
+from iotistic_billing.customer import (
+    DELETED_NOTIFICATIONS_SECRET_NAME,
+    GROUP,
+    LICENSE_SECRET_NAME,
+    PLURAL,
+    VERSION,
+)
 from iotistic_billing.db.models import LicenseHistory
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
@@ -41,7 +47,7 @@ INSTANCE_CHART = REPO / "charts" / "customer-instance"
 RELEASE = "iotistic-billing"
 # Short: a client certificate's CN (the user name) holds 64 characters at most.
 NAMESPACE = "billing"
-RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
 class HardenedControlPlane(ControlPlane):
@@ -148,6 +154,7 @@ async def operator_context(
         instance_chart=str(INSTANCE_CHART),
         helm_binary=str(helm_binary),
         base_domain="rbac.iotistic.example",
+        billing_namespace=NAMESPACE,
     )
     ctx = build_context(settings, database_url, kubeconfig=str(installed.operator.kubeconfig))
     try:
@@ -162,8 +169,9 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
 ) -> None:
     name = unique_name("rbac")
     namespace = f"customer-{name}"
+    webhook = {"url": "https://hooks.rbac.example/x", "secretRef": {"name": "hook"}}
     installed.objects.create_cluster_custom_object(
-        GROUP, VERSION, PLURAL, customer_manifest(name, plan="starter")
+        GROUP, VERSION, PLURAL, customer_manifest(name, plan="starter", notifications={"webhook": webhook})
     )
 
     # First pass: namespace (server-side apply creates it), licence Secret, helm install, status.
@@ -180,7 +188,16 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
     assert body["status"]["release"]["revision"] == 1
 
-    # A plan change: a new licence over the existing Secret, helm upgrade to revision 2.
+    # A plan change: a new licence over the existing Secret, helm upgrade to revision 2; the webhook's
+    # signing secret, there now, copied.
+    signing = "whsec_" + base64.b64encode(b"r" * 32).decode()
+    installed.core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "hook"},
+            "data": {"secret": base64.b64encode(signing.encode()).decode()},
+        },
+    )
     installed.objects.patch_cluster_custom_object(
         GROUP, VERSION, PLURAL, name, {"spec": {"plan": "professional"}}
     )
@@ -189,11 +206,21 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     assert second.status.release is not None and second.status.release.revision == 2
     assert second.status.license is not None and second.status.license.jti != first.status.license.jti
 
-    # The finalizer's work: helm uninstall, the licence revoked, the namespace's deletion requested.
+    # The finalizer's work: helm uninstall, the licence revoked, the webhook's signing secret kept in
+    # the billing namespace, the namespace's deletion requested; the same again after a crash.
     body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    customer_id = str(body["status"]["customerId"])
     await finalize(operator_context, body)
     assert helm_release_records(installed, namespace) == []
     assert installed.core.read_namespace(namespace).metadata.deletion_timestamp is not None
+    await finalize(operator_context, body)
+    kept = installed.core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, NAMESPACE)
+    assert base64.b64decode(kept.data[customer_id]).decode() == signing
+    # Retried once the namespace's Secrets are gone (the namespace controller's work): the kept copy stays.
+    installed.core.delete_collection_namespaced_secret(namespace)
+    await finalize(operator_context, body)
+    kept = installed.core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, NAMESPACE)
+    assert base64.b64decode(kept.data[customer_id]).decode() == signing
     async with operator_context.sessions() as session:
         actions = (
             await session.scalars(
@@ -316,6 +343,8 @@ WEBHOOK_SERVER_REFUSED = [
     ("get", "secrets/other", "customer-x", None),
     ("create", "secrets", "customer-x", None),
     ("get", "secrets/iotistic-billing-database", NAMESPACE, None),
+    ("patch", "secrets/iotistic-billing-database", NAMESPACE, None),
+    ("get", f"secrets/{DELETED_NOTIFICATIONS_SECRET_NAME}", "customer-x", None),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, None),
     ("impersonate", "users", None, None),
     ("delete", "events", "default", None),
@@ -414,6 +443,22 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
         )
         secret = await kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
         assert secret is not None and secret[0] == {"license.jwt": b"a.b.c"}
+
+        # The notice sender: a deleted Customer's kept signing secret (as the operator keeps it) read,
+        # then dropped.
+        KubeApi(installed.admin, FieldManager.OPERATOR).merge_secret_data(
+            NAMESPACE, DELETED_NOTIFICATIONS_SECRET_NAME, {"cust_rbackept01": b"whsec_x"}
+        )
+        kept = await kube.read_secret_data(NAMESPACE, DELETED_NOTIFICATIONS_SECRET_NAME)
+        assert kept is not None and kept[0]["cust_rbackept01"] == b"whsec_x"
+        await kube.merge_secret_data(
+            NAMESPACE,
+            DELETED_NOTIFICATIONS_SECRET_NAME,
+            {"cust_rbackept01": None},
+            manager=FieldManager.NOTICES,
+        )
+        kept = await kube.read_secret_data(NAMESPACE, DELETED_NOTIFICATIONS_SECRET_NAME)
+        assert kept is not None and "cust_rbackept01" not in kept[0]
     finally:
         api.close()
         installed.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)

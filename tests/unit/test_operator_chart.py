@@ -172,6 +172,8 @@ def test_default_values_render_both_components(default_objects: list[Manifest]) 
         ("ClusterRole", WEBHOOK_SERVER),
         ("ClusterRoleBinding", OPERATOR),
         ("ClusterRoleBinding", WEBHOOK_SERVER),
+        ("Role", WEBHOOK_SERVER),
+        ("RoleBinding", WEBHOOK_SERVER),
         ("Deployment", OPERATOR),
         ("Deployment", WEBHOOK_SERVER),
         ("Service", OPERATOR),
@@ -535,6 +537,24 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
             "verbs": ["get"],
         },
     ]
+    # In its own namespace only, and that one Secret: the deleted Customers' kept signing secrets.
+    role = one(default_objects, "Role", WEBHOOK_SERVER)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["iotistic-notifications-deleted"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = one(default_objects, "RoleBinding", WEBHOOK_SERVER)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": WEBHOOK_SERVER,
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": WEBHOOK_SERVER, "namespace": NAMESPACE}]
 
 
 # Kinds of charts/customer-instance and where RBAC names them. A kind the chart starts to render fails
@@ -762,8 +782,15 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         "STRIPE_WEBHOOK_SECRET": "whsec_x",
     }
     for var, item in env.items():
-        monkeypatch.setenv(var, item["value"] if "value" in item else credentials[var])
+        if "value" in item:
+            monkeypatch.setenv(var, item["value"])
+        elif "fieldRef" in item["valueFrom"]:  # the Pod's own namespace, as the kubelet fills it in
+            assert item["valueFrom"]["fieldRef"] == {"fieldPath": "metadata.namespace"}
+            monkeypatch.setenv(var, NAMESPACE)
+        else:
+            monkeypatch.setenv(var, credentials[var])
     settings = load_settings()
+    assert settings.billing_namespace == NAMESPACE
 
     assert settings.license_public_key_path == Path("/etc/iotistic/license-keys/public-key.pem")
     assert settings.license_extra_public_key_paths == [

@@ -163,6 +163,11 @@ securityContext:
       key: {{ $.Values.secrets.notices.platformWebhookSecretKey }}
 {{- end }}
 {{- end }}
+{{- /* The operator keeps a deleted Customer's webhook signing secret here, the webhook server reads it. */}}
+- name: BILLING_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE
