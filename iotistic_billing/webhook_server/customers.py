@@ -16,9 +16,9 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
 
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord, remember
+from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import ApiError, Conflict
-from iotistic_billing.k8s import Kube
+from iotistic_billing.k8s import Kube, KubernetesUnavailable
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.webhook_server.context import (
     CLOCK,
@@ -69,9 +69,16 @@ async def create_customer(request: web.Request) -> web.Response:
         # One signup of an email at a time across replicas, to this transaction's end: the next reads the
         # Customers after the one before it created its own (the list is the API server's quorum read,
         # not a cache). Taken before anything is created: a database that is down stops the signup here.
-        await session.execute(
-            select(func.pg_advisory_xact_lock(SIGNUP_LOCK, func.hashtext(func.lower(body.email))))
-        )
+        # Not waited for: a second signup of the email meanwhile is a duplicate, and each waiting one
+        # would hold a pooled connection through Stripe and the create.
+        if not await session.scalar(
+            select(func.pg_try_advisory_xact_lock(SIGNUP_LOCK, func.hashtext(func.lower(body.email))))
+        ):
+            raise Conflict(
+                "Customer already exists",
+                "a signup with this email address is in progress",
+                [{"field": "email", "message": "being registered"}],
+            )
         existing = await directory.all()
         if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
             raise Conflict(
@@ -97,9 +104,23 @@ async def create_customer(request: web.Request) -> web.Response:
                 ),
                 company_name=body.company_name,
             )
-        except BaseException:
+        except (ApiException, Conflict):
+            # The API server refused every name: no Customer holds this id.
             if billing is not None and stripe_customer_id is not None:
                 await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
+            raise
+        except KubernetesUnavailable:
+            # A timeout or a 5xx can come after the Customer was stored: undo only when none holds the id.
+            if billing is not None and stripe_customer_id is not None:
+                if await _created_anyway(directory, customer_id):
+                    log.warning(
+                        "signup of %s got no answer to its create, but the Customer exists: its Stripe"
+                        " customer %s is kept",
+                        customer_id,
+                        stripe_customer_id,
+                    )
+                else:
+                    await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
             raise
         # From here the Stripe customer is the Customer's (its metadata names the customer id, and
         # checkout's create with the same idempotency key finds it again), so a failure keeps it.
@@ -129,6 +150,16 @@ async def create_customer(request: web.Request) -> web.Response:
     )
     location = f"/api/customers/{customer_id}"
     return json_model(response, status=201 if token else 202, headers={"Location": location})
+
+
+async def _created_anyway(directory: Directory, customer_id: str) -> bool:
+    """Whether a Customer holds `customer_id` after a create whose outcome is unknown; True when that
+    cannot be read either (a Stripe customer kept by mistake is cheaper than one deleted under a
+    Customer)."""
+    try:
+        return any(record.customer_id == customer_id for record in await directory.all())
+    except KubernetesUnavailable:
+        return True
 
 
 async def _delete_stripe_customer(billing: StripeApi, stripe_customer_id: str, customer_id: str) -> None:

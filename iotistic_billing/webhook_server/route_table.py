@@ -89,7 +89,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
             "waits a bounded time for the operator's licence: 201 with it, or 202 with license null. "
             "An email already registered is a 409, also for the second of two signups at once on any "
-            "replicas. A signup that fails before its Customer exists deletes the Stripe customer it made. "
+            "replicas. A signup refused before its Customer exists deletes the Stripe customer it made "
+            "(one whose create got no answer only when no Customer holds its id). "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
     ),

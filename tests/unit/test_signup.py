@@ -36,13 +36,18 @@ SIGNUP = {"email": "ops@initech.example", "company_name": "Initech"}
 
 
 class FakeKube:
-    """The API server's Customers; `refuse_create` is raised by every create."""
+    """The API server's Customers; `refuse_create` is raised by every create, `lose_answer` after a
+    create stored its Customer (a read timeout), `refuse_list` by every list after a create."""
 
     def __init__(self) -> None:
         self.customers: dict[str, dict[str, Any]] = {}
         self.refuse_create: Exception | None = None
+        self.lose_answer: Exception | None = None
+        self.refuse_list: Exception | None = None
 
     async def list_customers(self) -> list[dict[str, Any]]:
+        if self.refuse_list is not None and self.customers:
+            raise self.refuse_list
         return list(self.customers.values())
 
     async def create_customer(self, body: dict[str, Any], manager: Any = None) -> dict[str, Any]:
@@ -53,6 +58,8 @@ class FakeKube:
             raise ApiException(status=409, reason="AlreadyExists")
         metadata = {**body["metadata"], "uid": f"uid-{name}", "creationTimestamp": "2026-06-01T00:00:00Z"}
         self.customers[name] = {**body, "metadata": metadata}
+        if self.lose_answer is not None:
+            raise self.lose_answer
         return self.customers[name]
 
     async def read_secret_data(self, namespace: str, name: str) -> None:
@@ -82,10 +89,12 @@ class FakeStripe:
 
 
 class FakeDatabase:
-    """While `up` is False every statement fails as a refused connection does."""
+    """While `up` is False every statement fails as a refused connection does; while `locked`, another
+    signup holds the email's lock."""
 
     def __init__(self) -> None:
         self.up = True
+        self.locked = False
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeDatabase]:
@@ -98,6 +107,10 @@ class FakeDatabase:
     async def execute(self, *args: Any, **kwargs: Any) -> None:
         if not self.up:
             raise ConnectionRefusedError("PostgreSQL is away")
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> bool:
+        await self.execute()
+        return not self.locked
 
 
 class Signup:
@@ -152,10 +165,31 @@ async def test_a_signup_that_makes_no_customer_deletes_its_stripe_customer(
     assert len(signup.stripe.created) == 3 and signup.stripe.kept == []
 
 
+@pytest.mark.parametrize("list_after", ["answers", "unavailable"])
+async def test_a_create_whose_answer_was_lost_keeps_the_stripe_customer_of_its_customer(
+    signup: Signup, list_after: str
+) -> None:
+    # The API server stored the Customer and the answer timed out: its Stripe customer is its own.
+    signup.kube.lose_answer = KubernetesUnavailable("read timed out")
+    if list_after == "unavailable":  # whether it was stored cannot be read either: kept too
+        signup.kube.refuse_list = KubernetesUnavailable("the API server cannot be reached")
+    status, body = await signup.post()
+    assert (status, body["error"]) == (503, "Kubernetes API unavailable"), body
+    assert list(signup.kube.customers) == ["initech"] and signup.stripe.kept == ["cus_1"]
+
+
 async def test_with_the_database_away_nothing_is_created_in_stripe(signup: Signup) -> None:
     signup.database.up = False
     status, body = await signup.post()
     assert (status, body["error"]) == (503, "Database unavailable"), body
+    assert signup.stripe.created == [] and signup.kube.customers == {}
+
+
+async def test_an_email_being_signed_up_is_409_without_waiting(signup: Signup) -> None:
+    signup.database.locked = True
+    status, body = await signup.post()
+    assert (status, body["message"]) == (409, "a signup with this email address is in progress"), body
+    assert body["details"] == [{"field": "email", "message": "being registered"}]
     assert signup.stripe.created == [] and signup.kube.customers == {}
 
 
