@@ -235,7 +235,8 @@ def decide(
         return tick.finish(
             RolloutPhase.ABORTED,
             "Aborted",
-            f"aborted: no further Customer is moved (remove the annotation {ROLLOUT_ABORT} to run it again)",
+            f"aborted: no further Customer is moved (to run again: remove the annotation {ROLLOUT_ABORT}"
+            " and set a new chartVersion)",
         )
 
     selected = [c for c in customers if selects(spec, c)]
@@ -339,20 +340,22 @@ class _Tick:
         return steps
 
     def _watched(self, groups: list[list[Member]], current: int) -> list[Member]:
-        """The Customers the current step waits for: its own, and those of earlier steps left over
-        (a canary created after its step, a Customer relabelled in, a percentage grown with the fleet):
-        not moved yet, or moved by this rollout since the step started. Earlier steps' other Customers
-        were healthy (or failed and counted) when their step ended and are not judged again."""
+        """The Customers the current step waits for: its own; those of earlier steps left over (a canary
+        created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
+        yet; and any this rollout moved since the step started, whichever step holds it now (a fleet
+        grown or shrunk moves the percentages' boundaries). Earlier steps' other Customers were healthy
+        (or failed and counted) when their step ended and are not judged again."""
         started = (self.status.steps or [])[current].started_at
         since = started.replace(microsecond=0) if started else self.now  # updated-at has whole seconds
+
+        def moved_in_step(m: Member) -> bool:
+            return m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since
+
         leftovers = [
-            m
-            for group in groups[:current]
-            for m in group
-            if m.health == "pending"
-            or (m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since)
+            m for group in groups[:current] for m in group if m.health == "pending" or moved_in_step(m)
         ]
-        return leftovers + groups[current]
+        strays = [m for group in groups[current + 1 :] for m in group if moved_in_step(m)]
+        return leftovers + groups[current] + strays
 
     def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
         """The counts, in total and per step. A step's `failed` is the Customers that failed while it
@@ -403,7 +406,10 @@ class _Tick:
         step = spec.steps[current]
         earlier = [m for g in groups[:current] for m in g]
         pending = [m for m in watched if m.health == "pending" and m.name not in held]
-        updating = sum(m.health == "updating" for m in earlier + groups[current])
+        watched_names = {m.name for m in watched}
+        updating = sum(
+            m.health == "updating" for m in watched + [m for m in earlier if m.name not in watched_names]
+        )
         if spec.paused:
             status.phase = RolloutPhase.PAUSED
             self._progressing("Paused", f"paused at step {current + 1}: no new upgrade starts", False)

@@ -272,7 +272,12 @@ def test_abort_moves_nothing_more() -> None:
     assert decision.status.phase == RolloutPhase.ABORTED and decision.moves == []
     # It stays: a new chartVersion ends Aborted again, saying what to remove.
     stalled = decision.status.condition("Stalled")
-    assert stalled is not None and ROLLOUT_ABORT in stalled.message
+    assert stalled is not None and ROLLOUT_ABORT in stalled.message and "chartVersion" in stalled.message
+    # Removing the annotation alone runs nothing: an ended rollout runs again for a new chartVersion.
+    again = decide(
+        Rollout("r1", 1, T0.isoformat(), {}), spec(), decision.status, list(fleet.customers.values()), [], T0
+    )
+    assert again.status.phase == RolloutPhase.ABORTED and again.moves == []
 
 
 def test_an_overlapping_newer_rollout_waits_for_the_older() -> None:
@@ -636,3 +641,23 @@ def test_two_running_rollouts_holding_each_other_s_customers_both_finish() -> No
     assert fleet.on("3.0.0") == set(fleet.customers)
     # c01 taken by the older first (rb waits for it meanwhile), then by rb again; c00 by rb once.
     assert fleet.upgrades == {"c00": 1, "c01": 2}
+
+
+def test_a_customer_moved_by_the_step_that_a_smaller_fleet_puts_in_a_later_step_is_waited_for() -> None:
+    """Step 1 moved c00-c02 (10% of 21); c20 is deleted, 10% of 20 is 2, and c02, still upgrading,
+    now falls in step 2: step 1 still waits for it, and step 2 starts no upgrade meanwhile."""
+    fleet = Fleet(21)
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(steps=[{"percent": 10, "bakeSeconds": 0}, {"rest": True, "maxParallel": 5}])
+    first = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
+    fleet.apply(first)
+    fleet.operate()
+    fleet.customers["c02"]["status"]["release"].update(chartVersion="1.0.0")  # its upgrade still runs
+    del fleet.customers["c20"]
+
+    later = T0 + timedelta(seconds=5)
+    second = decide(rollout, rollout_spec, first.status, list(fleet.customers.values()), [], later)
+
+    assert sorted(move.customer for move in first.moves) == ["c00", "c01", "c02"]
+    assert second.moves == [] and not any(e[1] == "StepCompleted" for e in second.events)
+    assert second.status.current_step == 1 and second.status.phase == RolloutPhase.PROGRESSING
