@@ -264,7 +264,8 @@ class Settings(BaseSettings):
 
 def webhook_secret_bytes(secret: str) -> bytes:
     """The key of a Standard Webhooks secret: `whsec_` and base64, or the bare base64; at least 24
-    bytes (the specification's minimum)."""
+    bytes (the specification's minimum) and at most 1024 (it asks for 64 at most; a deleted Customer's
+    copy shares one Secret with the others', which holds 1 MiB in all)."""
     encoded = secret.removeprefix("whsec_").strip()
     try:
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
@@ -272,6 +273,8 @@ def webhook_secret_bytes(secret: str) -> bytes:
         raise ValueError("must be whsec_ and base64 (Standard Webhooks)") from None
     if len(key) < 24:
         raise ValueError(f"must hold at least 24 bytes, holds {len(key)}")
+    if len(key) > 1024:
+        raise ValueError(f"must hold at most 1024 bytes, holds {len(key)}")
     return key
 
 

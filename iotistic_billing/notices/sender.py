@@ -286,14 +286,16 @@ class NoticeSender:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
-        """The signing secret the operator copied from spec.notifications.webhook.secretRef; for a
-        Customer deleted since, the copy its deletion kept (its namespace, and the copy in it, went)."""
+        """For a Customer deleted since the notice, the copy of its signing secret its deletion kept
+        under its customer id; else the copy the operator made from spec.notifications.webhook.secretRef
+        in its namespace. The kept one first: the name, and so the namespace, may already be another
+        customer's (a company signed up again), whose key the old receiver would refuse."""
         value = await self._secret_value(
-            namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME, NOTIFICATIONS_SECRET_KEY
+            self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME, notice.customer_id
         )
         if value is None:
             value = await self._secret_value(
-                self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME, notice.customer_id
+                namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME, NOTIFICATIONS_SECRET_KEY
             )
         if value is None:
             raise DeliveryFailed(await self._why_no_secret(notice))

@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -147,11 +147,14 @@ def test_the_webhook_body_is_the_same_bytes_on_every_try_and_verifies_with_stand
         Webhook(SECRET).verify(body + b" ", headers)
 
 
-def test_secrets_are_standard_webhooks_secrets_of_24_bytes_at_least() -> None:
+def test_secrets_are_standard_webhooks_secrets_of_24_to_1024_bytes() -> None:
     assert webhook_secret_bytes(SECRET) == b"k" * 32
     assert webhook_secret_bytes(base64.b64encode(b"k" * 24).decode()) == b"k" * 24
+    assert webhook_secret_bytes(base64.b64encode(b"k" * 1024).decode()) == b"k" * 1024
     with pytest.raises(ValueError, match="at least 24 bytes"):
         webhook_secret_bytes("whsec_" + base64.b64encode(b"short").decode())
+    with pytest.raises(ValueError, match="at most 1024 bytes, holds 1025"):
+        webhook_secret_bytes("whsec_" + base64.b64encode(b"k" * 1025).decode())
     with pytest.raises(ValueError, match="base64"):
         webhook_secret_bytes("whsec_not base64!")
 
@@ -394,3 +397,43 @@ def test_licence_notices_are_keyed_by_the_licence_and_what_happened_to_it() -> N
         "license-suspended:cust_acme01:j-1",
         "license-revoked:cust_acme01:j-1",
     )
+
+
+class SecretsKube:
+    """The Secrets by namespace and name, as the sender reads them."""
+
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, bytes]]):
+        self.secrets = secrets
+
+    async def read_secret_data(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, bytes], dict[str, str]] | None:
+        data = self.secrets.get((namespace, name))
+        return (data, {}) if data is not None else None
+
+
+@pytest.mark.parametrize("namespace_holds", ["its own copy", "another customer's copy", "none"])
+async def test_a_deleted_customer_s_webhook_is_signed_with_its_kept_secret_when_its_name_is_taken_again(
+    namespace_holds: str,
+) -> None:
+    """Acme (cust_acme01) was deleted with a webhook pending, its secret kept; a new signup of the same
+    company may hold the name `acme` and its namespace: the pending webhook is signed with the kept key."""
+    from iotistic_billing.customer import (
+        DELETED_NOTIFICATIONS_SECRET_NAME,
+        NOTIFICATIONS_SECRET_KEY,
+        NOTIFICATIONS_SECRET_NAME,
+    )
+    from iotistic_billing.notices.sender import NoticeSender, SenderOptions
+
+    old, new = SECRET.encode(), ("whsec_" + base64.b64encode(b"n" * 32).decode()).encode()
+    secrets = {("billing", DELETED_NOTIFICATIONS_SECRET_NAME): {"cust_acme01": old}}
+    if namespace_holds != "none":
+        copy = old if namespace_holds == "its own copy" else new
+        secrets[("customer-acme", NOTIFICATIONS_SECRET_NAME)] = {NOTIFICATIONS_SECRET_KEY: copy}
+    sender = NoticeSender(
+        sessions=cast(Any, None),
+        kube=cast(Any, SecretsKube(secrets)),
+        options=SenderOptions(None, "billing@x.example", None, billing_namespace="billing"),
+        clock=lambda: NOW,
+    )
+    assert await sender._customer_secret(stored()) == webhook_secret_bytes(SECRET)
