@@ -3,6 +3,7 @@ kustomize base generated from it."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -623,12 +624,142 @@ def test_network_policies_admit_only_the_serving_ports(default_objects: list[Man
     assert ingress_ports(WEBHOOK_SERVER) == {3100, 3101}  # the server, and its Stripe inbox's /metrics
     common = {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6443), ("TCP", 5432)}
     assert egress_ports(OPERATOR) == common
-    assert egress_ports(WEBHOOK_SERVER) == common
+    assert egress_ports(WEBHOOK_SERVER) == common | {("TCP", 80)}  # the notices' http:// webhooks
     webhook_egress = one(default_objects, "NetworkPolicy", WEBHOOK_SERVER)["spec"]["egress"]
     assert any(
         rule["ports"] == [{"protocol": "TCP", "port": 443}] and "ipBlock" in rule["to"][0]
         for rule in webhook_egress
     ), "HTTPS for Stripe"
+
+
+def egress_allowed(policy: Manifest, address: str, port: int) -> bool:
+    """Whether a NetworkPolicy lets its pods open a TCP connection to an address outside the cluster:
+    some egress rule takes the port (or names none) and the address (an ipBlock holding it, or no peer)."""
+    target = ipaddress.ip_address(address)
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
+            continue
+        peers = rule.get("to")
+        if not peers:
+            return True
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if (
+                block
+                and target in ipaddress.ip_network(block["cidr"])
+                and not any(target in ipaddress.ip_network(e) for e in block.get("except", []))
+            ):
+                return True
+    return False
+
+
+# The API server's and Stripe's rules narrowed as values.yaml advises: what still gets through is allowed
+# by a rule of its own, not by their 0.0.0.0/0 on 443.
+NARROWED = {"apiServer": {"cidrs": ["10.96.0.1/32"]}, "https": {"cidrs": ["203.0.113.0/24"]}}
+NOTICES = {"secrets": {"notices": {"name": "iotistic-billing-notices"}}}
+SMTP_HOST, WEBHOOK_HOST, REGISTRY_HOST = "198.51.100.25", "198.51.100.80", "198.51.100.50"
+
+
+def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Manifest]:
+    narrowed = {**values, "networkPolicy": {**NARROWED, **values.get("networkPolicy", {})}}
+    return {
+        o["metadata"]["name"]: o for o in render(helm, tmp_path, narrowed) if o["kind"] == "NetworkPolicy"
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "allowed", "denied"),
+    [
+        # SMTP_URL's server on whichever port it names: 25 (smtp://), 465 (smtps://), 587 (submission).
+        (NOTICES, {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)}, set()),
+        (
+            {**NOTICES, "networkPolicy": {"smtp": {"ports": [2525], "cidrs": ["198.51.100.0/24"]}}},
+            {(SMTP_HOST, 2525)},
+            {(SMTP_HOST, 587), ("192.0.2.25", 2525)},
+        ),
+        # No Secret with SMTP_URL: no mail is sent, no SMTP port is open.
+        ({}, set(), {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)}),
+        # The customers' webhooks, http:// and https://, whatever Stripe's rule is narrowed to.
+        ({}, {(WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)}, {(WEBHOOK_HOST, 8443)}),
+        # The platform team's webhook on a port of its own.
+        (
+            {
+                **NOTICES,
+                "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com:8443/iotistic"}},
+            },
+            {(WEBHOOK_HOST, 8443), (WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)},
+            {(WEBHOOK_HOST, 8080)},
+        ),
+    ],
+    ids=["smtp", "smtp-narrowed", "no-smtp", "webhooks", "platform-webhook-port"],
+)
+def test_webhook_server_reaches_the_notices_smtp_server_and_webhooks(
+    helm: Path,
+    tmp_path: Path,
+    values: dict[str, Any],
+    allowed: set[tuple[str, int]],
+    denied: set[tuple[str, int]],
+) -> None:
+    found = policies(helm, tmp_path, values)
+    webhook_server, operator = found[WEBHOOK_SERVER], found[OPERATOR]
+
+    assert {t for t in allowed | denied if egress_allowed(webhook_server, *t)} == allowed
+    # The operator sends no notice.
+    assert not [t for t in allowed if egress_allowed(operator, *t)]
+
+
+def chart_from(reference: str, plain_http: bool = False) -> dict[str, Any]:
+    return {
+        "operator": {"instanceChart": {"reference": reference, "version": "1.2.3", "plainHttp": plain_http}}
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "allowed", "denied"),
+    [
+        (chart_from("oci://ghcr.io/iotistic/charts/customer-instance"), {443}, {80, 5000}),
+        (
+            chart_from("oci://registry.example:5000/charts/customer-instance", plain_http=True),
+            {5000},
+            {80, 443},
+        ),
+        (chart_from("oci://registry.example/charts/customer-instance", plain_http=True), {80}, {443, 5000}),
+        (
+            {
+                **chart_from("oci://registry.example/charts/customer-instance"),
+                "networkPolicy": {
+                    "instanceChartRegistry": {"ports": [443, 8443], "cidrs": ["198.51.100.0/24"]}
+                },
+            },
+            {443, 8443},
+            {80},
+        ),
+        # The chart the image carries: no registry.
+        ({}, set(), {80, 443, 5000}),
+    ],
+    ids=["https", "plain-http-port", "plain-http", "ports-value", "no-registry"],
+)
+def test_operator_reaches_the_instance_chart_registry(
+    helm: Path, tmp_path: Path, values: dict[str, Any], allowed: set[int], denied: set[int]
+) -> None:
+    found = policies(helm, tmp_path, values)
+
+    assert {p for p in allowed | denied if egress_allowed(found[OPERATOR], REGISTRY_HOST, p)} == allowed
+    assert not egress_allowed(found[WEBHOOK_SERVER], REGISTRY_HOST, 5000)
+
+
+def test_extra_egress_goes_to_its_component_only(helm: Path, tmp_path: Path) -> None:
+    relay = {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [{"protocol": "TCP", "port": 2525}]}
+    proxy = {"to": [{"ipBlock": {"cidr": "192.0.2.20/32"}}], "ports": [{"protocol": "TCP", "port": 3128}]}
+    found = policies(
+        helm, tmp_path, {"networkPolicy": {"extraEgress": {"webhookServer": [relay], "operator": [proxy]}}}
+    )
+
+    assert egress_allowed(found[WEBHOOK_SERVER], "192.0.2.10", 2525)
+    assert not egress_allowed(found[WEBHOOK_SERVER], "192.0.2.20", 3128)
+    assert egress_allowed(found[OPERATOR], "192.0.2.20", 3128)
+    assert not egress_allowed(found[OPERATOR], "192.0.2.10", 2525)
 
 
 def test_ingress_routes_webhooks_and_instance_calls_only(helm: Path, tmp_path: Path) -> None:

@@ -190,3 +190,22 @@ securityContext:
   path: extra-public-key-{{ $index }}.pem
 {{- end }}
 {{- end -}}
+
+{{/* A NetworkPolicy egress rule to ipBlocks on TCP ports: (dict "cidrs" [...] "ports" [...]). */}}
+{{- define "iotistic-billing.egressTo" -}}
+- to:
+    {{- range .cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+{{- end -}}
+
+{{/* The port a URL names, else .default (the scheme's): (dict "url" "oci://host:5000/x" "default" 443). */}}
+{{- define "iotistic-billing.urlPort" -}}
+{{- regexFind ":[0-9]+$" (urlParse .url).host | trimPrefix ":" | default .default -}}
+{{- end -}}
