@@ -777,6 +777,53 @@ def test_ingress_routes_webhooks_and_instance_calls_only(helm: Path, tmp_path: P
         assert path["backend"]["service"] == {"name": WEBHOOK_SERVER, "port": {"name": "http"}}
 
 
+def ingress_takes(paths: list[dict[str, Any]], path: str) -> bool:
+    """Whether an Ingress rule's paths take a request path as Kubernetes defines the path types: Exact,
+    the whole path; Prefix, element by element split on '/'. ImplementationSpecific is the controller's
+    to define, so a default that used it could not be checked here."""
+    for entry in paths:
+        if entry["pathType"] == "Exact" and path == entry["path"]:
+            return True
+        if entry["pathType"] == "Prefix":
+            wanted = [e for e in entry["path"].split("/") if e]
+            if [e for e in path.split("/") if e][: len(wanted)] == wanted:
+                return True
+        assert entry["pathType"] in ("Exact", "Prefix"), entry
+    return False
+
+
+# What the default Ingress publishes: Stripe's webhook, the instances' usage routes, the public keys.
+# GET /api/licenses/{customerId} is not among them: no standard path tells it from its admin siblings.
+PUBLISHED_ROUTES = {
+    ("POST", "/api/webhooks/stripe"),
+    ("POST", "/api/usage/report"),
+    ("GET", "/api/usage/{customerId}"),
+    ("GET", "/api/licenses/public-key"),
+    ("GET", "/.well-known/jwks.json"),
+}
+
+
+def test_default_ingress_publishes_no_admin_route_nor_console_page(default_objects: list[Manifest]) -> None:
+    from iotistic_billing.webhook_server.console.pages import PAGES
+    from iotistic_billing.webhook_server.route_table import ROUTES
+
+    [rule] = one(default_objects, "Ingress", RELEASE)["spec"]["rules"]
+    paths = rule["http"]["paths"]
+
+    def published(path: str) -> bool:
+        return ingress_takes(paths, re.sub(r"\{[^}]+\}", "cust_abc123", path))
+
+    admin = [(r.method, r.path) for r in ROUTES if r.access == "admin" and published(r.path)]
+    assert not admin, f"the Ingress publishes admin routes: {admin}"
+    assert not [(p.method, p.path) for p in PAGES if published(p.path)]
+    assert {(r.method, r.path) for r in ROUTES if published(r.path)} == PUBLISHED_ROUTES
+    assert {r.access for r in ROUTES if (r.method, r.path) in PUBLISHED_ROUTES} == {
+        "stripe",
+        "instance",
+        "public",
+    }
+
+
 def test_ingress_is_optional_and_tls_off_by_default(
     helm: Path, tmp_path: Path, default_objects: list[Manifest]
 ) -> None:
