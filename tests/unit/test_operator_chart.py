@@ -11,11 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import prometheus_client
 import pytest
 import yaml
+from pydantic import SecretStr
 
 REPO = Path(__file__).parents[2]
 CHART = REPO / "charts" / "iotistic-billing"
@@ -26,8 +27,20 @@ NAMESPACE = "iotistic-system"
 OPERATOR = f"{RELEASE}-operator"
 WEBHOOK_SERVER = f"{RELEASE}-webhook-server"
 MONITORING = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
-# Environment variables that carry credentials: always a secretKeyRef, never a value.
-CREDENTIAL_ENV = {"DATABASE_URL", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "ADMIN_API_TOKEN"}
+
+
+def credential_variables() -> set[str]:
+    """Environment variables that carry credentials, always a secretKeyRef, never a value: DATABASE_URL
+    and every SecretStr setting."""
+    from iotistic_billing.settings import Settings
+
+    secret = {
+        name for name, field in Settings.model_fields.items() if SecretStr in get_args(field.annotation)
+    }
+    return {"DATABASE_URL"} | {name.upper() for name in secret}
+
+
+CREDENTIAL_ENV = credential_variables()
 
 Manifest = dict[str, Any]
 
@@ -415,9 +428,11 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
         "secrets": {
             "database": {"name": "pg-credentials", "key": "dsn"},
             "stripe": {"name": "stripe-live", "secretKey": "api-key", "webhookSecretKey": "signing"},
-            "admin": {"name": "admin-token", "tokenKey": "bearer"},
+            "admin": {"name": "admin-token", "tokenKey": "bearer", "viewerTokenKey": "viewer"},
             "licenseKeys": {"name": "licence-signing"},
-        }
+            "notices": {"name": "notices", "smtpUrlKey": "smtp", "platformWebhookSecretKey": "hook"},
+        },
+        "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com/iotistic"}},
     }
     objects = render(helm, tmp_path, values)
     references = {
@@ -437,6 +452,11 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
         (WEBHOOK_SERVER, "STRIPE_SECRET_KEY"): ("stripe-live", "api-key"),
         (WEBHOOK_SERVER, "STRIPE_WEBHOOK_SECRET"): ("stripe-live", "signing"),
         (WEBHOOK_SERVER, "ADMIN_API_TOKEN"): ("admin-token", "bearer"),
+        (WEBHOOK_SERVER, "ADMIN_VIEWER_TOKEN"): ("admin-token", "viewer"),
+        (OPERATOR, "SMTP_URL"): ("notices", "smtp"),
+        (WEBHOOK_SERVER, "SMTP_URL"): ("notices", "smtp"),
+        (OPERATOR, "NOTIFY_WEBHOOK_SECRET"): ("notices", "hook"),
+        (WEBHOOK_SERVER, "NOTIFY_WEBHOOK_SECRET"): ("notices", "hook"),
     }
     assert not [o for o in objects if o["kind"] == "Secret"]
 
@@ -476,6 +496,31 @@ def test_a_secret_value_has_nowhere_to_go(helm: Path, attempt: list[str]) -> Non
 
     assert result.returncode != 0, "the schema accepted a place for a secret value"
     assert SENTINEL not in result.stdout
+
+
+def test_the_schema_names_every_credential_variable() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    refused = schema["definitions"]["env"]["items"]["not"]["properties"]["name"]["enum"]
+
+    assert set(refused) == CREDENTIAL_ENV
+
+
+@pytest.mark.parametrize("component", ["operator", "webhookServer"])
+@pytest.mark.parametrize("variable", sorted(CREDENTIAL_ENV))
+def test_no_credential_variable_takes_an_inline_value(helm: Path, component: str, variable: str) -> None:
+    inline = [
+        "--set",
+        f"{component}.extraEnv[0].name={variable}",
+        "--set",
+        f"{component}.extraEnv[0].value={SENTINEL}",
+    ]
+    from_secret = ["--set", f"{component}.extraEnv[0].name={variable}"]
+    from_secret += ["--set", f"{component}.extraEnv[0].valueFrom.secretKeyRef.name=elsewhere"]
+
+    refused = run(helm, "template", RELEASE, CHART, *inline)
+    assert refused.returncode != 0 and f"{component}/extraEnv/0" in refused.stderr, refused.stderr
+    assert SENTINEL not in refused.stdout
+    assert run(helm, "template", RELEASE, CHART, *from_secret).returncode == 0
 
 
 def test_secret_names_and_keys_render_but_no_secret_value(helm: Path) -> None:
