@@ -4,7 +4,8 @@ server, the samples, then `ready`; Ctrl-C stops it all.
 The cluster is the end-to-end tests' simulated one (iotistic_billing.devenv.simulated: the local control
 plane plus kube-controller-manager, kube-scheduler and kwok's fake nodes), so the sample Customers' instances
 really roll out and turn Ready. Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so
-a second run starts again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI.
+a second run starts again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI, and
+puts bin/ and the virtual environment's scripts first on PATH.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from types import FrameType
@@ -55,9 +57,20 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def write_env(path: Path, values: dict[str, str]) -> None:
-    path.write_text("".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items()))
+def write_env(path: Path, values: dict[str, str], commands: list[Path]) -> None:
+    """Shell `export` lines of `values`, and `commands` (absolute folders) put first on the PATH the shell
+    that sources them already has."""
+    lines = [f"export {key}={shlex.quote(value)}\n" for key, value in values.items()]
+    folders = ":".join(shlex.quote(str(folder.absolute())) for folder in commands)
+    lines.append(f'export PATH={folders}:"$PATH"\n')
+    path.write_text("".join(lines))
     path.chmod(0o600)
+
+
+def dev_commands() -> list[Path]:
+    """Where the commands the README has a person type after `source .dev/env` are: kubectl and helm in
+    bin/, `iotistic-billing` among the scripts of the virtual environment that runs `make dev`."""
+    return [REPO_BIN, Path(sysconfig.get_path("scripts"))]
 
 
 class DevEnvironment:
@@ -152,7 +165,7 @@ class DevEnvironment:
         )
         env.update(DEV_PRICES)
         env["BILLING_URL"] = f"http://127.0.0.1:{self.port}"
-        write_env(self.state / "env", env)
+        write_env(self.state / "env", env, dev_commands())
 
         self._start_service(
             "operator",

@@ -162,6 +162,8 @@ def test_dev_runner_ready_env_and_samples(dev: DevRun) -> None:
     env = dev.env
     assert set(env) >= ENV_NAMES
     assert Path(env["KUBECONFIG"]) == dev.state / "kubeconfig"
+    # kubectl, helm and iotistic-billing, as the `next:` line has a person type them.
+    assert env["PATH"].split(os.pathsep) == [str(REPO_BIN), str(Path(sys.executable).parent), "$PATH"]
     assert Path(env["KUBECACHEDIR"]) == dev.state / "kube-cache"
     assert _kubectl(env, "get", "namespace", "default").returncode == 0
     # The console's read-only sign-in is a secret of its own, and the runner says where to sign in.
@@ -323,17 +325,25 @@ def test_every_tested_readme_block_has_a_check() -> None:
     assert list(readme_blocks(README.read_text())) == list(CHECKS)
 
 
+def users_path() -> str:
+    """The PATH of a user's shell before `source .dev/env`: this run's without bin/ (the tests put it
+    first) and without the virtual environment's scripts, so that the block finds kubectl and
+    iotistic-billing by .dev/env or not at all."""
+    ours = {REPO_BIN.resolve(), Path(sys.executable).parent.resolve()}
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(f for f in folders if f and Path(f).resolve() not in ours)
+
+
 def run_readme_block(dev: DevRun, workdir: Path, code: str) -> subprocess.CompletedProcess[str]:
     """The block as a user types it in the repository after `source .dev/env`: here in a folder whose
-    `.dev` is this module's dev state, with bin/ and the virtual environment's scripts on PATH."""
+    `.dev` is this module's dev state, with the PATH a user's shell has."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ".dev").symlink_to(dev.state)
     (workdir / "charts").symlink_to(README.parent / "charts")  # as in a checkout
-    path = os.pathsep.join([str(REPO_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(
         ["bash", "-c", f"set -euo pipefail\nsource .dev/env\n{code}"],
         cwd=workdir,
-        env={**os.environ, "PATH": path},
+        env={**os.environ, "PATH": users_path()},
         capture_output=True,
         text=True,
         timeout=120,
