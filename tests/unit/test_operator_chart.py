@@ -498,6 +498,20 @@ def test_a_secret_value_has_nowhere_to_go(helm: Path, attempt: list[str]) -> Non
     assert SENTINEL not in result.stdout
 
 
+def test_a_platform_webhook_without_its_secret_is_refused_by_name(helm: Path) -> None:
+    result = run(
+        helm,
+        "template",
+        RELEASE,
+        CHART,
+        "--set",
+        "config.notices.platformWebhookUrl=https://hooks.example.com/x",
+    )
+
+    assert result.returncode != 0, "rendered without NOTIFY_WEBHOOK_URL, silently"
+    assert "config.notices.platformWebhookUrl" in result.stderr and "secrets.notices.name" in result.stderr
+
+
 def test_the_schema_names_every_credential_variable() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     refused = schema["definitions"]["env"]["items"]["not"]["properties"]["name"]["enum"]

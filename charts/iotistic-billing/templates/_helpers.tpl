@@ -113,6 +113,9 @@ securityContext:
 {{/* Environment both components read: settings, the database, the image's writable paths. */}}
 {{- define "iotistic-billing.commonEnv" -}}
 {{- $config := .Values.config -}}
+{{- if and $config.notices.platformWebhookUrl (not .Values.secrets.notices.name) -}}
+{{- fail "config.notices.platformWebhookUrl needs secrets.notices.name: the Secret whose key secrets.notices.platformWebhookSecretKey holds its signing secret (NOTIFY_WEBHOOK_SECRET)" -}}
+{{- end -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
