@@ -19,8 +19,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+
+import yaml
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
@@ -73,6 +76,25 @@ def dev_commands() -> list[Path]:
     return [REPO_BIN, Path(sysconfig.get_path("scripts"))]
 
 
+def existing_kubeconfig(environ: Mapping[str, str]) -> bytes:
+    """The kubeconfig a user's kubectl reads, as one self-contained file: KUBECONFIG may list several
+    files, and their certificate and key paths are relative to the file that names them, so a copy of the
+    bytes of one file was neither the user's cluster nor readable from .dev/."""
+    view = subprocess.run(
+        [str(find_binary("kubectl")), "config", "view", "--flatten", "--raw"],
+        env=dict(environ),
+        capture_output=True,
+        check=False,
+    )
+    source = environ.get("KUBECONFIG") or "~/.kube/config"
+    if view.returncode != 0:
+        problem = view.stderr.decode().strip()
+        raise SystemExit(f"USE_EXISTING_CLUSTER=true: kubectl cannot read KUBECONFIG {source}: {problem}")
+    if not (yaml.safe_load(view.stdout) or {}).get("current-context"):
+        raise SystemExit(f"USE_EXISTING_CLUSTER=true: KUBECONFIG {source} sets no current-context")
+    return view.stdout
+
+
 class DevEnvironment:
     def __init__(self, state: Path, use_existing_cluster: bool, port: int) -> None:
         self.state = state.resolve()
@@ -100,8 +122,9 @@ class DevEnvironment:
 
         kubeconfig = self.state / "kubeconfig"
         if self.use_existing_cluster:
-            source = Path(os.environ.get("KUBECONFIG", Path.home() / ".kube" / "config"))
-            kubeconfig.write_bytes(source.read_bytes())
+            kubeconfig.write_bytes(existing_kubeconfig(os.environ))
+            kubeconfig.chmod(0o600)
+            source = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
             print(f"cluster       existing, from {source}", flush=True)
         else:
             # The end-to-end tests' simulated cluster, where the samples' instances roll out: its
