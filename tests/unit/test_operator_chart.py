@@ -137,6 +137,16 @@ def granted(role_rules: list[dict[str, Any]], group: str, resource: str) -> set[
 # ----- lint, schema, CRDs -----
 
 
+def test_the_chart_needs_a_kubernetes_whose_api_server_takes_the_crds(helm: Path) -> None:
+    """optionalOldSelf (the Customer's name rule) needs CRDValidationRatcheting, on by default from 1.30:
+    an older API server drops the field, and the rule's oldSelf.hasValue() no longer compiles."""
+    assert "optionalOldSelf: true" in (CHART / "crds" / "customers.iotistic.io.yaml").read_text()
+
+    older = run(helm, "template", RELEASE, CHART, "--kube-version", "1.29.15")
+    assert older.returncode != 0 and "kubeVersion" in older.stderr, older.stderr
+    assert run(helm, "template", RELEASE, CHART, "--kube-version", "1.30.0").returncode == 0
+
+
 @pytest.mark.parametrize(
     "values",
     [None, {**MONITORING, "ingress": {"tls": {"enabled": True}, "className": "nginx"}}],
