@@ -1004,6 +1004,94 @@ def test_kustomize_base_has_the_objects_of_the_chart(helm: Path, kubectl: Path) 
     assert identities(parse(built.stdout)) == identities(parse(render_text(helm, "--include-crds")))
 
 
+# ----- what the README and NOTES say -----
+
+
+def readme_section(title: str) -> str:
+    """A section of the chart's README, its lines joined (a verb list may wrap)."""
+    text = (CHART / "README.md").read_text()
+    return " ".join(text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0].split())
+
+
+def test_chart_readme_names_every_crd() -> None:
+    intro = (CHART / "README.md").read_text().split("\n## ", 1)[0]
+    names = {
+        doc["metadata"]["name"] for path in (CHART / "crds").glob("*.yaml") for doc in parse(path.read_text())
+    }
+
+    assert names and not [name for name in names if f"`{name}`" not in intro]
+
+
+def test_chart_readme_rbac_says_what_each_component_is_granted(default_objects: list[Manifest]) -> None:
+    """Every resource and Secret name the roles grant is in the component's bullet, and where the bullet
+    gives a resource's verbs (`resource` `verb, verb`) they are those granted."""
+    bullets = dict(part.split(": ", 1) for part in readme_section("RBAC").split(" - ")[1:])
+    namespaced = one(default_objects, "Role", WEBHOOK_SERVER)["rules"]
+    granted = {
+        "operator": rules(default_objects, OPERATOR),
+        "webhook server": rules(default_objects, WEBHOOK_SERVER) + namespaced,
+    }
+
+    assert bullets.keys() == granted.keys()
+    for component, role_rules in granted.items():
+        text = bullets[component]
+        for rule in role_rules:
+            for name in rule["resources"] + rule.get("resourceNames", []):
+                assert f"`{name}`" in text, (component, name)
+        for resource in {resource for rule in role_rules for resource in rule["resources"]}:
+            said = {
+                tuple(sorted(v.split(", ")))
+                for v in re.findall(rf"`{re.escape(resource)}` `([a-z, ]+)`", text)
+            }
+            verbs = {tuple(sorted(rule["verbs"])) for rule in role_rules if resource in rule["resources"]}
+            assert not said or said == verbs, (component, resource, said, verbs)
+
+
+def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -> None:
+    values = {
+        "secrets": {
+            "admin": {"viewerTokenKey": "viewer"},
+            "notices": {"name": "iotistic-billing-notices"},
+            "licenseKeys": {"extraPublicKeys": ["old-public-key.pem"]},
+        },
+        "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com/iotistic"}},
+        "operator": {
+            "instanceChart": {
+                "reference": "oci://registry.example/charts/customer-instance",
+                "version": "1.2.3",
+                "credentialsSecret": "registry-login",
+            }
+        },
+    }
+    args = values_args(tmp_path, values)
+    installed = subprocess.run(
+        [str(helm), "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")},
+    )
+    assert installed.returncode == 0, installed.stderr
+    notes = installed.stdout.split("\nNOTES:\n", 1)[1]
+    waited: set[tuple[str, str]] = set()
+    for deployment in (o for o in render(helm, tmp_path, values) if o["kind"] == "Deployment"):
+        for item in container(deployment)["env"]:
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                waited.add((ref["name"], ref["key"]))
+        for volume in pod_spec(deployment)["volumes"]:
+            if "secret" in volume:
+                waited |= {
+                    (volume["secret"]["secretName"], item["key"]) for item in volume["secret"]["items"]
+                }
+    lines = {line.strip().split(" (", 1)[0]: line for line in notes.splitlines()}
+
+    assert len(waited) == 11
+    for name, key in waited:
+        assert name in lines and key in lines[name], (name, key, notes)
+
+
 # ----- the environment is the settings -----
 
 NOT_SETTINGS = {"HOME", "PYTHONDONTWRITEBYTECODE", "HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"}
