@@ -122,8 +122,11 @@ class DevEnvironment:
 
         kubeconfig = self.state / "kubeconfig"
         if self.use_existing_cluster:
-            kubeconfig.write_bytes(existing_kubeconfig(os.environ))
+            flattened = existing_kubeconfig(os.environ)
+            # Private before it holds the user's inlined client keys.
+            kubeconfig.touch(mode=0o600)
             kubeconfig.chmod(0o600)
+            kubeconfig.write_bytes(flattened)
             source = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
             print(f"cluster       existing, from {source}", flush=True)
         else:
