@@ -10,7 +10,7 @@ import re
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -278,6 +278,14 @@ def webhook_secret_bytes(secret: str) -> bytes:
     return key
 
 
+# Settings whose value is a credential (SMTP_URL and DATABASE_URL carry passwords): never echoed.
+_SECRET_SETTINGS: Final = frozenset(
+    name.upper()
+    for name, field in Settings.model_fields.items()
+    if SecretStr in (field.annotation, *get_args(field.annotation))
+)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; a bad value raises SettingsError naming each offending variable."""
     if "HELM_CHART_PATH" in os.environ:  # an earlier name: ignored silently, it would install the default
@@ -296,7 +304,9 @@ def load_settings(**overrides: object) -> Settings:
                 problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
             variable = "_".join(str(part) for part in error["loc"]).upper()
-            secret = any(word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL"))
+            secret = variable in _SECRET_SETTINGS or any(
+                word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL")
+            )
             shown = "" if secret else f" (got {error.get('input')!r})"
             problems.append(f"{variable}: {str(error['msg']).removeprefix('Value error, ')}{shown}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
