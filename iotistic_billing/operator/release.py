@@ -68,16 +68,13 @@ async def ensure_release(
 
     Helm's deployed revision is looked at before upgrading, not only the status: a pass that died after
     helm and before its status write (a crash, the API server away) left the status a revision behind,
-    and its next pass upgraded to the same values again."""
+    and its next pass upgraded to the same values again. It is looked at before the chart is pulled
+    too: the cache of an OCI chart is empty after every start, and a registry away then made every
+    Ready Customer's pass fail with ChartPullFailed."""
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
-    try:
-        chart = await ctx.charts.get(target.chart_version, _VERSION_SOURCES[target.version_source])
-    except ChartUnavailable as error:
-        return ReleaseOutcome("failed", c.CHART_VERSION_UNAVAILABLE, str(error), permanent=True)
-    except HelmError as error:  # the registry is away: the next pass tries again
-        return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
-    version = chart.version
+    # The version string is enough for the digest: ChartStore.get serves a version only as its chart's own.
+    version = target.chart_version
     digest = values_hash(values, version)
     if previous is not None or may_exist:
         current = await _deployed_already(ctx, namespace, version, digest, previous)
@@ -85,6 +82,12 @@ async def ensure_release(
             return ReleaseOutcome(
                 "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
             )
+    try:
+        chart = await ctx.charts.get(version, _VERSION_SOURCES[target.version_source])
+    except ChartUnavailable as error:
+        return ReleaseOutcome("failed", c.CHART_VERSION_UNAVAILABLE, str(error), permanent=True)
+    except HelmError as error:  # the registry is away: the next pass tries again
+        return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
 
     for attempt in (1, 2):
         try:

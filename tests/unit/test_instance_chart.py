@@ -1,18 +1,26 @@
 """The chart store with a chart directory: the fleet runs the directory's version, and a pin to another
 version is refused naming the field (the OCI side runs against a real registry in the integration
-tests)."""
+tests); the release step pulls a chart only for a release that needs it."""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from iotistic_billing.customer import LicenseStatus, ReleaseStatus
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.helm import Helm, HelmError
+from iotistic_billing.operator.release import ensure_release
+from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.settings import load_settings
+from tests.unit.test_operator_state import NOW, target
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "customer-instance"
 
@@ -56,3 +64,63 @@ async def test_a_refused_login_is_retried_and_a_missing_version_stalls(tmp_path:
     missing = f"{manifest}: response status code 404: manifest unknown: manifest unknown"
     with pytest.raises(ChartUnavailable):
         await ChartStore(settings, Refusing(missing), tmp_path).get("0.3.114030")
+
+
+class RegistryAway(Helm):
+    """helm with an OCI registry that cannot be reached; any install or upgrade is a failure of the test."""
+
+    def __init__(self) -> None:
+        super().__init__("helm", None, 1)
+        self.pulls = 0
+
+    async def pull(self, *args: Any, **kwargs: Any) -> None:
+        self.pulls += 1
+        raise HelmError("pull", "dial tcp 127.0.0.1:5000: connect: connection refused")
+
+    async def upgrade_install(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("helm upgrade ran")
+
+
+class DeployedRevisions:
+    """helm's storage Secrets of the release: revision -> labels."""
+
+    def __init__(self, revisions: dict[int, dict[str, str]]) -> None:
+        self.revisions = revisions
+
+    async def helm_release_revisions(self, namespace: str, name: str) -> dict[int, dict[str, str]]:
+        return self.revisions
+
+
+async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is(tmp_path: Path) -> None:
+    """Found in review: the chart was pulled before helm's deployed revision was looked at, and the
+    cache is empty after every start, so a registry away then failed every Ready Customer's pass
+    (ChartPullFailed, Ready False) though nothing was to be installed."""
+    settings = load_settings(
+        instance_chart="oci://127.0.0.1:5000/charts/customer-instance",
+        instance_chart_version="0.1.0",
+        billing_url="http://billing.example",
+    )
+    helm = RegistryAway()
+    licence = LicenseStatus(
+        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
+    )
+    aim = target()
+    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    kube = DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}})
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(settings=settings, helm=helm, kube=kube, charts=ChartStore(settings, helm, tmp_path)),
+    )
+    running = ReleaseStatus(
+        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
+    )
+
+    outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
+    assert (outcome.result, outcome.reason, outcome.release) == ("unchanged", c.RELEASE_UNCHANGED, running)
+    assert helm.pulls == 0
+
+    # New values need the chart: the registry away is then a retried failure, not a stall.
+    renewed = licence.model_copy(update={"sha256": "b" * 64})
+    outcome = await ensure_release(ctx, aim, renewed, running, may_exist=True)
+    assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", c.CHART_PULL_FAILED, False)
+    assert "connection refused" in outcome.message and helm.pulls == 1
