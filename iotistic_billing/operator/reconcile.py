@@ -46,6 +46,7 @@ from iotistic_billing.operator.state import (
     next_status,
     over_current,
     pass_target,
+    stall_of,
 )
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
@@ -84,6 +85,8 @@ class PassResult:
     temporary_error: str | None = None
     # The dunning step before the pass (PaymentOverdue's reason), for the Event of a step change.
     previous_payment_step: str | None = None
+    # Why the Customer was stalled before the pass (state.stall_of), for the Event of a new stall.
+    previous_stall: tuple[str, str] | None = None
     # The Customer's, for the Events of a pass no Kopf handler ran (`kubectl describe` matches the uid).
     uid: str | None = None
 
@@ -96,8 +99,9 @@ class PassResult:
 
     @property
     def events(self) -> list[tuple[str, str, str]]:
-        """The Events of the pass (type, reason, message): a new phase, a new dunning step, why it stalled;
-        the same whichever handler, daemon or watch started the pass."""
+        """The Events of the pass (type, reason, message): a new phase, a new dunning step, why it stalled
+        (once per reason and message, not on every pass that finds it so); the same whichever handler,
+        daemon or watch started the pass."""
         events: list[tuple[str, str, str]] = []
         phase = self.status.phase
         if phase != self.previous_phase and phase is not None:
@@ -108,7 +112,7 @@ class PassResult:
             assert overdue is not None
             kind = "Normal" if overdue.status == "False" else "Warning"
             events.append((kind, f"Payment{overdue.reason}", overdue.message))
-        if self.permanent_error is not None:
+        if self.permanent_error is not None and stall_of(self.status) != self.previous_stall:
             events.append(("Warning", "ReconcileFailed", self.permanent_error))
         return events
 
@@ -288,6 +292,7 @@ async def _finish(
         permanent_error=permanent,
         temporary_error=temporary,
         previous_payment_step=overdue.reason if overdue is not None else None,
+        previous_stall=stall_of(previous),
         uid=body["metadata"].get("uid"),
     )
     if status.to_k8s() != previous.to_k8s():

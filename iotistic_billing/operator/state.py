@@ -225,6 +225,14 @@ def over_current(status: CustomerStatus, current: CustomerStatus) -> CustomerSta
     return status.model_copy(update={"usage": current.usage, "conditions": conditions or None})
 
 
+def stall_of(status: CustomerStatus) -> tuple[str, str] | None:
+    """Why the Customer is stalled (its Stalled condition's reason and message); None when it is not."""
+    condition = status.condition(ConditionType.STALLED)
+    if condition is None or condition.status != "True":
+        return None
+    return condition.reason, condition.message
+
+
 def housekeeping_due(
     spec: CustomerSpec,
     status: CustomerStatus,
@@ -245,8 +253,10 @@ def housekeeping_due(
         notifications is not None
         and notifications.status == "False"
         and spec.notifications.webhook is not None
+        and stall_of(status) is None
     ):
-        # The Secret it names may have been created since: a pass looks again (no watch sees it).
+        # The Secret it names may have been created since: a pass looks again (no watch sees it). Not
+        # for a Stalled Customer: that pass ran helm again on the values that failed, every minute.
         return notifications.reason
     license = status.license
     if license is None or license.issued_at is None or license.expires_at is None:
@@ -270,4 +280,5 @@ __all__ = [
     "over_current",
     "pass_target",
     "phase_for",
+    "stall_of",
 ]

@@ -5,7 +5,7 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -13,8 +13,9 @@ import kopf
 import pytest
 from prometheus_client import REGISTRY
 
-from iotistic_billing.customer import CustomerStatus
+from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus
 from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import (
     CustomerLocks,
@@ -25,8 +26,17 @@ from iotistic_billing.operator.context import (
 )
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY
-from iotistic_billing.operator.reconcile import PassResult, reconcile
+from iotistic_billing.operator.outcomes import (
+    InstanceHealth,
+    NotificationsOutcome,
+    PassOutcome,
+    ReleaseOutcome,
+)
+from iotistic_billing.operator.reconcile import PassResult, _finish, reconcile
+from iotistic_billing.operator.state import next_status, pass_target
 from tests.conftest import Retries
+from tests.unit.test_operator_state import CREATED, NOW
+from tests.unit.test_operator_status_patch import StatusServer, context
 
 
 class GoneCustomers:
@@ -126,19 +136,30 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
 
 def ended(phase: str, previous: str | None, step: tuple[str, str] | None = None, **more: Any) -> PassResult:
     """A pass that took the Customer from phase `previous` to `phase`, its dunning step then (status,
-    reason) if any."""
-    conditions = None
+    reason) if any, stalled (InvalidSpec) by its permanent error if it has one."""
+    at = datetime(2025, 3, 1, tzinfo=UTC).isoformat()
+    conditions = []
     if step is not None:
-        conditions = [
+        conditions.append(
             {
                 "type": "PaymentOverdue",
                 "status": step[0],
                 "reason": step[1],
                 "message": f"payment step {step[1]}",
-                "lastTransitionTime": datetime(2025, 3, 1, tzinfo=UTC).isoformat(),
+                "lastTransitionTime": at,
             }
-        ]
-    status = CustomerStatus.model_validate({"phase": phase, "conditions": conditions})
+        )
+    if (error := more.get("permanent_error")) is not None:
+        conditions.append(
+            {
+                "type": "Stalled",
+                "status": "True",
+                "reason": "InvalidSpec",
+                "message": error,
+                "lastTransitionTime": at,
+            }
+        )
+    status = CustomerStatus.model_validate({"phase": phase, "conditions": conditions or None})
     return PassResult(status, previous, **more)
 
 
@@ -161,6 +182,25 @@ def ended(phase: str, previous: str | None, step: tuple[str, str] | None = None,
                 ("Warning", "Failed", "phase Ready -> Failed"),
                 ("Warning", "ReconcileFailed", "spec.plan is unknown"),
             ],
+        ),
+        # Stalled as it was: no Event on every pass that finds it so (the housekeeping's, a watch's).
+        (
+            ended(
+                "Failed",
+                "Failed",
+                permanent_error="spec.plan is unknown",
+                previous_stall=("InvalidSpec", "spec.plan is unknown"),
+            ),
+            [],
+        ),
+        (
+            ended(
+                "Failed",
+                "Failed",
+                permanent_error="spec.trial.days must be between 0 and 90, got 120",
+                previous_stall=("InvalidSpec", "spec.plan is unknown"),
+            ),
+            [("Warning", "ReconcileFailed", "spec.trial.days must be between 0 and 90, got 120")],
         ),
     ],
 )
@@ -283,3 +323,66 @@ async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch
     assert retries.scheduled == []
     await handlers._refresh(ctx, "acme")
     assert retries.delays == [5]
+
+
+async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_until_its_spec_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: for a Stalled Customer the housekeeping rechecked NotificationsReady=False every
+    minute with a whole pass, which ran helm upgrade again on the values that had failed (they never
+    match the deployed revision) and posted a Warning ReconcileFailed each time."""
+    body: dict[str, Any] = {
+        "metadata": {"name": "acme", "uid": "uid-acme", "creationTimestamp": CREATED.isoformat()},
+        "spec": {
+            "email": "ops@acme.example",
+            "companyName": "Acme",
+            "plan": "starter",
+            "notifications": {
+                "webhook": {"url": "https://hooks.acme.example/iotistic", "secretRef": {"name": "hook"}}
+            },
+        },
+    }
+    customer = Customer.model_validate(body)
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    missing = NotificationsOutcome(False, c.SECRET_NOT_FOUND, "no Secret hook in customer-acme")
+    failed = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
+    stalled = PassOutcome(license=licence, release=failed, notifications=missing)
+
+    # Passes finding it stalled as the one before (a watch's, a retry's, Reconcile now) post no Event.
+    server = StatusServer({}, resource_version=7)
+    events: list[tuple[str, str, str]] = []
+    for minute in range(3):
+        previous = CustomerStatus.model_validate(server.document)
+        aimed = pass_target(
+            body, customer, "iotistic.cloud", NOW + timedelta(minutes=minute), ("0.1.0", "Fleet")
+        )
+        read = {**body, "metadata": {**body["metadata"], "resourceVersion": str(server.resource_version)}}
+        status = next_status(previous, aimed, stalled, generation=2)
+        events += (await _finish(context(server), read, previous, status, permanent=stalled.failure)).events
+    assert [reason for _, reason, _ in events] == ["Failed", "ReconcileFailed"]
+
+    # Minute after minute, the housekeeping starts no pass (and so no helm) for it.
+    passes: list[str] = []
+
+    async def refresh(ctx: Any, name: str, deployment_event: int | None = None) -> None:
+        passes.append(name)
+
+    monkeypatch.setattr(handlers, "_refresh", refresh)
+    clock = [NOW]
+    settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
+    memo = kopf.Memo(context=SimpleNamespace(clock=lambda: clock[0], settings=settings, noticed=set()))
+    for _check in range(5):
+        clock[0] += timedelta(minutes=1)
+        await handlers.housekeeping(
+            name="acme", body=kopf.Body({**body, "status": server.document}), memo=memo
+        )
+    assert passes == []
+
+    # Not stalled, the Secret is looked for again at the next check (it may have been created since).
+    deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
+    health = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    ready = PassOutcome(license=licence, release=deployed, health=health, notifications=missing)
+    aimed = pass_target(body, customer, "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    waiting = next_status(CustomerStatus(), aimed, ready, generation=2).to_k8s()
+    await handlers.housekeeping(name="acme", body=kopf.Body({**body, "status": waiting}), memo=memo)
+    assert passes == ["acme"]
