@@ -8,7 +8,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILES = Counter("iotistic_operator_reconciles", "Reconcile passes of Customers by result", ["result"])
 RECONCILE_ERRORS = Counter(
-    "iotistic_operator_reconcile_errors", "Reconcile passes that did not converge, by reason", ["reason"]
+    "iotistic_operator_reconcile_errors",
+    "Reconcile passes that did not converge, by reason: the Stalled condition's for a stall, else the failed"
+    " step's (LicenseIssued, ReleaseDeployed), or the exception's type for a pass that raised",
+    ["reason"],
 )
 RECONCILE_DURATION = Histogram(
     "iotistic_operator_reconcile_duration_seconds",

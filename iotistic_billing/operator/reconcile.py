@@ -173,14 +173,20 @@ def _count(result: PassResult) -> None:
         RECONCILES.labels("success").inc()
         return
     RECONCILES.labels("stalled" if result.permanent_error is not None else "retry").inc()
-    failing = next(
-        (
-            c.reason
-            for c in status.conditions or ()
-            if c.type in ("LicenseIssued", "ReleaseDeployed") and c.status == "False"
-        ),
-        "Unknown",
-    )
+    # A stall under its own reason: an invalid spec marks no step's condition (an earlier failure's stays).
+    stall = stall_of(status) if result.permanent_error is not None else None
+    if stall is not None:
+        failing = stall[0]
+    else:
+        failing = next(
+            (
+                condition.reason
+                for condition in status.conditions or ()
+                if condition.type in (ConditionType.LICENSE_ISSUED, ConditionType.RELEASE_DEPLOYED)
+                and condition.status == "False"
+            ),
+            "Unknown",
+        )
     RECONCILE_ERRORS.labels(failing).inc()
 
 

@@ -32,8 +32,8 @@ from iotistic_billing.operator.outcomes import (
     PassOutcome,
     ReleaseOutcome,
 )
-from iotistic_billing.operator.reconcile import PassResult, _finish, reconcile
-from iotistic_billing.operator.state import next_status, pass_target
+from iotistic_billing.operator.reconcile import PassResult, _count, _finish, reconcile
+from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
 from tests.unit.test_operator_status_patch import StatusServer, context
@@ -386,3 +386,32 @@ async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_
     waiting = next_status(CustomerStatus(), aimed, ready, generation=2).to_k8s()
     await handlers.housekeeping(name="acme", body=kopf.Body({**body, "status": waiting}), memo=memo)
     assert passes == ["acme"]
+
+
+def reconcile_errors(reason: str) -> float:
+    return REGISTRY.get_sample_value("iotistic_operator_reconcile_errors_total", {"reason": reason}) or 0
+
+
+def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_it() -> None:
+    """Found in review: an invalid spec sets no LicenseIssued or ReleaseDeployed condition, so its
+    stall was counted as Unknown, or under the reason an earlier failure had left there."""
+    body = {"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {"email": "a@b.cd", "companyName": "x"}}
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
+    upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
+    invalid = invalid_spec_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    away = ReleaseOutcome("failed", c.CHART_PULL_FAILED, "connection refused")
+    retried = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=away), 1)
+    counted = [c.INVALID_SPEC, c.UPGRADE_FAILED, c.CHART_PULL_FAILED, "Unknown"]
+    before = [reconcile_errors(reason) for reason in counted]
+
+    _count(PassResult(invalid, "Failed", permanent_error="spec.trial.days: at most 90"))
+    _count(PassResult(upgrade_failed, None, permanent_error=broken.message))
+    _count(PassResult(retried, None, temporary_error=away.message))
+    assert [reconcile_errors(reason) - was for reason, was in zip(counted, before, strict=True)] == [
+        1,
+        1,
+        1,
+        0,
+    ]
