@@ -224,7 +224,8 @@ def decide(
 ) -> Decision:
     """One tick. `disabled`: why rollouts cannot run here (the fleet moves at once), or None."""
     if previous.phase in TERMINAL_PHASES and previous.target_version == spec.chart_version:
-        return Decision(previous)
+        # Finished: an edit that keeps the version changes nothing but is observed (kstatus, Flux's wait).
+        return Decision(previous.model_copy(update={"observed_generation": rollout.generation}))
     fresh = previous.target_version != spec.chart_version
     status = RolloutStatus(target_version=spec.chart_version) if fresh else previous.model_copy(deep=True)
     status.observed_generation = rollout.generation

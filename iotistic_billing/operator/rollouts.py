@@ -33,9 +33,15 @@ FLEET_MOVES_AT_ONCE = (
 
 
 def settled(body: Mapping[str, Any]) -> bool:
-    """A finished rollout whose spec asks for nothing new (Kopf's live body: no API call)."""
+    """A finished rollout whose spec asks for nothing new and whose status says so of its generation
+    (Kopf's live body: no API call); an edit that keeps the version gets a tick to observe it."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
-    return status.get("phase") in TERMINAL_PHASES and status.get("targetVersion") == spec.get("chartVersion")
+    generation = (body.get("metadata") or {}).get("generation")
+    return (
+        status.get("phase") in TERMINAL_PHASES
+        and status.get("targetVersion") == spec.get("chartVersion")
+        and status.get("observedGeneration") == generation
+    )
 
 
 def _other(body: Mapping[str, Any]) -> OtherRollout:

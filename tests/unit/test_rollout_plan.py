@@ -18,6 +18,7 @@ from iotistic_billing.operator.rollout_plan import (
     decide,
     member,
 )
+from iotistic_billing.operator.rollouts import settled
 from iotistic_billing.rollout import (
     ROLLOUT_ABORT,
     ROLLOUT_CHART_VERSION,
@@ -278,6 +279,23 @@ def test_abort_moves_nothing_more() -> None:
         Rollout("r1", 1, T0.isoformat(), {}), spec(), decision.status, list(fleet.customers.values()), [], T0
     )
     assert again.status.phase == RolloutPhase.ABORTED and again.moves == []
+
+
+def test_a_finished_rollout_edited_without_a_new_version_observes_the_edit_and_stays_finished() -> None:
+    """Found in review: the finished branch returned the status as it was and the daemon's `settled`
+    stopped ticking, so an edit that kept chartVersion (paused, a selector) left observedGeneration
+    behind for good, and kstatus (Flux's wait) said InProgress forever."""
+    fleet = Fleet(4)
+    done, _ = run(fleet, spec(steps=[{"rest": True, "maxParallel": 10}]))
+    assert done.phase == RolloutPhase.SUCCEEDED and done.observed_generation == 1
+    edited = spec(steps=[{"rest": True, "maxParallel": 10}], paused=True)
+    body = {"metadata": {"generation": 2}, "spec": edited.to_k8s(), "status": done.to_k8s()}
+    assert not settled(body)  # the daemon ticks once more
+
+    again = decide(Rollout("r1", 2, T0.isoformat(), {}), edited, done, list(fleet.customers.values()), [], T0)
+    assert again.moves == [] and again.events == []
+    assert again.status.to_k8s() == {**done.to_k8s(), "observedGeneration": 2}  # one patch, nothing else
+    assert settled({**body, "status": again.status.to_k8s()})
 
 
 def test_an_overlapping_newer_rollout_waits_for_the_older() -> None:
