@@ -171,6 +171,19 @@ class TrialSpec(CustomerModel):
 
 # A chart version as helm and OCI tags take it (SemVer 2, an optional leading v); INSTANCE_CHART_VERSION too.
 CHART_VERSION_PATTERN = r"^v?[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.+-]+)?$"
+CHART_VERSION_MAX_LENGTH = 64
+# spec.instance.chartVersion, an InstanceRollout's spec.chartVersion (their CRDs say the same).
+ChartVersion = Annotated[str, Field(max_length=CHART_VERSION_MAX_LENGTH, pattern=CHART_VERSION_PATTERN)]
+
+
+def chart_version_problem(version: str) -> str | None:
+    """Why `version` is no ChartVersion, worded to follow the name of the field that holds it (a field
+    no model checks: the rollout's annotation on a Customer); None when it is one."""
+    if len(version) > CHART_VERSION_MAX_LENGTH:
+        return f"must be at most {CHART_VERSION_MAX_LENGTH} characters long, got {len(version)}"
+    if not re.fullmatch(CHART_VERSION_PATTERN, version):
+        return f"must match {CHART_VERSION_PATTERN}, got {version!r}"
+    return None
 
 
 # Where a Customer's chart version comes from: its spec (pinned), a rollout's annotation, the fleet.
@@ -180,7 +193,7 @@ VersionSource = Literal["Pinned", "Rollout", "Fleet"]
 class InstanceSpec(CustomerModel):
     enabled: bool = True
     domain: Annotated[str, Field(pattern=DNS_NAME_PATTERN, max_length=253)] | None = None
-    chart_version: Annotated[str, Field(max_length=64, pattern=CHART_VERSION_PATTERN)] | None = None
+    chart_version: ChartVersion | None = None
     # Free-form Helm values overrides; the chart's values.schema.json judges them.
     values: dict[str, Any] | None = None
 

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, Field, NonNegativeInt, model_validator
 
 from iotistic_billing.customer import (
-    CHART_VERSION_PATTERN,
     GROUP,
     NAME_PATTERN,
     VERSION,
+    ChartVersion,
     Condition,
     CustomerModel,
     PlanName,
@@ -117,7 +117,7 @@ class HealthGate(CustomerModel):
 
 
 class RolloutSpec(CustomerModel):
-    chart_version: Annotated[str, Field(max_length=64, pattern=CHART_VERSION_PATTERN)]
+    chart_version: ChartVersion
     selector: LabelSelector | None = None
     plans: Annotated[list[PlanName], Field(min_length=1, max_length=4)] | None = None
     steps: Annotated[list[RolloutStep], Field(min_length=1, max_length=20)]

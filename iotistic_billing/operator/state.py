@@ -19,10 +19,12 @@ from iotistic_billing.customer import (
     CustomerSpec,
     CustomerStatus,
     InstanceStatus,
+    InvalidSpecError,
     Phase,
     ReleaseStatus,
     TrialStatus,
     VersionSource,
+    chart_version_problem,
     customer_id_in_use,
     namespace_for,
 )
@@ -83,12 +85,17 @@ def chart_target(
 ) -> tuple[str | None, VersionSource]:
     """The chart version a pass aims at: the spec's pin, else (unless the fleet moves at once) the
     version a rollout set, else the version the Customer already runs from the fleet, so a new
-    INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up)."""
+    INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up).
+
+    InvalidSpecError names the rollout's annotation when it holds no chart version: no model checks
+    an annotation, and someone may write it with kubectl."""
     if pinned := customer.spec.instance.chart_version:
         return pinned, "Pinned"
     if immediate:
         return None, "Fleet"
     if rollout := customer.metadata.annotations.get(ROLLOUT_CHART_VERSION):
+        if problem := chart_version_problem(rollout):
+            raise InvalidSpecError([f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"])
         return rollout, "Rollout"
     if previous is not None and previous.version_source == "Fleet" and previous.chart_version:
         return previous.chart_version, "Fleet"

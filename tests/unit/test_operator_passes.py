@@ -5,6 +5,7 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,7 +14,7 @@ import kopf
 import pytest
 from prometheus_client import REGISTRY
 
-from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus
+from iotistic_billing.customer import Customer, CustomerStatus, InvalidSpecError, LicenseStatus
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
@@ -32,8 +33,9 @@ from iotistic_billing.operator.outcomes import (
     PassOutcome,
     ReleaseOutcome,
 )
-from iotistic_billing.operator.reconcile import PassResult, _count, _finish, reconcile
-from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target
+from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
+from iotistic_billing.operator.state import chart_target, invalid_spec_status, next_status, pass_target
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
 from tests.unit.test_operator_status_patch import StatusServer, context
@@ -415,3 +417,40 @@ def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_i
         1,
         0,
     ]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "problem"),
+    [
+        ("1.2.3-" + "a" * 70, "must be at most 64 characters long, got 76"),
+        ("latest", "must match ^v?[0-9]+"),
+    ],
+)
+async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_customer_naming_it(
+    annotation: str, problem: str
+) -> None:
+    """Found in review: the annotation (kubectl annotate can write anything) went unchecked into
+    status.release.targetVersion, and every pass crashed on the status model (64 characters at most)
+    or asked the chart store for a version that cannot exist."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 3,
+            "resourceVersion": "7",
+            "annotations": {ROLLOUT_CHART_VERSION: annotation},
+        },
+        "spec": {"email": "a@b.cd", "companyName": "x", "plan": "starter"},
+    }
+    field = f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"
+    with pytest.raises(InvalidSpecError, match=f"^{re.escape(field)}"):
+        chart_target(Customer.model_validate(body), None, immediate=False)
+
+    server = StatusServer({}, resource_version=7)
+    ctx = context(server)
+    ctx.fleet_moves_at_once = False  # type: ignore[misc]
+    result = await _reconcile(ctx, body, NOW)
+    stalled = result.status.condition("Stalled")
+    assert stalled is not None and (stalled.status, stalled.reason) == ("True", c.INVALID_SPEC)
+    assert stalled.message.startswith(field) and result.permanent_error == stalled.message
+    assert server.document["phase"] == "Failed" and server.document["observedGeneration"] == 3
