@@ -1,5 +1,6 @@
-"""The background loops' two shared steps (the Stripe inbox's and the notice sender's workers): a nap
-until woken or the poll interval is over, and a stop that cannot hang.
+"""The background loops' shared steps (the Stripe inbox's and the notice sender's workers, the operator's
+watches and rollout ticks): a nap until woken or the poll interval is over, a stop that cannot hang,
+and the backoff of a loop whose dependency is away.
 
 Python 3.11's `asyncio.wait_for` loses a cancellation that arrives as the awaited event is set
 (gh-86296): a worker cancelled at that moment went on polling, and the `await` of its stop never
@@ -14,6 +15,14 @@ from collections.abc import Sequence
 
 # A task that ignored its cancellation is cancelled again this often until it ends.
 CANCEL_AGAIN_SECONDS = 1.0
+
+
+def backoff(failures: int, first: float, most: float) -> float:
+    """Seconds to wait after `failures` failures in a row: none after none, then `first` doubling up to
+    `most`."""
+    if failures <= 0:
+        return 0.0
+    return float(min(most, first * 2 ** (failures - 1)))
 
 
 async def nap(wakeup: asyncio.Event, seconds: float) -> None:
@@ -38,4 +47,4 @@ async def stop_tasks(tasks: Sequence[asyncio.Task[None]]) -> None:
             task.exception()  # retrieved: a worker logs its own failures
 
 
-__all__ = ["CANCEL_AGAIN_SECONDS", "nap", "stop_tasks"]
+__all__ = ["CANCEL_AGAIN_SECONDS", "backoff", "nap", "stop_tasks"]

@@ -22,6 +22,7 @@ from iotistic_billing.customer import (
     customer_of_namespace,
     namespace_for,
 )
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
 from iotistic_billing.operator.delete import finalize
@@ -30,9 +31,15 @@ from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_licens
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
-from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS, MANAGED_SECRETS, LoopFollower
+from iotistic_billing.operator.watches import (
+    INSTANCE_DEPLOYMENTS,
+    MANAGED_SECRETS,
+    MAX_RETRY_SECONDS,
+    RETRY_SECONDS,
+    LoopFollower,
+)
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
-from iotistic_billing.workers import nap
+from iotistic_billing.workers import backoff, nap
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
 HOUSEKEEPING = "housekeeping"
@@ -125,22 +132,30 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
     ctx = _context(memo)
     wakeup = asyncio.Event()
     ctx.rollout_wakeups.add(wakeup)
+    failures = 0  # ticks failed in a row
     try:
         while True:
             # Cleared before the tick: a Customer written during the tick or the quiet time after it
             # (the last of a step turning Ready) starts the next tick as soon as that time is over.
             wakeup.clear()
             if not rollouts.settled(body):
+                decision = None
                 try:
                     decision = await rollouts.advance(ctx, name)
-                except Exception:  # the API server away, a conflict: the next tick tries again
+                    failures = 0
+                except KubernetesUnavailable as error:  # one line: an outage is no bug of the tick
+                    failures += 1
+                    log.warning("tick of InstanceRollout %s failed: %s", name, error)
+                except Exception:  # a conflict, a bug: the next tick tries again
+                    failures += 1
                     log.exception("tick of InstanceRollout %s failed", name)
-                    decision = None
                 for kind, reason, message in decision.events if decision else ():
                     kopf.event(body, type=kind, reason=reason, message=message)
-            # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK.
+            # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK, or
+            # after a failing tick, once its backoff is over (up to MAX_RETRY_SECONDS).
+            wait = max(rollouts.TICK_SECONDS, backoff(failures, RETRY_SECONDS, MAX_RETRY_SECONDS))
             await asyncio.sleep(rollouts.QUIET_SECONDS)
-            await nap(wakeup, rollouts.TICK_SECONDS - rollouts.QUIET_SECONDS)
+            await nap(wakeup, wait - rollouts.QUIET_SECONDS)
     except asyncio.CancelledError:
         return
     finally:
@@ -216,9 +231,12 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
     status at all. Events go through the API server, as kopf.event posts only from Kopf's own tasks."""
     try:
         result = await reconcile(ctx, name, deployment_event=deployment_event)
-    except Exception:  # the API server or PostgreSQL away, a conflict that went on
+    except Exception as error:  # the API server or PostgreSQL away, a conflict that went on
         delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
-        log.exception("pass of Customer %s failed; again in %.0f s", name, delay)
+        if isinstance(error, KubernetesUnavailable):  # one line a Customer: an outage is no bug
+            log.warning("pass of Customer %s failed: %s; again in %.0f s", name, error, delay)
+        else:
+            log.exception("pass of Customer %s failed; again in %.0f s", name, delay)
         return
     if result is None:
         if deployment_event is None:  # gone, being deleted or another shard's: nothing to retry

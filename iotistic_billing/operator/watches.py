@@ -20,12 +20,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from iotistic_billing.k8s import KubeApi, Watched
+from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched
 from iotistic_billing.operator import constants as c
+from iotistic_billing.workers import backoff
 
 log = logging.getLogger(__name__)
-# Seconds before a broken list or watch is tried again.
+# Seconds before a broken list or watch is tried again, doubling while it keeps failing (an API server
+# away) up to MAX_RETRY_SECONDS, and from RETRY_SECONDS again once a watch is open.
 RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
 # Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
 # gone half-open) is given up and listed again.
 WATCH_SECONDS = 60
@@ -49,7 +52,8 @@ Changed = Callable[[str, dict[str, Any]], None]
 
 
 class Follower:
-    """One kind (k8s.Watched) listed and watched in a thread; `relisted` and `changed` run there."""
+    """One kind (k8s.Watched) listed and watched in a thread; `relisted` and `changed` run there.
+    `pause(seconds)` waits before a retry (by default until stop(), at most that long; tests record)."""
 
     def __init__(
         self,
@@ -58,13 +62,17 @@ class Follower:
         relisted: Relisted,
         changed: Changed,
         broke: Callable[[], None] = lambda: None,
+        pause: Callable[[float], object] | None = None,
     ) -> None:
         self._api = api
         self.kind = kind
         self._relisted, self._changed, self._broke = relisted, changed, broke
         self._stopped = threading.Event()
+        self._pause = pause or self._stopped.wait
         self._thread: threading.Thread | None = None
         self._response: Any = None
+        # Lists and watches that failed in a row, since a watch was last open (the watch thread's).
+        self._failures = 0
 
     @property
     def started(self) -> bool:
@@ -80,6 +88,7 @@ class Follower:
         self._interrupt(self._response)
 
     def _opened(self, response: Any) -> None:
+        self._failures = 0  # the API server answers again
         # Set before the flag is read, as stop() sets the flag before it reads this: one of them stops it.
         self._response = response
         if self._stopped.is_set():
@@ -110,13 +119,21 @@ class Follower:
                     resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         self._changed(kind, body)
-            except Exception:  # the API server away, the watch silent too long: list again after a pause
+            except Exception as error:  # the API server away, the watch silent too long: list again later
                 self._broke()
                 if self._stopped.is_set():
                     return
-                log.exception("the watch of %s broke; listing again", self.kind.what)
+                self._failures += 1
+                delay = backoff(self._failures, RETRY_SECONDS, MAX_RETRY_SECONDS)
+                if isinstance(error, KubernetesUnavailable):
+                    # One line: an outage logged a traceback per watch every second.
+                    log.warning(
+                        "the watch of %s broke: %s; listing again in %.0f s", self.kind.what, error, delay
+                    )
+                else:
+                    log.exception("the watch of %s broke; listing again in %.0f s", self.kind.what, delay)
                 resource_version = None
-                self._stopped.wait(RETRY_SECONDS)
+                self._pause(delay)
 
 
 class LoopFollower:
@@ -183,6 +200,7 @@ def _identity(body: dict[str, Any]) -> tuple[str, str]:
 __all__ = [
     "INSTANCE_DEPLOYMENTS",
     "MANAGED_SECRETS",
+    "MAX_RETRY_SECONDS",
     "RETRY_SECONDS",
     "WATCH_SECONDS",
     "Follower",

@@ -5,6 +5,7 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -454,3 +455,23 @@ async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_customer
     assert stalled is not None and (stalled.status, stalled.reason) == ("True", c.INVALID_SPEC)
     assert stalled.message.startswith(field) and result.permanent_error == stalled.message
     assert server.document["phase"] == "Failed" and server.document["observedGeneration"] == 3
+
+
+async def test_a_pass_the_api_server_away_fails_is_logged_in_one_line_and_a_bug_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: an outage logged a traceback for every Customer's pass at every retry."""
+    failures: list[Exception] = [KubernetesUnavailable("the API server answered 503"), RuntimeError("a bug")]
+
+    async def pass_(ctx: Any, name: str, deployment_event: int | None = None) -> PassResult | None:
+        raise failures.pop(0)
+
+    monkeypatch.setattr(handlers, "reconcile", pass_)
+    ctx = cast(OperatorContext, SimpleNamespace(pass_retries=PassRetries(Retries().later)))
+    with caplog.at_level(logging.INFO, logger=handlers.__name__):
+        await handlers._refresh(ctx, "acme")
+        await handlers._refresh(ctx, "acme")
+    assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
+        ("WARNING", "pass of Customer acme failed: the API server answered 503; again in 5 s", False),
+        ("ERROR", "pass of Customer acme failed; again in 10 s", True),
+    ]
