@@ -32,8 +32,9 @@ class Metrics:
         )
         self.webhook_events = Counter(
             "iotistic_stripe_webhook_events",
-            "Stripe events received, by type and result "
-            "(applied, stale, superseded, unmatched, ignored, duplicate, rejected).",
+            "Stripe events by type and result: at the webhook queued (stored), duplicate or rejected (a"
+            " bad signature); in the inbox applied, stale, superseded, unmatched or ignored, or retry (not"
+            " applied yet, tried again later).",
             ["type", "result"],
             registry=self.registry,
         )

@@ -19,8 +19,10 @@ from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
 from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
 from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.messages import read_customer_id
+from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
@@ -278,3 +280,12 @@ def test_every_text_field_a_request_asks_to_be_filled_says_blank_is_refused() ->
         ("SignupRequest", "company_name"),
     }
     assert [(name, field) for name, field, spec in filled if "pattern" not in spec] == []
+
+
+def test_the_stripe_events_metric_says_every_result_it_counts() -> None:
+    """Found in review: its help left out queued (every delivery stored) and retry (an apply that failed)."""
+    (metric,) = [m for m in Metrics().registry.collect() if m.name == "iotistic_stripe_webhook_events"]
+    help_text = metric.documentation
+    applied = set(EVENT_RESULTS) - {"pending", "failed"}  # what the inbox records an applied event as
+    for result in sorted(applied | {"queued", "duplicate", "rejected", "retry"}):
+        assert re.search(rf"\b{result}\b", help_text), result
