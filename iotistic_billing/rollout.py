@@ -170,12 +170,17 @@ class RolloutStatus(CustomerModel):
 
 def selects(spec: RolloutSpec, customer: Mapping[str, Any]) -> bool:
     """Whether the rollout takes this Customer: its labels and plan match and it is not pinned
-    (spec.instance.chartVersion: a rollout never touches a pinned Customer) nor being deleted."""
+    (spec.instance.chartVersion: a rollout never touches a pinned Customer) nor being deleted.
+
+    The plan is the effective one the operator reports (status.plan), as `kubectl get cust` shows it:
+    spec.plan is the plan of manual billing only (a Stripe-billed professional Customer has the
+    default, trial, there). Before the operator's first report, spec.plan."""
     meta = customer.get("metadata") or {}
     body_spec = customer.get("spec") or {}
     if meta.get("deletionTimestamp") or (body_spec.get("instance") or {}).get("chartVersion"):
         return False
-    if spec.plans is not None and body_spec.get("plan", "trial") not in spec.plans:
+    plan = (customer.get("status") or {}).get("plan") or body_spec.get("plan", "trial")
+    if spec.plans is not None and plan not in spec.plans:
         return False
     return spec.selector is None or spec.selector.matches(meta.get("labels") or {})
 

@@ -337,6 +337,25 @@ def test_pinned_and_unselected_customers_are_never_touched() -> None:
     assert fleet.on("2.0.0") == {"c00", "c04", "c05"}
 
 
+def test_plans_select_by_the_effective_plan_the_operator_reports() -> None:
+    """Found in review: plans compared spec.plan, the plan of manual billing, so a Stripe-billed
+    professional Customer (spec.plan left at its default, trial) was never selected by [professional]."""
+    fleet = Fleet(4)
+    stripe = fleet.customers["c01"]
+    stripe["spec"] = {
+        "billing": {"mode": "stripe"},
+        "subscription": {"status": "active", "plan": "professional"},
+    }
+    stripe["status"]["plan"] = "professional"
+    suspended = fleet.customers["c02"]
+    suspended["spec"].update(plan="professional", suspended=True)
+    suspended["status"]["plan"] = "unlicensed"  # what its licence grants now
+    fleet.customers["c03"]["spec"]["plan"] = "professional"  # not reported yet: its spec's plan
+    status, _ = run(fleet, spec(plans=["professional"], steps=[{"rest": True}]))
+    assert status.phase == RolloutPhase.SUCCEEDED and status.selected == 2
+    assert fleet.on("2.0.0") == {"c01", "c03"}
+
+
 def test_steps_take_named_canaries_then_percentages_of_all_then_the_rest() -> None:
     members = [member(customer(f"c{i:02}", index=i), "2.0.0", T0, timedelta(minutes=1)) for i in range(300)]
     rollout_spec = spec(steps=[{"percent": 1}, {"percent": 10}, {"rest": True}])
