@@ -1,6 +1,7 @@
 """The customer-instance chart from a real OCI registry (CNCF Distribution): the fleet's version from
 INSTANCE_CHART_VERSION, a Customer pinned to another, a version the registry lacks stalls the Customer
-until it is pushed and a reconcile is asked for, a registry that is away is retried."""
+until it is pushed and a reconcile is asked for, a registry that is away is retried, and at a restart
+is not needed by a release that is current."""
 
 from __future__ import annotations
 
@@ -122,6 +123,53 @@ def test_a_registry_that_is_away_is_retried_not_stalled(
     finally:
         chart_registry.start()
     assert wait_until(lambda: deployed_chart(cluster, name), timeout=120, message="deployed") == version
+
+
+def request_reconcile(cluster: Cluster, name: str) -> str:
+    """Reconcile now (the console's annotation); the stamp the pass that answers it reports."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cluster.objects.patch_cluster_custom_object(
+        "iotistic.io",
+        "v1alpha1",
+        "customers",
+        name,
+        {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}},
+    )
+    return stamp
+
+
+def test_a_registry_away_at_a_restart_leaves_a_current_release_deployed(
+    cluster: Cluster, chart_registry: ChartRegistry, oci_operator: OperatorProcess
+) -> None:
+    """Found in review: each start pulls into an empty cache, and the release step pulled before it
+    looked at helm's deployed revision, so a registry away then failed every Customer's pass."""
+    name = unique_name("steady")
+    cluster.create(customer_manifest(name, plan="starter"))
+    assert wait_until(lambda: deployed_chart(cluster, name), timeout=90, message="deployed") == "0.1.0"
+    revision = (cluster.release(name) or {}).get("revision")
+
+    oci_operator.stop()
+    chart_registry.stop()
+    try:
+        oci_operator.start(
+            INSTANCE_CHART=chart_registry.reference("customer-instance"),
+            INSTANCE_CHART_VERSION="0.1.0",
+            INSTANCE_CHART_PLAIN_HTTP="true",
+        )
+        stamp = request_reconcile(cluster, name)
+        answered = wait_until(
+            lambda: (
+                ((cluster.customer(name) or {}).get("status") or {}).get("lastHandledReconcileAt") == stamp
+            ),
+            timeout=60,
+            message="the pass after the restart",
+        )
+        assert answered
+        deployed = cluster.condition(name, "ReleaseDeployed") or {}
+        assert deployed.get("status") == "True", deployed
+        assert (cluster.release(name) or {}).get("revision") == revision  # nothing installed again
+    finally:
+        chart_registry.start()
 
 
 @pytest.fixture(scope="module")
