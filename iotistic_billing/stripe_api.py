@@ -2,7 +2,8 @@
 session of its own (the webhook server's subscription routes, usage metering's meter events).
 
 STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
-errors: unreachable or overloaded is 503 (retry), a refused request is 409 with Stripe's message.
+errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry), a refused
+request is 409 with Stripe's message and code.
 """
 
 from __future__ import annotations
@@ -48,15 +49,29 @@ async def _stripe(call: Awaitable[T], action: str) -> T:
         log.warning("Stripe %s: the API key was refused with %s", action, status)
         raise stripe_refused_key(status) from None
     except stripe.StripeError as error:
-        status = error.http_status or 500
-        log.warning("Stripe %s refused with %s (%s)", action, status, error.code)
-        if status >= 500:
-            raise DependencyUnavailable("Stripe") from None
+        status, code = error.http_status or 500, _stripe_code(error)
+        log.warning("Stripe %s refused with %s (%s)", action, status, code)
+        # 409: another request with the same idempotency key is in flight (or a lock): Stripe says retry.
+        if status >= 500 or status == 409:
+            raise DependencyUnavailable(
+                "Stripe", f"Stripe could not {action} now ({code or status}); retry later"
+            ) from None
         raise Conflict(
             "Stripe refused the request",
             f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
-            {"stripe_code": error.code},
+            {"stripe_code": code},
         ) from None
+
+
+def _stripe_code(error: stripe.StripeError) -> str | None:
+    """Stripe's error code (`card_declined`), else its type (`idempotency_error`): the SDK sets
+    `error.code` for a few error classes only."""
+    body = error.json_body if isinstance(error.json_body, dict) else {}
+    detail = body.get("error")
+    if not isinstance(detail, dict):
+        detail = {}
+    found = error.code or detail.get("code") or detail.get("type")
+    return str(found) if found else None
 
 
 def _sub_fields(subscription: Any) -> SubscriptionChange:
