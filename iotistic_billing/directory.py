@@ -2,8 +2,9 @@
 subscription id, for the webhook server's routes, the Stripe inbox and usage metering.
 
 The Customer resources are the truth; the `customers` mirror table remembers which resource holds which
-customer id and which Stripe customer, so a lookup is usually one GET. A mirror entry that is missing or
-stale falls back to listing the Customers (spec.customerId, status.customerId, spec.billing).
+customer id and which Stripe customer (the spec's spec.billing.stripeCustomerId when it names one, else
+the one a signup, checkout or webhook linked), so a lookup is usually one GET. A mirror entry that is
+missing or stale falls back to listing the Customers (spec.customerId, status.customerId, spec.billing).
 """
 
 from __future__ import annotations
@@ -141,21 +142,29 @@ class Directory:
         return None
 
     async def stripe_customer_id(self, session: AsyncSession, record: CustomerRecord) -> str | None:
+        """The Customer's Stripe customer (`stripe_customer_of`: its spec's, else the mirror's link)."""
         stored = await session.scalar(
             select(models.Customer.stripe_customer_id).where(
                 models.Customer.customer_id == record.customer_id
             )
         )
-        return stored or record.customer.spec.billing.stripe_customer_id
+        return stripe_customer_of(record.customer, stored)
+
+
+def stripe_customer_of(customer: Customer, stored: str | None) -> str | None:
+    """A Customer's Stripe customer: spec.billing.stripeCustomerId when set (GitOps may move it to
+    another), else `stored`, the link a signup, a checkout or a webhook left in the mirror."""
+    return customer.spec.billing.stripe_customer_id or stored
 
 
 async def remember(
     session: AsyncSession, customer: Customer, customer_id: str, stripe_customer_id: str | None = None
 ) -> None:
-    """Upsert the mirror row of `customer` (`customer_id`: the id in use); a given Stripe customer id
-    replaces the stored one. The operator writes it when it mints a Customer's licence (and once per
-    process when the licence is current), the webhook server, the Stripe inbox and usage metering when
-    they found the Customer."""
+    """Upsert the mirror row of `customer` (`customer_id`: the id in use). Its Stripe customer is
+    `stripe_customer_of(customer, stripe_customer_id)`, which replaces the stored one; with neither a
+    spec's nor a given one the stored link stays. The operator writes it when it mints a Customer's
+    licence (and once per process when the licence is current), the webhook server, the Stripe inbox and
+    usage metering when they found the Customer."""
     spec, status, name = customer.spec, customer.status, customer.metadata.name
     # A resource name moves to the new customer id when a Customer was deleted and created again.
     await session.execute(
@@ -172,11 +181,11 @@ async def remember(
         "contact_name": spec.contact_name,
         "plan": spec.plan,
         "phase": str(status.phase) if status.phase else None,
-        "stripe_customer_id": stripe_customer_id or spec.billing.stripe_customer_id,
+        "stripe_customer_id": stripe_customer_of(customer, stripe_customer_id),
     }
     statement = insert(models.Customer).values(**values)
     updates: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "customer_id"}
-    if stripe_customer_id is None:
+    if values["stripe_customer_id"] is None:
         # Nothing new learnt: keep the link a webhook or checkout stored.
         updates["stripe_customer_id"] = func.coalesce(
             models.Customer.stripe_customer_id, statement.excluded.stripe_customer_id
@@ -200,4 +209,4 @@ class _BatchDirectory(Directory):
         return await asyncio.shield(self._fleet)
 
 
-__all__ = ["CustomerRecord", "Directory", "remember"]
+__all__ = ["CustomerRecord", "Directory", "remember", "stripe_customer_of"]

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from iotistic_billing.customer import API_VERSION, KIND, BillingMode, Phase, SubscriptionSpec
-from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord, stripe_customer_of
 from iotistic_billing.webhook_server.schemas import (
     CustomerView,
     QueueStats,
@@ -77,6 +77,7 @@ def subscription_view(subscription: SubscriptionSpec | None) -> SubscriptionView
 
 
 def customer_view(record: CustomerRecord, stripe_customer_id: str | None, now: datetime) -> CustomerView:
+    """`stripe_customer_id`: the mirror's link (the spec's, when it names one, comes first)."""
     spec, status = record.customer.spec, record.customer.status
     return CustomerView(
         customer_id=record.customer_id,
@@ -88,7 +89,7 @@ def customer_view(record: CustomerRecord, stripe_customer_id: str | None, now: d
         effective_plan=status.plan,
         phase=str(status.phase) if status.phase else None,
         billing_mode=spec.billing.mode,
-        stripe_customer_id=stripe_customer_id or spec.billing.stripe_customer_id,
+        stripe_customer_id=stripe_customer_of(record.customer, stripe_customer_id),
         suspended=spec.suspended,
         trial_ends_at=trial_ends_at(record, now),
         instance_url=status.instance.url if status.instance else None,

@@ -1,4 +1,5 @@
-"""PostgreSQL through the session factory, and the Alembic stairway (upgrade, downgrade, upgrade)."""
+"""PostgreSQL through the session factory, the directory's mirror rows, and the Alembic stairway (upgrade,
+downgrade, upgrade)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.db import migrate
+from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.models import StripeEvent
+from iotistic_billing.directory import CustomerRecord, Directory, remember
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +59,54 @@ async def test_previous_test_left_nothing(db_session: AsyncSession) -> None:
     assert (
         await db_session.scalar(select(StripeEvent).where(StripeEvent.event_id == "evt_rolled_back")) is None
     )
+
+
+def _mirrored(stripe_customer_id: str | None) -> CustomerRecord:
+    billing = {"mode": "stripe"} | ({"stripeCustomerId": stripe_customer_id} if stripe_customer_id else {})
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": "mirrored", "uid": "uid-m", "creationTimestamp": "2026-06-01T00:00:00Z"},
+        "spec": {
+            "customerId": "cust_mirrored01",
+            "email": "ops@m.example",
+            "companyName": "M",
+            "billing": billing,
+        },
+    }
+    record = CustomerRecord.from_body(body)
+    assert record is not None
+    return record
+
+
+async def test_the_spec_s_stripe_customer_is_the_link_and_the_mirror_follows_it(
+    db_session: AsyncSession,
+) -> None:
+    directory = Directory(None)  # type: ignore[arg-type] # reads the mirror only
+
+    async def stored() -> str | None:
+        return await db_session.scalar(
+            select(models.Customer.stripe_customer_id).where(models.Customer.customer_id == "cust_mirrored01")
+        )
+
+    first = _mirrored("cus_AAA")
+    await remember(db_session, first.customer, first.customer_id)
+    # GitOps moves the Customer to another Stripe customer: the routes use it before any pass ran...
+    moved = _mirrored("cus_BBB")
+    assert await directory.stripe_customer_id(db_session, moved) == "cus_BBB"
+    # ...and the next mirror write replaces the stored link.
+    await remember(db_session, moved.customer, moved.customer_id)
+    assert await stored() == "cus_BBB"
+    # A link a webhook names does not override the spec's.
+    await remember(db_session, moved.customer, moved.customer_id, "cus_CCC")
+    assert await stored() == "cus_BBB"
+
+    # Without one in the spec, a given link replaces the stored one, and nothing new keeps it.
+    unset = _mirrored(None)
+    await remember(db_session, unset.customer, unset.customer_id, "cus_DDD")
+    await remember(db_session, unset.customer, unset.customer_id)
+    assert await stored() == "cus_DDD"
+    assert await directory.stripe_customer_id(db_session, unset) == "cus_DDD"
 
 
 def _tables(url: str) -> set[str]:

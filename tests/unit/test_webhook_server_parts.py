@@ -241,6 +241,12 @@ def test_customer_view_shows_the_trial_end_and_the_subscription() -> None:
     assert view.stripe_customer_id == "cus_1"
 
 
+def test_customer_view_shows_the_spec_s_stripe_customer_over_the_mirror_s() -> None:
+    moved = record("acme", billing={"mode": "stripe", "stripeCustomerId": "cus_fromspec"})
+    view = customer_view(moved, "cus_oldmirror", datetime(2026, 1, 2, tzinfo=UTC))
+    assert view.stripe_customer_id == "cus_fromspec"
+
+
 def test_queue_stats_count_unreconciled_customers_as_pending() -> None:
     stats = queue_stats([record("a"), record("b", "Ready"), record("c", "Ready"), record("d", "Failed")])
     dumped = stats.model_dump(by_alias=True)
