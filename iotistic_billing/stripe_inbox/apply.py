@@ -31,12 +31,12 @@ from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.k8s import FieldManager, Kube
 from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
     CHECKOUT_COMPLETED,
     HANDLED_EVENT_TYPES,
     Coalesced,
     LookupHints,
-    PriceCatalog,
     StoredSubscription,
     StripeEvent,
     SubscriptionFacts,

@@ -26,7 +26,7 @@ from iotistic_billing.customer import (
     SubscriptionSpec,
     SubscriptionStatus,
 )
-from iotistic_billing.settings import Settings
+from iotistic_billing.prices import PriceCatalog
 
 CHECKOUT_COMPLETED: Final = "checkout.session.completed"
 SUBSCRIPTION_CREATED: Final = "customer.subscription.created"
@@ -87,28 +87,6 @@ class StripeEvent(BaseModel):
     # Unix seconds: what facts and notices turn into datetimes (milliseconds by mistake are refused).
     created: Annotated[int, Field(ge=0, le=MAX_TIMESTAMP)]
     data: StripeEventObject
-
-
-@dataclass(frozen=True)
-class PriceCatalog:
-    """The Stripe price of each paid plan (STRIPE_PRICE_*), both ways."""
-
-    prices: Mapping[PaidPlanName, str]
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PriceCatalog:
-        configured: dict[PaidPlanName, str | None] = {
-            "starter": settings.stripe_price_starter,
-            "professional": settings.stripe_price_professional,
-            "enterprise": settings.stripe_price_enterprise,
-        }
-        return cls({plan: price for plan, price in configured.items() if price})
-
-    def price_for(self, plan: PaidPlanName) -> str | None:
-        return self.prices.get(plan)
-
-    def plan_for(self, price_id: str | None) -> PaidPlanName | None:
-        return next((plan for plan, price in self.prices.items() if price == price_id), None)
 
 
 @dataclass(frozen=True)
@@ -605,7 +583,6 @@ __all__ = [
     "Coalesced",
     "Decision",
     "LookupHints",
-    "PriceCatalog",
     "Step",
     "StoredSubscription",
     "SubscriptionFacts",

@@ -19,10 +19,10 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.notices.sender import NoticeSender, SenderOptions
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.stripe_inbox.apply import EventApplier
-from iotistic_billing.stripe_inbox.events import PriceCatalog
 from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.service import UsageMetering

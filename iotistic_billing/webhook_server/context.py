@@ -16,9 +16,9 @@ from iotistic_billing.errors import stripe_not_configured
 from iotistic_billing.k8s import Kube
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.notices.sender import NoticeSender
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_api import StripeApi
-from iotistic_billing.stripe_inbox.events import PriceCatalog
 from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.webhook_server.keyring import LicenseKeyring

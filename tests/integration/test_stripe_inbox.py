@@ -31,9 +31,10 @@ from iotistic_billing.db.pool import Pool, open_pool
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.processes import free_port
 from iotistic_billing.stripe_inbox.apply import EventApplier
-from iotistic_billing.stripe_inbox.events import PriceCatalog, StripeEvent
+from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING, EventInbox, store_event
 from tests.conftest import eventually, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures

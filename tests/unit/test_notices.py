@@ -33,10 +33,10 @@ from iotistic_billing.operator.entitlement import effective_plan
 from iotistic_billing.operator.notices import trial_ending_due
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.stripe_inbox.events import (
     Decision,
-    PriceCatalog,
     StoredSubscription,
     coalesce,
     subscription_facts,

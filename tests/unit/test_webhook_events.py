@@ -12,10 +12,10 @@ import stripe
 
 from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.errors import BadRequest, ValidationFailed
+from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
     LookupHints,
-    PriceCatalog,
     StoredSubscription,
     SubscriptionFacts,
     coalesce,
