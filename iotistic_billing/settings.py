@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     stripe_price_starter: str | None = None
     stripe_price_professional: str | None = None
     stripe_price_enterprise: str | None = None
+    # The metered prices of the usage overage (JSON list, one per meter): a checkout puts them on the
+    # subscription beside the plan's price, as Stripe bills meter events only through a metered price
+    # on the customer's subscription.
+    stripe_metered_prices: list[NonEmptyStr] = Field(default_factory=list)
 
     license_private_key_path: Path | None = None
     license_public_key_path: Path | None = None
@@ -195,6 +199,23 @@ class Settings(BaseSettings):
         if value is not None:
             webhook_secret_bytes(value.get_secret_value())
         return value
+
+    @model_validator(mode="after")
+    def _metered_prices_are_not_plans(self) -> Settings:
+        plans = {
+            "STRIPE_PRICE_STARTER": self.stripe_price_starter,
+            "STRIPE_PRICE_PROFESSIONAL": self.stripe_price_professional,
+            "STRIPE_PRICE_ENTERPRISE": self.stripe_price_enterprise,
+        }
+        for index, price in enumerate(self.stripe_metered_prices):
+            plan = next((name for name, plan_price in plans.items() if plan_price == price), None)
+            if plan is not None:
+                raise ValueError(
+                    f"STRIPE_METERED_PRICES: {price} is {plan}, a plan's price, not a metered one"
+                )
+            if price in self.stripe_metered_prices[:index]:
+                raise ValueError(f"STRIPE_METERED_PRICES: {price} is listed twice")
+        return self
 
     @model_validator(mode="after")
     def _viewer_is_not_admin(self) -> Settings:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import stripe
 
 from iotistic_billing.errors import ApiError, Conflict, DependencyUnavailable, stripe_refused_key
+from iotistic_billing.prices import PriceCatalog, item_price
 from iotistic_billing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class StripeApi:
             http_client=self._http,
             max_network_retries=2,
         )
+        self.catalog = PriceCatalog.from_settings(settings)
 
     async def probe(self) -> str:
         """One read-only call (the balance), for the start-up line: whether Stripe takes our key."""
@@ -137,6 +139,9 @@ class StripeApi:
         cancel_url: str,
     ) -> CheckoutSession:
         metadata = {"customerId": customer_id, "plan": plan}
+        # The metered prices bill the usage overage's meter events (no quantity: Stripe sums the usage).
+        line_items: list[Any] = [{"price": price_id, "quantity": 1}]
+        line_items += [{"price": metered} for metered in self.catalog.metered]
         session = await _stripe(
             self.client.v1.checkout.sessions.create_async(
                 params={
@@ -146,7 +151,7 @@ class StripeApi:
                     "metadata": metadata,
                     # Copied onto the subscription, so its own events name the customer too.
                     "subscription_data": {"metadata": metadata},
-                    "line_items": [{"price": price_id, "quantity": 1}],
+                    "line_items": line_items,
                     "success_url": success_url,
                     "cancel_url": cancel_url,
                 }
@@ -156,27 +161,38 @@ class StripeApi:
         return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
+        """Move the subscription's plan item (not a metered one) to `price_id`, prorated."""
         subscription = await _stripe(
             self.client.v1.subscriptions.retrieve_async(subscription_id), "read the subscription"
         )
-        items = subscription["items"].data
-        if not items:
-            raise Conflict(
-                "Subscription has no items",
-                f"subscription {subscription_id} has no item whose price could change",
-                {"subscription_id": subscription_id},
-            )
+        item = self._plan_item(subscription_id, subscription.to_dict())
         updated = await _stripe(
             self.client.v1.subscriptions.update_async(
                 subscription_id,
                 params={
-                    "items": [{"id": items[0].id, "price": price_id}],
+                    "items": [{"id": item["id"], "price": price_id}],
                     "proration_behavior": "create_prorations",
                 },
             ),
             "change the subscription's price",
         )
         return _sub_fields(updated)
+
+    def _plan_item(self, subscription_id: str, subscription: dict[str, Any]) -> dict[str, Any]:
+        """The one item of the subscription on a plan's price (STRIPE_PRICE_*), else a 409 naming the
+        prices it has: an upgrade must not swap a metered price for a plan's."""
+        item = self.catalog.plan_item(subscription)
+        if item is not None:
+            return dict(item)
+        several = len(self.catalog.plan_items(subscription)) > 1
+        prices = [item_price(each) for each in subscription.get("items", {}).get("data", [])]
+        raise Conflict(
+            "Several plan items" if several else "No plan item",
+            f"subscription {subscription_id} has {'several items' if several else 'no item'} on a plan's "
+            f"price (STRIPE_PRICE_*); its prices: {', '.join(map(str, prices)) or 'none'}. Mend its items in "
+            "Stripe's dashboard",
+            {"subscription_id": subscription_id, "prices": prices},
+        )
 
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
         if immediately:

@@ -26,7 +26,7 @@ from iotistic_billing.customer import (
     SubscriptionSpec,
     SubscriptionStatus,
 )
-from iotistic_billing.prices import PriceCatalog
+from iotistic_billing.prices import PriceCatalog, item_price
 
 CHECKOUT_COMPLETED: Final = "checkout.session.completed"
 SUBSCRIPTION_CREATED: Final = "customer.subscription.created"
@@ -231,8 +231,11 @@ def facts_of_subscription(
     status: SubscriptionStatus | None = "canceled" if deleted else _status(subscription.get("status"))
     if subscription_id is None or status is None:
         return None
-    item = _first_item(subscription)
-    # Newer API versions (2025-03 on) moved the billing period from the subscription to its items.
+    # The plan's item, beside the metered ones; without exactly one, the event names no plan.
+    plan_item = catalog.plan_item(subscription)
+    # Newer API versions (2025-03 on) moved the billing period from the subscription to its items (all
+    # of a subscription's items share it).
+    item = plan_item or _first_item(subscription)
     period_end = _timestamp(item.get("current_period_end")) or _timestamp(
         subscription.get("current_period_end")
     )
@@ -241,7 +244,7 @@ def facts_of_subscription(
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
-        plan=catalog.plan_for(_ref_id(item.get("price"))),
+        plan=catalog.plan_for(item_price(plan_item)) if plan_item is not None else None,
         current_period_end=period_end,
         cancel_at_period_end=cancel if isinstance(cancel, bool) else None,
         started=started

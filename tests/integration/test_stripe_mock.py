@@ -8,6 +8,7 @@ import stripe
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import StripeApi
+from tests.integration.webhook_support import stripe_mock_plan_price
 
 pytestmark = pytest.mark.integration
 
@@ -39,5 +40,35 @@ async def test_our_client_deletes_the_customer_a_failed_signup_made(stripe_mock:
     try:
         made = await billing.create_customer(email="ops@acme.example", name="Acme", customer_id="cust_abc123")
         await billing.delete_customer(made)
+    finally:
+        await billing.close()
+
+
+async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_item(
+    stripe_mock: StripeMock,
+) -> None:
+    starter = stripe_mock_plan_price(stripe_mock)
+    billing = StripeApi(
+        load_settings(
+            stripe_secret_key="sk_test_123",
+            stripe_api_base=stripe_mock.url,
+            stripe_price_starter=starter,
+            stripe_price_enterprise="price_enterprise",
+            stripe_metered_prices=["price_devices_overage", "price_api_calls_overage"],
+        )
+    )
+    try:
+        # stripe-mock checks the request against Stripe's OpenAPI document: metered items without quantity.
+        session = await billing.create_checkout_session(
+            stripe_customer_id="cus_123",
+            customer_id="cust_abc123",
+            plan="enterprise",
+            price_id="price_enterprise",
+            success_url="https://app.example.com/success",
+            cancel_url="https://app.example.com/cancel",
+        )
+        assert session.session_id.startswith("cs_")
+        change = await billing.change_price("sub_123", "price_enterprise")
+        assert change.status == "active"
     finally:
         await billing.close()

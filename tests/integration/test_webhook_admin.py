@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
@@ -24,7 +25,6 @@ from iotistic_billing.webhook_server.route_table import ROUTES
 from tests.conftest import unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
-    PRICES,
     Customers,
     add_usage_key,
     admin_headers,
@@ -35,6 +35,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     event,
     random_id,
     running_app,
+    stripe_mock_plan_price,
     subscription_object,
     webhook_settings_fixture,
 )
@@ -287,7 +288,20 @@ async def test_public_keys_are_published(api: TestClient[Any, Any], license_keys
     assert jwks["keys"][0]["alg"] == "RS256"
 
 
-async def test_subscription_routes_call_stripe(api: TestClient[Any, Any], customers: Customers) -> None:
+async def test_subscription_routes_call_stripe(
+    webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
+) -> None:
+    # stripe-mock answers every subscription with its fixture, whose one item is on this price: here it
+    # is the starter plan's, beside metered prices (stripe-mock takes any price id in a checkout).
+    starter = stripe_mock_plan_price(stripe_mock)
+    settings = webhook_settings.model_copy(
+        update={"stripe_price_starter": starter, "stripe_metered_prices": ["price_test_devices_overage"]}
+    )
+    async with running_app(settings, kubeconfig) as api:
+        await _subscription_routes(api, customers, starter)
+
+
+async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, starter: str) -> None:
     name = unique_name("subscriber")
     customer_id = customer_id_for(name)
     customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
@@ -300,6 +314,14 @@ async def test_subscription_routes_call_stripe(api: TestClient[Any, Any], custom
         headers=admin_headers(),
     )
     assert portal_none.status == 409
+    checkout = {
+        "customer_id": customer_id,
+        "plan": "starter",
+        "success_url": "https://app.example.com/ok",
+        "cancel_url": "https://app.example.com/cancel",
+    }
+    started = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
+    assert started.status == 200 and (await started.json())["session_id"].startswith("cs_")
 
     subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
     update = event(
@@ -307,7 +329,7 @@ async def test_subscription_routes_call_stripe(api: TestClient[Any, Any], custom
         subscription_object(
             subscription_id,
             customer=stripe_customer,
-            price=PRICES["starter"],
+            price=starter,
             metadata={"customerId": customer_id},
         ),
         created=int(time.time()),

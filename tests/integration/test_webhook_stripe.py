@@ -56,6 +56,8 @@ async def test_subscription_update_is_applied_server_side_under_the_webhook_mana
             price=PRICES["professional"],
             period_end=period_end,
             metadata={"customerId": customer_id},
+            # A checkout's subscription carries the metered overage prices too, listed in any order.
+            metered=("price_test_devices_overage", "price_test_api_calls_overage"),
         ),
     )
     status, answer = await deliver(api, body)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import pytest
+import stripe
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
@@ -77,28 +78,35 @@ def subscription_object(
     cancel_at_period_end: bool = False,
     metadata: dict[str, str] | None = None,
     period_on_subscription: bool = False,
+    metered: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """A subscription on `price`; `metered` prices are items listed before the plan's, as Stripe may."""
     now = int(time.time())
     end = period_end or now + 30 * 86400
-    item: dict[str, Any] = {
-        "id": random_id("si_"),
-        "object": "subscription_item",
-        "created": now - 60,
-        "metadata": {},
-        "price": {
-            "id": price,
-            "object": "price",
-            "active": True,
-            "billing_scheme": "per_unit",
-            "currency": "usd",
-            "product": "prod_" + price[-8:],
-            "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"},
-            "type": "recurring",
-            "unit_amount": 9900,
-        },
-        "quantity": 1,
-        "subscription": subscription_id,
-    }
+
+    def subscription_item(price: str, usage_type: str) -> dict[str, Any]:
+        return {
+            "id": random_id("si_"),
+            "object": "subscription_item",
+            "created": now - 60,
+            "metadata": {},
+            "price": {
+                "id": price,
+                "object": "price",
+                "active": True,
+                "billing_scheme": "per_unit",
+                "currency": "usd",
+                "product": "prod_" + price[-8:],
+                "recurring": {"interval": "month", "interval_count": 1, "usage_type": usage_type},
+                "type": "recurring",
+                "unit_amount": 9900,
+            },
+            "subscription": subscription_id,
+        }
+
+    items = [subscription_item(metered_price, "metered") for metered_price in metered]
+    item = subscription_item(price, "licensed") | {"quantity": 1}
+    items.append(item)
     subscription: dict[str, Any] = {
         "id": subscription_id,
         "object": "subscription",
@@ -112,7 +120,7 @@ def subscription_object(
         "customer": customer,
         "items": {
             "object": "list",
-            "data": [item],
+            "data": items,
             "has_more": False,
             "url": f"/v1/subscription_items?subscription={subscription_id}",
         },
@@ -125,9 +133,18 @@ def subscription_object(
         subscription["current_period_start"] = end - 30 * 86400
         subscription["current_period_end"] = end
     else:
-        item["current_period_start"] = end - 30 * 86400
-        item["current_period_end"] = end
+        for each in items:
+            each["current_period_start"] = end - 30 * 86400
+            each["current_period_end"] = end
     return subscription
+
+
+def stripe_mock_plan_price(stripe_mock: StripeMock) -> str:
+    """The price of stripe-mock's subscription fixture, which it answers for any subscription id."""
+    client = stripe.StripeClient(
+        "sk_test_123", base_addresses={"api": stripe_mock.url}, max_network_retries=0
+    )
+    return str(client.v1.subscriptions.retrieve("sub_fixture")["items"].data[0].price.id)
 
 
 def checkout_session_object(

@@ -1103,7 +1103,10 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
 ) -> None:
     from iotistic_billing.settings import Settings, load_settings
 
-    values = {"secrets": {"licenseKeys": {"extraPublicKeys": ["old.pem"]}}}
+    values = {
+        "secrets": {"licenseKeys": {"extraPublicKeys": ["old.pem"]}},
+        "config": {"stripe": {"prices": {"starter": "price_s"}, "meteredPrices": ["price_m1", "price_m2"]}},
+    }
     env = env_of(one(render(helm, tmp_path, values), "Deployment", name))
     unknown = {var for var in env.keys() - NOT_SETTINGS if var.lower() not in Settings.model_fields}
     assert not unknown, f"not in iotistic_billing/settings.py: {unknown}"
@@ -1138,3 +1141,5 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
     else:
         assert settings.port == 3100 and settings.license_private_key_path is None
+        assert settings.stripe_price_starter == "price_s"
+        assert settings.stripe_metered_prices == ["price_m1", "price_m2"]

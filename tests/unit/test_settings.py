@@ -28,6 +28,20 @@ def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyP
     assert [str(network) for network in load_settings().trusted_proxies] == ["10.244.0.0/16", "fd00::/8"]
 
 
+def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRIPE_METERED_PRICES", '["price_devices", "price_api_calls"]')
+    assert load_settings().stripe_metered_prices == ["price_devices", "price_api_calls"]
+    monkeypatch.setenv("STRIPE_PRICE_STARTER", "price_devices")
+    with pytest.raises(SettingsError, match="STRIPE_METERED_PRICES: price_devices is STRIPE_PRICE_STARTER"):
+        load_settings()
+    monkeypatch.setenv("STRIPE_METERED_PRICES", '["price_m", "price_m"]')
+    with pytest.raises(SettingsError, match="STRIPE_METERED_PRICES: price_m is listed twice"):
+        load_settings()
+    monkeypatch.setenv("STRIPE_METERED_PRICES", "price_m")
+    with pytest.raises(SettingsError, match="STRIPE_METERED_PRICES: must be a JSON list"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

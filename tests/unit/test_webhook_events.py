@@ -125,6 +125,22 @@ def test_subscription_facts_fall_back_to_the_period_on_the_subscription() -> Non
     assert facts == SubscriptionFacts("sub_1", "active", "starter", AT_PERIOD_END, True)
 
 
+def test_subscription_facts_read_the_plan_item_beside_metered_ones_in_any_order() -> None:
+    metered = {"price": {"id": "price_devices_overage"}, "current_period_end": PERIOD_END}
+    plan = {"price": {"id": "price_e"}, "current_period_end": PERIOD_END}
+    for items in ([metered, plan], [plan, metered]):
+        facts = subscription_facts(
+            "customer.subscription.updated", subscription(items={"data": items}), CATALOG
+        )
+        assert facts == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END, False)
+    # Two plan items: the event names no plan (the Customer keeps the one it has), but still its period.
+    both = subscription(
+        items={"data": [plan, {"price": {"id": "price_s"}, "current_period_end": PERIOD_END}]}
+    )
+    facts = subscription_facts("customer.subscription.updated", both, CATALOG)
+    assert facts == SubscriptionFacts("sub_1", "active", None, AT_PERIOD_END, False)
+
+
 def test_a_deleted_subscription_is_canceled_and_an_unknown_price_has_no_plan() -> None:
     facts = subscription_facts(
         "customer.subscription.deleted",
@@ -318,6 +334,9 @@ def test_price_catalog_from_settings_leaves_unset_prices_out() -> None:
     )
     assert catalog.prices == {"starter": "price_a"}
     assert catalog.plan_for("price_a") == "starter" and catalog.plan_for(None) is None
+    assert catalog.metered == ()
+    metered = load_settings(stripe_metered_prices=["price_m1", "price_m2"])
+    assert PriceCatalog.from_settings(metered).metered == ("price_m1", "price_m2")
 
 
 def test_two_events_of_one_second_apply_in_the_lifecycle_s_order_whatever_comes_first() -> None:
