@@ -37,6 +37,8 @@ class SubscriptionChange:
     subscription_id: str
     status: str
     cancel_at_period_end: bool
+    # False: the subscription was as asked already (a plan change to the price it is on), nothing sent.
+    changed: bool = True
 
 
 async def _stripe(call: Awaitable[T], action: str) -> T:
@@ -75,11 +77,12 @@ def _stripe_code(error: stripe.StripeError) -> str | None:
     return str(found) if found else None
 
 
-def _sub_fields(subscription: Any) -> SubscriptionChange:
+def _sub_fields(subscription: Any, *, changed: bool = True) -> SubscriptionChange:
     return SubscriptionChange(
         subscription_id=str(subscription.id),
         status=str(subscription.status),
         cancel_at_period_end=bool(subscription.cancel_at_period_end),
+        changed=changed,
     )
 
 
@@ -161,11 +164,15 @@ class StripeApi:
         return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
-        """Move the subscription's plan item (not a metered one) to `price_id`, prorated."""
+        """Move the subscription's plan item (not a metered one) to `price_id`, prorated; nothing is
+        sent when it is on that price already (`changed` False). Stripe's item says so, not the
+        Customer's spec.subscription, which lags until the inbox applies the change's event."""
         subscription = await _stripe(
             self.client.v1.subscriptions.retrieve_async(subscription_id), "read the subscription"
         )
         item = self._plan_item(subscription_id, subscription.to_dict())
+        if item_price(item) == price_id:
+            return _sub_fields(subscription, changed=False)
         updated = await _stripe(
             self.client.v1.subscriptions.update_async(
                 subscription_id,

@@ -136,6 +136,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         {200: SubscriptionChangeResponse},
         body=UpgradeRequest,
         errors=(404, 409),
+        description=(
+            "Moves the plan's item of the customer's live subscription to the new plan's price, prorated;"
+            " its metered items stay. 409 `Plan unchanged` when Stripe has it on that plan already (the"
+            " Customer's spec.subscription follows once Stripe's event is applied), `No active"
+            " subscription` without one, `No plan item` or `Several plan items` when the subscription"
+            " does not have exactly one item on a plan's price."
+        ),
     ),
     Route(
         "POST",

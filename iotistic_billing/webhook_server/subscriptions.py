@@ -103,18 +103,13 @@ async def upgrade_subscription(request: web.Request) -> web.Response:
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
         subscription_id = await _live_subscription(session, record)
-    current = record.customer.spec.subscription
-    if (
-        current is not None
-        and current.stripe_subscription_id == subscription_id
-        and current.plan == body.new_plan
-    ):
+    change = await billing.change_price(subscription_id, price)
+    if not change.changed:
         raise Conflict(
             "Plan unchanged",
-            f"the subscription is already on the {body.new_plan} plan",
+            f"subscription {subscription_id} is already on the {body.new_plan} plan",
             [{"field": "new_plan", "message": "equals the current plan"}],
         )
-    change = await billing.change_price(subscription_id, price)
     return json_model(
         SubscriptionChangeResponse(
             customer_id=record.customer_id,

@@ -161,3 +161,18 @@ async def test_a_plan_change_without_one_plan_item_is_refused_naming_the_prices(
         "prices": [entry["price"]["id"] for entry in items],
     }
     assert [method for method, _, _ in stripe.requests] == ["GET"]  # nothing was changed
+
+
+async def test_a_plan_change_to_the_price_stripe_has_sends_nothing(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    stripe, api = fake
+    stripe.subscription["items"]["data"] = [
+        item("si_metered", "price_devices_overage"),
+        item("si_plan", "price_enterprise"),
+    ]
+
+    change = await api.change_price("sub_1", "price_enterprise")
+
+    assert change.changed is False and change.subscription_id == "sub_1"
+    assert [method for method, _, _ in stripe.requests] == ["GET"]

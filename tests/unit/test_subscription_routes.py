@@ -1,0 +1,140 @@
+"""The subscription routes with the API server, the database and Stripe faked: which Customers may check
+out or change plan, and what is asked of Stripe."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from iotistic_billing.directory import Directory
+from iotistic_billing.prices import PriceCatalog
+from iotistic_billing.settings import load_settings
+from iotistic_billing.stripe_api import CheckoutSession, SubscriptionChange
+from iotistic_billing.webhook_server import subscriptions
+from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
+from iotistic_billing.webhook_server.errors import error_middleware
+
+PRICES = {"starter": "price_starter", "professional": "price_pro", "enterprise": "price_ent"}
+CHECKOUT = {"success_url": "https://a.example/ok", "cancel_url": "https://a.example/no"}
+LIVE = {"status": "active", "plan": "starter", "stripeSubscriptionId": "sub_live1", "lastEventCreated": 1}
+
+
+def customer(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-06-01T00:00:00Z"},
+        "spec": {"customerId": f"cust_{name}01", "email": f"ops@{name}.example", "companyName": name, **spec},
+    }
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.customers: dict[str, dict[str, Any]] = {}
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return list(self.customers.values())
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        return self.customers.get(name)
+
+
+class FakeDatabase:
+    """No mirror rows and no subscription rows: every scalar is `stored`."""
+
+    def __init__(self) -> None:
+        self.stored: Any = None
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[FakeDatabase]:
+        yield self
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeDatabase]:
+        yield self
+
+    async def execute(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        return self.stored
+
+
+class FakeStripe:
+    """Stripe's side: the calls made, and each subscription's plan price (starter at first)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.prices: dict[str, str] = {}
+
+    async def create_customer(self, **kw: Any) -> str:
+        self.calls.append(("create_customer", kw))
+        return "cus_new"
+
+    async def create_checkout_session(self, **kw: Any) -> CheckoutSession:
+        self.calls.append(("checkout", kw))
+        return CheckoutSession("cs_test_1", "https://checkout.stripe.com/c/pay/cs_test_1")
+
+    async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
+        self.calls.append(("change_price", {"subscription_id": subscription_id, "price_id": price_id}))
+        changed = self.prices.get(subscription_id, PRICES["starter"]) != price_id
+        self.prices[subscription_id] = price_id
+        return SubscriptionChange(subscription_id, "active", False, changed=changed)
+
+    async def portal_session(self, **kw: Any) -> str:
+        self.calls.append(("portal", kw))
+        return "https://billing.stripe.com/p/session/x"
+
+    def made(self, call: str) -> list[dict[str, Any]]:
+        return [kw for name, kw in self.calls if name == call]
+
+
+class Routes:
+    def __init__(self, client: TestClient[Any, Any], kube: FakeKube, stripe: FakeStripe, db: FakeDatabase):
+        self.client, self.kube, self.stripe, self.db = client, kube, stripe, db
+
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        answer = await self.client.post(f"/api/subscriptions/{path}", json=payload)
+        return answer.status, await answer.json()
+
+
+@pytest.fixture
+async def routes() -> AsyncIterator[Routes]:
+    app = web.Application(middlewares=[error_middleware])
+    kube, stripe, db = FakeKube(), FakeStripe(), FakeDatabase()
+    app[SETTINGS] = load_settings(admin_api_token="admin-token-" + "a" * 20)
+    app[CATALOG] = PriceCatalog(PRICES)  # type: ignore[arg-type]
+    app[DIRECTORY] = Directory(kube)  # type: ignore[arg-type]
+    app[STRIPE] = stripe  # type: ignore[assignment]
+    app[SESSIONS] = db  # type: ignore[assignment]
+    for path, handler in [
+        ("checkout", subscriptions.create_checkout),
+        ("upgrade", subscriptions.upgrade_subscription),
+        ("portal", subscriptions.create_portal_session),
+    ]:
+        app.router.add_post(f"/api/subscriptions/{path}", handler)
+    async with TestClient(TestServer(app)) as client:
+        yield Routes(client, kube, stripe, db)
+
+
+async def test_a_plan_change_right_after_another_is_decided_by_stripe_not_the_lagging_spec(
+    routes: Routes,
+) -> None:
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=LIVE
+    )
+    up = await routes.post("upgrade", {"customer_id": "cust_acme01", "new_plan": "enterprise"})
+    # Stripe is on enterprise now; spec.subscription says starter until the inbox applies the update.
+    back = await routes.post("upgrade", {"customer_id": "cust_acme01", "new_plan": "starter"})
+    again = await routes.post("upgrade", {"customer_id": "cust_acme01", "new_plan": "starter"})
+
+    assert (up[0], back[0]) == (200, 200), (up, back)
+    assert back[1]["plan"] == "starter"
+    assert again[0] == 409 and again[1]["error"] == "Plan unchanged", again
+    assert again[1]["details"] == [{"field": "new_plan", "message": "equals the current plan"}]
+    assert routes.stripe.prices == {"sub_live1": "price_starter"}
