@@ -125,6 +125,12 @@ ROUTES: Final[tuple[Route, ...]] = (
         {200: CheckoutResponse},
         body=CheckoutRequest,
         errors=(404, 409),
+        description=(
+            "A Stripe Checkout session that subscribes the customer to the plan's price and the metered"
+            " prices of its usage overage (STRIPE_METERED_PRICES); a Customer without a Stripe customer"
+            " gets one first. 409 `Not billed through Stripe` for a Customer whose spec.billing.mode is"
+            " not stripe (its plan is spec.plan)."
+        ),
     ),
     Route(
         "POST",
@@ -141,7 +147,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             " its metered items stay. 409 `Plan unchanged` when Stripe has it on that plan already (the"
             " Customer's spec.subscription follows once Stripe's event is applied), `No active"
             " subscription` without one, `No plan item` or `Several plan items` when the subscription"
-            " does not have exactly one item on a plan's price."
+            " does not have exactly one item on a plan's price, `Not billed through Stripe` for a Customer"
+            " whose spec.billing.mode is not stripe."
         ),
     ),
     Route(

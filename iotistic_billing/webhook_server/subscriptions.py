@@ -36,6 +36,19 @@ def _price(request: web.Request, plan: PaidPlanName) -> str:
     return price
 
 
+def _billed_through_stripe(record: CustomerRecord) -> None:
+    """Refuse a subscription to a Customer whose licence would not follow it: in manual billing its plan
+    is spec.plan (operator/entitlement.py), so it would pay and keep its plan."""
+    mode = record.customer.spec.billing.mode
+    if mode != "stripe":
+        raise Conflict(
+            "Not billed through Stripe",
+            f"customer {record.customer_id} has spec.billing.mode {mode}, so its plan is spec.plan and a "
+            "subscription would not change it; set spec.billing.mode to stripe first",
+            [{"field": "spec.billing.mode", "message": f"is {mode}, not stripe"}],
+        )
+
+
 async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> str:
     """The id of the customer's current subscription: spec.subscription, else the newest live row."""
     current = record.customer.spec.subscription
@@ -75,6 +88,7 @@ async def create_checkout(request: web.Request) -> web.Response:
     directory = request.app[DIRECTORY]
     async with request.app[SESSIONS]() as session, session.begin():
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
+        _billed_through_stripe(record)
         stripe_customer_id = await directory.stripe_customer_id(session, record)
         if stripe_customer_id is None:
             # A Customer applied by GitOps has no Stripe customer yet: make it now and remember it.
@@ -102,6 +116,7 @@ async def upgrade_subscription(request: web.Request) -> web.Response:
     price = _price(request, body.new_plan)
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
+        _billed_through_stripe(record)
         subscription_id = await _live_subscription(session, record)
     change = await billing.change_price(subscription_id, price)
     if not change.changed:

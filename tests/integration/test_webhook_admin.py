@@ -396,7 +396,7 @@ async def test_a_key_stripe_refuses_is_said_so_not_not_configured(
     refused_key = "sk_test_dev_stripe_mock"
     wrong = webhook_settings.model_copy(update={"stripe_secret_key": SecretStr(refused_key)})
     name = unique_name("refused")
-    customers.create(name, customerId=customer_id_for(name))
+    customers.create(name, customerId=customer_id_for(name), billing={"mode": "stripe"})
     with caplog.at_level("INFO", logger="iotistic_billing.webhook_server"):
         async with running_app(wrong, kubeconfig) as client:
             response = await client.post(

@@ -329,13 +329,14 @@ def test_samples_are_valid_customers_ready_for_gitops(sample: Path) -> None:
     assert parsed.spec.subscription is None
 
 
-def test_there_are_samples_for_a_trial_and_a_paid_manual_customer() -> None:
+def test_there_are_samples_for_a_stripe_trial_and_a_paid_manual_customer() -> None:
     plans = {
         (spec.plan, spec.billing.mode)
         for spec in (Customer.model_validate(yaml.safe_load(path.read_text())).spec for path in SAMPLES)
     }
 
-    assert ("trial", "manual") in plans
+    # The README's checkout runs on the Stripe-billed one (a manual one is refused a subscription).
+    assert ("trial", "stripe") in plans
     assert ("professional", "manual") in plans
 
 

@@ -138,3 +138,24 @@ async def test_a_plan_change_right_after_another_is_decided_by_stripe_not_the_la
     assert again[0] == 409 and again[1]["error"] == "Plan unchanged", again
     assert again[1]["details"] == [{"field": "new_plan", "message": "equals the current plan"}]
     assert routes.stripe.prices == {"sub_live1": "price_starter"}
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [("checkout", {"plan": "enterprise", **CHECKOUT}), ("upgrade", {"new_plan": "enterprise"})],
+)
+async def test_a_manually_billed_customer_is_sent_to_no_subscription(
+    routes: Routes, path: str, payload: dict[str, Any]
+) -> None:
+    # As manifests/samples/globex-professional.yaml, after a subscription it had in Stripe billing: its
+    # licence follows spec.plan whatever Stripe bills.
+    routes.kube.customers["globex"] = customer(
+        "globex", plan="professional", billing={"mode": "manual"}, subscription=LIVE
+    )
+
+    status, answer = await routes.post(path, {"customer_id": "cust_globex01", **payload})
+
+    assert (status, answer["error"]) == (409, "Not billed through Stripe"), answer
+    assert "set spec.billing.mode to stripe" in answer["message"]
+    assert answer["details"] == [{"field": "spec.billing.mode", "message": "is manual, not stripe"}]
+    assert routes.stripe.calls == []
