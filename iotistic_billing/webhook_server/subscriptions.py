@@ -49,12 +49,12 @@ def _billed_through_stripe(record: CustomerRecord) -> None:
         )
 
 
-async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> str:
+async def _live_subscription_id(session: AsyncSession, record: CustomerRecord) -> str | None:
     """The id of the customer's current subscription: spec.subscription, else the newest live row."""
     current = record.customer.spec.subscription
     if current is not None and current.stripe_subscription_id and current.status in LIVE_STATUSES:
         return current.stripe_subscription_id
-    row = await session.scalar(
+    return await session.scalar(
         select(models.Subscription.stripe_subscription_id)
         .where(
             models.Subscription.customer_id == record.customer_id,
@@ -63,13 +63,18 @@ async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> s
         .order_by(models.Subscription.last_event_created.desc())
         .limit(1)
     )
-    if row is None:
+
+
+async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> str:
+    """`_live_subscription_id`, or a 409 "No active subscription"."""
+    subscription_id = await _live_subscription_id(session, record)
+    if subscription_id is None:
         raise Conflict(
             "No active subscription",
             f"customer {record.customer_id} has no active subscription; start one with a checkout",
             {"customer_id": record.customer_id},
         )
-    return row
+    return subscription_id
 
 
 async def get_subscription(request: web.Request) -> web.Response:
@@ -89,6 +94,15 @@ async def create_checkout(request: web.Request) -> web.Response:
     async with request.app[SESSIONS]() as session, session.begin():
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
         _billed_through_stripe(record)
+        live = await _live_subscription_id(session, record)
+        if live is not None:
+            # A second subscription would bill the customer twice; the live one changes plan instead.
+            raise Conflict(
+                "Already subscribed",
+                f"customer {record.customer_id} has the live subscription {live}; change its plan with "
+                "POST /api/subscriptions/upgrade",
+                {"customer_id": record.customer_id, "subscription_id": live},
+            )
         stripe_customer_id = await directory.stripe_customer_id(session, record)
         if stripe_customer_id is None:
             # A Customer applied by GitOps has no Stripe customer yet: make it now and remember it.

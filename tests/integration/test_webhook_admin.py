@@ -339,6 +339,8 @@ async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, 
     state = await (await api.get(f"/api/subscriptions/{customer_id}", headers=admin_headers())).json()
     assert state["subscription"]["plan"] == "starter"
     assert state["subscription"]["stripe_subscription_id"] == subscription_id
+    second = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
+    assert second.status == 409 and (await second.json())["details"]["subscription_id"] == subscription_id
 
     upgraded = await api.post("/api/subscriptions/upgrade", json=body, headers=admin_headers())
     answer = await upgraded.json()

@@ -159,3 +159,39 @@ async def test_a_manually_billed_customer_is_sent_to_no_subscription(
     assert "set spec.billing.mode to stripe" in answer["message"]
     assert answer["details"] == [{"field": "spec.billing.mode", "message": "is manual, not stripe"}]
     assert routes.stripe.calls == []
+
+
+@pytest.mark.parametrize("known_from", ["spec", "row"])
+async def test_a_checkout_beside_a_live_subscription_is_refused_naming_it(
+    routes: Routes, known_from: str
+) -> None:
+    billing = {"mode": "stripe", "stripeCustomerId": "cus_acme"}
+    if known_from == "spec":
+        routes.kube.customers["acme"] = customer("acme", billing=billing, subscription=LIVE)
+    else:  # its checkout's events are recorded, not applied to the Customer yet
+        routes.kube.customers["acme"] = customer("acme", billing=billing)
+        routes.db.stored = "sub_live1"
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_acme01", "plan": "enterprise", **CHECKOUT}
+    )
+
+    assert (status, answer["error"]) == (409, "Already subscribed"), answer
+    assert "sub_live1" in answer["message"] and "/api/subscriptions/upgrade" in answer["message"]
+    assert answer["details"] == {"customer_id": "cust_acme01", "subscription_id": "sub_live1"}
+    assert routes.stripe.calls == []
+
+
+async def test_a_checkout_after_the_subscription_ended_starts_a_new_one(routes: Routes) -> None:
+    routes.kube.customers["acme"] = customer(
+        "acme",
+        billing={"mode": "stripe", "stripeCustomerId": "cus_acme"},
+        subscription={**LIVE, "status": "canceled"},
+    )
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_acme01", "plan": "enterprise", **CHECKOUT}
+    )
+
+    assert status == 200, answer
+    assert [kw["price_id"] for kw in routes.stripe.made("checkout")] == ["price_ent"]
