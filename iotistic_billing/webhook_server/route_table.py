@@ -128,9 +128,10 @@ ROUTES: Final[tuple[Route, ...]] = (
         description=(
             "A Stripe Checkout session that subscribes the customer to the plan's price and the metered"
             " prices of its usage overage (STRIPE_METERED_PRICES); a Customer without a Stripe customer"
-            " gets one first. 409 `Already subscribed` while the customer has a live subscription (its"
-            " plan changes with /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer"
-            " whose spec.billing.mode is not stripe (its plan is spec.plan)."
+            " gets one first, kept even when the session then fails (a retry uses it). 409 `Already"
+            " subscribed` while the customer has a live subscription (its plan changes with"
+            " /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer whose"
+            " spec.billing.mode is not stripe (its plan is spec.plan)."
         ),
     ),
     Route(

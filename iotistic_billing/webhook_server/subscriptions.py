@@ -90,36 +90,40 @@ async def create_checkout(request: web.Request) -> web.Response:
     billing = stripe_api(request)
     body = await read_body(request, CheckoutRequest)
     price = _price(request, body.plan)
-    directory = request.app[DIRECTORY]
-    async with request.app[SESSIONS]() as session, session.begin():
-        record = await request.app[DIRECTORY].existing(session, body.customer_id)
+    directory, sessions = request.app[DIRECTORY], request.app[SESSIONS]
+    # No connection is held while Stripe answers (as upgrade, cancel and portal do).
+    async with sessions() as session:
+        record = await directory.existing(session, body.customer_id)
         _billed_through_stripe(record)
         live = await _live_subscription_id(session, record)
-        if live is not None:
-            # A second subscription would bill the customer twice; the live one changes plan instead.
-            raise Conflict(
-                "Already subscribed",
-                f"customer {record.customer_id} has the live subscription {live}; change its plan with "
-                "POST /api/subscriptions/upgrade",
-                {"customer_id": record.customer_id, "subscription_id": live},
-            )
         stripe_customer_id = await directory.stripe_customer_id(session, record)
-        if stripe_customer_id is None:
-            # A Customer applied by GitOps has no Stripe customer yet: make it now and remember it.
-            stripe_customer_id = await billing.create_customer(
-                email=record.customer.spec.email,
-                name=record.customer.spec.company_name,
-                customer_id=record.customer_id,
-            )
-            await remember(session, record.customer, record.customer_id, stripe_customer_id)
-        checkout = await billing.create_checkout_session(
-            stripe_customer_id=stripe_customer_id,
-            customer_id=record.customer_id,
-            plan=body.plan,
-            price_id=price,
-            success_url=body.success_url,
-            cancel_url=body.cancel_url,
+    if live is not None:
+        # A second subscription would bill the customer twice; the live one changes plan instead.
+        raise Conflict(
+            "Already subscribed",
+            f"customer {record.customer_id} has the live subscription {live}; change its plan with "
+            "POST /api/subscriptions/upgrade",
+            {"customer_id": record.customer_id, "subscription_id": live},
         )
+    if stripe_customer_id is None:
+        # A Customer applied by GitOps has no Stripe customer yet: make it, and remember it at once, so a
+        # retry after a failed session finds it (another create under its idempotency key, with an email
+        # corrected meanwhile, is refused by Stripe).
+        stripe_customer_id = await billing.create_customer(
+            email=record.customer.spec.email,
+            name=record.customer.spec.company_name,
+            customer_id=record.customer_id,
+        )
+        async with sessions() as session, session.begin():
+            await remember(session, record.customer, record.customer_id, stripe_customer_id)
+    checkout = await billing.create_checkout_session(
+        stripe_customer_id=stripe_customer_id,
+        customer_id=record.customer_id,
+        plan=body.plan,
+        price_id=price,
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
+    )
     return json_model(CheckoutResponse(session_id=checkout.session_id, checkout_url=checkout.checkout_url))
 
 

@@ -1,21 +1,32 @@
-"""PostgreSQL through the session factory, the directory's mirror rows, and the Alembic stairway (upgrade,
-downgrade, upgrade)."""
+"""PostgreSQL through the session factory, the directory's mirror rows (a checkout's among them), and the
+Alembic stairway (upgrade, downgrade, upgrade)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import delete, inspect, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.models import StripeEvent
 from iotistic_billing.directory import CustomerRecord, Directory, remember
+from iotistic_billing.errors import DependencyUnavailable
+from iotistic_billing.prices import PriceCatalog
+from iotistic_billing.settings import load_settings
+from iotistic_billing.stripe_api import CheckoutSession
+from iotistic_billing.webhook_server import subscriptions
+from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
+from iotistic_billing.webhook_server.errors import error_middleware
+from tests.unit.test_subscription_routes import CHECKOUT, FakeKube, FakeStripe, customer
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +118,45 @@ async def test_the_spec_s_stripe_customer_is_the_link_and_the_mirror_follows_it(
     await remember(db_session, unset.customer, unset.customer_id)
     assert await stored() == "cus_DDD"
     assert await directory.stripe_customer_id(db_session, unset) == "cus_DDD"
+
+
+async def test_a_checkout_whose_session_failed_keeps_the_stripe_customer_it_made(
+    db_engine: AsyncEngine,
+) -> None:
+    class FlakyStripe(FakeStripe):
+        """Stripe is away for the first session."""
+
+        away = True
+
+        async def create_checkout_session(self, **kw: Any) -> CheckoutSession:
+            if self.away:
+                self.away = False
+                raise DependencyUnavailable("Stripe")
+            return await super().create_checkout_session(**kw)
+
+    kube, stripe = FakeKube(), FlakyStripe()
+    name = f"gitops{uuid.uuid4().hex[:8]}"
+    kube.customers[name] = customer(name, billing={"mode": "stripe"})  # applied by GitOps: no Stripe customer
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = load_settings(admin_api_token="admin-token-" + "a" * 20)
+    app[CATALOG] = PriceCatalog({"starter": "price_starter"})
+    app[DIRECTORY] = Directory(kube)  # type: ignore[arg-type]
+    app[STRIPE] = stripe  # type: ignore[assignment]
+    app[SESSIONS] = session_factory(db_engine)
+    app.router.add_post("/checkout", subscriptions.create_checkout)
+    payload = {"customer_id": f"cust_{name}01", "plan": "starter", **CHECKOUT}
+    async with TestClient(TestServer(app)) as client:
+        first = await client.post("/checkout", json=payload)
+        # Corrected meanwhile: a second create under the same idempotency key would be refused by Stripe.
+        kube.customers[name]["spec"]["email"] = f"billing@{name}.example"
+        second = await client.post("/checkout", json=payload)
+    try:
+        assert (first.status, second.status) == (503, 200)
+        assert len(stripe.made("create_customer")) == 1
+        assert [kw["stripe_customer_id"] for kw in stripe.made("checkout")] == ["cus_new"]
+    finally:
+        async with session_factory(db_engine)() as session, session.begin():
+            await session.execute(delete(models.Customer).where(models.Customer.resource_name == name))
 
 
 def _tables(url: str) -> set[str]:

@@ -45,18 +45,26 @@ class FakeKube:
 
 
 class FakeDatabase:
-    """No mirror rows and no subscription rows: every scalar is `stored`."""
+    """Every scalar (a mirror row's Stripe customer, a live subscription's id) is `stored`; `open` counts
+    the sessions (pooled connections) in use, `log` the commits."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: list[str]) -> None:
         self.stored: Any = None
+        self.open = 0
+        self.log = log
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeDatabase]:
-        yield self
+        self.open += 1
+        try:
+            yield self
+        finally:
+            self.open -= 1
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[FakeDatabase]:
         yield self
+        self.log.append("commit")
 
     async def execute(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -66,18 +74,25 @@ class FakeDatabase:
 
 
 class FakeStripe:
-    """Stripe's side: the calls made, and each subscription's plan price (starter at first)."""
+    """Stripe's side: the calls made, and each subscription's plan price (starter at first); `log` the
+    calls with the database sessions open meanwhile."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: FakeDatabase | None = None) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.prices: dict[str, str] = {}
+        self.db = db
+
+    def _call(self, name: str, kw: dict[str, Any]) -> None:
+        self.calls.append((name, kw))
+        if self.db is not None:
+            self.db.log.append(f"{name} ({self.db.open} open)")
 
     async def create_customer(self, **kw: Any) -> str:
-        self.calls.append(("create_customer", kw))
+        self._call("create_customer", kw)
         return "cus_new"
 
     async def create_checkout_session(self, **kw: Any) -> CheckoutSession:
-        self.calls.append(("checkout", kw))
+        self._call("checkout", kw)
         return CheckoutSession("cs_test_1", "https://checkout.stripe.com/c/pay/cs_test_1")
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
@@ -106,7 +121,8 @@ class Routes:
 @pytest.fixture
 async def routes() -> AsyncIterator[Routes]:
     app = web.Application(middlewares=[error_middleware])
-    kube, stripe, db = FakeKube(), FakeStripe(), FakeDatabase()
+    kube, db = FakeKube(), FakeDatabase([])
+    stripe = FakeStripe(db)
     app[SETTINGS] = load_settings(admin_api_token="admin-token-" + "a" * 20)
     app[CATALOG] = PriceCatalog(PRICES)  # type: ignore[arg-type]
     app[DIRECTORY] = Directory(kube)  # type: ignore[arg-type]
@@ -195,3 +211,19 @@ async def test_a_checkout_after_the_subscription_ended_starts_a_new_one(routes: 
 
     assert status == 200, answer
     assert [kw["price_id"] for kw in routes.stripe.made("checkout")] == ["price_ent"]
+
+
+async def test_a_checkout_commits_the_stripe_customer_it_made_before_the_session_and_holds_no_connection(
+    routes: Routes,
+) -> None:
+    # Applied by GitOps: no Stripe customer yet.
+    routes.kube.customers["gitops"] = customer("gitops", billing={"mode": "stripe"})
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_gitops01", "plan": "starter", **CHECKOUT}
+    )
+
+    assert status == 200, answer
+    # Remembered in a transaction of its own before the session is asked for: a session that fails
+    # leaves the link, and the retry uses it instead of creating again.
+    assert routes.db.log == ["create_customer (0 open)", "commit", "checkout (0 open)"]
