@@ -174,10 +174,11 @@ def _invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
     )
 
 
-def _invoice_line(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The invoice line of the subscription's own price: prorations of a plan change come first
-    on an upgrade invoice and name the old price, so they are passed over. An invoice of prorations
-    only (an upgrade invoiced at once) names no plan: the subscription's own events say it."""
+def _invoice_line(invoice: Mapping[str, Any], catalog: PriceCatalog) -> Mapping[str, Any]:
+    """The invoice line of the subscription's plan price: prorations of a plan change come first on an
+    upgrade invoice and name the old price, and a renewal's metered lines (the overage of the period
+    before, its period) may come first too, so both are passed over. An invoice of prorations only (an
+    upgrade invoiced at once) names no plan: the subscription's own events say it."""
     data = _mapping(invoice.get("lines")).get("data")
     lines = [_mapping(line) for line in data] if isinstance(data, list) else []
 
@@ -185,7 +186,9 @@ def _invoice_line(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
         item_details = _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
         return bool(line.get("proration") or item_details.get("proration"))
 
-    return next((line for line in lines if not is_proration(line)), {})
+    return next(
+        (line for line in lines if not is_proration(line) and catalog.plan_for(_line_price_id(line))), {}
+    )
 
 
 def _line_price_id(line: Mapping[str, Any]) -> str | None:
@@ -284,7 +287,7 @@ def _facts_of_invoice(
     else:
         # The first invoice of a subscription failing leaves it incomplete; a renewal makes it past_due.
         status = "incomplete" if invoice.get("billing_reason") == "subscription_create" else "past_due"
-    line = _invoice_line(invoice)
+    line = _invoice_line(invoice, catalog)
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,

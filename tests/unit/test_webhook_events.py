@@ -208,6 +208,23 @@ def test_invoices_of_both_api_shapes(api: str) -> None:
     assert lookup_hints("invoice.payment_failed", invoice) == LookupHints("cust_abcdef123", "cus_1", "sub_1")
 
 
+def test_a_renewal_invoice_is_read_from_its_plan_line_whatever_metered_lines_come_first() -> None:
+    # The overage of the period before is a metered line, of that period, and may be listed first.
+    earlier = PERIOD_END - 30 * 86400
+    invoice = {
+        "subscription": "sub_1",
+        "billing_reason": "subscription_cycle",
+        "lines": {
+            "data": [
+                {"price": {"id": "price_meter_devices"}, "period": {"end": earlier}},
+                {"price": {"id": "price_e"}, "period": {"end": PERIOD_END}},
+            ]
+        },
+    }
+    paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
+    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END)
+
+
 def test_an_invoice_of_prorations_only_names_no_plan() -> None:
     # An upgrade invoiced at once: "Unused time on Starter" first; the subscription's events say the plan.
     invoice = {
