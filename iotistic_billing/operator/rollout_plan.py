@@ -248,7 +248,14 @@ def decide(
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
         if blocking:
             return tick.wait(blocking)
-    return tick.run(groups, len(members), _held(rollout, members, others))
+    # Moved by this rollout and no longer selected (relabelled, or a plan that changed by itself: a trial
+    # that ended, a suspension): still judged while its step runs, and returned by a rollback.
+    departed = [
+        member(c, spec.chart_version, now, timeout)
+        for c in customers
+        if not selects(spec, c) and (c["metadata"].get("annotations") or {}).get(ROLLOUT_NAME) == rollout.name
+    ]
+    return tick.run(groups, len(members), _held(rollout, members, others), departed)
 
 
 def _blocking(
@@ -340,7 +347,7 @@ class _Tick:
         self.status.steps = steps
         return steps
 
-    def _watched(self, groups: list[list[Member]], current: int) -> list[Member]:
+    def _watched(self, groups: list[list[Member]], current: int, departed: list[Member]) -> list[Member]:
         """The Customers the current step waits for: its own; those of earlier steps left over (a canary
         created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
         yet; and any this rollout moved since the step started, whichever step holds it now (a fleet
@@ -355,7 +362,7 @@ class _Tick:
         leftovers = [
             m for group in groups[:current] for m in group if m.health == "pending" or moved_in_step(m)
         ]
-        strays = [m for group in groups[current + 1 :] for m in group if moved_in_step(m)]
+        strays = [m for group in [*groups[current + 1 :], departed] for m in group if moved_in_step(m)]
         return leftovers + groups[current] + strays
 
     def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
@@ -380,7 +387,9 @@ class _Tick:
         self.status.healthy = sum(m.health == "healthy" for m in everyone)
         self.status.failed = max(sum(s.failed or 0 for s in steps), len(failures))
 
-    def run(self, groups: list[list[Member]], total: int, held: Mapping[str, str]) -> Decision:
+    def run(
+        self, groups: list[list[Member]], total: int, held: Mapping[str, str], departed: list[Member]
+    ) -> Decision:
         spec, status, now = self.spec, self.status, self.now
         if status.started_at is None:
             status.started_at = now
@@ -391,14 +400,14 @@ class _Tick:
         steps = self._steps(groups)
         if current < len(steps) and steps[current].started_at is None:
             steps[current].started_at = now
-        everyone = [m for group in groups for m in group]
+        everyone = [m for group in groups for m in group] + departed
         if status.phase == RolloutPhase.ROLLING_BACK or current >= len(groups):
             self._count(groups, total, [], current)
             if status.phase == RolloutPhase.ROLLING_BACK:
                 return self._rolling_back(everyone)
             return self._succeeded(groups)
 
-        watched = self._watched(groups, current)
+        watched = self._watched(groups, current, departed)
         self._record_failures(watched, current)
         self._count(groups, total, watched, current)
         if (status.failed or 0) >= spec.health_gate.max_failures:
@@ -446,7 +455,7 @@ class _Tick:
         self.events.append(("Normal", "StepStarted", self._step_message(current + 1, groups)))
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
-        return self.run(groups, total, held)
+        return self.run(groups, total, held, departed)
 
     def _step_message(self, index: int, groups: list[list[Member]]) -> str:
         names = [m.name for m in groups[index]] if index < len(groups) else []

@@ -698,3 +698,44 @@ def test_a_customer_moved_by_the_step_that_a_smaller_fleet_puts_in_a_later_step_
     assert sorted(move.customer for move in first.moves) == ["c00", "c01", "c02"]
     assert second.moves == [] and not any(e[1] == "StepCompleted" for e in second.events)
     assert second.status.current_step == 1 and second.status.phase == RolloutPhase.PROGRESSING
+
+
+def test_a_rollback_returns_a_moved_customer_whose_plan_took_it_out_of_the_selection() -> None:
+    """`plans` selects by the effective plan, which changes by itself (a trial ending, a suspension): the
+    canary c01 lapses once on 2.0.0, and a failure in step 2 still brings it back."""
+    fleet = Fleet(8, broken={"c06"})
+    for body in fleet.customers.values():
+        body["spec"]["plan"] = body["status"]["plan"] = "professional"
+
+    def lapse(tick: int) -> None:
+        c01 = fleet.customers["c01"]
+        if c01["status"]["release"]["chartVersion"] == "2.0.0":
+            c01["status"]["plan"] = "unlicensed"
+
+    rollout_spec = spec(
+        plans=["professional"], steps=[{"customers": ["c01"]}, {"rest": True}], onFailure="rollback"
+    )
+    status, _ = run(fleet, rollout_spec, ticks=80, before_tick=lapse)
+
+    assert fleet.customers["c01"]["status"]["plan"] == "unlicensed"
+    assert status.phase == RolloutPhase.ROLLED_BACK
+    assert [(f.customer, f.step) for f in status.failures or ()] == [("c06", 2)]
+    assert fleet.on("2.0.0") == set() and fleet.upgrades["c01"] == 2  # there and back
+
+
+def test_a_customer_relabelled_out_while_its_step_upgrades_it_is_still_judged() -> None:
+    """c01, moved in step 1, leaves the selector while helm refuses it: the step records its failure."""
+    fleet = Fleet(6, broken={"c01"})
+
+    def relabel(tick: int) -> None:
+        c01 = fleet.customers["c01"]
+        if c01["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) == "2.0.0":
+            c01["metadata"]["labels"] = {"tier": "core"}
+
+    rollout_spec = spec(
+        selector={"matchLabels": {"tier": "edge"}}, steps=[{"customers": ["c01"]}, {"rest": True}]
+    )
+    status, _ = run(fleet, rollout_spec, ticks=80, before_tick=relabel)
+
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.step) for f in status.failures or ()] == [("c01", 1)]
