@@ -200,11 +200,11 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             raise InvalidSpecError(problems)
         spec = parse_spec(body.get("spec") or {})
         customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
-        version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
     except InvalidSpecError as invalid:
         status = invalid_spec_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         status = answered_request(status, meta.get("annotations") or {})
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
+    version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
     target = pass_target(
         body,
         customer,

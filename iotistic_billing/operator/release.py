@@ -71,6 +71,10 @@ async def ensure_release(
     and its next pass upgraded to the same values again. It is looked at before the chart is pulled
     too: the cache of an OCI chart is empty after every start, and a registry away then made every
     Ready Customer's pass fail with ChartPullFailed."""
+    if (
+        problem := target.chart_problem
+    ):  # here, not before the licence: a bad annotation must not stop renewal
+        return ReleaseOutcome("failed", c.CHART_VERSION_INVALID, problem, permanent=True)
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
     # The version string is enough for the digest: ChartStore.get serves a version only as its chart's own.

@@ -19,7 +19,6 @@ from iotistic_billing.customer import (
     CustomerSpec,
     CustomerStatus,
     InstanceStatus,
-    InvalidSpecError,
     Phase,
     ReleaseStatus,
     TrialStatus,
@@ -75,6 +74,14 @@ class PassTarget:
     def url(self) -> str:
         return f"https://{self.domain}"
 
+    @property
+    def chart_problem(self) -> str | None:
+        """Why the version aimed at is no chart version, naming the field; None when it is one. Only the
+        rollout's annotation can be: no model checks an annotation, and someone may write it with kubectl."""
+        if self.version_source != "Rollout" or (problem := chart_version_problem(self.chart_version)) is None:
+            return None
+        return f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"
+
 
 def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
     return spec.instance.domain or f"{name}.{base_domain}"
@@ -87,15 +94,13 @@ def chart_target(
     version a rollout set, else the version the Customer already runs from the fleet, so a new
     INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up).
 
-    InvalidSpecError names the rollout's annotation when it holds no chart version: no model checks
-    an annotation, and someone may write it with kubectl."""
+    The annotation is taken as it is: the release step refuses one that is no chart version
+    (PassTarget.chart_problem), after the licence, so a bad annotation does not stop its renewal."""
     if pinned := customer.spec.instance.chart_version:
         return pinned, "Pinned"
     if immediate:
         return None, "Fleet"
     if rollout := customer.metadata.annotations.get(ROLLOUT_CHART_VERSION):
-        if problem := chart_version_problem(rollout):
-            raise InvalidSpecError([f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"])
         return rollout, "Rollout"
     if previous is not None and previous.version_source == "Fleet" and previous.chart_version:
         return previous.chart_version, "Fleet"
@@ -171,7 +176,9 @@ def next_status(
     )
     release = outcome.release
     deployed = release.release if release is not None and release.release is not None else previous.release
-    aimed = {"target_version": target.chart_version, "version_source": target.version_source}
+    # No annotation that is no chart version in the status: a long one failed the status model (64 at most).
+    aimed_at = None if target.chart_problem else target.chart_version
+    aimed = {"target_version": aimed_at, "version_source": target.version_source}
     return previous.model_copy(
         update={
             "customer_id": target.customer_id,

@@ -5,8 +5,6 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import re
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,10 +13,11 @@ import kopf
 import pytest
 from prometheus_client import REGISTRY
 
-from iotistic_billing.customer import Customer, CustomerStatus, InvalidSpecError, LicenseStatus
+from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
+from iotistic_billing.operator import reconcile as reconcile_module
 from iotistic_billing.operator.context import (
     CustomerLocks,
     OperatorContext,
@@ -35,7 +34,7 @@ from iotistic_billing.operator.outcomes import (
     ReleaseOutcome,
 )
 from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
-from iotistic_billing.operator.state import chart_target, invalid_spec_status, next_status, pass_target
+from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
@@ -420,6 +419,52 @@ def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_i
     ]
 
 
+async def housekeeping_checks(
+    monkeypatch: pytest.MonkeyPatch, body: dict[str, Any], server: StatusServer, ctx: Any, minutes: int
+) -> list[PassResult]:
+    """The housekeeping's checks, a minute apart on the injectable clock, with the passes they start run
+    as _reconcile runs them (on the Customer as `server` has it now)."""
+    passes: list[PassResult] = []
+
+    def now_read() -> dict[str, Any]:
+        meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
+        return {**body, "metadata": meta, "status": server.document}
+
+    async def refresh(_ctx: Any, name: str, deployment_event: int | None = None) -> None:
+        passes.append(await _reconcile(ctx, now_read(), ctx.clock()))
+
+    monkeypatch.setattr(handlers, "_refresh", refresh)
+    memo = kopf.Memo(context=ctx)
+    start = ctx.clock()
+    for minute in range(1, minutes + 1):
+        ctx.clock = lambda minute=minute: start + timedelta(minutes=minute)
+        await handlers.housekeeping(name=body["metadata"]["name"], body=kopf.Body(now_read()), memo=memo)
+    return passes
+
+
+def housekeeping_context(server: StatusServer) -> Any:
+    ctx: Any = context(server)
+    ctx.fleet_moves_at_once = False
+    ctx.clock = lambda: NOW
+    ctx.noticed = set()
+    ctx.settings = SimpleNamespace(
+        dunning_restrict_days=14, trial_notice_days=3, base_domain="iotistic.cloud", billing_url="b"
+    )
+    return ctx
+
+
+# Ready earlier, on the starter plan, with a licence whose renewal is due.
+RENEWAL_DUE = {
+    "phase": "Ready",
+    "plan": "starter",
+    "license": {
+        "jti": "j1",
+        "issuedAt": (NOW - timedelta(days=29)).isoformat(),
+        "expiresAt": (NOW + timedelta(days=1)).isoformat(),
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("annotation", "problem"),
     [
@@ -427,51 +472,55 @@ def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_i
         ("latest", "must match ^v?[0-9]+"),
     ],
 )
-async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_customer_naming_it(
-    annotation: str, problem: str
+async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_release_and_not_the_licence(
+    monkeypatch: pytest.MonkeyPatch, annotation: str, problem: str
 ) -> None:
     """Found in review: the annotation (kubectl annotate can write anything) went unchecked into
-    status.release.targetVersion, and every pass crashed on the status model (64 characters at most)
-    or asked the chart store for a version that cannot exist."""
+    status.release.targetVersion, and every pass crashed on the status model (64 characters at most).
+    Then it stalled the whole pass as InvalidSpec, before the licence: the licence was never renewed
+    (it expired), and the housekeeping, finding renewal still due, ran a failing pass every minute."""
     body: dict[str, Any] = {
         "metadata": {
             "name": "acme",
             "uid": "uid-acme",
             "generation": 3,
-            "resourceVersion": "7",
+            "creationTimestamp": CREATED.isoformat(),
             "annotations": {ROLLOUT_CHART_VERSION: annotation},
         },
         "spec": {"email": "a@b.cd", "companyName": "x", "plan": "starter"},
     }
+    minted: list[LicenseStatus] = []
+
+    async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+        minted.append(
+            LicenseStatus(
+                jti=f"j{len(minted) + 2}", issued_at=target.now, expires_at=target.now + timedelta(days=30)
+            )
+        )
+        return minted[-1]
+
+    async def namespace_and_secret(ctx: Any, target: Any) -> None:
+        return None
+
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    server = StatusServer(dict(RENEWAL_DUE), resource_version=7)
+
+    passes = await housekeeping_checks(monkeypatch, body, server, housekeeping_context(server), minutes=5)
+
+    # One pass, which renewed the licence; the four checks after it found nothing due.
+    assert len(passes) == 1 and [licence.jti for licence in minted] == ["j2"]
+    assert server.document["license"]["jti"] == "j2" and server.document["plan"] == "starter"
     field = f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"
-    with pytest.raises(InvalidSpecError, match=f"^{re.escape(field)}"):
-        chart_target(Customer.model_validate(body), None, immediate=False)
-
-    server = StatusServer({}, resource_version=7)
-    ctx = context(server)
-    ctx.fleet_moves_at_once = False  # type: ignore[misc]
-    result = await _reconcile(ctx, body, NOW)
-    stalled = result.status.condition("Stalled")
-    assert stalled is not None and (stalled.status, stalled.reason) == ("True", c.INVALID_SPEC)
-    assert stalled.message.startswith(field) and result.permanent_error == stalled.message
-    assert server.document["phase"] == "Failed" and server.document["observedGeneration"] == 3
-
-
-async def test_a_pass_the_api_server_away_fails_is_logged_in_one_line_and_a_bug_with_its_traceback(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Found in review: an outage logged a traceback for every Customer's pass at every retry."""
-    failures: list[Exception] = [KubernetesUnavailable("the API server answered 503"), RuntimeError("a bug")]
-
-    async def pass_(ctx: Any, name: str, deployment_event: int | None = None) -> PassResult | None:
-        raise failures.pop(0)
-
-    monkeypatch.setattr(handlers, "reconcile", pass_)
-    ctx = cast(OperatorContext, SimpleNamespace(pass_retries=PassRetries(Retries().later)))
-    with caplog.at_level(logging.INFO, logger=handlers.__name__):
-        await handlers._refresh(ctx, "acme")
-        await handlers._refresh(ctx, "acme")
-    assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
-        ("WARNING", "pass of Customer acme failed: the API server answered 503; again in 5 s", False),
-        ("ERROR", "pass of Customer acme failed; again in 10 s", True),
-    ]
+    status = CustomerStatus.model_validate(server.document)
+    for kind in ("Stalled", "ReleaseDeployed"):
+        condition = status.condition(kind)
+        assert condition is not None and condition.reason == c.CHART_VERSION_INVALID
+        assert condition.message.startswith(field)
+    assert status.condition("Stalled").status == "True"  # type: ignore[union-attr]
+    assert status.condition("LicenseIssued").status == "True"  # type: ignore[union-attr]
+    assert status.phase == "Failed" and status.observed_generation == 3
+    assert passes[0].permanent_error == status.condition("Stalled").message  # type: ignore[union-attr]
+    # What the pass aimed at is no version: none is written (the status model takes 64 characters).
+    assert status.release is not None
+    assert (status.release.target_version, status.release.version_source) == (None, "Rollout")
