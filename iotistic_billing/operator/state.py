@@ -247,6 +247,10 @@ def stall_of(status: CustomerStatus) -> tuple[str, str] | None:
     return condition.reason, condition.message
 
 
+# Stalls whose pass ends before a licence is minted: a spec or name refused, a licence that cannot be.
+_STALLED_BEFORE_LICENSE = frozenset({c.INVALID_SPEC, c.LICENSE_FAILED})
+
+
 def housekeeping_due(
     spec: CustomerSpec,
     status: CustomerStatus,
@@ -254,7 +258,13 @@ def housekeeping_due(
     now: datetime,
     restricted_for: timedelta = RESTRICTED_FOR,
 ) -> str | None:
-    """Why the periodic check should run a pass now (a timer's whole cost when nothing is due)."""
+    """Why the periodic check should run a pass now (a timer's whole cost when nothing is due).
+
+    Nothing for a Customer stalled before its licence: that pass can neither renew it nor write the
+    plan, so the reason stayed and a failing pass ran every minute; the spec's change runs one."""
+    stall = stall_of(status)
+    if stall is not None and stall[0] in _STALLED_BEFORE_LICENSE:
+        return None
     entitlement = effective_plan(spec, created_at, now, restricted_for)
     if status.plan is not None and status.plan != entitlement.plan:
         return entitlement.reason
@@ -267,7 +277,7 @@ def housekeeping_due(
         notifications is not None
         and notifications.status == "False"
         and spec.notifications.webhook is not None
-        and stall_of(status) is None
+        and stall is None
     ):
         # The Secret it names may have been created since: a pass looks again (no watch sees it). Not
         # for a Stalled Customer: that pass ran helm again on the values that failed, every minute.

@@ -34,7 +34,7 @@ from iotistic_billing.operator.outcomes import (
     ReleaseOutcome,
 )
 from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
-from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target
+from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target, stall_of
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
@@ -524,3 +524,33 @@ async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_release_
     # What the pass aimed at is no version: none is written (the status model takes 64 characters).
     assert status.release is not None
     assert (status.release.target_version, status.release.version_source) == (None, "Rollout")
+
+
+async def test_a_customer_stalled_before_its_licence_gets_no_housekeeping_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: an InvalidSpec pass writes neither status.plan nor status.license, so the plan
+    the housekeeping found changed, or the renewal it found due, stayed so: a failing pass every
+    minute, for good. The change that can mend it (spec, name) runs its own pass."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme-",  # a name the CRD refuses today: the pass stalls before the licence
+            "uid": "uid-acme",
+            "generation": 3,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": {"email": "a@b.cd", "companyName": "x", "plan": "professional"},
+    }
+    server = StatusServer(dict(RENEWAL_DUE), resource_version=7)
+    ctx = housekeeping_context(server)
+    first = await _reconcile(
+        ctx,
+        {**body, "metadata": {**body["metadata"], "resourceVersion": "7"}, "status": server.document},
+        NOW,
+    )
+    # Stalled, with the plan (professional now) and the licence (renewal due) left as they were.
+    assert stall_of(first.status) == (c.INVALID_SPEC, first.permanent_error)
+    assert (server.document["plan"], server.document["license"]["jti"]) == ("starter", "j1")
+
+    passes = await housekeeping_checks(monkeypatch, body, server, ctx, minutes=5)
+    assert passes == []

@@ -17,6 +17,7 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     derived_customer_id,
 )
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.conditions import NoCondition
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
@@ -406,6 +407,32 @@ def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_
         housekeeping_due(trial, trial_status, CREATED, CREATED + timedelta(days=5, seconds=1))
         == "TrialExpired"
     )
+
+
+@pytest.mark.parametrize(
+    ("stall", "due"),
+    [
+        # A pass that stops before the licence can neither renew it nor write the plan.
+        (c.INVALID_SPEC, None),
+        (c.LICENSE_FAILED, None),
+        # A stalled release: the pass still renews the licence, and writes the plan it is for.
+        (c.CHART_VERSION_INVALID, "LicenseRenewal"),
+        (c.UPGRADE_FAILED, "LicenseRenewal"),
+    ],
+)
+def test_housekeeping_of_a_stalled_customer_renews_only_what_its_pass_can(
+    stall: str, due: str | None
+) -> None:
+    issued = NOW - timedelta(days=29)
+    licensed = CustomerStatus(
+        plan="starter", license=LicenseStatus(issued_at=issued, expires_at=issued + timedelta(days=30))
+    )
+    status = invalid_spec_status(licensed, 2, stall, "it failed", NOW)  # Stalled with that reason
+    starter = spec(plan="starter")
+    assert housekeeping_due(starter, status, CREATED, NOW) == due
+    moved = status.model_copy(update={"plan": "professional"})
+    changed = effective_plan(starter, CREATED, NOW).reason
+    assert housekeeping_due(starter, moved, CREATED, NOW) == (changed if due else None)
 
 
 def test_helm_status_json_without_chart_is_read() -> None:
