@@ -263,9 +263,9 @@ async def test_two_replicas_sign_one_email_up_once(
             ]
             for name in made:
                 customers.delete(name)
-            assert sorted(answer.status for answer in answers) == [202, 409], [
-                await a.text() for a in answers
-            ]
+            # The one signed up: 202, or 201 when the session's operator issued its licence in the wait.
+            statuses = sorted(answer.status for answer in answers)
+            assert statuses in ([201, 409], [202, 409]), [await a.text() for a in answers]
             assert len(made) == 1
             refused = next(answer for answer in answers if answer.status == 409)
             assert (await refused.json())["error"] == "Customer already exists"
