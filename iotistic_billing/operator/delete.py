@@ -13,7 +13,7 @@ from iotistic_billing.customer import InvalidSpecError, customer_id_in_use, name
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
-from iotistic_billing.operator.metrics import forget_license_expiry
+from iotistic_billing.operator.metrics import forget_customer
 from iotistic_billing.operator.webhook_secret import keep_webhook_secret
 
 
@@ -38,5 +38,5 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         ctx.applied_namespaces.pop(namespace, None)
         ctx.mirrored.discard(customer_id)
         await ctx.kube.delete_namespace(namespace)
-        forget_license_expiry(customer_id)
+        forget_customer(name, customer_id)
     ctx.written.pop(name, None)

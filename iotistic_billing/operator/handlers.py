@@ -27,7 +27,7 @@ from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
-from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_license_expiry
+from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
 from iotistic_billing.operator.state import housekeeping_due
@@ -291,7 +291,7 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
     ctx.written.pop(body.metadata.name or "", None)
     ctx.pass_retries.forget(body.metadata.name or "")
-    forget_license_expiry(customer_id_in_use(body))
+    forget_customer(body.metadata.name or "", customer_id_in_use(body))
 
 
 def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

@@ -32,6 +32,12 @@ LICENSE_EXPIRY = Gauge(
     "Expiry (Unix time) of each customer's current licence",
     ["customer_id"],
 )
+CUSTOMER_STALLED = Gauge(
+    "iotistic_operator_customer_stalled",
+    "1 for each Customer whose last pass stalled (it waits for its spec to change), by the Stalled"
+    " condition's reason",
+    ["customer", "reason"],
+)
 HOUSEKEEPING_CHECKS = Counter(
     "iotistic_operator_housekeeping_checks",
     "Housekeeping checks of Customers, by the reason a pass was due (e.g. LicenseRenewal) or nothing",
@@ -39,8 +45,24 @@ HOUSEKEEPING_CHECKS = Counter(
 )
 
 
-def forget_license_expiry(customer_id: str) -> None:
-    """The customer's expiry series no longer exported: its Customer is deleted or another shard's now,
-    and a last value kept would fire the expiry alerts for it weeks later."""
+# The reason each stalled Customer (by name) is exported under, to drop its series when that changes.
+_stalls: dict[str, str] = {}
+
+
+def report_stall(customer: str, reason: str | None) -> None:
+    """The Customer's stall as its last pass left it (None: not stalled). A gauge, not the passes'
+    counter: a stall gets no further pass, so a counter's increase is gone after one window."""
+    was = _stalls.pop(customer, None)
+    if was is not None and was != reason:
+        CUSTOMER_STALLED.remove(customer, was)
+    if reason is not None:
+        CUSTOMER_STALLED.labels(customer, reason).set(1)
+        _stalls[customer] = reason
+
+
+def forget_customer(name: str, customer_id: str) -> None:
+    """The Customer's series no longer exported: it is deleted or another shard's now, and a last value
+    kept would fire the expiry alerts for it weeks later (or its stall's for ever)."""
+    report_stall(name, None)
     with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
         LICENSE_EXPIRY.remove(customer_id)

@@ -35,7 +35,13 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import instance_health
 from iotistic_billing.operator.license import ensure_license
 from iotistic_billing.operator.manifests import namespace_manifest
-from iotistic_billing.operator.metrics import LICENSE_EXPIRY, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILES
+from iotistic_billing.operator.metrics import (
+    LICENSE_EXPIRY,
+    RECONCILE_DURATION,
+    RECONCILE_ERRORS,
+    RECONCILES,
+    report_stall,
+)
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
@@ -150,7 +156,7 @@ async def reconcile(
                     RECONCILES.labels("error").inc()
                     RECONCILE_ERRORS.labels(type(error).__name__).inc()
                     raise
-            _count(result)
+            _count(name, result)
             return result
 
 
@@ -165,16 +171,17 @@ async def _current(
     return await ctx.kube.read_customer(name)
 
 
-def _count(result: PassResult) -> None:
+def _count(name: str, result: PassResult) -> None:
     status = result.status
     if status.customer_id and status.license and status.license.expires_at:
         LICENSE_EXPIRY.labels(status.customer_id).set(status.license.expires_at.timestamp())
+    # A stall under its own reason: an invalid spec marks no step's condition (an earlier failure's stays).
+    stall = stall_of(status) if result.permanent_error is not None else None
+    report_stall(name, stall[0] if stall is not None else None)
     if result.permanent_error is None and result.temporary_error is None:
         RECONCILES.labels("success").inc()
         return
     RECONCILES.labels("stalled" if result.permanent_error is not None else "retry").inc()
-    # A stall under its own reason: an invalid spec marks no step's condition (an earlier failure's stays).
-    stall = stall_of(status) if result.permanent_error is not None else None
     if stall is not None:
         failing = stall[0]
     else:

@@ -923,6 +923,7 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
     assert used <= exposed, used - exposed
     assert {
         "iotistic_operator_reconcile_errors_total",
+        "iotistic_operator_customer_stalled",
         "iotistic_operator_license_expiry_timestamp_seconds",
         "iotistic_http_requests_total",
         "iotistic_stripe_webhook_events_total",

@@ -26,7 +26,7 @@ from iotistic_billing.operator.context import (
     retry_delay,
 )
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
-from iotistic_billing.operator.metrics import LICENSE_EXPIRY
+from iotistic_billing.operator.metrics import LICENSE_EXPIRY, forget_customer
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
     NotificationsOutcome,
@@ -408,15 +408,53 @@ def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_i
     counted = [c.INVALID_SPEC, c.UPGRADE_FAILED, c.CHART_PULL_FAILED, "Unknown"]
     before = [reconcile_errors(reason) for reason in counted]
 
-    _count(PassResult(invalid, "Failed", permanent_error="spec.trial.days: at most 90"))
-    _count(PassResult(upgrade_failed, None, permanent_error=broken.message))
-    _count(PassResult(retried, None, temporary_error=away.message))
+    _count("acme", PassResult(invalid, "Failed", permanent_error="spec.trial.days: at most 90"))
+    _count("acme", PassResult(upgrade_failed, None, permanent_error=broken.message))
+    _count("acme", PassResult(retried, None, temporary_error=away.message))
     assert [reconcile_errors(reason) - was for reason, was in zip(counted, before, strict=True)] == [
         1,
         1,
         1,
         0,
     ]
+
+
+def stalled(customer: str) -> dict[str, float]:
+    """The Customer's series of iotistic_operator_customer_stalled, by reason."""
+    return {
+        sample.labels["reason"]: sample.value
+        for family in REGISTRY.collect()
+        if family.name == "iotistic_operator_customer_stalled"
+        for sample in family.samples
+        if sample.labels["customer"] == customer
+    }
+
+
+def test_a_stalled_customer_is_exported_until_a_pass_or_its_deletion_ends_the_stall() -> None:
+    """Found in review: a stall gets no further pass, so the alert on the passes' counter (its increase
+    over 15 minutes, for 30) never fired; a gauge says which Customers are stalled for as long as they are."""
+    body = {
+        "metadata": {"name": "stuck", "uid": "uid-stuck"},
+        "spec": {"email": "a@b.cd", "companyName": "x"},
+    }
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
+    upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
+    invalid = invalid_spec_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
+    converged = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=deployed), 3)
+
+    _count("stuck", PassResult(invalid, "Failed", permanent_error="spec.trial.days: at most 90"))
+    assert stalled("stuck") == {c.INVALID_SPEC: 1}
+    _count("stuck", PassResult(upgrade_failed, None, permanent_error=broken.message))
+    assert stalled("stuck") == {stall_of(upgrade_failed)[0]: 1}  # type: ignore[index]
+    _count("stuck", PassResult(converged, None))
+    assert stalled("stuck") == {}
+
+    _count("stuck", PassResult(invalid, "Failed", permanent_error="spec.trial.days: at most 90"))
+    forget_customer("stuck", "cust_stuck")  # deleted, or another shard's now
+    assert stalled("stuck") == {}
 
 
 async def housekeeping_checks(
