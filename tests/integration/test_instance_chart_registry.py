@@ -16,7 +16,9 @@ import pytest
 from iotistic_billing.customer import RECONCILE_REQUESTED_AT
 from iotistic_billing.devenv.registry import ChartRegistry
 from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
-from tests.integration.test_operator import Cluster, customer_manifest
+from tests.integration.test_operator import Cluster, customer_manifest, operator_metric
+
+STALLED = "iotistic_operator_customer_stalled"
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +82,7 @@ def test_the_fleet_runs_the_registry_s_version_and_a_pinned_customer_its_own(
 
 
 def test_a_version_the_registry_lacks_stalls_until_it_is_pushed_and_a_reconcile_is_asked(
-    cluster: Cluster, chart_registry: ChartRegistry
+    cluster: Cluster, chart_registry: ChartRegistry, oci_operator: OperatorProcess
 ) -> None:
     name = unique_name("ahead")
     version = "0.3." + datetime.now(UTC).strftime("%H%M%S%f")  # a version no other test pushed
@@ -92,6 +94,9 @@ def test_a_version_the_registry_lacks_stalls_until_it_is_pushed_and_a_reconcile_
     assert stalled["status"] == "False"
     assert stalled["message"] == f"spec.instance.chartVersion is {version}, which {reference} does not have"
     assert (cluster.condition(name, "Stalled") or {}).get("status") == "True"
+    series = f'customer="{name}",reason="ChartVersionUnavailable"'
+    # What IotisticCustomersStalled counts; set just after the status write.
+    wait_until(lambda: operator_metric(oci_operator, STALLED, series) == 1, timeout=10, message="exported")
 
     chart_registry.push(CHART, version)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -104,6 +109,7 @@ def test_a_version_the_registry_lacks_stalls_until_it_is_pushed_and_a_reconcile_
     )
     assert wait_until(lambda: deployed_chart(cluster, name), timeout=90, message="deployed") == version
     assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+    wait_until(lambda: operator_metric(oci_operator, STALLED, series) == 0, timeout=10, message="dropped")
 
 
 def test_a_registry_that_is_away_is_retried_not_stalled(
