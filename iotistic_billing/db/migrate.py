@@ -10,6 +10,8 @@ from alembic.config import Config
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
 
 _HERE = Path(__file__).parent
+# The advisory lock every migration run holds (db/migrations/env.py); any bigint no other lock uses.
+MIGRATION_LOCK = 0x10715_0001
 
 
 def compared(name: str | None, type_: str, parent_names: object) -> bool:

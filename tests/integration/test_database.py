@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import delete, inspect, select
+from sqlalchemy import delete, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.migrate import MIGRATION_LOCK
 from iotistic_billing.db.models import StripeEvent
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
@@ -178,3 +179,23 @@ def test_alembic_stairway_upgrade_downgrade_upgrade(postgres: EmbeddedPostgres) 
     assert _tables(url) <= {"alembic_version"}
     migrate.upgrade(url)
     assert _tables(url) >= TABLES
+
+
+async def test_an_upgrade_waits_for_one_running_elsewhere(postgres: EmbeddedPostgres) -> None:
+    """Found in review: operator shards and webhook-server replicas starting together each upgraded a
+    fresh database at once, and all but one crashed on the tables the first made. The upgrade waits
+    for the migration lock (held here as another process's upgrade holds it), then finds its work."""
+    url = postgres.create_database(f"locked_{uuid.uuid4().hex[:10]}")
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.connect() as holder:
+            await holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            upgrade = asyncio.create_task(asyncio.to_thread(migrate.upgrade, url))
+            await asyncio.sleep(2)
+            assert not upgrade.done()
+            assert not await asyncio.to_thread(_tables, url)  # nothing made while it waits
+            await holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            await asyncio.wait_for(upgrade, 60)
+    finally:
+        await engine.dispose()
+    assert await asyncio.to_thread(_tables, url) >= TABLES

@@ -196,8 +196,18 @@ async def test_the_partition_migration_keeps_every_row_up_down_and_up_again(
     finally:
         await conn.close()
 
+    # 0006's key holds (customer, instance, report id) once: the downgrade refuses to discard the
+    # later report of r-0, changing nothing, until it is deleted on purpose.
+    with pytest.raises(RuntimeError, match=r"1 usage reports repeat the .* discard them. Nothing changed"):
+        await migrated(url, "0006", down=True)
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0007"
+        assert len(await snapshot(url)) == len(before) + 1
+        await conn.execute("DELETE FROM usage_reports WHERE period_start = $1", month(2025, 4))
+    finally:
+        await conn.close()
     await migrated(url, "0006", down=True)
-    # 0006's key holds (customer, instance, report id) once: the first stored stays, the later one goes.
     assert await snapshot(url) == before
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:

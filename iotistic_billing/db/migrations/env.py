@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from iotistic_billing.db.engine import create_engine
-from iotistic_billing.db.migrate import compared
+from iotistic_billing.db.migrate import MIGRATION_LOCK, compared
 from iotistic_billing.db.models import Base
 
 config = context.config
@@ -20,6 +21,9 @@ def _run(connection: Connection) -> None:
         connection=connection, target_metadata=target_metadata, compare_type=True, include_name=compared
     )
     with context.begin_transaction():
+        # Operator shards and webhook-server replicas that start together each upgrade the database:
+        # one at a time, the later ones finding it at head (without it, all but one crashed).
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 

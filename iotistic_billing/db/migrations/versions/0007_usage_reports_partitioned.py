@@ -15,8 +15,8 @@ partitioned one is made with a partition for every month that holds rows, for th
 two, and the default one; the rows are copied, counted against the old table, and the old table is
 dropped. Reports wait for its commit (the usage pool's statements give up after 10 s: a 503, which
 instances retry); the webhook server's inserts name no key, so they work before and after it. The
-downgrade does the reverse; of reports that share (customer, instance, report id), which 0006's key
-holds once, it keeps the first stored.
+downgrade does the reverse, and refuses (changing nothing) while reports share a (customer, instance,
+report id) in different periods, which 0006's key holds once: it would have to discard billed reports.
 """
 
 from collections.abc import Sequence
@@ -87,17 +87,13 @@ def _next_month(month: datetime) -> datetime:
     return month.replace(year=month.year + month.month // 12, month=month.month % 12 + 1)
 
 
-def _copy_rows(source: str, target: str, *, first_of_each_report_id: bool = False) -> None:
-    """Every row of `source` into `target`, counted: a migration that would lose a row fails.
-    `first_of_each_report_id`: the downgrade's key is narrower; rows go in id order, the first kept."""
+def _copy_rows(source: str, target: str) -> None:
+    """Every row of `source` into `target`, counted: a migration that would lose a row fails."""
     columns = ", ".join(COLUMNS)
-    counted = "DISTINCT (customer_id, instance_id, report_id)" if first_of_each_report_id else "*"
-    tail = " ORDER BY id ON CONFLICT ON CONSTRAINT uq_usage_reports_report DO NOTHING"
     bind = op.get_bind()
     # Table names and columns are this module's constants.
-    insert = f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {source}"  # noqa: S608
-    bind.execute(sa.text(insert + (tail if first_of_each_report_id else "")))
-    expected = bind.execute(sa.text(f"SELECT count({counted}) FROM {source}")).scalar_one()  # noqa: S608
+    bind.execute(sa.text(f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {source} ORDER BY id"))  # noqa: S608
+    expected = bind.execute(sa.text(f"SELECT count(*) FROM {source}")).scalar_one()  # noqa: S608
     copied = bind.execute(sa.text(f"SELECT count(*) FROM {target}")).scalar_one()  # noqa: S608
     if copied != expected:
         raise RuntimeError(f"{target} holds {copied} rows after the copy, {expected} expected from {source}")
@@ -141,6 +137,21 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    repeated = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT count(*) - count(DISTINCT (customer_id, instance_id, report_id)) FROM usage_reports"
+            )
+        )
+        .scalar_one()
+    )
+    if repeated:
+        raise RuntimeError(
+            f"{repeated} usage reports repeat the (customer_id, instance_id, report_id) of another in an"
+            " earlier period; revision 0006 holds each once, so downgrading would discard them. Nothing"
+            " changed; delete those rows first if that is what you mean"
+        )
     op.rename_table("usage_reports", "usage_reports_0007")
     op.drop_constraint("usage_reports_pkey", "usage_reports_0007", type_="primary")
     op.drop_index("ix_usage_reports_customer_period", table_name="usage_reports_0007")
@@ -152,7 +163,7 @@ def downgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("customer_id", "instance_id", "report_id", name="uq_usage_reports_report"),
     )
-    _copy_rows("usage_reports_0007", "usage_reports", first_of_each_report_id=True)
+    _copy_rows("usage_reports_0007", "usage_reports")
     op.create_index("ix_usage_reports_customer_period", "usage_reports", ["customer_id", "period_start"])
     op.create_index("ix_usage_reports_reported_at", "usage_reports", ["reported_at"])
     op.execute("ALTER SEQUENCE usage_reports_id_seq OWNED BY usage_reports.id")
