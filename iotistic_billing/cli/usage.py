@@ -63,10 +63,12 @@ def _database_url() -> str:
 
 
 def _usage(args: argparse.Namespace) -> int:
+    from iotistic_billing.usage.reports import EARLIEST
+
     if not 1 <= args.days <= MAX_DAYS:
         raise CommandError(f"--days: must be between 1 and {MAX_DAYS}, got {args.days}")
-    if args.until is not None and args.until.toordinal() < args.days:
-        raise CommandError(f"--until: a window of {args.days} days ending {args.until} starts before year 1")
+    if args.until is not None and args.until < EARLIEST.date():
+        raise CommandError(f"--until: no usage is stored before {EARLIEST.date()}, got {args.until}")
     now = datetime.now(UTC)
     if args.until is not None:
         # As of the end of that day, or now when that day is today.
@@ -78,7 +80,7 @@ def _usage(args: argparse.Namespace) -> int:
     url = _database_url()
     import asyncpg
 
-    from iotistic_billing.db.pool import DatabaseUnavailable, asyncpg_dsn
+    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable, asyncpg_dsn
 
     try:
         _ = urlsplit(asyncpg_dsn(url)).port  # a URL asyncpg cannot parse: said before connecting
@@ -94,6 +96,10 @@ def _usage(args: argparse.Namespace) -> int:
         ) from None
     except asyncpg.PostgresError as error:  # no such database, a refused login
         raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
+    except TimeoutError:  # the pool's command timeout: a table locked by a migration, a year of reports
+        raise CommandError(
+            f"PostgreSQL did not answer within {CLI_COMMAND_TIMEOUT:.0f} s; try fewer --days, or --customer"
+        ) from None
 
 
 def window_text(start: datetime, days: int) -> str:

@@ -93,10 +93,16 @@ async def open_pool(
     return pool
 
 
+# The CLI's statements: a year of every customer's reports takes a while, a locked table longer.
+CLI_COMMAND_TIMEOUT: Final = 60.0
+
+
 async def connect(database_url: str) -> Connection:
     """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
     try:
-        conn: Connection = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5, command_timeout=60)
+        conn: Connection = await asyncpg.connect(
+            asyncpg_dsn(database_url), timeout=5, command_timeout=CLI_COMMAND_TIMEOUT
+        )
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None
     return conn
