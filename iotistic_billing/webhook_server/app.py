@@ -52,6 +52,7 @@ from iotistic_billing.webhook_server.context import (
     STRIPE,
     USAGE,
     USAGE_KEYS,
+    address_wait,
 )
 from iotistic_billing.webhook_server.errors import Handler, error_middleware, method_not_allowed
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
@@ -65,7 +66,6 @@ from iotistic_billing.webhook_server.security import (
     UsageKeyCache,
     add_security_headers,
     authenticate,
-    client_address,
     throttled,
 )
 
@@ -84,10 +84,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if entry is None:
         return await handler(request)  # aiohttp's own 404, or the route table's 405
     if entry.rate_limited:
-        address = client_address(
-            request.remote, request.headers.getall("X-Forwarded-For", ()), app[OPTIONS].trusted_proxies
-        )
-        wait = app[ADDRESS_LIMITER].take(address)
+        wait = address_wait(request)
         if wait is not None:
             raise throttled(wait, "address")
     if entry.access in ("admin", "instance"):

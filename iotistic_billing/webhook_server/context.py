@@ -25,7 +25,13 @@ from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.webhook_server.route import Route
-from iotistic_billing.webhook_server.security import Principal, RateLimiter, UsageKeyCache
+from iotistic_billing.webhook_server.security import (
+    Principal,
+    RateLimiter,
+    UsageKeyCache,
+    address_bucket,
+    client_address,
+)
 
 SETTINGS = web.AppKey("settings", Settings)
 OPTIONS = web.AppKey("options", ServerOptions)
@@ -62,3 +68,17 @@ def stripe_api(request: web.Request) -> StripeApi:
     if billing is None:
         raise stripe_not_configured()
     return billing
+
+
+def request_address(request: web.Request) -> str:
+    """The client a request comes from: the peer, or what X-Forwarded-For says when a trusted proxy
+    (TRUSTED_PROXIES) sent it."""
+    return client_address(
+        request.remote, request.headers.getall("X-Forwarded-For", ()), request.app[OPTIONS].trusted_proxies
+    )
+
+
+def address_wait(request: web.Request) -> float | None:
+    """Spend a token of the limit per client address (an IPv6 client's /64): None when allowed, else the
+    seconds until a token is there again."""
+    return request.app[ADDRESS_LIMITER].take(address_bucket(request_address(request)))

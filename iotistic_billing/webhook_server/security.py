@@ -4,7 +4,8 @@
 - Instance: `X-API-Key: <usage key>` or `Authorization: Bearer <usage key>`; only its SHA-256 is stored
   (api_keys), so lookup is by hash. Lookups are cached for a short TTL (UsageKeyCache): a revoked key
   keeps working until its cache entry expires (30 s by default); a replaced one, ROTATION_GRACE longer.
-- Rate limits: an in-memory token bucket per client address and per authenticated principal.
+- Rate limits: an in-memory token bucket per client address (an IPv6 client's /64) and per
+  authenticated principal.
 """
 
 from __future__ import annotations
@@ -222,6 +223,20 @@ def client_address(
     return peer
 
 
+def address_bucket(address: str) -> str:
+    """The key of a client address's rate limit: an IPv6 client is its /64, which a subscriber gets whole
+    and takes fresh addresses from at will; an IPv4-mapped IPv6 address is its IPv4 address."""
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address  # "unknown", or a peer that is no IP address (a Unix socket)
+    if isinstance(parsed, IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return f"{IPv6Address(int(parsed) >> 64 << 64)}/64"
+    return str(parsed)
+
+
 def is_trusted_proxy(hop: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
     """Whether an address (a peer, an X-Forwarded-For entry) is one of the trusted proxies: only their
     X-Forwarded-* headers are believed."""
@@ -293,6 +308,7 @@ __all__ = [
     "RateLimiter",
     "UsageKeyCache",
     "add_security_headers",
+    "address_bucket",
     "authenticate",
     "client_address",
     "instance_principal",

@@ -206,6 +206,10 @@ async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Setting
         assert [await status("198.51.100.2") for _ in range(2)] == [200, 200]
         # A client cannot pick a fresh bucket by prepending addresses of its own.
         assert await status("203.0.113.9, 198.51.100.1") == 429
+        # Nor by taking another address of its IPv6 /64, or writing its IPv4 address as IPv6.
+        assert [await status(f"2001:db8:1:2::{index}") for index in range(1, 4)] == [200, 200, 429]
+        assert await status("2001:db8:1:3::1") == 200
+        assert await status("::ffff:198.51.100.2") == 429
 
     per_key = ServerOptions(license_wait=0, rate_per_key=RateLimit(per_second=0.5, burst=2))
     async with running_app(webhook_settings, kubeconfig, per_key) as client:

@@ -27,7 +27,7 @@ from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
 from iotistic_billing.webhook_server.schemas import Request, SignupRequest
-from iotistic_billing.webhook_server.security import RateLimiter, client_address
+from iotistic_billing.webhook_server.security import RateLimiter, address_bucket, client_address
 from iotistic_billing.webhook_server.views import (
     customer_view,
     new_customer_id,
@@ -97,6 +97,34 @@ def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
     peer: str | None, forwarded_for: list[str], trusted: tuple[Any, ...], client: str
 ) -> None:
     assert client_address(peer, forwarded_for, trusted) == client
+
+
+@pytest.mark.parametrize(
+    ("address", "bucket"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        # An IPv6 client holds a whole /64 (and picks any address of it): the /64 is the client.
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        # A dual-stack socket's IPv4 peer is the IPv4 client.
+        ("::ffff:198.51.100.7", "198.51.100.7"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_address_s_rate_limit_bucket_is_its_client(address: str, bucket: str) -> None:
+    assert address_bucket(address) == bucket
+
+
+def test_one_ipv6_client_cannot_take_a_fresh_bucket_per_address() -> None:
+    limiter = RateLimiter(RateLimit(per_second=1.0, burst=5), clock=FakeClock())
+    allowed = sum(
+        limiter.take(address_bucket(client_address("10.244.0.7", [f"2001:db8:1:2::{i:x}"], INGRESS))) is None
+        for i in range(1000)
+    )
+    assert allowed == 5, f"{allowed} of 1,000 requests from one /64 at one instant were allowed (burst 5)"
+    assert limiter.take(address_bucket("2001:db8:1:3::1")) is None  # the next /64 is another client
 
 
 def test_the_keyring_verifies_our_licences_whatever_their_times_and_only_ours() -> None:
