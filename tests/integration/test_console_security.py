@@ -4,6 +4,7 @@ any page; every refused request changes nothing."""
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from ipaddress import ip_network
@@ -23,7 +24,7 @@ from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.console.pages import PAGES
 from iotistic_billing.webhook_server.console.session import COOKIE
-from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.security import CONSOLE_CSP
 from tests.conftest import unique_name
 from tests.integration.console_support import event_state, origin, post_form, sign_in, unmatched_event
@@ -160,6 +161,42 @@ async def test_the_session_cookie_carries_its_flags(webhook_settings: Settings, 
         assert cookie["path"] == "/admin"
         assert bool(cookie["secure"]) is secure
         assert int(cookie["max-age"]) == 8 * 3600
+
+
+async def test_sign_in_guesses_are_limited_per_address_as_the_api_is(
+    webhook_settings: Settings, kubeconfig: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test client connects from 127.0.0.1: as a trusted proxy, it names each client.
+    options = ServerOptions(
+        license_wait=0,
+        rate_per_address=RateLimit(per_second=0.5, burst=3),
+        trusted_proxies=(ip_network("127.0.0.0/8"),),
+    )
+    guesser, other = {"X-Forwarded-For": "198.51.100.1"}, {"X-Forwarded-For": "198.51.100.2"}
+    caplog.set_level(logging.INFO, logger="iotistic_billing.webhook_server.console.pages")
+    async with running_app(webhook_settings, kubeconfig, options) as client:
+        guesses = [
+            await post_form(client, "/admin/login", {"token": f"guess-{index:016d}"}, guesser)
+            for index in range(3)
+        ]
+        assert [answer.status for answer in guesses] == [401, 401, 401]
+        # The right token too, once the address is out of tokens: the limit comes before any check.
+        throttled = await post_form(client, "/admin/login", {"token": ADMIN_TOKEN}, guesser)
+        assert throttled.status == 429
+        assert int(throttled.headers["Retry-After"]) >= 1
+        assert throttled.content_type == "text/html"
+        assert throttled.headers["Content-Security-Policy"] == CONSOLE_CSP
+        assert "Try again in" in await throttled.text()
+        assert COOKIE not in throttled.cookies
+        # One bucket per address for the console's forms and the API.
+        assert (await post_form(client, "/admin/logout", {}, guesser)).status == 429
+        assert (await client.get("/.well-known/jwks.json", headers=guesser)).status == 429
+        # Another address signs in.
+        assert (await post_form(client, "/admin/login", {"token": ADMIN_TOKEN}, other)).status == 303
+    failed = [record.getMessage() for record in caplog.records if "sign-in" in record.getMessage()]
+    assert failed == ["console: a sign-in from 198.51.100.1 failed: the token opens no session"] * 3
+    signed_in = [record.getMessage() for record in caplog.records if "signed in" in record.getMessage()]
+    assert signed_in == ["console: admin signed in from 198.51.100.2"]
 
 
 async def test_an_untrusted_peer_cannot_claim_tls(api: TestClient[Any, Any]) -> None:

@@ -18,9 +18,18 @@ from kubernetes.client.exceptions import ApiException
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.pages import console_guard, register
-from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, KUBE, OPTIONS, SESSIONS, SETTINGS
+from iotistic_billing.webhook_server.context import (
+    ADDRESS_LIMITER,
+    CLOCK,
+    DIRECTORY,
+    KUBE,
+    OPTIONS,
+    SESSIONS,
+    SETTINGS,
+)
 from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.security import RateLimiter
 
 ADMIN = "admin-token-" + "a" * 20
 VIEWER = "viewer-token-" + "b" * 20
@@ -159,6 +168,7 @@ async def console() -> AsyncIterator[Console]:
     kube, database, directory = FakeKube(), FakeDatabase(), FakeDirectory(records("acme", "globex"))
     app[SETTINGS] = settings
     app[OPTIONS] = ServerOptions()
+    app[ADDRESS_LIMITER] = RateLimiter(app[OPTIONS].rate_per_address)
     app[CLOCK] = lambda: datetime(2026, 6, 1, tzinfo=UTC)
     app[DIRECTORY] = directory  # type: ignore[misc]
     app[KUBE] = kube  # type: ignore[misc]

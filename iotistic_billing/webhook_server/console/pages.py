@@ -45,10 +45,12 @@ from iotistic_billing.webhook_server.context import (
     OPTIONS,
     SESSIONS,
     SETTINGS,
+    address_wait,
+    request_address,
 )
 from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
-from iotistic_billing.webhook_server.security import is_trusted_proxy
+from iotistic_billing.webhook_server.security import is_trusted_proxy, throttled
 from iotistic_billing.webhook_server.usage import usage_history
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await read_form(request)
     session = sessions.sign_in(str(form.get("token", "")))
     if session is None:
+        log.warning("console: a sign-in from %s failed: the token opens no session", request_address(request))
         return render(request, "login.html.j2", status=401, failed=True)
     response = see_other("/admin/")
     response.set_cookie(
@@ -178,7 +181,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         samesite="Strict",
         secure=_secure(request),
     )
-    log.info("console: %s signed in from %s", session.role, request.remote)
+    log.info("console: %s signed in from %s", session.role, request_address(request))
     return response
 
 
@@ -584,16 +587,32 @@ def same_origin(request: web.Request) -> bool:
     return source == own or source.startswith(own + "/")
 
 
+def throttled_page(request: web.Request, wait: float) -> web.Response:
+    """The API's 429 (its Retry-After) as a page of the console, which says when to try again."""
+    refusal = throttled(wait, "address")
+    response = render(
+        request, "throttled.html.j2", status=refusal.status, retry_after=refusal.details["retry_after"]
+    )
+    response.headers.update(refusal.headers)
+    return response
+
+
 @web.middleware
 async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A session for every page but the public ones (else to the sign-in page), the admin role for
-    actions, and for every POST the same origin and the session's CSRF token."""
+    actions, and for every POST the limit per client address, the same origin and the session's CSRF
+    token."""
     pages = request.app.get(PAGES_KEY)
     page = pages.get(request.match_info.route) if pages is not None else None
     if page is None:
         return await handler(request)
-    if request.method == "POST" and not same_origin(request):
-        raise Forbidden("a console form must come from this console (Origin)")
+    if request.method == "POST":
+        # The API's limit per client address, so that the sign-in form is no faster way to guess tokens.
+        wait = address_wait(request)
+        if wait is not None:
+            return throttled_page(request, wait)
+        if not same_origin(request):
+            raise Forbidden("a console form must come from this console (Origin)")
     if page.role == "public":
         return await handler(request)
     session = request.app[SESSIONS_KEY].read(request.cookies.get(COOKIE))
