@@ -185,7 +185,9 @@ async def test_reconcile_now_retries_a_stalled_customer(
         await page.wait_for_url(f"**/admin/customers/{name}")
         await expect(page.locator("h1 .phase")).to_have_text("Failed")
         await page.click("button:has-text('Reconcile now')")
-        await expect(page.locator("p.done")).to_contain_text("reconcile requested at")
+        await expect(page.locator("p.done")).to_have_text(
+            "Reconcile requested: the operator answers it with a pass."
+        )
         requested = (customers.get(name) or {})["metadata"]["annotations"][
             "reconcile.iotistic.io/requested-at"
         ]
@@ -218,7 +220,7 @@ async def test_replaying_an_unmatched_event_applies_it_once_its_customer_exists(
         await expect(page.locator("td.result")).to_have_text("unmatched")
         await page.screenshot(path=tmp_path / "stripe-event-unmatched.png", full_page=True)
         await page.click("button:has-text('Replay')")
-        await expect(page.locator("p.done")).to_contain_text("replayed")
+        await expect(page.locator("p.done")).to_have_text("Stripe event replayed: see its result below.")
         await expect(page.locator("td.result")).to_have_text("applied", timeout=30_000)
         await expect(page.locator("button:has-text('Replay')")).to_have_count(0)
         await page.screenshot(path=tmp_path / "stripe-event-applied.png", full_page=True)

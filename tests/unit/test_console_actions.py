@@ -246,6 +246,45 @@ async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: C
 
 
 @pytest.mark.parametrize(
+    ("path", "location", "banner"),
+    [
+        ("/admin/customers/acme/suspend", "/admin/customers/acme?done=suspend", "Customer suspended."),
+        ("/admin/rollouts/wave-1/pause", "/admin/rollouts?done=rollout-pause", "InstanceRollout paused."),
+    ],
+)
+async def test_an_action_s_banner_is_a_code_for_a_text_of_the_console(
+    console: Console, path: str, location: str, banner: str
+) -> None:
+    answer = await console.post(path, {"csrf": await console.sign_in()})
+    assert (answer.status, answer.headers["Location"]) == (303, location)
+    # The code's text shows on any page of the session (the customer's page needs more than these fakes).
+    code = location.partition("?")[2]
+    page = await (await console.client.get(f"/admin/customers?{code}")).text()
+    assert f'<p class="done" role="status">{banner}</p>' in page
+
+
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [
+        ("/admin/customers?done=Your+session+expired%3A+call+%2B1-555-0100", VIEWER),
+        ("/admin/customers?done=<b>suspended</b>", ADMIN),
+        ("/admin/login?done=Sign+in+with+your+token+at+billing-support.example", None),
+        ("/admin/login?done=suspend", None),  # an action's text has no place on the sign-in page
+    ],
+)
+async def test_a_link_cannot_write_the_console_s_banner(
+    console: Console, path: str, token: str | None
+) -> None:
+    if token is not None:
+        await console.sign_in(token)
+    answer = await console.client.get(path, allow_redirects=False)
+    page = await answer.text()
+    assert answer.status == 200, page
+    assert 'class="done"' not in page
+    assert "555-0100" not in page and "billing-support" not in page and "<b>" not in page
+
+
+@pytest.mark.parametrize(
     ("page", "shown"),
     [
         ("2", 2),

@@ -63,6 +63,18 @@ STATIC_FILES: Final = {
     "console.js": "text/javascript",
     "favicon.svg": "image/svg+xml",
 }
+# What an action did, by the code its redirect carries (`?done=suspend`): the link names one of these
+# texts, never a text of its own, so that nobody can put words in the console's banner with a link.
+DONE: Final = {
+    "reconcile": "Reconcile requested: the operator answers it with a pass.",
+    "suspend": "Customer suspended.",
+    "resume": "Suspension lifted.",
+    "revoke": "Licence revoked and Customer suspended.",
+    "replay": "Stripe event replayed: see its result below.",
+    "rollout-pause": "InstanceRollout paused.",
+    "rollout-resume": "InstanceRollout resumed.",
+    "rollout-abort": "InstanceRollout aborted.",
+}
 SESSION = web.RequestKey("console_session", ConsoleSession)
 TEMPLATES = web.AppKey("console_templates", Environment)
 SESSIONS_KEY = web.AppKey("console_sessions", Sessions)
@@ -117,7 +129,8 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
             csrf=session.csrf if session else "",
             fragment=fragment,
             now=request.app[CLOCK](),
-            done=request.query.get("done", ""),
+            # Only for a session: an action's banner has no place on the sign-in page.
+            done=DONE.get(request.query.get("done", "")) if session else None,
             **context,
         )
     )
@@ -489,7 +502,7 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
                     raise _no_customer(record.name) from None
                 raise
     await _tell(request, record, action, detail)
-    return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": detail}))
+    return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": action}))
 
 
 async def rollouts_page(request: web.Request) -> web.Response:
@@ -519,7 +532,7 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
             if error.status == 404:
                 raise NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}") from None
             raise
-    return see_other("/admin/rollouts?" + urlencode({"done": f"{name} {done}"}))
+    return see_other("/admin/rollouts?" + urlencode({"done": f"rollout-{action}"}))
 
 
 async def replay_event(request: web.Request) -> web.StreamResponse:
@@ -550,9 +563,7 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
         await session.execute(select(func.pg_notify(INBOX_CHANNEL, event_id)))
     if record is not None:
         await _tell(request, record, "replay", detail)
-    return see_other(
-        f"/admin/stripe-events/{event_id}?" + urlencode({"done": "replayed: see its result below"})
-    )
+    return see_other(f"/admin/stripe-events/{event_id}?" + urlencode({"done": "replay"}))
 
 
 # ----- the table -----
