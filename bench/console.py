@@ -624,6 +624,7 @@ def server_env(
         "LICENSE_PRIVATE_KEY_PATH": str(keys / "private-key.pem"),
         "LICENSE_PUBLIC_KEY_PATH": str(keys / "public-key.pem"),
         "ADMIN_API_TOKEN": ADMIN_TOKEN,
+        "CONSOLE_SESSION_KEY": "bench-console-session-key-" + "0" * 24,
         "LOG_FORMAT": "json",
     }
 

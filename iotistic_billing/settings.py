@@ -12,7 +12,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Final, Literal, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     admin_api_token: SecretStr | None = None
     # The admin console's second role: signed in with it, a person may look but not act.
     admin_viewer_token: SecretStr | None = None
+    # Seals the console's session cookies, the same on every replica. No token derives it: a cookie
+    # sealed with a key derived from a token lets its holder test guesses of that token offline.
+    console_session_key: SecretStr | None = None
 
     # The operator: liveness endpoint port, Kopf peering name ("" runs standalone) and priority.
     operator_liveness_port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -147,6 +150,21 @@ class Settings(BaseSettings):
     def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("console_session_key")
+    @classmethod
+    def _session_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        if len(key) < 32:
+            raise ValueError(f"must be at least 32 characters (`openssl rand -base64 32`), got {len(key)}")
+        if any(character.isspace() for character in key):
+            raise ValueError("must hold no spaces or line breaks (a file's last newline?)")
+        tokens = (info.data.get("admin_api_token"), info.data.get("admin_viewer_token"))
+        if any(token is not None and token.get_secret_value() == key for token in tokens):
+            raise ValueError("must be a secret of its own, not ADMIN_API_TOKEN or ADMIN_VIEWER_TOKEN")
         return value
 
     @field_validator("trusted_proxies", mode="before")

@@ -186,6 +186,10 @@ class DevEnvironment:
             raise SystemExit(
                 f"{self.state / 'viewer-token'} holds the admin token; delete it to get a new one"
             )
+        # Seals the console's sessions: kept, so a restart does not sign anyone out.
+        env["CONSOLE_SESSION_KEY"] = _kept_secret(
+            self.state / "console-session-key", secrets.token_urlsafe(32)
+        )
         env["STRIPE_WEBHOOK_SECRET"] = _kept_secret(
             self.state / "webhook-secret", "whsec_" + secrets.token_hex(24)
         )

@@ -305,6 +305,25 @@ async def test_rotating_a_token_ends_its_sessions(webhook_settings: Settings, ku
         assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
 
 
+async def test_a_session_spans_replicas_and_ends_with_its_key(
+    webhook_settings: Settings, kubeconfig: Path
+) -> None:
+    async with running_app(webhook_settings, kubeconfig) as client:
+        await sign_in(client, VIEWER_TOKEN)
+        sealed = {cookie.key: cookie.value for cookie in client.session.cookie_jar}[COOKIE]
+    # Another replica, or this one restarted: the same CONSOLE_SESSION_KEY reads the cookie.
+    async with running_app(webhook_settings, kubeconfig) as client:
+        client.session.cookie_jar.update_cookies({COOKIE: sealed})
+        assert (await client.get("/admin/", allow_redirects=False)).status == 200
+    rotated = webhook_settings.model_copy(
+        update={"console_session_key": SecretStr("rotated-key-" + "5" * 32)}
+    )
+    async with running_app(rotated, kubeconfig) as client:
+        client.session.cookie_jar.update_cookies({COOKIE: sealed})
+        answer = await client.get("/admin/", allow_redirects=False)
+        assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+
+
 async def test_odd_values_in_the_stripe_events_path_and_filters_are_answered_not_a_500(
     api: TestClient[Any, Any], db_engine: AsyncEngine
 ) -> None:

@@ -32,6 +32,7 @@ ENV_NAMES = {
     "DATABASE_URL",
     "ADMIN_API_TOKEN",
     "ADMIN_VIEWER_TOKEN",
+    "CONSOLE_SESSION_KEY",
     "STRIPE_WEBHOOK_SECRET",
     "STRIPE_PRICE_STARTER",
     "STRIPE_PRICE_PROFESSIONAL",
@@ -388,6 +389,7 @@ def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
         again = dev.env
         assert again["ADMIN_API_TOKEN"] == env["ADMIN_API_TOKEN"]
         assert again["ADMIN_VIEWER_TOKEN"] == env["ADMIN_VIEWER_TOKEN"]
+        assert again["CONSOLE_SESSION_KEY"] == env["CONSOLE_SESSION_KEY"]
         kept = _kubectl(again, "get", "configmap", "kept-between-runs", "-o", "jsonpath={.data.a}")
         assert kept.stdout == "b", kept.stderr
         # The kept fake Nodes were taken over (creating them again did not fail the start): the samples

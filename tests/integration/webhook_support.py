@@ -45,6 +45,8 @@ T = TypeVar("T")
 WEBHOOK_SECRET = "whsec_test_" + "a1b2c3d4" * 4
 ADMIN_TOKEN = "admin-token-" + "0123456789abcdef" * 2
 VIEWER_TOKEN = "viewer-token-" + "fedcba9876543210" * 2
+# The console's sealing key: the same for every app a test starts, as for every replica.
+SESSION_KEY = "console-session-key-" + "89abcdef01234567" * 2
 PRICES = {
     "starter": "price_test_starter",
     "professional": "price_test_professional",
@@ -396,6 +398,7 @@ def make_settings(
         "license_public_key_path": public_key,
         "admin_api_token": ADMIN_TOKEN,
         "admin_viewer_token": VIEWER_TOKEN,
+        "console_session_key": SESSION_KEY,
         "base_domain": "test.iotistic.example",
     }
     values.update(overrides)
@@ -462,6 +465,7 @@ def server_env(
         "LICENSE_PRIVATE_KEY_PATH": str(private_key),
         "LICENSE_PUBLIC_KEY_PATH": str(public_key),
         "ADMIN_API_TOKEN": ADMIN_TOKEN,
+        "CONSOLE_SESSION_KEY": SESSION_KEY,
     }
 
 

@@ -3,11 +3,16 @@ check."""
 
 from __future__ import annotations
 
+import base64
+import logging
 from datetime import UTC, date, datetime, timedelta
 from xml.etree import ElementTree
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
@@ -83,8 +88,20 @@ def test_times_read_as_a_person_says_them() -> None:
     assert pairs({"isTrialMode": True, "endsAt": "2026-12-17"}) == "isTrialMode: yes, endsAt: 2026-12-17"
 
 
-def sessions(**tokens: str) -> Sessions:
-    return Sessions(load_settings(**{"admin_api_token": ADMIN, "admin_viewer_token": VIEWER, **tokens}))
+SESSION_KEY = "console-session-key-" + "e" * 24
+
+
+def sessions(**settings: str) -> Sessions:
+    return Sessions(
+        load_settings(
+            **{
+                "admin_api_token": ADMIN,
+                "admin_viewer_token": VIEWER,
+                "console_session_key": SESSION_KEY,
+                **settings,
+            }
+        )
+    )
 
 
 def test_a_session_is_sealed_and_read_back_only_with_its_token() -> None:
@@ -99,12 +116,54 @@ def test_a_session_is_sealed_and_read_back_only_with_its_token() -> None:
     assert VIEWER not in sealed and viewer.csrf not in sealed  # encrypted, not only signed
     tampered = sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB")
     assert keeper.read(tampered) is None
-    # A new viewer token ends the viewer's sessions; the admin's stay.
+    # Another replica (the same settings) reads it.
+    assert sessions().read(sealed) == viewer
+    # A new viewer token ends the viewer's sessions; the admin's stay, and the other way round.
     rotated = sessions(admin_viewer_token="viewer-token-" + "c" * 20)
     assert rotated.read(sealed) is None
     assert rotated.read(keeper.seal(admin)) == admin
-    # A new admin token changes the sealing key: every session ends.
-    assert sessions(admin_api_token="admin-token-" + "d" * 20).read(keeper.seal(admin)) is None
+    rotated = sessions(admin_api_token="admin-token-" + "d" * 20)
+    assert rotated.read(keeper.seal(admin)) is None
+    assert rotated.read(sealed) == viewer
+    # A new session key ends every session.
+    assert sessions(console_session_key="another-session-key-" + "f" * 24).read(sealed) is None
+
+
+def opens(cookie: str, secret: str) -> bool:
+    """Whether `cookie` opens with the Fernet key HKDF derives from `secret`, as the console's once did."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"iotistic-console-session").derive(
+        secret.encode()
+    )
+    try:
+        Fernet(base64.urlsafe_b64encode(key)).decrypt(cookie.encode())
+    except InvalidToken:
+        return False
+    return True
+
+
+def test_a_viewer_s_cookie_tests_no_guess_of_the_admin_token() -> None:
+    keeper = sessions()
+    viewer = keeper.sign_in(VIEWER)
+    assert viewer is not None
+    cookie = keeper.seal(viewer)
+    # A viewer holding their own cookie tries admin tokens offline: none opens it, the right one neither.
+    assert not [guess for guess in ("admin-token-" + "0" * 20, ADMIN, VIEWER) if opens(cookie, guess)]
+    assert opens(cookie, SESSION_KEY)  # the key of its own seals it
+
+
+def test_without_a_session_key_a_process_seals_with_a_key_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER)
+    with caplog.at_level(logging.WARNING):
+        keeper, other = Sessions(settings), Sessions(settings)
+    viewer = keeper.sign_in(VIEWER)
+    assert viewer is not None
+    sealed = keeper.seal(viewer)
+    assert keeper.read(sealed) == viewer
+    assert other.read(sealed) is None  # another replica, or this one restarted
+    assert not opens(sealed, ADMIN)
+    assert "CONSOLE_SESSION_KEY is not set" in caplog.text
 
 
 def test_a_forged_role_does_not_read() -> None:

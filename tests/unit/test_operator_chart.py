@@ -438,7 +438,12 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
         "secrets": {
             "database": {"name": "pg-credentials", "key": "dsn"},
             "stripe": {"name": "stripe-live", "secretKey": "api-key", "webhookSecretKey": "signing"},
-            "admin": {"name": "admin-token", "tokenKey": "bearer", "viewerTokenKey": "viewer"},
+            "admin": {
+                "name": "admin-token",
+                "tokenKey": "bearer",
+                "viewerTokenKey": "viewer",
+                "sessionKeyKey": "cookie-key",
+            },
             "licenseKeys": {"name": "licence-signing"},
             "notices": {"name": "notices", "smtpUrlKey": "smtp", "platformWebhookSecretKey": "hook"},
         },
@@ -463,6 +468,7 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
         (WEBHOOK_SERVER, "STRIPE_WEBHOOK_SECRET"): ("stripe-live", "signing"),
         (WEBHOOK_SERVER, "ADMIN_API_TOKEN"): ("admin-token", "bearer"),
         (WEBHOOK_SERVER, "ADMIN_VIEWER_TOKEN"): ("admin-token", "viewer"),
+        (WEBHOOK_SERVER, "CONSOLE_SESSION_KEY"): ("admin-token", "cookie-key"),
         (OPERATOR, "SMTP_URL"): ("notices", "smtp"),
         (WEBHOOK_SERVER, "SMTP_URL"): ("notices", "smtp"),
         (OPERATOR, "NOTIFY_WEBHOOK_SECRET"): ("notices", "hook"),
@@ -475,7 +481,24 @@ def test_without_stripe_and_admin_secrets_those_variables_are_absent(helm: Path,
     objects = render(helm, tmp_path, {"secrets": {"stripe": {"name": ""}, "admin": {"name": ""}}})
 
     env = env_of(one(objects, "Deployment", WEBHOOK_SERVER))
-    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "ADMIN_API_TOKEN"} & env.keys()
+    assert (
+        not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "ADMIN_API_TOKEN", "CONSOLE_SESSION_KEY"}
+        & env.keys()
+    )
+
+
+def test_every_replica_gets_the_console_session_key_from_the_admin_secret(
+    helm: Path, default_objects: list[Manifest]
+) -> None:
+    env = env_of(one(default_objects, "Deployment", WEBHOOK_SERVER))
+    assert env["CONSOLE_SESSION_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "iotistic-billing-admin",
+        "key": "session-key",
+    }
+    # Required with the admin Secret: without it each replica would seal with a key of its own.
+    result = run(helm, "template", RELEASE, CHART, "--set", "secrets.admin.sessionKeyKey=")
+    assert result.returncode != 0, "rendered the console without a session key"
+    assert "secrets.admin.sessionKeyKey" in result.stderr and "CONSOLE_SESSION_KEY" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -1088,7 +1111,7 @@ def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -
                 }
     lines = {line.strip().split(" (", 1)[0]: line for line in notes.splitlines()}
 
-    assert len(waited) == 11
+    assert len(waited) == 12
     for name, key in waited:
         assert name in lines and key in lines[name], (name, key, notes)
 
@@ -1117,6 +1140,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
     credentials = {
         "DATABASE_URL": "postgresql://billing@db/billing",
         "ADMIN_API_TOKEN": "t" * 32,
+        "CONSOLE_SESSION_KEY": "k" * 44,
         "STRIPE_SECRET_KEY": "sk_test_x",
         "STRIPE_WEBHOOK_SECRET": "whsec_x",
     }

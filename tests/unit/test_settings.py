@@ -112,6 +112,35 @@ def test_secret_values_never_appear_in_the_error(
 @pytest.mark.parametrize(
     ("env", "message"),
     [
+        ({"CONSOLE_SESSION_KEY": "k" * 31}, "CONSOLE_SESSION_KEY: must be at least 32 characters"),
+        ({"CONSOLE_SESSION_KEY": "k" * 44 + "\n"}, "CONSOLE_SESSION_KEY: must hold no spaces or line breaks"),
+        (
+            {"ADMIN_API_TOKEN": "t" * 40, "CONSOLE_SESSION_KEY": "t" * 40},
+            "CONSOLE_SESSION_KEY: must be a secret of its own, not ADMIN_API_TOKEN",
+        ),
+        (
+            {"ADMIN_VIEWER_TOKEN": "v" * 40, "CONSOLE_SESSION_KEY": "v" * 40},
+            "CONSOLE_SESSION_KEY: must be a secret of its own, not ADMIN_API_TOKEN or ADMIN_VIEWER_TOKEN",
+        ),
+    ],
+)
+def test_the_console_session_key_is_a_long_secret_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert message in str(refused.value)
+    assert env["CONSOLE_SESSION_KEY"] not in str(refused.value)
+    monkeypatch.setenv("CONSOLE_SESSION_KEY", "0123456789abcdef" * 2)
+    key = load_settings().console_session_key
+    assert key is not None and key.get_secret_value() == "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
         (
             {"INSTANCE_CHART": "oci://registry.example/charts/customer-instance"},
             "INSTANCE_CHART_VERSION: required",

@@ -1,6 +1,7 @@
 """Console sessions: a sealed cookie (Fernet: encrypted and authenticated, with a lifetime) that says the
 role, the CSRF token of the session and which token signed it in, so that rotating a token ends the
-sessions it opened. No state on the server: every replica reads the same cookie."""
+sessions it opened. No state on the server: every replica reads the same cookie, sealed with the key of
+CONSOLE_SESSION_KEY."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -15,8 +17,11 @@ from typing import Final, Literal
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import SecretStr
 
 from iotistic_billing.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Role = Literal["admin", "viewer"]
 COOKIE: Final = "iotistic_console"
@@ -47,24 +52,29 @@ def _tokens(settings: Settings) -> dict[Role, str]:
     return tokens
 
 
+def _sealing_key(secret: SecretStr | None) -> bytes:
+    """The Fernet key of CONSOLE_SESSION_KEY; unset, a random key of this process, whose sessions end
+    with it and that no other replica reads."""
+    if secret is None:
+        log.warning(
+            "CONSOLE_SESSION_KEY is not set: the console's sessions are sealed with a key of this process;"
+            " they end when it restarts and another replica does not read them"
+        )
+        return Fernet.generate_key()
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"iotistic-console-session").derive(
+        secret.get_secret_value().encode()
+    )
+    return base64.urlsafe_b64encode(key)
+
+
 class Sessions:
-    """Opens, seals and reads sessions with a key derived from the admin token (no setting of its own;
-    every replica derives the same)."""
+    """Opens, seals and reads sessions. The sealing key comes from CONSOLE_SESSION_KEY alone: one derived
+    from a token would make every cookie a way to test guesses of that token offline."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        admin = settings.admin_api_token
-        self._fernet = (
-            Fernet(
-                base64.urlsafe_b64encode(
-                    HKDF(
-                        algorithm=hashes.SHA256(), length=32, salt=None, info=b"iotistic-console-session"
-                    ).derive(admin.get_secret_value().encode())
-                )
-            )
-            if admin is not None
-            else None
-        )
+        configured = settings.admin_api_token is not None
+        self._fernet = Fernet(_sealing_key(settings.console_session_key)) if configured else None
 
     @property
     def configured(self) -> bool:
