@@ -36,6 +36,9 @@ RECONCILE_REQUESTED_AT = "reconcile.iotistic.io/requested-at"
 NAMESPACE_PREFIX = "customer-"
 # Which operator shard owns the Customer (iotistic_billing/operator/sharding.py); none: shard 0.
 SHARD_LABEL = "iotistic.io/shard"
+# On what the operator writes for a Customer (its namespace and Secrets): whose they are, as a name
+# alone cannot tell once a deleted Customer's name is taken again.
+CUSTOMER_ID_LABEL = "iotistic.io/customer-id"
 
 # The Secret the operator writes into the customer namespace and the chart reads.
 LICENSE_SECRET_NAME = "iotistic-license"  # noqa: S105 (a Secret's name, not a password)

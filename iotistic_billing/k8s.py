@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Final, Literal, ParamSpec, TypeVar
+from typing import Any, Final, Literal, NamedTuple, ParamSpec, TypeVar
 
 import kubernetes
 import urllib3
@@ -63,6 +63,15 @@ class Watched:
 
 
 CUSTOMERS: Final = Watched("Customers", "customers")
+
+
+class SecretData(NamedTuple):
+    """A Secret's decoded data, its annotations and its labels (whose copy it is: the operator's
+    Secrets carry the customer id)."""
+
+    data: dict[str, bytes]
+    annotations: dict[str, str]
+    labels: dict[str, str]
 
 
 class KubernetesUnavailable(Exception):
@@ -371,13 +380,14 @@ class KubeApi:
         else:
             raise ValueError(f"apply of {body['kind']} is not supported")
 
-    def read_secret_data(self, namespace: str, name: str) -> tuple[dict[str, bytes], dict[str, str]] | None:
-        """A Secret's decoded data and its annotations, or None when it (or its namespace) is missing."""
+    def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        """A Secret's decoded data, annotations and labels, or None when it (or its namespace) is missing."""
         secret = not_found_as_none(self.call, self.core.read_namespaced_secret, name, namespace)
         if secret is None:
             return None
         data = {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
-        return data, dict(secret["metadata"].get("annotations") or {})
+        meta = secret["metadata"]
+        return SecretData(data, dict(meta.get("annotations") or {}), dict(meta.get("labels") or {}))
 
     def merge_secret_data(
         self,
@@ -582,9 +592,7 @@ class Kube:
     async def apply(self, body: dict[str, Any]) -> None:
         await self.run(self.api.apply, body)
 
-    async def read_secret_data(
-        self, namespace: str, name: str
-    ) -> tuple[dict[str, bytes], dict[str, str]] | None:
+    async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
         return await self.run(self.api.read_secret_data, namespace, name)
 
     async def merge_secret_data(
@@ -631,6 +639,7 @@ __all__ = [
     "Kube",
     "KubeApi",
     "KubernetesUnavailable",
+    "SecretData",
     "Watched",
     "api_client",
     "customer_body",

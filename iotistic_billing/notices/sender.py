@@ -7,7 +7,8 @@ can drop the duplicate (at least once; exactly once where the receiver keeps ids
 after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
 
 A deleted Customer's webhooks are signed with the copy of its secret its deletion kept in the billing
-namespace, which the sender drops once none of them is pending.
+namespace, which the sender drops once none of them is pending; never with the copy in the namespace of
+its name, once that copy is another Customer's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import (
+    CUSTOMER_ID_LABEL,
     DELETED_NOTIFICATIONS_SECRET_NAME,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
@@ -39,7 +41,7 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
-from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
+from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
@@ -288,15 +290,15 @@ class NoticeSender:
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
         """For a Customer deleted since the notice, the copy of its signing secret its deletion kept
         under its customer id; else the copy the operator made from spec.notifications.webhook.secretRef
-        in its namespace. The kept one first: the name, and so the namespace, may already be another
-        customer's (a company signed up again), whose key the old receiver would refuse."""
-        value = await self._secret_value(
-            self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME, notice.customer_id
-        )
+        in its namespace, when that copy is labelled with the notice's customer id. The name, and so the
+        namespace, may already be another customer's (a company signed up again): its key would sign
+        the old customer's notice for a receiver that is not the new customer's."""
+        kept = await self._read_secret(self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+        value = kept.data.get(notice.customer_id) if kept is not None else None
         if value is None:
-            value = await self._secret_value(
-                namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME, NOTIFICATIONS_SECRET_KEY
-            )
+            copy = await self._read_secret(namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME)
+            if copy is not None and copy.labels.get(CUSTOMER_ID_LABEL) == notice.customer_id:
+                value = copy.data.get(NOTIFICATIONS_SECRET_KEY)
         if value is None:
             raise DeliveryFailed(await self._why_no_secret(notice))
         try:
@@ -304,16 +306,15 @@ class NoticeSender:
         except ValueError as error:
             raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
 
-    async def _secret_value(self, namespace: str, name: str, key: str) -> bytes | None:
+    async def _read_secret(self, namespace: str, name: str) -> SecretData | None:
         try:
-            secret = await self.kube.read_secret_data(namespace, name)
+            return await self.kube.read_secret_data(namespace, name)
         except KubernetesUnavailable as error:
             raise DeliveryFailed(str(error)) from None
         except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
             raise DeliveryFailed(
                 f"the API server refused to read {namespace}/{name}: {error.status} {error.reason}"
             ) from None
-        return secret[0].get(key) if secret is not None else None
 
     async def _why_no_secret(self, notice: StoredNotice) -> str:
         """A deleted Customer's webhook cannot be signed any more; a Customer's that is still there, not

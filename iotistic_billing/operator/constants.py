@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Final
 
+from iotistic_billing.customer import CUSTOMER_ID_LABEL
+
 FINALIZER: Final = "iotistic.io/customer-protection"
 
 LABEL_CUSTOMER: Final = "iotistic.io/customer"
-LABEL_CUSTOMER_ID: Final = "iotistic.io/customer-id"
+LABEL_CUSTOMER_ID: Final = CUSTOMER_ID_LABEL
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "iotistic-billing-operator"
 # On helm's storage Secret of each revision: the values.values_hash it was installed with.

@@ -29,6 +29,7 @@ from iotistic_billing.customer import (
 from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.directory import remember
+from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.minting import (
     SIGNATURE_ONLY,
     LicenseCustomer,
@@ -132,10 +133,10 @@ def _status(record: LicenseRecord) -> LicenseStatus:
 
 
 async def ensure_license(
-    ctx: OperatorContext, target: PassTarget, existing: tuple[dict[str, bytes], dict[str, str]] | None
+    ctx: OperatorContext, target: PassTarget, existing: SecretData | None
 ) -> LicenseStatus:
-    """`existing`: the data and annotations of the current licence Secret (None when there is none)."""
-    data, annotations = existing if existing is not None else ({}, {})
+    """`existing`: the current licence Secret (None when there is none)."""
+    data, annotations = (existing.data, existing.annotations) if existing is not None else ({}, {})
     # An edited value that is not UTF-8 is as good as a tampered token: replaced, not retried forever.
     token = data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
     stored_key = data.get(USAGE_API_KEY_KEY, b"").decode(errors="replace")

@@ -28,7 +28,7 @@ from iotistic_billing.customer import (
     namespace_for,
     parse_spec,
 )
-from iotistic_billing.k8s import resource_version
+from iotistic_billing.k8s import SecretData, resource_version
 from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
@@ -253,9 +253,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     return result
 
 
-async def _namespace_and_secret(
-    ctx: OperatorContext, target: PassTarget
-) -> tuple[dict[str, bytes], dict[str, str]] | None:
+async def _namespace_and_secret(ctx: OperatorContext, target: PassTarget) -> SecretData | None:
     """The namespace applied and the licence Secret read (a missing namespace reads as no Secret).
 
     A namespace this process applied as it is now is applied again only when its Secret is missing

@@ -50,7 +50,12 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
             False, c.INVALID_SECRET, f"{FIELD}: {namespace}/{ref.name} {ref.key} {invalid}"
         )
     copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
-    if copied is None or copied[0].get(NOTIFICATIONS_SECRET_KEY) != value:
+    # The sender signs with the copy only when its label names the notice's customer id.
+    if (
+        copied is None
+        or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value
+        or copied.labels.get(c.LABEL_CUSTOMER_ID) != target.customer_id
+    ):
         await ctx.kube.apply(
             notifications_secret_manifest(
                 namespace=namespace,

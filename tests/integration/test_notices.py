@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from iotistic_billing.customer import (
+    CUSTOMER_ID_LABEL,
     DELETED_NOTIFICATIONS_SECRET_NAME,
     GROUP,
     NOTIFICATIONS_SECRET_KEY,
@@ -161,10 +162,14 @@ def customer_spec(name: str, webhook_url: str | None = None, **extra: Any) -> Cu
     )
 
 
+def customer_id_of(name: str) -> str:
+    return f"cust_{name.replace('-', '')[:20]}"
+
+
 def suspended_notice(name: str, jti: str = "j-1") -> Any:
     return license_changed(
         NoticeKind.LICENSE_SUSPENDED,
-        customer_id=f"cust_{name.replace('-', '')[:20]}",
+        customer_id=customer_id_of(name),
         customer_name=name,
         company=name.title(),
         jti=jti,
@@ -196,14 +201,18 @@ def mails_to(mailpit: Mailpit, address: str) -> list[dict[str, Any]]:
 
 
 def write_customer_secret(k8s_client: kubernetes.client.ApiClient, name: str) -> None:
-    """What the operator writes from spec.notifications.webhook.secretRef (its own test is below)."""
+    """What the operator writes from spec.notifications.webhook.secretRef (its own test is below),
+    labelled with the customer id (the sender signs with no other Customer's copy)."""
     core = kubernetes.client.CoreV1Api(k8s_client)
     namespace = f"customer-{name}"
     core.create_namespace({"metadata": {"name": namespace}})
     core.create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": NOTIFICATIONS_SECRET_NAME},
+            "metadata": {
+                "name": NOTIFICATIONS_SECRET_NAME,
+                "labels": {CUSTOMER_ID_LABEL: customer_id_of(name)},
+            },
             "data": {NOTIFICATIONS_SECRET_KEY: base64.b64encode(CUSTOMER_SECRET.encode()).decode()},
         },
     )

@@ -13,8 +13,18 @@ from typing import Any, cast
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from iotistic_billing.customer import CustomerSpec, SubscriptionSpec, UsageThreshold, webhook_url_problem
+from iotistic_billing.customer import (
+    CUSTOMER_ID_LABEL,
+    DELETED_NOTIFICATIONS_SECRET_NAME,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    CustomerSpec,
+    SubscriptionSpec,
+    UsageThreshold,
+    webhook_url_problem,
+)
 from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.notices.content import (
     Channel,
@@ -27,7 +37,14 @@ from iotistic_billing.notices.content import (
     trial_ending,
 )
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
-from iotistic_billing.notices.sender import BACKOFF, backoff, sign
+from iotistic_billing.notices.sender import (
+    BACKOFF,
+    DeliveryFailed,
+    NoticeSender,
+    SenderOptions,
+    backoff,
+    sign,
+)
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import effective_plan
 from iotistic_billing.operator.notices import trial_ending_due
@@ -400,16 +417,37 @@ def test_licence_notices_are_keyed_by_the_licence_and_what_happened_to_it() -> N
 
 
 class SecretsKube:
-    """The Secrets by namespace and name, as the sender reads them."""
+    """The Secrets by namespace and name, each with the customer id of its label, and the Customers by
+    name, as the sender reads them."""
 
-    def __init__(self, secrets: dict[tuple[str, str], dict[str, bytes]]):
+    def __init__(
+        self,
+        secrets: dict[tuple[str, str], tuple[dict[str, bytes], str | None]],
+        customers: dict[str, dict[str, Any]] | None = None,
+    ):
         self.secrets = secrets
+        self.customers = customers or {}
 
-    async def read_secret_data(
-        self, namespace: str, name: str
-    ) -> tuple[dict[str, bytes], dict[str, str]] | None:
-        data = self.secrets.get((namespace, name))
-        return (data, {}) if data is not None else None
+    async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        if (namespace, name) not in self.secrets:
+            return None
+        data, customer_id = self.secrets[(namespace, name)]
+        return SecretData(data, {}, {CUSTOMER_ID_LABEL: customer_id} if customer_id else {})
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        return self.customers.get(name)
+
+
+def secrets_sender(kube: SecretsKube) -> NoticeSender:
+    return NoticeSender(
+        sessions=cast(Any, None),
+        kube=cast(Any, kube),
+        options=SenderOptions(None, "billing@x.example", None, billing_namespace="billing"),
+        clock=lambda: NOW,
+    )
+
+
+NEW_SECRET = ("whsec_" + base64.b64encode(b"n" * 32).decode()).encode()
 
 
 @pytest.mark.parametrize("namespace_holds", ["its own copy", "another customer's copy", "none"])
@@ -418,22 +456,77 @@ async def test_a_deleted_customer_s_webhook_is_signed_with_its_kept_secret_when_
 ) -> None:
     """Acme (cust_acme01) was deleted with a webhook pending, its secret kept; a new signup of the same
     company may hold the name `acme` and its namespace: the pending webhook is signed with the kept key."""
-    from iotistic_billing.customer import (
-        DELETED_NOTIFICATIONS_SECRET_NAME,
-        NOTIFICATIONS_SECRET_KEY,
-        NOTIFICATIONS_SECRET_NAME,
-    )
-    from iotistic_billing.notices.sender import NoticeSender, SenderOptions
-
-    old, new = SECRET.encode(), ("whsec_" + base64.b64encode(b"n" * 32).decode()).encode()
-    secrets = {("billing", DELETED_NOTIFICATIONS_SECRET_NAME): {"cust_acme01": old}}
+    old = SECRET.encode()
+    secrets = {("billing", DELETED_NOTIFICATIONS_SECRET_NAME): ({"cust_acme01": old}, None)}
     if namespace_holds != "none":
-        copy = old if namespace_holds == "its own copy" else new
-        secrets[("customer-acme", NOTIFICATIONS_SECRET_NAME)] = {NOTIFICATIONS_SECRET_KEY: copy}
-    sender = NoticeSender(
-        sessions=cast(Any, None),
-        kube=cast(Any, SecretsKube(secrets)),
-        options=SenderOptions(None, "billing@x.example", None, billing_namespace="billing"),
-        clock=lambda: NOW,
-    )
+        copy = (old, "cust_acme01") if namespace_holds == "its own copy" else (NEW_SECRET, "cust_acme02")
+        secrets[("customer-acme", NOTIFICATIONS_SECRET_NAME)] = ({NOTIFICATIONS_SECRET_KEY: copy[0]}, copy[1])
+    sender = secrets_sender(SecretsKube(secrets))
     assert await sender._customer_secret(stored()) == webhook_secret_bytes(SECRET)
+
+
+@pytest.mark.parametrize("label", ["cust_acme02", None], ids=["another customer's", "unlabelled"])
+async def test_a_deleted_customer_s_webhook_is_never_signed_with_the_secret_of_who_holds_its_name_now(
+    label: str | None,
+) -> None:
+    """Nothing kept for Acme (cust_acme01): it had no webhook secret, or its key was dropped before a
+    dead delivery was sent again. The namespace of its name holds the copy of the Customer `acme` is
+    now (cust_acme02): the old notice fails saying Acme was deleted, not signed with that key."""
+    secrets = {
+        ("billing", DELETED_NOTIFICATIONS_SECRET_NAME): ({"cust_other01": SECRET.encode()}, None),
+        ("customer-acme", NOTIFICATIONS_SECRET_NAME): ({NOTIFICATIONS_SECRET_KEY: NEW_SECRET}, label),
+    }
+    now_holding = {"metadata": {"name": "acme", "uid": "u-2"}, "spec": {"customerId": "cust_acme02"}}
+    sender = secrets_sender(SecretsKube(secrets, {"acme": now_holding}))
+    with pytest.raises(DeliveryFailed) as failed:
+        await sender._customer_secret(stored())
+    assert "Customer acme (cust_acme01) was deleted" in str(failed.value)
+
+
+async def test_a_customer_s_webhook_is_signed_with_the_copy_in_its_namespace_labelled_with_its_id() -> None:
+    secrets = {
+        ("customer-acme", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: SECRET.encode()},
+            "cust_acme01",
+        )
+    }
+    sender = secrets_sender(SecretsKube(secrets))
+    assert await sender._customer_secret(stored()) == webhook_secret_bytes(SECRET)
+
+
+@pytest.mark.parametrize(
+    ("copy_label", "applied"), [("cust_acme01", False), ("cust_acme02", True), (None, True)]
+)
+async def test_the_operator_writes_the_copy_again_when_its_label_is_not_the_customer_s_id(
+    copy_label: str | None, applied: bool
+) -> None:
+    """The sender trusts the copy in a namespace only under the Customer's id: one with the same key
+    but another id (or none) is written again, labelled."""
+    kube = SecretsKube(
+        {
+            ("customer-acme", "hook"): ({"secret": SECRET.encode()}, None),
+            ("customer-acme", NOTIFICATIONS_SECRET_NAME): (
+                {NOTIFICATIONS_SECRET_KEY: SECRET.encode()},
+                copy_label,
+            ),
+        }
+    )
+    written: list[dict[str, Any]] = []
+
+    async def apply(body: dict[str, Any]) -> None:
+        written.append(body)
+
+    webhook = {"url": "https://hooks.acme.example/x", "secretRef": {"name": "hook"}}
+    target = SimpleNamespace(
+        spec=spec(notifications={"webhook": webhook}),
+        namespace="customer-acme",
+        name="acme",
+        customer_id="cust_acme01",
+        owner={"apiVersion": "iotistic.io/v1alpha1", "kind": "Customer", "name": "acme", "uid": "u-1"},
+    )
+    ctx = SimpleNamespace(kube=SimpleNamespace(read_secret_data=kube.read_secret_data, apply=apply))
+    outcome = await ensure_webhook_secret(cast(OperatorContext, ctx), cast(PassTarget, target))
+    assert outcome is not None and outcome.ready
+    assert [w["metadata"]["labels"][CUSTOMER_ID_LABEL] for w in written] == (
+        ["cust_acme01"] if applied else []
+    )
