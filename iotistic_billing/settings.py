@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # The platform team's endpoint: every notice of every customer, signed with NOTIFY_WEBHOOK_SECRET.
     notify_webhook_url: str | None = None
     notify_webhook_secret: SecretStr | None = None
+    # The non-public addresses (JSON list of CIDRs) customers' webhooks may go to: by default only
+    # public ones, so that a Customer's URL reaches nothing inside the cluster (docs/architecture.md).
+    notify_webhook_allowed_cidrs: list[IPv4Network | IPv6Network] = Field(default_factory=list)
     # Where a customer whose payment failed updates the card: Stripe's customer portal login link.
     customer_portal_url: str | None = None
     # Days before a trial's end that its "trial ends" notice goes out (Stripe's trial_will_end: 3).
@@ -167,7 +170,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a secret of its own, not ADMIN_API_TOKEN or ADMIN_VIEWER_TOKEN")
         return value
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "notify_webhook_allowed_cidrs", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
         if not isinstance(value, list):

@@ -162,6 +162,9 @@ class DevEnvironment:
         env["SMTP_URL"] = mailpit.smtp_url
         env["MAILPIT_URL"] = mailpit.url
         print(f"mailpit       {mailpit.url} (the notices' mail; SMTP {mailpit.smtp_url})", flush=True)
+        # A webhook receiver a developer runs on this machine: customers' webhooks reach only public
+        # addresses unless allowed (a deployment allows its in-cluster receivers the same way).
+        env["NOTIFY_WEBHOOK_ALLOWED_CIDRS"] = '["127.0.0.0/8", "::1/128"]'
 
         self._apply(kubeconfig, env, REPO / "crds", wait_established=True)
         keys = self.state / "keys"

@@ -6,6 +6,9 @@ between the send and the commit sends it again, with the same Message-ID or webh
 can drop the duplicate (at least once; exactly once where the receiver keeps ids). A failure is retried
 after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
 
+A customer's webhook goes only to a public address or one NOTIFY_WEBHOOK_ALLOWED_CIDRS allows (egress.py);
+the platform team's NOTIFY_WEBHOOK_URL is the deployment's own setting, posted to wherever it names.
+
 A deleted Customer's webhooks are signed with the copy of its secret its deletion kept in the billing
 namespace, which the sender drops once none of them is pending; never with the copy in the namespace of
 its name, once that copy is another Customer's.
@@ -43,6 +46,7 @@ from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel
+from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
@@ -71,6 +75,8 @@ class SenderOptions:
     workers: int = 2
     # BILLING_NAMESPACE: where a deleted Customer's signing secret is kept while its webhooks are pending.
     billing_namespace: str = "default"
+    # NOTIFY_WEBHOOK_ALLOWED_CIDRS: the non-public addresses customers' webhooks may go to.
+    webhook_allowed_networks: tuple[Network, ...] = ()
 
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -98,7 +104,8 @@ class NoticeSender:
         self.options = options
         self.clock = clock
         self.database_url = database_url
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # customers' webhooks: public addresses
+        self._platform_http: aiohttp.ClientSession | None = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,7 +113,9 @@ class NoticeSender:
         self._wakeup.set()
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT))
+        timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT)
+        self._http = webhook_session(self.options.webhook_allowed_networks, timeout)
+        self._platform_http = aiohttp.ClientSession(timeout=timeout)
         if self.options.workers == 0:
             return
         self._tasks = [
@@ -119,9 +128,10 @@ class NoticeSender:
     async def stop(self) -> None:
         await stop_tasks(self._tasks)
         self._tasks = []
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        for http in (self._http, self._platform_http):
+            if http is not None:
+                await http.close()
+        self._http = self._platform_http = None
 
     async def _work(self) -> None:
         while True:
@@ -257,13 +267,14 @@ class NoticeSender:
         if delivery.channel == Channel.EMAIL:
             await self._mail(delivery, notice, now)
         elif delivery.channel == Channel.WEBHOOK:
-            await self._post(delivery, notice, await self._customer_secret(notice), now)
+            assert self._http is not None, "start() first"
+            await self._post(self._http, delivery, notice, await self._customer_secret(notice), now)
         elif delivery.channel == Channel.PLATFORM:
             if self.options.platform_webhook_secret is None:
                 raise DeliveryFailed("NOTIFY_WEBHOOK_SECRET is not set")
-            await self._post(
-                delivery, notice, webhook_secret_bytes(self.options.platform_webhook_secret), now
-            )
+            assert self._platform_http is not None, "start() first"
+            secret = webhook_secret_bytes(self.options.platform_webhook_secret)
+            await self._post(self._platform_http, delivery, notice, secret, now)
         else:
             raise DeliveryFailed(f"unknown channel {delivery.channel!r}")
 
@@ -343,9 +354,13 @@ class NoticeSender:
         )
 
     async def _post(
-        self, delivery: models.NoticeDelivery, notice: StoredNotice, secret: bytes, now: datetime
+        self,
+        http: aiohttp.ClientSession,
+        delivery: models.NoticeDelivery,
+        notice: StoredNotice,
+        secret: bytes,
+        now: datetime,
     ) -> None:
-        assert self._http is not None, "start() first"
         body = webhook_body(notice)
         timestamp = int(now.timestamp())
         headers = {
@@ -356,11 +371,13 @@ class NoticeSender:
             "webhook-signature": sign(secret, delivery.message_id, timestamp, body),
         }
         try:
-            async with self._http.post(
+            async with http.post(
                 delivery.target, data=body, headers=headers, allow_redirects=False
             ) as answer:
                 if not 200 <= answer.status < 300:
                     raise DeliveryFailed(f"HTTP {answer.status}")
+        except AddressRefused as refused:
+            raise DeliveryFailed(str(refused)) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise DeliveryFailed(f"{type(error).__name__}: {error}") from None
 

@@ -210,6 +210,7 @@ def create_app(
                 max_attempts=settings.notify_max_attempts,
                 workers=options.notice_workers if options.inbox_workers else 0,
                 billing_namespace=settings.billing_namespace,
+                webhook_allowed_networks=tuple(settings.notify_webhook_allowed_cidrs),
             ),
             clock=app[CLOCK],
             database_url=database_url,

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -125,6 +126,7 @@ def sender(
     clock: Clock,
     smtp_url: str | None,
     max_attempts: int = 8,
+    allowed: tuple[IPv4Network | IPv6Network, ...] = (ip_network("127.0.0.0/8"),),
 ) -> NoticeSender:
     return NoticeSender(
         sessions=sessions,
@@ -135,6 +137,8 @@ def sender(
             platform_webhook_secret=PLATFORM_SECRET,
             max_attempts=max_attempts,
             workers=0,  # the test drives it
+            # The receivers listen on 127.0.0.1, which a customer's webhook reaches only when allowed.
+            webhook_allowed_networks=allowed,
         ),
         clock=clock,
     )
@@ -257,6 +261,36 @@ async def test_a_notice_is_mailed_to_each_address_and_posted_signed_once(
         assert receiver.bodies[0]["data"]["reason"] == "suspended by an administrator"
     assert platform.seen != customer.seen  # each delivery has its own id
     assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+
+
+async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_without_the_allow_list(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """Without NOTIFY_WEBHOOK_ALLOWED_CIDRS a Customer's URL on 127.0.0.1 (the webhook server's own port,
+    as a metadata service's or the API server's address would be) gets no request, and its last error
+    says why; the platform team's endpoint at the same address is the deployment's own and is posted to."""
+    platform, customer = receivers
+    name = unique_name("loopback")
+    write_customer_secret(k8s_client, name)
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(platform.url), notice, customer_spec(name, customer.url))
+    one = sender(sessions, kube, Clock(), None, allowed=())
+    await one.start()
+    try:
+        await one.send_due()
+    finally:
+        await one.stop()
+    by_channel = {d.channel: d for d in await deliveries(sessions, notice.key) if d.channel != "email"}
+    assert by_channel["platform"].status == "sent" and len(platform.bodies) == 1
+    refused = by_channel["webhook"]
+    assert (refused.status, refused.attempts) == ("pending", 1) and customer.seen == []
+    assert refused.last_error == (
+        "refused: 127.0.0.1 resolves to a private address (loopback, link-local, private, multicast or "
+        "otherwise not public); NOTIFY_WEBHOOK_ALLOWED_CIDRS allows one on purpose"
+    )
 
 
 async def test_nothing_is_sent_for_a_fact_that_was_rolled_back(

@@ -20,12 +20,19 @@ def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.stripe_configured is False
     assert settings.database_url is None
     assert settings.trusted_proxies == []
+    assert settings.notify_webhook_allowed_cidrs == []  # customers' webhooks: public addresses only
     assert settings.usage_close_grace == 3600
 
 
 def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRUSTED_PROXIES", '["10.244.0.0/16", "fd00::/8"]')
     assert [str(network) for network in load_settings().trusted_proxies] == ["10.244.0.0/16", "fd00::/8"]
+
+
+def test_the_webhooks_allowed_networks_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_WEBHOOK_ALLOWED_CIDRS", '["10.96.0.0/12", "fd00::/8"]')
+    allowed = load_settings().notify_webhook_allowed_cidrs
+    assert [str(network) for network in allowed] == ["10.96.0.0/12", "fd00::/8"]
 
 
 def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +58,12 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: must be at least 16 characters"),
         ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: '10.1.2.3/8' is not a network"),
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
+        (
+            "NOTIFY_WEBHOOK_ALLOWED_CIDRS",
+            '["127.0.0.1/8"]',
+            "NOTIFY_WEBHOOK_ALLOWED_CIDRS: '127.0.0.1/8' is not a network",
+        ),
+        ("NOTIFY_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8", "NOTIFY_WEBHOOK_ALLOWED_CIDRS: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
         # Hosts the resolver cannot encode: every delivery to them would fail.
