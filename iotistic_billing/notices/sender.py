@@ -7,7 +7,9 @@ can drop the duplicate (at least once; exactly once where the receiver keeps ids
 after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
 
 A customer's webhook goes only to a public address or one NOTIFY_WEBHOOK_ALLOWED_CIDRS allows (egress.py);
-the platform team's NOTIFY_WEBHOOK_URL is the deployment's own setting, posted to wherever it names.
+the platform team's NOTIFY_WEBHOOK_URL is the deployment's own setting, posted to wherever it names. A
+try that got no answer keeps a generic last error (the detail is logged): the URL's writer must not learn
+from it which ports of an address answer.
 
 A deleted Customer's webhooks are signed with the copy of its secret its deletion kept in the billing
 namespace, which the sender drops once none of them is pending; never with the copy in the namespace of
@@ -63,7 +65,12 @@ FORGET_SECONDS: Final = 300.0
 
 
 class DeliveryFailed(Exception):
-    """The target did not take it (refused, unreachable, an error status): try again later."""
+    """The target did not take it (refused, unreachable, an error status): try again later. `detail` is
+    logged with it, never kept as the delivery's last error."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -253,13 +260,14 @@ class NoticeSender:
             delivery.status = "dead"
         else:
             delivery.next_attempt_at = now + backoff(delivery.attempts)
+        detail = error.detail if isinstance(error, DeliveryFailed) else None
         log.log(
             logging.WARNING if dead or not expected else logging.INFO,
             "notice %s to %s %s: %s",
             delivery.message_id,
             delivery.channel,
             f"is dead after {delivery.attempts} tries" if dead else "failed, retried later",
-            reason,
+            f"{reason} ({detail})" if detail else reason,
             exc_info=None if expected else error,
         )
 
@@ -370,6 +378,7 @@ class NoticeSender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(secret, delivery.message_id, timestamp, body),
         }
+        host = urlsplit(delivery.target).hostname
         try:
             async with http.post(
                 delivery.target, data=body, headers=headers, allow_redirects=False
@@ -378,8 +387,15 @@ class NoticeSender:
                     raise DeliveryFailed(f"HTTP {answer.status}")
         except AddressRefused as refused:
             raise DeliveryFailed(str(refused)) from None
+        except aiohttp.ClientConnectorDNSError as error:
+            raise DeliveryFailed(f"cannot resolve {host}", f"{type(error).__name__}: {error}") from None
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise DeliveryFailed(f"{type(error).__name__}: {error}") from None
+            # Refused, timed out, reset, not HTTP, TLS: told apart, they would map an address's ports.
+            raise DeliveryFailed(
+                f"no answer from {host}: the connection failed, timed out or broke off (the webhook "
+                "server's log has the detail)",
+                f"{type(error).__name__}: {error}",
+            ) from None
 
 
 __all__ = ["BACKOFF", "DeliveryFailed", "NoticeSender", "SenderOptions", "backoff", "sign"]

@@ -536,7 +536,11 @@ class DeliveryView(Response):
     status: Literal["pending", "sent", "dead"]
     attempts: int
     next_attempt_at: datetime
-    last_error: str | None
+    last_error: str | None = Field(
+        description="Why the last try failed: an HTTP status, a refused address (a customer's webhook goes "
+        "to public addresses and those NOTIFY_WEBHOOK_ALLOWED_CIDRS allows), or `no answer from <host>` "
+        "whatever the connection did (the webhook server's log has the detail)."
+    )
     sent_at: datetime | None
 
 

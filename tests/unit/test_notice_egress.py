@@ -4,7 +4,9 @@ webhook server's own port, the API server's and the cloud's metadata service."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from iotistic_billing.notices.content import NoticeKind, license_changed
 from iotistic_billing.notices.egress import AddressRefused, Network, PublicResolver, may_post_to
 from iotistic_billing.notices.render import StoredNotice
 from iotistic_billing.notices.sender import DeliveryFailed, NoticeSender, SenderOptions
+from iotistic_billing.processes import free_port
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
@@ -210,3 +213,39 @@ async def test_the_platform_s_own_webhook_goes_where_its_setting_says(
     endpoint, port = receiver
     await senders["default"]._deliver(delivery("platform", f"http://127.0.0.1:{port}/hook"), notice(), NOW)
     assert endpoint.posts == ["msg_1"]
+
+
+async def test_a_failed_connection_keeps_a_last_error_that_tells_no_port_state(
+    senders: dict[str, NoticeSender], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A closed port and an open one that is not HTTP fail alike in the delivery's last error (which a
+    Customer's writer may come to read); the log keeps what happened."""
+    sender = senders["loopback allowed"]
+
+    async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        writer.close()
+
+    closed = delivery("webhook", f"http://127.0.0.1:{free_port()}/hook")
+    listening = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
+    try:
+        not_http = delivery("webhook", f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}/hook")
+        errors = []
+        for target in (closed, not_http):
+            with pytest.raises(DeliveryFailed) as failed:
+                await sender._deliver(target, notice(), NOW)
+            errors.append(failed.value)
+    finally:
+        listening.close()
+        await listening.wait_closed()
+
+    generic = (
+        "no answer from 127.0.0.1: the connection failed, timed out or broke off (the webhook server's "
+        "log has the detail)"
+    )
+    with caplog.at_level(logging.INFO, logger="iotistic_billing.notices.sender"):
+        for target, error in zip((closed, not_http), errors, strict=True):
+            sender._count_failure(target, error, NOW)
+            assert target.last_error == generic
+    assert "ClientConnectorError" in caplog.text  # the closed port, in the log only
