@@ -751,6 +751,7 @@ def egress_allowed(policy: Manifest, address: str, port: int) -> bool:
 NARROWED = {"apiServer": {"cidrs": ["10.96.0.1/32"]}, "https": {"cidrs": ["203.0.113.0/24"]}}
 NOTICES = {"secrets": {"notices": {"name": "iotistic-billing-notices"}}}
 SMTP_HOST, WEBHOOK_HOST, REGISTRY_HOST = "198.51.100.25", "198.51.100.80", "198.51.100.50"
+METADATA = {("169.254.169.254", 80), ("169.254.169.254", 443)}
 
 
 def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Manifest]:
@@ -772,8 +773,9 @@ def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Ma
         ),
         # No Secret with SMTP_URL: no mail is sent, no SMTP port is open.
         ({}, set(), {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)}),
-        # The customers' webhooks, http:// and https://, whatever Stripe's rule is narrowed to.
-        ({}, {(WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)}, {(WEBHOOK_HOST, 8443)}),
+        # The customers' webhooks, http:// and https://, whatever Stripe's rule is narrowed to; not the
+        # cloud's metadata service.
+        ({}, {(WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)}, {(WEBHOOK_HOST, 8443), *METADATA}),
         # The platform team's webhook on a port of its own.
         (
             {
@@ -781,7 +783,7 @@ def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Ma
                 "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com:8443/iotistic"}},
             },
             {(WEBHOOK_HOST, 8443), (WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)},
-            {(WEBHOOK_HOST, 8080)},
+            {(WEBHOOK_HOST, 8080), *METADATA, ("169.254.169.254", 8443)},
         ),
     ],
     ids=["smtp", "smtp-narrowed", "no-smtp", "webhooks", "platform-webhook-port"],
@@ -1129,7 +1131,10 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
 
     values = {
         "secrets": {"licenseKeys": {"extraPublicKeys": ["old.pem"]}},
-        "config": {"stripe": {"prices": {"starter": "price_s"}, "meteredPrices": ["price_m1", "price_m2"]}},
+        "config": {
+            "stripe": {"prices": {"starter": "price_s"}, "meteredPrices": ["price_m1", "price_m2"]},
+            "notices": {"webhookAllowedCidrs": ["10.20.0.0/16"]},
+        },
     }
     env = env_of(one(render(helm, tmp_path, values), "Deployment", name))
     unknown = {var for var in env.keys() - NOT_SETTINGS if var.lower() not in Settings.model_fields}
@@ -1168,3 +1173,4 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.port == 3100 and settings.license_private_key_path is None
         assert settings.stripe_price_starter == "price_s"
         assert settings.stripe_metered_prices == ["price_m1", "price_m2"]
+        assert [str(network) for network in settings.notify_webhook_allowed_cidrs] == ["10.20.0.0/16"]

@@ -197,9 +197,21 @@ securityContext:
 {{/* A NetworkPolicy egress rule to ipBlocks on TCP ports: (dict "cidrs" [...] "ports" [...]). */}}
 {{- define "iotistic-billing.egressTo" -}}
 - to:
-    {{- range .cidrs }}
+    {{- range $cidr := .cidrs }}
     - ipBlock:
-        cidr: {{ . }}
+        cidr: {{ $cidr }}
+        {{- /* .except, when given: the entries of its family, left out of 0.0.0.0/0 or ::/0 only (an
+        except outside its cidr is refused by the API server). */}}
+        {{- $except := list }}
+        {{- range $.except }}
+        {{- if or (and (eq $cidr "0.0.0.0/0") (not (contains ":" .))) (and (eq $cidr "::/0") (contains ":" .)) }}
+        {{- $except = append $except . }}
+        {{- end }}
+        {{- end }}
+        {{- with $except }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
     {{- end }}
   ports:
     {{- range .ports }}
