@@ -292,6 +292,8 @@ class ReleaseStatus(CustomerModel):
     revision: NonNegativeInt | None = None
     chart_version: Annotated[str, Field(max_length=64)] | None = None
     values_hash: Annotated[str, Field(max_length=128)] | None = None
+    # The Deployments helm rendered for the revision: readiness waits for each, a missing one is put back.
+    deployments: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=64)] | None = None
     # The version the last pass aimed at, and where it came from (docs/architecture.md, "Fleet rollouts").
     target_version: Annotated[str, Field(max_length=64)] | None = None
     version_source: VersionSource | None = None

@@ -82,12 +82,17 @@ class DeploymentState:
         )
 
 
-def instance_health(deployments: Sequence[DeploymentState], enabled: bool) -> InstanceHealth:
-    """Available when every Deployment of the release has rolled out its current generation."""
+def instance_health(
+    deployments: Sequence[DeploymentState], enabled: bool, expected: Sequence[str] | None = None
+) -> InstanceHealth:
+    """Available when every Deployment of the release (`expected`: its manifest's, when known) is there
+    and has rolled out its current generation."""
     if not enabled:
         return InstanceHealth(True, c.INSTANCE_DISABLED, "instance disabled: scaled to zero")
     if not deployments:
         return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "no Deployments of the release yet")
+    if missing := sorted(set(expected or ()) - {d.name for d in deployments}):
+        return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "missing Deployments: " + ", ".join(missing))
     waiting = sorted(f"{d.name} {d.available}/{d.replicas}" for d in deployments if not d.rolled_out)
     if waiting:
         return InstanceHealth(

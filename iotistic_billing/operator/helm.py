@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,23 @@ class HelmRelease:
     revision: int
     status: str
     chart_version: str
+    # The Deployments of the release's manifest: what readiness waits for and drift brings back.
+    deployments: tuple[str, ...] = ()
+
+
+# A manifest's Deployment document, and the name in its metadata block (in whichever order they come).
+_DEPLOYMENT_KIND = re.compile(r"^kind: *Deployment *$", re.MULTILINE)
+_METADATA_NAME = re.compile(r"^metadata:\n(?:(?: .*)?\n)*? {2}name: *[\"']?([-a-z0-9.]+)", re.MULTILINE)
+
+
+def manifest_deployments(manifest: str) -> tuple[str, ...]:
+    """The names of the Deployments in a release's manifest (helm's YAML documents), sorted."""
+    names = (
+        match.group(1)
+        for document in manifest.split("\n---")
+        if _DEPLOYMENT_KIND.search(document) and (match := _METADATA_NAME.search(document + "\n"))
+    )
+    return tuple(sorted(names))
 
 
 def chart_version(chart: Path) -> str:
@@ -191,4 +209,5 @@ def _release(document: dict[str, Any]) -> HelmRelease:
         status=document["info"]["status"],
         # `helm status` (unlike upgrade) leaves the chart out of its JSON.
         chart_version=str(document.get("chart", {}).get("metadata", {}).get("version", "")),
+        deployments=manifest_deployments(str(document.get("manifest") or "")),
     )

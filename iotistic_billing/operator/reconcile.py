@@ -237,9 +237,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         if release.deployed:
             read_at = ctx.deployments.mark()
             deployments = await ctx.deployments.of(target.namespace, helm_ran=release.result != "unchanged")
-            outcome = replace(
-                outcome, health=instance_health(deployments, spec.instance.enabled and not spec.suspended)
-            )
+            enabled = spec.instance.enabled and not spec.suspended
+            expected = release.release.deployments if release.release is not None else None
+            outcome = replace(outcome, health=instance_health(deployments, enabled, expected))
 
     status = answered_request(
         next_status(previous, target, outcome, generation), meta.get("annotations") or {}

@@ -43,12 +43,14 @@ async def _deployed_already(
         return None
     newest = max(deployed)
     if revisions[newest].get(c.LABEL_VALUES_HASH) == digest:
+        known = previous is not None and previous.revision == newest
         return ReleaseStatus(
             name=c.RELEASE_NAME,
             namespace=namespace,
             revision=newest,
             chart_version=version,
             values_hash=digest,
+            deployments=previous.deployments if known and previous is not None else None,
         )
     if previous is not None and (previous.values_hash, previous.chart_version) == (digest, version):
         return previous if previous.revision == newest else None
@@ -80,12 +82,15 @@ async def ensure_release(
     # The version string is enough for the digest: ChartStore.get serves a version only as its chart's own.
     version = target.chart_version
     digest = values_hash(values, version)
+    missing: list[str] = []
     if previous is not None or may_exist:
         current = await _deployed_already(ctx, namespace, version, digest, previous)
         if current is not None:
-            return ReleaseOutcome(
-                "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
-            )
+            missing = await _missing_deployments(ctx, current)
+            if not missing:
+                return ReleaseOutcome(
+                    "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
+                )
     try:
         chart = await ctx.charts.get(version, _VERSION_SOURCES[target.version_source])
     except ChartUnavailable as error:
@@ -114,9 +119,23 @@ async def ensure_release(
         revision=release.revision,
         chart_version=release.chart_version,
         values_hash=digest,
+        deployments=list(release.deployments) or None,
     )
     if release.revision == 1:
         return ReleaseOutcome(
             "installed", c.INSTALL_SUCCEEDED, f"installed chart {version} at revision 1", status
         )
-    return ReleaseOutcome("upgraded", c.UPGRADE_SUCCEEDED, f"upgraded to revision {release.revision}", status)
+    repaired = f" ({', '.join(missing)} had been deleted)" if missing else ""
+    return ReleaseOutcome(
+        "upgraded", c.UPGRADE_SUCCEEDED, f"upgraded to revision {release.revision}{repaired}", status
+    )
+
+
+async def _missing_deployments(ctx: OperatorContext, current: ReleaseStatus) -> list[str]:
+    """The release's Deployments (as its revision was rendered) that are not in the cluster: deleted
+    behind helm's back, which an upgrade puts back (helm creates what its manifest has and the cluster
+    lacks). The kept Deployments are read, no request when the watch keeps them."""
+    if not current.deployments or current.namespace is None:
+        return []
+    present = {deployment.name for deployment in await ctx.deployments.of(current.namespace, helm_ran=False)}
+    return sorted(set(current.deployments) - present)

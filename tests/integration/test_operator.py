@@ -784,3 +784,53 @@ def test_a_webhook_secret_the_customer_names_is_reported_until_it_exists_then_co
     copied = cluster.core.read_namespaced_secret(NOTIFICATIONS_SECRET_NAME, namespace)
     assert base64.b64decode(copied.data[NOTIFICATIONS_SECRET_KEY]).decode() == secret
     assert copied.metadata.owner_references[0].name == name
+
+
+def test_a_deleted_deployment_of_the_release_comes_back_and_ready_waits_for_it(cluster: Cluster) -> None:
+    """Found in review: a Deployment deleted behind helm's back (`kubectl delete deployment`) never came
+    back, as helm's revision was current, and the Customer stayed Ready on the Deployments left."""
+    name = unique_name("drift")
+    namespace = f"customer-{name}"
+    cluster.create(customer_manifest(name, plan="starter"))
+    wait_until(lambda: cluster.condition(name, "ReleaseDeployed"), timeout=60, message="deployed")
+    wait_until(lambda: cluster.make_deployments_available(name) == 5, timeout=30, message="five Deployments")
+    wait_until(lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready")
+    revision = cluster.customer(name)["status"]["release"]["revision"]
+
+    cluster.apps.delete_namespaced_deployment("instance-api", namespace)
+
+    back = wait_until(
+        lambda: (
+            cluster.apps.read_namespaced_deployment("instance-api", namespace)
+            if "instance-api"
+            in {d.metadata.name for d in cluster.apps.list_namespaced_deployment(namespace).items}
+            else None
+        ),
+        timeout=60,
+        message="instance-api recreated",
+    )
+    assert back.metadata.labels["app.kubernetes.io/instance"] == "instance"
+    released = wait_until(
+        lambda: (
+            (cluster.condition(name, "ReleaseDeployed") or {})
+            .get("message", "")
+            .endswith("(instance-api had been deleted)")
+            and cluster.condition(name, "ReleaseDeployed")
+        ),
+        message="the upgrade that put it back",
+    )
+    assert released["reason"] == "UpgradeSucceeded"
+    assert cluster.customer(name)["status"]["release"]["revision"] == revision + 1
+    # No kubelet here: the new Deployment is not available, and Ready says so until it is.
+    waiting = wait_until(
+        lambda: (
+            (cluster.condition(name, "Ready") or {}).get("status") == "False"
+            and cluster.condition(name, "Ready")
+        ),
+        message="Ready waits for it",
+    )
+    assert "instance-api" in waiting["message"]
+    cluster.make_deployments_available(name)
+    wait_until(
+        lambda: (cluster.condition(name, "Ready") or {}).get("status") == "True", message="Ready again"
+    )

@@ -4,7 +4,9 @@ tests); the release step pulls a chart only for a release that needs it."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,10 +15,13 @@ from typing import Any, cast
 import pytest
 
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
+from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import Helm, HelmError
+from iotistic_billing.operator.deployments import DeploymentState, instance_health
+from iotistic_billing.operator.helm import Helm, HelmError, HelmRelease, manifest_deployments
+from iotistic_billing.operator.outcomes import InstanceHealth
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.settings import load_settings
@@ -124,3 +129,90 @@ async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is
     outcome = await ensure_release(ctx, aim, renewed, running, may_exist=True)
     assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", c.CHART_PULL_FAILED, False)
     assert "connection refused" in outcome.message and helm.pulls == 1
+
+
+class Upgrading(Helm):
+    """helm whose upgrade renders the chart's five Deployments, at the next revision."""
+
+    def __init__(self) -> None:
+        super().__init__("helm", None, 1)
+        self.upgrades = 0
+
+    async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
+        self.upgrades += 1
+        return HelmRelease(name, namespace, 3 + self.upgrades, "deployed", "0.1.0", INSTANCE_DEPLOYMENTS)
+
+
+class KeptDeployments:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    async def of(self, namespace: str, helm_ran: bool) -> list[DeploymentState]:
+        return [DeploymentState(name, "uid-" + name, 1, 1, 1, 1, 1, 1) for name in self.names]
+
+
+INSTANCE_DEPLOYMENTS = tuple(
+    f"instance-{part}" for part in ("api", "dashboard", "exporter", "mosquitto", "redis")
+)
+
+
+def test_the_release_s_deployments_are_read_from_helm_s_manifest() -> None:
+    rendered = subprocess.run(
+        [str(find_binary("helm")), "template", "instance", str(CHART), "--values", "-"],
+        input=json.dumps(
+            {"customerId": "cust_abcdef", "plan": "starter", "domain": "a.example", "billingUrl": "http://b"}
+            | {"license": {"maxDevices": 10, "sha256": "0" * 64}}
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert manifest_deployments(rendered) == INSTANCE_DEPLOYMENTS
+    # Whatever order a chart writes kind and metadata in; other kinds are not Deployments.
+    other = "kind: Service\nmetadata:\n  name: api\n---\nmetadata:\n  labels:\n    a: b\n  name: 'web'\n"
+    other += "kind: Deployment"
+    assert manifest_deployments(other) == ("web",)
+
+
+async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgrade(tmp_path: Path) -> None:
+    """Found in review: helm's deployed revision was current, so a Deployment deleted behind helm's
+    back (`kubectl delete deployment`) never came back, and readiness, judged by the Deployments left,
+    stayed True. The revision's Deployments are in the status; a missing one makes the pass upgrade,
+    which recreates it, and Ready waits for it."""
+    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
+    helm = Upgrading()
+    licence = LicenseStatus(
+        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
+    )
+    aim = target()
+    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            settings=settings,
+            helm=helm,
+            kube=DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}),
+            charts=ChartStore(settings, helm, tmp_path),
+            deployments=kept,
+        ),
+    )
+    running = ReleaseStatus(
+        name=c.RELEASE_NAME,
+        namespace=aim.namespace,
+        revision=3,
+        chart_version="0.1.0",
+        values_hash=digest,
+        deployments=list(INSTANCE_DEPLOYMENTS),
+    )
+    outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
+    assert (outcome.result, outcome.release, helm.upgrades) == ("unchanged", running, 0)
+
+    kept.names.remove("instance-api")
+    assert instance_health(await kept.of(aim.namespace, False), True, running.deployments) == InstanceHealth(
+        False, c.DEPLOYMENTS_UNAVAILABLE, "missing Deployments: instance-api"
+    )
+    outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
+    assert (outcome.result, outcome.reason, helm.upgrades) == ("upgraded", c.UPGRADE_SUCCEEDED, 1)
+    assert outcome.message == "upgraded to revision 4 (instance-api had been deleted)"
+    assert outcome.release is not None and outcome.release.deployments == list(INSTANCE_DEPLOYMENTS)
