@@ -224,7 +224,7 @@ class DevEnvironment:
             f" to look only: source {_shown(self.state / 'env')})",
             flush=True,
         )
-        self._apply(kubeconfig, env, REPO / "manifests" / "samples")
+        self._apply(kubeconfig, env, REPO / "manifests" / "samples", missing_only=True)
         samples = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
         print(f"samples       {', '.join(sample.stem for sample in samples)}", flush=True)
         return env
@@ -248,24 +248,41 @@ class DevEnvironment:
         print(f"{name:<13} {url} (log {process.log_path})", flush=True)
 
     def _apply(
-        self, kubeconfig: Path, env: dict[str, str], folder: Path, wait_established: bool = False
+        self,
+        kubeconfig: Path,
+        env: dict[str, str],
+        folder: Path,
+        wait_established: bool = False,
+        missing_only: bool = False,
     ) -> None:
-        if not any(folder.glob("*.yaml")):
-            return
+        """`kubectl apply --server-side` of the folder's manifests; `missing_only`: of those whose object
+        does not exist yet (the samples: a user's change to one stays, and a field they took over from
+        the sample's apply would otherwise fail the next start with a conflict)."""
+        files = sorted(folder.glob("*.yaml"))
         kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(kubeconfig)]
         kubectl_env = {**os.environ, **env}
-        subprocess.run(
-            [*kubectl, "apply", "--server-side", "-f", str(folder)],
+        if missing_only:
+            files = [file for file in files if _kubectl(kubectl, kubectl_env, "get", "-f", str(file)) is None]
+        if not files:
+            return
+        _kubectl(
+            kubectl,
+            kubectl_env,
+            "apply",
+            "--server-side",
+            *(f"--filename={file}" for file in files),
             check=True,
-            capture_output=True,
-            env=kubectl_env,
         )
         if wait_established:
-            subprocess.run(
-                [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+            _kubectl(
+                kubectl,
+                kubectl_env,
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
                 check=True,
-                capture_output=True,
-                env=kubectl_env,
             )
 
     def stop(self) -> None:
@@ -273,6 +290,16 @@ class DevEnvironment:
             print(f"stopping {name}", flush=True)
             part.stop()  # type: ignore[attr-defined]
         self.stops.clear()
+
+
+def _kubectl(kubectl: list[str], env: dict[str, str], *args: str, check: bool = False) -> str | None:
+    """kubectl's output; None when it failed, or with `check` a failure that says kubectl's message."""
+    done = subprocess.run([*kubectl, *args], capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        return done.stdout
+    if check:
+        raise RuntimeError(f"kubectl {args[0]} failed: {done.stderr.strip()}")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     dev = DevEnvironment(args.state, os.environ.get("USE_EXISTING_CLUSTER") == "true", args.port)
     try:
-        dev.start()
+        try:
+            dev.start()
+        except RuntimeError as error:  # a part that would not start, in its own words
+            print(f"make dev: {error}", file=sys.stderr, flush=True)
+            return 1
         print(f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True)
         print("ready", flush=True)
         while not stops:

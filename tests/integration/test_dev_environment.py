@@ -383,6 +383,10 @@ def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
     env = dev.env
     created = _kubectl(env, "create", "configmap", "kept-between-runs", "--from-literal=a=b")
     assert created.returncode == 0, created.stderr
+    # A user's change of a sample's field (another field manager than the samples' apply) stays, and
+    # does not fail the next start (found in review: a conflict there failed every start, unexplained).
+    changed = _kubectl(env, "patch", "cust", "globex", "--type=merge", "-p", '{"spec":{"plan":"starter"}}')
+    assert changed.returncode == 0, changed.stderr
     dev.stop()
 
     dev.start()
@@ -399,5 +403,7 @@ def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
         assert sorted(nodes.stdout.split()) == [f"node/kwok-node-{index}" for index in range(3)], nodes
         for sample in SAMPLES:
             wait_until(lambda name=sample: _phase(again, name) == "Ready", timeout=60, interval=1)
+        plan = _kubectl(again, "get", "cust", "globex", "-o", "jsonpath={.spec.plan}")
+        assert plan.stdout == "starter", plan.stderr
     finally:
         dev.stop(burst=True)
