@@ -101,6 +101,16 @@ def stalled(reason: str, message: str) -> list[ConditionValue]:
     ]
 
 
+def waiting(reason: str, message: str) -> list[ConditionValue]:
+    """Nothing could be done yet, for a reason that goes by itself (a namespace being deleted): Reconciling
+    with that reason, Ready False with the same words, not Stalled (the pass is retried)."""
+    return [
+        ConditionValue(ConditionType.STALLED, False, c.RECONCILED, ""),
+        ConditionValue(ConditionType.RECONCILING, True, reason, message),
+        ConditionValue(ConditionType.READY, False, reason, message),
+    ]
+
+
 def summarize(outcome: PassOutcome) -> list[ConditionValue]:
     """Stalled, Reconciling and Ready, from the steps' outcome."""
     if outcome.stalled_reason is not None:
@@ -171,5 +181,6 @@ __all__ = [
     "subscription_condition",
     "summarize",
     "trial_condition",
+    "waiting",
     "with_conditions",
 ]

@@ -39,6 +39,10 @@ CHART_VERSION_UNAVAILABLE: Final = "ChartVersionUnavailable"
 CHART_VERSION_INVALID: Final = "ChartVersionInvalid"
 CHART_PULL_FAILED: Final = "ChartPullFailed"
 INVALID_SPEC: Final = "InvalidSpec"
+# customer-<name> exists and is not this Customer's (namespace_holder): never written to, the Customer stalls.
+NAMESPACE_TAKEN: Final = "NamespaceTaken"
+# customer-<name> is being deleted (this Customer's, or an earlier one's of the same name): passes wait.
+NAMESPACE_TERMINATING: Final = "NamespaceTerminating"
 PROGRESSING: Final = "Progressing"
 DEPLOYMENTS_AVAILABLE: Final = "DeploymentsAvailable"
 DEPLOYMENTS_UNAVAILABLE: Final = "DeploymentsUnavailable"

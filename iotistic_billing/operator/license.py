@@ -311,8 +311,8 @@ async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, 
     """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted,
     as the customer's one key: any other stops working ROTATION_GRACE from now (a deleted Secret got a
     new key, and the old one, wherever it was copied, must not work for ever). A key already stored for
-    this customer is valid again if a deletion had revoked it (a Customer re-created while its old
-    namespace and Secret were still there reuses that Secret's key)."""
+    this customer and revoked since is valid again (its licence Secret restored); a Customer made again
+    under its name never reuses its predecessor's (reconcile._namespace_and_secret)."""
     key_hash = usage_key_hash(usage_key)
     statement = insert(ApiKey).values(
         customer_id=customer_id,
@@ -343,18 +343,19 @@ async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, 
 async def revoke_license(
     ctx: OperatorContext,
     customer_id: str,
-    namespace: str,
+    secret: SecretData | None,
     reason: str,
     notify: tuple[str, CustomerSpec] | None = None,
 ) -> bool:
-    """A `revoked` row for the customer's current licence; False when it never had one. `notify`: the
-    Customer's name and spec, when its addresses are known (a spec that no longer validates has none)."""
-    existing = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    """A `revoked` row for a deleted Customer's licence: the one in its licence Secret (`secret`, None when
+    it or the Customer's namespace is gone, or the namespace is not the Customer's), else the last licence
+    the history knows of the customer id; False when there is none. `notify`: the Customer's name and
+    spec, when its addresses are known (a spec that no longer validates has none)."""
     async with ctx.sessions() as session, session.begin():
-        raw = existing[0].get(LICENSE_JWT_KEY) if existing is not None else None
+        raw = secret[0].get(LICENSE_JWT_KEY) if secret is not None else None
         token = raw.decode(errors="replace") if raw is not None else None
         readable = _readable(token) if verified_claims(ctx, token) is not None else None
-        if readable is not None:
+        if readable is not None and readable.customer_id == customer_id:
             record = readable
         else:
             # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from iotistic_billing.customer import (
     API_VERSION,
+    GROUP,
     KIND,
     LICENSE_JWT_KEY,
     LICENSE_PUBLIC_KEY_KEY,
@@ -41,6 +42,39 @@ def namespace_manifest(namespace: str, name: str, customer_id: str, owner: dict[
         "kind": "Namespace",
         "metadata": {"name": namespace, "labels": _labels(name, customer_id), "ownerReferences": [owner]},
     }
+
+
+# Whose an existing namespace customer-<name> is (namespace_holder).
+NamespaceHolder = Literal["this", "earlier", "other"]
+
+
+def namespace_holder(namespace: Mapping[str, Any], name: str, uid: str) -> NamespaceHolder:
+    """Whose the existing namespace of Customer `name` (uid `uid`) is: this Customer's (it names its uid
+    as owner, which the operator writes), an earlier Customer's of that name (the operator's label and a
+    Customer of that name as owner: deleted since, as a name is one object's at a time), or someone
+    else's (made by hand, by the earlier system, by another tool), which the operator never writes to."""
+    meta = namespace.get("metadata") or {}
+    owners = [
+        ref
+        for ref in meta.get("ownerReferences") or ()
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/")
+    ]
+    if any(ref.get("uid") == uid for ref in owners):
+        return "this"
+    labels = meta.get("labels") or {}
+    if labels.get(c.LABEL_MANAGED_BY) == c.MANAGED_BY and any(ref.get("name") == name for ref in owners):
+        return "earlier"
+    return "other"
+
+
+def namespace_as_applied(namespace: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    """Whether an existing namespace already carries what `manifest` would apply (its labels and its
+    ownerReference): an apply would change nothing."""
+    meta, wanted = namespace.get("metadata") or {}, manifest["metadata"]
+    labels, owners = meta.get("labels") or {}, meta.get("ownerReferences") or []
+    return all(labels.get(key) == value for key, value in wanted["labels"].items()) and all(
+        owner in owners for owner in wanted["ownerReferences"]
+    )
 
 
 def license_secret_manifest(
@@ -104,7 +138,10 @@ def notifications_secret_manifest(
 
 
 __all__ = [
+    "NamespaceHolder",
     "license_secret_manifest",
+    "namespace_as_applied",
+    "namespace_holder",
     "namespace_manifest",
     "notifications_secret_manifest",
     "owner_reference",

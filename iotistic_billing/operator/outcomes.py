@@ -39,6 +39,17 @@ class NotificationsOutcome:
     message: str
 
 
+@dataclass(frozen=True)
+class NamespaceRefused:
+    """Why a pass may not work in the Customer's namespace, and so runs no step: someone else's namespace
+    (permanent: NamespaceTaken), or one being deleted, this Customer's or an earlier one's of the same
+    name (NamespaceTerminating: the pass is retried until it is gone)."""
+
+    reason: str
+    message: str
+    permanent: bool
+
+
 @dataclass(frozen=True, kw_only=True)
 class PassOutcome:
     """The steps' results: the licence (or why none), the release, the instance's health."""
@@ -85,4 +96,4 @@ class PassOutcome:
         return self.failure or (self.health.message if self.health is not None else "provisioning")
 
 
-__all__ = ["InstanceHealth", "NotificationsOutcome", "PassOutcome", "ReleaseOutcome"]
+__all__ = ["InstanceHealth", "NamespaceRefused", "NotificationsOutcome", "PassOutcome", "ReleaseOutcome"]

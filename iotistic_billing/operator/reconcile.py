@@ -34,7 +34,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import instance_health
 from iotistic_billing.operator.license import ensure_license
-from iotistic_billing.operator.manifests import namespace_manifest
+from iotistic_billing.operator.manifests import namespace_as_applied, namespace_manifest
 from iotistic_billing.operator.metrics import (
     LICENSE_EXPIRY,
     RECONCILE_DURATION,
@@ -42,17 +42,19 @@ from iotistic_billing.operator.metrics import (
     RECONCILES,
     report_stall,
 )
-from iotistic_billing.operator.outcomes import PassOutcome
+from iotistic_billing.operator.outcomes import NamespaceRefused, PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
     PassTarget,
     answered_request,
     chart_target,
-    invalid_spec_status,
+    namespace_refusal,
     next_status,
     over_current,
     pass_target,
+    refused_status,
     stall_of,
+    stalled_status,
 )
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
@@ -185,6 +187,7 @@ def _count(name: str, result: PassResult) -> None:
     if stall is not None:
         failing = stall[0]
     else:
+        # A step that failed; else what the pass waited for before any step (NamespaceTerminating).
         failing = next(
             (
                 condition.reason
@@ -192,9 +195,16 @@ def _count(name: str, result: PassResult) -> None:
                 if condition.type in (ConditionType.LICENSE_ISSUED, ConditionType.RELEASE_DEPLOYED)
                 and condition.status == "False"
             ),
-            "Unknown",
-        )
+            None,
+        ) or _waiting_reason(status)
     RECONCILE_ERRORS.labels(failing).inc()
+
+
+def _waiting_reason(status: CustomerStatus) -> str:
+    reconciling = status.condition(ConditionType.RECONCILING)
+    if reconciling is not None and reconciling.reason == c.NAMESPACE_TERMINATING:
+        return reconciling.reason
+    return "Unknown"
 
 
 async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) -> PassResult:
@@ -208,7 +218,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         spec = parse_spec(body.get("spec") or {})
         customer = Customer(metadata=CustomerMetadata.model_validate(meta), spec=spec, status=previous)
     except InvalidSpecError as invalid:
-        status = invalid_spec_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
+        status = stalled_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         status = answered_request(status, meta.get("annotations") or {})
         return await _finish(ctx, body, previous, status, permanent=str(invalid))
     version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
@@ -221,7 +231,14 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
-    secret = await _namespace_and_secret(ctx, target)
+    secret = await _namespace_and_secret(ctx, target, made_before=previous.instance is not None)
+    if isinstance(secret, NamespaceRefused):
+        status = answered_request(
+            refused_status(previous, target, secret, generation), meta.get("annotations") or {}
+        )
+        if secret.permanent:
+            return await _finish(ctx, body, previous, status, permanent=secret.message)
+        return await _finish(ctx, body, previous, status, temporary=secret.message)
     try:
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
@@ -253,22 +270,49 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     return result
 
 
-async def _namespace_and_secret(ctx: OperatorContext, target: PassTarget) -> SecretData | None:
-    """The namespace applied and the licence Secret read (a missing namespace reads as no Secret).
+async def _namespace_and_secret(
+    ctx: OperatorContext, target: PassTarget, made_before: bool
+) -> SecretData | NamespaceRefused | None:
+    """The Customer's namespace made, or found to be its own, and its licence Secret read (None: none
+    yet); or why the pass may not work there (manifests.namespace_holder): someone else's namespace is
+    never written to, and one being deleted is waited for, nothing in it reused.
 
-    A namespace this process applied as it is now is applied again only when its Secret is missing
-    (the namespace may be gone): the apply of an unchanged namespace was one of the three API calls of
-    every pass a Deployment event starts. Labels someone edits on the namespace are therefore put back
-    at the operator's next start, not at the next pass."""
-    manifest = namespace_manifest(target.namespace, target.name, target.customer_id, target.owner)
-    read = ctx.kube.read_secret_data(target.namespace, LICENSE_SECRET_NAME)
-    if ctx.applied_namespaces.get(target.namespace) == manifest:
-        secret = await read
-        if secret is None:
-            await ctx.kube.apply(manifest)
-        return secret
-    _, secret = await together(ctx.kube.apply(manifest), read)
-    ctx.applied_namespaces[target.namespace] = manifest
+    A first pass creates the namespace: the API server answers 409 when one exists, and only then is it
+    read, so a new Customer costs one request here (a new namespace holds no Secret to read). A Customer
+    whose earlier pass made it (`made_before`: its status reports it) has it read beside its Secret and
+    applied only when it lacks the operator's labels or owner. A namespace this process applied as it is
+    now is not looked at again while its Secret is there: applying it again was one of the three API
+    calls of every pass a Deployment event starts. Labels someone edits on the namespace are therefore
+    put back at the operator's next start, not at the next pass."""
+    namespace = target.namespace
+    manifest = namespace_manifest(namespace, target.name, target.customer_id, target.owner)
+    if ctx.applied_namespaces.get(namespace) == manifest:
+        secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+        if secret is not None:
+            return secret
+        # The Secret deleted, or the namespace with it (and someone else's made since): looked at again.
+        del ctx.applied_namespaces[namespace]
+        made_before = True
+    if not made_before and await ctx.kube.create_namespace(manifest):
+        ctx.applied_namespaces[namespace] = manifest
+        return None
+    existing, secret = await together(
+        ctx.kube.read_namespace(namespace), ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+    )
+    if existing is None:  # gone since the Customer's last pass
+        if await ctx.kube.create_namespace(manifest):
+            ctx.applied_namespaces[namespace] = manifest
+            return None
+        return NamespaceRefused(  # by someone else between the read and the create: judged next time
+            c.NAMESPACE_TERMINATING,
+            f"namespace {namespace} was just created by someone else; looked at again",
+            False,
+        )
+    if (refused := namespace_refusal(existing, target)) is not None:
+        return refused
+    if not namespace_as_applied(existing, manifest):
+        await ctx.kube.apply(manifest)
+    ctx.applied_namespaces[namespace] = manifest
     return secret
 
 

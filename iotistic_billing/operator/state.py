@@ -38,11 +38,12 @@ from iotistic_billing.operator.conditions import (
     subscription_condition,
     summarize,
     trial_condition,
+    waiting,
     with_conditions,
 )
 from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
-from iotistic_billing.operator.manifests import owner_reference
-from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome, ReleaseOutcome
+from iotistic_billing.operator.manifests import namespace_holder, owner_reference
+from iotistic_billing.operator.outcomes import InstanceHealth, NamespaceRefused, PassOutcome, ReleaseOutcome
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 
 
@@ -196,11 +197,12 @@ def next_status(
     )
 
 
-def invalid_spec_status(
+def stalled_status(
     previous: CustomerStatus, generation: int, reason: str, message: str, now: datetime
 ) -> CustomerStatus:
-    """A Customer whose spec (or name) the operator refuses: Failed and Stalled, Ready False (an earlier
-    Ready=True kept beside phase Failed made kstatus readers call it healthy)."""
+    """A Customer stalled before any step ran (its spec or name refused, its namespace someone else's):
+    Failed and Stalled, Ready False (an earlier Ready=True kept beside phase Failed made kstatus readers
+    call it healthy)."""
     return previous.model_copy(
         update={
             "phase": Phase.FAILED,
@@ -210,6 +212,59 @@ def invalid_spec_status(
             "observed_generation": generation,
         }
     )
+
+
+def namespace_refusal(namespace: Mapping[str, Any], target: PassTarget) -> NamespaceRefused | None:
+    """Why a pass may not work in the existing namespace customer-<name>; None when it is this Customer's
+    and not being deleted."""
+    name = target.namespace
+    holder = namespace_holder(namespace, target.name, str(target.owner["uid"]))
+    if holder == "other":
+        return NamespaceRefused(
+            c.NAMESPACE_TAKEN,
+            f"metadata.name: namespace {name} exists and was not created by the operator for this Customer;"
+            " the operator leaves it as it is (delete it, or give the Customer another name)",
+            permanent=True,
+        )
+    terminating = bool((namespace.get("metadata") or {}).get("deletionTimestamp"))
+    if holder == "earlier":
+        going = "is being deleted" if terminating else "is left to the garbage collector"
+        return NamespaceRefused(
+            c.NAMESPACE_TERMINATING,
+            f"namespace {name} belongs to an earlier Customer {target.name}, deleted, and {going};"
+            " waiting until it is gone",
+            permanent=False,
+        )
+    if terminating:
+        return NamespaceRefused(
+            c.NAMESPACE_TERMINATING,
+            f"namespace {name} is being deleted; it is created again once it is gone",
+            permanent=False,
+        )
+    return None
+
+
+def refused_status(
+    previous: CustomerStatus, target: PassTarget, refusal: NamespaceRefused, generation: int
+) -> CustomerStatus:
+    """The status of a pass that may not work in the Customer's namespace and so ran no step: stalled
+    for someone else's namespace, else waiting for one being deleted (Reconciling, the phase of a
+    Customer whose release is not there); the conditions of the steps as they were."""
+    if refusal.permanent:
+        status = stalled_status(previous, generation, refusal.reason, refusal.message, target.now)
+    else:
+        status = previous.model_copy(
+            update={
+                "phase": phase_for(target.entitlement, None, None, previous.phase, stalled=False),
+                "conditions": with_conditions(
+                    previous.conditions,
+                    waiting(refusal.reason, refusal.message),
+                    generation=generation,
+                    now=target.now,
+                ),
+            }
+        )
+    return status.model_copy(update={"customer_id": target.customer_id})
 
 
 def answered_request(status: CustomerStatus, annotations: Mapping[str, str]) -> CustomerStatus:
@@ -247,8 +302,9 @@ def stall_of(status: CustomerStatus) -> tuple[str, str] | None:
     return condition.reason, condition.message
 
 
-# Stalls whose pass ends before a licence is minted: a spec or name refused, a licence that cannot be.
-_STALLED_BEFORE_LICENSE = frozenset({c.INVALID_SPEC, c.LICENSE_FAILED})
+# Stalls whose pass ends before a licence is minted: a spec or name refused, a licence that cannot be,
+# a namespace that is someone else's.
+_STALLED_BEFORE_LICENSE = frozenset({c.INVALID_SPEC, c.LICENSE_FAILED, c.NAMESPACE_TAKEN})
 
 
 def housekeeping_due(
@@ -299,10 +355,12 @@ __all__ = [
     "chart_target",
     "housekeeping_due",
     "instance_domain",
-    "invalid_spec_status",
+    "namespace_refusal",
     "next_status",
     "over_current",
     "pass_target",
     "phase_for",
+    "refused_status",
     "stall_of",
+    "stalled_status",
 ]

@@ -25,6 +25,7 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     PLURAL,
+    RECONCILE_REQUESTED_AT,
     VERSION,
     CustomerStatus,
     Phase,
@@ -430,28 +431,119 @@ async def test_delete_uninstalls_revokes_and_removes_the_namespace(
     assert keys and all(revoked_at is not None for (revoked_at,) in keys)  # its instance reports no more
 
 
-async def test_a_customer_recreated_over_its_old_secret_gets_its_usage_key_back(
+async def test_a_customer_recreated_while_its_old_namespace_terminates_waits_and_reuses_nothing_of_it(
     cluster: Cluster, db_engine: AsyncEngine
 ) -> None:
+    """Its old namespace is still terminating (no controller-manager here; on a cluster, for a while),
+    with the old Secret in it: the new Customer used to take that Secret's licence and usage key, revoked
+    by the deletion, as its own. It waits until the namespace is gone and starts afresh."""
     name = unique_name("again")
+    namespace = f"customer-{name}"
     customer_id = f"cust_{name.replace('-', '')}"
     cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
     wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
-    _, data = cluster.license(name)
+    old_claims, old = cluster.license(name)
     cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
     wait_until(lambda: cluster.customer(name) is None, message="Customer gone, its usage key revoked")
 
-    # Its namespace is still terminating (no controller-manager here; on a cluster, for a while), with
-    # the old Secret in it: the new Customer's instance would report with that Secret's usage key.
     cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    waiting = wait_until(
+        lambda: (
+            (cluster.condition(name, "Reconciling") or {}).get("reason") == "NamespaceTerminating"
+            and cluster.condition(name, "Reconciling")
+        ),
+        message="the new Customer waiting for the old namespace",
+    )
+    assert waiting["message"].startswith(f"namespace {namespace} belongs to an earlier Customer {name}")
+    assert cluster.license(name, verify_times=False)[0]["jti"] == old_claims["jti"]  # left as it was
+
+    # What the namespace controller does: the namespace's objects deleted, then the namespace.
+    cluster.core.delete_collection_namespaced_secret(namespace)
+    cluster.core.replace_namespace_finalize(
+        namespace, {"metadata": {"name": namespace}, "spec": {"finalizers": []}}
+    )
+    wait_until(lambda: _namespace_or_none(cluster, namespace) is None, message="old namespace gone")
+    # Kopf retries the waiting pass after its backoff; a Reconcile now does not wait for it.
+    cluster.objects.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: "again"}}}
+    )
     wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
-    _, again = cluster.license(name)
-    assert again["usage-api-key"] == data["usage-api-key"]
+    claims, again = cluster.license(name)
+    assert claims["jti"] != old_claims["jti"] and again["usage-api-key"] != old["usage-api-key"]
     async with db_engine.connect() as connection:
-        revoked_at = await connection.scalar(
-            select(ApiKey.revoked_at).where(ApiKey.key_hash == usage_key_hash(data["usage-api-key"].decode()))
+        keys = dict(
+            (
+                await connection.execute(
+                    select(ApiKey.key_hash, ApiKey.revoked_at).where(ApiKey.customer_id == customer_id)
+                )
+            ).all()
         )
-    assert revoked_at is None
+    assert keys[usage_key_hash(old["usage-api-key"].decode())] is not None  # the deletion's revocation holds
+    assert keys[usage_key_hash(again["usage-api-key"].decode())] is None
+    assert [action for action, _, _ in await history(db_engine, customer_id)] == [
+        "generated",
+        "revoked",
+        "generated",
+    ]
+
+
+def _namespace_or_none(cluster: Cluster, namespace: str) -> Any:
+    try:
+        return cluster.core.read_namespace(namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+async def test_a_namespace_someone_else_made_stalls_the_customer_and_outlives_its_deletion(
+    cluster: Cluster, db_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Found in review: the operator applied customer-<name> whoever had made it, and deleting the
+    Customer uninstalled the release `instance` there and deleted the namespace (the earlier system's
+    customer-<id> namespaces, met by a migration)."""
+    name = unique_name("taken")
+    namespace = f"customer-{name}"
+    cluster.core.create_namespace({"metadata": {"name": namespace, "labels": {"team": "payments"}}})
+    chart = tmp_path / "theirs"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: theirs\nversion: 1.0.0\n")
+    (chart / "templates" / "data.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: their-data\ndata:\n  owner: payments\n"
+    )
+    cluster.helm("install", "instance", str(chart), "-n", namespace)
+
+    cluster.create(customer_manifest(name, plan="starter"))
+    stalled = wait_until(
+        lambda: (
+            (cluster.condition(name, "Stalled") or {}).get("status") == "True"
+            and cluster.condition(name, "Stalled")
+        ),
+        message="Stalled",
+    )
+    assert stalled["reason"] == "NamespaceTaken"
+    assert stalled["message"].startswith(
+        f"metadata.name: namespace {namespace} exists and was not created by the operator for this Customer"
+    )
+    body = cluster.customer(name)
+    assert body is not None and body["status"]["phase"] == "Failed"
+    assert "license" not in body["status"]
+    theirs = cluster.core.read_namespace(namespace).metadata
+    assert theirs.labels == {"team": "payments", "kubernetes.io/metadata.name": namespace}
+    assert not theirs.owner_references
+    assert [
+        s.metadata.name
+        for s in cluster.core.list_namespaced_secret(namespace).items
+        if not s.metadata.name.startswith("sh.helm.release")
+    ] == []
+
+    cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    wait_until(lambda: cluster.customer(name) is None, message="Customer gone")
+    after = cluster.core.read_namespace(namespace).metadata
+    assert after.deletion_timestamp is None and after.labels == theirs.labels
+    release = cluster.release(name)
+    assert release is not None and (release["chart"], release["status"]) == ("theirs-1.0.0", "deployed")
+    assert cluster.core.read_namespaced_config_map("their-data", namespace).data == {"owner": "payments"}
 
 
 async def test_a_deleted_licence_secret_rotates_the_usage_key_and_the_old_one_ends_after_a_grace(

@@ -176,7 +176,8 @@ async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revoca
 
     # Deletion first: the revoked row is the last licence the history knows, not an error retried forever.
     context = _context(operator_env, datetime.now(UTC))
-    assert await revoke_license(context, customer_id, namespace, reason="test") is True
+    secret = await context.kube.read_secret_data(namespace, "iotistic-license")
+    assert await revoke_license(context, customer_id, secret, reason="test") is True
     assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [
         ("generated", status["jti"]),
         ("revoked", status["jti"]),

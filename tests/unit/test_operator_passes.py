@@ -34,7 +34,7 @@ from iotistic_billing.operator.outcomes import (
     ReleaseOutcome,
 )
 from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
-from iotistic_billing.operator.state import invalid_spec_status, next_status, pass_target, stall_of
+from iotistic_billing.operator.state import next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
@@ -402,7 +402,7 @@ def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_i
     licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
     broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
     upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
-    invalid = invalid_spec_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    invalid = stalled_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
     away = ReleaseOutcome("failed", c.CHART_PULL_FAILED, "connection refused")
     retried = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=away), 1)
     counted = [c.INVALID_SPEC, c.UPGRADE_FAILED, c.CHART_PULL_FAILED, "Unknown"]
@@ -441,7 +441,7 @@ def test_a_stalled_customer_is_exported_until_a_pass_or_its_deletion_ends_the_st
     licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
     broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
     upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
-    invalid = invalid_spec_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    invalid = stalled_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
     deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
     converged = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=deployed), 3)
 
@@ -537,7 +537,7 @@ async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_release_
         )
         return minted[-1]
 
-    async def namespace_and_secret(ctx: Any, target: Any) -> None:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
         return None
 
     monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)

@@ -25,6 +25,7 @@ from iotistic_billing.operator.license import previous_suspended
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
+    NamespaceRefused,
     NotificationsOutcome,
     PassOutcome,
     ReleaseOutcome,
@@ -34,9 +35,11 @@ from iotistic_billing.operator.state import (
     PassTarget,
     answered_request,
     housekeeping_due,
-    invalid_spec_status,
     next_status,
     pass_target,
+    refused_status,
+    stall_of,
+    stalled_status,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
 
@@ -361,13 +364,34 @@ def test_an_invalid_spec_is_failed_and_stalled_and_no_longer_ready() -> None:
     which kstatus readers (Flux, Argo CD, `kubectl wait`) call healthy."""
     ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
     assert ready.condition("Ready").status == "True"  # type: ignore[union-attr]
-    failed = invalid_spec_status(ready, 5, "InvalidSpec", "spec.trial.days must be at most 90", NOW)
+    failed = stalled_status(ready, 5, "InvalidSpec", "spec.trial.days must be at most 90", NOW)
     assert failed.phase == "Failed" and failed.observed_generation == 5
     states = {c.type: (c.status, c.reason) for c in failed.conditions or ()}
     assert states["Ready"] == ("False", "InvalidSpec")
     assert states["Stalled"] == ("True", "InvalidSpec")
     assert states["Reconciling"] == ("False", "InvalidSpec")
     assert failed.condition("Stalled").message == "spec.trial.days must be at most 90"  # type: ignore[union-attr]
+
+
+def test_a_pass_refused_its_namespace_stalls_or_waits_and_leaves_the_steps_conditions_alone() -> None:
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    taken = NamespaceRefused(c.NAMESPACE_TAKEN, "metadata.name: namespace customer-acme exists", True)
+    stalled = refused_status(ready, target(), taken, generation=5)
+    assert (stalled.phase, stalled.observed_generation, stalled.customer_id) == ("Failed", 5, "cust_acme0001")
+    assert stall_of(stalled) == (c.NAMESPACE_TAKEN, taken.message)
+    assert stalled.condition("Ready").status == "False"  # type: ignore[union-attr]
+
+    going = NamespaceRefused(c.NAMESPACE_TERMINATING, "namespace customer-acme is being deleted", False)
+    waiting = refused_status(ready, target(), going, generation=5)
+    states = {c.type: (c.status, c.reason) for c in waiting.conditions or ()}
+    assert states["Stalled"] == ("False", "Reconciled")
+    assert states["Reconciling"] == ("True", c.NAMESPACE_TERMINATING)
+    assert states["Ready"] == ("False", c.NAMESPACE_TERMINATING)
+    assert waiting.condition("ReleaseDeployed") == ready.condition("ReleaseDeployed")
+    assert (waiting.phase, waiting.observed_generation) == ("Provisioning", ready.observed_generation)
+    # A new Customer waiting for an earlier one's namespace is Pending, with its customer id reported.
+    new = refused_status(CustomerStatus(), target(), going, generation=1)
+    assert (new.phase, new.customer_id, new.license) == ("Pending", "cust_acme0001", None)
 
 
 def test_release_values_keep_plan_limits_over_user_overrides() -> None:
@@ -415,6 +439,7 @@ def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_
         # A pass that stops before the licence can neither renew it nor write the plan.
         (c.INVALID_SPEC, None),
         (c.LICENSE_FAILED, None),
+        (c.NAMESPACE_TAKEN, None),
         # A stalled release: the pass still renews the licence, and writes the plan it is for.
         (c.CHART_VERSION_INVALID, "LicenseRenewal"),
         (c.UPGRADE_FAILED, "LicenseRenewal"),
@@ -427,7 +452,7 @@ def test_housekeeping_of_a_stalled_customer_renews_only_what_its_pass_can(
     licensed = CustomerStatus(
         plan="starter", license=LicenseStatus(issued_at=issued, expires_at=issued + timedelta(days=30))
     )
-    status = invalid_spec_status(licensed, 2, stall, "it failed", NOW)  # Stalled with that reason
+    status = stalled_status(licensed, 2, stall, "it failed", NOW)  # Stalled with that reason
     starter = spec(plan="starter")
     assert housekeeping_due(starter, status, CREATED, NOW) == due
     moved = status.model_copy(update={"plan": "professional"})
@@ -543,7 +568,7 @@ def test_a_webhook_removed_removes_notifications_ready_and_a_step_that_did_not_r
 
 
 def test_a_requested_pass_says_which_request_it_answered() -> None:
-    stalled = invalid_spec_status(CustomerStatus(), 2, "InvalidSpec", "spec.plan: unknown", NOW)
+    stalled = stalled_status(CustomerStatus(), 2, "InvalidSpec", "spec.plan: unknown", NOW)
     asked = {RECONCILE_REQUESTED_AT: "2026-11-25T12:00:00Z"}
     answered = answered_request(stalled, asked)
     assert answered.last_handled_reconcile_at == "2026-11-25T12:00:00Z"

@@ -1,0 +1,287 @@
+"""The Customer's namespace: made by its first pass, never taken over when someone else made it, waited
+for while it is being deleted, and deleted with the Customer only when it is the Customer's own."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.customer import Customer
+from iotistic_billing.k8s import FieldManager, KubeApi
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator import delete as delete_module
+from iotistic_billing.operator.context import CustomerLocks, OperatorContext
+from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.manifests import namespace_manifest, owner_reference
+from iotistic_billing.operator.outcomes import NamespaceRefused
+from iotistic_billing.operator.reconcile import _namespace_and_secret
+from iotistic_billing.operator.state import PassTarget, pass_target
+from tests.unit.test_operator_state import NOW
+
+SECRET = ({"license.jwt": b"a licence", "usage-api-key": b"iuk_theirs"}, {})
+
+
+class Cluster:
+    """Namespaces and licence Secrets as the API server keeps them, and the requests the operator made."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, dict[str, Any]] = {}
+        self.secrets: dict[str, tuple[dict[str, bytes], dict[str, str]]] = {}
+        self.customers: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str]] = []
+
+    async def create_namespace(self, body: dict[str, Any]) -> bool:
+        name = body["metadata"]["name"]
+        self.requests.append(("POST namespaces", name))
+        if name in self.namespaces:
+            return False
+        self.namespaces[name] = copy.deepcopy(body)
+        return True
+
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        self.requests.append(("GET namespaces", name))
+        return copy.deepcopy(self.namespaces.get(name))
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        self.requests.append((f"APPLY {body['kind'].lower()}s", name))
+        meta = self.namespaces.setdefault(name, {"metadata": {"name": name}})["metadata"]
+        meta.setdefault("labels", {}).update(body["metadata"]["labels"])
+        meta["ownerReferences"] = body["metadata"]["ownerReferences"]
+
+    async def read_secret_data(self, namespace: str, name: str) -> Any:
+        self.requests.append(("GET secrets", namespace))
+        return self.secrets.get(namespace) if namespace in self.namespaces else None
+
+    async def delete_namespace(self, name: str) -> bool:
+        self.requests.append(("DELETE namespaces", name))
+        namespace = self.namespaces.get(name)
+        if namespace is not None:
+            namespace["metadata"]["deletionTimestamp"] = NOW.isoformat()
+        return namespace is not None
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return self.customers
+
+
+class Helm:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def uninstall(self, release: str, namespace: str) -> bool:
+        self.cluster.requests.append(("helm uninstall", f"{namespace}/{release}"))
+        return True
+
+
+def customer(name: str = "acme", uid: str = "uid-acme") -> dict[str, Any]:
+    return {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": name, "uid": uid, "resourceVersion": "1"},
+        "spec": {
+            "customerId": "cust_acme0001",
+            "email": "ops@acme.example",
+            "companyName": "Acme",
+            "plan": "starter",
+        },
+    }
+
+
+def target_of(body: dict[str, Any]) -> PassTarget:
+    return pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+
+
+def context(cluster: Cluster) -> OperatorContext:
+    return cast(
+        OperatorContext,
+        SimpleNamespace(
+            kube=cluster,
+            helm=Helm(cluster),
+            locks=CustomerLocks(),
+            applied_namespaces={},
+            mirrored=set(),
+            written={},
+        ),
+    )
+
+
+def namespace_of(body: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    """The namespace the operator made for `body`, with `metadata` over it."""
+    name = body["metadata"]["name"]
+    manifest = namespace_manifest(f"customer-{name}", name, "cust_acme0001", owner_reference(body))
+    manifest["metadata"].update(metadata)
+    return manifest
+
+
+@pytest.fixture
+def revocations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The finalizer's licence and usage-key revocations and webhook-secret copy, as calls (PostgreSQL's
+    side is tests/integration's)."""
+    calls: list[str] = []
+
+    def recorded(what: str) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> None:
+            calls.append(what)
+
+        return call
+
+    for step in ("revoke_license", "revoke_usage_keys", "keep_webhook_secret"):
+        monkeypatch.setattr(delete_module, step, recorded(step))
+    return calls
+
+
+async def test_a_new_customers_first_pass_creates_its_namespace_in_one_request() -> None:
+    """A namespace just created holds no licence Secret: nothing more to read. The pass before this
+    applied the namespace and read the Secret, two requests."""
+    cluster = Cluster()
+    ctx = context(cluster)
+    assert await _namespace_and_secret(ctx, target_of(customer()), made_before=False) is None
+    assert cluster.requests == [("POST namespaces", "customer-acme")]
+    labels = cluster.namespaces["customer-acme"]["metadata"]["labels"]
+    assert labels[c.LABEL_MANAGED_BY] == c.MANAGED_BY and labels[c.LABEL_CUSTOMER] == "acme"
+
+    # The passes after it read the Secret alone, as before.
+    cluster.secrets["customer-acme"] = SECRET
+    cluster.requests.clear()
+    assert await _namespace_and_secret(ctx, target_of(customer()), made_before=True) == SECRET
+    assert cluster.requests == [("GET secrets", "customer-acme")]
+
+
+async def test_a_restarted_operator_reads_its_customers_namespace_and_applies_it_only_when_it_changed() -> (
+    None
+):
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    cluster.secrets["customer-acme"] = SECRET
+
+    ctx = context(cluster)  # a new process: nothing applied yet
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True) == SECRET
+    assert sorted(cluster.requests) == [("GET namespaces", "customer-acme"), ("GET secrets", "customer-acme")]
+
+    # A label someone removed is put back.
+    del cluster.namespaces["customer-acme"]["metadata"]["labels"][c.LABEL_CUSTOMER_ID]
+    ctx, cluster.requests = context(cluster), []
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True) == SECRET
+    assert ("APPLY namespaces", "customer-acme") in cluster.requests
+    assert cluster.namespaces["customer-acme"]["metadata"]["labels"][c.LABEL_CUSTOMER_ID] == "cust_acme0001"
+
+
+@pytest.mark.parametrize("made_before", [False, True])
+async def test_a_namespace_someone_else_made_is_never_written_to_and_outlives_the_customer(
+    revocations: list[str], made_before: bool
+) -> None:
+    """Found in review: the pass applied customer-<name> with a forced server-side apply whoever had
+    made it, and the finalizer then uninstalled the release `instance` there and deleted the namespace.
+    The earlier system's namespaces (customer-<id>), adopted by a migration, were destroyed so."""
+    cluster = Cluster()
+    theirs = {"metadata": {"name": "customer-acme", "labels": {"team": "payments"}}}
+    cluster.namespaces["customer-acme"] = copy.deepcopy(theirs)
+    cluster.secrets["customer-acme"] = SECRET
+    ctx = context(cluster)
+    body = customer()
+
+    refused = await _namespace_and_secret(ctx, target_of(body), made_before=made_before)
+    assert isinstance(refused, NamespaceRefused) and refused.permanent
+    assert refused.reason == c.NAMESPACE_TAKEN
+    assert refused.message.startswith("metadata.name: namespace customer-acme exists and was not created")
+    assert not any(verb.startswith("APPLY") for verb, _ in cluster.requests)
+    assert ctx.applied_namespaces == {}
+
+    await finalize(ctx, body)
+    assert cluster.namespaces["customer-acme"] == theirs
+    assert not any(verb in ("helm uninstall", "DELETE namespaces") for verb, _ in cluster.requests)
+    # Its licence is revoked as the history knows it (the Secret there is not read as the Customer's).
+    assert revocations == ["revoke_license", "revoke_usage_keys"]
+
+
+@pytest.mark.parametrize("made_before", [False, True])
+async def test_an_earlier_customers_namespace_is_waited_for_and_nothing_in_it_is_used(
+    made_before: bool,
+) -> None:
+    """A Customer deleted and made again under its name: the old namespace, Terminating with the old
+    licence Secret in it, is not the new Customer's; the pass waits until it is gone."""
+    cluster = Cluster()
+    earlier = customer(uid="uid-earlier")
+    cluster.namespaces["customer-acme"] = namespace_of(earlier, deletionTimestamp=NOW.isoformat())
+    cluster.secrets["customer-acme"] = SECRET
+    ctx = context(cluster)
+    body = customer(uid="uid-again")
+
+    refused = await _namespace_and_secret(ctx, target_of(body), made_before=made_before)
+    assert refused == NamespaceRefused(
+        c.NAMESPACE_TERMINATING,
+        "namespace customer-acme belongs to an earlier Customer acme, deleted, and is being deleted;"
+        " waiting until it is gone",
+        permanent=False,
+    )
+    assert not any(verb.startswith("APPLY") for verb, _ in cluster.requests)
+    assert ctx.applied_namespaces == {}
+
+    # Gone: the next pass makes a new one, with nothing in it.
+    del cluster.namespaces["customer-acme"], cluster.secrets["customer-acme"]
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=False) is None
+    owners = cluster.namespaces["customer-acme"]["metadata"]["ownerReferences"]
+    assert [owner["uid"] for owner in owners] == ["uid-again"]
+
+
+async def test_a_customers_own_namespace_being_deleted_is_waited_for_and_made_again() -> None:
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body, deletionTimestamp=NOW.isoformat())
+    cluster.secrets["customer-acme"] = SECRET
+    ctx = context(cluster)
+    ctx.applied_namespaces["customer-acme"] = namespace_of(body)
+
+    # The Secret is still there while the namespace terminates: the namespace this process applied is
+    # looked at again only once the Secret is missing, as the namespace's deletion comes to.
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True) == SECRET
+    del cluster.secrets["customer-acme"]
+    refused = await _namespace_and_secret(ctx, target_of(body), made_before=True)
+    assert isinstance(refused, NamespaceRefused) and not refused.permanent
+    assert refused.message == "namespace customer-acme is being deleted; it is created again once it is gone"
+
+    del cluster.namespaces["customer-acme"]
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True) is None
+    assert "customer-acme" in cluster.namespaces
+
+
+async def test_the_finalizer_deletes_the_customers_own_namespace_again_after_a_crash(
+    revocations: list[str],
+) -> None:
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    await finalize(ctx, body)
+    await finalize(ctx, body)  # retried: the namespace Terminating, the release gone
+    assert [request for request in cluster.requests if request[0] != "GET namespaces"] == [
+        ("helm uninstall", "customer-acme/instance"),
+        ("GET secrets", "customer-acme"),
+        ("DELETE namespaces", "customer-acme"),
+        ("GET secrets", "customer-acme"),
+        ("DELETE namespaces", "customer-acme"),
+    ]
+    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"] * 2
+
+
+def test_a_create_that_the_api_server_refuses_for_another_reason_is_an_error() -> None:
+    """Only 409 (the name is taken) means "it exists": a 403 of missing rights is not."""
+    api = KubeApi(cast(Any, None), FieldManager.OPERATOR)
+
+    class Core:
+        status = 409
+
+        def create_namespace(self, body: dict[str, Any], **options: Any) -> Any:
+            raise ApiException(status=self.status, reason="refused")
+
+    core = Core()
+    api.core = cast(Any, core)
+    assert api.create_namespace({"metadata": {"name": "customer-acme"}}) is False
+    core.status = 403
+    with pytest.raises(ApiException):
+        api.create_namespace({"metadata": {"name": "customer-acme"}})
