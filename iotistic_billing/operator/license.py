@@ -346,11 +346,16 @@ async def revoke_license(
     secret: SecretData | None,
     reason: str,
     notify: tuple[str, CustomerSpec] | None = None,
+    held_by: str | None = None,
+    reported_jti: str | None = None,
 ) -> bool:
     """A `revoked` row for a deleted Customer's licence: the one in its licence Secret (`secret`, None when
     it or the Customer's namespace is gone, or the namespace is not the Customer's), else the last licence
-    the history knows of the customer id; False when there is none. `notify`: the Customer's name and
-    spec, when its addresses are known (a spec that no longer validates has none)."""
+    the history knows of the customer id; False when there is none. `held_by`: the live Customer that
+    holds the customer id too (a rename that kept spec.customerId): only this Customer's own licence is
+    revoked, the one it reported last (`reported_jti`) when its Secret is gone, and the row names who
+    holds the id now. `notify`: the Customer's name and spec, when its addresses are known (a spec that
+    no longer validates has none)."""
     async with ctx.sessions() as session, session.begin():
         raw = secret[0].get(LICENSE_JWT_KEY) if secret is not None else None
         token = raw.decode(errors="replace") if raw is not None else None
@@ -359,17 +364,20 @@ async def revoke_license(
             record = readable
         else:
             # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,
-            # signed by a retired key): revoke the last licence the history knows.
+            # signed by a retired key): revoke the last licence the history knows (of this Customer's).
+            query = select(LicenseHistory).where(
+                LicenseHistory.customer_id == customer_id, LicenseHistory.action != "revoked"
+            )
+            if held_by is not None:
+                query = query.where(LicenseHistory.jti == reported_jti)
             last = await session.scalar(
-                select(LicenseHistory)
-                .where(LicenseHistory.customer_id == customer_id, LicenseHistory.action != "revoked")
-                .order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc())
-                .limit(1)
+                query.order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc()).limit(1)
             )
             if last is None:
                 return False
             record = last.record()
-        await record_license(session, record, "revoked", {"reason": reason})
+        held = {"customerIdHeldBy": held_by} if held_by is not None else {}
+        await record_license(session, record, "revoked", {"reason": reason, **held})
         if notify is not None:
             customer_name, spec = notify
             notice = license_changed(
@@ -385,13 +393,13 @@ async def revoke_license(
     return True
 
 
-async def revoke_usage_keys(ctx: OperatorContext, customer_id: str) -> int:
-    """The customer's usage keys stop working (a deleted Customer's instance reports nothing more);
-    how many were revoked. Again after a crash: none left to revoke."""
+async def revoke_usage_keys(ctx: OperatorContext, customer_id: str, only: str | None = None) -> int:
+    """The customer's usage keys stop working (a deleted Customer's instance reports nothing more), or
+    only the key `only` (a deleted Customer's own, when another one holds the customer id); how many were
+    revoked. Again after a crash: none left to revoke."""
+    query = update(ApiKey).where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.live())
+    if only is not None:
+        query = query.where(ApiKey.key_hash == usage_key_hash(only))
     async with ctx.sessions() as session, session.begin():
-        result = await session.execute(
-            update(ApiKey)
-            .where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.live())
-            .values(revoked_at=func.now())
-        )
+        result = await session.execute(query.values(revoked_at=func.now()))
     return int(getattr(result, "rowcount", 0) or 0)

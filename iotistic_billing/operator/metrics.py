@@ -60,9 +60,12 @@ def report_stall(customer: str, reason: str | None) -> None:
         _stalls[customer] = reason
 
 
-def forget_customer(name: str, customer_id: str) -> None:
+def forget_customer(name: str | None, customer_id: str | None) -> None:
     """The Customer's series no longer exported: it is deleted or another shard's now, and a last value
-    kept would fire the expiry alerts for it weeks later (or its stall's for ever)."""
-    report_stall(name, None)
-    with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
-        LICENSE_EXPIRY.remove(customer_id)
+    kept would fire the expiry alerts for it weeks later (or its stall's for ever). None: that series is
+    another live Customer's too (its name taken again, its customer id held by another) and stays."""
+    if name is not None:
+        report_stall(name, None)
+    if customer_id is not None:
+        with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
+            LICENSE_EXPIRY.remove(customer_id)

@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 from collections.abc import Awaitable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -544,6 +544,55 @@ async def test_a_namespace_someone_else_made_stalls_the_customer_and_outlives_it
     release = cluster.release(name)
     assert release is not None and (release["chart"], release["status"]) == ("theirs-1.0.0", "deployed")
     assert cluster.core.read_namespaced_config_map("their-data", namespace).data == {"owner": "payments"}
+
+
+async def test_deleting_the_old_customer_of_a_rename_that_kept_its_customer_id_leaves_the_new_one_be(
+    cluster: Cluster, db_engine: AsyncEngine
+) -> None:
+    """Found in review: GitOps renames acme to acme-corp keeping spec.customerId, applying the new
+    Customer before pruning the old; the old one's deletion revoked every usage key of the customer id,
+    the live Customer's too, and sent the customer `license.revoked`."""
+    old, new = unique_name("acme"), unique_name("acmecorp")
+    customer_id = f"cust_{old.replace('-', '')}"
+    cluster.create(customer_manifest(old, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(old) or {}).get("status", {}).get("license"), message="old licensed")
+    cluster.create(customer_manifest(new, customerId=customer_id, plan="starter"))
+    wait_until(lambda: (cluster.customer(new) or {}).get("status", {}).get("license"), message="new licensed")
+    old_claims, old_data = cluster.license(old)
+    new_claims, new_data = cluster.license(new)
+
+    cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, old)
+    wait_until(lambda: cluster.customer(old) is None, message="old Customer gone")
+    async with db_engine.connect() as connection:
+        keys = dict(
+            (
+                await connection.execute(
+                    select(ApiKey.key_hash, ApiKey.revoked_at).where(ApiKey.customer_id == customer_id)
+                )
+            ).all()
+        )
+        revoked = (
+            await connection.execute(
+                select(LicenseHistory.jti, LicenseHistory.metadata_).where(
+                    LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+                )
+            )
+        ).all()
+        kinds = (
+            (await connection.execute(select(Notice.kind).where(Notice.customer_id == customer_id)))
+            .scalars()
+            .all()
+        )
+    assert keys[usage_key_hash(new_data["usage-api-key"].decode())] is None
+    old_revoked_at = keys[usage_key_hash(old_data["usage-api-key"].decode())]
+    assert old_revoked_at is not None and old_revoked_at <= datetime.now(UTC)  # at once, not after a grace
+    assert [jti for jti, _ in revoked] == [old_claims["jti"]]
+    assert revoked[0][1] == {
+        "reason": f"Customer {old} deleted; customer id {customer_id} stays with Customer {new}",
+        "customerIdHeldBy": new,
+    }
+    assert "license.revoked" not in kinds
+    assert cluster.license(new)[0]["jti"] == new_claims["jti"]
 
 
 async def test_a_deleted_licence_secret_rotates_the_usage_key_and_the_old_one_ends_after_a_grace(
