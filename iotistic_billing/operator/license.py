@@ -139,10 +139,14 @@ async def ensure_license(
     data, annotations = (existing.data, existing.annotations) if existing is not None else ({}, {})
     # An edited value that is not UTF-8 is as good as a tampered token: replaced, not retried forever.
     token = data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
+    previous = _readable(token)
+    if previous is not None and previous.customer_id != target.customer_id:
+        # Another customer's Secret (a Customer made again under a new id over its predecessor's): its
+        # licence is not this Customer's previous one, nor its usage key or suspension this Customer's.
+        data, annotations, token, previous = {}, {}, None, None
     stored_key = data.get(USAGE_API_KEY_KEY, b"").decode(errors="replace")
     usage_key = stored_key or new_usage_key()
     current = verified_claims(ctx, token)
-    previous = _readable(token)
     reported = target.customer.status.license
     # Ours, in the Secret, and not what the last completed pass reported: its pass may have ended before
     # its history row and its usage key's row were written (a crash, PostgreSQL away).

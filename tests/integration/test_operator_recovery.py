@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
-from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
 from iotistic_billing.db.models import Customer as MirrorRow
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, KubeApi
@@ -191,6 +191,57 @@ async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revoca
     body = cluster.customer(name)
     assert body is not None and body["status"]["license"]["jti"] == replaced
     assert body["status"]["phase"] != "Failed"
+
+
+async def test_a_licence_secret_holding_another_customers_licence_is_not_taken_for_this_ones(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: a Customer made again under a new id over its predecessor's Secret (its old
+    namespace still terminating) took that Secret's licence for its previous one: the old customer's
+    revoked usage key in its Secret, `license.suspended` under the new id for the old one's suspension,
+    and `reinstated` for its first licence. Whatever brings another customer's Secret into a Customer's
+    namespace, it is replaced, and nothing of it is recorded or reused under this Customer's id."""
+    other, other_id, _ = _licensed_then_paused(cluster, paused_operator, "theirs")
+    cluster.patch_spec(other, {"suspended": True})
+    context = _context(operator_env, datetime.now(UTC))
+    await reconcile(context, other)  # the other customer's licence suspended, its Secret saying so
+    name = unique_name("ours")
+    customer_id = f"cust_{name.replace('-', '')}"
+    cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+    first = await reconcile(context, name)
+    assert first is not None and first.status.license is not None
+    theirs = cluster.core.read_namespaced_secret("iotistic-license", f"customer-{other}")
+    cluster.core.patch_namespaced_secret(
+        "iotistic-license",
+        f"customer-{name}",
+        {"metadata": {"annotations": theirs.metadata.annotations}, "data": theirs.data},
+    )
+    assert cluster.license(name)[0]["customerId"] == other_id
+
+    again = await reconcile(context, name)
+    await context.engine.dispose()
+    assert again is not None and again.status.license is not None
+    claims, data = cluster.license(name)
+    assert claims["customerId"] == customer_id and claims["plan"] == "starter"
+    assert data["usage-api-key"] != base64.b64decode(theirs.data["usage-api-key"])
+    assert await _usage_key_stored(cluster, db_engine, name)
+    assert [action for action, _, _ in await history(db_engine, customer_id)] == ["generated", "generated"]
+    assert [action for action, _, _ in await history(db_engine, other_id)] == ["generated", "suspended"]
+    async with db_engine.connect() as connection:
+        kinds = (
+            (await connection.execute(select(Notice.kind).where(Notice.customer_id == customer_id)))
+            .scalars()
+            .all()
+        )
+        their_key = await connection.scalar(
+            select(ApiKey.revoked_at).where(
+                ApiKey.key_hash == usage_key_hash(base64.b64decode(theirs.data["usage-api-key"]).decode())
+            )
+        )
+    assert kinds == [] and their_key is None
 
 
 async def test_an_operator_started_over_customers_licensed_before_the_mirror_writes_their_rows(
