@@ -288,10 +288,21 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     if housekeeper is not None:
         housekeeper.cancel()
     cast(HandledSpecs, memo["handled"]).forget(body)
-    ctx.applied_namespaces.pop(namespace_for(body.metadata.name or ""), None)
-    ctx.written.pop(body.metadata.name or "", None)
-    ctx.pass_retries.forget(body.metadata.name or "")
-    forget_customer(body.metadata.name or "", customer_id_in_use(body))
+    name, customer_id = body.metadata.name or "", customer_id_in_use(body)
+    # Kopf handles each object's events in a worker of its own, in no order between objects: a Customer
+    # made again under the name may have had its passes before this old one's DELETED is handled, and
+    # what the process keeps by name (and by customer id, when it kept that) is then the new one's.
+    try:
+        now = await ctx.kube.read_customer(name)
+    except KubernetesUnavailable:
+        now = None  # forgotten as before: with the API server away, a new one's may go with it
+    if now is not None and now["metadata"].get("uid") != uid:
+        forget_customer(None, customer_id if customer_id_in_use(now) != customer_id else None)
+        return
+    ctx.applied_namespaces.pop(namespace_for(name), None)
+    ctx.written.pop(name, None)
+    ctx.pass_retries.forget(name)
+    forget_customer(name, customer_id)
 
 
 def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

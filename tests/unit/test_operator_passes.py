@@ -26,7 +26,7 @@ from iotistic_billing.operator.context import (
     retry_delay,
 )
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
-from iotistic_billing.operator.metrics import LICENSE_EXPIRY, forget_customer
+from iotistic_billing.operator.metrics import LICENSE_EXPIRY, forget_customer, report_stall
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
     NotificationsOutcome,
@@ -114,16 +114,20 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     """Relabelled to another shard (the watch says DELETED), a Customer's last expiry stayed exported
     here for good, and weeks later the expiry alerts fired for a Customer the other shard renews."""
     retries = Retries()
-    ctx = SimpleNamespace(
-        housekeepers={}, applied_namespaces={}, written={}, pass_retries=PassRetries(retries.later)
-    )
-    ctx.pass_retries.failed("moved", lambda: None)
-    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
     moved = {
         "metadata": {"name": "moved", "uid": "uid-moved", "labels": {"iotistic.io/shard": "1"}},
         "spec": {"customerId": "cust_moved"},
         "status": {"customerId": "cust_moved"},
     }
+    ctx = SimpleNamespace(
+        kube=Customers(moved),  # still there, another shard's now
+        housekeepers={},
+        applied_namespaces={},
+        written={},
+        pass_retries=PassRetries(retries.later),
+    )
+    ctx.pass_retries.failed("moved", lambda: None)
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
     LICENSE_EXPIRY.labels("cust_moved").set(1_900_000_000)
     LICENSE_EXPIRY.labels("cust_staying").set(1_900_000_000)
 
@@ -134,6 +138,49 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     # Again (the Customer's deletion after its finalizer, which forgot the series already): no error.
     await handlers.customer_gone(type="DELETED", body=kopf.Body(moved), memo=memo, uid="uid-moved")
     LICENSE_EXPIRY.remove("cust_staying")
+
+
+class Customers:
+    """An API server holding these Customers, by name."""
+
+    def __init__(self, *bodies: dict[str, Any]) -> None:
+        self.bodies = {body["metadata"]["name"]: body for body in bodies}
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        return self.bodies.get(name)
+
+
+@pytest.mark.parametrize("same_customer_id", [False, True])
+async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_leaves_the_new_one_alone(
+    same_customer_id: bool,
+) -> None:
+    """Kopf handles each object's events in a worker of its own (keyed by uid), in no order between
+    objects: `kubectl delete` and `apply` of a Customer under load, and the new Customer's first pass
+    (stalled, say) ran before the old one's DELETED was handled, which dropped what the process kept under
+    the name: the new one's stall series (no further pass brings it back), its pending retry."""
+    retries = Retries()
+    ctx = SimpleNamespace(
+        housekeepers={},
+        applied_namespaces={"customer-acme": {"metadata": {"ownerReferences": [{"uid": "uid-new"}]}}},
+        written={"acme": 42},
+        pass_retries=PassRetries(retries.later),
+    )
+    new_id = "cust_old0001" if same_customer_id else "cust_new0001"
+    new = {"metadata": {"name": "acme", "uid": "uid-new"}, "spec": {"customerId": new_id}}
+    ctx.kube = Customers(new)
+    old = {"metadata": {"name": "acme", "uid": "uid-old"}, "spec": {"customerId": "cust_old0001"}}
+    LICENSE_EXPIRY.labels("cust_old0001").set(1_900_000_000)
+    report_stall("acme", c.INVALID_SPEC)  # the new one's first pass stalled
+    ctx.pass_retries.failed("acme", lambda: None)
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
+
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(old), memo=memo, uid="uid-old")
+    assert stalled("acme") == {c.INVALID_SPEC: 1}
+    assert ctx.written == {"acme": 42} and "customer-acme" in ctx.applied_namespaces
+    assert retries.delays == [5]
+    # The old customer id's expiry series goes, unless the new Customer goes by it too.
+    assert (licence_expiry("cust_old0001") is not None) == same_customer_id
+    forget_customer("acme", "cust_old0001")
 
 
 def ended(phase: str, previous: str | None, step: tuple[str, str] | None = None, **more: Any) -> PassResult:
