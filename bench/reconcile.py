@@ -90,7 +90,7 @@ async def helm_installs(
     Not helm's `--create-namespace`: with it helm builds the Namespace with client-side validation on,
     whatever --disable-openapi-validation says (helm 4.3.1, pkg/action/install.go), and parses the API
     server's OpenAPI v3 document of core/v1 for it, about 100 ms of CPU an install that the operator's
-    helm does not pay (the operator applies the namespace itself)."""
+    helm does not pay (the operator creates the namespace itself)."""
     slots = asyncio.Semaphore(CONCURRENCY)
     helm = str(find_binary("helm"))
 
