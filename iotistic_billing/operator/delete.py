@@ -27,7 +27,8 @@ from iotistic_billing.operator.metrics import forget_customer
 from iotistic_billing.operator.webhook_secret import keep_webhook_secret
 
 
-async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
+async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
+    """The Customer's deletion; False when its namespace was not its own (or already gone) and was left."""
     meta = body["metadata"]
     name = str(meta["name"])
     async with ctx.locks.held(name):
@@ -74,6 +75,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> None:
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
+    return ours
 
 
 async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: str) -> str | None:

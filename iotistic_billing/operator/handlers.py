@@ -164,11 +164,14 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.delete(*CUSTOMERS)
 async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await finalize(_context(memo), dict(body))
+    own_namespace = await finalize(_context(memo), dict(body))
     cast(HandledSpecs, memo["handled"]).forget(body)
-    kopf.info(
-        body, reason="Deleted", message="release uninstalled, licence revoked, namespace deletion requested"
-    )
+    if own_namespace:
+        message = "release uninstalled, licence revoked, namespace deletion requested"
+    else:
+        namespace = namespace_for(body.metadata.name or "")
+        message = f"licence revoked; namespace {namespace} not the Customer's own (or gone): left as it is"
+    kopf.info(body, reason="Deleted", message=message)
 
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
