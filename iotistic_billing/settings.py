@@ -155,6 +155,16 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 characters")
         return value
 
+    @field_validator("stripe_secret_key", "stripe_webhook_secret")
+    @classmethod
+    def _stripe_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set but empty (`STRIPE_SECRET_KEY=` in a file) counted as set, and Stripe's 401 came later.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (leave it unset to run without Stripe)")
+        if value is not None and value.get_secret_value() != value.get_secret_value().strip():
+            raise ValueError("must not start or end with white space (a file's last newline?)")
+        return value
+
     @field_validator("console_session_key")
     @classmethod
     def _session_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:

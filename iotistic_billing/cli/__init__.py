@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `... | head`: the reader is gone, as for any Unix tool; Python's flush at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 __all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]

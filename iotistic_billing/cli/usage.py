@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Usage reports per UTC day of one customer, or per customer; reads DATABASE_URL.",
     )
     target = usage.add_mutually_exclusive_group(required=True)
-    target.add_argument("--customer", metavar="CUSTOMER_ID", help="one customer, per day")
+    target.add_argument(
+        "--customer", metavar="CUSTOMER", help="one customer (its id, or its Customer's name), per day"
+    )
     target.add_argument("--all", action="store_true", help="every customer that reported, one line each")
     usage.add_argument("--days", type=int, default=30, help="whole UTC days, today included (default 30)")
     usage.add_argument(
@@ -169,10 +171,26 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
     }
 
 
+async def _customer_id(conn: Connection, given: str) -> str:
+    """The customer id `--customer` names: an id, or a Customer's resource name (as `customer upgrade
+    --id` takes); a mistyped one is said, not shown as a customer without usage."""
+    known = await conn.fetchval(
+        "SELECT customer_id FROM customers WHERE customer_id = $1 OR resource_name = $1"
+        " ORDER BY customer_id = $1 DESC LIMIT 1",
+        given,
+    )
+    if known is not None:
+        return str(known)
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM usage_reports WHERE customer_id = $1)", given):
+        return given  # reports of a customer the mirror does not hold
+    raise CommandError(f"--customer: no customer with the id or name {given}")
+
+
 async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -> int:
     from iotistic_billing.usage.periods import window_start
     from iotistic_billing.usage.store import customer_summaries, daily_usage
 
+    args.customer = await _customer_id(conn, args.customer)
     start = window_start(now, args.days)
     end = start + timedelta(days=args.days)
     days = await daily_usage(conn, args.customer, start, end)

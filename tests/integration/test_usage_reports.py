@@ -508,3 +508,15 @@ async def test_device_hours_are_active_devices_times_hours_in_the_api_and_the_cl
         check=True,
     )
     assert [day["deviceHours"] for day in json.loads(listed.stdout)["days"]] == ["21.000"]
+    # A mistyped id is said (found in review: an empty report, exit 0, as for a customer without usage).
+    mistyped = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "iotistic_billing.cli", "usage", "--customer", customer_id + "x"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+    assert (mistyped.returncode, mistyped.stdout) == (2, "")
+    assert mistyped.stderr.strip().endswith(
+        f"error: --customer: no customer with the id or name {customer_id}x"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -316,3 +317,20 @@ def test_installed_script_round_trip(tmp_path: Path) -> None:
     refused = script("license", "verify", minted.stdout.strip()[:-8], "--public-key", "keys/public-key.pem")
     assert refused.returncode == 1
     assert refused.stdout.startswith("invalid:")
+
+
+def test_output_to_a_reader_that_went_away_ends_as_a_unix_tool_does(key_dir: Path) -> None:
+    """Found in review: `iotistic-billing ... | head` printed a BrokenPipeError's traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader gone before the first line: `| head -0`
+    try:
+        done = subprocess.run(
+            [str(SCRIPT), "keys", "jwks", str(key_dir / "public-key.pem")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

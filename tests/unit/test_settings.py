@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,24 @@ def test_an_empty_value_of_a_setting_with_a_default_is_refused(
     monkeypatch.setenv(variable, "")
     with pytest.raises(SettingsError, match=f"{variable}: String should have at least 1 character"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("STRIPE_SECRET_KEY", "", "must not be empty (leave it unset to run without Stripe)"),
+        ("STRIPE_WEBHOOK_SECRET", " ", "must not be empty"),
+        ("STRIPE_SECRET_KEY", "sk_test_abc\n", "must not start or end with white space"),
+    ],
+)
+def test_a_stripe_secret_set_empty_is_refused_not_taken_for_a_key(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    """Found in review: `STRIPE_SECRET_KEY=` counted as set, and the first call to Stripe failed (401)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=re.escape(f"{variable}: {problem}")) as refused:
+        load_settings()
+    assert "sk_test_abc" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
