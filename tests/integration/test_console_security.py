@@ -332,15 +332,21 @@ async def test_odd_values_in_the_stripe_events_path_and_filters_are_answered_not
     # NUL, which PostgreSQL text cannot hold, names no event.
     for path in ("/admin/stripe-events/evt%00x", f"/admin/stripe-events/{event_id}%00"):
         answer = await api.get(path, allow_redirects=False)
-        assert (answer.status, (await answer.json())["error"]) == (404, "Stripe event not found"), path
+        assert (answer.status, answer.content_type) == (404, "text/html"), path
+        assert "<h1>Stripe event not found</h1>" in await answer.text(), path
+    # Found in review: a page's error was the API's JSON in the browser; it is a page of the console.
+    missing = await api.get("/admin/customers/nosuch", allow_redirects=False)
+    assert (missing.status, missing.content_type) == (404, "text/html")
+    assert "no Customer named &#39;nosuch&#39;" in await missing.text()
     replay = await post_form(api, f"/admin/stripe-events/{event_id}%00/replay", {"csrf": csrf})
     assert replay.status == 404, await replay.text()
     assert await event_state(db_engine, event_id) == ("unmatched", 0)
     # A filter the page cannot offer is a 400 naming it.
     for query, field in (("type=a%00b", "type"), ("result=a%00b", "result"), ("result=bogus", "result")):
         answer = await api.get(f"/admin/stripe-events?{query}", allow_redirects=False)
-        problem = await answer.json()
-        assert (answer.status, problem["details"][0]["field"]) == (400, field), (query, problem)
+        page = await answer.text()
+        assert (answer.status, answer.content_type) == (400, "text/html"), (query, page)
+        assert f'<p class="error" role="alert">{field}: ' in page, (query, page)
     for query in (
         "result=unmatched",
         "result=failed",
