@@ -3,16 +3,19 @@
 A client named after its component (its User-Agent), every write under a field manager of ours (who
 writes which field: docs/architecture.md), answers read as plain JSON rather than the client's models,
 "not found" as None, and an API server that cannot answer as `KubernetesUnavailable`. `KubeApi` makes
-the calls; `Kube` runs them in threads off the event loop, bounded, for the asynchronous parts.
+the calls, each with a timeout; `Kube` runs them in threads of its own off the event loop, bounded,
+for the asynchronous parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -33,6 +36,15 @@ MERGE_PATCH: Final = "application/merge-patch+json"
 _METADATA_ONLY: Final = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
 # The same for the objects of a watch's events.
 _METADATA_ONLY_EVENTS: Final = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+# Seconds to connect to the API server and to wait for each read of its answer (the webhook server sets
+# its own): one that accepts and never answers, or a connection gone half-open, held the calling thread
+# for ever, and with it a pass's lock and slot. The API server gives up on a request itself after 60 s.
+CALL_TIMEOUT: Final = (10.0, 30.0)
+# A watch's read waits this much longer than the server's own end of the watch.
+WATCH_READ_MARGIN: Final = 30
+# Kube's calls in flight at once, unless its maker says: the operator's passes (2 x HELM_CONCURRENCY),
+# housekeeping and rollout ticks share them.
+KUBE_CONCURRENCY: Final = 16
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -133,14 +145,18 @@ def customer_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 class KubeApi:
     """Synchronous calls, bodies as plain JSON. Writes go under `field_manager` unless a call names
-    another; `timeout` bounds each call (None: the client's default)."""
+    another; `timeout` bounds each call: seconds in all, or to connect and for each read (None:
+    CALL_TIMEOUT)."""
 
     def __init__(
-        self, client: kubernetes.client.ApiClient, field_manager: FieldManager, timeout: float | None = None
+        self,
+        client: kubernetes.client.ApiClient,
+        field_manager: FieldManager,
+        timeout: float | tuple[float, float] | None = None,
     ) -> None:
         self.client = client
         self.field_manager = field_manager
-        self.timeout = timeout
+        self.timeout = CALL_TIMEOUT if timeout is None else timeout
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.objects = kubernetes.client.CustomObjectsApi(client)
@@ -150,10 +166,8 @@ class KubeApi:
         """`method` of the official client, its body parsed as plain JSON (read whole either way, which
         returns the connection to the pool); building the client's models was the largest single part
         of the operator's CPU."""
-        if self.timeout is not None:
-            options["_request_timeout"] = self.timeout
         try:
-            body = method(*args, _preload_content=False, **options).data
+            body = method(*args, _preload_content=False, _request_timeout=self.timeout, **options).data
         except ApiException as error:
             if error.status is None or error.status >= 500 or error.status == 429:
                 raise KubernetesUnavailable(f"the API server answered {error.status}") from None
@@ -225,7 +239,7 @@ class KubeApi:
                 resource_version=resource_version,
                 timeout_seconds=timeout_seconds,
                 # A read that waits longer than the server's own end of the watch: the connection is gone.
-                _request_timeout=(10, timeout_seconds + 30),
+                _request_timeout=(CALL_TIMEOUT[0], timeout_seconds + WATCH_READ_MARGIN),
                 _preload_content=False,
             )
             assert isinstance(response, urllib3.BaseHTTPResponse)
@@ -543,17 +557,24 @@ class KubeApi:
 
 
 class Kube:
-    """`KubeApi`'s calls for asynchronous code: each in a thread, at most `concurrency` at once."""
+    """`KubeApi`'s calls for asynchronous code: each in a thread of its own pool, at most `concurrency`
+    at once (the rest wait their turn). Not asyncio's default pool (the CPU count + 4 threads): a hung API
+    server took all of it, and every other call queued behind."""
 
-    def __init__(self, api: KubeApi, concurrency: int | None = None) -> None:
+    def __init__(self, api: KubeApi, concurrency: int = KUBE_CONCURRENCY) -> None:
         self.api = api
-        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="kube")
 
     async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        if self._slots is None:
-            return await asyncio.to_thread(call, *args, **kwargs)
-        async with self._slots:
-            return await asyncio.to_thread(call, *args, **kwargs)
+        # The caller's context variables go along, as with asyncio.to_thread.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, partial(context.run, call, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        """Calls not started yet are cancelled; the running ones end by their timeout."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def read_customer(self, name: str) -> dict[str, Any] | None:
         return await self.run(self.api.read_customer, name)
@@ -648,8 +669,11 @@ class Kube:
 
 __all__ = [
     "APPLY_PATCH",
+    "CALL_TIMEOUT",
     "CUSTOMERS",
+    "KUBE_CONCURRENCY",
     "MERGE_PATCH",
+    "WATCH_READ_MARGIN",
     "FieldManager",
     "Kube",
     "KubeApi",

@@ -162,6 +162,7 @@ def create_app(
         app[KUBE] = Kube(api, options.kube_concurrency)
         app[DIRECTORY] = Directory(app[KUBE])
         yield
+        app[KUBE].close()
         if kube is None:
             api.close()
 
