@@ -3,8 +3,8 @@
 A client named after its component (its User-Agent), every write under a field manager of ours (who
 writes which field: docs/architecture.md), answers read as plain JSON rather than the client's models,
 "not found" as None, and an API server that cannot answer as `KubernetesUnavailable`. `KubeApi` makes
-the calls, each with a timeout; `Kube` runs them in threads of its own off the event loop, bounded,
-for the asynchronous parts.
+the calls, each with a timeout and none retried by urllib3 (the callers back off); `Kube` runs them in
+threads of its own off the event loop, bounded, for the asynchronous parts.
 """
 
 from __future__ import annotations
@@ -99,14 +99,21 @@ def _package_version() -> str:
 
 def api_client(component: str, *, kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """The given kubeconfig, else KUBECONFIG; in a Pod without either, its service account. Requests
-    carry `iotistic-billing/<version> (<component>)` as User-Agent (the API server's audit log)."""
+    carry `iotistic-billing/<version> (<component>)` as User-Agent (the API server's audit log).
+
+    No urllib3 retries: its default retried a read that timed out three times (a 10 s timeout became
+    40 s) and slept through a 429's or 503's Retry-After, where every caller backs off on its own. TCP
+    keepalive as client-go's, so that a watch's connection dropped by a load balancer is noticed."""
     config: Any = kubernetes.config
+    configuration = kubernetes.client.Configuration()
+    configuration.retries = False
+    configuration.keep_alive = True
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        client = kubernetes.client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
+        client = kubernetes.client.ApiClient(configuration)
     else:
-        client = config.new_client_from_config(config_file=kubeconfig)
+        client = config.new_client_from_config(config_file=kubeconfig, client_configuration=configuration)
     client.user_agent = f"iotistic-billing/{_package_version()} ({component})"
     return client
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +84,51 @@ def hung() -> Iterator[HungApiServer]:
         server.close()
 
 
+class AnsweringApiServer:
+    """Answers every request with `status`, a Status body saying `message`, and `headers`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                body = json.dumps({"kind": "Status", "code": status, "message": message}).encode()
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def answering(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> Iterator[AnsweringApiServer]:
+    server = AnsweringApiServer(status, message, headers)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def within(seconds: float, call: Callable[[], T]) -> T:
     """`call`'s result or exception, failing the test if it has neither after `seconds` (the call goes
     on in a daemon thread until its server closes)."""
@@ -121,6 +169,40 @@ def test_the_operators_calls_and_lists_give_up_on_an_api_server_that_never_answe
     ):
         with pytest.raises(KubernetesUnavailable, match="cannot be reached"):
             within(5, call)
+
+
+def test_a_read_that_times_out_is_not_tried_again(hung: HungApiServer, tmp_path: Path) -> None:
+    """Found in review: urllib3's default retries made a GET wait four times its timeout."""
+    api = KubeApi(api_client("test", kubeconfig=kubeconfig_for(hung.port, tmp_path)), FieldManager.CLI, 0.5)
+    started = time.monotonic()
+    with pytest.raises(KubernetesUnavailable) as unavailable:
+        within(5, lambda: api.read_customer("acme"))
+    assert hung.requests == ["GET /apis/iotistic.io/v1alpha1/customers/acme HTTP/1.1"]
+    assert time.monotonic() - started < 1.5
+    assert str(unavailable.value) == "the API server cannot be reached (ReadTimeoutError)"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_is_the_callers_to_wait_not_the_clients(status: int, tmp_path: Path) -> None:
+    """Found in review: urllib3 slept through Retry-After three times before the caller heard of it."""
+    with answering(status, "too many requests", {"Retry-After": "1"}) as server:
+        api = KubeApi(
+            api_client("test", kubeconfig=kubeconfig_for(server.port, tmp_path)), FieldManager.CLI, 5
+        )
+        started = time.monotonic()
+        with pytest.raises(KubernetesUnavailable, match=f"the API server answered {status}"):
+            within(10, lambda: api.read_customer("acme"))
+        with pytest.raises(KubernetesUnavailable, match="cannot watch instance Deployments"):
+            within(10, lambda: next(api.watch(INSTANCE_DEPLOYMENTS, "10")))
+        assert time.monotonic() - started < 1
+        assert len(server.requests) == 2
+
+
+def test_the_clients_sockets_keep_alive(tmp_path: Path) -> None:
+    """A watch's connection a load balancer dropped while it was quiet is noticed by the kernel."""
+    client = api_client("test", kubeconfig=kubeconfig_for(1, tmp_path))
+    options = client.rest_client.pool_manager.connection_pool_kw["socket_options"]
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
 
 
 async def test_kube_calls_wait_in_threads_of_their_own_not_in_asyncios_default_pool(
