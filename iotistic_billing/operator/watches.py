@@ -8,6 +8,11 @@ among them, though those only feed `InstanceDeployments` or ask for a pass when 
 (bench/README.md). So Kopf watches the Customers and InstanceRollouts, whose handlers need it, and a
 `Follower` the rest: one list, then a watch from where it ended, listing again when the watch breaks
 or falls behind (410), and the Secrets as metadata only.
+
+Each list again hands every object over (every Deployment: a pass request per Customer), so whatever
+goes wrong backs off: a broken watch, an ERROR event (a 410 the first time excepted), a watch that
+ends at once with nothing said. The count of failures starts again only once a watch has worked (said
+something, or lasted STEADY_WATCH_SECONDS): one that merely opens and fails again does not reset it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +32,14 @@ from iotistic_billing.workers import backoff
 
 log = logging.getLogger(__name__)
 # Seconds before a broken list or watch is tried again, doubling while it keeps failing (an API server
-# away) up to MAX_RETRY_SECONDS, and from RETRY_SECONDS again once a watch is open.
+# away) up to MAX_RETRY_SECONDS, and from RETRY_SECONDS again once a watch has worked.
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 # Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
 # gone half-open) is given up and listed again.
 WATCH_SECONDS = 60
+# A watch open this long has worked, events or none.
+STEADY_WATCH_SECONDS = 10.0
 
 # The release's Deployments, whose state readiness is judged by (deployments.InstanceDeployments).
 INSTANCE_DEPLOYMENTS = Watched(
@@ -51,9 +59,20 @@ Relisted = Callable[[list[dict[str, Any]], str], None]
 Changed = Callable[[str, dict[str, Any]], None]
 
 
+class WatchError(Exception):
+    """The watch sent an ERROR event: its Status's code (410: it fell too far behind) and what it said."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.code = status.get("code")
+        said = " ".join(str(part) for part in (self.code, status.get("reason")) if part)
+        message = status.get("message")
+        super().__init__(f"{said}: {message}" if message else said)
+
+
 class Follower:
     """One kind (k8s.Watched) listed and watched in a thread; `relisted` and `changed` run there.
-    `pause(seconds)` waits before a retry (by default until stop(), at most that long; tests record)."""
+    `pause(seconds)` waits before a retry (by default until stop(), at most that long; tests record);
+    `clock` tells how long a watch lasted."""
 
     def __init__(
         self,
@@ -63,15 +82,17 @@ class Follower:
         changed: Changed,
         broke: Callable[[], None] = lambda: None,
         pause: Callable[[float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
         self.kind = kind
         self._relisted, self._changed, self._broke = relisted, changed, broke
         self._stopped = threading.Event()
         self._pause = pause or self._stopped.wait
+        self._clock = clock
         self._thread: threading.Thread | None = None
         self._response: Any = None
-        # Lists and watches that failed in a row, since a watch was last open (the watch thread's).
+        # Lists and watches that failed in a row, since a watch last worked (the watch thread's).
         self._failures = 0
 
     @property
@@ -88,7 +109,6 @@ class Follower:
         self._interrupt(self._response)
 
     def _opened(self, response: Any) -> None:
-        self._failures = 0  # the API server answers again
         # Set before the flag is read, as stop() sets the flag before it reads this: one of them stops it.
         self._response = response
         if self._stopped.is_set():
@@ -104,36 +124,72 @@ class Follower:
     def _follow(self) -> None:
         resource_version: str | None = None
         while not self._stopped.is_set():
+            watched_since: float | None = None  # when the watch opened: a list that fails has none
             try:
                 if resource_version is None:
                     items, resource_version = self._api.list_at(self.kind)
                     self._relisted(items, resource_version)
-                for event in self._api.watch(
-                    self.kind, resource_version, timeout_seconds=WATCH_SECONDS, opened=self._opened
-                ):
-                    kind, body = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":  # 410 Gone: the watch fell too far behind; list again
-                        self._broke()
-                        resource_version = None
-                        break
-                    resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
-                    if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self._changed(kind, body)
-            except Exception as error:  # the API server away, the watch silent too long: list again later
+                watched_since = self._clock()
+                resource_version, said = self._watch(resource_version)
+            except Exception as error:  # list again later
                 self._broke()
                 if self._stopped.is_set():
                     return
-                self._failures += 1
-                delay = backoff(self._failures, RETRY_SECONDS, MAX_RETRY_SECONDS)
-                if isinstance(error, KubernetesUnavailable):
-                    # One line: an outage logged a traceback per watch every second.
-                    log.warning(
-                        "the watch of %s broke: %s; listing again in %.0f s", self.kind.what, error, delay
-                    )
-                else:
-                    log.exception("the watch of %s broke; listing again in %.0f s", self.kind.what, delay)
                 resource_version = None
+                self._pause_after(error, self._failed(watched_since))
+                continue
+            if self._clock() - watched_since >= STEADY_WATCH_SECONDS:
+                self._failures = 0
+            elif not said and not self._stopped.is_set():
+                # Ended at once with nothing said: reopened without a pause, 10,000 watches in 3 s.
+                delay = backoff(self._failed(watched_since), RETRY_SECONDS, MAX_RETRY_SECONDS)
+                log.warning("the watch of %s ended at once; watching again in %.0f s", self.kind.what, delay)
                 self._pause(delay)
+
+    def _watch(self, resource_version: str) -> tuple[str, bool]:
+        """Follow one watch until it ends: the resourceVersion to go on from, and whether it said
+        anything (the first event, a bookmark too, shows the API server answers: failures start again)."""
+        said = False
+        for event in self._api.watch(
+            self.kind, resource_version, timeout_seconds=WATCH_SECONDS, opened=self._opened
+        ):
+            kind, body = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                raise WatchError(body)
+            if not said:
+                said, self._failures = True, 0
+            resource_version = body.get("metadata", {}).get("resourceVersion", resource_version)
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self._changed(kind, body)
+        return resource_version, said
+
+    def _failed(self, watched_since: float | None) -> int:
+        """One more failure in a row, unless the watch that ended had lasted long enough to count as
+        working: then the first."""
+        if watched_since is not None and self._clock() - watched_since >= STEADY_WATCH_SECONDS:
+            self._failures = 0
+        self._failures += 1
+        return self._failures
+
+    def _pause_after(self, error: Exception, failures: int) -> None:
+        """One line about what broke the list or the watch (a traceback only for what nobody expected),
+        then the backoff's pause."""
+        what = self.kind.what
+        delay = backoff(failures, RETRY_SECONDS, MAX_RETRY_SECONDS)
+        if isinstance(error, WatchError) and error.code == 410 and failures == 1:
+            # Fallen behind once (the API server keeps a few minutes of history): list again now.
+            log.info("the watch of %s fell behind (%s); listing again", what, error)
+            return
+        if isinstance(error, WatchError):
+            log.warning(
+                "the watch of %s ended with an error (%s); listing again in %.0f s", what, error, delay
+            )
+        elif isinstance(error, KubernetesUnavailable):
+            # One line: an outage logged a traceback per watch every second.
+            log.warning("the watch of %s broke: %s; listing again in %.0f s", what, error, delay)
+        else:
+            log.exception("the watch of %s broke; listing again in %.0f s", what, delay)
+        self._pause(delay)
 
 
 class LoopFollower:
@@ -202,7 +258,9 @@ __all__ = [
     "MANAGED_SECRETS",
     "MAX_RETRY_SECONDS",
     "RETRY_SECONDS",
+    "STEADY_WATCH_SECONDS",
     "WATCH_SECONDS",
     "Follower",
     "LoopFollower",
+    "WatchError",
 ]

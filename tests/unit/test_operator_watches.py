@@ -92,17 +92,32 @@ async def test_a_list_after_a_broken_watch_hands_over_what_was_deleted_meanwhile
     ]
 
 
-class AwayApiServer:
-    """Fails as `failures` says, one entry per list: an exception raised by the list, or None for a
-    list that works and a watch that opens and falls behind at once (410: list again). After the last,
-    the watch waits until the test ends."""
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
 
-    def __init__(self, failures: list[Exception | None]) -> None:
-        self.failures = failures
+    def __call__(self) -> float:
+        return self.now
+
+
+# A watch's steps: an event it sends, seconds that pass on the clock, an exception that breaks it.
+Step = dict[str, Any] | float | Exception
+
+
+class ScriptedApiServer:
+    """Each list raises the next of `lists` (None, or none left: it lists nothing, at "10"); each watch
+    takes the next of `watches`, plays its steps and ends. The watch after the last waits until the test
+    ends."""
+
+    def __init__(self, lists: list[Exception | None], watches: list[list[Step]]) -> None:
+        self.lists, self.watches = lists, watches
+        self.clock = FakeClock()
+        self.listed = 0
         self.waiting, self.ended = threading.Event(), threading.Event()
 
     def list_at(self, kind: Watched, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
-        failure = self.failures.pop(0) if self.failures else None
+        self.listed += 1
+        failure = self.lists.pop(0) if self.lists else None
         if failure is not None:
             raise failure
         return [], "10"
@@ -116,22 +131,30 @@ class AwayApiServer:
     ) -> Iterator[dict[str, Any]]:
         if opened is not None:
             opened(None)
-        if self.failures:
-            return iter([{"type": "ERROR", "object": {"kind": "Status", "code": 410}}])
-        self.waiting.set()
-        self.ended.wait()
-        return iter(())
+        if not self.watches:
+            self.waiting.set()
+            self.ended.wait()
+            return
+        for step in self.watches.pop(0):
+            if isinstance(step, Exception):
+                raise step
+            if isinstance(step, float):
+                self.clock.now += step
+            else:
+                yield step
 
 
-def test_an_api_server_away_is_one_line_a_try_and_the_tries_back_off_to_30_s(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Found in review: an outage logged a full traceback about once a second per watch thread."""
-    away = KubernetesUnavailable("the API server cannot be reached (MaxRetryError)")
-    api = AwayApiServer([away] * 7 + [None, away, ValueError("a body that is no JSON")])
+def follow(api: ScriptedApiServer, caplog: pytest.LogCaptureFixture) -> tuple[list[float], list[Any]]:
+    """Follow the instance Deployments until the script is played: the pauses and the log records
+    (level, message, with a traceback)."""
     pauses: list[float] = []
     follower = Follower(
-        cast(KubeApi, api), INSTANCE_DEPLOYMENTS, lambda *_: None, lambda *_: None, pause=pauses.append
+        cast(KubeApi, api),
+        INSTANCE_DEPLOYMENTS,
+        lambda *_: None,
+        lambda *_: None,
+        pause=pauses.append,
+        clock=api.clock,
     )
     with caplog.at_level(logging.INFO, logger=watches.__name__):
         follower.start()
@@ -140,15 +163,101 @@ def test_an_api_server_away_is_one_line_a_try_and_the_tries_back_off_to_30_s(
         finally:
             follower.stop()
             api.ended.set()
-    # 1 s doubling up to 30 s; a watch that opened starts again from 1 s.
-    assert pauses == [1, 2, 4, 8, 16, 30, 30, 1, 2]
-    records = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
-    outage = "the watch of instance Deployments broke: the API server cannot be reached (MaxRetryError)"
-    assert records[:8] == [
-        ("WARNING", f"{outage}; listing again in {pause:.0f} s", False) for pause in pauses[:8]
+    return pauses, [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+
+
+AWAY = KubernetesUnavailable("the API server cannot be reached (MaxRetryError)")
+ADDED = {
+    "type": "ADDED",
+    "object": {"metadata": {"namespace": "customer-acme", "name": "api", "resourceVersion": "11"}},
+}
+BOOKMARK = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}}
+GONE = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}}
+BROKEN = {
+    "type": "ERROR",
+    "object": {
+        "kind": "Status",
+        "code": 500,
+        "reason": "InternalError",
+        "message": "conversion webhook failed",
+    },
+}
+DEPLOYMENTS = "the watch of instance Deployments"
+
+
+def test_an_api_server_away_is_one_line_a_try_and_the_tries_back_off_to_30_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: an outage logged a full traceback about once a second per watch thread."""
+    api = ScriptedApiServer(
+        lists=[AWAY] * 7 + [None, AWAY, ValueError("a body that is no JSON")],
+        watches=[[BOOKMARK, GONE]],
+    )
+    pauses, records = follow(api, caplog)
+    # 1 s doubling up to 30 s. A watch that said something starts the count again: it falls behind
+    # (410), listed again at once, then the API server is away again.
+    assert pauses == [1, 2, 4, 8, 16, 30, 30, 2, 4]
+    outage = f"{DEPLOYMENTS} broke: {AWAY}"
+    assert records[:7] == [
+        ("WARNING", f"{outage}; listing again in {pause:.0f} s", False) for pause in pauses[:7]
+    ]
+    assert records[7:9] == [
+        ("INFO", f"{DEPLOYMENTS} fell behind (410 Expired: too old); listing again", False),
+        ("WARNING", f"{outage}; listing again in 2 s", False),
     ]
     # What nobody expected keeps its traceback.
-    assert records[8:] == [("ERROR", "the watch of instance Deployments broke; listing again in 2 s", True)]
+    assert records[9:] == [("ERROR", f"{DEPLOYMENTS} broke; listing again in 4 s", True)]
+
+
+def test_an_error_event_is_a_failure_that_backs_off_and_says_its_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a watch answering ERROR (a 500 of a conversion webhook) was listed again at once
+    and without a word, over and over: every Deployment handed over each time, a pass request per
+    Customer."""
+    api = ScriptedApiServer(lists=[], watches=[[BROKEN]] * 4)
+    pauses, records = follow(api, caplog)
+    assert pauses == [1, 2, 4, 8]
+    assert api.listed == 5
+    error = "500 InternalError: conversion webhook failed"
+    assert records == [
+        ("WARNING", f"{DEPLOYMENTS} ended with an error ({error}); listing again in {pause:.0f} s", False)
+        for pause in pauses
+    ]
+
+
+def test_a_410_lists_again_at_once_the_first_time_and_backs_off_when_it_repeats(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = ScriptedApiServer(lists=[], watches=[[ADDED, GONE], [GONE], [GONE]])
+    pauses, records = follow(api, caplog)
+    assert pauses == [2, 4]
+    assert api.listed == 4
+    assert [level for level, _, _ in records] == ["INFO", "WARNING", "WARNING"]
+
+
+def test_a_watch_that_ends_at_once_with_nothing_said_is_watched_again_after_a_pause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a watch the API server ended at once, with no event, was opened again at once:
+    10,677 watches in 3 s. One that lasted its time was fine, and starts the count again."""
+    api = ScriptedApiServer(lists=[], watches=[[], [], [15.0], []])
+    pauses, records = follow(api, caplog)
+    assert pauses == [1, 2, 1]
+    assert api.listed == 1  # watched again from where it was, not listed
+    assert records[0] == ("WARNING", f"{DEPLOYMENTS} ended at once; watching again in 1 s", False)
+
+
+def test_the_failures_start_again_only_once_a_watch_has_worked(caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the count started again whenever a watch opened, so a watch that opened and
+    broke at once was retried every second for ever. Now only one that said something or lasted
+    STEADY_WATCH_SECONDS starts it again."""
+    api = ScriptedApiServer(
+        lists=[],
+        watches=[[AWAY], [AWAY], [AWAY], [ADDED, AWAY], [20.0, AWAY], [AWAY]],
+    )
+    pauses, _ = follow(api, caplog)
+    assert pauses == [1, 2, 4, 1, 1, 2]
 
 
 async def test_a_rollout_tick_the_api_server_away_fails_is_one_line_and_the_ticks_back_off(
