@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -88,6 +89,23 @@ class SecretData(NamedTuple):
 
 class KubernetesUnavailable(Exception):
     """The API server cannot be reached, or answered 5xx or 429: nothing was changed, retry later."""
+
+
+@contextmanager
+def _unavailable_as_such(doing: str = "") -> Iterator[None]:
+    """No answer (unreachable, timed out), 5xx and 429 as KubernetesUnavailable, `doing` said first; any
+    other answer stays the client's ApiException, with its code and message (a 403 of RBAC, a 401 of a
+    rotated token, a 409)."""
+    try:
+        yield
+    except ApiException as error:
+        if error.status is None or error.status >= 500 or error.status == 429:
+            raise KubernetesUnavailable(f"{doing}the API server answered {error.status}") from None
+        raise
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise KubernetesUnavailable(
+            f"{doing}the API server cannot be reached ({type(error).__name__})"
+        ) from None
 
 
 def _package_version() -> str:
@@ -173,16 +191,8 @@ class KubeApi:
         """`method` of the official client, its body parsed as plain JSON (read whole either way, which
         returns the connection to the pool); building the client's models was the largest single part
         of the operator's CPU."""
-        try:
+        with _unavailable_as_such():
             body = method(*args, _preload_content=False, _request_timeout=self.timeout, **options).data
-        except ApiException as error:
-            if error.status is None or error.status >= 500 or error.status == 429:
-                raise KubernetesUnavailable(f"the API server answered {error.status}") from None
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubernetesUnavailable(
-                f"the API server cannot be reached ({type(error).__name__})"
-            ) from None
         return json.loads(body) if parse else None
 
     def _manager(self, manager: FieldManager | None) -> str:
@@ -239,7 +249,7 @@ class KubeApi:
         """The watch events of `kind` after `resource_version` (type and object, bookmarks included),
         until the server ends the watch. `opened` gets the response, so that another thread may close
         it to stop the watch."""
-        try:
+        with _unavailable_as_such(f"cannot watch {kind.what}: "):
             response = self._lister(kind, events=True)(
                 watch=True,
                 allow_watch_bookmarks=True,
@@ -250,8 +260,6 @@ class KubeApi:
                 _preload_content=False,
             )
             assert isinstance(response, urllib3.BaseHTTPResponse)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubernetesUnavailable(f"cannot watch {kind.what} ({type(error).__name__})") from None
         if opened is not None:
             opened(response)
         try:

@@ -26,7 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched
+from kubernetes.client.exceptions import ApiException
+
+from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched, refusal_message
 from iotistic_billing.operator import constants as c
 from iotistic_billing.workers import backoff
 
@@ -187,6 +189,15 @@ class Follower:
         elif isinstance(error, KubernetesUnavailable):
             # One line: an outage logged a traceback per watch every second.
             log.warning("the watch of %s broke: %s; listing again in %.0f s", what, error, delay)
+        elif isinstance(error, ApiException):
+            # Refused: RBAC (403) or a rotated token (401) until someone mends it, so it keeps trying.
+            log.error(
+                "the watch of %s was refused: %s %s; listing again in %.0f s",
+                what,
+                error.status,
+                refusal_message(error),
+                delay,
+            )
         else:
             log.exception("the watch of %s broke; listing again in %.0f s", what, delay)
         self._pause(delay)

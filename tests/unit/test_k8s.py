@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing import k8s
 from iotistic_billing.k8s import (
@@ -24,6 +25,7 @@ from iotistic_billing.k8s import (
     KubeApi,
     KubernetesUnavailable,
     api_client,
+    refusal_message,
 )
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS
@@ -192,10 +194,26 @@ def test_a_retry_after_is_the_callers_to_wait_not_the_clients(status: int, tmp_p
         started = time.monotonic()
         with pytest.raises(KubernetesUnavailable, match=f"the API server answered {status}"):
             within(10, lambda: api.read_customer("acme"))
-        with pytest.raises(KubernetesUnavailable, match="cannot watch instance Deployments"):
+        with pytest.raises(KubernetesUnavailable, match=f"cannot watch instance Deployments: .* {status}"):
             within(10, lambda: next(api.watch(INSTANCE_DEPLOYMENTS, "10")))
         assert time.monotonic() - started < 1
         assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_watch_keeps_its_code_and_message(status: int, tmp_path: Path) -> None:
+    """Found in review: a watch refused by RBAC (403) or for a rotated token (401) was reported as an
+    API server away, its code and message lost."""
+    said = 'deployments.apps is forbidden: User "system:serviceaccount:billing:operator" cannot watch'
+    with answering(status, said) as server:
+        api = KubeApi(
+            api_client("test", kubeconfig=kubeconfig_for(server.port, tmp_path)), FieldManager.CLI, 5
+        )
+        with pytest.raises(ApiException) as refused:
+            within(10, lambda: next(api.watch(INSTANCE_DEPLOYMENTS, "10")))
+    assert not isinstance(refused.value, KubernetesUnavailable)
+    assert refused.value.status == status
+    assert refusal_message(refused.value) == said
 
 
 def test_the_clients_sockets_keep_alive(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and log while the API server is away, against a fake API server (no cluster here
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any, cast
 
 import kopf
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched
 from iotistic_billing.operator import handlers, rollouts, watches
@@ -258,6 +260,27 @@ def test_the_failures_start_again_only_once_a_watch_has_worked(caplog: pytest.Lo
     )
     pauses, _ = follow(api, caplog)
     assert pauses == [1, 2, 4, 1, 1, 2]
+
+
+def test_a_refused_list_or_watch_is_one_clear_error_and_is_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 403 (RBAC) or 401 (a rotated token) says so with the API server's message, without a traceback,
+    and the follower keeps trying: RBAC may be mended."""
+    forbidden = ApiException(status=403, reason="Forbidden")
+    forbidden.body = json.dumps({"message": 'deployments.apps is forbidden: User "op" cannot list'})
+    api = ScriptedApiServer(lists=[forbidden], watches=[[ApiException(status=401, reason="Unauthorized")]])
+    pauses, records = follow(api, caplog)
+    assert pauses == [1, 2]
+    assert records == [
+        (
+            "ERROR",
+            f'{DEPLOYMENTS} was refused: 403 deployments.apps is forbidden: User "op" cannot list; '
+            "listing again in 1 s",
+            False,
+        ),
+        ("ERROR", f"{DEPLOYMENTS} was refused: 401 Unauthorized; listing again in 2 s", False),
+    ]
 
 
 async def test_a_rollout_tick_the_api_server_away_fails_is_one_line_and_the_ticks_back_off(
