@@ -52,7 +52,8 @@ def namespace_holder(namespace: Mapping[str, Any], name: str, uid: str) -> Names
     """Whose the existing namespace of Customer `name` (uid `uid`) is: this Customer's (it names its uid
     as owner, which the operator writes), an earlier Customer's of that name (the operator's label and a
     Customer of that name as owner: deleted since, as a name is one object's at a time), or someone
-    else's (made by hand, by the earlier system, by another tool), which the operator never writes to."""
+    else's (made by hand, by the earlier system, by another tool), which the operator never writes to
+    unless its maker labelled it `iotistic.io/customer: <name>` (and no Customer owns it)."""
     meta = namespace.get("metadata") or {}
     owners = [
         ref
@@ -62,6 +63,10 @@ def namespace_holder(namespace: Mapping[str, Any], name: str, uid: str) -> Names
     if any(ref.get("uid") == uid for ref in owners):
         return "this"
     labels = meta.get("labels") or {}
+    # Handed over by whoever made it: a GitOps repository that applies the namespace with the Secret a
+    # webhook's secretRef names, beside the Customer, labels it for the Customer (README.md).
+    if not owners and labels.get(c.LABEL_CUSTOMER) == name:
+        return "this"
     if labels.get(c.LABEL_MANAGED_BY) == c.MANAGED_BY and any(ref.get("name") == name for ref in owners):
         return "earlier"
     return "other"

@@ -223,7 +223,8 @@ def namespace_refusal(namespace: Mapping[str, Any], target: PassTarget) -> Names
         return NamespaceRefused(
             c.NAMESPACE_TAKEN,
             f"metadata.name: namespace {name} exists and was not created by the operator for this Customer;"
-            " the operator leaves it as it is (delete it, or give the Customer another name)",
+            f" the operator leaves it as it is (delete it, label it {c.LABEL_CUSTOMER}={target.name} to hand"
+            " it over, or give the Customer another name)",
             permanent=True,
         )
     terminating = bool((namespace.get("metadata") or {}).get("deletionTimestamp"))

@@ -517,7 +517,8 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     core, objects = kubernetes.client.CoreV1Api(k8s_client), kubernetes.client.CustomObjectsApi(k8s_client)
     name = unique_name("gone")
     customer_id, namespace = f"cust_{name.replace('-', '')}", f"customer-{name}"
-    core.create_namespace({"metadata": {"name": namespace}})
+    # As a GitOps repository hands the namespace of the secretRef's Secret to its Customer.
+    core.create_namespace({"metadata": {"name": namespace, "labels": {"iotistic.io/customer": name}}})
     core.create_namespaced_secret(
         namespace,
         {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(CUSTOMER_SECRET.encode()).decode()}},

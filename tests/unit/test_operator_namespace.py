@@ -199,6 +199,35 @@ async def test_a_namespace_someone_else_made_is_never_written_to_and_outlives_th
     assert revocations == ["revoke_license", "revoke_usage_keys"]
 
 
+async def test_a_namespace_its_maker_labelled_for_the_customer_is_handed_over() -> None:
+    """A GitOps repository applies customer-<name> with the Secret a webhook's secretRef names, beside the
+    Customer: labelled `iotistic.io/customer: <name>` (and owned by no Customer), it is the Customer's,
+    which takes it over (its labels and owner applied) and deletes it with itself."""
+    cluster = Cluster()
+    handed = {"metadata": {"name": "customer-acme", "labels": {c.LABEL_CUSTOMER: "acme", "team": "payments"}}}
+    cluster.namespaces["customer-acme"] = copy.deepcopy(handed)
+    ctx = context(cluster)
+    body = customer()
+
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=False) is None
+    meta = cluster.namespaces["customer-acme"]["metadata"]
+    assert meta["labels"]["team"] == "payments" and meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
+    assert [owner["uid"] for owner in meta["ownerReferences"]] == [body["metadata"]["uid"]]
+
+    # Labelled for another Customer, or owned by another Customer: not handed to this one.
+    for other in (
+        {"labels": {c.LABEL_CUSTOMER: "globex"}},
+        {
+            "labels": {c.LABEL_CUSTOMER: "acme"},
+            "ownerReferences": [{**meta["ownerReferences"][0], "uid": "x"}],
+        },
+    ):
+        cluster = Cluster()
+        cluster.namespaces["customer-acme"] = {"metadata": {"name": "customer-acme", **other}}
+        refused = await _namespace_and_secret(context(cluster), target_of(body), made_before=False)
+        assert isinstance(refused, NamespaceRefused), other
+
+
 @pytest.mark.parametrize("made_before", [False, True])
 async def test_an_earlier_customers_namespace_is_waited_for_and_nothing_in_it_is_used(
     made_before: bool,
