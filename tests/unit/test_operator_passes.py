@@ -34,7 +34,7 @@ from iotistic_billing.operator.outcomes import (
     ReleaseOutcome,
 )
 from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
-from iotistic_billing.operator.state import next_status, pass_target, stall_of, stalled_status
+from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
@@ -441,15 +441,22 @@ def reconcile_errors(reason: str) -> float:
     return REGISTRY.get_sample_value("iotistic_operator_reconcile_errors_total", {"reason": reason}) or 0
 
 
-def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_it() -> None:
-    """Found in review: an invalid spec sets no LicenseIssued or ReleaseDeployed condition, so its
-    stall was counted as Unknown, or under the reason an earlier failure had left there."""
-    body = {"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {"email": "a@b.cd", "companyName": "x"}}
+def stalls(name: str) -> tuple[PassTarget, LicenseStatus, ReleaseOutcome, CustomerStatus, CustomerStatus]:
+    """A Customer's pass target, its licence, a release helm refused for good, the status that refusal
+    left (stalled), and the status of an invalid spec after it (stalled under InvalidSpec)."""
+    body = {"metadata": {"name": name, "uid": "uid-" + name}, "spec": {"email": "a@b.cd", "companyName": "x"}}
     aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
     licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
     broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
     upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
     invalid = stalled_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    return aimed, licence, broken, upgrade_failed, invalid
+
+
+def test_a_pass_that_did_not_converge_is_counted_under_the_reason_that_stopped_it() -> None:
+    """Found in review: an invalid spec sets no LicenseIssued or ReleaseDeployed condition, so its
+    stall was counted as Unknown, or under the reason an earlier failure had left there."""
+    aimed, licence, broken, upgrade_failed, invalid = stalls("acme")
     away = ReleaseOutcome("failed", c.CHART_PULL_FAILED, "connection refused")
     retried = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=away), 1)
     counted = [c.INVALID_SPEC, c.UPGRADE_FAILED, c.CHART_PULL_FAILED, "Unknown"]
@@ -480,15 +487,7 @@ def stalled(customer: str) -> dict[str, float]:
 def test_a_stalled_customer_is_exported_until_a_pass_or_its_deletion_ends_the_stall() -> None:
     """Found in review: a stall gets no further pass, so the alert on the passes' counter (its increase
     over 15 minutes, for 30) never fired; a gauge says which Customers are stalled for as long as they are."""
-    body = {
-        "metadata": {"name": "stuck", "uid": "uid-stuck"},
-        "spec": {"email": "a@b.cd", "companyName": "x"},
-    }
-    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
-    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
-    broken = ReleaseOutcome("failed", c.UPGRADE_FAILED, "values don't meet the schema", permanent=True)
-    upgrade_failed = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=broken), 1)
-    invalid = stalled_status(upgrade_failed, 2, c.INVALID_SPEC, "spec.trial.days: at most 90", NOW)
+    aimed, licence, broken, upgrade_failed, invalid = stalls("stuck")
     deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
     converged = next_status(CustomerStatus(), aimed, PassOutcome(license=licence, release=deployed), 3)
 
