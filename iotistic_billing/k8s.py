@@ -126,6 +126,8 @@ def api_client(component: str, *, kubeconfig: str | None = None) -> kubernetes.c
     configuration = kubernetes.client.Configuration()
     configuration.retries = False
     configuration.keep_alive = True
+    # A connection for each of Kube's threads: urllib3's pool (5 a CPU) dropped and reopened the rest.
+    configuration.connection_pool_maxsize = max(KUBE_CONCURRENCY, configuration.connection_pool_maxsize)
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)

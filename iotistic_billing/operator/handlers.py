@@ -25,7 +25,7 @@ from iotistic_billing.customer import (
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
-from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.delete import finalize, other_holder
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
@@ -305,7 +305,13 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     ctx.applied_namespaces.pop(namespace_for(name), None)
     ctx.written.pop(name, None)
     ctx.pass_retries.forget(name)
-    forget_customer(name, customer_id)
+    # A rename that kept spec.customerId: the id's expiry series is the Customer holding it now (as the
+    # finalizer judged), which may get no pass for days to export it again.
+    try:
+        held = await other_holder(ctx, dict(body), customer_id) is not None
+    except KubernetesUnavailable:
+        held = False
+    forget_customer(name, None if held else customer_id)
 
 
 def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

@@ -167,11 +167,24 @@ def test_the_release_s_deployments_are_read_from_helm_s_manifest() -> None:
         text=True,
         check=True,
     ).stdout
-    assert manifest_deployments(rendered) == INSTANCE_DEPLOYMENTS
-    # Whatever order a chart writes kind and metadata in; other kinds are not Deployments.
-    other = "kind: Service\nmetadata:\n  name: api\n---\nmetadata:\n  labels:\n    a: b\n  name: 'web'\n"
-    other += "kind: Deployment"
-    assert manifest_deployments(other) == ("web",)
+    assert manifest_deployments(rendered, "instance", "customer-acme") == INSTANCE_DEPLOYMENTS
+    # Whatever order a chart writes kind and metadata in; other kinds are not Deployments. Found in review:
+    # a Deployment the operator does not follow (not labelled with the release, in another namespace)
+    # was never seen present, and every pass upgraded for it.
+    labelled = "  labels:\n    app.kubernetes.io/instance: instance\n"
+    documents = [
+        "kind: Service\nmetadata:\n  name: api\n" + labelled,
+        "metadata:\n" + labelled + "  name: 'web'\nkind: Deployment",
+        "kind: Deployment\nmetadata: {name: flow, labels: {app.kubernetes.io/instance: instance}}",
+        "kind: Deployment\nmetadata:\n  name: worker\n  labels:\n    app: worker\n",
+        "kind: Deployment\nmetadata:\n  name: elsewhere\n  namespace: other\n" + labelled,
+        "kind: Deployment\nmetadata:\n  name: here\n  namespace: customer-acme\n" + labelled,
+    ]
+    assert manifest_deployments("\n---\n".join(documents), "instance", "customer-acme") == (
+        "flow",
+        "here",
+        "web",
+    )
 
 
 async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgrade(tmp_path: Path) -> None:

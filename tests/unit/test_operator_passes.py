@@ -149,6 +149,28 @@ class Customers:
     async def read_customer(self, name: str) -> dict[str, Any] | None:
         return self.bodies.get(name)
 
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return list(self.bodies.values())
+
+
+async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_customer_holding_it() -> None:
+    """Found in review: the finalizer kept the customer id's expiry series for the Customer that holds the
+    id after a rename, and the old name's DELETED dropped it anyway, blind until the holder's next pass."""
+    ctx = SimpleNamespace(
+        housekeepers={}, applied_namespaces={}, written={}, pass_retries=PassRetries(Retries().later)
+    )
+    holder = {"metadata": {"name": "acme-new", "uid": "uid-new"}, "spec": {"customerId": "cust_held0001"}}
+    ctx.kube = Customers(holder)
+    old = {"metadata": {"name": "acme-old", "uid": "uid-old"}, "spec": {"customerId": "cust_held0001"}}
+    LICENSE_EXPIRY.labels("cust_held0001").set(1_900_000_000)
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
+
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(old), memo=memo, uid="uid-old")
+    assert licence_expiry("cust_held0001") == 1_900_000_000
+    del ctx.kube.bodies["acme-new"]  # the holder deleted too: the id's series goes with it
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(holder), memo=memo, uid="uid-new")
+    assert licence_expiry("cust_held0001") is None
+
 
 @pytest.mark.parametrize("same_customer_id", [False, True])
 async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_leaves_the_new_one_alone(
