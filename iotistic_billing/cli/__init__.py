@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help_parser.print_help(sys.stderr)
         return 2
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit: a pipe's reader gone shows as the BrokenPipeError below
+        return code
     except CommandError as exc:
         print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
         return 2

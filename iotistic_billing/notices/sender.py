@@ -315,15 +315,35 @@ class NoticeSender:
         kept = await self._read_secret(self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         value = kept.data.get(notice.customer_id) if kept is not None else None
         if value is None:
-            copy = await self._read_secret(namespace_for(notice.customer_name), NOTIFICATIONS_SECRET_NAME)
-            if copy is not None and copy.labels.get(CUSTOMER_ID_LABEL) == notice.customer_id:
-                value = copy.data.get(NOTIFICATIONS_SECRET_KEY)
+            value = await self._copy_of(notice.customer_name, notice.customer_id)
+        if value is None:
+            value = await self._holders_copy(notice)
         if value is None:
             raise DeliveryFailed(await self._why_no_secret(notice))
         try:
             return webhook_secret_bytes(value.decode(errors="replace"))
         except ValueError as error:
             raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+    async def _copy_of(self, name: str, customer_id: str) -> bytes | None:
+        """The signing secret's copy in Customer `name`'s namespace, when it is `customer_id`'s."""
+        copy = await self._read_secret(namespace_for(name), NOTIFICATIONS_SECRET_NAME)
+        if copy is None or copy.labels.get(CUSTOMER_ID_LABEL) != customer_id:
+            return None
+        return copy.data.get(NOTIFICATIONS_SECRET_KEY)
+
+    async def _holders_copy(self, notice: StoredNotice) -> bytes | None:
+        """After a rename that kept spec.customerId, the copy of the Customer that holds the id now (the
+        old one's deletion keeps none: the customer goes on); a list of the Customers, on this rare path."""
+        try:
+            customers = await self.kube.list_customers()
+        except KubernetesUnavailable as error:
+            raise DeliveryFailed(str(error)) from None
+        for body in customers:
+            name = str(body["metadata"]["name"])
+            if name != notice.customer_name and customer_id_in_use(body) == notice.customer_id:
+                return await self._copy_of(name, notice.customer_id)
+        return None
 
     async def _read_secret(self, namespace: str, name: str) -> SecretData | None:
         try:

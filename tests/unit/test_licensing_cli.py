@@ -330,6 +330,8 @@ def test_output_to_a_reader_that_went_away_ends_as_a_unix_tool_does(key_dir: Pat
             stderr=subprocess.PIPE,
             text=True,
             check=False,
+            # Buffered, as a pipe is unless the environment says otherwise: written at the flush.
+            env={key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"},
         )
     finally:
         os.close(write)

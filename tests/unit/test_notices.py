@@ -437,6 +437,9 @@ class SecretsKube:
     async def read_customer(self, name: str) -> dict[str, Any] | None:
         return self.customers.get(name)
 
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return list(self.customers.values())
+
 
 def secrets_sender(kube: SecretsKube) -> NoticeSender:
     return NoticeSender(
@@ -481,6 +484,22 @@ async def test_a_deleted_customer_s_webhook_is_never_signed_with_the_secret_of_w
     with pytest.raises(DeliveryFailed) as failed:
         await sender._customer_secret(stored())
     assert "Customer acme (cust_acme01) was deleted" in str(failed.value)
+
+
+async def test_a_renamed_customer_s_pending_webhook_is_signed_with_the_copy_of_the_id_s_holder() -> None:
+    """Found in review: after a rename that kept spec.customerId (acme -> acme-corp), the old Customer's
+    deletion keeps no copy (the customer goes on), and its pending webhooks failed until dead: the copy of
+    the Customer that holds the id now signs them."""
+    secrets = {
+        ("customer-acme-corp", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: NEW_SECRET},
+            "cust_acme01",
+        )
+    }
+    holder = {"metadata": {"name": "acme-corp", "uid": "u-2"}, "spec": {"customerId": "cust_acme01"}}
+    other = {"metadata": {"name": "globex", "uid": "u-3"}, "spec": {"customerId": "cust_globex01"}}
+    sender = secrets_sender(SecretsKube(secrets, {"acme-corp": holder, "globex": other}))
+    assert await sender._customer_secret(stored()) == webhook_secret_bytes(NEW_SECRET.decode())
 
 
 async def test_a_customer_s_webhook_is_signed_with_the_copy_in_its_namespace_labelled_with_its_id() -> None:
