@@ -223,8 +223,9 @@ def namespace_refusal(namespace: Mapping[str, Any], target: PassTarget) -> Names
         return NamespaceRefused(
             c.NAMESPACE_TAKEN,
             f"metadata.name: namespace {name} exists and was not created by the operator for this Customer;"
-            f" the operator leaves it as it is (delete it, label it {c.LABEL_CUSTOMER}={target.name} to hand"
-            " it over, or give the Customer another name)",
+            " the operator leaves it as it is (delete it or label it"
+            f" {c.LABEL_CUSTOMER}={target.name} to hand it over, then annotate the Customer"
+            f" {RECONCILE_REQUESTED_AT}; or give the Customer another name)",
             permanent=True,
         )
     terminating = bool((namespace.get("metadata") or {}).get("deletionTimestamp"))
