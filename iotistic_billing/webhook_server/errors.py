@@ -105,16 +105,21 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
 
 
+def problem_of(error: ApiError | KubernetesUnavailable | ApiException) -> ApiError:
+    """The answer to an error a handler raised on purpose, or the API server's: away, or refusing."""
+    if isinstance(error, KubernetesUnavailable):
+        return DependencyUnavailable("Kubernetes API")
+    if isinstance(error, ApiException):
+        return kubernetes_refusal(error)
+    return error
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as error:
-        return json_error(error)
-    except KubernetesUnavailable:
-        return json_error(DependencyUnavailable("Kubernetes API"))
-    except ApiException as refused:
-        return json_error(kubernetes_refusal(refused))
+    except (ApiError, KubernetesUnavailable, ApiException) as error:
+        return json_error(problem_of(error))
     except web.HTTPException as http_error:
         if http_error.status < 400:
             raise
@@ -154,4 +159,5 @@ __all__ = [
     "json_error",
     "kubernetes_refusal",
     "method_not_allowed",
+    "problem_of",
 ]

@@ -99,14 +99,7 @@ def test_a_version_the_registry_lacks_stalls_until_it_is_pushed_and_a_reconcile_
     wait_until(lambda: operator_metric(oci_operator, STALLED, series) == 1, timeout=10, message="exported")
 
     chart_registry.push(CHART, version)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    cluster.objects.patch_cluster_custom_object(
-        "iotistic.io",
-        "v1alpha1",
-        "customers",
-        name,
-        {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: stamp}}},
-    )
+    request_reconcile(cluster, name)
     assert wait_until(lambda: deployed_chart(cluster, name), timeout=90, message="deployed") == version
     assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
     wait_until(lambda: operator_metric(oci_operator, STALLED, series) == 0, timeout=10, message="dropped")

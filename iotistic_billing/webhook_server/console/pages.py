@@ -28,7 +28,7 @@ from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.errors import ApiError, DependencyUnavailable, Forbidden, NotFound, ValidationFailed
+from iotistic_billing.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT
@@ -48,7 +48,7 @@ from iotistic_billing.webhook_server.context import (
     address_wait,
     request_address,
 )
-from iotistic_billing.webhook_server.errors import kubernetes_refusal
+from iotistic_billing.webhook_server.errors import problem_of
 from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
 from iotistic_billing.webhook_server.security import is_trusted_proxy, throttled
@@ -652,12 +652,9 @@ def problem_page(
 ) -> web.Response:
     """A page's error as a page of the console (a Customer not found, the API server away), with the
     status and headers the API would answer with: a browser showed the API's JSON."""
-    if isinstance(error, KubernetesUnavailable):
-        error = DependencyUnavailable("Kubernetes API")
-    elif isinstance(error, ApiException):
-        error = kubernetes_refusal(error)
-    response = render(request, "problem.html.j2", status=error.status, problem=error)
-    response.headers.update(error.headers)
+    problem = problem_of(error)
+    response = render(request, "problem.html.j2", status=problem.status, problem=problem)
+    response.headers.update(problem.headers)
     return response
 
 
