@@ -318,8 +318,8 @@ def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, A
     """Readiness follows the instance's Deployments (watches.INSTANCE_DEPLOYMENTS; `type` None: listed)."""
     namespace = body["metadata"].get("namespace")
     customer = customer_of_namespace(namespace)
-    if customer:
-        request_pass(ctx, customer, ctx.deployments.observe(type, namespace, body))
+    if customer and (tick := ctx.deployments.observe(type, namespace, body)) is not None:
+        request_pass(ctx, customer, tick)
 
 
 def managed_secret_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:

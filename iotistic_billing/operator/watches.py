@@ -9,10 +9,11 @@ among them, though those only feed `InstanceDeployments` or ask for a pass when 
 `Follower` the rest: one list, then a watch from where it ended, listing again when the watch breaks
 or falls behind (410), and the Secrets as metadata only.
 
-Each list again hands every object over (every Deployment: a pass request per Customer), so whatever
-goes wrong backs off: a broken watch, an ERROR event (a 410 the first time excepted), a watch that
-ends at once with nothing said. The count of failures starts again only once a watch has worked (said
-something, or lasted STEADY_WATCH_SECONDS): one that merely opens and fails again does not reset it.
+Each list again hands every object over (only a changed Deployment asks for a pass:
+deployments.InstanceDeployments.observe), so whatever goes wrong backs off: a broken watch, an ERROR
+event (a 410 the first time excepted), a watch that ends at once with nothing said. The count of
+failures starts again only once a watch has worked (said something, or lasted STEADY_WATCH_SECONDS): one
+that merely opens and fails again does not reset it.
 """
 
 from __future__ import annotations

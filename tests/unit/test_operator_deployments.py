@@ -254,8 +254,36 @@ async def test_a_pass_asked_for_by_a_covered_event_calls_nothing() -> None:
     assert await reconcile(ctx, "acme", deployment_event=event) is None
     with pytest.raises(AssertionError, match="read_customer"):
         await reconcile(
-            ctx, "acme", deployment_event=deployments.observe("MODIFIED", NAMESPACE, deployment("api", 1, 1))
+            ctx, "acme", deployment_event=deployments.observe("MODIFIED", NAMESPACE, deployment("api", 2, 1))
         )
+
+
+async def test_a_relist_of_deployments_kept_as_they_are_asks_for_no_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a list after a broken watch hands over every Deployment again, and each Customer
+    had a pass for it (a thousand at 1,000 Customers), though nothing had changed."""
+    deployments, server = view()
+    server.items = [deployment("api", 1, 1), deployment("mqtt", 1, 1)]
+    await deployments.of(NAMESPACE, helm_ran=True)
+    requested: list[tuple[str, int | None]] = []
+    monkeypatch.setattr(handlers, "request_pass", lambda ctx, name, tick=None: requested.append((name, tick)))
+    ctx = cast(OperatorContext, SimpleNamespace(deployments=deployments))
+    for item in server.items:
+        handlers.deployment_changed(
+            ctx, None, {**item, "metadata": {**item["metadata"], "namespace": NAMESPACE}}
+        )
+    handlers.deployment_changed(ctx, "DELETED", {"metadata": {"namespace": NAMESPACE, "name": "worker"}})
+    assert requested == []  # the same two, and one never kept gone again
+
+    rolled = {
+        **deployment("mqtt", 2, 1),
+        "metadata": {**deployment("mqtt", 2, 1)["metadata"], "namespace": NAMESPACE},
+    }
+    handlers.deployment_changed(ctx, None, rolled)  # changed while the watch was down: a pass
+    handlers.deployment_changed(ctx, "DELETED", {"metadata": {"namespace": NAMESPACE, "name": "api"}})
+    assert [name for name, tick in requested] == ["acme", "acme"] and None not in [t for _, t in requested]
+    assert names(await deployments.of(NAMESPACE, helm_ran=False)) == [("mqtt", 2)]
 
 
 def test_watch_events_coalesce_into_one_pass_for_the_latest_of_them() -> None:
