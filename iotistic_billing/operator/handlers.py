@@ -76,6 +76,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     for watch in ctx.watches:
         watch.stop()
     ctx.customer_view.stop()
+    # Calls still queued are cancelled rather than sent while the process exits (its exit waits for
+    # the pool's threads), and the connection pools closed.
+    ctx.kube.close()
+    ctx.kube.api.close()
+    ctx.watch_api.close()
     await ctx.engine.dispose()
 
 

@@ -15,7 +15,7 @@ import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched
+from iotistic_billing.k8s import Kube, KubeApi, KubernetesUnavailable, Watched
 from iotistic_billing.operator import handlers, rollouts, watches
 from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS, MANAGED_SECRETS, Follower, LoopFollower
 
@@ -317,3 +317,39 @@ async def test_a_rollout_tick_the_api_server_away_fails_is_one_line_and_the_tick
     assert records == [("WARNING", outage, False)] * 7 + [
         ("ERROR", "tick of InstanceRollout r1 failed", True)
     ]
+
+
+class ClosedApi:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+async def test_the_operators_cleanup_closes_its_kubernetes_clients() -> None:
+    """The operator's cleanup closed no client: a call still queued behind a busy pool was sent while
+    the process exited, and the exit waited for it."""
+    busy, release = threading.Event(), threading.Event()
+    api, watch_api = ClosedApi(), ClosedApi()
+    kube = Kube(cast(KubeApi, api), concurrency=1)
+    running = asyncio.ensure_future(kube.run(lambda: (busy.set(), release.wait(5))))
+    queued = asyncio.ensure_future(kube.run(lambda: "sent"))
+    await asyncio.to_thread(busy.wait, 5)
+
+    async def dispose() -> None:
+        pass
+
+    context = SimpleNamespace(
+        watches=[],
+        customer_view=SimpleNamespace(stop=lambda: None),
+        kube=kube,
+        watch_api=watch_api,
+        engine=SimpleNamespace(dispose=dispose),
+    )
+    await handlers.close(memo=kopf.Memo(context=context))
+    release.set()
+    await running  # a call under way ends as it would have
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert (api.closed, watch_api.closed) == (1, 1)
