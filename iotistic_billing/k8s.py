@@ -88,23 +88,43 @@ class SecretData(NamedTuple):
 
 
 class KubernetesUnavailable(Exception):
-    """The API server cannot be reached, or answered 5xx or 429: nothing was changed, retry later."""
+    """The API server cannot be reached, or answered 5xx or 429: retry later. `maybe_applied`: a write
+    that was sent and then not answered (timed out, the connection dropped, 500 or 504), which the
+    server may have made; otherwise nothing was changed."""
+
+    def __init__(self, message: str, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+
+
+# Answers after which a write may have been made: the server's own failure or timeout mid-request.
+_MAYBE_APPLIED_STATUSES: Final = frozenset({500, 504})
+# The client's methods that only read (the rest write).
+_READS: Final = ("read_", "list_", "get_")
 
 
 @contextmanager
-def _unavailable_as_such(doing: str = "") -> Iterator[None]:
+def _unavailable_as_such(doing: str = "", writes: bool = False) -> Iterator[None]:
     """No answer (unreachable, timed out), 5xx and 429 as KubernetesUnavailable, `doing` said first; any
     other answer stays the client's ApiException, with its code and message (a 403 of RBAC, a 401 of a
-    rotated token, a 409)."""
+    rotated token, a 409). `writes`: the call changes something, which a lost answer leaves in doubt."""
     try:
         yield
     except ApiException as error:
         if error.status is None or error.status >= 500 or error.status == 429:
-            raise KubernetesUnavailable(f"{doing}the API server answered {error.status}") from None
+            raise KubernetesUnavailable(
+                f"{doing}the API server answered {error.status}",
+                maybe_applied=writes and error.status in _MAYBE_APPLIED_STATUSES,
+            ) from None
         raise
-    except (urllib3.exceptions.HTTPError, OSError) as error:
+    except urllib3.exceptions.ReadTimeoutError:
         raise KubernetesUnavailable(
-            f"{doing}the API server cannot be reached ({type(error).__name__})"
+            f"{doing}the API server did not answer in time", maybe_applied=writes
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        sent = isinstance(error, urllib3.exceptions.ProtocolError)  # dropped after the request went out
+        raise KubernetesUnavailable(
+            f"{doing}the API server cannot be reached ({type(error).__name__})", maybe_applied=writes and sent
         ) from None
 
 
@@ -193,7 +213,8 @@ class KubeApi:
         """`method` of the official client, its body parsed as plain JSON (read whole either way, which
         returns the connection to the pool); building the client's models was the largest single part
         of the operator's CPU."""
-        with _unavailable_as_such():
+        name = getattr(method, "__name__", "") or getattr(getattr(method, "func", None), "__name__", "")
+        with _unavailable_as_such(writes=not name.startswith(_READS)):
             body = method(*args, _preload_content=False, _request_timeout=self.timeout, **options).data
         return json.loads(body) if parse else None
 

@@ -76,6 +76,10 @@ def _kube() -> KubeApi:
 
 
 def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
+    if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
+        return CommandError(
+            f"{error}; the change may have been made: `iotistic-billing customer list` shows whether it was"
+        )
     if isinstance(error, KubernetesUnavailable):
         return CommandError(f"{error}; nothing was changed, try again")
     return CommandError(f"the API server refused it ({error.status}): {refusal_message(error)}")
@@ -117,12 +121,25 @@ def _add(args: argparse.Namespace) -> int:
     name = args.resource_name or resource_name_for(args.company)
     if problems := name_errors(name):
         raise CommandError("--resource-name: " + "; ".join(problems))
+    kube = _kube()
     try:
-        _kube().create_customer(customer_body(name, spec))
+        _refuse_taken(kube.list_customers(), args.email, args.customer_id)
+        kube.create_customer(customer_body(name, spec))
     except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
     print(f"customer/{name} created (plan {args.plan}); `iotistic-billing customer list` shows its progress")
     return 0
+
+
+def _refuse_taken(customers: list[dict[str, Any]], email: str, customer_id: str | None) -> None:
+    """As the API's signup: one Customer an email address; and a customer id one Customer's, as two
+    holding one would end each other's usage keys (docs/architecture.md)."""
+    for item in customers:
+        owner = f"customer/{item['metadata']['name']}"
+        if str(item.get("spec", {}).get("email", "")).lower() == email.lower():
+            raise CommandError(f"--email: {owner} already has {email}")
+        if customer_id and customer_id_in_use(item) == customer_id:
+            raise CommandError(f"--customer-id: {owner} already holds {customer_id}")
 
 
 def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:

@@ -107,6 +107,11 @@ def _is_connection_failure(exc: BaseException) -> bool:
 
 def problem_of(error: ApiError | KubernetesUnavailable | ApiException) -> ApiError:
     """The answer to an error a handler raised on purpose, or the API server's: away, or refusing."""
+    if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
+        return DependencyUnavailable(
+            "Kubernetes API",
+            "the Kubernetes API did not answer a change in time; it may have been made: read before retrying",
+        )
     if isinstance(error, KubernetesUnavailable):
         return DependencyUnavailable("Kubernetes API")
     if isinstance(error, ApiException):

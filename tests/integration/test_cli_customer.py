@@ -35,12 +35,13 @@ def listed(kubeconfig: Path, name: str) -> dict[str, Any] | None:
 
 def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorProcess) -> None:
     company = unique_name("Wayne Enterprises")
+    email = f"bruce@{company.lower().replace(' ', '-')}.example"
     added = cli(
         kubeconfig,
         "customer",
         "add",
         "--email",
-        "bruce@wayne.example",
+        email,
         "--company",
         company,
         "--name",
@@ -103,12 +104,44 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
     assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
 
 
+def test_an_email_or_customer_id_already_taken_is_refused_and_nothing_created(kubeconfig: Path) -> None:
+    """Found in review: the API's signup refused a registered email, `customer add` made a second
+    Customer of it; and one of another's customer id, whose licences would end each other's usage keys."""
+    first = unique_name("first")
+    email, customer_id = f"ops@{first}.example", f"cust_{first.replace('-', '')}"
+    add = ["customer", "add", "--company", "Taken"]
+    assert (
+        cli(
+            kubeconfig, *add, "--email", email, "--resource-name", first, "--customer-id", customer_id
+        ).returncode
+        == 0
+    )
+
+    second = unique_name("second")
+    again = cli(kubeconfig, *add, "--email", email.upper(), "--resource-name", second)
+    assert again.returncode == 2
+    assert f"--email: customer/{first} already has {email.upper()}" in again.stderr
+    held = cli(
+        kubeconfig,
+        *add,
+        "--email",
+        f"ops@{second}.example",
+        "--resource-name",
+        second,
+        "--customer-id",
+        customer_id,
+    )
+    assert held.returncode == 2
+    assert f"--customer-id: customer/{first} already holds {customer_id}" in held.stderr
+    assert listed(kubeconfig, second) is None
+
+
 def test_a_stripe_billed_customer_s_plan_is_not_changed_with_the_cli(
     kubeconfig: Path, k8s_client: kubernetes.client.ApiClient
 ) -> None:
     company = unique_name("Stripe Billed")
     name = company.lower().replace(" ", "-")
-    add = ["customer", "add", "--email", "ops@billed.example", "--company", company, "--billing", "stripe"]
+    add = ["customer", "add", "--email", f"ops@{name}.example", "--company", company, "--billing", "stripe"]
     refused = cli(kubeconfig, *add, "--plan", "starter")
     assert refused.returncode == 2
     assert "--plan: the plan of a Stripe-billed Customer comes from its Stripe subscription" in refused.stderr

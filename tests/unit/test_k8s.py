@@ -19,6 +19,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing import k8s
+from iotistic_billing.cli.customer import _api_error
 from iotistic_billing.k8s import (
     KUBE_CONCURRENCY,
     FieldManager,
@@ -31,6 +32,7 @@ from iotistic_billing.k8s import (
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.errors import problem_of
 from tests.conftest import wait_until
 
 T = TypeVar("T")
@@ -111,6 +113,10 @@ class AnsweringApiServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_PATCH(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -170,7 +176,7 @@ def test_the_operators_calls_and_lists_give_up_on_an_api_server_that_never_answe
         lambda: ctx.kube.api.read_customer("acme"),
         lambda: ctx.watch_api.list_at(INSTANCE_DEPLOYMENTS),
     ):
-        with pytest.raises(KubernetesUnavailable, match="cannot be reached"):
+        with pytest.raises(KubernetesUnavailable, match="did not answer in time"):
             within(5, call)
 
 
@@ -182,7 +188,35 @@ def test_a_read_that_times_out_is_not_tried_again(hung: HungApiServer, tmp_path:
         within(5, lambda: api.read_customer("acme"))
     assert hung.requests == ["GET /apis/iotistic.io/v1alpha1/customers/acme HTTP/1.1"]
     assert time.monotonic() - started < 1.5
-    assert str(unavailable.value) == "the API server cannot be reached (ReadTimeoutError)"
+    assert str(unavailable.value) == "the API server did not answer in time"
+    assert not unavailable.value.maybe_applied
+
+
+def test_a_write_left_unanswered_may_have_been_made(hung: HungApiServer, tmp_path: Path) -> None:
+    """Found in review: a patch whose answer timed out was reported as "nothing was changed", though the
+    server may have made it (a retry then met it, a 409 for a create)."""
+    api = KubeApi(api_client("test", kubeconfig=kubeconfig_for(hung.port, tmp_path)), FieldManager.CLI, 0.5)
+    with pytest.raises(KubernetesUnavailable) as unavailable:
+        within(5, lambda: api.patch_customer("acme", {"spec": {"plan": "starter"}}))
+    assert unavailable.value.maybe_applied
+    with pytest.raises(KubernetesUnavailable) as listing:
+        within(5, api.list_customers)  # a read, through a bound partial
+    assert not listing.value.maybe_applied
+
+
+@pytest.mark.parametrize(("status", "maybe_applied"), [(500, True), (504, True), (503, False), (429, False)])
+def test_which_failed_answers_leave_a_write_in_doubt(
+    status: int, maybe_applied: bool, tmp_path: Path
+) -> None:
+    with answering(status, "failed") as server:
+        api = KubeApi(
+            api_client("test", kubeconfig=kubeconfig_for(server.port, tmp_path)), FieldManager.CLI, 5
+        )
+        with pytest.raises(KubernetesUnavailable) as written:
+            within(10, lambda: api.patch_customer("acme", {"spec": {"plan": "starter"}}))
+        with pytest.raises(KubernetesUnavailable) as read:
+            within(10, lambda: api.read_customer("acme"))
+    assert (written.value.maybe_applied, read.value.maybe_applied) == (maybe_applied, False)
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -248,3 +282,15 @@ async def test_kube_calls_wait_in_threads_of_their_own_not_in_asyncios_default_p
         hung.close()
         await asyncio.gather(*calls, return_exceptions=True)
         kube.close()
+
+
+def test_a_change_in_doubt_is_not_reported_as_nothing_changed() -> None:
+    doubt = KubernetesUnavailable("the API server did not answer in time", maybe_applied=True)
+    away = KubernetesUnavailable("the API server cannot be reached (NewConnectionError)")
+    assert str(_api_error(doubt)) == (
+        "the API server did not answer in time; the change may have been made: "
+        "`iotistic-billing customer list` shows whether it was"
+    )
+    assert str(_api_error(away)).endswith("; nothing was changed, try again")
+    assert "may have been made" in problem_of(doubt).message
+    assert "nothing was changed" in problem_of(away).message
