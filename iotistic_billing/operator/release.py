@@ -42,6 +42,9 @@ async def _deployed_already(
     if not deployed:
         return None
     newest = max(deployed)
+    if any(labels.get("status", "").startswith("pending-") for r, labels in revisions.items() if r > newest):
+        # A helm killed mid-upgrade: its objects half applied, which only helm's recovery undoes.
+        return None
     if revisions[newest].get(c.LABEL_VALUES_HASH) == digest:
         known = previous is not None and previous.revision == newest
         return ReleaseStatus(

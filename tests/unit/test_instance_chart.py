@@ -229,3 +229,40 @@ async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgra
     assert (outcome.result, outcome.reason, helm.upgrades) == ("upgraded", c.UPGRADE_SUCCEEDED, 1)
     assert outcome.message == "upgraded to revision 4 (instance-api had been deleted)"
     assert outcome.release is not None and outcome.release.deployments == list(INSTANCE_DEPLOYMENTS)
+
+
+async def test_a_helm_killed_mid_upgrade_is_not_left_behind_a_deployed_revision(tmp_path: Path) -> None:
+    """Found in review: helm killed while upgrading to new values leaves revision 4 pending-upgrade, part
+    of it applied; a pass that wants revision 3's values again took 3 as current and ran no helm, so
+    the half-applied objects stayed. helm runs (and its stuck release is recovered first)."""
+    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
+    helm = Upgrading()
+    licence = LicenseStatus(
+        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
+    )
+    aim = target()
+    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    revisions = {
+        3: {"status": "deployed", c.LABEL_VALUES_HASH: digest},
+        4: {"status": "pending-upgrade", c.LABEL_VALUES_HASH: "newer"},
+    }
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            settings=settings,
+            helm=helm,
+            kube=DeployedRevisions(revisions),
+            charts=ChartStore(settings, helm, tmp_path),
+            deployments=KeptDeployments(list(INSTANCE_DEPLOYMENTS)),
+        ),
+    )
+    running = ReleaseStatus(
+        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
+    )
+    outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
+    assert (outcome.result, helm.upgrades) == ("upgraded", 1)
+
+    revisions[4]["status"] = "superseded"  # an older failed one below a deployed revision is history
+    revisions[5] = {"status": "deployed", c.LABEL_VALUES_HASH: digest}
+    outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
+    assert (outcome.result, helm.upgrades) == ("unchanged", 1)
