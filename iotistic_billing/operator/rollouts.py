@@ -2,7 +2,8 @@
 Customers' annotations (server-side apply under the rollout's field manager) and the rollout's status.
 
 Everything a tick needs is in the API server (the status, and each Customer's annotations), so a tick
-after a crash, or on another replica, goes on where the last one stopped; a Customer whose annotation
+after a crash, or on another replica, goes on where the last one stopped (the status is written before
+the Customers, see `advance`); a Customer whose annotation
 already names the version is never written again, so none is upgraded twice.
 """
 
@@ -88,11 +89,14 @@ async def advance(ctx: OperatorContext, name: str) -> Decision | None:
         ctx.clock(),
         disabled=FLEET_MOVES_AT_ONCE if ctx.fleet_moves_at_once else None,
     )
-    # The Customers first: a crash before the status leaves them to be counted by the next tick.
-    await asyncio.gather(*(_move(ctx, move) for move in decision.moves))
+    # The status first: a crash before the Customers' moves leaves them pending, and the next tick moves
+    # them. Moved first, a tick that ended a step and moved the next one's first Customers, then died,
+    # had the old step take them as its own and bake again. No finished status comes with moves
+    # (rollout_plan), so none is left for a tick that would not come.
     if decision.status.to_k8s() != previous.to_k8s():
         patch = merge_patch(previous.to_k8s(), decision.status.to_k8s())
         await ctx.kube.patch_rollout(name, {"status": patch}, FieldManager.ROLLOUT, status=True)
+    await asyncio.gather(*(_move(ctx, move) for move in decision.moves))
     for move in decision.moves:
         log.info(
             "rollout %s: Customer %s set to %s",

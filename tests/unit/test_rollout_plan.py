@@ -140,6 +140,8 @@ def run(
         fleet.apply(decision)
         status = decision.status
         if decision.status.phase in TERMINAL_PHASES:
+            # rollouts.advance writes the status before the moves: a finished one must carry none.
+            assert not decision.moves
             break
         if i % operate_every == operate_every - 1:
             fleet.operate()

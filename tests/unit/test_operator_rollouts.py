@@ -1,0 +1,108 @@
+"""A rollout's tick (rollouts.advance) against a stand-in API server that can fail between its writes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from iotistic_billing.operator import rollouts
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.rollout_plan import Decision, Move
+from iotistic_billing.rollout import RolloutPhase, RolloutStatus
+from tests.unit.test_rollout_plan import T0, Fleet
+
+BAKE = 3600
+
+
+def merged(old: Any, patch: Any) -> Any:
+    """A JSON merge patch applied, as the API server does."""
+    if not isinstance(patch, dict) or not isinstance(old, dict):
+        return patch
+    result = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merged(result.get(key), value)
+    return result
+
+
+class RolloutApi:
+    """The rollout and the fleet's Customers; `crash_at_second_write`: a tick dies after its first kind of
+    write (the status, or the Customers' annotations) and before the other, whichever comes first."""
+
+    def __init__(self, fleet: Fleet, spec: dict[str, Any]) -> None:
+        self.fleet = fleet
+        created = (T0 - timedelta(hours=1)).isoformat()
+        self.rollout = {
+            "metadata": {"name": "r1", "generation": 1, "creationTimestamp": created},
+            "spec": spec,
+        }
+        self.crash_at_second_write = False
+        self.written: set[str] = set()
+
+    def _write(self, kind: str) -> None:
+        self.written.add(kind)
+        if self.crash_at_second_write and len(self.written) == 2:
+            raise RuntimeError("killed between the tick's writes")
+
+    async def read_rollout(self, name: str) -> dict[str, Any]:
+        return self.rollout
+
+    async def list_rollouts(self) -> list[dict[str, Any]]:
+        return [self.rollout]
+
+    async def bodies(self) -> list[dict[str, Any]]:
+        return list(self.fleet.customers.values())
+
+    def saw(self, body: Any) -> None:
+        pass
+
+    async def apply_customer_annotations(self, name: str, annotations: dict[str, str], manager: Any) -> Any:
+        self._write("customers")
+        self.fleet.apply(cast(Decision, SimpleNamespace(moves=[Move(name, annotations)])))
+        return self.fleet.customers[name]
+
+    async def patch_rollout(self, name: str, patch: dict[str, Any], manager: Any, status: bool) -> None:
+        self._write("status")
+        self.rollout = merged(self.rollout, patch)
+
+
+async def test_a_tick_that_dies_at_a_step_boundary_does_not_bake_the_ended_step_again() -> None:
+    """Found in review: the tick that ended a step moved the next step's first Customers, then died before
+    its status write; the next tick ran the ended step again, took those Customers as its own and baked
+    another bakeSeconds (an hour here)."""
+    fleet = Fleet(4)
+    api = RolloutApi(
+        fleet,
+        {"chartVersion": "2.0.0", "steps": [{"customers": ["c00"], "bakeSeconds": BAKE}, {"rest": True}]},
+    )
+    now = T0
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(kube=api, customer_view=api, clock=lambda: now, fleet_moves_at_once=False),
+    )
+
+    async def tick(seconds: float) -> RolloutStatus:
+        nonlocal now
+        now += timedelta(seconds=seconds)
+        api.written.clear()
+        await rollouts.advance(ctx, "r1")
+        fleet.operate()
+        return RolloutStatus.model_validate(api.rollout.get("status") or {})
+
+    for _ in range(3):
+        status = await tick(2)
+    assert status.steps is not None and status.steps[0].healthy_at is not None  # step 1 bakes
+
+    api.crash_at_second_write = True
+    with pytest.raises(RuntimeError, match="killed"):
+        await tick(BAKE)
+    api.crash_at_second_write = False
+    for _ in range(5):
+        status = await tick(2)
+    assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
+    assert fleet.on("2.0.0") == set(fleet.customers)
