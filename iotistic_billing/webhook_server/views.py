@@ -42,14 +42,25 @@ def resource_name_for(company_name: str, suffix: str = "") -> str:
 
 
 def signup_manifest(
-    *, name: str, customer_id: str, request: SignupRequest, billing_mode: BillingMode, trial_days: int
+    *,
+    name: str,
+    customer_id: str,
+    request: SignupRequest,
+    billing_mode: BillingMode,
+    trial_days: int,
+    stripe_customer_id: str | None = None,
 ) -> dict[str, Any]:
+    """The Customer a signup creates; it names its Stripe customer itself, so the link outlives a signup
+    that died before the mirror row was committed."""
+    billing: dict[str, Any] = {"mode": billing_mode}
+    if stripe_customer_id is not None:
+        billing["stripeCustomerId"] = stripe_customer_id
     spec: dict[str, Any] = {
         "customerId": customer_id,
         "email": request.email,
         "companyName": request.company_name,
         "plan": "trial",
-        "billing": {"mode": billing_mode},
+        "billing": billing,
         "trial": {"days": trial_days},
     }
     if request.full_name:

@@ -144,6 +144,10 @@ async def test_a_signup_keeps_its_stripe_customer(signup: Signup) -> None:
     status, body = await signup.post()
     assert status == 202, body
     assert body["customer"]["stripe_customer_id"] == "cus_1" and signup.stripe.kept == ["cus_1"]
+    # In the Customer too (found in review: only the mirror row had it, lost to a signup killed before
+    # its commit, and a checkout then made a second Stripe customer).
+    (created,) = signup.kube.customers.values()
+    assert created["spec"]["billing"] == {"mode": "stripe", "stripeCustomerId": "cus_1"}
 
 
 @pytest.mark.parametrize(
