@@ -59,6 +59,7 @@ from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.probes import READINESS, ReadinessChecks
 from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.route_table import INBOX_ROUTES, ROUTES
 from iotistic_billing.webhook_server.security import (
@@ -127,6 +128,7 @@ def create_app(
     app[KEYRING] = LicenseKeyring.from_settings(settings)
     app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
+    app[READINESS] = ReadinessChecks()
 
     served = INBOX_ROUTES if options.probes_only else ROUTES
     entries: dict[web.AbstractRoute, Route] = {}

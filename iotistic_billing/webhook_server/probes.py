@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -15,6 +17,8 @@ from iotistic_billing.webhook_server.schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
 READINESS_TIMEOUT: Final = 3.0
+# How long a readiness answer is reused (kubelet probes every 10 s).
+READINESS_TTL: Final = 1.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -33,16 +37,45 @@ async def _check(name: str, probe: Any) -> tuple[str, bool]:
     return name, True
 
 
+class ReadinessChecks:
+    """The checks' last results, kept READINESS_TTL seconds, and one round of checks at a time: /readyz is
+    public (kubelet, load balancers), and every call took a pooled database connection and an API
+    server call, so a flood of it queued the API's own requests behind it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._results: list[tuple[str, bool]] = []
+        self._checked_at = -READINESS_TTL
+        self._round: asyncio.Future[list[tuple[str, bool]]] | None = None
+
+    async def results(self, app: web.Application) -> list[tuple[str, bool]]:
+        if self._clock() - self._checked_at < READINESS_TTL:
+            return self._results
+        if self._round is None or self._round.done():
+            self._round = asyncio.ensure_future(self._check_all(app))
+        return await asyncio.shield(self._round)  # a caller that goes away does not cancel the others'
+
+    async def _check_all(self, app: web.Application) -> list[tuple[str, bool]]:
+        async def database() -> None:
+            async with app[ENGINE].connect() as connection:
+                await connection.execute(text("SELECT 1"))
+
+        results = list(
+            await asyncio.gather(
+                _check("database", database()), _check("kubernetes", app[KUBE].server_version())
+            )
+        )
+        self._results, self._checked_at = results, self._clock()
+        return results
+
+
+READINESS = web.AppKey("readiness", ReadinessChecks)
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL answers `SELECT 1` and the API server answers its version."""
-
-    async def database() -> None:
-        async with request.app[ENGINE].connect() as connection:
-            await connection.execute(text("SELECT 1"))
-
-    results = await asyncio.gather(
-        _check("database", database()), _check("kubernetes", request.app[KUBE].server_version())
-    )
+    """Ready when PostgreSQL answers `SELECT 1` and the API server answers its version (as checked at most
+    READINESS_TTL ago)."""
+    results = await request.app[READINESS].results(request.app)
     checks = {name: "ok" if ok else "unavailable" for name, ok in results}
     ready = all(ok for _, ok in results)
     return json_model(
@@ -56,4 +89,4 @@ async def metrics(request: web.Request) -> web.Response:
     return request.app[METRICS].exposition()
 
 
-__all__ = ["healthz", "metrics", "readyz"]
+__all__ = ["READINESS", "READINESS_TTL", "ReadinessChecks", "healthz", "metrics", "readyz"]
