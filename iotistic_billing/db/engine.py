@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -18,6 +20,16 @@ def plain_url(database_url: str) -> str:
     return "postgresql://" + async_url(database_url).removeprefix("postgresql+asyncpg://")
 
 
+# Every session's TCP keepalives, PostgreSQL's side: a client whose node died (no FIN, no RST) left its
+# backend idle in transaction, holding its advisory locks (the Stripe inbox's batch lock, every replica
+# waiting on it) until the kernel's default of about two hours; now about a minute and a half.
+SESSION_SETTINGS: Final = {
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
+
+
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         async_url(database_url),
@@ -27,7 +39,7 @@ def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
         # No SQL parameters (customer data, key hashes) in error messages and logs.
         hide_parameters=True,
         # An unreachable database is a fast 503, not asyncpg's 60 s default.
-        connect_args={"timeout": 5},
+        connect_args={"timeout": 5, "server_settings": SESSION_SETTINGS},
     )
 
 

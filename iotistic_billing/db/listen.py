@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from iotistic_billing.db.engine import plain_url
+from iotistic_billing.db.engine import SESSION_SETTINGS, plain_url
 from iotistic_billing.db.pool import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
     while True:
         listener: Any = None
         try:
-            listener = await asyncpg.connect(plain_url(database_url), timeout=5)
+            listener = await asyncpg.connect(
+                plain_url(database_url), timeout=5, server_settings=SESSION_SETTINGS
+            )
             lost = asyncio.Event()
             listener.add_termination_listener(lambda *_, lost=lost: lost.set())
             await listener.add_listener(channel, lambda *_: wake())

@@ -16,6 +16,8 @@ from typing import Any, Final, Protocol
 # asyncpg ships no type information; the Protocols below say what this package uses of it.
 import asyncpg
 
+from iotistic_billing.db.engine import SESSION_SETTINGS
+
 Record = Mapping[str, Any]
 
 
@@ -89,6 +91,7 @@ async def open_pool(
         command_timeout=10,
         # Idle connections are dropped, so a restarted PostgreSQL costs one failed request at most.
         max_inactive_connection_lifetime=60,
+        server_settings=SESSION_SETTINGS,
     )
     return pool
 
@@ -101,7 +104,10 @@ async def connect(database_url: str) -> Connection:
     """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
     try:
         conn: Connection = await asyncpg.connect(
-            asyncpg_dsn(database_url), timeout=5, command_timeout=CLI_COMMAND_TIMEOUT
+            asyncpg_dsn(database_url),
+            timeout=5,
+            command_timeout=CLI_COMMAND_TIMEOUT,
+            server_settings=SESSION_SETTINGS,
         )
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None

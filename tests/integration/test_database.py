@@ -19,6 +19,7 @@ from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.migrate import MIGRATION_LOCK
 from iotistic_billing.db.models import StripeEvent
+from iotistic_billing.db.pool import connect, open_pool
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.prices import PriceCatalog
@@ -57,6 +58,30 @@ async def test_round_trip_through_the_session_factory(database_url: str) -> None
         await session.delete(stored)
         await session.commit()
     await engine.dispose()
+
+
+async def test_every_kind_of_connection_has_keepalives_that_end_a_dead_clients_session(
+    database_url: str,
+) -> None:
+    """Found in review: a replica whose node died (no FIN) left its backend idle in transaction, holding
+    the Stripe inbox's batch lock, which every other replica waits for, for the kernel's two hours."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            from_engine = (await connection.execute(text("SHOW tcp_keepalives_idle"))).scalar()
+    finally:
+        await engine.dispose()
+    pool = await open_pool(database_url, max_size=1)
+    try:
+        from_pool = await pool.fetchval("SHOW tcp_keepalives_idle")
+    finally:
+        await pool.close()
+    alone = await connect(database_url)
+    try:
+        from_cli = await alone.fetchval("SHOW tcp_keepalives_idle")
+    finally:
+        await alone.close()
+    assert {from_engine, from_pool, from_cli} == {"60"}
 
 
 async def test_db_session_is_rolled_back_after_each_test(db_session: AsyncSession) -> None:
