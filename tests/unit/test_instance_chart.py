@@ -71,6 +71,12 @@ async def test_a_refused_login_is_retried_and_a_missing_version_stalls(tmp_path:
         await ChartStore(settings, Refusing(missing), tmp_path).get("0.3.114030")
 
 
+# The licence a Customer's release was installed with.
+LICENCE = LicenseStatus(
+    jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
+)
+
+
 class RegistryAway(Helm):
     """helm with an OCI registry that cannot be reached; any install or upgrade is a failure of the test."""
 
@@ -106,9 +112,7 @@ async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is
         billing_url="http://billing.example",
     )
     helm = RegistryAway()
-    licence = LicenseStatus(
-        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
-    )
+    licence = LICENCE
     aim = target()
     digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
     kube = DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}})
@@ -194,9 +198,7 @@ async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgra
     which recreates it, and Ready waits for it."""
     settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
     helm = Upgrading()
-    licence = LicenseStatus(
-        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
-    )
+    licence = LICENCE
     aim = target()
     digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
     kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
@@ -237,9 +239,7 @@ async def test_a_helm_killed_mid_upgrade_is_not_left_behind_a_deployed_revision(
     the half-applied objects stayed. helm runs (and its stuck release is recovered first)."""
     settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
     helm = Upgrading()
-    licence = LicenseStatus(
-        jti="j1", issued_at=NOW - timedelta(days=1), expires_at=NOW + timedelta(days=29), sha256="a" * 64
-    )
+    licence = LICENCE
     aim = target()
     digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
     revisions = {
