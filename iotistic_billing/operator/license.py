@@ -368,10 +368,10 @@ async def revoke_license(
             record = readable
         else:
             # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,
-            # signed by a retired key): revoke the last licence the history knows (of this Customer's).
-            query = select(LicenseHistory).where(
-                LicenseHistory.customer_id == customer_id, LicenseHistory.action != "revoked"
-            )
+            # signed by a retired key): revoke the last licence the history knows (of this Customer's),
+            # unless that is revoked already: a finalizer retried after its namespace went had revoked
+            # the Secret's licence, and revoked the one before it too, with a second notice.
+            query = select(LicenseHistory).where(LicenseHistory.customer_id == customer_id)
             if held_by is not None:
                 query = query.where(LicenseHistory.jti == reported_jti)
             last = await session.scalar(
@@ -380,6 +380,13 @@ async def revoke_license(
             if last is None:
                 return False
             record = last.record()
+        revoked_already = select(LicenseHistory.id).where(
+            LicenseHistory.customer_id == customer_id,
+            LicenseHistory.jti == record.jti,
+            LicenseHistory.action == "revoked",
+        )
+        if await session.scalar(revoked_already.limit(1)) is not None:
+            return True  # a retry of a finalizer that got this far: nothing twice
         held = {"customerIdHeldBy": held_by} if held_by is not None else {}
         await record_license(session, record, "revoked", {"reason": reason, **held})
         if notify is not None:

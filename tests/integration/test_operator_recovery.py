@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
-from iotistic_billing.customer import GROUP, PLURAL, VERSION
+from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerSpec
 from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
 from iotistic_billing.db.models import Customer as MirrorRow
 from iotistic_billing.directory import Directory
@@ -191,6 +191,40 @@ async def test_a_licence_secret_edited_into_garbage_is_replaced_and_still_revoca
     body = cluster.customer(name)
     assert body is not None and body["status"]["license"]["jti"] == replaced
     assert body["status"]["phase"] != "Failed"
+
+
+async def test_a_finalizer_retried_after_its_namespace_went_revokes_no_second_licence(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: the Secret's licence L1 had no row yet (a pass died after the Secret); the
+    finalizer revoked it, died after asking for the namespace's deletion, and its retry, finding no
+    Secret, revoked L0 too: a second `revoked` row and a second notice under another key."""
+    name, customer_id, status = _licensed_then_paused(cluster, paused_operator, "refinal")
+    cluster.patch_spec(name, {"plan": "professional"})
+    context = _context(operator_env, datetime.now(UTC))
+    await reconcile(context, name)
+    l1 = _secret_jti(cluster, name)
+    assert l1 is not None and l1 != status["jti"]
+    async with db_engine.begin() as connection:
+        await connection.execute(delete(LicenseHistory).where(LicenseHistory.jti == l1))
+    body = cluster.customer(name)
+    assert body is not None
+    notify = (name, CustomerSpec.model_validate(body["spec"]))
+
+    secret = await context.kube.read_secret_data(f"customer-{name}", "iotistic-license")
+    assert await revoke_license(context, customer_id, secret, reason="deleted", notify=notify)
+    assert await revoke_license(context, customer_id, None, reason="deleted", notify=notify)  # the retry
+    await context.engine.dispose()
+    assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [
+        ("generated", status["jti"]),
+        ("revoked", l1),
+    ]
+    async with db_engine.connect() as connection:
+        keys = (await connection.scalars(select(Notice.key).where(Notice.customer_id == customer_id))).all()
+    assert len([key for key in keys if key.startswith("license-revoked")]) == 1, keys
 
 
 async def test_a_licence_secret_holding_another_customers_licence_is_not_taken_for_this_ones(
