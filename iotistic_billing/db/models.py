@@ -71,6 +71,9 @@ class Subscription(Base):
     last_event_created: Mapped[int] = mapped_column(BigInteger)
     # When Stripe created the subscription (its `created`): of a customer's live ones the newest wins.
     stripe_created: Mapped[int | None] = mapped_column(BigInteger)
+    # The pastDueSince this row's state carries (spec.subscription's, when the Customer holds it): what a
+    # lost batch of the Stripe inbox is decided again from (stripe_inbox.events.committed_subscription).
+    past_due_since: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
 

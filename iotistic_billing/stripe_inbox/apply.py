@@ -363,6 +363,7 @@ async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dic
             cancel_at_period_end=row.cancel_at_period_end,
             last_event_created=row.last_event_created,
             stripe_created=row.stripe_created,
+            past_due_since=row.past_due_since,
         )
         for row in found
     }
@@ -448,6 +449,7 @@ async def _write_row(session: AsyncSession, subscription_id: str, row: StoredSub
         "cancel_at_period_end": row.cancel_at_period_end,
         "last_event_created": row.last_event_created,
         "stripe_created": row.stripe_created,
+        "past_due_since": row.past_due_since,
     }
     statement = insert(models.Subscription).values(stripe_subscription_id=subscription_id, **values)
     await session.execute(

@@ -425,6 +425,9 @@ class StoredSubscription:
     last_event_created: int
     # When Stripe created the subscription (Unix seconds).
     stripe_created: int | None
+    # When its payment first failed, while its status is overdue: the pastDueSince of the state the row
+    # holds, kept here because a lost batch leaves the Customer's carrying that batch's outcome.
+    past_due_since: datetime | None
 
 
 def stored_after(
@@ -436,6 +439,7 @@ def stored_after(
 ) -> StoredSubscription:
     """The row once an event recorded it: its newest known state, whether or not the Customer took it."""
     applied = decision.subscription
+    was_overdue = row is not None and row.status in OVERDUE_STATUSES
     return StoredSubscription(
         customer_id=customer_id,
         status=facts.status,
@@ -456,6 +460,11 @@ def stored_after(
         ),
         last_event_created=created,
         stripe_created=facts.started or (row.stripe_created if row else None),
+        past_due_since=(
+            applied.past_due_since
+            if applied
+            else _overdue_since(was_overdue, row.past_due_since if row else None, facts.status, created)
+        ),
     )
 
 
@@ -469,7 +478,10 @@ def committed_subscription(
     is ahead of its subscription's row (written in that transaction, or not there at all) while the
     events that put it there are still pending. They are then decided again from the row's state, the
     one they were decided from the first time (no subscription, when the row is not there), so that each
-    gets the same result and notices; otherwise the Customer's own state."""
+    gets the same result and notices; otherwise the Customer's own state. The pastDueSince is the row's
+    too (the Customer's is the lost batch's outcome: a payment cleared it, a new failure restarted it);
+    an overdue row written before rows kept one (migration 0008) takes the Customer's while that is
+    overdue as well, none otherwise."""
     if current is None or current.stripe_subscription_id is None or current.last_event_created is None:
         return current
     if not any(
@@ -484,7 +496,9 @@ def committed_subscription(
         return None
     if row.last_event_created >= current.last_event_created:
         return current
-    overdue = row.status in OVERDUE_STATUSES and current.status in OVERDUE_STATUSES
+    since = row.past_due_since
+    if since is None and row.status in OVERDUE_STATUSES and current.status in OVERDUE_STATUSES:
+        since = current.past_due_since
     return SubscriptionSpec.model_validate(
         {
             "status": row.status,
@@ -492,8 +506,7 @@ def committed_subscription(
             "stripe_subscription_id": current.stripe_subscription_id,
             "current_period_end": row.current_period_end,
             "cancel_at_period_end": row.cancel_at_period_end,
-            # Kept through the lost apply while the subscription stayed overdue.
-            "past_due_since": current.past_due_since if overdue else None,
+            "past_due_since": since,
             "last_event_created": row.last_event_created,
         }
     )
@@ -563,10 +576,17 @@ def coalesce(
 def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> datetime | None:
     """When the payment first failed: kept while the subscription stays overdue, from this event when it
     becomes so, gone once it is paid (or ended: the ladder counts no more)."""
+    was_overdue = base is not None and base.status in OVERDUE_STATUSES
+    return _overdue_since(was_overdue, base.past_due_since if base else None, status, created)
+
+
+def _overdue_since(was_overdue: bool, since: datetime | None, status: str, created: int) -> datetime | None:
+    """`past_due_since` of a state that was overdue (`was_overdue`, since `since`) or not, moved to
+    `status` by an event at `created`: of a Customer's spec.subscription, or of a row (`stored_after`)."""
     if status not in OVERDUE_STATUSES:
         return None
-    if base is not None and base.status in OVERDUE_STATUSES and base.past_due_since is not None:
-        return base.past_due_since
+    if was_overdue and since is not None:
+        return since
     return datetime.fromtimestamp(created, UTC)
 
 

@@ -206,6 +206,70 @@ def test_alembic_stairway_upgrade_downgrade_upgrade(postgres: EmbeddedPostgres) 
     assert _tables(url) >= TABLES
 
 
+def _subscription_rows(url: str) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        engine = create_engine(url, pool_size=1)
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT * FROM subscriptions ORDER BY id"))
+            found = [dict(row._mapping) for row in rows]
+        await engine.dispose()
+        return found
+
+    return asyncio.run(read())
+
+
+def test_migration_0008_keeps_a_subscription_s_past_due_since_and_its_downgrade_drops_it(
+    postgres: EmbeddedPostgres,
+) -> None:
+    """A row of 0007 reads no pastDueSince after the upgrade (stripe_inbox.events.committed_subscription
+    falls back on the Customer's for it); the downgrade drops the column, rows kept."""
+    url = postgres.create_database(f"pastdue_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(url, "0007")
+
+    async def insert_row() -> None:
+        engine = create_engine(url, pool_size=1)
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO subscriptions (customer_id, stripe_subscription_id, status, plan,"
+                    " cancel_at_period_end, last_event_created) VALUES"
+                    " ('cust_old01', 'sub_old', 'past_due', 'starter', false, 150)"
+                )
+            )
+        await engine.dispose()
+
+    asyncio.run(insert_row())
+    migrate.upgrade(url)
+    (old,) = _subscription_rows(url)
+    assert (old["stripe_subscription_id"], old["status"], old["past_due_since"]) == (
+        "sub_old",
+        "past_due",
+        None,
+    )
+
+    async def write_since() -> None:
+        engine = create_engine(url, pool_size=1)
+        async with session_factory(engine)() as session, session.begin():
+            row = await session.scalar(select(models.Subscription))
+            assert row is not None
+            row.past_due_since = datetime.fromtimestamp(150, UTC)
+        await engine.dispose()
+
+    asyncio.run(write_since())
+    assert _subscription_rows(url)[0]["past_due_since"] == datetime.fromtimestamp(150, UTC)
+
+    migrate.downgrade(url, "0007")
+    (kept,) = _subscription_rows(url)
+    assert "past_due_since" not in kept
+    assert {key: kept[key] for key in ("stripe_subscription_id", "status", "last_event_created")} == {
+        "stripe_subscription_id": "sub_old",
+        "status": "past_due",
+        "last_event_created": 150,
+    }
+    migrate.upgrade(url)
+    assert _subscription_rows(url)[0]["past_due_since"] is None
+
+
 async def test_an_upgrade_waits_for_one_running_elsewhere(postgres: EmbeddedPostgres) -> None:
     """Found in review: operator shards and webhook-server replicas starting together each upgraded a
     fresh database at once, and all but one crashed on the tables the first made. The upgrade waits

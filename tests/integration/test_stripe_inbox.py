@@ -1,6 +1,7 @@
 """The Stripe inbox on the real parts (PostgreSQL, the control plane): a Customer's pending events
 coalesced into one server-side apply, each still recorded with its own result and notices; a Customer
-PostgreSQL refuses leaves its events pending and the others recorded; a batch's limit of Customers; the
+PostgreSQL refuses leaves its events pending and the others recorded, and a batch lost so after its
+Customer was written gives the notices it would have given; a batch's limit of Customers; the
 route's wake reaching the inboxes (NOTIFY); and two replicas' inboxes (each `python -m
 iotistic_billing.webhook_server --role inbox`, as a replica's server starts it) on one database, one of
 them killed in the middle of a batch. Applies are counted by the API server itself (its request
@@ -219,6 +220,31 @@ async def inbox_in_process(
         client.close()
 
 
+async def refuse_records_of(engine: AsyncEngine, customer_id: str) -> None:
+    """PostgreSQL refuses the customer's mirror row (a trigger of this test's database) until
+    `accept_records`: a batch of that customer's events fails after its Customer was written."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE FUNCTION refuse_customer() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.customer_id = '{customer_id}' THEN RAISE EXCEPTION 'refused by the test'; "
+                "END IF; RETURN NEW; END $$"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE TRIGGER refuse_customer BEFORE INSERT OR UPDATE ON customers "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_customer()"
+            )
+        )
+
+
+async def accept_records(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
+        await connection.execute(text("DROP FUNCTION refuse_customer()"))
+
+
 async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
     inbox_pool: Pool,
     inbox_engine: AsyncEngine,
@@ -300,20 +326,7 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     good, refused = Subscriber(customers, "records"), Subscriber(customers, "records")
     base = int(time.time())
     bodies = [good.updated(base), refused.updated(base), refused.invoice(base + 1, paid=False)]
-    async with inbox_engine.begin() as connection:
-        await connection.execute(
-            text(
-                "CREATE FUNCTION refuse_customer() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF NEW.customer_id = '{refused.customer_id}' THEN RAISE EXCEPTION 'refused by the test'; "
-                "END IF; RETURN NEW; END $$"
-            )
-        )
-        await connection.execute(
-            text(
-                "CREATE TRIGGER refuse_customer BEFORE INSERT OR UPDATE ON customers "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_customer()"
-            )
-        )
+    await refuse_records_of(inbox_engine, refused.customer_id)
     frozen = time.monotonic()  # the backoff of the failed events never ends for this inbox
     async with inbox_in_process(inbox_engine, kubeconfig, clock=lambda: frozen) as inbox:
         await store(inbox_pool, inbox, bodies)
@@ -325,8 +338,7 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
             bodies[1]["id"]: PENDING,
             bodies[2]["id"]: PENDING,
         }
-        async with inbox_engine.begin() as connection:
-            await connection.execute(text("DROP TRIGGER refuse_customer ON customers"))
+        await accept_records(inbox_engine)
         newer = refused.updated(base + 2, status="past_due")
         other = good.updated(base + 3, plan="professional")
         await store(inbox_pool, inbox, [newer, other])
@@ -355,6 +367,53 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     assert await notice_keys(inbox_engine, [refused.customer_id]) == {
         overdue_key("failed", refused, base + 1): 1
     }
+
+
+async def test_a_batch_lost_after_its_customer_was_written_notices_each_failure_s_recovery_once(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: a batch lost after its Customer was written (here a record PostgreSQL refuses)
+    was decided again with the pastDueSince of the Customer, which carried the lost batch's outcome: its
+    payment's recovery was keyed by the new failure that followed, and that failure's own recovery,
+    later, found its key taken and was never sent. The row keeps the pastDueSince it was written with."""
+    subscriber = Subscriber(customers, "lostbatch")
+
+    async def row_since() -> int | None:
+        async with inbox_engine.connect() as connection:
+            since = await connection.scalar(
+                select(models.Subscription.past_due_since).where(
+                    models.Subscription.stripe_subscription_id == subscriber.subscription
+                )
+            )
+        return int(since.timestamp()) if since is not None else None
+
+    base = int(time.time())
+    lost = [subscriber.invoice(base + 2, paid=True), subscriber.invoice(base + 3, paid=False)]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, [subscriber.updated(base), subscriber.invoice(base + 1, paid=False)])
+        assert await inbox.apply_pending() == 2
+        await refuse_records_of(inbox_engine, subscriber.customer_id)
+        await store(inbox_pool, inbox, lost)
+        assert await inbox.apply_pending() == 2
+        assert set((await results(inbox_engine, lost)).values()) == {PENDING}
+    # The Customer holds the lost batch's outcome: past due since its new failure.
+    assert (customers.subscription(subscriber.name) or {})["pastDueSince"] == iso(base + 3)
+    await accept_records(inbox_engine)
+
+    async with inbox_in_process(inbox_engine, kubeconfig) as restarted:  # a new process retries at once
+        assert await restarted.apply_pending() == 2
+        assert await results(inbox_engine, lost) == {body["id"]: "applied" for body in lost}
+        retried = await row_since()
+        paid = subscriber.invoice(base + 4, paid=True)
+        await store(inbox_pool, restarted, [paid])
+        assert await restarted.apply_pending() == 1
+    assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {
+        overdue_key("failed", subscriber, base + 1): 1,
+        overdue_key("recovered", subscriber, base + 1): 1,
+        overdue_key("failed", subscriber, base + 3): 1,
+        overdue_key("recovered", subscriber, base + 3): 1,
+    }
+    assert (retried, await row_since()) == (base + 3, None)  # overdue since the new failure, then paid
 
 
 async def test_a_payment_failure_and_its_recovery_notice_once_whichever_of_stripe_s_events_comes_first(

@@ -28,6 +28,7 @@ from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.notices.content import (
     Channel,
+    Notice,
     NoticeKind,
     Target,
     license_changed,
@@ -53,6 +54,7 @@ from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.stripe_inbox.events import (
+    Coalesced,
     Decision,
     StoredSubscription,
     coalesce,
@@ -344,24 +346,35 @@ def subscription_event(kind: str, status: str, created: int) -> tuple[str, dict[
     return event_type, {"id": f"in_{created}", "subscription": "sub_1"}, created
 
 
-def payment_notice_keys(
-    batches: list[list[tuple[str, dict[str, object], int]]],
-) -> tuple[list[str], SubscriptionSpec | None]:
+Batch = list[tuple[str, dict[str, object], int]]
+
+
+def decided(
+    current: SubscriptionSpec | None, rows: dict[str, StoredSubscription], batch: Batch
+) -> tuple[list[Notice], Coalesced]:
+    """One batch as the inbox decides it (`coalesce`, from the Customer's subscription and the rows
+    read), with its events' notices."""
+    catalog = PriceCatalog({"professional": "price_pro"})
+    facts = [(subscription_facts(kind, obj, catalog), created) for kind, obj, created in batch]
+    plan = coalesce("cust_acme01", current, rows, facts)
+    notices: list[Notice] = []
+    for (kind, obj, created), step in zip(batch, plan.steps, strict=True):
+        assert step.decision is not None
+        notices.extend(event_notices(kind, obj, record(), step.previous, step.decision, created, None))
+    return notices, plan
+
+
+def payment_notice_keys(batches: list[Batch]) -> tuple[list[str], SubscriptionSpec | None]:
     """The notices of events applied batch after batch, as the inbox decides them (`coalesce`, from what
     the Customer and the row hold after the batches before), and the subscription they leave."""
-    catalog = PriceCatalog({"professional": "price_pro"})
     current: SubscriptionSpec | None = SubscriptionSpec(
         status="active", plan="professional", stripe_subscription_id="sub_1", last_event_created=BASE
     )
     rows: dict[str, StoredSubscription] = {}
     keys: list[str] = []
     for batch in batches:
-        facts = [(subscription_facts(kind, obj, catalog), created) for kind, obj, created in batch]
-        plan = coalesce("cust_acme01", current, rows, facts)
-        for (kind, obj, created), step in zip(batch, plan.steps, strict=True):
-            assert step.decision is not None
-            notices = event_notices(kind, obj, record(), step.previous, step.decision, created, None)
-            keys.extend(notice.key for notice in notices)
+        notices, plan = decided(current, rows, batch)
+        keys.extend(notice.key for notice in notices)
         current, rows = plan.subscription, {**rows, **plan.rows}
     return keys, current
 
@@ -402,6 +415,76 @@ def test_a_payment_event_decided_again_gives_the_same_notice_or_none() -> None:
     assert first == again and len(first) == 1
     replayed, state = payment_notice_keys([[failed], [failed]])
     assert replayed == first and state is not None and state.status == "past_due"
+
+
+def payment_facts(notices: list[Notice]) -> list[tuple[str, object]]:
+    """Each notice's key and the failure it names (the webhook's `past_due_since`)."""
+    return [(notice.key, notice.facts["past_due_since"]) for notice in notices]
+
+
+def overdue(kind: str, since: int) -> tuple[str, str]:
+    """A payment notice's key and `past_due_since` fact, of sub_1 past due since `since`."""
+    moment = datetime.fromtimestamp(since, UTC)
+    return f"payment-{kind}:cust_acme01:sub_1:{moment:%Y%m%dT%H%M%SZ}", f"{moment:%Y-%m-%dT%H:%M:%SZ}"
+
+
+@pytest.mark.parametrize(
+    ("lost", "expected"),
+    [
+        pytest.param(
+            [subscription_event("invoice", "active", BASE + 20)],
+            [overdue("recovered", BASE + 10)],
+            id="a payment",
+        ),
+        pytest.param(
+            [
+                subscription_event("invoice", "active", BASE + 20),
+                subscription_event("subscription", "active", BASE + 21),
+            ],
+            [overdue("recovered", BASE + 10)],
+            id="a payment and its subscription's update",
+        ),
+        pytest.param(
+            [
+                subscription_event("invoice", "active", BASE + 20),
+                subscription_event("invoice", "past_due", BASE + 30),
+            ],
+            [overdue("recovered", BASE + 10), overdue("failed", BASE + 30)],
+            id="a payment, then the next one failing",
+        ),
+    ],
+)
+def test_a_batch_lost_after_its_customer_was_written_notices_again_as_the_first_time(
+    lost: Batch, expected: list[tuple[str, str]]
+) -> None:
+    """Found in review: a batch whose transaction was lost after its Customer was written (a crash, a
+    record PostgreSQL refused) is decided again from the rows, but the pastDueSince before it was taken
+    from the Customer, which carries the lost batch's outcome: cleared by the payment (the recovery was
+    keyed and dated by the period's end), or restarted by a new failure (the recovery was keyed by it,
+    and that failure's own recovery found its key taken: never sent). The row keeps its pastDueSince."""
+    customer = SubscriptionSpec(
+        status="active",
+        plan="professional",
+        stripe_subscription_id="sub_1",
+        current_period_end=NOW + timedelta(days=30),
+        last_event_created=BASE,
+    )
+    _, failed = decided(customer, {}, [subscription_event("invoice", "past_due", BASE + 10)])
+    committed, rows = failed.subscription, dict(failed.rows)  # the failure's batch, committed
+    first, plan = decided(committed, rows, lost)
+    assert payment_facts(first) == expected
+    # The Customer written, the batch's transaction lost: the rows as they were, the events pending.
+    again, replan = decided(plan.subscription, rows, lost)
+    assert payment_facts(again) == expected
+    assert replan.rows == plan.rows
+    assert replan.subscription is not None and plan.subscription is not None
+    assert replan.subscription.past_due_since == plan.subscription.past_due_since
+
+    # Paid later: the failure of the lost batch, if any, recovers under its own key.
+    rows |= replan.rows
+    later, _ = decided(replan.subscription, rows, [subscription_event("invoice", "active", BASE + 40)])
+    still_overdue = replan.subscription is not None and replan.subscription.status == "past_due"
+    assert payment_facts(later) == ([overdue("recovered", BASE + 30)] if still_overdue else [])
 
 
 def test_licence_notices_are_keyed_by_the_licence_and_what_happened_to_it() -> None:

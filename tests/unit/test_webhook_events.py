@@ -401,6 +401,7 @@ def row(subscription_id: str = "sub_1", **overrides: Any) -> dict[str, StoredSub
         "cancel_at_period_end": False,
         "last_event_created": 100,
         "stripe_created": 10,
+        "past_due_since": None,
     }
     values.update(overrides)
     return {subscription_id: StoredSubscription(**values)}
@@ -435,6 +436,7 @@ def test_a_customer_s_events_coalesce_into_what_they_do_one_after_the_other() ->
         cancel_at_period_end=False,
         last_event_created=160,
         stripe_created=10,
+        past_due_since=None,
     )
 
 
@@ -492,6 +494,52 @@ def test_events_whose_apply_was_lost_after_the_customer_was_written_are_decided_
         "apply",
         "apply",
     ]
+
+
+def test_a_lost_apply_is_decided_again_from_the_row_s_past_due_since() -> None:
+    """The Customer carries the lost apply's pastDueSince (none once paid, a new failure's after one);
+    the row keeps the one of the state before it. A row written before rows kept one (migration 0008)
+    takes the Customer's while both are overdue, as before."""
+    failed_at = datetime.fromtimestamp(150, UTC)
+    overdue = row(status="past_due", last_event_created=150, past_due_since=failed_at)
+    paid = current(last_event_created=160)
+    failed_again = current(
+        status="past_due", last_event_created=170, past_due_since=datetime.fromtimestamp(170, UTC)
+    )
+    events = [(SubscriptionFacts("sub_1", "active"), 160), (SubscriptionFacts("sub_1", "past_due"), 170)]
+    before = current(status="past_due", last_event_created=150, past_due_since=failed_at)
+    assert committed_subscription(paid, overdue, events[:1]) == before
+    assert committed_subscription(failed_again, overdue, events) == before
+    legacy = row(status="past_due", last_event_created=150)
+    assert committed_subscription(paid, legacy, events[:1]) == current(
+        status="past_due", last_event_created=150
+    )
+    assert committed_subscription(failed_again, legacy, events) == current(
+        status="past_due", last_event_created=150, past_due_since=failed_again.past_due_since
+    )
+
+    # Each row written keeps its own: the applied state's, or (a subscription the Customer does not hold)
+    # its own failure's, kept while it stays overdue.
+    result = coalesce("cust_a", before, overdue, events)
+    assert result.rows["sub_1"].past_due_since == failed_again.past_due_since
+    other = {
+        **overdue,
+        **row(
+            "sub_old",
+            status="past_due",
+            last_event_created=120,
+            past_due_since=datetime.fromtimestamp(120, UTC),
+        ),
+    }
+    superseded = coalesce(
+        "cust_a",
+        before,
+        other,
+        [(SubscriptionFacts("sub_old", "past_due"), 140), (SubscriptionFacts("sub_x", "unpaid"), 90)],
+    )
+    assert superseded.steps[0].decision is not None and superseded.steps[0].decision.action == "superseded"
+    assert superseded.rows["sub_old"].past_due_since == datetime.fromtimestamp(120, UTC)
+    assert superseded.rows["sub_x"].past_due_since == datetime.fromtimestamp(90, UTC)
 
 
 def test_while_events_arrive_batches_start_at_most_once_a_cycle_and_back_off_when_slow() -> None:
