@@ -30,7 +30,7 @@ from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, reconcile
-from iotistic_billing.operator.state import housekeeping_due
+from iotistic_billing.operator.state import housekeeping_due, namespace_freed, stalled_on_namespace
 from iotistic_billing.operator.watches import (
     INSTANCE_DEPLOYMENTS,
     MANAGED_SECRETS,
@@ -181,7 +181,8 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Licence renewal, trial end, a lapsed past_due grace: cheap pure checks, a pass only when due;
-    and the "trial ends soon" notice of the operator's own trials.
+    the "trial ends soon" notice of the operator's own trials; and for a Customer stalled as
+    NamespaceTaken (only), a read of that namespace, as no watch sees it deleted or handed over.
 
     The Customer is parsed on every check rather than kept parsed between checks (memory over a little
     CPU at idle)."""
@@ -198,10 +199,24 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
         log.exception("trial notice of Customer %s not written", name)
     restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
     due = housekeeping_due(customer.spec, customer.status, created, now, restricted_for)
+    if due is None and stalled_on_namespace(customer.status):
+        due = await _taken_namespace_freed(ctx, name, customer.metadata.uid or "")
     HOUSEKEEPING_CHECKS.labels(due or "nothing").inc()
     if due:
         # A pass the check started finishes even when Kopf stops the daemon meanwhile.
         await asyncio.shield(_refresh(ctx, name))
+
+
+async def _taken_namespace_freed(ctx: OperatorContext, name: str, uid: str) -> str | None:
+    """Why the namespace someone else's that stalled Customer `name` no longer stalls it (state.
+    namespace_freed); None while it does, or when it could not be read (the next check reads it)."""
+    namespace = namespace_for(name)
+    try:
+        found = await ctx.kube.read_namespace(namespace)
+    except Exception as error:  # the API server away: the next check reads it
+        log.warning("namespace %s of stalled Customer %s not read: %s", namespace, name, error)
+        return None
+    return namespace_freed(found, name, uid)
 
 
 # Kopf stops the daemon (deletion, exit, peering pause) by cancelling its sleep right away.

@@ -224,8 +224,8 @@ def namespace_refusal(namespace: Mapping[str, Any], target: PassTarget) -> Names
             c.NAMESPACE_TAKEN,
             f"metadata.name: namespace {name} exists and was not created by the operator for this Customer;"
             " the operator leaves it as it is (delete it or label it"
-            f" {c.LABEL_CUSTOMER}={target.name} to hand it over, then annotate the Customer"
-            f" {RECONCILE_REQUESTED_AT}; or give the Customer another name)",
+            f" {c.LABEL_CUSTOMER}={target.name} to hand it over: the Customer takes it up by itself"
+            " within a minute; or give the Customer another name)",
             permanent=True,
         )
     terminating = bool((namespace.get("metadata") or {}).get("deletionTimestamp"))
@@ -319,7 +319,8 @@ def housekeeping_due(
     """Why the periodic check should run a pass now (a timer's whole cost when nothing is due).
 
     Nothing for a Customer stalled before its licence: that pass can neither renew it nor write the
-    plan, so the reason stayed and a failing pass ran every minute; the spec's change runs one."""
+    plan, so the reason stayed and a failing pass ran every minute; the spec's change runs one (or, for
+    a namespace someone else's, its hand-over: namespace_freed)."""
     stall = stall_of(status)
     if stall is not None and stall[0] in _STALLED_BEFORE_LICENSE:
         return None
@@ -350,6 +351,24 @@ def housekeeping_due(
     return None
 
 
+def stalled_on_namespace(status: CustomerStatus) -> bool:
+    """Whether the Customer is stalled because customer-<name> is someone else's (NamespaceTaken): the
+    one stall the housekeeping reads the cluster for (namespace_freed), as no watch sees the namespace."""
+    stall = stall_of(status)
+    return stall is not None and stall[0] == c.NAMESPACE_TAKEN
+
+
+def namespace_freed(namespace: Mapping[str, Any] | None, name: str, uid: str) -> str | None:
+    """Why the namespace customer-<name> that stalled Customer `name` (uid `uid`) no longer does, so a
+    pass is due: deleted (None), or handed over to it (manifests.namespace_holder); None while it is
+    still someone else's."""
+    if namespace is None:
+        return "NamespaceGone"
+    if namespace_holder(namespace, name, uid) == "this":
+        return "NamespaceHandedOver"
+    return None
+
+
 __all__ = [
     "FOREIGN_CONDITIONS",
     "PassTarget",
@@ -357,6 +376,7 @@ __all__ = [
     "chart_target",
     "housekeeping_due",
     "instance_domain",
+    "namespace_freed",
     "namespace_refusal",
     "next_status",
     "over_current",
@@ -364,5 +384,6 @@ __all__ = [
     "phase_for",
     "refused_status",
     "stall_of",
+    "stalled_on_namespace",
     "stalled_status",
 ]

@@ -34,6 +34,7 @@ from tests.conftest import OperatorProcess, Retries, eventually, unique_name, wa
 from tests.integration.test_operator import (
     Cluster,
     NoFleetList,
+    _namespace_or_none,
     customer_manifest,
     history,
     operator_metric_total,
@@ -407,6 +408,85 @@ async def test_a_pass_whose_status_write_was_lost_after_helm_does_not_run_helm_a
     await context.engine.dispose()
     assert result is not None and result.status.plan == "professional"
     assert _reported_revision(cluster, name) == 2 and cluster.release(name)["revision"] == "2"
+
+
+def _helm_commands(context: OperatorContext, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The helm commands the context runs from now on (their first two words), as they run."""
+    commands: list[list[str]] = []
+    run = context.helm._run
+
+    async def recorded(*args: str) -> str:
+        commands.append(list(args[:2]))
+        return await run(*args)
+
+    monkeypatch.setattr(context.helm, "_run", recorded)
+    return commands
+
+
+@pytest.mark.parametrize("freed", ["deleted", "handed over"])
+async def test_a_customer_stalled_on_a_taken_namespace_recovers_by_itself_once_it_is_freed(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    freed: str,
+) -> None:
+    """Found in review: a Customer stalled as NamespaceTaken stayed Failed after the namespace's maker
+    deleted it or handed it over: Kopf retries no stall until the spec changes, the housekeeping ran no
+    pass for it, and the message asked for a Reconcile now. Its housekeeping reads that namespace (and
+    runs no helm) until it is freed, then runs the pass."""
+    name = unique_name("freed")
+    namespace = f"customer-{name}"
+    cluster.core.create_namespace({"metadata": {"name": namespace, "labels": {"team": "payments"}}})
+    cluster.create(customer_manifest(name, plan="starter"))
+    stalled = wait_until(
+        lambda: (
+            (cluster.condition(name, "Stalled") or {}).get("status") == "True"
+            and cluster.condition(name, "Stalled")
+        ),
+        message="Stalled",
+    )
+    assert stalled["reason"] == "NamespaceTaken"
+    paused_operator.stop()  # the checks under test are the only ones acting on this Customer
+    context = _context(operator_env, datetime.now(UTC))
+    helm = _helm_commands(context, monkeypatch)
+    reads: list[str] = []
+    read_namespace = context.kube.read_namespace
+
+    async def counted(namespace: str) -> dict[str, Any] | None:
+        reads.append(namespace)
+        return await read_namespace(namespace)
+
+    monkeypatch.setattr(context.kube, "read_namespace", counted)
+
+    await _housekeeping(context, cluster, name)  # still someone else's: stays stalled
+    while_taken = list(reads)
+    assert (cluster.condition(name, "Stalled") or {}).get("reason") == "NamespaceTaken"
+
+    if freed == "deleted":  # what the namespace controller does, which this control plane lacks
+        cluster.core.delete_namespace(namespace)
+        cluster.core.replace_namespace_finalize(
+            namespace, {"metadata": {"name": namespace}, "spec": {"finalizers": []}}
+        )
+        wait_until(lambda: _namespace_or_none(cluster, namespace) is None, message="namespace gone")
+    else:
+        cluster.core.patch_namespace(namespace, {"metadata": {"labels": {"iotistic.io/customer": name}}})
+    await _housekeeping(context, cluster, name)
+    body = cluster.customer(name)
+    assert body is not None
+    assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+    assert body["status"]["phase"] == "Provisioning" and body["status"]["license"]["jti"]
+    assert _reported_revision(cluster, name) == 1 and helm == [["upgrade", "--install"]]
+    owners = cluster.core.read_namespace(namespace).metadata.owner_references
+    assert [owner.uid for owner in owners] == [body["metadata"]["uid"]]
+    assert "Provisioning" in {event["reason"] for event in cluster.kube.list_customer_events(name)}
+    # The stalled Customer's checks read its namespace, one GET each; a Customer not stalled so, none.
+    assert while_taken == [namespace]
+    reads.clear()
+    await _housekeeping(context, cluster, name)
+    await context.engine.dispose()
+    assert reads == []
+    assert "takes it up by itself within a minute" in stalled["message"]  # no Reconcile now asked for
 
 
 def _reported_revision(cluster: Cluster, name: str) -> int | None:

@@ -35,10 +35,12 @@ from iotistic_billing.operator.state import (
     PassTarget,
     answered_request,
     housekeeping_due,
+    namespace_freed,
     next_status,
     pass_target,
     refused_status,
     stall_of,
+    stalled_on_namespace,
     stalled_status,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
@@ -458,6 +460,34 @@ def test_housekeeping_of_a_stalled_customer_renews_only_what_its_pass_can(
     moved = status.model_copy(update={"plan": "professional"})
     changed = effective_plan(starter, CREATED, NOW).reason
     assert housekeeping_due(starter, moved, CREATED, NOW) == (changed if due else None)
+
+
+def test_only_a_customer_stalled_on_a_taken_namespace_has_its_namespace_read_until_it_is_freed() -> None:
+    """Found in review: a Customer stalled as NamespaceTaken stayed so after the namespace was deleted or
+    handed over, until someone annotated it: its housekeeping reads that namespace (and no other
+    Customer's does), and a pass is due once it is gone or labelled for the Customer."""
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    assert not stalled_on_namespace(ready) and not stalled_on_namespace(CustomerStatus())
+    taken = NamespaceRefused(c.NAMESPACE_TAKEN, "metadata.name: namespace customer-acme exists", True)
+    stalled = refused_status(CustomerStatus(), target(), taken, generation=1)
+    assert stalled_on_namespace(stalled)
+    assert not stalled_on_namespace(stalled_status(ready, 2, c.INVALID_SPEC, "spec.plan", NOW))
+
+    theirs = {"metadata": {"name": "customer-acme", "labels": {"team": "payments"}}}
+    assert namespace_freed(theirs, "acme", "uid-acme") is None
+    another = {"metadata": {"name": "customer-acme", "labels": {c.LABEL_CUSTOMER: "globex"}}}
+    assert namespace_freed(another, "acme", "uid-acme") is None
+    assert namespace_freed(None, "acme", "uid-acme") == "NamespaceGone"
+    handed = {"metadata": {"name": "customer-acme", "labels": {"team": "payments", c.LABEL_CUSTOMER: "acme"}}}
+    assert namespace_freed(handed, "acme", "uid-acme") == "NamespaceHandedOver"
+    # Labelled, but owned by another Customer: still not this one's.
+    owned = {
+        "metadata": {
+            **handed["metadata"],
+            "ownerReferences": [{"apiVersion": "iotistic.io/v1alpha1", "kind": "Customer", "uid": "uid-b"}],
+        }
+    }
+    assert namespace_freed(owned, "acme", "uid-acme") is None
 
 
 def test_helm_status_json_without_chart_is_read() -> None:
