@@ -197,6 +197,14 @@ class Helm:
             )
         return _release(json.loads(out))
 
+    async def deployments(self, name: str, namespace: str, revision: int) -> tuple[str, ...]:
+        """The Deployments of revision `revision`'s manifest (`helm get manifest`), parsed as after an
+        install: for a release whose status does not list them (release.py)."""
+        manifest = await self._run(
+            "get", "manifest", name, "--namespace", namespace, "--revision", str(revision)
+        )
+        return manifest_deployments(manifest, name, namespace)
+
     async def status(self, name: str, namespace: str) -> HelmRelease | None:
         try:
             out = await self._run("status", name, "--namespace", namespace, "--output", "json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartUnavailable
@@ -11,6 +13,8 @@ from iotistic_billing.operator.outcomes import ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
+
+log = logging.getLogger(__name__)
 
 # How a version's source is named in a ChartUnavailable message.
 _VERSION_SOURCES = {
@@ -89,6 +93,7 @@ async def ensure_release(
     if previous is not None or may_exist:
         current = await _deployed_already(ctx, namespace, version, digest, previous)
         if current is not None:
+            current = await _with_deployments(ctx, current)
             missing = await _missing_deployments(ctx, current)
             if not missing:
                 return ReleaseOutcome(
@@ -122,7 +127,8 @@ async def ensure_release(
         revision=release.revision,
         chart_version=release.chart_version,
         values_hash=digest,
-        deployments=list(release.deployments) or None,
+        # An empty list too: None would have _with_deployments read the manifest on every pass.
+        deployments=list(release.deployments),
     )
     if release.revision == 1:
         return ReleaseOutcome(
@@ -132,6 +138,21 @@ async def ensure_release(
     return ReleaseOutcome(
         "upgraded", c.UPGRADE_SUCCEEDED, f"upgraded to revision {release.revision}{repaired}", status
     )
+
+
+async def _with_deployments(ctx: OperatorContext, current: ReleaseStatus) -> ReleaseStatus:
+    """`current` with the Deployments of its revision's manifest when the status lists none (a release
+    installed before status.release.deployments, or whose status write after helm was lost): read once,
+    the pass then writes them to the status, so a Deployment deleted later is put back as for any other.
+    A read that fails leaves it as it was, for the next pass: it must not stop a licence renewal."""
+    if current.deployments is not None or current.namespace is None or not current.revision:
+        return current
+    try:
+        names = await ctx.helm.deployments(c.RELEASE_NAME, current.namespace, current.revision)
+    except HelmError as error:
+        log.warning("Deployments of release %s/%s not read: %s", current.namespace, c.RELEASE_NAME, error)
+        return current
+    return current.model_copy(update={"deployments": list(names)})
 
 
 async def _missing_deployments(ctx: OperatorContext, current: ReleaseStatus) -> list[str]:

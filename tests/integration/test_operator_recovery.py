@@ -423,6 +423,52 @@ def _helm_commands(context: OperatorContext, monkeypatch: pytest.MonkeyPatch) ->
     return commands
 
 
+def _reported_deployments(cluster: Cluster, name: str) -> list[str] | None:
+    body = cluster.customer(name) or {}
+    return body.get("status", {}).get("release", {}).get("deployments")
+
+
+async def test_a_release_whose_status_lacks_its_deployments_reads_them_once_then_restores_a_deleted_one(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: status.release.deployments, by which a pass sees that an instance Deployment was
+    deleted, was written only after helm ran; a Customer installed by an earlier operator (or whose
+    status write after helm was lost) had none, and a Deployment deleted behind helm's back stayed away
+    until its next upgrade. Its next pass reads the deployed revision's manifest, once."""
+    name, _, _ = _licensed_then_paused(cluster, paused_operator, "unlisted")
+    namespace = f"customer-{name}"
+    listed = _reported_deployments(cluster, name)
+    assert listed is not None and "instance-api" in listed
+    # What an earlier operator left: the release at revision 1, a status without its Deployments.
+    cluster.objects.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, name, {"status": {"release": {"deployments": None}}}
+    )
+    assert _reported_deployments(cluster, name) is None and _reported_revision(cluster, name) == 1
+    context = _context(operator_env, datetime.now(UTC))
+    helm = _helm_commands(context, monkeypatch)
+
+    await reconcile(context, name)
+    assert _reported_deployments(cluster, name) == listed
+    assert helm == [["get", "manifest"]] and _reported_revision(cluster, name) == 1
+
+    # Once: the next pass runs no helm; a Deployment deleted after it is put back as for any Customer.
+    await reconcile(context, name)
+    assert helm == [["get", "manifest"]]
+    cluster.apps.delete_namespaced_deployment("instance-api", namespace)
+    await reconcile(context, name)
+    await context.engine.dispose()
+    present = {d.metadata.name for d in cluster.apps.list_namespaced_deployment(namespace).items}
+    assert "instance-api" in present
+    assert helm == [["get", "manifest"], ["upgrade", "--install"]]
+    released = cluster.condition(name, "ReleaseDeployed") or {}
+    assert released.get("reason") == "UpgradeSucceeded"
+    assert released.get("message", "").endswith("(instance-api had been deleted)")
+    assert _reported_revision(cluster, name) == 2 and _reported_deployments(cluster, name) == listed
+
+
 @pytest.mark.parametrize("freed", ["deleted", "handed over"])
 async def test_a_customer_stalled_on_a_taken_namespace_recovers_by_itself_once_it_is_freed(
     cluster: Cluster,

@@ -206,6 +206,17 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     assert second.status.release is not None and second.status.release.revision == 2
     assert second.status.license is not None and second.status.license.jti != first.status.license.jti
 
+    # A status without the release's Deployments (an earlier operator's): helm reads them from the
+    # deployed revision's manifest as this account.
+    installed.objects.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, name, {"status": {"release": {"deployments": None}}}
+    )
+    third = await reconcile(operator_context, name)
+    assert third is not None and third.temporary_error is None, third
+    assert third.status.release is not None and third.status.release.revision == 2
+    assert third.status.release.deployments == second.status.release.deployments
+    assert third.status.release.deployments
+
     # The finalizer's work: helm uninstall, the licence revoked, the webhook's signing secret kept in
     # the billing namespace, the namespace's deletion requested; the same again after a crash.
     body = installed.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)

@@ -118,10 +118,21 @@ async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is
     kube = DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}})
     ctx = cast(
         OperatorContext,
-        SimpleNamespace(settings=settings, helm=helm, kube=kube, charts=ChartStore(settings, helm, tmp_path)),
+        SimpleNamespace(
+            settings=settings,
+            helm=helm,
+            kube=kube,
+            charts=ChartStore(settings, helm, tmp_path),
+            deployments=KeptDeployments(list(INSTANCE_DEPLOYMENTS)),
+        ),
     )
     running = ReleaseStatus(
-        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
+        name=c.RELEASE_NAME,
+        namespace=aim.namespace,
+        revision=3,
+        chart_version="0.1.0",
+        values_hash=digest,
+        deployments=list(INSTANCE_DEPLOYMENTS),
     )
 
     outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
@@ -231,6 +242,54 @@ async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgra
     assert (outcome.result, outcome.reason, helm.upgrades) == ("upgraded", c.UPGRADE_SUCCEEDED, 1)
     assert outcome.message == "upgraded to revision 4 (instance-api had been deleted)"
     assert outcome.release is not None and outcome.release.deployments == list(INSTANCE_DEPLOYMENTS)
+
+
+class Manifests(Upgrading):
+    """helm whose deployed revision's manifest has the chart's five Deployments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.manifest_reads: list[int] = []
+
+    async def deployments(self, name: str, namespace: str, revision: int) -> tuple[str, ...]:
+        self.manifest_reads.append(revision)
+        return INSTANCE_DEPLOYMENTS
+
+
+async def test_a_release_whose_status_lacks_its_deployments_reads_them_once_from_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """A release installed by an earlier operator (or whose status write after helm was lost) had no
+    status.release.deployments, so a Deployment deleted behind helm's back came back only with its next
+    upgrade: the deployed revision's manifest is read once, and the status keeps what it says."""
+    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
+    helm = Manifests()
+    licence = LICENCE
+    aim = target()
+    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            settings=settings,
+            helm=helm,
+            kube=DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}),
+            charts=ChartStore(settings, helm, tmp_path),
+            deployments=kept,
+        ),
+    )
+    earlier = ReleaseStatus(
+        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
+    )
+    outcome = await ensure_release(ctx, aim, licence, earlier, may_exist=True)
+    assert (outcome.result, helm.manifest_reads, helm.upgrades) == ("unchanged", [3], 0)
+    assert outcome.release == earlier.model_copy(update={"deployments": list(INSTANCE_DEPLOYMENTS)})
+
+    # The next pass starts from the status that pass wrote: no helm call, and a deleted one is put back.
+    kept.names.remove("instance-api")
+    outcome = await ensure_release(ctx, aim, licence, outcome.release, may_exist=True)
+    assert (outcome.result, helm.manifest_reads, helm.upgrades) == ("upgraded", [3], 1)
+    assert outcome.message == "upgraded to revision 4 (instance-api had been deleted)"
 
 
 async def test_a_helm_killed_mid_upgrade_is_not_left_behind_a_deployed_revision(tmp_path: Path) -> None:
