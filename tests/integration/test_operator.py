@@ -75,6 +75,17 @@ class Cluster:
         body = self.customer(name) or {}
         return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), None)
 
+    def stalled(self, name: str) -> dict[str, Any]:
+        """The Customer's Stalled condition, once it is True."""
+        found: dict[str, Any] = wait_until(
+            lambda: (
+                (self.condition(name, "Stalled") or {}).get("status") == "True"
+                and self.condition(name, "Stalled")
+            ),
+            message="Stalled",
+        )
+        return found
+
     def license(self, name: str, verify_times: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
         """The licence Secret's claims, verified with the public key the Secret itself carries."""
         secret = self.core.read_namespaced_secret("iotistic-license", f"customer-{name}")
@@ -516,13 +527,7 @@ async def test_a_namespace_someone_else_made_stalls_the_customer_and_outlives_it
     cluster.helm("install", "instance", str(chart), "-n", namespace)
 
     cluster.create(customer_manifest(name, plan="starter"))
-    stalled = wait_until(
-        lambda: (
-            (cluster.condition(name, "Stalled") or {}).get("status") == "True"
-            and cluster.condition(name, "Stalled")
-        ),
-        message="Stalled",
-    )
+    stalled = cluster.stalled(name)
     assert stalled["reason"] == "NamespaceTaken"
     assert stalled["message"].startswith(
         f"metadata.name: namespace {namespace} exists and was not created by the operator for this Customer"

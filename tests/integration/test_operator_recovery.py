@@ -337,14 +337,7 @@ async def test_a_pass_starts_from_kopfs_copy_only_when_it_starts_at_once_and_wro
     handed = cluster.customer(name)
     assert before is not None and handed is not None
     context = _context(operator_env, datetime.now(UTC))
-    reads: list[str] = []
-    read = context.kube.read_customer
-
-    async def counted(name: str) -> dict[str, Any] | None:
-        reads.append(name)
-        return await read(name)
-
-    monkeypatch.setattr(context.kube, "read_customer", counted)
+    reads = _counted(monkeypatch, context, "read_customer")
     upgraded = await reconcile(context, name, handed=kopf.Body(handed))
     assert reads == [] and upgraded is not None and upgraded.status.plan == "professional"
 
@@ -485,25 +478,12 @@ async def test_a_customer_stalled_on_a_taken_namespace_recovers_by_itself_once_i
     namespace = f"customer-{name}"
     cluster.core.create_namespace({"metadata": {"name": namespace, "labels": {"team": "payments"}}})
     cluster.create(customer_manifest(name, plan="starter"))
-    stalled = wait_until(
-        lambda: (
-            (cluster.condition(name, "Stalled") or {}).get("status") == "True"
-            and cluster.condition(name, "Stalled")
-        ),
-        message="Stalled",
-    )
+    stalled = cluster.stalled(name)
     assert stalled["reason"] == "NamespaceTaken"
     paused_operator.stop()  # the checks under test are the only ones acting on this Customer
     context = _context(operator_env, datetime.now(UTC))
     helm = _helm_commands(context, monkeypatch)
-    reads: list[str] = []
-    read_namespace = context.kube.read_namespace
-
-    async def counted(namespace: str) -> dict[str, Any] | None:
-        reads.append(namespace)
-        return await read_namespace(namespace)
-
-    monkeypatch.setattr(context.kube, "read_namespace", counted)
+    reads = _counted(monkeypatch, context, "read_namespace")
 
     await _housekeeping(context, cluster, name)  # still someone else's: stays stalled
     while_taken = list(reads)
@@ -545,6 +525,20 @@ def _secret_jti(cluster: Cluster, name: str) -> str | None:
         return str(cluster.license(name)[0]["jti"])
     except ApiException:
         return None
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, context: OperatorContext, read: str) -> list[str]:
+    """The names the context's `read` (a Kube method taking a name) is called with from now on."""
+    names: list[str] = []
+    original = getattr(context.kube, read)
+
+    async def counted(name: str) -> dict[str, Any] | None:
+        names.append(name)
+        found: dict[str, Any] | None = await original(name)
+        return found
+
+    monkeypatch.setattr(context.kube, read, counted)
+    return names
 
 
 def _context(env: dict[str, str], clock: datetime) -> OperatorContext:

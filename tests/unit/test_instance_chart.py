@@ -10,7 +10,7 @@ import subprocess
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import pytest
 
@@ -23,6 +23,7 @@ from iotistic_billing.operator.deployments import DeploymentState, instance_heal
 from iotistic_billing.operator.helm import Helm, HelmError, HelmRelease, manifest_deployments
 from iotistic_billing.operator.outcomes import InstanceHealth
 from iotistic_billing.operator.release import ensure_release
+from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.settings import load_settings
 from tests.unit.test_operator_state import NOW, target
@@ -202,35 +203,55 @@ def test_the_release_s_deployments_are_read_from_helm_s_manifest() -> None:
     )
 
 
-async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgrade(tmp_path: Path) -> None:
-    """Found in review: helm's deployed revision was current, so a Deployment deleted behind helm's
-    back (`kubectl delete deployment`) never came back, and readiness, judged by the Deployments left,
-    stayed True. The revision's Deployments are in the status; a missing one makes the pass upgrade,
-    which recreates it, and Ready waits for it."""
+class ReleaseStep(NamedTuple):
+    ctx: OperatorContext
+    aim: PassTarget
+    digest: str  # of the values LICENCE wants on the chart directory
+    revisions: dict[int, dict[str, str]]  # helm's storage: revision 3 deployed with those values
+    kept: KeptDeployments  # the chart's five Deployments, all present
+
+    def release(self, **fields: Any) -> ReleaseStatus:
+        """Revision 3 of the release, as a status reports it."""
+        return ReleaseStatus(
+            name=c.RELEASE_NAME,
+            namespace=self.aim.namespace,
+            revision=3,
+            chart_version="0.1.0",
+            values_hash=self.digest,
+            **fields,
+        )
+
+
+def release_step(helm: Helm, tmp_path: Path) -> ReleaseStep:
+    """The release step over the chart directory, its release deployed at revision 3 with the values it
+    wants."""
     settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
-    helm = Upgrading()
-    licence = LICENCE
     aim = target()
-    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    digest = values_hash(desired_release_values(aim, settings.billing_url, LICENCE.sha256), "0.1.0")
+    revisions = {3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}
     kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
     ctx = cast(
         OperatorContext,
         SimpleNamespace(
             settings=settings,
             helm=helm,
-            kube=DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}),
+            kube=DeployedRevisions(revisions),
             charts=ChartStore(settings, helm, tmp_path),
             deployments=kept,
         ),
     )
-    running = ReleaseStatus(
-        name=c.RELEASE_NAME,
-        namespace=aim.namespace,
-        revision=3,
-        chart_version="0.1.0",
-        values_hash=digest,
-        deployments=list(INSTANCE_DEPLOYMENTS),
-    )
+    return ReleaseStep(ctx, aim, digest, revisions, kept)
+
+
+async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgrade(tmp_path: Path) -> None:
+    """Found in review: helm's deployed revision was current, so a Deployment deleted behind helm's
+    back (`kubectl delete deployment`) never came back, and readiness, judged by the Deployments left,
+    stayed True. The revision's Deployments are in the status; a missing one makes the pass upgrade,
+    which recreates it, and Ready waits for it."""
+    helm = Upgrading()
+    step = release_step(helm, tmp_path)
+    ctx, aim, licence, kept = step.ctx, step.aim, LICENCE, step.kept
+    running = step.release(deployments=list(INSTANCE_DEPLOYMENTS))
     outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
     assert (outcome.result, outcome.release, helm.upgrades) == ("unchanged", running, 0)
 
@@ -262,25 +283,10 @@ async def test_a_release_whose_status_lacks_its_deployments_reads_them_once_from
     """A release installed by an earlier operator (or whose status write after helm was lost) had no
     status.release.deployments, so a Deployment deleted behind helm's back came back only with its next
     upgrade: the deployed revision's manifest is read once, and the status keeps what it says."""
-    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
     helm = Manifests()
-    licence = LICENCE
-    aim = target()
-    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
-    kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
-    ctx = cast(
-        OperatorContext,
-        SimpleNamespace(
-            settings=settings,
-            helm=helm,
-            kube=DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}),
-            charts=ChartStore(settings, helm, tmp_path),
-            deployments=kept,
-        ),
-    )
-    earlier = ReleaseStatus(
-        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
-    )
+    step = release_step(helm, tmp_path)
+    ctx, aim, licence, kept = step.ctx, step.aim, LICENCE, step.kept
+    earlier = step.release()
     outcome = await ensure_release(ctx, aim, licence, earlier, may_exist=True)
     assert (outcome.result, helm.manifest_reads, helm.upgrades) == ("unchanged", [3], 0)
     assert outcome.release == earlier.model_copy(update={"deployments": list(INSTANCE_DEPLOYMENTS)})
@@ -296,28 +302,11 @@ async def test_a_helm_killed_mid_upgrade_is_not_left_behind_a_deployed_revision(
     """Found in review: helm killed while upgrading to new values leaves revision 4 pending-upgrade, part
     of it applied; a pass that wants revision 3's values again took 3 as current and ran no helm, so
     the half-applied objects stayed. helm runs (and its stuck release is recovered first)."""
-    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
     helm = Upgrading()
-    licence = LICENCE
-    aim = target()
-    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
-    revisions = {
-        3: {"status": "deployed", c.LABEL_VALUES_HASH: digest},
-        4: {"status": "pending-upgrade", c.LABEL_VALUES_HASH: "newer"},
-    }
-    ctx = cast(
-        OperatorContext,
-        SimpleNamespace(
-            settings=settings,
-            helm=helm,
-            kube=DeployedRevisions(revisions),
-            charts=ChartStore(settings, helm, tmp_path),
-            deployments=KeptDeployments(list(INSTANCE_DEPLOYMENTS)),
-        ),
-    )
-    running = ReleaseStatus(
-        name=c.RELEASE_NAME, namespace=aim.namespace, revision=3, chart_version="0.1.0", values_hash=digest
-    )
+    step = release_step(helm, tmp_path)
+    ctx, aim, licence, revisions, digest = step.ctx, step.aim, LICENCE, step.revisions, step.digest
+    revisions[4] = {"status": "pending-upgrade", c.LABEL_VALUES_HASH: "newer"}
+    running = step.release()
     outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
     assert (outcome.result, helm.upgrades) == ("upgraded", 1)
 
