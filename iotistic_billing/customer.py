@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import annotated_types
@@ -110,6 +110,11 @@ class Phase(StrEnum):
     EXPIRED = "Expired"
     TERMINATING = "Terminating"
     FAILED = "Failed"
+
+
+# Ready's reasons while a step of the operator's fails and is retried (operator/constants.py has each):
+# such a Customer gets an Event when one starts, and the console lists it among the failing.
+RETRIED_FAILURE_REASONS: Final = frozenset({"ChartPullFailed", "InstallFailed", "UpgradeFailed"})
 
 
 class ConditionType(StrEnum):

@@ -123,14 +123,17 @@ def summarize(outcome: PassOutcome) -> list[ConditionValue]:
             ConditionValue(ConditionType.RECONCILING, False, c.RECONCILED, ""),
             ConditionValue(ConditionType.READY, True, health.reason, health.message),
         ]
-    deployed = outcome.release is not None and outcome.release.deployed
+    release = outcome.release
+    deployed = release is not None and release.deployed
     waiting_on = outcome.waiting_on
+    if release is not None and release.result == "failed":
+        reason = release.reason  # retried (ChartPullFailed, UpgradeFailed...): said, not "Progressing"
+    else:
+        reason = health.reason if health and deployed else c.PROGRESSING
     return [
         ConditionValue(ConditionType.STALLED, False, c.RECONCILED, ""),
         ConditionValue(ConditionType.RECONCILING, True, c.PROGRESSING, waiting_on),
-        ConditionValue(
-            ConditionType.READY, False, health.reason if health and deployed else c.PROGRESSING, waiting_on
-        ),
+        ConditionValue(ConditionType.READY, False, reason, waiting_on),
     ]
 
 

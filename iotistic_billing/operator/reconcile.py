@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
+    RETRIED_FAILURE_REASONS,
     ConditionType,
     Customer,
     CustomerMetadata,
@@ -95,6 +96,8 @@ class PassResult:
     previous_payment_step: str | None = None
     # Why the Customer was stalled before the pass (state.stall_of), for the Event of a new stall.
     previous_stall: tuple[str, str] | None = None
+    # Ready's reason before the pass, for the Event of a retried failure that starts or changes.
+    previous_ready_reason: str | None = None
     # The Customer's, for the Events of a pass no Kopf handler ran (`kubectl describe` matches the uid).
     uid: str | None = None
 
@@ -122,6 +125,14 @@ class PassResult:
             events.append((kind, f"Payment{overdue.reason}", overdue.message))
         if self.permanent_error is not None and stall_of(self.status) != self.previous_stall:
             events.append(("Warning", "ReconcileFailed", self.permanent_error))
+        ready = self.status.condition(ConditionType.READY)
+        if (
+            self.temporary_error is not None
+            and ready is not None
+            and ready.reason in RETRIED_FAILURE_REASONS
+            and ready.reason != self.previous_ready_reason
+        ):
+            events.append(("Warning", ready.reason, f"{self.temporary_error} (retried)"))
         return events
 
 
@@ -348,6 +359,7 @@ async def _finish(
         temporary_error=temporary,
         previous_payment_step=overdue.reason if overdue is not None else None,
         previous_stall=stall_of(previous),
+        previous_ready_reason=ready.reason if (ready := previous.condition(ConditionType.READY)) else None,
         uid=body["metadata"].get("uid"),
     )
     if status.to_k8s() != previous.to_k8s():

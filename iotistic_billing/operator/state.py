@@ -145,6 +145,8 @@ def phase_for(
     if entitlement.lapsed:
         return Phase.EXPIRED
     if release is None or not release.deployed:
+        if release is not None and release.result == "failed" and previous_phase in _SERVED:
+            return Phase.DEGRADED  # an upgrade retried while the instance runs the revision before it
         return (
             Phase.PENDING
             if release is None and previous_phase in (None, Phase.PENDING)
@@ -152,7 +154,11 @@ def phase_for(
         )
     if health is not None and health.available:
         return Phase.READY
-    return Phase.DEGRADED if previous_phase in (Phase.READY, Phase.DEGRADED) else Phase.PROVISIONING
+    return Phase.DEGRADED if previous_phase in _SERVED else Phase.PROVISIONING
+
+
+# Phases of a Customer whose instance has served: what goes wrong after is Degraded, not Provisioning.
+_SERVED = (Phase.READY, Phase.DEGRADED)
 
 
 def next_status(

@@ -244,7 +244,8 @@ def _check_env(out: str) -> None:
 
 def _check_get_customers(out: str) -> None:
     header, *rows = out.splitlines()
-    assert header.split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "TRIAL-ENDS", "URL", "AGE"], header
+    columns = ["NAME", "CUSTOMERID", "PLAN", "PHASE", "REASON", "TRIAL-ENDS", "URL", "AGE"]
+    assert header.split() == columns, header
     assert {row.split()[0] for row in rows} >= {"acme", "globex"}, out
 
 

@@ -209,7 +209,7 @@ def test_applied_customer_gets_namespace_licence_release_and_status(
         capture_output=True,
         text=True,
     ).stdout.split("\n")
-    assert table[0].split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "TRIAL-ENDS", "URL", "AGE"]
+    assert table[0].split() == ["NAME", "CUSTOMERID", "PLAN", "PHASE", "REASON", "TRIAL-ENDS", "URL", "AGE"]
     assert table[1].split()[1:4] == [claims["customerId"], "professional", "Ready"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -14,9 +15,12 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from iotistic_billing.customer import RETRIED_FAILURE_REASONS
+from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
-from iotistic_billing.webhook_server.console.data import gitops_manager
+from iotistic_billing.webhook_server.console.data import failing, gitops_manager
 from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin
 from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions
 from iotistic_billing.webhook_server.context import OPTIONS
@@ -192,3 +196,38 @@ def origin_request(headers: dict[str, str]) -> bool:
 )
 def test_a_form_must_come_from_the_console_itself(headers: dict[str, str], allowed: bool) -> None:
     assert origin_request(headers) is allowed
+
+
+def test_a_customer_whose_step_fails_and_is_retried_needs_a_look() -> None:
+    """Found in review: a first install the registry refused (phase Provisioning, retried) was not in
+    "Needs a look", which said "Nothing failing"."""
+
+    def with_ready(name: str, phase: str, reason: str) -> CustomerRecord:
+        body: dict[str, Any] = {
+            "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"email": f"a@{name}.example", "companyName": name.title()},
+            "status": {
+                "phase": phase,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "False",
+                        "reason": reason,
+                        "message": "connection refused",
+                        "lastTransitionTime": "2026-01-02T00:00:00Z",
+                    }
+                ],
+            },
+        }
+        found = CustomerRecord.from_body(body)
+        assert found is not None
+        return found
+
+    listed = failing(
+        [
+            with_ready("noreg", "Provisioning", "ChartPullFailed"),
+            with_ready("new", "Provisioning", "Progressing"),
+        ]
+    )
+    assert [(f.name, f.reason) for f in listed] == [("noreg", "ChartPullFailed")]
+    assert {c.CHART_PULL_FAILED, c.INSTALL_FAILED, c.UPGRADE_FAILED} == RETRIED_FAILURE_REASONS

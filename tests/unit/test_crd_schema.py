@@ -281,6 +281,7 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         ("CustomerID", ".status.customerId", "string"),
         ("Plan", ".status.plan", "string"),
         ("Phase", ".status.phase", "string"),
+        ("Reason", '.status.conditions[?(@.type=="Ready")].reason', "string"),
         # A string, not a date: kubectl shows a date column as an age, `<invalid>` for a future time.
         ("Trial-Ends", ".status.trial.endsAt", "string"),
         ("URL", ".status.instance.url", "string"),

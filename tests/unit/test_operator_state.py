@@ -30,7 +30,7 @@ from iotistic_billing.operator.outcomes import (
     PassOutcome,
     ReleaseOutcome,
 )
-from iotistic_billing.operator.reconcile import merge_patch
+from iotistic_billing.operator.reconcile import PassResult, merge_patch
 from iotistic_billing.operator.state import (
     PassTarget,
     answered_request,
@@ -304,6 +304,39 @@ def test_a_permanent_failure_stalls_with_reason_and_message() -> None:
     condition = stalled.condition("Stalled")
     assert condition is not None and (condition.status, condition.reason) == ("True", "InstallFailed")
     assert stalled.condition("ReleaseDeployed").message == failed.message  # type: ignore[union-attr]
+
+
+def test_a_retried_failure_is_named_on_ready_degrades_a_served_instance_and_is_one_event() -> None:
+    """Found in review: a registry away (ChartPullFailed) or a quota refusing an upgrade showed phase
+    Provisioning, Ready "Progressing" and only Normal Events, also for a Ready Customer whose instance
+    went on serving the version before; the console's failing list and describe looked healthy."""
+    pull = ReleaseOutcome("failed", "ChartPullFailed", "dial tcp 127.0.0.1:5000: connect: connection refused")
+    first = status_after(pull, None)
+    assert first.phase == "Provisioning"
+    assert (first.condition("Ready").reason, first.condition("Ready").message) == (
+        "ChartPullFailed",
+        pull.message,
+    )  # type: ignore[union-attr]
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "5 available"))
+    upgrade = ReleaseOutcome("failed", "UpgradeFailed", "Error: UPGRADE FAILED: exceeded quota")
+    served = status_after(upgrade, None, previous=ready, now=NOW + timedelta(minutes=1))
+    assert served.phase == "Degraded" and served.condition("Ready").reason == "UpgradeFailed"  # type: ignore[union-attr]
+
+    def events(status: CustomerStatus, before: CustomerStatus) -> list[tuple[str, str, str]]:
+        ready_before = before.condition("Ready")
+        return PassResult(
+            status,
+            before.phase,
+            temporary_error=status.condition("Ready").message,  # type: ignore[union-attr]
+            previous_ready_reason=ready_before.reason if ready_before else None,
+        ).events
+
+    assert events(served, ready) == [
+        ("Warning", "Degraded", "phase Ready -> Degraded"),
+        ("Warning", "UpgradeFailed", "Error: UPGRADE FAILED: exceeded quota (retried)"),
+    ]
+    again = status_after(upgrade, None, previous=served, now=NOW + timedelta(minutes=2))
+    assert events(again, served) == []  # the same failure retried: no Event each time
 
 
 def test_the_pass_after_an_install_writes_the_same_status() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Final
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import Phase
+from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
@@ -86,13 +86,16 @@ def phase_of(record: CustomerRecord) -> str:
 
 
 def failing(records: Iterable[CustomerRecord]) -> list[FailingCustomer]:
-    """Failed and Degraded Customers, and any Stalled one, longest first."""
+    """Failed and Degraded Customers, any Stalled one, and any whose step fails and is retried (a first
+    install the registry refuses, say), longest first."""
     found = []
     for record in records:
         status = record.customer.status
         stalled = status.condition("Stalled")
         is_stalled = stalled is not None and stalled.status == "True"
-        if not is_stalled and status.phase not in FAILING_PHASES:
+        ready = status.condition("Ready")
+        retried = ready is not None and ready.status == "False" and ready.reason in RETRIED_FAILURE_REASONS
+        if not is_stalled and not retried and status.phase not in FAILING_PHASES:
             continue
         why = stalled if is_stalled else status.condition("Ready")
         found.append(
