@@ -1,9 +1,11 @@
 """Coalesces usage reports into one status update per customer and flush.
 
 Reports arrive far more often than the Customer's status should change (a batch of 1,000 reports, many
-instances per customer): the request path only records, per customer, the latest arrival and the
-earliest period start reported, and the flusher makes one status patch per customer that reported
-since the last flush (and a rollup for each ended period those reports fall in that has none).
+instances per customer): the request path only records, per customer, the first and latest arrivals and
+the earliest period start reported, and the flusher makes one status patch per customer that reported
+since the last flush (and a rollup for each ended period those reports fall in that has none). It is
+memory: what a server stopped before its flush held, the meter run finds again in PostgreSQL
+(UsageMetering.flush_unheld).
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ class Reported:
 
     at: datetime  # the latest arrival: status.usage.lastReportAt
     earliest_start: datetime  # the earliest period_start: the oldest billing period they fall in
+    # The earliest arrival: an ended period is rolled up if its reports came within its close grace
+    # of its end, however late the flush (requeued, or the meter run's for a server that stopped).
+    first_at: datetime
 
     def merged(self, other: Reported) -> Reported:
-        return Reported(max(self.at, other.at), min(self.earliest_start, other.earliest_start))
+        return Reported(
+            max(self.at, other.at),
+            min(self.earliest_start, other.earliest_start),
+            min(self.first_at, other.first_at),
+        )
 
 
 class UsageCoalescer:
@@ -36,7 +45,7 @@ class UsageCoalescer:
     def saw(self, earliest_starts: Mapping[str, datetime], at: datetime) -> None:
         """Reports arrived at `at`: customer id -> the earliest period_start among its reports."""
         for customer_id, start in earliest_starts.items():
-            self._note(customer_id, Reported(at, start))
+            self._note(customer_id, Reported(at, start, at))
 
     def drain(self) -> dict[str, Reported]:
         """Everything recorded so far; the coalescer starts empty again."""

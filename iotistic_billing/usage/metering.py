@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -214,10 +214,17 @@ async def _meter_period(
 
 
 async def send_meter_events(
-    pool: Pool, sender: MeterSender | None, now: datetime, *, close_grace: timedelta, limit: int = 500
+    pool: Pool,
+    sender: MeterSender | None,
+    now: datetime,
+    *,
+    close_grace: timedelta,
+    limit: int = 500,
+    before_close: Callable[[Connection], Awaitable[object]] | None = None,
 ) -> MeterRun:
-    """Close the periods that ended at least `close_grace` ago (rollups.close_periods), then send the
-    meter events they owe (see the module's note).
+    """Run `before_close` (the rollups a flush still owes: UsageMetering.flush_unheld), close the
+    periods that ended at least `close_grace` ago (rollups.close_periods), then send the meter events
+    they owe (see the module's note); all under the lock.
 
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
@@ -225,6 +232,8 @@ async def send_meter_events(
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", METER_LOCK_KEY):
             return MeterRun(skipped=True)
         try:
+            if before_close is not None:
+                await before_close(conn)
             closed = await close_periods(conn, now, grace=close_grace)
             if sender is None:
                 return MeterRun(closed=closed)

@@ -43,6 +43,13 @@ class UsageOptions:
     # GET /api/usage/{customerId} lists at most this many reports (the daily series covers them all).
     report_list_limit: int = 500
 
+    @property
+    def catch_up_window(self) -> timedelta:
+        """How far back each meter run looks for stored reports that no flush rolled up (their server
+        stopped before its flush): three meter intervals (of an hour when runs are not timed), so that
+        one run failing or coming late loses none of them."""
+        return timedelta(seconds=3 * (self.meter_interval if self.meter_interval is not None else 3600.0))
+
     def __post_init__(self) -> None:
         for name in ("flush_interval", "meter_interval", "partition_interval"):
             value = getattr(self, name)

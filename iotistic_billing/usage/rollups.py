@@ -6,9 +6,10 @@ meter run rolls it up one last time from the stored reports with `pricing.roll_u
 closed row never changes, so what was sent to Stripe stays what the row says. The current period starts
 no earlier than the end of the customer's ended rows (`unsettled_period`), so that no report is billed
 twice. A report that no row holds, of a period that ended before any flush saw it, gets its period's row
-from the flush that sees it while the period's close grace lasts (`open_missing_rollups`); a report that
-arrives after that, or after its period closed, is kept, and billed in no period
-(`reports_after_close`). Amounts are stored as strings of exact decimals.
+from the flush that sees it (the meter run's, `unheld_arrivals`, when its server stopped before its own)
+if it arrived while the period's close grace lasted (`open_missing_rollups`); a report that arrives
+after that, or after its period closed, is kept, and billed in no period (`reports_after_close`).
+Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
@@ -224,6 +225,47 @@ async def open_missing_rollups(
     return opened, missed
 
 
+# Per customer, the reports stored in the last $1 (by PostgreSQL's clock, which stamped reported_at) that
+# no rollup holds, starting from $2: their earliest start, and how long ago the first and the last
+# arrived. The reports come through each partition's reported_at index, the months before $2 pruned;
+# the rollups that end after $2 (two or three a customer, whatever its history) are hashed by customer
+# and each report is checked against its customer's: the window's size is the cost, not the table's.
+_UNHELD_ARRIVALS: Final = """
+SELECT r.customer_id, min(r.period_start) AS earliest_start,
+       now() - min(r.reported_at) AS first_age, now() - max(r.reported_at) AS last_age
+FROM usage_reports r
+WHERE r.reported_at >= now() - $1::interval AND r.period_start >= $2
+  AND NOT EXISTS (
+      SELECT 1 FROM usage_rollups u
+      WHERE u.customer_id = r.customer_id AND u.period_end > $2
+        AND u.period_start <= r.period_start AND u.period_end > r.period_start
+  )
+GROUP BY r.customer_id
+ORDER BY r.customer_id
+"""
+
+
+@dataclass(frozen=True)
+class UnheldArrivals:
+    """A customer's recent reports that no rollup holds: what a status flush would have been told."""
+
+    customer_id: str
+    earliest_start: datetime
+    first_age: timedelta  # how long ago the first of them was stored
+    last_age: timedelta
+
+
+async def unheld_arrivals(conn: Queryable, within: timedelta, starts_from: datetime) -> list[UnheldArrivals]:
+    """Per customer, the reports stored in the last `within` that start from `starts_from` and that no
+    rollup holds: a flush was owed for them and never ran (the server stopped before it), or has not
+    run yet. Ages, not times: PostgreSQL stamped them, and the caller's clock places them."""
+    rows = await conn.fetch(_UNHELD_ARRIVALS, within, starts_from)
+    return [
+        UnheldArrivals(row["customer_id"], row["earliest_start"], row["first_age"], row["last_age"])
+        for row in rows
+    ]
+
+
 # Reports starting in [$2, $3) that a closed row holds but that were stored after it closed, per row.
 # Both times are PostgreSQL's: reported_at is set by the insert, updated_at last by the closing upsert
 # (a closed row is never updated again; marking it metered leaves updated_at alone).
@@ -289,6 +331,7 @@ async def close_periods(
 __all__ = [
     "BILLED_PLANS",
     "Rollup",
+    "UnheldArrivals",
     "close_periods",
     "compute_rollup",
     "included_usage",
@@ -300,5 +343,6 @@ __all__ = [
     "save_open_rollup",
     "save_rollup",
     "totals_json",
+    "unheld_arrivals",
     "unsettled_period",
 ]

@@ -6,7 +6,9 @@ that reported, one read of the Customer, the period's totals from PostgreSQL, th
 refreshed (and a row opened for an ended period whose reports all came after its end), and one merge
 patch of status.usage and the WithinLimits condition when they changed.
 Another task closes ended periods (a grace after their end, for late reports) and sends their Stripe
-meter events every `meter_interval`; a third keeps the monthly partitions of usage_reports, at start
+meter events every `meter_interval`; before it closes any, it flushes the customers whose recent
+reports no rollup holds, from PostgreSQL (a server that stopped after its 202 and before its flush
+took their coalescer entries with it). A third keeps the monthly partitions of usage_reports, at start
 and every `partition_interval` (usage.partitions).
 The flush runs once more when the server stops.
 """
@@ -26,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import models
-from iotistic_billing.db.pool import DatabaseUnavailable, Pool, Queryable, connection
+from iotistic_billing.db.pool import Connection, DatabaseUnavailable, Pool, Queryable, connection
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
@@ -40,13 +42,14 @@ from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.pricing import PeriodTotals
-from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
+from iotistic_billing.usage.reports import MAX_PERIOD, Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
     compute_rollup,
     included_usage,
     open_missing_rollups,
     reports_after_close,
     save_open_rollup,
+    unheld_arrivals,
     unsettled_period,
 )
 from iotistic_billing.usage.status import crossings, status_patch, usage_status
@@ -114,6 +117,9 @@ class UsageMetering:
         self.clock = clock
         self.outbox = outbox or Outbox()
         self.coalescer = UsageCoalescer()
+        # Shared by the timer's flush and the meter run's (flush_unheld): together they hold no more
+        # pooled connections than one flush, and leave the rest to the reports.
+        self._flush_slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
         # Replaceable, so that tests can wrap the real sender (a crash after Stripe's answer).
         self.meter_sender: MeterSender | None = (
             StripeMeterSender(stripe.client) if stripe is not None else None
@@ -138,7 +144,10 @@ class UsageMetering:
 
     async def flush(self) -> FlushResult:
         """One merge patch per customer that reported since the last flush (see the module's note)."""
-        entries = self.coalescer.drain()
+        return await self._flush(self.coalescer.drain())
+
+    async def _flush(self, entries: dict[str, Reported]) -> FlushResult:
+        """Flush `entries`; what cannot be written goes back to the coalescer for the next flush."""
         if not entries:
             return FlushResult()
         try:
@@ -149,14 +158,13 @@ class UsageMetering:
             self.coalescer.requeue(entries)
             self.metrics.status_flushes.labels("failed").inc(len(entries))
             return FlushResult(failed=len(entries))
-        slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
 
         async def flush_one(customer_id: str) -> str:
             record = records.get(customer_id)
             if record is None:
                 # Reports of a customer id no Customer holds (deleted, or an admin's typo): kept, not shown.
                 return "missing"
-            async with slots:
+            async with self._flush_slots:
                 try:
                     return await self._flush_customer(record, entries[customer_id])
                 except (
@@ -217,7 +225,7 @@ class UsageMetering:
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
                 if reported.earliest_start < period.start:
-                    await self._roll_up_ended_periods(conn, record, plan, reported.earliest_start, period)
+                    await self._roll_up_ended_periods(conn, record, plan, reported, period)
             await self._notice_crossings(record, period, totals, plan)
             updated = usage_status(
                 customer.status,
@@ -253,14 +261,16 @@ class UsageMetering:
         )
 
     async def _roll_up_ended_periods(
-        self, conn: Queryable, record: CustomerRecord, plan: str, since: datetime, current: BillingPeriod
+        self, conn: Queryable, record: CustomerRecord, plan: str, reported: Reported, current: BillingPeriod
     ) -> None:
-        """Rows for the ended periods of reports starting from `since`, within their close grace: no
-        flush made them while they held its `now` when every report of theirs came after their end (an
-        instance that reports once a period, a new customer's first report after the month ended, a
-        period's last minutes sent after it ended). A report of a period closed, or past its close
-        grace, is kept and billed in no period: a closed row is what Stripe was sent."""
+        """Rows for the ended periods of reports starting from `reported.earliest_start` that came
+        within their close grace (from `reported.first_at`): no flush made them while they held its
+        `now` when every report of theirs came after their end (an instance that reports once a period,
+        a new customer's first report after the month ended, a period's last minutes sent after it
+        ended). A report of a period closed, or past its close grace, is kept and billed in no period:
+        a closed row is what Stripe was sent."""
         customer_id = record.customer_id
+        since = reported.earliest_start
         opened, missed = await open_missing_rollups(
             conn,
             customer_id,
@@ -268,7 +278,7 @@ class UsageMetering:
             lambda moment: customer_period(record.customer, moment),
             since,
             current.start,
-            closed_by=self.clock() - timedelta(seconds=self.options.close_grace),
+            closed_by=reported.first_at - timedelta(seconds=self.options.close_grace),
         )
         for rollup in opened:
             log.info(
@@ -320,13 +330,20 @@ class UsageMetering:
     # ----- the meter run -----
 
     async def send_meter_events(self, now: datetime | None = None) -> MeterRun:
-        """Close the periods ended by `now` less the close grace and send the Stripe meter events they
-        owe (usage.metering)."""
+        """Flush the customers whose recent reports no rollup holds (`flush_unheld`), then close the
+        periods ended by `now` less the close grace and send the Stripe meter events they owe
+        (usage.metering); one replica at a time."""
+        now = now or self.clock()
+
+        async def flush_unheld(conn: Connection) -> None:
+            await self.flush_unheld(conn, now)
+
         run = await send_meter_events(
             self.pool,
             self.meter_sender,
-            now or self.clock(),
+            now,
             close_grace=timedelta(seconds=self.options.close_grace),
+            before_close=flush_unheld,
         )
         if run.sent:
             self.metrics.meter_events.labels("sent").inc(run.sent)
@@ -337,6 +354,37 @@ class UsageMetering:
                 "meter run: %d periods closed, %d events sent, %d failed", run.closed, run.sent, run.failed
             )
         return run
+
+    async def flush_unheld(self, conn: Queryable, now: datetime) -> FlushResult:
+        """Flush the customers with reports stored in the last `catch_up_window` that no rollup holds, as
+        their flush would have: the coalescer is memory, and a server killed after its 202, or whose
+        flush at shutdown failed, or scaled down, took its entries with it; nobody retries a report
+        that was answered. A period all of whose reports came after its end has no row without that
+        flush, so it was never closed nor billed. Their arrivals are placed on `now`'s clock by their
+        age in PostgreSQL; reports too old to fall in a period still in its close grace are not looked
+        at (nothing left to bill)."""
+        window = self.options.catch_up_window
+        grace = timedelta(seconds=self.options.close_grace)
+        # A report that came within its period's close grace starts at most a period (a month, no
+        # longer than a report, MAX_PERIOD) before that: so no earlier than this.
+        found = await unheld_arrivals(conn, window, now - window - grace - MAX_PERIOD)
+        if not found:
+            return FlushResult()
+        entries = {
+            unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start, now - unheld.first_age)
+            for unheld in found
+        }
+        result = await self._flush(entries)
+        log.info(
+            "meter run: %d customers had reports no rollup held (a flush still to come, or lost with its"
+            " server), flushed: %d patched, %d unchanged, %d without a Customer, %d failed",
+            len(entries),
+            result.patched,
+            result.unchanged,
+            result.missing,
+            result.failed,
+        )
+        return result
 
     # ----- the partitions of usage_reports -----
 
@@ -397,7 +445,8 @@ class UsageMetering:
             await asyncio.wait_for(self.flush(), SHUTDOWN_FLUSH_TIMEOUT)
         except Exception as error:
             log.warning(
-                "usage flush at shutdown failed (%s): status.usage catches up with the next report",
+                "usage flush at shutdown failed (%s): status.usage catches up with the next report, the"
+                " rollups with the next meter run (flush_unheld)",
                 type(error).__name__,
             )
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ import stripe
 from aiohttp.test_utils import TestClient, TestServer
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,9 +30,12 @@ from iotistic_billing.db.models import Base
 from iotistic_billing.db.pool import connection
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender
+from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import roll_up
+from iotistic_billing.usage.reports import Accepted, parse_reports
 from iotistic_billing.usage.rollups import roll_up_period
+from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import period_samples, period_totals
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import USAGE
@@ -146,6 +151,12 @@ async def send_march(api: TestClient[Any, Any], engine: AsyncEngine, customer_id
     assert await post(api, {"reports": reports}, headers) == (202, {"accepted": 5, "duplicate": 0})
     # The middle report again, as a retrying instance would: stored once.
     assert await post(api, reports[1], headers) == (202, {"accepted": 0, "duplicate": 1})
+
+
+async def arrive(usage: UsageMetering, reports: list[dict[str, Any]], at: datetime) -> Accepted:
+    """Store reports as the report route does, arriving at `at` by the server's clock: the route reads
+    the app's clock, fixed at NOW in these tests, and when they came decides what an ended period bills."""
+    return await usage.store(parse_reports(json.dumps({"reports": reports}).encode()), at)
 
 
 async def rollup_row(engine: AsyncEngine, customer_id: str, period: BillingPeriod) -> dict[str, Any]:
@@ -482,11 +493,7 @@ async def test_a_period_whose_reports_all_arrive_within_its_close_grace_is_close
     assert usage.meter_sender is not None
     recorder = Recorder(usage.meter_sender)
     usage.meter_sender = recorder
-    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
-    assert await post(usage_api, {"reports": march_reports(customer_id)[:3]}, headers) == (
-        202,
-        {"accepted": 3, "duplicate": 0},
-    )
+    assert await arrive(usage, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
 
     assert (await usage.flush()).patched == 1
     april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
@@ -499,6 +506,127 @@ async def test_a_period_whose_reports_all_arrive_within_its_close_grace_is_close
     row = await rollup_row(db_engine, customer_id, MARCH)
     assert (row["closed_at"], row["metered_at"], row["overage_amount_cents"]) == (closing, closing, 927)
     assert recorder.of(customer_id) == expected_events(customer_id)
+
+
+def replica(usage: UsageMetering, clock: Callable[[], datetime]) -> UsageMetering:
+    """Usage metering of another webhook server process (a replica, or the killed one restarted): the
+    same database, API server and Stripe sender; its own coalescer, empty."""
+    other = UsageMetering(
+        pool=usage.pool,
+        options=usage.options,
+        session_factory=usage.session_factory,
+        directory=usage.directory,
+        kube=usage.kube,
+        stripe=None,
+        metrics=UsageMetrics(CollectorRegistry()),
+        clock=clock,
+        outbox=usage.outbox,
+    )
+    other.meter_sender = usage.meter_sender
+    return other
+
+
+async def stored_ago(engine: AsyncEngine, customer_id: str, age: timedelta) -> None:
+    """Let PostgreSQL's clock move on by `age` since the customer's reports were stored: the servers'
+    clocks in these tests are moved by hand, and reported_at is PostgreSQL's."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE usage_reports SET reported_at = reported_at - CAST(:age AS interval)"
+                " WHERE customer_id = :c"
+            ),
+            {"age": age, "c": customer_id},
+        )
+
+
+async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_dies_before_the_flush(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """March's reports come five minutes after it ended, to a server killed (SIGKILL, or a failed flush
+    at SIGTERM) before its flush: the 202 was sent, so the instance never sends them again, and the
+    coalescer's entry died with the process. Another replica's meter run, two hours on, flushes the
+    customer from what PostgreSQL holds, then closes March and meters it; later runs, on any replica,
+    send nothing more."""
+    _, customer_id = tenant
+    await link_stripe_customer(db_engine, customer_id)
+    killed = usage_api.app[USAGE]
+    arrival = MARCH.end + timedelta(minutes=5)
+    killed.clock = lambda: arrival
+    assert killed.meter_sender is not None
+    recorder = Recorder(killed.meter_sender)
+    killed.meter_sender = recorder
+    assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)  # the 202
+    killed.coalescer.drain()  # what the kill takes away: no flush ever sees these reports
+
+    meter_run = MARCH.end + timedelta(hours=2)
+    await stored_ago(db_engine, customer_id, meter_run - arrival)
+    survivor = replica(killed, lambda: meter_run)
+    run = await survivor.send_meter_events(meter_run)
+    assert run.closed >= 1 and run.failed == 0
+    april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
+    assert await rollup_periods(db_engine, customer_id) == [
+        (MARCH.start, MARCH.end, 3, True),
+        (april.start, april.end, 0, False),
+    ]
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert (row["closed_at"], row["metered_at"], row["overage_amount_cents"]) == (meter_run, meter_run, 927)
+    assert recorder.of(customer_id) == expected_events(customer_id)
+
+    # The killed server restarted, and both replicas' next runs: March is billed once.
+    restarted = replica(killed, lambda: meter_run + timedelta(hours=1))
+    await restarted.send_meter_events(meter_run + timedelta(hours=1))
+    await survivor.send_meter_events(meter_run + timedelta(hours=2))
+    assert recorder.of(customer_id) == expected_events(customer_id)
+    assert len(await recorded(db_engine, customer_id)) == 5
+
+
+async def test_a_period_reported_past_its_close_grace_stays_unbilled_when_its_server_dies_before_the_flush(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    tenant: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same kill, but March's reports came 90 minutes after it ended, past its hour of grace: the
+    meter run's flush opens no row for March (it is billed in no period, as with a flush in time) and
+    says so; no meter event."""
+    _, customer_id = tenant
+    await link_stripe_customer(db_engine, customer_id)
+    killed = usage_api.app[USAGE]
+    arrival = MARCH.end + timedelta(minutes=90)
+    killed.clock = lambda: arrival
+    assert killed.meter_sender is not None
+    recorder = Recorder(killed.meter_sender)
+    killed.meter_sender = recorder
+    assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
+    killed.coalescer.drain()
+
+    meter_run = MARCH.end + timedelta(hours=2)
+    await stored_ago(db_engine, customer_id, meter_run - arrival)
+    with caplog.at_level("WARNING", logger="iotistic_billing.usage.service"):
+        await replica(killed, lambda: meter_run).send_meter_events(meter_run)
+    april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
+    assert await rollup_periods(db_engine, customer_id) == [(april.start, april.end, 0, False)]
+    assert recorder.of(customer_id) == []
+    assert (
+        f"usage of {customer_id}: period 2025-03-01T00:00:00+00:00 .. 2025-04-01T00:00:00+00:00 ended more"
+        " than USAGE_CLOSE_GRACE before its reports arrived; kept, billed in no period"
+    ) in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_flush_retried_after_the_close_grace_rolls_up_a_period_reported_within_it(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """March's reports came five minutes after it ended; the flushes failed for two hours (the API
+    server away) and kept the customer: the flush that finally runs judges March by when its reports
+    came, not by its own time, and rolls it up for closing."""
+    _, customer_id = tenant
+    usage = usage_api.app[USAGE]
+    arrival = MARCH.end + timedelta(minutes=5)
+    assert await arrive(usage, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
+    usage.coalescer.requeue(usage.coalescer.drain())  # as a failed flush leaves it
+    usage.clock = lambda: MARCH.end + timedelta(hours=2)
+    assert (await usage.flush()).patched == 1
+    assert (await rollup_periods(db_engine, customer_id))[0] == (MARCH.start, MARCH.end, 3, False)
 
 
 async def test_a_backlog_past_its_periods_close_grace_is_kept_and_billed_in_no_period(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -105,3 +105,10 @@ def test_periods_are_closed_an_hour_after_their_end_unless_told_otherwise() -> N
     assert UsageOptions(close_grace=0).close_grace == 0
     with pytest.raises(ValueError, match="close_grace must not be negative, got -1"):
         UsageOptions(close_grace=-1)
+
+
+def test_the_meter_run_looks_three_meter_intervals_back_for_reports_no_flush_rolled_up() -> None:
+    assert UsageOptions().catch_up_window == timedelta(hours=3)
+    assert UsageOptions(meter_interval=600).catch_up_window == timedelta(minutes=30)
+    # Runs not timed (tests, the inbox process): as for the default hour.
+    assert UsageOptions(meter_interval=None).catch_up_window == timedelta(hours=3)
