@@ -215,7 +215,7 @@ class UsageMetering:
         return records
 
     async def _flush_customer(self, record: CustomerRecord, reported: Reported) -> str:
-        for _attempt in range(CONFLICT_RETRIES):
+        for attempt in range(CONFLICT_RETRIES):
             now = self.clock()
             customer = record.customer
             plan = customer_plan(customer)
@@ -224,7 +224,8 @@ class UsageMetering:
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
-                if reported.earliest_start < period.start:
+                # Once a flush: a retry after a conflict logged each missed period again.
+                if attempt == 0 and reported.earliest_start < period.start:
                     await self._roll_up_ended_periods(conn, record, plan, reported, period)
             await self._notice_crossings(record, period, totals, plan)
             updated = usage_status(
