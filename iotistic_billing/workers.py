@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 
 # A task that ignored its cancellation is cancelled again this often until it ends.
 CANCEL_AGAIN_SECONDS = 1.0
+# Seconds a loop waits after its first failure in a row, doubling while it keeps failing, up to the most.
+RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
 
 
 def backoff(failures: int, first: float, most: float) -> float:
@@ -23,6 +27,51 @@ def backoff(failures: int, first: float, most: float) -> float:
     if failures <= 0:
         return 0.0
     return float(min(most, first * 2 ** (failures - 1)))
+
+
+class Outage:
+    """A loop's failures in a row, and what it logs of them. The first failure of an outage (a dependency
+    away, `problem` says which) is one warning line without a traceback, and the ones after it are
+    quiet; an error nobody expected (`problem` None) is logged with its traceback each time. Either waits
+    `backoff` of the failures so far, and a success logs `back` once an outage has been told and starts
+    again from none: a PostgreSQL outage logged a traceback per try, three a second."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        back: str,
+        first: float = RETRY_SECONDS,
+        most: float = MAX_RETRY_SECONDS,
+    ) -> None:
+        self.log = logger
+        self.what, self.back = what, back
+        self.first, self.most = first, most
+        self.failures = 0
+        self._told = False  # this outage's warning is logged
+
+    def failed(self, error: BaseException, problem: str | None) -> float:
+        """One more failure, logged as above; the seconds to wait before the next try."""
+        self.failures += 1
+        delay = backoff(self.failures, self.first, self.most)
+        if problem is None:
+            self.log.error("%s; trying again in %.0f s", self.what, delay, exc_info=error)
+        elif not self._told:
+            self._told = True
+            self.log.warning(
+                "%s: %s (%s); trying again in %.0f s, backing off up to %.0f s",
+                self.what,
+                problem,
+                type(error).__name__,
+                delay,
+                self.most,
+            )
+        return delay
+
+    def succeeded(self) -> None:
+        if self._told:
+            self.log.info("%s after %d failed tries", self.back, self.failures)
+        self.failures, self._told = 0, False
 
 
 async def nap(wakeup: asyncio.Event, seconds: float) -> None:
@@ -47,4 +96,12 @@ async def stop_tasks(tasks: Sequence[asyncio.Task[None]]) -> None:
             task.exception()  # retrieved: a worker logs its own failures
 
 
-__all__ = ["CANCEL_AGAIN_SECONDS", "backoff", "nap", "stop_tasks"]
+__all__ = [
+    "CANCEL_AGAIN_SECONDS",
+    "MAX_RETRY_SECONDS",
+    "RETRY_SECONDS",
+    "Outage",
+    "backoff",
+    "nap",
+    "stop_tasks",
+]

@@ -11,14 +11,17 @@ from typing import Any
 import asyncpg
 
 from iotistic_billing.db.engine import SESSION_SETTINGS, plain_url
-from iotistic_billing.db.pool import CONNECTION_ERRORS
+from iotistic_billing.db.pool import CONNECTION_ERRORS, DATABASE_UNREACHABLE, database_unreachable
+from iotistic_billing.workers import Outage
 
 log = logging.getLogger(__name__)
 
 
 async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> None:
     """Call `wake` on every NOTIFY on `channel`, and once on each (re)connection (rows written while no
-    one listened); runs until cancelled."""
+    one listened); runs until cancelled. While PostgreSQL is away it says so once, connects again after
+    1 s doubling to 30 s, and says when it listens again."""
+    outage = Outage(log, f"not listening on {channel}, polling", f"listening on {channel} again")
     while True:
         listener: Any = None
         try:
@@ -28,12 +31,13 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
             lost = asyncio.Event()
             listener.add_termination_listener(lambda *_, lost=lost: lost.set())
             await listener.add_listener(channel, lambda *_: wake())
+            outage.succeeded()
             wake()
             await lost.wait()
         # InterfaceError: the connection dropped between connecting and LISTEN; the task must not end.
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
-            log.warning("not listening on %s (%s); polling", channel, type(error).__name__)
-            await asyncio.sleep(5)
+            problem = DATABASE_UNREACHABLE if database_unreachable(error) else "PostgreSQL refused it"
+            await asyncio.sleep(outage.failed(error, problem))
         finally:
             if listener is not None and not listener.is_closed():
                 await listener.close()

@@ -15,6 +15,8 @@ from typing import Any, Final, Protocol
 
 # asyncpg ships no type information; the Protocols below say what this package uses of it.
 import asyncpg
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from iotistic_billing.db.engine import SESSION_SETTINGS
 
@@ -56,6 +58,23 @@ CONNECTION_ERRORS: Final = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+# How a log line or a condition names that: the problem of every error database_unreachable accepts.
+DATABASE_UNREACHABLE: Final = "PostgreSQL cannot be reached"
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """Whether `error` says PostgreSQL cannot be reached (refused, dropped, shutting down, out of
+    connections or slots, timed out), raised by asyncpg, by SQLAlchemy's sessions or as
+    DatabaseUnavailable: a dependency away, to retry, not a bug to log with its traceback."""
+    # asyncpg raises OSError (a refused connection) from connect straight through SQLAlchemy's pool.
+    if isinstance(error, (DatabaseUnavailable, *CONNECTION_ERRORS)):
+        return True
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError):
+        return True
+    # asyncpg reports a dropped connection as a DBAPI error flagged as invalidating the connection.
+    return isinstance(error, DBAPIError) and error.connection_invalidated
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -126,6 +145,7 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "DATABASE_UNREACHABLE",
     "Connection",
     "DatabaseUnavailable",
     "Pool",
@@ -134,6 +154,7 @@ __all__ = [
     "asyncpg_dsn",
     "connect",
     "connection",
+    "database_unreachable",
     "keep_session",
     "open_pool",
 ]

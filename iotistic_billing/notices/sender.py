@@ -46,13 +46,14 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
+from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
-from iotistic_billing.workers import nap, stop_tasks
+from iotistic_billing.workers import Outage, nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ class NoticeSender:
         self._platform_http: aiohttp.ClientSession | None = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # The workers' claims failing in a row, shared: one warning per outage for the sender, not per worker.
+        self._claims = Outage(
+            log, "notice sender: cannot claim a delivery", "notice sender: claiming deliveries again"
+        )
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -144,9 +149,14 @@ class NoticeSender:
         while True:
             try:
                 sent = await self.send_one()
-            except Exception:  # the database is down: the deliveries stay pending
-                log.exception("notice sender: cannot claim a delivery")
-                sent = False
+            except Exception as error:
+                # The deliveries stay pending; the listener's wake once PostgreSQL is back ends the wait.
+                problem = DATABASE_UNREACHABLE if database_unreachable(error) else None
+                delay = self._claims.failed(error, problem)
+                self._wakeup.clear()
+                await nap(self._wakeup, delay)
+                continue
+            self._claims.succeeded()
             if sent:
                 continue
             self._wakeup.clear()
@@ -156,8 +166,16 @@ class NoticeSender:
         while True:
             try:
                 await self.forget_settled_secrets()
-            except Exception:  # the API server or the database is away: the next round tries again
-                log.exception("notice sender: cannot drop the settled signing secrets of deleted Customers")
+            except Exception as error:  # the API server or the database is away: the next round tries again
+                if isinstance(error, KubernetesUnavailable) or database_unreachable(error):
+                    log.warning(
+                        "notice sender: cannot drop the settled signing secrets of deleted Customers (%s)",
+                        type(error).__name__,
+                    )
+                else:
+                    log.exception(
+                        "notice sender: cannot drop the settled signing secrets of deleted Customers"
+                    )
             await asyncio.sleep(FORGET_SECONDS)
 
     async def forget_settled_secrets(self) -> list[str]:

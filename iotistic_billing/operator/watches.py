@@ -31,13 +31,13 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.k8s import KubeApi, KubernetesUnavailable, Watched, refusal_message
 from iotistic_billing.operator import constants as c
-from iotistic_billing.workers import backoff
+from iotistic_billing.workers import MAX_RETRY_SECONDS, RETRY_SECONDS, backoff
 
 log = logging.getLogger(__name__)
-# Seconds before a broken list or watch is tried again, doubling while it keeps failing (an API server
-# away) up to MAX_RETRY_SECONDS, and from RETRY_SECONDS again once a watch has worked.
-RETRY_SECONDS = 1.0
-MAX_RETRY_SECONDS = 30.0
+# A broken list or watch is tried again after RETRY_SECONDS, doubling while it keeps failing (an API
+# server away) up to MAX_RETRY_SECONDS, as every loop whose dependency is away (workers.py), and from
+# RETRY_SECONDS again once a watch has worked.
+
 # Each watch asks the API server to end it after this; a watch silent for 30 s longer (a connection
 # gone half-open) is given up and listed again.
 WATCH_SECONDS = 60

@@ -35,10 +35,16 @@ from sqlalchemy.sql import func
 
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
-from iotistic_billing.db.pool import CONNECTION_ERRORS, DatabaseUnavailable, Pool
+from iotistic_billing.db.pool import (
+    CONNECTION_ERRORS,
+    DATABASE_UNREACHABLE,
+    DatabaseUnavailable,
+    Pool,
+    database_unreachable,
+)
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
-from iotistic_billing.workers import nap, stop_tasks
+from iotistic_billing.workers import Outage, nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +132,7 @@ class EventInbox:
         self._customers_backoff = RetryBackoff(clock)
         # From the batch lock to the commit, of the last batch that recorded anything.
         self.last_batch_seconds = 0.0
+        self._claims = Outage(log, "stripe inbox: cannot claim events", "stripe inbox: claiming events again")
 
     def wake(self) -> None:
         """Events were stored: this process's loop, if it runs one, and every inbox LISTENing."""
@@ -166,9 +173,12 @@ class EventInbox:
             self._wakeup.clear()
             try:
                 recorded = await self.apply_pending()
-            except Exception:  # the database is down: wait and try again, the events stay pending
-                log.exception("stripe inbox: cannot claim events")
-                recorded = 0
+            except Exception as error:
+                # The events stay pending; the listener's wake once PostgreSQL is back ends the wait.
+                problem = DATABASE_UNREACHABLE if database_unreachable(error) else None
+                await nap(self._wakeup, self._claims.failed(error, problem))
+                continue
+            self._claims.succeeded()
             if recorded:
                 if self._wakeup.is_set():
                     await asyncio.sleep(pause_after(self.last_batch_seconds, self.cycle, self.pause_ratio))

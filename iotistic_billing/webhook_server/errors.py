@@ -16,9 +16,8 @@ from typing import Any, Final
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.errors import (
     ApiError,
     BadRequest,
@@ -93,18 +92,6 @@ def kubernetes_refusal(error: ApiException) -> ApiError:
     return DependencyUnavailable("Kubernetes API", f"{message}; nothing was changed")
 
 
-def _is_database_down(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
-        return True
-    # asyncpg reports a dropped connection as a DBAPI error flagged as invalidating the connection.
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
-def _is_connection_failure(exc: BaseException) -> bool:
-    # asyncpg raises OSError (connection refused) straight from connect, outside SQLAlchemy's wrapping.
-    return isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError)
-
-
 def problem_of(error: ApiError | KubernetesUnavailable | ApiException) -> ApiError:
     """The answer to an error a handler raised on purpose, or the API server's: away, or refusing."""
     if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
@@ -137,7 +124,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if _is_database_down(exc) or _is_connection_failure(exc):
+        if database_unreachable(exc):
             # The exception's text can hold connection parameters: log its type only.
             log.warning("%s %s: database unavailable (%s)", request.method, request.path, type(exc).__name__)
             return json_error(DependencyUnavailable("Database"))

@@ -4,6 +4,7 @@ listening task (the workers would fall back to polling for the rest of the proce
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +63,56 @@ async def test_a_connection_lost_before_listen_is_retried(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_postgresql_away_is_one_warning_an_outage_the_reconnects_back_off_and_listening_again_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: `not listening on ... polling` every 5 s per channel while PostgreSQL was away,
+    and nothing said when it listened again."""
+    # Refused three times, then connected; once that connection is lost, refused twice; then the end.
+    script: list[BaseException | Connection] = [
+        *(ConnectionRefusedError(111, "Connect call failed") for _ in range(3)),
+        Connection(None),
+        *(ConnectionRefusedError(111, "Connect call failed") for _ in range(2)),
+        asyncio.CancelledError(),
+    ]
+    handed: list[Connection] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Connection:
+        step = script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        handed.append(step)
+        return step
+
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(listen_module.asyncpg, "connect", connect)
+    monkeypatch.setattr(listen_module.asyncio, "sleep", sleep)
+    woken = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger=listen_module.__name__):
+        task = asyncio.create_task(listen_module.listen("postgresql://x/y", "inbox", woken.set))
+        await asyncio.wait_for(woken.wait(), 5)
+        assert waits == [1, 2, 4]
+        assert handed[0].on_lost is not None
+        handed[0].on_lost()  # PostgreSQL stopped
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+    assert waits == [1, 2, 4, 1, 2]  # from 1 s again: a new outage
+    said = [
+        (r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if r.name == listen_module.__name__
+    ]
+    warning = (
+        "WARNING",
+        "not listening on inbox, polling: PostgreSQL cannot be reached (ConnectionRefusedError);"
+        " trying again in 1 s, backing off up to 30 s",
+        None,
+    )
+    assert said == [warning, ("INFO", "listening on inbox again after 3 failed tries", None), warning]
