@@ -114,6 +114,18 @@ def database_url(postgres: EmbeddedPostgres) -> str:
     return url
 
 
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A PostgreSQL of this test's own, so stopping it disturbs no other test."""
+    server = EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        url = server.create_database(f"outage_{uuid.uuid4().hex[:8]}")
+        migrate.upgrade(url)
+        yield server, url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(database_url)

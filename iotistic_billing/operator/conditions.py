@@ -33,6 +33,10 @@ class NoCondition:
 def license_condition(outcome: PassOutcome, entitlement: Entitlement) -> ConditionValue | None:
     if outcome.license_error is not None:
         return ConditionValue(ConditionType.LICENSE_ISSUED, False, c.LICENSE_FAILED, outcome.license_error)
+    if outcome.license_unavailable is not None:
+        return ConditionValue(
+            ConditionType.LICENSE_ISSUED, False, c.DATABASE_UNAVAILABLE, outcome.license_unavailable
+        )
     if outcome.license is None:
         return None
     return ConditionValue(
@@ -125,14 +129,14 @@ def summarize(outcome: PassOutcome) -> list[ConditionValue]:
         ]
     release = outcome.release
     deployed = release is not None and release.deployed
-    waiting_on = outcome.waiting_on
+    waiting_on, waiting = outcome.waiting_on, outcome.waiting_reason
     if release is not None and release.result == "failed":
         reason = release.reason  # retried (ChartPullFailed, UpgradeFailed...): said, not "Progressing"
     else:
-        reason = health.reason if health and deployed else c.PROGRESSING
+        reason = health.reason if health and deployed else waiting
     return [
         ConditionValue(ConditionType.STALLED, False, c.RECONCILED, ""),
-        ConditionValue(ConditionType.RECONCILING, True, c.PROGRESSING, waiting_on),
+        ConditionValue(ConditionType.RECONCILING, True, waiting, waiting_on),
         ConditionValue(ConditionType.READY, False, reason, waiting_on),
     ]
 

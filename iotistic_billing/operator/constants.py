@@ -30,6 +30,8 @@ RELEASE_NAME: Final = "instance"
 # Condition reasons, CamelCase pairs.
 LICENSE_ISSUED: Final = "LicenseIssued"
 LICENSE_FAILED: Final = "LicenseFailed"
+# PostgreSQL could not be reached for the licence's rows: the pass is retried with the passes' backoff.
+DATABASE_UNAVAILABLE: Final = "DatabaseUnavailable"
 INSTALL_SUCCEEDED: Final = "InstallSucceeded"
 UPGRADE_SUCCEEDED: Final = "UpgradeSucceeded"
 RELEASE_UNCHANGED: Final = "ReleaseUnchanged"

@@ -56,6 +56,8 @@ class PassOutcome:
 
     license: LicenseStatus | None = None
     license_error: str | None = None
+    # Why the licence step could not finish for now (PostgreSQL away): retried, unlike license_error.
+    license_unavailable: str | None = None
     release: ReleaseOutcome | None = None
     health: InstanceHealth | None = None
     notifications: NotificationsOutcome | None = None
@@ -65,6 +67,8 @@ class PassOutcome:
         """What failed this pass, if anything."""
         if self.license_error is not None:
             return self.license_error
+        if self.license_unavailable is not None:
+            return self.license_unavailable
         if self.release is not None and not self.release.deployed:
             return self.release.message
         return None
@@ -89,6 +93,17 @@ class PassOutcome:
             and self.health is not None
             and self.health.available
         )
+
+    @property
+    def retrying(self) -> bool:
+        """A step failed for now and is retried: the licence's record, or the release."""
+        failed = self.release is not None and self.release.result == "failed" and not self.release.permanent
+        return self.license_unavailable is not None or failed
+
+    @property
+    def waiting_reason(self) -> str:
+        """Reconciling's and Ready's reason while a pass that is not ready goes on."""
+        return c.DATABASE_UNAVAILABLE if self.license_unavailable is not None else c.PROGRESSING
 
     @property
     def waiting_on(self) -> str:

@@ -29,6 +29,7 @@ from iotistic_billing.customer import (
     namespace_for,
     parse_spec,
 )
+from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import SecretData, resource_version
 from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
@@ -254,6 +255,11 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
         outcome = PassOutcome(license_error=str(error))
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        # A dependency away, not a bug: said in LicenseIssued and by one line of Kopf's retry, no traceback.
+        outcome = PassOutcome(license_unavailable=license_unrecorded(error))
     outcome = replace(outcome, notifications=await ensure_webhook_secret(ctx, target))
 
     read_at: int | None = None
@@ -279,6 +285,15 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     if read_at is not None:
         ctx.deployments.judged(target.namespace, read_at)
     return result
+
+
+def license_unrecorded(error: BaseException) -> str:
+    """LicenseIssued's message while PostgreSQL is away: a licence is issued only once its history row
+    and usage key are written (a Secret written before them is recorded by the retry, license.py)."""
+    return (
+        f"{DATABASE_UNREACHABLE} ({type(error).__name__}): the licence's history and usage key cannot be"
+        " written; retried until it is back"
+    )
 
 
 async def _namespace_and_secret(

@@ -137,7 +137,10 @@ def phase_for(
     health: InstanceHealth | None,
     previous_phase: str | None,
     stalled: bool,
+    retrying: bool = False,
 ) -> Phase:
+    """`retrying`: a step failed and is retried (an upgrade helm refused, a renewal PostgreSQL could not
+    record), the instance as it was."""
     if stalled:
         return Phase.FAILED
     if entitlement.suspended:
@@ -145,8 +148,8 @@ def phase_for(
     if entitlement.lapsed:
         return Phase.EXPIRED
     if release is None or not release.deployed:
-        if release is not None and release.result == "failed" and previous_phase in _SERVED:
-            return Phase.DEGRADED  # an upgrade retried while the instance runs the revision before it
+        if retrying and previous_phase in _SERVED:
+            return Phase.DEGRADED  # it runs the revision before, not Provisioning
         return (
             Phase.PENDING
             if release is None and previous_phase in (None, Phase.PENDING)
@@ -189,7 +192,9 @@ def next_status(
     return previous.model_copy(
         update={
             "customer_id": target.customer_id,
-            "phase": phase_for(entitlement, release, outcome.health, previous.phase, is_stalled),
+            "phase": phase_for(
+                entitlement, release, outcome.health, previous.phase, is_stalled, outcome.retrying
+            ),
             "plan": entitlement.plan,
             "trial": TrialStatus(is_trial_mode=entitlement.trial_active, ends_at=entitlement.trial_ends_at),
             "license": outcome.license or previous.license,

@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerSpec
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine
 from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
 from iotistic_billing.db.models import Customer as MirrorRow
 from iotistic_billing.directory import Directory
@@ -768,3 +770,73 @@ def test_housekeeping_checks_every_customer_at_the_interval(
 
     # Each Customer is checked 0.5 s after the start and every 0.5 s after: three rounds in about 1.5 s.
     wait_until(lambda: checks() >= 3 * customers, timeout=20, message=f"3 rounds of {customers} checks")
+
+
+async def test_a_new_customer_says_database_unavailable_while_postgresql_is_away_then_converges(
+    cluster: Cluster, paused_operator: OperatorProcess, own_postgres: tuple[EmbeddedPostgres, str]
+) -> None:
+    """Found in review: with PostgreSQL stopped a new Customer had no status or condition at all, and the
+    operator logged a 9.8 KB traceback every 5 s (`Handler 'reconcile_customer' failed with an exception
+    ... [Errno 111] Connect call failed`) that named no database. The operator runs on a PostgreSQL of
+    this test's own, stopped and started again, so no other test's database goes away."""
+    server, url = own_postgres
+    restarted: EmbeddedPostgres | None = None
+    try:
+        paused_operator.stop()
+        paused_operator.start(DATABASE_URL=url)
+        server.stop()
+        logged_from = paused_operator.log.stat().st_size
+
+        name = unique_name("pgaway")
+        customer_id = f"cust_{name.replace('-', '')}"
+        cluster.create(customer_manifest(name, customerId=customer_id, plan="starter"))
+        issued = wait_until(lambda: cluster.condition(name, "LicenseIssued"), message="LicenseIssued written")
+        assert (issued["status"], issued["reason"]) == ("False", "DatabaseUnavailable"), issued
+        assert issued["message"].startswith("PostgreSQL cannot be reached (ConnectionRefusedError)"), issued
+        status = (cluster.customer(name) or {})["status"]
+        assert status["phase"] == "Pending" and "license" not in status, status
+        assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
+
+        # Kopf's retry of the pass: one line a try, naming PostgreSQL, no traceback.
+        wait_until(
+            lambda: any(
+                "Handler 'reconcile_customer' failed" in x
+                for x in _logged_about(paused_operator, logged_from, name)
+            ),
+            message="the failed pass logged",
+        )
+        lines = _logged_about(paused_operator, logged_from, name)
+        assert any(
+            "failed temporarily: PostgreSQL cannot be reached (ConnectionRefusedError)" in x for x in lines
+        )
+        assert not [x for x in lines if "Traceback" in x or "failed with an exception" in x], lines
+
+        # Same data directory, same port: what a restarted database looks like to the operator.
+        restarted = EmbeddedPostgres(server.data_dir, port=server.port).start()
+        issued = wait_until(
+            lambda: (c := cluster.condition(name, "LicenseIssued")) and c["status"] == "True" and c,
+            timeout=90,
+            message="licensed once PostgreSQL is back (Kopf's retry: 5 s doubling)",
+        )
+        jti = _secret_jti(cluster, name)
+        assert (cluster.customer(name) or {})["status"]["license"]["jti"] == jti
+        engine = create_engine(url)
+        try:
+            assert [(a, j) for a, _, j in await history(engine, customer_id)] == [("generated", jti)]
+        finally:
+            await engine.dispose()
+        cluster.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        wait_until(
+            lambda: cluster.customer(name) is None, timeout=60, message="deleted while PostgreSQL is up"
+        )
+    finally:
+        paused_operator.kill()  # before its database goes; the fixture starts the session's again
+        if restarted is not None:
+            restarted.stop()
+
+
+def _logged_about(operator: OperatorProcess, offset: int, name: str) -> list[str]:
+    """The operator's log lines since `offset` that name Customer `name`."""
+    with operator.log.open("rb") as log:
+        log.seek(offset)
+        return [line for line in log.read().decode(errors="replace").splitlines() if name in line]

@@ -4,8 +4,6 @@ and the same event delivered after the recovery is applied exactly once."""
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.db.models import StripeEvent as StripeEventRow
@@ -44,18 +41,6 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
-    """A PostgreSQL of this test's own, so stopping it disturbs no other test."""
-    server = EmbeddedPostgres(tmp_path / "pg").start()
-    try:
-        url = server.create_database(f"outage_{uuid.uuid4().hex[:8]}")
-        migrate.upgrade(url)
-        yield server, url
-    finally:
-        server.stop()
 
 
 async def unready(client: TestClient[Any, Any]) -> dict[str, str]:

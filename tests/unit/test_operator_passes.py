@@ -5,13 +5,16 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import asyncpg
 import kopf
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy.exc import OperationalError
 
 from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus
 from iotistic_billing.k8s import KubernetesUnavailable
@@ -660,3 +663,87 @@ async def test_a_customer_stalled_before_its_licence_gets_no_housekeeping_pass(
 
     passes = await housekeeping_checks(monkeypatch, body, server, ctx, minutes=5)
     assert passes == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(
+            111, "Connect call failed ('127.0.0.1', 14416)"
+        ),  # as asyncpg's connect raises it
+        asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+        OperationalError("INSERT INTO license_history", {}, Exception("server closed the connection")),
+    ],
+)
+async def test_a_licence_step_postgresql_refuses_is_a_database_unavailable_condition_and_a_retry(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Found in review: with PostgreSQL away a new Customer's pass raised the driver's connection error
+    into Kopf (a 9.8 KB traceback every 5 s naming no database), and the Customer had no status at all."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "resourceVersion": "7",
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "plan": "starter",
+            "instance": {"chartVersion": "0.1.0"},
+        },
+    }
+
+    async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+        raise error  # the history row's transaction: the Secret may be written already
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+        return None
+
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    server = StatusServer({}, resource_version=7)
+
+    result = await _reconcile(housekeeping_context(server), body, NOW)
+
+    assert result.permanent_error is None and result.temporary_error is not None
+    assert result.temporary_error.startswith(f"PostgreSQL cannot be reached ({type(error).__name__})")
+    status = CustomerStatus.model_validate(server.document)
+    issued = status.condition("LicenseIssued")
+    assert issued is not None
+    assert (issued.status, issued.reason, issued.message) == (
+        "False",
+        "DatabaseUnavailable",
+        result.temporary_error,
+    )
+    for kind, value in (("Ready", "False"), ("Reconciling", "True")):
+        condition = status.condition(kind)
+        assert condition is not None and (condition.status, condition.reason) == (
+            value,
+            "DatabaseUnavailable",
+        )
+    assert status.condition("Stalled").status == "False"  # type: ignore[union-attr]
+    assert status.phase == "Pending" and status.license is None and status.observed_generation is None
+    # Kopf's handler retries it as a temporary error, after the passes' backoff: one line, no traceback.
+    with pytest.raises(kopf.TemporaryError) as retried:
+        handlers._report(replace(result, previous_phase="Pending"), kopf.Body(body), retry=2)
+    assert retried.value.delay == retry_delay(2) and str(retried.value) == result.temporary_error
+
+
+async def test_a_licence_step_that_fails_for_a_bug_still_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+        raise KeyError("a bug")
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+        return None
+
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    body: dict[str, Any] = {
+        "metadata": {"name": "acme", "uid": "u", "generation": 1, "resourceVersion": "7"},
+        "spec": {"email": "a@b.cd", "companyName": "x", "instance": {"chartVersion": "0.1.0"}},
+    }
+    with pytest.raises(KeyError):
+        await _reconcile(housekeeping_context(StatusServer({}, resource_version=7)), body, NOW)

@@ -337,6 +337,9 @@ def test_a_retried_failure_is_named_on_ready_degrades_a_served_instance_and_is_o
     ]
     again = status_after(upgrade, None, previous=served, now=NOW + timedelta(minutes=2))
     assert events(again, served) == []  # the same failure retried: no Event each time
+    # A renewal PostgreSQL cannot record runs no release step: the instance serves as it did.
+    away = next_status(ready, target(), PassOutcome(license_unavailable="PostgreSQL cannot be reached"), 4)
+    assert away.phase == "Degraded" and away.condition("Ready").reason == "DatabaseUnavailable"  # type: ignore[union-attr]
 
 
 def test_the_pass_after_an_install_writes_the_same_status() -> None:
