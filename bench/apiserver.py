@@ -187,7 +187,8 @@ class Requests:
                 None,
             ),
             "POST events": (
-                lambda i: api.create_customer_event(
+                lambda i: api.create_event(
+                    KIND,
                     {"metadata": {"name": self.name("c", i), "uid": "u"}},
                     reason="Provisioning",
                     message="phase none -> Provisioning",

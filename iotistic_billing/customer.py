@@ -22,7 +22,7 @@ from pydantic_core import ErrorDetails
 GROUP = "iotistic.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "Customer"
+KIND: Final = "Customer"
 PLURAL = "customers"
 SINGULAR = "customer"
 SHORT_NAMES = ("cust",)

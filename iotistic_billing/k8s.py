@@ -29,7 +29,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from iotistic_billing.rollout import ROLLOUT_PLURAL
+from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -43,6 +43,13 @@ _METADATA_ONLY_EVENTS: Final = {"Accept": "application/json;as=PartialObjectMeta
 CALL_TIMEOUT: Final = (10.0, 30.0)
 # A watch's read waits this much longer than the server's own end of the watch.
 WATCH_READ_MARGIN: Final = 30
+# The kinds Events are posted about: both cluster-scoped, of API_VERSION.
+EventKind = Literal["Customer", "InstanceRollout"]
+EVENT_KINDS: Final[tuple[EventKind, ...]] = (KIND, ROLLOUT_KIND)
+# Where every Event on a Customer or an InstanceRollout is posted, whatever namespace the poster runs
+# in: `kubectl describe` of a cluster-scoped object lists only Events whose involvedObject has no
+# namespace, and the API server keeps such an Event in `default` alone (or kube-system, with eventTime).
+EVENTS_NAMESPACE: Final = "default"
 # Kube's calls in flight at once, unless its maker says: the operator's passes (2 x HELM_CONCURRENCY),
 # housekeeping and rollout ticks share them.
 KUBE_CONCURRENCY: Final = 16
@@ -249,9 +256,12 @@ class KubeApi:
     def list_at(self, kind: Watched, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
         """Every object of `kind`, and the resourceVersion of the list (where a watch of what follows
         starts)."""
+        return self._list_pages(self._lister(kind, events=False), page_size)
+
+    def _list_pages(self, lister: Callable[..., Any], page_size: int) -> tuple[list[dict[str, Any]], str]:
+        """Every object a list call returns, a page at a time, and the list's resourceVersion."""
         items: list[dict[str, Any]] = []
         token: str | None = None
-        lister = self._lister(kind, events=False)
         while True:
             extra: dict[str, Any] = {"_continue": token} if token else {}
             page = self.call(lister, limit=page_size, **extra)
@@ -537,39 +547,52 @@ class KubeApi:
         return revisions
 
     def list_customer_events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The Events about Customer `name`, newest first, from every namespace: Kopf posts those of a
-        cluster-scoped object in its own namespace (`default` outside a cluster), the operator's refresh
-        passes and the console in `default`."""
-        result = self.call(
-            self.core.list_event_for_all_namespaces,
+        """The newest `limit` Events about Customer `name`, newest first, from EVENTS_NAMESPACE, where
+        every one is posted (create_event). Read whole, a page at a time: the API server lists in the
+        order of the Events' names, which are random, so a first page of `limit` was any `limit`."""
+        lister = partial(
+            self.core.list_namespaced_event,
+            EVENTS_NAMESPACE,
             field_selector=f"involvedObject.kind={KIND},involvedObject.name={name}",
-            limit=limit,
         )
-        items: list[dict[str, Any]] = result.get("items") or []
+        items = self._list_pages(lister, 500)[0]
 
-        def when(event: dict[str, Any]) -> str:
-            return str(
+        def newest(event: dict[str, Any]) -> tuple[str, int]:
+            # Seconds are the timestamps' resolution: the resourceVersion orders Events of one second.
+            when = (
                 event.get("lastTimestamp")
                 or event.get("eventTime")
                 or event["metadata"].get("creationTimestamp")
                 or ""
             )
+            return str(when), resource_version(event)
 
-        return sorted(items, key=when, reverse=True)
+        return sorted(items, key=newest, reverse=True)[:limit]
 
-    def create_customer_event(
-        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    def create_event(
+        self,
+        kind: EventKind,
+        involved: Mapping[str, Any],
+        *,
+        reason: str,
+        message: str,
+        event_type: str = "Normal",
     ) -> None:
-        """An Event on a Customer, where `kubectl describe` and the console find it."""
-        meta = customer["metadata"]
+        """An Event on the Customer or InstanceRollout `involved` (its body, or its metadata's name and
+        uid), in EVENTS_NAMESPACE. Its involvedObject has no namespace: `kubectl describe` of a
+        cluster-scoped object lists the Events whose involvedObject has its kind, name and uid and an
+        empty namespace (Kopf's posting set the namespace it posted into, and describe showed none)."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(EVENT_KINDS)}, got {kind!r}")
+        meta = involved["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": "default"},
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": EVENTS_NAMESPACE},
             "involvedObject": {
                 "apiVersion": API_VERSION,
-                "kind": KIND,
+                "kind": kind,
                 "name": meta["name"],
                 "uid": meta.get("uid"),
             },
@@ -583,7 +606,7 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.call(self.core.create_namespaced_event, "default", body, parse=False)
+        self.call(self.core.create_namespaced_event, EVENTS_NAMESPACE, body, parse=False)
 
     def server_version(self) -> dict[str, Any]:
         found: dict[str, Any] = self.call(self.versions.get_code)
@@ -694,11 +717,17 @@ class Kube:
     async def list_customer_events(self, name: str) -> list[dict[str, Any]]:
         return await self.run(self.api.list_customer_events, name)
 
-    async def create_customer_event(
-        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    async def create_event(
+        self,
+        kind: EventKind,
+        involved: Mapping[str, Any],
+        *,
+        reason: str,
+        message: str,
+        event_type: str = "Normal",
     ) -> None:
         await self.run(
-            self.api.create_customer_event, customer, reason=reason, message=message, event_type=event_type
+            self.api.create_event, kind, involved, reason=reason, message=message, event_type=event_type
         )
 
     async def server_version(self) -> dict[str, Any]:
@@ -709,9 +738,12 @@ __all__ = [
     "APPLY_PATCH",
     "CALL_TIMEOUT",
     "CUSTOMERS",
+    "EVENTS_NAMESPACE",
+    "EVENT_KINDS",
     "KUBE_CONCURRENCY",
     "MERGE_PATCH",
     "WATCH_READ_MARGIN",
+    "EventKind",
     "FieldManager",
     "Kube",
     "KubeApi",

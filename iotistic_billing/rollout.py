@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AwareDatetime, Field, NonNegativeInt, model_validator
 
@@ -27,7 +27,7 @@ from iotistic_billing.customer import (
     find_condition,
 )
 
-ROLLOUT_KIND = "InstanceRollout"
+ROLLOUT_KIND: Final = "InstanceRollout"
 ROLLOUT_PLURAL = "instancerollouts"
 ROLLOUT_CRD_NAME = f"{ROLLOUT_PLURAL}.{GROUP}"
 ROLLOUT_RESOURCE = (GROUP, VERSION, ROLLOUT_PLURAL)

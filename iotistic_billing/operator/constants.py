@@ -65,8 +65,14 @@ SUBSCRIPTION_LAPSED: Final = "SubscriptionLapsed"
 NO_SUBSCRIPTION: Final = "NoSubscription"
 SUSPENDED: Final = "Suspended"
 RECONCILED: Final = "Reconciled"
+# A Customer being deleted: Ready False and Reconciling True with this reason, phase Terminating.
+TERMINATING: Final = "Terminating"
 WEBHOOK_SECRET_READY: Final = "WebhookSecretReady"  # noqa: S105 (condition reasons, not secrets)
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
 SECRET_KEY_NOT_FOUND: Final = "SecretKeyNotFound"  # noqa: S105
 INVALID_SECRET: Final = "InvalidSecret"  # noqa: S105
 INVALID_WEBHOOK_URL: Final = "InvalidWebhookUrl"
+
+# Event reasons of a deletion (the finalizer, handlers.delete_customer): done, and a step that failed.
+DELETED: Final = "Deleted"
+DELETION_FAILED: Final = "DeletionFailed"

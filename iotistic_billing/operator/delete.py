@@ -1,5 +1,6 @@
-"""Deletion behind the finalizer: uninstall the release, revoke the licence and the usage keys, keep the
-webhook signing secret for the pending webhooks, request the namespace's deletion.
+"""Deletion behind the finalizer: mark the Customer Terminating, uninstall the release, revoke the licence
+and the usage keys, keep the webhook signing secret for the pending webhooks, request the namespace's
+deletion. A step that fails raises DeletionFailed, which names it.
 
 It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
 object is already gone, so a deletion retried after a crash completes. Only a namespace the operator made
@@ -9,11 +10,18 @@ release and everything in it, and an earlier Customer's of the same name is that
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from pydantic import ValidationError
+
 from iotistic_billing.customer import (
+    KIND,
     LICENSE_SECRET_NAME,
     USAGE_API_KEY_KEY,
+    CustomerStatus,
     InvalidSpecError,
     customer_id_in_use,
     namespace_for,
@@ -21,10 +29,32 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.manifests import namespace_holder
 from iotistic_billing.operator.metrics import forget_customer
+from iotistic_billing.operator.reconcile import write_status
+from iotistic_billing.operator.state import terminating_status
 from iotistic_billing.operator.webhook_secret import keep_webhook_secret
+
+log = logging.getLogger(__name__)
+
+
+class DeletionFailed(Exception):
+    """A step of a Customer's deletion failed: `step` says which, the message also why."""
+
+    def __init__(self, step: str, cause: Exception) -> None:
+        super().__init__(f"{step} failed: {str(cause) or type(cause).__name__}")
+        self.step = step
+
+
+@contextmanager
+def _step(doing: str) -> Iterator[None]:
+    """A step of the deletion: whatever fails in it is a DeletionFailed naming it."""
+    try:
+        yield
+    except Exception as error:
+        raise DeletionFailed(doing, error) from error
 
 
 async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
@@ -32,50 +62,77 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
     meta = body["metadata"]
     name = str(meta["name"])
     async with ctx.locks.held(name):
+        with _step("marking the Customer Terminating"):
+            await _mark_terminating(ctx, body)
         # Read from the raw object: a Customer must be deletable even with a spec we now refuse.
         customer_id = customer_id_in_use(body)
         namespace = namespace_for(name)
-        found = await ctx.kube.read_namespace(namespace)
+        with _step(f"reading namespace {namespace}"):
+            found = await ctx.kube.read_namespace(namespace)
         ours = found is not None and namespace_holder(found, name, str(meta.get("uid"))) == "this"
         if ours and found is not None and not found["metadata"].get("deletionTimestamp"):
-            await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
-        secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
-        holder = await other_holder(ctx, body, customer_id)
+            with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
+                await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+        with _step(f"reading the licence Secret of {namespace}"):
+            secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
+        with _step(f"looking for another Customer with customer id {customer_id}"):
+            holder = await other_holder(ctx, body, customer_id)
         if holder is None:
             try:
                 notify = (name, parse_spec(body.get("spec") or {}))
             except InvalidSpecError:
                 notify = None  # a spec we refuse has no addresses we trust
-            await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
-            await revoke_usage_keys(ctx, customer_id)
+            with _step("revoking the licence"):
+                await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
+            with _step("revoking the usage keys"):
+                await revoke_usage_keys(ctx, customer_id)
             if ours:
                 # After the notice is written (the sender keeps the copy while a delivery of it is
                 # pending) and before the namespace, and the copy in it, go.
-                await keep_webhook_secret(ctx, customer_id, namespace)
+                with _step("keeping the webhook signing secret"):
+                    await keep_webhook_secret(ctx, customer_id, namespace)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage
             # key end, nobody is told the licence was revoked, and its webhooks are the holder's to sign.
             reported = ((body.get("status") or {}).get("license") or {}).get("jti")
-            await revoke_license(
-                ctx,
-                customer_id,
-                secret,
-                reason=f"Customer {name} deleted; customer id {customer_id} stays with Customer {holder}",
-                held_by=holder,
-                reported_jti=reported,
-            )
+            with _step("revoking the licence"):
+                await revoke_license(
+                    ctx,
+                    customer_id,
+                    secret,
+                    reason=f"Customer {name} deleted; customer id {customer_id} stays with Customer {holder}",
+                    held_by=holder,
+                    reported_jti=reported,
+                )
             own_key = secret[0].get(USAGE_API_KEY_KEY) if secret is not None else None
             if own_key:
-                await revoke_usage_keys(ctx, customer_id, only=own_key.decode(errors="replace"))
+                with _step("revoking the usage key"):
+                    await revoke_usage_keys(ctx, customer_id, only=own_key.decode(errors="replace"))
         ctx.applied_namespaces.pop(namespace, None)
         ctx.mirrored.discard(customer_id)
         if ours:
-            await ctx.kube.delete_namespace(namespace)
+            with _step(f"deleting namespace {namespace}"):
+                await ctx.kube.delete_namespace(namespace)
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
     return ours
+
+
+async def _mark_terminating(ctx: OperatorContext, body: dict[str, Any]) -> None:
+    """Phase Terminating and Ready False (state.terminating_status), with the phase's Event, so that
+    `kubectl get` tells the truth while a step fails and is retried; nothing when the status says so
+    already, as it does on every retry (Kopf hands over the Customer as it is now)."""
+    try:
+        previous = CustomerStatus.model_validate(body.get("status") or {})
+    except ValidationError as error:  # a status we cannot read must not hold the deletion up
+        log.warning("status of Customer %s not marked Terminating: %s", body["metadata"]["name"], error)
+        return
+    status = terminating_status(previous, int(body["metadata"].get("generation") or 0), ctx.clock())
+    if status is not None:
+        result = await write_status(ctx, body, previous, status)
+        await post_events(ctx.kube, KIND, body, result.events)
 
 
 async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: str) -> str | None:

@@ -13,6 +13,7 @@ import kopf
 
 from iotistic_billing.customer import (
     GROUP,
+    KIND,
     PLURAL,
     RECONCILE_REQUESTED_AT,
     VERSION,
@@ -23,9 +24,11 @@ from iotistic_billing.customer import (
     namespace_for,
 )
 from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
-from iotistic_billing.operator.delete import finalize, other_holder
+from iotistic_billing.operator.delete import DeletionFailed, finalize, other_holder
+from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
@@ -38,7 +41,7 @@ from iotistic_billing.operator.watches import (
     RETRY_SECONDS,
     LoopFollower,
 )
-from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_KIND, ROLLOUT_RESOURCE
 from iotistic_billing.workers import backoff, nap
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
@@ -84,12 +87,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await ctx.engine.dispose()
 
 
-def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
+async def _report(ctx: OperatorContext, result: PassResult | None, body: kopf.Body, retry: int) -> None:
     """Events for transitions, and Kopf's retry semantics for the pass's outcome."""
     if result is None:
         return
-    for kind, reason, message in result.events:
-        kopf.event(body, type=kind, reason=reason, message=message)
+    await post_events(ctx.kube, KIND, body, result.events)
     if result.permanent_error is not None:
         raise kopf.PermanentError(result.permanent_error)
     if result.temporary_error is not None:
@@ -102,7 +104,8 @@ def _report(result: PassResult | None, body: kopf.Body, retry: int) -> None:
 @kopf.on.create(*CUSTOMERS, backoff=5)
 @kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
 async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    _report(await reconcile(_context(memo), name, handed=body), body, retry)
+    ctx = _context(memo)
+    await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
 
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
@@ -112,7 +115,8 @@ async def reconcile_requested(
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
     if new:
-        _report(await reconcile(_context(memo), name, handed=body), body, retry)
+        ctx = _context(memo)
+        await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
 
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", ROLLOUT_CHART_VERSION), backoff=5)
@@ -121,7 +125,8 @@ async def rollout_version_changed(
 ) -> None:
     """A rollout moved the Customer to another chart version (or back): a pass installs it."""
     if old != new:
-        _report(await reconcile(_context(memo), name, handed=body), body, retry)
+        ctx = _context(memo)
+        await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
 
 
 def register_rollouts() -> None:
@@ -154,8 +159,8 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
                 except Exception:  # a conflict, a bug: the next tick tries again
                     failures += 1
                     log.exception("tick of InstanceRollout %s failed", name)
-                for kind, reason, message in decision.events if decision else ():
-                    kopf.event(body, type=kind, reason=reason, message=message)
+                if decision is not None:
+                    await post_events(ctx.kube, ROLLOUT_KIND, body, decision.events)
             # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK, or
             # after a failing tick, once its backoff is over (up to MAX_RETRY_SECONDS).
             wait = max(rollouts.TICK_SECONDS, backoff(failures, RETRY_SECONDS, MAX_RETRY_SECONDS))
@@ -167,16 +172,23 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
         ctx.rollout_wakeups.discard(wakeup)
 
 
-@kopf.on.delete(*CUSTOMERS)
-async def delete_customer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    own_namespace = await finalize(_context(memo), dict(body))
+@kopf.on.delete(*CUSTOMERS, backoff=5)
+async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    """The finalizer (delete.finalize). A step that fails is a Warning Event naming it and why, and the
+    deletion is retried after the passes' backoff (every step checks before it acts)."""
+    ctx = _context(memo)
+    try:
+        own_namespace = await finalize(ctx, dict(body))
+    except DeletionFailed as failed:
+        await post_events(ctx.kube, KIND, body, [("Warning", c.DELETION_FAILED, str(failed))])
+        raise kopf.TemporaryError(str(failed), delay=retry_delay(retry)) from failed
     cast(HandledSpecs, memo["handled"]).forget(body)
     if own_namespace:
         message = "release uninstalled, licence revoked, namespace deletion requested"
     else:
         namespace = namespace_for(body.metadata.name or "")
         message = f"licence revoked; namespace {namespace} not the Customer's own (or gone): left as it is"
-    kopf.info(body, reason="Deleted", message=message)
+    await post_events(ctx.kube, KIND, body, [("Normal", c.DELETED, message)])
 
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -251,7 +263,7 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
     """A pass the housekeeping or a watch asked for. No Kopf handler runs it, so its Events are posted and
     its failures retried (after _report's backoff) here: the status a failed helm leaves holds nothing
     the housekeeping acts on, and a licence Secret whose rows PostgreSQL refused leaves no trace in the
-    status at all. Events go through the API server, as kopf.event posts only from Kopf's own tasks."""
+    status at all."""
     try:
         result = await reconcile(ctx, name, deployment_event=deployment_event)
     except Exception as error:  # the API server or PostgreSQL away, a conflict that went on
@@ -269,12 +281,7 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
         ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
     else:
         ctx.pass_retries.forget(name)  # converged, or stalled until the spec changes
-    customer = {"metadata": {"name": name, "uid": result.uid}}
-    for kind, reason, message in result.events:
-        try:
-            await ctx.kube.create_customer_event(customer, reason=reason, message=message, event_type=kind)
-        except Exception:  # the API server away: the transition is in the status all the same
-            log.warning("Event %s of Customer %s not posted", reason, name, exc_info=True)
+    await post_events(ctx.kube, KIND, {"metadata": {"name": name, "uid": result.uid}}, result.events)
 
 
 def kopf_active(ctx: OperatorContext) -> bool:

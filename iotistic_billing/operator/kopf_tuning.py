@@ -29,8 +29,10 @@ def configure_kopf(
     settings.persistence.progress_storage = TransientProgressStorage(prefix="iotistic.io")
     handled = HandledSpecs(prefix="iotistic.io", key="last-handled-configuration")
     settings.persistence.diffbase_storage = handled
-    # Our own Events carry the transitions; Kopf's per-log-line Events would drown them.
-    settings.posting.level = logging.WARNING
+    # No Event of Kopf's: it posts a cluster-scoped object's with involvedObject.namespace set to the
+    # namespace it posts into, which `kubectl describe` never lists. Every Event is the operator's own
+    # (events.post_events), one per transition or failure.
+    settings.posting.enabled = False
     settings.watching.server_timeout = 300
     # Kopf waits this long for more events of an object before handling it; at its default (0.1 s) a
     # creation pays it twice (the event, then the one of adding the finalizer).

@@ -232,7 +232,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     except InvalidSpecError as invalid:
         status = stalled_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         status = answered_request(status, meta.get("annotations") or {})
-        return await _finish(ctx, body, previous, status, permanent=str(invalid))
+        return await write_status(ctx, body, previous, status, permanent=str(invalid))
     version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
     target = pass_target(
         body,
@@ -249,8 +249,8 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             refused_status(previous, target, secret, generation), meta.get("annotations") or {}
         )
         if secret.permanent:
-            return await _finish(ctx, body, previous, status, permanent=secret.message)
-        return await _finish(ctx, body, previous, status, temporary=secret.message)
+            return await write_status(ctx, body, previous, status, permanent=secret.message)
+        return await write_status(ctx, body, previous, status, temporary=secret.message)
     try:
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
@@ -279,9 +279,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         next_status(previous, target, outcome, generation), meta.get("annotations") or {}
     )
     if outcome.stalled_reason is not None:
-        result = await _finish(ctx, body, previous, status, permanent=outcome.failure)
+        result = await write_status(ctx, body, previous, status, permanent=outcome.failure)
     else:
-        result = await _finish(ctx, body, previous, status, temporary=outcome.failure)
+        result = await write_status(ctx, body, previous, status, temporary=outcome.failure)
     if read_at is not None:
         ctx.deployments.judged(target.namespace, read_at)
     return result
@@ -350,7 +350,7 @@ async def _fleet_version(ctx: OperatorContext, body: dict[str, Any]) -> str:
     return settled or ctx.charts.fleet_version
 
 
-async def _finish(
+async def write_status(
     ctx: OperatorContext,
     body: dict[str, Any],
     previous: CustomerStatus,

@@ -30,6 +30,7 @@ from iotistic_billing.customer import (
 from iotistic_billing.licensing.minting import renewal_due
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.conditions import (
+    ConditionValue,
     license_condition,
     notifications_condition,
     payment_condition,
@@ -225,6 +226,21 @@ def stalled_status(
     )
 
 
+def terminating_status(previous: CustomerStatus, generation: int, now: datetime) -> CustomerStatus | None:
+    """A Customer being deleted, from its finalizer's first step on: phase Terminating, Ready False and,
+    when it has that condition, Reconciling True, both for reason Terminating (it said Ready, its
+    release already uninstalled, while a failing finalizer was retried). None when it says so already:
+    a retried finalizer writes nothing."""
+    if previous.phase == Phase.TERMINATING:
+        return None
+    message = "the Customer is being deleted: its release, licence and namespace go"
+    values = [ConditionValue(ConditionType.READY, False, c.TERMINATING, message)]
+    if previous.condition(ConditionType.RECONCILING) is not None:
+        values.append(ConditionValue(ConditionType.RECONCILING, True, c.TERMINATING, message))
+    conditions = with_conditions(previous.conditions, values, generation=generation, now=now)
+    return previous.model_copy(update={"phase": Phase.TERMINATING, "conditions": conditions})
+
+
 def namespace_refusal(namespace: Mapping[str, Any], target: PassTarget) -> NamespaceRefused | None:
     """Why a pass may not work in the existing namespace customer-<name>; None when it is this Customer's
     and not being deleted."""
@@ -397,4 +413,5 @@ __all__ = [
     "stall_of",
     "stalled_on_namespace",
     "stalled_status",
+    "terminating_status",
 ]

@@ -35,7 +35,7 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
-from iotistic_billing.operator.reconcile import _finish
+from iotistic_billing.operator.reconcile import write_status
 from iotistic_billing.webhook_server.security import usage_key_customer
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 
@@ -805,7 +805,7 @@ async def test_a_pass_that_read_before_a_usage_flush_keeps_what_the_flush_wrote(
     )
     kube = RefusalsKept(k8s_client)
     previous = CustomerStatus.model_validate(read["status"])
-    await _finish(
+    await write_status(
         cast(
             OperatorContext,
             SimpleNamespace(

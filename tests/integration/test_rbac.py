@@ -26,6 +26,7 @@ from sqlalchemy import select
 from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
     GROUP,
+    KIND,
     LICENSE_SECRET_NAME,
     PLURAL,
     VERSION,
@@ -292,19 +293,24 @@ def test_operator_process_runs_end_to_end_as_its_service_account(
         )
         # Kopf keeps its own record in the peering object: the account may patch it.
         assert RELEASE in peering["metadata"]["name"] and peering.get("status")
-        # The phase transitions' Events, posted by the account (a cluster-scoped object's go to default).
+        # The phase transitions' and the deletion's Events, posted by the account (a cluster-scoped
+        # object's are in `default`).
         wait_until(
             lambda: (
-                installed.core.list_namespaced_event(
-                    "default", field_selector=f"involvedObject.name={name}"
-                ).items
+                {"Terminating", "Deleted"}
+                <= {
+                    event.reason
+                    for event in installed.core.list_namespaced_event(
+                        "default", field_selector=f"involvedObject.name={name}"
+                    ).items
+                }
             ),
             message=f"Events of Customer {name}; log: {log}",
         )
     finally:
         operator.stop()
     text = log.read_text()
-    for refusal in ("forbidden", "Not enough permissions", "Failed to post an event"):
+    for refusal in ("forbidden", "Not enough permissions", "not posted"):
         assert refusal.lower() not in text.lower(), f"{refusal!r} in the operator's log: {log}"
 
 
@@ -437,9 +443,7 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
         assert managers >= {"iotistic-billing-api", "iotistic-webhooks", "iotistic-usage"}, managers
 
         # The console's: the Customer's Events, and an action told as one.
-        await kube.create_customer_event(
-            suspended, reason="ConsoleSuspend", message="suspended (by the admin)"
-        )
+        await kube.create_event(KIND, suspended, reason="ConsoleSuspend", message="suspended (by the admin)")
         reasons = [event["reason"] for event in await kube.list_customer_events(name)]
         assert "ConsoleSuspend" in reasons
 

@@ -95,7 +95,8 @@ class FakeKube:
     async def patch_rollout(self, name: str, patch: dict[str, Any], manager: Any = None) -> dict[str, Any]:
         return await self._write(name, patch)
 
-    async def create_customer_event(self, customer: dict[str, Any], *, reason: str, message: str) -> None:
+    async def create_event(self, kind: str, involved: dict[str, Any], *, reason: str, message: str) -> None:
+        assert kind == "Customer"
         if self.refuse_events is not None:
             raise self.refuse_events
         self.events.append(reason)

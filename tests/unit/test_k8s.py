@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from kubernetes.client.exceptions import ApiException
@@ -294,3 +294,9 @@ def test_a_change_in_doubt_is_not_reported_as_nothing_changed() -> None:
     assert str(_api_error(away)).endswith("; nothing was changed, try again")
     assert "may have been made" in problem_of(doubt).message
     assert "nothing was changed" in problem_of(away).message
+
+
+def test_an_event_on_a_kind_the_operator_posts_none_about_is_refused_naming_it() -> None:
+    api = KubeApi(cast(Any, None), FieldManager.CLI)
+    with pytest.raises(ValueError, match="kind must be one of Customer, InstanceRollout, got 'Namespace'"):
+        api.create_event(cast(Any, "Namespace"), {"metadata": {"name": "acme"}}, reason="X", message="y")

@@ -7,6 +7,7 @@ import copy
 from types import SimpleNamespace
 from typing import Any, cast
 
+import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -14,8 +15,10 @@ from iotistic_billing.customer import Customer
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
+from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import CustomerLocks, OperatorContext
-from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.delete import DeletionFailed, finalize
+from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.manifests import namespace_manifest, owner_reference
 from iotistic_billing.operator.outcomes import NamespaceRefused
 from iotistic_billing.operator.reconcile import _namespace_and_secret
@@ -26,13 +29,28 @@ SECRET = ({"license.jwt": b"a licence", "usage-api-key": b"iuk_theirs"}, {})
 
 
 class Cluster:
-    """Namespaces and licence Secrets as the API server keeps them, and the requests the operator made."""
+    """Namespaces, licence Secrets and Customers' statuses as the API server keeps them, the Events
+    posted, and the requests the operator made."""
 
     def __init__(self) -> None:
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.secrets: dict[str, tuple[dict[str, bytes], dict[str, str]]] = {}
         self.customers: list[dict[str, Any]] = []
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.events: list[tuple[str, str, str, str]] = []
         self.requests: list[tuple[str, str]] = []
+
+    async def patch_customer_status(
+        self, name: str, status: dict[str, Any], resource_version: str | None = None, manager: Any = None
+    ) -> dict[str, Any]:
+        self.requests.append(("PATCH customers/status", name))
+        self.statuses[name] = {**self.statuses.get(name, {}), **status}
+        return {"metadata": {"name": name, "resourceVersion": "2"}, "status": self.statuses[name]}
+
+    async def create_event(
+        self, kind: str, involved: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        self.events.append((kind, involved["metadata"]["name"], event_type, reason))
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]
@@ -105,6 +123,9 @@ def context(cluster: Cluster) -> OperatorContext:
             applied_namespaces={},
             mirrored=set(),
             written={},
+            clock=lambda: NOW,
+            customer_view=SimpleNamespace(saw=lambda body: None),
+            rollout_wakeups=set(),
         ),
     )
 
@@ -287,8 +308,10 @@ async def test_the_finalizer_deletes_the_customers_own_namespace_again_after_a_c
     cluster.namespaces["customer-acme"] = namespace_of(body)
     ctx = context(cluster)
     await finalize(ctx, body)
-    await finalize(ctx, body)  # retried: the namespace Terminating, the release gone
+    # Retried: the namespace Terminating, the release gone, the Customer marked Terminating already.
+    await finalize(ctx, {**body, "status": cluster.statuses["acme"]})
     assert [request for request in cluster.requests if request[0] != "GET namespaces"] == [
+        ("PATCH customers/status", "acme"),
         ("helm uninstall", "customer-acme/instance"),
         ("GET secrets", "customer-acme"),
         ("DELETE namespaces", "customer-acme"),
@@ -314,3 +337,47 @@ def test_a_create_that_the_api_server_refuses_for_another_reason_is_an_error() -
     core.status = 403
     with pytest.raises(ApiException):
         api.create_namespace({"metadata": {"name": "customer-acme"}})
+
+
+async def test_a_failed_step_of_the_deletion_is_named_and_the_customer_marked_terminating_once(
+    revocations: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: while a step failed (PostgreSQL away when revoking the licence) the Customer
+    still said Ready, its release uninstalled, and nothing said which step failed or why."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="handled"))
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionRefusedError("connection to PostgreSQL refused")
+
+    recorded = delete_module.revoke_license
+    monkeypatch.setattr(delete_module, "revoke_license", refused)
+    with pytest.raises(DeletionFailed) as failed:
+        await finalize(ctx, body)
+    assert str(failed.value) == "revoking the licence failed: connection to PostgreSQL refused"
+    status = cluster.statuses["acme"]
+    assert status["phase"] == "Terminating"
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Ready", "False", "Terminating")
+    ]
+
+    # Kopf's handler: the failure as a Warning naming the step, retried after the passes' backoff.
+    marked = {**body, "status": status}
+    with pytest.raises(kopf.TemporaryError) as retried:
+        await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=1)
+    assert retried.value.delay == 10
+    monkeypatch.setattr(delete_module, "revoke_license", recorded)
+    await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=2)
+
+    assert [request for request in cluster.requests if request[0] == "PATCH customers/status"] == [
+        ("PATCH customers/status", "acme")
+    ]
+    assert [(kind, type_, reason) for kind, _, type_, reason in cluster.events] == [
+        ("Customer", "Normal", "Terminating"),
+        ("Customer", "Warning", "DeletionFailed"),
+        ("Customer", "Normal", "Deleted"),
+    ]
+    assert cluster.namespaces["customer-acme"]["metadata"].get("deletionTimestamp")

@@ -36,7 +36,7 @@ from iotistic_billing.operator.outcomes import (
     PassOutcome,
     ReleaseOutcome,
 )
-from iotistic_billing.operator.reconcile import PassResult, _count, _finish, _reconcile, reconcile
+from iotistic_billing.operator.reconcile import PassResult, _count, _reconcile, reconcile, write_status
 from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
@@ -289,12 +289,13 @@ class EventRecorder:
         self.posted: list[tuple[str, str | None, str, str]] = []
         self.away = False
 
-    async def create_customer_event(
-        self, customer: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
+    async def create_event(
+        self, kind: str, involved: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
     ) -> None:
         if self.away:
             raise KubernetesUnavailable("the API server is away")
-        meta = customer["metadata"]
+        assert kind == "Customer"
+        meta = involved["metadata"]
         self.posted.append((meta["name"], meta["uid"], event_type, reason))
 
 
@@ -432,7 +433,9 @@ async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_
         )
         read = {**body, "metadata": {**body["metadata"], "resourceVersion": str(server.resource_version)}}
         status = next_status(previous, aimed, stalled, generation=2)
-        events += (await _finish(context(server), read, previous, status, permanent=stalled.failure)).events
+        events += (
+            await write_status(context(server), read, previous, status, permanent=stalled.failure)
+        ).events
     assert [reason for _, reason, _ in events] == ["Failed", "ReconcileFailed"]
 
     # Minute after minute, the housekeeping starts no pass (and so no helm) for it.
@@ -728,7 +731,9 @@ async def test_a_licence_step_postgresql_refuses_is_a_database_unavailable_condi
     assert status.phase == "Pending" and status.license is None and status.observed_generation is None
     # Kopf's handler retries it as a temporary error, after the passes' backoff: one line, no traceback.
     with pytest.raises(kopf.TemporaryError) as retried:
-        handlers._report(replace(result, previous_phase="Pending"), kopf.Body(body), retry=2)
+        await handlers._report(
+            housekeeping_context(server), replace(result, previous_phase="Pending"), kopf.Body(body), retry=2
+        )
     assert retried.value.delay == retry_delay(2) and str(retried.value) == result.temporary_error
 
 

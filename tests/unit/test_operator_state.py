@@ -42,6 +42,7 @@ from iotistic_billing.operator.state import (
     stall_of,
     stalled_on_namespace,
     stalled_status,
+    terminating_status,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
 
@@ -430,6 +431,24 @@ def test_a_pass_refused_its_namespace_stalls_or_waits_and_leaves_the_steps_condi
     # A new Customer waiting for an earlier one's namespace is Pending, with its customer id reported.
     new = refused_status(CustomerStatus(), target(), going, generation=1)
     assert (new.phase, new.customer_id, new.license) == ("Pending", "cust_acme0001", None)
+
+
+def test_a_customer_being_deleted_is_terminating_and_not_ready_once() -> None:
+    """Found in review: while a failing finalizer was retried the Customer said Ready (Ready=True), its
+    release already uninstalled; the phase Terminating was set by nothing."""
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    going = terminating_status(ready, 6, NOW)
+    assert going is not None and going.phase == "Terminating"
+    states = {c.type: (c.status, c.reason, c.observed_generation) for c in going.conditions or ()}
+    assert states["Ready"] == ("False", c.TERMINATING, 6)
+    assert states["Reconciling"] == ("True", c.TERMINATING, 6)
+    assert going.condition("ReleaseDeployed") == ready.condition("ReleaseDeployed")
+    assert (going.license, going.observed_generation) == (ready.license, ready.observed_generation)
+    assert terminating_status(going, 6, NOW + timedelta(minutes=1)) is None  # a retry writes nothing
+
+    # A Customer deleted before its first pass: Ready only, no Reconciling made up.
+    new = terminating_status(CustomerStatus(), 2, NOW)
+    assert new is not None and [(c.type, c.status) for c in new.conditions or ()] == [("Ready", "False")]
 
 
 def test_release_values_keep_plan_limits_over_user_overrides() -> None:

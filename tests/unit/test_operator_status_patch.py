@@ -12,7 +12,7 @@ from iotistic_billing.customer import CustomerStatus
 from iotistic_billing.k8s import KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
-from iotistic_billing.operator.reconcile import STATUS_CONFLICT_RETRIES, StatusConflict, _finish
+from iotistic_billing.operator.reconcile import STATUS_CONFLICT_RETRIES, StatusConflict, write_status
 from iotistic_billing.operator.state import over_current
 
 T0 = "2026-11-25T12:00:00Z"
@@ -109,7 +109,7 @@ async def test_a_status_patch_that_lost_the_race_keeps_what_usage_metering_wrote
         "metadata": {"name": "acme", "resourceVersion": "7"},
         "status": READ,
     }  # read before the usage write
-    result = await _finish(context(server), body, status(READ), status(PASS))
+    result = await write_status(context(server), body, status(READ), status(PASS))
     assert [rv for rv, _ in server.patches] == ["7", "8"]
     assert server.document["usage"] == WRITTEN["usage"] and server.document["phase"] == "Ready"
     assert [c["type"] for c in server.document["conditions"]] == ["LicenseIssued", "Ready", "WithinLimits"]
@@ -120,7 +120,7 @@ async def test_a_pass_whose_status_is_already_there_after_the_race_patches_nothi
     current = over_current(status(PASS), status(WRITTEN)).to_k8s()
     server = StatusServer(current, resource_version=8)
     body = {"metadata": {"name": "acme", "resourceVersion": "7"}, "status": READ}
-    await _finish(context(server), body, status(READ), status(PASS))
+    await write_status(context(server), body, status(READ), status(PASS))
     assert [rv for rv, _ in server.patches] == ["7"]
 
 
@@ -128,5 +128,5 @@ async def test_a_status_that_keeps_changing_fails_the_pass_for_a_retry() -> None
     server = StatusServer(WRITTEN, resource_version=8, moves=STATUS_CONFLICT_RETRIES)
     body = {"metadata": {"name": "acme", "resourceVersion": "7"}, "status": READ}
     with pytest.raises(StatusConflict, match="acme"):
-        await _finish(context(server), body, status(READ), status(PASS))
+        await write_status(context(server), body, status(READ), status(PASS))
     assert len(server.patches) == STATUS_CONFLICT_RETRIES and server.document == WRITTEN

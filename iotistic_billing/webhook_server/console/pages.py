@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
+from iotistic_billing.customer import KIND, PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.directory import CustomerRecord
@@ -457,7 +457,8 @@ async def _tell(request: web.Request, record: CustomerRecord, action: str, detai
     """The Event on the Customer, once the action is committed: an Event that cannot be written is
     logged, the action stays done."""
     try:
-        await request.app[KUBE].create_customer_event(
+        await request.app[KUBE].create_event(
+            KIND,
             record.body,
             reason=f"Console{action.title().replace('-', '')}",
             message=f"{detail} (by the {request[SESSION].role})",
