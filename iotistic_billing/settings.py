@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     instance_chart_upgrade: Literal["rollout", "immediate"] = "rollout"
     helm_binary: NonEmptyStr = "helm"
     helm_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    # Seconds a helm process may run before it is killed and its step retried: longer than helm's own
+    # --timeout (5 minutes, which the operator leaves as it is), so a chart's hook that times out is
+    # reported by helm itself.
+    helm_timeout: Annotated[float, Field(gt=0, le=3600)] = 360.0
 
     admin_api_token: SecretStr | None = None
     # The admin console's second role: signed in with it, a person may look but not act.

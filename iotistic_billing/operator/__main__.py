@@ -52,7 +52,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     engine = create_engine(database_url)
     kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
     watch_api = KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR)
-    helm = Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency)
+    helm = Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency, timeout=settings.helm_timeout)
     # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
     chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))
     atexit.register(shutil.rmtree, chart_cache, ignore_errors=True)

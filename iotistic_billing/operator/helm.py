@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import os
 import re
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ import yaml
 
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.metrics import HELM_IN_FLIGHT, HELM_OPERATIONS
+
+log = logging.getLogger(__name__)
 
 # Errors helm reports for input it will refuse again: retrying the same values cannot help.
 _PERMANENT_MARKERS = (
@@ -29,16 +34,23 @@ _PERMANENT_MARKERS = (
     "chart requires kubeversion",
 )
 _STUCK_MARKER = "another operation (install/upgrade/rollback) is in progress"
+# The result label of iotistic_operator_helm_operations_total for a helm killed at HELM_TIMEOUT (the
+# chart's PrometheusRule alerts on it).
+TIMED_OUT = "timeout"
+# The commands the operator runs (the first argument, the `operation` label).
+_COMMANDS = ("pull", "upgrade", "get", "status", "uninstall", "rollback")
 
 
 class HelmError(Exception):
-    def __init__(self, command: str, message: str) -> None:
+    def __init__(self, command: str, message: str, *, timed_out: bool = False) -> None:
         super().__init__(f"helm {command} failed: {message}")
         self.command = command
         self.message = message
+        # Killed at HELM_TIMEOUT: whatever it was waiting for may answer on the next pass.
+        self.timed_out = timed_out
         lowered = message.lower()
-        self.permanent = any(marker in lowered for marker in _PERMANENT_MARKERS)
-        self.stuck = _STUCK_MARKER in lowered
+        self.permanent = not timed_out and any(marker in lowered for marker in _PERMANENT_MARKERS)
+        self.stuck = not timed_out and _STUCK_MARKER in lowered
 
 
 @dataclass(frozen=True)
@@ -138,13 +150,20 @@ def upgrade_install_args(
 
 
 class Helm:
-    def __init__(self, binary: str, kubeconfig: str | None, concurrency: int) -> None:
+    def __init__(self, binary: str, kubeconfig: str | None, concurrency: int, *, timeout: float) -> None:
         self.binary = binary
         self.kubeconfig = kubeconfig
         self._slots = asyncio.Semaphore(concurrency)
         self.in_flight = 0
+        # HELM_TIMEOUT: a helm waiting on a registry or an API server that never answers held its slot
+        # and its Customer's lock (which a deletion waits for) for as long as it hung.
+        self.timeout = timeout
+        for command in _COMMANDS:  # at 0 from the start: a series born at 1 is no increase to Prometheus
+            HELM_OPERATIONS.labels(command, TIMED_OUT)
 
-    async def _run(self, *args: str) -> str:
+    async def _run(self, *args: str, doing: str) -> str:
+        """helm with `args`; `doing` names what it does (`pull of <chart> <version>`) in the error of a
+        helm that did not finish within the timeout."""
         argv = [self.binary, *args]
         if self.kubeconfig:
             argv += ["--kubeconfig", self.kubeconfig]
@@ -158,14 +177,24 @@ class Helm:
                     stderr=asyncio.subprocess.PIPE,
                     env=helm_environment(),
                 )
-                stdout, stderr = await process.communicate()
+                try:
+                    stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout)
+                except TimeoutError:
+                    await _kill(process)
+                    HELM_OPERATIONS.labels(args[0], TIMED_OUT).inc()
+                    message = (
+                        f"helm {doing} did not finish within {self.timeout:g} s (HELM_TIMEOUT) and was killed"
+                    )
+                    log.warning("%s", message)
+                    raise HelmError(args[0], message, timed_out=True) from None
             finally:
                 self.in_flight -= 1
                 HELM_IN_FLIGHT.dec()
         HELM_OPERATIONS.labels(args[0], "success" if process.returncode == 0 else "failure").inc()
         if process.returncode != 0:
             raise HelmError(
-                args[0], stderr.decode(errors="replace").strip() or f"exit code {process.returncode}"
+                args[0],
+                stderr.decode(errors="replace").strip() or f"exit code {process.returncode}",
             )
         return stdout.decode()
 
@@ -183,7 +212,9 @@ class Helm:
         args = ["pull", reference, "--version", version, "--untar", "--destination", str(destination)]
         if registry_config is not None:
             args += ["--registry-config", str(registry_config)]
-        await self._run(*args, *(["--plain-http"] if plain_http else []))
+        await self._run(
+            *args, *(["--plain-http"] if plain_http else []), doing=f"pull of {reference} {version}"
+        )
 
     async def upgrade_install(
         self, name: str, namespace: str, chart: Path, values: dict[str, Any], values_hash: str
@@ -193,7 +224,8 @@ class Helm:
             json.dump(values, values_file)
             values_file.flush()
             out = await self._run(
-                *upgrade_install_args(name, namespace, chart, Path(values_file.name), values_hash)
+                *upgrade_install_args(name, namespace, chart, Path(values_file.name), values_hash),
+                doing=f"upgrade --install of release {name} in {namespace}",
             )
         return _release(json.loads(out))
 
@@ -201,15 +233,30 @@ class Helm:
         """The Deployments of revision `revision`'s manifest (`helm get manifest`), parsed as after an
         install: for a release whose status does not list them (release.py)."""
         manifest = await self._run(
-            "get", "manifest", name, "--namespace", namespace, "--revision", str(revision)
+            "get",
+            "manifest",
+            name,
+            "--namespace",
+            namespace,
+            "--revision",
+            str(revision),
+            doing=f"get manifest of release {name} in {namespace}",
         )
         return manifest_deployments(manifest, name, namespace)
 
     async def status(self, name: str, namespace: str) -> HelmRelease | None:
         try:
-            out = await self._run("status", name, "--namespace", namespace, "--output", "json")
+            out = await self._run(
+                "status",
+                name,
+                "--namespace",
+                namespace,
+                "--output",
+                "json",
+                doing=f"status of release {name} in {namespace}",
+            )
         except HelmError as error:
-            if "not found" in error.message.lower():
+            if not error.timed_out and "not found" in error.message.lower():
                 return None
             raise
         return _release(json.loads(out))
@@ -217,15 +264,58 @@ class Helm:
     async def uninstall(self, name: str, namespace: str) -> bool:
         """False when there was no such release (an uninstall retried after a crash)."""
         try:
-            await self._run("uninstall", name, "--namespace", namespace)
+            await self._run(
+                "uninstall",
+                name,
+                "--namespace",
+                namespace,
+                doing=f"uninstall of release {name} in {namespace}",
+            )
         except HelmError as error:
-            if "not found" in error.message.lower():
+            if not error.timed_out and "not found" in error.message.lower():
                 return False
             raise
         return True
 
     async def rollback(self, name: str, namespace: str) -> None:
-        await self._run("rollback", name, "--namespace", namespace)
+        await self._run(
+            "rollback", name, "--namespace", namespace, doing=f"rollback of release {name} in {namespace}"
+        )
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL to helm and to whatever it started (a plugin, a post-renderer): one left holding helm's
+    output pipes would keep the wait for helm's end from returning. helm stays in the operator's process
+    group, so a kill of the operator's group (tests/conftest.py) still reaches it."""
+    for pid in (*_descendants(process.pid), process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        await asyncio.wait_for(process.wait(), 10)
+    except TimeoutError:
+        log.warning("helm (pid %d) killed, its output still open after 10 s", process.pid)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc (the operator runs on Linux); found before any is killed,
+    as a killed parent's children move to init."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found += below
+        queue += below
+    return found
 
 
 def _release(document: dict[str, Any]) -> HelmRelease:

@@ -79,7 +79,7 @@ async def test_an_unknown_field_is_refused_by_the_api_server_as_a_permanent_erro
 ) -> None:
     chart = config_map_chart(tmp_path / "bad", "data:\n  a: b\nbogusField: 1\n")
     namespace = new_namespace(k8s_client)
-    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1)
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120)
     with pytest.raises(HelmError) as refused:
         await helm.upgrade_install("bad", namespace, chart, {}, "0" * 32)
     assert "bogusField" in refused.value.message
@@ -91,7 +91,7 @@ async def test_the_operator_labels_helm_storage_for_its_filtered_watch_and_with_
 ) -> None:
     chart = config_map_chart(tmp_path / "good", "data:\n  plan: {{ .Values.plan }}\n")
     namespace = new_namespace(k8s_client)
-    release = await Helm(str(helm_binary), str(kubeconfig), concurrency=1).upgrade_install(
+    release = await Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120).upgrade_install(
         "instance", namespace, chart, {"plan": "starter"}, "1" * 32
     )
     assert (release.revision, release.status) == (1, "deployed")

@@ -410,9 +410,9 @@ def _helm_commands(context: OperatorContext, monkeypatch: pytest.MonkeyPatch) ->
     commands: list[list[str]] = []
     run = context.helm._run
 
-    async def recorded(*args: str) -> str:
+    async def recorded(*args: str, doing: str) -> str:
         commands.append(list(args[:2]))
-        return await run(*args)
+        return await run(*args, doing=doing)
 
     monkeypatch.setattr(context.helm, "_run", recorded)
     return commands

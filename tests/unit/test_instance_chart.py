@@ -32,7 +32,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "customer-instance"
 
 
 def store(tmp_path: Path) -> ChartStore:
-    return ChartStore(load_settings(instance_chart=str(CHART)), Helm("helm", None, 1), tmp_path)
+    return ChartStore(load_settings(instance_chart=str(CHART)), Helm("helm", None, 1, timeout=60), tmp_path)
 
 
 async def test_a_chart_directory_serves_its_own_version(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ async def test_a_chart_directory_serves_its_own_version(tmp_path: Path) -> None:
 async def test_a_refused_login_is_retried_and_a_missing_version_stalls(tmp_path: Path) -> None:
     class Refusing(Helm):
         def __init__(self, message: str) -> None:
-            super().__init__("helm", None, 1)
+            super().__init__("helm", None, 1, timeout=60)
             self.message = message
 
         async def pull(self, *args: Any, **kwargs: Any) -> None:
@@ -82,7 +82,7 @@ class RegistryAway(Helm):
     """helm with an OCI registry that cannot be reached; any install or upgrade is a failure of the test."""
 
     def __init__(self) -> None:
-        super().__init__("helm", None, 1)
+        super().__init__("helm", None, 1, timeout=60)
         self.pulls = 0
 
     async def pull(self, *args: Any, **kwargs: Any) -> None:
@@ -151,7 +151,7 @@ class Upgrading(Helm):
     """helm whose upgrade renders the chart's five Deployments, at the next revision."""
 
     def __init__(self) -> None:
-        super().__init__("helm", None, 1)
+        super().__init__("helm", None, 1, timeout=60)
         self.upgrades = 0
 
     async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:

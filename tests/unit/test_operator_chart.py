@@ -968,6 +968,27 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
 
 
+def test_a_helm_call_killed_at_its_timeout_raises_an_alert(monitored_objects: list[Manifest]) -> None:
+    """On the result label helm.py counts a killed helm under, whose series exist from the start (an
+    increase() misses a series that first appears at 1)."""
+    from iotistic_billing.operator.helm import TIMED_OUT, Helm
+
+    rule = one(monitored_objects, "PrometheusRule", RELEASE)
+    [alert] = [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "IotisticHelmTimeouts"]
+    assert f'iotistic_operator_helm_operations_total{{result="{TIMED_OUT}", ' in alert["expr"]
+    assert "by (operation)" in alert["expr"] and "{{ $labels.operation }}" in alert["annotations"]["summary"]
+
+    Helm("helm", None, 1, timeout=1)
+    exposed = {
+        sample.labels["operation"]
+        for family in prometheus_client.REGISTRY.collect()
+        if family.name == "iotistic_operator_helm_operations"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["result"] == TIMED_OUT
+    }
+    assert exposed >= {"pull", "upgrade", "uninstall", "rollback", "status", "get"}
+
+
 def scraped_up(objects: list[Manifest], down: set[str]) -> list[tuple[dict[str, str], float]]:
     """The `up` series of the operator's pods as the ServiceMonitor has Prometheus label them (job: the
     Service; the pod labels podTargetLabels names, "." and "/" as "_"): 0 for the Deployments in `down`."""

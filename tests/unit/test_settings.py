@@ -67,6 +67,7 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("NOTIFY_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8", "NOTIFY_WEBHOOK_ALLOWED_CIDRS: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
+        ("HELM_TIMEOUT", "0", "HELM_TIMEOUT: Input should be greater than 0"),
         # Hosts the resolver cannot encode: every delivery to them would fail.
         (
             "NOTIFY_WEBHOOK_URL",

@@ -1,0 +1,209 @@
+"""The helm processes themselves: none runs past HELM_TIMEOUT (it is killed, with what it started, and its
+step is retried)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+from prometheus_client import REGISTRY
+
+from iotistic_billing.devenv.controlplane import find_binary
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator.charts import ChartStore
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError
+from iotistic_billing.operator.outcomes import PassOutcome
+from iotistic_billing.operator.release import ensure_release
+from iotistic_billing.settings import load_settings
+from tests.unit.test_instance_chart import INSTANCE_DEPLOYMENTS, LICENCE, DeployedRevisions, release_step
+from tests.unit.test_operator_state import target
+
+# Far above the timeouts below: a helm that is not stopped fails the test instead of hanging it.
+GUARD_SECONDS = 20
+
+# A helm whose registry or API server never answers, with a child of its own holding helm's output
+# (as a plugin or a post-renderer would): both pids go to the file $HELM_STAND_IN_PIDS names.
+STAND_IN = """#!/bin/sh
+echo $$ >> "$HELM_STAND_IN_PIDS"
+sleep 600 &
+echo $! >> "$HELM_STAND_IN_PIDS"
+wait
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # a zombie is gone but for its parent's wait()
+    try:
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def gone(pids: list[int], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class StandIn:
+    def __init__(self, binary: Path, pids: Path) -> None:
+        self.binary = binary
+        self.pids = pids
+        self.seen: list[int] = []
+
+    def started(self) -> list[int]:
+        """The pids of the stand-in helms and their children started since the last call."""
+        found = [int(line) for line in self.pids.read_text().split()] if self.pids.exists() else []
+        self.pids.unlink(missing_ok=True)
+        self.seen += found
+        return found
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    binary = tmp_path / "helm"
+    binary.write_text(STAND_IN)
+    binary.chmod(0o755)
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("HELM_STAND_IN_PIDS", str(pids))  # helm gets the operator's environment
+    helper = StandIn(binary, pids)
+    yield helper
+    helper.started()
+    for pid in helper.seen:  # whatever a failing test left behind (not a pid taken since)
+        if alive(pid) and _cmdline(str(pid)).split()[:2] in (["sleep", "600"], ["/bin/sh", str(binary)]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def timeouts(operation: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "iotistic_operator_helm_operations_total", {"operation": operation, "result": TIMED_OUT}
+        )
+        or 0.0
+    )
+
+
+async def test_every_helm_command_is_killed_with_its_children_at_the_timeout(
+    stand_in: StandIn, tmp_path: Path
+) -> None:
+    """Found in review: `helm pull` from a registry that took the connection and never answered hung
+    for minutes, holding a helm slot and the Customer's lock (its deletion waited), logging nothing."""
+    helm = Helm(str(stand_in.binary), None, 1, timeout=0.5)
+    calls = {
+        "pull": lambda: helm.pull("oci://registry.example/charts/instance", "0.2.0", tmp_path),
+        "upgrade": lambda: helm.upgrade_install("instance", "customer-acme", tmp_path, {}, "0" * 32),
+        "get": lambda: helm.deployments("instance", "customer-acme", 3),
+        # A timeout is no "not found": status must not read it as no release, uninstall as none to remove.
+        "status": lambda: helm.status("instance", "customer-acme"),
+        "uninstall": lambda: helm.uninstall("instance", "customer-acme"),
+        "rollback": lambda: helm.rollback("instance", "customer-acme"),
+    }
+    for operation, call in calls.items():
+        # At 0 before any timeout: a series that first appears at 1 is no increase to the alert.
+        before = REGISTRY.get_sample_value(
+            "iotistic_operator_helm_operations_total", {"operation": operation, "result": TIMED_OUT}
+        )
+        assert before is not None, operation
+        started = time.monotonic()
+        async with asyncio.timeout(GUARD_SECONDS):
+            with pytest.raises(HelmError) as killed:
+                await call()
+        took = time.monotonic() - started
+
+        error = killed.value
+        assert 0.5 <= took < 5, (operation, took)
+        assert (error.command, error.timed_out, error.permanent, error.stuck) == (
+            operation,
+            True,
+            False,
+            False,
+        )
+        assert "did not finish within 0.5 s (HELM_TIMEOUT)" in error.message, error.message
+        assert error.message.startswith(f"helm {operation}"), error.message
+        pids = stand_in.started()
+        assert len(pids) == 2 and gone(pids), (operation, pids)  # helm and the child it started
+        assert helm.in_flight == 0
+        assert timeouts(operation) == before + 1
+
+
+async def test_an_upgrade_that_hangs_is_a_retried_upgrade_failure(stand_in: StandIn, tmp_path: Path) -> None:
+    step = release_step(Helm(str(stand_in.binary), None, 1, timeout=0.5), tmp_path)
+    running = step.release(deployments=list(INSTANCE_DEPLOYMENTS))
+    renewed = LICENCE.model_copy(update={"sha256": "b" * 64})  # new values: an upgrade is due
+
+    async with asyncio.timeout(GUARD_SECONDS):
+        outcome = await ensure_release(step.ctx, step.aim, renewed, running, may_exist=True)
+
+    assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", c.UPGRADE_FAILED, False)
+    assert "helm upgrade --install of release instance in customer-acme did not finish" in outcome.message
+    passed = PassOutcome(license=renewed, release=outcome)
+    assert passed.stalled_reason is None and passed.failure == outcome.message  # retried, not stalled
+    assert gone(stand_in.started())
+
+
+async def test_a_registry_that_never_answers_is_a_retried_chart_pull_failure(tmp_path: Path) -> None:
+    """The real helm against a registry that takes connections and never answers (the review paused
+    one with `kill -STOP`): a listening socket nobody reads."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        settings = load_settings(
+            instance_chart=f"oci://127.0.0.1:{port}/charts/customer-instance",
+            instance_chart_version="0.1.0",
+            instance_chart_plain_http=True,
+        )
+        helm = Helm(str(find_binary("helm")), None, 1, timeout=2)
+        cache = tmp_path / "charts"
+        ctx = cast(
+            OperatorContext,
+            SimpleNamespace(
+                settings=settings,
+                helm=helm,
+                kube=DeployedRevisions({}),
+                charts=ChartStore(settings, helm, cache),
+            ),
+        )
+        started = time.monotonic()
+        async with asyncio.timeout(GUARD_SECONDS):
+            outcome = await ensure_release(ctx, target(), LICENCE, None, may_exist=False)
+        took = time.monotonic() - started
+
+    assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", c.CHART_PULL_FAILED, False)
+    assert outcome.message == (
+        f"helm pull of oci://127.0.0.1:{port}/charts/customer-instance 0.1.0 did not finish within 2 s"
+        " (HELM_TIMEOUT) and was killed"
+    )
+    assert 2 <= took < 8, took
+    assert helm.in_flight == 0
+    # No helm pulling into the cache is left.
+    assert not [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and str(cache) in _cmdline(pid) and alive(int(pid))
+    ]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
