@@ -39,6 +39,9 @@ _STUCK_MARKER = "another operation (install/upgrade/rollback) is in progress"
 TIMED_OUT = "timeout"
 # The commands the operator runs (the first argument, the `operation` label).
 _COMMANDS = ("pull", "upgrade", "get", "status", "uninstall", "rollback")
+# helm v4 logs through Go's slog before it prints its error, and the log line repeats that error:
+# `level=WARN msg="upgrade failed" name=instance error="..."`.
+_LOG_LINE = re.compile(r"^(?:time=\S+ )?level=[A-Z]+ msg=")
 
 
 class HelmError(Exception):
@@ -51,6 +54,15 @@ class HelmError(Exception):
         lowered = message.lower()
         self.permanent = not timed_out and any(marker in lowered for marker in _PERMANENT_MARKERS)
         self.stuck = not timed_out and _STUCK_MARKER in lowered
+
+
+def helm_error_text(stderr: str) -> str:
+    """What a failed helm said went wrong, for conditions and Events: from its first `Error:` line on,
+    without helm's own log lines (which repeat the error before it); the whole of it when that leaves
+    nothing."""
+    lines = [line for line in stderr.strip().splitlines() if not _LOG_LINE.match(line)]
+    errors = next((index for index, line in enumerate(lines) if line.startswith("Error:")), 0)
+    return "\n".join(lines[errors:]).strip() or stderr.strip()
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,7 @@ class Helm:
         if process.returncode != 0:
             raise HelmError(
                 args[0],
-                stderr.decode(errors="replace").strip() or f"exit code {process.returncode}",
+                helm_error_text(stderr.decode(errors="replace")) or f"exit code {process.returncode}",
             )
         return stdout.decode()
 

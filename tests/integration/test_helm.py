@@ -86,6 +86,24 @@ async def test_an_unknown_field_is_refused_by_the_api_server_as_a_permanent_erro
     assert refused.value.permanent and not refused.value.stuck
 
 
+async def test_a_refused_upgrade_is_reported_by_helm_s_error_line_alone(
+    k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
+) -> None:
+    """Found in review: helm v4 logs `level=WARN msg="upgrade failed" ... error="..."` before its error,
+    and conditions and Events started with that line, then repeated the error."""
+    namespace = new_namespace(k8s_client)
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120)
+    good = config_map_chart(tmp_path / "good", "data:\n  a: b\n")
+    await helm.upgrade_install("good", namespace, good, {}, "0" * 32)
+    bad = config_map_chart(tmp_path / "bad", "data:\n  a: b\nbogusField: 1\n")
+    with pytest.raises(HelmError) as refused:
+        await helm.upgrade_install("good", namespace, bad, {}, "0" * 32)
+    message = refused.value.message
+    assert message.startswith("Error: UPGRADE FAILED: ") and "bogusField" in message
+    assert "\n" not in message and "level=" not in message
+    assert refused.value.permanent
+
+
 async def test_the_operator_labels_helm_storage_for_its_filtered_watch_and_with_the_values_hash(
     k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
 ) -> None:

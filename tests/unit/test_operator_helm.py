@@ -1,5 +1,5 @@
 """The helm processes themselves: none runs past HELM_TIMEOUT (it is killed, with what it started, and its
-step is retried)."""
+step is retried), and what a failed helm said reaches conditions without helm's own log lines."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError
+from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError, helm_error_text
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.settings import load_settings
@@ -207,3 +207,58 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+# What helm v4.3 wrote to stderr when the API server refused an upgrade (tests/integration/test_helm.py
+# checks the real one): its log line repeats the error.
+REFUSED_UPGRADE = (
+    'level=WARN msg="upgrade failed" name=instance error="failed to create resource: server-side apply'
+    ' failed for object customer-acme/x /v1, Kind=ConfigMap: .bogusField: field not declared in schema"\n'
+    "Error: UPGRADE FAILED: failed to create resource: server-side apply failed for object"
+    " customer-acme/x /v1, Kind=ConfigMap: .bogusField: field not declared in schema\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "said"),
+    [
+        (
+            REFUSED_UPGRADE,
+            "Error: UPGRADE FAILED: failed to create resource: server-side apply failed for object"
+            " customer-acme/x /v1, Kind=ConfigMap: .bogusField: field not declared in schema",
+        ),
+        # With a timestamp too (slog's default text handler), and a warning printed before the error.
+        (
+            'time=2026-01-02T03:04:05Z level=WARN msg="upgrade failed" error=x\n'
+            "WARNING: Kubernetes configuration file is group-readable.\nError: UPGRADE FAILED: x\n",
+            "Error: UPGRADE FAILED: x",
+        ),
+        # An error of several lines keeps them all: the schema's failure paths mark it permanent.
+        (
+            'level=WARN msg="upgrade failed" error=y\nError: UPGRADE FAILED: values don\'t meet the'
+            " specifications of the schema(s) in the following chart(s):\ncustomer-instance:\n"
+            "- at '/plan': x\n",
+            "Error: UPGRADE FAILED: values don't meet the specifications of the schema(s) in the following"
+            " chart(s):\ncustomer-instance:\n- at '/plan': x",
+        ),
+        # No Error line: the rest of what it said; only log lines: those rather than nothing.
+        ("level=INFO msg=starting\nsomething broke\n", "something broke"),
+        ('level=ERROR msg="it broke"\n', 'level=ERROR msg="it broke"'),
+    ],
+)
+def test_a_failed_helm_is_reported_without_its_log_lines(stderr: str, said: str) -> None:
+    assert helm_error_text(stderr) == said
+
+
+async def test_helm_s_log_line_does_not_reach_the_error(tmp_path: Path) -> None:
+    """Found in review: conditions, Events and rollout failures started with helm's log line and then
+    repeated the error."""
+    failing = tmp_path / "helm"
+    failing.write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{REFUSED_UPGRADE}EOF\nexit 1\n")
+    failing.chmod(0o755)
+    with pytest.raises(HelmError) as refused:
+        await Helm(str(failing), None, 1, timeout=10).upgrade_install(
+            "instance", "customer-acme", tmp_path, {}, "0" * 32
+        )
+    assert refused.value.message.startswith("Error: UPGRADE FAILED: ") and "\n" not in refused.value.message
+    assert "level=" not in refused.value.message and refused.value.permanent
