@@ -51,6 +51,9 @@ class DeploymentState:
     available: int
     updated: int
     current: int  # status.replicas: of every ReplicaSet, old ones included
+    # Why the Deployment itself says its rollout is stuck (`Reason: message` of a Progressing False or
+    # ReplicaFailure True condition, cut short); None, mostly.
+    problem: str | None = None
 
     @classmethod
     def of(cls, deployment: Mapping[str, Any]) -> DeploymentState:
@@ -68,6 +71,7 @@ class DeploymentState:
             available=int(status.get("availableReplicas") or 0),
             updated=int(status.get("updatedReplicas") or 0),
             current=int(status.get("replicas") or 0),
+            problem=_problem(status.get("conditions") or ()),
         )
 
     @property
@@ -81,6 +85,20 @@ class DeploymentState:
             and self.current <= self.updated
         )
 
+    @property
+    def waiting_for(self) -> str:
+        """What its rollout still waits for, as `kubectl rollout status` judges it: available/desired
+        alone read `1/1` during a stuck update, the old replica still serving beside a Pending new one."""
+        if self.observed_generation < self.generation:
+            waiting = f"{self.name} new spec not observed yet"
+        else:
+            waiting = f"{self.name} {self.updated}/{self.replicas} updated"
+            if (old := self.current - self.updated) > 0:
+                waiting += f", {old} old replica{'s' if old > 1 else ''} left"
+            if self.available < self.replicas:
+                waiting += f", {self.available}/{self.replicas} available"
+        return f"{waiting} ({self.problem})" if self.problem else waiting
+
 
 def instance_health(
     deployments: Sequence[DeploymentState], enabled: bool, expected: Sequence[str] | None = None
@@ -93,7 +111,7 @@ def instance_health(
         return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "no Deployments of the release yet")
     if missing := sorted(set(expected or ()) - {d.name for d in deployments}):
         return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "missing Deployments: " + ", ".join(missing))
-    waiting = sorted(f"{d.name} {d.available}/{d.replicas}" for d in deployments if not d.rolled_out)
+    waiting = sorted(d.waiting_for for d in deployments if not d.rolled_out)
     if waiting:
         return InstanceHealth(
             False, c.DEPLOYMENTS_UNAVAILABLE, "waiting for Deployments: " + ", ".join(waiting)
@@ -169,6 +187,29 @@ class InstanceDeployments:
                 self._listed_at.pop(namespace, None)
                 self._judged.pop(namespace, None)
         return next(self._ticks)
+
+
+# A condition's message cut to this: six Deployments' problems in one condition message of the Customer.
+PROBLEM_LENGTH = 160
+
+
+def _problem(conditions: Sequence[Mapping[str, Any]]) -> str | None:
+    """`Reason: message` of the condition that says why a rollout is stuck: ReplicaFailure True (its
+    cause: FailedCreate of a quota or an admission webhook), else Progressing False (the consequence:
+    ProgressDeadlineExceeded)."""
+    stuck = {
+        condition.get("type"): condition
+        for condition in conditions
+        if (condition.get("type"), condition.get("status"))
+        in (("ReplicaFailure", "True"), ("Progressing", "False"))
+    }
+    condition = stuck.get("ReplicaFailure") or stuck.get("Progressing")
+    if condition is None:
+        return None
+    reason = str(condition.get("reason") or condition["type"])
+    message = str(condition.get("message") or "").strip()
+    said = f"{reason}: {message}" if message else reason
+    return said if len(said) <= PROBLEM_LENGTH else said[: PROBLEM_LENGTH - 3] + "..."
 
 
 def _apply(kept: dict[str, DeploymentState], name: str, state: DeploymentState | None) -> None:

@@ -13,6 +13,7 @@ from iotistic_billing.k8s import Kube
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import CustomerLocks, OperatorContext, PassRequests
 from iotistic_billing.operator.deployments import (
+    PROBLEM_LENGTH,
     RESYNC_SECONDS,
     DeploymentState,
     InstanceDeployments,
@@ -96,6 +97,61 @@ def test_the_state_keeps_what_readiness_needs() -> None:
     scaled_to_zero["spec"]["replicas"] = 0
     scaled_to_zero["status"] = {"observedGeneration": 1}
     assert DeploymentState.of(scaled_to_zero).replicas == 0 and DeploymentState.of(scaled_to_zero).rolled_out
+
+
+def rolling(name: str, **status: Any) -> DeploymentState:
+    """A Deployment of one replica at generation 2, observed, with `status` as the controller wrote it."""
+    body = deployment(name, 2, 2)
+    body["status"] = {"observedGeneration": 2, **status}
+    return DeploymentState.of(body)
+
+
+def waiting(*deployments: DeploymentState) -> str:
+    health = instance_health(list(deployments), enabled=True)
+    assert not health.available
+    return health.message
+
+
+def test_the_wait_names_what_each_rollout_still_needs() -> None:
+    """Found in review: the message printed available/desired, `instance-api 1/1` during a stuck rolling
+    update (the new pod Pending, the old one still serving), which reads as nothing to wait for."""
+    stuck = rolling("instance-api", replicas=2, updatedReplicas=1, availableReplicas=1)
+    assert waiting(stuck) == "waiting for Deployments: instance-api 1/1 updated, 1 old replica left"
+
+    starting = rolling("instance-api", replicas=1, updatedReplicas=1, availableReplicas=0)
+    not_begun = rolling("instance-redis", replicas=3, updatedReplicas=0, availableReplicas=3)
+    unseen = DeploymentState.of(deployment("instance-mqtt", 3, 2))
+    assert waiting(starting, not_begun, unseen) == (
+        "waiting for Deployments: instance-api 1/1 updated, 0/1 available,"
+        " instance-mqtt new spec not observed yet, instance-redis 0/1 updated, 3 old replicas left"
+    )
+
+
+def test_the_wait_names_the_condition_that_says_why_a_rollout_is_stuck() -> None:
+    deadline = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "instance-api-7c9d" has timed out progressing.',
+    }
+    quota = {
+        "type": "ReplicaFailure",
+        "status": "True",
+        "reason": "FailedCreate",
+        "message": 'pods "instance-api-7c9d-x" is forbidden: exceeded quota: compute, ' + "x" * 300,
+    }
+    progressing = {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "message": "m"}
+    stuck = rolling("instance-api", replicas=2, updatedReplicas=1, availableReplicas=1, conditions=[deadline])
+    assert waiting(stuck) == (
+        "waiting for Deployments: instance-api 1/1 updated, 1 old replica left (ProgressDeadlineExceeded:"
+        ' ReplicaSet "instance-api-7c9d" has timed out progressing.)'
+    )
+    # The cause before its consequence, cut short: six of them share one condition message.
+    refused = rolling("instance-api", replicas=1, conditions=[deadline, quota])
+    assert refused.problem is not None and len(refused.problem) == PROBLEM_LENGTH
+    assert refused.problem.startswith('FailedCreate: pods "instance-api-7c9d-x" is forbidden: exceeded quota')
+    # A rollout under way is not stuck: nothing kept (the operator keeps thousands of these).
+    assert rolling("instance-api", replicas=1, conditions=[progressing]).problem is None
 
 
 async def test_without_the_watch_every_pass_lists() -> None:
