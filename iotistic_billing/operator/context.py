@@ -166,6 +166,8 @@ class OperatorContext:
     # One per running InstanceRollout's daemon: set when a pass wrote a Customer's status, so the
     # rollout looks again now rather than at its next tick.
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
+    # uid -> the last DeletionFailed posted of a Customer whose finalizer is retried.
+    deletion_failures: dict[str, str] = field(default_factory=dict)
     # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
     shard: Shard = field(default_factory=Shard)
     # The Deployment and Secret watches, started with Kopf (handlers.configure).

@@ -41,7 +41,7 @@ from iotistic_billing.operator.watches import (
     RETRY_SECONDS,
     LoopFollower,
 )
-from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_KIND, ROLLOUT_RESOURCE
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
 from iotistic_billing.workers import backoff, nap
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
@@ -149,9 +149,8 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
             # (the last of a step turning Ready) starts the next tick as soon as that time is over.
             wakeup.clear()
             if not rollouts.settled(body):
-                decision = None
                 try:
-                    decision = await rollouts.advance(ctx, name)
+                    await rollouts.advance(ctx, name)
                     failures = 0
                 except KubernetesUnavailable as error:  # one line: an outage is no bug of the tick
                     failures += 1
@@ -159,8 +158,6 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
                 except Exception:  # a conflict, a bug: the next tick tries again
                     failures += 1
                     log.exception("tick of InstanceRollout %s failed", name)
-                if decision is not None:
-                    await post_events(ctx.kube, ROLLOUT_KIND, body, decision.events)
             # At most a tick per QUIET_SECONDS, however many Customers change; at least one a TICK, or
             # after a failing tick, once its backoff is over (up to MAX_RETRY_SECONDS).
             wait = max(rollouts.TICK_SECONDS, backoff(failures, RETRY_SECONDS, MAX_RETRY_SECONDS))
@@ -180,8 +177,12 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
     try:
         own_namespace = await finalize(ctx, dict(body))
     except DeletionFailed as failed:
-        await post_events(ctx.kube, KIND, body, [("Warning", c.DELETION_FAILED, str(failed))])
+        # Once a cause: a PostgreSQL outage retried for an hour posted a dozen identical Events.
+        if ctx.deletion_failures.get(body.metadata.uid or "") != str(failed):
+            ctx.deletion_failures[body.metadata.uid or ""] = str(failed)
+            await post_events(ctx.kube, KIND, body, [("Warning", c.DELETION_FAILED, str(failed))])
         raise kopf.TemporaryError(str(failed), delay=retry_delay(retry)) from failed
+    ctx.deletion_failures.pop(body.metadata.uid or "", None)
     cast(HandledSpecs, memo["handled"]).forget(body)
     if own_namespace:
         message = "release uninstalled, licence revoked, namespace deletion requested"

@@ -16,9 +16,10 @@ from typing import Any
 
 from iotistic_billing.k8s import FieldManager
 from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.reconcile import merge_patch, together
 from iotistic_billing.operator.rollout_plan import Decision, Move, OtherRollout, Rollout, decide
-from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus
+from iotistic_billing.rollout import ROLLOUT_KIND, TERMINAL_PHASES, RolloutSpec, RolloutStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ async def _move(ctx: OperatorContext, move: Move) -> None:
 
 
 async def advance(ctx: OperatorContext, name: str) -> Decision | None:
-    """One tick of rollout `name`; None when it is gone or being deleted."""
+    """One tick of rollout `name`, its Events posted; None when it is gone or being deleted."""
     body = await ctx.kube.read_rollout(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -96,6 +97,9 @@ async def advance(ctx: OperatorContext, name: str) -> Decision | None:
     if decision.status.to_k8s() != previous.to_k8s():
         patch = merge_patch(previous.to_k8s(), decision.status.to_k8s())
         await ctx.kube.patch_rollout(name, {"status": patch}, FieldManager.ROLLOUT, status=True)
+    # The Events of the transitions the status now holds, before the moves: a move that fails ends the
+    # tick, and the next one starts from this status, so they would never be posted.
+    await post_events(ctx.kube, ROLLOUT_KIND, body, decision.events)
     await asyncio.gather(*(_move(ctx, move) for move in decision.moves))
     for move in decision.moves:
         log.info(

@@ -126,6 +126,7 @@ def context(cluster: Cluster) -> OperatorContext:
             clock=lambda: NOW,
             customer_view=SimpleNamespace(saw=lambda body: None),
             rollout_wakeups=set(),
+            deletion_failures={},
         ),
     )
 
@@ -366,9 +367,10 @@ async def test_a_failed_step_of_the_deletion_is_named_and_the_customer_marked_te
 
     # Kopf's handler: the failure as a Warning naming the step, retried after the passes' backoff.
     marked = {**body, "status": status}
-    with pytest.raises(kopf.TemporaryError) as retried:
-        await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=1)
-    assert retried.value.delay == 10
+    for retry in range(1, 13):  # an hour of PostgreSQL away: one Warning for the cause, not one a retry
+        with pytest.raises(kopf.TemporaryError) as retried:
+            await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=retry)
+        assert retried.value.delay == min(5 * 2**retry, 300)
     monkeypatch.setattr(delete_module, "revoke_license", recorded)
     await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=2)
 

@@ -43,6 +43,7 @@ class RolloutApi:
         }
         self.crash_at_second_write = False
         self.written: set[str] = set()
+        self.events: list[str] = []  # the reasons of the Events posted, in order
 
     def _write(self, kind: str) -> None:
         self.written.add(kind)
@@ -65,6 +66,12 @@ class RolloutApi:
         self._write("customers")
         self.fleet.apply(cast(Decision, SimpleNamespace(moves=[Move(name, annotations)])))
         return self.fleet.customers[name]
+
+    async def create_event(
+        self, kind: str, involved: Any, *, reason: str, message: str, event_type: str
+    ) -> None:
+        assert kind == "InstanceRollout" and involved["metadata"]["name"] == "r1"
+        self.events.append(reason)
 
     async def patch_rollout(self, name: str, patch: dict[str, Any], manager: Any, status: bool) -> None:
         self._write("status")
@@ -106,3 +113,10 @@ async def test_a_tick_that_dies_at_a_step_boundary_does_not_bake_the_ended_step_
         status = await tick(2)
     assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
     assert fleet.on("2.0.0") == set(fleet.customers)
+    # The crashed tick's Events too (found in review: posted only when a tick returned, they were lost).
+    assert [r for r in api.events if r.startswith("Step")] == [
+        "StepStarted",
+        "StepCompleted",
+        "StepStarted",
+        "StepCompleted",
+    ]
