@@ -182,7 +182,7 @@ async def measure(database_url: str, repeats: int) -> int:
     ratio = statistics.median(product) / statistics.median(baseline)
     per_report = statistics.median(product) / max(reports, 1) * 1e6
     print(f"    ratio {ratio:.2f}; {per_report:.2f} us a report in the window")
-    print(f"    found: {[(u.customer_id, str(u.first_age)) for u in found]}")
+    print(f"    found: {[(u.customer_id, str(u.last_age)) for u in found]}")
     ok = sorted(u.customer_id for u in found) == sorted(LATE)
     print(f"found exactly the three late customers: {'yes' if ok else 'NO'}")
     return 0 if ok else 1

@@ -21,16 +21,9 @@ class Reported:
 
     at: datetime  # the latest arrival: status.usage.lastReportAt
     earliest_start: datetime  # the earliest period_start: the oldest billing period they fall in
-    # The earliest arrival: an ended period is rolled up if its reports came within its close grace
-    # of its end, however late the flush (requeued, or the meter run's for a server that stopped).
-    first_at: datetime
 
     def merged(self, other: Reported) -> Reported:
-        return Reported(
-            max(self.at, other.at),
-            min(self.earliest_start, other.earliest_start),
-            min(self.first_at, other.first_at),
-        )
+        return Reported(max(self.at, other.at), min(self.earliest_start, other.earliest_start))
 
 
 class UsageCoalescer:
@@ -45,7 +38,7 @@ class UsageCoalescer:
     def saw(self, earliest_starts: Mapping[str, datetime], at: datetime) -> None:
         """Reports arrived at `at`: customer id -> the earliest period_start among its reports."""
         for customer_id, start in earliest_starts.items():
-            self._note(customer_id, Reported(at, start, at))
+            self._note(customer_id, Reported(at, start))
 
     def drain(self) -> dict[str, Reported]:
         """Everything recorded so far; the coalescer starts empty again."""

@@ -198,13 +198,17 @@ async def open_missing_rollups(
     period_of: Callable[[datetime], BillingPeriod],
     since: datetime,
     until: datetime,
-    closed_by: datetime,
+    now: datetime,
+    grace: timedelta,
 ) -> tuple[list[Rollup], list[BillingPeriod]]:
     """An open row for each period holding reports of the customer, starting in [since, until), that no
     row holds: `period_of` the earliest such report's start, cut to the gap between the customer's rows
     around it (so that no report is in two rows); the meter run closes and meters it as any other.
-    A period that ended by `closed_by` (its close grace over) gets none, as a closed one takes no more
-    reports: Stripe would refuse or no longer invoice it. Returns the rows opened and those periods."""
+    A period whose first report came `grace` or more after its end gets none, as a closed one takes no
+    more reports: Stripe would refuse or no longer invoice it. When that report came is its own
+    (PostgreSQL's reported_at, placed on the caller's clock `now`), not the customer's first arrival:
+    another period's report that came in time let a late one be billed. Returns the rows opened and
+    those periods."""
     opened: list[Rollup] = []
     missed: list[BillingPeriod] = []
     while (start := await conn.fetchval(_UNHELD_START, customer_id, since, until)) is not None:
@@ -216,7 +220,8 @@ async def open_missing_rollups(
             min(period.end, neighbours["start_after"] or period.end),
         )
         since = gap.end
-        if gap.end <= closed_by:
+        age = await conn.fetchval(_FIRST_ARRIVAL_AGE, customer_id, gap.start, gap.end)
+        if gap.end + grace <= now - age:
             missed.append(gap)
             continue
         rollup = compute_rollup(customer_id, gap, plan, await period_totals(conn, customer_id, gap))
@@ -225,14 +230,21 @@ async def open_missing_rollups(
     return opened, missed
 
 
+# How long ago the first of a customer's reports starting in [$2, $3) was stored, by PostgreSQL's clock.
+_FIRST_ARRIVAL_AGE: Final = """
+SELECT now() - min(reported_at) FROM usage_reports
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+"""
+
+
 # Per customer, the reports stored in the last $1 (by PostgreSQL's clock, which stamped reported_at) that
-# no rollup holds, starting from $2: their earliest start, and how long ago the first and the last
+# no rollup holds, starting from $2: their earliest start, and how long ago the last
 # arrived. The reports come through each partition's reported_at index, the months before $2 pruned;
 # the rollups that end after $2 (two or three a customer, whatever its history) are hashed by customer
 # and each report is checked against its customer's: the window's size is the cost, not the table's.
 _UNHELD_ARRIVALS: Final = """
 SELECT r.customer_id, min(r.period_start) AS earliest_start,
-       now() - min(r.reported_at) AS first_age, now() - max(r.reported_at) AS last_age
+       now() - max(r.reported_at) AS last_age
 FROM usage_reports r
 WHERE r.reported_at >= now() - $1::interval AND r.period_start >= $2
   AND NOT EXISTS (
@@ -251,7 +263,6 @@ class UnheldArrivals:
 
     customer_id: str
     earliest_start: datetime
-    first_age: timedelta  # how long ago the first of them was stored
     last_age: timedelta
 
 
@@ -260,10 +271,7 @@ async def unheld_arrivals(conn: Queryable, within: timedelta, starts_from: datet
     rollup holds: a flush was owed for them and never ran (the server stopped before it), or has not
     run yet. Ages, not times: PostgreSQL stamped them, and the caller's clock places them."""
     rows = await conn.fetch(_UNHELD_ARRIVALS, within, starts_from)
-    return [
-        UnheldArrivals(row["customer_id"], row["earliest_start"], row["first_age"], row["last_age"])
-        for row in rows
-    ]
+    return [UnheldArrivals(row["customer_id"], row["earliest_start"], row["last_age"]) for row in rows]
 
 
 # Reports starting in [$2, $3) that a closed row holds but that were stored after it closed, per row.

@@ -265,11 +265,11 @@ class UsageMetering:
         self, conn: Queryable, record: CustomerRecord, plan: str, reported: Reported, current: BillingPeriod
     ) -> None:
         """Rows for the ended periods of reports starting from `reported.earliest_start` that came
-        within their close grace (from `reported.first_at`): no flush made them while they held its
-        `now` when every report of theirs came after their end (an instance that reports once a period,
-        a new customer's first report after the month ended, a period's last minutes sent after it
-        ended). A report of a period closed, or past its close grace, is kept and billed in no period:
-        a closed row is what Stripe was sent."""
+        within their close grace (each period judged by when its own first report came): no flush made
+        them while they held its `now` when every report of theirs came after their end (an instance
+        that reports once a period, a new customer's first report after the month ended, a period's
+        last minutes sent after it ended). A report of a period closed, or past its close grace, is kept
+        and billed in no period: a closed row is what Stripe was sent."""
         customer_id = record.customer_id
         since = reported.earliest_start
         opened, missed = await open_missing_rollups(
@@ -279,7 +279,8 @@ class UsageMetering:
             lambda moment: customer_period(record.customer, moment),
             since,
             current.start,
-            closed_by=reported.first_at - timedelta(seconds=self.options.close_grace),
+            now=self.clock(),
+            grace=timedelta(seconds=self.options.close_grace),
         )
         for rollup in opened:
             log.info(
@@ -372,8 +373,7 @@ class UsageMetering:
         if not found:
             return FlushResult()
         entries = {
-            unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start, now - unheld.first_age)
-            for unheld in found
+            unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start) for unheld in found
         }
         result = await self._flush(entries)
         log.info(

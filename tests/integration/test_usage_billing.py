@@ -626,6 +626,7 @@ async def test_a_flush_retried_after_the_close_grace_rolls_up_a_period_reported_
     assert await arrive(usage, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
     usage.coalescer.requeue(usage.coalescer.drain())  # as a failed flush leaves it
     usage.clock = lambda: MARCH.end + timedelta(hours=2)
+    await stored_ago(db_engine, customer_id, timedelta(hours=2) - timedelta(minutes=5))
     assert (await usage.flush()).patched == 1
     assert (await rollup_periods(db_engine, customer_id))[0] == (MARCH.start, MARCH.end, 3, False)
 
@@ -988,3 +989,27 @@ async def test_the_migration_matches_the_models_of_usage_metering(db_engine: Asy
 
     async with db_engine.connect() as connection:
         assert await connection.run_sync(differences) == []
+
+
+async def test_a_period_whose_reports_came_past_its_grace_is_not_billed_for_another_periods_report(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """Found in review: lateness was judged by the customer's first arrival, so an April report that came
+    in time (its flush failed and was retried) let March's reports, which came 90 minutes after March
+    ended, past the grace, be rolled up and billed. Each period is judged by its own reports."""
+    _, customer_id = tenant
+    usage = usage_api.app[USAGE]
+    on_time = report(customer_id, "april-on-time", start=MARCH.end + timedelta(minutes=5), hours=1)
+    assert await arrive(usage, [on_time], MARCH.end + timedelta(minutes=10)) == Accepted(1, 0)
+    usage.coalescer.requeue(usage.coalescer.drain())  # its flush failed (the API server away)
+    await stored_ago(db_engine, customer_id, timedelta(minutes=80))
+    assert await arrive(usage, march_reports(customer_id)[:3], MARCH.end + timedelta(minutes=90)) == Accepted(
+        3, 0
+    )
+    await stored_ago(db_engine, customer_id, timedelta(minutes=5))
+    usage.clock = lambda: MARCH.end + timedelta(minutes=95)
+    assert (await usage.flush()).patched == 1
+    april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
+    assert [(start, end) for start, end, *_ in await rollup_periods(db_engine, customer_id)] == [
+        (april.start, april.end)
+    ]
