@@ -68,6 +68,8 @@ def database_unreachable(error: BaseException) -> bool:
     """Whether `error` says PostgreSQL cannot be reached (refused, dropped, shutting down, out of
     connections or slots, timed out), raised by asyncpg, by SQLAlchemy's sessions or as
     DatabaseUnavailable: a dependency away, to retry, not a bug to log with its traceback."""
+    if any(_client_bug(cause) for cause in _causes(error)):
+        return False
     # asyncpg raises OSError (a refused connection) from connect straight through SQLAlchemy's pool.
     if isinstance(error, (DatabaseUnavailable, *CONNECTION_ERRORS)):
         return True
@@ -75,6 +77,26 @@ def database_unreachable(error: BaseException) -> bool:
         return True
     # asyncpg reports a dropped connection as a DBAPI error flagged as invalidating the connection.
     return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error`, what SQLAlchemy wrapped in it, and what that was raised from."""
+    found = [error]
+    for _ in range(3):
+        inner = getattr(found[-1], "orig", None) or found[-1].__cause__
+        if not isinstance(inner, BaseException) or inner in found:
+            break
+        found.append(inner)
+    return found
+
+
+def _client_bug(error: BaseException) -> bool:
+    """asyncpg's InterfaceErrors of our own making, not of the connection: an argument it cannot encode
+    (DataError), a second query on a connection in use. Found in review: reported as "PostgreSQL cannot
+    be reached", once an outage, they went quiet."""
+    if isinstance(error, asyncpg.exceptions.DataError):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "another operation is in progress" in str(error)
 
 
 def asyncpg_dsn(database_url: str) -> str:

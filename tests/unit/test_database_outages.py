@@ -17,7 +17,7 @@ from typing import Any, cast
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.pool import DatabaseUnavailable, database_unreachable
@@ -182,5 +182,16 @@ async def test_a_refused_connection_is_postgresql_unreachable_through_sqlalchemy
         TimeoutError(),
     ):
         assert database_unreachable(error), repr(error)
-    for error in (RuntimeError("a bug"), ValueError("bad"), asyncpg.exceptions.UndefinedTableError("x")):
+    # Found in review: asyncpg's client-side InterfaceErrors are bugs of ours, not an outage.
+    encoding = asyncpg.exceptions.DataError("invalid input for query argument $1: 'x' (an int is required)")
+    wrapped = DBAPIError("SELECT $1", {}, encoding)
+    in_use = asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+    for error in (
+        RuntimeError("a bug"),
+        ValueError("bad"),
+        asyncpg.exceptions.UndefinedTableError("x"),
+        encoding,
+        wrapped,
+        in_use,
+    ):
         assert not database_unreachable(error), repr(error)
