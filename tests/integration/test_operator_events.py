@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,12 @@ from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 from tests.conftest import OperatorProcess, unique_name, wait_until
 from tests.integration.test_operator import Cluster, customer_manifest
+from tests.integration.test_operator_recovery import (  # noqa: F401 - fixtures
+    cluster_fixture,
+    paused_operator_fixture,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess) -> Cluster:
-    return Cluster(k8s_client, kubeconfig)
-
-
-@pytest.fixture
-def paused_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
-    """The session operator, which the test restarts with other settings; it runs again, as configured
-    for the session, after the test whatever happens."""
-    try:
-        yield operator
-    finally:
-        operator.kill()
-        operator.start()
 
 
 def described(cluster: Cluster, kind: str, name: str, uid: str) -> list[Any]:

@@ -45,13 +45,15 @@ from tests.integration.test_operator import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def cluster(k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess) -> Cluster:
+@pytest.fixture(name="cluster")
+def cluster_fixture(
+    k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess
+) -> Cluster:
     return Cluster(k8s_client, kubeconfig)
 
 
-@pytest.fixture
-def paused_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
+@pytest.fixture(name="paused_operator")
+def paused_operator_fixture(operator: OperatorProcess) -> Iterator[OperatorProcess]:
     """The session operator, which the test may stop or restart with other settings; it runs again,
     as configured for the session, after the test whatever happens."""
     try:

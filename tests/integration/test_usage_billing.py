@@ -540,6 +540,20 @@ async def stored_ago(engine: AsyncEngine, customer_id: str, age: timedelta) -> N
         )
 
 
+async def server_at(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customer_id: str, arrival: datetime
+) -> tuple[UsageMetering, Recorder]:
+    """The server the reports arrive at, its clock at `arrival`, its meter events recorded; the
+    customer linked to a Stripe customer, so that its periods are metered."""
+    await link_stripe_customer(db_engine, customer_id)
+    server = usage_api.app[USAGE]
+    server.clock = lambda: arrival
+    assert server.meter_sender is not None
+    recorder = Recorder(server.meter_sender)
+    server.meter_sender = recorder
+    return server, recorder
+
+
 async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_dies_before_the_flush(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
 ) -> None:
@@ -549,13 +563,8 @@ async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_d
     customer from what PostgreSQL holds, then closes March and meters it; later runs, on any replica,
     send nothing more."""
     _, customer_id = tenant
-    await link_stripe_customer(db_engine, customer_id)
-    killed = usage_api.app[USAGE]
     arrival = MARCH.end + timedelta(minutes=5)
-    killed.clock = lambda: arrival
-    assert killed.meter_sender is not None
-    recorder = Recorder(killed.meter_sender)
-    killed.meter_sender = recorder
+    killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)  # the 202
     killed.coalescer.drain()  # what the kill takes away: no flush ever sees these reports
 
@@ -591,13 +600,8 @@ async def test_a_period_reported_past_its_close_grace_stays_unbilled_when_its_se
     meter run's flush opens no row for March (it is billed in no period, as with a flush in time) and
     says so; no meter event."""
     _, customer_id = tenant
-    await link_stripe_customer(db_engine, customer_id)
-    killed = usage_api.app[USAGE]
     arrival = MARCH.end + timedelta(minutes=90)
-    killed.clock = lambda: arrival
-    assert killed.meter_sender is not None
-    recorder = Recorder(killed.meter_sender)
-    killed.meter_sender = recorder
+    killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
     killed.coalescer.drain()
 
