@@ -66,7 +66,7 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.pool import asyncpg_dsn
+from iotistic_billing.db.engine import plain_url
 from iotistic_billing.devenv.controlplane import ControlPlane, find_binary
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import CustomerRecord
@@ -313,7 +313,7 @@ def create_customers(
 async def fill_database(database_url: str, customers: list[tuple[Shape, str]], usage_days: float) -> int:
     """The mirror rows of the Customers (the operator's `Directory.remember`), and `usage_days` of
     5-minute usage reports of each (reported at the end of its period); the number of reports."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
         await conn.executemany(
             "INSERT INTO customers (customer_id, resource_name, email, company_name, plan, phase,"

@@ -55,7 +55,8 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.pool import asyncpg_dsn, keep_session
+from iotistic_billing.db.engine import plain_url
+from iotistic_billing.db.pool import keep_session
 from iotistic_billing.processes import free_port, wait_for_port
 from iotistic_billing.settings import load_settings
 from iotistic_billing.usage.options import UsageOptions
@@ -135,7 +136,7 @@ def baseline_app(database_url: str) -> web.Application:
     async def pool(app: web.Application) -> AsyncIterator[None]:
         # The product's pool settings (no per-release reset query), so that only the work differs.
         app[pool_key] = await asyncpg.create_pool(
-            asyncpg_dsn(database_url), min_size=0, max_size=10, reset=keep_session
+            plain_url(database_url), min_size=0, max_size=10, reset=keep_session
         )
         yield
         await app[pool_key].close()
@@ -352,7 +353,7 @@ async def copy_rows(database_url: str, connections: int, seconds: float, ids: Id
         datetime.fromisoformat(sample[c]) if c.startswith("period_") else sample[c] for c in COLUMNS[3:]
     ]
     values[COLUMNS.index("postgres_size_mb") - 3] = Decimal("125.5")
-    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=connections, max_size=connections)
+    pool = await asyncpg.create_pool(plain_url(database_url), min_size=connections, max_size=connections)
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
 
@@ -373,7 +374,7 @@ async def copy_rows(database_url: str, connections: int, seconds: float, ids: Id
 
 
 async def stored_reports(database_url: str) -> int:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
         return int(await conn.fetchval("SELECT count(*) FROM usage_reports"))
     finally:
@@ -535,7 +536,7 @@ async def fill(database_url: str, rows: int, months: int) -> int:
     slots = -(-rows // FILL_INSTANCES)
     step = (NOW - first) / slots
     # Not the product's pool: its statements time out after 10 s, and a month takes longer.
-    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=2, max_size=2)
+    pool = await asyncpg.create_pool(plain_url(database_url), min_size=2, max_size=2)
     written = 0
 
     async def month_chunk(offset: int) -> None:
@@ -587,7 +588,7 @@ async def measure(args: argparse.Namespace, database_url: str, product: Server, 
 
 
 async def add_key(database_url: str) -> None:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
         await conn.execute(
             "INSERT INTO api_keys (customer_id, key_hash, key_prefix, purpose) VALUES ($1, $2, $3, 'usage')",

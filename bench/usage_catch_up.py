@@ -39,7 +39,7 @@ from usage import GENERATED
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.pool import asyncpg_dsn
+from iotistic_billing.db.engine import plain_url
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import maintain_partitions, month_of
 from iotistic_billing.usage.periods import shift_months
@@ -78,7 +78,7 @@ async def fill(database_url: str, args: argparse.Namespace) -> int:
             )
     finally:
         await pool.close()
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
         began = time.perf_counter()
         recent_start = NOW - timedelta(hours=args.recent_hours)
@@ -158,7 +158,7 @@ async def measure(database_url: str, repeats: int) -> int:
     window = options.catch_up_window
     # As UsageMetering.flush_unheld bounds it.
     starts_from = NOW - window - timedelta(seconds=options.close_grace) - MAX_PERIOD
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(plain_url(database_url))
     try:
         product, found = await timed(repeats, lambda: unheld_arrivals(conn, window, starts_from))
         baseline, reports = await timed(repeats, lambda: conn.fetchval(BASELINE, window, starts_from))

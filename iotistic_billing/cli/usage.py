@@ -82,10 +82,11 @@ def _usage(args: argparse.Namespace) -> int:
     url = _database_url()
     import asyncpg
 
-    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable, asyncpg_dsn
+    from iotistic_billing.db.engine import plain_url
+    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable
 
     try:
-        _ = urlsplit(asyncpg_dsn(url)).port  # a URL asyncpg cannot parse: said before connecting
+        _ = urlsplit(plain_url(url)).port  # a URL asyncpg cannot parse: said before connecting
     except ValueError as error:
         raise CommandError(f"DATABASE_URL: {error}") from None
     try:

@@ -18,7 +18,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from iotistic_billing.db.engine import SESSION_SETTINGS
+from iotistic_billing.db.engine import SESSION_SETTINGS, plain_url
 
 Record = Mapping[str, Any]
 
@@ -99,14 +99,6 @@ def _client_bug(error: BaseException) -> bool:
     return isinstance(error, asyncpg.InterfaceError) and "another operation is in progress" in str(error)
 
 
-def asyncpg_dsn(database_url: str) -> str:
-    """DATABASE_URL as asyncpg takes it: `postgresql://` (SQLAlchemy's `+asyncpg` driver suffix off)."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
-        if database_url.startswith(prefix):
-            return "postgresql://" + database_url[len(prefix) :]
-    raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
-
-
 async def keep_session(connection: Connection) -> None:
     """The pool's reset: nothing. asyncpg's default runs `RESET ALL; UNLISTEN *; CLOSE ALL; SELECT
     pg_advisory_unlock_all()` on every release, a second round trip per statement; our sessions set
@@ -121,7 +113,7 @@ async def open_pool(
     """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
     and answers 503 until it is back, as the rest of the API does. `init` runs on each new connection."""
     pool: Pool = await asyncpg.create_pool(
-        asyncpg_dsn(database_url),
+        plain_url(database_url),
         min_size=0,
         max_size=max_size,
         init=init,
@@ -145,7 +137,7 @@ async def connect(database_url: str) -> Connection:
     """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
     try:
         conn: Connection = await asyncpg.connect(
-            asyncpg_dsn(database_url),
+            plain_url(database_url),
             timeout=5,
             command_timeout=CLI_COMMAND_TIMEOUT,
             server_settings=SESSION_SETTINGS,
@@ -173,7 +165,6 @@ __all__ = [
     "Pool",
     "Queryable",
     "Record",
-    "asyncpg_dsn",
     "connect",
     "connection",
     "database_unreachable",

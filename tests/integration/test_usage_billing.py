@@ -312,6 +312,8 @@ async def link_stripe_customer(engine: AsyncEngine, customer_id: str) -> str:
                 "INSERT INTO customers"
                 " (customer_id, resource_name, email, company_name, plan, stripe_customer_id)"
                 " VALUES (:c, :r, 'ops@example.com', 'Metered Inc', 'starter', :s)"
+                # A flush may have mirrored the tenant first (its usage_api runs one in the background).
+                " ON CONFLICT (customer_id) DO UPDATE SET stripe_customer_id = EXCLUDED.stripe_customer_id"
             ),
             {"c": customer_id, "r": customer_id.replace("_", "-"), "s": stripe_customer_id},
         )

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.db.pool import Pool, asyncpg_dsn
+from iotistic_billing.db.engine import create_engine, plain_url, session_factory
+from iotistic_billing.db.pool import Pool
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import Kube
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -82,7 +82,7 @@ async def pool_fixture(postgres: EmbeddedPostgres) -> AsyncIterator[Pool]:
 
 
 async def snapshot(url: str) -> list[tuple[Any, ...]]:
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await asyncpg.connect(plain_url(url))
     try:
         rows = await conn.fetch(f"SELECT {ALL_COLUMNS} FROM usage_reports ORDER BY id")  # noqa: S608
         return [tuple(row) for row in rows]
@@ -114,7 +114,7 @@ async def fill_version_0006(url: str) -> None:
         month(2025, 2) + timedelta(days=27),
         this_month,
     ]
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await asyncpg.connect(plain_url(url))
     try:
         rows = [
             (
@@ -161,7 +161,7 @@ async def test_the_partition_migration_keeps_every_row_up_down_and_up_again(
 
     await migrated(url, "0007")  # the revision under test; later ones have downgrades of their own
     assert await snapshot(url) == before
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await asyncpg.connect(plain_url(url))
     try:
         made = await partitions(conn)
         this_month = month_of(datetime.now(UTC))
@@ -200,7 +200,7 @@ async def test_the_partition_migration_keeps_every_row_up_down_and_up_again(
     # later report of r-0, changing nothing, until it is deleted on purpose.
     with pytest.raises(RuntimeError, match=r"1 usage reports repeat the .* discard them. Nothing changed"):
         await migrated(url, "0006", down=True)
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await asyncpg.connect(plain_url(url))
     try:
         assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0007"
         assert len(await snapshot(url)) == len(before) + 1
@@ -209,7 +209,7 @@ async def test_the_partition_migration_keeps_every_row_up_down_and_up_again(
         await conn.close()
     await migrated(url, "0006", down=True)
     assert await snapshot(url) == before
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await asyncpg.connect(plain_url(url))
     try:
         assert (
             await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = 'usage_reports'") == "r"
