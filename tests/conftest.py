@@ -30,15 +30,31 @@ from iotistic_billing.devenv.stripe_mock import StripeMock
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "crds"
 # `make test` runs two pytest workers (pytest-xdist, --dist loadgroup), each group of tests whole on
-# one worker with its own session parts: the simulated cluster's end-to-end tests, which mostly wait for
-# rollouts and bakes, run beside the tests on the bare control plane instead of after them.
-SIMULATED_CLUSTER_GROUP = ("tests/e2e/", "tests/unit/", "tests/integration/test_dev_environment.py")
+# one worker, which starts only the session parts its group uses. One runs the end-to-end tests on the
+# simulated cluster, which mostly wait for rollouts and bakes, the dev environment's and the unit tests,
+# and, to even the two workers out by `make test`'s --durations, integration tests that need no session
+# operator; the other runs the rest on its bare control plane.
+END_TO_END_WORKER = (
+    "tests/e2e/",
+    "tests/unit/",
+    "tests/integration/test_dev_environment.py",
+    "tests/integration/test_database.py",
+    "tests/integration/test_license_history.py",
+    "tests/integration/test_no_leftover_processes.py",
+    "tests/integration/test_rbac.py",
+    "tests/integration/test_stripe_mock.py",
+    "tests/integration/test_usage_partitions.py",
+    "tests/integration/test_webhook_schemathesis.py",
+    "tests/integration/test_stripe_inbox.py",
+    "tests/integration/test_usage_billing.py",
+)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         where = Path(item.path).relative_to(REPO).as_posix()
-        group = "simulated-cluster" if where.startswith(SIMULATED_CLUSTER_GROUP) else "control-plane"
+        group = "end-to-end" if where.startswith(END_TO_END_WORKER) else "control-plane"
         item.add_marker(pytest.mark.xdist_group(group))
 
 

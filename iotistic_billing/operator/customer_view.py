@@ -28,7 +28,8 @@ def _lean(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class CustomerView:
-    def __init__(self, api: KubeApi) -> None:
+    def __init__(self, api: KubeApi, first_list_seconds: float = FIRST_LIST_SECONDS) -> None:
+        self._first_list_seconds = first_list_seconds
         self._bodies: dict[str, dict[str, Any]] = {}
         # The resourceVersion each deleted Customer was deleted at: an older body of it is not kept.
         self._deleted: dict[str, int] = {}
@@ -48,7 +49,7 @@ class CustomerView:
                 self._waiters.append((asyncio.get_running_loop(), ready))
             if not self._following.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(FIRST_LIST_SECONDS):
+                    async with asyncio.timeout(self._first_list_seconds):
                         await ready.wait()
             if not self._following.is_set():
                 raise KubernetesUnavailable("the Customer view is not following the API server")
