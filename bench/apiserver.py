@@ -151,7 +151,7 @@ class Requests:
 
         return {
             "POST namespaces (baseline)": (
-                lambda i: api.call(api.core.create_namespace, self.namespace("post", i), parse=False),
+                lambda i: api.call("POST", "/api/v1/namespaces", body=self.namespace("post", i), parse=False),
                 None,
             ),
             "APPLY namespaces, new": (lambda i: api.apply(self.namespace("ns", i)), None),
@@ -199,9 +199,9 @@ class Requests:
                 lambda i: api.list_deployments(self.name("ns", i), "app.kubernetes.io/instance=instance"),
                 lambda i: [
                     api.call(
-                        api.apps.create_namespaced_deployment,
-                        self.name("ns", i),
-                        deployment(f"d{k}", self.name("ns", i)),
+                        "POST",
+                        f"/apis/apps/v1/namespaces/{self.name('ns', i)}/deployments",
+                        body=deployment(f"d{k}", self.name("ns", i)),
                         parse=False,
                     )
                     for k in range(5)

@@ -23,6 +23,7 @@ from enum import StrEnum
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, Literal, NamedTuple, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import kubernetes
 import urllib3
@@ -34,9 +35,9 @@ from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
 # Labels and names only: helm's storage Secrets carry the whole release (chart files included).
-_METADATA_ONLY: Final = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
+_METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 # The same for the objects of a watch's events.
-_METADATA_ONLY_EVENTS: Final = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+_METADATA_ONLY_EVENTS: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 # Seconds to connect to the API server and to wait for each read of its answer (the webhook server sets
 # its own): one that accepts and never answers, or a connection gone half-open, held the calling thread
 # for ever, and with it a pass's lock and slot. The API server gives up on a request itself after 60 s.
@@ -106,8 +107,6 @@ class KubernetesUnavailable(Exception):
 
 # Answers after which a write may have been made: the server's own failure or timeout mid-request.
 _MAYBE_APPLIED_STATUSES: Final = frozenset({500, 504})
-# The client's methods that only read (the rest write).
-_READS: Final = ("read_", "list_", "get_")
 
 
 @contextmanager
@@ -193,6 +192,25 @@ def resource_version(body: Mapping[str, Any]) -> int:
         return 0
 
 
+def _path(*parts: str) -> str:
+    """A REST path of the API server; every part after the first (a fixed prefix) is a name, quoted, so
+    that no name given on a command line reaches another path."""
+    return "/".join([parts[0], *(quote(part, safe="") for part in parts[1:])])
+
+
+def _customers(plural: str, *names: str) -> str:
+    """Our cluster-scoped resources' path (`customers`, `instancerollouts`), an object's, its status'."""
+    return _path(f"/apis/{GROUP}/{VERSION}/{plural}", *names)
+
+
+# Where the watched resources are listed and watched, across namespaces.
+_WATCHED_PATHS: Final = {
+    "customers": _customers(PLURAL),
+    "deployments": "/apis/apps/v1/deployments",
+    "secrets": "/api/v1/secrets",
+}
+
+
 def customer_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
 
@@ -211,19 +229,53 @@ class KubeApi:
         self.client = client
         self.field_manager = field_manager
         self.timeout = CALL_TIMEOUT if timeout is None else timeout
-        self.core = kubernetes.client.CoreV1Api(client)
-        self.apps = kubernetes.client.AppsV1Api(client)
-        self.objects = kubernetes.client.CustomObjectsApi(client)
-        self.versions = kubernetes.client.VersionApi(client)
 
-    def call(self, method: Callable[..., Any], *args: Any, parse: bool = True, **options: Any) -> Any:
-        """`method` of the official client, its body parsed as plain JSON (read whole either way, which
-        returns the connection to the pool); building the client's models was the largest single part
-        of the operator's CPU."""
-        name = getattr(method, "__name__", "") or getattr(getattr(method, "func", None), "__name__", "")
-        with _unavailable_as_such(writes=not name.startswith(_READS)):
-            body = method(*args, _preload_content=False, _request_timeout=self.timeout, **options).data
-        return json.loads(body) if parse else None
+    def send(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        *,
+        content_type: str | None = None,
+        accept: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """One request to the API server, through the official client's connection pool and credentials,
+        its answer not read yet (a watch streams it); ApiException for any answer but a 2xx. Not the
+        client's typed API classes: importing them took a second at every start of the operator and of
+        each CLI command, and their pydantic checks a third of a call's own CPU (bench/kube_client.py).
+        """
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        params = [(key, value) for key, value in (query or {}).items() if value is not None]
+        request = self.client.param_serialize(
+            method, path, query_params=params, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        answer: Any = self.client.call_api(*request, _request_timeout=timeout or self.timeout)
+        if not 200 <= answer.status <= 299:
+            answer.read()
+            raise ApiException.from_response(http_resp=answer, body=None, data=None)
+        response: urllib3.BaseHTTPResponse = answer.response
+        return response
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        *,
+        content_type: str | None = None,
+        accept: str = "application/json",
+        parse: bool = True,
+    ) -> Any:
+        """`send`, its answer read whole (which returns the connection to the pool) and parsed as plain
+        JSON: building the client's models was the largest single part of the operator's CPU."""
+        with _unavailable_as_such(writes=method != "GET"):
+            data = self.send(method, path, query, body, content_type=content_type, accept=accept).data
+        return json.loads(data) if parse else None
 
     def _manager(self, manager: FieldManager | None) -> str:
         return str(manager or self.field_manager)
@@ -231,40 +283,30 @@ class KubeApi:
     # ----- Customers -----
 
     def read_customer(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = not_found_as_none(
-            self.call, self.objects.get_cluster_custom_object, GROUP, VERSION, PLURAL, name
-        )
+        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _customers(PLURAL, name))
         return found
 
     def list_customers(self, page_size: int = 500) -> list[dict[str, Any]]:
         return self.list_at(CUSTOMERS, page_size)[0]
 
-    def _lister(self, kind: Watched, events: bool) -> Callable[..., Any]:
-        """The client's list call of `kind`, with its selector and Accept header bound."""
-        methods: dict[str, Callable[..., Any]] = {
-            "customers": partial(self.objects.list_cluster_custom_object, GROUP, VERSION, PLURAL),
-            "deployments": self.apps.list_deployment_for_all_namespaces,
-            "secrets": self.core.list_secret_for_all_namespaces,
-        }
-        options: dict[str, Any] = {}
-        if kind.label_selector:
-            options["label_selector"] = kind.label_selector
-        if kind.metadata_only:
-            options["_headers"] = _METADATA_ONLY_EVENTS if events else _METADATA_ONLY
-        return partial(methods[kind.resource], **options)
-
     def list_at(self, kind: Watched, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
         """Every object of `kind`, and the resourceVersion of the list (where a watch of what follows
         starts)."""
-        return self._list_pages(self._lister(kind, events=False), page_size)
+        return self._list_pages(
+            _WATCHED_PATHS[kind.resource],
+            {"labelSelector": kind.label_selector},
+            page_size,
+            _METADATA_ONLY if kind.metadata_only else "application/json",
+        )
 
-    def _list_pages(self, lister: Callable[..., Any], page_size: int) -> tuple[list[dict[str, Any]], str]:
-        """Every object a list call returns, a page at a time, and the list's resourceVersion."""
+    def _list_pages(
+        self, path: str, query: Mapping[str, Any], page_size: int, accept: str = "application/json"
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every object a list at `path` returns, a page at a time, and the list's resourceVersion."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            extra: dict[str, Any] = {"_continue": token} if token else {}
-            page = self.call(lister, limit=page_size, **extra)
+            page = self.call("GET", path, {**query, "limit": page_size, "continue": token}, accept=accept)
             # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
             items.extend(page.get("items") or [])
             metadata = page.get("metadata") or {}
@@ -283,16 +325,20 @@ class KubeApi:
         until the server ends the watch. `opened` gets the response, so that another thread may close
         it to stop the watch."""
         with _unavailable_as_such(f"cannot watch {kind.what}: "):
-            response = self._lister(kind, events=True)(
-                watch=True,
-                allow_watch_bookmarks=True,
-                resource_version=resource_version,
-                timeout_seconds=timeout_seconds,
+            response = self.send(
+                "GET",
+                _WATCHED_PATHS[kind.resource],
+                {
+                    "labelSelector": kind.label_selector,
+                    "watch": True,
+                    "allowWatchBookmarks": True,
+                    "resourceVersion": resource_version,
+                    "timeoutSeconds": timeout_seconds,
+                },
+                accept=_METADATA_ONLY_EVENTS if kind.metadata_only else "application/json",
                 # A read that waits longer than the server's own end of the watch: the connection is gone.
-                _request_timeout=(CALL_TIMEOUT[0], timeout_seconds + WATCH_READ_MARGIN),
-                _preload_content=False,
+                timeout=(CALL_TIMEOUT[0], timeout_seconds + WATCH_READ_MARGIN),
             )
-            assert isinstance(response, urllib3.BaseHTTPResponse)
         if opened is not None:
             opened(response)
         try:
@@ -313,27 +359,13 @@ class KubeApi:
     def create_customer(self, body: dict[str, Any], manager: FieldManager | None = None) -> dict[str, Any]:
         """Create a Customer; ApiException 409 when the name is taken."""
         created: dict[str, Any] = self.call(
-            self.objects.create_cluster_custom_object,
-            GROUP,
-            VERSION,
-            PLURAL,
-            body,
-            field_manager=self._manager(manager),
+            "POST", _customers(PLURAL), {"fieldManager": self._manager(manager)}, body
         )
         return created
 
-    def _merge_patch(
-        self, method: Callable[..., Any], name: str, patch: dict[str, Any], manager: FieldManager | None
-    ) -> dict[str, Any]:
+    def _merge_patch(self, path: str, patch: dict[str, Any], manager: FieldManager | None) -> dict[str, Any]:
         patched: dict[str, Any] = self.call(
-            method,
-            GROUP,
-            VERSION,
-            PLURAL,
-            name,
-            patch,
-            field_manager=self._manager(manager),
-            _content_type=MERGE_PATCH,
+            "PATCH", path, {"fieldManager": self._manager(manager)}, patch, content_type=MERGE_PATCH
         )
         return patched
 
@@ -341,7 +373,7 @@ class KubeApi:
         self, name: str, patch: dict[str, Any], manager: FieldManager | None = None
     ) -> dict[str, Any]:
         """A merge patch of a Customer (spec changes of people and admins: a plan, a suspension)."""
-        return self._merge_patch(self.objects.patch_cluster_custom_object, name, patch, manager)
+        return self._merge_patch(_customers(PLURAL, name), patch, manager)
 
     def apply_customer_spec(
         self, name: str, spec: dict[str, Any], manager: FieldManager | None = None
@@ -352,15 +384,11 @@ class KubeApi:
 
     def _apply_customer(self, body: dict[str, Any], manager: FieldManager | None) -> dict[str, Any]:
         applied: dict[str, Any] = self.call(
-            self.objects.patch_cluster_custom_object,
-            GROUP,
-            VERSION,
-            PLURAL,
-            body["metadata"]["name"],
+            "PATCH",
+            _customers(PLURAL, body["metadata"]["name"]),
+            {"fieldManager": self._manager(manager), "force": True},
             body,
-            field_manager=self._manager(manager),
-            force=True,
-            _content_type=APPLY_PATCH,
+            content_type=APPLY_PATCH,
         )
         return applied
 
@@ -376,7 +404,7 @@ class KubeApi:
         patch: dict[str, Any] = {"status": status}
         if resource_version is not None:
             patch["metadata"] = {"resourceVersion": resource_version}
-        return self._merge_patch(self.objects.patch_cluster_custom_object_status, name, patch, manager)
+        return self._merge_patch(_customers(PLURAL, name, "status"), patch, manager)
 
     def apply_customer_annotations(
         self, name: str, annotations: dict[str, str], manager: FieldManager | None = None
@@ -393,58 +421,38 @@ class KubeApi:
     # ----- InstanceRollouts -----
 
     def list_rollouts(self) -> list[dict[str, Any]]:
-        page = self.call(self.objects.list_cluster_custom_object, GROUP, VERSION, ROLLOUT_PLURAL)
+        page = self.call("GET", _customers(ROLLOUT_PLURAL))
         items: list[dict[str, Any]] = page.get("items") or []
         return items
 
     def read_rollout(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = not_found_as_none(
-            self.call, self.objects.get_cluster_custom_object, GROUP, VERSION, ROLLOUT_PLURAL, name
-        )
+        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _customers(ROLLOUT_PLURAL, name))
         return found
 
     def patch_rollout(
         self, name: str, patch: dict[str, Any], manager: FieldManager | None = None, status: bool = False
     ) -> dict[str, Any]:
         """A merge patch of an InstanceRollout (the console's pause, resume, abort), or of its status."""
-        method = (
-            self.objects.patch_cluster_custom_object_status
-            if status
-            else self.objects.patch_cluster_custom_object
-        )
-        patched: dict[str, Any] = self.call(
-            method,
-            GROUP,
-            VERSION,
-            ROLLOUT_PLURAL,
-            name,
-            patch,
-            field_manager=self._manager(manager),
-            _content_type=MERGE_PATCH,
-        )
-        return patched
+        path = _customers(ROLLOUT_PLURAL, name, "status") if status else _customers(ROLLOUT_PLURAL, name)
+        return self._merge_patch(path, patch, manager)
 
     # ----- namespaced objects -----
 
     def apply(self, body: dict[str, Any]) -> None:
         """Server-side apply of a Namespace or a Secret: create or converge in one call."""
         meta = body["metadata"]
-        options: dict[str, Any] = {
-            "field_manager": self._manager(None),
-            "force": True,
-            "_content_type": APPLY_PATCH,
-            "parse": False,
-        }
         if body["kind"] == "Namespace":
-            self.call(self.core.patch_namespace, meta["name"], body, **options)
+            path = _path("/api/v1/namespaces", meta["name"])
         elif body["kind"] == "Secret":
-            self.call(self.core.patch_namespaced_secret, meta["name"], meta["namespace"], body, **options)
+            path = _path("/api/v1/namespaces", meta["namespace"], "secrets", meta["name"])
         else:
             raise ValueError(f"apply of {body['kind']} is not supported")
+        query = {"fieldManager": self._manager(None), "force": True}
+        self.call("PATCH", path, query, body, content_type=APPLY_PATCH, parse=False)
 
     def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
         """A Secret's decoded data, annotations and labels, or None when it (or its namespace) is missing."""
-        secret = not_found_as_none(self.call, self.core.read_namespaced_secret, name, namespace)
+        secret = not_found_as_none(self.call, "GET", _path("/api/v1/namespaces", namespace, "secrets", name))
         if secret is None:
             return None
         data = {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
@@ -465,15 +473,16 @@ class KubeApi:
         encoded = {
             key: None if value is None else base64.b64encode(value).decode() for key, value in data.items()
         }
-        options: dict[str, Any] = {"field_manager": self._manager(manager), "parse": False}
+        secrets = _path("/api/v1/namespaces", namespace, "secrets")
+        query = {"fieldManager": self._manager(manager)}
         patch = partial(
             self.call,
-            self.core.patch_namespaced_secret,
-            name,
-            namespace,
+            "PATCH",
+            _path(secrets, name),
+            query,
             {"data": encoded},
-            _content_type=MERGE_PATCH,
-            **options,
+            content_type=MERGE_PATCH,
+            parse=False,
         )
         try:
             patch()
@@ -491,7 +500,7 @@ class KubeApi:
             "data": {key: value for key, value in encoded.items() if value is not None},
         }
         try:
-            self.call(self.core.create_namespaced_secret, namespace, body, **options)
+            self.call("POST", secrets, query, body, parse=False)
         except ApiException as error:
             if error.status != 409:
                 raise
@@ -502,7 +511,7 @@ class KubeApi:
         it is being deleted. Cheaper for the API server than an apply, and it never takes over a
         namespace someone else made."""
         try:
-            self.call(self.core.create_namespace, body, field_manager=self._manager(None), parse=False)
+            self.call("POST", "/api/v1/namespaces", {"fieldManager": self._manager(None)}, body, parse=False)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -510,13 +519,13 @@ class KubeApi:
         return True
 
     def read_namespace(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = not_found_as_none(self.call, self.core.read_namespace, name)
+        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _path("/api/v1/namespaces", name))
         return found
 
     def delete_namespace(self, name: str) -> bool:
         """Request the namespace's deletion; False when it was already gone."""
         try:
-            self.call(self.core.delete_namespace, name, parse=False)
+            self.call("DELETE", _path("/api/v1/namespaces", name), parse=False)
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -525,7 +534,10 @@ class KubeApi:
 
     def list_deployments(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         result = not_found_as_none(
-            self.call, self.apps.list_namespaced_deployment, namespace, label_selector=selector
+            self.call,
+            "GET",
+            _path("/apis/apps/v1/namespaces", namespace, "deployments"),
+            {"labelSelector": selector},
         )
         items: list[dict[str, Any]] = (result or {}).get("items") or []
         return items
@@ -534,10 +546,10 @@ class KubeApi:
         """Helm's own storage (Secrets labelled owner=helm): revision -> its labels (helm's `status`
         among them), read without helm."""
         result = self.call(
-            self.core.list_namespaced_secret,
-            namespace,
-            label_selector=f"owner=helm,name={release}",
-            _headers=_METADATA_ONLY,
+            "GET",
+            _path("/api/v1/namespaces", namespace, "secrets"),
+            {"labelSelector": f"owner=helm,name={release}"},
+            accept=_METADATA_ONLY,
         )
         revisions = {}
         # An empty PartialObjectMetadataList has "items": null (kubernetes-client/python#2142).
@@ -550,12 +562,11 @@ class KubeApi:
         """The newest `limit` Events about Customer `name`, newest first, from EVENTS_NAMESPACE, where
         every one is posted (create_event). Read whole, a page at a time: the API server lists in the
         order of the Events' names, which are random, so a first page of `limit` was any `limit`."""
-        lister = partial(
-            self.core.list_namespaced_event,
-            EVENTS_NAMESPACE,
-            field_selector=f"involvedObject.kind={KIND},involvedObject.name={name}",
-        )
-        items = self._list_pages(lister, 500)[0]
+        items = self._list_pages(
+            _path("/api/v1/namespaces", EVENTS_NAMESPACE, "events"),
+            {"fieldSelector": f"involvedObject.kind={KIND},involvedObject.name={name}"},
+            500,
+        )[0]
 
         def newest(event: dict[str, Any]) -> tuple[str, int]:
             # Seconds are the timestamps' resolution: the resourceVersion orders Events of one second.
@@ -606,10 +617,10 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.call(self.core.create_namespaced_event, EVENTS_NAMESPACE, body, parse=False)
+        self.call("POST", _path("/api/v1/namespaces", EVENTS_NAMESPACE, "events"), body=body, parse=False)
 
     def server_version(self) -> dict[str, Any]:
-        found: dict[str, Any] = self.call(self.versions.get_code)
+        found: dict[str, Any] = self.call("GET", "/version/")
         return found
 
     def close(self) -> None:

@@ -77,11 +77,11 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
 def ensure_peering(kube: Kube, name: str) -> None:
     """The ClusterKopfPeering object Kopf's peering needs (its CRD ships in crds/)."""
     try:
-        kube.api.objects.create_cluster_custom_object(
-            "kopf.dev",
-            "v1",
-            "clusterkopfpeerings",
-            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+        kube.api.call(
+            "POST",
+            "/apis/kopf.dev/v1/clusterkopfpeerings",
+            body={"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+            parse=False,
         )
     except ApiException as error:
         if error.status != 409:

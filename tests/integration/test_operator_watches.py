@@ -20,14 +20,13 @@ async def test_the_secret_watch_hands_over_listed_and_deleted_secrets_by_their_m
     k8s_client: kubernetes.client.ApiClient,
 ) -> None:
     api = KubeApi(k8s_client, FieldManager.CLI)
+    core = kubernetes.client.CoreV1Api(k8s_client)
     namespace = f"customer-{unique_name('watch')}"
-    api.core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespace({"metadata": {"name": namespace}})
     labels = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
     secret = {"metadata": {"name": "listed", "labels": labels}, "stringData": {"token": "s3cret"}}
-    api.core.create_namespaced_secret(namespace, secret)
-    api.core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "unlabelled"}, "stringData": {"a": "b"}}
-    )
+    core.create_namespaced_secret(namespace, secret)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "unlabelled"}, "stringData": {"a": "b"}})
     seen: list[tuple[str | None, dict[str, Any]]] = []
     watch = LoopFollower(
         api, MANAGED_SECRETS, asyncio.get_running_loop(), lambda kind, body: seen.append((kind, body))
@@ -46,10 +45,8 @@ async def test_the_secret_watch_hands_over_listed_and_deleted_secrets_by_their_m
             return [k for k, _ in events("listed")] == [None]
 
         await eventually(listed, 20, "the labelled Secret listed")
-        api.core.create_namespaced_secret(
-            namespace, {**secret, "metadata": {"name": "later", "labels": labels}}
-        )
-        api.core.delete_namespaced_secret("listed", namespace)
+        core.create_namespaced_secret(namespace, {**secret, "metadata": {"name": "later", "labels": labels}})
+        core.delete_namespaced_secret("listed", namespace)
 
         async def deleted() -> bool:
             return [k for k, _ in events("listed")] == [None, "DELETED"] and bool(events("later"))
@@ -62,4 +59,4 @@ async def test_the_secret_watch_hands_over_listed_and_deleted_secrets_by_their_m
         assert events("later")[0][1]["metadata"]["labels"] == labels
     finally:
         watch.stop()
-        api.core.delete_namespace(namespace)
+        core.delete_namespace(namespace)
