@@ -51,6 +51,23 @@ def test_a_signature_header_that_is_not_ascii_is_an_invalid_signature() -> None:
     assert refused.value.error == "Invalid signature" and "Stripe-Signature" in refused.value.message
 
 
+@pytest.mark.parametrize(("ahead", "accepted"), [(60, True), (301 + 60, False)])
+def test_a_signature_dated_ahead_is_refused_beyond_the_tolerance(ahead: int, accepted: bool) -> None:
+    """Found in review: Stripe's check refuses old signatures only, so one dated an hour ahead could be
+    replayed for an hour and five minutes; a clock a minute apart is no reason to refuse."""
+    payload = envelope()
+    header = stripe.WebhookSignature.generate_signature_header(
+        payload.decode(), SECRET, timestamp=int(time.time()) + ahead
+    )
+    if accepted:
+        assert verify_event(payload, header, SECRET).id == "evt_1"
+        return
+    with pytest.raises(BadRequest) as refused:
+        verify_event(payload, header, SECRET)
+    assert refused.value.error == "Invalid signature"
+    assert refused.value.message.startswith("Timestamp outside the tolerance zone")
+
+
 def test_a_signed_body_nested_deeper_than_the_parser_recurses_is_not_json() -> None:
     payload = b"[" * 5000 + b"]" * 5000
     with pytest.raises(ValidationFailed) as refused:
