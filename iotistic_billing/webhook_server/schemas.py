@@ -103,7 +103,8 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    @field_validator("*", mode="after")
+    # Before the field's own checks, whose patterns refuse NUL too but name no reason.
+    @field_validator("*", mode="before")
     @classmethod
     def _no_nul(cls, value: object) -> object:
         if _has_nul(value):
@@ -111,9 +112,12 @@ class Request(BaseModel):
         return value
 
 
-# Text a person writes: a Request strips it, so blank text is refused; the pattern says so in the OpenAPI
-# document, where a minimum length alone let " " pass for valid.
-NOT_BLANK = Field(min_length=1, pattern=r"\S")
+# Free text: a Request refuses NUL in every string (PostgreSQL text holds none), and the pattern says so
+# in the OpenAPI document, where a client generating from it would send one.
+NO_NUL = Field(pattern=r"^[^\x00]*$")
+# Text a person writes: a Request strips it, so blank text is refused; the pattern says so too, where a
+# minimum length alone let " " pass for valid.
+NOT_BLANK = Field(min_length=1, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")
 
 
 class Query(BaseModel):
@@ -151,10 +155,11 @@ class ErrorBody(Response):
 class SignupRequest(Request):
     email: Email
     company_name: Annotated[str, NOT_BLANK, Field(max_length=200)]
-    full_name: Annotated[str, Field(max_length=200)] | None = None
+    full_name: Annotated[str, NO_NUL, Field(max_length=200)] | None = None
     # Accepted for the earlier system's clients and discarded: this service keeps no passwords.
     password: (
-        Annotated[str, Field(max_length=1024, description="Accepted and discarded, never stored.")] | None
+        Annotated[str, NO_NUL, Field(max_length=1024, description="Accepted and discarded, never stored.")]
+        | None
     ) = None
 
 
