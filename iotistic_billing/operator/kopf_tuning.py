@@ -34,9 +34,6 @@ def configure_kopf(
     # (events.post_events), one per transition or failure.
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
-    # Kopf waits this long for more events of an object before handling it; at its default (0.1 s) a
-    # creation pays it twice (the event, then the one of adding the finalizer).
-    settings.batching.batch_window = 0.02
     settings.networking.request_timeout = 60
     # Kopf starts a worker per object with events, unbounded by default: a thousand Customers applied at
     # once would each hold a worker, a body and a handler state while helm works through them (most of

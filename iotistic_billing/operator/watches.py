@@ -2,7 +2,7 @@
 (customer_view.py), the instance Deployments and the operator's Secrets.
 
 Kopf takes every event of a resource it watches through its whole machinery (a worker per object,
-its batching window, handler invocation) and decodes every body: in a rollout, more than half of the
+its queue, handler invocation) and decodes every body: in a rollout, more than half of the
 operator's samples, with the Deployments and helm's storage Secrets (40 KB each, three per upgrade)
 among them, though those only feed `InstanceDeployments` or ask for a pass when deleted
 (bench/README.md). So Kopf watches the Customers and InstanceRollouts, whose handlers need it, and a
