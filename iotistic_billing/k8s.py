@@ -260,21 +260,11 @@ class KubeApi:
         response: urllib3.BaseHTTPResponse = answer.response
         return response
 
-    def call(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, Any] | None = None,
-        body: Any = None,
-        *,
-        content_type: str | None = None,
-        accept: str = "application/json",
-        parse: bool = True,
-    ) -> Any:
+    def call(self, method: str, path: str, *args: Any, parse: bool = True, **options: Any) -> Any:
         """`send`, its answer read whole (which returns the connection to the pool) and parsed as plain
         JSON: building the client's models was the largest single part of the operator's CPU."""
         with _unavailable_as_such(writes=method != "GET"):
-            data = self.send(method, path, query, body, content_type=content_type, accept=accept).data
+            data = self.send(method, path, *args, **options).data
         return json.loads(data) if parse else None
 
     def _manager(self, manager: FieldManager | None) -> str:
