@@ -300,3 +300,16 @@ def test_an_event_on_a_kind_the_operator_posts_none_about_is_refused_naming_it()
     api = KubeApi(cast(Any, None), FieldManager.CLI)
     with pytest.raises(ValueError, match="kind must be one of Customer, InstanceRollout, got 'Namespace'"):
         api.create_event(cast(Any, "Namespace"), {"metadata": {"name": "acme"}}, reason="X", message="y")
+
+
+def test_a_name_is_one_path_segment_and_the_query_is_the_api_servers(tmp_path: Path) -> None:
+    """KubeApi builds the REST paths itself (not the client's typed classes): a name typed on a command
+    line (`customer upgrade --id a/../b`) must not reach another path."""
+    with answering(404, "not found") as server:
+        api = KubeApi(api_client("test", kubeconfig=kubeconfig_for(server.port, tmp_path)), FieldManager.CLI)
+        assert api.read_customer("a/../b") is None
+        assert api.list_deployments("customer-acme", "app=x,tier in (a,b)") == []
+    assert server.requests == [
+        "/apis/iotistic.io/v1alpha1/customers/a%2F..%2Fb",
+        "/apis/apps/v1/namespaces/customer-acme/deployments?labelSelector=app%3Dx%2Ctier%20in%20%28a%2Cb%29",
+    ]
