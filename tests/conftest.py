@@ -47,6 +47,7 @@ END_TO_END_WORKER = (
     "tests/integration/test_webhook_schemathesis.py",
     "tests/integration/test_stripe_inbox.py",
     "tests/integration/test_usage_billing.py",
+    "tests/integration/test_webhook_stripe.py",
 )
 
 

@@ -232,10 +232,11 @@ def test_a_good_version_reaches_every_customer_in_steps(
 ) -> None:
     good, rollout = registry_versions["good"], unique_name("good")
     canaries = fleet.names[7:9]
+    bake = 4  # long enough to tell a bake from none (each step's bake is asserted below)
     steps = [
-        {"customers": canaries, "maxParallel": 5, "bakeSeconds": 10},
-        {"percent": 25, "maxParallel": 5, "bakeSeconds": 10},
-        {"rest": True, "maxParallel": 5, "bakeSeconds": 10},
+        {"customers": canaries, "maxParallel": 5, "bakeSeconds": bake},
+        {"percent": 25, "maxParallel": 5, "bakeSeconds": bake},
+        {"rest": True, "maxParallel": 5, "bakeSeconds": bake},
     ]
     with Sampler(fleet, rollout, good) as sampler:
         fleet.create_rollout(rollout, good, steps)
@@ -253,7 +254,7 @@ def test_a_good_version_reaches_every_customer_in_steps(
     for before, after in itertools.pairwise(steps_status):
         assert before["completedAt"] <= after["startedAt"]
         baked = datetime.fromisoformat(before["completedAt"]) - datetime.fromisoformat(before["healthyAt"])
-        assert baked.total_seconds() >= 10
+        assert baked.total_seconds() >= bake
     # The annotation has whole seconds; the next step's first moves are made by the tick that completes
     # the step, at the same instant.
     moved_at = {
