@@ -193,19 +193,20 @@ def resource_version(body: Mapping[str, Any]) -> int:
 
 
 def _path(*parts: str) -> str:
-    """A REST path of the API server; every part after the first (a fixed prefix) is a name, quoted, so
-    that no name given on a command line reaches another path."""
+    """A REST path of the API server: a fixed prefix, then names and resources, each quoted, so that no
+    name given on a command line reaches another path."""
     return "/".join([parts[0], *(quote(part, safe="") for part in parts[1:])])
 
 
-def _customers(plural: str, *names: str) -> str:
-    """Our cluster-scoped resources' path (`customers`, `instancerollouts`), an object's, its status'."""
+def _ours(plural: str, *names: str) -> str:
+    """The path of one of our cluster-scoped resources (`customers`, `instancerollouts`), of an object
+    of it, of its status."""
     return _path(f"/apis/{GROUP}/{VERSION}/{plural}", *names)
 
 
 # Where the watched resources are listed and watched, across namespaces.
 _WATCHED_PATHS: Final = {
-    "customers": _customers(PLURAL),
+    "customers": _ours(PLURAL),
     "deployments": "/apis/apps/v1/deployments",
     "secrets": "/api/v1/secrets",
 }
@@ -273,7 +274,7 @@ class KubeApi:
     # ----- Customers -----
 
     def read_customer(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _customers(PLURAL, name))
+        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _ours(PLURAL, name))
         return found
 
     def list_customers(self, page_size: int = 500) -> list[dict[str, Any]]:
@@ -349,7 +350,7 @@ class KubeApi:
     def create_customer(self, body: dict[str, Any], manager: FieldManager | None = None) -> dict[str, Any]:
         """Create a Customer; ApiException 409 when the name is taken."""
         created: dict[str, Any] = self.call(
-            "POST", _customers(PLURAL), {"fieldManager": self._manager(manager)}, body
+            "POST", _ours(PLURAL), {"fieldManager": self._manager(manager)}, body
         )
         return created
 
@@ -363,7 +364,7 @@ class KubeApi:
         self, name: str, patch: dict[str, Any], manager: FieldManager | None = None
     ) -> dict[str, Any]:
         """A merge patch of a Customer (spec changes of people and admins: a plan, a suspension)."""
-        return self._merge_patch(_customers(PLURAL, name), patch, manager)
+        return self._merge_patch(_ours(PLURAL, name), patch, manager)
 
     def apply_customer_spec(
         self, name: str, spec: dict[str, Any], manager: FieldManager | None = None
@@ -375,7 +376,7 @@ class KubeApi:
     def _apply_customer(self, body: dict[str, Any], manager: FieldManager | None) -> dict[str, Any]:
         applied: dict[str, Any] = self.call(
             "PATCH",
-            _customers(PLURAL, body["metadata"]["name"]),
+            _ours(PLURAL, body["metadata"]["name"]),
             {"fieldManager": self._manager(manager), "force": True},
             body,
             content_type=APPLY_PATCH,
@@ -394,7 +395,7 @@ class KubeApi:
         patch: dict[str, Any] = {"status": status}
         if resource_version is not None:
             patch["metadata"] = {"resourceVersion": resource_version}
-        return self._merge_patch(_customers(PLURAL, name, "status"), patch, manager)
+        return self._merge_patch(_ours(PLURAL, name, "status"), patch, manager)
 
     def apply_customer_annotations(
         self, name: str, annotations: dict[str, str], manager: FieldManager | None = None
@@ -411,19 +412,19 @@ class KubeApi:
     # ----- InstanceRollouts -----
 
     def list_rollouts(self) -> list[dict[str, Any]]:
-        page = self.call("GET", _customers(ROLLOUT_PLURAL))
+        page = self.call("GET", _ours(ROLLOUT_PLURAL))
         items: list[dict[str, Any]] = page.get("items") or []
         return items
 
     def read_rollout(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _customers(ROLLOUT_PLURAL, name))
+        found: dict[str, Any] | None = not_found_as_none(self.call, "GET", _ours(ROLLOUT_PLURAL, name))
         return found
 
     def patch_rollout(
         self, name: str, patch: dict[str, Any], manager: FieldManager | None = None, status: bool = False
     ) -> dict[str, Any]:
         """A merge patch of an InstanceRollout (the console's pause, resume, abort), or of its status."""
-        path = _customers(ROLLOUT_PLURAL, name, "status") if status else _customers(ROLLOUT_PLURAL, name)
+        path = _ours(ROLLOUT_PLURAL, name, "status") if status else _ours(ROLLOUT_PLURAL, name)
         return self._merge_patch(path, patch, manager)
 
     # ----- namespaced objects -----
