@@ -490,12 +490,7 @@ async def test_a_period_whose_reports_all_arrive_within_its_close_grace_is_close
     March is billed all the same (it had no rollup, so it was billed in no period)."""
     _, customer_id = tenant
     arrival = MARCH.end + timedelta(minutes=5)
-    await link_stripe_customer(db_engine, customer_id)
-    usage = usage_api.app[USAGE]
-    usage.clock = lambda: arrival
-    assert usage.meter_sender is not None
-    recorder = Recorder(usage.meter_sender)
-    usage.meter_sender = recorder
+    usage, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(usage, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
 
     assert (await usage.flush()).patched == 1
