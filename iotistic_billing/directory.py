@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -150,6 +150,22 @@ class Directory:
         )
         return stripe_customer_of(record.customer, stored)
 
+    async def stripe_customer_ids(
+        self, session: AsyncSession, records: Iterable[CustomerRecord]
+    ) -> dict[str, str | None]:
+        """`stripe_customer_id` of each record, by customer id, in one query (a batch of the inbox)."""
+        wanted = {record.customer_id: record for record in records}
+        found = await session.execute(
+            select(models.Customer.customer_id, models.Customer.stripe_customer_id).where(
+                models.Customer.customer_id.in_(sorted(wanted))
+            )
+        )
+        stored = {customer_id: link for customer_id, link in found}
+        return {
+            customer_id: stripe_customer_of(record.customer, stored.get(customer_id))
+            for customer_id, record in wanted.items()
+        }
+
 
 def stripe_customer_of(customer: Customer, stored: str | None) -> str | None:
     """A Customer's Stripe customer: spec.billing.stripeCustomerId when set (GitOps may move it to
@@ -165,31 +181,46 @@ async def remember(
     spec's nor a given one the stored link stays. The operator writes it when it mints a Customer's
     licence (and once per process when the licence is current), the webhook server, the Stripe inbox and
     usage metering when they found the Customer."""
-    spec, status, name = customer.spec, customer.status, customer.metadata.name
+    await remember_all(session, [(customer, customer_id, stripe_customer_id)])
+
+
+async def remember_all(session: AsyncSession, entries: Iterable[tuple[Customer, str, str | None]]) -> None:
+    """`remember` for many Customers (customer, id in use, Stripe customer) in two statements, whatever
+    their number (a batch of the Stripe inbox). A resource name given twice keeps its last entry."""
+    rows: dict[str, dict[str, Any]] = {}
+    for customer, customer_id, stripe_customer_id in entries:
+        spec, status = customer.spec, customer.status
+        rows[customer.metadata.name] = {
+            "customer_id": customer_id,
+            "resource_name": customer.metadata.name,
+            "email": spec.email,
+            "company_name": spec.company_name,
+            "contact_name": spec.contact_name,
+            "plan": spec.plan,
+            "phase": str(status.phase) if status.phase else None,
+            "stripe_customer_id": stripe_customer_of(customer, stripe_customer_id),
+        }
+    if not rows:
+        return
     # A resource name moves to the new customer id when a Customer was deleted and created again.
+    held = [(row["resource_name"], row["customer_id"]) for row in rows.values()]
     await session.execute(
         delete(models.Customer).where(
-            models.Customer.resource_name == name,
-            models.Customer.customer_id != customer_id,
+            models.Customer.resource_name.in_(list(rows)),
+            tuple_(models.Customer.resource_name, models.Customer.customer_id).not_in(held),
         )
     )
-    values: dict[str, Any] = {
-        "customer_id": customer_id,
-        "resource_name": name,
-        "email": spec.email,
-        "company_name": spec.company_name,
-        "contact_name": spec.contact_name,
-        "plan": spec.plan,
-        "phase": str(status.phase) if status.phase else None,
-        "stripe_customer_id": stripe_customer_of(customer, stripe_customer_id),
+    statement = insert(models.Customer).values(list(rows.values()))
+    held_columns = next(iter(rows.values()))
+    updates: dict[str, Any] = {
+        key: statement.excluded[key]
+        for key in held_columns
+        if key not in ("customer_id", "stripe_customer_id")
     }
-    statement = insert(models.Customer).values(**values)
-    updates: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "customer_id"}
-    if values["stripe_customer_id"] is None:
-        # Nothing new learnt: keep the link a webhook or checkout stored.
-        updates["stripe_customer_id"] = func.coalesce(
-            models.Customer.stripe_customer_id, statement.excluded.stripe_customer_id
-        )
+    # Nothing new learnt (no link given, none in the spec): keep the link a webhook or checkout stored.
+    updates["stripe_customer_id"] = func.coalesce(
+        statement.excluded.stripe_customer_id, models.Customer.stripe_customer_id
+    )
     await session.execute(
         statement.on_conflict_do_update(
             index_elements=[models.Customer.customer_id], set_={**updates, "updated_at": func.now()}
@@ -209,4 +240,4 @@ class _BatchDirectory(Directory):
         return await asyncio.shield(self._fleet)
 
 
-__all__ = ["CustomerRecord", "Directory", "remember", "stripe_customer_of"]
+__all__ = ["CustomerRecord", "Directory", "remember", "remember_all", "stripe_customer_of"]

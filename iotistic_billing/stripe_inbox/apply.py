@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord, Directory, remember
+from iotistic_billing.directory import CustomerRecord, Directory, remember_all
 from iotistic_billing.k8s import FieldManager, Kube
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.prices import PriceCatalog
@@ -170,6 +170,7 @@ async def apply_events(
             ready.append(group)
 
     rows = await _rows(session, ready)
+    links = await deps.directory.stripe_customer_ids(session, [group.record for group in ready])
     owner: dict[str, str] = {}
     for group in ready:
         mine = _subscription_ids(group)
@@ -178,7 +179,7 @@ async def apply_events(
             # that each row is decided from one state only.
             continue
         owner.update(dict.fromkeys(mine, group.name))
-        group.link = await _link(deps.directory, session, group)
+        group.link = _link(group, links[group.record.customer_id])
         try:
             group.plan = coalesce(
                 group.record.customer_id,
@@ -200,19 +201,18 @@ async def apply_events(
             written.append((group, patch == "gone"))
     try:  # all Customers' records at once; should one be refused, each on its own below
         async with session.begin_nested():
-            recorded = [await _record(deps, session, group, gone=gone) for group, gone in written]
-    except Exception:
-        recorded = []
-    if len(recorded) == len(written):
-        for outcomes in recorded:
-            results.update(outcomes)
+            recorded = await _record(deps, session, written)
+    except Exception as refused:
+        log.info("a batch's records were refused together (%s); recording each Customer's alone", refused)
+    else:
+        results.update(recorded)
         return results
-    for group, gone in written:
+    for one in written:
         try:
             async with session.begin_nested():
-                results.update(await _record(deps, session, group, gone=gone))
+                results.update(await _record(deps, session, [one]))
         except Exception as error:  # that Customer's events stay pending; the others are recorded
-            results.update(group.failed(error))
+            results.update(one[0].failed(error))
     return results
 
 
@@ -369,10 +369,10 @@ async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dic
     }
 
 
-async def _link(directory: Directory, session: AsyncSession, group: _CustomerEvents) -> str | None:
-    """The Stripe customer the mirror should remember after the group's events (None: keep its own):
-    the first link once there is none; after that only a completed checkout moves it."""
-    known = await directory.stripe_customer_id(session, group.record)
+def _link(group: _CustomerEvents, known: str | None) -> str | None:
+    """The Stripe customer the mirror should remember after the group's events (None: keep its own),
+    `known` the Customer's now: the first link once there is none; after that only a completed checkout
+    moves it."""
     link: str | None = None
     for event in group.events:
         hint = lookup_hints(event.type, event.data.object).stripe_customer_id
@@ -411,14 +411,33 @@ def _same(new: SubscriptionSpec, held: SubscriptionSpec | None) -> bool:
 
 
 async def _record(
-    deps: EventApplier, session: AsyncSession, group: _CustomerEvents, *, gone: bool
+    deps: EventApplier, session: AsyncSession, written: Sequence[tuple[_CustomerEvents, bool]]
 ) -> Mapping[str, Outcome]:
-    """The group's rows, mirror entry and notices, and each event's result."""
-    record, plan = group.record, group.plan
-    assert plan is not None
-    await remember(session, record.customer, record.customer_id, group.link)
-    for subscription_id, row in plan.rows.items():
-        await _write_row(session, subscription_id, row)
+    """The groups' mirror entries and rows (a statement for each kind, whatever the number of
+    Customers: a batch's round trips were most of its time), their notices, and each event's result;
+    with each group, whether its Customer was gone when written."""
+    await remember_all(
+        session, [(group.record.customer, group.record.customer_id, group.link) for group, _ in written]
+    )
+    await _write_rows(
+        session, {sub: row for group, _ in written for sub, row in _plan_of(group).rows.items()}
+    )
+    outcomes: dict[str, Outcome] = {}
+    for group, gone in written:
+        outcomes.update(await _outcomes(deps, session, group, gone=gone))
+    return outcomes
+
+
+def _plan_of(group: _CustomerEvents) -> Coalesced:
+    assert group.plan is not None
+    return group.plan
+
+
+async def _outcomes(
+    deps: EventApplier, session: AsyncSession, group: _CustomerEvents, *, gone: bool
+) -> dict[str, Outcome]:
+    """Each of the group's events' result, and its notices enqueued."""
+    record, plan = group.record, _plan_of(group)
     outcomes: dict[str, Outcome] = {}
     for event, facts, step in zip(group.events, group.facts, plan.steps, strict=True):
         decision = step.decision
@@ -440,22 +459,18 @@ async def _record(
     return outcomes
 
 
-async def _write_row(session: AsyncSession, subscription_id: str, row: StoredSubscription) -> None:
-    values = {
-        "customer_id": row.customer_id,
-        "status": row.status,
-        "plan": row.plan,
-        "current_period_end": row.current_period_end,
-        "cancel_at_period_end": row.cancel_at_period_end,
-        "last_event_created": row.last_event_created,
-        "stripe_created": row.stripe_created,
-        "past_due_since": row.past_due_since,
-    }
-    statement = insert(models.Subscription).values(stripe_subscription_id=subscription_id, **values)
+async def _write_rows(session: AsyncSession, rows: Mapping[str, StoredSubscription]) -> None:
+    """Upsert the subscriptions' rows (by Stripe subscription id) in one statement."""
+    if not rows:
+        return
+    statement = insert(models.Subscription).values(
+        [{"stripe_subscription_id": subscription_id, **asdict(row)} for subscription_id, row in rows.items()]
+    )
+    state = {field.name: statement.excluded[field.name] for field in fields(StoredSubscription)}
     await session.execute(
         statement.on_conflict_do_update(
             index_elements=[models.Subscription.stripe_subscription_id],
-            set_={**values, "updated_at": func.now()},
+            set_={**state, "updated_at": func.now()},
         )
     )
 

@@ -20,7 +20,7 @@ from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.migrate import MIGRATION_LOCK
 from iotistic_billing.db.models import StripeEvent
 from iotistic_billing.db.pool import connect, open_pool
-from iotistic_billing.directory import CustomerRecord, Directory, remember
+from iotistic_billing.directory import CustomerRecord, Directory, remember, remember_all
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import load_settings
@@ -98,14 +98,16 @@ async def test_previous_test_left_nothing(db_session: AsyncSession) -> None:
     )
 
 
-def _mirrored(stripe_customer_id: str | None) -> CustomerRecord:
+def _mirrored(
+    stripe_customer_id: str | None, name: str = "mirrored", customer_id: str = "cust_mirrored01"
+) -> CustomerRecord:
     billing = {"mode": "stripe"} | ({"stripeCustomerId": stripe_customer_id} if stripe_customer_id else {})
     body = {
         "apiVersion": "iotistic.io/v1alpha1",
         "kind": "Customer",
-        "metadata": {"name": "mirrored", "uid": "uid-m", "creationTimestamp": "2026-06-01T00:00:00Z"},
+        "metadata": {"name": name, "uid": "uid-m", "creationTimestamp": "2026-06-01T00:00:00Z"},
         "spec": {
-            "customerId": "cust_mirrored01",
+            "customerId": customer_id,
             "email": "ops@m.example",
             "companyName": "M",
             "billing": billing,
@@ -144,6 +146,44 @@ async def test_the_spec_s_stripe_customer_is_the_link_and_the_mirror_follows_it(
     await remember(db_session, unset.customer, unset.customer_id)
     assert await stored() == "cus_DDD"
     assert await directory.stripe_customer_id(db_session, unset) == "cus_DDD"
+
+
+async def test_many_customers_are_remembered_at_once_as_each_alone_would_be(db_session: AsyncSession) -> None:
+    """The Stripe inbox remembers a batch's Customers in two statements: a link given replaces the
+    stored one, none keeps it, and a resource name made again under another id moves to it."""
+    tag = uuid.uuid4().hex[:8]
+    directory = Directory(None)  # type: ignore[arg-type] # reads the mirror only
+    linked = _mirrored(None, f"linked-{tag}", f"cust_l{tag}")
+    kept = _mirrored(None, f"kept-{tag}", f"cust_k{tag}")
+    made_again = _mirrored(None, f"again-{tag}", f"cust_a{tag}")
+    await remember_all(
+        db_session,
+        [(kept.customer, kept.customer_id, "cus_KEPT"), (made_again.customer, made_again.customer_id, None)],
+    )
+    new_made_again = _mirrored(None, f"again-{tag}", f"cust_n{tag}")
+    await remember_all(
+        db_session,
+        [
+            (linked.customer, linked.customer_id, f"cus_L{tag}"),
+            (kept.customer, kept.customer_id, None),
+            (new_made_again.customer, new_made_again.customer_id, None),
+        ],
+    )
+
+    links = await directory.stripe_customer_ids(db_session, [linked, kept, new_made_again])
+    assert links == {
+        linked.customer_id: f"cus_L{tag}",
+        kept.customer_id: "cus_KEPT",
+        new_made_again.customer_id: None,
+    }
+    rows = await db_session.execute(
+        select(models.Customer.resource_name, models.Customer.customer_id).where(
+            models.Customer.resource_name.like(f"%-{tag}")
+        )
+    )
+    assert sorted(tuple(row) for row in rows) == sorted(
+        (record.name, record.customer_id) for record in (linked, kept, new_made_again)
+    )
 
 
 async def test_a_checkout_whose_session_failed_keeps_the_stripe_customer_it_made(
