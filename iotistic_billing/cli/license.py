@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import jwt
 
 from iotistic_billing.cli import CommandError
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.licensing.minting import (
-    MAX_CUSTOMER_ID_LENGTH,
     SUBSCRIPTION_STATUSES,
     LicenseCustomer,
     MintingError,
@@ -105,8 +106,12 @@ def _token(argument: str) -> str:
 
 def _mint(args: argparse.Namespace) -> int:
     settings = _settings()
-    if not args.customer_id or len(args.customer_id) > MAX_CUSTOMER_ID_LENGTH:
-        raise CommandError(f"--customer-id: must be 1 to {MAX_CUSTOMER_ID_LENGTH} characters")
+    if not re.fullmatch(CUSTOMER_ID_PATTERN, args.customer_id):
+        # A licence names a customer id the Customers, the API and the history can hold (spec.customerId).
+        refused = args.customer_id
+        raise CommandError(
+            f"--customer-id: must match {CUSTOMER_ID_PATTERN} as spec.customerId does, got {refused!r}"
+        )
     if not args.name.strip():
         raise CommandError("--name: must not be empty")
     lifetime_days = settings.license_lifetime_days if args.lifetime_days is None else args.lifetime_days

@@ -181,6 +181,11 @@ def test_license_mint_reads_the_key_path_from_settings(
         ),
         (("--private-key", "KEY", "--audience", ""), "--audience: must not be empty"),
         (("--private-key", "KEY", "--issuer", " "), "--issuer: must not be empty"),
+        (
+            ("--private-key", "KEY", "--customer-id", "Acme Corp"),
+            "--customer-id: must match ^cust_[a-z0-9]{6,32}$ as spec.customerId does, got 'Acme Corp'",
+        ),
+        (("--private-key", "KEY", "--customer-id", "cust_" + "a" * 33), "--customer-id: must match"),
     ],
 )
 def test_license_mint_errors_name_the_argument(
