@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="sign a licence and print the JWT",
         description="Sign a licence with the private key (LICENSE_PRIVATE_KEY_PATH) and print the JWT.",
     )
-    mint.add_argument("--customer-id", required=True, help="customer id, e.g. cust_abc123")
+    mint.add_argument(
+        "--customer-id", required=True, help="customer id: cust_ and 6-32 of a-z0-9, e.g. cust_abc123"
+    )
     mint.add_argument("--name", required=True, help="customer (company) name")
     mint.add_argument("--plan", required=True, choices=(*PLAN_NAMES, UNLICENSED_PLAN_NAME))
     mint.add_argument(
