@@ -155,6 +155,8 @@ class Directory:
     ) -> dict[str, str | None]:
         """`stripe_customer_id` of each record, by customer id, in one query (a batch of the inbox)."""
         wanted = {record.customer_id: record for record in records}
+        if not wanted:
+            return {}
         found = await session.execute(
             select(models.Customer.customer_id, models.Customer.stripe_customer_id).where(
                 models.Customer.customer_id.in_(sorted(wanted))
@@ -211,12 +213,8 @@ async def remember_all(session: AsyncSession, entries: Iterable[tuple[Customer, 
         )
     )
     statement = insert(models.Customer).values(list(rows.values()))
-    held_columns = next(iter(rows.values()))
-    updates: dict[str, Any] = {
-        key: statement.excluded[key]
-        for key in held_columns
-        if key not in ("customer_id", "stripe_customer_id")
-    }
+    columns = next(iter(rows.values())).keys() - {"customer_id", "stripe_customer_id"}
+    updates: dict[str, Any] = {column: statement.excluded[column] for column in columns}
     # Nothing new learnt (no link given, none in the spec): keep the link a webhook or checkout stored.
     updates["stripe_customer_id"] = func.coalesce(
         statement.excluded.stripe_customer_id, models.Customer.stripe_customer_id
