@@ -19,10 +19,12 @@ ends with the `created` of its newest event.
 Apply throughput: `--backlog` events (5,000) for `--backlog-customers` Customers (1,000) in turn, so
 five each and a Customer's events spread over the whole backlog (a month-end renewal burst), stored
 pending at once (one transaction and a NOTIFY, as a burst of deliveries leaves them), timed from that
-commit until none is pending. Each line also has the CPU
-seconds each part of the run used meanwhile (webhook servers, inbox processes, kube-apiserver, etcd,
-PostgreSQL, baseline, this script) and the whole machine (busy, and `steal`: taken by its hypervisor):
-`outside_this_run` is what else ran on it.
+commit until none is pending; with `--backlog-dunning` each Customer's events alternate past_due and
+active (failed and recovered payments), so each one writes a notice and its deliveries, which the
+servers mail meanwhile to a Mailpit of the run (its CPU is `mailpit`). Each line also
+has the CPU seconds each part of the run used meanwhile (webhook servers, inbox processes,
+kube-apiserver, etcd, PostgreSQL, baseline, this script) and the whole machine (busy, and `steal`:
+taken by its hypervisor): `outside_this_run` is what else ran on it.
 Targets: p99 to the 2xx < 50 ms at 200/s and < 100 ms at 400/s; p99 to the Customer update < 2 s at
 200/s; >= 500 events/s applied. Exit 1 when one is missed.
 Run: `.venv/bin/python bench/webhooks.py [--rates 100,200,400] [--seconds 10] [--replicas 1,2]`.
@@ -55,6 +57,7 @@ from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import ControlPlane, find_binary
+from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.processes import ManagedProcess, free_port
 
 SECRET = "whsec_bench_" + "0" * 24
@@ -105,9 +108,9 @@ def signed(body: dict[str, Any]) -> tuple[bytes, str]:
     return payload, f"t={ts},v1={signature}"
 
 
-def make_event(customer_id: str) -> dict[str, Any]:
-    """An update as Stripe sends it now: `created` is this second, as for the events before it."""
-    created = int(time.time())
+def make_event(customer_id: str, status: str = "active", created: int | None = None) -> dict[str, Any]:
+    """An update as Stripe sends it: `created` is this second unless given, as for the events before it."""
+    created = int(time.time()) if created is None else created
     return {
         "id": f"evt_{uuid.uuid4().hex}",
         "object": "event",
@@ -118,7 +121,7 @@ def make_event(customer_id: str) -> dict[str, Any]:
                 "id": f"sub_{customer_id[5:]}",
                 "object": "subscription",
                 "customer": f"cus_{customer_id[5:]}",
-                "status": "active",
+                "status": status,
                 "cancel_at_period_end": False,
                 "metadata": {"customerId": customer_id},
                 "items": {
@@ -191,10 +194,17 @@ async def applied_latencies(dsn: str, ids: list[str], within: float = 300) -> tu
         await connection.close()
 
 
-async def backlog_throughput(dsn: str, customer_ids: list[str], count: int) -> tuple[float, float]:
+async def backlog_throughput(
+    dsn: str, customer_ids: list[str], count: int, *, dunning: bool = False
+) -> tuple[float, float, int]:
     """`count` events stored pending in one transaction, then a NOTIFY; (events/s applied from that
-    commit until none is pending, seconds it took)."""
-    events = [make_event(customer_ids[i % len(customer_ids)]) for i in range(count)]
+    commit until none is pending, seconds it took, notices the events wrote). `dunning`: each Customer's
+    events alternate past_due and active, so each one moves its subscription and writes a notice."""
+    events = [
+        make_event(customer_id, *_next_dunning_step(customer_id)) if dunning else make_event(customer_id)
+        for customer_id in itertools.islice(itertools.cycle(customer_ids), count)
+    ]
+    notices_before = await _count_notices(dsn)
     connection = await asyncpg.connect(dsn)
     try:
         async with connection.transaction():
@@ -229,7 +239,27 @@ async def backlog_throughput(dsn: str, customer_ids: list[str], count: int) -> t
     finally:
         await connection.close()
     seconds = (last - committed).total_seconds()
-    return count / seconds, seconds
+    return count / seconds, seconds, await _count_notices(dsn) - notices_before
+
+
+# Each Customer's last status and `created` in a dunning backlog: the next event turns the status over
+# a second later at least (two events of one second apply in the order of their statuses, not as sent).
+DUNNING_LAST: dict[str, tuple[str, int]] = {}
+
+
+def _next_dunning_step(customer_id: str) -> tuple[str, int]:
+    status, created = DUNNING_LAST.get(customer_id, ("active", 0))
+    step = ("active" if status == "past_due" else "past_due", max(int(time.time()), created + 1))
+    DUNNING_LAST[customer_id] = step
+    return step
+
+
+async def _count_notices(dsn: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM notices"))
+    finally:
+        await connection.close()
 
 
 def check_newest_applied(objects: Any, newest: dict[str, int]) -> None:
@@ -303,6 +333,7 @@ def _part(command: str) -> str:
         ("postgres", "postgres"),
         ("asyncpg, stripe", "baseline"),
         ("bench/webhooks.py", "bench"),
+        ("mailpit", "mailpit"),
     ):
         if marker in command:
             return part
@@ -346,7 +377,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rates", default="100,200,400")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--customers", type=int, default=50, help="Customers the events at each rate go to")
     parser.add_argument(
@@ -357,14 +387,21 @@ def main() -> int:
     )
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure, in order")
     parser.add_argument("--backlog", type=int, default=5000, help="events for the throughput (0: none)")
+    parser.add_argument(
+        "--backlog-dunning",
+        action="store_true",
+        help="the backlog's events alternate each Customer between past_due and active (a notice each)",
+    )
+    parser.add_argument("--rates", default="100,200,400", help="events/s to send at, in order ('': none)")
     args = parser.parse_args()
-    rates = [int(r) for r in args.rates.split(",")]
+    rates = [int(r) for r in args.rates.split(",") if r]
     replica_counts = [int(r) for r in args.replicas.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as folder:
         work = Path(folder)
         os.environ["KUBECACHEDIR"] = str(work / "kube-cache")  # kubectl's, gone with the folder
         postgres = EmbeddedPostgres(work / "postgres").start()
         plane = ControlPlane(work / "control-plane").start()
+        mailpit = Mailpit(work / "mailpit").start() if args.backlog_dunning else None
         servers: list[ManagedProcess] = []
         try:
             database = postgres.create_database("bench")
@@ -411,6 +448,7 @@ def main() -> int:
                 "STRIPE_WEBHOOK_SECRET": SECRET,
                 "STRIPE_PRICE_PROFESSIONAL": PRICE,
                 "LOG_FORMAT": "json",
+                **({"SMTP_URL": mailpit.smtp_url} if mailpit is not None else {}),
             }
             baseline_port = free_port()
             baseline = ManagedProcess(
@@ -476,8 +514,13 @@ def main() -> int:
                     print(json.dumps(result), flush=True)
                 if args.backlog:
                     before = cpu_snapshot()
-                    per_second, seconds = asyncio.run(
-                        backlog_throughput(database, customer_ids[: args.backlog_customers], args.backlog)
+                    per_second, seconds, notices = asyncio.run(
+                        backlog_throughput(
+                            database,
+                            customer_ids[: args.backlog_customers],
+                            args.backlog,
+                            dunning=args.backlog_dunning,
+                        )
                     )
                     used = cpu_used(before, cpu_snapshot())
                     met = per_second >= TARGET_APPLIED_PER_S
@@ -490,6 +533,7 @@ def main() -> int:
                                 "customers": min(args.backlog_customers, len(customer_ids)),
                                 "applied_per_s": round(per_second, 1),
                                 "seconds": round(seconds, 2),
+                                "notices": notices,
                                 "cpu_s": used,
                                 "target": f">= {TARGET_APPLIED_PER_S}/s applied: "
                                 f"{'met' if met else 'MISSED'}",
@@ -502,6 +546,8 @@ def main() -> int:
         finally:
             for process in servers:
                 process.stop()
+            if mailpit is not None:
+                mailpit.stop()
             plane.stop()
             postgres.stop()
 

@@ -256,7 +256,10 @@ class NoticeDelivery(Base):
     __table_args__ = (
         UniqueConstraint("notice_id", "channel", "target", name="uq_notice_deliveries_target"),
         CheckConstraint("status IN ('pending', 'sent', 'dead')", name="notice_deliveries_status"),
-        Index("ix_notice_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        # The sender's claim order, so a claim reads the first entry (migration 0009).
+        Index(
+            "ix_notice_deliveries_due", "next_attempt_at", "id", postgresql_where=text("status = 'pending'")
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -3,7 +3,9 @@ is rolled back leaves no notice, and a fact written twice (a retried step) leave
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Final
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -15,6 +17,8 @@ from iotistic_billing.notices.content import Notice, message_id, targets_for
 
 # NOTIFY'd at commit when a notice is written: the sender wakes at once instead of at its next poll.
 NOTICES_CHANNEL = "notices"
+# Rows of one INSERT at most: PostgreSQL takes 32,767 parameters a statement, a notice row has six.
+ROWS_A_STATEMENT: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -26,38 +30,58 @@ class Outbox:
     async def enqueue(self, session: AsyncSession, notice: Notice, spec: CustomerSpec) -> bool:
         """Write `notice` and one delivery per target in `session`'s transaction; False when a notice
         with its key exists already (nothing is written then)."""
-        notice_id = await session.scalar(
-            insert(models.Notice)
-            .values(
-                key=notice.key,
-                kind=str(notice.kind),
-                customer_id=notice.customer_id,
-                customer_name=notice.customer_name,
-                subject=notice.subject,
-                facts=notice.to_facts(),
-            )
-            .on_conflict_do_nothing(index_elements=[models.Notice.key])
-            .returning(models.Notice.id)
-        )
-        if notice_id is None:
-            return False
-        targets = targets_for(spec, self.platform_webhook_url)
-        if targets:
-            await session.execute(
-                insert(models.NoticeDelivery).values(
+        return notice.key in await self.enqueue_all(session, [(notice, spec)])
+
+    async def enqueue_all(
+        self, session: AsyncSession, notices: Iterable[tuple[Notice, CustomerSpec]]
+    ) -> set[str]:
+        """`enqueue` for many notices (each with its Customer's spec) in three statements, whatever
+        their number (a batch of the Stripe inbox); the keys of those written. A key given twice is
+        written once, as its first notice."""
+        unique: dict[str, tuple[Notice, CustomerSpec]] = {}
+        for notice, spec in notices:
+            unique.setdefault(notice.key, (notice, spec))
+        written: dict[str, int] = {}
+        for chunk in _chunks(list(unique.values())):
+            rows = await session.execute(
+                insert(models.Notice)
+                .values(
                     [
                         {
-                            "notice_id": notice_id,
-                            "channel": str(target.channel),
-                            "target": target.target,
-                            "message_id": message_id(notice.key, target),
+                            "key": notice.key,
+                            "kind": str(notice.kind),
+                            "customer_id": notice.customer_id,
+                            "customer_name": notice.customer_name,
+                            "subject": notice.subject,
+                            "facts": notice.to_facts(),
                         }
-                        for target in targets
+                        for notice, _ in chunk
                     ]
                 )
+                .on_conflict_do_nothing(index_elements=[models.Notice.key])
+                .returning(models.Notice.key, models.Notice.id)
             )
-            await session.execute(select(func.pg_notify(NOTICES_CHANNEL, str(notice_id))))
-        return True
+            written.update((key, notice_id) for key, notice_id in rows)
+        deliveries = [
+            {
+                "notice_id": notice_id,
+                "channel": str(target.channel),
+                "target": target.target,
+                "message_id": message_id(key, target),
+            }
+            for key, notice_id in written.items()
+            for target in targets_for(unique[key][1], self.platform_webhook_url)
+        ]
+        for chunk in _chunks(deliveries):
+            await session.execute(insert(models.NoticeDelivery).values(chunk))
+        if deliveries:
+            await session.execute(select(func.pg_notify(NOTICES_CHANNEL, str(deliveries[0]["notice_id"]))))
+        return set(written)
+
+
+def _chunks(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(rows), ROWS_A_STATEMENT):
+        yield rows[start : start + ROWS_A_STATEMENT]
 
 
 __all__ = ["NOTICES_CHANNEL", "Outbox"]

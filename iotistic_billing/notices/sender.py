@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import aiosmtplib
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import (
@@ -95,6 +95,19 @@ def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
 
 def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=BACKOFF[min(attempts, len(BACKOFF)) - 1])
+
+
+def claim(now: datetime) -> Select[models.NoticeDelivery, models.Notice]:
+    """The delivery due longest that no other sender holds, locked, with its notice: the first entry of
+    the due index (`ix_notice_deliveries_due`, in this order)."""
+    return (
+        select(models.NoticeDelivery, models.Notice)
+        .join(models.Notice, models.Notice.id == models.NoticeDelivery.notice_id)
+        .where(models.NoticeDelivery.status == "pending", models.NoticeDelivery.next_attempt_at <= now)
+        .order_by(models.NoticeDelivery.next_attempt_at, models.NoticeDelivery.id)
+        .limit(1)
+        .with_for_update(of=models.NoticeDelivery, skip_locked=True)
+    )
 
 
 class NoticeSender:
@@ -221,19 +234,7 @@ class NoticeSender:
         """Claim the delivery that has been due longest and try it; False when none is due."""
         now = self.clock()
         async with self.sessions() as session, session.begin():
-            row = (
-                await session.execute(
-                    select(models.NoticeDelivery, models.Notice)
-                    .join(models.Notice, models.Notice.id == models.NoticeDelivery.notice_id)
-                    .where(
-                        models.NoticeDelivery.status == "pending",
-                        models.NoticeDelivery.next_attempt_at <= now,
-                    )
-                    .order_by(models.NoticeDelivery.next_attempt_at, models.NoticeDelivery.id)
-                    .limit(1)
-                    .with_for_update(of=models.NoticeDelivery, skip_locked=True)
-                )
-            ).first()
+            row = (await session.execute(claim(now))).first()
             if row is None:
                 return False
             delivery, notice_row = row
@@ -436,4 +437,4 @@ class NoticeSender:
             ) from None
 
 
-__all__ = ["BACKOFF", "DeliveryFailed", "NoticeSender", "SenderOptions", "backoff", "sign"]
+__all__ = ["BACKOFF", "DeliveryFailed", "NoticeSender", "SenderOptions", "backoff", "claim", "sign"]

@@ -26,10 +26,11 @@ from sqlalchemy import Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import SubscriptionSpec
+from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory, remember_all
 from iotistic_billing.k8s import FieldManager, Kube
+from iotistic_billing.notices.content import Notice
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
@@ -413,9 +414,9 @@ def _same(new: SubscriptionSpec, held: SubscriptionSpec | None) -> bool:
 async def _record(
     deps: EventApplier, session: AsyncSession, written: Sequence[tuple[_CustomerEvents, bool]]
 ) -> Mapping[str, Outcome]:
-    """The groups' mirror entries and rows (a statement for each kind, whatever the number of
-    Customers: a batch's round trips were most of its time), their notices, and each event's result;
-    with each group, whether its Customer was gone when written."""
+    """The groups' mirror entries, rows and notices (a statement or so for each kind, whatever the
+    number of Customers: a batch's round trips were most of its time), and each event's result; with
+    each group, whether its Customer was gone when written."""
     await remember_all(
         session, [(group.record.customer, group.record.customer_id, group.link) for group, _ in written]
     )
@@ -423,8 +424,11 @@ async def _record(
         session, {sub: row for group, _ in written for sub, row in _plan_of(group).rows.items()}
     )
     outcomes: dict[str, Outcome] = {}
+    notices: list[tuple[Notice, CustomerSpec]] = []
     for group, gone in written:
-        outcomes.update(await _outcomes(deps, session, group, gone=gone))
+        outcomes.update(_outcomes(group, gone=gone))
+        notices += [(notice, group.record.customer.spec) for notice in _notices(deps, group)]
+    await deps.outbox.enqueue_all(session, notices)
     return outcomes
 
 
@@ -433,10 +437,8 @@ def _plan_of(group: _CustomerEvents) -> Coalesced:
     return group.plan
 
 
-async def _outcomes(
-    deps: EventApplier, session: AsyncSession, group: _CustomerEvents, *, gone: bool
-) -> dict[str, Outcome]:
-    """Each of the group's events' result, and its notices enqueued."""
+def _outcomes(group: _CustomerEvents, *, gone: bool) -> dict[str, Outcome]:
+    """Each of the group's events' result."""
     record, plan = group.record, _plan_of(group)
     outcomes: dict[str, Outcome] = {}
     for event, facts, step in zip(group.events, group.facts, plan.steps, strict=True):
@@ -444,10 +446,6 @@ async def _outcomes(
         if decision is None or facts is None:
             outcomes[event.id] = Outcome("ignored", record.customer_id)
             continue
-        for notice in event_notices(
-            event.type, event.data.object, record, step.previous, decision, event.created, deps.portal_url
-        ):
-            await deps.outbox.enqueue(session, notice, record.customer.spec)
         if decision.action == "stale":
             log.info(
                 "stripe event %s is older than the state applied for %s; not applied",
@@ -457,6 +455,25 @@ async def _outcomes(
         result = "unmatched" if gone and decision.action == "apply" else decision.action
         outcomes[event.id] = Outcome("applied" if result == "apply" else result, record.customer_id)
     return outcomes
+
+
+def _notices(deps: EventApplier, group: _CustomerEvents) -> list[Notice]:
+    """What the group's events notice, in their order."""
+    record = group.record
+    return [
+        notice
+        for event, facts, step in zip(group.events, group.facts, _plan_of(group).steps, strict=True)
+        if step.decision is not None and facts is not None
+        for notice in event_notices(
+            event.type,
+            event.data.object,
+            record,
+            step.previous,
+            step.decision,
+            event.created,
+            deps.portal_url,
+        )
+    ]
 
 
 async def _write_rows(session: AsyncSession, rows: Mapping[str, StoredSubscription]) -> None:

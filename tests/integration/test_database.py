@@ -11,14 +11,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import delete, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.db.migrate import MIGRATION_LOCK
-from iotistic_billing.db.models import StripeEvent
+from iotistic_billing.db.migrate import MIGRATION_LOCK, compared
+from iotistic_billing.db.models import Base, StripeEvent
 from iotistic_billing.db.pool import connect, open_pool
 from iotistic_billing.directory import CustomerRecord, Directory, remember, remember_all
 from iotistic_billing.errors import DependencyUnavailable
@@ -244,6 +246,18 @@ def test_alembic_stairway_upgrade_downgrade_upgrade(postgres: EmbeddedPostgres) 
     assert _tables(url) <= {"alembic_version"}
     migrate.upgrade(url)
     assert _tables(url) >= TABLES
+
+
+async def test_the_migrations_make_the_models_tables_indexes_and_constraints(db_engine: AsyncEngine) -> None:
+    """What autogenerate would write is nothing: every table, column, index and constraint of the
+    models, as the migrations made them (the partitions of usage_reports are usage metering's)."""
+
+    def differences(sync_connection: Any) -> list[Any]:
+        context = MigrationContext.configure(sync_connection, opts={"include_name": compared})
+        return list(compare_metadata(context, Base.metadata))
+
+    async with db_engine.connect() as connection:
+        assert await connection.run_sync(differences) == []
 
 
 def _subscription_rows(url: str) -> list[dict[str, Any]]:

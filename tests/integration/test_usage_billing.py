@@ -18,16 +18,12 @@ import kubernetes
 import pytest
 import stripe
 from aiohttp.test_utils import TestClient, TestServer
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.migrate import compared
-from iotistic_billing.db.models import Base
 from iotistic_billing.db.pool import connection
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender
@@ -975,21 +971,6 @@ async def test_what_was_reported_is_flushed_when_the_server_stops(
     assert status["usage"]["activeDevices"] == 3
     limits = next(c for c in status["conditions"] if c["type"] == "WithinLimits")
     assert limits["status"] == "True" and limits["reason"] == "WithinIncludedUsage"
-
-
-async def test_the_migration_matches_the_models_of_usage_metering(db_engine: AsyncEngine) -> None:
-    def differences(sync_connection: Any) -> list[Any]:
-        # As autogenerate compares: the partitions of usage_reports are usage metering's, not the models'.
-        context = MigrationContext.configure(sync_connection, opts={"include_name": compared})
-        tables = {"usage_rollups", "usage_meter_events", "usage_reports"}
-        return [
-            diff
-            for diff in compare_metadata(context, Base.metadata)
-            if any(table in repr(diff) for table in tables)
-        ]
-
-    async with db_engine.connect() as connection:
-        assert await connection.run_sync(differences) == []
 
 
 async def test_a_period_whose_reports_came_past_its_grace_is_not_billed_for_another_periods_report(
