@@ -21,7 +21,8 @@ five each and a Customer's events spread over the whole backlog (a month-end ren
 pending at once (one transaction and a NOTIFY, as a burst of deliveries leaves them), timed from that
 commit until none is pending; with `--backlog-dunning` each Customer's events alternate past_due and
 active (failed and recovered payments), so each one writes a notice and its deliveries, which the
-servers mail meanwhile to a Mailpit of the run (its CPU is `mailpit`). Each line also
+servers mail to a Mailpit of the run (its CPU is `mailpit`; `all_mailed_s`: from the commit until the
+last delivery was sent). Each line also
 has the CPU seconds each part of the run used meanwhile (webhook servers, inbox processes,
 kube-apiserver, etcd, PostgreSQL, baseline, this script) and the whole machine (busy, and `steal`:
 taken by its hypervisor): `outside_this_run` is what else ran on it.
@@ -46,6 +47,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +198,11 @@ async def applied_latencies(dsn: str, ids: list[str], within: float = 300) -> tu
 
 async def backlog_throughput(
     dsn: str, customer_ids: list[str], count: int, *, dunning: bool = False
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, datetime]:
     """`count` events stored pending in one transaction, then a NOTIFY; (events/s applied from that
-    commit until none is pending, seconds it took, notices the events wrote). `dunning`: each Customer's
-    events alternate past_due and active, so each one moves its subscription and writes a notice."""
+    commit until none is pending, seconds it took, notices the events wrote, the commit's time).
+    `dunning`: each Customer's events alternate past_due and active, so each one moves its subscription
+    and writes a notice."""
     events = [
         make_event(customer_id, *_next_dunning_step(customer_id)) if dunning else make_event(customer_id)
         for customer_id in itertools.islice(itertools.cycle(customer_ids), count)
@@ -239,7 +242,22 @@ async def backlog_throughput(
     finally:
         await connection.close()
     seconds = (last - committed).total_seconds()
-    return count / seconds, seconds, await _count_notices(dsn) - notices_before
+    return count / seconds, seconds, await _count_notices(dsn) - notices_before, committed
+
+
+async def all_mailed(dsn: str, since: datetime, within: float = 600) -> float:
+    """Seconds from `since` to the last delivery sent, once none is pending (a notice's mail waits while
+    its inbox applies a burst, but not for ever)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + within
+        while await connection.fetchval("SELECT count(*) FROM notice_deliveries WHERE status <> 'sent'"):
+            assert time.monotonic() < deadline, "deliveries still pending"
+            await asyncio.sleep(0.25)
+        last = await connection.fetchval("SELECT max(sent_at) FROM notice_deliveries")
+    finally:
+        await connection.close()
+    return float((last - since).total_seconds())
 
 
 # Each Customer's last status and `created` in a dunning backlog: the next event turns the status over
@@ -514,7 +532,7 @@ def main() -> int:
                     print(json.dumps(result), flush=True)
                 if args.backlog:
                     before = cpu_snapshot()
-                    per_second, seconds, notices = asyncio.run(
+                    per_second, seconds, notices, committed = asyncio.run(
                         backlog_throughput(
                             database,
                             customer_ids[: args.backlog_customers],
@@ -523,6 +541,7 @@ def main() -> int:
                         )
                     )
                     used = cpu_used(before, cpu_snapshot())
+                    mailed = asyncio.run(all_mailed(database, committed)) if args.backlog_dunning else None
                     met = per_second >= TARGET_APPLIED_PER_S
                     missed |= not met
                     print(
@@ -534,6 +553,7 @@ def main() -> int:
                                 "applied_per_s": round(per_second, 1),
                                 "seconds": round(seconds, 2),
                                 "notices": notices,
+                                **({"all_mailed_s": round(mailed, 2)} if mailed is not None else {}),
                                 "cpu_s": used,
                                 "target": f">= {TARGET_APPLIED_PER_S}/s applied: "
                                 f"{'met' if met else 'MISSED'}",

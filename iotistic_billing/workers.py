@@ -1,6 +1,6 @@
 """The background loops' shared steps (the Stripe inbox's and the notice sender's workers, the operator's
 watches and rollout ticks): a nap until woken or the poll interval is over, a stop that cannot hang,
-and the backoff of a loop whose dependency is away.
+the backoff of a loop whose dependency is away, and one loop's precedence over another of its process.
 
 Python 3.11's `asyncio.wait_for` loses a cancellation that arrives as the awaited event is set
 (gh-86296): a worker cancelled at that moment went on polling, and the `await` of its stop never
@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
+# Seconds a spell of busy work keeps precedence over the work that waits for it (Precedence).
+PRECEDENCE_SECONDS = 30.0
 # A task that ignored its cancellation is cancelled again this often until it ends.
 CANCEL_AGAIN_SECONDS = 1.0
 # Seconds a loop waits after its first failure in a row, doubling while it keeps failing, up to the most.
@@ -81,6 +84,35 @@ async def nap(wakeup: asyncio.Event, seconds: float) -> None:
             await wakeup.wait()
 
 
+class Precedence:
+    """Work of a process that goes first (the Stripe inbox applying a burst) and work that waits for it
+    (the notice sender, on the same event loop and core): the second waits between its steps while the
+    first is busy, but no longer than `most` seconds after that busy spell began, so work that never
+    stops delays the other by `most`, not for ever."""
+
+    def __init__(self, most: float = PRECEDENCE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.most = most
+        self.clock = clock
+        self._since: float | None = None  # when the busy spell began; None while idle
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def busy(self) -> None:
+        if self._since is None:
+            self._since = self.clock()
+            self._idle.clear()
+
+    def idle(self) -> None:
+        self._since = None
+        self._idle.set()
+
+    async def wait_turn(self) -> None:
+        """Until the busy spell ends or has lasted `most` seconds; at once when there is none."""
+        left = None if self._since is None else self._since + self.most - self.clock()
+        if left is not None and left > 0:
+            await nap(self._idle, left)
+
+
 async def stop_tasks(tasks: Sequence[asyncio.Task[None]]) -> None:
     """Cancel the tasks and wait until every one has ended, cancelling again any that goes on."""
     pending = [task for task in tasks if not task.done()]
@@ -99,8 +131,10 @@ async def stop_tasks(tasks: Sequence[asyncio.Task[None]]) -> None:
 __all__ = [
     "CANCEL_AGAIN_SECONDS",
     "MAX_RETRY_SECONDS",
+    "PRECEDENCE_SECONDS",
     "RETRY_SECONDS",
     "Outage",
+    "Precedence",
     "backoff",
     "nap",
     "stop_tasks",

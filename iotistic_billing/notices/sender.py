@@ -53,7 +53,7 @@ from iotistic_billing.notices.egress import AddressRefused, Network, webhook_ses
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
-from iotistic_billing.workers import Outage, nap, stop_tasks
+from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,10 @@ class NoticeSender:
         options: SenderOptions,
         clock: Callable[[], datetime],
         database_url: str = "",
+        precedence: Precedence | None = None,
     ) -> None:
         self.sessions = sessions
+        self.precedence = precedence  # what the workers wait for before each delivery
         self.kube = kube
         self.options = options
         self.clock = clock
@@ -160,6 +162,8 @@ class NoticeSender:
 
     async def _work(self) -> None:
         while True:
+            if self.precedence is not None:
+                await self.precedence.wait_turn()
             try:
                 sent = await self.send_one()
             except Exception as error:

@@ -44,7 +44,7 @@ from iotistic_billing.db.pool import (
 )
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
-from iotistic_billing.workers import Outage, nap, stop_tasks
+from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,9 @@ class EventInbox:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
+        # Busy from a claim that found events to one that found none: the notice sender of this process
+        # waits meanwhile (up to PRECEDENCE_SECONDS), so a burst's mail does not slow its applying.
+        self.precedence = Precedence(clock=clock)
         self.applier = applier
         self.count = count
         self.workers = workers
@@ -175,6 +178,7 @@ class EventInbox:
                 recorded = await self.apply_pending()
             except Exception as error:
                 # The events stay pending; the listener's wake once PostgreSQL is back ends the wait.
+                self.precedence.idle()
                 problem = DATABASE_UNREACHABLE if database_unreachable(error) else None
                 await nap(self._wakeup, self._claims.failed(error, problem))
                 continue
@@ -206,7 +210,9 @@ class EventInbox:
                 )
             claimed = (await session.execute(query)).all()
             if not claimed:
+                self.precedence.idle()
                 return 0
+            self.precedence.busy()
             events: list[StripeEvent] = []
             results: Results = {}
             types: dict[str, str] = {}

@@ -216,6 +216,8 @@ def create_app(
                 webhook_allowed_networks=tuple(settings.notify_webhook_allowed_cidrs),
             ),
             clock=app[CLOCK],
+            # Mail waits while the inbox applies a burst: both are on this process's event loop.
+            precedence=app[INBOX].precedence,
             database_url=database_url,
         )
         app[NOTICES] = sender

@@ -47,7 +47,8 @@ from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
-from tests.conftest import OperatorProcess, unique_name, wait_until
+from iotistic_billing.workers import Precedence
+from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -330,6 +331,43 @@ async def test_a_claim_reads_the_due_index_s_first_entry_among_thousands_of_one_
         await engine.dispose()
     assert '"Index Name": "ix_notice_deliveries_due"' in plan, plan
     assert '"Node Type": "Sort"' not in plan, plan
+
+
+async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_send(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
+) -> None:
+    """Mail and the inbox's applying share the process's event loop: while the inbox is busy the
+    sender's workers hold their next delivery (for PRECEDENCE_SECONDS at most), and send it after."""
+    name = unique_name("burst")
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name))
+    precedence = Precedence()
+    precedence.busy()
+    working = NoticeSender(
+        sessions=sessions,
+        kube=kube,
+        options=SenderOptions(
+            smtp_url=mailpit.smtp_url,
+            mail_from="billing@iotistic.example",
+            workers=1,
+            platform_webhook_secret=None,
+        ),
+        clock=lambda: datetime.now(UTC),
+        precedence=precedence,
+    )
+    await working.start()
+    try:
+        await asyncio.sleep(0.5)  # what the worker would have taken to mail it (a few ms here)
+        assert {d.status for d in await deliveries(sessions, notice.key)} == {"pending"}
+        precedence.idle()
+
+        async def sent() -> bool:
+            return {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+
+        await eventually(sent, within=10, message="the delivery sent once the inbox is idle")
+        assert len(mails_to(mailpit, f"ops@{name}.example")) == 1
+    finally:
+        await working.stop()
 
 
 async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_without_the_allow_list(

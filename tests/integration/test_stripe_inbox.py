@@ -9,6 +9,7 @@ counter), so an apply that changes nothing is counted too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -268,7 +269,12 @@ async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
         # Stored newest first: the inbox applies in Stripe's order (`created`), not the order of arrival.
         await store(inbox_pool, inbox, [*reversed(events_one), *reversed(events_two)])
         assert await inbox.apply_pending() == 6
+        # A claim found events: the process's notice sender waits from then until a claim finds none.
+        sender_turn = asyncio.create_task(inbox.precedence.wait_turn())
+        await asyncio.sleep(0)
+        assert not sender_turn.done()
         assert await inbox.apply_pending() == 0
+        await asyncio.wait_for(sender_turn, 5)
 
         # One server-side apply of each Customer for all of its events (each says something new).
         assert customer_applies(k8s_client) == applies + 2

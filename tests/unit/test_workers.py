@@ -1,10 +1,11 @@
-"""A worker's stop ends it even when it swallows a cancellation (as Python 3.11's wait_for can)."""
+"""A worker's stop ends it even when it swallows a cancellation (as Python 3.11's wait_for can); a
+precedence holds the waiting work while the busy work runs, for its longest at most."""
 
 from __future__ import annotations
 
 import asyncio
 
-from iotistic_billing.workers import nap, stop_tasks
+from iotistic_billing.workers import Precedence, nap, stop_tasks
 
 
 async def test_a_task_that_swallows_its_first_cancellation_is_stopped_all_the_same() -> None:
@@ -36,3 +37,36 @@ async def test_a_nap_ends_when_woken_or_when_its_time_is_over() -> None:
     started = loop.time()
     await nap(wakeup, 5)
     assert loop.time() - started < 1
+
+
+async def test_the_waiting_work_goes_at_once_when_idle_and_after_the_busy_spell_ends() -> None:
+    precedence = Precedence(most=30, clock=lambda: 100.0)
+    await asyncio.wait_for(precedence.wait_turn(), 1)  # never busy: at once
+    precedence.busy()
+    waiting = asyncio.create_task(precedence.wait_turn())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    precedence.busy()  # still the same spell
+    precedence.idle()
+    await asyncio.wait_for(waiting, 1)
+    await asyncio.wait_for(precedence.wait_turn(), 1)
+
+
+async def test_a_busy_spell_holds_the_waiting_work_for_its_longest_at_most() -> None:
+    now = [100.0]
+    precedence = Precedence(most=30, clock=lambda: now[0])
+    precedence.busy()
+    now[0] = 129.0
+    waiting = asyncio.create_task(precedence.wait_turn())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # a second of the 30 is left
+    waiting.cancel()
+    now[0] = 130.5  # the spell goes on past its longest: the waiting work goes, busy or not
+    await asyncio.wait_for(precedence.wait_turn(), 1)
+    precedence.idle()
+    precedence.busy()  # a new spell holds it again from its own start
+    waiting = asyncio.create_task(precedence.wait_turn())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    precedence.idle()
+    await asyncio.wait_for(waiting, 1)
