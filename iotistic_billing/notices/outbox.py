@@ -35,9 +35,9 @@ class Outbox:
     async def enqueue_all(
         self, session: AsyncSession, notices: Iterable[tuple[Notice, CustomerSpec]]
     ) -> set[str]:
-        """`enqueue` for many notices (each with its Customer's spec) in three statements, whatever
-        their number (a batch of the Stripe inbox); the keys of those written. A key given twice is
-        written once, as its first notice."""
+        """`enqueue` for many notices (each with its Customer's spec): a statement for each thousand
+        notices and each thousand deliveries, and one NOTIFY (a batch of the Stripe inbox); the keys
+        of those written. A key given twice is written once, as its first notice."""
         unique: dict[str, tuple[Notice, CustomerSpec]] = {}
         for notice, spec in notices:
             unique.setdefault(notice.key, (notice, spec))
