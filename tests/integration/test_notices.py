@@ -364,7 +364,7 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
         async def sent() -> bool:
             return {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
 
-        await eventually(sent, within=10, message="the delivery sent once the inbox is idle")
+        await eventually(sent, within=30, message="the delivery sent once the inbox is idle")
         assert len(mails_to(mailpit, f"ops@{name}.example")) == 1
     finally:
         await working.stop()
