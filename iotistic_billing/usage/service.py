@@ -315,19 +315,21 @@ class UsageMetering:
         reached = crossings(totals, included_usage(plan), customer.spec.notifications.usage_thresholds or ())
         if not reached:
             return
+        notices = [
+            usage_threshold(
+                customer_id=record.customer_id,
+                customer_name=record.name,
+                company=customer.spec.company_name,
+                period_start=period.start,
+                metric=crossing.metric,
+                threshold=crossing.threshold,
+                used=crossing.used,
+                limit=crossing.limit,
+            )
+            for crossing in reached
+        ]
         async with self.session_factory() as session, session.begin():
-            for crossing in reached:
-                notice = usage_threshold(
-                    customer_id=record.customer_id,
-                    customer_name=record.name,
-                    company=customer.spec.company_name,
-                    period_start=period.start,
-                    metric=crossing.metric,
-                    threshold=crossing.threshold,
-                    used=crossing.used,
-                    limit=crossing.limit,
-                )
-                await self.outbox.enqueue(session, notice, customer.spec)
+            await self.outbox.enqueue_all(session, [(notice, customer.spec) for notice in notices])
 
     # ----- the meter run -----
 
