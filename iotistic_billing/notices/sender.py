@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
-import aiosmtplib
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -50,6 +49,7 @@ from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
+from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
@@ -129,6 +129,7 @@ class NoticeSender:
         self.database_url = database_url
         self._http: aiohttp.ClientSession | None = None  # customers' webhooks: public addresses
         self._platform_http: aiohttp.ClientSession | None = None
+        self._mail_relay = MailRelay(options.smtp_url, SEND_TIMEOUT) if options.smtp_url else None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # The workers' claims failing in a row, shared: one warning per outage for the sender, not per worker.
@@ -159,6 +160,8 @@ class NoticeSender:
             if http is not None:
                 await http.close()
         self._http = self._platform_http = None
+        if self._mail_relay is not None:
+            await self._mail_relay.close_idle()
 
     async def _work(self) -> None:
         while True:
@@ -176,6 +179,8 @@ class NoticeSender:
             self._claims.succeeded()
             if sent:
                 continue
+            if self._mail_relay is not None:
+                await self._mail_relay.close_idle()
             self._wakeup.clear()
             await nap(self._wakeup, POLL_SECONDS)
 
@@ -310,23 +315,14 @@ class NoticeSender:
             raise DeliveryFailed(f"unknown channel {delivery.channel!r}")
 
     async def _mail(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
-        if self.options.smtp_url is None:
+        if self._mail_relay is None:
             raise DeliveryFailed("SMTP_URL is not set")
-        url = urlsplit(self.options.smtp_url)
         message = email_message(
             notice, sender=self.options.mail_from, to=delivery.target, message_id=delivery.message_id, now=now
         )
         try:
-            await aiosmtplib.send(
-                message,
-                hostname=url.hostname or "localhost",
-                port=url.port or (465 if url.scheme == "smtps" else 25),
-                username=unquote(url.username) if url.username else None,
-                password=unquote(url.password) if url.password else None,
-                use_tls=url.scheme == "smtps",
-                timeout=SEND_TIMEOUT,
-            )
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            await self._mail_relay.send(message)
+        except MAIL_ERRORS as error:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:

@@ -370,6 +370,139 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
         await working.stop()
 
 
+class SmtpTap:
+    """A TCP relay in front of Mailpit that counts the connections made to it, and can break them as a
+    server's restart or idle timeout does: closed at once, or closed at the client's next command with
+    nothing of it forwarded (a connection the client still thinks is open)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.connections = 0
+        self.open: list[asyncio.StreamWriter] = []
+        self._doomed: set[asyncio.StreamWriter] = set()  # clients whose next command breaks the connection
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def smtp_url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def start(self) -> SmtpTap:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def cut(self) -> None:
+        for writer in self.open:
+            writer.close()
+
+    def break_at_next_command(self) -> None:
+        self._doomed.update(self.open)
+
+    async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.open += [client_out, server_out]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, commands: bool) -> None:
+            while data := await source.read(65536):
+                if commands and client_out in self._doomed:
+                    break
+                sink.write(data)
+                await sink.drain()
+            client_out.close()
+            server_out.close()
+
+        try:
+            await asyncio.gather(pump(client_in, server_out, True), pump(server_in, client_out, False))
+        except ConnectionError:
+            pass
+        finally:
+            self.open = [w for w in self.open if w not in (client_out, server_out)]
+
+    async def closed_by_client(self) -> bool:
+        return self.connections > 0 and not self.open
+
+
+@pytest.fixture
+async def tap(mailpit: Mailpit) -> AsyncIterator[SmtpTap]:
+    relay = await SmtpTap(mailpit.smtp_port).start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+async def test_a_run_of_due_mail_goes_over_one_connection_closed_once_none_is_due(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit, tap: SmtpTap
+) -> None:
+    """A connection a message cost each mail of a burst a connect, EHLO and QUIT (TLS and AUTH too
+    where the URL asks): a worker keeps its connection while deliveries are due, and QUITs it once none is."""
+    names = [unique_name("onewire") for _ in range(5)]
+    async with sessions() as session, session.begin():
+        await Outbox().enqueue_all(session, [(suspended_notice(name), customer_spec(name)) for name in names])
+    working = NoticeSender(
+        sessions=sessions,
+        kube=kube,
+        options=SenderOptions(
+            smtp_url=tap.smtp_url,
+            mail_from="billing@iotistic.example",
+            workers=1,
+            platform_webhook_secret=None,
+        ),
+        clock=lambda: datetime.now(UTC),
+    )
+    await working.start()
+    try:
+
+        async def all_sent() -> bool:
+            statuses = [
+                d.status for name in names for d in await deliveries(sessions, suspended_notice(name).key)
+            ]
+            return statuses == ["sent"] * 10
+
+        await eventually(all_sent, within=30, message="the ten deliveries sent")
+        await eventually(tap.closed_by_client, within=10, message="the connection closed once none is due")
+    finally:
+        await working.stop()
+    assert tap.connections == 1
+    for name in names:
+        assert len(mails_to(mailpit, f"ops@{name}.example")) == 1
+        assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
+
+
+@pytest.mark.parametrize("how", ["closed", "broken at the next command"])
+async def test_a_kept_connection_the_server_dropped_is_replaced_and_the_mail_sent_on_its_first_try(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit, tap: SmtpTap, how: str
+) -> None:
+    clock = Clock()
+    one = sender(sessions, kube, clock, tap.smtp_url)
+    await one.start()
+    try:
+        first, second = unique_name("kept"), unique_name("dropped")
+        await enqueue(sessions, Outbox(), suspended_notice(first), customer_spec(first))
+        assert await one.send_due() >= 2  # and what other tests left due on the shared database
+        assert tap.connections == 1 and tap.open  # kept: this sender drives no worker to close it
+        if how == "closed":
+            tap.cut()
+        else:
+            tap.break_at_next_command()
+        await enqueue(sessions, Outbox(), suspended_notice(second), customer_spec(second))
+        assert await one.send_due() >= 2
+        sent = await deliveries(sessions, suspended_notice(second).key)
+        assert {(d.status, d.attempts, d.last_error) for d in sent} == {("sent", 1, None)}
+        assert tap.connections == 2
+        assert len(mails_to(mailpit, f"ops@{second}.example")) == 1
+    finally:
+        await one.stop()
+
+
 async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_without_the_allow_list(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,

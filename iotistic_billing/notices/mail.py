@@ -1,0 +1,76 @@
+"""Mail to SMTP_URL over connections kept from one message to the next while deliveries are due.
+
+A connection a message cost each mail of a burst a TCP connect, the server's greeting, EHLO, STARTTLS's
+handshake and AUTH where the URL asks for them, and QUIT (bench/README.md, the dunning backlog). A
+worker's connection is kept while it has deliveries to send and closed once none is due, so none sits
+idle for a server to drop; one the server closed meanwhile (a restart, its idle timeout during a long
+burst) is noticed by the next message, which is sent again once on a new connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+# Raised by a send that reached no server or broke off: the delivery's failure (sender.py).
+MAIL_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
+class MailRelay:
+    def __init__(self, smtp_url: str, timeout: float) -> None:
+        url = urlsplit(smtp_url)
+        self._options: dict[str, Any] = {
+            "hostname": url.hostname or "localhost",
+            "port": url.port or (465 if url.scheme == "smtps" else 25),
+            "username": unquote(url.username) if url.username else None,
+            "password": unquote(url.password) if url.password else None,
+            "use_tls": url.scheme == "smtps",
+            "timeout": timeout,
+        }
+        self._idle: list[aiosmtplib.SMTP] = []  # connected, between two messages
+
+    async def send(self, message: EmailMessage) -> None:
+        """Over a kept connection, or a new one; raises one of MAIL_ERRORS when the server did not take it."""
+        while self._idle:
+            kept = self._idle.pop()
+            if not kept.is_connected:
+                continue
+            try:
+                await self._send_on(kept, message)
+                return
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                break  # closed by the server since its last message: once more, on a new connection
+        client = aiosmtplib.SMTP(**self._options)
+        await client.connect()
+        await self._send_on(client, message)
+
+    async def close_idle(self) -> None:
+        """QUIT the connections no send is using (none is due, or the sender stops)."""
+        idle, self._idle = self._idle, []
+        for client in idle:
+            with contextlib.suppress(*MAIL_ERRORS):
+                await client.quit()
+            client.close()
+
+    async def _send_on(self, client: aiosmtplib.SMTP, message: EmailMessage) -> None:
+        try:
+            await client.send_message(message)
+        except aiosmtplib.SMTPException as error:
+            # A refusal leaves the connection usable (aiosmtplib resets the envelope); a timeout or a
+            # broken connection leaves it in no known state.
+            if isinstance(error, (aiosmtplib.SMTPTimeoutError, ConnectionError)) or not client.is_connected:
+                client.close()
+            else:
+                self._idle.append(client)
+            raise
+        except BaseException:
+            client.close()
+            raise
+        self._idle.append(client)
+
+
+__all__ = ["MAIL_ERRORS", "MailRelay"]
