@@ -14,8 +14,9 @@ from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
 
 
 class Mailpit:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.options = options  # more of Mailpit's flags (bench/mail.py: STARTTLS and AUTH required)
         self.http_port = free_port()
         self.smtp_port = free_port()
         self.process: ManagedProcess | None = None
@@ -42,6 +43,7 @@ class Mailpit:
                 # No look for a newer release (there is no internet), no banner on the page.
                 "--disable-version-check",
                 "--quiet",
+                *self.options,
             ]
             self.process = ManagedProcess("mailpit", argv, self.workdir / "mailpit.log")
             try:
