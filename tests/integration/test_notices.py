@@ -148,6 +148,24 @@ def sender(
     )
 
 
+def one_worker(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    smtp_url: str,
+    precedence: Precedence | None = None,
+) -> NoticeSender:
+    """A sender whose one worker claims and sends on its own once started (mail only), on real time."""
+    return NoticeSender(
+        sessions=sessions,
+        kube=kube,
+        options=SenderOptions(
+            smtp_url=smtp_url, mail_from="billing@iotistic.example", workers=1, platform_webhook_secret=None
+        ),
+        clock=lambda: datetime.now(UTC),
+        precedence=precedence,
+    )
+
+
 @pytest.fixture
 async def started(
     sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
@@ -343,18 +361,7 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
     await enqueue(sessions, Outbox(), notice, customer_spec(name))
     precedence = Precedence()
     precedence.busy()
-    working = NoticeSender(
-        sessions=sessions,
-        kube=kube,
-        options=SenderOptions(
-            smtp_url=mailpit.smtp_url,
-            mail_from="billing@iotistic.example",
-            workers=1,
-            platform_webhook_secret=None,
-        ),
-        clock=lambda: datetime.now(UTC),
-        precedence=precedence,
-    )
+    working = one_worker(sessions, kube, mailpit.smtp_url, precedence)
     await working.start()
     try:
         await asyncio.sleep(0.5)  # what the worker would have taken to mail it (a few ms here)
@@ -447,17 +454,7 @@ async def test_a_run_of_due_mail_goes_over_one_connection_closed_once_none_is_du
     names = [unique_name("onewire") for _ in range(5)]
     async with sessions() as session, session.begin():
         await Outbox().enqueue_all(session, [(suspended_notice(name), customer_spec(name)) for name in names])
-    working = NoticeSender(
-        sessions=sessions,
-        kube=kube,
-        options=SenderOptions(
-            smtp_url=tap.smtp_url,
-            mail_from="billing@iotistic.example",
-            workers=1,
-            platform_webhook_secret=None,
-        ),
-        clock=lambda: datetime.now(UTC),
-    )
+    working = one_worker(sessions, kube, tap.smtp_url)
     await working.start()
     try:
 
