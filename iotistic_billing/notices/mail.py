@@ -18,6 +18,8 @@ import aiosmtplib
 
 # Raised by a send that reached no server or broke off: the delivery's failure (sender.py).
 MAIL_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# A server that does not answer QUIT holds a stopping sender no longer than this a connection.
+QUIT_SECONDS = 2.0
 
 
 class MailRelay:
@@ -38,6 +40,7 @@ class MailRelay:
         while self._idle:
             kept = self._idle.pop()
             if not kept.is_connected:
+                kept.close()
                 continue
             try:
                 await self._send_on(kept, message)
@@ -53,7 +56,7 @@ class MailRelay:
         idle, self._idle = self._idle, []
         for client in idle:
             with contextlib.suppress(*MAIL_ERRORS):
-                await client.quit()
+                await client.quit(timeout=QUIT_SECONDS)
             client.close()
 
     async def _send_on(self, client: aiosmtplib.SMTP, message: EmailMessage) -> None:
