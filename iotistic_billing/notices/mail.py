@@ -4,7 +4,8 @@ A connection a message cost each mail of a burst a TCP connect, the server's gre
 handshake and AUTH where the URL asks for them, and QUIT (bench/README.md, the dunning backlog). A
 worker's connection is kept while it has deliveries to send and closed once none is due, so none sits
 idle for a server to drop; one the server closed meanwhile (a restart, its idle timeout during a long
-burst) is noticed by the next message, which is sent again once on a new connection.
+burst, its limit of messages a connection) is noticed by the next message, which is sent again once on
+a new connection.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import aiosmtplib
 
 # Raised by a send that reached no server or broke off: the delivery's failure (sender.py).
 MAIL_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# 421: the server closes the connection (RFC 5321 3.8), as one that limits the messages of a connection does.
+SERVICE_CLOSING = 421
 # A server that does not answer QUIT holds a stopping sender no longer than this a connection.
 QUIT_SECONDS = 2.0
 
@@ -47,6 +50,10 @@ class MailRelay:
                 return
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 break  # closed by the server since its last message: once more, on a new connection
+            except aiosmtplib.SMTPResponseException as refused:
+                if refused.code != SERVICE_CLOSING:
+                    raise
+                break  # closing it (its messages a connection, its idle time): the same
         client = aiosmtplib.SMTP(**self._options)
         await client.connect()
         await self._send_on(client, message)

@@ -379,14 +379,15 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
 
 class SmtpTap:
     """A TCP relay in front of Mailpit that counts the connections made to it, and can break them as a
-    server's restart or idle timeout does: closed at once, or closed at the client's next command with
-    nothing of it forwarded (a connection the client still thinks is open)."""
+    server's restart or idle timeout does: closed at once, or at the client's next command with nothing
+    of it forwarded (a connection the client still thinks is open), answered or not by a 421 first."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.connections = 0
         self.open: list[asyncio.StreamWriter] = []
         self._doomed: set[asyncio.StreamWriter] = set()  # clients whose next command breaks the connection
+        self.last_words = b""  # what the server says then, before it closes
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -409,8 +410,9 @@ class SmtpTap:
         for writer in self.open:
             writer.close()
 
-    def break_at_next_command(self) -> None:
+    def break_at_next_command(self, last_words: bytes = b"") -> None:
         self._doomed.update(self.open)
+        self.last_words = last_words
 
     async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -420,6 +422,7 @@ class SmtpTap:
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, commands: bool) -> None:
             while data := await source.read(65536):
                 if commands and client_out in self._doomed:
+                    client_out.write(self.last_words)
                     break
                 sink.write(data)
                 await sink.drain()
@@ -474,7 +477,7 @@ async def test_a_run_of_due_mail_goes_over_one_connection_closed_once_none_is_du
         assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
 
 
-@pytest.mark.parametrize("how", ["closed", "broken at the next command"])
+@pytest.mark.parametrize("how", ["closed", "broken at the next command", "421 at the next command"])
 async def test_a_kept_connection_the_server_dropped_is_replaced_and_the_mail_sent_on_its_first_try(
     sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit, tap: SmtpTap, how: str
 ) -> None:
@@ -488,8 +491,10 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_and_the_mail_sen
         assert tap.connections == 1 and tap.open  # kept: this sender drives no worker to close it
         if how == "closed":
             tap.cut()
-        else:
+        elif how == "broken at the next command":
             tap.break_at_next_command()
+        else:
+            tap.break_at_next_command(b"421 4.3.2 too many messages on this connection, closing\r\n")
         await enqueue(sessions, Outbox(), suspended_notice(second), customer_spec(second))
         assert await one.send_due() >= 2
         sent = await deliveries(sessions, suspended_notice(second).key)
