@@ -1,7 +1,7 @@
 """Mail to SMTP_URL over connections kept from one message to the next while deliveries are due.
 
 A connection a message cost each mail of a burst a TCP connect, the server's greeting, EHLO, STARTTLS's
-handshake and AUTH where the URL asks for them, and QUIT (bench/README.md, the dunning backlog). A
+handshake and AUTH where the URL asks for them, and QUIT (bench/mail.py; bench/README.md). A
 worker's connection is kept while it has deliveries to send and closed once none is due, so none sits
 idle for a server to drop; one the server closed meanwhile (a restart, its idle timeout during a long
 burst, its limit of messages a connection) is noticed by the next message, which is sent again once on
