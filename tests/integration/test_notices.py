@@ -389,6 +389,7 @@ class SmtpTap:
         self.open: list[asyncio.StreamWriter] = []
         self._doomed: set[asyncio.StreamWriter] = set()  # clients whose next command breaks the connection
         self.last_words = b""  # what the server says then, before it closes
+        self.refused: set[str] = set()  # recipients answered 550 in the server's stead
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -430,6 +431,11 @@ class SmtpTap:
     def quit_on(self, number: int) -> bool:
         return re.search(rb"^QUIT\r$", bytes(self.said[number]), re.MULTILINE) is not None
 
+    def _refuses(self, command: bytes) -> bool:
+        """A refused recipient's RCPT (the client sends one command at a time and waits for its answer)."""
+        match = re.match(rb"RCPT TO:<([^>]+)>", command, re.IGNORECASE)
+        return match is not None and match.group(1).decode() in self.refused
+
     async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         said = bytearray()
         self.said.append(said)
@@ -443,6 +449,9 @@ class SmtpTap:
                     break
                 if commands:
                     said.extend(data)
+                    if self._refuses(data):
+                        client_out.write(b"550 5.1.1 no such mailbox here\r\n")
+                        continue
                 sink.write(data)
                 await sink.drain()
             client_out.close()
@@ -527,6 +536,29 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_and_the_mail_sen
         assert len(mails_to(mailpit, f"ops@{second}.example")) == 1
     finally:
         await one.stop()
+
+
+async def test_a_recipient_the_server_refuses_fails_its_delivery_alone_and_the_connection_serves_the_next(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit, tap: SmtpTap
+) -> None:
+    """A 550 to RCPT is that mail's failure; aiosmtplib resets the envelope, and the kept connection
+    carries the next mail rather than being dropped."""
+    name = unique_name("refused")
+    notice = suspended_notice(name)
+    tap.refused.add(f"ops@{name}.example")
+    await enqueue(sessions, Outbox(), notice, customer_spec(name))
+    one = sender(sessions, kube, Clock(), tap.smtp_url)
+    await one.start()
+    try:
+        assert await one.send_due() >= 2  # and what other tests left due on the shared database
+    finally:
+        await one.stop()
+    outcome = {d.target: (d.status, d.last_error) for d in await deliveries(sessions, notice.key)}
+    assert outcome[f"ops@{name}.example"][0] == "pending"
+    assert "550" in (outcome[f"ops@{name}.example"][1] or "")
+    assert outcome[f"finance@{name}.example"] == ("sent", None)
+    assert tap.connections == 1
+    assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
 
 
 async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_without_the_allow_list(
