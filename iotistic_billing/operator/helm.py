@@ -12,6 +12,7 @@ import re
 import signal
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ class HelmRelease:
     chart_version: str
     # The Deployments of the release's manifest: what readiness waits for and drift brings back.
     deployments: tuple[str, ...] = ()
+    # When its revision's operation began (helm's info.last_deployed): the age of a pending revision.
+    last_deployed: datetime | None = None
 
 
 # A manifest's Deployment document, and its metadata block (parsed alone: a whole document costs ten times
@@ -341,4 +344,14 @@ def _release(document: dict[str, Any]) -> HelmRelease:
         deployments=manifest_deployments(
             str(document.get("manifest") or ""), document["name"], document["namespace"]
         ),
+        last_deployed=_helm_time(document["info"].get("last_deployed")),
     )
+
+
+def _helm_time(text: object) -> datetime | None:
+    """A time in helm's JSON (RFC 3339, nanoseconds, `Z`); None when absent or not one."""
+    try:
+        when = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None

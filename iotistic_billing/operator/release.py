@@ -24,15 +24,28 @@ _VERSION_SOURCES = {
 }
 
 
-async def _recover_stuck(ctx: OperatorContext, namespace: str) -> None:
-    """A helm killed mid-operation (an operator crash) leaves the release pending-*; put it back."""
+async def _recover_stuck(ctx: OperatorContext, namespace: str) -> str | None:
+    """A helm killed mid-operation (an operator crash) leaves the release pending-*; put it back, or
+    return why it is left as it is. A pending revision younger than HELM_TIMEOUT may be another
+    process's helm still at work (the old and the new shard of a relabelled Customer, each in a pass),
+    which a rollback would undo under it: the pass fails and is retried, and by then that helm has
+    finished or been killed."""
     release = await ctx.helm.status(c.RELEASE_NAME, namespace)
-    if release is None:
-        return
+    if release is None or not release.status.startswith("pending-"):
+        return None
+    timeout = ctx.settings.helm_timeout
+    if release.last_deployed is not None:
+        age = (ctx.clock() - release.last_deployed).total_seconds()
+        if age < timeout:
+            return (
+                f"revision {release.revision} has been {release.status} for {max(age, 0):.0f} s, maybe "
+                f"under a helm still running; it is recovered once older than HELM_TIMEOUT ({timeout:g} s)"
+            )
     if release.status == "pending-install":
         await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
-    elif release.status in ("pending-upgrade", "pending-rollback"):
+    else:
         await ctx.helm.rollback(c.RELEASE_NAME, namespace)
+    return None
 
 
 async def _deployed_already(
@@ -46,8 +59,9 @@ async def _deployed_already(
     if not deployed:
         return None
     newest = max(deployed)
-    if any(labels.get("status", "").startswith("pending-") for r, labels in revisions.items() if r > newest):
-        # A helm killed mid-upgrade: its objects half applied, which only helm's recovery undoes.
+    if any(labels.get("status") != "superseded" for r, labels in revisions.items() if r > newest):
+        # A helm killed mid-upgrade (pending-*) or an upgrade that failed part-way (failed): its objects
+        # half applied, which only another helm run undoes.
         return None
     if revisions[newest].get(c.LABEL_VALUES_HASH) == digest:
         known = previous is not None and previous.revision == newest
@@ -111,14 +125,17 @@ async def ensure_release(
             release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart.path, values, digest)
             break
         except HelmError as error:
+            message = error.message
             if error.stuck and attempt == 1:
-                await _recover_stuck(ctx, namespace)
-                continue
+                left = await _recover_stuck(ctx, namespace)
+                if left is None:
+                    continue
+                message = f"{message} ({left})"
             first = previous is None or not previous.revision
             return ReleaseOutcome(
                 "failed",
                 c.INSTALL_FAILED if first else c.UPGRADE_FAILED,
-                error.message,
+                message,
                 permanent=error.permanent,
             )
     status = ReleaseStatus(

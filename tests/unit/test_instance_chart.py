@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
@@ -20,7 +20,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
-from iotistic_billing.operator.helm import Helm, HelmError, HelmRelease, manifest_deployments
+from iotistic_billing.operator.helm import Helm, HelmError, HelmRelease, _release, manifest_deployments
 from iotistic_billing.operator.outcomes import InstanceHealth
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import PassTarget
@@ -238,6 +238,7 @@ def release_step(helm: Helm, tmp_path: Path) -> ReleaseStep:
             kube=DeployedRevisions(revisions),
             charts=ChartStore(settings, helm, tmp_path),
             deployments=kept,
+            clock=lambda: NOW,
         ),
     )
     return ReleaseStep(ctx, aim, digest, revisions, kept)
@@ -314,3 +315,79 @@ async def test_a_helm_killed_mid_upgrade_is_not_left_behind_a_deployed_revision(
     revisions[5] = {"status": "deployed", c.LABEL_VALUES_HASH: digest}
     outcome = await ensure_release(ctx, aim, licence, running, may_exist=True)
     assert (outcome.result, helm.upgrades) == ("unchanged", 1)
+
+
+async def test_a_failed_upgrade_is_not_left_behind_a_deployed_revision(tmp_path: Path) -> None:
+    """Found in review: an upgrade to new values that failed part-way leaves revision 4 failed, part of it
+    applied, and 3 deployed; a pass that wants revision 3's values again (the spec changed back, a
+    rollout rolled back) took 3 as current and ran no helm, so the half-applied objects stayed."""
+    helm = Upgrading()
+    step = release_step(helm, tmp_path)
+    step.revisions[4] = {"status": "failed", c.LABEL_VALUES_HASH: "newer"}
+    running = step.release(deployments=list(INSTANCE_DEPLOYMENTS))
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
+    assert (outcome.result, outcome.message, helm.upgrades) == ("upgraded", "upgraded to revision 4", 1)
+
+
+class InProgress(Upgrading):
+    """helm that finds the release's newest revision `status` since `started` (another operation in
+    progress) until it is rolled back or uninstalled; `helm status` answers as helm v4 does."""
+
+    def __init__(self, revision: int, status: str, started: datetime) -> None:
+        super().__init__()
+        self.revision, self.pending, self.started = revision, status, started
+        self.recoveries: list[str] = []
+
+    async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
+        if self.pending:
+            message = "Error: UPGRADE FAILED: another operation (install/upgrade/rollback) is in progress"
+            raise HelmError("upgrade", message)
+        return await super().upgrade_install(name, namespace, *args, **kwargs)
+
+    async def status(self, name: str, namespace: str) -> HelmRelease | None:
+        when = self.started.isoformat().replace("+00:00", "Z")
+        info = {"first_deployed": when, "last_deployed": when, "status": self.pending}
+        return _release({"name": name, "namespace": namespace, "version": self.revision, "info": info})
+
+    async def rollback(self, name: str, namespace: str) -> None:
+        self.recoveries.append("rollback")
+        self.pending = ""
+
+    async def uninstall(self, name: str, namespace: str) -> bool:
+        self.recoveries.append("uninstall")
+        self.pending = ""
+        return True
+
+
+@pytest.mark.parametrize(
+    ("pending", "recovery", "reason"),
+    [
+        ("pending-upgrade", "rollback", c.UPGRADE_FAILED),
+        ("pending-rollback", "rollback", c.UPGRADE_FAILED),
+        ("pending-install", "uninstall", c.INSTALL_FAILED),
+    ],
+)
+async def test_a_pending_revision_is_recovered_only_once_its_helm_would_have_been_killed(
+    tmp_path: Path, pending: str, recovery: str, reason: str
+) -> None:
+    """Found in review: helm's "another operation is in progress" rolled the release back (or
+    uninstalled it) at once, also when the pending revision was another process's helm still running
+    (a Customer relabelled to another shard while the old shard's pass was in helm). A revision younger
+    than HELM_TIMEOUT is left to its helm, a failure retried; an older one's helm was killed or died."""
+    installing = pending == "pending-install"
+    revision = 1 if installing else 4
+    helm = InProgress(revision, pending, NOW - timedelta(seconds=30))
+    step = release_step(helm, tmp_path)
+    if installing:
+        step.revisions.clear()
+    step.revisions[revision] = {"status": pending, c.LABEL_VALUES_HASH: "newer"}
+    running = None if installing else step.release()
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
+    assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", reason, False)
+    assert "another operation (install/upgrade/rollback) is in progress" in outcome.message
+    assert f"revision {revision} has been {pending} for 30 s" in outcome.message, outcome.message
+    assert (helm.recoveries, helm.upgrades) == ([], 0)
+
+    helm.started = NOW - timedelta(seconds=step.ctx.settings.helm_timeout + 1)
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
+    assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1)
