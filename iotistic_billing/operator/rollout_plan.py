@@ -249,11 +249,14 @@ def decide(
         if blocking:
             return tick.wait(blocking)
     # Moved by this rollout and no longer selected (relabelled, or a plan that changed by itself: a trial
-    # that ended, a suspension): still judged while its step runs, and returned by a rollback.
+    # that ended, a suspension): still judged while its step runs, and returned by a rollback. One being
+    # deleted is not: it stays Ready False (Terminating) while its finalizer retries, and it goes anyway.
     departed = [
         member(c, spec.chart_version, now, timeout)
         for c in customers
-        if not selects(spec, c) and (c["metadata"].get("annotations") or {}).get(ROLLOUT_NAME) == rollout.name
+        if not selects(spec, c)
+        and not c["metadata"].get("deletionTimestamp")
+        and (c["metadata"].get("annotations") or {}).get(ROLLOUT_NAME) == rollout.name
     ]
     return tick.run(groups, len(members), _held(rollout, members, others), departed)
 
@@ -330,6 +333,11 @@ class _Tick:
             self.events.append(("Normal", "Waiting", why))
         self.status.phase = RolloutPhase.WAITING
         self._progressing(WAITING_FOR_ROLLOUT, why, reconciling=True)
+        return self._decision()
+
+    def _paused(self, phase: RolloutPhase, message: str) -> Decision:
+        self.status.phase = phase
+        self._progressing("Paused", message, False)
         return self._decision()
 
     def _progressing(self, reason: str, message: str, reconciling: bool) -> None:
@@ -410,7 +418,9 @@ class _Tick:
         watched = self._watched(groups, current, departed)
         self._record_failures(watched, current)
         self._count(groups, total, watched, current)
-        if (status.failed or 0) >= spec.health_gate.max_failures:
+        over_budget = (status.failed or 0) >= spec.health_gate.max_failures
+        # spec.paused holds a rollback's moves (each a helm upgrade) until resumed; a halt moves nothing.
+        if over_budget and not (spec.paused and spec.on_failure == "rollback"):
             return self._failed(everyone, current)
 
         step = spec.steps[current]
@@ -421,9 +431,10 @@ class _Tick:
             m.health == "updating" for m in watched + [m for m in earlier if m.name not in watched_names]
         )
         if spec.paused:
-            status.phase = RolloutPhase.PAUSED
-            self._progressing("Paused", f"paused at step {current + 1}: no new upgrade starts", False)
-            return self._decision()
+            message = f"paused at step {current + 1}: no new upgrade starts"
+            if over_budget:
+                message += f"; {self._failed_names()} failed, rolling back once resumed"
+            return self._paused(RolloutPhase.PAUSED, message)
         for waiting in pending[: max(0, step.max_parallel - updating)]:
             self.moves.append(moved(waiting, spec.chart_version, waiting.running, self.rollout.name, now))
         status.phase = RolloutPhase.PROGRESSING
@@ -513,11 +524,15 @@ class _Tick:
         """Every Customer this rollout set to its version goes back to the one it had."""
         failures = {f.customer: f for f in self.status.failures or ()}
         mine = [m for m in everyone if m.rollout == self.rollout.name]
-        for m in mine:
-            back = _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now)
-            if back is not None:
-                self.moves.append(back)
+        backs = [
+            _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now) for m in mine
+        ]
         names = self._failed_names()
+        if self.spec.paused and any(back is not None for back in backs):
+            # Returning a Customer is a helm upgrade like any other: paused, none starts (phase kept).
+            message = f"paused while rolling back after {names} failed: no Customer moves until resumed"
+            return self._paused(RolloutPhase.ROLLING_BACK, message)
+        self.moves += [back for back in backs if back is not None]
         if self.moves or any(not _returned(m) for m in mine):
             self._progressing("RollingBack", f"rolling back after {names} failed", True)
             return self._decision()

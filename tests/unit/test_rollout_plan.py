@@ -741,3 +741,96 @@ def test_a_customer_relabelled_out_while_its_step_upgrades_it_is_still_judged() 
 
     assert status.phase == RolloutPhase.HALTED
     assert [(f.customer, f.step) for f in status.failures or ()] == [("c01", 1)]
+
+
+def test_a_customer_deleted_while_its_step_upgrades_it_is_no_longer_judged() -> None:
+    """Found in review: c01, moved in step 1, is deleted and its finalizer keeps retrying (PostgreSQL
+    away), Ready False with reason Terminating. It held the step's one slot, failed the health gate
+    after timeoutSeconds and rolled back the whole rollout, itself included."""
+    fleet = Fleet(6)
+
+    def delete_c01(tick: int) -> None:
+        if tick == 1:
+            c01 = fleet.customers["c01"]
+            c01["metadata"]["deletionTimestamp"] = (T0 + timedelta(seconds=1)).isoformat()
+            c01["status"]["conditions"] = [
+                {"type": "Ready", "status": "False", "reason": "Terminating", "message": "DeletionFailed"}
+            ]
+
+    rollout_spec = spec(
+        healthGate={"timeoutSeconds": 20},
+        onFailure="rollback",
+        steps=[{"customers": ["c01", "c02"], "maxParallel": 1}, {"rest": True}],
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=100, before_tick=delete_c01)
+
+    assert [m.customer for m in decisions[1].moves] == ["c02"]  # c01's slot is free
+    assert status.phase == RolloutPhase.SUCCEEDED and status.failures is None and status.failed == 0
+    assert [i for i, d in enumerate(decisions) if any(m.customer == "c01" for m in d.moves)] == [0]
+    assert fleet.on("2.0.0") == set(fleet.customers)
+
+
+# ----- spec.paused holds a rollback too -----
+
+
+def canaries_moved(rollout_spec: RolloutSpec) -> tuple[Fleet, Decision]:
+    """c01 and c02 moved as step 1's canaries; the operator then installs c01 and helm refuses c02."""
+    fleet = Fleet(6, broken={"c02"})
+    first = decide(
+        Rollout("r1", 1, T0.isoformat(), {}),
+        rollout_spec,
+        RolloutStatus(),
+        list(fleet.customers.values()),
+        [],
+        T0,
+    )
+    fleet.apply(first)
+    fleet.operate()
+    return fleet, first
+
+
+CANARIES = spec(steps=[{"customers": ["c01", "c02"]}, {"rest": True}], onFailure="rollback")
+
+
+def test_a_failure_noticed_while_paused_moves_no_customer_and_the_rollback_starts_on_resume() -> None:
+    """Found in review: a failure over healthGate.maxFailures seen while spec.paused switched the
+    rollout to RollingBack and moved its Customers back, though a paused rollout starts no upgrade."""
+    fleet, first = canaries_moved(CANARIES)
+    rollout, later = Rollout("r1", 1, T0.isoformat(), {}), T0 + timedelta(seconds=1)
+    paused_spec = CANARIES.model_copy(update={"paused": True})
+
+    paused = decide(rollout, paused_spec, first.status, list(fleet.customers.values()), [], later)
+
+    assert paused.status.phase == RolloutPhase.PAUSED and paused.moves == []
+    assert [(f.customer, f.reason) for f in paused.status.failures or ()] == [("c02", "UpgradeFailed")]
+    assert paused.status.failed == 1 and [e[1] for e in paused.events] == ["CustomerFailed"]
+    ready = paused.status.condition("Ready")
+    assert ready is not None and ready.reason == "Paused" and "c02 failed" in ready.message
+
+    resumed = decide(rollout, CANARIES, paused.status, list(fleet.customers.values()), [], later)
+
+    assert resumed.status.phase == RolloutPhase.ROLLING_BACK
+    assert sorted(m.customer for m in resumed.moves) == ["c01", "c02"]
+    assert {m.annotations[ROLLOUT_CHART_VERSION] for m in resumed.moves} == {"1.0.0"}
+
+
+def test_a_paused_rollback_moves_no_customer_until_resumed() -> None:
+    """RollingBack, its moves not made yet (the status is written first), when spec.paused is set."""
+    fleet, first = canaries_moved(CANARIES)
+    rollout, later = Rollout("r1", 1, T0.isoformat(), {}), T0 + timedelta(seconds=1)
+    rolling_back = decide(rollout, CANARIES, first.status, list(fleet.customers.values()), [], later)
+    assert rolling_back.status.phase == RolloutPhase.ROLLING_BACK and rolling_back.moves
+
+    paused_spec = CANARIES.model_copy(update={"paused": True})
+    paused = decide(rollout, paused_spec, rolling_back.status, list(fleet.customers.values()), [], later)
+
+    assert paused.moves == [] and paused.status.phase == RolloutPhase.ROLLING_BACK
+    ready = paused.status.condition("Ready")
+    assert ready is not None and ready.reason == "Paused"
+
+    resumed = decide(rollout, CANARIES, paused.status, list(fleet.customers.values()), [], later)
+    assert sorted(m.customer for m in resumed.moves) == ["c01", "c02"]
+    fleet.apply(resumed)
+    fleet.operate()
+    done = decide(rollout, CANARIES, resumed.status, list(fleet.customers.values()), [], later)
+    assert done.status.phase == RolloutPhase.ROLLED_BACK and fleet.on("2.0.0") == set()
