@@ -109,6 +109,8 @@ class SubscriptionFacts:
     cancel_at_period_end: bool | None = None
     # When Stripe created the subscription (Unix seconds): of two live ones, the newer wins.
     started: int | None = None
+    # Read off an invoice: it adds to what the subscription's own events say, never overrules them.
+    from_invoice: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,7 @@ def _facts_of_invoice(
         status=status,
         plan=catalog.plan_for(_line_price_id(line)),
         current_period_end=_timestamp(_mapping(line.get("period")).get("end")) if paid else None,
+        from_invoice=True,
     )
 
 
@@ -360,7 +363,8 @@ def decide(
     the subscription's row (its `last_event_created` and status; either record may be missing or lost).
 
     Ordering is per subscription: an older event never overwrites newer state of its subscription, and
-    nothing but another ending overwrites an ended one (ENDED_STATUSES). Two
+    nothing but another ending overwrites an ended one (ENDED_STATUSES); an ending is final, so it
+    applies over live state whatever its time (a deletion Stripe retried after the final invoice). Two
     events of the same second apply in STATUS_ORDER, whichever comes first. A different subscription
     replaces the Customer's only when its event is not older, never a live one with a dead one (the
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
@@ -374,7 +378,9 @@ def decide(
     for last, status in newest:
         if status in ENDED_STATUSES and facts.status not in ENDED_STATUSES:
             return Decision("stale", None, record_row=False)
-        if last is None:
+        # Only invoices of its last period follow an ending, so live state newer than it is theirs: the
+        # ending still wins, or the subscription would stay live for good.
+        if last is None or (facts.status in ENDED_STATUSES and status not in ENDED_STATUSES):
             continue
         if created < last or (
             created == last
@@ -555,6 +561,8 @@ def coalesce(
             continue
         row = known.get(facts.subscription_id)
         held = known.get(state.stripe_subscription_id) if state and state.stripe_subscription_id else None
+        same = state is not None and state.stripe_subscription_id == facts.subscription_id
+        facts = _invoice_facts_over(facts, row or (state if same else None))
         decision = decide(
             state,
             row.last_event_created if row else None,
@@ -571,6 +579,22 @@ def coalesce(
         if decision.action == "apply":
             state = decision.subscription
     return Coalesced(tuple(steps), state, written)
+
+
+def _invoice_facts_over(
+    facts: SubscriptionFacts, known: StoredSubscription | SubscriptionSpec | None
+) -> SubscriptionFacts:
+    """An invoice's facts on top of what is known of its subscription (its row, else the Customer's):
+    the subscription's own events are the authority on its plan and status. The invoice's plan line
+    counts only while no plan is known (a first payment): a renewal drafted before a plan change and
+    paid after it names the old price. A declined retry leaves an unpaid (suspended) subscription
+    unpaid: past_due would give its access back until the ladder's restriction."""
+    if not facts.from_invoice or known is None:
+        return facts
+    status: SubscriptionStatus = (
+        "unpaid" if known.status == "unpaid" and facts.status != "active" else facts.status
+    )
+    return replace(facts, status=status, plan=_plan(known.plan) or facts.plan)
 
 
 def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> datetime | None:

@@ -134,6 +134,19 @@ class Subscriber:
             created=created,
         )
 
+    def deleted(self, created: int, *, plan: str = "starter") -> dict[str, Any]:
+        return event(
+            "customer.subscription.deleted",
+            subscription_object(
+                self.subscription,
+                customer=self.stripe_customer,
+                price=PRICES[plan],
+                status="canceled",
+                metadata={"customerId": self.customer_id},
+            ),
+            created=created,
+        )
+
     def invoice(self, created: int, *, paid: bool, plan: str = "starter") -> dict[str, Any]:
         return event(
             "invoice.payment_succeeded" if paid else "invoice.payment_failed",
@@ -309,11 +322,43 @@ async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
         assert (row.status, row.plan, row.last_event_created) == ("active", "professional", base + 4)
 
         # An event older than what was applied is recorded as stale and writes nothing.
-        late = one.updated(base, status="canceled")
+        late = one.updated(base, status="past_due")
         await store(inbox_pool, inbox, [late])
         assert await inbox.apply_pending() == 1
         assert await results(inbox_engine, [late]) == {late["id"]: "stale"}
         assert customer_applies(k8s_client) == applies + 2
+
+
+async def test_a_deletion_stripe_retried_after_the_final_invoice_ends_the_subscription_for_good(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """The deletion did not get through (PostgreSQL away) and Stripe retried it after the final usage
+    invoice, paid an hour later, was applied: the subscription ends all the same, in the Customer and in
+    its row (where a checkout looks for a live subscription), and an invoice of it paid later is stale."""
+    subscriber = Subscriber(customers, "ended")
+    base = int(time.time()) - 7200
+    final_invoice, deletion = subscriber.invoice(base + 3600, paid=True), subscriber.deleted(base + 1)
+    later_invoice = subscriber.invoice(base + 3700, paid=True)
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        for body in (subscriber.updated(base), final_invoice, deletion, later_invoice):
+            await store(inbox_pool, inbox, [body])  # each its own batch, in this order of arrival
+            assert await inbox.apply_pending() == 1
+    assert await results(inbox_engine, [final_invoice, deletion, later_invoice]) == {
+        final_invoice["id"]: "applied",
+        deletion["id"]: "applied",
+        later_invoice["id"]: "stale",
+    }
+    assert (customers.subscription(subscriber.name) or {})["status"] == "canceled"
+    async with inbox_engine.connect() as connection:
+        status = await connection.scalar(
+            select(models.Subscription.status).where(
+                models.Subscription.stripe_subscription_id == subscriber.subscription
+            )
+        )
+    assert status == "canceled"
+    assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {
+        f"subscription-canceled:{subscriber.customer_id}:{subscriber.subscription}": 1
+    }
 
 
 async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others_are_recorded(

@@ -215,7 +215,7 @@ def test_invoices_of_both_api_shapes(api: str) -> None:
     invoice["lines"] = {"data": [proration, line]}
 
     paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
-    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END)
+    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True)
     failed = subscription_facts("invoice.payment_failed", invoice, CATALOG)
     assert failed is not None and (failed.status, failed.current_period_end) == ("past_due", None)
     first = subscription_facts(
@@ -239,7 +239,7 @@ def test_a_renewal_invoice_is_read_from_its_plan_line_whatever_metered_lines_com
         },
     }
     paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
-    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END)
+    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True)
 
 
 def test_an_invoice_of_prorations_only_names_no_plan() -> None:
@@ -254,7 +254,7 @@ def test_an_invoice_of_prorations_only_names_no_plan() -> None:
         },
     }
     assert subscription_facts("invoice.payment_succeeded", invoice, CATALOG) == SubscriptionFacts(
-        "sub_1", "active"
+        "sub_1", "active", from_invoice=True
     )
 
 
@@ -312,10 +312,14 @@ def test_a_newer_event_applies_and_keeps_what_it_does_not_say() -> None:
 
 
 def test_an_older_event_of_the_same_subscription_is_stale() -> None:
-    assert decide(current(), 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+    assert decide(current(), 100, SubscriptionFacts("sub_1", "past_due"), 99).action == "stale"
     # Either record of the newest event is enough: the Customer's, or the row's.
-    assert decide(None, 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
-    assert decide(current(), None, SubscriptionFacts("sub_1", "canceled"), 99).action == "stale"
+    assert decide(None, 100, SubscriptionFacts("sub_1", "past_due"), 99).action == "stale"
+    assert decide(current(), None, SubscriptionFacts("sub_1", "past_due"), 99).action == "stale"
+    # An ending is final: only invoices of the last period can be newer than it.
+    assert decide(current(), 100, SubscriptionFacts("sub_1", "canceled"), 99).action == "apply"
+    ended = current(status="canceled", last_event_created=100)
+    assert decide(ended, 100, SubscriptionFacts("sub_1", "incomplete_expired"), 99).action == "stale"
 
 
 @pytest.mark.parametrize("ended", ["canceled", "incomplete_expired"])
@@ -406,6 +410,64 @@ def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -
     )
 
 
+def invoice_facts(event_type: str, price: str = "price_s") -> SubscriptionFacts:
+    """The facts of a renewal invoice of sub_1 on `price` (invoice.paid or invoice.payment_failed)."""
+    body = {
+        "id": "in_1",
+        "subscription": "sub_1",
+        "billing_reason": "subscription_cycle",
+        "lines": {"data": [{"price": {"id": price}, "period": {"end": PERIOD_END}}]},
+    }
+    facts = subscription_facts(event_type, body, CATALOG)
+    assert facts is not None
+    return facts
+
+
+def test_a_deletion_delivered_after_the_final_invoice_ends_the_subscription_for_good() -> None:
+    """Stripe retried the deletion (at 100) after the final usage invoice, paid an hour later, was
+    applied: an ending is final whatever its time, and no invoice brings the subscription back."""
+    paid = coalesce("cust_a", current(last_event_created=50), {}, [(invoice_facts("invoice.paid"), 3700)])
+    assert paid.subscription is not None and paid.subscription.status == "active"
+    ended = coalesce("cust_a", paid.subscription, paid.rows, [(SubscriptionFacts("sub_1", "canceled"), 100)])
+    assert ended.subscription is not None and ended.subscription.status == "canceled"
+    assert ended.rows["sub_1"].status == "canceled"
+    later = coalesce(
+        "cust_a", ended.subscription, {**paid.rows, **ended.rows}, [(invoice_facts("invoice.paid"), 3800)]
+    )
+    assert [step.decision.action for step in later.steps if step.decision] == ["stale"]
+    assert later.subscription == ended.subscription
+
+
+def test_a_declined_retry_leaves_a_suspended_subscription_unpaid() -> None:
+    """Unpaid is past the ladder's grace: a failed retry does not put the subscription back in past_due
+    (and its access back), and the ladder still counts from the first failure."""
+    since = datetime.fromtimestamp(50, UTC)
+    suspended = current(status="unpaid", past_due_since=since)
+    for rows in (row(status="unpaid", past_due_since=since), {}):
+        declined = coalesce("cust_a", suspended, rows, [(invoice_facts("invoice.payment_failed"), 200)])
+        assert declined.subscription == current(status="unpaid", past_due_since=since, last_event_created=200)
+        assert (declined.rows["sub_1"].status, declined.rows["sub_1"].past_due_since) == ("unpaid", since)
+    # A payment that goes through still ends it.
+    paid = coalesce("cust_a", suspended, {}, [(invoice_facts("invoice.paid"), 300)])
+    assert paid.subscription is not None
+    assert (paid.subscription.status, paid.subscription.past_due_since) == ("active", None)
+
+
+def test_an_invoice_paid_after_a_plan_change_does_not_undo_it() -> None:
+    """A renewal drafted on starter, the plan changed to professional within its draft window, then the
+    invoice paid: the subscription's own event says the plan; the invoice's line is older news."""
+    upgraded = SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END, False)
+    result = coalesce(
+        "cust_a", current(), {}, [(upgraded, 1800), (invoice_facts("invoice.paid", "price_s"), 3600)]
+    )
+    assert result.subscription is not None and result.subscription.plan == "professional"
+    assert result.rows["sub_1"].plan == "professional"
+    # An invoice still names a plan nothing has named yet: a first payment whose subscription's events
+    # are still to come.
+    first = coalesce("cust_a", None, {}, [(invoice_facts("invoice.paid", "price_e"), 10)])
+    assert first.subscription is not None and first.subscription.plan == "enterprise"
+
+
 # ----- coalescing a Customer's pending events -----
 
 
@@ -429,7 +491,7 @@ def test_a_customer_s_events_coalesce_into_what_they_do_one_after_the_other() ->
     events = [
         (SubscriptionFacts("sub_1", "past_due"), 150),
         (SubscriptionFacts("sub_1", "active", "enterprise", current_period_end=later), 160),
-        (SubscriptionFacts("sub_1", "canceled"), 120),  # older than both: stale, whatever its place
+        (SubscriptionFacts("sub_1", "trialing"), 120),  # older than both: stale, whatever its place
         (None, 170),  # carries no subscription facts: recorded as ignored
     ]
     result = coalesce("cust_a", current(), row(), events)
@@ -480,7 +542,7 @@ def test_coalesced_decisions_are_the_ones_separate_applies_make() -> None:
 
 
 def test_nothing_new_for_the_customer_applies_nothing() -> None:
-    result = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", "canceled"), 99)])
+    result = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", "past_due"), 99)])
     assert not result.applied and result.subscription == current() and result.rows == {}
 
 
