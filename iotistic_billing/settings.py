@@ -31,6 +31,12 @@ class SettingsError(ValueError):
     """Raised at start-up when an environment variable is missing or invalid; names the variable."""
 
 
+def _refuse_edge_white_space(secret: SecretStr | None) -> None:
+    """A secret read from a file keeps its last newline, and no client sends it: refused at the start."""
+    if secret is not None and secret.get_secret_value() != secret.get_secret_value().strip():
+        raise ValueError("must not start or end with white space (a file's last newline?)")
+
+
 class Settings(BaseSettings):
     """Environment names follow the earlier system where they apply (`PORT`, `DATABASE_URL`,
     `STRIPE_*`, ...)."""
@@ -154,9 +160,11 @@ class Settings(BaseSettings):
 
     @field_validator("admin_api_token", "admin_viewer_token")
     @classmethod
-    def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
+        # The server strips the token a client sends: one kept with its newline never matched (all 401).
+        _refuse_edge_white_space(value)
         return value
 
     @field_validator("stripe_secret_key", "stripe_webhook_secret")
@@ -165,8 +173,7 @@ class Settings(BaseSettings):
         # Set but empty (`STRIPE_SECRET_KEY=` in a file) counted as set, and Stripe's 401 came later.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty (leave it unset to run without Stripe)")
-        if value is not None and value.get_secret_value() != value.get_secret_value().strip():
-            raise ValueError("must not start or end with white space (a file's last newline?)")
+        _refuse_edge_white_space(value)
         return value
 
     @field_validator("console_session_key")

@@ -62,12 +62,23 @@ def read_customer_id(request: web.Request) -> str:
         raise ValidationFailed.from_pydantic(invalid, prefix=CUSTOMER_ID_PARAMETER) from None
 
 
+def read_decimal(text: str, limit: int) -> int | None:
+    """A path's or query's number: None unless `text` is ASCII digits alone (str.isdigit takes "²"); a
+    number past `limit` reads as limit + 1, as int() refuses 4,300 digits and more (a ValueError)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(limit)):
+        return limit + 1
+    return min(int(digits), limit + 1)
+
+
 def read_notice_id(request: web.Request) -> int:
     """The `{noticeId}` of the path (a notices.id), or a 400 naming it."""
-    text = request.match_info[NOTICE_ID_PARAMETER]
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= NOTICE_ID_MAX:
+    notice_id = read_decimal(request.match_info[NOTICE_ID_PARAMETER], NOTICE_ID_MAX)
+    if notice_id is None or not 1 <= notice_id <= NOTICE_ID_MAX:
         raise ValidationFailed.single(NOTICE_ID_PARAMETER, f"must be an integer from 1 to {NOTICE_ID_MAX}")
-    return int(text)
+    return notice_id
 
 
 def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -83,6 +94,7 @@ __all__ = [
     "json_model",
     "read_body",
     "read_customer_id",
+    "read_decimal",
     "read_notice_id",
     "read_query",
 ]

@@ -106,3 +106,21 @@ async def test_the_viewer_and_a_form_without_the_token_change_nothing(
         body["metadata"].get("annotations") or {}
     )
     assert await actions(db_engine, rollout) == []
+
+
+async def test_an_action_on_a_name_no_rollout_can_have_is_a_404_and_no_row(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: the audit row of a name with NUL (which PostgreSQL text cannot hold) or longer
+    than its column was written before the rollout was looked for, and the answer was a 500."""
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    prefix = unique_name("wave")
+    # NUL, and 263 characters: more than a Kubernetes name (253) and than the audit row's target (255).
+    for name in (prefix + "%00b", prefix + "a" * 250):
+        answer = await post_form(api, f"/admin/rollouts/{name}/pause", {"csrf": csrf})
+        text = await answer.text()
+        assert answer.status == 404, text
+        assert "InstanceRollout not found" in text, text
+    async with db_engine.connect() as connection:
+        targets = select(ConsoleAction.target).where(ConsoleAction.target.startswith(prefix))
+        assert (await connection.execute(targets)).all() == []

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.settings import load_settings
+from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.console.pages import console_guard, register
 from iotistic_billing.webhook_server.context import (
     ADDRESS_LIMITER,
@@ -162,9 +162,8 @@ class Console:
         return answer.status, await answer.text()
 
 
-@pytest.fixture
-async def console() -> AsyncIterator[Console]:
-    settings = load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER)
+@asynccontextmanager
+async def running_console(settings: Settings) -> AsyncIterator[Console]:
     app = web.Application(middlewares=[error_middleware, console_guard])
     kube, database, directory = FakeKube(), FakeDatabase(), FakeDirectory(records("acme", "globex"))
     app[SETTINGS] = settings
@@ -177,6 +176,32 @@ async def console() -> AsyncIterator[Console]:
     register(app, settings)
     async with TestClient(TestServer(app)) as client:
         yield Console(client, kube, database, directory)
+
+
+@pytest.fixture
+async def console() -> AsyncIterator[Console]:
+    async with running_console(load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER)) as console:
+        yield console
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/admin/login"), ("GET", "/admin/"), ("GET", "/admin/customers"), ("POST", "/admin/login")],
+)
+async def test_without_the_admin_token_the_console_is_a_503_page_saying_it_is_closed(
+    method: str, path: str
+) -> None:
+    """Found in review: the console's pages sent a stranger to a sign-in form no token could pass."""
+    async with running_console(load_settings(admin_api_token=None, admin_viewer_token=None)) as console:
+        answer = await console.client.request(
+            method, path, data={"token": ADMIN}, headers={"Origin": console.origin}, allow_redirects=False
+        )
+        page = await answer.text()
+        assert (answer.status, answer.content_type) == (503, "text/html"), page
+        assert "<h1>Console closed</h1>" in page
+        assert "ADMIN_API_TOKEN is not set on this server" in page
+        # The page keeps the console's look.
+        assert (await console.client.get("/admin/static/console.css")).status == 200
 
 
 @pytest.mark.parametrize(

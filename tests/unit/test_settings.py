@@ -125,6 +125,18 @@ def test_a_stripe_secret_set_empty_is_refused_not_taken_for_a_key(
     assert "sk_test_abc" not in str(refused.value)
 
 
+@pytest.mark.parametrize("variable", ["admin_api_token", "admin_viewer_token"])
+def test_an_admin_token_with_a_files_last_newline_is_refused_by_name(variable: str) -> None:
+    """Found in review: a token read from a file kept its newline, passed the length check, and every
+    admin call was a 401, as the server strips what a client sends."""
+    with pytest.raises(SettingsError) as refused:
+        load_settings(**{variable: "a" * 20 + "\n"})
+    assert f"{variable.upper()}: must not start or end with white space (a file's last newline?)" in str(
+        refused.value
+    )
+    assert "a" * 20 not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "secret"),
     [

@@ -21,7 +21,7 @@ from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, Subscr
 from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
-from iotistic_billing.webhook_server.messages import read_customer_id
+from iotistic_billing.webhook_server.messages import read_customer_id, read_notice_id
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
@@ -184,6 +184,25 @@ def test_a_customer_id_off_the_crd_pattern_is_a_400_naming_it(customer_id: str) 
         read_customer_id(request)
     assert refused.value.details[0]["field"] == "customerId"
     assert refused.value.message.startswith("customerId: ")
+
+
+@pytest.mark.parametrize(("notice_id", "expected"), [("1", 1), ("0042", 42), (str(2**63 - 1), 2**63 - 1)])
+def test_notice_ids_are_read_from_the_path(notice_id: str, expected: int) -> None:
+    request = make_mocked_request("POST", "/", match_info={"noticeId": notice_id})
+    assert read_notice_id(request) == expected
+
+
+@pytest.mark.parametrize(
+    "notice_id",
+    ["0", "-1", "1.5", "\u00b2", "\u0663", str(2**63), "9" * 30, pytest.param("9" * 4301, id="4301-digits")],
+)
+def test_a_notice_id_off_the_range_is_a_400_naming_it(notice_id: str) -> None:
+    """Found in review: 4,301 digits passed isdigit() and int() refused them, a 500."""
+    request = make_mocked_request("POST", "/", match_info={"noticeId": notice_id})
+    with pytest.raises(ValidationFailed) as refused:
+        read_notice_id(request)
+    assert refused.value.status == 400
+    assert refused.value.details[0]["field"] == "noticeId"
 
 
 @pytest.mark.parametrize(

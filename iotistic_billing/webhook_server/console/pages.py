@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import KIND, PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
+from iotistic_billing.customer import DNS_NAME_PATTERN, KIND, PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.directory import CustomerRecord
@@ -50,6 +51,7 @@ from iotistic_billing.webhook_server.context import (
 )
 from iotistic_billing.webhook_server.errors import problem_of
 from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
+from iotistic_billing.webhook_server.messages import read_decimal
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
 from iotistic_billing.webhook_server.security import is_trusted_proxy, throttled
 from iotistic_billing.webhook_server.usage import usage_history
@@ -178,8 +180,6 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     """A token opens a session: the admin token may act, the viewer token may look."""
     sessions = request.app[SESSIONS_KEY]
-    if not sessions.configured:
-        raise ApiError("Console is not configured", "ADMIN_API_TOKEN is not set on this server", status=503)
     form = await read_form(request)
     session = sessions.sign_in(str(form.get("token", "")))
     if session is None:
@@ -231,12 +231,10 @@ async def overview_page(request: web.Request) -> web.Response:
 
 
 def page_number(text: str, pages: int) -> int:
-    """The `page` asked for, within 1..pages: past the end is the last page; anything but ASCII digits
-    (str.isdigit takes "²"), the first."""
-    if not (text.isascii() and text.isdigit()):
-        return 1
-    # More digits than any page count has is past the end (and int() refuses 4,300 digits and more).
-    return max(1, min(pages, int(text) if len(text) <= 9 else pages))
+    """The `page` asked for, within 1..pages: past the end is the last page; anything but ASCII digits,
+    the first."""
+    page = read_decimal(text, pages)
+    return 1 if page is None else max(1, min(pages, page))
 
 
 async def customers_page(request: web.Request) -> web.Response:
@@ -514,6 +512,10 @@ async def rollouts_page(request: web.Request) -> web.Response:
     )
 
 
+def _no_rollout(name: str) -> NotFound:
+    return NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}")
+
+
 async def rollout_action(request: web.Request) -> web.StreamResponse:
     """Pause (spec.paused), resume, abort (the annotation that ends a rollout where it is)."""
     name, action = request.match_info["name"], request.match_info["action"]
@@ -525,6 +527,10 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     }
     if action not in patches:
         raise NotFound("Not found", f"no action {action!r}")
+    # A name Kubernetes cannot hold names no rollout, and its audit row (NUL, past String(255)) would be
+    # PostgreSQL's error, a 500: refused before that row is written.
+    if len(name) > 253 or not re.fullmatch(DNS_NAME_PATTERN, name):
+        raise _no_rollout(name)
     patch, done = patches[action]
     async with request.app[SESSIONS]() as db, db.begin():
         await _audit(request, db, f"rollout-{action}", f"InstanceRollout {name} {done}", target=name)
@@ -532,7 +538,7 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
             await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
         except ApiException as error:
             if error.status == 404:
-                raise NotFound("InstanceRollout not found", f"no InstanceRollout {name!r}") from None
+                raise _no_rollout(name) from None
             raise
     return see_other("/admin/rollouts?" + urlencode({"done": f"rollout-{action}"}))
 
@@ -589,6 +595,15 @@ PAGES: Final[tuple[Page, ...]] = (
 PAGES_KEY: web.AppKey[dict[web.AbstractRoute, Page]] = web.AppKey("console_pages")
 
 
+def console_closed() -> ApiError:
+    return ApiError(
+        "Console closed",
+        "ADMIN_API_TOKEN is not set on this server: the console is closed until it is",
+        {"setting": "ADMIN_API_TOKEN"},
+        status=503,
+    )
+
+
 def same_origin(request: web.Request) -> bool:
     """A POST from this origin: Origin (or, without it, Referer) names this host. Browsers send Origin
     on every POST; a request with neither is not a browser's form and is refused too."""
@@ -619,6 +634,9 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
     page = pages.get(request.match_info.route) if pages is not None else None
     if page is None:
         return await handler(request)
+    if not request.app[SESSIONS_KEY].configured and page.handler is not static_file:
+        # No token opens a session: a sign-in form would only wait for one that cannot work.
+        return problem_page(request, console_closed())
     if request.method == "POST":
         # The API's limit per client address, so that the sign-in form is no faster way to guess tokens.
         wait = address_wait(request)
