@@ -43,8 +43,11 @@ from iotistic_billing.db.engine import plain_url
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import maintain_partitions, month_of
 from iotistic_billing.usage.periods import shift_months
-from iotistic_billing.usage.reports import MAX_PERIOD
-from iotistic_billing.usage.rollups import _UNHELD_ARRIVALS, unheld_arrivals  # the statement, for its plan
+from iotistic_billing.usage.rollups import (  # the statement, for its plan
+    _UNHELD_ARRIVALS,
+    unheld_arrivals,
+    unheld_starts_from,
+)
 from iotistic_billing.usage.store import open_pool
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -157,7 +160,7 @@ async def measure(database_url: str, repeats: int) -> int:
     options = UsageOptions()
     window = options.catch_up_window
     # As UsageMetering.flush_unheld bounds it.
-    starts_from = NOW - window - timedelta(seconds=options.close_grace) - MAX_PERIOD
+    starts_from = unheld_starts_from(NOW, window, timedelta(seconds=options.close_grace))
     conn = await asyncpg.connect(plain_url(database_url))
     try:
         product, found = await timed(repeats, lambda: unheld_arrivals(conn, window, starts_from))

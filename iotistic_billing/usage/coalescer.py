@@ -3,7 +3,7 @@
 Reports arrive far more often than the Customer's status should change (a batch of 1,000 reports, many
 instances per customer): the request path only records, per customer, the first and latest arrivals and
 the earliest period start reported, and the flusher makes one status patch per customer that reported
-since the last flush (and a rollup for each ended period those reports fall in that has none). It is
+since the last flush (and a rollup for each ended period those reports end in that has none). It is
 memory: what a server stopped before its flush held, the meter run finds again in PostgreSQL
 (UsageMetering.flush_unheld).
 """
@@ -20,7 +20,8 @@ class Reported:
     """What a customer's reports since the last drain tell the flusher."""
 
     at: datetime  # the latest arrival: status.usage.lastReportAt
-    earliest_start: datetime  # the earliest period_start: the oldest billing period they fall in
+    # The earliest period_start: none of them ends in a billing period before the one holding it.
+    earliest_start: datetime
 
     def merged(self, other: Reported) -> Reported:
         return Reported(max(self.at, other.at), min(self.earliest_start, other.earliest_start))

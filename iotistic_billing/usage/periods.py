@@ -5,6 +5,9 @@ A Customer billed through Stripe is billed per subscription period: the month en
 (clamped to that month's last day, as Stripe does for an anchor on the 29th to 31st). Every other
 Customer is billed per UTC calendar month. Both are one rule: months anchored at an instant, the
 calendar month being anchored at midnight UTC on the 1st.
+
+A report counts in the period its period_end falls in, start < period_end <= end: it can only be sent
+once it has ended, so one across a period's end arrives while the period it ends in is still open.
 """
 
 from __future__ import annotations
@@ -16,11 +19,17 @@ from typing import Final
 
 # Midnight UTC on a 1st: the anchor of calendar months.
 CALENDAR_ANCHOR: Final = datetime(2000, 1, 1, tzinfo=UTC)
+# The longest period, a 31-day month.
+LONGEST_PERIOD: Final = timedelta(days=31)
+# Python's and PostgreSQL's times are whole microseconds: a report ending at `end` counts in the period
+# holding `end - INSTANT`.
+INSTANT: Final = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, order=True)
 class BillingPeriod:
-    """[start, end): a report belongs to the period its period_start falls in."""
+    """[start, end) for a moment (`contains`); a report's counters belong to the period its
+    period_end falls in, start < period_end <= end (see the module's note)."""
 
     start: datetime
     end: datetime
@@ -92,6 +101,8 @@ def utc_days(start: datetime, end: datetime) -> list[date]:
 
 __all__ = [
     "CALENDAR_ANCHOR",
+    "INSTANT",
+    "LONGEST_PERIOD",
     "BillingPeriod",
     "billing_period",
     "period_containing",

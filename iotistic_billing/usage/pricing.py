@@ -94,9 +94,11 @@ class Overage:
 
 
 def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: datetime) -> PeriodTotals:
-    """Sum the samples of one billing period: counters belong wholly to the period their report starts
-    in, while storage (a level) counts the part of every report inside the period, wherever it starts,
-    so that a report across a period's end is billed in both periods for its time in each."""
+    """Sum the samples of one billing period: counters belong wholly to the period their report ends
+    in, start < period_end <= end (a report is sent once it has ended, so one across a period's end
+    arrives while the period it ends in is open), while storage (a level) counts the part of every
+    report inside the period, wherever it starts, so that a report across a period's end is billed in
+    both periods for its time in each."""
     length = period_end - period_start
     if length <= timedelta(0):
         raise ValueError(f"period_end must be after period_start, got {period_start} .. {period_end}")
@@ -106,7 +108,7 @@ def roll_up(samples: Iterable[UsageSample], period_start: datetime, period_end: 
         covered = min(sample.period_end, period_end) - max(sample.period_start, period_start)
         if covered > timedelta(0):
             storage_mb_seconds += sample.postgres_size_mb * Decimal(int(covered.total_seconds()))
-        if not period_start <= sample.period_start < period_end:
+        if not period_start < sample.period_end <= period_end:
             continue
         count += 1
         peak = max(peak, sample.active_devices)

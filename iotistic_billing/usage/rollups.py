@@ -3,13 +3,14 @@
 While a period is open its row is refreshed by every status flush (from PostgreSQL's sums); once the
 period has ended and a grace has passed (for the reports of its last hours still on their way), the
 meter run rolls it up one last time from the stored reports with `pricing.roll_up` and closes it: a
-closed row never changes, so what was sent to Stripe stays what the row says. The current period starts
-no earlier than the end of the customer's ended rows (`unsettled_period`), so that no report is billed
-twice. A report that no row holds, of a period that ended before any flush saw it, gets its period's row
-from the flush that sees it (the meter run's, `unheld_arrivals`, when its server stopped before its own)
-if it arrived while the period's close grace lasted (`open_missing_rollups`); a report that arrives
-after that, or after its period closed, is kept, and billed in no period (`reports_after_close`).
-Amounts are stored as strings of exact decimals.
+closed row never changes, so what was sent to Stripe stays what the row says. A report's counters are
+in the row of the period its end falls in (usage.periods), its storage in each row it overlaps. The
+current period starts no earlier than the end of the customer's ended rows (`unsettled_period`), so that
+no report is billed twice. A report that no row holds, of a period that ended before any flush saw it,
+gets its period's row from the flush that sees it (the meter run's, `unheld_arrivals`, when its server
+stopped before its own) if it arrived while the close grace of the period it ends in lasted
+(`open_missing_rollups`); a report that arrives after that, or after that period closed, is kept, and
+billed in no period (`reports_after_close`). Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any, Final
 from iotistic_billing.customer import PAID_PLAN_NAMES
 from iotistic_billing.db.pool import Connection, Queryable
 from iotistic_billing.licensing.plans import IncludedUsage, plan_by_name
-from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.periods import INSTANT, LONGEST_PERIOD, BillingPeriod
 from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
+from iotistic_billing.usage.reports import MAX_PERIOD, earliest_start_reaching
 from iotistic_billing.usage.store import period_samples, period_totals
 
 # Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
@@ -169,24 +171,25 @@ async def save_open_rollup(conn: Connection, rollup: Rollup) -> None:
         await save_rollup(conn, rollup)
 
 
-# The earliest start, in [$2, $3), of a customer's report that no rollup holds: its period ended before
-# a status flush saw any of its reports (a flush rolls up the period holding its `now`). In the order
-# of the (customer, period start) index, so that the scan stops at the first one.
-_UNHELD_START: Final = """
-SELECT r.period_start FROM usage_reports r
-WHERE r.customer_id = $1 AND r.period_start >= $2 AND r.period_start < $3
+# The earliest end, in ($3, $4], of a customer's report starting from $2 that no rollup holds (a
+# rollup holds the reports that end inside it, start < end <= its end): its period ended before a
+# status flush saw any of its reports (a flush rolls up the period holding its `now`).
+_UNHELD_END: Final = """
+SELECT r.period_end FROM usage_reports r
+WHERE r.customer_id = $1 AND r.period_start >= $2 AND r.period_start < $4
+  AND r.period_end > $3 AND r.period_end <= $4
   AND NOT EXISTS (
       SELECT 1 FROM usage_rollups u
-      WHERE u.customer_id = $1 AND u.period_start <= r.period_start AND u.period_end > r.period_start
+      WHERE u.customer_id = $1 AND u.period_start < r.period_end AND u.period_end >= r.period_end
   )
-ORDER BY r.period_start
+ORDER BY r.period_end
 LIMIT 1
 """
-# The customer's rollups either side of a moment none holds: the latest end before it, the earliest
-# start after it.
+# The customer's rollups either side of a report's end that none holds: the latest end before it, the
+# earliest start from it.
 _NEIGHBOURS: Final = """
-SELECT (SELECT max(period_end) FROM usage_rollups WHERE customer_id = $1 AND period_end <= $2) AS end_before,
-       (SELECT min(period_start) FROM usage_rollups WHERE customer_id = $1 AND period_start > $2)
+SELECT (SELECT max(period_end) FROM usage_rollups WHERE customer_id = $1 AND period_end < $2) AS end_before,
+       (SELECT min(period_start) FROM usage_rollups WHERE customer_id = $1 AND period_start >= $2)
            AS start_after
 """
 
@@ -201,26 +204,30 @@ async def open_missing_rollups(
     now: datetime,
     grace: timedelta,
 ) -> tuple[list[Rollup], list[BillingPeriod]]:
-    """An open row for each period holding reports of the customer, starting in [since, until), that no
-    row holds: `period_of` the earliest such report's start, cut to the gap between the customer's rows
-    around it (so that no report is in two rows); the meter run closes and meters it as any other.
-    A period whose first report came `grace` or more after its end gets none, as a closed one takes no
-    more reports: Stripe would refuse or no longer invoice it. When that report came is its own
-    (PostgreSQL's reported_at, placed on the caller's clock `now`), not the customer's first arrival:
-    another period's report that came in time let a late one be billed. Returns the rows opened and
-    those periods."""
+    """An open row for each period holding reports of the customer, starting from `since` and ending by
+    `until`, that no row holds: the period (`period_of`) the earliest such report's end falls in, cut
+    to the gap between the customer's rows around it (so that no report is in two rows); the meter run
+    closes and meters it as any other. A period whose first report came `grace` or more after its end
+    gets none, as a closed one takes no more reports: Stripe would refuse or no longer invoice it. When
+    that report came is its own (PostgreSQL's reported_at, placed on the caller's clock `now`), not the
+    customer's first arrival: another period's report that came in time let a late one be billed.
+    Returns the rows opened and those periods."""
     opened: list[Rollup] = []
     missed: list[BillingPeriod] = []
-    while (start := await conn.fetchval(_UNHELD_START, customer_id, since, until)) is not None:
-        period = period_of(start)
-        neighbours = await conn.fetchrow(_NEIGHBOURS, customer_id, start)
+    after = since  # a report starting from `since` ends after it
+    while (end := await conn.fetchval(_UNHELD_END, customer_id, since, after, until)) is not None:
+        period = period_of(end - INSTANT)
+        neighbours = await conn.fetchrow(_NEIGHBOURS, customer_id, end)
         assert neighbours is not None  # two scalar subqueries always return a row
         gap = BillingPeriod(
             max(period.start, neighbours["end_before"] or period.start),
             min(period.end, neighbours["start_after"] or period.end),
         )
-        since = gap.end
-        age = await conn.fetchval(_FIRST_ARRIVAL_AGE, customer_id, gap.start, gap.end)
+        # A missed gap's reports stay unheld: the next look starts after it.
+        after = gap.end
+        age = await conn.fetchval(
+            _FIRST_ARRIVAL_AGE, customer_id, gap.start, gap.end, earliest_start_reaching(gap.start)
+        )
         if gap.end + grace <= now - age:
             missed.append(gap)
             continue
@@ -230,18 +237,21 @@ async def open_missing_rollups(
     return opened, missed
 
 
-# How long ago the first of a customer's reports starting in [$2, $3) was stored, by PostgreSQL's clock.
+# How long ago the first of a customer's reports ending in ($2, $3] was stored, by PostgreSQL's clock;
+# they start from $4 (`reports.earliest_start_reaching`), which prunes the months before.
 _FIRST_ARRIVAL_AGE: Final = """
 SELECT now() - min(reported_at) FROM usage_reports
-WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+WHERE customer_id = $1 AND period_start >= $4 AND period_start < $3
+  AND period_end > $2 AND period_end <= $3
 """
 
 
 # Per customer, the reports stored in the last $1 (by PostgreSQL's clock, which stamped reported_at) that
-# no rollup holds, starting from $2: their earliest start, and how long ago the last
-# arrived. The reports come through each partition's reported_at index, the months before $2 pruned;
-# the rollups that end after $2 (two or three a customer, whatever its history) are hashed by customer
-# and each report is checked against its customer's: the window's size is the cost, not the table's.
+# no rollup holds (none that they end inside), starting from $2: their earliest start, and how long ago
+# the last arrived. The reports come through each partition's reported_at index, the months before $2
+# pruned; the rollups that end after $2 (two or three a customer, whatever its history) are hashed by
+# customer and each report is checked against its customer's: the window's size is the cost, not the
+# table's.
 _UNHELD_ARRIVALS: Final = """
 SELECT r.customer_id, min(r.period_start) AS earliest_start,
        now() - max(r.reported_at) AS last_age
@@ -250,7 +260,7 @@ WHERE r.reported_at >= now() - $1::interval AND r.period_start >= $2
   AND NOT EXISTS (
       SELECT 1 FROM usage_rollups u
       WHERE u.customer_id = r.customer_id AND u.period_end > $2
-        AND u.period_start <= r.period_start AND u.period_end > r.period_start
+        AND u.period_start < r.period_end AND u.period_end >= r.period_end
   )
 GROUP BY r.customer_id
 ORDER BY r.customer_id
@@ -266,6 +276,13 @@ class UnheldArrivals:
     last_age: timedelta
 
 
+def unheld_starts_from(now: datetime, within: timedelta, close_grace: timedelta) -> datetime:
+    """The earliest start of a report stored in the last `within` that a period still in its close grace
+    can bill: it ends after that period's start, at most a month before the period's end, and starts at
+    most MAX_PERIOD before its own end."""
+    return now - within - close_grace - LONGEST_PERIOD - MAX_PERIOD
+
+
 async def unheld_arrivals(conn: Queryable, within: timedelta, starts_from: datetime) -> list[UnheldArrivals]:
     """Per customer, the reports stored in the last `within` that start from `starts_from` and that no
     rollup holds: a flush was owed for them and never ran (the server stopped before it), or has not
@@ -274,15 +291,16 @@ async def unheld_arrivals(conn: Queryable, within: timedelta, starts_from: datet
     return [UnheldArrivals(row["customer_id"], row["earliest_start"], row["last_age"]) for row in rows]
 
 
-# Reports starting in [$2, $3) that a closed row holds but that were stored after it closed, per row.
-# Both times are PostgreSQL's: reported_at is set by the insert, updated_at last by the closing upsert
-# (a closed row is never updated again; marking it metered leaves updated_at alone).
+# Reports starting from $2 and ending by $3 that a closed row holds (they end inside it) but that were
+# stored after it closed, per row. Both times are PostgreSQL's: reported_at is set by the insert,
+# updated_at last by the closing upsert (a closed row is never updated again; marking it metered leaves
+# updated_at alone).
 _AFTER_CLOSE: Final = """
 SELECT u.period_start, u.period_end, count(*) AS reports
 FROM usage_rollups u JOIN usage_reports r
-    ON r.customer_id = u.customer_id AND r.period_start >= u.period_start AND r.period_start < u.period_end
+    ON r.customer_id = u.customer_id AND r.period_end > u.period_start AND r.period_end <= u.period_end
 WHERE u.customer_id = $1 AND u.closed_at IS NOT NULL AND u.period_start < $3 AND u.period_end > $2
-  AND r.period_start >= $2 AND r.period_start < $3 AND r.reported_at > u.updated_at
+  AND r.period_start >= $2 AND r.period_start < $3 AND r.period_end <= $3 AND r.reported_at > u.updated_at
 GROUP BY u.period_start, u.period_end
 ORDER BY u.period_start
 """
@@ -291,9 +309,9 @@ ORDER BY u.period_start
 async def reports_after_close(
     conn: Queryable, customer_id: str, since: datetime, until: datetime
 ) -> list[tuple[BillingPeriod, int]]:
-    """The customer's closed periods holding reports, starting in [since, until), that arrived after the
-    period closed, and how many: kept (the usage views show them) but billed in no period, as a closed
-    row is what Stripe was sent."""
+    """The customer's closed periods holding reports, starting from `since` and ending by `until`, that
+    arrived after the period closed, and how many: kept (the usage views show them) but billed in no
+    period, as a closed row is what Stripe was sent."""
     rows = await conn.fetch(_AFTER_CLOSE, customer_id, since, until)
     return [(BillingPeriod(row["period_start"], row["period_end"]), int(row["reports"])) for row in rows]
 
@@ -323,10 +341,11 @@ async def close_periods(
     conn: Queryable, now: datetime, *, grace: timedelta, default_plan: str = "trial", limit: int = 1000
 ) -> int:
     """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
-    from the stored reports; how many were closed. A report of a period that arrives within the grace
-    (its instance reports late, or retries after an outage) is billed with it, even when no row held
-    the period before (`open_missing_rollups`); one that arrives after the period closed is kept but
-    not billed (`reports_after_close`)."""
+    from the stored reports; how many were closed. A report ending in a period that arrives within the
+    grace (its instance reports late, or retries after an outage) is billed with it, even when no row
+    held the period before (`open_missing_rollups`); one that arrives after the period closed is kept
+    but not billed (`reports_after_close`). The counters of a report across the period's end are the
+    next period's, open when the report can arrive (it is sent once it has ended)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
     rows = await conn.fetch(_DUE, now - grace, limit)

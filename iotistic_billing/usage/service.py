@@ -42,7 +42,7 @@ from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
 from iotistic_billing.usage.periods import BillingPeriod, billing_period
 from iotistic_billing.usage.pricing import PeriodTotals
-from iotistic_billing.usage.reports import MAX_PERIOD, Accepted, ParsedReports, earliest_starts, report_rows
+from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
     compute_rollup,
     included_usage,
@@ -50,6 +50,7 @@ from iotistic_billing.usage.rollups import (
     reports_after_close,
     save_open_rollup,
     unheld_arrivals,
+    unheld_starts_from,
     unsettled_period,
 )
 from iotistic_billing.usage.status import crossings, status_patch, usage_status
@@ -151,6 +152,15 @@ class UsageMetering:
         if not entries:
             return FlushResult()
         try:
+            return await self._flush_entries(entries)
+        except asyncio.CancelledError:
+            # stop() cancels a flush that has taken these customers (a BaseException, past the excepts
+            # below): back in the coalescer, the flush at shutdown writes them.
+            self.coalescer.requeue(entries)
+            raise
+
+    async def _flush_entries(self, entries: dict[str, Reported]) -> FlushResult:
+        try:
             records = await self._records(entries)
         except Exception as error:
             # The API server or PostgreSQL is down: nothing is lost, the customers wait for the next flush.
@@ -224,7 +234,8 @@ class UsageMetering:
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
-                # Once a flush: a retry after a conflict logged each missed period again.
+                # Once a flush: a retry after a conflict logged each missed period again. Only a
+                # report starting before the period can end before it, in an ended period.
                 if attempt == 0 and reported.earliest_start < period.start:
                     await self._roll_up_ended_periods(conn, record, plan, reported, period)
             await self._notice_crossings(record, period, totals, plan)
@@ -264,12 +275,13 @@ class UsageMetering:
     async def _roll_up_ended_periods(
         self, conn: Queryable, record: CustomerRecord, plan: str, reported: Reported, current: BillingPeriod
     ) -> None:
-        """Rows for the ended periods of reports starting from `reported.earliest_start` that came
-        within their close grace (each period judged by when its own first report came): no flush made
-        them while they held its `now` when every report of theirs came after their end (an instance
-        that reports once a period, a new customer's first report after the month ended, a period's
-        last minutes sent after it ended). A report of a period closed, or past its close grace, is kept
-        and billed in no period: a closed row is what Stripe was sent."""
+        """Rows for the ended periods that reports starting from `reported.earliest_start` end in, and
+        that came within their close grace (each period judged by when its own first report came): no
+        flush made them while they held its `now` when every report of theirs came after their end (an
+        instance that reports once a period, a new customer's first report after the month ended, a
+        period's last minutes sent after it ended). A report ending in a period closed, or past its
+        close grace, is kept and billed in no period: a closed row is what Stripe was sent. One across
+        the current period's start is the current period's (`period_totals`)."""
         customer_id = record.customer_id
         since = reported.earliest_start
         opened, missed = await open_missing_rollups(
@@ -369,9 +381,7 @@ class UsageMetering:
         at (nothing left to bill)."""
         window = self.options.catch_up_window
         grace = timedelta(seconds=self.options.close_grace)
-        # A report that came within its period's close grace starts at most a period (a month, no
-        # longer than a report, MAX_PERIOD) before that: so no earlier than this.
-        found = await unheld_arrivals(conn, window, now - window - grace - MAX_PERIOD)
+        found = await unheld_arrivals(conn, window, unheld_starts_from(now, window, grace))
         if not found:
             return FlushResult()
         entries = {

@@ -84,24 +84,26 @@ WITH inserted AS (
 SELECT count(*) FROM inserted
 """  # noqa: S608 - built from constant column names
 
-# The sums `pricing.roll_up` makes, made by PostgreSQL: counters belong to the reports that start in
-# the period, storage counts the seconds inside the period of every report overlapping it. Those start
-# from $4 (`reports.earliest_start_reaching`), a bound of the partition key that prunes the months
-# before it; the reads of the 31 days before the period are the price of no index on period_end (an
-# index every report would pay for). Sums of bigint are numeric: no overflow.
+# The sums `pricing.roll_up` makes, made by PostgreSQL: counters belong to the reports that end in
+# the period (after its start, as all rows here do, and by its end, the FILTERs: a report is sent once
+# it has ended, so one across a period's end arrives while the period it ends in is open), storage
+# counts the seconds inside the period of every report overlapping it. Those start from $4
+# (`reports.earliest_start_reaching`), a bound of the partition key that prunes the months before it;
+# the reads of the 31 days before the period are the price of no index on period_end (an index every
+# report would pay for). Sums of bigint are numeric: no overflow.
 PERIOD_SUMS: Final = """
-SELECT coalesce(max(active_devices) FILTER (WHERE period_start >= $2), 0) AS peak_devices,
-       coalesce(sum(mqtt_bytes_sent) FILTER (WHERE period_start >= $2), 0)
-           + coalesce(sum(mqtt_bytes_received) FILTER (WHERE period_start >= $2), 0) AS mqtt_bytes,
-       coalesce(sum(http_bytes_sent) FILTER (WHERE period_start >= $2), 0)
-           + coalesce(sum(http_bytes_received) FILTER (WHERE period_start >= $2), 0) AS http_bytes,
-       coalesce(sum(http_requests) FILTER (WHERE period_start >= $2), 0) AS api_calls,
+SELECT coalesce(max(active_devices) FILTER (WHERE period_end <= $3), 0) AS peak_devices,
+       coalesce(sum(mqtt_bytes_sent) FILTER (WHERE period_end <= $3), 0)
+           + coalesce(sum(mqtt_bytes_received) FILTER (WHERE period_end <= $3), 0) AS mqtt_bytes,
+       coalesce(sum(http_bytes_sent) FILTER (WHERE period_end <= $3), 0)
+           + coalesce(sum(http_bytes_received) FILTER (WHERE period_end <= $3), 0) AS http_bytes,
+       coalesce(sum(http_requests) FILTER (WHERE period_end <= $3), 0) AS api_calls,
        coalesce(sum(postgres_size_mb
                     * floor(extract(epoch FROM least(period_end, $3) - greatest(period_start, $2)))), 0)
            AS storage_mb_seconds,
-       count(*) FILTER (WHERE period_start >= $2) AS reports,
+       count(*) FILTER (WHERE period_end <= $3) AS reports,
        coalesce(sum(active_devices::numeric * floor(extract(epoch FROM period_end - period_start)))
-                    FILTER (WHERE period_start >= $2), 0)
+                    FILTER (WHERE period_end <= $3), 0)
            AS device_seconds
 FROM usage_reports
 WHERE customer_id = $1 AND period_start >= $4 AND period_start < $3 AND period_end > $2
@@ -216,7 +218,8 @@ async def period_totals(conn: Queryable, customer_id: str, period: BillingPeriod
 
 
 async def period_samples(conn: Queryable, customer_id: str, period: BillingPeriod) -> list[UsageSample]:
-    """The reports overlapping the period, as `pricing.roll_up` takes them."""
+    """The reports overlapping the period (those ending in it among them), as `pricing.roll_up` takes
+    them."""
     rows = await conn.fetch(
         PERIOD_SAMPLES, customer_id, period.start, period.end, earliest_start_reaching(period.start)
     )

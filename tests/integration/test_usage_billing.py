@@ -112,7 +112,7 @@ def march_reports(customer_id: str) -> list[dict[str, Any]]:
             postgres_size_mb=6200,
             **zero,
         ),
-        # Starts in February and in April: not March's, whatever their size.
+        # Ends as March starts (February's), and in April: not March's, whatever their size.
         report(customer_id, "feb", start=start - DAY, hours=24, active_devices=40, mqtt_bytes_sent=100 * GB),
         report(customer_id, "apr", start=MARCH.end, hours=24, active_devices=50, mqtt_bytes_sent=100 * GB),
     ]
@@ -212,7 +212,7 @@ async def test_postgres_sums_agree_with_roll_up(
     customer_id = customer_id_for(unique_name("sums"))
     await send_march(usage_api, db_engine, customer_id)
     # Odd lengths and sizes, and reports that run over the period's start and past its end (storage
-    # counts their part inside, wherever they start).
+    # counts their part inside; counters count where they end: "late" in April, "early" in March).
     odd = [
         report(
             customer_id,
@@ -241,36 +241,148 @@ async def test_postgres_sums_agree_with_roll_up(
     assert (await post(usage_api, {"reports": odd}, headers))[0] == 202
     april = BillingPeriod(MARCH.end, datetime(2025, 5, 1, tzinfo=UTC))
     async with connection(usage_api.app[USAGE].pool) as conn:
-        for period, reports in ((MARCH, 104), (april, 1)):
+        for period, reports in ((MARCH, 104), (april, 2)):
             in_sql = await period_totals(conn, customer_id, period)
             in_python = roll_up(await period_samples(conn, customer_id, period), period.start, period.end)
             assert in_sql == in_python and in_sql.reports == reports
 
 
-async def test_a_report_across_a_periods_end_bills_its_storage_in_both_periods(
-    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+SECOND = timedelta(seconds=1)
+
+
+async def flushed_at(usage: UsageMetering, moment: datetime, *reports: dict[str, Any]) -> None:
+    """Reports arriving at `moment` by the server's clock (after they end, as the report route requires
+    in real time), and the flush that follows them."""
+    usage.clock = lambda: moment
+    assert await arrive(usage, list(reports), moment) == Accepted(len(reports), 0)
+    assert (await usage.flush()).failed == 0
+
+
+async def meter_run_at(usage: UsageMetering, moment: datetime) -> None:
+    usage.clock = lambda: moment
+    assert (await usage.send_meter_events(moment)).failed == 0
+
+
+def calls_and_reports(row: dict[str, Any]) -> tuple[int, int]:
+    return row["totals"]["api_calls"], row["totals"]["reports"]
+
+
+async def test_a_report_across_a_periods_end_counts_in_the_period_it_ends_in_and_its_storage_in_both(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
 ) -> None:
-    customer_id = customer_id_for(unique_name("across"))
-    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
-    reports = [
-        # 20 days at 3,100 MB from March 21: 11 days in March, 9 in April.
-        report(customer_id, "across", start=at(2025, 3, 21), hours=24 * 20, postgres_size_mb=3100),
-        # The longest a report may be, 31 days at 9,300 MB: 30.5 days in March, 12 hours in April.
-        report(customer_id, "longest", start=at(2025, 3, 1, 12), hours=24 * 31, postgres_size_mb=9300),
-    ]
-    assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+    """Reports come in the order real time allows: each once it has ended, so those across March's end
+    after March closed (an hour after its end). Their counters and their time in April are April's
+    bill; March, closed before they came, keeps what it had, while its totals, by the rule, hold
+    their storage for their time inside it."""
+    _, customer_id = tenant
+    usage, _ = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+    in_march = report(customer_id, "in-march", start=at(2025, 3, 10), hours=24, postgres_size_mb=0)
+    await flushed_at(usage, at(2025, 3, 11) + SECOND, in_march)
+    await meter_run_at(usage, at(2025, 4, 1, 1, 30))
+    # The longest a report may be, 31 days at 9,300 MB: 30.5 days in March, 12 hours in April.
+    longest = report(customer_id, "longest", start=at(2025, 3, 1, 12), hours=24 * 31, postgres_size_mb=9300)
+    await flushed_at(usage, at(2025, 4, 1, 12) + SECOND, longest)
+    # 20 days at 3,100 MB from March 21: 11 days in March, 9 in April.
+    across = report(customer_id, "across", start=at(2025, 3, 21), hours=24 * 20, postgres_size_mb=3100)
+    await flushed_at(usage, at(2025, 4, 10) + SECOND, across)
+    await meter_run_at(usage, at(2025, 5, 1, 1, 30))
+
     april = BillingPeriod(MARCH.end, at(2025, 5, 1))
-    async with connection(usage_api.app[USAGE].pool) as conn:
+    march_row = await rollup_row(db_engine, customer_id, MARCH)
+    april_row = await rollup_row(db_engine, customer_id, april)
+    assert march_row["closed_at"] == at(2025, 4, 1, 1, 30) and april_row["closed_at"] == at(2025, 5, 1, 1, 30)
+    # April: 3,100 MB x 9 / 30 days + 9,300 MB x 0.5 / 30 days = 930 + 155 MB; 3 API calls each.
+    assert Decimal(april_row["totals"]["storage_gb_months"]) == Decimal("1.085")
+    assert calls_and_reports(april_row) == (6, 2) and april_row["totals"]["peak_devices"] == 5
+    assert calls_and_reports(march_row) == (3, 1) and Decimal(march_row["totals"]["storage_gb_months"]) == 0
+    # March's totals by the rule: 3,100 MB x 11 / 31 days + 9,300 MB x 30.5 / 31 days = 1,100 + 9,150 MB.
+    async with connection(usage.pool) as conn:
         march_totals = await period_totals(conn, customer_id, MARCH)
-        april_totals = await period_totals(conn, customer_id, april)
-        april_samples = roll_up(await period_samples(conn, customer_id, april), april.start, april.end)
-    # March: 3,100 MB x 11 / 31 days + 9,300 MB x 30.5 / 31 days = 1,100 + 9,150 MB.
     assert march_totals.storage_gb_months == Decimal("10.25")
-    # April: 3,100 MB x 9 / 30 days + 9,300 MB x 0.5 / 30 days = 930 + 155 MB.
-    assert april_totals.storage_gb_months == april_samples.storage_gb_months == Decimal("1.085")
-    # Their counters are March's alone.
-    assert (march_totals.reports, march_totals.api_calls) == (2, 6)
-    assert (april_totals.reports, april_totals.api_calls, april_totals.peak_devices) == (0, 0, 0)
+    assert (march_totals.api_calls, march_totals.reports) == (3, 1)
+
+
+async def test_a_report_across_a_periods_end_sent_after_the_period_closed_is_billed_in_the_period_it_ends_in(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    tenant: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: counters counted in the period their report starts in, and a report is sent once
+    it has ended, so a daily report [Mar 31 12:00, Apr 1 12:00), sent at noon on April 1 after March
+    closed (01:30), was billed in no period, though nothing of it came late. It is April's, once."""
+    _, customer_id = tenant
+    usage, _ = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+    in_march = report(customer_id, "in-march", start=at(2025, 3, 10), hours=24, http_requests=500)
+    await flushed_at(usage, at(2025, 3, 11) + SECOND, in_march)
+    await meter_run_at(usage, at(2025, 4, 1, 1, 30))
+    assert (await rollup_row(db_engine, customer_id, MARCH))["closed_at"] == at(2025, 4, 1, 1, 30)
+
+    across = report(customer_id, "across", start=at(2025, 3, 31, 12), hours=24, http_requests=1000)
+    with caplog.at_level("WARNING", logger="iotistic_billing.usage.service"):
+        await flushed_at(usage, at(2025, 4, 1, 12) + 5 * SECOND, across)
+    april = BillingPeriod(MARCH.end, at(2025, 5, 1))
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, april)) == (1000, 1)
+    assert [r.getMessage() for r in caplog.records if customer_id in r.getMessage()] == []
+
+    await meter_run_at(usage, at(2025, 5, 1, 1, 30))
+    assert await rollup_periods(db_engine, customer_id) == [
+        (MARCH.start, MARCH.end, 1, True),
+        (april.start, april.end, 1, True),
+    ]
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, MARCH)) == (500, 1)
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, april)) == (1000, 1)
+
+
+async def test_a_report_ending_exactly_at_a_periods_end_counts_in_that_period(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """A period holds the reports that end inside it, its end included: one to midnight on April 1,
+    sent ten minutes later, is closed with March and never counts in April."""
+    _, customer_id = tenant
+    usage, _ = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+    in_march = report(customer_id, "in-march", start=at(2025, 3, 10), hours=24, http_requests=500)
+    await flushed_at(usage, at(2025, 3, 11) + SECOND, in_march)
+    last = report(customer_id, "last", start=at(2025, 3, 31, 12), hours=12, http_requests=2000)
+    await flushed_at(usage, at(2025, 4, 1, 0, 10), last)
+    april = BillingPeriod(MARCH.end, at(2025, 5, 1))
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, april)) == (0, 0)
+
+    await meter_run_at(usage, at(2025, 4, 1, 1, 30))
+    march_row = await rollup_row(db_engine, customer_id, MARCH)
+    assert march_row["closed_at"] == at(2025, 4, 1, 1, 30) and calls_and_reports(march_row) == (2500, 2)
+    async with connection(usage.pool) as conn:
+        april_totals = await period_totals(conn, customer_id, april)
+    assert (april_totals.api_calls, april_totals.reports) == (0, 0)
+
+
+async def test_a_report_across_a_periods_end_sent_after_the_period_it_ends_in_closed_is_billed_in_no_period(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    tenant: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A report is late against the period it ends in: [Mar 31 12:00, Apr 1 12:00) sent at 02:00 on
+    May 1, after April closed (01:30), is kept, billed in no period, and the flush names April."""
+    _, customer_id = tenant
+    usage, _ = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+    in_april = report(customer_id, "in-april", start=at(2025, 4, 10), hours=24, http_requests=500)
+    await flushed_at(usage, at(2025, 4, 11) + SECOND, in_april)
+    await meter_run_at(usage, at(2025, 5, 1, 1, 30))
+
+    across = report(customer_id, "across", start=at(2025, 3, 31, 12), hours=24, http_requests=1000)
+    with caplog.at_level("WARNING", logger="iotistic_billing.usage.service"):
+        await flushed_at(usage, at(2025, 5, 1, 2), across)
+    april, may = BillingPeriod(MARCH.end, at(2025, 5, 1)), BillingPeriod(at(2025, 5, 1), at(2025, 6, 1))
+    assert [r.getMessage() for r in caplog.records if customer_id in r.getMessage()] == [
+        f"usage of {customer_id}: period 2025-04-01T00:00:00+00:00 .. 2025-05-01T00:00:00+00:00"
+        " closed before 1 of its reports arrived; kept, billed in no period"
+    ]
+    assert await rollup_periods(db_engine, customer_id) == [
+        (april.start, april.end, 1, True),
+        (may.start, may.end, 0, False),
+    ]
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, april)) == (500, 1)
 
 
 class Recorder:
@@ -467,7 +579,9 @@ async def test_a_report_arriving_within_the_close_grace_is_billed_with_its_perio
     assert (await rollup_row(db_engine, customer_id, MARCH))["closed_at"] is None
     assert recorder.of(customer_id) == []
     # March's last half hour, reported after the period's end (the instance retried after an outage).
-    late = report(customer_id, "late", start=MARCH.end - timedelta(minutes=30), hours=1, http_requests=2_500)
+    late = report(
+        customer_id, "late", start=MARCH.end - timedelta(minutes=30), hours=0.5, http_requests=2_500
+    )
     headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
     assert await post(usage_api, late, headers) == (202, {"accepted": 1, "duplicate": 0})
 
@@ -581,6 +695,30 @@ async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_d
     await survivor.send_meter_events(meter_run + timedelta(hours=2))
     assert recorder.of(customer_id) == expected_events(customer_id)
     assert len(await recorded(db_engine, customer_id)) == 5
+
+
+async def test_a_month_long_report_sent_in_its_periods_grace_is_billed_when_its_server_dies_before_the_flush(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """A report counts in the period it ends in, so one of 31 days ending on March 2 is March's and
+    starts on January 30, two months before March's close grace: sent at 23:00 on March 31 to a server
+    killed before its flush, it is found by the meter run, whose look reaches back that far."""
+    _, customer_id = tenant
+    arrival = at(2025, 3, 31, 23)
+    killed, _ = await server_at(usage_api, db_engine, customer_id, arrival)
+    month_long = report(customer_id, "month-long", start=at(2025, 1, 30), hours=24 * 31, http_requests=700)
+    assert await arrive(killed, [month_long], arrival) == Accepted(1, 0)
+    killed.coalescer.drain()  # what the kill takes away
+
+    meter_run = at(2025, 4, 1, 1, 30)
+    await stored_ago(db_engine, customer_id, meter_run - arrival)
+    await replica(killed, lambda: meter_run).send_meter_events(meter_run)
+    april = BillingPeriod(MARCH.end, at(2025, 5, 1))
+    assert await rollup_periods(db_engine, customer_id) == [
+        (MARCH.start, MARCH.end, 1, True),
+        (april.start, april.end, 0, False),
+    ]
+    assert calls_and_reports(await rollup_row(db_engine, customer_id, MARCH)) == (700, 1)
 
 
 async def test_a_period_reported_past_its_close_grace_stays_unbilled_when_its_server_dies_before_the_flush(

@@ -48,8 +48,8 @@ def test_roll_up_sums_counters_takes_peak_devices_and_averages_storage() -> None
             http_requests=600,
             postgres_size_mb=Decimal(8000),
         ),
-        sample(30, active_devices=99),  # starts in the next period: not this one's
-        sample(-1, active_devices=99),  # the period before
+        sample(30, active_devices=99),  # the next period's
+        sample(-1, active_devices=99),  # ends as the period starts: the period before's
     ]
     totals = roll_up(samples, START, END)
     # 4 GB for half the period and 8 GB for the other half: 6 GB-months.
@@ -95,11 +95,23 @@ def test_storage_counts_every_report_for_its_time_inside_the_period(
 ) -> None:
     """A steady 10,000 MB database is 10 GB-months in any period, however the reports fall across its
     ends (the part after the end counted nowhere gave 9.84 and 5); counters still belong to the period
-    their report starts in."""
+    their report ends in."""
     totals = roll_up(samples, *period)
     assert totals.storage_gb_months == Decimal(10)
-    starting_inside = [sample for sample in samples if period[0] <= sample.period_start < period[1]]
-    assert totals.reports == len(starting_inside) and totals.api_calls == 100 * len(starting_inside)
+    ending_inside = [sample for sample in samples if period[0] < sample.period_end <= period[1]]
+    assert totals.reports == len(ending_inside) and totals.api_calls == 100 * len(ending_inside)
+
+
+def test_a_report_across_the_periods_end_counts_in_the_period_it_ends_in() -> None:
+    """It is sent once it has ended, so only the period it ends in can still be open when it comes:
+    counted in the one it started in, it came after that one closed and was billed nowhere."""
+    across = sample(29, hours=36, active_devices=7, http_requests=1000, postgres_size_mb=Decimal(3000))
+    this, following = roll_up([across], START, END), roll_up([across], END, END + timedelta(days=31))
+    assert (this.reports, this.api_calls, this.peak_devices) == (0, 0, 0)
+    assert (following.reports, following.api_calls, following.peak_devices) == (1, 1000, 7)
+    # Its storage in each, for its time inside: 24 of 720 hours, then 12 of 744.
+    assert this.storage_gb_months == Decimal(3) * 24 / 720
+    assert following.storage_gb_months == Decimal(3) * 12 / 744
 
 
 def test_starter_overage_worked_by_hand() -> None:

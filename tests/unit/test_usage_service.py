@@ -1,0 +1,150 @@
+"""Usage metering's status flush when the server stops: what the timer's flush had taken is flushed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Select
+
+from iotistic_billing.db.pool import Pool
+from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.k8s import Kube
+from iotistic_billing.usage.metrics import UsageMetrics
+from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.reports import parse_reports
+from iotistic_billing.usage.service import UsageMetering
+
+NOW = datetime(2026, 11, 17, 12, tzinfo=UTC)
+CUSTOMER_ID = "cust_acme00000001"
+
+
+def acme() -> CustomerRecord:
+    record = CustomerRecord.from_body(
+        {
+            "apiVersion": "iotistic.io/v1alpha1",
+            "kind": "Customer",
+            "metadata": {"name": "acme", "uid": "uid-acme", "resourceVersion": "7", "generation": 1},
+            "spec": {
+                "customerId": CUSTOMER_ID,
+                "email": "ops@acme.example",
+                "companyName": "Acme",
+                "plan": "starter",
+                "billing": {"mode": "manual"},
+            },
+        }
+    )
+    assert record is not None
+    return record
+
+
+class FakeConnection:
+    """PostgreSQL for one flush of a customer with no rollups and no usage yet."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        return []
+
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
+        if "peak_devices" in query:  # the period's sums
+            return dict.fromkeys(
+                ("peak_devices", "mqtt_bytes", "http_bytes", "api_calls", "storage_mb_seconds", "reports"), 0
+            ) | {"device_seconds": 0}
+        return None  # the latest report, the rollups around a moment
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return 1 if "INSERT" in query else None  # a report stored; no settled period
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return "OK"
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+
+
+class FakePool(FakeConnection):
+    @asynccontextmanager
+    async def acquire(self, **options: Any) -> AsyncIterator[FakeConnection]:
+        yield FakeConnection()
+
+
+class FakeSession:
+    """The customers mirror: it knows acme's resource name; writes go nowhere."""
+
+    async def __aenter__(self) -> FakeSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeSession]:
+        yield self
+
+    async def execute(self, statement: Any) -> list[tuple[str, str]]:
+        return [(CUSTOMER_ID, "acme")] if isinstance(statement, Select) else []
+
+
+class SlowDirectory:
+    """The API server, whose first read of a Customer hangs until `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def by_name(self, name: str) -> CustomerRecord | None:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.release.wait()
+        return acme()
+
+    async def all(self) -> list[CustomerRecord]:
+        return [acme()]
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.patched: list[str] = []
+
+    async def patch_customer_status(self, name: str, patch: dict[str, Any], *args: Any) -> None:
+        self.patched.append(name)
+
+
+async def test_a_flush_the_stop_cancels_leaves_its_customers_to_the_final_flush() -> None:
+    """Found in review: stop() cancelled the timer's flush while it awaited the API server, after it
+    had taken its customers from the coalescer; the cancellation passed `except Exception`, nothing
+    was put back, and the flush at shutdown found nothing to write."""
+    directory, kube = SlowDirectory(), FakeKube()
+    usage = UsageMetering(
+        pool=cast(Pool, FakePool()),
+        options=UsageOptions(flush_interval=0.01, meter_interval=None, partition_interval=None),
+        session_factory=lambda: cast(AsyncSession, FakeSession()),
+        directory=cast(Directory, directory),
+        kube=cast(Kube, kube),
+        stripe=None,
+        metrics=UsageMetrics(CollectorRegistry()),
+        clock=lambda: NOW,
+    )
+    body = {
+        "customer_id": CUSTOMER_ID,
+        "instance_id": "prod-1",
+        "report_id": "r-1",
+        "period_start": "2026-11-17T11:00:00Z",
+        "period_end": "2026-11-17T12:00:00Z",
+        "active_devices": 3,
+        "total_devices": 3,
+    }
+    await usage.store(parse_reports(json.dumps(body).encode()), NOW)
+    usage.start()
+    try:
+        await asyncio.wait_for(directory.entered.wait(), 5)  # the timer's flush is reading the Customer
+        await usage.stop()
+    finally:
+        directory.release.set()
+    assert kube.patched == ["acme"]
