@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
 
 from iotistic_billing.db import models
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import ApiError, Conflict
 from iotistic_billing.k8s import Kube, KubernetesUnavailable
@@ -65,71 +66,85 @@ async def create_customer(request: web.Request) -> web.Response:
     settings, kube, directory, billing = app[SETTINGS], app[KUBE], app[DIRECTORY], app[STRIPE]
     body = await read_body(request, SignupRequest)
     customer_id = new_customer_id()
-    async with app[SESSIONS]() as session, session.begin():
-        # One signup of an email at a time across replicas, to this transaction's end: the next reads the
-        # Customers after the one before it created its own (the list is the API server's quorum read,
-        # not a cache). Taken before anything is created: a database that is down stops the signup here.
-        # Not waited for: a second signup of the email meanwhile is a duplicate, and each waiting one
-        # would hold a pooled connection through Stripe and the create.
-        if not await session.scalar(
-            select(func.pg_try_advisory_xact_lock(SIGNUP_LOCK, func.hashtext(func.lower(body.email))))
-        ):
-            raise Conflict(
-                "Customer already exists",
-                "a signup with this email address is in progress",
-                [{"field": "email", "message": "being registered"}],
-            )
-        existing = await directory.all()
-        if any(record.customer.spec.email.lower() == body.email.lower() for record in existing):
-            raise Conflict(
-                "Customer already exists",
-                "a customer with this email address already exists",
-                [{"field": "email", "message": "already registered"}],
-            )
-        stripe_customer_id = None
-        if billing is not None:
-            stripe_customer_id = await billing.create_customer(
-                email=body.email, name=body.company_name, customer_id=customer_id
-            )
-        try:
-            created = await _create_resource(
-                kube,
-                taken={record.name for record in existing},
-                make=lambda name: signup_manifest(
-                    name=name,
-                    customer_id=customer_id,
-                    request=body,
-                    billing_mode="stripe" if billing is not None else "manual",
-                    trial_days=settings.default_trial_days,
-                    stripe_customer_id=stripe_customer_id,
-                ),
-                company_name=body.company_name,
-            )
-        except (ApiException, Conflict):
-            # The API server refused every name: no Customer holds this id.
-            if billing is not None and stripe_customer_id is not None:
-                await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
-            raise
-        except KubernetesUnavailable:
-            # A timeout or a 5xx can come after the Customer was stored: undo only when none holds the id.
-            if billing is not None and stripe_customer_id is not None:
-                if await _created_anyway(directory, customer_id):
-                    log.warning(
-                        "signup of %s got no answer to its create, but the Customer exists: its Stripe"
-                        " customer %s is kept",
-                        customer_id,
-                        stripe_customer_id,
-                    )
-                else:
+    record: CustomerRecord | None = None
+    stripe_customer_id: str | None = None
+    try:
+        async with app[SESSIONS]() as session, session.begin():
+            # One signup of an email at a time across replicas, to this transaction's end: the next reads
+            # the Customers after the one before it created its own (the list is the API server's quorum
+            # read, not a cache). Taken before anything is created: a database that is down stops the
+            # signup here. Not waited for: a second signup of the email meanwhile is a duplicate, and each
+            # waiting one would hold a pooled connection through Stripe and the create.
+            if not await session.scalar(
+                select(func.pg_try_advisory_xact_lock(SIGNUP_LOCK, func.hashtext(func.lower(body.email))))
+            ):
+                raise Conflict(
+                    "Customer already exists",
+                    "a signup with this email address is in progress",
+                    [{"field": "email", "message": "being registered"}],
+                )
+            existing = await directory.all()
+            if any(other.customer.spec.email.lower() == body.email.lower() for other in existing):
+                raise Conflict(
+                    "Customer already exists",
+                    "a customer with this email address already exists",
+                    [{"field": "email", "message": "already registered"}],
+                )
+            if billing is not None:
+                stripe_customer_id = await billing.create_customer(
+                    email=body.email, name=body.company_name, customer_id=customer_id
+                )
+            try:
+                created = await _create_resource(
+                    kube,
+                    taken={other.name for other in existing},
+                    make=lambda name: signup_manifest(
+                        name=name,
+                        customer_id=customer_id,
+                        request=body,
+                        billing_mode="stripe" if billing is not None else "manual",
+                        trial_days=settings.default_trial_days,
+                        stripe_customer_id=stripe_customer_id,
+                    ),
+                    company_name=body.company_name,
+                )
+            except (ApiException, Conflict):
+                # The API server refused every name: no Customer holds this id.
+                if billing is not None and stripe_customer_id is not None:
                     await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
+                raise
+            except KubernetesUnavailable:
+                # A timeout or a 5xx can come after the Customer was stored: undo only when none holds the id.
+                if billing is not None and stripe_customer_id is not None:
+                    if await _created_anyway(directory, customer_id):
+                        log.warning(
+                            "signup of %s got no answer to its create, but the Customer exists: its Stripe"
+                            " customer %s is kept",
+                            customer_id,
+                            stripe_customer_id,
+                        )
+                    else:
+                        await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
+                raise
+            # From here the Stripe customer is the Customer's (its metadata names the customer id, and
+            # checkout's create with the same idempotency key finds it again), so a failure keeps it.
+            record = CustomerRecord.from_body(created)
+            if record is None:
+                raise ApiError("Internal server error", "the created Customer could not be read back")
+            await remember(session, record.customer, record.customer_id, stripe_customer_id)
+    except Exception as error:
+        # The Customer exists once created: a database lost after that (at the mirror row or the commit)
+        # is no "nothing was changed" 503, whose retry would be a 409 without the customer id. The
+        # operator writes the mirror row when it mints the licence.
+        if record is None or not database_unreachable(error):
             raise
-        # From here the Stripe customer is the Customer's (its metadata names the customer id, and
-        # checkout's create with the same idempotency key finds it again), so a failure keeps it.
-        record = CustomerRecord.from_body(created)
-        if record is None:
-            raise ApiError("Internal server error", "the created Customer could not be read back")
-        await remember(session, record.customer, record.customer_id, stripe_customer_id)
-
+        log.warning(
+            "signup created Customer %s (%s), which could not be recorded in PostgreSQL (%s): the operator"
+            " records it",
+            record.name,
+            customer_id,
+            type(error).__name__,
+        )
     log.info("signup created Customer %s (%s)", record.name, customer_id)
     token = await _wait_for_license(
         kube, record.namespace, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval

@@ -90,11 +90,12 @@ class FakeStripe:
 
 class FakeDatabase:
     """While `up` is False every statement fails as a refused connection does; while `locked`, another
-    signup holds the email's lock."""
+    signup holds the email's lock; with `lost_at_commit`, the connection drops at the commit."""
 
     def __init__(self) -> None:
         self.up = True
         self.locked = False
+        self.lost_at_commit = False
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeDatabase]:
@@ -103,6 +104,8 @@ class FakeDatabase:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[FakeDatabase]:
         yield self
+        if self.lost_at_commit:
+            raise ConnectionResetError("PostgreSQL went away")
 
     async def execute(self, *args: Any, **kwargs: Any) -> None:
         if not self.up:
@@ -187,6 +190,22 @@ async def test_with_the_database_away_nothing_is_created_in_stripe(signup: Signu
     status, body = await signup.post()
     assert (status, body["error"]) == (503, "Database unavailable"), body
     assert signup.stripe.created == [] and signup.kube.customers == {}
+
+
+async def test_a_database_lost_after_the_customer_was_created_still_answers_with_it(
+    signup: Signup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found in review: the 503 said "nothing was changed" while the Customer and its Stripe customer
+    # existed, and the client's retry got 409 and never the customer id. The operator writes the mirror
+    # row when it mints the licence.
+    signup.database.lost_at_commit = True
+    with caplog.at_level(logging.WARNING, logger="iotistic_billing.webhook_server.customers"):
+        status, body = await signup.post()
+    assert status == 202, body
+    (created,) = signup.kube.customers.values()
+    assert body["customer"]["customer_id"] == created["spec"]["customerId"]
+    assert signup.stripe.kept == ["cus_1"]
+    assert "could not be recorded in PostgreSQL" in caplog.text
 
 
 async def test_an_email_being_signed_up_is_409_without_waiting(signup: Signup) -> None:
