@@ -144,6 +144,9 @@ def _refuse_taken(customers: list[dict[str, Any]], email: str, customer_id: str 
 
 def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:
     """A Customer by resource name or by customer id."""
+    if not key.strip():
+        # customers/ with no name is the API server's list of every Customer, not a Customer.
+        raise CommandError("--id: must not be empty")
     try:
         found = kube.read_customer(key)
         if found is not None:

@@ -99,7 +99,10 @@ def _given(value: str | None, flag: str) -> str | None:
 
 
 def _token(argument: str) -> str:
-    token = sys.stdin.read() if argument == "-" else argument
+    try:
+        token = sys.stdin.read() if argument == "-" else argument
+    except UnicodeError:  # read strictly, as under a UTF-8 locale without Python's UTF-8 mode
+        raise CommandError("TOKEN: not a JWT (not UTF-8 text)") from None
     token = token.strip()
     if not token:
         raise CommandError("TOKEN: empty (pass the JWT, or - and the JWT on standard input)")

@@ -102,6 +102,11 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
     assert "--resource-name: metadata.name must be lowercase letters" in dotted.stderr
     unknown = cli(kubeconfig, "customer", "upgrade", "--id", "cust_doesnotexist", "--plan", "starter")
     assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
+    # Found in review: an empty --id (an unset variable) read customers/, which the API server answers
+    # with the list of every Customer, and the command failed with a traceback.
+    for command in (["upgrade", "--plan", "starter"], ["deactivate"]):
+        empty = cli(kubeconfig, "customer", *command, "--id", "")
+        assert (empty.returncode, empty.stderr.strip()) == (2, "iotistic-billing: error: --id: must not be empty")
 
 
 def test_an_email_or_customer_id_already_taken_is_refused_and_nothing_created(kubeconfig: Path) -> None:

@@ -289,6 +289,18 @@ def test_license_show_decodes_without_verifying(
     monkeypatch.setattr(sys, "stdin", io.StringIO(b"\xff\xfe.e30.x".decode("utf-8", "surrogateescape")))
     code, _, err = run(capsys, "license", "show", "-")
     assert code == 2 and "TOKEN: not a JWT (not UTF-8 text)" in err
+    # Read strictly, as under a UTF-8 locale without Python's UTF-8 mode (found in review: a traceback).
+    for command in ("show", "verify"):
+        strict = io.TextIOWrapper(io.BytesIO(b"\xff\xfe.e30.x"), encoding="utf-8", errors="strict")
+        monkeypatch.setattr(sys, "stdin", strict)
+        code, _, err = run(
+            capsys,
+            "license",
+            command,
+            "-",
+            *(["--public-key", str(key_dir / "public-key.pem")] if command == "verify" else []),
+        )
+        assert code == 2 and "TOKEN: not a JWT (not UTF-8 text)" in err, err
 
 
 def test_commands_without_a_subcommand_show_help(capsys: pytest.CaptureFixture[str]) -> None:
