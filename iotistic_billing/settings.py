@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from iotistic_billing.customer import CHART_VERSION_PATTERN, webhook_url_problem
+from iotistic_billing.customer import CHART_VERSION_PATTERN, DNS_NAME_PATTERN, webhook_url_problem
 
 OCI_PREFIX = "oci://"
 _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     license_lifetime_days: Annotated[int, Field(ge=1, le=366)] = 30
 
     default_trial_days: Annotated[int, Field(ge=0, le=90)] = 14
-    base_domain: NonEmptyStr = "iotistic.cloud"
+    # <Customer name>.<BASE_DOMAIN> is the instance's domain, which the instance chart takes as a DNS name
+    # only (63 for the name and its dot leave 189).
+    base_domain: Annotated[str, Field(min_length=1, max_length=189, pattern=DNS_NAME_PATTERN)] = (
+        "iotistic.cloud"
+    )
     # The customer-instance chart: a chart directory, or an OCI reference `oci://host[:port]/path/name`
     # (no tag: the version is INSTANCE_CHART_VERSION, or a Customer's spec.instance.chartVersion).
     instance_chart: NonEmptyStr = "charts/customer-instance"

@@ -175,6 +175,26 @@ def test_a_misspelt_value_is_refused(helm: Path) -> None:
     assert "additional properties 'replica' not allowed" in result.stderr
 
 
+def test_large_integers_from_a_values_file_render_as_integers(helm: Path, tmp_path: Path) -> None:
+    # Found in review: helm reads a values file's numbers as floats, and `quote` wrote 1000000 as
+    # "1e+06", which the settings refuse (exit 2, the pods crash-looping).
+    values = {"webhookServer": {"rateLimit": {"burst": 1_000_000}}, "operator": {"priority": 2_000_000}}
+    objects = render(helm, tmp_path, values)
+
+    assert env_of(one(objects, "Deployment", WEBHOOK_SERVER))["RATE_LIMIT_BURST"]["value"] == "1000000"
+    assert env_of(one(objects, "Deployment", OPERATOR))["OPERATOR_PRIORITY"]["value"] == "2000000"
+
+
+@pytest.mark.parametrize("domain", ["Apps.Example.com", "apps.example.com.", "https://apps.example.com"])
+def test_a_base_domain_that_is_no_dns_name_is_refused(helm: Path, domain: str) -> None:
+    # Found in review: it rendered, and every Customer without spec.instance.domain then stalled on the
+    # instance chart's refusal of `<name>.<baseDomain>`.
+    result = run(helm, "template", RELEASE, CHART, "--set", f"config.baseDomain={domain}")
+
+    assert result.returncode != 0
+    assert "baseDomain" in result.stderr
+
+
 @pytest.mark.parametrize("source", ["customers.iotistic.io.yaml", "kopf-peering.yaml"])
 def test_chart_crds_are_copies_of_the_repository_crds(source: str) -> None:
     assert (CHART / "crds" / source).read_bytes() == (REPO / "crds" / source).read_bytes(), (
