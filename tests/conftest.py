@@ -87,16 +87,15 @@ def kubectl_binary() -> Path:
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane")).start()
     try:
-        if CRDS.is_dir() and any(CRDS.glob("*.yaml")):
-            kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(plane.kubeconfig)]
-            subprocess.run(
-                [*kubectl, "apply", "--server-side", "-f", str(CRDS)], check=True, capture_output=True
-            )
-            subprocess.run(
-                [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
-                check=True,
-                capture_output=True,
-            )
+        # Every test of Customers needs them: a crds/ moved or emptied fails here, not as 404s later.
+        assert any(CRDS.glob("*.yaml")), f"no CRD in {CRDS}"
+        kubectl = [str(find_binary("kubectl")), "--kubeconfig", str(plane.kubeconfig)]
+        subprocess.run([*kubectl, "apply", "--server-side", "-f", str(CRDS)], check=True, capture_output=True)
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+            check=True,
+            capture_output=True,
+        )
         yield plane
     finally:
         plane.stop()

@@ -225,6 +225,7 @@ def test_plan_change_rolls_out_revision_2(cluster: Cluster) -> None:
     )
     before = {d.metadata.name: d.metadata.generation for d in cluster.rolled_out(namespace)}
     first_pods = {pod.metadata.name for pod in running_on_nodes(cluster, namespace)}
+    assert first_pods, "revision 1 runs no Pod: the wait for them to go would pass at once"
 
     cluster.objects.patch_cluster_custom_object(
         GROUP, VERSION, PLURAL, name, {"spec": {"plan": "professional"}}
