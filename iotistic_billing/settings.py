@@ -370,8 +370,10 @@ def load_settings(**overrides: object) -> Settings:
             if not error["loc"]:  # a rule across settings: its message names them; the input is all of them
                 problems.append(str(error["msg"]).removeprefix("Value error, "))
                 continue
-            variable = "_".join(str(part) for part in error["loc"]).upper()
-            secret = variable in _SECRET_SETTINGS or any(
+            # A list's item is (name, index): the variable and which item, not a variable `<NAME>_0`.
+            name, *items = error["loc"]
+            variable = str(name).upper() + "".join(f": item {item}" for item in items)
+            secret = str(name).upper() in _SECRET_SETTINGS or any(
                 word in variable for word in ("SECRET", "TOKEN", "KEY", "PASSWORD", "DATABASE_URL")
             )
             shown = "" if secret else f" (got {error.get('input')!r})"

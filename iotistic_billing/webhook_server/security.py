@@ -191,14 +191,17 @@ async def authenticate(
 
 def _hop_address(hop: str) -> IPv4Address | IPv6Address | None:
     """An X-Forwarded-For entry as an address: plain, or with a port as some proxies write it
-    (`192.0.2.1:5678`, `[2001:db8::1]:5678`); None when it is neither."""
+    (`192.0.2.1:5678`, `[2001:db8::1]:5678`), an IPv4-mapped one as its IPv4 address (a dual-stack
+    proxy's spelling, which no IPv4 network contains); None when it is neither."""
     hop = hop.strip()
     for candidate in (hop, hop.rsplit(":", 1)[0].strip("[]") if ":" in hop else None):
         if candidate:
             try:
-                return ip_address(candidate)
+                address = ip_address(candidate)
             except ValueError:
                 continue
+            mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
+            return mapped or address
     return None
 
 

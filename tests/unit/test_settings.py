@@ -68,6 +68,8 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
         ("HELM_TIMEOUT", "0", "HELM_TIMEOUT: Input should be greater than 0"),
+        # An item of a list names the list and the item, not a variable `<LIST>_0` (found in review).
+        ("STRIPE_METERED_PRICES", '["", "x"]', "STRIPE_METERED_PRICES: item 0: String should have at least"),
         # Instances are served at <name>.<BASE_DOMAIN>, which the instance chart takes as a DNS name only.
         ("BASE_DOMAIN", "apps.example.com.", "BASE_DOMAIN: String should match pattern"),
         ("BASE_DOMAIN", "Apps.Example.com", "BASE_DOMAIN: String should match pattern"),

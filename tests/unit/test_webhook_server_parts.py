@@ -91,6 +91,10 @@ INGRESS = (ip_network("10.244.0.0/16"), ip_network("fd00::/8"))
         ("10.244.1.5", [], INGRESS, "10.244.1.5"),
         ("10.244.1.5", ["198.51.100.1, junk"], INGRESS, "10.244.1.5"),
         (None, [], INGRESS, "unknown"),
+        # A dual-stack proxy writes the IPv4 hop it saw IPv4-mapped: still trusted, still one client
+        # (found in review: the walk stopped there, and everyone behind it shared its bucket).
+        ("10.244.1.5", ["198.51.100.1, ::ffff:10.244.2.9"], INGRESS, "198.51.100.1"),
+        ("10.244.1.5", ["::ffff:198.51.100.1"], INGRESS, "198.51.100.1"),
     ],
 )
 def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
