@@ -4,6 +4,7 @@ another process commits is picked up at once; polling stays the fallback when th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,11 @@ from iotistic_billing.db.pool import CONNECTION_ERRORS, DATABASE_UNREACHABLE, da
 from iotistic_billing.workers import Outage
 
 log = logging.getLogger(__name__)
+# How often a listening connection is checked, and how long its check may take: asyncpg keeps no TCP
+# keepalive, so a server gone without a reset (a partition, a failover keeping the address) is only
+# found by asking.
+CHECK_EVERY = 30.0
+CHECK_TIMEOUT = 10.0
 
 
 async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> None:
@@ -33,14 +39,27 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
             await listener.add_listener(channel, lambda *_: wake())
             outage.succeeded()
             wake()
-            await lost.wait()
+            await _until_lost(listener, lost)
         # InterfaceError: the connection dropped between connecting and LISTEN; the task must not end.
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             problem = DATABASE_UNREACHABLE if database_unreachable(error) else "PostgreSQL refused it"
             await asyncio.sleep(outage.failed(error, problem))
         finally:
             if listener is not None and not listener.is_closed():
-                await listener.close()
+                # Bounded: a connection that died silently answers no Terminate either (then aborted).
+                with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+                    await listener.close(timeout=CHECK_TIMEOUT)
+
+
+async def _until_lost(listener: Any, lost: asyncio.Event) -> None:
+    """Returns when asyncpg says the connection closed; raises TimeoutError when a check goes unanswered
+    (the connection died silently)."""
+    while True:
+        try:
+            await asyncio.wait_for(lost.wait(), CHECK_EVERY)
+            return
+        except TimeoutError:
+            await asyncio.wait_for(listener.fetchval("SELECT 1"), CHECK_TIMEOUT)
 
 
 __all__ = ["listen"]

@@ -15,11 +15,19 @@ from iotistic_billing.db import listen as listen_module
 
 
 class Connection:
-    """What listen() uses of an asyncpg connection; `fail` raised from LISTEN."""
+    """What listen() uses of an asyncpg connection; `fail` raised from LISTEN; `silent`: the connection
+    died without a word (no reset), so a query never answers."""
 
-    def __init__(self, fail: BaseException | None) -> None:
-        self.fail, self.closed = fail, False
+    def __init__(self, fail: BaseException | None, silent: bool = False) -> None:
+        self.fail, self.closed, self.silent = fail, False, silent
         self.on_lost: Callable[..., None] | None = None
+        self.checks = 0
+
+    async def fetchval(self, query: str) -> int:
+        self.checks += 1
+        if self.silent:
+            await asyncio.Event().wait()
+        return 1
 
     def add_termination_listener(self, callback: Callable[..., None]) -> None:
         self.on_lost = callback
@@ -31,7 +39,7 @@ class Connection:
     def is_closed(self) -> bool:
         return self.closed
 
-    async def close(self) -> None:
+    async def close(self, **options: Any) -> None:  # asyncpg's timeout=
         self.closed = True
 
 
@@ -116,3 +124,39 @@ async def test_postgresql_away_is_one_warning_an_outage_the_reconnects_back_off_
         None,
     )
     assert said == [warning, ("INFO", "listening on inbox again after 3 failed tries", None), warning]
+
+
+async def test_a_connection_that_died_silently_is_found_by_its_check_and_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a node gone without a reset (a partition, a failover keeping the address) left the
+    LISTEN connection "established" for ever, asyncpg keeping no TCP keepalive of its own, and the
+    workers polled for the rest of the process."""
+    healthy, silent, replacement = Connection(None), Connection(None, silent=True), Connection(None)
+    connections = [healthy, silent, replacement]
+
+    async def connect(*args: Any, **kwargs: Any) -> Connection:
+        return connections.pop(0)
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(listen_module.asyncpg, "connect", connect)
+    monkeypatch.setattr(listen_module.asyncio, "sleep", lambda seconds: real_sleep(0))
+    monkeypatch.setattr(listen_module, "CHECK_EVERY", 0.01)
+    monkeypatch.setattr(listen_module, "CHECK_TIMEOUT", 0.01)
+    wakes = 0
+
+    def wake() -> None:
+        nonlocal wakes
+        wakes += 1
+
+    task = asyncio.create_task(listen_module.listen("postgresql://x/y", "inbox", wake))
+    await real_sleep(0.2)
+    # A connection that answers its checks is kept, however many.
+    assert (healthy.checks > 3, healthy.closed, wakes) == (True, False, 1)
+    assert healthy.on_lost is not None
+    healthy.on_lost()  # then it drops, and the next one dies silently
+    await real_sleep(0.2)
+    assert (silent.checks, silent.closed, replacement.closed, wakes) == (1, True, False, 3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
