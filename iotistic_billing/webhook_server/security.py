@@ -148,10 +148,11 @@ class UsageKeyCache:
         return customer_id
 
 
-def admin_not_configured() -> ApiError:
+def admin_not_configured(what: str = "Admin API", closed: str = "admin routes") -> ApiError:
+    """The 503 of the admin routes (and of the console's pages) on a server without ADMIN_API_TOKEN."""
     return ApiError(
-        "Admin API is not configured",
-        "ADMIN_API_TOKEN is not set on this server, so admin routes are closed",
+        f"{what} is not configured",
+        f"ADMIN_API_TOKEN is not set on this server, so {closed} are closed",
         {"setting": "ADMIN_API_TOKEN"},
         status=503,
     )

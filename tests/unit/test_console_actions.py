@@ -198,8 +198,8 @@ async def test_without_the_admin_token_the_console_is_a_503_page_saying_it_is_cl
         )
         page = await answer.text()
         assert (answer.status, answer.content_type) == (503, "text/html"), page
-        assert "<h1>Console closed</h1>" in page
-        assert "ADMIN_API_TOKEN is not set on this server" in page
+        assert "<h1>Console is not configured</h1>" in page
+        assert "ADMIN_API_TOKEN is not set on this server, so its pages are closed" in page
         # The page keeps the console's look.
         assert (await console.client.get("/admin/static/console.css")).status == 200
 

@@ -53,7 +53,7 @@ from iotistic_billing.webhook_server.errors import problem_of
 from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
 from iotistic_billing.webhook_server.messages import read_decimal
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
-from iotistic_billing.webhook_server.security import is_trusted_proxy, throttled
+from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
 from iotistic_billing.webhook_server.usage import usage_history
 
 log = logging.getLogger(__name__)
@@ -595,15 +595,6 @@ PAGES: Final[tuple[Page, ...]] = (
 PAGES_KEY: web.AppKey[dict[web.AbstractRoute, Page]] = web.AppKey("console_pages")
 
 
-def console_closed() -> ApiError:
-    return ApiError(
-        "Console closed",
-        "ADMIN_API_TOKEN is not set on this server: the console is closed until it is",
-        {"setting": "ADMIN_API_TOKEN"},
-        status=503,
-    )
-
-
 def same_origin(request: web.Request) -> bool:
     """A POST from this origin: Origin (or, without it, Referer) names this host. Browsers send Origin
     on every POST; a request with neither is not a browser's form and is refused too."""
@@ -636,7 +627,7 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     if not request.app[SESSIONS_KEY].configured and page.handler is not static_file:
         # No token opens a session: a sign-in form would only wait for one that cannot work.
-        return problem_page(request, console_closed())
+        return problem_page(request, admin_not_configured("Console", "its pages"))
     if request.method == "POST":
         # The API's limit per client address, so that the sign-in form is no faster way to guess tokens.
         wait = address_wait(request)
