@@ -174,7 +174,10 @@ async def apply_events(
     links = await deps.directory.stripe_customer_ids(session, [group.record for group in ready])
     owner: dict[str, str] = {}
     for group in ready:
-        mine = _subscription_ids(group)
+        # With the customer's other subscriptions: one of them takes over when the one it holds ends.
+        mine = _subscription_ids(group) | {
+            sub for sub, row in rows.items() if row.customer_id == group.record.customer_id
+        }
         if any(owner.get(sub, group.name) != group.name for sub in mine):
             # A subscription that events of two Customers name: the second waits for the next batch, so
             # that each row is decided from one state only.
@@ -345,13 +348,18 @@ def _subscription_ids(group: _CustomerEvents) -> set[str]:
 
 
 async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dict[str, StoredSubscription]:
-    """The subscriptions' rows the groups read, locked until the batch commits."""
+    """The subscriptions' rows the groups read (their events' and Customers', and each customer's
+    others), locked until the batch commits."""
     ids = sorted(set().union(*(_subscription_ids(group) for group in groups)))
     if not ids:
         return {}
+    customer_ids = sorted({group.record.customer_id for group in groups})
     found = await session.scalars(
         select(models.Subscription)
-        .where(models.Subscription.stripe_subscription_id.in_(ids))
+        .where(
+            models.Subscription.stripe_subscription_id.in_(ids)
+            | models.Subscription.customer_id.in_(customer_ids)
+        )
         .order_by(models.Subscription.stripe_subscription_id)
         .with_for_update()
     )
@@ -365,6 +373,7 @@ async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dic
             last_event_created=row.last_event_created,
             stripe_created=row.stripe_created,
             past_due_since=row.past_due_since,
+            own_event_created=row.own_event_created,
         )
         for row in found
     }

@@ -434,6 +434,9 @@ class StoredSubscription:
     # When its payment first failed, while its status is overdue: the pastDueSince of the state the row
     # holds, kept here because a lost batch leaves the Customer's carrying that batch's outcome.
     past_due_since: datetime | None
+    # The `created` of the newest of the subscription's own events recorded (not an invoice's; 0: none
+    # yet; None: a row from before migration 0010, unknown): what a late own event is ordered against.
+    own_event_created: int | None = None
 
 
 def stored_after(
@@ -442,8 +445,12 @@ def stored_after(
     facts: SubscriptionFacts,
     decision: Decision,
     created: int,
+    *,
+    own_created: int | None = None,
 ) -> StoredSubscription:
-    """The row once an event recorded it: its newest known state, whether or not the Customer took it."""
+    """The row once an event recorded it: its newest known state, whether or not the Customer took it.
+    `own_created`: the event's own `created`, when it is one of the subscription's own events (`created`
+    is then the time its facts are ordered at, later for one delivered after newer invoices)."""
     applied = decision.subscription
     was_overdue = row is not None and row.status in OVERDUE_STATUSES
     return StoredSubscription(
@@ -471,6 +478,7 @@ def stored_after(
             if applied
             else _overdue_since(was_overdue, row.past_due_since if row else None, facts.status, created)
         ),
+        own_event_created=own_created if own_created is not None else (row.own_event_created if row else 0),
     )
 
 
@@ -505,11 +513,16 @@ def committed_subscription(
     since = row.past_due_since
     if since is None and row.status in OVERDUE_STATUSES and current.status in OVERDUE_STATUSES:
         since = current.past_due_since
+    return _held_from_row(current.stripe_subscription_id, row, since)
+
+
+def _held_from_row(subscription_id: str, row: StoredSubscription, since: datetime | None) -> SubscriptionSpec:
+    """A subscription's row as the Customer's spec.subscription, with `since` as its pastDueSince."""
     return SubscriptionSpec.model_validate(
         {
             "status": row.status,
             "plan": row.plan,
-            "stripe_subscription_id": current.stripe_subscription_id,
+            "stripe_subscription_id": subscription_id,
             "current_period_end": row.current_period_end,
             "cancel_at_period_end": row.cancel_at_period_end,
             "past_due_since": since,
@@ -535,10 +548,14 @@ class Coalesced:
     steps: tuple[Step, ...]
     subscription: SubscriptionSpec | None
     rows: Mapping[str, StoredSubscription]
+    # The Customer's subscription ended and another live one of it took over (`_successor`).
+    taken_over: bool = False
 
     @property
     def applied(self) -> bool:
-        return any(step.decision is not None and step.decision.action == "apply" for step in self.steps)
+        return self.taken_over or any(
+            step.decision is not None and step.decision.action == "apply" for step in self.steps
+        )
 
 
 def coalesce(
@@ -555,6 +572,7 @@ def coalesce(
     known = dict(rows)
     written: dict[str, StoredSubscription] = {}
     steps: list[Step] = []
+    taken_over = False
     for facts, created in events:
         if facts is None:
             steps.append(Step(None, state))
@@ -562,7 +580,9 @@ def coalesce(
         row = known.get(facts.subscription_id)
         held = known.get(state.stripe_subscription_id) if state and state.stripe_subscription_id else None
         same = state is not None and state.stripe_subscription_id == facts.subscription_id
+        own_created = None if facts.from_invoice else created
         facts = _invoice_facts_over(facts, row or (state if same else None))
+        facts, created = _own_event_under_invoices(facts, created, row, state if same else None)
         decision = decide(
             state,
             row.last_event_created if row else None,
@@ -571,14 +591,69 @@ def coalesce(
             stored_status=row.status if row else None,
             current_started=held.stripe_created if held else None,
         )
+        successor = None
+        if same and decision.subscription is not None and decision.subscription.status in ENDED_STATUSES:
+            successor = _successor(customer_id, known, facts.subscription_id)
+            if successor is not None:  # the Customer keeps a live subscription: recorded, nothing ended
+                decision = Decision("superseded", None, record_row=True)
         steps.append(Step(decision, state))
         if decision.record_row:
             known[facts.subscription_id] = written[facts.subscription_id] = stored_after(
-                customer_id, row, facts, decision, created
+                customer_id, row, facts, decision, created, own_created=own_created
             )
         if decision.action == "apply":
             state = decision.subscription
-    return Coalesced(tuple(steps), state, written)
+        elif successor is not None:
+            state, taken_over = successor, True
+    return Coalesced(tuple(steps), state, written, taken_over)
+
+
+def _own_event_under_invoices(
+    facts: SubscriptionFacts, created: int, row: StoredSubscription | None, held: SubscriptionSpec | None
+) -> tuple[SubscriptionFacts, int]:
+    """One of the subscription's own events older than its row's newest state, where all that is newer
+    came from invoices (newer than the row's `own_event_created`): Stripe sends an upgrade's
+    `customer.subscription.updated` and the invoice events of the same moment in no set order, and an
+    invoice applied first must not make the upgrade stale. Its facts are ordered at the row's newest
+    time instead: its plan, period and cancellation apply; the status stays the invoice's newer one
+    (but for Stripe's own `unpaid`, which an invoice's failure does not undo, as in
+    `_invoice_facts_over`). Endings keep their own rule (`decide`); a row from before migration 0010
+    does not know its own events' time, nor does a Customer ahead of its row (a lost batch): as before."""
+    if (
+        facts.from_invoice
+        or row is None
+        or row.own_event_created is None
+        or created <= row.own_event_created
+        or facts.status in ENDED_STATUSES
+        or row.status in ENDED_STATUSES
+        or (held is not None and (held.last_event_created or 0) > row.last_event_created)
+    ):
+        return facts, created
+    last = row.last_event_created
+    if created > last or (created == last and STATUS_ORDER[facts.status] >= STATUS_ORDER.get(row.status, 0)):
+        return facts, created  # not older than the row: ordered as any event
+    status = "unpaid" if facts.status == "unpaid" and row.status != "active" else _status(row.status)
+    ends = [end for end in (facts.current_period_end, row.current_period_end) if end is not None]
+    return replace(facts, status=status or facts.status, current_period_end=max(ends, default=None)), last
+
+
+def _successor(
+    customer_id: str, rows: Mapping[str, StoredSubscription], ended: str
+) -> SubscriptionSpec | None:
+    """The customer's newest other live subscription (by when Stripe created it, then its newest
+    event), as the Customer's spec.subscription, to hold when the one it holds ends: two live ones are
+    two checkouts, and the older one is still billed."""
+    live = [
+        (subscription_id, row)
+        for subscription_id, row in rows.items()
+        if row.customer_id == customer_id and subscription_id != ended and row.status in LIVE_STATUSES
+    ]
+    if not live:
+        return None
+    subscription_id, row = max(
+        live, key=lambda item: (item[1].stripe_created or 0, item[1].last_event_created)
+    )
+    return _held_from_row(subscription_id, row, row.past_due_since)
 
 
 def _invoice_facts_over(

@@ -361,6 +361,61 @@ async def test_a_deletion_stripe_retried_after_the_final_invoice_ends_the_subscr
     }
 
 
+async def test_a_late_plan_change_applies_and_an_older_live_subscription_takes_over_from_an_ended_one(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Each event its own batch, as Stripe may deliver them: an upgrade's subscription event delivered
+    after the next second's invoice still changes the plan (the invoice's newer state stands). Then a
+    second checkout's newer subscription takes over, and when it is canceled the first one, still
+    billed, is the Customer's again, with no "subscription ended" notice."""
+    subscriber = Subscriber(customers, "twosubs")
+    base = int(time.time()) - 7200
+    upgrade = subscriber.updated(base + 10, plan="professional")
+    second = random_id("sub_")
+
+    def second_subscription(kind: str, created: int, status: str) -> dict[str, Any]:
+        body = subscription_object(
+            second,
+            customer=subscriber.stripe_customer,
+            price=PRICES["enterprise"],
+            status=status,
+            metadata={"customerId": subscriber.customer_id},
+        )
+        return event(kind, {**body, "created": int(time.time())}, created=created)
+
+    started = second_subscription("customer.subscription.created", base + 20, "active")
+    ended = second_subscription("customer.subscription.deleted", base + 30, "canceled")
+    bodies = [subscriber.updated(base), subscriber.invoice(base + 11, paid=True), upgrade, started, ended]
+    held = []
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        for body in bodies:
+            await store(inbox_pool, inbox, [body])  # each its own batch, in this order of arrival
+            assert await inbox.apply_pending() == 1
+            held.append(customers.subscription(subscriber.name) or {})
+    assert await results(inbox_engine, bodies) == {
+        **{body["id"]: "applied" for body in bodies[:4]},
+        ended["id"]: "superseded",
+    }
+    assert [(one["stripeSubscriptionId"], one["plan"], one["status"]) for one in held[2:]] == [
+        (subscriber.subscription, "professional", "active"),
+        (second, "enterprise", "active"),
+        (subscriber.subscription, "professional", "active"),
+    ]
+    assert held[2]["lastEventCreated"] == base + 11 == held[4]["lastEventCreated"]
+    async with inbox_engine.connect() as connection:
+        rows = {
+            row.stripe_subscription_id: (row.status, row.plan, row.own_event_created)
+            for row in await connection.execute(
+                select(models.Subscription).where(models.Subscription.customer_id == subscriber.customer_id)
+            )
+        }
+    assert rows == {
+        subscriber.subscription: ("active", "professional", base + 10),
+        second: ("canceled", "enterprise", base + 30),
+    }
+    assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {}
+
+
 async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others_are_recorded(
     inbox_pool: Pool,
     inbox_engine: AsyncEngine,

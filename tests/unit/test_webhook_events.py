@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -481,6 +482,7 @@ def row(subscription_id: str = "sub_1", **overrides: Any) -> dict[str, StoredSub
         "last_event_created": 100,
         "stripe_created": 10,
         "past_due_since": None,
+        "own_event_created": 100,
     }
     values.update(overrides)
     return {subscription_id: StoredSubscription(**values)}
@@ -516,6 +518,7 @@ def test_a_customer_s_events_coalesce_into_what_they_do_one_after_the_other() ->
         last_event_created=160,
         stripe_created=10,
         past_due_since=None,
+        own_event_created=160,
     )
 
 
@@ -626,3 +629,86 @@ def test_while_events_arrive_batches_start_at_most_once_a_cycle_and_back_off_whe
     assert pause_after(1.0, cycle=1.0, ratio=0.5) == pytest.approx(0.5)  # a slow batch: half as long again
     assert pause_after(3.0, cycle=1.0, ratio=0.5) == pytest.approx(1.5)
     assert pause_after(60.0, cycle=1.0, ratio=0.5) == MAX_PAUSE
+
+
+# ----- a subscription's own events among its invoices', and a Customer's other live subscription -----
+
+
+def test_a_plan_change_delivered_after_a_newer_invoice_still_changes_the_plan() -> None:
+    """Stripe sends an upgrade's customer.subscription.updated (at 1800) and a renewal's invoice.paid (at
+    3600) in no set order. Once the invoice was applied first, the upgrade was older than the row's
+    newest state and stale: the Customer kept starter until the subscription's next event, a month on.
+    The subscription's own events are ordered among themselves; the invoice's newer status stands."""
+    paid = coalesce("cust_a", current(), row(), [(invoice_facts("invoice.paid"), 3600)])
+    assert paid.rows["sub_1"].own_event_created == 100  # the invoice is not the subscription's own event
+    upgraded = SubscriptionFacts(
+        "sub_1", "past_due", "professional", AT_PERIOD_END, cancel_at_period_end=True
+    )
+    late = coalesce("cust_a", paid.subscription, {**row(), **paid.rows}, [(upgraded, 1800)])
+    assert [step.decision.action for step in late.steps if step.decision] == ["apply"]
+    # Its plan and cancellation are news; its past_due is older than the invoice paid at 3600.
+    assert late.subscription == current(
+        plan="professional", cancel_at_period_end=True, last_event_created=3600
+    )
+    assert (late.rows["sub_1"].plan, late.rows["sub_1"].status) == ("professional", "active")
+    assert (late.rows["sub_1"].last_event_created, late.rows["sub_1"].own_event_created) == (3600, 1800)
+
+    # Older than an own event already recorded: stale, as before.
+    rows = {**row(), **late.rows}
+    older = coalesce(
+        "cust_a", late.subscription, rows, [(SubscriptionFacts("sub_1", "active", "starter"), 1700)]
+    )
+    assert [step.decision.action for step in older.steps if step.decision] == ["stale"]
+    # A row written before rows kept the time of their own events (migration 0010): stale, as before.
+    legacy = {**row(), **paid.rows}
+    legacy["sub_1"] = replace(legacy["sub_1"], own_event_created=None)
+    unknown = coalesce("cust_a", paid.subscription, legacy, [(upgraded, 1800)])
+    assert [step.decision.action for step in unknown.steps if step.decision] == ["stale"]
+
+
+def test_an_own_event_of_the_same_second_as_a_failed_invoice_keeps_the_failure_and_takes_the_plan() -> None:
+    failed = coalesce("cust_a", current(), row(), [(invoice_facts("invoice.payment_failed"), 3600)])
+    assert failed.subscription is not None and failed.subscription.status == "past_due"
+    upgraded = SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END)
+    late = coalesce("cust_a", failed.subscription, {**row(), **failed.rows}, [(upgraded, 3600)])
+    assert late.subscription == failed.subscription.model_copy(update={"plan": "enterprise"})
+    # Stripe's own word that the subscription is unpaid (its retries ran out) is not undone by an
+    # invoice's failure: it suspends, as it would have in Stripe's order.
+    unpaid = coalesce(
+        "cust_a",
+        failed.subscription,
+        {**row(), **failed.rows},
+        [(SubscriptionFacts("sub_1", "unpaid"), 3000)],
+    )
+    assert unpaid.subscription is not None and unpaid.subscription.status == "unpaid"
+    assert unpaid.subscription.past_due_since == failed.subscription.past_due_since
+
+
+def test_when_the_customer_s_subscription_ends_its_other_live_one_takes_over() -> None:
+    """Two live subscriptions (a second checkout): the Customer holds the newer. Cancelling it left the
+    Customer canceled, its instance unlicensed, while the older one was still billed, until that one's
+    next event. The older live one now takes over, and the ending notices nothing."""
+    rows = {
+        **row("sub_old", plan="starter", stripe_created=10, last_event_created=90, own_event_created=90),
+        **row("sub_new", plan="enterprise", stripe_created=50),
+        **row("sub_ended", status="canceled", stripe_created=60),
+        **row("sub_elses", customer_id="cust_b", plan="professional", stripe_created=40),
+    }
+    held = current(stripe_subscription_id="sub_new", plan="enterprise")
+    result = coalesce("cust_a", held, rows, [(SubscriptionFacts("sub_new", "canceled"), 200)])
+    assert [step.decision.action for step in result.steps if step.decision] == ["superseded"]
+    assert result.applied
+    assert result.subscription == current(
+        stripe_subscription_id="sub_old", plan="starter", last_event_created=90
+    )
+    assert result.rows["sub_new"].status == "canceled" and set(result.rows) == {"sub_new"}
+    # The same events decided again (a batch lost after the Customer was written): the same outcome.
+    again = coalesce("cust_a", result.subscription, rows, [(SubscriptionFacts("sub_new", "canceled"), 200)])
+    assert [step.decision.action for step in again.steps if step.decision] == ["superseded"]
+    assert again.subscription == result.subscription
+
+    # No other live subscription of this customer: the ending applies, as before.
+    alone = {sub: rows[sub] for sub in ("sub_new", "sub_ended", "sub_elses")}
+    ended = coalesce("cust_a", held, alone, [(SubscriptionFacts("sub_new", "canceled"), 200)])
+    assert [step.decision.action for step in ended.steps if step.decision] == ["apply"]
+    assert ended.subscription is not None and ended.subscription.status == "canceled"
