@@ -32,6 +32,10 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 # a Stalled Customer is tried again too. Not under the operator's own `iotistic.io/` prefix: Kopf leaves
 # the annotations of its storage prefix out of what it compares, so a change there would start no handler.
 RECONCILE_REQUESTED_AT = "reconcile.iotistic.io/requested-at"
+# The licence the last revoke revoked (its jti), written with spec.suspended: a revoke whose commit was
+# lost is recorded by its retry for that licence, not for the unlicensed one minted since. Under Kopf's
+# storage prefix: it starts no handler.
+REVOKED_LICENSE = "iotistic.io/revoked-license"
 # A Customer's namespace is this prefix and its name.
 NAMESPACE_PREFIX = "customer-"
 # Which operator shard owns the Customer (iotistic_billing/operator/sharding.py); none: shard 0.

@@ -84,4 +84,19 @@ async def license_history(session: AsyncSession, customer_id: str, limit: int = 
     )
 
 
-__all__ = ["LicenseHistoryReport", "license_history", "record_license"]
+async def unrevoked_license(session: AsyncSession, customer_id: str, jti: str) -> LicenseRecord | None:
+    """The customer's licence `jti` as the history recorded its issue; None when it is revoked already
+    or its issue was never recorded."""
+    rows = (
+        await session.scalars(
+            select(LicenseHistory)
+            .where(LicenseHistory.customer_id == customer_id, LicenseHistory.jti == jti)
+            .order_by(LicenseHistory.id)
+        )
+    ).all()
+    if not rows or any(row.action == "revoked" for row in rows):
+        return None
+    return rows[0].record()
+
+
+__all__ = ["LicenseHistoryReport", "license_history", "record_license", "unrevoked_license"]

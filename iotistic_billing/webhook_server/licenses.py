@@ -3,22 +3,29 @@ revocation, and the public keys (PEM and JWKS) anyone may fetch to verify licenc
 
 Revocation records a `revoked` history row for the licence in force AND sets spec.suspended: true by a
 merge patch, so the operator re-mints the licence with the unlicensed feature set and scales the instance
-down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it.
+down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it. The patch is made
+before the commit (a refused patch rolls the row back); should the commit then be lost, the answer says
+the Customer was suspended, and the retry records the licence the patch named (REVOKED_LICENSE).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME
-from iotistic_billing.db.license_history import license_history, record_license
+from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, REVOKED_LICENSE
+from iotistic_billing.db.license_history import license_history, record_license, unrevoked_license
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
     Conflict,
+    DependencyUnavailable,
     Forbidden,
     NotFound,
     Unavailable,
@@ -113,19 +120,64 @@ async def revoke_license(request: web.Request) -> web.Response:
     """Revoke the licence in force and suspend the customer (see the module's note)."""
     customer_id = read_customer_id(request)
     body = await read_body(request, RevokeRequest)
-    async with request.app[SESSIONS]() as session, session.begin():
-        record = await request.app[DIRECTORY].existing(session, customer_id)
-        revoked = await revoke_and_suspend(request.app, session, record, body.reason, by="admin")
+    async with revocation(request.app) as revoking:
+        record = await request.app[DIRECTORY].existing(revoking.session, customer_id)
+        revoked = await revoking.revoke(record, body.reason, by="admin")
     return json_model(
         RevokeResponse(customer_id=customer_id, revoked_jti=revoked.jti, reason=body.reason, suspended=True)
     )
+
+
+@dataclass
+class Revocation:
+    """A revoke's transaction (`revocation`): what it revoked, once `revoke` has suspended the Customer."""
+
+    app: web.Application
+    session: AsyncSession
+    done: tuple[CustomerRecord, LicenseRecord] | None = None
+
+    async def revoke(self, record: CustomerRecord, reason: str, by: str) -> LicenseRecord:
+        revoked = await revoke_and_suspend(self.app, self.session, record, reason, by)
+        self.done = (record, revoked)
+        return revoked
+
+
+@asynccontextmanager
+async def revocation(app: web.Application) -> AsyncIterator[Revocation]:
+    """The transaction of a revoke (the admin API's route and the console's action). PostgreSQL lost at
+    the commit, after the Customer was suspended, is a 503 that says so, not the "nothing was changed"
+    one: its retry records the same licence (REVOKED_LICENSE)."""
+    async with app[SESSIONS]() as session:
+        revoking = Revocation(app, session)
+        try:
+            async with session.begin():
+                yield revoking
+        except Exception as error:
+            if revoking.done is None or not database_unreachable(error):
+                raise
+            record, license = revoking.done
+            log.warning(
+                "licence %s of %s revoked and Customer %s suspended, but PostgreSQL was lost at the"
+                " commit (%s)",
+                license.jti,
+                record.customer_id,
+                record.name,
+                type(error).__name__,
+            )
+            raise DependencyUnavailable(
+                "Database",
+                f"Customer {record.name} was suspended, but the revocation of licence {license.jti} could"
+                " not be recorded: retry to record it (the same licence)",
+            ) from None
 
 
 async def revoke_and_suspend(
     app: web.Application, session: AsyncSession, record: CustomerRecord, reason: str, by: str
 ) -> LicenseRecord:
     """A `revoked` row and its notice for the licence in force, and spec.suspended: true, in `session`'s
-    transaction (the admin API's revoke route and the console's action)."""
+    transaction (see `revocation`). The licence in force is the one in the licence Secret, unless an
+    earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
+    the history's record of its issue."""
     customer_id = record.customer_id
     token = await license_token(app[KUBE], record.namespace)
     if token is None:
@@ -138,6 +190,9 @@ async def revoke_and_suspend(
         revoked = LicenseRecord.from_token(token)
     except MintingError:
         raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
+    earlier = record.customer.metadata.annotations.get(REVOKED_LICENSE)
+    if record.customer.spec.suspended and earlier is not None and earlier != revoked.jti:
+        revoked = await unrevoked_license(session, customer_id, earlier) or revoked
     try:
         await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
     except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
@@ -154,7 +209,10 @@ async def revoke_and_suspend(
     await app[OUTBOX].enqueue(session, notice, record.customer.spec)
     # Before the commit: if the patch fails, the history row is rolled back with it.
     try:
-        await app[KUBE].patch_customer(record.name, {"spec": {"suspended": True}})
+        await app[KUBE].patch_customer(
+            record.name,
+            {"metadata": {"annotations": {REVOKED_LICENSE: revoked.jti}}, "spec": {"suspended": True}},
+        )
     except ApiException as error:
         if error.status == 404:
             raise customer_not_found(customer_id) from None
@@ -182,10 +240,13 @@ async def get_jwks(request: web.Request) -> web.Response:
 
 
 __all__ = [
+    "Revocation",
     "get_jwks",
     "get_license",
     "get_license_history",
     "get_public_key",
     "license_token",
+    "revocation",
+    "revoke_and_suspend",
     "revoke_license",
 ]

@@ -12,12 +12,13 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import Customer as CustomerRow
-from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.db.models import LicenseHistory, Notice
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.context import KUBE
 from iotistic_billing.webhook_server.options import ServerOptions
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
@@ -265,3 +266,70 @@ async def test_revoke_records_history_and_suspends_until_the_licence_is_unlicens
             )
         ).all()
     assert all(len(value) == 64 for value in hashes)
+
+
+# The backend of a transaction that wrote a history row and waits (on the API server) before its commit.
+REVOKE_IN_FLIGHT = text(
+    "SELECT pg_terminate_backend(locks.pid) FROM pg_locks locks JOIN pg_stat_activity activity USING (pid)"
+    " WHERE locks.relation = 'license_history'::regclass AND activity.state = 'idle in transaction'"
+    " AND locks.pid <> pg_backend_pid()"
+)
+
+
+async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_licence_it_revoked(
+    live_api: TestClient[Any, Any],
+    customers: Customers,
+    license_keys: tuple[Path, Path],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: PostgreSQL lost at the commit, after the Customer was suspended, answered 503
+    "nothing was changed" while the Customer was suspended, its history row and notice gone; and the
+    retry revoked the unlicensed licence the operator had minted since, not the one it had revoked."""
+    public_key = license_keys[1].read_bytes()
+    name = unique_name("relost")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, plan="starter")
+    first = await eventually(lambda: license_claims(customers, name, public_key), message="licence")
+
+    kube = live_api.app[KUBE]
+    patch_customer = kube.patch_customer
+
+    async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        patched = await patch_customer(*args, **kwargs)
+        async with db_engine.connect() as connection:
+            assert (await connection.execute(REVOKE_IN_FLIGHT)).scalars().all() == [True]
+            await connection.commit()
+        return patched
+
+    monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
+    revoke = f"/api/licenses/{customer_id}/revoke"
+    lost = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
+    body = await lost.json()
+    assert lost.status == 503, body
+    assert f"{name} was suspended" in body["message"] and first["jti"] in body["message"]
+    monkeypatch.undo()
+    assert (customers.get(name) or {})["spec"]["suspended"] is True
+    await eventually(
+        lambda: (c := license_claims(customers, name, public_key)) and c["plan"] == "unlicensed",
+        message="unlicensed licence after suspension",
+    )
+
+    retried = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
+    body = await retried.json()
+    assert retried.status == 200, body
+    assert body["revoked_jti"] == first["jti"]
+    async with db_engine.connect() as connection:
+        revoked = (
+            await connection.scalars(
+                select(LicenseHistory.jti).where(
+                    LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+                )
+            )
+        ).all()
+        notices = (
+            await connection.scalars(
+                select(Notice.key).where(Notice.customer_id == customer_id, Notice.kind == "license.revoked")
+            )
+        ).all()
+    assert revoked == [first["jti"]] and len(notices) == 1 and first["jti"] in notices[0]

@@ -50,7 +50,7 @@ from iotistic_billing.webhook_server.context import (
     request_address,
 )
 from iotistic_billing.webhook_server.errors import problem_of
-from iotistic_billing.webhook_server.licenses import license_token, revoke_and_suspend
+from iotistic_billing.webhook_server.licenses import license_token, revocation
 from iotistic_billing.webhook_server.messages import read_decimal
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
 from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
@@ -484,15 +484,14 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     change = _customer_patch(action, request.app[CLOCK]())
     if change is None and action != "revoke":
         raise NotFound("Not found", f"no action {action!r}")
-    async with request.app[SESSIONS]() as db, db.begin():
-        if change is None:
-            # The revoke route's history row, notice and patch in this transaction, which the row joins.
-            revoked = await revoke_and_suspend(
-                request.app, db, record, "revoked in the admin console", by="console"
-            )
+    if change is None:
+        # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
+        async with revocation(request.app) as revoking:
+            revoked = await revoking.revoke(record, "revoked in the admin console", by="console")
             detail = f"licence {revoked.jti} revoked, Customer suspended"
-            await _audit(request, db, action, detail, customer=record.name)
-        else:
+            await _audit(request, revoking.session, action, detail, customer=record.name)
+    else:
+        async with request.app[SESSIONS]() as db, db.begin():
             patch, detail = change
             await _audit(request, db, action, detail, customer=record.name)
             try:
