@@ -548,7 +548,7 @@ class Coalesced:
     steps: tuple[Step, ...]
     subscription: SubscriptionSpec | None
     rows: Mapping[str, StoredSubscription]
-    # The Customer's subscription ended and another live one of it took over (`_successor`).
+    # The Customer's subscription stopped granting and another live one took over (`_successor`).
     taken_over: bool = False
 
     @property
@@ -592,9 +592,9 @@ def coalesce(
             current_started=held.stripe_created if held else None,
         )
         successor = None
-        if same and decision.subscription is not None and decision.subscription.status in ENDED_STATUSES:
+        if same and decision.subscription is not None and decision.subscription.status not in LIVE_STATUSES:
             successor = _successor(customer_id, known, facts.subscription_id)
-            if successor is not None:  # the Customer keeps a live subscription: recorded, nothing ended
+            if successor is not None:  # the Customer keeps a live subscription: recorded, nothing lost
                 decision = Decision("superseded", None, record_row=True)
         steps.append(Step(decision, state))
         if decision.record_row:
@@ -641,8 +641,9 @@ def _successor(
     customer_id: str, rows: Mapping[str, StoredSubscription], ended: str
 ) -> SubscriptionSpec | None:
     """The customer's newest other live subscription (by when Stripe created it, then its newest
-    event), as the Customer's spec.subscription, to hold when the one it holds ends: two live ones are
-    two checkouts, and the older one is still billed."""
+    event), as the Customer's spec.subscription, to hold when the one it holds stops granting its plan
+    (ended, unpaid, paused): two live ones are two checkouts, and the other one is still billed. Paid
+    or resumed later, the one that stopped is the newest live one again and takes the Customer back."""
     live = [
         (subscription_id, row)
         for subscription_id, row in rows.items()

@@ -60,8 +60,11 @@ def event_notices(
             )
         )
     ends_at = trial_end(obj)
-    if event_type == TRIAL_WILL_END and ends_at is not None and ends_at > when:
-        notices.append(trial_ending(**about, plan=applied.plan or "trial", ends_at=ends_at, now=when))
+    # As of the state applied: a late trial_will_end applied under a newer invoice (events.py) may come
+    # after the trial it announces has ended.
+    as_of = max(when, datetime.fromtimestamp(applied.last_event_created or 0, UTC))
+    if event_type == TRIAL_WILL_END and ends_at is not None and ends_at > as_of:
+        notices.append(trial_ending(**about, plan=applied.plan or "trial", ends_at=ends_at, now=as_of))
     return notices
 
 

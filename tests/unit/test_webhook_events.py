@@ -712,3 +712,61 @@ def test_when_the_customer_s_subscription_ends_its_other_live_one_takes_over() -
     ended = coalesce("cust_a", held, alone, [(SubscriptionFacts("sub_new", "canceled"), 200)])
     assert [step.decision.action for step in ended.steps if step.decision] == ["apply"]
     assert ended.subscription is not None and ended.subscription.status == "canceled"
+
+
+@pytest.mark.parametrize("status", ["unpaid", "paused"])
+def test_a_subscription_that_stops_granting_hands_the_customer_to_its_other_live_one(status: str) -> None:
+    """Found in review: only an ending handed over; an unpaid (retries ran out) or paused subscription
+    left the customer unlicensed while its other subscription was billed, until that one's next event."""
+    rows = {
+        **row("sub_old", plan="starter", stripe_created=10, last_event_created=90),
+        **row("sub_new", plan="enterprise", stripe_created=50),
+    }
+    held = current(stripe_subscription_id="sub_new", plan="enterprise")
+    result = coalesce("cust_a", held, rows, [(SubscriptionFacts("sub_new", status), 300)])
+    assert [step.decision.action for step in result.steps if step.decision] == ["superseded"]
+    assert result.subscription == current(
+        stripe_subscription_id="sub_old", plan="starter", last_event_created=90
+    )
+    assert result.rows["sub_new"].status == status
+    # Paid again later, the newer subscription is the Customer's again.
+    back = coalesce(
+        "cust_a",
+        result.subscription,
+        {**rows, **result.rows},
+        [(SubscriptionFacts("sub_new", "active"), 400)],
+    )
+    assert back.subscription is not None and back.subscription.stripe_subscription_id == "sub_new"
+
+
+def test_a_trial_will_end_delivered_after_the_trial_s_invoice_notices_nothing() -> None:
+    """Found in review: applied under the newer invoice (the trial ended, its first invoice paid), a
+    trial_will_end redelivered days late said the trial ends in three days."""
+    from iotistic_billing.directory import CustomerRecord
+    from iotistic_billing.stripe_inbox.notices import event_notices
+
+    trial_end = 1_000 + 3 * 86400
+    trialing = current(status="trialing", last_event_created=1_000)
+    paid = coalesce(
+        "cust_a",
+        trialing,
+        row(status="trialing", last_event_created=1_000),
+        [(invoice_facts("invoice.paid"), trial_end)],
+    )
+    will_end = SubscriptionFacts("sub_1", "trialing", "starter")
+    late = coalesce("cust_a", paid.subscription, {**row(), **paid.rows}, [(will_end, 1_000 + 60)])
+    (step,) = late.steps
+    assert step.decision is not None and step.decision.action == "apply"
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": "acme", "uid": "uid-acme"},
+        "spec": {"customerId": "cust_a00000001", "email": "ops@acme.example", "companyName": "Acme"},
+    }
+    record = CustomerRecord.from_body(body)
+    assert record is not None
+    obj = {"id": "sub_1", "trial_end": trial_end}
+    notices = event_notices(
+        "customer.subscription.trial_will_end", obj, record, step.previous, step.decision, 1_060, None
+    )
+    assert notices == []

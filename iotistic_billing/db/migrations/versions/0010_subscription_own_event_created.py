@@ -9,7 +9,8 @@ the upgrade stale and the Customer kept its old plan until the subscription's ne
 keeps the time of the newest of its own events too (stripe_inbox.events._own_event_under_invoices).
 Rows written before this revision hold NULL, read as unknown: a late own event is stale there, as
 before, until the subscription's next own event writes the column. An inbox from before this revision
-writes no such column; the downgrade drops it (the older code never reads it).
+writes no such column, so a row it moves on keeps a value now too old (docs/architecture.md: do not run
+inboxes of both sides together); the downgrade drops it (the older code never reads it).
 """
 
 from collections.abc import Sequence
