@@ -84,9 +84,11 @@ async def license_history(session: AsyncSession, customer_id: str, limit: int = 
     )
 
 
-async def unrevoked_license(session: AsyncSession, customer_id: str, jti: str) -> LicenseRecord | None:
-    """The customer's licence `jti` as the history recorded its issue; None when it is revoked already
-    or its issue was never recorded."""
+async def recorded_license(
+    session: AsyncSession, customer_id: str, jti: str
+) -> tuple[LicenseRecord, bool] | None:
+    """The customer's licence `jti` as the history recorded it, and whether it is revoked; None when the
+    history has no row of it."""
     rows = (
         await session.scalars(
             select(LicenseHistory)
@@ -94,9 +96,9 @@ async def unrevoked_license(session: AsyncSession, customer_id: str, jti: str) -
             .order_by(LicenseHistory.id)
         )
     ).all()
-    if not rows or any(row.action == "revoked" for row in rows):
+    if not rows:
         return None
-    return rows[0].record()
+    return rows[0].record(), any(row.action == "revoked" for row in rows)
 
 
-__all__ = ["LicenseHistoryReport", "license_history", "record_license", "unrevoked_license"]
+__all__ = ["LicenseHistoryReport", "license_history", "record_license", "recorded_license"]

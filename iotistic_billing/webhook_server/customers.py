@@ -147,7 +147,7 @@ async def create_customer(request: web.Request) -> web.Response:
         )
     log.info("signup created Customer %s (%s)", record.name, customer_id)
     token = await _wait_for_license(
-        kube, record.namespace, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval
+        kube, record.namespace, customer_id, app[OPTIONS].license_wait, app[OPTIONS].license_poll_interval
     )
     response = SignupResponse(
         customer=SignupCustomer(
@@ -210,15 +210,24 @@ async def _create_resource(
     raise Conflict("Name not available", "no free Customer name was found for this company; retry")
 
 
-async def _wait_for_license(kube: Kube, namespace: str, wait: float, interval: float) -> str | None:
-    """The licence JWT once the operator wrote its Secret, or None after `wait` seconds."""
-    token = await license_token(kube, namespace)
+async def _wait_for_license(
+    kube: Kube, namespace: str, customer_id: str, wait: float, interval: float
+) -> str | None:
+    """The licence JWT once the operator wrote its Secret, or None after `wait` seconds, or when the API
+    server cannot answer: the Customer exists by then, and the answer must carry it (202, the licence
+    to fetch later), not a 503 whose retry would be a 409."""
     try:
+        token = await license_token(kube, namespace, customer_id)
         async with asyncio.timeout(wait):
             while token is None:
                 await asyncio.sleep(interval)
-                token = await license_token(kube, namespace)
+                token = await license_token(kube, namespace, customer_id)
     except TimeoutError:
+        return None
+    except (KubernetesUnavailable, ApiException) as error:
+        log.warning(
+            "signup of %s: the licence could not be read (%s); answered without it", customer_id, error
+        )
         return None
     return token
 

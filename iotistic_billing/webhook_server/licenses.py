@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import jwt
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, REVOKED_LICENSE
-from iotistic_billing.db.license_history import license_history, record_license, unrevoked_license
+from iotistic_billing.db.license_history import license_history, record_license, recorded_license
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
@@ -34,6 +35,7 @@ from iotistic_billing.errors import (
 )
 from iotistic_billing.k8s import Kube
 from iotistic_billing.licensing.minting import LicenseRecord, MintingError
+from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.notices.content import NoticeKind, license_changed
 from iotistic_billing.webhook_server.context import (
     DIRECTORY,
@@ -67,15 +69,24 @@ def _keys_not_configured() -> Unavailable:
     )
 
 
-async def license_token(kube: Kube, namespace: str) -> str | None:
-    """The licence JWT of the Secret the operator wrote, or None while there is none."""
+async def license_token(kube: Kube, namespace: str, customer_id: str) -> str | None:
+    """The licence JWT of the Secret the operator wrote for `customer_id`, or None while there is none:
+    a licence of another customer id is a deleted predecessor's of the same name, whose namespace is
+    still being deleted."""
     secret = await kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
     data = secret[0] if secret is not None else {}
-    return data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
+    if LICENSE_JWT_KEY not in data:
+        return None
+    token = data[LICENSE_JWT_KEY].decode(errors="replace")
+    try:
+        holder = jwt.decode(token, options={"verify_signature": False}).get("customerId")
+    except jwt.PyJWTError:
+        return token  # not readable as a licence: shown as it is (the keyring's decode says why)
+    return None if isinstance(holder, str) and holder != customer_id else token
 
 
 async def _issued_token(request: web.Request, record: CustomerRecord) -> str:
-    token = await license_token(request.app[KUBE], record.namespace)
+    token = await license_token(request.app[KUBE], record.namespace, record.customer_id)
     if token is None:
         raise NotFound(
             "Licence not issued yet",
@@ -179,7 +190,7 @@ async def revoke_and_suspend(
     earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
     the history's record of its issue."""
     customer_id = record.customer_id
-    token = await license_token(app[KUBE], record.namespace)
+    token = await license_token(app[KUBE], record.namespace, customer_id)
     if token is None:
         raise Conflict(
             "No licence to revoke",
@@ -192,7 +203,13 @@ async def revoke_and_suspend(
         raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
     earlier = record.customer.metadata.annotations.get(REVOKED_LICENSE)
     if record.customer.spec.suspended and earlier is not None and earlier != revoked.jti:
-        revoked = await unrevoked_license(session, customer_id, earlier) or revoked
+        found = await recorded_license(session, customer_id, earlier)
+        if found is not None and not found[1]:
+            revoked = found[0]  # the retry of a revoke whose commit was lost
+        elif found is not None and revoked.plan == UNLICENSED_PLAN_NAME:
+            # The retry of a revoke that was recorded (its answer lost): the licence it revoked, nothing
+            # twice (the unlicensed one minted since is not revoked, nor noticed, again).
+            return found[0]
     try:
         await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
     except ValueError as refused:  # a reason shaped like a token or a key is refused by the history

@@ -219,7 +219,8 @@ class SignupResponse(Response):
     customer: SignupCustomer
     subscription: SignupSubscription
     license: LicenseToken | None = Field(
-        description="null when the operator had not issued the licence in time (answer 202, see Location)."
+        description="null when the operator had not issued the licence in time (answer 202): fetch it"
+        " later with GET /api/licenses/{customerId}."
     )
 
 

@@ -285,7 +285,8 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
 ) -> None:
     """Found in review: PostgreSQL lost at the commit, after the Customer was suspended, answered 503
     "nothing was changed" while the Customer was suspended, its history row and notice gone; and the
-    retry revoked the unlicensed licence the operator had minted since, not the one it had revoked."""
+    retry revoked the unlicensed licence the operator had minted since, not the one it had revoked (as
+    did a retry of a revoke that was recorded, with a second notice)."""
     public_key = license_keys[1].read_bytes()
     name = unique_name("relost")
     customer_id = customer_id_for(name)
@@ -318,6 +319,11 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
     retried = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
     body = await retried.json()
     assert retried.status == 200, body
+    assert body["revoked_jti"] == first["jti"]
+    # Sent again (its answer lost on the way): the same licence, nothing revoked or noticed twice.
+    again = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
+    body = await again.json()
+    assert again.status == 200, body
     assert body["revoked_jti"] == first["jti"]
     async with db_engine.connect() as connection:
         revoked = (

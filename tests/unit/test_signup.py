@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import DependencyUnavailable
-from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.context import (
     CLOCK,
@@ -44,6 +45,9 @@ class FakeKube:
         self.refuse_create: Exception | None = None
         self.lose_answer: Exception | None = None
         self.refuse_list: Exception | None = None
+        # The licence JWT of each namespace's licence Secret; `refuse_secret` is raised by a read of one.
+        self.licences: dict[str, str] = {}
+        self.refuse_secret: Exception | None = None
 
     async def list_customers(self) -> list[dict[str, Any]]:
         if self.refuse_list is not None and self.customers:
@@ -62,8 +66,11 @@ class FakeKube:
             raise self.lose_answer
         return self.customers[name]
 
-    async def read_secret_data(self, namespace: str, name: str) -> None:
-        return None
+    async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        if self.refuse_secret is not None:
+            raise self.refuse_secret
+        token = self.licences.get(namespace)
+        return SecretData({"license.jwt": token.encode()}, {}, {}) if token is not None else None
 
 
 class FakeStripe:
@@ -233,3 +240,27 @@ async def test_a_stripe_customer_that_cannot_be_deleted_is_logged(
     assert (status, body["error"]) == (503, "Kubernetes API unavailable"), body
     assert signup.stripe.kept == ["cus_1"]
     assert any("Stripe customer cus_1 was not deleted" in record.getMessage() for record in caplog.records)
+
+
+async def test_the_api_server_lost_while_waiting_for_the_licence_still_answers_with_the_customer(
+    signup: Signup,
+) -> None:
+    # Found in review: the wait's read was outside what the create's failures answer, so the Customer
+    # and its Stripe customer existed behind a 503 "nothing was changed", and the retry was a 409.
+    signup.kube.refuse_secret = KubernetesUnavailable("the API server cannot be reached")
+    status, body = await signup.post()
+    assert status == 202, body
+    (created,) = signup.kube.customers.values()
+    assert body["customer"]["customer_id"] == created["spec"]["customerId"] and body["license"] is None
+    assert signup.stripe.kept == ["cus_1"]
+
+
+async def test_a_licence_of_a_deleted_customer_of_the_same_name_is_not_the_new_one_s(signup: Signup) -> None:
+    # Found in review: the namespace of a deleted Customer of this name, still being deleted, holds its
+    # licence: signup answered it, a licence of another customer id.
+    signup.kube.licences["customer-initech"] = jwt.encode(
+        {"customerId": "cust_initech0ld1"}, "k" * 32, "HS256"
+    )
+    status, body = await signup.post()
+    assert status == 202, body
+    assert body["license"] is None

@@ -333,7 +333,7 @@ async def customer_page(request: web.Request) -> web.Response:
         events = await kube.list_customer_events(record.name)
     except KubernetesUnavailable:
         events = []
-    claims = licence_claims(request, await license_token(kube, record.namespace))
+    claims = licence_claims(request, await license_token(kube, record.namespace, record.customer_id))
     async with request.app[SESSIONS]() as session:
         history = await license_history(session, record.customer_id, limit=20)
         subscriptions = (
