@@ -184,8 +184,14 @@ class UsageRollup(Base):
     plan: Mapped[str | None] = mapped_column(String(20))
     # Set once the period has ended and was rolled up for the last time; a closed rollup never changes.
     closed_at: Mapped[datetime | None]
-    # Set once every meter event of the period is recorded (or there was nothing to send).
+    # Set once the meter run is done with the period: every meter event recorded, nothing to send, or
+    # the rest past Stripe's 35 days (given up; meter_refusal says what was not billed).
     metered_at: Mapped[datetime | None]
+    # When Stripe last refused one of the period's meter events: the meter run takes the periods never
+    # refused first, then the one refused longest ago, so refused periods never hold up the others.
+    meter_refused_at: Mapped[datetime | None]
+    # What Stripe said last (metric, HTTP status, message), or what was given up; NULL once all recorded.
+    meter_refusal: Mapped[str | None] = mapped_column(Text)
 
 
 class UsageMeterEvent(Base):

@@ -3,13 +3,21 @@
 Exactly once, end to end: an event is recorded in `usage_meter_events` only after Stripe accepted it,
 under the identifier `<customer id>:<period start YYYYMMDD>:<metric>`. A crash between Stripe's answer
 and the insert re-sends the same identifier on the next run, and Stripe drops a repeated identifier;
-a send that fails is tried again by the next run; a recorded event is never sent again. One run at a
-time across server replicas (a PostgreSQL advisory lock), so two replicas never race on one event.
+a recorded event is never sent again. One run at a time across server replicas (a PostgreSQL advisory
+lock), so two replicas never race on one event.
+
+An event Stripe refuses (a meter not created yet, a Stripe customer deleted and not linked anew: an
+operator can mend both) is tried again by later runs, which take the periods never refused first and
+then the one refused longest ago, so refused periods never hold up the others. Stripe takes no meter
+event more than 35 days old: once a period's events are past that, it is given up (`metered_at` set,
+`meter_refusal` naming what was not billed) instead of being sent again for good.
 
 Stripe side: one meter per metric (`iotistic_devices`, `iotistic_mqtt_traffic_gb`,
 `iotistic_http_traffic_gb`, `iotistic_storage_gb_months`, `iotistic_api_calls`), aggregated by sum,
-with a metered price at the earlier system's overage rate (API calls: per unit, $0.0005, or $0.50 per 1,000
-with transform_quantity divide_by 1000).
+with a metered per-unit price at the earlier system's overage rate (API calls: $0.0005 a call). Not a
+package price of $0.50 per 1,000 calls: Stripe's transform_quantity rounds the period's calls to whole
+thousands, so 2,500 calls would bill $1.50 (or $1.00) where the rollup, the CLI and
+`overage_amount_cents` say $1.25.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ MAX_DIGITS: Final = 15
 MAX_DECIMALS: Final = 6
 # Any constant of ours: pg_try_advisory_lock keys are one bigint per purpose.
 METER_LOCK_KEY: Final = 0x10715_0006
+# Stripe refuses a meter event whose timestamp is more than 35 days old.
+STRIPE_METER_WINDOW: Final = timedelta(days=35)
 
 
 def meter_identifier(customer_id: str, period_start: datetime, metric: str) -> str:
@@ -82,6 +92,10 @@ class MeterEvent:
     def event_name(self) -> str:
         return EVENT_NAME_PREFIX + self.metric
 
+    def past_stripe_window(self, now: datetime) -> bool:
+        """Whether Stripe refuses the event for its age, on this run and every later one."""
+        return now.timestamp() - self.timestamp > STRIPE_METER_WINDOW.total_seconds()
+
     def params(self) -> MeterEventCreateParams:
         return {
             "event_name": self.event_name,
@@ -113,6 +127,15 @@ def meter_events_for(
             )
         )
     return events
+
+
+def refusal_reason(event: MeterEvent, error: Exception) -> str:
+    """What the send of the event said, the same on every try of one refusal (Stripe's request id left
+    out), so that a refusal is logged once however many runs meet it."""
+    if isinstance(error, stripe.StripeError):
+        status = f"HTTP {error.http_status}: " if error.http_status else ""
+        return f"{event.metric}: {status}{error.user_message or type(error).__name__}"
+    return f"{event.metric}: {type(error).__name__}: {error}"
 
 
 class StripeUnavailable(Exception):
@@ -147,17 +170,20 @@ class StripeMeterSender:
 class MeterRun:
     closed: int = 0  # periods closed by this run
     sent: int = 0  # events Stripe accepted and we recorded
-    failed: int = 0  # events to try again next run
+    failed: int = 0  # events to try again by a later run
+    expired: int = 0  # events given up: past Stripe's 35 days, billed in no invoice
     skipped: bool = False  # another replica holds the lock
 
 
+# Periods never refused first, then the one refused longest ago: with the oldest first, `limit`
+# periods Stripe keeps refusing filled every run and no newer period was ever sent.
 _UNMETERED: Final = """
 SELECT r.customer_id, r.period_start, r.period_end, r.plan, r.overage::text AS overage,
-       c.stripe_customer_id
+       r.meter_refusal, c.stripe_customer_id
 FROM usage_rollups r JOIN customers c ON c.customer_id = r.customer_id
 WHERE r.metered_at IS NULL AND r.closed_at IS NOT NULL AND r.period_end <= $1
   AND c.stripe_customer_id IS NOT NULL
-ORDER BY r.period_end
+ORDER BY r.meter_refused_at NULLS FIRST, r.period_end
 LIMIT $2
 """
 _RECORDED: Final = "SELECT identifier FROM usage_meter_events WHERE identifier = ANY($1::varchar[])"
@@ -166,7 +192,19 @@ INSERT INTO usage_meter_events (customer_id, period_start, metric, identifier, v
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (identifier) DO NOTHING
 """
-_METERED: Final = "UPDATE usage_rollups SET metered_at = $3 WHERE customer_id = $1 AND period_start = $2"
+# None of these touches updated_at: rollups.reports_after_close reads it as the time the row closed.
+_METERED: Final = """
+UPDATE usage_rollups SET metered_at = $3, meter_refusal = NULL
+WHERE customer_id = $1 AND period_start = $2
+"""
+_REFUSED: Final = """
+UPDATE usage_rollups SET meter_refused_at = $3, meter_refusal = $4
+WHERE customer_id = $1 AND period_start = $2
+"""
+_GIVEN_UP: Final = """
+UPDATE usage_rollups SET metered_at = $3, meter_refused_at = $3, meter_refusal = $4
+WHERE customer_id = $1 AND period_start = $2
+"""
 
 
 async def record_meter_event(conn: Queryable, event: MeterEvent, stripe_identifier: str) -> None:
@@ -192,25 +230,50 @@ async def _meter_period(
         else []
     )
     recorded = {r["identifier"] for r in await conn.fetch(_RECORDED, [e.identifier for e in events])}
-    sent = failed = 0
-    for event in events:
-        if event.identifier in recorded:
-            continue
+    owed = [event for event in events if event.identifier not in recorded]
+    customer_id, last_refusal = row["customer_id"], row["meter_refusal"]
+    where = f"meter events of {customer_id}, period {period.start.isoformat()} .. {period.end.isoformat()}"
+    # All of a period's events carry its last second: past Stripe's window, none can ever be sent.
+    if owed and owed[0].past_stripe_window(now):
+        reason = "past Stripe's 35 days, not billed: " + ", ".join(event.metric for event in owed)
+        if last_refusal:
+            reason += f" (last refused: {last_refusal})"
+        log.warning("%s, given up: %s", where, reason)
+        await conn.execute(_GIVEN_UP, customer_id, period.start, now, reason)
+        return MeterRun(expired=len(owed))
+    sent = 0
+    refusals: list[str] = []
+    unexpected: Exception | None = None
+    for event in owed:
         try:
             echoed = await sender(event)
         except StripeUnavailable:
             raise
-        except Exception:
-            # One bad event (a meter missing at Stripe, a customer deleted there) must not hold up the
-            # others; it stays unrecorded and is tried again next run.
-            log.exception("meter event %s was not accepted; retried next run", event.identifier)
-            failed += 1
+        except Exception as error:
+            # One refused event must not hold up the others; what refused it may be mended (a meter
+            # created, a customer linked anew), so later runs try it again (the work list's order).
+            refusals.append(refusal_reason(event, error))
+            if not isinstance(error, stripe.StripeError):
+                unexpected = unexpected or error
             continue
         await record_meter_event(conn, event, echoed)
         sent += 1
-    if failed == 0:
-        await conn.execute(_METERED, row["customer_id"], period.start, now)
-    return MeterRun(sent=sent, failed=failed)
+    if not refusals:
+        await conn.execute(_METERED, customer_id, period.start, now)
+        return MeterRun(sent=sent)
+    refusal = "; ".join(refusals)
+    # Once per refusal, not once per run: the row keeps what was said last.
+    if refusal != last_refusal:
+        log.warning(
+            "%s, refused: %s; tried again by later runs until Stripe's 35 days have passed",
+            where,
+            refusal,
+            exc_info=unexpected,
+        )
+    else:
+        log.debug("%s, refused again: %s", where, refusal)
+    await conn.execute(_REFUSED, customer_id, period.start, now, refusal)
+    return MeterRun(sent=sent, failed=len(refusals))
 
 
 async def send_meter_events(
@@ -224,7 +287,8 @@ async def send_meter_events(
 ) -> MeterRun:
     """Run `before_close` (the rollups a flush still owes: UsageMetering.flush_unheld), close the
     periods that ended at least `close_grace` ago (rollups.close_periods), then send the meter events
-    they owe (see the module's note); all under the lock.
+    they owe, of `limit` periods at most, those Stripe refused after the rest (see the module's note);
+    all under the lock.
 
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
@@ -237,22 +301,24 @@ async def send_meter_events(
             closed = await close_periods(conn, now, grace=close_grace)
             if sender is None:
                 return MeterRun(closed=closed)
-            sent = failed = 0
+            sent = failed = expired = 0
             for row in await conn.fetch(_UNMETERED, now, limit):
                 try:
                     result = await _meter_period(conn, row, sender, now)
                 except StripeUnavailable as error:
                     log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
-                    return MeterRun(closed=closed, sent=sent, failed=failed + 1)
+                    return MeterRun(closed=closed, sent=sent, failed=failed + 1, expired=expired)
                 sent += result.sent
                 failed += result.failed
-            return MeterRun(closed=closed, sent=sent, failed=failed)
+                expired += result.expired
+            return MeterRun(closed=closed, sent=sent, failed=failed, expired=expired)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", METER_LOCK_KEY)
 
 
 __all__ = [
     "EVENT_NAME_PREFIX",
+    "STRIPE_METER_WINDOW",
     "MeterEvent",
     "MeterRun",
     "MeterSender",
@@ -262,5 +328,6 @@ __all__ = [
     "meter_identifier",
     "meter_value",
     "record_meter_event",
+    "refusal_reason",
     "send_meter_events",
 ]

@@ -21,7 +21,8 @@ class UsageMetrics:
         )
         self.meter_events = Counter(
             "iotistic_usage_meter_events",
-            "Stripe meter events, by result (sent: accepted and recorded; failed: retried next run).",
+            "Stripe meter events, by result (sent: accepted and recorded; failed: refused, tried again by a"
+            " later run; expired: past Stripe's 35 days, given up, billed in no invoice).",
             ["result"],
             registry=registry,
         )

@@ -365,9 +365,15 @@ class UsageMetering:
             self.metrics.meter_events.labels("sent").inc(run.sent)
         if run.failed:
             self.metrics.meter_events.labels("failed").inc(run.failed)
-        if run.closed or run.sent or run.failed:
+        if run.expired:
+            self.metrics.meter_events.labels("expired").inc(run.expired)
+        if run.closed or run.sent or run.failed or run.expired:
             log.info(
-                "meter run: %d periods closed, %d events sent, %d failed", run.closed, run.sent, run.failed
+                "meter run: %d periods closed, %d events sent, %d failed, %d given up",
+                run.closed,
+                run.sent,
+                run.failed,
+                run.expired,
             )
         return run
 

@@ -4,11 +4,13 @@ WithinLimits on the Customer after a flush, and the usage viewer CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,15 +25,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.pool import connection
+from iotistic_billing.db.pool import Pool, connection, open_pool
 from iotistic_billing.settings import Settings
-from iotistic_billing.usage.metering import MeterEvent, MeterSender
+from iotistic_billing.usage.metering import MeterEvent, MeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.periods import BillingPeriod
-from iotistic_billing.usage.pricing import roll_up
+from iotistic_billing.usage.pricing import PeriodTotals, roll_up
 from iotistic_billing.usage.reports import Accepted, parse_reports
-from iotistic_billing.usage.rollups import roll_up_period
+from iotistic_billing.usage.rollups import compute_rollup, roll_up_period, save_rollup
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import period_samples, period_totals
 from iotistic_billing.webhook_server.app import create_app
@@ -535,6 +538,132 @@ async def test_a_refused_event_is_retried_by_the_next_run_and_the_others_are_not
     assert fixed.of(customer_id) == [(f"{customer_id}:20250301:api_calls", "10000")]
     assert len(await recorded(db_engine, customer_id)) == 5
     assert (await rollup_row(db_engine, customer_id, MARCH))["metered_at"] == NOW + timedelta(hours=1)
+
+
+@pytest.fixture
+async def meter_pool(postgres: EmbeddedPostgres) -> AsyncIterator[Pool]:
+    """A database of the test's own: a meter run takes every customer's periods, and a test of which
+    ones it takes must see no other test's."""
+    url = postgres.create_database(f"meter_{uuid.uuid4().hex[:12]}")
+    await asyncio.to_thread(migrate.upgrade, url)
+    pool = await open_pool(url)
+    yield pool
+    await pool.close()
+
+
+async def closed_period(pool: Pool, customer_id: str, period: BillingPeriod) -> None:
+    """A starter customer linked to Stripe, and its period with 2,500 API calls over the quota, closed
+    an hour after its end as the meter run closes it: one meter event owed."""
+    async with connection(pool) as conn:
+        await conn.execute(
+            "INSERT INTO customers"
+            " (customer_id, resource_name, email, company_name, plan, stripe_customer_id)"
+            " VALUES ($1, $2, 'ops@example.com', 'Metered Inc', 'starter', $3) ON CONFLICT DO NOTHING",
+            customer_id,
+            customer_id.replace("_", "-"),
+            f"cus_{customer_id[5:]}",
+        )
+        totals = PeriodTotals(period.start, period.end, api_calls=102_500, reports=1)
+        rollup = compute_rollup(customer_id, period, "starter", totals)
+        await save_rollup(conn, rollup, closed_at=period.end + timedelta(hours=1))
+
+
+class StripeLike:
+    """A sender that answers as Stripe would without a network: a meter event older than 35 days is
+    refused, and so is every event of the `refused` customers (say their meter was never created)."""
+
+    def __init__(self, now: datetime, refused: tuple[str, ...] = ()) -> None:
+        self.now = now
+        self.refused = refused
+        self.calls: list[str] = []
+        self.accepted: list[str] = []
+
+    async def __call__(self, event: MeterEvent) -> str:
+        self.calls.append(event.identifier)
+        if self.now.timestamp() - event.timestamp > 35 * 86400:
+            raise stripe.InvalidRequestError(
+                "Timestamp must be within the past 35 days", param="timestamp", http_status=400
+            )
+        if event.customer_id in self.refused:
+            raise stripe.InvalidRequestError(
+                "No active meter found for event_name iotistic_api_calls", param="event_name", http_status=400
+            )
+        self.accepted.append(event.identifier)
+        return event.identifier
+
+
+async def meter_state(pool: Pool, customer_id: str) -> list[tuple[datetime, bool, str | None]]:
+    """(period start, metered, what Stripe last refused) of each of the customer's periods."""
+    async with connection(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT period_start, metered_at IS NOT NULL AS metered, meter_refusal FROM usage_rollups"
+            " WHERE customer_id = $1 ORDER BY period_start",
+            customer_id,
+        )
+    return [(row["period_start"], row["metered"], row["meter_refusal"]) for row in rows]
+
+
+async def test_periods_stripe_keeps_refusing_do_not_starve_newer_periods(
+    meter_pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Customer A's two periods are refused by every run (its meter missing at Stripe, which an operator
+    can mend, so they are tried again); they came first in the work list, and filled it, so customer
+    B's newer period was never sent. Now B goes first, A's are tried again after it, and each refusal
+    is a warning once, not a stack trace every run."""
+    refused, newer = customer_id_for(unique_name("refused")), customer_id_for(unique_name("newer"))
+    # A checkout on March 15 cut A's calendar month short; B's periods are anchored on the 16th.
+    cut, anchored = at(2025, 3, 1), at(2025, 3, 15)
+    await closed_period(meter_pool, refused, BillingPeriod(cut, anchored))
+    await closed_period(meter_pool, refused, BillingPeriod(anchored, at(2025, 4, 15)))
+    await closed_period(meter_pool, newer, BillingPeriod(at(2025, 3, 16), at(2025, 4, 16)))
+    sender = StripeLike(NOW, refused=(refused,))
+
+    with caplog.at_level("DEBUG", logger="iotistic_billing.usage.metering"):
+        first = await send_meter_events(meter_pool, sender, NOW, close_grace=timedelta(hours=1), limit=2)
+        later = NOW + timedelta(hours=1)
+        second = await send_meter_events(meter_pool, sender, later, close_grace=timedelta(hours=1), limit=2)
+    assert (first.sent, first.failed, second.sent, second.failed) == (0, 2, 1, 1)
+    assert sender.accepted == [f"{newer}:20250316:api_calls"]
+    assert await meter_state(meter_pool, newer) == [(at(2025, 3, 16), True, None)]
+    refusal = "api_calls: HTTP 400: No active meter found for event_name iotistic_api_calls"
+    assert await meter_state(meter_pool, refused) == [(cut, False, refusal), (anchored, False, refusal)]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and refused in r.getMessage()]
+    assert [r.getMessage() for r in warnings] == [
+        f"meter events of {refused}, period {start} .. {end}, refused: {refusal};"
+        " tried again by later runs until Stripe's 35 days have passed"
+        for start, end in (
+            ("2025-03-01T00:00:00+00:00", "2025-03-15T00:00:00+00:00"),
+            ("2025-03-15T00:00:00+00:00", "2025-04-15T00:00:00+00:00"),
+        )
+    ]
+    assert all(r.exc_info is None for r in warnings)
+
+
+async def test_a_period_past_stripes_35_days_is_given_up_once_and_said_so(
+    meter_pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """STRIPE_SECRET_KEY was unset for weeks, so the periods closed meanwhile were never sent. Once
+    Stripe is there, one within its 35 days is sent; one past them, which Stripe would refuse on every
+    run for good, is not sent but ends metered, with what was not billed, and is a warning once."""
+    stale, recent = customer_id_for(unique_name("stale")), customer_id_for(unique_name("recent"))
+    await closed_period(meter_pool, stale, BillingPeriod(at(2025, 2, 1), at(2025, 3, 1)))
+    await closed_period(meter_pool, recent, BillingPeriod(at(2025, 3, 5), at(2025, 4, 5)))
+    now = at(2025, 4, 6)  # March 1 is 36 days ago
+    sender = StripeLike(now)
+
+    with caplog.at_level("DEBUG", logger="iotistic_billing.usage.metering"):
+        run = await send_meter_events(meter_pool, sender, now, close_grace=timedelta(hours=1))
+        later = now + timedelta(hours=1)
+        again = await send_meter_events(meter_pool, sender, later, close_grace=timedelta(hours=1))
+    assert sender.calls == sender.accepted == [f"{recent}:20250305:api_calls"]
+    given_up = "past Stripe's 35 days, not billed: api_calls"
+    assert await meter_state(meter_pool, stale) == [(at(2025, 2, 1), True, given_up)]
+    assert [r.getMessage() for r in caplog.records if stale in r.getMessage()] == [
+        f"meter events of {stale}, period 2025-02-01T00:00:00+00:00 .. 2025-03-01T00:00:00+00:00,"
+        f" given up: {given_up}"
+    ]
+    assert (run.sent, run.failed, run.expired) == (1, 0, 1)
+    assert (again.sent, again.failed, again.expired) == (0, 0, 0)
 
 
 async def test_trials_and_customers_without_stripe_send_nothing(

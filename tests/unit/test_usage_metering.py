@@ -69,6 +69,14 @@ def test_a_closed_period_owes_one_event_per_metric_over_its_quota() -> None:
     }
 
 
+def test_stripe_takes_a_periods_events_until_35_days_after_its_last_second() -> None:
+    (event,) = meter_events_for("cust_abc123", "cus_Q1", BillingPeriod(START, END), {"devices": Decimal(3)})
+    last_second = END - timedelta(seconds=1)
+    assert not event.past_stripe_window(END + timedelta(hours=1))
+    assert not event.past_stripe_window(last_second + timedelta(days=35))
+    assert event.past_stripe_window(last_second + timedelta(days=35, seconds=1))
+
+
 def test_rollup_json_keeps_decimals_exact_as_strings() -> None:
     totals = PeriodTotals(START, END, peak_devices=13, storage_gb_months=Decimal("7.5"), reports=2)
     rollup = compute_rollup("cust_abc123", BillingPeriod(START, END), "starter", totals)
