@@ -72,6 +72,8 @@ SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
 SECRET_KEY_NOT_FOUND: Final = "SecretKeyNotFound"  # noqa: S105
 INVALID_SECRET: Final = "InvalidSecret"  # noqa: S105
 INVALID_WEBHOOK_URL: Final = "InvalidWebhookUrl"
+# Why the housekeeping ran a pass: the Secret a webhook's secretRef names no longer holds what was copied.
+WEBHOOK_SECRET_CHANGED: Final = "WebhookSecretChanged"  # noqa: S105
 
 # Event reasons of a deletion (the finalizer, handlers.delete_customer): done, and a step that failed.
 DELETED: Final = "Deleted"

@@ -17,6 +17,7 @@ from iotistic_billing.customer import (
     PLURAL,
     RECONCILE_REQUESTED_AT,
     VERSION,
+    ConditionType,
     Customer,
     InvalidSpecError,
     customer_id_in_use,
@@ -41,6 +42,7 @@ from iotistic_billing.operator.watches import (
     RETRY_SECONDS,
     LoopFollower,
 )
+from iotistic_billing.operator.webhook_secret import WEBHOOK_SECRET_CHECK, webhook_secret_changed
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
 from iotistic_billing.workers import backoff, nap
 
@@ -214,10 +216,31 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     due = housekeeping_due(customer.spec, customer.status, created, now, restricted_for)
     if due is None and stalled_on_namespace(customer.status):
         due = await _taken_namespace_freed(ctx, name, customer.metadata.uid or "")
+    if due is None and await _webhook_secret_changed(ctx, customer, now):
+        due = c.WEBHOOK_SECRET_CHANGED
     HOUSEKEEPING_CHECKS.labels(due or "nothing").inc()
     if due:
         # A pass the check started finishes even when Kopf stops the daemon meanwhile.
         await asyncio.shield(_refresh(ctx, name))
+
+
+async def _webhook_secret_changed(ctx: OperatorContext, customer: Customer, now: datetime) -> bool:
+    """Whether a Customer whose webhook is signed (NotificationsReady True; a False one is looked at
+    every check by housekeeping_due) has had its secretRef's Secret rotated since the copy, looked at
+    once every WEBHOOK_SECRET_CHECK."""
+    ready = customer.status.condition(ConditionType.NOTIFICATIONS_READY)
+    uid = customer.metadata.uid or ""
+    if customer.spec.notifications.webhook is None or ready is None or ready.status != "True":
+        return False
+    last = ctx.webhook_secrets_checked.setdefault(uid, now)
+    if now - last < WEBHOOK_SECRET_CHECK:
+        return False
+    ctx.webhook_secrets_checked[uid] = now
+    try:
+        return await webhook_secret_changed(ctx, customer.spec, namespace_for(customer.metadata.name or ""))
+    except Exception as error:  # the API server away: the next check looks
+        log.warning("webhook Secret of Customer %s not read: %s", customer.metadata.name, error)
+        return False
 
 
 async def _taken_namespace_freed(ctx: OperatorContext, name: str, uid: str) -> str | None:
@@ -258,6 +281,7 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, uid: 
     finally:
         if ctx.housekeepers.get(uid) is task:
             del ctx.housekeepers[uid]
+            ctx.webhook_secrets_checked.pop(uid, None)
 
 
 async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:

@@ -6,10 +6,13 @@ Customer is deleted, the copy is kept in the billing namespace for the webhooks 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
+    CustomerSpec,
     webhook_url_problem,
 )
 from iotistic_billing.operator import constants as c
@@ -20,6 +23,9 @@ from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.settings import webhook_secret_bytes
 
 FIELD = "spec.notifications.webhook.secretRef"
+# How often the housekeeping compares a webhook's Secret with its copy (Flux's default interval): a
+# rotated value is signed with within about that long, at two reads per Customer with a webhook.
+WEBHOOK_SECRET_CHECK = timedelta(minutes=10)
 
 
 async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> NotificationsOutcome | None:
@@ -70,6 +76,18 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     )
 
 
+async def webhook_secret_changed(ctx: OperatorContext, spec: CustomerSpec, namespace: str) -> bool:
+    """Whether the Secret the webhook's secretRef names no longer holds what its copy does (rotated,
+    or gone): no watch sees that Secret, so the housekeeping asks now and then (WEBHOOK_SECRET_CHECK)."""
+    webhook = spec.notifications.webhook
+    if webhook is None:
+        return False
+    source = await ctx.kube.read_secret_data(namespace, webhook.secret_ref.name)
+    copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
+    value = source.data.get(webhook.secret_ref.key) if source is not None else None
+    return value is None or copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value
+
+
 async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, namespace: str) -> bool:
     """Before a deleted Customer's namespace goes, its copy of the signing secret is kept under its
     customer id in the billing namespace, so that its pending webhooks (the `license.revoked` just
@@ -89,4 +107,4 @@ async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, namespace:
     return True
 
 
-__all__ = ["ensure_webhook_secret", "keep_webhook_secret"]
+__all__ = ["WEBHOOK_SECRET_CHECK", "ensure_webhook_secret", "keep_webhook_secret", "webhook_secret_changed"]
