@@ -248,14 +248,18 @@ def decide(
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
         if blocking:
             return tick.wait(blocking)
-    # Moved by this rollout and no longer selected (relabelled, or a plan that changed by itself: a trial
-    # that ended, a suspension): still judged while its step runs, and returned by a rollback. One being
-    # deleted is not: it stays Ready False (Terminating) while its finalizer retries, and it goes anyway.
-    departed = [
+    # Moved by this rollout and held by no step: no longer selected (relabelled, or a plan that changed
+    # by itself: a trial that ended, a suspension), or selected and left out of every step (a percentage
+    # shrunk with the fleet and no `rest` after it, steps edited away): still judged while its step
+    # runs, and returned by a rollback. One being deleted or pinned is not: the rollout lets it go (a
+    # deleted one stays Ready False, Terminating, while its finalizer retries; a pin is Git's word).
+    in_steps = {m.name for group in groups for m in group}
+    departed = [m for m in members if m.name not in in_steps and m.rollout == rollout.name] + [
         member(c, spec.chart_version, now, timeout)
         for c in customers
         if not selects(spec, c)
         and not c["metadata"].get("deletionTimestamp")
+        and not ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
         and (c["metadata"].get("annotations") or {}).get(ROLLOUT_NAME) == rollout.name
     ]
     return tick.run(groups, len(members), _held(rollout, members, others), departed)
@@ -358,8 +362,8 @@ class _Tick:
     def _watched(self, groups: list[list[Member]], current: int, departed: list[Member]) -> list[Member]:
         """The Customers the current step waits for: its own; those of earlier steps left over (a canary
         created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
-        yet; and any this rollout moved since the step started, whichever step holds it now (a fleet
-        grown or shrunk moves the percentages' boundaries). Earlier steps' other Customers were healthy
+        yet; and any this rollout moved since the step started, whichever step holds it now, if any (a
+        fleet grown or shrunk moves the percentages' boundaries). Earlier steps' other Customers were healthy
         (or failed and counted) when their step ended and are not judged again."""
         started = (self.status.steps or [])[current].started_at
         since = started.replace(microsecond=0) if started else self.now  # updated-at has whole seconds
@@ -406,14 +410,17 @@ class _Tick:
             status.current_step = 1
             self.events.append(("Normal", "StepStarted", self._step_message(0, groups)))
         steps = self._steps(groups)
-        if current < len(steps) and steps[current].started_at is None:
-            steps[current].started_at = now
         everyone = [m for group in groups for m in group] + departed
-        if status.phase == RolloutPhase.ROLLING_BACK or current >= len(groups):
+        if status.phase == RolloutPhase.ROLLING_BACK:
             self._count(groups, total, [], current)
-            if status.phase == RolloutPhase.ROLLING_BACK:
-                return self._rolling_back(everyone)
-            return self._succeeded(groups)
+            return self._rolling_back(everyone)
+        if current >= len(groups):
+            # The running step was edited away: the last one left runs again, so the Customers moved
+            # since it started are judged before the rollout can succeed.
+            current = len(groups) - 1
+            status.current_step = current + 1
+        if steps[current].started_at is None:
+            steps[current].started_at = now
 
         watched = self._watched(groups, current, departed)
         self._record_failures(watched, current)
@@ -533,7 +540,11 @@ class _Tick:
             message = f"paused while rolling back after {names} failed: no Customer moves until resumed"
             return self._paused(RolloutPhase.ROLLING_BACK, message)
         self.moves += [back for back in backs if back is not None]
-        if self.moves or any(not _returned(m) for m in mine):
+        # Only Customers this run set (there, then back) are waited for: one an earlier run left on
+        # another version is not moved back, and would be waited for forever.
+        since = (self.status.started_at or self.now).replace(microsecond=0)  # updated-at: whole seconds
+        returning = [m for m in mine if m.moved_at is not None and m.moved_at >= since]
+        if self.moves or any(not _returned(m) for m in returning):
             self._progressing("RollingBack", f"rolling back after {names} failed", True)
             return self._decision()
         return self.finish(RolloutPhase.ROLLED_BACK, "RolledBack", f"rolled back after {names} failed")

@@ -45,7 +45,7 @@ from iotistic_billing.operator.conditions import (
 from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
 from iotistic_billing.operator.manifests import namespace_holder, owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, NamespaceRefused, PassOutcome, ReleaseOutcome
-from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_PREVIOUS_VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,16 +96,26 @@ def chart_target(
     version a rollout set, else the version the Customer already runs from the fleet, so a new
     INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up).
 
+    The annotation gives way to a version the Customer runs from the fleet that is neither it nor the
+    one the rollout moved it from (previous-chart-version): INSTANCE_CHART_UPGRADE=immediate installed
+    that one after the annotation, and leaving that mode moves nobody.
+
     The annotation is taken as it is: the release step refuses one that is no chart version
     (PassTarget.chart_problem), after the licence, so a bad annotation does not stop its renewal."""
     if pinned := customer.spec.instance.chart_version:
         return pinned, "Pinned"
     if immediate:
         return None, "Fleet"
-    if rollout := customer.metadata.annotations.get(ROLLOUT_CHART_VERSION):
+    rollout = customer.metadata.annotations.get(ROLLOUT_CHART_VERSION)
+    runs = previous.chart_version if previous is not None and previous.version_source == "Fleet" else None
+    # Without previous-chart-version (moved before it ran a version, or returned by a rollback) nothing
+    # says the fleet's version came later: the annotation applies.
+    moved_from = customer.metadata.annotations.get(ROLLOUT_PREVIOUS_VERSION)
+    overtaken = bool(runs and moved_from) and runs not in (rollout, moved_from)
+    if rollout and not overtaken:
         return rollout, "Rollout"
-    if previous is not None and previous.version_source == "Fleet" and previous.chart_version:
-        return previous.chart_version, "Fleet"
+    if runs:
+        return runs, "Fleet"
     return None, "Fleet"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from iotistic_billing.customer import Customer, ReleaseStatus, VersionSource
 from iotistic_billing.operator.rollout_plan import (
     Decision,
     OtherRollout,
@@ -19,6 +20,7 @@ from iotistic_billing.operator.rollout_plan import (
     member,
 )
 from iotistic_billing.operator.rollouts import settled
+from iotistic_billing.operator.state import chart_target
 from iotistic_billing.rollout import (
     ROLLOUT_ABORT,
     ROLLOUT_CHART_VERSION,
@@ -55,14 +57,18 @@ def customer(name: str, version: str = "1.0.0", index: int = 0, **spec: Any) -> 
 
 
 class Fleet:
-    """Customers, and an operator that installs the annotated version: `good` ones turn Ready; the
-    `bad` version never does; helm refuses any new version for the `broken` Customers (Stalled)."""
+    """Customers, and an operator that installs what operator.state.chart_target aims at (the pin, a
+    rollout's annotation, what it runs, else the fleet's `version`): `good` ones turn Ready; the `bad`
+    version never does; helm refuses any new version for the `broken` Customers (Stalled)."""
 
     def __init__(self, count: int, bad: str | None = None, broken: Collection[str] = ()) -> None:
         self.customers = {f"c{i:02}": customer(f"c{i:02}", index=i) for i in range(count)}
         self.bad = bad
         self.broken = set(broken)
         self.upgrades: dict[str, int] = {}
+        # INSTANCE_CHART_VERSION and INSTANCE_CHART_UPGRADE=immediate.
+        self.version = "1.0.0"
+        self.immediate = False
 
     def apply(self, decision: Decision) -> None:
         for move in decision.moves:
@@ -70,23 +76,36 @@ class Fleet:
             annotations.clear()
             annotations.update(move.annotations)
 
+    def aims(self, body: dict[str, Any]) -> tuple[str, VersionSource]:
+        """What a pass of the Customer installs (chart_target reads its pin and annotations alone)."""
+        instance = body["spec"].get("instance") or {}
+        model = Customer.model_validate(
+            {
+                "metadata": body["metadata"],
+                "spec": {"email": "a@b.cd", "companyName": "C", "instance": instance},
+            }
+        )
+        release = ReleaseStatus.model_validate(body["status"]["release"])
+        version, source = chart_target(model, release, self.immediate)
+        return version or self.version, source
+
     def operate(self) -> None:
-        """One pass of every Customer whose annotation asks for another version."""
+        """One pass of every Customer that aims at another version."""
         for name, body in self.customers.items():
-            wanted = body["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) or "1.0.0"
+            wanted, source = self.aims(body)
             release = body["status"]["release"]
             refused = name in self.broken and wanted != release["chartVersion"]
             if release["targetVersion"] == wanted and (release["chartVersion"] == wanted or refused):
                 continue
             self.upgrades[name] = self.upgrades.get(name, 0) + 1
             if refused:
-                release.update(targetVersion=wanted, versionSource="Rollout")
+                release.update(targetVersion=wanted, versionSource=source)
                 body["status"]["conditions"] = [
                     {"type": "Ready", "status": "False", "reason": "UpgradeFailed", "message": "boom"},
                     {"type": "Stalled", "status": "True", "reason": "UpgradeFailed", "message": "boom"},
                 ]
                 continue
-            release.update(chartVersion=wanted, targetVersion=wanted, versionSource="Rollout")
+            release.update(chartVersion=wanted, targetVersion=wanted, versionSource=source)
             ready = "False" if wanted == self.bad else "True"
             message = "api 0/1" if ready == "False" else ""
             body["status"]["conditions"] = [
@@ -122,8 +141,10 @@ def run(
     seconds: float = 1.0,
     operate_every: int = 1,
     before_tick: Callable[[int], None] = lambda i: None,
+    start: datetime = T0,
 ) -> tuple[RolloutStatus, list[Decision]]:
-    """Ticks of `seconds` each; the operator runs every `operate_every` ticks (upgrades take time)."""
+    """Ticks of `seconds` each from `start`; the operator runs every `operate_every` ticks (upgrades
+    take time)."""
     status, decisions = RolloutStatus(), []
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     for i in range(ticks):
@@ -134,7 +155,7 @@ def run(
             status,
             list(fleet.customers.values()),
             [],
-            T0 + timedelta(seconds=i * seconds),
+            start + timedelta(seconds=i * seconds),
         )
         decisions.append(decision)
         fleet.apply(decision)
@@ -424,6 +445,35 @@ def test_a_customer_s_chart_version_pin_then_rollout_then_what_it_runs_then_the_
     # INSTANCE_CHART_UPGRADE=immediate: the setting for every unpinned Customer, rollouts ignored.
     assert chart_target(of({ROLLOUT_CHART_VERSION: "2.0.0"}), runs, immediate=True) == (None, "Fleet")
     assert chart_target(of({}, chartVersion="0.9.0"), runs, immediate=True) == ("0.9.0", "Pinned")
+
+
+def test_leaving_immediate_mode_keeps_the_version_each_customer_runs() -> None:
+    """Found in review: a rollout took the fleet to 2.0.0; INSTANCE_CHART_UPGRADE=immediate then moved
+    it to 3.0.0 from the fleet, the annotations left as they were; back in `rollout` mode every Customer
+    followed its old annotation down to 2.0.0 at once, with no step and no health gate."""
+    fleet = Fleet(3, bad="4.0.0")
+    done, _ = run(fleet, spec(steps=[{"rest": True}]))
+    assert done.phase == RolloutPhase.SUCCEEDED and fleet.on("2.0.0") == set(fleet.customers)
+    fleet.immediate, fleet.version = True, "3.0.0"
+    fleet.operate()
+    assert fleet.on("3.0.0") == set(fleet.customers)
+
+    fleet.immediate = False
+    fleet.upgrades.clear()
+    fleet.operate()
+
+    assert fleet.upgrades == {} and fleet.on("3.0.0") == set(fleet.customers)
+    assert {fleet.aims(body)[1] for body in fleet.customers.values()} == {"Fleet"}
+    # A rollout still moves them from there, and its rollback takes them back.
+    bad = spec(
+        chartVersion="4.0.0",
+        steps=[{"customers": ["c00"]}, {"rest": True}],
+        healthGate={"timeoutSeconds": 5},
+        onFailure="rollback",
+    )
+    status, _ = run(fleet, bad, start=T0 + timedelta(days=1))
+    assert status.phase == RolloutPhase.ROLLED_BACK and fleet.on("3.0.0") == set(fleet.customers)
+    assert fleet.upgrades == {"c00": 2}
 
 
 # ----- Customers left over from earlier steps -----
@@ -768,6 +818,98 @@ def test_a_customer_deleted_while_its_step_upgrades_it_is_no_longer_judged() -> 
     assert status.phase == RolloutPhase.SUCCEEDED and status.failures is None and status.failed == 0
     assert [i for i, d in enumerate(decisions) if any(m.customer == "c01" for m in d.moves)] == [0]
     assert fleet.on("2.0.0") == set(fleet.customers)
+
+
+def test_a_customer_pinned_while_its_step_runs_is_not_judged_nor_returned() -> None:
+    """Found in review: c00, moved in step 1, is pinned to 0.9.0 (spec.instance.chartVersion) while the
+    step bakes. It was still judged as the step's (HealthTimeout, not Ready on 2.0.0, failing the whole
+    rollout), and the rollback wrote its annotations and waited for it to run 1.0.0, for good."""
+    fleet = Fleet(6, broken={"c03"})
+
+    def pin_c00(tick: int) -> None:
+        if tick == 3:
+            fleet.customers["c00"]["spec"]["instance"] = {"chartVersion": "0.9.0"}
+
+    rollout_spec = spec(
+        steps=[{"customers": ["c00", "c01"], "bakeSeconds": 30}, {"rest": True}],
+        healthGate={"timeoutSeconds": 20},
+        onFailure="rollback",
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=200, before_tick=pin_c00)
+
+    assert [(f.customer, f.step) for f in status.failures or ()] == [("c03", 2)]
+    assert status.phase == RolloutPhase.ROLLED_BACK
+    assert [i for i, d in enumerate(decisions) if any(m.customer == "c00" for m in d.moves)] == [0]
+    assert fleet.on("0.9.0") == {"c00"} and fleet.on("1.0.0") == set(fleet.customers) - {"c00"}
+
+
+def leave_c00_on_1_5_0_from_an_earlier_run(fleet: Fleet) -> None:
+    """c00 set to 1.5.0 by this rollout's run before (a version helm refuses it: Stalled on it)."""
+    fleet.broken.add("c00")
+    fleet.customers["c00"]["metadata"]["annotations"].update(
+        {
+            ROLLOUT_CHART_VERSION: "1.5.0",
+            ROLLOUT_NAME: "r1",
+            ROLLOUT_UPDATED_AT: (T0 - timedelta(hours=1)).isoformat(timespec="seconds"),
+            ROLLOUT_PREVIOUS_VERSION: "1.0.0",
+        }
+    )
+    fleet.operate()
+
+
+@pytest.mark.parametrize("left", ["pinned", "by an earlier run"])
+def test_a_rollback_finishes_though_a_customer_it_cannot_move_never_returns(left: str) -> None:
+    """Found in review: RollingBack waited for every Customer whose annotation names the rollout to run
+    the annotated version, also for one it does not move back: pinned (to a version other than the one
+    before), or left on another version by an earlier run. It never ended, and as a moving rollout it
+    kept every overlapping one Waiting."""
+    fleet = Fleet(4, broken={"c02"})
+
+    def pin_c00(tick: int) -> None:
+        if left == "pinned" and tick == 2:
+            fleet.customers["c00"]["spec"]["instance"] = {"chartVersion": "0.9.0"}
+
+    if left == "pinned":
+        steps: list[dict[str, Any]] = [{"customers": ["c00"]}, {"rest": True}]
+    else:
+        leave_c00_on_1_5_0_from_an_earlier_run(fleet)
+        steps = [{"customers": ["c01", "c02"]}, {"rest": True}]
+    status, _ = run(fleet, spec(steps=steps, onFailure="rollback"), ticks=30, before_tick=pin_c00)
+
+    assert status.phase == RolloutPhase.ROLLED_BACK, status.conditions
+    assert [f.customer for f in status.failures or ()] == ["c02"]
+    assert fleet.on("2.0.0") == set()
+    c00 = fleet.customers["c00"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION]
+    assert c00 == ("2.0.0" if left == "pinned" else "1.5.0")  # left alone
+
+
+@pytest.mark.parametrize("change", ["the fleet shrinks", "the steps are cut"])
+def test_a_customer_moved_then_left_out_of_every_step_is_still_judged(change: str) -> None:
+    """Found in review: step 2 (50%: c01-c05) moved c05, which helm refuses, and then no step held it:
+    two Customers it did not take were deleted (50% is c01-c04, and no `rest` step follows), or
+    spec.steps was edited down to fewer steps than the current one. c05 was neither judged nor rolled
+    back, and the rollout Succeeded with 0 failed."""
+    fleet = Fleet(10, broken={"c05"})
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"percent": 50, "maxParallel": 5}],
+        healthGate={"timeoutSeconds": 60, "maxFailures": 1},
+        onFailure="rollback",
+    )
+
+    def leave_c05_out(tick: int) -> None:
+        if fleet.customers["c05"]["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) != "2.0.0":
+            return
+        if change == "the fleet shrinks" and "c08" in fleet.customers:
+            del fleet.customers["c07"], fleet.customers["c08"]
+        if change == "the steps are cut":
+            rollout_spec.steps = rollout_spec.steps[:1]
+
+    status, _ = run(fleet, rollout_spec, ticks=100, before_tick=leave_c05_out)
+
+    assert status.phase == RolloutPhase.ROLLED_BACK, status.conditions
+    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "UpgradeFailed")]
+    assert status.failed == 1 and fleet.on("2.0.0") == set()
+    assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION] == "1.0.0"
 
 
 # ----- spec.paused holds a rollback too -----
