@@ -69,6 +69,9 @@ CUSTOMER_ID_PATTERN = r"^cust_[a-z0-9]{6,32}$"
 _UNICODE_SPACES = "\x0b\x1c-\x1f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 _EMAIL_PART = r"[^@\s" + _UNICODE_SPACES + "]+"
 EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
+# A character that is no space (searched for, as the API server does): a name of spaces alone would pass
+# the CRD and the model and then be refused by minting, which strips it, naming no field of the Customer.
+NOT_BLANK_PATTERN = r"[^\s" + _UNICODE_SPACES + "]"
 # metadata.name: the operator's namespace is customer-<name>, and a namespace name is a DNS label.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)
@@ -267,7 +270,7 @@ class SubscriptionSpec(CustomerModel):
 class CustomerSpec(CustomerModel):
     customer_id: CustomerId | None = None
     email: Annotated[str, Field(pattern=EMAIL_PATTERN, max_length=320)]
-    company_name: Annotated[str, Field(min_length=1, max_length=200)]
+    company_name: Annotated[str, Field(min_length=1, max_length=200, pattern=NOT_BLANK_PATTERN)]
     contact_name: Annotated[str, Field(max_length=200)] | None = None
     plan: PlanName = "trial"
     billing: BillingSpec = Field(default_factory=BillingSpec)
@@ -536,6 +539,8 @@ def _describe_error(error: ErrorDetails, model: type[BaseModel], prefix: str) ->
         return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == EMAIL_PATTERN:
         return f"{path} must be an email address (name@domain.tld, no spaces), got {got!r}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NOT_BLANK_PATTERN:
+        return f"{path} must not be blank, got {got!r}"
     if kind == "string_pattern_mismatch":
         return f"{path} must match {ctx.get('pattern')}, got {got!r}"
     if kind == "string_too_long":

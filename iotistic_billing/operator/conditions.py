@@ -92,7 +92,8 @@ def payment_condition(entitlement: Entitlement, stripe_billed: bool) -> Conditio
     step = entitlement.payment_step
     if step is None:
         return ConditionValue(ConditionType.PAYMENT_OVERDUE, False, c.PAYMENTS_CURRENT, "no payment overdue")
-    return ConditionValue(ConditionType.PAYMENT_OVERDUE, True, step, entitlement.message)
+    message = entitlement.payment_message or entitlement.message
+    return ConditionValue(ConditionType.PAYMENT_OVERDUE, True, step, message)
 
 
 def stalled(reason: str, message: str) -> list[ConditionValue]:

@@ -3,7 +3,7 @@ licence that changes it. The rule: docs/architecture.md, "Effective plan"."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -37,6 +37,8 @@ class Entitlement:
     # one comes; restricted: the plan's limits with the read-only features (no new devices, no exports).
     payment_step: str | None = None
     next_step_at: datetime | None = None
+    # What PaymentOverdue says of the step when `message` is about something else (a suspension's).
+    payment_message: str | None = None
     restricted: bool = False
 
 
@@ -69,14 +71,27 @@ def effective_plan(
     """The subscription's plan in stripe mode, spec.plan in manual mode; a lapsed trial or subscription
     and a suspension give the unlicensed feature set; an unpaid renewal walks the dunning ladder
     (`restricted_for`: DUNNING_RESTRICT_DAYS)."""
+    billed = _billed(spec, created_at, now, restricted_for)
     if spec.suspended:
+        # The dunning ladder goes on under it: PaymentOverdue keeps the subscription's step (a suspension
+        # said "no payment overdue", and its lifting posted the step again as new).
         return Entitlement(
             plan=UNLICENSED_PLAN_NAME,
             reason=c.SUSPENDED,
             message="suspended by an administrator",
             subscription_status="paused",
             suspended=True,
+            payment_step=billed.payment_step,
+            next_step_at=billed.next_step_at,
+            payment_message=billed.message if billed.payment_step is not None else None,
         )
+    return billed
+
+
+def _billed(
+    spec: CustomerSpec, created_at: datetime, now: datetime, restricted_for: timedelta
+) -> Entitlement:
+    """effective_plan without a suspension."""
     if spec.billing.mode == "manual":
         if spec.plan == "trial":
             return _trial(spec, created_at, now)
@@ -88,7 +103,12 @@ def effective_plan(
         )
 
     subscription = spec.subscription
-    if subscription is None or subscription.status in NEVER_PAID_STATUSES or subscription.plan is None:
+    if subscription is not None and subscription.status in NEVER_PAID_STATUSES:
+        # Said beside the trial: a Customer checking out again months after its trial, with nothing
+        # until the payment goes through, read as if only that old trial's end were the reason.
+        trial = _trial(spec, created_at, now)
+        return replace(trial, message=f"{trial.message}; Stripe subscription {subscription.status}")
+    if subscription is None or subscription.plan is None:
         return _trial(spec, created_at, now)
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):

@@ -178,7 +178,7 @@ async def ensure_license(
         previous.plan if previous else None,
         previous_suspended(annotations),
         target.entitlement,
-        previous_restricted=previous is not None and previous.features.get("canAddDevices") is False,
+        previous_restricted=previous is not None and _read_only(previous),
     )
     trial, subscription = _terms(target.entitlement)
     minted: MintedLicense = mint_license(
@@ -211,7 +211,7 @@ async def ensure_license(
         "reason": target.entitlement.reason,
     }
     async with ctx.sessions() as session, session.begin():
-        await _record(ctx, session, target, minted.record(), action, metadata)
+        await _record(ctx, session, target, minted.record(), action, metadata, replaced=previous)
         LICENSES_MINTED.labels(action).inc()
         await _record_usage_key(session, target.customer_id, target.name, usage_key)
         # The directory's mirror row: the Stripe inbox and usage metering then find a Customer made by
@@ -250,22 +250,30 @@ async def _record(
     record: LicenseRecord,
     action: str,
     metadata: dict[str, Any] | None = None,
+    replaced: LicenseRecord | None = None,
 ) -> None:
     """The history row of a licence, and in the same transaction the notice its action gives (so a
-    crash that loses the row loses the notice with it, and the pass that records it later sends it)."""
+    crash that loses the row loses the notice with it, and the pass that records it later sends it).
+    `replaced`: the licence it replaces (license_notice)."""
     await record_license(session, record, action, metadata)
-    notice = license_notice(target, record, action)
+    notice = license_notice(target, record, action, replaced)
     if notice is not None:
         await ctx.outbox.enqueue(session, notice, target.spec)
 
 
-def license_notice(target: PassTarget, record: LicenseRecord, action: str) -> Notice | None:
-    """Suspended, reinstated, or the end of the operator's own trial (docs/architecture.md, "Notices")."""
+def license_notice(
+    target: PassTarget, record: LicenseRecord, action: str, replaced: LicenseRecord | None = None
+) -> Notice | None:
+    """Suspended, reinstated, or the state the licence enters: the end of the operator's own trial, a
+    restriction or suspension of the dunning ladder (docs/architecture.md, "Notices"). `replaced`: the
+    licence this one replaces; None when there was none, or when it is not known (a licence recorded
+    after a crash): then the action alone says whether this licence entered its state."""
     about = {
         "customer_id": target.customer_id,
         "customer_name": target.name,
         "company": target.spec.company_name,
     }
+    entitlement = target.entitlement
     if action == "suspended":
         return license_changed(
             NoticeKind.LICENSE_SUSPENDED,
@@ -274,7 +282,7 @@ def license_notice(target: PassTarget, record: LicenseRecord, action: str) -> No
             plan=record.plan,
             reason="suspended by an administrator",
         )
-    if action == "reinstated":
+    if action == "reinstated" and not (entitlement.lapsed or entitlement.restricted):
         return license_changed(
             NoticeKind.LICENSE_REINSTATED,
             **about,
@@ -282,12 +290,16 @@ def license_notice(target: PassTarget, record: LicenseRecord, action: str) -> No
             plan=record.plan,
             reason=f"back on the {record.plan} plan",
         )
-    entitlement = target.entitlement
-    if entitlement.restricted and action == "downgraded" and entitlement.next_step_at is not None:
+    # A state's notice comes with the licence that enters it (a lower one, or the one lifting a
+    # suspension: the state may have come meanwhile), never with a renewal or a change within it.
+    entered = action in ("downgraded", "reinstated")
+    if entitlement.restricted and entitlement.next_step_at is not None:
+        if not entered or (replaced is not None and _read_only(replaced)):
+            return None
         return access_restricted(
             **about, jti=record.jti, plan=record.plan, suspended_at=entitlement.next_step_at
         )
-    if entitlement.payment_step == c.PAYMENT_SUSPENDED and action == "downgraded":
+    if entitlement.payment_step == c.PAYMENT_SUSPENDED and entered:
         return license_changed(
             NoticeKind.LICENSE_SUSPENDED,
             **about,
@@ -296,9 +308,19 @@ def license_notice(target: PassTarget, record: LicenseRecord, action: str) -> No
             reason=entitlement.message,
         )
     ends_at = entitlement.trial_ends_at
-    if entitlement.reason == c.TRIAL_EXPIRED and ends_at is not None:
+    if entitlement.reason != c.TRIAL_EXPIRED or ends_at is None:
+        return None
+    # The trial ends from the trial's licence: not from a paid one whose subscription went over to one
+    # never paid (the expired trial is then what is left), nor from a renewal months after.
+    from_trial = replaced is None or replaced.plan == "trial"
+    if action == "reinstated" or (action in ("generated", "downgraded") and from_trial):
         return trial_ended(**about, ends_at=ends_at)
     return None
+
+
+def _read_only(record: LicenseRecord) -> bool:
+    """Whether `record` is a restricted licence (licensing.plans.restricted)."""
+    return record.features.get("canAddDevices") is False
 
 
 def _readable(token: str | None) -> LicenseRecord | None:

@@ -7,6 +7,7 @@ agree, and a difference fails with its path (spec.trial.days: ...). Runs without
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -343,3 +344,15 @@ def test_subscription_says_who_writes_it(crd: dict[str, Any]) -> None:
 def test_phase_enum_is_the_phase_constants(crd: dict[str, Any]) -> None:
     phase = openapi_schema(crd)["properties"]["status"]["properties"]["phase"]
     assert phase["enum"] == [p.value for p in customer.Phase]
+
+
+@pytest.mark.parametrize("blank", ["  ", "\t\n", "\u00a0", "\u2003", "\x0b"])
+def test_kubectl_apply_refuses_a_blank_company_name_as_the_operator_does(
+    crd: dict[str, Any], blank: str
+) -> None:
+    # The API server searches for the pattern (Go's regexp, its \s ASCII alone), as re.search does here:
+    # the spaces beyond ASCII are spelled out, so a name the operator refuses is refused at apply too.
+    company = openapi_schema(crd)["properties"]["spec"]["properties"]["companyName"]
+    assert re.search(company["pattern"], blank) is None
+    assert re.search(company["pattern"].replace("\\s", "\t\n\f\r "), blank) is None
+    assert re.search(company["pattern"], "Acme Corp") is not None

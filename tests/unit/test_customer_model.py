@@ -200,6 +200,16 @@ def test_emails_with_any_whitespace_are_refused_alike_by_python_re_and_the_model
     ]
 
 
+@pytest.mark.parametrize("blank", ["  ", "\t", "\u00a0", "\u3000 ", "\x1c", "\ufeff"])
+def test_a_blank_company_name_is_an_invalid_spec_naming_the_field(blank: str) -> None:
+    """Found in review: "  " passed the model (and the CRD), and the licence minted from it was refused
+    as "customer.name must not be empty": a LicenseFailed stall naming no field of the Customer."""
+    with pytest.raises(InvalidSpecError) as raised:
+        parse_spec({"email": "a@b.io", "companyName": blank})
+    assert raised.value.problems == [f"spec.companyName must not be blank, got {blank!r}"]
+    assert spec_errors({"email": "a@b.io", "companyName": f"{blank}Acme{blank}"}) == []
+
+
 def test_unicode_addresses_stay_valid() -> None:
     assert spec_errors({"email": "jöhn@exämple.de", "companyName": "Acme"}) == []
 

@@ -17,11 +17,13 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     derived_customer_id,
 )
+from iotistic_billing.licensing.minting import LicenseRecord
+from iotistic_billing.notices.content import Notice, NoticeKind
 from iotistic_billing.operator import constants as c
-from iotistic_billing.operator.conditions import NoCondition
+from iotistic_billing.operator.conditions import NoCondition, subscription_condition
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
-from iotistic_billing.operator.license import previous_suspended
+from iotistic_billing.operator.license import license_notice, previous_suspended
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
@@ -610,13 +612,16 @@ def test_payment_overdue_says_the_step_for_stripe_billing_only() -> None:
     assert payment_condition(overdue, stripe_billed=False) == NoCondition("PaymentOverdue")
 
 
-def _pass_of(customer_spec: dict[str, Any], previous: CustomerStatus, outcome: PassOutcome) -> CustomerStatus:
+def _target_of(customer_spec: dict[str, Any], now: datetime = NOW) -> PassTarget:
     body = {
         "metadata": {"name": "acme", "uid": "u-1", "creationTimestamp": CREATED.isoformat()},
         "spec": {"email": "a@b.cd", "companyName": "x", **customer_spec},
     }
-    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
-    return next_status(previous, aimed, outcome, generation=2)
+    return pass_target(body, Customer.model_validate(body), "iotistic.cloud", now, ("0.1.0", "Fleet"))
+
+
+def _pass_of(customer_spec: dict[str, Any], previous: CustomerStatus, outcome: PassOutcome) -> CustomerStatus:
+    return next_status(previous, _target_of(customer_spec), outcome, generation=2)
 
 
 def test_a_customer_moved_to_manual_billing_loses_its_dunning_step_and_its_minutely_pass() -> None:
@@ -662,3 +667,117 @@ def test_a_requested_pass_says_which_request_it_answered() -> None:
     # Without a request the value stays what the last answered request left.
     assert answered_request(answered, {}).last_handled_reconcile_at == "2026-11-25T12:00:00Z"
     assert answered_request(stalled, {}).last_handled_reconcile_at is None
+
+
+def _past_due(failed_days_ago: int) -> dict[str, Any]:
+    overdue = subscription("past_due", plan="starter", period_end=NOW + timedelta(days=20))
+    overdue["pastDueSince"] = (NOW - timedelta(days=failed_days_ago)).isoformat()
+    return {"billing": {"mode": "stripe"}, "subscription": overdue}
+
+
+def _licence(plan: str, jti: str, restricted: bool = False) -> LicenseRecord:
+    return LicenseRecord(
+        customer_id="cust_acme0001",
+        plan=plan,
+        max_devices=5,
+        license_hash="0" * 64,
+        jti=jti,
+        kid="k1",
+        issued_at=NOW,
+        expires_at=NOW + timedelta(days=30),
+        features={"canAddDevices": not restricted},
+        limits={},
+    )
+
+
+def _notice_of(aimed: PassTarget, replaced: LicenseRecord, was_suspended: bool = False) -> Notice | None:
+    """The notice of the licence a pass aimed at `aimed` mints in place of `replaced`."""
+    entitlement = aimed.entitlement
+    action = license_action(
+        replaced.plan,
+        was_suspended,
+        entitlement,
+        previous_restricted=replaced.features["canAddDevices"] is False,
+    )
+    minted = _licence(entitlement.plan, "j-new", restricted=entitlement.restricted)
+    return license_notice(aimed, minted, action, replaced)
+
+
+def test_lifting_a_suspension_of_a_lapsed_or_restricted_customer_does_not_say_back_on_the_plan() -> None:
+    """Found in review: the lifting always said "reinstated: back on the unlicensed plan" (a trial that
+    ended during the suspension) or "back on the starter plan" (a restricted payment), and the trial's
+    end or the restriction was never said."""
+    held = _licence("unlicensed", "j-held")
+    # A manual trial whose end came while an administrator had it suspended.
+    ended = _notice_of(_target_of({"trial": {"days": 2}}), held, was_suspended=True)
+    assert ended is not None and ended.kind == NoticeKind.TRIAL_ENDED
+    # A Stripe customer suspended while its payment was overdue, and still restricted when lifted.
+    restricted = _notice_of(_target_of(_past_due(10)), held, was_suspended=True)
+    assert restricted is not None and restricted.kind == NoticeKind.ACCESS_RESTRICTED
+    # ... or lifted after the ladder suspended it too: the ladder's suspension, with its dates.
+    lapsed = _notice_of(_target_of(_past_due(25)), held, was_suspended=True)
+    assert lapsed is not None and lapsed.kind == NoticeKind.LICENSE_SUSPENDED
+    assert "payment failed" in lapsed.lines[1]
+    # A plan that is really back says so.
+    back = _notice_of(_target_of({"plan": "starter"}), held, was_suspended=True)
+    assert back is not None and back.kind == NoticeKind.LICENSE_REINSTATED
+    assert back.lines[1] == "your licence was reinstated: back on the starter plan."
+
+
+def test_a_renewal_or_a_new_incomplete_subscription_sends_no_trial_ended() -> None:
+    """Found in review: trial.ended followed the entitlement, not the licence's change: a customer who
+    subscribed during its trial, cancelled, and checked out again (the new subscription incomplete) got
+    "Your trial ended on <months ago>" with the renewal of its unlicensed licence."""
+    months_later = NOW + timedelta(days=200)
+    stripe = {"billing": {"mode": "stripe"}}
+    new_checkout = {**stripe, "subscription": {"status": "incomplete", "plan": "professional"}}
+    aimed = _target_of(new_checkout, now=months_later)
+    assert _notice_of(aimed, _licence("unlicensed", "j-lapsed")) is None
+    # Nor when its canceled subscription was handed over to the incomplete one at once.
+    assert _notice_of(aimed, _licence("starter", "j-paid")) is None
+    # The trial's own end says it once, from the trial licence; its renewals say nothing.
+    expired = _target_of({"trial": {"days": 2}})
+    ended = _notice_of(expired, _licence("trial", "j-trial"))
+    assert ended is not None and ended.kind == NoticeKind.TRIAL_ENDED
+    assert _notice_of(expired, _licence("unlicensed", "j-expired")) is None
+    # The status says what the customer has: an incomplete subscription, not only a months-old trial end.
+    assert "incomplete" in subscription_condition(aimed.entitlement).message
+
+
+def test_a_plan_change_while_restricted_sends_no_second_access_restricted() -> None:
+    restricted = _target_of(_past_due(10))
+    first = _notice_of(restricted, _licence("starter", "j-full"))
+    assert first is not None and first.kind == NoticeKind.ACCESS_RESTRICTED
+    # Moved from professional to starter while restricted: a downgrade, and no news about the access.
+    assert _notice_of(restricted, _licence("professional", "j-restricted", restricted=True)) is None
+
+
+def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> None:
+    """Found in review: a suspension hid the dunning ladder (PaymentOverdue False "no payment overdue",
+    a PaymentPaymentsCurrent Event), and its lifting posted PaymentRestricted again."""
+
+    def pass_of(customer_spec: dict[str, Any], previous: CustomerStatus) -> PassResult:
+        status = next_status(previous, _target_of(customer_spec), PassOutcome(), generation=2)
+        overdue = previous.condition("PaymentOverdue")
+        return PassResult(
+            status=status,
+            previous_phase=previous.phase,
+            previous_payment_step=overdue.reason if overdue is not None else None,
+        )
+
+    dunned = pass_of(_past_due(10), CustomerStatus())
+    restricted = dunned.status.condition("PaymentOverdue")
+    assert restricted is not None and (restricted.status, restricted.reason) == ("True", "Restricted")
+    suspended = pass_of({**_past_due(10), "suspended": True}, dunned.status)
+    assert suspended.status.phase == "Suspended"
+    overdue = suspended.status.condition("PaymentOverdue")
+    assert overdue is not None
+    assert (overdue.status, overdue.reason, overdue.message) == ("True", "Restricted", restricted.message)
+    assert [reason for _, reason, _ in suspended.events] == ["Suspended"]
+    lifted = pass_of(_past_due(10), suspended.status)
+    assert not [reason for _, reason, _ in lifted.events if reason.startswith("Payment")]
+    # The ladder goes on under the suspension: its next step is due as it would be without it.
+    later = NOW + timedelta(days=12)
+    assert (
+        housekeeping_due(spec(**_past_due(10), suspended=True), suspended.status, CREATED, later) is not None
+    )
