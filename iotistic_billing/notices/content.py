@@ -4,9 +4,10 @@ targets a Customer's spec and the platform's settings give it. docs/architecture
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -111,7 +112,9 @@ def plan_facts(plan_name: str) -> dict[str, Any]:
 def trial_ending(
     *, customer_id: str, customer_name: str, company: str, plan: str, ends_at: datetime, now: datetime
 ) -> Notice:
-    days = max(0, (ends_at - now).days)
+    # Days begun, as a calendar counts them: 2 days 23 hours left is "in 3 days", 5 hours "in 1 day".
+    days = max(0, math.ceil((ends_at - now) / timedelta(days=1)))
+    in_days = f"in {days} day" if days == 1 else f"in {days} days"
     return Notice(
         NoticeKind.TRIAL_ENDING,
         customer_id,
@@ -120,7 +123,7 @@ def trial_ending(
         subject=f"Your Iotistic trial ends on {_day(ends_at)}",
         lines=(
             f"Hello {company},",
-            f"your trial of the Iotistic platform ends on {_day(ends_at)}, in {days} days.",
+            f"your trial of the Iotistic platform ends on {_day(ends_at)}, {in_days}.",
             "Choose a plan before then to keep your devices connected and your data.",
         ),
         facts={"trial_ends_at": _iso(ends_at), "days_left": days, **plan_facts(plan)},

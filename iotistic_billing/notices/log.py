@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.db import models
+from iotistic_billing.notices.content import Channel, targets_for
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,43 @@ async def _with_deliveries(session: AsyncSession, notices: list[models.Notice]) 
     return [LoggedNotice(notice, by_notice.get(notice.id, [])) for notice in notices]
 
 
-async def resend(session: AsyncSession, notice_id: int, now: datetime) -> LoggedNotice | None:
-    """Every delivery of the notice pending again, due now, with its tries counted anew; the same
-    Message-ID and webhook-id, so a receiver that saw it can tell. None when there is no such notice."""
-    notice = await session.get(models.Notice, notice_id)
-    if notice is None:
-        return None
-    await session.execute(
-        update(models.NoticeDelivery)
-        .where(models.NoticeDelivery.notice_id == notice_id)
-        .values(status="pending", attempts=0, next_attempt_at=now, last_error=None)
+async def resend(
+    session: AsyncSession, notice: models.Notice, now: datetime, spec_now: CustomerSpec | None
+) -> LoggedNotice:
+    """The deliveries of the notice that did not arrive (dead, or pending) due now, their tries counted
+    anew, and those that arrived left alone; when every one arrived (a customer says it lost the notice),
+    all of them sent again. The same Message-ID and webhook-id, so a receiver that saw one can tell.
+
+    The customer's webhook goes to the URL its Customer names now (`spec_now`), as a dead one's URL may
+    have been fixed since; one whose Customer names no webhook any more is left as it is; with no
+    Customer (None: deleted) the stored URL stands."""
+    deliveries = list(
+        (
+            await session.scalars(
+                select(models.NoticeDelivery)
+                .where(models.NoticeDelivery.notice_id == notice.id)
+                .order_by(models.NoticeDelivery.id)
+                # A delivery a sender is sending is locked: its outcome decides whether it arrived.
+                .with_for_update()
+            )
+        ).all()
     )
-    return (await _with_deliveries(session, [notice]))[0]
+    webhook_now = None
+    if spec_now is not None:
+        webhook_now = next(
+            (t.target for t in targets_for(spec_now, None) if t.channel == Channel.WEBHOOK), None
+        )
+    undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
+    for delivery in undelivered or deliveries:
+        if delivery.channel == Channel.WEBHOOK and spec_now is not None:
+            if webhook_now is None:
+                continue  # the customer took its webhook away: no URL it still wants posted to
+            delivery.target = webhook_now
+        delivery.status = "pending"
+        delivery.attempts = 0
+        delivery.next_attempt_at = now
+        delivery.last_error = None
+    return LoggedNotice(notice, deliveries)
 
 
 __all__ = ["LoggedNotice", "recent_notices", "resend"]

@@ -11,6 +11,7 @@ from email.utils import format_datetime, parseaddr
 from functools import cache
 from typing import Any
 
+import idna
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 
@@ -48,6 +49,24 @@ def _context(notice: StoredNotice, message_id: str) -> dict[str, Any]:
     }
 
 
+def _mailable_address(address: str) -> str:
+    """`address` with its domain IDNA-encoded (`ops@bücher.example` -> `ops@xn--bcher-kva.example`): a
+    relay without SMTPUTF8 takes ASCII addresses only, and DNS knows the domain by that name. A local
+    part that is not ASCII still needs SMTPUTF8: it has no such spelling."""
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    try:
+        # As yarl encodes a webhook URL's host: IDNA 2008 (UTS 46), IDNA 2003 for what only it takes.
+        try:
+            encoded = idna.encode(domain, uts46=True).decode("ascii")
+        except UnicodeError:
+            encoded = domain.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise ValueError(f"cannot mail {address}: its domain is no name IDNA can encode ({error})") from None
+    return f"{local}@{encoded}"
+
+
 def email_message(
     notice: StoredNotice, *, sender: str, to: str, message_id: str, now: datetime
 ) -> EmailMessage:
@@ -56,7 +75,7 @@ def email_message(
     context = _context(notice, message_id)
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = to
+    message["To"] = _mailable_address(to)
     message["Subject"] = notice.subject
     message["Date"] = format_datetime(now.astimezone(UTC))
     domain = parseaddr(sender)[1].rpartition("@")[2] or "iotistic.cloud"

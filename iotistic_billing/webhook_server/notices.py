@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from iotistic_billing.db import models
 from iotistic_billing.errors import NotFound
 from iotistic_billing.notices.log import LoggedNotice, recent_notices, resend
-from iotistic_billing.webhook_server.context import CLOCK, NOTICES, SESSIONS
+from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, NOTICES, SESSIONS
 from iotistic_billing.webhook_server.messages import json_model, read_notice_id, read_query
 from iotistic_billing.webhook_server.schemas import DeliveryView, NoticeList, NoticeQuery, NoticeView
 
@@ -36,12 +37,18 @@ async def list_notices(request: web.Request) -> web.Response:
 
 
 async def resend_notice(request: web.Request) -> web.Response:
-    """Send every delivery of a notice again (a dead one, or one a customer says it lost)."""
+    """Send again what of a notice did not arrive (a dead delivery, a pending one), or all of it when all
+    arrived (a customer says it lost it); the customer's webhook to the URL its Customer names now."""
     notice_id = read_notice_id(request)
     async with request.app[SESSIONS]() as session, session.begin():
-        logged = await resend(session, notice_id, request.app[CLOCK]())
-    if logged is None:
-        raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
+        notice = await session.get(models.Notice, notice_id)
+        if notice is None:
+            raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
+        # The sender posts to the stored URL: a re-send takes the one the Customer names now (fixed since).
+        record = await request.app[DIRECTORY].by_customer_id(session, notice.customer_id)
+        logged = await resend(
+            session, notice, request.app[CLOCK](), record.customer.spec if record is not None else None
+        )
     request.app[NOTICES].wake()
     return json_model(_view(logged), status=202)
 

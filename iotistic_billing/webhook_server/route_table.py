@@ -302,7 +302,10 @@ ROUTES: Final[tuple[Route, ...]] = (
         "admin",
         {202: NoticeView},
         errors=(404,),
-        description="Every delivery of the notice is pending again, with the same Message-ID and webhook-id.",
+        description=(
+            "The deliveries that did not arrive (dead, pending) are due again, or all when all arrived;"
+            " the customer's webhook goes to its URL now; the same Message-ID and webhook-id."
+        ),
     ),
     # ----- operations: probes, metrics, this document -----
     Route(

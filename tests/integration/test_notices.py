@@ -48,8 +48,15 @@ from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.workers import Precedence
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
+from tests.integration.webhook_support import (  # noqa: F401 - fixtures
+    admin_headers,
+    running_app,
+    webhook_settings_fixture,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -223,6 +230,12 @@ async def deliveries(sessions: async_sessionmaker[AsyncSession], key: str) -> li
         return list(rows.all())
 
 
+async def notice_row(session: AsyncSession, key: str) -> models.Notice:
+    found = await session.scalar(select(models.Notice).where(models.Notice.key == key))
+    assert found is not None, key
+    return found
+
+
 def mails_to(mailpit: Mailpit, address: str) -> list[dict[str, Any]]:
     return mailpit.messages(f"to:{address}")
 
@@ -390,6 +403,7 @@ class SmtpTap:
         self._doomed: set[asyncio.StreamWriter] = set()  # clients whose next command breaks the connection
         self.last_words = b""  # what the server says then, before it closes
         self.refused: set[str] = set()  # recipients answered 550 in the server's stead
+        self.smtputf8 = True  # False: the server's EHLO answer offers no SMTPUTF8 (many relays do not)
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -452,6 +466,8 @@ class SmtpTap:
                     if self._refuses(data):
                         client_out.write(b"550 5.1.1 no such mailbox here\r\n")
                         continue
+                elif not self.smtputf8:
+                    data = re.sub(rb"(?m)^250([- ])SMTPUTF8\r$", rb"250\1XNOSMTPUTF8\r", data)
                 sink.write(data)
                 await sink.drain()
             client_out.close()
@@ -559,6 +575,32 @@ async def test_a_recipient_the_server_refuses_fails_its_delivery_alone_and_the_c
     assert outcome[f"finance@{name}.example"] == ("sent", None)
     assert tap.connections == 1
     assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
+
+
+async def test_an_idn_domain_is_mailed_as_punycode(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit, tap: SmtpTap
+) -> None:
+    """spec.email takes a domain in Unicode; a relay without SMTPUTF8 takes ASCII addresses only (aiosmtplib
+    refuses to send otherwise), so the domain goes IDNA-encoded, as DNS knows it. The log keeps the
+    address as the spec wrote it."""
+    tap.smtputf8 = False
+    name = unique_name("idn")
+    address, encoded = f"ops@bücher.{name}.example", f"ops@xn--bcher-kva.{name}.example"
+    notice = suspended_notice(name)
+    await enqueue(
+        sessions, Outbox(), notice, CustomerSpec.model_validate({"email": address, "companyName": "Bücher"})
+    )
+    one = sender(sessions, kube, Clock(), tap.smtp_url)
+    await one.start()
+    try:
+        assert await one.send_due() >= 1  # and what other tests left due on the shared database
+    finally:
+        await one.stop()
+    (delivery,) = await deliveries(sessions, notice.key)
+    assert (delivery.target, delivery.status, delivery.last_error) == (address, "sent", None)
+    assert len(tap.carrying({encoded})) == 1
+    (mail,) = mails_to(mailpit, encoded)
+    assert mail["Subject"] == "Your Iotistic licence is suspended"
 
 
 async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_without_the_allow_list(
@@ -786,13 +828,135 @@ async def test_a_dead_delivery_is_sent_again_on_request(
         async with sessions() as session:
             (logged,) = await recent_notices(session, customer_id=notice.customer_id, status="dead", limit=5)
         async with sessions() as session, session.begin():
-            assert await resend(session, logged.notice.id, clock()) is not None
+            await resend(session, logged.notice, clock(), spec)
         await one.send_due()
         (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "platform"]
         assert (webhook.status, webhook.attempts) == ("sent", 1)
         assert len(platform.seen) == 3 and len(set(platform.seen)) == 1
     finally:
         await one.stop()
+
+
+async def test_resend_leaves_sent_deliveries_alone(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """A customer's webhook died, its mails and the platform's webhook arrived: a re-send makes the dead
+    one due again and sends nothing that arrived a second time."""
+    from iotistic_billing.notices.log import resend
+
+    platform, customer = receivers
+    customer.fail = 1
+    name = unique_name("halfdead")
+    write_customer_secret(k8s_client, name)
+    notice, spec = suspended_notice(name), customer_spec(name, customer.url)
+    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    try:
+        await one.send_due()
+        before = {d.target: (d.status, d.attempts) for d in await deliveries(sessions, notice.key)}
+        assert before[customer.url] == ("dead", 1)
+        assert sorted(before.values()) == [("dead", 1)] + [("sent", 1)] * 3
+        async with sessions() as session, session.begin():
+            logged = await resend(session, await notice_row(session, notice.key), clock(), spec)
+        resent = {d.target: (d.status, d.attempts) for d in logged.deliveries}
+        assert resent == {**before, customer.url: ("pending", 0)}
+        await one.send_due()
+    finally:
+        await one.stop()
+    assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+    assert len(customer.seen) == 2 and len(set(customer.seen)) == 1  # the same webhook-id, on request
+    assert len(platform.seen) == 1
+    assert len(mails_to(mailpit, f"ops@{name}.example")) == 1
+    assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
+
+
+async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+) -> None:
+    """POST /api/notices/{id}/resend: a webhook that died at a URL the customer has fixed since goes to
+    the fixed one; once the customer took its webhook away, a re-send of the whole notice leaves it be."""
+    _, customer = receivers
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    name = unique_name("movedhook")
+    write_customer_secret(k8s_client, name)
+    gone = f"http://127.0.0.1:{free_port()}/gone"  # nothing listens: the first try is the last
+    spec = customer_spec(name, gone)
+    body = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    objects.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Customer",
+            "metadata": {"name": name},
+            "spec": {**body, "customerId": customer_id_of(name)},
+        },
+    )
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, spec)
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    # The app's own sender sends nothing (no inbox workers): this test's sender does, after each request.
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await one.send_due()
+            assert {d.target: d.status for d in await deliveries(sessions, notice.key)}[gone] == "dead"
+            fixed = {**body["notifications"]["webhook"], "url": customer.url}
+            objects.patch_cluster_custom_object(
+                GROUP, VERSION, PLURAL, name, {"spec": {"notifications": {"webhook": fixed}}}
+            )
+            async with sessions() as session:
+                resend_path = f"/api/notices/{(await notice_row(session, notice.key)).id}/resend"
+            answer = await api.post(resend_path, headers=admin_headers())
+            assert answer.status == 202, await answer.text()
+            assert shown(await answer.json()) == [
+                ("email", "sent", f"finance@{name}.example"),
+                ("email", "sent", f"ops@{name}.example"),
+                ("webhook", "pending", customer.url),  # the dead one alone, to the URL fixed since
+            ]
+            await one.send_due()
+            (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+            assert (webhook.target, webhook.status) == (customer.url, "sent")
+            assert len(customer.bodies) == 1 and not customer.refused
+
+            objects.patch_cluster_custom_object(
+                GROUP, VERSION, PLURAL, name, {"spec": {"notifications": {"webhook": None}}}
+            )
+            answer = await api.post(resend_path, headers=admin_headers())
+            assert answer.status == 202, await answer.text()
+            assert shown(await answer.json()) == [
+                ("email", "pending", f"finance@{name}.example"),
+                ("email", "pending", f"ops@{name}.example"),
+                ("webhook", "sent", customer.url),
+            ]
+            await one.send_due()
+    finally:
+        await one.stop()
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    assert {(d.status, d.attempts) for d in await deliveries(sessions, notice.key)} == {("sent", 1)}
+    for address in (f"ops@{name}.example", f"finance@{name}.example"):
+        assert len(mails_to(mailpit, address)) == 2  # all of it asked for again: the mails
+    assert len(customer.bodies) == 1  # not the webhook its customer took away
+
+
+def shown(notice: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A NoticeView's deliveries as (channel, status, target), sorted."""
+    return sorted((d["channel"], d["status"], d["target"]) for d in notice["deliveries"])
 
 
 async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_kept_secret_dropped(
@@ -881,7 +1045,7 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
 
     # Sent again on request, with nothing left to sign it: the reason is the deletion.
     async with sessions() as session, session.begin():
-        assert await resend(session, revoked.notice.id, clock()) is not None
+        await resend(session, revoked.notice, clock(), None)  # no Customer: the stored URL stands
     await one.send_due()
     (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
     assert webhook.status == "pending"
@@ -936,7 +1100,8 @@ async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_r
     (mail,) = mails_to(mailpit, f"ops@{name}.example")
     assert mail["Subject"].startswith("Your Iotistic trial ends on")
     (webhook,) = platform.bodies  # this test's receiver: one webhook in all
-    assert webhook["type"] == "trial.ending" and webhook["data"]["days_left"] == 2
+    # 2.5 days left: the third day has begun (notices/content.py counts days begun, as a calendar does).
+    assert webhook["type"] == "trial.ending" and webhook["data"]["days_left"] == 3
     assert len(platform.seen) == 1
     async with sessions() as session:
         notices = (

@@ -10,6 +10,7 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, cast
 
+import aiosmtplib.email
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -149,6 +150,29 @@ def test_the_mail_has_text_and_html_the_plan_s_facts_links_and_a_stable_message_
     assert '<a href="https://billing.stripe.com/p/login/test">' in html
 
 
+@pytest.mark.parametrize(
+    ("to", "envelope"),
+    [
+        ("ops@bücher.example", "ops@xn--bcher-kva.example"),
+        ("ops@mail.straße.de", "ops@mail.xn--strae-oqa.de"),  # IDNA 2008, as DNS has it: not strasse.de
+        ("ops@acme.example", "ops@acme.example"),
+        ("jörg@bücher.example", "jörg@xn--bcher-kva.example"),  # its local part still needs SMTPUTF8
+    ],
+)
+def test_the_mail_of_an_idn_domain_is_addressed_in_punycode(to: str, envelope: str) -> None:
+    """A relay without SMTPUTF8 takes an ASCII domain only: the To, and the RCPT aiosmtplib takes from it."""
+    mail = email_message(stored(), sender="billing@iotistic.example", to=to, message_id="msg_1", now=NOW)
+    assert mail["To"] == envelope
+    assert aiosmtplib.email.extract_recipients(mail) == [envelope]
+
+
+def test_a_mail_domain_idna_cannot_encode_is_an_error_naming_the_address() -> None:
+    with pytest.raises(ValueError, match=r"cannot mail ops@bücher\.\.example: its domain"):
+        email_message(
+            stored(), sender="billing@iotistic.example", to="ops@bücher..example", message_id="m", now=NOW
+        )
+
+
 def test_the_webhook_body_is_the_same_bytes_on_every_try_and_verifies_with_standardwebhooks() -> None:
     body = webhook_body(stored())
     assert body == webhook_body(stored())
@@ -240,6 +264,31 @@ def test_the_operator_notices_its_own_trials_only_within_the_notice_days() -> No
     assert not trial_ending_due(effective_plan(trial, created, ended), ended, 3)
     paying = spec(plan="starter")
     assert not trial_ending_due(effective_plan(paying, created, NOW), NOW, 30)
+
+
+@pytest.mark.parametrize(
+    ("left", "days", "said"),
+    [
+        (timedelta(days=3), 3, "in 3 days"),
+        (timedelta(days=2, hours=23, minutes=59), 3, "in 3 days"),  # just after TRIAL_NOTICE_DAYS=3's mark
+        (timedelta(days=2, hours=12), 3, "in 3 days"),
+        (timedelta(days=1, seconds=1), 2, "in 2 days"),
+        (timedelta(hours=23), 1, "in 1 day"),  # the last day: not "in 0 days"
+        (timedelta(minutes=1), 1, "in 1 day"),
+    ],
+)
+def test_trial_ending_counts_started_days(left: timedelta, days: int, said: str) -> None:
+    """`days_left` counts the days begun before the end, as a calendar does: 2 days 23 hours left is 3."""
+    notice = trial_ending(
+        customer_id="cust_acme01",
+        customer_name="acme",
+        company="Acme",
+        plan="trial",
+        ends_at=NOW + left,
+        now=NOW,
+    )
+    assert notice.facts["days_left"] == days
+    assert f"ends on {(NOW + left).strftime('%Y-%m-%d')}, {said}." in notice.lines[1]
 
 
 def record(subscription: dict[str, object] | None = None) -> CustomerRecord:
