@@ -88,7 +88,8 @@ async def recorded_license(
     session: AsyncSession, customer_id: str, jti: str
 ) -> tuple[LicenseRecord, bool] | None:
     """The customer's licence `jti` as the history recorded it, and whether it is revoked; None when the
-    history has no row of it."""
+    history has no row of it, or when a licence was reinstated after its last row (what happened to it
+    then is history, not the state a revoke's retry finds)."""
     rows = (
         await session.scalars(
             select(LicenseHistory)
@@ -97,6 +98,13 @@ async def recorded_license(
         )
     ).all()
     if not rows:
+        return None
+    reinstated = select(LicenseHistory.id).where(
+        LicenseHistory.customer_id == customer_id,
+        LicenseHistory.action == "reinstated",
+        LicenseHistory.id > rows[-1].id,
+    )
+    if await session.scalar(reinstated.limit(1)) is not None:
         return None
     return rows[0].record(), any(row.action == "revoked" for row in rows)
 

@@ -188,7 +188,8 @@ async def revoke_and_suspend(
     """A `revoked` row and its notice for the licence in force, and spec.suspended: true, in `session`'s
     transaction (see `revocation`). The licence in force is the one in the licence Secret, unless an
     earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
-    the history's record of its issue."""
+    the history's record of its issue. Both only while no licence was reinstated since: a Customer
+    resumed and suspended again is revoked anew."""
     customer_id = record.customer_id
     token = await license_token(app[KUBE], record.namespace, customer_id)
     if token is None:

@@ -339,3 +339,19 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
             )
         ).all()
     assert revoked == [first["jti"]] and len(notices) == 1 and first["jti"] in notices[0]
+
+    # Resumed, then suspended again (Git, kubectl): a revoke now is a new one, of the licence in force.
+    customers.kube.patch_customer(name, {"spec": {"suspended": False}})
+    await eventually(
+        lambda: (c := license_claims(customers, name, public_key)) and c["plan"] == "starter",
+        message="the licence back on its plan",
+    )
+    customers.kube.patch_customer(name, {"spec": {"suspended": True}})
+    suspended = await eventually(
+        lambda: (c := license_claims(customers, name, public_key)) and c["plan"] == "unlicensed" and c,
+        message="unlicensed again",
+    )
+    anew = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
+    body = await anew.json()
+    assert anew.status == 200, body
+    assert body["revoked_jti"] == suspended["jti"]
