@@ -74,9 +74,10 @@ class Subscription(Base):
     # The pastDueSince this row's state carries (spec.subscription's, when the Customer holds it): what a
     # lost batch of the Stripe inbox is decided again from (stripe_inbox.events.committed_subscription).
     past_due_since: Mapped[datetime | None]
-    # The `created` of the newest of the subscription's own events (not an invoice's; 0: none yet): a
-    # plan change delivered after a newer invoice still applies (stripe_inbox.events, migration 0010).
+    # The `created` of the newest of the subscription's own events, and of its invoices' (0: none yet):
+    # a plan change delivered after a newer invoice still applies (stripe_inbox.events, migration 0010).
     own_event_created: Mapped[int | None] = mapped_column(BigInteger)
+    invoice_event_created: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
 

@@ -374,6 +374,7 @@ async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dic
             stripe_created=row.stripe_created,
             past_due_since=row.past_due_since,
             own_event_created=row.own_event_created,
+            invoice_event_created=row.invoice_event_created,
         )
         for row in found
     }

@@ -434,9 +434,12 @@ class StoredSubscription:
     # When its payment first failed, while its status is overdue: the pastDueSince of the state the row
     # holds, kept here because a lost batch leaves the Customer's carrying that batch's outcome.
     past_due_since: datetime | None
-    # The `created` of the newest of the subscription's own events recorded (not an invoice's; 0: none
-    # yet; None: a row from before migration 0010, unknown): what a late own event is ordered against.
+    # The `created` of the newest of the subscription's own events recorded, and of the newest of its
+    # invoices' (0: none yet; None: a row from before migration 0010, unknown): a late own event is
+    # ordered against the first. The newest state is the newer of the two; a row an inbox from before
+    # 0010 moved on is not, and counts as unknown (`_own_event_under_invoices`).
     own_event_created: int | None = None
+    invoice_event_created: int | None = None
 
 
 def stored_after(
@@ -479,6 +482,7 @@ def stored_after(
             else _overdue_since(was_overdue, row.past_due_since if row else None, facts.status, created)
         ),
         own_event_created=own_created if own_created is not None else (row.own_event_created if row else 0),
+        invoice_event_created=created if facts.from_invoice else (row.invoice_event_created if row else 0),
     )
 
 
@@ -617,12 +621,15 @@ def _own_event_under_invoices(
     invoice applied first must not make the upgrade stale. Its facts are ordered at the row's newest
     time instead: its plan, period and cancellation apply; the status stays the invoice's newer one
     (but for Stripe's own `unpaid`, which an invoice's failure does not undo, as in
-    `_invoice_facts_over`). Endings keep their own rule (`decide`); a row from before migration 0010
-    does not know its own events' time, nor does a Customer ahead of its row (a lost batch): as before."""
+    `_invoice_facts_over`). Endings keep their own rule (`decide`); a row from before migration 0010,
+    or one an inbox from before it moved on since (its newest state is then neither time), does not
+    know its own events' time, nor does a Customer ahead of its row (a lost batch): as before."""
     if (
         facts.from_invoice
         or row is None
         or row.own_event_created is None
+        or row.invoice_event_created is None
+        or row.last_event_created != max(row.own_event_created, row.invoice_event_created)
         or created <= row.own_event_created
         or facts.status in ENDED_STATUSES
         or row.status in ENDED_STATUSES

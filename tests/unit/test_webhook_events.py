@@ -483,6 +483,7 @@ def row(subscription_id: str = "sub_1", **overrides: Any) -> dict[str, StoredSub
         "stripe_created": 10,
         "past_due_since": None,
         "own_event_created": 100,
+        "invoice_event_created": 0,
     }
     values.update(overrides)
     return {subscription_id: StoredSubscription(**values)}
@@ -519,6 +520,7 @@ def test_a_customer_s_events_coalesce_into_what_they_do_one_after_the_other() ->
         stripe_created=10,
         past_due_since=None,
         own_event_created=160,
+        invoice_event_created=0,
     )
 
 
@@ -770,3 +772,20 @@ def test_a_trial_will_end_delivered_after_the_trial_s_invoice_notices_nothing() 
         "customer.subscription.trial_will_end", obj, record, step.previous, step.decision, 1_060, None
     )
     assert notices == []
+
+
+def test_a_row_an_older_inbox_moved_on_keeps_a_late_own_event_stale() -> None:
+    """Found in review: during a rolling upgrade an inbox from before migration 0010 applied a downgrade
+    (at 300) and left the row's own_event_created at 150; a late upgrade (at 200) was then moved under
+    it and overwrote the plan Stripe bills. A row whose newest state is neither recorded time is
+    unknown: stale, as before 0010."""
+    older_inbox = row(plan="starter", last_event_created=300, own_event_created=150, invoice_event_created=0)
+    downgraded = current(plan="starter", last_event_created=300)
+    upgrade = SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END)
+    late = coalesce("cust_a", downgraded, older_inbox, [(upgrade, 200)])
+    assert [step.decision.action for step in late.steps if step.decision] == ["stale"]
+    assert late.subscription == downgraded
+    # Written by this inbox, the same row says its newest state was an invoice's: the upgrade applies.
+    invoiced = row(plan="starter", last_event_created=300, own_event_created=150, invoice_event_created=300)
+    moved = coalesce("cust_a", downgraded, invoiced, [(upgrade, 200)])
+    assert moved.subscription is not None and moved.subscription.plan == "professional"
