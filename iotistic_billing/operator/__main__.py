@@ -116,6 +116,8 @@ def main() -> int:
         )
         if settings.database_url is None:
             raise SettingsError("DATABASE_URL: required by the operator (make dev sets it in .dev/env)")
+        # Deployed, the pod's init container (python -m iotistic_billing.db.migrate) has migrated with no
+        # probe to bound it, and this finds nothing to do; started bare (make dev, the tests) it migrates.
         migrate.upgrade(settings.database_url)
         context = build_context(settings, settings.database_url)
     except SettingsError as error:

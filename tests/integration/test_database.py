@@ -325,8 +325,9 @@ def test_migration_0008_keeps_a_subscription_s_past_due_since_and_its_downgrade_
 
 
 async def test_an_upgrade_waits_for_one_running_elsewhere(postgres: EmbeddedPostgres) -> None:
-    """Found in review: operator shards and webhook-server replicas starting together each upgraded a
-    fresh database at once, and all but one crashed on the tables the first made. The upgrade waits
+    """Found in review: operator shards starting together (their init containers, or their processes
+    started bare) each upgraded a fresh database at once, and all but one crashed on the tables the
+    first made. The upgrade waits
     for the migration lock (held here as another process's upgrade holds it), then finds its work."""
     url = postgres.create_database(f"locked_{uuid.uuid4().hex[:10]}")
     engine = create_engine(url, pool_size=1)

@@ -1,11 +1,15 @@
 """What we ship for a cluster is valid Kubernetes: the chart's render (default values, and with
-monitoring) and the kustomize base pass the Kubernetes 1.36 schemas in strict mode, and the API server
-accepts every object in a server-side dry-run apply."""
+monitoring) and the kustomize base pass the Kubernetes 1.36 schemas in strict mode, the API server
+accepts every object in a server-side dry-run apply, and the operator pods' init container migrates a
+real database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,12 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
+from iotistic_billing.db import migrate
+from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine
 from iotistic_billing.devenv.controlplane import ControlPlane
 from tests.conftest import REPO, unique_name
 
@@ -161,3 +170,87 @@ def test_kustomize_base_objects_are_accepted_by_the_api_server(
 
     assert len(applied) == len(objects), applied
     assert all(line.endswith("serverside-applied (server dry run)") for line in applied), applied
+
+
+# ----- the operator's init container -----
+
+
+def init_command(helm: Path) -> list[str]:
+    """What the operator pod's init container runs: the image's ENTRYPOINT (python -m) and its args."""
+    objects = helm_template(helm, "iotistic-system")
+    operator = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")
+    )
+    [init] = operator["spec"]["template"]["spec"]["initContainers"]
+    return [sys.executable, "-m", *init["args"]]
+
+
+def run_with_database(argv: list[str], database_url: str | None) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def revision_of(database_url: str) -> str | None:
+    async def read() -> str | None:
+        engine = create_engine(database_url, pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                found = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+                return None if found is None else str(found)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def test_the_operator_s_init_container_migrates_a_database_then_finds_nothing_to_do(
+    helm_binary: Path, postgres: EmbeddedPostgres
+) -> None:
+    url = postgres.create_database(f"init_{uuid.uuid4().hex[:10]}")
+    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+    command = init_command(helm_binary)
+
+    first = run_with_database(command, url)
+    assert first.returncode == 0, first.stderr
+    assert revision_of(url) == head
+    assert f"to {head}" in first.stdout, first.stdout
+
+    again = run_with_database(command, url)
+    assert again.returncode == 0, again.stderr
+    assert f"at {head}" in again.stdout and "nothing to do" in again.stdout, again.stdout
+
+
+def test_the_operator_s_init_container_fails_with_what_went_wrong(
+    helm_binary: Path, postgres: EmbeddedPostgres
+) -> None:
+    """A failure is a non-zero exit (the pod does not start its operator) whose last line says why."""
+    command = init_command(helm_binary)
+
+    unset = run_with_database(command, None)
+    assert unset.returncode == 2 and "DATABASE_URL: required" in unset.stderr, unset.stderr
+
+    missing = run_with_database(command, postgres.database_url(f"missing_{uuid.uuid4().hex[:8]}"))
+    assert missing.returncode == 1, missing.stderr
+    last = missing.stderr.strip().splitlines()[-1]
+    assert "DATABASE_URL" in last and "does not exist" in last, missing.stderr
+
+    # A rollback to a version older than the database's: it says so instead of migrating.
+    newer = postgres.create_database(f"newer_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(newer)
+
+    async def stamp_unknown_revision() -> None:
+        engine = create_engine(newer, pool_size=1)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(stamp_unknown_revision())
+    unknown = run_with_database(command, newer)
+    assert unknown.returncode == 1, unknown.stderr
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert "9999" in last and "does not know" in last, unknown.stderr
+    assert revision_of(newer) == "9999"

@@ -28,18 +28,19 @@ from iotistic_billing.customer import (
     GROUP,
     KIND,
     LICENSE_SECRET_NAME,
+    NOTIFICATIONS_SECRET_NAME,
     PLURAL,
     VERSION,
 )
 from iotistic_billing.db.models import LicenseHistory
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane
-from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable, api_client
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.reconcile import reconcile
 from iotistic_billing.settings import load_settings
-from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
+from tests.conftest import REPO, OperatorProcess, eventually, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -448,6 +449,21 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
         assert "ConsoleSuspend" in reasons
 
         assert await kube.read_secret_data(namespace, LICENSE_SECRET_NAME) is None  # 404, not 403
+        # The notice sender's copy of a customer's signing secret: readable too.
+        assert await kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME) is None
+
+        # The console's rollout pages and actions: listed, and patched (404: no such rollout, not 403).
+        async def rollouts_listed() -> bool:
+            try:
+                await kube.list_rollouts()
+            except KubernetesUnavailable:  # 429 until the watch cache of a CRD nobody read yet is ready
+                return False
+            return True
+
+        assert await eventually(rollouts_listed, message="InstanceRollouts listed")
+        with pytest.raises(ApiException) as missing:
+            await kube.patch_rollout("rbac-none", {"spec": {"paused": True}}, FieldManager.CONSOLE)
+        assert missing.value.status == 404
         installed.core.create_namespace({"metadata": {"name": namespace}})
         installed.core.create_namespaced_secret(
             namespace,

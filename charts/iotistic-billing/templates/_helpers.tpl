@@ -110,17 +110,22 @@ securityContext:
   {{- include "iotistic-billing.podSecurityContext" . | nindent 2 }}
 {{- end -}}
 
+{{/* DATABASE_URL from its Secret: both components, and the operator pods' migrate init container. */}}
+{{- define "iotistic-billing.databaseEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secrets.database.name is required" .Values.secrets.database.name }}
+      key: {{ .Values.secrets.database.key }}
+{{- end -}}
+
 {{/* Environment both components read: settings, the database, the image's writable paths. */}}
 {{- define "iotistic-billing.commonEnv" -}}
 {{- $config := .Values.config -}}
 {{- if and $config.notices.platformWebhookUrl (not .Values.secrets.notices.name) -}}
 {{- fail "config.notices.platformWebhookUrl needs secrets.notices.name: the Secret whose key secrets.notices.platformWebhookSecretKey holds its signing secret (NOTIFY_WEBHOOK_SECRET)" -}}
 {{- end -}}
-- name: DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ required "secrets.database.name is required" .Values.secrets.database.name }}
-      key: {{ .Values.secrets.database.key }}
+{{ include "iotistic-billing.databaseEnv" . }}
 - name: BASE_DOMAIN
   value: {{ $config.baseDomain | quote }}
 - name: BILLING_URL

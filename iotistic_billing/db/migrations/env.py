@@ -21,8 +21,8 @@ def _run(connection: Connection) -> None:
         connection=connection, target_metadata=target_metadata, compare_type=True, include_name=compared
     )
     with context.begin_transaction():
-        # Operator shards and webhook-server replicas that start together each upgrade the database:
-        # one at a time, the later ones finding it at head (without it, all but one crashed).
+        # The operator shards' pods that start together each upgrade the database (their migrate init
+        # containers): one at a time, the later ones finding it at head (without it, all but one crashed).
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
