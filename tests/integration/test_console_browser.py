@@ -1,22 +1,28 @@
 """The admin console in a real browser (Debian's Chromium through Playwright), next to the running
 operator and the webhook server: what a person on the billing team sees and does. Screenshots of each
-page land in the test's temporary folder."""
+page land in the test's temporary folder. What the pages say of the records (usage, actions, notices,
+Stripe events) is read over HTTP against the real database."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.db.models import ConsoleAction, Notice, NoticeDelivery, StripeEvent
 from iotistic_billing.settings import Settings
+from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.webhook_server.security import API_KEY_HEADER
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.console_support import (
@@ -32,6 +38,8 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
     add_usage_key,
+    admin_headers,
+    api_fixture,
     customer_id_for,
     customers_fixture,
     deliver,
@@ -78,7 +86,8 @@ def customer_manifest(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def usage_report(customer_id: str, start: datetime, active_devices: int) -> dict[str, Any]:
+def usage_report(customer_id: str, start: datetime, active_devices: int, **counters: int) -> dict[str, Any]:
+    """An hour's report from `start`; `counters` replace the report's own."""
     return {
         "customer_id": customer_id,
         "instance_id": "prod-1",
@@ -96,6 +105,7 @@ def usage_report(customer_id: str, start: datetime, active_devices: int) -> dict
         "http_bytes_received": 400,
         "postgres_size_mb": 125.5,
         "postgres_row_count": 1000,
+        **counters,
     }
 
 
@@ -137,10 +147,16 @@ async def test_a_customer_applied_with_kubectl_appears_and_its_usage_is_charted(
         await page.click(f'#main a[href="/admin/customers/{name}"]')
         await page.wait_for_url(f"**/admin/customers/{name}")
         claims = page.locator("table.claims")
-        await expect(claims).to_contain_text("trial", timeout=30_000)
-        await expect(claims).to_contain_text("maxDevices")
         licence = (customers.get(name) or {})["status"]["license"]
-        await expect(claims).to_contain_text(licence["jti"])
+        await expect(claims).to_contain_text(licence["jti"], timeout=30_000)
+        await expect(claims).to_contain_text("maxDevices")
+        secret = customers.core.read_namespaced_secret("iotistic-license", f"customer-{name}")
+        token = base64.b64decode(secret.data["license.jwt"]).decode()
+        trial = jwt.decode(token, options={"verify_signature": False})["trial"]
+        assert trial["isTrialMode"] is True
+        # The trial claim's value, not the row's own label "trial".
+        trial_row = claims.locator("tr", has=page.locator("th", has_text=re.compile("^trial$")))
+        await expect(trial_row.locator("td")).to_have_text(f"isTrialMode: yes, endsAt: {trial['endsAt']}")
         devices = page.locator("svg.chart", has_text="Peak active devices")
         await expect(
             devices.locator("rect.bar title", has_text=f"{today.date().isoformat()}: 7 devices")
@@ -149,8 +165,8 @@ async def test_a_customer_applied_with_kubectl_appears_and_its_usage_is_charted(
         await expect(devices.locator("rect.bar title", has_text=f"{yesterday}: 4 devices")).to_have_count(1)
         await expect(page.locator(".overage")).to_have_text("$0.00")
         html = await page.content()
-        secret = customers.core.read_namespaced_secret("iotistic-license", f"customer-{name}")
-        assert secret.data["license.jwt"] not in html
+        # The JWT as the Secret holds it (its data is base64), whole or its signature alone.
+        assert token not in html and token.rsplit(".", 1)[1] not in html
         await page.screenshot(path=tmp_path / "customer.png", full_page=True)
 
         await page.click("nav >> text=Customers")
@@ -236,3 +252,186 @@ async def test_replaying_an_unmatched_event_applies_it_once_its_customer_exists(
     again = await post_form(console, f"/admin/stripe-events/{early['id']}/replay", {"csrf": csrf})
     assert again.status == 409
     assert await event_state(db_engine, early["id"]) == ("applied", 0)  # no failed try
+
+
+# ----- what the pages say of the records -----
+
+BAR = re.compile(r'<rect class="(bar[^"]*)"[^>]*><title>([^<]*)</title>')
+
+
+def chart_bars(page: str, title: str) -> list[tuple[str, str]]:
+    """(class, title) of every bar of the page's chart titled `title`."""
+    found = re.search(rf'<svg class="chart"[^>]*aria-label="{re.escape(title)}">.*?</svg>', page)
+    assert found, f"no chart {title!r} on the page"
+    return BAR.findall(found.group(0))
+
+
+async def test_period_charts_match_the_period_totals_when_the_period_starts_mid_day(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: for a period starting at 13:42 UTC, the traffic and API-call charts added the
+    reports of that day before 13:42 (the period before's) and read 11,500 MB over the 10 GB quota,
+    while the page said overage $0.00."""
+    name = unique_name("midday")
+    customer_id = customer_id_for(name)
+    yesterday = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    today = yesterday + timedelta(days=1)
+    period_start = yesterday.replace(hour=13, minute=42)
+    customers.create(
+        name,
+        customerId=customer_id,
+        plan="starter",
+        billing={"mode": "stripe"},
+        subscription={
+            "status": "active",
+            "plan": "starter",
+            "currentPeriodEnd": shift_months(period_start, 1).isoformat(),
+        },
+    )
+    key = await add_usage_key(db_engine, customer_id)
+    plain = {"mqtt_bytes_received": 0, "http_bytes_sent": 0, "http_bytes_received": 0}
+    # 12:00-13:00 counts in the period before; 13:00-14:00 ends in this one, so counts here whole.
+    for hour, megabytes, calls in ((12, 9_000, 90_000), (13, 1_000, 10_000), (20, 1_500, 15_000)):
+        report = usage_report(
+            customer_id,
+            yesterday.replace(hour=hour),
+            3,
+            mqtt_bytes_sent=megabytes * 1_000_000,
+            http_requests=calls,
+            **plain,
+        )
+        answer = await api.post("/api/usage/report", json=report, headers={API_KEY_HEADER: key})
+        assert answer.status == 202, await answer.text()
+
+    usage = await (await api.get(f"/api/usage/{customer_id}", headers=admin_headers())).json()
+    period = usage["billing_period"]
+    assert datetime.fromisoformat(period["period_start"]) == period_start
+    totals = period["totals"]
+    assert (totals["mqtt_bytes"] + totals["http_bytes"], totals["api_calls"]) == (2_500_000_000, 25_000)
+    await sign_in(api, ADMIN_TOKEN)
+    page = await (await api.get(f"/admin/customers/{name}")).text()
+    assert '<strong class="overage">$0.00</strong>' in page
+    first, second = f"{yesterday.date().isoformat()} from 13:42 UTC", today.date().isoformat()
+    # Every day of the period so far, the first from its start; the last is the period's totals.
+    assert chart_bars(page, "Traffic this period") == [
+        ("bar", f"{first}: 2,500 MB"),
+        ("bar", f"{second}: 2,500 MB"),
+    ]
+    assert chart_bars(page, "API calls this period") == [
+        ("bar", f"{first}: 25,000 calls"),
+        ("bar", f"{second}: 25,000 calls"),
+    ]
+
+
+async def test_console_actions_of_a_predecessor_are_not_shown(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: console actions name the Customer only, so a new Customer showed the actions
+    taken on a deleted one of the same name."""
+    name = unique_name("reborn")
+    created = customers.create(name, customerId=customer_id_for(name))
+    born = datetime.fromisoformat(created["metadata"]["creationTimestamp"])
+    # The predecessor's, recorded before this Customer was created.
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            ConsoleAction.__table__.insert().values(
+                at=born - timedelta(minutes=5),
+                role="admin",
+                action="suspend",
+                customer_name=name,
+                detail="suspended the deleted one",
+            )
+        )
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    assert (await post_form(api, f"/admin/customers/{name}/reconcile", {"csrf": csrf})).status == 303
+    page = await (await api.get(f"/admin/customers/{name}")).text()
+    actions = page.partition("<h3>Console actions</h3>")[2]
+    assert "reconcile requested at" in actions
+    assert "suspended the deleted one" not in actions
+
+
+NOTICE_COUNTS = re.compile(r"<li>pending (\d+)</li><li>dead (\d+)</li>")
+
+
+async def notice_counts(api: TestClient[Any, Any]) -> tuple[int, int]:
+    """The overview's Notices card: (pending, dead)."""
+    found = NOTICE_COUNTS.search(await (await api.get("/admin/?fragment=1")).text())
+    assert found, "no Notices card"
+    return int(found.group(1)), int(found.group(2))
+
+
+async def test_overview_counts_one_pending_notice_once(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: the Notices card counted deliveries, so one notice to email, the customer's
+    webhook and the platform read "pending 3"."""
+    await sign_in(api, ADMIN_TOKEN)
+    before = await notice_counts(api)
+    later = datetime.now(UTC) + timedelta(days=1)  # not due: no sender takes them meanwhile
+    notices = {
+        "waiting": ("pending", "pending", "pending"),
+        "given up": ("dead", "dead", "sent"),
+        "partly given up": ("pending", "dead", "sent"),
+    }
+    async with db_engine.begin() as connection:
+        for subject, states in notices.items():
+            notice_id = (
+                await connection.execute(
+                    Notice.__table__.insert()
+                    .values(
+                        key=random_id("test:"),
+                        kind="license.suspended",
+                        customer_id="cust_" + random_id("", 12),
+                        customer_name=unique_name("noticed"),
+                        subject=subject,
+                        facts={},
+                    )
+                    .returning(Notice.id)
+                )
+            ).scalar_one()
+            await connection.execute(
+                NoticeDelivery.__table__.insert(),
+                [
+                    {
+                        "notice_id": notice_id,
+                        "channel": channel,
+                        "target": f"{channel}-target",
+                        "message_id": random_id("msg-", 32),
+                        "status": state,
+                        "next_attempt_at": later,
+                    }
+                    for channel, state in zip(("email", "webhook", "platform"), states, strict=True)
+                ],
+            )
+    after = await notice_counts(api)
+    # A notice is pending while a delivery is, and dead once one is: the last one is both.
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+
+async def test_the_stripe_events_list_says_or_pages_past_200(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: the list stopped at 200 events, with no count and no way to older ones, while
+    the overview could say "unmatched 250"."""
+    event_type = f"test.paging.{random_id('', 12)}"
+    ids = [f"evt_{event_type[-12:]}_{index:03}" for index in range(250)]
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            StripeEvent.__table__.insert(),
+            [
+                {"event_id": event_id, "type": event_type, "created": index, "result": "unmatched"}
+                for index, event_id in enumerate(ids)
+            ],
+        )
+    await sign_in(api, ADMIN_TOKEN)
+    shown: list[str] = []
+    path = f"/admin/stripe-events?result=unmatched&type={event_type}"
+    while path:
+        page = await (await api.get(path)).text()
+        listed = re.findall(rf"<code>(evt_{event_type[-12:]}_\d+)</code>", page)
+        expected = f"250 events, page {len(shown) // 50 + 1} of 5"
+        assert expected in page, f"{path} lists {len(listed)} and does not say {expected!r}"
+        shown += listed
+        older = re.search(r'<a href="([^"]+)">older</a>', page)
+        path = "/admin/stripe-events" + older.group(1).replace("&amp;", "&") if older else ""
+    assert sorted(shown) == ids and len(shown) == 250

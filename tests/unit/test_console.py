@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 from xml.etree import ElementTree
 
@@ -20,8 +21,8 @@ from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
-from iotistic_billing.webhook_server.console.data import failing, gitops_manager
-from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin
+from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager
+from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin, usage_charts
 from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions
 from iotistic_billing.webhook_server.context import OPTIONS
 from iotistic_billing.webhook_server.options import ServerOptions
@@ -52,9 +53,59 @@ def test_a_chart_escapes_its_words() -> None:
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "a&amp;b" in svg
 
 
-def test_a_period_total_starts_at_the_period() -> None:
-    points = [(DAY - timedelta(days=1), 5.0), (DAY, 1.0), (DAY + timedelta(days=1), 2.0)]
-    assert running_total(points, DAY) == [(DAY, 1.0), (DAY + timedelta(days=1), 3.0)]
+def test_a_period_total_is_kept_on_every_day_of_the_period() -> None:
+    days = [DAY + timedelta(days=offset) for offset in range(4)]
+    points = [(DAY, 1.0), (DAY + timedelta(days=2), 2.0)]
+    assert running_total(points, days) == [(days[0], 1.0), (days[1], 1.0), (days[2], 3.0), (days[3], 3.0)]
+
+
+def bars(svg: str) -> list[tuple[str, str]]:
+    """(class, title) of every bar of a chart."""
+    root = ElementTree.fromstring(svg)  # noqa: S314 - our own SVG
+    return [
+        (bar.get("class", ""), bar.findtext("{http://www.w3.org/2000/svg}title", ""))
+        for bar in root.iter("{http://www.w3.org/2000/svg}rect")
+    ]
+
+
+def test_on_the_last_day_of_a_31_day_period_its_charts_still_start_at_its_first_day() -> None:
+    """Found in review: the period charts drew the 31-day window, which on a 31-day period's last day
+    no longer holds its first, and counted the first day from midnight."""
+    start = datetime(2026, 5, 15, 13, 42, tzinfo=UTC)  # May has 31 days: the period ends June 15, 13:42
+    now = datetime(2026, 6, 15, 9, 0, tzinfo=UTC)
+    window = [date(2026, 5, 16) + timedelta(days=offset) for offset in range(31)]
+    history = SimpleNamespace(
+        daily=[
+            SimpleNamespace(
+                date=day,
+                mqtt_bytes=0,
+                http_bytes=0,
+                http_requests=0,
+                peak_active_devices=1,
+                postgres_size_mb=None,
+                device_hours=0,
+            )
+            for day in window
+        ],
+        billing_period=SimpleNamespace(
+            period_start=start,
+            period_end=datetime(2026, 6, 15, 13, 42, tzinfo=UTC),
+            included=SimpleNamespace(devices=10, traffic_gb=1, storage_gb=1, api_calls=1000),
+        ),
+    )
+    counted = [
+        PeriodDay(date(2026, 5, 15), traffic_bytes=200_000_000, api_calls=900),
+        PeriodDay(date(2026, 6, 15), traffic_bytes=850_000_000, api_calls=50),
+    ]
+    traffic, calls = (bars(chart) for chart in usage_charts(history, counted, now)[1:3])
+    assert len(traffic) == len(calls) == 32  # May 15 to June 15
+    assert traffic[0] == ("bar", "2026-05-15 from 13:42 UTC: 200 MB")
+    assert traffic[1] == ("bar", "2026-05-16: 200 MB")
+    assert traffic[-1] == ("bar over", "2026-06-15: 1,050 MB")
+    assert (calls[0], calls[-1]) == (
+        ("bar", "2026-05-15 from 13:42 UTC: 900 calls"),
+        ("bar", "2026-06-15: 950 calls"),
+    )
 
 
 @pytest.mark.parametrize(

@@ -358,3 +358,26 @@ async def test_a_form_that_does_not_decode_is_400_naming_the_body(
     assert answer.status == 400, problem
     assert problem["details"][0]["field"] == "body" and problem["message"].startswith("body: ")
     assert console.kube.patches == []
+
+
+async def test_sign_in_through_an_untrusted_tls_proxy_says_to_set_trusted_proxies(console: Console) -> None:
+    """Found in review: behind a proxy that ends TLS and is not in TRUSTED_PROXIES, every form (sign-in
+    included) came from https:// while the server saw http://, and was refused saying only "(Origin)"."""
+    over_tls = console.origin.replace("http://", "https://")
+    answer = await console.client.post(
+        "/admin/login",
+        data={"token": ADMIN},
+        headers={"Origin": over_tls, "X-Forwarded-Proto": "https"},
+        allow_redirects=False,
+    )
+    problem = await answer.json()
+    assert answer.status == 403, problem
+    assert "TRUSTED_PROXIES" in problem["message"] and "X-Forwarded-Proto" in problem["message"], problem
+    assert "Set-Cookie" not in answer.headers
+    # Another site's page is refused as before, without the hint: the proxy is not its problem.
+    for other in ("https://evil.example", over_tls + ".evil.example"):
+        answer = await console.client.post(
+            "/admin/login", data={"token": ADMIN}, headers={"Origin": other}, allow_redirects=False
+        )
+        problem = await answer.json()
+        assert answer.status == 403 and "TRUSTED_PROXIES" not in problem["message"], problem

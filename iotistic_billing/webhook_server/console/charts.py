@@ -4,9 +4,10 @@ from elsewhere, and an SVG reads without a legend."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, time
 from html import escape
 
 WIDTH, HEIGHT = 600, 200
@@ -22,6 +23,15 @@ class Series:
     points: Sequence[tuple[date, float]]
     quota: float | None = None
     cumulative: bool = False  # a period's total so far (traffic, API calls), not a day's value
+    # Where the first bar's day starts when not at midnight UTC: a billing period that starts within it.
+    since: datetime | None = None
+
+
+def _day_label(series: Series, index: int, day: date) -> str:
+    since = series.since.astimezone(UTC) if series.since is not None else None
+    if index == 0 and since is not None and since.time() != time(0):
+        return f"{day.isoformat()} from {since:%H:%M} UTC"
+    return day.isoformat()
 
 
 def _number(value: float) -> str:
@@ -70,7 +80,7 @@ def svg_chart(series: Series) -> str:
         parts.append(
             f'<rect class="bar{" over" if over else ""}" x="{x:.1f}" y="{y(value):.1f}" '
             f'width="{bar:.1f}" height="{TOP + plot_height - y(value):.1f}">'
-            f"<title>{day.isoformat()}: {_number(value)} {escape(series.unit)}</title></rect>"
+            f"<title>{_day_label(series, index, day)}: {_number(value)} {escape(series.unit)}</title></rect>"
         )
     if series.points:
         first, last = series.points[0][0], series.points[-1][0]
@@ -92,13 +102,15 @@ def svg_chart(series: Series) -> str:
     return "".join(parts)
 
 
-def running_total(points: Sequence[tuple[date, float]], since: date) -> list[tuple[date, float]]:
-    """The total so far of each day from `since` (a billing period's start), days before it left out."""
-    total, result = 0.0, []
+def running_total(points: Sequence[tuple[date, float]], days: Sequence[date]) -> list[tuple[date, float]]:
+    """The total so far on each of `days` (a billing period's, in order): a day without a point keeps the
+    total; a point on another day is not the period's and is left out."""
+    by_day: defaultdict[date, float] = defaultdict(float)
     for day, value in points:
-        if day < since:
-            continue
-        total += value
+        by_day[day] += value
+    total, result = 0.0, []
+    for day in days:
+        total += by_day.get(day, 0.0)
         result.append((day, total))
     return result
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Date, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
+from iotistic_billing.usage.periods import INSTANT, BillingPeriod
+from iotistic_billing.usage.reports import earliest_start_reaching
 
 # The phases a person should look at first, and the condition that says why.
 FAILING_PHASES: Final = (Phase.FAILED, Phase.DEGRADED)
@@ -149,15 +151,18 @@ async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now
             )
         )
     ).one()
-    notices = dict(
-        (
-            await session.execute(
-                select(models.NoticeDelivery.status, func.count())
-                .where(models.NoticeDelivery.status.in_(("pending", "dead")))
-                .group_by(models.NoticeDelivery.status)
-            )
-        ).all()
-    )
+    # Notices, not deliveries (one notice goes to email, the customer's webhook and the platform): as
+    # GET /api/notices?status= lists them, a notice is pending while one of its deliveries is, and dead
+    # once one is, so one whose email died while its webhook is retried counts in both.
+    delivery = models.NoticeDelivery
+    notices = (
+        await session.execute(
+            select(
+                func.count(func.distinct(delivery.notice_id)).filter(delivery.status == "pending"),
+                func.count(func.distinct(delivery.notice_id)).filter(delivery.status == "dead"),
+            ).where(delivery.status.in_(("pending", "dead")))
+        )
+    ).one()
     return Overview(
         customers=len(records),
         phases=dict(Counter(phase_of(r) for r in records)),
@@ -167,8 +172,8 @@ async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now
         licences_expiring=[(name, expires) for expires, name in licences],
         reports_last_hour=int(reports[0]),
         customers_reporting=int(reports[1]),
-        notices_pending=int(notices.get("pending", 0)),
-        notices_dead=int(notices.get("dead", 0)),
+        notices_pending=int(notices[0]),
+        notices_dead=int(notices[1]),
     )
 
 
@@ -207,19 +212,49 @@ def gitops_manager(body: dict[str, Any]) -> str | None:
     return None
 
 
-async def stripe_events(
-    session: AsyncSession, *, result: str = "", event_type: str = "", customer_id: str = "", limit: int = 100
-) -> list[models.StripeEvent]:
-    query = select(models.StripeEvent).order_by(models.StripeEvent.received_at.desc()).limit(limit)
+def _stripe_event_filters(result: str, event_type: str, customer_id: str) -> list[ColumnElement[bool]]:
+    event = models.StripeEvent
+    filters = []
     if result == "failed":
-        query = query.where(models.StripeEvent.result == "pending", models.StripeEvent.attempts > 0)
+        filters += [event.result == "pending", event.attempts > 0]
     elif result:
-        query = query.where(models.StripeEvent.result == result)
+        filters.append(event.result == result)
     if event_type:
-        query = query.where(models.StripeEvent.type == event_type)
+        filters.append(event.type == event_type)
     if customer_id:
-        query = query.where(models.StripeEvent.customer_id == customer_id)
+        filters.append(event.customer_id == customer_id)
+    return filters
+
+
+async def stripe_events(
+    session: AsyncSession,
+    *,
+    result: str = "",
+    event_type: str = "",
+    customer_id: str = "",
+    limit: int = 100,
+    offset: int = 0,
+) -> list[models.StripeEvent]:
+    """The newest first; the event id orders those received together (one transaction), so that a page
+    of them and the next one neither repeat nor skip an event."""
+    event = models.StripeEvent
+    query = (
+        select(event)
+        .where(*_stripe_event_filters(result, event_type, customer_id))
+        .order_by(event.received_at.desc(), event.event_id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
     return list((await session.scalars(query)).all())
+
+
+async def count_stripe_events(
+    session: AsyncSession, *, result: str = "", event_type: str = "", customer_id: str = ""
+) -> int:
+    query = select(func.count()).select_from(models.StripeEvent)
+    return int(
+        await session.scalar(query.where(*_stripe_event_filters(result, event_type, customer_id))) or 0
+    )
 
 
 async def event_types(session: AsyncSession) -> list[str]:
@@ -233,12 +268,55 @@ async def event_types(session: AsyncSession) -> list[str]:
 
 
 async def audit(
-    session: AsyncSession, customer_name: str | None = None, limit: int = 50
+    session: AsyncSession, customer_name: str | None = None, since: datetime | None = None, limit: int = 50
 ) -> list[models.ConsoleAction]:
+    """The newest actions first; `since`: none before it. A row names its Customer only, so a Customer's
+    page passes its creationTimestamp: what came before was done to a deleted one of the same name."""
     query = select(models.ConsoleAction).order_by(models.ConsoleAction.id.desc()).limit(limit)
     if customer_name is not None:
         query = query.where(models.ConsoleAction.customer_name == customer_name)
+    if since is not None:
+        query = query.where(models.ConsoleAction.at >= since)
     return list((await session.scalars(query)).all())
+
+
+@dataclass(frozen=True)
+class PeriodDay:
+    """What a billing period counted on one UTC day: traffic (bytes sent and received) and API calls."""
+
+    day: date
+    traffic_bytes: int
+    api_calls: int
+
+
+async def period_days(session: AsyncSession, customer_id: str, period: BillingPeriod) -> list[PeriodDay]:
+    """The period's counters by the UTC day they count on, adding up to its totals: as PERIOD_SUMS
+    (usage.store) counts a report in the period it ends in (start < period_end <= end), here on the day
+    of its end (one ending at midnight, the day before). By the day a report starts (the API's daily
+    series), the first day held the period before's reports of that day."""
+    report = models.UsageReport
+    day = cast(func.timezone("UTC", report.period_end - INSTANT), Date).label("day")
+    rows = await session.execute(
+        select(
+            day,
+            func.sum(report.mqtt_bytes_sent)
+            + func.sum(report.mqtt_bytes_received)
+            + func.sum(report.http_bytes_sent)
+            + func.sum(report.http_bytes_received),
+            func.sum(report.http_requests),
+        )
+        .where(
+            report.customer_id == customer_id,
+            # The partition key's bound, as PERIOD_SUMS: the months before it are not read.
+            report.period_start >= earliest_start_reaching(period.start),
+            report.period_start < period.end,
+            report.period_end > period.start,
+            report.period_end <= period.end,
+        )
+        .group_by(day)
+        .order_by(day)
+    )
+    return [PeriodDay(row[0], int(row[1]), int(row[2])) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -314,15 +392,18 @@ __all__ = [
     "FailingCustomer",
     "InboxStats",
     "Overview",
+    "PeriodDay",
     "RolloutStepView",
     "RolloutView",
     "audit",
+    "count_stripe_events",
     "event_types",
     "failing",
     "gitops_manager",
     "inbox_stats",
     "matching",
     "overview",
+    "period_days",
     "phase_of",
     "record_action",
     "rollout_views",

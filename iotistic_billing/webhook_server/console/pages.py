@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -35,6 +35,7 @@ from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
+from iotistic_billing.usage.periods import INSTANT, BillingPeriod, utc_days
 from iotistic_billing.webhook_server.console import data
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
 from iotistic_billing.webhook_server.console.session import COOKIE, LIFETIME_SECONDS, ConsoleSession, Sessions
@@ -279,12 +280,14 @@ async def _record(request: web.Request) -> CustomerRecord:
     return record
 
 
-def usage_charts(history: Any) -> list[str]:
-    """One SVG per metric: a day's value against the plan's quota (the period's so far, where the quota
-    is the period's)."""
+def usage_charts(history: Any, counted: Sequence[data.PeriodDay], now: datetime) -> list[str]:
+    """One SVG per metric. A day's values (peak devices, database size, device-hours) over the 31 days'
+    window; the period's totals so far (traffic, API calls) over every day of the period up to today,
+    from `counted` (data.period_days), so that they add up what the period's totals and overage do."""
     days = history.daily
     period = history.billing_period
-    since = period.period_start.date()
+    start = period.period_start.astimezone(UTC)
+    period_days = utc_days(start, min(now, period.period_end - INSTANT))
     included = period.included
 
     def quota(value: int, scale: float = 1.0) -> float | None:
@@ -293,8 +296,8 @@ def usage_charts(history: Any) -> list[str]:
     def points(pick: Callable[[Any], float]) -> list[tuple[Any, float]]:
         return [(day.date, pick(day)) for day in days]
 
-    traffic_mb = running_total(points(lambda d: (d.mqtt_bytes + d.http_bytes) / 1e6), since)
-    api_calls = running_total(points(lambda d: float(d.http_requests)), since)
+    traffic_mb = running_total([(c.day, c.traffic_bytes / 1e6) for c in counted], period_days)
+    api_calls = running_total([(c.day, float(c.api_calls)) for c in counted], period_days)
     series = [
         Series(
             "Peak active devices",
@@ -302,8 +305,22 @@ def usage_charts(history: Any) -> list[str]:
             points(lambda d: float(d.peak_active_devices)),
             quota(included.devices),
         ),
-        Series("Traffic this period", "MB", traffic_mb, quota(included.traffic_gb, 1000.0), cumulative=True),
-        Series("API calls this period", "calls", api_calls, quota(included.api_calls), cumulative=True),
+        Series(
+            "Traffic this period",
+            "MB",
+            traffic_mb,
+            quota(included.traffic_gb, 1000.0),
+            cumulative=True,
+            since=start,
+        ),
+        Series(
+            "API calls this period",
+            "calls",
+            api_calls,
+            quota(included.api_calls),
+            cumulative=True,
+            since=start,
+        ),
         Series(
             "Database size",
             "MB",
@@ -334,7 +351,10 @@ async def customer_page(request: web.Request) -> web.Response:
     except KubernetesUnavailable:
         events = []
     claims = licence_claims(request, await license_token(kube, record.namespace, record.customer_id))
+    usage = await usage_history(request, record, 31, now)
+    period = BillingPeriod(usage.billing_period.period_start, usage.billing_period.period_end)
     async with request.app[SESSIONS]() as session:
+        counted = await data.period_days(session, record.customer_id, period)
         history = await license_history(session, record.customer_id, limit=20)
         subscriptions = (
             await session.scalars(
@@ -345,8 +365,7 @@ async def customer_page(request: web.Request) -> web.Response:
         ).all()
         stripe = await data.stripe_events(session, customer_id=record.customer_id, limit=20)
         notices = await recent_notices(session, customer_id=record.customer_id, status=None, limit=20)
-        audit = await data.audit(session, record.name)
-    usage = await usage_history(request, record, 31, now)
+        audit = await data.audit(session, record.name, since=record.customer.metadata.creation_timestamp)
     return render(
         request,
         "customer.html.j2",
@@ -361,7 +380,7 @@ async def customer_page(request: web.Request) -> web.Response:
         notices=notices,
         audit=audit,
         usage=usage,
-        charts=usage_charts(usage),
+        charts=usage_charts(usage, counted, now),
         gitops=data.gitops_manager(record.body),
         phase=data.phase_of(record),
         ago=lambda t: ago(t, now),
@@ -369,19 +388,39 @@ async def customer_page(request: web.Request) -> web.Response:
 
 
 async def stripe_events_page(request: web.Request) -> web.Response:
-    """The Stripe inbox's log, filtered by result and type."""
+    """The Stripe inbox's log, filtered by result and type, newest first, a page at a time (as the
+    Customers list: past the last page shows the last)."""
     result, event_type = request.query.get("result", ""), request.query.get("type", "")
     if result and result not in data.EVENT_RESULTS:
         raise ValidationFailed.single("result", f"must be one of {', '.join(data.EVENT_RESULTS)}")
     if "\x00" in event_type:  # PostgreSQL text cannot hold NUL: no event has such a type
         raise ValidationFailed.single("type", NUL_MESSAGE)
     async with request.app[SESSIONS]() as session:
-        rows = await data.stripe_events(session, result=result, event_type=event_type, limit=200)
+        total = await data.count_stripe_events(session, result=result, event_type=event_type)
+        pages = max(1, -(-total // data.PAGE_SIZE))
+        page = page_number(request.query.get("page", ""), pages)
+        rows = await data.stripe_events(
+            session,
+            result=result,
+            event_type=event_type,
+            limit=data.PAGE_SIZE,
+            offset=(page - 1) * data.PAGE_SIZE,
+        )
         types = await data.event_types(session)
+
+    def link(to: int) -> str:
+        return "?" + urlencode(
+            {k: v for k, v in (("result", result), ("type", event_type), ("page", to)) if v}
+        )
+
     return render(
         request,
         "stripe_events.html.j2",
         events=rows,
+        total=total,
+        page=page,
+        pages=pages,
+        link=link,
         result=result,
         event_type=event_type,
         types=types,
@@ -594,15 +633,39 @@ PAGES: Final[tuple[Page, ...]] = (
 PAGES_KEY: web.AppKey[dict[web.AbstractRoute, Page]] = web.AppKey("console_pages")
 
 
+def _form_source(request: web.Request) -> str:
+    return request.headers.get("Origin") or request.headers.get("Referer") or ""
+
+
+def _is_from(source: str, origin: str) -> bool:
+    return source == origin or source.startswith(origin + "/")
+
+
 def same_origin(request: web.Request) -> bool:
     """A POST from this origin: Origin (or, without it, Referer) names this host. Browsers send Origin
     on every POST; a request with neither is not a browser's form and is refused too."""
-    source = request.headers.get("Origin") or request.headers.get("Referer")
-    if not source:
-        return False
+    source = _form_source(request)
     scheme = "https" if _secure(request) else "http"
-    own = f"{scheme}://{request.host}"
-    return source == own or source.startswith(own + "/")
+    return bool(source) and _is_from(source, f"{scheme}://{request.host}")
+
+
+def origin_refusal(request: web.Request) -> Forbidden:
+    """Why a form's origin is refused. A page of this host over TLS that reached the server as plain
+    HTTP came through a proxy that ends TLS and that TRUSTED_PROXIES does not list: still refused (this
+    server would set its cookie without Secure, and believes X-Forwarded-Proto only from a trusted
+    proxy), but told what to set, as no form, sign-in included, can pass until then."""
+    if not _secure(request) and _is_from(_form_source(request), f"https://{request.host}"):
+        log.warning(
+            "console: a form sent over TLS reached this server as plain HTTP from %s, which is not in "
+            "TRUSTED_PROXIES: refused",
+            request.remote,
+        )
+        return Forbidden(
+            f"a console form must come from this console (Origin): it was sent from https://{request.host}, "
+            "which reached this server as plain HTTP through a proxy that is not trusted; list the proxy "
+            "that ends TLS in TRUSTED_PROXIES so that its X-Forwarded-Proto is believed"
+        )
+    return Forbidden("a console form must come from this console (Origin)")
 
 
 def throttled_page(request: web.Request, wait: float) -> web.Response:
@@ -633,7 +696,7 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
         if wait is not None:
             return throttled_page(request, wait)
         if not same_origin(request):
-            raise Forbidden("a console form must come from this console (Origin)")
+            raise origin_refusal(request)
     if page.role == "public":
         return await handler(request)
     session = request.app[SESSIONS_KEY].read(request.cookies.get(COOKIE))
