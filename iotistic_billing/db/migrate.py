@@ -46,6 +46,13 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
+def head_revision() -> str:
+    """The newest migration of this version: the schema its code reads and writes."""
+    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    assert head is not None, "the migrations have one head"
+    return head
+
+
 def current_revision(database_url: str) -> str | None:
     """The revision the database is at; None when it was never migrated."""
 
@@ -79,7 +86,7 @@ def main() -> int:
         return 2
     url = settings.database_url
     scripts = ScriptDirectory.from_config(alembic_config(url))
-    head = scripts.get_current_head()
+    head = head_revision()
     try:
         before = current_revision(url)
     except Exception as error:

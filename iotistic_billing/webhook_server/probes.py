@@ -11,6 +11,7 @@ from typing import Any, Final
 from aiohttp import web
 from sqlalchemy import text
 
+from iotistic_billing.db.migrate import head_revision
 from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
 from iotistic_billing.webhook_server.messages import json_model
 from iotistic_billing.webhook_server.schemas import Health, Readiness
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 READINESS_TIMEOUT: Final = 3.0
 # How long a readiness answer is reused (kubelet probes every 10 s).
 READINESS_TTL: Final = 1.0
+# The checks readiness needs; the others are reported only.
+GATING: Final = frozenset({"database", "schema"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -40,10 +43,17 @@ async def _check(name: str, probe: Any) -> tuple[str, bool]:
 class ReadinessChecks:
     """The checks' last results, kept READINESS_TTL seconds, and one round of checks at a time: /readyz is
     public (kubelet, load balancers), and every call took a pooled database connection and an API
-    server call, so a flood of it queued the API's own requests behind it."""
+    server call, so a flood of it queued the API's own requests behind it.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    Ready means PostgreSQL answers at the schema this version's code needs (`head`: its newest
+    migration; the operator's init container migrates during an upgrade, and a new replica serving the
+    old schema failed every write of a new column). The API server is checked and reported, but does
+    not make the server unready: Stripe events, usage reports and the keys need PostgreSQL alone, and
+    every replica leaving the Service while the control plane was away refused them all."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, head: str | None = None) -> None:
         self._clock = clock
+        self._head = head
         self._results: list[tuple[str, bool]] = []
         self._checked_at = -READINESS_TTL
         self._round: asyncio.Future[list[tuple[str, bool]]] | None = None
@@ -56,15 +66,24 @@ class ReadinessChecks:
         return await asyncio.shield(self._round)  # a caller that goes away does not cancel the others'
 
     async def _check_all(self, app: web.Application) -> list[tuple[str, bool]]:
+        revision: list[str | None] = []
+
         async def database() -> None:
             async with app[ENGINE].connect() as connection:
-                await connection.execute(text("SELECT 1"))
+                revision.append(await connection.scalar(text("SELECT version_num FROM alembic_version")))
 
         results = list(
             await asyncio.gather(
                 _check("database", database()), _check("kubernetes", app[KUBE].server_version())
             )
         )
+        head = self._head = self._head or head_revision()
+        at_head = bool(revision) and revision[0] == head
+        if revision and not at_head:
+            log.warning(
+                "readiness: the database is at %s, this version needs %s (migrating?)", revision[0], head
+            )
+        results.insert(1, ("schema", at_head))
         self._results, self._checked_at = results, self._clock()
         return results
 
@@ -73,11 +92,11 @@ READINESS = web.AppKey("readiness", ReadinessChecks)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL answers `SELECT 1` and the API server answers its version (as checked at most
-    READINESS_TTL ago)."""
+    """Ready when PostgreSQL answers at this version's schema (as checked at most READINESS_TTL ago); the
+    API server's answer is reported beside (see ReadinessChecks)."""
     results = await request.app[READINESS].results(request.app)
     checks = {name: "ok" if ok else "unavailable" for name, ok in results}
-    ready = all(ok for _, ok in results)
+    ready = all(ok for name, ok in results if name in GATING)
     return json_model(
         Readiness.model_validate({"status": "ready" if ready else "unavailable", "checks": checks}),
         status=200 if ready else 503,

@@ -438,7 +438,10 @@ async def test_health_readiness_metrics_and_the_api_document(api: TestClient[Any
     assert await (await api.get("/healthz")).json() == {"status": "ok"}
     ready = await api.get("/readyz")
     assert ready.status == 200
-    assert await ready.json() == {"status": "ready", "checks": {"database": "ok", "kubernetes": "ok"}}
+    assert await ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "schema": "ok", "kubernetes": "ok"},
+    }
 
     await deliver(api, event("customer.created", {"id": random_id("cus_")}))
     metrics = await (await api.get("/metrics")).text()

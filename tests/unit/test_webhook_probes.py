@@ -1,4 +1,5 @@
-"""/readyz: one round of checks at a time, its answer reused for READINESS_TTL."""
+"""/readyz: one round of checks at a time, its answer reused for READINESS_TTL; ready on PostgreSQL at
+this version's schema, whatever the API server says."""
 
 from __future__ import annotations
 
@@ -10,33 +11,54 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.webhook_server.context import ENGINE, KUBE
 from iotistic_billing.webhook_server.probes import READINESS, READINESS_TTL, ReadinessChecks, readyz
 
 
 class Dependencies:
-    """A database and an API server that count the checks, each answering after `delay`."""
+    """A database (at `revision`) and an API server that count the checks, each answering after
+    `delay`."""
 
     def __init__(self) -> None:
         self.queries = 0
         self.versions = 0
         self.delay = 0.05
         self.up = True
+        self.kube_up = True
+        self.revision = HEAD
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Dependencies]:
         yield self
 
-    async def execute(self, *args: Any) -> None:
+    async def scalar(self, *args: Any) -> str:
         self.queries += 1
         await asyncio.sleep(self.delay)
         if not self.up:
             raise ConnectionRefusedError("PostgreSQL is away")
+        return self.revision
 
     async def server_version(self) -> dict[str, str]:
         self.versions += 1
         await asyncio.sleep(self.delay)
+        if not self.kube_up:
+            raise KubernetesUnavailable("the API server cannot be reached")
         return {"gitVersion": "v1.36.3"}
+
+
+HEAD = "0011"
+
+
+@asynccontextmanager
+async def probed(dependencies: Dependencies, now: list[float]) -> AsyncIterator[TestClient[Any, Any]]:
+    app = web.Application()
+    app[ENGINE] = dependencies  # type: ignore[misc]
+    app[KUBE] = dependencies  # type: ignore[misc]
+    app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD)
+    app.router.add_get("/readyz", readyz)
+    async with TestClient(TestServer(app)) as client:
+        yield client
 
 
 async def test_a_flood_of_readiness_probes_makes_one_round_of_checks() -> None:
@@ -44,12 +66,7 @@ async def test_a_flood_of_readiness_probes_makes_one_round_of_checks() -> None:
     call, so a flood of it from outside queued the API's requests behind it."""
     now = [100.0]
     dependencies = Dependencies()
-    app = web.Application()
-    app[ENGINE] = dependencies  # type: ignore[misc]
-    app[KUBE] = dependencies  # type: ignore[misc]
-    app[READINESS] = ReadinessChecks(clock=lambda: now[0])
-    app.router.add_get("/readyz", readyz)
-    async with TestClient(TestServer(app)) as client:
+    async with probed(dependencies, now) as client:
         answers = await asyncio.gather(*(client.get("/readyz") for _ in range(50)))
         assert {answer.status for answer in answers} == {200}
         assert (dependencies.queries, dependencies.versions) == (1, 1)
@@ -60,5 +77,35 @@ async def test_a_flood_of_readiness_probes_makes_one_round_of_checks() -> None:
         now[0] += READINESS_TTL
         away = await client.get("/readyz")
         assert away.status == 503
-        assert (await away.json())["checks"] == {"database": "unavailable", "kubernetes": "ok"}
+        assert (await away.json())["checks"] == {
+            "database": "unavailable",
+            "schema": "unavailable",
+            "kubernetes": "ok",
+        }
         assert (dependencies.queries, dependencies.versions) == (2, 2)
+
+
+async def test_ready_needs_the_schema_of_this_version_and_not_the_api_server() -> None:
+    """Found in review: a new replica was Ready against the schema before its migrations (every write of
+    a new column failed), and with the API server away every replica left the Service, refusing Stripe
+    events and usage reports that need PostgreSQL alone."""
+    now = [100.0]
+    dependencies = Dependencies()
+    dependencies.revision = "0010"
+    async with probed(dependencies, now) as client:
+        behind = await client.get("/readyz")
+        assert behind.status == 503
+        assert (await behind.json())["checks"] == {
+            "database": "ok",
+            "schema": "unavailable",
+            "kubernetes": "ok",
+        }
+
+        dependencies.revision, dependencies.kube_up = HEAD, False
+        now[0] += READINESS_TTL
+        ready = await client.get("/readyz")
+        assert ready.status == 200
+        assert await ready.json() == {
+            "status": "ready",
+            "checks": {"database": "ok", "schema": "ok", "kubernetes": "unavailable"},
+        }
