@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -388,6 +389,18 @@ class Customer(CustomerModel):
 
 def namespace_for(name: str) -> str:
     return NAMESPACE_PREFIX + name
+
+
+# A name made from a company name: room for a suffix within MAX_NAME_LENGTH.
+_MAX_SLUG: Final = 40
+
+
+def resource_name_for(company_name: str, suffix: str = "") -> str:
+    """A DNS-safe Customer name from the company name (signup and `customer add`): `Acme Corp.` ->
+    `acme-corp`, `Müller GmbH` -> `muller-gmbh`; `customer` when nothing of it is Latin."""
+    ascii_name = unicodedata.normalize("NFKD", company_name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:_MAX_SLUG].strip("-") or "customer"
+    return f"{slug}-{suffix}" if suffix else slug
 
 
 def customer_of_namespace(namespace: str | None) -> str | None:

@@ -39,6 +39,17 @@ def _die_with_parent(uid: int | None = None, gid: int | None = None) -> Callable
     return prepare
 
 
+def _bindable(port: int, reuse_address: bool) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))  # noqa: S104 - a probe, closed at once
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """A port nothing is bound to, below the kernel's ephemeral range: a port the kernel hands out for
     `bind(0)` comes from that range, where an outgoing connection can take it as its source port
@@ -46,15 +57,18 @@ def free_port() -> int:
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randint(10_000, low - 1)  # noqa: S311 - not a secret
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("0.0.0.0", port))  # noqa: S104 - a probe, closed at once
-            except OSError:
-                continue
+        if _bindable(port, reuse_address=False):
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server can listen on `port` now. Probed with SO_REUSEADDR, as servers bind: a port whose
+    server stopped a moment ago, its connections still in TIME_WAIT, is free; one another listens on is
+    not."""
+    return _bindable(port, reuse_address=True)
 
 
 def _ephemeral_low() -> int:

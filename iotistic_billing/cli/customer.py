@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-from typing import Any
+from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
@@ -18,6 +17,7 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     name_errors,
     parse_spec,
+    resource_name_for,
 )
 from iotistic_billing.k8s import (
     FieldManager,
@@ -85,11 +85,33 @@ def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
     return CommandError(f"the API server refused it ({error.status}): {refusal_message(error)}")
 
 
-def resource_name_for(company: str) -> str:
-    name = re.sub(r"[^a-z0-9]+", "-", company.lower()).strip("-")[:50].strip("-")
-    if not name:
-        raise CommandError(f"--company: {company!r} gives no usable resource name; pass --resource-name")
-    return name
+# The option of `customer add` that sets each field: a refusal names what the person typed.
+FLAG_OF_FIELD: Final = {
+    "spec.email": "--email",
+    "spec.companyName": "--company",
+    "spec.contactName": "--name",
+    "spec.customerId": "--customer-id",
+    "spec.trial.days": "--trial-days",
+    "spec.plan": "--plan",
+    "spec.billing.mode": "--billing",
+    "metadata.name": "--resource-name",
+}
+
+
+def flag_problems(problems: list[str]) -> str:
+    """`spec.trial.days must be ...` as `--trial-days: must be ...`; a field without a flag as it is."""
+    said = []
+    for problem in problems:
+        field, _, why = problem.partition(" ")
+        said.append(f"{FLAG_OF_FIELD[field]}: {why}" if field in FLAG_OF_FIELD else problem)
+    return "; ".join(said)
+
+
+def resource_name_of(args: argparse.Namespace) -> str:
+    if args.resource_name:
+        return str(args.resource_name)
+    # As the API's signup names the same company (`Müller GmbH` -> `muller-gmbh`).
+    return resource_name_for(args.company)
 
 
 # A Stripe-billed Customer's plan is its subscription's (operator/entitlement.py): spec.plan is not read.
@@ -117,15 +139,21 @@ def _add(args: argparse.Namespace) -> int:
     try:
         parse_spec(spec)
     except InvalidSpecError as invalid:
-        raise CommandError(str(invalid)) from None
-    name = args.resource_name or resource_name_for(args.company)
+        raise CommandError(flag_problems(invalid.problems)) from None
+    name = resource_name_of(args)
     if problems := name_errors(name):
-        raise CommandError("--resource-name: " + "; ".join(problems))
+        raise CommandError(flag_problems(problems))
     kube = _kube()
     try:
         _refuse_taken(kube.list_customers(), args.email, args.customer_id)
         kube.create_customer(customer_body(name, spec))
-    except (ApiException, KubernetesUnavailable) as error:
+    except ApiException as error:
+        if error.status == 409:  # the name is taken: say which option picks another
+            raise CommandError(
+                f"--resource-name: customer/{name} already exists; pass another name"
+            ) from None
+        raise _api_error(error) from None
+    except KubernetesUnavailable as error:
         raise _api_error(error) from None
     print(f"customer/{name} created (plan {args.plan}); `iotistic-billing customer list` shows its progress")
     return 0

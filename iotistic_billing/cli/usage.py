@@ -1,9 +1,12 @@
 """`iotistic-billing usage`: the earlier system's usage viewer, reading PostgreSQL directly (DATABASE_URL).
 
 `--customer cust_x` prints one line per UTC day with reports and the billing period's overage;
-`--all` prints one line per customer that reported in the window, with its period's overage in dollars.
+`--all` prints one line per customer that reported in the window, with its period's overage in dollars,
+and the total of every customer's current period, billed plans only (a trial's overage is not billed).
 The billing period is the one the webhook server last rolled up (it knows the Stripe subscription);
 for a customer it never rolled up, the UTC calendar month and the plan in the customers table.
+`-o json` has the values, not the table's text: counts are numbers; decimals and dollars are decimal
+strings, as in the API's usage JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
@@ -113,12 +116,56 @@ def dollars(amount: Decimal | str) -> str:
     return f"${Decimal(amount):,.2f}"
 
 
-def megabytes(count: int) -> str:
-    return f"{Decimal(count) / MB:,.1f}"
+def megabytes(count: int) -> Decimal:
+    """Exact: bytes / 10^6 with six decimals."""
+    return Decimal(count).scaleb(-6)
 
 
-def gigabytes(count: int) -> str:
-    return f"{Decimal(count) / GB:,.3f}"
+def gigabytes(count: int) -> Decimal:
+    """Exact: bytes / 10^9 with nine decimals."""
+    return Decimal(count).scaleb(-9)
+
+
+# How the table shows a column's value (others as they are); the JSON output has the values themselves.
+_SHOWN: Final[Mapping[str, Callable[[Any], str]]] = {
+    **dict.fromkeys(
+        ("reports", "peakDevices", "deviceHours", "mqttMessages", "httpRequests", "apiCalls", "databaseMb"),
+        lambda value: f"{value:,}",
+    ),
+    **dict.fromkeys(("mqttMb", "httpMb"), lambda value: f"{value:,.1f}"),
+    "trafficGb": lambda value: f"{value:,.3f}",
+    "lastReport": lambda value: value.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+    "periodOverage": dollars,
+}
+
+
+def table_rows(rows: Iterable[Mapping[str, object]]) -> list[dict[str, object]]:
+    """Rows as the table shows them; a period overage that is not billed says so."""
+    shown = []
+    for row in rows:
+        cells = {
+            key: value if value is None or key not in _SHOWN else _SHOWN[key](value)
+            for key, value in row.items()
+        }
+        if row.get("billed") is False:
+            cells["periodOverage"] = f"{cells['periodOverage']} (not billed)"
+        shown.append(cells)
+    return shown
+
+
+def _json_value(value: object) -> str:
+    """Decimals as exact decimal strings, times in ISO 8601."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=_json_value))
+
+
+def why_not_billed(plans: str) -> str:
+    return f"plan {plans}: only paid plans are billed"
 
 
 def overage_rows(overage: dict[str, Any]) -> list[dict[str, object]]:
@@ -148,7 +195,7 @@ async def _show(url: str, args: argparse.Namespace, now: datetime) -> int:
 async def _period(conn: Connection, customer_id: str, plan: str | None, now: datetime) -> dict[str, Any]:
     """The billing period holding `now` as the server rolled it up, else the calendar month."""
     from iotistic_billing.usage.periods import billing_period
-    from iotistic_billing.usage.rollups import compute_rollup, overage_json
+    from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, overage_json
     from iotistic_billing.usage.store import current_rollups, period_totals
 
     row = (await current_rollups(conn, [customer_id], now)).get(customer_id)
@@ -157,6 +204,8 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
             "period_start": row["period_start"].isoformat(),
             "period_end": row["period_end"].isoformat(),
             "plan": row["plan"],
+            # As the meter run has it (Rollup.billed): a trial's overage, or the unlicensed plan's, is free.
+            "billed": row["plan"] in BILLED_PLANS,
             "source": "closed rollup" if row["closed_at"] else "open rollup",
             "overage": json.loads(row["overage"]),
         }
@@ -167,6 +216,7 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
         "period_start": period.start.isoformat(),
         "period_end": period.end.isoformat(),
         "plan": chosen,
+        "billed": chosen in BILLED_PLANS,
         "source": "calendar month, computed now",
         "overage": overage_json(rollup.overage),
     }
@@ -204,26 +254,22 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
             "reports": day.reports,
             "peakDevices": day.peak_active_devices,
             "deviceHours": day.device_hours,
-            "mqttMessages": f"{day.mqtt_messages:,}",
+            "mqttMessages": day.mqtt_messages,
             "mqttMb": megabytes(day.mqtt_bytes),
-            "httpRequests": f"{day.http_requests:,}",
+            "httpRequests": day.http_requests,
             "httpMb": megabytes(day.http_bytes),
             "databaseMb": day.postgres_size_mb,
         }
         for day in days
     ]
     if args.output == "json":
-        print(
-            json.dumps(
-                {"customer_id": args.customer, "days": rows, "billing_period": period}, indent=2, default=str
-            )
-        )
+        print_json({"customer_id": args.customer, "days": rows, "billing_period": period})
         return 0
     company = f" ({summary.company_name})" if summary and summary.company_name else ""
     print(f"Usage of {args.customer}{company}: {window_text(start, args.days)}")
     print()
     print_table(
-        rows,
+        table_rows(rows),
         [
             "date",
             "reports",
@@ -242,32 +288,58 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
         f"({period['source']})"
     )
     print_table(overage_rows(period["overage"]), ["metric", "over", "price", "amount"])
-    print(f"Overage: {dollars(period['overage']['total'])}")
+    overage = dollars(period["overage"]["total"])
+    print(
+        f"Overage: {overage}"
+        if period["billed"]
+        else f"Overage: {overage}, not billed ({why_not_billed(period['plan'])})"
+    )
     return 0
 
 
-def _all_rows(summaries: Sequence[Any], periods: dict[str, dict[str, Any]]) -> list[dict[str, object]]:
+def _all_rows(summaries: Sequence[Any], periods: Mapping[str, Mapping[str, Any]]) -> list[dict[str, object]]:
     return [
         {
             "customerId": summary.customer_id,
             "company": summary.company_name or "",
             "plan": periods[summary.customer_id]["plan"],
-            "reports": f"{summary.reports:,}",
+            "reports": summary.reports,
             "peakDevices": summary.peak_active_devices,
             "deviceHours": summary.device_hours,
             "trafficGb": gigabytes(summary.traffic_bytes),
-            "apiCalls": f"{summary.http_requests:,}",
+            "apiCalls": summary.http_requests,
             "databaseMb": summary.postgres_size_mb,
-            "lastReport": summary.last_report_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
-            "periodOverage": dollars(periods[summary.customer_id]["overage"]["total"]),
+            "lastReport": summary.last_report_at,
+            "periodOverage": Decimal(periods[summary.customer_id]["overage"]["total"]),
+            "billed": periods[summary.customer_id]["billed"],
         }
         for summary in summaries
     ]
 
 
+def total_lines(periods: Iterable[Mapping[str, Any]], unlisted: int) -> list[str]:
+    """The overage owed for the periods (billed plans only), and apart what is over the quotas of the
+    plans that are not billed."""
+    billed, unbilled, plans = Decimal("0.00"), Decimal("0.00"), set()
+    for period in periods:
+        amount = Decimal(period["overage"]["total"])
+        if period["billed"]:
+            billed += amount
+        elif amount:
+            unbilled += amount
+            plans.add(str(period["plan"]))
+    note = f" ({unlisted} customer{'s' if unlisted != 1 else ''} not listed: no report in the window)"
+    lines = [
+        f"Overage of every customer's current billing period: {dollars(billed)}{note if unlisted else ''}"
+    ]
+    if unbilled:
+        lines.append(f"Not billed ({why_not_billed(', '.join(sorted(plans)))}): {dollars(unbilled)}")
+    return lines
+
+
 async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int:
     from iotistic_billing.usage.periods import window_start
-    from iotistic_billing.usage.store import customer_summaries
+    from iotistic_billing.usage.store import current_period_customers, customer_summaries
 
     start = window_start(now, args.days)
     end = start + timedelta(days=args.days)
@@ -275,14 +347,19 @@ async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int
     periods = {s.customer_id: await _period(conn, s.customer_id, s.mirror_plan, now) for s in summaries}
     rows = _all_rows(summaries, periods)
     if args.output == "json":
-        print(json.dumps(rows, indent=2, default=str))
+        print_json(rows)
         return 0
+    # The total is of the current periods, whatever the window: a customer silent in it still owes.
+    current = await current_period_customers(conn, now)
+    unlisted = [customer_id for customer_id in current if customer_id not in periods]
+    for customer_id in unlisted:
+        periods[customer_id] = await _period(conn, customer_id, None, now)
     print(
         f"Usage of every customer: {args.days} days, {start.date()} .. {(end - timedelta(days=1)).date()} UTC"
     )
     print()
     print_table(
-        rows,
+        table_rows(rows),
         [
             "customerId",
             "company",
@@ -297,7 +374,7 @@ async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int
             "periodOverage",
         ],
     )
-    total = sum((Decimal(p["overage"]["total"]) for p in periods.values()), Decimal("0.00"))
     print()
-    print(f"Overage of the current periods: {dollars(total)}")
+    for line in total_lines(periods.values(), len(unlisted)):
+        print(line)
     return 0

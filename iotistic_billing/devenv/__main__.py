@@ -5,12 +5,15 @@ The cluster is the end-to-end tests' simulated one (iotistic_billing.devenv.simu
 plane plus kube-controller-manager, kube-scheduler and kwok's fake nodes), so the sample Customers' instances
 really roll out and turn Ready. Data (PostgreSQL, etcd) stays under the state directory (default `.dev/`), so
 a second run starts again from it. `.dev/env` holds shell `export` lines for kubectl, curl and the CLI, and
-puts bin/ and the virtual environment's scripts first on PATH.
+puts bin/ and the virtual environment's scripts first on PATH; the ports it names are kept in
+`.dev/ports.json`, so a shell that sourced it keeps working across restarts. A stop request during start-up
+stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shlex
@@ -19,9 +22,10 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Final, Protocol
 
 import yaml
 
@@ -33,7 +37,7 @@ from iotistic_billing.devenv.registry import ChartRegistry
 from iotistic_billing.devenv.simulated import SimulatedCluster
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
+from iotistic_billing.processes import ManagedProcess, free_port, port_is_free, wait_for_http
 
 REPO = REPO_BIN.parent
 DATABASE = "billing"
@@ -42,6 +46,52 @@ DEV_PRICES = {
     "STRIPE_PRICE_PROFESSIONAL": "price_dev_professional",
     "STRIPE_PRICE_ENTERPRISE": "price_dev_enterprise",
 }
+# Seconds the operator and the webhook server have to answer their health check.
+SERVICE_START_TIMEOUT: Final = 60.0
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM during start-up: the parts started so far are stopped, nothing more starts."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class KeptPorts:
+    """The loopback ports of the parts `.dev/env` names (PostgreSQL, stripe-mock, Mailpit, the registry),
+    kept in a file of the state folder and taken again at the next start: a shell that sourced `.dev/env`
+    before a restart reaches them after it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.ports: dict[str, int] = {
+                str(part): int(port) for part, port in json.loads(path.read_text()).items()
+            }
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or not ours: new ports
+            self.ports = {}
+
+    def port(self, part: str) -> int:
+        """The part's kept port, else a free one (`keep` it once the part listens)."""
+        kept = self.ports.get(part)
+        if kept is None:
+            return free_port()
+        if not port_is_free(kept):
+            raise RuntimeError(
+                f"port {kept} of {part}, kept in {_shown(self.path)}, is taken by another process (another"
+                f" `make dev` on {_shown(self.path.parent)}?); stop it, or delete {_shown(self.path)} to"
+                " start on new ports (and source .dev/env again)"
+            )
+        return kept
+
+    def keep(self, part: str, port: int) -> None:
+        self.ports[part] = port
+        self.path.write_text(json.dumps(self.ports, indent=2, sort_keys=True) + "\n")
 
 
 def _kept_secret(path: Path, make: str) -> str:
@@ -100,17 +150,27 @@ class DevEnvironment:
         self.state = state.resolve()
         self.use_existing_cluster = use_existing_cluster
         self.port = port
-        self.stops: list[tuple[str, object]] = []
+        self.stops: list[tuple[str, Stoppable]] = []
 
-    def _stop_later(self, name: str, part: object) -> None:
+    def _start_part(self, name: str, part: Stoppable, start: Callable[[], object], logs: Path) -> None:
+        """`start()` of a part, registered for the stop before it starts (a stop request during its start
+        stops what it started); a start that times out is one line naming the part and where its logs are."""
         self.stops.append((name, part))
+        try:
+            start()
+        except TimeoutError as slow:
+            # Its first line: the ones after it are the log's tail, which the log has.
+            reason = str(slow).splitlines()[0].rstrip(":") if str(slow) else "timed out"
+            raise RuntimeError(f"{name} did not start in time ({reason}); see {_shown(logs)}") from None
 
     def start(self) -> dict[str, str]:
         self.state.mkdir(parents=True, exist_ok=True)
         env: dict[str, str] = {}
+        ports = KeptPorts(self.state / "ports.json")
 
-        postgres = EmbeddedPostgres(self.state / "postgres").start()
-        self._stop_later("postgres", postgres)
+        postgres = EmbeddedPostgres(self.state / "postgres", ports.port("postgres"))
+        self._start_part("postgres", postgres, postgres.start, self.state / "postgres" / "postgres.log")
+        ports.keep("postgres", postgres.port)
         url = (
             postgres.database_url(DATABASE)
             if postgres.database_exists(DATABASE)
@@ -119,6 +179,44 @@ class DevEnvironment:
         migrate.upgrade(url)
         env["DATABASE_URL"] = url
         print(f"postgres      {url}", flush=True)
+
+        # The parts on kept ports first: the cluster's parts take free ports, which could be one of them.
+        try:
+            stripe = StripeMock(self.state, ports.port("stripe-mock"))
+            self._start_part("stripe-mock", stripe, stripe.start, self.state / "stripe-mock.log")
+            ports.keep("stripe-mock", stripe.port)
+            env["STRIPE_API_BASE"] = stripe.url
+            # stripe-mock takes `sk_test_` and letters or digits only: with an underscore after the prefix
+            # every call of the dev environment was a 401.
+            env["STRIPE_SECRET_KEY"] = "sk_test_devstripemock"  # noqa: S105 - a test-mode key for stripe-mock
+            print(f"stripe-mock   {stripe.url}", flush=True)
+        except MissingBinaryError as missing:
+            print(f"stripe-mock   not started: {missing}", flush=True)
+
+        mailpit = Mailpit(
+            self.state, http_port=ports.port("mailpit-http"), smtp_port=ports.port("mailpit-smtp")
+        )
+        self._start_part("mailpit", mailpit, mailpit.start, self.state / "mailpit.log")
+        ports.keep("mailpit-http", mailpit.http_port)
+        ports.keep("mailpit-smtp", mailpit.smtp_port)
+        env["SMTP_URL"] = mailpit.smtp_url
+        env["MAILPIT_URL"] = mailpit.url
+        print(f"mailpit       {mailpit.url} (the notices' mail; SMTP {mailpit.smtp_url})", flush=True)
+        # A webhook receiver a developer runs on this machine: customers' webhooks reach only public
+        # addresses unless allowed (a deployment allows its in-cluster receivers the same way).
+        env["NOTIFY_WEBHOOK_ALLOWED_CIDRS"] = '["127.0.0.0/8", "::1/128"]'
+
+        # The instance chart as a deployed operator gets it: from an OCI registry, at the fleet's version.
+        registry = ChartRegistry(self.state, port=ports.port("registry"))
+        self._start_part("registry", registry, registry.start, self.state / "registry.log")
+        ports.keep("registry", registry.port)
+        env["INSTANCE_CHART_VERSION"] = registry.push(REPO / "charts" / "customer-instance")
+        env["INSTANCE_CHART"] = registry.reference("customer-instance")
+        env["INSTANCE_CHART_PLAIN_HTTP"] = "true"
+        print(
+            f"registry      {env['INSTANCE_CHART']}:{env['INSTANCE_CHART_VERSION']} (helm push --plain-http)",
+            flush=True,
+        )
 
         kubeconfig = self.state / "kubeconfig"
         if self.use_existing_cluster:
@@ -132,8 +230,9 @@ class DevEnvironment:
         else:
             # The end-to-end tests' simulated cluster, where the samples' instances roll out: its
             # parts' folders and logs under the state folder (.dev/kwok.log, ...), etcd's data in .dev/etcd.
-            cluster = SimulatedCluster(self.state, etcd_data=self.state / "etcd").start()
-            self._stop_later("cluster", cluster)
+            # Its API server's port may change: .dev/kubeconfig, which KUBECONFIG names, is written anew.
+            cluster = SimulatedCluster(self.state, etcd_data=self.state / "etcd")
+            self._start_part("cluster", cluster, cluster.start, self.state)
             kubeconfig.write_bytes(cluster.kubeconfig.read_bytes())
             kubeconfig.chmod(0o600)
             # helm's and kubectl's discovery cache of this control plane, not one more in ~/.kube/cache.
@@ -146,42 +245,12 @@ class DevEnvironment:
             )
         env["KUBECONFIG"] = str(kubeconfig)
 
-        try:
-            stripe = StripeMock(self.state).start()
-            self._stop_later("stripe-mock", stripe)
-            env["STRIPE_API_BASE"] = stripe.url
-            # stripe-mock takes `sk_test_` and letters or digits only: with an underscore after the prefix
-            # every call of the dev environment was a 401.
-            env["STRIPE_SECRET_KEY"] = "sk_test_devstripemock"  # noqa: S105 - a test-mode key for stripe-mock
-            print(f"stripe-mock   {stripe.url}", flush=True)
-        except MissingBinaryError as missing:
-            print(f"stripe-mock   not started: {missing}", flush=True)
-
-        mailpit = Mailpit(self.state).start()
-        self._stop_later("mailpit", mailpit)
-        env["SMTP_URL"] = mailpit.smtp_url
-        env["MAILPIT_URL"] = mailpit.url
-        print(f"mailpit       {mailpit.url} (the notices' mail; SMTP {mailpit.smtp_url})", flush=True)
-        # A webhook receiver a developer runs on this machine: customers' webhooks reach only public
-        # addresses unless allowed (a deployment allows its in-cluster receivers the same way).
-        env["NOTIFY_WEBHOOK_ALLOWED_CIDRS"] = '["127.0.0.0/8", "::1/128"]'
-
         self._apply(kubeconfig, env, REPO / "crds", wait_established=True)
         keys = self.state / "keys"
         if not (keys / "private-key.pem").exists():
             write_key_pair(generate_private_key(), keys)
         env["LICENSE_PRIVATE_KEY_PATH"] = str(keys / "private-key.pem")
         env["LICENSE_PUBLIC_KEY_PATH"] = str(keys / "public-key.pem")
-        # The instance chart as a deployed operator gets it: from an OCI registry, at the fleet's version.
-        registry = ChartRegistry(self.state).start()
-        self._stop_later("registry", registry)
-        env["INSTANCE_CHART_VERSION"] = registry.push(REPO / "charts" / "customer-instance")
-        env["INSTANCE_CHART"] = registry.reference("customer-instance")
-        env["INSTANCE_CHART_PLAIN_HTTP"] = "true"
-        print(
-            f"registry      {env['INSTANCE_CHART']}:{env['INSTANCE_CHART_VERSION']} (helm push --plain-http)",
-            flush=True,
-        )
         env["ADMIN_API_TOKEN"] = _kept_secret(self.state / "admin-token", secrets.token_hex(32))
         # The admin console's read-only sign-in: its own kept secret, never the admin token.
         env["ADMIN_VIEWER_TOKEN"] = _kept_secret(self.state / "viewer-token", secrets.token_hex(32))
@@ -239,12 +308,10 @@ class DevEnvironment:
             **extra,
             "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
-        process = ManagedProcess(
-            name, [sys.executable, "-m", module], self.state / f"{name}.log", env=service_env
-        )
-        self._stop_later(name, process)
+        log = self.state / f"{name}.log"
         url = f"http://127.0.0.1:{service_env[health]}/healthz"
-        wait_for_http(url, process, 60)
+        process = ManagedProcess(name, [sys.executable, "-m", module], log, env=service_env)
+        self._start_part(name, process, lambda: wait_for_http(url, process, SERVICE_START_TIMEOUT), log)
         print(f"{name:<13} {url} (log {process.log_path})", flush=True)
 
     def _apply(
@@ -288,7 +355,7 @@ class DevEnvironment:
     def stop(self) -> None:
         for name, part in reversed(self.stops):
             print(f"stopping {name}", flush=True)
-            part.stop()  # type: ignore[attr-defined]
+            part.stop()
         self.stops.clear()
 
 
@@ -309,19 +376,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stops: list[int] = []
+    starting = [True]
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        # Only a note, no lock: a handler calling threading.Event.set deadlocked when a second signal
-        # (a double Ctrl-C, `timeout`'s signal to the process and its group) ran it again inside the
-        # first one, which held the Event's lock. The runner then never stopped its processes.
+        # No lock: a handler calling threading.Event.set deadlocked when a second signal (a double
+        # Ctrl-C, `timeout`'s signal to the process and its group) ran it again inside the first one,
+        # which held the Event's lock. The runner then never stopped its processes. The first signal
+        # during start-up breaks it off; any other is a note, so that none breaks off the stop.
         stops.append(signum)
+        if starting and len(stops) == 1:
+            raise StopRequested(signum)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     dev = DevEnvironment(args.state, os.environ.get("USE_EXISTING_CLUSTER") == "true", args.port)
     try:
         try:
-            dev.start()
+            try:
+                dev.start()
+            finally:
+                starting.clear()
+        except StopRequested as stop:
+            print(f"make dev: stopped by {stop} before it was ready", file=sys.stderr, flush=True)
+            return 128 + stop.signum
         except RuntimeError as error:  # a part that would not start, in its own words
             print(f"make dev: {error}", file=sys.stderr, flush=True)
             return 1

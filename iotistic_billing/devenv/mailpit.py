@@ -1,5 +1,5 @@
-"""Mailpit (an SMTP server with an HTTP API and a web page) on free loopback ports, for `make dev` and
-the tests: notices are mailed to its SMTP port, and read back through its API or seen on its page."""
+"""Mailpit (an SMTP server with an HTTP API and a web page) on free (or given) loopback ports, for `make
+dev` and the tests: notices are mailed to its SMTP port, and read back through its API or seen on its page."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
 
 
 class Mailpit:
-    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        options: tuple[str, ...] = (),
+        http_port: int | None = None,
+        smtp_port: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.options = options  # more of Mailpit's flags (bench/mail.py: STARTTLS and AUTH required)
-        self.http_port = free_port()
-        self.smtp_port = free_port()
+        self.http_port = http_port or free_port()
+        self.smtp_port = smtp_port or free_port()
         self.process: ManagedProcess | None = None
 
     @property

@@ -1,5 +1,5 @@
-"""An OCI registry (CNCF Distribution, `bin/registry`) on a free loopback port, for `make dev` and the
-tests: the customer-instance chart is pushed to it with `helm push` and the operator installs from its
+"""An OCI registry (CNCF Distribution, `bin/registry`) on a free (or given) loopback port, for `make dev`
+and the tests: the customer-instance chart is pushed to it with `helm push` and the operator installs from its
 `oci://` reference, as a deployed operator does from a real registry."""
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ class ChartRegistry:
     """`credentials` (user, password): the registry asks for them (htpasswd, over plain HTTP on
     loopback only), and `registry_config` writes the Docker config JSON helm logs in with."""
 
-    def __init__(self, workdir: Path, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, credentials: tuple[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: ManagedProcess | None = None
         self.credentials = credentials
         self.config = self.registry_config(workdir / "registry-config.json") if credentials else None

@@ -346,6 +346,17 @@ async def customer_summaries(
     ]
 
 
+# The flush keeps a rollup for each customer that reported in its current period, silent since or not.
+_CURRENT_PERIOD_CUSTOMERS: Final = """
+SELECT customer_id FROM usage_rollups WHERE period_start <= $1 AND period_end > $1 ORDER BY customer_id
+"""
+
+
+async def current_period_customers(conn: Queryable, now: datetime) -> list[str]:
+    """Every customer with a rollup of the period holding `now`."""
+    return [str(row["customer_id"]) for row in await conn.fetch(_CURRENT_PERIOD_CUSTOMERS, now)]
+
+
 async def current_rollups(conn: Queryable, customer_ids: Sequence[str], now: datetime) -> dict[str, Record]:
     """customer id -> its rollup row of the period holding `now` or the latest before (overage as text)."""
     return {row["customer_id"]: row for row in await conn.fetch(_CURRENT_ROLLUPS, list(customer_ids), now)}
@@ -358,6 +369,7 @@ __all__ = [
     "STAGING_TABLE",
     "CustomerSummary",
     "DailyUsage",
+    "current_period_customers",
     "current_rollups",
     "customer_summaries",
     "daily_usage",

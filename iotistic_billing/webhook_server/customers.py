@@ -15,6 +15,7 @@ from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
 
+from iotistic_billing.customer import resource_name_for
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, Directory, remember
@@ -47,7 +48,6 @@ from iotistic_billing.webhook_server.views import (
     name_suffix,
     new_customer_id,
     queue_stats,
-    resource_name_for,
     signup_manifest,
     sort_key,
     trial_ends_at,

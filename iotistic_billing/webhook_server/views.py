@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import string
-import unicodedata
 from datetime import datetime
 from typing import Any, Final
 
@@ -21,8 +19,6 @@ from iotistic_billing.webhook_server.schemas import (
 )
 
 _ID_ALPHABET: Final = string.ascii_lowercase + string.digits
-# The namespace is `customer-<name>`, a DNS label of at most 63 characters.
-_MAX_SLUG: Final = 40
 SIGNUP_LABEL: Final = "iotistic.io/created-by"
 
 
@@ -32,13 +28,6 @@ def new_customer_id() -> str:
 
 def name_suffix() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(6))
-
-
-def resource_name_for(company_name: str, suffix: str = "") -> str:
-    """A DNS-safe Customer name from the company name: `Acme Corp.` -> `acme-corp`."""
-    ascii_name = unicodedata.normalize("NFKD", company_name).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:_MAX_SLUG].strip("-") or "customer"
-    return f"{slug}-{suffix}" if suffix else slug
 
 
 def signup_manifest(
@@ -139,7 +128,6 @@ __all__ = [
     "customer_view",
     "new_customer_id",
     "queue_stats",
-    "resource_name_for",
     "signup_manifest",
     "subscription_status",
     "subscription_view",

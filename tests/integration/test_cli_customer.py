@@ -13,6 +13,7 @@ import kubernetes
 import pytest
 
 from iotistic_billing.cli.tables import format_table
+from iotistic_billing.customer import resource_name_for
 from iotistic_billing.k8s import FieldManager, KubeApi
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
@@ -86,7 +87,7 @@ def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorPro
 def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None:
     refused = cli(kubeconfig, "customer", "add", "--email", "not-an-email", "--company", "Acme")
     assert refused.returncode == 2
-    assert "spec.email" in refused.stderr
+    assert refused.stderr.startswith("iotistic-billing: error: --email: must be an email address")
     dotted = cli(
         kubeconfig,
         "customer",
@@ -99,7 +100,7 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
         "a.b",
     )
     assert dotted.returncode == 2
-    assert "--resource-name: metadata.name must be lowercase letters" in dotted.stderr
+    assert "--resource-name: must be lowercase letters" in dotted.stderr
     unknown = cli(kubeconfig, "customer", "upgrade", "--id", "cust_doesnotexist", "--plan", "starter")
     assert unknown.returncode == 2 and "--id: no Customer" in unknown.stderr
     # Found in review: an empty --id (an unset variable) read customers/, which the API server answers
@@ -108,6 +109,29 @@ def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None
         empty = cli(kubeconfig, "customer", *command, "--id", "")
         assert empty.returncode == 2
         assert empty.stderr.strip() == "iotistic-billing: error: --id: must not be empty"
+
+
+@pytest.mark.parametrize(
+    ("company", "expected"), [("Müller GmbH", "muller-gmbh"), ("Société Générale", "societe-generale")]
+)
+def test_cli_resource_name_matches_signup_for_accented_names(
+    kubeconfig: Path, company: str, expected: str
+) -> None:
+    """Found in review: `customer add` made `m-ller-gmbh` of "Müller GmbH", where the API's signup
+    transliterates to `muller-gmbh`: one company, two names depending on the way in."""
+    suffix = unique_name("x").removeprefix("x-")
+    given = f"{company} {suffix}"
+    added = cli(kubeconfig, "customer", "add", "--email", f"ops@{suffix}.example", "--company", given)
+    assert added.returncode == 0, added.stderr
+    name = f"{expected}-{suffix}"
+    assert added.stdout.startswith(f"customer/{name} created"), added.stdout
+    assert name == resource_name_for(given)  # the signup's name of the same company
+    assert (listed(kubeconfig, name) or {}).get("company") == given
+    again = cli(kubeconfig, "customer", "add", "--email", f"it@{suffix}.example", "--company", given)
+    assert again.returncode == 2
+    assert again.stderr.strip().endswith(
+        f"--resource-name: customer/{name} already exists; pass another name"
+    )
 
 
 def test_an_email_or_customer_id_already_taken_is_refused_and_nothing_created(kubeconfig: Path) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import psutil
 import pytest
 
@@ -256,9 +257,28 @@ def _check_queue_stats(out: str) -> None:
 
 def _check_signup(out: str) -> None:
     (signup,) = _json_documents(out)
-    assert re.fullmatch(r"cust_[a-z0-9]+", signup["customer"]["customer_id"]), signup
-    assert signup["customer"]["email"] == "ops@initech.example", signup
-    assert "license" in signup, signup
+    customer = signup["customer"]
+    assert re.fullmatch(r"cust_[a-z0-9]+", customer["customer_id"]), signup
+    assert (
+        customer["email"],
+        customer["company_name"],
+        customer["full_name"],
+        customer["resource_name"],
+    ) == (
+        "ops@initech.example",
+        "Initech",
+        "Bill Lumbergh",
+        "initech",
+    ), signup
+    assert signup["subscription"]["plan"] == "trial", signup
+    # "201 with its licence, or 202 while the operator is still minting it": null only then.
+    if signup["license"] is not None:
+        claims = jwt.decode(signup["license"]["jwt"], options={"verify_signature": False})
+        assert (claims["customerId"], claims["customerName"], claims["plan"]) == (
+            customer["customer_id"],
+            "Initech",
+            "trial",
+        ), claims
 
 
 def _check_checkout(out: str) -> None:
@@ -295,6 +315,22 @@ def _check_usage(out: str) -> None:
     assert ack in ({"accepted": 1, "duplicate": 0}, {"accepted": 0, "duplicate": 1}), ack
     assert history["report_count"] >= 1, history
     assert history["reports"][0]["instance_id"] == "prod-1", history
+    customer_id = history["customer_id"]
+    # `usage --customer`: the report's day with its 42 devices for an hour (device-hours), and the overage
+    # of acme's trial period (10 devices included), not billed: a trial is free.
+    # (after the history's JSON on its line: curl ends its body with no newline)
+    assert re.search(rf"Usage of {customer_id}\b.*: 30 days, ", out), out
+    days = [line.split() for line in out.splitlines() if re.match(r"\d{4}-\d{2}-\d{2}  ", line)]
+    assert any(day[2:4] == ["42", "42.000"] for day in days), out
+    assert re.search(r"^Billing period \S+ \.\. \S+, plan trial \(", out, re.MULTILINE), out
+    assert re.search(r"^devices\s+32\s+\$2\.00 / 1\s+\$64\.00$", out, re.MULTILINE), out
+    assert "\nOverage: $64.00, not billed (plan trial: only paid plans are billed)\n" in out, out
+    # `usage --all`: acme's line, its overage in dollars, not billed, and the total of what is.
+    (line,) = [line for line in out.splitlines() if line.startswith(customer_id)]
+    assert " trial " in line and line.endswith("$64.00 (not billed)"), line
+    assert re.search(
+        r"^Overage of every customer's current billing period: \$[0-9,]+\.\d\d", out, re.MULTILINE
+    ), out
 
 
 def _check_notices(out: str) -> None:
@@ -393,6 +429,10 @@ def test_dev_runner_clean_stop_and_restart(dev: DevRun) -> None:
     dev.start()
     try:
         again = dev.env
+        # A shell that sourced .dev/env before the restart reaches every part after it: the ports are kept
+        # (found in review: new ones on every start).
+        for name in ("DATABASE_URL", "MAILPIT_URL", "SMTP_URL", "STRIPE_API_BASE", "INSTANCE_CHART"):
+            assert again[name] == env[name], name
         assert again["ADMIN_API_TOKEN"] == env["ADMIN_API_TOKEN"]
         assert again["ADMIN_VIEWER_TOKEN"] == env["ADMIN_VIEWER_TOKEN"]
         assert again["CONSOLE_SESSION_KEY"] == env["CONSOLE_SESSION_KEY"]

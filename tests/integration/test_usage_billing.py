@@ -1175,7 +1175,7 @@ async def test_the_usage_viewer_prints_days_and_customers(
         "Billing period 2025-04-01 .. 2025-05-01, plan trial (calendar month, computed now)" in shown.stdout
     )
     assert "devices  3     $2.00 / 1  $6.00" in shown.stdout and shown.stdout.rstrip().endswith(
-        "Overage: $6.00"
+        "Overage: $6.00, not billed (plan trial: only paid plans are billed)"
     )
 
     everyone = usage_cli(
@@ -1184,14 +1184,18 @@ async def test_the_usage_viewer_prints_days_and_customers(
     assert everyone.returncode == 0, everyone.stderr
     row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
     assert row["deviceHours"] == "120.000"  # 13 x 6 h + 7 x 6 h
-    assert (row["reports"], row["peakDevices"], row["apiCalls"], row["periodOverage"]) == (
-        "2",
+    assert (row["reports"], row["peakDevices"], row["apiCalls"], row["periodOverage"], row["billed"]) == (
+        2,
         13,
-        "1,503",
-        "$6.00",
+        1503,
+        "6.00",
+        False,
     )
     table = usage_cli("--all", "--days", "5", "--until", "2025-04-17", database_url=database_url)
-    assert any(line.startswith(customer_id) and line.endswith("$6.00") for line in table.stdout.splitlines())
+    assert any(
+        line.startswith(customer_id) and line.endswith("$6.00 (not billed)")
+        for line in table.stdout.splitlines()
+    )
 
     unset = usage_cli("--all", database_url=None)
     assert unset.returncode == 2 and "DATABASE_URL is not set" in unset.stderr
@@ -1214,6 +1218,122 @@ async def test_the_usage_viewer_prints_days_and_customers(
     assert unmigrated.returncode == 2 and "the database has no billing tables" in unmigrated.stderr
     garbled = usage_cli("--all", database_url="postgresql://[bad/db")
     assert garbled.returncode == 2 and "DATABASE_URL: Invalid IPv6 URL" in garbled.stderr
+
+
+# Months of these tests alone (the CLI's total is of every customer's current period), within the raw
+# retention of the server's clock (NOW): its partition run at start deletes older reports.
+JUNE_2024 = BillingPeriod(datetime(2024, 6, 1, tzinfo=UTC), datetime(2024, 7, 1, tzinfo=UTC))
+SEPTEMBER_2024 = BillingPeriod(datetime(2024, 9, 1, tzinfo=UTC), datetime(2024, 10, 1, tzinfo=UTC))
+NOVEMBER_2024 = BillingPeriod(datetime(2024, 11, 1, tzinfo=UTC), datetime(2024, 12, 1, tzinfo=UTC))
+NOT_BILLED = "not billed (plan trial: only paid plans are billed)"
+
+
+async def rolled_up(
+    usage: UsageMetering, customer_id: str, plan: str, period: BillingPeriod, start: datetime, **counters: Any
+) -> None:
+    """One hour's report of the customer stored, and its period rolled up under `plan` as a flush does."""
+    assert await arrive(usage, [report(customer_id, "hour", start=start, **counters)], NOW) == Accepted(1, 0)
+    async with connection(usage.pool) as conn:
+        totals = await period_totals(conn, customer_id, period)
+        await save_rollup(conn, compute_rollup(customer_id, period, plan, totals))
+
+
+async def usage_cli_beside_the_server(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """The usage CLI while the server's loop keeps running: its partition run at start holds a lock on
+    usage_reports until the loop lets it finish."""
+    return await asyncio.to_thread(usage_cli, *args, database_url=database_url)
+
+
+async def test_usage_all_total_excludes_trial_overage(
+    usage_api: TestClient[Any, Any], database_url: str
+) -> None:
+    """Found in review: a trial's devices over its quota were printed as owed and added to the total of
+    the current periods, though a trial is not billed (Rollup.billed)."""
+    usage = usage_api.app[USAGE]
+    trial, paying = customer_id_for(unique_name("trial")), customer_id_for(unique_name("paying"))
+    day = JUNE_2024.start + 9 * DAY
+    await rolled_up(usage, trial, "trial", JUNE_2024, day, active_devices=42)  # 32 over x $2.00
+    await rolled_up(usage, paying, "starter", JUNE_2024, day, active_devices=13)  # 3 over x $2.00
+
+    table = await usage_cli_beside_the_server("--all", "--until", "2024-06-20", database_url=database_url)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.startswith("cust_")}
+    assert rows[trial].endswith("$64.00 (not billed)") and rows[paying].endswith(" $6.00"), table.stdout
+    assert lines[-2:] == [
+        "Overage of every customer's current billing period: $6.00",
+        "Not billed (plan trial: only paid plans are billed): $64.00",
+    ]
+    one = await usage_cli_beside_the_server(
+        "--customer", trial, "--until", "2024-06-20", database_url=database_url
+    )
+    assert one.stdout.rstrip().endswith(f"Overage: $64.00, {NOT_BILLED}"), one.stdout
+
+
+async def test_usage_all_total_covers_every_current_period_whatever_the_window(
+    usage_api: TestClient[Any, Any], database_url: str
+) -> None:
+    """Found in review: the total summed the customers that reported inside --days only: with --days 1, a
+    customer silent since early in its period dropped its overage out of "the current periods"."""
+    usage = usage_api.app[USAGE]
+    silent, talking = customer_id_for(unique_name("silent")), customer_id_for(unique_name("talking"))
+    # 3 devices over the quota on September 2nd, $6.00; 2 on the 20th, $4.00.
+    await rolled_up(usage, silent, "starter", SEPTEMBER_2024, SEPTEMBER_2024.start + DAY, active_devices=13)
+    await rolled_up(
+        usage, talking, "starter", SEPTEMBER_2024, SEPTEMBER_2024.start + 19 * DAY, active_devices=12
+    )
+
+    shown = await usage_cli_beside_the_server(
+        "--all", "--days", "1", "--until", "2024-09-20", database_url=database_url
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("cust_")] == [talking]
+    assert lines[-1] == (
+        "Overage of every customer's current billing period: $10.00 (1 customer not listed: no report in"
+        " the window)"
+    )
+
+
+async def test_usage_json_numbers_are_numbers(usage_api: TestClient[Any, Any], database_url: str) -> None:
+    """Found in review: `-o json` carried the table's text, "1,503" and "$6.00", beside numbers. Counts
+    are JSON numbers; decimals (device-hours, megabytes) and money (dollars) decimal strings, exact, as
+    the API's usage JSON has them."""
+    usage = usage_api.app[USAGE]
+    customer_id = customer_id_for(unique_name("json"))
+    start = NOVEMBER_2024.start + 9 * DAY
+    await rolled_up(
+        usage,
+        customer_id,
+        "starter",
+        NOVEMBER_2024,
+        start,
+        active_devices=13,
+        http_requests=1503,
+        mqtt_bytes_sent=1_500_000,
+    )
+
+    everyone = await usage_cli_beside_the_server(
+        "--all", "--until", "2024-11-20", "-o", "json", database_url=database_url
+    )
+    assert everyone.returncode == 0, everyone.stderr
+    row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
+    assert (row["reports"], row["peakDevices"], row["apiCalls"]) == (1, 13, 1503)
+    # MQTT 1,500,000 + 2,000 bytes, HTTP 300 + 400: exact gigabytes, not the table's 0.002.
+    assert (row["trafficGb"], row["deviceHours"], row["databaseMb"]) == ("0.001502700", "13.000", "125.500")
+    assert (row["periodOverage"], row["billed"]) == ("6.00", True)
+    assert datetime.fromisoformat(row["lastReport"]).tzinfo is not None
+
+    one = await usage_cli_beside_the_server(
+        "--customer", customer_id, "--until", "2024-11-20", "-o", "json", database_url=database_url
+    )
+    assert one.returncode == 0, one.stderr
+    shown = json.loads(one.stdout)
+    (day,) = shown["days"]
+    assert (day["reports"], day["peakDevices"], day["mqttMessages"], day["httpRequests"]) == (1, 13, 30, 1503)
+    assert (day["mqttMb"], day["httpMb"], day["deviceHours"]) == ("1.502000", "0.000700", "13.000")
+    period = shown["billing_period"]
+    assert (period["plan"], period["billed"], period["overage"]["total"]) == ("starter", True, "6.00")
 
 
 async def test_what_was_reported_is_flushed_when_the_server_stops(

@@ -1,17 +1,24 @@
-"""`make dev`'s pure parts: the `.dev/env` a person sources, the kubeconfig of an existing cluster."""
+"""`make dev`'s own parts: the `.dev/env` a person sources and the ports it names, kept between runs; the
+kubeconfig of an existing cluster; a stop or a part too slow during start-up."""
 
 from __future__ import annotations
 
 import base64
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from iotistic_billing.devenv.__main__ import dev_commands, existing_kubeconfig, write_env
+from iotistic_billing.devenv import __main__ as runner
+from iotistic_billing.devenv.__main__ import KeptPorts, dev_commands, existing_kubeconfig, write_env
 from iotistic_billing.devenv.controlplane import REPO_BIN
 
 
@@ -83,3 +90,106 @@ def test_an_existing_cluster_without_a_current_context_is_refused_by_name(tmp_pa
 
     with pytest.raises(SystemExit, match=f"KUBECONFIG {lab} sets no current-context"):
         existing_kubeconfig({"KUBECONFIG": str(lab), "HOME": str(tmp_path)})
+
+
+def test_a_restart_takes_the_ports_of_the_last_start(tmp_path: Path) -> None:
+    """Found in review: PostgreSQL, Mailpit, the registry and stripe-mock took new ports on every start,
+    so a shell that had sourced .dev/env pointed at dead ports (or at someone else's) after a restart."""
+    first = KeptPorts(tmp_path / "ports.json")
+    port = first.port("postgres")
+    first.keep("postgres", port)
+
+    assert KeptPorts(tmp_path / "ports.json").port("postgres") == port
+    # The last run's connections waiting in TIME_WAIT do not make the port taken: servers bind with
+    # SO_REUSEADDR.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    assert KeptPorts(tmp_path / "ports.json").port("postgres") == port
+
+
+def test_a_kept_port_another_process_listens_on_is_refused_by_number(tmp_path: Path) -> None:
+    kept = KeptPorts(tmp_path / "ports.json")
+    kept.keep("mailpit-smtp", kept.port("mailpit-smtp"))
+    port = KeptPorts(tmp_path / "ports.json").port("mailpit-smtp")
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        with pytest.raises(RuntimeError) as taken:
+            KeptPorts(tmp_path / "ports.json").port("mailpit-smtp")
+    assert str(taken.value).startswith(
+        f"port {port} of mailpit-smtp, kept in {tmp_path / 'ports.json'}, is taken by another process"
+    )
+
+
+class SlowPostgres:
+    """A PostgreSQL whose start takes seconds (an initdb on a slow disk), and says whether it was stopped."""
+
+    stopped = False
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.port = port
+
+    def start(self) -> SlowPostgres:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError("the stop request was not seen during start-up")
+
+    def stop(self) -> None:
+        SlowPostgres.stopped = True
+
+
+class StuckPostgres(SlowPostgres):
+    def start(self) -> SlowPostgres:
+        raise TimeoutError(
+            "PostgreSQL on port 5 not ready within 60.0s:\nLOG:  starting\nLOG:  still starting"
+        )
+
+
+@pytest.fixture
+def runner_signals() -> Iterator[None]:
+    """The runner installs its own SIGINT and SIGTERM handlers: the test process gets its own back."""
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)
+
+
+@pytest.mark.usefixtures("runner_signals")
+def test_a_stop_during_start_up_stops_what_started_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: Ctrl-C while `make dev` started was noted and ignored until everything was up."""
+    monkeypatch.setattr(runner, "EmbeddedPostgres", SlowPostgres)
+    SlowPostgres.stopped = False
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    began = time.monotonic()
+    code = runner.main(["--state", str(tmp_path / "dev"), "--port", "3100"])
+
+    assert time.monotonic() - began < 2
+    assert (code, SlowPostgres.stopped) == (128 + signal.SIGINT, True)
+    assert capsys.readouterr().err == "make dev: stopped by SIGINT before it was ready\n"
+
+
+@pytest.mark.usefixtures("runner_signals")
+def test_a_part_that_does_not_start_in_time_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: a TimeoutError of a start-up wait ended `make dev` in a traceback."""
+    monkeypatch.setattr(runner, "EmbeddedPostgres", StuckPostgres)
+    monkeypatch.chdir(tmp_path)
+
+    assert runner.main(["--state", "dev", "--port", "3100"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "make dev: postgres did not start in time (PostgreSQL on port 5 not ready within 60.0s);"
+        " see dev/postgres/postgres.log"
+    ]

@@ -353,3 +353,25 @@ def test_output_to_a_reader_that_went_away_ends_as_a_unix_tool_does(key_dir: Pat
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        (("--email", "not-an-email"), "--email: must be an email address"),
+        (("--trial-days", "120"), "--trial-days: must be between 0 and 90, got 120"),
+        (("--company", "  "), "--company: must not be blank"),
+        (("--customer-id", "Acme"), "--customer-id: must match ^cust_[a-z0-9]{6,32}$"),
+        (("--name", "x" * 300), "--name: must be at most 200 characters long, got 300"),
+        (("--resource-name", "a.b"), "--resource-name: must be lowercase letters, digits and '-'"),
+    ],
+)
+def test_customer_add_errors_name_the_flag_not_the_spec_field(
+    capsys: pytest.CaptureFixture[str], flags: tuple[str, str], refusal: str
+) -> None:
+    """Found in review: `customer add` said `spec.trial.days must be ...`, a field the user never typed;
+    the README has a bad argument named. Refused before any cluster is asked (none here)."""
+    given = {"--email": "ops@hooli.example", "--company": "Hooli", **dict([flags])}
+    code, _, err = run(capsys, "customer", "add", *(part for pair in given.items() for part in pair))
+    assert code == 2
+    assert err.startswith(f"iotistic-billing: error: {refusal}"), err

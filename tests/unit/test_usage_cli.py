@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -40,3 +41,29 @@ def test_a_statement_past_the_command_timeout_is_a_sentence(
         .err.strip()
         .endswith("error: PostgreSQL did not answer within 60 s; try fewer --days, or --customer")
     )
+
+
+def test_an_overage_that_is_not_billed_is_marked_and_left_out_of_the_total() -> None:
+    """A trial's period over its quotas is shown, said not billed, and counted apart from what is owed;
+    a trial without overage adds no line."""
+    periods = [
+        {"plan": "trial", "billed": False, "overage": {"total": "64.00"}},
+        {"plan": "trial", "billed": False, "overage": {"total": "0.00"}},
+        {"plan": "starter", "billed": True, "overage": {"total": "6.00"}},
+        {"plan": "professional", "billed": True, "overage": {"total": "1234.50"}},
+    ]
+    assert usage_cli.total_lines(periods, unlisted=1) == [
+        "Overage of every customer's current billing period: $1,240.50 (1 customer not listed: no report in"
+        " the window)",
+        "Not billed (plan trial: only paid plans are billed): $64.00",
+    ]
+    assert usage_cli.total_lines(periods[2:], unlisted=0) == [
+        "Overage of every customer's current billing period: $1,240.50"
+    ]
+    shown = usage_cli.table_rows(
+        [
+            {"plan": "trial", "periodOverage": Decimal("64.00"), "billed": False},
+            {"plan": "starter", "periodOverage": Decimal("6.00"), "billed": True},
+        ]
+    )
+    assert [row["periodOverage"] for row in shown] == ["$64.00 (not billed)", "$6.00"]

@@ -13,7 +13,13 @@ from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
-from iotistic_billing.customer import CUSTOMER_ID_PATTERN, DNS_NAME_PATTERN, derived_customer_id, parse_spec
+from iotistic_billing.customer import (
+    CUSTOMER_ID_PATTERN,
+    DNS_NAME_PATTERN,
+    derived_customer_id,
+    parse_spec,
+    resource_name_for,
+)
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
@@ -32,7 +38,6 @@ from iotistic_billing.webhook_server.views import (
     customer_view,
     new_customer_id,
     queue_stats,
-    resource_name_for,
     signup_manifest,
 )
 
