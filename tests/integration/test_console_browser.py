@@ -47,6 +47,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     eventually,
     random_id,
     running_app,
+    stripe_customer,
     subscription_object,
     webhook_settings_fixture,
 )
@@ -272,22 +273,10 @@ async def test_period_charts_match_the_period_totals_when_the_period_starts_mid_
     """Found in review: for a period starting at 13:42 UTC, the traffic and API-call charts added the
     reports of that day before 13:42 (the period before's) and read 11,500 MB over the 10 GB quota,
     while the page said overage $0.00."""
-    name = unique_name("midday")
-    customer_id = customer_id_for(name)
     yesterday = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
     today = yesterday + timedelta(days=1)
     period_start = yesterday.replace(hour=13, minute=42)
-    customers.create(
-        name,
-        customerId=customer_id,
-        plan="starter",
-        billing={"mode": "stripe"},
-        subscription={
-            "status": "active",
-            "plan": "starter",
-            "currentPeriodEnd": shift_months(period_start, 1).isoformat(),
-        },
-    )
+    name, customer_id = stripe_customer(customers, "midday", shift_months(period_start, 1))
     key = await add_usage_key(db_engine, customer_id)
     plain = {"mqtt_bytes_received": 0, "http_bytes_sent": 0, "http_bytes_received": 0}
     # 12:00-13:00 counts in the period before; 13:00-14:00 ends in this one, so counts here whole.

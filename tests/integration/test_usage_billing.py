@@ -54,6 +54,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     add_usage_key,
     customer_id_for,
     customers_fixture,
+    stripe_customer,
     webhook_settings_fixture,
 )
 
@@ -906,7 +907,7 @@ async def test_a_backlog_past_its_periods_close_grace_is_kept_and_billed_in_no_p
     USAGE_CLOSE_GRACE before get no rollup (Stripe refuses meter events over 35 days old, and no
     longer invoices a period once its invoice is final), February, closed meanwhile with what had
     arrived, is not reopened; each is logged, the reports are kept, and the current period is billed."""
-    name, customer_id = stripe_customer(customers, at(2025, 5, 15))
+    name, customer_id = stripe_customer(customers, "anchored", at(2025, 5, 15))
     try:
         headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
         february = BillingPeriod(at(2025, 2, 15), at(2025, 3, 15))
@@ -960,25 +961,6 @@ async def test_a_backlog_past_its_periods_close_grace_is_kept_and_billed_in_no_p
         assert closed["totals"]["api_calls"] == 120_000 and closed["overage_amount_cents"] == 1000
     finally:
         customers.delete(name)
-
-
-def stripe_customer(customers: Customers, current_period_end: datetime) -> tuple[str, str]:
-    """A starter Customer billed through Stripe, its subscription's period ending at the given time:
-    (resource name, customer id)."""
-    name = unique_name("anchored")
-    customer_id = customer_id_for(name)
-    customers.create(
-        name,
-        customerId=customer_id,
-        plan="starter",
-        billing={"mode": "stripe"},
-        subscription={
-            "status": "active",
-            "plan": "starter",
-            "currentPeriodEnd": current_period_end.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        },
-    )
-    return name, customer_id
 
 
 async def rollup_periods(engine: AsyncEngine, customer_id: str) -> list[tuple[datetime, datetime, int, bool]]:
@@ -1043,7 +1025,7 @@ async def test_the_current_period_starts_where_the_previous_one_ended(
     start: datetime,
 ) -> None:
     """A report is in one rollup only, so it is billed once, and status.usage shows that rollup's start."""
-    name, customer_id = stripe_customer(customers, current_period_end)
+    name, customer_id = stripe_customer(customers, "anchored", current_period_end)
     try:
         headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
         reports = [

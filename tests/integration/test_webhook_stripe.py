@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import Customer as CustomerRow
 from iotistic_billing.db.models import Notice, Subscription
-from tests.conftest import unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
@@ -28,18 +27,12 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     invoice_object,
     random_id,
     sign,
+    stripe_customer,
     subscription_object,
     webhook_settings_fixture,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def stripe_customer(customers: Customers, **spec: Any) -> tuple[str, str]:
-    name = unique_name("stripe")
-    customer_id = customer_id_for(name)
-    customers.create(name, customerId=customer_id, billing={"mode": "stripe"}, **spec)
-    return name, customer_id
 
 
 async def test_subscription_update_is_applied_server_side_under_the_webhook_manager(

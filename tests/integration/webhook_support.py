@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import SESSIONS
 from iotistic_billing.webhook_server.options import ServerOptions
-from tests.conftest import wait_until
+from tests.conftest import unique_name, wait_until
 
 T = TypeVar("T")
 
@@ -342,6 +343,27 @@ class Customers:
             for entry in body["metadata"].get("managedFields", [])
             if "f:subscription" in (entry.get("fieldsV1") or {}).get("f:spec", {})
         ]
+
+
+def stripe_customer(
+    customers: Customers, prefix: str = "stripe", current_period_end: datetime | None = None, **spec: Any
+) -> tuple[str, str]:
+    """A Customer billed through Stripe (resource name, customer id); with `current_period_end`, on an
+    active starter subscription whose period ends then (usage is billed by that period)."""
+    name = unique_name(prefix)
+    customer_id = customer_id_for(name)
+    if current_period_end is not None:
+        spec = {
+            "plan": "starter",
+            "subscription": {
+                "status": "active",
+                "plan": "starter",
+                "currentPeriodEnd": current_period_end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+            **spec,
+        }
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"}, **spec)
+    return name, customer_id
 
 
 async def eventually(probe: Callable[[], Awaitable[T] | T], within: float = 60, message: str = "") -> T:
