@@ -456,6 +456,14 @@ def stored_after(
     is then the time its facts are ordered at, later for one delivered after newer invoices)."""
     applied = decision.subscription
     was_overdue = row is not None and row.status in OVERDUE_STATUSES
+    # A row whose times are unknown (from before migration 0010, or moved on by an inbox from before it)
+    # takes all it holds as the subscription's own: a late own event older than that stays stale.
+    if row is None:
+        own_before, invoice_before = 0, 0
+    elif _times_known(row):
+        own_before, invoice_before = row.own_event_created or 0, row.invoice_event_created or 0
+    else:
+        own_before, invoice_before = row.last_event_created, 0
     return StoredSubscription(
         customer_id=customer_id,
         status=facts.status,
@@ -481,8 +489,8 @@ def stored_after(
             if applied
             else _overdue_since(was_overdue, row.past_due_since if row else None, facts.status, created)
         ),
-        own_event_created=own_created if own_created is not None else (row.own_event_created if row else 0),
-        invoice_event_created=created if facts.from_invoice else (row.invoice_event_created if row else 0),
+        own_event_created=own_created if own_created is not None else own_before,
+        invoice_event_created=created if facts.from_invoice else invoice_before,
     )
 
 
@@ -627,10 +635,8 @@ def _own_event_under_invoices(
     if (
         facts.from_invoice
         or row is None
-        or row.own_event_created is None
-        or row.invoice_event_created is None
-        or row.last_event_created != max(row.own_event_created, row.invoice_event_created)
-        or created <= row.own_event_created
+        or not _times_known(row)
+        or created <= (row.own_event_created or 0)
         or facts.status in ENDED_STATUSES
         or row.status in ENDED_STATUSES
         or (held is not None and (held.last_event_created or 0) > row.last_event_created)
@@ -642,6 +648,13 @@ def _own_event_under_invoices(
     status = "unpaid" if facts.status == "unpaid" and row.status != "active" else _status(row.status)
     ends = [end for end in (facts.current_period_end, row.current_period_end) if end is not None]
     return replace(facts, status=status or facts.status, current_period_end=max(ends, default=None)), last
+
+
+def _times_known(row: StoredSubscription) -> bool:
+    """Whether the row's newest state is the newer of its own events' and its invoices' times, as this
+    version writes them (not NULL from before migration 0010, nor moved on by an inbox from before it)."""
+    own, invoice = row.own_event_created, row.invoice_event_created
+    return own is not None and invoice is not None and row.last_event_created == max(own, invoice)
 
 
 def _successor(

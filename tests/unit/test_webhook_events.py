@@ -789,3 +789,16 @@ def test_a_row_an_older_inbox_moved_on_keeps_a_late_own_event_stale() -> None:
     invoiced = row(plan="starter", last_event_created=300, own_event_created=150, invoice_event_created=300)
     moved = coalesce("cust_a", downgraded, invoiced, [(upgrade, 200)])
     assert moved.subscription is not None and moved.subscription.plan == "professional"
+
+
+def test_an_invoice_recorded_after_an_older_inbox_moved_the_row_keeps_a_late_own_event_stale() -> None:
+    """Found in this stop's review: the row an older inbox moved on (at 300) read as unknown, until this
+    inbox recorded an invoice (at 400) on it and it read as known again, its own time still 150: a late
+    upgrade (at 200) then applied over the downgrade Stripe bills."""
+    older_inbox = row(plan="starter", last_event_created=300, own_event_created=150, invoice_event_created=0)
+    downgraded = current(plan="starter", last_event_created=300)
+    paid = coalesce("cust_a", downgraded, older_inbox, [(invoice_facts("invoice.paid"), 400)])
+    assert (paid.rows["sub_1"].own_event_created, paid.rows["sub_1"].invoice_event_created) == (300, 400)
+    upgrade = SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END)
+    late = coalesce("cust_a", paid.subscription, {**older_inbox, **paid.rows}, [(upgrade, 200)])
+    assert [step.decision.action for step in late.steps if step.decision] == ["stale"]
