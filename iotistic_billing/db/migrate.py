@@ -53,6 +53,13 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> frozenset[str]:
+    """Every migration of this version; a revision not among them is a newer version's."""
+    return frozenset(
+        script.revision for script in ScriptDirectory.from_config(alembic_config("")).walk_revisions()
+    )
+
+
 def current_revision(database_url: str) -> str | None:
     """The revision the database is at; None when it was never migrated."""
 

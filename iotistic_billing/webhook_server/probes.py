@@ -11,7 +11,7 @@ from typing import Any, Final
 from aiohttp import web
 from sqlalchemy import text
 
-from iotistic_billing.db.migrate import head_revision
+from iotistic_billing.db.migrate import head_revision, known_revisions
 from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
 from iotistic_billing.webhook_server.messages import json_model
 from iotistic_billing.webhook_server.schemas import Health, Readiness
@@ -45,15 +45,21 @@ class ReadinessChecks:
     public (kubelet, load balancers), and every call took a pooled database connection and an API
     server call, so a flood of it queued the API's own requests behind it.
 
-    Ready means PostgreSQL answers at the schema this version's code needs (`head`: its newest
-    migration; the operator's init container migrates during an upgrade, and a new replica serving the
-    old schema failed every write of a new column). The API server is checked and reported, but does
+    Ready means PostgreSQL answers at the schema this version's code needs (its newest migration, or a
+    newer version's, which keeps what this one reads and writes: docs/architecture.md, "Tables"; the
+    operator's init container migrates during an upgrade, and a new replica serving an older schema
+    failed every write of a new column). The API server is checked and reported, but does
     not make the server unready: Stripe events, usage reports and the keys need PostgreSQL alone, and
     every replica leaving the Service while the control plane was away refused them all."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, head: str | None = None) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        head: str | None = None,
+        known: frozenset[str] | None = None,
+    ) -> None:
         self._clock = clock
-        self._head = head
+        self._head, self._known = head, known
         self._results: list[tuple[str, bool]] = []
         self._checked_at = -READINESS_TTL
         self._round: asyncio.Future[list[tuple[str, bool]]] | None = None
@@ -70,7 +76,11 @@ class ReadinessChecks:
 
         async def database() -> None:
             async with app[ENGINE].connect() as connection:
-                revision.append(await connection.scalar(text("SELECT version_num FROM alembic_version")))
+                # No table yet (the first migration not committed): PostgreSQL answers, the schema is not.
+                if await connection.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL")):
+                    revision.append(await connection.scalar(text("SELECT version_num FROM alembic_version")))
+                else:
+                    revision.append(None)
 
         results = list(
             await asyncio.gather(
@@ -78,12 +88,14 @@ class ReadinessChecks:
             )
         )
         head = self._head = self._head or head_revision()
-        at_head = bool(revision) and revision[0] == head
-        if revision and not at_head:
-            log.warning(
-                "readiness: the database is at %s, this version needs %s (migrating?)", revision[0], head
-            )
-        results.insert(1, ("schema", at_head))
+        known = self._known = self._known or known_revisions()
+        at = revision[0] if revision else None
+        # This version's newest, or a newer version's (its migration ran before this replica was
+        # replaced; a rollback's): not an older one, nor none.
+        current = at is not None and (at == head or at not in known)
+        if revision and not current:
+            log.warning("readiness: the database is at %s, this version needs %s (migrating?)", at, head)
+        results.insert(1, ("schema", current))
         self._results, self._checked_at = results, self._clock()
         return results
 

@@ -112,7 +112,7 @@ async def test_postgres_down_is_503_and_the_retry_applies_once(
         await engine.dispose()
 
 
-async def test_api_server_unreachable_keeps_the_event_pending_and_not_ready(
+async def test_api_server_unreachable_keeps_the_event_pending_and_the_server_ready(
     webhook_settings: Settings, db_engine: AsyncEngine
 ) -> None:
     """The event is stored before the 2xx, so Stripe stops retrying and nothing is lost: the inbox keeps

@@ -26,17 +26,19 @@ class Dependencies:
         self.delay = 0.05
         self.up = True
         self.kube_up = True
-        self.revision = HEAD
+        self.revision: str | None = HEAD
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Dependencies]:
         yield self
 
-    async def scalar(self, *args: Any) -> str:
-        self.queries += 1
-        await asyncio.sleep(self.delay)
-        if not self.up:
-            raise ConnectionRefusedError("PostgreSQL is away")
+    async def scalar(self, statement: Any) -> str | bool | None:
+        if "to_regclass" in str(statement):  # whether alembic_version is there: a round's first query
+            self.queries += 1
+            await asyncio.sleep(self.delay)
+            if not self.up:
+                raise ConnectionRefusedError("PostgreSQL is away")
+            return self.revision is not None
         return self.revision
 
     async def server_version(self) -> dict[str, str]:
@@ -55,7 +57,7 @@ async def probed(dependencies: Dependencies, now: list[float]) -> AsyncIterator[
     app = web.Application()
     app[ENGINE] = dependencies  # type: ignore[misc]
     app[KUBE] = dependencies  # type: ignore[misc]
-    app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD)
+    app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD, known=frozenset({"0010", HEAD}))
     app.router.add_get("/readyz", readyz)
     async with TestClient(TestServer(app)) as client:
         yield client
@@ -88,7 +90,8 @@ async def test_a_flood_of_readiness_probes_makes_one_round_of_checks() -> None:
 async def test_ready_needs_the_schema_of_this_version_and_not_the_api_server() -> None:
     """Found in review: a new replica was Ready against the schema before its migrations (every write of
     a new column failed), and with the API server away every replica left the Service, refusing Stripe
-    events and usage reports that need PostgreSQL alone."""
+    events and usage reports that need PostgreSQL alone. A newer version's schema keeps it ready, or the
+    next upgrade's migration would take every running replica out before its new ones are up."""
     now = [100.0]
     dependencies = Dependencies()
     dependencies.revision = "0010"
@@ -100,6 +103,22 @@ async def test_ready_needs_the_schema_of_this_version_and_not_the_api_server() -
             "schema": "unavailable",
             "kubernetes": "ok",
         }
+
+        # Not migrated at all (the first migration under way): PostgreSQL answers, the schema is not there.
+        dependencies.revision = None
+        now[0] += READINESS_TTL
+        fresh = await client.get("/readyz")
+        assert fresh.status == 503
+        assert (await fresh.json())["checks"] == {
+            "database": "ok",
+            "schema": "unavailable",
+            "kubernetes": "ok",
+        }
+
+        # A newer version's migration (the next upgrade's, before this replica is replaced): still ready.
+        dependencies.revision = "0012"
+        now[0] += READINESS_TTL
+        assert (await client.get("/readyz")).status == 200
 
         dependencies.revision, dependencies.kube_up = HEAD, False
         now[0] += READINESS_TTL
