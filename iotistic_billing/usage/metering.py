@@ -2,7 +2,8 @@
 
 Exactly once, end to end: an event is recorded in `usage_meter_events` only after Stripe accepted it,
 under the identifier `<customer id>:<period start YYYYMMDD>:<metric>`. A crash between Stripe's answer
-and the insert re-sends the same identifier on the next run, and Stripe drops a repeated identifier;
+and the insert re-sends the same identifier on the next run, which Stripe refuses as one it holds (for
+at least 24 hours): that refusal is recorded as the event sent;
 a recorded event is never sent again. One run at a time across server replicas (a PostgreSQL advisory
 lock), so two replicas never race on one event.
 
@@ -53,7 +54,7 @@ STRIPE_METER_WINDOW: Final = timedelta(days=35)
 
 
 def meter_identifier(customer_id: str, period_start: datetime, metric: str) -> str:
-    """Stripe drops a meter event whose identifier it has seen: one per customer, period and metric.
+    """Stripe refuses a meter event whose identifier it holds: one per customer, period and metric.
     The period start is the date when it is a midnight UTC (calendar months), the second otherwise: two
     periods can start on one day (a checkout cuts the running period short at its own start), and with
     the date alone the second period's events were taken for the first's and never sent."""
@@ -148,6 +149,10 @@ class MeterSender(Protocol):
         ...
 
 
+# Stripe's answer to an identifier it holds (400 invalid_request_error).
+_ALREADY_HELD: Final = "already exists with identifier"
+
+
 class StripeMeterSender:
     """Meter events through the stripe SDK (`client.v1.billing.meter_events`)."""
 
@@ -159,6 +164,12 @@ class StripeMeterSender:
             created = await self.client.v1.billing.meter_events.create_async(params=event.params())
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.AuthenticationError) as error:
             raise StripeUnavailable(type(error).__name__) from None
+        except stripe.InvalidRequestError as error:
+            # Stripe refuses an identifier it holds rather than dropping the repeat: a send whose record
+            # was lost (a crash after Stripe's answer) is an event Stripe has.
+            if _ALREADY_HELD in str(error.user_message or error):
+                return event.identifier
+            raise
         except stripe.StripeError as error:
             if (error.http_status or 500) >= 500:
                 raise StripeUnavailable(f"HTTP {error.http_status}") from None

@@ -120,3 +120,35 @@ def test_the_meter_run_looks_three_meter_intervals_back_for_reports_no_flush_rol
     assert UsageOptions(meter_interval=600).catch_up_window == timedelta(minutes=30)
     # Runs not timed (tests, the inbox process): as for the default hour.
     assert UsageOptions(meter_interval=None).catch_up_window == timedelta(hours=3)
+
+
+async def test_an_identifier_stripe_already_holds_is_an_event_sent() -> None:
+    """Found in review: Stripe does not drop a repeated identifier quietly, it refuses it (400, "An event
+    already exists with identifier ..."): a send whose record was lost (a crash after Stripe's answer)
+    was refused for good, and after 35 days reported as billed in no invoice, though Stripe had it."""
+    import stripe
+
+    from iotistic_billing.usage.metering import StripeMeterSender
+
+    (event,) = meter_events_for(
+        "cust_dup0000001", "cus_dup", BillingPeriod(START, END), {"api_calls": Decimal(2500)}
+    )
+
+    class Refusing:
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+        async def create_async(self, params: object) -> object:
+            raise stripe.InvalidRequestError(self.message, "identifier", http_status=400)
+
+    def sender(message: str) -> StripeMeterSender:
+        client = type("Client", (), {})()
+        client.v1 = type("V1", (), {})()
+        client.v1.billing = type("Billing", (), {})()
+        client.v1.billing.meter_events = Refusing(message)
+        return StripeMeterSender(client)  # type: ignore[arg-type]
+
+    held = f"An event already exists with identifier {event.identifier}."
+    assert await sender(held)(event) == event.identifier
+    with pytest.raises(stripe.InvalidRequestError):
+        await sender("No active meter was found for event_name iotistic_devices.")(event)
