@@ -84,12 +84,16 @@ class EmbeddedPostgres:
             _open_path_to(self.data_dir)
             os.chown(self.data_dir, *ids)
         if not (pgdata / "PG_VERSION").exists():
+            # Made aside and renamed once whole: an initdb stopped part-way (Ctrl-C during the first
+            # `make dev`) left a PG_VERSION that every later start took for a cluster.
+            building = self.data_dir / "data.initdb"
             shutil.rmtree(pgdata, ignore_errors=True)
+            shutil.rmtree(building, ignore_errors=True)
             initdb = subprocess.run(
                 [
                     str(_binaries() / "initdb"),
                     "-D",
-                    str(pgdata),
+                    str(building),
                     "--auth=trust",
                     "-U",
                     SUPERUSER,
@@ -106,6 +110,7 @@ class EmbeddedPostgres:
                 raise RuntimeError(
                     f"initdb of {pgdata} failed: {initdb.stderr.strip() or initdb.stdout.strip()}"
                 )
+            building.rename(pgdata)
         # A server killed without a clean stop leaves its pid file; it is ours, so it can go.
         (pgdata / "postmaster.pid").unlink(missing_ok=True)
         argv = [

@@ -4,10 +4,15 @@ Alembic stairway (upgrade, downgrade, upgrade)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -343,3 +348,34 @@ async def test_an_upgrade_waits_for_one_running_elsewhere(postgres: EmbeddedPost
     finally:
         await engine.dispose()
     assert await asyncio.to_thread(_tables, url) >= TABLES
+
+
+def test_a_start_stopped_during_initdb_leaves_nothing_the_next_start_takes_for_a_cluster(
+    tmp_path: Path,
+) -> None:
+    """Found in review: Ctrl-C during the first `make dev` killed initdb after it wrote PG_VERSION, and
+    every later start took that directory for a cluster and failed (`global/pg_control`). initdb now
+    works aside and its directory is renamed into place once whole."""
+    script = (
+        "import sys; from pathlib import Path; from iotistic_billing.db.embedded import EmbeddedPostgres;"
+        " EmbeddedPostgres(Path(sys.argv[1])).start()"
+    )
+    starting = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "pg")])
+    # Until initdb has begun writing (its directory exists), then the start is killed with it.
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pg" / "data.initdb").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (tmp_path / "pg" / "data.initdb").exists(), "initdb did not start"
+    starting.kill()
+    starting.wait(10)
+    for child in psutil.process_iter(["name", "cmdline"]):
+        if child.info["name"] == "initdb" and str(tmp_path) in " ".join(child.info["cmdline"] or []):
+            child.kill()
+    assert not (tmp_path / "pg" / "data" / "PG_VERSION").exists()
+
+    server = EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        url = server.create_database("after_a_stop")
+        assert _tables(url) == set()
+    finally:
+        server.stop()
