@@ -40,7 +40,7 @@ from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.devenv.mailpit import Mailpit
-from iotistic_billing.k8s import FieldManager, Kube, KubeApi
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.notices import outbox as outbox_module
 from iotistic_billing.notices.content import NoticeKind, license_changed
 from iotistic_billing.notices.outbox import Outbox
@@ -49,6 +49,7 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.context import DIRECTORY
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.workers import Precedence
 from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
@@ -884,9 +885,11 @@ async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
     k8s_client: kubernetes.client.ApiClient,
     webhook_settings: Settings,
     kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """POST /api/notices/{id}/resend: a webhook that died at a URL the customer has fixed since goes to
-    the fixed one; once the customer took its webhook away, a re-send of the whole notice leaves it be."""
+    the fixed one; once the customer took its webhook away, a re-send of the whole notice leaves it be.
+    With the API server away, a resend goes to the stored targets (a mail needs PostgreSQL alone)."""
     _, customer = receivers
     objects = kubernetes.client.CustomObjectsApi(k8s_client)
     name = unique_name("movedhook")
@@ -916,6 +919,18 @@ async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
         async with app as api:
             await one.send_due()
             assert {d.target: d.status for d in await deliveries(sessions, notice.key)}[gone] == "dead"
+            async with sessions() as session:
+                resend_path = f"/api/notices/{(await notice_row(session, notice.key)).id}/resend"
+
+            async def api_server_away(*args: Any, **kwargs: Any) -> None:
+                raise KubernetesUnavailable("the API server cannot be reached")
+
+            monkeypatch.setattr(api.app[DIRECTORY], "by_customer_id", api_server_away)
+            answer = await api.post(resend_path, headers=admin_headers())
+            assert answer.status == 202, await answer.text()
+            assert ("webhook", "pending", gone) in shown(await answer.json())
+            monkeypatch.undo()
+            await one.send_due()
             fixed = {**body["notifications"]["webhook"], "url": customer.url}
             objects.patch_cluster_custom_object(
                 GROUP, VERSION, PLURAL, name, {"spec": {"notifications": {"webhook": fixed}}}
