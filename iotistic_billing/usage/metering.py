@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -51,6 +51,9 @@ MAX_DECIMALS: Final = 6
 METER_LOCK_KEY: Final = 0x10715_0006
 # Stripe refuses a meter event whose timestamp is more than 35 days old.
 STRIPE_METER_WINDOW: Final = timedelta(days=35)
+# Stripe finalizes a period's invoice at most this long after the period (its invoice finalization grace
+# period): usage sent later is taken but billed on no invoice.
+STRIPE_INVOICE_GRACE: Final = timedelta(hours=72)
 
 
 def meter_identifier(customer_id: str, period_start: datetime, metric: str) -> str:
@@ -183,6 +186,7 @@ class MeterRun:
     sent: int = 0  # events Stripe accepted and we recorded
     failed: int = 0  # events to try again by a later run
     expired: int = 0  # events given up: past Stripe's 35 days, billed in no invoice
+    late: int = 0  # periods sent past Stripe's invoice grace: taken, on no invoice
     skipped: bool = False  # another replica holds the lock
 
 
@@ -205,7 +209,7 @@ ON CONFLICT (identifier) DO NOTHING
 """
 # None of these touches updated_at: rollups.reports_after_close reads it as the time the row closed.
 _METERED: Final = """
-UPDATE usage_rollups SET metered_at = $3, meter_refusal = NULL
+UPDATE usage_rollups SET metered_at = $3, meter_refusal = $4
 WHERE customer_id = $1 AND period_start = $2
 """
 _REFUSED: Final = """
@@ -270,8 +274,18 @@ async def _meter_period(
         await record_meter_event(conn, event, echoed)
         sent += 1
     if not refusals:
-        await conn.execute(_METERED, customer_id, period.start, now)
-        return MeterRun(sent=sent)
+        # Stripe takes a past period's usage onto its invoice only while that is a draft.
+        late = sent > 0 and now - period.end > STRIPE_INVOICE_GRACE
+        note = None
+        if late:
+            days = (now - period.end).days
+            note = (
+                f"sent {days} day{'s' if days != 1 else ''} after the period ended, past Stripe's invoice"
+                f" grace ({STRIPE_INVOICE_GRACE.days * 24} hours at most): on no invoice"
+            )
+            log.warning("%s: %s", where, note)
+        await conn.execute(_METERED, customer_id, period.start, now, note)
+        return MeterRun(sent=sent, late=int(late))
     refusal = "; ".join(refusals)
     # Once per refusal, not once per run: the row keeps what was said last.
     if refusal != last_refusal:
@@ -312,17 +326,21 @@ async def send_meter_events(
             closed = await close_periods(conn, now, grace=close_grace)
             if sender is None:
                 return MeterRun(closed=closed)
-            sent = failed = expired = 0
+            run = MeterRun(closed=closed)
             for row in await conn.fetch(_UNMETERED, now, limit):
                 try:
                     result = await _meter_period(conn, row, sender, now)
                 except StripeUnavailable as error:
                     log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
-                    return MeterRun(closed=closed, sent=sent, failed=failed + 1, expired=expired)
-                sent += result.sent
-                failed += result.failed
-                expired += result.expired
-            return MeterRun(closed=closed, sent=sent, failed=failed, expired=expired)
+                    return replace(run, failed=run.failed + 1)
+                run = replace(
+                    run,
+                    sent=run.sent + result.sent,
+                    failed=run.failed + result.failed,
+                    expired=run.expired + result.expired,
+                    late=run.late + result.late,
+                )
+            return run
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", METER_LOCK_KEY)
 

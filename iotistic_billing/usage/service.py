@@ -367,11 +367,15 @@ class UsageMetering:
             self.metrics.meter_events.labels("failed").inc(run.failed)
         if run.expired:
             self.metrics.meter_events.labels("expired").inc(run.expired)
+        if run.late:
+            self.metrics.meter_events.labels("late").inc(run.late)
         if run.closed or run.sent or run.failed or run.expired:
             log.info(
-                "meter run: %d periods closed, %d events sent, %d failed, %d given up",
+                "meter run: %d periods closed, %d events sent (%d periods past Stripe's invoice grace),"
+                " %d failed, %d given up",
                 run.closed,
                 run.sent,
+                run.late,
                 run.failed,
                 run.expired,
             )

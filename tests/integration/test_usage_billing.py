@@ -667,6 +667,28 @@ async def test_a_period_past_stripes_35_days_is_given_up_once_and_said_so(
     assert (again.sent, again.failed, again.expired) == (0, 0, 0)
 
 
+async def test_a_period_sent_past_stripe_s_invoice_grace_is_metered_with_a_note_and_a_warning(
+    meter_pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: Stripe adds a past period's usage only while that period's invoice is a draft (72
+    hours at most after its end); a period sent later (its meter created days after a refusal, or
+    STRIPE_SECRET_KEY set late) was recorded as billed with nothing said, though it is on no invoice.
+    Stripe still takes the event, so it is sent; the row says when, and a warning tells the operator."""
+    late, timely = customer_id_for(unique_name("lateinv")), customer_id_for(unique_name("timely"))
+    await closed_period(meter_pool, late, BillingPeriod(at(2025, 3, 1), at(2025, 4, 1)))
+    await closed_period(meter_pool, timely, BillingPeriod(at(2025, 3, 3), at(2025, 4, 3)))
+    now = at(2025, 4, 5)  # 4 days after the first period's end, 2 after the second's
+    with caplog.at_level("WARNING", logger="iotistic_billing.usage.metering"):
+        run = await send_meter_events(meter_pool, StripeLike(now), now, close_grace=timedelta(hours=1))
+    assert (run.sent, run.failed, run.late) == (2, 0, 1)
+    note = "sent 4 days after the period ended, past Stripe's invoice grace (72 hours at most): on no invoice"
+    assert await meter_state(meter_pool, late) == [(at(2025, 3, 1), True, note)]
+    assert await meter_state(meter_pool, timely) == [(at(2025, 3, 3), True, None)]
+    assert [r.getMessage() for r in caplog.records if late in r.getMessage()] == [
+        f"meter events of {late}, period 2025-03-01T00:00:00+00:00 .. 2025-04-01T00:00:00+00:00: {note}"
+    ]
+
+
 async def test_trials_and_customers_without_stripe_send_nothing(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine
 ) -> None:
