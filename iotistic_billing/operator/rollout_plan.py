@@ -149,20 +149,17 @@ def _back(
 ) -> Move | None:
     """The move that returns a Customer this rollout moved to the version it had; None when this
     rollout did not move it or it is back already. Without a recorded version its annotations are
-    dropped (the fleet's version applies again)."""
+    dropped (the fleet's version applies again).
+
+    Its previous-chart-version becomes the target it leaves, the version it is moved from: without it,
+    operator.state.chart_target cannot tell that a version INSTANCE_CHART_UPGRADE=immediate installs
+    later came after the annotation, and leaving that mode would take the Customer back down."""
     if customer.annotations.get(ROLLOUT_NAME) != rollout or customer.version != target:
         return None
     previous = customer.annotations.get(ROLLOUT_PREVIOUS_VERSION) or (failure and failure.previous_version)
     if not previous:
         return Move(customer.name, {})
-    return Move(
-        customer.name,
-        {
-            ROLLOUT_CHART_VERSION: previous,
-            ROLLOUT_NAME: rollout,
-            ROLLOUT_UPDATED_AT: now.isoformat(timespec="seconds"),
-        },
-    )
+    return moved(customer, previous, target, rollout, now)
 
 
 @dataclass(frozen=True)
@@ -251,18 +248,23 @@ def decide(
     # Moved by this rollout and held by no step: no longer selected (relabelled, or a plan that changed
     # by itself: a trial that ended, a suspension), or selected and left out of every step (a percentage
     # shrunk with the fleet and no `rest` after it, steps edited away): still judged while its step
-    # runs, and returned by a rollback. One being deleted or pinned is not: the rollout lets it go (a
-    # deleted one stays Ready False, Terminating, while its finalizer retries; a pin is Git's word).
+    # runs, and returned by a rollback. One being deleted is not: it stays Ready False (Terminating)
+    # while its finalizer retries, and it goes anyway. One pinned runs its pin (Git's word): not judged
+    # nor waited for, but a rollback still returns its annotation, which applies once it is unpinned.
     in_steps = {m.name for group in groups for m in group}
-    departed = [m for m in members if m.name not in in_steps and m.rollout == rollout.name] + [
-        member(c, spec.chart_version, now, timeout)
+    gone = [
+        c
         for c in customers
         if not selects(spec, c)
         and not c["metadata"].get("deletionTimestamp")
-        and not ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
         and (c["metadata"].get("annotations") or {}).get(ROLLOUT_NAME) == rollout.name
     ]
-    return tick.run(groups, len(members), _held(rollout, members, others), departed)
+    departed = [m for m in members if m.name not in in_steps and m.rollout == rollout.name]
+    pinned: list[Member] = []
+    for c in gone:
+        is_pinned = ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
+        (pinned if is_pinned else departed).append(member(c, spec.chart_version, now, timeout))
+    return tick.run(groups, len(members), _held(rollout, members, others), departed, pinned)
 
 
 def _blocking(
@@ -363,19 +365,31 @@ class _Tick:
         """The Customers the current step waits for: its own; those of earlier steps left over (a canary
         created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
         yet; and any this rollout moved since the step started, whichever step holds it now, if any (a
-        fleet grown or shrunk moves the percentages' boundaries). Earlier steps' other Customers were healthy
-        (or failed and counted) when their step ended and are not judged again."""
+        fleet grown or shrunk moves the percentages' boundaries). Customers an earlier step of this run
+        moved were healthy (or failed and counted) when their step ended and are not judged again, also
+        when the current step holds them now (a boundary moved, or the last step running again after
+        the running one was edited away: its own were judged when it ended)."""
         started = (self.status.steps or [])[current].started_at
         since = started.replace(microsecond=0) if started else self.now  # updated-at has whole seconds
+        run_started = (self.status.started_at or self.now).replace(microsecond=0)
 
         def moved_in_step(m: Member) -> bool:
             return m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since
 
+        def moved_before(m: Member) -> bool:
+            return (
+                m.health != "pending"
+                and m.rollout == self.rollout.name
+                and m.moved_at is not None
+                and run_started <= m.moved_at < since
+            )
+
         leftovers = [
             m for group in groups[:current] for m in group if m.health == "pending" or moved_in_step(m)
         ]
+        own = [m for m in groups[current] if not moved_before(m)]
         strays = [m for group in [*groups[current + 1 :], departed] for m in group if moved_in_step(m)]
-        return leftovers + groups[current] + strays
+        return leftovers + own + strays
 
     def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
         """The counts, in total and per step. A step's `failed` is the Customers that failed while it
@@ -400,7 +414,12 @@ class _Tick:
         self.status.failed = max(sum(s.failed or 0 for s in steps), len(failures))
 
     def run(
-        self, groups: list[list[Member]], total: int, held: Mapping[str, str], departed: list[Member]
+        self,
+        groups: list[list[Member]],
+        total: int,
+        held: Mapping[str, str],
+        departed: list[Member],
+        pinned: list[Member],
     ) -> Decision:
         spec, status, now = self.spec, self.status, self.now
         if status.started_at is None:
@@ -409,16 +428,21 @@ class _Tick:
         if status.current_step is None:
             status.current_step = 1
             self.events.append(("Normal", "StepStarted", self._step_message(0, groups)))
+        running = (status.steps or [])[current] if current < len(status.steps or []) else None
         steps = self._steps(groups)
         everyone = [m for group in groups for m in group] + departed
         if status.phase == RolloutPhase.ROLLING_BACK:
             self._count(groups, total, [], current)
-            return self._rolling_back(everyone)
+            return self._rolling_back(everyone, pinned)
         if current >= len(groups):
-            # The running step was edited away: the last one left runs again, so the Customers moved
-            # since it started are judged before the rollout can succeed.
+            # The running step was edited away: the last one left runs again from when that step
+            # started, so the Customers moved since are judged before the rollout can succeed, and its
+            # own, judged when it ended, are not judged again (_watched).
             current = len(groups) - 1
             status.current_step = current + 1
+            again = steps[current]
+            again.started_at = (running and running.started_at) or again.started_at
+            again.healthy_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now
 
@@ -428,7 +452,7 @@ class _Tick:
         over_budget = (status.failed or 0) >= spec.health_gate.max_failures
         # spec.paused holds a rollback's moves (each a helm upgrade) until resumed; a halt moves nothing.
         if over_budget and not (spec.paused and spec.on_failure == "rollback"):
-            return self._failed(everyone, current)
+            return self._failed(everyone, pinned, current)
 
         step = spec.steps[current]
         earlier = [m for g in groups[:current] for m in g]
@@ -473,7 +497,7 @@ class _Tick:
         self.events.append(("Normal", "StepStarted", self._step_message(current + 1, groups)))
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
-        return self.run(groups, total, held, departed)
+        return self.run(groups, total, held, departed, pinned)
 
     def _step_message(self, index: int, groups: list[list[Member]]) -> str:
         names = [m.name for m in groups[index]] if index < len(groups) else []
@@ -517,7 +541,7 @@ class _Tick:
     def _failed_names(self) -> str:
         return _few([f.customer for f in self.status.failures or ()], self.status.failed or 0)
 
-    def _failed(self, everyone: list[Member], current: int) -> Decision:
+    def _failed(self, everyone: list[Member], pinned: list[Member], current: int) -> Decision:
         names = self._failed_names()
         if self.spec.on_failure == "halt":
             return self.finish(
@@ -525,14 +549,16 @@ class _Tick:
             )
         self.status.phase = RolloutPhase.ROLLING_BACK
         self.events.append(("Warning", "RollingBack", f"step {current + 1}: {names} failed, rolling back"))
-        return self._rolling_back(everyone)
+        return self._rolling_back(everyone, pinned)
 
-    def _rolling_back(self, everyone: list[Member]) -> Decision:
-        """Every Customer this rollout set to its version goes back to the one it had."""
+    def _rolling_back(self, everyone: list[Member], pinned: list[Member]) -> Decision:
+        """Every Customer this rollout set to its version goes back to the one it had; a pinned one's
+        annotation too, not waited for (it runs its pin)."""
         failures = {f.customer: f for f in self.status.failures or ()}
         mine = [m for m in everyone if m.rollout == self.rollout.name]
         backs = [
-            _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now) for m in mine
+            _back(m, self.spec.chart_version, failures.get(m.name), self.rollout.name, self.now)
+            for m in mine + pinned
         ]
         names = self._failed_names()
         if self.spec.paused and any(back is not None for back in backs):

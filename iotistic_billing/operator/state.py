@@ -97,8 +97,9 @@ def chart_target(
     INSTANCE_CHART_VERSION does not move it; None: the fleet's version now (the caller looks it up).
 
     The annotation gives way to a version the Customer runs from the fleet that is neither it nor the
-    one the rollout moved it from (previous-chart-version): INSTANCE_CHART_UPGRADE=immediate installed
-    that one after the annotation, and leaving that mode moves nobody.
+    one the rollout moved it from (previous-chart-version; after a rollback, the version it was returned
+    from): INSTANCE_CHART_UPGRADE=immediate installed that one after the annotation, and leaving that
+    mode moves nobody.
 
     The annotation is taken as it is: the release step refuses one that is no chart version
     (PassTarget.chart_problem), after the licence, so a bad annotation does not stop its renewal."""
@@ -108,8 +109,8 @@ def chart_target(
         return None, "Fleet"
     rollout = customer.metadata.annotations.get(ROLLOUT_CHART_VERSION)
     runs = previous.chart_version if previous is not None and previous.version_source == "Fleet" else None
-    # Without previous-chart-version (moved before it ran a version, or returned by a rollback) nothing
-    # says the fleet's version came later: the annotation applies.
+    # Without previous-chart-version (moved before it ran a version, or returned by a rollback of an
+    # operator that did not write it) nothing says the fleet's version came later: the annotation applies.
     moved_from = customer.metadata.annotations.get(ROLLOUT_PREVIOUS_VERSION)
     overtaken = bool(runs and moved_from) and runs not in (rollout, moved_from)
     if rollout and not overtaken:

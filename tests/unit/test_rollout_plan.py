@@ -476,6 +476,33 @@ def test_leaving_immediate_mode_keeps_the_version_each_customer_runs() -> None:
     assert fleet.upgrades == {"c00": 2}
 
 
+def test_leaving_immediate_mode_after_a_rollback_moves_nobody() -> None:
+    """Found in review: the rollback wrote c00's `chart-version: 1.0.0` with no previous-chart-version,
+    so once INSTANCE_CHART_UPGRADE=immediate had put it on 3.0.0, nothing said 3.0.0 came after the
+    annotation: back in `rollout` mode c00 went down to 1.0.0 at once, with no step and no health gate."""
+    fleet = Fleet(3, bad="2.0.0")
+    bad = spec(
+        steps=[{"customers": ["c00"]}, {"rest": True}],
+        healthGate={"timeoutSeconds": 5},
+        onFailure="rollback",
+    )
+    status, _ = run(fleet, bad)
+    assert status.phase == RolloutPhase.ROLLED_BACK and fleet.on("1.0.0") == set(fleet.customers)
+    fleet.immediate, fleet.version = True, "3.0.0"
+    fleet.operate()
+
+    fleet.immediate = False
+    fleet.upgrades.clear()
+    fleet.operate()
+
+    assert fleet.upgrades == {} and fleet.on("3.0.0") == set(fleet.customers)
+    # A later rollout records the version it moves c00 from, and its rollback takes c00 back there.
+    worse = bad.model_copy(update={"chart_version": "4.0.0"})
+    fleet.bad = "4.0.0"
+    status, _ = run(fleet, worse, start=T0 + timedelta(days=1))
+    assert status.phase == RolloutPhase.ROLLED_BACK and fleet.on("3.0.0") == set(fleet.customers)
+
+
 # ----- Customers left over from earlier steps -----
 
 
@@ -820,10 +847,11 @@ def test_a_customer_deleted_while_its_step_upgrades_it_is_no_longer_judged() -> 
     assert fleet.on("2.0.0") == set(fleet.customers)
 
 
-def test_a_customer_pinned_while_its_step_runs_is_not_judged_nor_returned() -> None:
+def test_a_customer_pinned_while_its_step_runs_is_not_judged_nor_waited_for_by_the_rollback() -> None:
     """Found in review: c00, moved in step 1, is pinned to 0.9.0 (spec.instance.chartVersion) while the
     step bakes. It was still judged as the step's (HealthTimeout, not Ready on 2.0.0, failing the whole
-    rollout), and the rollback wrote its annotations and waited for it to run 1.0.0, for good."""
+    rollout), and the rollback wrote its annotations and waited for it to run 1.0.0, for good. The
+    rollback still returns its annotation (a later review: else it goes to 2.0.0 once unpinned)."""
     fleet = Fleet(6, broken={"c03"})
 
     def pin_c00(tick: int) -> None:
@@ -839,7 +867,8 @@ def test_a_customer_pinned_while_its_step_runs_is_not_judged_nor_returned() -> N
 
     assert [(f.customer, f.step) for f in status.failures or ()] == [("c03", 2)]
     assert status.phase == RolloutPhase.ROLLED_BACK
-    assert [i for i, d in enumerate(decisions) if any(m.customer == "c00" for m in d.moves)] == [0]
+    c00_moves = [m for d in decisions for m in d.moves if m.customer == "c00"]
+    assert [m.annotations[ROLLOUT_CHART_VERSION] for m in c00_moves] == ["2.0.0", "1.0.0"]
     assert fleet.on("0.9.0") == {"c00"} and fleet.on("1.0.0") == set(fleet.customers) - {"c00"}
 
 
@@ -880,7 +909,13 @@ def test_a_rollback_finishes_though_a_customer_it_cannot_move_never_returns(left
     assert [f.customer for f in status.failures or ()] == ["c02"]
     assert fleet.on("2.0.0") == set()
     c00 = fleet.customers["c00"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION]
-    assert c00 == ("2.0.0" if left == "pinned" else "1.5.0")  # left alone
+    # Pinned: its annotation goes back too (found in review: left on 2.0.0, the version the health gate
+    # rejected, c00 went there once unpinned). An earlier run's version is left alone.
+    assert c00 == ("1.0.0" if left == "pinned" else "1.5.0")
+    if left == "pinned":
+        fleet.customers["c00"]["spec"]["instance"] = {}
+        fleet.operate()
+        assert fleet.on("1.0.0") >= {"c00"}
 
 
 @pytest.mark.parametrize("change", ["the fleet shrinks", "the steps are cut"])
@@ -910,6 +945,32 @@ def test_a_customer_moved_then_left_out_of_every_step_is_still_judged(change: st
     assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "UpgradeFailed")]
     assert status.failed == 1 and fleet.on("2.0.0") == set()
     assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_CHART_VERSION] == "1.0.0"
+
+
+def test_cutting_the_running_step_does_not_rejudge_the_last_step_s_customers() -> None:
+    """Found in review: while step 3 ran, c01 (step 2's, healthy when step 2 ended) went not Ready and
+    spec.steps was cut to two. Step 2 ran again from its old start and judged all of its Customers
+    again: c01 failed it (HealthTimeout) and halted a rollout that, uncut, Succeeds. It judges only what
+    was moved since step 3 started."""
+    fleet = Fleet(10)
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"percent": 50}, {"rest": True, "bakeSeconds": 100}],
+        healthGate={"timeoutSeconds": 5, "maxFailures": 1},
+        onFailure="halt",
+    )
+
+    def cut_while_step_3_bakes(tick: int) -> None:
+        if fleet.on("2.0.0") == set(fleet.customers) and len(rollout_spec.steps) == 3:
+            fleet.customers["c01"]["status"]["conditions"] = [
+                {"type": "Ready", "status": "False", "reason": "DeploymentsUnavailable", "message": "api 0/1"}
+            ]
+            rollout_spec.steps = rollout_spec.steps[:2]
+
+    status, _ = run(fleet, rollout_spec, ticks=100, before_tick=cut_while_step_3_bakes)
+
+    assert len(rollout_spec.steps) == 2
+    assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
+    assert status.failures is None and status.failed == 0 and status.current_step == 2
 
 
 # ----- spec.paused holds a rollback too -----
