@@ -897,17 +897,7 @@ async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
     gone = f"http://127.0.0.1:{free_port()}/gone"  # nothing listens: the first try is the last
     spec = customer_spec(name, gone)
     body = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
-    objects.create_cluster_custom_object(
-        GROUP,
-        VERSION,
-        PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Customer",
-            "metadata": {"name": name},
-            "spec": {**body, "customerId": customer_id_of(name)},
-        },
-    )
+    create_customer(objects, name, {**body, "customerId": customer_id_of(name)})
     notice = suspended_notice(name)
     await enqueue(sessions, Outbox(), notice, spec)
     clock = Clock()
@@ -969,6 +959,15 @@ async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
     assert len(customer.bodies) == 1  # not the webhook its customer took away
 
 
+def create_customer(objects: kubernetes.client.CustomObjectsApi, name: str, spec: dict[str, Any]) -> None:
+    objects.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        PLURAL,
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Customer", "metadata": {"name": name}, "spec": spec},
+    )
+
+
 def shown(notice: dict[str, Any]) -> list[tuple[str, str, str]]:
     """A NoticeView's deliveries as (channel, status, target), sorted."""
     return sorted((d["channel"], d["status"], d["target"]) for d in notice["deliveries"])
@@ -1001,21 +1000,13 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
         {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(CUSTOMER_SECRET.encode()).decode()}},
     )
     spec = customer_spec(name, receiver.url)
-    objects.create_cluster_custom_object(
-        GROUP,
-        VERSION,
-        PLURAL,
+    create_customer(
+        objects,
+        name,
         {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Customer",
-            "metadata": {"name": name},
-            "spec": {
-                **spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-                "customerId": customer_id,
-                "notifications": {
-                    "webhook": {"url": receiver.url, "secretRef": {"name": "hook", "key": "k"}}
-                },
-            },
+            **spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "customerId": customer_id,
+            "notifications": {"webhook": {"url": receiver.url, "secretRef": {"name": "hook", "key": "k"}}},
         },
     )
 
