@@ -59,15 +59,19 @@ async def resend(
 
     The customer's webhook goes to the URL its Customer names now (`spec_now`), as a dead one's URL may
     have been fixed since; one whose Customer names no webhook any more is left as it is; with no
-    Customer (None: deleted) the stored URL stands."""
+    Customer (None: deleted) the stored URL stands. One that was not sent when the resend came but is by
+    the time its lock is free (a sender was sending it) is what was asked for: nothing is sent again."""
+    of_notice = (
+        select(models.NoticeDelivery)
+        .where(models.NoticeDelivery.notice_id == notice.id)
+        .order_by(models.NoticeDelivery.id)
+    )
+    asked = any(delivery.status != "sent" for delivery in (await session.scalars(of_notice)).all())
     deliveries = list(
         (
             await session.scalars(
-                select(models.NoticeDelivery)
-                .where(models.NoticeDelivery.notice_id == notice.id)
-                .order_by(models.NoticeDelivery.id)
                 # A delivery a sender is sending is locked: its outcome decides whether it arrived.
-                .with_for_update()
+                of_notice.with_for_update().execution_options(populate_existing=True)
             )
         ).all()
     )
@@ -77,6 +81,8 @@ async def resend(
             (t.target for t in targets_for(spec_now, None) if t.channel == Channel.WEBHOOK), None
         )
     undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
+    if asked and not undelivered:
+        return LoggedNotice(notice, deliveries)
     for delivery in undelivered or deliveries:
         if delivery.channel == Channel.WEBHOOK and spec_now is not None:
             if webhook_now is None:

@@ -877,6 +877,46 @@ async def test_resend_leaves_sent_deliveries_alone(
     assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
 
 
+async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
+    sessions: async_sessionmaker[AsyncSession], k8s_client: kubernetes.client.ApiClient
+) -> None:
+    """Found in review: a resend asked for the one delivery not sent, waited on its lock while a sender
+    sent it, then found every delivery sent and sent all of them again (the rule for a notice a customer
+    says it lost)."""
+    from iotistic_billing.notices.log import resend
+
+    name = unique_name("racing")
+    notice, spec = suspended_notice(name), customer_spec(name, "https://hooks.racing.example/x")
+    await enqueue(sessions, Outbox(), notice, spec)
+    async with sessions() as session, session.begin():
+        row = await notice_row(session, notice.key)
+        rows = (
+            await session.scalars(
+                select(models.NoticeDelivery).where(models.NoticeDelivery.notice_id == row.id)
+            )
+        ).all()
+        for delivery in rows:  # the mails went out; the webhook is still to send
+            delivery.status = "sent" if delivery.channel == "email" else "pending"
+    async with sessions() as sending, sending.begin():
+        webhook = await sending.scalar(
+            select(models.NoticeDelivery)
+            .where(models.NoticeDelivery.notice_id == row.id, models.NoticeDelivery.channel == "webhook")
+            .with_for_update()
+        )
+        assert webhook is not None
+
+        async def resend_now() -> list[str]:
+            async with sessions() as session, session.begin():
+                logged = await resend(session, await notice_row(session, notice.key), datetime.now(UTC), spec)
+            return sorted(delivery.status for delivery in logged.deliveries)
+
+        resending = asyncio.create_task(resend_now())
+        await asyncio.sleep(0.5)  # the resend waits on the webhook's lock
+        assert not resending.done()
+        webhook.status = "sent"  # the sender's send went through
+    assert await asyncio.wait_for(resending, 10) == ["sent", "sent", "sent"]
+
+
 async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
