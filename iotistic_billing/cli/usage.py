@@ -6,7 +6,8 @@ and the total of every customer's current period, billed plans only (a trial's o
 The billing period is the one the webhook server last rolled up (it knows the Stripe subscription);
 for a customer it never rolled up, the UTC calendar month and the plan in the customers table.
 `-o json` has the values, not the table's text: counts are numbers; decimals and dollars are decimal
-strings, as in the API's usage JSON.
+strings, as in the API's usage JSON; `--all`'s is `{"customers": [...], "currentPeriods": {...}}`, the
+total's sums and the customers it counts that are not listed.
 """
 
 from __future__ import annotations
@@ -317,9 +318,9 @@ def _all_rows(summaries: Sequence[Any], periods: Mapping[str, Mapping[str, Any]]
     ]
 
 
-def total_lines(periods: Iterable[Mapping[str, Any]], unlisted: int) -> list[str]:
-    """The overage owed for the periods (billed plans only), and apart what is over the quotas of the
-    plans that are not billed."""
+def period_totals_of(periods: Iterable[Mapping[str, Any]]) -> tuple[Decimal, Decimal, list[str]]:
+    """The overage owed for the periods (billed plans only), what is over the quotas of the plans that are
+    not billed, and those plans."""
     billed, unbilled, plans = Decimal("0.00"), Decimal("0.00"), set()
     for period in periods:
         amount = Decimal(period["overage"]["total"])
@@ -328,12 +329,18 @@ def total_lines(periods: Iterable[Mapping[str, Any]], unlisted: int) -> list[str
         elif amount:
             unbilled += amount
             plans.add(str(period["plan"]))
+    return billed, unbilled, sorted(plans)
+
+
+def total_lines(periods: Iterable[Mapping[str, Any]], unlisted: int) -> list[str]:
+    """The total's lines under `--all`'s table."""
+    billed, unbilled, plans = period_totals_of(periods)
     note = f" ({unlisted} customer{'s' if unlisted != 1 else ''} not listed: no report in the window)"
     lines = [
         f"Overage of every customer's current billing period: {dollars(billed)}{note if unlisted else ''}"
     ]
     if unbilled:
-        lines.append(f"Not billed ({why_not_billed(', '.join(sorted(plans)))}): {dollars(unbilled)}")
+        lines.append(f"Not billed ({why_not_billed(', '.join(plans))}): {dollars(unbilled)}")
     return lines
 
 
@@ -346,14 +353,16 @@ async def _all(conn: Connection, args: argparse.Namespace, now: datetime) -> int
     summaries = await customer_summaries(conn, start, end)
     periods = {s.customer_id: await _period(conn, s.customer_id, s.mirror_plan, now) for s in summaries}
     rows = _all_rows(summaries, periods)
-    if args.output == "json":
-        print_json(rows)
-        return 0
     # The total is of the current periods, whatever the window: a customer silent in it still owes.
     current = await current_period_customers(conn, now)
     unlisted = [customer_id for customer_id in current if customer_id not in periods]
     for customer_id in unlisted:
         periods[customer_id] = await _period(conn, customer_id, None, now)
+    if args.output == "json":
+        billed, unbilled, _ = period_totals_of(periods.values())
+        total = {"overage": billed, "notBilled": unbilled, "customersNotListed": unlisted}
+        print_json({"customers": rows, "currentPeriods": total})
+        return 0
     print(
         f"Usage of every customer: {args.days} days, {start.date()} .. {(end - timedelta(days=1)).date()} UTC"
     )

@@ -1186,7 +1186,7 @@ async def test_the_usage_viewer_prints_days_and_customers(
         "--all", "--days", "5", "--until", "2025-04-17", "-o", "json", database_url=database_url
     )
     assert everyone.returncode == 0, everyone.stderr
-    row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
+    row = next(r for r in json.loads(everyone.stdout)["customers"] if r["customerId"] == customer_id)
     assert row["deviceHours"] == "120.000"  # 13 x 6 h + 7 x 6 h
     assert (row["reports"], row["peakDevices"], row["apiCalls"], row["periodOverage"], row["billed"]) == (
         2,
@@ -1297,6 +1297,18 @@ async def test_usage_all_total_covers_every_current_period_whatever_the_window(
         "Overage of every customer's current billing period: $10.00 (1 customer not listed: no report in"
         " the window)"
     )
+    # Found in review: -o json had the rows and no total.
+    as_json = await usage_cli_beside_the_server(
+        "--all", "--days", "1", "--until", "2024-09-20", "-o", "json", database_url=database_url
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    shown_json = json.loads(as_json.stdout)
+    assert [row["customerId"] for row in shown_json["customers"]] == [talking]
+    assert shown_json["currentPeriods"] == {
+        "overage": "10.00",
+        "notBilled": "0.00",
+        "customersNotListed": [silent],
+    }
 
 
 async def test_usage_json_numbers_are_numbers(usage_api: TestClient[Any, Any], database_url: str) -> None:
@@ -1321,7 +1333,7 @@ async def test_usage_json_numbers_are_numbers(usage_api: TestClient[Any, Any], d
         "--all", "--until", "2024-11-20", "-o", "json", database_url=database_url
     )
     assert everyone.returncode == 0, everyone.stderr
-    row = next(r for r in json.loads(everyone.stdout) if r["customerId"] == customer_id)
+    row = next(r for r in json.loads(everyone.stdout)["customers"] if r["customerId"] == customer_id)
     assert (row["reports"], row["peakDevices"], row["apiCalls"]) == (1, 13, 1503)
     # MQTT 1,500,000 + 2,000 bytes, HTTP 300 + 400: exact gigabytes, not the table's 0.002.
     assert (row["trafficGb"], row["deviceHours"], row["databaseMb"]) == ("0.001502700", "13.000", "125.500")
