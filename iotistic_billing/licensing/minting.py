@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from jwt.types import Options  # pyjwt 2.10, the oldest this package takes, has no Options yet
 
 DEFAULT_LIFETIME: Final = timedelta(days=30)
+# How far nbf lies before iat: the skew between the operator's clock and an instance's, so an instance
+# whose clock is a few minutes behind does not refuse a fresh licence as "not valid before".
+NOT_BEFORE_SKEW: Final = timedelta(minutes=5)
 # Stripe's subscription statuses; a manually billed customer is `active`.
 SUBSCRIPTION_STATUSES: Final = (
     "active",
@@ -38,7 +41,7 @@ VOLATILE_CLAIMS: Final = frozenset({"iat", "nbf", "exp", "jti", "issuedAt", "exp
 MAX_CUSTOMER_ID_LENGTH: Final = 40  # license_history.customer_id
 # jwt.decode's options for a licence read back to ask "is it ours, for instances" (the operator's Secret,
 # the admin API): signature and audience only. Its times are judged apart, and a reader whose clock is a
-# little behind the minting operator's must not take a fresh licence (nbf, iat: now) for a bad one.
+# little behind the minting operator's must not take a fresh licence (iat: now) for a bad one.
 SIGNATURE_ONLY: Final[Options] = {"verify_exp": False, "verify_nbf": False, "verify_iat": False}
 
 
@@ -220,7 +223,7 @@ def license_claims(
         "sub": customer.customer_id,
         "aud": audience,
         "iat": issued,
-        "nbf": issued,
+        "nbf": issued - int(NOT_BEFORE_SKEW.total_seconds()),
         "exp": expires,
         "jti": jti,
         "customerId": customer.customer_id,
@@ -288,6 +291,7 @@ def renewal_due(expires_at: datetime, issued_at: datetime, now: datetime) -> boo
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "NOT_BEFORE_SKEW",
     "NO_TRIAL",
     "SIGNATURE_ONLY",
     "SUBSCRIPTION_STATUSES",

@@ -44,6 +44,7 @@ from iotistic_billing.licensing.minting import (
     renewal_due,
 )
 from iotistic_billing.licensing.plans import Plan, plan_by_name, restricted
+from iotistic_billing.licensing.verifier import DEFAULT_LEEWAY
 from iotistic_billing.notices.content import (
     Notice,
     NoticeKind,
@@ -118,6 +119,10 @@ def needs_new_license(
     if claims_differ(current, desired):
         return True
     issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
+    if issued > now + DEFAULT_LEEWAY:
+        # Minted while this operator's clock was ahead: verifiers refuse it as not valid yet (pyjwt by
+        # its iat, ours by its nbf), and renewal_due, seeing more time left, would keep it.
+        return True
     return renewal_due(expires, issued, now) and not capped_by_trial(entitlement, expires)
 
 
@@ -255,7 +260,10 @@ async def _record(
     """The history row of a licence, and in the same transaction the notice its action gives (so a
     crash that loses the row loses the notice with it, and the pass that records it later sends it).
     `replaced`: the licence it replaces (license_notice)."""
-    await record_license(session, record, action, metadata)
+    if not await record_license(session, record, action, metadata):
+        # Its row, and so its notice or the decision to send none, committed already: a retry does not
+        # know the replaced licence and would send what that pass held back.
+        return
     notice = license_notice(target, record, action, replaced)
     if notice is not None:
         await ctx.outbox.enqueue(session, notice, target.spec)

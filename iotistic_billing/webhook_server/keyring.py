@@ -2,7 +2,7 @@
 
 LICENSE_PRIVATE_KEY_PATH when set (its public half signs), else LICENSE_PUBLIC_KEY_PATH alone: the
 webhook server never signs, so it can run without the private key. Retired keys come from
-LICENSE_EXTRA_PUBLIC_KEY_PATHS.
+LICENSE_EXTRA_PUBLIC_KEY_PATHS; alone they still verify, but are no current key to publish.
 """
 
 from __future__ import annotations
@@ -28,13 +28,23 @@ from iotistic_billing.settings import Settings, SettingsError
 
 @dataclass(frozen=True)
 class LicenseKeyring:
-    """The current public key first, then the retired ones that still verify."""
+    """The current public key (None when neither key path is set), then the retired ones that still
+    verify; `public_keys` lists each key once, the current one first."""
 
-    public_keys: tuple[rsa.RSAPublicKey, ...] = ()
+    current: rsa.RSAPublicKey | None = None
+    retired: tuple[rsa.RSAPublicKey, ...] = ()
+    public_keys: tuple[rsa.RSAPublicKey, ...] = field(init=False)
     by_kid: Mapping[str, rsa.RSAPublicKey] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "by_kid", {jwk_thumbprint(key): key for key in self.public_keys})
+        # A retired key's path may name the current key too, and a JWK Set should give each key a
+        # distinct kid (RFC 7517, 4.5): each is kept once, as the operator's SigningKeys does.
+        ordered = self.retired if self.current is None else (self.current, *self.retired)
+        by_kid: dict[str, rsa.RSAPublicKey] = {}
+        for key in ordered:
+            by_kid.setdefault(jwk_thumbprint(key), key)
+        object.__setattr__(self, "by_kid", by_kid)
+        object.__setattr__(self, "public_keys", tuple(by_kid.values()))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LicenseKeyring:
@@ -47,20 +57,26 @@ class LicenseKeyring:
                 signing = SigningKeys.from_pem_files(
                     settings.license_private_key_path, settings.license_public_key_path, ()
                 )
-                return cls((signing.public_key, *extra))
+                return cls(signing.public_key, extra)
             if settings.license_public_key_path is not None:
                 variable = "LICENSE_PUBLIC_KEY_PATH"
-                return cls((read_public_key(settings.license_public_key_path), *extra))
+                return cls(read_public_key(settings.license_public_key_path), extra)
         except LicenseKeyError as error:
             raise SettingsError(f"{variable}: {error}") from None
-        return cls(extra)
+        # Retired keys alone name no current signing key: the key routes answer 503 naming the setting
+        # (serving a retired key as the current one's would fail every new licence), yet they verify.
+        return cls(None, extra)
 
     @property
     def configured(self) -> bool:
-        return bool(self.public_keys)
+        """Whether the current signing key's public half is known (LICENSE_PRIVATE_KEY_PATH or
+        LICENSE_PUBLIC_KEY_PATH), not only retired keys."""
+        return self.current is not None
 
     def pem(self) -> bytes:
-        return public_key_pem(self.public_keys[0])
+        if self.current is None:
+            raise LicenseKeyError("no current licence key: LICENSE_PUBLIC_KEY_PATH is not set")
+        return public_key_pem(self.current)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return jwks_document(self.public_keys)

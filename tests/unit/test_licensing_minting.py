@@ -27,6 +27,7 @@ from iotistic_billing.licensing.minting import (
     renewal_due,
 )
 from iotistic_billing.licensing.plans import PLAN_NAMES, PLANS, UNLICENSED, Plan
+from iotistic_billing.licensing.verifier import LicenseVerifier
 
 NOW = datetime(2025, 10, 21, 10, 30, 0, tzinfo=UTC)
 ISSUER = "https://billing.iotistic.cloud"
@@ -79,7 +80,7 @@ def test_claims_are_the_earlier_system_payload_plus_registered_claims(keys: Sign
         "sub": "cust_abc123",
         "aud": AUDIENCE,
         "iat": iat,
-        "nbf": iat,
+        "nbf": iat - 300,
         "exp": exp,
         "jti": JTI,
         "customerId": "cust_abc123",
@@ -108,6 +109,19 @@ def test_claims_are_the_earlier_system_payload_plus_registered_claims(keys: Sign
         "expiresAt": exp,
     }
     assert minted.claims == decoded(minted, keys)
+
+
+def test_nbf_is_before_iat_so_an_instance_whose_clock_is_behind_takes_a_fresh_licence(
+    keys: SigningKeys,
+) -> None:
+    minted = mint(keys)
+    iat = int(NOW.timestamp())
+    assert minted.claims["nbf"] < minted.claims["iat"] == iat
+    assert minted.claims["exp"] == iat + 30 * 86400  # the lifetime still counts from iat
+    # An instance whose clock is three minutes behind the operator's: beyond its 60 s leeway.
+    instance = LicenseVerifier([keys.public_key], audience=AUDIENCE, issuer=ISSUER)
+    verified = instance.verify(minted.token, now=NOW - timedelta(minutes=3))
+    assert verified.valid, verified.reason
 
 
 def test_header_is_rs256_with_the_signing_key_id(keys: SigningKeys) -> None:

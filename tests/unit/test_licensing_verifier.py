@@ -17,6 +17,7 @@ from iotistic_billing.licensing import verifier as verifier_module
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
+    NOT_BEFORE_SKEW,
     LicenseCustomer,
     MintedLicense,
     SubscriptionTerms,
@@ -276,14 +277,14 @@ def test_expired_licence_is_refused(keys: SigningKeys, verifier: LicenseVerifier
 
 
 def test_not_yet_valid_licence_is_refused(keys: SigningKeys, verifier: LicenseVerifier) -> None:
-    minted = mint(keys, now=NOW + timedelta(hours=1))
+    minted = mint(keys, now=NOW + timedelta(hours=1))  # its nbf is NOT_BEFORE_SKEW (5 min) earlier
     assert_fallback(
-        verifier.verify(minted.token, now=NOW), "licence is not valid before 2025-10-21T11:30:00+00:00"
+        verifier.verify(minted.token, now=NOW), "licence is not valid before 2025-10-21T11:25:00+00:00"
     )
 
 
 def test_leeway_absorbs_small_clock_skew(keys: SigningKeys, verifier: LicenseVerifier) -> None:
-    minted = mint(keys, now=NOW + timedelta(seconds=30))
+    minted = mint(keys, now=NOW + NOT_BEFORE_SKEW + timedelta(seconds=30))  # nbf 30 s ahead of the clock
     assert verifier.verify(minted.token, now=NOW).valid
     strict = LicenseVerifier([keys.public_key], audience=AUDIENCE, leeway=timedelta(0))
     assert_fallback(strict.verify(minted.token, now=NOW), "not valid before")

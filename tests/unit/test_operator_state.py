@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -17,13 +20,23 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     derived_customer_id,
 )
+from iotistic_billing.k8s import SecretData
+from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
 from iotistic_billing.licensing.minting import LicenseRecord
 from iotistic_billing.notices.content import Notice, NoticeKind
 from iotistic_billing.operator import constants as c
+from iotistic_billing.operator import license as license_step
 from iotistic_billing.operator.conditions import NoCondition, subscription_condition
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
-from iotistic_billing.operator.license import license_notice, previous_suspended
+from iotistic_billing.operator.license import (
+    desired_claims,
+    ensure_license,
+    license_notice,
+    needs_new_license,
+    previous_suspended,
+)
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
@@ -47,6 +60,7 @@ from iotistic_billing.operator.state import (
     terminating_status,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
+from iotistic_billing.settings import Settings
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 CREATED = NOW - timedelta(days=3)
@@ -750,6 +764,116 @@ def test_a_plan_change_while_restricted_sends_no_second_access_restricted() -> N
     assert first is not None and first.kind == NoticeKind.ACCESS_RESTRICTED
     # Moved from professional to starter while restricted: a downgrade, and no news about the access.
     assert _notice_of(restricted, _licence("professional", "j-restricted", restricted=True)) is None
+
+
+class LicenceStepParts:
+    """What the licence step touches, as small fakes: the Secret it applies, the history table (one row
+    per customer, jti and action, as its unique constraint has it) and the notices it enqueues."""
+
+    def __init__(self) -> None:
+        self.secret: SecretData | None = None
+        self.rows: set[tuple[str, str, str]] = set()
+        self.notices: list[Notice] = []
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        data = {key: base64.b64decode(value) for key, value in manifest["data"].items()}
+        self.secret = SecretData(data, dict(manifest["metadata"]["annotations"]), {})
+
+    async def record_license(
+        self, session: Any, record: LicenseRecord, action: str, metadata: Any = None
+    ) -> bool:
+        row = (record.customer_id, record.jti, action)
+        inserted = row not in self.rows
+        self.rows.add(row)
+        return inserted
+
+    async def enqueue(self, session: Any, notice: Notice, spec: CustomerSpec) -> bool:
+        self.notices.append(notice)
+        return True
+
+    def context(self) -> OperatorContext:
+        class Session:
+            def begin(self) -> Session:
+                return self
+
+            async def __aenter__(self) -> Session:
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+            async def execute(self, statement: Any) -> None:
+                return None
+
+        return cast(
+            OperatorContext,
+            SimpleNamespace(
+                settings=Settings(),
+                keys=SigningKeys(generate_private_key()),
+                kube=SimpleNamespace(apply=self.apply),
+                outbox=SimpleNamespace(enqueue=self.enqueue),
+                sessions=Session,
+                mirrored=set(),
+            ),
+        )
+
+
+def _reported(target: PassTarget, jti: str | None) -> PassTarget:
+    """`target` whose Customer's status reports the licence `jti` (what its last completed pass wrote)."""
+    status = CustomerStatus(license=LicenseStatus(jti=jti))
+    return replace(target, customer=target.customer.model_copy(update={"status": status}))
+
+
+def _on_plan(customer_spec: dict[str, Any], plan: str) -> dict[str, Any]:
+    return {**customer_spec, "subscription": {**customer_spec["subscription"], "plan": plan}}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "now"),
+    [
+        # A plan change while restricted: the restricted licence it replaces said so already.
+        (_on_plan(_past_due(10), "professional"), _past_due(10), NOW),
+        # A paid licence gone over to a new, incomplete subscription months after the trial ended.
+        (
+            {"billing": {"mode": "stripe"}, "subscription": subscription("active", plan="starter")},
+            {"billing": {"mode": "stripe"}, "subscription": {"status": "incomplete", "plan": "professional"}},
+            NOW + timedelta(days=200),
+        ),
+    ],
+)
+async def test_a_licence_recorded_before_a_lost_status_write_sends_no_withheld_notice(
+    monkeypatch: pytest.MonkeyPatch, before: dict[str, Any], after: dict[str, Any], now: datetime
+) -> None:
+    """Found in review: the retry after a lost status write recorded the licence again (its row already
+    there) and sent the notice the first pass had held back, as the replaced licence was unknown then."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    ctx = parts.context()
+    held = await ensure_license(ctx, _target_of(before, now=now), None)
+    parts.notices.clear()
+    aimed = _reported(_target_of(after, now=now), held.jti)
+    minted = await ensure_license(ctx, aimed, parts.secret)
+    assert minted.jti != held.jti and parts.notices == []
+    # Its status write lost: the next pass finds the new licence in the Secret, the old one reported.
+    again = await ensure_license(ctx, aimed, parts.secret)
+    assert again.jti == minted.jti
+    assert [notice.kind for notice in parts.notices] == []
+
+
+def test_a_licence_issued_in_the_future_beyond_the_leeway_is_minted_again() -> None:
+    """Found in review: a licence minted while the operator's clock was ahead (instances refuse it: "not
+    valid before") was kept once the clock was right, as renewal_due only saw more time left."""
+    target = _target_of({"plan": "starter"})
+    desired = desired_claims(cast(OperatorContext, SimpleNamespace(settings=Settings())), target)
+
+    def minted_ahead_by(seconds: int) -> dict[str, Any]:
+        times = ("iat", "nbf", "exp", "issuedAt", "expiresAt")
+        return {**desired, **{claim: desired[claim] + seconds for claim in times}}
+
+    assert needs_new_license(minted_ahead_by(10 * 60), desired, target.entitlement, NOW)
+    # Within the verifiers' leeway (60 s), and a licence of now, stay.
+    assert not needs_new_license(minted_ahead_by(30), desired, target.entitlement, NOW)
+    assert not needs_new_license(desired, desired, target.entitlement, NOW)
 
 
 def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> None:
