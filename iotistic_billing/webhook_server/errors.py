@@ -3,7 +3,8 @@
 Handlers and services raise `ApiError`s (iotistic_billing/errors.py); `error_middleware` turns those,
 aiohttp's own HTTP errors (404, 405, 413), the API server's refusals and an unreachable dependency
 (PostgreSQL, the API server, Stripe) into that shape. A dependency failure is a 503: the caller retries,
-and the transaction that was open has been rolled back, so nothing is half-written.
+and the transaction that was open has been rolled back, so nothing is half-written. A body that does not
+inflate as its Content-Encoding is a 400 naming it; a request whose client left is answered no one (499).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ _REASONS: Final = {
     502: "Bad gateway",
     503: "Service unavailable",
 }
+
+# nginx's "client closed request": the status of a request whose client left before it was answered, a
+# code no answer reaches and no 5xx alert counts (the chart's rules match status=~"5..").
+CLIENT_CLOSED_REQUEST: Final = 499
 
 
 def method_not_allowed(allowed: list[str]) -> Handler:
@@ -121,9 +126,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(ApiError(reason, message, status=http_error.status, headers=headers))
     except ValidationError as invalid:
         return json_error(ValidationFailed.from_pydantic(invalid))
+    except web.RequestPayloadError:
+        # aiohttp inflates a gzip or deflate body as it is read: one that does not inflate is the client's
+        # mistake. Its rest is never read: ending it here, and the connection after the answer, keeps
+        # aiohttp from reading on after the handler and logging the same error as unhandled.
+        request.content.feed_eof()
+        answer = json_error(ValidationFailed.single("body", "does not decode as its Content-Encoding"))
+        answer.force_close()
+        return answer
     except asyncio.CancelledError:
         raise
     except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and request.transport is None:
+            # The client closed the connection before its body was read: no one to answer, nothing failed.
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         if database_unreachable(exc):
             # The exception's text can hold connection parameters: log its type only.
             log.warning("%s %s: database unavailable (%s)", request.method, request.path, type(exc).__name__)
@@ -145,6 +161,7 @@ def _http_message(error: web.HTTPException, request: web.Request) -> str:
 
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "Handler",
     "error_body",
     "error_middleware",

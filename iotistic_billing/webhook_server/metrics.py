@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from iotistic_billing.stripe_inbox.events import HANDLED_EVENT_TYPES
 from iotistic_billing.usage.metrics import UsageMetrics
+from iotistic_billing.webhook_server.errors import CLIENT_CLOSED_REQUEST
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,6 +62,13 @@ class Metrics:
                 return response
             except web.HTTPException as http_error:
                 status = http_error.status
+                raise
+            except asyncio.CancelledError:
+                # A handler cancelled because its client left answered no one and failed at nothing, so it
+                # is counted apart from the 5xx the alerts watch; one cancelled at shutdown with its client
+                # still there stays a 500.
+                if request.transport is None:
+                    status = CLIENT_CLOSED_REQUEST
                 raise
             finally:
                 # The route template, never the raw path: ids in paths would explode the label set.

@@ -163,7 +163,8 @@ def ago(moment: datetime | None, now: datetime) -> str:
 
 async def read_form(request: web.Request) -> Mapping[str, object]:
     """The POSTed form, or a 400 naming the body when it does not decode (bytes that are not UTF-8, a
-    charset Python does not know, a broken multipart body)."""
+    charset Python does not know, a broken multipart body; one that does not inflate as its
+    Content-Encoding is error_middleware's 400, as on every route)."""
     try:
         return await request.post()
     except (ValueError, LookupError, HttpProcessingError):  # UnicodeDecodeError is a ValueError
