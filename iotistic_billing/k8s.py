@@ -93,6 +93,8 @@ class SecretData(NamedTuple):
     data: dict[str, bytes]
     annotations: dict[str, str]
     labels: dict[str, str]
+    # What a write conditional on this read names (merge_secret_data's `resource_version`).
+    resource_version: str = ""
 
 
 class KubernetesUnavailable(Exception):
@@ -448,7 +450,12 @@ class KubeApi:
             return None
         data = {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
         meta = secret["metadata"]
-        return SecretData(data, dict(meta.get("annotations") or {}), dict(meta.get("labels") or {}))
+        return SecretData(
+            data,
+            dict(meta.get("annotations") or {}),
+            dict(meta.get("labels") or {}),
+            str(meta.get("resourceVersion") or ""),
+        )
 
     def merge_secret_data(
         self,
@@ -457,21 +464,25 @@ class KubeApi:
         data: Mapping[str, bytes | None],
         labels: Mapping[str, str] | None = None,
         manager: FieldManager | None = None,
+        resource_version: str | None = None,
     ) -> None:
         """Set (bytes) or remove (None) keys of a Secret that several writers share, in one merge patch
         (no read-modify-write, so no other writer's key is lost). A missing Secret is created with
-        `labels` when something is set, and left missing when everything is removed."""
+        `labels` when something is set, and left missing when everything is removed. With
+        `resource_version` the patch applies only to the Secret as read then (ApiException 409 when it
+        was written since)."""
         encoded = {
             key: None if value is None else base64.b64encode(value).decode() for key, value in data.items()
         }
         secrets = _path("/api/v1/namespaces", namespace, "secrets")
         query = {"fieldManager": self._manager(manager)}
+        condition = {"metadata": {"resourceVersion": resource_version}} if resource_version else {}
         patch = partial(
             self.call,
             "PATCH",
             _path(secrets, name),
             query,
-            {"data": encoded},
+            {"data": encoded, **condition},
             content_type=MERGE_PATCH,
             parse=False,
         )
@@ -698,8 +709,9 @@ class Kube:
         data: Mapping[str, bytes | None],
         labels: Mapping[str, str] | None = None,
         manager: FieldManager | None = None,
+        resource_version: str | None = None,
     ) -> None:
-        await self.run(self.api.merge_secret_data, namespace, name, data, labels, manager)
+        await self.run(self.api.merge_secret_data, namespace, name, data, labels, manager, resource_version)
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         return await self.run(self.api.create_namespace, body)

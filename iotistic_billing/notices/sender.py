@@ -202,8 +202,10 @@ class NoticeSender:
 
     async def forget_settled_secrets(self) -> list[str]:
         """Drop the kept signing secret of each deleted Customer none of whose webhooks is pending any
-        more; the customer ids dropped. Its deletion wrote the secret after its last notice, so a
-        Customer kept here with nothing pending will have nothing more to sign."""
+        more; the customer ids dropped. Its deletion writes the secret again after its last notice, so
+        a Customer kept here with nothing pending will have nothing more to sign; the drop applies only
+        to the Secret as read (a finalizer that wrote it since, its notice committed after our look at
+        the deliveries, keeps its key: looked at again next time)."""
         namespace = self.options.billing_namespace
         kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         if kept is None or not kept[0]:
@@ -223,12 +225,18 @@ class NoticeSender:
             )
         settled = sorted(set(kept[0]) - pending)
         if settled:
-            await self.kube.merge_secret_data(
-                namespace,
-                DELETED_NOTIFICATIONS_SECRET_NAME,
-                {customer_id: None for customer_id in settled},
-                manager=FieldManager.NOTICES,
-            )
+            try:
+                await self.kube.merge_secret_data(
+                    namespace,
+                    DELETED_NOTIFICATIONS_SECRET_NAME,
+                    {customer_id: None for customer_id in settled},
+                    manager=FieldManager.NOTICES,
+                    resource_version=kept.resource_version,
+                )
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                return []
             log.info("dropped the kept signing secrets of deleted Customers %s", ", ".join(settled))
         return settled
 

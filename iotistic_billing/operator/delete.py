@@ -1,6 +1,7 @@
-"""Deletion behind the finalizer: mark the Customer Terminating, uninstall the release, revoke the licence
-and the usage keys, keep the webhook signing secret for the pending webhooks, request the namespace's
-deletion. A step that fails raises DeletionFailed, which names it.
+"""Deletion behind the finalizer: mark the Customer Terminating, keep the webhook signing secret for the
+pending webhooks (read first: a foreground deletion has it deleted meanwhile), uninstall the release,
+revoke the licence and the usage keys, request the namespace's deletion. A step that fails raises
+DeletionFailed, which names it.
 
 It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
 object is already gone, so a deletion retried after a crash completes. Only a namespace the operator made
@@ -33,9 +34,9 @@ from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.manifests import namespace_holder
 from iotistic_billing.operator.metrics import forget_customer
-from iotistic_billing.operator.reconcile import write_status
+from iotistic_billing.operator.reconcile import current_customer, write_status
 from iotistic_billing.operator.state import terminating_status
-from iotistic_billing.operator.webhook_secret import keep_webhook_secret
+from iotistic_billing.operator.webhook_secret import keep_webhook_secret, signing_secret_copy
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
     meta = body["metadata"]
     name = str(meta["name"])
     async with ctx.locks.held(name):
+        # A pass that held the lock meanwhile wrote what Kopf's copy lacks (the customer id, the licence,
+        # the release): marked Terminating over that, not over the older copy (which undid it).
+        with _step("reading the Customer"):
+            current = await current_customer(ctx, name, body)
+        if current is not None and current["metadata"].get("uid") == meta.get("uid"):
+            body = current
         with _step("marking the Customer Terminating"):
             await _mark_terminating(ctx, body)
         # Read from the raw object: a Customer must be deletable even with a spec we now refuse.
@@ -70,13 +77,21 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
         with _step(f"reading namespace {namespace}"):
             found = await ctx.kube.read_namespace(namespace)
         ours = found is not None and namespace_holder(found, name, str(meta.get("uid"))) == "this"
+        # Read first: a foreground deletion (Argo CD's prune) has the garbage collector delete the copy, a
+        # dependent of the Customer, while this runs. The holder before anything is kept: a key kept under
+        # the id would sign the holder's webhooks (the sender looks there first).
+        with _step(f"reading the webhook signing secret of {namespace}"):
+            signing = await signing_secret_copy(ctx, customer_id, namespace) if ours else None
+        with _step(f"looking for another Customer with customer id {customer_id}"):
+            holder = await other_holder(ctx, body, customer_id)
+        if holder is None and signing is not None:
+            with _step("keeping the webhook signing secret"):
+                await keep_webhook_secret(ctx, customer_id, signing)
         if ours and found is not None and not found["metadata"].get("deletionTimestamp"):
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
                 await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
         with _step(f"reading the licence Secret of {namespace}"):
             secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
-        with _step(f"looking for another Customer with customer id {customer_id}"):
-            holder = await other_holder(ctx, body, customer_id)
         if holder is None:
             try:
                 notify = (name, parse_spec(body.get("spec") or {}))
@@ -86,11 +101,11 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
                 await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)
-            if ours:
-                # After the notice is written (the sender keeps the copy while a delivery of it is
-                # pending) and before the namespace, and the copy in it, go.
+            if signing is not None:
+                # Again once the notice is written: the sender drops a kept key whose customer id has no
+                # webhook pending, as this one's had none before it.
                 with _step("keeping the webhook signing secret"):
-                    await keep_webhook_secret(ctx, customer_id, namespace)
+                    await keep_webhook_secret(ctx, customer_id, signing)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage

@@ -158,7 +158,7 @@ async def reconcile(
         if covered:
             return None
         async with ctx.pass_slots:
-            body = await _current(ctx, name, handed if prompt else None)
+            body = await current_customer(ctx, name, handed if prompt else None)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if not ctx.shard.owns(body["metadata"].get("labels")):
@@ -174,12 +174,12 @@ async def reconcile(
             return result
 
 
-async def _current(
+async def current_customer(
     ctx: OperatorContext, name: str, handed: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
-    """The Customer the pass starts from: the body Kopf handed over to a pass that started at once,
-    unless this process has written the Customer since (a GET saved), else read. A write of someone
-    else's since then fails the pass's conditional status patch, which reads again."""
+    """The Customer a pass (or the finalizer) starts from: the body Kopf handed over, unless this process
+    has written the Customer since (a GET saved), else read. A write of someone else's since then fails
+    the conditional status patch, which reads again."""
     if handed is not None and resource_version(handed) >= ctx.written.get(name, 0):
         return dict(handed)
     return await ctx.kube.read_customer(name)
@@ -393,7 +393,9 @@ async def write_status(
                 wakeup.set()
             return ended(status)
         current = await ctx.kube.read_customer(name)
-        if current is None:
+        if current is None or current["metadata"].get("uid") != body["metadata"].get("uid"):
+            # Gone, or deleted and created again under its name: the new Customer's status is not this
+            # pass's to write (the old customer id, licence and release would stay on it for good).
             return ended(status)
         previous = CustomerStatus.model_validate(current.get("status") or {})
         status = over_current(status, previous)

@@ -88,23 +88,33 @@ async def webhook_secret_changed(ctx: OperatorContext, spec: CustomerSpec, names
     return value is None or copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value
 
 
-async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, namespace: str) -> bool:
-    """Before a deleted Customer's namespace goes, its copy of the signing secret is kept under its
-    customer id in the billing namespace, so that its pending webhooks (the `license.revoked` just
-    written, any still retrying) can be signed on every try; the notice sender drops it once none is
-    pending (docs/architecture.md, "Notices"). False when the namespace holds no copy: no webhook, or a
-    deletion retried after the namespace went (what was kept then stays as it was)."""
+async def signing_secret_copy(ctx: OperatorContext, customer_id: str, namespace: str) -> bytes | None:
+    """A deleted Customer's copy of the signing secret in its namespace, when it is `customer_id`'s (its
+    label says so, as the sender asks); None when there is none: no webhook, or a deletion retried after
+    the namespace went (what was kept then stays as it was)."""
     copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
-    value = copied[0].get(NOTIFICATIONS_SECRET_KEY) if copied is not None else None
-    if value is None:
-        return False
+    if copied is None or copied.labels.get(c.LABEL_CUSTOMER_ID) != customer_id:
+        return None
+    return copied.data.get(NOTIFICATIONS_SECRET_KEY)
+
+
+async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, secret: bytes) -> None:
+    """A deleted Customer's signing secret (signing_secret_copy) kept under its customer id in the
+    billing namespace, so that its pending webhooks (the `license.revoked` its deletion writes, any still
+    retrying) can be signed on every try once its namespace is gone; the notice sender drops it once none
+    is pending (docs/architecture.md, "Notices")."""
     await ctx.kube.merge_secret_data(
         ctx.settings.billing_namespace,
         DELETED_NOTIFICATIONS_SECRET_NAME,
-        {customer_id: value},
+        {customer_id: secret},
         labels={c.LABEL_MANAGED_BY: c.MANAGED_BY},
     )
-    return True
 
 
-__all__ = ["WEBHOOK_SECRET_CHECK", "ensure_webhook_secret", "keep_webhook_secret", "webhook_secret_changed"]
+__all__ = [
+    "WEBHOOK_SECRET_CHECK",
+    "ensure_webhook_secret",
+    "keep_webhook_secret",
+    "signing_secret_copy",
+    "webhook_secret_changed",
+]

@@ -1098,6 +1098,43 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     assert f"Customer {name} ({customer_id}) was deleted" in (webhook.last_error or ""), webhook.last_error
 
 
+async def test_a_kept_secret_written_again_while_the_sender_drops_it_stays_kept(
+    started: tuple[NoticeSender, Clock],
+    k8s_client: kubernetes.client.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the finalizer keeps a deleted Customer's signing secret before its notice is
+    written (a foreground deletion deletes the copy meanwhile) and again after; a sender that had found
+    nothing pending in between dropped, by an unconditional patch, the key the second write put back."""
+    one, _ = started
+    core = kubernetes.client.CoreV1Api(k8s_client)
+    customer_id = f"cust_{unique_name('kept').replace('-', '')}"
+    await one.kube.merge_secret_data(
+        "default", DELETED_NOTIFICATIONS_SECRET_NAME, {customer_id: b"whsec_first"}
+    )
+    read = one.kube.read_secret_data
+
+    async def read_then_kept_again(namespace: str, name: str) -> Any:
+        found = await read(namespace, name)
+        # The finalizer's write after its notice committed, between the sender's look and its drop.
+        await one.kube.merge_secret_data(namespace, name, {customer_id: b"whsec_again"})
+        return found
+
+    monkeypatch.setattr(one.kube, "read_secret_data", read_then_kept_again)
+    assert customer_id not in await one.forget_settled_secrets()
+    kept = core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, "default")
+    assert base64.b64decode(kept.data[customer_id]) == b"whsec_again"
+
+    monkeypatch.undo()
+    # Looked at again next time (another test's finalizer may write the Secret meanwhile: a few tries).
+    dropped: list[str] = []
+    for _ in range(5):
+        dropped = await one.forget_settled_secrets()
+        if customer_id in dropped:
+            break
+    assert customer_id in dropped
+
+
 async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_replicas(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,

@@ -11,7 +11,7 @@ import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import Customer
+from iotistic_billing.customer import LICENSE_SECRET_NAME, Customer
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
@@ -72,8 +72,11 @@ class Cluster:
         meta["ownerReferences"] = body["metadata"]["ownerReferences"]
 
     async def read_secret_data(self, namespace: str, name: str) -> Any:
+        """The licence Secret alone: no webhook, so no copy of its signing secret."""
         self.requests.append(("GET secrets", namespace))
-        return self.secrets.get(namespace) if namespace in self.namespaces else None
+        if namespace not in self.namespaces or name != LICENSE_SECRET_NAME:
+            return None
+        return self.secrets.get(namespace)
 
     async def delete_namespace(self, name: str) -> bool:
         self.requests.append(("DELETE namespaces", name))
@@ -313,13 +316,15 @@ async def test_the_finalizer_deletes_the_customers_own_namespace_again_after_a_c
     await finalize(ctx, {**body, "status": cluster.statuses["acme"]})
     assert [request for request in cluster.requests if request[0] != "GET namespaces"] == [
         ("PATCH customers/status", "acme"),
+        ("GET secrets", "customer-acme"),  # the signing secret's copy (none: no webhook)
         ("helm uninstall", "customer-acme/instance"),
         ("GET secrets", "customer-acme"),
         ("DELETE namespaces", "customer-acme"),
         ("GET secrets", "customer-acme"),
+        ("GET secrets", "customer-acme"),
         ("DELETE namespaces", "customer-acme"),
     ]
-    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"] * 2
+    assert revocations == ["revoke_license", "revoke_usage_keys"] * 2
 
 
 def test_a_create_that_the_api_server_refuses_for_another_reason_is_an_error() -> None:
@@ -364,7 +369,7 @@ async def test_a_failed_step_of_the_deletion_is_named_and_the_customer_marked_te
     ]
 
     # Kopf's handler: the failure as a Warning naming the step, retried after the passes' backoff.
-    marked = {**body, "status": status}
+    marked = {**body, "metadata": {**body["metadata"], "resourceVersion": "2"}, "status": status}
     for retry in range(1, 13):  # an hour of PostgreSQL away: one Warning for the cause, not one a retry
         with pytest.raises(kopf.TemporaryError) as retried:
             await handlers.delete_customer(body=kopf.Body(marked), memo=memo, retry=retry)

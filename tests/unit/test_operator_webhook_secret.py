@@ -1,4 +1,5 @@
-"""The Secret a Customer's webhook names, rotated after it was copied: the housekeeping notices it."""
+"""The Secret a Customer's webhook names, rotated after it was copied: the housekeeping notices it; and
+its copy, kept by the Customer's deletion for the webhooks still to be sent."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from typing import Any
 import kopf
 import pytest
 
-from iotistic_billing.customer import NOTIFICATIONS_SECRET_KEY, NOTIFICATIONS_SECRET_NAME
+from iotistic_billing.customer import (
+    LICENSE_SECRET_NAME,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+)
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
+from iotistic_billing.operator import constants as c
+from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
+from iotistic_billing.operator.delete import finalize
+from tests.unit.test_operator_namespace import Cluster, Helm, context, customer, namespace_of
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 OLD, NEW = b"whsec_" + b"A" * 44, b"whsec_" + b"B" * 44
@@ -102,3 +111,101 @@ async def test_a_rotated_webhook_secret_is_copied_without_a_spec_change(
     secrets.away = True
     await checks(10)
     assert passes == ["acme"]
+
+
+class ForegroundDeletion(Cluster):
+    """A Customer deleted with `--cascade=foreground` (Argo CD's prune): the garbage collector deletes its
+    dependents while the finalizer runs, here once the finalizer has made its first two reads there
+    (the namespace and one Secret), and the notice sender drops the kept keys of the customer ids with
+    no webhook pending (forget_settled_secrets) while helm uninstalls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces["customer-acme"] = namespace_of(customer())
+        self.in_namespace = {
+            LICENSE_SECRET_NAME: SecretData({"license.jwt": b"a licence"}, {}, {}),
+            NOTIFICATIONS_SECRET_NAME: SecretData(
+                {NOTIFICATIONS_SECRET_KEY: OLD}, {}, {c.LABEL_CUSTOMER_ID: "cust_acme0001"}
+            ),
+        }
+        self.reads = 0
+        self.kept: dict[str, bytes] = {}  # iotistic-notifications-deleted in the billing namespace
+        self.merges: list[dict[str, bytes | None]] = []
+        self.pending: set[str] = set()  # customer ids with a webhook pending
+
+    def collect_garbage(self) -> None:
+        self.reads += 1
+        if self.reads == 2:
+            self.in_namespace.clear()
+            self.namespaces["customer-acme"]["metadata"]["deletionTimestamp"] = NOW.isoformat()
+
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        found = await super().read_namespace(name)
+        self.collect_garbage()
+        return found
+
+    async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        assert namespace == "customer-acme"
+        found = self.in_namespace.get(name)
+        self.collect_garbage()
+        return found
+
+    async def merge_secret_data(
+        self, namespace: str, name: str, data: dict[str, bytes | None], labels: Any = None
+    ) -> None:
+        assert (namespace, name) == ("billing", "iotistic-notifications-deleted")
+        self.merges.append(data)
+        for customer_id, value in data.items():
+            if value is None:
+                self.kept.pop(customer_id, None)
+            else:
+                self.kept[customer_id] = value
+
+
+class SlowHelm(Helm):
+    """helm uninstall takes seconds: the notice sender's drop of settled keys comes meanwhile."""
+
+    cluster: ForegroundDeletion
+
+    async def uninstall(self, release: str, namespace: str) -> bool:
+        settled = set(self.cluster.kept) - self.cluster.pending
+        await self.cluster.merge_secret_data(
+            "billing", "iotistic-notifications-deleted", dict.fromkeys(settled)
+        )
+        return await super().uninstall(release, namespace)
+
+
+@pytest.mark.parametrize("holder", [None, "acme-renamed"])
+async def test_finalize_keeps_the_signing_secret_when_a_foreground_deletion_removes_the_copy(
+    monkeypatch: pytest.MonkeyPatch, holder: str | None
+) -> None:
+    """Found in review: the finalizer kept the copy last, after helm, the licence Secret, the Customers'
+    list and PostgreSQL, when a foreground deletion had had it deleted long before: the license.revoked
+    just queued (and any retrying webhook) had no secret to be signed with and died. Kept before then,
+    and once more after the notice is written (the sender drops a key with nothing pending). A rename
+    that kept the customer id keeps nothing: the id's webhooks are the holder's to sign."""
+    cluster = ForegroundDeletion()
+    if holder is not None:
+        cluster.customers.append(customer(holder, uid="uid-renamed"))
+    ctx = context(cluster)
+    for part, value in {
+        "helm": SlowHelm(cluster),
+        "settings": SimpleNamespace(billing_namespace="billing"),
+    }.items():
+        setattr(ctx, part, value)
+
+    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
+        if "held_by" not in kwargs:
+            cluster.pending.add(customer_id)  # license.revoked, with its webhook delivery
+
+    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+
+    await finalize(ctx, customer())
+    if holder is None:
+        assert cluster.kept == {"cust_acme0001": OLD}
+    else:  # not even for a moment: the sender signs the id's webhooks with a kept key first
+        assert not any(value is not None for merge in cluster.merges for value in merge.values())
