@@ -254,6 +254,9 @@ class SubscriptionSpec(CustomerModel):
     stripe_subscription_id: (
         Annotated[str, Field(pattern=STRIPE_SUBSCRIPTION_ID_PATTERN, max_length=255)] | None
     ) = None
+    # Stripe's current period, [start, end): the period usage is billed in (usage.periods). The start
+    # is kept only beside the end it came with; Customers written before it have the end alone.
+    current_period_start: AwareDatetime | None = None
     current_period_end: AwareDatetime | None = None
     cancel_at_period_end: bool | None = None
     # When the payment first failed (the event's time), while the status is past_due or unpaid: the

@@ -111,6 +111,8 @@ class SubscriptionFacts:
     started: int | None = None
     # Read off an invoice: it adds to what the subscription's own events say, never overrules them.
     from_invoice: bool = False
+    # Read with current_period_end from the same object, and only beside it: a start belongs to its end.
+    current_period_start: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,14 @@ def _timestamp(value: object) -> datetime | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIMESTAMP:
         return None
     return datetime.fromtimestamp(value, UTC)
+
+
+def _period(start: object, end: object) -> tuple[datetime | None, datetime | None]:
+    """A billing period's (start, end) from Stripe's timestamps; a start not before its end is none."""
+    period_start, period_end = _timestamp(start), _timestamp(end)
+    if period_start is not None and (period_end is None or period_start >= period_end):
+        period_start = None
+    return period_start, period_end
 
 
 def _status(value: object) -> SubscriptionStatus | None:
@@ -241,9 +251,8 @@ def facts_of_subscription(
     # Newer API versions (2025-03 on) moved the billing period from the subscription to its items (all
     # of a subscription's items share it).
     item = plan_item or _first_item(subscription)
-    period_end = _timestamp(item.get("current_period_end")) or _timestamp(
-        subscription.get("current_period_end")
-    )
+    holder = item if _timestamp(item.get("current_period_end")) is not None else subscription
+    period_start, period_end = _period(holder.get("current_period_start"), holder.get("current_period_end"))
     cancel = subscription.get("cancel_at_period_end")
     started = subscription.get("created")
     return SubscriptionFacts(
@@ -255,6 +264,7 @@ def facts_of_subscription(
         started=started
         if isinstance(started, int) and not isinstance(started, bool) and started > 0
         else None,
+        current_period_start=period_start,
     )
 
 
@@ -290,12 +300,15 @@ def _facts_of_invoice(
         # The first invoice of a subscription failing leaves it incomplete; a renewal makes it past_due.
         status = "incomplete" if invoice.get("billing_reason") == "subscription_create" else "past_due"
     line = _invoice_line(invoice, catalog)
+    period = _mapping(line.get("period"))
+    period_start, period_end = _period(period.get("start"), period.get("end")) if paid else (None, None)
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
         plan=catalog.plan_for(_line_price_id(line)),
-        current_period_end=_timestamp(_mapping(line.get("period")).get("end")) if paid else None,
+        current_period_end=period_end,
         from_invoice=True,
+        current_period_start=period_start,
     )
 
 
@@ -403,11 +416,18 @@ def decide(
             return Decision("superseded", None, record_row=True)
 
     base = current if same else None
+    period_end = facts.current_period_end or (base.current_period_end if base else None)
+    # A start goes with the end it came with: the held one beside a later end (a renewal's invoice
+    # without its start) would make a period of two months.
+    period_start = facts.current_period_start
+    if period_start is None and base is not None and base.current_period_end == period_end:
+        period_start = base.current_period_start
     merged = SubscriptionSpec(
         status=facts.status,
         plan=facts.plan or (base.plan if base else None),
         stripe_subscription_id=facts.subscription_id,
-        current_period_end=facts.current_period_end or (base.current_period_end if base else None),
+        current_period_start=period_start,
+        current_period_end=period_end,
         cancel_at_period_end=(
             facts.cancel_at_period_end
             if facts.cancel_at_period_end is not None
@@ -529,7 +549,9 @@ def committed_subscription(
 
 
 def _held_from_row(subscription_id: str, row: StoredSubscription, since: datetime | None) -> SubscriptionSpec:
-    """A subscription's row as the Customer's spec.subscription, with `since` as its pastDueSince."""
+    """A subscription's row as the Customer's spec.subscription, with `since` as its pastDueSince. A
+    row keeps no period start: usage is billed by months ending at its currentPeriodEnd until the
+    subscription's next event says its start."""
     return SubscriptionSpec.model_validate(
         {
             "status": row.status,
@@ -647,7 +669,15 @@ def _own_event_under_invoices(
         return facts, created  # not older than the row: ordered as any event
     status = "unpaid" if facts.status == "unpaid" and row.status != "active" else _status(row.status)
     ends = [end for end in (facts.current_period_end, row.current_period_end) if end is not None]
-    return replace(facts, status=status or facts.status, current_period_end=max(ends, default=None)), last
+    period_end = max(ends, default=None)
+    # The event's start only beside its own end; beside the row's later one, `decide` keeps the held start.
+    period_start = facts.current_period_start if period_end == facts.current_period_end else None
+    return replace(
+        facts,
+        status=status or facts.status,
+        current_period_start=period_start,
+        current_period_end=period_end,
+    ), last
 
 
 def _times_known(row: StoredSubscription) -> bool:

@@ -1,9 +1,12 @@
 """Billing periods and report windows: pure date arithmetic, every function takes `now`.
 
-A Customer billed through Stripe is billed per subscription period: the month ending at
-`spec.subscription.currentPeriodEnd`, which starts on the same day of the month one month earlier
-(clamped to that month's last day, as Stripe does for an anchor on the 29th to 31st). Every other
-Customer is billed per UTC calendar month. Both are one rule: months anchored at an instant, the
+A Customer billed through Stripe is billed per subscription period: Stripe's own,
+`spec.subscription.currentPeriodStart` .. `currentPeriodEnd`, while it holds `now`. Without the start
+(a Customer written before it was kept), before it or after the end (the renewal not in yet), the
+months anchored there: the month ending at currentPeriodEnd starts on the same day of the month one
+month earlier (clamped to that month's last day, as Stripe does for an anchor on the 29th to 31st), so
+Stripe's first period of a checkout on Jan 31 (Jan 31 .. Feb 28) would start on Jan 28. Every other
+Customer is billed per UTC calendar month. All are one rule: months anchored at an instant, the
 calendar month being anchored at midnight UTC on the 1st.
 
 A report counts in the period its period_end falls in, start < period_end <= end: it can only be sent
@@ -72,10 +75,26 @@ def period_containing(now: datetime, anchor: datetime = CALENDAR_ANCHOR) -> Bill
     return BillingPeriod(shift_months(anchor, months), shift_months(anchor, months + 1))
 
 
-def billing_period(now: datetime, current_period_end: datetime | None) -> BillingPeriod:
-    """The period `now` is billed in: anchored at the subscription's currentPeriodEnd when there is one
-    (so the month ending there while it is still ahead), else the UTC calendar month."""
-    return period_containing(now, current_period_end or CALENDAR_ANCHOR)
+def billing_period(
+    now: datetime, current_period_end: datetime | None, current_period_start: datetime | None = None
+) -> BillingPeriod:
+    """The period `now` is billed in: with a subscription's currentPeriodEnd, Stripe's period when
+    `current_period_start` is its start and `now` lies in it, the months ending at that start before
+    it, else the months anchored at currentPeriodEnd; without one, the UTC calendar month.
+
+    A start that makes no monthly period with its end (not before it, or more than LONGEST_PERIOD
+    before it: a yearly price, a long Stripe trial) is not used: reports, partitions and the close
+    grace all assume periods of a month at most."""
+    if current_period_end is None:
+        return period_containing(now, CALENDAR_ANCHOR)
+    if current_period_start is not None and (
+        current_period_start < current_period_end <= current_period_start + LONGEST_PERIOD
+    ):
+        if current_period_start <= now < current_period_end:
+            return BillingPeriod(current_period_start, current_period_end)
+        if now < current_period_start:
+            return period_containing(now, current_period_start)
+    return period_containing(now, current_period_end)
 
 
 def period_ending_at(end: datetime) -> BillingPeriod:

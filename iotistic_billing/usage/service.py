@@ -68,12 +68,9 @@ SHUTDOWN_FLUSH_TIMEOUT: Final = 10.0
 def customer_period(customer: Customer, now: datetime) -> BillingPeriod:
     """The billing period `now` falls in for this Customer (see usage.periods)."""
     subscription = customer.spec.subscription
-    anchor = (
-        subscription.current_period_end
-        if customer.spec.billing.mode == "stripe" and subscription is not None
-        else None
-    )
-    return billing_period(now, anchor)
+    if customer.spec.billing.mode != "stripe" or subscription is None:
+        return billing_period(now, None)
+    return billing_period(now, subscription.current_period_end, subscription.current_period_start)
 
 
 async def open_period(conn: Queryable, customer_id: str, customer: Customer, now: datetime) -> BillingPeriod:

@@ -1074,6 +1074,44 @@ async def test_the_current_period_starts_where_the_previous_one_ended(
         customers.delete(name)
 
 
+async def test_a_checkout_on_the_31st_leaves_the_trial_days_in_the_calendar_row(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers
+) -> None:
+    """Stripe's first period of a checkout on Jan 31 starts then, not on the clamped Jan 28: the trial's
+    report of Jan 29 stays in January's calendar row (not priced on the paid plan, nor sent to Stripe)."""
+    start, end = at(2025, 1, 31, 10), at(2025, 2, 28, 10)
+    name, customer_id = stripe_customer(
+        customers,
+        "checkout",
+        plan="starter",
+        subscription={
+            "status": "active",
+            "plan": "starter",
+            "currentPeriodStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "currentPeriodEnd": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+    )
+    try:
+        headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+        trial_report = report(customer_id, "trial", start=at(2025, 1, 29) - timedelta(hours=1), hours=1)
+        assert (await post(usage_api, {"reports": [trial_report]}, headers))[0] == 202
+        january = BillingPeriod(at(2025, 1, 1), at(2025, 2, 1))
+        async with connection(usage_api.app[USAGE].pool) as conn:
+            await roll_up_period(conn, customer_id, january, "trial")  # the trial's open calendar row
+        usage = usage_api.app[USAGE]
+        usage.clock = lambda: at(2025, 1, 31, 11)
+
+        assert (await usage.flush()).patched == 1
+        assert await rollup_periods(db_engine, customer_id) == [
+            (january.start, start, 1, False),
+            (start, end, 0, False),
+        ]
+        status = (customers.get(name) or {})["status"]
+        assert status["usage"]["periodStart"] == "2025-01-31T10:00:00Z"
+    finally:
+        customers.delete(name)
+
+
 async def test_a_flush_puts_usage_and_within_limits_on_the_customer(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, tenant: tuple[str, str]
 ) -> None:

@@ -61,6 +61,8 @@ async def test_subscription_update_is_applied_server_side_under_the_webhook_mana
         "status": "active",
         "plan": "professional",
         "stripeSubscriptionId": subscription_id,
+        # Stripe's period, both ends, as the items of API versions from 2025-03 carry it.
+        "currentPeriodStart": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end - 30 * 86400)),
         "currentPeriodEnd": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end)),
         "cancelAtPeriodEnd": False,
         "lastEventCreated": body["created"],
@@ -187,6 +189,9 @@ async def test_checkout_then_invoices_follow_the_subscription_through_its_life(
     subscription = customers.subscription(name) or {}
     assert (subscription["status"], subscription["plan"]) == ("active", "starter")
     assert subscription["currentPeriodEnd"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end))
+    # The plan line's period start, beside its end.
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end - 30 * 86400))
+    assert subscription["currentPeriodStart"] == start
 
     deleted = event(
         "customer.subscription.deleted",
@@ -200,7 +205,7 @@ async def test_checkout_then_invoices_follow_the_subscription_through_its_life(
 async def test_subscription_with_the_period_on_the_subscription_itself(
     api: TestClient[Any, Any], customers: Customers
 ) -> None:
-    """Older API versions: current_period_end on the subscription, not on its items."""
+    """Older API versions: current_period_start and _end on the subscription, not on its items."""
     name, customer_id = stripe_customer(customers)
     period_end = int(time.time()) + 10 * 86400
     body = event(
@@ -217,6 +222,8 @@ async def test_subscription_with_the_period_on_the_subscription_itself(
     assert (await deliver(api, body))[0] == 200
     subscription = customers.subscription(name) or {}
     assert subscription["currentPeriodEnd"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end))
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(period_end - 30 * 86400))
+    assert subscription["currentPeriodStart"] == start
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,33 @@ def test_the_month_before_a_period_end_is_clamped_to_the_shorter_month() -> None
     assert billing_period(at(2026, 3, 10), at(2026, 3, 31)) == BillingPeriod(at(2026, 2, 28), at(2026, 3, 31))
 
 
+def test_with_stripe_s_period_start_the_period_is_stripe_s_own_not_the_clamped_month() -> None:
+    # A checkout on Jan 31 at 10:00: Stripe's first period ends on Feb 28 and starts at the checkout,
+    # not on Jan 28 (the month before Feb 28), which would bill the trial's last days on the paid plan.
+    start, end = at(2026, 1, 31, 10), at(2026, 2, 28, 10)
+    assert billing_period(at(2026, 1, 31, 11), end, start) == BillingPeriod(start, end)
+    assert billing_period(at(2026, 2, 28, 9, 59), end, start) == BillingPeriod(start, end)
+    # Before Stripe's start: the month ending there (a late report of the trial), not one reaching over it.
+    assert billing_period(at(2026, 1, 29), end, start) == BillingPeriod(at(2025, 12, 31, 10), start)
+    # From its end on, until the renewal arrives: the month after currentPeriodEnd, as without a start.
+    assert billing_period(at(2026, 3, 1), end, start) == billing_period(at(2026, 3, 1), end)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(at(2026, 2, 28, 10), id="at-its-end"),
+        pytest.param(at(2026, 3, 1), id="after-its-end"),
+        pytest.param(at(2025, 2, 28, 10), id="a-year-long"),
+    ],
+)
+def test_a_start_that_makes_no_monthly_period_with_its_end_is_not_used(start: datetime) -> None:
+    # A yearly or long trial period of Stripe's, or a start written by hand after the end: months
+    # derived from currentPeriodEnd, as for a Customer written before currentPeriodStart existed.
+    end = at(2026, 2, 28, 10)
+    assert billing_period(at(2026, 2, 10), end, start) == BillingPeriod(at(2026, 1, 28, 10), end)
+
+
 def test_after_current_period_end_the_next_month_is_billed_until_the_renewal_arrives() -> None:
     # Stripe's renewal webhook may come later than the period end: reports go to the next period.
     end = at(2026, 1, 31)

@@ -143,6 +143,53 @@ def test_subscription_facts_fall_back_to_the_period_on_the_subscription() -> Non
     assert facts == SubscriptionFacts("sub_1", "active", "starter", AT_PERIOD_END, True)
 
 
+def test_subscription_facts_read_stripe_s_period_start_where_they_read_its_end() -> None:
+    start = PERIOD_END - 28 * 86400
+    items = {
+        "data": [
+            {"price": {"id": "price_p"}, "current_period_start": start, "current_period_end": PERIOD_END}
+        ]
+    }
+    legacy = subscription(
+        items={"data": [{"price": {"id": "price_p"}}]},
+        current_period_start=start,
+        current_period_end=PERIOD_END,
+    )
+    for body in (subscription(items=items), legacy):
+        facts = subscription_facts("customer.subscription.updated", body, CATALOG)
+        assert facts is not None and facts.current_period_start == datetime.fromtimestamp(start, UTC)
+        assert facts.current_period_end == AT_PERIOD_END
+    # A start not before its end is no period's start: the end alone is read.
+    backwards = subscription(
+        items={
+            "data": [
+                {
+                    "price": {"id": "price_p"},
+                    "current_period_start": PERIOD_END + 1,
+                    "current_period_end": PERIOD_END,
+                }
+            ]
+        }
+    )
+    facts = subscription_facts("customer.subscription.updated", backwards, CATALOG)
+    assert facts is not None and (facts.current_period_start, facts.current_period_end) == (
+        None,
+        AT_PERIOD_END,
+    )
+
+
+def test_a_paid_invoice_carries_its_plan_line_s_period_start() -> None:
+    start = PERIOD_END - 31 * 86400
+    invoice = {
+        "subscription": "sub_1",
+        "lines": {"data": [{"price": {"id": "price_e"}, "period": {"start": start, "end": PERIOD_END}}]},
+    }
+    paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
+    assert paid is not None and paid.current_period_start == datetime.fromtimestamp(start, UTC)
+    failed = subscription_facts("invoice.payment_failed", invoice, CATALOG)
+    assert failed is not None and failed.current_period_start is None
+
+
 def test_subscription_facts_read_the_plan_item_beside_metered_ones_in_any_order() -> None:
     metered = {"price": {"id": "price_devices_overage"}, "current_period_end": PERIOD_END}
     plan = {"price": {"id": "price_e"}, "current_period_end": PERIOD_END}
@@ -310,6 +357,32 @@ def test_a_newer_event_applies_and_keeps_what_it_does_not_say() -> None:
     assert later.subscription is not None and later.subscription.past_due_since == overdue_since
     paid = decide(later.subscription, 200, SubscriptionFacts("sub_1", "active"), 250)
     assert paid.subscription is not None and paid.subscription.past_due_since is None
+
+
+def test_a_period_start_is_kept_only_beside_the_end_it_came_with() -> None:
+    start = datetime.fromtimestamp(PERIOD_END - 30 * 86400, UTC)
+    held = current(current_period_start=start)
+    # An event that says the same end and no start keeps the start.
+    same_end = decide(
+        held, None, SubscriptionFacts("sub_1", "past_due", current_period_end=AT_PERIOD_END), 200
+    )
+    assert same_end.subscription is not None and same_end.subscription.current_period_start == start
+    # A renewal's invoice (a later end) without its start: the old start would make a two-month period.
+    renewal = SubscriptionFacts("sub_1", "active", current_period_end=later_end(), from_invoice=True)
+    renewed = decide(held, None, renewal, 200)
+    assert renewed.subscription is not None
+    assert (renewed.subscription.current_period_start, renewed.subscription.current_period_end) == (
+        None,
+        later_end(),
+    )
+    # With its start, the new period's both ends are written.
+    with_start = decide(held, None, replace(renewal, current_period_start=AT_PERIOD_END), 200)
+    assert with_start.subscription is not None
+    assert with_start.subscription.current_period_start == AT_PERIOD_END
+
+
+def later_end() -> datetime:
+    return datetime.fromtimestamp(PERIOD_END + 31 * 86400, UTC)
 
 
 def test_an_older_event_of_the_same_subscription_is_stale() -> None:
@@ -666,6 +739,28 @@ def test_a_plan_change_delivered_after_a_newer_invoice_still_changes_the_plan() 
     legacy["sub_1"] = replace(legacy["sub_1"], own_event_created=None)
     unknown = coalesce("cust_a", paid.subscription, legacy, [(upgraded, 1800)])
     assert [step.decision.action for step in unknown.steps if step.decision] == ["stale"]
+
+
+def test_a_late_own_event_s_period_start_does_not_go_beside_a_newer_invoice_s_end() -> None:
+    """An upgrade's event of the period before (start S0, end E0) applied after the renewal's invoice
+    (start E0, end E1): the period stays the invoice's, E0 .. E1, not S0 .. E1."""
+    renewed = current(
+        current_period_start=AT_PERIOD_END, current_period_end=later_end(), last_event_created=3600
+    )
+    rows = row(current_period_end=later_end(), last_event_created=3600, invoice_event_created=3600)
+    upgrade = SubscriptionFacts(
+        "sub_1",
+        "active",
+        "professional",
+        AT_PERIOD_END,
+        current_period_start=datetime.fromtimestamp(PERIOD_END - 30 * 86400, UTC),
+    )
+    late = coalesce("cust_a", renewed, rows, [(upgrade, 1800)])
+    assert late.subscription is not None and late.subscription.plan == "professional"
+    assert (late.subscription.current_period_start, late.subscription.current_period_end) == (
+        AT_PERIOD_END,
+        later_end(),
+    )
 
 
 def test_an_own_event_of_the_same_second_as_a_failed_invoice_keeps_the_failure_and_takes_the_plan() -> None:
