@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
-from iotistic_billing.db.pool import Connection, Pool, connection
+from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
 from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import earliest_start_reaching
 
@@ -104,6 +104,18 @@ WHERE i.inhparent = 'usage_reports'::regclass
 _OLDEST_OPEN: Final = "SELECT min(period_start) FROM usage_rollups WHERE closed_at IS NULL"
 
 
+async def oldest_open_start(conn: Queryable) -> datetime | None:
+    start: datetime | None = await conn.fetchval(_OLDEST_OPEN)
+    return start
+
+
+async def kept_since(conn: Queryable, now: datetime, retention_months: int) -> datetime:
+    """The cutoff of a partition run at `now`: a report that starts before it goes with its month, or
+    from the default partition. The report route refuses such a report rather than store it to lose
+    it (usage.reports.retention_problems)."""
+    return retention_cutoff(now, retention_months, await oldest_open_start(conn))
+
+
 def _bound(moment: datetime) -> str:
     return f"'{moment.isoformat()}'"
 
@@ -170,7 +182,7 @@ async def maintain_partitions(
                 now,
                 ahead=ahead,
                 retention_months=retention_months,
-                oldest_open_start=await conn.fetchval(_OLDEST_OPEN),
+                oldest_open_start=await oldest_open_start(conn),
             )
             created = [
                 name for month in plan.create if (name := await _locked(create_partition, conn, month))
@@ -191,9 +203,11 @@ __all__ = [
     "PartitionRun",
     "create_partition",
     "drop_partition",
+    "kept_since",
     "maintain_partitions",
     "month_of",
     "month_of_partition",
+    "oldest_open_start",
     "partition_name",
     "plan_partitions",
     "retention_cutoff",

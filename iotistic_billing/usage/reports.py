@@ -73,7 +73,15 @@ class UsageReport(BaseModel):
             )
         ),
     ]
-    period_start: Timestamp
+    period_start: Annotated[
+        Timestamp,
+        Field(
+            description=(
+                "Not before the raw reports kept (USAGE_RAW_RETENTION months, 13 by default, and never"
+                " inside a billing period still open): an older report is refused, not stored."
+            )
+        ),
+    ]
     period_end: Annotated[Timestamp, Field(description="After period_start, at most 31 days later.")]
     active_devices: Level
     total_devices: Level
@@ -217,6 +225,21 @@ def period_problems(parsed: ParsedReports, now: datetime, skew: timedelta) -> li
     return problems
 
 
+def retention_problems(parsed: ParsedReports, kept_since: datetime, retention_months: int) -> list[Problem]:
+    """Reports that start before `kept_since`, the partition run's cutoff (usage.partitions.kept_since):
+    stored, one would wait in the default partition for the next run to delete it, answered as
+    accepted, and be accepted again when sent again."""
+    message = (
+        f"is older than the raw reports kept (USAGE_RAW_RETENTION, {retention_months} months):"
+        f" reports that start before {kept_since.isoformat()} are not stored"
+    )
+    return [
+        Problem(parsed.field(index, "period_start"), message, "period_past_retention")
+        for index, report in enumerate(parsed.reports)
+        if report.period_start < kept_since
+    ]
+
+
 def foreign_report(parsed: ParsedReports, customer_id: str) -> int | None:
     """The index of the first report of another customer than `customer_id`, if any."""
     return next(
@@ -299,4 +322,5 @@ __all__ = [
     "parse_reports",
     "period_problems",
     "report_rows",
+    "retention_problems",
 ]

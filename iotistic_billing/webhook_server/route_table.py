@@ -258,11 +258,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         description=(
             "The instance's usage key in X-API-Key or as the bearer token (the admin token may report for "
             "any customer). Counters are deltas over [period_start, period_end) (at most 31 days, not in "
-            "the future); active_devices and total_devices are levels. Each (customer_id, instance_id, "
+            "the future, not before the raw reports kept: USAGE_RAW_RETENTION months, a 400 naming "
+            "period_start); active_devices and total_devices are levels. Each (customer_id, instance_id, "
             "report_id, period_start) is stored once: a repeat counts as duplicate (send a retry with the "
             "same period_start). Every report must be the key's "
             "customer's (403 naming the first that is not), and a batch is stored whole or not at all. "
-            "Usage keys are cached for 30 s, so a revoked key works that much longer."
+            "Usage keys are cached for USAGE_KEY_CACHE_TTL seconds (30 by default), so a revoked key works "
+            "that much longer."
         ),
     ),
     Route(

@@ -167,6 +167,7 @@ class SubscriptionView(Response):
     status: SubscriptionStatus
     plan: PaidPlanName | None = None
     stripe_subscription_id: str | None = None
+    current_period_start: datetime | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
     past_due_since: datetime | None = Field(
@@ -505,6 +506,10 @@ class BillingPeriodUsage(Response):
     included: IncludedUsageView
     totals: PeriodTotalsView
     overage: OverageView
+    billed: bool = Field(
+        description="Whether the overage is charged: a trial's, or the unlicensed plan's, is shown and not "
+        "billed (its lines say what a paid plan would owe)."
+    )
     within_limits: bool
     exceeded: list[str] = Field(description="What is over the included usage, for a person.")
 

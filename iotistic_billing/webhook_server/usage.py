@@ -2,8 +2,9 @@
 back per report, per UTC day and for the current billing period (`GET /api/usage/{customerId}`).
 
 The report route is the hot one: the body is read with its own size limit, parsed and validated in one
-pass, checked against the caller's key, and stored with one statement; the Customer's status follows
-through the coalescer and the flusher (usage.service), never from the request.
+pass, checked against the caller's key, and stored with one statement (only a request holding a report
+older than the raw retention's months asks PostgreSQL for the cutoff first); the Customer's status
+follows through the coalescer and the flusher (usage.service), never from the request.
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from iotistic_billing.errors import (
     Forbidden,
     ValidationFailed,
 )
+from iotistic_billing.usage.partitions import kept_since, retention_cutoff
 from iotistic_billing.usage.periods import utc_days, window_start
 from iotistic_billing.usage.pricing import Overage, PeriodTotals
 from iotistic_billing.usage.reports import (
     InvalidReports,
+    ParsedReports,
     Problem,
     foreign_report,
     parse_reports,
     period_problems,
+    retention_problems,
 )
-from iotistic_billing.usage.rollups import compute_rollup, included_usage, overage_json
-from iotistic_billing.usage.service import customer_plan, open_period
+from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, included_usage, overage_json
+from iotistic_billing.usage.service import UsageMetering, customer_plan, open_period
 from iotistic_billing.usage.status import exceeded
 from iotistic_billing.usage.store import DailyUsage, daily_usage, period_totals, recent_reports
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, OPTIONS, PRINCIPAL, SESSIONS, USAGE
@@ -80,6 +84,21 @@ def _invalid(problems: list[Problem]) -> ValidationFailed:
     return ValidationFailed([problem.to_json() for problem in problems])
 
 
+async def past_retention(usage: UsageMetering, parsed: ParsedReports, now: datetime) -> list[Problem]:
+    """Reports that start before the raw reports kept, which the next partition run would delete. The
+    cutoff is never later than the retention's months before `now` (an open billing period holds it
+    earlier), so PostgreSQL is asked only for a request holding a report older than those."""
+    months = usage.options.raw_retention_months
+    if min(report.period_start for report in parsed.reports) >= retention_cutoff(now, months, None):
+        return []
+    try:
+        async with connection(usage.pool) as conn:
+            cutoff = await kept_since(conn, now, months)
+    except DatabaseUnavailable:
+        raise DependencyUnavailable("Database") from None
+    return retention_problems(parsed, cutoff, months)
+
+
 async def report_usage(request: web.Request) -> web.Response:
     """Store one report or a batch, each exactly once; 202 with how many were new."""
     usage = request.app[USAGE]
@@ -89,7 +108,9 @@ async def report_usage(request: web.Request) -> web.Response:
         parsed = parse_reports(raw)
     except InvalidReports as invalid:
         raise _invalid(invalid.problems) from None
-    problems = period_problems(parsed, now, usage.options.clock_skew)
+    problems = period_problems(parsed, now, usage.options.clock_skew) or await past_retention(
+        usage, parsed, now
+    )
     if problems:
         raise _invalid(problems)
     principal = request[PRINCIPAL]
@@ -167,6 +188,8 @@ def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriod
             device_hours=str(totals.device_hours),
         ),
         overage=OverageView.model_validate(overage_json(bill)),
+        # As the meter run has it (Rollup.billed): the totals stay, so that a trial sees what it would owe.
+        billed=plan in BILLED_PLANS,
         within_limits=not over,
         exceeded=over,
     )
@@ -217,4 +240,12 @@ async def get_usage(request: web.Request) -> web.Response:
     return json_model(history)
 
 
-__all__ = ["daily_views", "get_usage", "period_view", "read_limited", "report_usage", "report_view"]
+__all__ = [
+    "daily_views",
+    "get_usage",
+    "past_retention",
+    "period_view",
+    "read_limited",
+    "report_usage",
+    "report_view",
+]

@@ -312,6 +312,43 @@ async def test_period_charts_match_the_period_totals_when_the_period_starts_mid_
     ]
 
 
+async def test_a_trials_period_overage_is_marked_not_billed(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: the API and the customer page showed a trial's overage as dollars owed, while
+    the meter run bills none (Rollup.billed). The would-be lines stay visible, marked; a paid plan's
+    overage is billed."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    shown: dict[str, dict[str, Any]] = {}
+    for plan in ("trial", "starter"):
+        name = unique_name(f"billed-{plan}")
+        customer_id = customer_id_for(name)
+        customers.create(name, customerId=customer_id, plan=plan)
+        key = await add_usage_key(db_engine, customer_id)
+        # 13 devices on 10 included (both plans): 3 over at $2.
+        answer = await api.post(
+            "/api/usage/report", json=usage_report(customer_id, hour, 13), headers={API_KEY_HEADER: key}
+        )
+        assert answer.status == 202, await answer.text()
+        usage = await (await api.get(f"/api/usage/{customer_id}", headers=admin_headers())).json()
+        shown[plan] = usage["billing_period"]
+        await sign_in(api, ADMIN_TOKEN)
+        page = await (await api.get(f"/admin/customers/{name}")).text()
+        period_line = re.search(r"<p>Billing period .*?</p>", page)
+        assert period_line, "no billing period on the page"
+        shown[plan]["page"] = period_line.group(0)
+    trial, starter = shown["trial"], shown["starter"]
+    assert (trial["plan"], trial["billed"], trial["overage"]["total"]) == ("trial", False, "6.00")
+    assert trial["overage"]["total_cents"] == 600 and len(trial["overage"]["lines"]) == 1
+    assert (
+        '<strong class="overage">$6.00</strong> <span class="not-billed">not billed</span> (' in trial["page"]
+    )
+    assert (starter["plan"], starter["billed"], starter["overage"]["total"]) == ("starter", True, "6.00")
+    assert (
+        '<strong class="overage">$6.00</strong> (' in starter["page"] and "not billed" not in starter["page"]
+    )
+
+
 async def test_console_actions_of_a_predecessor_are_not_shown(
     api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
 ) -> None:

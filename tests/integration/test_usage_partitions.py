@@ -19,12 +19,18 @@ from prometheus_client import CollectorRegistry
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, plain_url, session_factory
-from iotistic_billing.db.pool import Pool
+from iotistic_billing.db.pool import Pool, connection
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import Kube
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
-from iotistic_billing.usage.partitions import create_partition, maintain_partitions, month_of, partition_name
+from iotistic_billing.usage.partitions import (
+    create_partition,
+    kept_since,
+    maintain_partitions,
+    month_of,
+    partition_name,
+)
 from iotistic_billing.usage.periods import BillingPeriod, shift_months
 from iotistic_billing.usage.reports import UsageReport, earliest_start_reaching, report_rows
 from iotistic_billing.usage.service import UsageMetering
@@ -289,6 +295,35 @@ async def test_retention_drops_old_months_whole_but_no_open_period_and_no_rollup
     assert await pool.fetchval("SELECT count(*) FROM usage_rollups") == 2
     # Nothing more to do at the same moment.
     assert await maintain_partitions(pool, NOW, ahead=2, retention_months=13) == type(run)()
+
+
+async def test_reports_are_refused_from_where_the_partition_run_deletes_never_inside_an_open_period(
+    pool: Pool,
+) -> None:
+    """The cutoff the report route refuses by (kept_since) is the partition run's: a report of the
+    default partition before it is deleted by the run, one at it is kept; and an open billing period
+    holds it back to the earliest report that can reach into the period."""
+    await pool.execute(
+        "INSERT INTO usage_rollups (customer_id, period_start, period_end, totals, overage,"
+        " overage_amount_cents, closed_at) VALUES"
+        " ('cust_keptsince1', '2025-10-15Z', '2025-11-15Z', '{}', '{}', 0, NULL)"
+    )
+    async with connection(pool) as conn:
+        assert await kept_since(conn, NOW, 13) == datetime(2025, 9, 14, tzinfo=UTC)  # Oct 15 - 31 days
+    await pool.execute("UPDATE usage_rollups SET closed_at = '2025-11-15 01:00Z'")
+    async with connection(pool) as conn:
+        cutoff = await kept_since(conn, NOW, 13)
+    assert cutoff == datetime(2025, 11, 3, 13, 30, tzinfo=UTC)
+    # No partition of November 2025: both wait in the default partition.
+    reports = [
+        report("cust_keptsince1", "before", cutoff - timedelta(microseconds=1)),
+        report("cust_keptsince1", "at", cutoff),
+    ]
+    assert await insert_reports(pool, report_rows(reports)) == 2
+    run = await maintain_partitions(pool, NOW, ahead=2, retention_months=13)
+    assert run.deleted == 1
+    async with pool.acquire() as conn:
+        assert await where_each_row_is(conn) == {"at": "usage_reports_default"}
 
 
 def scanned_tables(plan: Any) -> set[str]:

@@ -260,6 +260,33 @@ async def test_validation_names_the_field_and_writes_nothing(
     assert await stored(db_engine, customer_id) == (0, 0, 0)
 
 
+async def test_a_report_older_than_the_raw_reports_kept_is_refused_naming_the_field(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: a report of a month the retention had dropped (the server's partition run at
+    start drops those before NOW's 13 months) went into the default partition, was answered 202
+    {"accepted": 1}, and was deleted by the next partition run: lost, and "accepted" again when sent
+    again."""
+    customer_id = customer_id_for(unique_name("retired"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    old = report(customer_id, "old", start=datetime(2023, 6, 10, tzinfo=UTC))
+    for body, field in (
+        (old, "period_start"),
+        ({"reports": [report(customer_id, "recent"), old]}, "reports[1].period_start"),
+    ):
+        status, answer = await post(usage_api, body, headers)
+        assert status == 400, answer
+        (problem,) = answer["details"]
+        assert (problem["field"], problem["type"]) == (field, "period_past_retention")
+        assert problem["message"].startswith(
+            "is older than the raw reports kept (USAGE_RAW_RETENTION, 13 months): reports that start before "
+        )
+    assert await stored(db_engine, customer_id) == (0, 0, 0)
+    # 13 months before NOW is March 17, 2024, 12:00: a report from then on is kept.
+    kept = report(customer_id, "kept", start=datetime(2024, 3, 17, 12, tzinfo=UTC))
+    assert await post(usage_api, kept, headers) == (202, {"accepted": 1, "duplicate": 0})
+
+
 async def test_an_oversized_body_is_413_and_writes_nothing(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine
 ) -> None:

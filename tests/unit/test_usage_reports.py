@@ -20,6 +20,7 @@ from iotistic_billing.usage.reports import (
     parse_reports,
     period_problems,
     report_rows,
+    retention_problems,
 )
 
 NOW = datetime(2026, 11, 17, 12, tzinfo=UTC)
@@ -158,6 +159,26 @@ def test_period_problems_name_the_period_end_of_each_report() -> None:
     ]
     single = period_problems(parse_reports(body(report(period_end="2026-11-17T10:00:00Z"))), NOW, SKEW)
     assert [p.field for p in single] == ["period_end"]
+
+
+def test_a_report_that_starts_before_the_raw_reports_kept_is_refused_naming_its_period_start() -> None:
+    """Found in review: a report of a month the retention had dropped was stored in the default
+    partition, answered "accepted", and deleted by the next partition run."""
+    kept_since = datetime(2025, 10, 17, 12, tzinfo=UTC)
+    reports = [
+        report(period_start="2025-10-17T12:00:00Z", period_end="2025-10-17T13:00:00Z"),
+        # Ends after the cutoff, starts before it: the partition run goes by period_start.
+        report(report_id="old", period_start="2025-10-17T11:59:59Z", period_end="2025-10-17T13:00:00Z"),
+    ]
+    found = retention_problems(parse_reports(body({"reports": reports})), kept_since, 13)
+    assert [(p.field, p.type) for p in found] == [("reports[1].period_start", "period_past_retention")]
+    assert found[0].message == (
+        "is older than the raw reports kept (USAGE_RAW_RETENTION, 13 months):"
+        " reports that start before 2025-10-17T12:00:00+00:00 are not stored"
+    )
+    single = retention_problems(parse_reports(body(reports[1])), kept_since, 13)
+    assert [p.field for p in single] == ["period_start"]
+    assert retention_problems(parse_reports(body(reports[0])), kept_since, 13) == []
 
 
 def test_foreign_report_finds_the_first_report_of_another_customer() -> None:

@@ -6,9 +6,11 @@ import hashlib
 import re
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
@@ -21,11 +23,14 @@ from iotistic_billing.customer import (
     resource_name_for,
 )
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.errors import ValidationFailed
-from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
+from iotistic_billing.errors import Unavailable, ValidationFailed
+from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, public_key_pem
 from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
 from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server import licenses
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
+from iotistic_billing.webhook_server.context import KEYRING
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.messages import read_customer_id, read_notice_id
 from iotistic_billing.webhook_server.metrics import Metrics
@@ -138,7 +143,7 @@ def test_one_ipv6_client_cannot_take_a_fresh_bucket_per_address() -> None:
 
 def test_the_keyring_verifies_our_licences_whatever_their_times_and_only_ours() -> None:
     keys = SigningKeys(generate_private_key())
-    keyring = LicenseKeyring((keys.public_key,))
+    keyring = LicenseKeyring(keys.public_key)
 
     def minted(now: datetime, signing: SigningKeys = keys) -> str:
         return mint_license(
@@ -161,6 +166,51 @@ def test_the_keyring_verifies_our_licences_whatever_their_times_and_only_ours() 
     stranger = minted(now, SigningKeys(generate_private_key()))
     claims, verified = keyring.decode(stranger, "iotistic-instance")
     assert not verified and claims["customerId"] == "cust_abc123"  # shown, never trusted
+
+
+def _public_key_file(folder: Path, keys: SigningKeys, name: str) -> Path:
+    path = folder / name
+    path.write_bytes(public_key_pem(keys.public_key))
+    return path
+
+
+def test_jwks_lists_each_key_once(tmp_path: Path) -> None:
+    current, older = SigningKeys(generate_private_key()), SigningKeys(generate_private_key())
+    current_path = _public_key_file(tmp_path, current, "public-key.pem")
+    # The current key listed among the retired ones too, as a rotation's copy-paste leaves it.
+    settings = Settings(
+        license_public_key_path=current_path,
+        license_extra_public_key_paths=[current_path, _public_key_file(tmp_path, older, "older.pem")],
+    )
+    keyring = LicenseKeyring.from_settings(settings)
+    assert [jwk["kid"] for jwk in keyring.jwks()["keys"]] == [current.kid, older.kid]
+    assert keyring.pem() == public_key_pem(current.public_key)
+
+
+async def test_extra_keys_alone_are_not_a_current_key(tmp_path: Path) -> None:
+    retired = SigningKeys(generate_private_key())
+    settings = Settings(license_extra_public_key_paths=[_public_key_file(tmp_path, retired, "older.pem")])
+    keyring = LicenseKeyring.from_settings(settings)
+    assert not keyring.configured
+    app = web.Application()
+    app[KEYRING] = keyring
+    # No key is served as the current signing key's: both answer 503 naming the setting that is unset.
+    for handler in (licenses.get_public_key, licenses.get_jwks):
+        with pytest.raises(Unavailable) as unset:
+            await handler(make_mocked_request("GET", "/", app=app))
+        assert unset.value.details == {"setting": "LICENSE_PUBLIC_KEY_PATH"}
+    # Licences the retired key signed still verify (the admin API shows them as ours).
+    token = mint_license(
+        customer=LicenseCustomer("cust_abc123", "Acme"),
+        plan=PLANS["starter"],
+        trial=NO_TRIAL,
+        subscription=SubscriptionTerms("active"),
+        now=datetime.now(UTC),
+        keys=retired,
+        issuer="https://billing.example",
+        audience="iotistic-instance",
+    ).token
+    assert keyring.decode(token, "iotistic-instance")[1]
 
 
 def test_usage_keys_are_looked_up_by_their_sha256() -> None:
