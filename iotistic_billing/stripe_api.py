@@ -127,9 +127,21 @@ class StripeApi:
         )
         return str(customer.id)
 
-    async def delete_customer(self, stripe_customer_id: str) -> None:
-        """Delete a Stripe customer: a signup's, when the signup failed before its Customer existed."""
-        await _stripe(self.client.v1.customers.delete_async(stripe_customer_id), "delete a customer")
+    async def delete_customer(self, stripe_customer_id: str) -> str:
+        """Delete a Stripe customer: a signup's, when the signup failed before its Customer existed; the
+        id Stripe says it deleted."""
+        answer = await _stripe(self.client.v1.customers.delete_async(stripe_customer_id), "delete a customer")
+        fields = answer.to_dict()
+        deleted, answered_id = fields.get("deleted"), fields.get("id")
+        # A 200 is no proof: only `deleted: true` for this id says the customer is gone.
+        if deleted is not True or answered_id != stripe_customer_id:
+            raise Conflict(
+                "Stripe did not delete the customer",
+                f"Stripe did not delete customer {stripe_customer_id}: it answered deleted={deleted!r}"
+                f" for {answered_id!r}",
+                {"stripe_customer_id": stripe_customer_id},
+            )
+        return str(answered_id)
 
     async def create_checkout_session(
         self,

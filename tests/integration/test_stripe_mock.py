@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import stripe
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.errors import Conflict
 from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import StripeApi
 from tests.integration.webhook_support import stripe_mock_plan_price
@@ -39,9 +42,34 @@ async def test_our_client_deletes_the_customer_a_failed_signup_made(stripe_mock:
     billing = StripeApi(load_settings(stripe_secret_key="sk_test_123", stripe_api_base=stripe_mock.url))
     try:
         made = await billing.create_customer(email="ops@acme.example", name="Acme", customer_id="cust_abc123")
-        await billing.delete_customer(made)
+        # stripe-mock answers a delete with the id of its path: the one our client asked to delete.
+        assert await billing.delete_customer(made) == made
     finally:
         await billing.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"id": "cus_kept", "object": "customer", "deleted": False}, {"id": "cus_other", "object": "customer"}],
+)
+async def test_our_client_raises_when_stripe_answers_a_delete_without_deleting_that_customer(
+    answer: dict[str, object],
+) -> None:
+    async def delete(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_delete("/v1/customers/{id}", delete)
+    async with TestServer(app) as stripe_stand_in:
+        billing = StripeApi(
+            load_settings(stripe_secret_key="sk_test_123", stripe_api_base=str(stripe_stand_in.make_url("")))
+        )
+        try:
+            with pytest.raises(Conflict, match="cus_kept") as refused:
+                await billing.delete_customer("cus_kept")
+        finally:
+            await billing.close()
+    assert f"deleted={answer.get('deleted')!r} for {answer['id']!r}" in refused.value.message
 
 
 async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_item(

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import jwt
+import kubernetes
 import pytest
 
+from iotistic_billing.customer import resource_name_for
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
 from tests.conftest import OperatorProcess, unique_name, wait_until
-from tests.integration.webhook_support import ADMIN_TOKEN, ServerProcess, server_env
+from tests.integration.webhook_support import ADMIN_TOKEN, Customers, ServerProcess, server_env
 
 pytestmark = pytest.mark.integration
 
@@ -64,40 +70,127 @@ def test_a_bad_setting_stops_the_start_with_its_name(
     assert "short-secret" not in result.stderr  # a secret's value is never echoed
 
 
-def test_sigterm_lets_the_request_in_flight_finish(
-    env: dict[str, str], tmp_path: Path, operator: OperatorProcess
-) -> None:
-    """Signup waits for the operator's licence; a SIGTERM meanwhile still gets it its answer."""
-    server = ServerProcess(env, tmp_path / "webhooks.log").start()
-    answer: dict[str, Any] = {}
+def signup_in_thread(server_url: str, company_name: str, answer: dict[str, Any]) -> threading.Thread:
+    """POST /api/customers as an admin in a thread of its own, which puts the answer's `status` and
+    `body` (or its `error`) into `answer`."""
 
-    def signup() -> None:
+    def call() -> None:
         request = urllib.request.Request(  # noqa: S310 - loopback
-            f"{server.url}/api/customers",
+            f"{server_url}/api/customers",
             data=json.dumps(
-                {"email": f"ops@{unique_name('term')}.example.com", "company_name": unique_name("Sigterm")}
+                {"email": f"ops@{unique_name('signup')}.example.com", "company_name": company_name}
             ).encode(),
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
-            answer["status"] = response.status
-            answer["body"] = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - loopback
+                answer["status"], answer["body"] = response.status, json.loads(response.read())
+        except Exception as error:  # the test asserts on it
+            answer["error"] = repr(error)
 
-    caller = threading.Thread(target=signup)
+    caller = threading.Thread(target=call)
+    caller.start()
+    return caller
+
+
+@contextmanager
+def operator_held(operator: OperatorProcess) -> Iterator[None]:
+    """The operator stopped (SIGSTOP) for the block: a signup's licence comes only after it, however
+    fast the operator would have been."""
+    assert operator.process is not None
+    operator.process.send_signal(signal.SIGSTOP)
     try:
-        caller.start()
-        time.sleep(0.3)  # the request is in flight: the Customer is being created or its licence awaited
-        started = time.monotonic()
-        assert server.terminate(timeout=40) == 0
+        yield
+    finally:
+        operator.process.send_signal(signal.SIGCONT)
+
+
+def wait_for_licence_wait(log: Path, name: str) -> None:
+    """Until the server logged that the signup created Customer `name`: next it waits for the licence."""
+    wait_until(
+        lambda: f"signup created Customer {name} " in log.read_text(),
+        timeout=30,
+        interval=0.05,
+        message=f"signup of {name} created its Customer; log: {log}",
+    )
+
+
+def licence_claims(token: str, license_keys: tuple[Path, Path]) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(
+        token, license_keys[1].read_bytes(), algorithms=["RS256"], audience="iotistic-instance"
+    )
+    return claims
+
+
+def accepting(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_sigterm_lets_the_request_in_flight_finish(
+    env: dict[str, str],
+    tmp_path: Path,
+    operator: OperatorProcess,
+    k8s_client: kubernetes.client.ApiClient,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """A signup waiting for its licence at the SIGTERM gets its full answer after it: the licence the
+    operator issued once the server had stopped listening."""
+    log = tmp_path / "webhooks.log"
+    server = ServerProcess(env, log).start()
+    company = unique_name("Sigterm")
+    name = resource_name_for(company)
+    answer: dict[str, Any] = {}
+    try:
+        with operator_held(operator):
+            caller = signup_in_thread(server.url, company, answer)
+            wait_for_licence_wait(log, name)
+            assert answer == {}, "signup answered before its licence existed"
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: not accepting(server.port), timeout=10, interval=0.05, message="listener closed"
+            )
         caller.join(30)
-        assert answer["status"] in (201, 202)
-        assert answer["body"]["customer"]["customer_id"].startswith("cust_")
-        assert time.monotonic() - started < 35
+        assert answer.get("status") == 201, answer
+        claims = licence_claims(answer["body"]["license"]["jwt"], license_keys)
+        assert claims["customerId"] == answer["body"]["customer"]["customer_id"]
+        assert server.process.wait(30) == 0
     finally:
         server.kill()
-    log = (tmp_path / "webhooks.log").read_text()
-    assert ADMIN_TOKEN not in log
+        Customers(k8s_client).delete(name)
+    assert ADMIN_TOKEN not in log.read_text()
+
+
+def test_the_server_process_answers_a_signup_with_201_and_its_licence(
+    env: dict[str, str],
+    tmp_path: Path,
+    operator: OperatorProcess,
+    k8s_client: kubernetes.client.ApiClient,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """Under its default options the server waits for the operator's licence, which comes after the
+    Customer, and answers with it."""
+    log = tmp_path / "webhooks.log"
+    server = ServerProcess(env, log).start()
+    company = unique_name("Licensed")
+    name = resource_name_for(company)
+    answer: dict[str, Any] = {}
+    try:
+        with operator_held(operator):
+            caller = signup_in_thread(server.url, company, answer)
+            wait_for_licence_wait(log, name)
+        caller.join(30)
+    finally:
+        server.stop()
+        Customers(k8s_client).delete(name)
+    assert answer.get("status") == 201, answer
+    claims = licence_claims(answer["body"]["license"]["jwt"], license_keys)
+    assert claims["customerId"] == claims["sub"] == answer["body"]["customer"]["customer_id"]
 
 
 def test_the_stripe_inbox_port_serves_probes_and_metrics_only(env: dict[str, str], tmp_path: Path) -> None:
