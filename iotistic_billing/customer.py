@@ -57,6 +57,15 @@ NOTIFICATIONS_SECRET_KEY = "webhook-secret"  # noqa: S105
 # In the billing namespace (BILLING_NAMESPACE): the signing secrets of deleted Customers, one key per
 # customer id, kept while their webhook deliveries are pending (their namespaces are gone).
 DELETED_NOTIFICATIONS_SECRET_NAME = "iotistic-notifications-deleted"  # noqa: S105
+# On that Secret, while the deletion of the customer id's Customer runs (kept before its last notice is
+# written): the notice sender does not drop a key so marked, though nothing of it is pending yet.
+DELETION_RUNNING_PREFIX = "deleting.iotistic.io/"
+
+
+def deletion_running_annotation(customer_id: str) -> str:
+    """The annotation that marks `customer_id`'s kept signing secret as its deletion's, still running."""
+    return f"{DELETION_RUNNING_PREFIX}{customer_id}"
+
 
 # The dunning ladder (docs/architecture.md, "Effective plan"): a failed payment keeps full access this
 # long, then a restricted licence for DUNNING_RESTRICT_DAYS (a setting), then the unlicensed feature set.

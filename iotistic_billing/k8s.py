@@ -465,24 +465,29 @@ class KubeApi:
         labels: Mapping[str, str] | None = None,
         manager: FieldManager | None = None,
         resource_version: str | None = None,
+        annotations: Mapping[str, str | None] | None = None,
     ) -> None:
         """Set (bytes) or remove (None) keys of a Secret that several writers share, in one merge patch
-        (no read-modify-write, so no other writer's key is lost). A missing Secret is created with
-        `labels` when something is set, and left missing when everything is removed. With
-        `resource_version` the patch applies only to the Secret as read then (ApiException 409 when it
-        was written since)."""
+        (no read-modify-write, so no other writer's key is lost), and its `annotations` likewise. A missing
+        Secret is created with `labels` when something is set, and left missing when everything is
+        removed. With `resource_version` the patch applies only to the Secret as read then (ApiException
+        409 when it was written since)."""
         encoded = {
             key: None if value is None else base64.b64encode(value).decode() for key, value in data.items()
         }
         secrets = _path("/api/v1/namespaces", namespace, "secrets")
         query = {"fieldManager": self._manager(manager)}
-        condition = {"metadata": {"resourceVersion": resource_version}} if resource_version else {}
+        metadata: dict[str, Any] = {}
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         patch = partial(
             self.call,
             "PATCH",
             _path(secrets, name),
             query,
-            {"data": encoded, **condition},
+            {"data": encoded, **({"metadata": metadata} if metadata else {})},
             content_type=MERGE_PATCH,
             parse=False,
         )
@@ -492,12 +497,18 @@ class KubeApi:
         except ApiException as error:
             if error.status != 404:
                 raise
-        if all(value is None for value in data.values()):
+        set_annotations = {key: value for key, value in (annotations or {}).items() if value is not None}
+        if all(value is None for value in data.values()) and not set_annotations:
             return
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": dict(labels or {}),
+                "annotations": set_annotations,
+            },
             "type": "Opaque",
             "data": {key: value for key, value in encoded.items() if value is not None},
         }
@@ -710,8 +721,11 @@ class Kube:
         labels: Mapping[str, str] | None = None,
         manager: FieldManager | None = None,
         resource_version: str | None = None,
+        annotations: Mapping[str, str | None] | None = None,
     ) -> None:
-        await self.run(self.api.merge_secret_data, namespace, name, data, labels, manager, resource_version)
+        await self.run(
+            self.api.merge_secret_data, namespace, name, data, labels, manager, resource_version, annotations
+        )
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         return await self.run(self.api.create_namespace, body)

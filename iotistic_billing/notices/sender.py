@@ -41,6 +41,7 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     customer_id_in_use,
+    deletion_running_annotation,
     namespace_for,
 )
 from iotistic_billing.db import models
@@ -202,10 +203,11 @@ class NoticeSender:
 
     async def forget_settled_secrets(self) -> list[str]:
         """Drop the kept signing secret of each deleted Customer none of whose webhooks is pending any
-        more; the customer ids dropped. Its deletion writes the secret again after its last notice, so
-        a Customer kept here with nothing pending will have nothing more to sign; the drop applies only
-        to the Secret as read (a finalizer that wrote it since, its notice committed after our look at
-        the deliveries, keeps its key: looked at again next time)."""
+        more; the customer ids dropped. A deletion still running marks its key (it keeps the key before
+        it writes its last notice) and lifts the mark after that notice, so a Customer kept here unmarked
+        with nothing pending will have nothing more to sign; the drop applies only to the Secret as read
+        (one whose mark was lifted since, its notice committed after our look at the deliveries, keeps its
+        key: looked at again next time)."""
         namespace = self.options.billing_namespace
         kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         if kept is None or not kept[0]:
@@ -223,7 +225,12 @@ class NoticeSender:
                     )
                 )
             )
-        settled = sorted(set(kept[0]) - pending)
+        running = {
+            customer_id
+            for customer_id in kept[0]
+            if kept.annotations.get(deletion_running_annotation(customer_id))
+        }
+        settled = sorted(set(kept[0]) - pending - running)
         if settled:
             try:
                 await self.kube.merge_secret_data(

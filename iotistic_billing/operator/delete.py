@@ -86,7 +86,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
             holder = await other_holder(ctx, body, customer_id)
         if holder is None and signing is not None:
             with _step("keeping the webhook signing secret"):
-                await keep_webhook_secret(ctx, customer_id, signing)
+                await keep_webhook_secret(ctx, customer_id, signing, deletion_running=True)
         if ours and found is not None and not found["metadata"].get("deletionTimestamp"):
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
                 await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
@@ -101,11 +101,13 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
                 await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)
-            if signing is not None:
-                # Again once the notice is written: the sender drops a kept key whose customer id has no
-                # webhook pending, as this one's had none before it.
+            webhook = ((body.get("spec") or {}).get("notifications") or {}).get("webhook")
+            if signing is not None or (ours and webhook):
+                # Again once the notice is written, now for the sender to drop when nothing is pending: a
+                # retry that found the copy gone (the garbage collector's) ends the mark over what an
+                # earlier try kept.
                 with _step("keeping the webhook signing secret"):
-                    await keep_webhook_secret(ctx, customer_id, signing)
+                    await keep_webhook_secret(ctx, customer_id, signing, deletion_running=False)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage

@@ -13,6 +13,7 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     CustomerSpec,
+    deletion_running_annotation,
     webhook_url_problem,
 )
 from iotistic_billing.operator import constants as c
@@ -98,16 +99,21 @@ async def signing_secret_copy(ctx: OperatorContext, customer_id: str, namespace:
     return copied.data.get(NOTIFICATIONS_SECRET_KEY)
 
 
-async def keep_webhook_secret(ctx: OperatorContext, customer_id: str, secret: bytes) -> None:
+async def keep_webhook_secret(
+    ctx: OperatorContext, customer_id: str, secret: bytes | None, *, deletion_running: bool
+) -> None:
     """A deleted Customer's signing secret (signing_secret_copy) kept under its customer id in the
     billing namespace, so that its pending webhooks (the `license.revoked` its deletion writes, any still
     retrying) can be signed on every try once its namespace is gone; the notice sender drops it once none
-    is pending (docs/architecture.md, "Notices")."""
+    is pending (docs/architecture.md, "Notices"), but not while `deletion_running` marks it (kept before
+    the deletion's notice is written: nothing is pending yet). `secret` None: the mark alone (a retry that
+    found the copy gone keeps what an earlier try kept)."""
     await ctx.kube.merge_secret_data(
         ctx.settings.billing_namespace,
         DELETED_NOTIFICATIONS_SECRET_NAME,
-        {customer_id: secret},
+        {customer_id: secret} if secret is not None else {},
         labels={c.LABEL_MANAGED_BY: c.MANAGED_BY},
+        annotations={deletion_running_annotation(customer_id): "true" if deletion_running else None},
     )
 
 

@@ -35,6 +35,7 @@ from iotistic_billing.customer import (
     VERSION,
     Customer,
     CustomerSpec,
+    deletion_running_annotation,
 )
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
@@ -1098,34 +1099,55 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     assert f"Customer {name} ({customer_id}) was deleted" in (webhook.last_error or ""), webhook.last_error
 
 
-async def test_a_kept_secret_written_again_while_the_sender_drops_it_stays_kept(
+async def test_a_kept_secret_is_not_dropped_while_its_deletion_runs_nor_as_the_deletion_ends(
     started: tuple[NoticeSender, Clock],
     k8s_client: kubernetes.client.ApiClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Found in review: the finalizer keeps a deleted Customer's signing secret before its notice is
-    written (a foreground deletion deletes the copy meanwhile) and again after; a sender that had found
-    nothing pending in between dropped, by an unconditional patch, the key the second write put back."""
+    written (a foreground deletion deletes the copy meanwhile) and again after; a sender that found
+    nothing pending in between dropped the key (a retry of the finalizer then had nothing to keep). The
+    key is marked while the deletion runs, and a drop decided before the mark was lifted is refused."""
     one, _ = started
     core = kubernetes.client.CoreV1Api(k8s_client)
     customer_id = f"cust_{unique_name('kept').replace('-', '')}"
-    await one.kube.merge_secret_data(
-        "default", DELETED_NOTIFICATIONS_SECRET_NAME, {customer_id: b"whsec_first"}
-    )
+    secret, mark = b"whsec_kept", deletion_running_annotation(customer_id)
+    name = DELETED_NOTIFICATIONS_SECRET_NAME
+    await one.kube.merge_secret_data("default", name, {customer_id: secret}, annotations={mark: "true"})
+    assert customer_id not in await one.forget_settled_secrets()  # its deletion runs
+
     read = one.kube.read_secret_data
 
-    async def read_then_kept_again(namespace: str, name: str) -> Any:
-        found = await read(namespace, name)
-        # The finalizer's write after its notice committed, between the sender's look and its drop.
-        await one.kube.merge_secret_data(namespace, name, {customer_id: b"whsec_again"})
+    async def read_then_mark_lifted(namespace: str, secret_name: str) -> Any:
+        found = await read(namespace, secret_name)
+        # The finalizer's last keep, the same key, its notice committed after the sender's look (here:
+        # none pending) and before its drop.
+        await one.kube.merge_secret_data(
+            namespace, secret_name, {customer_id: secret}, annotations={mark: None}
+        )
         return found
 
-    monkeypatch.setattr(one.kube, "read_secret_data", read_then_kept_again)
+    monkeypatch.setattr(one.kube, "read_secret_data", read_then_mark_lifted)
+    await one.forget_settled_secrets()
+    kept = core.read_namespaced_secret(name, "default")
+    assert base64.b64decode(kept.data[customer_id]) == secret and mark not in (
+        kept.metadata.annotations or {}
+    )
+
+    async def read_then_marked_again(namespace: str, secret_name: str) -> Any:
+        found = await read(namespace, secret_name)
+        # A retried finalizer (its last try crashed before the namespace went) marks the key again
+        # between the sender's look, unmarked with nothing pending, and its drop: the drop is refused.
+        await one.kube.merge_secret_data(namespace, secret_name, {}, annotations={mark: "true"})
+        return found
+
+    monkeypatch.setattr(one.kube, "read_secret_data", read_then_marked_again)
     assert customer_id not in await one.forget_settled_secrets()
-    kept = core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, "default")
-    assert base64.b64decode(kept.data[customer_id]) == b"whsec_again"
+    kept = core.read_namespaced_secret(name, "default")
+    assert base64.b64decode(kept.data[customer_id]) == secret
 
     monkeypatch.undo()
+    await one.kube.merge_secret_data("default", name, {}, annotations={mark: None})
     # Looked at again next time (another test's finalizer may write the Secret meanwhile: a few tries).
     dropped: list[str] = []
     for _ in range(5):

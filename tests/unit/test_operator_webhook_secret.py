@@ -14,12 +14,14 @@ from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
+    deletion_running_annotation,
 )
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.delete import finalize
+from iotistic_billing.operator.delete import DeletionFailed, finalize
+from iotistic_billing.operator.helm import HelmError
 from tests.unit.test_operator_namespace import Cluster, Helm, context, customer, namespace_of
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -131,6 +133,7 @@ class ForegroundDeletion(Cluster):
         self.reads = 0
         self.kept: dict[str, bytes] = {}  # iotistic-notifications-deleted in the billing namespace
         self.merges: list[dict[str, bytes | None]] = []
+        self.marks: dict[str, str] = {}  # its annotations
         self.pending: set[str] = set()  # customer ids with a webhook pending
 
     def collect_garbage(self) -> None:
@@ -151,7 +154,12 @@ class ForegroundDeletion(Cluster):
         return found
 
     async def merge_secret_data(
-        self, namespace: str, name: str, data: dict[str, bytes | None], labels: Any = None
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, bytes | None],
+        labels: Any = None,
+        annotations: dict[str, str | None] | None = None,
     ) -> None:
         assert (namespace, name) == ("billing", "iotistic-notifications-deleted")
         self.merges.append(data)
@@ -160,6 +168,21 @@ class ForegroundDeletion(Cluster):
                 self.kept.pop(customer_id, None)
             else:
                 self.kept[customer_id] = value
+        for key, mark in (annotations or {}).items():
+            if mark is None:
+                self.marks.pop(key, None)
+            else:
+                self.marks[key] = mark
+
+    async def read_customer(self, name: str) -> dict[str, Any]:
+        return hooked(customer(name))  # a retry reads the Customer the first try marked Terminating
+
+    def sender_drops_settled(self) -> None:
+        """What the notice sender's forget_settled_secrets does: drop the keys with no webhook pending
+        and no running deletion's mark."""
+        for customer_id in set(self.kept) - self.pending:
+            if deletion_running_annotation(customer_id) not in self.marks:
+                self.kept.pop(customer_id)
 
 
 class SlowHelm(Helm):
@@ -168,10 +191,7 @@ class SlowHelm(Helm):
     cluster: ForegroundDeletion
 
     async def uninstall(self, release: str, namespace: str) -> bool:
-        settled = set(self.cluster.kept) - self.cluster.pending
-        await self.cluster.merge_secret_data(
-            "billing", "iotistic-notifications-deleted", dict.fromkeys(settled)
-        )
+        self.cluster.sender_drops_settled()
         return await super().uninstall(release, namespace)
 
 
@@ -209,3 +229,54 @@ async def test_finalize_keeps_the_signing_secret_when_a_foreground_deletion_remo
         assert cluster.kept == {"cust_acme0001": OLD}
     else:  # not even for a moment: the sender signs the id's webhooks with a kept key first
         assert not any(value is not None for merge in cluster.merges for value in merge.values())
+
+
+def hooked(body: dict[str, Any]) -> dict[str, Any]:
+    """The Customer with a webhook: its namespace holds the signing secret's copy."""
+    webhook = {"url": "https://hooks.acme.example/iotistic", "secretRef": {"name": "hook", "key": "k"}}
+    return {**body, "spec": {**body["spec"], "notifications": {"webhook": webhook}}}
+
+
+class HelmFailingOnce(SlowHelm):
+    """helm uninstall fails the first time (another operation in progress): the finalizer is retried
+    after a backoff of up to 5 minutes, long enough for the sender's drop and the garbage collector."""
+
+    failures = 1
+
+    async def uninstall(self, release: str, namespace: str) -> bool:
+        if self.failures:
+            self.failures -= 1
+            raise HelmError("uninstall", "another operation (install/upgrade/rollback) is in progress")
+        return await super().uninstall(release, namespace)
+
+
+async def test_a_finalizer_retried_after_the_copy_went_still_keeps_the_signing_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a first try kept the key and failed at helm; the sender dropped it meanwhile
+    (nothing pending yet) and the garbage collector the copy, so the retry had nothing to keep and the
+    license.revoked it wrote could never be signed. The key is marked while its deletion runs, and the
+    mark lifted once the notice is written."""
+    cluster = ForegroundDeletion()
+    ctx = context(cluster)
+    for part, value in {
+        "helm": HelmFailingOnce(cluster),
+        "settings": SimpleNamespace(billing_namespace="billing"),
+    }.items():
+        setattr(ctx, part, value)
+
+    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
+        cluster.pending.add(customer_id)
+
+    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+
+    with pytest.raises(DeletionFailed):
+        await finalize(ctx, hooked(customer()))
+    cluster.sender_drops_settled()  # during the backoff
+    assert cluster.kept == {"cust_acme0001": OLD}
+    await finalize(ctx, hooked(customer()))
+    assert cluster.kept == {"cust_acme0001": OLD} and cluster.marks == {}
