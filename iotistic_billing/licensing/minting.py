@@ -17,6 +17,7 @@ import jwt
 
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.licensing.plans import Plan
+from iotistic_billing.licensing.verifier import DEFAULT_LEEWAY
 
 if TYPE_CHECKING:
     from jwt.types import Options  # pyjwt 2.10, the oldest this package takes, has no Options yet
@@ -289,6 +290,13 @@ def renewal_due(expires_at: datetime, issued_at: datetime, now: datetime) -> boo
     return remaining * 3 < lifetime
 
 
+def issued_ahead(issued_at: datetime, now: datetime) -> bool:
+    """Whether the licence was issued further ahead of `now` than verifiers allow: minted while the
+    operator's clock was ahead, it is refused as not valid yet (pyjwt by its iat, ours by its nbf), and
+    renewal_due, seeing more time left than ever, would keep it."""
+    return _aware(issued_at, "issued_at") > _aware(now, "now") + DEFAULT_LEEWAY
+
+
 __all__ = [
     "DEFAULT_LIFETIME",
     "NOT_BEFORE_SKEW",
@@ -303,6 +311,7 @@ __all__ = [
     "SubscriptionTerms",
     "TrialTerms",
     "claims_differ",
+    "issued_ahead",
     "license_claims",
     "license_sha256",
     "mint_license",

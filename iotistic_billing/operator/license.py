@@ -39,12 +39,12 @@ from iotistic_billing.licensing.minting import (
     SubscriptionTerms,
     TrialTerms,
     claims_differ,
+    issued_ahead,
     license_claims,
     mint_license,
     renewal_due,
 )
 from iotistic_billing.licensing.plans import Plan, plan_by_name, restricted
-from iotistic_billing.licensing.verifier import DEFAULT_LEEWAY
 from iotistic_billing.notices.content import (
     Notice,
     NoticeKind,
@@ -119,9 +119,7 @@ def needs_new_license(
     if claims_differ(current, desired):
         return True
     issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
-    if issued > now + DEFAULT_LEEWAY:
-        # Minted while this operator's clock was ahead: verifiers refuse it as not valid yet (pyjwt by
-        # its iat, ours by its nbf), and renewal_due, seeing more time left, would keep it.
+    if issued_ahead(issued, now):
         return True
     return renewal_due(expires, issued, now) and not capped_by_trial(entitlement, expires)
 

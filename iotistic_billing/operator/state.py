@@ -27,7 +27,7 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     namespace_for,
 )
-from iotistic_billing.licensing.minting import renewal_due
+from iotistic_billing.licensing.minting import issued_ahead, renewal_due
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.conditions import (
     ConditionValue,
@@ -382,8 +382,9 @@ def housekeeping_due(
     license = status.license
     if license is None or license.issued_at is None or license.expires_at is None:
         return None
-    if not capped_by_trial(entitlement, license.expires_at) and renewal_due(
-        license.expires_at, license.issued_at, now
+    if issued_ahead(license.issued_at, now) or (
+        not capped_by_trial(entitlement, license.expires_at)
+        and renewal_due(license.expires_at, license.issued_at, now)
     ):
         return "LicenseRenewal"
     return None

@@ -876,6 +876,28 @@ def test_a_licence_issued_in_the_future_beyond_the_leeway_is_minted_again() -> N
     assert not needs_new_license(desired, desired, target.entitlement, NOW)
 
 
+def test_housekeeping_runs_a_pass_for_a_licence_issued_beyond_the_leeway() -> None:
+    """Found in review: only a pass re-minted a licence issued while the operator's clock was ahead, and
+    the housekeeping, asking renewal_due alone, ran none (a trial's licence, capped by its end, too)."""
+    for customer_spec, plan, lifetime in (
+        (spec(plan="starter"), "starter", 30),
+        (spec(trial={"days": 5}), "trial", 5),
+    ):
+        issued = NOW + timedelta(hours=2)
+        ahead = CustomerStatus(
+            plan=plan, license=LicenseStatus(issued_at=issued, expires_at=CREATED + timedelta(days=lifetime))
+        )
+        assert housekeeping_due(customer_spec, ahead, CREATED, NOW) == "LicenseRenewal", plan
+        within = ahead.model_copy(
+            update={
+                "license": LicenseStatus(
+                    issued_at=NOW + timedelta(seconds=30), expires_at=CREATED + timedelta(days=lifetime)
+                )
+            }
+        )
+        assert housekeeping_due(customer_spec, within, CREATED, NOW) is None, plan
+
+
 def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> None:
     """Found in review: a suspension hid the dunning ladder (PaymentOverdue False "no payment overdue",
     a PaymentPaymentsCurrent Event), and its lifting posted PaymentRestricted again."""
