@@ -258,6 +258,11 @@ class NotificationsSpec(CustomerModel):
 class SubscriptionSpec(CustomerModel):
     """Written only by the webhook server (field manager `iotistic-webhooks`), never by GitOps."""
 
+    # A field a newer webhook server writes (its CRD applied first) is ignored, not refused: refused, an
+    # older replica of a rolling upgrade (or after a rollback) would read the Customer as none at all and
+    # record its Stripe events unmatched.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
     status: SubscriptionStatus
     plan: PaidPlanName | None = None
     stripe_subscription_id: (

@@ -40,6 +40,7 @@ PRINTABLE_ID_PATTERN: Final = r"^[!-~]+$"
 
 # Every check below is a constraint pydantic-core runs itself: a Python validator per field would make
 # a batch of 1,000 reports three times slower to validate.
+_TIMESTAMP = "RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z; from 2000-01-01T00:00:00Z, before 9000"
 Timestamp = Annotated[
     AwareDatetime,
     # Bounded, so that times far outside ours never reach arithmetic that would overflow.
@@ -47,7 +48,7 @@ Timestamp = Annotated[
         strict=True,
         ge=EARLIEST,
         lt=LATEST,
-        description="RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z; from 2000-01-01T00:00:00Z, before 9000",
+        description=_TIMESTAMP,
     ),
 ]
 # Strict: "42" is refused as the document says, and so is 42.0, which JSON Schema calls an integer too.
@@ -76,9 +77,10 @@ class UsageReport(BaseModel):
     period_start: Annotated[
         Timestamp,
         Field(
+            # A description of its own replaces Timestamp's: both are said.
             description=(
-                "Not before the raw reports kept (USAGE_RAW_RETENTION months, 13 by default, and never"
-                " inside a billing period still open): an older report is refused, not stored."
+                f"{_TIMESTAMP}; not before the raw reports kept (USAGE_RAW_RETENTION months, 13 by default,"
+                " and never inside a billing period still open): an older report is refused, not stored."
             )
         ),
     ]

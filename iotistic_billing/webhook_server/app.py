@@ -123,6 +123,7 @@ def create_app(
     app[OPTIONS] = options
     app[CLOCK] = clock or utc_now
     app[METRICS] = metrics
+    app.on_shutdown.append(metrics.mark_shutdown)
     app[CATALOG] = PriceCatalog.from_settings(settings)
     app[OUTBOX] = Outbox(settings.notify_webhook_url)
     app[KEYRING] = LicenseKeyring.from_settings(settings)

@@ -41,6 +41,12 @@ class Metrics:
             registry=self.registry,
         )
         self.usage = UsageMetrics(self.registry)
+        # Set once the app shuts down (on_shutdown runs before aiohttp cancels the requests still in
+        # progress, closing their connections itself): such a request is the server's failure, not 499.
+        self.shutting_down = False
+
+    async def mark_shutdown(self, app: web.Application) -> None:
+        self.shutting_down = True
 
     def webhook_event(self, event_type: str, result: str) -> None:
         # Only types we know become labels: a label per arbitrary string would grow without bound.
@@ -65,9 +71,9 @@ class Metrics:
                 raise
             except asyncio.CancelledError:
                 # A handler cancelled because its client left answered no one and failed at nothing, so it
-                # is counted apart from the 5xx the alerts watch; one cancelled at shutdown with its client
-                # still there stays a 500.
-                if request.transport is None:
+                # is counted apart from the 5xx the alerts watch; one cancelled at shutdown (its connection
+                # closed by aiohttp, not the client) stays a 500.
+                if request.transport is None and not self.shutting_down:
                     status = CLIENT_CLOSED_REQUEST
                 raise
             finally:

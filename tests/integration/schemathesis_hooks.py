@@ -40,6 +40,9 @@ def _usage_rule(case: Any, problem: dict[str, Any]) -> bool:
     # that a pattern on the text would pass).
     if kind in ("greater_than_equal", "less_than") and PERIOD_FIELD.fullmatch(field):
         return True
+    # period_start's description: not before the raw reports kept (USAGE_RAW_RETENTION months).
+    if kind == "period_past_retention" and field.endswith("period_start"):
+        return True
     # The counters' and levels' description: written without a fraction (JSON Schema's integer
     # includes 42.0).
     sent = _sent(case.body, field)

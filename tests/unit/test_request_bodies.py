@@ -18,6 +18,7 @@ from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import METRICS
 from iotistic_billing.webhook_server.options import ServerOptions
+from tests.conftest import eventually
 
 ADMIN = "admin-token-" + "a" * 20
 
@@ -106,11 +107,40 @@ async def test_an_upload_the_client_abandons_is_not_counted_as_a_server_error(
         writer.write(b'{"id": ')
         writer.close()
         await writer.wait_closed()
-    # Leaving `serving` shuts the server down, which first waits for the request in progress to end: it
-    # ends when the server sees its connection closed.
+
+        async def ended() -> bool:
+            return bool(counted(app, "/api/webhooks/stripe"))
+
+        # Ended while the server runs (a request its shutdown cuts off is the server's failure, a 500).
+        await eventually(ended, within=10, message="the abandoned request counted")
     # 499: nginx's "client closed request", a status no answer carries and no 5xx alert matches.
     assert counted(app, "/api/webhooks/stripe") == {"499": 1.0}
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
+async def test_a_request_cut_off_at_shutdown_is_counted_as_a_server_error() -> None:
+    """Found in review: aiohttp closes the connection of a request still running when its shutdown
+    timeout runs out, then cancels it, so the request whose client was still there was counted 499."""
+    app = app_without_dependencies()
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(60)
+        return web.Response(text="late")
+
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    listener = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, listener).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: billing\r\n\r\n")
+    await started.wait()
+    await runner.cleanup()  # the client still connected
+    assert await reader.read() == b""  # cut off: no answer
+    writer.close()
+    assert counted(app, "/slow") == {"500": 1.0}
 
 
 @asynccontextmanager

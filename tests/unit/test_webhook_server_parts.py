@@ -332,6 +332,16 @@ def test_records_use_the_derived_customer_id_when_the_spec_has_none() -> None:
     assert CustomerRecord.from_body({"metadata": {"name": "broken"}, "spec": {}}) is None
 
 
+def test_a_customer_whose_subscription_holds_a_newer_field_is_still_a_customer() -> None:
+    """Found in review: spec.subscription refused fields it did not know, so a webhook server older than
+    the one that wrote a new field (a rolling upgrade, a rollback) read the Customer as none and recorded
+    its Stripe events unmatched."""
+    subscription = {"status": "active", "currentPeriodEnd": "2026-02-28T10:00:00Z", "billingAnchorDay": 31}
+    found = record("newer", billing={"mode": "stripe"}, subscription=subscription)
+    assert found.customer.spec.subscription is not None
+    assert found.customer.spec.subscription.status == "active"
+
+
 def test_customer_view_shows_the_trial_end_and_the_subscription() -> None:
     view = customer_view(
         record(
@@ -374,6 +384,20 @@ def test_the_document_describes_every_route_with_its_errors() -> None:
     schemas = document["components"]["schemas"]
     assert schemas["ErrorBody"]["required"] == ["error", "message"]
     assert "customerId" in str(document["paths"]["/api/customers/{customerId}"]["get"]["parameters"])
+
+
+def test_a_usage_report_s_period_start_states_its_format_bounds_and_retention() -> None:
+    """Found in review: the retention's description replaced the timestamp's, so the document no longer
+    said period_start's format and bounds (which the Schemathesis hooks forgive as said in words)."""
+    schemas = build_document(ROUTES)["components"]["schemas"]
+    report = next(
+        schema
+        for name, schema in schemas.items()
+        if name.startswith("UsageReport") and "period_start" in schema.get("properties", {})
+    )
+    said = str(report["properties"]["period_start"])
+    assert "RFC 3339 with a zone" in said and "from 2000-01-01T00:00:00Z, before 9000" in said, said
+    assert "USAGE_RAW_RETENTION" in said, said
 
 
 def test_every_text_field_a_request_asks_to_be_filled_says_blank_is_refused() -> None:
