@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from machine import print_machine_speed
 from reconcile import REPO, own_cpu
 
 from iotistic_billing.customer import API_VERSION, KIND
@@ -228,6 +229,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests of each kind a round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print_machine_speed()
     with tempfile.TemporaryDirectory() as work:
         plane = ControlPlane(Path(work)).start()
         try:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import kubernetes
+from machine import print_machine_speed
 
 from iotistic_billing.k8s import FieldManager, KubeApi
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=5000)
     args = parser.parse_args()
+    print_machine_speed()
 
     configuration = kubernetes.client.Configuration()
     configuration.host = "http://127.0.0.1:1"

@@ -2,7 +2,8 @@
 
 Targets: minting at least 0.8 of OpenSSL's RSA-2048 sign/s, verification at least 0.5 of its verify/s.
 Each round runs openssl and then the product, so a machine that slows down mid-run moves both; a target
-holds when the median of the rounds' ratios meets it. Exits 1 when one is missed.
+holds when every round's ratio meets it (the lowest is printed, and the median beside it). Exits 1 when
+one is missed.
 Run: `.venv/bin/python bench/license.py [--seconds 3] [--rounds 3] [--cpu 0]`.
 
 Verification is measured three ways. "steady" re-verifies the handful of licences an instance holds, which
@@ -115,6 +116,21 @@ def decode_floor(tokens: Sequence[str], public_key: RSAPublicKey) -> Callable[[]
     return verify_bare
 
 
+def summary(name: str, ratios: Sequence[float], target: float | None) -> tuple[str, bool]:
+    """The line printed for one measurement's ratios to openssl, one a round, and whether its target
+    (None: none) holds: in every round, as the issue asks it ("in each of three runs, not the best"),
+    so the lowest round decides; the median is printed beside it."""
+    rounds = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    line = (
+        f"{name:14s} min {min(ratios):.2f}, median {statistics.median(ratios):.2f} of openssl "
+        f"(rounds {rounds})"
+    )
+    if target is None:
+        return line, True
+    met = min(ratios) >= target
+    return line + f"   target >= {target} in every round: {'met' if met else 'MISSED'}", met
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=int, default=3, help="seconds per measurement (default 3)")
@@ -183,12 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = {"mint": MINT_TARGET, "verify steady": VERIFY_TARGET, "verify cold": VERIFY_TARGET}
     missed = False
     for name, values in measured.items():
-        median = statistics.median(values)
-        line = f"{name:14s} median {median:5.2f} of openssl (rounds {min(values):.2f}-{max(values):.2f})"
-        if name in targets:
-            met = median >= targets[name]
-            missed = missed or not met
-            line += f"   target >= {targets[name]}: {'met' if met else 'MISSED'}"
+        line, met = summary(name, values, targets.get(name))
+        missed = missed or not met
         print(line)
     return 1 if missed else 0
 

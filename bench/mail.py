@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
+from machine import print_machine_speed
 
 from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.devenv.pki import CertificateAuthority
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    print_machine_speed()
     batch = messages(args.messages)
     with tempfile.TemporaryDirectory(prefix="bench-mail-") as temporary:
         work = Path(temporary)

@@ -24,6 +24,14 @@ ratio (`floor_ratio`): what the operator's own steps add is the difference. Ever
 `openssl speed rsa2048` signs a second, measured at the start, and in `cpu_s` the CPU seconds of each
 part and of the whole machine (`machine`; against the window's length, the cores kept busy: with both
 cores busy on both sides, what the operator's side adds in CPU is what it adds in time).
+`--shards K` (sizes of 2 or more): the bare loop, one operator, K operator shards (HELM_CONCURRENCY / K
+helm slots each, the Customers labelled round robin), the bare loop again; each side's ratio against
+the mean of the two bare loops, and a check from each shard's metrics (its licence expiry series, one a
+customer id) that each shard handled only the Customers labelled for it and together all of them.
+Kopf's peering is off in every run (OPERATOR_PEERING=""; `peering` in each result): one process a shard.
+A `provisioned:` line (stderr) gives the operator's side as soon as it is timed, without a ratio: the
+ratio is printed once the run is checked whole (licence Secrets counted, with --idle every Customer
+Ready, the bare loop after the operator's run done). The checks exit non-zero, `python -O` or not.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from typing import Any
 
 import kubernetes
 import psutil
+from machine import print_machine_speed
 
 from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
@@ -233,13 +242,13 @@ class Sampler(threading.Thread):
             self.helm_samples.append((time.monotonic(), helms))
 
 
-def metric(url: str, name: str) -> float:
+def _read(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
-        total = 0.0
-        for line in response.read().decode().splitlines():
-            if line.startswith(name):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return str(response.read().decode())
+
+
+def metric(url: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _read(url).splitlines() if line.startswith(name))
 
 
 def own_cpu(pid: int) -> float:
@@ -295,7 +304,8 @@ class CpuShares:
 
 
 def plane_parts(plane: ControlPlane) -> dict[str, Callable[[], float]]:
-    assert plane.apiserver is not None and plane.etcd is not None
+    if plane.apiserver is None or plane.etcd is None:
+        raise SystemExit("the control plane is not running")
     apiserver, etcd = plane.apiserver.pid, plane.etcd.pid
     return {"kube-apiserver": lambda: own_cpu(apiserver), "etcd": lambda: own_cpu(etcd)}
 
@@ -318,23 +328,47 @@ def run_size(n: int, idle: float, work: Path, floor: bool = False) -> dict[str, 
     if floor:
         result["floor"] = provision(n, 0, work, bare=False, floor=True)
     if result["rounds"] == 1:
-        after = Baseline(work / f"cp-{n}-baseline-after")
-        try:
-            later = after.time(n)
-        finally:
-            after.stop()
-        before = result["bare_helm_s"]
-        mean = (before + later) / 2
-        result |= {
-            "bare_helm_s": round(mean, 2),
-            "ratio": round(result["operator_s"] / mean, 2),
-            "bare_helm_before_s": before,
-            "bare_helm_after_s": round(later, 2),
-            "bare_helm_after_cpu_s": after.cpu.rounded(),
-        }
+        before = result["bare_helm_before_s"]
+        later, later_cpu = bare_after(n, work)
+        result |= against_bare(result["operator_s"], before, later) | {"bare_helm_after_cpu_s": later_cpu}
         if floor:
-            result["floor_ratio"] = round(result["floor"]["operator_s"] / mean, 2)
+            result["floor_ratio"] = against_bare(result["floor"]["operator_s"], before, later)["ratio"]
     return result
+
+
+def bare_after(n: int, work: Path) -> tuple[float, dict[str, float]]:
+    """The bare loop after the operator's stack stopped, on a fresh control plane: seconds, CPU."""
+    after = Baseline(work / f"cp-{n}-baseline-after")
+    try:
+        return after.time(n), after.cpu.rounded()
+    finally:
+        after.stop()
+
+
+def against_bare(operator_s: float, before: float, after: float) -> dict[str, float]:
+    """The operator's time against the mean of the bare loops before and after it."""
+    mean = (before + after) / 2
+    return {
+        "bare_helm_s": round(mean, 2),
+        "ratio": round(operator_s / mean, 2),
+        "bare_helm_before_s": round(before, 2),
+        "bare_helm_after_s": round(after, 2),
+    }
+
+
+def run_shards(n: int, idle: float, work: Path, shards: int) -> dict[str, Any]:
+    """One operator, then `shards` shards, each on a fresh control plane and PostgreSQL, between a bare
+    loop before and one after (as run_size); each shard checked to have handled its own Customers."""
+    one = provision(n, idle, work, bare=True)
+    sharded = provision(n, idle, work, shards=shards, bare=False)
+    later, later_cpu = bare_after(n, work)
+    before = one["bare_helm_before_s"]
+    return {
+        "one_operator": one | against_bare(one["operator_s"], before, later),
+        "sharded": sharded | against_bare(sharded["operator_s"], before, later),
+        "ratio_to_one_operator": round(sharded["operator_s"] / one["operator_s"], 2),
+        "bare_helm_after_cpu_s": later_cpu,
+    }
 
 
 def bare_only(n: int, work: Path) -> dict[str, Any]:
@@ -345,16 +379,6 @@ def bare_only(n: int, work: Path) -> dict[str, Any]:
     finally:
         baseline.stop()
     return {"customers": n, "bare_helm_s": round(elapsed, 2), "bare_helm_cpu_s": baseline.cpu.rounded()}
-
-
-def machine_speed() -> int:
-    """RSA-2048 signatures a second by `openssl speed` (3 s): how fast this machine is right now. Its
-    speed moves by a factor of two between phases here, and every result is read against it."""
-    out = subprocess.run(
-        ["openssl", "speed", "-seconds", "3", "rsa2048"], capture_output=True, text=True, check=True
-    ).stdout
-    line = next(line for line in out.splitlines() if line.startswith("rsa 2048"))
-    return round(float(line.split()[-2]))
 
 
 def shard_label(i: int, shards: int) -> dict[str, str]:
@@ -477,7 +501,8 @@ def provision(
         total = n * rounds
         times = []
         windows = []
-        assert postgres.process is not None
+        if postgres.process is None:
+            raise SystemExit("PostgreSQL is not running")
         operator_pids, postgres_pid = [operator.pid for operator in operators], postgres.process.pid
         cpu = CpuShares(
             {
@@ -535,7 +560,10 @@ def provision(
         }
         if bare_times:
             bare_helm = statistics.median(bare_times)
-            result |= {"bare_helm_s": round(bare_helm, 2), "ratio": round(elapsed / bare_helm, 2)}
+            if rounds > 1:
+                result |= {"bare_helm_s": round(bare_helm, 2), "ratio": round(elapsed / bare_helm, 2)}
+            else:  # the ratio waits for the bare loop after the operator's run (run_size)
+                result["bare_helm_before_s"] = round(bare_helm, 2)
             result["bare_helm_cpu_s"] = baseline.cpu.rounded()
             result["bare_api_requests_per_release"] = per_customer(baseline.requests, len(bare_times) * n)
         if shards > 1:
@@ -544,15 +572,18 @@ def provision(
                 "helm_concurrency_per_shard": max(1, CONCURRENCY // shards),
                 "peak_rss_per_shard_mib": [round(sampler.peak_rss / 2**20, 1) for sampler in samplers],
             }
+        # Kopf's peering is off (OPERATOR_PEERING=""): one process a shard, no standby replica to pause.
+        result["peering"] = "off (OPERATOR_PEERING='')"
         if rounds > 1:
             result["operator_rounds_s"] = [round(t, 3) for t in times]
             result["bare_helm_rounds_s"] = [round(t, 3) for t in bare_times]
             result["bare_helm_alone_rounds_s"] = [round(t, 3) for t in alone]
             result["ratio_to_alone"] = round(elapsed / statistics.median(alone), 2)
-        print(f"provisioned: {json.dumps(result)}", file=sys.stderr, flush=True)  # kept if idle fails
-        assert floor or len(secrets) == total + shards, (
-            f"{len(secrets)} licence Secrets for {total} Customers and {shards} warm-up(s)"
-        )
+        print(progress_line(result), file=sys.stderr, flush=True)  # kept if idle fails
+        if not floor:
+            check_licence_secrets(len(secrets), total, shards)
+        if shards > 1 and not floor:
+            result |= check_shards(objects, metrics_urls)
         if idle:
             result |= measure_idle(client, objects, total + shards, operator_pids, metrics_urls, idle)
             # Every Deployment turning available is a burst of watch events and passes of its own.
@@ -570,6 +601,74 @@ def provision(
             interleaved.stop()
         postgres.stop()
         plane.stop()
+
+
+def progress_line(result: dict[str, Any]) -> str:
+    """The operator's side as soon as it is timed (kept if a later step fails), without any ratio: the
+    licence Secrets are not counted yet, the Customers not Ready, and for a size timed once the bare loop
+    after the operator's run not run yet."""
+    return f"provisioned: {json.dumps({key: value for key, value in result.items() if 'ratio' not in key})}"
+
+
+def check_licence_secrets(found: int, customers: int, warm_ups: int) -> None:
+    """Every Customer and warm-up got its licence Secret (not an assert: `python -O` drops those)."""
+    if found != customers + warm_ups:
+        raise SystemExit(f"{found} licence Secrets for {customers} Customers and {warm_ups} warm-up(s)")
+
+
+LICENCE_EXPIRY = "iotistic_operator_license_expiry_timestamp_seconds"
+
+
+def label_values(text: str, name: str, label: str) -> set[str]:
+    """The values of `label` over the series of metric `name` in a Prometheus text exposition."""
+    values = set()
+    for line in text.splitlines():
+        series, _, rest = line.partition("{")
+        if series == name:
+            values |= {value for key, value in re.findall(r'(\w+)="([^"]*)"', rest) if key == label}
+    return values
+
+
+def shard_problems(owners: dict[str, int], handled: list[set[str]]) -> list[str]:
+    """What is wrong with the shards' work: `owners` is each Customer's shard by its label (customer id
+    -> shard), `handled` the customer ids each shard minted a licence for (its metrics). Each shard
+    handled only its own, and together all of them."""
+    problems = []
+    for shard, ids in enumerate(handled):
+        foreign = sorted(i for i in ids if owners.get(i) != shard)
+        if foreign:
+            problems.append(f"shard {shard} handled Customers of other shards: {', '.join(foreign)}")
+    missing = sorted(set(owners) - set().union(*handled))
+    if missing:
+        problems.append(f"no shard handled: {', '.join(missing)}")
+    return problems
+
+
+def check_shards(objects: Any, metrics_urls: list[str], timeout: float = 30) -> dict[str, Any]:
+    """Each shard handled only the Customers labelled for it, and together all of them: from each shard's
+    licence expiry series (one a customer id it minted a licence for). The last pass's series may be set
+    just after its status write, so the shards get `timeout` to show them all."""
+    owners = {}
+    for item in objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]:
+        customer_id = (item.get("status") or {}).get("customerId")
+        if customer_id is None:
+            raise SystemExit(f"Customer {item['metadata']['name']} has no status.customerId")
+        owners[customer_id] = int(item["metadata"]["labels"][SHARD_LABEL])  # the bench labels each one
+    deadline = time.monotonic() + timeout
+    while True:
+        handled = [label_values(_read(url), LICENCE_EXPIRY, "customer_id") for url in metrics_urls]
+        problems = shard_problems(owners, handled)
+        if not problems or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    if problems:
+        raise SystemExit("shards: " + "; ".join(problems))
+    return {
+        "customers_per_shard": [len(ids) for ids in handled],
+        "helm_operations_per_shard": [
+            int(metric(url, "iotistic_operator_helm_operations_total")) for url in metrics_urls
+        ],
+    }
 
 
 RESOURCE_VERSION = re.compile(rb'"resourceVersion":"(\d+)"')
@@ -722,30 +821,22 @@ def main() -> int:
         help="only the bare helm loop: what this machine's helm and control plane take without the operator",
     )
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.shards > 1 and min(sizes) < 2:
+        # One Customer is timed in interleaved rounds, without the bare loops before and after.
+        parser.error("--shards: sizes of 2 or more")
     failed = False
-    speed = machine_speed()
-    print(f"machine: openssl rsa2048 {speed} signs/s", file=sys.stderr, flush=True)
+    speed = print_machine_speed()
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as work:
         os.environ["KUBECACHEDIR"] = str(Path(work) / "kube-cache")  # helm's and kubectl's, gone with it
-        for n in (int(s) for s in args.sizes.split(",")):
+        for n in sizes:
             if args.bare_only:
                 result = bare_only(n, Path(work))
                 print(json.dumps(result | {"openssl_rsa2048_signs_per_s": speed}), flush=True)
                 continue
             if args.shards > 1:
-                one = provision(n, args.idle, Path(work), shards=1, bare=False)
-                print(json.dumps({"one_operator": one}), flush=True)
-                sharded = provision(n, args.idle, Path(work), shards=args.shards, bare=False)
-                print(
-                    json.dumps(
-                        {
-                            "sharded": sharded,
-                            "ratio_to_one_operator": round(sharded["operator_s"] / one["operator_s"], 2),
-                            "openssl_rsa2048_signs_per_s": speed,
-                        }
-                    ),
-                    flush=True,
-                )
+                result = run_shards(n, args.idle, Path(work), args.shards)
+                print(json.dumps(result | {"openssl_rsa2048_signs_per_s": speed}), flush=True)
                 continue
             result = run_size(n, args.idle, Path(work), floor=args.floor)
             result["openssl_rsa2048_signs_per_s"] = speed

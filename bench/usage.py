@@ -18,10 +18,12 @@ instances. Then, in one run:
     written by raw asyncpg COPY (`copy_records_to_table`) from as many connections (rounds alternating);
     target: product >= 0.4 x COPY reports/s;
 (c) the usage API: one client reads GET /api/usage/{reader}?days=30 back to back for `--seconds`
-    (each round; the best round's median counts).
+    (each round printed; p50 and p99 over the reads of every round).
+Throughput counts the reports the answers say were stored (`accepted`), not those sent.
 With `--rows N`, the same again after N more reports were written (by PostgreSQL itself, evenly over
 the `--months` months, 1,000 instances of 100 customers; then VACUUM ANALYZE, as autovacuum would
-have left a table that grew over months), to show (a), (b) and (c) do not move with the table's size.
+have left a table that grew over months), to show (a), (b) and (c) do not move with the table's size;
+target: the usage API's p50 then within READS_FACTOR (2x) of the empty table's.
 Prints absolute numbers and ratios; exits 1 when a target is missed.
 Run: `.venv/bin/python bench/usage.py [--seconds 5] [--rounds 3] [--clients 16] [--batch-clients 4]
 [--rows 20000000] [--months 13]`.
@@ -50,6 +52,7 @@ import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import kubernetes
 from aiohttp import web
+from machine import print_machine_speed
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import Customer
@@ -73,6 +76,11 @@ USAGE_KEY = "iuk_bench_" + "k" * 32
 ADMIN_TOKEN = "bench-admin-token-" + "0" * 16
 SINGLE_TARGET = 0.6
 BATCH_TARGET = 0.4
+# "Reads unchanged": the usage API's p50 with the added rows within this factor of the empty table's. The
+# best-round medians of the two phases of one run have moved by up to 1.6x (143.8 ms empty, 90.4 ms with
+# the rows, bench/README.md), so 1.5x would fail on noise alone; a read that scanned the added rows
+# rather than its own customer's would take many times the empty table's.
+READS_FACTOR = 2.0
 BATCH = 1000
 NOW = datetime.now(UTC).replace(microsecond=0)
 BASE_TIME = NOW - timedelta(days=2)
@@ -271,7 +279,7 @@ class Server:
 
 @dataclass
 class Round:
-    count: int  # reports stored
+    count: int  # reports stored, as the answers say (`accepted`), or COPY's rows
     requests: int
     elapsed: float
     latencies: list[float]
@@ -295,16 +303,19 @@ class Round:
 async def drive(
     url: str,
     bodies: Callable[[], bytes],
-    per_request: int,
     clients: int,
     seconds: float,
     headers: dict[str, str],
 ) -> Round:
-    """`clients` workers posting bodies back to back for `seconds`; every answer must be a 202."""
+    """`clients` workers posting bodies back to back for `seconds`; every answer must be a 202. The
+    reports counted are those the answers say were stored (`accepted`), not those sent: a report the
+    server took for a duplicate is not throughput."""
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
+    accepted = 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal accepted
         while time.perf_counter() < deadline:
             payload = bodies()
             started = time.perf_counter()
@@ -313,13 +324,14 @@ async def drive(
                 if response.status != 202:
                     raise SystemExit(f"{url} answered {response.status}: {answer[:300]!r}")
             latencies.append(time.perf_counter() - started)
+            accepted += json.loads(answer)["accepted"]
 
     connector = aiohttp.TCPConnector(limit=clients)
     started = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(clients)))
     elapsed = time.perf_counter() - started
-    return Round(len(latencies) * per_request, len(latencies), elapsed, latencies)
+    return Round(accepted, len(latencies), elapsed, latencies)
 
 
 class Ids:
@@ -399,17 +411,13 @@ async def read_usage(url: str, seconds: float, headers: dict[str, str]) -> Round
 
 @dataclass
 class Phase:
-    """What one phase measured: the best rounds of (a), (b) and (c)."""
+    """What one phase measured: the best rounds of (a) and (b), every read of (c)."""
 
     table: str
     single_ratio: float
     batch_ratio: float
-    reads_p50: float  # seconds, of the best round of (c)
+    reads_p50: float  # seconds, over the reads of every round of (c)
     reads_p99: float
-
-    @property
-    def met(self) -> bool:
-        return self.single_ratio >= SINGLE_TARGET and self.batch_ratio >= BATCH_TARGET
 
 
 async def measure_phase(
@@ -420,34 +428,34 @@ async def measure_phase(
     ids = Ids(f"s{table[:1]}")
     warm = single_bodies(ids)
     for server in (baseline, product):  # connections opened, statements prepared, key cached
-        await drive(server.url, warm, 1, args.clients, 1.0, headers)
+        await drive(server.url, warm, args.clients, 1.0, headers)
 
     print(f"(a) single reports, {args.clients} clients, {args.rounds} rounds of {args.seconds:g} s each")
     rounds: dict[str, list[Round]] = {"baseline": [], "product": []}
     for _ in range(args.rounds):
         for server in (baseline, product):
-            result = await drive(server.url, single_bodies(ids), 1, args.clients, args.seconds, headers)
+            result = await drive(server.url, single_bodies(ids), args.clients, args.seconds, headers)
             rounds[server.kind].append(result)
             print(f"    {server.kind:<9}{result.describe()}")
-    best = {kind: max(r.requests_per_second for r in results) for kind, results in rounds.items()}
+    best = {kind: max(r.reports_per_second for r in results) for kind, results in rounds.items()}
     single_ratio = best["product"] / best["baseline"]
     print(
-        f"    best: product {best['product']:.1f} req/s, baseline {best['baseline']:.1f} req/s, "
-        f"ratio {single_ratio:.2f} (target >= {SINGLE_TARGET})"
+        f"    best: product {best['product']:.1f} reports/s, baseline {best['baseline']:.1f} reports/s "
+        f"(one a request, as accepted), ratio {single_ratio:.2f} (target >= {SINGLE_TARGET})"
     )
 
     print(
         f"(b) batches of {BATCH} reports, {args.batch_clients} clients / connections, "
         f"{args.rounds} rounds of {args.seconds:g} s each"
     )
-    before = await stored_reports(database_url)
     batch_ids, copy_ids = Ids(f"b{table[:1]}"), Ids(f"c{table[:1]}")
-    await drive(product.url, batch_bodies(batch_ids), BATCH, args.batch_clients, 1.0, headers)  # warm-up
+    await drive(product.url, batch_bodies(batch_ids), args.batch_clients, 1.0, headers)  # warm-up
+    before = await stored_reports(database_url)
     endpoints: list[Round] = []
     copies: list[Round] = []
     for _ in range(args.rounds):
         endpoint = await drive(
-            product.url, batch_bodies(batch_ids), BATCH, args.batch_clients, args.seconds, headers
+            product.url, batch_bodies(batch_ids), args.batch_clients, args.seconds, headers
         )
         endpoints.append(endpoint)
         print(f"    endpoint {endpoint.describe()}")
@@ -461,9 +469,11 @@ async def measure_phase(
         f"    best: endpoint {best_endpoint:.0f} reports/s, COPY {best_copy:.0f} rows/s, "
         f"ratio {batch_ratio:.2f} (target >= {BATCH_TARGET})"
     )
-    # Every report the servers acknowledged is in the table (the warm-ups included), and no more.
-    stored = await stored_reports(database_url)
-    assert stored - before >= sum(r.count for r in [*endpoints, *copies]), (stored, before)
+    # Every report the endpoint accepted and COPY wrote in the timed rounds is in the table, and no more.
+    stored = await stored_reports(database_url) - before
+    counted = sum(r.count for r in [*endpoints, *copies])
+    if stored != counted:
+        raise SystemExit(f"(b) stored {stored:,} reports, the rounds counted {counted:,}")
 
     print(f"(c) GET /api/usage/{READER_ID}?days=30, 1 client, {args.rounds} rounds of {args.seconds:g} s")
     reads_url = f"{product.base}/api/usage/{READER_ID}?days=30"
@@ -474,10 +484,15 @@ async def measure_phase(
         read = await read_usage(reads_url, args.seconds, admin)
         reads.append(read)
         print(f"    reads    {read.describe()}")
-    fastest = min(reads, key=lambda r: statistics.median(r.latencies))
-    cuts = statistics.quantiles(fastest.latencies, n=100)
-    print(f"    best: p50 {cuts[49] * 1000:.1f} ms, p99 {cuts[98] * 1000:.1f} ms")
-    return Phase(table, single_ratio, batch_ratio, cuts[49], cuts[98])
+    p50, p99 = reads_quantiles(reads)
+    print(f"    all {sum(r.requests for r in reads)} reads: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    return Phase(table, single_ratio, batch_ratio, p50, p99)
+
+
+def reads_quantiles(reads: list[Round]) -> tuple[float, float]:
+    """p50 and p99 of the reads of every round: a slow round's reads are part of what a user sees."""
+    cuts = statistics.quantiles([latency for read in reads for latency in read.latencies], n=100)
+    return cuts[49], cuts[98]
 
 
 async def add_reader(database_url: str, months: int) -> int:
@@ -582,9 +597,32 @@ async def measure(args: argparse.Namespace, database_url: str, product: Server, 
             f"    {phase.table:<22} single {phase.single_ratio:.2f}, batch {phase.batch_ratio:.2f}, "
             f"usage API p50 {phase.reads_p50 * 1000:.1f} ms p99 {phase.reads_p99 * 1000:.1f} ms"
         )
-    ok = all(phase.met for phase in phases)
+    judged = verdicts(phases)
+    for name, met in judged:
+        print(f"    {name}: {'met' if met else 'MISSED'}")
+    ok = all(met for _, met in judged)
     print(f"targets: {'met' if ok else 'MISSED'}")
     return 0 if ok else 1
+
+
+def verdicts(phases: list[Phase]) -> list[tuple[str, bool]]:
+    """Each target of each phase, named, and whether it holds; the first phase is the empty table,
+    whose reads the later phases' are judged against."""
+    found = []
+    for phase in phases:
+        found += [
+            (f"{phase.table}: single reports >= {SINGLE_TARGET}", phase.single_ratio >= SINGLE_TARGET),
+            (f"{phase.table}: batches >= {BATCH_TARGET}", phase.batch_ratio >= BATCH_TARGET),
+        ]
+        if phase is not phases[0]:
+            found.append(
+                (
+                    f"{phase.table}: usage API p50 <= {READS_FACTOR:g}x the {phases[0].table}'s "
+                    f"({phase.reads_p50 / phases[0].reads_p50:.2f}x)",
+                    phase.reads_p50 <= READS_FACTOR * phases[0].reads_p50,
+                )
+            )
+    return found
 
 
 async def add_key(database_url: str) -> None:
@@ -628,7 +666,9 @@ def run(args: argparse.Namespace, run_async: Callable[[Awaitable[int]], int] = a
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side, alternating; best counts")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of each side, alternating; the best of (a), (b) counts"
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch-clients", type=int, default=4)
     parser.add_argument("--rows", type=int, default=0, help="measure again after this many more reports")
@@ -643,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--months: 1 to the raw retention, {UsageOptions().raw_retention_months}")
     if args.serve:
         return serve(args.serve, args.port, args.database_url, args.kube_url)
+    print_machine_speed()
     return run(args)
 
 

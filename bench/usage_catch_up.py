@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+from machine import print_machine_speed
 from usage import GENERATED
 
 from iotistic_billing.db import migrate
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--months: 1 to the raw retention, {UsageOptions().raw_retention_months}")
     if not 4 <= args.customers <= 10_000 or args.recent_hours < 4:
         parser.error("--customers: 4 to 10,000 (ids of four digits, three late); --recent-hours: 4 or more")
+    print_machine_speed()
     return run(args)
 
 

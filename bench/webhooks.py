@@ -9,13 +9,15 @@ In one run, on this machine's loopback: an embedded PostgreSQL, a local control 
   - the baseline: a bare aiohttp handler that verifies the Stripe signature with the same SDK call and
     inserts the event into PostgreSQL with asyncpg, nothing else.
 For each rate of `--rates` (events/s, open loop: sends are scheduled, not paced by answers) it sends
-`--seconds` worth of `customer.subscription.updated` events to the webhook server(s) and to the
-baseline and prints p50/p99 to the 2xx, the ratio of the two p99s, and p50/p99 from the 2xx... to the
-Customer's spec.subscription applied (stripe_events.applied_at - received_at, both PostgreSQL's clock;
-applied_at is written after the Customer's server-side apply). Every event carries a new billing period
-end, so each one changes its Customer; `created` is the second it is sent, so an event that overtakes an
-older one of its Customer on the way makes that one `stale` (counted). The run checks that each Customer
-ends with the `created` of its newest event.
+`--seconds` worth of `customer.subscription.updated` events to the webhook server(s), waits until the
+inbox has applied them, then sends as many to the baseline, and prints p50/p99 to the 2xx from each
+event's scheduled send (a send held up waits in it: no coordinated omission; the targets judge these)
+and from the request actually going out, the ratio of the two sides' p99s from the schedule, and
+p50/p99 from the 2xx... to the Customer's spec.subscription applied (stripe_events.applied_at -
+received_at, both PostgreSQL's clock; applied_at is written after the Customer's server-side apply).
+Every event carries a new billing period end, so each one changes its Customer; `created` is the second
+it is sent, so an event that overtakes an older one of its Customer on the way makes that one `stale`
+(counted). The run checks that each Customer ends with the `created` of its newest event.
 Apply throughput: `--backlog` events (5,000) for `--backlog-customers` Customers (1,000) in turn, so
 five each and a Customer's events spread over the whole backlog (a month-end renewal burst), stored
 pending at once (one transaction and a NOTIFY, as a burst of deliveries leaves them), timed from that
@@ -26,8 +28,8 @@ last delivery was sent). Each line also
 has the CPU seconds each part of the run used meanwhile (webhook servers, inbox processes,
 kube-apiserver, etcd, PostgreSQL, baseline, this script) and the whole machine (busy, and `steal`:
 taken by its hypervisor): `outside_this_run` is what else ran on it.
-Targets: p99 to the 2xx < 50 ms at 200/s and < 100 ms at 400/s; p99 to the Customer update < 2 s at
-200/s; >= 500 events/s applied. Exit 1 when one is missed.
+Targets: p99 to the 2xx (from the scheduled send) < 50 ms at 200/s and < 100 ms at 400/s; p99 to the
+Customer update < 2 s at 200/s; >= 500 events/s applied. Exit 1 when one is missed.
 Run: `.venv/bin/python bench/webhooks.py [--rates 100,200,400] [--seconds 10] [--replicas 1,2]`.
 """
 
@@ -47,6 +49,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import kubernetes
+from machine import print_machine_speed
 
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db import migrate
@@ -139,13 +143,22 @@ def make_event(customer_id: str, status: str = "active", created: int | None = N
     }
 
 
-async def open_loop(
-    urls: list[str], rate: int, seconds: float, customer_ids: list[str]
-) -> tuple[list[float], dict[str, tuple[str, int]]]:
-    """Send `rate` events per second for `seconds`, on schedule, taking `urls` in turn; latencies to the
-    2xx, and each event id's customer and `created` (a Customer should end with its newest)."""
-    latencies: list[float] = []
-    sent: dict[str, tuple[str, int]] = {}
+@dataclass
+class Sends:
+    """What an open-loop run of sends measured."""
+
+    # Seconds to each 2xx from the event's scheduled send: a send held up (the event loop busy with
+    # answers, connections) waits in it, as an event of a real sender would (no coordinated omission).
+    from_schedule: list[float] = field(default_factory=list)
+    # From the request actually going out: the server's and the connection's part alone.
+    from_send: list[float] = field(default_factory=list)
+    # Each event id's customer and `created` (a Customer should end with its newest).
+    events: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+async def open_loop(urls: list[str], rate: int, seconds: float, customer_ids: list[str]) -> Sends:
+    """Send `rate` events per second for `seconds`, on schedule, taking `urls` in turn."""
+    sends = Sends()
 
     async def send(session: aiohttp.ClientSession, index: int, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
@@ -158,15 +171,17 @@ async def open_loop(
             await response.read()
             if response.status != 200:
                 raise SystemExit(f"{url} answered {response.status}")
-        latencies.append(time.perf_counter() - started)
-        sent[body["id"]] = (customer_id, body["created"])
+        answered = time.perf_counter()
+        sends.from_schedule.append(answered - at)
+        sends.from_send.append(answered - started)
+        sends.events[body["id"]] = (customer_id, body["created"])
 
     total = int(rate * seconds)
     start = time.perf_counter() + 0.2
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(send(session, i, start + i / rate) for i in range(total)))
-    return latencies, sent
+    return sends
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
@@ -187,7 +202,8 @@ async def applied_latencies(dsn: str, ids: list[str], within: float = 300) -> tu
                 ids,
             )
             if len(rows) == len(ids) and all(row["result"] != "pending" for row in rows):
-                assert all(row["result"] in ("applied", "stale") for row in rows), {r["result"] for r in rows}
+                if not all(row["result"] in ("applied", "stale") for row in rows):
+                    raise SystemExit(f"events ended {sorted({row['result'] for row in rows})}")
                 stale = sum(row["result"] == "stale" for row in rows)
                 return [float(row["seconds"]) for row in rows], stale
             await asyncio.sleep(0.5)
@@ -235,7 +251,8 @@ async def backlog_throughput(
             "SELECT result, count(*) AS n FROM stripe_events WHERE event_id = ANY($1::text[]) GROUP BY 1",
             ids,
         )
-        assert {row["result"]: row["n"] for row in results} == {"applied": count}, results
+        if {row["result"]: row["n"] for row in results} != {"applied": count}:
+            raise SystemExit(f"the backlog of {count} ended {[tuple(row) for row in results]}")
         last = await connection.fetchval(
             "SELECT max(applied_at) FROM stripe_events WHERE event_id = ANY($1::text[])", ids
         )
@@ -252,7 +269,8 @@ async def all_mailed(dsn: str, since: datetime, within: float = 600) -> float:
     try:
         deadline = time.monotonic() + within
         while await connection.fetchval("SELECT count(*) FROM notice_deliveries WHERE status <> 'sent'"):
-            assert time.monotonic() < deadline, "deliveries still pending"
+            if time.monotonic() >= deadline:
+                raise SystemExit(f"deliveries still pending after {within} s")
             await asyncio.sleep(0.25)
         last = await connection.fetchval("SELECT max(sent_at) FROM notice_deliveries")
     finally:
@@ -412,6 +430,7 @@ def main() -> int:
     )
     parser.add_argument("--rates", default="100,200,400", help="events/s to send at, in order ('': none)")
     args = parser.parse_args()
+    print_machine_speed()
     rates = [int(r) for r in args.rates.split(",") if r]
     replica_counts = [int(r) for r in args.replicas.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as folder:
@@ -488,26 +507,33 @@ def main() -> int:
                     urls.append(url)
                 for rate in rates:
                     before = cpu_snapshot()
-                    ours, ids = asyncio.run(open_loop(urls[:replicas], rate, args.seconds, rated))
+                    ours = asyncio.run(open_loop(urls[:replicas], rate, args.seconds, rated))
                     during = cpu_used(before, cpu_snapshot())
+                    # The product's inbox done with these events before the baseline sends: its work
+                    # must not share the machine with the baseline's run.
+                    applied, stale = asyncio.run(applied_latencies(database, list(ours.events)))
                     before = cpu_snapshot()
-                    bare, _ = asyncio.run(open_loop([baseline_url], rate, args.seconds, rated))
+                    bare = asyncio.run(open_loop([baseline_url], rate, args.seconds, rated))
                     during_bare = cpu_used(before, cpu_snapshot())
-                    applied, stale = asyncio.run(applied_latencies(database, list(ids)))
-                    for customer_id, created in ids.values():
+                    for customer_id, created in ours.events.values():
                         newest[customer_id] = max(created, newest.get(customer_id, 0))
                     check_newest_applied(objects, newest)
                     (p50, p99), (b50, b99), (a50, a99) = (
-                        quantiles(ours),
-                        quantiles(bare),
+                        quantiles(ours.from_schedule),
+                        quantiles(bare.from_schedule),
                         quantiles(applied),
                     )
+                    (s50, s99), (bs50, bs99) = quantiles(ours.from_send), quantiles(bare.from_send)
                     result: dict[str, Any] = {
                         "replicas": replicas,
                         "rate_per_s": rate,
-                        "events": len(ours),
-                        "to_2xx_ms": {"p50": ms(p50), "p99": ms(p99)},
-                        "baseline_to_2xx_ms": {"p50": ms(b50), "p99": ms(b99)},
+                        "events": len(ours.events),
+                        # From each event's scheduled send (what the targets judge), and from the
+                        # request actually going out.
+                        "to_2xx_from_schedule_ms": {"p50": ms(p50), "p99": ms(p99)},
+                        "to_2xx_from_send_ms": {"p50": ms(s50), "p99": ms(s99)},
+                        "baseline_to_2xx_from_schedule_ms": {"p50": ms(b50), "p99": ms(b99)},
+                        "baseline_to_2xx_from_send_ms": {"p50": ms(bs50), "p99": ms(bs99)},
                         "p99_ratio_to_baseline": round(p99 / b99, 2),
                         "to_customer_update_ms": {"p50": ms(a50), "p99": ms(a99)},
                         "stale": stale,
@@ -518,7 +544,10 @@ def main() -> int:
                     if rate in TARGET_2XX_P99:
                         met = p99 < TARGET_2XX_P99[rate]
                         verdict = "met" if met else "MISSED"
-                        targets.append(f"p99 to the 2xx < {ms(TARGET_2XX_P99[rate]):.0f} ms: {verdict}")
+                        targets.append(
+                            f"p99 to the 2xx from the scheduled send < {ms(TARGET_2XX_P99[rate]):.0f} ms: "
+                            f"{verdict}"
+                        )
                         missed |= not met
                     if rate == TARGET_UPDATE_RATE:
                         met = a99 < TARGET_UPDATE_P99
