@@ -36,7 +36,11 @@ from iotistic_billing.operator.manifests import namespace_holder
 from iotistic_billing.operator.metrics import forget_customer
 from iotistic_billing.operator.reconcile import current_customer, write_status
 from iotistic_billing.operator.state import terminating_status
-from iotistic_billing.operator.webhook_secret import keep_webhook_secret, signing_secret_copy
+from iotistic_billing.operator.webhook_secret import (
+    drop_marked_webhook_secret,
+    keep_webhook_secret,
+    signing_secret_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +105,12 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
                 await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)
-            webhook = ((body.get("spec") or {}).get("notifications") or {}).get("webhook")
-            if signing is not None or (ours and webhook):
-                # Again once the notice is written, now for the sender to drop when nothing is pending: a
-                # retry that found the copy gone (the garbage collector's) ends the mark over what an
-                # earlier try kept.
-                with _step("keeping the webhook signing secret"):
-                    await keep_webhook_secret(ctx, customer_id, signing, deletion_running=False)
+            # Again once the notice is written, now for the sender to drop when nothing is pending; also
+            # when this try found no copy (the namespace or the copy gone: the garbage collector's), so
+            # that what an earlier try kept and marked is not kept for ever (a merge patch, nothing when
+            # nothing was kept).
+            with _step("keeping the webhook signing secret"):
+                await keep_webhook_secret(ctx, customer_id, signing, deletion_running=False)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage
@@ -122,6 +125,10 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
                     held_by=holder,
                     reported_jti=reported,
                 )
+            # An earlier try, before the holder was applied, may have kept this Customer's key: it must
+            # not sign the holder's webhooks.
+            with _step("dropping the webhook signing secret an earlier try kept"):
+                await drop_marked_webhook_secret(ctx, customer_id)
             own_key = secret[0].get(USAGE_API_KEY_KEY) if secret is not None else None
             if own_key:
                 with _step("revoking the usage key"):

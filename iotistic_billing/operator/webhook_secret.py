@@ -117,8 +117,26 @@ async def keep_webhook_secret(
     )
 
 
+async def drop_marked_webhook_secret(ctx: OperatorContext, customer_id: str) -> None:
+    """The key kept under `customer_id` dropped, with its mark, when a deletion still running marked it
+    (an earlier try of a deletion that now finds another Customer holding the id); nothing otherwise."""
+    namespace = ctx.settings.billing_namespace
+    kept = await ctx.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+    mark = deletion_running_annotation(customer_id)
+    if kept is None or not kept.annotations.get(mark):
+        return
+    await ctx.kube.merge_secret_data(
+        namespace,
+        DELETED_NOTIFICATIONS_SECRET_NAME,
+        {customer_id: None},
+        annotations={mark: None},
+        resource_version=kept.resource_version,
+    )
+
+
 __all__ = [
     "WEBHOOK_SECRET_CHECK",
+    "drop_marked_webhook_secret",
     "ensure_webhook_secret",
     "keep_webhook_secret",
     "signing_secret_copy",

@@ -221,7 +221,8 @@ async def test_a_namespace_someone_else_made_is_never_written_to_and_outlives_th
     assert cluster.namespaces["customer-acme"] == theirs
     assert not any(verb in ("helm uninstall", "DELETE namespaces") for verb, _ in cluster.requests)
     # Its licence is revoked as the history knows it (the Secret there is not read as the Customer's).
-    assert revocations == ["revoke_license", "revoke_usage_keys"]
+    # The keep lifts a mark an earlier try may have left (nothing kept here: no copy).
+    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"]
 
 
 async def test_a_namespace_its_maker_labelled_for_the_customer_is_handed_over() -> None:
@@ -324,7 +325,7 @@ async def test_the_finalizer_deletes_the_customers_own_namespace_again_after_a_c
         ("GET secrets", "customer-acme"),
         ("DELETE namespaces", "customer-acme"),
     ]
-    assert revocations == ["revoke_license", "revoke_usage_keys"] * 2
+    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"] * 2
 
 
 def test_a_create_that_the_api_server_refuses_for_another_reason_is_an_error() -> None:

@@ -148,6 +148,8 @@ class ForegroundDeletion(Cluster):
         return found
 
     async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        if (namespace, name) == ("billing", "iotistic-notifications-deleted"):
+            return SecretData(dict(self.kept), dict(self.marks), {}) if self.kept or self.marks else None
         assert namespace == "customer-acme"
         found = self.in_namespace.get(name)
         self.collect_garbage()
@@ -160,6 +162,7 @@ class ForegroundDeletion(Cluster):
         data: dict[str, bytes | None],
         labels: Any = None,
         annotations: dict[str, str | None] | None = None,
+        resource_version: str | None = None,
     ) -> None:
         assert (namespace, name) == ("billing", "iotistic-notifications-deleted")
         self.merges.append(data)
@@ -280,3 +283,47 @@ async def test_a_finalizer_retried_after_the_copy_went_still_keeps_the_signing_s
     assert cluster.kept == {"cust_acme0001": OLD}
     await finalize(ctx, hooked(customer()))
     assert cluster.kept == {"cust_acme0001": OLD} and cluster.marks == {}
+
+
+class NamespaceGoneOnRetry(ForegroundDeletion):
+    """The garbage collector has finished with the namespace by the finalizer's retry."""
+
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        if self.reads >= 2:
+            return None
+        return await super().read_namespace(name)
+
+
+@pytest.mark.parametrize("holder_on_retry", [False, True])
+async def test_a_finalizer_retried_after_the_namespace_went_leaves_no_mark(
+    monkeypatch: pytest.MonkeyPatch, holder_on_retry: bool
+) -> None:
+    """Found in review: a first try kept and marked the key and failed; the retry, finding the namespace
+    gone (or another Customer applied meanwhile holding the id), never lifted the mark, so the sender
+    kept the key for ever (and signed the holder's webhooks with it). Lifted on every retry without a
+    holder; with one, the key this deletion kept is dropped."""
+    cluster = NamespaceGoneOnRetry()
+    ctx = context(cluster)
+    ctx.settings = SimpleNamespace(billing_namespace="billing")
+    failures = [RuntimeError("PostgreSQL away")]
+
+    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        if "held_by" not in kwargs:
+            cluster.pending.add(customer_id)
+
+    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+
+    with pytest.raises(DeletionFailed):
+        await finalize(ctx, hooked(customer()))
+    assert cluster.kept == {"cust_acme0001": OLD} and cluster.marks  # kept, marked
+    if holder_on_retry:
+        cluster.customers.append(customer("acme-renamed", uid="uid-renamed"))
+    await finalize(ctx, hooked(customer()))
+    assert cluster.marks == {}
+    assert cluster.kept == ({} if holder_on_retry else {"cust_acme0001": OLD})
