@@ -50,18 +50,27 @@ def _bindable(port: int, reuse_address: bool) -> bool:
         return True
 
 
+# Ports free_port gave this process: not bound yet when the next is asked for (a server's PORT and its
+# STRIPE_INBOX_PORT, both picked before it starts), so never given twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A port nothing is bound to, below the kernel's ephemeral range: a port the kernel hands out for
     `bind(0)` comes from that range, where an outgoing connection can take it as its source port
-    before the server binds it (a restarted operator failed on its liveness port that way)."""
+    before the server binds it (a restarted operator failed on its liveness port that way). Never one
+    it gave this process before."""
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randint(10_000, low - 1)  # noqa: S311 - not a secret
-        if _bindable(port, reuse_address=False):
+        if port not in _HANDED_OUT and _bindable(port, reuse_address=False):
+            _HANDED_OUT.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def port_is_free(port: int) -> bool:

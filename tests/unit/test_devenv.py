@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from iotistic_billing import processes
 from iotistic_billing.devenv import __main__ as runner
 from iotistic_billing.devenv.__main__ import KeptPorts, dev_commands, existing_kubeconfig, write_env
 from iotistic_billing.devenv.controlplane import REPO_BIN
@@ -193,3 +194,12 @@ def test_a_part_that_does_not_start_in_time_is_one_line_naming_it(
         "make dev: postgres did not start in time (PostgreSQL on port 5 not ready within 60.0s);"
         " see dev/postgres/postgres.log"
     ]
+
+
+def test_free_port_never_gives_a_port_it_gave_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's PORT and STRIPE_INBOX_PORT are both picked before it binds either: the webhook server
+    refused to start (both 16648) when the random pick came up twice."""
+    picks = iter([23_456, 23_456, 23_457])
+    monkeypatch.setattr(processes.random, "randint", lambda low, high: next(picks))
+    monkeypatch.setattr(processes, "_HANDED_OUT", set())
+    assert [processes.free_port(), processes.free_port()] == [23_456, 23_457]
