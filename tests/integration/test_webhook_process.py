@@ -95,25 +95,27 @@ def signup_in_thread(server_url: str, company_name: str, answer: dict[str, Any])
 
 
 @contextmanager
-def operator_held(operator: OperatorProcess) -> Iterator[None]:
-    """The operator stopped (SIGSTOP) for the block: a signup's licence comes only after it, however
-    fast the operator would have been."""
+def signup_waiting_for_its_licence(
+    server: ServerProcess, operator: OperatorProcess, company: str
+) -> Iterator[tuple[threading.Thread, dict[str, Any]]]:
+    """A signup of `company` in a thread of its own (signup_in_thread) and its answer, while the
+    operator is stopped (SIGSTOP) for the block and once the server logged that the signup created its
+    Customer: the server is then waiting for a licence that comes only after the block, however fast the
+    operator would have been."""
     assert operator.process is not None
+    name, answer = resource_name_for(company), {}
     operator.process.send_signal(signal.SIGSTOP)
     try:
-        yield
+        caller = signup_in_thread(server.url, company, answer)
+        wait_until(
+            lambda: f"signup created Customer {name} " in server.log.read_text(),
+            timeout=30,
+            interval=0.05,
+            message=f"signup of {name} created its Customer; log: {server.log}",
+        )
+        yield caller, answer
     finally:
         operator.process.send_signal(signal.SIGCONT)
-
-
-def wait_for_licence_wait(log: Path, name: str) -> None:
-    """Until the server logged that the signup created Customer `name`: next it waits for the licence."""
-    wait_until(
-        lambda: f"signup created Customer {name} " in log.read_text(),
-        timeout=30,
-        interval=0.05,
-        message=f"signup of {name} created its Customer; log: {log}",
-    )
 
 
 def licence_claims(token: str, license_keys: tuple[Path, Path]) -> dict[str, Any]:
@@ -144,11 +146,8 @@ def test_sigterm_lets_the_request_in_flight_finish(
     server = ServerProcess(env, log).start()
     company = unique_name("Sigterm")
     name = resource_name_for(company)
-    answer: dict[str, Any] = {}
     try:
-        with operator_held(operator):
-            caller = signup_in_thread(server.url, company, answer)
-            wait_for_licence_wait(log, name)
+        with signup_waiting_for_its_licence(server, operator, company) as (caller, answer):
             assert answer == {}, "signup answered before its licence existed"
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
@@ -175,19 +174,15 @@ def test_the_server_process_answers_a_signup_with_201_and_its_licence(
 ) -> None:
     """Under its default options the server waits for the operator's licence, which comes after the
     Customer, and answers with it."""
-    log = tmp_path / "webhooks.log"
-    server = ServerProcess(env, log).start()
+    server = ServerProcess(env, tmp_path / "webhooks.log").start()
     company = unique_name("Licensed")
-    name = resource_name_for(company)
-    answer: dict[str, Any] = {}
     try:
-        with operator_held(operator):
-            caller = signup_in_thread(server.url, company, answer)
-            wait_for_licence_wait(log, name)
+        with signup_waiting_for_its_licence(server, operator, company) as (caller, answer):
+            pass
         caller.join(30)
     finally:
         server.stop()
-        Customers(k8s_client).delete(name)
+        Customers(k8s_client).delete(resource_name_for(company))
     assert answer.get("status") == 201, answer
     claims = licence_claims(answer["body"]["license"]["jwt"], license_keys)
     assert claims["customerId"] == claims["sub"] == answer["body"]["customer"]["customer_id"]

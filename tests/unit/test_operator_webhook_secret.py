@@ -188,6 +188,26 @@ class ForegroundDeletion(Cluster):
                 self.kept.pop(customer_id)
 
 
+def revocations_written(
+    monkeypatch: pytest.MonkeyPatch, cluster: ForegroundDeletion, failures: list[Exception] | None = None
+) -> None:
+    """The finalizer's revocations as the fake cluster sees them: `license.revoked` (not for a rename's
+    holder) leaves a webhook delivery pending; each of `failures` is raised by a revocation first."""
+    left = list(failures or [])
+
+    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
+        if left:
+            raise left.pop(0)
+        if "held_by" not in kwargs:
+            cluster.pending.add(customer_id)
+
+    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+
+
 class SlowHelm(Helm):
     """helm uninstall takes seconds: the notice sender's drop of settled keys comes meanwhile."""
 
@@ -217,15 +237,7 @@ async def test_finalize_keeps_the_signing_secret_when_a_foreground_deletion_remo
     }.items():
         setattr(ctx, part, value)
 
-    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
-        if "held_by" not in kwargs:
-            cluster.pending.add(customer_id)  # license.revoked, with its webhook delivery
-
-    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
-        pass
-
-    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
-    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+    revocations_written(monkeypatch, cluster)
 
     await finalize(ctx, customer())
     if holder is None:
@@ -268,14 +280,7 @@ async def test_a_finalizer_retried_after_the_copy_went_still_keeps_the_signing_s
     }.items():
         setattr(ctx, part, value)
 
-    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
-        cluster.pending.add(customer_id)
-
-    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
-        pass
-
-    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
-    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+    revocations_written(monkeypatch, cluster)
 
     with pytest.raises(DeletionFailed):
         await finalize(ctx, hooked(customer()))
@@ -305,19 +310,7 @@ async def test_a_finalizer_retried_after_the_namespace_went_leaves_no_mark(
     cluster = NamespaceGoneOnRetry()
     ctx = context(cluster)
     ctx.settings = SimpleNamespace(billing_namespace="billing")
-    failures = [RuntimeError("PostgreSQL away")]
-
-    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> None:
-        if failures:
-            raise failures.pop()
-        if "held_by" not in kwargs:
-            cluster.pending.add(customer_id)
-
-    async def revoke_usage_keys(*args: Any, **kwargs: Any) -> None:
-        pass
-
-    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
-    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+    revocations_written(monkeypatch, cluster, failures=[RuntimeError("PostgreSQL away")])
 
     with pytest.raises(DeletionFailed):
         await finalize(ctx, hooked(customer()))
