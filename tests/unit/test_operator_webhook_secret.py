@@ -208,6 +208,15 @@ def revocations_written(
     monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
 
 
+def deletion_context(cluster: ForegroundDeletion, helm: Helm | None = None) -> Any:
+    """The finalizer's context on the fake cluster, its billing namespace `billing`, and `helm` if given."""
+    ctx = context(cluster)
+    ctx.settings = SimpleNamespace(billing_namespace="billing")
+    if helm is not None:
+        ctx.helm = helm
+    return ctx
+
+
 class SlowHelm(Helm):
     """helm uninstall takes seconds: the notice sender's drop of settled keys comes meanwhile."""
 
@@ -230,12 +239,7 @@ async def test_finalize_keeps_the_signing_secret_when_a_foreground_deletion_remo
     cluster = ForegroundDeletion()
     if holder is not None:
         cluster.customers.append(customer(holder, uid="uid-renamed"))
-    ctx = context(cluster)
-    for part, value in {
-        "helm": SlowHelm(cluster),
-        "settings": SimpleNamespace(billing_namespace="billing"),
-    }.items():
-        setattr(ctx, part, value)
+    ctx = deletion_context(cluster, SlowHelm(cluster))
 
     revocations_written(monkeypatch, cluster)
 
@@ -273,12 +277,7 @@ async def test_a_finalizer_retried_after_the_copy_went_still_keeps_the_signing_s
     license.revoked it wrote could never be signed. The key is marked while its deletion runs, and the
     mark lifted once the notice is written."""
     cluster = ForegroundDeletion()
-    ctx = context(cluster)
-    for part, value in {
-        "helm": HelmFailingOnce(cluster),
-        "settings": SimpleNamespace(billing_namespace="billing"),
-    }.items():
-        setattr(ctx, part, value)
+    ctx = deletion_context(cluster, HelmFailingOnce(cluster))
 
     revocations_written(monkeypatch, cluster)
 
@@ -308,8 +307,7 @@ async def test_a_finalizer_retried_after_the_namespace_went_leaves_no_mark(
     kept the key for ever (and signed the holder's webhooks with it). Lifted on every retry without a
     holder; with one, the key this deletion kept is dropped."""
     cluster = NamespaceGoneOnRetry()
-    ctx = context(cluster)
-    ctx.settings = SimpleNamespace(billing_namespace="billing")
+    ctx = deletion_context(cluster)
     revocations_written(monkeypatch, cluster, failures=[RuntimeError("PostgreSQL away")])
 
     with pytest.raises(DeletionFailed):
