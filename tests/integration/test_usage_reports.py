@@ -29,10 +29,11 @@ from iotistic_billing.db.models import Notice
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.partitions import PartitionRun
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import USAGE
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
-from tests.conftest import unique_name
+from tests.conftest import eventually, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     Customers,
     add_usage_key,
@@ -40,6 +41,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     customer_id_for,
     customers_fixture,
     make_settings,
+    running_app,
     webhook_settings_fixture,
 )
 
@@ -158,6 +160,29 @@ async def test_the_same_report_sent_again_is_stored_once(
         {"accepted": 1, "duplicate": 0},
     )
     assert await stored(db_engine, customer_id) == (2, 2, 777 * 2)
+
+
+async def test_a_server_on_the_real_clock_beside_these_tests_keeps_their_months(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, webhook_settings: Settings, kubeconfig: Path
+) -> None:
+    """Found in CI: another test's server on the session database, its clock the real one, ran its
+    partition run at start and dropped this module's April 2025 (past 13 months of today) under a test."""
+    customer_id = customer_id_for(unique_name("kept"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    assert await post(usage_api, report(customer_id, "r-1"), headers) == (
+        202,
+        {"accepted": 1, "duplicate": 0},
+    )
+    async with running_app(webhook_settings, kubeconfig) as beside:
+
+        async def run_once_the_start_run_is_done() -> PartitionRun | None:
+            # The run at start holds the partition lock meanwhile (a run then is skipped).
+            run = await beside.app[USAGE].maintain_partitions()
+            return None if run.skipped else run
+
+        run = await eventually(run_once_the_start_run_is_done, within=30, message="a partition run")
+    assert run.dropped == () and run.deleted == 0
+    assert await stored(db_engine, customer_id) == (1, 1, 1000)
 
 
 async def test_a_partly_repeated_batch_stores_only_the_new_reports(

@@ -25,6 +25,7 @@ from iotistic_billing.webhook_server.probes import READINESS_TTL
 from tests.conftest import eventually, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
+    SHARED_DATABASE_USAGE,
     Customers,
     api_fixture,
     customer_id_for,
@@ -122,7 +123,10 @@ async def test_api_server_unreachable_keeps_the_event_pending_and_the_server_rea
     configuration.retries = False
     unreachable = kubernetes.client.ApiClient(configuration)
     app = create_app(
-        webhook_settings, kube=unreachable, options=ServerOptions(license_wait=0, kube_timeout=2)
+        webhook_settings,
+        kube=unreachable,
+        options=ServerOptions(license_wait=0, kube_timeout=2),
+        usage=SHARED_DATABASE_USAGE,
     )
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()

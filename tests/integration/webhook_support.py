@@ -36,6 +36,7 @@ from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings, load_settings
+from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import SESSIONS
 from iotistic_billing.webhook_server.options import ServerOptions
@@ -54,6 +55,11 @@ PRICES = {
     "enterprise": "price_test_enterprise",
 }
 API_VERSION = "2025-08-27.basil"
+# The session database holds reports of the fixed past clocks of many tests: a server on it whose clock
+# is the real one keeps every month (the most Settings allows), or its partition run at start would drop
+# another test's months under it. The retention itself is tested on databases of its own.
+SHARED_DATABASE_RETENTION = 1200
+SHARED_DATABASE_USAGE = UsageOptions(raw_retention_months=SHARED_DATABASE_RETENTION)
 
 
 def admin_headers() -> dict[str, str]:
@@ -422,6 +428,7 @@ def make_settings(
         "admin_viewer_token": VIEWER_TOKEN,
         "console_session_key": SESSION_KEY,
         "base_domain": "test.iotistic.example",
+        "usage_raw_retention": SHARED_DATABASE_RETENTION,
     }
     values.update(overrides)
     return load_settings(**values)
@@ -433,7 +440,12 @@ async def running_app(
 ) -> AsyncIterator[TestClient[Any, Any]]:
     """The app on a free loopback port, with a Kubernetes client of its own from `kubeconfig`."""
     api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-    app = create_app(settings, kube=api_client, options=options or ServerOptions(license_wait=0))
+    app = create_app(
+        settings,
+        kube=api_client,
+        options=options or ServerOptions(license_wait=0),
+        usage=SHARED_DATABASE_USAGE,
+    )
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
@@ -488,6 +500,7 @@ def server_env(
         "LICENSE_PUBLIC_KEY_PATH": str(public_key),
         "ADMIN_API_TOKEN": ADMIN_TOKEN,
         "CONSOLE_SESSION_KEY": SESSION_KEY,
+        "USAGE_RAW_RETENTION": str(SHARED_DATABASE_RETENTION),
     }
 
 
