@@ -3,6 +3,7 @@ each an audit row; the viewer cannot act, nor a form without the session's CSRF 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
@@ -32,7 +33,9 @@ def rollouts(k8s_client: kubernetes.client.ApiClient) -> kubernetes.client.Custo
 
 
 @pytest.fixture
-def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> str:
+def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> Iterator[str]:
+    """A rollout of every Customer, gone with the test: left behind, it would move the session's
+    Customers once a later test restarts the operator on a chart registry (rollouts enabled)."""
     name = unique_name("wave")
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -44,7 +47,8 @@ def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> str:
         },
     }
     rollouts.create_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, body)
-    return name
+    yield name
+    rollouts.delete_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
 
 
 def read(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> dict[str, Any]:
