@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import ConsoleAction, Notice, NoticeDelivery, StripeEvent
 from iotistic_billing.settings import Settings
-from iotistic_billing.usage.periods import shift_months
+from iotistic_billing.usage.periods import period_containing, shift_months
 from iotistic_billing.webhook_server.security import API_KEY_HEADER
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.console_support import (
@@ -277,7 +277,10 @@ async def test_period_charts_match_the_period_totals_when_the_period_starts_mid_
     yesterday = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
     today = yesterday + timedelta(days=1)
     period_start = yesterday.replace(hour=13, minute=42)
-    name, customer_id = stripe_customer(customers, "midday", shift_months(period_start, 1))
+    # Stripe's own start: a month back from the end would move it (Jan 30 + 1 month ends Feb 28).
+    name, customer_id = stripe_customer(
+        customers, "midday", shift_months(period_start, 1), current_period_start=period_start
+    )
     key = await add_usage_key(db_engine, customer_id)
     plain = {"mqtt_bytes_received": 0, "http_bytes_sent": 0, "http_bytes_received": 0}
     # 12:00-13:00 counts in the period before; 13:00-14:00 ends in this one, so counts here whole.
@@ -319,7 +322,12 @@ async def test_a_trials_period_overage_is_marked_not_billed(
     """Found in review: the API and the customer page showed a trial's overage as dollars owed, while
     the meter run bills none (Rollup.billed). The would-be lines stay visible, marked; a paid plan's
     overage is billed."""
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    now = datetime.now(UTC)
+    # The last full hour, but in this calendar month (the trial's period): in a month's first hour, the
+    # hour so far (an hour ending at the month's start would be billed in the month before).
+    hour = max(
+        now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1), period_containing(now).start
+    )
     shown: dict[str, dict[str, Any]] = {}
     for plan in ("trial", "starter"):
         name = unique_name(f"billed-{plan}")
@@ -327,9 +335,11 @@ async def test_a_trials_period_overage_is_marked_not_billed(
         customers.create(name, customerId=customer_id, plan=plan)
         key = await add_usage_key(db_engine, customer_id)
         # 13 devices on 10 included (both plans): 3 over at $2.
-        answer = await api.post(
-            "/api/usage/report", json=usage_report(customer_id, hour, 13), headers={API_KEY_HEADER: key}
-        )
+        report = {
+            **usage_report(customer_id, hour, 13),
+            "period_end": min(hour + timedelta(hours=1), now).isoformat(),
+        }
+        answer = await api.post("/api/usage/report", json=report, headers={API_KEY_HEADER: key})
         assert answer.status == 202, await answer.text()
         usage = await (await api.get(f"/api/usage/{customer_id}", headers=admin_headers())).json()
         shown[plan] = usage["billing_period"]

@@ -169,7 +169,7 @@ async def test_sign_in_guesses_are_limited_per_address_as_the_api_is(
     # The test client connects from 127.0.0.1: as a trusted proxy, it names each client.
     options = ServerOptions(
         license_wait=0,
-        rate_per_address=RateLimit(per_second=0.5, burst=3),
+        rate_per_address=RateLimit(per_second=0.01, burst=3),
         trusted_proxies=(ip_network("127.0.0.0/8"),),
     )
     guesser, other = {"X-Forwarded-For": "198.51.100.1"}, {"X-Forwarded-For": "198.51.100.2"}

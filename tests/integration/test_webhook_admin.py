@@ -174,10 +174,11 @@ async def test_a_body_over_the_limit_is_413(api: TestClient[Any, Any]) -> None:
 
 
 async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Settings, kubeconfig: Path) -> None:
+    # A token each 100 s: no bucket refills while a busy machine serves the requests of one count.
     options = ServerOptions(
         license_wait=0,
-        rate_per_address=RateLimit(per_second=0.5, burst=3),
-        rate_per_key=RateLimit(per_second=0.5, burst=100),
+        rate_per_address=RateLimit(per_second=0.01, burst=3),
+        rate_per_key=RateLimit(per_second=0.01, burst=100),
     )
     async with running_app(webhook_settings, kubeconfig, options) as client:
         statuses = [(await client.get("/.well-known/jwks.json")).status for _ in range(4)]
@@ -193,7 +194,7 @@ async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Setting
     # bucket of its own.
     proxied = ServerOptions(
         license_wait=0,
-        rate_per_address=RateLimit(per_second=0.5, burst=2),
+        rate_per_address=RateLimit(per_second=0.01, burst=2),
         trusted_proxies=(ip_network("127.0.0.0/8"),),
     )
     async with running_app(webhook_settings, kubeconfig, proxied) as client:
@@ -211,7 +212,7 @@ async def test_rate_limits_answer_429_with_retry_after(webhook_settings: Setting
         assert await status("2001:db8:1:3::1") == 200
         assert await status("::ffff:198.51.100.2") == 429
 
-    per_key = ServerOptions(license_wait=0, rate_per_key=RateLimit(per_second=0.5, burst=2))
+    per_key = ServerOptions(license_wait=0, rate_per_key=RateLimit(per_second=0.01, burst=2))
     async with running_app(webhook_settings, kubeconfig, per_key) as client:
         statuses = [(await client.get("/api/queue/stats", headers=admin_headers())).status for _ in range(3)]
         assert statuses == [200, 200, 429]

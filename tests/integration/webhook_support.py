@@ -352,22 +352,27 @@ class Customers:
 
 
 def stripe_customer(
-    customers: Customers, prefix: str = "stripe", current_period_end: datetime | None = None, **spec: Any
+    customers: Customers,
+    prefix: str = "stripe",
+    current_period_end: datetime | None = None,
+    *,
+    current_period_start: datetime | None = None,
+    **spec: Any,
 ) -> tuple[str, str]:
     """A Customer billed through Stripe (resource name, customer id); with `current_period_end`, on an
-    active starter subscription whose period ends then (usage is billed by that period)."""
+    active starter subscription whose period ends then (usage is billed by that period), and starts at
+    `current_period_start` when given (else a month before its end, as older inboxes wrote)."""
     name = unique_name(prefix)
     customer_id = customer_id_for(name)
     if current_period_end is not None:
-        spec = {
+        subscription = {
+            "status": "active",
             "plan": "starter",
-            "subscription": {
-                "status": "active",
-                "plan": "starter",
-                "currentPeriodEnd": current_period_end.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-            **spec,
+            "currentPeriodEnd": current_period_end.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+        if current_period_start is not None:
+            subscription["currentPeriodStart"] = current_period_start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        spec = {"plan": "starter", "subscription": subscription, **spec}
     customers.create(name, customerId=customer_id, billing={"mode": "stripe"}, **spec)
     return name, customer_id
 

@@ -56,10 +56,10 @@ async def test_a_busy_spell_holds_the_waiting_work_for_its_longest_at_most() -> 
     now = [100.0]
     precedence = Precedence(most=30, clock=lambda: now[0])
     precedence.busy()
-    now[0] = 129.0
+    now[0] = 120.0
     waiting = asyncio.create_task(precedence.wait_turn())
     await asyncio.sleep(0.05)
-    assert not waiting.done()  # a second of the 30 is left
+    assert not waiting.done()  # 10 s of the 30 are left
     waiting.cancel()
     now[0] = 130.5  # the spell goes on past its longest: the waiting work goes, busy or not
     await asyncio.wait_for(precedence.wait_turn(), 1)
