@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_per_address=limit,
             rate_per_key=limit,
             trusted_proxies=tuple(settings.trusted_proxies),
+            license_wait=settings.signup_license_wait,
             inbox_workers=workers,
             probes_only=role == "inbox",
         )

@@ -88,7 +88,8 @@ ROUTES: Final[tuple[Route, ...]] = (
         headers=_LOCATION,
         description=(
             "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
-            "waits a bounded time for the operator's licence: 201 with it, or 202 with license null. "
+            "waits for the operator's licence (SIGNUP_LICENSE_WAIT seconds): 201 with it, or 202 with "
+            "license null. "
             "An email already registered is a 409, also for the second of two signups at once on any "
             "replicas. A signup refused before its Customer exists deletes the Stripe customer it made "
             "(one whose create got no answer only when no Customer holds its id). "

@@ -32,7 +32,11 @@ pytestmark = pytest.mark.integration
 def env(
     database_url: str, stripe_mock: StripeMock, license_keys: tuple[Path, Path], kubeconfig: Path
 ) -> dict[str, str]:
-    return server_env(database_url, stripe_mock, license_keys, kubeconfig, free_port())
+    # Room for a busy machine's operator: a signup waiting for its licence answers 201 (SIGNUP_LICENSE_WAIT).
+    return {
+        **server_env(database_url, stripe_mock, license_keys, kubeconfig, free_port()),
+        "SIGNUP_LICENSE_WAIT": "45",
+    }
 
 
 def run_briefly(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -52,6 +56,7 @@ def run_briefly(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"PORT": "not-a-port"}, "PORT"),
         ({"DATABASE_URL": ""}, "DATABASE_URL"),
         ({"ADMIN_API_TOKEN": "short-secret"}, "ADMIN_API_TOKEN"),
+        ({"SIGNUP_LICENSE_WAIT": "-1"}, "SIGNUP_LICENSE_WAIT"),
         ({"LICENSE_PRIVATE_KEY_PATH": "/nonexistent/private-key.pem"}, "LICENSE_PRIVATE_KEY_PATH"),
         # The Stripe inbox process listens on STRIPE_INBOX_PORT, by default PORT + 1.
         ({"PORT": "65535", "STRIPE_INBOX_PORT": "0"}, "STRIPE_INBOX_PORT: unset, it is PORT + 1 = 65536"),
@@ -172,7 +177,7 @@ def test_the_server_process_answers_a_signup_with_201_and_its_licence(
     k8s_client: kubernetes.client.ApiClient,
     license_keys: tuple[Path, Path],
 ) -> None:
-    """Under its default options the server waits for the operator's licence, which comes after the
+    """The server waits for the operator's licence (SIGNUP_LICENSE_WAIT), which comes after the
     Customer, and answers with it."""
     server = ServerProcess(env, tmp_path / "webhooks.log").start()
     company = unique_name("Licensed")
@@ -186,6 +191,24 @@ def test_the_server_process_answers_a_signup_with_201_and_its_licence(
     assert answer.get("status") == 201, answer
     claims = licence_claims(answer["body"]["license"]["jwt"], license_keys)
     assert claims["customerId"] == claims["sub"] == answer["body"]["customer"]["customer_id"]
+
+
+def test_a_signup_that_waits_for_no_licence_answers_202_at_once(
+    env: dict[str, str], tmp_path: Path, operator: OperatorProcess, k8s_client: kubernetes.client.ApiClient
+) -> None:
+    """SIGNUP_LICENSE_WAIT=0: the Customer is created and the answer says where its licence will be,
+    at once (the default would hold it 10 s for the stopped operator's licence)."""
+    server = ServerProcess({**env, "SIGNUP_LICENSE_WAIT": "0"}, tmp_path / "webhooks.log").start()
+    company = unique_name("Unwaited")
+    try:
+        with signup_waiting_for_its_licence(server, operator, company) as (caller, answer):
+            caller.join(5)
+            assert answer.get("status") == 202, answer
+    finally:
+        server.stop()
+        Customers(k8s_client).delete(resource_name_for(company))
+    assert answer["body"]["license"] is None, answer
+    assert answer["body"]["customer"]["resource_name"] == resource_name_for(company)
 
 
 def test_the_stripe_inbox_port_serves_probes_and_metrics_only(env: dict[str, str], tmp_path: Path) -> None:

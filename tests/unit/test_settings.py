@@ -247,3 +247,13 @@ def test_the_registry_config_is_a_docker_config_with_auths(tmp_path: Path) -> No
         load_settings(instance_chart_registry_config=str(config))
     config.write_text('{"auths": {"registry.example": {"auth": "dTpw"}}}')
     assert load_settings(instance_chart_registry_config=str(config)).instance_chart_registry_config == config
+
+
+def test_signup_license_wait_is_read_and_bounded_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().signup_license_wait == 10
+    monkeypatch.setenv("SIGNUP_LICENSE_WAIT", "30")
+    assert load_settings().signup_license_wait == 30
+    monkeypatch.setenv("SIGNUP_LICENSE_WAIT", "90")  # past a proxy's usual read timeout
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "SIGNUP_LICENSE_WAIT: Input should be less than or equal to 55" in str(refused.value)
