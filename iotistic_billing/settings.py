@@ -115,8 +115,9 @@ class Settings(BaseSettings):
     # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).
     operator_timer_interval: Annotated[float, Field(gt=0)] = 60.0
     # Seconds a signup waits for the operator's licence before answering 202 (GET /api/licenses/{id}
-    # has it later). Kept under the proxies' usual 60 s read timeout.
-    signup_license_wait: Annotated[float, Field(ge=0, le=55)] = 10.0
+    # has it later). Under the server's 30 s drain at shutdown (ServerOptions.shutdown_timeout): a
+    # signup cut off there has made its Customer, and its retry would be a 409.
+    signup_license_wait: Annotated[float, Field(ge=0, le=25)] = 10.0
     # Webhook server rate limits, per client address and per API key: a token bucket.
     rate_limit_per_second: Annotated[float, Field(gt=0)] = 50.0
     rate_limit_burst: Annotated[int, Field(ge=1)] = 500

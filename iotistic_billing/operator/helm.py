@@ -292,9 +292,16 @@ class Helm:
             raise
         return True
 
-    async def rollback(self, name: str, namespace: str) -> None:
+    async def rollback(self, name: str, namespace: str, revision: int | None = None) -> None:
+        """To `revision`, by default the one before the newest."""
+        to = [] if revision is None else [str(revision)]
         await self._run(
-            "rollback", name, "--namespace", namespace, doing=f"rollback of release {name} in {namespace}"
+            "rollback",
+            name,
+            *to,
+            "--namespace",
+            namespace,
+            doing=f"rollback of release {name} in {namespace}",
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
@@ -24,28 +25,33 @@ _VERSION_SOURCES = {
 }
 
 
-async def _recover_stuck(ctx: OperatorContext, namespace: str) -> str | None:
-    """A helm killed mid-operation (an operator crash) leaves the release pending-*; put it back, or
-    return why it is left as it is. A pending revision younger than HELM_TIMEOUT may be another
-    process's helm still at work (the old and the new shard of a relabelled Customer, each in a pass),
-    which a rollback would undo under it: the pass fails and is retried, and by then that helm has
-    finished or been killed."""
+class Recovery(NamedTuple):
+    left: str | None = None  # why a pending revision is left as it is (its helm may still be running)
+    recovered: str = ""  # the pending status put back ("pending-install", ...); "" when none was
+
+
+async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
+    """A helm killed mid-operation (an operator crash, HELM_TIMEOUT) or that lost its last write (the API
+    server away) leaves the release pending-*; put it back, or say why it is left as it is. A pending
+    install is rolled back onto itself (its manifest applied again): an uninstall would delete what it
+    made, the instance's generated passwords among them, while its database volume keeps the old ones.
+    A pending revision younger than HELM_TIMEOUT may be another process's helm still at work (the old
+    and the new shard of a relabelled Customer, each in a pass), which a rollback would undo under it:
+    the pass fails and is retried, and by then that helm has finished or been killed."""
     release = await ctx.helm.status(c.RELEASE_NAME, namespace)
     if release is None or not release.status.startswith("pending-"):
-        return None
+        return Recovery()
     timeout = ctx.settings.helm_timeout
     if release.last_deployed is not None:
         age = (ctx.clock() - release.last_deployed).total_seconds()
         if age < timeout:
-            return (
-                f"revision {release.revision} has been {release.status} for {max(age, 0):.0f} s, maybe "
+            return Recovery(
+                left=f"revision {release.revision} has been {release.status} for {max(age, 0):.0f} s, maybe "
                 f"under a helm still running; it is recovered once older than HELM_TIMEOUT ({timeout:g} s)"
             )
-    if release.status == "pending-install":
-        await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
-    else:
-        await ctx.helm.rollback(c.RELEASE_NAME, namespace)
-    return None
+    onto_itself = release.revision if release.status == "pending-install" else None
+    await ctx.helm.rollback(c.RELEASE_NAME, namespace, onto_itself)
+    return Recovery(recovered=release.status)
 
 
 async def _deployed_already(
@@ -78,6 +84,23 @@ async def _deployed_already(
     return None
 
 
+async def _current(
+    ctx: OperatorContext, namespace: str, version: str, digest: str, previous: ReleaseStatus | None
+) -> tuple[ReleaseOutcome | None, list[str]]:
+    """The "unchanged" outcome when helm's deployed revision is the one wanted and none of its
+    Deployments is missing; else None and the missing Deployments (an upgrade puts them back)."""
+    current = await _deployed_already(ctx, namespace, version, digest, previous)
+    if current is None:
+        return None, []
+    current = await _with_deployments(ctx, current)
+    missing = await _missing_deployments(ctx, current)
+    if missing:
+        return None, missing
+    return ReleaseOutcome(
+        "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
+    ), []
+
+
 async def ensure_release(
     ctx: OperatorContext,
     target: PassTarget,
@@ -105,14 +128,9 @@ async def ensure_release(
     digest = values_hash(values, version)
     missing: list[str] = []
     if previous is not None or may_exist:
-        current = await _deployed_already(ctx, namespace, version, digest, previous)
-        if current is not None:
-            current = await _with_deployments(ctx, current)
-            missing = await _missing_deployments(ctx, current)
-            if not missing:
-                return ReleaseOutcome(
-                    "unchanged", c.RELEASE_UNCHANGED, f"revision {current.revision} is current", current
-                )
+        unchanged, missing = await _current(ctx, namespace, version, digest, previous)
+        if unchanged is not None:
+            return unchanged
     try:
         chart = await ctx.charts.get(version, _VERSION_SOURCES[target.version_source])
     except ChartUnavailable as error:
@@ -120,23 +138,33 @@ async def ensure_release(
     except HelmError as error:  # the registry is away: the next pass tries again
         return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
 
+    recovery = Recovery()
     for attempt in (1, 2):
         try:
             release = await ctx.helm.upgrade_install(c.RELEASE_NAME, namespace, chart.path, values, digest)
             break
         except HelmError as error:
-            message = error.message
+            message, permanent = error.message, error.permanent
             if error.stuck and attempt == 1:
-                left = await _recover_stuck(ctx, namespace)
-                if left is None:
-                    continue
-                message = f"{message} ({left})"
+                try:
+                    recovery = await _recover_stuck(ctx, namespace)
+                except HelmError as failed:  # the next pass looks again
+                    message, permanent = f"{message}; its recovery failed: {failed.message}", False
+                else:
+                    if recovery.left is None and not recovery.recovered:
+                        # The other helm finished meanwhile, maybe with these very values: upgrading
+                        # again would roll the instance's pods for nothing.
+                        unchanged, missing = await _current(ctx, namespace, version, digest, previous)
+                        if unchanged is not None:
+                            return unchanged
+                    if recovery.left is None:
+                        # After a rollback helm runs too: its outcome makes the pass read the
+                        # Deployments afresh, not as the watch last had them.
+                        continue
+                    message = f"{message} ({recovery.left})"
             first = previous is None or not previous.revision
             return ReleaseOutcome(
-                "failed",
-                c.INSTALL_FAILED if first else c.UPGRADE_FAILED,
-                message,
-                permanent=error.permanent,
+                "failed", c.INSTALL_FAILED if first else c.UPGRADE_FAILED, message, permanent=permanent
             )
     status = ReleaseStatus(
         name=release.name,
@@ -147,9 +175,13 @@ async def ensure_release(
         # An empty list too: None would have _with_deployments read the manifest on every pass.
         deployments=list(release.deployments),
     )
-    if release.revision == 1:
+    if release.revision == 1 or recovery.recovered == "pending-install":
+        recovered = " (a pending install recovered)" if release.revision != 1 else ""
         return ReleaseOutcome(
-            "installed", c.INSTALL_SUCCEEDED, f"installed chart {version} at revision 1", status
+            "installed",
+            c.INSTALL_SUCCEEDED,
+            f"installed chart {version} at revision {release.revision}{recovered}",
+            status,
         )
     repaired = f" ({', '.join(missing)} had been deleted)" if missing else ""
     return ReleaseOutcome(

@@ -9,7 +9,7 @@ import base64
 import json
 import re
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import expect
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import ConsoleAction, Notice, NoticeDelivery, StripeEvent
@@ -410,11 +410,20 @@ async def test_overview_counts_one_pending_notice_once(
         "partly given up": ("pending", "dead", "sent"),
     }
 
-    async def counted_change() -> tuple[int, int] | None:
-        """The card's change over our three notices; None when the session operator wrote one of its
-        own meanwhile (an earlier test's short trial), which the card counts too."""
+    async def deliveries_of_others(ours: Sequence[int] = ()) -> set[tuple[int, str, str]]:
         async with db_engine.connect() as connection:
-            last_before = (await connection.execute(select(func.max(Notice.id)))).scalar_one() or 0
+            rows = await connection.execute(
+                select(NoticeDelivery.notice_id, NoticeDelivery.channel, NoticeDelivery.status).where(
+                    NoticeDelivery.notice_id.not_in(ours)
+                )
+            )
+            return {(row[0], row[1], row[2]) for row in rows}
+
+    async def counted_change() -> tuple[int, int] | None:
+        """The card's change over our three notices; None when another notice was written or changed
+        state meanwhile (the session operator's for an earlier test's short trial), which the card
+        counts too."""
+        others = await deliveries_of_others()
         before = await notice_counts(api)
         ours = []
         async with db_engine.begin() as connection:
@@ -449,13 +458,9 @@ async def test_overview_counts_one_pending_notice_once(
                     ],
                 )
         after = await notice_counts(api)
-        async with db_engine.connect() as connection:
-            others = (
-                await connection.execute(
-                    select(func.count()).where(Notice.id > last_before, Notice.id.not_in(ours))
-                )
-            ).scalar_one()
-        return None if others else (after[0] - before[0], after[1] - before[1])
+        if await deliveries_of_others(ours) != others:
+            return None
+        return after[0] - before[0], after[1] - before[1]
 
     # A notice is pending while a delivery is, and dead once one is: the last one is both.
     assert await eventually(counted_change, within=30, message="no other notice meanwhile") == (2, 2)

@@ -28,7 +28,7 @@ async def test_kube_apiserver_restart_under_the_operator(
     before = unique_name("before")
     cluster.create(customer_manifest(before, customerId=f"cust_{before.replace('-', '')}", plan="starter"))
     # Deployed, not just revision 1: a first install still pending when the API server goes away is
-    # uninstalled and installed again by the operator, so its release is briefly not found.
+    # rolled back onto itself by the operator, so its revision moves on.
     wait_until(
         lambda: (cluster.release(before) or {}).get("status") == "deployed", message="first Customer deployed"
     )

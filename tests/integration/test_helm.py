@@ -3,15 +3,21 @@ the API server refuses a permanent error, with the field named, although helm's 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import kubernetes
 import pytest
 
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.helm import Helm, HelmError, upgrade_install_args
-from tests.conftest import unique_name
+from iotistic_billing.operator.release import Recovery, _recover_stuck
+from tests.conftest import eventually, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +134,50 @@ async def test_the_operator_labels_helm_storage_for_its_filtered_watch_and_with_
         )
         for s in selected
     ] == [("helm", "1", "1" * 32)]
+
+
+async def test_a_first_install_killed_mid_way_is_rolled_back_onto_itself_keeping_what_it_made(
+    k8s_client: kubernetes.client.ApiClient, kubeconfig: Path, helm_binary: Path, tmp_path: Path
+) -> None:
+    """Found in review: a first install whose helm was killed (HELM_TIMEOUT, an operator crash) or lost
+    its last write (the API server away) stays pending-install, and the recovery uninstalled it: the
+    instance's generated passwords went with it while its database volume kept the old ones. The
+    recovery rolls the pending revision back onto itself: its manifest applied again, nothing deleted."""
+    chart = config_map_chart(tmp_path / "made", "data:\n  password: {{ randAlphaNum 16 | quote }}\n")
+    (chart / "templates" / "deployment.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: never-ready}\nspec:\n"
+        "  selector: {matchLabels: {app: x}}\n  template:\n    metadata: {labels: {app: x}}\n"
+        "    spec: {containers: [{name: x, image: x}]}\n"
+    )
+    namespace = new_namespace(k8s_client)
+    core = kubernetes.client.CoreV1Api(k8s_client)
+    # --wait on a Deployment no kubelet runs: helm has applied the objects and waits until it is killed.
+    installing = await asyncio.create_subprocess_exec(
+        *(str(helm_binary), "upgrade", "--install", "instance", str(chart), "-n", namespace),
+        *("--kubeconfig", str(kubeconfig), "--wait", "--timeout", "10m"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def made_by_the_install() -> Any:
+        found = core.list_namespaced_config_map(namespace, field_selector="metadata.name=made").items
+        return found[0] if found else None
+
+    try:
+        made = await eventually(made_by_the_install, message="the install's ConfigMap")
+    finally:
+        installing.kill()
+        await installing.wait()
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120)
+    stuck = await helm.status("instance", namespace)
+    assert stuck is not None and (stuck.revision, stuck.status) == (1, "pending-install")
+    settings = SimpleNamespace(helm_timeout=1.0)
+    later = datetime.now(UTC) + timedelta(minutes=5)  # the pending revision is older than HELM_TIMEOUT
+    ctx = cast(OperatorContext, SimpleNamespace(helm=helm, settings=settings, clock=lambda: later))
+
+    assert await _recover_stuck(ctx, namespace) == Recovery(recovered="pending-install")
+
+    recovered = await helm.status("instance", namespace)
+    assert recovered is not None and (recovered.revision, recovered.status) == (2, "deployed")
+    kept = core.read_namespaced_config_map("made", namespace)
+    assert (kept.metadata.uid, kept.data) == (made.metadata.uid, made.data)

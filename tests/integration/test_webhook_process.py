@@ -35,7 +35,7 @@ def env(
     # Room for a busy machine's operator: a signup waiting for its licence answers 201 (SIGNUP_LICENSE_WAIT).
     return {
         **server_env(database_url, stripe_mock, license_keys, kubeconfig, free_port()),
-        "SIGNUP_LICENSE_WAIT": "45",
+        "SIGNUP_LICENSE_WAIT": "25",
     }
 
 

@@ -349,8 +349,8 @@ class InProgress(Upgrading):
         info = {"first_deployed": when, "last_deployed": when, "status": self.pending}
         return _release({"name": name, "namespace": namespace, "version": self.revision, "info": info})
 
-    async def rollback(self, name: str, namespace: str) -> None:
-        self.recoveries.append("rollback")
+    async def rollback(self, name: str, namespace: str, revision: int | None = None) -> None:
+        self.recoveries.append("rollback" if revision is None else f"rollback to {revision}")
         self.pending = ""
 
     async def uninstall(self, name: str, namespace: str) -> bool:
@@ -364,7 +364,9 @@ class InProgress(Upgrading):
     [
         ("pending-upgrade", "rollback", c.UPGRADE_FAILED),
         ("pending-rollback", "rollback", c.UPGRADE_FAILED),
-        ("pending-install", "uninstall", c.INSTALL_FAILED),
+        # Onto itself: an uninstall deleted what the install had made (the generated passwords), while the
+        # database's volume outlives it with the old ones.
+        ("pending-install", "rollback to 1", c.INSTALL_FAILED),
     ],
 )
 async def test_a_pending_revision_is_recovered_only_once_its_helm_would_have_been_killed(
@@ -391,3 +393,91 @@ async def test_a_pending_revision_is_recovered_only_once_its_helm_would_have_bee
     helm.started = NOW - timedelta(seconds=step.ctx.settings.helm_timeout + 1)
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
     assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1)
+
+
+class FinishedMeanwhile(Upgrading):
+    """helm whose first upgrade finds another helm at work on the release (in progress), which then
+    finishes, deploying revision 4 with `digest`, before `helm status` looks."""
+
+    def __init__(self, revisions: dict[int, dict[str, str]], digest: str) -> None:
+        super().__init__()
+        self.revisions, self.digest, self.attempts = revisions, digest, 0
+
+    async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
+        self.attempts += 1
+        if self.attempts == 1:
+            self.revisions[3]["status"] = "superseded"
+            self.revisions[4] = {"status": "deployed", c.LABEL_VALUES_HASH: self.digest}
+            message = "Error: UPGRADE FAILED: another operation (install/upgrade/rollback) is in progress"
+            raise HelmError("upgrade", message)
+        return await super().upgrade_install(name, namespace, *args, **kwargs)
+
+    async def status(self, name: str, namespace: str) -> HelmRelease | None:
+        info = {"first_deployed": "2026-01-01T00:00:00Z", "last_deployed": "2026-01-01T00:00:00Z"}
+        return _release(
+            {"name": name, "namespace": namespace, "version": 4, "info": info | {"status": "deployed"}}
+        )
+
+
+async def test_a_stuck_upgrade_whose_other_helm_deployed_the_same_values_is_not_repeated(
+    tmp_path: Path,
+) -> None:
+    """Found in review: helm answered "another operation is in progress" (the old shard's pass of a
+    relabelled Customer, a helm run by hand), that helm finished with the values this pass wants, and the
+    pass upgraded to them again: a revision more, the instance's pods rolled for nothing."""
+    step = release_step(Upgrading(), tmp_path)
+    # The wanted values, not revision 3's: a new licence.
+    renewed = LICENCE.model_copy(update={"sha256": "b" * 64})
+    wanted = values_hash(
+        desired_release_values(step.aim, step.ctx.settings.billing_url, renewed.sha256), "0.1.0"
+    )
+    helm = FinishedMeanwhile(step.revisions, wanted)
+    step.ctx.helm = helm  # type: ignore[misc]
+    outcome = await ensure_release(step.ctx, step.aim, renewed, step.release(), may_exist=True)
+    assert (outcome.result, outcome.reason, helm.attempts, helm.upgrades) == (
+        "unchanged",
+        c.RELEASE_UNCHANGED,
+        1,
+        0,
+    )
+    assert outcome.deployed and outcome.release is not None and outcome.release.revision == 4
+
+
+class RollbackRefused(InProgress):
+    """helm whose release is pending-install since long ago, and whose rollback onto it is refused (its
+    manifest no longer accepted: an admission webhook, a quota)."""
+
+    async def rollback(self, name: str, namespace: str, revision: int | None = None) -> None:
+        self.recoveries.append(f"rollback to {revision}")
+        raise HelmError(
+            "rollback", 'Error: release instance failed: admission webhook "quota" denied the request'
+        )
+
+
+async def test_a_recovery_that_helm_refuses_is_a_failed_install_retried_not_an_exception(
+    tmp_path: Path,
+) -> None:
+    """Found in review: the rollback's error escaped the pass (a traceback, no status written, the
+    condition still saying the revision would be recovered)."""
+    helm = RollbackRefused(1, "pending-install", NOW - timedelta(hours=1))
+    step = release_step(helm, tmp_path)
+    step.revisions.clear()
+    step.revisions[1] = {"status": "pending-install", c.LABEL_VALUES_HASH: "newer"}
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, None, may_exist=True)
+    assert (outcome.result, outcome.reason, outcome.permanent) == ("failed", c.INSTALL_FAILED, False)
+    assert "its recovery failed: Error: release instance failed: admission webhook" in outcome.message
+    assert (helm.recoveries, helm.upgrades) == (["rollback to 1"], 0)
+
+
+async def test_a_pending_install_rolled_back_and_run_again_is_reported_installed(tmp_path: Path) -> None:
+    """The pending install is recovered, then helm runs with the values wanted (its fresh Deployments
+    read, not the watch's): the Customer's first install, whatever revision it took."""
+    helm = InProgress(1, "pending-install", NOW - timedelta(hours=1))
+    step = release_step(helm, tmp_path)
+    step.revisions.clear()
+    # The rollback copies the pending revision's labels: the values wanted.
+    step.revisions[1] = {"status": "pending-install", c.LABEL_VALUES_HASH: step.digest}
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, None, may_exist=True)
+    assert (outcome.result, outcome.reason) == ("installed", c.INSTALL_SUCCEEDED)
+    assert (helm.recoveries, helm.upgrades) == (["rollback to 1"], 1)
+    assert outcome.message == "installed chart 0.1.0 at revision 4 (a pending install recovered)"
