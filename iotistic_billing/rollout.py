@@ -187,7 +187,8 @@ def selects(spec: RolloutSpec, customer: Mapping[str, Any]) -> bool:
 
 def settled_version(rollouts: Sequence[Mapping[str, Any]], customer: Mapping[str, Any]) -> str | None:
     """The version the fleet has settled on for `customer`: the newest Succeeded rollout that selects
-    it; None when none has (the operator's INSTANCE_CHART_VERSION then)."""
+    it and left a Customer healthy on its version; None when none has (the operator's
+    INSTANCE_CHART_VERSION then)."""
     best: tuple[datetime, str] | None = None
     for body in rollouts:
         try:
@@ -196,6 +197,10 @@ def settled_version(rollouts: Sequence[Mapping[str, Any]], customer: Mapping[str
         except ValueError:
             continue
         if status.phase != RolloutPhase.SUCCEEDED or status.completed_at is None:
+            continue
+        if not status.healthy:
+            # It selected nobody (a selector no Customer matches, a mistyped chartVersion never pushed)
+            # or every one failed: no health gate saw the version run, new Customers must not start on it.
             continue
         newer = best is None or status.completed_at > best[0]
         if newer and status.target_version == spec.chart_version and selects(spec, customer):

@@ -35,6 +35,8 @@ from iotistic_billing.rollout import (
 )
 
 Health = Literal["pending", "updating", "healthy", "failed"]
+# What a Customer's last finished pass did with a version (_last_pass).
+PassResult = Literal["ran", "refused", "not yet"]
 HEALTH_TIMEOUT = "HealthTimeout"
 WAITING_FOR_ROLLOUT = "WaitingForRollout"
 
@@ -51,6 +53,9 @@ class Member:
     message: str = ""
     # What it runs now (status.release.chartVersion): recorded when it is moved, for a rollback.
     running: str | None = None
+    # A pass aimed at the version its annotation names, by the annotation, ran it (or it has none): a
+    # rollback's return of it is done.
+    runs_annotated: bool = False
 
     @property
     def version(self) -> str | None:
@@ -89,6 +94,20 @@ def _time(value: str | None) -> datetime | None:
         return None
 
 
+def _last_pass(
+    release: Mapping[str, Any], conditions: Mapping[Any, Mapping[str, Any]], version: str | None
+) -> PassResult:
+    """What the Customer's last finished pass did with `version`, as its status says: installed it
+    (`ran`: status.release.targetVersion and chartVersion both `version`, not Stalled), or helm refused
+    it (`refused`: Stalled, aiming at it); `not yet` while no pass aimed at it has finished (the status
+    is an earlier pass's, whatever chartVersion it names) or one that failed is retried."""
+    if version is None or release.get("targetVersion") != version:
+        return "not yet"
+    if (conditions.get(ConditionType.STALLED) or {}).get("status") == "True":
+        return "refused"
+    return "ran" if release.get("chartVersion") == version else "not yet"
+
+
 def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedelta) -> Member:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
@@ -97,14 +116,20 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     conditions = {c.get("type"): c for c in status.get("conditions") or ()}
     name, created = str(meta.get("name")), str(meta.get("creationTimestamp") or "")
     running = release.get("chartVersion")
-    if annotations.get(ROLLOUT_CHART_VERSION) != target:
-        return Member(name, created, annotations, "pending", running=running)
-    aimed = release.get("targetVersion") == target
+    annotated = annotations.get(ROLLOUT_CHART_VERSION)
+    # By the annotation (versionSource Rollout): the status from before the rollout (Fleet) names the
+    # version a rollback returns to as well, while the upgrade the rollout started may still run.
+    runs_annotated = annotated is None or (
+        _last_pass(release, conditions, annotated) == "ran" and release.get("versionSource") == "Rollout"
+    )
+    if annotated != target:
+        return Member(name, created, annotations, "pending", running=running, runs_annotated=runs_annotated)
+    result = _last_pass(release, conditions, target)
     ready = conditions.get(ConditionType.READY) or {}
-    if aimed and running == target and ready.get("status") == "True":
+    if result == "ran" and ready.get("status") == "True":
         return Member(name, created, annotations, "healthy", running=running)
     stuck = conditions.get(ConditionType.STALLED) or {}
-    if aimed and stuck.get("status") == "True":
+    if result == "refused":
         return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
     moved_at = _time(annotations.get(ROLLOUT_UPDATED_AT))
     if moved_at is not None and now - moved_at > timeout:
@@ -570,7 +595,10 @@ class _Tick:
         # another version is not moved back, and would be waited for forever.
         since = (self.status.started_at or self.now).replace(microsecond=0)  # updated-at: whole seconds
         returning = [m for m in mine if m.moved_at is not None and m.moved_at >= since]
-        if self.moves or any(not _returned(m) for m in returning):
+        # Each waits for the pass that runs its return, not for what it ran before: a Customer whose
+        # upgrade is still running, or which helm refused (its failed revision half applied), runs the
+        # old version already.
+        if self.moves or any(not m.runs_annotated for m in returning):
             self._progressing("RollingBack", f"rolling back after {names} failed", True)
             return self._decision()
         return self.finish(RolloutPhase.ROLLED_BACK, "RolledBack", f"rolled back after {names} failed")
@@ -578,10 +606,15 @@ class _Tick:
     def _succeeded(self, groups: list[list[Member]]) -> Decision:
         self.status.current_step = len(groups)
         status = self.status
-        message = f"{status.healthy}/{status.selected} Customers on {self.spec.chart_version}"
+        version = self.spec.chart_version
+        on = f"{status.healthy}/{status.selected} Customers on {version}"
+        message = on if status.selected else "no Customer selected"
         if status.failed:
             # Below healthGate.maxFailures: they stay on the version, listed in status.failures.
             message += f", {status.failed} failed ({self._failed_names()})"
+        if not status.healthy:
+            # rollout.settled_version: no Customer has run it healthy, so new ones do not start on it.
+            message += f"; new Customers do not start on {version}"
         return self.finish(RolloutPhase.SUCCEEDED, "Succeeded", message)
 
 
@@ -589,11 +622,6 @@ def _few(names: Sequence[str], total: int, shown: int = 10) -> str:
     """The first names, and how many more of `total` (at least the names) there are."""
     more = max(total, len(names)) - min(shown, len(names))
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-def _returned(customer: Member) -> bool:
-    """A rolled-back Customer runs the version its annotation names again."""
-    return customer.version is None or customer.running == customer.version
 
 
 __all__ = [

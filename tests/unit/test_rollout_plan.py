@@ -89,9 +89,11 @@ class Fleet:
         version, source = chart_target(model, release, self.immediate)
         return version or self.version, source
 
-    def operate(self) -> None:
-        """One pass of every Customer that aims at another version."""
+    def operate(self, names: Collection[str] | None = None) -> None:
+        """One pass of every Customer (of `names`) that aims at another version."""
         for name, body in self.customers.items():
+            if names is not None and name not in names:
+                continue
             wanted, source = self.aims(body)
             release = body["status"]["release"]
             refused = name in self.broken and wanted != release["chartVersion"]
@@ -142,10 +144,11 @@ def run(
     operate_every: int = 1,
     before_tick: Callable[[int], None] = lambda i: None,
     start: datetime = T0,
+    status: RolloutStatus | None = None,
 ) -> tuple[RolloutStatus, list[Decision]]:
-    """Ticks of `seconds` each from `start`; the operator runs every `operate_every` ticks (upgrades
-    take time)."""
-    status, decisions = RolloutStatus(), []
+    """Ticks of `seconds` each from `start`, from `status` (a new rollout's by default); the operator
+    runs every `operate_every` ticks (upgrades take time)."""
+    status, decisions = status or RolloutStatus(), []
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     for i in range(ticks):
         before_tick(i)
@@ -279,8 +282,13 @@ def test_paused_starts_no_upgrade_and_resume_continues() -> None:
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     paused = decide(rollout, spec(paused=True), RolloutStatus(), list(fleet.customers.values()), [], T0)
     assert paused.moves == [] and paused.status.phase == RolloutPhase.PAUSED
-    status, _ = run(fleet, spec(), ticks=100)
-    assert status.phase == RolloutPhase.SUCCEEDED
+    status, decisions = run(fleet, spec(), ticks=100, start=T0 + timedelta(seconds=1), status=paused.status)
+    assert decisions[0].status.phase == RolloutPhase.PROGRESSING
+    assert [m.customer for m in decisions[0].moves] == ["c05", "c09"]
+    assert status.phase == RolloutPhase.SUCCEEDED and fleet.on("2.0.0") == set(fleet.customers)
+    # It went on from step 1, which the paused tick started: not started again.
+    started = [m.split(":")[0] for d in decisions for _, reason, m in d.events if reason == "StepStarted"]
+    assert started == ["step 2/3 started", "step 3/3 started"]
 
 
 def test_abort_moves_nothing_more() -> None:
@@ -407,6 +415,8 @@ def test_the_settled_version_is_the_newest_succeeded_rollout_selecting_the_custo
             "status": {
                 "phase": phase,
                 "targetVersion": version,
+                "selected": 1,
+                "healthy": 1,
                 "completedAt": (T0 + timedelta(hours=hours)).isoformat(),
             },
         }
@@ -419,6 +429,32 @@ def test_the_settled_version_is_the_newest_succeeded_rollout_selecting_the_custo
     ]
     assert settled_version(rollouts, body) == "2.0.0"
     assert settled_version([], body) is None
+
+
+def test_a_rollout_that_selected_no_customer_is_not_the_version_of_new_customers() -> None:
+    """Found in review: a rollout of a version never pushed (9.9.9) whose selector matched no Customer
+    ended Succeeded "0/0 Customers" in its first tick, and settled_version then gave 9.9.9 to every new
+    Customer it selects, whose first pass stalled (ChartVersionUnavailable): no health gate had seen
+    the version run anywhere."""
+    fleet = Fleet(3)
+    late = {"matchLabels": {"ring": "late"}}
+    nobody = spec(chartVersion="9.9.9", selector=late, steps=[{"customers": ["c00"]}, {"rest": True}])
+    status, _ = run(fleet, nobody)
+    assert status.phase == RolloutPhase.SUCCEEDED and status.selected == 0
+    new = customer("new")
+    new["metadata"]["labels"] = {"ring": "late"}
+    finished = [{"spec": nobody.to_k8s(), "status": status.to_k8s()}]
+
+    assert settled_version(finished, new) is None
+    ready = status.condition("Ready")
+    assert ready is not None and "no Customer selected" in ready.message, ready
+
+    # A rollout that ran its version on a Customer it selects is the version of new ones.
+    fleet.customers["c00"]["metadata"]["labels"] = {"ring": "late"}
+    ran = spec(selector=late, steps=[{"rest": True}])
+    done, _ = run(fleet, ran, start=T0 + timedelta(hours=1))
+    assert done.phase == RolloutPhase.SUCCEEDED and done.healthy == 1
+    assert settled_version([*finished, {"spec": ran.to_k8s(), "status": done.to_k8s()}], new) == "2.0.0"
 
 
 def test_a_customer_s_chart_version_pin_then_rollout_then_what_it_runs_then_the_fleet() -> None:
@@ -562,6 +598,50 @@ def test_a_step_waits_for_a_left_over_customer_to_turn_healthy() -> None:
     assert upgrading.status.phase == RolloutPhase.PROGRESSING and upgrading.moves == []
     assert not any(e[1] == "StepCompleted" for e in upgrading.events)
     assert healthy.status.phase == RolloutPhase.SUCCEEDED and healthy.status.healthy == 4
+
+
+def test_rolled_back_waits_for_a_pass_that_ran_the_returned_version() -> None:
+    """Found in review: RolledBack came once each returned Customer's status.release.chartVersion was
+    the version it went back to, which it already was before any pass ran the return: c01, which helm
+    refused 2.0.0 (Stalled, its failed revision half applied, repaired only by the return's upgrade),
+    and c00 and c02, mid-upgrade to 2.0.0, which landed there after the rollout said RolledBack."""
+    fleet = Fleet(3, broken={"c01"})
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(steps=[{"rest": True, "maxParallel": 3}], onFailure="rollback")
+    ticks = iter(range(100))
+
+    def tick(status: RolloutStatus) -> RolloutStatus:
+        now = T0 + timedelta(seconds=next(ticks))
+        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], now)
+        fleet.apply(decision)
+        return decision.status
+
+    status = tick(RolloutStatus())
+    fleet.operate(["c01"])  # helm refuses c01; the upgrades of c00 and c02 to 2.0.0 still run
+    status = tick(status)
+    assert status.phase == RolloutPhase.ROLLING_BACK
+    assert {b["metadata"]["annotations"][ROLLOUT_CHART_VERSION] for b in fleet.customers.values()} == {
+        "1.0.0"
+    }
+
+    phases = []
+    status = tick(status)  # no pass has run the return yet
+    phases.append(status.phase)
+    fleet.operate(["c01"])  # its return runs 1.0.0 again (c00 and c02: the status from before the rollout)
+    status = tick(status)
+    phases.append(status.phase)
+    for name in ("c00", "c02"):  # their upgrades end on 2.0.0, their statuses written over the return
+        body = fleet.customers[name]
+        body["status"]["release"].update(chartVersion="2.0.0", targetVersion="2.0.0", versionSource="Rollout")
+    status = tick(status)
+    phases.append(status.phase)
+    fleet.operate()  # their returns
+    status = tick(status)
+    phases.append(status.phase)
+
+    assert phases == [RolloutPhase.ROLLING_BACK] * 3 + [RolloutPhase.ROLLED_BACK]
+    assert fleet.on("1.0.0") == set(fleet.customers)
+    assert {fleet.customers[n]["status"]["release"]["versionSource"] for n in fleet.customers} == {"Rollout"}
 
 
 def test_rollback_returns_every_customer_the_rollout_moved() -> None:
