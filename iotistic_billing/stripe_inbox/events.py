@@ -113,6 +113,8 @@ class SubscriptionFacts:
     from_invoice: bool = False
     # Read with current_period_end from the same object, and only beside it: a start belongs to its end.
     current_period_start: datetime | None = None
+    # An invoice's: the end of the period its plan line bills, paid or not (`_invoice_facts_over`).
+    billed_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -301,14 +303,15 @@ def _facts_of_invoice(
         status = "incomplete" if invoice.get("billing_reason") == "subscription_create" else "past_due"
     line = _invoice_line(invoice, catalog)
     period = _mapping(line.get("period"))
-    period_start, period_end = _period(period.get("start"), period.get("end")) if paid else (None, None)
+    billed_start, billed_until = _period(period.get("start"), period.get("end"))
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
         plan=catalog.plan_for(_line_price_id(line)),
-        current_period_end=period_end,
+        current_period_end=billed_until if paid else None,
         from_invoice=True,
-        current_period_start=period_start,
+        current_period_start=billed_start if paid else None,
+        billed_until=billed_until,
     )
 
 
@@ -714,9 +717,22 @@ def _invoice_facts_over(
     the subscription's own events are the authority on its plan and status. The invoice's plan line
     counts only while no plan is known (a first payment): a renewal drafted before a plan change and
     paid after it names the old price. A declined retry leaves an unpaid (suspended) subscription
-    unpaid: past_due would give its access back until the ladder's restriction."""
+    unpaid: past_due would give its access back until the ladder's restriction. An invoice of a period
+    before the one known is older news still: Stripe's status follows the latest invoice, so paying an
+    older one leaves the subscription overdue, and an older one's failed retry starts no dunning."""
     if not facts.from_invoice or known is None:
         return facts
+    held = _status(known.status)
+    if (
+        held is not None
+        and held not in ENDED_STATUSES  # an ended one stays ended by its own rule (`decide`)
+        and facts.billed_until is not None
+        and known.current_period_end is not None
+        and facts.billed_until < known.current_period_end
+    ):
+        return replace(
+            facts, status=held, plan=_plan(known.plan), current_period_start=None, current_period_end=None
+        )
     status: SubscriptionStatus = (
         "unpaid" if known.status == "unpaid" and facts.status != "active" else facts.status
     )

@@ -31,6 +31,7 @@ from iotistic_billing.webhook_server.webhooks import verify_event
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
 PERIOD_END = 1_900_000_000
 AT_PERIOD_END = datetime.fromtimestamp(PERIOD_END, UTC)
+MONTH = 30 * 86400
 
 
 SECRET = "whsec_unit"
@@ -263,7 +264,9 @@ def test_invoices_of_both_api_shapes(api: str) -> None:
     invoice["lines"] = {"data": [proration, line]}
 
     paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
-    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True)
+    assert paid == SubscriptionFacts(
+        "sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True, billed_until=AT_PERIOD_END
+    )
     failed = subscription_facts("invoice.payment_failed", invoice, CATALOG)
     assert failed is not None and (failed.status, failed.current_period_end) == ("past_due", None)
     first = subscription_facts(
@@ -287,7 +290,9 @@ def test_a_renewal_invoice_is_read_from_its_plan_line_whatever_metered_lines_com
         },
     }
     paid = subscription_facts("invoice.payment_succeeded", invoice, CATALOG)
-    assert paid == SubscriptionFacts("sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True)
+    assert paid == SubscriptionFacts(
+        "sub_1", "active", "enterprise", AT_PERIOD_END, from_invoice=True, billed_until=AT_PERIOD_END
+    )
 
 
 def test_an_invoice_of_prorations_only_names_no_plan() -> None:
@@ -484,13 +489,14 @@ def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -
     )
 
 
-def invoice_facts(event_type: str, price: str = "price_s") -> SubscriptionFacts:
-    """The facts of a renewal invoice of sub_1 on `price` (invoice.paid or invoice.payment_failed)."""
+def invoice_facts(event_type: str, price: str = "price_s", period_end: int = PERIOD_END) -> SubscriptionFacts:
+    """The facts of a renewal invoice of sub_1 on `price` (invoice.paid or invoice.payment_failed) billing
+    the period that ends at `period_end`."""
     body = {
         "id": "in_1",
         "subscription": "sub_1",
         "billing_reason": "subscription_cycle",
-        "lines": {"data": [{"price": {"id": price}, "period": {"end": PERIOD_END}}]},
+        "lines": {"data": [{"price": {"id": price}, "period": {"end": period_end}}]},
     }
     facts = subscription_facts(event_type, body, CATALOG)
     assert facts is not None
@@ -525,6 +531,46 @@ def test_a_declined_retry_leaves_a_suspended_subscription_unpaid() -> None:
     paid = coalesce("cust_a", suspended, {}, [(invoice_facts("invoice.paid"), 300)])
     assert paid.subscription is not None
     assert (paid.subscription.status, paid.subscription.past_due_since) == ("active", None)
+
+
+def test_paying_an_older_invoice_keeps_the_subscription_overdue() -> None:
+    """Found in review: two renewals failed and the customer paid the older one alone; Stripe keeps the
+    subscription past_due (its status follows the latest invoice), but the payment made it active,
+    cleared the ladder and sent payment.recovered. An invoice of a period before the one held sets
+    neither the status nor the period."""
+    since = datetime.fromtimestamp(50, UTC)
+    overdue = current(status="past_due", past_due_since=since)
+    older = invoice_facts("invoice.paid", period_end=PERIOD_END - MONTH)
+    for rows in (row(status="past_due", past_due_since=since), {}):
+        paid = coalesce("cust_a", overdue, rows, [(older, 300)])
+        assert paid.subscription == current(status="past_due", past_due_since=since, last_event_created=300)
+        assert (paid.rows["sub_1"].status, paid.rows["sub_1"].current_period_end) == (
+            "past_due",
+            AT_PERIOD_END,
+        )
+    # The latest invoice paid ends it.
+    latest = coalesce("cust_a", overdue, {}, [(invoice_facts("invoice.paid"), 300)])
+    assert latest.subscription is not None
+    assert (latest.subscription.status, latest.subscription.past_due_since) == ("active", None)
+
+
+def test_a_failed_retry_of_an_older_invoice_after_the_latest_was_paid_starts_no_dunning() -> None:
+    """Found in review: the latest invoice paid (Stripe: active), then a retry of an older one failed and
+    started the ladder (payment.failed, the licence restricted on day 7) against an active subscription."""
+    failed = coalesce(
+        "cust_a",
+        current(),
+        {},
+        [(invoice_facts("invoice.payment_failed", period_end=PERIOD_END - MONTH), 300)],
+    )
+    assert failed.subscription == current(last_event_created=300)
+    # The latest invoice failing starts it.
+    latest = coalesce("cust_a", current(), {}, [(invoice_facts("invoice.payment_failed"), 300)])
+    assert latest.subscription is not None
+    assert (latest.subscription.status, latest.subscription.past_due_since) == (
+        "past_due",
+        datetime.fromtimestamp(300, UTC),
+    )
 
 
 def test_an_invoice_paid_after_a_plan_change_does_not_undo_it() -> None:
