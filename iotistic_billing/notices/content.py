@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
-from iotistic_billing.customer import CustomerSpec
+from iotistic_billing.customer import PAST_DUE_GRACE, CustomerSpec
 from iotistic_billing.licensing.plans import UNLIMITED, plan_by_name
 
 
@@ -146,7 +146,32 @@ def trial_ended(*, customer_id: str, customer_name: str, company: str, ends_at: 
     )
 
 
+# DUNNING_RESTRICT_DAYS' default; the operator and the Stripe inbox pass the setting.
+RESTRICTED_FOR: Final = timedelta(days=14)
+
+
+@dataclass(frozen=True)
+class DunningDates:
+    """When an overdue payment's licence becomes restricted, and when it falls to the unlicensed feature
+    set: the same moment when there is no restriction period (DUNNING_RESTRICT_DAYS=0)."""
+
+    restricted_at: datetime
+    suspended_at: datetime
+
+
+def dunning_dates(since: datetime, restricted_for: timedelta) -> DunningDates:
+    """The dunning ladder's dates from the first failed payment (`since`): PAST_DUE_GRACE of full access,
+    then `restricted_for` restricted. The one rule for the licence (operator/entitlement.py) and the
+    notices announcing it, here because both the operator and the Stripe inbox may import it."""
+    if restricted_for < timedelta(0):
+        raise ValueError(f"restricted_for must not be negative, got {restricted_for}")
+    restricted_at = since + PAST_DUE_GRACE
+    return DunningDates(restricted_at=restricted_at, suspended_at=restricted_at + restricted_for)
+
+
 def payment_failed(
+    restricted_for: timedelta,
+    /,
     *,
     customer_id: str,
     customer_name: str,
@@ -155,11 +180,25 @@ def payment_failed(
     overdue_since: datetime,
     invoice_id: str | None,
     plan: str | None,
-    restricted_at: datetime,
     portal_url: str | None,
 ) -> Notice:
     """The subscription became past_due: keyed by the subscription and when (its pastDueSince), not by
-    the event that said so, as an invoice's event and the subscription's may come in either order."""
+    the event that said so, as an invoice's event and the subscription's may come in either order. The
+    dates are the licence's (dunning_dates, `restricted_for`: DUNNING_RESTRICT_DAYS); it is positional so
+    that a caller's `**about` (str values) is not taken, by mypy, to fill it."""
+    dates = dunning_dates(overdue_since, restricted_for)
+    if restricted_for:
+        ladder = (
+            f"Your instance keeps full access until {_day(dates.restricted_at)}; after that it is restricted "
+            "(no device can be added, data cannot be exported), and on "
+            f"{_day(dates.suspended_at)} your licence is suspended (the unlicensed feature set), unless the "
+            "payment succeeds first."
+        )
+    else:  # no restriction period: straight from full access to the unlicensed feature set
+        ladder = (
+            f"Your instance keeps full access until {_day(dates.suspended_at)}; after that your licence is "
+            "suspended (the unlicensed feature set), unless the payment succeeds first."
+        )
     return Notice(
         NoticeKind.PAYMENT_FAILED,
         customer_id,
@@ -169,15 +208,15 @@ def payment_failed(
         lines=(
             f"Hello {company},",
             "we could not collect your last payment.",
-            f"Your instance keeps full access until {_day(restricted_at)}; after that it is restricted "
-            "until the payment succeeds.",
+            ladder,
             "Please update your payment method.",
         ),
         facts={
             "subscription_id": subscription_id,
             **({"invoice_id": invoice_id} if invoice_id else {}),  # the event may not name one
             "past_due_since": _iso(overdue_since),
-            "restricted_at": _iso(restricted_at),
+            **({"restricted_at": _iso(dates.restricted_at)} if restricted_for else {}),
+            "suspended_at": _iso(dates.suspended_at),
             **plan_facts(plan or "unlicensed"),
         },
         links={"customer_portal": portal_url} if portal_url else {},
@@ -315,12 +354,15 @@ def usage_threshold(
 
 
 __all__ = [
+    "RESTRICTED_FOR",
     "USAGE_METRIC_WORDS",
     "Channel",
+    "DunningDates",
     "Notice",
     "NoticeKind",
     "Target",
     "access_restricted",
+    "dunning_dates",
     "license_changed",
     "message_id",
     "payment_failed",

@@ -7,12 +7,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from iotistic_billing.customer import PAST_DUE_GRACE, CustomerSpec
+from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
+from iotistic_billing.notices.content import RESTRICTED_FOR, dunning_dates
 from iotistic_billing.operator import constants as c
 
-# DUNNING_RESTRICT_DAYS' default; the operator passes the setting.
-RESTRICTED_FOR = timedelta(days=14)
 PLAN_RANK = {UNLICENSED_PLAN_NAME: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}
 # A subscription whose first payment never went through (Stripe expires an incomplete one after 23 h):
 # it granted nothing and ended nothing, so the Customer's own trial goes on.
@@ -121,15 +120,14 @@ def _billed(
         )
     if subscription.status == "past_due":
         since = subscription.grace_started(now)
-        restricted_at = since + PAST_DUE_GRACE
-        suspended_at = restricted_at + restricted_for
+        dates = dunning_dates(since, restricted_for)
+        restricted_at, suspended_at = dates.restricted_at, dates.suspended_at
         if now < restricted_at:
+            then = "restricted" if restricted_for else "suspended"  # DUNNING_RESTRICT_DAYS=0: no restriction
             return Entitlement(
                 plan=subscription.plan,
                 reason=c.SUBSCRIPTION_PAST_DUE,
-                message=(
-                    f"payment failed {_day(since)}; full access until {_day(restricted_at)}, then restricted"
-                ),
+                message=f"payment failed {_day(since)}; full access until {_day(restricted_at)}, then {then}",
                 subscription_status="past_due",
                 subscription_period_end=period_end,
                 payment_step=c.GRACE_PERIOD,
@@ -211,6 +209,7 @@ def license_action(
 __all__ = [
     "NEVER_PAID_STATUSES",
     "PLAN_RANK",
+    "RESTRICTED_FOR",
     "Entitlement",
     "capped_by_trial",
     "effective_plan",

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from typing import TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
@@ -30,7 +31,7 @@ from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory, remember_all
 from iotistic_billing.k8s import FieldManager, Kube
-from iotistic_billing.notices.content import Notice
+from iotistic_billing.notices.content import RESTRICTED_FOR, Notice
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
@@ -85,8 +86,10 @@ class EventApplier:
     directory: Directory
     catalog: PriceCatalog
     outbox: Outbox = field(default_factory=Outbox)
-    # Stripe's customer portal login link, for the "payment failed" notice.
+    # Stripe's customer portal login link, for the "payment failed" notice, and the ladder's restriction
+    # (DUNNING_RESTRICT_DAYS) whose dates it names.
     portal_url: str | None = None
+    restricted_for: timedelta = RESTRICTED_FOR
 
 
 @dataclass
@@ -482,6 +485,7 @@ def _notices(deps: EventApplier, group: _CustomerEvents) -> list[Notice]:
             step.decision,
             event.created,
             deps.portal_url,
+            deps.restricted_for,
         )
     ]
 

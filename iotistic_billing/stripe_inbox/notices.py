@@ -5,12 +5,13 @@ rolled back) notices once (or not at all)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from iotistic_billing.customer import PAST_DUE_GRACE, SubscriptionSpec
+from iotistic_billing.customer import SubscriptionSpec
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.notices.content import (
+    RESTRICTED_FOR,
     Notice,
     payment_failed,
     payment_recovered,
@@ -39,6 +40,7 @@ def event_notices(
     decision: Decision,
     created: int,
     portal_url: str | None,
+    restricted_for: timedelta = RESTRICTED_FOR,
 ) -> list[Notice]:
     """`previous`: the Customer's spec.subscription before this event; only an applied event notices
     (a stale or superseded one says nothing new about the subscription the Customer holds)."""
@@ -52,7 +54,9 @@ def event_notices(
     }
     when = datetime.fromtimestamp(created, UTC)
     identifier = object_id(obj) or str(created)
-    notices = payment_notices(previous, applied, about, invoice_id(event_type, obj), when, portal_url)
+    notices = payment_notices(
+        previous, applied, about, invoice_id(event_type, obj), when, portal_url, restricted_for
+    )
     if event_type == SUBSCRIPTION_DELETED:
         notices.append(
             subscription_canceled(
@@ -75,6 +79,7 @@ def payment_notices(
     invoice: str | None,
     when: datetime,
     portal_url: str | None,
+    restricted_for: timedelta = RESTRICTED_FOR,
 ) -> list[Notice]:
     """From the subscription's status, whichever event moved it (Stripe sends an invoice's event and the
     subscription's in no set order, and the older of the two is stale): "payment failed" when it becomes
@@ -96,13 +101,12 @@ def payment_notices(
         since = applied.grace_started(when)
         return [
             payment_failed(
+                restricted_for,
                 **about,
                 subscription_id=subscription_id,
                 overdue_since=since,
                 invoice_id=invoice,
                 plan=applied.plan,
-                # The operator's rule (operator/entitlement.py): the first failed payment, not the period.
-                restricted_at=since + PAST_DUE_GRACE,
                 portal_url=portal_url,
             )
         ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import kubernetes
 from aiohttp import hdrs, web
@@ -185,6 +185,7 @@ def create_app(
             catalog=app[CATALOG],
             outbox=app[OUTBOX],
             portal_url=settings.customer_portal_url,
+            restricted_for=timedelta(days=settings.dunning_restrict_days),
         )
         inbox = EventInbox(
             sessions=app[SESSIONS],

@@ -4,6 +4,8 @@ Alembic stairway (upgrade, downgrade, upgrade)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -368,9 +370,16 @@ def test_a_start_stopped_during_initdb_leaves_nothing_the_next_start_takes_for_a
     assert (tmp_path / "pg" / "data.initdb").exists(), "initdb did not start"
     starting.kill()
     starting.wait(10)
-    for child in psutil.process_iter(["name", "cmdline"]):
-        if child.info["name"] == "initdb" and str(tmp_path) in " ".join(child.info["cmdline"] or []):
+    # initdb and the postgres it runs (--boot, --single), which would go on writing into its directory.
+    left = [
+        child
+        for child in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(child.info["cmdline"] or []) and child.pid != os.getpid()
+    ]
+    for child in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+    psutil.wait_procs(left, timeout=10)
     assert not (tmp_path / "pg" / "data" / "PG_VERSION").exists()
 
     server = EmbeddedPostgres(tmp_path / "pg").start()

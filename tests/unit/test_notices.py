@@ -117,6 +117,7 @@ def test_a_notice_key_names_its_fact_and_a_delivery_id_is_stable() -> None:
 
 def stored(notice_kind: str = "payment.failed") -> StoredNotice:
     notice = payment_failed(
+        timedelta(days=14),
         customer_id="cust_acme01",
         customer_name="acme",
         company="Acme <Corp>",
@@ -124,12 +125,70 @@ def stored(notice_kind: str = "payment.failed") -> StoredNotice:
         overdue_since=NOW,
         invoice_id="in_123",
         plan="professional",
-        restricted_at=NOW + timedelta(days=7),
         portal_url="https://billing.stripe.com/p/login/test",
     )
     return StoredNotice(
         notice.kind, notice.customer_id, notice.customer_name, notice.subject, notice.to_facts(), NOW
     )
+
+
+def failed_payment(restricted_for: timedelta = timedelta(days=14)) -> Notice:
+    return payment_failed(
+        restricted_for,
+        customer_id="cust_acme01",
+        customer_name="acme",
+        company="Acme",
+        subscription_id="sub_1",
+        overdue_since=NOW,
+        invoice_id="in_1",
+        plan="professional",
+        portal_url=None,
+    )
+
+
+def test_payment_failed_names_the_suspension_date_and_no_restriction_at_zero_days() -> None:
+    """Found in review: the notice said the instance stays restricted until the payment succeeds, never
+    naming the day the licence falls to the unlicensed feature set; with DUNNING_RESTRICT_DAYS=0 it
+    promised a restriction that never comes."""
+    # DUNNING_RESTRICT_DAYS' default, 14 days.
+    notice = failed_payment()
+    assert notice.lines[2] == (
+        "Your instance keeps full access until 2026-12-02; after that it is restricted (no device can be "
+        "added, data cannot be exported), and on 2026-12-16 your licence is suspended (the unlicensed "
+        "feature set), unless the payment succeeds first."
+    )
+    assert (notice.facts["restricted_at"], notice.facts["suspended_at"]) == (
+        "2026-12-02T12:00:00Z",
+        "2026-12-16T12:00:00Z",
+    )
+    # The licence's own dates: the restricted licence's next step is the day the notice names.
+    overdue = spec(
+        billing={"mode": "stripe"},
+        subscription={"status": "past_due", "plan": "professional", "pastDueSince": NOW.isoformat()},
+    )
+    restricted = effective_plan(overdue, NOW, NOW + timedelta(days=8), restricted_for=timedelta(days=3))
+    assert (restricted.payment_step, restricted.next_step_at) == (
+        "Restricted",
+        datetime(2026, 12, 5, 12, tzinfo=UTC),
+    )
+    assert failed_payment(timedelta(days=3)).facts["suspended_at"] == "2026-12-05T12:00:00Z"
+    # No restriction period: full access, then the unlicensed feature set on the grace's last day.
+    at_once = failed_payment(timedelta(0))
+    assert at_once.lines[2] == (
+        "Your instance keeps full access until 2026-12-02; after that your licence is suspended (the "
+        "unlicensed feature set), unless the payment succeeds first."
+    )
+    assert "restricted" not in " ".join(at_once.lines) and "restricted_at" not in at_once.facts
+    assert at_once.facts["suspended_at"] == "2026-12-02T12:00:00Z"
+    grace = effective_plan(overdue, NOW, NOW + timedelta(days=2), restricted_for=timedelta(0))
+    assert grace.message == "payment failed 2026-11-25; full access until 2026-12-02, then suspended"
+    suspended = effective_plan(overdue, NOW, NOW + timedelta(days=7), restricted_for=timedelta(0))
+    assert (suspended.payment_step, suspended.restricted) == ("Suspended", False)
+
+
+def test_payment_failed_refuses_a_negative_restriction() -> None:
+    with pytest.raises(ValueError, match="restricted_for must not be negative, got -1 day"):
+        failed_payment(timedelta(days=-1))
 
 
 def test_the_mail_has_text_and_html_the_plan_s_facts_links_and_a_stable_message_id() -> None:
