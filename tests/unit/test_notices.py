@@ -116,34 +116,27 @@ def test_a_notice_key_names_its_fact_and_a_delivery_id_is_stable() -> None:
 
 
 def stored(notice_kind: str = "payment.failed") -> StoredNotice:
-    notice = payment_failed(
-        timedelta(days=14),
-        customer_id="cust_acme01",
-        customer_name="acme",
-        company="Acme <Corp>",
-        subscription_id="sub_1",
-        overdue_since=NOW,
-        invoice_id="in_123",
-        plan="professional",
-        portal_url="https://billing.stripe.com/p/login/test",
+    notice = failed_payment(
+        company="Acme <Corp>", invoice_id="in_123", portal_url="https://billing.stripe.com/p/login/test"
     )
     return StoredNotice(
         notice.kind, notice.customer_id, notice.customer_name, notice.subject, notice.to_facts(), NOW
     )
 
 
-def failed_payment(restricted_for: timedelta = timedelta(days=14)) -> Notice:
-    return payment_failed(
-        restricted_for,
-        customer_id="cust_acme01",
-        customer_name="acme",
-        company="Acme",
-        subscription_id="sub_1",
-        overdue_since=NOW,
-        invoice_id="in_1",
-        plan="professional",
-        portal_url=None,
-    )
+def failed_payment(restricted_for: timedelta = timedelta(days=14), **overrides: Any) -> Notice:
+    """acme's payment.failed from NOW, DUNNING_RESTRICT_DAYS' default unless `restricted_for`."""
+    values: dict[str, Any] = {
+        "customer_id": "cust_acme01",
+        "customer_name": "acme",
+        "company": "Acme",
+        "subscription_id": "sub_1",
+        "overdue_since": NOW,
+        "invoice_id": "in_1",
+        "plan": "professional",
+        "portal_url": None,
+    }
+    return payment_failed(restricted_for, **values | overrides)
 
 
 def test_payment_failed_names_the_suspension_date_and_no_restriction_at_zero_days() -> None:
