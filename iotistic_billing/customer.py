@@ -10,6 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, get_args, get_origin
@@ -70,6 +71,29 @@ def deletion_running_annotation(customer_id: str) -> str:
 # The dunning ladder (docs/architecture.md, "Effective plan"): a failed payment keeps full access this
 # long, then a restricted licence for DUNNING_RESTRICT_DAYS (a setting), then the unlicensed feature set.
 PAST_DUE_GRACE = timedelta(days=7)
+# DUNNING_RESTRICT_DAYS' default; the operator and the Stripe inbox pass the setting.
+RESTRICTED_FOR: Final = timedelta(days=14)
+
+
+@dataclass(frozen=True)
+class DunningDates:
+    """When an overdue payment's licence becomes restricted, and when it falls to the unlicensed feature
+    set: the same moment when there is no restriction period (DUNNING_RESTRICT_DAYS=0)."""
+
+    restricted_at: datetime
+    suspended_at: datetime
+
+
+def dunning_dates(since: datetime, restricted_for: timedelta) -> DunningDates:
+    """The dunning ladder's dates from the first failed payment (`since`): PAST_DUE_GRACE of full access,
+    then `restricted_for` restricted. The one rule for the licence (operator/entitlement.py) and the
+    notices announcing it (notices/content.py)."""
+    if restricted_for < timedelta(0):
+        raise ValueError(f"restricted_for must not be negative, got {restricted_for}")
+    restricted_at = since + PAST_DUE_GRACE
+    return DunningDates(restricted_at=restricted_at, suspended_at=restricted_at + restricted_for)
+
+
 DEFAULT_TRIAL_DAYS = 14
 MAX_TRIAL_DAYS = 90
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
-from iotistic_billing.customer import PAST_DUE_GRACE, CustomerSpec
+from iotistic_billing.customer import CustomerSpec, dunning_dates
 from iotistic_billing.licensing.plans import UNLIMITED, plan_by_name
 
 
@@ -144,29 +144,6 @@ def trial_ended(*, customer_id: str, customer_name: str, company: str, ends_at: 
         ),
         facts={"trial_ended_at": _iso(ends_at), **plan_facts("unlicensed")},
     )
-
-
-# DUNNING_RESTRICT_DAYS' default; the operator and the Stripe inbox pass the setting.
-RESTRICTED_FOR: Final = timedelta(days=14)
-
-
-@dataclass(frozen=True)
-class DunningDates:
-    """When an overdue payment's licence becomes restricted, and when it falls to the unlicensed feature
-    set: the same moment when there is no restriction period (DUNNING_RESTRICT_DAYS=0)."""
-
-    restricted_at: datetime
-    suspended_at: datetime
-
-
-def dunning_dates(since: datetime, restricted_for: timedelta) -> DunningDates:
-    """The dunning ladder's dates from the first failed payment (`since`): PAST_DUE_GRACE of full access,
-    then `restricted_for` restricted. The one rule for the licence (operator/entitlement.py) and the
-    notices announcing it, here because both the operator and the Stripe inbox may import it."""
-    if restricted_for < timedelta(0):
-        raise ValueError(f"restricted_for must not be negative, got {restricted_for}")
-    restricted_at = since + PAST_DUE_GRACE
-    return DunningDates(restricted_at=restricted_at, suspended_at=restricted_at + restricted_for)
 
 
 def payment_failed(
@@ -354,15 +331,12 @@ def usage_threshold(
 
 
 __all__ = [
-    "RESTRICTED_FOR",
     "USAGE_METRIC_WORDS",
     "Channel",
-    "DunningDates",
     "Notice",
     "NoticeKind",
     "Target",
     "access_restricted",
-    "dunning_dates",
     "license_changed",
     "message_id",
     "payment_failed",

@@ -7,9 +7,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from iotistic_billing.customer import CustomerSpec
+from iotistic_billing.customer import RESTRICTED_FOR, CustomerSpec, dunning_dates
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
-from iotistic_billing.notices.content import RESTRICTED_FOR, dunning_dates
 from iotistic_billing.operator import constants as c
 
 PLAN_RANK = {UNLICENSED_PLAN_NAME: 0, "trial": 1, "starter": 2, "professional": 3, "enterprise": 4}

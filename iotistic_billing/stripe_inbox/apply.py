@@ -27,11 +27,11 @@ from sqlalchemy import Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
+from iotistic_billing.customer import RESTRICTED_FOR, CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory, remember_all
 from iotistic_billing.k8s import FieldManager, Kube
-from iotistic_billing.notices.content import RESTRICTED_FOR, Notice
+from iotistic_billing.notices.content import Notice
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (

@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from iotistic_billing.customer import SubscriptionSpec
+from iotistic_billing.customer import RESTRICTED_FOR, SubscriptionSpec
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.notices.content import (
-    RESTRICTED_FOR,
     Notice,
     payment_failed,
     payment_recovered,
