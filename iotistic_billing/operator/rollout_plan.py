@@ -53,9 +53,9 @@ class Member:
     message: str = ""
     # What it runs now (status.release.chartVersion): recorded when it is moved, for a rollback.
     running: str | None = None
-    # A pass aimed at the version its annotation names, by the annotation, ran it (or it has none): a
-    # rollback's return of it is done.
-    runs_annotated: bool = False
+    # What the last pass aimed at the version its annotation names, by the annotation, did with it
+    # (`ran` when it has none): a rollback's return of it is done once it ran, failed once refused.
+    annotated_result: PassResult = "not yet"
 
     @property
     def version(self) -> str | None:
@@ -119,16 +119,29 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     annotated = annotations.get(ROLLOUT_CHART_VERSION)
     # By the annotation (versionSource Rollout): the status from before the rollout (Fleet) names the
     # version a rollback returns to as well, while the upgrade the rollout started may still run.
-    runs_annotated = annotated is None or (
-        _last_pass(release, conditions, annotated) == "ran" and release.get("versionSource") == "Rollout"
-    )
+    by_annotation: PassResult = "not yet"
+    if annotated is None:
+        by_annotation = "ran"
+    elif release.get("versionSource") == "Rollout":
+        by_annotation = _last_pass(release, conditions, annotated)
+    stuck = conditions.get(ConditionType.STALLED) or {}
     if annotated != target:
-        return Member(name, created, annotations, "pending", running=running, runs_annotated=runs_annotated)
+        # Why helm refused the version it is returned to, for the rollback's message.
+        why = stuck if by_annotation == "refused" else {}
+        return Member(
+            name,
+            created,
+            annotations,
+            "pending",
+            why.get("reason", ""),
+            why.get("message", ""),
+            running=running,
+            annotated_result=by_annotation,
+        )
     result = _last_pass(release, conditions, target)
     ready = conditions.get(ConditionType.READY) or {}
     if result == "ran" and ready.get("status") == "True":
         return Member(name, created, annotations, "healthy", running=running)
-    stuck = conditions.get(ConditionType.STALLED) or {}
     if result == "refused":
         return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
     moved_at = _time(annotations.get(ROLLOUT_UPDATED_AT))
@@ -598,9 +611,22 @@ class _Tick:
         # Each waits for the pass that runs its return, not for what it ran before: a Customer whose
         # upgrade is still running, or which helm refused (its failed revision half applied), runs the
         # old version already.
-        if self.moves or any(not m.runs_annotated for m in returning):
+        if self.moves or any(m.annotated_result == "not yet" for m in returning):
             self._progressing("RollingBack", f"rolling back after {names} failed", True)
             return self._decision()
+        # A return helm refused (Stalled: the old version deleted from the registry, say) ends the wait
+        # too, failed: only a repair makes it run (its annotation stays), and a rollout left RollingBack
+        # for good kept every rollout selecting the same Customers Waiting.
+        refused = [
+            f"{m.name} ({m.reason[:128]}: {m.message[:256]})"
+            for m in returning
+            if m.annotated_result == "refused"
+        ]
+        if refused:
+            why = (
+                f"rolling back after {names} failed: the return of {_few(refused, len(refused))} was refused"
+            )
+            return self.finish(RolloutPhase.HALTED, "RollbackFailed", why)
         return self.finish(RolloutPhase.ROLLED_BACK, "RolledBack", f"rolled back after {names} failed")
 
     def _succeeded(self, groups: list[list[Member]]) -> Decision:

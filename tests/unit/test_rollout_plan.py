@@ -59,12 +59,20 @@ def customer(name: str, version: str = "1.0.0", index: int = 0, **spec: Any) -> 
 class Fleet:
     """Customers, and an operator that installs what operator.state.chart_target aims at (the pin, a
     rollout's annotation, what it runs, else the fleet's `version`): `good` ones turn Ready; the `bad`
-    version never does; helm refuses any new version for the `broken` Customers (Stalled)."""
+    version never does; helm refuses any new version for the `broken` Customers (Stalled), and the
+    `withdrawn` versions (deleted from the registry) for every Customer not running them already."""
 
-    def __init__(self, count: int, bad: str | None = None, broken: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        count: int,
+        bad: str | None = None,
+        broken: Collection[str] = (),
+        withdrawn: Collection[str] = (),
+    ) -> None:
         self.customers = {f"c{i:02}": customer(f"c{i:02}", index=i) for i in range(count)}
         self.bad = bad
         self.broken = set(broken)
+        self.withdrawn = set(withdrawn)
         self.upgrades: dict[str, int] = {}
         # INSTANCE_CHART_VERSION and INSTANCE_CHART_UPGRADE=immediate.
         self.version = "1.0.0"
@@ -96,15 +104,19 @@ class Fleet:
                 continue
             wanted, source = self.aims(body)
             release = body["status"]["release"]
-            refused = name in self.broken and wanted != release["chartVersion"]
+            new = wanted != release["chartVersion"]
+            refused = new and (name in self.broken or wanted in self.withdrawn)
             if release["targetVersion"] == wanted and (release["chartVersion"] == wanted or refused):
                 continue
             self.upgrades[name] = self.upgrades.get(name, 0) + 1
             if refused:
                 release.update(targetVersion=wanted, versionSource=source)
+                reason, message = "UpgradeFailed", "boom"
+                if wanted in self.withdrawn:
+                    reason, message = "ChartVersionUnavailable", f"{wanted}, which the registry does not have"
                 body["status"]["conditions"] = [
-                    {"type": "Ready", "status": "False", "reason": "UpgradeFailed", "message": "boom"},
-                    {"type": "Stalled", "status": "True", "reason": "UpgradeFailed", "message": "boom"},
+                    {"type": "Ready", "status": "False", "reason": reason, "message": message},
+                    {"type": "Stalled", "status": "True", "reason": reason, "message": message},
                 ]
                 continue
             release.update(chartVersion=wanted, targetVersion=wanted, versionSource=source)
@@ -642,6 +654,39 @@ def test_rolled_back_waits_for_a_pass_that_ran_the_returned_version() -> None:
     assert phases == [RolloutPhase.ROLLING_BACK] * 3 + [RolloutPhase.ROLLED_BACK]
     assert fleet.on("1.0.0") == set(fleet.customers)
     assert {fleet.customers[n]["status"]["release"]["versionSource"] for n in fleet.customers} == {"Rollout"}
+
+
+def test_a_rollback_whose_return_helm_refuses_ends_halted_naming_the_customers_and_why() -> None:
+    """Found in review: a Customer's return the operator's helm refused (Stalled: the version it ran
+    before deleted from the registry, say) never counted as done, so the rollout stayed RollingBack for
+    good and, still moving, kept every rollout selecting the same Customers Waiting."""
+    fleet = Fleet(3, broken={"c02"}, withdrawn={"1.0.0"})
+    rollout_spec = spec(steps=[{"customers": ["c00", "c01"]}, {"rest": True}], onFailure="rollback")
+    status, decisions = run(fleet, rollout_spec, ticks=60)
+
+    assert status.phase == RolloutPhase.HALTED, status.conditions
+    stalled = status.condition("Stalled")
+    assert stalled is not None and stalled.status == "True" and stalled.reason == "RollbackFailed"
+    assert stalled.message == (
+        "rolling back after c02 failed: the return of c00 (ChartVersionUnavailable: 1.0.0, which the "
+        "registry does not have), c01 (ChartVersionUnavailable: 1.0.0, which the registry does not "
+        "have) was refused"
+    )
+    assert [e for e in decisions[-1].events if e[1] == "RollbackFailed"] == [
+        ("Warning", "RollbackFailed", stalled.message)
+    ]
+    # c02, which helm refused 2.0.0, runs 1.0.0 still; c00 and c01 stay set to 1.0.0, moved there and
+    # back once each, and nothing moves them again.
+    assert fleet.on("1.0.0") == {"c02"} and fleet.on("2.0.0") == {"c00", "c01"}
+    moves = [m.customer for d in decisions for m in d.moves]
+    assert sorted(moves) == ["c00", "c00", "c01", "c01", "c02", "c02"]
+    again = decide(
+        Rollout("r1", 1, T0.isoformat(), {}), rollout_spec, status, list(fleet.customers.values()), [], T0
+    )
+    assert again.moves == [] and again.status.phase == RolloutPhase.HALTED
+    # Finished, it no longer holds up an overlapping rollout.
+    other = OtherRollout("r1", T0.isoformat(), rollout_spec, status.phase, status.target_version)
+    assert not other.active and not other.moving
 
 
 def test_rollback_returns_every_customer_the_rollout_moved() -> None:
