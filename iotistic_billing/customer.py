@@ -298,7 +298,7 @@ class SubscriptionSpec(CustomerModel):
     current_period_end: AwareDatetime | None = None
     cancel_at_period_end: bool | None = None
     # When the payment first failed (the event's time), while the status is past_due or unpaid: the
-    # dunning ladder counts from it.
+    # dunning ladder counts from it. Kept when the subscription is canceled so, until that payment is made.
     past_due_since: AwareDatetime | None = None
     # `created` (Unix seconds) of the last Stripe event applied: older events never overwrite newer state.
     last_event_created: NonNegativeInt | None = None

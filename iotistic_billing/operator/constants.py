@@ -61,6 +61,8 @@ GRACE_PERIOD: Final = "GracePeriod"
 RESTRICTED: Final = "Restricted"
 PAYMENT_SUSPENDED: Final = "Suspended"
 PAYMENTS_CURRENT: Final = "PaymentsCurrent"
+# The subscription ended with a failed payment still unpaid: no step follows (it is unlicensed already).
+CANCELED_UNPAID: Final = "CanceledUnpaid"
 SUBSCRIPTION_LAPSED: Final = "SubscriptionLapsed"
 NO_SUBSCRIPTION: Final = "NoSubscription"
 SUSPENDED: Final = "Suspended"

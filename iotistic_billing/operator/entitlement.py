@@ -154,15 +154,22 @@ def _billed(
             lapsed=True,
             payment_step=c.PAYMENT_SUSPENDED,
         )
-    overdue = subscription.status == "unpaid"
+    message, step = f"Stripe subscription {subscription.status}", None
+    if subscription.status == "unpaid":
+        step = c.PAYMENT_SUSPENDED
+    elif subscription.status == "canceled" and subscription.past_due_since is not None:
+        # Ended while overdue (the inbox keeps pastDueSince then): the payment is still owed, though no
+        # step of the ladder follows an ending.
+        step = c.CANCELED_UNPAID
+        message = f"{message} with the payment that failed {_day(subscription.past_due_since)} unpaid"
     return Entitlement(
         plan=UNLICENSED_PLAN_NAME,
         reason=c.SUBSCRIPTION_LAPSED,
-        message=f"Stripe subscription {subscription.status}",
+        message=message,
         subscription_status=subscription.status,
         subscription_period_end=period_end,
         lapsed=True,
-        payment_step=c.PAYMENT_SUSPENDED if overdue else None,
+        payment_step=step,
     )
 
 

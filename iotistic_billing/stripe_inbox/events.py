@@ -63,6 +63,9 @@ OVERDUE_STATUSES: Final = frozenset({"past_due", "unpaid"})
 # it (the final usage invoice paid after the deletion, an open invoice paid after dunning canceled it)
 # does not bring its plan back.
 ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
+# States whose pastDueSince is a payment still owed: overdue ones, and one that ended overdue (dunning ran
+# out, or it was canceled with its renewal unpaid): an ending pays nothing.
+OWING_STATUSES: Final = OVERDUE_STATUSES | ENDED_STATUSES
 # The latest instant a datetime holds (9999-12-31T23:59:59Z): a later Stripe timestamp is not one.
 MAX_TIMESTAMP: Final = 253_402_300_799
 
@@ -115,6 +118,12 @@ class SubscriptionFacts:
     current_period_start: datetime | None = None
     # An invoice's: the end of the period its plan line bills, paid or not (`_invoice_facts_over`).
     billed_until: datetime | None = None
+
+    @property
+    def settles_ended(self) -> bool:
+        """An invoice paid for a subscription that had ended owing it (`_invoice_facts_over` gives it the
+        ended status): the payment is made, the subscription stays ended."""
+        return self.from_invoice and self.status in ENDED_STATUSES
 
 
 @dataclass(frozen=True)
@@ -415,7 +424,8 @@ def decide(
             and current_started is not None
             and facts.started < current_started
         )
-        if older or older_subscription or (live and facts.status not in LIVE_STATUSES):
+        # The late payment of an ended subscription settles its row; it does not take the Customer back.
+        if older or older_subscription or facts.settles_ended or (live and facts.status not in LIVE_STATUSES):
             return Decision("superseded", None, record_row=True)
 
     base = current if same else None
@@ -436,7 +446,7 @@ def decide(
             if facts.cancel_at_period_end is not None
             else (base.cancel_at_period_end if base else None)
         ),
-        past_due_since=past_due_since(base, facts.status, created),
+        past_due_since=past_due_since(base, facts.status, created, paid=facts.settles_ended),
         last_event_created=created,
     )
     return Decision("apply", merged, record_row=True)
@@ -454,8 +464,9 @@ class StoredSubscription:
     last_event_created: int
     # When Stripe created the subscription (Unix seconds).
     stripe_created: int | None
-    # When its payment first failed, while its status is overdue: the pastDueSince of the state the row
-    # holds, kept here because a lost batch leaves the Customer's carrying that batch's outcome.
+    # When its payment first failed, while its status is overdue or it ended so (OWING_STATUSES): the
+    # pastDueSince of the state the row holds, kept here because a lost batch leaves the Customer's
+    # carrying that batch's outcome.
     past_due_since: datetime | None
     # The `created` of the newest of the subscription's own events recorded, and of the newest of its
     # invoices' (0: none yet; None: a row from before migration 0010, unknown): a late own event is
@@ -478,7 +489,6 @@ def stored_after(
     `own_created`: the event's own `created`, when it is one of the subscription's own events (`created`
     is then the time its facts are ordered at, later for one delivered after newer invoices)."""
     applied = decision.subscription
-    was_overdue = row is not None and row.status in OVERDUE_STATUSES
     # A row whose times are unknown (from before migration 0010, or moved on by an inbox from before it)
     # takes all it holds as the subscription's own: a late own event older than that stays stale.
     if row is None:
@@ -510,7 +520,13 @@ def stored_after(
         past_due_since=(
             applied.past_due_since
             if applied
-            else _overdue_since(was_overdue, row.past_due_since if row else None, facts.status, created)
+            else _overdue_since(
+                row.status if row else None,
+                row.past_due_since if row else None,
+                facts.status,
+                created,
+                paid=facts.settles_ended,
+            )
         ),
         own_event_created=own_created if own_created is not None else own_before,
         invoice_event_created=created if facts.from_invoice else invoice_before,
@@ -530,7 +546,7 @@ def committed_subscription(
     gets the same result and notices; otherwise the Customer's own state. The pastDueSince is the row's
     too (the Customer's is the lost batch's outcome: a payment cleared it, a new failure restarted it);
     an overdue row written before rows kept one (migration 0008) takes the Customer's while that is
-    overdue as well, none otherwise."""
+    overdue as well (or ended so), none otherwise."""
     if current is None or current.stripe_subscription_id is None or current.last_event_created is None:
         return current
     if not any(
@@ -546,7 +562,7 @@ def committed_subscription(
     if row.last_event_created >= current.last_event_created:
         return current
     since = row.past_due_since
-    if since is None and row.status in OVERDUE_STATUSES and current.status in OVERDUE_STATUSES:
+    if since is None and row.status in OVERDUE_STATUSES and current.status in OWING_STATUSES:
         since = current.past_due_since
     return _held_from_row(current.stripe_subscription_id, row, since)
 
@@ -719,17 +735,20 @@ def _invoice_facts_over(
     paid after it names the old price. A declined retry leaves an unpaid (suspended) subscription
     unpaid: past_due would give its access back until the ladder's restriction. An invoice of a period
     before the one known is older news still: Stripe's status follows the latest invoice, so paying an
-    older one leaves the subscription overdue, and an older one's failed retry starts no dunning."""
+    older one leaves the subscription overdue, and an older one's failed retry starts no dunning. An
+    ended subscription stays ended (`decide`); paid, the invoice its ending left owed (the latest, not an
+    older period's) settles it: the ended status, no pastDueSince."""
     if not facts.from_invoice or known is None:
         return facts
     held = _status(known.status)
-    if (
-        held is not None
-        and held not in ENDED_STATUSES  # an ended one stays ended by its own rule (`decide`)
-        and facts.billed_until is not None
+    older = (
+        facts.billed_until is not None
         and known.current_period_end is not None
         and facts.billed_until < known.current_period_end
-    ):
+    )
+    if held in ENDED_STATUSES and (facts.status != "active" or known.past_due_since is None or older):
+        return facts  # nothing it owed is paid: stale by the ending's own rule (`decide`)
+    if held is not None and (older or held in ENDED_STATUSES):
         return replace(
             facts, status=held, plan=_plan(known.plan), current_period_start=None, current_period_end=None
         )
@@ -739,19 +758,28 @@ def _invoice_facts_over(
     return replace(facts, status=status, plan=_plan(known.plan) or facts.plan)
 
 
-def past_due_since(base: SubscriptionSpec | None, status: str, created: int) -> datetime | None:
-    """When the payment first failed: kept while the subscription stays overdue, from this event when it
-    becomes so, gone once it is paid (or ended: the ladder counts no more)."""
-    was_overdue = base is not None and base.status in OVERDUE_STATUSES
-    return _overdue_since(was_overdue, base.past_due_since if base else None, status, created)
+def past_due_since(
+    base: SubscriptionSpec | None, status: str, created: int, *, paid: bool = False
+) -> datetime | None:
+    """When the payment first failed: kept while the subscription stays overdue, and when it ends so
+    (the payment is still owed; the ladder counts no more), from this event when it becomes overdue,
+    gone once it is paid (`paid`: the payment of an ended subscription, `SubscriptionFacts.settles_ended`)."""
+    return _overdue_since(
+        base.status if base else None, base.past_due_since if base else None, status, created, paid=paid
+    )
 
 
-def _overdue_since(was_overdue: bool, since: datetime | None, status: str, created: int) -> datetime | None:
-    """`past_due_since` of a state that was overdue (`was_overdue`, since `since`) or not, moved to
-    `status` by an event at `created`: of a Customer's spec.subscription, or of a row (`stored_after`)."""
+def _overdue_since(
+    before: str | None, since: datetime | None, status: str, created: int, *, paid: bool = False
+) -> datetime | None:
+    """`past_due_since` of a state of status `before` (None: none) with `since`, moved to `status` by an
+    event at `created`: of a Customer's spec.subscription, or of a row (`stored_after`)."""
+    if status in ENDED_STATUSES:
+        # An ending pays nothing: what the ended subscription owed stays owed until its invoice is paid.
+        return since if before in OWING_STATUSES and not paid else None
     if status not in OVERDUE_STATUSES:
         return None
-    if was_overdue and since is not None:
+    if before in OVERDUE_STATUSES and since is not None:
         return since
     return datetime.fromtimestamp(created, UTC)
 
@@ -766,6 +794,7 @@ __all__ = [
     "LIVE_STATUSES",
     "MAX_TIMESTAMP",
     "OVERDUE_STATUSES",
+    "OWING_STATUSES",
     "STATUS_ORDER",
     "SUBSCRIPTION_CREATED",
     "SUBSCRIPTION_DELETED",

@@ -171,7 +171,10 @@ class SubscriptionView(Response):
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
     past_due_since: datetime | None = Field(
-        default=None, description="When the payment first failed, while past_due or unpaid (dunning)."
+        default=None,
+        description=(
+            "When the payment first failed, while past_due or unpaid, or canceled with it unpaid (dunning)."
+        ),
     )
     last_event_created: int | None = None
 

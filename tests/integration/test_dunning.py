@@ -148,3 +148,88 @@ async def test_a_failed_payment_walks_the_ladder_and_a_payment_brings_the_plan_b
         "payment.failed",
         "subscription.canceled",
     ]
+
+
+async def test_a_subscription_canceled_with_its_renewal_unpaid_says_so_until_that_invoice_is_paid(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    cluster: Cluster,
+    stopped_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: Stripe's cancellation at the end of dunning cleared pastDueSince, and PaymentOverdue
+    read False "no payment overdue" while the renewal was still owed. It says CanceledUnpaid (the licence
+    unlicensed, no further step or notice) until the open invoice is paid, which brings no plan back."""
+    name = unique_name("canceled-unpaid")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
+    now = datetime.now(UTC).replace(microsecond=0)
+    period_end = int((now + timedelta(days=30)).timestamp())
+
+    async def stripe(event_type: str, obj: dict[str, Any], at: datetime) -> None:
+        status, answer = await deliver(api, event(event_type, obj, created=int(at.timestamp())))
+        assert (status, answer["result"]) == (200, "applied"), answer
+
+    async def pass_at(moment: datetime) -> None:
+        context = _context(operator_env, moment)
+        try:
+            result = await reconcile(context, name)
+            assert result is not None and result.permanent_error is None, result
+        finally:
+            await context.engine.dispose()
+
+    def payment_overdue() -> tuple[str, str, str]:
+        condition = cluster.condition(name, "PaymentOverdue") or {}
+        return condition.get("status", ""), condition.get("reason", ""), condition.get("message", "")
+
+    def subscription(status: str) -> dict[str, Any]:
+        return subscription_object(
+            subscription_id,
+            customer=stripe_customer,
+            price=PRICES["professional"],
+            status=status,
+            period_end=period_end,
+            metadata={"customerId": customer_id},
+        )
+
+    await stripe("customer.subscription.created", subscription("active"), now - timedelta(minutes=5))
+    await pass_at(now)
+    invoice = invoice_object(
+        customer=stripe_customer,
+        subscription_id=subscription_id,
+        price=PRICES["professional"],
+        paid=False,
+        period_end=period_end,
+    )
+    await stripe("invoice.payment_failed", invoice, now)
+    await pass_at(now + timedelta(days=8))
+    assert payment_overdue()[:2] == ("True", "Restricted")
+
+    await stripe("customer.subscription.deleted", subscription("canceled"), now + timedelta(days=10))
+    held = customers.subscription(name) or {}
+    assert (held["status"], held["pastDueSince"]) == ("canceled", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    owed = (
+        "True",
+        "CanceledUnpaid",
+        f"Stripe subscription canceled with the payment that failed {now:%Y-%m-%d} unpaid",
+    )
+    for moment in (now + timedelta(days=10, hours=1), now + timedelta(days=40)):  # no step follows
+        await pass_at(moment)
+        assert payment_overdue() == owed
+        assert cluster.license(name, verify_times=False)[0]["plan"] == "unlicensed"
+
+    paid = {**invoice, "id": random_id("in_"), "status": "paid", "amount_paid": 9900}
+    await stripe("invoice.paid", paid, now + timedelta(days=41))
+    held = customers.subscription(name) or {}
+    assert held["status"] == "canceled" and "pastDueSince" not in held
+    await pass_at(now + timedelta(days=41, hours=1))
+    assert payment_overdue() == ("False", "PaymentsCurrent", "no payment overdue")
+    assert cluster.license(name, verify_times=False)[0]["plan"] == "unlicensed"
+
+    assert await notices(db_engine, customer_id) == [
+        "payment.failed",
+        "access.restricted",
+        "subscription.canceled",
+    ]

@@ -898,6 +898,46 @@ def test_housekeeping_runs_a_pass_for_a_licence_issued_beyond_the_leeway() -> No
         assert housekeeping_due(customer_spec, within, CREATED, NOW) is None, plan
 
 
+def test_a_subscription_canceled_with_its_payment_unpaid_says_the_payment_is_overdue() -> None:
+    """Found in review: a subscription Stripe canceled at the end of dunning read PaymentOverdue False
+    "no payment overdue" while its renewal was still owed. It says so, and when the payment first failed;
+    the licence stays unlicensed, with no further step of the ladder (nothing next, no minutely pass)."""
+    from iotistic_billing.operator.conditions import ConditionValue, payment_condition
+
+    canceled = subscription("canceled")
+    canceled["pastDueSince"] = datetime(2026, 11, 2, 9, 30, tzinfo=UTC).isoformat()
+    stripe_spec = {"billing": {"mode": "stripe"}, "subscription": canceled}
+    entitlement = effective_plan(spec(**stripe_spec), CREATED, NOW)
+    assert (entitlement.plan, entitlement.lapsed, entitlement.restricted) == ("unlicensed", True, False)
+    assert entitlement.next_step_at is None
+    owed = ConditionValue(
+        "PaymentOverdue",
+        True,
+        "CanceledUnpaid",
+        "Stripe subscription canceled with the payment that failed 2026-11-02 unpaid",
+    )
+    assert payment_condition(entitlement, stripe_billed=True) == owed
+    # Under an administrator's suspension it says the same, as it does of the ladder's steps.
+    suspended = effective_plan(spec(**stripe_spec, suspended=True), CREATED, NOW)
+    assert payment_condition(suspended, stripe_billed=True) == owed
+    # Canceled paid up (or the open invoice paid since): no payment overdue.
+    paid_up = effective_plan(
+        spec(billing={"mode": "stripe"}, subscription=subscription("canceled")), CREATED, NOW
+    )
+    assert payment_condition(paid_up, stripe_billed=True) == ConditionValue(
+        "PaymentOverdue", False, "PaymentsCurrent", "no payment overdue"
+    )
+
+    outcome = PassOutcome(license=LicenseStatus(jti="j1"), release=DEPLOYED)
+    dunned = _pass_of(_past_due(22), CustomerStatus(), outcome)
+    ended = next_status(dunned, _target_of(stripe_spec), outcome, generation=2)
+    step = PassResult(status=ended, previous_phase=dunned.phase, previous_payment_step="Suspended")
+    assert [(kind, reason) for kind, reason, _ in step.events if reason.startswith("Payment")] == [
+        ("Warning", "PaymentCanceledUnpaid")
+    ]
+    assert housekeeping_due(spec(**stripe_spec), ended, CREATED, NOW + timedelta(days=30)) is None
+
+
 def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> None:
     """Found in review: a suspension hid the dunning ladder (PaymentOverdue False "no payment overdue",
     a PaymentPaymentsCurrent Event), and its lifting posted PaymentRestricted again."""

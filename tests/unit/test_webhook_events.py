@@ -16,6 +16,7 @@ from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
+    Coalesced,
     LookupHints,
     StoredSubscription,
     SubscriptionFacts,
@@ -516,6 +517,95 @@ def test_a_deletion_delivered_after_the_final_invoice_ends_the_subscription_for_
     )
     assert [step.decision.action for step in later.steps if step.decision] == ["stale"]
     assert later.subscription == ended.subscription
+
+
+def actions(result: Coalesced) -> list[str]:
+    return [step.decision.action for step in result.steps if step.decision]
+
+
+@pytest.mark.parametrize("overdue_status", ["past_due", "unpaid"])
+def test_a_subscription_canceled_while_overdue_keeps_when_its_payment_failed(overdue_status: str) -> None:
+    """Found in review: the ending cleared pastDueSince, so a subscription Stripe canceled at the end of
+    dunning (or one canceled with its renewal unpaid) read as a paid-up one canceled, PaymentOverdue
+    False while money was owed. The Customer and the row keep it (a retried deletion too); a paid-up
+    subscription canceled gets none, as before."""
+    since = datetime.fromtimestamp(150, UTC)
+    overdue = current(status=overdue_status, last_event_created=150, past_due_since=since)
+    overdue_row = row(
+        status=overdue_status, last_event_created=150, own_event_created=150, past_due_since=since
+    )
+    for rows in (overdue_row, {}):
+        ended = coalesce("cust_a", overdue, rows, [(SubscriptionFacts("sub_1", "canceled"), 200)])
+        assert ended.subscription == current(status="canceled", last_event_created=200, past_due_since=since)
+        assert (ended.rows["sub_1"].status, ended.rows["sub_1"].past_due_since) == ("canceled", since)
+        retried = coalesce(
+            "cust_a", ended.subscription, ended.rows, [(SubscriptionFacts("sub_1", "canceled"), 250)]
+        )
+        assert retried.subscription is not None and retried.subscription.past_due_since == since
+        assert retried.rows["sub_1"].past_due_since == since
+    paid_up = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", "canceled"), 200)])
+    assert paid_up.subscription == current(status="canceled", last_event_created=200)
+    assert paid_up.rows["sub_1"].past_due_since is None
+    # Recorded only (the customer's other live subscription takes over): its row keeps it all the same.
+    held = current(stripe_subscription_id="sub_new", status=overdue_status, past_due_since=since)
+    rows_of_two = {
+        **row("sub_old", stripe_created=5),
+        **row("sub_new", status=overdue_status, past_due_since=since),
+    }
+    taken_over = coalesce("cust_a", held, rows_of_two, [(SubscriptionFacts("sub_new", "canceled"), 200)])
+    assert actions(taken_over) == ["superseded"]
+    assert taken_over.rows["sub_new"].past_due_since == since
+
+
+@pytest.mark.parametrize("event_type", ["invoice.paid", "invoice.payment_succeeded"])
+def test_the_invoice_left_unpaid_by_a_cancellation_paid_later_settles_it_without_the_plan(
+    event_type: str,
+) -> None:
+    """The open invoice of a subscription dunning canceled, paid afterwards: no payment is overdue any
+    more, and the subscription stays ended (Stripe starts a new one rather than revive it). Older news
+    settles nothing: an event older than the ending, an older period's invoice, a failed retry."""
+    since = datetime.fromtimestamp(150, UTC)
+    ended = current(status="canceled", last_event_created=200, past_due_since=since)
+    ended_row = row(status="canceled", last_event_created=200, own_event_created=200, past_due_since=since)
+    for rows in (ended_row, {}):
+        paid = coalesce("cust_a", ended, rows, [(invoice_facts(event_type), 300)])
+        assert actions(paid) == ["apply"]
+        assert paid.subscription == current(status="canceled", last_event_created=300)
+        assert (paid.rows["sub_1"].status, paid.rows["sub_1"].past_due_since) == ("canceled", None)
+    older_news = [
+        (invoice_facts(event_type), 190),
+        (invoice_facts(event_type, period_end=PERIOD_END - MONTH), 300),
+        (invoice_facts("invoice.payment_failed"), 300),
+    ]
+    for facts, created in older_news:
+        late = coalesce("cust_a", ended, ended_row, [(facts, created)])
+        assert actions(late) == ["stale"] and late.subscription == ended and late.rows == {}
+    # The customer holds another subscription: the ended one's row is settled, the Customer keeps its own.
+    for other in ("active", "canceled"):
+        held = current(stripe_subscription_id="sub_new", status=other, last_event_created=250)
+        settled = coalesce("cust_a", held, ended_row, [(invoice_facts(event_type), 300)])
+        assert actions(settled) == ["superseded"] and settled.subscription == held
+        assert (settled.rows["sub_1"].status, settled.rows["sub_1"].past_due_since) == ("canceled", None)
+
+
+def test_a_lost_cancellation_or_payment_is_decided_again_with_the_row_s_past_due_since() -> None:
+    """A batch lost after it wrote the Customer is decided again from the row: the row of a subscription
+    that ended overdue keeps its pastDueSince, so the second decision is the first one."""
+    since = datetime.fromtimestamp(150, UTC)
+    overdue_row = row(status="past_due", last_event_created=150, own_event_created=150, past_due_since=since)
+    lost_ending = [(SubscriptionFacts("sub_1", "canceled"), 200)]
+    written = current(status="canceled", last_event_created=200, past_due_since=since)
+    again = coalesce("cust_a", written, overdue_row, lost_ending)
+    assert actions(again) == ["apply"] and again.subscription == written
+    assert again.rows["sub_1"].past_due_since == since
+
+    ended_row = row(status="canceled", last_event_created=200, own_event_created=200, past_due_since=since)
+    lost_payment = [(invoice_facts("invoice.paid"), 300)]
+    settled = current(status="canceled", last_event_created=300)
+    assert committed_subscription(settled, ended_row, lost_payment) == written
+    decided_again = coalesce("cust_a", settled, ended_row, lost_payment)
+    assert actions(decided_again) == ["apply"] and decided_again.subscription == settled
+    assert decided_again.rows["sub_1"].past_due_since is None
 
 
 def test_a_declined_retry_leaves_a_suspended_subscription_unpaid() -> None:
