@@ -68,6 +68,16 @@ def deletion_running_annotation(customer_id: str) -> str:
     return f"{DELETION_RUNNING_PREFIX}{customer_id}"
 
 
+# On that Secret, once a deletion has written its last notice: the time (PostgreSQL's clock, as a notice's
+# created_at) until which the customer id's notices are the deleted Customer's, signed with its key.
+SIGNS_UNTIL_PREFIX = "signs-until.iotistic.io/"
+
+
+def signs_until_annotation(customer_id: str) -> str:
+    """The annotation with the time until which the key kept under `customer_id` signs its notices."""
+    return f"{SIGNS_UNTIL_PREFIX}{customer_id}"
+
+
 # The dunning ladder (docs/architecture.md, "Effective plan"): a failed payment keeps full access this
 # long, then a restricted licence for DUNNING_RESTRICT_DAYS (a setting), then the unlicensed feature set.
 PAST_DUE_GRACE = timedelta(days=7)

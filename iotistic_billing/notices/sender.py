@@ -13,7 +13,8 @@ from it which ports of an address answer.
 
 A deleted Customer's webhooks are signed with the copy of its secret its deletion kept in the billing
 namespace, which the sender drops once none of them is pending; never with the copy in the namespace of
-its name, once that copy is another Customer's.
+its name, once that copy is another Customer's. The kept copy signs only the notices written until its
+deletion ended: those of a Customer created again under the same customer id are signed with its own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import (
@@ -43,6 +44,7 @@ from iotistic_billing.customer import (
     customer_id_in_use,
     deletion_running_annotation,
     namespace_for,
+    signs_until_annotation,
 )
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
@@ -64,6 +66,33 @@ POLL_SECONDS: Final = 1.0
 SEND_TIMEOUT: Final = 10.0
 # How often the deleted Customers' kept signing secrets are checked, the settled ones dropped.
 FORGET_SECONDS: Final = 300.0
+
+
+def kept_key_signs(kept: SecretData, customer_id: str, written_at: datetime) -> bool:
+    """Whether the key kept under `customer_id` signs a notice of that id written at `written_at`: any
+    while no time is noted (its deletion runs, or the key was kept before times were noted), else one
+    written until then. A later one is a Customer's created again under the id (a company signing up
+    again, a GitOps re-create), whose receiver knows only its own key. ValueError for a time that is none."""
+    annotation = signs_until_annotation(customer_id)
+    noted = kept.annotations.get(annotation)
+    if noted is None:
+        return True
+    try:
+        until = datetime.fromisoformat(noted)
+    except ValueError:
+        until = None
+    if until is None or until.tzinfo is None:
+        raise ValueError(f"annotation {annotation} is not a time with a zone: {noted!r}")
+    return written_at <= until
+
+
+def _still_signs(kept: SecretData, customer_id: str, written_at: datetime) -> bool:
+    """kept_key_signs for the drop of settled keys: a time that is none keeps the key (its deliveries
+    fail naming the annotation), and the other keys are dropped all the same."""
+    try:
+        return kept_key_signs(kept, customer_id, written_at)
+    except ValueError:
+        return True
 
 
 class DeliveryFailed(Exception):
@@ -202,29 +231,35 @@ class NoticeSender:
             await asyncio.sleep(FORGET_SECONDS)
 
     async def forget_settled_secrets(self) -> list[str]:
-        """Drop the kept signing secret of each deleted Customer none of whose webhooks is pending any
-        more; the customer ids dropped. A deletion still running marks its key (it keeps the key before
-        it writes its last notice) and lifts the mark after that notice, so a Customer kept here unmarked
-        with nothing pending will have nothing more to sign; the drop applies only to the Secret as read
-        (one whose mark was lifted since, its notice committed after our look at the deliveries, keeps its
-        key: looked at again next time)."""
+        """Drop the kept signing secret of each deleted Customer none of whose webhooks (those the key
+        signs: kept_key_signs) is pending any more; the customer ids dropped, with their times. A
+        deletion still running marks its key (it keeps the key before it writes its last notice) and
+        lifts the mark after that notice, noting its time in the same write, so a Customer kept here
+        unmarked with nothing pending will have nothing more to sign; the drop applies only to the
+        Secret as read (one whose mark was lifted since, its notice committed after our look at the
+        deliveries, keeps its key: looked at again next time)."""
         namespace = self.options.billing_namespace
         kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         if kept is None or not kept[0]:
             return []
         async with self.sessions() as session:
-            pending = set(
-                await session.scalars(
-                    select(models.Notice.customer_id)
-                    .distinct()
-                    .join(models.NoticeDelivery, models.NoticeDelivery.notice_id == models.Notice.id)
-                    .where(
-                        models.NoticeDelivery.channel == str(Channel.WEBHOOK),
-                        models.NoticeDelivery.status == "pending",
-                        models.Notice.customer_id.in_(sorted(kept[0])),
-                    )
+            oldest_pending = await session.execute(
+                select(models.Notice.customer_id, func.min(models.Notice.created_at))
+                .join(models.NoticeDelivery, models.NoticeDelivery.notice_id == models.Notice.id)
+                .where(
+                    models.NoticeDelivery.channel == str(Channel.WEBHOOK),
+                    models.NoticeDelivery.status == "pending",
+                    models.Notice.customer_id.in_(sorted(kept[0])),
                 )
+                .group_by(models.Notice.customer_id)
             )
+        # Only the deleted Customer's own pending webhooks hold its key: not those of a Customer created
+        # again under its id (signed with that one's key), which may stay pending for hours.
+        pending = {
+            customer_id
+            for customer_id, written_at in oldest_pending
+            if _still_signs(kept, customer_id, written_at)
+        }
         running = {
             customer_id
             for customer_id in kept[0]
@@ -239,6 +274,7 @@ class NoticeSender:
                     {customer_id: None for customer_id in settled},
                     manager=FieldManager.NOTICES,
                     resource_version=kept.resource_version,
+                    annotations={signs_until_annotation(customer_id): None for customer_id in settled},
                 )
             except ApiException as error:
                 if error.status != 409:
@@ -342,12 +378,21 @@ class NoticeSender:
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
         """For a Customer deleted since the notice, the copy of its signing secret its deletion kept
-        under its customer id; else the copy the operator made from spec.notifications.webhook.secretRef
-        in its namespace, when that copy is labelled with the notice's customer id. The name, and so the
-        namespace, may already be another customer's (a company signed up again): its key would sign
-        the old customer's notice for a receiver that is not the new customer's."""
-        kept = await self._read_secret(self.options.billing_namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+        under its customer id (kept_key_signs: not for a notice written after the deletion ended, a
+        Customer's created again under the id); else the copy the operator made from
+        spec.notifications.webhook.secretRef in its namespace, when that copy is labelled with the
+        notice's customer id. The name, and so the namespace, may already be another customer's (a
+        company signed up again): its key would sign the old customer's notice for a receiver that is
+        not the new customer's."""
+        namespace = self.options.billing_namespace
+        kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         value = kept.data.get(notice.customer_id) if kept is not None else None
+        if kept is not None and value is not None:
+            try:
+                if not kept_key_signs(kept, notice.customer_id, notice.created_at):
+                    value = None  # a later Customer's notice: its own copy signs it
+            except ValueError as error:
+                raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
         if value is None:
             value = await self._copy_of(notice.customer_name, notice.customer_id)
         if value is None:
@@ -452,4 +497,13 @@ class NoticeSender:
             ) from None
 
 
-__all__ = ["BACKOFF", "DeliveryFailed", "NoticeSender", "SenderOptions", "backoff", "claim", "sign"]
+__all__ = [
+    "BACKOFF",
+    "DeliveryFailed",
+    "NoticeSender",
+    "SenderOptions",
+    "backoff",
+    "claim",
+    "kept_key_signs",
+    "sign",
+]

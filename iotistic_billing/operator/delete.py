@@ -105,10 +105,11 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
                 await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)
-            # Again once the notice is written, now for the sender to drop when nothing is pending; also
-            # when this try found no copy (the namespace or the copy gone: the garbage collector's), so
-            # that what an earlier try kept and marked is not kept for ever (a merge patch, nothing when
-            # nothing was kept).
+            # Again once the notice is written, now for the sender to drop when nothing is pending, with
+            # the time until which it signs the id's notices (a Customer created again under the id signs
+            # its own); also when this try found no copy (the namespace or the copy gone: the garbage
+            # collector's), so that what an earlier try kept and marked is not kept for ever, nor signs
+            # every later notice (nothing when nothing was kept).
             with _step("keeping the webhook signing secret"):
                 await keep_webhook_secret(ctx, customer_id, signing, deletion_running=False)
         else:

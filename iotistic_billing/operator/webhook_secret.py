@@ -6,7 +6,9 @@ Customer is deleted, the copy is kept in the billing namespace for the webhooks 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
 
 from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
@@ -14,6 +16,7 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_NAME,
     CustomerSpec,
     deletion_running_annotation,
+    signs_until_annotation,
     webhook_url_problem,
 )
 from iotistic_billing.operator import constants as c
@@ -107,14 +110,40 @@ async def keep_webhook_secret(
     retrying) can be signed on every try once its namespace is gone; the notice sender drops it once none
     is pending (docs/architecture.md, "Notices"), but not while `deletion_running` marks it (kept before
     the deletion's notice is written: nothing is pending yet). `secret` None: the mark alone (a retry that
-    found the copy gone keeps what an earlier try kept)."""
+    found the copy gone keeps what an earlier try kept).
+
+    While the mark is on, the key signs every notice of the id (no other Customer held it when the
+    deletion looked); once it is lifted, only those written until then (`signs_until_annotation`): a
+    Customer created again under the id later signs its own with its own key."""
+    namespace = ctx.settings.billing_namespace
+    until: str | None = None
+    if not deletion_running and (secret is not None or await _kept(ctx, namespace, customer_id)):
+        until = (await _notices_written_until(ctx)).isoformat()
     await ctx.kube.merge_secret_data(
-        ctx.settings.billing_namespace,
+        namespace,
         DELETED_NOTIFICATIONS_SECRET_NAME,
         {customer_id: secret} if secret is not None else {},
         labels={c.LABEL_MANAGED_BY: c.MANAGED_BY},
-        annotations={deletion_running_annotation(customer_id): "true" if deletion_running else None},
+        annotations={
+            deletion_running_annotation(customer_id): "true" if deletion_running else None,
+            signs_until_annotation(customer_id): until,
+        },
     )
+
+
+async def _kept(ctx: OperatorContext, namespace: str, customer_id: str) -> bool:
+    """Whether a key is kept under `customer_id` (an earlier try's, when this one found no copy)."""
+    kept = await ctx.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+    return kept is not None and customer_id in kept.data
+
+
+async def _notices_written_until(ctx: OperatorContext) -> datetime:
+    """PostgreSQL's time now, read after the deletion's notice committed: a notice's created_at is
+    PostgreSQL's time too (its transaction's start), so no clock of another host decides whose it is."""
+    async with ctx.sessions() as session:
+        now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None, "SELECT now() gave no row"
+    return now
 
 
 async def drop_marked_webhook_secret(ctx: OperatorContext, customer_id: str) -> None:
@@ -129,7 +158,7 @@ async def drop_marked_webhook_secret(ctx: OperatorContext, customer_id: str) -> 
         namespace,
         DELETED_NOTIFICATIONS_SECRET_NAME,
         {customer_id: None},
-        annotations={mark: None},
+        annotations={mark: None, signs_until_annotation(customer_id): None},
         resource_version=kept.resource_version,
     )
 

@@ -110,6 +110,26 @@ async def receivers() -> AsyncIterator[tuple[Receiver, Receiver]]:
         await runner.cleanup()
 
 
+AGAIN_SECRET = "whsec_" + base64.b64encode(b"a" * 32).decode()
+
+
+@pytest.fixture
+async def again_receiver() -> AsyncIterator[Receiver]:
+    """The endpoint of a Customer created again under a deleted one's customer id, with its own secret."""
+    receiver = Receiver(AGAIN_SECRET)
+    app = web.Application()
+    app.router.add_post("/again", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    receiver.url = f"http://127.0.0.1:{port}/again"
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
 class Clock:
     """Real time, moved forward by the test: a retry is due without waiting for it (and webhook
     timestamps stay within the receivers' five minutes)."""
@@ -1009,6 +1029,53 @@ def create_customer(objects: kubernetes.client.CustomObjectsApi, name: str, spec
     )
 
 
+def create_hooked_customer(
+    k8s_client: kubernetes.client.ApiClient, name: str, customer_id: str, receiver: Receiver
+) -> None:
+    """Customer `name` under `customer_id`, its webhook posted to `receiver` and signed with its secret (the
+    secretRef's Secret in a namespace handed to it, as a GitOps repository does), licensed and hooked."""
+    core, objects = kubernetes.client.CoreV1Api(k8s_client), kubernetes.client.CustomObjectsApi(k8s_client)
+    namespace = f"customer-{name}"
+    core.create_namespace({"metadata": {"name": namespace, "labels": {"iotistic.io/customer": name}}})
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(receiver.secret.encode()).decode()}},
+    )
+    spec = customer_spec(name, receiver.url)
+    create_customer(
+        objects,
+        name,
+        {
+            **spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "customerId": customer_id,
+            "notifications": {"webhook": {"url": receiver.url, "secretRef": {"name": "hook", "key": "k"}}},
+        },
+    )
+
+    def licensed_and_hooked() -> bool:
+        body = objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        status = body.get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return bool(status.get("license")) and conditions.get("NotificationsReady") == "True"
+
+    wait_until(licensed_and_hooked, timeout=90, message=f"Customer {name} licensed, its webhook ready")
+
+
+def delete_customer(k8s_client: kubernetes.client.ApiClient, name: str) -> None:
+    """Customer `name` deleted, its finalizer (the session operator's) done."""
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+    def gone() -> bool:
+        try:
+            objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_until(gone, timeout=90, message=f"Customer {name} finalized")
+
+
 def shown(notice: dict[str, Any]) -> list[tuple[str, str, str]]:
     """A NoticeView's deliveries as (channel, status, target), sorted."""
     return sorted((d["channel"], d["status"], d["target"]) for d in notice["deliveries"])
@@ -1031,43 +1098,11 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     receiver.fail = 1  # the first try of the revoke notice fails
     one, clock = started
     await one.send_due()  # what other tests left
-    core, objects = kubernetes.client.CoreV1Api(k8s_client), kubernetes.client.CustomObjectsApi(k8s_client)
+    core = kubernetes.client.CoreV1Api(k8s_client)
     name = unique_name("gone")
     customer_id, namespace = f"cust_{name.replace('-', '')}", f"customer-{name}"
-    # As a GitOps repository hands the namespace of the secretRef's Secret to its Customer.
-    core.create_namespace({"metadata": {"name": namespace, "labels": {"iotistic.io/customer": name}}})
-    core.create_namespaced_secret(
-        namespace,
-        {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(CUSTOMER_SECRET.encode()).decode()}},
-    )
-    spec = customer_spec(name, receiver.url)
-    create_customer(
-        objects,
-        name,
-        {
-            **spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-            "customerId": customer_id,
-            "notifications": {"webhook": {"url": receiver.url, "secretRef": {"name": "hook", "key": "k"}}},
-        },
-    )
-
-    def licensed_and_hooked() -> bool:
-        body = objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        status = body.get("status") or {}
-        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
-        return bool(status.get("license")) and conditions.get("NotificationsReady") == "True"
-
-    wait_until(licensed_and_hooked, timeout=90, message=f"Customer {name} licensed, its webhook ready")
-    objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-
-    def gone() -> bool:
-        try:
-            objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except ApiException as error:
-            return error.status == 404
-        return False
-
-    wait_until(gone, timeout=90, message=f"Customer {name} finalized")
+    create_hooked_customer(k8s_client, name, customer_id, receiver)
+    delete_customer(k8s_client, name)
     kept = core.read_namespaced_secret(DELETED_NOTIFICATIONS_SECRET_NAME, "default")
     assert base64.b64decode(kept.data[customer_id]).decode() == CUSTOMER_SECRET
 
@@ -1100,6 +1135,72 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
     assert webhook.status == "pending"
     assert f"Customer {name} ({customer_id}) was deleted" in (webhook.last_error or ""), webhook.last_error
+
+
+async def test_a_customer_created_again_under_a_deleted_one_s_id_gets_webhooks_signed_with_its_own_key(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+    again_receiver: Receiver,
+    k8s_client: kubernetes.client.ApiClient,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: the key a deletion kept signed every webhook of its customer id, so a Customer
+    created again under the id (a GitOps re-create, a company signing up again) with a new webhook secret
+    had its webhooks refused by its receiver until the deleted Customer's settled. The kept key signs the
+    deleted Customer's pending webhook; the new Customer's are signed with its own key, and, pending,
+    do not hold the old key once the old webhook is sent."""
+    from iotistic_billing.notices.log import recent_notices
+
+    _, old_receiver = receivers
+    old_receiver.fail = 1  # the first try of the deleted Customer's license.revoked fails
+    one, clock = started
+    await one.send_due()  # what other tests left
+    name, again = unique_name("first"), unique_name("again")
+    customer_id = f"cust_{name.replace('-', '')}"
+    create_hooked_customer(k8s_client, name, customer_id, old_receiver)
+    delete_customer(k8s_client, name)
+    await one.send_due()
+    async with sessions() as session:
+        (revoked,) = await recent_notices(session, customer_id=customer_id, status=None, limit=5)
+    assert revoked.notice.kind == "license.revoked" and len(old_receiver.seen) == 1
+
+    # Created again under the id, under another name (the old namespace still terminating here).
+    create_hooked_customer(k8s_client, again, customer_id, again_receiver)
+    notice = license_changed(
+        NoticeKind.LICENSE_SUSPENDED,
+        customer_id=customer_id,
+        customer_name=again,
+        company=again.title(),
+        jti="j-again",
+        plan="unlicensed",
+        reason="suspended by an administrator",
+    )
+    await enqueue(sessions, Outbox(), notice, customer_spec(again, again_receiver.url))
+    again_receiver.fail = 2  # pending while the old webhook is sent
+    await one.send_due()
+    assert again_receiver.refused == [] and len(again_receiver.seen) == 1  # verified with its own key
+
+    clock.advance(BACKOFF[0])
+    await one.send_due()
+    (old_webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
+    assert (old_webhook.status, old_webhook.attempts) == ("sent", 2)
+    assert old_receiver.bodies[-1]["type"] == "license.revoked" and not old_receiver.refused
+    (new_webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (new_webhook.status, new_webhook.attempts) == ("pending", 2)
+    # The new Customer's pending webhook does not hold the old key: it was never the old one's to sign.
+    assert customer_id in await one.forget_settled_secrets()
+
+    clock.advance(BACKOFF[1])
+    await one.send_due()
+    (new_webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (new_webhook.status, new_webhook.attempts, new_webhook.last_error) == ("sent", 3, None)
+    assert again_receiver.bodies[-1]["type"] == "license.suspended" and not again_receiver.refused
+
+    # Its own deletion keeps its own key for its license.revoked.
+    delete_customer(k8s_client, again)
+    await one.send_due()
+    assert again_receiver.bodies[-1]["type"] == "license.revoked" and not again_receiver.refused
 
 
 async def test_a_kept_secret_is_not_dropped_while_its_deletion_runs_nor_as_the_deletion_ends(

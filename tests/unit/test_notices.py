@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from iotistic_billing.customer import (
     CustomerSpec,
     SubscriptionSpec,
     UsageThreshold,
+    signs_until_annotation,
     webhook_url_problem,
 )
 from iotistic_billing.directory import CustomerRecord
@@ -608,15 +610,18 @@ class SecretsKube:
         self,
         secrets: dict[tuple[str, str], tuple[dict[str, bytes], str | None]],
         customers: dict[str, dict[str, Any]] | None = None,
+        annotations: dict[tuple[str, str], dict[str, str]] | None = None,
     ):
         self.secrets = secrets
         self.customers = customers or {}
+        self.annotations = annotations or {}
 
     async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
         if (namespace, name) not in self.secrets:
             return None
         data, customer_id = self.secrets[(namespace, name)]
-        return SecretData(data, {}, {CUSTOMER_ID_LABEL: customer_id} if customer_id else {})
+        annotations = self.annotations.get((namespace, name), {})
+        return SecretData(data, annotations, {CUSTOMER_ID_LABEL: customer_id} if customer_id else {})
 
     async def read_customer(self, name: str) -> dict[str, Any] | None:
         return self.customers.get(name)
@@ -684,6 +689,46 @@ async def test_a_renamed_customer_s_pending_webhook_is_signed_with_the_copy_of_t
     other = {"metadata": {"name": "globex", "uid": "u-3"}, "spec": {"customerId": "cust_globex01"}}
     sender = secrets_sender(SecretsKube(secrets, {"acme-corp": holder, "globex": other}))
     assert await sender._customer_secret(stored()) == webhook_secret_bytes(NEW_SECRET.decode())
+
+
+@pytest.mark.parametrize("name", ["acme", "acme-again"])
+async def test_a_customer_created_again_under_a_deleted_one_s_id_signs_its_webhooks_with_its_own_key(
+    name: str,
+) -> None:
+    """Found in review: Acme (cust_acme01) was deleted with a webhook pending, its key kept; a Customer
+    created again under the same customer id (a company signing up again, a GitOps re-create), under the
+    same name or another, with a new webhook secret, had its own webhooks signed with the kept key, which
+    its receiver refuses, until the old ones settled. The kept key signs only the notices written until
+    the deletion ended."""
+    ended = NOW - timedelta(minutes=5)
+    kept = ("billing", DELETED_NOTIFICATIONS_SECRET_NAME)
+    secrets = {
+        kept: ({"cust_acme01": SECRET.encode()}, None),
+        (f"customer-{name}", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: NEW_SECRET},
+            "cust_acme01",
+        ),
+    }
+    annotations = {kept: {signs_until_annotation("cust_acme01"): ended.isoformat()}}
+    sender = secrets_sender(SecretsKube(secrets, annotations=annotations))
+    new_customers = replace(stored(), customer_name=name)  # written at NOW, after the deletion ended
+    assert await sender._customer_secret(new_customers) == webhook_secret_bytes(NEW_SECRET.decode())
+    old_customers = replace(stored(), created_at=ended - timedelta(seconds=1))
+    assert await sender._customer_secret(old_customers) == webhook_secret_bytes(SECRET)
+
+
+async def test_a_kept_key_whose_time_is_no_time_fails_its_delivery_naming_the_annotation() -> None:
+    kept = ("billing", DELETED_NOTIFICATIONS_SECRET_NAME)
+    annotations = {kept: {signs_until_annotation("cust_acme01"): "yesterday"}}
+    sender = secrets_sender(
+        SecretsKube({kept: ({"cust_acme01": SECRET.encode()}, None)}, annotations=annotations)
+    )
+    with pytest.raises(DeliveryFailed) as failed:
+        await sender._customer_secret(stored())
+    assert str(failed.value) == (
+        f"billing/{DELETED_NOTIFICATIONS_SECRET_NAME}: annotation signs-until.iotistic.io/cust_acme01 is "
+        "not a time with a zone: 'yesterday'"
+    )
 
 
 async def test_a_customer_s_webhook_is_signed_with_the_copy_in_its_namespace_labelled_with_its_id() -> None:

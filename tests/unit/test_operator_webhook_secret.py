@@ -15,6 +15,7 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     deletion_running_annotation,
+    signs_until_annotation,
 )
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
@@ -208,10 +209,28 @@ def revocations_written(
     monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
 
 
+# PostgreSQL's clock once the deletion's notice is written (the finalizer's last keep reads it).
+ENDED = NOW + timedelta(minutes=3)
+
+
+class PostgresClock:
+    """A session of PostgreSQL as the finalizer's last keep uses it: it reads the clock alone."""
+
+    async def __aenter__(self) -> PostgresClock:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def scalar(self, statement: object) -> datetime:
+        return ENDED
+
+
 def deletion_context(cluster: ForegroundDeletion, helm: Helm | None = None) -> Any:
     """The finalizer's context on the fake cluster, its billing namespace `billing`, and `helm` if given."""
     ctx = context(cluster)
     ctx.settings = SimpleNamespace(billing_namespace="billing")
+    ctx.sessions = PostgresClock
     if helm is not None:
         ctx.helm = helm
     return ctx
@@ -286,7 +305,8 @@ async def test_a_finalizer_retried_after_the_copy_went_still_keeps_the_signing_s
     cluster.sender_drops_settled()  # during the backoff
     assert cluster.kept == {"cust_acme0001": OLD}
     await finalize(ctx, hooked(customer()))
-    assert cluster.kept == {"cust_acme0001": OLD} and cluster.marks == {}
+    assert cluster.kept == {"cust_acme0001": OLD}
+    assert cluster.marks == {signs_until_annotation("cust_acme0001"): ENDED.isoformat()}  # no mark
 
 
 class NamespaceGoneOnRetry(ForegroundDeletion):
@@ -316,5 +336,37 @@ async def test_a_finalizer_retried_after_the_namespace_went_leaves_no_mark(
     if holder_on_retry:
         cluster.customers.append(customer("acme-renamed", uid="uid-renamed"))
     await finalize(ctx, hooked(customer()))
-    assert cluster.marks == {}
+    # The retry found no copy: the key an earlier try kept signs the notices written until now.
+    until = {signs_until_annotation("cust_acme0001"): ENDED.isoformat()}
+    assert cluster.marks == ({} if holder_on_retry else until)
     assert cluster.kept == ({} if holder_on_retry else {"cust_acme0001": OLD})
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["a webhook", "no webhook"])
+async def test_a_kept_key_signs_only_the_notices_written_until_its_deletion_ended(
+    monkeypatch: pytest.MonkeyPatch, copied: bool
+) -> None:
+    """Found in review: the sender signed every notice of a kept key's customer id with it, also those of
+    a Customer created again under the id after the deletion (a new webhook secret, a receiver that knows
+    only that one). The deletion notes PostgreSQL's time (the clock of a notice's created_at) once its
+    notice is written; while it runs the key signs every notice of the id. Nothing is noted for a
+    Customer whose deletion kept no key (another's key is kept meanwhile)."""
+    cluster = ForegroundDeletion()
+    cluster.kept = {"cust_globex0001": NEW}
+    if not copied:
+        del cluster.in_namespace[NOTIFICATIONS_SECRET_NAME]
+    ctx = deletion_context(cluster)
+    marks: list[dict[str, str]] = []
+
+    async def revoke_license(*args: Any, **kwargs: Any) -> None:
+        marks.append(dict(cluster.marks))  # as the deletion's notice is written
+
+    revocations_written(monkeypatch, cluster)
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    await finalize(ctx, hooked(customer()))
+    assert marks == [{deletion_running_annotation("cust_acme0001"): "true"} if copied else {}]
+    if copied:
+        assert cluster.kept == {"cust_globex0001": NEW, "cust_acme0001": OLD}
+        assert cluster.marks == {signs_until_annotation("cust_acme0001"): ENDED.isoformat()}
+    else:
+        assert cluster.kept == {"cust_globex0001": NEW} and cluster.marks == {}
