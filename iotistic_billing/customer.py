@@ -361,6 +361,9 @@ class ReleaseStatus(CustomerModel):
     # The version the last pass aimed at, and where it came from (docs/architecture.md, "Fleet rollouts").
     target_version: Annotated[str, Field(max_length=64)] | None = None
     version_source: VersionSource | None = None
+    # The rollout.iotistic.io/updated-at the pass aimed by (versionSource Rollout only): a rollout counts
+    # a Customer's return only from a pass that read the annotation it set (rollout_plan.member).
+    rollout_updated_at: Annotated[str, Field(max_length=64)] | None = None
 
 
 class InstanceStatus(CustomerModel):

@@ -43,7 +43,7 @@ from iotistic_billing.operator.watches import (
     LoopFollower,
 )
 from iotistic_billing.operator.webhook_secret import WEBHOOK_SECRET_CHECK, webhook_secret_changed
-from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_RESOURCE, ROLLOUT_UPDATED_AT
 from iotistic_billing.workers import backoff, nap
 
 CUSTOMERS = (GROUP, VERSION, PLURAL)
@@ -121,12 +121,21 @@ async def reconcile_requested(
         await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
 
 
-@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", ROLLOUT_CHART_VERSION), backoff=5)
+def rollout_move(annotations: Any) -> tuple[str | None, str | None]:
+    """A Customer's chart-version annotation and the updated-at of the rollout move that set it."""
+    annotations = annotations or {}
+    return annotations.get(ROLLOUT_CHART_VERSION), annotations.get(ROLLOUT_UPDATED_AT)
+
+
+@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations"), backoff=5)
 async def rollout_version_changed(
     name: str, body: kopf.Body, memo: kopf.Memo, retry: int, old: Any, new: Any, **_: Any
 ) -> None:
-    """A rollout moved the Customer to another chart version (or back): a pass installs it."""
-    if old != new:
+    """A rollout moved the Customer to another chart version (or back), or one set by hand: a pass
+    installs it. By the move's updated-at too: a move and its rollback's return that Kopf sees as one
+    change (both came while it handled another) leave the version as it was, and the rollback waits for
+    a pass that read the return (rollout_plan.member)."""
+    if rollout_move(old) != rollout_move(new):
         ctx = _context(memo)
         await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
 

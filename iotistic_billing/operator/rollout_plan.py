@@ -53,8 +53,9 @@ class Member:
     message: str = ""
     # What it runs now (status.release.chartVersion): recorded when it is moved, for a rollback.
     running: str | None = None
-    # What the last pass aimed at the version its annotation names, by the annotation, did with it
-    # (`ran` when it has none): a rollback's return of it is done once it ran, failed once refused.
+    # What the last pass aimed at the version its annotation names, by that annotation (its updated-at),
+    # did with it (`ran` when it has none): a rollback's return of it is done once it ran, failed once
+    # refused.
     annotated_result: PassResult = "not yet"
 
     @property
@@ -117,12 +118,16 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     name, created = str(meta.get("name")), str(meta.get("creationTimestamp") or "")
     running = release.get("chartVersion")
     annotated = annotations.get(ROLLOUT_CHART_VERSION)
-    # By the annotation (versionSource Rollout): the status from before the rollout (Fleet) names the
-    # version a rollback returns to as well, while the upgrade the rollout started may still run.
+    # By the annotation (versionSource Rollout) as it is now (rolloutUpdatedAt its updated-at): the
+    # status from before the rollout's move (Fleet, or an earlier rollout's) names the version a rollback
+    # returns to as well, while the upgrade the move started may still run. A status without
+    # rolloutUpdatedAt (an operator's from before it) is judged by its versions alone, as then: a pass
+    # that ends before its release step (a spec refused) keeps it so, and the rollback would wait for good.
+    read = release.get("rolloutUpdatedAt")
     by_annotation: PassResult = "not yet"
     if annotated is None:
         by_annotation = "ran"
-    elif release.get("versionSource") == "Rollout":
+    elif release.get("versionSource") == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
         by_annotation = _last_pass(release, conditions, annotated)
     stuck = conditions.get(ConditionType.STALLED) or {}
     if annotated != target:

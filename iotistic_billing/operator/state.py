@@ -45,7 +45,7 @@ from iotistic_billing.operator.conditions import (
 from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
 from iotistic_billing.operator.manifests import namespace_holder, owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, NamespaceRefused, PassOutcome, ReleaseOutcome
-from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_PREVIOUS_VERSION
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_PREVIOUS_VERSION, ROLLOUT_UPDATED_AT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +83,16 @@ class PassTarget:
         if self.version_source != "Rollout" or (problem := chart_version_problem(self.chart_version)) is None:
             return None
         return f"metadata.annotations[{ROLLOUT_CHART_VERSION}] {problem}"
+
+    @property
+    def rollout_updated_at(self) -> str | None:
+        """The rollout annotation's updated-at the pass aims by (versionSource Rollout), for
+        status.release.rolloutUpdatedAt; None for another source."""
+        if self.version_source != "Rollout":
+            return None
+        updated_at = self.customer.metadata.annotations.get(ROLLOUT_UPDATED_AT)
+        # A rollout writes 25 characters; a longer one, by hand, failed the status model (64 at most).
+        return updated_at if updated_at is not None and len(updated_at) <= 64 else None
 
 
 def instance_domain(name: str, spec: CustomerSpec, base_domain: str) -> str:
@@ -200,7 +210,13 @@ def next_status(
     deployed = release.release if release is not None and release.release is not None else previous.release
     # No annotation that is no chart version in the status: a long one failed the status model (64 at most).
     aimed_at = None if target.chart_problem else target.chart_version
-    aimed = {"target_version": aimed_at, "version_source": target.version_source}
+    # The annotation it aimed by too: a rollback's wait tells the pass that ran a return from one before
+    # the rollout's move, whose status may name the returned version as well (rollout_plan.member).
+    aimed = {
+        "target_version": aimed_at,
+        "version_source": target.version_source,
+        "rollout_updated_at": target.rollout_updated_at,
+    }
     return previous.model_copy(
         update={
             "customer_id": target.customer_id,

@@ -8,10 +8,10 @@ from typing import Any, cast
 
 import pytest
 
-from iotistic_billing.operator import rollouts
+from iotistic_billing.operator import handlers, rollouts
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.rollout_plan import Decision, Move
-from iotistic_billing.rollout import RolloutPhase, RolloutStatus
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_UPDATED_AT, RolloutPhase, RolloutStatus
 from tests.unit.test_rollout_plan import T0, Fleet
 
 BAKE = 3600
@@ -120,3 +120,37 @@ async def test_a_tick_that_dies_at_a_step_boundary_does_not_bake_the_ended_step_
         "StepStarted",
         "StepCompleted",
     ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "passes"),
+    [
+        ({"c": "1.0.0", "u": "t1"}, {"c": "2.0.0", "u": "t2"}, 1),  # a move
+        ({"c": "1.0.0", "u": "t1"}, {"c": "1.0.0", "u": "t3"}, 1),  # a move and its return as one change
+        ({}, {"c": "2.0.0"}, 1),  # set by hand, no updated-at
+        ({"c": "1.0.0", "u": "t1"}, {"c": "1.0.0", "u": "t1", "other": "x"}, 0),  # another annotation
+    ],
+    ids=["moved", "moved-and-returned", "by-hand", "other-annotation"],
+)
+async def test_a_rollout_move_runs_a_pass_also_when_its_return_left_the_version_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, old: dict[str, str], new: dict[str, str], passes: int
+) -> None:
+    """Found in review: the pass ran on a change of the chart-version annotation alone; a move and the
+    rollback's return that Kopf saw as one change (both came while it handled another) ran none, and the
+    rollback waited for a pass that read the return. The move's updated-at counts too."""
+    names = {"c": ROLLOUT_CHART_VERSION, "u": ROLLOUT_UPDATED_AT, "other": "example.com/other"}
+    ran: list[str] = []
+
+    async def reconcile(ctx: Any, name: str, handed: Any = None) -> None:
+        ran.append(name)
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    await handlers.rollout_version_changed(
+        name="acme",
+        body=cast(Any, {}),
+        memo=cast(Any, {"context": SimpleNamespace()}),
+        retry=0,
+        old={names[k]: v for k, v in old.items()},
+        new={names[k]: v for k, v in new.items()},
+    )
+    assert ran == ["acme"] * passes

@@ -17,6 +17,7 @@ from iotistic_billing.customer import (
     CustomerStatus,
     LicenseStatus,
     ReleaseStatus,
+    VersionSource,
     customer_id_in_use,
     derived_customer_id,
 )
@@ -60,6 +61,7 @@ from iotistic_billing.operator.state import (
     terminating_status,
 )
 from iotistic_billing.operator.values import desired_release_values, values_hash
+from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_UPDATED_AT
 from iotistic_billing.settings import Settings
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -412,6 +414,41 @@ def test_the_pass_target_is_worked_out_once_from_the_customer() -> None:
         "https://a.example",
     )
     assert aimed.entitlement.plan == "starter" and aimed.owner["uid"] == "u-1"
+
+
+def test_a_pass_aimed_by_a_rollout_records_the_updated_at_it_read_and_other_passes_record_none() -> None:
+    """A rollout counts a Customer's return only from a pass that read the annotation it set
+    (rollout_plan.member): the status from a pass before names the returned version too."""
+    moved_at = "2026-11-25T12:00:00+00:00"
+    body = {
+        "metadata": {
+            "name": "acme",
+            "uid": "u-1",
+            "creationTimestamp": CREATED.isoformat(),
+            "annotations": {ROLLOUT_CHART_VERSION: "2.0.0", ROLLOUT_UPDATED_AT: moved_at},
+        },
+        "spec": {"email": "a@b.cd", "companyName": "x"},
+    }
+    outcome = PassOutcome(license=LicenseStatus(jti="j1"), release=DEPLOYED)
+
+    def pass_aimed_at(previous: CustomerStatus, chart: tuple[str, VersionSource]) -> CustomerStatus:
+        aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, chart)
+        return next_status(previous, aimed, outcome, 2)
+
+    by_rollout = pass_aimed_at(CustomerStatus(), ("2.0.0", "Rollout"))
+    pinned = pass_aimed_at(by_rollout, ("1.0.0", "Pinned"))
+    body["metadata"]["annotations"][ROLLOUT_UPDATED_AT] = "x" * 65  # no rollout writes that
+    too_long = pass_aimed_at(by_rollout, ("2.0.0", "Rollout"))
+
+    assert by_rollout.to_k8s()["release"] == {
+        "revision": 1,
+        "targetVersion": "2.0.0",
+        "versionSource": "Rollout",
+        "rolloutUpdatedAt": moved_at,
+    }
+    assert pinned.release is not None and pinned.release.rollout_updated_at is None
+    assert merge_patch(by_rollout.to_k8s(), pinned.to_k8s())["release"]["rolloutUpdatedAt"] is None
+    assert too_long.release is not None and too_long.release.rollout_updated_at is None
 
 
 def test_an_invalid_spec_is_failed_and_stalled_and_no_longer_ready() -> None:

@@ -56,6 +56,13 @@ def customer(name: str, version: str = "1.0.0", index: int = 0, **spec: Any) -> 
     }
 
 
+def aimed_by(release: dict[str, Any], source: VersionSource, updated_at: str | None) -> None:
+    release["versionSource"] = source
+    release.pop("rolloutUpdatedAt", None)
+    if updated_at is not None:
+        release["rolloutUpdatedAt"] = updated_at
+
+
 class Fleet:
     """Customers, and an operator that installs what operator.state.chart_target aims at (the pin, a
     rollout's annotation, what it runs, else the fleet's `version`): `good` ones turn Ready; the `bad`
@@ -104,11 +111,17 @@ class Fleet:
                 continue
             wanted, source = self.aims(body)
             release = body["status"]["release"]
+            # The annotation the pass aims by, written beside the version as operator.state.next_status does.
+            read = body["metadata"]["annotations"].get(ROLLOUT_UPDATED_AT) if source == "Rollout" else None
             new = wanted != release["chartVersion"]
             refused = new and (name in self.broken or wanted in self.withdrawn)
             if release["targetVersion"] == wanted and (release["chartVersion"] == wanted or refused):
+                # Nothing to install; a pass a rollout's annotation ran still writes what it aimed by.
+                if source == "Rollout" and release.get("rolloutUpdatedAt") != read:
+                    aimed_by(release, source, read)
                 continue
             self.upgrades[name] = self.upgrades.get(name, 0) + 1
+            aimed_by(release, source, read)
             if refused:
                 release.update(targetVersion=wanted, versionSource=source)
                 reason, message = "UpgradeFailed", "boom"
@@ -654,6 +667,82 @@ def test_rolled_back_waits_for_a_pass_that_ran_the_returned_version() -> None:
     assert phases == [RolloutPhase.ROLLING_BACK] * 3 + [RolloutPhase.ROLLED_BACK]
     assert fleet.on("1.0.0") == set(fleet.customers)
     assert {fleet.customers[n]["status"]["release"]["versionSource"] for n in fleet.customers} == {"Rollout"}
+
+
+def test_a_rollback_waits_for_a_customer_still_upgrading_whose_status_names_the_returned_version() -> None:
+    """Found in review: c00, put on 1.5.0 by an earlier rollout r0, counted as returned to 1.5.0 the
+    moment r1 rolled back, while its upgrade to 2.0.0 still ran: its status.release (targetVersion and
+    chartVersion 1.5.0, versionSource Rollout) was r0's pass's, and r1 said RolledBack before a later
+    pass took it back from 2.0.0. Only a pass that read the return (its updated-at) counts."""
+    fleet = Fleet(2)
+    r0_moved_at = (T0 - timedelta(days=1)).isoformat(timespec="seconds")
+    for body in fleet.customers.values():
+        body["metadata"]["annotations"].update(
+            {
+                ROLLOUT_CHART_VERSION: "1.5.0",
+                ROLLOUT_NAME: "r0",
+                ROLLOUT_UPDATED_AT: r0_moved_at,
+                ROLLOUT_PREVIOUS_VERSION: "1.0.0",
+            }
+        )
+    fleet.operate()
+    assert fleet.on("1.5.0") == {"c00", "c01"}
+    fleet.broken.add("c01")
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(steps=[{"rest": True, "maxParallel": 2}], onFailure="rollback")
+    ticks = iter(range(100))
+
+    def tick(status: RolloutStatus) -> RolloutStatus:
+        now = T0 + timedelta(seconds=next(ticks))
+        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], now)
+        fleet.apply(decision)
+        return decision.status
+
+    status = tick(RolloutStatus())
+    upgrade = dict(fleet.customers["c00"]["metadata"]["annotations"])  # the pass that starts reads these
+    fleet.operate(["c01"])  # helm refuses c01; c00's upgrade to 2.0.0 still runs
+    status = tick(status)
+    assert status.phase == RolloutPhase.ROLLING_BACK
+    c00 = member(fleet.customers["c00"], "2.0.0", T0, timedelta(minutes=10))
+    assert (c00.version, c00.annotated_result) == ("1.5.0", "not yet")
+
+    phases = []
+    fleet.operate(["c01"])  # c01's return runs 1.5.0
+    status = tick(status)
+    phases.append(status.phase)
+    release = fleet.customers["c00"]["status"]["release"]  # c00's upgrade ends on 2.0.0
+    release.update(chartVersion="2.0.0", targetVersion="2.0.0", rolloutUpdatedAt=upgrade[ROLLOUT_UPDATED_AT])
+    status = tick(status)
+    phases.append(status.phase)
+    fleet.operate()  # c00's return
+    status = tick(status)
+    phases.append(status.phase)
+
+    assert phases == [RolloutPhase.ROLLING_BACK] * 2 + [RolloutPhase.ROLLED_BACK]
+    assert fleet.on("1.5.0") == {"c00", "c01"}
+
+
+def test_a_rollback_counts_a_return_that_an_operator_from_before_rollout_updated_at_ran() -> None:
+    """An operator upgraded while a rollout rolls back: a status written before status.release.
+    rolloutUpdatedAt existed is judged by its versions alone, as then, so the rollback ends (a pass that
+    stalls before its release step, a spec refused, never writes the field)."""
+    body = customer("c00", version="1.0.0")
+    body["metadata"]["annotations"].update(
+        {
+            ROLLOUT_CHART_VERSION: "1.0.0",
+            ROLLOUT_NAME: "r1",
+            ROLLOUT_UPDATED_AT: T0.isoformat(timespec="seconds"),
+            ROLLOUT_PREVIOUS_VERSION: "2.0.0",
+        }
+    )
+    body["status"]["release"]["versionSource"] = "Rollout"
+
+    returned = member(body, "2.0.0", T0, timedelta(minutes=10))
+    body["status"]["release"]["rolloutUpdatedAt"] = (T0 - timedelta(minutes=5)).isoformat(timespec="seconds")
+    earlier = member(body, "2.0.0", T0, timedelta(minutes=10))
+
+    assert returned.annotated_result == "ran"
+    assert earlier.annotated_result == "not yet"
 
 
 def test_a_rollback_whose_return_helm_refuses_ends_halted_naming_the_customers_and_why() -> None:
