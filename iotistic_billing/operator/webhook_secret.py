@@ -116,25 +116,33 @@ async def keep_webhook_secret(
     deletion looked); once it is lifted, only those written until then (`signs_until_annotation`): a
     Customer created again under the id later signs its own with its own key."""
     namespace = ctx.settings.billing_namespace
-    until: str | None = None
-    if not deletion_running and (secret is not None or await _kept(ctx, namespace, customer_id)):
-        until = (await _notices_written_until(ctx)).isoformat()
+    annotations: dict[str, str | None] = {
+        deletion_running_annotation(customer_id): "true" if deletion_running else None
+    }
+    if deletion_running:
+        annotations[signs_until_annotation(customer_id)] = None  # the key it keeps signs all until it ends
+    elif secret is not None or await _marked(ctx, namespace, customer_id):
+        annotations[signs_until_annotation(customer_id)] = (await _notices_written_until(ctx)).isoformat()
+    # Else this deletion kept nothing: a key an earlier deletion of the id kept keeps its own time (moved
+    # on, it would sign the notices written since, of a Customer created again under the id).
     await ctx.kube.merge_secret_data(
         namespace,
         DELETED_NOTIFICATIONS_SECRET_NAME,
         {customer_id: secret} if secret is not None else {},
         labels={c.LABEL_MANAGED_BY: c.MANAGED_BY},
-        annotations={
-            deletion_running_annotation(customer_id): "true" if deletion_running else None,
-            signs_until_annotation(customer_id): until,
-        },
+        annotations=annotations,
     )
 
 
-async def _kept(ctx: OperatorContext, namespace: str, customer_id: str) -> bool:
-    """Whether a key is kept under `customer_id` (an earlier try's, when this one found no copy)."""
+async def _marked(ctx: OperatorContext, namespace: str, customer_id: str) -> bool:
+    """Whether a key is kept under `customer_id` with this deletion's mark (an earlier try of it kept the
+    key, and this one found the copy gone)."""
     kept = await ctx.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
-    return kept is not None and customer_id in kept.data
+    return (
+        kept is not None
+        and customer_id in kept.data
+        and deletion_running_annotation(customer_id) in kept.annotations
+    )
 
 
 async def _notices_written_until(ctx: OperatorContext) -> datetime:

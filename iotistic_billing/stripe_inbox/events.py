@@ -746,7 +746,16 @@ def _invoice_facts_over(
         and known.current_period_end is not None
         and facts.billed_until < known.current_period_end
     )
-    if held in ENDED_STATUSES and (facts.status != "active" or known.past_due_since is None or older):
+    # What an ended subscription owed is its last period's plan: an invoice without a plan line (the final
+    # usage, prorations) or of an older period pays something else.
+    settles = (
+        facts.status == "active"
+        and known.past_due_since is not None
+        and facts.billed_until is not None
+        and known.current_period_end is not None
+        and facts.billed_until >= known.current_period_end
+    )
+    if held in ENDED_STATUSES and not settles:
         return facts  # nothing it owed is paid: stale by the ending's own rule (`decide`)
     if held is not None and (older or held in ENDED_STATUSES):
         return replace(

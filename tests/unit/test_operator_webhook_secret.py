@@ -370,3 +370,22 @@ async def test_a_kept_key_signs_only_the_notices_written_until_its_deletion_ende
         assert cluster.marks == {signs_until_annotation("cust_acme0001"): ENDED.isoformat()}
     else:
         assert cluster.kept == {"cust_globex0001": NEW} and cluster.marks == {}
+
+
+async def test_a_deletion_that_kept_no_key_leaves_an_earlier_deletion_s_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer created again under a deleted one's id, with no copy of its own, was
+    deleted in turn while the first one's key was still kept; its deletion noted its own time on that key,
+    which then signed the second Customer's notices written in between (and kept them pending). A
+    deletion notes a time only for a key it kept itself (its mark on it)."""
+    cluster = ForegroundDeletion()
+    del cluster.in_namespace[NOTIFICATIONS_SECRET_NAME]
+    earlier = {signs_until_annotation("cust_acme0001"): (NOW - timedelta(days=1)).isoformat()}
+    cluster.kept, cluster.marks = {"cust_acme0001": OLD}, dict(earlier)
+    ctx = deletion_context(cluster)
+    revocations_written(monkeypatch, cluster)
+
+    await finalize(ctx, hooked(customer()))
+    assert cluster.kept == {"cust_acme0001": OLD}
+    assert cluster.marks == earlier

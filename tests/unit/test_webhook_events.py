@@ -563,7 +563,8 @@ def test_the_invoice_left_unpaid_by_a_cancellation_paid_later_settles_it_without
 ) -> None:
     """The open invoice of a subscription dunning canceled, paid afterwards: no payment is overdue any
     more, and the subscription stays ended (Stripe starts a new one rather than revive it). Older news
-    settles nothing: an event older than the ending, an older period's invoice, a failed retry."""
+    settles nothing: an event older than the ending, an older period's invoice, a failed retry; nor does
+    an invoice without the plan's line (the final usage)."""
     since = datetime.fromtimestamp(150, UTC)
     ended = current(status="canceled", last_event_created=200, past_due_since=since)
     ended_row = row(status="canceled", last_event_created=200, own_event_created=200, past_due_since=since)
@@ -572,10 +573,18 @@ def test_the_invoice_left_unpaid_by_a_cancellation_paid_later_settles_it_without
         assert actions(paid) == ["apply"]
         assert paid.subscription == current(status="canceled", last_event_created=300)
         assert (paid.rows["sub_1"].status, paid.rows["sub_1"].past_due_since) == ("canceled", None)
+    # Found in review: the final usage invoice (metered lines alone, no plan line) paid after the ending
+    # cleared it too, though the renewal the ending left unpaid is still owed.
+    metered = {"price": {"id": "price_metered"}, "period": {"end": PERIOD_END}}
+    usage_only = subscription_facts(
+        event_type, {"id": "in_2", "subscription": "sub_1", "lines": {"data": [metered]}}, CATALOG
+    )
+    assert usage_only is not None
     older_news = [
         (invoice_facts(event_type), 190),
         (invoice_facts(event_type, period_end=PERIOD_END - MONTH), 300),
         (invoice_facts("invoice.payment_failed"), 300),
+        (usage_only, 300),
     ]
     for facts, created in older_news:
         late = coalesce("cust_a", ended, ended_row, [(facts, created)])
