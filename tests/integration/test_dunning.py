@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,24 @@ async def notices(engine: AsyncEngine, customer_id: str) -> list[str]:
         return [row[0] for row in rows]
 
 
+async def stripe_event_applied(
+    api: TestClient[Any, Any], event_type: str, obj: dict[str, Any], at: datetime
+) -> None:
+    """A Stripe event created at `at`, delivered to the webhook server and applied."""
+    status, answer = await deliver(api, event(event_type, obj, created=int(at.timestamp())))
+    assert (status, answer["result"]) == (200, "applied"), answer
+
+
+async def pass_on_clock(operator_env: dict[str, str], name: str, moment: datetime) -> None:
+    """One operator pass of Customer `name` with its clock at `moment`, succeeding."""
+    context = _context(operator_env, moment)
+    try:
+        result = await reconcile(context, name)
+        assert result is not None and result.permanent_error is None, result
+    finally:
+        await context.engine.dispose()
+
+
 async def test_a_failed_payment_walks_the_ladder_and_a_payment_brings_the_plan_back(
     api: TestClient[Any, Any],
     customers: Customers,
@@ -80,17 +99,8 @@ async def test_a_failed_payment_walks_the_ladder_and_a_payment_brings_the_plan_b
     subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
     now = datetime.now(UTC)
 
-    async def stripe(event_type: str, obj: dict[str, Any], at: datetime) -> None:
-        status, answer = await deliver(api, event(event_type, obj, created=int(at.timestamp())))
-        assert (status, answer["result"]) == (200, "applied"), answer
-
-    async def pass_at(moment: datetime) -> None:
-        context = _context(operator_env, moment)
-        try:
-            result = await reconcile(context, name)
-            assert result is not None and result.permanent_error is None, result
-        finally:
-            await context.engine.dispose()
+    stripe = partial(stripe_event_applied, api)
+    pass_at = partial(pass_on_clock, operator_env, name)
 
     def licence() -> dict[str, Any]:
         return cluster.license(name, verify_times=False)[0]
@@ -168,17 +178,8 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_says_so_until_tha
     now = datetime.now(UTC).replace(microsecond=0)
     period_end = int((now + timedelta(days=30)).timestamp())
 
-    async def stripe(event_type: str, obj: dict[str, Any], at: datetime) -> None:
-        status, answer = await deliver(api, event(event_type, obj, created=int(at.timestamp())))
-        assert (status, answer["result"]) == (200, "applied"), answer
-
-    async def pass_at(moment: datetime) -> None:
-        context = _context(operator_env, moment)
-        try:
-            result = await reconcile(context, name)
-            assert result is not None and result.permanent_error is None, result
-        finally:
-            await context.engine.dispose()
+    stripe = partial(stripe_event_applied, api)
+    pass_at = partial(pass_on_clock, operator_env, name)
 
     def payment_overdue() -> tuple[str, str, str]:
         condition = cluster.condition(name, "PaymentOverdue") or {}

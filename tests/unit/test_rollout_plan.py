@@ -197,6 +197,22 @@ def run(
     return status, decisions
 
 
+def ticker(
+    fleet: Fleet, rollout: Rollout, rollout_spec: RolloutSpec
+) -> Callable[[RolloutStatus], RolloutStatus]:
+    """One tick of `rollout` a second after the one before, from the status given, its moves applied to
+    the fleet (the operator's passes are the test's to run, between ticks)."""
+    seconds = iter(range(100))
+
+    def tick(status: RolloutStatus) -> RolloutStatus:
+        now = T0 + timedelta(seconds=next(seconds))
+        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], now)
+        fleet.apply(decision)
+        return decision.status
+
+    return tick
+
+
 def test_a_good_version_reaches_every_customer_step_by_step_never_more_than_max_parallel() -> None:
     fleet = Fleet(30)
     steps = [{"customers": ["c05", "c09"]}, {"percent": 25}, {"rest": True, "maxParallel": 5}]
@@ -633,13 +649,7 @@ def test_rolled_back_waits_for_a_pass_that_ran_the_returned_version() -> None:
     fleet = Fleet(3, broken={"c01"})
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     rollout_spec = spec(steps=[{"rest": True, "maxParallel": 3}], onFailure="rollback")
-    ticks = iter(range(100))
-
-    def tick(status: RolloutStatus) -> RolloutStatus:
-        now = T0 + timedelta(seconds=next(ticks))
-        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], now)
-        fleet.apply(decision)
-        return decision.status
+    tick = ticker(fleet, rollout, rollout_spec)
 
     status = tick(RolloutStatus())
     fleet.operate(["c01"])  # helm refuses c01; the upgrades of c00 and c02 to 2.0.0 still run
@@ -690,13 +700,7 @@ def test_a_rollback_waits_for_a_customer_still_upgrading_whose_status_names_the_
     fleet.broken.add("c01")
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     rollout_spec = spec(steps=[{"rest": True, "maxParallel": 2}], onFailure="rollback")
-    ticks = iter(range(100))
-
-    def tick(status: RolloutStatus) -> RolloutStatus:
-        now = T0 + timedelta(seconds=next(ticks))
-        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], now)
-        fleet.apply(decision)
-        return decision.status
+    tick = ticker(fleet, rollout, rollout_spec)
 
     status = tick(RolloutStatus())
     upgrade = dict(fleet.customers["c00"]["metadata"]["annotations"])  # the pass that starts reads these
