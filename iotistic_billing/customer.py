@@ -205,6 +205,14 @@ class CustomerModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+class StatusModel(CustomerModel):
+    """A part of a status, which only this system's processes write: a field unknown here is ignored, not
+    refused. A newer operator's field (its CRD stays: helm never downgrades CRDs) failed every pass of an
+    operator rolled back below it; the status merge patch names only the fields it knows, so it stays."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
 # ----- spec -----
 
 
@@ -336,12 +344,12 @@ class CustomerSpec(CustomerModel):
 # ----- status -----
 
 
-class TrialStatus(CustomerModel):
+class TrialStatus(StatusModel):
     is_trial_mode: bool | None = None
     ends_at: AwareDatetime | None = None
 
 
-class LicenseStatus(CustomerModel):
+class LicenseStatus(StatusModel):
     secret_name: Annotated[str, Field(max_length=253)] | None = None
     jti: Annotated[str, Field(max_length=128)] | None = None
     key_id: Annotated[str, Field(max_length=128)] | None = None
@@ -350,7 +358,7 @@ class LicenseStatus(CustomerModel):
     sha256: Annotated[str, Field(pattern=SHA256_HEX_PATTERN)] | None = None
 
 
-class ReleaseStatus(CustomerModel):
+class ReleaseStatus(StatusModel):
     name: Annotated[str, Field(max_length=53)] | None = None
     namespace: Annotated[str, Field(max_length=63)] | None = None
     revision: NonNegativeInt | None = None
@@ -366,18 +374,18 @@ class ReleaseStatus(CustomerModel):
     rollout_updated_at: Annotated[str, Field(max_length=64)] | None = None
 
 
-class InstanceStatus(CustomerModel):
+class InstanceStatus(StatusModel):
     namespace: Annotated[str, Field(max_length=63)] | None = None
     url: Annotated[str, Field(max_length=2048)] | None = None
 
 
-class UsageStatus(CustomerModel):
+class UsageStatus(StatusModel):
     period_start: AwareDatetime | None = None
     active_devices: NonNegativeInt | None = None
     last_report_at: AwareDatetime | None = None
 
 
-class Condition(CustomerModel):
+class Condition(StatusModel):
     """metav1.Condition."""
 
     type: Annotated[str, Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)]
@@ -388,7 +396,7 @@ class Condition(CustomerModel):
     observed_generation: NonNegativeInt | None = None
 
 
-class CustomerStatus(CustomerModel):
+class CustomerStatus(StatusModel):
     customer_id: CustomerId | None = None
     phase: Phase | None = None
     plan: EffectivePlanName | None = None

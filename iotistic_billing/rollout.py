@@ -24,6 +24,7 @@ from iotistic_billing.customer import (
     Condition,
     CustomerModel,
     PlanName,
+    StatusModel,
     find_condition,
 )
 
@@ -126,7 +127,7 @@ class RolloutSpec(CustomerModel):
     on_failure: Literal["halt", "rollback"] = "halt"
 
 
-class StepStatus(CustomerModel):
+class StepStatus(StatusModel):
     selected: NonNegativeInt | None = None
     updated: NonNegativeInt | None = None
     healthy: NonNegativeInt | None = None
@@ -139,7 +140,7 @@ class StepStatus(CustomerModel):
     completed_at: AwareDatetime | None = None
 
 
-class RolloutFailure(CustomerModel):
+class RolloutFailure(StatusModel):
     customer: Annotated[str, Field(max_length=63)]
     step: Annotated[int, Field(ge=1)]
     reason: Annotated[str, Field(max_length=128)]
@@ -148,7 +149,7 @@ class RolloutFailure(CustomerModel):
     previous_version: Annotated[str, Field(max_length=64)] | None = None
 
 
-class RolloutStatus(CustomerModel):
+class RolloutStatus(StatusModel):
     phase: RolloutPhase | None = None
     observed_generation: NonNegativeInt | None = None
     target_version: Annotated[str, Field(max_length=64)] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,8 @@ from iotistic_billing.customer import (
     set_condition,
     spec_errors,
 )
+from iotistic_billing.operator.reconcile import merge_patch
+from iotistic_billing.rollout import RolloutStatus
 
 SAMPLES = sorted((Path(__file__).parents[2] / "manifests" / "samples").glob("*.yaml"))
 NOW = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -374,3 +377,28 @@ def test_a_license_history_row_is_a_license_record_with_its_action() -> None:
         "metadata",
         "generated_at",
     }
+
+
+def test_a_status_field_this_operator_does_not_know_is_ignored_and_left_in_place() -> None:
+    """Found in review: the status models refused unknown fields, so an operator rolled back below a
+    version that added a status field (helm keeps the newer CRD, and the field on every Customer) failed
+    every pass. Status parts ignore such a field; the pass's merge patch does not name it, so it stays.
+    A spec still refuses one (a typo in a manifest is named)."""
+    body = copy.deepcopy(FROM_API_SERVER)
+    body["status"]["fromANewerOperator"] = {"x": 1}
+    body["status"]["license"]["newerField"] = "y"
+    body["status"]["conditions"][0]["newerField"] = "z"
+    parsed = Customer.model_validate(body)
+    assert parsed.status.to_k8s() == FROM_API_SERVER["status"]
+    written = parsed.status.model_copy(update={"phase": Phase.DEGRADED})
+    patch = merge_patch(parsed.status.to_k8s(), written.to_k8s())
+    assert patch["phase"] == "Degraded" and "fromANewerOperator" not in patch
+    assert "newerField" not in patch["license"]
+
+    rollout_status = RolloutStatus.model_validate(
+        {"phase": "Succeeded", "newerField": 1, "steps": [{"x": 2}]}
+    )
+    assert rollout_status.to_k8s() == {"phase": "Succeeded", "steps": [{}]}
+
+    with pytest.raises(InvalidSpecError, match="newerField"):
+        parse_spec({**FROM_API_SERVER["spec"], "newerField": 1})
