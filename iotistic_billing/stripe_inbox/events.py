@@ -39,6 +39,8 @@ INVOICE_PAID: Final = "invoice.payment_succeeded"
 # Stripe sends invoice.paid beside invoice.payment_succeeded (and alone for an invoice paid out of band).
 INVOICE_PAID_ALSO: Final = "invoice.paid"
 INVOICE_FAILED: Final = "invoice.payment_failed"
+# Voided by the billing team: nothing is owed on it any more, though nothing was paid.
+INVOICE_VOIDED: Final = "invoice.voided"
 # Events whose object is the subscription itself: each says its state as of the event.
 SUBSCRIPTION_EVENTS: Final = frozenset(
     {
@@ -51,9 +53,9 @@ SUBSCRIPTION_EVENTS: Final = frozenset(
     }
 )
 INVOICE_PAID_EVENTS: Final = frozenset({INVOICE_PAID, INVOICE_PAID_ALSO})
-HANDLED_EVENT_TYPES: Final = frozenset(
-    {CHECKOUT_COMPLETED, *SUBSCRIPTION_EVENTS, *INVOICE_PAID_EVENTS, INVOICE_FAILED}
-)
+# Events whose object is an invoice of the subscription.
+INVOICE_EVENTS: Final = frozenset({*INVOICE_PAID_EVENTS, INVOICE_FAILED, INVOICE_VOIDED})
+HANDLED_EVENT_TYPES: Final = frozenset({CHECKOUT_COMPLETED, *SUBSCRIPTION_EVENTS, *INVOICE_EVENTS})
 SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(SubscriptionStatus)
 # Statuses under which a subscription still grants its plan (past_due within the operator's grace).
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
@@ -118,18 +120,22 @@ class SubscriptionFacts:
     current_period_start: datetime | None = None
     # An invoice's: the end of the period its plan line bills, paid or not (`_invoice_facts_over`).
     billed_until: datetime | None = None
+    # A voided invoice's: no longer owed, yet not paid, so it settles only what an ended subscription
+    # owed (as its payment would) and says nothing of a live one (`decide`).
+    voided: bool = False
 
     @property
     def settles_ended(self) -> bool:
-        """An invoice paid for a subscription that had ended owing it (`_invoice_facts_over` gives it the
-        ended status): the payment is made, the subscription stays ended."""
+        """An invoice paid (or voided) for a subscription that had ended owing it (`_invoice_facts_over`
+        gives it the ended status): nothing is owed any more, the subscription stays ended."""
         return self.from_invoice and self.status in ENDED_STATUSES
 
 
 @dataclass(frozen=True)
 class Decision:
     """`apply`: write `subscription` to the Customer. `stale`: an older event for the same subscription,
-    or one that would revive an ended subscription; recorded and acknowledged, nothing written.
+    one that would revive an ended subscription, or a voided invoice that settles nothing; recorded and
+    acknowledged, nothing written.
     `superseded`: the event is the newest for its own subscription (so its row is written) but the
     Customer holds another, live subscription."""
 
@@ -238,7 +244,7 @@ def lookup_hints(event_type: str, obj: Mapping[str, Any]) -> LookupHints:
         subscription_id = _ref_id(obj.get("subscription"))
     elif event_type in SUBSCRIPTION_EVENTS:
         subscription_id = _ref_id(obj.get("id"))
-    elif event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
+    elif event_type in INVOICE_EVENTS:
         subscription_metadata = _mapping(_invoice_subscription_details(obj).get("metadata"))
         customer_id = customer_id or _matching(subscription_metadata.get("customerId"), _CUSTOMER_ID)
         subscription_id = _invoice_subscription_id(obj)
@@ -299,13 +305,14 @@ def _facts_of_checkout(session: Mapping[str, Any], catalog: PriceCatalog) -> Sub
 
 
 def _facts_of_invoice(
-    invoice: Mapping[str, Any], catalog: PriceCatalog, *, paid: bool
+    invoice: Mapping[str, Any], catalog: PriceCatalog, *, paid: bool, voided: bool = False
 ) -> SubscriptionFacts | None:
     subscription_id = _matching(_invoice_subscription_id(invoice), _SUBSCRIPTION_ID)
     if subscription_id is None:
         return None  # a one-off invoice: no subscription to update
     status: SubscriptionStatus
-    if paid:
+    if paid or voided:
+        # Voided, nothing is owed on it, as when paid; `voided` keeps it from counting as a payment.
         status = "active"
     else:
         # The first invoice of a subscription failing leaves it incomplete; a renewal makes it past_due.
@@ -321,6 +328,7 @@ def _facts_of_invoice(
         from_invoice=True,
         current_period_start=billed_start if paid else None,
         billed_until=billed_until,
+        voided=voided,
     )
 
 
@@ -332,8 +340,10 @@ def subscription_facts(
         return _facts_of_checkout(obj, catalog)
     if event_type in SUBSCRIPTION_EVENTS:
         return facts_of_subscription(obj, catalog, deleted=event_type == SUBSCRIPTION_DELETED)
-    if event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
-        return _facts_of_invoice(obj, catalog, paid=event_type in INVOICE_PAID_EVENTS)
+    if event_type in INVOICE_EVENTS:
+        return _facts_of_invoice(
+            obj, catalog, paid=event_type in INVOICE_PAID_EVENTS, voided=event_type == INVOICE_VOIDED
+        )
     return None
 
 
@@ -344,7 +354,7 @@ def trial_end(subscription: Mapping[str, Any]) -> datetime | None:
 
 def invoice_id(event_type: str, obj: Mapping[str, Any]) -> str | None:
     """The invoice an event is about: an invoice event's own, a subscription's latest, a checkout's."""
-    if event_type in INVOICE_PAID_EVENTS or event_type == INVOICE_FAILED:
+    if event_type in INVOICE_EVENTS:
         return object_id(obj)
     if event_type in SUBSCRIPTION_EVENTS:
         return _ref_id(obj.get("latest_invoice"))
@@ -394,8 +404,12 @@ def decide(
     replaces the Customer's only when its event is not older, never a live one with a dead one (the
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
     subscription with an older live one (`current_started`: when Stripe created the Customer's; the
-    newest live subscription wins, an older one's events are recorded, not applied).
+    newest live subscription wins, an older one's events are recorded, not applied). A voided invoice
+    applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`).
     """
+    if facts.voided and not facts.settles_ended:
+        # Voiding pays nothing: a live subscription's status and dunning are Stripe's own events' to say.
+        return Decision("stale", None, record_row=False)
     same = current is not None and current.stripe_subscription_id == facts.subscription_id
     newest = [(stored_last_created, stored_status)]
     if same and current is not None:
@@ -736,8 +750,8 @@ def _invoice_facts_over(
     unpaid: past_due would give its access back until the ladder's restriction. An invoice of a period
     before the one known is older news still: Stripe's status follows the latest invoice, so paying an
     older one leaves the subscription overdue, and an older one's failed retry starts no dunning. An
-    ended subscription stays ended (`decide`); paid, the invoice its ending left owed (the latest, not an
-    older period's) settles it: the ended status, no pastDueSince."""
+    ended subscription stays ended (`decide`); paid or voided, the invoice its ending left owed (the
+    latest, not an older period's) settles it: the ended status, no pastDueSince."""
     if not facts.from_invoice or known is None:
         return facts
     held = _status(known.status)
@@ -797,9 +811,11 @@ __all__ = [
     "CHECKOUT_COMPLETED",
     "ENDED_STATUSES",
     "HANDLED_EVENT_TYPES",
+    "INVOICE_EVENTS",
     "INVOICE_FAILED",
     "INVOICE_PAID",
     "INVOICE_PAID_EVENTS",
+    "INVOICE_VOIDED",
     "LIVE_STATUSES",
     "MAX_TIMESTAMP",
     "OVERDUE_STATUSES",

@@ -234,3 +234,73 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_says_so_until_tha
         "access.restricted",
         "subscription.canceled",
     ]
+
+
+async def test_a_subscription_canceled_with_its_renewal_unpaid_is_settled_when_that_invoice_is_voided(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    cluster: Cluster,
+    stopped_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: the billing team voided the open invoice a cancellation left unpaid, and nothing
+    was owed any more, but `invoice.voided` was ignored: PaymentOverdue said CanceledUnpaid until the
+    customer subscribed again. The void of that invoice settles it as its payment does (no plan back, no
+    notice); voiding an older period's invoice settles nothing, and is acknowledged as stale."""
+    name = unique_name("canceled-voided")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
+    now = datetime.now(UTC).replace(microsecond=0)
+    period_end = int((now + timedelta(days=30)).timestamp())
+
+    stripe = partial(stripe_event_applied, api)
+    pass_at = partial(pass_on_clock, operator_env, name)
+
+    def invoice(end: int) -> dict[str, Any]:
+        return invoice_object(
+            customer=stripe_customer,
+            subscription_id=subscription_id,
+            price=PRICES["professional"],
+            paid=False,
+            period_end=end,
+        )
+
+    def subscription(status: str) -> dict[str, Any]:
+        return subscription_object(
+            subscription_id,
+            customer=stripe_customer,
+            price=PRICES["professional"],
+            status=status,
+            period_end=period_end,
+            metadata={"customerId": customer_id},
+        )
+
+    await stripe("customer.subscription.created", subscription("active"), now - timedelta(minutes=5))
+    await pass_at(now)
+    renewal = invoice(period_end)
+    await stripe("invoice.payment_failed", renewal, now)
+    await stripe("customer.subscription.deleted", subscription("canceled"), now + timedelta(days=10))
+    await pass_at(now + timedelta(days=10, hours=1))
+    assert overdue(cluster, name) == ("True", "CanceledUnpaid")
+    noticed = await notices(db_engine, customer_id)
+    assert {"payment.failed", "subscription.canceled"} <= set(noticed)
+
+    older = {**invoice(period_end - 30 * 86400), "status": "void"}
+    voided_older = event("invoice.voided", older, created=int((now + timedelta(days=11)).timestamp()))
+    assert await deliver(api, voided_older) == (
+        200,
+        {"received": True, "duplicate": False, "result": "stale"},
+    )
+    held = customers.subscription(name) or {}
+    assert held["pastDueSince"] == now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    await stripe("invoice.voided", {**renewal, "status": "void"}, now + timedelta(days=12))
+    held = customers.subscription(name) or {}
+    assert held["status"] == "canceled" and "pastDueSince" not in held
+    await pass_at(now + timedelta(days=12, hours=1))
+    assert overdue(cluster, name) == ("False", "PaymentsCurrent")
+    assert cluster.license(name, verify_times=False)[0]["plan"] == "unlicensed"
+
+    assert await notices(db_engine, customer_id) == noticed

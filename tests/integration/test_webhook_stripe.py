@@ -140,6 +140,41 @@ async def test_events_delivered_newest_first_leave_the_newest_state(
     assert await event_rows(db_engine, older["id"]) == [(older["id"], "stale", customer_id)]
 
 
+async def test_a_voided_invoice_of_a_live_subscription_is_acknowledged_and_changes_nothing(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Voiding pays nothing: it settles only the invoice an ended subscription left owed (test_dunning.py).
+    An overdue subscription's voided invoice is recorded stale, as older news is: Stripe gets its 200 (an
+    error would have it retry for days), the dunning goes on, and the metric names the type."""
+    name, customer_id = stripe_customer(customers)
+    subscription_id, stripe_id = random_id("sub_"), random_id("cus_")
+    now = int(time.time())
+    created = event(
+        "customer.subscription.created",
+        subscription_object(
+            subscription_id, customer=stripe_id, price=PRICES["starter"], metadata={"customerId": customer_id}
+        ),
+        created=now - 50,
+    )
+    assert (await deliver(api, created))[1]["result"] == "applied"
+    invoice = invoice_object(
+        customer=stripe_id, subscription_id=subscription_id, price=PRICES["starter"], paid=False
+    )
+    failed = event("invoice.payment_failed", invoice, created=now - 40)
+    assert (await deliver(api, failed))[1]["result"] == "applied"
+    overdue = customers.subscription(name) or {}
+    assert overdue["status"] == "past_due" and "pastDueSince" in overdue
+    generation = (customers.get(name) or {})["metadata"]["generation"]
+
+    voided = event("invoice.voided", {**invoice, "status": "void"}, created=now - 30)
+    assert await deliver(api, voided) == (200, {"received": True, "duplicate": False, "result": "stale"})
+    assert await event_rows(db_engine, voided["id"]) == [(voided["id"], "stale", customer_id)]
+    assert customers.subscription(name) == overdue
+    assert (customers.get(name) or {})["metadata"]["generation"] == generation
+    metrics = await (await api.get("/metrics")).text()
+    assert 'iotistic_stripe_webhook_events_total{result="queued",type="invoice.voided"} 1.0' in metrics
+
+
 async def test_checkout_then_invoices_follow_the_subscription_through_its_life(
     api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
 ) -> None:

@@ -597,6 +597,48 @@ def test_the_invoice_left_unpaid_by_a_cancellation_paid_later_settles_it_without
         assert (settled.rows["sub_1"].status, settled.rows["sub_1"].past_due_since) == ("canceled", None)
 
 
+def test_the_invoice_left_unpaid_by_a_cancellation_voided_later_settles_it_without_the_plan() -> None:
+    """Found in review: the billing team voids the open invoice of a subscription dunning canceled, and
+    nothing is owed any more, but `invoice.voided` was not handled: PaymentOverdue said CanceledUnpaid
+    until the customer subscribed again. Voided, it settles what the ending left owed as its payment does
+    (the subscription stays ended, no notice); a voided invoice pays nothing else: of a live
+    subscription, of an older period, without the plan's line, older than the ending, or of a
+    subscription nothing is known of, it changes nothing (stale, no row written)."""
+    invoice = {"customer": "cus_1", "subscription": "sub_1", "metadata": {"customerId": "cust_abcdef123"}}
+    assert lookup_hints("invoice.voided", invoice) == LookupHints("cust_abcdef123", "cus_1", "sub_1")
+    since = datetime.fromtimestamp(150, UTC)
+    ended = current(status="canceled", last_event_created=200, past_due_since=since)
+    ended_row = row(status="canceled", last_event_created=200, own_event_created=200, past_due_since=since)
+    for rows in (ended_row, {}):
+        voided = coalesce("cust_a", ended, rows, [(invoice_facts("invoice.voided"), 300)])
+        assert actions(voided) == ["apply"]
+        assert voided.subscription == current(status="canceled", last_event_created=300)
+        assert (voided.rows["sub_1"].status, voided.rows["sub_1"].past_due_since) == ("canceled", None)
+    # A lost batch that voided it is decided again the same way, from the row.
+    written = current(status="canceled", last_event_created=300)
+    again = coalesce("cust_a", written, ended_row, [(invoice_facts("invoice.voided"), 300)])
+    assert actions(again) == ["apply"] and again.subscription == written
+    assert again.rows["sub_1"].past_due_since is None
+
+    metered = {"price": {"id": "price_metered"}, "period": {"end": PERIOD_END}}
+    usage_only = subscription_facts(
+        "invoice.voided", {"id": "in_2", "subscription": "sub_1", "lines": {"data": [metered]}}, CATALOG
+    )
+    assert usage_only is not None
+    for facts, created in [
+        (invoice_facts("invoice.voided"), 190),
+        (invoice_facts("invoice.voided", period_end=PERIOD_END - MONTH), 300),
+        (usage_only, 300),
+    ]:
+        late = coalesce("cust_a", ended, ended_row, [(facts, created)])
+        assert actions(late) == ["stale"] and late.subscription == ended and late.rows == {}
+    overdue = current(status="past_due", last_event_created=150, past_due_since=since)
+    overdue_row = row(status="past_due", last_event_created=150, own_event_created=150, past_due_since=since)
+    for held, rows in [(current(), row()), (overdue, overdue_row), (overdue, {}), (None, {})]:
+        live = coalesce("cust_a", held, rows, [(invoice_facts("invoice.voided"), 300)])
+        assert actions(live) == ["stale"] and live.subscription == held and live.rows == {}
+
+
 def test_a_lost_cancellation_or_payment_is_decided_again_with_the_row_s_past_due_since() -> None:
     """A batch lost after it wrote the Customer is decided again from the row: the row of a subscription
     that ended overdue keeps its pastDueSince, so the second decision is the first one."""
