@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from iotistic_billing.customer import ConditionType
 from iotistic_billing.operator.conditions import ConditionValue, stalled, with_conditions
+from iotistic_billing.operator.constants import INVALID_SPEC, NAMESPACE_TAKEN
 from iotistic_billing.rollout import (
     MAX_LISTED_FAILURES,
     ROLLOUT_ABORT,
@@ -38,6 +39,9 @@ Health = Literal["pending", "updating", "healthy", "failed"]
 # What a Customer's last finished pass did with a version (_last_pass).
 PassResult = Literal["ran", "refused", "not yet"]
 HEALTH_TIMEOUT = "HealthTimeout"
+# Stalled before any step that reads the version (its spec refused, its namespace someone else's): the
+# release status is an earlier pass's, and every version is refused until the Customer is repaired.
+STALLED_BEFORE_RELEASE = frozenset({INVALID_SPEC, NAMESPACE_TAKEN})
 WAITING_FOR_ROLLOUT = "WaitingForRollout"
 
 
@@ -124,12 +128,14 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     # rolloutUpdatedAt (an operator's from before it) is judged by its versions alone, as then: a pass
     # that ends before its release step (a spec refused) keeps it so, and the rollback would wait for good.
     read = release.get("rolloutUpdatedAt")
+    stuck = conditions.get(ConditionType.STALLED) or {}
     by_annotation: PassResult = "not yet"
     if annotated is None:
         by_annotation = "ran"
+    elif stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_RELEASE:
+        by_annotation = "refused"
     elif release.get("versionSource") == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
         by_annotation = _last_pass(release, conditions, annotated)
-    stuck = conditions.get(ConditionType.STALLED) or {}
     if annotated != target:
         # Why helm refused the version it is returned to, for the rollback's message.
         why = stuck if by_annotation == "refused" else {}

@@ -1255,3 +1255,22 @@ def test_a_paused_rollback_moves_no_customer_until_resumed() -> None:
     fleet.operate()
     done = decide(rollout, CANARIES, resumed.status, list(fleet.customers.values()), [], later)
     assert done.status.phase == RolloutPhase.ROLLED_BACK and fleet.on("2.0.0") == set()
+
+
+@pytest.mark.parametrize("reason", ["InvalidSpec", "NamespaceTaken"])
+def test_a_return_to_a_customer_stalled_before_its_release_step_counts_as_refused(reason: str) -> None:
+    """Found in review: a Customer whose spec is refused (or whose namespace is someone else's) stalls
+    before its release step, so its release status, rolloutUpdatedAt too, stays an earlier pass's; its
+    return waited for a pass that read it, for good, and the rollback with it. Stalled so, every version
+    is refused: the rollback ends RollbackFailed naming it."""
+    body = customer("c00")
+    aimed_by(body["status"]["release"], "Rollout", (T0 - timedelta(days=2)).isoformat(timespec="seconds"))
+    body["metadata"]["annotations"].update(
+        {ROLLOUT_CHART_VERSION: "1.0.0", ROLLOUT_UPDATED_AT: T0.isoformat(timespec="seconds")}
+    )
+    body["status"]["conditions"] = [
+        {"type": "Stalled", "status": "True", "reason": reason, "message": "spec.email: refused"},
+        {"type": "Ready", "status": "False", "reason": reason, "message": "spec.email: refused"},
+    ]
+    returned = member(body, "2.0.0", T0, timedelta(minutes=10))
+    assert (returned.annotated_result, returned.reason) == ("refused", reason)
