@@ -208,7 +208,8 @@ class CustomerModel(BaseModel):
 class StatusModel(CustomerModel):
     """A part of a status, which only this system's processes write: a field unknown here is ignored, not
     refused. A newer operator's field (its CRD stays: helm never downgrades CRDs) failed every pass of an
-    operator rolled back below it; the status merge patch names only the fields it knows, so it stays."""
+    operator rolled back below it; the status merge patch names only the fields it knows, so it stays
+    (outside lists, which are written whole). A newer enum value is still refused."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
