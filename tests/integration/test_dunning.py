@@ -6,6 +6,7 @@ deletion of the subscription: suspended. One notice per step."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -83,6 +84,47 @@ async def pass_on_clock(operator_env: dict[str, str], name: str, moment: datetim
         assert result is not None and result.permanent_error is None, result
     finally:
         await context.engine.dispose()
+
+
+@dataclass(frozen=True)
+class StripeBilled:
+    """A Customer in stripe mode and its professional subscription, whose period ends a month from `now`."""
+
+    name: str
+    customer_id: str
+    subscription_id: str
+    stripe_customer: str
+    now: datetime
+    period_end: int
+
+    def subscription(self, status: str) -> dict[str, Any]:
+        return subscription_object(
+            self.subscription_id,
+            customer=self.stripe_customer,
+            price=PRICES["professional"],
+            status=status,
+            period_end=self.period_end,
+            metadata={"customerId": self.customer_id},
+        )
+
+    def renewal(self, period_end: int | None = None) -> dict[str, Any]:
+        """The unpaid renewal invoice of the period that ends at `period_end` (the current one)."""
+        return invoice_object(
+            customer=self.stripe_customer,
+            subscription_id=self.subscription_id,
+            price=PRICES["professional"],
+            paid=False,
+            period_end=self.period_end if period_end is None else period_end,
+        )
+
+
+def stripe_billed(customers: Customers, prefix: str) -> StripeBilled:
+    name = unique_name(prefix)
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    now = datetime.now(UTC).replace(microsecond=0)
+    period_end = int((now + timedelta(days=30)).timestamp())
+    return StripeBilled(name, customer_id, random_id("sub_"), random_id("cus_"), now, period_end)
 
 
 async def test_a_failed_payment_walks_the_ladder_and_a_payment_brings_the_plan_back(
@@ -171,13 +213,8 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_says_so_until_tha
     """Found in review: Stripe's cancellation at the end of dunning cleared pastDueSince, and PaymentOverdue
     read False "no payment overdue" while the renewal was still owed. It says CanceledUnpaid (the licence
     unlicensed, no further step or notice) until the open invoice is paid, which brings no plan back."""
-    name = unique_name("canceled-unpaid")
-    customer_id = customer_id_for(name)
-    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
-    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
-    now = datetime.now(UTC).replace(microsecond=0)
-    period_end = int((now + timedelta(days=30)).timestamp())
-
+    billed = stripe_billed(customers, "canceled-unpaid")
+    name, customer_id, now, subscription = billed.name, billed.customer_id, billed.now, billed.subscription
     stripe = partial(stripe_event_applied, api)
     pass_at = partial(pass_on_clock, operator_env, name)
 
@@ -185,25 +222,9 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_says_so_until_tha
         condition = cluster.condition(name, "PaymentOverdue") or {}
         return condition.get("status", ""), condition.get("reason", ""), condition.get("message", "")
 
-    def subscription(status: str) -> dict[str, Any]:
-        return subscription_object(
-            subscription_id,
-            customer=stripe_customer,
-            price=PRICES["professional"],
-            status=status,
-            period_end=period_end,
-            metadata={"customerId": customer_id},
-        )
-
     await stripe("customer.subscription.created", subscription("active"), now - timedelta(minutes=5))
     await pass_at(now)
-    invoice = invoice_object(
-        customer=stripe_customer,
-        subscription_id=subscription_id,
-        price=PRICES["professional"],
-        paid=False,
-        period_end=period_end,
-    )
+    invoice = billed.renewal()
     await stripe("invoice.payment_failed", invoice, now)
     await pass_at(now + timedelta(days=8))
     assert payment_overdue()[:2] == ("True", "Restricted")
@@ -248,38 +269,14 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_is_settled_when_t
     was owed any more, but `invoice.voided` was ignored: PaymentOverdue said CanceledUnpaid until the
     customer subscribed again. The void of that invoice settles it as its payment does (no plan back, no
     notice); voiding an older period's invoice settles nothing, and is acknowledged as stale."""
-    name = unique_name("canceled-voided")
-    customer_id = customer_id_for(name)
-    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
-    subscription_id, stripe_customer = random_id("sub_"), random_id("cus_")
-    now = datetime.now(UTC).replace(microsecond=0)
-    period_end = int((now + timedelta(days=30)).timestamp())
-
+    billed = stripe_billed(customers, "canceled-voided")
+    name, customer_id, now, subscription = billed.name, billed.customer_id, billed.now, billed.subscription
     stripe = partial(stripe_event_applied, api)
     pass_at = partial(pass_on_clock, operator_env, name)
 
-    def invoice(end: int) -> dict[str, Any]:
-        return invoice_object(
-            customer=stripe_customer,
-            subscription_id=subscription_id,
-            price=PRICES["professional"],
-            paid=False,
-            period_end=end,
-        )
-
-    def subscription(status: str) -> dict[str, Any]:
-        return subscription_object(
-            subscription_id,
-            customer=stripe_customer,
-            price=PRICES["professional"],
-            status=status,
-            period_end=period_end,
-            metadata={"customerId": customer_id},
-        )
-
     await stripe("customer.subscription.created", subscription("active"), now - timedelta(minutes=5))
     await pass_at(now)
-    renewal = invoice(period_end)
+    renewal = billed.renewal()
     await stripe("invoice.payment_failed", renewal, now)
     await stripe("customer.subscription.deleted", subscription("canceled"), now + timedelta(days=10))
     await pass_at(now + timedelta(days=10, hours=1))
@@ -287,7 +284,7 @@ async def test_a_subscription_canceled_with_its_renewal_unpaid_is_settled_when_t
     noticed = await notices(db_engine, customer_id)
     assert {"payment.failed", "subscription.canceled"} <= set(noticed)
 
-    older = {**invoice(period_end - 30 * 86400), "status": "void"}
+    older = {**billed.renewal(billed.period_end - 30 * 86400), "status": "void"}
     voided_older = event("invoice.voided", older, created=int((now + timedelta(days=11)).timestamp()))
     assert await deliver(api, voided_older) == (
         200,
