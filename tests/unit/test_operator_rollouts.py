@@ -6,6 +6,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import kopf
 import pytest
 
 from iotistic_billing.operator import handlers, rollouts
@@ -154,3 +155,11 @@ async def test_a_rollout_move_runs_a_pass_also_when_its_return_left_the_version_
         new={names[k]: v for k, v in new.items()},
     )
     assert ran == ["acme"] * passes
+    # Kopf calls it for any change of the annotations, not of chart-version alone (which a move and its
+    # return seen as one change leave as it was).
+    registered = [
+        h
+        for h in kopf.get_default_registry()._changing.get_all_handlers()
+        if h.fn is handlers.rollout_version_changed
+    ]
+    assert [h.field for h in registered] == [("metadata", "annotations")]
