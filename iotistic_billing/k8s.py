@@ -571,14 +571,18 @@ class KubeApi:
             revisions[int(labels.get("version", 0))] = labels
         return revisions
 
-    def list_customer_events(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+    def list_customer_events(
+        self, name: str, uid: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
         """The newest `limit` Events about Customer `name`, newest first, from EVENTS_NAMESPACE, where
-        every one is posted (create_event). Read whole, a page at a time: the API server lists in the
-        order of the Events' names, which are random, so a first page of `limit` was any `limit`."""
+        every one is posted (create_event); with `uid`, only that Customer's, not those of a deleted one
+        of the same name. Read whole, a page at a time: the API server lists in the order of the Events'
+        names, which are random, so a first page of `limit` was any `limit`."""
+        selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
+        if uid is not None:
+            selector += f",involvedObject.uid={uid}"
         items = self._list_pages(
-            _path("/api/v1/namespaces", EVENTS_NAMESPACE, "events"),
-            {"fieldSelector": f"involvedObject.kind={KIND},involvedObject.name={name}"},
-            500,
+            _path("/api/v1/namespaces", EVENTS_NAMESPACE, "events"), {"fieldSelector": selector}, 500
         )[0]
 
         def newest(event: dict[str, Any]) -> tuple[str, int]:
@@ -742,8 +746,8 @@ class Kube:
     async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, dict[str, str]]:
         return await self.run(self.api.helm_release_revisions, namespace, release)
 
-    async def list_customer_events(self, name: str) -> list[dict[str, Any]]:
-        return await self.run(self.api.list_customer_events, name)
+    async def list_customer_events(self, name: str, uid: str | None = None) -> list[dict[str, Any]]:
+        return await self.run(self.api.list_customer_events, name, uid)
 
     async def create_event(
         self,

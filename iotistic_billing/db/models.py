@@ -286,7 +286,7 @@ class NoticeDelivery(Base):
 
 
 class ConsoleAction(Base):
-    """Who did what, when, in the admin console (each also an Event on its Customer)."""
+    """Who did what, when, in the admin console (one on a Customer also an Event on it)."""
 
     __tablename__ = "console_actions"
 

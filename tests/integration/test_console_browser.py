@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,9 +22,10 @@ from playwright.async_api import expect
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.db.models import ConsoleAction, Notice, NoticeDelivery, StripeEvent
+from iotistic_billing.db.models import ConsoleAction, LicenseHistory, Notice, NoticeDelivery, StripeEvent
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.periods import period_containing, shift_months
+from iotistic_billing.webhook_server.context import KUBE
 from iotistic_billing.webhook_server.security import API_KEY_HEADER
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.console_support import (
@@ -37,6 +39,7 @@ from tests.integration.console_support import (
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     PRICES,
+    VIEWER_TOKEN,
     Customers,
     add_usage_key,
     admin_headers,
@@ -385,6 +388,67 @@ async def test_console_actions_of_a_predecessor_are_not_shown(
     actions = page.partition("<h3>Console actions</h3>")[2]
     assert "reconcile requested at" in actions
     assert "suspended the deleted one" not in actions
+
+
+async def test_a_console_revoke_tells_the_customer_the_admins_reason(
+    console: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: the console's revoke told the customer (mail, webhook) and the licence history
+    the fixed reason "revoked in the admin console", never the admin's."""
+    name = unique_name("revoked")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id)
+
+    def licensed() -> bool:
+        return bool(((customers.get(name) or {}).get("status") or {}).get("license"))
+
+    await eventually(licensed, message="licence")
+    csrf = await sign_in(console, ADMIN_TOKEN)
+    reason = "chargeback on invoice 2026-0042"
+    answer = await post_form(console, f"/admin/customers/{name}/revoke", {"csrf": csrf, "reason": reason})
+    assert answer.status == 303, await answer.text()
+    async with db_engine.connect() as connection:
+        history = await connection.scalars(
+            select(LicenseHistory.metadata_).where(
+                LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+            )
+        )
+        assert history.all() == [{"reason": reason, "by": "console"}]
+        notices = await connection.scalars(
+            select(Notice.facts).where(Notice.customer_id == customer_id, Notice.kind == "license.revoked")
+        )
+        assert [facts["reason"] for facts in notices.all()] == [reason]
+    page = await (await console.get(f"/admin/customers/{name}")).text()
+    assert reason in page.partition("<h3>Console actions</h3>")[2]
+
+
+async def test_customer_events_are_those_of_its_uid(api: TestClient[Any, Any], customers: Customers) -> None:
+    """Found in review: a Customer's page listed the Events of a deleted one of the same name (the Events
+    were selected by kind and name, not by the Customer's uid)."""
+    name = unique_name("evented")
+    created = customers.create(name, customerId=customer_id_for(name))
+    kube = api.app[KUBE]
+    predecessor = {"metadata": {"name": name, "uid": str(uuid.uuid4())}}
+    await kube.create_event("Customer", predecessor, reason="Deleted", message="an Event of the deleted one")
+    await kube.create_event("Customer", created, reason="Current", message="an Event of this Customer")
+    await sign_in(api, VIEWER_TOKEN)
+    page = await (await api.get(f"/admin/customers/{name}")).text()
+    events = page.partition("<h2>Kubernetes Events</h2>")[2].partition("</section>")[0]
+    assert "an Event of this Customer" in events
+    assert "an Event of the deleted one" not in events
+
+
+async def test_the_replay_of_an_unmatched_event_is_shown_on_its_page(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: the audit row of a replay of an event no Customer matched was shown nowhere."""
+    early = await unmatched_event(api, "cust_" + random_id("", 12))
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    answer = await post_form(api, f"/admin/stripe-events/{early['id']}/replay", {"csrf": csrf})
+    assert answer.status == 303, await answer.text()
+    page = await (await api.get(f"/admin/stripe-events/{early['id']}")).text()
+    actions = page.partition("<h2>Console actions</h2>")[2]
+    assert f"Stripe event {early['id']} ({early['type']}) replayed" in actions, page
 
 
 NOTICE_COUNTS = re.compile(r"<li>pending (\d+)</li><li>dead (\d+)</li>")

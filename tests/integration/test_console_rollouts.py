@@ -4,6 +4,7 @@ each an audit row; the viewer cannot act, nor a form without the session's CSRF 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import kubernetes
@@ -128,3 +129,30 @@ async def test_an_action_on_a_name_no_rollout_can_have_is_a_404_and_no_row(
     async with db_engine.connect() as connection:
         targets = select(ConsoleAction.target).where(ConsoleAction.target.startswith(prefix))
         assert (await connection.execute(targets)).all() == []
+
+
+async def test_the_rollouts_page_shows_each_rollout_s_console_actions(
+    api: TestClient[Any, Any],
+    rollouts: kubernetes.client.CustomObjectsApi,
+    rollout: str,
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: the audit rows of Pause, Resume and Abort were shown on no page."""
+    created = datetime.fromisoformat(read(rollouts, rollout)["metadata"]["creationTimestamp"])
+    # A deleted rollout's of the same name, recorded before this one was created.
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            ConsoleAction.__table__.insert().values(
+                at=created - timedelta(minutes=5),
+                role="admin",
+                action="rollout-abort",
+                target=rollout,
+                detail="aborted the deleted one",
+            )
+        )
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    assert (await post_form(api, f"/admin/rollouts/{rollout}/pause", {"csrf": csrf})).status == 303
+    page = await (await api.get("/admin/rollouts")).text()
+    section = page.partition(f'id="rollout-{rollout}"')[2].partition("</section>")[0]
+    assert f"InstanceRollout {rollout} paused" in section, page
+    assert "aborted the deleted one" not in section

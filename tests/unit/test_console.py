@@ -21,7 +21,7 @@ from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
-from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager
+from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager, matching
 from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin, usage_charts
 from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions
 from iotistic_billing.webhook_server.context import OPTIONS
@@ -282,3 +282,21 @@ def test_a_customer_whose_step_fails_and_is_retried_needs_a_look() -> None:
     )
     assert [(f.name, f.reason) for f in listed] == [("noreg", "ChartPullFailed")]
     assert {c.CHART_PULL_FAILED, c.INSTALL_FAILED, c.UPGRADE_FAILED} == RETRIED_FAILURE_REASONS
+
+
+def test_search_finds_a_customer_by_company_name() -> None:
+    """Found in review: the Customers list shows each one's company, and its search ignored it."""
+
+    def customer(name: str, company: str) -> CustomerRecord:
+        body = {
+            "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"email": f"ops@{name}.example", "companyName": company},
+        }
+        found = CustomerRecord.from_body(body)
+        assert found is not None
+        return found
+
+    listed = [customer("c-0001", "Acme Rockets GmbH"), customer("c-0002", "Globex Corporation")]
+    assert [r.name for r in matching(listed, search="rockets")] == ["c-0001"]
+    assert [r.name for r in matching(listed, search=" GLOBEX ")] == ["c-0002"]
+    assert [r.name for r in matching(listed, search="c-000")] == ["c-0001", "c-0002"]

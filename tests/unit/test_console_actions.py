@@ -14,8 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy import Update
 
+from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.console.pages import console_guard, register
 from iotistic_billing.webhook_server.context import (
@@ -104,11 +107,14 @@ class FakeKube:
 
 class FakeDatabase:
     """PostgreSQL as the console uses it: rows added in a transaction are kept when it commits; while
-    `up` is False every statement fails as a refused connection does."""
+    `up` is False every statement fails as a refused connection does; `lose_commit`: the connection is
+    lost at the commit, after every statement went through. `stripe_events`: the inbox's rows by id."""
 
     def __init__(self) -> None:
         self.up = True
+        self.lose_commit = False
         self.committed: list[Any] = []
+        self.stripe_events: dict[str, models.StripeEvent] = {}
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeSession]:
@@ -124,10 +130,25 @@ class FakeSession:
     async def begin(self) -> AsyncIterator[FakeSession]:
         yield self
         await self.flush()
+        if self.database.lose_commit:
+            raise ConnectionRefusedError("PostgreSQL was lost at the commit")
         self.database.committed.extend(self.added)
 
     def add(self, row: Any) -> None:
         self.added.append(row)
+
+    async def get(self, model: type[Any], key: str, **options: Any) -> Any:
+        assert model is models.StripeEvent
+        return self.database.stripe_events.get(key)
+
+    async def execute(self, statement: Any) -> None:
+        """An UPDATE of a Stripe event sets its columns; anything else (the NOTIFY) is only sent."""
+        await self.flush()
+        if isinstance(statement, Update):
+            values = statement.compile().params
+            row = self.database.stripe_events[values.pop("event_id_1")]
+            for column, value in values.items():
+                setattr(row, column, value)
 
     async def flush(self) -> None:
         if not self.database.up:
@@ -261,6 +282,79 @@ async def test_with_the_database_away_an_action_changes_nothing(console: Console
     assert (answer.status, body["error"]) == (503, "Database unavailable"), body
     assert "nothing was changed" in body["message"]
     assert console.kube.patches == [] and console.kube.events == []
+
+
+@pytest.mark.parametrize(
+    ("path", "changed", "events"),
+    [
+        ("/admin/customers/acme/suspend", "Customer acme: suspended", ["ConsoleSuspend"]),
+        ("/admin/customers/acme/reconcile", "Customer acme: reconcile requested at", ["ConsoleReconcile"]),
+        ("/admin/rollouts/wave-1/abort", "InstanceRollout wave-1 aborted", []),
+    ],
+)
+async def test_a_commit_lost_after_the_patch_says_what_was_changed(
+    console: Console, path: str, changed: str, events: list[str]
+) -> None:
+    """Found in review: PostgreSQL lost at the commit, after the patch, answered "nothing was changed"
+    while the Customer was suspended (the rollout aborted), with neither its audit row nor its Event."""
+    csrf = await console.sign_in()
+    console.database.lose_commit = True
+    answer = await console.post(path, {"csrf": csrf})
+    body = await answer.json()
+    assert (answer.status, body["error"]) == (503, "Database unavailable"), body
+    assert changed in body["message"] and "nothing was changed" not in body["message"], body
+    assert len(console.kube.patches) == 1 and console.database.committed == []
+    # The Customer's Event is the action's record then.
+    assert console.kube.events == events
+
+
+@pytest.mark.parametrize(
+    ("path", "row", "events"),
+    [
+        ("/admin/customers/acme/suspend", ("suspend", "acme", None), ["ConsoleSuspend"]),
+        ("/admin/rollouts/wave-1/pause", ("rollout-pause", None, "wave-1"), []),
+    ],
+)
+async def test_a_write_the_api_server_may_have_made_is_recorded_as_such(
+    console: Console, path: str, row: tuple[str, str | None, str | None], events: list[str]
+) -> None:
+    """Found in review: a patch whose answer timed out (which the API server may have made) rolled back
+    its audit row: a suspension could be in force with no record of who made it."""
+    console.kube.refuse = KubernetesUnavailable("the API server did not answer in time", maybe_applied=True)
+    status, text = await console.act(path)
+    body = json.loads(text)
+    assert (status, body["error"]) == (503, "Kubernetes API unavailable"), body
+    assert "may have been made" in body["message"] and "nothing was changed" not in body["message"]
+    assert audited(console) == [row] and console.kube.events == events
+    assert "may not have been made" in console.database.committed[0].detail
+
+
+async def test_a_console_revoke_without_a_reason_is_a_400_naming_reason(console: Console) -> None:
+    csrf = await console.sign_in()
+    for fields in ({"csrf": csrf}, {"csrf": csrf, "reason": "  "}, {"csrf": csrf, "reason": "x" * 501}):
+        answer = await console.post("/admin/customers/acme/revoke", fields)
+        problem = await answer.json()
+        assert answer.status == 400, problem
+        assert [p["field"] for p in problem["details"]] == ["reason"], problem
+        assert problem["message"].startswith("reason: ")
+    assert console.kube.patches == [] and console.database.committed == []
+
+
+async def test_a_double_clicked_replay_lands_on_the_event_page(console: Console) -> None:
+    """Found in review: the second POST of a double-clicked (or retried) Replay found the event pending
+    and answered the API's JSON 409 in place of the console's page."""
+    console.database.stripe_events["evt_1"] = models.StripeEvent(
+        event_id="evt_1", type="customer.subscription.updated", created=0, result="unmatched", attempts=0
+    )
+    csrf = await console.sign_in()
+    first = await console.post("/admin/stripe-events/evt_1/replay", {"csrf": csrf})
+    assert (first.status, first.headers["Location"]) == (303, "/admin/stripe-events/evt_1?done=replay")
+    again = await console.post("/admin/stripe-events/evt_1/replay", {"csrf": csrf})
+    assert (again.status, again.headers.get("Location")) == (303, "/admin/stripe-events/evt_1"), (
+        await again.text()
+    )
+    assert audited(console) == [("replay", None, "evt_1")]
+    assert console.database.stripe_events["evt_1"].result == "pending"
 
 
 async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: Console) -> None:

@@ -180,14 +180,14 @@ async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now
 def matching(
     records: Iterable[CustomerRecord], *, search: str = "", phase: str = "", plan: str = ""
 ) -> list[CustomerRecord]:
-    """Customers whose name, email or customer id holds `search`, in a phase and on a plan; by name."""
+    """Customers whose name, company name, email or customer id holds `search` (in any case), in a phase
+    and on a plan; by name."""
     needle = search.strip().lower()
     found = []
     for record in records:
         spec = record.customer.spec
-        if needle and not any(
-            needle in text.lower() for text in (record.name, spec.email, record.customer_id)
-        ):
+        texts = (record.name, spec.company_name, spec.email, record.customer_id)
+        if needle and not any(needle in text.lower() for text in texts):
             continue
         if phase and phase_of(record) != phase:
             continue
@@ -268,13 +268,21 @@ async def event_types(session: AsyncSession) -> list[str]:
 
 
 async def audit(
-    session: AsyncSession, customer_name: str | None = None, since: datetime | None = None, limit: int = 50
+    session: AsyncSession,
+    customer_name: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+    *,
+    target: str | None = None,
 ) -> list[models.ConsoleAction]:
-    """The newest actions first; `since`: none before it. A row names its Customer only, so a Customer's
-    page passes its creationTimestamp: what came before was done to a deleted one of the same name."""
+    """The newest actions first, on a Customer or on a `target` (a Stripe event's id, an InstanceRollout's
+    name); `since`: none before it. A row names its object only, so a Customer's or a rollout's page
+    passes its creationTimestamp: what came before was done to a deleted one of the same name."""
     query = select(models.ConsoleAction).order_by(models.ConsoleAction.id.desc()).limit(limit)
     if customer_name is not None:
         query = query.where(models.ConsoleAction.customer_name == customer_name)
+    if target is not None:
+        query = query.where(models.ConsoleAction.target == target)
     if since is not None:
         query = query.where(models.ConsoleAction.at >= since)
     return list((await session.scalars(query)).all())
@@ -339,6 +347,10 @@ class RolloutView:
     def finished(self) -> bool:
         return self.status.phase in TERMINAL_PHASES
 
+    @property
+    def created_at(self) -> datetime | None:
+        return datetime.fromisoformat(self.created) if self.created else None
+
 
 def rollout_views(bodies: list[dict[str, Any]]) -> list[RolloutView]:
     """InstanceRollouts as the console lists them, newest first (one the models refuse is left out)."""
@@ -376,14 +388,14 @@ async def record_action(
     customer_name: str | None,
     target: str | None,
     detail: str,
-) -> None:
-    session.add(
-        models.ConsoleAction(
-            role=role, action=action, customer_name=customer_name, target=target, detail=detail
-        )
+) -> models.ConsoleAction:
+    row = models.ConsoleAction(
+        role=role, action=action, customer_name=customer_name, target=target, detail=detail
     )
+    session.add(row)
     # Written now, not at the commit: a database that is away stops the action before its write.
     await session.flush()
+    return row
 
 
 __all__ = [

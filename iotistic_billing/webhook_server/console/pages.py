@@ -2,8 +2,8 @@
 API's route table, a page cannot exist without its guard.
 
 Pages are GETs any signed-in person may see; actions are POSTs only the admin role may make, each with
-the session's CSRF token from the same origin, each recorded (who, what, when) and told to the Customer
-as a Kubernetes Event.
+the session's CSRF token from the same origin, each recorded (who, what, when) and shown on the page of
+what it acted on; one on a Customer is also told to it as a Kubernetes Event.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from jinja2 import Environment, PackageLoader, select_autoescape
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import DNS_NAME_PATTERN, KIND, PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.errors import ApiError, Forbidden, NotFound, ValidationFailed
+from iotistic_billing.errors import ApiError, DependencyUnavailable, Forbidden, NotFound, ValidationFailed
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT
@@ -53,7 +55,7 @@ from iotistic_billing.webhook_server.context import (
 from iotistic_billing.webhook_server.errors import problem_of
 from iotistic_billing.webhook_server.licenses import license_token, revocation
 from iotistic_billing.webhook_server.messages import read_decimal
-from iotistic_billing.webhook_server.schemas import NUL_MESSAGE
+from iotistic_billing.webhook_server.schemas import NUL_MESSAGE, RevokeRequest
 from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
 from iotistic_billing.webhook_server.usage import usage_history
 
@@ -348,7 +350,7 @@ async def customer_page(request: web.Request) -> web.Response:
     now = request.app[CLOCK]()
     kube = request.app[KUBE]
     try:
-        events = await kube.list_customer_events(record.name)
+        events = await kube.list_customer_events(record.name, record.customer.metadata.uid)
     except KubernetesUnavailable:
         events = []
     claims = licence_claims(request, await license_token(kube, record.namespace, record.customer_id))
@@ -446,6 +448,8 @@ async def stripe_event_page(request: web.Request) -> web.Response:
     event_id = _event_id(request)
     async with request.app[SESSIONS]() as session:
         row = await session.get(models.StripeEvent, event_id)
+        # Its replays: one of an event no Customer matched is on no Customer's page.
+        audit = await data.audit(session, target=event_id) if row is not None else []
     if row is None:
         raise _no_event(event_id)
     return render(
@@ -454,6 +458,7 @@ async def stripe_event_page(request: web.Request) -> web.Response:
         event=row,
         payload=json.dumps(row.payload, indent=2, sort_keys=True) if row.payload else "",
         replayable=replayable(row),
+        audit=audit,
     )
 
 
@@ -483,17 +488,17 @@ async def _audit(
     *,
     customer: str | None = None,
     target: str | None = None,
-) -> None:
+) -> models.ConsoleAction:
     """The action's audit row, in the transaction of its write: written before the write (a database
     that is away stops the action there), committed with it, rolled back when the write fails."""
-    await data.record_action(
+    return await data.record_action(
         db, role=request[SESSION].role, action=action, customer_name=customer, target=target, detail=detail
     )
 
 
-async def _tell(request: web.Request, record: CustomerRecord, action: str, detail: str) -> None:
+async def _tell(request: web.Request, record: CustomerRecord, action: str, detail: str) -> bool:
     """The Event on the Customer, once the action is committed: an Event that cannot be written is
-    logged, the action stays done."""
+    logged (False), the action stays done."""
     try:
         await request.app[KUBE].create_event(
             KIND,
@@ -503,6 +508,62 @@ async def _tell(request: web.Request, record: CustomerRecord, action: str, detai
         )
     except (KubernetesUnavailable, ApiException) as error:
         log.warning("console: the Event of %s on %s was not written (%s)", action, record.name, error)
+        return False
+    return True
+
+
+async def _recorded_write(
+    request: web.Request,
+    action: str,
+    detail: str,
+    write: Callable[[], Awaitable[object]],
+    *,
+    record: CustomerRecord | None = None,
+    target: str | None = None,
+) -> None:
+    """An action other than revoke: its audit row (`_audit`), its write, the commit, then the Event on
+    its Customer (`record`). Once the API server may have made the write, the answer never says nothing
+    was changed (as `revocation` for revoke): a write whose answer was lost keeps its row, saying so, and
+    answers the API's "may have been made" 503; PostgreSQL lost at the commit is a 503 saying what was
+    changed, and the Event (the action's one record then) is posted anyway."""
+    unsure: KubernetesUnavailable | None = None
+    row: models.ConsoleAction | None = None
+    written = False
+    try:
+        async with request.app[SESSIONS]() as db, db.begin():
+            customer = record.name if record else None
+            row = await _audit(request, db, action, detail, customer=customer, target=target)
+            try:
+                await write()
+            except KubernetesUnavailable as error:
+                if not error.maybe_applied:
+                    raise
+                unsure = error
+                row.detail = f"{detail} (the API server's answer was lost: it may not have been made)"
+            written = True
+    except Exception as error:
+        if row is None or not written or not database_unreachable(error):
+            raise
+        subject = f"Customer {record.name}: {detail}" if record else detail
+        log.warning(
+            "console: %s (by the %s), but PostgreSQL was lost at the commit (%s)",
+            subject,
+            request[SESSION].role,
+            type(error).__name__,
+        )
+        told = record is not None and await _tell(
+            request, record, action, f"{row.detail}; not in the console's records: PostgreSQL was lost"
+        )
+        happened = "was made" if unsure is None else "may have been made (the API server's answer was lost)"
+        raise DependencyUnavailable(
+            "Database",
+            f"the change ({subject}) {happened}, but PostgreSQL was lost before the console recorded it"
+            + ("; the Event on the Customer records it" if told else ""),
+        ) from None
+    if record is not None and row is not None:
+        await _tell(request, record, action, row.detail)
+    if unsure is not None:
+        raise unsure
 
 
 def _customer_patch(action: str, now: datetime) -> tuple[dict[str, Any], str] | None:
@@ -525,30 +586,47 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     if change is None and action != "revoke":
         raise NotFound("Not found", f"no action {action!r}")
     if change is None:
+        reason = revoke_reason(await read_form(request))
         # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
         async with revocation(request.app) as revoking:
-            revoked = await revoking.revoke(record, "revoked in the admin console", by="console")
-            detail = f"licence {revoked.jti} revoked, Customer suspended"
+            revoked = await revoking.revoke(record, reason, by="console")
+            detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
             await _audit(request, revoking.session, action, detail, customer=record.name)
+        await _tell(request, record, action, detail)
     else:
-        async with request.app[SESSIONS]() as db, db.begin():
-            patch, detail = change
-            await _audit(request, db, action, detail, customer=record.name)
+        patch, detail = change
+
+        async def write() -> None:
             try:
                 await request.app[KUBE].patch_customer(record.name, patch, FieldManager.CONSOLE)
             except ApiException as error:
                 if error.status == 404:
                     raise _no_customer(record.name) from None
                 raise
-    await _tell(request, record, action, detail)
+
+        await _recorded_write(request, action, detail, write, record=record)
     return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": action}))
 
 
+def revoke_reason(form: Mapping[str, object]) -> str:
+    """The revoke form's reason, required as the API's revoke requires it (RevokeRequest): the customer's
+    notice and the licence history say it."""
+    try:
+        return RevokeRequest.model_validate({"reason": form["reason"]} if "reason" in form else {}).reason
+    except ValidationError as invalid:
+        raise ValidationFailed.from_pydantic(invalid) from None
+
+
 async def rollouts_page(request: web.Request) -> web.Response:
-    """The InstanceRollouts with their steps, counts and failed Customers."""
-    return render(
-        request, "rollouts.html.j2", rollouts=data.rollout_views(await request.app[KUBE].list_rollouts())
-    )
+    """The InstanceRollouts with their steps, counts and failed Customers, and the console's actions on
+    each (since its creation: not those on a deleted one of the same name)."""
+    rollouts = data.rollout_views(await request.app[KUBE].list_rollouts())
+    async with request.app[SESSIONS]() as session:
+        audit = {
+            view.name: await data.audit(session, target=view.name, since=view.created_at, limit=20)
+            for view in rollouts
+        }
+    return render(request, "rollouts.html.j2", rollouts=rollouts, audit=audit)
 
 
 def _no_rollout(name: str) -> NotFound:
@@ -571,14 +649,16 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     if len(name) > 253 or not re.fullmatch(DNS_NAME_PATTERN, name):
         raise _no_rollout(name)
     patch, done = patches[action]
-    async with request.app[SESSIONS]() as db, db.begin():
-        await _audit(request, db, f"rollout-{action}", f"InstanceRollout {name} {done}", target=name)
+
+    async def write() -> None:
         try:
             await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
         except ApiException as error:
             if error.status == 404:
                 raise _no_rollout(name) from None
             raise
+
+    await _recorded_write(request, f"rollout-{action}", f"InstanceRollout {name} {done}", write, target=name)
     return see_other("/admin/rollouts?" + urlencode({"done": f"rollout-{action}"}))
 
 
@@ -589,6 +669,9 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
         row = await session.get(models.StripeEvent, event_id, with_for_update=True)
         if row is None:
             raise _no_event(event_id)
+        if row.result == PENDING and row.attempts == 0:
+            # Back in the inbox already: a double-clicked or retried Replay lands where the first did.
+            return see_other(f"/admin/stripe-events/{event_id}")
         if not replayable(row):
             raise ApiError(
                 "Not replayable",
