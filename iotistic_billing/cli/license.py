@@ -25,6 +25,7 @@ from iotistic_billing.licensing.minting import (
 from iotistic_billing.licensing.plans import PLAN_NAMES, UNLICENSED_PLAN_NAME, plan_by_name
 from iotistic_billing.licensing.verifier import LicenseVerifier
 from iotistic_billing.settings import Settings, SettingsError, load_settings
+from iotistic_billing.webhook_server.keyring import LicenseKeyring
 
 MAX_TRIAL_DAYS = 90  # spec.trial.days of the Customer resource
 MAX_LIFETIME_DAYS = 366
@@ -72,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         action="append",
         metavar="PATH",
-        help="PEM public key, repeatable (default LICENSE_PUBLIC_KEY_PATH, LICENSE_EXTRA_PUBLIC_KEY_PATHS)",
+        help="PEM public key, repeatable (default: the public half of LICENSE_PRIVATE_KEY_PATH, else"
+        " LICENSE_PUBLIC_KEY_PATH, and LICENSE_EXTRA_PUBLIC_KEY_PATHS, as the webhook server takes them)",
     )
     source.add_argument("--jwks", type=Path, metavar="FILE", help="JWKS document of the public keys")
     verify.add_argument("--audience", help="default LICENSE_AUDIENCE")
@@ -135,7 +137,8 @@ def _mint(args: argparse.Namespace) -> int:
     try:
         keys = SigningKeys.from_pem_files(private_key_path)
     except LicenseKeyError as exc:
-        raise CommandError(f"--private-key: {exc}") from None
+        source = "--private-key" if args.private_key else "LICENSE_PRIVATE_KEY_PATH"
+        raise CommandError(f"{source}: {exc}") from None
 
     now = datetime.now(UTC)
     trial = TrialTerms(is_trial_mode=False)
@@ -171,14 +174,21 @@ def _verifier(args: argparse.Namespace) -> LicenseVerifier:
             except OSError as exc:
                 raise CommandError(f"--jwks: cannot read {args.jwks} ({exc.strerror})") from None
             return LicenseVerifier.from_jwks(document, audience=audience, issuer=issuer)
-        paths = args.public_key
-        if not paths:
-            if settings.license_public_key_path is None:
-                raise CommandError("--public-key: not given and LICENSE_PUBLIC_KEY_PATH is not set")
-            paths = [settings.license_public_key_path, *settings.license_extra_public_key_paths]
-        return LicenseVerifier.from_pem_files(*paths, audience=audience, issuer=issuer)
+        if args.public_key:
+            return LicenseVerifier.from_pem_files(*args.public_key, audience=audience, issuer=issuer)
     except (LicenseKeyError, ValueError) as exc:
         raise CommandError(f"{'--jwks' if args.jwks is not None else '--public-key'}: {exc}") from None
+    # The settings' keys as the webhook server takes them, so that a shell with the operator's settings
+    # (LICENSE_PRIVATE_KEY_PATH alone) verifies too; its error names the variable whose file is unread.
+    try:
+        keyring = LicenseKeyring.from_settings(settings)
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from None
+    if not keyring.configured:
+        raise CommandError(
+            "--public-key: not given and neither LICENSE_PUBLIC_KEY_PATH nor LICENSE_PRIVATE_KEY_PATH is set"
+        )
+    return LicenseVerifier(keyring.public_keys, audience=audience, issuer=issuer)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -94,6 +94,16 @@ class LicenseRecord:
                 raise MintingError(f"licence claim {name!r} must be {kind.__name__}, got {value!r}")
             return value
 
+        def time_claim(name: str) -> datetime:
+            seconds = claim(name, int)
+            try:
+                return datetime.fromtimestamp(seconds, UTC)
+            except (OverflowError, ValueError, OSError):
+                # A token edited into a Secret may hold any integer: unreadable as a licence, not a crash.
+                raise MintingError(
+                    f"licence claim {name!r} must be a time in the years 1 to 9999, got {seconds!r}"
+                ) from None
+
         features = claim("features", dict)
         max_devices = features.get("maxDevices")
         if not isinstance(max_devices, int) or isinstance(max_devices, bool):
@@ -108,8 +118,8 @@ class LicenseRecord:
             license_hash=license_sha256(token),
             jti=claim("jti", str),
             kid=kid,
-            issued_at=datetime.fromtimestamp(claim("iat", int), UTC),
-            expires_at=datetime.fromtimestamp(claim("exp", int), UTC),
+            issued_at=time_claim("iat"),
+            expires_at=time_claim("exp"),
             features=features,
             limits=claim("limits", dict),
         )

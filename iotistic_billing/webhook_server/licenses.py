@@ -97,7 +97,8 @@ async def _issued_token(request: web.Request, record: CustomerRecord) -> str:
 
 
 async def get_license(request: web.Request) -> web.Response:
-    """The customer's current licence and its claims."""
+    """The customer's current licence, its claims and whether they verified: unverified claims (a key
+    id of no key of ours) must not pass for ours."""
     customer_id = read_customer_id(request)
     principal = request[PRINCIPAL]
     # Checked before any lookup: an instance learns nothing about other customers, not even existence.
@@ -106,8 +107,8 @@ async def get_license(request: web.Request) -> web.Response:
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, customer_id)
     token = await _issued_token(request, record)
-    claims, _verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
-    return json_model(LicenseResponse(license=token, decoded=claims))
+    claims, verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
+    return json_model(LicenseResponse(license=token, decoded=claims, verified=verified))
 
 
 async def get_license_history(request: web.Request) -> web.Response:

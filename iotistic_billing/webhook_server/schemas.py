@@ -306,7 +306,14 @@ class PortalResponse(Response):
 
 class LicenseResponse(Response):
     license: str = Field(description="The licence JWT from the customer's Secret.")
-    decoded: dict[str, Any] = Field(description="Its claims.")
+    decoded: dict[str, Any] = Field(
+        description="Its claims: unchecked when `verified` is false because its kid names no key of ours;"
+        " {} when the key it names does not verify it (tampered, or for another audience)."
+    )
+    verified: bool = Field(
+        description="Whether one of our keys (the JWKS's) verified its signature and audience; its times"
+        " are not checked."
+    )
 
 
 class HistoryQuery(Query):

@@ -4,10 +4,12 @@ stripe-mock, and the operational routes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import re
 import time
+from datetime import UTC, datetime
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,11 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
 from iotistic_billing.devenv.stripe_mock import StripeMock
-from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
+from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
+from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
+from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.route_table import ROUTES
@@ -291,6 +296,103 @@ async def test_public_keys_are_published(api: TestClient[Any, Any], license_keys
     jwks = await (await api.get("/.well-known/jwks.json")).json()
     assert jwks["keys"][0]["kid"] == jwk_thumbprint(read_public_key(license_keys[1]))
     assert jwks["keys"][0]["alg"] == "RS256"
+
+
+def put_handmade_licence(customers: Customers, name: str, token: str) -> None:
+    """The Customer `name` with its licence Secret holding `token`. The namespace is made before the
+    Customer: an operator of the session, when it runs, takes it for someone else's (NamespaceTaken) and
+    leaves the Secret as it is."""
+    customers.core.create_namespace({"metadata": {"name": namespace_for(name)}})
+    secret = {"metadata": {"name": LICENSE_SECRET_NAME}, "stringData": {LICENSE_JWT_KEY: token}}
+    customers.core.create_namespaced_secret(namespace_for(name), secret)
+    customers.create(name, customerId=customer_id_for(name))
+
+
+def licence_of(keys: SigningKeys, customer_id: str, settings: Settings) -> str:
+    return mint_license(
+        customer=LicenseCustomer(customer_id, "Handmade Corp"),
+        plan=PLANS["starter"],
+        trial=NO_TRIAL,
+        subscription=SubscriptionTerms("active"),
+        now=datetime.now(UTC),
+        keys=keys,
+        issuer=settings.license_issuer,
+        audience=settings.license_audience,
+    ).token
+
+
+def with_payload(token: str, **claims: Any) -> str:
+    """`token` with claims edited in (as in a Secret someone edited): its signature no longer covers them."""
+    header, payload, signature = token.split(".")
+    edited = {**json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))), **claims}
+    return (
+        f"{header}.{base64.urlsafe_b64encode(json.dumps(edited).encode()).rstrip(b'=').decode()}.{signature}"
+    )
+
+
+async def test_get_license_says_when_its_claims_are_unverified(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """Found in review: the answer dropped whether the claims verified, so a licence signed by a key we
+    do not know looked like ours, and a tampered one of ours showed {} with no word why."""
+    name = unique_name("handmade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    signed = licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings)
+    unknown = licence_of(SigningKeys(generate_private_key()), customer_id, webhook_settings)
+    tampered = with_payload(signed, features={"maxDevices": 5000})
+    put_handmade_licence(customers, name, signed)
+    try:
+        for token, verified, plan in [
+            (signed, True, "starter"),
+            (unknown, False, "starter"),
+            (tampered, False, None),
+        ]:
+            customers.core.patch_namespaced_secret(
+                LICENSE_SECRET_NAME, namespace, {"stringData": {LICENSE_JWT_KEY: token}}
+            )
+            response = await api.get(f"/api/licenses/{customer_id}", headers=admin_headers())
+            body = await response.json()
+            assert response.status == 200, body
+            assert (body["license"], body["verified"], body["decoded"].get("plan")) == (token, verified, plan)
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+    document = await (await api.get("/api/openapi.json")).json()
+    schema = document["components"]["schemas"]["LicenseResponse"]
+    assert schema["properties"]["verified"]["type"] == "boolean" and "verified" in schema["required"]
+
+
+@pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])
+async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_revoke(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    claim: str,
+    seconds: int,
+) -> None:
+    """Found in review: reading such a token back raised OverflowError or ValueError, a 500."""
+    name = unique_name("handmade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    ours = SigningKeys.from_pem_files(license_keys[0])
+    put_handmade_licence(
+        customers, name, with_payload(licence_of(ours, customer_id, webhook_settings), **{claim: seconds})
+    )
+    try:
+        response = await api.post(
+            f"/api/licenses/{customer_id}/revoke", json={"reason": "test"}, headers=admin_headers()
+        )
+        body = await response.json()
+        assert (response.status, body["error"]) == (409, "No licence to revoke"), body
+        assert body["message"] == "the licence Secret holds no readable licence"
+        customer = customers.get(name)
+        assert customer is not None and not customer["spec"].get("suspended", False)
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
 
 
 async def test_subscription_routes_call_stripe(

@@ -254,11 +254,69 @@ def test_license_verify_defaults_to_the_settings_public_key(
     token = mint(capsys, key_dir, "--plan", "enterprise")
     code, _, err = run(capsys, "license", "verify", token)
     assert code == 2
-    assert "--public-key: not given and LICENSE_PUBLIC_KEY_PATH is not set" in err
+    assert (
+        "--public-key: not given and neither LICENSE_PUBLIC_KEY_PATH nor LICENSE_PRIVATE_KEY_PATH is set"
+        in err
+    )
     monkeypatch.setenv("LICENSE_PUBLIC_KEY_PATH", str(key_dir / "public-key.pem"))
     code, out, _ = run(capsys, "license", "verify", token)
     assert code == 0
     assert "maxDevices -1" in out
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable"),
+    [
+        ({"LICENSE_PUBLIC_KEY_PATH": "MISSING"}, "LICENSE_PUBLIC_KEY_PATH"),
+        (
+            {"LICENSE_PUBLIC_KEY_PATH": "PUBLIC", "LICENSE_EXTRA_PUBLIC_KEY_PATHS": '["MISSING"]'},
+            "LICENSE_EXTRA_PUBLIC_KEY_PATHS",
+        ),
+        ({"LICENSE_PRIVATE_KEY_PATH": "MISSING"}, "LICENSE_PRIVATE_KEY_PATH"),
+    ],
+)
+def test_license_verify_names_the_setting_a_key_path_came_from(
+    capsys: pytest.CaptureFixture[str],
+    key_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str],
+    variable: str,
+) -> None:
+    """Found in review: a key file of the settings that could not be read was blamed on --public-key."""
+    missing = str(tmp_path / "missing.pem")
+    for name, value in settings.items():
+        monkeypatch.setenv(
+            name, value.replace("MISSING", missing).replace("PUBLIC", str(key_dir / "public-key.pem"))
+        )
+    code, out, err = run(capsys, "license", "verify", "x.y.z")
+    assert (code, out) == (2, "")
+    assert f"{variable}: {missing}: cannot read" in err
+    assert "--public-key" not in err
+
+
+def test_license_mint_names_the_setting_a_key_path_came_from(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LICENSE_PRIVATE_KEY_PATH", str(tmp_path / "missing.pem"))
+    code, _, err = run(
+        capsys, "license", "mint", "--customer-id", "cust_abc123", "--name", "A", "--plan", "starter"
+    )
+    assert code == 2
+    assert f"LICENSE_PRIVATE_KEY_PATH: {tmp_path / 'missing.pem'}: cannot read" in err
+    assert "--private-key" not in err
+
+
+def test_license_verify_takes_the_public_key_from_the_private_key_alone(
+    capsys: pytest.CaptureFixture[str], key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: with LICENSE_PRIVATE_KEY_PATH alone (an operator pod), verify refused for want of
+    LICENSE_PUBLIC_KEY_PATH, where the webhook server takes the private key's public half."""
+    token = mint(capsys, key_dir, "--plan", "starter")
+    monkeypatch.setenv("LICENSE_PRIVATE_KEY_PATH", str(key_dir / "private-key.pem"))
+    code, out, err = run(capsys, "license", "verify", token)
+    assert code == 0, err
+    assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan starter")
 
 
 def test_license_verify_errors_name_the_argument(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ from typing import Any
 import jwt
 import pytest
 
+from iotistic_billing.customer import LICENSE_JWT_KEY
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
+    SIGNATURE_ONLY,
     LicenseCustomer,
     LicenseRecord,
     MintedLicense,
@@ -28,6 +30,9 @@ from iotistic_billing.licensing.minting import (
 )
 from iotistic_billing.licensing.plans import PLAN_NAMES, PLANS, UNLICENSED, Plan
 from iotistic_billing.licensing.verifier import LicenseVerifier
+from iotistic_billing.operator import license as license_step
+from iotistic_billing.operator.license import ensure_license
+from tests.unit.test_operator_state import LicenceStepParts, _target_of
 
 NOW = datetime(2025, 10, 21, 10, 30, 0, tzinfo=UTC)
 ISSUER = "https://billing.iotistic.cloud"
@@ -297,6 +302,53 @@ def test_record_from_a_token_without_claims_names_the_claim(keys: SigningKeys) -
     token = jwt.encode({"plan": "starter"}, keys.private_key, algorithm="RS256", headers={"kid": keys.kid})
     with pytest.raises(MintingError, match="licence claim 'features' must be dict"):
         LicenseRecord.from_token(token)
+
+
+def edited(token: str, **claims: Any) -> str:
+    """`token` with its payload edited (as someone may edit a licence Secret): the signature no longer
+    covers it, which reading a record back does not check."""
+    header, payload, signature = token.split(".")
+    edited_claims = {**json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))), **claims}
+    encoded = base64.urlsafe_b64encode(json.dumps(edited_claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{encoded}.{signature}"
+
+
+OUT_OF_RANGE_TIMES = [("iat", 10**20), ("exp", -(10**13)), ("exp", 253_402_300_800)]
+
+
+@pytest.mark.parametrize(("claim", "seconds"), OUT_OF_RANGE_TIMES)
+def test_record_from_a_token_with_out_of_range_times_names_the_claim(
+    keys: SigningKeys, claim: str, seconds: int
+) -> None:
+    with pytest.raises(MintingError, match=f"licence claim '{claim}' must be a time"):
+        LicenseRecord.from_token(edited(mint(keys).token, **{claim: seconds}))
+
+
+@pytest.mark.parametrize(("claim", "seconds"), OUT_OF_RANGE_TIMES)
+async def test_a_secret_token_with_out_of_range_times_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, claim: str, seconds: int
+) -> None:
+    """Found in review: such a token raised OverflowError or ValueError out of the licence step, so the
+    Customer's pass failed and was retried for ever instead of replacing the token as a tampered one."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    ctx = parts.context()
+    target = _target_of({"plan": "starter"})
+    held = await ensure_license(ctx, target, None)
+    assert parts.secret is not None
+    token = edited(parts.secret.data[LICENSE_JWT_KEY].decode(), **{claim: seconds})
+    parts.secret = parts.secret._replace(data={**parts.secret.data, LICENSE_JWT_KEY: token.encode()})
+
+    replaced = await ensure_license(ctx, target, parts.secret)
+    assert replaced.jti != held.jti
+    claims = jwt.decode(
+        parts.secret.data[LICENSE_JWT_KEY].decode(),
+        ctx.keys.public_key,
+        algorithms=["RS256"],
+        audience=AUDIENCE,
+        options=SIGNATURE_ONLY,
+    )
+    assert (claims["jti"], claims["plan"]) == (replaced.jti, "starter")
 
 
 def test_signature_covers_the_claims(keys: SigningKeys) -> None:
