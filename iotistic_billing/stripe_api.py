@@ -2,21 +2,29 @@
 session of its own (the webhook server's subscription routes, usage metering's meter events).
 
 STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
-errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry), a refused
-request is 409 with Stripe's message and code.
+errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry; after a write,
+one that may have been made: check first), a refused field of the request is 400 naming it, any other
+refused request 409 with Stripe's message and code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
 
 import stripe
 
-from iotistic_billing.errors import ApiError, Conflict, DependencyUnavailable, stripe_refused_key
+from iotistic_billing.errors import (
+    ApiError,
+    Conflict,
+    DependencyUnavailable,
+    ValidationFailed,
+    stripe_refused_key,
+)
 from iotistic_billing.prices import PriceCatalog, item_price
 from iotistic_billing.settings import Settings
 
@@ -24,6 +32,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The start-up probe must not hold the server's start for the SDK's 30 s and retries.
 PROBE_TIMEOUT = 5.0
+# How long a checkout session can be paid: Stripe's default is 24 h, its least 30 minutes from its own
+# clock; the extra minute keeps a clock a little behind Stripe's above that least.
+CHECKOUT_LIFETIME: Final = timedelta(minutes=31)
 
 
 @dataclass(frozen=True)
@@ -41,12 +52,19 @@ class SubscriptionChange:
     changed: bool = True
 
 
-async def _stripe(call: Awaitable[T], action: str) -> T:
+async def _stripe(
+    call: Awaitable[T], action: str, *, writes: bool = False, fields: Mapping[str, str] | None = None
+) -> T:
+    """`call`'s answer, or Stripe's failure as our error. `writes`: the call changes something, which an
+    answer lost (after the SDK's retries, under one idempotency key) leaves in doubt. `fields`: the
+    request body's name of each Stripe parameter the client gave, for a 400 naming the one refused."""
     try:
         return await call
     except (stripe.APIConnectionError, stripe.RateLimitError) as error:
         log.warning("Stripe %s failed: %s", action, type(error).__name__)
-        raise DependencyUnavailable("Stripe") from None
+        raise (
+            _maybe_made(action, type(error).__name__) if writes else DependencyUnavailable("Stripe")
+        ) from None
     except (stripe.AuthenticationError, stripe.PermissionError) as refused:
         status = refused.http_status or 401
         log.warning("Stripe %s: the API key was refused with %s", action, status)
@@ -56,14 +74,38 @@ async def _stripe(call: Awaitable[T], action: str) -> T:
         log.warning("Stripe %s refused with %s (%s)", action, status, code)
         # 409: another request with the same idempotency key is in flight (or a lock): Stripe says retry.
         if status >= 500 or status == 409:
+            if writes:
+                raise _maybe_made(action, str(code or status)) from None
             raise DependencyUnavailable(
                 "Stripe", f"Stripe could not {action} now ({code or status}); retry later"
             ) from None
+        param = getattr(error, "param", None)
+        if status == 400 and isinstance(param, str) and fields and param in fields:
+            raise ValidationFailed(
+                [
+                    {
+                        "field": fields[param],
+                        "message": f"Stripe refused it: {error.user_message or 'no reason given'}",
+                        "type": "stripe_refused",
+                    }
+                ]
+            ) from None
+        details = {"stripe_code": code} | ({"stripe_param": param} if param else {})
         raise Conflict(
             "Stripe refused the request",
             f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
-            {"stripe_code": code},
+            details,
         ) from None
+
+
+def _maybe_made(action: str, why: str) -> DependencyUnavailable:
+    """The 503 of a write Stripe gave no answer to (a 5xx's outcome is unknown to Stripe's own advice too):
+    the request may have reached Stripe and been made, so a retry must check first."""
+    return DependencyUnavailable(
+        "Stripe",
+        f"Stripe did not answer the request to {action} ({why}); the change may have been made: check "
+        "before retrying",
+    )
 
 
 def _stripe_code(error: stripe.StripeError) -> str | None:
@@ -87,7 +129,7 @@ def _sub_fields(subscription: Any, *, changed: bool = True) -> SubscriptionChang
 
 
 class StripeApi:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         if settings.stripe_secret_key is None:
             raise ValueError("StripeApi needs STRIPE_SECRET_KEY")
         # aiohttp as the async transport: it is already ours, and this session is closed with the app.
@@ -99,6 +141,7 @@ class StripeApi:
             max_network_retries=2,
         )
         self.catalog = PriceCatalog.from_settings(settings)
+        self.clock = clock
 
     async def probe(self) -> str:
         """One read-only call (the balance), for the start-up line: whether Stripe takes our key."""
@@ -116,21 +159,28 @@ class StripeApi:
         http: Any = self._http  # the SDK's transports are untyped
         await http.close_async()
 
-    async def create_customer(self, *, email: str, name: str, customer_id: str) -> str:
+    async def create_customer(self, *, email: str, company_name: str, customer_id: str) -> str:
+        """A Stripe customer; a refused email or name is a 400 naming `email` or `company_name`, as a
+        signup's body does."""
         customer = await _stripe(
             self.client.v1.customers.create_async(
-                params={"email": email, "name": name, "metadata": {"customerId": customer_id}},
-                # A retried signup of the same customer id makes no second Stripe customer.
+                params={"email": email, "name": company_name, "metadata": {"customerId": customer_id}},
+                # A retried create for the same customer id (checkout's, of a Customer applied by GitOps)
+                # makes no second Stripe customer.
                 options={"idempotency_key": f"signup-{customer_id}"},
             ),
             "create a customer",
+            writes=True,
+            fields={"email": "email", "name": "company_name"},
         )
         return str(customer.id)
 
     async def delete_customer(self, stripe_customer_id: str) -> str:
         """Delete a Stripe customer: a signup's, when the signup failed before its Customer existed; the
         id Stripe says it deleted."""
-        answer = await _stripe(self.client.v1.customers.delete_async(stripe_customer_id), "delete a customer")
+        answer = await _stripe(
+            self.client.v1.customers.delete_async(stripe_customer_id), "delete a customer", writes=True
+        )
         fields = answer.to_dict()
         deleted, answered_id = fields.get("deleted"), fields.get("id")
         # A 200 is no proof: only `deleted: true` for this id says the customer is gone.
@@ -153,6 +203,10 @@ class StripeApi:
         success_url: str,
         cancel_url: str,
     ) -> CheckoutSession:
+        """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; the customer's earlier
+        open subscription sessions are expired first, so at most the newest can be paid (two paid
+        sessions would be two billed subscriptions)."""
+        await self._expire_open_checkouts(stripe_customer_id)
         metadata = {"customerId": customer_id, "plan": plan}
         # The metered prices bill the usage overage's meter events (no quantity: Stripe sums the usage).
         line_items: list[Any] = [{"price": price_id, "quantity": 1}]
@@ -169,11 +223,32 @@ class StripeApi:
                     "line_items": line_items,
                     "success_url": success_url,
                     "cancel_url": cancel_url,
+                    "expires_at": int((self.clock() + CHECKOUT_LIFETIME).timestamp()),
                 }
             ),
             "create a checkout session",
+            writes=True,
+            fields={"success_url": "success_url", "cancel_url": "cancel_url"},
         )
         return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
+
+    async def _expire_open_checkouts(self, stripe_customer_id: str) -> None:
+        open_sessions = await _stripe(
+            self._open_checkouts(stripe_customer_id), "list the customer's open checkout sessions"
+        )
+        for session_id in open_sessions:
+            await _stripe(
+                self.client.v1.checkout.sessions.expire_async(session_id),
+                f"expire the customer's earlier checkout session {session_id}",
+                writes=True,
+            )
+
+    async def _open_checkouts(self, stripe_customer_id: str) -> list[str]:
+        """The ids of the customer's open subscription sessions (not a one-time payment's), every page."""
+        page = await self.client.v1.checkout.sessions.list_async(
+            params={"customer": stripe_customer_id, "status": "open", "limit": 100}
+        )
+        return [session.id async for session in page.auto_paging_iter() if session.mode == "subscription"]
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
         """Move the subscription's plan item (not a metered one) to `price_id`, prorated; nothing is
@@ -194,6 +269,7 @@ class StripeApi:
                 },
             ),
             "change the subscription's price",
+            writes=True,
         )
         return _sub_fields(updated)
 
@@ -216,12 +292,15 @@ class StripeApi:
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
         if immediately:
             cancelled = await _stripe(
-                self.client.v1.subscriptions.cancel_async(subscription_id), "cancel the subscription"
+                self.client.v1.subscriptions.cancel_async(subscription_id),
+                "cancel the subscription",
+                writes=True,
             )
             return _sub_fields(cancelled)
         updated = await _stripe(
             self.client.v1.subscriptions.update_async(subscription_id, params={"cancel_at_period_end": True}),
             "cancel the subscription at the period end",
+            writes=True,
         )
         return _sub_fields(updated)
 
@@ -231,6 +310,8 @@ class StripeApi:
                 params={"customer": stripe_customer_id, "return_url": return_url}
             ),
             "create a portal session",
+            # A portal session changes nothing: its retry needs no check.
+            fields={"return_url": "return_url"},
         )
         return str(session.url)
 

@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 from iotistic_billing.customer import resource_name_for
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
-from iotistic_billing.directory import CustomerRecord, Directory, remember
-from iotistic_billing.errors import ApiError, Conflict
+from iotistic_billing.directory import CustomerRecord, remember
+from iotistic_billing.errors import ApiError, Conflict, Unavailable
 from iotistic_billing.k8s import Kube, KubernetesUnavailable
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.webhook_server.context import (
@@ -92,7 +92,7 @@ async def create_customer(request: web.Request) -> web.Response:
                 )
             if billing is not None:
                 stripe_customer_id = await billing.create_customer(
-                    email=body.email, name=body.company_name, customer_id=customer_id
+                    email=body.email, company_name=body.company_name, customer_id=customer_id
                 )
             try:
                 created = await _create_resource(
@@ -113,19 +113,14 @@ async def create_customer(request: web.Request) -> web.Response:
                 if billing is not None and stripe_customer_id is not None:
                     await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
                 raise
-            except KubernetesUnavailable:
-                # A timeout or a 5xx can come after the Customer was stored: undo only when none holds the id.
-                if billing is not None and stripe_customer_id is not None:
-                    if await _created_anyway(directory, customer_id):
-                        log.warning(
-                            "signup of %s got no answer to its create, but the Customer exists: its Stripe"
-                            " customer %s is kept",
-                            customer_id,
-                            stripe_customer_id,
-                        )
-                    else:
+            except KubernetesUnavailable as away:
+                if not away.maybe_applied:  # not sent, or refused (429, 502, 503): no Customer holds the id
+                    if billing is not None and stripe_customer_id is not None:
                         await _delete_stripe_customer(billing, stripe_customer_id, customer_id)
-                raise
+                    raise
+                # Sent and not answered: the create can still land after any list of ours, and a Stripe
+                # customer deleted under a Customer cannot be had back, so it is kept.
+                raise _maybe_created(customer_id, stripe_customer_id) from None
             # From here the Stripe customer is the Customer's (its metadata names the customer id, and
             # checkout's create with the same idempotency key finds it again), so a failure keeps it.
             record = CustomerRecord.from_body(created)
@@ -168,14 +163,25 @@ async def create_customer(request: web.Request) -> web.Response:
     return json_model(response, status=201 if token else 202, headers={"Location": location})
 
 
-async def _created_anyway(directory: Directory, customer_id: str) -> bool:
-    """Whether a Customer holds `customer_id` after a create whose outcome is unknown; True when that
-    cannot be read either (a Stripe customer kept by mistake is cheaper than one deleted under a
-    Customer)."""
-    try:
-        return any(record.customer_id == customer_id for record in await directory.all())
-    except KubernetesUnavailable:
-        return True
+def _maybe_created(customer_id: str, stripe_customer_id: str | None) -> Unavailable:
+    """The answer to a signup whose create the API server did not answer: its Customer may exist, so the
+    client reads it before signing up again (a retry of one that exists is a 409 without its id)."""
+    log.warning(
+        "signup of %s got no answer to its create: its Customer may exist; its Stripe customer %s is kept",
+        customer_id,
+        stripe_customer_id,
+    )
+    return Unavailable(
+        "Kubernetes API unavailable",
+        f"the Kubernetes API did not answer the create of customer {customer_id}; it may have been made: "
+        f"GET /api/customers/{customer_id} before signing up again",
+        {
+            "dependency": "Kubernetes API",
+            "customer_id": customer_id,
+            "stripe_customer_id": stripe_customer_id,
+        },
+        headers={"Retry-After": "5"},
+    )
 
 
 async def _delete_stripe_customer(billing: StripeApi, stripe_customer_id: str, customer_id: str) -> None:

@@ -91,8 +91,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             "waits for the operator's licence (SIGNUP_LICENSE_WAIT seconds): 201 with it, or 202 with "
             "license null. "
             "An email already registered is a 409, also for the second of two signups at once on any "
-            "replicas. A signup refused before its Customer exists deletes the Stripe customer it made "
-            "(one whose create got no answer only when no Customer holds its id). "
+            "replicas. A signup refused before its Customer exists deletes the Stripe customer it made; "
+            "one whose create got no answer keeps it and is a 503 naming the customer id to read. "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
     ),
@@ -133,7 +133,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             " gets one first, kept even when the session then fails (a retry uses it). 409 `Already"
             " subscribed` while the customer has a live subscription (its plan changes with"
             " /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer whose"
-            " spec.billing.mode is not stripe (its plan is spec.plan)."
+            " spec.billing.mode is not stripe (its plan is spec.plan). Each session is payable for 31"
+            " minutes; a checkout first expires the customer's earlier open subscription sessions."
         ),
     ),
     Route(

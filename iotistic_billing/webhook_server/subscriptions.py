@@ -6,6 +6,8 @@ so there is one writer of spec.subscription and one order of truth (the events' 
 
 from __future__ import annotations
 
+from typing import Final
+
 from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, remember
-from iotistic_billing.errors import Conflict, stripe_not_configured
+from iotistic_billing.errors import Conflict, ValidationFailed, stripe_not_configured
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
@@ -27,6 +29,9 @@ from iotistic_billing.webhook_server.schemas import (
     UpgradeRequest,
 )
 from iotistic_billing.webhook_server.views import subscription_status
+
+# The Customer's spec field of each field of a Stripe customer's create.
+_SPEC_FIELDS: Final = {"email": "spec.email", "company_name": "spec.companyName"}
 
 
 def _price(request: web.Request, plan: PaidPlanName) -> str:
@@ -109,11 +114,25 @@ async def create_checkout(request: web.Request) -> web.Response:
         # A Customer applied by GitOps has no Stripe customer yet: make it, and remember it at once, so a
         # retry after a failed session finds it (another create under its idempotency key, with an email
         # corrected meanwhile, is refused by Stripe).
-        stripe_customer_id = await billing.create_customer(
-            email=record.customer.spec.email,
-            name=record.customer.spec.company_name,
-            customer_id=record.customer_id,
-        )
+        try:
+            stripe_customer_id = await billing.create_customer(
+                email=record.customer.spec.email,
+                company_name=record.customer.spec.company_name,
+                customer_id=record.customer_id,
+            )
+        except ValidationFailed as refused:
+            # The fields Stripe refused are the Customer's spec, not this request's: mend the Customer.
+            problems = [
+                {**problem, "field": _SPEC_FIELDS.get(problem["field"], problem["field"])}
+                for problem in refused.details
+            ]
+            raise Conflict(
+                "Stripe refused the Customer's spec",
+                f"customer {record.customer_id}: "
+                + "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
+                + "; correct the Customer, then check out again",
+                problems,
+            ) from None
         async with sessions() as session, session.begin():
             await remember(session, record.customer, record.customer_id, stripe_customer_id)
     checkout = await billing.create_checkout_session(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiohttp
 import pytest
 import stripe
 from aiohttp import web
@@ -41,7 +44,9 @@ def test_stripe_sdk_creates_a_customer_and_a_checkout_session(stripe_mock: Strip
 async def test_our_client_deletes_the_customer_a_failed_signup_made(stripe_mock: StripeMock) -> None:
     billing = StripeApi(load_settings(stripe_secret_key="sk_test_123", stripe_api_base=stripe_mock.url))
     try:
-        made = await billing.create_customer(email="ops@acme.example", name="Acme", customer_id="cust_abc123")
+        made = await billing.create_customer(
+            email="ops@acme.example", company_name="Acme", customer_id="cust_abc123"
+        )
         # stripe-mock answers a delete with the id of its path: the one our client asked to delete.
         assert await billing.delete_customer(made) == made
     finally:
@@ -100,3 +105,57 @@ async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_
         assert change.status == "active"
     finally:
         await billing.close()
+
+
+async def test_stripe_mock_takes_the_expiry_of_a_customer_s_earlier_checkout_and_the_new_one_s(
+    stripe_mock: StripeMock,
+) -> None:
+    """stripe-mock keeps nothing: its list of sessions is one fixture of another customer in payment mode.
+    A stand-in in front of it makes that one this customer's open subscription session, so the list, the
+    expire and the create (with its expires_at) each pass stripe-mock's check against Stripe's API."""
+    answered: list[tuple[str, str, int]] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method,
+                f"{stripe_mock.url}{request.path_qs}",
+                headers={
+                    key: value
+                    for key, value in request.headers.items()
+                    if key.lower() not in ("host", "content-length")
+                },
+                data=await request.read(),
+            ) as answer,
+        ):
+            payload: dict[str, Any] = await answer.json()
+        answered.append((request.method, request.path, answer.status))
+        if request.method == "GET" and request.path == "/v1/checkout/sessions" and answer.status == 200:
+            for listed in payload["data"]:
+                listed.update(mode="subscription", customer=request.query["customer"], status="open")
+        return web.json_response(payload, status=answer.status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    async with TestServer(app) as stand_in:
+        billing = StripeApi(
+            load_settings(stripe_secret_key="sk_test_123", stripe_api_base=str(stand_in.make_url("")))
+        )
+        try:
+            session = await billing.create_checkout_session(
+                stripe_customer_id="cus_123",
+                customer_id="cust_abc123",
+                plan="starter",
+                price_id="price_starter",
+                success_url="https://app.example.com/success",
+                cancel_url="https://app.example.com/cancel",
+            )
+        finally:
+            await billing.close()
+    assert session.session_id.startswith("cs_")
+    assert [(method, path.rsplit("/", 1)[-1], status) for method, path, status in answered] == [
+        ("GET", "sessions", 200),
+        ("POST", "expire", 200),
+        ("POST", "sessions", 200),
+    ]

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from iotistic_billing.directory import Directory
+from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import CheckoutSession, SubscriptionChange
@@ -81,6 +82,8 @@ class FakeStripe:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.prices: dict[str, str] = {}
         self.db = db
+        # Raised by a customer's create (Stripe refusing one of its fields).
+        self.refuse_customer: Exception | None = None
 
     def _call(self, name: str, kw: dict[str, Any]) -> None:
         self.calls.append((name, kw))
@@ -89,6 +92,8 @@ class FakeStripe:
 
     async def create_customer(self, **kw: Any) -> str:
         self._call("create_customer", kw)
+        if self.refuse_customer is not None:
+            raise self.refuse_customer
         return "cus_new"
 
     async def create_checkout_session(self, **kw: Any) -> CheckoutSession:
@@ -227,3 +232,28 @@ async def test_a_checkout_commits_the_stripe_customer_it_made_before_the_session
     # Remembered in a transaction of its own before the session is asked for: a session that fails
     # leaves the link, and the retry uses it instead of creating again.
     assert routes.db.log == ["create_customer (0 open)", "commit", "checkout (0 open)"]
+
+
+async def test_a_customer_spec_stripe_refuses_at_checkout_is_a_409_naming_the_spec_field(
+    routes: Routes,
+) -> None:
+    # Applied by GitOps with an email Stripe refuses: the checkout's body has no such field, the
+    # Customer's spec is what to mend.
+    routes.kube.customers["gitops"] = customer("gitops", billing={"mode": "stripe"})
+    routes.stripe.refuse_customer = ValidationFailed(
+        [{"field": "email", "message": "Stripe refused it: Invalid email address", "type": "stripe_refused"}]
+    )
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_gitops01", "plan": "starter", **CHECKOUT}
+    )
+
+    assert (status, answer["error"]) == (409, "Stripe refused the Customer's spec"), answer
+    assert answer["details"] == [
+        {
+            "field": "spec.email",
+            "message": "Stripe refused it: Invalid email address",
+            "type": "stripe_refused",
+        }
+    ]
+    assert routes.stripe.made("checkout") == []
