@@ -20,6 +20,14 @@ from iotistic_billing.customer import CHART_VERSION_PATTERN, DNS_NAME_PATTERN, w
 
 OCI_PREFIX = "oci://"
 _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
+# The customer-instance chart's billingUrl (its values.schema.json): a BILLING_URL it refuses failed every
+# Customer's helm run for good, so each URL setting is held to it.
+_HTTP_URL = re.compile(r"https?://[^\s]+")
+# Stripe takes no meter event older than this (usage.metering.STRIPE_METER_WINDOW; a test keeps the two
+# equal, as settings may not import usage).
+STRIPE_METER_WINDOW_SECONDS: Final = 35 * 24 * 3600
+# The longest object name the API server takes (a DNS subdomain), as a ClusterKopfPeering's.
+_MAX_OBJECT_NAME: Final = 253
 
 
 # A setting whose empty value would only fail later (licences no instance accepts, a URL of nothing):
@@ -92,7 +100,7 @@ class Settings(BaseSettings):
     # Seconds a helm process may run before it is killed and its step retried: longer than helm's own
     # --timeout (5 minutes, which the operator leaves as it is), so a chart's hook that times out is
     # reported by helm itself.
-    helm_timeout: Annotated[float, Field(gt=0, le=3600)] = 360.0
+    helm_timeout: Annotated[float, Field(ge=10, le=3600, allow_inf_nan=False)] = 360.0
 
     admin_api_token: SecretStr | None = None
     # The admin console's second role: signed in with it, a person may look but not act.
@@ -112,12 +120,13 @@ class Settings(BaseSettings):
     # labelled iotistic.io/shard=<OPERATOR_SHARD>; shard 0 also owns those no other shard does.
     operator_shards: Annotated[int, Field(ge=1, le=64)] = 1
     operator_shard: Annotated[int, Field(ge=0)] = 0
-    # Seconds between the housekeeping checks of each Customer (licence renewal, trial end).
-    operator_timer_interval: Annotated[float, Field(gt=0)] = 60.0
+    # Seconds between the housekeeping checks of each Customer (licence renewal, trial end): an hour at
+    # most, as a licence of a day is renewed in its last eight hours; under half a second it spins.
+    operator_timer_interval: Annotated[float, Field(ge=0.5, le=3600, allow_inf_nan=False)] = 60.0
     # Seconds a signup waits for the operator's licence before answering 202 (GET /api/licenses/{id}
     # has it later). Under the server's 30 s drain at shutdown (ServerOptions.shutdown_timeout): a
     # signup cut off there has made its Customer, and its retry would be a 409.
-    signup_license_wait: Annotated[float, Field(ge=0, le=25)] = 10.0
+    signup_license_wait: Annotated[float, Field(ge=0, le=25, allow_inf_nan=False)] = 10.0
     # Webhook server rate limits, per client address and per API key: a token bucket.
     rate_limit_per_second: Annotated[float, Field(gt=0)] = 50.0
     rate_limit_burst: Annotated[int, Field(ge=1)] = 500
@@ -129,12 +138,16 @@ class Settings(BaseSettings):
     # inbox here) and its health/metrics port (0: PORT + 1).
     stripe_inbox_workers: Annotated[int, Field(ge=0, le=64)] = 4
     stripe_inbox_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    # Usage metering: seconds between status flushes and between meter runs; usage-key cache TTL;
-    # seconds after its end before a period is closed (late reports of it are still billed until then).
-    usage_flush_interval: Annotated[float, Field(gt=0)] = 10.0
-    usage_meter_interval: Annotated[float, Field(gt=0)] = 3600.0
-    usage_key_cache_ttl: Annotated[float, Field(ge=0)] = 30.0
-    usage_close_grace: Annotated[float, Field(ge=0)] = 3600.0
+    # Usage metering: seconds between status flushes (1 s to an hour) and between meter runs (a minute to
+    # a day); usage-key cache TTL (an hour at most: a revoked key works that long); seconds after its end
+    # before a period is closed (late reports of it are still billed until then), which with a meter
+    # interval stays under Stripe's 35 days (_meter_window).
+    usage_flush_interval: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 10.0
+    usage_meter_interval: Annotated[float, Field(ge=60, le=86400, allow_inf_nan=False)] = 3600.0
+    usage_key_cache_ttl: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 30.0
+    usage_close_grace: Annotated[float, Field(ge=0, lt=STRIPE_METER_WINDOW_SECONDS, allow_inf_nan=False)] = (
+        3600.0
+    )
     # Months raw usage reports are kept: older ones go with their month's partition of usage_reports,
     # never inside a billing period still open; rollups stay. At least 2 (a period is up to a month).
     usage_raw_retention: Annotated[int, Field(ge=2, le=1200)] = 13
@@ -228,11 +241,11 @@ class Settings(BaseSettings):
             raise ValueError("must be an smtp:// or smtps:// URL")
         return value
 
-    @field_validator("notify_webhook_url", "customer_portal_url")
+    @field_validator("billing_url", "notify_webhook_url", "customer_portal_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        if value is not None and not _HTTP_URL.fullmatch(value):
+            raise ValueError("must be an http:// or https:// URL without white space")
         return value
 
     @field_validator("notify_webhook_url")
@@ -312,6 +325,51 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"OPERATOR_SHARD: must be below OPERATOR_SHARDS ({self.operator_shards}), "
                 f"got {self.operator_shard}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _operator_ports_differ(self) -> Settings:
+        # Both are served by the one operator process: the second bind died with EADDRINUSE naming neither.
+        port = self.operator_liveness_port
+        if port and port == self.operator_metrics_port:
+            raise ValueError(f"OPERATOR_LIVENESS_PORT: must differ from OPERATOR_METRICS_PORT (both {port})")
+        return self
+
+    @model_validator(mode="after")
+    def _peering_is_an_object_name(self) -> Settings:
+        # The name of the ClusterKopfPeering ensure_peering creates, with -shard-<k> past shard 0
+        # (operator/sharding.py): one the API server refuses was a 422 and a traceback at start.
+        name = self.operator_peering
+        if not name:  # standalone
+            return self
+        if not re.fullmatch(DNS_NAME_PATTERN, name):
+            raise ValueError(
+                "OPERATOR_PEERING: must be a lowercase DNS subdomain (letters, digits, '-' and '.'; the"
+                f" ClusterKopfPeering's name), got {name!r}"
+            )
+        suffix = f"-shard-{self.operator_shards - 1}" if self.operator_shards > 1 else ""
+        if len(name) + len(suffix) > _MAX_OBJECT_NAME:
+            why = (
+                f" with OPERATOR_SHARDS={self.operator_shards} (the last shard adds {suffix})"
+                if suffix
+                else ""
+            )
+            raise ValueError(
+                f"OPERATOR_PEERING: at most {_MAX_OBJECT_NAME - len(suffix)} characters{why}, got {len(name)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _meter_window(self) -> Settings:
+        # A period is metered up to the grace and a meter interval after its end: at Stripe's 35 days its
+        # events are past what Stripe takes, given up, and billed in no invoice.
+        late = self.usage_close_grace + self.usage_meter_interval
+        if late >= STRIPE_METER_WINDOW_SECONDS:
+            raise ValueError(
+                "USAGE_CLOSE_GRACE: with USAGE_METER_INTERVAL it must stay under Stripe's 35 days"
+                f" ({STRIPE_METER_WINDOW_SECONDS} s) of meter events, got {self.usage_close_grace:g} s"
+                f" + {self.usage_meter_interval:g} s"
             )
         return self
 

@@ -1,5 +1,5 @@
 """The InstanceRollout resource as the API server serves it: `kubectl explain` documents every field
-of the spec, invalid rollouts are refused naming the field, and `kubectl get rollout` shows the issue's
+of the spec, invalid rollouts are refused naming the field, and `kubectl get irollout` shows the issue's
 columns."""
 
 from __future__ import annotations
@@ -97,12 +97,12 @@ def test_get_rollout_shows_version_step_updated_healthy_phase_age(
     name = unique_name("shown")
     created = kubectl(kubectl_binary, kubeconfig, "create", "-f", "-", stdin=rollout(name))
     assert created.returncode == 0, created.stderr
-    listed = kubectl(kubectl_binary, kubeconfig, "get", "rollout", name)
+    listed = kubectl(kubectl_binary, kubeconfig, "get", "irollout", name)
     assert listed.stdout.split()[:7] == ["NAME", "VERSION", "STEP", "UPDATED", "HEALTHY", "PHASE", "AGE"]
     listed = kubectl(kubectl_binary, kubeconfig, "get", "iotistic")
     assert f"instancerollout.iotistic.io/{name}" in listed.stdout
     defaults = yaml.safe_load(
-        kubectl(kubectl_binary, kubeconfig, "get", "rollout", name, "-o", "yaml").stdout
+        kubectl(kubectl_binary, kubeconfig, "get", "irollout", name, "-o", "yaml").stdout
     )
     assert defaults["spec"]["steps"] == [{"rest": True, "maxParallel": 5, "bakeSeconds": 0}]
     assert defaults["spec"]["healthGate"] == {"timeoutSeconds": 600, "maxFailures": 1}

@@ -195,7 +195,91 @@ def test_a_base_domain_that_is_no_dns_name_is_refused(helm: Path, domain: str) -
     assert "baseDomain" in result.stderr
 
 
-@pytest.mark.parametrize("source", ["customers.iotistic.io.yaml", "kopf-peering.yaml"])
+@pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        # Found in review: each rendered, and the operator then refused it (exit 2) or, for billingUrl,
+        # every Customer's helm run failed for good on the instance chart's pattern.
+        ({"config": {"billingUrl": "https://a b"}}, "/config/billingUrl"),
+        ({"operator": {"peering": "billing..peering"}}, "/operator/peering"),
+        ({"operator": {"peering": "a" * 245}}, "/operator/peering"),  # shard 63's -shard-63: 254
+        ({"operator": {"timerInterval": 0.1}}, "/operator/timerInterval"),
+        ({"operator": {"timerInterval": 86400}}, "/operator/timerInterval"),
+        ({"operator": {"helmTimeout": 1}}, "/operator/helmTimeout"),
+    ],
+)
+def test_a_value_the_settings_refuse_is_refused_by_the_chart(
+    helm: Path, tmp_path: Path, values: dict[str, Any], refused: str
+) -> None:
+    result = run(helm, "template", RELEASE, CHART, *values_args(tmp_path, values))
+
+    assert result.returncode != 0
+    assert f"at '{refused}'" in result.stderr, result.stderr
+
+
+def schema_property(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    found = schema
+    for key in path.split("."):
+        found = found["properties"][key]
+    return found
+
+
+# Chart values and the settings they set: the schema's bounds are the settings' (annotated_types' Ge, Le...).
+BOUNDED_VALUES = {
+    "config.defaultTrialDays": "default_trial_days",
+    "config.license.lifetimeDays": "license_lifetime_days",
+    "config.notices.trialNoticeDays": "trial_notice_days",
+    "operator.shards": "operator_shards",
+    "operator.helmConcurrency": "helm_concurrency",
+    "operator.helmTimeout": "helm_timeout",
+    "operator.timerInterval": "operator_timer_interval",
+}
+
+
+@pytest.mark.parametrize(("value", "setting"), sorted(BOUNDED_VALUES.items()))
+def test_the_schema_s_bounds_are_the_settings(value: str, setting: str) -> None:
+    from iotistic_billing.settings import Settings
+
+    bounds = {
+        name: getattr(constraint, attribute)
+        for constraint in Settings.model_fields[setting].metadata
+        for name, attribute in (("minimum", "ge"), ("maximum", "le"), ("exclusiveMinimum", "gt"))
+        if hasattr(constraint, attribute)
+    }
+    schema = schema_property(json.loads((CHART / "values.schema.json").read_text()), value)
+
+    assert {
+        name: schema[name] for name in ("minimum", "maximum", "exclusiveMinimum") if name in schema
+    } == bounds
+
+
+def test_the_billing_url_and_peering_patterns_are_the_ones_the_settings_and_the_instance_chart_take() -> None:
+    from iotistic_billing.customer import DNS_NAME_PATTERN
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    instance = json.loads((INSTANCE_CHART / "values.schema.json").read_text())
+
+    assert (
+        schema_property(schema, "config.billingUrl")["pattern"]
+        == instance["properties"]["billingUrl"]["pattern"]
+    )
+    peering = schema_property(schema, "operator.peering")
+    assert peering["pattern"] == DNS_NAME_PATTERN
+    last_shard = schema_property(schema, "operator.shards")["maximum"] - 1
+    assert peering["maxLength"] + len(f"-shard-{last_shard}") == 253
+
+
+def test_the_operator_s_liveness_and_metrics_ports_differ(helm: Path) -> None:
+    """Found in review: one port for both rendered, and the operator died with EADDRINUSE."""
+    result = run(helm, "template", RELEASE, CHART, "--set", "operator.metricsPort=8080")
+
+    assert result.returncode != 0
+    assert "operator.livenessPort and operator.metricsPort must differ" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "source", ["customers.iotistic.io.yaml", "instancerollouts.iotistic.io.yaml", "kopf-peering.yaml"]
+)
 def test_chart_crds_are_copies_of_the_repository_crds(source: str) -> None:
     assert (CHART / "crds" / source).read_bytes() == (REPO / "crds" / source).read_bytes(), (
         f"charts/iotistic-billing/crds/{source} differs from crds/{source}: cp crds/{source} {CHART}/crds/"

@@ -41,12 +41,32 @@ def test_names_scope_and_printer_columns(crd: dict[str, Any]) -> None:
     assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
         rollout.ROLLOUT_KIND,
         rollout.ROLLOUT_PLURAL,
-        ["rollout"],
+        ["irollout"],
         ["iotistic"],
     )
     assert crd["spec"]["scope"] == "Cluster"
     columns = [c["name"].upper() for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == ["VERSION", "STEP", "UPDATED", "HEALTHY", "PHASE", "AGE"]
+
+
+# What kubectl resolves for other projects' rollout resources: their plural, singular and short names.
+# kubectl does not expand a short name that is another resource's singular or plural, so with a short
+# name `rollout`, `kubectl patch rollout x` could patch an Argo Rollout (found in review).
+OTHER_PROJECTS_NAMES = {
+    "rollout",  # Argo Rollouts (argoproj.io), OpenKruise (rollouts.kruise.io), KusionStack: singular
+    "rollouts",  # their plural
+    "ro",  # Argo Rollouts' and KusionStack's short name
+    "hr",  # Flux's HelmRelease
+    "ks",  # Flux's Kustomization
+    "app",  # Argo CD's Application
+    "deploy",  # Kubernetes' Deployment, which `kubectl rollout` acts on
+}
+
+
+def test_no_name_of_ours_is_one_another_project_s_resource_answers_to(crd: dict[str, Any]) -> None:
+    names = crd["spec"]["names"]
+
+    assert not {names["plural"], names["singular"], *names["shortNames"]} & OTHER_PROJECTS_NAMES
 
 
 def test_the_phase_enum_is_the_model_s(crd: dict[str, Any]) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from iotistic_billing.customer import DNS_NAME_PATTERN
+from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.settings import SettingsError, load_settings
+from iotistic_billing.usage.metering import STRIPE_METER_WINDOW
 
 
 def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +72,7 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("NOTIFY_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8", "NOTIFY_WEBHOOK_ALLOWED_CIDRS: must be a JSON list"),
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
-        ("HELM_TIMEOUT", "0", "HELM_TIMEOUT: Input should be greater than 0"),
+        ("HELM_TIMEOUT", "0", "HELM_TIMEOUT: Input should be greater than or equal to 10"),
         # An item of a list names the list and the item, not a variable `<LIST>_0` (found in review).
         ("STRIPE_METERED_PRICES", '["", "x"]', "STRIPE_METERED_PRICES: item 0: String should have at least"),
         # Instances are served at <name>.<BASE_DOMAIN>, which the instance chart takes as a DNS name only.
@@ -257,3 +262,133 @@ def test_signup_license_wait_is_read_and_bounded_by_name(monkeypatch: pytest.Mon
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert "SIGNUP_LICENSE_WAIT: Input should be less than or equal to 25" in str(refused.value)
+
+
+INSTANCE_CHART_SCHEMA = Path(__file__).parents[2] / "charts" / "customer-instance" / "values.schema.json"
+
+
+@pytest.mark.parametrize(
+    "url", ["billing.example.com", "https://a b", "https://", "ftp://billing.example.com", "http://a\tb"]
+)
+def test_billing_url_the_instance_chart_refuses_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Found in review: any non-empty BILLING_URL started the operator, and every Customer's helm run then
+    failed for good (InstallFailed) on the instance chart's billingUrl pattern."""
+    pattern = json.loads(INSTANCE_CHART_SCHEMA.read_text())["properties"]["billingUrl"]["pattern"]
+    assert not re.search(pattern, url)  # what helm would refuse
+    monkeypatch.setenv("BILLING_URL", url)
+    with pytest.raises(SettingsError, match="BILLING_URL: must be an http:// or https:// URL"):
+        load_settings()
+    monkeypatch.setenv("BILLING_URL", "https://billing.example.com:8443/base")
+    assert re.search(pattern, load_settings().billing_url)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OPERATOR_TIMER_INTERVAL", "inf", "OPERATOR_TIMER_INTERVAL: Input should be a finite number"),
+        ("OPERATOR_TIMER_INTERVAL", "1e400", "OPERATOR_TIMER_INTERVAL: Input should be a finite number"),
+        ("OPERATOR_TIMER_INTERVAL", "nan", "OPERATOR_TIMER_INTERVAL: Input should be a finite number"),
+        (
+            "OPERATOR_TIMER_INTERVAL",
+            "0.001",
+            "OPERATOR_TIMER_INTERVAL: Input should be greater than or equal",
+        ),
+        ("OPERATOR_TIMER_INTERVAL", "86400", "OPERATOR_TIMER_INTERVAL: Input should be less than or equal"),
+        ("HELM_TIMEOUT", "0.001", "HELM_TIMEOUT: Input should be greater than or equal"),
+        ("HELM_TIMEOUT", "nan", "HELM_TIMEOUT: Input should be a finite number"),
+        ("USAGE_FLUSH_INTERVAL", "inf", "USAGE_FLUSH_INTERVAL: Input should be a finite number"),
+        ("USAGE_FLUSH_INTERVAL", "1e-9", "USAGE_FLUSH_INTERVAL: Input should be greater than or equal"),
+        ("USAGE_METER_INTERVAL", "1e400", "USAGE_METER_INTERVAL: Input should be a finite number"),
+        ("USAGE_METER_INTERVAL", "0.01", "USAGE_METER_INTERVAL: Input should be greater than or equal"),
+        ("USAGE_METER_INTERVAL", "604800", "USAGE_METER_INTERVAL: Input should be less than or equal"),
+        ("USAGE_KEY_CACHE_TTL", "inf", "USAGE_KEY_CACHE_TTL: Input should be a finite number"),
+        ("USAGE_KEY_CACHE_TTL", "86400", "USAGE_KEY_CACHE_TTL: Input should be less than or equal"),
+        ("USAGE_CLOSE_GRACE", "inf", "USAGE_CLOSE_GRACE: Input should be a finite number"),
+        ("USAGE_CLOSE_GRACE", "nan", "USAGE_CLOSE_GRACE: Input should be a finite number"),
+        ("SIGNUP_LICENSE_WAIT", "nan", "SIGNUP_LICENSE_WAIT: Input should be a finite number"),
+    ],
+)
+def test_intervals_must_be_finite_and_sane(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """Found in review: `inf`, `1e400` and `nan` loaded as intervals (a timer that never fires, or a
+    comparison that is always false), and a timer of almost nothing spins."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert message in str(refused.value)
+
+
+def test_a_close_grace_past_stripes_meter_window_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a period is metered up to USAGE_CLOSE_GRACE + USAGE_METER_INTERVAL after its end;
+    at Stripe's 35 days or more its events are past the window Stripe takes, and nothing is billed."""
+    day = 24 * 3600
+    monkeypatch.setenv("USAGE_METER_INTERVAL", str(day))
+    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(34 * day))
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "USAGE_CLOSE_GRACE: with USAGE_METER_INTERVAL it must stay under Stripe's 35 days" in str(
+        refused.value
+    )
+    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(33 * day))
+    assert load_settings().usage_close_grace == 33 * day
+    # The window is the one the metering gives periods up by.
+    from iotistic_billing.settings import STRIPE_METER_WINDOW_SECONDS
+
+    assert timedelta(seconds=STRIPE_METER_WINDOW_SECONDS) == STRIPE_METER_WINDOW
+
+
+@pytest.mark.parametrize(
+    ("liveness", "metrics", "refused"), [("8080", "8080", True), ("9090", "9090", True), ("0", "0", False)]
+)
+def test_operator_ports_differ(
+    monkeypatch: pytest.MonkeyPatch, liveness: str, metrics: str, refused: bool
+) -> None:
+    """Found in review: one port for both loaded, and the operator then died with EADDRINUSE naming
+    neither setting (0 turns each off, so two zeros are no clash)."""
+    monkeypatch.setenv("OPERATOR_LIVENESS_PORT", liveness)
+    monkeypatch.setenv("OPERATOR_METRICS_PORT", metrics)
+    if not refused:
+        assert load_settings().operator_liveness_port == 0
+        return
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert f"OPERATOR_LIVENESS_PORT: must differ from OPERATOR_METRICS_PORT (both {liveness})" in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("peering", "shards", "message"),
+    [
+        ("Iotistic-Billing", "1", "OPERATOR_PEERING: must be a lowercase DNS subdomain"),
+        ("iotistic_billing", "1", "OPERATOR_PEERING: must be a lowercase DNS subdomain"),
+        ("billing..peering", "1", "OPERATOR_PEERING: must be a lowercase DNS subdomain"),
+        ("-billing", "1", "OPERATOR_PEERING: must be a lowercase DNS subdomain"),
+        ("a" * 254, "1", "OPERATOR_PEERING: at most 253 characters"),
+        # Shard 11's peering is <name>-shard-11: 9 characters more.
+        ("a" * 250, "12", "OPERATOR_PEERING: at most 244 characters with OPERATOR_SHARDS=12"),
+    ],
+)
+def test_peering_name_is_a_dns_subdomain(
+    monkeypatch: pytest.MonkeyPatch, peering: str, shards: str, message: str
+) -> None:
+    """Found in review: a peering name the API server refuses (not a DNS subdomain, or over 253 characters
+    once a shard's `-shard-<k>` is added) was a 422 in ensure_peering and a traceback at start."""
+    monkeypatch.setenv("OPERATOR_PEERING", peering)
+    monkeypatch.setenv("OPERATOR_SHARDS", shards)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("peering", "shards"), [("", 1), ("", 64), ("billing.example-peering", 1), ("a" * 244, 64)]
+)
+def test_every_shard_s_peering_is_a_name_the_api_server_takes(peering: str, shards: int) -> None:
+    settings = load_settings(operator_peering=peering, operator_shards=shards)
+    for index in range(shards):
+        name = Shard(index, shards).peering(settings.operator_peering)
+        assert name == "" or (re.fullmatch(DNS_NAME_PATTERN, name) and len(name) <= 253), name
