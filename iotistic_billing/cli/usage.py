@@ -4,7 +4,9 @@
 `--all` prints one line per customer that reported in the window, with its period's overage in dollars,
 and the total of every customer's current period, billed plans only (a trial's overage is not billed).
 The billing period is the one the webhook server last rolled up (it knows the Stripe subscription);
-for a customer it never rolled up, the UTC calendar month and the plan in the customers table.
+once that one has ended, the month anchored at its end, under the plan it was rolled up with (as the
+server's next period); for a customer it never rolled up, the UTC calendar month and the plan in the
+customers table.
 `-o json` has the values, not the table's text: counts are numbers; decimals and dollars are decimal
 strings, as in the API's usage JSON; `--all`'s is `{"customers": [...], "currentPeriods": {...}}`, the
 total's sums and the customers it counts that are not listed.
@@ -194,7 +196,8 @@ async def _show(url: str, args: argparse.Namespace, now: datetime) -> int:
 
 
 async def _period(conn: Connection, customer_id: str, plan: str | None, now: datetime) -> dict[str, Any]:
-    """The billing period holding `now` as the server rolled it up, else the calendar month."""
+    """The billing period holding `now` as the server rolled it up; after that rollup ended, the month
+    anchored at its end under its plan; for a customer never rolled up, the calendar month."""
     from iotistic_billing.usage.periods import billing_period
     from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, overage_json
     from iotistic_billing.usage.store import current_rollups, period_totals
@@ -210,15 +213,22 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
             "source": "closed rollup" if row["closed_at"] else "open rollup",
             "overage": json.loads(row["overage"]),
         }
-    period = billing_period(now, None)
-    chosen = plan or (row["plan"] if row is not None else None) or "trial"
+    if row is None:
+        period, chosen, source = billing_period(now, None), plan or "trial", "calendar month, computed now"
+    else:
+        # As the server's open_period: the period after an ended one is the month anchored at its end
+        # (a Stripe period's, or a calendar month's), never reaching back over what it billed; priced
+        # against the plan it was rolled up under, the effective one, which the mirror's spec.plan is not.
+        period = billing_period(now, row["period_end"])
+        chosen = row["plan"] or plan or "trial"
+        source = "following the last rollup, computed now"
     rollup = compute_rollup(customer_id, period, chosen, await period_totals(conn, customer_id, period))
     return {
         "period_start": period.start.isoformat(),
         "period_end": period.end.isoformat(),
         "plan": chosen,
         "billed": chosen in BILLED_PLANS,
-        "source": "calendar month, computed now",
+        "source": source,
         "overage": overage_json(rollup.overage),
     }
 

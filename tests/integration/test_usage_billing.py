@@ -52,6 +52,7 @@ from tests.integration.test_usage_reports import (  # noqa: F401 - fixtures
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     Customers,
     add_usage_key,
+    admin_headers,
     customer_id_for,
     customers_fixture,
     stripe_customer,
@@ -1388,6 +1389,61 @@ async def test_usage_json_numbers_are_numbers(usage_api: TestClient[Any, Any], d
     assert (day["mqttMb"], day["httpMb"], day["deviceHours"]) == ("1.502000", "0.000700", "13.000")
     period = shown["billing_period"]
     assert (period["plan"], period["billed"], period["overage"]["total"]) == ("starter", True, "6.00")
+
+
+async def test_after_a_stripe_period_ended_the_cli_shows_the_period_the_api_shows(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, database_url: str
+) -> None:
+    """Found in review: Stripe's Mar 15 .. Apr 15 closed with the instance's last reports (Apr 1 .. 10),
+    the CLI showed on Apr 17 the calendar month, Apr 1 .. May 1, and that overage Stripe had billed; the
+    API shows the month anchored at Stripe's period end, Apr 15 .. May 15, empty so far."""
+    stripe_period = BillingPeriod(at(2025, 3, 15), at(2025, 4, 15))
+    name, customer_id = stripe_customer(
+        customers, "ended", stripe_period.end, current_period_start=stripe_period.start
+    )
+    try:
+        headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+        reports = [
+            report(customer_id, f"apr-{day}", start=at(2025, 4, day), active_devices=13) for day in (1, 10)
+        ]
+        assert (await post(usage_api, {"reports": reports}, headers))[0] == 202
+        async with connection(usage_api.app[USAGE].pool) as conn:
+            await roll_up_period(
+                conn, customer_id, stripe_period, "starter", close_at=stripe_period.end + DAY
+            )
+        assert (await rollup_row(db_engine, customer_id, stripe_period))["overage_amount_cents"] == 600
+
+        response = await usage_api.get(f"/api/usage/{customer_id}", headers=admin_headers())
+        assert response.status == 200
+        api = (await response.json())["billing_period"]
+        shown = await usage_cli_beside_the_server(
+            "--customer", customer_id, "--until", "2025-04-17", "-o", "json", database_url=database_url
+        )
+        assert shown.returncode == 0, shown.stderr
+        cli = json.loads(shown.stdout)["billing_period"]
+        assert (
+            [datetime.fromisoformat(cli[key]) for key in ("period_start", "period_end")]
+            == [datetime.fromisoformat(api[key]) for key in ("period_start", "period_end")]
+            == [stripe_period.end, at(2025, 5, 15)]
+        )
+        assert (
+            (cli["plan"], cli["billed"], cli["overage"]["total"])
+            == (
+                api["plan"],
+                api["billed"],
+                api["overage"]["total"],
+            )
+            == ("starter", True, "0.00")
+        )
+
+        everyone = await usage_cli_beside_the_server(
+            "--all", "--until", "2025-04-17", "-o", "json", database_url=database_url
+        )
+        assert everyone.returncode == 0, everyone.stderr
+        row = next(r for r in json.loads(everyone.stdout)["customers"] if r["customerId"] == customer_id)
+        assert (row["reports"], row["periodOverage"]) == (2, "0.00")
+    finally:
+        customers.delete(name)
 
 
 async def test_what_was_reported_is_flushed_when_the_server_stops(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -9,6 +11,10 @@ import pytest
 
 from iotistic_billing.cli import main
 from iotistic_billing.cli import usage as usage_cli
+from iotistic_billing.db import pool
+from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import PeriodTotals, totals_from_sums
+from iotistic_billing.usage.rollups import compute_rollup, overage_json
 
 
 def test_a_window_ending_before_any_report_could_be_stored_is_refused_naming_until(
@@ -67,3 +73,149 @@ def test_an_overage_that_is_not_billed_is_marked_and_left_out_of_the_total() -> 
         ]
     )
     assert [row["periodOverage"] for row in shown] == ["$64.00 (not billed)", "$6.00"]
+
+
+def at(month: int, day: int) -> datetime:
+    return datetime(2025, month, day, tzinfo=UTC)
+
+
+class RollupsConnection:
+    """PostgreSQL as the usage CLI reads it: one customer, `acme`, whose mirror row holds `spec_plan`,
+    its rollups as (start, end, plan, closed), and its reports as (start, end, active devices)."""
+
+    def __init__(
+        self,
+        spec_plan: str,
+        rollups: list[tuple[datetime, datetime, str, bool]],
+        reports: list[tuple[datetime, datetime, int]],
+    ) -> None:
+        self.spec_plan, self.rollups, self.reports = spec_plan, rollups, reports
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return "cust_acme" if "FROM customers" in query else None
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "GROUP BY r.customer_id" in query:  # the window's summaries
+            start, end = args[0], args[1]
+            shown = [r for r in self.reports if start <= r[0] < end]
+            if not shown:
+                return []
+            return [
+                {
+                    "customer_id": "cust_acme",
+                    "reports": len(shown),
+                    "peak_active_devices": max(r[2] for r in shown),
+                    "traffic_bytes": 0,
+                    "http_requests": 0,
+                    "postgres_size_mb": None,
+                    "last_report_at": max(r[1] for r in shown),
+                    "device_seconds": 0,
+                    "company_name": "Acme",
+                    "mirror_plan": self.spec_plan,
+                }
+            ]
+        if "DISTINCT ON (customer_id)" in query:  # the rollup holding now, or the latest before
+            now = args[1]
+            held = sorted(r for r in self.rollups if r[0] <= now)
+            return [self.rollup_row(*held[-1])] if held else []
+        if "period_start <= $1 AND period_end > $1" in query:  # the customers of a period holding now
+            return [{"customer_id": "cust_acme"} for r in self.rollups if r[0] <= args[0] < r[1]]
+        return []  # the days of the window
+
+    def rollup_row(self, start: datetime, end: datetime, plan: str, closed: bool) -> dict[str, Any]:
+        overage = overage_json(
+            compute_rollup("cust_acme", BillingPeriod(start, end), plan, self.totals(start, end)).overage
+        )
+        return {
+            "customer_id": "cust_acme",
+            "period_start": start,
+            "period_end": end,
+            "plan": plan,
+            "overage": json.dumps(overage),
+            "closed_at": end + timedelta(hours=1) if closed else None,
+        }
+
+    def totals(self, start: datetime, end: datetime) -> PeriodTotals:
+        held = [r for r in self.reports if start < r[1] <= end]
+        return totals_from_sums(
+            start,
+            end,
+            peak_devices=max((r[2] for r in held), default=0),
+            mqtt_bytes=0,
+            http_bytes=0,
+            api_calls=0,
+            storage_mb_seconds=Decimal(0),
+            reports=len(held),
+        )
+
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
+        assert "peak_devices" in query  # the period's sums
+        totals = self.totals(args[1], args[2])
+        return {
+            "peak_devices": totals.peak_devices,
+            "mqtt_bytes": 0,
+            "http_bytes": 0,
+            "api_calls": 0,
+            "storage_mb_seconds": 0,
+            "reports": totals.reports,
+            "device_seconds": 0,
+        }
+
+    async def close(self) -> None:
+        return None
+
+
+def usage_json(
+    conn: RollupsConnection, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> dict[str, Any]:
+    async def connect(url: str) -> RollupsConnection:
+        return conn
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
+    monkeypatch.setattr(pool, "connect", connect)
+    assert main(["usage", *args, "--until", "2025-04-20", "-o", "json"]) == 0
+    shown: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return shown
+
+
+def test_after_a_stripe_period_ended_the_cli_shows_the_next_anchored_period_not_the_calendar_month(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: Stripe's Mar 15 .. Apr 15 was rolled up and closed, then the instance stopped
+    reporting (its last report on Apr 10). On Apr 20 the CLI fell back to the calendar month, Apr 1 ..
+    May 1, and showed (and added to --all's total) the overage of Apr 1 .. 10 that Stripe's period had
+    billed; the API shows the month anchored at that period's end, Apr 15 .. May 15, with nothing in it."""
+    reports = [(at(4, day), at(4, day) + timedelta(hours=1), 13) for day in range(1, 11)]
+    conn = RollupsConnection("starter", [(at(3, 15), at(4, 15), "starter", True)], reports)
+    # Stripe's period billed the 3 devices over the starter plan's 10.
+    assert json.loads(conn.rollup_row(*conn.rollups[0])["overage"])["total"] == "6.00"
+
+    period = usage_json(conn, monkeypatch, capsys, "--customer", "acme")["billing_period"]
+    assert (period["period_start"], period["period_end"]) == (
+        "2025-04-15T00:00:00+00:00",
+        "2025-05-15T00:00:00+00:00",
+    )
+    assert (period["plan"], period["billed"], period["overage"]["total"]) == ("starter", True, "0.00")
+
+    everyone = usage_json(conn, monkeypatch, capsys, "--all")
+    assert [(row["customerId"], row["periodOverage"]) for row in everyone["customers"]] == [
+        ("cust_acme", "0.00")
+    ]
+    assert everyone["currentPeriods"]["overage"] == "0.00"
+
+
+def test_after_a_rollup_ended_the_cli_prices_the_next_period_against_the_plan_the_server_rolled_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: the period after an ended rollup was priced against the mirror's spec.plan, where
+    the server (and its rollups) use the effective plan, status.plan or spec.plan: a professional
+    customer's 13 devices showed as a starter's $6.00 over."""
+    reports = [(at(4, 16), at(4, 16) + timedelta(hours=1), 13)]
+    conn = RollupsConnection("starter", [(at(3, 1), at(4, 1), "professional", True)], reports)
+
+    period = usage_json(conn, monkeypatch, capsys, "--customer", "acme")["billing_period"]
+    assert (period["period_start"], period["period_end"]) == (
+        "2025-04-01T00:00:00+00:00",
+        "2025-05-01T00:00:00+00:00",
+    )
+    assert (period["plan"], period["overage"]["total"]) == ("professional", "0.00")
