@@ -390,6 +390,14 @@ class Settings(BaseSettings):
     def stripe_configured(self) -> bool:
         return self.stripe_secret_key is not None
 
+    def key_path_setting(self, path: Path | None) -> str:
+        """The variable a licence key file came from, to name it in an error about that file."""
+        if path is not None and path == self.license_public_key_path:
+            return "LICENSE_PUBLIC_KEY_PATH"
+        if path is not None and path in self.license_extra_public_key_paths:
+            return "LICENSE_EXTRA_PUBLIC_KEY_PATHS"
+        return "LICENSE_PRIVATE_KEY_PATH"
+
 
 def webhook_secret_bytes(secret: str) -> bytes:
     """The key of a Standard Webhooks secret: `whsec_` and base64, or the bare base64; at least 24

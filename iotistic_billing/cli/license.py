@@ -73,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         action="append",
         metavar="PATH",
-        help="PEM public key, repeatable (default: the public half of LICENSE_PRIVATE_KEY_PATH, else"
-        " LICENSE_PUBLIC_KEY_PATH, and LICENSE_EXTRA_PUBLIC_KEY_PATHS, as the webhook server takes them)",
+        help="PEM public key, repeatable (default: LICENSE_PUBLIC_KEY_PATH, else the public half of"
+        " LICENSE_PRIVATE_KEY_PATH, and LICENSE_EXTRA_PUBLIC_KEY_PATHS)",
     )
     source.add_argument("--jwks", type=Path, metavar="FILE", help="JWKS document of the public keys")
     verify.add_argument("--audience", help="default LICENSE_AUDIENCE")
@@ -178,10 +178,10 @@ def _verifier(args: argparse.Namespace) -> LicenseVerifier:
             return LicenseVerifier.from_pem_files(*args.public_key, audience=audience, issuer=issuer)
     except (LicenseKeyError, ValueError) as exc:
         raise CommandError(f"{'--jwks' if args.jwks is not None else '--public-key'}: {exc}") from None
-    # The settings' keys as the webhook server takes them, so that a shell with the operator's settings
-    # (LICENSE_PRIVATE_KEY_PATH alone) verifies too; its error names the variable whose file is unread.
+    # The settings' public keys, the private key's public half only without LICENSE_PUBLIC_KEY_PATH:
+    # a shell that cannot read the operator's private key still verifies. Errors name the variable.
     try:
-        keyring = LicenseKeyring.from_settings(settings)
+        keyring = LicenseKeyring.from_settings(settings, verifier=True)
     except SettingsError as exc:
         raise CommandError(str(exc)) from None
     if not keyring.configured:

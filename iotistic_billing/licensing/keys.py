@@ -32,7 +32,12 @@ _EXTRA_PUBLIC_PREFIX: Final = "public-key"
 
 
 class LicenseKeyError(ValueError):
-    """A key cannot be generated, read or used; the message names the file, data key or argument."""
+    """A key cannot be generated, read or used; the message names the file, data key or argument, and
+    `path` the file whose key failed, for a caller to name the setting it came from."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def generate_private_key(bits: int = 2048) -> rsa.RSAPrivateKey:
@@ -124,15 +129,21 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise LicenseKeyError(f"{path}: cannot read ({exc.strerror})") from None
+        raise LicenseKeyError(f"{path}: cannot read ({exc.strerror})", path) from None
 
 
 def read_private_key(path: Path) -> rsa.RSAPrivateKey:
-    return load_private_key(_read(path), str(path))
+    try:
+        return load_private_key(_read(path), str(path))
+    except LicenseKeyError as error:
+        raise LicenseKeyError(str(error), path) from None
 
 
 def read_public_key(path: Path) -> rsa.RSAPublicKey:
-    return load_public_key(_read(path), str(path))
+    try:
+        return load_public_key(_read(path), str(path))
+    except LicenseKeyError as error:
+        raise LicenseKeyError(str(error), path) from None
 
 
 def _b64url_uint(value: int) -> str:
@@ -305,7 +316,7 @@ class SigningKeys:
         """Load the signing key; a given public key file must be its public half."""
         private_key = read_private_key(private_key_path)
         if public_key_path is not None:
-            _check_pair(private_key, read_public_key(public_key_path), str(public_key_path))
+            check_pair(private_key, read_public_key(public_key_path), public_key_path)
         return cls(
             private_key, extra_public_keys=tuple(read_public_key(path) for path in extra_public_key_paths)
         )
@@ -326,7 +337,7 @@ class SigningKeys:
             public = load_public_key(
                 _decode_secret_value(data, PUBLIC_KEY_FILE), f"Secret data {PUBLIC_KEY_FILE!r}"
             )
-            _check_pair(private_key, public, f"Secret data {PUBLIC_KEY_FILE!r}")
+            check_pair(private_key, public, f"Secret data {PUBLIC_KEY_FILE!r}")
         extra = tuple(
             load_public_key(_decode_secret_value(data, name), f"Secret data {name!r}")
             for name in sorted(data)
@@ -350,9 +361,13 @@ class SigningKeys:
         return data
 
 
-def _check_pair(private_key: rsa.RSAPrivateKey, public_key: rsa.RSAPublicKey, source: str) -> None:
+def check_pair(private_key: rsa.RSAPrivateKey, public_key: rsa.RSAPublicKey, source: str | Path) -> None:
+    """Refuse a public key (`source`: its file or data key) that is not `private_key`'s half."""
     if private_key.public_key().public_numbers() != public_key.public_numbers():
-        raise LicenseKeyError(f"{source}: public key does not belong to the private key")
+        raise LicenseKeyError(
+            f"{source}: public key does not belong to the private key",
+            source if isinstance(source, Path) else None,
+        )
 
 
 __all__ = [
@@ -361,6 +376,7 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "LicenseKeyError",
     "SigningKeys",
+    "check_pair",
     "generate_private_key",
     "jwk_thumbprint",
     "jwks_document",

@@ -48,7 +48,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
             settings.license_extra_public_key_paths,
         )
     except LicenseKeyError as error:
-        raise SettingsError(f"LICENSE_PRIVATE_KEY_PATH: {error}") from None
+        raise SettingsError(f"{settings.key_path_setting(error.path)}: {error}") from None
     engine = create_engine(database_url)
     kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
     watch_api = KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR)

@@ -1,8 +1,9 @@
 """The licence public keys the server publishes (PEM and JWKS) and verifies licences with.
 
 LICENSE_PRIVATE_KEY_PATH when set (its public half signs), else LICENSE_PUBLIC_KEY_PATH alone: the
-webhook server never signs, so it can run without the private key. Retired keys come from
-LICENSE_EXTRA_PUBLIC_KEY_PATHS; alone they still verify, but are no current key to publish.
+webhook server never signs, so it can run without the private key. A verifier (the CLI) takes
+LICENSE_PUBLIC_KEY_PATH first. Retired keys come from LICENSE_EXTRA_PUBLIC_KEY_PATHS; alone they still
+verify, but are no current key to publish.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from iotistic_billing.licensing.keys import (
     LicenseKeyError,
-    SigningKeys,
+    check_pair,
     jwk_thumbprint,
     jwks_document,
     public_key_pem,
+    read_private_key,
     read_public_key,
 )
 from iotistic_billing.licensing.minting import SIGNATURE_ONLY
@@ -47,25 +49,29 @@ class LicenseKeyring:
         object.__setattr__(self, "public_keys", tuple(by_kid.values()))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LicenseKeyring:
-        """Raises SettingsError naming the variable whose key file cannot be read."""
-        variable = "LICENSE_EXTRA_PUBLIC_KEY_PATHS"
+    def from_settings(cls, settings: Settings, *, verifier: bool = False) -> LicenseKeyring:
+        """Raises SettingsError naming the variable whose key file cannot be read or used.
+
+        The server takes the public half of LICENSE_PRIVATE_KEY_PATH and refuses a LICENSE_PUBLIC_KEY_PATH
+        of another pair: what it publishes must be the key the operator signs with. A `verifier` (the
+        CLI's `license verify`) needs public keys only: LICENSE_PUBLIC_KEY_PATH when set, the private key
+        then neither read nor checked, so that a shell that cannot read it still verifies.
+        """
         try:
             extra = tuple(read_public_key(path) for path in settings.license_extra_public_key_paths)
-            if settings.license_private_key_path is not None:
-                variable = "LICENSE_PRIVATE_KEY_PATH"
-                signing = SigningKeys.from_pem_files(
-                    settings.license_private_key_path, settings.license_public_key_path, ()
-                )
-                return cls(signing.public_key, extra)
-            if settings.license_public_key_path is not None:
-                variable = "LICENSE_PUBLIC_KEY_PATH"
-                return cls(read_public_key(settings.license_public_key_path), extra)
+            public_path = settings.license_public_key_path
+            public = None if public_path is None else read_public_key(public_path)
+            if settings.license_private_key_path is None or (verifier and public is not None):
+                # With neither path set, retired keys alone name no current signing key: the key routes
+                # answer 503 naming the setting (serving a retired key as the current one's would fail
+                # every new licence), yet they verify.
+                return cls(public, extra)
+            private = read_private_key(settings.license_private_key_path)
+            if public is not None and public_path is not None:
+                check_pair(private, public, public_path)
         except LicenseKeyError as error:
-            raise SettingsError(f"{variable}: {error}") from None
-        # Retired keys alone name no current signing key: the key routes answer 503 naming the setting
-        # (serving a retired key as the current one's would fail every new licence), yet they verify.
-        return cls(None, extra)
+            raise SettingsError(f"{settings.key_path_setting(error.path)}: {error}") from None
+        return cls(private.public_key(), extra)
 
     @property
     def configured(self) -> bool:

@@ -273,6 +273,10 @@ def test_license_verify_defaults_to_the_settings_public_key(
             "LICENSE_EXTRA_PUBLIC_KEY_PATHS",
         ),
         ({"LICENSE_PRIVATE_KEY_PATH": "MISSING"}, "LICENSE_PRIVATE_KEY_PATH"),
+        (
+            {"LICENSE_PRIVATE_KEY_PATH": "PRIVATE", "LICENSE_PUBLIC_KEY_PATH": "MISSING"},
+            "LICENSE_PUBLIC_KEY_PATH",
+        ),
     ],
 )
 def test_license_verify_names_the_setting_a_key_path_came_from(
@@ -287,7 +291,10 @@ def test_license_verify_names_the_setting_a_key_path_came_from(
     missing = str(tmp_path / "missing.pem")
     for name, value in settings.items():
         monkeypatch.setenv(
-            name, value.replace("MISSING", missing).replace("PUBLIC", str(key_dir / "public-key.pem"))
+            name,
+            value.replace("MISSING", missing)
+            .replace("PUBLIC", str(key_dir / "public-key.pem"))
+            .replace("PRIVATE", str(key_dir / "private-key.pem")),
         )
     code, out, err = run(capsys, "license", "verify", "x.y.z")
     assert (code, out) == (2, "")
@@ -314,6 +321,30 @@ def test_license_verify_takes_the_public_key_from_the_private_key_alone(
     LICENSE_PUBLIC_KEY_PATH, where the webhook server takes the private key's public half."""
     token = mint(capsys, key_dir, "--plan", "starter")
     monkeypatch.setenv("LICENSE_PRIVATE_KEY_PATH", str(key_dir / "private-key.pem"))
+    code, out, err = run(capsys, "license", "verify", token)
+    assert code == 0, err
+    assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan starter")
+
+
+@pytest.mark.parametrize("private_key", ["missing", "not a key", "another key"])
+def test_license_verify_with_both_variables_and_an_unreadable_private_key_uses_the_public_key(
+    capsys: pytest.CaptureFixture[str],
+    key_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    private_key: str,
+) -> None:
+    """Found in review: an operator pod sets both variables, and verify, reading the private key first,
+    exited 2 when a shell could not read it, where a verifier needs the public key alone."""
+    token = mint(capsys, key_dir, "--plan", "starter")
+    private_path = tmp_path / "private-key.pem"
+    if private_key == "not a key":
+        private_path.write_text("not a key")
+    elif private_key == "another key":
+        assert main(["keys", "generate", "--out", str(tmp_path)]) == 0
+        capsys.readouterr()
+    monkeypatch.setenv("LICENSE_PRIVATE_KEY_PATH", str(private_path))
+    monkeypatch.setenv("LICENSE_PUBLIC_KEY_PATH", str(key_dir / "public-key.pem"))
     code, out, err = run(capsys, "license", "verify", token)
     assert code == 0, err
     assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan starter")

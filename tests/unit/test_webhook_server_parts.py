@@ -24,10 +24,16 @@ from iotistic_billing.customer import (
 )
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import Unavailable, ValidationFailed
-from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, public_key_pem
+from iotistic_billing.licensing.keys import (
+    SigningKeys,
+    generate_private_key,
+    private_key_pem,
+    public_key_pem,
+)
 from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
 from iotistic_billing.licensing.plans import PLANS
-from iotistic_billing.settings import Settings
+from iotistic_billing.operator.__main__ import build_context
+from iotistic_billing.settings import Settings, SettingsError
 from iotistic_billing.webhook_server import licenses
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
@@ -45,6 +51,7 @@ from iotistic_billing.webhook_server.views import (
     queue_stats,
     signup_manifest,
 )
+from tests.conftest import REPO
 
 
 class FakeClock:
@@ -211,6 +218,45 @@ async def test_extra_keys_alone_are_not_a_current_key(tmp_path: Path) -> None:
         audience="iotistic-instance",
     ).token
     assert keyring.decode(token, "iotistic-instance")[1]
+
+
+@pytest.mark.parametrize(
+    ("private", "public", "extra", "message"),
+    [
+        ("ours", "missing", None, "LICENSE_PUBLIC_KEY_PATH: {missing}: cannot read"),
+        ("ours", "another", None, "LICENSE_PUBLIC_KEY_PATH: {another}: public key does not belong to"),
+        ("missing", "ours", None, "LICENSE_PRIVATE_KEY_PATH: {missing}: cannot read"),
+        ("ours", "ours", "missing", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: {missing}: cannot read"),
+    ],
+)
+def test_the_server_and_the_operator_refuse_key_files_they_cannot_use_naming_the_variable_of_the_path(
+    tmp_path: Path, private: str, public: str, extra: str | None, message: str
+) -> None:
+    """Found in review: with both variables set, an unreadable public key file or one of another pair was
+    blamed on LICENSE_PRIVATE_KEY_PATH, by the server and by the operator. The server still refuses to
+    start on either (it never signs, but would publish a key that is not the operator's), and on a private
+    key it cannot read."""
+    keys = SigningKeys(generate_private_key())
+    (tmp_path / "private-key.pem").write_bytes(private_key_pem(keys.private_key))
+    paths = {
+        "ours": _public_key_file(tmp_path, keys, "public-key.pem"),
+        "another": _public_key_file(tmp_path, SigningKeys(generate_private_key()), "another.pem"),
+        "missing": tmp_path / "missing.pem",
+    }
+    settings = Settings(
+        license_private_key_path=tmp_path / "private-key.pem" if private == "ours" else paths[private],
+        license_public_key_path=paths[public],
+        license_extra_public_key_paths=[] if extra is None else [paths[extra]],
+    )
+    with pytest.raises(SettingsError) as refused:
+        LicenseKeyring.from_settings(settings)
+    assert str(refused.value).startswith(message.format_map(paths)), refused.value
+    with pytest.raises(SettingsError) as refused:
+        build_context(
+            settings.model_copy(update={"instance_chart": str(REPO / "charts" / "customer-instance")}),
+            "postgresql://x",
+        )
+    assert str(refused.value).startswith(message.format_map(paths)), refused.value
 
 
 def test_usage_keys_are_looked_up_by_their_sha256() -> None:
