@@ -3,15 +3,15 @@ session of its own (the webhook server's subscription routes, usage metering's m
 
 STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
 errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry; after a write,
-one that may have been made: check first), a refused field of the request is 400 naming it, any other
-refused request 409 with Stripe's message and code.
+one that may have been made: check first), rate limited (429) a 503 saying nothing was changed, a refused
+field of the request is 400 naming it, any other refused request 409 with Stripe's message and code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -33,14 +33,25 @@ T = TypeVar("T")
 # The start-up probe must not hold the server's start for the SDK's 30 s and retries.
 PROBE_TIMEOUT = 5.0
 # How long a checkout session can be paid: Stripe's default is 24 h, its least 30 minutes from its own
-# clock; the extra minute keeps a clock a little behind Stripe's above that least.
-CHECKOUT_LIFETIME: Final = timedelta(minutes=31)
+# clock when the create arrives. `expires_at` is read once, and the SDK's third try (two 30 s timeouts
+# and up to 1.5 s of back-off) can arrive 61.5 s later: 35 minutes keeps that try above the least with
+# over 3 minutes to spare for a clock behind Stripe's.
+CHECKOUT_LIFETIME: Final = timedelta(minutes=35)
 
 
 @dataclass(frozen=True)
 class CheckoutSession:
     session_id: str
     checkout_url: str
+
+
+class CustomerSubscribed(Exception):
+    """A checkout found the customer subscribed in Stripe (an earlier session paid, its events not applied
+    to the Customer yet, or paid while the new one was made, which is then expired again)."""
+
+    def __init__(self, subscription_id: str) -> None:
+        super().__init__(f"the customer has the live subscription {subscription_id} in Stripe")
+        self.subscription_id = subscription_id
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,12 @@ async def _stripe(
     request body's name of each Stripe parameter the client gave, for a 400 naming the one refused."""
     try:
         return await call
-    except (stripe.APIConnectionError, stripe.RateLimitError) as error:
+    except stripe.RateLimitError as error:
+        # Stripe's limiters and lock timeouts refuse before acting (and the SDK sends a 429's request once
+        # unless Stripe asks for a retry): nothing was made, a write's no more than a read's.
+        log.warning("Stripe %s was rate limited (%s)", action, _stripe_code(error))
+        raise _rate_limited(action, error) from None
+    except stripe.APIConnectionError as error:
         log.warning("Stripe %s failed: %s", action, type(error).__name__)
         raise (
             _maybe_made(action, type(error).__name__) if writes else DependencyUnavailable("Stripe")
@@ -96,6 +112,20 @@ async def _stripe(
             f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
             details,
         ) from None
+
+
+def _rate_limited(action: str, error: stripe.RateLimitError) -> DependencyUnavailable:
+    """The 503 of a request Stripe refused as too many: nothing was changed; retry after Stripe's
+    Retry-After when it sends whole seconds, else our 5."""
+    refused = DependencyUnavailable(
+        "Stripe",
+        f"Stripe refused to {action} now: too many requests ({_stripe_code(error) or 429}); nothing was "
+        "changed, retry later",
+    )
+    retry_after = (error.headers or {}).get("Retry-After")
+    if isinstance(retry_after, str) and retry_after.isdigit():
+        refused.headers = {"Retry-After": retry_after}
+    return refused
 
 
 def _maybe_made(action: str, why: str) -> DependencyUnavailable:
@@ -202,11 +232,16 @@ class StripeApi:
         price_id: str,
         success_url: str,
         cancel_url: str,
+        live_statuses: Collection[str],
     ) -> CheckoutSession:
-        """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; the customer's earlier
-        open subscription sessions are expired first, so at most the newest can be paid (two paid
-        sessions would be two billed subscriptions)."""
-        await self._expire_open_checkouts(stripe_customer_id)
+        """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; the customer's other
+        open subscription sessions are expired once it is made (a create Stripe refuses leaves them
+        payable), so at most the newest can be paid (two paid sessions would be two billed
+        subscriptions). CustomerSubscribed, and no session payable, when Stripe has a subscription of
+        the customer in `live_statuses` before the create or once the others are expired."""
+        subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
+        if subscribed is not None:
+            raise CustomerSubscribed(subscribed)
         metadata = {"customerId": customer_id, "plan": plan}
         # The metered prices bill the usage overage's meter events (no quantity: Stripe sums the usage).
         line_items: list[Any] = [{"price": price_id, "quantity": 1}]
@@ -230,18 +265,45 @@ class StripeApi:
             writes=True,
             fields={"success_url": "success_url", "cancel_url": "cancel_url"},
         )
+        # Asked again once no other session can be paid: one paid since the first ask (and listed as open
+        # no more) has left its subscription.
+        subscribed = await self._expire_other_checkouts(stripe_customer_id, str(session.id))
+        if subscribed is None:
+            subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
+        if subscribed is not None:
+            await self._expire_checkout(str(session.id), "the new checkout session")
+            raise CustomerSubscribed(subscribed)
         return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
 
-    async def _expire_open_checkouts(self, stripe_customer_id: str) -> None:
+    async def _expire_other_checkouts(self, stripe_customer_id: str, new_session_id: str) -> str | None:
+        """Expire the customer's open subscription sessions but the new one; the subscription of one
+        that was paid before its expire arrived, else None."""
         open_sessions = await _stripe(
             self._open_checkouts(stripe_customer_id), "list the customer's open checkout sessions"
         )
         for session_id in open_sessions:
-            await _stripe(
-                self.client.v1.checkout.sessions.expire_async(session_id),
-                f"expire the customer's earlier checkout session {session_id}",
-                writes=True,
-            )
+            if session_id == new_session_id:
+                continue
+            try:
+                await self._expire_checkout(
+                    session_id, f"the customer's earlier checkout session {session_id}"
+                )
+            except Conflict:
+                # Stripe expires open sessions only: this one was paid or expired since the list.
+                earlier = await _stripe(
+                    self.client.v1.checkout.sessions.retrieve_async(session_id),
+                    f"read the customer's earlier checkout session {session_id}",
+                )
+                if earlier.status == "open":
+                    raise
+                if earlier.status == "complete" and earlier.subscription:
+                    return str(earlier.subscription)
+        return None
+
+    async def _expire_checkout(self, session_id: str, which: str) -> None:
+        await _stripe(
+            self.client.v1.checkout.sessions.expire_async(session_id), f"expire {which}", writes=True
+        )
 
     async def _open_checkouts(self, stripe_customer_id: str) -> list[str]:
         """The ids of the customer's open subscription sessions (not a one-time payment's), every page."""
@@ -249,6 +311,24 @@ class StripeApi:
             params={"customer": stripe_customer_id, "status": "open", "limit": 100}
         )
         return [session.id async for session in page.auto_paging_iter() if session.mode == "subscription"]
+
+    async def _live_subscription(self, stripe_customer_id: str, live_statuses: Collection[str]) -> str | None:
+        return await _stripe(
+            self._newest_live(stripe_customer_id, live_statuses), "list the customer's subscriptions"
+        )
+
+    async def _newest_live(self, stripe_customer_id: str, live_statuses: Collection[str]) -> str | None:
+        """The newest of the customer's subscriptions in `live_statuses`, every page (Stripe lists the
+        newest first, and no cancelled one)."""
+        page = await self.client.v1.subscriptions.list_async(
+            params={"customer": stripe_customer_id, "limit": 100}
+        )
+        async for subscription in page.auto_paging_iter():
+            # Another customer's is not this one's: stripe-mock (`make dev`) lists a fixture's whatever
+            # the customer asked for.
+            if subscription.customer == stripe_customer_id and subscription.status in live_statuses:
+                return str(subscription.id)
+        return None
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
         """Move the subscription's plan item (not a metered one) to `price_id`, prorated; nothing is
@@ -316,4 +396,4 @@ class StripeApi:
         return str(session.url)
 
 
-__all__ = ["CheckoutSession", "StripeApi", "SubscriptionChange"]
+__all__ = ["CheckoutSession", "CustomerSubscribed", "StripeApi", "SubscriptionChange"]

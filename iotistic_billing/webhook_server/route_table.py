@@ -133,8 +133,10 @@ ROUTES: Final[tuple[Route, ...]] = (
             " gets one first, kept even when the session then fails (a retry uses it). 409 `Already"
             " subscribed` while the customer has a live subscription (its plan changes with"
             " /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer whose"
-            " spec.billing.mode is not stripe (its plan is spec.plan). Each session is payable for 31"
-            " minutes; a checkout first expires the customer's earlier open subscription sessions."
+            " spec.billing.mode is not stripe (its plan is spec.plan). Stripe is asked too: a customer it"
+            " shows subscribed (a paid session whose events are not applied yet) is also a 409 `Already"
+            " subscribed`. Each session is payable for 35 minutes; once made, it expires the customer's"
+            " other open subscription sessions (a create Stripe refuses leaves them payable)."
         ),
     ),
     Route(

@@ -16,6 +16,7 @@ from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import Conflict, ValidationFailed, stripe_not_configured
+from iotistic_billing.stripe_api import CustomerSubscribed
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
@@ -103,13 +104,7 @@ async def create_checkout(request: web.Request) -> web.Response:
         live = await _live_subscription_id(session, record)
         stripe_customer_id = await directory.stripe_customer_id(session, record)
     if live is not None:
-        # A second subscription would bill the customer twice; the live one changes plan instead.
-        raise Conflict(
-            "Already subscribed",
-            f"customer {record.customer_id} has the live subscription {live}; change its plan with "
-            "POST /api/subscriptions/upgrade",
-            {"customer_id": record.customer_id, "subscription_id": live},
-        )
+        raise _already_subscribed(record.customer_id, live)
     if stripe_customer_id is None:
         # A Customer applied by GitOps has no Stripe customer yet: make it, and remember it at once, so a
         # retry after a failed session finds it (another create under its idempotency key, with an email
@@ -135,15 +130,30 @@ async def create_checkout(request: web.Request) -> web.Response:
             ) from None
         async with sessions() as session, session.begin():
             await remember(session, record.customer, record.customer_id, stripe_customer_id)
-    checkout = await billing.create_checkout_session(
-        stripe_customer_id=stripe_customer_id,
-        customer_id=record.customer_id,
-        plan=body.plan,
-        price_id=price,
-        success_url=body.success_url,
-        cancel_url=body.cancel_url,
-    )
+    try:
+        # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
+        checkout = await billing.create_checkout_session(
+            stripe_customer_id=stripe_customer_id,
+            customer_id=record.customer_id,
+            plan=body.plan,
+            price_id=price,
+            success_url=body.success_url,
+            cancel_url=body.cancel_url,
+            live_statuses=LIVE_STATUSES,
+        )
+    except CustomerSubscribed as subscribed:
+        raise _already_subscribed(record.customer_id, subscribed.subscription_id) from None
     return json_model(CheckoutResponse(session_id=checkout.session_id, checkout_url=checkout.checkout_url))
+
+
+def _already_subscribed(customer_id: str, subscription_id: str) -> Conflict:
+    """A second subscription would bill the customer twice; the live one changes plan instead."""
+    return Conflict(
+        "Already subscribed",
+        f"customer {customer_id} has the live subscription {subscription_id}; change its plan with "
+        "POST /api/subscriptions/upgrade",
+        {"customer_id": customer_id, "subscription_id": subscription_id},
+    )
 
 
 async def upgrade_subscription(request: web.Request) -> web.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -13,10 +15,21 @@ from aiohttp.test_utils import TestServer
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.errors import Conflict
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import StripeApi
+from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi
+from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
 from tests.integration.webhook_support import stripe_mock_plan_price
 
 pytestmark = pytest.mark.integration
+
+CHECKOUT: dict[str, Any] = {
+    "stripe_customer_id": "cus_123",
+    "customer_id": "cust_abc123",
+    "plan": "starter",
+    "price_id": "price_starter",
+    "success_url": "https://app.example.com/success",
+    "cancel_url": "https://app.example.com/cancel",
+    "live_statuses": LIVE_STATUSES,
+}
 
 
 def test_stripe_sdk_creates_a_customer_and_a_checkout_session(stripe_mock: StripeMock) -> None:
@@ -92,13 +105,9 @@ async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_
     )
     try:
         # stripe-mock checks the request against Stripe's OpenAPI document: metered items without quantity.
+        # Its list of the customer's subscriptions is an active one of another customer: not this one's.
         session = await billing.create_checkout_session(
-            stripe_customer_id="cus_123",
-            customer_id="cust_abc123",
-            plan="enterprise",
-            price_id="price_enterprise",
-            success_url="https://app.example.com/success",
-            cancel_url="https://app.example.com/cancel",
+            **{**CHECKOUT, "plan": "enterprise", "price_id": "price_enterprise"}
         )
         assert session.session_id.startswith("cs_")
         change = await billing.change_price("sub_123", "price_enterprise")
@@ -107,20 +116,23 @@ async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_
         await billing.close()
 
 
-async def test_stripe_mock_takes_the_expiry_of_a_customer_s_earlier_checkout_and_the_new_one_s(
-    stripe_mock: StripeMock,
-) -> None:
-    """stripe-mock keeps nothing: its list of sessions is one fixture of another customer in payment mode.
-    A stand-in in front of it makes that one this customer's open subscription session, so the list, the
-    expire and the create (with its expires_at) each pass stripe-mock's check against Stripe's API."""
-    answered: list[tuple[str, str, int]] = []
+class StandIn:
+    """A stand-in in front of stripe-mock, which keeps nothing: its list of sessions is one fixture (the
+    id of every session it makes) of another customer in payment mode. The stand-in makes that one this
+    customer's earlier open subscription session `cs_test_earlier`, and with `paid` answers its expire as
+    Stripe does once it was paid (a 400) and its read as complete, so each call still passes stripe-mock's
+    check against Stripe's API. `answered`: each call's method, path and status."""
 
-    async def forward(request: web.Request) -> web.Response:
+    def __init__(self, stripe_mock: StripeMock, *, paid: bool = False) -> None:
+        self.stripe_mock, self.paid = stripe_mock, paid
+        self.answered: list[tuple[str, str, int]] = []
+
+    async def forward(self, request: web.Request) -> web.Response:
         async with (
             aiohttp.ClientSession() as session,
             session.request(
                 request.method,
-                f"{stripe_mock.url}{request.path_qs}",
+                f"{self.stripe_mock.url}{request.path_qs}",
                 headers={
                     key: value
                     for key, value in request.headers.items()
@@ -130,32 +142,71 @@ async def test_stripe_mock_takes_the_expiry_of_a_customer_s_earlier_checkout_and
             ) as answer,
         ):
             payload: dict[str, Any] = await answer.json()
-        answered.append((request.method, request.path, answer.status))
-        if request.method == "GET" and request.path == "/v1/checkout/sessions" and answer.status == 200:
+        status = answer.status
+        if request.method == "GET" and request.path == "/v1/checkout/sessions" and status == 200:
             for listed in payload["data"]:
-                listed.update(mode="subscription", customer=request.query["customer"], status="open")
-        return web.json_response(payload, status=answer.status)
+                listed.update(
+                    id="cs_test_earlier",
+                    mode="subscription",
+                    customer=request.query["customer"],
+                    status="open",
+                )
+        earlier = request.path.startswith("/v1/checkout/sessions/cs_test_earlier")
+        if self.paid and earlier and request.path.endswith("/expire"):
+            status = 400
+            payload = {"error": {"type": "invalid_request_error", "message": "Only open sessions expire."}}
+        elif self.paid and earlier and status == 200:
+            payload.update(status="complete", subscription="sub_paid")
+        self.answered.append((request.method, request.path.rsplit("/", 1)[-1], status))
+        return web.json_response(payload, status=status)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    async with TestServer(app) as stand_in:
-        billing = StripeApi(
-            load_settings(stripe_secret_key="sk_test_123", stripe_api_base=str(stand_in.make_url("")))
-        )
-        try:
-            session = await billing.create_checkout_session(
-                stripe_customer_id="cus_123",
-                customer_id="cust_abc123",
-                plan="starter",
-                price_id="price_starter",
-                success_url="https://app.example.com/success",
-                cancel_url="https://app.example.com/cancel",
+    @asynccontextmanager
+    async def billing(self) -> AsyncIterator[StripeApi]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        async with TestServer(app) as server:
+            billing = StripeApi(
+                load_settings(stripe_secret_key="sk_test_123", stripe_api_base=str(server.make_url("")))
             )
-        finally:
-            await billing.close()
+            try:
+                yield billing
+            finally:
+                await billing.close()
+
+
+async def test_stripe_mock_takes_the_expiry_of_a_customer_s_earlier_checkout_and_the_new_one_s(
+    stripe_mock: StripeMock,
+) -> None:
+    """The ask for a live subscription, the create (with its expires_at), the list and the expire each pass
+    stripe-mock's check against Stripe's API."""
+    stand_in = StandIn(stripe_mock)
+    async with stand_in.billing() as billing:
+        session = await billing.create_checkout_session(**CHECKOUT)
+
     assert session.session_id.startswith("cs_")
-    assert [(method, path.rsplit("/", 1)[-1], status) for method, path, status in answered] == [
+    assert stand_in.answered == [
+        ("GET", "subscriptions", 200),
+        ("POST", "sessions", 200),
         ("GET", "sessions", 200),
         ("POST", "expire", 200),
+        ("GET", "subscriptions", 200),
+    ]
+
+
+async def test_an_earlier_checkout_paid_before_its_expire_expires_the_new_one_against_stripe_mock(
+    stripe_mock: StripeMock,
+) -> None:
+    stand_in = StandIn(stripe_mock, paid=True)
+    async with stand_in.billing() as billing:
+        with pytest.raises(CustomerSubscribed) as raised:
+            await billing.create_checkout_session(**CHECKOUT)
+
+    assert raised.value.subscription_id == "sub_paid"
+    assert stand_in.answered == [
+        ("GET", "subscriptions", 200),
         ("POST", "sessions", 200),
+        ("GET", "sessions", 200),
+        ("POST", "expire", 400),
+        ("GET", "cs_test_earlier", 200),
+        ("POST", "expire", 200),  # the new session's
     ]

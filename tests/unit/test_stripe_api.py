@@ -3,8 +3,8 @@ become our errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -14,9 +14,21 @@ from aiohttp.test_utils import TestServer
 
 from iotistic_billing.errors import ApiError
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import StripeApi
+from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+# What an answer lost costs the SDK before its next try: its 30 s timeout and its back-off, at most 0.5 s
+# before its second try and 1 s before its third (61.5 s for two).
+SDK_TRY = timedelta(seconds=30.75)
+CHECKOUT: dict[str, Any] = {
+    "stripe_customer_id": "cus_1",
+    "customer_id": "cust_acme01",
+    "plan": "starter",
+    "price_id": "price_starter",
+    "success_url": "https://a.example/ok",
+    "cancel_url": "https://a.example/no",
+    "live_statuses": {"active", "trialing", "past_due"},
+}
 
 
 def item(item_id: str, price: str) -> dict[str, Any]:
@@ -25,13 +37,27 @@ def item(item_id: str, price: str) -> dict[str, Any]:
 
 class FakeStripe:
     """Records each request's form; answers a write with `answer` when set, else a subscription or a
-    session. Keeps the checkout sessions it made (listed by customer and status, expired); with
-    `lose_answers` it closes the connection after reading a request, as an answer lost on the way does."""
+    session. Keeps the checkout sessions it made as Stripe does: listed by customer and status, newest
+    first, `page_size` a page (so a reader of the first page alone misses the rest), expired only while
+    open (a 400 otherwise), made only with an `expires_at` at least 30 minutes after its own clock `now`.
+    With `lose_answers` it closes the connection after reading a request, as an answer lost on the way
+    does; `lose_creates` does that to the next session creates only, each lost one moving `now` on by
+    SDK_TRY."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.answer: tuple[int, dict[str, Any]] | None = None
+        self.answer_headers: dict[str, str] = {}
+        # Stripe's answer to a session's create (a refused success_url), the other calls answered.
+        self.refuse_creates: tuple[int, dict[str, Any]] | None = None
         self.lose_answers = False
+        self.lose_creates = 0
+        self.now = NOW
+        self.page_size = 1
+        # A session paid just after a page of sessions listing it was answered (before its expire
+        # arrives), or when a session's create arrives (before the customer's sessions are listed).
+        self.paid_after_list: str | None = None
+        self.paid_on_create: str | None = None
         self.subscription: dict[str, Any] = {
             "id": "sub_1",
             "object": "subscription",
@@ -39,31 +65,49 @@ class FakeStripe:
             "cancel_at_period_end": False,
             "items": {"object": "list", "data": []},
         }
+        # The customers' subscriptions Stripe lists (GET /v1/subscriptions), newest first.
+        self.subscriptions: list[dict[str, Any]] = []
         self.sessions: dict[str, dict[str, Any]] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        form = dict(parse_qsl(await request.text()))
+        # A GET's parameters are its query.
+        form = dict(request.query) if request.method == "GET" else dict(parse_qsl(await request.text()))
         self.requests.append((request.method, request.path, form))
-        if self.lose_answers:
+        creates = request.method == "POST" and request.path == "/v1/checkout/sessions"
+        if self.lose_answers or (creates and self.lose_creates):
+            if creates and self.lose_creates:
+                self.lose_creates -= 1
+                self.now += SDK_TRY
             assert request.transport is not None
             request.transport.close()
             return web.Response()
         if self.answer is not None and request.method != "GET":
             status, payload = self.answer
+            return web.json_response(payload, status=status, headers=self.answer_headers)
+        if creates and self.paid_on_create is not None:
+            self.pay(self.paid_on_create)
+            self.paid_on_create = None
+        if creates and self.refuse_creates is not None:
+            status, payload = self.refuse_creates
             return web.json_response(payload, status=status)
+        if request.path == "/v1/subscriptions" and request.method == "GET":
+            customer = request.query.get("customer")
+            found = [each for each in self.subscriptions if customer in (None, each["customer"])]
+            return web.json_response(self._page(request, found))
         if request.path.startswith("/v1/subscriptions/"):
             return web.json_response(self.subscription)
         if request.path == "/v1/checkout/sessions" and request.method == "GET":
-            return web.json_response(self._list_sessions(request.query))
-        if request.path == "/v1/checkout/sessions":
-            return web.json_response(self._open_session(form))
-        if request.path.startswith("/v1/checkout/sessions/") and request.path.endswith("/expire"):
-            session = self.sessions[request.path.split("/")[4]]
-            session["status"] = "expired"
-            return web.json_response(session)
+            return self._list_sessions(request)
+        if creates:
+            return self._open_session(form)
+        if request.path.startswith("/v1/checkout/sessions/"):
+            return self._session(request.path.split("/")[4], expire=request.path.endswith("/expire"))
         return web.json_response({"id": "x", "object": "unknown"})
 
-    def _open_session(self, form: dict[str, str]) -> dict[str, Any]:
+    def _open_session(self, form: dict[str, str]) -> web.Response:
+        expires_at = int(form["expires_at"]) if "expires_at" in form else None
+        if expires_at is not None and expires_at < (self.now + timedelta(minutes=30)).timestamp():
+            return refusal("expires_at", "The `expires_at` timestamp must be at least 30 minutes from now.")
         session_id = f"cs_{len(self.sessions) + 1}"
         self.sessions[session_id] = {
             "id": session_id,
@@ -72,17 +116,60 @@ class FakeStripe:
             "status": "open",
             "mode": form.get("mode"),
             "customer": form.get("customer"),
-            "expires_at": int(form["expires_at"]) if "expires_at" in form else None,
+            "subscription": None,
+            "expires_at": expires_at,
         }
-        return self.sessions[session_id]
+        return web.json_response(self.sessions[session_id])
 
-    def _list_sessions(self, query: Mapping[str, str]) -> dict[str, Any]:
+    def _session(self, session_id: str, *, expire: bool) -> web.Response:
+        session = self.sessions[session_id]
+        if expire:
+            if session["status"] != "open":
+                return refusal(None, f"This Checkout Session is {session['status']}: only open ones expire.")
+            session["status"] = "expired"
+        return web.json_response(session)
+
+    def _list_sessions(self, request: web.Request) -> web.Response:
         found = [
             session
-            for session in self.sessions.values()
-            if all(session.get(key) == query[key] for key in ("customer", "status") if key in query)
+            for session in reversed(self.sessions.values())
+            if all(
+                session.get(key) == request.query[key]
+                for key in ("customer", "status")
+                if key in request.query
+            )
         ]
-        return {"object": "list", "url": "/v1/checkout/sessions", "has_more": False, "data": found}
+        page = self._page(request, found)
+        answer = web.json_response(page)
+        paid = self.paid_after_list
+        if paid is not None and paid in [session["id"] for session in page["data"]]:
+            self.pay(paid)
+            self.paid_after_list = None
+        return answer
+
+    def _page(self, request: web.Request, found: list[dict[str, Any]]) -> dict[str, Any]:
+        """One page of `found` as Stripe serves it: `limit` (at most `page_size`) after `starting_after`."""
+        after = request.query.get("starting_after")
+        start = next((index + 1 for index, each in enumerate(found) if each["id"] == after), 0)
+        size = min(int(request.query.get("limit", 10)), self.page_size)
+        page = found[start : start + size]
+        return {"object": "list", "url": request.path, "has_more": start + size < len(found), "data": page}
+
+    def pay(self, session_id: str) -> str:
+        """The session's customer pays it: complete, with a subscription Stripe lists."""
+        session = self.sessions[session_id]
+        subscription_id = f"sub_of_{session_id}"
+        session.update(status="complete", subscription=subscription_id)
+        self.subscriptions.insert(
+            0,
+            {
+                "id": subscription_id,
+                "object": "subscription",
+                "status": "active",
+                "customer": session["customer"],
+            },
+        )
+        return subscription_id
 
     def payable(self, customer: str) -> list[str]:
         return [
@@ -90,6 +177,12 @@ class FakeStripe:
             for session in self.sessions.values()
             if session["customer"] == customer and session["status"] == "open"
         ]
+
+
+def refusal(param: str | None, message: str) -> web.Response:
+    """Stripe's 400 refusing a request, naming the parameter when it is one."""
+    error = {"type": "invalid_request_error", "message": message} | ({"param": param} if param else {})
+    return web.json_response({"error": error}, status=400)
 
 
 @pytest.fixture
@@ -149,16 +242,10 @@ async def test_a_checkout_puts_the_metered_prices_on_the_subscription(
     fake: tuple[FakeStripe, StripeApi],
 ) -> None:
     stripe, api = fake
-    await api.create_checkout_session(
-        stripe_customer_id="cus_1",
-        customer_id="cust_acme01",
-        plan="starter",
-        price_id="price_starter",
-        success_url="https://a.example/ok",
-        cancel_url="https://a.example/no",
-    )
-    _, path, form = stripe.requests[-1]
-    assert path == "/v1/checkout/sessions"
+    await api.create_checkout_session(**CHECKOUT)
+    (form,) = [
+        form for method, path, form in stripe.requests if (method, path) == ("POST", "/v1/checkout/sessions")
+    ]
     assert {key: value for key, value in form.items() if key.startswith("line_items")} == {
         "line_items[0][price]": "price_starter",
         "line_items[0][quantity]": "1",
@@ -229,30 +316,132 @@ async def test_a_new_checkout_leaves_no_earlier_session_payable(fake: tuple[Fake
     # Found in review: two checkouts (two tabs, a retry after a timeout) left two sessions payable for
     # Stripe's default 24 h, and paying both made two billed subscriptions.
     stripe, api = fake
-    stripe.sessions["cs_other"] = {
-        "id": "cs_other",
-        "status": "open",
-        "mode": "payment",
-        "customer": "cus_1",
-    }
-    checkout = {
-        "stripe_customer_id": "cus_1",
-        "customer_id": "cust_acme01",
-        "plan": "starter",
-        "price_id": "price_starter",
-        "success_url": "https://a.example/ok",
-        "cancel_url": "https://a.example/no",
-    }
+    stripe.sessions["cs_other"] = {"id": "cs_other", "status": "open", "mode": "payment", "customer": "cus_1"}
+    # Its sessions of earlier subscriptions, ended since: paid once, or lapsed unpaid. Not open, so not
+    # expired (Stripe would refuse it).
+    for session_id, status in [("cs_paid_once", "complete"), ("cs_lapsed", "expired")]:
+        stripe.sessions[session_id] = {
+            "id": session_id,
+            "status": status,
+            "mode": "subscription",
+            "customer": "cus_1",
+            "subscription": "sub_old" if status == "complete" else None,
+        }
 
-    await api.create_checkout_session(**checkout)
-    second = await api.create_checkout_session(**{**checkout, "plan": "enterprise"})
+    first = await api.create_checkout_session(**CHECKOUT)
+    second = await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
 
     # The earlier subscription session is expired; a payment-mode one of the customer is not ours.
     assert stripe.payable("cus_1") == ["cs_other", second.session_id]
-    # Each payable for 31 minutes, not Stripe's default 24 h: two checkouts at the same moment, each
-    # finding the other not made yet, leave two sessions for that long only.
-    made = [session for session in stripe.sessions.values() if session["id"] != "cs_other"]
-    assert [session["expires_at"] - NOW.timestamp() for session in made] == [31 * 60, 31 * 60]
+    assert [stripe.sessions[ended]["status"] for ended in ("cs_paid_once", "cs_lapsed")] == [
+        "complete",
+        "expired",
+    ]
+    # Each payable for 35 minutes, not Stripe's default 24 h.
+    made = [stripe.sessions[session.session_id]["expires_at"] for session in (first, second)]
+    assert [expires_at - NOW.timestamp() for expires_at in made] == [35 * 60, 35 * 60]
+
+
+async def test_a_new_checkout_expires_the_earlier_sessions_of_every_page(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    stripe, api = fake  # one session a page
+    earlier = [await api.create_checkout_session(**CHECKOUT) for _ in range(3)]
+
+    latest = await api.create_checkout_session(**CHECKOUT)
+
+    assert stripe.payable("cus_1") == [latest.session_id]
+    assert [stripe.sessions[session.session_id]["status"] for session in earlier] == ["expired"] * 3
+
+
+async def test_a_refused_checkout_leaves_the_earlier_session_payable(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: the earlier sessions were expired before the create, so a create Stripe refused (a
+    # success_url it does not take, an archived price) left the customer nothing to pay.
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT)
+    stripe.refuse_creates = (
+        400,
+        {"error": {"type": "invalid_request_error", "param": "success_url", "message": "Not a valid URL"}},
+    )
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_checkout_session(**{**CHECKOUT, "success_url": "https://."})
+
+    assert (raised.value.status, raised.value.error) == (400, "Validation failed")
+    assert stripe.payable("cus_1") == [earlier.session_id]
+
+
+async def test_a_checkout_after_an_earlier_session_was_paid_is_refused(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: a session paid, its events not applied yet, is no live subscription in the mirror,
+    # and being complete it is not expired either: the checkout made a second payable session, and
+    # paying it made two billed subscriptions. Stripe is asked, before any session is made.
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT)
+    paid = stripe.pay(earlier.session_id)
+    # Newer, on the first page (one a page): a subscription whose first payment Stripe gave up on.
+    stripe.subscriptions.insert(
+        0, {"id": "sub_tried", "object": "subscription", "status": "incomplete_expired", "customer": "cus_1"}
+    )
+    made = len(stripe.sessions)
+
+    with pytest.raises(CustomerSubscribed) as raised:
+        await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
+
+    assert raised.value.subscription_id == paid
+    assert len(stripe.sessions) == made and stripe.payable("cus_1") == []
+    listed = [query for _, path, query in stripe.requests if path == "/v1/subscriptions"]
+    assert {query["customer"] for query in listed} == {"cus_1"}
+
+
+async def test_an_earlier_session_paid_before_the_list_refuses_the_checkout_leaving_nothing_payable(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Paid after the first ask for a live subscription and before the sessions are listed: not open, so
+    # not listed, and its subscription is found by the second ask.
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT)
+    stripe.paid_on_create = earlier.session_id
+
+    with pytest.raises(CustomerSubscribed) as raised:
+        await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
+
+    assert raised.value.subscription_id == f"sub_of_{earlier.session_id}"
+    assert stripe.payable("cus_1") == []  # the new session is expired
+
+
+async def test_an_earlier_session_paid_before_its_expire_refuses_the_checkout_leaving_nothing_payable(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: an earlier session paid between the list and its expire made Stripe refuse the
+    # expire, a 409 "Stripe refused to expire ...", and the new session stayed payable: a second
+    # subscription once paid.
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT)
+    stripe.paid_after_list = earlier.session_id
+
+    with pytest.raises(CustomerSubscribed) as raised:
+        await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
+
+    assert raised.value.subscription_id == f"sub_of_{earlier.session_id}"
+    assert stripe.payable("cus_1") == []  # the new session is expired
+
+
+async def test_a_checkout_whose_first_two_answers_are_lost_is_still_payable_for_stripe_s_least_30_minutes(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: `expires_at` is read once, 31 minutes ahead; the SDK's third try arrives up to
+    # 61.5 s later, when Stripe refuses it as under 30 minutes ahead (a 409 on a field never sent).
+    stripe, api = fake
+    stripe.lose_creates = 2
+
+    session = await api.create_checkout_session(**CHECKOUT)
+
+    assert stripe.now == NOW + 2 * SDK_TRY
+    assert stripe.payable("cus_1") == [session.session_id]
 
 
 async def test_a_cancel_whose_answer_is_lost_does_not_say_nothing_was_changed(
@@ -286,6 +475,29 @@ async def test_a_read_whose_answer_is_lost_still_says_nothing_was_changed(
     assert raised.value.status == 503 and "nothing was changed" in raised.value.message
 
 
+@pytest.mark.parametrize(("retry_after", "answered"), [(None, "5"), ("2", "2")])
+async def test_a_rate_limited_write_says_nothing_was_made(
+    fake: tuple[FakeStripe, StripeApi], retry_after: str | None, answered: str
+) -> None:
+    # Found in review: a 429 on a write was "did not answer ... may have been made". Stripe's limiters
+    # refuse before acting, and the SDK sends a 429's request once: nothing was made.
+    stripe, api = fake
+    stripe.answer = (
+        429,
+        {"error": {"type": "invalid_request_error", "code": "rate_limit", "message": "Slow down"}},
+    )
+    stripe.answer_headers = {"Retry-After": retry_after} if retry_after else {}
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True)
+
+    assert len(stripe.requests) == 1
+    assert (raised.value.status, raised.value.error) == (503, "Stripe unavailable")
+    assert "nothing was changed" in raised.value.message and "retry later" in raised.value.message
+    assert "may have been made" not in raised.value.message
+    assert raised.value.headers == {"Retry-After": answered}
+
+
 @pytest.mark.parametrize(
     ("call", "param", "field"),
     [
@@ -306,14 +518,7 @@ async def test_a_field_stripe_refuses_is_a_400_naming_it(
     stripe.answer = (400, {"error": {"type": "invalid_request_error", "param": param, "message": message}})
     arguments: dict[str, dict[str, Any]] = {
         "create_customer": {"email": "x@.example.com", "company_name": "Acme", "customer_id": "cust_acme01"},
-        "create_checkout_session": {
-            "stripe_customer_id": "cus_1",
-            "customer_id": "cust_acme01",
-            "plan": "starter",
-            "price_id": "price_starter",
-            "success_url": "https://.",
-            "cancel_url": "https://.",
-        },
+        "create_checkout_session": {**CHECKOUT, "success_url": "https://.", "cancel_url": "https://."},
         "portal_session": {"stripe_customer_id": "cus_1", "return_url": "https://."},
     }
 

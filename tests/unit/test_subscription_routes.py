@@ -15,7 +15,7 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import CheckoutSession, SubscriptionChange
+from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, SubscriptionChange
 from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
@@ -84,6 +84,8 @@ class FakeStripe:
         self.db = db
         # Raised by a customer's create (Stripe refusing one of its fields).
         self.refuse_customer: Exception | None = None
+        # Raised by a session's create (Stripe has a live subscription of the customer).
+        self.refuse_checkout: Exception | None = None
 
     def _call(self, name: str, kw: dict[str, Any]) -> None:
         self.calls.append((name, kw))
@@ -98,6 +100,8 @@ class FakeStripe:
 
     async def create_checkout_session(self, **kw: Any) -> CheckoutSession:
         self._call("checkout", kw)
+        if self.refuse_checkout is not None:
+            raise self.refuse_checkout
         return CheckoutSession("cs_test_1", "https://checkout.stripe.com/c/pay/cs_test_1")
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
@@ -257,3 +261,24 @@ async def test_a_customer_spec_stripe_refuses_at_checkout_is_a_409_naming_the_sp
         }
     ]
     assert routes.stripe.made("checkout") == []
+
+
+async def test_a_checkout_stripe_finds_subscribed_is_refused_naming_the_live_subscription(
+    routes: Routes,
+) -> None:
+    # Found in review: a session paid whose events the Customer has not had yet was no live subscription
+    # in the mirror; Stripe is asked for one with the statuses the mirror's check takes as live.
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}
+    )
+    routes.stripe.refuse_checkout = CustomerSubscribed("sub_paid")
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_acme01", "plan": "enterprise", **CHECKOUT}
+    )
+
+    assert (status, answer["error"]) == (409, "Already subscribed"), answer
+    assert "sub_paid" in answer["message"] and "/api/subscriptions/upgrade" in answer["message"]
+    assert answer["details"] == {"customer_id": "cust_acme01", "subscription_id": "sub_paid"}
+    (asked,) = routes.stripe.made("checkout")
+    assert asked["live_statuses"] == {"active", "trialing", "past_due"}
