@@ -536,7 +536,8 @@ class KubeApi:
         return found
 
     def delete_namespace(self, name: str) -> bool:
-        """Request the namespace's deletion; False when it was already gone."""
+        """Request the namespace's deletion; False when it was already gone. One already being deleted is
+        accepted again (200 with the namespace; a 409 only before Kubernetes 1.17, kubernetes#84122)."""
         try:
             self.call("DELETE", _path("/api/v1/namespaces", name), parse=False)
         except ApiException as error:

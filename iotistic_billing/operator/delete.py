@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from iotistic_billing.customer import (
@@ -28,6 +30,7 @@ from iotistic_billing.customer import (
     namespace_for,
     parse_spec,
 )
+from iotistic_billing.k8s import refusal_message
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.events import post_events
@@ -49,8 +52,35 @@ class DeletionFailed(Exception):
     """A step of a Customer's deletion failed: `step` says which, the message also why."""
 
     def __init__(self, step: str, cause: Exception) -> None:
-        super().__init__(f"{step} failed: {str(cause) or type(cause).__name__}")
+        if isinstance(cause, ApiException):
+            # Not str(cause): it has the answer's headers (Audit-Id, Date), new every try, and the handler
+            # posts a Warning once a message.
+            why = f"the API server refused it ({cause.status}): {refusal_message(cause)}"
+        else:
+            why = str(cause) or type(cause).__name__
+        super().__init__(f"{step} failed: {why}")
         self.step = step
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What a completed deletion did, for its Deleted Event."""
+
+    namespace: str
+    own_namespace: bool  # the Customer's own: its deletion requested (another's is left as it is)
+    uninstalled: bool  # helm uninstall ran (not in a namespace already being deleted)
+    license_revoked: bool  # False: there was none (a Customer stalled since its creation)
+
+    def message(self) -> str:
+        done = ["release uninstalled"] if self.uninstalled else []
+        done.append("licence revoked" if self.license_revoked else "no licence to revoke")
+        if self.own_namespace and self.uninstalled:
+            return f"{', '.join(done)}, namespace deletion requested"
+        if self.own_namespace:
+            left = "already being deleted, which removes the release"
+        else:
+            left = "not the Customer's own (or gone): left as it is"
+        return f"{', '.join(done)}; namespace {self.namespace} {left}"
 
 
 @contextmanager
@@ -62,8 +92,8 @@ def _step(doing: str) -> Iterator[None]:
         raise DeletionFailed(doing, error) from error
 
 
-async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
-    """The Customer's deletion; False when its namespace was not its own (or already gone) and was left."""
+async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
+    """The Customer's deletion, and what it did."""
     meta = body["metadata"]
     name = str(meta["name"])
     async with ctx.locks.held(name):
@@ -86,23 +116,32 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
         # the id would sign the holder's webhooks (the sender looks there first).
         with _step(f"reading the webhook signing secret of {namespace}"):
             signing = await signing_secret_copy(ctx, customer_id, namespace) if ours else None
-        with _step(f"looking for another Customer with customer id {customer_id}"):
-            holder = await other_holder(ctx, body, customer_id)
-        if holder is None and signing is not None:
-            with _step("keeping the webhook signing secret"):
-                await keep_webhook_secret(ctx, customer_id, signing, deletion_running=True)
-        if ours and found is not None and not found["metadata"].get("deletionTimestamp"):
+        if signing is not None:
+            with _step(f"looking for another Customer with customer id {customer_id}"):
+                held = await other_holder(ctx, body, customer_id) is not None
+            if not held:
+                with _step("keeping the webhook signing secret"):
+                    await keep_webhook_secret(ctx, customer_id, signing, deletion_running=True)
+        uninstall = ours and found is not None and not found["metadata"].get("deletionTimestamp")
+        if uninstall:
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
                 await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
         with _step(f"reading the licence Secret of {namespace}"):
             secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
+        # Looked for right before the revocations, not before the uninstall (seconds): a Customer applied
+        # meanwhile under the id has had its first licence and usage key, which revoking every key of the id
+        # would end, and its customer would be told the licence was revoked.
+        with _step(f"looking for another Customer with customer id {customer_id}"):
+            holder = await other_holder(ctx, body, customer_id)
         if holder is None:
             try:
                 notify = (name, parse_spec(body.get("spec") or {}))
             except InvalidSpecError:
                 notify = None  # a spec we refuse has no addresses we trust
             with _step("revoking the licence"):
-                await revoke_license(ctx, customer_id, secret, reason="Customer deleted", notify=notify)
+                revoked = await revoke_license(
+                    ctx, customer_id, secret, reason="Customer deleted", notify=notify
+                )
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)
             # Again once the notice is written, now for the sender to drop when nothing is pending, with
@@ -118,7 +157,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
             # key end, nobody is told the licence was revoked, and its webhooks are the holder's to sign.
             reported = ((body.get("status") or {}).get("license") or {}).get("jti")
             with _step("revoking the licence"):
-                await revoke_license(
+                revoked = await revoke_license(
                     ctx,
                     customer_id,
                     secret,
@@ -142,7 +181,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> bool:
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
-    return ours
+    return Deletion(namespace, own_namespace=ours, uninstalled=uninstall, license_revoked=revoked)
 
 
 async def _mark_terminating(ctx: OperatorContext, body: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
-from iotistic_billing.operator.reconcile import PassResult, reconcile
+from iotistic_billing.operator.reconcile import PassResult, StatusConflict, reconcile
 from iotistic_billing.operator.state import housekeeping_due, namespace_freed, stalled_on_namespace
 from iotistic_billing.operator.watches import (
     INSTANCE_DEPLOYMENTS,
@@ -89,6 +89,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await ctx.engine.dispose()
 
 
+# Raised out of a pass, failures that a later try mends (the API server away or refusing for load, a
+# status that kept changing under the pass): retried after the passes' backoff, one line with the cause.
+PASS_FAILURES_RETRIED: tuple[type[Exception], ...] = (KubernetesUnavailable, StatusConflict)
+
+
 async def _report(ctx: OperatorContext, result: PassResult | None, body: kopf.Body, retry: int) -> None:
     """Events for transitions, and Kopf's retry semantics for the pass's outcome."""
     if result is None:
@@ -100,14 +105,23 @@ async def _report(ctx: OperatorContext, result: PassResult | None, body: kopf.Bo
         raise kopf.TemporaryError(result.temporary_error, delay=retry_delay(retry))
 
 
-# An unexpected error is mostly an API server or database away for a moment: retry soon, not in Kopf's
-# default minute. Expected failures back off exponentially in _report.
+async def _kopf_pass(ctx: OperatorContext, name: str, body: kopf.Body, retry: int) -> None:
+    """A pass a Kopf handler runs, reported by _report; a PASS_FAILURES_RETRIED raised out of it is a
+    temporary error too (Kopf's one `failed temporarily` line, the passes' backoff)."""
+    try:
+        result = await reconcile(ctx, name, handed=body)
+    except PASS_FAILURES_RETRIED as error:
+        raise kopf.TemporaryError(str(error), delay=retry_delay(retry)) from error
+    await _report(ctx, result, body, retry)
+
+
+# An unexpected error (a bug) is retried soon, not in Kopf's default minute. Expected failures back off
+# exponentially in _kopf_pass.
 @kopf.on.resume(*CUSTOMERS, backoff=5)
 @kopf.on.create(*CUSTOMERS, backoff=5)
 @kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
 async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    ctx = _context(memo)
-    await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
+    await _kopf_pass(_context(memo), name, body, retry)
 
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
@@ -117,8 +131,7 @@ async def reconcile_requested(
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
     if new:
-        ctx = _context(memo)
-        await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
+        await _kopf_pass(_context(memo), name, body, retry)
 
 
 def rollout_move(annotations: Any) -> tuple[str | None, str | None]:
@@ -136,8 +149,7 @@ async def rollout_version_changed(
     change (both came while it handled another) leave the version as it was, and the rollback waits for
     a pass that read the return (rollout_plan.member)."""
     if rollout_move(old) != rollout_move(new):
-        ctx = _context(memo)
-        await _report(ctx, await reconcile(ctx, name, handed=body), body, retry)
+        await _kopf_pass(_context(memo), name, body, retry)
 
 
 def register_rollouts() -> None:
@@ -186,7 +198,7 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
     deletion is retried after the passes' backoff (every step checks before it acts)."""
     ctx = _context(memo)
     try:
-        own_namespace = await finalize(ctx, dict(body))
+        deletion = await finalize(ctx, dict(body))
     except DeletionFailed as failed:
         # Once a cause: a PostgreSQL outage retried for an hour posted a dozen identical Events.
         if ctx.deletion_failures.get(body.metadata.uid or "") != str(failed):
@@ -195,12 +207,7 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
         raise kopf.TemporaryError(str(failed), delay=retry_delay(retry)) from failed
     ctx.deletion_failures.pop(body.metadata.uid or "", None)
     cast(HandledSpecs, memo["handled"]).forget(body)
-    if own_namespace:
-        message = "release uninstalled, licence revoked, namespace deletion requested"
-    else:
-        namespace = namespace_for(body.metadata.name or "")
-        message = f"licence revoked; namespace {namespace} not the Customer's own (or gone): left as it is"
-    await post_events(ctx.kube, KIND, body, [("Normal", c.DELETED, message)])
+    await post_events(ctx.kube, KIND, body, [("Normal", c.DELETED, deletion.message())])
 
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -302,7 +309,7 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
         result = await reconcile(ctx, name, deployment_event=deployment_event)
     except Exception as error:  # the API server or PostgreSQL away, a conflict that went on
         delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
-        if isinstance(error, KubernetesUnavailable):  # one line a Customer: an outage is no bug
+        if isinstance(error, PASS_FAILURES_RETRIED):  # one line a Customer: an outage is no bug
             log.warning("pass of Customer %s failed: %s; again in %.0f s", name, error, delay)
         else:
             log.exception("pass of Customer %s failed; again in %.0f s", name, delay)

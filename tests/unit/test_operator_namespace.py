@@ -38,6 +38,7 @@ class Cluster:
         self.customers: list[dict[str, Any]] = []
         self.statuses: dict[str, dict[str, Any]] = {}
         self.events: list[tuple[str, str, str, str]] = []
+        self.messages: list[tuple[str, str]] = []  # each Event's reason and message
         self.requests: list[tuple[str, str]] = []
 
     async def patch_customer_status(
@@ -51,6 +52,7 @@ class Cluster:
         self, kind: str, involved: dict[str, Any], *, reason: str, message: str, event_type: str = "Normal"
     ) -> None:
         self.events.append((kind, involved["metadata"]["name"], event_type, reason))
+        self.messages.append((reason, message))
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]
@@ -79,6 +81,8 @@ class Cluster:
         return self.secrets.get(namespace)
 
     async def delete_namespace(self, name: str) -> bool:
+        """Accepted again while the namespace terminates: the API server answers 200 with it (409 before
+        Kubernetes 1.17, kubernetes/kubernetes#84122)."""
         self.requests.append(("DELETE namespaces", name))
         namespace = self.namespaces.get(name)
         if namespace is not None:
@@ -148,14 +152,16 @@ def revocations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     side is tests/integration's)."""
     calls: list[str] = []
 
-    def recorded(what: str) -> Any:
-        async def call(*args: Any, **kwargs: Any) -> None:
+    def recorded(what: str, result: Any) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
             calls.append(what)
+            return result
 
         return call
 
-    for step in ("revoke_license", "revoke_usage_keys", "keep_webhook_secret"):
-        monkeypatch.setattr(delete_module, step, recorded(step))
+    # A licence revoked, one usage key.
+    for step, result in (("revoke_license", True), ("revoke_usage_keys", 1), ("keep_webhook_secret", None)):
+        monkeypatch.setattr(delete_module, step, recorded(step, result))
     return calls
 
 
@@ -387,3 +393,136 @@ async def test_a_failed_step_of_the_deletion_is_named_and_the_customer_marked_te
         ("Customer", "Normal", "Deleted"),
     ]
     assert cluster.namespaces["customer-acme"]["metadata"].get("deletionTimestamp")
+
+
+def deletion_memo(ctx: OperatorContext) -> kopf.Memo:
+    return kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="handled"))
+
+
+async def test_a_finalizer_finding_its_namespace_terminating_completes(revocations: list[str]) -> None:
+    """Found in review: a namespace already terminating (a GitOps repository pruning the labelled
+    namespace with the Customer, Argo CD's foreground deletion, a retry after a crash that followed the
+    first DELETE) is deleted again, which the API server accepts; no release was uninstalled (the
+    namespace's deletion removes it), yet the Deleted Event said "release uninstalled"."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body, deletionTimestamp=NOW.isoformat())
+    ctx = context(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert ("helm uninstall", "customer-acme/instance") not in cluster.requests
+    assert ("DELETE namespaces", "customer-acme") in cluster.requests
+    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"]
+    assert [reason for reason, _ in cluster.messages] == ["Terminating", "Deleted"]
+    assert cluster.messages[-1] == (
+        "Deleted",
+        "licence revoked; namespace customer-acme already being deleted, which removes the release",
+    )
+
+
+async def test_deleting_a_never_licensed_customer_says_nothing_was_revoked(
+    revocations: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a Customer stalled since its creation (NamespaceTaken, InvalidSpec) had no licence,
+    yet its Deleted Event said one was revoked."""
+
+    async def nothing_to_revoke(*args: Any, **kwargs: Any) -> bool:
+        return False  # no licence Secret, no history row of the customer id
+
+    monkeypatch.setattr(delete_module, "revoke_license", nothing_to_revoke)
+    cluster = Cluster()
+    cluster.namespaces["customer-acme"] = {"metadata": {"name": "customer-acme"}}  # someone else's
+    ctx = context(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(customer()), memo=deletion_memo(ctx), retry=0)
+
+    assert cluster.messages[-1] == (
+        "Deleted",
+        "no licence to revoke; namespace customer-acme not the Customer's own (or gone): left as it is",
+    )
+
+
+async def test_a_holder_created_during_the_uninstall_keeps_its_usage_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the Customer holding the customer id after a rename was looked for before helm
+    uninstall, which takes seconds; one applied meanwhile had its first licence and usage key recorded, and
+    the finalizer then revoked every usage key of the id, the holder's too, and told the customer that
+    its licence was revoked."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    cluster.secrets["customer-acme"] = SECRET
+    ctx = context(cluster)
+    revoked: list[tuple[str, Any]] = []
+
+    class HolderAppliedMeanwhile(Helm):
+        async def uninstall(self, release: str, namespace: str) -> bool:
+            cluster.customers.append(customer("acme-renamed", uid="uid-renamed"))
+            return await super().uninstall(release, namespace)
+
+    async def revoke_license(ctx: Any, customer_id: str, *args: Any, **kwargs: Any) -> bool:
+        revoked.append(("licence", kwargs.get("held_by")))
+        return True
+
+    async def revoke_usage_keys(ctx: Any, customer_id: str, only: str | None = None) -> int:
+        revoked.append(("usage keys", only))
+        return 1
+
+    async def keep_webhook_secret(*args: Any, **kwargs: Any) -> None:
+        revoked.append(("webhook secret kept", None))
+
+    async def drop_marked_webhook_secret(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    ctx.helm = HolderAppliedMeanwhile(cluster)
+    monkeypatch.setattr(delete_module, "revoke_license", revoke_license)
+    monkeypatch.setattr(delete_module, "revoke_usage_keys", revoke_usage_keys)
+    monkeypatch.setattr(delete_module, "keep_webhook_secret", keep_webhook_secret)
+    monkeypatch.setattr(delete_module, "drop_marked_webhook_secret", drop_marked_webhook_secret)
+
+    await finalize(ctx, body)
+
+    # No webhook secret copy here (no webhook): nothing kept before the uninstall either.
+    assert revoked == [("licence", "acme-renamed"), ("usage keys", "iuk_theirs")]
+
+
+class RefusingCluster(Cluster):
+    """The API server refuses the namespace's deletion (RBAC), each answer with its own headers."""
+
+    async def delete_namespace(self, name: str) -> bool:
+        self.requests.append(("DELETE namespaces", name))
+        answer = SimpleNamespace(
+            status=403,
+            reason="Forbidden",
+            data=b'{"kind":"Status","message":"namespaces \\"customer-acme\\" is forbidden: no"}',
+            headers={"Audit-Id": f"audit-{len(self.requests)}", "Date": f"second {len(self.requests)}"},
+        )
+        raise ApiException(http_resp=answer)
+
+
+async def test_a_refused_deletion_step_posts_one_warning(revocations: list[str]) -> None:
+    """Found in review: DeletionFailed Events are posted once a cause, but the cause was the client's
+    exception as a string, with the answer's headers (Audit-Id, Date) that differ every time: each retry
+    posted another Warning with a header dump."""
+    cluster = RefusingCluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    memo = deletion_memo(ctx)
+
+    for retry in range(3):
+        with pytest.raises(kopf.TemporaryError):
+            await handlers.delete_customer(body=kopf.Body(body), memo=memo, retry=retry)
+        # Kopf hands the retry the Customer marked Terminating by the first try.
+        body = {
+            **body,
+            "metadata": {**body["metadata"], "resourceVersion": "2"},
+            "status": cluster.statuses["acme"],
+        }
+
+    assert [message for reason, message in cluster.messages if reason == c.DELETION_FAILED] == [
+        'deleting namespace customer-acme failed: the API server refused it (403): namespaces "customer-acme"'
+        " is forbidden: no"
+    ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -36,7 +37,14 @@ from iotistic_billing.operator.outcomes import (
     PassOutcome,
     ReleaseOutcome,
 )
-from iotistic_billing.operator.reconcile import PassResult, _count, _reconcile, reconcile, write_status
+from iotistic_billing.operator.reconcile import (
+    PassResult,
+    StatusConflict,
+    _count,
+    _reconcile,
+    reconcile,
+    write_status,
+)
 from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from tests.conftest import Retries
@@ -337,6 +345,46 @@ async def test_passes_the_housekeeping_and_the_watches_start_post_the_events_of_
 
 def test_a_failing_pass_is_tried_again_after_5_s_doubling_up_to_5_minutes() -> None:
     assert [retry_delay(retry) for retry in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KubernetesUnavailable("reading Customer acme: the API server answered 503"),
+        StatusConflict("the status of Customer acme kept changing under the pass"),
+    ],
+    ids=["API server away", "status conflict"],
+)
+async def test_a_pass_handler_backs_off_when_the_api_server_is_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """Found in review: raised out of Kopf's pass handlers they were unexpected errors to Kopf, a
+    traceback and a constant 5 s, not the passes' backoff and one line with the cause."""
+
+    async def pass_(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> None:
+        raise error
+
+    monkeypatch.setattr(handlers, "reconcile", pass_)
+    memo = kopf.Memo(context=SimpleNamespace())
+    body = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}})
+    moved = {ROLLOUT_CHART_VERSION: "0.2.0"}
+    handled = [
+        partial(handlers.reconcile_customer, name="acme", body=body, memo=memo),
+        partial(handlers.reconcile_requested, name="acme", body=body, memo=memo, new="now"),
+        partial(handlers.rollout_version_changed, name="acme", body=body, memo=memo, old={}, new=moved),
+    ]
+    for handler in handled:
+        for retry in (0, 3, 9):
+            with pytest.raises(kopf.TemporaryError) as retried:
+                await handler(retry=retry)
+            assert retried.value.delay == retry_delay(retry) and str(retried.value) == str(error)
+
+    # The passes no Kopf handler runs: one warning line with the cause, no traceback.
+    ctx = cast(OperatorContext, SimpleNamespace(pass_retries=PassRetries(Retries().later)))
+    with caplog.at_level("WARNING", logger=handlers.log.name):
+        await handlers._refresh(ctx, "acme")
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)]
+    assert str(error) in caplog.records[0].getMessage()
 
 
 async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
