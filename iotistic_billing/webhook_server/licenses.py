@@ -5,7 +5,9 @@ Revocation records a `revoked` history row for the licence in force AND sets spe
 merge patch, so the operator re-mints the licence with the unlicensed feature set and scales the instance
 down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it. The patch is made
 before the commit (a refused patch rolls the row back); should the commit then be lost, the answer says
-the Customer was suspended, and the retry records the licence the patch named (REVOKED_LICENSE).
+the Customer was suspended, and the retry records the licence the patch named (REVOKED_LICENSE). A patch
+whose answer was lost (RevokeUnanswered) rolls the row and its notice back too: they would tell of a
+revocation that may not have been made; the retry records them as it does after a lost commit.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from iotistic_billing.errors import (
     ValidationFailed,
     customer_not_found,
 )
-from iotistic_billing.k8s import Kube
+from iotistic_billing.k8s import Kube, KubernetesUnavailable
 from iotistic_billing.licensing.minting import LicenseRecord, MintingError
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.notices.content import NoticeKind, license_changed
@@ -140,16 +142,32 @@ async def revoke_license(request: web.Request) -> web.Response:
     )
 
 
+class RevokeUnanswered(KubernetesUnavailable):
+    """A revoke's patch that was sent and not answered: the Customer may be suspended with `license` named
+    in REVOKED_LICENSE. Its history row and notice were rolled back (revoke_and_suspend); the retry
+    records them. Answered as any write that may have been made (a 503 saying so)."""
+
+    def __init__(self, unanswered: KubernetesUnavailable, license: LicenseRecord) -> None:
+        super().__init__(str(unanswered), maybe_applied=True)
+        self.license = license
+
+
 @dataclass
 class Revocation:
-    """A revoke's transaction (`revocation`): what it revoked, once `revoke` has suspended the Customer."""
+    """A revoke's transaction (`revocation`): what it revoked, once `revoke` has suspended the Customer,
+    or may have (`unanswered`: the patch's answer was lost)."""
 
     app: web.Application
     session: AsyncSession
     done: tuple[CustomerRecord, LicenseRecord] | None = None
+    unanswered: bool = False
 
     async def revoke(self, record: CustomerRecord, reason: str, by: str) -> LicenseRecord:
-        revoked = await revoke_and_suspend(self.app, self.session, record, reason, by)
+        try:
+            revoked = await revoke_and_suspend(self.app, self.session, record, reason, by)
+        except RevokeUnanswered as lost:
+            self.done, self.unanswered = (record, lost.license), True
+            raise
         self.done = (record, revoked)
         return revoked
 
@@ -157,8 +175,9 @@ class Revocation:
 @asynccontextmanager
 async def revocation(app: web.Application) -> AsyncIterator[Revocation]:
     """The transaction of a revoke (the admin API's route and the console's action). PostgreSQL lost at
-    the commit, after the Customer was suspended, is a 503 that says so, not the "nothing was changed"
-    one: its retry records the same licence (REVOKED_LICENSE)."""
+    the commit, after the Customer was suspended (or may have been: RevokeUnanswered, which the console
+    catches to commit its audit row), is a 503 that says so, not the "nothing was changed" one: its
+    retry records the same licence (REVOKED_LICENSE)."""
     async with app[SESSIONS]() as session:
         revoking = Revocation(app, session)
         try:
@@ -176,9 +195,14 @@ async def revocation(app: web.Application) -> AsyncIterator[Revocation]:
                 record.name,
                 type(error).__name__,
             )
+            suspended = (
+                "may have been suspended (the API server's answer was lost)"
+                if revoking.unanswered
+                else "was suspended"
+            )
             raise DependencyUnavailable(
                 "Database",
-                f"Customer {record.name} was suspended, but the revocation of licence {license.jti} could"
+                f"Customer {record.name} {suspended}, but the revocation of licence {license.jti} could"
                 " not be recorded: retry to record it (the same licence)",
             ) from None
 
@@ -190,7 +214,8 @@ async def revoke_and_suspend(
     transaction (see `revocation`). The licence in force is the one in the licence Secret, unless an
     earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
     the history's record of its issue. Both only while no licence was reinstated since: a Customer
-    resumed and suspended again is revoked anew."""
+    resumed and suspended again is revoked anew. A patch whose answer was lost is RevokeUnanswered, its
+    history row and notice rolled back (to a savepoint), the caller's transaction kept."""
     customer_id = record.customer_id
     token = await license_token(app[KUBE], record.namespace, customer_id)
     if token is None:
@@ -212,6 +237,10 @@ async def revoke_and_suspend(
             # The retry of a revoke that was recorded (its answer lost): the licence it revoked, nothing
             # twice (the unlicensed one minted since is not revoked, nor noticed, again).
             return found[0]
+    # A savepoint, rolled back only when the patch's answer is lost: the history row and the notice go,
+    # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
+    # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
+    before_revoking = await session.begin_nested()
     try:
         await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
     except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
@@ -236,6 +265,20 @@ async def revoke_and_suspend(
         if error.status == 404:
             raise customer_not_found(customer_id) from None
         raise
+    except KubernetesUnavailable as error:
+        if not error.maybe_applied:
+            raise
+        # Not recorded: the history and the notice would tell of a revocation that may not be in force.
+        # The retry finds the licence in REVOKED_LICENSE and records it.
+        await before_revoking.rollback()
+        log.warning(
+            "licence %s of %s: the patch suspending Customer %s got no answer (%s); not recorded",
+            revoked.jti,
+            customer_id,
+            record.name,
+            error,
+        )
+        raise RevokeUnanswered(error, revoked) from None
     log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
     return revoked
 
@@ -260,6 +303,7 @@ async def get_jwks(request: web.Request) -> web.Response:
 
 __all__ = [
     "Revocation",
+    "RevokeUnanswered",
     "get_jwks",
     "get_license",
     "get_license_history",

@@ -53,6 +53,16 @@ async def post_form(
     )
 
 
+async def replay_form(client: TestClient[Any, Any], event_id: str) -> dict[str, str]:
+    """The fields of the event page's Replay form, as the page holds them now."""
+    page = await (await client.get(f"/admin/stripe-events/{event_id}")).text()
+    form = re.search(
+        rf'<form method="post" action="/admin/stripe-events/{event_id}/replay">(.*?)</form>', page
+    )
+    assert form, "no Replay form on the event's page"
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+
+
 async def unmatched_event(client: TestClient[Any, Any], customer_id: str) -> dict[str, Any]:
     """A subscription event for `customer_id` delivered before any Customer has that id: unmatched."""
     early = event(

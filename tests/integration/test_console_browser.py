@@ -22,10 +22,12 @@ from playwright.async_api import expect
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.customer import REVOKED_LICENSE
 from iotistic_billing.db.models import ConsoleAction, LicenseHistory, Notice, NoticeDelivery, StripeEvent
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.periods import period_containing, shift_months
-from iotistic_billing.webhook_server.context import KUBE
+from iotistic_billing.webhook_server.context import DIRECTORY, KUBE
 from iotistic_billing.webhook_server.security import API_KEY_HEADER
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.console_support import (
@@ -33,6 +35,7 @@ from tests.integration.console_support import (
     console_page,
     event_state,
     post_form,
+    replay_form,
     sign_in,
     unmatched_event,
 )
@@ -252,10 +255,16 @@ async def test_replaying_an_unmatched_event_applies_it_once_its_customer_exists(
         subscription_id,
         "professional",
     )
-    # Once applied, it is not replayed again.
+    # Once applied, it is not replayed again: a form of a page that showed its replay is refused, one of
+    # a page from before it lands on its page.
     csrf = await sign_in(console, ADMIN_TOKEN)
-    again = await post_form(console, f"/admin/stripe-events/{early['id']}/replay", {"csrf": csrf})
-    assert again.status == 409
+    async with db_engine.connect() as connection:
+        replay = await connection.scalar(select(ConsoleAction.id).where(ConsoleAction.target == early["id"]))
+    path = f"/admin/stripe-events/{early['id']}/replay"
+    again = await post_form(console, path, {"csrf": csrf, "last_replay": str(replay)})
+    assert again.status == 409, await again.text()
+    stale = await post_form(console, path, {"csrf": csrf, "last_replay": "0"})
+    assert stale.status == 303, await stale.text()
     assert await event_state(db_engine, early["id"]) == ("applied", 0)  # no failed try
 
 
@@ -422,6 +431,80 @@ async def test_a_console_revoke_tells_the_customer_the_admins_reason(
     assert reason in page.partition("<h3>Console actions</h3>")[2]
 
 
+async def test_a_console_revoke_whose_patch_answer_was_lost_keeps_its_record(
+    console: TestClient[Any, Any],
+    customers: Customers,
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a revoke whose patch got no answer (which the API server may have made) rolled
+    back its audit row and posted no Event, while the Customer could be suspended with the licence named
+    in iotistic.io/revoked-license: nothing said who had done it."""
+    name = unique_name("unanswered")
+    customer_id = customer_id_for(name)
+    created = customers.create(name, customerId=customer_id)
+
+    def licence_jti() -> str | None:
+        jti: str | None = (((customers.get(name) or {}).get("status") or {}).get("license") or {}).get("jti")
+        return jti
+
+    jti = await eventually(licence_jti, message="licence")
+    kube = console.app[KUBE]
+    patch_customer = kube.patch_customer
+
+    async def patch_without_an_answer(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await patch_customer(*args, **kwargs)
+        raise KubernetesUnavailable("the API server did not answer in time", maybe_applied=True)
+
+    monkeypatch.setattr(kube, "patch_customer", patch_without_an_answer)
+    csrf = await sign_in(console, ADMIN_TOKEN)
+    revoke = f"/admin/customers/{name}/revoke"
+    lost = await post_form(console, revoke, {"csrf": csrf, "reason": "card reported stolen"})
+    problem = await lost.json()
+    assert (lost.status, problem["error"]) == (503, "Kubernetes API unavailable"), problem
+    assert "may have been made" in problem["message"] and "nothing was changed" not in problem["message"]
+    monkeypatch.undo()
+    body = customers.get(name) or {}
+    assert body["spec"]["suspended"] is True and body["metadata"]["annotations"][REVOKED_LICENSE] == jti
+
+    async def records() -> tuple[list[str], list[str | None], list[str]]:
+        """The Customer's console actions, its revoked licences and its revocation notices."""
+        async with db_engine.connect() as connection:
+            actions = await connection.scalars(
+                select(ConsoleAction.detail)
+                .where(ConsoleAction.customer_name == name)
+                .order_by(ConsoleAction.id)
+            )
+            revoked = await connection.scalars(
+                select(LicenseHistory.jti).where(
+                    LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+                )
+            )
+            notices = await connection.scalars(
+                select(Notice.key).where(Notice.customer_id == customer_id, Notice.kind == "license.revoked")
+            )
+            return list(actions.all()), list(revoked.all()), list(notices.all())
+
+    # Its audit row and its Event say it may not have been made. The licence history and the customer's
+    # notice say only what was done: the retry, finding the licence named on the Customer, records them.
+    actions, revoked, notices = await records()
+    assert len(actions) == 1 and jti in actions[0] and "may not have been made" in actions[0], actions
+    events = await kube.list_customer_events(name, created["metadata"]["uid"])
+    told = [posted["message"] for posted in events if posted["reason"] == "ConsoleRevoke"]
+    assert len(told) == 1 and jti in told[0] and "may not have been made" in told[0], told
+    assert (revoked, notices) == ([], [])
+
+    # Retried once the operator has replaced the licence (unlicensed), and sent again: that licence,
+    # recorded once.
+    await eventually(lambda: (found := licence_jti()) is not None and found != jti, message="unlicensed")
+    for _ in range(2):
+        again = await post_form(console, revoke, {"csrf": csrf, "reason": "card reported stolen"})
+        assert again.status == 303, await again.text()
+    actions, revoked, notices = await records()
+    assert revoked == [jti] and len(notices) == 1 and jti in notices[0], (revoked, notices)
+    assert [jti in action and "may not" not in action for action in actions] == [False, True, True], actions
+
+
 async def test_customer_events_are_those_of_its_uid(api: TestClient[Any, Any], customers: Customers) -> None:
     """Found in review: a Customer's page listed the Events of a deleted one of the same name (the Events
     were selected by kind and name, not by the Customer's uid)."""
@@ -449,6 +532,41 @@ async def test_the_replay_of_an_unmatched_event_is_shown_on_its_page(
     page = await (await api.get(f"/admin/stripe-events/{early['id']}")).text()
     actions = page.partition("<h2>Console actions</h2>")[2]
     assert f"Stripe event {early['id']} ({early['type']}) replayed" in actions, page
+
+
+async def test_a_replay_sent_again_after_it_was_applied_lands_on_the_event_page(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: the replay's NOTIFY wakes the inbox, which applies the event within milliseconds,
+    so the second POST of a double-clicked Replay found it applied and answered the API's JSON 409."""
+    name = unique_name("twice")
+    customer_id = customer_id_for(name)
+    early = await unmatched_event(api, customer_id)
+    customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+    await eventually(lambda: api.app[DIRECTORY].by_name(name), message="the Customer in the directory")
+    await sign_in(api, ADMIN_TOKEN)
+    page = f"/admin/stripe-events/{early['id']}"
+    form = await replay_form(api, early["id"])
+    first = await post_form(api, f"{page}/replay", form)
+    assert (first.status, first.headers["Location"]) == (303, f"{page}?done=replay")
+
+    async def applied() -> bool:
+        return await event_state(db_engine, early["id"]) == ("applied", 0)
+
+    await eventually(applied, message="the replay applied")
+    again = await post_form(api, f"{page}/replay", form)
+    assert (again.status, again.headers.get("Location")) == (303, f"{page}?done=replay-sent-again"), (
+        await again.text()
+    )
+    shown = await (await api.get(again.headers["Location"])).text()
+    assert "Not replayed again: this event was replayed after the page" in shown
+    assert 'data-result="applied"' in shown
+    async with db_engine.connect() as connection:
+        replays = await connection.scalars(
+            select(ConsoleAction.id).where(ConsoleAction.target == early["id"])
+        )
+        assert len(replays.all()) == 1
+    assert await event_state(db_engine, early["id"]) == ("applied", 0)
 
 
 NOTICE_COUNTS = re.compile(r"<li>pending (\d+)</li><li>dead (\d+)</li>")

@@ -28,6 +28,7 @@ from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.route_table import ROUTES
 from tests.conftest import unique_name
+from tests.integration.console_support import sign_in
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     Customers,
@@ -393,6 +394,26 @@ async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_
     finally:
         customers.delete(name)
         customers.core.delete_namespace(namespace)
+
+
+async def test_the_console_shows_an_unverified_licence_s_unreadable_times_as_they_are(
+    api: TestClient[Any, Any], customers: Customers, webhook_settings: Settings
+) -> None:
+    """Found in review: an unverified licence's issuedAt past datetime's years (or NaN) raised
+    OverflowError (ValueError) as the customer's page showed it: the page was a 500."""
+    name = unique_name("handmade")
+    unknown = licence_of(SigningKeys(generate_private_key()), customer_id_for(name), webhook_settings)
+    put_handmade_licence(customers, name, with_payload(unknown, issuedAt=10**20, expiresAt=math.nan))
+    try:
+        await sign_in(api, ADMIN_TOKEN)
+        answer = await api.get(f"/admin/customers/{name}")
+        page = await answer.text()
+        assert answer.status == 200, page
+        assert "<td>100000000000000000000 (not a readable time)</td>" in page
+        assert "<td>nan (not a readable time)</td>" in page
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace_for(name))
 
 
 async def test_subscription_routes_call_stripe(

@@ -300,3 +300,11 @@ def test_search_finds_a_customer_by_company_name() -> None:
     assert [r.name for r in matching(listed, search="rockets")] == ["c-0001"]
     assert [r.name for r in matching(listed, search=" GLOBEX ")] == ["c-0002"]
     assert [r.name for r in matching(listed, search="c-000")] == ["c-0001", "c-0002"]
+
+
+@pytest.mark.parametrize("seconds", [10**20, -(10**13), 1e300, float("nan"), float("inf")])
+def test_epoch_of_an_out_of_range_time_is_shown_not_raised(seconds: float) -> None:
+    """Found in review: an unverified licence's issuedAt or expiresAt out of datetime's range (or NaN)
+    raised OverflowError or ValueError, and the customer's page was a 500."""
+    assert epoch(seconds) == f"{seconds} (not a readable time)"
+    assert epoch(True) == "True"  # JSON's true is no time either, not 1970-01-01 00:00:01

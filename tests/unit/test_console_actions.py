@@ -3,18 +3,20 @@ refusals of an action, what an action writes when a part is away, bad forms and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import Update
+from sqlalchemy import Select, Update
 
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord
@@ -85,6 +87,7 @@ class FakeKube:
         self.refuse_events: Exception | None = None
         self.patches: list[tuple[str, dict[str, Any]]] = []
         self.events: list[str] = []
+        self.rollouts: list[dict[str, Any]] = []
 
     async def _write(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         if self.refuse is not None:
@@ -97,6 +100,9 @@ class FakeKube:
 
     async def patch_rollout(self, name: str, patch: dict[str, Any], manager: Any = None) -> dict[str, Any]:
         return await self._write(name, patch)
+
+    async def list_rollouts(self) -> list[dict[str, Any]]:
+        return self.rollouts
 
     async def create_event(self, kind: str, involved: dict[str, Any], *, reason: str, message: str) -> None:
         assert kind == "Customer"
@@ -115,6 +121,7 @@ class FakeDatabase:
         self.lose_commit = False
         self.committed: list[Any] = []
         self.stripe_events: dict[str, models.StripeEvent] = {}
+        self.ids = itertools.count(1)
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeSession]:
@@ -135,11 +142,20 @@ class FakeSession:
         self.database.committed.extend(self.added)
 
     def add(self, row: Any) -> None:
+        if isinstance(row, models.ConsoleAction):  # the id and time PostgreSQL would give it
+            row.id, row.at = next(self.database.ids), datetime(2026, 6, 1, tzinfo=UTC)
         self.added.append(row)
 
     async def get(self, model: type[Any], key: str, **options: Any) -> Any:
         assert model is models.StripeEvent
         return self.database.stripe_events.get(key)
+
+    async def scalars(self, statement: Select[Any]) -> Any:
+        """The console's actions on a target (data.audit), newest first; nothing else is read here."""
+        await self.flush()
+        target = statement.compile().params["target_1"]
+        actions = [row for row in self.database.committed if isinstance(row, models.ConsoleAction)]
+        return SimpleNamespace(all=lambda: [row for row in reversed(actions) if row.target == target])
 
     async def execute(self, statement: Any) -> None:
         """An UPDATE of a Stripe event sets its columns; anything else (the NOTIFY) is only sent."""
@@ -340,21 +356,71 @@ async def test_a_console_revoke_without_a_reason_is_a_400_naming_reason(console:
     assert console.kube.patches == [] and console.database.committed == []
 
 
-async def test_a_double_clicked_replay_lands_on_the_event_page(console: Console) -> None:
-    """Found in review: the second POST of a double-clicked (or retried) Replay found the event pending
-    and answered the API's JSON 409 in place of the console's page."""
+async def replay_form(console: Console, event_id: str) -> dict[str, str]:
+    """The fields of the event page's Replay form, as the page holds them now."""
+    page = await (await console.client.get(f"/admin/stripe-events/{event_id}")).text()
+    form = re.search(
+        rf'<form method="post" action="/admin/stripe-events/{event_id}/replay">(.*?)</form>', page
+    )
+    assert form, page
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+
+
+@pytest.mark.parametrize("inbox", [None, "applied", "unmatched"])
+async def test_a_double_clicked_replay_lands_on_the_event_page(console: Console, inbox: str | None) -> None:
+    """Found in review: the second POST of a double-clicked (or resent) Replay found the event pending and
+    answered the API's JSON 409; and as the replay's NOTIFY wakes the inbox, which applies it within
+    milliseconds, it found it applied (the JSON 409 again) or, still unmatched, replayed it twice."""
+    console.database.stripe_events["evt_1"] = models.StripeEvent(
+        event_id="evt_1", type="customer.subscription.updated", created=0, result="unmatched", attempts=0
+    )
+    await console.sign_in()
+    form = await replay_form(console, "evt_1")
+    first = await console.post("/admin/stripe-events/evt_1/replay", form)
+    assert (first.status, first.headers["Location"]) == (303, "/admin/stripe-events/evt_1?done=replay")
+    if inbox is not None:  # the inbox applied it before the second click's POST came
+        console.database.stripe_events["evt_1"].result = inbox
+    again = await console.post("/admin/stripe-events/evt_1/replay", form)
+    location = "/admin/stripe-events/evt_1?done=replay-sent-again"
+    assert (again.status, again.headers.get("Location")) == (303, location), await again.text()
+    assert audited(console) == [("replay", None, "evt_1")]
+    assert console.database.stripe_events["evt_1"].result == (inbox or "pending")
+    page = await (await console.client.get(location)).text()
+    assert "Not replayed again: this event was replayed after the page" in page, page
+    if inbox == "unmatched":
+        # Replay from the page as it is now (its Customer may exist now) is a replay again.
+        fresh = await console.post("/admin/stripe-events/evt_1/replay", await replay_form(console, "evt_1"))
+        assert (fresh.status, fresh.headers["Location"]) == (303, "/admin/stripe-events/evt_1?done=replay")
+        assert audited(console) == [("replay", None, "evt_1")] * 2
+
+
+async def test_a_replay_whose_last_replay_is_not_a_number_is_a_400_naming_it(console: Console) -> None:
     console.database.stripe_events["evt_1"] = models.StripeEvent(
         event_id="evt_1", type="customer.subscription.updated", created=0, result="unmatched", attempts=0
     )
     csrf = await console.sign_in()
-    first = await console.post("/admin/stripe-events/evt_1/replay", {"csrf": csrf})
-    assert (first.status, first.headers["Location"]) == (303, "/admin/stripe-events/evt_1?done=replay")
-    again = await console.post("/admin/stripe-events/evt_1/replay", {"csrf": csrf})
-    assert (again.status, again.headers.get("Location")) == (303, "/admin/stripe-events/evt_1"), (
-        await again.text()
-    )
-    assert audited(console) == [("replay", None, "evt_1")]
-    assert console.database.stripe_events["evt_1"].result == "pending"
+    answer = await console.post("/admin/stripe-events/evt_1/replay", {"csrf": csrf, "last_replay": "1x"})
+    problem = await answer.json()
+    assert (answer.status, problem["details"][0]["field"]) == (400, "last_replay"), problem
+    assert console.database.committed == [] and console.database.stripe_events["evt_1"].result == "unmatched"
+
+
+async def test_rollouts_page_shows_rollouts_with_postgresql_away(console: Console) -> None:
+    """Found in review: the console's actions on each rollout, read from PostgreSQL, made the whole page a
+    503 while PostgreSQL was away, though the rollouts come from the API server."""
+    console.kube.rollouts = [
+        {
+            "metadata": {"name": "wave-1", "creationTimestamp": "2026-05-01T00:00:00Z"},
+            "spec": {"chartVersion": "0.9.0", "steps": [{"percent": 25}, {"rest": True}]},
+        }
+    ]
+    await console.sign_in()
+    console.database.up = False
+    answer = await console.client.get("/admin/rollouts")
+    page = await answer.text()
+    assert answer.status == 200, page
+    assert 'id="rollout-wave-1"' in page and ">Pause<" in page
+    assert "The console's actions are not shown: PostgreSQL cannot be reached." in page
 
 
 async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: Console) -> None:

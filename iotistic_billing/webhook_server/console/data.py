@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Date, cast, func, select
+from sqlalchemy import ColumnElement, Date, and_, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
@@ -380,6 +380,39 @@ def rollout_views(bodies: list[dict[str, Any]]) -> list[RolloutView]:
     return sorted(views, key=lambda view: view.created, reverse=True)
 
 
+async def rollout_actions(
+    session: AsyncSession, rollouts: Sequence[RolloutView], limit: int = 20
+) -> dict[str, list[models.ConsoleAction]]:
+    """The console's newest `limit` actions on each rollout, newest first, in one query: each since its
+    creation, as `audit` reads one (not those on a deleted one of the same name)."""
+    if not rollouts:
+        return {}
+    action = models.ConsoleAction
+    on_each = [
+        and_(action.target == view.name, action.at >= view.created_at)
+        if view.created_at is not None
+        else action.target == view.name
+        for view in rollouts
+    ]
+    newest = (
+        select(
+            action.id,
+            func.row_number().over(partition_by=action.target, order_by=action.id.desc()).label("rank"),
+        )
+        .where(or_(*on_each))
+        .subquery()
+    )
+    rows = (
+        await session.scalars(
+            select(action)
+            .join(newest, action.id == newest.c.id)
+            .where(newest.c.rank <= limit)
+            .order_by(action.id.desc())
+        )
+    ).all()
+    return {view.name: [row for row in rows if row.target == view.name] for view in rollouts}
+
+
 async def record_action(
     session: AsyncSession,
     *,
@@ -418,6 +451,7 @@ __all__ = [
     "period_days",
     "phase_of",
     "record_action",
+    "rollout_actions",
     "rollout_views",
     "stripe_events",
 ]

@@ -38,6 +38,7 @@ from iotistic_billing.rollout import ROLLOUT_ABORT
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
 from iotistic_billing.usage.periods import INSTANT, BillingPeriod, utc_days
+from iotistic_billing.usage.reports import INT64_MAX
 from iotistic_billing.webhook_server.console import data
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
 from iotistic_billing.webhook_server.console.session import COOKIE, LIFETIME_SECONDS, ConsoleSession, Sessions
@@ -53,7 +54,7 @@ from iotistic_billing.webhook_server.context import (
     request_address,
 )
 from iotistic_billing.webhook_server.errors import problem_of
-from iotistic_billing.webhook_server.licenses import license_token, revocation
+from iotistic_billing.webhook_server.licenses import RevokeUnanswered, license_token, revocation
 from iotistic_billing.webhook_server.messages import read_decimal
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE, RevokeRequest
 from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Role = Literal["public", "viewer", "admin"]
 CSRF_FIELD: Final = "csrf"
+# The Replay form's newest replay of its event when the page was shown (shown_replay).
+LAST_REPLAY_FIELD: Final = "last_replay"
 STATIC_FILES: Final = {
     "console.css": "text/css",
     "console.js": "text/javascript",
@@ -77,10 +80,14 @@ DONE: Final = {
     "resume": "Suspension lifted.",
     "revoke": "Licence revoked and Customer suspended.",
     "replay": "Stripe event replayed: see its result below.",
+    "replay-sent-again": "Not replayed again: this event was replayed after the page that sent this Replay"
+    " was shown (a Replay sent twice is made once). See its result below.",
     "rollout-pause": "InstanceRollout paused.",
     "rollout-resume": "InstanceRollout resumed.",
     "rollout-abort": "InstanceRollout aborted.",
 }
+# An action's audit row and Event when the API server's answer to its write was lost.
+UNANSWERED: Final = " (the API server's answer was lost: it may not have been made)"
 SESSION = web.RequestKey("console_session", ConsoleSession)
 TEMPLATES = web.AppKey("console_templates", Environment)
 SESSIONS_KEY = web.AppKey("console_sessions", Sessions)
@@ -109,10 +116,14 @@ def templates() -> Environment:
 
 
 def epoch(seconds: Any) -> str:
-    """A JWT's NumericDate as a person reads it."""
-    if not isinstance(seconds, int | float):
+    """A JWT's NumericDate as a person reads it; one no date can be (NaN, past datetime's years) as it is."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
         return "" if seconds is None else str(seconds)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, ValueError, OSError):
+        # An unverified token's claims are anyone's: the page shows them, it does not fail on them.
+        return f"{seconds} (not a readable time)"
 
 
 def pairs(value: Any) -> str:
@@ -523,9 +534,9 @@ async def _recorded_write(
 ) -> None:
     """An action other than revoke: its audit row (`_audit`), its write, the commit, then the Event on
     its Customer (`record`). Once the API server may have made the write, the answer never says nothing
-    was changed (as `revocation` for revoke): a write whose answer was lost keeps its row, saying so, and
-    answers the API's "may have been made" 503; PostgreSQL lost at the commit is a 503 saying what was
-    changed, and the Event (the action's one record then) is posted anyway."""
+    was changed (as `customer_action` and `revocation` for revoke): a write whose answer was lost keeps its
+    row, saying so, and answers the API's "may have been made" 503; PostgreSQL lost at the commit is a 503
+    saying what was changed, and the Event (the action's one record then) is posted anyway."""
     unsure: KubernetesUnavailable | None = None
     row: models.ConsoleAction | None = None
     written = False
@@ -539,7 +550,7 @@ async def _recorded_write(
                 if not error.maybe_applied:
                     raise
                 unsure = error
-                row.detail = f"{detail} (the API server's answer was lost: it may not have been made)"
+                row.detail = detail + UNANSWERED
             written = True
     except Exception as error:
         if row is None or not written or not database_unreachable(error):
@@ -587,12 +598,22 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
         raise NotFound("Not found", f"no action {action!r}")
     if change is None:
         reason = revoke_reason(await read_form(request))
+        unsure: RevokeUnanswered | None = None
         # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
         async with revocation(request.app) as revoking:
-            revoked = await revoking.revoke(record, reason, by="console")
+            try:
+                revoked = await revoking.revoke(record, reason, by="console")
+            except RevokeUnanswered as lost:
+                # As _recorded_write: the Customer may be suspended, so the audit row and the Event say
+                # who may have done it (the history row and notice wait for the retry, which records them).
+                revoked, unsure = lost.license, lost
             detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
+            if unsure is not None:
+                detail += UNANSWERED
             await _audit(request, revoking.session, action, detail, customer=record.name)
         await _tell(request, record, action, detail)
+        if unsure is not None:
+            raise unsure
     else:
         patch, detail = change
 
@@ -619,13 +640,18 @@ def revoke_reason(form: Mapping[str, object]) -> str:
 
 async def rollouts_page(request: web.Request) -> web.Response:
     """The InstanceRollouts with their steps, counts and failed Customers, and the console's actions on
-    each (since its creation: not those on a deleted one of the same name)."""
+    each (since its creation: not those on a deleted one of the same name) while PostgreSQL answers."""
     rollouts = data.rollout_views(await request.app[KUBE].list_rollouts())
-    async with request.app[SESSIONS]() as session:
-        audit = {
-            view.name: await data.audit(session, target=view.name, since=view.created_at, limit=20)
-            for view in rollouts
-        }
+    audit: dict[str, list[models.ConsoleAction]] | None
+    try:
+        async with request.app[SESSIONS]() as session:
+            audit = await data.rollout_actions(session, rollouts)
+    except Exception as error:
+        # The rollouts are the API server's: PostgreSQL away leaves out their actions only (the page says
+        # so), as a customer's page leaves out its Events while the API server is away.
+        if not database_unreachable(error):
+            raise
+        audit = None
     return render(request, "rollouts.html.j2", rollouts=rollouts, audit=audit)
 
 
@@ -662,16 +688,34 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     return see_other("/admin/rollouts?" + urlencode({"done": f"rollout-{action}"}))
 
 
+def shown_replay(form: Mapping[str, object]) -> int:
+    """The newest replay the event's page showed when its Replay form was sent (the id of its audit row,
+    0: none); a form without the field (from a page older than it) as one that showed none."""
+    text = form.get(LAST_REPLAY_FIELD, "0")
+    shown = read_decimal(text, INT64_MAX) if isinstance(text, str) else None
+    if shown is None:
+        raise ValidationFailed.single(
+            LAST_REPLAY_FIELD, "must be the id of the event's newest replay, in digits"
+        )
+    return shown
+
+
 async def replay_event(request: web.Request) -> web.StreamResponse:
-    """An unmatched or failing Stripe event applied again, once: it goes back to the inbox."""
+    """An unmatched or failing Stripe event applied again, once: it goes back to the inbox. A Replay sent
+    from a page shown before the event's newest replay (a double click, a form sent again, another
+    admin's replay meanwhile) is not made again: it lands on the event's page, which says so."""
     event_id = _event_id(request)
+    shown = shown_replay(await read_form(request))
     async with request.app[SESSIONS]() as session, session.begin():
         row = await session.get(models.StripeEvent, event_id, with_for_update=True)
         if row is None:
             raise _no_event(event_id)
-        if row.result == PENDING and row.attempts == 0:
-            # Back in the inbox already: a double-clicked or retried Replay lands where the first did.
-            return see_other(f"/admin/stripe-events/{event_id}")
+        newest = await data.audit(session, target=event_id, limit=1)
+        if (newest[0].id if newest else 0) != shown:
+            # Not the event's state: the replay's NOTIFY wakes the inbox, which applies it within
+            # milliseconds, so a double click's second POST finds it applied, or unmatched again.
+            done = urlencode({"done": "replay-sent-again"})
+            return see_other(f"/admin/stripe-events/{event_id}?{done}")
         if not replayable(row):
             raise ApiError(
                 "Not replayable",
