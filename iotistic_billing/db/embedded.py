@@ -61,6 +61,37 @@ def _check_database_name(name: str) -> None:
         raise ValueError(f"database name must match [a-z_][a-z0-9_]*, got {name!r}")
 
 
+def _postmaster_of(pid: int, pgdata: Path, procfs: Path = Path("/proc")) -> bool:
+    """Whether process `pid` is a postgres working in `pgdata`, as a postmaster does (it changes into its
+    data folder)."""
+    proc = procfs / str(pid)
+    try:
+        if (proc / "comm").read_text().strip() != "postgres":
+            return False
+    except OSError:  # no such process
+        return False
+    try:
+        return Path(os.readlink(proc / "cwd")) == pgdata
+    except PermissionError:
+        # Its folder is unreadable without ptrace rights (a container's root has none): a postgres of
+        # another user than the folder's owner cannot be its postmaster (a pid reused after a restart);
+        # one of the same user is taken for it, to be safe.
+        return _uid_of(proc) == pgdata.stat().st_uid
+    except OSError:  # gone meanwhile
+        return False
+
+
+def _uid_of(proc: Path) -> int | None:
+    """The real uid of a process (`Uid:` of /proc/<pid>/status, readable by anyone); None once gone."""
+    try:
+        for line in (proc / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in `data_dir` (kept between runs) on a free or given loopback port."""
 
@@ -111,8 +142,7 @@ class EmbeddedPostgres:
                     f"initdb of {pgdata} failed: {initdb.stderr.strip() or initdb.stdout.strip()}"
                 )
             building.rename(pgdata)
-        # A server killed without a clean stop leaves its pid file; it is ours, so it can go.
-        (pgdata / "postmaster.pid").unlink(missing_ok=True)
+        self._remove_stale_pid_file(pgdata)
         argv = [
             str(_binaries() / "postgres"),
             "-D",
@@ -144,6 +174,21 @@ class EmbeddedPostgres:
         wait_for_port(self.port, timeout, self.process.process)
         self._wait_ready(timeout)
         return self
+
+    def _remove_stale_pid_file(self, pgdata: Path) -> None:
+        """A server killed without a clean stop leaves its pid file, naming a dead pid or one another
+        process took since (a container's pids start again after a restart): it goes. One naming the
+        folder's running postmaster is PostgreSQL's guard: removed, that server shut down within a minute."""
+        pid_file = pgdata / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):  # unreadable or cut short: no server wrote it whole
+            pid = 0
+        if pid > 0 and _postmaster_of(pid, pgdata):
+            raise RuntimeError(f"PostgreSQL (pid {pid}) already runs on {self.data_dir}; stop it first")
+        pid_file.unlink(missing_ok=True)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -15,9 +17,29 @@ def async_url(database_url: str) -> str:
     raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
 
 
+# libpq's TLS modes, which asyncpg takes in the URL as libpq does.
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def plain_url(database_url: str) -> str:
-    """The URL as libpq and asyncpg take it (no SQLAlchemy driver suffix)."""
-    return "postgresql://" + async_url(database_url).removeprefix("postgresql+asyncpg://")
+    """The URL as libpq and asyncpg take it (no SQLAlchemy driver suffix), every client's one source:
+    its TLS setting is libpq's `sslmode`, with `sslrootcert` and the rest passed on as libpq reads them;
+    `ssl=` (SQLAlchemy's spelling) becomes `sslmode=`, which asyncpg would send the server as a setting."""
+    parts = urlsplit("postgresql://" + async_url(database_url).removeprefix("postgresql+asyncpg://"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {name: value for name, value in query if name in ("ssl", "sslmode")}
+    for name, value in given.items():
+        if value not in SSL_MODES:
+            raise ValueError(f"DATABASE_URL's {name} must be one of {', '.join(SSL_MODES)}, got {value!r}")
+    if len(set(given.values())) > 1:
+        raise ValueError(
+            f"DATABASE_URL's ssl and sslmode differ ({given['ssl']!r}, {given['sslmode']!r}):"
+            " give sslmode alone"
+        )
+    if "ssl" not in given:
+        return parts.geturl()
+    rest = [(name, value) for name, value in query if name not in ("ssl", "sslmode")]
+    return parts._replace(query=urlencode([("sslmode", given["ssl"]), *rest], safe="/")).geturl()
 
 
 # Every session's TCP keepalives, PostgreSQL's side: a client whose node died (no FIN, no RST) left its
@@ -31,15 +53,26 @@ SESSION_SETTINGS: Final = {
 
 
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
+    dsn = plain_url(database_url)
+
+    async def connect() -> Any:
+        # asyncpg reads the URL as the pool and LISTEN do (sslmode and the rest); SQLAlchemy's dialect
+        # would pass each query parameter as a keyword, and asyncpg's connect takes no `sslmode`.
+        return await asyncpg.connect(
+            dsn,
+            # An unreachable database is a fast 503, not asyncpg's 60 s default.
+            timeout=5,
+            server_settings=SESSION_SETTINGS,
+        )
+
     return create_async_engine(
         async_url(database_url),
+        async_creator=connect,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         # No SQL parameters (customer data, key hashes) in error messages and logs.
         hide_parameters=True,
-        # An unreachable database is a fast 503, not asyncpg's 60 s default.
-        connect_args={"timeout": 5, "server_settings": SESSION_SETTINGS},
     )
 
 

@@ -143,7 +143,9 @@ async def connect(database_url: str) -> Connection:
             server_settings=SESSION_SETTINGS,
         )
     except CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(type(error).__name__) from None
+        # Its words too: the CLI prints them, and "rejected SSL upgrade" says what a class name does not.
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise DatabaseUnavailable(reason) from None
     return conn
 
 

@@ -94,6 +94,16 @@ class KeptPorts:
         self.path.write_text(json.dumps(self.ports, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_taken(setting: str, port: int, part: str) -> None:
+    """A server started on a port another process holds fails to bind, while its health check, asked on
+    that port, is answered by the other one: a second `make dev` (another worktree) printed `ready`."""
+    if not port_is_free(port):
+        hint = ", or choose another: PORT=<port> make dev" if setting == "PORT" else ""
+        raise RuntimeError(
+            f"{setting} {port} of {part} is taken by another process (another `make dev`?); stop it{hint}"
+        )
+
+
 def _kept_secret(path: Path, make: str) -> str:
     """A generated secret that survives restarts, so tokens in scripts stay valid."""
     if not path.exists():
@@ -164,6 +174,8 @@ class DevEnvironment:
             raise RuntimeError(f"{name} did not start in time ({reason}); see {_shown(logs)}") from None
 
     def start(self) -> dict[str, str]:
+        # Before the parts that take minutes: the webhook server's port is known now.
+        _refuse_taken("PORT", self.port, "webhooks")
         self.state.mkdir(parents=True, exist_ok=True)
         env: dict[str, str] = {}
         ports = KeptPorts(self.state / "ports.json")
@@ -308,6 +320,9 @@ class DevEnvironment:
             **extra,
             "PATH": f"{REPO_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        for setting, value in extra.items():
+            if setting.endswith("PORT"):
+                _refuse_taken(setting, int(value), name)
         log = self.state / f"{name}.log"
         url = f"http://127.0.0.1:{service_env[health]}/healthz"
         process = ManagedProcess(name, [sys.executable, "-m", module], log, env=service_env)

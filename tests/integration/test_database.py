@@ -26,9 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.listen import listen
 from iotistic_billing.db.migrate import MIGRATION_LOCK, compared
 from iotistic_billing.db.models import Base, StripeEvent
-from iotistic_billing.db.pool import connect, open_pool
+from iotistic_billing.db.pool import DatabaseUnavailable, connect, open_pool
 from iotistic_billing.directory import CustomerRecord, Directory, remember, remember_all
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.prices import PriceCatalog
@@ -388,3 +389,90 @@ def test_a_start_stopped_during_initdb_leaves_nothing_the_next_start_takes_for_a
         assert _tables(url) == set()
     finally:
         server.stop()
+
+
+async def test_a_database_url_with_sslmode_connects_through_the_engine_the_pool_and_listen(
+    database_url: str,
+) -> None:
+    """Found in review: `?sslmode=require`, managed PostgreSQL's usual URL, crashed SQLAlchemy's engine
+    (`connect() got an unexpected keyword argument 'sslmode'`) while asyncpg's pool, LISTEN and the CLI
+    took it. The embedded PostgreSQL has no TLS: `prefer` and `disable` connect through every client,
+    `require` is refused by each with asyncpg's TLS error."""
+    for tls in ("sslmode=prefer", "sslmode=disable", "ssl=prefer"):
+        url = f"{database_url}?{tls}"
+        engine = create_engine(url, pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                assert (await connection.execute(text("SELECT 1"))).scalar() == 1, tls
+        finally:
+            await engine.dispose()
+        pool = await open_pool(url, max_size=1)
+        alone = await connect(url)
+        woken = asyncio.Event()
+        listening = asyncio.create_task(listen(url, "sslmode_test", woken.set))
+        try:
+            assert await pool.fetchval("SELECT 1") == 1, tls
+            assert await alone.fetchval("SELECT 1") == 1, tls
+            await asyncio.wait_for(woken.wait(), 10)  # once on connecting
+            woken.clear()
+            await pool.execute("NOTIFY sslmode_test")
+            await asyncio.wait_for(woken.wait(), 10)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+            await alone.close()
+            await pool.close()
+
+    required = f"{database_url}?sslmode=require"
+    engine = create_engine(required, pool_size=1)
+    try:
+        with pytest.raises(ConnectionError, match="rejected SSL upgrade"):
+            async with engine.connect():
+                pass
+    finally:
+        await engine.dispose()
+    pool = await open_pool(required, max_size=1)
+    try:
+        with pytest.raises(ConnectionError, match="rejected SSL upgrade"):
+            await pool.fetchval("SELECT 1")
+    finally:
+        await pool.close()
+    with pytest.raises(DatabaseUnavailable, match="rejected SSL upgrade"):
+        await connect(required)
+
+
+def test_a_start_on_a_folder_a_live_postgres_uses_is_refused_and_leaves_it_running(tmp_path: Path) -> None:
+    """Found in review: every start removed `postmaster.pid`, PostgreSQL's guard, so a second start on a
+    folder a running server used (a second `make dev` on the same .dev) made that one shut down within a
+    minute, its lock file gone."""
+    running = EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        assert running.process is not None
+        pid = running.process.pid
+        with pytest.raises(RuntimeError) as refused:
+            EmbeddedPostgres(tmp_path / "pg").start()
+        assert str(refused.value) == (
+            f"PostgreSQL (pid {pid}) already runs on {tmp_path / 'pg'}; stop it first"
+        )
+        lock = (tmp_path / "pg" / "data" / "postmaster.pid").read_text().splitlines()
+        assert lock[0] == str(pid)
+        assert running.process.running()
+        assert _tables(running.create_database("still_serving")) == set()
+    finally:
+        running.stop()
+
+
+def test_a_pid_file_left_by_a_killed_postgres_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """Its pid dead, or taken since by a process that is not that folder's postgres (a container's pids
+    start again at 1 after a restart): the next start goes on."""
+    first = EmbeddedPostgres(tmp_path / "pg").start()
+    first.stop()
+    pid_file = tmp_path / "pg" / "data" / "postmaster.pid"
+    for stale in (os.getpid(), 2**22 + 1):  # alive but not a postgres; no such process
+        pid_file.write_text(f"{stale}\n{tmp_path / 'pg' / 'data'}\n")
+        server = EmbeddedPostgres(tmp_path / "pg").start()
+        try:
+            assert server.process is not None and server.process.running()
+        finally:
+            server.stop()

@@ -9,8 +9,10 @@ with no backoff."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -19,8 +21,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.db.pool import DatabaseUnavailable, database_unreachable
+from iotistic_billing.db.engine import create_engine, plain_url, session_factory
+from iotistic_billing.db.listen import listen
+from iotistic_billing.db.pool import DatabaseUnavailable, connect, database_unreachable, open_pool
+from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.notices import sender as sender_module
 from iotistic_billing.notices.sender import NoticeSender, SenderOptions
 from iotistic_billing.processes import free_port
@@ -195,3 +199,140 @@ async def test_a_refused_connection_is_postgresql_unreachable_through_sqlalchemy
         in_use,
     ):
         assert not database_unreachable(error), repr(error)
+
+
+class NoTlsServer:
+    """A PostgreSQL without TLS as far as a client sees before its login: it answers an SSLRequest with
+    `N`, and notes a startup message sent in plain text afterwards (a client that went on without TLS)."""
+
+    def __init__(self) -> None:
+        self.tls_requests = 0
+        self.plaintext_logins = 0
+        self.connections = 0
+        self.connected = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.connected.set()
+        try:
+            first = await reader.readexactly(8)
+            if first[4:] == SSL_REQUEST_CODE:
+                self.tls_requests += 1
+                writer.write(b"N")
+                await writer.drain()
+                first = await reader.readexactly(8)
+            self.plaintext_logins += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def connections_reach(self, count: int) -> None:
+        while self.connections < count:
+            self.connected.clear()
+            await self.connected.wait()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+SSL_REQUEST_CODE = (80877103).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("tls", ["sslmode=require", "ssl=require", "sslmode=verify-full&sslrootcert={ca}"])
+async def test_a_url_requiring_tls_is_refused_by_a_server_without_it_through_every_client(
+    tls: str, tmp_path: Path
+) -> None:
+    """Found in review: `?sslmode=require` (libpq's, managed PostgreSQL's usual URL) crashed SQLAlchemy's
+    engine with a TypeError while asyncpg's pool took it; `?ssl=require` (SQLAlchemy's) was sent to the
+    server as a setting by asyncpg, which then logged in without TLS. Both now require TLS everywhere."""
+    ca = tmp_path / "root.crt"
+    ca.write_bytes(CertificateAuthority("database root").cert_pem)
+    server = NoTlsServer()
+    url = f"postgresql://billing@127.0.0.1:{await server.start()}/billing?{tls.format(ca=ca)}"
+    failures: dict[str, BaseException] = {}
+    try:
+        engine = create_engine(url)
+        try:
+            async with session_factory(engine)() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception as error:
+            failures["engine"] = error
+        finally:
+            await engine.dispose()
+        pool = await open_pool(url, max_size=1)
+        try:
+            await pool.fetchval("SELECT 1")
+        except Exception as error:
+            failures["pool"] = error
+        finally:
+            await pool.close()
+        try:
+            await (await connect(url)).close()
+        except Exception as error:
+            failures["cli"] = error
+        listening = asyncio.create_task(listen(url, "billing_test", lambda: None))
+        await asyncio.wait_for(server.connections_reach(4), 10)
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+    finally:
+        await server.stop()
+
+    assert sorted(failures) == ["cli", "engine", "pool"]
+    for client, error in failures.items():
+        assert "rejected SSL upgrade" in str(error), (client, repr(error))
+        assert database_unreachable(error), (client, repr(error))
+    assert (server.tls_requests, server.plaintext_logins) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    ("url", "dsn"),
+    [
+        ("postgresql://u@db:5432/billing", "postgresql://u@db:5432/billing"),
+        ("postgres://u@db/billing?sslmode=require", "postgresql://u@db/billing?sslmode=require"),
+        ("postgresql+asyncpg://u@db/billing?ssl=prefer", "postgresql://u@db/billing?sslmode=prefer"),
+        (
+            "postgresql://u:p%40ss@db/billing?ssl=verify-full&sslrootcert=/etc/ssl/rds.pem",
+            "postgresql://u:p%40ss@db/billing?sslmode=verify-full&sslrootcert=/etc/ssl/rds.pem",
+        ),
+        (
+            "postgresql://u@db/billing?sslmode=require&ssl=require",
+            "postgresql://u@db/billing?sslmode=require",
+        ),
+    ],
+)
+def test_a_database_url_s_tls_setting_is_libpq_s_sslmode_for_every_client(url: str, dsn: str) -> None:
+    assert plain_url(url) == dsn
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "postgresql://u@db/billing?sslmode=on",
+            "DATABASE_URL's sslmode must be one of disable, allow, prefer, require, verify-ca,"
+            " verify-full, got 'on'",
+        ),
+        (
+            "postgresql://u@db/billing?ssl=true",
+            "DATABASE_URL's ssl must be one of disable, allow, prefer, require, verify-ca,"
+            " verify-full, got 'true'",
+        ),
+        (
+            "postgresql://u@db/billing?ssl=require&sslmode=disable",
+            "DATABASE_URL's ssl and sslmode differ ('require', 'disable'): give sslmode alone",
+        ),
+    ],
+)
+def test_a_tls_setting_no_client_takes_is_refused_naming_it(url: str, message: str) -> None:
+    with pytest.raises(ValueError) as refused_url:
+        plain_url(url)
+    assert str(refused_url.value) == message

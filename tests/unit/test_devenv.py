@@ -4,6 +4,7 @@ kubeconfig of an existing cluster; a stop or a part too slow during start-up."""
 from __future__ import annotations
 
 import base64
+import http.server
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from iotistic_billing import processes
+from iotistic_billing.db import embedded
 from iotistic_billing.devenv import __main__ as runner
 from iotistic_billing.devenv.__main__ import KeptPorts, dev_commands, existing_kubeconfig, write_env
 from iotistic_billing.devenv.controlplane import REPO_BIN
@@ -174,7 +176,7 @@ def test_a_stop_during_start_up_stops_what_started_at_once(
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     began = time.monotonic()
-    code = runner.main(["--state", str(tmp_path / "dev"), "--port", "3100"])
+    code = runner.main(["--state", str(tmp_path / "dev"), "--port", str(processes.free_port())])
 
     assert time.monotonic() - began < 2
     assert (code, SlowPostgres.stopped) == (128 + signal.SIGINT, True)
@@ -189,11 +191,119 @@ def test_a_part_that_does_not_start_in_time_is_one_line_naming_it(
     monkeypatch.setattr(runner, "EmbeddedPostgres", StuckPostgres)
     monkeypatch.chdir(tmp_path)
 
-    assert runner.main(["--state", "dev", "--port", "3100"]) == 1
+    assert runner.main(["--state", "dev", "--port", str(processes.free_port())]) == 1
     assert capsys.readouterr().err.splitlines() == [
         "make dev: postgres did not start in time (PostgreSQL on port 5 not ready within 60.0s);"
         " see dev/postgres/postgres.log"
     ]
+
+
+class UnwantedPostgres(SlowPostgres):
+    def start(self) -> SlowPostgres:
+        raise RuntimeError("PostgreSQL started though the webhook server could not")
+
+
+class Healthy(http.server.BaseHTTPRequestHandler):
+    """Another worktree's webhook server: healthy."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+@pytest.mark.usefixtures("runner_signals")
+def test_a_webhook_port_another_process_serves_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: a second `make dev` (another worktree) whose webhook server could not bind PORT
+    printed `ready`, its health check answered by the first one's server. It stops before starting
+    anything, as a kept port another process holds does."""
+    monkeypatch.setattr(runner, "EmbeddedPostgres", UnwantedPostgres)
+    other = http.server.HTTPServer(("127.0.0.1", processes.free_port()), Healthy)
+    serving = threading.Thread(target=other.serve_forever, daemon=True)
+    serving.start()
+    port = other.server_address[1]
+    try:
+        code = runner.main(["--state", str(tmp_path / "dev"), "--port", str(port)])
+    finally:
+        other.shutdown()
+        other.server_close()
+
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"make dev: PORT {port} of webhooks is taken by another process (another `make dev`?); stop it,"
+        " or choose another: PORT=<port> make dev"
+    ]
+
+
+def make_venv(venv: Path, python: Path | str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The Makefile's virtual environment step, into `venv`, with `python` as the system's python3;
+    no package index (the step's installs fail at once, after the venv is made)."""
+    return subprocess.run(
+        ["make", "--no-print-directory", f"VENV={venv}", f"PYTHON={python}", f"{venv}/.installed"],
+        cwd=REPO_BIN.parent,
+        env={**os.environ, "PIP_NO_INDEX": "1", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_a_venv_python3_cannot_make_names_python3_venv_and_one_left_without_pip_is_made_again(
+    tmp_path: Path,
+) -> None:
+    """Found in review: Debian's python3 without python3-venv makes .venv/bin/python, then fails at
+    ensurepip; every later `make` took that for the venv and failed at `pip install` ("No module named
+    pip") until `rm -rf .venv`."""
+    debian = tmp_path / "python3"
+    debian.write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2" = "-m venv" ] || exec python3 "$@"\n'
+        f'{sys.executable} -m venv --without-pip "$3"\n'
+        'echo "The virtual environment was not created successfully because ensurepip is not'
+        ' available." >&2\n'
+        "exit 1\n"
+    )
+    debian.chmod(0o755)
+    venv = tmp_path / "venv"
+    for attempt in (1, 2):
+        failed = make_venv(venv, debian)
+        assert failed.returncode != 0, attempt
+        assert "apt-get install python3-venv" in failed.stderr, (attempt, failed.stderr)
+        assert not (venv / "bin" / "python").exists(), attempt
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    make_venv(venv, sys.executable)  # its install fails without an index; the venv is made first
+    pip = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "--version"], capture_output=True, check=False
+    )
+    assert pip.returncode == 0, pip.stderr
+
+
+@pytest.mark.parametrize(
+    ("layer", "tools"),
+    [
+        ("unit", ["tools/build.sh helm kubectl"]),
+        ("integration", ["tools/build.sh", "tools/build.sh e2e", "tools/build.sh chromium"]),
+    ],
+)
+def test_a_layer_s_make_target_makes_the_tools_its_tests_use_first(layer: str, tools: list[str]) -> None:
+    """Found in review: `make unit` made only the venv, though the chart tests run helm and the dev
+    environment's kubectl; `make integration` lacked the simulated cluster and Chromium its tests use."""
+    planned = subprocess.run(
+        ["make", "--dry-run", "--no-print-directory", layer],
+        cwd=REPO_BIN.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    tests = planned.index(f".venv/bin/pytest tests/{layer} -q")
+    assert [tool for tool in tools if tool not in planned[:tests]] == []
 
 
 def test_free_port_never_gives_a_port_it_gave_before(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,3 +313,28 @@ def test_free_port_never_gives_a_port_it_gave_before(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(processes.random, "randint", lambda low, high: next(picks))
     monkeypatch.setattr(processes, "_HANDED_OUT", set())
     assert [processes.free_port(), processes.free_port()] == [23_456, 23_457]
+
+
+@pytest.mark.parametrize(
+    ("same_user", "taken"), [(False, False), (True, True)], ids=["other-user", "same-user"]
+)
+def test_a_pid_file_naming_another_users_postgres_whose_folder_is_unreadable_is_not_taken_for_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_user: bool, taken: bool
+) -> None:
+    """Found in review: without ptrace rights (a container's root has none) a postgres's working folder
+    cannot be read, and every such postgres was taken for the folder's own: a pid of a crashed server,
+    reused after a restart by another user's postgres, stopped every later start. A process of another
+    user than the folder's owner is not its postmaster; one of the same user still is, to be safe."""
+    pgdata = tmp_path / "data"
+    pgdata.mkdir()
+    proc = tmp_path / "proc" / "4242"
+    proc.mkdir(parents=True)
+    (proc / "comm").write_text("postgres\n")
+    uid = pgdata.stat().st_uid if same_user else pgdata.stat().st_uid + 1
+    (proc / "status").write_text(f"Name:\tpostgres\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+
+    def unreadable(path: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(embedded.os, "readlink", unreadable)
+    assert embedded._postmaster_of(4242, pgdata, procfs=tmp_path / "proc") is taken
