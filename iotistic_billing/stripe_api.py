@@ -3,8 +3,9 @@ session of its own (the webhook server's subscription routes, usage metering's m
 
 STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe's answers become our
 errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry; after a write,
-one that may have been made: check first), rate limited (429) a 503 saying nothing was changed, a refused
-field of the request is 400 naming it, any other refused request 409 with Stripe's message and code.
+one that may have been made: check first), rate limited (429) a 503 saying the request was not made
+(for a write: unless an earlier try of it went unanswered), a refused field of the request is 400 naming
+it, any other refused request 409 with Stripe's message and code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ PROBE_TIMEOUT = 5.0
 # and up to 1.5 s of back-off) can arrive 61.5 s later: 35 minutes keeps that try above the least with
 # over 3 minutes to spare for a clock behind Stripe's.
 CHECKOUT_LIFETIME: Final = timedelta(minutes=35)
+# How a failed read (or a rate-limited one) ends its sentence; a checkout failing once its session is made
+# replaces it with what it changed.
+NOTHING_CHANGED: Final = "nothing was changed, retry later"
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,14 @@ async def _stripe(
     try:
         return await call
     except stripe.RateLimitError as error:
-        # Stripe's limiters and lock timeouts refuse before acting (and the SDK sends a 429's request once
-        # unless Stripe asks for a retry): nothing was made, a write's no more than a read's.
         log.warning("Stripe %s was rate limited (%s)", action, _stripe_code(error))
-        raise _rate_limited(action, error) from None
+        raise _rate_limited(action, error, writes=writes) from None
     except stripe.APIConnectionError as error:
         log.warning("Stripe %s failed: %s", action, type(error).__name__)
         raise (
-            _maybe_made(action, type(error).__name__) if writes else DependencyUnavailable("Stripe")
+            _maybe_made(action, type(error).__name__)
+            if writes
+            else DependencyUnavailable("Stripe", f"Stripe cannot be reached; {NOTHING_CHANGED}")
         ) from None
     except (stripe.AuthenticationError, stripe.PermissionError) as refused:
         status = refused.http_status or 401
@@ -114,13 +118,18 @@ async def _stripe(
         ) from None
 
 
-def _rate_limited(action: str, error: stripe.RateLimitError) -> DependencyUnavailable:
-    """The 503 of a request Stripe refused as too many: nothing was changed; retry after Stripe's
-    Retry-After when it sends whole seconds, else our 5."""
+def _rate_limited(action: str, error: stripe.RateLimitError, *, writes: bool) -> DependencyUnavailable:
+    """The 503 of a request Stripe refused as too many; retry after Stripe's Retry-After when it sends
+    whole seconds, else our 5. Stripe's limiters refuse before acting, so this try was not made; but the
+    SDK's 429 may be its retry of a write whose earlier try went unanswered (or was a 5xx), and it does not
+    say how many tries it made, so a write's sentence holds for both."""
+    code = _stripe_code(error) or 429
     refused = DependencyUnavailable(
         "Stripe",
-        f"Stripe refused to {action} now: too many requests ({_stripe_code(error) or 429}); nothing was "
-        "changed, retry later",
+        f"Stripe refused to {action} now: too many requests ({code}); retry later: it was not made, unless "
+        "an earlier try of it went unanswered (then it may have been: check first)"
+        if writes
+        else f"Stripe refused to {action} now: too many requests ({code}); {NOTHING_CHANGED}",
     )
     retry_after = (error.headers or {}).get("Retry-After")
     if isinstance(retry_after, str) and retry_after.isdigit():
@@ -234,11 +243,13 @@ class StripeApi:
         cancel_url: str,
         live_statuses: Collection[str],
     ) -> CheckoutSession:
-        """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; the customer's other
-        open subscription sessions are expired once it is made (a create Stripe refuses leaves them
-        payable), so at most the newest can be paid (two paid sessions would be two billed
-        subscriptions). CustomerSubscribed, and no session payable, when Stripe has a subscription of
-        the customer in `live_statuses` before the create or once the others are expired."""
+        """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; once it is made the
+        customer's open subscription sessions but the newest are expired (a create Stripe refuses leaves
+        them payable), so one at most can be paid (two paid sessions would be two billed subscriptions).
+        CustomerSubscribed, and no session payable, when Stripe has a subscription of the customer in
+        `live_statuses` before the create or once the others are expired; a 409 naming the newest when
+        another checkout's session, made at the same moment, is newer (this one's is expired). A failure
+        once the session is made says so: earlier sessions may have been expired by then."""
         subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
@@ -265,52 +276,76 @@ class StripeApi:
             writes=True,
             fields={"success_url": "success_url", "cancel_url": "cancel_url"},
         )
-        # Asked again once no other session can be paid: one paid since the first ask (and listed as open
-        # no more) has left its subscription.
-        subscribed = await self._expire_other_checkouts(stripe_customer_id, str(session.id))
-        if subscribed is None:
-            subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
+        try:
+            # Asked again once no other session can be paid: one paid since the first ask (and listed as
+            # open no more) has left its subscription.
+            newest, subscribed = await self._keep_newest_checkout(stripe_customer_id, session)
+            if subscribed is None:
+                subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
+            if subscribed is not None and newest.id == session.id:
+                await self._expire_checkout(str(session.id), "the new checkout session")
+        except ApiError as failed:
+            # Its own sentence may say nothing was changed, but the session is made and the earlier links
+            # may be dead: a new checkout (which expires this session) is what gets a payable one.
+            failed.message = (
+                f"{failed.message.removesuffix(f'; {NOTHING_CHANGED}')}; before that, checkout session "
+                f"{session.id} was made and the customer's earlier open subscription sessions may have been "
+                "expired: a new checkout makes a payable session"
+            )
+            failed.args = (failed.message,)
+            if isinstance(failed.details, dict):
+                failed.details = {**failed.details, "checkout_session_id": str(session.id)}
+            raise
         if subscribed is not None:
-            await self._expire_checkout(str(session.id), "the new checkout session")
             raise CustomerSubscribed(subscribed)
+        if newest.id != session.id:
+            raise Conflict(
+                "Checkout started twice",
+                f"another checkout of customer {customer_id} made a session at the same moment: its session "
+                f"{newest.id} is the one payable, this one's ({session.id}) is expired",
+                {"customer_id": customer_id, "session_id": str(newest.id), "checkout_url": str(newest.url)},
+            )
         return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
 
-    async def _expire_other_checkouts(self, stripe_customer_id: str, new_session_id: str) -> str | None:
-        """Expire the customer's open subscription sessions but the new one; the subscription of one
-        that was paid before its expire arrived, else None."""
+    async def _keep_newest_checkout(self, stripe_customer_id: str, made: Any) -> tuple[Any, str | None]:
+        """Expire the customer's open subscription sessions but the newest (Stripe's `created`, ties broken
+        by id), `made` too when it is not the newest; the newest, and the subscription of one paid before
+        its expire arrived (else None). Every checkout agrees on which is the newest, whatever the order of
+        their steps (two at the same moment, or one finished within the same second of Stripe's clock, its
+        id sorting after), so exactly one stays payable; expiring all but `made` left none."""
         open_sessions = await _stripe(
             self._open_checkouts(stripe_customer_id), "list the customer's open checkout sessions"
         )
-        for session_id in open_sessions:
-            if session_id == new_session_id:
+        newest = max([made, *open_sessions], key=lambda session: (int(session.created), str(session.id)))
+        subscribed = None
+        for session in open_sessions:
+            if session.id == newest.id:
                 continue
             try:
-                await self._expire_checkout(
-                    session_id, f"the customer's earlier checkout session {session_id}"
-                )
+                await self._expire_checkout(session.id, f"the customer's checkout session {session.id}")
             except Conflict:
                 # Stripe expires open sessions only: this one was paid or expired since the list.
-                earlier = await _stripe(
-                    self.client.v1.checkout.sessions.retrieve_async(session_id),
-                    f"read the customer's earlier checkout session {session_id}",
+                ended = await _stripe(
+                    self.client.v1.checkout.sessions.retrieve_async(session.id),
+                    f"read the customer's checkout session {session.id}",
                 )
-                if earlier.status == "open":
+                if ended.status == "open":
                     raise
-                if earlier.status == "complete" and earlier.subscription:
-                    return str(earlier.subscription)
-        return None
+                if ended.status == "complete" and ended.subscription:
+                    subscribed = str(ended.subscription)
+        return newest, subscribed
 
     async def _expire_checkout(self, session_id: str, which: str) -> None:
         await _stripe(
             self.client.v1.checkout.sessions.expire_async(session_id), f"expire {which}", writes=True
         )
 
-    async def _open_checkouts(self, stripe_customer_id: str) -> list[str]:
-        """The ids of the customer's open subscription sessions (not a one-time payment's), every page."""
+    async def _open_checkouts(self, stripe_customer_id: str) -> list[Any]:
+        """The customer's open subscription sessions (not a one-time payment's), every page."""
         page = await self.client.v1.checkout.sessions.list_async(
             params={"customer": stripe_customer_id, "status": "open", "limit": 100}
         )
-        return [session.id async for session in page.auto_paging_iter() if session.mode == "subscription"]
+        return [session async for session in page.auto_paging_iter() if session.mode == "subscription"]
 
     async def _live_subscription(self, stripe_customer_id: str, live_statuses: Collection[str]) -> str | None:
         return await _stripe(

@@ -135,8 +135,10 @@ ROUTES: Final[tuple[Route, ...]] = (
             " /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer whose"
             " spec.billing.mode is not stripe (its plan is spec.plan). Stripe is asked too: a customer it"
             " shows subscribed (a paid session whose events are not applied yet) is also a 409 `Already"
-            " subscribed`. Each session is payable for 35 minutes; once made, it expires the customer's"
-            " other open subscription sessions (a create Stripe refuses leaves them payable)."
+            " subscribed`. Each session is payable for 35 minutes; once made, the customer's open"
+            " subscription sessions but the newest are expired (409 `Checkout started twice`, naming the"
+            " payable session, for a checkout whose session is not the newest; a create Stripe refuses"
+            " leaves them payable)."
         ),
     ),
     Route(

@@ -118,8 +118,9 @@ async def test_our_client_checks_out_with_the_metered_prices_and_moves_the_plan_
 
 class StandIn:
     """A stand-in in front of stripe-mock, which keeps nothing: its list of sessions is one fixture (the
-    id of every session it makes) of another customer in payment mode. The stand-in makes that one this
-    customer's earlier open subscription session `cs_test_earlier`, and with `paid` answers its expire as
+    id and `created` of every session it makes) of another customer in payment mode. The stand-in makes
+    that one this customer's earlier open subscription session `cs_test_earlier`, made a minute before the
+    new one (the one the checkout keeps is the newest), and with `paid` answers its expire as
     Stripe does once it was paid (a 400) and its read as complete, so each call still passes stripe-mock's
     check against Stripe's API. `answered`: each call's method, path and status."""
 
@@ -150,6 +151,7 @@ class StandIn:
                     mode="subscription",
                     customer=request.query["customer"],
                     status="open",
+                    created=listed["created"] - 60,
                 )
         earlier = request.path.startswith("/v1/checkout/sessions/cs_test_earlier")
         if self.paid and earlier and request.path.endswith("/expire"):

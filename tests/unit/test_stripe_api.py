@@ -3,6 +3,7 @@ become our errors."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,8 +42,10 @@ class FakeStripe:
     first, `page_size` a page (so a reader of the first page alone misses the rest), expired only while
     open (a 400 otherwise), made only with an `expires_at` at least 30 minutes after its own clock `now`.
     With `lose_answers` it closes the connection after reading a request, as an answer lost on the way
-    does; `lose_creates` does that to the next session creates only, each lost one moving `now` on by
-    SDK_TRY."""
+    does; `lose_next` does that to the next requests only, `lose_creates` to the next session creates only,
+    each lost one moving `now` on by SDK_TRY. `rate_limited` answers 429 to the n-th request (from 1) of a
+    method and path; with `lists_wait_for` the lists of sessions are answered once that many sessions
+    were made (checkouts at the same moment, each listing after both creates)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -51,7 +54,11 @@ class FakeStripe:
         # Stripe's answer to a session's create (a refused success_url), the other calls answered.
         self.refuse_creates: tuple[int, dict[str, Any]] | None = None
         self.lose_answers = False
+        self.lose_next = 0
         self.lose_creates = 0
+        self.rate_limited: dict[tuple[str, str], int] = {}
+        self.lists_wait_for = 0
+        self.made = asyncio.Event()
         self.now = NOW
         self.page_size = 1
         # A session paid just after a page of sessions listing it was answered (before its expire
@@ -74,13 +81,20 @@ class FakeStripe:
         form = dict(request.query) if request.method == "GET" else dict(parse_qsl(await request.text()))
         self.requests.append((request.method, request.path, form))
         creates = request.method == "POST" and request.path == "/v1/checkout/sessions"
-        if self.lose_answers or (creates and self.lose_creates):
+        if self.lose_answers or self.lose_next or (creates and self.lose_creates):
             if creates and self.lose_creates:
                 self.lose_creates -= 1
                 self.now += SDK_TRY
+            self.lose_next = max(self.lose_next - 1, 0)
             assert request.transport is not None
             request.transport.close()
             return web.Response()
+        sent = sum((method, path) == (request.method, request.path) for method, path, _ in self.requests)
+        if self.rate_limited.get((request.method, request.path)) == sent:
+            limited = {"type": "invalid_request_error", "code": "rate_limit", "message": "Too many requests"}
+            return web.json_response({"error": limited}, status=429)
+        if request.method == "GET" and request.path == "/v1/checkout/sessions" and self.lists_wait_for:
+            await self.made.wait()
         if self.answer is not None and request.method != "GET":
             status, payload = self.answer
             return web.json_response(payload, status=status, headers=self.answer_headers)
@@ -118,7 +132,10 @@ class FakeStripe:
             "customer": form.get("customer"),
             "subscription": None,
             "expires_at": expires_at,
+            "created": int(self.now.timestamp()),
         }
+        if len(self.sessions) >= self.lists_wait_for:
+            self.made.set()
         return web.json_response(self.sessions[session_id])
 
     def _session(self, session_id: str, *, expire: bool) -> web.Response:
@@ -430,6 +447,76 @@ async def test_an_earlier_session_paid_before_its_expire_refuses_the_checkout_le
     assert stripe.payable("cus_1") == []  # the new session is expired
 
 
+async def test_two_checkouts_at_the_same_moment_leave_exactly_one_session_payable(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: two checkouts of one customer at the same moment (a double click, an app's retry
+    # while the first was in the SDK's retries) each made a session, then each expired the other's: both
+    # answered with a URL and nothing was payable.
+    stripe, api = fake
+    stripe.lists_wait_for = 2  # each lists the customer's sessions once both are made
+
+    answers = await asyncio.gather(
+        api.create_checkout_session(**CHECKOUT),
+        api.create_checkout_session(**CHECKOUT),
+        return_exceptions=True,
+    )
+
+    payable = stripe.payable("cus_1")
+    assert len(payable) == 1
+    (made,) = [answer for answer in answers if not isinstance(answer, BaseException)]
+    assert payable == [made.session_id]
+    # The other is told which session is payable, not handed a link that no longer pays.
+    (refused,) = [answer for answer in answers if isinstance(answer, ApiError)]
+    assert (refused.status, refused.error) == (409, "Checkout started twice")
+    assert refused.details["session_id"] == made.session_id
+    assert refused.details["checkout_url"] == made.checkout_url
+
+
+async def test_a_checkout_made_in_the_same_second_as_a_finished_one_leaves_one_session_payable(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Stripe's `created` is in seconds and its ids are in no order: an earlier checkout, finished, whose
+    # session's id sorts after the new one's is the one kept (it cannot expire the new one).
+    stripe, api = fake
+    stripe.sessions["cs_z"] = {
+        "id": "cs_z",
+        "url": "https://checkout.example/cs_z",
+        "status": "open",
+        "mode": "subscription",
+        "customer": "cus_1",
+        "created": int(NOW.timestamp()),
+    }
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_checkout_session(**CHECKOUT)
+
+    assert stripe.payable("cus_1") == ["cs_z"]
+    assert (raised.value.status, raised.value.details["session_id"]) == (409, "cs_z")
+
+
+async def test_a_checkout_failing_after_its_session_was_made_says_what_may_have_changed(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: once the new session was made and the earlier expired, the second ask for a live
+    # subscription answered 429 was a 503 "nothing was changed, retry later": the earlier link was dead.
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT)
+    stripe.rate_limited = {("GET", "/v1/subscriptions"): 4}  # the second ask of the second checkout
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_checkout_session(**CHECKOUT)
+
+    (made,) = stripe.payable("cus_1")
+    assert stripe.sessions[earlier.session_id]["status"] == "expired"
+    assert (raised.value.status, raised.value.error) == (503, "Stripe unavailable")
+    assert "nothing was changed" not in raised.value.message
+    assert f"checkout session {made} was made" in raised.value.message
+    assert "earlier open subscription sessions may have been expired" in raised.value.message
+    assert raised.value.details == {"dependency": "Stripe", "checkout_session_id": made}
+    assert raised.value.headers == {"Retry-After": "5"}
+
+
 async def test_a_checkout_whose_first_two_answers_are_lost_is_still_payable_for_stripe_s_least_30_minutes(
     fake: tuple[FakeStripe, StripeApi],
 ) -> None:
@@ -476,11 +563,12 @@ async def test_a_read_whose_answer_is_lost_still_says_nothing_was_changed(
 
 
 @pytest.mark.parametrize(("retry_after", "answered"), [(None, "5"), ("2", "2")])
-async def test_a_rate_limited_write_says_nothing_was_made(
+async def test_a_rate_limited_write_says_it_was_not_made_unless_an_earlier_try_went_unanswered(
     fake: tuple[FakeStripe, StripeApi], retry_after: str | None, answered: str
 ) -> None:
     # Found in review: a 429 on a write was "did not answer ... may have been made". Stripe's limiters
-    # refuse before acting, and the SDK sends a 429's request once: nothing was made.
+    # refuse before acting, and the SDK sends a 429's request once: this try was not made. The SDK does not
+    # tell how many tries it made, so the sentence holds for an earlier one unanswered as well.
     stripe, api = fake
     stripe.answer = (
         429,
@@ -493,9 +581,44 @@ async def test_a_rate_limited_write_says_nothing_was_made(
 
     assert len(stripe.requests) == 1
     assert (raised.value.status, raised.value.error) == (503, "Stripe unavailable")
-    assert "nothing was changed" in raised.value.message and "retry later" in raised.value.message
-    assert "may have been made" not in raised.value.message
+    assert "too many requests" in raised.value.message and "retry later" in raised.value.message
+    assert "not made, unless an earlier try of it went unanswered" in raised.value.message
     assert raised.value.headers == {"Retry-After": answered}
+
+
+async def test_a_rate_limit_after_a_lost_answer_does_not_say_nothing_was_changed(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Found in review: the SDK's retry of a cancel whose first answer was lost got a 429, answered "nothing
+    # was changed", though the first try may have cancelled.
+    stripe, api = fake
+    stripe.lose_next = 1
+    stripe.answer = (
+        429,
+        {"error": {"type": "invalid_request_error", "code": "rate_limit", "message": "Slow down"}},
+    )
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True)
+
+    assert [(method, path) for method, path, _ in stripe.requests] == [
+        ("DELETE", "/v1/subscriptions/sub_1")
+    ] * 2
+    assert raised.value.status == 503
+    assert "nothing was changed" not in raised.value.message
+    assert "unless an earlier try of it went unanswered" in raised.value.message
+
+
+async def test_a_rate_limited_read_says_nothing_was_changed(fake: tuple[FakeStripe, StripeApi]) -> None:
+    stripe, api = fake
+    stripe.rate_limited = {("GET", "/v1/subscriptions/sub_1"): 1}
+
+    with pytest.raises(ApiError) as raised:
+        await api.change_price("sub_1", "price_enterprise")  # its first call reads the subscription
+
+    assert len(stripe.requests) == 1
+    assert raised.value.status == 503
+    assert "too many requests" in raised.value.message and "nothing was changed" in raised.value.message
 
 
 @pytest.mark.parametrize(
