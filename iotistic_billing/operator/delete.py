@@ -68,13 +68,19 @@ class Deletion:
 
     namespace: str
     own_namespace: bool  # the Customer's own: its deletion requested (another's is left as it is)
-    uninstalled: bool  # helm uninstall ran (not in a namespace already being deleted)
+    # helm uninstall ran (not in a namespace already being deleted) and found the release; False when it
+    # did not run or found none (the first pass failed before helm, or an earlier try uninstalled it).
+    uninstalled: bool
     license_revoked: bool  # False: there was none (a Customer stalled since its creation)
+    namespace_terminating: bool  # found already being deleted: no uninstall ran
 
     def message(self) -> str:
+        deleting = self.own_namespace and not self.namespace_terminating
         done = ["release uninstalled"] if self.uninstalled else []
+        if deleting and not self.uninstalled:
+            done.append("no release left to uninstall")
         done.append("licence revoked" if self.license_revoked else "no licence to revoke")
-        if self.own_namespace and self.uninstalled:
+        if deleting:
             return f"{', '.join(done)}, namespace deletion requested"
         if self.own_namespace:
             left = "already being deleted, which removes the release"
@@ -122,10 +128,12 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
             if not held:
                 with _step("keeping the webhook signing secret"):
                     await keep_webhook_secret(ctx, customer_id, signing, deletion_running=True)
-        uninstall = ours and found is not None and not found["metadata"].get("deletionTimestamp")
-        if uninstall:
+        terminating = found is not None and bool(found["metadata"].get("deletionTimestamp"))
+        uninstalled = False
+        if ours and not terminating:
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
-                await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+                # helm's answer, not the attempt: a Customer whose first pass failed before helm has none.
+                uninstalled = await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
         with _step(f"reading the licence Secret of {namespace}"):
             secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
         # Looked for right before the revocations, not before the uninstall (seconds): a Customer applied
@@ -181,7 +189,13 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
-    return Deletion(namespace, own_namespace=ours, uninstalled=uninstall, license_revoked=revoked)
+    return Deletion(
+        namespace,
+        own_namespace=ours,
+        uninstalled=uninstalled,
+        license_revoked=revoked,
+        namespace_terminating=terminating,
+    )
 
 
 async def _mark_terminating(ctx: OperatorContext, body: dict[str, Any]) -> None:

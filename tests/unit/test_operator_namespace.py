@@ -421,6 +421,46 @@ async def test_a_finalizer_finding_its_namespace_terminating_completes(revocatio
     )
 
 
+async def test_deleting_a_customer_without_a_release_does_not_say_one_was_uninstalled(
+    revocations: list[str],
+) -> None:
+    """Found in review: the Deleted Event said "release uninstalled" also when helm found no release (a
+    Customer whose first pass failed before helm ran, or a retry after a try that uninstalled it)."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+
+    class NoRelease(Helm):
+        async def uninstall(self, release: str, namespace: str) -> bool:
+            await super().uninstall(release, namespace)
+            return False  # helm: release not found
+
+    ctx.helm = NoRelease(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert ("helm uninstall", "customer-acme/instance") in cluster.requests
+    assert cluster.messages[-1] == (
+        "Deleted",
+        "no release left to uninstall, licence revoked, namespace deletion requested",
+    )
+
+
+async def test_deleting_a_customer_with_its_release_says_it_was_uninstalled(revocations: list[str]) -> None:
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert cluster.messages[-1] == (
+        "Deleted",
+        "release uninstalled, licence revoked, namespace deletion requested",
+    )
+
+
 async def test_deleting_a_never_licensed_customer_says_nothing_was_revoked(
     revocations: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
