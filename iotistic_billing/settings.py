@@ -11,6 +11,7 @@ from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Final, Literal, get_args
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -232,6 +233,10 @@ class Settings(BaseSettings):
             ("postgresql://", "postgres://", "postgresql+asyncpg://")
         ):
             raise ValueError("must be a postgresql:// URL")
+        # Said at start, not by the first connection (the operator's migration, a traceback then).
+        problem = None if value is None else database_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("smtp_url")
@@ -397,6 +402,33 @@ class Settings(BaseSettings):
         if path is not None and path in self.license_extra_public_key_paths:
             return "LICENSE_EXTRA_PUBLIC_KEY_PATHS"
         return "LICENSE_PRIVATE_KEY_PATH"
+
+
+# libpq's TLS modes: DATABASE_URL's `sslmode` (`ssl` its synonym), which every database client reads alike.
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def database_url_problem(url: str) -> str | None:
+    """What makes a postgresql:// URL unreadable to the database clients, or None: a port or host they
+    cannot parse (an unencoded `/ ? # @` in the password), a TLS mode libpq does not know, or two."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as error:
+        return (
+            f"cannot be read as a URL ({error}): percent-encode / ? # @ : [ ] in the user name and password"
+        )
+    given = {
+        name: value
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if name in ("ssl", "sslmode")
+    }
+    for name, value in given.items():
+        if value not in SSL_MODES:
+            return f"{name} must be one of {', '.join(SSL_MODES)}, got {value!r}"
+    if len(set(given.values())) > 1:
+        return f"ssl and sslmode differ ({given['ssl']!r}, {given['sslmode']!r}): give sslmode alone"
+    return None
 
 
 def webhook_secret_bytes(secret: str) -> bytes:

@@ -8,6 +8,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from iotistic_billing.settings import database_url_problem
+
 
 def async_url(database_url: str) -> str:
     """`postgresql://` as users write it, with the asyncpg driver SQLAlchemy needs."""
@@ -17,29 +19,21 @@ def async_url(database_url: str) -> str:
     raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {database_url.split('://')[0]}://")
 
 
-# libpq's TLS modes, which asyncpg takes in the URL as libpq does.
-SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-
-
 def plain_url(database_url: str) -> str:
     """The URL as libpq and asyncpg take it (no SQLAlchemy driver suffix), every client's one source:
     its TLS setting is libpq's `sslmode`, with `sslrootcert` and the rest passed on as libpq reads them;
-    `ssl=` (SQLAlchemy's spelling) becomes `sslmode=`, which asyncpg would send the server as a setting."""
+    `ssl=` (SQLAlchemy's spelling) becomes `sslmode=`, which asyncpg would send the server as a setting.
+    ValueError for a URL the clients cannot read (database_url_problem)."""
+    problem = database_url_problem(database_url)
+    if problem is not None:
+        raise ValueError(f"DATABASE_URL: {problem}")
     parts = urlsplit("postgresql://" + async_url(database_url).removeprefix("postgresql+asyncpg://"))
     query = parse_qsl(parts.query, keep_blank_values=True)
-    given = {name: value for name, value in query if name in ("ssl", "sslmode")}
-    for name, value in given.items():
-        if value not in SSL_MODES:
-            raise ValueError(f"DATABASE_URL's {name} must be one of {', '.join(SSL_MODES)}, got {value!r}")
-    if len(set(given.values())) > 1:
-        raise ValueError(
-            f"DATABASE_URL's ssl and sslmode differ ({given['ssl']!r}, {given['sslmode']!r}):"
-            " give sslmode alone"
-        )
-    if "ssl" not in given:
+    ssl = [value for name, value in query if name == "ssl"]
+    if not ssl:
         return parts.geturl()
     rest = [(name, value) for name, value in query if name not in ("ssl", "sslmode")]
-    return parts._replace(query=urlencode([("sslmode", given["ssl"]), *rest], safe="/")).geturl()
+    return parts._replace(query=urlencode([("sslmode", ssl[0]), *rest], safe="/")).geturl()
 
 
 # Every session's TCP keepalives, PostgreSQL's side: a client whose node died (no FIN, no RST) left its

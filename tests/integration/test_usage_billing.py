@@ -1260,7 +1260,10 @@ async def test_the_usage_viewer_prints_days_and_customers(
     unmigrated = usage_cli("--all", database_url=empty)
     assert unmigrated.returncode == 2 and "the database has no billing tables" in unmigrated.stderr
     garbled = usage_cli("--all", database_url="postgresql://[bad/db")
-    assert garbled.returncode == 2 and "DATABASE_URL: Invalid IPv6 URL" in garbled.stderr
+    assert (
+        garbled.returncode == 2
+        and "DATABASE_URL: cannot be read as a URL (Invalid IPv6 URL)" in garbled.stderr
+    )
 
 
 # Months of these tests alone (the CLI's total is of every customer's current period), within the raw

@@ -28,6 +28,7 @@ from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.notices import sender as sender_module
 from iotistic_billing.notices.sender import NoticeSender, SenderOptions
 from iotistic_billing.processes import free_port
+from iotistic_billing.settings import SettingsError, load_settings
 from iotistic_billing.stripe_inbox import inbox as inbox_module
 from iotistic_billing.stripe_inbox.inbox import EventInbox
 
@@ -318,21 +319,29 @@ def test_a_database_url_s_tls_setting_is_libpq_s_sslmode_for_every_client(url: s
     [
         (
             "postgresql://u@db/billing?sslmode=on",
-            "DATABASE_URL's sslmode must be one of disable, allow, prefer, require, verify-ca,"
-            " verify-full, got 'on'",
+            "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full, got 'on'",
         ),
         (
             "postgresql://u@db/billing?ssl=true",
-            "DATABASE_URL's ssl must be one of disable, allow, prefer, require, verify-ca,"
-            " verify-full, got 'true'",
+            "ssl must be one of disable, allow, prefer, require, verify-ca, verify-full, got 'true'",
         ),
         (
             "postgresql://u@db/billing?ssl=require&sslmode=disable",
-            "DATABASE_URL's ssl and sslmode differ ('require', 'disable'): give sslmode alone",
+            "ssl and sslmode differ ('require', 'disable'): give sslmode alone",
+        ),
+        (
+            "postgresql://u:p/ss@db/billing",
+            "cannot be read as a URL (Port could not be cast to integer value as 'p'): percent-encode"
+            " / ? # @ : [ ] in the user name and password",
         ),
     ],
 )
-def test_a_tls_setting_no_client_takes_is_refused_naming_it(url: str, message: str) -> None:
+def test_a_database_url_no_client_takes_is_refused_naming_it_at_start(url: str, message: str) -> None:
+    """Found in review: such a URL passed the settings and failed at the first connection (the operator's
+    migration: a traceback, or `invalid literal for int()` for a password with a `/`)."""
     with pytest.raises(ValueError) as refused_url:
         plain_url(url)
-    assert str(refused_url.value) == message
+    assert str(refused_url.value) == f"DATABASE_URL: {message}"
+    with pytest.raises(SettingsError) as refused_setting:
+        load_settings(database_url=url)
+    assert f"DATABASE_URL: {message}" in str(refused_setting.value)
