@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from playwright.async_api import Page, async_playwright
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.db.models import StripeEvent
+from iotistic_billing.db.models import ConsoleAction, StripeEvent
 from tests.integration.webhook_support import PRICES, deliver, event, random_id, subscription_object
 
 CSRF_INPUT = re.compile(r'name="csrf" value="([^"]+)"')
@@ -78,6 +79,19 @@ async def unmatched_event(client: TestClient[Any, Any], customer_id: str) -> dic
     status, body = await deliver(client, early)
     assert (status, body["result"]) == (200, "unmatched")
     return early
+
+
+async def record_predecessor_action(
+    engine: AsyncEngine, created: datetime, action: str, detail: str, **subject: str
+) -> None:
+    """A console action on a deleted object of the same name (`customer_name=` or `target=`), recorded
+    five minutes before `created`, the creation of the one that has the name now."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            ConsoleAction.__table__.insert().values(
+                at=created - timedelta(minutes=5), role="admin", action=action, detail=detail, **subject
+            )
+        )
 
 
 async def event_state(engine: AsyncEngine, event_id: str) -> tuple[str, int]:

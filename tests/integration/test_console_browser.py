@@ -35,6 +35,7 @@ from tests.integration.console_support import (
     console_page,
     event_state,
     post_form,
+    record_predecessor_action,
     replay_form,
     sign_in,
     unmatched_event,
@@ -381,16 +382,9 @@ async def test_console_actions_of_a_predecessor_are_not_shown(
     created = customers.create(name, customerId=customer_id_for(name))
     born = datetime.fromisoformat(created["metadata"]["creationTimestamp"])
     # The predecessor's, recorded before this Customer was created.
-    async with db_engine.begin() as connection:
-        await connection.execute(
-            ConsoleAction.__table__.insert().values(
-                at=born - timedelta(minutes=5),
-                role="admin",
-                action="suspend",
-                customer_name=name,
-                detail="suspended the deleted one",
-            )
-        )
+    await record_predecessor_action(
+        db_engine, born, "suspend", "suspended the deleted one", customer_name=name
+    )
     csrf = await sign_in(api, ADMIN_TOKEN)
     assert (await post_form(api, f"/admin/customers/{name}/reconcile", {"csrf": csrf})).status == 303
     page = await (await api.get(f"/admin/customers/{name}")).text()

@@ -4,7 +4,7 @@ each an audit row; the viewer cannot act, nor a form without the session's CSRF 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import kubernetes
@@ -17,7 +17,7 @@ from iotistic_billing.customer import GROUP, VERSION
 from iotistic_billing.db.models import ConsoleAction
 from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_PLURAL
 from tests.conftest import unique_name
-from tests.integration.console_support import post_form, sign_in
+from tests.integration.console_support import post_form, record_predecessor_action, sign_in
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     VIEWER_TOKEN,
@@ -140,16 +140,9 @@ async def test_the_rollouts_page_shows_each_rollout_s_console_actions(
     """Found in review: the audit rows of Pause, Resume and Abort were shown on no page."""
     created = datetime.fromisoformat(read(rollouts, rollout)["metadata"]["creationTimestamp"])
     # A deleted rollout's of the same name, recorded before this one was created.
-    async with db_engine.begin() as connection:
-        await connection.execute(
-            ConsoleAction.__table__.insert().values(
-                at=created - timedelta(minutes=5),
-                role="admin",
-                action="rollout-abort",
-                target=rollout,
-                detail="aborted the deleted one",
-            )
-        )
+    await record_predecessor_action(
+        db_engine, created, "rollout-abort", "aborted the deleted one", target=rollout
+    )
     csrf = await sign_in(api, ADMIN_TOKEN)
     assert (await post_form(api, f"/admin/rollouts/{rollout}/pause", {"csrf": csrf})).status == 303
     page = await (await api.get("/admin/rollouts")).text()

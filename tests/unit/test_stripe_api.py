@@ -414,31 +414,19 @@ async def test_a_checkout_after_an_earlier_session_was_paid_is_refused(
     assert {query["customer"] for query in listed} == {"cus_1"}
 
 
-async def test_an_earlier_session_paid_before_the_list_refuses_the_checkout_leaving_nothing_payable(
-    fake: tuple[FakeStripe, StripeApi],
+@pytest.mark.parametrize(
+    "paid", ["paid_on_create", "paid_after_list"], ids=["before-the-list", "before-its-expire"]
+)
+async def test_an_earlier_session_paid_meanwhile_refuses_the_checkout_leaving_nothing_payable(
+    fake: tuple[FakeStripe, StripeApi], paid: str
 ) -> None:
-    # Paid after the first ask for a live subscription and before the sessions are listed: not open, so
-    # not listed, and its subscription is found by the second ask.
+    """Paid after the first ask for a live subscription: before the sessions are listed (not open, so not
+    listed, and its subscription is found by the second ask), or between the list and its expire (found in
+    review: Stripe refused the expire, a 409 "Stripe refused to expire ...", and the new session stayed
+    payable: a second subscription once paid)."""
     stripe, api = fake
     earlier = await api.create_checkout_session(**CHECKOUT)
-    stripe.paid_on_create = earlier.session_id
-
-    with pytest.raises(CustomerSubscribed) as raised:
-        await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
-
-    assert raised.value.subscription_id == f"sub_of_{earlier.session_id}"
-    assert stripe.payable("cus_1") == []  # the new session is expired
-
-
-async def test_an_earlier_session_paid_before_its_expire_refuses_the_checkout_leaving_nothing_payable(
-    fake: tuple[FakeStripe, StripeApi],
-) -> None:
-    # Found in review: an earlier session paid between the list and its expire made Stripe refuse the
-    # expire, a 409 "Stripe refused to expire ...", and the new session stayed payable: a second
-    # subscription once paid.
-    stripe, api = fake
-    earlier = await api.create_checkout_session(**CHECKOUT)
-    stripe.paid_after_list = earlier.session_id
+    setattr(stripe, paid, earlier.session_id)
 
     with pytest.raises(CustomerSubscribed) as raised:
         await api.create_checkout_session(**{**CHECKOUT, "plan": "enterprise"})
