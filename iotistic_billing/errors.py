@@ -71,11 +71,15 @@ class Unavailable(ApiError):
     status = 503
 
 
+# How the 503 of a dependency away ends its sentence.
+NOTHING_CHANGED = "nothing was changed, retry later"
+
+
 class DependencyUnavailable(Unavailable):
     def __init__(self, dependency: str, message: str | None = None) -> None:
         super().__init__(
             f"{dependency} unavailable",
-            message or f"{dependency} cannot be reached; nothing was changed, retry later",
+            message or f"{dependency} cannot be reached; {NOTHING_CHANGED}",
             {"dependency": dependency},
             headers={"Retry-After": "5"},
         )

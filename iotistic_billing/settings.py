@@ -17,15 +17,19 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
-from iotistic_billing.customer import CHART_VERSION_PATTERN, DNS_NAME_PATTERN, webhook_url_problem
+from iotistic_billing.customer import (
+    CHART_VERSION_PATTERN,
+    DNS_NAME_PATTERN,
+    URL_PATTERN,
+    webhook_url_problem,
+)
 
 OCI_PREFIX = "oci://"
 _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$")
-# The customer-instance chart's billingUrl (its values.schema.json): a BILLING_URL it refuses failed every
-# Customer's helm run for good, so each URL setting is held to it.
-_HTTP_URL = re.compile(r"https?://[^\s]+")
-# Stripe takes no meter event older than this (usage.metering.STRIPE_METER_WINDOW; a test keeps the two
-# equal, as settings may not import usage).
+# As the customer-instance chart's billingUrl takes it (no white space): a BILLING_URL it refuses failed
+# every Customer's helm run for good, so each URL setting is held to it.
+_HTTP_URL = re.compile(URL_PATTERN)
+# Stripe takes no meter event older than this (usage.metering.STRIPE_METER_WINDOW).
 STRIPE_METER_WINDOW_SECONDS: Final = 35 * 24 * 3600
 # The longest object name the API server takes (a DNS subdomain), as a ClusterKopfPeering's.
 _MAX_OBJECT_NAME: Final = 253

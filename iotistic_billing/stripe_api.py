@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import stripe
 
 from iotistic_billing.errors import (
+    NOTHING_CHANGED,
     ApiError,
     Conflict,
     DependencyUnavailable,
@@ -38,9 +39,6 @@ PROBE_TIMEOUT = 5.0
 # and up to 1.5 s of back-off) can arrive 61.5 s later: 35 minutes keeps that try above the least with
 # over 3 minutes to spare for a clock behind Stripe's.
 CHECKOUT_LIFETIME: Final = timedelta(minutes=35)
-# How a failed read (or a rate-limited one) ends its sentence; a checkout failing once its session is made
-# replaces it with what it changed.
-NOTHING_CHANGED: Final = "nothing was changed, retry later"
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,7 @@ async def _stripe(
     except stripe.APIConnectionError as error:
         log.warning("Stripe %s failed: %s", action, type(error).__name__)
         raise (
-            _maybe_made(action, type(error).__name__)
-            if writes
-            else DependencyUnavailable("Stripe", f"Stripe cannot be reached; {NOTHING_CHANGED}")
+            _maybe_made(action, type(error).__name__) if writes else DependencyUnavailable("Stripe")
         ) from None
     except (stripe.AuthenticationError, stripe.PermissionError) as refused:
         status = refused.http_status or 401
@@ -287,8 +283,9 @@ class StripeApi:
         except ApiError as failed:
             # Its own sentence may say nothing was changed, but the session is made and the earlier links
             # may be dead: a new checkout (which expires this session) is what gets a payable one.
+            said = failed.message.removesuffix(f"; {NOTHING_CHANGED}").removesuffix("; retry later")
             failed.message = (
-                f"{failed.message.removesuffix(f'; {NOTHING_CHANGED}')}; before that, checkout session "
+                f"{said}; before that, checkout session "
                 f"{session.id} was made and the customer's earlier open subscription sessions may have been "
                 "expired: a new checkout makes a payable session"
             )

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
+from iotistic_billing.processes import ManagedProcess, free_port, port_is_free, wait_for_port
 
 SUPERUSER = "postgres"
 
@@ -61,35 +61,21 @@ def _check_database_name(name: str) -> None:
         raise ValueError(f"database name must match [a-z_][a-z0-9_]*, got {name!r}")
 
 
-def _postmaster_of(pid: int, pgdata: Path, procfs: Path = Path("/proc")) -> bool:
-    """Whether process `pid` is a postgres working in `pgdata`, as a postmaster does (it changes into its
-    data folder)."""
-    proc = procfs / str(pid)
+def _postmaster_running(pid_file_text: str, procfs: Path = Path("/proc")) -> bool:
+    """Whether the server a postmaster.pid names runs: its pid a live postgres and its port (the file's
+    fourth line) taken. A pid reused after a restart by another folder's postgres (another worktree's, or
+    another user's, whose working folder cannot be read without ptrace rights) listens elsewhere."""
+    lines = pid_file_text.split("\n")
     try:
-        if (proc / "comm").read_text().strip() != "postgres":
+        pid, port = int(lines[0]), int(lines[3])
+    except (IndexError, ValueError):  # cut short: no server wrote it whole
+        return False
+    try:
+        if pid <= 0 or (procfs / str(pid) / "comm").read_text().strip() != "postgres":
             return False
     except OSError:  # no such process
         return False
-    try:
-        return Path(os.readlink(proc / "cwd")) == pgdata
-    except PermissionError:
-        # Its folder is unreadable without ptrace rights (a container's root has none): a postgres of
-        # another user than the folder's owner cannot be its postmaster (a pid reused after a restart);
-        # one of the same user is taken for it, to be safe.
-        return _uid_of(proc) == pgdata.stat().st_uid
-    except OSError:  # gone meanwhile
-        return False
-
-
-def _uid_of(proc: Path) -> int | None:
-    """The real uid of a process (`Uid:` of /proc/<pid>/status, readable by anyone); None once gone."""
-    try:
-        for line in (proc / "status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return not port_is_free(port)
 
 
 class EmbeddedPostgres:
@@ -181,12 +167,13 @@ class EmbeddedPostgres:
         folder's running postmaster is PostgreSQL's guard: removed, that server shut down within a minute."""
         pid_file = pgdata / "postmaster.pid"
         try:
-            pid = int(pid_file.read_text().split("\n", 1)[0])
+            text = pid_file.read_text()
         except FileNotFoundError:
             return
-        except (OSError, ValueError):  # unreadable or cut short: no server wrote it whole
-            pid = 0
-        if pid > 0 and _postmaster_of(pid, pgdata):
+        except OSError:  # unreadable: no server wrote it whole
+            text = ""
+        if _postmaster_running(text):
+            pid = text.split("\n", 1)[0]
             raise RuntimeError(f"PostgreSQL (pid {pid}) already runs on {self.data_dir}; stop it first")
         pid_file.unlink(missing_ok=True)
 

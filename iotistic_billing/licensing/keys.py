@@ -316,7 +316,7 @@ class SigningKeys:
         """Load the signing key; a given public key file must be its public half."""
         private_key = read_private_key(private_key_path)
         if public_key_path is not None:
-            check_pair(private_key, read_public_key(public_key_path), public_key_path)
+            _check_pair(private_key, read_public_key(public_key_path), public_key_path)
         return cls(
             private_key, extra_public_keys=tuple(read_public_key(path) for path in extra_public_key_paths)
         )
@@ -337,7 +337,7 @@ class SigningKeys:
             public = load_public_key(
                 _decode_secret_value(data, PUBLIC_KEY_FILE), f"Secret data {PUBLIC_KEY_FILE!r}"
             )
-            check_pair(private_key, public, f"Secret data {PUBLIC_KEY_FILE!r}")
+            _check_pair(private_key, public, f"Secret data {PUBLIC_KEY_FILE!r}")
         extra = tuple(
             load_public_key(_decode_secret_value(data, name), f"Secret data {name!r}")
             for name in sorted(data)
@@ -361,7 +361,7 @@ class SigningKeys:
         return data
 
 
-def check_pair(private_key: rsa.RSAPrivateKey, public_key: rsa.RSAPublicKey, source: str | Path) -> None:
+def _check_pair(private_key: rsa.RSAPrivateKey, public_key: rsa.RSAPublicKey, source: str | Path) -> None:
     """Refuse a public key (`source`: its file or data key) that is not `private_key`'s half."""
     if private_key.public_key().public_numbers() != public_key.public_numbers():
         raise LicenseKeyError(
@@ -376,7 +376,6 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "LicenseKeyError",
     "SigningKeys",
-    "check_pair",
     "generate_private_key",
     "jwk_thumbprint",
     "jwks_document",

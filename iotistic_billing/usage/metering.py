@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import stripe
 
 from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
+from iotistic_billing.settings import STRIPE_METER_WINDOW_SECONDS
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.rollups import BILLED_PLANS, close_periods, overage_quantities
 
@@ -50,7 +51,7 @@ MAX_DECIMALS: Final = 6
 # Any constant of ours: pg_try_advisory_lock keys are one bigint per purpose.
 METER_LOCK_KEY: Final = 0x10715_0006
 # Stripe refuses a meter event whose timestamp is more than 35 days old.
-STRIPE_METER_WINDOW: Final = timedelta(days=35)
+STRIPE_METER_WINDOW: Final = timedelta(seconds=STRIPE_METER_WINDOW_SECONDS)
 # Stripe finalizes a period's invoice at most this long after the period (its invoice finalization grace
 # period): usage sent later is taken but billed on no invoice.
 STRIPE_INVOICE_GRACE: Final = timedelta(hours=72)

@@ -17,11 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from iotistic_billing.licensing.keys import (
     LicenseKeyError,
-    check_pair,
+    SigningKeys,
     jwk_thumbprint,
     jwks_document,
     public_key_pem,
-    read_private_key,
     read_public_key,
 )
 from iotistic_billing.licensing.minting import SIGNATURE_ONLY
@@ -59,19 +58,16 @@ class LicenseKeyring:
         """
         try:
             extra = tuple(read_public_key(path) for path in settings.license_extra_public_key_paths)
-            public_path = settings.license_public_key_path
-            public = None if public_path is None else read_public_key(public_path)
-            if settings.license_private_key_path is None or (verifier and public is not None):
+            private_path, public_path = settings.license_private_key_path, settings.license_public_key_path
+            if private_path is None or (verifier and public_path is not None):
                 # With neither path set, retired keys alone name no current signing key: the key routes
                 # answer 503 naming the setting (serving a retired key as the current one's would fail
                 # every new licence), yet they verify.
-                return cls(public, extra)
-            private = read_private_key(settings.license_private_key_path)
-            if public is not None and public_path is not None:
-                check_pair(private, public, public_path)
+                return cls(None if public_path is None else read_public_key(public_path), extra)
+            signing = SigningKeys.from_pem_files(private_path, public_path)
         except LicenseKeyError as error:
             raise SettingsError(f"{settings.key_path_setting(error.path)}: {error}") from None
-        return cls(private.public_key(), extra)
+        return cls(signing.public_key, extra)
 
     @property
     def configured(self) -> bool:

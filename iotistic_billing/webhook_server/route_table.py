@@ -130,8 +130,9 @@ ROUTES: Final[tuple[Route, ...]] = (
         description=(
             "A Stripe Checkout session that subscribes the customer to the plan's price and the metered"
             " prices of its usage overage (STRIPE_METERED_PRICES); a Customer without a Stripe customer"
-            " gets one first, kept even when the session then fails (a retry uses it). 409 `Already"
-            " subscribed` while the customer has a live subscription (its plan changes with"
+            " gets one first, kept even when the session then fails (a retry uses it; a spec.email or"
+            " spec.companyName Stripe refuses is a 409 `Stripe refused the Customer's spec` naming it)."
+            " 409 `Already subscribed` while the customer has a live subscription (its plan changes with"
             " /api/subscriptions/upgrade), `Not billed through Stripe` for a Customer whose"
             " spec.billing.mode is not stripe (its plan is spec.plan). Stripe is asked too: a customer it"
             " shows subscribed (a paid session whose events are not applied yet) is also a 409 `Already"

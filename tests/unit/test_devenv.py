@@ -315,26 +315,26 @@ def test_free_port_never_gives_a_port_it_gave_before(monkeypatch: pytest.MonkeyP
     assert [processes.free_port(), processes.free_port()] == [23_456, 23_457]
 
 
-@pytest.mark.parametrize(
-    ("same_user", "taken"), [(False, False), (True, True)], ids=["other-user", "same-user"]
-)
-def test_a_pid_file_naming_another_users_postgres_whose_folder_is_unreadable_is_not_taken_for_ours(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_user: bool, taken: bool
+@pytest.mark.parametrize("listening", [False, True], ids=["its-port-free", "its-port-served"])
+def test_a_pid_file_naming_a_live_postgres_is_taken_for_a_running_server_only_when_its_port_is_served(
+    tmp_path: Path, listening: bool
 ) -> None:
-    """Found in review: without ptrace rights (a container's root has none) a postgres's working folder
-    cannot be read, and every such postgres was taken for the folder's own: a pid of a crashed server,
-    reused after a restart by another user's postgres, stopped every later start. A process of another
-    user than the folder's owner is not its postmaster; one of the same user still is, to be safe."""
-    pgdata = tmp_path / "data"
-    pgdata.mkdir()
+    """Found in review: a pid of a crashed server, reused after a restart by another folder's postgres
+    (another worktree's or user's, whose working folder cannot be read without ptrace rights), was taken
+    for this folder's and stopped every later start. The server it names runs only if its port is taken."""
     proc = tmp_path / "proc" / "4242"
     proc.mkdir(parents=True)
     (proc / "comm").write_text("postgres\n")
-    uid = pgdata.stat().st_uid if same_user else pgdata.stat().st_uid + 1
-    (proc / "status").write_text(f"Name:\tpostgres\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-
-    def unreadable(path: object) -> str:
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(embedded.os, "readlink", unreadable)
-    assert embedded._postmaster_of(4242, pgdata, procfs=tmp_path / "proc") is taken
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        if listening:
+            server.listen()
+        else:
+            server.close()  # the port free again, as after the server's crash
+        text = f"4242\n{tmp_path / 'data'}\n1733450000\n{port}\n/tmp\n127.0.0.1\n"
+        assert embedded._postmaster_running(text, procfs=tmp_path / "proc") is listening
+    # Not a postgres, or a file cut short: no server.
+    (proc / "comm").write_text("python3\n")
+    assert not embedded._postmaster_running(text, procfs=tmp_path / "proc")
+    assert not embedded._postmaster_running("4242\n", procfs=tmp_path / "proc")
