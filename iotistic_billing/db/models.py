@@ -295,7 +295,7 @@ class ConsoleAction(Base):
     role: Mapped[str] = mapped_column(String(10))
     action: Mapped[str] = mapped_column(String(40))
     customer_name: Mapped[str | None] = mapped_column(String(63), index=True)
-    target: Mapped[str | None] = mapped_column(String(255))
+    target: Mapped[str | None] = mapped_column(String(255), index=True)
     detail: Mapped[str] = mapped_column(Text)
 
 
