@@ -35,6 +35,13 @@ STRIPE_METER_WINDOW_SECONDS: Final = 35 * 24 * 3600
 _MAX_OBJECT_NAME: Final = 253
 
 
+def shard_peering(peering: str, shard: int) -> str:
+    """The Kopf peering of one shard's operators (the ClusterKopfPeering's name): replicas of a shard
+    pause each other, shards do not. Shard 0 keeps the unsharded name, so going from one operator to
+    shards keeps its peering; "" (standalone) stays standalone."""
+    return peering if shard == 0 or not peering else f"{peering}-shard-{shard}"
+
+
 # A setting whose empty value would only fail later (licences no instance accepts, a URL of nothing):
 # refused at the start.
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -347,8 +354,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _peering_is_an_object_name(self) -> Settings:
-        # The name of the ClusterKopfPeering ensure_peering creates, with -shard-<k> past shard 0
-        # (operator/sharding.py): one the API server refuses was a 422 and a traceback at start.
+        # The name of the ClusterKopfPeering ensure_peering creates, the longest the last shard's:
+        # one the API server refuses was a 422 and a traceback at start.
         name = self.operator_peering
         if not name:  # standalone
             return self
@@ -357,7 +364,7 @@ class Settings(BaseSettings):
                 "OPERATOR_PEERING: must be a lowercase DNS subdomain (letters, digits, '-' and '.'; the"
                 f" ClusterKopfPeering's name), got {name!r}"
             )
-        suffix = f"-shard-{self.operator_shards - 1}" if self.operator_shards > 1 else ""
+        suffix = shard_peering(name, self.operator_shards - 1)[len(name) :]
         if len(name) + len(suffix) > _MAX_OBJECT_NAME:
             why = (
                 f" with OPERATOR_SHARDS={self.operator_shards} (the last shard adds {suffix})"

@@ -46,18 +46,23 @@ SESSION_SETTINGS: Final = {
 }
 
 
+# An unreachable database is a fast 503, not asyncpg's 60 s default.
+CONNECT_TIMEOUT: Final = 5.0
+
+
+def connect_arguments(database_url: str) -> dict[str, Any]:
+    """How every asyncpg connection here is opened (the engine's, the pool's, LISTEN's, the CLI's):
+    the URL read once, a fast failure when PostgreSQL is away, the sessions' keepalives."""
+    return {"dsn": plain_url(database_url), "timeout": CONNECT_TIMEOUT, "server_settings": SESSION_SETTINGS}
+
+
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
-    dsn = plain_url(database_url)
+    arguments = connect_arguments(database_url)
 
     async def connect() -> Any:
         # asyncpg reads the URL as the pool and LISTEN do (sslmode and the rest); SQLAlchemy's dialect
         # would pass each query parameter as a keyword, and asyncpg's connect takes no `sslmode`.
-        return await asyncpg.connect(
-            dsn,
-            # An unreachable database is a fast 503, not asyncpg's 60 s default.
-            timeout=5,
-            server_settings=SESSION_SETTINGS,
-        )
+        return await asyncpg.connect(**arguments)
 
     return create_async_engine(
         async_url(database_url),

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from iotistic_billing.db.engine import SESSION_SETTINGS, plain_url
+from iotistic_billing.db.engine import connect_arguments
 from iotistic_billing.db.pool import CONNECTION_ERRORS, DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.workers import Outage
 
@@ -31,9 +31,7 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
     while True:
         listener: Any = None
         try:
-            listener = await asyncpg.connect(
-                plain_url(database_url), timeout=5, server_settings=SESSION_SETTINGS
-            )
+            listener = await asyncpg.connect(**connect_arguments(database_url))
             lost = asyncio.Event()
             listener.add_termination_listener(lambda *_, lost=lost: lost.set())
             await listener.add_listener(channel, lambda *_: wake())

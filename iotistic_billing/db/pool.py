@@ -18,7 +18,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from iotistic_billing.db.engine import SESSION_SETTINGS, plain_url
+from iotistic_billing.db.engine import connect_arguments
 
 Record = Mapping[str, Any]
 
@@ -113,18 +113,15 @@ async def open_pool(
     """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
     and answers 503 until it is back, as the rest of the API does. `init` runs on each new connection."""
     pool: Pool = await asyncpg.create_pool(
-        plain_url(database_url),
+        **connect_arguments(database_url),
         min_size=0,
         max_size=max_size,
         init=init,
         reset=keep_session,
-        # An unreachable database is a fast 503, not asyncpg's 60 s default.
-        timeout=5,
         # A statement that hangs (locks, an overloaded server) fails the request rather than holding it.
         command_timeout=10,
         # Idle connections are dropped, so a restarted PostgreSQL costs one failed request at most.
         max_inactive_connection_lifetime=60,
-        server_settings=SESSION_SETTINGS,
     )
     return pool
 
@@ -137,10 +134,7 @@ async def connect(database_url: str) -> Connection:
     """One connection of its own (the CLI's); DatabaseUnavailable when PostgreSQL cannot be reached."""
     try:
         conn: Connection = await asyncpg.connect(
-            plain_url(database_url),
-            timeout=5,
-            command_timeout=CLI_COMMAND_TIMEOUT,
-            server_settings=SESSION_SETTINGS,
+            **connect_arguments(database_url), command_timeout=CLI_COMMAND_TIMEOUT
         )
     except CONNECTION_ERRORS as error:
         # Its words too: the CLI prints them, and "rejected SSL upgrade" says what a class name does not.

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from iotistic_billing.customer import SHARD_LABEL
+from iotistic_billing.settings import shard_peering
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +44,8 @@ class Shard:
         return value not in self._others if self.index == 0 else value == str(self.index)
 
     def peering(self, name: str) -> str:
-        """Each shard's Kopf peering of its own: replicas of one shard pause each other, shards do not.
-        Shard 0 keeps the unsharded name, so going from one operator to shards keeps its peering."""
-        return name if self.index == 0 or not name else f"{name}-shard-{self.index}"
+        """This shard's Kopf peering (settings.shard_peering)."""
+        return shard_peering(name, self.index)
 
     @property
     def runs_rollouts(self) -> bool:
