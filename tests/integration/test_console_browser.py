@@ -43,6 +43,7 @@ from tests.integration.console_support import (
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     PRICES,
+    REVOKE_IN_FLIGHT,
     VIEWER_TOKEN,
     Customers,
     add_usage_key,
@@ -497,6 +498,45 @@ async def test_a_console_revoke_whose_patch_answer_was_lost_keeps_its_record(
     actions, revoked, notices = await records()
     assert revoked == [jti] and len(notices) == 1 and jti in notices[0], (revoked, notices)
     assert [jti in action and "may not" not in action for action in actions] == [False, True, True], actions
+
+
+async def test_a_console_revoke_whose_commit_is_lost_is_told_on_the_customer(
+    console: TestClient[Any, Any],
+    customers: Customers,
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: PostgreSQL lost at the commit of a console revoke, after the Customer was
+    suspended, answered a 503 saying so but posted no Event, so nothing but the annotation said who had
+    done it (the console's other actions post theirs then)."""
+    name = unique_name("revlost")
+    created = customers.create(name, customerId=customer_id_for(name))
+
+    def licence_jti() -> str | None:
+        jti: str | None = (((customers.get(name) or {}).get("status") or {}).get("license") or {}).get("jti")
+        return jti
+
+    jti = await eventually(licence_jti, message="licence")
+    kube = console.app[KUBE]
+    patch_customer = kube.patch_customer
+
+    async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        patched = await patch_customer(*args, **kwargs)
+        async with db_engine.connect() as connection:
+            assert (await connection.execute(REVOKE_IN_FLIGHT)).scalars().all() == [True]
+            await connection.commit()
+        return patched
+
+    monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
+    csrf = await sign_in(console, ADMIN_TOKEN)
+    lost = await post_form(console, f"/admin/customers/{name}/revoke", {"csrf": csrf, "reason": "fraud"})
+    problem = await lost.json()
+    assert (lost.status, problem["error"]) == (503, "Database unavailable"), problem
+    assert f"{name} was suspended" in problem["message"], problem
+    monkeypatch.undo()
+    events = await kube.list_customer_events(name, created["metadata"]["uid"])
+    told = [posted["message"] for posted in events if posted["reason"] == "ConsoleRevoke"]
+    assert len(told) == 1 and jti in told[0] and "PostgreSQL was lost" in told[0], told
 
 
 async def test_customer_events_are_those_of_its_uid(api: TestClient[Any, Any], customers: Customers) -> None:

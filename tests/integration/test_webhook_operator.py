@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import Customer as CustomerRow
@@ -23,6 +23,7 @@ from iotistic_billing.webhook_server.options import ServerOptions
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
+    REVOKE_IN_FLIGHT,
     Customers,
     admin_headers,
     api_fixture,
@@ -266,14 +267,6 @@ async def test_revoke_records_history_and_suspends_until_the_licence_is_unlicens
             )
         ).all()
     assert all(len(value) == 64 for value in hashes)
-
-
-# The backend of a transaction that wrote a history row and waits (on the API server) before its commit.
-REVOKE_IN_FLIGHT = text(
-    "SELECT pg_terminate_backend(locks.pid) FROM pg_locks locks JOIN pg_stat_activity activity USING (pid)"
-    " WHERE locks.relation = 'license_history'::regclass AND activity.state = 'idle in transaction'"
-    " AND locks.pid <> pg_backend_pid()"
-)
 
 
 async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_licence_it_revoked(

@@ -26,7 +26,7 @@ import stripe
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.api_keys import usage_key_hash
@@ -43,6 +43,14 @@ from iotistic_billing.webhook_server.options import ServerOptions
 from tests.conftest import unique_name, wait_until
 
 T = TypeVar("T")
+
+# Ends the backend of a revoke's transaction that wrote its history row and waits (on the API server)
+# before its commit: PostgreSQL lost at the commit, after the Customer was suspended.
+REVOKE_IN_FLIGHT = text(
+    "SELECT pg_terminate_backend(locks.pid) FROM pg_locks locks JOIN pg_stat_activity activity USING (pid)"
+    " WHERE locks.relation = 'license_history'::regclass AND activity.state = 'idle in transaction'"
+    " AND locks.pid <> pg_backend_pid()"
+)
 
 WEBHOOK_SECRET = "whsec_test_" + "a1b2c3d4" * 4
 ADMIN_TOKEN = "admin-token-" + "0123456789abcdef" * 2

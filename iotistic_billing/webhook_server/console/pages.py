@@ -523,6 +523,10 @@ async def _tell(request: web.Request, record: CustomerRecord, action: str, detai
     return True
 
 
+# An action's Event when PostgreSQL was lost at its commit: the Event is then its one record.
+UNRECORDED: Final = "; not in the console's records: PostgreSQL was lost"
+
+
 async def _recorded_write(
     request: web.Request,
     action: str,
@@ -562,9 +566,7 @@ async def _recorded_write(
             request[SESSION].role,
             type(error).__name__,
         )
-        told = record is not None and await _tell(
-            request, record, action, f"{row.detail}; not in the console's records: PostgreSQL was lost"
-        )
+        told = record is not None and await _tell(request, record, action, row.detail + UNRECORDED)
         happened = "was made" if unsure is None else "may have been made (the API server's answer was lost)"
         raise DependencyUnavailable(
             "Database",
@@ -599,18 +601,26 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     if change is None:
         reason = revoke_reason(await read_form(request))
         unsure: RevokeUnanswered | None = None
-        # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
-        async with revocation(request.app) as revoking:
-            try:
-                revoked = await revoking.revoke(record, reason, by="console")
-            except RevokeUnanswered as lost:
-                # As _recorded_write: the Customer may be suspended, so the audit row and the Event say
-                # who may have done it (the history row and notice wait for the retry, which records them).
-                revoked, unsure = lost.license, lost
-            detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
-            if unsure is not None:
-                detail += UNANSWERED
-            await _audit(request, revoking.session, action, detail, customer=record.name)
+        detail: str | None = None
+        try:
+            # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
+            async with revocation(request.app) as revoking:
+                try:
+                    revoked = await revoking.revoke(record, reason, by="console")
+                except RevokeUnanswered as lost:
+                    # As _recorded_write: the Customer may be suspended, so the audit row and the Event
+                    # say who may have done it (the history row and notice wait for the retry, which
+                    # records them).
+                    revoked, unsure = lost.license, lost
+                detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
+                if unsure is not None:
+                    detail += UNANSWERED
+                await _audit(request, revoking.session, action, detail, customer=record.name)
+        except DependencyUnavailable:
+            # PostgreSQL lost once the Customer was suspended (revocation's 503 says so): as _recorded_write.
+            if detail is not None:
+                await _tell(request, record, action, detail + UNRECORDED)
+            raise
         await _tell(request, record, action, detail)
         if unsure is not None:
             raise unsure
