@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
@@ -46,18 +47,20 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
+def migration_order() -> list[str]:
+    """This version's migrations, oldest first (they are one line: no branches)."""
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    return [script.revision for script in reversed(list(scripts.walk_revisions()))]
+
+
 def head_revision() -> str:
     """The newest migration of this version: the schema its code reads and writes."""
-    head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
-    assert head is not None, "the migrations have one head"
-    return head
+    return migration_order()[-1]
 
 
 def known_revisions() -> frozenset[str]:
     """Every migration of this version; a revision not among them is a newer version's."""
-    return frozenset(
-        script.revision for script in ScriptDirectory.from_config(alembic_config("")).walk_revisions()
-    )
+    return frozenset(migration_order())
 
 
 def current_revision(database_url: str) -> str | None:
@@ -81,9 +84,31 @@ def _reason(error: BaseException) -> str:
     return str(getattr(error, "orig", None) or error).strip().splitlines()[0]
 
 
-def main() -> int:
-    """Bring the database to the newest migration; exit 0 when it is already there, 1 when the migration
-    fails (rolled back: all of it runs in one transaction), 2 without DATABASE_URL."""
+def previous_revision(revision: str) -> str | None:
+    """The migration before `revision`; None for the first."""
+    order = migration_order()
+    index = order.index(revision)
+    return order[index - 1] if index else None
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m iotistic_billing.db.migrate",
+        description="Bring the database of DATABASE_URL to this version's newest migration (what the"
+        " chart's init container runs), or with --to to one of its migrations: a rollback to an older"
+        " version takes the database back to that version's newest first, run by this version.",
+    )
+    parser.add_argument(
+        "--to", metavar="REVISION", help="a migration of this version, older or newer than the database's"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bring the database to the newest migration, or to `--to`'s; exit 0 when it is already there, 1
+    when the migration fails (rolled back: all of it runs in one transaction), 2 without DATABASE_URL
+    or with a `--to` this version does not have."""
+    arguments = _arguments(argv)
     try:
         settings = load_settings()
         if settings.database_url is None:
@@ -92,41 +117,51 @@ def main() -> int:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 2
     url = settings.database_url
-    scripts = ScriptDirectory.from_config(alembic_config(url))
-    head = head_revision()
+    order = migration_order()
+    head = order[-1]
+    target = head if arguments.to is None else arguments.to
+    if target not in order:
+        print(
+            f"{PROGRAM}: --to: this version has no migration {target!r} (its migrations: {', '.join(order)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         before = current_revision(url)
     except Exception as error:
         print(f"{PROGRAM}: cannot read the database of DATABASE_URL: {_reason(error)}", file=sys.stderr)
         return 1
-    if before == head:
-        print(f"{PROGRAM}: the database is at {head}, the newest migration: nothing to do", flush=True)
+    newest = ", the newest migration" if target == head else ""
+    if before == target:
+        print(f"{PROGRAM}: the database is at {target}{newest}: nothing to do", flush=True)
         return 0
-    try:
-        if before is not None:
-            scripts.get_revision(before)
-    except CommandError:  # a revision of a newer version: upgrading from it would fail the same way
+    if before is not None and before not in order:
+        # A revision of a newer version: upgrading from it would fail the same way.
         print(
             f"{PROGRAM}: the database is at revision {before}, which this version does not know"
-            f" (its newest is {head}): a newer version migrated it; run that version",
+            f" (its newest is {head}): a newer version migrated it; run that version, or, to roll back"
+            f" to this one, that version's `python -m iotistic_billing.db.migrate --to {head}` first",
             file=sys.stderr,
         )
         return 1
-    print(f"{PROGRAM}: migrating the database from {before or 'empty'} to {head}", flush=True)
+    print(f"{PROGRAM}: migrating the database from {before or 'empty'} to {target}", flush=True)
     # Alembic's "Running upgrade a -> b" lines, so that a long migration shows where it is.
     logging.basicConfig(format="%(levelname)s [%(name)s] %(message)s", stream=sys.stderr)
     logging.getLogger("alembic.runtime.migration").setLevel(logging.INFO)
     try:
-        upgrade(url)
+        if before is None or order.index(before) < order.index(target):
+            upgrade(url, target)
+        else:
+            downgrade(url, target)
     except Exception as error:
         traceback.print_exc()
         print(
-            f"{PROGRAM}: the migration from {before or 'empty'} to {head} failed and was rolled back:"
+            f"{PROGRAM}: the migration from {before or 'empty'} to {target} failed and was rolled back:"
             f" {_reason(error)}",
             file=sys.stderr,
         )
         return 1
-    print(f"{PROGRAM}: the database is at {head} (was {before or 'empty'})", flush=True)
+    print(f"{PROGRAM}: the database is at {target}{newest} (was {before or 'empty'})", flush=True)
     return 0
 
 

@@ -256,6 +256,43 @@ def test_alembic_stairway_upgrade_downgrade_upgrade(postgres: EmbeddedPostgres) 
     assert _tables(url) >= TABLES
 
 
+def run_migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The chart's init container's command, on `url`."""
+    return subprocess.run(
+        [sys.executable, "-m", "iotistic_billing.db.migrate", *args],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_rollback_below_a_migration_takes_the_database_back_with_migrate_to(
+    postgres: EmbeddedPostgres,
+) -> None:
+    """Seen and left in earlier stops: an operator rolled back below a migration refused the schema ("a
+    newer version migrated it") and nothing but Alembic by hand took the database back to its revision."""
+    url = postgres.create_database(f"rollback_{uuid.uuid4().hex[:10]}")
+    assert run_migrate(url).returncode == 0
+    head = migrate.head_revision()
+    previous = migrate.previous_revision(head)
+    assert previous is not None
+
+    down = run_migrate(url, "--to", previous)
+    assert down.returncode == 0, down.stderr
+    assert f"from {head} to {previous}" in down.stdout
+    assert migrate.current_revision(url) == previous
+    again = run_migrate(url, "--to", previous)
+    assert (again.returncode, "nothing to do" in again.stdout) == (0, True), again
+    unknown = run_migrate(url, "--to", "9999")
+    assert unknown.returncode == 2 and "--to: this version has no migration '9999'" in unknown.stderr
+    assert migrate.current_revision(url) == previous
+    up = run_migrate(url)
+    assert up.returncode == 0, up.stderr
+    assert migrate.current_revision(url) == head
+
+
 async def test_the_migrations_make_the_models_tables_indexes_and_constraints(db_engine: AsyncEngine) -> None:
     """What autogenerate would write is nothing: every table, column, index and constraint of the
     models, as the migrations made them (the partitions of usage_reports are usage metering's)."""
