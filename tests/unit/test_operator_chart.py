@@ -227,6 +227,7 @@ def schema_property(schema: dict[str, Any], path: str) -> dict[str, Any]:
 # Chart values and the settings they set: the schema's bounds are the settings' (annotated_types' Ge, Le...).
 BOUNDED_VALUES = {
     "config.defaultTrialDays": "default_trial_days",
+    "config.dunningRestrictDays": "dunning_restrict_days",
     "config.license.lifetimeDays": "license_lifetime_days",
     "config.notices.trialNoticeDays": "trial_notice_days",
     "operator.shards": "operator_shards",
@@ -620,6 +621,19 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
         (WEBHOOK_SERVER, "NOTIFY_WEBHOOK_SECRET"): ("notices", "hook"),
     }
     assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_both_components_get_the_dunning_ladder_s_restricted_days(helm: Path, tmp_path: Path) -> None:
+    """Found in review: the operator's ladder and the inbox's "payment failed" notices both read
+    DUNNING_RESTRICT_DAYS, which the chart set in neither: one component's extraEnv told customers a
+    suspension date the operator did not keep."""
+    objects = render(helm, tmp_path, {"config": {"dunningRestrictDays": 30}})
+
+    assert {
+        deployment["metadata"]["name"]: env_of(deployment)["DUNNING_RESTRICT_DAYS"]["value"]
+        for deployment in objects
+        if deployment["kind"] == "Deployment"
+    } == {OPERATOR: "30", WEBHOOK_SERVER: "30"}
 
 
 def test_without_stripe_and_admin_secrets_those_variables_are_absent(helm: Path, tmp_path: Path) -> None:

@@ -132,6 +132,8 @@ securityContext:
   value: {{ $config.billingUrl | default (include "iotistic-billing.webhookServerUrl" .) | quote }}
 - name: DEFAULT_TRIAL_DAYS
   value: {{ $config.defaultTrialDays | quote }}
+- name: DUNNING_RESTRICT_DAYS
+  value: {{ $config.dunningRestrictDays | quote }}
 - name: LICENSE_ISSUER
   value: {{ $config.license.issuer | quote }}
 - name: LICENSE_AUDIENCE
