@@ -10,9 +10,9 @@ export GOFLAGS := -buildvcs=false
 
 help:
 	@echo "make dev    run the product locally (PostgreSQL, control plane, stripe-mock, operator, webhook server)"
-	@echo "make test   lint, unit and integration tests (installs what it needs, tools included)"
+	@echo "make test   lint, then the unit, integration and end-to-end tests (installs what it needs, tools and Chromium included)"
 	@echo "make tools  build the pinned kube-apiserver, etcd, stripe-mock, mailpit, registry; fetch helm and kubectl into bin/"
-	@echo "make lint   ruff and mypy --strict"
+	@echo "make lint   ruff, mypy --strict and lint-imports (the layers of docs/architecture.md)"
 	@echo "make e2e    the end-to-end suite on a simulated full cluster (controller-manager, scheduler, kwok)"
 	@echo "make e2e-kind  the same suite on a kind cluster (needs Docker and kind)"
 	@echo "make clean  remove .venv, bin, .cache and .dev"

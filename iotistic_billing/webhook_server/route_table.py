@@ -340,7 +340,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         "GET",
         "/readyz",
         probes.readyz,
-        "Readiness: PostgreSQL and the API server reachable",
+        "Readiness: PostgreSQL at this version's schema or a newer one's (the API server: reported only)",
         "operations",
         "public",
         {200: Readiness, 503: Readiness},

@@ -434,7 +434,9 @@ class UsageReportRequest(RootModel[ReportBody]):
 
 class UsageReportAck(Response):
     accepted: int = Field(description="Reports stored by this request.")
-    duplicate: int = Field(description="Reports already stored earlier (same customer, instance, report_id).")
+    duplicate: int = Field(
+        description="Reports already stored earlier (same customer, instance, report_id and period_start)."
+    )
 
 
 class UsageQuery(Query):
