@@ -121,6 +121,8 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 STRIPE_CUSTOMER_ID_PATTERN = r"^cus_[A-Za-z0-9]+$"
+# The end of an RFC 3339 time: Z or an offset below 24 hours (the CRD's date-time format takes to +99:59).
+UTC_OFFSET_PATTERN = r"([zZ]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
 # http(s), then no control character and no space of any kind, spelt out: `\s` is one set in Go's
 # regexp (the API server), another in ECMA-262 (the OpenAPI document's readers) and in Python; Go knows
 # no `\u` escape, so the spaces beyond Latin-1 are the characters themselves.
@@ -228,7 +230,8 @@ class TrialSpec(CustomerModel):
     """trial.endsAt, when set, takes precedence over trial.days (which the CRD always defaults)."""
 
     days: Annotated[int, Field(ge=0, le=MAX_TRIAL_DAYS)] = DEFAULT_TRIAL_DAYS
-    ends_at: AwareDatetime | None = None
+    # The parser refuses an offset of 24 hours or more; the CRD says so with this pattern.
+    ends_at: Annotated[AwareDatetime, Field(json_schema_extra={"pattern": UTC_OFFSET_PATTERN})] | None = None
 
     def ends_at_for(self, created_at: datetime) -> datetime:
         """End of the trial of a Customer created at `created_at`."""

@@ -307,6 +307,9 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
     [
         ({"plan": "platinum"}, "spec.plan"),
         ({"trial": {"days": 120}}, "spec.trial.days"),
+        # The date-time format takes offsets to +99:59; the model, none past 23 (found in review).
+        ({"trial": {"endsAt": "2026-06-01T00:00:00+24:00"}}, "spec.trial.endsAt"),
+        ({"trial": {"endsAt": "2026-06-01T00:00:00-99:59"}}, "spec.trial.endsAt"),
         ({"customerId": "CUSTOMER-1"}, "spec.customerId"),
         ({"email": "not-an-address"}, "spec.email"),
         # Go's \s is ASCII only: a pasted no-break space would pass a pattern written with \s alone.
