@@ -23,10 +23,23 @@ CHECK_EVERY = 30.0
 CHECK_TIMEOUT = 10.0
 
 
-async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> None:
+async def listen(
+    database_url: str,
+    channel: str,
+    wake: Callable[[], None],
+    *,
+    notified: Callable[[str], None] | None = None,
+) -> None:
     """Call `wake` on every NOTIFY on `channel`, and once on each (re)connection (rows written while no
-    one listened); runs until cancelled. While PostgreSQL is away it says so once, connects again after
-    1 s doubling to 30 s, and says when it listens again."""
+    one listened); runs until cancelled. `notified`, when given, gets each NOTIFY's payload first (what
+    it names: the Stripe inbox's replayed event). While PostgreSQL is away it says so once, connects
+    again after 1 s doubling to 30 s, and says when it listens again."""
+
+    def heard(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+        if notified is not None:
+            notified(payload)
+        wake()
+
     outage = Outage(log, f"not listening on {channel}, polling", f"listening on {channel} again")
     while True:
         listener: Any = None
@@ -34,7 +47,7 @@ async def listen(database_url: str, channel: str, wake: Callable[[], None]) -> N
             listener = await asyncpg.connect(**connect_arguments(database_url))
             lost = asyncio.Event()
             listener.add_termination_listener(lambda *_, lost=lost: lost.set())
-            await listener.add_listener(channel, lambda *_: wake())
+            await listener.add_listener(channel, heard)
             outage.succeeded()
             wake()
             await _until_lost(listener, lost)

@@ -56,6 +56,10 @@ Sessions = async_sessionmaker[AsyncSession]
 CONCURRENCY = 4
 # Whose events one call applies at most (the inbox passes its own).
 MAX_CUSTOMERS = 100
+# What a server-side apply of a Customer deleted meanwhile is answered: it tries to create it, refused
+# by the CRD's required fields (422), by RBAC (403), or by a create of the same name meanwhile (409);
+# 404 is a plain PATCH's answer.
+GONE_REFUSALS = frozenset({403, 404, 409, 422})
 
 
 @dataclass(frozen=True)
@@ -411,13 +415,25 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
             group.name, {"subscription": subscription.to_k8s()}, FieldManager.STRIPE
         )
     except ApiException as error:
-        if error.status != 404:
+        if error.status not in GONE_REFUSALS or not await _gone(kube, group.record):
             return error
         log.warning("Customer %s deleted meanwhile; its applied events are unmatched", group.name)
         return "gone"
     except Exception as error:  # the API server is away: these events stay pending
         return error
     return "applied"
+
+
+async def _gone(kube: Kube, record: CustomerRecord) -> bool:
+    """Whether the Customer read under the lock is no longer there: deleted, or deleted and made again
+    under its name (another uid), which the batch did not decide for. An error reading it keeps the
+    apply's own error (the events stay pending)."""
+    try:
+        body = await kube.read_customer(record.name)
+    except Exception:
+        return False
+    uid = record.customer.metadata.uid
+    return body is None or (uid is not None and (body.get("metadata") or {}).get("uid") != uid)
 
 
 def _same(new: SubscriptionSpec, held: SubscriptionSpec | None) -> bool:

@@ -123,6 +123,9 @@ class SubscriptionFacts:
     # A voided invoice's: no longer owed, yet not paid, so it settles only what an ended subscription
     # owed (as its payment would) and says nothing of a live one (`decide`).
     voided: bool = False
+    # An invoice's billing_reason is `subscription_create`: the subscription's first, which a trial's
+    # subscription pays at once ($0) and which ends no trial (`_invoice_facts_over`).
+    first_invoice: bool = False
 
     @property
     def settles_ended(self) -> bool:
@@ -329,6 +332,7 @@ def _facts_of_invoice(
         current_period_start=billed_start if paid else None,
         billed_until=billed_until,
         voided=voided,
+        first_invoice=invoice.get("billing_reason") == "subscription_create",
     )
 
 
@@ -393,6 +397,7 @@ def decide(
     *,
     stored_status: str | None = None,
     current_started: int | None = None,
+    stored_period_end: datetime | None = None,
 ) -> Decision:
     """Whether an event created at `created` may write `facts`, given the Customer's spec.subscription and
     the subscription's row (its `last_event_created` and status; either record may be missing or lost).
@@ -400,21 +405,23 @@ def decide(
     Ordering is per subscription: an older event never overwrites newer state of its subscription, and
     nothing but another ending overwrites an ended one (ENDED_STATUSES); an ending is final, so it
     applies over live state whatever its time (a deletion Stripe retried after the final invoice). Two
-    events of the same second apply in STATUS_ORDER, whichever comes first. A different subscription
-    replaces the Customer's only when its event is not older, never a live one with a dead one (the
-    final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
-    subscription with an older live one (`current_started`: when Stripe created the Customer's; the
-    newest live subscription wins, an older one's events are recorded, not applied). A voided invoice
-    applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`).
+    events of the same second apply in STATUS_ORDER, whichever comes first, but for a trial's own event
+    over the `active` its first invoice gave (`_trial_goes_on`; `stored_period_end`: the row's
+    currentPeriodEnd). A different subscription replaces the Customer's only when its event is not
+    older, never a live one with a dead one (the final `deleted` of a replaced subscription must not
+    cancel its successor), and never a newer live subscription with an older live one
+    (`current_started`: when Stripe created the Customer's; the newest live subscription wins, an older
+    one's events are recorded, not applied). A voided invoice applies only where it settles what an
+    ended subscription owed (`SubscriptionFacts.settles_ended`).
     """
     if facts.voided and not facts.settles_ended:
         # Voiding pays nothing: a live subscription's status and dunning are Stripe's own events' to say.
         return Decision("stale", None, record_row=False)
     same = current is not None and current.stripe_subscription_id == facts.subscription_id
-    newest = [(stored_last_created, stored_status)]
+    newest = [(stored_last_created, stored_status, stored_period_end)]
     if same and current is not None:
-        newest.append((current.last_event_created, current.status))
-    for last, status in newest:
+        newest.append((current.last_event_created, current.status, current.current_period_end))
+    for last, status, period_end in newest:
         if status in ENDED_STATUSES and facts.status not in ENDED_STATUSES:
             return Decision("stale", None, record_row=False)
         # Only invoices of its last period follow an ending, so live state newer than it is theirs: the
@@ -425,6 +432,7 @@ def decide(
             created == last
             and status is not None
             and STATUS_ORDER[facts.status] < STATUS_ORDER.get(status, 0)
+            and not _trial_goes_on(facts, status, period_end)
         ):
             return Decision("stale", None, record_row=False)
 
@@ -657,6 +665,7 @@ def coalesce(
             created,
             stored_status=row.status if row else None,
             current_started=held.stripe_created if held else None,
+            stored_period_end=row.current_period_end if row else None,
         )
         successor = None
         if same and decision.subscription is not None and decision.subscription.status not in LIVE_STATUSES:
@@ -684,9 +693,11 @@ def _own_event_under_invoices(
     invoice applied first must not make the upgrade stale. Its facts are ordered at the row's newest
     time instead: its plan, period and cancellation apply; the status stays the invoice's newer one
     (but for Stripe's own `unpaid`, which an invoice's failure does not undo, as in
-    `_invoice_facts_over`). Endings keep their own rule (`decide`); a row from before migration 0010,
-    or one an inbox from before it moved on since (its newest state is then neither time), does not
-    know its own events' time, nor does a Customer ahead of its row (a lost batch): as before."""
+    `_invoice_facts_over`, and for a trial over the `active` of its own first invoice, read before
+    the subscription's events said trialing: `_trial_goes_on`). Endings keep their own rule
+    (`decide`); a row from before migration 0010, or one an inbox from before it moved on since (its
+    newest state is then neither time), does not know its own events' time, nor does a Customer ahead
+    of its row (a lost batch): as before."""
     if (
         facts.from_invoice
         or row is None
@@ -700,7 +711,11 @@ def _own_event_under_invoices(
     last = row.last_event_created
     if created > last or (created == last and STATUS_ORDER[facts.status] >= STATUS_ORDER.get(row.status, 0)):
         return facts, created  # not older than the row: ordered as any event
-    status = "unpaid" if facts.status == "unpaid" and row.status != "active" else _status(row.status)
+    status: SubscriptionStatus | None
+    if _trial_goes_on(facts, row.status, row.current_period_end):
+        status = "trialing"  # the newer invoice was the trial's own first one: it ended nothing
+    else:
+        status = "unpaid" if facts.status == "unpaid" and row.status != "active" else _status(row.status)
     ends = [end for end in (facts.current_period_end, row.current_period_end) if end is not None]
     period_end = max(ends, default=None)
     # The event's start only beside its own end; beside the row's later one, `decide` keeps the held start.
@@ -711,6 +726,20 @@ def _own_event_under_invoices(
         current_period_start=period_start,
         current_period_end=period_end,
     ), last
+
+
+def _trial_goes_on(facts: SubscriptionFacts, status: str | None, period_end: datetime | None) -> bool:
+    """Whether a `trialing` event of a subscription holds over its `active` state ending at
+    `period_end`: that state came from an invoice paid for no later period than the trial's, the
+    trial's own first invoice ($0, paid at once) read while nothing said trialing yet. The invoice
+    that ends a trial bills the period after it, and its subscription's `updated` says so too."""
+    return (
+        facts.status == "trialing"
+        and status == "active"
+        and facts.current_period_end is not None
+        and period_end is not None
+        and period_end <= facts.current_period_end
+    )
 
 
 def _times_known(row: StoredSubscription) -> bool:
@@ -749,9 +778,11 @@ def _invoice_facts_over(
     paid after it names the old price. A declined retry leaves an unpaid (suspended) subscription
     unpaid: past_due would give its access back until the ladder's restriction. An invoice of a period
     before the one known is older news still: Stripe's status follows the latest invoice, so paying an
-    older one leaves the subscription overdue, and an older one's failed retry starts no dunning. An
-    ended subscription stays ended (`decide`); paid or voided, the invoice its ending left owed (the
-    latest, not an older period's) settles it: the ended status, no pastDueSince."""
+    older one leaves the subscription overdue, and an older one's failed retry starts no dunning. A
+    trial's first invoice (billing_reason `subscription_create`: $0, paid at once) leaves it trialing;
+    the renewal at its end makes it active. An ended subscription stays ended (`decide`); paid or
+    voided, the invoice its ending left owed (the latest, not an older period's) settles it: the ended
+    status, no pastDueSince."""
     if not facts.from_invoice or known is None:
         return facts
     held = _status(known.status)
@@ -778,6 +809,8 @@ def _invoice_facts_over(
     status: SubscriptionStatus = (
         "unpaid" if known.status == "unpaid" and facts.status != "active" else facts.status
     )
+    if held == "trialing" and facts.first_invoice and facts.status == "active":
+        status = "trialing"
     return replace(facts, status=status, plan=_plan(known.plan) or facts.plan)
 
 

@@ -133,6 +133,8 @@ class EventInbox:
         # Customers, whose newer events wait with them.
         self._events_backoff = RetryBackoff(clock)
         self._customers_backoff = RetryBackoff(clock)
+        # The Customer (name) of each failed event in the backoff: a replay of one retries them all.
+        self._failed_of: dict[str, str] = {}
         # From the batch lock to the commit, of the last batch that recorded anything.
         self.last_batch_seconds = 0.0
         self._claims = Outage(log, "stripe inbox: cannot claim events", "stripe inbox: claiming events again")
@@ -151,9 +153,26 @@ class EventInbox:
         if self.database_url:
             self._tasks.append(
                 asyncio.create_task(
-                    listen(self.database_url, INBOX_CHANNEL, self._wakeup.set), name="stripe-inbox-listen"
+                    listen(self.database_url, INBOX_CHANNEL, self._wakeup.set, notified=self.replayed),
+                    name="stripe-inbox-listen",
                 )
             )
+
+    def replayed(self, payload: str) -> None:
+        """A NOTIFY on the inbox channel naming an event (the console's replay, console/pages.py): it is
+        tried at once, with its Customer's other failed events (the older ones must come first), their
+        backoffs forgotten. A delivery's NOTIFY names none and forgets nothing: a failing Customer
+        would be retried on every delivery."""
+        if not payload:
+            return
+        self._events_backoff.forget(payload)
+        customer = self._failed_of.get(payload)
+        if customer is None:
+            return
+        self._customers_backoff.forget(customer)
+        for event_id in [event_id for event_id, of in self._failed_of.items() if of == customer]:
+            self._events_backoff.forget(event_id)
+            del self._failed_of[event_id]
 
     async def _notify(self) -> None:
         """One NOTIFY for the events stored since the last, at most every NOTIFY_SECONDS."""
@@ -193,6 +212,8 @@ class EventInbox:
         """Claim up to `batch` due pending events, oldest `created` first, apply them Customer by Customer
         in one transaction, and record each one's result; how many were recorded (0: none was due)."""
         waiting, held_back = self._events_backoff.waiting(), self._customers_backoff.waiting()
+        # Those the backoff forgot (recorded by another replica, or due long ago) are no one's failures now.
+        self._failed_of = {k: v for k, v in self._failed_of.items() if k in self._events_backoff}
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
@@ -243,6 +264,7 @@ class EventInbox:
         self.last_batch_seconds = time.monotonic() - started
         for event_id, outcome in outcomes.items():
             self._events_backoff.forget(event_id)
+            self._failed_of.pop(event_id, None)
             self.count(types[event_id], outcome.result)
             log.info(
                 "stripe event %s (%s): %s",
@@ -255,6 +277,8 @@ class EventInbox:
             self._customers_backoff.failed(customer)
         for event_id, failure in failures.items():
             self._events_backoff.failed(event_id)
+            if failure.customer is not None:
+                self._failed_of[event_id] = failure.customer
             self.count(types[event_id], "retry")
             log.warning(
                 "stripe event %s (%s) not applied yet, will retry: %s",
@@ -290,6 +314,9 @@ class RetryBackoff:
     def forget(self, key: str) -> None:
         self._due.pop(key, None)
         self._failures.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
 
     def waiting(self) -> set[str]:
         """The keys whose time has not come."""

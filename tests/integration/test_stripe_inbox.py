@@ -22,7 +22,8 @@ from typing import Any
 import asyncpg
 import kubernetes
 import pytest
-from sqlalchemy import func, select, text
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -211,10 +212,15 @@ async def notice_keys(engine: AsyncEngine, customer_ids: list[str]) -> Counter[s
 
 @asynccontextmanager
 async def inbox_in_process(
-    engine: AsyncEngine, kubeconfig: Path, database_url: str = "", clock: Callable[[], float] = time.monotonic
+    engine: AsyncEngine,
+    kubeconfig: Path,
+    database_url: str = "",
+    clock: Callable[[], float] = time.monotonic,
+    workers: int = 0,
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
-    `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes."""
+    `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes. With
+    `workers`, it runs its loop too, LISTENing when it has `database_url`, as the inbox process does."""
     client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     kube = Kube(KubeApi(client, FieldManager.SIGNUP), 8)
     applier = EventApplier(kube=kube, directory=Directory(kube), catalog=PriceCatalog(PRICES))  # type: ignore[arg-type]
@@ -222,7 +228,7 @@ async def inbox_in_process(
         sessions=session_factory(engine),
         applier=applier,
         count=lambda event_type, result: None,
-        workers=0,
+        workers=workers,
         database_url=database_url,
         clock=clock,
     )
@@ -474,6 +480,124 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     assert await notice_keys(inbox_engine, [refused.customer_id]) == {
         overdue_key("failed", refused, base + 1): 1
     }
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "made-again", "still-there"])
+async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_events_unmatched(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: str,
+) -> None:
+    """Found in review: a server-side apply of a missing Customer tries to create it, which the API
+    server refuses 422 (the CRD requires spec.email and companyName), never 404: the events were
+    recorded as a failed attempt ("Unprocessable Entity", listed as failing in the console) until a
+    later batch found them unmatched. Deleted (or deleted and made again under its name, a new uid)
+    after the batch read it, the Customer's events are unmatched at once, and nothing is written to a
+    Customer made again; one still there keeps the refusal (its events stay pending)."""
+    subscriber = Subscriber(customers, "gone")
+    body = subscriber.updated(int(time.time()))
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        kube = inbox.applier.kube
+        subscription = {
+            "status": "active",
+            "plan": "starter",
+            "stripeSubscriptionId": subscriber.subscription,
+        }
+        with pytest.raises(ApiException) as refused:  # what the apply of a missing Customer is answered
+            await kube.apply_customer_spec(unique_name("missing"), {"subscription": subscription})
+        assert refused.value.status == 422
+        apply = kube.apply_customer_spec
+
+        async def apply_after_a_deletion(name: str, spec: dict[str, Any], manager: Any = None) -> Any:
+            if meanwhile == "still-there":
+                raise ApiException(status=422, reason="Unprocessable Entity")
+            customers.delete(name)
+            try:
+                return await apply(name, spec, manager)
+            finally:
+                if meanwhile == "made-again":
+                    customers.create(name, customerId=subscriber.customer_id, billing={"mode": "stripe"})
+
+        monkeypatch.setattr(kube, "apply_customer_spec", apply_after_a_deletion)
+        await store(inbox_pool, inbox, [body])
+        assert await inbox.apply_pending() == 1
+    async with inbox_engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(
+                    models.StripeEvent.result, models.StripeEvent.attempts, models.StripeEvent.last_error
+                ).where(models.StripeEvent.event_id == body["id"])
+            )
+        ).one()
+    if meanwhile == "still-there":
+        assert (row.result, row.attempts, "Unprocessable Entity" in row.last_error) == (PENDING, 1, True)
+        return
+    assert (row.result, row.attempts, row.last_error) == ("unmatched", 0, None)
+    if meanwhile == "made-again":
+        assert customers.subscription(subscriber.name) is None
+    else:
+        assert customers.get(subscriber.name) is None
+
+
+async def attempts_of(engine: AsyncEngine, body: dict[str, Any]) -> tuple[str, int]:
+    """An event's result and its failed attempts."""
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(models.StripeEvent.result, models.StripeEvent.attempts).where(
+                    models.StripeEvent.event_id == body["id"]
+                )
+            )
+        ).one()
+    return row.result, row.attempts
+
+
+async def test_a_replayed_failing_event_is_tried_at_once_and_a_delivery_s_wake_leaves_its_backoff(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    inbox_database: str,
+    kubeconfig: Path,
+    customers: Customers,
+) -> None:
+    """Found in review: the console's replay (pending again, a NOTIFY naming the event) woke the inbox,
+    which left the event out of its claims for the rest of its backoff (up to a minute, the console
+    saying it was replayed). The NOTIFY of a replay forgets the event's backoff and its Customer's;
+    a delivery's (no event named) forgets none, or a failing Customer would be retried on each."""
+    subscriber = Subscriber(customers, "replayed")
+    older, body = subscriber.updated(int(time.time()) - 1), subscriber.invoice(int(time.time()), paid=False)
+    await refuse_records_of(inbox_engine, subscriber.customer_id)
+    frozen = time.monotonic()  # the backoff of the failed events never ends for this inbox
+    async with inbox_in_process(
+        inbox_engine, kubeconfig, inbox_database, clock=lambda: frozen, workers=1
+    ) as inbox:
+        await store(inbox_pool, inbox, [older, body])
+
+        async def failed() -> bool:
+            return [await attempts_of(inbox_engine, one) for one in (older, body)] == [(PENDING, 1)] * 2
+
+        await eventually(failed, within=10, message="the events' failed attempt")
+        await accept_records(inbox_engine)
+        inbox.wake()  # a delivery's: this loop, and a NOTIFY with no event named
+        await asyncio.sleep(3 * inbox.poll)
+        assert await failed()
+
+        # The console's replay of the newer event (console/pages.py `replay_event`): the Customer's
+        # older failed event is tried with it, as it must come first.
+        async with inbox_engine.begin() as connection:
+            await connection.execute(
+                update(models.StripeEvent)
+                .where(models.StripeEvent.event_id == body["id"])
+                .values(result=PENDING, attempts=0, last_error=None, applied_at=None)
+            )
+            await connection.execute(select(func.pg_notify(INBOX_CHANNEL, body["id"])))
+        found = await eventually(
+            lambda: all_recorded(inbox_engine, [older, body]), within=5, message="the replayed event applied"
+        )
+    assert found == {older["id"]: "applied", body["id"]: "applied"}
+    assert (customers.subscription(subscriber.name) or {})["status"] == "past_due"
 
 
 async def test_a_batch_lost_after_its_customer_was_written_notices_each_failure_s_recovery_once(

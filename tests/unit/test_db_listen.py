@@ -21,6 +21,7 @@ class Connection:
     def __init__(self, fail: BaseException | None, silent: bool = False) -> None:
         self.fail, self.closed, self.silent = fail, False, silent
         self.on_lost: Callable[..., None] | None = None
+        self.on_notify: Callable[..., None] | None = None
         self.checks = 0
 
     async def fetchval(self, query: str) -> int:
@@ -35,6 +36,7 @@ class Connection:
     async def add_listener(self, channel: str, callback: Callable[..., None]) -> None:
         if self.fail is not None:
             raise self.fail
+        self.on_notify = callback
 
     def is_closed(self) -> bool:
         return self.closed
@@ -160,3 +162,38 @@ async def test_a_connection_that_died_silently_is_found_by_its_check_and_replace
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_each_notify_s_payload_is_passed_on_before_the_wake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the console's replay NOTIFYs the Stripe event's id, which the listener dropped,
+    so the inbox kept the event in its backoff for up to a minute. The callers that only wake still do."""
+    with_payloads, plain = Connection(None), Connection(None)
+    connections = [with_payloads, plain]
+
+    async def connect(*args: Any, **kwargs: Any) -> Connection:
+        return connections.pop(0)
+
+    monkeypatch.setattr(listen_module.asyncpg, "connect", connect)
+    heard: list[str] = []
+    woken: list[str] = []
+    tasks = [
+        asyncio.create_task(
+            listen_module.listen(
+                "postgresql://x/y", "inbox", lambda: heard.append("wake"), notified=heard.append
+            )
+        ),
+        asyncio.create_task(listen_module.listen("postgresql://x/y", "inbox", lambda: woken.append("wake"))),
+    ]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert heard == woken == ["wake"]  # once on connecting: rows written while no one listened
+    for connection in (with_payloads, plain):
+        assert connection.on_notify is not None
+        connection.on_notify(connection, 4242, "inbox", "evt_replayed")
+        connection.on_notify(connection, 4242, "inbox", "")
+    assert heard == ["wake", "evt_replayed", "wake", "", "wake"]
+    assert woken == ["wake", "wake", "wake"]
+    for task in tasks:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -1,0 +1,37 @@
+"""A NOTIFY on the Stripe inbox's channel (stripe_inbox/inbox.py `EventInbox.replayed`): the console's
+replay names the event, whose backoff and its Customer's are forgotten; a delivery's names none."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from iotistic_billing.stripe_inbox.inbox import EventInbox
+
+
+def failing_inbox() -> EventInbox:
+    """An inbox whose events evt_a1, evt_a2 (Customer acme) and evt_b1 (Customer beta) failed."""
+    inbox = EventInbox(
+        sessions=cast(Any, None), applier=cast(Any, None), count=lambda *_: None, clock=lambda: 0.0
+    )
+    for event_id, customer in (("evt_a1", "acme"), ("evt_a2", "acme"), ("evt_b1", "beta")):
+        inbox._events_backoff.failed(event_id)
+        inbox._customers_backoff.failed(customer)
+        inbox._failed_of[event_id] = customer
+    return inbox
+
+
+def waiting(inbox: EventInbox) -> tuple[set[str], set[str]]:
+    return inbox._events_backoff.waiting(), inbox._customers_backoff.waiting()
+
+
+def test_a_replay_retries_its_customer_s_failed_events_at_once_and_no_one_else_s() -> None:
+    inbox = failing_inbox()
+    inbox.replayed("evt_a2")
+    assert waiting(inbox) == ({"evt_b1"}, {"beta"})
+
+
+def test_a_delivery_s_notify_or_an_unknown_event_forgets_no_backoff() -> None:
+    inbox = failing_inbox()
+    inbox.replayed("")  # the route's wake
+    inbox.replayed("evt_unmatched")  # a replayed event that had not failed here
+    assert waiting(inbox) == ({"evt_a1", "evt_a2", "evt_b1"}, {"acme", "beta"})
