@@ -411,8 +411,14 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
     ):
         return "unchanged"
     try:
-        await kube.apply_customer_spec(
-            group.name, {"subscription": subscription.to_k8s()}, FieldManager.STRIPE
+        # Onto the Customer the batch read: one made again under its name since did not have these events.
+        await _to_the_end(
+            kube.apply_customer_spec(
+                group.name,
+                {"subscription": subscription.to_k8s()},
+                FieldManager.STRIPE,
+                uid=group.record.customer.metadata.uid,
+            )
         )
     except ApiException as error:
         if error.status not in GONE_REFUSALS or not await _gone(kube, group.record):
@@ -422,6 +428,21 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
     except Exception as error:  # the API server is away: these events stay pending
         return error
     return "applied"
+
+
+async def _to_the_end(write: Awaitable[T]) -> T:
+    """A write that a cancellation (the inbox stopped mid-batch) lets finish before it goes on: its
+    thread would send it anyway, after the batch's rollback released the batch lock, so another
+    replica's batch could apply newer events before this stale write landed over them."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Bounded by the call's own timeout; its outcome is no one's now: the events stay pending.
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it as lost
+        raise
 
 
 async def _gone(kube: Kube, record: CustomerRecord) -> bool:

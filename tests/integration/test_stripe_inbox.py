@@ -38,7 +38,7 @@ from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.processes import free_port
 from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
-from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING, EventInbox, store_event
+from iotistic_billing.stripe_inbox.inbox import BATCH_LOCK, INBOX_CHANNEL, PENDING, EventInbox, store_event
 from tests.conftest import eventually, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
@@ -482,7 +482,7 @@ async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others
     }
 
 
-@pytest.mark.parametrize("meanwhile", ["deleted", "made-again", "still-there"])
+@pytest.mark.parametrize("meanwhile", ["deleted", "made-again", "made-again-first", "still-there"])
 async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_events_unmatched(
     inbox_pool: Pool,
     inbox_engine: AsyncEngine,
@@ -496,7 +496,8 @@ async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_even
     recorded as a failed attempt ("Unprocessable Entity", listed as failing in the console) until a
     later batch found them unmatched. Deleted (or deleted and made again under its name, a new uid)
     after the batch read it, the Customer's events are unmatched at once, and nothing is written to a
-    Customer made again; one still there keeps the refusal (its events stay pending)."""
+    Customer made again, also one made again before the apply (which wrote the deleted one's subscription
+    onto it: the apply names the uid read); one still there keeps the refusal (its events stay pending)."""
     subscriber = Subscriber(customers, "gone")
     body = subscriber.updated(int(time.time()))
     async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
@@ -511,12 +512,16 @@ async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_even
         assert refused.value.status == 422
         apply = kube.apply_customer_spec
 
-        async def apply_after_a_deletion(name: str, spec: dict[str, Any], manager: Any = None) -> Any:
+        async def apply_after_a_deletion(
+            name: str, spec: dict[str, Any], manager: Any = None, **uid: Any
+        ) -> Any:
             if meanwhile == "still-there":
                 raise ApiException(status=422, reason="Unprocessable Entity")
             customers.delete(name)
+            if meanwhile == "made-again-first":
+                customers.create(name, customerId=subscriber.customer_id, billing={"mode": "stripe"})
             try:
-                return await apply(name, spec, manager)
+                return await apply(name, spec, manager, **uid)
             finally:
                 if meanwhile == "made-again":
                     customers.create(name, customerId=subscriber.customer_id, billing={"mode": "stripe"})
@@ -536,7 +541,7 @@ async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_even
         assert (row.result, row.attempts, "Unprocessable Entity" in row.last_error) == (PENDING, 1, True)
         return
     assert (row.result, row.attempts, row.last_error) == ("unmatched", 0, None)
-    if meanwhile == "made-again":
+    if meanwhile.startswith("made-again"):
         assert customers.subscription(subscriber.name) is None
     else:
         assert customers.get(subscriber.name) is None
@@ -573,7 +578,9 @@ async def test_a_replayed_failing_event_is_tried_at_once_and_a_delivery_s_wake_l
     async with inbox_in_process(
         inbox_engine, kubeconfig, inbox_database, clock=lambda: frozen, workers=1
     ) as inbox:
-        await store(inbox_pool, inbox, [older, body])
+        # In one claim: stored one by one, a batch of the first alone held its Customer (and so the
+        # second) back for good on the frozen clock.
+        await store_at_once(inbox_engine, [older, body])
 
         async def failed() -> bool:
             return [await attempts_of(inbox_engine, one) for one in (older, body)] == [(PENDING, 1)] * 2
@@ -926,3 +933,40 @@ async def test_two_replicas_apply_each_event_once_also_when_one_is_killed_mid_ba
         subscription = customers.subscription(s.name) or {}
         assert (subscription["status"], subscription["lastEventCreated"]) == ("active", base + 22)
         assert "pastDueSince" not in subscription
+
+
+async def test_a_batch_stopped_during_its_customer_write_holds_its_lock_until_the_write_is_done(
+    inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: an inbox stopped mid-batch (every rollout stops one) rolled back and released the
+    batch lock at once while its thread's write of the Customer was still on its way: another replica's
+    batch could read the Customer before it, apply newer events (a cancellation), and have this stale
+    write land after them, the plan back for good. The write in flight ends before the lock goes."""
+    subscriber = Subscriber(customers, "stopped")
+    body = subscriber.updated(int(time.time()))
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        api = inbox.applier.kube.api
+        apply = api.apply_customer_spec
+        started, written = asyncio.Event(), []
+        loop = asyncio.get_running_loop()
+
+        def slow_apply(*args: Any, **kwargs: Any) -> Any:
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(1.0)  # the API server's answer on its way
+            try:
+                return apply(*args, **kwargs)
+            finally:
+                written.append(time.monotonic())
+
+        monkeypatch.setattr(api, "apply_customer_spec", slow_apply)
+        await store_at_once(inbox_engine, [body])
+        batch = asyncio.create_task(inbox.apply_pending())
+        await asyncio.wait_for(started.wait(), 10)
+        batch.cancel()
+        async with inbox_engine.connect() as connection:  # another replica's batch, waiting for the lock
+            await connection.execute(select(func.pg_advisory_lock(BATCH_LOCK)))
+            locked = time.monotonic()
+            await connection.execute(select(func.pg_advisory_unlock(BATCH_LOCK)))
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+    assert written and written[0] <= locked
