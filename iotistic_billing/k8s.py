@@ -373,7 +373,8 @@ class KubeApi:
     ) -> dict[str, Any]:
         """Server-side apply of the given part of a spec: the manager owns exactly the fields it sends
         (spec.subscription for the Stripe inbox), the rest belongs to people and GitOps. With `uid`, only
-        onto that Customer: another one made under its name since is a 409 (the uid a precondition)."""
+        onto that Customer: none is a 409, another one made under its name since a 422 (its uid is
+        immutable)."""
         body = customer_body(name, spec)
         if uid is not None:
             body["metadata"]["uid"] = uid

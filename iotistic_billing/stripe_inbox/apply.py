@@ -16,11 +16,12 @@ row keeps it for an operator to look at.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import Text, bindparam, func, select
@@ -56,9 +57,10 @@ Sessions = async_sessionmaker[AsyncSession]
 CONCURRENCY = 4
 # Whose events one call applies at most (the inbox passes its own).
 MAX_CUSTOMERS = 100
-# What a server-side apply of a Customer deleted meanwhile is answered: it tries to create it, refused
-# by the CRD's required fields (422), by RBAC (403), or by a create of the same name meanwhile (409);
-# 404 is a plain PATCH's answer.
+# What a server-side apply naming the uid read is answered when that Customer is gone: 409 (no object
+# of that uid), 422 (another Customer made under the name since: its uid is immutable; without a uid,
+# the create the apply tries, refused by the CRD's required fields), 403 (no right to create), 404 (a
+# plain PATCH's answer).
 GONE_REFUSALS = frozenset({403, 404, 409, 422})
 
 
@@ -421,8 +423,15 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
             )
         )
     except ApiException as error:
-        if error.status not in GONE_REFUSALS or not await _gone(kube, group.record):
+        if error.status not in GONE_REFUSALS:
             return error
+        now = await _now_there(kube, group.record)
+        if now == "the same":
+            return error
+        if now == "another":
+            # Perhaps the same billing customer (a `kubectl replace --force`, GitOps re-creating it):
+            # pending, the next batch finds whose they are afresh.
+            return CustomerReplaced(f"Customer {group.name} was made again under its name since it was read")
         log.warning("Customer %s deleted meanwhile; its applied events are unmatched", group.name)
         return "gone"
     except Exception as error:  # the API server is away: these events stay pending
@@ -438,23 +447,32 @@ async def _to_the_end(write: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        # Bounded by the call's own timeout; its outcome is no one's now: the events stay pending.
-        await asyncio.wait([task])
+        # Bounded by the call's own timeout, through the cancellations stop_tasks repeats meanwhile; its
+        # outcome is no one's now: the events stay pending.
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # retrieved, so that asyncio does not log it as lost
         raise
 
 
-async def _gone(kube: Kube, record: CustomerRecord) -> bool:
-    """Whether the Customer read under the lock is no longer there: deleted, or deleted and made again
-    under its name (another uid), which the batch did not decide for. An error reading it keeps the
-    apply's own error (the events stay pending)."""
+class CustomerReplaced(Exception):
+    """The Customer a batch read was deleted and another made under its name before the batch wrote it."""
+
+
+async def _now_there(kube: Kube, record: CustomerRecord) -> Literal["none", "another", "the same"]:
+    """Which Customer holds the name of the one the batch read: none (deleted), another (made again
+    under its name: another uid), or the same; an error reading it counts as the same (the apply's
+    own error stands, the events stay pending)."""
     try:
         body = await kube.read_customer(record.name)
     except Exception:
-        return False
+        return "the same"
+    if body is None:
+        return "none"
     uid = record.customer.metadata.uid
-    return body is None or (uid is not None and (body.get("metadata") or {}).get("uid") != uid)
+    return "another" if uid is not None and (body.get("metadata") or {}).get("uid") != uid else "the same"
 
 
 def _same(new: SubscriptionSpec, held: SubscriptionSpec | None) -> bool:

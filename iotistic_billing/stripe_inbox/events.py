@@ -123,9 +123,6 @@ class SubscriptionFacts:
     # A voided invoice's: no longer owed, yet not paid, so it settles only what an ended subscription
     # owed (as its payment would) and says nothing of a live one (`decide`).
     voided: bool = False
-    # An invoice's billing_reason is `subscription_create`: the subscription's first, which a trial's
-    # subscription pays at once ($0) and which ends no trial (`_invoice_facts_over`).
-    first_invoice: bool = False
 
     @property
     def settles_ended(self) -> bool:
@@ -332,7 +329,6 @@ def _facts_of_invoice(
         current_period_start=billed_start if paid else None,
         billed_until=billed_until,
         voided=voided,
-        first_invoice=invoice.get("billing_reason") == "subscription_create",
     )
 
 
@@ -730,16 +726,21 @@ def _own_event_under_invoices(
 
 def _trial_goes_on(facts: SubscriptionFacts, status: str | None, period_end: datetime | None) -> bool:
     """Whether a `trialing` event of a subscription holds over its `active` state ending at
-    `period_end`: that state came from an invoice paid for no later period than the trial's, the
-    trial's own first invoice ($0, paid at once) read while nothing said trialing yet. The invoice
-    that ends a trial bills the period after it, and its subscription's `updated` says so too."""
+    `period_end`: that state came from an invoice billing up to the trial's end (its first, $0, or a
+    plan change's inside it), read while nothing said trialing yet. The invoice that ends a trial, at
+    its end or early (`trial_end=now`), bills a new period, and its subscription's `updated` says so."""
     return (
         facts.status == "trialing"
         and status == "active"
         and facts.current_period_end is not None
-        and period_end is not None
-        and period_end <= facts.current_period_end
+        and period_end == facts.current_period_end
     )
+
+
+def _inside_trial(billed_until: datetime | None, known: StoredSubscription | SubscriptionSpec) -> bool:
+    """Whether a paid invoice of a trialing subscription bills up to the trial's end (its first, $0, or
+    a plan change's proration inside it): it ends no trial, as the one billing a new period does."""
+    return billed_until is not None and billed_until == known.current_period_end
 
 
 def _times_known(row: StoredSubscription) -> bool:
@@ -778,11 +779,11 @@ def _invoice_facts_over(
     paid after it names the old price. A declined retry leaves an unpaid (suspended) subscription
     unpaid: past_due would give its access back until the ladder's restriction. An invoice of a period
     before the one known is older news still: Stripe's status follows the latest invoice, so paying an
-    older one leaves the subscription overdue, and an older one's failed retry starts no dunning. A
-    trial's first invoice (billing_reason `subscription_create`: $0, paid at once) leaves it trialing;
-    the renewal at its end makes it active. An ended subscription stays ended (`decide`); paid or
-    voided, the invoice its ending left owed (the latest, not an older period's) settles it: the ended
-    status, no pastDueSince."""
+    older one leaves the subscription overdue, and an older one's failed retry starts no dunning. An
+    invoice paid up to a trial's end (its first, $0, paid at once; a plan change's inside it) leaves it
+    trialing; the one billing a new period (the renewal at its end, an early end) makes it active. An
+    ended subscription stays ended (`decide`); paid or voided, the invoice its ending left owed (the
+    latest, not an older period's) settles it: the ended status, no pastDueSince."""
     if not facts.from_invoice or known is None:
         return facts
     held = _status(known.status)
@@ -809,7 +810,7 @@ def _invoice_facts_over(
     status: SubscriptionStatus = (
         "unpaid" if known.status == "unpaid" and facts.status != "active" else facts.status
     )
-    if held == "trialing" and facts.first_invoice and facts.status == "active":
+    if held == "trialing" and facts.status == "active" and _inside_trial(facts.billed_until, known):
         status = "trialing"
     return replace(facts, status=status, plan=_plan(known.plan) or facts.plan)
 

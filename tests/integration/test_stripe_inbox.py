@@ -494,10 +494,11 @@ async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_even
     """Found in review: a server-side apply of a missing Customer tries to create it, which the API
     server refuses 422 (the CRD requires spec.email and companyName), never 404: the events were
     recorded as a failed attempt ("Unprocessable Entity", listed as failing in the console) until a
-    later batch found them unmatched. Deleted (or deleted and made again under its name, a new uid)
-    after the batch read it, the Customer's events are unmatched at once, and nothing is written to a
-    Customer made again, also one made again before the apply (which wrote the deleted one's subscription
-    onto it: the apply names the uid read); one still there keeps the refusal (its events stay pending)."""
+    later batch found them unmatched. Deleted after the batch read it, the Customer's events are
+    unmatched at once. Made again under its name (a new uid: `kubectl replace --force`, GitOps), before
+    or after the apply, nothing is written to it by this batch (the apply names the uid read: it wrote the
+    deleted one's subscription onto one made before it), and the events stay pending for the next batch,
+    which applies them to it (the same customer id). One still there keeps the refusal, pending."""
     subscriber = Subscriber(customers, "gone")
     body = subscriber.updated(int(time.time()))
     async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
@@ -540,11 +541,18 @@ async def test_a_customer_deleted_between_its_read_and_its_apply_leaves_its_even
     if meanwhile == "still-there":
         assert (row.result, row.attempts, "Unprocessable Entity" in row.last_error) == (PENDING, 1, True)
         return
-    assert (row.result, row.attempts, row.last_error) == ("unmatched", 0, None)
-    if meanwhile.startswith("made-again"):
-        assert customers.subscription(subscriber.name) is None
-    else:
+    if meanwhile == "deleted":
+        assert (row.result, row.attempts, row.last_error) == ("unmatched", 0, None)
         assert customers.get(subscriber.name) is None
+        return
+    assert (row.result, row.attempts, "was made again under its name" in row.last_error) == (PENDING, 1, True)
+    assert customers.subscription(subscriber.name) is None
+    async with inbox_in_process(inbox_engine, kubeconfig) as restarted:  # a new process retries at once
+        assert await restarted.apply_pending() == 1
+    assert await results(inbox_engine, [body]) == {body["id"]: "applied"}
+    assert (customers.subscription(subscriber.name) or {}).get(
+        "stripeSubscriptionId"
+    ) == subscriber.subscription
 
 
 async def attempts_of(engine: AsyncEngine, body: dict[str, Any]) -> tuple[str, int]:
@@ -963,6 +971,7 @@ async def test_a_batch_stopped_during_its_customer_write_holds_its_lock_until_th
         batch = asyncio.create_task(inbox.apply_pending())
         await asyncio.wait_for(started.wait(), 10)
         batch.cancel()
+        loop.call_later(0.3, batch.cancel)  # stop_tasks cancels again while the task runs on
         async with inbox_engine.connect() as connection:  # another replica's batch, waiting for the lock
             await connection.execute(select(func.pg_advisory_lock(BATCH_LOCK)))
             locked = time.monotonic()

@@ -5,6 +5,7 @@ invoice at the trial's end (billing_reason `subscription_cycle`) does."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -169,3 +170,51 @@ def test_a_first_invoice_paid_while_the_subscription_is_incomplete_makes_it_acti
     for events in ([(created, START), (first, START + 5)], [(first, START + 5), (created, START)]):
         state, _ = applied(events, one_at_a_time=False)
         assert state is not None and state.status == "active"
+
+
+LONG_TRIAL_END = START + 60 * DAY
+EARLY_END = START + 5 * DAY
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["coalesced", "one-batch-each"])
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_trial_ended_early_is_active_on_its_new_period(order: tuple[int, ...], one_at_a_time: bool) -> None:
+    """Found in review: a 60-day trial whose plan is changed and then ended (`trial_end=now`) in one
+    second sends the plan change's `updated` (trialing to day 60), the ending's `updated` (active, a new
+    period to day 35) and its invoice: with the trialing event last it stayed trialing to day 60 (the
+    usage months cut there, the licence's claim wrong) until the next renewal."""
+    created = own_event("customer.subscription.created", "trialing", (START, LONG_TRIAL_END))
+    first = paid_invoice("subscription_create", (START, LONG_TRIAL_END), 0)
+    trial, rows = applied([(created, START), (first, START)], one_at_a_time=False)
+    new_period = (EARLY_END, EARLY_END + MONTH)
+    events = [
+        own_event("customer.subscription.updated", "trialing", (START, LONG_TRIAL_END)),
+        own_event("customer.subscription.updated", "active", new_period),
+        paid_invoice("subscription_update", new_period, 4900),
+    ]
+    ordered = [(events[index], EARLY_END) for index in order]
+    state, rows = applied(ordered, one_at_a_time=one_at_a_time, current=trial, rows=rows)
+    assert state is not None
+    assert (state.status, state.current_period_end) == ("active", at(EARLY_END + MONTH))
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["coalesced", "one-batch-each"])
+@pytest.mark.parametrize("invoice_at", [0, 1])
+@pytest.mark.parametrize("invoice_first", [False, True])
+def test_a_plan_change_inside_the_trial_leaves_it_trialing(
+    invoice_first: bool, invoice_at: int, one_at_a_time: bool
+) -> None:
+    """Found in review: an upgrade on the trial's third day with `proration_behavior=always_invoice`
+    has Stripe pay a $0 invoice (billing_reason subscription_update) for the rest of the trial, which
+    read as the end of the trial: active for the rest of it."""
+    trial, rows = applied([(CREATED, START), (FIRST_INVOICE, START)], one_at_a_time=False)
+    changed_at = START + 3 * DAY
+    updated = own_event("customer.subscription.updated", "trialing", (START, TRIAL_END))
+    proration = paid_invoice("subscription_update", (changed_at, TRIAL_END), 0)
+    events = [(updated, changed_at), (proration, changed_at + invoice_at)]
+    state, rows = applied(
+        events[::-1] if invoice_first else events, one_at_a_time=one_at_a_time, current=trial, rows=rows
+    )
+    assert state is not None
+    assert (state.status, state.current_period_end) == ("trialing", at(TRIAL_END))
+    assert rows["sub_1"].status == "trialing"
