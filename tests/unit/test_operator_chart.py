@@ -636,6 +636,28 @@ def test_both_components_get_the_dunning_ladder_s_restricted_days(helm: Path, tm
     } == {OPERATOR: "30", WEBHOOK_SERVER: "30"}
 
 
+@pytest.mark.parametrize("component", ["operator", "webhookServer"])
+@pytest.mark.parametrize("variable", ["DUNNING_RESTRICT_DAYS", "LICENSE_ISSUER"])
+def test_extra_env_cannot_repeat_a_variable_the_chart_sets_for_both(
+    helm: Path, component: str, variable: str
+) -> None:
+    """Found in review: an extraEnv entry for a setting both components read (set by the chart's
+    config) won over the chart's value in that component alone, silently: the two then disagreed."""
+    result = run(
+        helm,
+        "template",
+        RELEASE,
+        CHART,
+        "--set",
+        f"{component}.extraEnv[0].name={variable}",
+        "--set-string",
+        f"{component}.extraEnv[0].value=30",
+    )
+
+    assert result.returncode != 0, "rendered the variable twice"
+    assert f"{component}.extraEnv: {variable} is set by the chart" in result.stderr, result.stderr
+
+
 def test_without_stripe_and_admin_secrets_those_variables_are_absent(helm: Path, tmp_path: Path) -> None:
     objects = render(helm, tmp_path, {"secrets": {"stripe": {"name": ""}, "admin": {"name": ""}}})
 
@@ -1312,6 +1334,16 @@ def test_notes_name_each_shard_s_operator_deployment_and_its_peering(helm: Path,
     for shard, name in enumerate([OPERATOR, f"{OPERATOR}-shard-1", f"{OPERATOR}-shard-2"]):
         peering = "iotistic-billing" + (f"-shard-{shard}" if shard else "")
         assert f'{name} (shard {shard}, one replica, Kopf peering "{peering}")' in notes, notes
+
+
+def test_notes_warn_of_an_ingress_without_trusted_proxies(helm: Path, tmp_path: Path) -> None:
+    """Found in review: with the defaults (an Ingress, no trusted proxy) every request comes from the
+    ingress controller's address, one rate-limit bucket: anyone sending 401s uses up every instance's."""
+    warning = "webhookServer.rateLimit.trustedProxies is empty"
+    assert warning in install_notes(helm, tmp_path, {})
+    trusted = {"webhookServer": {"rateLimit": {"trustedProxies": ["10.0.5.0/24"]}}}
+    assert warning not in install_notes(helm, tmp_path, trusted)
+    assert warning not in install_notes(helm, tmp_path, {"ingress": {"enabled": False}})
 
 
 def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -> None:

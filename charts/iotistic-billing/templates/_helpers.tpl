@@ -184,6 +184,25 @@ securityContext:
   value: "1"
 {{- end -}}
 
+{{/* A component's extraEnv (dict "root" "extraEnv" "component"), refused when it names a setting
+commonEnv gives both components a value of (from config): the later entry wins, so that component
+alone would read another value than the other (found in review: DUNNING_RESTRICT_DAYS told customers a
+date the operator did not keep). A credential from another Secret (valueFrom) stays possible. */}}
+{{- define "iotistic-billing.extraEnv" -}}
+{{- $common := dict -}}
+{{- range (include "iotistic-billing.commonEnv" .root | fromYamlArray) -}}
+{{- if hasKey . "value" -}}
+{{- $_ := set $common .name true -}}
+{{- end -}}
+{{- end -}}
+{{- range .extraEnv -}}
+{{- if hasKey $common .name -}}
+{{- fail (printf "%s.extraEnv: %s is set by the chart for both components; set it through the chart's value for it (values.yaml, config and secrets)" $.component .name) -}}
+{{- end -}}
+{{- end -}}
+{{- with .extraEnv }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
 {{/* LICENSE_EXTRA_PUBLIC_KEY_PATHS as the JSON list pydantic-settings reads. */}}
 {{- define "iotistic-billing.extraPublicKeyPaths" -}}
 {{- $paths := list -}}
