@@ -43,7 +43,6 @@ from tests.integration.console_support import (
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     PRICES,
-    REVOKE_IN_FLIGHT,
     VIEWER_TOKEN,
     Customers,
     add_usage_key,
@@ -54,6 +53,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     deliver,
     event,
     eventually,
+    lose_revoke_in_flight,
     random_id,
     running_app,
     stripe_customer,
@@ -522,9 +522,7 @@ async def test_a_console_revoke_whose_commit_is_lost_is_told_on_the_customer(
 
     async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
         patched = await patch_customer(*args, **kwargs)
-        async with db_engine.connect() as connection:
-            assert (await connection.execute(REVOKE_IN_FLIGHT)).scalars().all() == [True]
-            await connection.commit()
+        await lose_revoke_in_flight(db_engine)
         return patched
 
     monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)

@@ -23,7 +23,6 @@ from iotistic_billing.webhook_server.options import ServerOptions
 from tests.conftest import OperatorProcess, unique_name
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
-    REVOKE_IN_FLIGHT,
     Customers,
     admin_headers,
     api_fixture,
@@ -33,6 +32,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     deliver,
     event,
     eventually,
+    lose_revoke_in_flight,
     random_id,
     running_app,
     subscription_object,
@@ -291,9 +291,7 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
 
     async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
         patched = await patch_customer(*args, **kwargs)
-        async with db_engine.connect() as connection:
-            assert (await connection.execute(REVOKE_IN_FLIGHT)).scalars().all() == [True]
-            await connection.commit()
+        await lose_revoke_in_flight(db_engine)
         return patched
 
     monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
