@@ -738,9 +738,10 @@ def _trial_goes_on(facts: SubscriptionFacts, status: str | None, period_end: dat
 
 
 def _inside_trial(billed_until: datetime | None, known: StoredSubscription | SubscriptionSpec) -> bool:
-    """Whether a paid invoice of a trialing subscription bills up to the trial's end (its first, $0, or
-    a plan change's proration inside it): it ends no trial, as the one billing a new period does."""
-    return billed_until is not None and billed_until == known.current_period_end
+    """Whether a paid invoice of a trialing subscription ends no trial: it bills up to the trial's end
+    (its first, $0) or bills no plan period at all (a plan change's prorations, invoiced at once: no
+    plan line). The invoice that ends a trial bills a new period on its plan line."""
+    return billed_until is None or billed_until == known.current_period_end
 
 
 def _times_known(row: StoredSubscription) -> bool:

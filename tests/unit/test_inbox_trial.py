@@ -50,8 +50,11 @@ def own_event(event_type: str, status: str, period: tuple[int, int]) -> Subscrip
     return facts
 
 
-def paid_invoice(billing_reason: str, period: tuple[int, int], amount: int) -> SubscriptionFacts:
-    """The facts of sub_1's invoice.paid: its plan line bills `period`."""
+def paid_invoice(
+    billing_reason: str, period: tuple[int, int], amount: int, *, proration: bool = False
+) -> SubscriptionFacts:
+    """The facts of sub_1's invoice.paid: its plan line bills `period` (`proration`: its one line is a
+    plan change's proration, as on an upgrade invoiced at once)."""
     body = {
         "id": f"in_{billing_reason}",
         "object": "invoice",
@@ -65,6 +68,7 @@ def paid_invoice(billing_reason: str, period: tuple[int, int], amount: int) -> S
                 {
                     "price": {"id": "price_p"},
                     "amount": amount,
+                    "proration": proration,
                     "period": {"start": period[0], "end": period[1]},
                 }
             ]
@@ -205,12 +209,12 @@ def test_a_plan_change_inside_the_trial_leaves_it_trialing(
     invoice_first: bool, invoice_at: int, one_at_a_time: bool
 ) -> None:
     """Found in review: an upgrade on the trial's third day with `proration_behavior=always_invoice`
-    has Stripe pay a $0 invoice (billing_reason subscription_update) for the rest of the trial, which
-    read as the end of the trial: active for the rest of it."""
+    has Stripe pay a $0 invoice (billing_reason subscription_update) of proration lines for the rest of
+    the trial, which read as the end of the trial: active for the rest of it."""
     trial, rows = applied([(CREATED, START), (FIRST_INVOICE, START)], one_at_a_time=False)
     changed_at = START + 3 * DAY
     updated = own_event("customer.subscription.updated", "trialing", (START, TRIAL_END))
-    proration = paid_invoice("subscription_update", (changed_at, TRIAL_END), 0)
+    proration = paid_invoice("subscription_update", (changed_at, TRIAL_END), 0, proration=True)
     events = [(updated, changed_at), (proration, changed_at + invoice_at)]
     state, rows = applied(
         events[::-1] if invoice_first else events, one_at_a_time=one_at_a_time, current=trial, rows=rows

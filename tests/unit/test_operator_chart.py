@@ -1344,6 +1344,8 @@ def test_notes_warn_of_an_ingress_without_trusted_proxies(helm: Path, tmp_path: 
     trusted = {"webhookServer": {"rateLimit": {"trustedProxies": ["10.0.5.0/24"]}}}
     assert warning not in install_notes(helm, tmp_path, trusted)
     assert warning not in install_notes(helm, tmp_path, {"ingress": {"enabled": False}})
+    by_env = {"webhookServer": {"extraEnv": [{"name": "TRUSTED_PROXIES", "value": '["10.0.5.0/24"]'}]}}
+    assert warning not in install_notes(helm, tmp_path, by_env)
 
 
 def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -> None:
