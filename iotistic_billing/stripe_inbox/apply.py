@@ -57,9 +57,10 @@ Sessions = async_sessionmaker[AsyncSession]
 CONCURRENCY = 4
 # Whose events one call applies at most (the inbox passes its own).
 MAX_CUSTOMERS = 100
-# What a server-side apply of a Customer deleted meanwhile is answered: it tries to create it, refused
-# by the CRD's required fields (422) or RBAC (403), or meets a create of the same name (409); 404 is a
-# plain PATCH's answer.
+# What a server-side apply naming the uid read is answered when that Customer is gone: 409 (no object
+# of that uid), 422 (another Customer made under the name since: its uid is immutable; without a uid,
+# the create the apply tries, refused by the CRD's required fields), 403 (no right to create), 404 (a
+# plain PATCH's answer).
 GONE_REFUSALS = frozenset({403, 404, 409, 422})
 
 
@@ -412,10 +413,14 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
     ):
         return "unchanged"
     try:
-        # No uid precondition: measured, it cost the 400/s acceptance's p99 (bench/README.md), and a
-        # Customer made again under the name in the milliseconds since the read is that customer again.
+        # Onto the Customer the batch read: one made again under its name since did not have these events.
         await _to_the_end(
-            kube.apply_customer_spec(group.name, {"subscription": subscription.to_k8s()}, FieldManager.STRIPE)
+            kube.apply_customer_spec(
+                group.name,
+                {"subscription": subscription.to_k8s()},
+                FieldManager.STRIPE,
+                uid=group.record.customer.metadata.uid,
+            )
         )
     except ApiException as error:
         if error.status not in GONE_REFUSALS:
