@@ -53,7 +53,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     deliver,
     event,
     eventually,
-    lose_revoke_in_flight,
+    lose_the_database_after_the_patch,
     random_id,
     running_app,
     stripe_customer,
@@ -426,6 +426,12 @@ async def test_a_console_revoke_tells_the_customer_the_admins_reason(
     assert reason in page.partition("<h3>Console actions</h3>")[2]
 
 
+def licence_jti(customers: Customers, name: str) -> str | None:
+    """The jti of the licence the operator last reported on the Customer."""
+    jti: str | None = (((customers.get(name) or {}).get("status") or {}).get("license") or {}).get("jti")
+    return jti
+
+
 async def test_a_console_revoke_whose_patch_answer_was_lost_keeps_its_record(
     console: TestClient[Any, Any],
     customers: Customers,
@@ -439,11 +445,7 @@ async def test_a_console_revoke_whose_patch_answer_was_lost_keeps_its_record(
     customer_id = customer_id_for(name)
     created = customers.create(name, customerId=customer_id)
 
-    def licence_jti() -> str | None:
-        jti: str | None = (((customers.get(name) or {}).get("status") or {}).get("license") or {}).get("jti")
-        return jti
-
-    jti = await eventually(licence_jti, message="licence")
+    jti = await eventually(lambda: licence_jti(customers, name), message="licence")
     kube = console.app[KUBE]
     patch_customer = kube.patch_customer
 
@@ -491,7 +493,9 @@ async def test_a_console_revoke_whose_patch_answer_was_lost_keeps_its_record(
 
     # Retried once the operator has replaced the licence (unlicensed), and sent again: that licence,
     # recorded once.
-    await eventually(lambda: (found := licence_jti()) is not None and found != jti, message="unlicensed")
+    await eventually(
+        lambda: (found := licence_jti(customers, name)) is not None and found != jti, message="unlicensed"
+    )
     for _ in range(2):
         again = await post_form(console, revoke, {"csrf": csrf, "reason": "card reported stolen"})
         assert again.status == 303, await again.text()
@@ -512,20 +516,9 @@ async def test_a_console_revoke_whose_commit_is_lost_is_told_on_the_customer(
     name = unique_name("revlost")
     created = customers.create(name, customerId=customer_id_for(name))
 
-    def licence_jti() -> str | None:
-        jti: str | None = (((customers.get(name) or {}).get("status") or {}).get("license") or {}).get("jti")
-        return jti
-
-    jti = await eventually(licence_jti, message="licence")
+    jti = await eventually(lambda: licence_jti(customers, name), message="licence")
     kube = console.app[KUBE]
-    patch_customer = kube.patch_customer
-
-    async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        patched = await patch_customer(*args, **kwargs)
-        await lose_revoke_in_flight(db_engine)
-        return patched
-
-    monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
+    lose_the_database_after_the_patch(kube, db_engine, monkeypatch)
     csrf = await sign_in(console, ADMIN_TOKEN)
     lost = await post_form(console, f"/admin/customers/{name}/revoke", {"csrf": csrf, "reason": "fraud"})
     problem = await lost.json()

@@ -32,7 +32,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     deliver,
     event,
     eventually,
-    lose_revoke_in_flight,
+    lose_the_database_after_the_patch,
     random_id,
     running_app,
     subscription_object,
@@ -287,14 +287,7 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
     first = await eventually(lambda: license_claims(customers, name, public_key), message="licence")
 
     kube = live_api.app[KUBE]
-    patch_customer = kube.patch_customer
-
-    async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        patched = await patch_customer(*args, **kwargs)
-        await lose_revoke_in_flight(db_engine)
-        return patched
-
-    monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
+    lose_the_database_after_the_patch(kube, db_engine, monkeypatch)
     revoke = f"/api/licenses/{customer_id}/revoke"
     lost = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
     body = await lost.json()

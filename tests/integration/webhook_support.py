@@ -63,6 +63,21 @@ async def lose_revoke_in_flight(engine: AsyncEngine) -> None:
     assert ended and all(ended), ended
 
 
+def lose_the_database_after_the_patch(
+    kube: Any, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Customer patch of `kube` (a revoke's suspension) made, then PostgreSQL lost before the
+    revoke's commit (`lose_revoke_in_flight`)."""
+    patch_customer = kube.patch_customer
+
+    async def patch_then_lose_the_database(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        patched: dict[str, Any] = await patch_customer(*args, **kwargs)
+        await lose_revoke_in_flight(engine)
+        return patched
+
+    monkeypatch.setattr(kube, "patch_customer", patch_then_lose_the_database)
+
+
 WEBHOOK_SECRET = "whsec_test_" + "a1b2c3d4" * 4
 ADMIN_TOKEN = "admin-token-" + "0123456789abcdef" * 2
 VIEWER_TOKEN = "viewer-token-" + "fedcba9876543210" * 2
