@@ -64,13 +64,15 @@ from iotistic_billing.cli import main as cli
 from iotistic_billing.customer import GROUP, PLURAL, SHARD_LABEL, VERSION
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, find_binary
-from iotistic_billing.operator.helm import chart_version, helm_environment, upgrade_install_args
+from iotistic_billing.operator.helm import chart_version, helm_environment, helm_runner, upgrade_install_args
 from iotistic_billing.operator.values import values_hash
 from iotistic_billing.processes import ManagedProcess, free_port
 
 REPO = REPO_BIN.parent
 CHART = REPO / "charts" / "customer-instance"
 CONCURRENCY = int(os.environ.get("HELM_CONCURRENCY", "4"))
+# The baseline's helm carries the labels the operator's does.
+RUNNER = helm_runner("bench", 0, "", 0)
 
 
 def baseline_values(i: int) -> dict[str, Any]:
@@ -116,7 +118,9 @@ async def helm_installs(
                     helm,
                     "--kubeconfig",
                     str(kubeconfig),
-                    *upgrade_install_args("instance", f"baseline-{i}", chart, Path(values.name), digest),
+                    *upgrade_install_args(
+                        "instance", f"baseline-{i}", chart, Path(values.name), digest, RUNNER
+                    ),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE,
                     env=helm_environment(),

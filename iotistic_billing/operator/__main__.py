@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.deployments import InstanceDeployments
-from iotistic_billing.operator.helm import Helm
+from iotistic_billing.operator.helm import Helm, helm_runner
 from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.settings import OCI_PREFIX, Settings, SettingsError, load_settings
 
@@ -52,7 +53,18 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
     engine = create_engine(database_url)
     kube = Kube(KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR))
     watch_api = KubeApi(api_client("operator", kubeconfig=kubeconfig), FieldManager.OPERATOR)
-    helm = Helm(settings.helm_binary, kubeconfig, settings.helm_concurrency, timeout=settings.helm_timeout)
+    shard = Shard(settings.operator_shard, settings.operator_shards)
+    # The host is the Pod's name: the same after a container restart, which then recovers at once the
+    # releases its killed predecessor left pending (release.py).
+    peering = shard.peering(settings.operator_peering)
+    runner = helm_runner(socket.gethostname(), shard.index, peering, settings.operator_priority)
+    helm = Helm(
+        settings.helm_binary,
+        kubeconfig,
+        settings.helm_concurrency,
+        timeout=settings.helm_timeout,
+        runner=runner,
+    )
     # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
     chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))
     atexit.register(shutil.rmtree, chart_cache, ignore_errors=True)
@@ -70,7 +82,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         customer_view=CustomerView(watch_api),
         watch_api=watch_api,
         outbox=Outbox(settings.notify_webhook_url),
-        shard=Shard(settings.operator_shard, settings.operator_shards),
+        shard=shard,
     )
 
 

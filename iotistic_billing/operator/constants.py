@@ -15,6 +15,9 @@ LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "iotistic-billing-operator"
 # On helm's storage Secret of each revision: the values.values_hash it was installed with.
 LABEL_VALUES_HASH: Final = "iotistic.io/values-hash"
+# On it too: where the operator that ran its helm runs (helm.helm_runner), so that a pending revision left
+# by a process killed with its helm is known by the process restarted in its place (release.py).
+LABEL_HELM_RUNNER: Final = "iotistic.io/helm-runner"
 # On the licence Secret: the history action its licence was recorded under, so that a pass that
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"

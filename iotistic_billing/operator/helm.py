@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import re
 import signal
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,15 @@ def helm_environment() -> dict[str, str]:
     return {"GOGC": "400", **os.environ, "HELM_MAX_HISTORY": "5"}
 
 
+def helm_runner(host: str, shard: int, peering: str, priority: int) -> str:
+    """The label value naming where helm runs: the operator's host (its Pod's name), shard, peering and
+    priority, the same across restarts of the process there and apart for each replica and shard (two
+    operators on one host with all four alike are one too many: each takes the other's for its own)."""
+    return hashlib.sha256(f"{host}/{shard}/{peering}/{priority}".encode()).hexdigest()[:20]
+
+
 def upgrade_install_args(
-    name: str, namespace: str, chart: Path, values_file: Path, values_hash: str
+    name: str, namespace: str, chart: Path, values_file: Path, values_hash: str, runner: str = ""
 ) -> list[str]:
     """The operator's `helm upgrade --install` (the reconcile benchmark's baseline runs the same).
 
@@ -158,14 +166,17 @@ def upgrade_install_args(
         # The hash lets a pass whose status write was lost (a crash after helm) see that the newest
         # revision is already the one it wants (release.py).
         "--labels",
-        f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_VALUES_HASH}={values_hash}",
+        f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_VALUES_HASH}={values_hash}"
+        + (f",{c.LABEL_HELM_RUNNER}={runner}" if runner else ""),
         "--output",
         "json",
     ]
 
 
 class Helm:
-    def __init__(self, binary: str, kubeconfig: str | None, concurrency: int, *, timeout: float) -> None:
+    def __init__(
+        self, binary: str, kubeconfig: str | None, concurrency: int, *, timeout: float, runner: str = ""
+    ) -> None:
         self.binary = binary
         self.kubeconfig = kubeconfig
         self._slots = asyncio.Semaphore(concurrency)
@@ -173,6 +184,10 @@ class Helm:
         # HELM_TIMEOUT: a helm waiting on a registry or an API server that never answers held its slot
         # and its Customer's lock (which a deletion waits for) for as long as it hung.
         self.timeout = timeout
+        # helm_runner of this process, and when it started: a revision with this label that began before
+        # was begun by the process before it here, killed with its helm (begun_by_predecessor).
+        self.runner = runner
+        self.started = datetime.now(UTC)
         for command in _COMMANDS:  # at 0 from the start: a series born at 1 is no increase to Prometheus
             HELM_OPERATIONS.labels(command, TIMED_OUT)
 
@@ -239,7 +254,9 @@ class Helm:
             json.dump(values, values_file)
             values_file.flush()
             out = await self._run(
-                *upgrade_install_args(name, namespace, chart, Path(values_file.name), values_hash),
+                *upgrade_install_args(
+                    name, namespace, chart, Path(values_file.name), values_hash, self.runner
+                ),
                 doing=f"upgrade --install of release {name} in {namespace}",
             )
         return _release(json.loads(out))
@@ -291,6 +308,18 @@ class Helm:
                 return False
             raise
         return True
+
+    def begun_by_predecessor(self, release: HelmRelease, labels: dict[str, str]) -> bool:
+        """A pending revision (`labels` of its storage Secret) that the process before this one in the same
+        place began: its helm died with it, none still works on it. Only an upgrade's or an install's:
+        a rollback's revision has the labels of the revision it goes back to (`helm rollback` copies
+        them), which name who wrote that one, not who rolls back."""
+        return (
+            bool(self.runner)
+            and release.status in ("pending-upgrade", "pending-install")
+            and labels.get(c.LABEL_HELM_RUNNER) == self.runner
+            and (release.last_deployed is not None and release.last_deployed < self.started)
+        )
 
     async def rollback(self, name: str, namespace: str, revision: int | None = None) -> None:
         """To `revision`, by default the one before the newest."""

@@ -37,12 +37,16 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
     made, the instance's generated passwords among them, while its database volume keeps the old ones.
     A pending revision younger than HELM_TIMEOUT may be another process's helm still at work (the old
     and the new shard of a relabelled Customer, each in a pass), which a rollback would undo under it:
-    the pass fails and is retried, and by then that helm has finished or been killed."""
+    the pass fails and is retried, and by then that helm has finished or been killed. An upgrade or an
+    install that this process's predecessor in the same place began (a container restarted after a
+    crash) is recovered at once: its helm was killed with it."""
     release = await ctx.helm.status(c.RELEASE_NAME, namespace)
     if release is None or not release.status.startswith("pending-"):
         return Recovery()
     timeout = ctx.settings.helm_timeout
-    if release.last_deployed is not None:
+    revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
+    orphaned = ctx.helm.begun_by_predecessor(release, revisions.get(release.revision, {}))
+    if release.last_deployed is not None and not orphaned:
         age = (ctx.clock() - release.last_deployed).total_seconds()
         if age < timeout:
             return Recovery(

@@ -50,6 +50,7 @@ class Fleet:
         self, client: kubernetes.client.ApiClient, kubeconfig: Path, operator: OperatorProcess
     ) -> None:
         self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
         self.kubeconfig = kubeconfig
         self.operator = operator
         self.label = unique_name("fleet")
@@ -92,6 +93,12 @@ class Fleet:
             message=f"rollout {name} finished; operator log {self.operator.log}",
         )
         return body
+
+    def pending_upgrades(self) -> set[tuple[str, str]]:
+        """(namespace, revision) of each revision pending-upgrade: a helm upgrading now, or killed while it
+        did (helm's rollback leaves that revision's status as it was)."""
+        secrets = self.core.list_secret_for_all_namespaces(label_selector="owner=helm,status=pending-upgrade")
+        return {(s.metadata.namespace, s.metadata.labels["version"]) for s in secrets.items}
 
     def helm_history(self, name: str) -> list[dict[str, Any]]:
         out = subprocess.run(
@@ -335,12 +342,41 @@ def test_a_paused_rollout_starts_nothing_and_a_killed_operator_resumes_where_it_
         # Resumed with more at once: the spec may change mid-rollout.
         resume = {"spec": {"paused": False, "steps": [{"customers": group, "maxParallel": 3}]}}
         fleet.objects.patch_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, rollout, resume)
-        # Killed again while it progresses, some of the group moved and some not yet.
+        # Killed again while it progresses, some of the group moved and some not yet, in the middle of a
+        # helm upgrade: its revision is left pending-upgrade, which the operator restarted in its place
+        # recovers at once (the CI run that killed one by chance waited out HELM_TIMEOUT, 6 min).
         wait_until(lambda: len(moved_to(fleet, later)) > len(moved), timeout=60, message="moving again")
         progressing = moved_to(fleet, later)
-        fleet.operator.kill()
-        fleet.operator.start(**fleet.operator.overrides)
         assert len(progressing) < len(group), progressing
+        upgrading = {f"customer-{name}" for name in group}
+
+        def upgrades_begun() -> set[tuple[str, str]]:
+            return {p for p in fleet.pending_upgrades() - before if p[0] in upgrading}
+
+        before, stuck = fleet.pending_upgrades(), set[tuple[str, str]]()
+        for _ in range(3):  # helm may end its upgrade between the look and the kill (a few ms of ~0.5 s)
+            wait_until(upgrades_begun, timeout=60, interval=0.02, message="a helm upgrade")
+            fleet.operator.kill()
+            killed = upgrades_begun()
+            fleet.operator.start(**fleet.operator.overrides)
+            # Still pending once the kill has settled (helm's last write may have been on its way).
+            stuck = killed & fleet.pending_upgrades()
+            if stuck:
+                break
+        assert stuck, "no kill landed in a helm upgrade"
+        # Recovered at once, not after HELM_TIMEOUT: its killed upgrade rolled back (helm leaves that
+        # revision pending-upgrade), then run again.
+        wait_until(
+            lambda: all(
+                any(
+                    h["description"].startswith("Rollback to")
+                    for h in fleet.helm_history(ns[len("customer-") :])
+                )
+                for ns, _ in stuck
+            ),
+            timeout=60,
+            message="the killed upgrade recovered",
+        )
         done = fleet.finished(rollout)
     assert done["status"]["phase"] == "Succeeded", done["status"]
     assert sampler.most_upgrading <= 3

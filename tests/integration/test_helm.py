@@ -14,6 +14,7 @@ from typing import Any, cast
 import kubernetes
 import pytest
 
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.helm import Helm, HelmError, upgrade_install_args
 from iotistic_billing.operator.release import Recovery, _recover_stuck
@@ -173,7 +174,8 @@ async def test_a_first_install_killed_mid_way_is_rolled_back_onto_itself_keeping
     assert stuck is not None and (stuck.revision, stuck.status) == (1, "pending-install")
     settings = SimpleNamespace(helm_timeout=1.0)
     later = datetime.now(UTC) + timedelta(minutes=5)  # the pending revision is older than HELM_TIMEOUT
-    ctx = cast(OperatorContext, SimpleNamespace(helm=helm, settings=settings, clock=lambda: later))
+    kube = Kube(KubeApi(k8s_client, FieldManager.OPERATOR))
+    ctx = cast(OperatorContext, SimpleNamespace(helm=helm, kube=kube, settings=settings, clock=lambda: later))
 
     assert await _recover_stuck(ctx, namespace) == Recovery(recovered="pending-install")
 

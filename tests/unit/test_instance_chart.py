@@ -330,12 +330,12 @@ async def test_a_failed_upgrade_is_not_left_behind_a_deployed_revision(tmp_path:
 
 
 class InProgress(Upgrading):
-    """helm that finds the release's newest revision `status` since `started` (another operation in
+    """helm that finds the release's newest revision `status` since `began` (another operation in
     progress) until it is rolled back or uninstalled; `helm status` answers as helm v4 does."""
 
-    def __init__(self, revision: int, status: str, started: datetime) -> None:
+    def __init__(self, revision: int, status: str, began: datetime) -> None:
         super().__init__()
-        self.revision, self.pending, self.started = revision, status, started
+        self.revision, self.pending, self.began = revision, status, began
         self.recoveries: list[str] = []
 
     async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
@@ -345,7 +345,7 @@ class InProgress(Upgrading):
         return await super().upgrade_install(name, namespace, *args, **kwargs)
 
     async def status(self, name: str, namespace: str) -> HelmRelease | None:
-        when = self.started.isoformat().replace("+00:00", "Z")
+        when = self.began.isoformat().replace("+00:00", "Z")
         info = {"first_deployed": when, "last_deployed": when, "status": self.pending}
         return _release({"name": name, "namespace": namespace, "version": self.revision, "info": info})
 
@@ -390,9 +390,53 @@ async def test_a_pending_revision_is_recovered_only_once_its_helm_would_have_bee
     assert f"revision {revision} has been {pending} for 30 s" in outcome.message, outcome.message
     assert (helm.recoveries, helm.upgrades) == ([], 0)
 
-    helm.started = NOW - timedelta(seconds=step.ctx.settings.helm_timeout + 1)
+    helm.began = NOW - timedelta(seconds=step.ctx.settings.helm_timeout + 1)
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
     assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1)
+
+
+@pytest.mark.parametrize(
+    ("pending", "runner", "began", "recovered"),
+    [
+        # The process before this one here, killed with its helm.
+        ("pending-upgrade", "here", NOW - timedelta(seconds=30), True),
+        ("pending-install", "here", NOW - timedelta(seconds=30), True),
+        # Another replica's or shard's: maybe still at work.
+        ("pending-upgrade", "elsewhere", NOW - timedelta(seconds=30), False),
+        # Begun since this process started: not a predecessor's.
+        ("pending-upgrade", "here", NOW + timedelta(seconds=30), False),
+        # A revision from before the label.
+        ("pending-upgrade", None, NOW - timedelta(seconds=30), False),
+        # A rollback's revision has the labels of the one it goes back to: they say nothing of who rolls back.
+        ("pending-rollback", "here", NOW - timedelta(seconds=30), False),
+    ],
+)
+async def test_a_pending_revision_its_predecessor_here_began_is_recovered_at_once(
+    tmp_path: Path, pending: str, runner: str | None, began: datetime, recovered: bool
+) -> None:
+    """Found in CI (the fleet rollout's operator killed mid-upgrade): the operator restarted in its place
+    left the revision its predecessor's helm had begun pending for HELM_TIMEOUT (6 min by default), the
+    Customer's upgrade stalled as long, though that helm had died with the process. The revision's
+    helm-runner label names where it was begun: an upgrade or install begun in this process's place
+    before it started is recovered at once; any other stays left until HELM_TIMEOUT."""
+    installing = pending == "pending-install"
+    revision = 1 if installing else 4
+    helm = InProgress(revision, pending, began)
+    helm.runner, helm.started = "here", NOW
+    step = release_step(helm, tmp_path)
+    if installing:
+        step.revisions.clear()
+    step.revisions[revision] = {"status": pending, c.LABEL_VALUES_HASH: "newer"}
+    if runner is not None:
+        step.revisions[revision][c.LABEL_HELM_RUNNER] = runner
+    running = None if installing else step.release()
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
+    if recovered:
+        recovery = "rollback to 1" if installing else "rollback"
+        assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1), outcome
+    else:
+        assert (outcome.result, outcome.reason) == ("failed", c.UPGRADE_FAILED), outcome
+        assert f"has been {pending}" in outcome.message and helm.recoveries == [], outcome.message
 
 
 class FinishedMeanwhile(Upgrading):

@@ -21,7 +21,7 @@ from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError, helm_error_text
+from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError, helm_error_text, helm_runner
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.settings import load_settings
@@ -262,3 +262,12 @@ async def test_helm_s_log_line_does_not_reach_the_error(tmp_path: Path) -> None:
         )
     assert refused.value.message.startswith("Error: UPGRADE FAILED: ") and "\n" not in refused.value.message
     assert "level=" not in refused.value.message and refused.value.permanent
+
+
+def test_the_helm_runner_is_one_per_place_and_apart_for_each_shard_and_peer_on_a_host() -> None:
+    """Found in review: the runner named the host and the shard's peering only, which is "" for every
+    standalone shard: two shards on one host took each other's pending revisions for their own."""
+    places = [(0, "", 0), (1, "", 0), (0, "billing", 0), (1, "billing", 0), (0, "billing", 10)]
+    runners = [helm_runner("operator-0", *place) for place in places]
+    assert len(set(runners)) == len(places)
+    assert helm_runner("operator-0", 1, "", 0) == runners[1] != helm_runner("operator-1", 1, "", 0)
