@@ -28,6 +28,9 @@ Address = IPv4Address | IPv6Address
 
 # NAT64's well-known prefix: its gateway connects to the IPv4 address in the last 32 bits.
 _NAT64: Final = ip_network("64:ff9b::/96")
+# Not globally reachable (IANA's special-purpose registries), yet is_global to Python 3.11: the IPv4
+# dummy address, IPv6's deprecated site-local range (routed inside a site) and its documentation range.
+_NOT_GLOBAL: Final = (ip_network("192.0.0.8/32"), ip_network("fec0::/10"), ip_network("3fff::/20"))
 
 
 class AddressRefused(Exception):
@@ -62,6 +65,8 @@ def may_post_to(address: Address, allowed: Iterable[Network]) -> bool:
     if any(address in network or (carried is not None and carried in network) for network in allowed):
         return True
     reached = carried or address
+    if any(reached in network for network in _NOT_GLOBAL):
+        return False
     return reached.is_global and not (reached.is_multicast or reached.is_reserved)
 
 

@@ -51,6 +51,12 @@ LOOPBACK = [ip_network("127.0.0.0/8")]
         ("::", [], False),
         ("fe80::1", [], False),
         ("fd00::1", [], False),
+        # Found in review: not globally reachable, but is_global to Python 3.11.
+        ("fec0::1", [], False),  # site-local (deprecated, still routed inside some sites)
+        ("3fff::1", [], False),  # documentation
+        ("192.0.0.8", [], False),  # the IPv4 dummy address
+        ("::ffff:192.0.0.8", [], False),
+        ("fec0::1", [ip_network("fec0::/10")], True),  # allowed on purpose
         ("ff02::1", [], False),
         ("::ffff:169.254.169.254", [], False),  # IPv4-mapped
         ("64:ff9b::a9fe:a9fe", [], False),  # NAT64 to 169.254.169.254
