@@ -304,6 +304,22 @@ async def eventually(
     raise AssertionError(f"timed out after {within}s: {message} (last: {last!r})")
 
 
+async def waiting_on_a_row_lock(engine: AsyncEngine, table: str) -> bool:
+    """Whether a session waits for a row of `table` another holds (what a test's held row stops)."""
+    from sqlalchemy import text
+
+    async with engine.connect() as connection:
+        waiting = await connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype IN ('transactionid', 'tuple') "
+                "AND a.datname = current_database() AND a.query ILIKE :table"
+            ),
+            {"table": f"%{table}%"},
+        )
+    return bool(waiting)
+
+
 class Retries:
     """The retries of failed passes an operator schedules (`PassRetries(later=...)`), fired by the test:
     a backoff is time the test moves past, not time it sleeps through."""

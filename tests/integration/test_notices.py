@@ -53,7 +53,7 @@ from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.context import DIRECTORY
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.workers import Precedence
-from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
+from tests.conftest import OperatorProcess, eventually, unique_name, wait_until, waiting_on_a_row_lock
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     admin_headers,
     running_app,
@@ -899,7 +899,9 @@ async def test_resend_leaves_sent_deliveries_alone(
 
 
 async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
-    sessions: async_sessionmaker[AsyncSession], k8s_client: kubernetes.client.ApiClient
+    sessions: async_sessionmaker[AsyncSession],
+    db_engine: AsyncEngine,
+    k8s_client: kubernetes.client.ApiClient,
 ) -> None:
     """Found in review: a resend asked for the one delivery not sent, waited on its lock while a sender
     sent it, then found every delivery sent and sent all of them again (the rule for a notice a customer
@@ -932,7 +934,9 @@ async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
             return sorted(delivery.status for delivery in logged.deliveries)
 
         resending = asyncio.create_task(resend_now())
-        await asyncio.sleep(0.5)  # the resend waits on the webhook's lock
+        await eventually(
+            lambda: waiting_on_a_row_lock(db_engine, "notice_deliveries"), message="the resend at the lock"
+        )
         assert not resending.done()
         webhook.status = "sent"  # the sender's send went through
     assert await asyncio.wait_for(resending, 10) == ["sent", "sent", "sent"]

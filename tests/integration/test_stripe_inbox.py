@@ -39,7 +39,7 @@ from iotistic_billing.processes import free_port
 from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import BATCH_LOCK, INBOX_CHANNEL, PENDING, EventInbox, store_event
-from tests.conftest import eventually, unique_name
+from tests.conftest import eventually, unique_name, waiting_on_a_row_lock
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
@@ -819,19 +819,6 @@ def replicas() -> Iterator[list[ServerProcess]]:
         process.stop()
 
 
-async def waiting_on_a_row_lock(engine: AsyncEngine) -> bool:
-    """Whether a session waits for a row of `customers` (the test holds one)."""
-    async with engine.connect() as connection:
-        waiting = await connection.scalar(
-            text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE NOT l.granted AND l.locktype IN ('transactionid', 'tuple') "
-                "AND a.datname = current_database() AND a.query ILIKE '%customers%'"
-            )
-        )
-    return bool(waiting)
-
-
 async def test_two_replicas_apply_each_event_once_also_when_one_is_killed_mid_batch(
     inbox_pool: Pool,
     inbox_engine: AsyncEngine,
@@ -875,7 +862,9 @@ async def test_two_replicas_apply_each_event_once_also_when_one_is_killed_mid_ba
         )
         await store_at_once(inbox_engine, batch)
         await eventually(
-            lambda: waiting_on_a_row_lock(inbox_engine), within=60, message="A stopped at the held row"
+            lambda: waiting_on_a_row_lock(inbox_engine, "customers"),
+            within=60,
+            message="A stopped at the held row",
         )
         # A has claimed the batch and written every Customer, and committed nothing.
         assert set((await results(inbox_engine, batch)).values()) == {PENDING}
