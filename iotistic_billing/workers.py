@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 # Seconds a spell of busy work keeps precedence over the work that waits for it (Precedence).
 PRECEDENCE_SECONDS = 30.0
@@ -22,6 +23,8 @@ CANCEL_AGAIN_SECONDS = 1.0
 # Seconds a loop waits after its first failure in a row, doubling while it keeps failing, up to the most.
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
+
+T = TypeVar("T")
 
 
 def backoff(failures: int, first: float, most: float) -> float:
@@ -113,6 +116,22 @@ class Precedence:
             await nap(self._idle, left)
 
 
+async def to_the_end(work: Awaitable[T]) -> T:
+    """`work`, which a cancellation lets finish before it goes on (through every cancellation repeated
+    meanwhile, as stop_tasks repeats them): for work whose end matters more than the caller's, bounded by
+    its own timeout. Cancelled, its outcome is no one's: it is dropped and the cancellation raised."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it as lost
+        raise
+
+
 async def stop_tasks(tasks: Sequence[asyncio.Task[None]]) -> None:
     """Cancel the tasks and wait until every one has ended, cancelling again any that goes on."""
     pending = [task for task in tasks if not task.done()]
@@ -138,4 +157,5 @@ __all__ = [
     "backoff",
     "nap",
     "stop_tasks",
+    "to_the_end",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.operator.watches import LoopFollower
 from iotistic_billing.settings import Settings
+from iotistic_billing.workers import stop_tasks
 
 
 def utc_now() -> datetime:
@@ -91,6 +92,28 @@ class PassRetries:
         pending = self._pending.pop(name, None)
         if pending is not None:
             pending.cancel()
+
+
+class BackgroundPasses:
+    """The passes no Kopf handler runs, while they run. Kopf's stop waits for its handlers only, then
+    cancels whatever is left at once, the wait of a helm too (which then kills it, leaving its release
+    pending): the operator's stop cancels these first and waits until each has ended (helm.py lets a
+    running helm end first)."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def stop(self) -> None:
+        await stop_tasks(list(self._running))
 
 
 class CustomerLocks:
@@ -174,6 +197,8 @@ class OperatorContext:
     shard: Shard = field(default_factory=Shard)
     # The Deployment and Secret watches, started with Kopf (handlers.configure).
     watches: list[LoopFollower] = field(default_factory=list)
+    # The passes no Kopf handler runs (the housekeeping's and the watches'), stopped by handlers.close.
+    background_passes: BackgroundPasses = field(default_factory=lambda: BackgroundPasses())
 
     @property
     def fleet_moves_at_once(self) -> bool:

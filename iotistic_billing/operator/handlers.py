@@ -78,6 +78,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     ctx = _context(memo)
+    # First the passes Kopf does not wait for: cancelled, each lets a helm it runs end (helm.py), and
+    # none is left to use the clients closed below.
+    await ctx.background_passes.stop()
     for watch in ctx.watches:
         watch.stop()
     ctx.customer_view.stop()
@@ -237,7 +240,7 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     HOUSEKEEPING_CHECKS.labels(due or "nothing").inc()
     if due:
         # A pass the check started finishes even when Kopf stops the daemon meanwhile.
-        await asyncio.shield(_refresh(ctx, name))
+        await asyncio.shield(ctx.background_passes.start(_refresh(ctx, name)))
 
 
 async def _webhook_secret_changed(ctx: OperatorContext, customer: Customer, now: datetime) -> bool:
@@ -342,7 +345,7 @@ def request_pass(ctx: OperatorContext, name: str, deployment_event: int | None =
         await asyncio.sleep(PASS_REQUEST_DELAY)
         await _refresh(ctx, name, ctx.pass_requests.take(name))
 
-    asyncio.get_running_loop().create_task(run())
+    ctx.background_passes.start(run())
 
 
 @kopf.on.event(*CUSTOMERS)

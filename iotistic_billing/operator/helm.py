@@ -21,6 +21,7 @@ import yaml
 
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.metrics import HELM_IN_FLIGHT, HELM_OPERATIONS
+from iotistic_billing.workers import to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,17 @@ class Helm:
                     env=helm_environment(),
                 )
                 try:
-                    stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout)
+                    # Run to its end through a cancellation (the operator stopping: Kopf cancels its
+                    # handlers 2 s after SIGTERM): a helm cut off leaves its release pending-*, which the
+                    # next operator in another Pod recovers only after HELM_TIMEOUT (release.py).
+                    stdout, stderr = await to_the_end(asyncio.wait_for(process.communicate(), self.timeout))
+                except asyncio.CancelledError:
+                    if (
+                        process.returncode is None
+                    ):  # HELM_TIMEOUT came first, or the wait itself was cancelled
+                        await _kill(process)
+                        log.warning("helm %s was killed unfinished as the operator stopped", doing)
+                    raise
                 except TimeoutError:
                     await _kill(process)
                     HELM_OPERATIONS.labels(args[0], TIMED_OUT).inc()

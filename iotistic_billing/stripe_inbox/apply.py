@@ -16,7 +16,6 @@ row keeps it for an operator to look at.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -48,6 +47,7 @@ from iotistic_billing.stripe_inbox.events import (
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.notices import event_notices
+from iotistic_billing.workers import to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,10 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
         return "unchanged"
     try:
         # Onto the Customer the batch read: one made again under its name since did not have these events.
-        await _to_the_end(
+        # A cancellation (the inbox stopped mid-batch) lets it finish first: its thread would send it
+        # anyway, after the batch's rollback released the batch lock, so another replica's batch could
+        # apply newer events before this stale write landed over them; its outcome is no one's then.
+        await to_the_end(
             kube.apply_customer_spec(
                 group.name,
                 {"subscription": subscription.to_k8s()},
@@ -437,24 +440,6 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
     except Exception as error:  # the API server is away: these events stay pending
         return error
     return "applied"
-
-
-async def _to_the_end(write: Awaitable[T]) -> T:
-    """A write that a cancellation (the inbox stopped mid-batch) lets finish before it goes on: its
-    thread would send it anyway, after the batch's rollback released the batch lock, so another
-    replica's batch could apply newer events before this stale write landed over them."""
-    task = asyncio.ensure_future(write)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        # Bounded by the call's own timeout, through the cancellations stop_tasks repeats meanwhile; its
-        # outcome is no one's now: the events stay pending.
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved, so that asyncio does not log it as lost
-        raise
 
 
 class CustomerReplaced(Exception):

@@ -133,6 +133,36 @@ def _licensed_then_paused(
     return name, customer_id, license
 
 
+def test_an_operator_stopped_while_helm_installs_lets_it_finish_so_no_release_is_left_pending(
+    cluster: Cluster, paused_operator: OperatorProcess, helm_binary: Path, tmp_path: Path
+) -> None:
+    """Found by the CI failure's follow-up: Kopf cancels its handlers 2 s after SIGTERM (a rollout of the
+    operator, a drained node), and a helm cut off by the process's exit left its release pending-*: the
+    operator in the new Pod left it for HELM_TIMEOUT (6 min). The stop waits for the helm it runs."""
+    calls = tmp_path / "calls"
+    slow_helm = tmp_path / "helm"
+    # An install 5 s slower than helm's own: stopped in those 5 s, the operator cut it off before helm ran.
+    slow_helm.write_text(
+        f'#!/bin/sh\necho "began $*" >> "{calls}"\nif [ "$1" = upgrade ]; then sleep 5; fi\n'
+        f'"{helm_binary}" "$@"\nrc=$?\necho "ended $*" >> "{calls}"\nexit $rc\n'
+    )
+    slow_helm.chmod(0o755)
+    paused_operator.stop()
+    paused_operator.start(HELM_BINARY=str(slow_helm))
+    name = unique_name("stopping")
+    cluster.create(customer_manifest(name, plan="starter"))
+
+    def upgrades(state: str) -> list[str]:
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return [line for line in lines if line.startswith(f"{state} upgrade") and f"customer-{name} " in line]
+
+    wait_until(lambda: upgrades("began"), message="helm upgrade started")
+    paused_operator.stop()  # SIGTERM, as the kubelet sends
+    assert upgrades("ended"), calls.read_text()
+    release = cluster.release(name) or {}
+    assert release.get("status") == "deployed", release
+
+
 async def test_a_pass_that_ended_after_the_secret_records_its_licence_and_usage_key_later(
     cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str], db_engine: AsyncEngine
 ) -> None:

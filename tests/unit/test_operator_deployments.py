@@ -11,7 +11,7 @@ import pytest
 
 from iotistic_billing.k8s import Kube
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import CustomerLocks, OperatorContext, PassRequests
+from iotistic_billing.operator.context import BackgroundPasses, CustomerLocks, OperatorContext, PassRequests
 from iotistic_billing.operator.deployments import (
     PROBLEM_LENGTH,
     RESYNC_SECONDS,
@@ -366,7 +366,12 @@ async def test_a_requested_pass_runs_once_for_a_burst(monkeypatch: pytest.Monkey
     monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
     housekeeping = asyncio.get_running_loop().create_future()
     ctx = cast(
-        OperatorContext, SimpleNamespace(pass_requests=PassRequests(), housekeepers={"uid-1": housekeeping})
+        OperatorContext,
+        SimpleNamespace(
+            pass_requests=PassRequests(),
+            housekeepers={"uid-1": housekeeping},
+            background_passes=BackgroundPasses(),
+        ),
     )
     for tick in (3, 7, 5):
         handlers.request_pass(ctx, "acme", tick)

@@ -271,3 +271,38 @@ def test_the_helm_runner_is_one_per_place_and_apart_for_each_shard_and_peer_on_a
     runners = [helm_runner("operator-0", *place) for place in places]
     assert len(set(runners)) == len(places)
     assert helm_runner("operator-0", 1, "", 0) == runners[1] != helm_runner("operator-1", 1, "", 0)
+
+
+async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Found by the CI failure's follow-up: Kopf cancels its handlers 2 s after SIGTERM, the cancelled
+    pass left its helm to be killed as the process exited, and the release stayed pending-* until the
+    next operator, in a new Pod, waited out HELM_TIMEOUT (6 min) to recover it. A cancelled helm call
+    now waits for its helm (cancelled again meanwhile, as stop_tasks does), then raises the cancellation."""
+    done = tmp_path / "done"
+    binary = tmp_path / "helm"
+    binary.write_text(f'#!/bin/sh\nsleep 1\ntouch "{done}"\necho ok\n')
+    binary.chmod(0o755)
+    helm = Helm(str(binary), None, 1, timeout=GUARD_SECONDS)
+    call = asyncio.ensure_future(helm._run("status", doing="status"))
+    await asyncio.sleep(0.3)
+    call.cancel()
+    await asyncio.sleep(0.2)
+    call.cancel()  # cancelled again: still waits
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, GUARD_SECONDS)
+    assert done.exists(), "the helm was cut off"
+    assert helm.in_flight == 0
+
+
+async def test_a_cancelled_helm_past_the_timeout_is_killed_with_its_children(stand_in: StandIn) -> None:
+    """What the stop waits for is bounded by HELM_TIMEOUT: a helm that never ends is killed then."""
+    helm = Helm(str(stand_in.binary), None, 1, timeout=0.5)
+    call = asyncio.ensure_future(helm._run("upgrade", doing="upgrade"))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, GUARD_SECONDS)
+    started = stand_in.started()
+    assert len(started) == 2 and gone(started), started

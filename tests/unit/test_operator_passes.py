@@ -23,6 +23,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator import reconcile as reconcile_module
 from iotistic_billing.operator.context import (
+    BackgroundPasses,
     CustomerLocks,
     OperatorContext,
     PassRequests,
@@ -47,6 +48,7 @@ from iotistic_billing.operator.reconcile import (
 )
 from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
+from iotistic_billing.workers import to_the_end
 from tests.conftest import Retries
 from tests.unit.test_operator_state import CREATED, NOW
 from tests.unit.test_operator_status_patch import StatusServer, context
@@ -57,6 +59,32 @@ class GoneCustomers:
 
     async def read_customer(self, name: str) -> dict[str, Any] | None:
         return None
+
+
+async def test_the_stop_waits_for_the_background_passes_and_the_helm_they_run() -> None:
+    """Found in review: Kopf's stop waits for its handlers only, then cancels whatever is left at once:
+    a housekeeping's or a watch's pass in helm had its helm killed, its release left pending for the
+    next Pod to wait out (HELM_TIMEOUT). The stop cancels them first and waits; a helm runs to its end."""
+    passes = BackgroundPasses()
+    helm_ended, napping = asyncio.Event(), asyncio.Event()
+
+    async def in_helm() -> None:
+        async def helm() -> None:
+            await asyncio.sleep(0.3)
+            helm_ended.set()
+
+        await to_the_end(helm())
+
+    async def waiting() -> None:
+        napping.set()
+        await asyncio.sleep(3600)  # a requested pass before its delay: cancelled at once
+
+    passes.start(in_helm())
+    passes.start(waiting())
+    await napping.wait()
+    assert len(passes) == 2
+    await asyncio.wait_for(passes.stop(), 5)
+    assert helm_ended.is_set() and len(passes) == 0
 
 
 async def test_passes_of_customers_that_are_gone_leave_no_lock_behind() -> None:
@@ -330,7 +358,12 @@ async def test_passes_the_housekeeping_and_the_watches_start_post_the_events_of_
 
     monkeypatch.setattr(handlers, "reconcile", pass_)
     kube = EventRecorder()
-    ctx = cast(OperatorContext, SimpleNamespace(kube=kube, pass_retries=PassRetries(Retries().later)))
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            kube=kube, pass_retries=PassRetries(Retries().later), background_passes=BackgroundPasses()
+        ),
+    )
     for name in ("ready", "expired", "restricted", "quiet", "gone"):
         await handlers._refresh(ctx, name, deployment_event=3)
     assert kube.posted == [
@@ -380,7 +413,10 @@ async def test_a_pass_handler_backs_off_when_the_api_server_is_away(
             assert retried.value.delay == retry_delay(retry) and str(retried.value) == str(error)
 
     # The passes no Kopf handler runs: one warning line with the cause, no traceback.
-    ctx = cast(OperatorContext, SimpleNamespace(pass_retries=PassRetries(Retries().later)))
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(pass_retries=PassRetries(Retries().later), background_passes=BackgroundPasses()),
+    )
     with caplog.at_level("WARNING", logger=handlers.log.name):
         await handlers._refresh(ctx, "acme")
     assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)]
@@ -424,6 +460,7 @@ async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch
             pass_retries=PassRetries(retries.later),
             # An operator Kopf runs (not paused by its peering): a housekeeping daemon of it runs.
             housekeepers={"uid-1": asyncio.get_running_loop().create_future()},
+            background_passes=BackgroundPasses(),
         ),
     )
     await handlers._refresh(ctx, "acme")
@@ -495,7 +532,11 @@ async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_
     monkeypatch.setattr(handlers, "_refresh", refresh)
     clock = [NOW]
     settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
-    memo = kopf.Memo(context=SimpleNamespace(clock=lambda: clock[0], settings=settings, noticed=set()))
+    memo = kopf.Memo(
+        context=SimpleNamespace(
+            clock=lambda: clock[0], settings=settings, noticed=set(), background_passes=BackgroundPasses()
+        )
+    )
     for _check in range(5):
         clock[0] += timedelta(minutes=1)
         await handlers.housekeeping(
@@ -594,6 +635,7 @@ async def housekeeping_checks(
         passes.append(await _reconcile(ctx, now_read(), ctx.clock()))
 
     monkeypatch.setattr(handlers, "_refresh", refresh)
+    ctx.background_passes = BackgroundPasses()
     memo = kopf.Memo(context=ctx)
     start = ctx.clock()
     for minute in range(1, minutes + 1):

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.k8s import Kube, KubeApi, KubernetesUnavailable, Watched
 from iotistic_billing.operator import handlers, rollouts, watches
+from iotistic_billing.operator.context import BackgroundPasses
 from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS, MANAGED_SECRETS, Follower, LoopFollower
 
 
@@ -341,6 +342,7 @@ async def test_the_operators_cleanup_closes_its_kubernetes_clients() -> None:
         pass
 
     context = SimpleNamespace(
+        background_passes=BackgroundPasses(),
         watches=[],
         customer_view=SimpleNamespace(stop=lambda: None),
         kube=kube,

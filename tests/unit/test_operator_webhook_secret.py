@@ -21,6 +21,7 @@ from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
+from iotistic_billing.operator.context import BackgroundPasses
 from iotistic_billing.operator.delete import DeletionFailed, finalize
 from iotistic_billing.operator.helm import HelmError
 from tests.unit.test_operator_namespace import Cluster, Helm, context, customer, namespace_of
@@ -93,7 +94,12 @@ async def test_a_rotated_webhook_secret_is_copied_without_a_spec_change(
     secrets, clock = Secrets(), [NOW]
     settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
     context = SimpleNamespace(
-        clock=lambda: clock[0], settings=settings, noticed=set(), kube=secrets, webhook_secrets_checked={}
+        clock=lambda: clock[0],
+        settings=settings,
+        noticed=set(),
+        kube=secrets,
+        webhook_secrets_checked={},
+        background_passes=BackgroundPasses(),
     )
     memo = kopf.Memo(context=context)
     body = kopf.Body(signed_customer())
