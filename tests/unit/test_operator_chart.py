@@ -77,8 +77,13 @@ def values_args(tmp_path: Path, values: dict[str, Any] | None) -> list[str]:
     return ["--values", str(values_file)]
 
 
+def template(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart, which a test may expect to refuse its values."""
+    return run(helm, "template", RELEASE, CHART, *args)
+
+
 def render_text(helm: Path, *args: str) -> str:
-    result = run(helm, "template", RELEASE, CHART, "--namespace", NAMESPACE, *args)
+    result = template(helm, "--namespace", NAMESPACE, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -142,9 +147,9 @@ def test_the_chart_needs_a_kubernetes_whose_api_server_takes_the_crds(helm: Path
     an older API server drops the field, and the rule's oldSelf.hasValue() no longer compiles."""
     assert "optionalOldSelf: true" in (CHART / "crds" / "customers.iotistic.io.yaml").read_text()
 
-    older = run(helm, "template", RELEASE, CHART, "--kube-version", "1.29.15")
+    older = template(helm, "--kube-version", "1.29.15")
     assert older.returncode != 0 and "kubeVersion" in older.stderr, older.stderr
-    assert run(helm, "template", RELEASE, CHART, "--kube-version", "1.30.0").returncode == 0
+    assert template(helm, "--kube-version", "1.30.0").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -169,7 +174,7 @@ def test_values_schema_is_draft_07_and_closed() -> None:
 
 
 def test_a_misspelt_value_is_refused(helm: Path) -> None:
-    result = run(helm, "template", RELEASE, CHART, "--set", "webhookServer.replica=3")
+    result = template(helm, "--set", "webhookServer.replica=3")
 
     assert result.returncode != 0
     assert "additional properties 'replica' not allowed" in result.stderr
@@ -189,7 +194,7 @@ def test_large_integers_from_a_values_file_render_as_integers(helm: Path, tmp_pa
 def test_a_base_domain_that_is_no_dns_name_is_refused(helm: Path, domain: str) -> None:
     # Found in review: it rendered, and every Customer without spec.instance.domain then stalled on the
     # instance chart's refusal of `<name>.<baseDomain>`.
-    result = run(helm, "template", RELEASE, CHART, "--set", f"config.baseDomain={domain}")
+    result = template(helm, "--set", f"config.baseDomain={domain}")
 
     assert result.returncode != 0
     assert "baseDomain" in result.stderr
@@ -211,7 +216,7 @@ def test_a_base_domain_that_is_no_dns_name_is_refused(helm: Path, domain: str) -
 def test_a_value_the_settings_refuse_is_refused_by_the_chart(
     helm: Path, tmp_path: Path, values: dict[str, Any], refused: str
 ) -> None:
-    result = run(helm, "template", RELEASE, CHART, *values_args(tmp_path, values))
+    result = template(helm, *values_args(tmp_path, values))
 
     assert result.returncode != 0
     assert f"at '{refused}'" in result.stderr, result.stderr
@@ -272,7 +277,7 @@ def test_the_billing_url_and_peering_patterns_are_the_ones_the_settings_and_the_
 
 def test_the_operator_s_liveness_and_metrics_ports_differ(helm: Path) -> None:
     """Found in review: one port for both rendered, and the operator died with EADDRINUSE."""
-    result = run(helm, "template", RELEASE, CHART, "--set", "operator.metricsPort=8080")
+    result = template(helm, "--set", "operator.metricsPort=8080")
 
     assert result.returncode != 0
     assert "operator.livenessPort and operator.metricsPort must differ" in result.stderr, result.stderr
@@ -453,7 +458,7 @@ def test_shards_are_one_operator_deployment_each_with_selectors_that_do_not_shar
     webhook_pods = one(objects, "Deployment", WEBHOOK_SERVER)["spec"]["template"]["metadata"]["labels"]
     assert not service.items() <= webhook_pods.items()
     assert env_of(one(default_objects, "Deployment", OPERATOR))["OPERATOR_SHARDS"]["value"] == "1"
-    result = run(helm, "template", RELEASE, CHART, "--set", "operator.shards=0")
+    result = template(helm, "--set", "operator.shards=0")
     assert result.returncode != 0 and "shards" in result.stderr
 
 
@@ -478,7 +483,7 @@ def test_webhook_server_rolls_several_replicas_behind_a_disruption_budget(
 
 
 def test_a_budget_that_would_block_every_drain_is_refused(helm: Path) -> None:
-    result = run(helm, "template", RELEASE, CHART, "--set", "webhookServer.replicas=1")
+    result = template(helm, "--set", "webhookServer.replicas=1")
 
     assert result.returncode != 0
     assert "minAvailable must be below webhookServer.replicas" in result.stderr
@@ -495,14 +500,10 @@ def test_the_instance_chart_can_come_from_a_registry_at_the_version_new_customer
     # Bumping the version moves no running Customer unless the upgrade is immediate.
     assert env["INSTANCE_CHART_UPGRADE"]["value"] == "rollout"
 
-    without_version = run(
-        helm, "template", RELEASE, CHART, "--set", f"operator.instanceChart.reference={reference}"
-    )
+    without_version = template(helm, "--set", f"operator.instanceChart.reference={reference}")
     assert without_version.returncode != 0
     assert "operator.instanceChart.version is required with a reference" in without_version.stderr
-    tagged = run(
-        helm, "template", RELEASE, CHART, "--set", f"operator.instanceChart.reference={reference}:0.2.0"
-    )
+    tagged = template(helm, "--set", f"operator.instanceChart.reference={reference}:0.2.0")
     assert tagged.returncode != 0 and "/operator/instanceChart/reference" in tagged.stderr
 
 
@@ -514,7 +515,7 @@ def test_how_the_fleet_moves_to_a_new_instance_chart_version_is_a_value(helm: Pa
     env = env_of(one(render(helm, tmp_path, {"operator": {"instanceChart": chart}}), "Deployment", OPERATOR))
     assert env["INSTANCE_CHART_UPGRADE"]["value"] == "immediate"
 
-    refused = run(helm, "template", RELEASE, CHART, "--set", "operator.instanceChart.upgrade=always")
+    refused = template(helm, "--set", "operator.instanceChart.upgrade=always")
     assert refused.returncode != 0 and "/operator/instanceChart/upgrade" in refused.stderr, refused.stderr
 
 
@@ -643,11 +644,8 @@ def test_extra_env_cannot_repeat_a_variable_the_chart_sets_for_both(
 ) -> None:
     """Found in review: an extraEnv entry for a setting both components read (set by the chart's
     config) won over the chart's value in that component alone, silently: the two then disagreed."""
-    result = run(
+    result = template(
         helm,
-        "template",
-        RELEASE,
-        CHART,
         "--set",
         f"{component}.extraEnv[0].name={variable}",
         "--set-string",
@@ -677,7 +675,7 @@ def test_every_replica_gets_the_console_session_key_from_the_admin_secret(
         "key": "session-key",
     }
     # Required with the admin Secret: without it each replica would seal with a key of its own.
-    result = run(helm, "template", RELEASE, CHART, "--set", "secrets.admin.sessionKeyKey=")
+    result = template(helm, "--set", "secrets.admin.sessionKeyKey=")
     assert result.returncode != 0, "rendered the console without a session key"
     assert "secrets.admin.sessionKeyKey" in result.stderr and "CONSOLE_SESSION_KEY" in result.stderr
 
@@ -706,18 +704,15 @@ def test_every_replica_gets_the_console_session_key_from_the_admin_secret(
     ids=lambda attempt: attempt[1].split("=")[0],
 )
 def test_a_secret_value_has_nowhere_to_go(helm: Path, attempt: list[str]) -> None:
-    result = run(helm, "template", RELEASE, CHART, *attempt)
+    result = template(helm, *attempt)
 
     assert result.returncode != 0, "the schema accepted a place for a secret value"
     assert SENTINEL not in result.stdout
 
 
 def test_a_platform_webhook_without_its_secret_is_refused_by_name(helm: Path) -> None:
-    result = run(
+    result = template(
         helm,
-        "template",
-        RELEASE,
-        CHART,
         "--set",
         "config.notices.platformWebhookUrl=https://hooks.example.com/x",
     )
@@ -745,10 +740,10 @@ def test_no_credential_variable_takes_an_inline_value(helm: Path, component: str
     from_secret = ["--set", f"{component}.extraEnv[0].name={variable}"]
     from_secret += ["--set", f"{component}.extraEnv[0].valueFrom.secretKeyRef.name=elsewhere"]
 
-    refused = run(helm, "template", RELEASE, CHART, *inline)
+    refused = template(helm, *inline)
     assert refused.returncode != 0 and f"{component}/extraEnv/0" in refused.stderr, refused.stderr
     assert SENTINEL not in refused.stdout
-    assert run(helm, "template", RELEASE, CHART, *from_secret).returncode == 0
+    assert template(helm, *from_secret).returncode == 0
 
 
 def test_secret_names_and_keys_render_but_no_secret_value(helm: Path) -> None:
