@@ -198,7 +198,7 @@ class OperatorContext:
     # The Deployment and Secret watches, started with Kopf (handlers.configure).
     watches: list[LoopFollower] = field(default_factory=list)
     # The passes no Kopf handler runs (the housekeeping's and the watches'), stopped by handlers.close.
-    background_passes: BackgroundPasses = field(default_factory=lambda: BackgroundPasses())
+    background_passes: BackgroundPasses = field(default_factory=BackgroundPasses)
 
     @property
     def fleet_moves_at_once(self) -> bool:

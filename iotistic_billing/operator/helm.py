@@ -214,9 +214,8 @@ class Helm:
                     # next operator in another Pod recovers only after HELM_TIMEOUT (release.py).
                     stdout, stderr = await to_the_end(asyncio.wait_for(process.communicate(), self.timeout))
                 except asyncio.CancelledError:
-                    if (
-                        process.returncode is None
-                    ):  # HELM_TIMEOUT came first, or the wait itself was cancelled
+                    # Still running: HELM_TIMEOUT came first, or the wait itself was cancelled.
+                    if process.returncode is None:
                         await _kill(process)
                         log.warning("helm %s was killed unfinished as the operator stopped", doing)
                     raise
