@@ -40,14 +40,22 @@ def _die_with_parent(uid: int | None = None, gid: int | None = None) -> Callable
 
 
 def _bindable(port: int, reuse_address: bool) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        if reuse_address:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """Whether `port` is free on each family, as the servers listen (0.0.0.0 and ::, IPv6 alone)."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):  # noqa: S104 - a probe
         try:
-            sock.bind(("0.0.0.0", port))  # noqa: S104 - a probe, closed at once
-        except OSError:
-            return False
-        return True
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # a kernel without IPv6
+            continue
+        with sock:
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError:
+                return False
+    return True
 
 
 # Ports free_port gave this process: not bound yet when the next is asked for (a server's PORT and its

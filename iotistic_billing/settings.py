@@ -8,7 +8,7 @@ import json
 import os
 import re
 from datetime import timedelta
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Final, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # The operator: liveness endpoint port, Kopf peering name ("" runs standalone) and priority.
     operator_liveness_port: Annotated[int, Field(ge=0, le=65535)] = 8080
     operator_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    # The Pod's address the kubelet probes (the chart sets it from status.podIP): Kopf's liveness endpoint
+    # listens on one address family, this one's (IPv4 when unset); every other listener takes both.
+    pod_ip: IPv4Address | IPv6Address | None = None
     # json (structured, with the object and customer id) or text.
     log_format: Literal["json", "text"] = "json"
     operator_peering: str = "iotistic-billing"
@@ -223,6 +226,16 @@ class Settings(BaseSettings):
         if any(token is not None and token.get_secret_value() == key for token in tokens):
             raise ValueError("must be a secret of its own, not ADMIN_API_TOKEN or ADMIN_VIEWER_TOKEN")
         return value
+
+    @field_validator("pod_ip", mode="before")
+    @classmethod
+    def _pod_ip(cls, value: object) -> object:
+        if value is None or value == "":  # a Pod without its address yet: as unset
+            return None
+        try:
+            return ip_address(str(value))
+        except ValueError:
+            raise ValueError("must be an IPv4 or IPv6 address") from None
 
     @field_validator("trusted_proxies", "notify_webhook_allowed_cidrs", mode="before")
     @classmethod

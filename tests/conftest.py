@@ -223,7 +223,9 @@ class OperatorProcess:
             "OPERATOR_METRICS_PORT": str(free_port()),
             **overrides,
         }
-        self.liveness_url = f"http://127.0.0.1:{env['OPERATOR_LIVENESS_PORT']}/healthz"
+        # Kopf's endpoint listens on the family of POD_IP alone (IPv4 when unset), the metrics on both.
+        loopback = "[::1]" if ":" in env.get("POD_IP", "") else "127.0.0.1"
+        self.liveness_url = f"http://{loopback}:{env['OPERATOR_LIVENESS_PORT']}/healthz"
         self.metrics_url = f"http://127.0.0.1:{env['OPERATOR_METRICS_PORT']}/metrics"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "iotistic_billing.operator"],

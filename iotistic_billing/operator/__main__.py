@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from ipaddress import IPv6Address
 from pathlib import Path
 
 import kopf
@@ -119,6 +120,25 @@ def tune_malloc(arenas: int = 2, threshold: int = 128 * 1024) -> None:
     mallopt(m_trim_threshold, threshold)
 
 
+def liveness_endpoint(settings: Settings) -> str | None:
+    """Kopf's liveness endpoint, on every address of the Pod IP's family: Kopf binds the one host of its
+    URL, and the kubelet probes the Pod IP (a "::" socket of asyncio's takes IPv6 alone)."""
+    if not settings.operator_liveness_port:
+        return None
+    host = "[::]" if isinstance(settings.pod_ip, IPv6Address) else "0.0.0.0"  # noqa: S104 - the Pod's addresses
+    return f"http://{host}:{settings.operator_liveness_port}/healthz"
+
+
+def metrics_address() -> str:
+    """Where the metrics server listens: "::", which on Linux takes IPv4 too (net.ipv6.bindv6only is 0
+    unless a host sets it), where the kernel has IPv6; else every IPv4 address."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return "0.0.0.0"  # noqa: S104 - the Pod's addresses
+    return "::"
+
+
 def main() -> int:
     tune_malloc()
     try:
@@ -136,7 +156,7 @@ def main() -> int:
         print(f"iotistic-billing operator: {error}", file=sys.stderr)
         return 2
     if settings.operator_metrics_port:
-        prometheus_client.start_http_server(settings.operator_metrics_port)
+        prometheus_client.start_http_server(settings.operator_metrics_port, addr=metrics_address())
     if context.shard.runs_rollouts:
         handlers.register_rollouts()
     peering = context.shard.peering(settings.operator_peering)
@@ -145,18 +165,13 @@ def main() -> int:
         ensure_peering(context.kube, peering)
     if context.shard.count > 1:
         log.info("shard %s: Customers %s", context.shard, context.shard.selector())
-    liveness = (
-        f"http://0.0.0.0:{settings.operator_liveness_port}/healthz"
-        if settings.operator_liveness_port
-        else None
-    )
     asyncio.run(
         kopf.operator(
             clusterwide=True,
             standalone=standalone,
             peering_name=peering or None,
             priority=settings.operator_priority,
-            liveness_endpoint=liveness,
+            liveness_endpoint=liveness_endpoint(settings),
             memo=kopf.Memo(context=context),
         )
     )

@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown_timeout seconds to finish, then cleanup_ctx closes the clients.
     web.run_app(
         app,
-        host="0.0.0.0",  # noqa: S104 - a server in a Pod listens on its Pod's addresses
+        # No host: every address of each family the kernel has (asyncio binds 0.0.0.0 and ::), so an
+        # IPv6 or dual-stack cluster's kubelet, Service and ingress reach it as an IPv4 one's do.
+        host=None,
         port=settings.port,
         shutdown_timeout=options.shutdown_timeout,
         handle_signals=True,

@@ -315,6 +315,20 @@ def test_free_port_never_gives_a_port_it_gave_before(monkeypatch: pytest.MonkeyP
     assert [processes.free_port(), processes.free_port()] == [23_456, 23_457]
 
 
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_port_served_on_either_family_is_not_free(family: socket.AddressFamily) -> None:
+    """The servers listen on IPv4 and IPv6: a port another program holds on one family would fail their
+    bind on it."""
+    port = processes.free_port()
+    assert processes.port_is_free(port)
+    with socket.socket(family, socket.SOCK_STREAM) as other:
+        if family == socket.AF_INET6:
+            other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        other.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+        other.listen()
+        assert not processes.port_is_free(port)
+
+
 @pytest.mark.parametrize("listening", [False, True], ids=["its-port-free", "its-port-served"])
 def test_a_pid_file_naming_a_live_postgres_is_taken_for_a_running_server_only_when_its_port_is_served(
     tmp_path: Path, listening: bool

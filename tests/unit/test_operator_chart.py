@@ -386,6 +386,8 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert liveness["path"] == "/healthz" and ports[liveness["port"]] == 8080
     assert env["OPERATOR_LIVENESS_PORT"]["value"] == "8080"
+    # The kubelet probes the Pod IP: Kopf's endpoint listens on that address's family.
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert ports["metrics"] == 8081 and env["OPERATOR_METRICS_PORT"]["value"] == "8081"
 
 
@@ -922,6 +924,16 @@ def test_network_policies_admit_only_the_serving_ports(default_objects: list[Man
     ), "HTTPS for Stripe"
 
 
+@pytest.mark.parametrize("port", [443, 6443, 5432, 80, 25, 8443])
+def test_default_egress_reaches_an_ipv6_address_as_it_reaches_an_ipv4_one(
+    helm: Path, tmp_path: Path, port: int
+) -> None:
+    """An IPv6-only cluster's API server, Stripe and webhook receivers have IPv6 addresses only."""
+    values = {**NOTICES, **chart_from("oci://registry.example/charts/customer-instance")}
+    for policy in (o for o in render(helm, tmp_path, values) if o["kind"] == "NetworkPolicy"):
+        assert egress_allowed(policy, "2001:db8::9", port) == egress_allowed(policy, "198.51.100.9", port)
+
+
 def egress_allowed(policy: Manifest, address: str, port: int) -> bool:
     """Whether a NetworkPolicy lets its pods open a TCP connection to an address outside the cluster:
     some egress rule takes the port (or names none) and the address (an ipBlock holding it, or no peer)."""
@@ -973,7 +985,12 @@ def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Ma
         ({}, set(), {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)}),
         # The customers' webhooks, http:// and https://, whatever Stripe's rule is narrowed to; not the
         # cloud's metadata service.
-        ({}, {(WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443)}, {(WEBHOOK_HOST, 8443), *METADATA}),
+        # IPv6 as IPv4, link-local and AWS's IPv6 metadata service left out.
+        (
+            {},
+            {(WEBHOOK_HOST, 80), (WEBHOOK_HOST, 443), ("2001:db8::80", 443)},
+            {(WEBHOOK_HOST, 8443), *METADATA, ("fe80::1", 443), ("fd00:ec2::254", 80)},
+        ),
         # The platform team's webhook on a port of its own.
         (
             {
@@ -1412,9 +1429,9 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
     for var, item in env.items():
         if "value" in item:
             monkeypatch.setenv(var, item["value"])
-        elif "fieldRef" in item["valueFrom"]:  # the Pod's own namespace, as the kubelet fills it in
-            assert item["valueFrom"]["fieldRef"] == {"fieldPath": "metadata.namespace"}
-            monkeypatch.setenv(var, NAMESPACE)
+        elif "fieldRef" in item["valueFrom"]:  # the Pod's own fields, as the kubelet fills them in
+            pod = {"metadata.namespace": NAMESPACE, "status.podIP": "fd00:10:244::7"}
+            monkeypatch.setenv(var, pod[item["valueFrom"]["fieldRef"]["fieldPath"]])
         else:
             monkeypatch.setenv(var, credentials[var])
     settings = load_settings()
@@ -1429,6 +1446,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.instance_chart == "/app/charts/customer-instance"
         assert settings.operator_peering == "iotistic-billing"
         assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
+        assert str(settings.pod_ip) == "fd00:10:244::7"
     else:
         assert settings.port == 3100 and settings.license_private_key_path is None
         assert settings.stripe_price_starter == "price_s"

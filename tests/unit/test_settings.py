@@ -62,6 +62,7 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("ADMIN_API_TOKEN", "short", "ADMIN_API_TOKEN: must be at least 16 characters"),
         ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: '10.1.2.3/8' is not a network"),
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
+        ("POD_IP", "10.0.0.300", "POD_IP: must be an IPv4 or IPv6 address (got '10.0.0.300')"),
         (
             "NOTIFY_WEBHOOK_ALLOWED_CIDRS",
             '["127.0.0.1/8"]',
