@@ -141,6 +141,7 @@ def operator_run(n: int, max_parallel: int, registry: ChartRegistry, work: Path)
             "OPERATOR_PEERING": "",
             "OPERATOR_LIVENESS_PORT": str(free_port()),
             "OPERATOR_METRICS_PORT": str(free_port()),
+            "POD_IP": "",  # /healthz on IPv4, where this looks
             "HELM_CONCURRENCY": str(CONCURRENCY),
             "LOG_FORMAT": "json",
         }

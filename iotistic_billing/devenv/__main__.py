@@ -290,6 +290,8 @@ class DevEnvironment:
                 "OPERATOR_PEERING": "",
                 "OPERATOR_LIVENESS_PORT": str(free_port()),
                 "OPERATOR_METRICS_PORT": str(free_port()),
+                # /healthz is checked on 127.0.0.1: a POD_IP of a shell in a Pod would move it to IPv6.
+                "POD_IP": "",
             },
             health="OPERATOR_LIVENESS_PORT",
         )

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import atexit
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 from ipaddress import IPv6Address
 from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import kopf
 import prometheus_client
@@ -129,14 +133,34 @@ def liveness_endpoint(settings: Settings) -> str | None:
     return f"http://{host}:{settings.operator_liveness_port}/healthz"
 
 
-def metrics_address() -> str:
-    """Where the metrics server listens: "::", which on Linux takes IPv4 too (net.ipv6.bindv6only is 0
-    unless a host sets it), where the kernel has IPv6; else every IPv4 address."""
+class _DualStackServer(ThreadingMixIn, WSGIServer):
+    """An IPv6 socket that takes IPv4 too, whatever the host's net.ipv6.bindv6only (set, a "::" socket
+    served IPv6 alone)."""
+
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Not a line on stderr for each scrape."""
+
+
+def serve_metrics(port: int) -> None:
+    """Prometheus' /metrics on every address of both families, in a thread of its own (it answers while
+    the event loop is busy); IPv4 alone on a kernel without IPv6."""
     try:
-        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
-    except OSError:
-        return "0.0.0.0"  # noqa: S104 - the Pod's addresses
-    return "::"
+        server = make_server("::", port, prometheus_client.make_wsgi_app(), _DualStackServer, _QuietHandler)
+    except OSError as error:
+        if error.errno != errno.EAFNOSUPPORT:
+            raise
+        prometheus_client.start_http_server(port, addr="0.0.0.0")  # noqa: S104 - the Pod's addresses
+        return
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 def main() -> int:
@@ -156,7 +180,7 @@ def main() -> int:
         print(f"iotistic-billing operator: {error}", file=sys.stderr)
         return 2
     if settings.operator_metrics_port:
-        prometheus_client.start_http_server(settings.operator_metrics_port, addr=metrics_address())
+        serve_metrics(settings.operator_metrics_port)
     if context.shard.runs_rollouts:
         handlers.register_rollouts()
     peering = context.shard.peering(settings.operator_peering)
