@@ -299,6 +299,16 @@ class ConsoleAction(Base):
     detail: Mapped[str] = mapped_column(Text)
 
 
+class ConsoleSignout(Base):
+    """A console session signed out before its end: its cookie, copied or not, opens nothing any more.
+    Kept until the session's own end (console/session.py), then deleted by a later sign-out."""
+
+    __tablename__ = "console_signouts"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class ApiKey(Base):
     """Instance usage keys, stored as SHA-256 hashes only."""
 
@@ -326,6 +336,7 @@ __all__ = [
     "ApiKey",
     "Base",
     "ConsoleAction",
+    "ConsoleSignout",
     "Customer",
     "LicenseHistory",
     "Notice",

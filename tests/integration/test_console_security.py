@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from kubernetes.client.exceptions import ApiException
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.db.models import ConsoleAction
+from iotistic_billing.db.models import ConsoleAction, ConsoleSignout
 from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.console.pages import PAGES
@@ -322,6 +323,60 @@ async def test_a_session_spans_replicas_and_ends_with_its_key(
         client.session.cookie_jar.update_cookies({COOKIE: sealed})
         answer = await client.get("/admin/", allow_redirects=False)
         assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+
+
+async def test_a_signed_out_session_opens_nothing_on_any_replica_even_from_a_copied_cookie(
+    webhook_settings: Settings, kubeconfig: Path, db_engine: AsyncEngine
+) -> None:
+    """Sign out ends the session on the server: a copy of its cookie (a shared machine, a proxy's log)
+    opened the console for the rest of its 8 hours."""
+    async with running_app(webhook_settings, kubeconfig) as other:
+        await sign_in(other, VIEWER_TOKEN)  # another person's session, open on a replica
+        kept = {cookie.key: cookie.value for cookie in other.session.cookie_jar}[COOKIE]
+        async with running_app(webhook_settings, kubeconfig) as client:
+            csrf = await sign_in(client, VIEWER_TOKEN)
+            copied = {cookie.key: cookie.value for cookie in client.session.cookie_jar}[COOKIE]
+            answer = await post_form(client, "/admin/logout", {"csrf": csrf})
+            assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+            client.session.cookie_jar.update_cookies({COOKIE: copied})
+            answer = await client.get("/admin/", allow_redirects=False)
+            assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+            refused = await post_form(client, "/admin/logout", {"csrf": csrf})
+            assert refused.status == 401
+        # The replica that already held a read of the sign-outs reads them again within 5 s.
+        other.session.cookie_jar.clear()
+        other.session.cookie_jar.update_cookies({COOKIE: copied})
+
+        async def refused_there() -> bool:
+            return (await other.get("/admin/", allow_redirects=False)).status == 303
+
+        await eventually(refused_there, within=10, message="the sign-out on the other replica")
+    # A replica started since refuses it at once; the other person's session stays open.
+    async with running_app(webhook_settings, kubeconfig) as fresh:
+        fresh.session.cookie_jar.update_cookies({COOKIE: copied})
+        assert (await fresh.get("/admin/", allow_redirects=False)).status == 303
+        fresh.session.cookie_jar.update_cookies({COOKIE: kept})
+        assert (await fresh.get("/admin/", allow_redirects=False)).status == 200
+    async with db_engine.connect() as connection:
+        ends = (await connection.execute(select(ConsoleSignout.expires_at))).scalars().all()
+    assert ends and all(end > datetime.now(UTC) + timedelta(hours=7) for end in ends)
+
+
+async def test_a_sign_out_clears_the_sign_outs_past_their_session_s_end(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    ended = "ended-" + uuid.uuid4().hex
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            insert(ConsoleSignout).values(
+                session_id=ended, expires_at=datetime.now(UTC) - timedelta(minutes=1)
+            )
+        )
+    csrf = await sign_in(api, VIEWER_TOKEN)
+    assert (await post_form(api, "/admin/logout", {"csrf": csrf})).status == 303
+    async with db_engine.connect() as connection:
+        left = await connection.scalar(select(func.count()).where(ConsoleSignout.session_id == ended))
+    assert left == 0
 
 
 async def test_odd_values_in_the_stripe_events_path_and_filters_are_answered_not_a_500(

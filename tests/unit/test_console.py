@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +24,7 @@ from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
 from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager, matching
 from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin, usage_charts
-from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions
+from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions, SignOuts
 from iotistic_billing.webhook_server.context import OPTIONS
 from iotistic_billing.webhook_server.options import ServerOptions
 
@@ -223,8 +224,57 @@ def test_without_a_session_key_a_process_seals_with_a_key_of_its_own(
 
 def test_a_forged_role_does_not_read() -> None:
     keeper = sessions()
-    forged = ConsoleSession("admin", "csrf", "0" * 16)  # a tag no token has
+    forged = ConsoleSession("admin", "csrf", "0" * 16, int(time.time()))  # a tag no token has
     assert keeper.read(keeper.seal(forged)) is None
+
+
+def test_a_session_s_id_and_end_are_read_back_from_its_cookie() -> None:
+    keeper = sessions()
+    viewer = keeper.sign_in(VIEWER)
+    assert viewer is not None
+    read = keeper.read(keeper.seal(viewer))
+    assert read is not None and (read.id, read.expires_at) == (viewer.id, viewer.expires_at)
+    assert viewer.expires_at == datetime.fromtimestamp(viewer.issued_at + 8 * 3600, UTC)
+    other = keeper.sign_in(VIEWER)
+    assert other is not None and other.id != viewer.id and viewer.csrf not in viewer.id
+
+
+class SignOutTable:
+    """console_signouts as SignOuts reads it: rows, a count of reads, PostgreSQL up or away."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.reads = 0
+        self.failure: Exception | None = None
+
+    async def load(self) -> set[str]:
+        self.reads += 1
+        if self.failure is not None:
+            raise self.failure
+        return set(self.ids)
+
+
+async def test_sign_outs_are_read_once_per_interval_and_the_last_read_stands_with_postgresql_away() -> None:
+    table, now = SignOutTable(), [0.0]
+    sign_outs = SignOuts(table.load, max_age=5.0, clock=lambda: now[0])
+    table.ids.add("elsewhere")  # signed out on another replica
+    assert await sign_outs.includes("elsewhere") and not await sign_outs.includes("open")
+    assert table.reads == 1  # the second request read nothing
+    sign_outs.add("here")  # this replica's own: at once
+    table.ids.add("later")
+    assert await sign_outs.includes("here") and not await sign_outs.includes("later")
+    now[0] = 5.0
+    assert await sign_outs.includes("later") and table.reads == 2
+    # PostgreSQL away: the last read stands, and it is asked again only an interval later.
+    table.failure = ConnectionRefusedError("PostgreSQL is away")
+    now[0] = 10.0
+    assert await sign_outs.includes("later") and await sign_outs.includes("elsewhere")
+    assert table.reads == 3
+    # Anything else is a bug, not an outage.
+    table.failure = KeyError("session_id")
+    now[0] = 15.0
+    with pytest.raises(KeyError):
+        await sign_outs.includes("later")
 
 
 def origin_request(headers: dict[str, str]) -> bool:

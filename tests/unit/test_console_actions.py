@@ -151,8 +151,10 @@ class FakeSession:
         return self.database.stripe_events.get(key)
 
     async def scalars(self, statement: Select[Any]) -> Any:
-        """The console's actions on a target (data.audit), newest first; nothing else is read here."""
+        """The console's actions on a target (data.audit), newest first; the sign-outs (none)."""
         await self.flush()
+        if statement.column_descriptions[0]["entity"] is models.ConsoleSignout:
+            return SimpleNamespace(all=list)
         target = statement.compile().params["target_1"]
         actions = [row for row in self.database.committed if isinstance(row, models.ConsoleAction)]
         return SimpleNamespace(all=lambda: [row for row in reversed(actions) if row.target == target])

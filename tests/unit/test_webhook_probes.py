@@ -49,7 +49,7 @@ class Dependencies:
         return {"gitVersion": "v1.36.3"}
 
 
-HEAD = "0012"
+HEAD = "0013"
 
 
 @asynccontextmanager
@@ -116,7 +116,7 @@ async def test_ready_needs_the_schema_of_this_version_and_not_the_api_server() -
         }
 
         # A newer version's migration (the next upgrade's, before this replica is replaced): still ready.
-        dependencies.revision = "0012"
+        dependencies.revision = "0014"
         now[0] += READINESS_TTL
         assert (await client.get("/readyz")).status == 200
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Date, and_, cast, func, or_, select
+from sqlalchemy import ColumnElement, Date, and_, cast, delete, func, or_, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
@@ -431,6 +432,25 @@ async def record_action(
     return row
 
 
+async def record_sign_out(session: AsyncSession, session_id: str, expires_at: datetime) -> None:
+    """The session ends on the server too (its copies with it); the sign-outs of sessions past their own
+    end go, as they open nothing anyway."""
+    await session.execute(delete(models.ConsoleSignout).where(models.ConsoleSignout.expires_at < func.now()))
+    await session.execute(
+        insert(models.ConsoleSignout)
+        .values(session_id=session_id, expires_at=expires_at)
+        .on_conflict_do_nothing(index_elements=[models.ConsoleSignout.session_id])
+    )
+
+
+async def signed_out(session: AsyncSession) -> set[str]:
+    """The ids of the sessions signed out before their end, still within it."""
+    rows = await session.scalars(
+        select(models.ConsoleSignout.session_id).where(models.ConsoleSignout.expires_at > func.now())
+    )
+    return set(rows.all())
+
+
 __all__ = [
     "EVENT_RESULTS",
     "PAGE_SIZE",
@@ -451,7 +471,9 @@ __all__ = [
     "period_days",
     "phase_of",
     "record_action",
+    "record_sign_out",
     "rollout_actions",
     "rollout_views",
+    "signed_out",
     "stripe_events",
 ]

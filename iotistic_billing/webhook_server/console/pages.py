@@ -41,7 +41,13 @@ from iotistic_billing.usage.periods import INSTANT, BillingPeriod, utc_days
 from iotistic_billing.usage.reports import INT64_MAX
 from iotistic_billing.webhook_server.console import data
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
-from iotistic_billing.webhook_server.console.session import COOKIE, LIFETIME_SECONDS, ConsoleSession, Sessions
+from iotistic_billing.webhook_server.console.session import (
+    COOKIE,
+    LIFETIME_SECONDS,
+    ConsoleSession,
+    Sessions,
+    SignOuts,
+)
 from iotistic_billing.webhook_server.context import (
     CLOCK,
     DIRECTORY,
@@ -89,6 +95,7 @@ DONE: Final = {
 # An action's audit row and Event when the API server's answer to its write was lost.
 UNANSWERED: Final = " (the API server's answer was lost: it may not have been made)"
 SESSION = web.RequestKey("console_session", ConsoleSession)
+SIGN_OUTS = web.AppKey("console_sign_outs", SignOuts)
 TEMPLATES = web.AppKey("console_templates", Environment)
 SESSIONS_KEY = web.AppKey("console_sessions", Sessions)
 
@@ -215,7 +222,13 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    """The session ends (its cookie is gone)."""
+    """The session ends: recorded first (a copy of its cookie opens nothing either), then its cookie goes.
+    PostgreSQL away, it is a 503 and the cookie stays, so that signing out again ends it."""
+    session = request[SESSION]
+    async with request.app[SESSIONS]() as db, db.begin():
+        await data.record_sign_out(db, session.id, session.expires_at)
+    request.app[SIGN_OUTS].add(session.id)
+    log.info("console: %s signed out from %s", session.role, request_address(request))
     response = see_other("/admin/login")
     response.del_cookie(COOKIE, path="/admin")
     return response
@@ -838,6 +851,8 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
     if page.role == "public":
         return await handler(request)
     session = request.app[SESSIONS_KEY].read(request.cookies.get(COOKIE))
+    if session is not None and await request.app[SIGN_OUTS].includes(session.id):
+        session = None  # signed out: a copy of its cookie opens nothing either
     if session is None:
         if request.method == "GET":
             return see_other("/admin/login")
@@ -868,10 +883,16 @@ def problem_page(
     return response
 
 
+async def _read_sign_outs(app: web.Application) -> set[str]:
+    async with app[SESSIONS]() as db:
+        return await data.signed_out(db)
+
+
 def register(app: web.Application, settings: Settings) -> None:
     """The console's routes on `app`, for console_guard to find with the role each needs."""
     app[TEMPLATES] = templates()
     app[SESSIONS_KEY] = Sessions(settings)
+    app[SIGN_OUTS] = SignOuts(lambda: _read_sign_outs(app))
     app[PAGES_KEY] = {app.router.add_route(page.method, page.path, page.handler): page for page in PAGES}
 
 

@@ -1,17 +1,21 @@
 """Console sessions: a sealed cookie (Fernet: encrypted and authenticated, with a lifetime) that says the
 role, the CSRF token of the session and which token signed it in, so that rotating a token ends the
-sessions it opened. No state on the server: every replica reads the same cookie, sealed with the key of
-CONSOLE_SESSION_KEY."""
+sessions it opened. Every replica reads the same cookie, sealed with the key of CONSOLE_SESSION_KEY; the
+only state on the server is the sessions signed out before their end (console_signouts, by `id`; SignOuts)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
 import secrets
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final, Literal
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -19,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretStr
 
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,10 +38,20 @@ class ConsoleSession:
     role: Role
     csrf: str
     token_tag: str  # a hash of the token that signed in: the session ends when that token changes
+    issued_at: int  # seconds since the epoch, sealed in the cookie (Fernet's timestamp)
 
     @property
     def may_act(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def id(self) -> str:
+        """What a sign-out records: a hash of the session's CSRF token, its one value of its own."""
+        return hashlib.sha256(("iotistic-console-session\n" + self.csrf).encode()).hexdigest()
+
+    @property
+    def expires_at(self) -> datetime:
+        return datetime.fromtimestamp(self.issued_at + LIFETIME_SECONDS, UTC)
 
 
 def _tag(token: str) -> str:
@@ -84,13 +99,13 @@ class Sessions:
         """The session a token opens, or None when it is neither the admin nor the viewer token."""
         for role, expected in _tokens(self.settings).items():
             if hmac.compare_digest(token.encode(), expected.encode()):
-                return ConsoleSession(role, secrets.token_urlsafe(32), _tag(expected))
+                return ConsoleSession(role, secrets.token_urlsafe(32), _tag(expected), int(time.time()))
         return None
 
     def seal(self, session: ConsoleSession) -> str:
         assert self._fernet is not None
         body = {"role": session.role, "csrf": session.csrf, "tag": session.token_tag}
-        return self._fernet.encrypt(json.dumps(body).encode()).decode()
+        return self._fernet.encrypt_at_time(json.dumps(body).encode(), session.issued_at).decode()
 
     def read(self, cookie: str | None) -> ConsoleSession | None:
         """The session of a cookie still valid (sealed by us, within its lifetime, its token unchanged)."""
@@ -98,13 +113,60 @@ class Sessions:
             return None
         try:
             body = json.loads(self._fernet.decrypt(cookie.encode(), ttl=LIFETIME_SECONDS))
+            issued_at = self._fernet.extract_timestamp(cookie.encode())
         except (InvalidToken, ValueError):
             return None
         role = body.get("role")
         token = _tokens(self.settings).get(role) if role in ("admin", "viewer") else None
         if token is None or not hmac.compare_digest(str(body.get("tag")), _tag(token)):
             return None
-        return ConsoleSession(role, str(body.get("csrf")), str(body.get("tag")))
+        return ConsoleSession(role, str(body.get("csrf")), str(body.get("tag")), issued_at)
 
 
-__all__ = ["COOKIE", "LIFETIME_SECONDS", "ConsoleSession", "Role", "Sessions"]
+class SignOuts:
+    """The sessions signed out before their end, as this replica last read them (`load`: console_signouts),
+    read again once `max_age` seconds old, so that a sign-out on another replica counts here within that.
+    PostgreSQL away, the last read stands: the pages that need no PostgreSQL stay up (a replica started
+    while it is away knows only its own sign-outs until it is back)."""
+
+    def __init__(
+        self,
+        load: Callable[[], Awaitable[set[str]]],
+        max_age: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._max_age = max_age
+        self._clock = clock
+        self._ids: set[str] = set()
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def includes(self, session_id: str) -> bool:
+        if self._stale():
+            async with self._lock:
+                if self._stale():  # not read meanwhile by a request that held the lock
+                    await self._read()
+        return session_id in self._ids
+
+    def add(self, session_id: str) -> None:
+        """This replica's own sign-out, recorded: counted at once, before the next read."""
+        self._ids.add(session_id)
+
+    def _stale(self) -> bool:
+        return self._read_at is None or self._clock() - self._read_at >= self._max_age
+
+    async def _read(self) -> None:
+        try:
+            ids = await self._load()
+        except Exception as error:
+            if not database_unreachable(error):
+                raise
+            log.warning("console: sign-outs not read (%s): the last read stands", type(error).__name__)
+        else:
+            self._ids = ids
+        # Read again max_age later either way: PostgreSQL away is not asked on every request.
+        self._read_at = self._clock()
+
+
+__all__ = ["COOKIE", "LIFETIME_SECONDS", "ConsoleSession", "Role", "Sessions", "SignOuts"]
