@@ -3,6 +3,7 @@ check."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -275,6 +276,38 @@ async def test_sign_outs_are_read_once_per_interval_and_the_last_read_stands_wit
     now[0] = 15.0
     with pytest.raises(KeyError):
         await sign_outs.includes("later")
+
+
+async def test_a_sign_out_during_a_read_is_kept_and_no_request_waits_on_a_read() -> None:
+    """Found in review: a read whose SELECT ran before this replica's sign-out committed replaced the set
+    and lost that sign-out until the next read; every page waited on a read in progress; and a
+    PostgreSQL that never answers held them all."""
+    rows, gate = {"elsewhere"}, asyncio.Event()
+
+    async def load() -> set[str]:
+        selected = set(rows)  # the SELECT, before the sign-out below commits
+        await gate.wait()
+        return selected
+
+    now = [0.0]
+    sign_outs = SignOuts(load, max_age=5.0, clock=lambda: now[0], timeout=0.5)
+    gate.set()
+    assert await sign_outs.includes("elsewhere")
+    gate.clear()
+    now[0] = 5.0
+    reading = asyncio.create_task(sign_outs.includes("mine"))
+    await asyncio.sleep(0)
+    # Another page meanwhile answers from the last read, at once.
+    assert await asyncio.wait_for(sign_outs.includes("elsewhere"), 0.05)
+    sign_outs.add("mine")
+    gate.set()
+    await reading
+    assert await sign_outs.includes("mine") and await sign_outs.includes("elsewhere")
+    # A read that gets no answer ends at the timeout; the last read stands.
+    gate.clear()
+    now[0] = 10.0
+    assert await asyncio.wait_for(sign_outs.includes("mine"), 2.0)
+    assert await asyncio.wait_for(sign_outs.includes("elsewhere"), 0.05)  # not read again at once
 
 
 def origin_request(headers: dict[str, str]) -> bool:

@@ -23,6 +23,7 @@ from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.settings import Settings, load_settings
 from iotistic_billing.webhook_server.console.pages import console_guard, register
+from iotistic_billing.webhook_server.console.session import COOKIE
 from iotistic_billing.webhook_server.context import (
     ADDRESS_LIMITER,
     CLOCK,
@@ -543,3 +544,25 @@ async def test_sign_in_through_an_untrusted_tls_proxy_says_to_set_trusted_proxie
         )
         problem = await answer.json()
         assert answer.status == 403 and "TRUSTED_PROXIES" not in problem["message"], problem
+
+
+async def test_sign_out_with_postgresql_away_is_a_503_that_keeps_the_session_to_sign_out_again(
+    console: Console,
+) -> None:
+    """Not recorded, the sign-out would leave copies of the cookie open: it says so, and the browser's
+    cookie stays for the next try."""
+    csrf = await console.sign_in()
+    copied = {cookie.key: cookie.value for cookie in console.client.session.cookie_jar}[COOKIE]
+    console.database.up = False
+    answer = await console.post("/admin/logout", {"csrf": csrf})
+    assert answer.status == 503, await answer.text()
+    assert "Set-Cookie" not in answer.headers
+    assert (await console.client.get("/admin/customers", allow_redirects=False)).status == 200
+    console.database.up = True
+    answer = await console.post("/admin/logout", {"csrf": csrf})
+    assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+    assert "Max-Age=0" in answer.headers["Set-Cookie"]
+    # This replica counts its own sign-out at once (the fake table keeps no row).
+    console.client.session.cookie_jar.update_cookies({COOKIE: copied})
+    answer = await console.client.get("/admin/customers", allow_redirects=False)
+    assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")

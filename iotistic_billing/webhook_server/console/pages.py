@@ -44,6 +44,7 @@ from iotistic_billing.webhook_server.console.charts import Series, running_total
 from iotistic_billing.webhook_server.console.session import (
     COOKIE,
     LIFETIME_SECONDS,
+    SIGN_OUT_MARGIN,
     ConsoleSession,
     Sessions,
     SignOuts,
@@ -226,7 +227,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     PostgreSQL away, it is a 503 and the cookie stays, so that signing out again ends it."""
     session = request[SESSION]
     async with request.app[SESSIONS]() as db, db.begin():
-        await data.record_sign_out(db, session.id, session.expires_at)
+        await data.record_sign_out(db, session.id, session.expires_at + SIGN_OUT_MARGIN)
     request.app[SIGN_OUTS].add(session.id)
     log.info("console: %s signed out from %s", session.role, request_address(request))
     response = see_other("/admin/login")

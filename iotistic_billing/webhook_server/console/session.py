@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 Role = Literal["admin", "viewer"]
 COOKIE: Final = "iotistic_console"
 LIFETIME_SECONDS: Final = 8 * 3600
+# A sign-out is kept this long past its session's end: a replica whose clock is behind PostgreSQL's
+# still reads the cookie as open that much longer (Fernet takes up to 60 s of skew).
+SIGN_OUT_MARGIN: Final = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -134,16 +137,19 @@ class SignOuts:
         load: Callable[[], Awaitable[set[str]]],
         max_age: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        timeout: float = 2.0,
     ) -> None:
         self._load = load
         self._max_age = max_age
+        self._timeout = timeout
         self._clock = clock
         self._ids: set[str] = set()
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
 
     async def includes(self, session_id: str) -> bool:
-        if self._stale():
+        # While one request reads, the others answer from the last read rather than wait for it.
+        if self._stale() and not (self._lock.locked() and self._read_at is not None):
             async with self._lock:
                 if self._stale():  # not read meanwhile by a request that held the lock
                     await self._read()
@@ -157,16 +163,19 @@ class SignOuts:
         return self._read_at is None or self._clock() - self._read_at >= self._max_age
 
     async def _read(self) -> None:
+        before = set(self._ids)
         try:
-            ids = await self._load()
+            # Bounded: a PostgreSQL that does not answer (failed over, its address silent) is away too.
+            ids = await asyncio.wait_for(self._load(), self._timeout)
         except Exception as error:
             if not database_unreachable(error):
                 raise
             log.warning("console: sign-outs not read (%s): the last read stands", type(error).__name__)
         else:
-            self._ids = ids
+            # A sign-out of this replica's during the read may have committed after its SELECT: kept.
+            self._ids = ids | (self._ids - before)
         # Read again max_age later either way: PostgreSQL away is not asked on every request.
         self._read_at = self._clock()
 
 
-__all__ = ["COOKIE", "LIFETIME_SECONDS", "ConsoleSession", "Role", "Sessions", "SignOuts"]
+__all__ = ["COOKIE", "LIFETIME_SECONDS", "SIGN_OUT_MARGIN", "ConsoleSession", "Role", "Sessions", "SignOuts"]
