@@ -154,11 +154,13 @@ class Settings(BaseSettings):
     stripe_inbox_workers: Annotated[int, Field(ge=0, le=64)] = 4
     stripe_inbox_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # Usage metering: seconds between status flushes (1 s to an hour) and between meter runs (a minute to
-    # a day); usage-key cache TTL (an hour at most: a revoked key works that long); seconds after its end
-    # before a period is closed (late reports of it are still billed until then), which with a meter
-    # interval stays under Stripe's 35 days (_meter_window).
+    # 12 hours: a run that lost the record of an event Stripe took sends it again the next run, and
+    # Stripe refuses an identifier it holds for 24 hours only); usage-key cache TTL (an hour at most: a
+    # revoked key works that long); seconds after its end before a period is closed (late reports of it
+    # are still billed until then), which with a meter interval stays under Stripe's 35 days
+    # (_meter_window).
     usage_flush_interval: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 10.0
-    usage_meter_interval: Annotated[float, Field(ge=60, le=86400, allow_inf_nan=False)] = 3600.0
+    usage_meter_interval: Annotated[float, Field(ge=60, le=43200, allow_inf_nan=False)] = 3600.0
     usage_key_cache_ttl: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 30.0
     usage_close_grace: Annotated[float, Field(ge=0, lt=STRIPE_METER_WINDOW_SECONDS, allow_inf_nan=False)] = (
         3600.0

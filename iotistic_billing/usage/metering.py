@@ -313,8 +313,8 @@ async def send_meter_events(
 ) -> MeterRun:
     """Run `before_close` (the rollups a flush still owes: UsageMetering.flush_unheld), close the
     periods that ended at least `close_grace` ago (rollups.close_periods), then send the meter events
-    they owe, of `limit` periods at most, those Stripe refused after the rest (see the module's note);
-    all under the lock.
+    they owe, `limit` periods a query, each once, those Stripe refused after the rest (see the module's
+    note); all under the lock.
 
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
@@ -328,20 +328,31 @@ async def send_meter_events(
             if sender is None:
                 return MeterRun(closed=closed)
             run = MeterRun(closed=closed)
-            for row in await conn.fetch(_UNMETERED, now, limit):
-                try:
-                    result = await _meter_period(conn, row, sender, now)
-                except StripeUnavailable as error:
-                    log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
-                    return replace(run, failed=run.failed + 1)
-                run = replace(
-                    run,
-                    sent=run.sent + result.sent,
-                    failed=run.failed + result.failed,
-                    expired=run.expired + result.expired,
-                    late=run.late + result.late,
-                )
-            return run
+            # `limit` periods at a time until each owed one was tried once: one batch a run left a
+            # month-end's rest an interval later. Those refused now sort after any not tried yet.
+            tried: set[tuple[str, datetime]] = set()
+            while True:
+                batch = [
+                    row
+                    for row in await conn.fetch(_UNMETERED, now, limit)
+                    if (row["customer_id"], row["period_start"]) not in tried
+                ]
+                if not batch:
+                    return run
+                for row in batch:
+                    tried.add((row["customer_id"], row["period_start"]))
+                    try:
+                        result = await _meter_period(conn, row, sender, now)
+                    except StripeUnavailable as error:
+                        log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
+                        return replace(run, failed=run.failed + 1)
+                    run = replace(
+                        run,
+                        sent=run.sent + result.sent,
+                        failed=run.failed + result.failed,
+                        expired=run.expired + result.expired,
+                        late=run.late + result.late,
+                    )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", METER_LOCK_KEY)
 

@@ -348,11 +348,17 @@ async def close_periods(
     next period's, open when the report can arrive (it is sent once it has ended)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
-    rows = await conn.fetch(_DUE, now - grace, limit)
-    for row in rows:
-        period = BillingPeriod(row["period_start"], row["period_end"])
-        await roll_up_period(conn, row["customer_id"], period, row["plan"] or default_plan, close_at=now)
-    return len(rows)
+    # `limit` at a time until none is left: a month-end of more periods than one batch left the rest
+    # for the next run, an interval later, and their meter events past Stripe's finalisation grace.
+    closed = 0
+    while True:
+        rows = await conn.fetch(_DUE, now - grace, limit)
+        for row in rows:
+            period = BillingPeriod(row["period_start"], row["period_end"])
+            await roll_up_period(conn, row["customer_id"], period, row["plan"] or default_plan, close_at=now)
+        closed += len(rows)
+        if len(rows) < limit:
+            return closed
 
 
 __all__ = [

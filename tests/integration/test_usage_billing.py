@@ -34,7 +34,7 @@ from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, roll_up
 from iotistic_billing.usage.reports import Accepted, parse_reports
-from iotistic_billing.usage.rollups import compute_rollup, roll_up_period, save_rollup
+from iotistic_billing.usage.rollups import close_periods, compute_rollup, roll_up_period, save_rollup
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import period_samples, period_totals
 from iotistic_billing.webhook_server.app import create_app
@@ -610,8 +610,9 @@ async def test_periods_stripe_keeps_refusing_do_not_starve_newer_periods(
 ) -> None:
     """Customer A's two periods are refused by every run (its meter missing at Stripe, which an operator
     can mend, so they are tried again); they came first in the work list, and filled it, so customer
-    B's newer period was never sent. Now B goes first, A's are tried again after it, and each refusal
-    is a warning once, not a stack trace every run."""
+    B's newer period was never sent. Now B goes first (in the same run: a run sends every owed period,
+    each once), A's are tried again after it, and each refusal is a warning once, not a stack trace
+    every run."""
     refused, newer = customer_id_for(unique_name("refused")), customer_id_for(unique_name("newer"))
     # A checkout on March 15 cut A's calendar month short; B's periods are anchored on the 16th.
     cut, anchored = at(2025, 3, 1), at(2025, 3, 15)
@@ -624,7 +625,8 @@ async def test_periods_stripe_keeps_refusing_do_not_starve_newer_periods(
         first = await send_meter_events(meter_pool, sender, NOW, close_grace=timedelta(hours=1), limit=2)
         later = NOW + timedelta(hours=1)
         second = await send_meter_events(meter_pool, sender, later, close_grace=timedelta(hours=1), limit=2)
-    assert (first.sent, first.failed, second.sent, second.failed) == (0, 2, 1, 1)
+    # A's two filled the first batch of 2; B, sorted before what was refused, went in the same run.
+    assert (first.sent, first.failed, second.sent, second.failed) == (1, 2, 0, 2)
     assert sender.accepted == [f"{newer}:20250316:api_calls"]
     assert await meter_state(meter_pool, newer) == [(at(2025, 3, 16), True, None)]
     refusal = "api_calls: HTTP 400: No active meter found for event_name iotistic_api_calls"
@@ -639,6 +641,37 @@ async def test_periods_stripe_keeps_refusing_do_not_starve_newer_periods(
         )
     ]
     assert all(r.exc_info is None for r in warnings)
+
+
+async def test_a_meter_run_closes_and_sends_every_owed_period_not_one_batch(meter_pool: Pool) -> None:
+    """Found in review: a run closed 1,000 periods and sent 500 at most, so a month-end of more paying
+    customers left the rest an interval later (two hours after their end by default), past the invoice
+    finalisation grace README advises. Batches of 2 here, all in one run."""
+    customers = [customer_id_for(unique_name("month-end")) for _ in range(5)]
+    billed, quiet = (
+        BillingPeriod(at(2025, 3, 16), at(2025, 4, 16)),
+        BillingPeriod(at(2025, 4, 16), at(2025, 4, 17)),
+    )
+    for customer in customers:
+        await closed_period(meter_pool, customer, billed)
+    async with connection(meter_pool) as conn:
+        for customer in customers[:3]:  # open, ended past the grace, nothing over the quota
+            totals = PeriodTotals(quiet.start, quiet.end, api_calls=10, reports=1)
+            await save_rollup(conn, compute_rollup(customer, quiet, "starter", totals))
+        assert await close_periods(conn, NOW, grace=timedelta(hours=1), limit=2) == 3
+    sender = StripeLike(NOW, refused=(customers[0],))
+
+    run = await send_meter_events(meter_pool, sender, NOW, close_grace=timedelta(hours=1), limit=2)
+
+    assert (run.sent, run.failed) == (4, 1)  # the refused one tried once, not again after the rest
+    assert sorted(sender.accepted) == sorted(f"{c}:20250316:api_calls" for c in customers[1:])
+    for customer in customers[1:3]:
+        assert await meter_state(meter_pool, customer) == [
+            (billed.start, True, None),
+            (quiet.start, True, None),
+        ]
+    for customer in customers[3:]:
+        assert await meter_state(meter_pool, customer) == [(billed.start, True, None)]
 
 
 async def test_a_period_past_stripes_35_days_is_given_up_once_and_said_so(

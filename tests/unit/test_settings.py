@@ -104,6 +104,8 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("USAGE_METER_INTERVAL", "604800", "USAGE_METER_INTERVAL: Input should be less than or equal"),
         ("USAGE_KEY_CACHE_TTL", "inf", "USAGE_KEY_CACHE_TTL: Input should be a finite number"),
         ("USAGE_KEY_CACHE_TTL", "86400", "USAGE_KEY_CACHE_TTL: Input should be less than or equal"),
+        # A re-send of an event whose record was lost must come within Stripe's 24 hours of de-duplication.
+        ("USAGE_METER_INTERVAL", "86400", "USAGE_METER_INTERVAL: Input should be less than or equal to 432"),
         ("USAGE_CLOSE_GRACE", "inf", "USAGE_CLOSE_GRACE: Input should be a finite number"),
         ("USAGE_CLOSE_GRACE", "nan", "USAGE_CLOSE_GRACE: Input should be a finite number"),
         ("SIGNUP_LICENSE_WAIT", "nan", "SIGNUP_LICENSE_WAIT: Input should be a finite number"),
@@ -310,15 +312,15 @@ def test_a_close_grace_past_stripes_meter_window_is_refused_naming_it(
     """Found in review: a period is metered up to USAGE_CLOSE_GRACE + USAGE_METER_INTERVAL after its end;
     at Stripe's 35 days or more its events are past the window Stripe takes, and nothing is billed."""
     day = 24 * 3600
-    monkeypatch.setenv("USAGE_METER_INTERVAL", str(day))
-    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(34 * day))
+    monkeypatch.setenv("USAGE_METER_INTERVAL", str(day // 2))
+    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(34.5 * day))
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert "USAGE_CLOSE_GRACE: with USAGE_METER_INTERVAL it must stay under Stripe's 35 days" in str(
         refused.value
     )
-    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(33 * day))
-    assert load_settings().usage_close_grace == 33 * day
+    monkeypatch.setenv("USAGE_CLOSE_GRACE", str(34 * day))
+    assert load_settings().usage_close_grace == 34 * day
 
 
 @pytest.mark.parametrize(
