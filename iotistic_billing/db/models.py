@@ -260,7 +260,8 @@ class Notice(Base):
 
 class NoticeDelivery(Base):
     """One notice to one target (an address, an endpoint): pending until sent, dead after the last try.
-    `message_id` is the email's Message-ID and the webhook's webhook-id, the same on every try."""
+    `message_id` is the email's Message-ID and the webhook's webhook-id, the same on every try (a mail
+    sent again after it arrived gets one of its own: notices/log.py)."""
 
     __tablename__ = "notice_deliveries"
     __table_args__ = (

@@ -55,7 +55,9 @@ async def resend(
 ) -> LoggedNotice:
     """The deliveries of the notice that did not arrive (dead, or pending) due now, their tries counted
     anew, and those that arrived left alone; when every one arrived (a customer says it lost the notice),
-    all of them sent again. The same Message-ID and webhook-id, so a receiver that saw one can tell.
+    all of them sent again. The same webhook-id, so a receiver that saw one can tell; a mail sent again
+    after it arrived gets a Message-ID of its own, as a mailbox drops one whose Message-ID it holds
+    (Gmail does, the deleted one's too), which would lose the copy asked for.
 
     The customer's webhook goes to the URL its Customer names now (`spec_now`), as a dead one's URL may
     have been fixed since; one whose Customer names no webhook any more is left as it is; with no
@@ -88,6 +90,8 @@ async def resend(
             if webhook_now is None:
                 continue  # the customer took its webhook away: no URL it still wants posted to
             delivery.target = webhook_now
+        if delivery.channel == Channel.EMAIL and delivery.status == "sent":
+            delivery.message_id = resent_message_id(delivery.message_id, now)
         delivery.status = "pending"
         delivery.attempts = 0
         delivery.next_attempt_at = now
@@ -95,4 +99,9 @@ async def resend(
     return LoggedNotice(notice, deliveries)
 
 
-__all__ = ["LoggedNotice", "recent_notices", "resend"]
+def resent_message_id(message_id: str, now: datetime) -> str:
+    """The Message-ID of a mail sent again after it arrived: the first one's, and the time of the resend."""
+    return f"{message_id.split('.', 1)[0]}.r{int(now.timestamp())}"
+
+
+__all__ = ["LoggedNotice", "recent_notices", "resend", "resent_message_id"]

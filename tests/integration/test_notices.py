@@ -898,6 +898,46 @@ async def test_resend_leaves_sent_deliveries_alone(
     assert len(mails_to(mailpit, f"finance@{name}.example")) == 1
 
 
+async def test_a_notice_resent_after_every_copy_arrived_mails_under_a_new_message_id(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """Found in review: a customer who lost the mail asks for it again, and a mailbox that holds (or
+    held) its Message-ID drops the copy, as Gmail does. The mail gets a Message-ID of its own; the
+    webhooks keep their webhook-id, the receivers' idempotency key."""
+    from iotistic_billing.notices.log import resend
+
+    platform, customer = receivers
+    name = unique_name("lostmail")
+    write_customer_secret(k8s_client, name)
+    notice, spec = suspended_notice(name), customer_spec(name, customer.url)
+    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url)
+    await one.start()
+    try:
+        await one.send_due()
+        first = {d.target: d.message_id for d in await deliveries(sessions, notice.key)}
+        assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+        clock.advance(60)
+        async with sessions() as session, session.begin():
+            await resend(session, await notice_row(session, notice.key), clock(), spec)
+        await one.send_due()
+    finally:
+        await one.stop()
+    after = {d.target: d.message_id for d in await deliveries(sessions, notice.key)}
+    assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
+    address = f"ops@{name}.example"
+    assert after[address] != first[address] and after[address].startswith(first[address] + ".r")
+    mails = {mail["MessageID"] for mail in mails_to(mailpit, address)}
+    assert mails == {f"{first[address]}@iotistic.example", f"{after[address]}@iotistic.example"}
+    assert after[customer.url] == first[customer.url] and after[platform.url] == first[platform.url]
+    assert len(customer.seen) == 2 and len(set(customer.seen)) == 1
+
+
 async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
     sessions: async_sessionmaker[AsyncSession],
     db_engine: AsyncEngine,
