@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import Select, func, select
+from sqlalchemy import DateTime, Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import (
@@ -130,11 +130,14 @@ def backoff(attempts: int) -> timedelta:
 
 def claim(now: datetime) -> Select[models.NoticeDelivery, models.Notice]:
     """The delivery due longest that no other sender holds, locked, with its notice: the first entry of
-    the due index (`ix_notice_deliveries_due`, in this order)."""
+    the due index (`ix_notice_deliveries_due`, in this order). Due by this sender's clock or by
+    PostgreSQL's, whichever is later: a new delivery's time is PostgreSQL's (the column's default), and a
+    sender whose clock is behind it waited that long for every notice (found in review)."""
+    due_by = func.greatest(literal(now, DateTime(timezone=True)), func.now())
     return (
         select(models.NoticeDelivery, models.Notice)
         .join(models.Notice, models.Notice.id == models.NoticeDelivery.notice_id)
-        .where(models.NoticeDelivery.status == "pending", models.NoticeDelivery.next_attempt_at <= now)
+        .where(models.NoticeDelivery.status == "pending", models.NoticeDelivery.next_attempt_at <= due_by)
         .order_by(models.NoticeDelivery.next_attempt_at, models.NoticeDelivery.id)
         .limit(1)
         .with_for_update(of=models.NoticeDelivery, skip_locked=True)

@@ -859,6 +859,28 @@ async def test_a_dead_delivery_is_sent_again_on_request(
         await one.stop()
 
 
+async def test_a_sender_whose_clock_is_behind_postgresql_s_sends_a_new_notice_at_once(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, receivers: tuple[Receiver, Receiver]
+) -> None:
+    """Found in review: a new delivery is due at PostgreSQL's now() (the column's default) and the claim
+    compared it with the sender's clock, so a node an hour behind sent every notice an hour late."""
+    platform, _ = receivers
+    clock = Clock()
+    clock.offset = -timedelta(minutes=2)  # within the receivers' five minutes of timestamp
+    one = sender(sessions, kube, clock, None)
+    name = unique_name("skewed")
+    notice = suspended_notice(name)
+    spec = CustomerSpec.model_validate({"email": f"ops@{name}.example", "companyName": "S"})
+    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    await one.start()
+    try:
+        await one.send_due()
+    finally:
+        await one.stop()
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "platform"]
+    assert (webhook.status, webhook.attempts) == ("sent", 1)
+
+
 async def test_resend_leaves_sent_deliveries_alone(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
