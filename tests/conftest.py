@@ -273,6 +273,20 @@ class OperatorProcess:
                 self.kill()
 
 
+def http_status(url: str) -> int:
+    """The status of a GET of `url`, 0 when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the tests' own servers
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
 def wait_until(
     condition: Callable[[], object], timeout: float = 30, message: str = "", interval: float = 0.2
 ) -> Any:

@@ -4,29 +4,16 @@ endpoint (one family) on POD_IP's, the address the kubelet probes."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
-from tests.conftest import OperatorProcess, wait_until
+from tests.conftest import OperatorProcess, http_status, wait_until
 from tests.integration.webhook_support import ServerProcess, server_env
 
 pytestmark = pytest.mark.integration
-
-
-def status(url: str) -> int:
-    """The answer's status, 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
 
 
 def test_the_webhook_server_and_its_inbox_answer_on_ipv4_and_ipv6(
@@ -40,11 +27,11 @@ def test_the_webhook_server_and_its_inbox_answer_on_ipv4_and_ipv6(
     server = ServerProcess(env, tmp_path / "webhooks.log").start()
     try:
         inbox = f"http://127.0.0.1:{env['STRIPE_INBOX_PORT']}/healthz"
-        wait_until(lambda: status(inbox) == 200, timeout=60, message="the inbox process's /healthz")
+        wait_until(lambda: http_status(inbox) == 200, timeout=60, message="the inbox process's /healthz")
         for port in (env["PORT"], env["STRIPE_INBOX_PORT"]):
             for loopback in ("127.0.0.1", "[::1]"):
-                assert status(f"http://{loopback}:{port}/healthz") == 200, (loopback, port)
-        assert status(f"http://[::1]:{env['PORT']}/api/licenses/public-key") == 200
+                assert http_status(f"http://{loopback}:{port}/healthz") == 200, (loopback, port)
+        assert http_status(f"http://[::1]:{env['PORT']}/api/licenses/public-key") == 200
     finally:
         server.terminate()
 
@@ -60,11 +47,11 @@ def test_the_operator_s_liveness_listens_on_the_pod_ip_s_family_and_its_metrics_
     operator.start(POD_IP=pod_ip, OPERATOR_SHARDS="64", OPERATOR_SHARD="63")
     try:
         liveness = operator.liveness_url.rsplit(":", 1)[1]
-        assert status(f"http://{probed}:{liveness}") == 200
+        assert http_status(f"http://{probed}:{liveness}") == 200
         # Kopf binds one family: the other is not served (an asyncio "::" socket is IPv6 alone).
-        assert status(f"http://{other}:{liveness}") == 0
+        assert http_status(f"http://{other}:{liveness}") == 0
         metrics = operator.metrics_url.rsplit(":", 1)[1]
         for loopback in ("127.0.0.1", "[::1]"):
-            assert status(f"http://{loopback}:{metrics}") == 200, loopback
+            assert http_status(f"http://{loopback}:{metrics}") == 200, loopback
     finally:
         operator.kill()

@@ -241,6 +241,31 @@ async def enqueue(
         return await outbox.enqueue(session, notice, spec)
 
 
+async def enqueue_for_customer(
+    sessions: async_sessionmaker[AsyncSession],
+    k8s_client: kubernetes.client.ApiClient,
+    receivers: tuple[Receiver, Receiver],
+    name: str,
+) -> tuple[Any, CustomerSpec]:
+    """A suspension notice of a Customer with mail and its own webhook (its signing secret written), in
+    the outbox with the platform's endpoint: the notice and the spec."""
+    platform, customer = receivers
+    write_customer_secret(k8s_client, name)
+    notice, spec = suspended_notice(name), customer_spec(name, customer.url)
+    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    return notice, spec
+
+
+async def resend_at(
+    sessions: async_sessionmaker[AsyncSession], notice: Any, now: datetime, spec: CustomerSpec | None
+) -> Any:
+    """POST /api/notices/{id}/resend's work (notices.log.resend) in a transaction of its own."""
+    from iotistic_billing.notices.log import resend
+
+    async with sessions() as session, session.begin():
+        return await resend(session, await notice_row(session, notice.key), now, spec)
+
+
 async def deliveries(sessions: async_sessionmaker[AsyncSession], key: str) -> list[models.NoticeDelivery]:
     async with sessions() as session:
         rows = await session.scalars(
@@ -636,9 +661,7 @@ async def test_a_customer_s_webhook_to_the_server_s_own_address_is_refused_witho
     says why; the platform team's endpoint at the same address is the deployment's own and is posted to."""
     platform, customer = receivers
     name = unique_name("loopback")
-    write_customer_secret(k8s_client, name)
-    notice = suspended_notice(name)
-    await enqueue(sessions, Outbox(platform.url), notice, customer_spec(name, customer.url))
+    notice, _ = await enqueue_for_customer(sessions, k8s_client, receivers, name)
     one = sender(sessions, kube, Clock(), None, allowed=())
     await one.start()
     try:
@@ -890,14 +913,10 @@ async def test_resend_leaves_sent_deliveries_alone(
 ) -> None:
     """A customer's webhook died, its mails and the platform's webhook arrived: a re-send makes the dead
     one due again and sends nothing that arrived a second time."""
-    from iotistic_billing.notices.log import resend
-
     platform, customer = receivers
     customer.fail = 1
     name = unique_name("halfdead")
-    write_customer_secret(k8s_client, name)
-    notice, spec = suspended_notice(name), customer_spec(name, customer.url)
-    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    notice, spec = await enqueue_for_customer(sessions, k8s_client, receivers, name)
     clock = Clock()
     one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
     await one.start()
@@ -906,8 +925,7 @@ async def test_resend_leaves_sent_deliveries_alone(
         before = {d.target: (d.status, d.attempts) for d in await deliveries(sessions, notice.key)}
         assert before[customer.url] == ("dead", 1)
         assert sorted(before.values()) == [("dead", 1)] + [("sent", 1)] * 3
-        async with sessions() as session, session.begin():
-            logged = await resend(session, await notice_row(session, notice.key), clock(), spec)
+        logged = await resend_at(sessions, notice, clock(), spec)
         resent = {d.target: (d.status, d.attempts) for d in logged.deliveries}
         assert resent == {**before, customer.url: ("pending", 0)}
         await one.send_due()
@@ -930,13 +948,9 @@ async def test_a_notice_resent_after_every_copy_arrived_mails_under_a_new_messag
     """Found in review: a customer who lost the mail asks for it again, and a mailbox that holds (or
     held) its Message-ID drops the copy, as Gmail does. The mail gets a Message-ID of its own; the
     webhooks keep their webhook-id, the receivers' idempotency key."""
-    from iotistic_billing.notices.log import resend
-
     platform, customer = receivers
     name = unique_name("lostmail")
-    write_customer_secret(k8s_client, name)
-    notice, spec = suspended_notice(name), customer_spec(name, customer.url)
-    await enqueue(sessions, Outbox(platform.url), notice, spec)
+    notice, spec = await enqueue_for_customer(sessions, k8s_client, receivers, name)
     clock = Clock()
     one = sender(sessions, kube, clock, mailpit.smtp_url)
     await one.start()
@@ -945,8 +959,7 @@ async def test_a_notice_resent_after_every_copy_arrived_mails_under_a_new_messag
         first = {d.target: d.message_id for d in await deliveries(sessions, notice.key)}
         assert {d.status for d in await deliveries(sessions, notice.key)} == {"sent"}
         clock.advance(60)
-        async with sessions() as session, session.begin():
-            await resend(session, await notice_row(session, notice.key), clock(), spec)
+        await resend_at(sessions, notice, clock(), spec)
         await one.send_due()
     finally:
         await one.stop()
@@ -968,7 +981,6 @@ async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
     """Found in review: a resend asked for the one delivery not sent, waited on its lock while a sender
     sent it, then found every delivery sent and sent all of them again (the rule for a notice a customer
     says it lost)."""
-    from iotistic_billing.notices.log import resend
 
     name = unique_name("racing")
     notice, spec = suspended_notice(name), customer_spec(name, "https://hooks.racing.example/x")
@@ -991,8 +1003,7 @@ async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
         assert webhook is not None
 
         async def resend_now() -> list[str]:
-            async with sessions() as session, session.begin():
-                logged = await resend(session, await notice_row(session, notice.key), datetime.now(UTC), spec)
+            logged = await resend_at(sessions, notice, datetime.now(UTC), spec)
             return sorted(delivery.status for delivery in logged.deliveries)
 
         resending = asyncio.create_task(resend_now())

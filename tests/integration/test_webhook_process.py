@@ -22,7 +22,7 @@ import pytest
 from iotistic_billing.customer import resource_name_for
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.processes import free_port
-from tests.conftest import OperatorProcess, unique_name, wait_until
+from tests.conftest import OperatorProcess, http_status, unique_name, wait_until
 from tests.integration.webhook_support import ADMIN_TOKEN, Customers, ServerProcess, server_env
 
 pytestmark = pytest.mark.integration
@@ -217,20 +217,11 @@ def test_the_stripe_inbox_port_serves_probes_and_metrics_only(env: dict[str, str
     server = ServerProcess(env, tmp_path / "webhooks.log").start()
     inbox = f"http://127.0.0.1:{env['STRIPE_INBOX_PORT']}"
 
-    def status(url: str) -> int:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
-                return int(response.status)
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return 0
-
     try:
-        wait_until(lambda: status(f"{inbox}/healthz") == 200, timeout=60, message="inbox /healthz")
-        assert status(f"{inbox}/metrics") == 200
-        assert status(f"{inbox}/api/openapi.json") == 404
-        assert status(f"{inbox}/api/licenses/public-key") == 404
-        assert status(f"{server.url}/api/licenses/public-key") == 200
+        wait_until(lambda: http_status(f"{inbox}/healthz") == 200, timeout=60, message="inbox /healthz")
+        assert http_status(f"{inbox}/metrics") == 200
+        assert http_status(f"{inbox}/api/openapi.json") == 404
+        assert http_status(f"{inbox}/api/licenses/public-key") == 404
+        assert http_status(f"{server.url}/api/licenses/public-key") == 200
     finally:
         server.terminate()
