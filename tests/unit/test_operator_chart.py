@@ -924,6 +924,30 @@ def test_network_policies_admit_only_the_serving_ports(default_objects: list[Man
     ), "HTTPS for Stripe"
 
 
+def test_services_take_the_cluster_s_family_unless_the_ip_family_values_say(
+    default_objects: list[Manifest], helm: Path, tmp_path: Path
+) -> None:
+    """The Services had no IP family value before, so a dual-stack cluster gave them its first
+    family only, and a client of the other family could not reach the webhook server."""
+    for name in (OPERATOR, WEBHOOK_SERVER):
+        spec = one(default_objects, "Service", name)["spec"]
+        assert "ipFamilyPolicy" not in spec and "ipFamilies" not in spec
+
+    dual = {"service": {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv6", "IPv4"]}}
+    objects = render(helm, tmp_path, dual)
+    for name in (OPERATOR, WEBHOOK_SERVER):
+        spec = one(objects, "Service", name)["spec"]
+        assert (spec["ipFamilyPolicy"], spec["ipFamilies"]) == ("PreferDualStack", ["IPv6", "IPv4"])
+
+    # The API server refuses two families under a single-stack policy: the chart says so first.
+    refused = template(helm, "--set", "service.ipFamilies={IPv4,IPv6}")
+    assert refused.returncode != 0 and "/service/ipFamilyPolicy" in refused.stderr, refused.stderr
+    refused = template(
+        helm, "--set", "service.ipFamilies={IPv4,IPv4}", "--set", "service.ipFamilyPolicy=PreferDualStack"
+    )
+    assert refused.returncode != 0 and "/service/ipFamilies" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("port", [443, 6443, 5432, 80, 25, 8443])
 def test_default_egress_reaches_an_ipv6_address_as_it_reaches_an_ipv4_one(
     helm: Path, tmp_path: Path, port: int

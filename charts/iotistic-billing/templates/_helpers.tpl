@@ -250,3 +250,13 @@ date the operator did not keep). A credential from another Secret (valueFrom) st
 {{- define "iotistic-billing.urlPort" -}}
 {{- regexFind ":[0-9]+$" (urlParse .url).host | trimPrefix ":" | default .default -}}
 {{- end -}}
+
+{{/* The Services' IP families (values.yaml, service): nothing when empty, the cluster's default. */}}
+{{- define "iotistic-billing.ipFamilies" -}}
+{{- with .Values.service.ipFamilyPolicy }}
+ipFamilyPolicy: {{ . }}
+{{- end }}
+{{- with .Values.service.ipFamilies }}
+ipFamilies: {{ toJson . }}
+{{- end }}
+{{- end -}}
