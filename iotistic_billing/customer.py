@@ -68,6 +68,19 @@ def deletion_running_annotation(customer_id: str) -> str:
     return f"{DELETION_RUNNING_PREFIX}{customer_id}"
 
 
+def deletion_mark(name: str, uid: str) -> str:
+    """That annotation's value: the deleting Customer, so that the notice sender lifts a mark whose
+    Customer went without its deletion lifting it (a finalizer dropped by hand)."""
+    return f"{name}/{uid}"
+
+
+def marking_customer(mark: str) -> tuple[str, str] | None:
+    """The name and uid a deletion mark names; None for one that names none ("true", as written before
+    the value named the Customer: it is lifted by its deletion only)."""
+    name, slash, uid = mark.partition("/")
+    return (name, uid) if slash and name and uid else None
+
+
 # On that Secret, once a deletion has written its last notice: the time (PostgreSQL's clock, as a notice's
 # created_at) until which the customer id's notices are the deleted Customer's, signed with its key.
 SIGNS_UNTIL_PREFIX = "signs-until.iotistic.io/"

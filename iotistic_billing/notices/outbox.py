@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.db import models
@@ -84,4 +85,14 @@ def _chunks(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield rows[start : start + ROWS_A_STATEMENT]
 
 
-__all__ = ["NOTICES_CHANNEL", "Outbox"]
+async def notices_written_until(sessions: async_sessionmaker[AsyncSession]) -> datetime:
+    """PostgreSQL's time now: a notice's created_at is PostgreSQL's time too (its transaction's start),
+    so no clock of another host decides whether a notice was written before a moment (the time until
+    which a deleted Customer's kept key signs its notices)."""
+    async with sessions() as session:
+        now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None, "SELECT now() gave no row"
+    return now
+
+
+__all__ = ["NOTICES_CHANNEL", "Outbox", "notices_written_until"]

@@ -39,10 +39,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from iotistic_billing.customer import (
     CUSTOMER_ID_LABEL,
     DELETED_NOTIFICATIONS_SECRET_NAME,
+    DELETION_RUNNING_PREFIX,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     customer_id_in_use,
     deletion_running_annotation,
+    marking_customer,
     namespace_for,
     signs_until_annotation,
 )
@@ -53,7 +55,7 @@ from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, Secr
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
 from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
-from iotistic_billing.notices.outbox import NOTICES_CHANNEL
+from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
@@ -241,7 +243,8 @@ class NoticeSender:
         lifts the mark after that notice, noting its time in the same write, so a Customer kept here
         unmarked with nothing pending will have nothing more to sign; the drop applies only to the
         Secret as read (one whose mark was lifted since, its notice committed after our look at the
-        deliveries, keeps its key: looked at again next time)."""
+        deliveries, keeps its key: looked at again next time). A mark whose Customer is gone
+        (`_abandoned_deletions`) is lifted here, in the same write, noting PostgreSQL's time now."""
         namespace = self.options.billing_namespace
         kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         if kept is None or not kept[0]:
@@ -264,28 +267,66 @@ class NoticeSender:
             for customer_id, written_at in oldest_pending
             if _still_signs(kept, customer_id, written_at)
         }
+        abandoned = await self._abandoned_deletions(kept)
         running = {
             customer_id
             for customer_id in kept[0]
             if kept.annotations.get(deletion_running_annotation(customer_id))
-        }
+        } - abandoned
         settled = sorted(set(kept[0]) - pending - running)
+        if not settled and not abandoned:
+            return []
+        annotations: dict[str, str | None] = {
+            signs_until_annotation(customer_id): None for customer_id in settled
+        }
+        if abandoned:
+            # Its pending webhooks (any of the id, as while it was marked) are signed until now, then not.
+            until = (await notices_written_until(self.sessions)).isoformat()
+            for customer_id in abandoned:
+                annotations[deletion_running_annotation(customer_id)] = None
+                if customer_id in kept[0] and customer_id not in settled:
+                    annotations[signs_until_annotation(customer_id)] = until
+        try:
+            await self.kube.merge_secret_data(
+                namespace,
+                DELETED_NOTIFICATIONS_SECRET_NAME,
+                {customer_id: None for customer_id in settled},
+                manager=FieldManager.NOTICES,
+                resource_version=kept.resource_version,
+                annotations=annotations,
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            return []
+        if abandoned:
+            log.warning(
+                "lifted the deletion marks of customer ids %s: their Customers went without their"
+                " deletions ending (a finalizer dropped by hand); their kept keys sign only the notices"
+                " written until now",
+                ", ".join(sorted(abandoned)),
+            )
         if settled:
-            try:
-                await self.kube.merge_secret_data(
-                    namespace,
-                    DELETED_NOTIFICATIONS_SECRET_NAME,
-                    {customer_id: None for customer_id in settled},
-                    manager=FieldManager.NOTICES,
-                    resource_version=kept.resource_version,
-                    annotations={signs_until_annotation(customer_id): None for customer_id in settled},
-                )
-            except ApiException as error:
-                if error.status != 409:
-                    raise
-                return []
             log.info("dropped the kept signing secrets of deleted Customers %s", ", ".join(settled))
         return settled
+
+    async def _abandoned_deletions(self, kept: SecretData) -> set[str]:
+        """The customer ids whose deletion mark names a Customer that is gone, or replaced under its name
+        (another uid): its finalizer was dropped by hand, so its deletion never lifts the mark, and a
+        marked key signs every notice of the id, a Customer's created again under it included. A mark
+        that names no Customer (written before marks did) is its deletion's to lift."""
+        abandoned: set[str] = set()
+        for annotation, mark in kept.annotations.items():
+            if not annotation.startswith(DELETION_RUNNING_PREFIX) or not mark:
+                continue
+            marker = marking_customer(mark)
+            if marker is None:
+                continue
+            name, uid = marker
+            found = await self.kube.read_customer(name)
+            if found is None or found["metadata"].get("uid") != uid:
+                abandoned.add(annotation.removeprefix(DELETION_RUNNING_PREFIX))
+        return abandoned
 
     async def send_due(self) -> int:
         """Try every delivery that is due now, once (tests, and a drain at shutdown)."""

@@ -27,6 +27,7 @@ from iotistic_billing.customer import (
     CustomerStatus,
     InvalidSpecError,
     customer_id_in_use,
+    deletion_mark,
     namespace_for,
     parse_spec,
 )
@@ -127,7 +128,12 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
                 held = await other_holder(ctx, body, customer_id) is not None
             if not held:
                 with _step("keeping the webhook signing secret"):
-                    await keep_webhook_secret(ctx, customer_id, signing, deletion_running=True)
+                    await keep_webhook_secret(
+                        ctx,
+                        customer_id,
+                        signing,
+                        running_deletion=deletion_mark(name, str(meta.get("uid") or "")),
+                    )
         terminating = found is not None and bool(found["metadata"].get("deletionTimestamp"))
         uninstalled = False
         if ours and not terminating:
@@ -158,7 +164,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
             # collector's), so that what an earlier try kept and marked is not kept for ever, nor signs
             # every later notice (nothing when nothing was kept).
             with _step("keeping the webhook signing secret"):
-                await keep_webhook_secret(ctx, customer_id, signing, deletion_running=False)
+                await keep_webhook_secret(ctx, customer_id, signing, running_deletion=None)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage

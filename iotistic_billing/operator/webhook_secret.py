@@ -6,9 +6,7 @@ Customer is deleted, the copy is kept in the billing namespace for the webhooks 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
-from sqlalchemy import func, select
+from datetime import timedelta
 
 from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
@@ -19,6 +17,7 @@ from iotistic_billing.customer import (
     signs_until_annotation,
     webhook_url_problem,
 )
+from iotistic_billing.notices.outbox import notices_written_until
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.manifests import notifications_secret_manifest
@@ -103,26 +102,28 @@ async def signing_secret_copy(ctx: OperatorContext, customer_id: str, namespace:
 
 
 async def keep_webhook_secret(
-    ctx: OperatorContext, customer_id: str, secret: bytes | None, *, deletion_running: bool
+    ctx: OperatorContext, customer_id: str, secret: bytes | None, *, running_deletion: str | None
 ) -> None:
     """A deleted Customer's signing secret (signing_secret_copy) kept under its customer id in the
     billing namespace, so that its pending webhooks (the `license.revoked` its deletion writes, any still
     retrying) can be signed on every try once its namespace is gone; the notice sender drops it once none
-    is pending (docs/architecture.md, "Notices"), but not while `deletion_running` marks it (kept before
-    the deletion's notice is written: nothing is pending yet). `secret` None: the mark alone (a retry that
-    found the copy gone keeps what an earlier try kept).
+    is pending (docs/architecture.md, "Notices"), but not while `running_deletion` marks it (kept before
+    the deletion's notice is written: nothing is pending yet; the mark, `deletion_mark`, names the deleting
+    Customer, None lifts it). `secret` None: the mark alone (a retry that found the copy gone keeps what an
+    earlier try kept).
 
     While the mark is on, the key signs every notice of the id (no other Customer held it when the
     deletion looked); once it is lifted, only those written until then (`signs_until_annotation`): a
     Customer created again under the id later signs its own with its own key."""
     namespace = ctx.settings.billing_namespace
-    annotations: dict[str, str | None] = {
-        deletion_running_annotation(customer_id): "true" if deletion_running else None
-    }
-    if deletion_running:
+    annotations: dict[str, str | None] = {deletion_running_annotation(customer_id): running_deletion}
+    if running_deletion is not None:
         annotations[signs_until_annotation(customer_id)] = None  # the key it keeps signs all until it ends
     elif secret is not None or await _marked(ctx, namespace, customer_id):
-        annotations[signs_until_annotation(customer_id)] = (await _notices_written_until(ctx)).isoformat()
+        # Read after the deletion's notice committed.
+        annotations[signs_until_annotation(customer_id)] = (
+            await notices_written_until(ctx.sessions)
+        ).isoformat()
     # Else this deletion kept nothing: a key an earlier deletion of the id kept keeps its own time (moved
     # on, it would sign the notices written since, of a Customer created again under the id).
     await ctx.kube.merge_secret_data(
@@ -143,15 +144,6 @@ async def _marked(ctx: OperatorContext, namespace: str, customer_id: str) -> boo
         and customer_id in kept.data
         and deletion_running_annotation(customer_id) in kept.annotations
     )
-
-
-async def _notices_written_until(ctx: OperatorContext) -> datetime:
-    """PostgreSQL's time now, read after the deletion's notice committed: a notice's created_at is
-    PostgreSQL's time too (its transaction's start), so no clock of another host decides whose it is."""
-    async with ctx.sessions() as session:
-        now: datetime | None = await session.scalar(select(func.now()))
-    assert now is not None, "SELECT now() gave no row"
-    return now
 
 
 async def drop_marked_webhook_secret(ctx: OperatorContext, customer_id: str) -> None:

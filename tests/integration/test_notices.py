@@ -35,7 +35,9 @@ from iotistic_billing.customer import (
     VERSION,
     Customer,
     CustomerSpec,
+    deletion_mark,
     deletion_running_annotation,
+    signs_until_annotation,
 )
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
@@ -1336,6 +1338,89 @@ async def test_a_kept_secret_is_not_dropped_while_its_deletion_runs_nor_as_the_d
         if customer_id in dropped:
             break
     assert customer_id in dropped
+
+
+async def test_a_mark_whose_customer_went_without_its_deletion_ending_is_lifted_by_the_sender(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """A finalizer dropped by hand (README.md, "Customers in `kubectl`") left its deletion's mark on the
+    kept key for good: the key signed every later notice of the id, a Customer's created again under it
+    included, and was never dropped. The sender lifts a mark whose Customer is gone or replaced under its
+    name, noting PostgreSQL's time: the key signs the webhooks written until then, and goes once none is
+    pending. A mark of a Customer still there, or one naming no Customer, stays."""
+    _, receiver = receivers
+    one, clock = started
+    core = kubernetes.client.CoreV1Api(k8s_client)
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    running = unique_name("running")
+    create_customer(objects, running, {"email": f"ops@{running}.example", "companyName": "Running"})
+    uid = objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, running)["metadata"]["uid"]
+    pending_name = unique_name("handdropped")
+    marks = {
+        customer_id_of(pending_name): deletion_mark(pending_name, str(uuid.uuid4())),  # gone
+        customer_id_of(unique_name("gone")): deletion_mark(unique_name("gone"), str(uuid.uuid4())),
+        customer_id_of(unique_name("replaced")): deletion_mark(running, str(uuid.uuid4())),
+        customer_id_of(running): deletion_mark(running, uid),  # its deletion runs
+        customer_id_of(unique_name("older")): "true",  # names no Customer
+    }
+    pending_id, gone_id, replaced_id, running_id, older_id = marks
+    # The hand-dropped Customer's license.revoked is pending (its receiver failed the first try).
+    receiver.fail = 1
+    notice = suspended_notice(pending_name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(pending_name, receiver.url))
+    secret = DELETED_NOTIFICATIONS_SECRET_NAME
+    await one.kube.merge_secret_data(
+        "default",
+        secret,
+        dict.fromkeys(marks, CUSTOMER_SECRET.encode()),
+        annotations={deletion_running_annotation(customer_id): mark for customer_id, mark in marks.items()},
+    )
+    await one.send_due()
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.attempts) == ("pending", 1)
+
+    async with sessions() as session:
+        before = await session.scalar(select(text("now()")))
+    # The Secret is shared with other tests' deletions: a drop refused by a write meanwhile is retried.
+    kept = core.read_namespaced_secret(secret, "default")
+    for _ in range(5):
+        await one.forget_settled_secrets()
+        kept = core.read_namespaced_secret(secret, "default")
+        if gone_id not in (kept.data or {}):
+            break
+    annotations = kept.metadata.annotations or {}
+    assert gone_id not in kept.data and replaced_id not in kept.data  # nothing pending: dropped
+    assert deletion_running_annotation(gone_id) not in annotations
+    assert deletion_running_annotation(replaced_id) not in annotations
+    assert annotations[deletion_running_annotation(running_id)] == deletion_mark(running, uid)
+    assert annotations[deletion_running_annotation(older_id)] == "true"
+    assert running_id in kept.data and older_id in kept.data
+    # Pending: kept, signing what was written until the mark was lifted.
+    assert pending_id in kept.data and deletion_running_annotation(pending_id) not in annotations
+    assert datetime.fromisoformat(annotations[signs_until_annotation(pending_id)]) >= before
+
+    clock.advance(BACKOFF[0])
+    await one.send_due()
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.last_error) == ("sent", None) and not receiver.refused
+    dropped: list[str] = []
+    for _ in range(5):
+        dropped = await one.forget_settled_secrets()
+        if pending_id in dropped:
+            break
+    assert pending_id in dropped
+    await one.kube.merge_secret_data(
+        "default",
+        secret,
+        {running_id: None, older_id: None},
+        annotations={
+            deletion_running_annotation(running_id): None,
+            deletion_running_annotation(older_id): None,
+        },
+    )
 
 
 async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_replicas(
