@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from iotistic_billing.customer import ConditionType
 from iotistic_billing.operator.conditions import ConditionValue, stalled, with_conditions
-from iotistic_billing.operator.constants import INVALID_SPEC, NAMESPACE_TAKEN
+from iotistic_billing.operator.constants import INSTANCE_DISABLED, INVALID_SPEC, NAMESPACE_TAKEN
 from iotistic_billing.rollout import (
     MAX_LISTED_FAILURES,
     ROLLOUT_ABORT,
@@ -61,6 +61,9 @@ class Member:
     # did with it (`ran` when it has none): a rollback's return of it is done once it ran, failed once
     # refused.
     annotated_result: PassResult = "not yet"
+    # Healthy with an instance running: Ready because scaled to zero (suspended, or its instance
+    # disabled) passes its step but is no evidence the version runs, so it is not counted healthy.
+    proven: bool = True
 
     @property
     def version(self) -> str | None:
@@ -113,7 +116,9 @@ def _last_pass(
     return "ran" if release.get("chartVersion") == version else "not yet"
 
 
-def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedelta) -> Member:
+def member(body: Mapping[str, Any], target: str) -> Member:
+    """How far the Customer is with `target`; one still `updating` carries its Ready message, for the
+    health gate's timeout (_Tick._timed_out, which knows when its step started)."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
     release = status.get("release") or {}
@@ -129,11 +134,13 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     # that ends before its release step (a spec refused) keeps it so, and the rollback would wait for good.
     read = release.get("rolloutUpdatedAt")
     stuck = conditions.get(ConditionType.STALLED) or {}
+    stalled_before_release = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_RELEASE
     by_annotation: PassResult = "not yet"
     if annotated is None:
         by_annotation = "ran"
-    elif stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_RELEASE:
-        by_annotation = "refused"
+    elif stalled_before_release:
+        # No version is read until it is repaired: the one it runs is where a return to it is done.
+        by_annotation = "ran" if running == annotated else "refused"
     elif release.get("versionSource") == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
         by_annotation = _last_pass(release, conditions, annotated)
     if annotated != target:
@@ -152,15 +159,15 @@ def member(body: Mapping[str, Any], target: str, now: datetime, timeout: timedel
     result = _last_pass(release, conditions, target)
     ready = conditions.get(ConditionType.READY) or {}
     if result == "ran" and ready.get("status") == "True":
-        return Member(name, created, annotations, "healthy", running=running)
-    if result == "refused":
+        proven = ready.get("reason") != INSTANCE_DISABLED
+        return Member(name, created, annotations, "healthy", running=running, proven=proven)
+    if result == "refused" or stalled_before_release:
+        # Stalled before its release step, no pass installs the target until it is repaired: failed at
+        # once, for its own reason, not after the health gate's timeout as if an upgrade had run.
         return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
-    moved_at = _time(annotations.get(ROLLOUT_UPDATED_AT))
-    if moved_at is not None and now - moved_at > timeout:
-        message = ready.get("message") or "not Ready"
-        waited = f"not Ready on {target} {int(timeout.total_seconds())} s after the upgrade: {message}"
-        return Member(name, created, annotations, "failed", HEALTH_TIMEOUT, waited[:1024])
-    return Member(name, created, annotations, "updating", running=running)
+    return Member(
+        name, created, annotations, "updating", message=ready.get("message") or "not Ready", running=running
+    )
 
 
 def assign_steps(spec: RolloutSpec, members: Sequence[Member]) -> list[list[Member]]:
@@ -287,8 +294,7 @@ def decide(
         )
 
     selected = [c for c in customers if selects(spec, c)]
-    timeout = timedelta(seconds=spec.health_gate.timeout_seconds)
-    members = [member(c, spec.chart_version, now, timeout) for c in selected]
+    members = [member(c, spec.chart_version) for c in selected]
     groups = assign_steps(spec, members)
     if status.phase in (None, RolloutPhase.PENDING, RolloutPhase.WAITING):
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
@@ -312,7 +318,7 @@ def decide(
     pinned: list[Member] = []
     for c in gone:
         is_pinned = ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
-        (pinned if is_pinned else departed).append(member(c, spec.chart_version, now, timeout))
+        (pinned if is_pinned else departed).append(member(c, spec.chart_version))
     return tick.run(groups, len(members), _held(rollout, members, others), departed, pinned)
 
 
@@ -352,6 +358,7 @@ class _Tick:
         self.rollout, self.spec, self.status, self.now = rollout, spec, status, now
         self.events: list[tuple[str, str, str]] = []
         self.moves: list[Move] = []
+        self.unproven = 0  # on the version, Ready with no instance running (_count)
 
     def _conditions(self, values: list[ConditionValue]) -> None:
         self.status.conditions = with_conditions(
@@ -404,6 +411,24 @@ class _Tick:
             ]
         )
 
+    def _timed_out(self, m: Member, step_started: datetime) -> Member:
+        """`m` failed when still not Ready on the target `healthGate.timeoutSeconds` after this run moved
+        it; one it did not move (on the version by an earlier rollout's move, or an annotation set by
+        hand) from when its step started judging it, at the earliest: another rollout's move of days
+        ago failed it at once for a moment's unreadiness, and an annotation with no time never did."""
+        if m.health != "updating":
+            return m
+        run_started = (self.status.started_at or self.now).replace(microsecond=0)
+        if m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= run_started:
+            since = m.moved_at
+        else:
+            since = max(m.moved_at or step_started, step_started.replace(microsecond=0))
+        timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
+        if self.now - since <= timeout:
+            return m
+        waited = f"not Ready on {self.spec.chart_version} {int(timeout.total_seconds())} s after the upgrade"
+        return replace(m, health="failed", reason=HEALTH_TIMEOUT, message=f"{waited}: {m.message}"[:1024])
+
     def _steps(self, groups: list[list[Member]]) -> list[StepStatus]:
         steps = list(self.status.steps or [])[: len(groups)]
         steps += [StepStatus() for _ in range(len(groups) - len(steps))]
@@ -451,7 +476,7 @@ class _Tick:
         for index, (step, group) in enumerate(zip(steps, groups, strict=True)):
             step.selected = len(group)
             step.updated = sum(m.version == target for m in group)
-            step.healthy = sum(m.health == "healthy" for m in group)
+            step.healthy = sum(m.health == "healthy" and m.proven for m in group)
             failed = sum(f.step == index + 1 for f in failures)
             if index == current:
                 failed += sum(m.health == "failed" and m.name not in listed for m in watched)
@@ -459,7 +484,8 @@ class _Tick:
         everyone = [m for group in groups for m in group]
         self.status.selected = total
         self.status.updated = sum(m.version == target for m in everyone)
-        self.status.healthy = sum(m.health == "healthy" for m in everyone)
+        self.status.healthy = sum(m.health == "healthy" and m.proven for m in everyone)
+        self.unproven = sum(m.health == "healthy" and not m.proven for m in everyone)
         self.status.failed = max(sum(s.failed or 0 for s in steps), len(failures))
 
     def run(
@@ -476,7 +502,7 @@ class _Tick:
         current = max(0, (status.current_step or 1) - 1)
         if status.current_step is None:
             status.current_step = 1
-            self.events.append(("Normal", "StepStarted", self._step_message(0, groups)))
+            self._step_started(0, groups)
         running = (status.steps or [])[current] if current < len(status.steps or []) else None
         steps = self._steps(groups)
         everyone = [m for group in groups for m in group] + departed
@@ -494,6 +520,11 @@ class _Tick:
             again.healthy_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now
+        # Judged with the step's start (a next step started in this tick judges its own afresh).
+        step_started = steps[current].started_at or now
+        raw_groups, raw_departed = groups, departed
+        groups = [[self._timed_out(m, step_started) for m in group] for group in groups]
+        departed = [self._timed_out(m, step_started) for m in departed]
 
         watched = self._watched(groups, current, departed)
         self._record_failures(watched, current)
@@ -543,14 +574,24 @@ class _Tick:
             return self._succeeded(groups)
         status.current_step = current + 2
         steps[current + 1].started_at = now
-        self.events.append(("Normal", "StepStarted", self._step_message(current + 1, groups)))
+        self._step_started(current + 1, groups)
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
-        return self.run(groups, total, held, departed, pinned)
+        return self.run(raw_groups, total, held, raw_departed, pinned)
 
-    def _step_message(self, index: int, groups: list[list[Member]]) -> str:
+    def _step_started(self, index: int, groups: list[list[Member]]) -> None:
         names = [m.name for m in groups[index]] if index < len(groups) else []
-        return f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({_few(names, 0) or 'none'})"
+        message = (
+            f"step {index + 1}/{len(groups)} started: {len(names)} Customers ({_few(names, 0) or 'none'})"
+        )
+        self.events.append(("Normal", "StepStarted", message))
+        listed = self.spec.steps[index].customers if index < len(self.spec.steps) else None
+        if listed and not names:
+            # A mistyped canary: the step passes at once, and the next runs with no canary before it.
+            why = (
+                f"step {index + 1} names no selected Customer ({_few(listed, len(listed))}): it holds nobody"
+            )
+            self.events.append(("Warning", "StepEmpty", why))
 
     def _progress(
         self, groups: list[list[Member]], current: int, watched: list[Member], held: Mapping[str, str]
@@ -646,6 +687,8 @@ class _Tick:
         version = self.spec.chart_version
         on = f"{status.healthy}/{status.selected} Customers on {version}"
         message = on if status.selected else "no Customer selected"
+        if self.unproven:
+            message += f" and {self.unproven} with no instance running (suspended or disabled)"
         if status.failed:
             # Below healthGate.maxFailures: they stay on the version, listed in status.failures.
             message += f", {status.failed} failed ({self._failed_names()})"

@@ -289,12 +289,12 @@ def test_a_customer_counts_healthy_only_on_status_written_for_the_target() -> No
     body = customer("c00", "1.0.0")
     body["metadata"]["annotations"][ROLLOUT_CHART_VERSION] = "2.0.0"
     # Ready=True from before the upgrade, release still 1.0.0: not healthy.
-    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "updating"
+    assert member(body, "2.0.0").health == "updating"
     body["status"]["release"]["chartVersion"] = "2.0.0"
     # Installed, but the pass that wrote it aimed elsewhere (targetVersion): not healthy either.
-    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "updating"
+    assert member(body, "2.0.0").health == "updating"
     body["status"]["release"]["targetVersion"] = "2.0.0"
-    assert member(body, "2.0.0", T0, timedelta(minutes=10)).health == "healthy"
+    assert member(body, "2.0.0").health == "healthy"
 
 
 @pytest.mark.parametrize("on_failure", ["halt", "rollback"])
@@ -429,7 +429,7 @@ def test_plans_select_by_the_effective_plan_the_operator_reports() -> None:
 
 
 def test_steps_take_named_canaries_then_percentages_of_all_then_the_rest() -> None:
-    members = [member(customer(f"c{i:02}", index=i), "2.0.0", T0, timedelta(minutes=1)) for i in range(300)]
+    members = [member(customer(f"c{i:02}", index=i), "2.0.0") for i in range(300)]
     rollout_spec = spec(steps=[{"percent": 1}, {"percent": 10}, {"rest": True}])
     assert [len(g) for g in assign_steps(rollout_spec, members)] == [3, 30, 267]
     groups = assign_steps(spec(), members[:30])
@@ -707,7 +707,7 @@ def test_a_rollback_waits_for_a_customer_still_upgrading_whose_status_names_the_
     fleet.operate(["c01"])  # helm refuses c01; c00's upgrade to 2.0.0 still runs
     status = tick(status)
     assert status.phase == RolloutPhase.ROLLING_BACK
-    c00 = member(fleet.customers["c00"], "2.0.0", T0, timedelta(minutes=10))
+    c00 = member(fleet.customers["c00"], "2.0.0")
     assert (c00.version, c00.annotated_result) == ("1.5.0", "not yet")
 
     phases = []
@@ -741,9 +741,9 @@ def test_a_rollback_counts_a_return_that_an_operator_from_before_rollout_updated
     )
     body["status"]["release"]["versionSource"] = "Rollout"
 
-    returned = member(body, "2.0.0", T0, timedelta(minutes=10))
+    returned = member(body, "2.0.0")
     body["status"]["release"]["rolloutUpdatedAt"] = (T0 - timedelta(minutes=5)).isoformat(timespec="seconds")
-    earlier = member(body, "2.0.0", T0, timedelta(minutes=10))
+    earlier = member(body, "2.0.0")
 
     assert returned.annotated_result == "ran"
     assert earlier.annotated_result == "not yet"
@@ -1262,8 +1262,9 @@ def test_a_return_to_a_customer_stalled_before_its_release_step_counts_as_refuse
     """Found in review: a Customer whose spec is refused (or whose namespace is someone else's) stalls
     before its release step, so its release status, rolloutUpdatedAt too, stays an earlier pass's; its
     return waited for a pass that read it, for good, and the rollback with it. Stalled so, every version
-    is refused: the rollback ends RollbackFailed naming it."""
-    body = customer("c00")
+    is refused: the rollback ends RollbackFailed naming it, unless it runs the version it is returned to
+    (a later review: stalled before the upgrade, it never left it)."""
+    body = customer("c00", "2.0.0")
     aimed_by(body["status"]["release"], "Rollout", (T0 - timedelta(days=2)).isoformat(timespec="seconds"))
     body["metadata"]["annotations"].update(
         {ROLLOUT_CHART_VERSION: "1.0.0", ROLLOUT_UPDATED_AT: T0.isoformat(timespec="seconds")}
@@ -1272,5 +1273,137 @@ def test_a_return_to_a_customer_stalled_before_its_release_step_counts_as_refuse
         {"type": "Stalled", "status": "True", "reason": reason, "message": "spec.email: refused"},
         {"type": "Ready", "status": "False", "reason": reason, "message": "spec.email: refused"},
     ]
-    returned = member(body, "2.0.0", T0, timedelta(minutes=10))
+    returned = member(body, "2.0.0")
     assert (returned.annotated_result, returned.reason) == ("refused", reason)
+    body["status"]["release"]["chartVersion"] = "1.0.0"
+    assert member(body, "2.0.0").annotated_result == "ran"
+
+
+def not_ready(body: dict[str, Any], message: str = "waiting for Deployments: api 0/1") -> None:
+    body["status"]["conditions"] = [
+        {"type": "Ready", "status": "False", "reason": "DeploymentsUnavailable", "message": message}
+    ]
+
+
+@pytest.mark.parametrize("ready_again", [True, False], ids=["ready again", "never ready"])
+def test_a_customer_another_rollout_moved_is_timed_from_its_step_s_start(ready_again: bool) -> None:
+    """Found in review: the health gate's timeout ran from the Customer's updated-at, whichever rollout
+    wrote it, so a second rollout of a version (the ring after `early`) failed at once a Customer the
+    first had moved days ago, not Ready for a moment (a Deployment rolling), and halted on it. A Customer
+    this run did not move has timeoutSeconds from when its step started."""
+    fleet = Fleet(6)
+    c00 = fleet.customers["c00"]
+    moved_at = (T0 - timedelta(days=3)).isoformat(timespec="seconds")
+    c00["metadata"]["annotations"] = {
+        ROLLOUT_CHART_VERSION: "2.0.0",
+        ROLLOUT_NAME: "early",
+        ROLLOUT_UPDATED_AT: moved_at,
+    }
+    c00["status"]["release"] = {
+        "chartVersion": "2.0.0",
+        "targetVersion": "2.0.0",
+        "versionSource": "Rollout",
+        "rolloutUpdatedAt": moved_at,
+    }
+    not_ready(c00)
+
+    def recover(tick: int) -> None:
+        if ready_again and tick == 20:
+            c00["status"]["conditions"][0].update(status="True", message="")
+
+    rollout_spec = spec(
+        steps=[{"customers": ["c03"]}, {"rest": True}],
+        healthGate={"timeoutSeconds": 30, "maxFailures": 1},
+        onFailure="halt",
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=120, before_tick=recover)
+    if ready_again:
+        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
+        return
+    assert status.phase == RolloutPhase.HALTED
+    [failure] = status.failures or []
+    assert (failure.customer, failure.step, failure.reason) == ("c00", 2, "HealthTimeout")
+    step_two = (status.steps or [])[1].started_at
+    halted = next(i for i, d in enumerate(decisions) if d.status.phase == RolloutPhase.HALTED)
+    assert step_two is not None and T0 + timedelta(seconds=halted) - step_two == timedelta(seconds=31)
+    assert "api 0/1" in failure.message
+
+
+def test_an_annotation_set_by_hand_without_a_time_is_timed_from_its_step_s_start() -> None:
+    """Found in review: a version annotation set with kubectl, no updated-at beside it, had no timeout at
+    all: the rollout waited on the Customer, and held a maxParallel slot, for good."""
+    fleet = Fleet(4, bad="2.0.0")
+    fleet.customers["c01"]["metadata"]["annotations"] = {ROLLOUT_CHART_VERSION: "2.0.0"}
+    fleet.operate()
+    rollout_spec = spec(
+        steps=[{"customers": ["c01"]}, {"rest": True}], healthGate={"timeoutSeconds": 5, "maxFailures": 1}
+    )
+    status, _ = run(fleet, rollout_spec, ticks=60, seconds=10)
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c01", "HealthTimeout")]
+
+
+def test_a_customer_stalled_before_its_release_step_fails_at_once_and_its_return_is_done() -> None:
+    """Found in review: a Customer whose spec is refused before the rollout moved it was waited for the
+    whole timeout (no pass read the version), blocking a step of maxParallel 1, failed as if an upgrade
+    had run, and its return to the version it never left ended the rollback RollbackFailed. It fails at
+    once with its own reason, and, running the version it is returned to, is back."""
+
+    class Fleet_(Fleet):
+        def operate(self, names: Collection[str] | None = None) -> None:
+            super().operate([n for n in self.customers if n != "c02"])  # its spec is refused
+
+    fleet = Fleet_(6)
+    refused = "spec.email: not an address"
+    fleet.customers["c02"]["status"]["conditions"] = [
+        {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": refused},
+        {"type": "Stalled", "status": "True", "reason": "InvalidSpec", "message": refused},
+    ]
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"rest": True, "maxParallel": 1}],
+        healthGate={"timeoutSeconds": 600, "maxFailures": 1},
+        onFailure="rollback",
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=40, seconds=5)
+    assert status.phase == RolloutPhase.ROLLED_BACK, status.conditions
+    assert [(f.customer, f.reason, f.message) for f in status.failures or ()] == [
+        ("c02", "InvalidSpec", refused)
+    ]
+    assert len(decisions) < 20  # not the 600 s timeout
+    assert fleet.on("2.0.0") == set()
+
+
+def test_a_customer_with_no_instance_running_passes_its_step_but_is_not_counted_healthy() -> None:
+    """Found in review: a suspended Customer (or one whose instance is disabled) is Ready scaled to zero,
+    so as the canary it passed the health gate on a version that crash-loops, and a rollout of such
+    Customers alone succeeded healthy: new Customers then started on a version no instance had run."""
+
+    class Suspended(Fleet):
+        def operate(self, names: Collection[str] | None = None) -> None:
+            super().operate(names)
+            for body in self.customers.values():
+                if body["spec"].get("suspended"):
+                    body["status"]["conditions"][0].update(status="True", reason="InstanceDisabled")
+
+    fleet = Suspended(4)
+    fleet.customers["c00"]["spec"]["suspended"] = True
+    status, decisions = run(fleet, spec(steps=[{"customers": ["c00"]}, {"rest": True}]), ticks=30)
+    assert status.phase == RolloutPhase.SUCCEEDED and fleet.on("2.0.0") == set(fleet.customers)
+    assert [s.healthy for s in status.steps or ()] == [0, 3] and status.healthy == 3
+    assert "3/4 Customers on 2.0.0 and 1 with no instance running" in decisions[-1].events[-1][2]
+
+    alone = Suspended(2)
+    for body in alone.customers.values():
+        body["spec"]["suspended"] = True
+    status, decisions = run(alone, spec(steps=[{"rest": True}]), ticks=30)
+    assert status.phase == RolloutPhase.SUCCEEDED and status.healthy == 0
+    assert "new Customers do not start on 2.0.0" in decisions[-1].events[-1][2]
+
+
+def test_a_named_step_that_holds_nobody_warns() -> None:
+    """Found in review: a mistyped canary (`customers: [c0o]`) made its step pass at once and the next
+    run with no canary before it, the only sign an Event saying `0 Customers (none)`."""
+    status, decisions = run(Fleet(4), spec(steps=[{"customers": ["c0o"]}, {"rest": True}]), ticks=30)
+    assert status.phase == RolloutPhase.SUCCEEDED
+    warnings = [e for d in decisions for e in d.events if e[0] == "Warning"]
+    assert warnings == [("Warning", "StepEmpty", "step 1 names no selected Customer (c0o): it holds nobody")]
