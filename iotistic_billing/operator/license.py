@@ -158,8 +158,12 @@ async def ensure_license(
     )
     written_action = annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
 
-    if previous is not None and not needs_new_license(
-        current, desired_claims(ctx, target), target.entitlement, target.now
+    # A Secret whose usage key was taken out (by hand) gets a new licence and key, as a deleted one does:
+    # the exporter's Pod, which takes the key by secretKeyRef, could not start again without it.
+    if (
+        previous is not None
+        and stored_key
+        and not needs_new_license(current, desired_claims(ctx, target), target.entitlement, target.now)
     ):
         if unrecorded:
             # Both inserts are idempotent: written now if that pass did not.

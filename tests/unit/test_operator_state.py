@@ -12,6 +12,7 @@ import pytest
 
 from iotistic_billing.customer import (
     RECONCILE_REQUESTED_AT,
+    USAGE_API_KEY_KEY,
     Customer,
     CustomerSpec,
     CustomerStatus,
@@ -1004,3 +1005,25 @@ def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> No
     assert (
         housekeeping_due(spec(**_past_due(10), suspended=True), suspended.status, CREATED, later) is not None
     )
+
+
+async def test_a_licence_secret_whose_usage_key_was_taken_out_gets_a_new_licence_and_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: with the licence still current, a Secret whose usage-api-key was removed by hand
+    stayed so (a new key was made and dropped), and the exporter's Pod, which takes the key by
+    secretKeyRef, could not start again until the licence was renewed, about 20 days on."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    ctx = parts.context()
+    target = _target_of({"plan": "starter"})
+    first = await ensure_license(ctx, target, None)
+    assert parts.secret is not None
+    first_key = parts.secret.data[USAGE_API_KEY_KEY]
+    unchanged = await ensure_license(ctx, _reported(target, first.jti), parts.secret)
+    assert unchanged.jti == first.jti and parts.secret.data[USAGE_API_KEY_KEY] == first_key
+
+    del parts.secret.data[USAGE_API_KEY_KEY]
+    again = await ensure_license(ctx, _reported(target, first.jti), parts.secret)
+    assert again.jti != first.jti
+    assert parts.secret.data[USAGE_API_KEY_KEY] not in (b"", first_key)
