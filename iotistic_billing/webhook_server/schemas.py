@@ -429,7 +429,8 @@ class WebhookAck(Response):
 
 class UsageReportRequest(RootModel[ReportBody]):
     """One report, or {"reports": [...]} with 1 to 1,000 of them. Counters are deltas over
-    [period_start, period_end); report_id makes a report idempotent per customer and instance."""
+    [period_start, period_end); a report is stored once per customer, instance, report_id and
+    period_start (a retry must send the same period_start)."""
 
 
 class UsageReportAck(Response):
