@@ -19,6 +19,7 @@ from sqlalchemy import (
     Numeric,
     PrimaryKeyConstraint,
     Sequence,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -193,6 +194,17 @@ class UsageRollup(Base):
     meter_refused_at: Mapped[datetime | None]
     # What Stripe said last (metric, HTTP status, message), or what was given up; NULL once all recorded.
     meter_refusal: Mapped[str | None] = mapped_column(Text)
+
+
+class UsageCatchUp(Base):
+    """One row: PostgreSQL's time when a meter run last flushed every customer whose stored reports no
+    rollup held (usage.rollups.catch_up_look_back); the next run looks back to it."""
+
+    __tablename__ = "usage_catch_up"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_usage_catch_up_one_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("1"))
+    caught_up_at: Mapped[datetime]
 
 
 class UsageMeterEvent(Base):

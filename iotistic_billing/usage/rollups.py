@@ -276,6 +276,35 @@ class UnheldArrivals:
     last_age: timedelta
 
 
+# PostgreSQL's time now and how long ago the last catch-up was (NULL before the first).
+_LAST_CATCH_UP: Final = "SELECT now() AS now, (SELECT now() - caught_up_at FROM usage_catch_up) AS since"
+_CAUGHT_UP: Final = """
+INSERT INTO usage_catch_up (id, caught_up_at) VALUES (1, $1)
+ON CONFLICT (id) DO UPDATE SET caught_up_at = greatest(usage_catch_up.caught_up_at, excluded.caught_up_at)
+"""
+# Reports stored this long before the last catch-up are looked at again: an insert's reported_at is its
+# transaction's start, which may come before the catch-up's look and commit after it.
+CATCH_UP_OVERLAP: Final = timedelta(minutes=5)
+
+
+async def catch_up_look_back(
+    conn: Queryable, window: timedelta, longest: timedelta
+) -> tuple[datetime, timedelta]:
+    """PostgreSQL's time now (to note once the flush is done: note_caught_up), and how far back to look
+    for reports no rollup holds: `window`, or back to the last catch-up when that is longer ago (every
+    replica down for longer), at most `longest` (nothing older can be billed any more)."""
+    row = await conn.fetchrow(_LAST_CATCH_UP)
+    assert row is not None  # a SELECT of scalars always returns a row
+    since: timedelta | None = row["since"]
+    within = window if since is None else min(max(window, since + CATCH_UP_OVERLAP), longest)
+    return row["now"], within
+
+
+async def note_caught_up(conn: Queryable, at: datetime) -> None:
+    """The reports stored before `at` (PostgreSQL's time) that no rollup held were all flushed."""
+    await conn.execute(_CAUGHT_UP, at)
+
+
 def unheld_starts_from(now: datetime, within: timedelta, close_grace: timedelta) -> datetime:
     """The earliest start of a report stored in the last `within` that a period still in its close grace
     can bill: it ends after that period's start, at most a month before the period's end, and starts at
@@ -363,11 +392,14 @@ async def close_periods(
 
 __all__ = [
     "BILLED_PLANS",
+    "CATCH_UP_OVERLAP",
     "Rollup",
     "UnheldArrivals",
+    "catch_up_look_back",
     "close_periods",
     "compute_rollup",
     "included_usage",
+    "note_caught_up",
     "open_missing_rollups",
     "overage_json",
     "overage_quantities",

@@ -36,16 +36,24 @@ from iotistic_billing.notices.content import usage_threshold
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_api import StripeApi
 from iotistic_billing.usage.coalescer import Reported, UsageCoalescer
-from iotistic_billing.usage.metering import MeterRun, MeterSender, StripeMeterSender, send_meter_events
+from iotistic_billing.usage.metering import (
+    STRIPE_METER_WINDOW,
+    MeterRun,
+    MeterSender,
+    StripeMeterSender,
+    send_meter_events,
+)
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
-from iotistic_billing.usage.periods import BillingPeriod, billing_period
+from iotistic_billing.usage.periods import LONGEST_PERIOD, BillingPeriod, billing_period
 from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
+    catch_up_look_back,
     compute_rollup,
     included_usage,
+    note_caught_up,
     open_missing_rollups,
     reports_after_close,
     save_open_rollup,
@@ -63,6 +71,9 @@ FLUSH_CONCURRENCY: Final = 8
 # A flush that loses the race with another writer of the status reads the Customer again this often.
 CONFLICT_RETRIES: Final = 3
 SHUTDOWN_FLUSH_TIMEOUT: Final = 10.0
+# How far back a meter run looks for reports no rollup holds, at most: a report stored earlier ends in a
+# period that ended more than Stripe's meter window ago, which Stripe would not bill any more.
+CATCH_UP_LIMIT: Final = LONGEST_PERIOD + STRIPE_METER_WINDOW
 
 
 def customer_period(customer: Customer, now: datetime) -> BillingPeriod:
@@ -385,16 +396,20 @@ class UsageMetering:
         that was answered. A period all of whose reports came after its end has no row without that
         flush, so it was never closed nor billed. Their arrivals are placed on `now`'s clock by their
         age in PostgreSQL; reports too old to fall in a period still in its close grace are not looked
-        at (nothing left to bill)."""
-        window = self.options.catch_up_window
+        at (nothing left to bill). The look reaches back to the last run that flushed them all when
+        that is longer ago (every replica down for longer: rollups.catch_up_look_back)."""
+        started, window = await catch_up_look_back(conn, self.options.catch_up_window, CATCH_UP_LIMIT)
         grace = timedelta(seconds=self.options.close_grace)
         found = await unheld_arrivals(conn, window, unheld_starts_from(now, window, grace))
         if not found:
+            await note_caught_up(conn, started)
             return FlushResult()
         entries = {
             unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start) for unheld in found
         }
         result = await self._flush(entries)
+        if not result.failed:
+            await note_caught_up(conn, started)  # else the next run looks back this far again
         log.info(
             "meter run: %d customers had reports no rollup held (a flush still to come, or lost with its"
             " server), flushed: %d patched, %d unchanged, %d without a Customer, %d failed",

@@ -883,6 +883,46 @@ async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_d
     assert len(await recorded(db_engine, customer_id)) == 5
 
 
+async def caught_up_ago(engine: AsyncEngine, age: timedelta | None) -> timedelta | None:
+    """Set the last catch-up `age` before PostgreSQL's now (None: leave it); how long ago it is then."""
+    async with engine.begin() as conn:
+        if age is not None:
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_catch_up (id, caught_up_at) VALUES (1, now() - CAST(:age AS interval))"
+                    " ON CONFLICT (id) DO UPDATE SET caught_up_at = excluded.caught_up_at"
+                ),
+                {"age": age},
+            )
+        return (await conn.execute(text("SELECT now() - caught_up_at FROM usage_catch_up"))).scalar()
+
+
+async def test_a_report_whose_server_died_is_billed_after_every_replica_was_down_past_the_look_back(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """The meter run looked back three meter intervals for reports no rollup held: with every replica
+    down for longer (a cluster outage, a namespace scaled to zero overnight), March's reports, stored five
+    minutes after it ended by a server killed before its flush, were never looked at again, and March was
+    billed in no period. The run looks back to the last one that flushed them all."""
+    _, customer_id = tenant
+    arrival = MARCH.end + timedelta(minutes=5)
+    killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
+    assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
+    killed.coalescer.drain()  # what the kill takes away
+
+    # The last run was just before the reports came; the next, five hours on (three intervals: three).
+    meter_run = MARCH.end + timedelta(hours=5)
+    assert killed.options.catch_up_window == timedelta(hours=3)
+    await stored_ago(db_engine, customer_id, meter_run - arrival)
+    await caught_up_ago(db_engine, meter_run - arrival + timedelta(minutes=1))
+    run = await replica(killed, lambda: meter_run).send_meter_events(meter_run)
+    assert run.closed >= 1 and run.failed == 0
+    assert (await rollup_periods(db_engine, customer_id))[0] == (MARCH.start, MARCH.end, 3, True)
+    assert recorder.of(customer_id) == expected_events(customer_id)
+    since = await caught_up_ago(db_engine, None)
+    assert since is not None and since < timedelta(minutes=1)  # noted at this run's start
+
+
 async def test_a_month_long_report_sent_in_its_periods_grace_is_billed_when_its_server_dies_before_the_flush(
     usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
 ) -> None:
