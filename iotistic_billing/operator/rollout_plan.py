@@ -161,10 +161,20 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     if result == "ran" and ready.get("status") == "True":
         proven = ready.get("reason") != INSTANCE_DISABLED
         return Member(name, created, annotations, "healthy", running=running, proven=proven)
-    if result == "refused" or stalled_before_release:
-        # Stalled before its release step, no pass installs the target until it is repaired: failed at
-        # once, for its own reason, not after the health gate's timeout as if an upgrade had run.
+    if result == "refused":
         return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
+    if stalled_before_release:
+        # No pass installs the target until it is repaired; a Stalled from before its move (the repair
+        # and the move in one minute) may still go, so the timeout decides, with the stall's reason.
+        return Member(
+            name,
+            created,
+            annotations,
+            "updating",
+            stuck.get("reason", ""),
+            stuck.get("message", ""),
+            running=running,
+        )
     return Member(
         name, created, annotations, "updating", message=ready.get("message") or "not Ready", running=running
     )
@@ -426,7 +436,11 @@ class _Tick:
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
         if self.now - since <= timeout:
             return m
-        waited = f"not Ready on {self.spec.chart_version} {int(timeout.total_seconds())} s after the upgrade"
+        seconds, version = int(timeout.total_seconds()), self.spec.chart_version
+        if m.reason:  # Stalled before its release step all along: no upgrade ran
+            waited = f"{m.reason} {seconds} s after it was moved to {version}, no upgrade run"
+            return replace(m, health="failed", message=f"{waited}: {m.message}"[:1024])
+        waited = f"not Ready on {version} {seconds} s after the upgrade"
         return replace(m, health="failed", reason=HEALTH_TIMEOUT, message=f"{waited}: {m.message}"[:1024])
 
     def _steps(self, groups: list[list[Member]]) -> list[StepStatus]:
@@ -520,10 +534,14 @@ class _Tick:
             again.healthy_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now
-        # Judged with the step's start (a next step started in this tick judges its own afresh).
+        # Each step's Customers judged from that step's start (a next step started in this tick judges its
+        # own afresh); an earlier step's from its own, or one failed then would count upgrading again.
         step_started = steps[current].started_at or now
         raw_groups, raw_departed = groups, departed
-        groups = [[self._timed_out(m, step_started) for m in group] for group in groups]
+        groups = [
+            [self._timed_out(m, (index < current and steps[index].started_at) or step_started) for m in group]
+            for index, group in enumerate(groups)
+        ]
         departed = [self._timed_out(m, step_started) for m in departed]
 
         watched = self._watched(groups, current, departed)

@@ -1343,11 +1343,12 @@ def test_an_annotation_set_by_hand_without_a_time_is_timed_from_its_step_s_start
     assert [(f.customer, f.reason) for f in status.failures or ()] == [("c01", "HealthTimeout")]
 
 
-def test_a_customer_stalled_before_its_release_step_fails_at_once_and_its_return_is_done() -> None:
-    """Found in review: a Customer whose spec is refused before the rollout moved it was waited for the
-    whole timeout (no pass read the version), blocking a step of maxParallel 1, failed as if an upgrade
-    had run, and its return to the version it never left ended the rollback RollbackFailed. It fails at
-    once with its own reason, and, running the version it is returned to, is back."""
+def test_a_customer_stalled_before_its_release_step_fails_for_its_own_reason_and_its_return_is_done() -> None:
+    """Found in review: a Customer whose spec is refused before the rollout moved it failed, after the
+    timeout, as if an upgrade had run ("not Ready ... after the upgrade"), and its return to the version
+    it never left ended the rollback RollbackFailed. It fails with its own reason, and, running the
+    version it is returned to, is back. Not at once (a later review): the Stalled a tick reads may be from
+    before the move, its repair on the way."""
 
     class Fleet_(Fleet):
         def operate(self, names: Collection[str] | None = None) -> None:
@@ -1361,16 +1362,46 @@ def test_a_customer_stalled_before_its_release_step_fails_at_once_and_its_return
     ]
     rollout_spec = spec(
         steps=[{"customers": ["c00"]}, {"rest": True, "maxParallel": 1}],
-        healthGate={"timeoutSeconds": 600, "maxFailures": 1},
+        healthGate={"timeoutSeconds": 60, "maxFailures": 1},
         onFailure="rollback",
     )
-    status, decisions = run(fleet, rollout_spec, ticks=40, seconds=5)
+    status, _ = run(fleet, rollout_spec, ticks=60, seconds=5)
     assert status.phase == RolloutPhase.ROLLED_BACK, status.conditions
-    assert [(f.customer, f.reason, f.message) for f in status.failures or ()] == [
-        ("c02", "InvalidSpec", refused)
-    ]
-    assert len(decisions) < 20  # not the 600 s timeout
+    [failure] = status.failures or []
+    assert (failure.customer, failure.reason) == ("c02", "InvalidSpec")
+    assert failure.message == f"InvalidSpec 60 s after it was moved to 2.0.0, no upgrade run: {refused}"
     assert fleet.on("2.0.0") == set()
+
+
+def test_a_customer_failed_in_an_earlier_step_holds_no_upgrade_slot_in_a_later_one() -> None:
+    """Found in review: each step judged every Customer from its own start, so one on the version by an
+    earlier rollout's move that had failed in step 1 counted upgrading again when step 2 started, and
+    step 2 (maxParallel 1) moved nobody for another timeout."""
+    fleet = Fleet(4)
+    c00 = fleet.customers["c00"]
+    moved_at = (T0 - timedelta(days=1)).isoformat(timespec="seconds")
+    c00["metadata"]["annotations"] = {
+        ROLLOUT_CHART_VERSION: "2.0.0",
+        ROLLOUT_NAME: "r0",
+        ROLLOUT_UPDATED_AT: moved_at,
+    }
+    c00["status"]["release"] = {
+        "chartVersion": "2.0.0",
+        "targetVersion": "2.0.0",
+        "versionSource": "Rollout",
+        "rolloutUpdatedAt": moved_at,
+    }
+    not_ready(c00)
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"rest": True, "maxParallel": 1}],
+        healthGate={"timeoutSeconds": 30, "maxFailures": 2},
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=120)
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert [f.customer for f in status.failures or ()] == ["c00"]
+    second = next(i for i, d in enumerate(decisions) if d.status.current_step == 2)
+    first_move = next(i for i, d in enumerate(decisions) if d.moves)
+    assert first_move == second  # moved in the tick step 2 starts, not a timeout later
 
 
 def test_a_customer_with_no_instance_running_passes_its_step_but_is_not_counted_healthy() -> None:
