@@ -272,7 +272,7 @@ class NoticeSender:
             customer_id
             for customer_id in kept[0]
             if kept.annotations.get(deletion_running_annotation(customer_id))
-        } - abandoned
+        } - set(abandoned)
         settled = sorted(set(kept[0]) - pending - running)
         if not settled and not abandoned:
             return []
@@ -280,12 +280,14 @@ class NoticeSender:
             signs_until_annotation(customer_id): None for customer_id in settled
         }
         if abandoned:
-            # Its pending webhooks (any of the id, as while it was marked) are signed until now, then not.
-            until = (await notices_written_until(self.sessions)).isoformat()
-            for customer_id in abandoned:
+            # Its pending webhooks (any of the id, as while it was marked) are signed until now, then not;
+            # until a Customer holding the id now was created, when one does (its notices are its own).
+            now = await notices_written_until(self.sessions)
+            for customer_id, successor_created in abandoned.items():
                 annotations[deletion_running_annotation(customer_id)] = None
                 if customer_id in kept[0] and customer_id not in settled:
-                    annotations[signs_until_annotation(customer_id)] = until
+                    until = min(now, successor_created) if successor_created is not None else now
+                    annotations[signs_until_annotation(customer_id)] = until.isoformat()
         try:
             await self.kube.merge_secret_data(
                 namespace,
@@ -310,12 +312,14 @@ class NoticeSender:
             log.info("dropped the kept signing secrets of deleted Customers %s", ", ".join(settled))
         return settled
 
-    async def _abandoned_deletions(self, kept: SecretData) -> set[str]:
+    async def _abandoned_deletions(self, kept: SecretData) -> dict[str, datetime | None]:
         """The customer ids whose deletion mark names a Customer that is gone, or replaced under its name
         (another uid): its finalizer was dropped by hand, so its deletion never lifts the mark, and a
-        marked key signs every notice of the id, a Customer's created again under it included. A mark
-        that names no Customer (written before marks did) is its deletion's to lift."""
-        abandoned: set[str] = set()
+        marked key signs every notice of the id, a Customer's created again under it included. With
+        each, when the first Customer holding the id now was created (what it wrote is its own; a list
+        of the Customers, on this rare path), or None. A mark that names no Customer (written before
+        marks did) is its deletion's to lift."""
+        abandoned: dict[str, datetime | None] = {}
         for annotation, mark in kept.annotations.items():
             if not annotation.startswith(DELETION_RUNNING_PREFIX) or not mark:
                 continue
@@ -325,7 +329,13 @@ class NoticeSender:
             name, uid = marker
             found = await self.kube.read_customer(name)
             if found is None or found["metadata"].get("uid") != uid:
-                abandoned.add(annotation.removeprefix(DELETION_RUNNING_PREFIX))
+                abandoned[annotation.removeprefix(DELETION_RUNNING_PREFIX)] = None
+        if abandoned:
+            for body in await self.kube.list_customers():
+                holds, created = customer_id_in_use(body), body["metadata"].get("creationTimestamp")
+                if holds in abandoned and isinstance(created, str):
+                    at, earlier = datetime.fromisoformat(created), abandoned[holds]
+                    abandoned[holds] = at if earlier is None else min(at, earlier)
         return abandoned
 
     async def send_due(self) -> int:

@@ -23,6 +23,7 @@ from iotistic_billing.customer import (
     CustomerSpec,
     SubscriptionSpec,
     UsageThreshold,
+    deletion_running_annotation,
     signs_until_annotation,
     webhook_url_problem,
 )
@@ -778,3 +779,36 @@ async def test_the_operator_writes_the_copy_again_when_its_label_is_not_the_cust
     assert [w["metadata"]["labels"][CUSTOMER_ID_LABEL] for w in written] == (
         ["cust_acme01"] if applied else []
     )
+
+
+async def test_an_abandoned_deletion_mark_is_one_whose_customer_is_gone_or_replaced_under_its_name() -> None:
+    """A finalizer dropped by hand leaves its mark (`<name>/<uid>`) for good: the sender lifts the mark
+    of a Customer gone, or replaced under its name, never one still there, nor one naming none; with the
+    creation time of the first Customer holding the id now, until which the kept key signs (what that
+    one wrote is its own, under whatever name)."""
+    marks = {
+        deletion_running_annotation("cust_acme01"): "acme/u-1",
+        deletion_running_annotation("cust_gone01"): "gone/u-9",
+        deletion_running_annotation("cust_globex01"): "globex/u-3",
+        deletion_running_annotation("cust_older01"): "true",
+    }
+    deleted = ("billing", DELETED_NOTIFICATIONS_SECRET_NAME)
+
+    def body(name: str, uid: str, created: str, customer_id: str) -> dict[str, Any]:
+        meta = {"name": name, "uid": uid, "creationTimestamp": created}
+        return {"metadata": meta, "spec": {"customerId": customer_id}}
+
+    customers = {
+        # Replaced under its name by another company, and created again under another name.
+        "acme": body("acme", "u-2", "2026-01-01T00:00:00Z", "cust_other01"),
+        "acme-again": body("acme-again", "u-4", "2026-01-02T03:04:05Z", "cust_acme01"),
+        "acme-later": body("acme-later", "u-5", "2026-02-01T00:00:00Z", "cust_acme01"),
+        "globex": body("globex", "u-3", "2025-01-01T00:00:00Z", "cust_globex01"),
+    }
+    kube = SecretsKube({deleted: ({}, None)}, customers, {deleted: marks})
+    kept = await kube.read_secret_data(*deleted)
+    assert kept is not None
+    assert await secrets_sender(kube)._abandoned_deletions(kept) == {
+        "cust_acme01": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "cust_gone01": None,
+    }
