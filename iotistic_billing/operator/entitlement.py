@@ -106,8 +106,13 @@ def _billed(
         # until the payment goes through, read as if only that old trial's end were the reason.
         trial = _trial(spec, created_at, now)
         return replace(trial, message=f"{trial.message}; Stripe subscription {subscription.status}")
-    if subscription is None or subscription.plan is None:
+    if subscription is None:
         return _trial(spec, created_at, now)
+    if subscription.plan is None:
+        # Its price is no plan's: the trial decides, and the Customer says why its payment does not.
+        trial = _trial(spec, created_at, now)
+        why = f"Stripe subscription {subscription.status} is on no plan's price (STRIPE_PRICE_*)"
+        return replace(trial, message=f"{trial.message}; {why}")
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):
         return Entitlement(

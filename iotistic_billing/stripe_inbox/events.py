@@ -442,8 +442,17 @@ def decide(
             and current_started is not None
             and facts.started < current_started
         )
+        # A live one on no plan's price (an add-on sold beside the plan, a custom price not in
+        # STRIPE_PRICE_*) does not take over one on a plan: the Customer lost its licence while paying.
+        planless = live and facts.status in LIVE_STATUSES and facts.plan is None and current.plan is not None
         # The late payment of an ended subscription settles its row; it does not take the Customer back.
-        if older or older_subscription or facts.settles_ended or (live and facts.status not in LIVE_STATUSES):
+        if (
+            older
+            or older_subscription
+            or planless
+            or facts.settles_ended
+            or (live and facts.status not in LIVE_STATUSES)
+        ):
             return Decision("superseded", None, record_row=True)
 
     base = current if same else None
@@ -657,7 +666,13 @@ def coalesce(
         decision = decide(
             state,
             row.last_event_created if row else None,
-            replace(facts, started=facts.started or (row.stripe_created if row else None)),
+            # What its row knows fills what the event does not say (an invoice's or a status event's
+            # facts name no plan): a subscription on a plan is not taken for one on none.
+            replace(
+                facts,
+                started=facts.started or (row.stripe_created if row else None),
+                plan=facts.plan or (row.plan if row else None),
+            ),
             created,
             stored_status=row.status if row else None,
             current_started=held.stripe_created if held else None,

@@ -104,6 +104,7 @@ async def create_customer(request: web.Request) -> web.Response:
                         request=body,
                         billing_mode="stripe" if billing is not None else "manual",
                         trial_days=settings.default_trial_days,
+                        now=app[CLOCK](),
                         stripe_customer_id=stripe_customer_id,
                     ),
                     company_name=body.company_name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from iotistic_billing.customer import API_VERSION, KIND, BillingMode, Phase, SubscriptionSpec
@@ -37,10 +37,13 @@ def signup_manifest(
     request: SignupRequest,
     billing_mode: BillingMode,
     trial_days: int,
+    now: datetime,
     stripe_customer_id: str | None = None,
 ) -> dict[str, Any]:
     """The Customer a signup creates; it names its Stripe customer itself, so the link outlives a signup
-    that died before the mirror row was committed."""
+    that died before the mirror row was committed, and its trial's end (`trial.endsAt`), so a Customer
+    restored from a backup or re-created keeps its trial's end rather than counting the days again from
+    its new creationTimestamp."""
     billing: dict[str, Any] = {"mode": billing_mode}
     if stripe_customer_id is not None:
         billing["stripeCustomerId"] = stripe_customer_id
@@ -50,7 +53,10 @@ def signup_manifest(
         "companyName": request.company_name,
         "plan": "trial",
         "billing": billing,
-        "trial": {"days": trial_days},
+        "trial": {
+            "days": trial_days,
+            "endsAt": (now + timedelta(days=trial_days)).isoformat(timespec="seconds"),
+        },
     }
     if request.full_name:
         spec["contactName"] = request.full_name
@@ -63,7 +69,9 @@ def signup_manifest(
 
 
 def trial_ends_at(record: CustomerRecord, now: datetime) -> datetime | None:
-    if record.customer.status.trial is not None and record.customer.status.trial.ends_at is not None:
+    """The operator's word (status.trial) once written: without an end, the Customer has no trial (a
+    Stripe subscription's plan, whatever spec.plan says); before that, the spec's."""
+    if record.customer.status.trial is not None:
         return record.customer.status.trial.ends_at
     if record.customer.spec.plan != "trial":
         return None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import stripe
 
-from iotistic_billing.customer import SubscriptionSpec
+from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
 from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
@@ -481,12 +481,17 @@ def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -
     # A subscription newer than the Customer's takes over; unknown start times decide as before.
     assert (
         decide(
-            newer, None, SubscriptionFacts("sub_next", "active", started=60), 200, current_started=50
+            newer,
+            None,
+            SubscriptionFacts("sub_next", "active", "starter", started=60),
+            200,
+            current_started=50,
         ).action
         == "apply"
     )
     assert (
-        decide(newer, None, SubscriptionFacts("sub_x", "active"), 200, current_started=50).action == "apply"
+        decide(newer, None, SubscriptionFacts("sub_x", "active", "starter"), 200, current_started=50).action
+        == "apply"
     )
 
 
@@ -1084,3 +1089,34 @@ def test_an_invoice_recorded_after_an_older_inbox_moved_the_row_keeps_a_late_own
     upgrade = SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END)
     late = coalesce("cust_a", paid.subscription, {**older_inbox, **paid.rows}, [(upgrade, 200)])
     assert [step.decision.action for step in late.steps if step.decision] == ["stale"]
+
+
+def test_a_live_subscription_on_no_plan_s_price_does_not_take_over_one_on_a_plan() -> None:
+    """Found in review: a second subscription on a price that is no plan's (a support add-on sold in
+    Stripe's dashboard beside professional) took over the Customer with no plan, so the operator licensed
+    the long-ended trial (unlicensed, "trial ended") while the professional subscription was charged. It
+    is recorded and the plan's subscription kept; once the plan's ends, the other takes over, and the
+    Customer says its price is no plan's."""
+    held = current(plan="professional", last_event_created=100)
+    add_on = SubscriptionFacts("sub_addon", "active", started=200)
+    result = coalesce("cust_a", held, row(plan="professional", stripe_created=50), [(add_on, 300)])
+    assert [step.decision.action for step in result.steps if step.decision] == ["superseded"]
+    assert result.subscription == held and result.rows["sub_addon"].plan is None
+    # A subscription on a plan still takes over, its plan read off its row when the event names none.
+    rows = {
+        **row(plan="professional", stripe_created=50),
+        **row("sub_new", plan="enterprise", stripe_created=60),
+    }
+    taken = coalesce("cust_a", held, rows, [(SubscriptionFacts("sub_new", "active"), 300)])
+    assert taken.subscription is not None
+    assert (taken.subscription.stripe_subscription_id, taken.subscription.plan) == ("sub_new", "enterprise")
+
+    from iotistic_billing.operator.entitlement import effective_plan
+
+    alone = SubscriptionSpec(status="active", plan=None, stripe_subscription_id="sub_addon")
+    spec = CustomerSpec.model_validate(
+        {"email": "a@b.cd", "companyName": "Acme", "billing": {"mode": "stripe"}, "trial": {"days": 14}}
+    ).model_copy(update={"subscription": alone})
+    entitlement = effective_plan(spec, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC))
+    assert entitlement.plan == "unlicensed"
+    assert "Stripe subscription active is on no plan's price (STRIPE_PRICE_*)" in entitlement.message

@@ -18,6 +18,7 @@ from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
     DNS_NAME_PATTERN,
+    TrialStatus,
     derived_customer_id,
     parse_spec,
     resource_name_for,
@@ -335,8 +336,14 @@ def test_signup_manifest_is_a_valid_customer_without_the_password() -> None:
     request = SignupRequest(
         email="owner@acme.example", company_name="Acme", full_name="Ann Owner", password="hunter2-hunter2"
     )
+    signed_up = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)
     manifest = signup_manifest(
-        name="acme", customer_id="cust_abc123def456", request=request, billing_mode="stripe", trial_days=14
+        name="acme",
+        customer_id="cust_abc123def456",
+        request=request,
+        billing_mode="stripe",
+        trial_days=14,
+        now=signed_up,
     )
     spec = parse_spec(manifest["spec"])
     assert (spec.customer_id, spec.contact_name, spec.billing.mode, spec.trial.days) == (
@@ -346,6 +353,10 @@ def test_signup_manifest_is_a_valid_customer_without_the_password() -> None:
         14,
     )
     assert "hunter2" not in str(manifest)
+    # The trial's end itself (found in review): a Customer restored from a backup, or re-created, counted
+    # its 14 days again from its new creationTimestamp.
+    assert spec.trial.ends_at == datetime(2026, 3, 15, 9, 30, 15, tzinfo=UTC)
+    assert spec.trial.ends_at_for(signed_up + timedelta(days=200)) == spec.trial.ends_at
 
 
 def test_signup_validation_messages_name_the_field() -> None:
@@ -401,6 +412,19 @@ def test_customer_view_shows_the_trial_end_and_the_subscription() -> None:
     assert view.trial_ends_at == datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=10)
     assert view.subscription is not None and view.subscription.stripe_subscription_id == "sub_1"
     assert view.stripe_customer_id == "cus_1"
+
+
+def test_a_paying_customer_shows_no_trial_end_once_the_operator_said_so() -> None:
+    """Found in review: the operator writes status.trial without an end for a Stripe subscription's plan,
+    and the view then fell back to the signup's spec.plan trial, showing a trial end for a paying
+    customer (the CLI and console showed none)."""
+    paying = record("acme", trial={"days": 10}, plan="trial", billing={"mode": "stripe"})
+    paying.customer.status.trial = TrialStatus(is_trial_mode=False)
+    assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at is None
+    paying.customer.status.trial = None  # not written yet: the spec's
+    assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at == datetime(
+        2026, 1, 11, tzinfo=UTC
+    )
 
 
 def test_customer_view_shows_the_spec_s_stripe_customer_over_the_mirror_s() -> None:
