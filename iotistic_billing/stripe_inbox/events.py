@@ -671,7 +671,7 @@ def coalesce(
             replace(
                 facts,
                 started=facts.started or (row.stripe_created if row else None),
-                plan=facts.plan or (row.plan if row else None),
+                plan=facts.plan or (_plan(row.plan) if row else None),
             ),
             created,
             stored_status=row.status if row else None,
