@@ -309,7 +309,10 @@ def license_notice(
         return access_restricted(
             **about, jti=record.jti, plan=record.plan, suspended_at=entitlement.next_step_at
         )
-    if entitlement.payment_step == c.PAYMENT_SUSPENDED and entered:
+    # Paused (a Stripe trial that ended without a payment method) cuts access as a lapse does, and no
+    # Stripe event's notice says so.
+    paused = entitlement.lapsed and entitlement.subscription_status == "paused"
+    if (entitlement.payment_step == c.PAYMENT_SUSPENDED or paused) and entered:
         return license_changed(
             NoticeKind.LICENSE_SUSPENDED,
             **about,

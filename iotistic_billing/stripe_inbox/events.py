@@ -59,6 +59,9 @@ HANDLED_EVENT_TYPES: Final = frozenset({CHECKOUT_COMPLETED, *SUBSCRIPTION_EVENTS
 SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(SubscriptionStatus)
 # Statuses under which a subscription still grants its plan (past_due within the operator's grace).
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+# Statuses of a subscription that is not over: live ones, and those that bill again once paid or resumed
+# (a cancellation finds them; a checkout beside one would make a second subscription).
+OPEN_STATUSES: Final = LIVE_STATUSES | {"unpaid", "paused"}
 # A payment failed and is not paid yet: the dunning ladder's statuses.
 OVERDUE_STATUSES: Final = frozenset({"past_due", "unpaid"})
 # A subscription that ended stays so: Stripe makes a new one rather than revive it, so a later event of

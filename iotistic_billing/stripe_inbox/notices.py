@@ -45,7 +45,12 @@ def event_notices(
     (a stale or superseded one says nothing new about the subscription the Customer holds)."""
     applied = decision.subscription
     if decision.action != "apply" or applied is None:
-        return []
+        if not _trial_news(event_type, obj, previous, decision):
+            return []
+        # Made stale by a newer event of the subscription (a plan change applied first): the trial it
+        # announces may still be ahead, and nothing else says so (its notice's key keeps it to one).
+        applied = previous
+    assert applied is not None
     about = {
         "customer_id": record.customer_id,
         "customer_name": record.name,
@@ -69,6 +74,19 @@ def event_notices(
     if event_type == TRIAL_WILL_END and ends_at is not None and ends_at > as_of:
         notices.append(trial_ending(**about, plan=applied.plan or "trial", ends_at=ends_at, now=as_of))
     return notices
+
+
+def _trial_news(
+    event_type: str, obj: Mapping[str, Any], previous: SubscriptionSpec | None, decision: Decision
+) -> bool:
+    """A stale trial_will_end of the trialing subscription the Customer holds."""
+    return (
+        event_type == TRIAL_WILL_END
+        and decision.action == "stale"
+        and previous is not None
+        and previous.status == "trialing"
+        and previous.stripe_subscription_id == object_id(obj)
+    )
 
 
 def payment_notices(

@@ -17,7 +17,7 @@ from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import Conflict, ValidationFailed, stripe_not_configured
 from iotistic_billing.stripe_api import CustomerSubscribed
-from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
+from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
 from iotistic_billing.webhook_server.schemas import (
@@ -55,25 +55,30 @@ def _billed_through_stripe(record: CustomerRecord) -> None:
         )
 
 
-async def _live_subscription_id(session: AsyncSession, record: CustomerRecord) -> str | None:
-    """The id of the customer's current subscription: spec.subscription, else the newest live row."""
+async def _live_subscription_id(
+    session: AsyncSession, record: CustomerRecord, statuses: frozenset[str] = LIVE_STATUSES
+) -> str | None:
+    """The id of the customer's current subscription in `statuses`: spec.subscription, else the newest
+    such row."""
     current = record.customer.spec.subscription
-    if current is not None and current.stripe_subscription_id and current.status in LIVE_STATUSES:
+    if current is not None and current.stripe_subscription_id and current.status in statuses:
         return current.stripe_subscription_id
     return await session.scalar(
         select(models.Subscription.stripe_subscription_id)
         .where(
             models.Subscription.customer_id == record.customer_id,
-            models.Subscription.status.in_(sorted(LIVE_STATUSES)),
+            models.Subscription.status.in_(sorted(statuses)),
         )
         .order_by(models.Subscription.last_event_created.desc())
         .limit(1)
     )
 
 
-async def _live_subscription(session: AsyncSession, record: CustomerRecord) -> str:
+async def _live_subscription(
+    session: AsyncSession, record: CustomerRecord, statuses: frozenset[str] = LIVE_STATUSES
+) -> str:
     """`_live_subscription_id`, or a 409 "No active subscription"."""
-    subscription_id = await _live_subscription_id(session, record)
+    subscription_id = await _live_subscription_id(session, record, statuses)
     if subscription_id is None:
         raise Conflict(
             "No active subscription",
@@ -101,7 +106,8 @@ async def create_checkout(request: web.Request) -> web.Response:
     async with sessions() as session:
         record = await directory.existing(session, body.customer_id)
         _billed_through_stripe(record)
-        live = await _live_subscription_id(session, record)
+        # Unpaid or paused too: paid or resumed, it would bill beside the new one.
+        live = await _live_subscription_id(session, record, OPEN_STATUSES)
         stripe_customer_id = await directory.stripe_customer_id(session, record)
     if live is not None:
         raise _already_subscribed(record.customer_id, live)
@@ -139,7 +145,7 @@ async def create_checkout(request: web.Request) -> web.Response:
             price_id=price,
             success_url=body.success_url,
             cancel_url=body.cancel_url,
-            live_statuses=LIVE_STATUSES,
+            live_statuses=OPEN_STATUSES,
         )
     except CustomerSubscribed as subscribed:
         raise _already_subscribed(record.customer_id, subscribed.subscription_id) from None
@@ -151,7 +157,8 @@ def _already_subscribed(customer_id: str, subscription_id: str) -> Conflict:
     return Conflict(
         "Already subscribed",
         f"customer {customer_id} has the live subscription {subscription_id}; change its plan with "
-        "POST /api/subscriptions/upgrade",
+        "POST /api/subscriptions/upgrade (unpaid or paused: cancel it with POST /api/subscriptions/cancel "
+        "first)",
         {"customer_id": customer_id, "subscription_id": subscription_id},
     )
 
@@ -189,7 +196,8 @@ async def cancel_subscription(request: web.Request) -> web.Response:
     body = await read_body(request, CancelRequest)
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
-        subscription_id = await _live_subscription(session, record)
+        # Unpaid or paused too: Stripe keeps billing an unpaid one's drafts, and resumes a paused one.
+        subscription_id = await _live_subscription(session, record, OPEN_STATUSES)
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(
         SubscriptionChangeResponse(

@@ -429,6 +429,49 @@ async def test_subscription_routes_call_stripe(
         await _subscription_routes(api, customers, starter)
 
 
+@pytest.mark.parametrize("status", ["unpaid", "paused"])
+async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_second_checkout_out(
+    status: str, webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
+) -> None:
+    """Found in review: cancel and checkout looked for a live subscription only, so one left unpaid by
+    Stripe's dunning (whose drafts Stripe goes on invoicing) or paused could not be cancelled (409 "No
+    active subscription", though README says to cancel before deleting a Customer), and a checkout made
+    a second subscription beside it: paid or resumed, both billed."""
+    starter = stripe_mock_plan_price(stripe_mock)
+    settings = webhook_settings.model_copy(update={"stripe_price_starter": starter})
+    async with running_app(settings, kubeconfig) as api:
+        name = unique_name(status)
+        customer_id = customer_id_for(name)
+        customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+        subscription_id = random_id("sub_")
+        held = subscription_object(
+            subscription_id,
+            customer=random_id("cus_"),
+            price=starter,
+            status=status,
+            metadata={"customerId": customer_id},
+        )
+        assert (await deliver(api, event("customer.subscription.updated", held, created=int(time.time()))))[
+            0
+        ] == 200
+        checkout = {
+            "customer_id": customer_id,
+            "plan": "starter",
+            "success_url": "https://app.example.com/ok",
+            "cancel_url": "https://app.example.com/cancel",
+        }
+        second = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
+        refused = await second.json()
+        assert second.status == 409 and refused["details"]["subscription_id"] == subscription_id, refused
+        assert "cancel it with POST /api/subscriptions/cancel" in refused["message"]
+        cancelled = await api.post(
+            "/api/subscriptions/cancel",
+            json={"customer_id": customer_id, "immediately": True},
+            headers=admin_headers(),
+        )
+        assert cancelled.status == 200, await cancelled.text()
+
+
 async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, starter: str) -> None:
     name = unique_name("subscriber")
     customer_id = customer_id_for(name)

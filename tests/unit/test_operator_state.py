@@ -1027,3 +1027,14 @@ async def test_a_licence_secret_whose_usage_key_was_taken_out_gets_a_new_licence
     again = await ensure_license(ctx, _reported(target, first.jti), parts.secret)
     assert again.jti != first.jti
     assert parts.secret.data[USAGE_API_KEY_KEY] not in (b"", first_key)
+
+
+def test_a_paused_subscription_s_licence_says_it_is_suspended() -> None:
+    """Found in review: a Stripe subscription paused (its trial ended without a payment method) took the
+    customer to the unlicensed feature set with no notice: no Stripe event's notice covers a pause, and
+    the licence's said nothing. Once, with the licence that enters it."""
+    paused = {"billing": {"mode": "stripe"}, "subscription": subscription("paused", plan="professional")}
+    notice = _notice_of(_target_of(paused), _licence("professional", "j-paid"))
+    assert notice is not None and notice.kind == NoticeKind.LICENSE_SUSPENDED
+    assert "Stripe subscription paused" in notice.lines[1]
+    assert _notice_of(_target_of(paused), _licence("unlicensed", "j-paused")) is None  # a renewal

@@ -1120,3 +1120,50 @@ def test_a_live_subscription_on_no_plan_s_price_does_not_take_over_one_on_a_plan
     entitlement = effective_plan(spec, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC))
     assert entitlement.plan == "unlicensed"
     assert "Stripe subscription active is on no plan's price (STRIPE_PRICE_*)" in entitlement.message
+
+
+def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices_it() -> None:
+    """Found in review: Stripe retried a trial_will_end (created at 1,000) after a plan change of the same
+    trialing subscription (at 4,600) was applied: stale, it noticed nothing, and nothing else announces a
+    Stripe trial's end. The trial is still ahead, so it is noticed, once (the notice's key)."""
+    from iotistic_billing.directory import CustomerRecord
+    from iotistic_billing.stripe_inbox.notices import event_notices
+
+    trial_end = 1_000 + 3 * 86400
+    upgraded = current(status="trialing", plan="professional", last_event_created=4_600)
+    will_end = SubscriptionFacts("sub_1", "trialing", "starter")
+    late = coalesce(
+        "cust_a",
+        upgraded,
+        row(status="trialing", plan="professional", last_event_created=4_600),
+        [(will_end, 1_000)],
+    )
+    (step,) = late.steps
+    assert step.decision is not None and step.decision.action == "stale"
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": "acme", "uid": "uid-acme"},
+        "spec": {"customerId": "cust_a00000001", "email": "ops@acme.example", "companyName": "Acme"},
+    }
+    record = CustomerRecord.from_body(body)
+    assert record is not None
+    event = "customer.subscription.trial_will_end"
+    (notice,) = event_notices(
+        event, {"id": "sub_1", "trial_end": trial_end}, record, step.previous, step.decision, 1_000, None
+    )
+    assert notice.kind == "trial.ending" and notice.facts["days_left"] == 3
+    # Not for another subscription, nor for one no longer trialing.
+    assert (
+        event_notices(
+            event, {"id": "sub_2", "trial_end": trial_end}, record, step.previous, step.decision, 1_000, None
+        )
+        == []
+    )
+    active = current(status="active", last_event_created=4_600)
+    assert (
+        event_notices(
+            event, {"id": "sub_1", "trial_end": trial_end}, record, active, step.decision, 1_000, None
+        )
+        == []
+    )
