@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class ChartStore:
         self.registry_config = settings.instance_chart_registry_config
         self._fleet_version = settings.instance_chart_version
         self._pulls: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # A version's last pull helm failed: when it ended, and its error (`get`).
+        self._failed: dict[str, tuple[float, HelmError]] = {}
 
     @property
     def fleet_version(self) -> str:
@@ -67,9 +70,19 @@ class ChartStore:
             return InstanceChart(version, Path(self.source))
         directory = self.cache / version
         if not (directory / "Chart.yaml").is_file():
+            waiting_since = time.monotonic()
             async with self._pulls[version]:  # a thousand passes wanting a new version pull it once
                 if not (directory / "Chart.yaml").is_file():
-                    await self._pull(version, directory, asked)
+                    failed = self._failed.get(version)
+                    if failed is not None and failed[0] >= waiting_since:
+                        # The pull this one waited for failed: its answer, not a pull more each (a
+                        # registry that never answers held every pass slot HELM_TIMEOUT per waiter).
+                        raise failed[1]
+                    try:
+                        await self._pull(version, directory, asked)
+                    except HelmError as error:  # a ChartUnavailable names its asker, and came quick
+                        self._failed[version] = (time.monotonic(), error)
+                        raise
         return InstanceChart(version, directory)
 
     async def _pull(self, version: str, directory: Path, asked: str) -> None:

@@ -97,11 +97,15 @@ def payment_condition(entitlement: Entitlement, stripe_billed: bool) -> Conditio
 
 
 def stalled(reason: str, message: str) -> list[ConditionValue]:
-    """Retrying cannot help until the spec changes: Stalled, and Ready False with the same words (a
-    kstatus reader must never see an earlier Ready=True on a Customer that failed since)."""
+    """Retrying cannot help until something changes: Stalled, and Ready False with the same words (a
+    kstatus reader must never see an earlier Ready=True on a Customer that failed since). What must
+    change is the Stalled message's to say: not always the spec (a namespace freed, a chart pushed, a
+    rollout's annotation)."""
     return [
         ConditionValue(ConditionType.STALLED, True, reason, message),
-        ConditionValue(ConditionType.RECONCILING, False, reason, "waiting for a change of the spec"),
+        ConditionValue(
+            ConditionType.RECONCILING, False, reason, "not retried until what Stalled names changes"
+        ),
         ConditionValue(ConditionType.READY, False, reason, message),
     ]
 

@@ -129,11 +129,11 @@ async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry:
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
 async def reconcile_requested(
-    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, new: Any, **_: Any
+    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, new: Any, reason: Any = None, **_: Any
 ) -> None:
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
-    if new:
+    if new and reason != kopf.Reason.CREATE:
         await _kopf_pass(_context(memo), name, body, retry)
 
 
@@ -145,13 +145,17 @@ def rollout_move(annotations: Any) -> tuple[str | None, str | None]:
 
 @kopf.on.field(*CUSTOMERS, field=("metadata", "annotations"), backoff=5)
 async def rollout_version_changed(
-    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, old: Any, new: Any, **_: Any
+    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, old: Any, new: Any, reason: Any = None, **_: Any
 ) -> None:
     """A rollout moved the Customer to another chart version (or back), or one set by hand: a pass
     installs it. By the move's updated-at too: a move and its rollback's return that Kopf sees as one
     change (both came while it handled another) leave the version as it was, and the rollback waits for
-    a pass that read the return (rollout_plan.member)."""
-    if rollout_move(old) != rollout_move(new):
+    a pass that read the return (rollout_plan.member).
+
+    Not on a creation: Kopf calls field handlers then too, and after a start every Customer is one
+    (kopf_tuning.HandledSpecs); the creation's own pass reads the annotations (this one and
+    reconcile_requested ran a second and a third pass of each Customer a rollout had moved)."""
+    if reason != kopf.Reason.CREATE and rollout_move(old) != rollout_move(new):
         await _kopf_pass(_context(memo), name, body, retry)
 
 

@@ -219,6 +219,41 @@ REFUSED_UPGRADE = (
 )
 
 
+class HangingPulls:
+    """`Helm.pull` against a registry that never answers: each pull fails, TIMED_OUT, after `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.pulls = 0
+
+    async def pull(self, reference: str, version: str, destination: Path, **_: object) -> None:
+        self.pulls += 1
+        await asyncio.sleep(self.seconds)
+        raise HelmError(f"pull of {reference} {version}", TIMED_OUT, timed_out=True)
+
+
+async def test_passes_waiting_for_a_pull_that_failed_share_its_failure_instead_of_pulling_again(
+    tmp_path: Path,
+) -> None:
+    """Found in review: the passes that waited for a version's pull each pulled again once it failed, one
+    after another, so with a registry that never answers the eighth pass slot was held eight times
+    HELM_TIMEOUT (48 minutes at 360 s), and no other Customer's pass started. Those that waited get its
+    failure; a pass that comes after it pulls again (the registry may be back)."""
+    settings = load_settings(
+        instance_chart="oci://registry.example/charts/customer-instance", instance_chart_version="0.1.0"
+    )
+    helm = HangingPulls(0.2)
+    charts = ChartStore(settings, cast(Helm, helm), tmp_path / "charts")
+    started = time.monotonic()
+    async with asyncio.timeout(GUARD_SECONDS):
+        outcomes = await asyncio.gather(*(charts.get("1.3.0") for _ in range(8)), return_exceptions=True)
+    assert all(isinstance(outcome, HelmError) and outcome.timed_out for outcome in outcomes), outcomes
+    assert helm.pulls == 1 and time.monotonic() - started < 1.5
+    with pytest.raises(HelmError):
+        await charts.get("1.3.0")
+    assert helm.pulls == 2
+
+
 @pytest.mark.parametrize(
     ("stderr", "said"),
     [

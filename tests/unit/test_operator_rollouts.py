@@ -163,3 +163,27 @@ async def test_a_rollout_move_runs_a_pass_also_when_its_return_left_the_version_
         if h.fn is handlers.rollout_version_changed
     ]
     assert [h.field for h in registered] == [("metadata", "annotations")]
+
+
+async def test_a_creation_runs_no_second_pass_for_the_rollout_or_reconcile_annotations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: Kopf calls field handlers on a creation too, and after a start every Customer is
+    one (the handled specs live in memory): a Customer a rollout had moved, or given a Reconcile now,
+    had a second and a third pass beside the creation's. An update still runs one."""
+    ran: list[str] = []
+
+    async def reconcile(ctx: Any, name: str, handed: Any = None) -> None:
+        ran.append(name)
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    moved = {ROLLOUT_CHART_VERSION: "2.0.0", ROLLOUT_UPDATED_AT: "t1"}
+    memo = cast(Any, {"context": SimpleNamespace()})
+    for reason in (kopf.Reason.CREATE, kopf.Reason.UPDATE):
+        await handlers.rollout_version_changed(
+            name="acme", body=cast(Any, {}), memo=memo, retry=0, old=None, new=moved, reason=reason
+        )
+        await handlers.reconcile_requested(
+            name="acme", body=cast(Any, {}), memo=memo, retry=0, new="now", reason=reason
+        )
+    assert ran == ["acme", "acme"]  # the update's two

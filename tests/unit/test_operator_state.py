@@ -1038,3 +1038,29 @@ def test_a_paused_subscription_s_licence_says_it_is_suspended() -> None:
     assert notice is not None and notice.kind == NoticeKind.LICENSE_SUSPENDED
     assert "Stripe subscription paused" in notice.lines[1]
     assert _notice_of(_target_of(paused), _licence("unlicensed", "j-paused")) is None  # a renewal
+
+
+def test_housekeeping_looks_again_for_a_webhook_secret_but_not_at_a_refused_url() -> None:
+    """Found in review: a webhook URL refused (InvalidWebhookUrl) ran a full pass every minute for
+    good, though only a spec change, which runs a pass of its own, can mend it. A Secret not found yet
+    is looked for again (it may have been created since: no watch sees it)."""
+    hooked = spec(
+        plan="starter", notifications={"webhook": {"url": "https://a..b/", "secretRef": {"name": "h"}}}
+    )
+    issued = NOW - timedelta(days=1)
+    licence = LicenseStatus(issued_at=issued, expires_at=issued + timedelta(days=30))
+
+    def status_with(reason: str) -> CustomerStatus:
+        condition = {
+            "type": "NotificationsReady",
+            "status": "False",
+            "reason": reason,
+            "message": "m",
+            "lastTransitionTime": NOW.isoformat(),
+        }
+        return CustomerStatus.model_validate(
+            {"plan": "starter", "license": licence.to_k8s(), "conditions": [condition]}
+        )
+
+    assert housekeeping_due(hooked, status_with("SecretNotFound"), CREATED, NOW) == "SecretNotFound"
+    assert housekeeping_due(hooked, status_with("InvalidWebhookUrl"), CREATED, NOW) is None
