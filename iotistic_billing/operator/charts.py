@@ -77,12 +77,15 @@ class ChartStore:
                     if failed is not None and failed[0] >= waiting_since:
                         # The pull this one waited for failed: its answer, not a pull more each (a
                         # registry that never answers held every pass slot HELM_TIMEOUT per waiter).
-                        raise failed[1]
+                        # A new error each: one raised again grows its traceback with each waiter.
+                        shared = failed[1]
+                        raise HelmError(shared.command, shared.message, timed_out=shared.timed_out)
                     try:
                         await self._pull(version, directory, asked)
                     except HelmError as error:  # a ChartUnavailable names its asker, and came quick
-                        self._failed[version] = (time.monotonic(), error)
+                        self._failed[version] = (time.monotonic(), error.with_traceback(None))
                         raise
+                    self._failed.pop(version, None)
         return InstanceChart(version, directory)
 
     async def _pull(self, version: str, directory: Path, asked: str) -> None:

@@ -133,8 +133,20 @@ async def reconcile_requested(
 ) -> None:
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
-    if new and reason != kopf.Reason.CREATE:
+    if new and not (reason == kopf.Reason.CREATE and _status_of(body).get("lastHandledReconcileAt") == new):
         await _kopf_pass(_context(memo), name, body, retry)
+
+
+def _status_of(body: Any) -> Any:
+    return (body.get("status") if body else None) or {}
+
+
+def _move_read(body: Any, annotations: Any) -> bool:
+    """Whether the Customer's last pass installed by this rollout move (status.release names its version
+    and updated-at)."""
+    release = _status_of(body).get("release") or {}
+    version, updated_at = rollout_move(annotations)
+    return release.get("targetVersion") == version and release.get("rolloutUpdatedAt") == updated_at
 
 
 def rollout_move(annotations: Any) -> tuple[str | None, str | None]:
@@ -152,10 +164,13 @@ async def rollout_version_changed(
     change (both came while it handled another) leave the version as it was, and the rollback waits for
     a pass that read the return (rollout_plan.member).
 
-    Not on a creation: Kopf calls field handlers then too, and after a start every Customer is one
-    (kopf_tuning.HandledSpecs); the creation's own pass reads the annotations (this one and
-    reconcile_requested ran a second and a third pass of each Customer a rollout had moved)."""
-    if reason != kopf.Reason.CREATE and rollout_move(old) != rollout_move(new):
+    On a creation (after a start every Customer is one: kopf_tuning.HandledSpecs), not when a pass read
+    the move already: Kopf calls field handlers then too, one a cycle after the creation's pass, and this
+    one and reconcile_requested ran a second and a third pass of each Customer a rollout had moved. A
+    move made between those cycles is not in the status yet, and still runs one."""
+    if reason == kopf.Reason.CREATE and _move_read(body, new):
+        return
+    if rollout_move(old) != rollout_move(new):
         await _kopf_pass(_context(memo), name, body, retry)
 
 

@@ -79,13 +79,15 @@ def event_notices(
 def _trial_news(
     event_type: str, obj: Mapping[str, Any], previous: SubscriptionSpec | None, decision: Decision
 ) -> bool:
-    """A stale trial_will_end of the trialing subscription the Customer holds."""
+    """A stale trial_will_end of the trialing subscription the Customer holds, of the trial end it holds
+    (one extended since announces an end no longer true)."""
     return (
         event_type == TRIAL_WILL_END
         and decision.action == "stale"
         and previous is not None
         and previous.status == "trialing"
         and previous.stripe_subscription_id == object_id(obj)
+        and trial_end(obj) == previous.current_period_end
     )
 
 

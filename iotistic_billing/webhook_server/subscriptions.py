@@ -157,8 +157,9 @@ def _already_subscribed(customer_id: str, subscription_id: str) -> Conflict:
     return Conflict(
         "Already subscribed",
         f"customer {customer_id} has the live subscription {subscription_id}; change its plan with "
-        "POST /api/subscriptions/upgrade (unpaid or paused: cancel it with POST /api/subscriptions/cancel "
-        "first)",
+        "POST /api/subscriptions/upgrade (unpaid or paused: cancel it first with POST "
+        '/api/subscriptions/cancel and {"immediately": true}; at its period\'s end it stays in the way '
+        "until then)",
         {"customer_id": customer_id, "subscription_id": subscription_id},
     )
 

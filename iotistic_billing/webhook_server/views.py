@@ -70,9 +70,11 @@ def signup_manifest(
 
 def trial_ends_at(record: CustomerRecord, now: datetime) -> datetime | None:
     """The operator's word (status.trial) once written: without an end, the Customer has no trial (a
-    Stripe subscription's plan, whatever spec.plan says); before that, the spec's."""
-    if record.customer.status.trial is not None:
-        return record.customer.status.trial.ends_at
+    Stripe subscription's plan, whatever spec.plan says), unless it is suspended (its trial's end holds
+    once the suspension is lifted); before that, the spec's."""
+    trial = record.customer.status.trial
+    if trial is not None and (trial.ends_at is not None or not record.customer.spec.suspended):
+        return trial.ends_at
     if record.customer.spec.plan != "trial":
         return None
     return record.customer.spec.trial.ends_at_for(record.customer.metadata.creation_timestamp or now)

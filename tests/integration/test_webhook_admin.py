@@ -463,7 +463,7 @@ async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_sec
         second = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
         refused = await second.json()
         assert second.status == 409 and refused["details"]["subscription_id"] == subscription_id, refused
-        assert "cancel it with POST /api/subscriptions/cancel" in refused["message"]
+        assert '/api/subscriptions/cancel and {"immediately": true}' in refused["message"]
         cancelled = await api.post(
             "/api/subscriptions/cancel",
             json={"customer_id": customer_id, "immediately": True},

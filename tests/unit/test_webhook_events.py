@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -1130,7 +1130,10 @@ def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices
     from iotistic_billing.stripe_inbox.notices import event_notices
 
     trial_end = 1_000 + 3 * 86400
-    upgraded = current(status="trialing", plan="professional", last_event_created=4_600)
+    ends = datetime.fromtimestamp(trial_end, UTC)
+    upgraded = current(
+        status="trialing", plan="professional", last_event_created=4_600, current_period_end=ends
+    )
     will_end = SubscriptionFacts("sub_1", "trialing", "starter")
     late = coalesce(
         "cust_a",
@@ -1157,6 +1160,16 @@ def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices
     assert (
         event_notices(
             event, {"id": "sub_2", "trial_end": trial_end}, record, step.previous, step.decision, 1_000, None
+        )
+        == []
+    )
+    # Nor for a trial extended since (a later review): the end it announces is no longer true.
+    extended = current(
+        status="trialing", last_event_created=4_600, current_period_end=ends + timedelta(days=7)
+    )
+    assert (
+        event_notices(
+            event, {"id": "sub_1", "trial_end": trial_end}, record, extended, step.decision, 1_000, None
         )
         == []
     )

@@ -421,6 +421,12 @@ def test_a_paying_customer_shows_no_trial_end_once_the_operator_said_so() -> Non
     paying = record("acme", trial={"days": 10}, plan="trial", billing={"mode": "stripe"})
     paying.customer.status.trial = TrialStatus(is_trial_mode=False)
     assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at is None
+    # Suspended during its trial (a later review): the trial's end holds once the suspension is lifted.
+    suspended = record("acme", trial={"days": 10}, plan="trial", suspended=True)
+    suspended.customer.status.trial = TrialStatus(is_trial_mode=False)
+    assert customer_view(suspended, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at == datetime(
+        2026, 1, 11, tzinfo=UTC
+    )
     paying.customer.status.trial = None  # not written yet: the spec's
     assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at == datetime(
         2026, 1, 11, tzinfo=UTC
