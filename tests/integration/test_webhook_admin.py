@@ -429,6 +429,16 @@ async def test_subscription_routes_call_stripe(
         await _subscription_routes(api, customers, starter)
 
 
+def starter_checkout(customer_id: str) -> dict[str, str]:
+    """A checkout request of the starter plan for `customer_id`."""
+    return {
+        "customer_id": customer_id,
+        "plan": "starter",
+        "success_url": "https://app.example.com/ok",
+        "cancel_url": "https://app.example.com/cancel",
+    }
+
+
 @pytest.mark.parametrize("status", ["unpaid", "paused"])
 async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_second_checkout_out(
     status: str, webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
@@ -454,12 +464,7 @@ async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_sec
         assert (await deliver(api, event("customer.subscription.updated", held, created=int(time.time()))))[
             0
         ] == 200
-        checkout = {
-            "customer_id": customer_id,
-            "plan": "starter",
-            "success_url": "https://app.example.com/ok",
-            "cancel_url": "https://app.example.com/cancel",
-        }
+        checkout = starter_checkout(customer_id)
         second = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
         refused = await second.json()
         assert second.status == 409 and refused["details"]["subscription_id"] == subscription_id, refused
@@ -485,12 +490,7 @@ async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, 
         headers=admin_headers(),
     )
     assert portal_none.status == 409
-    checkout = {
-        "customer_id": customer_id,
-        "plan": "starter",
-        "success_url": "https://app.example.com/ok",
-        "cancel_url": "https://app.example.com/cancel",
-    }
+    checkout = starter_checkout(customer_id)
     started = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
     assert started.status == 200 and (await started.json())["session_id"].startswith("cs_")
 

@@ -1285,6 +1285,19 @@ def not_ready(body: dict[str, Any], message: str = "waiting for Deployments: api
     ]
 
 
+def on_by_another_rollout(body: dict[str, Any], rollout: str, ago: timedelta) -> None:
+    """`body` moved to 2.0.0 by `rollout` `ago`, installed by that move, and not Ready now."""
+    moved_at = (T0 - ago).isoformat(timespec="seconds")
+    body["metadata"]["annotations"] = {
+        ROLLOUT_CHART_VERSION: "2.0.0",
+        ROLLOUT_NAME: rollout,
+        ROLLOUT_UPDATED_AT: moved_at,
+    }
+    release = {"chartVersion": "2.0.0", "targetVersion": "2.0.0", "versionSource": "Rollout"}
+    body["status"]["release"] = {**release, "rolloutUpdatedAt": moved_at}
+    not_ready(body)
+
+
 @pytest.mark.parametrize("ready_again", [True, False], ids=["ready again", "never ready"])
 def test_a_customer_another_rollout_moved_is_timed_from_its_step_s_start(ready_again: bool) -> None:
     """Found in review: the health gate's timeout ran from the Customer's updated-at, whichever rollout
@@ -1293,19 +1306,7 @@ def test_a_customer_another_rollout_moved_is_timed_from_its_step_s_start(ready_a
     this run did not move has timeoutSeconds from when its step started."""
     fleet = Fleet(6)
     c00 = fleet.customers["c00"]
-    moved_at = (T0 - timedelta(days=3)).isoformat(timespec="seconds")
-    c00["metadata"]["annotations"] = {
-        ROLLOUT_CHART_VERSION: "2.0.0",
-        ROLLOUT_NAME: "early",
-        ROLLOUT_UPDATED_AT: moved_at,
-    }
-    c00["status"]["release"] = {
-        "chartVersion": "2.0.0",
-        "targetVersion": "2.0.0",
-        "versionSource": "Rollout",
-        "rolloutUpdatedAt": moved_at,
-    }
-    not_ready(c00)
+    on_by_another_rollout(c00, "early", timedelta(days=3))
 
     def recover(tick: int) -> None:
         if ready_again and tick == 20:
@@ -1378,20 +1379,7 @@ def test_a_customer_failed_in_an_earlier_step_holds_no_upgrade_slot_in_a_later_o
     earlier rollout's move that had failed in step 1 counted upgrading again when step 2 started, and
     step 2 (maxParallel 1) moved nobody for another timeout."""
     fleet = Fleet(4)
-    c00 = fleet.customers["c00"]
-    moved_at = (T0 - timedelta(days=1)).isoformat(timespec="seconds")
-    c00["metadata"]["annotations"] = {
-        ROLLOUT_CHART_VERSION: "2.0.0",
-        ROLLOUT_NAME: "r0",
-        ROLLOUT_UPDATED_AT: moved_at,
-    }
-    c00["status"]["release"] = {
-        "chartVersion": "2.0.0",
-        "targetVersion": "2.0.0",
-        "versionSource": "Rollout",
-        "rolloutUpdatedAt": moved_at,
-    }
-    not_ready(c00)
+    on_by_another_rollout(fleet.customers["c00"], "r0", timedelta(days=1))
     rollout_spec = spec(
         steps=[{"customers": ["c00"]}, {"rest": True, "maxParallel": 1}],
         healthGate={"timeoutSeconds": 30, "maxFailures": 2},

@@ -1028,10 +1028,24 @@ def test_a_subscription_that_stops_granting_hands_the_customer_to_its_other_live
     assert back.subscription is not None and back.subscription.stripe_subscription_id == "sub_new"
 
 
+def acme_record() -> Any:
+    """The directory's record of Customer acme (cust_a00000001), as the inbox reads it."""
+    from iotistic_billing.directory import CustomerRecord
+
+    body = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "metadata": {"name": "acme", "uid": "uid-acme"},
+        "spec": {"customerId": "cust_a00000001", "email": "ops@acme.example", "companyName": "Acme"},
+    }
+    record = CustomerRecord.from_body(body)
+    assert record is not None
+    return record
+
+
 def test_a_trial_will_end_delivered_after_the_trial_s_invoice_notices_nothing() -> None:
     """Found in review: applied under the newer invoice (the trial ended, its first invoice paid), a
     trial_will_end redelivered days late said the trial ends in three days."""
-    from iotistic_billing.directory import CustomerRecord
     from iotistic_billing.stripe_inbox.notices import event_notices
 
     trial_end = 1_000 + 3 * 86400
@@ -1046,14 +1060,7 @@ def test_a_trial_will_end_delivered_after_the_trial_s_invoice_notices_nothing() 
     late = coalesce("cust_a", paid.subscription, {**row(), **paid.rows}, [(will_end, 1_000 + 60)])
     (step,) = late.steps
     assert step.decision is not None and step.decision.action == "apply"
-    body = {
-        "apiVersion": "iotistic.io/v1alpha1",
-        "kind": "Customer",
-        "metadata": {"name": "acme", "uid": "uid-acme"},
-        "spec": {"customerId": "cust_a00000001", "email": "ops@acme.example", "companyName": "Acme"},
-    }
-    record = CustomerRecord.from_body(body)
-    assert record is not None
+    record = acme_record()
     obj = {"id": "sub_1", "trial_end": trial_end}
     notices = event_notices(
         "customer.subscription.trial_will_end", obj, record, step.previous, step.decision, 1_060, None
@@ -1126,7 +1133,6 @@ def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices
     """Found in review: Stripe retried a trial_will_end (created at 1,000) after a plan change of the same
     trialing subscription (at 4,600) was applied: stale, it noticed nothing, and nothing else announces a
     Stripe trial's end. The trial is still ahead, so it is noticed, once (the notice's key)."""
-    from iotistic_billing.directory import CustomerRecord
     from iotistic_billing.stripe_inbox.notices import event_notices
 
     trial_end = 1_000 + 3 * 86400
@@ -1143,14 +1149,7 @@ def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices
     )
     (step,) = late.steps
     assert step.decision is not None and step.decision.action == "stale"
-    body = {
-        "apiVersion": "iotistic.io/v1alpha1",
-        "kind": "Customer",
-        "metadata": {"name": "acme", "uid": "uid-acme"},
-        "spec": {"customerId": "cust_a00000001", "email": "ops@acme.example", "companyName": "Acme"},
-    }
-    record = CustomerRecord.from_body(body)
-    assert record is not None
+    record = acme_record()
     event = "customer.subscription.trial_will_end"
     (notice,) = event_notices(
         event, {"id": "sub_1", "trial_end": trial_end}, record, step.previous, step.decision, 1_000, None
