@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -175,6 +175,17 @@ class ManagedProcess:
         self.stop(timeout=5.0, sig=signal.SIGKILL)
 
 
+def loopback_open(
+    url: str | urllib.request.Request, *, timeout: float, context: ssl.SSLContext | None = None
+) -> Any:
+    """`urllib.request.urlopen` of a service on this machine, never through a proxy: with `http_proxy`
+    set and no `no_proxy`, urllib sent 127.0.0.1 to the proxy, and `make dev` failed naming Mailpit."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers).open(url, timeout=timeout)
+
+
 def wait_for_http(
     url: str,
     process: ManagedProcess,
@@ -192,7 +203,7 @@ def wait_for_http(
                 f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
             )
         try:
-            with urllib.request.urlopen(url, context=context, timeout=5) as response:  # noqa: S310 - loopback
+            with loopback_open(url, context=context, timeout=5) as response:
                 body = response.read()
                 if ok(body):
                     return

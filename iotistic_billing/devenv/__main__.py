@@ -363,8 +363,8 @@ class DevEnvironment:
                 kubectl_env,
                 "wait",
                 "--for=condition=Established",
-                "crd",
-                "--all",
+                # Ours only: with USE_EXISTING_CLUSTER one of someone else's, not Established, failed it.
+                *(f"--filename={file}" for file in files),
                 "--timeout=60s",
                 check=True,
             )

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import yaml
 
 from iotistic_billing.devenv.pki import CertificateAuthority, KeyPair, service_account_key
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http, wait_for_port
+from iotistic_billing.processes import ManagedProcess, free_port, loopback_open, wait_for_http, wait_for_port
 
 REPO_BIN = Path(__file__).resolve().parents[2] / "bin"
 
@@ -202,7 +200,7 @@ class ControlPlane:
 
     def get(self, path: str) -> Any:
         """GET a path of the API server as admin and decode the JSON (used for version and health)."""
-        with urllib.request.urlopen(self.url + path, context=self._ssl_context(), timeout=10) as response:  # noqa: S310
+        with loopback_open(self.url + path, context=self._ssl_context(), timeout=10) as response:
             return json.loads(response.read())
 
     def version(self) -> str:

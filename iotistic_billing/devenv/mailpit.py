@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
+from iotistic_billing.processes import ManagedProcess, free_port, loopback_open, wait_for_http
 
 
 class Mailpit:
@@ -70,13 +70,13 @@ class Mailpit:
             if query
             else "/api/v1/messages?limit=500"
         )
-        with urllib.request.urlopen(self.url + path, timeout=10) as answer:  # noqa: S310 - loopback
+        with loopback_open(self.url + path, timeout=10) as answer:
             found: list[dict[str, Any]] = json.loads(answer.read())["messages"]
         return found
 
     def message(self, message_id: str) -> dict[str, Any]:
         """One message whole: headers, Text, HTML (by Mailpit's own id)."""
-        with urllib.request.urlopen(f"{self.url}/api/v1/message/{message_id}", timeout=10) as answer:  # noqa: S310
+        with loopback_open(f"{self.url}/api/v1/message/{message_id}", timeout=10) as answer:
             found: dict[str, Any] = json.loads(answer.read())
         return found
 

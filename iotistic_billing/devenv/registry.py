@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http, wait_for_port
+from iotistic_billing.processes import ManagedProcess, free_port, loopback_open, wait_for_http, wait_for_port
 
 # Where charts go in the registry: oci://<host>/charts/<chart name>.
 CHART_NAMESPACE = "charts"
@@ -113,7 +113,7 @@ class ChartRegistry:
         if self.credentials is not None:
             token = base64.b64encode(":".join(self.credentials).encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+        with loopback_open(request, timeout=10) as answer:
             tags: list[str] = json.loads(answer.read()).get("tags") or []
         return tags
 
