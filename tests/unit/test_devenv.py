@@ -204,7 +204,7 @@ class UnwantedPostgres(SlowPostgres):
 
 
 class Healthy(http.server.BaseHTTPRequestHandler):
-    """Another worktree's webhook server: healthy."""
+    """A healthy server on this machine (another worktree's webhook server, say)."""
 
     def do_GET(self) -> None:
         self.send_response(200)
@@ -213,6 +213,26 @@ class Healthy(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         return None
+
+
+def test_a_local_service_is_asked_directly_though_the_environment_names_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: with http_proxy set and no no_proxy, urllib sent 127.0.0.1 to the proxy, and
+    `make dev` failed after 30 s saying Mailpit did not start (its log showed it running)."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://proxy.invalid:3128")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    local = http.server.HTTPServer(("127.0.0.1", processes.free_port()), Healthy)
+    serving = threading.Thread(target=local.serve_forever, daemon=True)
+    serving.start()
+    try:
+        with processes.loopback_open(f"http://127.0.0.1:{local.server_address[1]}/", timeout=5) as answer:
+            assert (answer.status, answer.read()) == (200, b"ok")
+    finally:
+        local.shutdown()
+        local.server_close()
 
 
 @pytest.mark.usefixtures("runner_signals")
