@@ -61,9 +61,15 @@ integration: venv tools tools-e2e tools-browser
 test: venv tools tools-e2e tools-browser lint
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=15
 
-# The simulated cluster's parts too: the sample Customers roll out and turn Ready.
-dev: venv tools tools-e2e
+# The simulated cluster's parts too: the sample Customers roll out and turn Ready. An existing cluster
+# (USE_EXISTING_CLUSTER=true) needs only the clients and the services `make dev` runs beside it.
+DEV_TOOLS := $(if $(filter true,$(USE_EXISTING_CLUSTER)),tools-existing-cluster,tools tools-e2e)
+dev: venv $(DEV_TOOLS)
 	$(PY) -m iotistic_billing.devenv
+
+.PHONY: tools-existing-cluster
+tools-existing-cluster: venv
+	tools/build.sh stripe-mock mailpit registry helm kubectl
 
 # Debian's Chromium for the admin console's browser tests (apt-get, only when it is missing).
 .PHONY: tools-browser

@@ -96,6 +96,14 @@ def _ephemeral_low() -> int:
     return max(low, 20_000)
 
 
+class StartTimeout(TimeoutError):
+    """A process that runs but was not ready in time; `log_path` is the log that says why."""
+
+    def __init__(self, message: str, log_path: Path | None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,6 +160,19 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def processes(self) -> list[ManagedProcess]:
+        """Itself: a part made of one process is watched as one made of several (OneProcess)."""
+        return [self]
+
+    def ended(self) -> str:
+        """How it ended, in words ("exited with 1", "was killed by SIGKILL"); "" while it runs."""
+        code = self.process.poll()
+        if code is None:
+            return ""
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with {code}"
+
     def log_tail(self, lines: int = 30) -> str:
         return "" if self.log_path is None else file_tail(self.log_path, lines)
 
@@ -173,6 +194,21 @@ class ManagedProcess:
 
     def kill(self) -> None:
         self.stop(timeout=5.0, sig=signal.SIGKILL)
+
+
+class OneProcess:
+    """A service of the local set-up (PostgreSQL, stripe-mock, Mailpit, the registry) that runs one
+    ManagedProcess once started; `stop()` is idempotent."""
+
+    process: ManagedProcess | None = None
+
+    def processes(self) -> list[ManagedProcess]:
+        return [self.process] if self.process is not None else []
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
 
 
 def loopback_open(
@@ -199,9 +235,7 @@ def wait_for_http(
     last = ""
     while time.monotonic() < deadline:
         if not process.running():
-            raise RuntimeError(
-                f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
-            )
+            raise RuntimeError(f"{process.name} {process.ended()}:\n{process.log_tail()}")
         try:
             with loopback_open(url, context=context, timeout=5) as response:
                 body = response.read()
@@ -211,4 +245,6 @@ def wait_for_http(
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy within {timeout}s ({last}):\n{process.log_tail()}")
+    raise StartTimeout(
+        f"{url} not healthy within {timeout}s ({last}):\n{process.log_tail()}", process.log_path
+    )

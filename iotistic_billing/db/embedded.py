@@ -16,7 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from iotistic_billing.processes import ManagedProcess, free_port, port_is_free, wait_for_port
+from iotistic_billing.processes import (
+    ManagedProcess,
+    OneProcess,
+    StartTimeout,
+    free_port,
+    port_is_free,
+    wait_for_port,
+)
 
 SUPERUSER = "postgres"
 
@@ -78,7 +85,7 @@ def _postmaster_running(pid_file_text: str, procfs: Path = Path("/proc")) -> boo
     return not port_is_free(port)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(OneProcess):
     """A PostgreSQL server in `data_dir` (kept between runs) on a free or given loopback port."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -191,7 +198,8 @@ class EmbeddedPostgres:
                 raise RuntimeError(f"PostgreSQL exited:\n{self.process.log_tail()}")
             time.sleep(0.1)
         tail = self.process.log_tail() if self.process else ""
-        raise TimeoutError(f"PostgreSQL on port {self.port} not ready within {timeout}s:\n{tail}")
+        log = self.process.log_path if self.process else None
+        raise StartTimeout(f"PostgreSQL on port {self.port} not ready within {timeout}s:\n{tail}", log)
 
     def _serving_the_port(self) -> bool:
         """Our postmaster answers, not another server that took the port meanwhile (a restart on a

@@ -37,7 +37,13 @@ from iotistic_billing.devenv.registry import ChartRegistry
 from iotistic_billing.devenv.simulated import SimulatedCluster
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import generate_private_key, write_key_pair
-from iotistic_billing.processes import ManagedProcess, free_port, port_is_free, wait_for_http
+from iotistic_billing.processes import (
+    ManagedProcess,
+    StartTimeout,
+    free_port,
+    port_is_free,
+    wait_for_http,
+)
 
 REPO = REPO_BIN.parent
 DATABASE = "billing"
@@ -50,8 +56,12 @@ DEV_PRICES = {
 SERVICE_START_TIMEOUT: Final = 60.0
 
 
-class Stoppable(Protocol):
+class Part(Protocol):
+    """A part `make dev` starts: stopped at the end, and its processes watched once it is ready."""
+
     def stop(self) -> None: ...
+
+    def processes(self) -> list[ManagedProcess]: ...
 
 
 class StopRequested(Exception):
@@ -160,18 +170,33 @@ class DevEnvironment:
         self.state = state.resolve()
         self.use_existing_cluster = use_existing_cluster
         self.port = port
-        self.stops: list[tuple[str, Stoppable]] = []
+        self.stops: list[tuple[str, Part]] = []
 
-    def _start_part(self, name: str, part: Stoppable, start: Callable[[], object], logs: Path) -> None:
+    def _start_part(self, name: str, part: Part, start: Callable[[], object], logs: Path) -> None:
         """`start()` of a part, registered for the stop before it starts (a stop request during its start
-        stops what it started); a start that times out is one line naming the part and where its logs are."""
+        stops what it started); a start that times out is one line naming the part and where its logs are
+        (the log of the process that was slow, when the part is several: the cluster)."""
         self.stops.append((name, part))
         try:
             start()
         except TimeoutError as slow:
             # Its first line: the ones after it are the log's tail, which the log has.
             reason = str(slow).splitlines()[0].rstrip(":") if str(slow) else "timed out"
+            if isinstance(slow, StartTimeout) and slow.log_path is not None:
+                logs = slow.log_path
             raise RuntimeError(f"{name} did not start in time ({reason}); see {_shown(logs)}") from None
+
+    def ended_part(self) -> str | None:
+        """The first process of a started part that is no longer running, in one line naming its log:
+        `make dev` is then no longer what its `ready` said (an operator that crashed answered nothing,
+        and the terminal still said ready)."""
+        for name, part in self.stops:
+            for process in part.processes():
+                if not process.running():
+                    what = name if process.name == name else f"{process.name} ({name})"
+                    log = f"; see {_shown(process.log_path)}" if process.log_path is not None else ""
+                    return f"{what} {process.ended()}{log}"
+        return None
 
     def start(self) -> dict[str, str]:
         # Before the parts that take minutes: the webhook server's port is known now.
@@ -188,7 +213,7 @@ class DevEnvironment:
             if postgres.database_exists(DATABASE)
             else postgres.create_database(DATABASE)
         )
-        migrate.upgrade(url)
+        self._migrate(url)
         env["DATABASE_URL"] = url
         print(f"postgres      {url}", flush=True)
 
@@ -312,6 +337,22 @@ class DevEnvironment:
         print(f"samples       {', '.join(sample.stem for sample in samples)}", flush=True)
         return env
 
+    def _migrate(self, url: str) -> None:
+        """The dev database brought to this checkout's newest migration. One a newer checkout migrated
+        (a switch back to an older branch) is an error saying so: alembic's traceback said only that it
+        could not locate the revision."""
+        before = migrate.current_revision(url)
+        if before is not None and before not in migrate.known_revisions():
+            data, env = _shown(self.state / "postgres"), _shown(self.state / "env")
+            head = migrate.head_revision()
+            raise RuntimeError(
+                f"the database in {data} is at migration {before}, which this checkout does not know (its"
+                f" newest is {head}): a newer checkout migrated it. Take it back with that checkout's"
+                f" `python -m iotistic_billing.db.migrate --to {head}` (DATABASE_URL from {env}),"
+                f" or delete {data} to start with an empty database"
+            )
+        migrate.upgrade(url)
+
     def _start_service(
         self, name: str, module: str, env: dict[str, str], extra: dict[str, str], health: str
     ) -> None:
@@ -422,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnext: source {args.state / 'env'}; kubectl get cust; iotistic-billing --help", flush=True)
         print("ready", flush=True)
         while not stops:
+            if (ended := dev.ended_part()) is not None:
+                print(f"make dev: {ended}; stopping the rest", file=sys.stderr, flush=True)
+                return 1
             time.sleep(0.2)
     finally:
         dev.stop()

@@ -212,6 +212,9 @@ class ControlPlane:
         context = self._ssl_context() if url.startswith("https") else None
         wait_for_http(url, process, timeout, ok, context)
 
+    def processes(self) -> list[ManagedProcess]:
+        return [process for process in (self.etcd, self.apiserver) if process is not None]
+
     def stop(self) -> None:
         for process in (self.apiserver, self.etcd):
             if process is not None:

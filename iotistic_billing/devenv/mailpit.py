@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.processes import ManagedProcess, free_port, loopback_open, wait_for_http
+from iotistic_billing.processes import ManagedProcess, OneProcess, free_port, loopback_open, wait_for_http
 
 
-class Mailpit:
+class Mailpit(OneProcess):
     def __init__(
         self,
         workdir: Path,
@@ -79,11 +79,6 @@ class Mailpit:
         with loopback_open(f"{self.url}/api/v1/message/{message_id}", timeout=10) as answer:
             found: dict[str, Any] = json.loads(answer.read())
         return found
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
 
 
 __all__ = ["Mailpit"]

@@ -15,13 +15,29 @@ from typing import Any
 import yaml
 
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.processes import ManagedProcess, free_port, loopback_open, wait_for_http, wait_for_port
+from iotistic_billing.processes import (
+    ManagedProcess,
+    OneProcess,
+    free_port,
+    loopback_open,
+    wait_for_http,
+    wait_for_port,
+)
 
 # Where charts go in the registry: oci://<host>/charts/<chart name>.
 CHART_NAMESPACE = "charts"
 
 
-class ChartRegistry:
+def _helm(argv: list[str], chart: Path) -> None:
+    """A helm command of a push; its failure in helm's words (a chart that does not lint, a registry
+    that refuses it), not a CalledProcessError's traceback."""
+    done = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        problem = done.stderr.strip() or done.stdout.strip()
+        raise RuntimeError(f"helm {argv[1]} of {chart} failed: {problem}")
+
+
+class ChartRegistry(OneProcess):
     """`credentials` (user, password): the registry asks for them (htpasswd, over plain HTTP on
     loopback only), and `registry_config` writes the Docker config JSON helm logs in with."""
 
@@ -93,18 +109,13 @@ class ChartRegistry:
             argv = [helm, "package", str(chart), "--destination", packages]
             if version is not None:
                 argv += ["--version", version]
-            subprocess.run(argv, check=True, capture_output=True, text=True)
+            _helm(argv, chart)
             (package,) = Path(packages).glob("*.tgz")
             target = f"oci://{self.host}/{CHART_NAMESPACE}"
             login = []
             if self.credentials is not None:
                 login = ["--registry-config", str(self.registry_config(self.workdir / "push-config.json"))]
-            subprocess.run(
-                [helm, "push", str(package), target, "--plain-http", *login],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            _helm([helm, "push", str(package), target, "--plain-http", *login], chart)
         return version or str(yaml.safe_load((chart / "Chart.yaml").read_text())["version"])
 
     def tags(self, chart: str) -> list[str]:
@@ -116,11 +127,6 @@ class ChartRegistry:
         with loopback_open(request, timeout=10) as answer:
             tags: list[str] = json.loads(answer.read()).get("tags") or []
         return tags
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
 
 
 __all__ = ["CHART_NAMESPACE", "ChartRegistry"]

@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.devenv.controlplane import REPO_BIN, ControlPlane, MissingBinaryError, find_binary
 from iotistic_billing.k8s import api_client
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_http
+from iotistic_billing.processes import ManagedProcess, StartTimeout, free_port, wait_for_http
 
 # kwok manages only the Nodes carrying this annotation (the convention of kwok's own examples).
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -80,11 +80,14 @@ class SimulatedCluster:
         self.workdir = workdir.resolve()
         self.node_names = [f"kwok-node-{index}" for index in range(nodes)]
         self.plane = ControlPlane(self.workdir / "control-plane", etcd_data=etcd_data)
-        self.processes: list[ManagedProcess] = []
+        self.components: list[ManagedProcess] = []
 
     @property
     def kubeconfig(self) -> Path:
         return self.plane.kubeconfig
+
+    def processes(self) -> list[ManagedProcess]:
+        return [*self.plane.processes(), *self.components]
 
     def start(self, timeout: float = 120.0) -> SimulatedCluster:
         try:
@@ -168,14 +171,14 @@ class SimulatedCluster:
             env = {**os.environ, "HOME": str(self.workdir / name)}
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
             process = ManagedProcess(name, argv(port), self.workdir / f"{name}.log", env=env)
-            self.processes.append(process)
+            self.components.append(process)
             scheme = "https" if https else "http"
             try:
                 _wait_healthz(f"{scheme}://127.0.0.1:{port}/healthz", process, timeout)
                 return process
             except RuntimeError:
                 process.stop()
-                self.processes.remove(process)
+                self.components.remove(process)
                 if attempt == attempts or "address already in use" not in process.log_tail():
                     raise
         raise AssertionError("unreachable")
@@ -217,22 +220,22 @@ class SimulatedCluster:
                 if len([n for n in nodes if node_ready(n)]) == len(self.node_names) and accounts:
                     return
                 time.sleep(0.2)
-            kwok = next(p for p in self.processes if p.name == "kwok")
-            raise TimeoutError(f"simulated nodes not Ready within {timeout}s; kwok log:\n{kwok.log_tail()}")
+            kwok = next(p for p in self.components if p.name == "kwok")
+            raise StartTimeout(
+                f"simulated nodes not Ready within {timeout}s; kwok log:\n{kwok.log_tail()}", kwok.log_path
+            )
         finally:
             client.close()
 
     def _check_running(self) -> None:
-        for process in self.processes:
+        for process in self.components:
             if not process.running():
-                raise RuntimeError(
-                    f"{process.name} exited with {process.process.returncode}:\n{process.log_tail()}"
-                )
+                raise RuntimeError(f"{process.name} {process.ended()}:\n{process.log_tail()}")
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
+        for process in reversed(self.components):
             process.stop()
-        self.processes.clear()
+        self.components.clear()
         self.plane.stop()
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from iotistic_billing.devenv.controlplane import find_binary
-from iotistic_billing.processes import ManagedProcess, free_port, wait_for_port
+from iotistic_billing.processes import ManagedProcess, OneProcess, free_port, wait_for_port
 
 
-class StripeMock:
+class StripeMock(OneProcess):
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
@@ -40,8 +40,3 @@ class StripeMock:
                     raise RuntimeError(f"{exited}:\n{self.process.log_tail()}") from None
                 self.port = free_port()
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None

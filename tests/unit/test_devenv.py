@@ -23,6 +23,7 @@ from iotistic_billing.db import embedded
 from iotistic_billing.devenv import __main__ as runner
 from iotistic_billing.devenv.__main__ import KeptPorts, dev_commands, existing_kubeconfig, write_env
 from iotistic_billing.devenv.controlplane import REPO_BIN
+from iotistic_billing.devenv.registry import ChartRegistry
 
 
 def test_env_puts_the_readme_s_commands_on_a_user_s_path(tmp_path: Path) -> None:
@@ -372,3 +373,122 @@ def test_a_pid_file_naming_a_live_postgres_is_taken_for_a_running_server_only_wh
     (proc / "comm").write_text("python3\n")
     assert not embedded._postmaster_running(text, procfs=tmp_path / "proc")
     assert not embedded._postmaster_running("4242\n", procfs=tmp_path / "proc")
+
+
+class CrashingOperator:
+    """`make dev` started as far as `ready`, its operator a process that crashes a moment later."""
+
+    def start(self: runner.DevEnvironment) -> dict[str, str]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        argv = ["sh", "-c", "echo 'Traceback: the operator crashed'; sleep 0.5; exit 3"]
+        operator = processes.ManagedProcess("operator", argv, self.state / "operator.log")
+        self.stops.append(("operator", operator))
+        return {}
+
+
+@pytest.mark.usefixtures("runner_signals")
+def test_a_process_that_ends_after_ready_stops_make_dev_naming_it_and_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: an operator that crashed after `ready` left the terminal saying ready, and every
+    kubectl apply waited for a pass that never came. Without the watch this test's Ctrl-C ends it (0)."""
+    monkeypatch.setattr(runner.DevEnvironment, "start", CrashingOperator.start)
+    monkeypatch.chdir(tmp_path)
+    interrupt = threading.Timer(10, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        code = runner.main(["--state", "dev", "--port", str(processes.free_port())])
+    finally:
+        interrupt.cancel()
+
+    out, err = capsys.readouterr()
+    assert (code, out.splitlines()[-2:]) == (1, ["ready", "stopping operator"])
+    assert err.splitlines() == ["make dev: operator exited with 3; see dev/operator.log; stopping the rest"]
+    assert "the operator crashed" in (tmp_path / "dev" / "operator.log").read_text()
+
+
+def test_a_cluster_too_slow_to_start_names_the_log_of_its_slow_component(tmp_path: Path) -> None:
+    """Found in review: a simulated cluster whose kube-scheduler never answered said `see .dev`, a folder
+    of a dozen logs."""
+    log = tmp_path / "dev" / "kube-scheduler.log"
+    scheduler = processes.ManagedProcess("kube-scheduler", ["sleep", "30"], log)
+    dev = runner.DevEnvironment(tmp_path / "dev", use_existing_cluster=False, port=processes.free_port())
+    url = f"http://127.0.0.1:{processes.free_port()}/healthz"
+
+    def start() -> None:
+        processes.wait_for_http(url, scheduler, timeout=0.5)
+
+    try:
+        with pytest.raises(RuntimeError) as slow:
+            dev._start_part("cluster", scheduler, start, tmp_path / "dev")
+    finally:
+        dev.stop()
+    assert str(slow.value) == (
+        f"cluster did not start in time ({url} not healthy within 0.5s ({_refused(url)})); see {log}"
+    )
+
+
+def _refused(url: str) -> str:
+    """What urllib says of a loopback port nothing listens on."""
+    try:
+        processes.loopback_open(url, timeout=5)
+    except OSError as error:
+        return str(error)
+    raise AssertionError(f"{url} answered")
+
+
+def test_a_database_a_newer_checkout_migrated_is_an_error_naming_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a `.dev/postgres` migrated by a newer checkout (a switch back to an older branch)
+    ended `make dev` in alembic's traceback, "Can't locate revision identified by '0099'"."""
+    monkeypatch.setattr(runner.migrate, "current_revision", lambda url: "0099")
+    monkeypatch.chdir(tmp_path)
+    dev = runner.DevEnvironment(Path("dev"), use_existing_cluster=False, port=processes.free_port())
+    head = runner.migrate.head_revision()
+
+    with pytest.raises(RuntimeError) as refused:
+        dev._migrate("postgresql://postgres@127.0.0.1:5/billing")
+    assert str(refused.value) == (
+        f"the database in dev/postgres is at migration 0099, which this checkout does not know (its newest"
+        f" is {head}): a newer checkout migrated it. Take it back with that checkout's `python -m"
+        f" iotistic_billing.db.migrate --to {head}` (DATABASE_URL from dev/env), or delete dev/postgres to"
+        " start with an empty database"
+    )
+
+
+def test_a_chart_helm_cannot_package_is_an_error_in_helm_s_words(tmp_path: Path) -> None:
+    """Found in review: a chart broken in the working tree ended `make dev` in a CalledProcessError's
+    traceback, without helm's message."""
+    chart = tmp_path / "customer-instance"
+    chart.mkdir()
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: customer-instance\n")  # no version
+    registry = ChartRegistry(tmp_path)
+
+    with pytest.raises(RuntimeError) as refused:
+        registry.push(chart)
+    assert str(refused.value).startswith(f"helm package of {chart} failed: Error: ")
+    assert "version" in str(refused.value)
+
+
+def test_make_dev_on_an_existing_cluster_builds_none_of_the_local_cluster_s_tools() -> None:
+    """Found in review: `USE_EXISTING_CLUSTER=true make dev` built kube-apiserver, etcd and the simulated
+    cluster's tools first (minutes on a fresh machine) and ran none of them."""
+
+    def planned(*settings: str) -> list[str]:
+        return [
+            line
+            for line in subprocess.run(
+                ["make", "--dry-run", "--no-print-directory", "dev", *settings],
+                cwd=REPO_BIN.parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+            if line.startswith("tools/build.sh")
+        ]
+
+    assert planned("USE_EXISTING_CLUSTER=true") == [
+        "tools/build.sh stripe-mock mailpit registry helm kubectl"
+    ]
+    assert planned() == ["tools/build.sh", "tools/build.sh e2e"]
