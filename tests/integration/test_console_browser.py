@@ -700,3 +700,60 @@ async def test_the_stripe_events_list_says_or_pages_past_200(
         older = re.search(r'<a href="([^"]+)">older</a>', page)
         path = "/admin/stripe-events" + older.group(1).replace("&amp;", "&") if older else ""
     assert sorted(shown) == ids and len(shown) == 250
+
+
+async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_session_ends(
+    console: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    """Found in review: the 2 s refresh put a Stripe event's payload box back to its top while someone
+    read it, took a button reached with the keyboard from under them, and once the session ended put the
+    sign-in page inside the old page, under a header still offering its actions."""
+    early = await unmatched_event(console, customer_id_for(unique_name("reader")))
+
+    async def refreshed(page: Any, times: int = 1) -> None:
+        for _ in range(times):
+            async with page.expect_response(lambda answer: "fragment=1" in answer.url):
+                pass
+        await page.wait_for_timeout(300)  # the answer's text read and the swap made, or not
+
+    async with console_page(base_url(console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/stripe-events/{early['id']}")
+        payload = page.locator("pre.payload")
+        assert (
+            await payload.evaluate(
+                "box => { box.scrollTop = 120; box.dataset.shown = 'before'; return box.scrollTop; }"
+            )
+            == 120
+        )
+        await expect(page.locator("pre.payload[data-shown]")).to_have_count(0)  # swapped
+        assert await payload.evaluate("box => box.scrollTop") == 120
+
+        replay = page.locator("button:has-text('Replay')")
+        await replay.evaluate("button => { button.dataset.shown = 'before'; }")
+        await replay.focus()
+        await refreshed(page, times=2)
+        assert (
+            await replay.evaluate(
+                "button => button.dataset.shown + ':' + (document.activeElement === button)"
+            )
+            == "before:true"
+        )
+        await replay.blur()
+        await expect(page.locator("main button[data-shown]")).to_have_count(0)
+
+        # Text selected to copy (the event's id, say) stays selected.
+        await payload.evaluate(
+            "box => { box.dataset.shown = 'before'; getSelection().selectAllChildren(box); }"
+        )
+        await refreshed(page, times=2)
+        assert await payload.evaluate(
+            "box => box.dataset.shown + ':' + (getSelection().toString() !== '')"
+        ) == ("before:true")
+        await payload.evaluate("box => getSelection().removeAllRanges()")
+        await expect(page.locator("pre.payload[data-shown]")).to_have_count(0)
+
+        await page.context.clear_cookies()
+        await page.wait_for_url("**/admin/login")
+        assert await page.locator("main").count() == 1
+        await page.screenshot(path=tmp_path / "signed-out-by-refresh.png", full_page=True)

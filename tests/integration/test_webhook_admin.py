@@ -396,14 +396,16 @@ async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_
         customers.core.delete_namespace(namespace)
 
 
-async def test_the_console_shows_an_unverified_licence_s_unreadable_times_as_they_are(
+async def test_the_console_shows_an_unverified_licence_s_unreadable_times_and_claims_as_they_are(
     api: TestClient[Any, Any], customers: Customers, webhook_settings: Settings
 ) -> None:
     """Found in review: an unverified licence's issuedAt past datetime's years (or NaN) raised
-    OverflowError (ValueError) as the customer's page showed it: the page was a 500."""
+    OverflowError (ValueError) as the customer's page showed it, and features that are a list raised
+    Jinja's UndefinedError (no .items()): the page was a 500, its Revoke button with it."""
     name = unique_name("handmade")
     unknown = licence_of(SigningKeys(generate_private_key()), customer_id_for(name), webhook_settings)
-    put_handmade_licence(customers, name, with_payload(unknown, issuedAt=10**20, expiresAt=math.nan))
+    odd = with_payload(unknown, issuedAt=10**20, expiresAt=math.nan, features=["mqtt"], limits="none")
+    put_handmade_licence(customers, name, odd)
     try:
         await sign_in(api, ADMIN_TOKEN)
         answer = await api.get(f"/admin/customers/{name}")
@@ -411,6 +413,8 @@ async def test_the_console_shows_an_unverified_licence_s_unreadable_times_as_the
         assert answer.status == 200, page
         assert "<td>100000000000000000000 (not a readable time)</td>" in page
         assert "<td>nan (not a readable time)</td>" in page
+        assert '<tr><th>features</th><td>["mqtt"]</td></tr>' in page
+        assert '<tr><th>limits</th><td>"none"</td></tr>' in page
     finally:
         customers.delete(name)
         customers.core.delete_namespace(namespace_for(name))

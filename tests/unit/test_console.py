@@ -141,7 +141,7 @@ def test_times_read_as_a_person_says_them() -> None:
     assert ago(now - timedelta(hours=3, minutes=20), now) == "3 h 20 min"
     assert ago(now - timedelta(days=2, hours=1), now) == "2 d 1 h"
     assert ago(None, now) == ""
-    assert epoch(1796287815) == "2026-12-03 08:50 UTC"
+    assert epoch(1796287815) == "2026-12-03 08:50:15 UTC"
     assert pairs({"isTrialMode": True, "endsAt": "2026-12-17"}) == "isTrialMode: yes, endsAt: 2026-12-17"
 
 

@@ -3,6 +3,7 @@ refusals of an action, what an action writes when a part is away, bad forms and 
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import re
@@ -149,6 +150,7 @@ class FakeSession:
 
     async def get(self, model: type[Any], key: str, **options: Any) -> Any:
         assert model is models.StripeEvent
+        await self.flush()
         return self.database.stripe_events.get(key)
 
     async def scalars(self, statement: Select[Any]) -> Any:
@@ -566,3 +568,67 @@ async def test_sign_out_with_postgresql_away_is_a_503_that_keeps_the_session_to_
     console.client.session.cookie_jar.update_cookies({COOKIE: copied})
     answer = await console.client.get("/admin/customers", allow_redirects=False)
     assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def problem_on(page: str) -> tuple[str, str]:
+    """The console's problem page: its heading and what it says went wrong."""
+    found = re.search(r'<h1>([^<]*)</h1>\s*<p class="error" role="alert">([^<]*)</p>', page)
+    assert found, page
+    return html.unescape(found.group(1)), html.unescape(found.group(2))
+
+
+async def test_a_form_a_browser_sent_that_fails_is_a_console_page_with_the_way_back(console: Console) -> None:
+    """Found in review: a Revoke whose reason was only spaces, an action the API server refused, or one
+    with PostgreSQL away showed the browser the API's JSON, with no way back to the page."""
+    csrf = await console.sign_in()
+    back = f"{console.origin}/admin/customers/acme"
+    headers = {**BROWSER, "Origin": console.origin, "Referer": back}
+    blank = await console.client.post(
+        "/admin/customers/acme/revoke", data={"csrf": csrf, "reason": "  "}, headers=headers
+    )
+    page = await blank.text()
+    assert (blank.status, blank.content_type) == (400, "text/html"), page
+    assert problem_on(page)[1].startswith("reason: "), page
+    assert '<a href="/admin/customers/acme">Back to the page</a>' in page
+
+    console.database.up = False
+    away = await console.client.post("/admin/customers/acme/suspend", data={"csrf": csrf}, headers=headers)
+    page = await away.text()
+    assert (away.status, away.content_type, problem_on(page)[0]) == (503, "text/html", "Database unavailable")
+    assert console.kube.patches == []
+
+
+async def test_a_page_with_postgresql_away_is_a_console_page(console: Console) -> None:
+    """Found in review: `GET /admin/` with PostgreSQL away, just when the team opens it, answered the
+    API's JSON 503."""
+    await console.sign_in()
+    console.database.up = False
+    answer = await console.client.get("/admin/stripe-events/evt_1", headers=BROWSER)
+    page = await answer.text()
+    assert (answer.status, answer.content_type) == (503, "text/html"), page
+    assert problem_on(page) == (
+        "Database unavailable",
+        "Database cannot be reached; nothing was changed, retry later",
+    )
+
+
+async def test_a_browser_s_form_after_the_session_ended_asks_to_sign_in_again(console: Console) -> None:
+    """Found in review: an action sent after the session's 8 hours showed `{"error":"Unauthorized"}`."""
+    answer = await console.client.post(
+        "/admin/customers/acme/suspend",
+        data={"csrf": "from-an-old-page"},
+        headers={**BROWSER, "Origin": console.origin},
+        allow_redirects=False,
+    )
+    page = await answer.text()
+    assert (answer.status, problem_on(page)[1]) == (401, "sign in to the console first"), page
+    assert '<a href="/admin/login">Sign in again</a>' in page
+
+
+async def test_a_script_s_post_keeps_the_api_s_json_problem(console: Console) -> None:
+    csrf = await console.sign_in()
+    answer = await console.post("/admin/customers/acme/revoke", {"csrf": csrf, "reason": " "})
+    assert (answer.status, (await answer.json())["details"][0]["field"]) == (400, "reason")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Final, Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
@@ -120,6 +120,7 @@ def templates() -> Environment:
     )
     environment.filters["epoch"] = epoch
     environment.filters["pairs"] = pairs
+    environment.filters["when"] = when
     return environment
 
 
@@ -128,10 +129,16 @@ def epoch(seconds: Any) -> str:
     if not isinstance(seconds, int | float) or isinstance(seconds, bool):
         return "" if seconds is None else str(seconds)
     try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return when(datetime.fromtimestamp(seconds, UTC))
     except (OverflowError, ValueError, OSError):
         # An unverified token's claims are anyone's: the page shows them, it does not fail on them.
         return f"{seconds} (not a readable time)"
+
+
+def when(moment: datetime | None) -> str:
+    """A moment as the console shows it: date, time and zone (a step's start showed 14:02:11, which
+    read as today's though it began yesterday)."""
+    return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def pairs(value: Any) -> str:
@@ -365,7 +372,10 @@ def licence_claims(request: web.Request, token: str | None) -> dict[str, Any] | 
     if token is None:
         return None
     claims, verified = request.app[KEYRING].decode(token, request.app[SETTINGS].license_audience)
-    return {**claims, "_verified": verified}
+    # An unverified token's claims are anyone's: features or limits that are no object are shown as
+    # they are, not iterated (a list there made the whole page a 500, its Revoke button with it).
+    listed = {name: claims[name] for name in ("features", "limits") if isinstance(claims.get(name), dict)}
+    return {**claims, "_verified": verified, "_listed": listed}
 
 
 async def customer_page(request: web.Request) -> web.Response:
@@ -834,11 +844,33 @@ def throttled_page(request: web.Request, wait: float) -> web.Response:
 async def console_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A session for every page but the public ones (else to the sign-in page), the admin role for
     actions, and for every POST the limit per client address, the same origin and the session's CSRF
-    token."""
+    token. What goes wrong is a page of the console for a page and for a form a browser sent (an action
+    refused, a session ended, PostgreSQL away): the browser showed the API's JSON, with no way back; a
+    script's POST keeps the API's JSON problem."""
     pages = request.app.get(PAGES_KEY)
     page = pages.get(request.match_info.route) if pages is not None else None
     if page is None:
         return await handler(request)
+    if request.method != "GET" and not _from_a_browser(request):
+        return await _guarded(request, handler, page)
+    try:
+        return await _guarded(request, handler, page)
+    except (ApiError, KubernetesUnavailable, ApiException) as error:
+        return problem_page(request, error)
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        # The exception's text can hold connection parameters: its type only, as error_middleware.
+        log.warning("%s %s: database unavailable (%s)", request.method, request.path, type(error).__name__)
+        return problem_page(request, DependencyUnavailable("Database"))
+
+
+def _from_a_browser(request: web.Request) -> bool:
+    """A form a person sent from a console page: the browser asks for HTML."""
+    return "text/html" in request.headers.get("Accept", "")
+
+
+async def _guarded(request: web.Request, handler: Handler, page: Page) -> web.StreamResponse:
     if not request.app[SESSIONS_KEY].configured and page.handler is not static_file:
         # No token opens a session: a sign-in form would only wait for one that cannot work.
         return problem_page(request, admin_not_configured("Console", "its pages"))
@@ -865,21 +897,24 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
             raise Forbidden("the form's CSRF token is missing or not this session's")
     if page.role == "admin" and not session.may_act:
         raise Forbidden("the viewer role may look, not act")
-    if request.method != "GET":
-        return await handler(request)
-    try:
-        return await handler(request)
-    except (ApiError, KubernetesUnavailable, ApiException) as error:
-        return problem_page(request, error)
+    return await handler(request)
 
 
 def problem_page(
     request: web.Request, error: ApiError | KubernetesUnavailable | ApiException
 ) -> web.Response:
-    """A page's error as a page of the console (a Customer not found, the API server away), with the
-    status and headers the API would answer with: a browser showed the API's JSON."""
+    """An error as a page of the console (a Customer not found, the API server away, an action refused),
+    with the status and headers the API would answer with, and the way back to the page a form was sent
+    from (the browser's Back keeps what was typed in it)."""
     problem = problem_of(error)
-    response = render(request, "problem.html.j2", status=problem.status, problem=problem)
+    back = urlsplit(request.headers.get("Referer", "")).path if request.method == "POST" else ""
+    response = render(
+        request,
+        "problem.html.j2",
+        status=problem.status,
+        problem=problem,
+        back=back if back.startswith("/admin/") else "",
+    )
     response.headers.update(problem.headers)
     return response
 

@@ -5,13 +5,38 @@
   var main = document.getElementById("main");
   if (!main || !main.dataset.refresh) { return; }
   var every = parseInt(main.dataset.refresh, 10) || 2000;
+  // Someone at work in the page: a field, link or button reached (the keyboard's focus), or text
+  // selected to copy. The swap would take it from under them, so it waits for them (WCAG 2.2.2).
+  function busy() {
+    var active = document.activeElement;
+    if (active && active !== document.body && main.contains(active)) { return true; }
+    var selection = window.getSelection();
+    return selection !== null && selection.toString() !== "";
+  }
+  // The new content, with the scroll of each box (a Stripe event's payload) where the person left it.
+  function swap(html) {
+    var boxes = main.querySelectorAll("pre");
+    var scrolled = Array.prototype.map.call(boxes, function (box) { return [box.scrollTop, box.scrollLeft]; });
+    main.innerHTML = html;
+    Array.prototype.forEach.call(main.querySelectorAll("pre"), function (box, index) {
+      if (index < scrolled.length) { box.scrollTop = scrolled[index][0]; box.scrollLeft = scrolled[index][1]; }
+    });
+  }
   function refresh() {
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
     url.searchParams.delete("done");
     fetch(url.toString(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
-      .then(function (answer) { return answer.ok ? answer.text() : null; })
-      .then(function (html) { if (html !== null && !document.querySelector("form:focus-within")) { main.innerHTML = html; } })
+      .then(function (answer) {
+        // Sent to sign in (the session ended or was signed out), or the page is gone or closed to
+        // this session: the whole page again says so, not a sign-in page inside this one.
+        if (answer.redirected || (answer.status >= 400 && answer.status < 500)) {
+          window.location.reload();
+          return null;
+        }
+        return answer.ok ? answer.text() : null;  // a server away: the next tick tries again
+      })
+      .then(function (html) { if (html !== null && !busy()) { swap(html); } })
       .catch(function () { /* the next tick tries again */ })
       .finally(function () { window.setTimeout(refresh, every); });
   }
