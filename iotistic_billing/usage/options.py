@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Final
+
+# The most reports a page of GET /api/usage/{customerId} lists, and the size of its pages by default.
+REPORT_LIST_LIMIT: Final = 500
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,8 @@ class UsageOptions:
     raw_retention_months: int = 13
     # Connections of the dedicated asyncpg pool.
     pool_size: int = 10
-    # GET /api/usage/{customerId} lists at most this many reports (the daily series covers them all).
-    report_list_limit: int = 500
+    # GET /api/usage/{customerId} lists at most this many reports a page (the daily series covers them all).
+    report_list_limit: int = REPORT_LIST_LIMIT
 
     @property
     def catch_up_window(self) -> timedelta:
@@ -67,4 +71,4 @@ class UsageOptions:
             raise ValueError(f"max_body, pool_size and report_list_limit are too small in {self}")
 
 
-__all__ = ["UsageOptions"]
+__all__ = ["REPORT_LIST_LIMIT", "UsageOptions"]

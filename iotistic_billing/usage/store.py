@@ -135,13 +135,22 @@ GROUP BY 1
 ORDER BY 1
 """
 
-RECENT: Final = f"""
-SELECT {", ".join(COLUMNS[1:])}, reported_at
+# The window's reports newest first: by period_end, and of one period_end the last stored first. Every
+# `id` is the sequence's (it was the primary key until migration 0007, which kept the values), so the
+# order is total: a page goes on after the last report of the page before (its ReportPosition, a keyset)
+# and no report is listed twice or left out, ties on period_end among them.
+_RECENT: Final = f"""
+SELECT id, {", ".join(COLUMNS[1:])}, reported_at
 FROM usage_reports
-WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3
+WHERE customer_id = $1 AND period_start >= $2 AND period_start < $3{{before}}
 ORDER BY period_end DESC, id DESC
 LIMIT $4
 """  # noqa: S608 - built from constant column names
+RECENT: Final = _RECENT.format(before="")
+# A report ends after it starts (reports.period_problems), so the reports after one ending at $5 started
+# before it: a bound of period_start, which ix_usage_reports_customer_period and the partitions serve
+# (no index holds period_end, see PERIOD_SUMS), beside the row comparison of the order itself.
+RECENT_BEFORE: Final = _RECENT.format(before=" AND period_start < $5 AND (period_end, id) < ($5, $6)")
 
 LATEST: Final = """
 SELECT active_devices, period_end FROM usage_reports
@@ -268,11 +277,40 @@ async def daily_usage(conn: Queryable, customer_id: str, start: datetime, end: d
     ]
 
 
+@dataclass(frozen=True)
+class ReportPosition:
+    """Where a report stands in the order of `recent_reports`."""
+
+    period_end: datetime
+    id: int
+
+
+@dataclass(frozen=True)
+class ReportsPage:
+    reports: list[dict[str, Any]]  # column -> value, newest first
+    more_after: ReportPosition | None  # the last report's position when more follow it, else None
+
+
 async def recent_reports(
-    conn: Queryable, customer_id: str, start: datetime, end: datetime, limit: int
-) -> list[dict[str, Any]]:
-    """The newest reports of the window (by period_end), at most `limit`, as column -> value."""
-    return [dict(row) for row in await conn.fetch(RECENT, customer_id, start, end, limit)]
+    conn: Queryable,
+    customer_id: str,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    before: ReportPosition | None = None,
+) -> ReportsPage:
+    """The window's reports newest first (RECENT), at most `limit` of them, those after `before` when
+    given. One more is read, to tell whether another page follows."""
+    if before is None:
+        rows = await conn.fetch(RECENT, customer_id, start, end, limit + 1)
+    else:
+        rows = await conn.fetch(
+            RECENT_BEFORE, customer_id, start, end, limit + 1, before.period_end, before.id
+        )
+    reports = [dict(row) for row in rows[:limit]]
+    ids = [report.pop("id") for report in reports]
+    more_after = ReportPosition(reports[-1]["period_end"], ids[-1]) if len(rows) > limit else None
+    return ReportsPage(reports, more_after)
 
 
 async def latest_report(conn: Queryable, customer_id: str) -> tuple[int, datetime] | None:
@@ -369,6 +407,8 @@ __all__ = [
     "STAGING_TABLE",
     "CustomerSummary",
     "DailyUsage",
+    "ReportPosition",
+    "ReportsPage",
     "current_period_customers",
     "current_rollups",
     "customer_summaries",

@@ -284,7 +284,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         {200: UsageHistory},
         query=UsageQuery,
         errors=(404,),
-        description="The admin token, or the customer's own usage key.",
+        description=(
+            "The admin token, or the customer's own usage key. The window's reports come a page at a time, "
+            "newest first: reports_next_cursor, passed back as reports_before, reads the next page, until "
+            "it is null; report_count, daily and billing_period cover the whole window on every page."
+        ),
     ),
     # ----- notices -----
     Route(

@@ -6,11 +6,23 @@ OpenAPI document takes its JSON schemas from them, so the three never disagree.
 
 from __future__ import annotations
 
+import base64
 import re
-from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    RootModel,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from iotistic_billing.customer import (
@@ -24,7 +36,9 @@ from iotistic_billing.customer import (
     SubscriptionStatus,
 )
 from iotistic_billing.stripe_inbox.events import StripeEvent
-from iotistic_billing.usage.reports import ReportBody
+from iotistic_billing.usage.options import REPORT_LIST_LIMIT
+from iotistic_billing.usage.reports import INT64_MAX, ReportBody
+from iotistic_billing.usage.store import ReportPosition
 
 _EMAIL = re.compile(EMAIL_PATTERN)
 
@@ -440,8 +454,57 @@ class UsageReportAck(Response):
     )
 
 
+# A cursor is about 70 characters: base64url (unpadded) of its position's text.
+REPORTS_CURSOR: Final = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def reports_cursor(position: ReportPosition) -> str:
+    """The opaque text of a position in the usage reports' order (`reports_next_cursor`)."""
+    text = f"{position.period_end.astimezone(UTC).isoformat()},{position.id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _read_reports_cursor(value: object) -> ReportPosition:
+    """A cursor back as its position. Only the exact text `reports_cursor` writes is one, so a cursor
+    made up is a 400 naming the parameter, rather than a page from a place no answer named or an id
+    past bigint (a 500)."""
+    if isinstance(value, ReportPosition):  # an answer's, built by the server
+        return value
+    if isinstance(value, str) and REPORTS_CURSOR.fullmatch(value):
+        try:
+            text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+            end, _, report_id = text.partition(",")
+            position = ReportPosition(datetime.fromisoformat(end), int(report_id))
+        except ValueError:  # not base64 (binascii.Error), not UTF-8, not a time, not an integer
+            pass
+        else:
+            if (
+                position.period_end.utcoffset() == timedelta(0)
+                and 1 <= position.id <= INT64_MAX
+                and reports_cursor(position) == value
+            ):
+                return position
+    raise PydanticCustomError("reports_cursor", "must be the reports_next_cursor of an earlier answer")
+
+
+ReportsCursor = Annotated[
+    ReportPosition,
+    PlainValidator(_read_reports_cursor),
+    PlainSerializer(reports_cursor, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": f"^{REPORTS_CURSOR.pattern}$"}),
+]
+
+
 class UsageQuery(Query):
     days: Annotated[int, Field(ge=1, le=366, description="Whole UTC days, today included.")] = 30
+    reports_limit: Annotated[
+        int, Field(ge=1, le=REPORT_LIST_LIMIT, description=f"Reports a page, at most {REPORT_LIST_LIMIT}.")
+    ] = REPORT_LIST_LIMIT
+    reports_before: ReportsCursor | None = Field(
+        default=None,
+        description="The reports_next_cursor of the page before: this page lists the window's reports "
+        "after it, newest first. Any other value is a 400 (type reports_cursor).",
+    )
 
 
 class UsageReportView(Response):
@@ -532,9 +595,18 @@ class UsageHistory(Response):
     days: int
     window_start: datetime
     window_end: datetime
-    report_count: int = Field(description="Reports in the window.")
-    reports: list[UsageReportView] = Field(description="The newest reports of the window, newest first.")
-    reports_truncated: bool = Field(description="More reports than listed; the daily series counts all.")
+    report_count: int = Field(description="Reports in the window, every page's.")
+    reports: list[UsageReportView] = Field(
+        description="A page of the window's reports, newest first (by period_end, then the last stored): "
+        "the newest, or those after reports_before."
+    )
+    reports_truncated: bool = Field(
+        description="More reports follow this page (reports_next_cursor reads them); the daily series "
+        "counts all."
+    )
+    reports_next_cursor: ReportsCursor | None = Field(
+        description="Pass as reports_before for the next page of the window; null on the last page."
+    )
     daily: list[UsageDay] = Field(description="One entry per UTC day of the window, oldest first.")
     billing_period: BillingPeriodUsage
 
@@ -608,6 +680,7 @@ __all__ = [
     "PortalResponse",
     "QueueStats",
     "Readiness",
+    "ReportsCursor",
     "RevokeRequest",
     "RevokeResponse",
     "SignupRequest",
@@ -623,5 +696,6 @@ __all__ = [
     "UsageReportRequest",
     "UsageReportView",
     "WebhookAck",
+    "reports_cursor",
     "unstorable_text",
 ]

@@ -1,5 +1,6 @@
 """Usage routes: instances report usage (`POST /api/usage/report`), and the usage of a customer is read
-back per report, per UTC day and for the current billing period (`GET /api/usage/{customerId}`).
+back per report (a page at a time), per UTC day and for the current billing period
+(`GET /api/usage/{customerId}`).
 
 The report route is the hot one: the body is read with its own size limit, parsed and validated in one
 pass, checked against the caller's key, and stored with one statement (only a request holding a report
@@ -22,6 +23,7 @@ from iotistic_billing.errors import (
     Forbidden,
     ValidationFailed,
 )
+from iotistic_billing.usage.options import REPORT_LIST_LIMIT
 from iotistic_billing.usage.partitions import kept_since, retention_cutoff
 from iotistic_billing.usage.periods import utc_days, window_start
 from iotistic_billing.usage.pricing import Overage, PeriodTotals
@@ -37,7 +39,13 @@ from iotistic_billing.usage.reports import (
 from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, included_usage, overage_json
 from iotistic_billing.usage.service import UsageMetering, customer_plan, open_period
 from iotistic_billing.usage.status import exceeded
-from iotistic_billing.usage.store import DailyUsage, daily_usage, period_totals, recent_reports
+from iotistic_billing.usage.store import (
+    DailyUsage,
+    ReportPosition,
+    daily_usage,
+    period_totals,
+    recent_reports,
+)
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, OPTIONS, PRINCIPAL, SESSIONS, USAGE
 from iotistic_billing.webhook_server.messages import json_model, read_customer_id, read_query
 from iotistic_billing.webhook_server.schemas import (
@@ -196,7 +204,13 @@ def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriod
 
 
 async def usage_history(
-    request: web.Request, record: CustomerRecord, days: int, now: datetime
+    request: web.Request,
+    record: CustomerRecord,
+    days: int,
+    now: datetime,
+    *,
+    reports_before: ReportPosition | None = None,
+    reports_limit: int = REPORT_LIST_LIMIT,
 ) -> UsageHistory:
     usage = request.app[USAGE]
     start = window_start(now, days)
@@ -206,7 +220,14 @@ async def usage_history(
         # The period the flush and the rollups use (never reaching back into an ended one).
         period = await open_period(conn, record.customer_id, record.customer, now)
         daily = await daily_usage(conn, record.customer_id, start, end)
-        recent = await recent_reports(conn, record.customer_id, start, end, usage.options.report_list_limit)
+        page = await recent_reports(
+            conn,
+            record.customer_id,
+            start,
+            end,
+            min(reports_limit, usage.options.report_list_limit),
+            reports_before,
+        )
         totals = await period_totals(conn, record.customer_id, period)
     count = sum(day.reports for day in daily)
     rollup = compute_rollup(record.customer_id, period, plan, totals)
@@ -216,15 +237,16 @@ async def usage_history(
         window_start=start,
         window_end=end,
         report_count=count,
-        reports=[report_view(row) for row in recent],
-        reports_truncated=count > len(recent),
+        reports=[report_view(row) for row in page.reports],
+        reports_truncated=page.more_after is not None,
+        reports_next_cursor=page.more_after,
         daily=daily_views(utc_days(start, end - timedelta(microseconds=1)), daily),
         billing_period=period_view(plan, totals, rollup.overage),
     )
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    """A customer's reports, daily series and current billing period with its overage."""
+    """A customer's reports (a page), daily series and current billing period with its overage."""
     customer_id = read_customer_id(request)
     principal = request[PRINCIPAL]
     # Checked before any lookup: a usage key learns nothing about other customers, not even existence.
@@ -234,7 +256,14 @@ async def get_usage(request: web.Request) -> web.Response:
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, customer_id)
     try:
-        history = await usage_history(request, record, query.days, request.app[CLOCK]())
+        history = await usage_history(
+            request,
+            record,
+            query.days,
+            request.app[CLOCK](),
+            reports_before=query.reports_before,
+            reports_limit=query.reports_limit,
+        )
     except DatabaseUnavailable:
         raise DependencyUnavailable("Database") from None
     return json_model(history)

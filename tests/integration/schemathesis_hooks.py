@@ -49,6 +49,12 @@ def _usage_rule(case: Any, problem: dict[str, Any]) -> bool:
     return kind == "int_type" and isinstance(sent, float) and sent.is_integer()
 
 
+def _reports_cursor_rule(case: Any, problem: dict[str, Any]) -> bool:
+    # reports_before's description: the reports_next_cursor of an earlier answer (a generated text that
+    # fits its pattern is none).
+    return problem.get("field") == "reports_before" and problem.get("type") == "reports_cursor"
+
+
 def _stripe_rule(case: Any, body: dict[str, Any]) -> bool:
     # The Stripe-Signature header's description: an HMAC of the body with the endpoint secret. A
     # generated header never verifies (Stripe's advice for that is a 400).
@@ -67,6 +73,7 @@ def _per_problem(rule: Callable[[Any, dict[str, Any]], bool]) -> Callable[[Any, 
 STATED_RULES: dict[tuple[str, str], Callable[[Any, dict[str, Any]], bool]] = {
     ("POST", "/api/webhooks/stripe"): _stripe_rule,
     ("POST", "/api/usage/report"): _per_problem(_usage_rule),
+    ("GET", "/api/usage/{customerId}"): _per_problem(_reports_cursor_rule),
 }
 
 

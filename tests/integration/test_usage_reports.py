@@ -5,6 +5,7 @@ stored once whatever the repeats and races, keys confined to their customer, 400
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import os
@@ -409,6 +410,96 @@ async def test_usage_history_lists_reports_days_and_the_billing_period(
     assert (await usage_api.get(f"/api/usage/{customer_id}?days=367", headers=headers)).status == 400
     missing = customer_id_for(unique_name("nobody"))
     assert (await usage_api.get(f"/api/usage/{missing}", headers=admin_headers())).status == 404
+
+
+async def test_usage_history_pages_list_every_report_of_the_window_once_newest_first(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    """Four reports end at each of three times (four instances, of different lengths): pages of 1, 3
+    and 5 split those ties, and a walk lists what one page of all lists, in its order."""
+    _, customer_id = tenant
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    day = datetime(2025, 4, 16, tzinfo=UTC)
+    reports = [
+        report(
+            customer_id,
+            f"r-{end}h-{instance}",
+            instance_id=f"prod-{instance}",
+            start=day + timedelta(hours=end - hours),
+            hours=hours,
+        )
+        for end in (3, 6, 9)
+        for instance, hours in ((1, 1), (2, 2), (3, 3), (4, 0.5))
+    ]
+    # Before the 2-day window: on no page.
+    reports.append(report(customer_id, "r-older", start=datetime(2025, 4, 10, tzinfo=UTC)))
+    assert await post(usage_api, {"reports": reports}, headers) == (202, {"accepted": 13, "duplicate": 0})
+
+    async def page(**params: Any) -> dict[str, Any]:
+        response = await usage_api.get(
+            f"/api/usage/{customer_id}", params={"days": 2, **params}, headers=headers
+        )
+        assert response.status == 200, await response.text()
+        history: dict[str, Any] = await response.json()
+        return history
+
+    everything = await page()
+    whole = [listed["report_id"] for listed in everything["reports"]]
+    assert sorted(whole) == sorted(sent["report_id"] for sent in reports[:-1])
+    ends = [listed["period_end"] for listed in everything["reports"]]
+    assert ends == sorted(ends, reverse=True)
+    assert (everything["reports_truncated"], everything["reports_next_cursor"]) == (False, None)
+    for limit in (1, 3, 5):
+        walked: list[str] = []
+        history = await page(reports_limit=limit)
+        while True:
+            assert len(history["reports"]) == min(limit, 12 - len(walked))
+            # The whole window's numbers on every page.
+            assert history["report_count"] == 12 and history["daily"] == everything["daily"]
+            assert history["billing_period"] == everything["billing_period"]
+            walked += [listed["report_id"] for listed in history["reports"]]
+            cursor = history["reports_next_cursor"]
+            assert history["reports_truncated"] is (cursor is not None)
+            if cursor is None:
+                break
+            history = await page(reports_limit=limit, reports_before=cursor)
+        assert walked == whole, limit
+    # A report stored during a walk moves no report of the pages after (as an offset would).
+    first = await page(reports_limit=4)
+    late = report(customer_id, "r-late", start=day + timedelta(hours=9), hours=1)
+    assert await post(usage_api, late, headers) == (202, {"accepted": 1, "duplicate": 0})
+    rest = await page(reports_before=first["reports_next_cursor"])
+    assert [listed["report_id"] for listed in first["reports"] + rest["reports"]] == whole
+    assert (await page(reports_limit=1))["reports"][0]["report_id"] == "r-late"
+
+
+async def test_a_reports_cursor_no_answer_gave_is_a_400_naming_it(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+) -> None:
+    _, customer_id = tenant
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    message = "must be the reports_next_cursor of an earlier answer"
+    for made_up in (
+        "not-a-cursor",
+        "a+b/c==",  # base64, not base64url
+        "",
+        base64.urlsafe_b64encode(b"2025-04-17T12:00:00,7").decode(),  # a time without its zone
+        base64.urlsafe_b64encode(b"2025-04-17T12:00:00+00:00,9223372036854775808").decode(),  # past bigint
+    ):
+        response = await usage_api.get(
+            f"/api/usage/{customer_id}", params={"reports_before": made_up}, headers=headers
+        )
+        assert response.status == 400, made_up
+        assert await response.json() == {
+            "error": "Validation failed",
+            "message": f"reports_before: {message}",
+            "details": [{"field": "reports_before", "message": message, "type": "reports_cursor"}],
+        }, made_up
+    for limit in ("0", "501"):
+        response = await usage_api.get(
+            f"/api/usage/{customer_id}", params={"reports_limit": limit}, headers=headers
+        )
+        assert response.status == 400 and (await response.json())["details"][0]["field"] == "reports_limit"
 
 
 @pytest.fixture(name="own_postgres")

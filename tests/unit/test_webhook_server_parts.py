@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import (
@@ -35,6 +36,7 @@ from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, Subscr
 from iotistic_billing.licensing.plans import PLANS
 from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.settings import Settings, SettingsError
+from iotistic_billing.usage.store import ReportPosition
 from iotistic_billing.webhook_server import licenses
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
@@ -44,7 +46,13 @@ from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
-from iotistic_billing.webhook_server.schemas import Request, SignupRequest
+from iotistic_billing.webhook_server.schemas import (
+    ReportsCursor,
+    Request,
+    SignupRequest,
+    UsageQuery,
+    reports_cursor,
+)
 from iotistic_billing.webhook_server.security import RateLimiter, address_bucket, client_address
 from iotistic_billing.webhook_server.views import (
     customer_view,
@@ -460,6 +468,40 @@ def test_the_document_describes_every_route_with_its_errors() -> None:
     schemas = document["components"]["schemas"]
     assert schemas["ErrorBody"]["required"] == ["error", "message"]
     assert "customerId" in str(document["paths"]["/api/customers/{customerId}"]["get"]["parameters"])
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        ReportPosition(datetime(2025, 4, 17, 12, tzinfo=UTC), 1),
+        ReportPosition(datetime(2025, 4, 17, 12, 0, 0, 500, tzinfo=UTC), 2**63 - 1),
+    ],
+)
+def test_a_reports_cursor_reads_back_as_its_position(position: ReportPosition) -> None:
+    cursor = reports_cursor(position)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", cursor) and len(cursor) <= 100
+    assert UsageQuery.model_validate({"reports_before": cursor}).reports_before == position
+    # An answer holds the position the store gave and shows it as the cursor.
+    answer = TypeAdapter(ReportsCursor)
+    assert answer.dump_python(answer.validate_python(position), mode="json") == cursor
+    # Another zone's text of the same time is no cursor of ours: only what an answer gave is one.
+    other_zone = f"{position.period_end.astimezone(timezone(timedelta(hours=2))).isoformat()},{position.id}"
+    made_up = base64.urlsafe_b64encode(other_zone.encode()).decode().rstrip("=")
+    with pytest.raises(ValidationError, match="reports_cursor"):
+        UsageQuery.model_validate({"reports_before": made_up})
+
+
+def test_the_usage_route_documents_its_pages() -> None:
+    document = build_document(ROUTES)
+    parameters = {
+        parameter["name"]: parameter["schema"]
+        for parameter in document["paths"]["/api/usage/{customerId}"]["get"]["parameters"]
+    }
+    assert "reports_next_cursor" in parameters["reports_before"]["description"]
+    assert (parameters["reports_limit"]["minimum"], parameters["reports_limit"]["maximum"]) == (1, 500)
+    history = document["components"]["schemas"]["UsageHistory"]
+    assert "reports_next_cursor" in history["required"]
+    assert "reports_before" in history["properties"]["reports_next_cursor"]["description"]
 
 
 def test_a_usage_report_s_period_start_states_its_format_bounds_and_retention() -> None:
