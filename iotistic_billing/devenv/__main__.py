@@ -347,9 +347,9 @@ class DevEnvironment:
             head = migrate.head_revision()
             raise RuntimeError(
                 f"the database in {data} is at migration {before}, which this checkout does not know (its"
-                f" newest is {head}): a newer checkout migrated it. Take it back with that checkout's"
-                f" `python -m iotistic_billing.db.migrate --to {head}` (DATABASE_URL from {env}),"
-                f" or delete {data} to start with an empty database"
+                f" newest is {head}): a newer checkout migrated it. Take it back from that checkout: with its"
+                f" `make dev` running, `source {env}; python -m iotistic_billing.db.migrate --to {head}` in"
+                f" another shell; or delete {data} to start with an empty database"
             )
         migrate.upgrade(url)
 

@@ -707,7 +707,8 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
 ) -> None:
     """Found in review: the 2 s refresh put a Stripe event's payload box back to its top while someone
     read it, took a button reached with the keyboard from under them, and once the session ended put the
-    sign-in page inside the old page, under a header still offering its actions."""
+    sign-in page inside the old page, under a header still offering its actions; and (a review of the
+    fix) a link a mouse clicked, keeping the focus, stopped the refresh for good."""
     early = await unmatched_event(console, customer_id_for(unique_name("reader")))
 
     async def refreshed(page: Any, times: int = 1) -> None:
@@ -718,6 +719,13 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
 
     async with console_page(base_url(console), tmp_path) as page:
         await browser_sign_in(page, ADMIN_TOKEN)
+        # A link the mouse clicked keeps the focus (one opened in a new tab): the page goes on refreshing.
+        pending = page.locator("#main a[href='/admin/stripe-events?result=pending']")
+        await pending.evaluate("link => { link.dataset.shown = 'before'; }")
+        await pending.click(button="right")
+        assert await pending.evaluate("link => document.activeElement === link")
+        await expect(page.locator("#main a[data-shown]")).to_have_count(0)
+
         await page.goto(f"/admin/stripe-events/{early['id']}")
         payload = page.locator("pre.payload")
         assert (

@@ -3,6 +3,7 @@ refusals of an action, what an action writes when a part is away, bad forms and 
 
 from __future__ import annotations
 
+import asyncio
 import html
 import itertools
 import json
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, CookieJar, web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import Select, Update
@@ -204,8 +205,8 @@ class Console:
         return answer.status, await answer.text()
 
 
-@asynccontextmanager
-async def running_console(settings: Settings) -> AsyncIterator[Console]:
+def console_app(settings: Settings) -> tuple[web.Application, FakeKube, FakeDatabase, FakeDirectory]:
+    """The console's routes and middlewares over the fakes."""
     app = web.Application(middlewares=[error_middleware, console_guard])
     kube, database, directory = FakeKube(), FakeDatabase(), FakeDirectory(records("acme", "globex"))
     app[SETTINGS] = settings
@@ -216,6 +217,12 @@ async def running_console(settings: Settings) -> AsyncIterator[Console]:
     app[KUBE] = kube  # type: ignore[misc]
     app[SESSIONS] = database  # type: ignore[misc]
     register(app, settings)
+    return app, kube, database, directory
+
+
+@asynccontextmanager
+async def running_console(settings: Settings) -> AsyncIterator[Console]:
+    app, kube, database, directory = console_app(settings)
     async with TestClient(TestServer(app)) as client:
         yield Console(client, kube, database, directory)
 
@@ -632,3 +639,49 @@ async def test_a_script_s_post_keeps_the_api_s_json_problem(console: Console) ->
     csrf = await console.sign_in()
     answer = await console.post("/admin/customers/acme/revoke", {"csrf": csrf, "reason": " "})
     assert (answer.status, (await answer.json())["details"][0]["field"]) == (400, "reason")
+
+
+async def test_a_browser_gone_while_its_form_is_read_is_no_database_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a tab closed while its form was read raised ConnectionResetError, which the
+    console's pages took for PostgreSQL away: a "database unavailable" warning and a 503 for no one.
+    Served as web.run_app serves it (TestServer cancels the handler of a client gone instead)."""
+    app, kube, _, _ = console_app(load_settings(admin_api_token=ADMIN, admin_viewer_token=VIEWER))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    origin = f"http://{host}:{port}"
+    try:
+        # unsafe: the jar keeps a cookie of an IP address (a browser does).
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+            signed_in = await client.post(
+                f"{origin}/admin/login",
+                data={"token": ADMIN},
+                headers={"Origin": origin},
+                allow_redirects=False,
+            )
+            assert signed_in.status == 303
+            found = CSRF_INPUT.search(await (await client.get(f"{origin}/admin/customers")).text())
+            assert found
+            cookie = next(morsel.coded_value for morsel in client.cookie_jar if morsel.key == COOKIE)
+        _reader, writer = await asyncio.open_connection(host, port)
+        body = f"csrf={found.group(1)}&".encode()
+        writer.write(
+            b"POST /admin/customers/acme/suspend HTTP/1.1\r\n"
+            + f"Host: {host}:{port}\r\nOrigin: {origin}\r\nCookie: {COOKIE}={cookie}\r\n".encode()
+            + b"Accept: text/html\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(body) + 1000}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the guard is reading the form
+        writer.close()
+        await asyncio.sleep(0.5)
+    finally:
+        await runner.cleanup()
+
+    assert not [record for record in caplog.records if "database unavailable" in record.getMessage()]
+    assert kube.patches == []

@@ -451,9 +451,9 @@ def test_a_database_a_newer_checkout_migrated_is_an_error_naming_what_to_do(
         dev._migrate("postgresql://postgres@127.0.0.1:5/billing")
     assert str(refused.value) == (
         f"the database in dev/postgres is at migration 0099, which this checkout does not know (its newest"
-        f" is {head}): a newer checkout migrated it. Take it back with that checkout's `python -m"
-        f" iotistic_billing.db.migrate --to {head}` (DATABASE_URL from dev/env), or delete dev/postgres to"
-        " start with an empty database"
+        f" is {head}): a newer checkout migrated it. Take it back from that checkout: with its `make dev`"
+        f" running, `source dev/env; python -m iotistic_billing.db.migrate --to {head}` in another shell; or"
+        " delete dev/postgres to start with an empty database"
     )
 
 

@@ -858,7 +858,9 @@ async def console_guard(request: web.Request, handler: Handler) -> web.StreamRes
     except (ApiError, KubernetesUnavailable, ApiException) as error:
         return problem_page(request, error)
     except Exception as error:
-        if not database_unreachable(error):
+        # A browser gone while its form was read is error_middleware's (no one to answer), not PostgreSQL.
+        gone = isinstance(error, ConnectionResetError) and request.transport is None
+        if gone or not database_unreachable(error):
             raise
         # The exception's text can hold connection parameters: its type only, as error_middleware.
         log.warning("%s %s: database unavailable (%s)", request.method, request.path, type(error).__name__)

@@ -5,11 +5,13 @@
   var main = document.getElementById("main");
   if (!main || !main.dataset.refresh) { return; }
   var every = parseInt(main.dataset.refresh, 10) || 2000;
-  // Someone at work in the page: a field, link or button reached (the keyboard's focus), or text
-  // selected to copy. The swap would take it from under them, so it waits for them (WCAG 2.2.2).
+  // Someone at work in the page: a form being filled, a link or button reached with the keyboard, or
+  // text selected to copy. The swap would take it from under them, so it waits for them (WCAG 2.2.2).
+  // A link a mouse clicked keeps the focus too (one opened in a new tab): not a reason to wait.
   function busy() {
     var active = document.activeElement;
-    if (active && active !== document.body && main.contains(active)) { return true; }
+    if (active && active !== document.body && main.contains(active) &&
+        (active.closest("form") !== null || active.matches(":focus-visible"))) { return true; }
     var selection = window.getSelection();
     return selection !== null && selection.toString() !== "";
   }
