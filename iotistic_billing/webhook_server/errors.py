@@ -16,7 +16,6 @@ from typing import Any, Final
 
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.errors import (
@@ -124,8 +123,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = _http_message(http_error, request)
         headers = {key: value for key, value in http_error.headers.items() if key in ("Allow", "Retry-After")}
         return json_error(ApiError(reason, message, status=http_error.status, headers=headers))
-    except ValidationError as invalid:
-        return json_error(ValidationFailed.from_pydantic(invalid))
     except web.RequestPayloadError:
         # aiohttp inflates a gzip or deflate body as it is read: one that does not inflate is the client's
         # mistake. Its rest is never read: ending it here, and the connection after the answer, keeps
@@ -144,6 +141,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # The exception's text can hold connection parameters: log its type only.
             log.warning("%s %s: database unavailable (%s)", request.method, request.path, type(exc).__name__)
             return json_error(DependencyUnavailable("Database"))
+        # A pydantic ValidationError too: every request's fields are read into a 400 naming them
+        # (messages.read_body, read_query; usage.reports), so one here is an answer the server failed to
+        # build, not the client's mistake (a 400 had blamed a response field on the client).
         log.exception("%s %s failed", request.method, request.path)
         return json_error(
             ApiError("Internal server error", "the server failed to answer; it has been logged")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import ip_network
@@ -40,6 +41,7 @@ from iotistic_billing.usage.store import ReportPosition
 from iotistic_billing.webhook_server import licenses
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
+from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.messages import read_customer_id, read_notice_id
 from iotistic_billing.webhook_server.metrics import Metrics
@@ -50,6 +52,7 @@ from iotistic_billing.webhook_server.schemas import (
     ReportsCursor,
     Request,
     SignupRequest,
+    UsageHistory,
     UsageQuery,
     reports_cursor,
 )
@@ -565,3 +568,19 @@ def test_the_stripe_events_metric_says_every_result_it_counts() -> None:
     applied = set(EVENT_RESULTS) - {"pending", "failed"}  # what the inbox records an applied event as
     for result in sorted(applied | {"queued", "duplicate", "rejected", "retry"}):
         assert re.search(rf"\b{result}\b", help_text), result
+
+
+async def test_an_answer_the_server_fails_to_build_is_a_500_not_the_client_s_400(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a response model that refused what a handler built (a server bug) answered
+    400 "Validation failed" naming the response's field, as if the request were wrong."""
+
+    async def handler(request: web.Request) -> web.Response:
+        UsageHistory.model_validate({"customer_id": "cust_x"})  # a bug: most fields missing
+        raise AssertionError("unreachable")
+
+    answer = await error_middleware(make_mocked_request("GET", "/api/usage/cust_x"), handler)
+    assert isinstance(answer, web.Response) and answer.text is not None
+    assert (answer.status, json.loads(answer.text)["error"]) == (500, "Internal server error")
+    assert "GET /api/usage/cust_x failed" in caplog.text
