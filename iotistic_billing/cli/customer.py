@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.cli import CommandError
+from iotistic_billing.cli import CommandError, ServiceUnavailable
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
     PLAN_NAMES,
@@ -77,11 +77,11 @@ def _kube() -> KubeApi:
 
 def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
     if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
-        return CommandError(
+        return ServiceUnavailable(
             f"{error}; the change may have been made: `iotistic-billing customer list` shows whether it was"
         )
     if isinstance(error, KubernetesUnavailable):
-        return CommandError(f"{error}; nothing was changed, try again")
+        return ServiceUnavailable(f"{error}; nothing was changed, try again")
     return CommandError(f"the API server refused it ({error.status}): {refusal_message(error)}")
 
 

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
-from iotistic_billing.cli import CommandError
+from iotistic_billing.cli import CommandError, ServiceUnavailable
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.settings import SettingsError, load_settings
 
@@ -87,22 +87,27 @@ def _usage(args: argparse.Namespace) -> int:
     url = _database_url()
     import asyncpg
 
-    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable
+    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable, database_unreachable
 
     try:
         return asyncio.run(_show(url, args, now))
-    except DatabaseUnavailable as error:
-        raise CommandError(f"cannot reach PostgreSQL at DATABASE_URL ({error})") from None
     except asyncpg.UndefinedTableError:
         raise CommandError(
             "DATABASE_URL: the database has no billing tables (the operator creates them when it starts)"
         ) from None
-    except asyncpg.PostgresError as error:  # no such database, a refused login
-        raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
     except TimeoutError:  # the pool's command timeout: a table locked by a migration, a year of reports
-        raise CommandError(
+        raise ServiceUnavailable(
             f"PostgreSQL did not answer within {CLI_COMMAND_TIMEOUT:.0f} s; try fewer --days, or --customer"
         ) from None
+    except (DatabaseUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        # Away, or lost mid-query (ConnectionDoesNotExistError is a PostgresError too): try again later;
+        # any other PostgresError is the database refusing this URL.
+        if database_unreachable(error):
+            reason = error if isinstance(error, DatabaseUnavailable) else f"{type(error).__name__}: {error}"
+            raise ServiceUnavailable(f"cannot reach PostgreSQL at DATABASE_URL ({reason})") from None
+        if isinstance(error, asyncpg.PostgresError):  # no such database, a refused login
+            raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
+        raise
 
 
 def window_text(start: datetime, days: int) -> str:

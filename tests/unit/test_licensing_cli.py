@@ -464,3 +464,16 @@ def test_customer_add_errors_name_the_flag_not_the_spec_field(
     code, _, err = run(capsys, "customer", "add", *(part for pair in given.items() for part in pair))
     assert code == 2
     assert err.startswith(f"iotistic-billing: error: {refusal}"), err
+
+
+def test_help_says_what_each_exit_status_means(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: every failure exited 2, a cluster or database away as a bad argument, and no
+    help said which exit status meant what."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    said = capsys.readouterr().out
+    assert "exit status:" in said
+    assert "  1  a service (the API server, PostgreSQL) cannot be reached" in said
+    assert "`license verify`: the licence is invalid" in said
+    assert "  2  a mistake in the command" in said

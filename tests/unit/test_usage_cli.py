@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from iotistic_billing.cli import main
@@ -41,7 +42,7 @@ def test_a_statement_past_the_command_timeout_is_a_sentence(
 
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
     monkeypatch.setattr(usage_cli, "_show", slow)
-    assert main(["usage", "--all"]) == 2
+    assert main(["usage", "--all"]) == 1  # not 2: the command was right, try it again later
     assert (
         capsys.readouterr()
         .err.strip()
@@ -252,4 +253,48 @@ def test_a_customer_without_a_report_in_the_window_is_shown_on_its_mirror_s_plan
         "professional",
         True,
         "calendar month, computed now",
+    )
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        pool.DatabaseUnavailable("ConnectionRefusedError: [Errno 111] Connection refused"),
+    ],
+)
+def test_a_database_away_or_lost_mid_query_exits_1_not_as_a_refusal(
+    lost: Exception, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: every failure exited 2, a mistake in the command, so a cron job could not tell
+    "try again later" from "fix the command"; and a connection lost mid-query, a PostgresError, read
+    `DATABASE_URL: PostgreSQL refused (...)`, as if the URL were wrong."""
+
+    async def away(*_: Any) -> int:
+        raise lost
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
+    monkeypatch.setattr(usage_cli, "_show", away)
+    assert main(["usage", "--all"]) == 1
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("iotistic-billing: error: cannot reach PostgreSQL at DATABASE_URL (")
+    assert "refused (" not in said and str(lost) in said
+
+
+def test_a_database_that_refuses_the_command_still_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of exit 1: a database that is not there is a DATABASE_URL to fix."""
+
+    async def refused(*_: Any) -> int:
+        raise asyncpg.InvalidCatalogNameError('database "no_such_database" does not exist')
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
+    monkeypatch.setattr(usage_cli, "_show", refused)
+    assert main(["usage", "--all"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith('error: DATABASE_URL: PostgreSQL refused (database "no_such_database" does not exist)')
     )
