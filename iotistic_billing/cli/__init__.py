@@ -48,6 +48,13 @@ EXIT_CODES: Final = """exit status:
 """
 
 
+def given_option(value: str | None, flag: str) -> str | None:
+    """An option as given; an empty one is refused by name, not taken for its default."""
+    if value is not None and not value.strip():
+        raise CommandError(f"{flag}: must not be empty (leave it out for the default)")
+    return value
+
+
 class CommandModule(Protocol):
     def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
 
@@ -94,5 +101,6 @@ __all__ = [
     "CommandError",
     "ServiceUnavailable",
     "build_parser",
+    "given_option",
     "main",
 ]
