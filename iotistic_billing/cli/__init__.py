@@ -25,7 +25,34 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 class CommandError(Exception):
-    """A mistake of the caller (a missing file, a bad value); the message names the argument. Exit 2."""
+    """Why a command cannot be done, in one sentence. Raised as such: a mistake of the caller (a missing
+    file, a bad value), the message naming the argument; exit 2."""
+
+    exit_code = 2
+
+
+class ServiceUnavailable(CommandError):
+    """A service the command needs (the API server, PostgreSQL) cannot be reached or did not answer:
+    the same command may work later. Exit 1, so that a cron job tells it from a command to fix."""
+
+    exit_code = 1
+
+
+# What `--help` says of the exit status; README.md's CLI section says the same.
+EXIT_CODES: Final = """exit status:
+  0  done
+  1  a service (the API server, PostgreSQL) cannot be reached or did not
+     answer: try again later; `license verify`: the licence is invalid
+  2  a mistake in the command or its settings, or a change refused: the
+     message names the argument
+"""
+
+
+def given_option(value: str | None, flag: str) -> str | None:
+    """An option as given; an empty one is refused by name, not taken for its default."""
+    if value is not None and not value.strip():
+        raise CommandError(f"{flag}: must not be empty (leave it out for the default)")
+    return value
 
 
 class CommandModule(Protocol):
@@ -33,7 +60,12 @@ class CommandModule(Protocol):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="Iotistic billing and licensing tools.")
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Iotistic billing and licensing tools.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module: CommandModule = importlib.import_module(name)
@@ -56,11 +88,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CommandError as exc:
         print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except BrokenPipeError:
         # `... | head`: the reader is gone, as for any Unix tool; Python's flush at exit would raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
 
 
-__all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]
+__all__ = [
+    "COMMAND_MODULES",
+    "EXIT_CODES",
+    "CommandError",
+    "ServiceUnavailable",
+    "build_parser",
+    "given_option",
+    "main",
+]

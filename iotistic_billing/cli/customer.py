@@ -9,10 +9,11 @@ from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.cli import CommandError
+from iotistic_billing.cli import CommandError, ServiceUnavailable, given_option
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
     PLAN_NAMES,
+    CustomerSpec,
     InvalidSpecError,
     customer_id_in_use,
     name_errors,
@@ -77,11 +78,11 @@ def _kube() -> KubeApi:
 
 def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
     if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
-        return CommandError(
+        return ServiceUnavailable(
             f"{error}; the change may have been made: `iotistic-billing customer list` shows whether it was"
         )
     if isinstance(error, KubernetesUnavailable):
-        return CommandError(f"{error}; nothing was changed, try again")
+        return ServiceUnavailable(f"{error}; nothing was changed, try again")
     return CommandError(f"the API server refused it ({error.status}): {refusal_message(error)}")
 
 
@@ -108,7 +109,7 @@ def flag_problems(problems: list[str]) -> str:
 
 
 def resource_name_of(args: argparse.Namespace) -> str:
-    if args.resource_name:
+    if given_option(args.resource_name, "--resource-name") is not None:
         return str(args.resource_name)
     # As the API's signup names the same company (`Müller GmbH` -> `muller-gmbh`).
     return resource_name_for(args.company)
@@ -121,9 +122,18 @@ STRIPE_PLAN_CHANGE = (
 )
 
 
+PROGRESS: Final = "`iotistic-billing customer list` shows its progress"
+
+
 def _add(args: argparse.Namespace) -> int:
     if args.billing == "stripe" and args.plan != "trial":
         raise CommandError(f"--plan: {STRIPE_PLAN_CHANGE}")
+    if args.trial_days is not None and args.billing == "manual" and args.plan != "trial":
+        # operator/entitlement.py times a manual Customer's trial only while spec.plan is trial.
+        raise CommandError(
+            f"--trial-days: a manually billed {args.plan} plan has no trial; "
+            "pass it with --plan trial or --billing stripe"
+        )
     spec: dict[str, Any] = {
         "email": args.email,
         "companyName": args.company,
@@ -137,7 +147,7 @@ def _add(args: argparse.Namespace) -> int:
     if args.trial_days is not None:
         spec["trial"] = {"days": args.trial_days}
     try:
-        parse_spec(spec)
+        asked = parse_spec(spec)
     except InvalidSpecError as invalid:
         raise CommandError(flag_problems(invalid.problems)) from None
     name = resource_name_of(args)
@@ -145,7 +155,12 @@ def _add(args: argparse.Namespace) -> int:
         raise CommandError(flag_problems(problems))
     kube = _kube()
     try:
-        _refuse_taken(kube.list_customers(), args.email, args.customer_id)
+        customers = kube.list_customers()
+        if any(made_as_asked(item, name, asked) for item in customers):
+            # A retry after an answer that was lost (a 504): the first attempt made it.
+            print(f"customer/{name} already exists as asked (plan {args.plan}); {PROGRESS}")
+            return 0
+        _refuse_taken(customers, args.email, args.customer_id)
         kube.create_customer(customer_body(name, spec))
     except ApiException as error:
         if error.status == 409:  # the name is taken: say which option picks another
@@ -155,8 +170,19 @@ def _add(args: argparse.Namespace) -> int:
         raise _api_error(error) from None
     except KubernetesUnavailable as error:
         raise _api_error(error) from None
-    print(f"customer/{name} created (plan {args.plan}); `iotistic-billing customer list` shows its progress")
+    print(f"customer/{name} created (plan {args.plan}); {PROGRESS}")
     return 0
+
+
+def made_as_asked(customer: dict[str, Any], name: str, asked: CustomerSpec) -> bool:
+    """Whether `customer` is the Customer `customer add` would create: its name and its spec, defaults
+    included (a `--trial-days` left out is the default's, not another's)."""
+    if customer["metadata"]["name"] != name or customer["metadata"].get("deletionTimestamp"):
+        return False
+    try:
+        return parse_spec(customer.get("spec", {})) == asked
+    except InvalidSpecError:
+        return False
 
 
 def _refuse_taken(customers: list[dict[str, Any]], email: str, customer_id: str | None) -> None:
@@ -179,12 +205,21 @@ def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:
         found = kube.read_customer(key)
         if found is not None:
             return found
-        for item in kube.list_customers():
-            if customer_id_in_use(item) == key:
-                return item
+        # A Customer being deleted still holds its id, and two live ones hold one while a rename in Git
+        # goes through (README.md): only the one left is meant.
+        holders = [
+            item
+            for item in kube.list_customers()
+            if customer_id_in_use(item) == key and not item["metadata"].get("deletionTimestamp")
+        ]
     except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
-    raise CommandError(f"--id: no Customer named or with customer id {key!r}")
+    if len(holders) > 1:
+        names = ", ".join(f"customer/{item['metadata']['name']}" for item in holders)
+        raise CommandError(f"--id: {names} hold customer id {key}; pass the resource name of the one meant")
+    if not holders:
+        raise CommandError(f"--id: no Customer named or with customer id {key!r}")
+    return holders[0]
 
 
 def _patch_spec(kube: KubeApi, customer: dict[str, Any], spec: dict[str, Any]) -> str:

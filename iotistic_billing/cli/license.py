@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jwt
 
-from iotistic_billing.cli import CommandError
+from iotistic_billing.cli import CommandError, given_option
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.licensing.minting import (
@@ -93,13 +93,6 @@ def _settings() -> Settings:
         raise CommandError(str(exc)) from None
 
 
-def _given(value: str | None, flag: str) -> str | None:
-    """An option as given; an empty one is refused by name, not taken for its default."""
-    if value is not None and not value.strip():
-        raise CommandError(f"{flag}: must not be empty (leave it out for the default)")
-    return value
-
-
 def _token(argument: str) -> str:
     try:
         token = sys.stdin.read() if argument == "-" else argument
@@ -153,8 +146,8 @@ def _mint(args: argparse.Namespace) -> int:
             subscription=SubscriptionTerms(status),
             now=now,
             keys=keys,
-            issuer=_given(args.issuer, "--issuer") or settings.license_issuer,
-            audience=_given(args.audience, "--audience") or settings.license_audience,
+            issuer=given_option(args.issuer, "--issuer") or settings.license_issuer,
+            audience=given_option(args.audience, "--audience") or settings.license_audience,
             lifetime=timedelta(days=lifetime_days),
         )
     except MintingError as exc:
@@ -165,8 +158,8 @@ def _mint(args: argparse.Namespace) -> int:
 
 def _verifier(args: argparse.Namespace) -> LicenseVerifier:
     settings = _settings()
-    audience = _given(args.audience, "--audience") or settings.license_audience
-    issuer = _given(args.issuer, "--issuer")
+    audience = given_option(args.audience, "--audience") or settings.license_audience
+    issuer = given_option(args.issuer, "--issuer")
     try:
         if args.jwks is not None:
             try:

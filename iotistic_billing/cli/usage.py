@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
-from iotistic_billing.cli import CommandError
+from iotistic_billing.cli import CommandError, ServiceUnavailable
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.settings import SettingsError, load_settings
 
@@ -87,22 +87,27 @@ def _usage(args: argparse.Namespace) -> int:
     url = _database_url()
     import asyncpg
 
-    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable
+    from iotistic_billing.db.pool import CLI_COMMAND_TIMEOUT, DatabaseUnavailable, database_unreachable
 
     try:
         return asyncio.run(_show(url, args, now))
-    except DatabaseUnavailable as error:
-        raise CommandError(f"cannot reach PostgreSQL at DATABASE_URL ({error})") from None
     except asyncpg.UndefinedTableError:
         raise CommandError(
             "DATABASE_URL: the database has no billing tables (the operator creates them when it starts)"
         ) from None
-    except asyncpg.PostgresError as error:  # no such database, a refused login
-        raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
     except TimeoutError:  # the pool's command timeout: a table locked by a migration, a year of reports
-        raise CommandError(
+        raise ServiceUnavailable(
             f"PostgreSQL did not answer within {CLI_COMMAND_TIMEOUT:.0f} s; try fewer --days, or --customer"
         ) from None
+    except (DatabaseUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        # Away, or lost mid-query (ConnectionDoesNotExistError is a PostgresError too): try again later;
+        # any other PostgresError is the database refusing this URL.
+        if database_unreachable(error):
+            reason = error if isinstance(error, DatabaseUnavailable) else f"{type(error).__name__}: {error}"
+            raise ServiceUnavailable(f"cannot reach PostgreSQL at DATABASE_URL ({reason})") from None
+        if isinstance(error, asyncpg.PostgresError):  # no such database, a refused login
+            raise CommandError(f"DATABASE_URL: PostgreSQL refused ({error})") from None
+        raise
 
 
 def window_text(start: datetime, days: int) -> str:
@@ -154,6 +159,8 @@ def _json_value(value: object) -> str:
     """Decimals as exact decimal strings, times in ISO 8601."""
     if isinstance(value, datetime | date):
         return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")  # str() writes 0E-9 and 5.12E-7, scaleb's exponents
     return str(value)
 
 
@@ -227,18 +234,19 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
     }
 
 
-async def _customer_id(conn: Connection, given: str) -> str:
-    """The customer id `--customer` names: an id, or a Customer's resource name (as `customer upgrade
-    --id` takes); a mistyped one is said, not shown as a customer without usage."""
-    known = await conn.fetchval(
-        "SELECT customer_id FROM customers WHERE customer_id = $1 OR resource_name = $1"
+async def _customer_id(conn: Connection, given: str) -> tuple[str, str | None]:
+    """The customer id `--customer` names (an id, or a Customer's resource name, as `customer upgrade
+    --id` takes) and its plan in the customers mirror, None for a customer the mirror does not hold; a
+    mistyped one is said, not shown as a customer without usage."""
+    known = await conn.fetchrow(
+        "SELECT customer_id, plan FROM customers WHERE customer_id = $1 OR resource_name = $1"
         " ORDER BY customer_id = $1 DESC LIMIT 1",
         given,
     )
     if known is not None:
-        return str(known)
+        return str(known["customer_id"]), known["plan"]
     if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM usage_reports WHERE customer_id = $1)", given):
-        return given  # reports of a customer the mirror does not hold
+        return given, None  # reports of a customer the mirror does not hold
     raise CommandError(f"--customer: no customer with the id or name {given}")
 
 
@@ -246,13 +254,14 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
     from iotistic_billing.usage.periods import window_start
     from iotistic_billing.usage.store import customer_summaries, daily_usage
 
-    args.customer = await _customer_id(conn, args.customer)
+    # The mirror's plan, not the window's summary's: a customer silent in the window has none.
+    args.customer, mirror_plan = await _customer_id(conn, args.customer)
     start = window_start(now, args.days)
     end = start + timedelta(days=args.days)
     days = await daily_usage(conn, args.customer, start, end)
     summaries = await customer_summaries(conn, start, end, args.customer)
     summary = summaries[0] if summaries else None
-    period = await _period(conn, args.customer, summary.mirror_plan if summary else None, now)
+    period = await _period(conn, args.customer, mirror_plan, now)
     rows: list[dict[str, object]] = [
         {
             "date": day.day.isoformat(),

@@ -11,13 +11,17 @@ from typing import Any
 
 import kubernetes
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.cli.tables import format_table
-from iotistic_billing.customer import resource_name_for
-from iotistic_billing.k8s import FieldManager, KubeApi
+from iotistic_billing.customer import GROUP, PLURAL, VERSION, resource_name_for
+from iotistic_billing.k8s import FieldManager, KubeApi, customer_body
 from tests.conftest import OperatorProcess, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
+
+# A finalizer of these tests: a Customer deleted with it stays, being deleted, until it is taken off.
+HELD = "tests.iotistic.io/held"
 
 
 def cli(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -185,6 +189,81 @@ def test_a_stripe_billed_customer_s_plan_is_not_changed_with_the_cli(
     assert "POST /api/subscriptions/upgrade" in upgrade.stderr
     customer = KubeApi(k8s_client, FieldManager.CLI).read_customer(name)
     assert customer is not None and customer["spec"]["plan"] == "trial"
+
+
+def hold(kube: KubeApi, name: str, *, held: bool = True) -> None:
+    """This test's finalizer put on Customer `name` or taken off, the others (the session operator's,
+    when it runs) left as they are."""
+
+    def changed() -> bool:
+        body = kube.read_customer(name)
+        assert body is not None
+        others = [f for f in body["metadata"].get("finalizers", []) if f != HELD]
+        version = body["metadata"]["resourceVersion"]
+        try:
+            finalizers = [*others, HELD] if held else others
+            kube.patch_customer(name, {"metadata": {"finalizers": finalizers, "resourceVersion": version}})
+        except ApiException as error:
+            if error.status == 409:  # the operator changed it meanwhile: read it again
+                return False
+            raise
+        return True
+
+    wait_until(changed, message=f"finalizer {HELD} {'on' if held else 'off'} customer/{name}")
+
+
+def test_customer_add_run_again_after_a_lost_answer_is_done_not_refused(kubeconfig: Path) -> None:
+    """Found in review: after an answer that was lost (a 504: "the change may have been made"), the same
+    `customer add` again exited 2 with `--email: customer/<name> already has ...`, though the first had
+    made the Customer as asked. One asked otherwise is still refused."""
+    name = unique_name("retried")
+    add = ["customer", "add", "--email", f"ops@{name}.example", "--company", "Retried"]
+    as_asked = [*add, "--resource-name", name, "--trial-days", "7"]
+    assert cli(kubeconfig, *as_asked).returncode == 0
+
+    again = cli(kubeconfig, *as_asked)
+    assert (again.returncode, again.stderr) == (0, "")
+    assert again.stdout.startswith(f"customer/{name} already exists as asked (plan trial)")
+    otherwise = cli(kubeconfig, *add, "--resource-name", name)  # the default trial, not 7 days
+    assert otherwise.returncode == 2
+    assert f"--email: customer/{name} already has ops@{name}.example" in otherwise.stderr
+
+
+def test_an_id_two_customers_hold_is_refused_and_a_customer_being_deleted_is_not_meant(
+    kubeconfig: Path, k8s_client: kubernetes.client.ApiClient
+) -> None:
+    """Found in review: `customer upgrade` and `deactivate --id cust_...` acted on the first Customer
+    listed holding the id: two hold one while a rename in Git goes through (README.md), and one being
+    deleted still holds it."""
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    old, new = unique_name("renamed-from"), unique_name("renamed-to")
+    customer_id = f"cust_{old.replace('-', '')}"
+    for name in (old, new):
+        spec = {"email": f"ops@{name}.example", "companyName": "Renamed", "customerId": customer_id}
+        kube.create_customer(customer_body(name, {**spec, "plan": "starter"}))
+
+    both = cli(kubeconfig, "customer", "upgrade", "--id", customer_id, "--plan", "professional")
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        f"iotistic-billing: error: --id: customer/{old}, customer/{new} hold customer id {customer_id};"
+        " pass the resource name of the one meant"
+    )
+
+    # The old one held by a finalizer of this test's: deleted, and still there.
+    hold(kube, old)
+    kubernetes.client.CustomObjectsApi(k8s_client).delete_cluster_custom_object(GROUP, VERSION, PLURAL, old)
+    try:
+        held = kube.read_customer(old)
+        assert held is not None and held["metadata"].get("deletionTimestamp")
+        upgraded = cli(kubeconfig, "customer", "upgrade", "--id", customer_id, "--plan", "professional")
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert upgraded.stdout.startswith(f"customer/{new}: spec.plan is now professional")
+        assert [(kube.read_customer(name) or {})["spec"]["plan"] for name in (old, new)] == [
+            "starter",
+            "professional",
+        ]
+    finally:
+        hold(kube, old, held=False)
 
 
 def test_table_format() -> None:

@@ -19,6 +19,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing import k8s
+from iotistic_billing.cli import main as cli
 from iotistic_billing.cli.customer import _api_error
 from iotistic_billing.k8s import (
     KUBE_CONCURRENCY,
@@ -294,6 +295,22 @@ def test_a_change_in_doubt_is_not_reported_as_nothing_changed() -> None:
     assert str(_api_error(away)).endswith("; nothing was changed, try again")
     assert "may have been made" in problem_of(doubt).message
     assert "nothing was changed" in problem_of(away).message
+
+
+@pytest.mark.parametrize(("status", "exit_code"), [(503, 1), (504, 1), (403, 2)])
+def test_the_cli_exits_1_for_an_api_server_away_and_2_for_a_refusal(
+    status: int,
+    exit_code: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found in review: every failure of `iotistic-billing customer` exited 2, the code of a bad
+    argument, so a cron job could not tell "try again later" from "fix the command"."""
+    with answering(status, "said by the API server") as server:
+        monkeypatch.setenv("KUBECONFIG", kubeconfig_for(server.port, tmp_path))
+        code = within(10, lambda: cli(["customer", "deactivate", "--id", "acme"]))
+    assert code == exit_code, capsys.readouterr().err
 
 
 def test_an_event_on_a_kind_the_operator_posts_none_about_is_refused_naming_it() -> None:

@@ -464,3 +464,41 @@ def test_customer_add_errors_name_the_flag_not_the_spec_field(
     code, _, err = run(capsys, "customer", "add", *(part for pair in given.items() for part in pair))
     assert code == 2
     assert err.startswith(f"iotistic-billing: error: {refusal}"), err
+
+
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        (
+            ("--plan", "starter", "--trial-days", "14"),
+            "--trial-days: a manually billed starter plan has no trial; pass it with --plan trial or"
+            " --billing stripe",
+        ),
+        (("--resource-name", ""), "--resource-name: must not be empty (leave it out for the default)"),
+    ],
+)
+def test_customer_add_refuses_a_flag_it_would_ignore(
+    capsys: pytest.CaptureFixture[str], flags: tuple[str, ...], refusal: str
+) -> None:
+    """Found in review: `--plan starter --trial-days 14` wrote spec.trial.days, which the operator reads
+    for a manually billed Customer only on the trial plan, and said "created (plan starter)"; an empty
+    `--resource-name` (an unset variable) was taken for the default name. Refused before any cluster is
+    asked (none here)."""
+    code, out, err = run(
+        capsys, "customer", "add", "--email", "ops@hooli.example", "--company", "Hooli", *flags
+    )
+    assert (code, out) == (2, "")
+    assert err.strip() == f"iotistic-billing: error: {refusal}"
+
+
+def test_help_says_what_each_exit_status_means(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: every failure exited 2, a cluster or database away as a bad argument, and no
+    help said which exit status meant what."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    said = capsys.readouterr().out
+    assert "exit status:" in said
+    assert "  1  a service (the API server, PostgreSQL) cannot be reached" in said
+    assert "`license verify`: the licence is invalid" in said
+    assert "  2  a mistake in the command" in said

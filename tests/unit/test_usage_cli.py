@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from iotistic_billing.cli import main
@@ -41,7 +42,7 @@ def test_a_statement_past_the_command_timeout_is_a_sentence(
 
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
     monkeypatch.setattr(usage_cli, "_show", slow)
-    assert main(["usage", "--all"]) == 2
+    assert main(["usage", "--all"]) == 1  # not 2: the command was right, try it again later
     assert (
         capsys.readouterr()
         .err.strip()
@@ -81,15 +82,18 @@ def at(month: int, day: int) -> datetime:
 
 class RollupsConnection:
     """PostgreSQL as the usage CLI reads it: one customer, `acme`, whose mirror row holds `spec_plan`,
-    its rollups as (start, end, plan, closed), and its reports as (start, end, active devices)."""
+    its rollups as (start, end, plan, closed), and its reports as (start, end, active devices), with
+    `traffic_bytes` in all."""
 
     def __init__(
         self,
         spec_plan: str,
         rollups: list[tuple[datetime, datetime, str, bool]],
         reports: list[tuple[datetime, datetime, int]],
+        traffic_bytes: int = 0,
     ) -> None:
         self.spec_plan, self.rollups, self.reports = spec_plan, rollups, reports
+        self.traffic_bytes = traffic_bytes
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         return "cust_acme" if "FROM customers" in query else None
@@ -105,7 +109,7 @@ class RollupsConnection:
                     "customer_id": "cust_acme",
                     "reports": len(shown),
                     "peak_active_devices": max(r[2] for r in shown),
-                    "traffic_bytes": 0,
+                    "traffic_bytes": self.traffic_bytes,
                     "http_requests": 0,
                     "postgres_size_mb": None,
                     "last_report_at": max(r[1] for r in shown),
@@ -149,6 +153,8 @@ class RollupsConnection:
         )
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
+        if "FROM customers" in query:  # the mirror's row
+            return {"customer_id": "cust_acme", "plan": self.spec_plan}
         assert "peak_devices" in query  # the period's sums
         totals = self.totals(args[1], args[2])
         return {
@@ -219,3 +225,76 @@ def test_after_a_rollup_ended_the_cli_prices_the_next_period_against_the_plan_th
         "2025-05-01T00:00:00+00:00",
     )
     assert (period["plan"], period["overage"]["total"]) == ("professional", "0.00")
+
+
+def test_json_decimals_are_never_in_exponent_notation(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: decimals were written with str(), which keeps scaleb's exponent: a customer
+    without traffic showed "trafficGb": "0E-9", one with 512 bytes "5.12E-7", where the README promises
+    exact decimal strings."""
+    reports = [(at(4, 16), at(4, 16) + timedelta(hours=1), 3)]
+    for traffic, shown in ((0, "0.000000000"), (512, "0.000000512")):
+        conn = RollupsConnection("starter", [], reports, traffic_bytes=traffic)
+        everyone = usage_json(conn, monkeypatch, capsys, "--all")
+        assert [row["trafficGb"] for row in everyone["customers"]] == [shown]
+
+
+def test_a_customer_without_a_report_in_the_window_is_shown_on_its_mirror_s_plan(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: the plan came from the window's summary, which only a customer that reported
+    in the window has: a new professional customer without reports was shown on the trial plan, its
+    overage "not billed (plan trial: only paid plans are billed)"."""
+    conn = RollupsConnection("professional", [], [])
+
+    period = usage_json(conn, monkeypatch, capsys, "--customer", "acme")["billing_period"]
+    assert (period["plan"], period["billed"], period["source"]) == (
+        "professional",
+        True,
+        "calendar month, computed now",
+    )
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        pool.DatabaseUnavailable("ConnectionRefusedError: [Errno 111] Connection refused"),
+    ],
+)
+def test_a_database_away_or_lost_mid_query_exits_1_not_as_a_refusal(
+    lost: Exception, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: every failure exited 2, a mistake in the command, so a cron job could not tell
+    "try again later" from "fix the command"; and a connection lost mid-query, a PostgresError, read
+    `DATABASE_URL: PostgreSQL refused (...)`, as if the URL were wrong."""
+
+    async def away(*_: Any) -> int:
+        raise lost
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
+    monkeypatch.setattr(usage_cli, "_show", away)
+    assert main(["usage", "--all"]) == 1
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("iotistic-billing: error: cannot reach PostgreSQL at DATABASE_URL (")
+    assert "refused (" not in said and str(lost) in said
+
+
+def test_a_database_that_refuses_the_command_still_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of exit 1: a database that is not there is a DATABASE_URL to fix."""
+
+    async def refused(*_: Any) -> int:
+        raise asyncpg.InvalidCatalogNameError('database "no_such_database" does not exist')
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://billing@127.0.0.1:5432/billing")
+    monkeypatch.setattr(usage_cli, "_show", refused)
+    assert main(["usage", "--all"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith('error: DATABASE_URL: PostgreSQL refused (database "no_such_database" does not exist)')
+    )
