@@ -347,7 +347,6 @@ OPERATOR_REFUSED = [
     ("create", "serviceaccounts", "customer-x", "token"),
     ("list", "configmaps", None, None),
     ("create", "jobs.batch", "customer-x", None),
-    ("create", "events", "customer-x", None),
     ("*", "*", None, None),
 ]
 
@@ -368,8 +367,6 @@ WEBHOOK_SERVER_REFUSED = [
     ("impersonate", "users", None, None),
     ("delete", "events", "default", None),
     ("patch", "events", "default", None),
-    ("create", "events", "customer-x", None),
-    ("list", "events", "customer-x", None),
 ]
 
 

@@ -18,8 +18,6 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from iotistic_billing.k8s import EVENTS_NAMESPACE
-
 REPO = Path(__file__).parents[2]
 CHART = REPO / "charts" / "iotistic-billing"
 INSTANCE_CHART = REPO / "charts" / "customer-instance"
@@ -310,10 +308,6 @@ def test_default_values_render_both_components(default_objects: list[Manifest]) 
         ("ClusterRoleBinding", WEBHOOK_SERVER),
         ("Role", WEBHOOK_SERVER),
         ("RoleBinding", WEBHOOK_SERVER),
-        ("Role", f"{OPERATOR}-events"),
-        ("RoleBinding", f"{OPERATOR}-events"),
-        ("Role", f"{WEBHOOK_SERVER}-events"),
-        ("RoleBinding", f"{WEBHOOK_SERVER}-events"),
         ("Deployment", OPERATOR),
         ("Deployment", WEBHOOK_SERVER),
         ("Service", OPERATOR),
@@ -323,12 +317,7 @@ def test_default_values_render_both_components(default_objects: list[Manifest]) 
         ("NetworkPolicy", WEBHOOK_SERVER),
         ("Ingress", RELEASE),
     }
-    # The release's namespace, but the Events' Roles (test_events_are_granted_in_default_alone).
-    namespaced = [
-        o
-        for o in default_objects
-        if not o["kind"].startswith("ClusterRole") and not o["metadata"]["name"].endswith("-events")
-    ]
+    namespaced = [o for o in default_objects if not o["kind"].startswith("ClusterRole")]
     assert {o["metadata"]["namespace"] for o in namespaced} == {NAMESPACE}
 
 
@@ -832,6 +821,8 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         {"apiGroups": ["iotistic.io"], "resources": ["customers/status"], "verbs": ["patch"]},
         # The console's rollouts page, and its Pause, Resume and Abort.
         {"apiGroups": ["iotistic.io"], "resources": ["instancerollouts"], "verbs": ["list", "patch"]},
+        # The console: the Events about a Customer, and its actions told as Events.
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
         {
             "apiGroups": [""],
             "resources": ["secrets"],
@@ -857,27 +848,6 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         "name": WEBHOOK_SERVER,
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": WEBHOOK_SERVER, "namespace": NAMESPACE}]
-
-
-@pytest.mark.parametrize(
-    ("component", "verbs"),
-    [(OPERATOR, ["create"]), (WEBHOOK_SERVER, ["list", "create"])],
-)
-def test_events_are_granted_in_default_alone(
-    default_objects: list[Manifest], component: str, verbs: list[str]
-) -> None:
-    """Found in review: both ClusterRoles granted Events in every namespace, though every Event the code
-    posts or lists is in `default` (k8s.EVENTS_NAMESPACE), where those of a cluster-scoped object are."""
-    assert not any("events" in rule["resources"] for rule in rules(default_objects, component))
-    role = one(default_objects, "Role", f"{component}-events")
-    assert role["metadata"]["namespace"] == EVENTS_NAMESPACE
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": verbs}]
-    binding = one(default_objects, "RoleBinding", f"{component}-events")
-    assert (binding["metadata"]["namespace"], binding["roleRef"]["name"]) == (
-        EVENTS_NAMESPACE,
-        f"{component}-events",
-    )
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": component, "namespace": NAMESPACE}]
 
 
 # Kinds of charts/customer-instance and where RBAC names them. A kind the chart starts to render fails
@@ -913,8 +883,8 @@ def test_operator_role_covers_every_kind_the_instance_chart_renders(
     for kind in kinds:
         group, resource = INSTANCE_KINDS[kind]
         assert granted(operator_rules, group, resource) >= HELM_VERBS, kind
-    # And nothing else is created or deleted: the namespaces (kube.apply, delete_namespace) and the
-    # peering (ensure_peering) are the operator's own (its Events, a Role's in `default`).
+    # And nothing else is created or deleted: the namespaces (kube.apply, delete_namespace), the
+    # peering (ensure_peering), Events (Kopf) are the operator's own.
     creatable = {
         (group, resource)
         for rule in operator_rules
@@ -925,6 +895,7 @@ def test_operator_role_covers_every_kind_the_instance_chart_renders(
     assert creatable - set(INSTANCE_KINDS.values()) == {
         ("", "namespaces"),
         ("kopf.dev", "clusterkopfpeerings"),
+        ("", "events"),
     }
 
 
@@ -1352,14 +1323,9 @@ def test_chart_readme_rbac_says_what_each_component_is_granted(default_objects: 
     gives a resource's verbs (`resource` `verb, verb`) they are those granted."""
     bullets = dict(part.split(": ", 1) for part in readme_section("RBAC").split(" - ")[1:])
     namespaced = one(default_objects, "Role", WEBHOOK_SERVER)["rules"]
-
-    def events(component: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = one(default_objects, "Role", f"{component}-events")["rules"]
-        return found
-
     granted = {
-        "operator": rules(default_objects, OPERATOR) + events(OPERATOR),
-        "webhook server": rules(default_objects, WEBHOOK_SERVER) + namespaced + events(WEBHOOK_SERVER),
+        "operator": rules(default_objects, OPERATOR),
+        "webhook server": rules(default_objects, WEBHOOK_SERVER) + namespaced,
     }
 
     assert bullets.keys() == granted.keys()

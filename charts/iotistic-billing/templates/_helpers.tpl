@@ -260,39 +260,3 @@ ipFamilyPolicy: {{ . }}
 ipFamilies: {{ toJson . }}
 {{- end }}
 {{- end -}}
-
-{{/*
-A component's rights on Events, in `default` only: the API server keeps the Events of a cluster-scoped
-object (a Customer, an InstanceRollout) there, as `kubectl describe` looks for them (iotistic_billing/k8s.py
-EVENTS_NAMESPACE); a Role there, not a right over the Events of every namespace.
-(dict "root" $ "component" "operator" "verbs" (list "create")).
-*/}}
-{{- define "iotistic-billing.eventsRole" -}}
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata:
-  name: {{ include "iotistic-billing.componentName" . }}-events
-  namespace: default
-  labels:
-    {{- include "iotistic-billing.labels" . | nindent 4 }}
-rules:
-  - apiGroups: [""]
-    resources: [events]
-    verbs: {{ toJson .verbs }}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata:
-  name: {{ include "iotistic-billing.componentName" . }}-events
-  namespace: default
-  labels:
-    {{- include "iotistic-billing.labels" . | nindent 4 }}
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: Role
-  name: {{ include "iotistic-billing.componentName" . }}-events
-subjects:
-  - kind: ServiceAccount
-    name: {{ include "iotistic-billing.componentName" . }}
-    namespace: {{ .root.Release.Namespace }}
-{{- end -}}
