@@ -207,16 +207,16 @@ def find_customer(kube: KubeApi, key: str) -> dict[str, Any]:
             return found
         # A Customer being deleted still holds its id, and two live ones hold one while a rename in Git
         # goes through (README.md): only the one left is meant.
-        holders = [
-            item
-            for item in kube.list_customers()
-            if customer_id_in_use(item) == key and not item["metadata"].get("deletionTimestamp")
-        ]
+        every = [item for item in kube.list_customers() if customer_id_in_use(item) == key]
     except (ApiException, KubernetesUnavailable) as error:
         raise _api_error(error) from None
+    holders = [item for item in every if not item["metadata"].get("deletionTimestamp")]
     if len(holders) > 1:
         names = ", ".join(f"customer/{item['metadata']['name']}" for item in holders)
         raise CommandError(f"--id: {names} hold customer id {key}; pass the resource name of the one meant")
+    if not holders and every:
+        names = ", ".join(f"customer/{item['metadata']['name']}" for item in every)
+        raise CommandError(f"--id: customer id {key} is held only by {names}, being deleted")
     if not holders:
         raise CommandError(f"--id: no Customer named or with customer id {key!r}")
     return holders[0]

@@ -262,8 +262,21 @@ def test_an_id_two_customers_hold_is_refused_and_a_customer_being_deleted_is_not
             "starter",
             "professional",
         ]
+        # Held only by one being deleted: said so (a review of the fix: "no Customer ... with customer
+        # id" while `customer list` showed it).
+        hold(kube, new)
+        kubernetes.client.CustomObjectsApi(k8s_client).delete_cluster_custom_object(
+            GROUP, VERSION, PLURAL, new
+        )
+        gone = cli(kubeconfig, "customer", "deactivate", "--id", customer_id)
+        assert (gone.returncode, gone.stderr.strip()) == (
+            2,
+            f"iotistic-billing: error: --id: customer id {customer_id} is held only by customer/{old},"
+            f" customer/{new}, being deleted",
+        )
     finally:
         hold(kube, old, held=False)
+        hold(kube, new, held=False)
 
 
 def test_table_format() -> None:
