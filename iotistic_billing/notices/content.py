@@ -82,6 +82,12 @@ def _day(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d")
 
 
+def _moment(moment: datetime) -> str:
+    """A deadline in a notice's text: its time and zone too (a day alone, in UTC, read as the end of
+    that day where the customer is, hours after the access ended)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
@@ -123,7 +129,7 @@ def trial_ending(
         subject=f"Your Iotistic trial ends on {_day(ends_at)}",
         lines=(
             f"Hello {company},",
-            f"your trial of the Iotistic platform ends on {_day(ends_at)}, {in_days}.",
+            f"your trial of the Iotistic platform ends on {_moment(ends_at)}, {in_days}.",
             "Choose a plan before then to keep your devices connected and your data.",
         ),
         facts={"trial_ends_at": _iso(ends_at), "days_left": days, **plan_facts(plan)},
@@ -166,15 +172,15 @@ def payment_failed(
     dates = dunning_dates(overdue_since, restricted_for)
     if restricted_for:
         ladder = (
-            f"Your instance keeps full access until {_day(dates.restricted_at)}; after that it is restricted "
-            "(no device can be added, data cannot be exported), and on "
-            f"{_day(dates.suspended_at)} your licence is suspended (the unlicensed feature set), unless the "
-            "payment succeeds first."
+            f"Your instance keeps full access until {_moment(dates.restricted_at)}; after that it is "
+            "restricted (no device can be added, data cannot be exported), and on "
+            f"{_moment(dates.suspended_at)} your licence is suspended (the unlicensed feature set), unless "
+            "the payment succeeds first."
         )
     else:  # no restriction period: straight from full access to the unlicensed feature set
         ladder = (
-            f"Your instance keeps full access until {_day(dates.suspended_at)}; after that your licence is "
-            "suspended (the unlicensed feature set), unless the payment succeeds first."
+            f"Your instance keeps full access until {_moment(dates.suspended_at)}; after that your licence "
+            "is suspended (the unlicensed feature set), unless the payment succeeds first."
         )
     return Notice(
         NoticeKind.PAYMENT_FAILED,
@@ -281,7 +287,7 @@ def access_restricted(
             f"Hello {company},",
             "your payment is still overdue: your instance is now restricted. Your devices keep working, "
             "but no device can be added and data cannot be exported.",
-            f"Unless the payment succeeds, your licence is suspended on {_day(suspended_at)}.",
+            f"Unless the payment succeeds, your licence is suspended on {_moment(suspended_at)}.",
         ),
         facts={"license_id": jti, "suspended_at": _iso(suspended_at), **plan_facts(plan)},
     )
@@ -313,7 +319,8 @@ def usage_threshold(
         NoticeKind.USAGE_THRESHOLD,
         customer_id,
         customer_name,
-        key=f"usage:{customer_id}:{_stamp(period_start)}:{metric}:{threshold}",
+        # The limit too: after a plan change within the period, 100% of the new quota is news.
+        key=f"usage:{customer_id}:{_stamp(period_start)}:{metric}:{threshold}:{limit}",
         subject=f"Iotistic usage: {words} reached {threshold}",
         lines=(
             f"Hello {company},",

@@ -34,6 +34,9 @@ class MailRelay:
             "username": unquote(url.username) if url.username else None,
             "password": unquote(url.password) if url.password else None,
             "use_tls": url.scheme == "smtps",
+            # Credentials over smtp:// only after STARTTLS: left to the server's offer, someone on the
+            # path who removed STARTTLS from its EHLO answer had the password in clear (None: as offered).
+            "start_tls": True if url.scheme == "smtp" and url.username else None,
             "timeout": timeout,
         }
         self._idle: list[aiosmtplib.SMTP] = []  # connected, between two messages

@@ -11,6 +11,7 @@ from email.utils import format_datetime, parseaddr
 from functools import cache
 from typing import Any
 
+import aiosmtplib.email
 import idna
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -75,7 +76,12 @@ def email_message(
     context = _context(notice, message_id)
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = _mailable_address(to)
+    address = _mailable_address(to)
+    message["To"] = address
+    # The relay takes the recipients from To: an address the email pattern lets through with a comma
+    # (`ops@hooli.example,ceo`) was mail to two, one of them of the relay's own domain.
+    if aiosmtplib.email.extract_recipients(message) != [address]:
+        raise ValueError(f"cannot mail {to}: it is not one address")
     message["Subject"] = notice.subject
     message["Date"] = format_datetime(now.astimezone(UTC))
     domain = parseaddr(sender)[1].rpartition("@")[2] or "iotistic.cloud"

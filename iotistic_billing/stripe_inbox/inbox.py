@@ -222,7 +222,9 @@ class EventInbox:
                 .where(models.StripeEvent.result == PENDING)
                 .order_by(models.StripeEvent.created, models.StripeEvent.received_at)
                 .limit(self.batch)
-                .with_for_update(skip_locked=True)
+                # Not SKIP LOCKED: the batch lock keeps batches apart, and a row another transaction holds
+                # (the console's Replay, for milliseconds) skipped let a Customer's newer event go first.
+                .with_for_update()
             )
             if waiting:
                 query = query.where(

@@ -317,7 +317,9 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors=(404,),
         description=(
             "The deliveries that did not arrive (dead, pending) are due again, or all when all arrived;"
-            " the customer's webhook goes to its URL now; the same Message-ID and webhook-id."
+            " the customer's webhook goes to its URL now. A delivery that did not arrive keeps its Message-ID"
+            " and webhook-id; when all arrived, a mail gets a Message-ID of its own, a webhook keeps its"
+            " webhook-id (a receiver that drops ids it has seen drops it)."
         ),
     ),
     # ----- operations: probes, metrics, this document -----

@@ -615,6 +615,29 @@ async def test_a_replayed_failing_event_is_tried_at_once_and_a_delivery_s_wake_l
     assert (customers.subscription(subscriber.name) or {})["status"] == "past_due"
 
 
+async def test_an_event_a_replay_holds_locked_is_waited_for_not_skipped(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: the claim skipped the rows another transaction held (the console's Replay locks
+    its event while it writes), so a Customer's newer event was applied before the older one, which then
+    came back stale: what it alone said (here, the plan it moved to) was lost."""
+    subscriber = Subscriber(customers, "waited")
+    base = int(time.time())
+    older, newer = subscriber.updated(base + 1, plan="professional"), subscriber.invoice(base + 2, paid=True)
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, [older, newer])
+        async with inbox_engine.connect() as replay, replay.begin():
+            await replay.execute(
+                select(models.StripeEvent.event_id)
+                .where(models.StripeEvent.event_id == older["id"])
+                .with_for_update()
+            )
+            batch = asyncio.create_task(inbox.apply_pending())
+            await asyncio.sleep(0.5)  # the claim meets the lock
+        assert await asyncio.wait_for(batch, 30) == 2
+    assert await results(inbox_engine, [older, newer]) == {older["id"]: "applied", newer["id"]: "applied"}
+
+
 async def test_a_batch_lost_after_its_customer_was_written_notices_each_failure_s_recovery_once(
     inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
 ) -> None:

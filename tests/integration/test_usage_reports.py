@@ -599,7 +599,8 @@ async def test_device_usage_crossing_80_then_100_percent_notices_twice_and_repla
                 .where(Notice.customer_id == customer_id)
                 .order_by(Notice.id)
             )
-            return [(key.rsplit(":", 1)[1], subject) for key, subject in rows]
+            # usage:<customer>:<period>:<metric>:<threshold>:<limit>
+            return [(key.split(":")[4], subject) for key, subject in rows]
 
     first = [report(customer_id, "r-8", active_devices=8)]
     assert (await post(usage_api, {"reports": first}, headers))[0] == 202

@@ -3,6 +3,7 @@ standardwebhooks package (not our code); usage thresholds; the notices Stripe ev
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import replace
@@ -11,6 +12,7 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, cast
 
+import aiosmtplib
 import aiosmtplib.email
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -40,7 +42,9 @@ from iotistic_billing.notices.content import (
     payment_failed,
     targets_for,
     trial_ending,
+    usage_threshold,
 )
+from iotistic_billing.notices.mail import MailRelay
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.sender import (
     BACKOFF,
@@ -149,9 +153,9 @@ def test_payment_failed_names_the_suspension_date_and_no_restriction_at_zero_day
     # DUNNING_RESTRICT_DAYS' default, 14 days.
     notice = failed_payment()
     assert notice.lines[2] == (
-        "Your instance keeps full access until 2026-12-02; after that it is restricted (no device can be "
-        "added, data cannot be exported), and on 2026-12-16 your licence is suspended (the unlicensed "
-        "feature set), unless the payment succeeds first."
+        "Your instance keeps full access until 2026-12-02 12:00 UTC; after that it is restricted (no device "
+        "can be added, data cannot be exported), and on 2026-12-16 12:00 UTC your licence is suspended (the "
+        "unlicensed feature set), unless the payment succeeds first."
     )
     assert (notice.facts["restricted_at"], notice.facts["suspended_at"]) == (
         "2026-12-02T12:00:00Z",
@@ -171,8 +175,8 @@ def test_payment_failed_names_the_suspension_date_and_no_restriction_at_zero_day
     # No restriction period: full access, then the unlicensed feature set on the grace's last day.
     at_once = failed_payment(timedelta(0))
     assert at_once.lines[2] == (
-        "Your instance keeps full access until 2026-12-02; after that your licence is suspended (the "
-        "unlicensed feature set), unless the payment succeeds first."
+        "Your instance keeps full access until 2026-12-02 12:00 UTC; after that your licence is suspended "
+        "(the unlicensed feature set), unless the payment succeeds first."
     )
     assert "restricted" not in " ".join(at_once.lines) and "restricted_at" not in at_once.facts
     assert at_once.facts["suspended_at"] == "2026-12-02T12:00:00Z"
@@ -219,6 +223,49 @@ def test_the_mail_of_an_idn_domain_is_addressed_in_punycode(to: str, envelope: s
     mail = email_message(stored(), sender="billing@iotistic.example", to=to, message_id="msg_1", now=NOW)
     assert mail["To"] == envelope
     assert aiosmtplib.email.extract_recipients(mail) == [envelope]
+
+
+@pytest.mark.parametrize(
+    "to", ["ops@hooli.example,ceo", "ops@hooli.example;ceo@hooli.example", "a<ceo@x.example"]
+)
+def test_an_address_that_is_more_than_one_is_not_mailed(to: str) -> None:
+    """Found in review: the email pattern lets `ops@hooli.example,ceo` through, and the relay took both
+    from To: the billing mail went to a mailbox of the relay's own domain too."""
+    with pytest.raises(ValueError, match="it is not one address"):
+        email_message(stored(), sender="billing@iotistic.example", to=to, message_id="m", now=NOW)
+
+
+async def test_credentials_go_to_an_smtp_relay_only_after_starttls() -> None:
+    """Found in review: smtp://user:password@relay took STARTTLS only when the relay offered it, so
+    someone on the path who struck it from the EHLO answer read the password (AUTH in clear)."""
+    commands: list[bytes] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay ESMTP\r\n")
+        while line := await reader.readline():
+            commands.append(line.split()[0].upper() if line.split() else b"")
+            if line.upper().startswith(b"EHLO"):
+                writer.write(b"250-relay\r\n250 AUTH PLAIN LOGIN\r\n")  # no STARTTLS offered
+            elif line.upper().startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mail = email_message(
+            stored(), sender="billing@iotistic.example", to="ops@acme.example", message_id="m", now=NOW
+        )
+        with pytest.raises(aiosmtplib.SMTPException, match="STARTTLS"):
+            await MailRelay(f"smtp://billing:secret@127.0.0.1:{port}", timeout=5).send(mail)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"AUTH" not in commands and b"MAIL" not in commands
 
 
 def test_a_mail_domain_idna_cannot_encode_is_an_error_naming_the_address() -> None:
@@ -308,6 +355,33 @@ def test_usage_crossings_at_80_and_100_percent_of_a_quota_and_at_absolute_thresh
     assert crossings(totals(peak_devices=10**6), PLANS["enterprise"].included, ()) == []  # unlimited
 
 
+def test_a_quota_reached_again_after_a_plan_change_in_the_period_is_a_notice_of_its_own() -> None:
+    """Found in review: the key named the threshold (`100%`), not the quota, so after an upgrade within
+    the billing period 100% of the new quota was the same key as the old one's: never sent."""
+
+    def at_quota(plan: str, used: int) -> str:
+        [crossing] = [
+            c for c in crossings(totals(peak_devices=used), PLANS[plan].included, ()) if c.threshold == "100%"
+        ]
+        return usage_threshold(
+            customer_id="cust_acme",
+            customer_name="acme",
+            company="Acme",
+            period_start=NOW,
+            metric=crossing.metric,
+            threshold=crossing.threshold,
+            used=crossing.used,
+            limit=crossing.limit,
+        ).key
+
+    starter, professional = (
+        at_quota("starter", 10),
+        at_quota("professional", PLANS["professional"].included.devices),
+    )
+    assert starter != professional
+    assert starter == at_quota("starter", 10)  # the same crossing again is no new notice
+
+
 def test_the_operator_notices_its_own_trials_only_within_the_notice_days() -> None:
     created = NOW - timedelta(days=10)
     trial = spec(trial={"days": 14})  # ends in 4 days
@@ -343,7 +417,7 @@ def test_trial_ending_counts_started_days(left: timedelta, days: int, said: str)
         now=NOW,
     )
     assert notice.facts["days_left"] == days
-    assert f"ends on {(NOW + left).strftime('%Y-%m-%d')}, {said}." in notice.lines[1]
+    assert f"ends on {(NOW + left).strftime('%Y-%m-%d %H:%M')} UTC, {said}." in notice.lines[1]
 
 
 def record(subscription: dict[str, object] | None = None) -> CustomerRecord:
