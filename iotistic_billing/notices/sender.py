@@ -423,9 +423,16 @@ class NoticeSender:
     async def _mail(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
         if self._mail_relay is None:
             raise DeliveryFailed("SMTP_URL is not set")
-        message = email_message(
-            notice, sender=self.options.mail_from, to=delivery.target, message_id=delivery.message_id, now=now
-        )
+        try:
+            message = email_message(
+                notice,
+                sender=self.options.mail_from,
+                to=delivery.target,
+                message_id=delivery.message_id,
+                now=now,
+            )
+        except ValueError as error:  # an address no mail can go to (render.email_message): said, no traceback
+            raise DeliveryFailed(str(error)) from None
         try:
             await self._mail_relay.send(message)
         except MAIL_ERRORS as error:

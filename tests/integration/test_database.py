@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -513,3 +514,62 @@ def test_a_pid_file_left_by_a_killed_postgres_is_removed_at_the_next_start(tmp_p
             assert server.process is not None and server.process.running()
         finally:
             server.stop()
+
+
+def _notice_keys(url: str, *notices: dict[str, Any]) -> list[str]:
+    """The notices written (key, kind, facts), then every notice's key, oldest first."""
+
+    async def run() -> list[str]:
+        engine = create_engine(url, pool_size=1)
+        async with engine.begin() as connection:
+            for notice in notices:
+                await connection.execute(
+                    text(
+                        "INSERT INTO notices (key, kind, customer_id, customer_name, subject, facts) VALUES"
+                        " (:key, :kind, 'cust_keys01', 'keys', 'Iotistic usage', CAST(:facts AS jsonb))"
+                    ),
+                    {**notice, "facts": json.dumps(notice["facts"])},
+                )
+            keys = [row[0] for row in await connection.execute(text("SELECT key FROM notices ORDER BY id"))]
+        await engine.dispose()
+        return keys
+
+    return asyncio.run(run())
+
+
+def test_migration_0015_gives_usage_notice_keys_their_quota_and_its_downgrade_takes_it_off(
+    postgres: EmbeddedPostgres,
+) -> None:
+    """Found in review: a usage threshold's key gained its quota (notices/content.usage_threshold), so
+    every threshold a customer had reached in the period was a new key at the first flush after the
+    upgrade, and noticed a second time."""
+    url = postgres.create_database(f"noticekeys_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(url, "0014")
+    period = "usage:cust_keys01:20261201T000000Z"
+
+    def notice(key: str, limit: int | None, kind: str = "usage.threshold") -> dict[str, Any]:
+        facts = {"metric": "devices", "threshold": "80%"} | ({"limit": limit} if limit else {})
+        return {"key": key, "kind": kind, "facts": facts}
+
+    written = [
+        notice(f"{period}:devices:80%", 10),
+        notice(f"{period}:devices:9", 9),
+        notice("trial-ending:cust_keys01:20261210T000000Z", None, kind="trial.ending"),
+    ]
+    assert len(_notice_keys(url, *written)) == 3
+    migrate.upgrade(url)
+    assert _notice_keys(url) == [
+        f"{period}:devices:80%:10",
+        f"{period}:devices:9:9",
+        "trial-ending:cust_keys01:20261210T000000Z",
+    ]
+    # A plan change in the period: 80% of the new quota is a notice of its own.
+    _notice_keys(url, notice(f"{period}:devices:80%:50", 50))
+
+    migrate.downgrade(url, "0014")
+    assert _notice_keys(url) == [
+        f"{period}:devices:80%",
+        f"{period}:devices:9",
+        "trial-ending:cust_keys01:20261210T000000Z",
+        f"{period}:devices:80%:50",  # the key is unique: one of each threshold gives its quota back
+    ]

@@ -81,6 +81,10 @@ class FakeDirectory:
     async def by_name(self, name: str) -> CustomerRecord | None:
         return next((record for record in self.records if record.name == name), None)
 
+    async def by_customer_id(self, session: Any, customer_id: str) -> CustomerRecord | None:
+        session.database.calls.append("lookup")
+        return next((record for record in self.records if record.customer_id == customer_id), None)
+
 
 class FakeKube:
     """The API server: patches it took, Events it was told; `refuse` is raised by the next write."""
@@ -125,6 +129,7 @@ class FakeDatabase:
         self.committed: list[Any] = []
         self.stripe_events: dict[str, models.StripeEvent] = {}
         self.ids = itertools.count(1)
+        self.calls: list[str] = []  # reads of a Stripe event ("get", "lock") and Customer lookups
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeSession]:
@@ -152,6 +157,7 @@ class FakeSession:
     async def get(self, model: type[Any], key: str, **options: Any) -> Any:
         assert model is models.StripeEvent
         await self.flush()
+        self.database.calls.append("lock" if options.get("with_for_update") else "get")
         return self.database.stripe_events.get(key)
 
     async def scalars(self, statement: Select[Any]) -> Any:
@@ -404,6 +410,26 @@ async def test_a_double_clicked_replay_lands_on_the_event_page(console: Console,
         fresh = await console.post("/admin/stripe-events/evt_1/replay", await replay_form(console, "evt_1"))
         assert (fresh.status, fresh.headers["Location"]) == (303, "/admin/stripe-events/evt_1?done=replay")
         assert audited(console) == [("replay", None, "evt_1")] * 2
+
+
+async def test_a_replay_asks_for_its_customer_before_it_locks_the_event(console: Console) -> None:
+    """Found in review: the Replay locked the event's row, then asked the API server for its Customer
+    (up to 40 s while it is slow, which is when events fail and get replayed); the inbox's claim waited
+    for that row with the batch lock held, and every replica's applying with it."""
+    console.database.stripe_events["evt_1"] = models.StripeEvent(
+        event_id="evt_1",
+        type="customer.subscription.updated",
+        created=0,
+        result="unmatched",
+        attempts=0,
+        customer_id="cust_acme000001",
+    )
+    await console.sign_in()
+    form = await replay_form(console, "evt_1")
+    console.database.calls.clear()
+    answer = await console.post("/admin/stripe-events/evt_1/replay", form)
+    assert (answer.status, console.database.calls) == (303, ["get", "lookup", "lock"])
+    assert audited(console) == [("replay", "acme", "evt_1")] and console.kube.events == ["ConsoleReplay"]
 
 
 async def test_a_replay_whose_last_replay_is_not_a_number_is_a_400_naming_it(console: Console) -> None:

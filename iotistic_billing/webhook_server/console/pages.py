@@ -741,7 +741,15 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
     event_id = _event_id(request)
     shown = shown_replay(await read_form(request))
     async with request.app[SESSIONS]() as session, session.begin():
-        row = await session.get(models.StripeEvent, event_id, with_for_update=True)
+        seen = await session.get(models.StripeEvent, event_id)
+        if seen is None:
+            raise _no_event(event_id)
+        # Asked of the API server before the row is locked: the inbox's claim waits for a locked row, and
+        # with every replica's batch behind it, a slow API server held every apply for as long.
+        record = None
+        if seen.customer_id:
+            record = await request.app[DIRECTORY].by_customer_id(session, seen.customer_id)
+        row = await session.get(models.StripeEvent, event_id, with_for_update=True, populate_existing=True)
         if row is None:
             raise _no_event(event_id)
         newest = await data.audit(session, target=event_id, limit=1)
@@ -756,9 +764,6 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
                 f"event {event_id} is {row.result}: only unmatched or failing events replay",
                 status=409,
             )
-        record = None
-        if row.customer_id:
-            record = await request.app[DIRECTORY].by_customer_id(session, row.customer_id)
         detail = f"Stripe event {event_id} ({row.type}) replayed"
         await _audit(
             request, session, "replay", detail, customer=record.name if record else None, target=event_id
