@@ -247,6 +247,8 @@ class StripeEvent(Base):
     result: Mapped[str] = mapped_column(String(40))
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
     payload: Mapped[dict[str, Any] | None]
+    # Of the JSON text as received (NULL for rows stored before migration 0016): a batch's size.
+    payload_bytes: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     applied_at: Mapped[datetime | None]

@@ -2,9 +2,10 @@
 answers; a loop here applies them after that 2xx.
 
 One batch at a time, across every replica: a loop takes the batch lock (a transaction-level advisory
-lock), claims the pending events that are due, up to a batch, oldest `created` first (`FOR UPDATE SKIP
-LOCKED`), applies them in that one transaction, the events of each Customer coalesced into one decision
-and one write (apply.py; `workers` Customers at once), and records every event's result in it. Batches
+lock), claims the pending events that are due, up to a batch (a count, and a size of their JSON: a
+batch's payloads are held in memory), oldest `created` first, applies them in that one transaction,
+the events of each Customer coalesced into one decision and one write (apply.py; `workers` Customers
+at once), and records every event's result in it. Batches
 in turn keep each Customer's events in Stripe's order whichever replica claims them (two batches side by
 side could apply a Customer's newer event first and leave the older one stale, its notice unsent), and
 `events.decide` still refuses an event older than the state applied (a late delivery). A crash rolls the
@@ -24,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from pydantic import ValidationError
-from sqlalchemy import Text, all_, bindparam, select, update
+from sqlalchemy import Text, all_, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
@@ -61,6 +62,10 @@ WORKERS: Final = 4
 # Events claimed at once: the more are pending, the more of them share each Customer's write (a burst
 # of a thousand renewals, several events each, coalesces only when a batch sees them all).
 BATCH: Final = 5000
+# The JSON a batch claims at most, in bytes (one event more when the first alone is larger): parsed, a
+# payload takes about six times its text in memory, so a batch holds about 100 MiB at most, whatever
+# the size of the events (the chart gives the webhook server 512 Mi).
+BATCH_BYTES: Final = 16 * 1024 * 1024
 # Whose events a batch applies at most (a batch's cost grows with its Customers, not its events): the
 # claimed events of the Customers past them are left for the next batch.
 BATCH_CUSTOMERS: Final = 500
@@ -79,19 +84,21 @@ RETRY_BACKOFF: Final = (1.0, 2.0, 5.0, 15.0, 60.0)
 # One statement, its own transaction: a delivery costs the route one round trip to PostgreSQL. A
 # concurrent delivery of the same id waits at the key for the other's commit, then finds the row.
 STORE_EVENT: Final = f"""
-INSERT INTO stripe_events (event_id, type, created, result, payload)
-VALUES ($1, $2, $3, '{PENDING}', $4::jsonb)
+INSERT INTO stripe_events (event_id, type, created, result, payload, payload_bytes)
+VALUES ($1, $2, $3, '{PENDING}', $4::jsonb, $5)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """  # noqa: S608 - PENDING is a constant
 
 
-async def store_event(pool: Pool, event: StripeEvent, payload: str) -> bool:
-    """Commit the verified event (`payload`: its JSON text, stored whole) as pending; False when its id
+async def store_event(pool: Pool, event: StripeEvent, payload: bytes) -> bool:
+    """Commit the verified event (`payload`: its JSON, UTF-8, stored whole) as pending; False when its id
     was already there (a redelivery). The caller then wakes the inbox (`EventInbox.wake`), which tells
     every replica's inbox. DatabaseUnavailable when PostgreSQL cannot be reached: nothing was stored."""
     try:
-        first = await pool.fetchval(STORE_EVENT, event.id, event.type, event.created, payload)
+        first = await pool.fetchval(
+            STORE_EVENT, event.id, event.type, event.created, payload.decode(), len(payload)
+        )
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None
     return first is not None
@@ -106,6 +113,7 @@ class EventInbox:
         count: ResultCounter,
         workers: int = WORKERS,
         batch: int = BATCH,
+        batch_bytes: int = BATCH_BYTES,
         batch_customers: int = BATCH_CUSTOMERS,
         cycle: float = CYCLE,
         pause_ratio: float = PAUSE_RATIO,
@@ -121,6 +129,7 @@ class EventInbox:
         self.count = count
         self.workers = workers
         self.batch = batch
+        self.batch_bytes = batch_bytes
         self.batch_customers = batch_customers
         self.cycle = cycle
         self.pause_ratio = pause_ratio
@@ -209,16 +218,20 @@ class EventInbox:
             await nap(self._wakeup, self.poll)
 
     async def apply_pending(self) -> int:
-        """Claim up to `batch` due pending events, oldest `created` first, apply them Customer by Customer
-        in one transaction, and record each one's result; how many were recorded (0: none was due)."""
+        """Claim up to `batch` due pending events of up to `batch_bytes` of JSON, oldest `created` first,
+        apply them Customer by Customer in one transaction, and record each one's result; how many were
+        recorded (0: none was due)."""
         waiting, held_back = self._events_backoff.waiting(), self._customers_backoff.waiting()
         # Those the backoff forgot (recorded by another replica, or due long ago) are no one's failures now.
         self._failed_of = {k: v for k, v in self._failed_of.items() if k in self._events_backoff}
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
+            size = func.coalesce(
+                models.StripeEvent.payload_bytes, func.octet_length(models.StripeEvent.payload.cast(Text))
+            )
             query = (
-                select(models.StripeEvent.event_id, models.StripeEvent.payload)
+                select(models.StripeEvent.event_id, size)
                 .where(models.StripeEvent.result == PENDING)
                 .order_by(models.StripeEvent.created, models.StripeEvent.received_at)
                 .limit(self.batch)
@@ -231,7 +244,8 @@ class EventInbox:
                     models.StripeEvent.event_id
                     != all_(bindparam("waiting", sorted(waiting), type_=ARRAY(Text)))
                 )
-            claimed = (await session.execute(query)).all()
+            sized = (await session.execute(query)).all()
+            claimed = await _payloads(session, within_size(sized, self.batch_bytes))
             if not claimed:
                 self.precedence.idle()
                 return 0
@@ -326,6 +340,32 @@ class RetryBackoff:
         for key in [key for key, due in self._due.items() if due < now - RETRY_BACKOFF[-1]]:
             self.forget(key)
         return {key for key, due in self._due.items() if due > now}
+
+
+def within_size(sized: Sequence[tuple[str, int]], budget: int) -> list[str]:
+    """The event ids of `sized` (id, bytes; in claim order) from the first on, while their bytes add up
+    to at most `budget`; the first one whatever its size, so that a large event is applied too."""
+    kept: list[str] = []
+    total = 0
+    for event_id, size in sized:
+        total += size
+        if kept and total > budget:
+            break
+        kept.append(event_id)
+    return kept
+
+
+async def _payloads(session: AsyncSession, event_ids: list[str]) -> list[tuple[str, Any]]:
+    """The payloads of the claimed `event_ids`, in that order (the rows are locked by the claim)."""
+    if not event_ids:
+        return []
+    rows = await session.execute(
+        select(models.StripeEvent.event_id, models.StripeEvent.payload).where(
+            models.StripeEvent.event_id == any_(bindparam("claimed", event_ids, type_=ARRAY(Text)))
+        )
+    )
+    payloads: dict[str, Any] = {event_id: payload for event_id, payload in rows}
+    return [(event_id, payloads[event_id]) for event_id in event_ids]
 
 
 def pause_after(batch_seconds: float, cycle: float = CYCLE, ratio: float = PAUSE_RATIO) -> float:

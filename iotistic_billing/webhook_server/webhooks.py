@@ -83,7 +83,7 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         metrics.webhook_event("unverified", "rejected")
         raise
     try:
-        stored = await store_event(request.app[POOL], event, payload.decode())
+        stored = await store_event(request.app[POOL], event, payload)
     except DatabaseUnavailable:
         raise DependencyUnavailable("Database") from None
     metrics.webhook_event(event.type, "queued" if stored else "duplicate")

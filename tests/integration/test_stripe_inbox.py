@@ -166,7 +166,7 @@ class Subscriber:
 async def store(pool: Pool, inbox: EventInbox, bodies: list[dict[str, Any]]) -> None:
     """Each event as the webhook route stores it (its own statement), then the route's wake."""
     for body in bodies:
-        assert await store_event(pool, StripeEvent.model_validate(body), json.dumps(body))
+        assert await store_event(pool, StripeEvent.model_validate(body), json.dumps(body).encode())
         inbox.wake()
 
 
@@ -752,6 +752,44 @@ async def test_a_batch_applies_all_events_of_its_first_customers_and_leaves_the_
         assert await inbox.apply_pending() == 2
         assert set((await results(inbox_engine, bodies)).values()) == {"applied"}
         assert (customers.subscription(third.name) or {})["lastEventCreated"] == base + 4
+
+
+async def test_a_batch_claims_events_up_to_its_size_and_the_next_batch_the_rest(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """A batch holds its payloads in memory: it claims events in Stripe's order until their JSON reaches
+    its size, and the next batch the others. A row stored before migration 0016 has no size stored and is
+    measured; the route stores each event's size as received."""
+    first, second = (Subscriber(customers, "bytes") for _ in range(2))
+    base = int(time.time())
+    bodies = [
+        first.updated(base),
+        second.updated(base + 1),
+        first.updated(base + 2),
+        second.updated(base + 3),
+    ]
+    sizes = [len(json.dumps(body).encode()) for body in bodies]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        inbox.batch_bytes = sizes[0] + sizes[1] + sizes[2] // 2
+        await store_at_once(inbox_engine, bodies[:3])  # no payload_bytes, as before migration 0016
+        await store(inbox_pool, inbox, bodies[3:])
+        async with inbox_engine.connect() as connection:
+            stored = await connection.scalar(
+                select(models.StripeEvent.payload_bytes).where(models.StripeEvent.event_id == bodies[3]["id"])
+            )
+        assert stored == sizes[3]
+        assert await inbox.apply_pending() == 2
+        assert await results(inbox_engine, bodies) == {
+            bodies[0]["id"]: "applied",
+            bodies[1]["id"]: "applied",
+            bodies[2]["id"]: PENDING,
+            bodies[3]["id"]: PENDING,
+        }
+        inbox.batch_bytes = 1  # below any event: a batch still takes its first one
+        assert await inbox.apply_pending() == 1
+        assert (customers.subscription(first.name) or {})["lastEventCreated"] == base + 2
+        assert await inbox.apply_pending() == 1
+        assert (customers.subscription(second.name) or {})["lastEventCreated"] == base + 3
 
 
 async def test_a_batch_of_customers_the_mirror_does_not_know_lists_the_fleet_once(

@@ -26,7 +26,7 @@ from iotistic_billing.stripe_inbox.events import (
     lookup_hints,
     subscription_facts,
 )
-from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after
+from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_size
 from iotistic_billing.webhook_server.webhooks import verify_event
 
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
@@ -896,6 +896,22 @@ def test_while_events_arrive_batches_start_at_most_once_a_cycle_and_back_off_whe
     assert pause_after(1.0, cycle=1.0, ratio=0.5) == pytest.approx(0.5)  # a slow batch: half as long again
     assert pause_after(3.0, cycle=1.0, ratio=0.5) == pytest.approx(1.5)
     assert pause_after(60.0, cycle=1.0, ratio=0.5) == MAX_PAUSE
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget", "kept"),
+    [
+        ([40, 50, 10], 100, ["e0", "e1", "e2"]),  # exactly the budget
+        ([40, 50, 11], 100, ["e0", "e1"]),  # one byte more: the rest waits for the next batch
+        ([40, 70, 10], 100, ["e0"]),  # in order: a small event after a large one waits too
+        ([250, 10], 100, ["e0"]),  # the first alone past the budget is claimed all the same
+        ([], 100, []),
+    ],
+)
+def test_a_batch_claims_events_in_order_up_to_its_size(
+    sizes: list[int], budget: int, kept: list[str]
+) -> None:
+    assert within_size([(f"e{i}", size) for i, size in enumerate(sizes)], budget) == kept
 
 
 # ----- a subscription's own events among its invoices', and a Customer's other live subscription -----
