@@ -72,11 +72,12 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Failure:
-    """An event left pending for a retry: the error, and the Customer (its name, when known) whose
-    newer events wait with it."""
+    """An event left pending for a retry: the error, and what waits with it (`held_back` of the next
+    batches): its Customer's name; for an event whose lookup failed, the ids it names (`LookupHints.ids`)
+    and the Customers found for the batch's events that name one of them."""
 
     error: Exception
-    customer: str | None = None
+    holds: frozenset[str] = frozenset()
 
 
 # Per event id: the result to record, or the failure that leaves it pending for a retry. An event of the
@@ -111,7 +112,7 @@ class _CustomerEvents:
 
     def failed(self, error: Exception) -> dict[str, Failure]:
         """Each of the group's events left pending by `error`; its newer events wait with them."""
-        return {event.id: Failure(error, self.name) for event in self.events}
+        return {event.id: Failure(error, frozenset({self.name})) for event in self.events}
 
 
 async def apply_events(
@@ -128,9 +129,10 @@ async def apply_events(
     `concurrency` Customers are looked up, read and applied at once. The events of the first
     `max_customers` Customers they name are applied, each Customer's all; the others' are left as they
     are (deferred), so that what a Customer has applied is always the oldest of its events. So are the
-    events of the Customers `held_back` (names: an event of theirs failed and waits for its retry): a
-    newer event applied before the older one that failed would leave that one stale, its notice
-    unsent."""
+    events of the Customers `held_back` (an event of theirs failed and waits for its retry; `Failure.holds`
+    of it: names, and the ids of an event whose lookup failed): a newer event applied before the older
+    one that failed would leave that one stale, its notice unsent. An event whose lookup fails holds back
+    in the same way the Customers of the batch's events that name one of its ids."""
     slots = asyncio.Semaphore(max(concurrency, 1))
     results: Results = {}
     handled: list[tuple[StripeEvent, LookupHints]] = []
@@ -150,16 +152,17 @@ async def apply_events(
         held_back,
     )
 
+    waiting = _customers_naming(found, {*held_back, *_failed_lookup_ids(found)})
     groups: dict[str, _CustomerEvents] = {}
     for event, hints in handled:
         name = found[hints]
-        if isinstance(name, str) and name not in records:
+        if isinstance(name, str) and (name not in records or name in waiting):
             continue  # past the batch's limit, or held back for a retry: left pending (deferred)
         record = records.get(name) if isinstance(name, str) else None
         if isinstance(name, Exception):
-            results[event.id] = Failure(name)
+            results[event.id] = Failure(name, hints.ids() | _customers_naming(found, hints.ids()))
         elif isinstance(record, Exception):
-            results[event.id] = Failure(record, name)
+            results[event.id] = Failure(record, frozenset({cast(str, name)}))
         elif name is None or record is None:
             log.warning(
                 "stripe event %s (%s) matches no Customer; acknowledged and recorded as unmatched",
@@ -227,6 +230,21 @@ async def apply_events(
         except Exception as error:  # that Customer's events stay pending; the others are recorded
             results.update(one[0].failed(error))
     return results
+
+
+def _failed_lookup_ids(found: Mapping[LookupHints, str | Exception | None]) -> set[str]:
+    """The ids the events whose lookup failed name."""
+    return {key for hints, name in found.items() if isinstance(name, Exception) for key in hints.ids()}
+
+
+def _customers_naming(
+    found: Mapping[LookupHints, str | Exception | None], keys: Collection[str]
+) -> frozenset[str]:
+    """The Customers found for events that name one of `keys` (ids of events whose lookup failed, now or
+    in an earlier batch): they may be those events' Customers, so they wait with them."""
+    return frozenset(
+        name for hints, name in found.items() if isinstance(name, str) and not hints.ids().isdisjoint(keys)
+    )
 
 
 async def _bounded(slots: asyncio.Semaphore, call: Awaitable[T]) -> T:

@@ -105,6 +105,16 @@ class LookupHints:
     stripe_customer_id: str | None = None
     subscription_id: str | None = None
 
+    def ids(self) -> frozenset[str]:
+        """The ids it names, each with its kind (a Customer's name has no colon: none is mistaken for
+        one): events that share one may be the same Customer's, before a lookup says."""
+        named = {
+            "customer-id": self.customer_id,
+            "stripe-customer": self.stripe_customer_id,
+            "subscription": self.subscription_id,
+        }
+        return frozenset(f"{kind}:{value}" for kind, value in named.items() if value is not None)
+
 
 @dataclass(frozen=True)
 class SubscriptionFacts:

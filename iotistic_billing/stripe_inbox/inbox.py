@@ -142,8 +142,9 @@ class EventInbox:
         # Customers, whose newer events wait with them.
         self._events_backoff = RetryBackoff(clock)
         self._customers_backoff = RetryBackoff(clock)
-        # The Customer (name) of each failed event in the backoff: a replay of one retries them all.
-        self._failed_of: dict[str, str] = {}
+        # What each failed event in the backoff holds back (`Failure.holds`): a replay of one retries the
+        # events that hold back any of it.
+        self._failed_of: dict[str, frozenset[str]] = {}
         # From the batch lock to the commit, of the last batch that recorded anything.
         self.last_batch_seconds = 0.0
         self._claims = Outage(log, "stripe inbox: cannot claim events", "stripe inbox: claiming events again")
@@ -175,11 +176,12 @@ class EventInbox:
         if not payload:
             return
         self._events_backoff.forget(payload)
-        customer = self._failed_of.get(payload)
-        if customer is None:
+        holds = self._failed_of.get(payload)
+        if holds is None:
             return
-        self._customers_backoff.forget(customer)
-        for event_id in [event_id for event_id, of in self._failed_of.items() if of == customer]:
+        for key in holds:
+            self._customers_backoff.forget(key)
+        for event_id in [event_id for event_id, of in self._failed_of.items() if not of.isdisjoint(holds)]:
             self._events_backoff.forget(event_id)
             del self._failed_of[event_id]
 
@@ -289,12 +291,12 @@ class EventInbox:
                 outcome.result,
                 extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
             )
-        for customer in {failure.customer for failure in failures.values() if failure.customer is not None}:
-            self._customers_backoff.failed(customer)
+        for key in {key for failure in failures.values() for key in failure.holds}:
+            self._customers_backoff.failed(key)
         for event_id, failure in failures.items():
             self._events_backoff.failed(event_id)
-            if failure.customer is not None:
-                self._failed_of[event_id] = failure.customer
+            if failure.holds:
+                self._failed_of[event_id] = failure.holds
             self.count(types[event_id], "retry")
             log.warning(
                 "stripe event %s (%s) not applied yet, will retry: %s",

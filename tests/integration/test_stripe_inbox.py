@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,15 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, plain_url, session_factory
 from iotistic_billing.db.pool import Pool, open_pool
 from iotistic_billing.devenv.stripe_mock import StripeMock
-from iotistic_billing.directory import Directory
-from iotistic_billing.k8s import FieldManager, Kube, KubeApi
+from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.processes import free_port
 from iotistic_billing.stripe_inbox.apply import EventApplier
@@ -613,6 +614,67 @@ async def test_a_replayed_failing_event_is_tried_at_once_and_a_delivery_s_wake_l
         )
     assert found == {older["id"]: "applied", body["id"]: "applied"}
     assert (customers.subscription(subscriber.name) or {})["status"] == "past_due"
+
+
+class LookupsOf(Directory):
+    """A directory whose lookups of a Stripe customer fail while `failing` (the API server, or the
+    lookup's session, away for that one lookup of the batch)."""
+
+    def __init__(self, kube: Kube, stripe_customer: str) -> None:
+        super().__init__(kube)
+        self.stripe_customer = stripe_customer
+        self.failing = True
+
+    def for_batch(self) -> Directory:
+        return self
+
+    async def by_stripe_customer(
+        self, session: AsyncSession, stripe_customer_id: str
+    ) -> CustomerRecord | None:
+        if self.failing and stripe_customer_id == self.stripe_customer:
+            raise KubernetesUnavailable("the test's lookup")
+        return await super().by_stripe_customer(session, stripe_customer_id)
+
+
+async def test_an_event_whose_lookup_failed_holds_back_the_newer_events_naming_its_ids(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: an invoice event naming only Stripe's ids, whose lookup failed, was left for its
+    retry while a newer event of the same subscription, found through our customer id, was applied; the
+    invoice then came back stale, its payment failure (and its notice) lost. The newer events naming one
+    of its ids, and so their Customer's, now wait with it, in its batch and in the next ones."""
+    subscriber = Subscriber(customers, "lookup")
+    base = int(time.time())
+    now = [time.monotonic()]
+    failed = event(
+        "invoice.payment_failed",
+        invoice_object(
+            customer=subscriber.stripe_customer,
+            subscription_id=subscriber.subscription,
+            price=PRICES["starter"],
+            paid=False,
+            period_end=base + 30 * 86400,
+        ),
+        created=base + 1,
+    )
+    newer = subscriber.updated(base + 2, status="past_due")
+    async with inbox_in_process(inbox_engine, kubeconfig, clock=lambda: now[0]) as inbox:
+        await store(inbox_pool, inbox, [subscriber.updated(base)])
+        assert await inbox.apply_pending() == 1  # the mirror knows the Customer and its Stripe ids now
+        lookups = LookupsOf(inbox.applier.directory.kube, subscriber.stripe_customer)
+        inbox.applier = replace(inbox.applier, directory=lookups)
+        await store_at_once(inbox_engine, [failed, newer])
+        assert await inbox.apply_pending() == 1  # the invoice's failure; the newer event waits with it
+        assert await results(inbox_engine, [failed, newer]) == {failed["id"]: PENDING, newer["id"]: PENDING}
+        assert await inbox.apply_pending() == 0  # in its backoff, it still holds the newer event back
+        assert (customers.subscription(subscriber.name) or {})["lastEventCreated"] == base
+        lookups.failing = False
+        now[0] += 60
+        assert await inbox.apply_pending() == 2
+    assert await results(inbox_engine, [failed, newer]) == {failed["id"]: "applied", newer["id"]: "applied"}
+    assert (customers.subscription(subscriber.name) or {})["status"] == "past_due"
+    keys = await notice_keys(inbox_engine, [subscriber.customer_id])
+    assert any(key.startswith(f"payment-failed:{subscriber.customer_id}:") for key in keys), keys
 
 
 async def test_an_event_a_replay_holds_locked_is_waited_for_not_skipped(

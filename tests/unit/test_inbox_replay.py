@@ -9,14 +9,23 @@ from iotistic_billing.stripe_inbox.inbox import EventInbox
 
 
 def failing_inbox() -> EventInbox:
-    """An inbox whose events evt_a1, evt_a2 (Customer acme) and evt_b1 (Customer beta) failed."""
+    """An inbox whose events evt_a1, evt_a2 (Customer acme) and evt_b1 (Customer beta) failed, and
+    evt_l1, whose lookup failed: it holds back its Stripe customer's id and Customer gamma (found for
+    another event naming that id), whose evt_g1 failed too."""
     inbox = EventInbox(
         sessions=cast(Any, None), applier=cast(Any, None), count=lambda *_: None, clock=lambda: 0.0
     )
-    for event_id, customer in (("evt_a1", "acme"), ("evt_a2", "acme"), ("evt_b1", "beta")):
+    for event_id, holds in (
+        ("evt_a1", {"acme"}),
+        ("evt_a2", {"acme"}),
+        ("evt_b1", {"beta"}),
+        ("evt_l1", {"stripe-customer:cus_1", "gamma"}),
+        ("evt_g1", {"gamma"}),
+    ):
         inbox._events_backoff.failed(event_id)
-        inbox._customers_backoff.failed(customer)
-        inbox._failed_of[event_id] = customer
+        for key in holds:
+            inbox._customers_backoff.failed(key)
+        inbox._failed_of[event_id] = frozenset(holds)
     return inbox
 
 
@@ -27,11 +36,20 @@ def waiting(inbox: EventInbox) -> tuple[set[str], set[str]]:
 def test_a_replay_retries_its_customer_s_failed_events_at_once_and_no_one_else_s() -> None:
     inbox = failing_inbox()
     inbox.replayed("evt_a2")
-    assert waiting(inbox) == ({"evt_b1"}, {"beta"})
+    assert waiting(inbox) == ({"evt_b1", "evt_l1", "evt_g1"}, {"beta", "stripe-customer:cus_1", "gamma"})
+
+
+def test_a_replayed_event_whose_lookup_failed_retries_what_it_held_back() -> None:
+    inbox = failing_inbox()
+    inbox.replayed("evt_l1")
+    assert waiting(inbox) == ({"evt_a1", "evt_a2", "evt_b1"}, {"acme", "beta"})
 
 
 def test_a_delivery_s_notify_or_an_unknown_event_forgets_no_backoff() -> None:
     inbox = failing_inbox()
     inbox.replayed("")  # the route's wake
     inbox.replayed("evt_unmatched")  # a replayed event that had not failed here
-    assert waiting(inbox) == ({"evt_a1", "evt_a2", "evt_b1"}, {"acme", "beta"})
+    assert waiting(inbox) == (
+        {"evt_a1", "evt_a2", "evt_b1", "evt_l1", "evt_g1"},
+        {"acme", "beta", "stripe-customer:cus_1", "gamma"},
+    )
