@@ -524,6 +524,20 @@ class KubeApi:
                 raise
             patch()  # another writer created it meanwhile
 
+    def delete_secret(self, namespace: str, name: str, resource_version: str | None = None) -> bool:
+        """Delete a Secret; False when it (or its namespace) was already gone. With `resource_version`,
+        only the Secret as read then (ApiException 409 when it was written since)."""
+        options = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
+        try:
+            self.call(
+                "DELETE", _path("/api/v1/namespaces", namespace, "secrets", name), None, options, parse=False
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     def create_namespace(self, body: dict[str, Any]) -> bool:
         """Create a Namespace; False when one of that name exists (409), whoever made it and even while
         it is being deleted. Cheaper for the API server than an apply, and it never takes over a
@@ -736,6 +750,9 @@ class Kube:
         await self.run(
             self.api.merge_secret_data, namespace, name, data, labels, manager, resource_version, annotations
         )
+
+    async def delete_secret(self, namespace: str, name: str, resource_version: str | None = None) -> bool:
+        return await self.run(self.api.delete_secret, namespace, name, resource_version)
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         return await self.run(self.api.create_namespace, body)

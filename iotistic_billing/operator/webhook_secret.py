@@ -1,8 +1,9 @@
 """The notifications step: the Secret spec.notifications.webhook.secretRef names (in the Customer's
 namespace) is checked and its key copied into the Secret the webhook server's notice sender reads
 (the only one it may read besides the licence), and the outcome is the NotificationsReady condition,
-naming the field when the Secret or its key is missing, or when the URL's host is no host name. When the
-Customer is deleted, the copy is kept in the billing namespace for the webhooks still to be sent."""
+naming the field when the Secret or its key is missing or invalid (the copy then deleted), or when the
+URL's host is no host name. When the Customer is deleted, the copy is kept in the billing namespace for
+the webhooks still to be sent."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from iotistic_billing.customer import (
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
     CustomerSpec,
+    SecretKeyRef,
     deletion_running_annotation,
     signs_until_annotation,
     webhook_url_problem,
 )
+from iotistic_billing.k8s import SecretData
 from iotistic_billing.notices.outbox import notices_written_until
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
@@ -32,7 +35,9 @@ WEBHOOK_SECRET_CHECK = timedelta(minutes=10)
 
 
 async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> NotificationsOutcome | None:
-    """None for a Customer without a webhook."""
+    """None for a Customer without a webhook. A Secret gone, its key gone or a value that is no signing
+    secret also deletes the Customer's copy: no webhook is signed with a key its customer took back (one
+    that leaked); the sender's deliveries fail, retried, until the Secret is back and copied again."""
     webhook = target.spec.notifications.webhook
     if webhook is None:
         return None
@@ -43,28 +48,17 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
         )
     ref, namespace = webhook.secret_ref, target.namespace
     source = await ctx.kube.read_secret_data(namespace, ref.name)
-    if source is None:
-        return NotificationsOutcome(
-            False, c.SECRET_NOT_FOUND, f"{FIELD}.name: no Secret {ref.name} in {namespace}"
-        )
-    value = source[0].get(ref.key)
-    if value is None:
-        return NotificationsOutcome(
-            False, c.SECRET_KEY_NOT_FOUND, f"{FIELD}.key: Secret {namespace}/{ref.name} has no key {ref.key}"
-        )
-    try:
-        webhook_secret_bytes(value.decode(errors="replace"))
-    except ValueError as invalid:
-        return NotificationsOutcome(
-            False, c.INVALID_SECRET, f"{FIELD}: {namespace}/{ref.name} {ref.key} {invalid}"
-        )
-    copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
-    # The sender signs with the copy only when its label names the notice's customer id.
-    if (
-        copied is None
-        or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value
-        or copied.labels.get(c.LABEL_CUSTOMER_ID) != target.customer_id
-    ):
+    value = _signing_secret(source, ref, namespace)
+    copied = _customers_copy(
+        await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
+    )
+    if isinstance(value, NotificationsOutcome):
+        if copied is not None:
+            await ctx.kube.delete_secret(
+                namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
+            )
+        return value
+    if copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value:
         await ctx.kube.apply(
             notifications_secret_manifest(
                 namespace=namespace,
@@ -77,6 +71,37 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     return NotificationsOutcome(
         True, c.WEBHOOK_SECRET_READY, f"webhooks signed with {namespace}/{ref.name} key {ref.key}"
     )
+
+
+def _signing_secret(
+    source: SecretData | None, ref: SecretKeyRef, namespace: str
+) -> bytes | NotificationsOutcome:
+    """The signing secret the Secret `ref` names (`source`, as read in `namespace`) holds, or why it holds
+    none (NotificationsReady False, naming the field)."""
+    if source is None:
+        return NotificationsOutcome(
+            False, c.SECRET_NOT_FOUND, f"{FIELD}.name: no Secret {ref.name} in {namespace}"
+        )
+    value = source.data.get(ref.key)
+    if value is None:
+        return NotificationsOutcome(
+            False, c.SECRET_KEY_NOT_FOUND, f"{FIELD}.key: Secret {namespace}/{ref.name} has no key {ref.key}"
+        )
+    try:
+        webhook_secret_bytes(value.decode(errors="replace"))
+    except ValueError as invalid:
+        return NotificationsOutcome(
+            False, c.INVALID_SECRET, f"{FIELD}: {namespace}/{ref.name} {ref.key} {invalid}"
+        )
+    return value
+
+
+def _customers_copy(copied: SecretData | None, customer_id: str) -> SecretData | None:
+    """The copy of the signing secret when its label names `customer_id`, as the sender asks before it
+    signs that id's notices with it; None for none, or another customer id's (left alone)."""
+    if copied is None or copied.labels.get(c.LABEL_CUSTOMER_ID) != customer_id:
+        return None
+    return copied
 
 
 async def webhook_secret_changed(ctx: OperatorContext, spec: CustomerSpec, namespace: str) -> bool:
@@ -95,10 +120,10 @@ async def signing_secret_copy(ctx: OperatorContext, customer_id: str, namespace:
     """A deleted Customer's copy of the signing secret in its namespace, when it is `customer_id`'s (its
     label says so, as the sender asks); None when there is none: no webhook, or a deletion retried after
     the namespace went (what was kept then stays as it was)."""
-    copied = await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME)
-    if copied is None or copied.labels.get(c.LABEL_CUSTOMER_ID) != customer_id:
-        return None
-    return copied.data.get(NOTIFICATIONS_SECRET_KEY)
+    copied = _customers_copy(
+        await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), customer_id
+    )
+    return copied.data.get(NOTIFICATIONS_SECRET_KEY) if copied is not None else None
 
 
 async def keep_webhook_secret(

@@ -18,7 +18,14 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.api_keys import usage_key_hash
-from iotistic_billing.customer import GROUP, PLURAL, VERSION, CustomerSpec
+from iotistic_billing.customer import (
+    GROUP,
+    NOTIFICATIONS_SECRET_KEY,
+    NOTIFICATIONS_SECRET_NAME,
+    PLURAL,
+    VERSION,
+    CustomerSpec,
+)
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.db.models import ApiKey, LicenseHistory, Notice
@@ -31,6 +38,7 @@ from iotistic_billing.operator.context import OperatorContext, PassRetries
 from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.license import revoke_license
 from iotistic_billing.operator.reconcile import reconcile
+from iotistic_billing.operator.webhook_secret import WEBHOOK_SECRET_CHECK
 from iotistic_billing.settings import load_settings
 from tests.conftest import OperatorProcess, Retries, eventually, unique_name, wait_until
 from tests.integration.test_operator import (
@@ -872,3 +880,60 @@ def _logged_about(operator: OperatorProcess, offset: int, name: str) -> list[str
     with operator.log.open("rb") as log:
         log.seek(offset)
         return [line for line in log.read().decode(errors="replace").splitlines() if name in line]
+
+
+def _signing_secret(secret: str) -> dict[str, Any]:
+    """The Secret a webhook's secretRef names (`hook`, key `k`), holding `secret`."""
+    return {"metadata": {"name": "hook"}, "data": {"k": base64.b64encode(secret.encode()).decode()}}
+
+
+def _copied(cluster: Cluster, namespace: str) -> str | None:
+    """The operator's copy of the webhook signing secret, None while there is none."""
+    try:
+        copy = cluster.core.read_namespaced_secret(NOTIFICATIONS_SECRET_NAME, namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return base64.b64decode(copy.data[NOTIFICATIONS_SECRET_KEY]).decode()
+
+
+async def test_a_deleted_webhook_secret_takes_its_copy_with_it_until_it_is_back(
+    cluster: Cluster, paused_operator: OperatorProcess, operator_env: dict[str, str]
+) -> None:
+    """Found in review: the customer deleted the Secret its webhook's secretRef names (its key leaked);
+    NotificationsReady said so, but the copy stayed, and the notice sender went on signing its webhooks
+    with the leaked key. The housekeeping's check of the Secret deletes the copy; the Secret created again,
+    the next check copies its new value."""
+    name = unique_name("leaked")
+    namespace = f"customer-{name}"
+    webhook = {"url": "https://hooks.example/x", "secretRef": {"name": "hook", "key": "k"}}
+    cluster.create(customer_manifest(name, plan="starter", notifications={"webhook": webhook}))
+    wait_until(lambda: _reported_revision(cluster, name) == 1, message="installed")
+    leaked = "whsec_" + base64.b64encode(b"l" * 32).decode()
+    cluster.core.create_namespaced_secret(namespace, _signing_secret(leaked))
+    paused_operator.stop()  # the checks under test are the only ones acting on this Customer
+
+    def ready() -> tuple[str, str]:
+        condition = cluster.condition(name, "NotificationsReady") or {}
+        return condition.get("status", ""), condition.get("reason", "")
+
+    now = datetime.now(UTC)
+    context = _context(operator_env, now)
+    await reconcile(context, name)
+    assert ready() == ("True", "WebhookSecretReady") and _copied(cluster, namespace) == leaked
+    await _housekeeping(context, cluster, name)  # the first check: the Secret compared from now on
+
+    cluster.core.delete_namespaced_secret("hook", namespace)
+    context.clock = lambda: now + WEBHOOK_SECRET_CHECK
+    await _housekeeping(context, cluster, name)
+    assert ready() == ("False", "SecretNotFound")
+    assert _copied(cluster, namespace) is None
+
+    rotated = "whsec_" + base64.b64encode(b"r" * 32).decode()
+    cluster.core.create_namespaced_secret(namespace, _signing_secret(rotated))
+    context.clock = lambda: now + WEBHOOK_SECRET_CHECK + timedelta(minutes=1)
+    await _housekeeping(context, cluster, name)  # a False condition is looked at every check
+    await context.engine.dispose()
+    assert ready() == ("True", "WebhookSecretReady")
+    assert _copied(cluster, namespace) == rotated

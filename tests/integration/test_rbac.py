@@ -193,13 +193,8 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     # A plan change: a new licence over the existing Secret, helm upgrade to revision 2; the webhook's
     # signing secret, there now, copied.
     signing = "whsec_" + base64.b64encode(b"r" * 32).decode()
-    installed.core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "hook"},
-            "data": {"secret": base64.b64encode(signing.encode()).decode()},
-        },
-    )
+    hook = {"metadata": {"name": "hook"}, "data": {"secret": base64.b64encode(signing.encode()).decode()}}
+    installed.core.create_namespaced_secret(namespace, hook)
     installed.objects.patch_cluster_custom_object(
         GROUP, VERSION, PLURAL, name, {"spec": {"plan": "professional"}}
     )
@@ -218,6 +213,18 @@ async def test_operator_account_provisions_upgrades_and_finalizes_a_customer(
     assert third.status.release is not None and third.status.release.revision == 2
     assert third.status.release.deployments == second.status.release.deployments
     assert third.status.release.deployments
+
+    # The webhook's Secret deleted: its copy is deleted too, as this account; created again, copied again.
+    def copies() -> list[Any]:
+        only = f"metadata.name={NOTIFICATIONS_SECRET_NAME}"
+        return list(installed.core.list_namespaced_secret(namespace, field_selector=only).items)
+
+    installed.core.delete_namespaced_secret("hook", namespace)
+    await reconcile(operator_context, name)
+    assert copies() == []
+    installed.core.create_namespaced_secret(namespace, hook)
+    await reconcile(operator_context, name)
+    assert len(copies()) == 1
 
     # The finalizer's work: helm uninstall, the licence revoked, the webhook's signing secret kept in
     # the billing namespace, the namespace's deletion requested; the same again after a crash.

@@ -1,14 +1,17 @@
-"""The Secret a Customer's webhook names, rotated after it was copied: the housekeeping notices it; and
-its copy, kept by the Customer's deletion for the webhooks still to be sent."""
+"""The Secret a Customer's webhook names, rotated after it was copied: the housekeeping notices it;
+taken back: its copy goes; and its copy, kept by the Customer's deletion for the webhooks still to be
+sent."""
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
@@ -21,10 +24,11 @@ from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import BackgroundPasses
+from iotistic_billing.operator.context import BackgroundPasses, OperatorContext
 from iotistic_billing.operator.delete import DeletionFailed, finalize
 from iotistic_billing.operator.helm import HelmError
-from tests.unit.test_operator_namespace import Cluster, Helm, context, customer, namespace_of
+from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
+from tests.unit.test_operator_namespace import Cluster, Helm, context, customer, namespace_of, target_of
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 OLD, NEW = b"whsec_" + b"A" * 44, b"whsec_" + b"B" * 44
@@ -396,3 +400,93 @@ async def test_a_deletion_that_kept_no_key_leaves_an_earlier_deletion_s_time(
     await finalize(ctx, hooked(customer()))
     assert cluster.kept == {"cust_acme0001": OLD}
     assert cluster.marks == earlier
+
+
+class CustomerNamespace:
+    """customer-acme's Secrets as the API server keeps them (data, labels, resourceVersion), and the
+    operator's writes to them."""
+
+    def __init__(self, copy_of: str) -> None:
+        self.secrets: dict[str, SecretData] = {
+            "hook": SecretData({"k": OLD}, {}, {}, "1"),
+            NOTIFICATIONS_SECRET_NAME: SecretData(
+                {NOTIFICATIONS_SECRET_KEY: OLD}, {}, {c.LABEL_CUSTOMER_ID: copy_of}, "2"
+            ),
+        }
+        self.writes: list[str] = []
+
+    async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+        assert namespace == "customer-acme"
+        return self.secrets.get(name)
+
+    async def delete_secret(self, namespace: str, name: str, resource_version: str | None = None) -> bool:
+        assert namespace == "customer-acme"
+        self.writes.append(f"DELETE {name}")
+        found = self.secrets.get(name)
+        if found is None:
+            return False
+        if resource_version is not None and resource_version != found.resource_version:
+            raise ApiException(status=409, reason="Conflict")
+        del self.secrets[name]
+        return True
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        assert (meta["namespace"], body["kind"]) == ("customer-acme", "Secret")
+        self.writes.append(f"APPLY {meta['name']}")
+        data = {key: base64.b64decode(value) for key, value in body["data"].items()}
+        self.secrets[meta["name"]] = SecretData(data, {}, dict(meta["labels"]), "3")
+
+
+def source_taken_back(namespace: CustomerNamespace, how: str) -> None:
+    """The customer takes its signing secret back from the Secret its webhook's secretRef names."""
+    if how == "deleted":
+        del namespace.secrets["hook"]
+    elif how == "key removed":
+        namespace.secrets["hook"] = SecretData({"other": OLD}, {}, {}, "4")
+    else:
+        namespace.secrets["hook"] = SecretData({"k": b"whsec_leaked!"}, {}, {}, "4")
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("deleted", c.SECRET_NOT_FOUND),
+        ("key removed", c.SECRET_KEY_NOT_FOUND),
+        ("invalid value", c.INVALID_SECRET),
+    ],
+)
+async def test_a_signing_secret_taken_back_deletes_the_copy_until_it_is_back(how: str, reason: str) -> None:
+    """Found in review: a Secret deleted (its key leaked, say), its key removed or an invalid value put
+    there made NotificationsReady False, but the copy stayed, and the sender went on signing the
+    customer's webhooks with the key the customer had taken back. The copy goes with it, once (a retried
+    pass finds nothing to delete), and comes back with the Secret."""
+    namespace = CustomerNamespace(copy_of="cust_acme0001")
+    ctx = cast(OperatorContext, SimpleNamespace(kube=namespace))
+    target = target_of(hooked(customer()))
+    source_taken_back(namespace, how)
+
+    for _try in range(2):  # Kopf's retry of the pass
+        outcome = await ensure_webhook_secret(ctx, target)
+        assert outcome is not None and (outcome.ready, outcome.reason) == (False, reason)
+        assert "spec.notifications.webhook.secretRef" in outcome.message
+        assert NOTIFICATIONS_SECRET_NAME not in namespace.secrets
+    assert namespace.writes == [f"DELETE {NOTIFICATIONS_SECRET_NAME}"]
+
+    namespace.secrets["hook"] = SecretData({"k": NEW}, {}, {}, "5")
+    outcome = await ensure_webhook_secret(ctx, target)
+    assert outcome is not None and outcome.ready
+    copied = namespace.secrets[NOTIFICATIONS_SECRET_NAME]
+    assert copied.data == {NOTIFICATIONS_SECRET_KEY: NEW}
+    assert copied.labels[c.LABEL_CUSTOMER_ID] == "cust_acme0001"
+
+
+async def test_a_copy_labelled_with_another_customer_id_is_left_alone() -> None:
+    """The copy is deleted only when it is this Customer's (its label names its customer id), as the
+    sender reads it."""
+    namespace = CustomerNamespace(copy_of="cust_other0001")
+    del namespace.secrets["hook"]
+    ctx = cast(OperatorContext, SimpleNamespace(kube=namespace))
+    outcome = await ensure_webhook_secret(ctx, target_of(hooked(customer())))
+    assert outcome is not None and outcome.reason == c.SECRET_NOT_FOUND
+    assert namespace.writes == [] and NOTIFICATIONS_SECRET_NAME in namespace.secrets
