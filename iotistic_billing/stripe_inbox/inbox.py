@@ -138,10 +138,10 @@ class EventInbox:
         self._wakeup = asyncio.Event()
         self._stored = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Per process (a restart retries at once): failed events, left out of the claims, and their
-        # Customers, whose newer events wait with them.
+        # Per process (a restart retries at once): failed events, left out of the claims, and what they
+        # hold back until their retry (`Failure.holds`: their Customers, the ids of a failed lookup).
         self._events_backoff = RetryBackoff(clock)
-        self._customers_backoff = RetryBackoff(clock)
+        self._held_back = RetryBackoff(clock)
         # What each failed event in the backoff holds back (`Failure.holds`): a replay of one retries the
         # events that hold back any of it.
         self._failed_of: dict[str, frozenset[str]] = {}
@@ -180,7 +180,7 @@ class EventInbox:
         if holds is None:
             return
         for key in holds:
-            self._customers_backoff.forget(key)
+            self._held_back.forget(key)
         for event_id in [event_id for event_id, of in self._failed_of.items() if not of.isdisjoint(holds)]:
             self._events_backoff.forget(event_id)
             del self._failed_of[event_id]
@@ -223,14 +223,15 @@ class EventInbox:
         """Claim up to `batch` due pending events of up to `batch_bytes` of JSON, oldest `created` first,
         apply them Customer by Customer in one transaction, and record each one's result; how many were
         recorded (0: none was due)."""
-        waiting, held_back = self._events_backoff.waiting(), self._customers_backoff.waiting()
+        waiting, held_back = self._events_backoff.waiting(), self._held_back.waiting()
         # Those the backoff forgot (recorded by another replica, or due long ago) are no one's failures now.
         self._failed_of = {k: v for k, v in self._failed_of.items() if k in self._events_backoff}
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
+            # A row without a payload (unmatched before migration 0002, replayed) is its one event's failure.
             size = func.coalesce(
-                models.StripeEvent.payload_bytes, func.octet_length(models.StripeEvent.payload.cast(Text))
+                models.StripeEvent.payload_bytes, func.octet_length(models.StripeEvent.payload.cast(Text)), 0
             )
             query = (
                 select(models.StripeEvent.event_id, size)
@@ -291,12 +292,8 @@ class EventInbox:
                 outcome.result,
                 extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
             )
-        for key in {key for failure in failures.values() for key in failure.holds}:
-            self._customers_backoff.failed(key)
         for event_id, failure in failures.items():
-            self._events_backoff.failed(event_id)
-            if failure.holds:
-                self._failed_of[event_id] = failure.holds
+            self.failed(event_id, failure)
             self.count(types[event_id], "retry")
             log.warning(
                 "stripe event %s (%s) not applied yet, will retry: %s",
@@ -305,6 +302,16 @@ class EventInbox:
                 type(failure.error).__name__,
             )
         return len(outcomes) + len(failures)
+
+    def failed(self, event_id: str, failure: Failure) -> None:
+        """The event left out of the claims for its backoff, and what it holds back until its retry at
+        least: held back by another failure before, a key may be due earlier (one attempt's lookup
+        failed, the next one's Customer read), and the event's newer events would go first."""
+        due = self._events_backoff.failed(event_id)
+        for key in failure.holds:
+            self._held_back.hold(key, due)
+        if failure.holds:
+            self._failed_of[event_id] = failure.holds
 
     async def drain(self, within: float = 30.0) -> None:
         """Apply until nothing is pending and due (tests, and shutdown)."""
@@ -316,18 +323,25 @@ class EventInbox:
 
 
 class RetryBackoff:
-    """Keys (event ids, Customer names) not retried before their time, RETRY_BACKOFF by their failures in
-    a row. One due long ago is forgotten: another replica recorded it, or it fails again and waits anew."""
+    """Keys (event ids; what failed events hold back) not retried before their time: RETRY_BACKOFF by
+    their failures in a row, or held until a time. One due long ago is forgotten: another replica
+    recorded it, or it fails again and waits anew."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._due: dict[str, float] = {}
         self._failures: dict[str, int] = {}
 
-    def failed(self, key: str) -> None:
+    def failed(self, key: str) -> float:
+        """When `key` is due again (clock time)."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
         self._due[key] = self.clock() + RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+        return self._due[key]
+
+    def hold(self, key: str, until: float) -> None:
+        """`key` not due before `until` (nor before the time it was held until)."""
+        self._due[key] = max(self._due.get(key, until), until)
 
     def forget(self, key: str) -> None:
         self._due.pop(key, None)

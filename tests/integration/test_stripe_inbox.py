@@ -24,7 +24,7 @@ import asyncpg
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, null, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -614,6 +614,39 @@ async def test_a_replayed_failing_event_is_tried_at_once_and_a_delivery_s_wake_l
         )
     assert found == {older["id"]: "applied", body["id"]: "applied"}
     assert (customers.subscription(subscriber.name) or {})["status"] == "past_due"
+
+
+async def test_a_pending_row_without_a_payload_is_its_own_failure_and_the_batch_goes_on(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: a row without a payload (recorded unmatched before migration 0002, then replayed
+    from the console) had no size, and the claim's sum of sizes failed every batch of every replica."""
+    subscriber = Subscriber(customers, "nopayload")
+    body = subscriber.updated(int(time.time()))
+    empty = random_id("evt_", 24)
+    async with inbox_engine.begin() as connection:
+        await connection.execute(
+            insert(models.StripeEvent).values(
+                event_id=empty,
+                type="customer.subscription.updated",
+                created=1,
+                result=PENDING,
+                payload=null(),
+            )
+        )
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await store(inbox_pool, inbox, [body])
+        assert await inbox.apply_pending() == 2
+    assert (await results(inbox_engine, [body]))[body["id"]] == "applied"
+    async with inbox_engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(models.StripeEvent.result, models.StripeEvent.attempts).where(
+                    models.StripeEvent.event_id == empty
+                )
+            )
+        ).one()
+    assert (row.result, row.attempts) == (PENDING, 1)
 
 
 class LookupsOf(Directory):

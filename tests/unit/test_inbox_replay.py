@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from iotistic_billing.stripe_inbox.apply import Failure
 from iotistic_billing.stripe_inbox.inbox import EventInbox
 
 
@@ -22,15 +23,12 @@ def failing_inbox() -> EventInbox:
         ("evt_l1", {"stripe-customer:cus_1", "gamma"}),
         ("evt_g1", {"gamma"}),
     ):
-        inbox._events_backoff.failed(event_id)
-        for key in holds:
-            inbox._customers_backoff.failed(key)
-        inbox._failed_of[event_id] = frozenset(holds)
+        inbox.failed(event_id, Failure(RuntimeError("failed"), frozenset(holds)))
     return inbox
 
 
 def waiting(inbox: EventInbox) -> tuple[set[str], set[str]]:
-    return inbox._events_backoff.waiting(), inbox._customers_backoff.waiting()
+    return inbox._events_backoff.waiting(), inbox._held_back.waiting()
 
 
 def test_a_replay_retries_its_customer_s_failed_events_at_once_and_no_one_else_s() -> None:
@@ -53,3 +51,20 @@ def test_a_delivery_s_notify_or_an_unknown_event_forgets_no_backoff() -> None:
         {"evt_a1", "evt_a2", "evt_b1", "evt_l1", "evt_g1"},
         {"acme", "beta", "stripe-customer:cus_1", "gamma"},
     )
+
+
+def test_what_a_failed_event_holds_back_waits_until_its_retry_whatever_held_it_back_before() -> None:
+    """Found in review: an event's first attempt held back its Customer (its read failed), its second
+    the ids it names (its lookup failed); each key had a backoff of its own, so the ids, failed once, were
+    due before the event, failed twice, and a newer event naming them went first."""
+    now = [0.0]
+    inbox = EventInbox(
+        sessions=cast(Any, None), applier=cast(Any, None), count=lambda *_: None, clock=lambda: now[0]
+    )
+    inbox.failed("evt_a", Failure(RuntimeError("read"), frozenset({"acme"})))
+    now[0] = 1.0
+    inbox.failed("evt_a", Failure(RuntimeError("lookup"), frozenset({"subscription:sub_1"})))
+    now[0] = 2.5  # the event is due at 3 (its second failure)
+    assert waiting(inbox) == ({"evt_a"}, {"subscription:sub_1"})
+    now[0] = 3.5
+    assert waiting(inbox) == (set(), set())
