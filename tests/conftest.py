@@ -336,6 +336,20 @@ async def waiting_on_a_row_lock(engine: AsyncEngine, table: str) -> bool:
     return bool(waiting)
 
 
+async def waiting_on_an_advisory_lock(engine: AsyncEngine) -> bool:
+    """Whether a session of this database waits for an advisory lock another holds."""
+    from sqlalchemy import text
+
+    async with engine.connect() as connection:
+        waiting = await connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.locktype = 'advisory' AND a.datname = current_database()"
+            )
+        )
+    return bool(waiting)
+
+
 class Retries:
     """The retries of failed passes an operator schedules (`PassRetries(later=...)`), fired by the test:
     a backoff is time the test moves past, not time it sleeps through."""

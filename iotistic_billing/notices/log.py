@@ -19,6 +19,15 @@ class LoggedNotice:
     deliveries: list[models.NoticeDelivery]
 
 
+@dataclass(frozen=True)
+class ResentNotice(LoggedNotice):
+    """A notice after a re-send: the deliveries it made due again, and the customer's webhooks asked for
+    that it left as they were, as nothing signs them (`webhook_signs` False)."""
+
+    resent: list[models.NoticeDelivery]
+    unsigned: list[models.NoticeDelivery]
+
+
 async def recent_notices(
     session: AsyncSession, *, customer_id: str | None, status: str | None, limit: int
 ) -> list[LoggedNotice]:
@@ -51,8 +60,13 @@ async def _with_deliveries(session: AsyncSession, notices: list[models.Notice]) 
 
 
 async def resend(
-    session: AsyncSession, notice: models.Notice, now: datetime, spec_now: CustomerSpec | None
-) -> LoggedNotice:
+    session: AsyncSession,
+    notice: models.Notice,
+    now: datetime,
+    spec_now: CustomerSpec | None,
+    *,
+    webhook_signs: bool = True,
+) -> ResentNotice:
     """The deliveries of the notice that did not arrive (dead, or pending) due now, their tries counted
     anew, and those that arrived left alone; when every one arrived (a customer says it lost the notice),
     all of them sent again. The same webhook-id, so a receiver that saw one can tell; a mail sent again
@@ -61,8 +75,10 @@ async def resend(
 
     The customer's webhook goes to the URL its Customer names now (`spec_now`), as a dead one's URL may
     have been fixed since; one whose Customer names no webhook any more is left as it is; with no
-    Customer (None: deleted) the stored URL stands. One that was not sent when the resend came but is by
-    the time its lock is free (a sender was sending it) is what was asked for: nothing is sent again."""
+    Customer (None: deleted) the stored URL stands; one no key signs any more (`webhook_signs` False: a
+    deleted Customer's, its kept key dropped) is left as it is, its tries failing for ever otherwise. One
+    that was not sent when the resend came but is by the time its lock is free (a sender was sending it)
+    is what was asked for: nothing is sent again."""
     of_notice = (
         select(models.NoticeDelivery)
         .where(models.NoticeDelivery.notice_id == notice.id)
@@ -83,9 +99,14 @@ async def resend(
             (t.target for t in targets_for(spec_now, None) if t.channel == Channel.WEBHOOK), None
         )
     undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
+    resent: list[models.NoticeDelivery] = []
+    unsigned: list[models.NoticeDelivery] = []
     if asked and not undelivered:
-        return LoggedNotice(notice, deliveries)
+        return ResentNotice(notice, deliveries, resent, unsigned)
     for delivery in undelivered or deliveries:
+        if delivery.channel == Channel.WEBHOOK and not webhook_signs:
+            unsigned.append(delivery)
+            continue
         if delivery.channel == Channel.WEBHOOK and spec_now is not None:
             if webhook_now is None:
                 continue  # the customer took its webhook away: no URL it still wants posted to
@@ -96,7 +117,8 @@ async def resend(
         delivery.attempts = 0
         delivery.next_attempt_at = now
         delivery.last_error = None
-    return LoggedNotice(notice, deliveries)
+        resent.append(delivery)
+    return ResentNotice(notice, deliveries, resent, unsigned)
 
 
 def resent_message_id(message_id: str, now: datetime) -> str:
@@ -104,4 +126,4 @@ def resent_message_id(message_id: str, now: datetime) -> str:
     return f"{message_id.split('.', 1)[0]}.r{int(now.timestamp())}"
 
 
-__all__ = ["LoggedNotice", "recent_notices", "resend", "resent_message_id"]
+__all__ = ["LoggedNotice", "ResentNotice", "recent_notices", "resend", "resent_message_id"]

@@ -15,6 +15,8 @@ import aiosmtplib.email
 import idna
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from iotistic_billing.db import models
+
 
 @dataclass(frozen=True)
 class StoredNotice:
@@ -26,6 +28,17 @@ class StoredNotice:
     subject: str
     facts: dict[str, Any]
     created_at: datetime
+
+    @classmethod
+    def of(cls, row: models.Notice) -> StoredNotice:
+        return cls(
+            kind=row.kind,
+            customer_id=row.customer_id,
+            customer_name=row.customer_name,
+            subject=row.subject,
+            facts=row.facts,
+            created_at=row.created_at,
+        )
 
 
 @cache

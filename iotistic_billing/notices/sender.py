@@ -15,6 +15,8 @@ A deleted Customer's webhooks are signed with the copy of its secret its deletio
 namespace, which the sender drops once none of them is pending; never with the copy in the namespace of
 its name, once that copy is another Customer's. The kept copy signs only the notices written until its
 deletion ended: those of a Customer created again under the same customer id are signed with its own.
+A resend of a deleted Customer's webhook asks `signing_secret` under `hold_kept_keys`, so it queues none
+that nothing signs, and no key it found is dropped before its commit.
 """
 
 from __future__ import annotations
@@ -69,6 +71,15 @@ POLL_SECONDS: Final = 1.0
 SEND_TIMEOUT: Final = 10.0
 # How often the deleted Customers' kept signing secrets are checked, the settled ones dropped.
 FORGET_SECONDS: Final = 300.0
+# The advisory lock of the kept signing secrets (hold_kept_keys); any bigint of ours, as migrate's.
+KEPT_KEYS_LOCK: Final = 0x10715_0008
+
+
+async def hold_kept_keys(session: AsyncSession) -> None:
+    """Hold the deleted Customers' kept signing secrets until `session`'s transaction ends: a drop of the
+    settled ones (forget_settled_secrets) and a re-send that finds a key and makes a webhook it signs
+    pending take turns, so no key is dropped between the re-send's look and its commit."""
+    await session.execute(select(func.pg_advisory_xact_lock(KEPT_KEYS_LOCK)))
 
 
 def kept_key_signs(kept: SecretData, customer_id: str, written_at: datetime) -> bool:
@@ -243,13 +254,18 @@ class NoticeSender:
         lifts the mark after that notice, noting its time in the same write, so a Customer kept here
         unmarked with nothing pending will have nothing more to sign; the drop applies only to the
         Secret as read (one whose mark was lifted since, its notice committed after our look at the
-        deliveries, keeps its key: looked at again next time). A mark whose Customer is gone
-        (`_abandoned_deletions`) is lifted here, in the same write, noting PostgreSQL's time now."""
+        deliveries, keeps its key: looked at again next time). A re-send does not write the Secret, so
+        the look and the drop hold the kept keys (hold_kept_keys) against one that makes a webhook
+        pending. A mark whose Customer is gone (`_abandoned_deletions`) is lifted here, in the same
+        write, noting PostgreSQL's time now."""
         namespace = self.options.billing_namespace
         kept = await self.kube.read_secret_data(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         if kept is None or not kept[0]:
             return []
-        async with self.sessions() as session:
+        abandoned = await self._abandoned_deletions(kept)
+        async with self.sessions() as session, session.begin():
+            # From the look at the pending webhooks to the drop: a re-send makes one pending meanwhile.
+            await hold_kept_keys(session)
             oldest_pending = await session.execute(
                 select(models.Notice.customer_id, func.min(models.Notice.created_at))
                 .join(models.NoticeDelivery, models.NoticeDelivery.notice_id == models.Notice.id)
@@ -260,47 +276,47 @@ class NoticeSender:
                 )
                 .group_by(models.Notice.customer_id)
             )
-        # Only the deleted Customer's own pending webhooks hold its key: not those of a Customer created
-        # again under its id (signed with that one's key), which may stay pending for hours.
-        pending = {
-            customer_id
-            for customer_id, written_at in oldest_pending
-            if _still_signs(kept, customer_id, written_at)
-        }
-        abandoned = await self._abandoned_deletions(kept)
-        running = {
-            customer_id
-            for customer_id in kept[0]
-            if kept.annotations.get(deletion_running_annotation(customer_id))
-        } - set(abandoned)
-        settled = sorted(set(kept[0]) - pending - running)
-        if not settled and not abandoned:
-            return []
-        annotations: dict[str, str | None] = {
-            signs_until_annotation(customer_id): None for customer_id in settled
-        }
-        if abandoned:
-            # Its pending webhooks (any of the id, as while it was marked) are signed until now, then not;
-            # until a Customer holding the id now was created, when one does (its notices are its own).
-            now = await notices_written_until(self.sessions)
-            for customer_id, successor_created in abandoned.items():
-                annotations[deletion_running_annotation(customer_id)] = None
-                if customer_id in kept[0] and customer_id not in settled:
-                    until = min(now, successor_created) if successor_created is not None else now
-                    annotations[signs_until_annotation(customer_id)] = until.isoformat()
-        try:
-            await self.kube.merge_secret_data(
-                namespace,
-                DELETED_NOTIFICATIONS_SECRET_NAME,
-                {customer_id: None for customer_id in settled},
-                manager=FieldManager.NOTICES,
-                resource_version=kept.resource_version,
-                annotations=annotations,
-            )
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            return []
+            # Only the deleted Customer's own pending webhooks hold its key: not those of a Customer
+            # created again under its id (signed with that one's key), which may stay pending for hours.
+            pending = {
+                customer_id
+                for customer_id, written_at in oldest_pending
+                if _still_signs(kept, customer_id, written_at)
+            }
+            running = {
+                customer_id
+                for customer_id in kept[0]
+                if kept.annotations.get(deletion_running_annotation(customer_id))
+            } - set(abandoned)
+            settled = sorted(set(kept[0]) - pending - running)
+            if not settled and not abandoned:
+                return []
+            annotations: dict[str, str | None] = {
+                signs_until_annotation(customer_id): None for customer_id in settled
+            }
+            if abandoned:
+                # Its pending webhooks (any of the id, as while it was marked) are signed until now, then
+                # not; until a Customer holding the id now was created, when one does (its notices are
+                # its own).
+                now = await notices_written_until(self.sessions)
+                for customer_id, successor_created in abandoned.items():
+                    annotations[deletion_running_annotation(customer_id)] = None
+                    if customer_id in kept[0] and customer_id not in settled:
+                        until = min(now, successor_created) if successor_created is not None else now
+                        annotations[signs_until_annotation(customer_id)] = until.isoformat()
+            try:
+                await self.kube.merge_secret_data(
+                    namespace,
+                    DELETED_NOTIFICATIONS_SECRET_NAME,
+                    {customer_id: None for customer_id in settled},
+                    manager=FieldManager.NOTICES,
+                    resource_version=kept.resource_version,
+                    annotations=annotations,
+                )
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                return []
         if abandoned:
             log.warning(
                 "lifted the deletion marks of customer ids %s: their Customers went without their"
@@ -353,14 +369,7 @@ class NoticeSender:
             if row is None:
                 return False
             delivery, notice_row = row
-            notice = StoredNotice(
-                kind=notice_row.kind,
-                customer_id=notice_row.customer_id,
-                customer_name=notice_row.customer_name,
-                subject=notice_row.subject,
-                facts=notice_row.facts,
-                created_at=notice_row.created_at,
-            )
+            notice = StoredNotice.of(notice_row)
             delivery.attempts += 1
             started = time.monotonic()
             try:
@@ -439,13 +448,21 @@ class NoticeSender:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_secret(self, notice: StoredNotice) -> bytes:
-        """For a Customer deleted since the notice, the copy of its signing secret its deletion kept
-        under its customer id (kept_key_signs: not for a notice written after the deletion ended, a
-        Customer's created again under the id); else the copy the operator made from
-        spec.notifications.webhook.secretRef in its namespace, when that copy is labelled with the
-        notice's customer id. The name, and so the namespace, may already be another customer's (a
-        company signed up again): its key would sign the old customer's notice for a receiver that is
-        not the new customer's."""
+        secret = await self.signing_secret(notice)
+        if secret is None:
+            raise DeliveryFailed(await self._why_no_secret(notice))
+        return secret
+
+    async def signing_secret(self, notice: StoredNotice) -> bytes | None:
+        """The key that signs the customer's webhook of `notice` now, None when none does (the sender's
+        tries fail, _why_no_secret; a re-send of a deleted Customer's leaves it): for a Customer deleted
+        since the notice, the copy of its signing secret its deletion kept under its customer id
+        (kept_key_signs: not for a notice written after the deletion ended, a Customer's created again
+        under the id); else the copy the operator made from spec.notifications.webhook.secretRef in its
+        namespace, when that copy is labelled with the notice's customer id. The name, and so the
+        namespace, may already be another customer's (a company signed up again): its key would sign
+        the old customer's notice for a receiver that is not the new customer's. DeliveryFailed when a
+        copy cannot be read or is no key."""
         namespace = self.options.billing_namespace
         kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         value = kept.data.get(notice.customer_id) if kept is not None else None
@@ -460,7 +477,7 @@ class NoticeSender:
         if value is None:
             value = await self._holders_copy(notice)
         if value is None:
-            raise DeliveryFailed(await self._why_no_secret(notice))
+            return None
         try:
             return webhook_secret_bytes(value.decode(errors="replace"))
         except ValueError as error:
@@ -511,15 +528,19 @@ class NoticeSender:
             or "deletionTimestamp" in body["metadata"]
             or customer_id_in_use(body) != notice.customer_id
         ):
-            return (
-                f"Customer {notice.customer_name} ({notice.customer_id}) was deleted and no copy of its "
-                f"signing secret is kept in {self.options.billing_namespace}/"
-                f"{DELETED_NOTIFICATIONS_SECRET_NAME} (its deletion keeps one only while its webhooks "
-                "are pending, and only when it had one)"
-            )
+            return self.deleted_without_key(notice)
         return (
             f"no signing secret yet: the operator writes {NOTIFICATIONS_SECRET_NAME} from "
             "spec.notifications.webhook.secretRef (see the Customer's NotificationsReady condition)"
+        )
+
+    def deleted_without_key(self, notice: StoredNotice) -> str:
+        """Why the webhook of a deleted Customer's notice cannot be signed (its tries, a re-send's 409)."""
+        return (
+            f"Customer {notice.customer_name} ({notice.customer_id}) was deleted and no copy of its "
+            f"signing secret is kept in {self.options.billing_namespace}/"
+            f"{DELETED_NOTIFICATIONS_SECRET_NAME} (its deletion keeps one only while its webhooks "
+            "are pending, and only when it had one)"
         )
 
     async def _post(
@@ -566,6 +587,7 @@ __all__ = [
     "SenderOptions",
     "backoff",
     "claim",
+    "hold_kept_keys",
     "kept_key_signs",
     "sign",
 ]

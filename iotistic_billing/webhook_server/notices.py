@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotistic_billing.customer import DELETED_NOTIFICATIONS_SECRET_NAME
 from iotistic_billing.db import models
-from iotistic_billing.errors import NotFound
+from iotistic_billing.errors import Conflict, NotFound
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.notices.log import LoggedNotice, recent_notices, resend
+from iotistic_billing.notices.render import StoredNotice
+from iotistic_billing.notices.sender import DeliveryFailed, NoticeSender, hold_kept_keys
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, NOTICES, SESSIONS
 from iotistic_billing.webhook_server.messages import json_model, read_notice_id, read_query
 from iotistic_billing.webhook_server.schemas import DeliveryView, NoticeList, NoticeQuery, NoticeView
@@ -43,12 +47,15 @@ async def list_notices(request: web.Request) -> web.Response:
 
 async def resend_notice(request: web.Request) -> web.Response:
     """Send again what of a notice did not arrive (a dead delivery, a pending one), or all of it when all
-    arrived (a customer says it lost it); the customer's webhook to the URL its Customer names now."""
+    arrived (a customer says it lost it); the customer's webhook to the URL its Customer names now, and
+    not at all when its Customer is gone and no key it kept signs it: a 409 when nothing else is sent."""
     notice_id = read_notice_id(request)
+    sender = request.app[NOTICES]
     async with request.app[SESSIONS]() as session, session.begin():
         notice = await session.get(models.Notice, notice_id)
         if notice is None:
             raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
+        stored = StoredNotice.of(notice)
         # The sender posts to the stored URL: a re-send takes the one the Customer names now (fixed since);
         # with the API server away, the stored targets (a mail needs PostgreSQL alone).
         try:
@@ -57,12 +64,45 @@ async def resend_notice(request: web.Request) -> web.Response:
             log.warning(
                 "resend of notice %s: the Customer not read (%s); to the stored targets", notice_id, error
             )
-            record = None
+            record, gone = None, False
+        else:
+            gone = record is None
         logged = await resend(
-            session, notice, request.app[CLOCK](), record.customer.spec if record is not None else None
+            session,
+            notice,
+            request.app[CLOCK](),
+            record.customer.spec if record is not None else None,
+            webhook_signs=not gone or await _signed_after_deletion(session, sender, stored),
         )
-    request.app[NOTICES].wake()
+        if logged.unsigned and not logged.resent:
+            namespace = sender.options.billing_namespace
+            raise Conflict(
+                "Webhook cannot be signed",
+                f"nothing of notice {notice_id} was sent again: {sender.deleted_without_key(stored)}",
+                {
+                    "notice_id": notice_id,
+                    "customer_id": notice.customer_id,
+                    "secret": f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}",
+                },
+            )
+    sender.wake()
     return json_model(_view(logged), status=202)
+
+
+async def _signed_after_deletion(session: AsyncSession, sender: NoticeSender, notice: StoredNotice) -> bool:
+    """Whether a key the sender finds signs the webhook of a gone Customer's notice (the one its deletion
+    kept), kept so until this transaction's commit; True when that cannot be read (as before the check:
+    the sender's tries say why)."""
+    await hold_kept_keys(session)
+    try:
+        return await sender.signing_secret(notice) is not None
+    except DeliveryFailed as error:
+        log.warning(
+            "resend of a notice of %s: its signing secret not read (%s); its webhook sent again as asked",
+            notice.customer_id,
+            error,
+        )
+        return True
 
 
 __all__ = ["list_notices", "resend_notice"]

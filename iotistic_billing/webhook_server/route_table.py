@@ -314,12 +314,15 @@ ROUTES: Final[tuple[Route, ...]] = (
         "notices",
         "admin",
         {202: NoticeView},
-        errors=(404,),
+        errors=(404, 409),
         description=(
             "The deliveries that did not arrive (dead, pending) are due again, or all when all arrived;"
             " the customer's webhook goes to its URL now. A delivery that did not arrive keeps its Message-ID"
             " and webhook-id; when all arrived, a mail gets a Message-ID of its own, a webhook keeps its"
-            " webhook-id (a receiver that drops ids it has seen drops it)."
+            " webhook-id (a receiver that drops ids it has seen drops it). A deleted Customer's webhook"
+            " that no signing secret kept for it signs any more is left as it is; when nothing else is"
+            " sent again, 409 `Webhook cannot be signed`, naming the customer and the Secret"
+            " (iotistic-notifications-deleted in the billing namespace)."
         ),
     ),
     # ----- operations: probes, metrics, this document -----

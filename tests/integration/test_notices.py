@@ -52,10 +52,17 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings
-from iotistic_billing.webhook_server.context import DIRECTORY
+from iotistic_billing.webhook_server.context import DIRECTORY, NOTICES
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.workers import Precedence
-from tests.conftest import OperatorProcess, eventually, unique_name, wait_until, waiting_on_a_row_lock
+from tests.conftest import (
+    OperatorProcess,
+    eventually,
+    unique_name,
+    wait_until,
+    waiting_on_a_row_lock,
+    waiting_on_an_advisory_lock,
+)
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     admin_headers,
     running_app,
@@ -1214,6 +1221,207 @@ async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_ke
     (webhook,) = [d for d in await deliveries(sessions, revoked.notice.key) if d.channel == "webhook"]
     assert webhook.status == "pending"
     assert f"Customer {name} ({customer_id}) was deleted" in (webhook.last_error or ""), webhook.last_error
+
+
+async def resend_by_api(api: Any, sessions: async_sessionmaker[AsyncSession], key: str) -> Any:
+    """POST /api/notices/{id}/resend of the notice `key`, as an admin: the answer."""
+    async with sessions() as session:
+        notice_id = (await notice_row(session, key)).id
+    return await api.post(f"/api/notices/{notice_id}/resend", headers=admin_headers())
+
+
+async def test_a_deleted_customer_s_dead_webhook_is_resent_while_its_kept_key_signs_then_refused(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: a resend of a deleted Customer's dead webhook answered 202 and queued it after
+    the key its deletion kept was dropped, and every try then failed saying the Customer was deleted.
+    While the kept key signs it, it is sent again (202, pending) and signed with that key; once the key
+    is dropped, a resend with nothing else to send is a 409 naming the customer and the Secret, and the
+    webhook stays dead."""
+    from iotistic_billing.notices.log import recent_notices
+
+    _, receiver = receivers
+    receiver.fail = 1  # the revoke notice's one try fails: dead
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    await one.send_due()  # what other tests left
+    name = unique_name("deadhook")
+    customer_id = f"cust_{name.replace('-', '')}"
+    create_hooked_customer(k8s_client, name, customer_id, receiver)
+    delete_customer(k8s_client, name)
+    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
+    kubernetes.client.CoreV1Api(k8s_client).delete_collection_namespaced_secret(f"customer-{name}")
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await one.send_due()
+            async with sessions() as session:
+                (revoked,) = await recent_notices(session, customer_id=customer_id, status=None, limit=5)
+            key = revoked.notice.key
+            assert {(d.channel, d.status) for d in revoked.deliveries} == {
+                ("email", "sent"),
+                ("webhook", "dead"),
+            }
+
+            answer = await resend_by_api(api, sessions, key)
+            assert answer.status == 202, await answer.text()
+            assert ("webhook", "pending", receiver.url) in shown(await answer.json())
+            receiver.fail = 1  # verified with the kept key, and failed again: dead
+            await one.send_due()
+            assert len(receiver.seen) == 2 and not receiver.refused
+            dropped: list[str] = []
+            for _ in range(5):  # the Secret is shared: a drop refused by another test's write is retried
+                dropped = await one.forget_settled_secrets()
+                if customer_id in dropped:
+                    break
+            assert customer_id in dropped  # nothing of it pending any more
+
+            answer = await resend_by_api(api, sessions, key)
+            assert answer.status == 409, await answer.text()
+            problem = await answer.json()
+            assert problem["error"] == "Webhook cannot be signed"
+            assert f"Customer {name} ({customer_id}) was deleted" in problem["message"]
+            assert f"default/{DELETED_NOTIFICATIONS_SECRET_NAME}" in problem["message"]
+            assert problem["details"] == {
+                "notice_id": revoked.notice.id,
+                "customer_id": customer_id,
+                "secret": f"default/{DELETED_NOTIFICATIONS_SECRET_NAME}",
+            }
+            await one.send_due()
+    finally:
+        await one.stop()
+    (webhook,) = [d for d in await deliveries(sessions, key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.attempts) == ("dead", 1) and len(receiver.seen) == 2
+
+
+async def test_a_gone_customer_s_unsignable_webhook_stays_dead_while_its_mail_is_resent(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    webhook_settings: Settings,
+    kubeconfig: Path,
+) -> None:
+    """A Customer gone with no key kept for it (none kept, or dropped): a resend of its notice sends the
+    dead mail again (202) and leaves the dead webhook as it is, its last error saying why; a resend of
+    that webhook alone, the mail sent, is a 409 and changes nothing."""
+    _, receiver = receivers
+    name = unique_name("nokey")  # no Customer of that name, nor of its id
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name, receiver.url))
+    clock = Clock()
+    nomail = sender(sessions, kube, clock, None, max_attempts=1)  # every mail fails: SMTP_URL not set
+    mailer = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await nomail.start()
+    await mailer.start()
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await nomail.send_due()
+            assert {d.status for d in await deliveries(sessions, notice.key)} == {"dead"}
+
+            answer = await resend_by_api(api, sessions, notice.key)
+            assert answer.status == 202, await answer.text()
+            assert shown(await answer.json()) == [
+                ("email", "pending", f"finance@{name}.example"),
+                ("email", "pending", f"ops@{name}.example"),
+                ("webhook", "dead", receiver.url),
+            ]
+            await mailer.send_due()
+
+            answer = await resend_by_api(api, sessions, notice.key)
+            assert answer.status == 409, await answer.text()
+            problem = await answer.json()
+            assert problem["error"] == "Webhook cannot be signed"
+            assert f"Customer {name} ({customer_id_of(name)}) was deleted" in problem["message"]
+    finally:
+        await nomail.stop()
+        await mailer.stop()
+    assert sorted((d.channel, d.status, d.attempts) for d in await deliveries(sessions, notice.key)) == [
+        ("email", "sent", 1),
+        ("email", "sent", 1),
+        ("webhook", "dead", 1),
+    ]
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert f"Customer {name} ({customer_id_of(name)}) was deleted" in (webhook.last_error or "")
+    assert not receiver.seen
+
+
+async def test_a_kept_key_a_resend_finds_is_not_dropped_before_the_resend_commits(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender drops a kept key once none of its webhooks is pending, and a resend makes one pending:
+    a drop that looked at the deliveries after the resend found the key, and before the resend
+    committed, lost the key of a webhook the resend had answered 202 for. The two take turns."""
+    _, receiver = receivers
+    name = unique_name("racing")  # gone, its key kept
+    customer_id = customer_id_of(name)
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name, receiver.url))
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    await kube.merge_secret_data(
+        "default", DELETED_NOTIFICATIONS_SECRET_NAME, {customer_id: CUSTOMER_SECRET.encode()}
+    )
+    receiver.fail = 1
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    forgetting: list[asyncio.Task[list[str]]] = []
+    try:
+        async with app as api:
+            await one.send_due()
+            (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+            assert webhook.status == "dead" and len(receiver.seen) == 1
+
+            server_kube = api.app[NOTICES].kube
+            read = server_kube.read_secret_data
+
+            async def read_then_a_drop_looks(namespace: str, secret_name: str) -> Any:
+                found = await read(namespace, secret_name)
+                if secret_name == DELETED_NOTIFICATIONS_SECRET_NAME and not forgetting:
+                    # The resend found the key; a sender's drop looks at the deliveries now.
+                    forgetting.append(asyncio.create_task(one.forget_settled_secrets()))
+
+                    async def waits_or_done() -> bool:
+                        return forgetting[0].done() or await waiting_on_an_advisory_lock(db_engine)
+
+                    await eventually(waits_or_done, message="the drop at the lock, or done")
+                return found
+
+            monkeypatch.setattr(server_kube, "read_secret_data", read_then_a_drop_looks)
+            answer = await resend_by_api(api, sessions, notice.key)
+            assert answer.status == 202, await answer.text()
+            assert ("webhook", "pending", receiver.url) in shown(await answer.json())
+            monkeypatch.undo()
+            assert forgetting, "the resend did not look for the kept key"
+            assert customer_id not in await asyncio.wait_for(forgetting[0], 10)
+            await one.send_due()
+    finally:
+        await one.stop()
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.last_error) == ("sent", None)
+    assert len(receiver.bodies) == 1 and not receiver.refused  # signed with the kept key
+    dropped: list[str] = []
+    for _ in range(5):
+        dropped = await one.forget_settled_secrets()
+        if customer_id in dropped:
+            break
+    assert customer_id in dropped
 
 
 async def test_a_customer_created_again_under_a_deleted_one_s_id_gets_webhooks_signed_with_its_own_key(
