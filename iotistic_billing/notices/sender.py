@@ -463,15 +463,7 @@ class NoticeSender:
         namespace, may already be another customer's (a company signed up again): its key would sign
         the old customer's notice for a receiver that is not the new customer's. DeliveryFailed when a
         copy cannot be read or is no key."""
-        namespace = self.options.billing_namespace
-        kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
-        value = kept.data.get(notice.customer_id) if kept is not None else None
-        if kept is not None and value is not None:
-            try:
-                if not kept_key_signs(kept, notice.customer_id, notice.created_at):
-                    value = None  # a later Customer's notice: its own copy signs it
-            except ValueError as error:
-                raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
+        value = await self.kept_key(notice)
         if value is None:
             value = await self._copy_of(notice.customer_name, notice.customer_id)
         if value is None:
@@ -482,6 +474,20 @@ class NoticeSender:
             return webhook_secret_bytes(value.decode(errors="replace"))
         except ValueError as error:
             raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+    async def kept_key(self, notice: StoredNotice) -> bytes | None:
+        """The copy of the signing secret a deletion of the notice's Customer kept, when it signs this
+        notice (kept_key_signs: not one written after the deletion ended, a Customer's created again
+        under the id); None when none does. DeliveryFailed when the Secret cannot be read."""
+        namespace = self.options.billing_namespace
+        kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
+        value = kept.data.get(notice.customer_id) if kept is not None else None
+        if kept is None or value is None:
+            return None
+        try:
+            return value if kept_key_signs(kept, notice.customer_id, notice.created_at) else None
+        except ValueError as error:
+            raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
 
     async def _copy_of(self, name: str, customer_id: str) -> bytes | None:
         """The signing secret's copy in Customer `name`'s namespace, when it is `customer_id`'s."""

@@ -67,6 +67,10 @@ async def resend_notice(request: web.Request) -> web.Response:
             record, gone = None, False
         else:
             gone = record is None
+        if record is not None and await _kept_key_signs(session, sender, stored):
+            # A deleted Customer's notice, its id held again by a Customer created since: the key its
+            # deletion kept signs it, for the URL it named, not for the new Customer's receiver.
+            record = None
         logged = await resend(
             session,
             notice,
@@ -87,6 +91,17 @@ async def resend_notice(request: web.Request) -> web.Response:
             )
     sender.wake()
     return json_model(_view(logged), status=202)
+
+
+async def _kept_key_signs(session: AsyncSession, sender: NoticeSender, notice: StoredNotice) -> bool:
+    """Whether a key a deletion of the notice's Customer kept signs it (kept so until this transaction's
+    commit); False when that cannot be read (the Customer's URL, as before the check)."""
+    await hold_kept_keys(session)
+    try:
+        return await sender.kept_key(notice) is not None
+    except DeliveryFailed as error:
+        log.warning("resend of a notice of %s: its kept key not read (%s)", notice.customer_id, error)
+        return False
 
 
 async def _signed_after_deletion(session: AsyncSession, sender: NoticeSender, notice: StoredNotice) -> bool:

@@ -1302,6 +1302,54 @@ async def test_a_deleted_customer_s_dead_webhook_is_resent_while_its_kept_key_si
     assert (webhook.status, webhook.attempts) == ("dead", 1) and len(receiver.seen) == 2
 
 
+async def test_a_resend_of_a_deleted_customer_s_webhook_goes_where_its_kept_key_signs_not_to_a_new_holder(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: a resend of a deleted Customer's dead webhook, its customer id held again by a
+    Customer created since (the company signed up again, another receiver, another key), went to the new
+    Customer's URL signed with the key the deletion kept, which that receiver refused on every try. The
+    kept key signs it for the URL it was written for."""
+    from iotistic_billing.notices.log import recent_notices
+
+    newer, receiver = receivers  # the platform team's endpoint stands in for the new Customer's receiver
+    receiver.fail = 1  # the revoke notice's one try fails: dead
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    await one.send_due()  # what other tests left
+    name = unique_name("oldhook")
+    customer_id = f"cust_{name.replace('-', '')}"
+    create_hooked_customer(k8s_client, name, customer_id, receiver)
+    delete_customer(k8s_client, name)
+    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
+    kubernetes.client.CoreV1Api(k8s_client).delete_collection_namespaced_secret(f"customer-{name}")
+    create_hooked_customer(k8s_client, unique_name("newhook"), customer_id, newer)
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await one.send_due()
+            async with sessions() as session:
+                logged = await recent_notices(session, customer_id=customer_id, status=None, limit=10)
+            (revoked,) = [entry for entry in logged if entry.notice.customer_name == name]
+            assert ("webhook", "dead") in {(d.channel, d.status) for d in revoked.deliveries}
+
+            answer = await resend_by_api(api, sessions, revoked.notice.key)
+            assert answer.status == 202, await answer.text()
+            assert ("webhook", "pending", receiver.url) in shown(await answer.json())
+            await one.send_due()
+    finally:
+        await one.stop()
+    assert len(receiver.seen) == 2 and not receiver.refused  # verified with the key the deletion kept
+    assert not newer.refused
+
+
 async def test_a_gone_customer_s_unsignable_webhook_stays_dead_while_its_mail_is_resent(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
