@@ -36,8 +36,8 @@ APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
 # Labels and names only: helm's storage Secrets carry the whole release (chart files included).
 _METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-# The same for the objects of a watch's events.
-_METADATA_ONLY_EVENTS: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# The same for one object: those of a watch's events, a Pod read.
+_METADATA_ONLY_OBJECT: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 # Seconds to connect to the API server and to wait for each read of its answer (the webhook server sets
 # its own): one that accepts and never answers, or a connection gone half-open, held the calling thread
 # for ever, and with it a pass's lock and slot. The API server gives up on a request itself after 60 s.
@@ -328,7 +328,7 @@ class KubeApi:
                     "resourceVersion": resource_version,
                     "timeoutSeconds": timeout_seconds,
                 },
-                accept=_METADATA_ONLY_EVENTS if kind.metadata_only else "application/json",
+                accept=_METADATA_ONLY_OBJECT if kind.metadata_only else "application/json",
                 # A read that waits longer than the server's own end of the watch: the connection is gone.
                 timeout=(CALL_TIMEOUT[0], timeout_seconds + WATCH_READ_MARGIN),
             )
@@ -591,6 +591,16 @@ class KubeApi:
             revisions[int(labels.get("version", 0))] = labels
         return revisions
 
+    def read_pod_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Pod's metadata alone (its name, uid, creationTimestamp), or None when there is none."""
+        found: dict[str, Any] | None = not_found_as_none(
+            self.call,
+            "GET",
+            _path("/api/v1/namespaces", namespace, "pods", name),
+            accept=_METADATA_ONLY_OBJECT,
+        )
+        return found
+
     def list_customer_events(
         self, name: str, uid: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
@@ -768,6 +778,9 @@ class Kube:
 
     async def helm_release_revisions(self, namespace: str, release: str) -> dict[int, dict[str, str]]:
         return await self.run(self.api.helm_release_revisions, namespace, release)
+
+    async def read_pod_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.run(self.api.read_pod_metadata, namespace, name)
 
     async def list_customer_events(self, name: str, uid: str | None = None) -> list[dict[str, Any]]:
         return await self.run(self.api.list_customer_events, name, uid)

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # The Pod's address the kubelet probes (the chart sets it from status.podIP): Kopf's liveness endpoint
     # listens on one address family, this one's (IPv4 when unset); every other listener takes both.
     pod_ip: IPv4Address | IPv6Address | None = None
+    # The operator's Pod (the chart sets it from metadata.name), in BILLING_NAMESPACE: it labels helm's
+    # release records, so that a pending revision whose Pod is gone is recovered at once (release.py).
+    # A label value: 63 characters at most, as every Pod a Deployment makes.
+    pod_name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = None
     # json (structured, with the object and customer id) or text.
     log_format: Literal["json", "text"] = "json"
     operator_peering: str = "iotistic-billing"

@@ -69,6 +69,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         settings.helm_concurrency,
         timeout=settings.helm_timeout,
         runner=runner,
+        pod=settings.pod_name or "",
     )
     # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
     chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))

@@ -18,6 +18,9 @@ LABEL_VALUES_HASH: Final = "iotistic.io/values-hash"
 # On it too: where the operator that ran its helm runs (helm.helm_runner), so that a pending revision left
 # by a process killed with its helm is known by the process restarted in its place (release.py).
 LABEL_HELM_RUNNER: Final = "iotistic.io/helm-runner"
+# On it too: the operator's Pod that ran its helm (POD_NAME), so that a pending revision whose Pod is gone
+# or replaced is known by any process to have lost its helm (helm.helm_pod_gone).
+LABEL_HELM_POD: Final = "iotistic.io/helm-pod"
 # On the licence Secret: the history action its licence was recorded under, so that a pass that
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"

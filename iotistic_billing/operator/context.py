@@ -195,6 +195,9 @@ class OperatorContext:
     deletion_failures: dict[str, str] = field(default_factory=dict)
     # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
     shard: Shard = field(default_factory=Shard)
+    # Why a pending revision could not be judged by the Pod that ran its helm (release.py), each logged
+    # once: said on every pass, it would be said for every stuck Customer until HELM_TIMEOUT.
+    pod_checks_skipped: set[str] = field(default_factory=set)
     # The Deployment and Secret watches, started with Kopf (handlers.configure).
     watches: list[LoopFollower] = field(default_factory=list)
     # The passes no Kopf handler runs (the housekeeping's and the watches'), stopped by handlers.close.

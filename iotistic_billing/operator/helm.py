@@ -143,7 +143,13 @@ def helm_runner(host: str, shard: int, peering: str, priority: int) -> str:
 
 
 def upgrade_install_args(
-    name: str, namespace: str, chart: Path, values_file: Path, values_hash: str, runner: str = ""
+    name: str,
+    namespace: str,
+    chart: Path,
+    values_file: Path,
+    values_hash: str,
+    runner: str = "",
+    pod: str = "",
 ) -> list[str]:
     """The operator's `helm upgrade --install` (the reconcile benchmark's baseline runs the same).
 
@@ -168,7 +174,8 @@ def upgrade_install_args(
         # revision is already the one it wants (release.py).
         "--labels",
         f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_VALUES_HASH}={values_hash}"
-        + (f",{c.LABEL_HELM_RUNNER}={runner}" if runner else ""),
+        + (f",{c.LABEL_HELM_RUNNER}={runner}" if runner else "")
+        + (f",{c.LABEL_HELM_POD}={pod}" if pod else ""),
         "--output",
         "json",
     ]
@@ -176,7 +183,14 @@ def upgrade_install_args(
 
 class Helm:
     def __init__(
-        self, binary: str, kubeconfig: str | None, concurrency: int, *, timeout: float, runner: str = ""
+        self,
+        binary: str,
+        kubeconfig: str | None,
+        concurrency: int,
+        *,
+        timeout: float,
+        runner: str = "",
+        pod: str = "",
     ) -> None:
         self.binary = binary
         self.kubeconfig = kubeconfig
@@ -189,6 +203,9 @@ class Helm:
         # was begun by the process before it here, killed with its helm (begun_by_predecessor).
         self.runner = runner
         self.started = datetime.now(UTC)
+        # The operator's Pod (POD_NAME; "" outside one): a revision naming a Pod that is gone or was
+        # made again lost its helm, whichever process looks (helm_pod_gone).
+        self.pod = pod
         for command in _COMMANDS:  # at 0 from the start: a series born at 1 is no increase to Prometheus
             HELM_OPERATIONS.labels(command, TIMED_OUT)
 
@@ -265,7 +282,7 @@ class Helm:
             values_file.flush()
             out = await self._run(
                 *upgrade_install_args(
-                    name, namespace, chart, Path(values_file.name), values_hash, self.runner
+                    name, namespace, chart, Path(values_file.name), values_hash, self.runner, self.pod
                 ),
                 doing=f"upgrade --install of release {name} in {namespace}",
             )
@@ -326,7 +343,7 @@ class Helm:
         them), which name who wrote that one, not who rolls back."""
         return (
             bool(self.runner)
-            and release.status in ("pending-upgrade", "pending-install")
+            and release.status in LABELLED_BY_ITS_HELM
             and labels.get(c.LABEL_HELM_RUNNER) == self.runner
             and (release.last_deployed is not None and release.last_deployed < self.started)
         )
@@ -342,6 +359,31 @@ class Helm:
             namespace,
             doing=f"rollback of release {name} in {namespace}",
         )
+
+
+# The pending statuses whose revision carries the labels of the helm that wrote it (begun_by_predecessor).
+LABELLED_BY_ITS_HELM = ("pending-upgrade", "pending-install")
+
+
+def helm_pod(release: HelmRelease, labels: dict[str, str]) -> str | None:
+    """The operator's Pod whose helm began a pending upgrade or install (`labels` of its storage Secret);
+    None for any other revision, a rollback's (its labels are the revision's it goes back to) or one
+    written before the label or outside a Pod."""
+    if release.status not in LABELLED_BY_ITS_HELM:
+        return None
+    return labels.get(c.LABEL_HELM_POD) or None
+
+
+def helm_pod_gone(release: HelmRelease, pod: dict[str, Any] | None) -> bool:
+    """Whether the helm of a pending revision died with its Pod: `pod` (the metadata of the Pod helm_pod
+    names, None when there is none) is gone, or is another Pod of that name, created after the revision
+    began (a StatefulSet's, made again). A Pod still there, Terminating too, may still be running it.
+    Its creation time has whole seconds, so a new Pod made within the revision's second counts as the
+    old one: it waits, never rolls back under a live helm."""
+    if pod is None:
+        return True
+    created = _helm_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    return created is not None and release.last_deployed is not None and created > release.last_deployed
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
@@ -395,7 +437,7 @@ def _release(document: dict[str, Any]) -> HelmRelease:
 
 
 def _helm_time(text: object) -> datetime | None:
-    """A time in helm's JSON (RFC 3339, nanoseconds, `Z`); None when absent or not one."""
+    """A time in helm's JSON (RFC 3339, nanoseconds, `Z`) or the API server's; None when absent or not one."""
     try:
         when = datetime.fromisoformat(str(text))
     except ValueError:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from kubernetes.client.exceptions import ApiException
+
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartUnavailable
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import HelmError
+from iotistic_billing.operator.helm import (
+    LABELLED_BY_ITS_HELM,
+    HelmError,
+    HelmRelease,
+    helm_pod,
+    helm_pod_gone,
+)
 from iotistic_billing.operator.outcomes import ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
@@ -39,16 +47,17 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
     and the new shard of a relabelled Customer, each in a pass), which a rollback would undo under it:
     the pass fails and is retried, and by then that helm has finished or been killed. An upgrade or an
     install that this process's predecessor in the same place began (a container restarted after a
-    crash) is recovered at once: its helm was killed with it."""
+    crash), or whose operator Pod is gone or was made again (a rollout, a lost node), is recovered at
+    once: its helm was killed with it."""
     release = await ctx.helm.status(c.RELEASE_NAME, namespace)
     if release is None or not release.status.startswith("pending-"):
         return Recovery()
     timeout = ctx.settings.helm_timeout
     revisions = await ctx.kube.helm_release_revisions(namespace, c.RELEASE_NAME)
-    orphaned = ctx.helm.begun_by_predecessor(release, revisions.get(release.revision, {}))
-    if release.last_deployed is not None and not orphaned:
+    labels = revisions.get(release.revision, {})
+    if release.last_deployed is not None and not ctx.helm.begun_by_predecessor(release, labels):
         age = (ctx.clock() - release.last_deployed).total_seconds()
-        if age < timeout:
+        if age < timeout and not await _pod_gone(ctx, release, labels):
             return Recovery(
                 left=f"revision {release.revision} has been {release.status} for {max(age, 0):.0f} s, maybe "
                 f"under a helm still running; it is recovered once older than HELM_TIMEOUT ({timeout:g} s)"
@@ -56,6 +65,40 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
     onto_itself = release.revision if release.status == "pending-install" else None
     await ctx.helm.rollback(c.RELEASE_NAME, namespace, onto_itself)
     return Recovery(recovered=release.status)
+
+
+async def _pod_gone(ctx: OperatorContext, release: HelmRelease, labels: dict[str, str]) -> bool:
+    """Whether the operator Pod that began the pending revision is gone, its helm with it (helm_pod_gone).
+    False when that cannot be known, said once: a revision without the label (written before it, or
+    outside a Pod), or a Pod read the API server refuses (RBAC from before the chart's Role)."""
+    pod = helm_pod(release, labels)
+    if pod is None:
+        if release.status in LABELLED_BY_ITS_HELM:
+            _once(
+                ctx,
+                f"a pending revision without the label {c.LABEL_HELM_POD} (written before it, or by an "
+                "operator outside a Pod) is recovered only once older than HELM_TIMEOUT",
+            )
+        return False
+    pods = ctx.settings.billing_namespace
+    try:
+        found = await ctx.kube.read_pod_metadata(pods, pod)
+    except ApiException as error:
+        if error.status != 403:
+            raise
+        _once(
+            ctx,
+            f"the API server refuses to read Pods in {pods} (the chart's operator Role grants get): "
+            "a pending revision is recovered only once older than HELM_TIMEOUT, also when its Pod is gone",
+        )
+        return False
+    return helm_pod_gone(release, found)
+
+
+def _once(ctx: OperatorContext, why: str) -> None:
+    if why not in ctx.pod_checks_skipped:
+        ctx.pod_checks_skipped.add(why)
+        log.warning("%s", why)
 
 
 async def _deployed_already(

@@ -335,6 +335,8 @@ OPERATOR_ALLOWED = [
     ("create", "events", "default", None),
     ("watch", "secrets", None, None),
     ("watch", "deployments.apps", None, None),
+    # Whether the operator Pod a pending helm revision names is gone (operator/release.py).
+    ("get", "pods", NAMESPACE, None),
 ]
 
 OPERATOR_REFUSED = [
@@ -350,6 +352,9 @@ OPERATOR_REFUSED = [
     ("delete", "clusterkopfpeerings.kopf.dev", None, None),
     ("get", "nodes", None, None),
     ("create", "pods", "customer-x", None),
+    ("get", "pods", "customer-x", None),
+    ("list", "pods", NAMESPACE, None),
+    ("delete", "pods", NAMESPACE, None),
     ("create", "pods", "customer-x", "exec"),
     ("create", "serviceaccounts", "customer-x", "token"),
     ("list", "configmaps", None, None),

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.devenv.controlplane import find_binary
@@ -94,13 +95,23 @@ class RegistryAway(Helm):
 
 
 class DeployedRevisions:
-    """helm's storage Secrets of the release: revision -> labels."""
+    """helm's storage Secrets of the release: revision -> labels; and the Pods of the billing namespace
+    by name (their metadata), or a refusal of every Pod read (`pods_refused`, the chart's RBAC before)."""
 
     def __init__(self, revisions: dict[int, dict[str, str]]) -> None:
         self.revisions = revisions
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.pods_refused = False
+        self.pod_reads: list[str] = []
 
     async def helm_release_revisions(self, namespace: str, name: str) -> dict[int, dict[str, str]]:
         return self.revisions
+
+    async def read_pod_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.pod_reads.append(f"{namespace}/{name}")
+        if self.pods_refused:
+            raise ApiException(status=403, reason="Forbidden")
+        return self.pods.get(name)
 
 
 async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is(tmp_path: Path) -> None:
@@ -239,6 +250,7 @@ def release_step(helm: Helm, tmp_path: Path) -> ReleaseStep:
             charts=ChartStore(settings, helm, tmp_path),
             deployments=kept,
             clock=lambda: NOW,
+            pod_checks_skipped=set(),
         ),
     )
     return ReleaseStep(ctx, aim, digest, revisions, kept)
@@ -437,6 +449,89 @@ async def test_a_pending_revision_its_predecessor_here_began_is_recovered_at_onc
     else:
         assert (outcome.result, outcome.reason) == ("failed", c.UPGRADE_FAILED), outcome
         assert f"has been {pending}" in outcome.message and helm.recoveries == [], outcome.message
+
+
+def _pod(created: datetime, *, terminating: bool = False) -> dict[str, Any]:
+    """A Pod's metadata as the API server answers a read of it (whole seconds)."""
+    stamp = created.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    meta = {"name": "operator-7d9f-abcde", "creationTimestamp": stamp}
+    return {"metadata": meta | ({"deletionTimestamp": stamp} if terminating else {})}
+
+
+@pytest.mark.parametrize(
+    ("pending", "pod", "recovered"),
+    [
+        # The Pod whose helm began it is gone (a rollout, a lost node, kubectl delete pod): helm with it.
+        ("pending-upgrade", None, True),
+        ("pending-install", None, True),
+        # A Pod of that name made after the revision began (a StatefulSet's, made again): not its helm's.
+        ("pending-upgrade", _pod(NOW - timedelta(seconds=10)), True),
+        # The Pod is there, Terminating too: its helm may still be running.
+        ("pending-upgrade", _pod(NOW - timedelta(hours=1)), False),
+        ("pending-upgrade", _pod(NOW - timedelta(hours=1), terminating=True), False),
+        # Made within the second the revision began: whole seconds, so taken as the old one (it waits).
+        ("pending-upgrade", _pod(NOW - timedelta(seconds=30) + timedelta(milliseconds=500)), False),
+        # A rollback's revision has the labels of the one it goes back to: they name who wrote that one.
+        ("pending-rollback", None, False),
+    ],
+)
+async def test_a_pending_revision_whose_operator_pod_is_gone_is_recovered_at_once(
+    tmp_path: Path, pending: str, pod: dict[str, Any] | None, recovered: bool
+) -> None:
+    """Found with the container-restart recovery: an operator in a new Pod (a Deployment's rollout, a
+    node lost, `kubectl delete pod`) left every revision its predecessor's helm had begun pending for
+    HELM_TIMEOUT, as another process's helm might still run. The revision's helm-pod label names the
+    operator's Pod; when no Pod of that name is in the billing namespace, or one made since, that helm
+    is dead, whichever process looks: recovered at once. A Pod still there keeps today's wait."""
+    installing = pending == "pending-install"
+    revision = 1 if installing else 4
+    helm = InProgress(revision, pending, NOW - timedelta(seconds=30) + timedelta(milliseconds=200))
+    helm.runner, helm.started = "here", NOW - timedelta(hours=2)
+    step = release_step(helm, tmp_path)
+    kube = cast(DeployedRevisions, step.ctx.kube)
+    if pod is not None:
+        kube.pods["operator-7d9f-abcde"] = pod
+    if installing:
+        step.revisions.clear()
+    step.revisions[revision] = {
+        "status": pending,
+        c.LABEL_VALUES_HASH: "newer",
+        c.LABEL_HELM_RUNNER: "elsewhere",
+        c.LABEL_HELM_POD: "operator-7d9f-abcde",
+    }
+    running = None if installing else step.release()
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
+    if recovered:
+        recovery = "rollback to 1" if installing else "rollback"
+        assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1), outcome
+        assert kube.pod_reads == [f"{step.ctx.settings.billing_namespace}/operator-7d9f-abcde"]
+    else:
+        assert (outcome.result, outcome.reason) == ("failed", c.UPGRADE_FAILED), outcome
+        assert f"has been {pending} for 30 s, maybe under a helm still running" in outcome.message
+        assert helm.recoveries == [], outcome.message
+
+
+@pytest.mark.parametrize("cause", ["no label", "refused"])
+async def test_a_pending_revision_whose_pod_cannot_be_told_waits_as_before_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cause: str
+) -> None:
+    """A revision written before the helm-pod label (or outside a Pod), or a Pod read the API server
+    refuses (the chart's RBAC from before its operator Role): the revision waits for HELM_TIMEOUT as
+    before, and the log says why once, not on every pass of every stuck Customer."""
+    helm = InProgress(4, "pending-upgrade", NOW - timedelta(seconds=30))
+    step = release_step(helm, tmp_path)
+    kube = cast(DeployedRevisions, step.ctx.kube)
+    step.revisions[4] = {"status": "pending-upgrade", c.LABEL_VALUES_HASH: "newer"}
+    if cause == "refused":
+        step.revisions[4][c.LABEL_HELM_POD] = "operator-7d9f-abcde"
+        kube.pods_refused = True
+    for _ in range(2):
+        outcome = await ensure_release(step.ctx, step.aim, LICENCE, step.release(), may_exist=True)
+        assert (outcome.result, outcome.reason) == ("failed", c.UPGRADE_FAILED), outcome
+        assert "maybe under a helm still running" in outcome.message and helm.recoveries == []
+    said = [record.getMessage() for record in caplog.records if "HELM_TIMEOUT" in record.getMessage()]
+    expected = "refuses to read Pods" if cause == "refused" else f"without the label {c.LABEL_HELM_POD}"
+    assert len(said) == 1 and expected in said[0], said
 
 
 class FinishedMeanwhile(Upgrading):

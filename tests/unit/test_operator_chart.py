@@ -306,7 +306,9 @@ def test_default_values_render_both_components(default_objects: list[Manifest]) 
         ("ClusterRole", WEBHOOK_SERVER),
         ("ClusterRoleBinding", OPERATOR),
         ("ClusterRoleBinding", WEBHOOK_SERVER),
+        ("Role", OPERATOR),
         ("Role", WEBHOOK_SERVER),
+        ("RoleBinding", OPERATOR),
         ("RoleBinding", WEBHOOK_SERVER),
         ("Deployment", OPERATOR),
         ("Deployment", WEBHOOK_SERVER),
@@ -388,6 +390,9 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
     assert env["OPERATOR_LIVENESS_PORT"]["value"] == "8080"
     # The kubelet probes the Pod IP: Kopf's endpoint listens on that address's family.
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # Its name and namespace: where a pending helm revision's Pod is looked for (operator/release.py).
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["BILLING_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert ports["metrics"] == 8081 and env["OPERATOR_METRICS_PORT"]["value"] == "8081"
 
 
@@ -848,6 +853,18 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
         "name": WEBHOOK_SERVER,
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": WEBHOOK_SERVER, "namespace": NAMESPACE}]
+
+
+def test_operator_role_reads_pods_in_its_own_namespace_only(default_objects: list[Manifest]) -> None:
+    """Whether the Pod a pending helm revision names is gone (operator/release.py): get, in the release
+    namespace alone, where the operator's Pods run."""
+    role = one(default_objects, "Role", OPERATOR)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    binding = one(default_objects, "RoleBinding", OPERATOR)
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": OPERATOR}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}]
 
 
 # Kinds of charts/customer-instance and where RBAC names them. A kind the chart starts to render fails
@@ -1322,10 +1339,9 @@ def test_chart_readme_rbac_says_what_each_component_is_granted(default_objects: 
     """Every resource and Secret name the roles grant is in the component's bullet, and where the bullet
     gives a resource's verbs (`resource` `verb, verb`) they are those granted."""
     bullets = dict(part.split(": ", 1) for part in readme_section("RBAC").split(" - ")[1:])
-    namespaced = one(default_objects, "Role", WEBHOOK_SERVER)["rules"]
     granted = {
-        "operator": rules(default_objects, OPERATOR),
-        "webhook server": rules(default_objects, WEBHOOK_SERVER) + namespaced,
+        component: rules(default_objects, name) + one(default_objects, "Role", name)["rules"]
+        for component, name in (("operator", OPERATOR), ("webhook server", WEBHOOK_SERVER))
     }
 
     assert bullets.keys() == granted.keys()
@@ -1454,7 +1470,11 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         if "value" in item:
             monkeypatch.setenv(var, item["value"])
         elif "fieldRef" in item["valueFrom"]:  # the Pod's own fields, as the kubelet fills them in
-            pod = {"metadata.namespace": NAMESPACE, "status.podIP": "fd00:10:244::7"}
+            pod = {
+                "metadata.name": "iotistic-billing-operator-5f7d8c9b6d-x2x4q",
+                "metadata.namespace": NAMESPACE,
+                "status.podIP": "fd00:10:244::7",
+            }
             monkeypatch.setenv(var, pod[item["valueFrom"]["fieldRef"]["fieldPath"]])
         else:
             monkeypatch.setenv(var, credentials[var])
@@ -1471,6 +1491,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.operator_peering == "iotistic-billing"
         assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
         assert str(settings.pod_ip) == "fd00:10:244::7"
+        assert settings.pod_name == "iotistic-billing-operator-5f7d8c9b6d-x2x4q"
     else:
         assert settings.port == 3100 and settings.license_private_key_path is None
         assert settings.stripe_price_starter == "price_s"

@@ -21,7 +21,14 @@ from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.helm import TIMED_OUT, Helm, HelmError, helm_error_text, helm_runner
+from iotistic_billing.operator.helm import (
+    TIMED_OUT,
+    Helm,
+    HelmError,
+    helm_error_text,
+    helm_runner,
+    upgrade_install_args,
+)
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.settings import load_settings
@@ -308,6 +315,21 @@ def test_the_helm_runner_is_one_per_place_and_apart_for_each_shard_and_peer_on_a
     runners = [helm_runner("operator-0", *place) for place in places]
     assert len(set(runners)) == len(places)
     assert helm_runner("operator-0", 1, "", 0) == runners[1] != helm_runner("operator-1", 1, "", 0)
+
+
+def test_the_operator_s_upgrade_labels_its_revision_with_where_and_in_which_pod_its_helm_ran() -> None:
+    """The helm-pod label lets any process tell a pending revision whose Pod is gone (release.py); outside
+    a Pod (POD_NAME unset) there is none, as a host name there is no Pod's."""
+    path = Path("chart")
+    labelled = upgrade_install_args("instance", "customer-a", path, path, "0" * 32, "r1", "operator-0")
+    assert labelled[labelled.index("--labels") + 1].split(",") == [
+        f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}",
+        f"{c.LABEL_VALUES_HASH}={'0' * 32}",
+        f"{c.LABEL_HELM_RUNNER}=r1",
+        f"{c.LABEL_HELM_POD}=operator-0",
+    ]
+    unlabelled = upgrade_install_args("instance", "customer-a", path, path, "0" * 32, "r1")
+    assert c.LABEL_HELM_POD not in unlabelled[unlabelled.index("--labels") + 1]
 
 
 async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(

@@ -63,6 +63,9 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("TRUSTED_PROXIES", '["10.1.2.3/8"]', "TRUSTED_PROXIES: '10.1.2.3/8' is not a network"),
         ("TRUSTED_PROXIES", "10.0.0.0/8", "TRUSTED_PROXIES: must be a JSON list"),
         ("POD_IP", "10.0.0.300", "POD_IP: must be an IPv4 or IPv6 address (got '10.0.0.300')"),
+        # It labels helm's release records: a label value, 63 characters at most.
+        ("POD_NAME", "operator-" + "x" * 60, "POD_NAME: String should have at most 63 characters"),
+        ("POD_NAME", "operator,x=y", "POD_NAME: String should match pattern"),
         (
             "NOTIFY_WEBHOOK_ALLOWED_CIDRS",
             '["127.0.0.1/8"]',
