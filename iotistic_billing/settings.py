@@ -131,6 +131,12 @@ class Settings(BaseSettings):
     # release records, so that a pending revision whose Pod is gone is recovered at once (release.py).
     # A label value: 63 characters at most, as every Pod a Deployment makes.
     pod_name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = None
+    # Its uid (the chart sets it from metadata.uid), labelled beside the name: a Pod of that name with
+    # another uid is a later one (a StatefulSet's), told apart without comparing two machines' clocks.
+    pod_uid: (
+        Annotated[str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+        | None
+    ) = None
     # json (structured, with the object and customer id) or text.
     log_format: Literal["json", "text"] = "json"
     operator_peering: str = "iotistic-billing"
@@ -313,6 +319,12 @@ class Settings(BaseSettings):
                 )
             if price in self.stripe_metered_prices[:index]:
                 raise ValueError(f"STRIPE_METERED_PRICES: {price} is listed twice")
+        return self
+
+    @model_validator(mode="after")
+    def _pod_uid_has_its_name(self) -> Settings:
+        if self.pod_uid is not None and self.pod_name is None:
+            raise ValueError("POD_UID: set without POD_NAME (the Pod is read by its name)")
         return self
 
     @model_validator(mode="after")

@@ -70,6 +70,7 @@ def build_context(settings: Settings, database_url: str, kubeconfig: str | None 
         timeout=settings.helm_timeout,
         runner=runner,
         pod=settings.pod_name or "",
+        pod_uid=settings.pod_uid or "",
     )
     # Pulled chart versions, for this process only (a restart pulls again: a fraction of a second each).
     chart_cache = Path(tempfile.mkdtemp(prefix="iotistic-charts-"))

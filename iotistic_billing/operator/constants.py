@@ -19,8 +19,10 @@ LABEL_VALUES_HASH: Final = "iotistic.io/values-hash"
 # by a process killed with its helm is known by the process restarted in its place (release.py).
 LABEL_HELM_RUNNER: Final = "iotistic.io/helm-runner"
 # On it too: the operator's Pod that ran its helm (POD_NAME), so that a pending revision whose Pod is gone
-# or replaced is known by any process to have lost its helm (helm.helm_pod_gone).
+# or replaced is known by any process to have lost its helm (helm.helm_pod_gone); and its uid (POD_UID),
+# which tells that Pod from a later one of the same name (a StatefulSet's) without comparing clocks.
 LABEL_HELM_POD: Final = "iotistic.io/helm-pod"
+LABEL_HELM_POD_UID: Final = "iotistic.io/helm-pod-uid"
 # On the licence Secret: the history action its licence was recorded under, so that a pass that
 # crashed after writing the Secret records the same (jti, action) row, never a second one.
 ANNOTATION_LICENSE_ACTION: Final = "iotistic.io/license-action"

@@ -150,6 +150,7 @@ def upgrade_install_args(
     values_hash: str,
     runner: str = "",
     pod: str = "",
+    pod_uid: str = "",
 ) -> list[str]:
     """The operator's `helm upgrade --install` (the reconcile benchmark's baseline runs the same).
 
@@ -175,7 +176,8 @@ def upgrade_install_args(
         "--labels",
         f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY},{c.LABEL_VALUES_HASH}={values_hash}"
         + (f",{c.LABEL_HELM_RUNNER}={runner}" if runner else "")
-        + (f",{c.LABEL_HELM_POD}={pod}" if pod else ""),
+        + (f",{c.LABEL_HELM_POD}={pod}" if pod else "")
+        + (f",{c.LABEL_HELM_POD_UID}={pod_uid}" if pod and pod_uid else ""),
         "--output",
         "json",
     ]
@@ -191,6 +193,7 @@ class Helm:
         timeout: float,
         runner: str = "",
         pod: str = "",
+        pod_uid: str = "",
     ) -> None:
         self.binary = binary
         self.kubeconfig = kubeconfig
@@ -203,9 +206,10 @@ class Helm:
         # was begun by the process before it here, killed with its helm (begun_by_predecessor).
         self.runner = runner
         self.started = datetime.now(UTC)
-        # The operator's Pod (POD_NAME; "" outside one): a revision naming a Pod that is gone or was
-        # made again lost its helm, whichever process looks (helm_pod_gone).
+        # The operator's Pod (POD_NAME and POD_UID; "" outside one): a revision naming a Pod that is gone
+        # or was made again lost its helm, whichever process looks (helm_pod_gone).
         self.pod = pod
+        self.pod_uid = pod_uid
         for command in _COMMANDS:  # at 0 from the start: a series born at 1 is no increase to Prometheus
             HELM_OPERATIONS.labels(command, TIMED_OUT)
 
@@ -282,7 +286,14 @@ class Helm:
             values_file.flush()
             out = await self._run(
                 *upgrade_install_args(
-                    name, namespace, chart, Path(values_file.name), values_hash, self.runner, self.pod
+                    name,
+                    namespace,
+                    chart,
+                    Path(values_file.name),
+                    values_hash,
+                    self.runner,
+                    self.pod,
+                    self.pod_uid,
                 ),
                 doing=f"upgrade --install of release {name} in {namespace}",
             )
@@ -374,16 +385,16 @@ def helm_pod(release: HelmRelease, labels: dict[str, str]) -> str | None:
     return labels.get(c.LABEL_HELM_POD) or None
 
 
-def helm_pod_gone(release: HelmRelease, pod: dict[str, Any] | None) -> bool:
-    """Whether the helm of a pending revision died with its Pod: `pod` (the metadata of the Pod helm_pod
-    names, None when there is none) is gone, or is another Pod of that name, created after the revision
-    began (a StatefulSet's, made again). A Pod still there, Terminating too, may still be running it.
-    Its creation time has whole seconds, so a new Pod made within the revision's second counts as the
-    old one: it waits, never rolls back under a live helm."""
+def helm_pod_gone(labels: dict[str, str], pod: dict[str, Any] | None) -> bool:
+    """Whether the helm of a pending revision (`labels` of its storage Secret) died with its Pod: `pod`
+    (the metadata of the Pod helm_pod names, None when there is none) is gone, or is another Pod of that
+    name (a StatefulSet's, made again): its uid is not the one labelled. Told by uid, never by time: the
+    API server's clock and the operator's differ. A Pod still there, Terminating too, may still be
+    running it; so may a Pod of that name when the revision has no uid label (written before it)."""
     if pod is None:
         return True
-    created = _helm_time((pod.get("metadata") or {}).get("creationTimestamp"))
-    return created is not None and release.last_deployed is not None and created > release.last_deployed
+    uid = labels.get(c.LABEL_HELM_POD_UID)
+    return bool(uid) and (pod.get("metadata") or {}).get("uid") != uid
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
@@ -437,7 +448,7 @@ def _release(document: dict[str, Any]) -> HelmRelease:
 
 
 def _helm_time(text: object) -> datetime | None:
-    """A time in helm's JSON (RFC 3339, nanoseconds, `Z`) or the API server's; None when absent or not one."""
+    """A time in helm's JSON (RFC 3339, nanoseconds, `Z`); None when absent or not one."""
     try:
         when = datetime.fromisoformat(str(text))
     except ValueError:

@@ -68,7 +68,8 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
 
 
 async def _pod_gone(ctx: OperatorContext, release: HelmRelease, labels: dict[str, str]) -> bool:
-    """Whether the operator Pod that began the pending revision is gone, its helm with it (helm_pod_gone).
+    """Whether the operator Pod that began the pending revision is gone or was made again, its helm with
+    it (helm_pod_gone: by its uid; a revision labelled with the name alone, only when no Pod has it).
     False when that cannot be known, said once: a revision without the label (written before it, or
     outside a Pod), or a Pod read the API server refuses (RBAC from before the chart's Role)."""
     pod = helm_pod(release, labels)
@@ -92,7 +93,7 @@ async def _pod_gone(ctx: OperatorContext, release: HelmRelease, labels: dict[str
             "a pending revision is recovered only once older than HELM_TIMEOUT, also when its Pod is gone",
         )
         return False
-    return helm_pod_gone(release, found)
+    return helm_pod_gone(labels, found)
 
 
 def _once(ctx: OperatorContext, why: str) -> None:

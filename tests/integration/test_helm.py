@@ -185,28 +185,27 @@ async def test_a_first_install_killed_mid_way_is_rolled_back_onto_itself_keeping
     assert (kept.metadata.uid, kept.data) == (made.metadata.uid, made.data)
 
 
-@pytest.mark.parametrize("pod_there", [False, True], ids=["pod gone", "pod there"])
+@pytest.mark.parametrize("pod_after", ["gone", "there", "made again"])
 async def test_a_pending_upgrade_whose_operator_pod_is_gone_is_rolled_back_at_once(
     k8s_client: kubernetes.client.ApiClient,
     kubeconfig: Path,
     helm_binary: Path,
     tmp_path: Path,
-    pod_there: bool,
+    pod_after: str,
 ) -> None:
     """Found with the container-restart recovery: an operator in a new Pod (a rollout, a lost node,
     `kubectl delete pod`) left an upgrade its predecessor's helm had begun pending for HELM_TIMEOUT. The
-    revision's storage Secret names the operator's Pod; gone from the billing namespace, its helm went
-    with it, and the next pass rolls the revision back at once. A Pod still there (no kubelet here: it
-    stays Pending) may still run that helm: the revision is left as before."""
+    revision's storage Secret names the operator's Pod and its uid; gone from the billing namespace, or
+    a Pod of that name with another uid in its place (a StatefulSet's), its helm went with it, and the
+    next pass rolls the revision back at once. The Pod still there (no kubelet here: it stays Pending)
+    may still run that helm: the revision is left as before."""
     chart = config_map_chart(tmp_path / "made", "data:\n  a: b\n")
     namespace, billing = new_namespace(k8s_client), new_namespace(k8s_client)
     core = kubernetes.client.CoreV1Api(k8s_client)
     pod = unique_name("operator")
-    if pod_there:
-        core.create_namespaced_pod(
-            billing, {"metadata": {"name": pod}, "spec": {"containers": [{"name": "operator", "image": "x"}]}}
-        )
-    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120, pod=pod)
+    manifest = {"metadata": {"name": pod}, "spec": {"containers": [{"name": "operator", "image": "x"}]}}
+    uid = core.create_namespaced_pod(billing, manifest).metadata.uid
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120, pod=pod, pod_uid=uid)
     await helm.upgrade_install("instance", namespace, chart, {}, "0" * 32)
     (chart / "templates" / "deployment.yaml").write_text(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: never-ready}\nspec:\n"
@@ -217,7 +216,7 @@ async def test_a_pending_upgrade_whose_operator_pod_is_gone_is_rolled_back_at_on
     values.write_text("{}")
     # The operator's upgrade, then --wait on a Deployment no kubelet runs: killed while it waits, as
     # with its Pod.
-    args = upgrade_install_args("instance", namespace, chart, values, "1" * 32, "gone-runner", pod)
+    args = upgrade_install_args("instance", namespace, chart, values, "1" * 32, "gone-runner", pod, uid)
     upgrading = await asyncio.create_subprocess_exec(
         *(str(helm_binary), *args, "--kubeconfig", str(kubeconfig), "--wait", "--timeout", "10m"),
         stdout=subprocess.DEVNULL,
@@ -238,7 +237,17 @@ async def test_a_pending_upgrade_whose_operator_pod_is_gone_is_rolled_back_at_on
     assert stuck.last_deployed is not None
     kube = Kube(KubeApi(k8s_client, FieldManager.OPERATOR))
     labels = (await kube.helm_release_revisions(namespace, "instance"))[2]
-    assert labels["iotistic.io/helm-pod"] == pod
+    assert (labels["iotistic.io/helm-pod"], labels["iotistic.io/helm-pod-uid"]) == (pod, uid)
+    if pod_after != "there":
+        # Not scheduled on a node: the API server removes it at once.
+        core.delete_namespaced_pod(pod, billing)
+
+        async def removed() -> bool:
+            return not core.list_namespaced_pod(billing).items
+
+        await eventually(removed, message="the Pod removed")
+    if pod_after == "made again":
+        assert core.create_namespaced_pod(billing, manifest).metadata.uid != uid
     # Another operator, in another Pod, a second after the revision began: far within HELM_TIMEOUT.
     recovering = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120, runner="here", pod="new")
     settings = SimpleNamespace(helm_timeout=360.0, billing_namespace=billing)
@@ -257,7 +266,7 @@ async def test_a_pending_upgrade_whose_operator_pod_is_gone_is_rolled_back_at_on
 
     after = await helm.status("instance", namespace)
     assert after is not None
-    if pod_there:
+    if pod_after == "there":
         assert recovery.left is not None and "maybe under a helm still running" in recovery.left, recovery
         assert (after.revision, after.status) == (2, "pending-upgrade")
     else:

@@ -451,38 +451,55 @@ async def test_a_pending_revision_its_predecessor_here_began_is_recovered_at_onc
         assert f"has been {pending}" in outcome.message and helm.recoveries == [], outcome.message
 
 
-def _pod(created: datetime, *, terminating: bool = False) -> dict[str, Any]:
-    """A Pod's metadata as the API server answers a read of it (whole seconds)."""
+# The uid of the operator Pod whose helm began the pending revision, and of a later Pod of its name.
+HELM_POD_UID = "6c1f3a2e-8d4b-4f0a-9e7c-2b5d1a0f3c4e"
+LATER_POD_UID = "0a9b8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d"
+
+
+def _pod(uid: str, created: datetime, *, terminating: bool = False) -> dict[str, Any]:
+    """A Pod's metadata as the API server answers a read of it (its clock, whole seconds)."""
     stamp = created.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    meta = {"name": "operator-7d9f-abcde", "creationTimestamp": stamp}
+    meta = {"name": "operator-7d9f-abcde", "uid": uid, "creationTimestamp": stamp}
     return {"metadata": meta | ({"deletionTimestamp": stamp} if terminating else {})}
 
 
 @pytest.mark.parametrize(
-    ("pending", "pod", "recovered"),
+    ("pending", "labelled_uid", "pod", "recovered"),
     [
         # The Pod whose helm began it is gone (a rollout, a lost node, kubectl delete pod): helm with it.
-        ("pending-upgrade", None, True),
-        ("pending-install", None, True),
-        # A Pod of that name made after the revision began (a StatefulSet's, made again): not its helm's.
-        ("pending-upgrade", _pod(NOW - timedelta(seconds=10)), True),
-        # The Pod is there, Terminating too: its helm may still be running.
-        ("pending-upgrade", _pod(NOW - timedelta(hours=1)), False),
-        ("pending-upgrade", _pod(NOW - timedelta(hours=1), terminating=True), False),
-        # Made within the second the revision began: whole seconds, so taken as the old one (it waits).
-        ("pending-upgrade", _pod(NOW - timedelta(seconds=30) + timedelta(milliseconds=500)), False),
+        ("pending-upgrade", HELM_POD_UID, None, True),
+        ("pending-install", HELM_POD_UID, None, True),
+        # A Pod of that name with another uid (a StatefulSet's, made again): not its helm's, whatever its
+        # creation time says (the API server's clock, here behind the operator's).
+        ("pending-upgrade", HELM_POD_UID, _pod(LATER_POD_UID, NOW - timedelta(hours=1)), True),
+        # The Pod itself, Terminating too: its helm may still be running. Its creation time, by the API
+        # server's clock ahead of the operator's, says "after the revision began": no matter.
+        ("pending-upgrade", HELM_POD_UID, _pod(HELM_POD_UID, NOW - timedelta(seconds=10)), False),
+        (
+            "pending-upgrade",
+            HELM_POD_UID,
+            _pod(HELM_POD_UID, NOW - timedelta(hours=1), terminating=True),
+            False,
+        ),
+        # Labelled with the name alone (before the uid label): no Pod of that name is its helm gone; one
+        # there may be that Pod, whenever it was made: it waits.
+        ("pending-upgrade", None, None, True),
+        ("pending-upgrade", None, _pod(LATER_POD_UID, NOW - timedelta(seconds=10)), False),
         # A rollback's revision has the labels of the one it goes back to: they name who wrote that one.
-        ("pending-rollback", None, False),
+        ("pending-rollback", HELM_POD_UID, None, False),
     ],
 )
 async def test_a_pending_revision_whose_operator_pod_is_gone_is_recovered_at_once(
-    tmp_path: Path, pending: str, pod: dict[str, Any] | None, recovered: bool
+    tmp_path: Path, pending: str, labelled_uid: str | None, pod: dict[str, Any] | None, recovered: bool
 ) -> None:
     """Found with the container-restart recovery: an operator in a new Pod (a Deployment's rollout, a
     node lost, `kubectl delete pod`) left every revision its predecessor's helm had begun pending for
-    HELM_TIMEOUT, as another process's helm might still run. The revision's helm-pod label names the
-    operator's Pod; when no Pod of that name is in the billing namespace, or one made since, that helm
-    is dead, whichever process looks: recovered at once. A Pod still there keeps today's wait."""
+    HELM_TIMEOUT, as another process's helm might still run. The revision's helm-pod labels name the
+    operator's Pod and its uid; when no Pod of that name is in the billing namespace, or one with
+    another uid, that helm is dead, whichever process looks: recovered at once. The Pod still there
+    keeps today's wait. Found in review: a Pod "made after the revision began" by its creation time was
+    taken for a later one, comparing the API server's clock with the operator's: a skew longer than a
+    live Pod's age rolled back a revision under its running helm."""
     installing = pending == "pending-install"
     revision = 1 if installing else 4
     helm = InProgress(revision, pending, NOW - timedelta(seconds=30) + timedelta(milliseconds=200))
@@ -499,6 +516,8 @@ async def test_a_pending_revision_whose_operator_pod_is_gone_is_recovered_at_onc
         c.LABEL_HELM_RUNNER: "elsewhere",
         c.LABEL_HELM_POD: "operator-7d9f-abcde",
     }
+    if labelled_uid is not None:
+        step.revisions[revision][c.LABEL_HELM_POD_UID] = labelled_uid
     running = None if installing else step.release()
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
     if recovered:

@@ -390,8 +390,10 @@ def test_operator_is_one_replica_recreated_with_peering_and_kopf_liveness(
     assert env["OPERATOR_LIVENESS_PORT"]["value"] == "8080"
     # The kubelet probes the Pod IP: Kopf's endpoint listens on that address's family.
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    # Its name and namespace: where a pending helm revision's Pod is looked for (operator/release.py).
+    # Its name, uid and namespace: where a pending helm revision's Pod is looked for and whether it is
+    # that Pod or a later one of its name (operator/release.py).
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_UID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
     assert env["BILLING_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert ports["metrics"] == 8081 and env["OPERATOR_METRICS_PORT"]["value"] == "8081"
 
@@ -1472,6 +1474,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         elif "fieldRef" in item["valueFrom"]:  # the Pod's own fields, as the kubelet fills them in
             pod = {
                 "metadata.name": "iotistic-billing-operator-5f7d8c9b6d-x2x4q",
+                "metadata.uid": "2f1c0e9a-5b7d-4c3e-9f8a-1b2c3d4e5f60",
                 "metadata.namespace": NAMESPACE,
                 "status.podIP": "fd00:10:244::7",
             }
@@ -1492,6 +1495,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.license_private_key_path == Path("/etc/iotistic/license-keys/private-key.pem")
         assert str(settings.pod_ip) == "fd00:10:244::7"
         assert settings.pod_name == "iotistic-billing-operator-5f7d8c9b6d-x2x4q"
+        assert settings.pod_uid == "2f1c0e9a-5b7d-4c3e-9f8a-1b2c3d4e5f60"
     else:
         assert settings.port == 3100 and settings.license_private_key_path is None
         assert settings.stripe_price_starter == "price_s"

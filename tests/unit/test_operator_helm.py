@@ -318,15 +318,17 @@ def test_the_helm_runner_is_one_per_place_and_apart_for_each_shard_and_peer_on_a
 
 
 def test_the_operator_s_upgrade_labels_its_revision_with_where_and_in_which_pod_its_helm_ran() -> None:
-    """The helm-pod label lets any process tell a pending revision whose Pod is gone (release.py); outside
-    a Pod (POD_NAME unset) there is none, as a host name there is no Pod's."""
+    """The helm-pod labels let any process tell a pending revision whose Pod is gone or made again, by
+    its uid (release.py); outside a Pod (POD_NAME unset) there are none, as a host name there is no Pod's."""
     path = Path("chart")
-    labelled = upgrade_install_args("instance", "customer-a", path, path, "0" * 32, "r1", "operator-0")
+    uid = "6c1f3a2e-8d4b-4f0a-9e7c-2b5d1a0f3c4e"
+    labelled = upgrade_install_args("instance", "customer-a", path, path, "0" * 32, "r1", "operator-0", uid)
     assert labelled[labelled.index("--labels") + 1].split(",") == [
         f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}",
         f"{c.LABEL_VALUES_HASH}={'0' * 32}",
         f"{c.LABEL_HELM_RUNNER}=r1",
         f"{c.LABEL_HELM_POD}=operator-0",
+        f"{c.LABEL_HELM_POD_UID}={uid}",
     ]
     unlabelled = upgrade_install_args("instance", "customer-a", path, path, "0" * 32, "r1")
     assert c.LABEL_HELM_POD not in unlabelled[unlabelled.index("--labels") + 1]

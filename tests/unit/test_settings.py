@@ -66,6 +66,10 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         # It labels helm's release records: a label value, 63 characters at most.
         ("POD_NAME", "operator-" + "x" * 60, "POD_NAME: String should have at most 63 characters"),
         ("POD_NAME", "operator,x=y", "POD_NAME: String should match pattern"),
+        # Its uid, labelled beside it, is a Kubernetes uid (36 characters), read with the name alone.
+        ("POD_UID", "2f1c0e9a-5b7d-4c3e-9f8a-1b2c3d4e5f6", "POD_UID: String should match pattern"),
+        ("POD_UID", "2F1C0E9A-5B7D-4C3E-9F8A-1B2C3D4E5F60", "POD_UID: String should match pattern"),
+        ("POD_UID", "2f1c0e9a-5b7d-4c3e-9f8a-1b2c3d4e5f60", "POD_UID: set without POD_NAME"),
         (
             "NOTIFY_WEBHOOK_ALLOWED_CIDRS",
             '["127.0.0.1/8"]',
