@@ -228,9 +228,13 @@ async def backlog_throughput(
     try:
         async with connection.transaction():
             await connection.executemany(
-                "INSERT INTO stripe_events (event_id, type, created, result, payload)"
-                " VALUES ($1, $2, $3, 'pending', $4::jsonb)",
-                [(e["id"], e["type"], e["created"], json.dumps(e)) for e in events],
+                # With its size, as the route stores it (inbox.STORE_EVENT).
+                "INSERT INTO stripe_events (event_id, type, created, result, payload, payload_bytes)"
+                " VALUES ($1, $2, $3, 'pending', $4::jsonb, $5)",
+                [
+                    (e["id"], e["type"], e["created"], text, len(text.encode()))
+                    for e, text in ((e, json.dumps(e)) for e in events)
+                ],
             )
             await connection.execute("SELECT pg_notify('stripe_inbox', 'bench')")
         committed = await connection.fetchval("SELECT clock_timestamp()")
