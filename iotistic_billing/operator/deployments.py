@@ -113,8 +113,9 @@ def instance_health(
         return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "missing Deployments: " + ", ".join(missing))
     waiting = sorted(d.waiting_for for d in deployments if not d.rolled_out)
     if waiting:
+        serving = all(d.available >= d.replicas and d.problem is None for d in deployments)
         return InstanceHealth(
-            False, c.DEPLOYMENTS_UNAVAILABLE, "waiting for Deployments: " + ", ".join(waiting)
+            False, c.DEPLOYMENTS_UNAVAILABLE, "waiting for Deployments: " + ", ".join(waiting), serving
         )
     return InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, f"{len(deployments)} Deployments available")
 

@@ -414,7 +414,18 @@ def deployment_changed(ctx: OperatorContext, type: str | None, body: dict[str, A
 
 def managed_secret_changed(ctx: OperatorContext, type: str | None, body: dict[str, Any]) -> None:
     """Drift repair: a deleted licence Secret comes back, and so does an uninstalled release (its
-    storage Secret deleted) (watches.MANAGED_SECRETS)."""
+    storage Secret deleted) (watches.MANAGED_SECRETS). Not for the revisions helm prunes itself past
+    --history-max: each failed upgrade prunes one, and a pass for it ran helm again at once, for ever,
+    past the retries' backoff."""
     name = customer_of_namespace(body["metadata"].get("namespace"))
-    if name and type == "DELETED":
+    if name and type == "DELETED" and not _pruned_by_helm(body):
         request_pass(ctx, name)
+
+
+# The storage Secrets of revisions helm deletes for its --history-max: history, never the one deployed.
+_PRUNED_STATUSES = frozenset({"superseded", "failed"})
+
+
+def _pruned_by_helm(body: dict[str, Any]) -> bool:
+    labels = body["metadata"].get("labels") or {}
+    return labels.get("owner") == "helm" and labels.get("status") in _PRUNED_STATUSES

@@ -399,8 +399,13 @@ async def revoke_license(
         raw = secret[0].get(LICENSE_JWT_KEY) if secret is not None else None
         token = raw.decode(errors="replace") if raw is not None else None
         readable = _readable(token) if verified_claims(ctx, token) is not None else None
-        if readable is not None and readable.customer_id == customer_id:
+        if readable is not None and readable.customer_id == customer_id and secret is not None:
             record = readable
+            # Its issue too, when the pass that wrote it lost its row (PostgreSQL away) and no retry came
+            # before the deletion: the history holds every licence an instance held (idempotent).
+            await record_license(
+                session, record, secret.annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
+            )
         else:
             # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,
             # signed by a retired key): revoke the last licence the history knows (of this Customer's),

@@ -27,6 +27,9 @@ class InstanceHealth:
     available: bool
     reason: str
     message: str
+    # While not available: every Deployment still has its wanted replicas available and reports no
+    # problem (a rollout in progress, the old replicas serving), not an instance gone wrong.
+    serving: bool = False
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,10 @@ def phase_for(
         )
     if health is not None and health.available:
         return Phase.READY
+    if health is not None and health.serving and previous_phase in _SERVED:
+        # A rollout (a renewal's new licence, an upgrade), the old replicas serving meanwhile: the phase
+        # stays as it was, Reconciling says it rolls (a Ready instance was Degraded, a Warning, on each).
+        return Phase(previous_phase)
     return Phase.DEGRADED if previous_phase in _SERVED else Phase.PROVISIONING
 
 

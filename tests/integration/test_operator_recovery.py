@@ -244,7 +244,8 @@ async def test_a_finalizer_retried_after_its_namespace_went_revokes_no_second_li
 ) -> None:
     """Found in review: the Secret's licence L1 had no row yet (a pass died after the Secret); the
     finalizer revoked it, died after asking for the namespace's deletion, and its retry, finding no
-    Secret, revoked L0 too: a second `revoked` row and a second notice under another key."""
+    Secret, revoked L0 too: a second `revoked` row and a second notice under another key. Found in a
+    later review: L1's revocation was the only row of it, its issue never recorded."""
     name, customer_id, status = _licensed_then_paused(cluster, paused_operator, "refinal")
     cluster.patch_spec(name, {"plan": "professional"})
     context = _context(operator_env, datetime.now(UTC))
@@ -263,6 +264,7 @@ async def test_a_finalizer_retried_after_its_namespace_went_revokes_no_second_li
     await context.engine.dispose()
     assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [
         ("generated", status["jti"]),
+        ("upgraded", l1),  # its issue, recorded by the revocation: the history holds every licence held
         ("revoked", l1),
     ]
     async with db_engine.connect() as connection:

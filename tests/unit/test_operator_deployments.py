@@ -19,6 +19,7 @@ from iotistic_billing.operator.deployments import (
     InstanceDeployments,
     instance_health,
 )
+from iotistic_billing.operator.outcomes import InstanceHealth
 from iotistic_billing.operator.reconcile import reconcile
 
 NAMESPACE = "customer-acme"
@@ -152,6 +153,25 @@ def test_the_wait_names_the_condition_that_says_why_a_rollout_is_stuck() -> None
     assert refused.problem.startswith('FailedCreate: pods "instance-api-7c9d-x" is forbidden: exceeded quota')
     # A rollout under way is not stuck: nothing kept (the operator keeps thousands of these).
     assert rolling("instance-api", replicas=1, conditions=[progressing]).problem is None
+
+
+def test_a_rollout_whose_old_replicas_serve_is_serving_a_stuck_or_short_one_is_not() -> None:
+    def health(*deployments: DeploymentState) -> InstanceHealth:
+        return instance_health(list(deployments), enabled=True)
+
+    old_serving = rolling("instance-api", replicas=2, updatedReplicas=1, availableReplicas=1)
+    done = rolling("instance-mqtt", replicas=1, updatedReplicas=1, availableReplicas=1)
+    assert health(old_serving, done).serving
+    short = rolling("instance-api", replicas=1, updatedReplicas=1, availableReplicas=0)
+    assert not health(short, done).serving
+    deadline = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": "m",
+    }
+    stuck = rolling("instance-api", replicas=2, updatedReplicas=1, availableReplicas=1, conditions=[deadline])
+    assert not health(stuck, done).serving
 
 
 async def test_without_the_watch_every_pass_lists() -> None:
@@ -340,6 +360,29 @@ async def test_a_relist_of_deployments_kept_as_they_are_asks_for_no_pass(
     handlers.deployment_changed(ctx, "DELETED", {"metadata": {"namespace": NAMESPACE, "name": "api"}})
     assert [name for name, tick in requested] == ["acme", "acme"] and None not in [t for _, t in requested]
     assert names(await deployments.of(NAMESPACE, helm_ran=False)) == [("mqtt", 2)]
+
+
+def test_a_revision_helm_prunes_asks_for_no_pass_a_deleted_release_or_licence_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: each failed upgrade past --history-max has helm delete its oldest revision's
+    storage Secret; the watch asked for a pass for it, which ran helm again at once, for ever, past the
+    retries' backoff. Helm never prunes the deployed revision: a release uninstalled still comes back."""
+    requested: list[str] = []
+    monkeypatch.setattr(handlers, "request_pass", lambda ctx, name, tick=None: requested.append(name))
+    ctx = cast(OperatorContext, SimpleNamespace())
+
+    def deleted(name: str, labels: dict[str, str] | None = None) -> None:
+        metadata = {"namespace": NAMESPACE, "name": name, "labels": labels or {}}
+        handlers.managed_secret_changed(ctx, "DELETED", {"metadata": metadata})
+
+    deleted("sh.helm.release.v1.instance.v1", {"owner": "helm", "status": "superseded"})
+    deleted("sh.helm.release.v1.instance.v2", {"owner": "helm", "status": "failed"})
+    assert requested == []
+    deleted("sh.helm.release.v1.instance.v6", {"owner": "helm", "status": "deployed"})
+    deleted("sh.helm.release.v1.instance.v6", {"owner": "helm", "status": "uninstalling"})
+    deleted("iotistic-license")
+    assert requested == ["acme"] * 3
 
 
 def test_watch_events_coalesce_into_one_pass_for_the_latest_of_them() -> None:

@@ -317,6 +317,25 @@ def test_ready_only_when_deployments_are_available_and_then_observed_generation_
     ]  # type: ignore[union-attr]
 
 
+def test_a_ready_instance_rolling_out_an_upgrade_stays_ready_and_degrades_only_when_it_stops_serving() -> (
+    None
+):
+    """Found in review: every upgrade (a renewal's licence rolls the api Deployment) made a Ready
+    Customer Degraded, with a Warning Event, while its old replica served throughout."""
+    ready = status_after(DEPLOYED, InstanceHealth(True, "DeploymentsAvailable", "6 available"))
+    upgraded = ReleaseOutcome("upgraded", "UpgradeSucceeded", "upgraded", ReleaseStatus(revision=2))
+    later = NOW + timedelta(minutes=1)
+    rolling = InstanceHealth(
+        False, "DeploymentsUnavailable", "waiting for Deployments: api 0/1 updated", True
+    )
+    during = status_after(upgraded, rolling, previous=ready, now=later)
+    assert during.phase == "Ready"
+    assert (during.condition("Ready").status, during.condition("Reconciling").status) == ("False", "True")  # type: ignore[union-attr]
+    stuck = InstanceHealth(False, "DeploymentsUnavailable", "waiting for Deployments: api 0/1 available")
+    assert status_after(upgraded, stuck, previous=ready, now=later).phase == "Degraded"
+    assert status_after(DEPLOYED, rolling).phase == "Provisioning"  # never served: not Ready yet
+
+
 def test_a_permanent_failure_stalls_with_reason_and_message() -> None:
     failed = ReleaseOutcome("failed", "InstallFailed", "at '/api/replicas': maximum 20", permanent=True)
     stalled = status_after(failed, None)
