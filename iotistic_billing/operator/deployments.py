@@ -54,6 +54,10 @@ class DeploymentState:
     # Why the Deployment itself says its rollout is stuck (`Reason: message` of a Progressing False or
     # ReplicaFailure True condition, cut short); None, mostly.
     problem: str | None = None
+    # Whether its controller is rolling out (a new spec not observed yet, or Progressing True for a reason
+    # other than NewReplicaSetAvailable): its replicas short meanwhile are the rollout's (a Recreate
+    # Deployment has none for a moment), not a fault.
+    rolling: bool = False
 
     @classmethod
     def of(cls, deployment: Mapping[str, Any]) -> DeploymentState:
@@ -72,6 +76,8 @@ class DeploymentState:
             updated=int(status.get("updatedReplicas") or 0),
             current=int(status.get("replicas") or 0),
             problem=_problem(status.get("conditions") or ()),
+            rolling=int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0)
+            or _rolling(status.get("conditions") or ()),
         )
 
     @property
@@ -113,7 +119,7 @@ def instance_health(
         return InstanceHealth(False, c.DEPLOYMENTS_UNAVAILABLE, "missing Deployments: " + ", ".join(missing))
     waiting = sorted(d.waiting_for for d in deployments if not d.rolled_out)
     if waiting:
-        serving = all(d.available >= d.replicas and d.problem is None for d in deployments)
+        serving = all(d.problem is None and (d.available >= d.replicas or d.rolling) for d in deployments)
         return InstanceHealth(
             False, c.DEPLOYMENTS_UNAVAILABLE, "waiting for Deployments: " + ", ".join(waiting), serving
         )
@@ -211,6 +217,15 @@ def _problem(conditions: Sequence[Mapping[str, Any]]) -> str | None:
     message = str(condition.get("message") or "").strip()
     said = f"{reason}: {message}" if message else reason
     return said if len(said) <= PROBLEM_LENGTH else said[: PROBLEM_LENGTH - 3] + "..."
+
+
+def _rolling(conditions: Sequence[Mapping[str, Any]]) -> bool:
+    return any(
+        condition.get("type") == "Progressing"
+        and condition.get("status") == "True"
+        and condition.get("reason") != "NewReplicaSetAvailable"
+        for condition in conditions
+    )
 
 
 def _apply(kept: dict[str, DeploymentState], name: str, state: DeploymentState | None) -> None:

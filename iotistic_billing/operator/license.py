@@ -27,7 +27,7 @@ from iotistic_billing.customer import (
     LicenseStatus,
 )
 from iotistic_billing.db.license_history import record_license
-from iotistic_billing.db.models import ApiKey, LicenseHistory
+from iotistic_billing.db.models import LICENSE_ACTIONS, ApiKey, LicenseHistory
 from iotistic_billing.directory import remember
 from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.minting import (
@@ -403,9 +403,9 @@ async def revoke_license(
             record = readable
             # Its issue too, when the pass that wrote it lost its row (PostgreSQL away) and no retry came
             # before the deletion: the history holds every licence an instance held (idempotent).
-            await record_license(
-                session, record, secret.annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
-            )
+            action = secret.annotations.get(c.ANNOTATION_LICENSE_ACTION, "generated")
+            # An annotation edited by hand into no action would block the deletion: the revocation goes on.
+            await record_license(session, record, action if action in LICENSE_ACTIONS else "generated")
         else:
             # The Secret (or its namespace) is already gone, or its token is not one of ours (edited,
             # signed by a retired key): revoke the last licence the history knows (of this Customer's),

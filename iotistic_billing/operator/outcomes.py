@@ -27,8 +27,9 @@ class InstanceHealth:
     available: bool
     reason: str
     message: str
-    # While not available: every Deployment still has its wanted replicas available and reports no
-    # problem (a rollout in progress, the old replicas serving), not an instance gone wrong.
+    # While not available: no Deployment reports a problem, and each has its wanted replicas available
+    # or is rolling out (a rollout in progress: RollingUpdate's old replicas serve, a Recreate singleton
+    # restarts), not an instance gone wrong.
     serving: bool = False
 
 

@@ -93,6 +93,7 @@ def test_the_state_keeps_what_readiness_needs() -> None:
         available=1,
         updated=1,
         current=1,
+        rolling=True,  # generation 3 not observed yet
     )
     scaled_to_zero = deployment("api", 1, 1)
     scaled_to_zero["spec"]["replicas"] = 0
@@ -156,12 +157,23 @@ def test_the_wait_names_the_condition_that_says_why_a_rollout_is_stuck() -> None
 
 
 def test_a_rollout_whose_old_replicas_serve_is_serving_a_stuck_or_short_one_is_not() -> None:
+    """A Ready instance stays Ready while it rolls out (state.phase_for). Found in review of that: the
+    exporter is a Recreate singleton, with no replica available while its new pod starts after each
+    renewal; its controller's Progressing condition says it rolls out."""
+
     def health(*deployments: DeploymentState) -> InstanceHealth:
         return instance_health(list(deployments), enabled=True)
 
     old_serving = rolling("instance-api", replicas=2, updatedReplicas=1, availableReplicas=1)
     done = rolling("instance-mqtt", replicas=1, updatedReplicas=1, availableReplicas=1)
     assert health(old_serving, done).serving
+    progressing = {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}
+    restarting = rolling("instance-exporter", replicas=1, updatedReplicas=1, conditions=[progressing])
+    assert health(restarting, done).serving
+    # Its rollout done (NewReplicaSetAvailable), a replica lost later is a fault, whatever the strategy.
+    rolled = {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}
+    crashed = rolling("instance-exporter", replicas=1, updatedReplicas=1, conditions=[rolled])
+    assert not health(crashed, done).serving
     short = rolling("instance-api", replicas=1, updatedReplicas=1, availableReplicas=0)
     assert not health(short, done).serving
     deadline = {
