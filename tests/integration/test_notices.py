@@ -1230,6 +1230,29 @@ async def resend_by_api(api: Any, sessions: async_sessionmaker[AsyncSession], ke
     return await api.post(f"/api/notices/{notice_id}/resend", headers=admin_headers())
 
 
+async def deleted_with_a_dying_webhook(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    k8s_client: kubernetes.client.ApiClient,
+    receiver: Receiver,
+) -> tuple[NoticeSender, str, str]:
+    """A started sender of one try, and a Customer hooked to `receiver` and deleted: its deletion's
+    `license.revoked` webhook fails its one try (dead) at the sender's next `send_due`, its key kept. The
+    sender, the Customer's name and its customer id."""
+    receiver.fail = 1
+    one = sender(sessions, kube, Clock(), mailpit.smtp_url, max_attempts=1)
+    await one.start()
+    await one.send_due()  # what other tests left
+    name = unique_name("deadhook")
+    customer_id = f"cust_{name.replace('-', '')}"
+    create_hooked_customer(k8s_client, name, customer_id, receiver)
+    delete_customer(k8s_client, name)
+    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
+    kubernetes.client.CoreV1Api(k8s_client).delete_collection_namespaced_secret(f"customer-{name}")
+    return one, name, customer_id
+
+
 async def test_a_deleted_customer_s_dead_webhook_is_resent_while_its_kept_key_signs_then_refused(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
@@ -1248,17 +1271,7 @@ async def test_a_deleted_customer_s_dead_webhook_is_resent_while_its_kept_key_si
     from iotistic_billing.notices.log import recent_notices
 
     _, receiver = receivers
-    receiver.fail = 1  # the revoke notice's one try fails: dead
-    clock = Clock()
-    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
-    await one.start()
-    await one.send_due()  # what other tests left
-    name = unique_name("deadhook")
-    customer_id = f"cust_{name.replace('-', '')}"
-    create_hooked_customer(k8s_client, name, customer_id, receiver)
-    delete_customer(k8s_client, name)
-    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
-    kubernetes.client.CoreV1Api(k8s_client).delete_collection_namespaced_secret(f"customer-{name}")
+    one, name, customer_id = await deleted_with_a_dying_webhook(sessions, kube, mailpit, k8s_client, receiver)
     app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
     try:
         async with app as api:
@@ -1319,17 +1332,7 @@ async def test_a_resend_of_a_deleted_customer_s_webhook_goes_where_its_kept_key_
     from iotistic_billing.notices.log import recent_notices
 
     newer, receiver = receivers  # the platform team's endpoint stands in for the new Customer's receiver
-    receiver.fail = 1  # the revoke notice's one try fails: dead
-    clock = Clock()
-    one = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
-    await one.start()
-    await one.send_due()  # what other tests left
-    name = unique_name("oldhook")
-    customer_id = f"cust_{name.replace('-', '')}"
-    create_hooked_customer(k8s_client, name, customer_id, receiver)
-    delete_customer(k8s_client, name)
-    # No controller-manager here: what the namespace controller does to a deleted namespace's Secrets.
-    kubernetes.client.CoreV1Api(k8s_client).delete_collection_namespaced_secret(f"customer-{name}")
+    one, name, customer_id = await deleted_with_a_dying_webhook(sessions, kube, mailpit, k8s_client, receiver)
     create_hooked_customer(k8s_client, unique_name("newhook"), customer_id, newer)
     app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
     try:

@@ -638,15 +638,7 @@ async def test_a_pending_row_without_a_payload_is_its_own_failure_and_the_batch_
         await store(inbox_pool, inbox, [body])
         assert await inbox.apply_pending() == 2
     assert (await results(inbox_engine, [body]))[body["id"]] == "applied"
-    async with inbox_engine.connect() as connection:
-        row = (
-            await connection.execute(
-                select(models.StripeEvent.result, models.StripeEvent.attempts).where(
-                    models.StripeEvent.event_id == empty
-                )
-            )
-        ).one()
-    assert (row.result, row.attempts) == (PENDING, 1)
+    assert await attempts_of(inbox_engine, {"id": empty}) == (PENDING, 1)
 
 
 class LookupsOf(Directory):
