@@ -272,6 +272,32 @@ async def test_a_finalizer_retried_after_its_namespace_went_revokes_no_second_li
     assert len([key for key in keys if key.startswith("license-revoked")]) == 1, keys
 
 
+async def test_a_deletion_records_an_unrecorded_licence_whose_action_annotation_was_edited_by_hand(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    operator_env: dict[str, str],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: the revocation records the Secret's licence's issue when no row has it, under the
+    Secret's action annotation; one edited into no action failed every try of the deletion. It is read
+    as `generated`, and the licence revoked."""
+    name, customer_id, status = _licensed_then_paused(cluster, paused_operator, "badaction")
+    namespace = f"customer-{name}"
+    async with db_engine.begin() as connection:
+        await connection.execute(delete(LicenseHistory).where(LicenseHistory.jti == status["jti"]))
+    cluster.core.patch_namespaced_secret(
+        "iotistic-license", namespace, {"metadata": {"annotations": {"iotistic.io/license-action": "oops"}}}
+    )
+    context = _context(operator_env, datetime.now(UTC))
+    secret = await context.kube.read_secret_data(namespace, "iotistic-license")
+    assert await revoke_license(context, customer_id, secret, reason="deleted")
+    await context.engine.dispose()
+    assert [(a, j) for a, _, j in await history(db_engine, customer_id)] == [
+        ("generated", status["jti"]),
+        ("revoked", status["jti"]),
+    ]
+
+
 async def test_a_licence_secret_holding_another_customers_licence_is_not_taken_for_this_ones(
     cluster: Cluster,
     paused_operator: OperatorProcess,
