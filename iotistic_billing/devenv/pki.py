@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-_VALIDITY = dt.timedelta(days=7)
+# A year, not envtest's week: `make dev` left running (its control plane keeps them) stops answering
+# when they end, and each start makes new ones anyway.
+_VALIDITY = dt.timedelta(days=365)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ kubeconfig of an existing cluster; a stop or a part too slow during start-up."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import http.server
 import os
 import signal
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from iotistic_billing import processes
 from iotistic_billing.db import embedded
 from iotistic_billing.devenv import __main__ as runner
 from iotistic_billing.devenv.__main__ import KeptPorts, dev_commands, existing_kubeconfig, write_env
 from iotistic_billing.devenv.controlplane import REPO_BIN
+from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.devenv.registry import ChartRegistry
 
 
@@ -492,3 +495,10 @@ def test_make_dev_on_an_existing_cluster_builds_none_of_the_local_cluster_s_tool
         "tools/build.sh stripe-mock mailpit registry helm kubectl"
     ]
     assert planned() == ["tools/build.sh", "tools/build.sh e2e"]
+
+
+def test_the_local_control_plane_s_certificates_outlast_a_dev_environment_left_running_for_months() -> None:
+    ca = CertificateAuthority("test-ca")
+    serving = x509.load_pem_x509_certificate(ca.issue("kube-apiserver", server=True).cert_pem)
+    month_ahead = dt.datetime.now(dt.UTC) + dt.timedelta(days=90)
+    assert ca.cert.not_valid_after_utc > month_ahead and serving.not_valid_after_utc > month_ahead
