@@ -188,6 +188,8 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
     wakeup = asyncio.Event()
     ctx.rollout_wakeups.add(wakeup)
     failures = 0  # ticks failed in a row
+    # No Customer's health timeout runs while no operator did: its pass may not have run yet.
+    judging_since = ctx.clock()
     try:
         while True:
             # Cleared before the tick: a Customer written during the tick or the quiet time after it
@@ -195,7 +197,7 @@ async def rollout_daemon(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
             wakeup.clear()
             if not rollouts.settled(body):
                 try:
-                    await rollouts.advance(ctx, name)
+                    await rollouts.advance(ctx, name, judging_since)
                     failures = 0
                 except KubernetesUnavailable as error:  # one line: an outage is no bug of the tick
                     failures += 1

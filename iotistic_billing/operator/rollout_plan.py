@@ -137,7 +137,8 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     stalled_before_release = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_RELEASE
     by_annotation: PassResult = "not yet"
     if annotated is None:
-        by_annotation = "ran"
+        # Returned to the fleet's version by a rollback (rollout_plan._back): done once a pass aimed by it.
+        by_annotation = "not yet" if release.get("versionSource") == "Rollout" else "ran"
     elif stalled_before_release:
         # No version is read until it is repaired: the one it runs is where a return to it is done.
         by_annotation = "ran" if running == annotated else "refused"
@@ -214,18 +215,38 @@ def _back(
     customer: Member, target: str, failure: RolloutFailure | None, rollout: str, now: datetime
 ) -> Move | None:
     """The move that returns a Customer this rollout moved to the version it had; None when this
-    rollout did not move it or it is back already. Without a recorded version its annotations are
-    dropped (the fleet's version applies again).
+    rollout did not move it, it is back already, or it ran the target before the move. Without a
+    recorded version its version annotations are dropped (the fleet's version applies again).
 
     Its previous-chart-version becomes the target it leaves, the version it is moved from: without it,
     operator.state.chart_target cannot tell that a version INSTANCE_CHART_UPGRADE=immediate installs
     later came after the annotation, and leaving that mode would take the Customer back down."""
     if customer.annotations.get(ROLLOUT_NAME) != rollout or customer.version != target:
         return None
-    previous = customer.annotations.get(ROLLOUT_PREVIOUS_VERSION) or (failure and failure.previous_version)
+    if _stays(customer, target, failure):
+        # It ran the target before the move (a new Customer on the fleet's version): it stays, and a
+        # move to the same version, a new updated-at each tick, kept the rollback going for good.
+        return None
+    previous = _returns_to(customer, failure)
     if not previous:
-        return Move(customer.name, {})
+        # Its annotations but the rollout's name and the time go: the rollback waits for the pass that
+        # reads the return (member: versionSource no longer Rollout), not dropping it from `mine`.
+        return Move(
+            customer.name, {ROLLOUT_NAME: rollout, ROLLOUT_UPDATED_AT: now.isoformat(timespec="seconds")}
+        )
     return moved(customer, previous, target, rollout, now)
+
+
+def _stays(customer: Member, target: str, failure: RolloutFailure | None) -> bool:
+    """Moved to `target` from `target` itself: a rollback has nothing to return, nor to wait for."""
+    return customer.version == target and _returns_to(customer, failure) == target
+
+
+def _returns_to(customer: Member, failure: RolloutFailure | None) -> str | None:
+    """The version a rollback returns the Customer to: the one it ran when this rollout moved it."""
+    return (
+        customer.annotations.get(ROLLOUT_PREVIOUS_VERSION) or (failure and failure.previous_version) or None
+    )
 
 
 @dataclass(frozen=True)
@@ -284,15 +305,17 @@ def decide(
     others: Sequence[OtherRollout],
     now: datetime,
     disabled: str | None = None,
+    judging_since: datetime | None = None,
 ) -> Decision:
-    """One tick. `disabled`: why rollouts cannot run here (the fleet moves at once), or None."""
+    """One tick. `disabled`: why rollouts cannot run here (the fleet moves at once), or None.
+    `judging_since`: when this operator process began ticking the rollout (_Tick._timed_out)."""
     if previous.phase in TERMINAL_PHASES and previous.target_version == spec.chart_version:
         # Finished: an edit that keeps the version changes nothing but is observed (kstatus, Flux's wait).
         return Decision(previous.model_copy(update={"observed_generation": rollout.generation}))
     fresh = previous.target_version != spec.chart_version
     status = RolloutStatus(target_version=spec.chart_version) if fresh else previous.model_copy(deep=True)
     status.observed_generation = rollout.generation
-    tick = _Tick(rollout, spec, status, now)
+    tick = _Tick(rollout, spec, status, now, judging_since)
     if disabled is not None:
         return tick.stall(RolloutPhase.PENDING, "RolloutsDisabled", disabled)
     if ROLLOUT_ABORT in rollout.annotations:
@@ -364,8 +387,16 @@ def _held(rollout: Rollout, members: Sequence[Member], others: Sequence[OtherRol
 
 
 class _Tick:
-    def __init__(self, rollout: Rollout, spec: RolloutSpec, status: RolloutStatus, now: datetime) -> None:
+    def __init__(
+        self,
+        rollout: Rollout,
+        spec: RolloutSpec,
+        status: RolloutStatus,
+        now: datetime,
+        judging_since: datetime | None = None,
+    ) -> None:
         self.rollout, self.spec, self.status, self.now = rollout, spec, status, now
+        self.judging_since = judging_since
         self.events: list[tuple[str, str, str]] = []
         self.moves: list[Move] = []
         self.unproven = 0  # on the version, Ready with no instance running (_count)
@@ -425,7 +456,9 @@ class _Tick:
         """`m` failed when still not Ready on the target `healthGate.timeoutSeconds` after this run moved
         it; one it did not move (on the version by an earlier rollout's move, or an annotation set by
         hand) from when its step started judging it, at the earliest: another rollout's move of days
-        ago failed it at once for a moment's unreadiness, and an annotation with no time never did."""
+        ago failed it at once for a moment's unreadiness, and an annotation with no time never did.
+        Never before this process began judging: after an operator outage longer than the timeout (a
+        lost node), every upgrade in flight failed at the first tick, before its pass could run."""
         if m.health != "updating":
             return m
         run_started = (self.status.started_at or self.now).replace(microsecond=0)
@@ -433,6 +466,8 @@ class _Tick:
             since = m.moved_at
         else:
             since = max(m.moved_at or step_started, step_started.replace(microsecond=0))
+        if self.judging_since is not None:
+            since = max(since, self.judging_since)
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
         if self.now - since <= timeout:
             return m
@@ -677,7 +712,13 @@ class _Tick:
         # Only Customers this run set (there, then back) are waited for: one an earlier run left on
         # another version is not moved back, and would be waited for forever.
         since = (self.status.started_at or self.now).replace(microsecond=0)  # updated-at: whole seconds
-        returning = [m for m in mine if m.moved_at is not None and m.moved_at >= since]
+        returning = [
+            m
+            for m in mine
+            if m.moved_at is not None
+            and m.moved_at >= since
+            and not _stays(m, self.spec.chart_version, failures.get(m.name))
+        ]
         # Each waits for the pass that runs its return, not for what it ran before: a Customer whose
         # upgrade is still running, or which helm refused (its failed revision half applied), runs the
         # old version already.

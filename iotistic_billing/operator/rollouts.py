@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from iotistic_billing.k8s import FieldManager
@@ -67,8 +68,9 @@ async def _move(ctx: OperatorContext, move: Move) -> None:
     ctx.customer_view.saw(applied)
 
 
-async def advance(ctx: OperatorContext, name: str) -> Decision | None:
-    """One tick of rollout `name`, its Events posted; None when it is gone or being deleted."""
+async def advance(ctx: OperatorContext, name: str, judging_since: datetime | None = None) -> Decision | None:
+    """One tick of rollout `name`, its Events posted; None when it is gone or being deleted.
+    `judging_since`: when this process's daemon of it started (rollout_plan.decide)."""
     body = await ctx.kube.read_rollout(name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -89,6 +91,7 @@ async def advance(ctx: OperatorContext, name: str) -> Decision | None:
         [_other(other) for other in rollouts if other["metadata"]["name"] != name],
         ctx.clock(),
         disabled=FLEET_MOVES_AT_ONCE if ctx.fleet_moves_at_once else None,
+        judging_since=judging_since,
     )
     # The status first: a crash before the Customers' moves leaves them pending, and the next tick moves
     # them. Moved first, a tick that ended a step and moved the next one's first Customers, then died,

@@ -1426,3 +1426,81 @@ def test_a_named_step_that_holds_nobody_warns() -> None:
     assert status.phase == RolloutPhase.SUCCEEDED
     warnings = [e for d in decisions for e in d.events if e[0] == "Warning"]
     assert warnings == [("Warning", "StepEmpty", "step 1 names no selected Customer (c0o): it holds nobody")]
+
+
+def test_a_rollback_leaves_a_customer_that_ran_the_target_before_its_move_and_ends() -> None:
+    """Found in review: c00, new since INSTANCE_CHART_VERSION became 2.0.0, ran 2.0.0 from the fleet when
+    the rollout to 2.0.0 moved it (previous-chart-version 2.0.0): the rollback moved it to 2.0.0 again,
+    a new updated-at each tick, and stayed RollingBack for good."""
+    fleet = Fleet(4, broken={"c03"})
+    fleet.version = "2.0.0"
+    fleet.customers["c00"]["status"]["release"].update(chartVersion="2.0.0", targetVersion="2.0.0")
+    status, decisions = run(
+        fleet, spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"maxFailures": 1}), ticks=40
+    )
+
+    assert status.phase == RolloutPhase.ROLLED_BACK
+    assert fleet.on("2.0.0") == {"c00"} and fleet.on("1.0.0") == {"c01", "c02", "c03"}
+    assert sum(move.customer == "c00" for d in decisions for move in d.moves) == 1  # its forward move
+
+
+def test_a_rollback_waits_for_a_customer_moved_before_its_first_pass_to_leave_the_target() -> None:
+    """Found in review: c01, created during the rollout and moved before its first pass wrote
+    status.release, has no version to go back to: its return dropped every rollout annotation, its own
+    name too, so the rollout said RolledBack while it still ran 2.0.0. Its return keeps the name, and
+    the rollback waits for the pass that runs the fleet's version."""
+    fleet = Fleet(3, broken={"c02"})
+    new = fleet.customers["c01"]
+    new["status"] = {}
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    tick = ticker(
+        fleet, rollout, spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"maxFailures": 1})
+    )
+
+    status = tick(RolloutStatus())
+    new["status"] = {"release": {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": "Fleet"}}
+    fleet.operate()  # c01's first pass runs 2.0.0 by the annotation, c02's is refused
+    assert fleet.on("2.0.0") == {"c00", "c01"}
+    status = tick(status)
+    assert status.phase == RolloutPhase.ROLLING_BACK
+    status = tick(status)
+    assert (
+        status.phase == RolloutPhase.ROLLING_BACK and new["metadata"]["annotations"].get(ROLLOUT_NAME) == "r1"
+    )
+    fleet.operate()
+    status = tick(status)
+
+    assert status.phase == RolloutPhase.ROLLED_BACK
+    assert fleet.on("1.0.0") == set(fleet.customers)
+
+
+def test_no_upgrade_in_flight_times_out_before_a_restarted_operator_s_passes_could_run() -> None:
+    """Found in review: moved, then the operator away for 11 minutes (a lost node), each of the five
+    upgrades in flight was HealthTimeout at the restarted operator's first tick, and a healthy version
+    was rolled back. The timeout counts from when this process began judging at the earliest."""
+    fleet = Fleet(10)
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(
+        steps=[{"rest": True, "maxParallel": 5}],
+        onFailure="rollback",
+        healthGate={"maxFailures": 1, "timeoutSeconds": 600},
+    )
+    moved = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
+    fleet.apply(moved)
+    restarted = T0 + timedelta(seconds=660)
+
+    def tick(status: RolloutStatus, at: datetime) -> RolloutStatus:
+        decision = decide(
+            rollout, rollout_spec, status, list(fleet.customers.values()), [], at, judging_since=restarted
+        )
+        fleet.apply(decision)
+        return decision.status
+
+    first = tick(moved.status, restarted)
+    still_not_ready = tick(first, restarted + timedelta(seconds=600))
+    timed_out = tick(still_not_ready, restarted + timedelta(seconds=601))
+
+    assert len(moved.moves) == 5
+    assert first.phase == still_not_ready.phase == RolloutPhase.PROGRESSING and not first.failed
+    assert timed_out.phase == RolloutPhase.ROLLING_BACK
+    assert {f.reason for f in timed_out.failures or ()} == {"HealthTimeout"}
