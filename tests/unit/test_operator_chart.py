@@ -584,6 +584,50 @@ def test_retired_public_keys_are_mounted_for_rotation(helm: Path, tmp_path: Path
         assert {"key": "old-public-key.pem", "path": "extra-public-key-0.pem"} in volume["secret"]["items"]
 
 
+def test_postgresql_s_ca_is_mounted_where_database_url_s_sslrootcert_names_it_in_every_container(
+    helm: Path, tmp_path: Path, default_objects: list[Manifest]
+) -> None:
+    """Found in review: no container had PostgreSQL's CA, so sslmode=verify-full&sslrootcert=... failed
+    the migrate init container, and a private CA (RDS, Cloud SQL, CloudNativePG) left sslmode=require,
+    which does not authenticate the server. Every container that connects gets it, at one path."""
+
+    def ca_files(deployment: Manifest, one_container: dict[str, Any]) -> dict[str, str]:
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        return {
+            f"{mount['mountPath']}/{item['path']}": f"{volume['secret']['secretName']}:{item['key']}"
+            for mount in one_container.get("volumeMounts", [])
+            if mount["mountPath"] == "/etc/iotistic/postgresql" and mount.get("readOnly")
+            for volume in [volumes[mount["name"]]]
+            for item in volume["secret"]["items"]
+        }
+
+    def containers(objects: list[Manifest]) -> list[tuple[Manifest, dict[str, Any]]]:
+        return [
+            (o, c)
+            for o in objects
+            if o["kind"] == "Deployment"
+            for c in pod_spec(o).get("initContainers", []) + pod_spec(o)["containers"]
+        ]
+
+    values = {
+        "operator": {"shards": 2},
+        "secrets": {"database": {"caCert": {"name": "pg-ca", "key": "root.crt"}}},
+    }
+    found = containers(render(helm, tmp_path, values))
+
+    # Both shards' operator and migrate, and the webhook server.
+    assert sorted(c["name"] for _, c in found) == [
+        "migrate",
+        "migrate",
+        "operator",
+        "operator",
+        "webhook-server",
+    ]
+    for deployment, one_container in found:
+        assert ca_files(deployment, one_container) == {"/etc/iotistic/postgresql/root.crt": "pg-ca:root.crt"}
+    assert not [c["name"] for d, c in containers(default_objects) if ca_files(d, c)]
+
+
 # ----- secrets: named, never inlined -----
 
 SENTINEL = "sk_test_MUSTNOTRENDER0123456789"
@@ -918,6 +962,29 @@ def test_operator_role_covers_every_kind_the_instance_chart_renders(
     }
 
 
+def test_the_kinds_a_newer_instance_chart_renders_are_granted_by_extra_rules(
+    helm: Path, tmp_path: Path, default_objects: list[Manifest]
+) -> None:
+    """Found in review: the operator's ClusterRole names exactly the image's instance chart's kinds, and
+    nothing could add one, so an instance chart version rendering a NetworkPolicy failed every upgrade
+    with 403. operator.rbac.extraRules is appended to it, to it alone; a wildcard is refused."""
+    extra = [
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": sorted(HELM_VERBS)},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": sorted(HELM_VERBS)},
+    ]
+    objects = render(helm, tmp_path, {"operator": {"rbac": {"extraRules": extra}}})
+
+    assert rules(objects, OPERATOR) == rules(default_objects, OPERATOR) + extra
+    assert granted(rules(objects, OPERATOR), "policy", "poddisruptionbudgets") == HELM_VERBS
+    assert rules(objects, WEBHOOK_SERVER) == rules(default_objects, WEBHOOK_SERVER)
+
+    for field in ("apiGroups", "resources", "verbs"):
+        wildcard = [{**extra[0], field: ["*"]}]
+        refused = template(helm, *values_args(tmp_path, {"operator": {"rbac": {"extraRules": wildcard}}}))
+        assert refused.returncode != 0
+        assert f"at '/operator/rbac/extraRules/0/{field}/0'" in refused.stderr, refused.stderr
+
+
 # ----- network, ingress -----
 
 
@@ -1003,6 +1070,7 @@ def egress_allowed(policy: Manifest, address: str, port: int) -> bool:
 # by a rule of its own, not by their 0.0.0.0/0 on 443.
 NARROWED = {"apiServer": {"cidrs": ["10.96.0.1/32"]}, "https": {"cidrs": ["203.0.113.0/24"]}}
 NOTICES = {"secrets": {"notices": {"name": "iotistic-billing-notices"}}}
+SMTP_FROM_A_SECRET = {"name": "SMTP_URL", "valueFrom": {"secretKeyRef": {"name": "mail", "key": "url"}}}
 SMTP_HOST, WEBHOOK_HOST, REGISTRY_HOST = "198.51.100.25", "198.51.100.80", "198.51.100.50"
 METADATA = {("169.254.169.254", 80), ("169.254.169.254", 443)}
 
@@ -1026,6 +1094,23 @@ def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Ma
         ),
         # No Secret with SMTP_URL: no mail is sent, no SMTP port is open.
         ({}, set(), {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)}),
+        # SMTP_URL from a Secret of one's own through extraEnv (found in review: the rule was not rendered,
+        # and the mail was silently dropped), of either component; another variable opens nothing.
+        (
+            {"webhookServer": {"extraEnv": [SMTP_FROM_A_SECRET]}},
+            {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)},
+            set(),
+        ),
+        (
+            {"operator": {"extraEnv": [SMTP_FROM_A_SECRET]}},
+            {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)},
+            set(),
+        ),
+        (
+            {"webhookServer": {"extraEnv": [{"name": "NOTIFY_MAX_ATTEMPTS", "value": "12"}]}},
+            set(),
+            {(SMTP_HOST, 25), (SMTP_HOST, 465), (SMTP_HOST, 587)},
+        ),
         # The customers' webhooks, http:// and https://, whatever Stripe's rule is narrowed to; not the
         # cloud's metadata service.
         # IPv6 as IPv4, link-local and AWS's IPv6 metadata service left out.
@@ -1054,7 +1139,17 @@ def policies(helm: Path, tmp_path: Path, values: dict[str, Any]) -> dict[str, Ma
             {*METADATA, ("fe80::1", 443)},
         ),
     ],
-    ids=["smtp", "smtp-narrowed", "no-smtp", "webhooks", "platform-webhook-port", "webhooks-ipv6"],
+    ids=[
+        "smtp",
+        "smtp-narrowed",
+        "no-smtp",
+        "smtp-by-extra-env",
+        "smtp-by-operator-extra-env",
+        "no-smtp-by-extra-env",
+        "webhooks",
+        "platform-webhook-port",
+        "webhooks-ipv6",
+    ],
 )
 def test_webhook_server_reaches_the_notices_smtp_server_and_webhooks(
     helm: Path,
@@ -1406,6 +1501,7 @@ def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -
     values = {
         "secrets": {
             "admin": {"viewerTokenKey": "viewer"},
+            "database": {"caCert": {"name": "postgresql-ca"}},
             "notices": {"name": "iotistic-billing-notices"},
             "licenseKeys": {"extraPublicKeys": ["old-public-key.pem"]},
         },
@@ -1432,7 +1528,7 @@ def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -
                 }
     lines = {line.strip().split(" (", 1)[0]: line for line in notes.splitlines()}
 
-    assert len(waited) == 12
+    assert len(waited) == 13
     for name, key in waited:
         assert name in lines and key in lines[name], (name, key, notes)
 

@@ -119,6 +119,34 @@ securityContext:
       key: {{ .Values.secrets.database.key }}
 {{- end -}}
 
+{{/* Where secrets.database.caCert is mounted: DATABASE_URL's sslrootcert=<this>/<key>. */}}
+{{- define "iotistic-billing.databaseCaDir" -}}/etc/iotistic/postgresql{{- end -}}
+
+{{/* The volumeMount of PostgreSQL's CA (secrets.database.caCert) in every container that connects (the
+operator, its migrate init container, the webhook server); nothing when no CA is named. */}}
+{{- define "iotistic-billing.databaseCaMount" -}}
+{{- if .Values.secrets.database.caCert.name -}}
+- name: database-ca
+  mountPath: {{ include "iotistic-billing.databaseCaDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* Its volume: the one key, under its own name, so that sslrootcert names it. */}}
+{{- define "iotistic-billing.databaseCaVolume" -}}
+{{- with .Values.secrets.database.caCert -}}
+{{- if .name -}}
+- name: database-ca
+  secret:
+    secretName: {{ .name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Environment both components read: settings, the database, the image's writable paths. */}}
 {{- define "iotistic-billing.commonEnv" -}}
 {{- $config := .Values.config -}}
@@ -201,6 +229,18 @@ date the operator did not keep). A credential from another Secret (valueFrom) st
 {{- end -}}
 {{- end -}}
 {{- with .extraEnv }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
+{{/* "true" when one of the extraEnv lists sets the variable, else "": (dict "extraEnvs" (list ...) "name"
+"SMTP_URL"). What NOTES and the NetworkPolicy read of a setting given there instead of by its value. */}}
+{{- define "iotistic-billing.extraEnvNames" -}}
+{{- $found := false -}}
+{{- range $extraEnv := .extraEnvs -}}
+{{- range $extraEnv -}}
+{{- if eq .name $.name -}}{{- $found = true -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $found -}}true{{- end -}}
 {{- end -}}
 
 {{/* LICENSE_EXTRA_PUBLIC_KEY_PATHS as the JSON list pydantic-settings reads. */}}
