@@ -58,7 +58,7 @@ def retry_delay(retry: int) -> float:
 
 
 class PassRetries:
-    """The retries of the passes no Kopf handler retries (the housekeeping's and the watches' passes), one
+    """The retries of failed passes, whoever ran them (Kopf retries none: handlers.retry_if_failed), one
     pending per Customer, after retry_delay of its failures in a row. `later` schedules a retry (the
     running loop's call_later); tests give their own and fire the retries instead of waiting."""
 

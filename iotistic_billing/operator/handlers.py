@@ -97,44 +97,57 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 PASS_FAILURES_RETRIED: tuple[type[Exception], ...] = (KubernetesUnavailable, StatusConflict)
 
 
-async def _report(ctx: OperatorContext, result: PassResult | None, body: kopf.Body, retry: int) -> None:
-    """Events for transitions, and Kopf's retry semantics for the pass's outcome."""
-    if result is None:
+def retry_if_failed(ctx: OperatorContext, name: str, ended: PassResult | Exception) -> None:
+    """The one owner of a failed pass's retry, whoever ran the pass (a Kopf handler, the housekeeping, a
+    watch): a temporary failure, or an exception, is retried by PassRetries after the backoff of the
+    Customer's failures in a row, with a pass of the Customer as it is then, whatever its spec did
+    meanwhile; any other end (converged, stalled until something changes) drops a pending retry. One
+    warning line a failed try (a traceback only for an error nobody expected)."""
+    if isinstance(ended, PassResult) and ended.temporary_error is None:
+        ctx.pass_retries.forget(name)
         return
+    delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
+    if isinstance(ended, Exception) and not isinstance(ended, PASS_FAILURES_RETRIED):
+        log.error("pass of Customer %s failed; again in %.0f s", name, delay, exc_info=ended)
+        return
+    cause = ended.temporary_error if isinstance(ended, PassResult) else ended  # an outage is no bug
+    log.warning("pass of Customer %s failed temporarily: %s; again in %.0f s", name, cause, delay)
+
+
+async def _kopf_pass(ctx: OperatorContext, name: str, body: kopf.Body) -> None:
+    """A pass a Kopf handler runs. Its failure is retried by retry_if_failed, not by Kopf, so the handler
+    ends as handled: Kopf's retry belongs to the spec change it handles, and an edit reverted while the
+    retry waited left Kopf no change (the spec as it last handled it) and it dropped the retry, the
+    Customer left with the failure's Ready. Only a stall is Kopf's, as a permanent error (no retry)."""
+    try:
+        result = await reconcile(ctx, name, handed=body)
+    except Exception as error:  # the API server or PostgreSQL away, a conflict that went on, a bug
+        retry_if_failed(ctx, name, error)
+        return
+    if result is None:  # gone, being deleted or another shard's: nothing to retry
+        return
+    retry_if_failed(ctx, name, result)
     await post_events(ctx.kube, KIND, body, result.events)
     if result.permanent_error is not None:
         raise kopf.PermanentError(result.permanent_error)
-    if result.temporary_error is not None:
-        raise kopf.TemporaryError(result.temporary_error, delay=retry_delay(retry))
 
 
-async def _kopf_pass(ctx: OperatorContext, name: str, body: kopf.Body, retry: int) -> None:
-    """A pass a Kopf handler runs, reported by _report; a PASS_FAILURES_RETRIED raised out of it is a
-    temporary error too (Kopf's one `failed temporarily` line, the passes' backoff)."""
-    try:
-        result = await reconcile(ctx, name, handed=body)
-    except PASS_FAILURES_RETRIED as error:
-        raise kopf.TemporaryError(str(error), delay=retry_delay(retry)) from error
-    await _report(ctx, result, body, retry)
+# No backoff of Kopf's: whatever fails a pass is retried by the operator (_kopf_pass).
+@kopf.on.resume(*CUSTOMERS)
+@kopf.on.create(*CUSTOMERS)
+@kopf.on.update(*CUSTOMERS, field="spec")
+async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _kopf_pass(_context(memo), name, body)
 
 
-# An unexpected error (a bug) is retried soon, not in Kopf's default minute. Expected failures back off
-# exponentially in _kopf_pass.
-@kopf.on.resume(*CUSTOMERS, backoff=5)
-@kopf.on.create(*CUSTOMERS, backoff=5)
-@kopf.on.update(*CUSTOMERS, field="spec", backoff=5)
-async def reconcile_customer(name: str, body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    await _kopf_pass(_context(memo), name, body, retry)
-
-
-@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT), backoff=5)
+@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations", RECONCILE_REQUESTED_AT))
 async def reconcile_requested(
-    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, new: Any, reason: Any = None, **_: Any
+    name: str, body: kopf.Body, memo: kopf.Memo, new: Any, reason: Any = None, **_: Any
 ) -> None:
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
     if new and not (reason == kopf.Reason.CREATE and _status_of(body).get("lastHandledReconcileAt") == new):
-        await _kopf_pass(_context(memo), name, body, retry)
+        await _kopf_pass(_context(memo), name, body)
 
 
 def _status_of(body: Any) -> Any:
@@ -155,9 +168,9 @@ def rollout_move(annotations: Any) -> tuple[str | None, str | None]:
     return annotations.get(ROLLOUT_CHART_VERSION), annotations.get(ROLLOUT_UPDATED_AT)
 
 
-@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations"), backoff=5)
+@kopf.on.field(*CUSTOMERS, field=("metadata", "annotations"))
 async def rollout_version_changed(
-    name: str, body: kopf.Body, memo: kopf.Memo, retry: int, old: Any, new: Any, reason: Any = None, **_: Any
+    name: str, body: kopf.Body, memo: kopf.Memo, old: Any, new: Any, reason: Any = None, **_: Any
 ) -> None:
     """A rollout moved the Customer to another chart version (or back), or one set by hand: a pass
     installs it. By the move's updated-at too: a move and its rollback's return that Kopf sees as one
@@ -171,7 +184,7 @@ async def rollout_version_changed(
     if reason == kopf.Reason.CREATE and _move_read(body, new):
         return
     if rollout_move(old) != rollout_move(new):
-        await _kopf_pass(_context(memo), name, body, retry)
+        await _kopf_pass(_context(memo), name, body)
 
 
 def register_rollouts() -> None:
@@ -325,27 +338,20 @@ async def housekeeping_daemon(name: str, body: kopf.Body, memo: kopf.Memo, uid: 
 
 
 async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None = None) -> None:
-    """A pass the housekeeping or a watch asked for. No Kopf handler runs it, so its Events are posted and
-    its failures retried (after _report's backoff) here: the status a failed helm leaves holds nothing
-    the housekeeping acts on, and a licence Secret whose rows PostgreSQL refused leaves no trace in the
-    status at all."""
+    """A pass the housekeeping, a watch or a retry asked for. No Kopf handler runs it, so its Events are
+    posted here; its failures are retried as every pass's (retry_if_failed): the status a failed helm
+    leaves holds nothing the housekeeping acts on, and a licence Secret whose rows PostgreSQL refused
+    leaves no trace in the status at all."""
     try:
         result = await reconcile(ctx, name, deployment_event=deployment_event)
     except Exception as error:  # the API server or PostgreSQL away, a conflict that went on
-        delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
-        if isinstance(error, PASS_FAILURES_RETRIED):  # one line a Customer: an outage is no bug
-            log.warning("pass of Customer %s failed: %s; again in %.0f s", name, error, delay)
-        else:
-            log.exception("pass of Customer %s failed; again in %.0f s", name, delay)
+        retry_if_failed(ctx, name, error)
         return
     if result is None:
         if deployment_event is None:  # gone, being deleted or another shard's: nothing to retry
             ctx.pass_retries.forget(name)
         return  # a Deployment event's pass that a later pass covered: a retry pending stays
-    if result.temporary_error is not None:
-        ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
-    else:
-        ctx.pass_retries.forget(name)  # converged, or stalled until the spec changes
+    retry_if_failed(ctx, name, result)
     await post_events(ctx.kube, KIND, {"metadata": {"name": name, "uid": result.uid}}, result.events)
 
 

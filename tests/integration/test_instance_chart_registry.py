@@ -1,7 +1,7 @@
 """The customer-instance chart from a real OCI registry (CNCF Distribution): the fleet's version from
 INSTANCE_CHART_VERSION, a Customer pinned to another, a version the registry lacks stalls the Customer
-until it is pushed and a reconcile is asked for, a registry that is away is retried, and at a restart
-is not needed by a release that is current."""
+until it is pushed and a reconcile is asked for, a registry that is away is retried (also once the
+edit that needed it is reverted), and at a restart is not needed by a release that is current."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any
 import kubernetes
 import pytest
 
-from iotistic_billing.customer import RECONCILE_REQUESTED_AT
+from iotistic_billing.customer import KIND, RECONCILE_REQUESTED_AT
 from iotistic_billing.devenv.registry import ChartRegistry
 from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
 from tests.integration.test_operator import Cluster, customer_manifest, operator_metric
+from tests.integration.test_operator_events import reasons
 
 STALLED = "iotistic_operator_customer_stalled"
 
@@ -122,6 +123,50 @@ def test_a_registry_that_is_away_is_retried_not_stalled(
     finally:
         chart_registry.start()
     assert wait_until(lambda: deployed_chart(cluster, name), timeout=120, message="deployed") == version
+
+
+def test_an_edit_reverted_while_its_failed_pass_waits_for_a_retry_leaves_the_customer_ready(
+    cluster: Cluster, chart_registry: ChartRegistry
+) -> None:
+    """Found in review: the retry of a pass that failed temporarily was Kopf's, bound to the spec change it
+    handled; an edit reverted meanwhile left Kopf no change to handle (no diff against the spec it last
+    handled) and it dropped the retry: the Customer said Degraded, ChartPullFailed, until a renewal, a
+    restart or a Reconcile now, while its spec asked for the release it runs. The registry stays away:
+    the reverted spec's release is current and needs no chart."""
+    name = unique_name("revert")
+    uid = cluster.create(customer_manifest(name, plan="starter"))["metadata"]["uid"]
+    assert wait_until(lambda: deployed_chart(cluster, name), timeout=90, message="deployed") == "0.1.0"
+    assert cluster.make_deployments_available(name) >= 5
+    ready = wait_until(lambda: ready_condition(cluster, name, "True"), message="Ready")
+    revision = (cluster.release(name) or {}).get("revision")
+
+    version = "0.5." + datetime.now(UTC).strftime("%H%M%S%f")
+    chart_registry.push(CHART, version)
+    chart_registry.stop()
+    try:
+        cluster.patch_spec(name, {"instance": {"chartVersion": version}})
+        failed = wait_until(
+            lambda: ready_condition(cluster, name, "False"), timeout=60, message="pull failed"
+        )
+        assert failed["reason"] == "ChartPullFailed" and "connection refused" in failed["message"], failed
+        assert (cluster.customer(name) or {})["status"]["phase"] == "Degraded"
+
+        cluster.patch_spec(name, {"instance": {"chartVersion": None}})
+        again = wait_until(lambda: ready_condition(cluster, name, "True"), timeout=60, message="Ready again")
+        assert (again["reason"], again["message"]) == (ready["reason"], ready["message"])
+        assert (cluster.customer(name) or {})["status"]["phase"] == "Ready"
+        assert (cluster.condition(name, "ReleaseDeployed") or {}).get("status") == "True"
+        assert (cluster.release(name) or {}).get("revision") == revision  # nothing installed again
+        # What `kubectl describe` lists: the failure once when it started, then the way back.
+        events = reasons(cluster, KIND, name, uid)
+        assert (events["ChartPullFailed"], events["Degraded"], events["Ready"]) == (1, 1, 2), events
+    finally:
+        chart_registry.start()
+
+
+def ready_condition(cluster: Cluster, name: str, status: str) -> dict[str, Any] | None:
+    condition = cluster.condition(name, "Ready") or {}
+    return condition if condition.get("status") == status else None
 
 
 def request_reconcile(cluster: Cluster, name: str) -> str:

@@ -5,7 +5,6 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import SimpleNamespace
@@ -392,13 +391,19 @@ async def test_a_pass_handler_backs_off_when_the_api_server_is_away(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
 ) -> None:
     """Found in review: raised out of Kopf's pass handlers they were unexpected errors to Kopf, a
-    traceback and a constant 5 s, not the passes' backoff and one line with the cause."""
+    traceback and a constant 5 s, not the passes' backoff and one line with the cause. Whoever ran the
+    pass, its failures in a row share one backoff and one retry pending."""
 
     async def pass_(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> None:
         raise error
 
     monkeypatch.setattr(handlers, "reconcile", pass_)
-    memo = kopf.Memo(context=SimpleNamespace())
+    retries = Retries()
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(pass_retries=PassRetries(retries.later), background_passes=BackgroundPasses()),
+    )
+    memo = kopf.Memo(context=ctx)
     body = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}})
     moved = {ROLLOUT_CHART_VERSION: "0.2.0"}
     handled = [
@@ -406,21 +411,83 @@ async def test_a_pass_handler_backs_off_when_the_api_server_is_away(
         partial(handlers.reconcile_requested, name="acme", body=body, memo=memo, new="now"),
         partial(handlers.rollout_version_changed, name="acme", body=body, memo=memo, old={}, new=moved),
     ]
-    for handler in handled:
-        for retry in (0, 3, 9):
-            with pytest.raises(kopf.TemporaryError) as retried:
-                await handler(retry=retry)
-            assert retried.value.delay == retry_delay(retry) and str(retried.value) == str(error)
+    with caplog.at_level("WARNING", logger=handlers.log.name):
+        for handler in handled:
+            await handler(retry=0)  # no TemporaryError: Kopf keeps no retry of its own
+            assert len(retries.scheduled) == 1
+        await handlers._refresh(ctx, "acme")  # the passes no Kopf handler runs alike
+    assert retries.delays == [retry_delay(3)]
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)] * 4
+    assert all(str(error) in record.getMessage() for record in caplog.records)
 
-    # The passes no Kopf handler runs: one warning line with the cause, no traceback.
+
+async def test_a_failed_pass_of_a_kopf_handler_is_retried_by_the_operator_whatever_the_spec_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: Kopf retried a failed pass of its handlers as part of the spec change it handled;
+    an edit reverted while the retry waited left Kopf no change to handle (the spec as it last handled
+    it), and it dropped the retry: the Customer kept the failure's Ready (Degraded, the registry's error)
+    until a renewal, a restart or a Reconcile now. The handler ends as handled and the operator retries
+    (PassRetries) with a pass of the Customer as it is then; Kopf never retries the same failure too."""
+    edited = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {"chartVersion": "0.5.0"}})
+    outcomes: list[PassResult | Exception] = [
+        ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
+        # The edit reverted meanwhile: retried all the same (Kopf sees the revert as a change now, below).
+        KubernetesUnavailable("reading Customer acme: the API server answered 503"),
+        ended("Ready", "Degraded", uid="uid-acme"),
+    ]
+    passes: list[Any] = []  # the Customer each pass was handed (None: it read the Customer itself)
+    passed = asyncio.Event()
+
+    async def reconcile(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> Any:
+        passes.append(handed)
+        passed.set()
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def retried() -> None:
+        passed.clear()
+        retries.fire()
+        await asyncio.wait_for(passed.wait(), 5)
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+    retries = Retries()
+    kube = EventRecorder()
     ctx = cast(
         OperatorContext,
-        SimpleNamespace(pass_retries=PassRetries(Retries().later), background_passes=BackgroundPasses()),
+        SimpleNamespace(
+            kube=kube,
+            pass_requests=PassRequests(),
+            pass_retries=PassRetries(retries.later),
+            housekeepers={"uid-acme": asyncio.get_running_loop().create_future()},
+            background_passes=BackgroundPasses(),
+        ),
     )
-    with caplog.at_level("WARNING", logger=handlers.log.name):
-        await handlers._refresh(ctx, "acme")
-    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)]
-    assert str(error) in caplog.records[0].getMessage()
+    memo = kopf.Memo(context=ctx)
+
+    await handlers.reconcile_customer(name="acme", body=edited, memo=memo, retry=0)
+    assert retries.delays == [5] and kube.posted == [("acme", "uid-acme", "Warning", "Degraded")]
+    await retried()  # fails again: one retry pending, its backoff doubled
+    assert retries.delays == [10]
+    await retried()  # the Customer as it is now (reverted): converged, nothing left to retry
+    assert passes == [edited, None, None] and retries.scheduled == []
+    assert kube.posted[1:] == [("acme", "uid-acme", "Normal", "Ready")]
+
+    # A pass Kopf runs for the revert, converging before the retry is due, drops that retry.
+    reverted = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {}})
+    outcomes.extend(
+        [
+            ended("Degraded", "Ready", temporary_error="helm pull: connection refused"),
+            ended("Ready", "Degraded"),
+        ]
+    )
+    await handlers.reconcile_customer(name="acme", body=edited, memo=memo, retry=0)
+    assert retries.delays == [5]
+    await handlers.reconcile_customer(name="acme", body=reverted, memo=memo, retry=0)
+    assert retries.scheduled == [] and outcomes == []
 
 
 async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -769,7 +836,7 @@ async def test_a_customer_stalled_before_its_licence_gets_no_housekeeping_pass(
     ],
 )
 async def test_a_licence_step_postgresql_refuses_is_a_database_unavailable_condition_and_a_retry(
-    monkeypatch: pytest.MonkeyPatch, error: Exception
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
 ) -> None:
     """Found in review: with PostgreSQL away a new Customer's pass raised the driver's connection error
     into Kopf (a 9.8 KB traceback every 5 s naming no database), and the Customer had no status at all."""
@@ -819,12 +886,15 @@ async def test_a_licence_step_postgresql_refuses_is_a_database_unavailable_condi
         )
     assert status.condition("Stalled").status == "False"  # type: ignore[union-attr]
     assert status.phase == "Pending" and status.license is None and status.observed_generation is None
-    # Kopf's handler retries it as a temporary error, after the passes' backoff: one line, no traceback.
-    with pytest.raises(kopf.TemporaryError) as retried:
-        await handlers._report(
-            housekeeping_context(server), replace(result, previous_phase="Pending"), kopf.Body(body), retry=2
-        )
-    assert retried.value.delay == retry_delay(2) and str(retried.value) == result.temporary_error
+    # Retried after the passes' backoff as any failed pass (not by Kopf): one line, no traceback.
+    retries = Retries()
+    ctx = housekeeping_context(server)
+    ctx.pass_retries = PassRetries(retries.later)
+    with caplog.at_level("WARNING", logger=handlers.log.name):
+        handlers.retry_if_failed(ctx, "acme", result)
+    assert retries.delays == [retry_delay(0)]
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)]
+    assert result.temporary_error in caplog.records[0].getMessage()
 
 
 async def test_a_licence_step_that_fails_for_a_bug_still_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
