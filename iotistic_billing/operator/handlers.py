@@ -106,7 +106,7 @@ def retry_if_failed(ctx: OperatorContext, name: str, ended: PassResult | Excepti
     if isinstance(ended, PassResult) and ended.temporary_error is None:
         ctx.pass_retries.forget(name)
         return
-    delay = ctx.pass_retries.failed(name, partial(request_pass, ctx, name))
+    delay = ctx.pass_retries.failed(name, partial(_retry_pass, ctx, name))
     if isinstance(ended, Exception) and not isinstance(ended, PASS_FAILURES_RETRIED):
         log.error("pass of Customer %s failed; again in %.0f s", name, delay, exc_info=ended)
         return
@@ -353,6 +353,15 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
         return  # a Deployment event's pass that a later pass covered: a retry pending stays
     retry_if_failed(ctx, name, result)
     await post_events(ctx.kube, KIND, {"metadata": {"name": name, "uid": result.uid}}, result.events)
+
+
+def _retry_pass(ctx: OperatorContext, name: str) -> None:
+    """A failed pass's retry, due. While Kopf pauses this operator it waits another backoff instead of
+    being dropped: no Kopf handler retries the failure after the resume (retry_if_failed)."""
+    if not kopf_active(ctx):
+        ctx.pass_retries.failed(name, partial(_retry_pass, ctx, name))
+        return
+    request_pass(ctx, name)
 
 
 def kopf_active(ctx: OperatorContext) -> bool:

@@ -912,3 +912,47 @@ async def test_a_licence_step_that_fails_for_a_bug_still_raises_it(monkeypatch: 
     }
     with pytest.raises(KeyError):
         await _reconcile(housekeeping_context(StatusServer({}, resource_version=7)), body, NOW)
+
+
+async def test_a_retry_due_while_kopf_pauses_the_operator_waits_for_the_resume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a failed pass's retry that came due while Kopf's peering paused this operator
+    was dropped (request_pass runs no pass then), and no Kopf handler retried the failure after the
+    resume: the Customer kept the failure until a renewal or an edit."""
+    outcomes = [
+        ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
+        ended("Ready", "Degraded", uid="uid-acme"),
+    ]
+    passed = asyncio.Event()
+
+    async def reconcile(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> Any:
+        passed.set()
+        return outcomes.pop(0)
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+    retries = Retries()
+    housekeepers: dict[str, Any] = {"uid-acme": asyncio.get_running_loop().create_future()}
+    ctx = cast(
+        OperatorContext,
+        SimpleNamespace(
+            kube=EventRecorder(),
+            pass_requests=PassRequests(),
+            pass_retries=PassRetries(retries.later),
+            housekeepers=housekeepers,
+            background_passes=BackgroundPasses(),
+        ),
+    )
+    body = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {}})
+    await handlers.reconcile_customer(name="acme", body=body, memo=kopf.Memo(context=ctx), retry=0)
+    passed.clear()
+
+    paused = housekeepers.pop("uid-acme")  # Kopf stops every daemon while it pauses the operator
+    retries.fire()
+    assert retries.delays == [10] and not passed.is_set()  # still pending, not dropped
+
+    housekeepers["uid-acme"] = paused  # resumed
+    retries.fire()
+    await asyncio.wait_for(passed.wait(), 5)
+    assert outcomes == [] and retries.scheduled == []
