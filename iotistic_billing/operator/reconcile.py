@@ -35,6 +35,7 @@ from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import instance_health
+from iotistic_billing.operator.entitlement import effective_plan
 from iotistic_billing.operator.license import ensure_license
 from iotistic_billing.operator.manifests import namespace_as_applied, namespace_manifest
 from iotistic_billing.operator.metrics import (
@@ -239,7 +240,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         customer,
         ctx.settings.base_domain,
         now,
-        (version or await _fleet_version(ctx, body), source),
+        (version or await fleet_version(ctx, body, customer, now), source),
         timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
@@ -342,12 +343,21 @@ async def _namespace_and_secret(
     return secret
 
 
-async def _fleet_version(ctx: OperatorContext, body: dict[str, Any]) -> str:
+async def fleet_version(ctx: OperatorContext, body: dict[str, Any], customer: Customer, now: datetime) -> str:
     """The version the fleet has settled on for a Customer that runs none of its own yet: the newest
     Succeeded InstanceRollout selecting it, else INSTANCE_CHART_VERSION. Listed only for such
-    Customers (new ones), so a thousand Ready Customers list no rollouts."""
-    settled = None if ctx.fleet_moves_at_once else settled_version(await ctx.kube.list_rollouts(), body)
-    return settled or ctx.charts.fleet_version
+    Customers (new ones), so a thousand Ready Customers list no rollouts.
+
+    Selected by the plan this pass gives it, as rollouts select by the status's: before its first status
+    a Stripe-billed professional Customer (re-created from Git, say) has spec.plan's default, trial, and
+    started on the trial fleet's version."""
+    if ctx.fleet_moves_at_once:
+        return ctx.charts.fleet_version
+    created = customer.metadata.creation_timestamp or now
+    restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
+    plan = effective_plan(customer.spec, created, now, restricted_for).plan
+    as_passed = {**body, "status": {**(body.get("status") or {}), "plan": plan}}
+    return settled_version(await ctx.kube.list_rollouts(), as_passed) or ctx.charts.fleet_version
 
 
 async def write_status(

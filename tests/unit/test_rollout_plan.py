@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from iotistic_billing.customer import Customer, ReleaseStatus, VersionSource
+from iotistic_billing.operator.reconcile import fleet_version
 from iotistic_billing.operator.rollout_plan import (
     Decision,
     OtherRollout,
@@ -1504,3 +1506,38 @@ def test_no_upgrade_in_flight_times_out_before_a_restarted_operator_s_passes_cou
     assert first.phase == still_not_ready.phase == RolloutPhase.PROGRESSING and not first.failed
     assert timed_out.phase == RolloutPhase.ROLLING_BACK
     assert {f.reason for f in timed_out.failures or ()} == {"HealthTimeout"}
+
+
+async def test_a_new_customer_starts_on_the_version_settled_for_the_plan_its_first_pass_gives_it() -> None:
+    """Found in review: the fleet's version of a Customer's first pass was chosen by spec.plan (no status
+    yet), so a Stripe-billed professional Customer (re-created from Git: spec.plan at its default,
+    trial) started on the version the trial Customers' rollout settled."""
+
+    def settled(version: str, plans: list[str]) -> dict[str, Any]:
+        ran = spec(chartVersion=version, plans=plans, steps=[{"rest": True}])
+        status = {"phase": "Succeeded", "targetVersion": version, "selected": 1, "healthy": 1}
+        return {"spec": ran.to_k8s(), "status": {**status, "completedAt": T0.isoformat()}}
+
+    rollouts = [settled("2.0.0", ["trial"]), settled("3.0.0", ["professional"])]
+
+    async def list_rollouts() -> list[dict[str, Any]]:
+        return rollouts
+
+    ctx: Any = SimpleNamespace(
+        fleet_moves_at_once=False,
+        kube=SimpleNamespace(list_rollouts=list_rollouts),
+        charts=SimpleNamespace(fleet_version="1.0.0"),
+        settings=SimpleNamespace(dunning_restrict_days=14),
+    )
+    body = {
+        "metadata": {"name": "acme", "creationTimestamp": T0.isoformat(), "annotations": {}},
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "Acme",
+            "billing": {"mode": "stripe"},
+            "subscription": {"status": "active", "plan": "professional"},
+        },
+    }
+    customer = Customer.model_validate(body)
+
+    assert await fleet_version(ctx, body, customer, T0) == "3.0.0"
