@@ -182,7 +182,8 @@ class UsageRollup(Base):
     overage: Mapped[dict[str, Any]]
     overage_amount_cents: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
-    # The plan whose included usage the overage is computed against (the effective plan when last rolled up).
+    # The plan whose included usage the overage is computed against: the effective plan when last rolled
+    # up, or the paid plan the period held before a lapse to a plan not billed (rollups.period_plan).
     plan: Mapped[str | None] = mapped_column(String(20))
     # Set once the period has ended and was rolled up for the last time; a closed rollup never changes.
     closed_at: Mapped[datetime | None]

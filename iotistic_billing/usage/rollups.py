@@ -10,7 +10,8 @@ no report is billed twice. A report that no row holds, of a period that ended be
 gets its period's row from the flush that sees it (the meter run's, `unheld_arrivals`, when its server
 stopped before its own) if it arrived while the close grace of the period it ends in lasted
 (`open_missing_rollups`); a report that arrives after that, or after that period closed, is kept, and
-billed in no period (`reports_after_close`). Amounts are stored as strings of exact decimals.
+billed in no period (`reports_after_close`). A lapse from a paid plan within a period keeps that plan
+for it (`period_plan`). Amounts are stored as strings of exact decimals.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ class Rollup:
     def billed(self) -> bool:
         """Whether Stripe meter events are owed for this rollup (once its period has closed)."""
         return self.plan in BILLED_PLANS and bool(self.overage.lines)
+
+
+def period_plan(effective: str, recorded: str | None) -> str:
+    """The plan a period is priced against: the Customer's `effective` plan, unless that is not a paid
+    one and the period's open row `recorded` a paid plan (the last it held in the period): a lapse to
+    the unlicensed fallback (dunning, a suspension, a cancellation) must not erase the overage it
+    consumed while paying. A period never on a paid plan stays unbilled."""
+    if effective not in BILLED_PLANS and recorded in BILLED_PLANS:
+        return recorded
+    return effective
 
 
 def included_usage(plan: str) -> IncludedUsage:
@@ -163,12 +174,33 @@ async def unsettled_period(
     return period if settled_end is None else BillingPeriod(settled_end, period.end)
 
 
-async def save_open_rollup(conn: Connection, rollup: Rollup) -> None:
-    """The current period's row, refreshed; overlapping open rows of an older period definition fixed."""
+# The plan the open row of a period holds (what earlier flushes priced it against).
+_RECORDED_PLAN: Final = """
+SELECT plan FROM usage_rollups WHERE customer_id = $1 AND period_start = $2 AND closed_at IS NULL
+"""
+
+
+async def priced_plan(
+    conn: Queryable, customer_id: str, period: BillingPeriod, effective: str, *, lock: bool = False
+) -> str:
+    """`period_plan` of the customer's open row of `period`; `lock` holds the row until the transaction
+    ends, so that a concurrent flush reads the plan this one writes."""
+    query = _RECORDED_PLAN + " FOR UPDATE" if lock else _RECORDED_PLAN
+    return period_plan(effective, await conn.fetchval(query, customer_id, period.start))
+
+
+async def save_open_rollup(
+    conn: Connection, customer_id: str, period: BillingPeriod, effective: str, totals: PeriodTotals
+) -> Rollup:
+    """The current period's row, refreshed, priced against `period_plan` (the Customer's `effective`
+    plan, or the paid plan the row holds); overlapping open rows of an older period definition fixed."""
     async with conn.transaction():
-        await conn.execute(_CUT_EARLIER, rollup.customer_id, rollup.period.start)
-        await conn.execute(_DROP_LATER, rollup.customer_id, rollup.period.start, rollup.period.end)
+        await conn.execute(_CUT_EARLIER, customer_id, period.start)
+        await conn.execute(_DROP_LATER, customer_id, period.start, period.end)
+        plan = await priced_plan(conn, customer_id, period, effective, lock=True)
+        rollup = compute_rollup(customer_id, period, plan, totals)
         await save_rollup(conn, rollup)
+    return rollup
 
 
 # The earliest end, in ($3, $4], of a customer's report starting from $2 that no rollup holds (a
@@ -403,6 +435,8 @@ __all__ = [
     "open_missing_rollups",
     "overage_json",
     "overage_quantities",
+    "period_plan",
+    "priced_plan",
     "reports_after_close",
     "roll_up_period",
     "save_open_rollup",

@@ -51,7 +51,6 @@ from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
     catch_up_look_back,
-    compute_rollup,
     included_usage,
     note_caught_up,
     open_missing_rollups,
@@ -91,7 +90,8 @@ async def open_period(conn: Queryable, customer_id: str, customer: Customer, now
 
 
 def customer_plan(customer: Customer) -> str:
-    """The plan whose included usage applies: the effective plan once the operator has set it."""
+    """The Customer's effective plan once the operator has set it, else spec.plan; a period is priced
+    against it unless it lapsed from a paid plan within the period (rollups.period_plan)."""
     return customer.status.plan or customer.spec.plan
 
 
@@ -236,16 +236,18 @@ class UsageMetering:
         for attempt in range(CONFLICT_RETRIES):
             now = self.clock()
             customer = record.customer
-            plan = customer_plan(customer)
+            effective = customer_plan(customer)
             async with connection(self.pool) as conn:
                 period = await open_period(conn, record.customer_id, customer, now)
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
-                await save_open_rollup(conn, compute_rollup(record.customer_id, period, plan, totals))
+                rollup = await save_open_rollup(conn, record.customer_id, period, effective, totals)
                 # Once a flush: a retry after a conflict logged each missed period again. Only a
                 # report starting before the period can end before it, in an ended period.
                 if attempt == 0 and reported.earliest_start < period.start:
-                    await self._roll_up_ended_periods(conn, record, plan, reported, period)
+                    await self._roll_up_ended_periods(conn, record, effective, reported, period)
+            # The period's plan (rollups.period_plan): a lapse keeps the paid plan's included usage.
+            plan = rollup.plan
             await self._notice_crossings(record, period, totals, plan)
             updated = usage_status(
                 customer.status,
@@ -289,7 +291,8 @@ class UsageMetering:
         instance that reports once a period, a new customer's first report after the month ended, a
         period's last minutes sent after it ended). A report ending in a period closed, or past its
         close grace, is kept and billed in no period: a closed row is what Stripe was sent. One across
-        the current period's start is the current period's (`period_totals`)."""
+        the current period's start is the current period's (`period_totals`). A row opened here is
+        priced against the effective `plan`: no flush recorded the plan its period held."""
         customer_id = record.customer_id
         since = reported.earliest_start
         opened, missed = await open_missing_rollups(

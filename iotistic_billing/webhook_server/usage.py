@@ -36,7 +36,13 @@ from iotistic_billing.usage.reports import (
     period_problems,
     retention_problems,
 )
-from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, included_usage, overage_json
+from iotistic_billing.usage.rollups import (
+    BILLED_PLANS,
+    compute_rollup,
+    included_usage,
+    overage_json,
+    priced_plan,
+)
 from iotistic_billing.usage.service import UsageMetering, customer_plan, open_period
 from iotistic_billing.usage.status import exceeded
 from iotistic_billing.usage.store import (
@@ -215,10 +221,11 @@ async def usage_history(
     usage = request.app[USAGE]
     start = window_start(now, days)
     end = start + timedelta(days=days)
-    plan = customer_plan(record.customer)
     async with connection(usage.pool) as conn:
         # The period the flush and the rollups use (never reaching back into an ended one).
         period = await open_period(conn, record.customer_id, record.customer, now)
+        # Priced as the flush prices it: a lapse keeps the paid plan the period held.
+        plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer))
         daily = await daily_usage(conn, record.customer_id, start, end)
         page = await recent_reports(
             conn,

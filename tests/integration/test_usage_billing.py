@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.pool import Pool, connection, open_pool
+from iotistic_billing.k8s import FieldManager
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -1182,6 +1183,57 @@ async def test_a_checkout_on_the_31st_leaves_the_trial_days_in_the_calendar_row(
         ]
         status = (customers.get(name) or {})["status"]
         assert status["usage"]["periodStart"] == "2025-01-31T10:00:00Z"
+    finally:
+        customers.delete(name)
+
+
+def effective_plan_is(customers: Customers, name: str, plan: str) -> None:
+    """status.plan as the operator writes it (no operator runs here): a lapse, a reinstatement."""
+    customers.kube.patch_customer_status(name, {"plan": plan}, manager=FieldManager.OPERATOR)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "priced", "billed"),
+    [
+        # Dunning (or a suspension, a cancellation) lapses it before March's last flush: its starter
+        # overage is billed all the same.
+        ("starter", "unlicensed", "starter", True),
+        # Reinstated within March: the last paid plan, as before.
+        ("unlicensed", "starter", "starter", True),
+        # Never on a paid plan in March: nothing billed.
+        ("trial", "unlicensed", "unlicensed", False),
+    ],
+    ids=["lapsed", "reinstated", "never-paid"],
+)
+async def test_a_period_is_priced_against_the_last_paid_plan_it_held(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    customers: Customers,
+    before: str,
+    after: str,
+    priced: str,
+    billed: bool,
+) -> None:
+    name, customer_id = stripe_customer(customers, "lapse", MARCH.end, current_period_start=MARCH.start)
+    try:
+        usage, recorder = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+        reports = march_reports(customer_id)
+        effective_plan_is(customers, name, before)
+        await flushed_at(usage, at(2025, 3, 11), reports[0])
+        effective_plan_is(customers, name, after)
+        await flushed_at(usage, at(2025, 3, 31), reports[1])  # March's last flush
+        await flushed_at(usage, at(2025, 4, 1, 0, 5), reports[2])  # April's: March's row waits to close
+
+        closing = at(2025, 4, 1, 2)
+        await meter_run_at(usage, closing)
+        row = await rollup_row(db_engine, customer_id, MARCH)
+        assert (row["plan"], row["closed_at"], row["metered_at"]) == (priced, closing, closing)
+        if billed:
+            assert row["overage_amount_cents"] == 927 and recorder.of(customer_id) == expected_events(
+                customer_id
+            )
+        else:
+            assert recorder.of(customer_id) == []
     finally:
         customers.delete(name)
 

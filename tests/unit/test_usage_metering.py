@@ -12,7 +12,13 @@ from iotistic_billing.usage.metering import meter_events_for, meter_identifier, 
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, overage
-from iotistic_billing.usage.rollups import compute_rollup, overage_json, overage_quantities, totals_json
+from iotistic_billing.usage.rollups import (
+    compute_rollup,
+    overage_json,
+    overage_quantities,
+    period_plan,
+    totals_json,
+)
 
 START = datetime(2026, 11, 15, 9, 30, tzinfo=UTC)
 END = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
@@ -106,6 +112,24 @@ def test_rollup_json_keeps_decimals_exact_as_strings() -> None:
     }
     assert rollup.billed
     assert not compute_rollup("cust_abc123", BillingPeriod(START, END), "trial", totals).billed
+
+
+@pytest.mark.parametrize(
+    ("effective", "recorded", "priced"),
+    [
+        ("unlicensed", "professional", "professional"),  # lapsed: the paid plan stays
+        ("trial", "starter", "starter"),
+        ("starter", "professional", "starter"),  # a paid plan changed: the last one
+        ("starter", "trial", "starter"),  # a trial converted
+        ("professional", "unlicensed", "professional"),  # reinstated
+        ("unlicensed", "trial", "unlicensed"),  # never paid: not billed
+        ("unlicensed", None, "unlicensed"),  # no row yet: nothing recorded
+    ],
+)
+def test_a_period_is_priced_against_the_last_paid_plan_it_held(
+    effective: str, recorded: str | None, priced: str
+) -> None:
+    assert period_plan(effective, recorded) == priced
 
 
 def test_periods_are_closed_an_hour_after_their_end_unless_told_otherwise() -> None:
