@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -36,7 +37,13 @@ import stripe
 from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
 from iotistic_billing.settings import STRIPE_METER_WINDOW_SECONDS
 from iotistic_billing.usage.periods import BillingPeriod
-from iotistic_billing.usage.rollups import BILLED_PLANS, close_periods, overage_quantities
+from iotistic_billing.usage.rollups import (
+    BILLED_MANUALLY,
+    BILLED_PLANS,
+    ManualBilling,
+    close_periods,
+    overage_quantities,
+)
 
 if TYPE_CHECKING:
     from stripe.params.billing import MeterEventCreateParams
@@ -188,6 +195,7 @@ class MeterRun:
     failed: int = 0  # events to try again by a later run
     expired: int = 0  # events given up: past Stripe's 35 days, billed in no invoice
     late: int = 0  # periods sent past Stripe's invoice grace: taken, on no invoice
+    manual: int = 0  # periods closed in Stripe billing, left unsent as the Customer is billed manually now
     skipped: bool = False  # another replica holds the lock
 
 
@@ -302,6 +310,34 @@ async def _meter_period(
     return MeterRun(sent=sent, failed=len(refusals))
 
 
+def once_per_run(manual_billing: ManualBilling | None) -> ManualBilling:
+    """`manual_billing` asked once per customer in a run (the close and the sends ask of the same
+    customers); without one, no Customer is billed manually."""
+    known: dict[str, bool] = {}
+
+    async def billed_manually(customer_ids: Collection[str]) -> AbstractSet[str]:
+        unknown = set(customer_ids) - known.keys()
+        if unknown and manual_billing is not None:
+            manual = await manual_billing(unknown)
+            known.update((customer_id, customer_id in manual) for customer_id in unknown)
+        return {customer_id for customer_id in customer_ids if known.get(customer_id)}
+
+    return billed_manually
+
+
+async def _leave_to_manual_billing(conn: Queryable, row: Mapping[str, Any], now: datetime) -> None:
+    """A period closed in Stripe billing and not sent yet when its Customer moved to manual billing: its
+    invoice is the manual one now, so it is marked metered and never sent."""
+    log.info(
+        "meter events of %s, period %s .. %s: %s",
+        row["customer_id"],
+        row["period_start"].isoformat(),
+        row["period_end"].isoformat(),
+        BILLED_MANUALLY,
+    )
+    await conn.execute(_METERED, row["customer_id"], row["period_start"], now, BILLED_MANUALLY)
+
+
 async def send_meter_events(
     pool: Pool,
     sender: MeterSender | None,
@@ -310,21 +346,25 @@ async def send_meter_events(
     close_grace: timedelta,
     limit: int = 500,
     before_close: Callable[[Connection], Awaitable[object]] | None = None,
+    manual_billing: ManualBilling | None = None,
 ) -> MeterRun:
     """Run `before_close` (the rollups a flush still owes: UsageMetering.flush_unheld), close the
     periods that ended at least `close_grace` ago (rollups.close_periods), then send the meter events
     they owe, `limit` periods a query, each once, those Stripe refused after the rest (see the module's
     note); all under the lock.
 
+    A Customer `manual_billing` names is sent nothing: a period closed while it is billed manually is
+    closed as metered, and one closed before and still unsent is marked metered (`BILLED_MANUALLY`).
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
+    billed_manually = once_per_run(manual_billing)
     async with connection(pool) as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", METER_LOCK_KEY):
             return MeterRun(skipped=True)
         try:
             if before_close is not None:
                 await before_close(conn)
-            closed = await close_periods(conn, now, grace=close_grace)
+            closed = await close_periods(conn, now, grace=close_grace, manual_billing=billed_manually)
             if sender is None:
                 return MeterRun(closed=closed)
             run = MeterRun(closed=closed)
@@ -339,8 +379,13 @@ async def send_meter_events(
                 ]
                 if not batch:
                     return run
+                manual = await billed_manually({row["customer_id"] for row in batch})
                 for row in batch:
                     tried.add((row["customer_id"], row["period_start"]))
+                    if row["customer_id"] in manual:
+                        await _leave_to_manual_billing(conn, row, now)
+                        run = replace(run, manual=run.manual + 1)
+                        continue
                     try:
                         result = await _meter_period(conn, row, sender, now)
                     except StripeUnavailable as error:

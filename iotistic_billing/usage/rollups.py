@@ -17,7 +17,8 @@ for it (`period_plan`). Amounts are stored as strings of exact decimals.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -33,6 +34,11 @@ from iotistic_billing.usage.store import period_samples, period_totals
 
 # Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
 BILLED_PLANS: Final = frozenset(PAID_PLAN_NAMES)
+# A closed period of a Customer billed manually: done with, no meter event sent (its meter_refusal).
+BILLED_MANUALLY: Final = "billed manually (spec.billing.mode: manual): no meter events sent to Stripe"
+
+# Of the customer ids given, those whose Customer is billed manually (spec.billing.mode: manual).
+ManualBilling = Callable[[Collection[str]], Awaitable[AbstractSet[str]]]
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,8 @@ def overage_quantities(stored: dict[str, Any]) -> dict[str, Decimal]:
 _UPSERT: Final = """
 INSERT INTO usage_rollups
     (customer_id, period_start, period_end, totals, overage, overage_amount_cents, plan, closed_at,
-     metered_at, updated_at)
-VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, now())
+     metered_at, meter_refusal, updated_at)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10, now())
 ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     period_end = EXCLUDED.period_end,
     totals = EXCLUDED.totals,
@@ -116,6 +122,7 @@ ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     plan = EXCLUDED.plan,
     closed_at = EXCLUDED.closed_at,
     metered_at = EXCLUDED.metered_at,
+    meter_refusal = EXCLUDED.meter_refusal,
     updated_at = now()
 WHERE usage_rollups.closed_at IS NULL
 """
@@ -135,8 +142,14 @@ WHERE customer_id = $1 AND closed_at IS NULL AND period_start > $2 AND period_st
 
 
 async def save_rollup(
-    conn: Queryable, rollup: Rollup, *, closed_at: datetime | None = None, metered_at: datetime | None = None
+    conn: Queryable,
+    rollup: Rollup,
+    *,
+    closed_at: datetime | None = None,
+    metered_at: datetime | None = None,
+    meter_note: str | None = None,
 ) -> None:
+    """Upsert the row; `meter_note` is its meter_refusal (why a closed row is metered without events)."""
     await conn.execute(
         _UPSERT,
         rollup.customer_id,
@@ -148,6 +161,7 @@ async def save_rollup(
         rollup.plan,
         closed_at,
         metered_at,
+        meter_note,
     )
 
 
@@ -378,15 +392,29 @@ async def reports_after_close(
 
 
 async def roll_up_period(
-    conn: Queryable, customer_id: str, period: BillingPeriod, plan: str, *, close_at: datetime | None = None
+    conn: Queryable,
+    customer_id: str,
+    period: BillingPeriod,
+    plan: str,
+    *,
+    close_at: datetime | None = None,
+    billed_manually: bool = False,
 ) -> Rollup:
     """Roll the customer's stored reports of `period` up with `pricing.roll_up`, price the overage
     against `plan`, and upsert the row; `close_at` closes it (its meter events are then owed, or, when
-    nothing is billed, it is marked metered at once)."""
+    nothing is billed or the Customer is `billed_manually`, it is marked metered at once, in the same
+    statement: no meter run can send it in between)."""
     totals = roll_up(await period_samples(conn, customer_id, period), period.start, period.end)
     rollup = compute_rollup(customer_id, period, plan, totals)
-    metered_at = close_at if close_at is not None and not rollup.billed else None
-    await save_rollup(conn, rollup, closed_at=close_at, metered_at=metered_at)
+    left_to_manual = close_at is not None and rollup.billed and billed_manually
+    metered_at = close_at if close_at is not None and (not rollup.billed or left_to_manual) else None
+    await save_rollup(
+        conn,
+        rollup,
+        closed_at=close_at,
+        metered_at=metered_at,
+        meter_note=BILLED_MANUALLY if left_to_manual else None,
+    )
     return rollup
 
 
@@ -399,14 +427,22 @@ LIMIT $2
 
 
 async def close_periods(
-    conn: Queryable, now: datetime, *, grace: timedelta, default_plan: str = "trial", limit: int = 1000
+    conn: Queryable,
+    now: datetime,
+    *,
+    grace: timedelta,
+    default_plan: str = "trial",
+    limit: int = 1000,
+    manual_billing: ManualBilling | None = None,
 ) -> int:
     """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
-    from the stored reports; how many were closed. A report ending in a period that arrives within the
-    grace (its instance reports late, or retries after an outage) is billed with it, even when no row
-    held the period before (`open_missing_rollups`); one that arrives after the period closed is kept
-    but not billed (`reports_after_close`). The counters of a report across the period's end are the
-    next period's, open when the report can arrive (it is sent once it has ended)."""
+    from the stored reports; how many were closed. A billed period of a Customer `manual_billing`
+    names is closed as metered (`BILLED_MANUALLY`): no meter event is ever sent for it. A report
+    ending in a period that arrives within the grace (its instance reports late, or retries after an
+    outage) is billed with it, even when no row held the period before (`open_missing_rollups`); one
+    that arrives after the period closed is kept but not billed (`reports_after_close`). The counters
+    of a report across the period's end are the next period's, open when the report can arrive (it is
+    sent once it has ended)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
     # `limit` at a time until none is left: a month-end of more periods than one batch left the rest
@@ -414,17 +450,28 @@ async def close_periods(
     closed = 0
     while True:
         rows = await conn.fetch(_DUE, now - grace, limit)
+        billed = {row["customer_id"] for row in rows if row["plan"] in BILLED_PLANS}
+        manual = await manual_billing(billed) if manual_billing is not None and billed else frozenset()
         for row in rows:
             period = BillingPeriod(row["period_start"], row["period_end"])
-            await roll_up_period(conn, row["customer_id"], period, row["plan"] or default_plan, close_at=now)
+            await roll_up_period(
+                conn,
+                row["customer_id"],
+                period,
+                row["plan"] or default_plan,
+                close_at=now,
+                billed_manually=row["customer_id"] in manual,
+            )
         closed += len(rows)
         if len(rows) < limit:
             return closed
 
 
 __all__ = [
+    "BILLED_MANUALLY",
     "BILLED_PLANS",
     "CATCH_UP_OVERLAP",
+    "ManualBilling",
     "Rollup",
     "UnheldArrivals",
     "catch_up_look_back",

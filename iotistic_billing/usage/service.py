@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -371,6 +371,7 @@ class UsageMetering:
             now,
             close_grace=timedelta(seconds=self.options.close_grace),
             before_close=flush_unheld,
+            manual_billing=self.billed_manually,
         )
         if run.sent:
             self.metrics.meter_events.labels("sent").inc(run.sent)
@@ -380,17 +381,30 @@ class UsageMetering:
             self.metrics.meter_events.labels("expired").inc(run.expired)
         if run.late:
             self.metrics.meter_events.labels("late").inc(run.late)
-        if run.closed or run.sent or run.failed or run.expired:
+        if run.closed or run.sent or run.failed or run.expired or run.manual:
             log.info(
                 "meter run: %d periods closed, %d events sent (%d periods past Stripe's invoice grace),"
-                " %d failed, %d given up",
+                " %d failed, %d given up, %d periods left unsent to manual billing",
                 run.closed,
                 run.sent,
                 run.late,
                 run.failed,
                 run.expired,
+                run.manual,
             )
         return run
+
+    async def billed_manually(self, customer_ids: Collection[str]) -> set[str]:
+        """Of `customer_ids`, those whose Customer says spec.billing.mode: manual (the mirror keeps no
+        billing mode, and keeps a Stripe link a manual Customer had). A customer no Customer holds any
+        more (deleted) is not among them: its periods are metered as before. A Customer that cannot be
+        read fails the meter run, which closes and sends nothing; the next run asks again."""
+        records = await self._records(customer_ids)
+        return {
+            customer_id
+            for customer_id, record in records.items()
+            if record.customer.spec.billing.mode == "manual"
+        }
 
     async def flush_unheld(self, conn: Queryable, now: datetime) -> FlushResult:
         """Flush the customers with reports stored in the last `catch_up_window` that no rollup holds, as

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.pool import Pool, connection, open_pool
@@ -781,11 +782,11 @@ async def test_a_report_arriving_within_the_close_grace_is_billed_with_its_perio
 
 
 async def test_a_period_whose_reports_all_arrive_within_its_close_grace_is_closed_and_metered(
-    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, metered_tenant: tuple[str, str]
 ) -> None:
     """March's reports flushed a few minutes after it ended: no flush ran while March held `now`, and
     March is billed all the same (it had no rollup, so it was billed in no period)."""
-    _, customer_id = tenant
+    _, customer_id = metered_tenant
     arrival = MARCH.end + timedelta(minutes=5)
     usage, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(usage, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
@@ -801,6 +802,17 @@ async def test_a_period_whose_reports_all_arrive_within_its_close_grace_is_close
     row = await rollup_row(db_engine, customer_id, MARCH)
     assert (row["closed_at"], row["metered_at"], row["overage_amount_cents"]) == (closing, closing, 927)
     assert recorder.of(customer_id) == expected_events(customer_id)
+
+
+@pytest.fixture
+def metered_tenant(customers: Customers) -> Iterator[tuple[str, str]]:
+    """The tenant billed through Stripe (no subscription yet: by calendar month, on spec.plan): its
+    periods are metered, a manually billed Customer's are not."""
+    name, customer_id = stripe_customer(customers, "metered", plan="starter")
+    try:
+        yield name, customer_id
+    finally:
+        customers.delete(name)
 
 
 def replica(usage: UsageMetering, clock: Callable[[], datetime]) -> UsageMetering:
@@ -849,14 +861,14 @@ async def server_at(
 
 
 async def test_a_period_reported_after_it_ended_is_billed_once_when_its_server_dies_before_the_flush(
-    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, metered_tenant: tuple[str, str]
 ) -> None:
     """March's reports come five minutes after it ended, to a server killed (SIGKILL, or a failed flush
     at SIGTERM) before its flush: the 202 was sent, so the instance never sends them again, and the
     coalescer's entry died with the process. Another replica's meter run, two hours on, flushes the
     customer from what PostgreSQL holds, then closes March and meters it; later runs, on any replica,
     send nothing more."""
-    _, customer_id = tenant
+    _, customer_id = metered_tenant
     arrival = MARCH.end + timedelta(minutes=5)
     killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)  # the 202
@@ -899,13 +911,13 @@ async def caught_up_ago(engine: AsyncEngine, age: timedelta | None) -> timedelta
 
 
 async def test_a_report_whose_server_died_is_billed_after_every_replica_was_down_past_the_look_back(
-    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, tenant: tuple[str, str]
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, metered_tenant: tuple[str, str]
 ) -> None:
     """The meter run looked back three meter intervals for reports no rollup held: with every replica
     down for longer (a cluster outage, a namespace scaled to zero overnight), March's reports, stored five
     minutes after it ended by a server killed before its flush, were never looked at again, and March was
     billed in no period. The run looks back to the last one that flushed them all."""
-    _, customer_id = tenant
+    _, customer_id = metered_tenant
     arrival = MARCH.end + timedelta(minutes=5)
     killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
@@ -951,13 +963,13 @@ async def test_a_month_long_report_sent_in_its_periods_grace_is_billed_when_its_
 async def test_a_period_reported_past_its_close_grace_stays_unbilled_when_its_server_dies_before_the_flush(
     usage_api: TestClient[Any, Any],
     db_engine: AsyncEngine,
-    tenant: tuple[str, str],
+    metered_tenant: tuple[str, str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The same kill, but March's reports came 90 minutes after it ended, past its hour of grace: the
     meter run's flush opens no row for March (it is billed in no period, as with a flush in time) and
     says so; no meter event."""
-    _, customer_id = tenant
+    _, customer_id = metered_tenant
     arrival = MARCH.end + timedelta(minutes=90)
     killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
     assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
@@ -1236,6 +1248,76 @@ async def test_a_period_is_priced_against_the_last_paid_plan_it_held(
             assert recorder.of(customer_id) == []
     finally:
         customers.delete(name)
+
+
+def billing_mode_is(customers: Customers, name: str, mode: str) -> None:
+    customers.objects.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"spec": {"billing": {"mode": mode}}}
+    )
+
+
+async def test_a_manually_billed_customer_is_sent_no_meter_events_whatever_its_stripe_link(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, tenant: tuple[str, str]
+) -> None:
+    """A starter Customer billed manually whose mirror keeps a Stripe link (it was billed through Stripe
+    once): March is rolled up and closed with its overage, marked metered, and sent nothing, even after
+    the Customer moves back to Stripe billing."""
+    name, customer_id = tenant
+    arrival = MARCH.end + timedelta(minutes=5)
+    usage, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
+    await flushed_at(usage, arrival, *march_reports(customer_id)[:3])
+
+    closing = MARCH.end + timedelta(hours=2)
+    await meter_run_at(usage, closing)
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert (row["plan"], row["overage_amount_cents"]) == ("starter", 927)
+    assert (row["closed_at"], row["metered_at"]) == (closing, closing)
+    assert (await meter_note(db_engine, customer_id, MARCH) or "").startswith("billed manually")
+    assert recorder.of(customer_id) == []
+
+    billing_mode_is(customers, name, "stripe")
+    await meter_run_at(usage, closing + timedelta(hours=1))
+    assert recorder.of(customer_id) == [] and await recorded(db_engine, customer_id) == []
+
+
+async def test_a_period_unsent_when_its_customer_moves_to_manual_billing_is_never_sent(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers
+) -> None:
+    """March closed in Stripe billing and Stripe refused one of its events; the Customer moves to
+    manual billing before a later run sends it: that run sends nothing, and marks March metered."""
+    name, customer_id = stripe_customer(customers, "tomanual", MARCH.end, current_period_start=MARCH.start)
+    try:
+        arrival = MARCH.end + timedelta(minutes=5)
+        usage, _ = await server_at(usage_api, db_engine, customer_id, arrival)
+        await flushed_at(usage, arrival, *march_reports(customer_id)[:3])
+        assert usage.meter_sender is not None
+        real = usage.meter_sender
+        usage.meter_sender = Recorder(real, refuse="api_calls")
+        closing = MARCH.end + timedelta(hours=2)
+        usage.clock = lambda: closing
+        await usage.send_meter_events(closing)
+        assert len(await recorded(db_engine, customer_id)) == 4
+        assert (await rollup_row(db_engine, customer_id, MARCH))["metered_at"] is None
+
+        billing_mode_is(customers, name, "manual")
+        later = Recorder(real)
+        usage.meter_sender = later
+        await meter_run_at(usage, closing + timedelta(hours=1))
+        assert later.of(customer_id) == [] and len(await recorded(db_engine, customer_id)) == 4
+        row = await rollup_row(db_engine, customer_id, MARCH)
+        assert row["metered_at"] == closing + timedelta(hours=1)
+        assert (await meter_note(db_engine, customer_id, MARCH) or "").startswith("billed manually")
+    finally:
+        customers.delete(name)
+
+
+async def meter_note(engine: AsyncEngine, customer_id: str, period: BillingPeriod) -> str | None:
+    async with engine.connect() as conn:
+        note: str | None = await conn.scalar(
+            text("SELECT meter_refusal FROM usage_rollups WHERE customer_id = :c AND period_start = :s"),
+            {"c": customer_id, "s": period.start},
+        )
+    return note
 
 
 async def test_a_flush_puts_usage_and_within_limits_on_the_customer(
