@@ -291,7 +291,7 @@ async def test_a_rollout_tick_the_api_server_away_fails_is_one_line_and_the_tick
     away = KubernetesUnavailable("the API server cannot be reached (MaxRetryError)")
     ticks: list[Exception | None] = [away] * 7 + [None, RuntimeError("a bug")]
 
-    async def advance(ctx: Any, name: str) -> None:
+    async def advance(ctx: Any, name: str, judging_since: Any) -> None:
         outcome = ticks.pop(0)
         if outcome is not None:
             raise outcome
@@ -307,7 +307,7 @@ async def test_a_rollout_tick_the_api_server_away_fails_is_one_line_and_the_tick
     monkeypatch.setattr(rollouts, "QUIET_SECONDS", 0)
     monkeypatch.setattr(handlers, "nap", nap)
     running = kopf.Body({"metadata": {"name": "r1"}, "spec": {"chartVersion": "2.0.0"}, "status": {}})
-    memo = kopf.Memo(context=SimpleNamespace(rollout_wakeups=set()))
+    memo = kopf.Memo(context=SimpleNamespace(rollout_wakeups=set(), clock=lambda: None))
     with caplog.at_level(logging.INFO, logger=handlers.__name__):
         await handlers.rollout_daemon(name="r1", body=running, memo=memo)
 
