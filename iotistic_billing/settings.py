@@ -31,6 +31,9 @@ _OCI_REFERENCE = re.compile(r"^oci://[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a
 _HTTP_URL = re.compile(URL_PATTERN)
 # Stripe takes no meter event older than this (usage.metering.STRIPE_METER_WINDOW).
 STRIPE_METER_WINDOW_SECONDS: Final = 35 * 24 * 3600
+# The shortest NOTICE_RETENTION_DAYS: a usage notice's key is written again at each flush of its billing
+# period (31 days at most), a trial-ending one's for TRIAL_NOTICE_DAYS (30 at most); a day more for clocks.
+NOTICE_RETENTION_MIN_DAYS: Final = 32
 # The longest object name the API server takes (a DNS subdomain), as a ClusterKopfPeering's.
 _MAX_OBJECT_NAME: Final = 253
 
@@ -200,6 +203,10 @@ class Settings(BaseSettings):
     dunning_restrict_days: Annotated[int, Field(ge=0, le=90)] = 14
     # A delivery that failed this many times is dead (the admin API sends it again on request).
     notify_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    # Days a finished notice (each delivery sent or dead) is kept after its last try, then pruned by the
+    # sender. At least NOTICE_RETENTION_MIN_DAYS: a notice's key must outlive the time its fact may be
+    # written again, or the notice goes out again.
+    notice_retention_days: Annotated[int, Field(ge=NOTICE_RETENTION_MIN_DAYS, le=36500)] = 90
     # The namespace the operator and the webhook server run in (the chart sets it from the Pod's own):
     # where a deleted Customer's webhook signing secret is kept while its deliveries are pending.
     billing_namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = (

@@ -59,6 +59,12 @@ async def _with_deliveries(session: AsyncSession, notices: list[models.Notice]) 
     return [LoggedNotice(notice, by_notice.get(notice.id, [])) for notice in notices]
 
 
+async def notice_to_resend(session: AsyncSession, notice_id: int) -> models.Notice | None:
+    """The notice of a resend, held `FOR SHARE` until the transaction ends, so the prune (retention.py)
+    leaves it and the deliveries the resend makes pending; None when there is none (or it was pruned)."""
+    return await session.get(models.Notice, notice_id, with_for_update={"read": True})
+
+
 async def resend(
     session: AsyncSession,
     notice: models.Notice,
@@ -78,7 +84,8 @@ async def resend(
     Customer (None: deleted) the stored URL stands; one no key signs any more (`webhook_signs` False: a
     deleted Customer's, its kept key dropped) is left as it is, its tries failing for ever otherwise. One
     that was not sent when the resend came but is by the time its lock is free (a sender was sending it)
-    is what was asked for: nothing is sent again."""
+    is what was asked for: nothing is sent again. The caller holds `notice` (notice_to_resend), so no prune
+    deletes it under the deliveries made pending."""
     of_notice = (
         select(models.NoticeDelivery)
         .where(models.NoticeDelivery.notice_id == notice.id)
@@ -126,4 +133,11 @@ def resent_message_id(message_id: str, now: datetime) -> str:
     return f"{message_id.split('.', 1)[0]}.r{int(now.timestamp())}"
 
 
-__all__ = ["LoggedNotice", "ResentNotice", "recent_notices", "resend", "resent_message_id"]
+__all__ = [
+    "LoggedNotice",
+    "ResentNotice",
+    "notice_to_resend",
+    "recent_notices",
+    "resend",
+    "resent_message_id",
+]

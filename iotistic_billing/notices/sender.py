@@ -17,6 +17,8 @@ its name, once that copy is another Customer's. The kept copy signs only the not
 deletion ended: those of a Customer created again under the same customer id are signed with its own.
 A resend of a deleted Customer's webhook asks `signing_secret` under `hold_kept_keys`, so it queues none
 that nothing signs, and no key it found is dropped before its commit.
+
+Each sender also prunes, every PRUNE_SECONDS, the finished notices older than its retention (retention.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from iotistic_billing.notices.egress import AddressRefused, Network, webhook_ses
 from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
+from iotistic_billing.notices.retention import PRUNE_BATCH, PRUNE_SECONDS, prune_batch, retention_cutoff
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
@@ -129,6 +132,8 @@ class SenderOptions:
     billing_namespace: str = "default"
     # NOTIFY_WEBHOOK_ALLOWED_CIDRS: the non-public addresses customers' webhooks may go to.
     webhook_allowed_networks: tuple[Network, ...] = ()
+    # NOTICE_RETENTION_DAYS: how long a finished notice is kept after its last try (retention.py).
+    retention: timedelta = timedelta(days=90)
 
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -197,6 +202,7 @@ class NoticeSender:
             asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
         ]
         self._tasks.append(asyncio.create_task(self._forget_settled(), name="notice-sender-forget"))
+        self._tasks.append(asyncio.create_task(self._prune(), name="notice-sender-prune"))
         if self.database_url:
             self._tasks.append(asyncio.create_task(listen(self.database_url, NOTICES_CHANNEL, self.wake)))
 
@@ -246,6 +252,32 @@ class NoticeSender:
                         "notice sender: cannot drop the settled signing secrets of deleted Customers"
                     )
             await asyncio.sleep(FORGET_SECONDS)
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                await self.prune_finished()
+            except Exception as error:  # any: the next round prunes what this one left
+                if database_unreachable(error):
+                    log.warning("notice sender: cannot prune the finished notices (%s)", type(error).__name__)
+                else:
+                    log.exception("notice sender: cannot prune the finished notices")
+            await asyncio.sleep(PRUNE_SECONDS)
+
+    async def prune_finished(self, batch: int = PRUNE_BATCH) -> int:
+        """Delete the notices finished before the retention (retention.py) with their deliveries, `batch`
+        a transaction, until a batch finds fewer; how many notices were deleted."""
+        cutoff = retention_cutoff(self.clock(), self.options.retention)
+        pruned = 0
+        while True:
+            async with self.sessions() as session, session.begin():
+                deleted, picked = await prune_batch(session, cutoff, batch)
+            pruned += deleted
+            if picked < batch:
+                break
+        if pruned:
+            log.info("pruned %d notices finished before %s", pruned, cutoff.isoformat())
+        return pruned
 
     async def forget_settled_secrets(self) -> list[str]:
         """Drop the kept signing secret of each deleted Customer none of whose webhooks (those the key

@@ -216,6 +216,7 @@ def create_app(
                 workers=options.notice_workers if options.inbox_workers else 0,
                 billing_namespace=settings.billing_namespace,
                 webhook_allowed_networks=tuple(settings.notify_webhook_allowed_cidrs),
+                retention=timedelta(days=settings.notice_retention_days),
             ),
             clock=app[CLOCK],
             # Mail waits while the inbox applies a burst: both are on this process's event loop.

@@ -8,10 +8,9 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import DELETED_NOTIFICATIONS_SECRET_NAME
-from iotistic_billing.db import models
 from iotistic_billing.errors import Conflict, NotFound
 from iotistic_billing.k8s import KubernetesUnavailable
-from iotistic_billing.notices.log import LoggedNotice, recent_notices, resend
+from iotistic_billing.notices.log import LoggedNotice, notice_to_resend, recent_notices, resend
 from iotistic_billing.notices.render import StoredNotice
 from iotistic_billing.notices.sender import DeliveryFailed, NoticeSender, hold_kept_keys
 from iotistic_billing.webhook_server.context import CLOCK, DIRECTORY, NOTICES, SESSIONS
@@ -52,7 +51,7 @@ async def resend_notice(request: web.Request) -> web.Response:
     notice_id = read_notice_id(request)
     sender = request.app[NOTICES]
     async with request.app[SESSIONS]() as session, session.begin():
-        notice = await session.get(models.Notice, notice_id)
+        notice = await notice_to_resend(session, notice_id)
         if notice is None:
             raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
         stored = StoredNotice.of(notice)

@@ -21,7 +21,7 @@ import kubernetes
 import pytest
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -46,7 +46,9 @@ from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.notices import outbox as outbox_module
 from iotistic_billing.notices.content import NoticeKind, license_changed
+from iotistic_billing.notices.log import notice_to_resend, resend
 from iotistic_billing.notices.outbox import Outbox
+from iotistic_billing.notices.retention import prune_batch, retention_cutoff
 from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions, claim
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
@@ -269,8 +271,6 @@ async def resend_at(
     sessions: async_sessionmaker[AsyncSession], notice: Any, now: datetime, spec: CustomerSpec | None
 ) -> Any:
     """POST /api/notices/{id}/resend's work (notices.log.resend) in a transaction of its own."""
-    from iotistic_billing.notices.log import resend
-
     async with sessions() as session, session.begin():
         return await resend(session, await notice_row(session, notice.key), now, spec)
 
@@ -1758,3 +1758,125 @@ def test_a_bad_webhook_url_is_refused_by_the_api_server_naming_the_field(
         objects.create_cluster_custom_object("iotistic.io", "v1alpha1", "customers", body)
     assert refused.value.status == 422
     assert "spec.notifications.webhook.url" in json.loads(refused.value.body)["message"]
+
+
+async def age(
+    sessions: async_sessionmaker[AsyncSession], key: str, written: datetime, *tries: tuple[str, datetime]
+) -> list[int]:
+    """Make notice `key` written at `written`, its deliveries (in id order) in the status given, last due
+    (and sent, when sent) at the time given: the notice's and its deliveries' ids."""
+    async with sessions() as session, session.begin():
+        notice = await notice_row(session, key)
+        notice.created_at = written
+        rows = (
+            await session.scalars(
+                select(models.NoticeDelivery)
+                .where(models.NoticeDelivery.notice_id == notice.id)
+                .order_by(models.NoticeDelivery.id)
+            )
+        ).all()
+        for row, (status, at) in zip(rows, tries, strict=True):
+            row.status, row.next_attempt_at, row.sent_at = status, at, at if status == "sent" else None
+        return [notice.id, *(row.id for row in rows)]
+
+
+async def kept_of(sessions: async_sessionmaker[AsyncSession], ids: dict[str, list[int]]) -> set[str]:
+    """Which of the notices (by label: their notice's and deliveries' ids) are still there, each checked
+    whole: a notice without all its deliveries, or deliveries without their notice, fail the test."""
+    async with sessions() as session:
+        notices = set((await session.scalars(select(models.Notice.id))).all())
+        delivered = set((await session.scalars(select(models.NoticeDelivery.id))).all())
+    kept = set()
+    for label, (notice_id, *delivery_ids) in ids.items():
+        there = [notice_id in notices, *(delivery_id in delivered for delivery_id in delivery_ids)]
+        assert all(there) or not any(there), (label, there)
+        if all(there):
+            kept.add(label)
+    return kept
+
+
+async def give_up(sessions: async_sessionmaker[AsyncSession], name: str) -> None:
+    """Mark dead the pending deliveries of Customer `name`'s notices: a later test's sender would claim
+    them first (the longest due)."""
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(models.NoticeDelivery)
+            .where(
+                models.NoticeDelivery.status == "pending",
+                models.NoticeDelivery.notice_id.in_(
+                    select(models.Notice.id).where(models.Notice.customer_name == name)
+                ),
+            )
+            .values(status="dead")
+        )
+
+
+async def test_finished_notices_past_the_retention_are_pruned_with_their_deliveries_in_batches(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube
+) -> None:
+    clock = Clock()
+    pruner = sender(sessions, kube, clock, None)  # the default retention: 90 days
+    name = unique_name("pruned")
+    spec = customer_spec(name)  # two addresses: two deliveries a notice
+    now = clock()
+    long_ago, lately, within = now - timedelta(days=100), now - timedelta(days=10), now - timedelta(days=89)
+    aged = {
+        # Finished past the retention: pruned, oldest first.
+        "sent": (long_ago, ("sent", long_ago), ("sent", long_ago)),
+        "dead": (long_ago, ("dead", long_ago), ("dead", long_ago)),
+        "sent and dead": (long_ago, ("sent", long_ago), ("dead", long_ago)),
+        "sent again": (long_ago, ("sent", long_ago), ("sent", long_ago)),
+        "dead again": (long_ago, ("dead", long_ago), ("dead", long_ago)),
+        # Still being tried (a retry due long ago, the sender away): kept, whatever its age.
+        "retrying": (long_ago, ("sent", long_ago), ("pending", long_ago)),
+        # Written long ago, resent 10 days ago and dead again: within the retention of its last try.
+        "resent lately": (long_ago, ("sent", long_ago), ("dead", lately)),
+        # Sent 89 days ago: kept, until the clock is two days on.
+        "within": (within, ("sent", within), ("sent", within)),
+    }
+    ids = {}
+    for label, (written, *tries) in aged.items():
+        notice = suspended_notice(name, jti=label.replace(" ", "-"))
+        assert await enqueue(sessions, Outbox(), notice, spec)
+        ids[label] = await age(sessions, notice.key, written, *tries)
+    kept_always = {"retrying", "resent lately"}
+
+    # One batch takes `limit` notices at most, the oldest.
+    async with sessions() as session, session.begin():
+        assert await prune_batch(session, retention_cutoff(clock(), timedelta(days=90)), 2) == (2, 2)
+    assert await kept_of(sessions, ids) == set(aged) - {"sent", "dead"}
+
+    # The sender's prune goes on batch after batch while a batch is full.
+    assert await pruner.prune_finished(batch=2) == 3
+    assert await kept_of(sessions, ids) == kept_always | {"within"}
+    assert await pruner.prune_finished(batch=2) == 0
+
+    clock.advance(timedelta(days=2).total_seconds())
+    assert await pruner.prune_finished() == 1
+    assert await kept_of(sessions, ids) == kept_always
+    await give_up(sessions, name)
+
+
+async def test_a_notice_being_resent_is_left_by_the_prune(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube
+) -> None:
+    """The resend holds its notice (notice_to_resend) from its look to its commit: a prune meanwhile
+    skips it rather than deleting the deliveries the resend makes pending (or waiting for it)."""
+    clock = Clock()
+    pruner = sender(sessions, kube, clock, None)
+    name = unique_name("resentold")
+    spec = customer_spec(name)
+    notice = suspended_notice(name)
+    assert await enqueue(sessions, Outbox(), notice, spec)
+    long_ago = clock() - timedelta(days=100)
+    ids = {"dead": await age(sessions, notice.key, long_ago, ("dead", long_ago), ("dead", long_ago))}
+    async with sessions() as session, session.begin():
+        held = await notice_to_resend(session, ids["dead"][0])
+        assert held is not None
+        await asyncio.wait_for(pruner.prune_finished(), 10)
+        assert await kept_of(sessions, ids) == {"dead"}
+        logged = await resend(session, held, clock(), spec)
+        assert [delivery.status for delivery in logged.resent] == ["pending", "pending"]
+    await pruner.prune_finished()
+    assert await kept_of(sessions, ids) == {"dead"}
+    await give_up(sessions, name)

@@ -46,6 +46,7 @@ from iotistic_billing.notices.content import (
 )
 from iotistic_billing.notices.mail import MailRelay
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
+from iotistic_billing.notices.retention import retention_cutoff
 from iotistic_billing.notices.sender import (
     BACKOFF,
     DeliveryFailed,
@@ -60,7 +61,12 @@ from iotistic_billing.operator.notices import trial_ending_due
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.prices import PriceCatalog
-from iotistic_billing.settings import webhook_secret_bytes
+from iotistic_billing.settings import (
+    NOTICE_RETENTION_MIN_DAYS,
+    SettingsError,
+    load_settings,
+    webhook_secret_bytes,
+)
 from iotistic_billing.stripe_inbox.events import (
     Coalesced,
     Decision,
@@ -69,6 +75,7 @@ from iotistic_billing.stripe_inbox.events import (
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.notices import event_notices
+from iotistic_billing.usage.periods import LONGEST_PERIOD
 from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.status import crossings
 
@@ -329,6 +336,19 @@ async def test_a_webhook_url_no_post_could_reach_is_named_in_notifications_ready
 def test_retries_back_off_then_stop() -> None:
     assert [backoff(n) for n in (1, 2, 3)] == [timedelta(seconds=s) for s in BACKOFF[:3]]
     assert backoff(99) == timedelta(seconds=BACKOFF[-1])
+
+
+def test_the_prune_s_cutoff_is_the_clock_less_a_retention_that_outlives_each_notice_s_key() -> None:
+    assert retention_cutoff(NOW, timedelta(days=90)) == NOW - timedelta(days=90)
+    with pytest.raises(ValueError, match="with a zone"):
+        retention_cutoff(NOW.replace(tzinfo=None), timedelta(days=90))
+    with pytest.raises(ValueError, match="must be positive"):
+        retention_cutoff(NOW, timedelta(0))
+    # A key written again after its notice was pruned is a new notice: a usage one's is written at each
+    # flush of its billing period, a trial-ending one's for TRIAL_NOTICE_DAYS before the trial's end.
+    assert timedelta(days=NOTICE_RETENTION_MIN_DAYS) > LONGEST_PERIOD
+    with pytest.raises(SettingsError, match="TRIAL_NOTICE_DAYS"):
+        load_settings(trial_notice_days=NOTICE_RETENTION_MIN_DAYS)
 
 
 def totals(**fields: object) -> PeriodTotals:

@@ -26,6 +26,7 @@ def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.trusted_proxies == []
     assert settings.notify_webhook_allowed_cidrs == []  # customers' webhooks: public addresses only
     assert settings.usage_close_grace == 3600
+    assert settings.notice_retention_days == 90
 
 
 def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,6 +80,11 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("LICENSE_EXTRA_PUBLIC_KEY_PATHS", "/k.pem", "LICENSE_EXTRA_PUBLIC_KEY_PATHS: must be a JSON list"),
         ("USAGE_CLOSE_GRACE", "-1", "USAGE_CLOSE_GRACE: Input should be greater than or equal to 0"),
         ("HELM_TIMEOUT", "0", "HELM_TIMEOUT: Input should be greater than or equal to 10"),
+        # A notice pruned before its fact stops being written again (a usage period) would go out again.
+        ("NOTICE_RETENTION_DAYS", "0", "NOTICE_RETENTION_DAYS: Input should be greater than or equal to 32"),
+        ("NOTICE_RETENTION_DAYS", "31", "NOTICE_RETENTION_DAYS: Input should be greater than or equal to 32"),
+        ("NOTICE_RETENTION_DAYS", "90d", "NOTICE_RETENTION_DAYS: Input should be a valid integer"),
+        ("NOTICE_RETENTION_DAYS", "1.5", "NOTICE_RETENTION_DAYS: Input should be a valid integer"),
         # An item of a list names the list and the item, not a variable `<LIST>_0` (found in review).
         ("STRIPE_METERED_PRICES", '["", "x"]', "STRIPE_METERED_PRICES: item 0: String should have at least"),
         # Instances are served at <name>.<BASE_DOMAIN>, which the instance chart takes as a DNS name only.
