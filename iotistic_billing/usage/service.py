@@ -32,6 +32,7 @@ from iotistic_billing.db.pool import Connection, DatabaseUnavailable, Pool, Quer
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
+from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.notices.content import usage_threshold
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.stripe_api import StripeApi
@@ -89,9 +90,23 @@ async def open_period(conn: Queryable, customer_id: str, customer: Customer, now
     return await unsettled_period(conn, customer_id, customer_period(customer, now), now)
 
 
-def customer_plan(customer: Customer) -> str:
+def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> str:
     """The Customer's effective plan once the operator has set it, else spec.plan; a period is priced
-    against it unless it lapsed from a paid plan within the period (rollups.period_plan)."""
+    against it unless it lapsed from a paid plan within the period (rollups.period_plan).
+
+    Not a paid plan in a `period` that starts once a subscription set to cancel at its period's end has
+    ended: the status says the plan until Stripe's deletion is applied, and the first flush of the next
+    period (a report ending at the boundary) recorded the plan for all of it (period_plan keeps it)."""
+    subscription = customer.spec.subscription
+    if (
+        period is not None
+        and customer.spec.billing.mode == "stripe"
+        and subscription is not None
+        and subscription.cancel_at_period_end
+        and subscription.current_period_end is not None
+        and subscription.current_period_end <= period.start
+    ):
+        return UNLICENSED_PLAN_NAME
     return customer.status.plan or customer.spec.plan
 
 
@@ -241,7 +256,8 @@ class UsageMetering:
                 period = await open_period(conn, record.customer_id, customer, now)
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
-                rollup = await save_open_rollup(conn, record.customer_id, period, effective, totals)
+                current = customer_plan(customer, period)
+                rollup = await save_open_rollup(conn, record.customer_id, period, current, totals)
                 # Once a flush: a retry after a conflict logged each missed period again. Only a
                 # report starting before the period can end before it, in an ended period.
                 if attempt == 0 and reported.earliest_start < period.start:

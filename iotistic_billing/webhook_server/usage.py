@@ -225,7 +225,7 @@ async def usage_history(
         # The period the flush and the rollups use (never reaching back into an ended one).
         period = await open_period(conn, record.customer_id, record.customer, now)
         # Priced as the flush prices it: a lapse keeps the paid plan the period held.
-        plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer))
+        plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
         daily = await daily_usage(conn, record.customer_id, start, end)
         page = await recent_reports(
             conn,

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from iotistic_billing.customer import Customer
 from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.usage.metering import meter_events_for, meter_identifier, meter_value
 from iotistic_billing.usage.options import UsageOptions
@@ -19,6 +20,7 @@ from iotistic_billing.usage.rollups import (
     period_plan,
     totals_json,
 )
+from iotistic_billing.usage.service import customer_plan
 
 START = datetime(2026, 11, 15, 9, 30, tzinfo=UTC)
 END = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
@@ -130,6 +132,43 @@ def test_a_period_is_priced_against_the_last_paid_plan_it_held(
     effective: str, recorded: str | None, priced: str
 ) -> None:
     assert period_plan(effective, recorded) == priced
+
+
+@pytest.mark.parametrize(
+    ("cancel_at_period_end", "starts_after_its_end", "plan"),
+    [
+        (True, True, "unlicensed"),  # cancelled at its end: the next period holds no paid plan
+        (True, False, "professional"),  # still its last period
+        (False, True, "professional"),  # a renewal not applied yet: still paid
+    ],
+)
+def test_a_period_after_a_subscription_cancelled_at_its_end_holds_no_paid_plan_whatever_the_status_says(
+    cancel_at_period_end: bool, starts_after_its_end: bool, plan: str
+) -> None:
+    """Found in review: the report ending at the boundary flushed the next period while the status still
+    said professional (Stripe's deletion not applied yet), and period_plan kept professional for all of
+    a period in which the Customer held no paid plan."""
+    end = datetime(2026, 12, 20, tzinfo=UTC)
+    customer = Customer.model_validate(
+        {
+            "metadata": {"name": "acme"},
+            "spec": {
+                "email": "a@b.cd",
+                "companyName": "Acme",
+                "billing": {"mode": "stripe"},
+                "subscription": {
+                    "status": "active",
+                    "plan": "professional",
+                    "currentPeriodEnd": end.isoformat(),
+                    "cancelAtPeriodEnd": cancel_at_period_end,
+                },
+            },
+            "status": {"plan": "professional"},
+        }
+    )
+    start = end if starts_after_its_end else end - timedelta(days=30)
+    assert customer_plan(customer, BillingPeriod(start, start + timedelta(days=30))) == plan
+    assert customer_plan(customer) == "professional"
 
 
 def test_periods_are_closed_an_hour_after_their_end_unless_told_otherwise() -> None:
