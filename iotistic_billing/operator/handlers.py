@@ -159,6 +159,10 @@ def _move_read(body: Any, annotations: Any) -> bool:
     and updated-at)."""
     release = _status_of(body).get("release") or {}
     version, updated_at = rollout_move(annotations)
+    if version is None:
+        # Returned to the fleet's version by a rollback (its rollout's name and time kept): read once a
+        # pass aimed by the fleet; otherwise every start ran a second pass of it.
+        return release.get("versionSource") not in (None, "Rollout")
     return release.get("targetVersion") == version and release.get("rolloutUpdatedAt") == updated_at
 
 

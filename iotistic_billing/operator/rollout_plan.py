@@ -64,6 +64,9 @@ class Member:
     # Healthy with an instance running: Ready because scaled to zero (suspended, or its instance
     # disabled) passes its step but is no evidence the version runs, so it is not counted healthy.
     proven: bool = True
+    # A pass has read the annotation's move (status.release.rolloutUpdatedAt): its unreadiness since is
+    # the version's, not an operator that was away (_Tick._timed_out).
+    move_read: bool = False
 
     @property
     def version(self) -> str | None:
@@ -136,13 +139,22 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     stuck = conditions.get(ConditionType.STALLED) or {}
     stalled_before_release = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_RELEASE
     by_annotation: PassResult = "not yet"
+    source = release.get("versionSource")
     if annotated is None:
-        # Returned to the fleet's version by a rollback (rollout_plan._back): done once a pass aimed by it.
-        by_annotation = "not yet" if release.get("versionSource") == "Rollout" else "ran"
+        # Returned to the fleet's version by a rollback (_back): done once a pass aimed by the fleet ran
+        # its version, refused once helm refused it, or the Customer stalled before any pass read it.
+        if stalled_before_release:
+            by_annotation = "refused" if source == "Rollout" else "ran"
+        elif source == "Rollout":
+            by_annotation = "not yet"
+        elif source is None:
+            by_annotation = "ran"
+        else:
+            by_annotation = _last_pass(release, conditions, release.get("targetVersion"))
     elif stalled_before_release:
         # No version is read until it is repaired: the one it runs is where a return to it is done.
         by_annotation = "ran" if running == annotated else "refused"
-    elif release.get("versionSource") == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
+    elif source == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
         by_annotation = _last_pass(release, conditions, annotated)
     if annotated != target:
         # Why helm refused the version it is returned to, for the rollback's message.
@@ -177,7 +189,13 @@ def member(body: Mapping[str, Any], target: str) -> Member:
             running=running,
         )
     return Member(
-        name, created, annotations, "updating", message=ready.get("message") or "not Ready", running=running
+        name,
+        created,
+        annotations,
+        "updating",
+        message=ready.get("message") or "not Ready",
+        running=running,
+        move_read=source == "Rollout" and read is not None and read == annotations.get(ROLLOUT_UPDATED_AT),
     )
 
 
@@ -457,8 +475,10 @@ class _Tick:
         it; one it did not move (on the version by an earlier rollout's move, or an annotation set by
         hand) from when its step started judging it, at the earliest: another rollout's move of days
         ago failed it at once for a moment's unreadiness, and an annotation with no time never did.
-        Never before this process began judging: after an operator outage longer than the timeout (a
-        lost node), every upgrade in flight failed at the first tick, before its pass could run."""
+        Not before this process began judging while no pass has read the move: after an operator
+        outage longer than the timeout (a lost node), every upgrade in flight failed at the first tick,
+        before its pass could run. One whose pass ran is judged from its move (an operator restarting
+        more often than the timeout must not keep a bad version from failing)."""
         if m.health != "updating":
             return m
         run_started = (self.status.started_at or self.now).replace(microsecond=0)
@@ -466,7 +486,7 @@ class _Tick:
             since = m.moved_at
         else:
             since = max(m.moved_at or step_started, step_started.replace(microsecond=0))
-        if self.judging_since is not None:
+        if self.judging_since is not None and not m.move_read:
             since = max(since, self.judging_since)
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
         if self.now - since <= timeout:

@@ -19,6 +19,7 @@ from iotistic_billing.k8s import Kube, KubeApi, KubernetesUnavailable, Watched
 from iotistic_billing.operator import handlers, rollouts, watches
 from iotistic_billing.operator.context import BackgroundPasses
 from iotistic_billing.operator.watches import INSTANCE_DEPLOYMENTS, MANAGED_SECRETS, Follower, LoopFollower
+from iotistic_billing.rollout import ROLLOUT_NAME, ROLLOUT_UPDATED_AT
 
 
 def secret(namespace: str, name: str) -> dict[str, Any]:
@@ -355,3 +356,30 @@ async def test_the_operators_cleanup_closes_its_kubernetes_clients() -> None:
     with pytest.raises(asyncio.CancelledError):
         await queued
     assert (api.closed, watch_api.closed) == (1, 1)
+
+
+async def test_a_customer_a_rollback_returned_to_the_fleet_s_version_gets_one_pass_at_a_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review of 02cf4a3: its return keeps the rollout's name and time with no version, which
+    the start's creation took for a move no pass had read: a second pass beside reconcile_customer's."""
+    passes: list[str] = []
+
+    async def kopf_pass(ctx: Any, name: str, body: Any) -> None:
+        passes.append(name)
+
+    monkeypatch.setattr(handlers, "_kopf_pass", kopf_pass)
+    monkeypatch.setattr(handlers, "_context", lambda memo: None)
+    returned = {ROLLOUT_NAME: "r1", ROLLOUT_UPDATED_AT: "2026-12-03T12:00:01+00:00"}
+
+    def body(source: str) -> kopf.Body:
+        release = {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": source}
+        return kopf.Body(
+            {"metadata": {"name": "c01", "annotations": returned}, "status": {"release": release}}
+        )
+
+    for source in ("Fleet", "Rollout"):  # its return read by a pass; not yet
+        await handlers.rollout_version_changed(
+            name="c01", body=body(source), memo=None, old=None, new=returned, reason=kopf.Reason.CREATE
+        )
+    assert passes == ["c01"]

@@ -1541,3 +1541,53 @@ async def test_a_new_customer_starts_on_the_version_settled_for_the_plan_its_fir
     customer = Customer.model_validate(body)
 
     assert await fleet_version(ctx, body, customer, T0) == "3.0.0"
+
+
+def test_a_rollback_whose_return_to_the_fleet_s_version_helm_refuses_ends_halted() -> None:
+    """Found in review of 02cf4a3: c01, moved before its first pass, returned to the fleet's version,
+    whose upgrade helm refused: its status (versionSource Fleet, chartVersion still 2.0.0) counted as
+    returned, and the rollout said RolledBack while it ran 2.0.0."""
+    fleet = Fleet(3, broken={"c02"})
+    new = fleet.customers["c01"]
+    new["status"] = {}
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    tick = ticker(
+        fleet, rollout, spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"maxFailures": 1})
+    )
+    status = tick(RolloutStatus())
+    new["status"] = {"release": {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": "Fleet"}}
+    fleet.operate()
+    status = tick(tick(status))
+    assert status.phase == RolloutPhase.ROLLING_BACK
+    fleet.broken.add("c01")  # helm refuses its return
+    fleet.operate()
+    status = tick(status)
+
+    assert new["status"]["release"]["chartVersion"] == "2.0.0"
+    assert status.phase == RolloutPhase.HALTED
+    ready = status.condition("Ready")
+    assert ready is not None and ready.reason == "RollbackFailed" and "c01" in ready.message
+
+
+def test_an_operator_restarting_more_often_than_the_timeout_still_fails_a_version_whose_pass_ran() -> None:
+    """Found in review of 02cf4a3: the timeout counted from the daemon's start for every Customer, so an
+    operator restarting every 8 minutes kept a bad version from ever failing its 10-minute gate. Only a
+    Customer whose pass has not read its move waits for the restarted operator."""
+    fleet = Fleet(2, bad="2.0.0")
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"timeoutSeconds": 600})
+    moved = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
+    fleet.apply(moved)
+    fleet.operate(["c00"])  # c00's pass ran 2.0.0, not Ready; c01's has not run yet
+    restarted = T0 + timedelta(seconds=480)
+    decision = decide(
+        rollout,
+        rollout_spec,
+        moved.status,
+        list(fleet.customers.values()),
+        [],
+        T0 + timedelta(seconds=601),
+        judging_since=restarted,
+    )
+
+    assert [f.customer for f in decision.status.failures or ()] == ["c00"]
