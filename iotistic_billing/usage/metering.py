@@ -325,17 +325,30 @@ def once_per_run(manual_billing: ManualBilling | None) -> ManualBilling:
     return billed_manually
 
 
+_SENT_METRICS: Final = (
+    "SELECT metric FROM usage_meter_events WHERE customer_id = $1 AND period_start = $2 ORDER BY metric"
+)
+
+
 async def _leave_to_manual_billing(conn: Queryable, row: Mapping[str, Any], now: datetime) -> None:
     """A period closed in Stripe billing and not sent yet when its Customer moved to manual billing: its
-    invoice is the manual one now, so it is marked metered and never sent."""
+    invoice is the manual one now, so it is marked metered and never sent. The metrics Stripe took
+    before (the others refused) are named: they are on a Stripe invoice, not to be invoiced by hand."""
+    sent = [
+        record["metric"]
+        for record in await conn.fetch(_SENT_METRICS, row["customer_id"], row["period_start"])
+    ]
+    note = BILLED_MANUALLY
+    if sent:
+        note += f", but {', '.join(sent)} had been sent to Stripe before: bill the rest only"
     log.info(
         "meter events of %s, period %s .. %s: %s",
         row["customer_id"],
         row["period_start"].isoformat(),
         row["period_end"].isoformat(),
-        BILLED_MANUALLY,
+        note,
     )
-    await conn.execute(_METERED, row["customer_id"], row["period_start"], now, BILLED_MANUALLY)
+    await conn.execute(_METERED, row["customer_id"], row["period_start"], now, note)
 
 
 async def send_meter_events(

@@ -1306,7 +1306,11 @@ async def test_a_period_unsent_when_its_customer_moves_to_manual_billing_is_neve
         assert later.of(customer_id) == [] and len(await recorded(db_engine, customer_id)) == 4
         row = await rollup_row(db_engine, customer_id, MARCH)
         assert row["metered_at"] == closing + timedelta(hours=1)
-        assert (await meter_note(db_engine, customer_id, MARCH) or "").startswith("billed manually")
+        # Found in review: the note said no event was sent, and the four Stripe took were invoiced twice.
+        note = await meter_note(db_engine, customer_id, MARCH) or ""
+        sent = [metric for metric, *_ in await recorded(db_engine, customer_id)]
+        assert note.startswith("billed manually") and f"but {', '.join(sent)} had been sent" in note
+        assert "api_calls" not in note
     finally:
         customers.delete(name)
 
