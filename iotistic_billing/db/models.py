@@ -195,6 +195,10 @@ class UsageRollup(Base):
     meter_refused_at: Mapped[datetime | None]
     # What Stripe said last (metric, HTTP status, message), or what was given up; NULL once all recorded.
     meter_refusal: Mapped[str | None] = mapped_column(Text)
+    # Whether a flush of the open period saw its Customer billed manually (spec.billing.mode: manual):
+    # the period is then never sent to Stripe, even once the Customer bills through Stripe (a checkout
+    # cuts the manual-era row short). Never cleared; false on rows from before migration 0017.
+    billed_manually: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class UsageCatchUp(Base):

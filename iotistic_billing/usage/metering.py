@@ -195,7 +195,7 @@ class MeterRun:
     failed: int = 0  # events to try again by a later run
     expired: int = 0  # events given up: past Stripe's 35 days, billed in no invoice
     late: int = 0  # periods sent past Stripe's invoice grace: taken, on no invoice
-    manual: int = 0  # periods closed in Stripe billing, left unsent as the Customer is billed manually now
+    manual: int = 0  # periods closed in Stripe billing, left unsent to manual billing
     skipped: bool = False  # another replica holds the lock
 
 
@@ -203,7 +203,7 @@ class MeterRun:
 # periods Stripe keeps refusing filled every run and no newer period was ever sent.
 _UNMETERED: Final = """
 SELECT r.customer_id, r.period_start, r.period_end, r.plan, r.overage::text AS overage,
-       r.meter_refusal, c.stripe_customer_id
+       r.meter_refusal, r.billed_manually, c.stripe_customer_id
 FROM usage_rollups r JOIN customers c ON c.customer_id = r.customer_id
 WHERE r.metered_at IS NULL AND r.closed_at IS NOT NULL AND r.period_end <= $1
   AND c.stripe_customer_id IS NOT NULL
@@ -331,8 +331,9 @@ _SENT_METRICS: Final = (
 
 
 async def _leave_to_manual_billing(conn: Queryable, row: Mapping[str, Any], now: datetime) -> None:
-    """A period closed in Stripe billing and not sent yet when its Customer moved to manual billing: its
-    invoice is the manual one now, so it is marked metered and never sent. The metrics Stripe took
+    """A period closed in Stripe billing and not sent yet when its Customer moved to manual billing (or
+    one a flush marked billed manually, closed by a server from before migration 0017): its invoice is
+    the manual one, so it is marked metered and never sent. The metrics Stripe took
     before (the others refused) are named: they are on a Stripe invoice, not to be invoiced by hand."""
     sent = [
         record["metric"]
@@ -367,7 +368,8 @@ async def send_meter_events(
     note); all under the lock.
 
     A Customer `manual_billing` names is sent nothing: a period closed while it is billed manually is
-    closed as metered, and one closed before and still unsent is marked metered (`BILLED_MANUALLY`).
+    closed as metered, and one closed before and still unsent is marked metered (`BILLED_MANUALLY`); so
+    is a period whose row a flush marked billed manually, whatever the Customer's mode now.
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
     billed_manually = once_per_run(manual_billing)
@@ -395,7 +397,7 @@ async def send_meter_events(
                 manual = await billed_manually({row["customer_id"] for row in batch})
                 for row in batch:
                     tried.add((row["customer_id"], row["period_start"]))
-                    if row["customer_id"] in manual:
+                    if row["billed_manually"] or row["customer_id"] in manual:
                         await _leave_to_manual_billing(conn, row, now)
                         run = replace(run, manual=run.manual + 1)
                         continue

@@ -11,7 +11,9 @@ gets its period's row from the flush that sees it (the meter run's, `unheld_arri
 stopped before its own) if it arrived while the close grace of the period it ends in lasted
 (`open_missing_rollups`); a report that arrives after that, or after that period closed, is kept, and
 billed in no period (`reports_after_close`). A lapse from a paid plan within a period keeps that plan
-for it (`period_plan`). Amounts are stored as strings of exact decimals.
+for it (`period_plan`), and a flush that saw the Customer billed manually leaves the period to manual
+billing (`billed_manually`, kept through a cut and the close). Amounts are stored as strings of exact
+decimals.
 """
 
 from __future__ import annotations
@@ -108,12 +110,13 @@ def overage_quantities(stored: dict[str, Any]) -> dict[str, Decimal]:
     return {line["metric"]: Decimal(line["quantity"]) for line in stored.get("lines", ())}
 
 
-# A closed row is final: the WHERE of the DO UPDATE leaves it as it is.
+# A closed row is final: the WHERE of the DO UPDATE leaves it as it is. billed_manually is only ever
+# set: a period some flush saw billed manually is the manual invoice's, whatever the later flushes saw.
 _UPSERT: Final = """
 INSERT INTO usage_rollups
     (customer_id, period_start, period_end, totals, overage, overage_amount_cents, plan, closed_at,
-     metered_at, meter_refusal, updated_at)
-VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10, now())
+     metered_at, meter_refusal, billed_manually, updated_at)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10, $11, now())
 ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     period_end = EXCLUDED.period_end,
     totals = EXCLUDED.totals,
@@ -123,6 +126,7 @@ ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     closed_at = EXCLUDED.closed_at,
     metered_at = EXCLUDED.metered_at,
     meter_refusal = EXCLUDED.meter_refusal,
+    billed_manually = usage_rollups.billed_manually OR EXCLUDED.billed_manually,
     updated_at = now()
 WHERE usage_rollups.closed_at IS NULL
 """
@@ -130,7 +134,8 @@ WHERE usage_rollups.closed_at IS NULL
 # When the period definition of a customer changes (manual billing -> a Stripe subscription anchored
 # elsewhere), an open row of the old definition must not overlap the new period, or reports would be
 # billed twice: an earlier open row is cut at the new start, a later one (a period that no longer
-# exists) is dropped. Closed rows are history and stay.
+# exists) is dropped. Closed rows are history and stay. A cut row keeps its billed_manually: its days
+# are the old definition's (the manual era), not the subscription's, which starts at the cut.
 _CUT_EARLIER: Final = """
 UPDATE usage_rollups SET period_end = $2, updated_at = now()
 WHERE customer_id = $1 AND closed_at IS NULL AND period_start < $2 AND period_end > $2
@@ -148,8 +153,10 @@ async def save_rollup(
     closed_at: datetime | None = None,
     metered_at: datetime | None = None,
     meter_note: str | None = None,
+    billed_manually: bool = False,
 ) -> None:
-    """Upsert the row; `meter_note` is its meter_refusal (why a closed row is metered without events)."""
+    """Upsert the row; `meter_note` is its meter_refusal (why a closed row is metered without events);
+    `billed_manually` marks the period as the manual invoice's (never unmarked)."""
     await conn.execute(
         _UPSERT,
         rollup.customer_id,
@@ -162,6 +169,7 @@ async def save_rollup(
         closed_at,
         metered_at,
         meter_note,
+        billed_manually,
     )
 
 
@@ -204,16 +212,23 @@ async def priced_plan(
 
 
 async def save_open_rollup(
-    conn: Connection, customer_id: str, period: BillingPeriod, effective: str, totals: PeriodTotals
+    conn: Connection,
+    customer_id: str,
+    period: BillingPeriod,
+    effective: str,
+    totals: PeriodTotals,
+    *,
+    billed_manually: bool,
 ) -> Rollup:
     """The current period's row, refreshed, priced against `period_plan` (the Customer's `effective`
-    plan, or the paid plan the row holds); overlapping open rows of an older period definition fixed."""
+    plan, or the paid plan the row holds), marked `billed_manually` when the Customer is now; overlapping
+    open rows of an older period definition fixed."""
     async with conn.transaction():
         await conn.execute(_CUT_EARLIER, customer_id, period.start)
         await conn.execute(_DROP_LATER, customer_id, period.start, period.end)
         plan = await priced_plan(conn, customer_id, period, effective, lock=True)
         rollup = compute_rollup(customer_id, period, plan, totals)
-        await save_rollup(conn, rollup)
+        await save_rollup(conn, rollup, billed_manually=billed_manually)
     return rollup
 
 
@@ -249,6 +264,8 @@ async def open_missing_rollups(
     until: datetime,
     now: datetime,
     grace: timedelta,
+    *,
+    billed_manually: bool,
 ) -> tuple[list[Rollup], list[BillingPeriod]]:
     """An open row for each period holding reports of the customer, starting from `since` and ending by
     `until`, that no row holds: the period (`period_of`) the earliest such report's end falls in, cut
@@ -257,7 +274,8 @@ async def open_missing_rollups(
     gets none, as a closed one takes no more reports: Stripe would refuse or no longer invoice it. When
     that report came is its own (PostgreSQL's reported_at, placed on the caller's clock `now`), not the
     customer's first arrival: another period's report that came in time let a late one be billed.
-    Returns the rows opened and those periods."""
+    The rows are marked `billed_manually` when the Customer is now. Returns the rows opened and those
+    periods."""
     opened: list[Rollup] = []
     missed: list[BillingPeriod] = []
     after = since  # a report starting from `since` ends after it
@@ -278,7 +296,7 @@ async def open_missing_rollups(
             missed.append(gap)
             continue
         rollup = compute_rollup(customer_id, gap, plan, await period_totals(conn, customer_id, gap))
-        await save_rollup(conn, rollup)
+        await save_rollup(conn, rollup, billed_manually=billed_manually)
         opened.append(rollup)
     return opened, missed
 
@@ -402,7 +420,7 @@ async def roll_up_period(
 ) -> Rollup:
     """Roll the customer's stored reports of `period` up with `pricing.roll_up`, price the overage
     against `plan`, and upsert the row; `close_at` closes it (its meter events are then owed, or, when
-    nothing is billed or the Customer is `billed_manually`, it is marked metered at once, in the same
+    nothing is billed or the period is `billed_manually`, it is marked metered at once, in the same
     statement: no meter run can send it in between)."""
     totals = roll_up(await period_samples(conn, customer_id, period), period.start, period.end)
     rollup = compute_rollup(customer_id, period, plan, totals)
@@ -414,12 +432,13 @@ async def roll_up_period(
         closed_at=close_at,
         metered_at=metered_at,
         meter_note=BILLED_MANUALLY if left_to_manual else None,
+        billed_manually=billed_manually,
     )
     return rollup
 
 
 _DUE: Final = """
-SELECT customer_id, period_start, period_end, plan FROM usage_rollups
+SELECT customer_id, period_start, period_end, plan, billed_manually FROM usage_rollups
 WHERE closed_at IS NULL AND period_end <= $1
 ORDER BY period_end
 LIMIT $2
@@ -437,12 +456,13 @@ async def close_periods(
 ) -> int:
     """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
     from the stored reports; how many were closed. A billed period of a Customer `manual_billing`
-    names is closed as metered (`BILLED_MANUALLY`): no meter event is ever sent for it. A report
-    ending in a period that arrives within the grace (its instance reports late, or retries after an
-    outage) is billed with it, even when no row held the period before (`open_missing_rollups`); one
-    that arrives after the period closed is kept but not billed (`reports_after_close`). The counters
-    of a report across the period's end are the next period's, open when the report can arrive (it is
-    sent once it has ended)."""
+    names, or whose row a flush marked billed manually (the Customer moved to Stripe since: a checkout
+    cut its manual-era row short), is closed as metered (`BILLED_MANUALLY`): no meter event is ever
+    sent for it. A report ending in a period that arrives within the grace (its instance reports late,
+    or retries after an outage) is billed with it, even when no row held the period before
+    (`open_missing_rollups`); one that arrives after the period closed is kept but not billed
+    (`reports_after_close`). The counters of a report across the period's end are the next period's,
+    open when the report can arrive (it is sent once it has ended)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
     # `limit` at a time until none is left: a month-end of more periods than one batch left the rest
@@ -460,7 +480,7 @@ async def close_periods(
                 period,
                 row["plan"] or default_plan,
                 close_at=now,
-                billed_manually=row["customer_id"] in manual,
+                billed_manually=row["billed_manually"] or row["customer_id"] in manual,
             )
         closed += len(rows)
         if len(rows) < limit:

@@ -90,6 +90,12 @@ async def open_period(conn: Queryable, customer_id: str, customer: Customer, now
     return await unsettled_period(conn, customer_id, customer_period(customer, now), now)
 
 
+def bills_manually(customer: Customer) -> bool:
+    """Whether the Customer is billed manually (spec.billing.mode: manual): its periods are invoiced by
+    hand, never sent to Stripe."""
+    return customer.spec.billing.mode == "manual"
+
+
 def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> str:
     """The Customer's effective plan once the operator has set it, else spec.plan; a period is priced
     against it unless it lapsed from a paid plan within the period (rollups.period_plan).
@@ -257,7 +263,15 @@ class UsageMetering:
                 totals = await period_totals(conn, record.customer_id, period)
                 latest = await latest_report(conn, record.customer_id)
                 current = customer_plan(customer, period)
-                rollup = await save_open_rollup(conn, record.customer_id, period, current, totals)
+                # The mode now, kept on the row: a checkout that cuts it short must not make it Stripe's.
+                rollup = await save_open_rollup(
+                    conn,
+                    record.customer_id,
+                    period,
+                    current,
+                    totals,
+                    billed_manually=bills_manually(customer),
+                )
                 # Once a flush: a retry after a conflict logged each missed period again. Only a
                 # report starting before the period can end before it, in an ended period.
                 if attempt == 0 and reported.earliest_start < period.start:
@@ -308,7 +322,8 @@ class UsageMetering:
         period's last minutes sent after it ended). A report ending in a period closed, or past its
         close grace, is kept and billed in no period: a closed row is what Stripe was sent. One across
         the current period's start is the current period's (`period_totals`). A row opened here is
-        priced against the effective `plan`: no flush recorded the plan its period held."""
+        priced against the effective `plan` and the Customer's billing mode now: no flush recorded what
+        its period held."""
         customer_id = record.customer_id
         since = reported.earliest_start
         opened, missed = await open_missing_rollups(
@@ -320,6 +335,7 @@ class UsageMetering:
             current.start,
             now=self.clock(),
             grace=timedelta(seconds=self.options.close_grace),
+            billed_manually=bills_manually(record.customer),
         )
         for rollup in opened:
             log.info(
@@ -416,11 +432,7 @@ class UsageMetering:
         more (deleted) is not among them: its periods are metered as before. A Customer that cannot be
         read fails the meter run, which closes and sends nothing; the next run asks again."""
         records = await self._records(customer_ids)
-        return {
-            customer_id
-            for customer_id, record in records.items()
-            if record.customer.spec.billing.mode == "manual"
-        }
+        return {customer_id for customer_id, record in records.items() if bills_manually(record.customer)}
 
     async def flush_unheld(self, conn: Queryable, now: datetime) -> FlushResult:
         """Flush the customers with reports stored in the last `catch_up_window` that no rollup holds, as
@@ -537,6 +549,7 @@ class UsageMetering:
 __all__ = [
     "FlushResult",
     "UsageMetering",
+    "bills_manually",
     "customer_period",
     "customer_plan",
     "open_period",

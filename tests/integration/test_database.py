@@ -573,3 +573,49 @@ def test_migration_0015_gives_usage_notice_keys_their_quota_and_its_downgrade_ta
         "trial-ending:cust_keys01:20261210T000000Z",
         f"{period}:devices:80%:50",  # the key is unique: one of each threshold gives its quota back
     ]
+
+
+def _rollup_rows(url: str, *statements: str) -> list[dict[str, Any]]:
+    """The statements run, then every usage_rollups row, oldest period first."""
+
+    async def run() -> list[dict[str, Any]]:
+        engine = create_engine(url, pool_size=1)
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+            rows = await connection.execute(text("SELECT * FROM usage_rollups ORDER BY period_start"))
+            found = [dict(row._mapping) for row in rows]
+        await engine.dispose()
+        return found
+
+    return asyncio.run(run())
+
+
+def test_migration_0017_reads_the_rollups_before_it_as_stripe_billed_and_its_downgrade_drops_the_mark(
+    postgres: EmbeddedPostgres,
+) -> None:
+    """A row of 0016 (open or closed) reads as not billed manually: the meter run decides it by the
+    Customer's mode at its close, as before; the downgrade drops the column, rows kept."""
+    url = postgres.create_database(f"billedmanually_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(url, "0016")
+    _rollup_rows(
+        url,
+        "INSERT INTO usage_rollups (customer_id, period_start, period_end, totals, overage,"
+        " overage_amount_cents, plan, closed_at) VALUES"
+        " ('cust_old01', '2026-11-01 00:00+00', '2026-12-01 00:00+00', '{}', '{}', 927, 'starter',"
+        " '2026-12-01 01:00+00'),"
+        " ('cust_old01', '2026-12-01 00:00+00', '2027-01-01 00:00+00', '{}', '{}', 0, 'starter', NULL)",
+    )
+    migrate.upgrade(url)
+    assert [row["billed_manually"] for row in _rollup_rows(url)] == [False, False]
+    marked = _rollup_rows(url, "UPDATE usage_rollups SET billed_manually = true WHERE closed_at IS NULL")
+    assert [row["billed_manually"] for row in marked] == [False, True]
+
+    migrate.downgrade(url, "0016")
+    kept = _rollup_rows(url)
+    assert [(row["overage_amount_cents"], "billed_manually" in row) for row in kept] == [
+        (927, False),
+        (0, False),
+    ]
+    migrate.upgrade(url)
+    assert [row["billed_manually"] for row in _rollup_rows(url)] == [False, False]

@@ -1315,6 +1315,57 @@ async def test_a_period_unsent_when_its_customer_moves_to_manual_billing_is_neve
         customers.delete(name)
 
 
+async def test_a_period_flushed_in_manual_billing_and_cut_short_by_a_checkout_is_left_to_manual_billing(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine, customers: Customers, tenant: tuple[str, str]
+) -> None:
+    """Found in review: a starter Customer billed manually moves to Stripe billing and checks out on
+    Mar 10; the next flush cuts its calendar row to Mar 1 .. Mar 10, and the meter run closed that row
+    with the Customer Stripe-billed: its overage went to Stripe, stamped before the subscription's first
+    period (on no invoice), and no "billed manually" note had the admin invoice it by hand. The row keeps
+    that a flush saw manual billing (a flush after the move, before the checkout, too): it is closed as
+    billed manually, sent nothing; the subscription's period is sent as any other."""
+    name, customer_id = tenant
+    checkout, renewal = at(2025, 3, 10, 12), at(2025, 4, 10, 12)
+    usage, recorder = await server_at(usage_api, db_engine, customer_id, MARCH.start)
+    manual_era = report(
+        customer_id, "manual", start=MARCH.start, hours=24 * 7, active_devices=14, http_requests=150_000
+    )
+    await flushed_at(usage, at(2025, 3, 8, 1), manual_era)
+    billing_mode_is(customers, name, "stripe")
+    # Stripe-billed, no subscription yet: still March's calendar row.
+    await flushed_at(usage, at(2025, 3, 9), report(customer_id, "moved", start=at(2025, 3, 8), hours=24))
+    subscription = {
+        "status": "active",
+        "plan": "starter",
+        "currentPeriodStart": checkout.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "currentPeriodEnd": renewal.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    customers.objects.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"spec": {"subscription": subscription}}
+    )
+    paid = report(customer_id, "paid", start=checkout, hours=1, active_devices=14, http_requests=150_000)
+    await flushed_at(usage, checkout + timedelta(hours=1), paid)
+    assert await rollup_periods(db_engine, customer_id) == [
+        (MARCH.start, checkout, 2, False),
+        (checkout, renewal, 1, False),
+    ]
+
+    closing = checkout + timedelta(hours=3)
+    await meter_run_at(usage, closing)
+    assert recorder.of(customer_id) == [] and await recorded(db_engine, customer_id) == []
+    manual = BillingPeriod(MARCH.start, checkout)
+    row = await rollup_row(db_engine, customer_id, manual)
+    assert (row["plan"], row["closed_at"], row["metered_at"]) == ("starter", closing, closing)
+    assert row["overage_amount_cents"] > 0
+    assert (await meter_note(db_engine, customer_id, manual) or "").startswith("billed manually")
+
+    await meter_run_at(usage, renewal + timedelta(hours=2))
+    assert recorder.of(customer_id) == [
+        (f"{customer_id}:20250310T120000Z:api_calls", "50000"),
+        (f"{customer_id}:20250310T120000Z:devices", "4"),
+    ]
+
+
 async def meter_note(engine: AsyncEngine, customer_id: str, period: BillingPeriod) -> str | None:
     async with engine.connect() as conn:
         note: str | None = await conn.scalar(

@@ -49,7 +49,7 @@ class Dependencies:
         return {"gitVersion": "v1.36.3"}
 
 
-HEAD = "0016"
+HEAD = "0017"
 
 
 @asynccontextmanager
