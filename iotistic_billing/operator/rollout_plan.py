@@ -18,7 +18,12 @@ from typing import Any, Literal
 
 from iotistic_billing.customer import ConditionType
 from iotistic_billing.operator.conditions import ConditionValue, stalled, with_conditions
-from iotistic_billing.operator.constants import INSTANCE_DISABLED, INVALID_SPEC, NAMESPACE_TAKEN
+from iotistic_billing.operator.constants import (
+    INSTANCE_DISABLED,
+    INVALID_SPEC,
+    LICENSE_FAILED,
+    NAMESPACE_TAKEN,
+)
 from iotistic_billing.rollout import (
     MAX_LISTED_FAILURES,
     ROLLOUT_ABORT,
@@ -42,6 +47,10 @@ HEALTH_TIMEOUT = "HealthTimeout"
 # Stalled before any step that reads the version (its spec refused, its namespace someone else's): the
 # release status is an earlier pass's, and every version is refused until the Customer is repaired.
 STALLED_BEFORE_RELEASE = frozenset({INVALID_SPEC, NAMESPACE_TAKEN})
+# After the operator that runs the rollouts started, how long a Customer whose pass had run its move
+# before is not failed by its timeout: the restarted operator's passes read its readiness again first
+# (_Tick._timed_out).
+SETTLE_AFTER_START = timedelta(seconds=120)
 WAITING_FOR_ROLLOUT = "WaitingForRollout"
 
 
@@ -119,6 +128,18 @@ def _last_pass(
     return "ran" if release.get("chartVersion") == version else "not yet"
 
 
+def _returned(
+    release: Mapping[str, Any], conditions: Mapping[Any, Mapping[str, Any]], version: str | None
+) -> PassResult:
+    """What the last pass did with the version a rollback returns the Customer to (_last_pass), where a
+    licence that cannot be minted (a stall before the release step) refuses nothing when it runs that
+    version already: the rollback ended RollbackFailed for a Customer back where it was sent."""
+    stuck = conditions.get(ConditionType.STALLED) or {}
+    if stuck.get("status") == "True" and stuck.get("reason") == LICENSE_FAILED:
+        return "ran" if version is not None and release.get("chartVersion") == version else "refused"
+    return _last_pass(release, conditions, version)
+
+
 def member(body: Mapping[str, Any], target: str) -> Member:
     """How far the Customer is with `target`; one still `updating` carries its Ready message, for the
     health gate's timeout (_Tick._timed_out, which knows when its step started)."""
@@ -150,12 +171,12 @@ def member(body: Mapping[str, Any], target: str) -> Member:
         elif source is None:
             by_annotation = "ran"
         else:
-            by_annotation = _last_pass(release, conditions, release.get("targetVersion"))
+            by_annotation = _returned(release, conditions, release.get("targetVersion"))
     elif stalled_before_release:
         # No version is read until it is repaired: the one it runs is where a return to it is done.
         by_annotation = "ran" if running == annotated else "refused"
     elif source == "Rollout" and read in (None, annotations.get(ROLLOUT_UPDATED_AT)):
-        by_annotation = _last_pass(release, conditions, annotated)
+        by_annotation = _returned(release, conditions, annotated)
     if annotated != target:
         # Why helm refused the version it is returned to, for the rollback's message.
         why = stuck if by_annotation == "refused" else {}
@@ -475,10 +496,11 @@ class _Tick:
         it; one it did not move (on the version by an earlier rollout's move, or an annotation set by
         hand) from when its step started judging it, at the earliest: another rollout's move of days
         ago failed it at once for a moment's unreadiness, and an annotation with no time never did.
-        Not before this process began judging while no pass has read the move: after an operator
-        outage longer than the timeout (a lost node), every upgrade in flight failed at the first tick,
-        before its pass could run. One whose pass ran is judged from its move (an operator restarting
-        more often than the timeout must not keep a bad version from failing)."""
+        Never a timeout before this process began judging while no pass has read the move, nor within
+        SETTLE_AFTER_START of it for one whose pass did: after an operator outage longer than the
+        timeout (a lost node), every upgrade in flight failed at the first tick, before the passes could
+        read their readiness. The short settle for the second keeps an operator restarting more often
+        than the timeout from holding off a bad version for good."""
         if m.health != "updating":
             return m
         run_started = (self.status.started_at or self.now).replace(microsecond=0)
@@ -486,9 +508,10 @@ class _Tick:
             since = m.moved_at
         else:
             since = max(m.moved_at or step_started, step_started.replace(microsecond=0))
-        if self.judging_since is not None and not m.move_read:
-            since = max(since, self.judging_since)
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
+        if self.judging_since is not None:
+            settle = timeout if not m.move_read else min(timeout, SETTLE_AFTER_START)
+            since = max(since, self.judging_since - timeout + settle)
         if self.now - since <= timeout:
             return m
         seconds, version = int(timeout.total_seconds()), self.spec.chart_version

@@ -1591,3 +1591,47 @@ def test_an_operator_restarting_more_often_than_the_timeout_still_fails_a_versio
     )
 
     assert [f.customer for f in decision.status.failures or ()] == ["c00"]
+
+
+def test_upgrades_whose_passes_ran_are_given_a_settle_after_a_long_outage_then_judged() -> None:
+    """Found in review of 17a8393: the grace left out Customers whose pass had run the move (helm done,
+    the pods still rolling out), so an 11-minute outage failed them all at the restarted operator's
+    first tick though their pods turned Ready meanwhile. They get SETTLE_AFTER_START (the passes read
+    readiness again), not the whole timeout (a crash-looping operator would hold a bad version off)."""
+    fleet = Fleet(10, bad="2.0.0")
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(
+        steps=[{"rest": True, "maxParallel": 5}],
+        onFailure="rollback",
+        healthGate={"maxFailures": 1, "timeoutSeconds": 600},
+    )
+    moved = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
+    fleet.apply(moved)
+    fleet.operate()  # helm ran 2.0.0 for the five moved, not Ready when their passes wrote the status
+    restarted = T0 + timedelta(seconds=660)
+
+    def at(seconds: float) -> RolloutStatus:
+        now = restarted + timedelta(seconds=seconds)
+        customers = list(fleet.customers.values())
+        return decide(rollout, rollout_spec, moved.status, customers, [], now, judging_since=restarted).status
+
+    assert at(0).phase == at(120).phase == RolloutPhase.PROGRESSING and not at(120).failed
+    assert at(121).phase == RolloutPhase.ROLLING_BACK and at(121).failed == 5
+
+
+def test_a_return_stalled_on_its_licence_is_done_when_it_runs_the_version_it_was_sent_to() -> None:
+    """Found in review of 17a8393: a Customer returned to the fleet's 1.0.0, which it ran, whose pass
+    stalled on LicenseFailed (before its release step), counted as a refused return: RollbackFailed."""
+    body = {
+        "metadata": {"name": "c01", "annotations": {ROLLOUT_NAME: "r1", ROLLOUT_UPDATED_AT: T0.isoformat()}},
+        "status": {
+            "release": {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": "Fleet"},
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "LicenseFailed", "message": "cannot mint"},
+                {"type": "Stalled", "status": "True", "reason": "LicenseFailed", "message": "cannot mint"},
+            ],
+        },
+    }
+    assert member(body, "2.0.0").annotated_result == "ran"
+    body["status"]["release"]["chartVersion"] = "2.0.0"  # still on the version it is returned from
+    assert member(body, "2.0.0").annotated_result == "refused"
