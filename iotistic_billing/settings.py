@@ -34,6 +34,10 @@ STRIPE_METER_WINDOW_SECONDS: Final = 35 * 24 * 3600
 # The shortest NOTICE_RETENTION_DAYS: a usage notice's key is written again at each flush of its billing
 # period (31 days at most), a trial-ending one's for TRIAL_NOTICE_DAYS (30 at most); a day more for clocks.
 NOTICE_RETENTION_MIN_DAYS: Final = 32
+# The shortest STRIPE_EVENT_RETENTION_DAYS: Stripe delivers an event again (its retries for 3 days, a
+# resend from its Dashboard or CLI) only within the 30 days it keeps events; a day more for clocks. A
+# pruned event's row no longer stops its redelivery (stripe_inbox/retention.py).
+STRIPE_EVENT_RETENTION_MIN_DAYS: Final = 31
 # The longest object name the API server takes (a DNS subdomain), as a ClusterKopfPeering's.
 _MAX_OBJECT_NAME: Final = 253
 
@@ -207,6 +211,10 @@ class Settings(BaseSettings):
     # sender. At least NOTICE_RETENTION_MIN_DAYS: a notice's key must outlive the time its fact may be
     # written again, or the notice goes out again.
     notice_retention_days: Annotated[int, Field(ge=NOTICE_RETENTION_MIN_DAYS, le=36500)] = 90
+    # Days a Stripe event applied, ignored, stale or superseded is kept after it was received and
+    # recorded, then pruned by the inbox. At least STRIPE_EVENT_RETENTION_MIN_DAYS: its row is what keeps
+    # a redelivery from being applied again.
+    stripe_event_retention_days: Annotated[int, Field(ge=STRIPE_EVENT_RETENTION_MIN_DAYS, le=36500)] = 90
     # The namespace the operator and the webhook server run in (the chart sets it from the Pod's own):
     # where a deleted Customer's webhook signing secret is kept while its deliveries are pending.
     billing_namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = (

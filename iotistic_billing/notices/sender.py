@@ -55,13 +55,14 @@ from iotistic_billing.customer import (
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
+from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
 from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
-from iotistic_billing.notices.retention import PRUNE_BATCH, PRUNE_SECONDS, prune_batch, retention_cutoff
+from iotistic_billing.notices.retention import expired
 from iotistic_billing.settings import webhook_secret_bytes
 from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
@@ -202,7 +203,11 @@ class NoticeSender:
             asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
         ]
         self._tasks.append(asyncio.create_task(self._forget_settled(), name="notice-sender-forget"))
-        self._tasks.append(asyncio.create_task(self._prune(), name="notice-sender-prune"))
+        self._tasks.append(
+            asyncio.create_task(
+                prune_every("finished notices", self.prune_finished), name="notice-sender-prune"
+            )
+        )
         if self.database_url:
             self._tasks.append(asyncio.create_task(listen(self.database_url, NOTICES_CHANNEL, self.wake)))
 
@@ -253,28 +258,11 @@ class NoticeSender:
                     )
             await asyncio.sleep(FORGET_SECONDS)
 
-    async def _prune(self) -> None:
-        while True:
-            try:
-                await self.prune_finished()
-            except Exception as error:  # any: the next round prunes what this one left
-                if database_unreachable(error):
-                    log.warning("notice sender: cannot prune the finished notices (%s)", type(error).__name__)
-                else:
-                    log.exception("notice sender: cannot prune the finished notices")
-            await asyncio.sleep(PRUNE_SECONDS)
-
     async def prune_finished(self, batch: int = PRUNE_BATCH) -> int:
         """Delete the notices finished before the retention (retention.py) with their deliveries, `batch`
         a transaction, until a batch finds fewer; how many notices were deleted."""
         cutoff = retention_cutoff(self.clock(), self.options.retention)
-        pruned = 0
-        while True:
-            async with self.sessions() as session, session.begin():
-                deleted, picked = await prune_batch(session, cutoff, batch)
-            pruned += deleted
-            if picked < batch:
-                break
+        pruned = await prune_expired(self.sessions, models.Notice.id, expired(cutoff), batch)
         if pruned:
             log.info("pruned %d notices finished before %s", pruned, cutoff.isoformat())
         return pruned

@@ -18,6 +18,9 @@ Applying yields to accepting: the process runs niced, and while events keep arri
 at most twice a second and pause after a long one (`pause_after`), so that under load each batch
 coalesces more events into the same number of Customer writes (the cost of a batch grows with its
 Customers, not with its events). The route NOTIFYs the inboxes once a burst, not once an event.
+
+The inbox also prunes, every PRUNE_SECONDS, the events of a final result older than its retention
+(retention.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pydantic import ValidationError
@@ -43,8 +47,10 @@ from iotistic_billing.db.pool import (
     Pool,
     database_unreachable,
 )
+from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
+from iotistic_billing.stripe_inbox.retention import expired
 from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
 log = logging.getLogger(__name__)
@@ -120,8 +126,13 @@ class EventInbox:
         poll: float = POLL_SECONDS,
         database_url: str = "",
         clock: Callable[[], float] = time.monotonic,
+        retention: timedelta = timedelta(days=90),
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.sessions = sessions
+        # STRIPE_EVENT_RETENTION_DAYS, and the wall clock the prune counts it on (retention.py).
+        self.retention = retention
+        self.now = now
         # Busy from a claim that found events to one that found none: the notice sender of this process
         # waits meanwhile (up to PRECEDENCE_SECONDS), so a burst's mail does not slow its applying.
         self.precedence = Precedence(clock=clock)
@@ -160,6 +171,11 @@ class EventInbox:
         if self.workers == 0:
             return
         self._tasks.append(asyncio.create_task(self._work(), name="stripe-inbox"))
+        self._tasks.append(
+            asyncio.create_task(
+                prune_every("finished Stripe events", self.prune_finished), name="stripe-inbox-prune"
+            )
+        )
         if self.database_url:
             self._tasks.append(
                 asyncio.create_task(
@@ -312,6 +328,15 @@ class EventInbox:
             self._held_back.hold(key, due)
         if failure.holds:
             self._failed_of[event_id] = failure.holds
+
+    async def prune_finished(self, batch: int = PRUNE_BATCH) -> int:
+        """Delete the events of a final result older than the retention (retention.py), `batch` a
+        transaction, until a batch finds fewer; how many were deleted."""
+        cutoff = retention_cutoff(self.now(), self.retention)
+        pruned = await prune_expired(self.sessions, models.StripeEvent.event_id, expired(cutoff), batch)
+        if pruned:
+            log.info("pruned %d Stripe events recorded before %s", pruned, cutoff.isoformat())
+        return pruned
 
     async def drain(self, within: float = 30.0) -> None:
         """Apply until nothing is pending and due (tests, and shutdown)."""

@@ -193,6 +193,8 @@ def create_app(
             count=metrics.webhook_event,
             workers=options.inbox_workers,
             database_url=database_url,
+            retention=timedelta(days=settings.stripe_event_retention_days),
+            now=app[CLOCK],
         )
         app[INBOX] = inbox
         await inbox.start()

@@ -42,13 +42,14 @@ from iotistic_billing.customer import (
 from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.retention import prune_batch, retention_cutoff
 from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.notices import outbox as outbox_module
 from iotistic_billing.notices.content import NoticeKind, license_changed
 from iotistic_billing.notices.log import notice_to_resend, resend
 from iotistic_billing.notices.outbox import Outbox
-from iotistic_billing.notices.retention import prune_batch, retention_cutoff
+from iotistic_billing.notices.retention import expired
 from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions, claim
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
@@ -1843,7 +1844,10 @@ async def test_finished_notices_past_the_retention_are_pruned_with_their_deliver
 
     # One batch takes `limit` notices at most, the oldest.
     async with sessions() as session, session.begin():
-        assert await prune_batch(session, retention_cutoff(clock(), timedelta(days=90)), 2) == (2, 2)
+        deleted, picked = await prune_batch(
+            session, models.Notice.id, expired(retention_cutoff(clock(), timedelta(days=90))), 2
+        )
+        assert (deleted, len(picked)) == (2, 2)
     assert await kept_of(sessions, ids) == set(aged) - {"sent", "dead"}
 
     # The sender's prune goes on batch after batch while a batch is full.

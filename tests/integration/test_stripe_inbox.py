@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.engine import create_engine, plain_url, session_factory
 from iotistic_billing.db.pool import Pool, open_pool
+from iotistic_billing.db.retention import prune_batch, retention_cutoff
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
@@ -40,6 +42,7 @@ from iotistic_billing.processes import free_port
 from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import BATCH_LOCK, INBOX_CHANNEL, PENDING, EventInbox, store_event
+from iotistic_billing.stripe_inbox.retention import expired
 from tests.conftest import eventually, unique_name, waiting_on_a_row_lock
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
@@ -211,6 +214,18 @@ async def notice_keys(engine: AsyncEngine, customer_ids: list[str]) -> Counter[s
         return Counter(keys)
 
 
+async def subscription_row(engine: AsyncEngine, subscription_id: str) -> Any:
+    """The `subscriptions` row of a Stripe subscription."""
+    async with engine.connect() as connection:
+        return (
+            await connection.execute(
+                select(models.Subscription).where(
+                    models.Subscription.stripe_subscription_id == subscription_id
+                )
+            )
+        ).one()
+
+
 @asynccontextmanager
 async def inbox_in_process(
     engine: AsyncEngine,
@@ -218,6 +233,7 @@ async def inbox_in_process(
     database_url: str = "",
     clock: Callable[[], float] = time.monotonic,
     workers: int = 0,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
     `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes. With
@@ -232,6 +248,7 @@ async def inbox_in_process(
         workers=workers,
         database_url=database_url,
         clock=clock,
+        now=now,
     )
     await inbox.start()
     try:
@@ -319,14 +336,7 @@ async def test_a_customer_s_pending_events_are_one_apply_and_each_is_recorded(
             overdue_key("failed", one, base + 2): 1,
             overdue_key("recovered", one, base + 2): 1,
         }
-        async with inbox_engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    select(models.Subscription).where(
-                        models.Subscription.stripe_subscription_id == one.subscription
-                    )
-                )
-            ).one()
+        row = await subscription_row(inbox_engine, one.subscription)
         assert (row.status, row.plan, row.last_event_created) == ("active", "professional", base + 4)
 
         # An event older than what was applied is recorded as stale and writes nothing.
@@ -1116,3 +1126,126 @@ async def test_a_batch_stopped_during_its_customer_write_holds_its_lock_until_th
         with pytest.raises(asyncio.CancelledError):
             await batch
     assert written and written[0] <= locked
+
+
+async def kept_events(engine: AsyncEngine, ids: list[str]) -> set[str]:
+    async with engine.connect() as connection:
+        found = await connection.scalars(
+            select(models.StripeEvent.event_id).where(models.StripeEvent.event_id.in_(ids))
+        )
+        return set(found)
+
+
+async def test_final_stripe_events_past_the_retention_are_pruned_in_batches_and_the_others_kept(
+    inbox_engine: AsyncEngine, kubeconfig: Path
+) -> None:
+    now = datetime.now(UTC)
+    long_ago, within = now - timedelta(days=100), now - timedelta(days=89)
+    # (result, failed attempts, received, last recorded): each a row as the inbox leaves it.
+    rows = {
+        # A final result past the retention: pruned.
+        "applied": ("applied", 0, long_ago, long_ago),
+        "ignored": ("ignored", 0, long_ago, long_ago),
+        "stale": ("stale", 0, long_ago, long_ago),
+        "superseded": ("superseded", 0, long_ago, long_ago),
+        "applied too": ("applied", 0, long_ago, long_ago),
+        # Kept whatever their age: due, failing (retried), and unmatched (the console replays it).
+        "pending": (PENDING, 0, long_ago, None),
+        "failing": (PENDING, 5, long_ago, None),
+        "unmatched": ("unmatched", 0, long_ago, long_ago),
+        # Received long ago, unmatched, replayed 10 days ago and applied: within the retention.
+        "replayed lately": ("applied", 0, long_ago, now - timedelta(days=10)),
+        # Recorded 89 days ago: kept until the clock is two days on.
+        "within": ("applied", 0, within, within),
+    }
+    ids = {label: random_id("evt_", 24) for label in rows}
+    async with inbox_engine.begin() as connection:
+        for label, (result, attempts, received, recorded) in rows.items():
+            await connection.execute(
+                insert(models.StripeEvent).values(
+                    event_id=ids[label],
+                    type="customer.subscription.updated",
+                    created=int(received.timestamp()) - 5,
+                    result=result,
+                    attempts=attempts,
+                    received_at=received,
+                    applied_at=recorded,
+                    payload={"id": ids[label]},
+                )
+            )
+    clock = {"now": now}
+
+    def kept(found: set[str]) -> set[str]:
+        return {label for label, event_id in ids.items() if event_id in found}
+
+    always = {"pending", "failing", "unmatched", "replayed lately"}
+    async with inbox_in_process(inbox_engine, kubeconfig, now=lambda: clock["now"]) as inbox:
+        # One batch deletes `limit` events at most.
+        async with session_factory(inbox_engine)() as session, session.begin():
+            cutoff = retention_cutoff(now, inbox.retention)
+            deleted, picked = await prune_batch(session, models.StripeEvent.event_id, expired(cutoff), 2)
+        assert (deleted, len(picked)) == (2, 2)
+        assert len(kept(await kept_events(inbox_engine, list(ids.values())))) == len(rows) - 2
+
+        # The inbox's prune goes on, batch after batch, while a batch is full.
+        assert await inbox.prune_finished(batch=2) == 3
+        assert kept(await kept_events(inbox_engine, list(ids.values()))) == always | {"within"}
+        assert await inbox.prune_finished(batch=2) == 0
+
+        clock["now"] = now + timedelta(days=2)
+        assert await inbox.prune_finished() == 1
+        assert kept(await kept_events(inbox_engine, list(ids.values()))) == always
+
+
+async def test_a_redelivered_pruned_event_is_stale_and_changes_nothing(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """Its row gone, the redelivery of an event older than the retention is stored and applied again:
+    decided against the newer state its subscription's row and the Customer hold, it is stale, writes
+    nothing and notices nothing (even with its notices pruned too)."""
+    subscriber = Subscriber(customers, "pruned")
+    now = datetime.now(UTC)
+    base = int(now.timestamp()) - 100 * 86400
+    old = [
+        subscriber.updated(base),
+        subscriber.invoice(base + 60, paid=False),
+        subscriber.invoice(base + 120, paid=True),
+    ]
+    newer = subscriber.updated(int(now.timestamp()) - 10 * 86400, plan="professional")
+    async with inbox_in_process(inbox_engine, kubeconfig, now=lambda: now) as inbox:
+        await store(inbox_pool, inbox, [*old, newer])
+        assert await inbox.apply_pending() == 4
+        assert await results(inbox_engine, [*old, newer]) == {body["id"]: "applied" for body in [*old, newer]}
+        held = customers.subscription(subscriber.name)
+        assert held is not None and held["plan"] == "professional"
+        assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {
+            overdue_key("failed", subscriber, base + 60): 1,
+            overdue_key("recovered", subscriber, base + 60): 1,
+        }
+        # The old ones received and recorded 100 days ago, the newer one 10 days ago.
+        async with inbox_engine.begin() as connection:
+            for bodies, age in (([*old], 100), ([newer], 10)):
+                await connection.execute(
+                    update(models.StripeEvent)
+                    .where(models.StripeEvent.event_id.in_([body["id"] for body in bodies]))
+                    .values(received_at=now - timedelta(days=age), applied_at=now - timedelta(days=age))
+                )
+            await connection.execute(
+                models.Notice.__table__.delete().where(models.Notice.customer_id == subscriber.customer_id)
+            )
+        assert await inbox.prune_finished() == 3
+        assert await kept_events(inbox_engine, [body["id"] for body in [*old, newer]]) == {newer["id"]}
+
+        applies = customer_applies(k8s_client)
+        await store(inbox_pool, inbox, old)  # no row stops them now
+        assert await inbox.apply_pending() == 3
+        assert await results(inbox_engine, old) == {body["id"]: "stale" for body in old}
+        assert customers.subscription(subscriber.name) == held
+        assert customer_applies(k8s_client) == applies
+        assert await notice_keys(inbox_engine, [subscriber.customer_id]) == Counter()
+        row = await subscription_row(inbox_engine, subscriber.subscription)
+        assert (row.status, row.plan, row.last_event_created) == ("active", "professional", newer["created"])

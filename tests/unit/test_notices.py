@@ -29,6 +29,7 @@ from iotistic_billing.customer import (
     signs_until_annotation,
     webhook_url_problem,
 )
+from iotistic_billing.db.retention import retention_cutoff
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.plans import PLANS
@@ -46,7 +47,6 @@ from iotistic_billing.notices.content import (
 )
 from iotistic_billing.notices.mail import MailRelay
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
-from iotistic_billing.notices.retention import retention_cutoff
 from iotistic_billing.notices.sender import (
     BACKOFF,
     DeliveryFailed,

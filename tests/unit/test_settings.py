@@ -27,6 +27,7 @@ def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.notify_webhook_allowed_cidrs == []  # customers' webhooks: public addresses only
     assert settings.usage_close_grace == 3600
     assert settings.notice_retention_days == 90
+    assert settings.stripe_event_retention_days == 90
 
 
 def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,6 +86,22 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("NOTICE_RETENTION_DAYS", "31", "NOTICE_RETENTION_DAYS: Input should be greater than or equal to 32"),
         ("NOTICE_RETENTION_DAYS", "90d", "NOTICE_RETENTION_DAYS: Input should be a valid integer"),
         ("NOTICE_RETENTION_DAYS", "1.5", "NOTICE_RETENTION_DAYS: Input should be a valid integer"),
+        # A Stripe event pruned while Stripe may still deliver it again would be applied again.
+        (
+            "STRIPE_EVENT_RETENTION_DAYS",
+            "30",
+            "STRIPE_EVENT_RETENTION_DAYS: Input should be greater than or equal to 31",
+        ),
+        (
+            "STRIPE_EVENT_RETENTION_DAYS",
+            "36501",
+            "STRIPE_EVENT_RETENTION_DAYS: Input should be less than or equal",
+        ),
+        (
+            "STRIPE_EVENT_RETENTION_DAYS",
+            "90d",
+            "STRIPE_EVENT_RETENTION_DAYS: Input should be a valid integer",
+        ),
         # An item of a list names the list and the item, not a variable `<LIST>_0` (found in review).
         ("STRIPE_METERED_PRICES", '["", "x"]', "STRIPE_METERED_PRICES: item 0: String should have at least"),
         # Instances are served at <name>.<BASE_DOMAIN>, which the instance chart takes as a DNS name only.

@@ -12,8 +12,11 @@ import pytest
 import stripe
 
 from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
+from iotistic_billing.db import models
+from iotistic_billing.db.retention import retention_cutoff
 from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
+from iotistic_billing.settings import STRIPE_EVENT_RETENTION_MIN_DAYS
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
     Coalesced,
@@ -27,6 +30,9 @@ from iotistic_billing.stripe_inbox.events import (
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_size
+from iotistic_billing.stripe_inbox.retention import FINAL_RESULTS, expired
+from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
+from iotistic_billing.webhook_server.console.pages import replayable
 from iotistic_billing.webhook_server.webhooks import verify_event
 
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
@@ -1195,3 +1201,26 @@ def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices
         )
         == []
     )
+
+
+def test_the_prune_takes_the_final_results_only_never_an_event_the_console_replays() -> None:
+    # The console's results ("failed": pending after failed tries): what is not pruned is what it replays,
+    # or what the inbox still applies.
+    for result in EVENT_RESULTS:
+        row = models.StripeEvent(result="pending" if result == "failed" else result, attempts=1)
+        assert (row.result in FINAL_RESULTS) == (result not in {"pending", "failed", "unmatched"}), result
+        assert not (row.result in FINAL_RESULTS and replayable(row)), result
+    assert set(FINAL_RESULTS) <= set(EVENT_RESULTS)
+
+
+def test_the_prune_s_cutoff_holds_stripe_s_time_and_ours_and_outlives_stripe_s_redeliveries() -> None:
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    cutoff = retention_cutoff(now, timedelta(days=90))
+    assert cutoff == now - timedelta(days=90)
+    params = expired(cutoff).compile().params
+    # Stripe's `created` is in Unix seconds, the rows' times are instants.
+    assert sorted(params.values(), key=str) == sorted(
+        [list(FINAL_RESULTS), int(cutoff.timestamp()), cutoff, cutoff], key=str
+    )
+    # Stripe delivers an event again (its retries, a resend) only within the 30 days it keeps it.
+    assert timedelta(days=STRIPE_EVENT_RETENTION_MIN_DAYS) > timedelta(days=30)
