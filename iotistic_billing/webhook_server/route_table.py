@@ -65,7 +65,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors=(503,),
         description=(
             "Signature verified with STRIPE_WEBHOOK_SECRET (its timestamp within 300 s of now, either "
-            "way). Each event id is applied once; "
+            "way). Each event id is applied once (while its row is kept: STRIPE_EVENT_RETENTION_DAYS); "
             "a repeat answers duplicate: true. An event older than the state applied for its subscription "
             "is recorded and not applied. An event that matches no customer is acknowledged and recorded "
             "as unmatched, as Stripe would otherwise retry it for days."
