@@ -19,7 +19,7 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import expect
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.customer import REVOKED_LICENSE
@@ -557,6 +557,29 @@ async def test_the_replay_of_an_unmatched_event_is_shown_on_its_page(
     page = await (await api.get(f"/admin/stripe-events/{early['id']}")).text()
     actions = page.partition("<h2>Console actions</h2>")[2]
     assert f"Stripe event {early['id']} ({early['type']}) replayed" in actions, page
+
+
+async def test_the_replay_of_an_event_deleted_after_its_retention_is_still_shown_on_its_page(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: once the inbox deleted a replayed unmatched event (STRIPE_EVENT_RETENTION_DAYS),
+    its page was a 404 and who replayed it was shown nowhere (its audit row names no Customer)."""
+    early = await unmatched_event(api, "cust_" + random_id("", 12))
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    answer = await post_form(api, f"/admin/stripe-events/{early['id']}/replay", {"csrf": csrf})
+    assert answer.status == 303, await answer.text()
+    async with db_engine.begin() as conn:  # as the inbox's prune deletes it
+        await conn.execute(text("DELETE FROM stripe_events WHERE event_id = :e"), {"e": early["id"]})
+
+    shown = await api.get(f"/admin/stripe-events/{early['id']}")
+    page = await shown.text()
+    assert shown.status == 404 and "STRIPE_EVENT_RETENTION_DAYS" in page
+    assert (
+        f"Stripe event {early['id']} ({early['type']}) replayed"
+        in page.partition("<h2>Console actions</h2>")[2]
+    )
+    never = await api.get(f"/admin/stripe-events/evt_{random_id('', 14)}")
+    assert never.status == 404 and "Console actions" not in await never.text()
 
 
 async def test_a_replay_sent_again_after_it_was_applied_lands_on_the_event_page(

@@ -484,9 +484,13 @@ async def stripe_event_page(request: web.Request) -> web.Response:
     async with request.app[SESSIONS]() as session:
         row = await session.get(models.StripeEvent, event_id)
         # Its replays: one of an event no Customer matched is on no Customer's page.
-        audit = await data.audit(session, target=event_id) if row is not None else []
-    if row is None:
+        audit = await data.audit(session, target=event_id)
+    if row is None and not audit:
         raise _no_event(event_id)
+    if row is None:
+        # Deleted after STRIPE_EVENT_RETENTION_DAYS (stripe_inbox/retention.py): who replayed it is
+        # shown nowhere else (an unmatched event's replay names no Customer).
+        return render(request, "stripe_event.html.j2", status=404, event=None, event_id=event_id, audit=audit)
     return render(
         request,
         "stripe_event.html.j2",
