@@ -421,6 +421,48 @@ async def test_a_pass_handler_backs_off_when_the_api_server_is_away(
     assert all(str(error) in record.getMessage() for record in caplog.records)
 
 
+class ScriptedPasses:
+    """handlers.reconcile replaced by passes that end as `outcomes` say (an exception is raised), in an
+    operator context Kopf runs (a housekeeping daemon of `uid` running) whose retries the test fires
+    (Retries) instead of waiting. `calls`: what each pass was handed and its Deployment event."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, outcomes: list[Any], uid: str = "uid-acme") -> None:
+        self.outcomes = outcomes
+        self.calls: list[tuple[Any, int | None]] = []
+        self.passed = asyncio.Event()
+        self.retries = Retries()
+        self.kube = EventRecorder()
+        self.housekeepers: dict[str, Any] = {uid: asyncio.get_running_loop().create_future()}
+        self.ctx = cast(
+            OperatorContext,
+            SimpleNamespace(
+                kube=self.kube,
+                pass_requests=PassRequests(),
+                pass_retries=PassRetries(self.retries.later),
+                housekeepers=self.housekeepers,
+                background_passes=BackgroundPasses(),
+            ),
+        )
+        monkeypatch.setattr(handlers, "reconcile", self.reconcile)
+        monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
+
+    async def reconcile(
+        self, ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None
+    ) -> Any:
+        self.calls.append((handed, deployment_event))
+        self.passed.set()
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def retried(self) -> None:
+        """The first retry scheduled fired, and the pass it requested has run."""
+        self.passed.clear()
+        self.retries.fire()
+        await asyncio.wait_for(self.passed.wait(), 5)
+
+
 async def test_a_failed_pass_of_a_kopf_handler_is_retried_by_the_operator_whatever_the_spec_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -430,55 +472,30 @@ async def test_a_failed_pass_of_a_kopf_handler_is_retried_by_the_operator_whatev
     until a renewal, a restart or a Reconcile now. The handler ends as handled and the operator retries
     (PassRetries) with a pass of the Customer as it is then; Kopf never retries the same failure too."""
     edited = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {"chartVersion": "0.5.0"}})
-    outcomes: list[PassResult | Exception] = [
-        ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
-        # The edit reverted meanwhile: retried all the same (Kopf sees the revert as a change now, below).
-        KubernetesUnavailable("reading Customer acme: the API server answered 503"),
-        ended("Ready", "Degraded", uid="uid-acme"),
-    ]
-    passes: list[Any] = []  # the Customer each pass was handed (None: it read the Customer itself)
-    passed = asyncio.Event()
-
-    async def reconcile(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> Any:
-        passes.append(handed)
-        passed.set()
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    async def retried() -> None:
-        passed.clear()
-        retries.fire()
-        await asyncio.wait_for(passed.wait(), 5)
-
-    monkeypatch.setattr(handlers, "reconcile", reconcile)
-    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
-    retries = Retries()
-    kube = EventRecorder()
-    ctx = cast(
-        OperatorContext,
-        SimpleNamespace(
-            kube=kube,
-            pass_requests=PassRequests(),
-            pass_retries=PassRetries(retries.later),
-            housekeepers={"uid-acme": asyncio.get_running_loop().create_future()},
-            background_passes=BackgroundPasses(),
-        ),
+    passes = ScriptedPasses(
+        monkeypatch,
+        [
+            ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
+            # The edit reverted meanwhile: retried all the same (Kopf sees the revert as a change now, below).
+            KubernetesUnavailable("reading Customer acme: the API server answered 503"),
+            ended("Ready", "Degraded", uid="uid-acme"),
+        ],
     )
-    memo = kopf.Memo(context=ctx)
+    retries, kube = passes.retries, passes.kube
+    memo = kopf.Memo(context=passes.ctx)
 
     await handlers.reconcile_customer(name="acme", body=edited, memo=memo, retry=0)
     assert retries.delays == [5] and kube.posted == [("acme", "uid-acme", "Warning", "Degraded")]
-    await retried()  # fails again: one retry pending, its backoff doubled
+    await passes.retried()  # fails again: one retry pending, its backoff doubled
     assert retries.delays == [10]
-    await retried()  # the Customer as it is now (reverted): converged, nothing left to retry
-    assert passes == [edited, None, None] and retries.scheduled == []
+    await passes.retried()  # the Customer as it is now (reverted): converged, nothing left to retry
+    # The Customer each pass was handed (None: it read the Customer itself).
+    assert [handed for handed, _ in passes.calls] == [edited, None, None] and retries.scheduled == []
     assert kube.posted[1:] == [("acme", "uid-acme", "Normal", "Ready")]
 
     # A pass Kopf runs for the revert, converging before the retry is due, drops that retry.
     reverted = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {}})
-    outcomes.extend(
+    passes.outcomes.extend(
         [
             ended("Degraded", "Ready", temporary_error="helm pull: connection refused"),
             ended("Ready", "Degraded"),
@@ -487,66 +504,39 @@ async def test_a_failed_pass_of_a_kopf_handler_is_retried_by_the_operator_whatev
     await handlers.reconcile_customer(name="acme", body=edited, memo=memo, retry=0)
     assert retries.delays == [5]
     await handlers.reconcile_customer(name="acme", body=reverted, memo=memo, retry=0)
-    assert retries.scheduled == [] and outcomes == []
+    assert retries.scheduled == [] and passes.outcomes == []
 
 
 async def test_a_pass_no_kopf_handler_runs_is_retried_while_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """A housekeeping or watch pass that failed was only logged: a failed helm left the Customer
     Reconciling with nothing due for the housekeeping, a failed database left a usage key unstored."""
-    outcomes: list[PassResult | Exception | None] = [
-        RuntimeError("PostgreSQL is away"),
-        ended("Expired", "Ready", temporary_error="helm: connection refused"),
-        ended("Expired", "Expired", temporary_error="helm: connection refused"),
-        ended("Expired", "Expired"),  # helm is back
-    ]
-    passes: list[int | None] = []
-    passed = asyncio.Event()
-
-    async def pass_(ctx: Any, name: str, deployment_event: int | None = None) -> PassResult | None:
-        passes.append(deployment_event)
-        passed.set()
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    async def retried() -> None:
-        """The first retry scheduled fired, and the pass it requested has run."""
-        passed.clear()
-        retries.fire()
-        await asyncio.wait_for(passed.wait(), 5)
-
-    monkeypatch.setattr(handlers, "reconcile", pass_)
-    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
-    retries = Retries()
-    ctx = cast(
-        OperatorContext,
-        SimpleNamespace(
-            kube=EventRecorder(),
-            pass_requests=PassRequests(),
-            pass_retries=PassRetries(retries.later),
-            # An operator Kopf runs (not paused by its peering): a housekeeping daemon of it runs.
-            housekeepers={"uid-1": asyncio.get_running_loop().create_future()},
-            background_passes=BackgroundPasses(),
-        ),
+    passes = ScriptedPasses(
+        monkeypatch,
+        [
+            RuntimeError("PostgreSQL is away"),
+            ended("Expired", "Ready", temporary_error="helm: connection refused"),
+            ended("Expired", "Expired", temporary_error="helm: connection refused"),
+            ended("Expired", "Expired"),  # helm is back
+        ],
     )
+    ctx, retries = passes.ctx, passes.retries
     await handlers._refresh(ctx, "acme")
     assert retries.delays == [5]
     for delay in (10, 20):
-        await retried()
+        await passes.retried()
         assert retries.delays == [delay]
-    await retried()
-    assert retries.scheduled == [] and passes == [None, None, None, None]
+    await passes.retried()
+    assert retries.scheduled == [] and [event for _, event in passes.calls] == [None, None, None, None]
 
     # Failing again later starts from 5 s; a watch's pass failing meanwhile replaces the pending retry.
-    outcomes.extend([ended("Ready", "Ready", temporary_error="helm: timeout")] * 2)
+    passes.outcomes.extend([ended("Ready", "Ready", temporary_error="helm: timeout")] * 2)
     await handlers._refresh(ctx, "acme")
     await handlers._refresh(ctx, "acme", deployment_event=9)
     assert retries.delays == [10]
     # A pass that finds the Customer gone (or another shard's) ends its retries: its failures are
     # forgotten, and one failing after starts from 5 s again.
-    outcomes.extend([None, ended("Ready", "Ready", temporary_error="helm: timeout")])
-    await retried()
+    passes.outcomes.extend([None, ended("Ready", "Ready", temporary_error="helm: timeout")])
+    await passes.retried()
     assert retries.scheduled == []
     await handlers._refresh(ctx, "acme")
     assert retries.delays == [5]
@@ -920,39 +910,21 @@ async def test_a_retry_due_while_kopf_pauses_the_operator_waits_for_the_resume(
     """Found in review: a failed pass's retry that came due while Kopf's peering paused this operator
     was dropped (request_pass runs no pass then), and no Kopf handler retried the failure after the
     resume: the Customer kept the failure until a renewal or an edit."""
-    outcomes = [
-        ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
-        ended("Ready", "Degraded", uid="uid-acme"),
-    ]
-    passed = asyncio.Event()
-
-    async def reconcile(ctx: Any, name: str, handed: Any = None, deployment_event: int | None = None) -> Any:
-        passed.set()
-        return outcomes.pop(0)
-
-    monkeypatch.setattr(handlers, "reconcile", reconcile)
-    monkeypatch.setattr(handlers, "PASS_REQUEST_DELAY", 0)
-    retries = Retries()
-    housekeepers: dict[str, Any] = {"uid-acme": asyncio.get_running_loop().create_future()}
-    ctx = cast(
-        OperatorContext,
-        SimpleNamespace(
-            kube=EventRecorder(),
-            pass_requests=PassRequests(),
-            pass_retries=PassRetries(retries.later),
-            housekeepers=housekeepers,
-            background_passes=BackgroundPasses(),
-        ),
+    passes = ScriptedPasses(
+        monkeypatch,
+        [
+            ended("Degraded", "Ready", uid="uid-acme", temporary_error="helm pull: connection refused"),
+            ended("Ready", "Degraded", uid="uid-acme"),
+        ],
     )
     body = kopf.Body({"metadata": {"name": "acme", "uid": "uid-acme"}, "spec": {}})
-    await handlers.reconcile_customer(name="acme", body=body, memo=kopf.Memo(context=ctx), retry=0)
-    passed.clear()
+    await handlers.reconcile_customer(name="acme", body=body, memo=kopf.Memo(context=passes.ctx), retry=0)
 
-    paused = housekeepers.pop("uid-acme")  # Kopf stops every daemon while it pauses the operator
-    retries.fire()
-    assert retries.delays == [10] and not passed.is_set()  # still pending, not dropped
+    paused = passes.housekeepers.pop("uid-acme")  # Kopf stops every daemon while it pauses the operator
+    passes.passed.clear()
+    passes.retries.fire()
+    assert passes.retries.delays == [10] and not passes.passed.is_set()  # still pending, not dropped
 
-    housekeepers["uid-acme"] = paused  # resumed
-    retries.fire()
-    await asyncio.wait_for(passed.wait(), 5)
-    assert outcomes == [] and retries.scheduled == []
+    passes.housekeepers["uid-acme"] = paused  # resumed
+    await passes.retried()
+    assert passes.outcomes == [] and passes.retries.scheduled == []

@@ -1446,11 +1446,12 @@ def test_a_rollback_leaves_a_customer_that_ran_the_target_before_its_move_and_en
     assert sum(move.customer == "c00" for d in decisions for move in d.moves) == 1  # its forward move
 
 
-def test_a_rollback_waits_for_a_customer_moved_before_its_first_pass_to_leave_the_target() -> None:
-    """Found in review: c01, created during the rollout and moved before its first pass wrote
-    status.release, has no version to go back to: its return dropped every rollout annotation, its own
-    name too, so the rollout said RolledBack while it still ran 2.0.0. Its return keeps the name, and
-    the rollback waits for the pass that runs the fleet's version."""
+def rolling_back_after_moving_c01_before_its_first_pass() -> tuple[
+    Fleet, Callable[[RolloutStatus], RolloutStatus], RolloutStatus
+]:
+    """c01, created during the rollout, is moved before its first pass wrote status.release (no version
+    to go back to); that pass runs 2.0.0 by the annotation, c02's upgrade is refused, and the rollout
+    rolls back: the fleet, its ticker and the status two ticks later."""
     fleet = Fleet(3, broken={"c02"})
     new = fleet.customers["c01"]
     new["status"] = {}
@@ -1458,17 +1459,20 @@ def test_a_rollback_waits_for_a_customer_moved_before_its_first_pass_to_leave_th
     tick = ticker(
         fleet, rollout, spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"maxFailures": 1})
     )
-
     status = tick(RolloutStatus())
     new["status"] = {"release": {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": "Fleet"}}
-    fleet.operate()  # c01's first pass runs 2.0.0 by the annotation, c02's is refused
+    fleet.operate()
     assert fleet.on("2.0.0") == {"c00", "c01"}
-    status = tick(status)
+    return fleet, tick, tick(tick(status))
+
+
+def test_a_rollback_waits_for_a_customer_moved_before_its_first_pass_to_leave_the_target() -> None:
+    """Found in review: c01's return dropped every rollout annotation, its own name too, so the rollout
+    said RolledBack while it still ran 2.0.0. Its return keeps the name, and the rollback waits for the
+    pass that runs the fleet's version."""
+    fleet, tick, status = rolling_back_after_moving_c01_before_its_first_pass()
     assert status.phase == RolloutPhase.ROLLING_BACK
-    status = tick(status)
-    assert (
-        status.phase == RolloutPhase.ROLLING_BACK and new["metadata"]["annotations"].get(ROLLOUT_NAME) == "r1"
-    )
+    assert fleet.customers["c01"]["metadata"]["annotations"].get(ROLLOUT_NAME) == "r1"
     fleet.operate()
     status = tick(status)
 
@@ -1476,11 +1480,12 @@ def test_a_rollback_waits_for_a_customer_moved_before_its_first_pass_to_leave_th
     assert fleet.on("1.0.0") == set(fleet.customers)
 
 
-def test_no_upgrade_in_flight_times_out_before_a_restarted_operator_s_passes_could_run() -> None:
-    """Found in review: moved, then the operator away for 11 minutes (a lost node), each of the five
-    upgrades in flight was HealthTimeout at the restarted operator's first tick, and a healthy version
-    was rolled back. The timeout counts from when this process began judging at the earliest."""
-    fleet = Fleet(10)
+def five_moved_then_an_outage(
+    fleet: Fleet, passes_ran: bool
+) -> tuple[RolloutStatus, Callable[[RolloutStatus, float], RolloutStatus]]:
+    """A step moves five of `fleet` (timeout 600 s, one failure rolls back), their passes run or not,
+    then the operator is away 11 minutes: the status after the moves, and a tick of the restarted
+    operator `seconds` after its start (its moves applied)."""
     rollout = Rollout("r1", 1, T0.isoformat(), {})
     rollout_spec = spec(
         steps=[{"rest": True, "maxParallel": 5}],
@@ -1489,20 +1494,31 @@ def test_no_upgrade_in_flight_times_out_before_a_restarted_operator_s_passes_cou
     )
     moved = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
     fleet.apply(moved)
+    assert len(moved.moves) == 5
+    if passes_ran:
+        fleet.operate()
     restarted = T0 + timedelta(seconds=660)
 
-    def tick(status: RolloutStatus, at: datetime) -> RolloutStatus:
-        decision = decide(
-            rollout, rollout_spec, status, list(fleet.customers.values()), [], at, judging_since=restarted
-        )
+    def tick(status: RolloutStatus, seconds: float) -> RolloutStatus:
+        at = restarted + timedelta(seconds=seconds)
+        customers = list(fleet.customers.values())
+        decision = decide(rollout, rollout_spec, status, customers, [], at, judging_since=restarted)
         fleet.apply(decision)
         return decision.status
 
-    first = tick(moved.status, restarted)
-    still_not_ready = tick(first, restarted + timedelta(seconds=600))
-    timed_out = tick(still_not_ready, restarted + timedelta(seconds=601))
+    return moved.status, tick
 
-    assert len(moved.moves) == 5
+
+def test_no_upgrade_in_flight_times_out_before_a_restarted_operator_s_passes_could_run() -> None:
+    """Found in review: moved, then the operator away for 11 minutes (a lost node), each of the five
+    upgrades in flight was HealthTimeout at the restarted operator's first tick, and a healthy version
+    was rolled back. The timeout counts from when this process began judging at the earliest."""
+    moved, tick = five_moved_then_an_outage(Fleet(10), passes_ran=False)
+
+    first = tick(moved, 0)
+    still_not_ready = tick(first, 600)
+    timed_out = tick(still_not_ready, 601)
+
     assert first.phase == still_not_ready.phase == RolloutPhase.PROGRESSING and not first.failed
     assert timed_out.phase == RolloutPhase.ROLLING_BACK
     assert {f.reason for f in timed_out.failures or ()} == {"HealthTimeout"}
@@ -1547,23 +1563,13 @@ def test_a_rollback_whose_return_to_the_fleet_s_version_helm_refuses_ends_halted
     """Found in review of 02cf4a3: c01, moved before its first pass, returned to the fleet's version,
     whose upgrade helm refused: its status (versionSource Fleet, chartVersion still 2.0.0) counted as
     returned, and the rollout said RolledBack while it ran 2.0.0."""
-    fleet = Fleet(3, broken={"c02"})
-    new = fleet.customers["c01"]
-    new["status"] = {}
-    rollout = Rollout("r1", 1, T0.isoformat(), {})
-    tick = ticker(
-        fleet, rollout, spec(steps=[{"rest": True}], onFailure="rollback", healthGate={"maxFailures": 1})
-    )
-    status = tick(RolloutStatus())
-    new["status"] = {"release": {"chartVersion": "1.0.0", "targetVersion": "1.0.0", "versionSource": "Fleet"}}
-    fleet.operate()
-    status = tick(tick(status))
+    fleet, tick, status = rolling_back_after_moving_c01_before_its_first_pass()
     assert status.phase == RolloutPhase.ROLLING_BACK
     fleet.broken.add("c01")  # helm refuses its return
     fleet.operate()
     status = tick(status)
 
-    assert new["status"]["release"]["chartVersion"] == "2.0.0"
+    assert fleet.customers["c01"]["status"]["release"]["chartVersion"] == "2.0.0"
     assert status.phase == RolloutPhase.HALTED
     ready = status.condition("Ready")
     assert ready is not None and ready.reason == "RollbackFailed" and "c01" in ready.message
@@ -1598,25 +1604,12 @@ def test_upgrades_whose_passes_ran_are_given_a_settle_after_a_long_outage_then_j
     the pods still rolling out), so an 11-minute outage failed them all at the restarted operator's
     first tick though their pods turned Ready meanwhile. They get SETTLE_AFTER_START (the passes read
     readiness again), not the whole timeout (a crash-looping operator would hold a bad version off)."""
-    fleet = Fleet(10, bad="2.0.0")
-    rollout = Rollout("r1", 1, T0.isoformat(), {})
-    rollout_spec = spec(
-        steps=[{"rest": True, "maxParallel": 5}],
-        onFailure="rollback",
-        healthGate={"maxFailures": 1, "timeoutSeconds": 600},
-    )
-    moved = decide(rollout, rollout_spec, RolloutStatus(), list(fleet.customers.values()), [], T0)
-    fleet.apply(moved)
-    fleet.operate()  # helm ran 2.0.0 for the five moved, not Ready when their passes wrote the status
-    restarted = T0 + timedelta(seconds=660)
-
-    def at(seconds: float) -> RolloutStatus:
-        now = restarted + timedelta(seconds=seconds)
-        customers = list(fleet.customers.values())
-        return decide(rollout, rollout_spec, moved.status, customers, [], now, judging_since=restarted).status
-
-    assert at(0).phase == at(120).phase == RolloutPhase.PROGRESSING and not at(120).failed
-    assert at(121).phase == RolloutPhase.ROLLING_BACK and at(121).failed == 5
+    moved, tick = five_moved_then_an_outage(Fleet(10, bad="2.0.0"), passes_ran=True)
+    # Helm ran 2.0.0 for the five moved, not Ready when their passes wrote the status.
+    settling = [tick(moved, 0), tick(moved, 120)]
+    assert [status.phase for status in settling] == [RolloutPhase.PROGRESSING] * 2 and not settling[1].failed
+    judged = tick(moved, 121)
+    assert judged.phase == RolloutPhase.ROLLING_BACK and judged.failed == 5
 
 
 def test_a_return_stalled_on_its_licence_is_done_when_it_runs_the_version_it_was_sent_to() -> None:
