@@ -416,6 +416,11 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     ctx.applied_namespaces.pop(namespace_for(name), None)
     ctx.written.pop(name, None)
     ctx.pass_retries.forget(name)
+    if now is not None and not now["metadata"].get("deletionTimestamp"):
+        # Relabelled to another shard, live: it holds its own id there, and no list of the fleet is
+        # needed (a relabel of a thousand Customers listed the whole fleet once for each).
+        forget_customer(name, customer_id)
+        return
     # A rename that kept spec.customerId: the id's expiry series is the Customer holding it now (as the
     # finalizer judged), which may get no pass for days to export it again.
     try:
