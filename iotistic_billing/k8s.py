@@ -95,6 +95,8 @@ class SecretData(NamedTuple):
     labels: dict[str, str]
     # What a write conditional on this read names (merge_secret_data's `resource_version`).
     resource_version: str = ""
+    # The uids of its owners (the operator's Secrets are owned by their Customer).
+    owner_uids: tuple[str, ...] = ()
 
 
 class KubernetesUnavailable(Exception):
@@ -460,6 +462,7 @@ class KubeApi:
             dict(meta.get("annotations") or {}),
             dict(meta.get("labels") or {}),
             str(meta.get("resourceVersion") or ""),
+            tuple(str(ref.get("uid")) for ref in meta.get("ownerReferences") or () if ref.get("uid")),
         )
 
     def merge_secret_data(

@@ -71,14 +71,17 @@ def _keys_not_configured() -> Unavailable:
     )
 
 
-async def license_token(kube: Kube, namespace: str, customer_id: str) -> str | None:
-    """The licence JWT of the Secret the operator wrote for `customer_id`, or None while there is none:
-    a licence of another customer id is a deleted predecessor's of the same name, whose namespace is
-    still being deleted."""
+async def license_token(kube: Kube, namespace: str, customer_id: str, uid: str | None = None) -> str | None:
+    """The licence JWT of the Secret the operator wrote for `customer_id` (and for the Customer of `uid`,
+    when given), or None while there is none: a licence of another customer id, or owned by another
+    Customer, is a deleted predecessor's of the same name, whose namespace is still being deleted (one
+    made again from Git keeps its customer id)."""
     secret = await kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
-    data = secret[0] if secret is not None else {}
-    if LICENSE_JWT_KEY not in data:
+    if secret is None or LICENSE_JWT_KEY not in secret.data:
         return None
+    if uid is not None and secret.owner_uids and uid not in secret.owner_uids:
+        return None
+    data = secret.data
     token = data[LICENSE_JWT_KEY].decode(errors="replace")
     try:
         holder = jwt.decode(token, options={"verify_signature": False}).get("customerId")
@@ -88,7 +91,9 @@ async def license_token(kube: Kube, namespace: str, customer_id: str) -> str | N
 
 
 async def _issued_token(request: web.Request, record: CustomerRecord) -> str:
-    token = await license_token(request.app[KUBE], record.namespace, record.customer_id)
+    token = await license_token(
+        request.app[KUBE], record.namespace, record.customer_id, record.customer.metadata.uid
+    )
     if token is None:
         raise NotFound(
             "Licence not issued yet",
@@ -217,7 +222,7 @@ async def revoke_and_suspend(
     resumed and suspended again is revoked anew. A patch whose answer was lost is RevokeUnanswered, its
     history row and notice rolled back (to a savepoint), the caller's transaction kept."""
     customer_id = record.customer_id
-    token = await license_token(app[KUBE], record.namespace, customer_id)
+    token = await license_token(app[KUBE], record.namespace, customer_id, record.customer.metadata.uid)
     if token is None:
         raise Conflict(
             "No licence to revoke",

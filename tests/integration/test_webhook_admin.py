@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -364,6 +365,55 @@ async def test_get_license_says_when_its_claims_are_unverified(
     document = await (await api.get("/api/openapi.json")).json()
     schema = document["components"]["schemas"]["LicenseResponse"]
     assert schema["properties"]["verified"]["type"] == "boolean" and "verified" in schema["required"]
+
+
+async def test_a_deleted_predecessor_s_licence_is_not_the_customer_s_made_again_under_its_id(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """Found in review: a Customer deleted and applied again from Git keeps its customer id, and while its
+    namespace was still being deleted the predecessor's licence (revoked by its finalizer) was answered
+    as the new Customer's, verified, and a revoke then suspended the new one for it."""
+    name = unique_name("handmade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    put_handmade_licence(
+        customers,
+        name,
+        licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings),
+    )
+    predecessor = {
+        "apiVersion": "iotistic.io/v1alpha1",
+        "kind": "Customer",
+        "name": name,
+        "uid": str(uuid4()),
+    }
+    customers.core.patch_namespaced_secret(
+        LICENSE_SECRET_NAME, namespace, {"metadata": {"ownerReferences": [predecessor]}}
+    )
+    try:
+        response = await api.get(f"/api/licenses/{customer_id}", headers=admin_headers())
+        body = await response.json()
+        assert (response.status, body["error"]) == (404, "Licence not issued yet"), body
+        response = await api.post(
+            f"/api/licenses/{customer_id}/revoke", json={"reason": "test"}, headers=admin_headers()
+        )
+        body = await response.json()
+        assert (response.status, body["error"]) == (409, "No licence to revoke"), body
+        customer = customers.get(name)
+        assert customer is not None and not customer["spec"].get("suspended", False)
+        # The operator's own Secret, owned by this Customer, is its licence.
+        own = {**predecessor, "uid": customer["metadata"]["uid"]}
+        customers.core.patch_namespaced_secret(
+            LICENSE_SECRET_NAME, namespace, {"metadata": {"ownerReferences": [own]}}
+        )
+        response = await api.get(f"/api/licenses/{customer_id}", headers=admin_headers())
+        assert response.status == 200, await response.text()
+        assert (await response.json())["verified"] is True
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
 
 
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])

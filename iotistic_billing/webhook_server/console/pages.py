@@ -388,7 +388,9 @@ async def customer_page(request: web.Request) -> web.Response:
         events = await kube.list_customer_events(record.name, record.customer.metadata.uid)
     except KubernetesUnavailable:
         events = []
-    claims = licence_claims(request, await license_token(kube, record.namespace, record.customer_id))
+    claims = licence_claims(
+        request, await license_token(kube, record.namespace, record.customer_id, record.customer.metadata.uid)
+    )
     usage = await usage_history(request, record, 31, now)
     period = BillingPeriod(usage.billing_period.period_start, usage.billing_period.period_end)
     async with request.app[SESSIONS]() as session:
