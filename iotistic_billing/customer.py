@@ -128,7 +128,8 @@ _EMAIL_PART = r"[^@\s" + _UNICODE_SPACES + "]+"
 EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
 # A character that is no space (searched for, as the API server does): a name of spaces alone would pass
 # the CRD and the model and then be refused by minting, which strips it, naming no field of the Customer.
-NOT_BLANK_PATTERN = r"[^\s" + _UNICODE_SPACES + "]"
+BLANK_CHARACTERS = r"\s" + _UNICODE_SPACES
+NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
 # metadata.name: the operator's namespace is customer-<name>, and a namespace name is a DNS label.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)

@@ -84,11 +84,21 @@ async def create_customer(request: web.Request) -> web.Response:
                     [{"field": "email", "message": "being registered"}],
                 )
             existing = await directory.all()
-            if any(other.customer.spec.email.lower() == body.email.lower() for other in existing):
+            holder = next((o for o in existing if o.customer.spec.email.lower() == body.email.lower()), None)
+            if holder is not None:
+                # Named: a retry of a signup whose answer was lost finds its customer here, and no query
+                # finds a customer by email.
                 raise Conflict(
                     "Customer already exists",
-                    "a customer with this email address already exists",
-                    [{"field": "email", "message": "already registered"}],
+                    f"customer {holder.customer_id} (Customer {holder.name}) has this email address",
+                    [
+                        {
+                            "field": "email",
+                            "message": "already registered",
+                            "customer_id": holder.customer_id,
+                            "resource_name": holder.name,
+                        }
+                    ],
                 )
             if billing is not None:
                 stripe_customer_id = await billing.create_customer(
@@ -166,7 +176,7 @@ async def create_customer(request: web.Request) -> web.Response:
 
 def _maybe_created(customer_id: str, stripe_customer_id: str | None) -> Unavailable:
     """The answer to a signup whose create the API server did not answer: its Customer may exist, so the
-    client reads it before signing up again (a retry of one that exists is a 409 without its id)."""
+    client reads it before signing up again (a retry of one that exists is a 409 naming it)."""
     log.warning(
         "signup of %s got no answer to its create: its Customer may exist; its Stripe customer %s is kept",
         customer_id,

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from iotistic_billing.customer import (
+    BLANK_CHARACTERS,
     CUSTOMER_ID_PATTERN,
     EMAIL_PATTERN,
     URL_PATTERN,
@@ -130,8 +131,9 @@ class Request(BaseModel):
 # in the OpenAPI document, where a client generating from it would send one.
 NO_NUL = Field(pattern=r"^[^\x00]*$")
 # Text a person writes: a Request strips it, so blank text is refused; the pattern says so too, where a
-# minimum length alone let " " pass for valid.
-NOT_BLANK = Field(min_length=1, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")
+# minimum length alone let " " pass for valid. Blank as the CRD says (a BOM alone passed here, then the
+# API server refused the Customer after its Stripe customer was made).
+NOT_BLANK = Field(min_length=1, pattern=rf"^[^\x00]*[^\x00{BLANK_CHARACTERS}][^\x00]*$")
 
 
 class Query(BaseModel):

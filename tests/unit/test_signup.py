@@ -240,10 +240,17 @@ async def test_an_email_being_signed_up_is_409_without_waiting(signup: Signup) -
     assert signup.stripe.created == [] and signup.kube.customers == {}
 
 
-async def test_an_email_taken_is_409_before_stripe(signup: Signup) -> None:
-    assert (await signup.post())[0] == 202
+async def test_an_email_taken_is_409_before_stripe_naming_its_customer(signup: Signup) -> None:
+    """Found in review: the 409 did not say whose the email was, and a retry of a signup whose answer
+    was lost had no way to find its customer but paging through all of them."""
+    _, first = await signup.post()
     status, body = await signup.post({**SIGNUP, "email": SIGNUP["email"].upper(), "company_name": "Other"})
     assert (status, body["error"]) == (409, "Customer already exists"), body
+    customer_id, name = first["customer"]["customer_id"], first["customer"]["resource_name"]
+    assert body["details"] == [
+        {"field": "email", "message": "already registered", "customer_id": customer_id, "resource_name": name}
+    ]
+    assert body["message"] == f"customer {customer_id} (Customer {name}) has this email address"
     assert signup.stripe.created == ["cus_1"] and len(signup.kube.customers) == 1
 
 

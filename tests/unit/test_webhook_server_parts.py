@@ -539,6 +539,16 @@ def test_every_text_field_a_request_asks_to_be_filled_says_blank_is_refused() ->
     assert [(name, field) for name, field, spec in filled if "pattern" not in spec] == []
 
 
+@pytest.mark.parametrize("blank", ["\ufeff", "\u00a0\u3000", "\x1c", " "])
+def test_a_company_name_the_crd_calls_blank_is_refused_before_anything_is_made(blank: str) -> None:
+    """Found in review: a company name of a BOM alone passed the signup's model, so a Stripe customer was
+    made, and then the API server refused the Customer, naming spec.companyName."""
+    with pytest.raises(ValidationError) as refused:
+        SignupRequest.model_validate({"email": "ops@example.com", "company_name": blank})
+    assert [error["loc"] for error in refused.value.errors()] == [("company_name",)]
+    assert SignupRequest.model_validate({"email": "ops@example.com", "company_name": f"{blank}X"})
+
+
 def test_every_free_text_field_of_a_request_says_nul_is_refused() -> None:
     """Found by Schemathesis: {"reason": "...\\u0000..."} matched the document and got the 400 that every
     Request answers to NUL (PostgreSQL text holds none)."""
