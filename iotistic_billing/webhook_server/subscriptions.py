@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
-from iotistic_billing.errors import Conflict, ValidationFailed, stripe_not_configured
+from iotistic_billing.errors import Conflict, Unavailable, ValidationFailed, stripe_not_configured
 from iotistic_billing.stripe_api import CustomerSubscribed
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
@@ -134,8 +135,22 @@ async def create_checkout(request: web.Request) -> web.Response:
                 + "; correct the Customer, then check out again",
                 problems,
             ) from None
-        async with sessions() as session, session.begin():
-            await remember(session, record.customer, record.customer_id, stripe_customer_id)
+        try:
+            async with sessions() as session, session.begin():
+                await remember(session, record.customer, record.customer_id, stripe_customer_id)
+        except Exception as error:
+            if not database_unreachable(error):
+                raise
+            # Not "nothing was changed": the Stripe customer exists, and a retry finds it again only
+            # under the same idempotency key, which Stripe refuses once spec.email is edited.
+            raise Unavailable(
+                "Database unavailable",
+                f"Stripe customer {stripe_customer_id} was made for customer {record.customer_id} but not"
+                " recorded: check out again soon, without editing spec.email or spec.companyName meanwhile"
+                " (the retry finds the same Stripe customer)",
+                {"dependency": "Database", "stripe_customer_id": stripe_customer_id},
+                headers={"Retry-After": "5"},
+            ) from None
     try:
         # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
         checkout = await billing.create_checkout_session(

@@ -53,6 +53,8 @@ class FakeDatabase:
         self.stored: Any = None
         self.open = 0
         self.log = log
+        # Raised by a commit (PostgreSQL away).
+        self.refuse_commit: Exception | None = None
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeDatabase]:
@@ -65,6 +67,8 @@ class FakeDatabase:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[FakeDatabase]:
         yield self
+        if self.refuse_commit is not None:
+            raise self.refuse_commit
         self.log.append("commit")
 
     async def execute(self, *args: Any, **kwargs: Any) -> None:
@@ -236,6 +240,24 @@ async def test_a_checkout_commits_the_stripe_customer_it_made_before_the_session
     # Remembered in a transaction of its own before the session is asked for: a session that fails
     # leaves the link, and the retry uses it instead of creating again.
     assert routes.db.log == ["create_customer (0 open)", "commit", "checkout (0 open)"]
+
+
+async def test_a_stripe_customer_made_at_checkout_but_not_recorded_is_named_in_the_503(
+    routes: Routes,
+) -> None:
+    """Found in review: the 503 said "nothing was changed" while a Stripe customer had been made, and a
+    spec.email edited before the retry made Stripe refuse its idempotency key for a day."""
+    routes.kube.customers["gitops"] = customer("gitops", billing={"mode": "stripe"})
+    routes.db.refuse_commit = ConnectionRefusedError("connection refused")
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_gitops01", "plan": "starter", **CHECKOUT}
+    )
+
+    assert (status, answer["error"]) == (503, "Database unavailable"), answer
+    assert answer["details"] == {"dependency": "Database", "stripe_customer_id": "cus_new"}
+    assert "Stripe customer cus_new was made for customer cust_gitops01 but not recorded" in answer["message"]
+    assert routes.stripe.made("checkout") == []
 
 
 async def test_a_customer_spec_stripe_refuses_at_checkout_is_a_409_naming_the_spec_field(
