@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     billing_url: NonEmptyStr = "http://localhost:3100"
 
     # Notices (docs/architecture.md, "Notices"): mail through this SMTP server (smtp:// or smtps://,
-    # user:password@ when it wants them; unset: no mail is sent, webhooks still are), from this address.
+    # user:password@ when it wants them; unset: each mail's try fails saying so and its delivery ends dead,
+    # as a failed webhook's does; webhooks still go), from this address.
     smtp_url: SecretStr | None = None
     notify_from: NonEmptyStr = "Iotistic Billing <billing@iotistic.cloud>"
     # The platform team's endpoint: every notice of every customer, signed with NOTIFY_WEBHOOK_SECRET.
