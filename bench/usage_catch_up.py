@@ -4,7 +4,8 @@ Each meter run, before it closes periods, asks PostgreSQL for the reports stored
 `UsageOptions.catch_up_window` (three hours) that no rollup holds, and flushes their customers
 (`UsageMetering.flush_unheld`): a server stopped between its 202 and its flush took its coalescer with
 it. The query runs every hour whatever the fleet does, so it must cost what the window holds, not what
-the table or the years of rollups hold.
+the table or the years of rollups hold; a longer look (after an outage) is that window's statement once
+a span (`rollups.catch_up_spans`).
 
 On an embedded PostgreSQL migrated by Alembic: `--months` monthly partitions holding `--rows` reports of
 `--instances` instances (instance i reports for customer i modulo `--customers`) spread over them,
@@ -56,7 +57,7 @@ LATE = ("cust_bench0001", "cust_bench0002", "cust_bench0003")
 
 BASELINE = """
 SELECT count(*) FROM usage_reports
-WHERE reported_at >= now() - $1::interval AND period_start >= $2
+WHERE reported_at >= $1 AND reported_at < $2 AND period_start >= $3
 """
 # One rollup per customer (0 .. $3 - 1) and calendar month from $1 to $2: closed an hour after it ended,
 # or open.
@@ -164,11 +165,14 @@ async def measure(database_url: str, repeats: int) -> int:
     starts_from = unheld_starts_from(NOW, window, timedelta(seconds=options.close_grace))
     conn = await asyncpg.connect(plain_url(database_url))
     try:
-        product, found = await timed(repeats, lambda: unheld_arrivals(conn, window, starts_from))
-        baseline, reports = await timed(repeats, lambda: conn.fetchval(BASELINE, window, starts_from))
+        # The look's one span, as catch_up_look_back and catch_up_spans bound it: PostgreSQL's times.
+        until = await conn.fetchval("SELECT now()")
+        span = (until - window, until, starts_from)
+        product, found = await timed(repeats, lambda: unheld_arrivals(conn, *span))
+        baseline, reports = await timed(repeats, lambda: conn.fetchval(BASELINE, *span))
         plans = {}
         for name, statement in (("product", _UNHELD_ARRIVALS), ("baseline", BASELINE)):
-            rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {statement}", window, starts_from)
+            rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {statement}", *span)
             plans[name] = [row[0] for row in rows]
         rollups = await conn.fetchval("SELECT count(*) FROM usage_rollups")
         total = await conn.fetchval("SELECT count(*) FROM usage_reports")

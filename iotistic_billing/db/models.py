@@ -202,8 +202,8 @@ class UsageRollup(Base):
 
 
 class UsageCatchUp(Base):
-    """One row: PostgreSQL's time when a meter run last flushed every customer whose stored reports no
-    rollup held (usage.rollups.catch_up_look_back); the next run looks back to it."""
+    """One row: PostgreSQL's time up to which meter runs flushed every customer whose stored reports no
+    rollup held, a span at a time (usage.rollups.catch_up_spans); the next run looks back to it."""
 
     __tablename__ = "usage_catch_up"
     __table_args__ = (CheckConstraint("id = 1", name="ck_usage_catch_up_one_row"),)

@@ -310,20 +310,20 @@ WHERE customer_id = $1 AND period_start >= $4 AND period_start < $3
 """
 
 
-# Per customer, the reports stored in the last $1 (by PostgreSQL's clock, which stamped reported_at) that
-# no rollup holds (none that they end inside), starting from $2: their earliest start, and how long ago
-# the last arrived. The reports come through each partition's reported_at index, the months before $2
-# pruned; the rollups that end after $2 (two or three a customer, whatever its history) are hashed by
-# customer and each report is checked against its customer's: the window's size is the cost, not the
+# Per customer, the reports stored from $1 until $2 (PostgreSQL's times: it stamped reported_at) that no
+# rollup holds (none that they end inside), starting from $3: their earliest start, and how long ago the
+# last arrived. The reports come through each partition's reported_at index, the months before $3
+# pruned; the rollups that end after $3 (two or three a customer, whatever its history) are hashed by
+# customer and each report is checked against its customer's: the span's size is the cost, not the
 # table's.
 _UNHELD_ARRIVALS: Final = """
 SELECT r.customer_id, min(r.period_start) AS earliest_start,
        now() - max(r.reported_at) AS last_age
 FROM usage_reports r
-WHERE r.reported_at >= now() - $1::interval AND r.period_start >= $2
+WHERE r.reported_at >= $1 AND r.reported_at < $2 AND r.period_start >= $3
   AND NOT EXISTS (
       SELECT 1 FROM usage_rollups u
-      WHERE u.customer_id = r.customer_id AND u.period_end > $2
+      WHERE u.customer_id = r.customer_id AND u.period_end > $3
         AND u.period_start < r.period_end AND u.period_end >= r.period_end
   )
 GROUP BY r.customer_id
@@ -354,9 +354,10 @@ CATCH_UP_OVERLAP: Final = timedelta(minutes=5)
 async def catch_up_look_back(
     conn: Queryable, window: timedelta, longest: timedelta
 ) -> tuple[datetime, timedelta]:
-    """PostgreSQL's time now (to note once the flush is done: note_caught_up), and how far back to look
-    for reports no rollup holds: `window`, or back to the last catch-up when that is longer ago (every
-    replica down for longer), at most `longest` (nothing older can be billed any more)."""
+    """PostgreSQL's time now (where the look ends: catch_up_spans), and how far back to look for
+    reports no rollup holds: `window`, or back to the last catch-up when that is longer ago (every
+    replica down, or every flush failing, for longer), at most `longest` (nothing older can be billed
+    any more)."""
     row = await conn.fetchrow(_LAST_CATCH_UP)
     assert row is not None  # a SELECT of scalars always returns a row
     since: timedelta | None = row["since"]
@@ -369,6 +370,22 @@ async def note_caught_up(conn: Queryable, at: datetime) -> None:
     await conn.execute(_CAUGHT_UP, at)
 
 
+def catch_up_spans(started: datetime, within: timedelta, span: timedelta) -> list[tuple[datetime, datetime]]:
+    """The look back `within` from `started` (PostgreSQL's times), oldest first, cut into spans of at
+    most `span`, each [from, until): one statement each, so that the look after a long outage (every
+    flush failing for weeks) costs many statements of a span's reports rather than one past the pool's
+    timeout, and is noted span by span."""
+    if span <= timedelta(0):
+        raise ValueError(f"span must be positive, got {span}")
+    spans = []
+    since = started - within
+    while since < started:
+        until = min(since + span, started)
+        spans.append((since, until))
+        since = until
+    return spans
+
+
 def unheld_starts_from(now: datetime, within: timedelta, close_grace: timedelta) -> datetime:
     """The earliest start of a report stored in the last `within` that a period still in its close grace
     can bill: it ends after that period's start, at most a month before the period's end, and starts at
@@ -376,11 +393,14 @@ def unheld_starts_from(now: datetime, within: timedelta, close_grace: timedelta)
     return now - within - close_grace - LONGEST_PERIOD - MAX_PERIOD
 
 
-async def unheld_arrivals(conn: Queryable, within: timedelta, starts_from: datetime) -> list[UnheldArrivals]:
-    """Per customer, the reports stored in the last `within` that start from `starts_from` and that no
-    rollup holds: a flush was owed for them and never ran (the server stopped before it), or has not
-    run yet. Ages, not times: PostgreSQL stamped them, and the caller's clock places them."""
-    rows = await conn.fetch(_UNHELD_ARRIVALS, within, starts_from)
+async def unheld_arrivals(
+    conn: Queryable, since: datetime, until: datetime, starts_from: datetime
+) -> list[UnheldArrivals]:
+    """Per customer, the reports stored from `since` until `until` (PostgreSQL's times) that start from
+    `starts_from` and that no rollup holds: a flush was owed for them and never ran (the server stopped
+    before it, or it failed), or has not run yet. Ages, not times: PostgreSQL stamped them, and the
+    caller's clock places them."""
+    rows = await conn.fetch(_UNHELD_ARRIVALS, since, until, starts_from)
     return [UnheldArrivals(row["customer_id"], row["earliest_start"], row["last_age"]) for row in rows]
 
 
@@ -495,6 +515,7 @@ __all__ = [
     "Rollup",
     "UnheldArrivals",
     "catch_up_look_back",
+    "catch_up_spans",
     "close_periods",
     "compute_rollup",
     "included_usage",

@@ -52,6 +52,7 @@ from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
     catch_up_look_back,
+    catch_up_spans,
     included_usage,
     note_caught_up,
     open_missing_rollups,
@@ -122,6 +123,14 @@ class FlushResult:
     unchanged: int = 0
     missing: int = 0
     failed: int = 0
+
+    def __add__(self, other: FlushResult) -> FlushResult:
+        return FlushResult(
+            self.patched + other.patched,
+            self.unchanged + other.unchanged,
+            self.missing + other.missing,
+            self.failed + other.failed,
+        )
 
 
 class UsageMetering:
@@ -442,28 +451,44 @@ class UsageMetering:
         flush, so it was never closed nor billed. Their arrivals are placed on `now`'s clock by their
         age in PostgreSQL; reports too old to fall in a period still in its close grace are not looked
         at (nothing left to bill). The look reaches back to the last run that flushed them all when
-        that is longer ago (every replica down for longer: rollups.catch_up_look_back)."""
+        that is longer ago (every replica down, or every flush failing, for longer:
+        rollups.catch_up_look_back), oldest first, in spans as long as the usual look
+        (rollups.catch_up_spans): each span's customers are flushed and the span noted before the next
+        is looked at, so that a look of weeks is statements of what a usual run reads (one over all of
+        it outlasted the pool's timeout, and every later run's longer look too) and what a run did
+        stays done. Once a span's flush failed, no later span can be noted this run: the customers of
+        the rest are flushed once, together."""
         started, window = await catch_up_look_back(conn, self.options.catch_up_window, CATCH_UP_LIMIT)
         grace = timedelta(seconds=self.options.close_grace)
-        found = await unheld_arrivals(conn, window, unheld_starts_from(now, window, grace))
-        if not found:
-            await note_caught_up(conn, started)
-            return FlushResult()
-        entries = {
-            unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start) for unheld in found
-        }
-        result = await self._flush(entries)
-        if not result.failed:
-            await note_caught_up(conn, started)  # else the next run looks back this far again
-        log.info(
-            "meter run: %d customers had reports no rollup held (a flush still to come, or lost with its"
-            " server), flushed: %d patched, %d unchanged, %d without a Customer, %d failed",
-            len(entries),
-            result.patched,
-            result.unchanged,
-            result.missing,
-            result.failed,
-        )
+        spans = catch_up_spans(started, window, self.options.catch_up_window)
+        if len(spans) > 1:
+            log.info("meter run: looking back %s for reports no rollup held, in %d spans", window, len(spans))
+        result = FlushResult()
+        found_customers: set[str] = set()
+        after_failure = UsageCoalescer()
+        for since, until in spans:
+            found = await unheld_arrivals(conn, since, until, unheld_starts_from(now, started - since, grace))
+            entries = {
+                unheld.customer_id: Reported(now - unheld.last_age, unheld.earliest_start) for unheld in found
+            }
+            found_customers.update(entries)
+            if result.failed:
+                after_failure.requeue(entries)
+                continue
+            result += await self._flush(entries)
+            if not result.failed:
+                await note_caught_up(conn, until)  # else the next run looks back from this span again
+        result += await self._flush(after_failure.drain())
+        if found_customers:
+            log.info(
+                "meter run: %d customers had reports no rollup held (a flush still to come, or lost with"
+                " its server), flushed: %d patched, %d unchanged, %d without a Customer, %d failed",
+                len(found_customers),
+                result.patched,
+                result.unchanged,
+                result.missing,
+                result.failed,
+            )
         return result
 
     # ----- the partitions of usage_reports -----

@@ -5,16 +5,18 @@ WithinLimits on the Customer after a flush, and the usage viewer CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 import pytest
@@ -29,13 +31,13 @@ from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
 from iotistic_billing.db.pool import Pool, connection, open_pool
-from iotistic_billing.k8s import FieldManager
+from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, roll_up
-from iotistic_billing.usage.reports import Accepted, parse_reports
+from iotistic_billing.usage.reports import COLUMNS, Accepted, parse_reports
 from iotistic_billing.usage.rollups import close_periods, compute_rollup, roll_up_period, save_rollup
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import period_samples, period_totals
@@ -934,6 +936,137 @@ async def test_a_report_whose_server_died_is_billed_after_every_replica_was_down
     assert recorder.of(customer_id) == expected_events(customer_id)
     since = await caught_up_ago(db_engine, None)
     assert since is not None and since < timedelta(minutes=1)  # noted at this run's start
+
+
+class ScanLimit:
+    """The pool, its statements that look for reports no rollup holds (grouped by customer) timing out
+    as the pool's command_timeout (10 s) stops them once they read more than `limit` reports: a fleet's
+    long outage at the scale of a test, hundreds of reports where production holds millions."""
+
+    def __init__(self, pool: Pool, limit: int) -> None:
+        self.pool = pool
+        self.limit = limit
+
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Any]:
+        return self._limited(self.pool.acquire(timeout=timeout))
+
+    @asynccontextmanager
+    async def _limited(self, acquired: AbstractAsyncContextManager[Any]) -> AsyncIterator[Any]:
+        async with acquired as conn:
+            yield ScanLimitedConnection(conn, self.limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+class ScanLimitedConnection:
+    def __init__(self, conn: Any, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        if "GROUP BY r.customer_id" in query and await reports_read(self.conn, query, args) > self.limit:
+            raise TimeoutError  # what asyncpg raises when a statement outlasts command_timeout
+        return await self.conn.fetch(query, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+async def reports_read(conn: Any, query: str, args: tuple[Any, ...]) -> int:
+    """How many rows of usage_reports the statement reads, by PostgreSQL's EXPLAIN ANALYZE."""
+    plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args))[0]["Plan"]
+    read, nodes = 0, [plan]
+    while nodes:
+        node = nodes.pop()
+        if node.get("Relation Name", "").startswith("usage_reports"):
+            read += node["Actual Rows"] * node["Actual Loops"]
+        nodes.extend(node.get("Plans", ()))
+    return int(read)
+
+
+# The rest of the fleet, reporting every hour through an outage: instance i's report k covers
+# [$2 + k h, + 1 h) and was stored $3 before PostgreSQL's now, plus k hours.
+FLEET_REPORTS = f"""
+INSERT INTO usage_reports ({", ".join(COLUMNS)}, reported_at)
+SELECT $1::varchar, 'fleet-' || i, 'r-' || k, $2::timestamptz + k * interval '1 hour',
+       $2::timestamptz + (k + 1) * interval '1 hour', {", ".join("0" for _ in COLUMNS[5:])},
+       now() - $3::interval + k * interval '1 hour'
+FROM generate_series(0, $4::int - 1) AS k, generate_series(1, $5::int) AS i
+"""  # noqa: S608 - constant column names
+# Its period, closed: every report of it is held.
+FLEET_ROLLUP = """
+INSERT INTO usage_rollups (customer_id, period_start, period_end, totals, overage, overage_amount_cents,
+                           plan, closed_at, metered_at, updated_at)
+VALUES ($1, $2, $3, '{}'::jsonb, '{}'::jsonb, 0, 'trial', $3, $3, now())
+"""
+
+
+async def test_a_meter_run_after_a_long_flush_outage_works_through_its_look_back_and_closes_periods(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    metered_tenant: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For 20 days no Customer could be read (the API server away, its RBAC broken by an upgrade): every
+    flush failed, so no meter run noted a catch-up, and each looked back further, to 20 days. One
+    statement over them read every report the fleet sent meanwhile, which at scale outlasts the pool's
+    10 s: the run failed before it closed a period, and so did every later one, outage mended or not.
+    The look is worked through span by span, each noted once its customers were flushed: the run during
+    the outage keeps what it did, and the first one after it flushes March's reports (stored by a
+    server killed before its flush), closes March and meters it."""
+    _, customer_id = metered_tenant
+    arrival = MARCH.end + timedelta(minutes=5)
+    killed, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
+    assert await arrive(killed, march_reports(customer_id)[:3], arrival) == Accepted(3, 0)
+    killed.coalescer.drain()  # what the kill takes away
+    meter_run = MARCH.end + timedelta(hours=2)
+    march_age = meter_run - arrival
+    await stored_ago(db_engine, customer_id, march_age)
+
+    outage, hours, instances = 20 * DAY, 20 * 24, 25
+    fleet = customer_id_for(unique_name("fleet"))
+    async with connection(killed.pool) as conn:
+        await conn.execute(FLEET_REPORTS, fleet, MARCH.end - outage, outage, hours, instances)
+        await conn.execute(FLEET_ROLLUP, fleet, MARCH.start, MARCH.end)
+        # Whatever other tests stored is read for free: the limit is in the fleet's reports, a few of
+        # the usual look's worth (75 a span of three hours), far fewer than the outage's 12,000.
+        others = await conn.fetchval("SELECT count(*) FROM usage_reports WHERE customer_id <> $1", fleet)
+    try:
+        await caught_up_ago(db_engine, outage)
+        survivor = replica(killed, lambda: meter_run)
+        survivor.pool = cast(Pool, ScanLimit(killed.pool, others + 1000))
+
+        async def unreadable(*args: Any) -> Any:
+            raise KubernetesUnavailable("the API server refuses the webhook server's service account")
+
+        with monkeypatch.context() as broken:
+            broken.setattr(survivor.directory, "by_name", unreadable)
+            broken.setattr(survivor.directory, "all", unreadable)
+            # Its close fails too when another test left a paid period due (its Customer is unread).
+            with contextlib.suppress(KubernetesUnavailable):
+                await survivor.send_meter_events(meter_run)
+        # Noted up to the span of March's reports, whose flush failed (other tests' reports, stored
+        # today, may have held it further back).
+        since = await caught_up_ago(db_engine, None)
+        assert since is not None and march_age <= since < DAY
+        assert await rollup_periods(db_engine, customer_id) == []
+
+        run = await survivor.send_meter_events(meter_run)
+        assert run.closed >= 1 and run.failed == 0
+        row = await rollup_row(db_engine, customer_id, MARCH)
+        assert (row["closed_at"], row["metered_at"], row["overage_amount_cents"]) == (
+            meter_run,
+            meter_run,
+            927,
+        )
+        assert recorder.of(customer_id) == expected_events(customer_id)
+        since = await caught_up_ago(db_engine, None)
+        assert since is not None and since < timedelta(minutes=1)
+    finally:
+        async with connection(killed.pool) as conn:
+            await conn.execute("DELETE FROM usage_reports WHERE customer_id = $1", fleet)
+            await conn.execute("DELETE FROM usage_rollups WHERE customer_id = $1", fleet)
 
 
 async def test_a_month_long_report_sent_in_its_periods_grace_is_billed_when_its_server_dies_before_the_flush(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import pairwise
 
 import pytest
 
@@ -14,6 +15,7 @@ from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, overage
 from iotistic_billing.usage.rollups import (
+    catch_up_spans,
     compute_rollup,
     overage_json,
     overage_quantities,
@@ -183,6 +185,18 @@ def test_the_meter_run_looks_three_meter_intervals_back_for_reports_no_flush_rol
     assert UsageOptions(meter_interval=600).catch_up_window == timedelta(minutes=30)
     # Runs not timed (tests, the inbox process): as for the default hour.
     assert UsageOptions(meter_interval=None).catch_up_window == timedelta(hours=3)
+
+
+def test_a_look_back_longer_than_a_span_is_cut_into_spans_oldest_first() -> None:
+    """After an outage of weeks the look is many statements of a span each, not one of all of it."""
+    started, hour = datetime(2025, 4, 1, 2, tzinfo=UTC), timedelta(hours=1)
+    assert catch_up_spans(started, 3 * hour, 3 * hour) == [(started - 3 * hour, started)]
+    spans = catch_up_spans(started, timedelta(days=20, minutes=5), 3 * hour)
+    assert len(spans) == 161 and spans[0][0] == started - timedelta(days=20, minutes=5)
+    assert all(until - since == 3 * hour for since, until in spans[:-1])
+    assert all(a[1] == b[0] for a, b in pairwise(spans)) and spans[-1][1] == started
+    with pytest.raises(ValueError, match="span must be positive, got 0:00:00"):
+        catch_up_spans(started, hour, timedelta(0))
 
 
 async def test_an_identifier_stripe_already_holds_is_an_event_sent() -> None:
