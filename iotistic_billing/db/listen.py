@@ -11,14 +11,14 @@ from typing import Any
 
 import asyncpg
 
-from iotistic_billing.db.engine import connect_arguments
+from iotistic_billing.db.engine import connect_arguments, keep_alive
 from iotistic_billing.db.pool import CONNECTION_ERRORS, DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.workers import Outage
 
 log = logging.getLogger(__name__)
-# How often a listening connection is checked, and how long its check may take: asyncpg keeps no TCP
-# keepalive, so a server gone without a reset (a partition, a failover keeping the address) is only
-# found by asking.
+# How often a listening connection is checked, and how long its check may take: TCP keepalive
+# (keep_alive) finds a host gone silent within about 90 s, but not a server whose kernel still answers
+# while PostgreSQL does not (a stopped server process, a pooler holding the connection); asking finds both.
 CHECK_EVERY = 30.0
 CHECK_TIMEOUT = 10.0
 
@@ -45,6 +45,7 @@ async def listen(
         listener: Any = None
         try:
             listener = await asyncpg.connect(**connect_arguments(database_url))
+            keep_alive(listener)
             lost = asyncio.Event()
             listener.add_termination_listener(lambda *_, lost=lost: lost.set())
             await listener.add_listener(channel, heard)

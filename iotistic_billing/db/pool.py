@@ -18,7 +18,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from iotistic_billing.db.engine import connect_arguments
+from iotistic_billing.db.engine import connect_arguments, keep_alive
 
 Record = Mapping[str, Any]
 
@@ -111,12 +111,19 @@ async def open_pool(
     database_url: str, max_size: int = 10, init: Callable[[Connection], Awaitable[None]] | None = None
 ) -> Pool:
     """A pool that connects on first use (min_size 0), so the server starts while PostgreSQL is down
-    and answers 503 until it is back, as the rest of the API does. `init` runs on each new connection."""
+    and answers 503 until it is back, as the rest of the API does. `init` runs on each new connection,
+    after its TCP keepalive is set (keep_alive)."""
+
+    async def prepare(connection: Connection) -> None:
+        keep_alive(connection)
+        if init is not None:
+            await init(connection)
+
     pool: Pool = await asyncpg.create_pool(
         **connect_arguments(database_url),
         min_size=0,
         max_size=max_size,
-        init=init,
+        init=prepare,
         reset=keep_session,
         # A statement that hangs (locks, an overloaded server) fails the request rather than holding it.
         command_timeout=10,
@@ -136,6 +143,7 @@ async def connect(database_url: str) -> Connection:
         conn: Connection = await asyncpg.connect(
             **connect_arguments(database_url), command_timeout=CLI_COMMAND_TIMEOUT
         )
+        keep_alive(conn)
     except CONNECTION_ERRORS as error:
         # Its words too: the CLI prints them, and "rejected SSL upgrade" says what a class name does not.
         reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -7,14 +7,19 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import psutil
 import pytest
 from aiohttp import web
@@ -31,6 +36,7 @@ from iotistic_billing.db.listen import listen
 from iotistic_billing.db.migrate import MIGRATION_LOCK, compared
 from iotistic_billing.db.models import Base, StripeEvent
 from iotistic_billing.db.pool import DatabaseUnavailable, connect, open_pool
+from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.directory import CustomerRecord, Directory, remember, remember_all
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.prices import PriceCatalog
@@ -93,6 +99,130 @@ async def test_every_kind_of_connection_has_keepalives_that_end_a_dead_clients_s
     finally:
         await alone.close()
     assert {from_engine, from_pool, from_cli} == {"60"}
+
+
+def client_keepalive(connection: Any) -> dict[str, int]:
+    """The TCP options of an asyncpg connection's own socket (a pooled one's through its proxy), and
+    whether TLS runs over it."""
+    transport = connection._transport
+    sock = transport.get_extra_info("socket")
+    assert sock.family == socket.AF_INET, "the test PostgreSQL is reached over TCP"
+    options = {
+        "SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        **{
+            name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+            for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT")
+        },
+    }
+    return options | {"TLS": int(transport.get_extra_info("ssl_object") is not None)}
+
+
+async def keepalive_of_every_kind_of_connection(url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """client_keepalive of a connection of the engine's, the pool's, the CLI's and LISTEN's."""
+    found: dict[str, Any] = {}
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.connect() as session:
+            found["engine"] = client_keepalive((await session.get_raw_connection()).driver_connection)
+    finally:
+        await engine.dispose()
+    pool = await open_pool(url, max_size=1)
+    try:
+        async with pool.acquire() as pooled:
+            found["pool"] = client_keepalive(pooled)
+    finally:
+        await pool.close()
+    alone = await connect(url)
+    try:
+        found["cli"] = client_keepalive(alone)
+    finally:
+        await alone.close()
+
+    listeners: list[Any] = []
+    real_connect = asyncpg.connect
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        listeners.append(await real_connect(*args, **kwargs))
+        return listeners[-1]
+
+    monkeypatch.setattr(asyncpg, "connect", recording)
+    woken = asyncio.Event()
+    listening = asyncio.create_task(listen(url, "keepalive_test", woken.set))
+    try:
+        await asyncio.wait_for(woken.wait(), 10)  # on listening, its connection set up
+        found["listen"] = client_keepalive(listeners[-1])
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        monkeypatch.undo()
+    return found
+
+
+KEEPALIVE = {"SO_KEEPALIVE": 1, "TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
+def assert_kept_alive(found: dict[str, Any], tls: bool) -> None:
+    for kind, options in found.items():
+        user_timeout = options.pop("TCP_USER_TIMEOUT")
+        assert options == KEEPALIVE | {"TLS": int(tls)}, kind
+        assert user_timeout > 0, kind
+    assert set(found) == {"engine", "pool", "cli", "listen"}
+
+
+async def test_every_kind_of_connection_has_keepalives_on_its_own_side_that_end_a_silent_server(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: PostgreSQL gone silent without a reset (a partition, a frozen VM, a failover
+    moving its address) left a session's statement awaiting its answer for ever, asyncpg setting no
+    keepalive on its socket: the Stripe inbox's claim hung, and that replica applied no more events."""
+    assert_kept_alive(await keepalive_of_every_kind_of_connection(database_url, monkeypatch), tls=False)
+
+
+@contextlib.asynccontextmanager
+async def tls_in_front_of(database_url: str, directory: Path) -> AsyncIterator[str]:
+    """A URL with `sslmode=require` through a TLS-terminating proxy to `database_url`'s PostgreSQL (the
+    embedded one is built without TLS): it takes the client's SSLRequest and TLS as PostgreSQL would,
+    then relays the plain protocol."""
+    pair = CertificateAuthority("keepalive-test").issue("127.0.0.1", ips=("127.0.0.1",), server=True)
+    (directory / "tls.crt").write_bytes(pair.cert_pem)
+    (directory / "tls.key").write_bytes(pair.key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "tls.crt", directory / "tls.key")
+    upstream = urlsplit(database_url)
+
+    async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    async def terminate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)  # SSLRequest
+        writer.write(b"S")
+        await writer.drain()
+        await writer.start_tls(context)
+        server_reader, server_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
+        await asyncio.gather(relay(reader, server_writer), relay(server_reader, writer))
+
+    proxy = await asyncio.start_server(terminate, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        yield upstream._replace(
+            netloc=f"{upstream.username}@127.0.0.1:{port}", query="sslmode=require"
+        ).geturl()
+    finally:
+        proxy.close()
+
+
+async def test_every_kind_of_connection_has_its_keepalives_over_tls_too(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS connection's transport is asyncio's TLS layer over the TCP one (asyncpg's STARTTLS): the
+    options are set on the TCP socket beneath."""
+    async with tls_in_front_of(database_url, tmp_path) as url:
+        assert_kept_alive(await keepalive_of_every_kind_of_connection(url, monkeypatch), tls=True)
 
 
 async def test_db_session_is_rolled_back_after_each_test(db_session: AsyncSession) -> None:

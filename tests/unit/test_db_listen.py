@@ -14,9 +14,18 @@ import pytest
 from iotistic_billing.db import listen as listen_module
 
 
+class Transport:
+    """asyncpg's transport, with no socket to set keepalive on (db.engine.keep_alive skips it)."""
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
 class Connection:
     """What listen() uses of an asyncpg connection; `fail` raised from LISTEN; `silent`: the connection
     died without a word (no reset), so a query never answers."""
+
+    _transport = Transport()
 
     def __init__(self, fail: BaseException | None, silent: bool = False) -> None:
         self.fail, self.closed, self.silent = fail, False, silent
