@@ -22,6 +22,7 @@ from iotistic_billing.db.pool import (
     Pool,
     Queryable,
     Record,
+    connection,
 )
 from iotistic_billing.db.pool import open_pool as open_asyncpg_pool
 from iotistic_billing.usage.periods import BillingPeriod
@@ -176,7 +177,7 @@ async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
     unique key and goes through the staging table, which skips the stored ones. Sorted first, the rows
     take their locks in key order like INSERT_REPORTS, so overlapping batches wait, never deadlock."""
     in_key_order = sorted(rows)
-    async with pool.acquire(timeout=5) as conn:
+    async with connection(pool) as conn:
         try:
             async with conn.transaction():
                 await conn.copy_records_to_table(REPORTS_TABLE, records=in_key_order, columns=COLUMNS)
@@ -190,7 +191,9 @@ async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
 
 async def _insert(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
     if len(rows) == 1:
-        return int(await pool.fetchval(INSERT_REPORT, *rows[0]))
+        # Through connection(), as a batch: the pool's own fetchval waits for a free connection for ever.
+        async with connection(pool) as conn:
+            return int(await conn.fetchval(INSERT_REPORT, *rows[0]))
     return await _insert_batch(pool, rows)
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -229,6 +231,33 @@ async def test_racing_reporters_count_every_report_once(
         distinct + 1,
         distinct + 1,
         sum(range(distinct)) + 100_000,
+    )
+
+
+async def test_a_single_report_on_a_pool_with_no_free_connection_is_a_503_within_the_wait(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: a single report took its pooled connection with no limit on the wait (batches
+    and reads wait 5 s), so under a busy pool reports queued for ever instead of a 503 to retry."""
+    customer_id = customer_id_for(unique_name("busy"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    # The key is cached: the busy pool meets only the report's insert.
+    assert await post(usage_api, report(customer_id, "r-0"), headers) == (
+        202,
+        {"accepted": 1, "duplicate": 0},
+    )
+    usage = usage_api.app[USAGE]
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(usage.options.pool_size):
+            await held.enter_async_context(usage.pool.acquire())
+        started = time.monotonic()
+        status, answer = await asyncio.wait_for(post(usage_api, report(customer_id, "r-1"), headers), 15)
+        waited = time.monotonic() - started
+    assert status == 503 and answer["error"] == "Database unavailable"
+    assert 4 < waited < 10  # the pool's wait of 5 s (db.pool.connection)
+    assert await post(usage_api, report(customer_id, "r-1"), headers) == (
+        202,
+        {"accepted": 1, "duplicate": 0},
     )
 
 
