@@ -41,10 +41,9 @@ from sqlalchemy.sql import func
 from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.db.pool import (
-    CONNECTION_ERRORS,
     DATABASE_UNREACHABLE,
-    DatabaseUnavailable,
     Pool,
+    connection,
     database_unreachable,
 )
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
@@ -101,12 +100,12 @@ async def store_event(pool: Pool, event: StripeEvent, payload: bytes) -> bool:
     """Commit the verified event (`payload`: its JSON, UTF-8, stored whole) as pending; False when its id
     was already there (a redelivery). The caller then wakes the inbox (`EventInbox.wake`), which tells
     every replica's inbox. DatabaseUnavailable when PostgreSQL cannot be reached: nothing was stored."""
-    try:
-        first = await pool.fetchval(
+    # Through connection(), which waits 5 s for a pooled one: the pool's own fetchval waits for ever, and
+    # Stripe, its delivery timed out, retries what a 503 would have told it to.
+    async with connection(pool) as conn:
+        first = await conn.fetchval(
             STORE_EVENT, event.id, event.type, event.created, payload.decode(), len(payload)
         )
-    except CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(type(error).__name__) from None
     return first is not None
 
 

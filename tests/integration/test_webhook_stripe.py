@@ -3,6 +3,8 @@ what the Customer, its managedFields and the tables show afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -14,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.db.models import Customer as CustomerRow
 from iotistic_billing.db.models import Notice, Subscription
+from iotistic_billing.webhook_server.context import POOL
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
@@ -305,6 +308,26 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
     assert customers.subscription(name) is None
     metrics = await (await api.get("/metrics")).text()
     assert 'iotistic_stripe_webhook_events_total{result="rejected",type="other"} 1.0' in metrics
+
+
+async def test_an_event_on_a_pool_with_no_free_connection_is_a_503_within_the_wait(
+    api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: an event took its pooled connection with no limit on the wait (usage reports
+    and reads wait 5 s), so under a busy pool Stripe's deliveries hung until Stripe gave up on them."""
+    body = event("customer.subscription.updated", {"id": random_id("sub_")})
+    pool = api.app[POOL]
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(pool.get_max_size()):
+            await held.enter_async_context(pool.acquire())
+        started = time.monotonic()
+        status, answer = await asyncio.wait_for(deliver(api, body), 15)
+        waited = time.monotonic() - started
+    assert (status, answer["error"]) == (503, "Database unavailable"), answer
+    assert 4 < waited < 10  # the pool's wait of 5 s (db.pool.connection)
+    assert await event_rows(db_engine, body["id"]) == []
+    status, answer = await deliver(api, body)  # Stripe's retry
+    assert status == 200 and answer["duplicate"] is False, answer
 
 
 async def test_a_tampered_payload_is_refused(api: TestClient[Any, Any], db_engine: AsyncEngine) -> None:
