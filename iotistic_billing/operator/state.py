@@ -160,9 +160,12 @@ def phase_for(
     previous_phase: str | None,
     stalled: bool,
     retrying: bool = False,
+    *,
+    served: bool,
 ) -> Phase:
     """`retrying`: a step failed and is retried (an upgrade helm refused, a renewal PostgreSQL could not
-    record), the instance as it was."""
+    record), the instance as it was. `served`: its instance has served (has_served), so what goes wrong
+    now is Degraded, not Provisioning."""
     if stalled:
         return Phase.FAILED
     if entitlement.suspended:
@@ -170,7 +173,7 @@ def phase_for(
     if entitlement.lapsed:
         return Phase.EXPIRED
     if release is None or not release.deployed:
-        if retrying and previous_phase in _SERVED:
+        if retrying and served:
             return Phase.DEGRADED  # it runs the revision before, not Provisioning
         return (
             Phase.PENDING
@@ -179,15 +182,26 @@ def phase_for(
         )
     if health is not None and health.available:
         return Phase.READY
-    if health is not None and health.serving and previous_phase in _SERVED:
+    if health is not None and health.serving and served:
         # A rollout (a renewal's new licence, an upgrade), the old replicas serving meanwhile: the phase
-        # stays as it was, Reconciling says it rolls (a Ready instance was Degraded, a Warning, on each).
-        return Phase(previous_phase)
-    return Phase.DEGRADED if previous_phase in _SERVED else Phase.PROVISIONING
+        # stays as it was, Reconciling says it rolls (a Ready instance was Degraded, a Warning, on each);
+        # an Expired one's lapse is over, so it serves as Ready.
+        return Phase(previous_phase) if previous_phase in _SERVED else Phase.READY
+    return Phase.DEGRADED if served else Phase.PROVISIONING
 
 
 # Phases of a Customer whose instance has served: what goes wrong after is Degraded, not Provisioning.
 _SERVED = (Phase.READY, Phase.DEGRADED)
+
+
+def has_served(previous: CustomerStatus) -> bool:
+    """Whether the Customer's instance has served before this pass: Ready or Degraded, or Expired with a
+    revision deployed (a lapse keeps the instance running on the unlicensed plan). Not Suspended: a
+    suspension scales the instance to zero, so nothing serves until it comes back."""
+    if previous.phase in _SERVED:
+        return True
+    deployed = previous.release is not None and bool(previous.release.revision)
+    return previous.phase == Phase.EXPIRED and deployed
 
 
 def next_status(
@@ -225,9 +239,16 @@ def next_status(
         update={
             "customer_id": target.customer_id,
             "phase": phase_for(
-                entitlement, release, outcome.health, previous.phase, is_stalled, outcome.retrying
+                entitlement,
+                release,
+                outcome.health,
+                previous.phase,
+                is_stalled,
+                outcome.retrying,
+                served=has_served(previous),
             ),
-            "plan": entitlement.plan,
+            # The licence's plan (the PLAN column): a pass that issued none leaves the licence in force.
+            "plan": entitlement.plan if outcome.license is not None else previous.plan,
             "trial": TrialStatus(is_trial_mode=entitlement.trial_active, ends_at=entitlement.trial_ends_at),
             "license": outcome.license or previous.license,
             "release": deployed.model_copy(update=aimed) if deployed else ReleaseStatus(**aimed),
@@ -315,7 +336,9 @@ def refused_status(
     else:
         status = previous.model_copy(
             update={
-                "phase": phase_for(target.entitlement, None, None, previous.phase, stalled=False),
+                "phase": phase_for(
+                    target.entitlement, None, None, previous.phase, stalled=False, served=has_served(previous)
+                ),
                 "conditions": with_conditions(
                     previous.conditions,
                     waiting(refusal.reason, refusal.message),
@@ -435,6 +458,7 @@ __all__ = [
     "PassTarget",
     "answered_request",
     "chart_target",
+    "has_served",
     "housekeeping_due",
     "instance_domain",
     "namespace_freed",

@@ -381,6 +381,44 @@ def test_a_retried_failure_is_named_on_ready_degrades_a_served_instance_and_is_o
     assert away.phase == "Degraded" and away.condition("Ready").reason == "DatabaseUnavailable"  # type: ignore[union-attr]
 
 
+def test_an_expired_customer_whose_instance_ran_on_degrades_when_its_upgrade_fails_or_sticks() -> None:
+    """Found in review: a trial that lapsed (Expired, its instance serving on the unlicensed plan) and
+    then checked out, whose upgrade helm refused, was Provisioning on every retry, out of the console's
+    failing list; so was a Deployment stuck after that upgrade."""
+    lapsed = Entitlement(
+        plan="unlicensed", reason="TrialExpired", message="", subscription_status="canceled", lapsed=True
+    )
+    available = InstanceHealth(True, "DeploymentsAvailable", "6 available")
+    expired = status_after(DEPLOYED, available, entitlement=lapsed)
+    assert expired.phase == "Expired"
+    paid, later = _entitlement("professional"), NOW + timedelta(minutes=1)
+    refused = ReleaseOutcome("failed", "UpgradeFailed", "Error: UPGRADE FAILED: exceeded quota")
+    failed = status_after(refused, None, paid, previous=expired, now=later)
+    assert failed.phase == "Degraded"
+    assert status_after(refused, None, paid, previous=failed, now=later).phase == "Degraded"  # each retry
+    away = next_status(expired, target(paid), PassOutcome(license_unavailable="PostgreSQL away"), 4)
+    assert away.phase == "Degraded"
+
+    upgraded = ReleaseOutcome("upgraded", "UpgradeSucceeded", "upgraded", ReleaseStatus(revision=2))
+    stuck = InstanceHealth(False, "DeploymentsUnavailable", "api: ProgressDeadlineExceeded")
+    assert status_after(upgraded, stuck, paid, previous=expired, now=later).phase == "Degraded"
+    # Its old replicas serving while the paid values roll out: it serves, and degrades once stuck.
+    rolling = InstanceHealth(False, "DeploymentsUnavailable", "api 0/1 updated", serving=True)
+    during = status_after(upgraded, rolling, paid, previous=expired, now=later)
+    assert during.phase == "Ready" and during.condition("Ready").status == "False"  # type: ignore[union-attr]
+    assert status_after(upgraded, stuck, paid, previous=during, now=later).phase == "Degraded"
+
+    # A suspension scaled the instance to zero, and a trial lapsed before its install left none: neither
+    # served, so a failure on the way back is still Provisioning.
+    suspended = status_after(DEPLOYED, available, entitlement=_entitlement("unlicensed", suspended=True))
+    assert suspended.phase == "Suspended"
+    assert status_after(refused, None, paid, previous=suspended, now=later).phase == "Provisioning"
+    never = ReleaseOutcome("failed", "InstallFailed", "Error: INSTALLATION FAILED: exceeded quota")
+    uninstalled = status_after(never, None, entitlement=lapsed)
+    assert uninstalled.phase == "Expired"
+    assert status_after(never, None, paid, previous=uninstalled, now=later).phase == "Provisioning"
+
+
 def test_the_pass_after_an_install_writes_the_same_status() -> None:
     """The next pass finds the release current: it keeps what the install said, so no status patch."""
     waiting = InstanceHealth(False, "DeploymentsUnavailable", "waiting")
@@ -1024,6 +1062,31 @@ def test_a_suspended_past_due_customer_still_says_its_payment_is_overdue() -> No
     assert (
         housekeeping_due(spec(**_past_due(10), suspended=True), suspended.status, CREATED, later) is not None
     )
+
+
+def test_the_plan_shown_is_the_licence_s_until_a_licence_of_the_new_one_is_issued() -> None:
+    """Found in review: a payment that recovered from the Suspended step while PostgreSQL was away showed
+    PLAN starter while the licence Secret still held the unlicensed licence (LicenseIssued False); so
+    did a licence that cannot be minted (LicenseFailed), for good, as no later pass mends that."""
+    licensed = PassOutcome(
+        license=LicenseStatus(jti="j1"),
+        release=DEPLOYED,
+        health=InstanceHealth(True, "DeploymentsAvailable", "6 available"),
+    )
+    cut_off = _pass_of(_past_due(22), CustomerStatus(), licensed)
+    assert (cut_off.plan, cut_off.phase) == ("unlicensed", "Expired")
+    paid = {"billing": {"mode": "stripe"}, "subscription": subscription("active", plan="starter")}
+    away = _pass_of(paid, cut_off, PassOutcome(license_unavailable="PostgreSQL cannot be reached"))
+    assert away.plan == "unlicensed"
+    assert away.condition("LicenseIssued").reason == "DatabaseUnavailable"  # type: ignore[union-attr]
+    # The change is still due: the housekeeping runs the pass that licenses it.
+    assert housekeeping_due(spec(**paid), away, CREATED, NOW + timedelta(minutes=1)) is not None
+    assert _pass_of(paid, cut_off, PassOutcome(license_error="no signing key")).plan == "unlicensed"
+    issued = _pass_of(paid, away, replace(licensed, license=LicenseStatus(jti="j2")))
+    assert issued.plan == "starter"
+    assert _pass_of(paid, issued, replace(licensed, license=LicenseStatus(jti="j2"))).plan == "starter"
+    # No licence issued yet: no plan granted.
+    assert _pass_of(paid, CustomerStatus(), PassOutcome(license_error="no signing key")).plan is None
 
 
 async def test_a_licence_secret_whose_usage_key_was_taken_out_gets_a_new_licence_and_key(
