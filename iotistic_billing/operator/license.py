@@ -22,6 +22,7 @@ from iotistic_billing.api_keys import ROTATION_GRACE, new_usage_key, usage_key_h
 from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
     LICENSE_SECRET_NAME,
+    REVOKED_LICENSE,
     USAGE_API_KEY_KEY,
     CustomerSpec,
     LicenseStatus,
@@ -274,10 +275,11 @@ async def _record(
 def license_notice(
     target: PassTarget, record: LicenseRecord, action: str, replaced: LicenseRecord | None = None
 ) -> Notice | None:
-    """Suspended, reinstated, or the state the licence enters: the end of the operator's own trial, a
-    restriction or suspension of the dunning ladder (docs/architecture.md, "Notices"). `replaced`: the
-    licence this one replaces; None when there was none, or when it is not known (a licence recorded
-    after a crash): then the action alone says whether this licence entered its state."""
+    """Suspended (not when a revoke suspended: revoked_before), reinstated, or the state the licence
+    enters: the end of the operator's own trial, a restriction or suspension of the dunning ladder
+    (docs/architecture.md, "Notices"). `replaced`: the licence this one replaces; None when there was
+    none, or when it is not known (a licence recorded after a crash): then the action alone says whether
+    this licence entered its state."""
     about = {
         "customer_id": target.customer_id,
         "customer_name": target.name,
@@ -285,6 +287,8 @@ def license_notice(
     }
     entitlement = target.entitlement
     if action == "suspended":
+        if revoked_before(target, replaced):
+            return None  # the revoke's own `license.revoked`, with the admin's reason, said it
         return license_changed(
             NoticeKind.LICENSE_SUSPENDED,
             **about,
@@ -329,6 +333,19 @@ def license_notice(
     if action == "reinstated" or (action in ("generated", "downgraded") and from_trial):
         return trial_ended(**about, ends_at=ends_at)
     return None
+
+
+def revoked_before(target: PassTarget, replaced: LicenseRecord | None) -> bool:
+    """Whether the suspension is the one a revoke made: the Customer's REVOKED_LICENSE names the licence
+    it replaces. A licence recorded after a crash does not know what it replaced: the licence the last
+    completed pass reported is taken for it (the revoke's, unless that pass crashed as well)."""
+    revoked = target.customer.metadata.annotations.get(REVOKED_LICENSE)
+    if revoked is None:
+        return False
+    if replaced is not None:
+        return replaced.jti == revoked
+    reported = target.customer.status.license
+    return reported is not None and reported.jti == revoked
 
 
 def _read_only(record: LicenseRecord) -> bool:
