@@ -60,6 +60,15 @@ def release_condition(release: ReleaseOutcome | None, previous: Sequence[Conditi
 
 
 def trial_condition(entitlement: Entitlement) -> ConditionValue:
+    ends_at = entitlement.trial_ends_at
+    if entitlement.suspended and ends_at is not None:
+        # False (the trial grants nothing while suspended), the suspension its reason, and the end it
+        # keeps, worded to hold whether the trial ends during the suspension or ended before it.
+        message = (
+            f"{entitlement.message}; a suspension does not stop the trial's clock:"
+            f" it ends (or ended) {ends_at.isoformat()}"
+        )
+        return ConditionValue(ConditionType.TRIAL_ACTIVE, False, c.SUSPENDED, message)
     if entitlement.trial_active:
         reason = c.TRIAL_ACTIVE
     else:

@@ -72,11 +72,13 @@ def effective_plan(
     billed = _billed(spec, created_at, now, restricted_for)
     if spec.suspended:
         # The dunning ladder goes on under it: PaymentOverdue keeps the subscription's step (a suspension
-        # said "no payment overdue", and its lifting posted the step again as new).
+        # said "no payment overdue", and its lifting posted the step again as new). So does the trial's
+        # clock: its end is kept (status.trial, TrialActive), though none of it is granted meanwhile.
         return Entitlement(
             plan=UNLICENSED_PLAN_NAME,
             reason=c.SUSPENDED,
             message="suspended by an administrator",
+            trial_ends_at=billed.trial_ends_at,
             subscription_status="paused",
             suspended=True,
             payment_step=billed.payment_step,

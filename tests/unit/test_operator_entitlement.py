@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from iotistic_billing.customer import REVOKED_LICENSE
+from iotistic_billing.customer import REVOKED_LICENSE, Customer, CustomerStatus, LicenseStatus, TrialStatus
 from iotistic_billing.notices.content import NoticeKind
+from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import license as license_step
-from iotistic_billing.operator.license import ensure_license
-from iotistic_billing.operator.state import PassTarget
-from tests.unit.test_operator_state import LicenceStepParts, _reported, _target_of
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.license import desired_claims, ensure_license
+from iotistic_billing.operator.notices import trial_ending_notice
+from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome
+from iotistic_billing.operator.state import PassTarget, next_status
+from iotistic_billing.settings import Settings
+from tests.unit.test_operator_state import (
+    CREATED,
+    DEPLOYED,
+    NOW,
+    LicenceStepParts,
+    _reported,
+    _target_of,
+)
 
 
 def _revoked(target: PassTarget, jti: str) -> PassTarget:
@@ -70,3 +85,64 @@ async def test_a_suspension_that_is_no_revoke_still_says_so(
     parts.notices.clear()
     await ensure_license(ctx, suspended, parts.secret)
     assert [notice.kind for notice in parts.notices] == [NoticeKind.LICENSE_SUSPENDED]
+
+
+def _customer(customer_spec: dict[str, Any]) -> dict[str, Any]:
+    """A Customer's body as _target_of builds it (created 3 days before NOW)."""
+    return {
+        "metadata": {"name": "acme", "uid": "u-1", "creationTimestamp": CREATED.isoformat()},
+        "spec": {"email": "a@b.cd", "companyName": "x", **customer_spec},
+    }
+
+
+def test_a_suspended_trial_keeps_its_end_and_says_that_the_suspension_holds_it() -> None:
+    """Found in review: a Customer suspended on day 3 of a 14-day trial read status.trial {isTrialMode:
+    false, endsAt: null}, TrialActive False "not in a trial", an empty TRIAL-ENDS column, though the
+    trial's clock runs on; its resumption on day 10 brought the same end back."""
+    trial = {"trial": {"days": 14}}
+    ends_at = CREATED + timedelta(days=14)
+    outcome = PassOutcome(
+        license=LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30)),
+        release=DEPLOYED,
+        health=InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available"),
+    )
+    trialing = next_status(CustomerStatus(), _target_of(trial), outcome, generation=2)
+    suspended = next_status(trialing, _target_of({**trial, "suspended": True}), outcome, generation=3)
+    # In a running trial is what isTrialMode says: none runs for the customer while it is suspended.
+    assert suspended.trial == TrialStatus(is_trial_mode=False, ends_at=ends_at)
+    assert suspended.to_k8s()["trial"] == {"isTrialMode": False, "endsAt": "2026-12-06T12:00:00Z"}
+    condition = suspended.condition("TrialActive")
+    assert condition is not None and (condition.status, condition.reason) == ("False", "Suspended")
+    assert condition.message == (
+        "suspended by an administrator; a suspension does not stop the trial's clock:"
+        f" it ends (or ended) {ends_at.isoformat()}"
+    )
+
+    resumed = next_status(suspended, _target_of(trial, now=NOW + timedelta(days=7)), outcome, generation=4)
+    assert resumed.trial == TrialStatus(is_trial_mode=True, ends_at=ends_at)
+    condition = resumed.condition("TrialActive")
+    assert condition is not None and (condition.status, condition.reason) == ("True", "TrialActive")
+
+    # A trial that ended during the suspension: its end stays, and nothing says it still runs.
+    late = _target_of({**trial, "suspended": True}, now=NOW + timedelta(days=20))
+    assert (late.entitlement.trial_active, late.entitlement.trial_ends_at) == (False, ends_at)
+
+
+def test_the_licence_of_a_suspended_trial_claims_no_trial_and_no_trial_notice_goes_out_meanwhile() -> None:
+    """The licence minted under a suspension grants nothing of the trial: it claims none, and is not cut
+    short at the trial's end (a renewal due then would re-mint the same unlicensed licence). The "trial
+    ends in 3 days" notice waits for the suspension's lifting: it asks the customer to choose a plan
+    while an administrator holds the instance down; lifted within its days, the housekeeping's next
+    check sends it."""
+    trial = {"trial": {"days": 14}}
+    ctx = cast(OperatorContext, SimpleNamespace(settings=Settings()))
+    claims = desired_claims(ctx, _target_of({**trial, "suspended": True}))
+    assert claims["plan"] == "unlicensed" and claims["trial"] == {"isTrialMode": False}
+    assert claims["exp"] - claims["iat"] == 30 * 24 * 3600
+
+    day_12 = NOW + timedelta(days=9)
+    body = _customer({**trial, "suspended": True})
+    assert trial_ending_notice(Customer.model_validate(body), body, day_12, 3) is None
+    body = _customer(trial)
+    notice = trial_ending_notice(Customer.model_validate(body), body, day_12, 3)
+    assert notice is not None and notice.kind == NoticeKind.TRIAL_ENDING
