@@ -102,8 +102,9 @@ def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> st
     against it unless it lapsed from a paid plan within the period (rollups.period_plan).
 
     Not a paid plan in a `period` that starts once a subscription set to cancel at its period's end has
-    ended: the status says the plan until Stripe's deletion is applied, and the first flush of the next
-    period (a report ending at the boundary) recorded the plan for all of it (period_plan keeps it)."""
+    ended: the status says the plan until the operator's pass at that end (its housekeeping's next check),
+    and the first flush of the next period (a report ending at the boundary) recorded the plan for all of
+    it (period_plan keeps it)."""
     subscription = customer.spec.subscription
     if (
         period is not None

@@ -146,3 +146,41 @@ def test_the_licence_of_a_suspended_trial_claims_no_trial_and_no_trial_notice_go
     body = _customer(trial)
     notice = trial_ending_notice(Customer.model_validate(body), body, day_12, 3)
     assert notice is not None and notice.kind == NoticeKind.TRIAL_ENDING
+
+
+@pytest.mark.parametrize("status", ["active", "trialing"])
+def test_a_subscription_set_to_cancel_at_its_period_end_lapses_then_as_its_deletion_would(
+    status: str,
+) -> None:
+    """Found in review: `active` with cancelAtPeriodEnd kept the paid plan after currentPeriodEnd until
+    Stripe's deletion event was applied (days, with the webhook server down), while usage metering
+    already billed the period after it as unpaid."""
+    ends = NOW - timedelta(days=2)
+    ending = {
+        "status": status,
+        "plan": "professional",
+        "currentPeriodEnd": ends.isoformat(),
+        "cancelAtPeriodEnd": True,
+    }
+    stripe = {"billing": {"mode": "stripe"}}
+    lapsed = _target_of({**stripe, "subscription": ending})
+    deleted = _target_of({**stripe, "subscription": {**ending, "status": "canceled"}})
+    entitlement = lapsed.entitlement
+    assert (entitlement.plan, entitlement.reason, entitlement.lapsed) == (
+        "unlicensed",
+        "SubscriptionLapsed",
+        True,
+    )
+    assert (
+        entitlement.message == f"Stripe subscription {status}, set to cancel at its period's end, 2026-11-23"
+    )
+    assert entitlement.payment_step is None and not entitlement.restricted
+    # The licence is the one the deletion gives: when the deletion is applied, nothing is minted again.
+    ctx = cast(OperatorContext, SimpleNamespace(settings=Settings()))
+    assert desired_claims(ctx, lapsed) == desired_claims(ctx, deleted)
+
+    # Until its end the plan is paid for; a subscription not set to cancel waits for Stripe's renewal.
+    before = _target_of({**stripe, "subscription": ending}, now=ends - timedelta(seconds=1))
+    assert before.entitlement.plan == "professional"
+    renewing = _target_of({**stripe, "subscription": {**ending, "cancelAtPeriodEnd": False}})
+    assert renewing.entitlement.plan == "professional"

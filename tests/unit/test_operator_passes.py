@@ -819,6 +819,62 @@ async def test_a_customer_stalled_before_its_licence_gets_no_housekeeping_pass(
     assert passes == []
 
 
+async def test_a_subscription_set_to_cancel_lapses_at_the_housekeeping_check_after_its_period_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: nothing ran a pass when the period of a subscription set to cancel ended, so
+    the paid plan stayed until Stripe's deletion was applied (up to 3 days of its retries). The check
+    finds the plan changed at the period's end: a pass within OPERATOR_TIMER_INTERVAL of it."""
+    period_end = NOW + timedelta(minutes=2, seconds=30)
+    ending = {
+        "status": "active",
+        "plan": "professional",
+        "currentPeriodEnd": period_end.isoformat(),
+        "cancelAtPeriodEnd": True,
+    }
+    body: dict[str, Any] = {
+        "metadata": {"name": "acme", "uid": "uid-acme", "creationTimestamp": CREATED.isoformat()},
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "billing": {"mode": "stripe"},
+            "subscription": ending,
+        },
+    }
+    customer = Customer.model_validate(body)
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    health = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
+    outcome = PassOutcome(license=licence, release=deployed, health=health)
+    first = pass_target(body, customer, "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    statuses = [next_status(CustomerStatus(), first, outcome, generation=2)]
+    assert statuses[0].plan == "professional"
+
+    passes: list[datetime] = []
+
+    async def refresh(ctx: Any, name: str, deployment_event: int | None = None) -> None:
+        passes.append(ctx.clock())
+        aimed = pass_target(body, customer, "iotistic.cloud", ctx.clock(), ("0.1.0", "Fleet"))
+        statuses.append(next_status(statuses[-1], aimed, outcome, generation=2))
+
+    monkeypatch.setattr(handlers, "_refresh", refresh)
+    clock = [NOW]
+    settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
+    memo = kopf.Memo(
+        context=SimpleNamespace(
+            clock=lambda: clock[0], settings=settings, noticed=set(), background_passes=BackgroundPasses()
+        )
+    )
+    for _check in range(5):
+        clock[0] += timedelta(minutes=1)
+        live = kopf.Body({**body, "status": statuses[-1].to_k8s()})
+        await handlers.housekeeping(name="acme", body=live, memo=memo)
+
+    # The first check after the period's end ran the one pass, which wrote the lapse.
+    assert passes == [NOW + timedelta(minutes=3)]
+    assert (statuses[-1].plan, statuses[-1].phase) == ("unlicensed", "Expired")
+
+
 @pytest.mark.parametrize(
     "error",
     [
