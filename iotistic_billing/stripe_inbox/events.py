@@ -416,12 +416,13 @@ def decide(
     applies over live state whatever its time (a deletion Stripe retried after the final invoice). Two
     events of the same second apply in STATUS_ORDER, whichever comes first, but for a trial's own event
     over the `active` its first invoice gave (`_trial_goes_on`; `stored_period_end`: the row's
-    currentPeriodEnd). A different subscription replaces the Customer's only when its event is not
-    older, never a live one with a dead one (the final `deleted` of a replaced subscription must not
-    cancel its successor), and never a newer live subscription with an older live one
-    (`current_started`: when Stripe created the Customer's; the newest live subscription wins, an older
-    one's events are recorded, not applied). A voided invoice applies only where it settles what an
-    ended subscription owed (`SubscriptionFacts.settles_ended`).
+    currentPeriodEnd). A different subscription replaces the Customer's when its event is not older,
+    and, live, whatever its event's time when the Customer's no longer grants its plan or Stripe created
+    it earlier (two subscriptions' events come in no set order); never a live one with a dead one (the
+    final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
+    subscription with an older live one (`current_started`: when Stripe created the Customer's; the
+    newest live subscription wins, an older one's events are recorded, not applied). A voided invoice
+    applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`).
     """
     if facts.voided and not facts.settles_ended:
         # Voiding pays nothing: a live subscription's status and dunning are Stripe's own events' to say.
@@ -446,14 +447,25 @@ def decide(
             return Decision("stale", None, record_row=False)
 
     if current is not None and not same and current.stripe_subscription_id is not None:
-        older = current.last_event_created is not None and created < current.last_event_created
         live = current.status in LIVE_STATUSES
-        older_subscription = (
+        # Of two live subscriptions, whether the event's is the one Stripe created later (None: either
+        # start is unknown, or they are the same).
+        newer_subscription: bool | None = None
+        if (
             live
             and facts.status in LIVE_STATUSES
             and facts.started is not None
             and current_started is not None
-            and facts.started < current_started
+            and facts.started != current_started
+        ):
+            newer_subscription = facts.started > current_started
+        older_subscription = newer_subscription is False
+        # Events of two subscriptions come in no set order (one's delayed past the other's ending): a
+        # live one takes over from one that no longer grants its plan, as `_successor` hands over, and
+        # from an older live one, whatever its event's time.
+        takes_over = facts.status in LIVE_STATUSES and (not live or newer_subscription is True)
+        older = (
+            not takes_over and current.last_event_created is not None and created < current.last_event_created
         )
         # A live one on no plan's price (an add-on sold beside the plan, a custom price not in
         # STRIPE_PRICE_*) does not take over one on a plan: the Customer lost its licence while paying.

@@ -434,6 +434,56 @@ async def test_a_late_plan_change_applies_and_an_older_live_subscription_takes_o
     assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {}
 
 
+async def test_a_live_subscription_whose_events_come_after_the_held_one_ended_takes_the_customer(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: sales made a second subscription (enterprise) and then canceled the first; the
+    second's events, delayed (a 503 Stripe retried an hour later), came after the first's deletion and
+    were each recorded superseded, older than it: the Customer stayed canceled, unlicensed, while Stripe
+    billed enterprise. They now apply, each its own batch, as Stripe delivered them."""
+    subscriber = Subscriber(customers, "lateheir")
+    base = int(time.time()) - 7200
+    second = random_id("sub_")
+    body = subscription_object(
+        second,
+        customer=subscriber.stripe_customer,
+        price=PRICES["enterprise"],
+        status="active",
+        metadata={"customerId": subscriber.customer_id},
+    )
+    started = event("customer.subscription.created", {**body, "created": base + 20}, created=base + 20)
+    paid = event(
+        "invoice.payment_succeeded",
+        invoice_object(
+            customer=subscriber.stripe_customer,
+            subscription_id=second,
+            price=PRICES["enterprise"],
+            paid=True,
+            customer_id=subscriber.customer_id,
+            billing_reason="subscription_create",
+        ),
+        created=base + 21,
+    )
+    ended = subscriber.deleted(base + 30)
+    bodies = [subscriber.updated(base), ended, started, paid]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        for each in bodies:
+            await store(inbox_pool, inbox, [each])  # each its own batch, in this order of arrival
+            assert await inbox.apply_pending() == 1
+    assert await results(inbox_engine, bodies) == {each["id"]: "applied" for each in bodies}
+    held = customers.subscription(subscriber.name) or {}
+    assert (held["stripeSubscriptionId"], held["plan"], held["status"], held["lastEventCreated"]) == (
+        second,
+        "enterprise",
+        "active",
+        base + 21,
+    )
+    assert (await subscription_row(inbox_engine, subscriber.subscription)).status == "canceled"
+    assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {
+        f"subscription-canceled:{subscriber.customer_id}:{subscriber.subscription}": 1
+    }
+
+
 async def test_a_customer_whose_records_are_refused_stays_pending_and_the_others_are_recorded(
     inbox_pool: Pool,
     inbox_engine: AsyncEngine,

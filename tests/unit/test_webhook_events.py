@@ -1050,6 +1050,70 @@ def test_a_subscription_that_stops_granting_hands_the_customer_to_its_other_live
     assert back.subscription is not None and back.subscription.stripe_subscription_id == "sub_new"
 
 
+def enterprise_events_of_sub_2(started: int) -> list[tuple[SubscriptionFacts, int]]:
+    """A subscription sales made in Stripe's dashboard at `started`: its creation, its first invoice paid
+    and its update, as Stripe sends them a second apart."""
+    invoice = {
+        "id": "in_2",
+        "subscription": "sub_2",
+        "billing_reason": "subscription_create",
+        "lines": {"data": [{"price": {"id": "price_e"}, "period": {"end": PERIOD_END}}]},
+    }
+    paid = subscription_facts("invoice.paid", invoice, CATALOG)
+    assert paid is not None
+    own = SubscriptionFacts("sub_2", "active", "enterprise", AT_PERIOD_END, started=started)
+    return [(own, started), (paid, started + 1), (own, started + 1)]
+
+
+@pytest.mark.parametrize("status", ["canceled", "unpaid", "paused"])
+def test_a_live_subscription_whose_events_come_after_the_held_one_stopped_takes_the_customer(
+    status: str,
+) -> None:
+    """Found in review: sales made sub_2 (enterprise) and then ended sub_1; sub_2's events (a 503 retried
+    an hour later) came after sub_1's ending, which found no other live row to hand over to. Each was
+    older than that ending and recorded superseded: the Customer stayed on the stopped sub_1, unlicensed,
+    while Stripe billed enterprise. A live subscription takes over from one that no longer grants its
+    plan whatever its events' time, as `_successor` would have handed it over."""
+    stopped = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", status), 300)])
+    assert actions(stopped) == ["apply"]
+    assert stopped.subscription is not None and stopped.subscription.status == status
+    late = coalesce(
+        "cust_a", stopped.subscription, {**row(), **stopped.rows}, enterprise_events_of_sub_2(200)
+    )
+    assert actions(late) == ["apply", "apply", "apply"]
+    assert late.subscription is not None
+    assert (
+        late.subscription.stripe_subscription_id,
+        late.subscription.plan,
+        late.subscription.status,
+        late.subscription.last_event_created,
+    ) == ("sub_2", "enterprise", "active", 201)
+    # One event is enough, whichever comes first; one of a subscription that is not live takes nothing.
+    assert decide(stopped.subscription, None, SubscriptionFacts("sub_2", "past_due"), 50).action == "apply"
+    assert decide(stopped.subscription, None, SubscriptionFacts("sub_2", "incomplete"), 50).action == (
+        "superseded"
+    )
+
+
+def test_a_newer_live_subscription_whose_events_come_late_takes_the_customer_from_an_older_one() -> None:
+    """Found in review: the held sub_1's renewal (at 300) applied before the events of sub_2, made by
+    Stripe later (at 200) than sub_1 (at 10): each was older than the renewal and recorded superseded,
+    though the newest live subscription is the Customer's. Stripe's start times order two live
+    subscriptions; the events' times only when a start is unknown."""
+    renewed = coalesce("cust_a", current(), row(), [(invoice_facts("invoice.paid"), 300)])
+    assert actions(renewed) == ["apply"]
+    late = coalesce(
+        "cust_a", renewed.subscription, {**row(), **renewed.rows}, enterprise_events_of_sub_2(200)
+    )
+    assert actions(late) == ["apply", "apply", "apply"]
+    assert late.subscription is not None
+    assert (late.subscription.stripe_subscription_id, late.subscription.plan) == ("sub_2", "enterprise")
+    # sub_1's next event is an older live subscription's: recorded, not applied.
+    rows = {**row(), **renewed.rows, **late.rows}
+    next_renewal = coalesce("cust_a", late.subscription, rows, [(invoice_facts("invoice.paid"), 400)])
+    assert actions(next_renewal) == ["superseded"] and next_renewal.subscription == late.subscription
+
+
 def acme_record() -> Any:
     """The directory's record of Customer acme (cust_a00000001), as the inbox reads it."""
     from iotistic_billing.directory import CustomerRecord
