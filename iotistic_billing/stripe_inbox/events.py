@@ -136,6 +136,16 @@ class SubscriptionFacts:
     # A voided invoice's: no longer owed, yet not paid, so it settles only what an ended subscription
     # owed (as its payment would) and says nothing of a live one (`decide`).
     voided: bool = False
+    # A declined invoice of the subscription's update (a plan change invoiced at once, a trial ended
+    # early): Stripe's pending updates leave the subscription as it was, and without them its own event
+    # says past_due, so it says nothing of the status (`decide`).
+    update_declined: bool = False
+
+    @property
+    def says_nothing(self) -> bool:
+        """An invoice that neither pays nor moves its subscription: voided while it settles nothing an
+        ended subscription owed, or a declined update's. The subscription's own events say its status."""
+        return self.update_declined or (self.voided and not self.settles_ended)
 
     @property
     def settles_ended(self) -> bool:
@@ -147,8 +157,8 @@ class SubscriptionFacts:
 @dataclass(frozen=True)
 class Decision:
     """`apply`: write `subscription` to the Customer. `stale`: an older event for the same subscription,
-    one that would revive an ended subscription, or a voided invoice that settles nothing; recorded and
-    acknowledged, nothing written.
+    one that would revive an ended subscription, or an invoice that says nothing
+    (`SubscriptionFacts.says_nothing`); recorded and acknowledged, nothing written.
     `superseded`: the event is the newest for its own subscription (so its row is written) but the
     Customer holds another, live subscription."""
 
@@ -342,6 +352,7 @@ def _facts_of_invoice(
         current_period_start=billed_start if paid else None,
         billed_until=billed_until,
         voided=voided,
+        update_declined=not (paid or voided) and invoice.get("billing_reason") == "subscription_update",
     )
 
 
@@ -422,10 +433,11 @@ def decide(
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
     subscription with an older live one (`current_started`: when Stripe created the Customer's; the
     newest live subscription wins, an older one's events are recorded, not applied). A voided invoice
-    applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`).
+    applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`); a
+    declined invoice of an update never does (`SubscriptionFacts.update_declined`).
     """
-    if facts.voided and not facts.settles_ended:
-        # Voiding pays nothing: a live subscription's status and dunning are Stripe's own events' to say.
+    if facts.says_nothing:
+        # A live subscription's status and dunning are Stripe's own events' to say.
         return Decision("stale", None, record_row=False)
     same = current is not None and current.stripe_subscription_id == facts.subscription_id
     newest = [(stored_last_created, stored_status, stored_period_end)]

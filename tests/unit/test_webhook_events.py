@@ -501,13 +501,18 @@ def test_the_newest_live_subscription_wins_and_an_older_one_is_recorded_only() -
     )
 
 
-def invoice_facts(event_type: str, price: str = "price_s", period_end: int = PERIOD_END) -> SubscriptionFacts:
-    """The facts of a renewal invoice of sub_1 on `price` (invoice.paid or invoice.payment_failed) billing
-    the period that ends at `period_end`."""
+def invoice_facts(
+    event_type: str,
+    price: str = "price_s",
+    period_end: int = PERIOD_END,
+    billing_reason: str = "subscription_cycle",
+) -> SubscriptionFacts:
+    """The facts of an invoice of sub_1 on `price` (invoice.paid or invoice.payment_failed) billing the
+    period that ends at `period_end`: a renewal's, unless `billing_reason` says otherwise."""
     body = {
         "id": "in_1",
         "subscription": "sub_1",
-        "billing_reason": "subscription_cycle",
+        "billing_reason": billing_reason,
         "lines": {"data": [{"price": {"id": price}, "period": {"end": period_end}}]},
     }
     facts = subscription_facts(event_type, body, CATALOG)
@@ -993,6 +998,28 @@ def test_an_own_event_of_the_same_second_as_a_failed_invoice_keeps_the_failure_a
     )
     assert unpaid.subscription is not None and unpaid.subscription.status == "unpaid"
     assert unpaid.subscription.past_due_since == failed.subscription.past_due_since
+
+
+@pytest.mark.parametrize("first", ["invoice", "subscription"])
+def test_a_declined_plan_change_invoice_leaves_the_status_as_the_subscription_says(first: str) -> None:
+    """Found in review: every failed invoice but a subscription's first read as past_due. A plan change
+    invoiced at once with Stripe's pending updates (payment_behavior=pending_if_incomplete) that is
+    declined leaves the subscription active (only its pending_update set), yet past_due won the second
+    over the subscription's own `updated` (active) in either order: a "payment failed" notice, the
+    dunning ladder, and a restricted licence after 7 days. Such an invoice says nothing of the status;
+    without pending updates the subscription's own event says past_due."""
+    declined = invoice_facts("invoice.payment_failed", "price_e", billing_reason="subscription_update")
+    for status, since in (("active", None), ("past_due", datetime.fromtimestamp(200, UTC))):
+        own = SubscriptionFacts("sub_1", status, "starter", AT_PERIOD_END)
+        events = [(declined, 200), (own, 200)]
+        result = coalesce("cust_a", current(), row(), events if first == "invoice" else events[::-1])
+        assert sorted(actions(result)) == ["apply", "stale"]
+        assert result.subscription == current(status=status, past_due_since=since, last_event_created=200)
+        assert result.rows["sub_1"].status == status
+    # The same invoice paid makes the change, as any payment does; a renewal's failure is still overdue.
+    paid = invoice_facts("invoice.paid", "price_e", billing_reason="subscription_update")
+    assert decide(current(), 100, paid, 200).action == "apply"
+    assert decide(current(), 100, invoice_facts("invoice.payment_failed"), 200).action == "apply"
 
 
 def test_when_the_customer_s_subscription_ends_its_other_live_one_takes_over() -> None:
