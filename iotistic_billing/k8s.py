@@ -371,15 +371,22 @@ class KubeApi:
         return self._merge_patch(_ours(PLURAL, name), patch, manager)
 
     def apply_customer_spec(
-        self, name: str, spec: dict[str, Any], manager: FieldManager | None = None, uid: str | None = None
+        self,
+        name: str,
+        spec: dict[str, Any],
+        manager: FieldManager | None = None,
+        uid: str | None = None,
+        resource_version: str | None = None,
     ) -> dict[str, Any]:
         """Server-side apply of the given part of a spec: the manager owns exactly the fields it sends
         (spec.subscription for the Stripe inbox), the rest belongs to people and GitOps. With `uid`, only
         onto that Customer: none is a 409, another one made under its name since a 422 (its uid is
-        immutable)."""
+        immutable). With `resource_version`, only onto the Customer as it was read: changed since, a 409."""
         body = customer_body(name, spec)
         if uid is not None:
             body["metadata"]["uid"] = uid
+        if resource_version is not None:
+            body["metadata"]["resourceVersion"] = resource_version
         return self._apply_customer(body, manager)
 
     def _apply_customer(self, body: dict[str, Any], manager: FieldManager | None) -> dict[str, Any]:
@@ -715,9 +722,14 @@ class Kube:
         return await self.run(self.api.patch_customer, name, patch, manager)
 
     async def apply_customer_spec(
-        self, name: str, spec: dict[str, Any], manager: FieldManager | None = None, uid: str | None = None
+        self,
+        name: str,
+        spec: dict[str, Any],
+        manager: FieldManager | None = None,
+        uid: str | None = None,
+        resource_version: str | None = None,
     ) -> dict[str, Any]:
-        return await self.run(self.api.apply_customer_spec, name, spec, manager, uid)
+        return await self.run(self.api.apply_customer_spec, name, spec, manager, uid, resource_version)
 
     async def patch_customer_status(
         self,

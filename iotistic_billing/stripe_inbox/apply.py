@@ -42,6 +42,7 @@ from iotistic_billing.stripe_inbox.events import (
     StoredSubscription,
     StripeEvent,
     SubscriptionFacts,
+    _successor,
     coalesce,
     lookup_hints,
     subscription_facts,
@@ -199,7 +200,7 @@ async def apply_events(
         try:
             group.plan = coalesce(
                 group.record.customer_id,
-                group.record.customer.spec.subscription,
+                held_subscription(group.record, rows),
                 {sub: rows[sub] for sub in mine if sub in rows},
                 [(facts, event.created) for facts, event in zip(group.facts, group.events, strict=True)],
             )
@@ -286,7 +287,7 @@ async def _find_and_lock(
     directory = deps.directory.for_batch()
     found.update(await _resolve(directory, sessions, set(wanted) - candidates, slots))
     chosen = _first_names((found[hints] for hints in wanted), max_customers, skip=held_back)
-    records = await _lock_and_read(deps, session, chosen, slots)
+    records = await lock_and_read(deps, session, chosen, slots)
 
     def holds(hints: LookupHints) -> bool:
         record = records.get(cast(str, found[hints]))
@@ -299,7 +300,7 @@ async def _find_and_lock(
         new = _first_names(
             (found[hints] for hints in wanted if hints in refuted), room, skip={*held_back, *records}
         )
-        records.update(await _lock_and_read(deps, session, new, slots))
+        records.update(await lock_and_read(deps, session, new, slots))
     return found, records
 
 
@@ -316,7 +317,7 @@ def _first_names(
     return list(first)
 
 
-async def _lock_and_read(
+async def lock_and_read(
     deps: EventApplier,
     session: AsyncSession,
     names: Iterable[str],
@@ -390,21 +391,36 @@ async def _rows(session: AsyncSession, groups: Sequence[_CustomerEvents]) -> dic
         .order_by(models.Subscription.stripe_subscription_id)
         .with_for_update()
     )
-    return {
-        row.stripe_subscription_id: StoredSubscription(
-            customer_id=row.customer_id,
-            status=row.status,
-            plan=row.plan,
-            current_period_end=row.current_period_end,
-            cancel_at_period_end=row.cancel_at_period_end,
-            last_event_created=row.last_event_created,
-            stripe_created=row.stripe_created,
-            past_due_since=row.past_due_since,
-            own_event_created=row.own_event_created,
-            invoice_event_created=row.invoice_event_created,
-        )
-        for row in found
-    }
+    return {row.stripe_subscription_id: stored_subscription(row) for row in found}
+
+
+def stored_subscription(row: models.Subscription) -> StoredSubscription:
+    """A `subscriptions` row as the decisions read it."""
+    return StoredSubscription(
+        customer_id=row.customer_id,
+        status=row.status,
+        plan=row.plan,
+        current_period_end=row.current_period_end,
+        cancel_at_period_end=row.cancel_at_period_end,
+        last_event_created=row.last_event_created,
+        stripe_created=row.stripe_created,
+        past_due_since=row.past_due_since,
+        own_event_created=row.own_event_created,
+        invoice_event_created=row.invoice_event_created,
+    )
+
+
+def held_subscription(
+    record: CustomerRecord, rows: Mapping[str, StoredSubscription]
+) -> SubscriptionSpec | None:
+    """What the Customer holds, for deciding its events: its spec.subscription; when it is billed through
+    Stripe and holds none, the newest live subscription of its customer id's `rows` (`_successor`), which
+    it lost by being made again from manifests that never carry the field (restore.py gives it back
+    between events): decided from no base, a failed payment would restart the dunning's grace."""
+    held = record.customer.spec.subscription
+    if held is not None or record.customer.spec.billing.mode != "stripe":
+        return held
+    return _successor(record.customer_id, rows, ended="")
 
 
 def _link(group: _CustomerEvents, known: str | None) -> str | None:
@@ -430,32 +446,46 @@ async def _apply_to_customer(kube: Kube, group: _CustomerEvents) -> str | Except
         or _same(subscription, group.record.customer.spec.subscription)
     ):
         return "unchanged"
+    # Onto the Customer the batch read: one made again under its name since did not have these events.
+    applied = await apply_subscription(kube, group.record, subscription)
+    if applied == "gone":
+        log.warning("Customer %s deleted meanwhile; its applied events are unmatched", group.name)
+    return applied
+
+
+async def apply_subscription(
+    kube: Kube, record: CustomerRecord, subscription: SubscriptionSpec, *, unchanged_since_read: bool = False
+) -> Literal["applied", "gone"] | Exception:
+    """The server-side apply of `subscription` as the spec.subscription of the Customer `record` read,
+    under the Stripe field manager and naming its uid (`unchanged_since_read`: its resourceVersion too,
+    so that nothing written since is overwritten): "gone" when that Customer was deleted meanwhile; the
+    error when it was not written (CustomerReplaced: another was made under its name since)."""
+    metadata = record.customer.metadata
     try:
-        # Onto the Customer the batch read: one made again under its name since did not have these events.
         # A cancellation (the inbox stopped mid-batch) lets it finish first: its thread would send it
         # anyway, after the batch's rollback released the batch lock, so another replica's batch could
         # apply newer events before this stale write landed over them; its outcome is no one's then.
         await to_the_end(
             kube.apply_customer_spec(
-                group.name,
+                record.name,
                 {"subscription": subscription.to_k8s()},
                 FieldManager.STRIPE,
-                uid=group.record.customer.metadata.uid,
+                uid=metadata.uid,
+                resource_version=metadata.resource_version if unchanged_since_read else None,
             )
         )
     except ApiException as error:
         if error.status not in GONE_REFUSALS:
             return error
-        now = await _now_there(kube, group.record)
+        now = await _now_there(kube, record)
         if now == "the same":
             return error
         if now == "another":
             # Perhaps the same billing customer (a `kubectl replace --force`, GitOps re-creating it):
             # pending, the next batch finds whose they are afresh.
-            return CustomerReplaced(f"Customer {group.name} was made again under its name since it was read")
-        log.warning("Customer %s deleted meanwhile; its applied events are unmatched", group.name)
+            return CustomerReplaced(f"Customer {record.name} was made again under its name since it was read")
         return "gone"
-    except Exception as error:  # the API server is away: these events stay pending
+    except Exception as error:  # the API server is away: not written
         return error
     return "applied"
 
@@ -564,4 +594,15 @@ async def _write_rows(session: AsyncSession, rows: Mapping[str, StoredSubscripti
     )
 
 
-__all__ = ["EventApplier", "Failure", "Outcome", "Results", "apply_events"]
+__all__ = [
+    "CustomerReplaced",
+    "EventApplier",
+    "Failure",
+    "Outcome",
+    "Results",
+    "apply_events",
+    "apply_subscription",
+    "held_subscription",
+    "lock_and_read",
+    "stored_subscription",
+]

@@ -20,7 +20,8 @@ coalesces more events into the same number of Customer writes (the cost of a bat
 Customers, not with its events). The route NOTIFYs the inboxes once a burst, not once an event.
 
 The inbox also prunes, every PRUNE_SECONDS, the events of a final result older than its retention
-(retention.py).
+(retention.py), and gives a Customer made again without its subscription the one its rows hold, at its
+start and every RESTORE_SECONDS, under the batch lock (restore.py).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from iotistic_billing.db.pool import (
     database_unreachable,
 )
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
+from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
+from iotistic_billing.stripe_inbox.restore import RESTORE_SECONDS, restore, tell, to_restore
 from iotistic_billing.stripe_inbox.retention import expired
 from iotistic_billing.workers import Outage, Precedence, nap, stop_tasks
 
@@ -127,8 +130,11 @@ class EventInbox:
         clock: Callable[[], float] = time.monotonic,
         retention: timedelta = timedelta(days=90),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        restore_interval: float = RESTORE_SECONDS,
     ) -> None:
         self.sessions = sessions
+        # Seconds between the looks for Customers made again without their subscription (restore.py).
+        self.restore_interval = restore_interval
         # STRIPE_EVENT_RETENTION_DAYS, and the wall clock the prune counts it on (retention.py).
         self.retention = retention
         self.now = now
@@ -158,6 +164,9 @@ class EventInbox:
         # From the batch lock to the commit, of the last batch that recorded anything.
         self.last_batch_seconds = 0.0
         self._claims = Outage(log, "stripe inbox: cannot claim events", "stripe inbox: claiming events again")
+        self._restores = Outage(
+            log, "stripe inbox: cannot restore subscriptions", "stripe inbox: restoring subscriptions again"
+        )
 
     def wake(self) -> None:
         """Events were stored: this process's loop, if it runs one, and every inbox LISTENing."""
@@ -175,6 +184,7 @@ class EventInbox:
                 prune_every("finished Stripe events", self.prune_finished), name="stripe-inbox-prune"
             )
         )
+        self._tasks.append(asyncio.create_task(self._restore_every(), name="stripe-inbox-restore"))
         if self.database_url:
             self._tasks.append(
                 asyncio.create_task(
@@ -327,6 +337,39 @@ class EventInbox:
             self._held_back.hold(key, due)
         if failure.holds:
             self._failed_of[event_id] = failure.holds
+
+    async def _restore_every(self) -> None:
+        """`restore_subscriptions` now and every `restore_interval` seconds; a failed look is logged (one
+        line an outage of PostgreSQL or the API server) and the next one tries again."""
+        while True:
+            try:
+                await self.restore_subscriptions()
+            except Exception as error:
+                problem = DATABASE_UNREACHABLE if database_unreachable(error) else None
+                if isinstance(error, KubernetesUnavailable):
+                    problem = str(error)
+                self._restores.failed(error, problem)
+            else:
+                self._restores.succeeded()
+            await asyncio.sleep(self.restore_interval)
+
+    async def restore_subscriptions(self) -> int:
+        """Give each Customer billed through Stripe and made again without its spec.subscription the
+        newest live subscription of its customer id's rows (restore.py); how many were given one."""
+        names = await to_restore(self.applier.directory, self.sessions)
+        count = 0
+        # As many Customers a transaction as a batch's at most: a fleet made again from Git at once does
+        # not hold the events back for all of its writes.
+        size = max(self.batch_customers, 1)
+        for start in range(0, len(names), size):
+            async with self.sessions() as session, session.begin():
+                # Between batches: none of any replica decides these Customers' events meanwhile.
+                await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
+                restored = await restore(self.applier, session, names[start : start + size], self.workers)
+            for one in restored:
+                await tell(self.applier.kube, one)
+            count += len(restored)
+        return count
 
     async def prune_finished(self, batch: int = PRUNE_BATCH) -> int:
         """Delete the events of a final result older than the retention (retention.py), `batch` a

@@ -234,10 +234,12 @@ async def inbox_in_process(
     clock: Callable[[], float] = time.monotonic,
     workers: int = 0,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    restore_interval: float = 60.0,
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
     `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes. With
-    `workers`, it runs its loop too, LISTENing when it has `database_url`, as the inbox process does."""
+    `workers`, it runs its loops too (looking for Customers to restore every `restore_interval`),
+    LISTENing when it has `database_url`, as the inbox process does."""
     client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     kube = Kube(KubeApi(client, FieldManager.SIGNUP), 8)
     applier = EventApplier(kube=kube, directory=Directory(kube), catalog=PriceCatalog(PRICES))  # type: ignore[arg-type]
@@ -249,6 +251,7 @@ async def inbox_in_process(
         database_url=database_url,
         clock=clock,
         now=now,
+        restore_interval=restore_interval,
     )
     await inbox.start()
     try:
@@ -1299,3 +1302,207 @@ async def test_a_redelivered_pruned_event_is_stale_and_changes_nothing(
         assert await notice_keys(inbox_engine, [subscriber.customer_id]) == Counter()
         row = await subscription_row(inbox_engine, subscriber.subscription)
         assert (row.status, row.plan, row.last_event_created) == ("active", "professional", newer["created"])
+
+
+def made_again(customers: Customers, subscriber: Subscriber, **spec: Any) -> dict[str, Any]:
+    """The subscriber's Customer deleted and created again under its name and customer id, from a
+    manifest (no spec.subscription unless `spec` gives one), as GitOps rebuilding a cluster does."""
+    customers.delete(subscriber.name)
+    return customers.create(
+        subscriber.name, customerId=subscriber.customer_id, **({"billing": {"mode": "stripe"}} | spec)
+    )
+
+
+async def subscribed(
+    inbox: EventInbox,
+    inbox_pool: Pool,
+    customers: Customers,
+    subscriber: Subscriber,
+    base: int,
+    plan: str = "professional",
+) -> dict[str, Any]:
+    """The subscriber's events applied (its subscription active, then past due since `base` + 2);
+    the spec.subscription they gave its Customer."""
+    await store(inbox_pool, inbox, [subscriber.updated(base + 1, plan=plan)])
+    await store(inbox_pool, inbox, [subscriber.invoice(base + 2, paid=False, plan=plan)])
+    assert await inbox.apply_pending() == 2
+    held = customers.subscription(subscriber.name) or {}
+    assert (held.get("status"), held.get("pastDueSince")) == ("past_due", iso(base + 2))
+    return held
+
+
+def without_period_start(subscription: dict[str, Any]) -> dict[str, Any]:
+    """A spec.subscription as its row keeps it: a row keeps no period start."""
+    return {key: value for key, value in subscription.items() if key != "currentPeriodStart"}
+
+
+async def test_a_customer_made_again_without_its_subscription_gets_the_newest_live_one_back(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """Found in review: a Stripe-billed Customer deleted and made again from its manifest (a cluster
+    rebuilt from Git, Argo CD's replace) had no spec.subscription until Stripe's next event, maybe a
+    month later: its trial's entitlement meanwhile, a checkout refused (the live subscription), and that
+    next event decided from no state at all. The inbox gives it back the newest live subscription of
+    its rows (not an older one still billed beside it), with its pastDueSince, with no Stripe event,
+    and tells the Customer, a batch's number of Customers a transaction; a Customer in manual billing
+    and one that holds a subscription are left as they are."""
+    remade, remade_too = Subscriber(customers, "remade"), Subscriber(customers, "remadetoo")
+    manual, holding = Subscriber(customers, "remademanual"), Subscriber(customers, "remadeheld")
+    base = int(time.time()) - 3600
+    older = random_id("sub_")
+    older_body = subscription_object(
+        older,
+        customer=remade.stripe_customer,
+        price=PRICES["enterprise"],
+        metadata={"customerId": remade.customer_id},
+    )
+    # A live subscription Stripe made a day before the Customer's: still billed, not the Customer's.
+    older_created = event(
+        "customer.subscription.created", {**older_body, "created": base - 86400}, created=base + 3
+    )
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        before = await subscribed(inbox, inbox_pool, customers, remade, base)
+        await store(inbox_pool, inbox, [older_created])
+        assert await inbox.apply_pending() == 1
+        assert await results(inbox_engine, [older_created]) == {older_created["id"]: "superseded"}
+        too = await subscribed(inbox, inbox_pool, customers, remade_too, base, plan="starter")
+        await subscribed(inbox, inbox_pool, customers, manual, base, plan="starter")
+        await subscribed(inbox, inbox_pool, customers, holding, base, plan="starter")
+        pending = await pending_count(inbox_engine)
+
+        made_again(customers, remade)
+        made_again(customers, remade_too)
+        made_again(customers, manual, billing={"mode": "manual"})
+        given = {"status": "active", "plan": "enterprise", "stripeSubscriptionId": random_id("sub_")}
+        made_again(customers, holding, subscription=given)
+        untouched = {
+            s.name: (customers.get(s.name) or {})["metadata"]["resourceVersion"] for s in (manual, holding)
+        }
+        assert customers.subscription(remade.name) is None
+        applies = customer_applies(k8s_client)
+
+        inbox.batch_customers = 1
+        assert await inbox.restore_subscriptions() == 2
+        assert customers.subscription(remade_too.name) == without_period_start(too)
+        restored = customers.subscription(remade.name)
+        assert restored == without_period_start(before)
+        assert restored["stripeSubscriptionId"] == remade.subscription
+        assert restored["pastDueSince"] == iso(base + 2)  # the dunning's grace goes on, not afresh
+        assert customers.managers_of_subscription(remade.name) == [(str(FieldManager.STRIPE), "Apply")]
+        assert customer_applies(k8s_client) == applies + 2
+        assert {
+            s.name: (customers.get(s.name) or {})["metadata"]["resourceVersion"] for s in (manual, holding)
+        } == untouched
+        assert customers.subscription(manual.name) is None
+        assert customers.subscription(holding.name) == given
+        uid = (customers.get(remade.name) or {})["metadata"]["uid"]
+        told = await inbox.applier.kube.list_customer_events(remade.name, uid)
+        assert [(e["reason"], remade.subscription in e["message"]) for e in told] == [
+            ("SubscriptionRestored", True)
+        ]
+
+        # Once restored there is nothing left to do: nothing is written again.
+        assert await inbox.restore_subscriptions() == 0
+        assert customer_applies(k8s_client) == applies + 2
+    assert await pending_count(inbox_engine) == pending == 0  # no Stripe event needed
+
+
+async def pending_count(engine: AsyncEngine) -> int:
+    """The Stripe events stored and not recorded yet."""
+    async with engine.connect() as connection:
+        count = await connection.scalar(
+            select(func.count()).select_from(models.StripeEvent).where(models.StripeEvent.result == PENDING)
+        )
+    return int(count or 0)
+
+
+async def test_a_restore_waits_for_the_batch_lock_and_leaves_a_subscription_written_meanwhile(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two replicas' inboxes look for Customers to restore while batches apply events: a restore waits
+    for the batch lock (no batch decides the Customer's events meanwhile), and a spec.subscription
+    written between its read and its write (by a person here) is not overwritten: its write names the
+    resourceVersion read, and the next look finds nothing to do."""
+    subscriber = Subscriber(customers, "restorelock")
+    base = int(time.time()) - 3600
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        before = await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        made_again(customers, subscriber)
+        async with inbox_engine.connect() as connection:  # another replica's batch holds the lock
+            await connection.execute(select(func.pg_advisory_lock(BATCH_LOCK)))
+            waiting = asyncio.create_task(inbox.restore_subscriptions())
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
+            assert customers.subscription(subscriber.name) is None
+            await connection.execute(select(func.pg_advisory_unlock(BATCH_LOCK)))
+        assert await asyncio.wait_for(waiting, 30) == 1
+        assert customers.subscription(subscriber.name) == without_period_start(before)
+
+        made_again(customers, subscriber)
+        kube = inbox.applier.kube
+        apply = kube.apply_customer_spec
+        given = {"status": "active", "plan": "starter", "stripeSubscriptionId": random_id("sub_")}
+
+        async def written_meanwhile(name: str, spec: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            customers.kube.patch_customer(name, {"spec": {"subscription": given}}, FieldManager.CLI)
+            return await apply(name, spec, *args, **kwargs)
+
+        monkeypatch.setattr(kube, "apply_customer_spec", written_meanwhile)
+        assert await inbox.restore_subscriptions() == 0
+        assert customers.subscription(subscriber.name) == given
+        monkeypatch.undo()
+        assert await inbox.restore_subscriptions() == 0
+        assert customers.subscription(subscriber.name) == given
+
+
+async def test_an_event_for_a_customer_made_again_is_decided_from_its_subscription_s_row(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """An event that comes for a Customer made again before the inbox gave it its subscription back is
+    decided from the newest live row, as if the Customer had never lost it: a failed retry of the
+    overdue payment keeps the pastDueSince of the first failure (decided from nothing, the dunning's
+    grace started afresh)."""
+    subscriber = Subscriber(customers, "remadeevent")
+    base = int(time.time()) - 3600
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        made_again(customers, subscriber)
+        retry = subscriber.invoice(base + 100, paid=False, plan="professional")
+        await store(inbox_pool, inbox, [retry])
+        assert await inbox.apply_pending() == 1
+    assert await results(inbox_engine, [retry]) == {retry["id"]: "applied"}
+    held = customers.subscription(subscriber.name) or {}
+    assert (held.get("status"), held.get("plan"), held.get("pastDueSince"), held.get("lastEventCreated")) == (
+        "past_due",
+        "professional",
+        iso(base + 2),
+        base + 100,
+    )
+
+
+async def test_the_inbox_restores_at_its_start_and_every_interval(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """The inbox process looks for Customers to restore when it starts and then every interval (a
+    minute; a fraction of a second here), without being asked."""
+    subscriber = Subscriber(customers, "restoreloop")
+    base = int(time.time()) - 3600
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        before = await subscribed(inbox, inbox_pool, customers, subscriber, base)
+
+    async def restored() -> dict[str, Any] | None:
+        return customers.subscription(subscriber.name)
+
+    made_again(customers, subscriber)
+    async with inbox_in_process(inbox_engine, kubeconfig, workers=1, restore_interval=0.2):
+        assert await eventually(restored, within=10, message="at its start") == without_period_start(before)
+        made_again(customers, subscriber)
+        assert await eventually(restored, within=10, message="later") == without_period_start(before)
