@@ -42,9 +42,9 @@ from iotistic_billing.stripe_inbox.events import (
     StoredSubscription,
     StripeEvent,
     SubscriptionFacts,
-    _successor,
     coalesce,
     lookup_hints,
+    newest_live,
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.notices import event_notices
@@ -414,13 +414,13 @@ def held_subscription(
     record: CustomerRecord, rows: Mapping[str, StoredSubscription]
 ) -> SubscriptionSpec | None:
     """What the Customer holds, for deciding its events: its spec.subscription; when it is billed through
-    Stripe and holds none, the newest live subscription of its customer id's `rows` (`_successor`), which
+    Stripe and holds none, the newest live subscription of its customer id's `rows` (`newest_live`), which
     it lost by being made again from manifests that never carry the field (restore.py gives it back
     between events): decided from no base, a failed payment would restart the dunning's grace."""
     held = record.customer.spec.subscription
     if held is not None or record.customer.spec.billing.mode != "stripe":
         return held
-    return _successor(record.customer_id, rows, ended="")
+    return newest_live(record.customer_id, rows, ended="")
 
 
 def _link(group: _CustomerEvents, known: str | None) -> str | None:

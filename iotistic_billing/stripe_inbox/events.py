@@ -473,7 +473,7 @@ def decide(
             newer_subscription = facts.started > current_started
         older_subscription = newer_subscription is False
         # Events of two subscriptions come in no set order (one's delayed past the other's ending): a
-        # live one takes over from one that no longer grants its plan, as `_successor` hands over, and
+        # live one takes over from one that no longer grants its plan, as `newest_live` hands over, and
         # from an older live one, whatever its event's time.
         takes_over = facts.status in LIVE_STATUSES and (not live or newer_subscription is True)
         older = (
@@ -665,7 +665,7 @@ class Coalesced:
     steps: tuple[Step, ...]
     subscription: SubscriptionSpec | None
     rows: Mapping[str, StoredSubscription]
-    # The Customer's subscription stopped granting and another live one took over (`_successor`).
+    # The Customer's subscription stopped granting and another live one took over (`newest_live`).
     taken_over: bool = False
 
     @property
@@ -717,7 +717,7 @@ def coalesce(
         )
         successor = None
         if same and decision.subscription is not None and decision.subscription.status not in LIVE_STATUSES:
-            successor = _successor(customer_id, known, facts.subscription_id)
+            successor = newest_live(customer_id, known, facts.subscription_id)
             if successor is not None:  # the Customer keeps a live subscription: recorded, nothing lost
                 decision = Decision("superseded", None, record_row=True)
         steps.append(Step(decision, state))
@@ -803,7 +803,7 @@ def _times_known(row: StoredSubscription) -> bool:
     return own is not None and invoice is not None and row.last_event_created == max(own, invoice)
 
 
-def _successor(
+def newest_live(
     customer_id: str, rows: Mapping[str, StoredSubscription], ended: str
 ) -> SubscriptionSpec | None:
     """The customer's newest other live subscription (by when Stripe created it, then its newest
@@ -926,6 +926,7 @@ __all__ = [
     "facts_of_subscription",
     "invoice_id",
     "lookup_hints",
+    "newest_live",
     "object_id",
     "past_due_since",
     "stored_after",

@@ -1100,7 +1100,7 @@ def test_a_live_subscription_whose_events_come_after_the_held_one_stopped_takes_
     an hour later) came after sub_1's ending, which found no other live row to hand over to. Each was
     older than that ending and recorded superseded: the Customer stayed on the stopped sub_1, unlicensed,
     while Stripe billed enterprise. A live subscription takes over from one that no longer grants its
-    plan whatever its events' time, as `_successor` would have handed it over."""
+    plan whatever its events' time, as `newest_live` would have handed it over."""
     stopped = coalesce("cust_a", current(), row(), [(SubscriptionFacts("sub_1", status), 300)])
     assert actions(stopped) == ["apply"]
     assert stopped.subscription is not None and stopped.subscription.status == status
