@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -67,8 +68,8 @@ def keep_alive(connection: Any) -> None:
     """Client-side TCP keepalive on a new asyncpg connection's socket (asyncpg sets only TCP_NODELAY):
     a server gone silent without a reset (a partition, a frozen VM, a failover moving its address) left
     a statement, the inbox's claim or a session's, awaiting its answer for ever; now the connection is
-    lost within about 90 s and the await raises. Options this platform lacks are skipped; a Unix-domain
-    socket has none of them."""
+    lost within about 90 s and the await raises. Options this platform lacks, or its kernel refuses, are
+    skipped; a Unix-domain socket has none of them."""
     # asyncpg's Connection keeps its transport as `_transport` (0.30 to 0.32 alike; the protocol's copy
     # is not reachable from Python), and a TLS transport answers with the TCP socket beneath it.
     sock = connection._transport.get_extra_info("socket")
@@ -77,7 +78,10 @@ def keep_alive(connection: Any) -> None:
     for level, name, value in _CLIENT_OPTIONS:
         option = getattr(socket, name, None)
         if option is not None:
-            sock.setsockopt(level, option, value)
+            # A kernel or sandbox refusing one (ENOPROTOOPT) is no database away: the OSError would read
+            # as "PostgreSQL cannot be reached" to every caller.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 # An unreachable database is a fast 503, not asyncpg's 60 s default.

@@ -147,7 +147,7 @@ async def create_checkout(request: web.Request) -> web.Response:
                 "Database unavailable",
                 f"Stripe customer {stripe_customer_id} was made for customer {record.customer_id} but not"
                 " recorded: check out again soon, without editing spec.email or spec.companyName meanwhile"
-                " (the retry finds the same Stripe customer)",
+                " (a retry within 24 hours finds the same Stripe customer)",
                 {"dependency": "Database", "stripe_customer_id": stripe_customer_id},
                 headers={"Retry-After": "5"},
             ) from None
