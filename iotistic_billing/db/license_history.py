@@ -20,6 +20,33 @@ from iotistic_billing.licensing.minting import LicenseRecord, MintedLicense
 _SECRET_SHAPES: Final = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN [A-Z ]+-----")
 
 
+# Held by a revoke from its history row to its commit (webhook_server/licenses.py), and by the operator
+# deciding the notice of the suspension the revoke's patch starts: that decision waits for the revoke's
+# row to be committed or rolled back.
+REVOCATION_LOCK: Final = 0x7265766B
+
+
+async def hold_revocations(session: AsyncSession, customer_id: str) -> None:
+    """The customer's revocation lock, until the end of `session`'s transaction."""
+    await session.execute(select(func.pg_advisory_xact_lock(REVOCATION_LOCK, func.hashtext(customer_id))))
+
+
+async def revoke_recorded(session: AsyncSession, customer_id: str, jti: str) -> bool:
+    """Whether the revoke of the customer's licence `jti` is recorded (its row, and so its notice), once
+    any revoke of the customer in flight has committed or rolled back (hold_revocations)."""
+    await hold_revocations(session, customer_id)
+    found = await session.scalar(
+        select(LicenseHistory.id)
+        .where(
+            LicenseHistory.customer_id == customer_id,
+            LicenseHistory.jti == jti,
+            LicenseHistory.action == "revoked",
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
 @dataclass(frozen=True, slots=True)
 class LicenseHistoryReport:
     customer_id: str

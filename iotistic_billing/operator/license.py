@@ -27,7 +27,7 @@ from iotistic_billing.customer import (
     CustomerSpec,
     LicenseStatus,
 )
-from iotistic_billing.db.license_history import record_license
+from iotistic_billing.db.license_history import record_license, revoke_recorded
 from iotistic_billing.db.models import LICENSE_ACTIONS, ApiKey, LicenseHistory
 from iotistic_billing.directory import remember
 from iotistic_billing.k8s import SecretData
@@ -267,15 +267,26 @@ async def _record(
         # Its row, and so its notice or the decision to send none, committed already: a retry does not
         # know the replaced licence and would send what that pass held back.
         return
-    notice = license_notice(target, record, action, replaced)
+    revoke_told = False
+    if action == "suspended" and revoked_before(target, replaced):
+        # The revoke's own notice tells it, if its record was committed: one lost (PostgreSQL at its
+        # commit, its patch's answer) left the customer told nothing unless an admin retried.
+        revoked = target.customer.metadata.annotations[REVOKED_LICENSE]
+        revoke_told = await revoke_recorded(session, target.customer_id, revoked)
+    notice = license_notice(target, record, action, replaced, revoke_told)
     if notice is not None:
         await ctx.outbox.enqueue(session, notice, target.spec)
 
 
 def license_notice(
-    target: PassTarget, record: LicenseRecord, action: str, replaced: LicenseRecord | None = None
+    target: PassTarget,
+    record: LicenseRecord,
+    action: str,
+    replaced: LicenseRecord | None = None,
+    revoke_told: bool = False,
 ) -> Notice | None:
-    """Suspended (not when a revoke suspended: revoked_before), reinstated, or the state the licence
+    """Suspended (not when a revoke suspended and its `license.revoked` was recorded: `revoke_told`,
+    revoked_before), reinstated, or the state the licence
     enters: the end of the operator's own trial, a restriction or suspension of the dunning ladder
     (docs/architecture.md, "Notices"). `replaced`: the licence this one replaces; None when there was
     none, or when it is not known (a licence recorded after a crash): then the action alone says whether
@@ -287,7 +298,7 @@ def license_notice(
     }
     entitlement = target.entitlement
     if action == "suspended":
-        if revoked_before(target, replaced):
+        if revoke_told:
             return None  # the revoke's own `license.revoked`, with the admin's reason, said it
         return license_changed(
             NoticeKind.LICENSE_SUSPENDED,

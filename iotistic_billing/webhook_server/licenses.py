@@ -23,7 +23,12 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, REVOKED_LICENSE
-from iotistic_billing.db.license_history import license_history, record_license, recorded_license
+from iotistic_billing.db.license_history import (
+    hold_revocations,
+    license_history,
+    record_license,
+    recorded_license,
+)
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
@@ -246,6 +251,8 @@ async def revoke_and_suspend(
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
     # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
     before_revoking = await session.begin_nested()
+    # Until the commit: the operator's pass that the patch starts decides its notice on this row.
+    await hold_revocations(session, customer_id)
     try:
         await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
     except ValueError as refused:  # a reason shaped like a token or a key is refused by the history

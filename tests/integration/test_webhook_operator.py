@@ -3,6 +3,7 @@ re-mints the licence; signup creates a Customer and answers with the licence the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -299,6 +300,21 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
         lambda: (c := license_claims(customers, name, public_key)) and c["plan"] == "unlicensed",
         message="unlicensed licence after suspension",
     )
+
+    async def suspension_notices() -> list[str]:
+        async with db_engine.connect() as connection:
+            kinds = await connection.scalars(
+                select(Notice.kind).where(Notice.customer_id == customer_id, Notice.kind.like("license.%"))
+            )
+            return list(kinds.all())
+
+    # The revoke's record lost, the suspension's notice tells the customer (found in review: held back
+    # for the revoke's, the customer was cut off and told nothing unless an admin retried).
+    for _ in range(100):
+        if await suspension_notices():
+            break
+        await asyncio.sleep(0.1)
+    assert await suspension_notices() == ["license.suspended"]
 
     retried = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
     body = await retried.json()

@@ -43,12 +43,14 @@ async def test_a_revoke_is_one_notice_with_its_reason_not_a_second_suspended_one
     an administrator" too: two mails for one action, the second without the reason."""
     parts = LicenceStepParts()
     monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
     ctx = parts.context()
     held = await ensure_license(ctx, _target_of({"plan": "starter"}), None)
     parts.notices.clear()
 
     # The route revoked `held` (its row and notice are the route's) and suspended the Customer.
     revoked = _revoked(_reported(_target_of({"plan": "starter", "suspended": True}), held.jti), held.jti)
+    parts.rows.add((revoked.customer_id, held.jti, "revoked"))
     minted = await ensure_license(ctx, revoked, parts.secret)
     assert minted.jti != held.jti and parts.notices == []
     # The unlicensed licence is a licence the instance holds: its history row stays.
@@ -60,6 +62,24 @@ async def test_a_revoke_is_one_notice_with_its_reason_not_a_second_suspended_one
     parts.rows.discard(row)
     assert (await ensure_license(ctx, revoked, parts.secret)).jti == minted.jti
     assert row in parts.rows and parts.notices == []
+
+
+async def test_a_revoke_whose_record_was_lost_leaves_the_suspension_s_notice_to_tell_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a revoke whose commit was lost after its patch (PostgreSQL at the commit, or the
+    patch's answer lost) has no row and no notice, and the pass it started held its own notice back: the
+    customer was cut off and told nothing unless an admin retried."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
+    ctx = parts.context()
+    held = await ensure_license(ctx, _target_of({"plan": "starter"}), None)
+    parts.notices.clear()
+
+    revoked = _revoked(_reported(_target_of({"plan": "starter", "suspended": True}), held.jti), held.jti)
+    await ensure_license(ctx, revoked, parts.secret)
+    assert [notice.kind for notice in parts.notices] == [NoticeKind.LICENSE_SUSPENDED]
 
 
 @pytest.mark.parametrize("annotation", [None, "j-revoked-long-ago"])

@@ -886,6 +886,9 @@ class LicenceStepParts:
         self.notices.append(notice)
         return True
 
+    async def revoke_recorded(self, session: Any, customer_id: str, jti: str) -> bool:
+        return (customer_id, jti, "revoked") in self.rows
+
     def context(self) -> OperatorContext:
         class Session:
             def begin(self) -> Session:
