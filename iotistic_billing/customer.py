@@ -339,6 +339,12 @@ class SubscriptionSpec(CustomerModel):
     # `created` (Unix seconds) of the last Stripe event applied: older events never overwrite newer state.
     last_event_created: NonNegativeInt | None = None
 
+    def ended_at_period_end(self, at: datetime) -> bool:
+        """Whether it was set to cancel at its period's end and that end has come by `at`: ended, whenever
+        Stripe's deletion is applied (its retries take days while the webhook server is down)."""
+        end = self.current_period_end
+        return bool(self.cancel_at_period_end) and end is not None and end <= at
+
     def grace_started(self, now: datetime) -> datetime:
         """Where a past_due subscription's grace (PAST_DUE_GRACE, then the restricted licence) counts
         from: the first failed payment; a subscription written before pastDueSince, its period's end."""

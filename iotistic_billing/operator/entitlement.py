@@ -117,10 +117,9 @@ def _billed(
         return replace(trial, message=f"{trial.message}; {why}")
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):
-        if subscription.cancel_at_period_end and period_end is not None and now >= period_end:
-            # Ended at its period's end, whenever Stripe's deletion is applied (its retries take days while
-            # the webhook server is down): the licence the deletion gives, and the housekeeping's check
-            # runs the pass as the plan changes (state.housekeeping_due).
+        if subscription.ended_at_period_end(now) and period_end is not None:
+            # The licence the deletion gives, and the housekeeping's check runs the pass as the plan
+            # changes (state.housekeeping_due).
             return Entitlement(
                 plan=UNLICENSED_PLAN_NAME,
                 reason=c.SUBSCRIPTION_LAPSED,

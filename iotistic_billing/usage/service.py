@@ -110,9 +110,7 @@ def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> st
         period is not None
         and customer.spec.billing.mode == "stripe"
         and subscription is not None
-        and subscription.cancel_at_period_end
-        and subscription.current_period_end is not None
-        and subscription.current_period_end <= period.start
+        and subscription.ended_at_period_end(period.start)
     ):
         return UNLICENSED_PLAN_NAME
     return customer.status.plan or customer.spec.plan

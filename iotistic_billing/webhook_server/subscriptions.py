@@ -6,10 +6,11 @@ so there is one writer of spec.subscription and one order of truth (the events' 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Final
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
@@ -60,15 +61,26 @@ async def _live_subscription_id(
     session: AsyncSession, record: CustomerRecord, statuses: frozenset[str] = LIVE_STATUSES
 ) -> str | None:
     """The id of the customer's current subscription in `statuses`: spec.subscription, else the newest
-    such row."""
+    such row. Not one set to cancel at its period's end once that end has come: the operator has lapsed
+    the Customer already, and a checkout refused "Already subscribed" left it no way back until Stripe's
+    deletion was applied."""
     current = record.customer.spec.subscription
-    if current is not None and current.stripe_subscription_id and current.status in statuses:
+    now = datetime.now(UTC)
+    if (
+        current is not None
+        and current.stripe_subscription_id
+        and current.status in statuses
+        and not current.ended_at_period_end(now)
+    ):
         return current.stripe_subscription_id
+    row = models.Subscription
     return await session.scalar(
-        select(models.Subscription.stripe_subscription_id)
+        select(row.stripe_subscription_id)
         .where(
-            models.Subscription.customer_id == record.customer_id,
-            models.Subscription.status.in_(sorted(statuses)),
+            row.customer_id == record.customer_id,
+            row.status.in_(sorted(statuses)),
+            # The row's state is the spec's: not one ended at its period's end either.
+            or_(~row.cancel_at_period_end, row.current_period_end.is_(None), row.current_period_end > now),
         )
         .order_by(models.Subscription.last_event_created.desc())
         .limit(1)

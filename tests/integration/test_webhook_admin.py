@@ -531,6 +531,37 @@ async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_sec
         assert cancelled.status == 200, await cancelled.text()
 
 
+async def test_a_subscription_ended_at_its_period_end_keeps_no_checkout_out(
+    webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
+) -> None:
+    """Found in review: the operator lapses a Customer whose subscription was set to cancel at its
+    period's end once that end has come, but a checkout still found it live (spec and row) until Stripe's
+    deletion was applied: 409 "Already subscribed", its advice to cancel a subscription Stripe had ended."""
+    starter = stripe_mock_plan_price(stripe_mock)
+    settings = webhook_settings.model_copy(update={"stripe_price_starter": starter})
+    async with running_app(settings, kubeconfig) as api:
+        name = unique_name("ended")
+        customer_id = customer_id_for(name)
+        customers.create(name, customerId=customer_id, billing={"mode": "stripe"})
+        ended = subscription_object(
+            random_id("sub_"),
+            customer=random_id("cus_"),
+            price=starter,
+            period_end=int(time.time()) - 3600,
+            cancel_at_period_end=True,
+            metadata={"customerId": customer_id},
+        )
+        updated = event("customer.subscription.updated", ended, created=int(time.time()))
+        assert (await deliver(api, updated))[0] == 200
+        assert (customers.subscription(name) or {}).get("cancelAtPeriodEnd") is True
+        checkout = starter_checkout(customer_id)
+        started = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
+        assert started.status == 200, await started.text()
+        upgrade = {"customer_id": customer_id, "new_plan": "enterprise"}
+        refused = await api.post("/api/subscriptions/upgrade", json=upgrade, headers=admin_headers())
+        assert (refused.status, (await refused.json())["error"]) == (409, "No active subscription")
+
+
 async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, starter: str) -> None:
     name = unique_name("subscriber")
     customer_id = customer_id_for(name)
