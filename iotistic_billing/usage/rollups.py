@@ -9,8 +9,9 @@ current period starts no earlier than the end of the customer's ended rows (`uns
 no report is billed twice. A report that no row holds, of a period that ended before any flush saw it,
 gets its period's row from the flush that sees it (the meter run's, `unheld_arrivals`, when its server
 stopped before its own) if it arrived while the close grace of the period it ends in lasted
-(`open_missing_rollups`); a report that arrives after that, or after that period closed, is kept, and
-billed in no period (`reports_after_close`). A lapse from a paid plan within a period keeps that plan
+(`open_missing_rollups`), priced against the plan the licence history says that period held
+(`PlanHistory`); a report that arrives after that, or after that period closed, is kept, and billed in
+no period (`reports_after_close`). A lapse from a paid plan within a period keeps that plan
 for it (`period_plan`), and a flush that saw the Customer billed manually leaves the period to manual
 billing (`billed_manually`, kept through a cut and the close). Amounts are stored as strings of exact
 decimals.
@@ -65,6 +66,55 @@ def period_plan(effective: str, recorded: str | None) -> str:
     if effective not in BILLED_PLANS and recorded in BILLED_PLANS:
         return recorded
     return effective
+
+
+# The plan of each licence that took effect for a customer from the one in force at $2 on, oldest
+# first. When a licence took effect is its issued_at (the token's iat): generated_at is when its row was
+# written, later for a licence its pass recorded after a crash or at the Customer's deletion. A
+# `revoked` row is a licence's end, not a licence taking effect.
+_LICENSED_PLANS: Final = """
+SELECT issued_at, plan FROM license_history
+WHERE customer_id = $1 AND action <> 'revoked'
+  AND issued_at >= coalesce(
+      (SELECT max(issued_at) FROM license_history
+       WHERE customer_id = $1 AND action <> 'revoked' AND issued_at <= $2),
+      $2)
+ORDER BY issued_at, id
+"""
+
+
+@dataclass(frozen=True)
+class PlanHistory:
+    """A customer's licences by the licence history from `since` on: (issued_at, plan), oldest first,
+    the first the one in force at `since` when one was."""
+
+    since: datetime
+    licences: tuple[tuple[datetime, str], ...]
+
+    def held(self, period: BillingPeriod) -> str | None:
+        """The plan `period` held, by the rule `period_plan` keeps for an open row: of the licences in
+        force during it (the one in force at its start and those issued inside it), the newest on a paid
+        plan, else the one in force at its end; None when no licence took effect by its end (the history
+        holds no row of it: a customer id made elsewhere, rows deleted by hand, a licence whose pass has
+        not recorded it yet)."""
+        if period.start < self.since:
+            raise ValueError(
+                f"period.start must not be before the history read ({self.since.isoformat()}),"
+                f" got {period.start.isoformat()}"
+            )
+        at_start = [plan for issued, plan in self.licences if issued <= period.start][-1:]
+        inside = [plan for issued, plan in self.licences if period.start < issued < period.end]
+        in_force = at_start + inside
+        paid = [plan for plan in in_force if plan in BILLED_PLANS]
+        if paid:
+            return paid[-1]
+        return in_force[-1] if in_force else None
+
+
+async def plan_history(conn: Queryable, customer_id: str, since: datetime) -> PlanHistory:
+    """The customer's `PlanHistory` from `since` on, in one statement."""
+    rows = await conn.fetch(_LICENSED_PLANS, customer_id, since)
+    return PlanHistory(since, tuple((row["issued_at"], row["plan"]) for row in rows))
 
 
 def included_usage(plan: str) -> IncludedUsage:
@@ -258,7 +308,7 @@ SELECT (SELECT max(period_end) FROM usage_rollups WHERE customer_id = $1 AND per
 async def open_missing_rollups(
     conn: Queryable,
     customer_id: str,
-    plan: str,
+    plan_of: Callable[[BillingPeriod, str | None], str],
     period_of: Callable[[datetime], BillingPeriod],
     since: datetime,
     until: datetime,
@@ -274,10 +324,14 @@ async def open_missing_rollups(
     gets none, as a closed one takes no more reports: Stripe would refuse or no longer invoice it. When
     that report came is its own (PostgreSQL's reported_at, placed on the caller's clock `now`), not the
     customer's first arrival: another period's report that came in time let a late one be billed.
-    The rows are marked `billed_manually` when the Customer is now. Returns the rows opened and those
-    periods."""
+    Each row is priced against `plan_of` the period and the plan the licence history says it held
+    (`PlanHistory.held`, read once, from the first row's start: a later row starts after that row), not
+    the plan now: no flush recorded what it held, and a plan changed since its end (an upgrade on the
+    1st, a lapse by dunning) would hide or erase its overage. The rows are marked `billed_manually`
+    when the Customer is now. Returns the rows opened and those periods."""
     opened: list[Rollup] = []
     missed: list[BillingPeriod] = []
+    history: PlanHistory | None = None
     after = since  # a report starting from `since` ends after it
     while (end := await conn.fetchval(_UNHELD_END, customer_id, since, after, until)) is not None:
         period = period_of(end - INSTANT)
@@ -295,6 +349,9 @@ async def open_missing_rollups(
         if gap.end + grace <= now - age:
             missed.append(gap)
             continue
+        if history is None:
+            history = await plan_history(conn, customer_id, gap.start)
+        plan = plan_of(gap, history.held(gap))
         rollup = compute_rollup(customer_id, gap, plan, await period_totals(conn, customer_id, gap))
         await save_rollup(conn, rollup, billed_manually=billed_manually)
         opened.append(rollup)
@@ -512,6 +569,7 @@ __all__ = [
     "BILLED_PLANS",
     "CATCH_UP_OVERLAP",
     "ManualBilling",
+    "PlanHistory",
     "Rollup",
     "UnheldArrivals",
     "catch_up_look_back",
@@ -524,6 +582,7 @@ __all__ = [
     "overage_json",
     "overage_quantities",
     "period_plan",
+    "plan_history",
     "priced_plan",
     "reports_after_close",
     "roll_up_period",

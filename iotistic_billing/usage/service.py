@@ -105,15 +105,30 @@ def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> st
     ended: the status says the plan until the operator's pass at that end (its housekeeping's next check),
     and the first flush of the next period (a report ending at the boundary) recorded the plan for all of
     it (period_plan keeps it)."""
-    subscription = customer.spec.subscription
-    if (
-        period is not None
-        and customer.spec.billing.mode == "stripe"
-        and subscription is not None
-        and subscription.ended_at_period_end(period.start)
-    ):
+    if period is not None and cancelled_by(customer, period.start):
         return UNLICENSED_PLAN_NAME
     return customer.status.plan or customer.spec.plan
+
+
+def cancelled_by(customer: Customer, moment: datetime) -> bool:
+    """Whether the Customer's Stripe subscription was set to cancel at its period's end and that end had
+    come by `moment`: a period starting then holds no paid plan."""
+    subscription = customer.spec.subscription
+    return (
+        customer.spec.billing.mode == "stripe"
+        and subscription is not None
+        and subscription.ended_at_period_end(moment)
+    )
+
+
+def ended_period_plan(customer: Customer, period: BillingPeriod, held: str | None) -> str:
+    """The plan an ended period first rolled up after its end is priced against: the one it `held` by
+    the licence history (rollups.PlanHistory.held), `customer_plan` now when the history holds none of
+    it. Not a paid plan in a period starting once a subscription set to cancel at its period's end had
+    ended: the paid licence stays in force past that end until the operator's pass lapses it."""
+    if held is None or cancelled_by(customer, period.start):
+        return customer_plan(customer, period)
+    return held
 
 
 @dataclass(frozen=True)
@@ -265,7 +280,6 @@ class UsageMetering:
         for attempt in range(CONFLICT_RETRIES):
             now = self.clock()
             customer = record.customer
-            effective = customer_plan(customer)
             async with connection(self.pool) as conn:
                 period = await open_period(conn, record.customer_id, customer, now)
                 totals = await period_totals(conn, record.customer_id, period)
@@ -283,7 +297,7 @@ class UsageMetering:
                 # Once a flush: a retry after a conflict logged each missed period again. Only a
                 # report starting before the period can end before it, in an ended period.
                 if attempt == 0 and reported.earliest_start < period.start:
-                    await self._roll_up_ended_periods(conn, record, effective, reported, period)
+                    await self._roll_up_ended_periods(conn, record, reported, period)
             # The period's plan (rollups.period_plan): a lapse keeps the paid plan's included usage.
             plan = rollup.plan
             await self._notice_crossings(record, period, totals, plan)
@@ -321,7 +335,7 @@ class UsageMetering:
         )
 
     async def _roll_up_ended_periods(
-        self, conn: Queryable, record: CustomerRecord, plan: str, reported: Reported, current: BillingPeriod
+        self, conn: Queryable, record: CustomerRecord, reported: Reported, current: BillingPeriod
     ) -> None:
         """Rows for the ended periods that reports starting from `reported.earliest_start` end in, and
         that came within their close grace (each period judged by when its own first report came): no
@@ -330,14 +344,14 @@ class UsageMetering:
         period's last minutes sent after it ended). A report ending in a period closed, or past its
         close grace, is kept and billed in no period: a closed row is what Stripe was sent. One across
         the current period's start is the current period's (`period_totals`). A row opened here is
-        priced against the effective `plan` and the Customer's billing mode now: no flush recorded what
-        its period held."""
+        priced against the plan its period held by the licence history (`ended_period_plan`), and takes
+        the Customer's billing mode now: no flush recorded what its period held."""
         customer_id = record.customer_id
         since = reported.earliest_start
         opened, missed = await open_missing_rollups(
             conn,
             customer_id,
-            plan,
+            lambda period, held: ended_period_plan(record.customer, period, held),
             lambda moment: customer_period(record.customer, moment),
             since,
             current.start,
@@ -574,7 +588,9 @@ __all__ = [
     "FlushResult",
     "UsageMetering",
     "bills_manually",
+    "cancelled_by",
     "customer_period",
     "customer_plan",
+    "ended_period_plan",
     "open_period",
 ]

@@ -25,13 +25,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db import migrate
 from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.pool import Pool, connection, open_pool
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
+from iotistic_billing.licensing.minting import LicenseRecord
+from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.metering import MeterEvent, MeterSender, send_meter_events
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -1381,6 +1384,71 @@ async def test_a_period_is_priced_against_the_last_paid_plan_it_held(
             assert recorder.of(customer_id) == []
     finally:
         customers.delete(name)
+
+
+async def licensed(
+    engine: AsyncEngine, customer_id: str, plan: str, issued_at: datetime, action: str
+) -> None:
+    """The history row of a licence on `plan` issued at `issued_at`, as the operator's pass records it
+    (no operator runs here); the row itself written now, as a pass that recorded it late would."""
+    grants = plan_by_name(plan, allow_unlicensed=True)
+    record = LicenseRecord(
+        customer_id=customer_id,
+        plan=plan,
+        max_devices=grants.features.max_devices,
+        license_hash=uuid.uuid4().hex * 2,
+        jti=uuid.uuid4().hex,
+        kid="test",
+        issued_at=issued_at,
+        expires_at=issued_at + 30 * DAY,
+        features=grants.features.to_claims(),
+        limits=grants.limits.to_claims(),
+    )
+    async with AsyncSession(engine) as session, session.begin():
+        assert await record_license(session, record, action)
+
+
+@pytest.mark.parametrize(
+    ("held", "change", "now", "priced", "cents"),
+    [
+        # Upgraded on April 1st: March's overage is not hidden by the bigger plan.
+        ("starter", "upgraded", "professional", "starter", 927),
+        # Lapsed by dunning (a suspension alike) just after March: its paid overage is billed.
+        ("starter", "suspended", "unlicensed", "starter", 927),
+        # Downgraded after March: not overbilled against the smaller plan.
+        ("enterprise", "downgraded", "starter", "enterprise", 0),
+        # No licence in the history (a customer id made elsewhere): the plan now, as the only one known.
+        (None, None, "professional", "professional", 0),
+    ],
+    ids=["upgraded-after", "lapsed-after", "downgraded-after", "no-history"],
+)
+async def test_a_period_reported_after_it_ended_is_priced_against_the_plan_its_licences_held(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    customers: Customers,
+    metered_tenant: tuple[str, str],
+    held: str | None,
+    change: str | None,
+    now: str,
+    priced: str,
+    cents: int,
+) -> None:
+    """March's reports all come after it ended, once the plan changed: no flush recorded what March
+    held, so the licence history says it (the Customer's plan now priced it before)."""
+    name, customer_id = metered_tenant
+    if held is not None and change is not None:
+        await licensed(db_engine, customer_id, held, at(2025, 2, 10), "generated")
+        await licensed(db_engine, customer_id, now, at(2025, 4, 1, 0, 1), change)
+    effective_plan_is(customers, name, now)
+    arrival = at(2025, 4, 1, 0, 5)
+    usage, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
+    await flushed_at(usage, arrival, *march_reports(customer_id)[:3])
+
+    closing = at(2025, 4, 1, 2)
+    await meter_run_at(usage, closing)
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert (row["plan"], row["overage_amount_cents"], row["closed_at"]) == (priced, cents, closing)
+    assert recorder.of(customer_id) == (expected_events(customer_id) if cents else [])
 
 
 def billing_mode_is(customers: Customers, name: str, mode: str) -> None:

@@ -15,6 +15,7 @@ from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, overage
 from iotistic_billing.usage.rollups import (
+    PlanHistory,
     catch_up_spans,
     compute_rollup,
     overage_json,
@@ -22,7 +23,7 @@ from iotistic_billing.usage.rollups import (
     period_plan,
     totals_json,
 )
-from iotistic_billing.usage.service import customer_plan
+from iotistic_billing.usage.service import customer_plan, ended_period_plan
 
 START = datetime(2026, 11, 15, 9, 30, tzinfo=UTC)
 END = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
@@ -171,6 +172,85 @@ def test_a_period_after_a_subscription_cancelled_at_its_end_holds_no_paid_plan_w
     start = end if starts_after_its_end else end - timedelta(days=30)
     assert customer_plan(customer, BillingPeriod(start, start + timedelta(days=30))) == plan
     assert customer_plan(customer) == "professional"
+
+
+MARCH = BillingPeriod(datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 4, 1, tzinfo=UTC))
+
+
+def on(day: int, month: int = 3) -> datetime:
+    return datetime(2025, month, day, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("licences", "held"),
+    [
+        # Upgraded on the 1st of April, after March: March held starter.
+        (((on(10, 2), "starter"), (on(1, 4), "professional")), "starter"),
+        # Lapsed by dunning after March: its paid plan all the same.
+        (((on(10, 2), "starter"), (on(3, 4), "unlicensed")), "starter"),
+        # Downgraded after March: the plan it held, not the cheaper one.
+        (((on(10, 2), "enterprise"), (on(1, 4), "starter")), "enterprise"),
+        # Within March: the last paid plan, whether lapsed after it or changed to another paid plan.
+        (((on(10, 2), "starter"), (on(20), "unlicensed")), "starter"),
+        (((on(10, 2), "trial"), (on(5), "starter"), (on(20), "professional")), "professional"),
+        (((on(10, 2), "unlicensed"), (on(20), "starter")), "starter"),
+        # Issued exactly as March starts: the one in force at its start, the one before it not.
+        (((on(10, 2), "starter"), (on(1), "trial")), "trial"),
+        # Never paid in March: the plan in force at its end.
+        (((on(10, 2), "trial"), (on(20), "unlicensed")), "unlicensed"),
+        # No licence took effect by March's end: the history cannot say.
+        (((on(1, 4), "professional"),), None),
+        ((), None),
+    ],
+    ids=[
+        "upgraded-after",
+        "lapsed-after",
+        "downgraded-after",
+        "lapsed-within",
+        "upgraded-within",
+        "reinstated-within",
+        "issued-at-its-start",
+        "never-paid",
+        "history-after-it",
+        "no-history",
+    ],
+)
+def test_an_ended_period_holds_the_last_paid_plan_its_licences_had(
+    licences: tuple[tuple[datetime, str], ...], held: str | None
+) -> None:
+    assert PlanHistory(on(1, 1), licences).held(MARCH) == held
+
+
+def test_a_plan_history_read_after_a_period_starts_cannot_say_what_it_held() -> None:
+    with pytest.raises(ValueError, match=r"period.start must not be before the history read \(2025-03-02"):
+        PlanHistory(on(2), ()).held(MARCH)
+
+
+def test_an_ended_period_is_priced_on_today_s_plan_only_when_the_history_has_none_of_it() -> None:
+    customer = Customer.model_validate(
+        {
+            "metadata": {"name": "acme"},
+            "spec": {
+                "email": "a@b.cd",
+                "companyName": "Acme",
+                "billing": {"mode": "stripe"},
+                "subscription": {
+                    "status": "active",
+                    "plan": "professional",
+                    "currentPeriodEnd": MARCH.start.isoformat(),
+                    "cancelAtPeriodEnd": True,
+                },
+            },
+            "status": {"plan": "professional"},
+        }
+    )
+    february = BillingPeriod(on(1, 2), MARCH.start)
+    assert ended_period_plan(customer, february, "starter") == "starter"
+    assert ended_period_plan(customer, february, None) == "professional"
+    # Starting once the subscription set to cancel at its end ended: no paid plan, though its licence
+    # was in force at March's start until the operator's pass lapsed it.
+    assert ended_period_plan(customer, MARCH, "professional") == "unlicensed"
+    assert ended_period_plan(customer, MARCH, None) == "unlicensed"
 
 
 def test_periods_are_closed_an_hour_after_their_end_unless_told_otherwise() -> None:
