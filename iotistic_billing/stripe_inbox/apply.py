@@ -414,9 +414,10 @@ def held_subscription(
     record: CustomerRecord, rows: Mapping[str, StoredSubscription]
 ) -> SubscriptionSpec | None:
     """What the Customer holds, for deciding its events: its spec.subscription; when it is billed through
-    Stripe and holds none, the newest live subscription of its customer id's `rows` (`newest_live`), which
-    it lost by being made again from manifests that never carry the field (restore.py gives it back
-    between events): decided from no base, a failed payment would restart the dunning's grace."""
+    Stripe and holds none, the newest live subscription on a plan of its customer id's `rows`
+    (`newest_live`), which it lost by being made again from manifests that never carry the field
+    (restore.py gives it back between events): decided from no base, a failed payment would restart the
+    dunning's grace."""
     held = record.customer.spec.subscription
     if held is not None or record.customer.spec.billing.mode != "stripe":
         return held

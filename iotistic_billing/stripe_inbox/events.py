@@ -432,7 +432,8 @@ def decide(
     it earlier (two subscriptions' events come in no set order); never a live one with a dead one (the
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
     subscription with an older live one (`current_started`: when Stripe created the Customer's; the
-    newest live subscription wins, an older one's events are recorded, not applied). A voided invoice
+    newest live subscription wins, an older one's events are recorded, not applied), but for one on a
+    plan over one on no plan's price (an add-on), in either order. A voided invoice
     applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`); a
     declined invoice of an update never does (`SubscriptionFacts.update_declined`).
     """
@@ -471,11 +472,18 @@ def decide(
             and facts.started != current_started
         ):
             newer_subscription = facts.started > current_started
-        older_subscription = newer_subscription is False
+        # A live one on a plan over a live one on none (an add-on an earlier version handed the Customer),
+        # whenever Stripe made either: only the plan's grants a licence.
+        plan_over_none = (
+            live and facts.status in LIVE_STATUSES and facts.plan is not None and current.plan is None
+        )
+        older_subscription = newer_subscription is False and not plan_over_none
         # Events of two subscriptions come in no set order (one's delayed past the other's ending): a
         # live one takes over from one that no longer grants its plan, as `newest_live` hands over, and
         # from an older live one, whatever its event's time.
-        takes_over = facts.status in LIVE_STATUSES and (not live or newer_subscription is True)
+        takes_over = facts.status in LIVE_STATUSES and (
+            not live or newer_subscription is True or plan_over_none
+        )
         older = (
             not takes_over and current.last_event_created is not None and created < current.last_event_created
         )
@@ -806,14 +814,20 @@ def _times_known(row: StoredSubscription) -> bool:
 def newest_live(
     customer_id: str, rows: Mapping[str, StoredSubscription], ended: str
 ) -> SubscriptionSpec | None:
-    """The customer's newest other live subscription (by when Stripe created it, then its newest
-    event), as the Customer's spec.subscription, to hold when the one it holds stops granting its plan
-    (ended, unpaid, paused): two live ones are two checkouts, and the other one is still billed. Paid
-    or resumed later, the one that stopped is the newest live one again and takes the Customer back."""
+    """The customer's newest other live subscription on a plan (by when Stripe created it, then its
+    newest event), as the Customer's spec.subscription, to hold when the one it holds stops granting its
+    plan (ended, unpaid, paused): two live ones are two checkouts, and the other one is still billed.
+    Paid or resumed later, the one that stopped is the newest live one again and takes the Customer
+    back. One on no plan's price (an add-on) is never handed over: its licence would be the trial's, as
+    with none held, while the stopped subscription held instead says why its plan lapsed (its dunning,
+    its ending's notice)."""
     live = [
         (subscription_id, row)
         for subscription_id, row in rows.items()
-        if row.customer_id == customer_id and subscription_id != ended and row.status in LIVE_STATUSES
+        if row.customer_id == customer_id
+        and subscription_id != ended
+        and row.status in LIVE_STATUSES
+        and row.plan is not None
     ]
     if not live:
         return None

@@ -5,11 +5,11 @@ deleted and made again under its customer id (a cluster rebuilt from Git, `kubec
 Argo CD's replace) holds none, while Stripe still bills it and its `subscriptions` rows still hold the
 state: it would fall back to its trial, and a checkout would be refused (the live subscription). The
 inbox looks for such Customers at its start and every RESTORE_SECONDS (one list of the Customers, and
-one query of rows when some hold none) and gives each the newest live subscription of its customer id's
-rows (`apply.held_subscription`, what a batch decides its events from meanwhile), under the batch lock
-(no batch of any replica decides its events meanwhile) and its own, by the batch's server-side apply
-(`apply.apply_subscription`) onto the Customer as read under them: one given a subscription since (an
-event's batch, a person), or deleted, is left as it is.
+one query of rows when some hold none) and gives each the newest live subscription on a plan of its
+customer id's rows (`apply.held_subscription`, what a batch decides its events from meanwhile), under
+the batch lock (no batch of any replica decides its events meanwhile) and its own, by the batch's
+server-side apply (`apply.apply_subscription`) onto the Customer as read under them: one given a
+subscription since (an event's batch, a person), or deleted, is left as it is.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def unsubscribed(records: Iterable[CustomerRecord]) -> dict[str, str]:
 
 
 async def to_restore(directory: Directory, sessions: async_sessionmaker[AsyncSession]) -> list[str]:
-    """The names of the Customers `unsubscribed` whose customer id a live subscription row names."""
+    """The names of the Customers `unsubscribed` whose customer id a live subscription row on a plan
+    names."""
     customers = unsubscribed(await directory.all())
     if not customers:
         return []
@@ -81,6 +82,8 @@ async def to_restore(directory: Directory, sessions: async_sessionmaker[AsyncSes
                 .where(
                     models.Subscription.customer_id.in_(sorted(set(customers.values()))),
                     models.Subscription.status.in_(sorted(LIVE_STATUSES)),
+                    # One on no plan's price is never handed over (`events.newest_live`).
+                    models.Subscription.plan.is_not(None),
                 )
                 .distinct()
             )

@@ -27,6 +27,7 @@ from iotistic_billing.stripe_inbox.events import (
     committed_subscription,
     decide,
     lookup_hints,
+    newest_live,
     subscription_facts,
 )
 from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_size
@@ -1240,6 +1241,75 @@ def test_a_live_subscription_on_no_plan_s_price_does_not_take_over_one_on_a_plan
     entitlement = effective_plan(spec, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC))
     assert entitlement.plan == "unlicensed"
     assert "Stripe subscription active is on no plan's price (STRIPE_PRICE_*)" in entitlement.message
+
+
+def plan_and_add_on_rows(**main: Any) -> dict[str, StoredSubscription]:
+    """cust_a's plan subscription sub_main (starter, made by Stripe at 100) and a support add-on sub_addon
+    sold beside it in Stripe's dashboard later (at 200), on no plan's price; both active."""
+    return {
+        **row("sub_main", plan="starter", stripe_created=100, **main),
+        **row("sub_addon", plan=None, stripe_created=200, last_event_created=210, own_event_created=210),
+    }
+
+
+def test_the_newest_live_subscription_handed_to_a_customer_is_one_on_a_plan() -> None:
+    """Found in review: the newest live row was picked by when Stripe made it, whatever its plan, so a
+    Customer made again from Git was given the add-on (plan None: its ended trial's licence, unlicensed)
+    while Stripe billed its plan. Only a row on a plan is handed over: on none, the trial decides the
+    licence as it does for a Customer holding nothing, and the stopped plan subscription held instead
+    still says why its plan lapsed (its dunning, its ending's notice)."""
+    rows = plan_and_add_on_rows()
+    given = newest_live("cust_a", rows, ended="")
+    assert given is not None and (given.stripe_subscription_id, given.plan) == ("sub_main", "starter")
+    assert newest_live("cust_a", {"sub_addon": rows["sub_addon"]}, ended="") is None
+
+
+def test_a_live_subscription_on_a_plan_takes_over_from_a_live_one_on_none_whatever_their_age() -> None:
+    """Found in review: a Customer holding the add-on (given it by an earlier version) kept it for good:
+    sub_main's renewal was an older live subscription's and recorded superseded, though only sub_main
+    grants a plan. A live one on a plan takes over from one on none, whenever Stripe made either."""
+    rows = plan_and_add_on_rows()
+    add_on = current(stripe_subscription_id="sub_addon", plan=None, last_event_created=210)
+    renewal = coalesce("cust_a", add_on, rows, [(SubscriptionFacts("sub_main", "active"), 5000)])
+    assert actions(renewal) == ["apply"]
+    assert renewal.subscription is not None
+    assert (renewal.subscription.stripe_subscription_id, renewal.subscription.plan) == ("sub_main", "starter")
+    # The plan read off the event alone, an older event than the Customer's state: the same.
+    late = SubscriptionFacts("sub_main", "active", "starter", started=100)
+    assert decide(add_on, None, late, 150, current_started=200).action == "apply"
+    # The add-on's next event does not take the Customer back.
+    back = coalesce(
+        "cust_a",
+        renewal.subscription,
+        {**rows, **renewal.rows},
+        [(SubscriptionFacts("sub_addon", "active", started=200), 5100)],
+    )
+    assert actions(back) == ["superseded"] and back.subscription == renewal.subscription
+
+
+@pytest.mark.parametrize("status", ["unpaid", "paused", "canceled"])
+def test_a_plan_subscription_that_stops_is_not_handed_over_to_an_add_on(status: str) -> None:
+    """Found in review: sub_main stopping (unpaid, paused, canceled) handed the Customer to the add-on,
+    no plan's: its ending noticed nothing, its dunning was gone, and once paid or resumed sub_main was
+    an older live subscription's and recorded superseded, the Customer unlicensed for good. The
+    Customer holds sub_main's stopped state, and sub_main paid or resumed applies."""
+    rows = plan_and_add_on_rows()
+    held = current(stripe_subscription_id="sub_main")
+    stopped = coalesce("cust_a", held, rows, [(SubscriptionFacts("sub_main", status), 300)])
+    assert actions(stopped) == ["apply"] and not stopped.taken_over
+    assert stopped.subscription is not None
+    assert (stopped.subscription.stripe_subscription_id, stopped.subscription.status) == ("sub_main", status)
+    if status == "canceled":
+        return
+    again = coalesce(
+        "cust_a",
+        stopped.subscription,
+        {**rows, **stopped.rows},
+        [(SubscriptionFacts("sub_main", "active"), 400)],
+    )
+    assert actions(again) == ["apply"]
+    assert again.subscription is not None
+    assert (again.subscription.stripe_subscription_id, again.subscription.status) == ("sub_main", "active")
 
 
 def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices_it() -> None:
