@@ -10,7 +10,9 @@ their locks, so what is decided is what the Customer holds.
 
 An event whose customer cannot be found is recorded as `unmatched` with a warning: its route answered
 Stripe 200 already (an error would make Stripe retry it for days without any chance of success), and the
-row keeps it for an operator to look at.
+row keeps it for an operator to look at. Its subscription's row, when there is one, still moves on
+(`events.unmatched_row`): a Customer deleted before Stripe's deletion was applied and made again from Git
+is not given back a subscription Stripe ended.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from iotistic_billing.stripe_inbox.events import (
     lookup_hints,
     newest_live,
     subscription_facts,
+    unmatched_row,
 )
 from iotistic_billing.stripe_inbox.notices import event_notices
 from iotistic_billing.workers import to_the_end
@@ -155,6 +158,7 @@ async def apply_events(
 
     waiting = _customers_naming(found, {*held_back, *_failed_lookup_ids(found)})
     groups: dict[str, _CustomerEvents] = {}
+    unmatched: list[tuple[StripeEvent, LookupHints]] = []
     for event, hints in handled:
         name = found[hints]
         if isinstance(name, str) and (name not in records or name in waiting):
@@ -170,7 +174,7 @@ async def apply_events(
                 event.id,
                 event.type,
             )
-            results[event.id] = Outcome("unmatched")
+            unmatched.append((event, hints))
         else:
             groups.setdefault(name, _CustomerEvents(name, [], [], record)).events.append(event)
     ready: list[_CustomerEvents] = []
@@ -206,6 +210,7 @@ async def apply_events(
             )
         except Exception as error:  # a state the models refuse: this Customer's events stay pending
             results.update(group.failed(error))
+    results.update(await _move_unmatched_rows(deps, session, unmatched, owner))
     planned = [group for group in ready if group.plan is not None]
     patched = await asyncio.gather(
         *(_bounded(slots, _apply_to_customer(deps.kube, group)) for group in planned)
@@ -230,6 +235,61 @@ async def apply_events(
                 results.update(await _record(deps, session, [one]))
         except Exception as error:  # that Customer's events stay pending; the others are recorded
             results.update(one[0].failed(error))
+    return results
+
+
+async def _move_unmatched_rows(
+    deps: EventApplier,
+    session: AsyncSession,
+    unmatched: Sequence[tuple[StripeEvent, LookupHints]],
+    owner: Mapping[str, str],
+) -> Results:
+    """Each event that matched no Customer recorded `unmatched` (the console replays it), its
+    subscription's row, when there is one, moved on by it (`events.unmatched_row`; no Customer written, no
+    notice). One whose row a Customer of the batch reads too is left pending for the next batch (a row is
+    decided from one state), and those whose row is refused stay pending, retried."""
+    results: Results = {}
+    by_subscription: dict[str, list[tuple[StripeEvent, LookupHints, SubscriptionFacts]]] = {}
+    for event, hints in unmatched:
+        results[event.id] = Outcome("unmatched")
+        try:
+            facts = subscription_facts(event.type, event.data.object, deps.catalog)
+        except Exception as error:  # an event no rule foresaw: unmatched as it is, for the console
+            log.warning("stripe event %s moves no row: its facts cannot be read (%s)", event.id, error)
+            continue
+        if facts is not None:
+            by_subscription.setdefault(facts.subscription_id, []).append((event, hints, facts))
+    if not by_subscription:
+        return results
+    found = await session.scalars(
+        select(models.Subscription)
+        .where(models.Subscription.stripe_subscription_id.in_(sorted(by_subscription)))
+        .order_by(models.Subscription.stripe_subscription_id)
+        .with_for_update()
+    )
+    rows = {row.stripe_subscription_id: stored_subscription(row) for row in found}
+    moved: dict[str, StoredSubscription] = {}
+    for subscription_id, events in by_subscription.items():
+        row = rows.get(subscription_id)
+        if row is None:
+            continue  # nothing is known of it: no Customer holds or is given it
+        if subscription_id in owner:
+            for event, _, _ in events:
+                del results[event.id]
+            continue
+        after = unmatched_row(subscription_id, row, [(facts, event.created) for event, _, facts in events])
+        if after is not None:
+            moved[subscription_id] = after
+            log.info(
+                "subscription %s moved on to %s by events no Customer matched", subscription_id, after.status
+            )
+    try:
+        async with session.begin_nested():
+            await _write_rows(session, moved)
+    except Exception as error:  # retried: a row left live would be given to a Customer made again
+        for subscription_id in moved:
+            for event, hints, _ in by_subscription[subscription_id]:
+                results[event.id] = Failure(error, hints.ids())
     return results
 
 

@@ -639,6 +639,18 @@ def committed_subscription(
     return _held_from_row(current.stripe_subscription_id, row, since)
 
 
+def unmatched_row(
+    subscription_id: str, row: StoredSubscription, events: Sequence[tuple[SubscriptionFacts, int]]
+) -> StoredSubscription | None:
+    """The row of a subscription after its events that matched no Customer (`events` in Stripe's order;
+    deleted before they were applied, say), decided as a batch would for a Customer holding it, so that
+    only a newer state or an ending moves it; None when they move nothing. A Customer made again under
+    its customer id is given (restore.py), or decides its events from (`apply.held_subscription`), only
+    what Stripe still bills."""
+    held = _held_from_row(subscription_id, row, row.past_due_since)
+    return coalesce(row.customer_id, held, {subscription_id: row}, events).rows.get(subscription_id)
+
+
 def _held_from_row(subscription_id: str, row: StoredSubscription, since: datetime | None) -> SubscriptionSpec:
     """A subscription's row as the Customer's spec.subscription, with `since` as its pastDueSince. A
     row keeps no period start: usage is billed by months ending at its currentPeriodEnd until the
@@ -946,4 +958,5 @@ __all__ = [
     "stored_after",
     "subscription_facts",
     "trial_end",
+    "unmatched_row",
 ]

@@ -1488,6 +1488,50 @@ async def test_an_event_for_a_customer_made_again_is_decided_from_its_subscripti
     )
 
 
+async def test_an_event_no_customer_matches_still_moves_its_subscription_s_row(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: an admin cancelled a subscription (`"immediately": true`) and deleted its
+    Customer before the inbox applied Stripe's deletion. Unmatched, the deletion wrote no row: the row
+    stayed live, and the Customer applied again from Git was given that subscription back by the
+    restore, for free, for good. An event no Customer matches still moves its subscription's row as a
+    batch would (an older one does not), and is recorded unmatched (the console replays it), with no
+    notice; the restore then finds nothing to give."""
+    subscriber = Subscriber(customers, "unmatchedend")
+    base = int(time.time()) - 3600
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        noticed = await notice_keys(inbox_engine, [subscriber.customer_id])
+        customers.delete(subscriber.name)
+
+        late = subscriber.updated(base, status="active")  # older than the row's state: changes nothing
+        await store(inbox_pool, inbox, [late])
+        assert await inbox.apply_pending() == 1
+        row = await subscription_row(inbox_engine, subscriber.subscription)
+        assert (row.status, row.last_event_created) == ("past_due", base + 2)
+
+        ended = subscriber.deleted(base + 10)
+        await store(inbox_pool, inbox, [ended])
+        assert await inbox.apply_pending() == 1
+        assert await results(inbox_engine, [late, ended]) == {
+            late["id"]: "unmatched",
+            ended["id"]: "unmatched",
+        }
+        row = await subscription_row(inbox_engine, subscriber.subscription)
+        # Ended overdue, as the Customer's own deletion would have left it: the failed payment still owed.
+        assert (row.status, row.plan, row.last_event_created, row.past_due_since) == (
+            "canceled",
+            "starter",
+            base + 10,
+            datetime.fromtimestamp(base + 2, UTC),
+        )
+        assert await notice_keys(inbox_engine, [subscriber.customer_id]) == noticed
+
+        made_again(customers, subscriber)
+        assert await inbox.restore_subscriptions() == 0
+        assert customers.subscription(subscriber.name) is None
+
+
 async def test_the_inbox_restores_at_its_start_and_every_interval(
     inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
 ) -> None:

@@ -29,6 +29,7 @@ from iotistic_billing.stripe_inbox.events import (
     lookup_hints,
     newest_live,
     subscription_facts,
+    unmatched_row,
 )
 from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_size
 from iotistic_billing.stripe_inbox.retention import FINAL_RESULTS, expired
@@ -1310,6 +1311,24 @@ def test_a_plan_subscription_that_stops_is_not_handed_over_to_an_add_on(status: 
     assert actions(again) == ["apply"]
     assert again.subscription is not None
     assert (again.subscription.stripe_subscription_id, again.subscription.status) == ("sub_main", "active")
+
+
+def test_events_no_customer_matches_move_their_subscription_s_row_as_a_batch_would() -> None:
+    """An event whose Customer is gone moves its subscription's row as it would for a Customer holding
+    it: an older one not at all, an ending whatever its time (keeping the payment still owed), nothing
+    after the ending."""
+    since = datetime.fromtimestamp(90, UTC)
+    overdue = row(status="past_due", past_due_since=since)["sub_1"]
+    assert unmatched_row("sub_1", overdue, [(SubscriptionFacts("sub_1", "active"), 50)]) is None
+    ended = unmatched_row("sub_1", overdue, [(SubscriptionFacts("sub_1", "canceled"), 60)])
+    assert ended is not None
+    assert (ended.status, ended.plan, ended.past_due_since, ended.current_period_end) == (
+        "canceled",
+        "starter",
+        since,
+        AT_PERIOD_END,
+    )
+    assert unmatched_row("sub_1", ended, [(invoice_facts("invoice.payment_failed"), 300)]) is None
 
 
 def test_a_trial_will_end_made_stale_by_a_newer_event_of_the_trial_still_notices_it() -> None:
