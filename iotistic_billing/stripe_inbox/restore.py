@@ -9,7 +9,8 @@ one query of rows when some hold none) and gives each the newest live subscripti
 customer id's rows (`apply.held_subscription`, what a batch decides its events from meanwhile), under
 the batch lock (no batch of any replica decides its events meanwhile) and its own, by the batch's
 server-side apply (`apply.apply_subscription`) onto the Customer as read under them: one given a
-subscription since (an event's batch, a person), or deleted, is left as it is.
+subscription since (an event's batch, a person), or deleted, is left as it is; one written otherwise
+(the operator's status) is read again and written once more.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 from kubernetes.client.exceptions import ApiException
@@ -96,8 +98,9 @@ async def restore(
 ) -> list[Restored]:
     """Inside the caller's transaction, which holds the batch lock: each named Customer locked and read
     again, and one still `unsubscribed` given `held_subscription` of its customer id's rows, naming the
-    uid and resourceVersion read; `concurrency` Customers at once. One not written is logged and left
-    for the next look."""
+    uid and resourceVersion read (refused as written since, it is read again and, still holding none,
+    written once more); `concurrency` Customers at once. One not written is logged and left for the
+    next look."""
     slots = asyncio.Semaphore(max(concurrency, 1))
     read = await lock_and_read(deps, session, names, slots)
     records: list[CustomerRecord] = []
@@ -124,17 +127,38 @@ async def restore(
         if (subscription := held_subscription(record, rows)) is not None
     ]
 
-    async def write(record: CustomerRecord, subscription: SubscriptionSpec) -> str | Exception:
+    async def write(
+        record: CustomerRecord, subscription: SubscriptionSpec
+    ) -> tuple[Restored, str | Exception]:
         async with slots:
-            return await apply_subscription(deps.kube, record, subscription, unchanged_since_read=True)
+            outcome = await apply_subscription(deps.kube, record, subscription, unchanged_since_read=True)
+            if not (isinstance(outcome, ApiException) and outcome.status == HTTPStatus.CONFLICT):
+                return Restored(record, subscription), outcome
+            # Written since the read, by the operator's status mostly (a fleet rebuilt from Git): read
+            # again under the locks still held, and written once more while it still holds none.
+            try:
+                again = await deps.directory.by_name(record.name)
+            except Exception as error:
+                return Restored(record, subscription), error
+            if again is None:
+                return Restored(record, subscription), "gone"
+            same = again.customer.metadata.uid == record.customer.metadata.uid
+            given = held_subscription(again, rows) if same and unsubscribed([again]) else None
+            if given is None:
+                return Restored(again, subscription), "held"
+            return Restored(again, given), await apply_subscription(
+                deps.kube, again, given, unchanged_since_read=True
+            )
 
     written = await asyncio.gather(*(write(record, subscription) for record, subscription in planned))
     restored: list[Restored] = []
-    for (record, subscription), outcome in zip(planned, written, strict=True):
+    for (one, outcome), (record, subscription) in zip(written, planned, strict=True):
         if outcome == "applied":
-            restored.append(Restored(record, subscription))
+            restored.append(one)
         elif outcome == "gone":
             log.info("Customer %s deleted before its subscription was restored", record.name)
+        elif outcome == "held":
+            log.info("Customer %s given a subscription or made again meanwhile; left as it is", record.name)
         else:
             log.warning(
                 "Customer %s: subscription %s not restored yet (%s); tried again in the next look",

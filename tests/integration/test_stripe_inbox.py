@@ -1532,6 +1532,45 @@ async def test_an_event_no_customer_matches_still_moves_its_subscription_s_row(
         assert customers.subscription(subscriber.name) is None
 
 
+async def test_a_restore_goes_on_after_a_status_write_between_its_read_and_its_write(
+    inbox_pool: Pool,
+    inbox_engine: AsyncEngine,
+    kubeconfig: Path,
+    customers: Customers,
+    k8s_client: kubernetes.client.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the restore's write names the resourceVersion read, which the operator's status
+    writes move too: during a fleet's rebuild from Git (the operator writing each new Customer's status)
+    many restores were refused and waited a minute each. Refused so, the Customer is read again under
+    the locks still held and written once more, in the same pass (a subscription written meanwhile is
+    still left as it is: the test of the batch lock above)."""
+    subscriber = Subscriber(customers, "restorestatus")
+    base = int(time.time()) - 3600
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        before = await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        made_again(customers, subscriber)
+        kube = inbox.applier.kube
+        apply = kube.apply_customer_spec
+        status_writes = 0
+
+        async def status_written_meanwhile(name: str, *args: Any, **kwargs: Any) -> Any:
+            nonlocal status_writes
+            if status_writes == 0:  # the operator's first pass, between the restore's read and its write
+                status_writes += 1
+                customers.kube.patch_customer_status(
+                    name, {"phase": "Provisioning"}, manager=FieldManager.OPERATOR
+                )
+            return await apply(name, *args, **kwargs)
+
+        monkeypatch.setattr(kube, "apply_customer_spec", status_written_meanwhile)
+        applies = customer_applies(k8s_client)
+        assert await inbox.restore_subscriptions() == 1
+        assert customer_applies(k8s_client) == applies + 2  # refused once, then written
+        assert customers.subscription(subscriber.name) == without_period_start(before)
+        assert (customers.get(subscriber.name) or {})["status"]["phase"] == "Provisioning"
+
+
 async def test_the_inbox_restores_at_its_start_and_every_interval(
     inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
 ) -> None:
