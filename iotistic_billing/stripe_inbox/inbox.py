@@ -357,7 +357,7 @@ class EventInbox:
         """Give each Customer billed through Stripe and made again without its spec.subscription the
         newest live subscription on a plan of its customer id's rows (restore.py); how many were given
         one."""
-        names = await to_restore(self.applier.directory, self.sessions)
+        names = await to_restore(self.applier.kube, self.sessions)
         count = 0
         # As many Customers a transaction as a batch's at most: a fleet made again from Git at once does
         # not hold the events back for all of its writes.
