@@ -488,8 +488,9 @@ def decide(
             not takes_over and current.last_event_created is not None and created < current.last_event_created
         )
         # A live one on no plan's price (an add-on sold beside the plan, a custom price not in
-        # STRIPE_PRICE_*) does not take over one on a plan: the Customer lost its licence while paying.
-        planless = live and facts.status in LIVE_STATUSES and facts.plan is None and current.plan is not None
+        # STRIPE_PRICE_*) does not take over one on a plan, live or stopped: the Customer lost its licence
+        # while paying, or the stopped one's dunning and ending notice with it.
+        planless = facts.status in LIVE_STATUSES and facts.plan is None and current.plan is not None
         # The late payment of an ended subscription settles its row; it does not take the Customer back.
         if (
             older

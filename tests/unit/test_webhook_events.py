@@ -1117,8 +1117,14 @@ def test_a_live_subscription_whose_events_come_after_the_held_one_stopped_takes_
         late.subscription.status,
         late.subscription.last_event_created,
     ) == ("sub_2", "enterprise", "active", 201)
-    # One event is enough, whichever comes first; one of a subscription that is not live takes nothing.
-    assert decide(stopped.subscription, None, SubscriptionFacts("sub_2", "past_due"), 50).action == "apply"
+    # One event is enough, whichever comes first; one of a subscription that is not live takes nothing,
+    # nor does one on no plan's price (an add-on).
+    assert decide(
+        stopped.subscription, None, SubscriptionFacts("sub_2", "past_due", "enterprise"), 50
+    ).action == ("apply")
+    assert (
+        decide(stopped.subscription, None, SubscriptionFacts("sub_2", "past_due"), 50).action == "superseded"
+    )
     assert decide(stopped.subscription, None, SubscriptionFacts("sub_2", "incomplete"), 50).action == (
         "superseded"
     )
@@ -1300,6 +1306,16 @@ def test_a_plan_subscription_that_stops_is_not_handed_over_to_an_add_on(status: 
     assert actions(stopped) == ["apply"] and not stopped.taken_over
     assert stopped.subscription is not None
     assert (stopped.subscription.stripe_subscription_id, stopped.subscription.status) == ("sub_main", status)
+    # The add-on's own renewal after the stop (found in review of that fix: a planless one was kept out
+    # only while the held one was live) does not take the Customer either.
+    renewal = coalesce(
+        "cust_a",
+        stopped.subscription,
+        {**rows, **stopped.rows},
+        [(SubscriptionFacts("sub_addon", "active"), 350)],
+    )
+    assert actions(renewal) == ["superseded"]
+    assert renewal.subscription is not None and renewal.subscription.stripe_subscription_id == "sub_main"
     if status == "canceled":
         return
     again = coalesce(
