@@ -57,20 +57,26 @@ def _billed_through_stripe(record: CustomerRecord) -> None:
         )
 
 
+# The statuses whose entitlement lapses at the period's end of a cancellation set for then
+# (operator/entitlement.py): the ones a checkout no longer finds in its way after that end.
+_LAPSING_STATUSES: Final = ("active", "trialing")
+
+
 async def _live_subscription_id(
     session: AsyncSession, record: CustomerRecord, statuses: frozenset[str] = LIVE_STATUSES
 ) -> str | None:
     """The id of the customer's current subscription in `statuses`: spec.subscription, else the newest
-    such row. Not one set to cancel at its period's end once that end has come: the operator has lapsed
-    the Customer already, and a checkout refused "Already subscribed" left it no way back until Stripe's
-    deletion was applied."""
+    such row. Not an active or trialing one set to cancel at its period's end once that end has come:
+    the operator has lapsed the Customer already, and a checkout refused "Already subscribed" left it no
+    way back until Stripe's deletion was applied (an unpaid or paused one stays: Stripe ends it only when
+    cancelled immediately, which this finds it for)."""
     current = record.customer.spec.subscription
     now = datetime.now(UTC)
     if (
         current is not None
         and current.stripe_subscription_id
         and current.status in statuses
-        and not current.ended_at_period_end(now)
+        and not (current.status in _LAPSING_STATUSES and current.ended_at_period_end(now))
     ):
         return current.stripe_subscription_id
     row = models.Subscription
@@ -80,7 +86,12 @@ async def _live_subscription_id(
             row.customer_id == record.customer_id,
             row.status.in_(sorted(statuses)),
             # The row's state is the spec's: not one ended at its period's end either.
-            or_(~row.cancel_at_period_end, row.current_period_end.is_(None), row.current_period_end > now),
+            or_(
+                row.status.not_in(_LAPSING_STATUSES),
+                ~row.cancel_at_period_end,
+                row.current_period_end.is_(None),
+                row.current_period_end > now,
+            ),
         )
         .order_by(models.Subscription.last_event_created.desc())
         .limit(1)

@@ -531,12 +531,16 @@ async def test_an_unpaid_or_paused_subscription_can_be_cancelled_and_keeps_a_sec
         assert cancelled.status == 200, await cancelled.text()
 
 
+@pytest.mark.parametrize("status", ["active", "paused"])
 async def test_a_subscription_ended_at_its_period_end_keeps_no_checkout_out(
-    webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
+    status: str, webhook_settings: Settings, kubeconfig: Path, customers: Customers, stripe_mock: StripeMock
 ) -> None:
-    """Found in review: the operator lapses a Customer whose subscription was set to cancel at its
-    period's end once that end has come, but a checkout still found it live (spec and row) until Stripe's
-    deletion was applied: 409 "Already subscribed", its advice to cancel a subscription Stripe had ended."""
+    """Found in review: the operator lapses a Customer whose active subscription was set to cancel at
+    its period's end once that end has come, but a checkout still found it live (spec and row) until
+    Stripe's deletion was applied: 409 "Already subscribed", its advice to cancel a subscription Stripe
+    had ended. A paused one (or unpaid) Stripe ends only when cancelled immediately: it stays in the way,
+    and the cancel finds it (found in review of that fix: it was skipped too, and could not be
+    cancelled)."""
     starter = stripe_mock_plan_price(stripe_mock)
     settings = webhook_settings.model_copy(update={"stripe_price_starter": starter})
     async with running_app(settings, kubeconfig) as api:
@@ -547,6 +551,7 @@ async def test_a_subscription_ended_at_its_period_end_keeps_no_checkout_out(
             random_id("sub_"),
             customer=random_id("cus_"),
             price=starter,
+            status=status,
             period_end=int(time.time()) - 3600,
             cancel_at_period_end=True,
             metadata={"customerId": customer_id},
@@ -556,6 +561,13 @@ async def test_a_subscription_ended_at_its_period_end_keeps_no_checkout_out(
         assert (customers.subscription(name) or {}).get("cancelAtPeriodEnd") is True
         checkout = starter_checkout(customer_id)
         started = await api.post("/api/subscriptions/checkout", json=checkout, headers=admin_headers())
+        if status == "paused":
+            refused = await started.json()
+            assert (started.status, refused["details"]["subscription_id"]) == (409, ended["id"]), refused
+            cancel = {"customer_id": customer_id, "immediately": True}
+            cancelled = await api.post("/api/subscriptions/cancel", json=cancel, headers=admin_headers())
+            assert cancelled.status == 200, await cancelled.text()
+            return
         assert started.status == 200, await started.text()
         upgrade = {"customer_id": customer_id, "new_plan": "enterprise"}
         refused = await api.post("/api/subscriptions/upgrade", json=upgrade, headers=admin_headers())
