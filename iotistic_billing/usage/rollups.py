@@ -71,15 +71,18 @@ def period_plan(effective: str, recorded: str | None) -> str:
 # The plan of each licence that took effect for a customer from the one in force at $2 on, oldest
 # first. When a licence took effect is its issued_at (the token's iat): generated_at is when its row was
 # written, later for a licence its pass recorded after a crash or at the Customer's deletion. A
-# `revoked` row is a licence's end, not a licence taking effect.
+# `revoked` row is a licence's end, when it was written: unlicensed from then (a deleted Customer's
+# finalizer revokes its licence, and a Customer made again under its customer id starts afresh).
 _LICENSED_PLANS: Final = """
-SELECT issued_at, plan FROM license_history
-WHERE customer_id = $1 AND action <> 'revoked'
-  AND issued_at >= coalesce(
-      (SELECT max(issued_at) FROM license_history
-       WHERE customer_id = $1 AND action <> 'revoked' AND issued_at <= $2),
-      $2)
-ORDER BY issued_at, id
+WITH licences AS (
+    SELECT id,
+           CASE WHEN action = 'revoked' THEN generated_at ELSE issued_at END AS took_effect,
+           CASE WHEN action = 'revoked' THEN 'unlicensed' ELSE plan END AS plan
+    FROM license_history WHERE customer_id = $1
+)
+SELECT took_effect, plan FROM licences
+WHERE took_effect >= coalesce((SELECT max(took_effect) FROM licences WHERE took_effect <= $2), $2)
+ORDER BY took_effect, id
 """
 
 
@@ -114,7 +117,7 @@ class PlanHistory:
 async def plan_history(conn: Queryable, customer_id: str, since: datetime) -> PlanHistory:
     """The customer's `PlanHistory` from `since` on, in one statement."""
     rows = await conn.fetch(_LICENSED_PLANS, customer_id, since)
-    return PlanHistory(since, tuple((row["issued_at"], row["plan"]) for row in rows))
+    return PlanHistory(since, tuple((row["took_effect"], row["plan"]) for row in rows))
 
 
 def included_usage(plan: str) -> IncludedUsage:

@@ -1387,10 +1387,16 @@ async def test_a_period_is_priced_against_the_last_paid_plan_it_held(
 
 
 async def licensed(
-    engine: AsyncEngine, customer_id: str, plan: str, issued_at: datetime, action: str
-) -> None:
+    engine: AsyncEngine,
+    customer_id: str,
+    plan: str,
+    issued_at: datetime,
+    action: str,
+    written_at: datetime | None = None,
+) -> str:
     """The history row of a licence on `plan` issued at `issued_at`, as the operator's pass records it
-    (no operator runs here); the row itself written now, as a pass that recorded it late would."""
+    (no operator runs here), and its jti; the row itself written now, as a pass that recorded it late
+    would, or at `written_at` (a revoke's row is written when it revokes)."""
     grants = plan_by_name(plan, allow_unlicensed=True)
     record = LicenseRecord(
         customer_id=customer_id,
@@ -1406,6 +1412,12 @@ async def licensed(
     )
     async with AsyncSession(engine) as session, session.begin():
         assert await record_license(session, record, action)
+        if written_at is not None:
+            await session.execute(
+                text("UPDATE license_history SET generated_at = :at WHERE jti = :jti AND action = :action"),
+                {"at": written_at, "jti": record.jti, "action": action},
+            )
+    return record.jti
 
 
 @pytest.mark.parametrize(
@@ -1449,6 +1461,31 @@ async def test_a_period_reported_after_it_ended_is_priced_against_the_plan_its_l
     row = await rollup_row(db_engine, customer_id, MARCH)
     assert (row["plan"], row["overage_amount_cents"], row["closed_at"]) == (priced, cents, closing)
     assert recorder.of(customer_id) == (expected_events(customer_id) if cents else [])
+
+
+async def test_a_late_period_of_a_customer_made_again_under_its_id_is_not_priced_on_its_predecessor_s_plan(
+    usage_api: TestClient[Any, Any],
+    db_engine: AsyncEngine,
+    customers: Customers,
+    metered_tenant: tuple[str, str],
+) -> None:
+    """Found in review: a deleted Customer's licence ends with the finalizer's `revoked` row, which the
+    history's read left out, so a Customer made again under its customer id, on a trial from March 5th,
+    had March priced on the predecessor's professional licence as if still in force."""
+    name, customer_id = metered_tenant
+    await licensed(db_engine, customer_id, "professional", at(2025, 1, 10), "generated")
+    # No revoked row needs the licence's jti here: the predecessor's deletion ends whatever was in force.
+    await licensed(db_engine, customer_id, "professional", at(2025, 1, 10), "revoked", at(2025, 2, 20))
+    await licensed(db_engine, customer_id, "trial", at(2025, 3, 5), "generated")
+    effective_plan_is(customers, name, "starter")
+    arrival = at(2025, 4, 1, 0, 5)
+    usage, recorder = await server_at(usage_api, db_engine, customer_id, arrival)
+    await flushed_at(usage, arrival, *march_reports(customer_id)[:3])
+
+    await meter_run_at(usage, at(2025, 4, 1, 2))
+    row = await rollup_row(db_engine, customer_id, MARCH)
+    assert row["plan"] == "trial"
+    assert recorder.of(customer_id) == []  # a trial's period is billed nothing
 
 
 def billing_mode_is(customers: Customers, name: str, mode: str) -> None:
