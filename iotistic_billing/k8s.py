@@ -187,6 +187,22 @@ def refusal_message(error: ApiException) -> str:
     return str(message or error.reason or f"HTTP {error.status}")
 
 
+def refused_for_its_uid(error: ApiException) -> bool:
+    """A write naming metadata.uid refused because the object of its name has another uid: deleted and
+    made again since it was read (the API server's 422, a uid being immutable)."""
+    if error.status != 422:
+        return False
+    try:
+        status = json.loads(error.body or "{}")
+    except ValueError:
+        return False
+    details = status.get("details") if isinstance(status, dict) else None
+    causes = details.get("causes") if isinstance(details, dict) else None
+    return isinstance(causes, list) and any(
+        isinstance(cause, dict) and cause.get("field") == "metadata.uid" for cause in causes
+    )
+
+
 def resource_version(body: Mapping[str, Any]) -> int:
     """An object's resourceVersion as a number (0 when it has none), to tell which of two copies of one
     object is newer: Kubernetes calls them opaque, but the API server's are etcd revisions."""
@@ -837,5 +853,6 @@ __all__ = [
     "customer_body",
     "not_found_as_none",
     "refusal_message",
+    "refused_for_its_uid",
     "resource_version",
 ]

@@ -172,9 +172,11 @@ class Revocation:
     done: tuple[CustomerRecord, LicenseRecord] | None = None
     unanswered: bool = False
 
-    async def revoke(self, record: CustomerRecord, reason: str, by: str) -> LicenseRecord:
+    async def revoke(
+        self, record: CustomerRecord, reason: str, by: str, uid: str | None = None
+    ) -> LicenseRecord:
         try:
-            revoked = await revoke_and_suspend(self.app, self.session, record, reason, by)
+            revoked = await revoke_and_suspend(self.app, self.session, record, reason, by, uid)
         except RevokeUnanswered as lost:
             self.done, self.unanswered = (record, lost.license), True
             raise
@@ -218,14 +220,21 @@ async def revocation(app: web.Application) -> AsyncIterator[Revocation]:
 
 
 async def revoke_and_suspend(
-    app: web.Application, session: AsyncSession, record: CustomerRecord, reason: str, by: str
+    app: web.Application,
+    session: AsyncSession,
+    record: CustomerRecord,
+    reason: str,
+    by: str,
+    uid: str | None = None,
 ) -> LicenseRecord:
     """A `revoked` row and its notice for the licence in force, and spec.suspended: true, in `session`'s
     transaction (see `revocation`). The licence in force is the one in the licence Secret, unless an
     earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
     the history's record of its issue. Both only while no licence was reinstated since: a Customer
     resumed and suspended again is revoked anew. A patch whose answer was lost is RevokeUnanswered, its
-    history row and notice rolled back (to a savepoint), the caller's transaction kept."""
+    history row and notice rolled back (to a savepoint), the caller's transaction kept. `uid`: the patch
+    is made on the Customer of that uid only (the API server refuses it on one made again under the
+    name: `refused_for_its_uid`)."""
     customer_id = record.customer_id
     token = await license_token(app[KUBE], record.namespace, customer_id, record.customer.metadata.uid)
     if token is None:
@@ -268,11 +277,11 @@ async def revoke_and_suspend(
     )
     await app[OUTBOX].enqueue(session, notice, record.customer.spec)
     # Before the commit: if the patch fails, the history row is rolled back with it.
+    metadata: dict[str, object] = {"annotations": {REVOKED_LICENSE: revoked.jti}}
+    if uid is not None:
+        metadata["uid"] = uid
     try:
-        await app[KUBE].patch_customer(
-            record.name,
-            {"metadata": {"annotations": {REVOKED_LICENSE: revoked.jti}}, "spec": {"suspended": True}},
-        )
+        await app[KUBE].patch_customer(record.name, {"metadata": metadata, "spec": {"suspended": True}})
     except ApiException as error:
         if error.status == 404:
             raise customer_not_found(customer_id) from None

@@ -54,14 +54,18 @@ async def post_form(
     )
 
 
+async def form_fields(client: TestClient[Any, Any], page: str, action: str) -> dict[str, str]:
+    """The hidden fields of the form on `page` that posts to `action`, as the page holds them now."""
+    html = await (await client.get(page)).text()
+    form = re.search(rf'<form[^>]* method="post" action="{re.escape(action)}">(.*?)</form>', html, re.S)
+    assert form, f"no form posting to {action} on {page}"
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+
+
 async def replay_form(client: TestClient[Any, Any], event_id: str) -> dict[str, str]:
     """The fields of the event page's Replay form, as the page holds them now."""
-    page = await (await client.get(f"/admin/stripe-events/{event_id}")).text()
-    form = re.search(
-        rf'<form method="post" action="/admin/stripe-events/{event_id}/replay">(.*?)</form>', page
-    )
-    assert form, "no Replay form on the event's page"
-    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+    page = f"/admin/stripe-events/{event_id}"
+    return await form_fields(client, page, f"{page}/replay")
 
 
 async def unmatched_event(client: TestClient[Any, Any], customer_id: str) -> dict[str, Any]:

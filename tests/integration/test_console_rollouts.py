@@ -16,12 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.customer import GROUP, VERSION
 from iotistic_billing.db.models import ConsoleAction
 from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_PLURAL
+from iotistic_billing.webhook_server.context import KUBE
 from tests.conftest import unique_name
-from tests.integration.console_support import post_form, record_predecessor_action, sign_in
+from tests.integration.console_support import form_fields, post_form, record_predecessor_action, sign_in
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     VIEWER_TOKEN,
     api_fixture,
+    eventually,
     webhook_settings_fixture,
 )
 
@@ -33,11 +35,7 @@ def rollouts(k8s_client: kubernetes.client.ApiClient) -> kubernetes.client.Custo
     return kubernetes.client.CustomObjectsApi(k8s_client)
 
 
-@pytest.fixture
-def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> Iterator[str]:
-    """A rollout of every Customer, gone with the test: left behind, it would move the session's
-    Customers once a later test restarts the operator on a chart registry (rollouts enabled)."""
-    name = unique_name("wave")
+def create_rollout(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> dict[str, Any]:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "InstanceRollout",
@@ -47,7 +45,16 @@ def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> Iterator[str]:
             "steps": [{"customers": ["acme", "globex"], "bakeSeconds": 60}, {"percent": 25}, {"rest": True}],
         },
     }
-    rollouts.create_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, body)
+    created: dict[str, Any] = rollouts.create_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, body)
+    return created
+
+
+@pytest.fixture
+def rollout(rollouts: kubernetes.client.CustomObjectsApi) -> Iterator[str]:
+    """A rollout of every Customer, gone with the test: left behind, it would move the session's
+    Customers once a later test restarts the operator on a chart registry (rollouts enabled)."""
+    name = unique_name("wave")
+    create_rollout(rollouts, name)
     yield name
     rollouts.delete_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
 
@@ -149,3 +156,68 @@ async def test_the_rollouts_page_shows_each_rollout_s_console_actions(
     section = page.partition(f'id="rollout-{rollout}"')[2].partition("</section>")[0]
     assert f"InstanceRollout {rollout} paused" in section, page
     assert "aborted the deleted one" not in section
+
+
+async def rollout_forms(api: TestClient[Any, Any], name: str) -> dict[str, dict[str, str]]:
+    """The fields of the rollout's Pause and Abort forms on the page, as it holds them now (Resume's are
+    Pause's, sent to its action)."""
+    forms = {
+        action: await form_fields(api, "/admin/rollouts", f"/admin/rollouts/{name}/{action}")
+        for action in ("pause", "abort")
+    }
+    forms["resume"] = forms["pause"]
+    return forms
+
+
+def untouched(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> None:
+    body = read(rollouts, name)
+    assert not body["spec"].get("paused") and ROLLOUT_ABORT not in (body["metadata"].get("annotations") or {})
+
+
+async def made_again(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> None:
+    """The rollout deleted and applied again under its name: another uid."""
+    rollouts.delete_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
+
+    def gone() -> bool:
+        try:
+            read(rollouts, name)
+        except kubernetes.client.exceptions.ApiException as error:
+            return error.status == 404
+        return False
+
+    await eventually(gone, message=f"{name} deleted")
+    create_rollout(rollouts, name)
+
+
+async def test_an_action_from_the_page_of_a_deleted_rollout_leaves_the_one_made_again_alone(
+    api: TestClient[Any, Any],
+    rollouts: kubernetes.client.CustomObjectsApi,
+    rollout: str,
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: Pause, Resume and Abort named the rollout only, so a page left open on it acted on
+    one deleted and applied again under its name since. Refused when read, and (a re-creation between
+    the read and the patch) by the API server, the patch naming the uid read."""
+    await sign_in(api, ADMIN_TOKEN)
+    forms = await rollout_forms(api, rollout)
+    assert forms["pause"]["uid"] == read(rollouts, rollout)["metadata"]["uid"]
+    read_before = read(rollouts, rollout)
+    await made_again(rollouts, rollout)
+    for action, fields in forms.items():
+        answer = await post_form(api, f"/admin/rollouts/{rollout}/{action}", fields)
+        problem = await answer.json()
+        assert answer.status == 409, (action, problem)
+        assert "re-created since this page was shown" in problem["message"], (action, problem)
+
+    async def read_before_the_re_creation(_: str) -> dict[str, Any]:
+        return read_before
+
+    monkeypatch.setattr(api.app[KUBE], "read_rollout", read_before_the_re_creation)
+    for action, fields in forms.items():
+        answer = await post_form(api, f"/admin/rollouts/{rollout}/{action}", fields)
+        problem = await answer.json()
+        assert answer.status == 409, (action, problem)
+        assert "re-created since this page was shown" in problem["message"], (action, problem)
+    untouched(rollouts, rollout)
+    assert await actions(db_engine, rollout) == []

@@ -20,15 +20,23 @@ from pydantic import SecretStr
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iotistic_billing.db.models import ConsoleAction, ConsoleSignout
+from iotistic_billing.db.models import ConsoleAction, ConsoleSignout, LicenseHistory, Notice
 from iotistic_billing.licensing.keys import jwk_thumbprint, read_public_key
 from iotistic_billing.settings import Settings
 from iotistic_billing.webhook_server.console.pages import PAGES
 from iotistic_billing.webhook_server.console.session import COOKIE
+from iotistic_billing.webhook_server.context import DIRECTORY
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.security import CONSOLE_CSP
 from tests.conftest import unique_name
-from tests.integration.console_support import event_state, origin, post_form, sign_in, unmatched_event
+from tests.integration.console_support import (
+    event_state,
+    form_fields,
+    origin,
+    post_form,
+    sign_in,
+    unmatched_event,
+)
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     ADMIN_TOKEN,
     VIEWER_TOKEN,
@@ -50,6 +58,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
 pytestmark = pytest.mark.integration
 
 ACTIONS = ("reconcile", "suspend", "resume", "revoke")
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
 
 def sample_path(path: str, name: str, event_id: str) -> str:
@@ -221,6 +230,8 @@ def signed_licence(license_keys: tuple[Path, Path], customer_id: str) -> str:
         "exp": now + 86400,
         "issuedAt": now,
         "expiresAt": now + 86400,
+        "features": {"maxDevices": 10},
+        "limits": {},
     }
     kid = jwk_thumbprint(read_public_key(public_key))
     return jwt.encode(claims, private_key.read_bytes(), algorithm="RS256", headers={"kid": kid})
@@ -412,3 +423,101 @@ async def test_odd_values_in_the_stripe_events_path_and_filters_are_answered_not
         assert answer.status == 200, (query, await answer.text())
     shown = await api.get(f"/admin/stripe-events/{event_id}", allow_redirects=False)
     assert shown.status == 200
+
+
+# ----- an action acts on the object its page showed -----
+
+CUSTOMER_ACTIONS = ("reconcile", "suspend", "resume", "revoke")
+
+
+async def customer_forms(api: TestClient[Any, Any], name: str) -> dict[str, dict[str, str]]:
+    """The fields of each action's form on the Customer's page, as the page holds them now (the page
+    offers Suspend or Resume: Resume's are Suspend's, sent to its action)."""
+    page = f"/admin/customers/{name}"
+    forms = {
+        action: await form_fields(api, page, f"{page}/{action}")
+        for action in ("reconcile", "suspend", "revoke")
+    }
+    forms["resume"] = forms["suspend"]
+    forms["revoke"]["reason"] = "fraud"
+    return forms
+
+
+async def made_again(customers: Customers, name: str, customer_id: str) -> dict[str, Any]:
+    """The Customer deleted and applied again under its name (from Git): another uid."""
+    customers.delete(name)
+    await eventually(lambda: customers.get(name) is None, message=f"{name} deleted")
+    return customers.create(name, customerId=customer_id)
+
+
+async def untouched(customers: Customers, db_engine: AsyncEngine, name: str, customer_id: str) -> None:
+    """Nothing done to the Customer of `name`: no suspension, no annotation of an action, no audit row,
+    no revocation, no notice."""
+    body = customers.get(name) or {}
+    assert not body["spec"].get("suspended"), body["spec"]
+    assert set(body["metadata"].get("annotations") or {}).isdisjoint(
+        {"reconcile.iotistic.io/requested-at", "iotistic.io/revoked-license"}
+    ), body["metadata"]
+    assert await audit_rows(db_engine, name) == 0
+    async with db_engine.connect() as connection:
+        revoked = await connection.scalar(
+            select(func.count()).where(
+                LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+            )
+        )
+        notices = await connection.scalar(select(func.count()).where(Notice.customer_id == customer_id))
+    assert (revoked, notices) == (0, 0)
+
+
+async def test_an_action_from_the_page_of_a_deleted_customer_leaves_the_one_made_again_alone(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine, license_keys: tuple[Path, Path]
+) -> None:
+    """Found in review: actions named the Customer only, so a page left open on it (typing a Revoke reason
+    holds its refresh) acted on a Customer deleted and applied again under its name since: the click
+    revoked the new one's licence and suspended it."""
+    name = unique_name("reborn")
+    customer_id = customer_id_for(name)
+    created = customers.create(name, customerId=customer_id)
+    await sign_in(api, ADMIN_TOKEN)
+    forms = await customer_forms(api, name)
+    assert forms["suspend"]["uid"] == created["metadata"]["uid"]
+    await made_again(customers, name, customer_id)
+    put_licence(customers, f"customer-{name}", signed_licence(license_keys, customer_id))
+
+    for action in CUSTOMER_ACTIONS:
+        answer = await post_form(api, f"/admin/customers/{name}/{action}", forms[action], BROWSER)
+        page = await answer.text()
+        assert (answer.status, answer.content_type) == (409, "text/html"), (action, page)
+        assert "re-created since this page was shown" in page, (action, page)
+    await untouched(customers, db_engine, name, customer_id)
+
+
+async def test_an_action_read_before_its_customer_was_made_again_is_refused_by_the_api_server(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    db_engine: AsyncEngine,
+    license_keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read and the patch are apart: the patch names the uid read (a merge patch's metadata.uid the
+    API server refuses on another object), so a Customer made again between them is left alone too."""
+    name = unique_name("between")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id)
+    put_licence(customers, f"customer-{name}", signed_licence(license_keys, customer_id))
+    await sign_in(api, ADMIN_TOKEN)
+    forms = await customer_forms(api, name)
+    directory = api.app[DIRECTORY]
+    read_before = await directory.by_name(name)
+    await made_again(customers, name, customer_id)
+
+    async def read_before_the_re_creation(_: str) -> Any:
+        return read_before
+
+    monkeypatch.setattr(directory, "by_name", read_before_the_re_creation)
+    for action in CUSTOMER_ACTIONS:
+        answer = await post_form(api, f"/admin/customers/{name}/{action}", forms[action])
+        problem = await answer.json()
+        assert answer.status == 409, (action, problem)
+        assert "re-created since this page was shown" in problem["message"], (action, problem)
+    await untouched(customers, db_engine, name, customer_id)

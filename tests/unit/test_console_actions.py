@@ -111,6 +111,10 @@ class FakeKube:
     async def list_rollouts(self) -> list[dict[str, Any]]:
         return self.rollouts
 
+    async def read_rollout(self, name: str) -> dict[str, Any] | None:
+        """A rollout of every name, running (no status)."""
+        return {"metadata": {"name": name, "uid": f"uid-{name}"}, "spec": {"chartVersion": "1.0.0"}}
+
     async def create_event(self, kind: str, involved: dict[str, Any], *, reason: str, message: str) -> None:
         assert kind == "Customer"
         if self.refuse_events is not None:
@@ -465,7 +469,9 @@ async def test_an_event_the_api_server_refuses_leaves_the_action_done(console: C
     console.kube.refuse_events = refusal(403, "events is forbidden")
     answer, text = await console.act("/admin/customers/globex/suspend")
     assert answer == 303, text
-    assert console.kube.patches == [("globex", {"spec": {"suspended": True}})]
+    assert console.kube.patches == [
+        ("globex", {"spec": {"suspended": True}, "metadata": {"uid": "uid-globex"}})
+    ]
     assert audited(console) == [("suspend", "globex", None)]
 
 

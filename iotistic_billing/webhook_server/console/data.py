@@ -343,6 +343,8 @@ class RolloutView:
     spec: RolloutSpec
     status: RolloutStatus
     steps: list[RolloutStepView]
+    # Its actions' forms carry it: they act on this rollout, not one made again under its name since.
+    uid: str = ""
 
     @property
     def finished(self) -> bool:
@@ -353,31 +355,35 @@ class RolloutView:
         return datetime.fromisoformat(self.created) if self.created else None
 
 
+def rollout_view(body: dict[str, Any]) -> RolloutView | None:
+    """An InstanceRollout as the console shows it; None when the models refuse it."""
+    try:
+        spec = RolloutSpec.model_validate(body.get("spec") or {})
+        status = RolloutStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        return None
+    progress = status.steps or []
+    steps = [
+        RolloutStepView(
+            takes=f"canaries: {', '.join(step.customers)}"
+            if step.customers
+            else f"{step.percent}%"
+            if step.percent
+            else "the rest",
+            max_parallel=step.max_parallel,
+            bake_seconds=step.bake_seconds,
+            progress=progress[i] if i < len(progress) else StepStatus(),
+        )
+        for i, step in enumerate(spec.steps)
+    ]
+    meta = body["metadata"]
+    created = str(meta.get("creationTimestamp", ""))
+    return RolloutView(meta["name"], created, spec, status, steps, uid=str(meta.get("uid", "")))
+
+
 def rollout_views(bodies: list[dict[str, Any]]) -> list[RolloutView]:
     """InstanceRollouts as the console lists them, newest first (one the models refuse is left out)."""
-    views = []
-    for body in bodies:
-        try:
-            spec = RolloutSpec.model_validate(body.get("spec") or {})
-            status = RolloutStatus.model_validate(body.get("status") or {})
-        except ValueError:
-            continue
-        progress = status.steps or []
-        steps = [
-            RolloutStepView(
-                takes=f"canaries: {', '.join(step.customers)}"
-                if step.customers
-                else f"{step.percent}%"
-                if step.percent
-                else "the rest",
-                max_parallel=step.max_parallel,
-                bake_seconds=step.bake_seconds,
-                progress=progress[i] if i < len(progress) else StepStatus(),
-            )
-            for i, step in enumerate(spec.steps)
-        ]
-        meta = body["metadata"]
-        views.append(RolloutView(meta["name"], str(meta.get("creationTimestamp", "")), spec, status, steps))
+    views = [view for view in map(rollout_view, bodies) if view is not None]
     return sorted(views, key=lambda view: view.created, reverse=True)
 
 
@@ -473,6 +479,7 @@ __all__ = [
     "record_action",
     "record_sign_out",
     "rollout_actions",
+    "rollout_view",
     "rollout_views",
     "signed_out",
     "stripe_events",

@@ -31,10 +31,17 @@ from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
-from iotistic_billing.errors import ApiError, DependencyUnavailable, Forbidden, NotFound, ValidationFailed
-from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
+from iotistic_billing.errors import (
+    ApiError,
+    Conflict,
+    DependencyUnavailable,
+    Forbidden,
+    NotFound,
+    ValidationFailed,
+)
+from iotistic_billing.k8s import FieldManager, KubernetesUnavailable, refused_for_its_uid
 from iotistic_billing.notices.log import recent_notices
-from iotistic_billing.rollout import ROLLOUT_ABORT
+from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_KIND
 from iotistic_billing.settings import Settings
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
 from iotistic_billing.usage.periods import INSTANT, BillingPeriod, utc_days
@@ -74,6 +81,8 @@ Role = Literal["public", "viewer", "admin"]
 CSRF_FIELD: Final = "csrf"
 # The Replay form's newest replay of its event when the page was shown (shown_replay).
 LAST_REPLAY_FIELD: Final = "last_replay"
+# An action form's Customer or InstanceRollout, by its uid when the page was shown (as_shown).
+UID_FIELD: Final = "uid"
 STATIC_FILES: Final = {
     "console.css": "text/css",
     "console.js": "text/javascript",
@@ -621,52 +630,94 @@ def _customer_patch(action: str, now: datetime) -> tuple[dict[str, Any], str] | 
     return None
 
 
+def as_shown(kind: str, name: str, form: Mapping[str, object], uid: str) -> str:
+    """`uid`, that of the object of `name` read now, when it is the one the action's page showed (its
+    form's `uid`), else the 409 saying it was made again since; a form without the field (from a page
+    older than it) acts on the one there now, as it did."""
+    shown = form.get(UID_FIELD)
+    if shown is None:
+        return uid
+    if not isinstance(shown, str) or not shown:
+        raise ValidationFailed.single(UID_FIELD, f"must be the uid of the {kind} the page showed")
+    if shown != uid:
+        raise _re_created(kind, name)
+    return uid
+
+
+def _re_created(kind: str, name: str) -> Conflict:
+    return Conflict(
+        f"{kind} re-created",
+        f"{kind} {name} was deleted and re-created since this page was shown (another uid): nothing was"
+        " done; look at the new one before acting on it",
+    )
+
+
+def on_uid(patch: dict[str, Any], uid: str) -> dict[str, Any]:
+    """A merge patch made on the object of `uid` only: the API server refuses it on another one of the
+    name (refused_for_its_uid)."""
+    return {**patch, "metadata": {**patch.get("metadata", {}), "uid": uid}}
+
+
 async def customer_action(request: web.Request) -> web.StreamResponse:
-    """Reconcile now, suspend, resume, revoke the licence."""
+    """Reconcile now, suspend, resume, revoke the licence: on the Customer the page showed."""
     action = request.match_info["action"]
     record = await _record(request)
     change = _customer_patch(action, request.app[CLOCK]())
     if change is None and action != "revoke":
         raise NotFound("Not found", f"no action {action!r}")
-    if change is None:
-        reason = revoke_reason(await read_form(request))
-        unsure: RevokeUnanswered | None = None
-        detail: str | None = None
-        try:
-            # The revoke route's history row, notice and patch in its transaction, which the audit row joins.
-            async with revocation(request.app) as revoking:
-                try:
-                    revoked = await revoking.revoke(record, reason, by="console")
-                except RevokeUnanswered as lost:
-                    # As _recorded_write: the Customer may be suspended, so the audit row and the Event
-                    # say who may have done it (the history row and notice wait for the retry, which
-                    # records them).
-                    revoked, unsure = lost.license, lost
-                detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
-                if unsure is not None:
-                    detail += UNANSWERED
-                await _audit(request, revoking.session, action, detail, customer=record.name)
-        except DependencyUnavailable:
-            # PostgreSQL lost once the Customer was suspended (revocation's 503 says so): as _recorded_write.
-            if detail is not None:
-                await _tell(request, record, action, detail + UNRECORDED)
-            raise
-        await _tell(request, record, action, detail)
-        if unsure is not None:
-            raise unsure
-    else:
-        patch, detail = change
-
-        async def write() -> None:
-            try:
-                await request.app[KUBE].patch_customer(record.name, patch, FieldManager.CONSOLE)
-            except ApiException as error:
-                if error.status == 404:
-                    raise _no_customer(record.name) from None
-                raise
-
-        await _recorded_write(request, action, detail, write, record=record)
+    form = await read_form(request)
+    uid = as_shown(KIND, record.name, form, record.customer.metadata.uid or "")
+    try:
+        if change is None:
+            await _revoke(request, record, revoke_reason(form), uid)
+        else:
+            patch, detail = change
+            await _patch_customer(request, record, action, patch, detail, uid)
+    except ApiException as error:
+        if refused_for_its_uid(error):  # made again between the read and the patch
+            raise _re_created(KIND, record.name) from None
+        raise
     return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": action}))
+
+
+async def _patch_customer(
+    request: web.Request, record: CustomerRecord, action: str, patch: dict[str, Any], detail: str, uid: str
+) -> None:
+    async def write() -> None:
+        try:
+            await request.app[KUBE].patch_customer(record.name, on_uid(patch, uid), FieldManager.CONSOLE)
+        except ApiException as error:
+            if error.status == 404:
+                raise _no_customer(record.name) from None
+            raise
+
+    await _recorded_write(request, action, detail, write, record=record)
+
+
+async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid: str) -> None:
+    """The revoke route's history row, notice and patch in its transaction, which the audit row joins."""
+    unsure: RevokeUnanswered | None = None
+    detail: str | None = None
+    try:
+        async with revocation(request.app) as revoking:
+            try:
+                revoked = await revoking.revoke(record, reason, by="console", uid=uid)
+            except RevokeUnanswered as lost:
+                # As _recorded_write: the Customer may be suspended, so the audit row and the Event say
+                # who may have done it (the history row and notice wait for the retry, which records them).
+                revoked, unsure = lost.license, lost
+            detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
+            if unsure is not None:
+                detail += UNANSWERED
+            await _audit(request, revoking.session, "revoke", detail, customer=record.name)
+    except DependencyUnavailable:
+        # PostgreSQL lost once the Customer was suspended (revocation's 503 says so): as _recorded_write.
+        if detail is not None:
+            await _tell(request, record, "revoke", detail + UNRECORDED)
+        raise
+    await _tell(request, record, "revoke", detail)
+    if unsure is not None:
+        raise unsure
 
 
 def revoke_reason(form: Mapping[str, object]) -> str:
@@ -700,7 +751,8 @@ def _no_rollout(name: str) -> NotFound:
 
 
 async def rollout_action(request: web.Request) -> web.StreamResponse:
-    """Pause (spec.paused), resume, abort (the annotation that ends a rollout where it is)."""
+    """Pause (spec.paused), resume, abort (the annotation that ends a rollout where it is): of the
+    rollout the page showed."""
     name, action = request.match_info["name"], request.match_info["action"]
     now = request.app[CLOCK]().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     patches: dict[str, tuple[dict[str, Any], str]] = {
@@ -715,13 +767,19 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     if len(name) > 253 or not re.fullmatch(DNS_NAME_PATTERN, name):
         raise _no_rollout(name)
     patch, done = patches[action]
+    body = await request.app[KUBE].read_rollout(name)
+    if body is None:
+        raise _no_rollout(name)
+    uid = as_shown(ROLLOUT_KIND, name, await read_form(request), str(body["metadata"].get("uid", "")))
 
     async def write() -> None:
         try:
-            await request.app[KUBE].patch_rollout(name, patch, FieldManager.CONSOLE)
+            await request.app[KUBE].patch_rollout(name, on_uid(patch, uid), FieldManager.CONSOLE)
         except ApiException as error:
             if error.status == 404:
                 raise _no_rollout(name) from None
+            if refused_for_its_uid(error):  # made again between the read and the patch
+                raise _re_created(ROLLOUT_KIND, name) from None
             raise
 
     await _recorded_write(request, f"rollout-{action}", f"InstanceRollout {name} {done}", write, target=name)
