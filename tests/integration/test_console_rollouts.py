@@ -174,6 +174,28 @@ def untouched(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> None:
     assert not body["spec"].get("paused") and ROLLOUT_ABORT not in (body["metadata"].get("annotations") or {})
 
 
+async def test_a_finished_rollout_is_neither_paused_resumed_nor_aborted(
+    api: TestClient[Any, Any],
+    rollouts: kubernetes.client.CustomObjectsApi,
+    rollout: str,
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: a page shown before the rollout finished aborted it once it had Succeeded (the
+    buttons are hidden then, the server did not check): the annotation stayed, and a run for a new
+    chartVersion weeks later ended Aborted at once."""
+    await sign_in(api, ADMIN_TOKEN)
+    forms = await rollout_forms(api, rollout)
+    rollouts.patch_cluster_custom_object_status(
+        GROUP, VERSION, ROLLOUT_PLURAL, rollout, {"status": {"phase": "Succeeded", "targetVersion": "0.9.0"}}
+    )
+    for action, fields in forms.items():
+        answer = await post_form(api, f"/admin/rollouts/{rollout}/{action}", fields)
+        problem = await answer.json()
+        assert (answer.status, problem["error"]) == (409, "InstanceRollout already Succeeded"), problem
+    untouched(rollouts, rollout)
+    assert await actions(db_engine, rollout) == []
+
+
 async def made_again(rollouts: kubernetes.client.CustomObjectsApi, name: str) -> None:
     """The rollout deleted and applied again under its name: another uid."""
     rollouts.delete_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)

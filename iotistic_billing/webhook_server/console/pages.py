@@ -752,7 +752,7 @@ def _no_rollout(name: str) -> NotFound:
 
 async def rollout_action(request: web.Request) -> web.StreamResponse:
     """Pause (spec.paused), resume, abort (the annotation that ends a rollout where it is): of the
-    rollout the page showed."""
+    rollout the page showed, while it runs."""
     name, action = request.match_info["name"], request.match_info["action"]
     now = request.app[CLOCK]().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     patches: dict[str, tuple[dict[str, Any], str]] = {
@@ -771,6 +771,16 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     if body is None:
         raise _no_rollout(name)
     uid = as_shown(ROLLOUT_KIND, name, await read_form(request), str(body["metadata"].get("uid", "")))
+    view = data.rollout_view(body)
+    if view is not None and view.finished:
+        # A page shown before it finished: an abort left on it would end at once the run a new
+        # chartVersion starts (operator.rollout_plan.decide).
+        phase = view.status.phase
+        raise Conflict(
+            f"InstanceRollout already {phase}",
+            f"InstanceRollout {name} is {phase}: nothing was done (only a running rollout is paused, resumed"
+            " or aborted; a new chartVersion runs it again)",
+        )
 
     async def write() -> None:
         try:
