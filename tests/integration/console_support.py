@@ -144,8 +144,8 @@ async def console_page(base_url: str, shots: Path) -> AsyncIterator[Page]:
 
 
 async def browser_sign_in(page: Page, token: str) -> None:
-    """Sign in the way a person does: a page of the console, the sign-in form, back to the overview."""
-    await page.goto("/admin/customers")
+    """Sign in the way a person does: the console's address, the sign-in form, the overview."""
+    await page.goto("/admin/")
     await page.wait_for_url("**/admin/login")
     await page.fill("#token", token)
     await page.click("button[type=submit]")

@@ -795,9 +795,39 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
         await expect(page.locator("pre.payload[data-shown]")).to_have_count(0)
 
         await page.context.clear_cookies()
-        await page.wait_for_url("**/admin/login")
+        # The sign-in page, returning to this one.
+        await page.wait_for_url(f"**/admin/login?next=%2Fadmin%2Fstripe-events%2F{early['id']}")
         assert await page.locator("main").count() == 1
         await page.screenshot(path=tmp_path / "signed-out-by-refresh.png", full_page=True)
+
+
+async def test_a_link_from_another_site_opens_the_page_it_names(
+    api: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: the session cookie was SameSite=Strict, so a support engineer following a link
+    to a Customer's page from a ticket or a chat was sent to sign in, signed in, and landed on the
+    overview instead of the page."""
+    name = unique_name("linked")
+    customers.create(name, customerId=customer_id_for(name))
+    target = f"{base_url(api)}/admin/customers/{name}"
+    async with console_page(base_url(api), tmp_path) as page:
+        # A ticket on another site, linking to the Customer's page.
+        await page.route(
+            "http://tickets.example/**",
+            lambda route: route.fulfill(content_type="text/html", body=f'<a href="{target}">{name}</a>'),
+        )
+        await page.goto("http://tickets.example/ISSUE-1")
+        await page.click(f"text={name}")
+        await page.wait_for_url("**/admin/login?next=*")
+        await page.fill("#token", ADMIN_TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(target)
+        await expect(page.locator("#main h1")).to_contain_text(name)
+        # Signed in, the link opens the page at once.
+        await page.goto("http://tickets.example/ISSUE-1")
+        await page.click(f"text={name}")
+        await page.wait_for_url(target)
+        await expect(page.locator("#main h1")).to_contain_text(name)
 
 
 async def test_revoking_a_licence_revoked_already_says_so_and_records_nothing(

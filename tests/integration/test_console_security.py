@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -94,8 +95,11 @@ async def test_every_page_sends_a_stranger_to_sign_in(api: TestClient[Any, Any],
             api.session.cookie_jar.clear()
             if cookie is not None:
                 api.session.cookie_jar.update_cookies({COOKIE: cookie})
-            answer = await api.get(sample_path(page.path, customer, event_id), allow_redirects=False)
-            assert (answer.status, answer.headers.get("Location")) == (303, "/admin/login"), page.path
+            path = sample_path(page.path, customer, event_id)
+            answer = await api.get(path, allow_redirects=False)
+            # Back to the page once signed in (the overview is where a sign-in lands anyway).
+            login = "/admin/login" + ("" if path == "/admin/" else "?" + urlencode({"next": path}))
+            assert (answer.status, answer.headers.get("Location")) == (303, login), page.path
             assert answer.headers["Content-Security-Policy"] == CONSOLE_CSP
 
 
@@ -167,7 +171,10 @@ async def test_the_session_cookie_carries_its_flags(webhook_settings: Settings, 
         assert answer.status == 303
         cookie = answer.cookies[COOKIE]
         assert cookie["httponly"] is True
-        assert cookie["samesite"] == "Strict"
+        # Lax: a link from another site (a ticket, a chat) opens the page signed in; no GET writes, and
+        # every write is a POST, which Lax does not send from another site (and the guard checks its
+        # Origin and CSRF token).
+        assert cookie["samesite"] == "Lax"
         assert cookie["path"] == "/admin"
         assert bool(cookie["secure"]) is secure
         assert int(cookie["max-age"]) == 8 * 3600
@@ -521,3 +528,51 @@ async def test_an_action_read_before_its_customer_was_made_again_is_refused_by_t
         assert answer.status == 409, (action, problem)
         assert "re-created since this page was shown" in problem["message"], (action, problem)
     await untouched(customers, db_engine, name, customer_id)
+
+
+# ----- signing in from a link -----
+
+
+async def test_a_link_to_a_page_leads_through_sign_in_to_that_page(
+    api: TestClient[Any, Any], customer: str
+) -> None:
+    """Found in review: a link to a Customer's page (from a ticket, a chat) sent a person to sign in,
+    and then to the overview, not to the page it named."""
+    path = f"/admin/customers?q={customer}"
+    answer = await api.get(path, allow_redirects=False)
+    login = "/admin/login?" + urlencode({"next": path})
+    assert (answer.status, answer.headers["Location"]) == (303, login)
+    form = await form_fields(api, login, "/admin/login")
+    assert form == {"next": path}
+    signed_in = await post_form(api, "/admin/login", {"token": ADMIN_TOKEN, **form})
+    assert (signed_in.status, signed_in.headers["Location"]) == (303, path)
+    # The overview's own sign-in carries no return: it is where a sign-in lands.
+    api.session.cookie_jar.clear()
+    answer = await api.get("/admin/", allow_redirects=False)
+    assert answer.headers["Location"] == "/admin/login"
+
+
+@pytest.mark.parametrize(
+    "next_page",
+    [
+        "https://evil.example/admin/",
+        "//evil.example/admin/",
+        "/\\evil.example/admin/",
+        "/admin/\\\\evil.example",
+        "/api/customers",
+        "/admin",
+        "javascript:alert(1)",
+        "/admin/customers\r\nSet-Cookie: x=1",
+    ],
+)
+async def test_a_sign_in_returns_only_to_a_page_of_the_console(
+    api: TestClient[Any, Any], next_page: str
+) -> None:
+    form = await api.get("/admin/login", params={"next": next_page}, allow_redirects=False)
+    page = await form.text()
+    assert form.status == 400, page
+    assert "next: must be a page of the console" in page, page
+    answer = await post_form(api, "/admin/login", {"token": ADMIN_TOKEN, "next": next_page})
+    problem = await answer.json()
+    assert answer.status == 400 and problem["details"][0]["field"] == "next", problem
+    assert COOKIE not in answer.cookies

@@ -606,7 +606,7 @@ async def test_sign_out_with_postgresql_away_is_a_503_that_keeps_the_session_to_
     # This replica counts its own sign-out at once (the fake table keeps no row).
     console.client.session.cookie_jar.update_cookies({COOKIE: copied})
     answer = await console.client.get("/admin/customers", allow_redirects=False)
-    assert (answer.status, answer.headers["Location"]) == (303, "/admin/login")
+    assert (answer.status, answer.headers["Location"]) == (303, "/admin/login?next=%2Fadmin%2Fcustomers")
 
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}

@@ -83,6 +83,8 @@ CSRF_FIELD: Final = "csrf"
 LAST_REPLAY_FIELD: Final = "last_replay"
 # An action form's Customer or InstanceRollout, by its uid when the page was shown (as_shown).
 UID_FIELD: Final = "uid"
+# The page a sign-in returns to (return_to).
+NEXT_FIELD: Final = "next"
 STATIC_FILES: Final = {
     "console.css": "text/css",
     "console.js": "text/javascript",
@@ -213,27 +215,56 @@ async def read_form(request: web.Request) -> Mapping[str, object]:
 # ----- signing in -----
 
 
+# What a sign-in may return to: a page of the console, its path and query as a browser sends them (printable
+# ASCII). Not another host (`//host`, a scheme, a backslash, which browsers read as a slash), nor what a
+# Location header cannot hold.
+_CONSOLE_PAGE: Final = re.compile(r"/admin/[!-\[\]-~]*")
+
+
+def return_to(value: object) -> str | None:
+    """The page a sign-in returns to (`next`: the page a link opened before its sign-in); None: none
+    given, the overview."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _CONSOLE_PAGE.fullmatch(value):
+        raise ValidationFailed.single(
+            NEXT_FIELD, "must be a page of the console: a path starting with /admin/, on this host"
+        )
+    return value
+
+
+def sign_in_page(request: web.Request) -> str:
+    """The sign-in page, returning to the page asked for (a link from a ticket or a chat) once signed in."""
+    if request.raw_path == "/admin/":
+        return "/admin/login"
+    return "/admin/login?" + urlencode({NEXT_FIELD: request.raw_path})
+
+
 async def login_form(request: web.Request) -> web.Response:
     """The sign-in page."""
-    return render(request, "login.html.j2", failed=False)
+    return render(request, "login.html.j2", failed=False, next=return_to(request.query.get(NEXT_FIELD)))
 
 
 async def login(request: web.Request) -> web.StreamResponse:
     """A token opens a session: the admin token may act, the viewer token may look."""
     sessions = request.app[SESSIONS_KEY]
     form = await read_form(request)
+    back = return_to(form.get(NEXT_FIELD))
     session = sessions.sign_in(str(form.get("token", "")))
     if session is None:
         log.warning("console: a sign-in from %s failed: the token opens no session", request_address(request))
-        return render(request, "login.html.j2", status=401, failed=True)
-    response = see_other("/admin/")
+        return render(request, "login.html.j2", status=401, failed=True, next=back)
+    response = see_other(back or "/admin/")
+    # Lax, not Strict: a link from another site (a ticket, a chat) opens the page signed in. It gives
+    # nothing up: no GET of the console writes, and a POST from another site carries no Lax cookie (each
+    # is checked for this origin and the session's CSRF token besides: console_guard).
     response.set_cookie(
         COOKIE,
         sessions.seal(session),
         max_age=LIFETIME_SECONDS,
         path="/admin",
         httponly=True,
-        samesite="Strict",
+        samesite="Lax",
         secure=_secure(request),
     )
     log.info("console: %s signed in from %s", session.role, request_address(request))
@@ -982,7 +1013,7 @@ async def _guarded(request: web.Request, handler: Handler, page: Page) -> web.St
         session = None  # signed out: a copy of its cookie opens nothing either
     if session is None:
         if request.method == "GET":
-            return see_other("/admin/login")
+            return see_other(sign_in_page(request))
         raise ApiError("Unauthorized", "sign in to the console first", status=401)
     request[SESSION] = session
     if request.method == "POST":
