@@ -287,7 +287,7 @@ async def test_no_page_embeds_a_token_a_licence_or_a_usage_key(
     paths = [
         sample_path(page.path, name, event_id)
         for page in PAGES
-        if page.method == "GET" and page.path != "/admin/static/{file}"
+        if page.method == "GET" and page.path not in ("/admin/static/{file}", "/admin")
     ] + [f"/admin/customers?q={name}", "/admin/stripe-events?result=unmatched", "/admin/?fragment=1"]
     assert "unsafe-inline" not in CONSOLE_CSP and "script-src 'self'" in CONSOLE_CSP
     for path in paths:
@@ -576,3 +576,9 @@ async def test_a_sign_in_returns_only_to_a_page_of_the_console(
     problem = await answer.json()
     assert answer.status == 400 and problem["details"][0]["field"] == "next", problem
     assert COOKIE not in answer.cookies
+
+
+async def test_admin_without_its_slash_is_the_console(api: TestClient[Any, Any]) -> None:
+    """Found in review: /admin, typed without its slash, was the API's JSON 404."""
+    answer = await api.get("/admin", allow_redirects=False)
+    assert (answer.status, answer.headers["Location"]) == (303, "/admin/")

@@ -545,6 +545,11 @@ async def stripe_event_page(request: web.Request) -> web.Response:
     )
 
 
+async def to_overview(request: web.Request) -> web.Response:
+    """`/admin`, typed without its slash: the console."""
+    return see_other("/admin/")
+
+
 async def static_file(request: web.Request) -> web.Response:
     name = request.match_info["file"]
     if name not in STATIC_FILES:
@@ -902,6 +907,7 @@ async def replay_event(request: web.Request) -> web.StreamResponse:
 PAGES: Final[tuple[Page, ...]] = (
     Page("GET", "/admin/login", login_form, "public"),
     Page("POST", "/admin/login", login, "public"),
+    Page("GET", "/admin", to_overview, "public"),
     Page("GET", "/admin/static/{file}", static_file, "public"),
     Page("POST", "/admin/logout", logout, "viewer"),
     Page("GET", "/admin/", overview_page, "viewer"),
