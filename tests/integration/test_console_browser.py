@@ -735,6 +735,14 @@ async def test_the_stripe_events_list_says_or_pages_past_200(
     assert sorted(shown) == ids and len(shown) == 250
 
 
+async def refreshed(page: Any, times: int = 1) -> None:
+    """The page's refresh answered `times` times, and the last answer's swap made (or not)."""
+    for _ in range(times):
+        async with page.expect_response(lambda answer: "fragment=1" in answer.url):
+            pass
+    await page.wait_for_timeout(300)  # the answer's text read and the swap made, or not
+
+
 async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_session_ends(
     console: TestClient[Any, Any], tmp_path: Path
 ) -> None:
@@ -743,12 +751,6 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
     sign-in page inside the old page, under a header still offering its actions; and (a review of the
     fix) a link a mouse clicked, keeping the focus, stopped the refresh for good."""
     early = await unmatched_event(console, customer_id_for(unique_name("reader")))
-
-    async def refreshed(page: Any, times: int = 1) -> None:
-        for _ in range(times):
-            async with page.expect_response(lambda answer: "fragment=1" in answer.url):
-                pass
-        await page.wait_for_timeout(300)  # the answer's text read and the swap made, or not
 
     async with console_page(base_url(console), tmp_path) as page:
         await browser_sign_in(page, ADMIN_TOKEN)
@@ -799,6 +801,30 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
         await page.wait_for_url(f"**/admin/login?next=%2Fadmin%2Fstripe-events%2F{early['id']}")
         assert await page.locator("main").count() == 1
         await page.screenshot(path=tmp_path / "signed-out-by-refresh.png", full_page=True)
+
+
+async def test_a_reason_typed_and_left_is_kept_by_the_refresh(
+    api: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: the 2 s refresh waits while a form has the focus, so a Revoke reason half typed
+    was wiped once the focus left its field (a click elsewhere on the page, to read it)."""
+    name = unique_name("typed")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(api), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        reason = page.locator("input[name=reason]")
+        await reason.fill("chargeback on inv")
+        await page.locator("#main h1").evaluate("title => { title.dataset.shown = 'before'; }")
+        await page.locator("#main h1").click()  # the focus leaves the field
+        assert await reason.evaluate("field => document.activeElement !== field")
+        await refreshed(page, times=2)
+        assert await reason.input_value() == "chargeback on inv"
+        await expect(page.locator("#main h1[data-shown]")).to_have_count(1)
+        # Back to what the page showed: it refreshes again.
+        await reason.fill("")
+        await page.locator("#main h1").click()
+        await expect(page.locator("#main h1[data-shown]")).to_have_count(0)
 
 
 async def test_a_link_from_another_site_opens_the_page_it_names(

@@ -5,15 +5,19 @@
   var main = document.getElementById("main");
   if (!main || !main.dataset.refresh) { return; }
   var every = parseInt(main.dataset.refresh, 10) || 2000;
-  // Someone at work in the page: a form being filled, a link or button reached with the keyboard, or
-  // text selected to copy. The swap would take it from under them, so it waits for them (WCAG 2.2.2).
-  // A link a mouse clicked keeps the focus too (one opened in a new tab): not a reason to wait.
+  // Someone at work in the page: a form being filled, a link or button reached with the keyboard, text
+  // selected to copy, or a field typed in and left (a Revoke reason half written while the person reads
+  // the page). The swap would take it from under them, so it waits for them (WCAG 2.2.2). A link a
+  // mouse clicked keeps the focus too (one opened in a new tab): not a reason to wait.
   function busy() {
     var active = document.activeElement;
     if (active && active !== document.body && main.contains(active) &&
         (active.closest("form") !== null || active.matches(":focus-visible"))) { return true; }
     var selection = window.getSelection();
-    return selection !== null && selection.toString() !== "";
+    if (selection !== null && selection.toString() !== "") { return true; }
+    return Array.prototype.some.call(main.querySelectorAll("input, textarea"), function (field) {
+      return field.value !== field.defaultValue;
+    });
   }
   // The new content, with the scroll of each box (a Stripe event's payload) where the person left it.
   function swap(html) {
