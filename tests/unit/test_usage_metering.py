@@ -137,22 +137,9 @@ def test_a_period_is_priced_against_the_last_paid_plan_it_held(
     assert period_plan(effective, recorded) == priced
 
 
-@pytest.mark.parametrize(
-    ("cancel_at_period_end", "starts_after_its_end", "plan"),
-    [
-        (True, True, "unlicensed"),  # cancelled at its end: the next period holds no paid plan
-        (True, False, "professional"),  # still its last period
-        (False, True, "professional"),  # a renewal not applied yet: still paid
-    ],
-)
-def test_a_period_after_a_subscription_cancelled_at_its_end_holds_no_paid_plan_whatever_the_status_says(
-    cancel_at_period_end: bool, starts_after_its_end: bool, plan: str
-) -> None:
-    """Found in review: the report ending at the boundary flushed the next period while the status still
-    said professional (Stripe's deletion not applied yet), and period_plan kept professional for all of
-    a period in which the Customer held no paid plan."""
-    end = datetime(2026, 12, 20, tzinfo=UTC)
-    customer = Customer.model_validate(
+def professional_until(end: datetime, cancel_at_period_end: bool) -> Customer:
+    """A Stripe-billed professional Customer whose subscription's period ends at `end`."""
+    return Customer.model_validate(
         {
             "metadata": {"name": "acme"},
             "spec": {
@@ -169,6 +156,24 @@ def test_a_period_after_a_subscription_cancelled_at_its_end_holds_no_paid_plan_w
             "status": {"plan": "professional"},
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("cancel_at_period_end", "starts_after_its_end", "plan"),
+    [
+        (True, True, "unlicensed"),  # cancelled at its end: the next period holds no paid plan
+        (True, False, "professional"),  # still its last period
+        (False, True, "professional"),  # a renewal not applied yet: still paid
+    ],
+)
+def test_a_period_after_a_subscription_cancelled_at_its_end_holds_no_paid_plan_whatever_the_status_says(
+    cancel_at_period_end: bool, starts_after_its_end: bool, plan: str
+) -> None:
+    """Found in review: the report ending at the boundary flushed the next period while the status still
+    said professional (Stripe's deletion not applied yet), and period_plan kept professional for all of
+    a period in which the Customer held no paid plan."""
+    end = datetime(2026, 12, 20, tzinfo=UTC)
+    customer = professional_until(end, cancel_at_period_end)
     start = end if starts_after_its_end else end - timedelta(days=30)
     assert customer_plan(customer, BillingPeriod(start, start + timedelta(days=30))) == plan
     assert customer_plan(customer) == "professional"
@@ -227,23 +232,7 @@ def test_a_plan_history_read_after_a_period_starts_cannot_say_what_it_held() -> 
 
 
 def test_an_ended_period_is_priced_on_today_s_plan_only_when_the_history_has_none_of_it() -> None:
-    customer = Customer.model_validate(
-        {
-            "metadata": {"name": "acme"},
-            "spec": {
-                "email": "a@b.cd",
-                "companyName": "Acme",
-                "billing": {"mode": "stripe"},
-                "subscription": {
-                    "status": "active",
-                    "plan": "professional",
-                    "currentPeriodEnd": MARCH.start.isoformat(),
-                    "cancelAtPeriodEnd": True,
-                },
-            },
-            "status": {"plan": "professional"},
-        }
-    )
+    customer = professional_until(MARCH.start, cancel_at_period_end=True)
     february = BillingPeriod(on(1, 2), MARCH.start)
     assert ended_period_plan(customer, february, "starter") == "starter"
     assert ended_period_plan(customer, february, None) == "professional"
