@@ -27,13 +27,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import GROUP, PLURAL, VERSION
 from iotistic_billing.db.models import ApiKey, StripeEvent
-from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.processes import free_port
@@ -58,19 +56,10 @@ _HISTORY_IN_FLIGHT = text(
 async def lose_revoke_in_flight(engine: AsyncEngine) -> None:
     """PostgreSQL lost at the commit of a revoke that has suspended the Customer: its backend ended. The
     operator's licence transaction may be in flight too (the suspension makes it mint), and is ended with
-    it: the operator retries (found flaky: the test counted exactly one). A pooled connection of the
-    test's own engine that an earlier test's kill ended is tried again on a new one (found flaky in a
-    full run: its InterfaceError came out of the revoke's patch, "nothing was changed")."""
-    for attempt in range(3):
-        try:
-            async with engine.connect() as connection:
-                ended = (await connection.execute(_HISTORY_IN_FLIGHT)).scalars().all()
-                await connection.commit()
-            break
-        except DBAPIError as error:
-            if attempt == 2 or not database_unreachable(error):
-                raise
-            print(f"lose_revoke_in_flight: tried again after {type(error.orig).__name__}: {error.orig}")
+    it: the operator retries (found flaky: the test counted exactly one)."""
+    async with engine.connect() as connection:
+        ended = (await connection.execute(_HISTORY_IN_FLIGHT)).scalars().all()
+        await connection.commit()
     assert ended and all(ended), ended
 
 
