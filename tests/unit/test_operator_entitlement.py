@@ -35,18 +35,26 @@ def _revoked(target: PassTarget, jti: str) -> PassTarget:
     return replace(target, customer=target.customer.model_copy(update={"metadata": metadata}))
 
 
-async def test_a_revoke_is_one_notice_with_its_reason_not_a_second_suspended_one(
+async def starter_licensed(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Found in review: the revoke route writes `license.revoked` with the admin's reason and sets
-    spec.suspended; the operator's next pass, seeing a suspension, sent `license.suspended` "suspended by
-    an administrator" too: two mails for one action, the second without the reason."""
+) -> tuple[LicenceStepParts, OperatorContext, LicenseStatus]:
+    """The licence step's fakes in place, and a starter Customer's licence issued (its notices cleared)."""
     parts = LicenceStepParts()
     monkeypatch.setattr(license_step, "record_license", parts.record_license)
     monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
     ctx = parts.context()
     held = await ensure_license(ctx, _target_of({"plan": "starter"}), None)
     parts.notices.clear()
+    return parts, ctx, held
+
+
+async def test_a_revoke_is_one_notice_with_its_reason_not_a_second_suspended_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the revoke route writes `license.revoked` with the admin's reason and sets
+    spec.suspended; the operator's next pass, seeing a suspension, sent `license.suspended` "suspended by
+    an administrator" too: two mails for one action, the second without the reason."""
+    parts, ctx, held = await starter_licensed(monkeypatch)
 
     # The route revoked `held` (its row and notice are the route's) and suspended the Customer.
     revoked = _revoked(_reported(_target_of({"plan": "starter", "suspended": True}), held.jti), held.jti)
@@ -70,12 +78,7 @@ async def test_a_revoke_whose_record_was_lost_leaves_the_suspension_s_notice_to_
     """Found in review: a revoke whose commit was lost after its patch (PostgreSQL at the commit, or the
     patch's answer lost) has no row and no notice, and the pass it started held its own notice back: the
     customer was cut off and told nothing unless an admin retried."""
-    parts = LicenceStepParts()
-    monkeypatch.setattr(license_step, "record_license", parts.record_license)
-    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
-    ctx = parts.context()
-    held = await ensure_license(ctx, _target_of({"plan": "starter"}), None)
-    parts.notices.clear()
+    parts, ctx, held = await starter_licensed(monkeypatch)
 
     revoked = _revoked(_reported(_target_of({"plan": "starter", "suspended": True}), held.jti), held.jti)
     await ensure_license(ctx, revoked, parts.secret)
@@ -88,11 +91,7 @@ async def test_a_suspension_that_is_no_revoke_still_says_so(
 ) -> None:
     """A suspension by the console or the CLI (no revoke), or one after a revoke that was lifted since
     (REVOKED_LICENSE names an older licence than the one replaced), is the customer's only word of it."""
-    parts = LicenceStepParts()
-    monkeypatch.setattr(license_step, "record_license", parts.record_license)
-    ctx = parts.context()
-    held = await ensure_license(ctx, _target_of({"plan": "starter"}), None)
-    parts.notices.clear()
+    parts, ctx, held = await starter_licensed(monkeypatch)
 
     suspended = _reported(_target_of({"plan": "starter", "suspended": True}), held.jti)
     if annotation is not None:
