@@ -13,6 +13,7 @@ from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
+    ConditionType,
     CustomerSpec,
     SecretKeyRef,
     deletion_running_annotation,
@@ -37,9 +38,13 @@ WEBHOOK_SECRET_CHECK = timedelta(minutes=10)
 async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> NotificationsOutcome | None:
     """None for a Customer without a webhook. A Secret gone, its key gone or a value that is no signing
     secret also deletes the Customer's copy: no webhook is signed with a key its customer took back (one
-    that leaked); the sender's deliveries fail, retried, until the Secret is back and copied again."""
+    that leaked); the sender's deliveries fail, retried, until the Secret is back and copied again. So
+    does the webhook removed from the spec (its NotificationsReady still on the status): the deliveries
+    still pending are not signed with the key and posted to the URL the customer withdrew."""
     webhook = target.spec.notifications.webhook
     if webhook is None:
+        if target.customer.status.condition(ConditionType.NOTIFICATIONS_READY) is not None:
+            await _delete_copy(ctx, target.namespace, target.customer_id)
         return None
     problem = webhook_url_problem(webhook.url)
     if problem is not None:
@@ -53,10 +58,7 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
         await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
     )
     if isinstance(value, NotificationsOutcome):
-        if copied is not None:
-            await ctx.kube.delete_secret(
-                namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
-            )
+        await _delete_copy(ctx, namespace, target.customer_id, copied)
         return value
     if copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value:
         await ctx.kube.apply(
@@ -71,6 +73,21 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     return NotificationsOutcome(
         True, c.WEBHOOK_SECRET_READY, f"webhooks signed with {namespace}/{ref.name} key {ref.key}"
     )
+
+
+async def _delete_copy(
+    ctx: OperatorContext, namespace: str, customer_id: str, copied: SecretData | None = None
+) -> None:
+    """The customer's copy of its signing secret deleted (read first unless `copied` is that read), at
+    the resourceVersion read: one another customer id's, or none, is left alone."""
+    if copied is None:
+        copied = _customers_copy(
+            await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), customer_id
+        )
+    if copied is not None:
+        await ctx.kube.delete_secret(
+            namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
+        )
 
 
 def _signing_secret(

@@ -490,3 +490,31 @@ async def test_a_copy_labelled_with_another_customer_id_is_left_alone() -> None:
     outcome = await ensure_webhook_secret(ctx, target_of(hooked(customer())))
     assert outcome is not None and outcome.reason == c.SECRET_NOT_FOUND
     assert namespace.writes == [] and NOTIFICATIONS_SECRET_NAME in namespace.secrets
+
+
+def signed(body: dict[str, Any]) -> dict[str, Any]:
+    """The Customer as the pass that copied its signing secret left it: NotificationsReady True."""
+    return {**body, "status": {"conditions": signed_customer()["status"]["conditions"]}}
+
+
+async def test_a_webhook_removed_from_the_spec_deletes_the_copy_once() -> None:
+    """Found in review: a webhook removed from the spec (its key leaked, or the customer stops webhooks)
+    left the copy in place, and the deliveries still retrying were signed with the withdrawn key and
+    posted to the withdrawn URL for hours. The pass after the removal deletes it; a Customer that never
+    had a webhook, or whose removal was seen, costs no read."""
+    namespace = CustomerNamespace(copy_of="cust_acme0001")
+    ctx = cast(OperatorContext, SimpleNamespace(kube=namespace))
+
+    assert await ensure_webhook_secret(ctx, target_of(signed(customer()))) is None
+    assert namespace.writes == [f"DELETE {NOTIFICATIONS_SECRET_NAME}"]
+    assert NOTIFICATIONS_SECRET_NAME not in namespace.secrets
+
+    namespace.secrets[NOTIFICATIONS_SECRET_NAME] = SecretData({NOTIFICATIONS_SECRET_KEY: OLD}, {}, {}, "6")
+    namespace.writes.clear()
+    assert await ensure_webhook_secret(ctx, target_of(customer())) is None  # no condition: never signed
+    assert namespace.writes == [] and NOTIFICATIONS_SECRET_NAME in namespace.secrets
+
+    other = CustomerNamespace(copy_of="cust_other0001")
+    ctx = cast(OperatorContext, SimpleNamespace(kube=other))
+    assert await ensure_webhook_secret(ctx, target_of(signed(customer()))) is None
+    assert other.writes == [] and NOTIFICATIONS_SECRET_NAME in other.secrets
