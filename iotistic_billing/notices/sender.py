@@ -147,14 +147,15 @@ def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=BACKOFF[min(attempts, len(BACKOFF)) - 1])
 
 
-def claim(now: datetime) -> Select[models.NoticeDelivery, models.Notice]:
-    """The delivery due longest that no other sender holds, locked, with its notice: the first entry of
-    the due index (`ix_notice_deliveries_due`, in this order). Due by this sender's clock or by
-    PostgreSQL's, whichever is later: a new delivery's time is PostgreSQL's (the column's default), and a
-    sender whose clock is behind it waited that long for every notice (found in review)."""
+def claim(now: datetime) -> Select[models.NoticeDelivery, models.Notice, datetime]:
+    """The delivery due longest that no other sender holds, locked, with its notice and the time it was
+    due by: the first entry of the due index (`ix_notice_deliveries_due`, in this order). Due by this
+    sender's clock or by PostgreSQL's, whichever is later: a new delivery's time is PostgreSQL's (the
+    column's default), and a sender whose clock is behind it waited that long for every notice (found in
+    review). Its retry is timed from the same later time (send_one)."""
     due_by = func.greatest(literal(now, DateTime(timezone=True)), func.now())
     return (
-        select(models.NoticeDelivery, models.Notice)
+        select(models.NoticeDelivery, models.Notice, due_by)
         .join(models.Notice, models.Notice.id == models.NoticeDelivery.notice_id)
         .where(models.NoticeDelivery.status == "pending", models.NoticeDelivery.next_attempt_at <= due_by)
         .order_by(models.NoticeDelivery.next_attempt_at, models.NoticeDelivery.id)
@@ -388,14 +389,16 @@ class NoticeSender:
             row = (await session.execute(claim(now))).first()
             if row is None:
                 return False
-            delivery, notice_row = row
+            delivery, notice_row, due_by = row
             notice = StoredNotice.of(notice_row)
             delivery.attempts += 1
             started = time.monotonic()
             try:
                 await self._deliver(delivery, notice, now)
             except Exception as error:  # any error is this delivery's failure: it must never block the others
-                self._count_failure(delivery, error, now)
+                # The backoff from the time it was claimed by: from a clock behind PostgreSQL's, each
+                # retry shorter than the gap was due at once (found in review: four tries in a second).
+                self._count_failure(delivery, error, due_by)
                 return True
             delivery.status = "sent"
             delivery.sent_at = now

@@ -758,6 +758,30 @@ async def test_deliveries_to_hosts_the_resolver_refuses_fail_alone_and_hold_up_n
         assert (failed.status, failed.attempts) == ("pending", 2)
 
 
+async def test_a_sender_whose_clock_is_behind_postgresql_s_waits_out_each_backoff(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
+) -> None:
+    """Found in review: the claim is due by the later of the sender's clock and PostgreSQL's, but a
+    failed try's backoff was added to the sender's own: with a clock five minutes behind, the tries after
+    10 s, 30 s and 2 min were due at once, four tries of NOTIFY_MAX_ATTEMPTS spent in one second."""
+    clock = Clock()
+    clock.advance(-300)
+    one = sender(sessions, kube, clock, mailpit.smtp_url)
+    await one.start()
+    try:
+        await one.send_due()  # what other tests left
+        name = unique_name("behind")
+        spec = CustomerSpec.model_validate({"email": f"ops@{name}.example", "companyName": "B"})
+        notice = suspended_notice(name, jti="behind")
+        await enqueue(sessions, Outbox("https://hooks..example.com/x"), notice, spec)  # refused: fails
+        await one.send_due()
+    finally:
+        await one.stop()
+    (failed,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "platform"]
+    assert (failed.status, failed.attempts) == ("pending", 1), failed.last_error
+    assert failed.next_attempt_at > datetime.now(UTC) + timedelta(seconds=BACKOFF[0] - 5)
+
+
 async def test_a_signing_secret_the_server_may_not_read_fails_its_delivery_alone(
     sessions: async_sessionmaker[AsyncSession],
     receivers: tuple[Receiver, Receiver],
