@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from iotistic_billing.customer import ConditionType
@@ -108,10 +108,14 @@ class Decision:
 
 
 def _time(value: str | None) -> datetime | None:
+    """An annotation's time; one without a UTC offset (set by hand: `2026-12-03T11:00:00`, a date
+    alone) is UTC, as a rollout writes them: compared with the aware times of the status, it raised
+    TypeError in every tick."""
     try:
-        return datetime.fromisoformat(value) if value else None
+        parsed = datetime.fromisoformat(value) if value else None
     except ValueError:
         return None
+    return parsed.replace(tzinfo=UTC) if parsed is not None and parsed.tzinfo is None else parsed
 
 
 def _last_pass(

@@ -1628,3 +1628,22 @@ def test_a_return_stalled_on_its_licence_is_done_when_it_runs_the_version_it_was
     assert member(body, "2.0.0").annotated_result == "ran"
     body["status"]["release"]["chartVersion"] = "2.0.0"  # still on the version it is returned from
     assert member(body, "2.0.0").annotated_result == "refused"
+
+
+@pytest.mark.parametrize("updated_at", ["2026-12-03T11:00:00", "2026-12-03"])
+def test_an_updated_at_set_by_hand_without_an_offset_is_read_as_utc(updated_at: str) -> None:
+    """Found in review: an updated-at set with kubectl without a UTC offset (or a date alone) was read as
+    a naive time, and every tick raised TypeError comparing it with the status's aware times: the
+    rollout never moved on. It is UTC, as the rollout writes it."""
+    fleet = Fleet(3)
+    fleet.customers["c01"]["metadata"]["annotations"] = {
+        ROLLOUT_CHART_VERSION: "2.0.0",
+        ROLLOUT_UPDATED_AT: updated_at,
+    }
+    not_ready(fleet.customers["c01"])
+    read = member(fleet.customers["c01"], "2.0.0").moved_at
+
+    status, _ = run(fleet, spec(steps=[{"rest": True}]), ticks=20)
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert fleet.on("2.0.0") == set(fleet.customers)
+    assert read == datetime.fromisoformat(updated_at).replace(tzinfo=UTC)
