@@ -47,6 +47,10 @@ HEALTH_TIMEOUT = "HealthTimeout"
 # Stalled before any step that reads the version (its spec refused, its namespace someone else's): the
 # release status is an earlier pass's, and every version is refused until the Customer is repaired.
 STALLED_BEFORE_RELEASE = frozenset({INVALID_SPEC, NAMESPACE_TAKEN})
+# Stalled with no helm run: those, and a licence that cannot be minted, whose pass still writes the
+# version it aimed at (status.release.targetVersion). None is helm refusing the target, so the health
+# gate leaves them to the timeout, failed with their own reason.
+STALLED_BEFORE_HELM = STALLED_BEFORE_RELEASE | {LICENSE_FAILED}
 # After the operator that runs the rollouts started, how long a Customer whose pass had run its move
 # before is not failed by its timeout: the restarted operator's passes read its readiness again first
 # (_Tick._timed_out).
@@ -199,11 +203,13 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     if result == "ran" and ready.get("status") == "True":
         proven = ready.get("reason") != INSTANCE_DISABLED
         return Member(name, created, annotations, "healthy", running=running, proven=proven)
-    if result == "refused":
+    stalled_before_helm = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_HELM
+    if result == "refused" and not stalled_before_helm:
         return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
-    if stalled_before_release:
+    if stalled_before_helm:
         # No pass installs the target until it is repaired; a Stalled from before its move (the repair
-        # and the move in one minute) may still go, so the timeout decides, with the stall's reason.
+        # and the move in one minute) may still go, so the timeout decides, with the stall's reason. A
+        # licence that cannot be minted too: its pass names the target, but helm never ran it.
         return Member(
             name,
             created,

@@ -1647,3 +1647,57 @@ def test_an_updated_at_set_by_hand_without_an_offset_is_read_as_utc(updated_at: 
     assert status.phase == RolloutPhase.SUCCEEDED
     assert fleet.on("2.0.0") == set(fleet.customers)
     assert read == datetime.fromisoformat(updated_at).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("repaired", [False, True], ids=["never minted", "minted in time"])
+def test_a_customer_stalled_on_its_licence_is_left_to_the_timeout_and_fails_for_that_reason(
+    repaired: bool,
+) -> None:
+    """Found in review: a Customer Stalled LicenseFailed before the rollout failed the health gate at
+    once: its move's pass stops at the licence, before helm, and writes the target as targetVersion
+    beside the Stalled, which read as helm refusing the version, and the rollout halted. Like the other
+    stalls before the release step, the timeout decides, and the failure names its reason."""
+    cannot_mint = "no signing key"
+
+    class Fleet_(Fleet):
+        licence_fails = True
+
+        def operate(self, names: Collection[str] | None = None) -> None:
+            super().operate([n for n in self.customers if n != "c02" or not self.licence_fails])
+            if not self.licence_fails:
+                return
+            # c02's pass aims at the version, writes it, and stops at its licence: no helm runs.
+            body = self.customers["c02"]
+            wanted, source = self.aims(body)
+            read = body["metadata"]["annotations"].get(ROLLOUT_UPDATED_AT) if source == "Rollout" else None
+            aimed_by(body["status"]["release"], source, read)
+            body["status"]["release"]["targetVersion"] = wanted
+            body["status"]["conditions"] = [
+                {"type": "Ready", "status": "False", "reason": "LicenseFailed", "message": cannot_mint},
+                {"type": "Stalled", "status": "True", "reason": "LicenseFailed", "message": cannot_mint},
+            ]
+
+    fleet = Fleet_(4)
+    fleet.operate()
+
+    def mint(tick: int) -> None:
+        if repaired and tick == 30:
+            fleet.licence_fails = False
+
+    rollout_spec = spec(
+        steps=[{"customers": ["c02"]}, {"rest": True}],
+        healthGate={"timeoutSeconds": 60, "maxFailures": 1},
+        onFailure="halt",
+    )
+    status, decisions = run(fleet, rollout_spec, ticks=120, before_tick=mint)
+
+    if repaired:
+        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
+        assert fleet.on("2.0.0") == set(fleet.customers)
+        return
+    assert status.phase == RolloutPhase.HALTED
+    [failure] = status.failures or []
+    assert (failure.customer, failure.reason) == ("c02", "LicenseFailed")
+    assert failure.message == f"LicenseFailed 60 s after it was moved to 2.0.0, no upgrade run: {cannot_mint}"
+    halted = next(i for i, d in enumerate(decisions) if d.status.phase == RolloutPhase.HALTED)
+    assert halted == 61
