@@ -204,8 +204,17 @@ def member(body: Mapping[str, Any], target: str) -> Member:
         proven = ready.get("reason") != INSTANCE_DISABLED
         return Member(name, created, annotations, "healthy", running=running, proven=proven)
     stalled_before_helm = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_HELM
+    if (
+        result == "refused"
+        and source == "Rollout"
+        and read not in (None, annotations.get(ROLLOUT_UPDATED_AT))
+    ):
+        # Refused by a pass that read an earlier move (a new run's move of a Customer an earlier one left
+        # refused): the move's own pass has not run yet.
+        result = "not yet"
     if result == "refused" and not stalled_before_helm:
-        return Member(name, created, annotations, "failed", stuck.get("reason", ""), stuck.get("message", ""))
+        why = stuck.get("reason", ""), stuck.get("message", "")
+        return Member(name, created, annotations, "failed", *why, running=running)
     if stalled_before_helm:
         # No pass installs the target until it is repaired; a Stalled from before its move (the repair
         # and the move in one minute) may still go, so the timeout decides, with the stall's reason. A
@@ -376,7 +385,8 @@ def decide(
         )
 
     selected = [c for c in customers if selects(spec, c)]
-    members = [member(c, spec.chart_version) for c in selected]
+    run_started = (status.started_at or now).replace(microsecond=0)  # updated-at: whole seconds
+    members = [_refused_in_run(member(c, spec.chart_version), rollout, run_started) for c in selected]
     groups = assign_steps(spec, members)
     if status.phase in (None, RolloutPhase.PENDING, RolloutPhase.WAITING):
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
@@ -402,6 +412,18 @@ def decide(
         is_pinned = ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
         (pinned if is_pinned else departed).append(member(c, spec.chart_version))
     return tick.run(groups, len(members), _held(rollout, members, others), departed, pinned)
+
+
+def _refused_in_run(m: Member, rollout: Rollout, run_started: datetime) -> Member:
+    """`m`, or pending again when the refusal it failed on is from a pass before this run: another
+    rollout's move (a halted one of the same version, before the chart was pushed) or this rollout's
+    earlier run, as the timeout tells them (_Tick._timed_out). Moved again, a new updated-at starts a
+    pass; a new rollout of the version failed the Customer at once and never retried it."""
+    if m.health != "failed" or (
+        m.rollout == rollout.name and m.moved_at is not None and m.moved_at >= run_started
+    ):
+        return m
+    return replace(m, health="pending", reason="", message="")
 
 
 def _blocking(

@@ -1701,3 +1701,50 @@ def test_a_customer_stalled_on_its_licence_is_left_to_the_timeout_and_fails_for_
     assert failure.message == f"LicenseFailed 60 s after it was moved to 2.0.0, no upgrade run: {cannot_mint}"
     halted = next(i for i, d in enumerate(decisions) if d.status.phase == RolloutPhase.HALTED)
     assert halted == 61
+
+
+@pytest.mark.parametrize("pushed", [True, False], ids=["chart pushed", "still missing"])
+def test_a_new_rollout_moves_again_a_customer_a_halted_rollout_of_the_version_left_refused(
+    pushed: bool,
+) -> None:
+    """Found in review: r1 rolled out 2.0.0 before the chart was pushed, so its canary c05 stalled
+    ChartVersionUnavailable and r1 halted. With the chart pushed, r2 of 2.0.0 read c05's annotation (the
+    version, r1's move) and its Stalled status as helm refusing it: failed at its first tick, never moved
+    again, and r2 halted. A refusal from a pass before this run is no failure of it: the Customer is moved
+    again, and judged by the pass that move starts (a tick before that pass runs waits for it)."""
+    fleet = Fleet(10, withdrawn={"2.0.0"})
+    rollout_spec = spec(steps=[{"customers": ["c05"]}, {"rest": True}])
+    first, _ = run(fleet, rollout_spec, ticks=20)
+    assert first.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason) for f in first.failures or ()] == [("c05", "ChartVersionUnavailable")]
+    if pushed:
+        fleet.withdrawn.clear()
+    r2 = Rollout("r2", 1, (T0 + timedelta(hours=1)).isoformat(), {})
+    others = [OtherRollout("r1", T0.isoformat(), rollout_spec, first.phase, first.target_version)]
+    status, upgrades = RolloutStatus(), fleet.upgrades.get("c05", 0)
+
+    def tick(seconds: int) -> RolloutStatus:
+        at = T0 + timedelta(hours=1, seconds=seconds)
+        decision = decide(r2, rollout_spec, status, list(fleet.customers.values()), others, at)
+        fleet.apply(decision)
+        return decision.status
+
+    status = tick(0)
+    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
+    assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
+    status = tick(1)  # its pass has not run yet
+    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
+    for seconds in range(2, 60):
+        fleet.operate()
+        status = tick(seconds)
+        if status.phase in TERMINAL_PHASES:
+            break
+
+    if pushed:
+        assert fleet.upgrades["c05"] == upgrades + 1
+        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
+        assert fleet.on("2.0.0") == set(fleet.customers)
+        return
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
+    assert fleet.on("2.0.0") == set()
