@@ -680,9 +680,12 @@ class _Tick:
         step_status = steps[current]
         # A failure below maxFailures does not hold the step: the Customer stays on the version, listed.
         listed = {f.customer for f in status.failures or ()}
-        done = not self.moves and all(m.health in ("healthy", "failed") or m.name in listed for m in watched)
-        if not done:
+        judged = {m.name for m in watched if m.health in ("healthy", "failed") or m.name in listed}
+        done = not self.moves and len(judged) == len(watched)
+        late = self._joined_bake(watched, step_status.healthy_at)
+        if any(m.name not in judged and m.name not in late for m in watched):
             step_status.healthy_at = None
+        if not done:
             only_held = not self.moves and not updating and any(m.name in held for m in watched)
             reason = WAITING_FOR_ROLLOUT if only_held else "Progressing"
             self._progressing(reason, self._progress(groups, current, watched, held), True)
@@ -706,6 +709,20 @@ class _Tick:
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
         return self.run(raw_groups, total, held, raw_departed, pinned)
+
+    def _joined_bake(self, watched: list[Member], healthy_at: datetime | None) -> set[str]:
+        """The Customers the step took after its bake began: moved now (a signup, one relabelled in) or
+        by this rollout since. Moved and judged, and the step ends only once they are, but they do not
+        start the bake again for the others: with a signup more often than bakeSeconds, it never ended."""
+        if healthy_at is None:
+            return set()
+        since = healthy_at.replace(microsecond=0)  # updated-at: whole seconds
+        return {
+            m.name
+            for m in watched
+            if m.health == "pending"
+            or (m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since)
+        }
 
     def _step_started(self, index: int, groups: list[list[Member]]) -> None:
         names = [m.name for m in groups[index]] if index < len(groups) else []

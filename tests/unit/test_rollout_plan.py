@@ -1748,3 +1748,61 @@ def test_a_new_rollout_moves_again_a_customer_a_halted_rollout_of_the_version_le
     assert status.phase == RolloutPhase.HALTED
     assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
     assert fleet.on("2.0.0") == set()
+
+
+def growing(fleet: Fleet, every: int, broken: bool = False) -> Callable[[int], None]:
+    """Ticks of 10 s: a Customer signs up every `every` ticks (created then, on the fleet's version; one
+    helm refuses every new version for when `broken`)."""
+
+    def sign_up(tick: int) -> None:
+        if tick % every == every - 1:
+            name = f"n{tick:04}"
+            body = customer(name)
+            body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+            fleet.customers[name] = body
+            if broken:
+                fleet.broken.add(name)
+
+    return sign_up
+
+
+@pytest.mark.parametrize("own_unready", [False, True], ids=["signups only", "one of its own not Ready"])
+def test_customers_signing_up_during_the_bake_do_not_start_it_again(own_unready: bool) -> None:
+    """Found in review: each tick a Customer of the step was not yet healthy set the bake's start aside,
+    and a new Customer sorts last, into the rest step: with a signup every 400 s and bakeSeconds 600 the
+    rollout stayed Progressing for good. A Customer the step takes after its bake began is moved and
+    judged, and the step ends only once it is, but the bake's clock runs on; one of its own that turns
+    not Ready still starts the bake again."""
+    fleet = Fleet(5)
+    sign_up = growing(fleet, every=40)
+
+    def before_tick(tick: int) -> None:
+        sign_up(tick)
+        if own_unready and tick in (30, 31):  # c04, taken by the rest step, not Ready for 10 s
+            ready = fleet.customers["c04"]["status"]["conditions"][0]
+            ready.update(status="False" if tick == 30 else "True")
+
+    rollout_spec = spec(steps=[{"percent": 40}, {"rest": True, "bakeSeconds": 600}])
+    status, _ = run(fleet, rollout_spec, ticks=300, seconds=10, before_tick=before_tick)
+
+    assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
+    assert len(fleet.customers) > 5 and fleet.on("2.0.0") == set(fleet.customers)
+    rest = (status.steps or [])[1]
+    assert rest.healthy_at is not None and rest.completed_at is not None and rest.started_at is not None
+    assert rest.completed_at - rest.healthy_at == timedelta(seconds=600)
+    healthy_at = rest.started_at + (timedelta(seconds=300) if own_unready else timedelta(seconds=10))
+    assert rest.healthy_at == healthy_at
+
+
+def test_a_customer_signing_up_during_the_bake_is_still_judged() -> None:
+    """Found in review: signups during the bake started it again (the test above); the Customer the step
+    takes after its bake began, which no longer does, is still judged: helm refuses its upgrade and the
+    rollout halts on it."""
+    fleet = Fleet(5)
+    rollout_spec = spec(
+        steps=[{"percent": 40}, {"rest": True, "bakeSeconds": 600}], healthGate={"maxFailures": 1}
+    )
+    status, _ = run(fleet, rollout_spec, ticks=300, seconds=10, before_tick=growing(fleet, 40, broken=True))
+
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [("n0039", "UpgradeFailed", 2)]
