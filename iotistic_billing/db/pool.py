@@ -38,6 +38,7 @@ class Connection(Queryable, Protocol):
         self, table_name: str, *, records: Iterable[Sequence[Any]], columns: Sequence[str]
     ) -> str: ...
     async def close(self) -> None: ...
+    def terminate(self) -> None: ...
 
 
 class Pool(Queryable, Protocol):
@@ -161,6 +162,38 @@ async def connection(pool: Pool) -> AsyncIterator[Connection]:
         raise DatabaseUnavailable(type(error).__name__) from None
 
 
+@asynccontextmanager
+async def session_lock(conn: Connection, key: int) -> AsyncIterator[bool]:
+    """PostgreSQL's session advisory lock `key` on `conn` when no one holds it (False: another does),
+    released at the end. The pool's reset keeps a session's locks (keep_session), so a lock call or
+    release that fails (its command timeout, while the server went on and granted it) ends the connection
+    instead of handing it back holding the lock: every replica's run skipped, silently, for as long as that
+    pooled connection lived (found in review)."""
+    try:
+        held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+    except BaseException:
+        conn.terminate()
+        raise
+    if not held:
+        yield False
+        return
+    try:
+        yield True
+    except BaseException:
+        await _release(conn, key, quiet=True)  # the run's own error stands
+        raise
+    await _release(conn, key)
+
+
+async def _release(conn: Connection, key: int, *, quiet: bool = False) -> None:
+    try:
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+    except BaseException:
+        conn.terminate()  # the server releases the lock with the backend
+        if not quiet:
+            raise
+
+
 __all__ = [
     "CONNECTION_ERRORS",
     "DATABASE_UNREACHABLE",
@@ -174,4 +207,5 @@ __all__ = [
     "database_unreachable",
     "keep_session",
     "open_pool",
+    "session_lock",
 ]

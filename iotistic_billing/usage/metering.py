@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import stripe
 
-from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
+from iotistic_billing.db.pool import Connection, Pool, Queryable, connection, session_lock
 from iotistic_billing.settings import STRIPE_METER_WINDOW_SECONDS
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.rollups import (
@@ -373,48 +373,45 @@ async def send_meter_events(
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
     billed_manually = once_per_run(manual_billing)
-    async with connection(pool) as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", METER_LOCK_KEY):
+    async with connection(pool) as conn, session_lock(conn, METER_LOCK_KEY) as held:
+        if not held:
             return MeterRun(skipped=True)
-        try:
-            if before_close is not None:
-                await before_close(conn)
-            closed = await close_periods(conn, now, grace=close_grace, manual_billing=billed_manually)
-            if sender is None:
-                return MeterRun(closed=closed)
-            run = MeterRun(closed=closed)
-            # `limit` periods at a time until each owed one was tried once: one batch a run left a
-            # month-end's rest an interval later. Those refused now sort after any not tried yet.
-            tried: set[tuple[str, datetime]] = set()
-            while True:
-                batch = [
-                    row
-                    for row in await conn.fetch(_UNMETERED, now, limit)
-                    if (row["customer_id"], row["period_start"]) not in tried
-                ]
-                if not batch:
-                    return run
-                manual = await billed_manually({row["customer_id"] for row in batch})
-                for row in batch:
-                    tried.add((row["customer_id"], row["period_start"]))
-                    if row["billed_manually"] or row["customer_id"] in manual:
-                        await _leave_to_manual_billing(conn, row, now)
-                        run = replace(run, manual=run.manual + 1)
-                        continue
-                    try:
-                        result = await _meter_period(conn, row, sender, now)
-                    except StripeUnavailable as error:
-                        log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
-                        return replace(run, failed=run.failed + 1)
-                    run = replace(
-                        run,
-                        sent=run.sent + result.sent,
-                        failed=run.failed + result.failed,
-                        expired=run.expired + result.expired,
-                        late=run.late + result.late,
-                    )
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", METER_LOCK_KEY)
+        if before_close is not None:
+            await before_close(conn)
+        closed = await close_periods(conn, now, grace=close_grace, manual_billing=billed_manually)
+        if sender is None:
+            return MeterRun(closed=closed)
+        run = MeterRun(closed=closed)
+        # `limit` periods at a time until each owed one was tried once: one batch a run left a
+        # month-end's rest an interval later. Those refused now sort after any not tried yet.
+        tried: set[tuple[str, datetime]] = set()
+        while True:
+            batch = [
+                row
+                for row in await conn.fetch(_UNMETERED, now, limit)
+                if (row["customer_id"], row["period_start"]) not in tried
+            ]
+            if not batch:
+                return run
+            manual = await billed_manually({row["customer_id"] for row in batch})
+            for row in batch:
+                tried.add((row["customer_id"], row["period_start"]))
+                if row["billed_manually"] or row["customer_id"] in manual:
+                    await _leave_to_manual_billing(conn, row, now)
+                    run = replace(run, manual=run.manual + 1)
+                    continue
+                try:
+                    result = await _meter_period(conn, row, sender, now)
+                except StripeUnavailable as error:
+                    log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
+                    return replace(run, failed=run.failed + 1)
+                run = replace(
+                    run,
+                    sent=run.sent + result.sent,
+                    failed=run.failed + result.failed,
+                    expired=run.expired + result.expired,
+                    late=run.late + result.late,
+                )
 
 
 __all__ = [

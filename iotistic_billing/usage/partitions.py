@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
-from iotistic_billing.db.pool import Connection, Pool, Queryable, connection
+from iotistic_billing.db.pool import Connection, Pool, Queryable, connection, session_lock
 from iotistic_billing.usage.periods import shift_months
 from iotistic_billing.usage.reports import earliest_start_reaching
 
@@ -171,30 +171,25 @@ async def maintain_partitions(
 ) -> PartitionRun:
     """Make the months ahead, drop the months past the retention, and delete the default partition's
     reports past it (`plan_partitions`). Rollups are never touched."""
-    async with connection(pool) as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PARTITION_LOCK_KEY):
+    async with connection(pool) as conn, session_lock(conn, PARTITION_LOCK_KEY) as held:
+        if not held:
             return PartitionRun(skipped=True)
-        try:
-            names = [row["relname"] for row in await conn.fetch(_PARTITIONS)]
-            existing = [month for month in map(month_of_partition, names) if month is not None]
-            plan = plan_partitions(
-                existing,
-                now,
-                ahead=ahead,
-                retention_months=retention_months,
-                oldest_open_start=await oldest_open_start(conn),
-            )
-            created = [
-                name for month in plan.create if (name := await _locked(create_partition, conn, month))
-            ]
-            dropped = [name for month in plan.drop if (name := await _locked(drop_partition, conn, month))]
-            status = await conn.execute(
-                f"DELETE FROM {DEFAULT_PARTITION} WHERE period_start < $1",  # noqa: S608 - a constant name
-                plan.cutoff,
-            )
-            return PartitionRun(tuple(created), tuple(dropped), int(status.split()[-1]))
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", PARTITION_LOCK_KEY)
+        names = [row["relname"] for row in await conn.fetch(_PARTITIONS)]
+        existing = [month for month in map(month_of_partition, names) if month is not None]
+        plan = plan_partitions(
+            existing,
+            now,
+            ahead=ahead,
+            retention_months=retention_months,
+            oldest_open_start=await oldest_open_start(conn),
+        )
+        created = [name for month in plan.create if (name := await _locked(create_partition, conn, month))]
+        dropped = [name for month in plan.drop if (name := await _locked(drop_partition, conn, month))]
+        status = await conn.execute(
+            f"DELETE FROM {DEFAULT_PARTITION} WHERE period_start < $1",  # noqa: S608 - a constant name
+            plan.cutoff,
+        )
+        return PartitionRun(tuple(created), tuple(dropped), int(status.split()[-1]))
 
 
 __all__ = [

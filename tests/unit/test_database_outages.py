@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -23,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from iotistic_billing.db.engine import create_engine, plain_url, session_factory
 from iotistic_billing.db.listen import listen
-from iotistic_billing.db.pool import DatabaseUnavailable, connect, database_unreachable, open_pool
+from iotistic_billing.db.pool import DatabaseUnavailable, Pool, connect, database_unreachable, open_pool
 from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.notices import sender as sender_module
 from iotistic_billing.notices.sender import NoticeSender, SenderOptions
@@ -31,6 +32,8 @@ from iotistic_billing.processes import free_port
 from iotistic_billing.settings import SettingsError, load_settings
 from iotistic_billing.stripe_inbox import inbox as inbox_module
 from iotistic_billing.stripe_inbox.inbox import EventInbox
+from iotistic_billing.usage.metering import send_meter_events
+from iotistic_billing.usage.partitions import maintain_partitions
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -345,3 +348,62 @@ def test_a_database_url_no_client_takes_is_refused_naming_it_at_start(url: str, 
     with pytest.raises(SettingsError) as refused_setting:
         load_settings(database_url=url)
     assert f"DATABASE_URL: {message}" in str(refused_setting.value)
+
+
+class LockingConnection:
+    """A pooled connection whose lock call (`fails="lock"`) or release (`fails="unlock"`) times out on
+    the client, as asyncpg's command timeout does while PostgreSQL stalls (and may grant it meanwhile)."""
+
+    def __init__(self, fails: str) -> None:
+        self.fails = fails
+        self.terminated = False
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        if "pg_try_advisory_lock" not in query:
+            return None  # nothing stored
+        if self.fails == "lock":
+            raise TimeoutError
+        return True
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        return []
+
+    async def execute(self, query: str, *args: Any) -> str:
+        if "pg_advisory_unlock" in query and self.fails == "unlock":
+            raise TimeoutError
+        return "DELETE 0"
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+
+
+class OneConnectionPool:
+    def __init__(self, conn: LockingConnection) -> None:
+        self.conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, **options: Any) -> Any:
+        yield self.conn
+
+
+@pytest.mark.parametrize("fails", ["lock", "unlock"])
+@pytest.mark.parametrize("run", ["meter", "partitions"])
+async def test_a_lock_call_that_times_out_ends_its_connection_rather_than_pool_it_holding_the_lock(
+    fails: str, run: str
+) -> None:
+    """Found in review: the pool keeps a session's advisory locks (its reset runs nothing), so a lock call
+    that timed out on the client after the server granted it, or a release that timed out, handed the
+    connection back still holding the meter (or partition) lock: every replica's run skipped, silently,
+    for as long as that connection lived. It is ended instead, and the server releases the lock."""
+    conn = LockingConnection(fails)
+    pool = cast(Pool, OneConnectionPool(conn))
+    with pytest.raises(DatabaseUnavailable):
+        if run == "meter":
+            await send_meter_events(pool, None, NOW, close_grace=timedelta(hours=1))
+        else:
+            await maintain_partitions(pool, NOW, ahead=1, retention_months=1200)
+    assert conn.terminated
