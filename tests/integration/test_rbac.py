@@ -464,7 +464,8 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
         # The notice sender's copy of a customer's signing secret: readable too.
         assert await kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME) is None
 
-        # The console's rollout pages and actions: listed, and patched (404: no such rollout, not 403).
+        # The console's rollout pages and actions: listed, read before an action, and patched (404: no
+        # such rollout, not 403).
         async def rollouts_listed() -> bool:
             try:
                 await kube.list_rollouts()
@@ -473,6 +474,7 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
             return True
 
         assert await eventually(rollouts_listed, message="InstanceRollouts listed")
+        assert await kube.read_rollout("rbac-none") is None  # 404, not 403
         with pytest.raises(ApiException) as missing:
             await kube.patch_rollout("rbac-none", {"spec": {"paused": True}}, FieldManager.CONSOLE)
         assert missing.value.status == 404
