@@ -677,6 +677,31 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
     assert not [o for o in objects if o["kind"] == "Secret"]
 
 
+def test_a_notices_secret_without_the_smtp_key_starts_both_components_without_smtp_url(
+    helm: Path, tmp_path: Path
+) -> None:
+    """Found in review: SMTP_URL was a required secretKeyRef, so a notices Secret holding only the
+    platform webhook's secret stopped both Deployments (CreateContainerConfigError). The key is optional
+    (the settings read an unset SMTP_URL as no mail server); the webhook's secret stays required."""
+    from iotistic_billing.settings import Settings
+
+    values = {
+        "secrets": {"notices": {"name": "notices"}},
+        "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com/iotistic"}},
+    }
+    objects = render(helm, tmp_path, values)
+
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        env = env_of(deployment)
+        assert env["SMTP_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "notices",
+            "key": "smtp-url",
+            "optional": True,
+        }
+        assert "optional" not in env["NOTIFY_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert Settings.model_fields["smtp_url"].default is None
+
+
 def test_both_components_get_the_dunning_ladder_s_restricted_days(helm: Path, tmp_path: Path) -> None:
     """Found in review: the operator's ladder and the inbox's "payment failed" notices both read
     DUNNING_RESTRICT_DAYS, which the chart set in neither: one component's extraEnv told customers a

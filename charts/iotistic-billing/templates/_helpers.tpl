@@ -185,11 +185,14 @@ operator, its migrate init container, the webhook server); nothing when no CA is
 {{- end }}
 {{- with .Values.secrets.notices.name }}
 {{- if $.Values.secrets.notices.smtpUrlKey }}
+{{- /* Optional: a Secret holding only the platform webhook's secret sets no SMTP_URL (no mail), where a
+required key stopped both Deployments (CreateContainerConfigError). */}}
 - name: SMTP_URL
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.secrets.notices.smtpUrlKey }}
+      optional: true
 {{- end }}
 {{- if $config.notices.platformWebhookUrl }}
 - name: NOTIFY_WEBHOOK_URL
