@@ -716,12 +716,16 @@ def test_both_components_get_the_dunning_ladder_s_restricted_days(helm: Path, tm
 
 
 @pytest.mark.parametrize("component", ["operator", "webhookServer"])
-@pytest.mark.parametrize("variable", ["DUNNING_RESTRICT_DAYS", "LICENSE_ISSUER"])
+@pytest.mark.parametrize(
+    "variable", ["DUNNING_RESTRICT_DAYS", "LICENSE_ISSUER", "dunning_restrict_days", "License_Issuer"]
+)
 def test_extra_env_cannot_repeat_a_variable_the_chart_sets_for_both(
     helm: Path, component: str, variable: str
 ) -> None:
     """Found in review: an extraEnv entry for a setting both components read (set by the chart's
-    config) won over the chart's value in that component alone, silently: the two then disagreed."""
+    config) won over the chart's value in that component alone, silently: the two then disagreed. And
+    again in lower case, which the check compared as another name while the settings
+    (case_sensitive=False) read it as the same one."""
     result = template(
         helm,
         "--set",
@@ -801,14 +805,21 @@ def test_a_platform_webhook_without_its_secret_is_refused_by_name(helm: Path) ->
 
 def test_the_schema_names_every_credential_variable() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
-    refused = schema["definitions"]["env"]["items"]["not"]["properties"]["name"]["enum"]
+    refused = schema["definitions"]["env"]["items"]["not"]["properties"]["name"]["pattern"]
 
-    assert set(refused) == CREDENTIAL_ENV
+    # In any case, as the settings read them: ^(?i:DATABASE_URL|...)$.
+    names = re.fullmatch(r"\^\(\?i:([A-Z_|]+)\)\$", refused)
+    assert names is not None, refused
+    assert set(names.group(1).split("|")) == CREDENTIAL_ENV
 
 
 @pytest.mark.parametrize("component", ["operator", "webhookServer"])
-@pytest.mark.parametrize("variable", sorted(CREDENTIAL_ENV))
+@pytest.mark.parametrize(
+    "variable", sorted(CREDENTIAL_ENV) + sorted(name.lower() for name in CREDENTIAL_ENV) + ["Smtp_Url"]
+)
 def test_no_credential_variable_takes_an_inline_value(helm: Path, component: str, variable: str) -> None:
+    """Found in review (in lower case): the schema's list compared names case-sensitively, so
+    stripe_secret_key rendered with the key inline, which the settings (case_sensitive=False) read."""
     inline = [
         "--set",
         f"{component}.extraEnv[0].name={variable}",
@@ -1523,8 +1534,9 @@ def test_notes_warn_of_an_ingress_without_trusted_proxies(helm: Path, tmp_path: 
     trusted = {"webhookServer": {"rateLimit": {"trustedProxies": ["10.0.5.0/24"]}}}
     assert warning not in install_notes(helm, tmp_path, trusted)
     assert warning not in install_notes(helm, tmp_path, {"ingress": {"enabled": False}})
-    by_env = {"webhookServer": {"extraEnv": [{"name": "TRUSTED_PROXIES", "value": '["10.0.5.0/24"]'}]}}
-    assert warning not in install_notes(helm, tmp_path, by_env)
+    for name in ("TRUSTED_PROXIES", "trusted_proxies"):  # the settings read either (case_sensitive=False)
+        by_env = {"webhookServer": {"extraEnv": [{"name": name, "value": '["10.0.5.0/24"]'}]}}
+        assert warning not in install_notes(helm, tmp_path, by_env), name
 
 
 def test_notes_name_every_secret_the_pods_wait_for(helm: Path, tmp_path: Path) -> None:

@@ -218,16 +218,18 @@ required key stopped both Deployments (CreateContainerConfigError). */}}
 {{/* A component's extraEnv (dict "root" "extraEnv" "component"), refused when it names a setting
 commonEnv gives both components a value of (from config): the later entry wins, so that component
 alone would read another value than the other (found in review: DUNNING_RESTRICT_DAYS told customers a
-date the operator did not keep). A credential from another Secret (valueFrom) stays possible. */}}
+date the operator did not keep). A credential from another Secret (valueFrom) stays possible. Names
+compare in upper case, as the settings read them (case_sensitive=False): dunning_restrict_days is
+DUNNING_RESTRICT_DAYS to them (found in review: it rendered, and won over the chart's value). */}}
 {{- define "iotistic-billing.extraEnv" -}}
 {{- $common := dict -}}
 {{- range (include "iotistic-billing.commonEnv" .root | fromYamlArray) -}}
 {{- if hasKey . "value" -}}
-{{- $_ := set $common .name true -}}
+{{- $_ := set $common (upper .name) true -}}
 {{- end -}}
 {{- end -}}
 {{- range .extraEnv -}}
-{{- if hasKey $common .name -}}
+{{- if hasKey $common (upper .name) -}}
 {{- fail (printf "%s.extraEnv: %s is set by the chart for both components; set it through the chart's value for it (values.yaml, config and secrets)" $.component .name) -}}
 {{- end -}}
 {{- end -}}
@@ -235,12 +237,13 @@ date the operator did not keep). A credential from another Secret (valueFrom) st
 {{- end -}}
 
 {{/* "true" when one of the extraEnv lists sets the variable, else "": (dict "extraEnvs" (list ...) "name"
-"SMTP_URL"). What NOTES and the NetworkPolicy read of a setting given there instead of by its value. */}}
+"SMTP_URL"). What NOTES and the NetworkPolicy read of a setting given there instead of by its value; in
+any case, as the settings read it (smtp_url is SMTP_URL). */}}
 {{- define "iotistic-billing.extraEnvNames" -}}
 {{- $found := false -}}
 {{- range $extraEnv := .extraEnvs -}}
 {{- range $extraEnv -}}
-{{- if eq .name $.name -}}{{- $found = true -}}{{- end -}}
+{{- if eq (upper .name) (upper $.name) -}}{{- $found = true -}}{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if $found -}}true{{- end -}}
