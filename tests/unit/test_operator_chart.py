@@ -205,12 +205,35 @@ def test_a_base_domain_that_is_no_dns_name_is_refused(helm: Path, domain: str) -
     [
         # Found in review: each rendered, and the operator then refused it (exit 2) or, for billingUrl,
         # every Customer's helm run failed for good on the instance chart's pattern.
-        ({"config": {"billingUrl": "https://a b"}}, "/config/billingUrl"),
-        ({"operator": {"peering": "billing..peering"}}, "/operator/peering"),
-        ({"operator": {"peering": "a" * 245}}, "/operator/peering"),  # shard 63's -shard-63: 254
-        ({"operator": {"timerInterval": 0.1}}, "/operator/timerInterval"),
-        ({"operator": {"timerInterval": 86400}}, "/operator/timerInterval"),
-        ({"operator": {"helmTimeout": 1}}, "/operator/helmTimeout"),
+        ({"config": {"billingUrl": "https://a b"}}, "at '/config/billingUrl'"),
+        ({"operator": {"peering": "billing..peering"}}, "at '/operator/peering'"),
+        ({"operator": {"peering": "a" * 245}}, "at '/operator/peering'"),  # shard 63's -shard-63: 254
+        ({"operator": {"timerInterval": 0.1}}, "at '/operator/timerInterval'"),
+        ({"operator": {"timerInterval": 86400}}, "at '/operator/timerInterval'"),
+        ({"operator": {"helmTimeout": 1}}, "at '/operator/helmTimeout'"),
+        # The server's port and its Stripe inbox's: a Service with two equal ports, and the server exits 2
+        # ("must differ from PORT").
+        (
+            {"webhookServer": {"port": 3101}},
+            "webhookServer.port and webhookServer.inbox.port must differ",
+        ),
+        # Trusted proxies the settings' ip_network refuses (strict): the pods crash-looped.
+        (
+            {"webhookServer": {"rateLimit": {"trustedProxies": ["ingress-nginx"]}}},
+            "at '/webhookServer/rateLimit/trustedProxies/0'",
+        ),
+        (
+            {"webhookServer": {"rateLimit": {"trustedProxies": ["10.0.5.0/24", "10.0.5.1/24"]}}},
+            "trustedProxies: 10.0.5.1/24 has host bits set; the network is 10.0.5.0/24",
+        ),
+        (
+            {"webhookServer": {"rateLimit": {"trustedProxies": ["256.0.0.0/8"]}}},
+            "trustedProxies: 256.0.0.0/8 is no IPv4 network",
+        ),
+        (
+            {"config": {"notices": {"webhookAllowedCidrs": ["192.168.192.0/17"]}}},
+            "webhookAllowedCidrs: 192.168.192.0/17 has host bits set; the network is 192.168.128.0/17",
+        ),
     ],
 )
 def test_a_value_the_settings_refuse_is_refused_by_the_chart(
@@ -219,7 +242,18 @@ def test_a_value_the_settings_refuse_is_refused_by_the_chart(
     result = template(helm, *values_args(tmp_path, values))
 
     assert result.returncode != 0
-    assert f"at '{refused}'" in result.stderr, result.stderr
+    assert refused in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "network", ["10.0.5.0/24", "0.0.0.0/0", "10.1.2.3/32", "192.168.128.0/17", "fd00::/8"]
+)
+def test_a_network_the_settings_take_renders_as_a_trusted_proxy(helm: Path, network: str) -> None:
+    """The host-bits check refuses no network ip_network takes."""
+    from iotistic_billing.settings import Settings
+
+    Settings(trusted_proxies=[network])
+    assert template(helm, "--set", f"webhookServer.rateLimit.trustedProxies[0]={network}").returncode == 0
 
 
 def schema_property(schema: dict[str, Any], path: str) -> dict[str, Any]:

@@ -249,6 +249,40 @@ any case, as the settings read it (smtp_url is SMTP_URL). */}}
 {{- if $found -}}true{{- end -}}
 {{- end -}}
 
+{{/* Fails naming .value on an IPv4 CIDR of .cidrs that the settings refuse (ip_network, strict: the pods
+would crash-loop): no address (an octet above 255 or with a leading zero), a prefix above 32, or host bits
+set. The schema holds both families to the CIDR shape; an IPv6 one's host bits are left to the settings
+(Sprig has no IP arithmetic, and IPv6's is too long to write here). */}}
+{{- define "iotistic-billing.checkCidrs" -}}
+{{- range $cidr := .cidrs -}}
+{{- $address := regexReplaceAll "/.*$" $cidr "" -}}
+{{- $prefix := int (regexReplaceAll "^.*/" $cidr "") -}}
+{{- if not (contains ":" $address) -}}
+{{- $octets := splitList "." $address -}}
+{{- $valid := and (eq (len $octets) 4) (le $prefix 32) -}}
+{{- $number := 0 -}}
+{{- range $octets -}}
+{{- if or (not (regexMatch "^(0|[1-9][0-9]{0,2})$" .)) (gt (atoi .) 255) -}}{{- $valid = false -}}{{- end -}}
+{{- $number = add (mul $number 256) (atoi .) -}}
+{{- end -}}
+{{- if not $valid -}}
+{{- fail (printf "%s: %s is no IPv4 network in CIDR form (the settings refuse it)" $.value $cidr) -}}
+{{- end -}}
+{{- $size := 1 -}}
+{{- range until (sub 32 $prefix | int) -}}{{- $size = mul $size 2 -}}{{- end -}}
+{{- $hostBits := mod $number $size -}}
+{{- if ne (int $hostBits) 0 -}}
+{{- $network := sub $number $hostBits -}}
+{{- $dotted := list -}}
+{{- range $shift := list 16777216 65536 256 1 -}}
+{{- $dotted = append $dotted (mod (div $network $shift) 256) -}}
+{{- end -}}
+{{- fail (printf "%s: %s has host bits set; the network is %s/%d (the settings refuse it)" $.value $cidr (join "." $dotted) $prefix) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* LICENSE_EXTRA_PUBLIC_KEY_PATHS as the JSON list pydantic-settings reads. */}}
 {{- define "iotistic-billing.extraPublicKeyPaths" -}}
 {{- $paths := list -}}
