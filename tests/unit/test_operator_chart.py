@@ -1467,6 +1467,35 @@ def test_operator_down_fires_for_each_shard_that_is_down(helm: Path, tmp_path: P
     assert len(everything_down) == shards
 
 
+def test_the_webhook_server_and_its_stripe_inbox_each_raise_their_own_down_alert(
+    monitored_objects: list[Manifest],
+) -> None:
+    """Found in review: IotisticWebhookServerDown was absent(up{job=...} == 1) over both endpoints the
+    ServiceMonitor scrapes under that job (http, inbox), so an inbox still answering hid the server
+    down, and nothing said when the inbox alone was down."""
+    ports = [e["port"] for e in one(monitored_objects, "ServiceMonitor", WEBHOOK_SERVER)["spec"]["endpoints"]]
+    rule = one(monitored_objects, "PrometheusRule", RELEASE)
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+    def firing(down: set[str]) -> set[str]:
+        # `up` as Prometheus labels it: job, the Service; endpoint, the ServiceMonitor's port name.
+        series = [
+            ({"job": WEBHOOK_SERVER, "namespace": NAMESPACE, "endpoint": port}, 0.0 if port in down else 1.0)
+            for port in ports
+        ]
+        return {
+            name
+            for name in ("IotisticWebhookServerDown", "IotisticStripeInboxDown")
+            if absent_fires(alerts[name], series)
+        }
+
+    assert sorted(ports) == ["http", "inbox"]
+    assert firing(set()) == set()
+    assert firing({"http"}) == {"IotisticWebhookServerDown"}
+    assert firing({"inbox"}) == {"IotisticStripeInboxDown"}
+    assert firing({"http", "inbox"}) == {"IotisticWebhookServerDown", "IotisticStripeInboxDown"}
+
+
 # ----- the kustomize base -----
 
 
