@@ -140,9 +140,11 @@ def _add(args: argparse.Namespace) -> int:
         "plan": args.plan,
         "billing": {"mode": args.billing},
     }
-    if args.contact:
+    # Empty ones (an unset variable) refused by name: they were dropped, and a Customer made with a
+    # derived customer id or no contact.
+    if given_option(args.contact, "--name") is not None:
         spec["contactName"] = args.contact
-    if args.customer_id:
+    if given_option(args.customer_id, "--customer-id") is not None:
         spec["customerId"] = args.customer_id
     if args.trial_days is not None:
         spec["trial"] = {"days": args.trial_days}

@@ -475,15 +475,23 @@ def test_customer_add_errors_name_the_flag_not_the_spec_field(
             " --billing stripe",
         ),
         (("--resource-name", ""), "--resource-name: must not be empty (leave it out for the default)"),
+        (("--customer-id", ""), "--customer-id: must not be empty (leave it out for the default)"),
+        (("--name", ""), "--name: must not be empty (leave it out for the default)"),
     ],
 )
 def test_customer_add_refuses_a_flag_it_would_ignore(
-    capsys: pytest.CaptureFixture[str], flags: tuple[str, ...], refusal: str
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    refusal: str,
 ) -> None:
     """Found in review: `--plan starter --trial-days 14` wrote spec.trial.days, which the operator reads
     for a manually billed Customer only on the trial plan, and said "created (plan starter)"; an empty
-    `--resource-name` (an unset variable) was taken for the default name. Refused before any cluster is
-    asked (none here)."""
+    `--resource-name` (an unset variable) was taken for the default name, an empty `--customer-id` or
+    `--name` dropped (a Customer made with a derived id). Refused before any cluster is asked (none
+    here)."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-cluster"))  # a shell's cluster is never asked
     code, out, err = run(
         capsys, "customer", "add", "--email", "ops@hooli.example", "--company", "Hooli", *flags
     )
