@@ -78,8 +78,12 @@ def _kube() -> KubeApi:
 
 def _api_error(error: ApiException | KubernetesUnavailable) -> CommandError:
     if isinstance(error, KubernetesUnavailable) and error.maybe_applied:
+        # Not "customer list shows whether it was": it shows the status, which changes only after the
+        # operator's pass, not spec.plan or spec.suspended. Each write is safe to repeat: upgrade and
+        # deactivate merge-patch the same value, and add finds the Customer made as asked.
         return ServiceUnavailable(
-            f"{error}; the change may have been made: `iotistic-billing customer list` shows whether it was"
+            f"{error}; the change may have been made: running the same command again is safe (it makes the"
+            " same change, or finds it made)"
         )
     if isinstance(error, KubernetesUnavailable):
         return ServiceUnavailable(f"{error}; nothing was changed, try again")

@@ -289,8 +289,8 @@ def test_a_change_in_doubt_is_not_reported_as_nothing_changed() -> None:
     doubt = KubernetesUnavailable("the API server did not answer in time", maybe_applied=True)
     away = KubernetesUnavailable("the API server cannot be reached (NewConnectionError)")
     assert str(_api_error(doubt)) == (
-        "the API server did not answer in time; the change may have been made: "
-        "`iotistic-billing customer list` shows whether it was"
+        "the API server did not answer in time; the change may have been made: running the same command"
+        " again is safe (it makes the same change, or finds it made)"
     )
     assert str(_api_error(away)).endswith("; nothing was changed, try again")
     assert "may have been made" in problem_of(doubt).message
