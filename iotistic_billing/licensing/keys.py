@@ -60,10 +60,10 @@ def public_key_pem(public_key: rsa.RSAPublicKey) -> bytes:
     )
 
 
-def _write_atomically(path: Path, content: bytes, mode: int) -> None:
-    # Written under a temporary name created with its final mode, then renamed: the private key is
-    # never readable by others, not even for the moment between create and chmod, and a crash never
-    # leaves half a key under the real name.
+def _write_temporary(path: Path, content: bytes, mode: int) -> Path:
+    """`content` in a new file beside `path`, for a rename onto it: created with its final mode, so the
+    private key is never readable by others, not even for the moment between create and chmod, and a
+    crash never leaves half a key under the real name."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -72,16 +72,17 @@ def _write_atomically(path: Path, content: bytes, mode: int) -> None:
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    return temporary
 
 
 def write_key_pair(
     private_key: rsa.RSAPrivateKey, directory: Path, *, overwrite: bool = False
 ) -> tuple[Path, Path]:
-    """Write `private-key.pem` (mode 0600) and `public-key.pem` (0644); refuse to replace a key unasked."""
+    """Write `private-key.pem` (mode 0600) and `public-key.pem` (0644); refuse to replace a key unasked.
+    A write that fails leaves the pair that was there: never a private key beside another's public one."""
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
     if not overwrite:
@@ -90,8 +91,33 @@ def write_key_pair(
                 raise LicenseKeyError(
                     f"{path} already exists; replacing a signing key invalidates every licence"
                 )
-    _write_atomically(private_path, private_key_pem(private_key), 0o600)
-    _write_atomically(public_path, public_key_pem(private_key.public_key()), 0o644)
+    # Both written in full before either is renamed, so a full disk changes nothing. Two renames are
+    # not one atomic step, so the old private key is kept aside (a hard link) until the public one is in
+    # place, and put back when that fails (found in review: a directory named public-key.pem left the new
+    # private key without its public one, beside the old pair's copies elsewhere). The
+    # private key goes first because it is the one not made again from the other: a process killed
+    # between the renames leaves the old one beside it as .private-key.pem.<pid>.old.
+    made = [_write_temporary(private_path, private_key_pem(private_key), 0o600)]
+    try:
+        made.append(_write_temporary(public_path, public_key_pem(private_key.public_key()), 0o644))
+        private_temporary, public_temporary = made
+        kept = None
+        if private_path.exists():
+            kept = private_path.with_name(f".{private_path.name}.{os.getpid()}.old")
+            os.link(private_path, kept)
+            made.append(kept)
+        os.replace(private_temporary, private_path)
+        try:
+            os.replace(public_temporary, public_path)
+        except BaseException:
+            if kept is not None:
+                os.replace(kept, private_path)
+            else:
+                private_path.unlink()
+            raise
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
     return private_path, public_path
 
 

@@ -128,6 +128,58 @@ def test_write_key_pair_refuses_to_replace_a_key_unless_asked(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
 
 
+def test_a_failed_write_of_the_public_key_leaves_the_old_private_key(
+    tmp_path: Path, key_a: rsa.RSAPrivateKey, key_b: rsa.RSAPrivateKey, no_umask: None
+) -> None:
+    """Found in review: `keys generate --force` wrote the private key, then the public key; a second
+    write that failed (here a directory named public-key.pem) left the new private key beside what was
+    there of the old pair, and every licence it signed then failed verification."""
+    write_key_pair(key_a, tmp_path)
+    (tmp_path / "public-key.pem").unlink()
+    (tmp_path / "public-key.pem").mkdir()
+    (tmp_path / "public-key.pem" / "kept").write_text("x")
+
+    with pytest.raises(OSError):
+        write_key_pair(key_b, tmp_path, overwrite=True)
+
+    assert read_private_key(tmp_path / "private-key.pem").private_numbers() == key_a.private_numbers()
+    assert stat.S_IMODE((tmp_path / "private-key.pem").stat().st_mode) == 0o600
+    assert (tmp_path / "public-key.pem" / "kept").read_text() == "x"
+    # No temporary file nor the old key's copy is left behind.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
+
+
+def test_a_public_key_that_cannot_be_renamed_into_place_leaves_the_old_pair(
+    tmp_path: Path,
+    key_a: rsa.RSAPrivateKey,
+    key_b: rsa.RSAPrivateKey,
+    no_umask: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same with a whole old pair there: the rename of the public key fails (as on a disk gone
+    read-only between the two), and the old private and public keys stay, a pair."""
+    write_key_pair(key_a, tmp_path)
+    replace = os.replace
+
+    def refuse_the_public_key(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        if Path(target).name == "public-key.pem":
+            raise OSError(30, "Read-only file system")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_public_key)
+    with pytest.raises(OSError, match="Read-only"):
+        write_key_pair(key_b, tmp_path, overwrite=True)
+    monkeypatch.setattr(os, "replace", replace)
+
+    private_key = read_private_key(tmp_path / "private-key.pem")
+    assert private_key.private_numbers() == key_a.private_numbers()
+    assert (
+        read_public_key(tmp_path / "public-key.pem").public_numbers()
+        == private_key.public_key().public_numbers()
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
+
+
 def test_loading_errors_name_the_source(tmp_path: Path) -> None:
     with pytest.raises(LicenseKeyError, match=r"^/nonexistent/private-key.pem: cannot read"):
         read_private_key(Path("/nonexistent/private-key.pem"))
