@@ -204,13 +204,13 @@ def member(body: Mapping[str, Any], target: str) -> Member:
         proven = ready.get("reason") != INSTANCE_DISABLED
         return Member(name, created, annotations, "healthy", running=running, proven=proven)
     stalled_before_helm = stuck.get("status") == "True" and stuck.get("reason") in STALLED_BEFORE_HELM
-    if (
-        result == "refused"
-        and source == "Rollout"
-        and read not in (None, annotations.get(ROLLOUT_UPDATED_AT))
-    ):
-        # Refused by a pass that read an earlier move (a new run's move of a Customer an earlier one left
-        # refused): the move's own pass has not run yet.
+    # The status is of a pass that aimed by the annotation as it is now (both without a time for one set
+    # by hand without updated-at).
+    by_this_move = source == "Rollout" and read == annotations.get(ROLLOUT_UPDATED_AT)
+    if result == "refused" and not by_this_move:
+        # Refused by a pass before the move (one that read an earlier move, a status with no
+        # rolloutUpdatedAt, a pass aimed by the fleet): a new run moved again a Customer left refused,
+        # and failed it at the next tick, before the move's own pass ran. The timeout bounds the wait.
         result = "not yet"
     if result == "refused" and not stalled_before_helm:
         why = stuck.get("reason", ""), stuck.get("message", "")

@@ -1750,6 +1750,65 @@ def test_a_new_rollout_moves_again_a_customer_a_halted_rollout_of_the_version_le
     assert fleet.on("2.0.0") == set()
 
 
+@pytest.mark.parametrize("pushed", [True, False], ids=["chart pushed", "still missing"])
+@pytest.mark.parametrize("refusal", ["no rolloutUpdatedAt", "annotation by hand", "aimed by the fleet"])
+def test_a_refusal_by_no_pass_of_the_move_waits_for_the_pass_of_the_new_rollouts_move(
+    refusal: str, pushed: bool
+) -> None:
+    """Found in review: only a refusal whose status named another updated-at waited for the new move's
+    pass. One with no rolloutUpdatedAt (written by an operator from before it, or read from an annotation
+    set by hand without updated-at) or by a pass aimed by the fleet (INSTANCE_CHART_VERSION set before
+    the chart was pushed) counted as the move's: the new rollout moved c05 again and failed it at the
+    next tick, before that move's pass ran, and halted. A refusal counts only from the pass of the
+    annotation as it is; the timeout bounds the wait for it."""
+    fleet = Fleet(10, withdrawn={"2.0.0"})
+    rollout_spec = spec(steps=[{"customers": ["c05"]}, {"rest": True}])
+    body = fleet.customers["c05"]
+    if refusal == "no rolloutUpdatedAt":
+        first, _ = run(fleet, rollout_spec, ticks=20)
+        assert first.phase == RolloutPhase.HALTED
+        body["status"]["release"].pop("rolloutUpdatedAt")
+    elif refusal == "annotation by hand":
+        body["metadata"]["annotations"] = {ROLLOUT_CHART_VERSION: "2.0.0"}
+        fleet.operate()
+    else:  # a signup's first pass, INSTANCE_CHART_VERSION set to 2.0.0
+        fleet.version = "2.0.0"
+        body["status"] = {"release": {"chartVersion": None, "targetVersion": None}, "conditions": []}
+        fleet.operate(["c05"])
+        assert body["status"]["release"]["versionSource"] == "Fleet"
+    assert body["status"]["release"]["targetVersion"] == "2.0.0"
+    assert body["status"]["conditions"][1]["reason"] == "ChartVersionUnavailable"
+    if pushed:
+        fleet.withdrawn.clear()
+    r2 = Rollout("r2", 1, (T0 + timedelta(hours=1)).isoformat(), {})
+    status, upgrades = RolloutStatus(), fleet.upgrades.get("c05", 0)
+
+    def tick(seconds: int) -> RolloutStatus:
+        at = T0 + timedelta(hours=1, seconds=seconds)
+        decision = decide(r2, rollout_spec, status, list(fleet.customers.values()), [], at)
+        fleet.apply(decision)
+        return decision.status
+
+    status = tick(0)
+    status = tick(1)  # no pass since the rollout started
+    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
+    for seconds in range(2, 60):
+        fleet.operate()
+        status = tick(seconds)
+        if status.phase in TERMINAL_PHASES:
+            break
+
+    if pushed:
+        assert fleet.upgrades["c05"] == upgrades + 1
+        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
+        assert fleet.on("2.0.0") == set(fleet.customers)
+        return
+    # Refused by the pass of r2's move, failed once: it ends, and c05 is not moved again and again.
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
+    assert body["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
+
+
 def growing(fleet: Fleet, every: int, broken: bool = False) -> Callable[[int], None]:
     """Ticks of 10 s: a Customer signs up every `every` ticks (created then, on the fleet's version; one
     helm refuses every new version for when `broken`)."""
