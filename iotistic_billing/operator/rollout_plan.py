@@ -207,6 +207,7 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     # The status is of a pass that aimed by the annotation as it is now (both without a time for one set
     # by hand without updated-at).
     by_this_move = source == "Rollout" and read == annotations.get(ROLLOUT_UPDATED_AT)
+    move_read = by_this_move and read is not None
     if result == "refused" and not by_this_move:
         # Refused by a pass before the move (one that read an earlier move, a status with no
         # rolloutUpdatedAt, a pass aimed by the fleet): a new run moved again a Customer left refused,
@@ -218,7 +219,9 @@ def member(body: Mapping[str, Any], target: str) -> Member:
     if stalled_before_helm:
         # No pass installs the target until it is repaired; a Stalled from before its move (the repair
         # and the move in one minute) may still go, so the timeout decides, with the stall's reason. A
-        # licence that cannot be minted too: its pass names the target, but helm never ran it.
+        # licence that cannot be minted too: its pass names the target, but helm never ran it. That pass
+        # read the move (it writes rolloutUpdatedAt): after every operator start it got the whole
+        # timeout again, and with restarts more often than the timeout it never failed.
         return Member(
             name,
             created,
@@ -227,6 +230,7 @@ def member(body: Mapping[str, Any], target: str) -> Member:
             stuck.get("reason", ""),
             stuck.get("message", ""),
             running=running,
+            move_read=move_read and stuck.get("reason") == LICENSE_FAILED,
         )
     return Member(
         name,
@@ -235,7 +239,7 @@ def member(body: Mapping[str, Any], target: str) -> Member:
         "updating",
         message=ready.get("message") or "not Ready",
         running=running,
-        move_read=source == "Rollout" and read is not None and read == annotations.get(ROLLOUT_UPDATED_AT),
+        move_read=move_read,
     )
 
 

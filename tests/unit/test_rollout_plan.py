@@ -14,6 +14,7 @@ import pytest
 from iotistic_billing.customer import Customer, ReleaseStatus, VersionSource
 from iotistic_billing.operator.reconcile import fleet_version
 from iotistic_billing.operator.rollout_plan import (
+    SETTLE_AFTER_START,
     Decision,
     OtherRollout,
     Rollout,
@@ -1649,6 +1650,30 @@ def test_an_updated_at_set_by_hand_without_an_offset_is_read_as_utc(updated_at: 
     assert read == datetime.fromisoformat(updated_at).replace(tzinfo=UTC)
 
 
+CANNOT_MINT = "no signing key"
+
+
+class UnmintedFleet(Fleet):
+    """A Fleet whose c02 cannot get a licence (until `licence_fails` is False): its pass aims at the
+    version, writes it, and stops at its licence, Stalled LicenseFailed; no helm runs."""
+
+    licence_fails = True
+
+    def operate(self, names: Collection[str] | None = None) -> None:
+        super().operate([n for n in self.customers if n != "c02" or not self.licence_fails])
+        if not self.licence_fails:
+            return
+        body = self.customers["c02"]
+        wanted, source = self.aims(body)
+        read = body["metadata"]["annotations"].get(ROLLOUT_UPDATED_AT) if source == "Rollout" else None
+        aimed_by(body["status"]["release"], source, read)
+        body["status"]["release"]["targetVersion"] = wanted
+        body["status"]["conditions"] = [
+            {"type": "Ready", "status": "False", "reason": "LicenseFailed", "message": CANNOT_MINT},
+            {"type": "Stalled", "status": "True", "reason": "LicenseFailed", "message": CANNOT_MINT},
+        ]
+
+
 @pytest.mark.parametrize("repaired", [False, True], ids=["never minted", "minted in time"])
 def test_a_customer_stalled_on_its_licence_is_left_to_the_timeout_and_fails_for_that_reason(
     repaired: bool,
@@ -1657,27 +1682,8 @@ def test_a_customer_stalled_on_its_licence_is_left_to_the_timeout_and_fails_for_
     once: its move's pass stops at the licence, before helm, and writes the target as targetVersion
     beside the Stalled, which read as helm refusing the version, and the rollout halted. Like the other
     stalls before the release step, the timeout decides, and the failure names its reason."""
-    cannot_mint = "no signing key"
-
-    class Fleet_(Fleet):
-        licence_fails = True
-
-        def operate(self, names: Collection[str] | None = None) -> None:
-            super().operate([n for n in self.customers if n != "c02" or not self.licence_fails])
-            if not self.licence_fails:
-                return
-            # c02's pass aims at the version, writes it, and stops at its licence: no helm runs.
-            body = self.customers["c02"]
-            wanted, source = self.aims(body)
-            read = body["metadata"]["annotations"].get(ROLLOUT_UPDATED_AT) if source == "Rollout" else None
-            aimed_by(body["status"]["release"], source, read)
-            body["status"]["release"]["targetVersion"] = wanted
-            body["status"]["conditions"] = [
-                {"type": "Ready", "status": "False", "reason": "LicenseFailed", "message": cannot_mint},
-                {"type": "Stalled", "status": "True", "reason": "LicenseFailed", "message": cannot_mint},
-            ]
-
-    fleet = Fleet_(4)
+    cannot_mint = CANNOT_MINT
+    fleet = UnmintedFleet(4)
     fleet.operate()
 
     def mint(tick: int) -> None:
@@ -1701,6 +1707,50 @@ def test_a_customer_stalled_on_its_licence_is_left_to_the_timeout_and_fails_for_
     assert failure.message == f"LicenseFailed 60 s after it was moved to 2.0.0, no upgrade run: {cannot_mint}"
     halted = next(i for i, d in enumerate(decisions) if d.status.phase == RolloutPhase.HALTED)
     assert halted == 61
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_a_customer_stalled_on_its_licence_fails_by_its_timeout_after_an_operator_start(
+    restarts: int,
+) -> None:
+    """Found in review: a Customer Stalled LicenseFailed counted as one whose pass had not read its move,
+    though that pass writes rolloutUpdatedAt: an operator start 500 s after the move gave it the whole
+    timeout again (failed 1100 s after the move, not 600), and with starts more often than the timeout
+    it never failed. Like one not Ready whose pass read the move, it gets SETTLE_AFTER_START at most."""
+    fleet = UnmintedFleet(4)
+    fleet.operate()
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(
+        steps=[{"customers": ["c02"]}, {"rest": True}],
+        healthGate={"timeoutSeconds": 600, "maxFailures": 1},
+        onFailure="halt",
+    )
+    status = RolloutStatus()
+    for seconds in range(0, 2000, 10):
+        # The operator starts 500 s after the move, then every 500 s `restarts` times.
+        starts = [T0 + timedelta(seconds=500 * (n + 1)) for n in range(restarts)]
+        now = T0 + timedelta(seconds=seconds)
+        judging_since = max((start for start in starts if start <= now), default=None)
+        decision = decide(
+            rollout,
+            rollout_spec,
+            status,
+            list(fleet.customers.values()),
+            [],
+            now,
+            judging_since=judging_since,
+        )
+        fleet.apply(decision)
+        status = decision.status
+        if status.phase in TERMINAL_PHASES:
+            break
+        fleet.operate()
+
+    assert status.phase == RolloutPhase.HALTED
+    [failure] = status.failures or []
+    assert (failure.customer, failure.reason) == ("c02", "LicenseFailed")
+    assert status.completed_at is not None
+    assert status.completed_at - T0 <= timedelta(seconds=600) + SETTLE_AFTER_START
 
 
 @pytest.mark.parametrize("pushed", [True, False], ids=["chart pushed", "still missing"])
