@@ -55,6 +55,9 @@ STALLED_BEFORE_HELM = STALLED_BEFORE_RELEASE | {LICENSE_FAILED}
 # before is not failed by its timeout: the restarted operator's passes read its readiness again first
 # (_Tick._timed_out).
 SETTLE_AFTER_START = timedelta(seconds=120)
+# How far ahead of this clock an updated-at may be and still be a move's time (the rollout wrote it on a
+# clock a little ahead); further ahead it is no time at all (_moved_at).
+CLOCK_SKEW = timedelta(seconds=60)
 WAITING_FOR_ROLLOUT = "WaitingForRollout"
 
 
@@ -120,6 +123,15 @@ def _time(value: str | None) -> datetime | None:
     except ValueError:
         return None
     return parsed.replace(tzinfo=UTC) if parsed is not None and parsed.tzinfo is None else parsed
+
+
+def _moved_at(m: Member, now: datetime) -> datetime | None:
+    """When `m` was moved, for the health gate; None (no time, as an annotation set by hand without
+    one) for an updated-at ahead of `now` by more than CLOCK_SKEW: local time east of UTC typed without
+    an offset (read as UTC), or a mistyped year, postponed the Customer's timeout by as much, for
+    decades. Not capped at `now`: a time read as now at every tick never times out."""
+    moved_at = m.moved_at
+    return moved_at if moved_at is not None and moved_at <= now + CLOCK_SKEW else None
 
 
 def _last_pass(
@@ -390,7 +402,7 @@ def decide(
 
     selected = [c for c in customers if selects(spec, c)]
     run_started = (status.started_at or now).replace(microsecond=0)  # updated-at: whole seconds
-    members = [_refused_in_run(member(c, spec.chart_version), rollout, run_started) for c in selected]
+    members = [_refused_in_run(member(c, spec.chart_version), rollout, run_started, now) for c in selected]
     groups = assign_steps(spec, members)
     if status.phase in (None, RolloutPhase.PENDING, RolloutPhase.WAITING):
         blocking = _blocking(rollout, {c["metadata"]["name"] for c in selected}, others, customers)
@@ -418,13 +430,14 @@ def decide(
     return tick.run(groups, len(members), _held(rollout, members, others), departed, pinned)
 
 
-def _refused_in_run(m: Member, rollout: Rollout, run_started: datetime) -> Member:
+def _refused_in_run(m: Member, rollout: Rollout, run_started: datetime, now: datetime) -> Member:
     """`m`, or pending again when the refusal it failed on is from a pass before this run: another
     rollout's move (a halted one of the same version, before the chart was pushed) or this rollout's
     earlier run, as the timeout tells them (_Tick._timed_out). Moved again, a new updated-at starts a
     pass; a new rollout of the version failed the Customer at once and never retried it."""
+    moved_at = _moved_at(m, now)
     if m.health != "failed" or (
-        m.rollout == rollout.name and m.moved_at is not None and m.moved_at >= run_started
+        m.rollout == rollout.name and moved_at is not None and moved_at >= run_started
     ):
         return m
     return replace(m, health="pending", reason="", message="")
@@ -540,10 +553,11 @@ class _Tick:
         if m.health != "updating":
             return m
         run_started = (self.status.started_at or self.now).replace(microsecond=0)
-        if m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= run_started:
-            since = m.moved_at
+        moved_at = _moved_at(m, self.now)
+        if m.rollout == self.rollout.name and moved_at is not None and moved_at >= run_started:
+            since = moved_at
         else:
-            since = max(m.moved_at or step_started, step_started.replace(microsecond=0))
+            since = max(moved_at or step_started, step_started.replace(microsecond=0))
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
         if self.judging_since is not None:
             settle = timeout if not m.move_read else min(timeout, SETTLE_AFTER_START)
@@ -725,7 +739,11 @@ class _Tick:
             m.name
             for m in watched
             if m.health == "pending"
-            or (m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since)
+            or (
+                m.rollout == self.rollout.name
+                and (moved_at := _moved_at(m, self.now)) is not None
+                and moved_at >= since
+            )
         }
 
     def _step_started(self, index: int, groups: list[list[Member]]) -> None:

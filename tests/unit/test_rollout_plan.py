@@ -14,6 +14,7 @@ import pytest
 from iotistic_billing.customer import Customer, ReleaseStatus, VersionSource
 from iotistic_billing.operator.reconcile import fleet_version
 from iotistic_billing.operator.rollout_plan import (
+    HEALTH_TIMEOUT,
     SETTLE_AFTER_START,
     Decision,
     OtherRollout,
@@ -1648,6 +1649,37 @@ def test_an_updated_at_set_by_hand_without_an_offset_is_read_as_utc(updated_at: 
     assert status.phase == RolloutPhase.SUCCEEDED
     assert fleet.on("2.0.0") == set(fleet.customers)
     assert read == datetime.fromisoformat(updated_at).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("updated_at", "rollout"),
+    [("2026-12-03T13:00:00", None), ("2062-12-03", None), ("2026-12-03T13:00:00+00:00", "r1")],
+    ids=["local time east of UTC", "mistyped year", "naming the rollout"],
+)
+def test_an_updated_at_in_the_future_does_not_put_off_the_timeout(
+    updated_at: str, rollout: str | None
+) -> None:
+    """Found in review: an updated-at ahead of the clock (local time typed without an offset by someone
+    east of UTC, read as UTC; a mistyped year) put the health gate's timeout off by as much: a Customer
+    not Ready on a bad version was judged an hour later, or decades. It is no time: the Customer is judged
+    from its step's start, as one annotated without updated-at."""
+    fleet = Fleet(3, bad="2.0.0")
+    body = fleet.customers["c01"]
+    body["metadata"]["annotations"] = {ROLLOUT_CHART_VERSION: "2.0.0", ROLLOUT_UPDATED_AT: updated_at}
+    if rollout is not None:
+        body["metadata"]["annotations"][ROLLOUT_NAME] = rollout
+    fleet.operate()  # 2.0.0 installed, not Ready
+    assert body["status"]["release"]["rolloutUpdatedAt"] == updated_at
+
+    rollout_spec = spec(
+        steps=[{"customers": ["c01"]}, {"rest": True}], healthGate={"timeoutSeconds": 60, "maxFailures": 1}
+    )
+    status, _ = run(fleet, rollout_spec, ticks=200)
+
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c01", HEALTH_TIMEOUT)]
+    assert status.completed_at is not None and status.completed_at - T0 <= timedelta(seconds=61)
+    assert fleet.on("2.0.0") == {"c01"}
 
 
 CANNOT_MINT = "no signing key"
