@@ -10,6 +10,7 @@ import binascii
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +61,16 @@ def public_key_pem(public_key: rsa.RSAPublicKey) -> bytes:
     )
 
 
-def _write_temporary(path: Path, content: bytes, mode: int) -> Path:
-    """`content` in a new file beside `path`, for a rename onto it: created with its final mode, so the
-    private key is never readable by others, not even for the moment between create and chmod, and a
-    crash never leaves half a key under the real name."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _write_temporary(path: Path, content: bytes, mode: int, suffix: str = ".tmp") -> Path:
+    """`content` in a new file beside `path`, for a rename onto it: mkstemp makes it 0600 under a name no
+    other run holds, so the private key is never readable by others, and a file a killed run left behind
+    blocks no later one (found in review: names by pid, always 1 in a container, did); a crash never
+    leaves half a key under the real name."""
+    descriptor, name = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.", dir=path.parent)
+    temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # the umask may have taken bits away from `mode`
+            os.fchmod(handle.fileno(), mode)
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
@@ -92,19 +94,20 @@ def write_key_pair(
                     f"{path} already exists; replacing a signing key invalidates every licence"
                 )
     # Both written in full before either is renamed, so a full disk changes nothing. Two renames are
-    # not one atomic step, so the old private key is kept aside (a hard link) until the public one is in
+    # not one atomic step, so a copy of the old private key is kept aside until the public one is in
     # place, and put back when that fails (found in review: a directory named public-key.pem left the new
-    # private key without its public one, beside the old pair's copies elsewhere). The
-    # private key goes first because it is the one not made again from the other: a process killed
-    # between the renames leaves the old one beside it as .private-key.pem.<pid>.old.
+    # private key without its public one, beside the old pair's copies elsewhere). A copy of its bytes,
+    # not a hard link: FAT, exFAT, CIFS, some FUSE file systems and fs.protected_hardlinks refuse link(2)
+    # where writing works (found in review). The private key goes first because it is the one not made
+    # again from the other: a process killed between the renames leaves the old one beside it as
+    # .private-key.pem.<random>.old.
     made = [_write_temporary(private_path, private_key_pem(private_key), 0o600)]
     try:
         made.append(_write_temporary(public_path, public_key_pem(private_key.public_key()), 0o644))
         private_temporary, public_temporary = made
         kept = None
         if private_path.exists():
-            kept = private_path.with_name(f".{private_path.name}.{os.getpid()}.old")
-            os.link(private_path, kept)
+            kept = _write_temporary(private_path, private_path.read_bytes(), 0o600, suffix=".old")
             made.append(kept)
         os.replace(private_temporary, private_path)
         try:

@@ -180,6 +180,62 @@ def test_a_public_key_that_cannot_be_renamed_into_place_leaves_the_old_pair(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
 
 
+def test_force_replaces_a_pair_where_the_file_system_refuses_hard_links(
+    tmp_path: Path,
+    key_a: rsa.RSAPrivateKey,
+    key_b: rsa.RSAPrivateKey,
+    no_umask: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the old private key was kept aside by os.link, which FAT, exFAT, CIFS, some FUSE
+    file systems and fs.protected_hardlinks refuse (EPERM): `keys generate --force` said "--out: cannot
+    write" where writing works. The old key is kept as a copy of its bytes."""
+    write_key_pair(key_a, tmp_path)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    write_key_pair(key_b, tmp_path, overwrite=True)
+
+    assert read_private_key(tmp_path / "private-key.pem").private_numbers() == key_b.private_numbers()
+    assert stat.S_IMODE((tmp_path / "private-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "public-key.pem").stat().st_mode) == 0o644
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
+
+
+def test_files_a_killed_run_left_behind_block_no_later_force(
+    tmp_path: Path,
+    key_a: rsa.RSAPrivateKey,
+    key_b: rsa.RSAPrivateKey,
+    no_umask: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the temporary files and the old key's copy were named by pid, always 1 in a
+    container, and created exclusively: a run killed between writing them and cleaning up left a file
+    that failed every later --force with File exists. Each run's names are its own; the leftovers, maybe
+    the only copy of an old key, are left alone."""
+    write_key_pair(key_a, tmp_path)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    leftovers = {
+        ".private-key.pem.1.tmp": b"half a key",
+        ".public-key.pem.1.tmp": b"half a key",
+        ".private-key.pem.1.old": private_key_pem(key_a),
+    }
+    for name, content in leftovers.items():
+        (tmp_path / name).write_bytes(content)
+
+    write_key_pair(key_b, tmp_path, overwrite=True)
+
+    assert read_private_key(tmp_path / "private-key.pem").private_numbers() == key_b.private_numbers()
+    assert (
+        read_public_key(tmp_path / "public-key.pem").public_numbers() == key_b.public_key().public_numbers()
+    )
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith(".")} == (
+        leftovers
+    )
+
+
 def test_loading_errors_name_the_source(tmp_path: Path) -> None:
     with pytest.raises(LicenseKeyError, match=r"^/nonexistent/private-key.pem: cannot read"):
         read_private_key(Path("/nonexistent/private-key.pem"))
