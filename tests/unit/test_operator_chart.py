@@ -711,29 +711,48 @@ def test_credentials_come_from_the_named_secrets(helm: Path, tmp_path: Path) -> 
     assert not [o for o in objects if o["kind"] == "Secret"]
 
 
-def test_a_notices_secret_without_the_smtp_key_starts_both_components_without_smtp_url(
-    helm: Path, tmp_path: Path
-) -> None:
-    """Found in review: SMTP_URL was a required secretKeyRef, so a notices Secret holding only the
-    platform webhook's secret stopped both Deployments (CreateContainerConfigError). The key is optional
-    (the settings read an unset SMTP_URL as no mail server); the webhook's secret stays required."""
-    from iotistic_billing.settings import Settings
-
-    values = {
-        "secrets": {"notices": {"name": "notices"}},
-        "config": {"notices": {"platformWebhookUrl": "https://hooks.example.com/iotistic"}},
-    }
-    objects = render(helm, tmp_path, values)
+def test_the_notices_secret_s_smtp_key_is_required(helm: Path, tmp_path: Path) -> None:
+    """Found in review: SMTP_URL's secretKeyRef was optional, and Kubernetes' optional covers the whole
+    Secret: a misspelt secrets.notices.name, or a Secret made after the install (External Secrets,
+    sealed secrets), started the pods without SMTP_URL, read once at start, and mail was dead without a
+    word. Required, the pods wait (CreateContainerConfigError) until the Secret has the key."""
+    objects = render(helm, tmp_path, {"secrets": {"notices": {"name": "notices"}}})
 
     for deployment in (o for o in objects if o["kind"] == "Deployment"):
-        env = env_of(deployment)
-        assert env["SMTP_URL"]["valueFrom"]["secretKeyRef"] == {
+        assert env_of(deployment)["SMTP_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "notices",
             "key": "smtp-url",
-            "optional": True,
         }
-        assert "optional" not in env["NOTIFY_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+
+
+def test_without_a_mail_server_an_empty_smtp_key_sets_no_smtp_url_and_the_pods_need_the_webhook_key_only(
+    helm: Path, tmp_path: Path
+) -> None:
+    """Found in review: a notices Secret holding only the platform webhook's secret is the install
+    without a mail server, which says so with smtpUrlKey "" (the settings read an unset SMTP_URL as no
+    mail server); the notes listed the Secret with no key the pods wait for."""
+    from iotistic_billing.settings import Settings
+
+    webhook = {"platformWebhookUrl": "https://hooks.example.com/iotistic"}
+    values: dict[str, Any] = {"secrets": {"notices": {"name": "notices", "smtpUrlKey": ""}}}
+    objects = render(helm, tmp_path, {**values, "config": {"notices": webhook}})
+
+    references = set()
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        env = env_of(deployment)
+        assert "SMTP_URL" not in env
+        references |= {
+            (ref["name"], ref["key"], ref.get("optional", False))
+            for item in env.values()
+            if (ref := item.get("valueFrom", {}).get("secretKeyRef")) and ref["name"] == "notices"
+        }
+    assert references == {("notices", "webhook-secret", False)}
     assert Settings.model_fields["smtp_url"].default is None
+    notes = install_notes(helm, tmp_path, {**values, "config": {"notices": webhook}})
+    assert "  notices (the notices' key webhook-secret)\n" in notes, notes
+    # Without the platform webhook the pods read nothing of the Secret, and the notes do not name it.
+    notes = install_notes(helm, tmp_path, values)
+    assert "notices (" not in notes, notes
 
 
 def test_both_components_get_the_dunning_ladder_s_restricted_days(helm: Path, tmp_path: Path) -> None:

@@ -185,14 +185,15 @@ operator, its migrate init container, the webhook server); nothing when no CA is
 {{- end }}
 {{- with .Values.secrets.notices.name }}
 {{- if $.Values.secrets.notices.smtpUrlKey }}
-{{- /* Optional: a Secret holding only the platform webhook's secret sets no SMTP_URL (no mail), where a
-required key stopped both Deployments (CreateContainerConfigError). */}}
+{{- /* Required: an optional key makes the whole Secret optional to Kubernetes, so a misspelt name or a
+Secret made after the install (External Secrets, sealed secrets) started the pods without SMTP_URL, read
+once at start, and mail was dead without a word (found in review). Without a mail server smtpUrlKey is
+"": no SMTP_URL. */}}
 - name: SMTP_URL
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.secrets.notices.smtpUrlKey }}
-      optional: true
 {{- end }}
 {{- if $config.notices.platformWebhookUrl }}
 - name: NOTIFY_WEBHOOK_URL
