@@ -200,6 +200,10 @@ class NoticeSender:
         self._platform_http = aiohttp.ClientSession(timeout=timeout)
         if self.options.workers == 0:
             return
+        if self._mail_relay is None:
+            # Said once where the mail goes out: otherwise only each try's failure told of it (found in
+            # review), and the notices' mail is left to NOTIFY_MAX_ATTEMPTS with no word at start.
+            log.warning("notice sender: SMTP_URL is not set: mail notices fail until it is")
         self._tasks = [
             asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
         ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,6 +34,7 @@ from iotistic_billing.db.retention import retention_cutoff
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.k8s import SecretData
 from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.notices import sender as sender_module
 from iotistic_billing.notices.content import (
     Channel,
     Notice,
@@ -732,6 +734,32 @@ def secrets_sender(kube: SecretsKube) -> NoticeSender:
         options=SenderOptions(None, "billing@x.example", None, billing_namespace="billing"),
         clock=lambda: NOW,
     )
+
+
+@pytest.mark.parametrize(
+    ("smtp_url", "workers", "warned"),
+    [(None, 2, True), ("smtp://relay.example:587", 2, False), (None, 0, False)],
+    ids=["no SMTP_URL", "SMTP_URL", "no SMTP_URL, sending nothing"],
+)
+async def test_a_sender_without_smtp_url_says_at_start_that_mail_fails(
+    caplog: pytest.LogCaptureFixture, smtp_url: str | None, workers: int, warned: bool
+) -> None:
+    """Found in review: a sender started without SMTP_URL (a chart install without a mail server, or a
+    Secret read before it had the key) said nothing until each mail try failed. The process whose
+    workers send says so once at start; one that sends nothing (the server's) does not."""
+    sender = NoticeSender(
+        sessions=cast(Any, None),
+        kube=cast(Any, None),
+        options=SenderOptions(smtp_url, "billing@x.example", None, workers=workers),
+        clock=lambda: NOW,
+    )
+    with caplog.at_level(logging.INFO, logger=sender_module.__name__):
+        await sender.start()
+        await sender.stop()  # before the workers' first claim: they never ran
+
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == sender_module.__name__]
+    expected = ("WARNING", "notice sender: SMTP_URL is not set: mail notices fail until it is")
+    assert said == ([expected] if warned else []), said
 
 
 NEW_SECRET = ("whsec_" + base64.b64encode(b"n" * 32).decode()).encode()
