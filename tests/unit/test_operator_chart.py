@@ -245,15 +245,91 @@ def test_a_value_the_settings_refuse_is_refused_by_the_chart(
     assert refused in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(
-    "network", ["10.0.5.0/24", "0.0.0.0/0", "10.1.2.3/32", "192.168.128.0/17", "fd00::/8"]
-)
-def test_a_network_the_settings_take_renders_as_a_trusted_proxy(helm: Path, network: str) -> None:
-    """The host-bits check refuses no network ip_network takes."""
+# Networks the settings read (ipaddress.ip_network, strict). Not here: an IPv6 network whose address or
+# host bits the settings refuse, which the chart leaves to them (checkCidrs).
+NETWORKS = [
+    # Taken by the settings, refused by the chart before.
+    "10.0.5.7",
+    "fd00::1",
+    "10.0.0.0/08",
+    "10.64.0.0/010",
+    "10.0.0.0/0008",
+    "fd00::/008",
+    "10.0.0.0/255.0.0.0",
+    "10.64.0.0/255.192.0.0",
+    "10.0.0.0/0.255.255.255",  # a hostmask
+    "10.0.5.7/255.255.255.255",
+    "0.0.0.0/0.0.0.0",
+    "fe80::%eth0/64",
+    # Taken by both before.
+    "10.0.5.0/24",
+    "0.0.0.0/0",
+    "10.1.2.3/32",
+    "192.168.128.0/17",
+    "fd00::/8",
+    "::/0",
+    # Refused by both.
+    "10.0.5.1/24",
+    "10.64.0.0/255.128.0.0",
+    "10.0.0.0/0.0.0.0",
+    "10.0.0.0/255.0.255.0",
+    "10.0.0.0/33",
+    "10.0.0.0/+8",
+    "10.0.0.0/",
+    "010.0.0.0/8",
+    "256.0.0.0/8",
+    "10.0.0/8",
+    "10.0.5.7%eth0",
+    "fd00::/129",
+    "fd00::/255.0.0.0",
+    "ingress-nginx",
+]
+NETWORK_VALUES = {
+    "trusted_proxies": (
+        "webhookServer.rateLimit.trustedProxies",
+        "/webhookServer/rateLimit/trustedProxies/0",
+    ),
+    "notify_webhook_allowed_cidrs": (
+        "config.notices.webhookAllowedCidrs",
+        "/config/notices/webhookAllowedCidrs/0",
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(NETWORK_VALUES))
+@pytest.mark.parametrize("network", NETWORKS)
+def test_the_chart_takes_the_networks_the_settings_take_and_refuses_the_others(
+    helm: Path, tmp_path: Path, network: str, setting: str
+) -> None:
+    """Found in review: the chart refused networks the settings take. A bare address (the /32 the chart
+    took before: helm upgrade of such an install failed), a netmask, and prefixes with a leading zero,
+    which Sprig's int read in base 0 (/08 as /0, refused for host bits; /010 as /8)."""
+    from pydantic import ValidationError
+
     from iotistic_billing.settings import Settings
 
-    Settings(trusted_proxies=[network])
-    assert template(helm, "--set", f"webhookServer.rateLimit.trustedProxies[0]={network}").returncode == 0
+    try:
+        Settings.model_validate({setting: [network]})
+        taken = True
+    except ValidationError as error:
+        assert {e["loc"][0] for e in error.errors()} == {setting}, error
+        taken = False
+    value, schema_path = NETWORK_VALUES[setting]
+    values: dict[str, Any] = {}
+    node = values
+    *parents, leaf = value.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = [network]
+    result = template(helm, *values_args(tmp_path, values))
+
+    if taken:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert f"{value}: {network} " in result.stderr or f"at '{schema_path}'" in result.stderr, (
+            result.stderr
+        )
 
 
 def schema_property(schema: dict[str, Any], path: str) -> dict[str, Any]:

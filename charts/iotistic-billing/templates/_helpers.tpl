@@ -250,27 +250,47 @@ any case, as the settings read it (smtp_url is SMTP_URL). */}}
 {{- if $found -}}true{{- end -}}
 {{- end -}}
 
-{{/* Fails naming .value on an IPv4 CIDR of .cidrs that the settings refuse (ip_network, strict: the pods
-would crash-loop): no address (an octet above 255 or with a leading zero), a prefix above 32, or host bits
-set. The schema holds both families to the CIDR shape; an IPv6 one's host bits are left to the settings
-(Sprig has no IP arithmetic, and IPv6's is too long to write here). */}}
+{{/* Fails naming .value on a network of .cidrs that the settings refuse (ipaddress.ip_network, strict:
+the pods would crash-loop), and on none they take (found in review: a bare address, which the chart took
+before, failed helm upgrade, and Sprig's int read the prefix 08 as 0, 010 as 8). IPv4 as ip_network reads
+it: an address (octets without a leading zero), then nothing (/32), /digits up to 32 (leading zeros
+allowed), or /a netmask (255.0.0.0) or a hostmask (0.255.255.255), netmask first; no host bits set. IPv6:
+a prefix of digits up to 128; its address and host bits are left to the settings (Sprig has no IP
+arithmetic, and IPv6's is too long to write here). The schema holds both to the shape. */}}
 {{- define "iotistic-billing.checkCidrs" -}}
+{{- $powers := list 1 -}}
+{{- range until 32 -}}{{- $powers = append $powers (mul (last $powers) 2) -}}{{- end -}}
 {{- range $cidr := .cidrs -}}
-{{- $address := regexReplaceAll "/.*$" $cidr "" -}}
-{{- $prefix := int (regexReplaceAll "^.*/" $cidr "") -}}
-{{- if not (contains ":" $address) -}}
-{{- $octets := splitList "." $address -}}
-{{- $valid := and (eq (len $octets) 4) (le $prefix 32) -}}
-{{- $number := 0 -}}
-{{- range $octets -}}
-{{- if or (not (regexMatch "^(0|[1-9][0-9]{0,2})$" .)) (gt (atoi .) 255) -}}{{- $valid = false -}}{{- end -}}
-{{- $number = add (mul $number 256) (atoi .) -}}
+{{- $parts := splitList "/" $cidr -}}
+{{- $address := first $parts -}}
+{{- $mask := ternary (last $parts) "" (eq (len $parts) 2) -}}
+{{- if contains ":" $address -}}
+{{- if or (gt (len $parts) 2) (and (eq (len $parts) 2) (or (not (regexMatch "^[0-9]+$" $mask)) (gt (atoi $mask) 128))) -}}
+{{- fail (printf "%s: %s is no IPv6 network: its prefix must be a number up to 128 (the settings refuse it)" $.value $cidr) -}}
 {{- end -}}
-{{- if not $valid -}}
-{{- fail (printf "%s: %s is no IPv4 network in CIDR form (the settings refuse it)" $.value $cidr) -}}
+{{- else -}}
+{{- $number := include "iotistic-billing.ipv4" $address | atoi -}}
+{{- $prefix := -1 -}}
+{{- if gt (len $parts) 2 -}}
+{{- else if eq (len $parts) 1 -}}
+{{- $prefix = 32 -}}
+{{- else if regexMatch "^[0-9]+$" $mask -}}
+{{- /* atoi: base 10, as ip_network reads it; Sprig's int reads 08 as 0 and 010 as 8. */ -}}
+{{- if le (atoi $mask) 32 -}}{{- $prefix = atoi $mask -}}{{- end -}}
+{{- else -}}
+{{- $maskNumber := include "iotistic-billing.ipv4" $mask | atoi -}}
+{{- range $bits := until 33 -}}
+{{- if and (lt $prefix 0) (eq $maskNumber (sub (last $powers) (index $powers (sub 32 $bits)))) -}}{{- $prefix = $bits -}}{{- end -}}
 {{- end -}}
-{{- $size := 1 -}}
-{{- range until (sub 32 $prefix | int) -}}{{- $size = mul $size 2 -}}{{- end -}}
+{{- range $bits := until 33 -}}
+{{- if and (lt $prefix 0) (eq $maskNumber (sub (index $powers (sub 32 $bits)) 1)) -}}{{- $prefix = $bits -}}{{- end -}}
+{{- end -}}
+{{- if lt $maskNumber 0 -}}{{- $prefix = -1 -}}{{- end -}}
+{{- end -}}
+{{- if or (lt $number 0) (lt $prefix 0) -}}
+{{- fail (printf "%s: %s is no IPv4 network: an address, address/prefix (0 to 32) or address/netmask (the settings refuse it)" $.value $cidr) -}}
+{{- end -}}
+{{- $size := index $powers (sub 32 $prefix) -}}
 {{- $hostBits := mod $number $size -}}
 {{- if ne (int $hostBits) 0 -}}
 {{- $network := sub $number $hostBits -}}
@@ -282,6 +302,22 @@ set. The schema holds both families to the CIDR shape; an IPv6 one's host bits a
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The number of a dotted IPv4 address as ip_network reads one (four octets up to 255, none with a
+leading zero), or -1. */}}
+{{- define "iotistic-billing.ipv4" -}}
+{{- $octets := splitList "." . -}}
+{{- $number := 0 -}}
+{{- range $octets -}}
+{{- if or (lt $number 0) (not (regexMatch "^(0|[1-9][0-9]{0,2})$" .)) (gt (atoi .) 255) -}}
+{{- $number = -1 -}}
+{{- else -}}
+{{- $number = add (mul $number 256) (atoi .) -}}
+{{- end -}}
+{{- end -}}
+{{- if ne (len $octets) 4 -}}{{- $number = -1 -}}{{- end -}}
+{{- $number -}}
 {{- end -}}
 
 {{/* LICENSE_EXTRA_PUBLIC_KEY_PATHS as the JSON list pydantic-settings reads. */}}
