@@ -7,7 +7,9 @@ down. A Customer kept in Git must be suspended in Git as well, or GitOps will un
 before the commit (a refused patch rolls the row back); should the commit then be lost, the answer says
 the Customer was suspended, and the retry records the licence the patch named (REVOKED_LICENSE). A patch
 whose answer was lost (RevokeUnanswered) rolls the row and its notice back too: they would tell of a
-revocation that may not have been made; the retry records them as it does after a lost commit.
+revocation that may not have been made; the retry records them as it does after a lost commit. A licence
+revoked already (a revoke sent twice, or again after the operator's unlicensed licence) is revoked once:
+the revoke after it writes, sends and patches nothing, and says so (Revoked.recorded).
 """
 
 from __future__ import annotations
@@ -148,7 +150,13 @@ async def revoke_license(request: web.Request) -> web.Response:
         record = await request.app[DIRECTORY].existing(revoking.session, customer_id)
         revoked = await revoking.revoke(record, body.reason, by="admin")
     return json_model(
-        RevokeResponse(customer_id=customer_id, revoked_jti=revoked.jti, reason=body.reason, suspended=True)
+        RevokeResponse(
+            customer_id=customer_id,
+            revoked_jti=revoked.license.jti,
+            reason=body.reason,
+            suspended=revoked.recorded or bool(record.customer.spec.suspended),
+            already_revoked=not revoked.recorded,
+        )
     )
 
 
@@ -162,6 +170,15 @@ class RevokeUnanswered(KubernetesUnavailable):
         self.license = license
 
 
+@dataclass(frozen=True)
+class Revoked:
+    """What a revoke did: the licence it revoked, and whether it recorded it (False: the licence was
+    revoked already, and nothing was written, sent or patched; the reason given is not recorded)."""
+
+    license: LicenseRecord
+    recorded: bool = True
+
+
 @dataclass
 class Revocation:
     """A revoke's transaction (`revocation`): what it revoked, once `revoke` has suspended the Customer,
@@ -172,15 +189,14 @@ class Revocation:
     done: tuple[CustomerRecord, LicenseRecord] | None = None
     unanswered: bool = False
 
-    async def revoke(
-        self, record: CustomerRecord, reason: str, by: str, uid: str | None = None
-    ) -> LicenseRecord:
+    async def revoke(self, record: CustomerRecord, reason: str, by: str, uid: str | None = None) -> Revoked:
         try:
             revoked = await revoke_and_suspend(self.app, self.session, record, reason, by, uid)
         except RevokeUnanswered as lost:
             self.done, self.unanswered = (record, lost.license), True
             raise
-        self.done = (record, revoked)
+        if revoked.recorded:  # one revoked already wrote nothing: a commit lost then changed nothing
+            self.done = (record, revoked.license)
         return revoked
 
 
@@ -226,12 +242,13 @@ async def revoke_and_suspend(
     reason: str,
     by: str,
     uid: str | None = None,
-) -> LicenseRecord:
+) -> Revoked:
     """A `revoked` row and its notice for the licence in force, and spec.suspended: true, in `session`'s
     transaction (see `revocation`). The licence in force is the one in the licence Secret, unless an
     earlier revoke suspended the Customer and its record was lost: that one's (REVOKED_LICENSE), by
     the history's record of its issue. Both only while no licence was reinstated since: a Customer
-    resumed and suspended again is revoked anew. A patch whose answer was lost is RevokeUnanswered, its
+    resumed and suspended again is revoked anew. A licence revoked already is not revoked again
+    (Revoked.recorded False: nothing written). A patch whose answer was lost is RevokeUnanswered, its
     history row and notice rolled back (to a savepoint), the caller's transaction kept. `uid`: the patch
     is made on the Customer of that uid only (the API server refuses it on one made again under the
     name: `refused_for_its_uid`)."""
@@ -253,9 +270,13 @@ async def revoke_and_suspend(
         if found is not None and not found[1]:
             revoked = found[0]  # the retry of a revoke whose commit was lost
         elif found is not None and revoked.plan == UNLICENSED_PLAN_NAME:
-            # The retry of a revoke that was recorded (its answer lost): the licence it revoked, nothing
-            # twice (the unlicensed one minted since is not revoked, nor noticed, again).
-            return found[0]
+            # Revoked already (a revoke sent again: its answer lost, a double click, another admin's),
+            # once the operator minted the unlicensed licence: the licence it revoked, nothing twice (the
+            # unlicensed one is not revoked, nor noticed).
+            return Revoked(found[0], recorded=False)
+    held = await recorded_license(session, customer_id, revoked.jti)
+    if held is not None and held[1]:
+        return Revoked(revoked, recorded=False)  # the same, before the operator replaced the licence
     # A savepoint, rolled back only when the patch's answer is lost: the history row and the notice go,
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
     # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
@@ -301,7 +322,7 @@ async def revoke_and_suspend(
         )
         raise RevokeUnanswered(error, revoked) from None
     log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
-    return revoked
+    return Revoked(revoked)
 
 
 async def get_public_key(request: web.Request) -> web.Response:
@@ -325,6 +346,7 @@ async def get_jwks(request: web.Request) -> web.Response:
 __all__ = [
     "Revocation",
     "RevokeUnanswered",
+    "Revoked",
     "get_jwks",
     "get_license",
     "get_license_history",

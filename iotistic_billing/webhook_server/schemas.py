@@ -380,7 +380,12 @@ class RevokeResponse(Response):
     revoked_jti: str
     reason: str
     suspended: bool = Field(
-        description="spec.suspended was set: the operator re-mints an unlicensed licence."
+        description="spec.suspended is set (by this revoke, or the earlier one when already_revoked): the"
+        " operator re-mints an unlicensed licence."
+    )
+    already_revoked: bool = Field(
+        description="The licence was revoked already (a revoke sent again): nothing was recorded, sent or"
+        " changed, and `reason` is this request's, not the one the licence history recorded."
     )
 
 

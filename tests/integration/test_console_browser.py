@@ -34,6 +34,7 @@ from tests.integration.console_support import (
     browser_sign_in,
     console_page,
     event_state,
+    form_fields,
     post_form,
     record_predecessor_action,
     replay_form,
@@ -853,3 +854,71 @@ async def test_a_link_from_another_site_opens_the_page_it_names(
         await page.click(f"text={name}")
         await page.wait_for_url(target)
         await expect(page.locator("#main h1")).to_contain_text(name)
+
+
+async def test_revoking_a_licence_revoked_already_says_so_and_records_nothing(
+    console: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: revoking a Customer whose licence was revoked already (a double click; or again,
+    with another reason, once the operator had issued the unlicensed licence) said "Licence revoked and
+    Customer suspended.", and its audit row and Event "licence X revoked (fraud)", while nothing was
+    recorded: the licence history and the customer's notice kept the first reason."""
+    name = unique_name("twice")
+    customer_id = customer_id_for(name)
+    created = customers.create(name, customerId=customer_id)
+    jti = await eventually(lambda: licence_jti(customers, name), message="licence")
+    await sign_in(console, ADMIN_TOKEN)
+    page = f"/admin/customers/{name}"
+    form = await form_fields(console, page, f"{page}/revoke")
+    first = await post_form(console, f"{page}/revoke", {**form, "reason": "chargeback"})
+    assert (first.status, first.headers["Location"]) == (303, f"{page}?done=revoke"), await first.text()
+    # A double click: the same form again, at once.
+    double = await post_form(console, f"{page}/revoke", {**form, "reason": "chargeback"})
+    assert (double.status, double.headers["Location"]) == (303, f"{page}?done=already-revoked")
+    # Again with another reason, once the operator has issued the unlicensed licence.
+    await eventually(
+        lambda: (found := licence_jti(customers, name)) is not None and found != jti, message="unlicensed"
+    )
+    form = await form_fields(console, page, f"{page}/revoke")
+    again = await post_form(console, f"{page}/revoke", {**form, "reason": "fraud"})
+    assert (again.status, again.headers["Location"]) == (303, f"{page}?done=already-revoked")
+    shown = await (await console.get(again.headers["Location"])).text()
+    assert '<p class="done" role="status">Already revoked: nothing sent.' in shown, shown
+
+    async with db_engine.connect() as connection:
+        history = await connection.scalars(
+            select(LicenseHistory.metadata_).where(
+                LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+            )
+        )
+        assert history.all() == [{"reason": "chargeback", "by": "console"}]
+        notices = await connection.scalars(
+            select(Notice.facts).where(Notice.customer_id == customer_id, Notice.kind == "license.revoked")
+        )
+        assert [facts["reason"] for facts in notices.all()] == ["chargeback"]
+        actions = await connection.execute(
+            select(ConsoleAction.action, ConsoleAction.detail)
+            .where(ConsoleAction.customer_name == name)
+            .order_by(ConsoleAction.id)
+        )
+        rows = actions.all()
+    assert [row[0] for row in rows] == ["revoke", "already-revoked", "already-revoked"], rows
+    assert f"already revoked (licence {jti}): nothing sent" in rows[2][1] and "fraud" in rows[2][1], rows
+    events = await console.app[KUBE].list_customer_events(name, created["metadata"]["uid"])
+    told = sorted(
+        (posted["reason"], posted["message"]) for posted in events if posted["reason"].startswith("Console")
+    )
+    assert [reason for reason, _ in told] == [
+        "ConsoleAlreadyRevoked",
+        "ConsoleAlreadyRevoked",
+        "ConsoleRevoke",
+    ]
+    assert all(f"already revoked (licence {jti}): nothing sent" in message for _, message in told[:2]), told
+
+    # The API's revoke says the same: that licence, revoked already, nothing recorded.
+    answer = await console.post(
+        f"/api/licenses/{customer_id}/revoke", json={"reason": "fraud"}, headers=admin_headers()
+    )
+    body = await answer.json()
+    assert answer.status == 200, body
+    assert (body["revoked_jti"], body["already_revoked"], body["suspended"]) == (jti, True, True), body

@@ -245,6 +245,7 @@ async def test_revoke_records_history_and_suspends_until_the_licence_is_unlicens
         "revoked_jti": first["jti"],
         "reason": "chargeback",
         "suspended": True,
+        "already_revoked": False,
     }
     assert (customers.get(name) or {})["spec"]["suspended"] is True
 
@@ -319,12 +320,12 @@ async def test_a_revoke_whose_commit_is_lost_says_so_and_its_retry_records_the_l
     retried = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
     body = await retried.json()
     assert retried.status == 200, body
-    assert body["revoked_jti"] == first["jti"]
+    assert (body["revoked_jti"], body["already_revoked"]) == (first["jti"], False)
     # Sent again (its answer lost on the way): the same licence, nothing revoked or noticed twice.
     again = await live_api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())
     body = await again.json()
     assert again.status == 200, body
-    assert body["revoked_jti"] == first["jti"]
+    assert (body["revoked_jti"], body["already_revoked"], body["suspended"]) == (first["jti"], True, True)
     async with db_engine.connect() as connection:
         revoked = (
             await connection.scalars(

@@ -68,7 +68,7 @@ from iotistic_billing.webhook_server.context import (
     request_address,
 )
 from iotistic_billing.webhook_server.errors import problem_of
-from iotistic_billing.webhook_server.licenses import RevokeUnanswered, license_token, revocation
+from iotistic_billing.webhook_server.licenses import Revoked, RevokeUnanswered, license_token, revocation
 from iotistic_billing.webhook_server.messages import read_decimal
 from iotistic_billing.webhook_server.schemas import NUL_MESSAGE, RevokeRequest
 from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
@@ -97,6 +97,8 @@ DONE: Final = {
     "suspend": "Customer suspended.",
     "resume": "Suspension lifted.",
     "revoke": "Licence revoked and Customer suspended.",
+    "already-revoked": "Already revoked: nothing sent. The licence history and the customer's notice keep"
+    " the earlier revoke and its reason.",
     "replay": "Stripe event replayed: see its result below.",
     "replay-sent-again": "Not replayed again: this event was replayed after the page that sent this Replay"
     " was shown (a Replay sent twice is made once). See its result below.",
@@ -705,15 +707,16 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
     uid = as_shown(KIND, record.name, form, record.customer.metadata.uid or "")
     try:
         if change is None:
-            await _revoke(request, record, revoke_reason(form), uid)
+            done = await _revoke(request, record, revoke_reason(form), uid)
         else:
             patch, detail = change
+            done = action
             await _patch_customer(request, record, action, patch, detail, uid)
     except ApiException as error:
         if refused_for_its_uid(error):  # made again between the read and the patch
             raise _re_created(KIND, record.name) from None
         raise
-    return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": action}))
+    return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": done}))
 
 
 async def _patch_customer(
@@ -730,8 +733,10 @@ async def _patch_customer(
     await _recorded_write(request, action, detail, write, record=record)
 
 
-async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid: str) -> None:
-    """The revoke route's history row, notice and patch in its transaction, which the audit row joins."""
+async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid: str) -> str:
+    """The revoke route's history row, notice and patch in its transaction, which the audit row joins;
+    what it did (`revoke`, or `already-revoked`: nothing recorded, the audit row and Event say so)."""
+    action = "revoke"
     unsure: RevokeUnanswered | None = None
     detail: str | None = None
     try:
@@ -741,19 +746,27 @@ async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid
             except RevokeUnanswered as lost:
                 # As _recorded_write: the Customer may be suspended, so the audit row and the Event say
                 # who may have done it (the history row and notice wait for the retry, which records them).
-                revoked, unsure = lost.license, lost
-            detail = f"licence {revoked.jti} revoked ({reason}), Customer suspended"
+                revoked, unsure = Revoked(lost.license), lost
+            jti = revoked.license.jti
+            if revoked.recorded:
+                detail = f"licence {jti} revoked ({reason}), Customer suspended"
+            else:
+                action = "already-revoked"
+                detail = (
+                    f"already revoked (licence {jti}): nothing sent, the reason given ({reason}) not recorded"
+                )
             if unsure is not None:
                 detail += UNANSWERED
-            await _audit(request, revoking.session, "revoke", detail, customer=record.name)
+            await _audit(request, revoking.session, action, detail, customer=record.name)
     except DependencyUnavailable:
         # PostgreSQL lost once the Customer was suspended (revocation's 503 says so): as _recorded_write.
         if detail is not None:
-            await _tell(request, record, "revoke", detail + UNRECORDED)
+            await _tell(request, record, action, detail + UNRECORDED)
         raise
-    await _tell(request, record, "revoke", detail)
+    await _tell(request, record, action, detail)
     if unsure is not None:
         raise unsure
+    return action
 
 
 def revoke_reason(form: Mapping[str, object]) -> str:
