@@ -264,6 +264,9 @@ async def revoke_and_suspend(
         revoked = LicenseRecord.from_token(token)
     except MintingError:
         raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
+    # Until the commit: a second revoke at once (a double click) finds this one's row, and the operator's
+    # pass that the patch starts decides its notice on it.
+    await hold_revocations(session, customer_id)
     earlier = record.customer.metadata.annotations.get(REVOKED_LICENSE)
     if record.customer.spec.suspended and earlier is not None and earlier != revoked.jti:
         found = await recorded_license(session, customer_id, earlier)
@@ -281,8 +284,6 @@ async def revoke_and_suspend(
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
     # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
     before_revoking = await session.begin_nested()
-    # Until the commit: the operator's pass that the patch starts decides its notice on this row.
-    await hold_revocations(session, customer_id)
     try:
         await record_license(session, revoked, "revoked", {"reason": reason, "by": by})
     except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
