@@ -154,7 +154,8 @@ async def revoke_license(request: web.Request) -> web.Response:
             customer_id=customer_id,
             revoked_jti=revoked.license.jti,
             reason=body.reason,
-            suspended=revoked.recorded or bool(record.customer.spec.suspended),
+            # Already revoked: only while its revoke still suspends the Customer (_still_revoked).
+            suspended=True,
             already_revoked=not revoked.recorded,
         )
     )
@@ -278,7 +279,7 @@ async def revoke_and_suspend(
             # unlicensed one is not revoked, nor noticed).
             return Revoked(found[0], recorded=False)
     held = await recorded_license(session, customer_id, revoked.jti)
-    if held is not None and held[1]:
+    if held is not None and held[1] and await _still_revoked(app, record, revoked.jti):
         return Revoked(revoked, recorded=False)  # the same, before the operator replaced the licence
     # A savepoint, rolled back only when the patch's answer is lost: the history row and the notice go,
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
@@ -324,6 +325,17 @@ async def revoke_and_suspend(
         raise RevokeUnanswered(error, revoked) from None
     log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
     return Revoked(revoked)
+
+
+async def _still_revoked(app: web.Application, record: CustomerRecord, jti: str) -> bool:
+    """Whether the Customer, read now (under the revocation lock), is suspended by the revoke of `jti`.
+    One resumed before the operator replaced the licence holds `jti` in force again: a revoke of it
+    suspends it again (its history row and notice are there already, and are not written twice)."""
+    now = await app[KUBE].read_customer(record.name)
+    if now is None:
+        return False  # its patch says it is gone
+    spec, annotations = now.get("spec") or {}, now["metadata"].get("annotations") or {}
+    return bool(spec.get("suspended")) and annotations.get(REVOKED_LICENSE) == jti
 
 
 async def get_public_key(request: web.Request) -> web.Response:

@@ -416,6 +416,37 @@ async def test_a_deleted_predecessor_s_licence_is_not_the_customer_s_made_again_
         customers.core.delete_namespace(namespace)
 
 
+async def test_a_revoke_of_a_licence_back_in_force_suspends_its_customer_again(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """Found in review: a Customer resumed before the operator replaced its revoked licence holds that
+    licence in force again, and a second revoke answered "already revoked" and suspended nothing."""
+    name = unique_name("handmade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    put_handmade_licence(
+        customers,
+        name,
+        licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings),
+    )
+    revoke = f"/api/licenses/{customer_id}/revoke"
+    try:
+        first = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (first["already_revoked"], first["suspended"]) == (False, True), first
+        again = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (again["already_revoked"], again["suspended"]) == (True, True), again
+        customers.kube.patch_customer(name, {"spec": {"suspended": False}})  # resumed, the licence kept
+        third = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (third["revoked_jti"], third["already_revoked"]) == (first["revoked_jti"], False), third
+        customer = customers.get(name)
+        assert customer is not None and customer["spec"]["suspended"] is True
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+
+
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])
 async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_revoke(
     api: TestClient[Any, Any],
