@@ -53,8 +53,8 @@ class MailRelay:
                 return
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 break  # closed by the server since its last message: once more, on a new connection
-            except aiosmtplib.SMTPResponseException as refused:
-                if refused.code != SERVICE_CLOSING:
+            except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as refused:
+                if not _closing(refused):
                     raise
                 break  # closing it (its messages a connection, its idle time): the same
         client = aiosmtplib.SMTP(**self._options)
@@ -84,6 +84,15 @@ class MailRelay:
             client.close()
             raise
         self._idle.append(client)
+
+
+def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) -> bool:
+    """Whether the server answered 421, closing the connection: at any command, or at RCPT, where
+    aiosmtplib gathers the refusals into SMTPRecipientsRefused (found in review: that one cost the mail
+    a counted try and its backoff)."""
+    if isinstance(refused, aiosmtplib.SMTPRecipientsRefused):
+        return bool(refused.recipients) and all(r.code == SERVICE_CLOSING for r in refused.recipients)
+    return refused.code == SERVICE_CLOSING
 
 
 __all__ = ["MAIL_ERRORS", "MailRelay"]
