@@ -142,6 +142,14 @@ def helm_runner(host: str, shard: int, peering: str, priority: int) -> str:
     return hashlib.sha256(f"{host}/{shard}/{peering}/{priority}".encode()).hexdigest()[:20]
 
 
+# Server-side apply that takes over any field another manager holds (`kubectl scale`, `kubectl edit`):
+# the operator owns its releases. `true`, not helm's `auto`, which applies client-side when the revision
+# before was so applied (installed by helm 3, or by hand with --server-side=false), and refuses
+# --force-conflicts there. Never --force-replace (helm 3's --force): it deletes and re-creates what it
+# cannot patch, and cannot be combined with --force-conflicts.
+SERVER_SIDE_APPLY = ("--server-side", "true", "--force-conflicts")
+
+
 def upgrade_install_args(
     name: str,
     namespace: str,
@@ -157,6 +165,10 @@ def upgrade_install_args(
     Without client-side OpenAPI validation: it downloads and parses the API server's OpenAPI document in
     every helm process (much of an install's CPU, bench/README.md), while the server-side apply that
     follows validates every object against the same schema anyway.
+
+    The operator owns the release (SERVER_SIDE_APPLY): a field another manager took since (a `kubectl
+    scale` owns the Deployment's .spec.replicas) made the API server refuse every later upgrade, a
+    suspension's 0 replicas among them, retried for ever.
     """
     return [
         "upgrade",
@@ -170,6 +182,7 @@ def upgrade_install_args(
         "--history-max",
         "5",
         "--disable-openapi-validation",
+        *SERVER_SIDE_APPLY,
         # On helm's storage Secrets too, where the operator's server-side filtered watch sees them.
         # The hash lets a pass whose status write was lost (a crash after helm) see that the newest
         # revision is already the one it wants (release.py).
@@ -360,7 +373,8 @@ class Helm:
         )
 
     async def rollback(self, name: str, namespace: str, revision: int | None = None) -> None:
-        """To `revision`, by default the one before the newest."""
+        """To `revision`, by default the one before the newest; over fields another manager took since,
+        as an upgrade does (SERVER_SIDE_APPLY)."""
         to = [] if revision is None else [str(revision)]
         await self._run(
             "rollback",
@@ -368,6 +382,7 @@ class Helm:
             *to,
             "--namespace",
             namespace,
+            *SERVER_SIDE_APPLY,
             doing=f"rollback of release {name} in {namespace}",
         )
 

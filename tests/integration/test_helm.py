@@ -272,3 +272,93 @@ async def test_a_pending_upgrade_whose_operator_pod_is_gone_is_rolled_back_at_on
     else:
         assert recovery == Recovery(recovered="pending-upgrade")
         assert (after.revision, after.status) == (3, "deployed")
+
+
+def scaled_chart(chart: Path) -> Path:
+    """A chart of the Deployment `instance-api`, its replicas and a pod label from the values."""
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(f"apiVersion: v2\nname: {chart.name}\nversion: 0.1.0\n")
+    (chart / "templates" / "deployment.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: instance-api}\nspec:\n"
+        "  replicas: {{ .Values.replicas }}\n  selector: {matchLabels: {app: x}}\n  template:\n"
+        "    metadata: {labels: {app: x, plan: {{ .Values.plan | quote }}}}\n"
+        "    spec: {containers: [{name: x, image: x}]}\n"
+    )
+    return chart
+
+
+def scale_instance_api(kubectl_binary: Path, kubeconfig: Path, namespace: str, replicas: int) -> None:
+    """`kubectl scale`, as an admin would: through the scale subresource, under kubectl's field manager."""
+    kubectl = [str(kubectl_binary), "--kubeconfig", str(kubeconfig)]
+    scale = ["scale", "deployment", "instance-api", "-n", namespace, f"--replicas={replicas}"]
+    subprocess.run([*kubectl, *scale], check=True, capture_output=True)
+
+
+def install_client_side(
+    helm_binary: Path, kubeconfig: Path, namespace: str, chart: Path, values: Path
+) -> None:
+    """The release installed by helm's client-side apply, as helm 3 or `--server-side=false` by hand did."""
+    helm = [str(helm_binary), "--kubeconfig", str(kubeconfig)]
+    install = ["upgrade", "--install", "instance", str(chart), "-n", namespace, "--values", str(values)]
+    subprocess.run([*helm, *install, "--server-side=false"], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("applied_before", ["server-side", "client-side"])
+async def test_an_upgrade_takes_back_the_replicas_a_kubectl_scale_took(
+    k8s_client: kubernetes.client.ApiClient,
+    kubeconfig: Path,
+    helm_binary: Path,
+    kubectl_binary: Path,
+    tmp_path: Path,
+    applied_before: str,
+) -> None:
+    """Found in review: after `kubectl scale deploy instance-api --replicas=3` kubectl owned the
+    Deployment's .spec.replicas, and helm 4's server-side apply of every later upgrade (a renewal, a plan
+    change, a suspension's 0 replicas) was refused, "Apply failed with 1 conflict: conflict with
+    "kubectl" ... .spec.replicas", and retried for ever: the suspension never applied. The operator
+    forces the conflicts it meets. A revision applied client-side (helm 3, or --server-side=false by
+    hand) has helm's `--server-side auto` apply client-side too, which refuses --force-conflicts: the
+    operator applies server-side whatever the revision before did."""
+    chart = scaled_chart(tmp_path / "scaled")
+    namespace = new_namespace(k8s_client)
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120)
+    running = {"plan": "starter", "replicas": 1}
+    if applied_before == "server-side":
+        await helm.upgrade_install("instance", namespace, chart, running, "1" * 32)
+    else:
+        values = tmp_path / "values.json"
+        values.write_text(json.dumps(running))
+        install_client_side(helm_binary, kubeconfig, namespace, chart, values)
+    scale_instance_api(kubectl_binary, kubeconfig, namespace, 3)
+
+    suspended = await helm.upgrade_install(
+        "instance", namespace, chart, {"plan": "starter", "replicas": 0}, "2" * 32
+    )
+
+    assert (suspended.revision, suspended.status) == (2, "deployed")
+    deployment = kubernetes.client.AppsV1Api(k8s_client).read_namespaced_deployment("instance-api", namespace)
+    assert deployment.spec.replicas == 0
+
+
+async def test_a_rollback_takes_back_the_replicas_a_kubectl_scale_took(
+    k8s_client: kubernetes.client.ApiClient,
+    kubeconfig: Path,
+    helm_binary: Path,
+    kubectl_binary: Path,
+    tmp_path: Path,
+) -> None:
+    """Found in review: the recovery of a pending revision rolls it back, a server-side apply too, and a
+    field another manager took since (`kubectl scale`) made it fail as the upgrade did, for ever."""
+    chart = scaled_chart(tmp_path / "scaled")
+    namespace = new_namespace(k8s_client)
+    helm = Helm(str(helm_binary), str(kubeconfig), concurrency=1, timeout=120)
+    await helm.upgrade_install("instance", namespace, chart, {"plan": "starter", "replicas": 1}, "1" * 32)
+    await helm.upgrade_install("instance", namespace, chart, {"plan": "starter", "replicas": 2}, "2" * 32)
+    scale_instance_api(kubectl_binary, kubeconfig, namespace, 3)
+
+    await helm.rollback("instance", namespace, 1)
+
+    back = await helm.status("instance", namespace)
+    assert back is not None and (back.revision, back.status) == (3, "deployed")
+    deployment = kubernetes.client.AppsV1Api(k8s_client).read_namespaced_deployment("instance-api", namespace)
+    assert deployment.spec.replicas == 1

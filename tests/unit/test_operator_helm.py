@@ -334,6 +334,32 @@ def test_the_operator_s_upgrade_labels_its_revision_with_where_and_in_which_pod_
     assert c.LABEL_HELM_POD not in unlabelled[unlabelled.index("--labels") + 1]
 
 
+def test_the_operator_s_upgrade_forces_the_conflicts_of_fields_another_manager_took() -> None:
+    """Found in review: after `kubectl scale deploy instance-api` (kubectl then owns .spec.replicas)
+    the API server refused every server-side apply of the upgrades that followed, a suspension's among
+    them, retried for ever. The operator owns the release: server-side apply, conflicts forced (helm's
+    `auto` applies client-side after a revision applied so, and refuses --force-conflicts there), never
+    --force-replace (or helm 3's --force), which helm refuses beside it."""
+    path = Path("chart")
+    args = upgrade_install_args("instance", "customer-a", path, path, "0" * 32)
+    assert "--force-conflicts" in args
+    assert args[args.index("--server-side") + 1] == "true"
+    assert not {"--force", "--force-replace"} & set(args)
+
+
+async def test_a_rollback_forces_the_conflicts_of_fields_another_manager_took(tmp_path: Path) -> None:
+    """The recovery's rollback applies as an upgrade does: a field `kubectl scale` took refused it too."""
+    argv = tmp_path / "argv"
+    recording = tmp_path / "helm"
+    recording.write_text(f'#!/bin/sh\necho "$@" > {argv}\n')
+    recording.chmod(0o755)
+    await Helm(str(recording), None, 1, timeout=10).rollback("instance", "customer-acme", 5)
+    args = argv.read_text().split()
+    assert args[:3] == ["rollback", "instance", "5"] and "--force-conflicts" in args
+    assert args[args.index("--server-side") + 1] == "true"
+    assert not {"--force", "--force-replace"} & set(args)
+
+
 async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(
     tmp_path: Path,
 ) -> None:
