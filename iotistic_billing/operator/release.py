@@ -41,6 +41,7 @@ class Recovery(NamedTuple):
 async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
     """A helm killed mid-operation (an operator crash, HELM_TIMEOUT) or that lost its last write (the API
     server away) leaves the release pending-*; put it back, or say why it is left as it is. A pending
+    upgrade or rollback is rolled back to the newest deployed revision (_rollback_target). A pending
     install is rolled back onto itself (its manifest applied again): an uninstall would delete what it
     made, the instance's generated passwords among them, while its database volume keeps the old ones.
     A pending revision younger than HELM_TIMEOUT may be another process's helm still at work (the old
@@ -62,9 +63,22 @@ async def _recover_stuck(ctx: OperatorContext, namespace: str) -> Recovery:
                 left=f"revision {release.revision} has been {release.status} for {max(age, 0):.0f} s, maybe "
                 f"under a helm still running; it is recovered once older than HELM_TIMEOUT ({timeout:g} s)"
             )
-    onto_itself = release.revision if release.status == "pending-install" else None
-    await ctx.helm.rollback(c.RELEASE_NAME, namespace, onto_itself)
+    await ctx.helm.rollback(c.RELEASE_NAME, namespace, _rollback_target(release, revisions))
     return Recovery(recovered=release.status)
+
+
+def _rollback_target(release: HelmRelease, revisions: dict[int, dict[str, str]]) -> int:
+    """The revision a pending one is rolled back to: the newest deployed before it (helm's default, the
+    one just before, may be an upgrade that failed: {5 deployed, 6 failed, 7 pending-upgrade} rolled every
+    pod to 6's manifest, and the pass upgraded them back). With none deployed (a pending install, an
+    upgrade after an install that failed), the pending revision itself: its manifest applied again,
+    nothing deleted, none that failed applied."""
+    deployed = [
+        revision
+        for revision, labels in revisions.items()
+        if revision < release.revision and labels.get("status") == "deployed"
+    ]
+    return max(deployed, default=release.revision)
 
 
 async def _pod_gone(ctx: OperatorContext, release: HelmRelease, labels: dict[str, str]) -> bool:

@@ -374,8 +374,9 @@ class InProgress(Upgrading):
 @pytest.mark.parametrize(
     ("pending", "recovery", "reason"),
     [
-        ("pending-upgrade", "rollback", c.UPGRADE_FAILED),
-        ("pending-rollback", "rollback", c.UPGRADE_FAILED),
+        # To revision 3, the deployed one before it.
+        ("pending-upgrade", "rollback to 3", c.UPGRADE_FAILED),
+        ("pending-rollback", "rollback to 3", c.UPGRADE_FAILED),
         # Onto itself: an uninstall deleted what the install had made (the generated passwords), while the
         # database's volume outlives it with the old ones.
         ("pending-install", "rollback to 1", c.INSTALL_FAILED),
@@ -444,11 +445,38 @@ async def test_a_pending_revision_its_predecessor_here_began_is_recovered_at_onc
     running = None if installing else step.release()
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
     if recovered:
-        recovery = "rollback to 1" if installing else "rollback"
+        recovery = "rollback to 1" if installing else "rollback to 3"
         assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1), outcome
     else:
         assert (outcome.result, outcome.reason) == ("failed", c.UPGRADE_FAILED), outcome
         assert f"has been {pending}" in outcome.message and helm.recoveries == [], outcome.message
+
+
+@pytest.mark.parametrize(
+    ("revisions", "recovery"),
+    [
+        # helm's default, the revision before, is the upgrade that failed (chart 0.3.0).
+        ({5: "deployed", 6: "failed", 7: "pending-upgrade"}, "rollback to 5"),
+        # The deployed one's history kept past those older (helm keeps the deployed revision).
+        ({2: "superseded", 5: "deployed", 6: "failed", 7: "pending-rollback"}, "rollback to 5"),
+        # Nothing deployed, an upgrade after an install that failed: onto itself, as a pending install.
+        ({6: "failed", 7: "pending-upgrade"}, "rollback to 7"),
+    ],
+)
+async def test_a_pending_revision_is_rolled_back_to_the_newest_deployed_not_the_one_before(
+    tmp_path: Path, revisions: dict[int, str], recovery: str
+) -> None:
+    """Found in review: a pending upgrade was rolled back with no revision, helm's current-1, which may
+    be an upgrade that failed: {5 deployed, 6 failed (chart 0.3.0), 7 pending-upgrade} rolled every pod
+    to the failed 0.3.0 manifest, and the pass's upgrade then rolled them all again. The recovery goes
+    back to the newest deployed revision, the one the pods ran before the pending upgrade."""
+    helm = InProgress(7, revisions[7], NOW - timedelta(hours=1))  # older than HELM_TIMEOUT
+    step = release_step(helm, tmp_path)
+    step.revisions.clear()
+    for revision, status in revisions.items():
+        step.revisions[revision] = {"status": status, c.LABEL_VALUES_HASH: "older"}
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, step.release(), may_exist=True)
+    assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1), outcome
 
 
 # The uid of the operator Pod whose helm began the pending revision, and of a later Pod of its name.
@@ -521,7 +549,7 @@ async def test_a_pending_revision_whose_operator_pod_is_gone_is_recovered_at_onc
     running = None if installing else step.release()
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, running, may_exist=True)
     if recovered:
-        recovery = "rollback to 1" if installing else "rollback"
+        recovery = "rollback to 1" if installing else "rollback to 3"
         assert outcome.deployed and (helm.recoveries, helm.upgrades) == ([recovery], 1), outcome
         assert kube.pod_reads == [f"{step.ctx.settings.billing_namespace}/operator-7d9f-abcde"]
     else:
