@@ -30,7 +30,9 @@ _PERMANENT_MARKERS = (
     "values don't meet the specifications of the schema",
     "at '/",  # JSON-schema failure paths
     "parse error",
-    "unable to build kubernetes objects from release manifest",
+    # An object of a kind the cluster lacks (a ServiceMonitor without its CRD), in helm 4's wordings:
+    # install's "from release manifest", upgrade's and rollback's "from new/current release manifest".
+    "unable to build kubernetes objects from",
     "is invalid:",
     "field not declared in schema",  # server-side apply of an object with an unknown field
     "error converting yaml to json",

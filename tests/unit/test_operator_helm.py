@@ -360,6 +360,27 @@ async def test_a_rollback_forces_the_conflicts_of_fields_another_manager_took(tm
     assert not {"--force", "--force-replace"} & set(args)
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # install, upgrade, upgrade and rollback (helm 4.3.1's pkg/action install.go, upgrade.go,
+        # rollback.go).
+        "Error: INSTALL FAILED: unable to build kubernetes objects from release manifest",
+        "Error: UPGRADE FAILED: unable to build kubernetes objects from new release manifest",
+        "Error: UPGRADE FAILED: unable to build kubernetes objects from current release manifest",
+    ],
+)
+def test_a_kind_the_cluster_lacks_stalls_an_upgrade_as_it_does_an_install(refusal: str) -> None:
+    """Found in review: only install's wording was permanent, so a chart version adding a ServiceMonitor
+    on a cluster without its CRD stalled new installs but retried every upgrade for ever."""
+    message = (
+        f'{refusal}: resource mapping not found for name: "instance" namespace: "" from "": no matches'
+        ' for kind "ServiceMonitor" in version "monitoring.coreos.com/v1"\nensure CRDs are installed first'
+    )
+    refused = HelmError("upgrade", message)
+    assert refused.permanent and not refused.stuck
+
+
 async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(
     tmp_path: Path,
 ) -> None:
