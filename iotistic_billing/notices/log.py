@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.db import models
-from iotistic_billing.notices.content import Channel, targets_for
+from iotistic_billing.notices.content import Channel, webhook_url
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,7 @@ async def resend(
             )
         ).all()
     )
-    webhook_now = None
-    if spec_now is not None:
-        webhook_now = next(
-            (t.target for t in targets_for(spec_now, None) if t.channel == Channel.WEBHOOK), None
-        )
+    webhook_now = webhook_url(spec_now) if spec_now is not None else None
     undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
     resent: list[models.NoticeDelivery] = []
     unsigned: list[models.NoticeDelivery] = []
