@@ -6,6 +6,11 @@ between the send and the commit sends it again, with the same Message-ID or webh
 can drop the duplicate (at least once; exactly once where the receiver keeps ids). A failure is retried
 after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin API sends it again.
 
+Each try of a customer's webhook goes to the URL its Customer names then, read once a try: the one the
+notice was written for may have leaked or been decommissioned since, and one the customer took away
+ends the delivery at once (dead, naming the removal). A deleted Customer's keeps the URL it was written
+for.
+
 A customer's webhook goes only to a public address or one NOTIFY_WEBHOOK_ALLOWED_CIDRS allows (egress.py);
 the platform team's NOTIFY_WEBHOOK_URL is the deployment's own setting, posted to wherever it names. A
 try that got no answer keeps a generic last error (the detail is logged): the URL's writer must not learn
@@ -32,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -46,10 +51,12 @@ from iotistic_billing.customer import (
     DELETION_RUNNING_PREFIX,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
+    InvalidSpecError,
     customer_id_in_use,
     deletion_running_annotation,
     marking_customer,
     namespace_for,
+    parse_spec,
     signs_until_annotation,
 )
 from iotistic_billing.db import models
@@ -57,7 +64,7 @@ from iotistic_billing.db.listen import listen
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
-from iotistic_billing.notices.content import Channel
+from iotistic_billing.notices.content import Channel, webhook_url
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
 from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
@@ -113,6 +120,14 @@ def _still_signs(kept: SecretData, customer_id: str, written_at: datetime) -> bo
         return True
 
 
+def _webhook_key(value: bytes) -> bytes:
+    """A copy's value as the key it is; DeliveryFailed naming the field when it is none."""
+    try:
+        return webhook_secret_bytes(value.decode(errors="replace"))
+    except ValueError as error:
+        raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+
 class DeliveryFailed(Exception):
     """The target did not take it (refused, unreachable, an error status): try again later. `detail` is
     logged with it, never kept as the delivery's last error."""
@@ -120,6 +135,11 @@ class DeliveryFailed(Exception):
     def __init__(self, reason: str, detail: str | None = None) -> None:
         super().__init__(reason)
         self.detail = detail
+
+
+class DeliveryWithdrawn(DeliveryFailed):
+    """Its target is gone from the Customer (the webhook removed from the spec): no later try has anywhere
+    to go, so the delivery is dead at once, whatever tries it has left."""
 
 
 @dataclass(frozen=True)
@@ -425,7 +445,7 @@ class NoticeSender:
         reason = str(error) if expected else f"{type(error).__name__}: {error}"
         # PostgreSQL's text holds no NUL: an error quoting one must not fail the commit of this row.
         delivery.last_error = reason.replace("\x00", "\\x00")[:1000]
-        dead = delivery.attempts >= self.options.max_attempts
+        dead = isinstance(error, DeliveryWithdrawn) or delivery.attempts >= self.options.max_attempts
         if dead:
             delivery.status = "dead"
         else:
@@ -446,7 +466,7 @@ class NoticeSender:
             await self._mail(delivery, notice, now)
         elif delivery.channel == Channel.WEBHOOK:
             assert self._http is not None, "start() first"
-            await self._post(self._http, delivery, notice, await self._customer_secret(notice), now)
+            await self._post(self._http, delivery, notice, await self._customer_key(delivery, notice), now)
         elif delivery.channel == Channel.PLATFORM:
             if self.options.platform_webhook_secret is None:
                 raise DeliveryFailed("NOTIFY_WEBHOOK_SECRET is not set")
@@ -474,11 +494,69 @@ class NoticeSender:
         except MAIL_ERRORS as error:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
-    async def _customer_secret(self, notice: StoredNotice) -> bytes:
-        secret = await self.signing_secret(notice)
-        if secret is None:
-            raise DeliveryFailed(await self._why_no_secret(notice))
-        return secret
+    async def _customer_key(self, delivery: models.NoticeDelivery, notice: StoredNotice) -> bytes:
+        """signing_secret's key for the customer's webhook `delivery`, which goes, when no deletion's kept
+        key signs it, to the URL its Customer names now (retargeted here, as a re-send does): one read
+        of the Customer a try. DeliveryWithdrawn when the Customer names no webhook any more;
+        DeliveryFailed when it cannot be read, or no key signs the delivery (_why_no_secret)."""
+        kept = await self.kept_key(notice)
+        if kept is not None:  # a deleted Customer's: the URL it was written for, which its kept key signs
+            return _webhook_key(kept)
+        customer = await self._customer_now(notice)
+        if customer is not None:
+            self._retarget(delivery, notice, customer)
+        value = await self._customer_copy(notice)
+        if value is None:
+            raise DeliveryFailed(self._why_no_secret(notice, customer))
+        return _webhook_key(value)
+
+    async def _customer_now(self, notice: StoredNotice) -> dict[str, Any] | None:
+        """The notice's Customer as it is now; None when it is deleted or being deleted, or its name is
+        another customer's now (no spec of the notice's customer to look at). DeliveryFailed when it
+        cannot be read: a try must not go to a URL the customer may have withdrawn."""
+        name = notice.customer_name
+        try:
+            body = await self.kube.read_customer(name)
+        except KubernetesUnavailable as error:
+            raise DeliveryFailed(
+                f"Customer {name} cannot be read (its webhook goes where it names): {error}"
+            ) from None
+        except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
+            raise DeliveryFailed(
+                f"the API server refused to read Customer {name}: {error.status} {error.reason}"
+            ) from None
+        if (
+            body is None
+            or "deletionTimestamp" in body["metadata"]
+            or customer_id_in_use(body) != notice.customer_id
+        ):
+            return None
+        return body
+
+    def _retarget(
+        self, delivery: models.NoticeDelivery, notice: StoredNotice, customer: dict[str, Any]
+    ) -> None:
+        """`delivery` to the URL `customer` names now (content.webhook_url); DeliveryWithdrawn when it names
+        none, DeliveryFailed when its spec does not parse (its URL unknown)."""
+        try:
+            url = webhook_url(parse_spec(customer.get("spec") or {}))
+        except InvalidSpecError as error:
+            raise DeliveryFailed(
+                f"Customer {notice.customer_name}'s spec does not validate, so where its webhook goes now "
+                f"is unknown: {error}"
+            ) from None
+        if url is None:
+            raise DeliveryWithdrawn(
+                f"spec.notifications.webhook was removed from Customer {notice.customer_name}: its notices "
+                "are not posted any more (a re-send once it names a webhook again posts there)"
+            )
+        if url != delivery.target:
+            log.info(
+                "notice %s to webhook: retargeted to the URL its Customer names now",
+                delivery.message_id,
+                extra={"customer_id": notice.customer_id},
+            )
+            delivery.target = url
 
     async def signing_secret(self, notice: StoredNotice) -> bytes | None:
         """The key that signs the customer's webhook of `notice` now, None when none does (the sender's
@@ -489,18 +567,11 @@ class NoticeSender:
         namespace, when that copy is labelled with the notice's customer id. The name, and so the
         namespace, may already be another customer's (a company signed up again): its key would sign
         the old customer's notice for a receiver that is not the new customer's. DeliveryFailed when a
-        copy cannot be read or is no key."""
+        copy cannot be read or is no key. The sender's tries look in the same order (_customer_key)."""
         value = await self.kept_key(notice)
         if value is None:
-            value = await self._copy_of(notice.customer_name, notice.customer_id)
-        if value is None:
-            value = await self._holders_copy(notice)
-        if value is None:
-            return None
-        try:
-            return webhook_secret_bytes(value.decode(errors="replace"))
-        except ValueError as error:
-            raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+            value = await self._customer_copy(notice)
+        return _webhook_key(value) if value is not None else None
 
     async def kept_key(self, notice: StoredNotice) -> bytes | None:
         """The copy of the signing secret a deletion of the notice's Customer kept, when it signs this
@@ -515,6 +586,11 @@ class NoticeSender:
             return value if kept_key_signs(kept, notice.customer_id, notice.created_at) else None
         except ValueError as error:
             raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
+
+    async def _customer_copy(self, notice: StoredNotice) -> bytes | None:
+        """The copy the operator made for the notice's Customer, or for the one holding its id now."""
+        value = await self._copy_of(notice.customer_name, notice.customer_id)
+        return value if value is not None else await self._holders_copy(notice)
 
     async def _copy_of(self, name: str, customer_id: str) -> bytes | None:
         """The signing secret's copy in Customer `name`'s namespace, when it is `customer_id`'s."""
@@ -546,21 +622,10 @@ class NoticeSender:
                 f"the API server refused to read {namespace}/{name}: {error.status} {error.reason}"
             ) from None
 
-    async def _why_no_secret(self, notice: StoredNotice) -> str:
-        """A deleted Customer's webhook cannot be signed any more; a Customer's that is still there, not
-        yet (the operator has not copied it: its condition says why)."""
-        try:
-            body = await self.kube.read_customer(notice.customer_name)
-        except (KubernetesUnavailable, ApiException) as error:
-            return (
-                f"no signing secret in {namespace_for(notice.customer_name)}, and the Customer cannot be "
-                f"read: {error}"
-            )
-        if (
-            body is None
-            or "deletionTimestamp" in body["metadata"]
-            or customer_id_in_use(body) != notice.customer_id
-        ):
+    def _why_no_secret(self, notice: StoredNotice, customer: dict[str, Any] | None) -> str:
+        """A deleted Customer's webhook (`customer` None: _customer_now) cannot be signed any more; a
+        Customer's that is still there, not yet (the operator has not copied it: its condition says why)."""
+        if customer is None:
             return self.deleted_without_key(notice)
         return (
             f"no signing secret yet: the operator writes {NOTIFICATIONS_SECRET_NAME} from "
@@ -616,6 +681,7 @@ class NoticeSender:
 __all__ = [
     "BACKOFF",
     "DeliveryFailed",
+    "DeliveryWithdrawn",
     "NoticeSender",
     "SenderOptions",
     "backoff",

@@ -10,6 +10,7 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -125,21 +126,34 @@ async def receivers() -> AsyncIterator[tuple[Receiver, Receiver]]:
 AGAIN_SECRET = "whsec_" + base64.b64encode(b"a" * 32).decode()
 
 
-@pytest.fixture
-async def again_receiver() -> AsyncIterator[Receiver]:
-    """The endpoint of a Customer created again under a deleted one's customer id, with its own secret."""
-    receiver = Receiver(AGAIN_SECRET)
+@asynccontextmanager
+async def serving(receiver: Receiver, path: str) -> AsyncIterator[Receiver]:
+    """`receiver` on a real server of its own, at `path`."""
     app = web.Application()
-    app.router.add_post("/again", receiver.handle)
+    app.router.add_post(path, receiver.handle)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    receiver.url = f"http://127.0.0.1:{port}/again"
+    receiver.url = f"http://127.0.0.1:{port}{path}"
     try:
         yield receiver
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def again_receiver() -> AsyncIterator[Receiver]:
+    """The endpoint of a Customer created again under a deleted one's customer id, with its own secret."""
+    async with serving(Receiver(AGAIN_SECRET), "/again") as receiver:
+        yield receiver
+
+
+@pytest.fixture
+async def moved_receiver() -> AsyncIterator[Receiver]:
+    """The endpoint a customer moves its webhook to, checking the same signing secret."""
+    async with serving(Receiver(CUSTOMER_SECRET), "/moved") as receiver:
+        yield receiver
 
 
 class Clock:
@@ -1204,6 +1218,116 @@ def delete_customer(k8s_client: kubernetes.client.ApiClient, name: str) -> None:
 def shown(notice: dict[str, Any]) -> list[tuple[str, str, str]]:
     """A NoticeView's deliveries as (channel, status, target), sorted."""
     return sorted((d["channel"], d["status"], d["target"]) for d in notice["deliveries"])
+
+
+class CustomerReads(Kube):
+    """The API client, noting the name of each Customer read."""
+
+    def __init__(self, api: KubeApi) -> None:
+        super().__init__(api)
+        self.read: list[str] = []
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        self.read.append(name)
+        return await super().read_customer(name)
+
+
+async def test_a_webhook_retried_after_its_customer_moved_it_goes_to_the_new_url_alone(
+    sessions: async_sessionmaker[AsyncSession],
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    moved_receiver: Receiver,
+    k8s_client: kubernetes.client.ApiClient,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: a webhook delivery kept the URL it was written with for all its tries (3.7 hours
+    to the 8th): a customer that moved its webhook off a URL (it leaked, or was decommissioned) had the
+    retries posted there, signed with its current key. Each try goes to the URL its Customer names then,
+    read once a try (a mail's try reads no Customer)."""
+    _, old = receivers
+    old.fail = 100  # down: each try fails
+    kube = CustomerReads(KubeApi(k8s_client, FieldManager.SIGNUP))
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    clock = Clock()
+    one = sender(sessions, kube, clock, mailpit.smtp_url)
+    await one.start()
+    name = unique_name("movedon")
+    try:
+        await one.send_due()  # what other tests left
+        create_hooked_customer(k8s_client, name, customer_id_of(name), old)
+        notice = suspended_notice(name)
+        await enqueue(sessions, Outbox(), notice, customer_spec(name, old.url))
+        await one.send_due()
+        by_channel = {d.channel: d for d in await deliveries(sessions, notice.key)}
+        webhook = by_channel["webhook"]
+        assert (webhook.target, webhook.status, webhook.attempts) == (old.url, "pending", 1)
+        assert old.seen.count(webhook.message_id) == 1 and by_channel["email"].status == "sent"
+        reads_by_the_first_try = kube.read.count(name)
+
+        objects.patch_cluster_custom_object(
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            {"spec": {"notifications": {"webhook": {"url": moved_receiver.url}}}},
+        )
+        clock.advance(BACKOFF[0])
+        await one.send_due()
+    finally:
+        await one.stop()
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.target, webhook.status, webhook.attempts) == (moved_receiver.url, "sent", 2)
+    assert moved_receiver.seen == [webhook.message_id] and not moved_receiver.refused  # its key signs it
+    assert old.seen.count(webhook.message_id) == 1  # nothing more at the URL the customer left
+    assert (reads_by_the_first_try, kube.read.count(name)) == (1, 2)
+
+
+async def test_a_webhook_retried_after_its_customer_removed_it_is_dead_at_its_next_try_unposted(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: the operator's pass after a webhook is removed from the spec deletes the copy of
+    its signing secret, and its NotificationsReady with it; the deliveries still retrying went on failing
+    for hours, "no signing secret yet ... see the Customer's NotificationsReady condition" (and posted to
+    the withdrawn URL while the copy was there). The next try is the last, dead naming the removal."""
+    _, old = receivers
+    old.fail = 100  # down: each try fails
+    one, clock = started
+    await one.send_due()  # what other tests left
+    core, objects = kubernetes.client.CoreV1Api(k8s_client), kubernetes.client.CustomObjectsApi(k8s_client)
+    name = unique_name("unhooked")
+    create_hooked_customer(k8s_client, name, customer_id_of(name), old)
+    try:
+        notice = suspended_notice(name)
+        await enqueue(sessions, Outbox(), notice, customer_spec(name, old.url))
+        await one.send_due()
+        (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+        assert (webhook.status, webhook.attempts) == ("pending", 1)
+
+        objects.patch_cluster_custom_object(
+            GROUP, VERSION, PLURAL, name, {"spec": {"notifications": {"webhook": None}}}
+        )
+
+        def copy_deleted() -> bool:
+            try:
+                core.read_namespaced_secret(NOTIFICATIONS_SECRET_NAME, f"customer-{name}")
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        wait_until(copy_deleted, timeout=60, message=f"the copy of {name}'s signing secret deleted")
+        clock.advance(BACKOFF[0])
+        await one.send_due()
+    finally:
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.status, webhook.attempts) == ("dead", 2), webhook.last_error
+    assert f"spec.notifications.webhook was removed from Customer {name}" in (webhook.last_error or "")
+    assert old.seen.count(webhook.message_id) == 1  # no post after the removal
 
 
 async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_kept_secret_dropped(

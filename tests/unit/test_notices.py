@@ -30,6 +30,7 @@ from iotistic_billing.customer import (
     signs_until_annotation,
     webhook_url_problem,
 )
+from iotistic_billing.db import models
 from iotistic_billing.db.retention import retention_cutoff
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.k8s import SecretData
@@ -52,6 +53,7 @@ from iotistic_billing.notices.render import StoredNotice, email_message, webhook
 from iotistic_billing.notices.sender import (
     BACKOFF,
     DeliveryFailed,
+    DeliveryWithdrawn,
     NoticeSender,
     SenderOptions,
     backoff,
@@ -727,6 +729,11 @@ class SecretsKube:
         return list(self.customers.values())
 
 
+def webhook_delivery() -> models.NoticeDelivery:
+    """A webhook delivery of acme's, to the URL its notice was written for."""
+    return models.NoticeDelivery(channel="webhook", target="https://hooks.acme.example/n", message_id="msg_1")
+
+
 def secrets_sender(kube: SecretsKube) -> NoticeSender:
     return NoticeSender(
         sessions=cast(Any, None),
@@ -777,7 +784,7 @@ async def test_a_deleted_customer_s_webhook_is_signed_with_its_kept_secret_when_
         copy = (old, "cust_acme01") if namespace_holds == "its own copy" else (NEW_SECRET, "cust_acme02")
         secrets[("customer-acme", NOTIFICATIONS_SECRET_NAME)] = ({NOTIFICATIONS_SECRET_KEY: copy[0]}, copy[1])
     sender = secrets_sender(SecretsKube(secrets))
-    assert await sender._customer_secret(stored()) == webhook_secret_bytes(SECRET)
+    assert await sender._customer_key(webhook_delivery(), stored()) == webhook_secret_bytes(SECRET)
 
 
 @pytest.mark.parametrize("label", ["cust_acme02", None], ids=["another customer's", "unlabelled"])
@@ -794,7 +801,7 @@ async def test_a_deleted_customer_s_webhook_is_never_signed_with_the_secret_of_w
     now_holding = {"metadata": {"name": "acme", "uid": "u-2"}, "spec": {"customerId": "cust_acme02"}}
     sender = secrets_sender(SecretsKube(secrets, {"acme": now_holding}))
     with pytest.raises(DeliveryFailed) as failed:
-        await sender._customer_secret(stored())
+        await sender._customer_key(webhook_delivery(), stored())
     assert "Customer acme (cust_acme01) was deleted" in str(failed.value)
 
 
@@ -811,7 +818,9 @@ async def test_a_renamed_customer_s_pending_webhook_is_signed_with_the_copy_of_t
     holder = {"metadata": {"name": "acme-corp", "uid": "u-2"}, "spec": {"customerId": "cust_acme01"}}
     other = {"metadata": {"name": "globex", "uid": "u-3"}, "spec": {"customerId": "cust_globex01"}}
     sender = secrets_sender(SecretsKube(secrets, {"acme-corp": holder, "globex": other}))
-    assert await sender._customer_secret(stored()) == webhook_secret_bytes(NEW_SECRET.decode())
+    assert await sender._customer_key(webhook_delivery(), stored()) == webhook_secret_bytes(
+        NEW_SECRET.decode()
+    )
 
 
 @pytest.mark.parametrize("name", ["acme", "acme-again"])
@@ -835,9 +844,11 @@ async def test_a_customer_created_again_under_a_deleted_one_s_id_signs_its_webho
     annotations = {kept: {signs_until_annotation("cust_acme01"): ended.isoformat()}}
     sender = secrets_sender(SecretsKube(secrets, annotations=annotations))
     new_customers = replace(stored(), customer_name=name)  # written at NOW, after the deletion ended
-    assert await sender._customer_secret(new_customers) == webhook_secret_bytes(NEW_SECRET.decode())
+    assert await sender._customer_key(webhook_delivery(), new_customers) == webhook_secret_bytes(
+        NEW_SECRET.decode()
+    )
     old_customers = replace(stored(), created_at=ended - timedelta(seconds=1))
-    assert await sender._customer_secret(old_customers) == webhook_secret_bytes(SECRET)
+    assert await sender._customer_key(webhook_delivery(), old_customers) == webhook_secret_bytes(SECRET)
 
 
 async def test_a_kept_key_whose_time_is_no_time_fails_its_delivery_naming_the_annotation() -> None:
@@ -847,7 +858,7 @@ async def test_a_kept_key_whose_time_is_no_time_fails_its_delivery_naming_the_an
         SecretsKube({kept: ({"cust_acme01": SECRET.encode()}, None)}, annotations=annotations)
     )
     with pytest.raises(DeliveryFailed) as failed:
-        await sender._customer_secret(stored())
+        await sender._customer_key(webhook_delivery(), stored())
     assert str(failed.value) == (
         f"billing/{DELETED_NOTIFICATIONS_SECRET_NAME}: annotation signs-until.iotistic.io/cust_acme01 is "
         "not a time with a zone: 'yesterday'"
@@ -862,7 +873,55 @@ async def test_a_customer_s_webhook_is_signed_with_the_copy_in_its_namespace_lab
         )
     }
     sender = secrets_sender(SecretsKube(secrets))
-    assert await sender._customer_secret(stored()) == webhook_secret_bytes(SECRET)
+    assert await sender._customer_key(webhook_delivery(), stored()) == webhook_secret_bytes(SECRET)
+
+
+def acme_now(webhook_url: str | None, **metadata: Any) -> dict[str, Any]:
+    """Customer acme (cust_acme01) as the API server has it now, naming `webhook_url` (None: no webhook)."""
+    notifications = {"webhook": {"url": webhook_url, "secretRef": {"name": "hook"}}} if webhook_url else {}
+    spec = {"customerId": "cust_acme01", "email": "ops@acme.example", "companyName": "Acme"}
+    return {"metadata": {"name": "acme", **metadata}, "spec": {**spec, "notifications": notifications}}
+
+
+@pytest.mark.parametrize(
+    ("customer", "target"),
+    [
+        (acme_now("https://moved.acme.example/n"), "https://moved.acme.example/n"),
+        (acme_now("https://hooks.acme.example/n"), "https://hooks.acme.example/n"),
+        # Being deleted, or the name another customer's: no spec of acme's to go by.
+        (acme_now("https://moved.acme.example/n", deletionTimestamp=NOW.isoformat()), None),
+        ({**acme_now("https://moved.acme.example/n"), "spec": {"customerId": "cust_acme02"}}, None),
+        (None, None),
+    ],
+    ids=["moved", "same", "being deleted", "name taken", "gone"],
+)
+async def test_each_try_of_a_customer_s_webhook_goes_to_the_url_its_customer_names_then(
+    customer: dict[str, Any] | None, target: str | None
+) -> None:
+    """Found in review: the URL stayed the one the notice was written for, over all the tries."""
+    secrets = {
+        ("customer-acme", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: SECRET.encode()},
+            "cust_acme01",
+        )
+    }
+    sender = secrets_sender(SecretsKube(secrets, {"acme": customer} if customer else {}))
+    delivery = webhook_delivery()
+    assert await sender._customer_key(delivery, stored()) == webhook_secret_bytes(SECRET)
+    assert delivery.target == (target or "https://hooks.acme.example/n")
+
+
+async def test_a_customer_s_webhook_its_customer_no_longer_names_is_dead_at_its_next_try() -> None:
+    """Found in review: retried for hours after its removal, "no signing secret yet" once the operator
+    deleted the copy; its try is its last, naming the removal, whatever tries it had left."""
+    sender = secrets_sender(SecretsKube({}, {"acme": acme_now(None)}))
+    delivery = webhook_delivery()
+    with pytest.raises(DeliveryWithdrawn) as withdrawn:
+        await sender._customer_key(delivery, stored())
+    assert str(withdrawn.value).startswith("spec.notifications.webhook was removed from Customer acme")
+    delivery.attempts = 1
+    sender._count_failure(delivery, withdrawn.value, NOW)
+    assert (delivery.status, delivery.last_error) == ("dead", str(withdrawn.value))
 
 
 @pytest.mark.parametrize(
