@@ -31,7 +31,8 @@ _PERMANENT_MARKERS = (
     "at '/",  # JSON-schema failure paths
     "parse error",
     # An object of a kind the cluster lacks (a ServiceMonitor without its CRD), in helm 4's wordings:
-    # install's "from release manifest", upgrade's and rollback's "from new/current release manifest".
+    # install's "from release manifest", upgrade's and rollback's "from new/current release manifest"
+    # (a stuck release's recovery by rollback is retried all the same: release.ensure_release).
     "unable to build kubernetes objects from",
     "is invalid:",
     "field not declared in schema",  # server-side apply of an object with an unknown field
