@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from iotistic_billing.customer import CustomerSpec, dunning_dates
+from iotistic_billing.customer import CustomerSpec, NotificationsSpec, dunning_dates
 from iotistic_billing.licensing.plans import UNLIMITED, plan_by_name
 
 
@@ -65,18 +65,18 @@ def targets_for(spec: CustomerSpec, platform_webhook_url: str | None) -> list[Ta
     platform team's endpoint."""
     addresses = dict.fromkeys(address.lower() for address in [spec.email, *(spec.notifications.emails or [])])
     targets = [Target(Channel.EMAIL, address) for address in addresses]
-    if (url := webhook_url(spec)) is not None:
+    if (url := webhook_url(spec.notifications)) is not None:
         targets.append(Target(Channel.WEBHOOK, url))
     if platform_webhook_url:
         targets.append(Target(Channel.PLATFORM, platform_webhook_url))
     return targets
 
 
-def webhook_url(spec: CustomerSpec) -> str | None:
+def webhook_url(notifications: NotificationsSpec) -> str | None:
     """The URL of the customer's own webhook (spec.notifications.webhook), None when it names none: where
     a delivery of the channel goes when written, and again before each try and at a re-send, as the
     customer may have moved it or taken it away since."""
-    return spec.notifications.webhook.url if spec.notifications.webhook is not None else None
+    return notifications.webhook.url if notifications.webhook is not None else None
 
 
 def message_id(notice_key: str, target: Target) -> str:

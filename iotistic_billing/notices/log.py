@@ -100,7 +100,7 @@ async def resend(
             )
         ).all()
     )
-    webhook_now = webhook_url(spec_now) if spec_now is not None else None
+    webhook_now = webhook_url(spec_now.notifications) if spec_now is not None else None
     undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
     resent: list[models.NoticeDelivery] = []
     unsigned: list[models.NoticeDelivery] = []

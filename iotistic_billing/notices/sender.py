@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 from sqlalchemy import DateTime, Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -51,12 +52,11 @@ from iotistic_billing.customer import (
     DELETION_RUNNING_PREFIX,
     NOTIFICATIONS_SECRET_KEY,
     NOTIFICATIONS_SECRET_NAME,
-    InvalidSpecError,
+    NotificationsSpec,
     customer_id_in_use,
     deletion_running_annotation,
     marking_customer,
     namespace_for,
-    parse_spec,
     signs_until_annotation,
 )
 from iotistic_billing.db import models
@@ -538,12 +538,15 @@ class NoticeSender:
     ) -> None:
         """`delivery` to the URL `customer` names now (content.webhook_url); DeliveryWithdrawn when it names
         none, DeliveryFailed when its spec does not parse (its URL unknown)."""
+        # Its notifications alone: a spec refused for another field (a newer CRD's, read by an older
+        # replica) still says where its webhook goes.
+        notifications = (customer.get("spec") or {}).get("notifications") or {}
         try:
-            url = webhook_url(parse_spec(customer.get("spec") or {}))
-        except InvalidSpecError as error:
+            url = webhook_url(NotificationsSpec.model_validate(notifications))
+        except ValidationError as error:
             raise DeliveryFailed(
-                f"Customer {notice.customer_name}'s spec does not validate, so where its webhook goes now "
-                f"is unknown: {error}"
+                f"Customer {notice.customer_name}'s spec.notifications does not validate, so where its"
+                f" webhook goes now is unknown: {error.errors()[0].get('msg', error)}"
             ) from None
         if url is None:
             raise DeliveryWithdrawn(
@@ -552,8 +555,10 @@ class NoticeSender:
             )
         if url != delivery.target:
             log.info(
-                "notice %s to webhook: retargeted to the URL its Customer names now",
+                "notice %s to webhook: retargeted from %s to %s, the URL its Customer names now",
                 delivery.message_id,
+                urlsplit(delivery.target).hostname,
+                urlsplit(url).hostname,
                 extra={"customer_id": notice.customer_id},
             )
             delivery.target = url

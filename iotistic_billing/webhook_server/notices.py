@@ -55,7 +55,7 @@ async def resend_notice(request: web.Request) -> web.Response:
         if notice is None:
             raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
         stored = StoredNotice.of(notice)
-        # The sender posts to the stored URL: a re-send takes the one the Customer names now (fixed since);
+        # A re-send takes the URL the Customer names now (fixed since), as each of the sender's tries does;
         # with the API server away, the stored targets (a mail needs PostgreSQL alone).
         try:
             record = await request.app[DIRECTORY].by_customer_id(session, notice.customer_id)

@@ -892,8 +892,14 @@ def acme_now(webhook_url: str | None, **metadata: Any) -> dict[str, Any]:
         (acme_now("https://moved.acme.example/n", deletionTimestamp=NOW.isoformat()), None),
         ({**acme_now("https://moved.acme.example/n"), "spec": {"customerId": "cust_acme02"}}, None),
         (None, None),
+        # Found in review: a spec refused for another field (a newer CRD's, read by an older replica)
+        # failed every try, its URL taken for unknown.
+        (
+            {**(moved := acme_now("https://moved.acme.example/n")), "spec": {**moved["spec"], "future": 1}},
+            "https://moved.acme.example/n",
+        ),
     ],
-    ids=["moved", "same", "being deleted", "name taken", "gone"],
+    ids=["moved", "same", "being deleted", "name taken", "gone", "a field unknown elsewhere"],
 )
 async def test_each_try_of_a_customer_s_webhook_goes_to_the_url_its_customer_names_then(
     customer: dict[str, Any] | None, target: str | None
