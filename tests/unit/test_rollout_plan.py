@@ -1785,6 +1785,47 @@ def test_a_customer_stalled_on_its_licence_fails_by_its_timeout_after_an_operato
     assert status.completed_at - T0 <= timedelta(seconds=600) + SETTLE_AFTER_START
 
 
+def rollout_of_the_version_again(
+    fleet: Fleet,
+    rollout_spec: dict[str, Any],
+    others: list[OtherRollout],
+    pushed: bool,
+    moved_at_once: bool = False,
+) -> None:
+    """r2 of 2.0.0, an hour after T0, over a fleet whose c05 a pass refused the version: no failure at
+    its first two ticks (the pass of its move has not run; `moved_at_once`: c05 moved at the first);
+    then, the chart pushed, c05 upgraded once and
+    r2 Succeeded; still missing, c05 refused by the pass of r2's move and failed once (it ends: c05 is
+    not moved again and again)."""
+    r2 = Rollout("r2", 1, (T0 + timedelta(hours=1)).isoformat(), {})
+    status, upgrades = RolloutStatus(), fleet.upgrades.get("c05", 0)
+
+    def tick(seconds: int) -> RolloutStatus:
+        at = T0 + timedelta(hours=1, seconds=seconds)
+        decision = decide(r2, rollout_spec, status, list(fleet.customers.values()), others, at)
+        fleet.apply(decision)
+        return decision.status
+
+    for seconds in range(2):  # no pass since the rollout started
+        status = tick(seconds)
+        assert status.phase == RolloutPhase.PROGRESSING and not status.failures
+        if moved_at_once:
+            assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
+    for seconds in range(2, 60):
+        fleet.operate()
+        status = tick(seconds)
+        if status.phase in TERMINAL_PHASES:
+            break
+    if pushed:
+        assert fleet.upgrades["c05"] == upgrades + 1
+        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
+        assert fleet.on("2.0.0") == set(fleet.customers)
+    else:
+        assert status.phase == RolloutPhase.HALTED
+        assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
+        assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
+
+
 @pytest.mark.parametrize("pushed", [True, False], ids=["chart pushed", "still missing"])
 def test_a_new_rollout_moves_again_a_customer_a_halted_rollout_of_the_version_left_refused(
     pushed: bool,
@@ -1801,35 +1842,10 @@ def test_a_new_rollout_moves_again_a_customer_a_halted_rollout_of_the_version_le
     assert [(f.customer, f.reason) for f in first.failures or ()] == [("c05", "ChartVersionUnavailable")]
     if pushed:
         fleet.withdrawn.clear()
-    r2 = Rollout("r2", 1, (T0 + timedelta(hours=1)).isoformat(), {})
     others = [OtherRollout("r1", T0.isoformat(), rollout_spec, first.phase, first.target_version)]
-    status, upgrades = RolloutStatus(), fleet.upgrades.get("c05", 0)
-
-    def tick(seconds: int) -> RolloutStatus:
-        at = T0 + timedelta(hours=1, seconds=seconds)
-        decision = decide(r2, rollout_spec, status, list(fleet.customers.values()), others, at)
-        fleet.apply(decision)
-        return decision.status
-
-    status = tick(0)
-    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
-    assert fleet.customers["c05"]["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
-    status = tick(1)  # its pass has not run yet
-    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
-    for seconds in range(2, 60):
-        fleet.operate()
-        status = tick(seconds)
-        if status.phase in TERMINAL_PHASES:
-            break
-
-    if pushed:
-        assert fleet.upgrades["c05"] == upgrades + 1
-        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
-        assert fleet.on("2.0.0") == set(fleet.customers)
-        return
-    assert status.phase == RolloutPhase.HALTED
-    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
-    assert fleet.on("2.0.0") == set()
+    rollout_of_the_version_again(fleet, rollout_spec, others, pushed, moved_at_once=True)
+    if not pushed:
+        assert fleet.on("2.0.0") == set()
 
 
 @pytest.mark.parametrize("pushed", [True, False], ids=["chart pushed", "still missing"])
@@ -1862,33 +1878,7 @@ def test_a_refusal_by_no_pass_of_the_move_waits_for_the_pass_of_the_new_rollouts
     assert body["status"]["conditions"][1]["reason"] == "ChartVersionUnavailable"
     if pushed:
         fleet.withdrawn.clear()
-    r2 = Rollout("r2", 1, (T0 + timedelta(hours=1)).isoformat(), {})
-    status, upgrades = RolloutStatus(), fleet.upgrades.get("c05", 0)
-
-    def tick(seconds: int) -> RolloutStatus:
-        at = T0 + timedelta(hours=1, seconds=seconds)
-        decision = decide(r2, rollout_spec, status, list(fleet.customers.values()), [], at)
-        fleet.apply(decision)
-        return decision.status
-
-    status = tick(0)
-    status = tick(1)  # no pass since the rollout started
-    assert status.phase == RolloutPhase.PROGRESSING and not status.failures
-    for seconds in range(2, 60):
-        fleet.operate()
-        status = tick(seconds)
-        if status.phase in TERMINAL_PHASES:
-            break
-
-    if pushed:
-        assert fleet.upgrades["c05"] == upgrades + 1
-        assert status.phase == RolloutPhase.SUCCEEDED and not status.failures
-        assert fleet.on("2.0.0") == set(fleet.customers)
-        return
-    # Refused by the pass of r2's move, failed once: it ends, and c05 is not moved again and again.
-    assert status.phase == RolloutPhase.HALTED
-    assert [(f.customer, f.reason) for f in status.failures or ()] == [("c05", "ChartVersionUnavailable")]
-    assert body["metadata"]["annotations"][ROLLOUT_NAME] == "r2"
+    rollout_of_the_version_again(fleet, rollout_spec, [], pushed)
 
 
 def growing(fleet: Fleet, every: int, broken: bool = False) -> Callable[[int], None]:
