@@ -413,16 +413,17 @@ class NoticeSender:
             row = (await session.execute(claim(now))).first()
             if row is None:
                 return False
-            delivery, notice_row, due_by = row
+            # The try's time is the one it was claimed by (the later of this clock and PostgreSQL's):
+            # from a clock behind, each retry shorter than the gap was due at once (found in review: four
+            # tries in a second), and its webhook-timestamp was as old.
+            delivery, notice_row, now = row
             notice = StoredNotice.of(notice_row)
             delivery.attempts += 1
             started = time.monotonic()
             try:
                 await self._deliver(delivery, notice, now)
             except Exception as error:  # any error is this delivery's failure: it must never block the others
-                # The backoff from the time it was claimed by: from a clock behind PostgreSQL's, each
-                # retry shorter than the gap was due at once (found in review: four tries in a second).
-                self._count_failure(delivery, error, due_by)
+                self._count_failure(delivery, error, now)
                 return True
             delivery.status = "sent"
             delivery.sent_at = now

@@ -44,7 +44,8 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     webhook = target.spec.notifications.webhook
     if webhook is None:
         if target.customer.status.condition(ConditionType.NOTIFICATIONS_READY) is not None:
-            await _delete_copy(ctx, target.namespace, target.customer_id)
+            copied = await ctx.kube.read_secret_data(target.namespace, NOTIFICATIONS_SECRET_NAME)
+            await _delete_copy(ctx, target.namespace, _customers_copy(copied, target.customer_id))
         return None
     problem = webhook_url_problem(webhook.url)
     if problem is not None:
@@ -58,7 +59,7 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
         await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
     )
     if isinstance(value, NotificationsOutcome):
-        await _delete_copy(ctx, namespace, target.customer_id, copied)
+        await _delete_copy(ctx, namespace, copied)
         return value
     if copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value:
         await ctx.kube.apply(
@@ -75,15 +76,9 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     )
 
 
-async def _delete_copy(
-    ctx: OperatorContext, namespace: str, customer_id: str, copied: SecretData | None = None
-) -> None:
-    """The customer's copy of its signing secret deleted (read first unless `copied` is that read), at
-    the resourceVersion read: one another customer id's, or none, is left alone."""
-    if copied is None:
-        copied = _customers_copy(
-            await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), customer_id
-        )
+async def _delete_copy(ctx: OperatorContext, namespace: str, copied: SecretData | None) -> None:
+    """The customer's copy of its signing secret (`copied`, _customers_copy's read: None for none, or
+    another customer id's, left alone) deleted at the resourceVersion read."""
     if copied is not None:
         await ctx.kube.delete_secret(
             namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None

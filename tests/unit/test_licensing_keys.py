@@ -180,30 +180,6 @@ def test_a_public_key_that_cannot_be_renamed_into_place_leaves_the_old_pair(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
 
 
-def test_force_replaces_a_pair_where_the_file_system_refuses_hard_links(
-    tmp_path: Path,
-    key_a: rsa.RSAPrivateKey,
-    key_b: rsa.RSAPrivateKey,
-    no_umask: None,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Found in review: the old private key was kept aside by os.link, which FAT, exFAT, CIFS, some FUSE
-    file systems and fs.protected_hardlinks refuse (EPERM): `keys generate --force` said "--out: cannot
-    write" where writing works. The old key is kept as a copy of its bytes."""
-    write_key_pair(key_a, tmp_path)
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", refuse)
-    write_key_pair(key_b, tmp_path, overwrite=True)
-
-    assert read_private_key(tmp_path / "private-key.pem").private_numbers() == key_b.private_numbers()
-    assert stat.S_IMODE((tmp_path / "private-key.pem").stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "public-key.pem").stat().st_mode) == 0o644
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["private-key.pem", "public-key.pem"]
-
-
 def test_files_a_killed_run_left_behind_block_no_later_force(
     tmp_path: Path,
     key_a: rsa.RSAPrivateKey,

@@ -414,9 +414,11 @@ class CustomerNamespace:
             ),
         }
         self.writes: list[str] = []
+        self.reads: list[str] = []
 
     async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
         assert namespace == "customer-acme"
+        self.reads.append(name)
         return self.secrets.get(name)
 
     async def delete_secret(self, namespace: str, name: str, resource_version: str | None = None) -> bool:
@@ -497,7 +499,7 @@ def signed(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "status": {"conditions": signed_customer()["status"]["conditions"]}}
 
 
-async def test_a_webhook_removed_from_the_spec_deletes_the_copy_once() -> None:
+async def test_a_webhook_removed_from_the_spec_deletes_the_copy() -> None:
     """Found in review: a webhook removed from the spec (its key leaked, or the customer stops webhooks)
     left the copy in place, and the deliveries still retrying were signed with the withdrawn key and
     posted to the withdrawn URL for hours. The pass after the removal deletes it; a Customer that never
@@ -511,8 +513,9 @@ async def test_a_webhook_removed_from_the_spec_deletes_the_copy_once() -> None:
 
     namespace.secrets[NOTIFICATIONS_SECRET_NAME] = SecretData({NOTIFICATIONS_SECRET_KEY: OLD}, {}, {}, "6")
     namespace.writes.clear()
+    namespace.reads.clear()
     assert await ensure_webhook_secret(ctx, target_of(customer())) is None  # no condition: never signed
-    assert namespace.writes == [] and NOTIFICATIONS_SECRET_NAME in namespace.secrets
+    assert namespace.writes == namespace.reads == [] and NOTIFICATIONS_SECRET_NAME in namespace.secrets
 
     other = CustomerNamespace(copy_of="cust_other0001")
     ctx = cast(OperatorContext, SimpleNamespace(kube=other))
