@@ -272,6 +272,7 @@ arithmetic, and IPv6's is too long to write here). The schema holds both to the 
 {{- $number := include "iotistic-billing.ipv4" $address | atoi -}}
 {{- $prefix := -1 -}}
 {{- if gt (len $parts) 2 -}}
+{{- /* two slashes: no network, the prefix stays -1 */ -}}
 {{- else if eq (len $parts) 1 -}}
 {{- $prefix = 32 -}}
 {{- else if regexMatch "^[0-9]+$" $mask -}}
@@ -285,7 +286,6 @@ arithmetic, and IPv6's is too long to write here). The schema holds both to the 
 {{- range $bits := until 33 -}}
 {{- if and (lt $prefix 0) (eq $maskNumber (sub (index $powers (sub 32 $bits)) 1)) -}}{{- $prefix = $bits -}}{{- end -}}
 {{- end -}}
-{{- if lt $maskNumber 0 -}}{{- $prefix = -1 -}}{{- end -}}
 {{- end -}}
 {{- if or (lt $number 0) (lt $prefix 0) -}}
 {{- fail (printf "%s: %s is no IPv4 network: an address, address/prefix (0 to 32) or address/netmask (the settings refuse it)" $.value $cidr) -}}
