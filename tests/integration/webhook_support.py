@@ -46,11 +46,13 @@ from tests.conftest import unique_name, wait_until
 T = TypeVar("T")
 
 # The backends of transactions that wrote a licence history row and wait (on the API server) before
-# their commit.
+# their commit, each once: a backend that read the history before it wrote holds two locks on it, and
+# its second terminate, once it had exited, answered false (found in full runs: [True, False], the
+# revoke answered "nothing was changed").
 _HISTORY_IN_FLIGHT = text(
-    "SELECT pg_terminate_backend(locks.pid) FROM pg_locks locks JOIN pg_stat_activity activity USING (pid)"
-    " WHERE locks.relation = 'license_history'::regclass AND activity.state = 'idle in transaction'"
-    " AND locks.pid <> pg_backend_pid()"
+    "SELECT pg_terminate_backend(held.pid) FROM (SELECT DISTINCT locks.pid FROM pg_locks locks"
+    " JOIN pg_stat_activity activity USING (pid) WHERE locks.relation = 'license_history'::regclass"
+    " AND activity.state = 'idle in transaction' AND locks.pid <> pg_backend_pid()) AS held"
 )
 
 
@@ -61,7 +63,8 @@ async def lose_revoke_in_flight(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         ended = (await connection.execute(_HISTORY_IN_FLIGHT)).scalars().all()
         await connection.commit()
-    assert ended and all(ended), ended
+    # The revoke's, waiting on this very call, is ended; the operator's may have committed meanwhile.
+    assert any(ended), ended
 
 
 def lose_the_database_after_the_patch(
