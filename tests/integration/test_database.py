@@ -45,6 +45,7 @@ from iotistic_billing.stripe_api import CheckoutSession
 from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
+from tests.conftest import eventually, waiting_on_an_advisory_lock
 from tests.unit.test_subscription_routes import CHECKOUT, FakeKube, FakeStripe, customer
 
 pytestmark = pytest.mark.integration
@@ -511,7 +512,7 @@ async def test_an_upgrade_waits_for_one_running_elsewhere(postgres: EmbeddedPost
         async with engine.connect() as holder:
             await holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
             upgrade = asyncio.create_task(asyncio.to_thread(migrate.upgrade, url))
-            await asyncio.sleep(2)
+            await eventually(lambda: waiting_on_an_advisory_lock(engine), message="the upgrade at the lock")
             assert not upgrade.done()
             assert not await asyncio.to_thread(_tables, url)  # nothing made while it waits
             await holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})

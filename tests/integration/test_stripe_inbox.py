@@ -43,7 +43,7 @@ from iotistic_billing.stripe_inbox.apply import EventApplier
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import BATCH_LOCK, INBOX_CHANNEL, PENDING, EventInbox, store_event
 from iotistic_billing.stripe_inbox.retention import expired
-from tests.conftest import eventually, unique_name, waiting_on_a_row_lock
+from tests.conftest import eventually, unique_name, waiting_on_a_row_lock, waiting_on_an_advisory_lock
 from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     PRICES,
     Customers,
@@ -783,7 +783,9 @@ async def test_an_event_a_replay_holds_locked_is_waited_for_not_skipped(
                 .with_for_update()
             )
             batch = asyncio.create_task(inbox.apply_pending())
-            await asyncio.sleep(0.5)  # the claim meets the lock
+            await eventually(
+                lambda: waiting_on_a_row_lock(inbox_engine, "stripe_events"), message="the claim at the lock"
+            )
         assert await asyncio.wait_for(batch, 30) == 2
     assert await results(inbox_engine, [older, newer]) == {older["id"]: "applied", newer["id"]: "applied"}
 
@@ -967,21 +969,25 @@ async def test_the_route_s_wake_reaches_every_listening_inbox(
     inbox_engine: AsyncEngine, inbox_database: str, kubeconfig: Path
 ) -> None:
     """The webhook server's process stores events without a NOTIFY in their transactions; its wake
-    sends one for a burst, which the inboxes of every replica LISTEN for."""
-    received: list[str] = []
-    listener = await asyncpg.connect(plain_url(inbox_database))
+    sends one for a burst, which the inboxes of every replica LISTEN for (two listeners here)."""
+    received: tuple[list[str], list[str]] = ([], [])
+    listeners = [await asyncpg.connect(plain_url(inbox_database)) for _ in received]
     try:
-        await listener.add_listener(INBOX_CHANNEL, lambda *args: received.append(args[1]))
+        for listener, heard in zip(listeners, received, strict=True):
+            await listener.add_listener(INBOX_CHANNEL, lambda *args, heard=heard: heard.append(args[3]))
         async with inbox_in_process(inbox_engine, kubeconfig, inbox_database) as route:
             for _ in range(50):  # one burst: the loop does not yield, so the notifier sees it once
                 route.wake()
 
             async def notified() -> bool:
-                return bool(received)
+                return all(received)
 
-            await eventually(notified, within=10, message="a NOTIFY on the inbox channel")
+            await eventually(notified, within=10, message="a NOTIFY on the inbox channel at each listener")
+            await asyncio.sleep(0.5)  # room for a second NOTIFY the burst must not have sent
+        assert [len(heard) for heard in received] == [1, 1]
     finally:
-        await listener.close()
+        for listener in listeners:
+            await listener.close()
 
 
 # ----- two replicas -----
@@ -1439,7 +1445,9 @@ async def test_a_restore_waits_for_the_batch_lock_and_leaves_a_subscription_writ
         async with inbox_engine.connect() as connection:  # another replica's batch holds the lock
             await connection.execute(select(func.pg_advisory_lock(BATCH_LOCK)))
             waiting = asyncio.create_task(inbox.restore_subscriptions())
-            await asyncio.sleep(1.0)
+            await eventually(
+                lambda: waiting_on_an_advisory_lock(inbox_engine), message="the restore at the lock"
+            )
             assert not waiting.done()
             assert customers.subscription(subscriber.name) is None
             await connection.execute(select(func.pg_advisory_unlock(BATCH_LOCK)))
