@@ -721,7 +721,7 @@ async def test_nothing_is_sent_for_a_fact_that_was_rolled_back(
 ) -> None:
     name = unique_name("rolledback")
     notice = suspended_notice(name)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="the fact's transaction fails"):
         async with sessions() as session, session.begin():
             assert await Outbox().enqueue(session, notice, customer_spec(name))
             raise RuntimeError("the fact's transaction fails after the notice was written")
