@@ -182,7 +182,7 @@ def test_a_stop_during_start_up_stops_what_started_at_once(
     began = time.monotonic()
     code = runner.main(["--state", str(tmp_path / "dev"), "--port", str(processes.free_port())])
 
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 4  # SlowPostgres's start gives up after 5 s
     assert (code, SlowPostgres.stopped) == (128 + signal.SIGINT, True)
     assert capsys.readouterr().err == "make dev: stopped by SIGINT before it was ready\n"
 

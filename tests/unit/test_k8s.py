@@ -184,11 +184,9 @@ def test_the_operators_calls_and_lists_give_up_on_an_api_server_that_never_answe
 def test_a_read_that_times_out_is_not_tried_again(hung: HungApiServer, tmp_path: Path) -> None:
     """Found in review: urllib3's default retries made a GET wait four times its timeout."""
     api = KubeApi(api_client("test", kubeconfig=kubeconfig_for(hung.port, tmp_path)), FieldManager.CLI, 0.5)
-    started = time.monotonic()
     with pytest.raises(KubernetesUnavailable) as unavailable:
         within(5, lambda: api.read_customer("acme"))
-    assert hung.requests == ["GET /apis/iotistic.io/v1alpha1/customers/acme HTTP/1.1"]
-    assert time.monotonic() - started < 1.5
+    assert hung.requests == ["GET /apis/iotistic.io/v1alpha1/customers/acme HTTP/1.1"]  # no second try
     assert str(unavailable.value) == "the API server did not answer in time"
     assert not unavailable.value.maybe_applied
 
@@ -232,7 +230,8 @@ def test_a_retry_after_is_the_callers_to_wait_not_the_clients(status: int, tmp_p
             within(10, lambda: api.read_customer("acme"))
         with pytest.raises(KubernetesUnavailable, match=f"cannot watch instance Deployments: .* {status}"):
             within(10, lambda: next(api.watch(INSTANCE_DEPLOYMENTS, "10")))
-        assert time.monotonic() - started < 1
+        # Below the two seconds one wait per call would take (a loaded machine answers well within it).
+        assert time.monotonic() - started < 2
         assert len(server.requests) == 2
 
 

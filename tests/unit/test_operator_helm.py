@@ -32,6 +32,7 @@ from iotistic_billing.operator.helm import (
 from iotistic_billing.operator.outcomes import PassOutcome
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.settings import load_settings
+from tests.conftest import eventually
 from tests.unit.test_instance_chart import INSTANCE_DEPLOYMENTS, LICENCE, DeployedRevisions, release_step
 from tests.unit.test_operator_state import target
 
@@ -388,13 +389,17 @@ async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_s
     pass left its helm to be killed as the process exited, and the release stayed pending-* until the
     next operator, in a new Pod, waited out HELM_TIMEOUT (6 min) to recover it. A cancelled helm call
     now waits for its helm (cancelled again meanwhile, as stop_tasks does), then raises the cancellation."""
-    done = tmp_path / "done"
+    began, done = tmp_path / "began", tmp_path / "done"
     binary = tmp_path / "helm"
-    binary.write_text(f'#!/bin/sh\nsleep 1\ntouch "{done}"\necho ok\n')
+    binary.write_text(f'#!/bin/sh\ntouch "{began}"\nsleep 1\ntouch "{done}"\necho ok\n')
     binary.chmod(0o755)
     helm = Helm(str(binary), None, 1, timeout=GUARD_SECONDS)
     call = asyncio.ensure_future(helm._run("status", doing="status"))
-    await asyncio.sleep(0.3)
+
+    async def running() -> bool:
+        return began.exists()
+
+    await eventually(running, within=10, interval=0.01)  # cancelled once the helm runs, not before
     call.cancel()
     await asyncio.sleep(0.2)
     call.cancel()  # cancelled again: still waits
@@ -408,7 +413,11 @@ async def test_a_cancelled_helm_past_the_timeout_is_killed_with_its_children(sta
     """What the stop waits for is bounded by HELM_TIMEOUT: a helm that never ends is killed then."""
     helm = Helm(str(stand_in.binary), None, 1, timeout=0.5)
     call = asyncio.ensure_future(helm._run("upgrade", doing="upgrade"))
-    await asyncio.sleep(0.2)
+
+    async def running() -> bool:  # the helm and its child
+        return stand_in.pids.exists() and len(stand_in.pids.read_text().split()) == 2
+
+    await eventually(running, within=10, interval=0.01)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(call, GUARD_SECONDS)
