@@ -8,8 +8,9 @@ after BACKOFF, and the delivery is dead after `max_attempts` tries; the admin AP
 
 Each try of a customer's webhook goes to the URL its Customer names then, read once a try: the one the
 notice was written for may have leaked or been decommissioned since, and one the customer took away
-ends the delivery at once (dead, naming the removal). A deleted Customer's keeps the URL it was written
-for.
+ends the delivery at once (dead, naming the removal). Its Customer is the one holding the notice's
+customer id then, under whatever name (a rename in Git that kept spec.customerId moves it); a deleted
+Customer's keeps the URL it was written for.
 
 A customer's webhook goes only to a public address or one NOTIFY_WEBHOOK_ALLOWED_CIDRS allows (egress.py);
 the platform team's NOTIFY_WEBHOOK_URL is the deployment's own setting, posted to wherever it names. A
@@ -126,6 +127,21 @@ def _webhook_key(value: bytes) -> bytes:
         return webhook_secret_bytes(value.decode(errors="replace"))
     except ValueError as error:
         raise DeliveryFailed(f"spec.notifications.webhook.secretRef: {error}") from None
+
+
+def _holds(customer: dict[str, Any], customer_id: str) -> bool:
+    """Whether `customer` (as read) is `customer_id`'s now: it goes by that id and is not being deleted."""
+    return "deletionTimestamp" not in customer["metadata"] and customer_id_in_use(customer) == customer_id
+
+
+@dataclass(frozen=True)
+class _Signer:
+    """What signs a customer's webhook now (NoticeSender._signer): `key`, a copy's value, None when none
+    does; `customer`, the Customer holding the notice's customer id now, whose URL the webhook goes to,
+    None when it goes to the URL it was written for (a deleted Customer's)."""
+
+    key: bytes | None
+    customer: dict[str, Any] | None
 
 
 class DeliveryFailed(Exception):
@@ -496,49 +512,66 @@ class NoticeSender:
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_key(self, delivery: models.NoticeDelivery, notice: StoredNotice) -> bytes:
-        """signing_secret's key for the customer's webhook `delivery`, which goes, when no deletion's kept
-        key signs it, to the URL its Customer names now (retargeted here, as a re-send does): one read
-        of the Customer a try. DeliveryWithdrawn when the Customer names no webhook any more;
-        DeliveryFailed when it cannot be read, or no key signs the delivery (_why_no_secret)."""
-        kept = await self.kept_key(notice)
-        if kept is not None:  # a deleted Customer's: the URL it was written for, which its kept key signs
-            return _webhook_key(kept)
-        customer = await self._customer_now(notice)
-        if customer is not None:
-            self._retarget(delivery, notice, customer)
-        value = await self._customer_copy(notice)
-        if value is None:
-            raise DeliveryFailed(self._why_no_secret(notice, customer))
-        return _webhook_key(value)
+        """signing_secret's key (_signer) for the customer's webhook `delivery`, retargeted here to the URL
+        the Customer holding its customer id names now (as a re-send does), unless a deletion's kept key
+        signs it. DeliveryWithdrawn when that Customer names no webhook any more; DeliveryFailed when the
+        Customers cannot be read, or no key signs the delivery (_why_no_secret)."""
+        signer = await self._signer(notice)
+        if signer.customer is not None:
+            self._retarget(delivery, notice, signer.customer)
+        if signer.key is None:
+            raise DeliveryFailed(self._why_no_secret(notice, signer.customer))
+        return _webhook_key(signer.key)
 
-    async def _customer_now(self, notice: StoredNotice) -> dict[str, Any] | None:
-        """The notice's Customer as it is now; None when it is deleted or being deleted, or its name is
-        another customer's now (no spec of the notice's customer to look at). DeliveryFailed when it
-        cannot be read: a try must not go to a URL the customer may have withdrawn."""
-        name = notice.customer_name
+    async def _signer(self, notice: StoredNotice) -> _Signer:
+        """Who signs the customer's webhook of `notice` now, looked up in this order (signing_secret's
+        and the tries'): the copy a deletion of the notice's Customer kept, when it signs the notice
+        (kept_key_signs: not for one written after the deletion ended, a Customer's created again under
+        the id), for the URL the notice was written for, no Customer read; else the Customer holding the
+        notice's customer id now (_holder), with the copy the operator made in its namespace; else, none
+        holding it (deleted, or being deleted), the copy still in the namespace of the notice's name.
+        A copy counts only when labelled with the notice's customer id: the name, and so the namespace,
+        may already be another customer's (a company signed up again), whose key would sign the old
+        customer's notice for a receiver that is not the new customer's."""
+        kept = await self.kept_key(notice)
+        if kept is not None:
+            return _Signer(kept, None)
+        holder = await self._holder(notice)
+        name = str(holder["metadata"]["name"]) if holder is not None else notice.customer_name
+        return _Signer(await self._copy_of(name, notice.customer_id), holder)
+
+    async def _holder(self, notice: StoredNotice) -> dict[str, Any] | None:
+        """The Customer holding the notice's customer id now, whose webhook the notice's is: the customer
+        is its id, and a rename in Git that kept spec.customerId (the old Customer deleted, a new one
+        created under another name) moves it. The one under the notice's name while it holds the id, else
+        the one that does (a list of the Customers, on this rare path); None when none does. A Customer
+        being deleted holds none: its spec is not the customer's any more. DeliveryFailed when the
+        Customers cannot be read: a try must not go to a URL the customer may have withdrawn."""
         try:
-            body = await self.kube.read_customer(name)
+            body = await self.kube.read_customer(notice.customer_name)
+            if body is not None and _holds(body, notice.customer_id):
+                return body
+            return next(
+                (other for other in await self.kube.list_customers() if _holds(other, notice.customer_id)),
+                None,
+            )
         except KubernetesUnavailable as error:
             raise DeliveryFailed(
-                f"Customer {name} cannot be read (its webhook goes where it names): {error}"
+                f"the Customer holding {notice.customer_id} cannot be read (its webhook goes where it "
+                f"names): {error}"
             ) from None
         except ApiException as error:  # 401, 403: this server's account may not read it (the chart's RBAC)
             raise DeliveryFailed(
-                f"the API server refused to read Customer {name}: {error.status} {error.reason}"
+                f"the API server refused to read the Customer holding {notice.customer_id}: "
+                f"{error.status} {error.reason}"
             ) from None
-        if (
-            body is None
-            or "deletionTimestamp" in body["metadata"]
-            or customer_id_in_use(body) != notice.customer_id
-        ):
-            return None
-        return body
 
     def _retarget(
         self, delivery: models.NoticeDelivery, notice: StoredNotice, customer: dict[str, Any]
     ) -> None:
         """`delivery` to the URL `customer` names now (content.webhook_url); DeliveryWithdrawn when it names
         none, DeliveryFailed when its spec does not parse (its URL unknown)."""
+        name = customer["metadata"]["name"]  # the notice's, or the one its customer id is held under now
         # Its notifications alone: a spec refused for another field (a newer CRD's, read by an older
         # replica) still says where its webhook goes.
         notifications = (customer.get("spec") or {}).get("notifications") or {}
@@ -546,12 +579,12 @@ class NoticeSender:
             url = webhook_url(NotificationsSpec.model_validate(notifications))
         except ValidationError as error:
             raise DeliveryFailed(
-                f"Customer {notice.customer_name}'s spec.notifications does not validate, so where its"
+                f"Customer {name}'s spec.notifications does not validate, so where its"
                 f" webhook goes now is unknown: {error.errors()[0].get('msg', error)}"
             ) from None
         if url is None:
             raise DeliveryWithdrawn(
-                f"spec.notifications.webhook was removed from Customer {notice.customer_name}: its notices "
+                f"spec.notifications.webhook was removed from Customer {name}: its notices "
                 "are not posted any more (a re-send once it names a webhook again posts there)"
             )
         if url != delivery.target:
@@ -565,19 +598,11 @@ class NoticeSender:
             delivery.target = url
 
     async def signing_secret(self, notice: StoredNotice) -> bytes | None:
-        """The key that signs the customer's webhook of `notice` now, None when none does (the sender's
-        tries fail, _why_no_secret; a re-send of a deleted Customer's leaves it): for a Customer deleted
-        since the notice, the copy of its signing secret its deletion kept under its customer id
-        (kept_key_signs: not for a notice written after the deletion ended, a Customer's created again
-        under the id); else the copy the operator made from spec.notifications.webhook.secretRef in its
-        namespace, when that copy is labelled with the notice's customer id. The name, and so the
-        namespace, may already be another customer's (a company signed up again): its key would sign
-        the old customer's notice for a receiver that is not the new customer's. DeliveryFailed when a
-        copy cannot be read or is no key. The sender's tries look in the same order (_customer_key)."""
-        value = await self.kept_key(notice)
-        if value is None:
-            value = await self._customer_copy(notice)
-        return _webhook_key(value) if value is not None else None
+        """The key that signs the customer's webhook of `notice` now (_signer), None when none does (the
+        sender's tries fail, _why_no_secret; a re-send of a deleted Customer's leaves it). DeliveryFailed
+        when a copy or the Customers cannot be read, or a copy is no key."""
+        signer = await self._signer(notice)
+        return _webhook_key(signer.key) if signer.key is not None else None
 
     async def kept_key(self, notice: StoredNotice) -> bytes | None:
         """The copy of the signing secret a deletion of the notice's Customer kept, when it signs this
@@ -593,30 +618,12 @@ class NoticeSender:
         except ValueError as error:
             raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
 
-    async def _customer_copy(self, notice: StoredNotice) -> bytes | None:
-        """The copy the operator made for the notice's Customer, or for the one holding its id now."""
-        value = await self._copy_of(notice.customer_name, notice.customer_id)
-        return value if value is not None else await self._holders_copy(notice)
-
     async def _copy_of(self, name: str, customer_id: str) -> bytes | None:
         """The signing secret's copy in Customer `name`'s namespace, when it is `customer_id`'s."""
         copy = await self._read_secret(namespace_for(name), NOTIFICATIONS_SECRET_NAME)
         if copy is None or copy.labels.get(CUSTOMER_ID_LABEL) != customer_id:
             return None
         return copy.data.get(NOTIFICATIONS_SECRET_KEY)
-
-    async def _holders_copy(self, notice: StoredNotice) -> bytes | None:
-        """After a rename that kept spec.customerId, the copy of the Customer that holds the id now (the
-        old one's deletion keeps none: the customer goes on); a list of the Customers, on this rare path."""
-        try:
-            customers = await self.kube.list_customers()
-        except KubernetesUnavailable as error:
-            raise DeliveryFailed(str(error)) from None
-        for body in customers:
-            name = str(body["metadata"]["name"])
-            if name != notice.customer_name and customer_id_in_use(body) == notice.customer_id:
-                return await self._copy_of(name, notice.customer_id)
-        return None
 
     async def _read_secret(self, namespace: str, name: str) -> SecretData | None:
         try:
@@ -629,7 +636,7 @@ class NoticeSender:
             ) from None
 
     def _why_no_secret(self, notice: StoredNotice, customer: dict[str, Any] | None) -> str:
-        """A deleted Customer's webhook (`customer` None: _customer_now) cannot be signed any more; a
+        """A deleted Customer's webhook (`customer` None: _holder) cannot be signed any more; a
         Customer's that is still there, not yet (the operator has not copied it: its condition says why)."""
         if customer is None:
             return self.deleted_without_key(notice)

@@ -1330,6 +1330,47 @@ async def test_a_webhook_retried_after_its_customer_removed_it_is_dead_at_its_ne
     assert old.seen.count(webhook.message_id) == 1  # no post after the removal
 
 
+async def test_a_webhook_retried_after_its_customer_was_renamed_goes_to_the_new_customer_s_url_and_key(
+    sessions: async_sessionmaker[AsyncSession],
+    started: tuple[NoticeSender, Clock],
+    receivers: tuple[Receiver, Receiver],
+    again_receiver: Receiver,
+    k8s_client: kubernetes.client.ApiClient,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: a Customer renamed in Git (the new one applied under another name with the same
+    spec.customerId, the old one pruned) left its pending webhooks reading the Customer by the notice's
+    name: gone, so their retries kept the URL the notice was written for. The customer is its id: the
+    retry goes to the URL the Customer holding the id names, signed with that Customer's key."""
+    _, old = receivers
+    old.fail = 100  # down: each try fails
+    one, clock = started
+    await one.send_due()  # what other tests left
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    name, new_name = unique_name("renamed"), unique_name("renamedto")
+    customer_id = customer_id_of(name)
+    create_hooked_customer(k8s_client, name, customer_id, old)
+    try:
+        notice = suspended_notice(name)
+        await enqueue(sessions, Outbox(), notice, customer_spec(name, old.url))
+        await one.send_due()
+        (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+        assert (webhook.target, webhook.status, webhook.attempts) == (old.url, "pending", 1)
+
+        # The rename: the new Customer applied before the old one is pruned, whose deletion leaves the id
+        # with it (no license.revoked, no key kept).
+        create_hooked_customer(k8s_client, new_name, customer_id, again_receiver)
+        delete_customer(k8s_client, name)
+        clock.advance(BACKOFF[0])
+        await one.send_due()
+    finally:
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, new_name)
+    (webhook,) = [d for d in await deliveries(sessions, notice.key) if d.channel == "webhook"]
+    assert (webhook.target, webhook.status, webhook.attempts) == (again_receiver.url, "sent", 2)
+    assert again_receiver.seen == [webhook.message_id] and not again_receiver.refused  # its key signs it
+    assert old.seen.count(webhook.message_id) == 1  # nothing more at the URL the old name had
+
+
 async def test_a_deleted_customer_s_webhook_is_signed_on_its_retries_then_its_kept_secret_dropped(
     sessions: async_sessionmaker[AsyncSession],
     started: tuple[NoticeSender, Clock],

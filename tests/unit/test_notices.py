@@ -805,24 +805,6 @@ async def test_a_deleted_customer_s_webhook_is_never_signed_with_the_secret_of_w
     assert "Customer acme (cust_acme01) was deleted" in str(failed.value)
 
 
-async def test_a_renamed_customer_s_pending_webhook_is_signed_with_the_copy_of_the_id_s_holder() -> None:
-    """Found in review: after a rename that kept spec.customerId (acme -> acme-corp), the old Customer's
-    deletion keeps no copy (the customer goes on), and its pending webhooks failed until dead: the copy of
-    the Customer that holds the id now signs them."""
-    secrets = {
-        ("customer-acme-corp", NOTIFICATIONS_SECRET_NAME): (
-            {NOTIFICATIONS_SECRET_KEY: NEW_SECRET},
-            "cust_acme01",
-        )
-    }
-    holder = {"metadata": {"name": "acme-corp", "uid": "u-2"}, "spec": {"customerId": "cust_acme01"}}
-    other = {"metadata": {"name": "globex", "uid": "u-3"}, "spec": {"customerId": "cust_globex01"}}
-    sender = secrets_sender(SecretsKube(secrets, {"acme-corp": holder, "globex": other}))
-    assert await sender._customer_key(webhook_delivery(), stored()) == webhook_secret_bytes(
-        NEW_SECRET.decode()
-    )
-
-
 @pytest.mark.parametrize("name", ["acme", "acme-again"])
 async def test_a_customer_created_again_under_a_deleted_one_s_id_signs_its_webhooks_with_its_own_key(
     name: str,
@@ -928,6 +910,66 @@ async def test_a_customer_s_webhook_its_customer_no_longer_names_is_dead_at_its_
     delivery.attempts = 1
     sender._count_failure(delivery, withdrawn.value, NOW)
     assert (delivery.status, delivery.last_error) == ("dead", str(withdrawn.value))
+
+
+def renamed(url: str | None) -> dict[str, Any]:
+    """acme renamed acme-corp in Git, keeping spec.customerId (cust_acme01), its webhook at `url`."""
+    notifications = {"webhook": {"url": url, "secretRef": {"name": "hook"}}} if url else {}
+    spec = {"customerId": "cust_acme01", "email": "ops@acme.example", "companyName": "Acme"}
+    return {"metadata": {"name": "acme-corp", "uid": "u-2"}, "spec": {**spec, "notifications": notifications}}
+
+
+@pytest.mark.parametrize("old", ["deleted", "being deleted"])
+async def test_a_renamed_customer_s_pending_webhook_goes_to_the_id_s_holder_signed_with_its_copy(
+    old: str,
+) -> None:
+    """Found in review: after a rename that kept spec.customerId (acme -> acme-corp), the retries of a
+    webhook written for acme read the Customer by the notice's name, found it gone (or being deleted) and
+    kept the URL the notice was written for, signed with acme-corp's key (or acme's, while its namespace
+    was there). The customer is its id: they go to the URL acme-corp names, signed with its copy."""
+    secrets = {
+        ("customer-acme-corp", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: NEW_SECRET},
+            "cust_acme01",
+        ),
+        ("customer-acme", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: SECRET.encode()},
+            "cust_acme01",
+        ),
+    }
+    customers = {
+        "acme-corp": renamed("https://hooks.acme-corp.example/n"),
+        "globex": {"metadata": {"name": "globex", "uid": "u-3"}, "spec": {"customerId": "cust_globex01"}},
+    }
+    if old == "being deleted":
+        customers["acme"] = acme_now("https://hooks.acme.example/n", deletionTimestamp=NOW.isoformat())
+    sender = secrets_sender(SecretsKube(secrets, customers))
+    delivery = webhook_delivery()
+    assert await sender._customer_key(delivery, stored()) == webhook_secret_bytes(NEW_SECRET.decode())
+    assert delivery.target == "https://hooks.acme-corp.example/n"
+    assert await sender.signing_secret(stored()) == webhook_secret_bytes(NEW_SECRET.decode())
+
+
+async def test_a_renamed_customer_s_webhook_is_dead_once_the_id_s_holder_names_none() -> None:
+    """The holder of the id took the webhook away: the notice of its old name is dead, naming it."""
+    sender = secrets_sender(SecretsKube({}, {"acme-corp": renamed(None)}))
+    with pytest.raises(DeliveryWithdrawn) as withdrawn:
+        await sender._customer_key(webhook_delivery(), stored())
+    assert str(withdrawn.value).startswith("spec.notifications.webhook was removed from Customer acme-corp")
+
+
+async def test_a_renamed_customer_s_webhook_waits_for_the_holder_s_own_copy() -> None:
+    """acme-corp's copy is not written yet: its webhook is not signed with acme's key meanwhile."""
+    secrets = {
+        ("customer-acme", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: SECRET.encode()},
+            "cust_acme01",
+        ),
+    }
+    sender = secrets_sender(SecretsKube(secrets, {"acme-corp": renamed("https://hooks.acme-corp.example/n")}))
+    with pytest.raises(DeliveryFailed) as failed:
+        await sender._customer_key(webhook_delivery(), stored())
+    assert str(failed.value).startswith("no signing secret yet")
 
 
 @pytest.mark.parametrize(
