@@ -134,6 +134,13 @@ def _moved_at(m: Member, now: datetime) -> datetime | None:
     return moved_at if moved_at is not None and moved_at <= now + CLOCK_SKEW else None
 
 
+def _moved_since(m: Member, rollout: str, since: datetime, now: datetime) -> datetime | None:
+    """When `rollout` moved `m`, if at `since` or later (updated-at has whole seconds); None for another
+    rollout's move, an earlier one, or one with no time (_moved_at)."""
+    moved_at = _moved_at(m, now) if m.rollout == rollout else None
+    return moved_at if moved_at is not None and moved_at >= since.replace(microsecond=0) else None
+
+
 def _last_pass(
     release: Mapping[str, Any], conditions: Mapping[Any, Mapping[str, Any]], version: str | None
 ) -> PassResult:
@@ -401,7 +408,7 @@ def decide(
         )
 
     selected = [c for c in customers if selects(spec, c)]
-    run_started = (status.started_at or now).replace(microsecond=0)  # updated-at: whole seconds
+    run_started = status.started_at or now
     members = [_refused_in_run(member(c, spec.chart_version), rollout, run_started, now) for c in selected]
     groups = assign_steps(spec, members)
     if status.phase in (None, RolloutPhase.PENDING, RolloutPhase.WAITING):
@@ -435,10 +442,7 @@ def _refused_in_run(m: Member, rollout: Rollout, run_started: datetime, now: dat
     rollout's move (a halted one of the same version, before the chart was pushed) or this rollout's
     earlier run, as the timeout tells them (_Tick._timed_out). Moved again, a new updated-at starts a
     pass; a new rollout of the version failed the Customer at once and never retried it."""
-    moved_at = _moved_at(m, now)
-    if m.health != "failed" or (
-        m.rollout == rollout.name and moved_at is not None and moved_at >= run_started
-    ):
+    if m.health != "failed" or _moved_since(m, rollout.name, run_started, now) is not None:
         return m
     return replace(m, health="pending", reason="", message="")
 
@@ -552,12 +556,10 @@ class _Tick:
         than the timeout from holding off a bad version for good."""
         if m.health != "updating":
             return m
-        run_started = (self.status.started_at or self.now).replace(microsecond=0)
         moved_at = _moved_at(m, self.now)
-        if m.rollout == self.rollout.name and moved_at is not None and moved_at >= run_started:
-            since = moved_at
-        else:
-            since = max(moved_at or step_started, step_started.replace(microsecond=0))
+        since = self._moved_since(m, self.status.started_at or self.now) or max(
+            moved_at or step_started, step_started.replace(microsecond=0)
+        )
         timeout = timedelta(seconds=self.spec.health_gate.timeout_seconds)
         if self.judging_since is not None:
             settle = timeout if not m.move_read else min(timeout, SETTLE_AFTER_START)
@@ -570,6 +572,9 @@ class _Tick:
             return replace(m, health="failed", message=f"{waited}: {m.message}"[:1024])
         waited = f"not Ready on {version} {seconds} s after the upgrade"
         return replace(m, health="failed", reason=HEALTH_TIMEOUT, message=f"{waited}: {m.message}"[:1024])
+
+    def _moved_since(self, m: Member, since: datetime) -> datetime | None:
+        return _moved_since(m, self.rollout.name, since, self.now)
 
     def _steps(self, groups: list[list[Member]]) -> list[StepStatus]:
         steps = list(self.status.steps or [])[: len(groups)]
@@ -585,19 +590,17 @@ class _Tick:
         moved were healthy (or failed and counted) when their step ended and are not judged again, also
         when the current step holds them now (a boundary moved, or the last step running again after
         the running one was edited away: its own were judged when it ended)."""
-        started = (self.status.steps or [])[current].started_at
-        since = started.replace(microsecond=0) if started else self.now  # updated-at has whole seconds
-        run_started = (self.status.started_at or self.now).replace(microsecond=0)
+        since = (self.status.steps or [])[current].started_at or self.now
+        run_started = self.status.started_at or self.now
 
         def moved_in_step(m: Member) -> bool:
-            return m.rollout == self.rollout.name and m.moved_at is not None and m.moved_at >= since
+            return self._moved_since(m, since) is not None
 
         def moved_before(m: Member) -> bool:
             return (
                 m.health != "pending"
-                and m.rollout == self.rollout.name
-                and m.moved_at is not None
-                and run_started <= m.moved_at < since
+                and self._moved_since(m, run_started) is not None
+                and not moved_in_step(m)
             )
 
         leftovers = [
@@ -734,16 +737,8 @@ class _Tick:
         start the bake again for the others: with a signup more often than bakeSeconds, it never ended."""
         if healthy_at is None:
             return set()
-        since = healthy_at.replace(microsecond=0)  # updated-at: whole seconds
         return {
-            m.name
-            for m in watched
-            if m.health == "pending"
-            or (
-                m.rollout == self.rollout.name
-                and (moved_at := _moved_at(m, self.now)) is not None
-                and moved_at >= since
-            )
+            m.name for m in watched if m.health == "pending" or self._moved_since(m, healthy_at) is not None
         }
 
     def _step_started(self, index: int, groups: list[list[Member]]) -> None:
@@ -825,12 +820,11 @@ class _Tick:
         self.moves += [back for back in backs if back is not None]
         # Only Customers this run set (there, then back) are waited for: one an earlier run left on
         # another version is not moved back, and would be waited for forever.
-        since = (self.status.started_at or self.now).replace(microsecond=0)  # updated-at: whole seconds
+        since = self.status.started_at or self.now
         returning = [
             m
             for m in mine
-            if m.moved_at is not None
-            and m.moved_at >= since
+            if self._moved_since(m, since) is not None
             and not _stays(m, self.spec.chart_version, failures.get(m.name))
         ]
         # Each waits for the pass that runs its return, not for what it ran before: a Customer whose

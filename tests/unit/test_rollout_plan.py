@@ -1682,6 +1682,28 @@ def test_an_updated_at_in_the_future_does_not_put_off_the_timeout(
     assert fleet.on("2.0.0") == {"c01"}
 
 
+def test_an_updated_at_in_the_future_does_not_make_a_later_step_s_customer_one_the_step_moved() -> None:
+    """Found in review: the clock-skew guard on updated-at (_moved_at) timed the health gate but not which
+    Customers the running step judges: c03, of the rest step, annotated for this rollout by hand with a
+    mistyped year, counted moved since step 1 started, and step 1 waited for it (its upgrade not run)
+    until it timed out. Such a time is no time there too: step 1 ends with its canary."""
+    fleet = Fleet(4)
+    fleet.customers["c03"]["metadata"]["annotations"] = {
+        ROLLOUT_CHART_VERSION: "2.0.0",
+        ROLLOUT_NAME: "r1",
+        ROLLOUT_UPDATED_AT: "2062-12-03T12:00:00+00:00",
+    }
+    rollout_spec = spec(steps=[{"customers": ["c00"]}, {"rest": True, "maxParallel": 1}])
+    tick = ticker(fleet, Rollout("r1", 1, T0.isoformat(), {}), rollout_spec)
+
+    first = tick(RolloutStatus())
+    fleet.operate(["c00"])
+    second = tick(first)
+
+    assert first.current_step == 1 and second.current_step == 2
+    assert second.steps is not None and second.steps[0].completed_at is not None
+
+
 CANNOT_MINT = "no signing key"
 
 
