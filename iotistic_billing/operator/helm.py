@@ -40,6 +40,11 @@ _PERMANENT_MARKERS = (
     "chart requires kubeversion",
 )
 _STUCK_MARKER = "another operation (install/upgrade/rollback) is in progress"
+# A kind the cluster lacks now (a CRD removed since the release was made), as the API server's discovery
+# tells helm when it builds a release's objects (k8s.io/apimachinery's NoKindMatchError).
+_MISSING_KIND_MARKER = "no matches for kind"
+# `uninstall: Release not loaded: <name>: release: not found` (helm's storage/driver.ErrReleaseNotFound).
+_RELEASE_NOT_FOUND = "release: not found"
 # The result label of iotistic_operator_helm_operations_total for a helm killed at HELM_TIMEOUT (the
 # chart's PrometheusRule alerts on it).
 TIMED_OUT = "timeout"
@@ -48,6 +53,10 @@ _COMMANDS = ("pull", "upgrade", "get", "status", "uninstall", "rollback")
 # helm v4 logs through Go's slog before it prints its error, and the log line repeats that error:
 # `level=WARN msg="upgrade failed" name=instance error="..."`.
 _LOG_LINE = re.compile(r"^(?:time=\S+ )?level=[A-Z]+ msg=")
+# helm v4's uninstall says only `failed to delete release: <name>`; why is in its debug log line alone
+# (pkg/action/uninstall.go), a Go-quoted list of errors: `error="[unable to build kubernetes objects
+# for delete: ...]"`.
+_DELETE_FAILED = re.compile(r'msg="uninstall: Failed to delete release" error=("(?:[^"\\]|\\.)*")')
 
 
 class HelmError(Exception):
@@ -60,15 +69,28 @@ class HelmError(Exception):
         lowered = message.lower()
         self.permanent = not timed_out and any(marker in lowered for marker in _PERMANENT_MARKERS)
         self.stuck = not timed_out and _STUCK_MARKER in lowered
+        # An object of the release is of a kind the cluster lacks: its objects are gone with its CRD, and
+        # helm cannot build the release's objects (an uninstall fails so every try).
+        self.missing_kind = not timed_out and _MISSING_KIND_MARKER in lowered
 
 
 def helm_error_text(stderr: str) -> str:
     """What a failed helm said went wrong, for conditions and Events: from its first `Error:` line on,
     without helm's own log lines (which repeat the error before it); the whole of it when that leaves
-    nothing."""
+    nothing. A failed uninstall's cause, in its debug log line alone, is added after it."""
     lines = [line for line in stderr.strip().splitlines() if not _LOG_LINE.match(line)]
     errors = next((index for index, line in enumerate(lines) if line.startswith("Error:")), 0)
-    return "\n".join(lines[errors:]).strip() or stderr.strip()
+    said = "\n".join(lines[errors:]).strip() or stderr.strip()
+    cause = _DELETE_FAILED.search(stderr)
+    if cause is None:
+        return said
+    try:
+        why = str(json.loads(cause.group(1)))
+    except ValueError:  # an escape Go has and JSON lacks (\x..): as it was written
+        why = cause.group(1)[1:-1]
+    if why.startswith("[") and why.endswith("]"):
+        why = why[1:-1]
+    return f"{said}: {why}"
 
 
 @dataclass(frozen=True)
@@ -348,17 +370,21 @@ class Helm:
         return _release(json.loads(out))
 
     async def uninstall(self, name: str, namespace: str) -> bool:
-        """False when there was no such release (an uninstall retried after a crash)."""
+        """False when there was no such release (an uninstall retried after a crash). With --debug: helm
+        says why it failed to delete the release only in its debug log (helm_error_text)."""
         try:
             await self._run(
                 "uninstall",
                 name,
                 "--namespace",
                 namespace,
+                "--debug",
                 doing=f"uninstall of release {name} in {namespace}",
             )
         except HelmError as error:
-            if not error.timed_out and "not found" in error.message.lower():
+            # helm's storage answering no release (driver.ErrReleaseNotFound), not any "not found": a
+            # release helm cannot build the objects of says "resource mapping not found".
+            if not error.timed_out and _RELEASE_NOT_FOUND in error.message.lower():
                 return False
             raise
         return True

@@ -382,6 +382,57 @@ def test_a_kind_the_cluster_lacks_stalls_an_upgrade_as_it_does_an_install(refusa
     assert refused.permanent and not refused.stuck
 
 
+# helm 4.3.1's stderr, run with --debug, uninstalling a release with an object of a kind whose CRD was
+# removed since (a fresh discovery cache); without --debug its last line alone.
+UNBUILDABLE_UNINSTALL = (
+    'level=DEBUG msg="getting release history" name=instance\n'
+    'level=DEBUG msg="uninstall: deleting release" name=instance\n'
+    'level=DEBUG msg="updating release" key=sh.helm.release.v1.instance.v1\n'
+    'level=DEBUG msg="uninstall: Failed to delete release" error="[unable to build kubernetes objects for'
+    ' delete: resource mapping not found for name: \\"instance\\" namespace: \\"\\" from \\"\\": no matches'
+    ' for kind \\"ServiceMonitor\\" in version \\"monitoring.coreos.com/v1\\"\\nensure CRDs are installed'
+    ' first]"\n'
+    "Error: failed to delete release: instance\n"
+)
+
+
+async def test_an_uninstall_that_cannot_build_the_release_s_objects_says_why(tmp_path: Path) -> None:
+    """Found in review: helm 4 says only "failed to delete release: instance" when it cannot build the
+    objects of a release (a ServiceMonitor whose CRD was removed), why only in its debug log: the
+    deletion's Warning said nothing more, and could not be told from the API server away."""
+    failing = tmp_path / "helm"
+    failing.write_text(
+        "#!/bin/sh\ncase \" $* \" in *' --debug '*) cat >&2 <<'EOF'\n"
+        f"{UNBUILDABLE_UNINSTALL}EOF\n;; *) echo 'Error: failed to delete release: instance' >&2;; esac\n"
+        "exit 1\n"
+    )
+    failing.chmod(0o755)
+    with pytest.raises(HelmError) as refused:
+        await Helm(str(failing), None, 1, timeout=10).uninstall("instance", "customer-acme")
+    assert refused.value.message == (
+        "Error: failed to delete release: instance: unable to build kubernetes objects for delete: resource"
+        ' mapping not found for name: "instance" namespace: "" from "": no matches for kind "ServiceMonitor"'
+        ' in version "monitoring.coreos.com/v1"\nensure CRDs are installed first'
+    )
+    assert refused.value.missing_kind and not refused.value.stuck
+
+
+def test_helm_s_other_failures_are_no_missing_kind() -> None:
+    """The API server away or refusing is retried by whatever failed: only NoKindMatchError is a kind the
+    cluster lacks."""
+    assert not HelmError("uninstall", "Error: uninstall: Kubernetes cluster unreachable").missing_kind
+    assert not HelmError("uninstall", "no matches for kind X", timed_out=True).missing_kind
+    refused = HelmError(
+        "uninstall",
+        helm_error_text(
+            'level=DEBUG msg="uninstall: Failed to delete release" error="[unable to build kubernetes objects'
+            ' for delete: Get \\"https://127.0.0.1:6443/api\\": dial tcp 127.0.0.1:6443: connect: connection'
+            ' refused]"\nError: failed to delete release: instance\n'
+        ),
+    )
+    assert refused.message.endswith("connect: connection refused") and not refused.missing_kind
+
+
 async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(
     tmp_path: Path,
 ) -> None:
