@@ -1,7 +1,8 @@
 """Deletion behind the finalizer: mark the Customer Terminating, keep the webhook signing secret for the
 pending webhooks (read first: a foreground deletion has it deleted meanwhile), uninstall the release,
 revoke the licence and the usage keys, request the namespace's deletion. A step that fails raises
-DeletionFailed, which names it.
+DeletionFailed, which names it; an uninstall that cannot succeed (an object of the release of a kind whose
+CRD is gone: helm cannot build the release's objects) leaves the release to the namespace's deletion.
 
 It does not rely on garbage collection (a bare control plane runs none), and each step accepts that its
 object is already gone, so a deletion retried after a crash completes. Only a namespace the operator made
@@ -35,6 +36,7 @@ from iotistic_billing.k8s import refusal_message
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.events import post_events
+from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.manifests import namespace_holder
 from iotistic_billing.operator.metrics import forget_customer
@@ -74,11 +76,15 @@ class Deletion:
     uninstalled: bool
     license_revoked: bool  # False: there was none (a Customer stalled since its creation)
     namespace_terminating: bool  # found already being deleted: no uninstall ran
+    # Why helm could not uninstall the release, left to the namespace's deletion (release_left_to_namespace).
+    uninstall_failed: str | None = None
 
     def message(self) -> str:
         deleting = self.own_namespace and not self.namespace_terminating
         done = ["release uninstalled"] if self.uninstalled else []
-        if deleting and not self.uninstalled:
+        if self.uninstall_failed is not None:
+            done.append("release left to the namespace's deletion (helm could not uninstall it)")
+        elif deleting and not self.uninstalled:
             done.append("no release left to uninstall")
         done.append("licence revoked" if self.license_revoked else "no licence to revoke")
         if deleting:
@@ -136,10 +142,22 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
                     )
         terminating = found is not None and bool(found["metadata"].get("deletionTimestamp"))
         uninstalled = False
+        uninstall_failed = None
         if ours and not terminating:
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
-                # helm's answer, not the attempt: a Customer whose first pass failed before helm has none.
-                uninstalled = await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+                try:
+                    # helm's answer, not the attempt: a Customer whose first pass failed before helm has none.
+                    uninstalled = await ctx.helm.uninstall(c.RELEASE_NAME, namespace)
+                except HelmError as error:
+                    if not release_left_to_namespace(error):
+                        raise
+                    uninstall_failed = str(error)
+                    log.warning(
+                        "release %s in %s left to the namespace's deletion: %s",
+                        c.RELEASE_NAME,
+                        namespace,
+                        error,
+                    )
         with _step(f"reading the licence Secret of {namespace}"):
             secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
         # Looked for right before the revocations, not before the uninstall (seconds): a Customer applied
@@ -201,7 +219,19 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         uninstalled=uninstalled,
         license_revoked=revoked,
         namespace_terminating=terminating,
+        uninstall_failed=uninstall_failed,
     )
+
+
+def release_left_to_namespace(error: HelmError) -> bool:
+    """Whether an uninstall that failed so is left to the namespace's deletion rather than retried: an
+    object of the release is of a kind the cluster no longer has (a ServiceMonitor whose CRD was removed),
+    so helm cannot build the release's objects and fails every try, which held the licence's revocation
+    and the namespace for ever. The objects of that kind went with their CRD; the rest of the release and
+    its storage Secrets are in the Customer's namespace, whose deletion removes them (an object the
+    release made outside it would be left: the instance chart makes none). Anything else (the API server
+    away, helm killed at HELM_TIMEOUT, another operation in progress) is retried."""
+    return error.missing_kind
 
 
 async def _mark_terminating(ctx: OperatorContext, body: dict[str, Any]) -> None:

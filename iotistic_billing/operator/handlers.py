@@ -248,7 +248,11 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
         raise kopf.TemporaryError(str(failed), delay=retry_delay(retry)) from failed
     ctx.deletion_failures.pop(body.metadata.uid or "", None)
     cast(HandledSpecs, memo["handled"]).forget(body)
-    await post_events(ctx.kube, KIND, body, [("Normal", c.DELETED, deletion.message())])
+    events = [("Normal", c.DELETED, deletion.message())]
+    if deletion.uninstall_failed is not None:
+        left = f"{deletion.uninstall_failed}; left to the deletion of namespace {deletion.namespace}"
+        events.insert(0, ("Warning", c.UNINSTALL_FAILED, left))
+    await post_events(ctx.kube, KIND, body, events)
 
 
 async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -3,6 +3,7 @@ once, and a Customer being deleted as Terminating while a step of its finalizer 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -17,7 +18,8 @@ from iotistic_billing.customer import GROUP, KIND, VERSION
 from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
-from tests.conftest import OperatorProcess, unique_name, wait_until
+from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
+from tests.integration.test_helm import remove_kind, widget, widget_kind
 from tests.integration.test_operator import Cluster, customer_manifest
 from tests.integration.test_operator_recovery import (  # noqa: F401 - fixtures
     cluster_fixture,
@@ -194,3 +196,46 @@ def test_a_customer_whose_finalizer_fails_is_terminating_not_ready_until_it_is_d
     assert cluster.release(name) is None
     done = reasons(cluster, KIND, name, uid)
     assert done["Terminating"] == 1 and done["Deleted"] == 1, done
+
+
+def test_a_customer_whose_release_holds_an_object_of_a_kind_removed_since_is_deleted(
+    cluster: Cluster,
+    paused_operator: OperatorProcess,
+    k8s_client: kubernetes.client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """Found in review: the instance chart's release held a ServiceMonitor, and its CRD was removed since:
+    helm cannot build the release's objects, its uninstall failed every try, and the finalizer was retried
+    for ever, the licence never revoked nor the namespace deleted. The namespace's deletion removes the
+    release (its objects and helm's record of it), so the deletion completes, saying so."""
+    api_version = widget_kind(k8s_client)
+    chart = tmp_path / "customer-instance"
+    shutil.copytree(REPO / "charts" / "customer-instance", chart)
+    (chart / "templates" / "widget.yaml").write_text(widget(api_version))
+    cache = tmp_path / "kube-cache"
+    paused_operator.stop()
+    paused_operator.start(INSTANCE_CHART=str(chart), KUBECACHEDIR=str(cache))
+    name = unique_name("unbuildable")
+    uid = cluster.create(customer_manifest(name, plan="starter"))["metadata"]["uid"]
+    wait_until(lambda: (cluster.release(name) or {}).get("status") == "deployed", message="deployed")
+    wait_until(lambda: (cluster.customer(name) or {}).get("status", {}).get("license"), message="licence")
+
+    remove_kind(k8s_client, api_version)
+    shutil.rmtree(cache)  # helm's discovery cache without the kind: a restarted operator's, or one expired
+    cluster.objects.delete_cluster_custom_object(GROUP, VERSION, "customers", name)
+
+    wait_until(
+        lambda: cluster.customer(name) is None, 60, message=f"Customer deleted; log: {paused_operator.log}"
+    )
+    namespace = cluster.core.read_namespace(f"customer-{name}")  # no controller-manager: it stays Terminating
+    assert namespace.metadata.deletion_timestamp is not None
+    events = {event.reason: event for event in described(cluster, KIND, name, uid)}
+    assert "DeletionFailed" not in events
+    left = events["UninstallFailed"]
+    assert left.type == "Warning"
+    assert f'no matches for kind "Widget" in version "{api_version}"' in left.message
+    assert left.message.endswith(f"; left to the deletion of namespace customer-{name}")
+    assert events["Deleted"].message == (
+        "release left to the namespace's deletion (helm could not uninstall it), licence revoked,"
+        " namespace deletion requested"
+    )

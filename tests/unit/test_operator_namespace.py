@@ -18,6 +18,7 @@ from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator.context import CustomerLocks, OperatorContext
 from iotistic_billing.operator.delete import DeletionFailed, finalize
+from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.manifests import namespace_manifest, owner_reference
 from iotistic_billing.operator.outcomes import NamespaceRefused
@@ -459,6 +460,87 @@ async def test_deleting_a_customer_with_its_release_says_it_was_uninstalled(revo
         "Deleted",
         "release uninstalled, licence revoked, namespace deletion requested",
     )
+
+
+# helm 4.3.1's uninstall of a release holding a ServiceMonitor after its CRD was removed, as
+# helm.helm_error_text reads it (its cause from the --debug log line).
+UNBUILDABLE = (
+    "Error: failed to delete release: instance: unable to build kubernetes objects for delete: resource"
+    ' mapping not found for name: "instance" namespace: "" from "": no matches for kind "ServiceMonitor" in'
+    ' version "monitoring.coreos.com/v1"\nensure CRDs are installed first'
+)
+
+
+class HelmRefusing(Helm):
+    """helm whose uninstall fails every try with `message`."""
+
+    def __init__(self, cluster: Cluster, message: str) -> None:
+        super().__init__(cluster)
+        self.message = message
+
+    async def uninstall(self, release: str, namespace: str) -> bool:
+        await super().uninstall(release, namespace)
+        raise HelmError("uninstall", self.message)
+
+
+async def test_a_release_helm_cannot_build_any_more_is_left_to_the_namespace_s_deletion(
+    revocations: list[str],
+) -> None:
+    """Found in review: a release holding a ServiceMonitor whose CRD was removed since cannot be uninstalled
+    (helm cannot build its objects), every try alike: the finalizer was retried for ever, the licence never
+    revoked and the namespace, which holds the rest of the release and helm's record of it, never deleted."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    ctx.helm = HelmRefusing(cluster, UNBUILDABLE)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert ("helm uninstall", "customer-acme/instance") in cluster.requests
+    assert revocations == ["revoke_license", "revoke_usage_keys", "keep_webhook_secret"]
+    assert cluster.namespaces["customer-acme"]["metadata"].get("deletionTimestamp")
+    assert [(type_, reason) for _, _, type_, reason in cluster.events] == [
+        ("Normal", "Terminating"),
+        ("Warning", "UninstallFailed"),
+        ("Normal", "Deleted"),
+    ]
+    left = dict(cluster.messages)["UninstallFailed"]
+    assert left.startswith(f"helm uninstall failed: {UNBUILDABLE}")
+    assert left.endswith("; left to the deletion of namespace customer-acme")
+    assert cluster.messages[-1] == (
+        "Deleted",
+        "release left to the namespace's deletion (helm could not uninstall it), licence revoked,"
+        " namespace deletion requested",
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Error: uninstall: Kubernetes cluster unreachable: connection refused",
+        "Error: failed to delete release: instance: unable to build kubernetes objects for delete: Get"
+        ' "https://127.0.0.1:6443/api": dial tcp 127.0.0.1:6443: connect: connection refused',
+        "Error: failed to delete release: instance: the server is currently unable to handle the request",
+    ],
+)
+async def test_an_uninstall_failing_for_anything_else_is_retried_with_the_namespace_kept(
+    revocations: list[str], message: str
+) -> None:
+    """The API server away (helm cannot build the objects then either) may answer the next try: only a
+    kind the cluster lacks leaves the release to the namespace's deletion."""
+    cluster = Cluster()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    ctx.helm = HelmRefusing(cluster, message)
+
+    with pytest.raises(kopf.TemporaryError):
+        await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert revocations == []
+    assert ("DELETE namespaces", "customer-acme") not in cluster.requests
+    assert [reason for reason, _ in cluster.messages] == ["Terminating", "DeletionFailed"]
 
 
 async def test_deleting_a_never_licensed_customer_says_nothing_was_revoked(
