@@ -434,7 +434,7 @@ def decide(
     for c in gone:
         is_pinned = ((c.get("spec") or {}).get("instance") or {}).get("chartVersion")
         (pinned if is_pinned else departed).append(member(c, spec.chart_version))
-    return tick.run(members, groups, _held(rollout, members, others), departed, pinned)
+    return tick.run(groups, len(members), _held(rollout, members, others), departed, pinned)
 
 
 def _refused_in_run(m: Member, rollout: Rollout, run_started: datetime, now: datetime) -> Member:
@@ -582,22 +582,16 @@ class _Tick:
         self.status.steps = steps
         return steps
 
-    def _watched(
-        self, members: list[Member], groups: list[list[Member]], current: int, departed: list[Member]
-    ) -> list[Member]:
-        """The Customers the current step judges: its own; those of earlier steps left over (a canary
+    def _watched(self, groups: list[list[Member]], current: int, departed: list[Member]) -> list[Member]:
+        """The Customers the current step waits for: its own; those of earlier steps left over (a canary
         created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
-        yet; those the step before moved but ended without, taken after it started (_late); and any this
-        rollout moved since the step started, whichever step holds it now, if any (a fleet grown or
-        shrunk moves the percentages' boundaries). Other Customers an earlier step of this run moved
-        were healthy (or failed and counted) when their step ended and are not judged again, also when
-        the current step holds them now (a boundary moved, or the last step running again after the
-        running one was edited away: its own were judged when it ended)."""
-        steps = self.status.steps or []
-        since = steps[current].started_at or self.now
+        yet; and any this rollout moved since the step started, whichever step holds it now, if any (a
+        fleet grown or shrunk moves the percentages' boundaries). Customers an earlier step of this run
+        moved were healthy (or failed and counted) when their step ended and are not judged again, also
+        when the current step holds them now (a boundary moved, or the last step running again after
+        the running one was edited away: its own were judged when it ended)."""
+        since = (self.status.steps or [])[current].started_at or self.now
         run_started = self.status.started_at or self.now
-        before = steps[current - 1].started_at if current else None
-        ended_without = self._late(members, groups, current - 1) if before is not None else set()
 
         def moved_in_step(m: Member) -> bool:
             return self._moved_since(m, since) is not None
@@ -609,29 +603,12 @@ class _Tick:
                 and not moved_in_step(m)
             )
 
-        def carried(m: Member) -> bool:
-            return m.name in ended_without and before is not None and self._moved_since(m, before) is not None
-
         leftovers = [
-            m
-            for group in groups[:current]
-            for m in group
-            if m.health == "pending" or moved_in_step(m) or carried(m)
+            m for group in groups[:current] for m in group if m.health == "pending" or moved_in_step(m)
         ]
         own = [m for m in groups[current] if not moved_before(m)]
         strays = [m for group in [*groups[current + 1 :], departed] for m in group if moved_in_step(m)]
         return leftovers + own + strays
-
-    def _late(self, members: list[Member], groups: list[list[Member]], index: int) -> set[str]:
-        """The Customers steps 1 to `index` + 1 take now but did not in the fleet as it was when step
-        `index` + 1 started: those created since (signups, last into the `rest` step) and older ones a
-        percentage takes only because of them. That step moves and judges them but does not wait for
-        them (with a signup more often than an upgrade takes, one was always upgrading and the step
-        never baked); the next step judges and waits for those it ended without (_watched)."""
-        started = (self.status.steps or [])[index].started_at or self.now
-        then = [m for m in members if (created := _time(m.created)) is None or created <= started]
-        taken = {m.name for group in assign_steps(self.spec, then)[: index + 1] for m in group}
-        return {m.name for group in groups[: index + 1] for m in group} - taken
 
     def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
         """The counts, in total and per step. A step's `failed` is the Customers that failed while it
@@ -658,8 +635,8 @@ class _Tick:
 
     def run(
         self,
-        members: list[Member],
         groups: list[list[Member]],
+        total: int,
         held: Mapping[str, str],
         departed: list[Member],
         pinned: list[Member],
@@ -675,7 +652,7 @@ class _Tick:
         steps = self._steps(groups)
         everyone = [m for group in groups for m in group] + departed
         if status.phase == RolloutPhase.ROLLING_BACK:
-            self._count(groups, len(members), [], current)
+            self._count(groups, total, [], current)
             return self._rolling_back(everyone, pinned)
         if current >= len(groups):
             # The running step was edited away: the last one left runs again from when that step
@@ -698,9 +675,9 @@ class _Tick:
         ]
         departed = [self._timed_out(m, step_started) for m in departed]
 
-        watched = self._watched(members, groups, current, departed)
+        watched = self._watched(groups, current, departed)
         self._record_failures(watched, current)
-        self._count(groups, len(members), watched, current)
+        self._count(groups, total, watched, current)
         over_budget = (status.failed or 0) >= spec.health_gate.max_failures
         # spec.paused holds a rollback's moves (each a helm upgrade) until resumed; a halt moves nothing.
         if over_budget and not (spec.paused and spec.on_failure == "rollback"):
@@ -724,21 +701,20 @@ class _Tick:
         step_status = steps[current]
         # A failure below maxFailures does not hold the step: the Customer stays on the version, listed.
         listed = {f.customer for f in status.failures or ()}
-        late = self._late(members, groups, current)
-        waited = [m for m in watched if m.name not in late]
-        done = all(m.health in ("healthy", "failed") or m.name in listed for m in waited)
-        if not done:
+        judged = {m.name for m in watched if m.health in ("healthy", "failed") or m.name in listed}
+        done = not self.moves and len(judged) == len(watched)
+        late = self._joined_bake(watched, step_status.healthy_at)
+        if any(m.name not in judged and m.name not in late for m in watched):
             step_status.healthy_at = None
-            only_held = not self.moves and not updating and any(m.name in held for m in waited)
+        if not done:
+            only_held = not self.moves and not updating and any(m.name in held for m in watched)
             reason = WAITING_FOR_ROLLOUT if only_held else "Progressing"
             self._progressing(reason, self._progress(groups, current, watched, held), True)
             return self._decision()
         if step_status.healthy_at is None:
             step_status.healthy_at = now
         baked_at = step_status.healthy_at + timedelta(seconds=step.bake_seconds)
-        # A step ends in a tick that moves nobody (one it does not wait for, _late): a finished rollout's
-        # tick carries no move (rollouts.advance), and a signup left unmoved kept the version it had.
-        if now < baked_at or self.moves:
+        if now < baked_at:
             self._progressing(
                 "Baking", f"step {current + 1}/{len(groups)} healthy, baking until {baked_at}", True
             )
@@ -753,7 +729,17 @@ class _Tick:
         self._step_started(current + 1, groups)
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
-        return self.run(members, raw_groups, held, raw_departed, pinned)
+        return self.run(raw_groups, total, held, raw_departed, pinned)
+
+    def _joined_bake(self, watched: list[Member], healthy_at: datetime | None) -> set[str]:
+        """The Customers the step took after its bake began: moved now (a signup, one relabelled in) or
+        by this rollout since. Moved and judged, and the step ends only once they are, but they do not
+        start the bake again for the others: with a signup more often than bakeSeconds, it never ended."""
+        if healthy_at is None:
+            return set()
+        return {
+            m.name for m in watched if m.health == "pending" or self._moved_since(m, healthy_at) is not None
+        }
 
     def _step_started(self, index: int, groups: list[list[Member]]) -> None:
         names = [m.name for m in groups[index]] if index < len(groups) else []
