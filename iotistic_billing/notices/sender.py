@@ -527,16 +527,21 @@ class NoticeSender:
         """Who signs the customer's webhook of `notice` now, looked up in this order (signing_secret's
         and the tries'): the copy a deletion of the notice's Customer kept, when it signs the notice
         (kept_key_signs: not for one written after the deletion ended, a Customer's created again under
-        the id), for the URL the notice was written for, no Customer read; else the Customer holding the
+        the id), for the URL the notice was written for, no Customer read (while that deletion still runs,
+        only when no Customer holds the id); else the Customer holding the
         notice's customer id now (_holder), with the copy the operator made in its namespace; else, none
         holding it (deleted, or being deleted), the copy still in the namespace of the notice's name.
         A copy counts only when labelled with the notice's customer id: the name, and so the namespace,
         may already be another customer's (a company signed up again), whose key would sign the old
         customer's notice for a receiver that is not the new customer's."""
-        kept = await self.kept_key(notice)
-        if kept is not None:
+        kept, running = await self._kept_key(notice)
+        if kept is not None and not running:
             return _Signer(kept, None)
         holder = await self._holder(notice)
+        if kept is not None and holder is None:
+            return _Signer(kept, None)
+        # A key whose deletion still runs yields to a Customer holding the id: one applied since the
+        # deletion looked (a rename whose old Customer went first), whose receiver knows its own key.
         name = str(holder["metadata"]["name"]) if holder is not None else notice.customer_name
         return _Signer(await self._copy_of(name, notice.customer_id), holder)
 
@@ -608,15 +613,21 @@ class NoticeSender:
         """The copy of the signing secret a deletion of the notice's Customer kept, when it signs this
         notice (kept_key_signs: not one written after the deletion ended, a Customer's created again
         under the id); None when none does. DeliveryFailed when the Secret cannot be read."""
+        return (await self._kept_key(notice))[0]
+
+    async def _kept_key(self, notice: StoredNotice) -> tuple[bytes | None, bool]:
+        """kept_key, and whether the deletion that kept it still runs (its mark is on)."""
         namespace = self.options.billing_namespace
         kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         value = kept.data.get(notice.customer_id) if kept is not None else None
         if kept is None or value is None:
-            return None
+            return None, False
         try:
-            return value if kept_key_signs(kept, notice.customer_id, notice.created_at) else None
+            signs = kept_key_signs(kept, notice.customer_id, notice.created_at)
         except ValueError as error:
             raise DeliveryFailed(f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}: {error}") from None
+        running = bool(kept.annotations.get(deletion_running_annotation(notice.customer_id)))
+        return (value if signs else None), running
 
     async def _copy_of(self, name: str, customer_id: str) -> bytes | None:
         """The signing secret's copy in Customer `name`'s namespace, when it is `customer_id`'s."""

@@ -950,6 +950,31 @@ async def test_a_renamed_customer_s_pending_webhook_goes_to_the_id_s_holder_sign
     assert await sender.signing_secret(stored()) == webhook_secret_bytes(NEW_SECRET.decode())
 
 
+async def test_a_key_kept_by_a_deletion_still_running_yields_to_a_customer_holding_the_id() -> None:
+    """Found in review: a rename whose old Customer went first (acme deleted, then acme-corp applied
+    with its customer id) kept acme's key, marked as its deletion's, and while that deletion ran each
+    of acme-corp's own webhooks was signed with acme's key for acme-corp's receiver, which refused it."""
+    kept = ("billing", DELETED_NOTIFICATIONS_SECRET_NAME)
+    secrets = {
+        kept: ({"cust_acme01": SECRET.encode()}, None),
+        ("customer-acme-corp", NOTIFICATIONS_SECRET_NAME): (
+            {NOTIFICATIONS_SECRET_KEY: NEW_SECRET},
+            "cust_acme01",
+        ),
+    }
+    running = {kept: {deletion_running_annotation("cust_acme01"): "acme/u-1"}}
+    sender = secrets_sender(
+        SecretsKube(secrets, {"acme-corp": renamed("https://hooks.acme-corp.example/n")}, running)
+    )
+    delivery = webhook_delivery()
+    for notice in (replace(stored(), customer_name="acme-corp"), stored()):
+        assert await sender._customer_key(delivery, notice) == webhook_secret_bytes(NEW_SECRET.decode())
+        assert delivery.target == "https://hooks.acme-corp.example/n"
+
+    gone = secrets_sender(SecretsKube(secrets, {}, running))  # none holds the id: the kept key signs
+    assert await gone.signing_secret(stored()) == webhook_secret_bytes(SECRET)
+
+
 async def test_a_renamed_customer_s_webhook_is_dead_once_the_id_s_holder_names_none() -> None:
     """The holder of the id took the webhook away: the notice of its old name is dead, naming it."""
     sender = secrets_sender(SecretsKube({}, {"acme-corp": renamed(None)}))
