@@ -250,7 +250,8 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
     cast(HandledSpecs, memo["handled"]).forget(body)
     events = [("Normal", c.DELETED, deletion.message())]
     if deletion.uninstall_failed is not None:
-        left = f"{deletion.uninstall_failed}; left to the deletion of namespace {deletion.namespace}"
+        # What was done first: an Event is cut at 1 KiB, and helm says a line per object it cannot build.
+        left = f"left to the deletion of namespace {deletion.namespace}: {deletion.uninstall_failed}"
         events.insert(0, ("Warning", c.UNINSTALL_FAILED, left))
     await post_events(ctx.kube, KIND, body, events)
 

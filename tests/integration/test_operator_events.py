@@ -234,7 +234,7 @@ def test_a_customer_whose_release_holds_an_object_of_a_kind_removed_since_is_del
     left = events["UninstallFailed"]
     assert left.type == "Warning"
     assert f'no matches for kind "Widget" in version "{api_version}"' in left.message
-    assert left.message.endswith(f"; left to the deletion of namespace customer-{name}")
+    assert left.message.startswith(f"left to the deletion of namespace customer-{name}: ")
     assert events["Deleted"].message == (
         "release left to the namespace's deletion (helm could not uninstall it), licence revoked,"
         " namespace deletion requested"
