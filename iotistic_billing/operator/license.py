@@ -288,9 +288,9 @@ def license_notice(
     """Suspended (not when a revoke suspended and its `license.revoked` was recorded: `revoke_told`,
     revoked_before), reinstated, or the state the licence
     enters: the end of the operator's own trial, a restriction or suspension of the dunning ladder
-    (docs/architecture.md, "Notices"). `replaced`: the licence this one replaces; None when there was
-    none, or when it is not known (a licence recorded after a crash): then the action alone says whether
-    this licence entered its state."""
+    (docs/architecture.md, "Notices"); nothing else while the Customer is suspended. `replaced`: the
+    licence this one replaces; None when there was none, or when it is not known (a licence recorded
+    after a crash): then the action alone says whether this licence entered its state."""
     about = {
         "customer_id": target.customer_id,
         "customer_name": target.name,
@@ -307,6 +307,13 @@ def license_notice(
             plan=record.plan,
             reason="suspended by an administrator",
         )
+    if entitlement.suspended:
+        # While a suspension lasts only its own licence speaks. Another one recorded now is a renewal under
+        # it, or one whose pass lost its commit (a reinstatement) and that the suspension's licence
+        # replaces: its "back on the plan", written after the revoke's or the suspension's word, would be
+        # the customer's last word while cut off. What it would have told that still holds (a trial's end)
+        # comes with the licence that lifts the suspension.
+        return None
     if action == "reinstated" and not (entitlement.lapsed or entitlement.restricted):
         return license_changed(
             NoticeKind.LICENSE_REINSTATED,

@@ -85,6 +85,60 @@ async def test_a_revoke_whose_record_was_lost_leaves_the_suspension_s_notice_to_
     assert [notice.kind for notice in parts.notices] == [NoticeKind.LICENSE_SUSPENDED]
 
 
+@pytest.mark.parametrize("by", ["revoke", "console"])
+async def test_a_reinstatement_recorded_after_a_new_suspension_does_not_say_reinstated(
+    monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """Found in review: a resumed Customer's pass wrote its reinstated licence to the Secret and lost its
+    commit (row and license.reinstated rolled back); an admin revoked that licence (its row and
+    license.revoked) or suspended the Customer before the retry, which recorded the licence late as
+    reinstated and sent "back on the starter plan" to a customer cut off, after the revoke's word."""
+    parts, ctx, held = await starter_licensed(monkeypatch)
+    suspended_spec = {"plan": "starter", "suspended": True}
+    suspended = await ensure_license(ctx, _reported(_target_of(suspended_spec), held.jti), parts.secret)
+    resumed = _reported(_target_of({"plan": "starter"}), suspended.jti)
+    reinstated = await ensure_license(ctx, resumed, parts.secret)
+    parts.rows.discard((resumed.customer_id, reinstated.jti, "reinstated"))  # its commit lost
+    parts.notices.clear()
+
+    again = _reported(_target_of(suspended_spec), suspended.jti)
+    if by == "revoke":  # the route's row and notice, and its annotation
+        parts.rows.add((again.customer_id, reinstated.jti, "revoked"))
+        again = _revoked(again, reinstated.jti)
+    replaced = await ensure_license(ctx, again, parts.secret)
+    assert (again.customer_id, reinstated.jti, "reinstated") in parts.rows
+    assert (again.customer_id, replaced.jti, "suspended") in parts.rows
+    # The revoke's license.revoked told it; a suspension by the console, its licence's own notice.
+    told = [] if by == "revoke" else [NoticeKind.LICENSE_SUSPENDED]
+    assert [notice.kind for notice in parts.notices] == told
+
+
+async def test_a_trial_s_end_lost_with_a_reinstatement_is_told_when_the_next_suspension_lifts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trial.ended that a lost reinstatement's commit took with it is not told while the Customer is
+    suspended again (no trial notice goes out meanwhile), nor lost: the licence lifting that suspension
+    tells it (keyed by the trial's end, once)."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
+    ctx = parts.context()
+    trial, day = {"trial": {"days": 14}}, timedelta(days=1)  # ends on day 11 from NOW
+    held = await ensure_license(ctx, _target_of(trial), None)
+    suspended = {**trial, "suspended": True}
+    cut = await ensure_license(ctx, _reported(_target_of(suspended, NOW + day), held.jti), parts.secret)
+    resumed = _reported(_target_of(trial, NOW + 12 * day), cut.jti)
+    reinstated = await ensure_license(ctx, resumed, parts.secret)
+    parts.rows.discard((resumed.customer_id, reinstated.jti, "reinstated"))  # its commit lost
+    parts.notices.clear()
+
+    again = await ensure_license(ctx, _reported(_target_of(suspended, NOW + 12 * day), cut.jti), parts.secret)
+    assert [notice.kind for notice in parts.notices] == [NoticeKind.LICENSE_SUSPENDED]
+    parts.notices.clear()
+    await ensure_license(ctx, _reported(_target_of(trial, NOW + 13 * day), again.jti), parts.secret)
+    assert [notice.kind for notice in parts.notices] == [NoticeKind.TRIAL_ENDED]
+
+
 @pytest.mark.parametrize("annotation", [None, "j-revoked-long-ago"])
 async def test_a_suspension_that_is_no_revoke_still_says_so(
     monkeypatch: pytest.MonkeyPatch, annotation: str | None
