@@ -8,7 +8,8 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import DELETED_NOTIFICATIONS_SECRET_NAME
-from iotistic_billing.errors import Conflict, NotFound
+from iotistic_billing.db.pool import database_unreachable
+from iotistic_billing.errors import Conflict, DependencyUnavailable, NotFound
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.notices.log import LoggedNotice, notice_to_resend, recent_notices, resend
 from iotistic_billing.notices.render import StoredNotice
@@ -47,49 +48,77 @@ async def list_notices(request: web.Request) -> web.Response:
 async def resend_notice(request: web.Request) -> web.Response:
     """Send again what of a notice did not arrive (a dead delivery, a pending one), or all of it when all
     arrived (a customer says it lost it); the customer's webhook to the URL its Customer names now, and
-    not at all when its Customer is gone and no key it kept signs it: a 409 when nothing else is sent."""
+    not at all when its Customer is gone and no key it kept signs it: a 409 when nothing else is sent.
+    PostgreSQL lost at the commit is a 503 saying the resend may have been made (`_resend_in_doubt`), not
+    the "nothing was changed" one: a retry after a commit that went through sends every copy again."""
     notice_id = read_notice_id(request)
     sender = request.app[NOTICES]
-    async with request.app[SESSIONS]() as session, session.begin():
-        notice = await notice_to_resend(session, notice_id)
-        if notice is None:
-            raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
-        stored = StoredNotice.of(notice)
-        # A re-send takes the URL the Customer names now (fixed since), as each of the sender's tries does;
-        # with the API server away, the stored targets (a mail needs PostgreSQL alone).
-        try:
-            record = await request.app[DIRECTORY].by_customer_id(session, notice.customer_id)
-        except KubernetesUnavailable as error:
-            log.warning(
-                "resend of notice %s: the Customer not read (%s); to the stored targets", notice_id, error
+    committing: str | None = None  # the notice's customer id, once only the commit is left
+    try:
+        async with request.app[SESSIONS]() as session, session.begin():
+            notice = await notice_to_resend(session, notice_id)
+            if notice is None:
+                raise NotFound("Notice not found", f"no notice with id {notice_id}", {"notice_id": notice_id})
+            stored = StoredNotice.of(notice)
+            # A re-send takes the URL the Customer names now (fixed since), as each of the sender's tries
+            # does; with the API server away, the stored targets (a mail needs PostgreSQL alone).
+            try:
+                record = await request.app[DIRECTORY].by_customer_id(session, notice.customer_id)
+            except KubernetesUnavailable as error:
+                log.warning(
+                    "resend of notice %s: the Customer not read (%s); to the stored targets", notice_id, error
+                )
+                record, gone = None, False
+            else:
+                gone = record is None
+            if record is not None and await _kept_key_signs(session, sender, stored):
+                # A deleted Customer's notice, its id held again by a Customer created since: the key its
+                # deletion kept signs it, for the URL it named, not for the new Customer's receiver.
+                record = None
+            logged = await resend(
+                session,
+                notice,
+                request.app[CLOCK](),
+                record.customer.spec if record is not None else None,
+                webhook_signs=not gone or await _signed_after_deletion(session, sender, stored),
             )
-            record, gone = None, False
-        else:
-            gone = record is None
-        if record is not None and await _kept_key_signs(session, sender, stored):
-            # A deleted Customer's notice, its id held again by a Customer created since: the key its
-            # deletion kept signs it, for the URL it named, not for the new Customer's receiver.
-            record = None
-        logged = await resend(
-            session,
-            notice,
-            request.app[CLOCK](),
-            record.customer.spec if record is not None else None,
-            webhook_signs=not gone or await _signed_after_deletion(session, sender, stored),
-        )
-        if logged.unsigned and not logged.resent:
-            namespace = sender.options.billing_namespace
-            raise Conflict(
-                "Webhook cannot be signed",
-                f"nothing of notice {notice_id} was sent again: {sender.deleted_without_key(stored)}",
-                {
-                    "notice_id": notice_id,
-                    "customer_id": notice.customer_id,
-                    "secret": f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}",
-                },
-            )
+            if logged.unsigned and not logged.resent:
+                namespace = sender.options.billing_namespace
+                raise Conflict(
+                    "Webhook cannot be signed",
+                    f"nothing of notice {notice_id} was sent again: {sender.deleted_without_key(stored)}",
+                    {
+                        "notice_id": notice_id,
+                        "customer_id": notice.customer_id,
+                        "secret": f"{namespace}/{DELETED_NOTIFICATIONS_SECRET_NAME}",
+                    },
+                )
+            # Written before the commit, so that PostgreSQL lost until here changed nothing, as the 503
+            # says; only the commit's own answer, once lost, leaves the resend in doubt.
+            await session.flush()
+            committing = notice.customer_id
+    except Exception as error:
+        if committing is None or not database_unreachable(error):
+            raise
+        raise _resend_in_doubt(notice_id, committing, error) from None
     sender.wake()
     return json_model(_view(logged), status=202)
+
+
+def _resend_in_doubt(notice_id: int, customer_id: str, error: Exception) -> DependencyUnavailable:
+    """The answer to a resend whose commit got no answer: it may have gone through, and then the deliveries
+    are due again (or sent since); asked again, every copy would go out once more."""
+    log.warning(
+        "resend of notice %s: PostgreSQL was lost at its commit (%s); it may have been made",
+        notice_id,
+        type(error).__name__,
+    )
+    return DependencyUnavailable(
+        "Database",
+        f"the resend of notice {notice_id} may have been made (PostgreSQL was lost at its commit): look at"
+        f" its deliveries in GET /api/notices?customer_id={customer_id} (or the Customer's console page)"
+        " before asking again; pending ones, or ones sent since, are this resend's",
+    )
 
 
 async def _kept_key_signs(session: AsyncSession, sender: NoticeSender, notice: StoredNotice) -> bool:

@@ -322,7 +322,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             " webhook-id (a receiver that drops ids it has seen drops it). A deleted Customer's webhook"
             " that no signing secret kept for it signs any more is left as it is; when nothing else is"
             " sent again, 409 `Webhook cannot be signed`, naming the customer and the Secret"
-            " (iotistic-notifications-deleted in the billing namespace)."
+            " (iotistic-notifications-deleted in the billing namespace). PostgreSQL lost at the commit is a"
+            " 503 saying the resend may have been made: look at the notice's deliveries before asking again."
         ),
     ),
     # ----- operations: probes, metrics, this document -----

@@ -56,6 +56,7 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server import notices as notices_route
 from iotistic_billing.webhook_server.context import DIRECTORY, NOTICES
 from iotistic_billing.webhook_server.options import ServerOptions
 from iotistic_billing.workers import Precedence
@@ -1075,6 +1076,61 @@ async def test_a_resend_waiting_on_a_send_that_goes_through_sends_nothing_again(
         assert not resending.done()
         webhook.status = "sent"  # the sender's send went through
     assert await asyncio.wait_for(resending, 10) == ["sent", "sent", "sent"]
+
+
+def lose_the_database_at_the_resend_s_commit(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route's resend written (flushed), then its backend ended from another connection before its
+    commit: the COMMIT fails as one whose answer was lost does, which the route cannot tell apart."""
+    resend_of_the_route = notices_route.resend
+
+    async def resend_then_lose_the_database(session: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        logged = await resend_of_the_route(session, *args, **kwargs)
+        await session.flush()
+        backend = await session.scalar(text("SELECT pg_backend_pid()"))
+        async with engine.connect() as connection:
+            # With a timeout, it answers once the backend is gone: the COMMIT cannot reach it before.
+            ended = await connection.scalar(
+                text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": backend}
+            )
+        assert ended, f"backend {backend} not ended"
+        return logged
+
+    monkeypatch.setattr(notices_route, "resend", resend_then_lose_the_database)
+
+
+async def test_a_resend_lost_at_its_commit_says_it_may_have_been_made(
+    sessions: async_sessionmaker[AsyncSession],
+    db_engine: AsyncEngine,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a resend whose connection was lost at its COMMIT answered "nothing was changed,
+    retry later"; when that commit had gone through, the admin's retry made every delivery due again,
+    sent meanwhile or not: the customer got the notice twice more, each mail under a new Message-ID."""
+    name = unique_name("indoubt")
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name))
+    async with sessions() as session, session.begin():
+        notice_id = (await notice_row(session, notice.key)).id
+        await session.execute(
+            update(models.NoticeDelivery)
+            .where(models.NoticeDelivery.notice_id == notice_id)
+            .values(status="dead", attempts=1)
+        )
+    lose_the_database_at_the_resend_s_commit(db_engine, monkeypatch)
+    async with running_app(
+        webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0)
+    ) as api:
+        answer = await api.post(f"/api/notices/{notice_id}/resend", headers=admin_headers())
+        problem = await answer.json()
+    assert answer.status == 503, problem
+    assert problem["details"] == {"dependency": "Database"}
+    assert f"the resend of notice {notice_id} may have been made" in problem["message"], problem
+    assert f"GET /api/notices?customer_id={customer_id_of(name)}" in problem["message"]
+    assert "nothing was changed" not in problem["message"]
+    # Here the backend ended before the COMMIT, so nothing was made: what the answer cannot know.
+    assert {d.status for d in await deliveries(sessions, notice.key)} == {"dead"}
 
 
 async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
