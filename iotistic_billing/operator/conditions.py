@@ -113,7 +113,11 @@ def stalled(reason: str, message: str) -> list[ConditionValue]:
     return [
         ConditionValue(ConditionType.STALLED, True, reason, message),
         ConditionValue(
-            ConditionType.RECONCILING, False, reason, "not retried until what Stalled names changes"
+            ConditionType.RECONCILING,
+            False,
+            reason,
+            "not retried until what Stalled names changes, or a pass is requested (annotation"
+            " reconcile.iotistic.io/requested-at)",
         ),
         ConditionValue(ConditionType.READY, False, reason, message),
     ]
