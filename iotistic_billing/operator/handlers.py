@@ -34,7 +34,12 @@ from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.operator.reconcile import PassResult, StatusConflict, reconcile
-from iotistic_billing.operator.state import housekeeping_due, namespace_freed, stalled_on_namespace
+from iotistic_billing.operator.state import (
+    handled_mark,
+    housekeeping_due,
+    namespace_freed,
+    stalled_on_namespace,
+)
 from iotistic_billing.operator.watches import (
     INSTANCE_DEPLOYMENTS,
     MANAGED_SECRETS,
@@ -146,7 +151,8 @@ async def reconcile_requested(
 ) -> None:
     """A pass now, asked for by the annotation (the console's Reconcile now): also for a Stalled
     Customer, whose spec handler Kopf does not retry until the spec changes."""
-    if new and not (reason == kopf.Reason.CREATE and _status_of(body).get("lastHandledReconcileAt") == new):
+    answered = _status_of(body).get("lastHandledReconcileAt") == handled_mark(str(new or ""))
+    if new and not (reason == kopf.Reason.CREATE and answered):
         await _kopf_pass(_context(memo), name, body)
 
 

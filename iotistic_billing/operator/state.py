@@ -354,9 +354,15 @@ def answered_request(status: CustomerStatus, annotations: Mapping[str, str]) -> 
     """The status with the reconcile request this pass answered (RECONCILE_REQUESTED_AT), so the
     person who asked sees that it ran, even when nothing else changed."""
     requested = annotations.get(RECONCILE_REQUESTED_AT)
-    if not requested or requested == status.last_handled_reconcile_at:
+    if not requested or handled_mark(requested) == status.last_handled_reconcile_at:
         return status
-    return status.model_copy(update={"last_handled_reconcile_at": requested[:64]})
+    return status.model_copy(update={"last_handled_reconcile_at": handled_mark(requested)})
+
+
+def handled_mark(requested: str) -> str:
+    """What status.lastHandledReconcileAt keeps of a reconcile request: its first 64 characters (the
+    CRD's bound), so a longer annotation reads as answered once its pass ran."""
+    return requested[:64]
 
 
 # What other writers keep in a Customer's status: usage metering's status.usage and its condition.
@@ -458,6 +464,7 @@ __all__ = [
     "PassTarget",
     "answered_request",
     "chart_target",
+    "handled_mark",
     "has_served",
     "housekeeping_due",
     "instance_domain",

@@ -201,3 +201,23 @@ async def test_a_creation_runs_no_second_pass_for_the_rollout_or_reconcile_annot
             name="acme", body=cast(Any, body), memo=memo, retry=0, new="now", reason=reason
         )
         assert ran == ["acme"] * passes, (reason, body)
+
+
+async def test_an_answered_request_longer_than_the_status_keeps_runs_no_pass_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: status.lastHandledReconcileAt keeps 64 characters of the annotation, and the
+    start's CREATE compared it with the whole: every operator start ran a pass for such a Customer."""
+    ran: list[str] = []
+
+    async def reconcile(ctx: Any, name: str, handed: Any = None) -> None:
+        ran.append(name)
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    memo = cast(Any, {"context": SimpleNamespace()})
+    requested = "2026-11-25T12:00:00Z/" + "x" * 80
+    body = {"status": {"lastHandledReconcileAt": requested[:64]}}
+    await handlers.reconcile_requested(
+        name="acme", body=cast(Any, body), memo=memo, retry=0, new=requested, reason=kopf.Reason.CREATE
+    )
+    assert ran == []

@@ -778,6 +778,16 @@ def test_a_requested_pass_says_which_request_it_answered() -> None:
     assert answered_request(stalled, {}).last_handled_reconcile_at is None
 
 
+def test_a_request_longer_than_the_status_keeps_is_answered_once() -> None:
+    """Found in review: a requested-at annotation over 64 characters was kept cut in the status, so it
+    never equalled the annotation: each pass wrote it again and each operator start ran a pass for it."""
+    stalled = stalled_status(CustomerStatus(), 2, "InvalidSpec", "spec.plan: unknown", NOW)
+    asked = {RECONCILE_REQUESTED_AT: "2026-11-25T12:00:00Z/" + "x" * 80}
+    answered = answered_request(stalled, asked)
+    assert answered.last_handled_reconcile_at == asked[RECONCILE_REQUESTED_AT][:64]
+    assert answered_request(answered, asked) is answered
+
+
 def _past_due(failed_days_ago: int) -> dict[str, Any]:
     overdue = subscription("past_due", plan="starter", period_end=NOW + timedelta(days=20))
     overdue["pastDueSince"] = (NOW - timedelta(days=failed_days_ago)).isoformat()
