@@ -14,6 +14,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import kubernetes
@@ -65,10 +66,15 @@ def import_seconds(statement: str, rounds: int = 3) -> float:
     return best(statement) - best("pass")
 
 
-def main() -> None:
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read apart from the run: a unit test parses the README's examples with it."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=5000)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     print_machine_speed()
 
     configuration = kubernetes.client.Configuration()

@@ -131,13 +131,17 @@ def summary(name: str, ratios: Sequence[float], target: float | None) -> tuple[s
     return line + f"   target >= {target} in every round: {'met' if met else 'MISSED'}", met
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read apart from the run: a unit test parses the README's examples with it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=int, default=3, help="seconds per measurement (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, openssl and product alternating")
     parser.add_argument("--cpu", type=int, default=0, help="the core to pin to (default 0)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = arguments(argv)
     os.sched_setaffinity(0, {args.cpu})
     keys = SigningKeys(generate_private_key(2048))
     customer = LicenseCustomer("cust_bench0001", "Bench Corp")

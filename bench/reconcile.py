@@ -51,7 +51,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -802,11 +802,19 @@ def _wait(condition: Any, timeout: float, what: str, interval: float = 0.2) -> N
     raise SystemExit(f"timed out after {timeout}s waiting for {what}")
 
 
-def main() -> int:
+def numbers(text: str) -> list[int]:
+    """A comma-separated list of whole numbers, as --sizes takes it."""
+    return [int(part) for part in text.split(",")]
+
+
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read apart from the run: a unit test parses the README's examples with it."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="1,10,100", help="comma-separated numbers of Customers")
+    parser.add_argument(
+        "--sizes", type=numbers, default="1,10,100", help="comma-separated numbers of Customers"
+    )
     parser.add_argument("--idle", type=float, default=0, help="seconds of idle measurement after Ready")
     parser.add_argument(
         "--shards",
@@ -824,11 +832,16 @@ def main() -> int:
         action="store_true",
         help="only the bare helm loop: what this machine's helm and control plane take without the operator",
     )
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if args.shards > 1 and min(sizes) < 2:
+    args = parser.parse_args(argv)
+    if args.shards > 1 and min(args.sizes) < 2:
         # One Customer is timed in interleaved rounds, without the bare loops before and after.
         parser.error("--shards: sizes of 2 or more")
+    return args
+
+
+def main() -> int:
+    args = arguments()
+    sizes: list[int] = args.sizes
     failed = False
     speed = print_machine_speed()
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as work:

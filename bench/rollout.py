@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -298,13 +298,18 @@ def wait(condition: Any, timeout: float, what: str) -> Any:
     raise SystemExit(f"timed out: {what}")
 
 
-def main() -> int:
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read apart from the run: a unit test parses the README's examples with it."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--customers", type=int, default=300)
     parser.add_argument("--max-parallel", type=int, default=50)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = arguments()
     speed = print_machine_speed()
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         work = Path(tmp)

@@ -49,6 +49,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -413,7 +414,13 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return used
 
 
-def main() -> int:
+def numbers(text: str) -> list[int]:
+    """A comma-separated list of whole numbers, as --rates and --replicas take it ('': none)."""
+    return [int(part) for part in text.split(",") if part]
+
+
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read apart from the run: a unit test parses the README's examples with it."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -425,18 +432,24 @@ def main() -> int:
         default=1000,
         help="Customers the backlog's events go to in turn (a month-end burst: several events each)",
     )
-    parser.add_argument("--replicas", default="1,2", help="replica counts to measure, in order")
+    parser.add_argument("--replicas", type=numbers, default="1,2", help="replica counts to measure, in order")
     parser.add_argument("--backlog", type=int, default=5000, help="events for the throughput (0: none)")
     parser.add_argument(
         "--backlog-dunning",
         action="store_true",
         help="the backlog's events alternate each Customer between past_due and active (a notice each)",
     )
-    parser.add_argument("--rates", default="100,200,400", help="events/s to send at, in order ('': none)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--rates", type=numbers, default="100,200,400", help="events/s to send at, in order ('': none)"
+    )
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = arguments()
     print_machine_speed()
-    rates = [int(r) for r in args.rates.split(",") if r]
-    replica_counts = [int(r) for r in args.replicas.split(",")]
+    rates: list[int] = args.rates
+    replica_counts: list[int] = args.replicas
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as folder:
         work = Path(folder)
         os.environ["KUBECACHEDIR"] = str(work / "kube-cache")  # kubectl's, gone with the folder
