@@ -239,6 +239,7 @@ def fenced_blocks(text: str) -> list[tuple[str, list[str]]]:
     """Each fenced block of a Markdown text: its info string (`bash tested:env`) and its lines."""
     blocks: list[tuple[str, list[str]]] = []
     info: str | None = None
+    lines: list[str] = []
     for line in text.splitlines():
         if info is None and line.startswith("```"):
             info, lines = line.removeprefix("```").strip(), []
