@@ -154,7 +154,7 @@ async def revoke_license(request: web.Request) -> web.Response:
             customer_id=customer_id,
             revoked_jti=revoked.license.jti,
             reason=body.reason,
-            # Already revoked: only while its revoke still suspends the Customer (_still_revoked).
+            # Already revoked: only while its revoke still suspends the Customer (revoke_and_suspend).
             suspended=True,
             already_revoked=not revoked.recorded,
         )
@@ -252,8 +252,20 @@ async def revoke_and_suspend(
     (Revoked.recorded False: nothing written). A patch whose answer was lost is RevokeUnanswered, its
     history row and notice rolled back (to a savepoint), the caller's transaction kept. `uid`: the patch
     is made on the Customer of that uid only (the API server refuses it on one made again under the
-    name: `refused_for_its_uid`)."""
+    name: `refused_for_its_uid`). `record` names the Customer; what is decided is read under the
+    revocation lock."""
     customer_id = record.customer_id
+    # Taken first, and the Customer and its licence read under it, once: the caller's record, read before,
+    # only names the Customer (decided on it, one resumed meanwhile was answered "already revoked" and left
+    # resumed). Held until the commit: a second revoke at once (a double click) finds this one's row and
+    # suspension, and the operator's pass that the patch starts decides its notice on the row.
+    await hold_revocations(session, customer_id)
+    body = await app[KUBE].read_customer(record.name)
+    now = CustomerRecord.from_body(body) if body is not None else None
+    if now is None or now.customer_id != customer_id:
+        raise customer_not_found(customer_id)
+    # The licence of the Customer the caller read (its uid): one made again since under the name is not
+    # revoked for it (the console's patch, on that uid, is refused: "re-created since this page was shown").
     token = await license_token(app[KUBE], record.namespace, customer_id, record.customer.metadata.uid)
     if token is None:
         raise Conflict(
@@ -265,22 +277,20 @@ async def revoke_and_suspend(
         revoked = LicenseRecord.from_token(token)
     except MintingError:
         raise Conflict("No licence to revoke", "the licence Secret holds no readable licence") from None
-    # Until the commit: a second revoke at once (a double click) finds this one's row, and the operator's
-    # pass that the patch starts decides its notice on it.
-    await hold_revocations(session, customer_id)
-    earlier = record.customer.metadata.annotations.get(REVOKED_LICENSE)
-    if record.customer.spec.suspended and earlier is not None and earlier != revoked.jti:
+    earlier = now.customer.metadata.annotations.get(REVOKED_LICENSE)
+    if now.customer.spec.suspended and earlier is not None:
         found = await recorded_license(session, customer_id, earlier)
-        if found is not None and not found[1]:
-            revoked = found[0]  # the retry of a revoke whose commit was lost
-        elif found is not None and revoked.plan == UNLICENSED_PLAN_NAME:
-            # Revoked already (a revoke sent again: its answer lost, a double click, another admin's),
-            # once the operator minted the unlicensed licence: the licence it revoked, nothing twice (the
-            # unlicensed one is not revoked, nor noticed).
-            return Revoked(found[0], recorded=False)
-    held = await recorded_license(session, customer_id, revoked.jti)
-    if held is not None and held[1] and await _still_revoked(app, record, revoked.jti):
-        return Revoked(revoked, recorded=False)  # the same, before the operator replaced the licence
+        if found is not None:
+            license, recorded = found
+            if not recorded:
+                revoked = license  # the retry of a revoke whose commit was lost
+            elif earlier == revoked.jti or revoked.plan == UNLICENSED_PLAN_NAME:
+                # Revoked already (a revoke sent again: its answer lost, a double click, another
+                # admin's), its revoke still suspending the Customer: the licence it revoked, in force
+                # still or replaced by the operator's unlicensed one (not revoked, nor noticed), nothing
+                # twice. One resumed before the operator replaced the licence holds it in force again:
+                # revoked anew.
+                return Revoked(license, recorded=False)
     # A savepoint, rolled back only when the patch's answer is lost: the history row and the notice go,
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
     # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
@@ -325,17 +335,6 @@ async def revoke_and_suspend(
         raise RevokeUnanswered(error, revoked) from None
     log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
     return Revoked(revoked)
-
-
-async def _still_revoked(app: web.Application, record: CustomerRecord, jti: str) -> bool:
-    """Whether the Customer, read now (under the revocation lock), is suspended by the revoke of `jti`.
-    One resumed before the operator replaced the licence holds `jti` in force again: a revoke of it
-    suspends it again (its history row and notice are there already, and are not written twice)."""
-    now = await app[KUBE].read_customer(record.name)
-    if now is None:
-        return False  # its patch says it is gone
-    spec, annotations = now.get("spec") or {}, now["metadata"].get("annotations") or {}
-    return bool(spec.get("suspended")) and annotations.get(REVOKED_LICENSE) == jti
 
 
 async def get_public_key(request: web.Request) -> web.Response:

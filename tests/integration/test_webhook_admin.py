@@ -23,9 +23,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
-from iotistic_billing.licensing.minting import NO_TRIAL, LicenseCustomer, SubscriptionTerms, mint_license
-from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.licensing.minting import (
+    NO_TRIAL,
+    LicenseCustomer,
+    LicenseRecord,
+    SubscriptionTerms,
+    mint_license,
+)
+from iotistic_billing.licensing.plans import PLANS, UNLICENSED, Plan
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server.context import DIRECTORY
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.route_table import ROUTES
 from tests.conftest import unique_name
@@ -310,10 +317,10 @@ def put_handmade_licence(customers: Customers, name: str, token: str) -> None:
     customers.create(name, customerId=customer_id_for(name))
 
 
-def licence_of(keys: SigningKeys, customer_id: str, settings: Settings) -> str:
+def licence_of(keys: SigningKeys, customer_id: str, settings: Settings, plan: Plan = PLANS["starter"]) -> str:
     return mint_license(
         customer=LicenseCustomer(customer_id, "Handmade Corp"),
-        plan=PLANS["starter"],
+        plan=plan,
         trial=NO_TRIAL,
         subscription=SubscriptionTerms("active"),
         now=datetime.now(UTC),
@@ -440,6 +447,54 @@ async def test_a_revoke_of_a_licence_back_in_force_suspends_its_customer_again(
         customers.kube.patch_customer(name, {"spec": {"suspended": False}})  # resumed, the licence kept
         third = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
         assert (third["revoked_jti"], third["already_revoked"]) == (first["revoked_jti"], False), third
+        customer = customers.get(name)
+        assert customer is not None and customer["spec"]["suspended"] is True
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+
+
+async def test_a_revoke_decides_on_the_customer_as_it_is_once_it_holds_the_revocation_lock(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a revoke answered "already revoked" on the Customer as it had read it before it
+    took the revocation lock: one resumed meanwhile (another admin's resume) was left resumed, for the
+    operator to give it a licence in force, while the answer said it was suspended."""
+    name = unique_name("handmade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    keys = SigningKeys.from_pem_files(license_keys[0])
+    put_handmade_licence(customers, name, licence_of(keys, customer_id, webhook_settings))
+    revoke = f"/api/licenses/{customer_id}/revoke"
+    try:
+        first = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (first["already_revoked"], first["suspended"]) == (False, True), first
+        # The unlicensed licence the operator mints for the suspension (the session's leaves this one be).
+        unlicensed = licence_of(keys, customer_id, webhook_settings, UNLICENSED)
+        customers.core.patch_namespaced_secret(
+            LICENSE_SECRET_NAME, namespace, {"stringData": {LICENSE_JWT_KEY: unlicensed}}
+        )
+        again = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (again["revoked_jti"], again["already_revoked"]) == (first["revoked_jti"], True), again
+
+        directory = api.app[DIRECTORY]
+        existing = directory.existing
+
+        async def read_then_resumed(*args: Any, **kwargs: Any) -> Any:
+            record = await existing(*args, **kwargs)
+            await asyncio.to_thread(customers.kube.patch_customer, name, {"spec": {"suspended": False}})
+            return record
+
+        monkeypatch.setattr(directory, "existing", read_then_resumed)
+        raced = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        monkeypatch.undo()
+        # As a revoke sent after the resume answers: the licence in force (the unlicensed one, until the
+        # operator replaces it) revoked and the Customer suspended again.
+        in_force = LicenseRecord.from_token(unlicensed).jti
+        assert (raced["revoked_jti"], raced["already_revoked"]) == (in_force, False), raced
         customer = customers.get(name)
         assert customer is not None and customer["spec"]["suspended"] is True
     finally:
