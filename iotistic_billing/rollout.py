@@ -134,8 +134,11 @@ class StepStatus(StatusModel):
     # Failed while the step ran (listed or not: the count is not capped).
     failed: NonNegativeInt | None = None
     started_at: AwareDatetime | None = None
-    # When every Customer of the step (and any left over from the steps before) was first healthy, or
-    # failed below healthGate.maxFailures: the bake starts.
+    # The first tick (the operator's clock) that found none of the step's Customers left to move: those
+    # this run moved until then are the ones its bake waits for; those moved since (signups) are judged.
+    all_moved_at: AwareDatetime | None = None
+    # When the Customers the bake waits for (and any left over from the steps before) were first healthy,
+    # or failed below healthGate.maxFailures: the bake starts.
     healthy_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
 

@@ -11,7 +11,7 @@ earlier Ready=True of the old version never counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -583,18 +583,20 @@ class _Tick:
         return steps
 
     def _watched(self, groups: list[list[Member]], current: int, departed: list[Member]) -> list[Member]:
-        """The Customers the current step waits for: its own; those of earlier steps left over (a canary
+        """The Customers the current step judges: its own; those of earlier steps left over (a canary
         created after its step, a Customer relabelled in, a percentage grown with the fleet) not moved
-        yet; and any this rollout moved since the step started, whichever step holds it now, if any (a
-        fleet grown or shrunk moves the percentages' boundaries). Customers an earlier step of this run
-        moved were healthy (or failed and counted) when their step ended and are not judged again, also
-        when the current step holds them now (a boundary moved, or the last step running again after
-        the running one was edited away: its own were judged when it ended)."""
+        yet; any this rollout moved since the step started, whichever step holds it now, if any (a
+        fleet grown or shrunk moves the percentages' boundaries); and any the step before moved after
+        its bake was over, which it ended without judging (_carried). Customers an earlier step of this
+        run moved otherwise were healthy (or failed and counted) when their step ended and are not
+        judged again, also when the current step holds them now (a boundary moved, or the last step
+        running again after the running one was edited away: its own were judged when it ended)."""
         since = (self.status.steps or [])[current].started_at or self.now
         run_started = self.status.started_at or self.now
+        carried = self._carried(current)
 
         def moved_in_step(m: Member) -> bool:
-            return self._moved_since(m, since) is not None
+            return self._moved_since(m, since) is not None or carried(m)
 
         def moved_before(m: Member) -> bool:
             return (
@@ -609,6 +611,44 @@ class _Tick:
         own = [m for m in groups[current] if not moved_before(m)]
         strays = [m for group in [*groups[current + 1 :], departed] for m in group if moved_in_step(m)]
         return leftovers + own + strays
+
+    def _carried(self, current: int) -> Callable[[Member], bool]:
+        """Whether the step before moved a Customer after its bake was over (its updated-at, on this
+        operator's clock like the step's times in the status): a step ends without waiting for those
+        (with a signup more often than an upgrade takes, one is always upgrading), so the next judges
+        them wherever the fleet puts them now, from their annotations alone: recomputed from the fleet
+        as it is, a deletion moved a failing one out of every step's reach."""
+        steps = self.status.steps or []
+        before = steps[current - 1] if 0 < current <= len(steps) else None
+        baked_at = self._baked_at(current - 1)
+        ended = before.completed_at if before is not None else None
+        if baked_at is None or ended is None:
+            return lambda m: False
+
+        def carried(m: Member) -> bool:
+            moved_at = self._moved_since(m, baked_at)
+            return moved_at is not None and baked_at < moved_at <= ended
+
+        return carried
+
+    def _baked_at(self, index: int) -> datetime | None:
+        steps = self.status.steps or []
+        healthy_at = steps[index].healthy_at if 0 <= index < len(steps) else None
+        if healthy_at is None or index >= len(self.spec.steps):
+            return None
+        return healthy_at + timedelta(seconds=self.spec.steps[index].bake_seconds)
+
+    def _moved_by(self, watched: list[Member], until: datetime) -> list[Member]:
+        """The Customers of `watched` moved by `until`: all but those this run moved later and those
+        still to move (a signup since). One this run did not move (on the version by another rollout,
+        or by hand), or whose updated-at is no time (_moved_at), counts as moved before."""
+        run_started = self.status.started_at or self.now
+        return [
+            m
+            for m in watched
+            if m.health != "pending"
+            and ((moved_at := self._moved_since(m, run_started)) is None or moved_at <= until)
+        ]
 
     def _count(self, groups: list[list[Member]], total: int, watched: list[Member], current: int) -> None:
         """The counts, in total and per step. A step's `failed` is the Customers that failed while it
@@ -662,7 +702,7 @@ class _Tick:
             status.current_step = current + 1
             again = steps[current]
             again.started_at = (running and running.started_at) or again.started_at
-            again.healthy_at = again.completed_at = None
+            again.all_moved_at = again.healthy_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now
         # Each step's Customers judged from that step's start (a next step started in this tick judges its
@@ -685,7 +725,9 @@ class _Tick:
 
         step = spec.steps[current]
         earlier = [m for g in groups[:current] for m in g]
-        pending = [m for m in watched if m.health == "pending" and m.name not in held]
+        # Not moved yet: the step ends with none (a Customer held by an older rollout included, as before).
+        unmoved = [m for m in watched if m.health == "pending"]
+        pending = [m for m in unmoved if m.name not in held]
         watched_names = {m.name for m in watched}
         updating = sum(
             m.health == "updating" for m in watched + [m for m in earlier if m.name not in watched_names]
@@ -699,14 +741,23 @@ class _Tick:
             self.moves.append(moved(waiting, spec.chart_version, waiting.running, self.rollout.name, now))
         status.phase = RolloutPhase.PROGRESSING
         step_status = steps[current]
+        if step_status.all_moved_at is None and not unmoved:
+            # From the Customers this tick read, not from its moves: the status is written before them,
+            # and moves a crash lost in between were made again as a signup's.
+            step_status.all_moved_at = now
         # A failure below maxFailures does not hold the step: the Customer stays on the version, listed.
         listed = {f.customer for f in status.failures or ()}
-        judged = {m.name for m in watched if m.health in ("healthy", "failed") or m.name in listed}
-        done = not self.moves and len(judged) == len(watched)
-        late = self._joined_bake(watched, step_status.healthy_at)
-        if any(m.name not in judged and m.name not in late for m in watched):
+
+        def judged(customers: list[Member]) -> bool:
+            return all(m.health in ("healthy", "failed") or m.name in listed for m in customers)
+
+        # The bake waits for the Customers moved by the first tick that found none left to move; those
+        # moved since (signups, older ones a percentage takes as the fleet grows) are moved and judged,
+        # but a new one always upgrading (a signup more often than an upgrade takes) kept it from ever
+        # starting. One it waits for not healthy any more starts it again.
+        all_moved_at = step_status.all_moved_at
+        if all_moved_at is None or not judged(self._moved_by(watched, all_moved_at)):
             step_status.healthy_at = None
-        if not done:
             only_held = not self.moves and not updating and any(m.name in held for m in watched)
             reason = WAITING_FOR_ROLLOUT if only_held else "Progressing"
             self._progressing(reason, self._progress(groups, current, watched, held), True)
@@ -719,6 +770,16 @@ class _Tick:
                 "Baking", f"step {current + 1}/{len(groups)} healthy, baking until {baked_at}", True
             )
             return self._decision()
+        # It ends in a tick that moves nobody and finds nobody to move (a finished rollout's tick carries
+        # no move, and a signup left unmoved kept the version it had), once the Customers moved before
+        # the bake was over are judged too; those moved since, the next step judges (_carried), and
+        # after the last step nobody, as Customers created after the rollout.
+        if self.moves or unmoved or not judged(self._moved_by(watched, baked_at)):
+            only_held = not self.moves and not updating and any(m.name in held for m in watched)
+            reason = WAITING_FOR_ROLLOUT if only_held else "Progressing"
+            message = f"{self._progress(groups, current, watched, held)}; baked"
+            self._progressing(reason, message, True)
+            return self._decision()
         step_status.completed_at = now
         self.events.append(("Normal", "StepCompleted", f"step {current + 1}/{len(groups)} completed"))
         if current + 1 >= len(groups):
@@ -730,16 +791,6 @@ class _Tick:
         # The next step's first upgrades start in this tick: the next tick may be TICK_SECONDS away,
         # since no pass writes a status while nothing upgrades (a step boundary cost 3.5 s, bench/README.md).
         return self.run(raw_groups, total, held, raw_departed, pinned)
-
-    def _joined_bake(self, watched: list[Member], healthy_at: datetime | None) -> set[str]:
-        """The Customers the step took after its bake began: moved now (a signup, one relabelled in) or
-        by this rollout since. Moved and judged, and the step ends only once they are, but they do not
-        start the bake again for the others: with a signup more often than bakeSeconds, it never ended."""
-        if healthy_at is None:
-            return set()
-        return {
-            m.name for m in watched if m.health == "pending" or self._moved_since(m, healthy_at) is not None
-        }
 
     def _step_started(self, index: int, groups: list[list[Member]]) -> None:
         names = [m.name for m in groups[index]] if index < len(groups) else []

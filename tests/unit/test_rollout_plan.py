@@ -1959,3 +1959,278 @@ def test_a_customer_signing_up_during_the_bake_is_still_judged() -> None:
 
     assert status.phase == RolloutPhase.HALTED
     assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [("n0039", "UpgradeFailed", 2)]
+
+
+def upgrades_taking(fleet: Fleet, seconds: int, slow: Collection[str] = ()) -> Callable[[datetime], None]:
+    """An operator whose pass of a moved Customer ends `seconds` after its move (120 for the `slow`)."""
+
+    def operate(now: datetime) -> None:
+        due = [
+            name
+            for name, body in fleet.customers.items()
+            if (moved := body["metadata"]["annotations"].get(ROLLOUT_UPDATED_AT))
+            and datetime.fromisoformat(moved) <= now - timedelta(seconds=120 if name in slow else seconds)
+        ]
+        fleet.operate(due)
+
+    return operate
+
+
+def annotated(fleet: Fleet, version: str = "2.0.0") -> set[str]:
+    return {
+        name
+        for name, body in fleet.customers.items()
+        if body["metadata"]["annotations"].get(ROLLOUT_CHART_VERSION) == version
+    }
+
+
+def signups_every_20_s(fleet: Fleet, upgrade_seconds: int = 60) -> Callable[[int], None]:
+    """Ticks of 10 s: a signup every other tick, and upgrades taking `upgrade_seconds`."""
+    sign_up, operate = growing(fleet, every=2), upgrades_taking(fleet, upgrade_seconds)
+
+    def before_tick(tick: int) -> None:
+        operate(T0 + timedelta(seconds=tick * 10))
+        sign_up(tick)
+
+    return before_tick
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [{"percent": 40}, {"rest": True, "bakeSeconds": 60}],
+        [{"percent": 50, "bakeSeconds": 60}, {"rest": True}],
+    ],
+    ids=["signups into the rest step", "older Customers a growing percentage takes"],
+)
+def test_customers_taken_while_the_step_runs_do_not_hold_its_bake(steps: list[dict[str, Any]]) -> None:
+    """Found in review: a step baked only once every Customer it took was healthy; with a signup every
+    20 s and upgrades of 60 s one of them was always upgrading, so the rest step (where signups sort),
+    or a percentage step taking one more older Customer every other signup, never baked and the rollout
+    stayed Progressing for good. The bake waits for the Customers moved by the first tick that found
+    none left to move; those taken since are moved and judged."""
+    fleet = Fleet(5)
+    status, _ = run(
+        fleet,
+        spec(steps=steps),
+        ticks=200,
+        seconds=10,
+        operate_every=10**6,
+        before_tick=signups_every_20_s(fleet),
+    )
+
+    assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
+    assert len(fleet.customers) > 5 and annotated(fleet) == set(fleet.customers)
+    baked = next(s for s, step in zip(status.steps or [], steps, strict=True) if step.get("bakeSeconds"))
+    assert baked.started_at and baked.all_moved_at and baked.healthy_at and baked.completed_at
+    # Its own (a backlog of signups first, maxParallel at a time) moved, then healthy: one upgrade.
+    assert baked.all_moved_at - baked.started_at <= timedelta(seconds=300)
+    assert baked.healthy_at - baked.all_moved_at <= timedelta(seconds=70)
+    # Then those moved before the bake was over, one upgrade at most, and a tick that moves nobody.
+    assert timedelta(seconds=60) <= baked.completed_at - baked.healthy_at <= timedelta(seconds=140)
+
+
+def test_the_last_step_ends_once_the_customers_moved_before_its_bake_was_over_are_judged() -> None:
+    """Found in review: the bake does not wait for a Customer the step takes after it had none left to
+    move (a signup), but its end does while the Customer was moved before the bake was over: s1, moved
+    20 s before the end of the rest step's bake, refused 60 s after its move, halts the rollout (it
+    ended Succeeded with s1's upgrade under way, never judged)."""
+    fleet = Fleet(5)
+    operate = upgrades_taking(fleet, 60)
+
+    def before_tick(tick: int) -> None:
+        operate(T0 + timedelta(seconds=tick * 10))
+        if tick == 40:  # the rest step healthy at 120 s, baked at 420 s
+            body = customer("s1")
+            body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+            fleet.customers["s1"] = body
+            fleet.broken.add("s1")
+
+    rollout_spec = spec(
+        steps=[{"percent": 40}, {"rest": True, "bakeSeconds": 300}], healthGate={"maxFailures": 1}
+    )
+    status, _ = run(fleet, rollout_spec, ticks=100, seconds=10, operate_every=10**6, before_tick=before_tick)
+
+    assert (status.steps or [])[1].healthy_at == T0 + timedelta(seconds=120)
+    assert status.phase == RolloutPhase.HALTED
+    assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [("s1", "UpgradeFailed", 2)]
+
+
+def test_the_last_step_ends_only_once_every_customer_it_takes_is_moved() -> None:
+    """Found in review of 9ec4f39: 20 Customers applied at once from Git while the rest step baked: it
+    moved maxParallel of them, and the next tick, which moved nobody (every slot taken), ended it:
+    Succeeded with 15 left on the old version for good. A step ends only with none left to move."""
+    fleet = Fleet(5)
+    operate = upgrades_taking(fleet, 60)
+    most = 0
+
+    def before_tick(tick: int) -> None:
+        nonlocal most
+        operate(T0 + timedelta(seconds=tick * 10))
+        most = max(most, fleet.upgrading("2.0.0"))
+        if tick == 12:
+            for i in range(20):
+                body = customer(f"g{i:02}")
+                body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+                fleet.customers[f"g{i:02}"] = body
+
+    rollout_spec = spec(steps=[{"percent": 40}, {"rest": True}])
+    status, _ = run(fleet, rollout_spec, ticks=200, seconds=10, operate_every=10**6, before_tick=before_tick)
+
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert annotated(fleet) == set(fleet.customers) and len(fleet.customers) == 25
+    assert most == 5
+
+
+def test_the_last_step_does_not_end_with_a_signup_it_had_no_slot_for() -> None:
+    """Found in review of 9ec4f39: two signups in one tick after the rest step's own were healthy, with
+    maxParallel 1: s1 was moved, and the tick after, which moved nobody (s1 upgrading), ended the
+    rollout Succeeded with s2 never moved."""
+    fleet = Fleet(3)
+    operate = upgrades_taking(fleet, 60)
+
+    def before_tick(tick: int) -> None:
+        operate(T0 + timedelta(seconds=tick * 10))
+        if tick == 24:  # the bake (healthy at 180 s) just over, s1 is moved after it: not waited for
+            for name in ("s1", "s2"):
+                body = customer(name)
+                body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+                fleet.customers[name] = body
+
+    rollout_spec = spec(steps=[{"rest": True, "maxParallel": 1, "bakeSeconds": 55}])
+    status, _ = run(fleet, rollout_spec, ticks=100, seconds=10, operate_every=10**6, before_tick=before_tick)
+
+    assert status.phase == RolloutPhase.SUCCEEDED
+    assert annotated(fleet) == {"c00", "c01", "c02", "s1", "s2"}
+
+
+@pytest.mark.parametrize("broken", [True, False], ids=["refused", "slow"])
+@pytest.mark.parametrize("deleted", ["n1", "c00"])
+def test_a_customer_the_step_ended_without_is_judged_by_the_next_wherever_it_lands(
+    deleted: str, broken: bool
+) -> None:
+    """Found in review of 9ec4f39: the Customers a step ended without were worked out again from the
+    fleet as it is; a deletion moved c02 (which 50% took once n1 signed up, moved after the bake was
+    over, its upgrade slow) out of them: helm refused it and no step judged it (it held a maxParallel
+    slot for good). The next step judges it by its annotation, whichever step holds it now: the rollout
+    halts on it, or ends with every Customer moved."""
+    fleet = Fleet(4, broken={"c02"} if broken else ())
+    operate = upgrades_taking(fleet, 10, slow={"c02"})
+    upgrading: list[int] = []
+
+    def before_tick(tick: int) -> None:
+        operate(T0 + timedelta(seconds=tick * 10))
+        upgrading.append(fleet.upgrading("2.0.0"))
+        if tick == 4:  # after step 1's bake (healthy at 10 s, 25 s) was over
+            body = customer("n1")
+            body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+            fleet.customers["n1"] = body
+        if tick == 7:
+            del fleet.customers[deleted]
+
+    rollout_spec = spec(
+        steps=[{"percent": 50, "bakeSeconds": 25}, {"rest": True, "maxParallel": 1}],
+        healthGate={"maxFailures": 1},
+    )
+    status, decisions = run(
+        fleet, rollout_spec, ticks=100, seconds=10, operate_every=10**6, before_tick=before_tick
+    )
+
+    moved_at = next(i for i, d in enumerate(decisions) if any(m.customer == "c02" for m in d.moves))
+    assert decisions[moved_at].status.current_step == 1 and decisions[moved_at + 1].status.current_step == 2
+    if broken:
+        assert status.phase == RolloutPhase.HALTED
+        assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [
+            ("c02", "UpgradeFailed", 2)
+        ]
+    else:
+        assert status.phase == RolloutPhase.SUCCEEDED
+        assert annotated(fleet) == set(fleet.customers) == fleet.on("2.0.0")
+    # c02 held step 2's one slot (maxParallel 1) until it was judged, then gave it up.
+    in_step_2 = [*upgrading[moved_at + 1 :], fleet.upgrading("2.0.0")]
+    assert max(in_step_2) == 1 and in_step_2[-1] == (1 if broken else 0)
+
+
+def test_creation_times_ahead_of_the_operator_s_clock_do_not_skip_the_health_gate() -> None:
+    """Found in review of 9ec4f39: it compared creationTimestamps (the API server's clock) with the
+    steps' starts (the operator's): 90 s of skew made every Customer one a step took late, not waited
+    for, and a bad version went past the canary to the whole fleet. Only the operator's own times
+    decide now."""
+    fleet = Fleet(10, bad="2.0.0")
+    for i, body in enumerate(fleet.customers.values()):
+        created = T0 + timedelta(seconds=60, milliseconds=i)
+        body["metadata"]["creationTimestamp"] = created.isoformat()
+    operate = upgrades_taking(fleet, 20)
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"]}, {"percent": 50}, {"rest": True}], healthGate={"timeoutSeconds": 300}
+    )
+    status, _ = run(
+        fleet,
+        rollout_spec,
+        ticks=200,
+        seconds=2,
+        operate_every=10**6,
+        before_tick=lambda tick: operate(T0 + timedelta(seconds=tick * 2)),
+    )
+
+    assert status.phase == RolloutPhase.HALTED
+    assert annotated(fleet) == {"c00"}
+
+
+def test_moves_a_crash_lost_are_still_waited_for_by_the_bake() -> None:
+    """Found in review: the time a step first has nothing left to move decides which Customers its
+    bake waits for. Taken from the tick's moves, a crash between the status write and the annotations
+    (rollouts.advance writes the status first) made the canary's move, made again next tick, one taken
+    since: the bake went on without it and the bad version reached the rest. It is taken from the
+    Customers a tick reads."""
+    fleet = Fleet(5, bad="2.0.0")
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(steps=[{"customers": ["c00"]}, {"rest": True}], healthGate={"timeoutSeconds": 30})
+    status = RolloutStatus()
+    for tick in range(60):
+        decision = decide(
+            rollout, rollout_spec, status, list(fleet.customers.values()), [], T0 + timedelta(seconds=tick)
+        )
+        if tick != 0:  # the first tick's status is written, its moves lost
+            fleet.apply(decision)
+        status = decision.status
+        fleet.operate()
+        if status.phase in TERMINAL_PHASES:
+            break
+
+    assert status.phase == RolloutPhase.HALTED
+    assert annotated(fleet) == {"c00"}
+
+
+def test_a_restarted_operator_goes_on_from_the_status_it_wrote() -> None:
+    """Found in review: which Customers a bake waits for is a persisted fact (status.steps[].allMovedAt,
+    the annotations' updated-at), not one kept in memory: a tick from the status as the API server
+    keeps it (the CRD's schema, read back) decides what a tick from the status in hand does."""
+    decisions = []
+    for restarts in (False, True):
+        fleet = Fleet(5)
+        before_tick = signups_every_20_s(fleet)
+        rollout = Rollout("r1", 1, T0.isoformat(), {})
+        rollout_spec = spec(steps=[{"percent": 40}, {"rest": True, "bakeSeconds": 60}])
+        status, seen = RolloutStatus(), []
+        for tick in range(200):
+            before_tick(tick)
+            if restarts:
+                written = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+                status = RolloutStatus.model_validate(written)
+            decision = decide(
+                rollout,
+                rollout_spec,
+                status,
+                list(fleet.customers.values()),
+                [],
+                T0 + timedelta(seconds=tick * 10),
+            )
+            fleet.apply(decision)
+            status = decision.status
+            seen.append((status.phase, status.current_step, [m.customer for m in decision.moves]))
+            if status.phase in TERMINAL_PHASES:
+                break
+        assert status.phase == RolloutPhase.SUCCEEDED
+        decisions.append((seen, status.model_dump(mode="json")))
+    assert decisions[0] == decisions[1]
