@@ -180,8 +180,11 @@ class Phase(StrEnum):
 
 
 # Ready's reasons while a step of the operator's fails and is retried (operator/constants.py has each):
-# such a Customer gets an Event when one starts, and the console lists it among the failing.
-RETRIED_FAILURE_REASONS: Final = frozenset({"ChartPullFailed", "InstallFailed", "UpgradeFailed"})
+# such a Customer gets an Event when one starts, and the console lists it among the failing. With the
+# API server's refusals of the namespace's and the licence Secret's writes (an admission policy, RBAC).
+RETRIED_FAILURE_REASONS: Final = frozenset(
+    {"ChartPullFailed", "InstallFailed", "UpgradeFailed", "NamespaceRefused", "LicenseSecretRefused"}
+)
 
 
 class ConditionType(StrEnum):

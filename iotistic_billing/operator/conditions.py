@@ -37,6 +37,12 @@ def license_condition(outcome: PassOutcome, entitlement: Entitlement) -> Conditi
         return ConditionValue(
             ConditionType.LICENSE_ISSUED, False, c.DATABASE_UNAVAILABLE, outcome.license_unavailable
         )
+    if outcome.license_refused is not None:
+        # False even while the licence in force has days left: the renewal that should replace it cannot
+        # be written, and True with the old expiry hid that until the instance ran out of licence.
+        return ConditionValue(
+            ConditionType.LICENSE_ISSUED, False, c.LICENSE_SECRET_REFUSED, outcome.license_refused
+        )
     if outcome.license is None:
         return None
     return ConditionValue(

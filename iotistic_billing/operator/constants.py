@@ -53,6 +53,14 @@ INVALID_SPEC: Final = "InvalidSpec"
 NAMESPACE_TAKEN: Final = "NamespaceTaken"
 # customer-<name> is being deleted (this Customer's, or an earlier one's of the same name): passes wait.
 NAMESPACE_TERMINATING: Final = "NamespaceTerminating"
+# The API server refused a request of a pass's step with a 4xx (an admission policy, an RBAC verb missing)
+# (refusals.Refused): the step's condition names the object and the server's words. The namespace's (its
+# create or apply, or its read and the licence Secret's) and the licence Secret's apply are Ready's reason
+# too, a Warning Event once a cause, the pass retried with the passes' backoff (the policy may be mended);
+# the webhook signing secret's copy is NotificationsReady's alone, looked at again every minute.
+NAMESPACE_REFUSED: Final = "NamespaceRefused"
+LICENSE_SECRET_REFUSED: Final = "LicenseSecretRefused"  # noqa: S105 (condition reasons, not secrets)
+NOTIFICATIONS_SECRET_REFUSED: Final = "NotificationsSecretRefused"  # noqa: S105
 PROGRESSING: Final = "Progressing"
 DEPLOYMENTS_AVAILABLE: Final = "DeploymentsAvailable"
 DEPLOYMENTS_UNAVAILABLE: Final = "DeploymentsUnavailable"

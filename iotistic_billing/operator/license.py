@@ -58,6 +58,7 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, license_action
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.metrics import LICENSES_MINTED
+from iotistic_billing.operator.refusals import refused_as
 from iotistic_billing.operator.state import PassTarget
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def _status(record: LicenseRecord) -> LicenseStatus:
 async def ensure_license(
     ctx: OperatorContext, target: PassTarget, existing: SecretData | None
 ) -> LicenseStatus:
-    """`existing`: the current licence Secret (None when there is none)."""
+    """`existing`: the current licence Secret (None when there is none). The Secret's write refused by
+    the API server (an admission policy, RBAC) raises refusals.Refused, nothing recorded."""
     data, annotations = (existing.data, existing.annotations) if existing is not None else ({}, {})
     # An edited value that is not UTF-8 is as good as a tampered token: replaced, not retried forever.
     token = data[LICENSE_JWT_KEY].decode(errors="replace") if LICENSE_JWT_KEY in data else None
@@ -200,19 +202,20 @@ async def ensure_license(
         audience=ctx.settings.license_audience,
         lifetime=ctx.settings.lifetime,
     )
-    await ctx.kube.apply(
-        license_secret_manifest(
-            namespace=target.namespace,
-            name=target.name,
-            customer_id=target.customer_id,
-            owner=target.owner,
-            action=action,
-            suspended=target.entitlement.suspended,
-            token=minted.token,
-            public_key_pem=ctx.keys.public_key_pem(),
-            usage_key=usage_key,
+    with refused_as(f"to apply Secret {target.namespace}/{LICENSE_SECRET_NAME}"):
+        await ctx.kube.apply(
+            license_secret_manifest(
+                namespace=target.namespace,
+                name=target.name,
+                customer_id=target.customer_id,
+                owner=target.owner,
+                action=action,
+                suspended=target.entitlement.suspended,
+                token=minted.token,
+                public_key_pem=ctx.keys.public_key_pem(),
+                usage_key=usage_key,
+            )
         )
-    )
     metadata = {
         "oldPlan": previous.plan if previous else None,
         "newPlan": minted.plan,

@@ -47,11 +47,15 @@ class NotificationsOutcome:
 class NamespaceRefused:
     """Why a pass may not work in the Customer's namespace, and so runs no step: someone else's namespace
     (permanent: NamespaceTaken), or one being deleted, this Customer's or an earlier one's of the same
-    name (NamespaceTerminating: the pass is retried until it is gone)."""
+    name (NamespaceTerminating: the pass is retried until it is gone), or a request for it the API server
+    refused (NamespaceRefused: retried, the policy or RBAC may be mended)."""
 
     reason: str
     message: str
     permanent: bool
+    # The namespace and what runs there are as they were (a write refused), so an instance that served is
+    # Degraded meanwhile, not Provisioning as for a namespace going away.
+    runs_on: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,8 @@ class PassOutcome:
     license_error: str | None = None
     # Why the licence step could not finish for now (PostgreSQL away): retried, unlike license_error.
     license_unavailable: str | None = None
+    # The licence Secret's write the API server refused (refusals.Refused's message): retried too.
+    license_refused: str | None = None
     release: ReleaseOutcome | None = None
     health: InstanceHealth | None = None
     notifications: NotificationsOutcome | None = None
@@ -73,6 +79,8 @@ class PassOutcome:
             return self.license_error
         if self.license_unavailable is not None:
             return self.license_unavailable
+        if self.license_refused is not None:
+            return self.license_refused
         if self.release is not None and not self.release.deployed:
             return self.release.message
         return None
@@ -100,14 +108,18 @@ class PassOutcome:
 
     @property
     def retrying(self) -> bool:
-        """A step failed for now and is retried: the licence's record, or the release."""
+        """A step failed for now and is retried: the licence's record or its Secret, or the release."""
         failed = self.release is not None and self.release.result == "failed" and not self.release.permanent
-        return self.license_unavailable is not None or failed
+        return self.license_unavailable is not None or self.license_refused is not None or failed
 
     @property
     def waiting_reason(self) -> str:
         """Reconciling's and Ready's reason while a pass that is not ready goes on."""
-        return c.DATABASE_UNAVAILABLE if self.license_unavailable is not None else c.PROGRESSING
+        if self.license_unavailable is not None:
+            return c.DATABASE_UNAVAILABLE
+        if self.license_refused is not None:
+            return c.LICENSE_SECRET_REFUSED
+        return c.PROGRESSING
 
     @property
     def waiting_on(self) -> str:

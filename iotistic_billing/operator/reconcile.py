@@ -45,7 +45,8 @@ from iotistic_billing.operator.metrics import (
     RECONCILES,
     report_stall,
 )
-from iotistic_billing.operator.outcomes import NamespaceRefused, PassOutcome
+from iotistic_billing.operator.outcomes import NamespaceRefused, NotificationsOutcome, PassOutcome
+from iotistic_billing.operator.refusals import Refused, refused_as
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
     PassTarget,
@@ -98,8 +99,10 @@ class PassResult:
     previous_payment_step: str | None = None
     # Why the Customer was stalled before the pass (state.stall_of), for the Event of a new stall.
     previous_stall: tuple[str, str] | None = None
-    # Ready's reason before the pass, for the Event of a retried failure that starts or changes.
+    # Ready's reason and message before the pass, for the Event of a retried failure that starts or
+    # changes (a refusal's by its message too: REFUSED_ONCE_A_MESSAGE).
     previous_ready_reason: str | None = None
+    previous_ready_message: str | None = None
     # The Customer's, for the Events of a pass no Kopf handler ran (`kubectl describe` matches the uid).
     uid: str | None = None
 
@@ -132,10 +135,19 @@ class PassResult:
             self.temporary_error is not None
             and ready is not None
             and ready.reason in RETRIED_FAILURE_REASONS
-            and ready.reason != self.previous_ready_reason
+            and (
+                ready.reason != self.previous_ready_reason
+                or (ready.reason in REFUSED_ONCE_A_MESSAGE and ready.message != self.previous_ready_message)
+            )
         ):
             events.append(("Warning", ready.reason, f"{self.temporary_error} (retried)"))
         return events
+
+
+# Ready's reasons whose Event is posted once a cause, the API server's words in its message (another
+# policy refusing, or RBAC after the policy was mended, is told); not helm's failures, whose messages
+# differ from try to try.
+REFUSED_ONCE_A_MESSAGE = frozenset({c.NAMESPACE_REFUSED, c.LICENSE_SECRET_REFUSED})
 
 
 async def reconcile(
@@ -215,7 +227,7 @@ def _count(name: str, result: PassResult) -> None:
 
 def _waiting_reason(status: CustomerStatus) -> str:
     reconciling = status.condition(ConditionType.RECONCILING)
-    if reconciling is not None and reconciling.reason == c.NAMESPACE_TERMINATING:
+    if reconciling is not None and reconciling.reason in (c.NAMESPACE_TERMINATING, c.NAMESPACE_REFUSED):
         return reconciling.reason
     return "Unknown"
 
@@ -244,7 +256,12 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
-    secret = await _namespace_and_secret(ctx, target, made_before=previous.instance is not None)
+    try:
+        secret = await _namespace_and_secret(ctx, target, made_before=previous.instance is not None)
+    except Refused as refused:
+        # An admission policy, RBAC: said in Ready and Reconciling, retried (it raised into the handler's
+        # traceback, and a new Customer had no status and no Event at all).
+        secret = NamespaceRefused(c.NAMESPACE_REFUSED, str(refused), permanent=False, runs_on=True)
     if isinstance(secret, NamespaceRefused):
         status = answered_request(
             refused_status(previous, target, secret, generation), meta.get("annotations") or {}
@@ -256,12 +273,21 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
         outcome = PassOutcome(license_error=str(error))
+    except Refused as refused:
+        # The licence in force stays in status.license; LicenseIssued and Ready say the new one is not
+        # written (a refused renewal left them True with the old expiry until it ran out).
+        outcome = PassOutcome(license_refused=str(refused))
     except Exception as error:
         if not database_unreachable(error):
             raise
         # A dependency away, not a bug: said in LicenseIssued and by one line of Kopf's retry, no traceback.
         outcome = PassOutcome(license_unavailable=license_unrecorded(error))
-    outcome = replace(outcome, notifications=await ensure_webhook_secret(ctx, target))
+    try:
+        notifications = await ensure_webhook_secret(ctx, target)
+    except Refused as refused:
+        # Ready does not wait on it; the housekeeping looks again every minute while it is False.
+        notifications = NotificationsOutcome(False, c.NOTIFICATIONS_SECRET_REFUSED, str(refused))
+    outcome = replace(outcome, notifications=notifications)
 
     read_at: int | None = None
     if outcome.license is not None:
@@ -310,24 +336,29 @@ async def _namespace_and_secret(
     applied only when it lacks the operator's labels or owner. A namespace this process applied as it is
     now is not looked at again while its Secret is there: applying it again was one of the three API
     calls of every pass a Deployment event starts. Labels someone edits on the namespace are therefore
-    put back at the operator's next start, not at the next pass."""
+    put back at the operator's next start, not at the next pass.
+
+    A request the API server refuses (4xx) raises Refused naming it."""
     namespace = target.namespace
     manifest = namespace_manifest(namespace, target.name, target.customer_id, target.owner)
+    read_secret = partial(_asked, f"to read Secret {namespace}/{LICENSE_SECRET_NAME}")
+    create = partial(_asked, f"to create namespace {namespace}")
     if ctx.applied_namespaces.get(namespace) == manifest:
-        secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+        secret = await read_secret(ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME))
         if secret is not None:
             return secret
         # The Secret deleted, or the namespace with it (and someone else's made since): looked at again.
         del ctx.applied_namespaces[namespace]
         made_before = True
-    if not made_before and await ctx.kube.create_namespace(manifest):
+    if not made_before and await create(ctx.kube.create_namespace(manifest)):
         ctx.applied_namespaces[namespace] = manifest
         return None
     existing, secret = await together(
-        ctx.kube.read_namespace(namespace), ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)
+        _asked(f"to read namespace {namespace}", ctx.kube.read_namespace(namespace)),
+        read_secret(ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)),
     )
     if existing is None:  # gone since the Customer's last pass
-        if await ctx.kube.create_namespace(manifest):
+        if await create(ctx.kube.create_namespace(manifest)):
             ctx.applied_namespaces[namespace] = manifest
             return None
         return NamespaceRefused(  # by someone else between the read and the create: judged next time
@@ -338,9 +369,15 @@ async def _namespace_and_secret(
     if (refused := namespace_refusal(existing, target)) is not None:
         return refused
     if not namespace_as_applied(existing, manifest):
-        await ctx.kube.apply(manifest)
+        await _asked(f"to apply namespace {namespace}", ctx.kube.apply(manifest))
     ctx.applied_namespaces[namespace] = manifest
     return secret
+
+
+async def _asked(doing: str, request: Awaitable[A]) -> A:
+    """`request`'s answer; its refusal (4xx) as Refused, saying `doing`."""
+    with refused_as(doing):
+        return await request
 
 
 async def fleet_version(ctx: OperatorContext, body: dict[str, Any], customer: Customer, now: datetime) -> str:
@@ -385,6 +422,7 @@ async def write_status(
         previous_payment_step=overdue.reason if overdue is not None else None,
         previous_stall=stall_of(previous),
         previous_ready_reason=ready.reason if (ready := previous.condition(ConditionType.READY)) else None,
+        previous_ready_message=ready.message if ready is not None else None,
         uid=body["metadata"].get("uid"),
     )
     if status.to_k8s() != previous.to_k8s():

@@ -330,14 +330,21 @@ def refused_status(
 ) -> CustomerStatus:
     """The status of a pass that may not work in the Customer's namespace and so ran no step: stalled
     for someone else's namespace, else waiting for one being deleted (Reconciling, the phase of a
-    Customer whose release is not there); the conditions of the steps as they were."""
+    Customer whose release is not there) or for the API server to take a write it refused (Degraded
+    once served: the instance runs on, its licence not renewed); the conditions of the steps as they were."""
     if refusal.permanent:
         status = stalled_status(previous, generation, refusal.reason, refusal.message, target.now)
     else:
         status = previous.model_copy(
             update={
                 "phase": phase_for(
-                    target.entitlement, None, None, previous.phase, stalled=False, served=has_served(previous)
+                    target.entitlement,
+                    None,
+                    None,
+                    previous.phase,
+                    stalled=False,
+                    retrying=refusal.runs_on,
+                    served=has_served(previous),
                 ),
                 "conditions": with_conditions(
                     previous.conditions,

@@ -26,6 +26,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.manifests import notifications_secret_manifest
 from iotistic_billing.operator.outcomes import NotificationsOutcome
+from iotistic_billing.operator.refusals import refused_as
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.settings import webhook_secret_bytes
 
@@ -40,11 +41,13 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     secret also deletes the Customer's copy: no webhook is signed with a key its customer took back (one
     that leaked); the sender's deliveries fail, retried, until the Secret is back and copied again. So
     does the webhook removed from the spec (its NotificationsReady still on the status): the deliveries
-    still pending are not signed with the key and posted to the URL the customer withdrew."""
+    still pending are not signed with the key and posted to the URL the customer withdrew. A request the
+    API server refuses (an admission policy, RBAC) raises refusals.Refused naming the Secret."""
     webhook = target.spec.notifications.webhook
     if webhook is None:
         if target.customer.status.condition(ConditionType.NOTIFICATIONS_READY) is not None:
-            copied = await ctx.kube.read_secret_data(target.namespace, NOTIFICATIONS_SECRET_NAME)
+            with refused_as(f"to read Secret {target.namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+                copied = await ctx.kube.read_secret_data(target.namespace, NOTIFICATIONS_SECRET_NAME)
             await _delete_copy(ctx, target.namespace, _customers_copy(copied, target.customer_id))
         return None
     problem = webhook_url_problem(webhook.url)
@@ -53,24 +56,27 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
             False, c.INVALID_WEBHOOK_URL, f"spec.notifications.webhook.url: {problem}"
         )
     ref, namespace = webhook.secret_ref, target.namespace
-    source = await ctx.kube.read_secret_data(namespace, ref.name)
+    with refused_as(f"to read Secret {namespace}/{ref.name}"):
+        source = await ctx.kube.read_secret_data(namespace, ref.name)
     value = _signing_secret(source, ref, namespace)
-    copied = _customers_copy(
-        await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
-    )
+    with refused_as(f"to read Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+        copied = _customers_copy(
+            await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
+        )
     if isinstance(value, NotificationsOutcome):
         await _delete_copy(ctx, namespace, copied)
         return value
     if copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value:
-        await ctx.kube.apply(
-            notifications_secret_manifest(
-                namespace=namespace,
-                name=target.name,
-                customer_id=target.customer_id,
-                owner=target.owner,
-                secret=value,
+        with refused_as(f"to apply Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+            await ctx.kube.apply(
+                notifications_secret_manifest(
+                    namespace=namespace,
+                    name=target.name,
+                    customer_id=target.customer_id,
+                    owner=target.owner,
+                    secret=value,
+                )
             )
-        )
     return NotificationsOutcome(
         True, c.WEBHOOK_SECRET_READY, f"webhooks signed with {namespace}/{ref.name} key {ref.key}"
     )
@@ -80,9 +86,10 @@ async def _delete_copy(ctx: OperatorContext, namespace: str, copied: SecretData 
     """The customer's copy of its signing secret (`copied`, _customers_copy's read: None for none, or
     another customer id's, left alone) deleted at the resourceVersion read."""
     if copied is not None:
-        await ctx.kube.delete_secret(
-            namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
-        )
+        with refused_as(f"to delete Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+            await ctx.kube.delete_secret(
+                namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
+            )
 
 
 def _signing_secret(

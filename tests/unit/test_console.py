@@ -364,7 +364,8 @@ def test_a_customer_whose_step_fails_and_is_retried_needs_a_look() -> None:
         ]
     )
     assert [(f.name, f.reason) for f in listed] == [("noreg", "ChartPullFailed")]
-    assert {c.CHART_PULL_FAILED, c.INSTALL_FAILED, c.UPGRADE_FAILED} == RETRIED_FAILURE_REASONS
+    retried = {c.CHART_PULL_FAILED, c.INSTALL_FAILED, c.UPGRADE_FAILED}
+    assert retried | {c.NAMESPACE_REFUSED, c.LICENSE_SECRET_REFUSED} == RETRIED_FAILURE_REASONS
 
 
 def test_search_finds_a_customer_by_company_name() -> None:

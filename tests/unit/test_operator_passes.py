@@ -5,6 +5,8 @@ the Customer has left this operator."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import SimpleNamespace
@@ -13,13 +15,15 @@ from typing import Any, cast
 import asyncpg
 import kopf
 import pytest
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
-from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus
-from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus, ReleaseStatus
+from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
+from iotistic_billing.operator import license as license_step
 from iotistic_billing.operator import reconcile as reconcile_module
 from iotistic_billing.operator.context import (
     BackgroundPasses,
@@ -30,6 +34,7 @@ from iotistic_billing.operator.context import (
     retry_delay,
 )
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
+from iotistic_billing.operator.license import ensure_license
 from iotistic_billing.operator.metrics import LICENSE_EXPIRY, forget_customer, report_stall
 from iotistic_billing.operator.outcomes import (
     InstanceHealth,
@@ -45,11 +50,12 @@ from iotistic_billing.operator.reconcile import (
     reconcile,
     write_status,
 )
+from iotistic_billing.operator.refusals import Refused
 from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from iotistic_billing.workers import to_the_end
 from tests.conftest import Retries
-from tests.unit.test_operator_state import CREATED, NOW
+from tests.unit.test_operator_state import CREATED, NOW, LicenceStepParts, _target_of
 from tests.unit.test_operator_status_patch import StatusServer, context
 
 
@@ -988,3 +994,244 @@ async def test_a_retry_due_while_kopf_pauses_the_operator_waits_for_the_resume(
     passes.housekeepers["uid-acme"] = paused  # resumed
     await passes.retried()
     assert passes.outcomes == [] and passes.retries.scheduled == []
+
+
+def refusal(status: int, message: str) -> ApiException:
+    """The API server's answer refusing a write, each with its own headers (as an admission webhook or
+    RBAC answers)."""
+    answer = SimpleNamespace(
+        status=status,
+        reason="Forbidden" if status == 403 else "Unprocessable Entity",
+        data=json.dumps({"kind": "Status", "message": message}).encode(),
+        headers={"Audit-Id": f"audit-{id(message)}"},
+    )
+    return ApiException(http_resp=answer)
+
+
+POLICY = (
+    'admission webhook "validate.kyverno.svc-fail" denied the request: policy Namespace/customer-acme'
+    " for resource violation: require-team-label: namespaces need label team"
+)
+
+
+class PolicedNamespaces(StatusServer):
+    """The API server, its admission policy refusing the namespace the operator creates until mended."""
+
+    def __init__(self) -> None:
+        super().__init__({}, resource_version=7)
+        self.mended = False
+        self.created: list[str] = []
+
+    async def create_namespace(self, body: dict[str, Any]) -> bool:
+        if not self.mended:
+            raise refusal(403, POLICY)
+        self.created.append(body["metadata"]["name"])
+        return True
+
+
+def as_now(body: dict[str, Any], server: StatusServer) -> dict[str, Any]:
+    """`body` as the API server has it now: its status and resourceVersion."""
+    meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
+    return {**body, "metadata": meta, "status": server.document}
+
+
+async def test_a_namespace_the_api_server_refuses_is_said_in_ready_posted_once_and_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: an admission policy refusing the new Customer's namespace (403) raised out of
+    the pass into the handler's traceback: no status at all (`kubectl get cust` empty columns), no
+    Event, and `kubectl wait --for=condition=Ready` timed out with no hint."""
+    server = PolicedNamespaces()
+    ctx = housekeeping_context(server)
+    ctx.applied_namespaces = {}
+    retries = Retries()
+    ctx.pass_retries = PassRetries(retries.later)
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "plan": "starter",
+            "instance": {"chartVersion": "0.1.0"},
+        },
+    }
+    said = f"the API server refused to create namespace customer-acme (403): {POLICY}"
+
+    with caplog.at_level("WARNING", logger=handlers.log.name):
+        first = await _reconcile(ctx, as_now(body, server), NOW)
+        handlers.retry_if_failed(ctx, "acme", first)
+
+    status = CustomerStatus.model_validate(server.document)
+    assert status.phase == "Pending" and status.customer_id is not None
+    for kind, value in (("Ready", "False"), ("Reconciling", "True")):
+        condition = status.condition(kind)
+        assert condition is not None
+        assert (condition.status, condition.reason, condition.message) == (value, c.NAMESPACE_REFUSED, said)
+    assert status.condition("Stalled").status == "False"  # type: ignore[union-attr]
+    assert (first.permanent_error, first.temporary_error) == (None, said)
+    assert first.events == [
+        ("Normal", "Pending", "phase none -> Pending"),
+        ("Warning", c.NAMESPACE_REFUSED, f"{said} (retried)"),
+    ]
+    # Retried after the passes' backoff (the policy may be mended): one line, no traceback.
+    assert retries.delays == [retry_delay(0)]
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("WARNING", None)]
+
+    # Refused again for the same cause: no second Event, the one retry pending at the next backoff.
+    again = await _reconcile(ctx, as_now(body, server), NOW)
+    handlers.retry_if_failed(ctx, "acme", again)
+    assert again.temporary_error == said and again.events == []
+    assert retries.delays == [retry_delay(1)]
+
+
+class PolicedSecrets(StatusServer):
+    """The API server, its admission policy refusing the licence Secret (422) until mended; the Secret
+    applied kept by the licence step's fakes."""
+
+    def __init__(self, document: dict[str, Any], parts: LicenceStepParts) -> None:
+        super().__init__(document, resource_version=7)
+        self.parts = parts
+        self.mended = False
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        if not self.mended:
+            raise refusal(422, 'Secret "iotistic-license" is invalid: metadata.labels.team: Required value')
+        await self.parts.apply(manifest)
+
+
+async def test_a_renewal_whose_secret_the_api_server_refuses_is_no_licence_issued_until_it_is_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a policy refusing the renewal's Secret raised out of the pass, and the Customer
+    kept Ready (DeploymentsAvailable) and LicenseIssued True with the old expiry, no Event, while the
+    licence ran out."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
+    licensing = parts.context()
+    issued_at = NOW - timedelta(days=25)  # renewal due at NOW (a third of 30 days left)
+    held = await ensure_license(licensing, _target_of({"plan": "starter"}, issued_at), None)
+    metadata = {"name": "acme", "uid": "u-1", "generation": 1, "creationTimestamp": CREATED.isoformat()}
+    spec = {"email": "a@b.cd", "companyName": "x", "plan": "starter", "instance": {"chartVersion": "0.1.0"}}
+    body: dict[str, Any] = {"metadata": metadata, "spec": spec}
+    available = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    deployed = ReleaseOutcome(
+        "unchanged", c.RELEASE_UNCHANGED, "revision 1 is current", ReleaseStatus(revision=1)
+    )
+    ready = next_status(
+        CustomerStatus(),
+        _target_of({"plan": "starter"}, issued_at),
+        PassOutcome(license=held, release=deployed, health=available),
+        generation=1,
+    )
+    assert ready.phase == "Ready"
+
+    server = PolicedSecrets(ready.to_k8s(), parts)
+    ctx = housekeeping_context(server)
+    for part in ("settings", "keys", "outbox", "sessions", "mirrored"):
+        setattr(ctx, part, getattr(licensing, part))
+    ctx.deployments = SimpleNamespace(mark=lambda: 1, of=partial(nothing), judged=lambda *args: None)
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> Any:
+        return parts.secret
+
+    async def ensure_release(*args: Any, **kwargs: Any) -> ReleaseOutcome:
+        return deployed
+
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    monkeypatch.setattr(reconcile_module, "ensure_release", ensure_release)
+    monkeypatch.setattr(reconcile_module, "instance_health", lambda *args: available)
+    said = (
+        "the API server refused to apply Secret customer-acme/iotistic-license (422):"
+        ' Secret "iotistic-license" is invalid: metadata.labels.team: Required value'
+    )
+
+    refused = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    for kind, value in (("LicenseIssued", "False"), ("Ready", "False"), ("Reconciling", "True")):
+        condition = status.condition(kind)
+        assert condition is not None
+        assert (condition.status, condition.reason, condition.message) == (
+            value,
+            c.LICENSE_SECRET_REFUSED,
+            said,
+        )
+    # The licence in force is still the old one, and the instance runs on it meanwhile: Degraded.
+    assert status.license is not None and status.license.jti == held.jti and status.phase == "Degraded"
+    assert refused.temporary_error == said
+    assert refused.events == [
+        ("Warning", "Degraded", "phase Ready -> Degraded"),
+        ("Warning", c.LICENSE_SECRET_REFUSED, f"{said} (retried)"),
+    ]
+    assert {action for _, _, action in parts.rows} == {"generated"}  # no row for a Secret not written
+    assert (await _reconcile(ctx, as_now(body, server), NOW)).events == []  # the same cause: once
+
+    server.mended = True
+    renewed = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    assert status.license is not None and status.license.jti != held.jti
+    assert status.license.expires_at is not None and status.license.expires_at > NOW + timedelta(days=29)
+    for kind, reason in (("LicenseIssued", c.LICENSE_ISSUED), ("Ready", c.DEPLOYMENTS_AVAILABLE)):
+        assert status.condition(kind).status == "True"  # type: ignore[union-attr]
+        assert status.condition(kind).reason == reason  # type: ignore[union-attr]
+    assert status.phase == "Ready" and renewed.temporary_error is None
+    assert renewed.events == [("Normal", "Ready", "phase Degraded -> Ready")]
+
+
+async def nothing(*args: Any, **kwargs: Any) -> list[Any]:
+    return []
+
+
+async def test_a_webhook_secret_copy_the_api_server_refuses_is_said_in_notifications_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a policy refusing Secrets in the namespace refused the notifications step's copy
+    too, which raised out of the pass: a refused licence Secret said in LicenseIssued was lost with it."""
+
+    class PolicedCopy(StatusServer):
+        async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+            secret = {"hmac": b"whsec_" + base64.b64encode(b"k" * 32)}
+            return SecretData(secret, {}, {}) if name == "acme-webhook" else None
+
+        async def apply(self, manifest: dict[str, Any]) -> None:
+            raise refusal(403, "secrets is forbidden: namespaces need label team")
+
+    async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+        raise Refused("to apply Secret customer-acme/iotistic-license", refusal(403, "no"))
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+        return None
+
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    webhook = {"url": "https://hooks.acme.example/in", "secretRef": {"name": "acme-webhook", "key": "hmac"}}
+    body: dict[str, Any] = {
+        "metadata": {"name": "acme", "uid": "uid-acme", "generation": 1, "resourceVersion": "7"},
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "instance": {"chartVersion": "0.1.0"},
+            "notifications": {"webhook": webhook},
+        },
+    }
+    server = PolicedCopy({}, resource_version=7)
+
+    await _reconcile(housekeeping_context(server), body, NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    notifications = status.condition("NotificationsReady")
+    assert notifications is not None
+    assert (notifications.status, notifications.reason, notifications.message) == (
+        "False",
+        c.NOTIFICATIONS_SECRET_REFUSED,
+        "the API server refused to apply Secret customer-acme/iotistic-notifications (403):"
+        " secrets is forbidden: namespaces need label team",
+    )
+    assert status.condition("LicenseIssued").reason == c.LICENSE_SECRET_REFUSED  # type: ignore[union-attr]
