@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, USAGE_API_KEY_KEY
+from iotistic_billing.operator.values import deep_merge
 
 REPO = Path(__file__).parents[2]
 CHART = REPO / "charts" / "customer-instance"
@@ -57,9 +58,9 @@ def render(helm: Path, tmp_path: Path, values: dict[str, Any] | None = None) -> 
 
 
 def render_result(
-    helm: Path, tmp_path: Path, values: dict[str, Any] | None
+    helm: Path, tmp_path: Path, values: dict[str, Any] | None, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra]
     if values is not None:
         values_file = tmp_path / "values.yaml"
         values_file.write_text(yaml.safe_dump(values))
@@ -385,3 +386,121 @@ def test_an_invalid_value_fails_the_render_naming_the_field(
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert named in result.stderr, result.stderr
+
+
+# ----- values that would write YAML of their own -----
+
+# A value that, written into a template unquoted, ends the object it is in and starts a Secret in another
+# namespace: the operator (which may create Secrets in any namespace) would apply it.
+NEWLINE_OBJECT = (
+    "\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: pwned\n  namespace: kube-system\n"
+    "stringData:\n  a: |1"
+)
+# The same with the other line breaks of YAML, which helm's split on "\n---" does not see but its YAML
+# parser does: inside a block scalar they end it, and the keys after them replace the object's own.
+OTHER_BREAKS = {
+    "cr": NEWLINE_OBJECT.replace("\n", "\r"),
+    "line-separator": NEWLINE_OBJECT.replace("\n", "\u2028"),
+    "next-line": NEWLINE_OBJECT.replace("\n", "\u0085"),
+}
+# A string of several lines that toYaml writes as a block scalar, keeping the U+2028 in it: the lines
+# after it are indented as toYaml's own, less than nindent's, and become keys of the workload's spec.
+BLOCK_BREAKOUT = "\nz\u2028replicas: 7\u2028x:"
+
+
+def nested(path: str, value: Any) -> dict[str, Any]:
+    """{"a": {"b": value}} for "a.b"."""
+    *parents, last = path.split(".")
+    found: dict[str, Any] = {last: value}
+    for key in reversed(parents):
+        found = {key: found}
+    return found
+
+
+def schema_path(path: str) -> str:
+    return "/" + path.replace(".", "/")
+
+
+# Every string of values.yaml a Customer may set, with what the value starts with (a path starts with /).
+CUSTOMER_STRINGS = {
+    "domain": "globex.iotistic.cloud",
+    "license.secretName": "iotistic-license",
+    "exporter.instanceId": "instance-1",
+    "ingress.className": "nginx",
+    "ingress.tls.secretName": "globex-tls",
+    "postgresql.persistence.storageClass": "standard",
+    "postgresql.persistence.size": "8Gi",
+    "postgresql.database": "iotistic",
+    "postgresql.username": "iotistic",
+    "mosquitto.extraConfig": "log_type all",
+    "mosquitto.service.type": "ClusterIP",
+    **{f"{name}.healthPath": "/health" for name in ("api", "dashboard", "exporter")},
+    **{f"{name}.image.repository": "iotistic/x" for name in sorted(COMPONENTS)},
+    **{f"{name}.image.tag": "1.2.3" for name in sorted(COMPONENTS)},
+    **{f"{name}.image.pullPolicy": "Always" for name in sorted(COMPONENTS)},
+}
+# Strings in lists, and strings of maps and lists the chart writes with toYaml.
+CUSTOMER_LIST_STRINGS = {
+    **{f"{name}.writablePaths": "/tmp" for name in ("api", "dashboard", "exporter")},
+}
+
+
+def injected_values(payload: str) -> dict[str, Any]:
+    values = OPERATOR_VALUES
+    for path, start in CUSTOMER_STRINGS.items():
+        values = deep_merge(values, nested(path, start + payload))
+    for path, start in CUSTOMER_LIST_STRINGS.items():
+        values = deep_merge(values, nested(path, [start + payload]))
+    return deep_merge(
+        values,
+        {
+            "imagePullSecrets": [{"name": "pull" + payload}],
+            "nodeSelector": {"disk": "ssd" + payload},
+            "ingress": {"annotations": {"a": "b" + payload}},
+            "api": {"extraEnv": [{"name": "X", "value": "y" + payload}]},
+        },
+    )
+
+
+def shape(node: Any, at: str = "") -> set[str]:
+    """The paths of every key and list item under `node`: what a string of it could add to."""
+    if isinstance(node, dict):
+        return {f"{at}/{key}" for key in node} | {p for k, v in node.items() for p in shape(v, f"{at}/{k}")}
+    if isinstance(node, list):
+        return {f"{at}/{i}" for i in range(len(node))} | {
+            p for i, v in enumerate(node) for p in shape(v, f"{at}/{i}")
+        }
+    return set()
+
+
+def shapes(objects: list[Manifest]) -> dict[tuple[str, str], set[str]]:
+    return {(o["kind"], o["metadata"]["name"]): shape(o) for o in objects}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [NEWLINE_OBJECT, *OTHER_BREAKS.values(), BLOCK_BREAKOUT],
+    ids=["lf", *OTHER_BREAKS, "block-breakout"],
+)
+def test_no_value_can_write_yaml_of_its_own(helm: Path, tmp_path: Path, payload: str) -> None:
+    """Found in review: several strings were written into the templates unquoted (storageClass,
+    ingress.className, the TLS and licence Secrets' names, healthPath, writablePaths, the images), and
+    mosquitto.extraConfig into a block scalar that a carriage return ends: a Customer's
+    spec.instance.values rendered a Secret in kube-system, or turned the mosquitto ConfigMap into an
+    object of any kind, which the operator applied; toYaml's block scalars (nodeSelector, annotations,
+    extraEnv) let a U+2028 write keys of the workload's own. Even past the schema (skipped here), every
+    string stays a string: the same objects with the same keys as with harmless values, no namespace."""
+    harmless = render_result(helm, tmp_path, injected_values(""), "--skip-schema-validation")
+    assert harmless.returncode == 0, harmless.stderr
+
+    result = render_result(helm, tmp_path, injected_values(payload), "--skip-schema-validation")
+
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert shapes(objects) == shapes([doc for doc in yaml.safe_load_all(harmless.stdout) if doc])
+    assert [o["metadata"]["name"] for o in objects if "namespace" in o["metadata"]] == []
+    claim = one(objects, "StatefulSet", "instance-postgresql")["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["storageClassName"] == "standard" + payload
+    config = one(objects, "ConfigMap", "instance-mosquitto")["data"]["mosquitto.conf"]
+    assert config.endswith("\nlog_type all" + payload + "\n")
+    assert component(objects, "api")["spec"]["template"]["spec"]["nodeSelector"] == {"disk": "ssd" + payload}

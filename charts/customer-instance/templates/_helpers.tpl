@@ -1,4 +1,19 @@
-{{/* Names, labels and the pieces every workload of the chart shares. */}}
+{{/*
+Names, labels and the pieces every workload of the chart shares.
+
+A value of .Values is written quoted (strings), through int (numbers), toJson (booleans) or
+customer-instance.json (maps, lists), never bare: a Customer sets most of them (spec.instance.values),
+and a string written bare could end the object it is in and start another, in any namespace, which the
+operator would apply. Not toYaml either: its block scalars keep U+2028 and U+0085 as they are, which YAML
+reads as line breaks, so a string of several lines could still write keys of its own. Names made of the
+release name are DNS labels helm checked.
+*/}}
+
+{{/* A map or list as JSON, a YAML flow of one line. toJson leaves U+0085 as it is, which YAML reads as a
+line break (in a string, a "---" after it ends the document): escaped like JSON's \u2028. */}}
+{{- define "customer-instance.json" -}}
+{{- toJson . | replace "\u0085" "\\u0085" -}}
+{{- end -}}
 
 {{- define "customer-instance.name" -}}
 {{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -32,14 +47,14 @@ app.kubernetes.io/part-of: iotistic
 app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ include "customer-instance.chart" .root }}
 {{- with .root.Values.customerId }}
-iotistic.io/customer-id: {{ . }}
+iotistic.io/customer-id: {{ . | quote }}
 {{- end }}
-iotistic.io/plan: {{ .root.Values.plan }}
+iotistic.io/plan: {{ .root.Values.plan | quote }}
 {{- end -}}
 
 {{/* Replicas of a workload: its own count, or 0 when the instance is disabled. */}}
 {{- define "customer-instance.replicas" -}}
-{{- if .root.Values.enabled -}}{{ .replicas }}{{- else -}}0{{- end -}}
+{{- if .root.Values.enabled -}}{{ .replicas | int }}{{- else -}}0{{- end -}}
 {{- end -}}
 
 {{- define "customer-instance.preset" -}}
@@ -51,10 +66,10 @@ iotistic.io/plan: {{ .root.Values.plan }}
 {{- define "customer-instance.resources" -}}
 {{- $own := get (get .root.Values .component) "resources" -}}
 {{- if $own -}}
-{{- toYaml $own -}}
+{{- include "customer-instance.json" $own -}}
 {{- else -}}
 {{- $preset := get .root.Values.resourcePresets (include "customer-instance.preset" .root) -}}
-{{- toYaml (required (printf "resourcePresets has no entry for %s" .component) (get $preset .component)) -}}
+{{- include "customer-instance.json" (required (printf "resourcePresets has no entry for %s" .component) (get $preset .component)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -65,9 +80,9 @@ iotistic.io/plan: {{ .root.Values.plan }}
 {{/* Pod-level security: non-root with the image's own uid, RuntimeDefault seccomp. */}}
 {{- define "customer-instance.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .runAsUser }}
-runAsGroup: {{ .runAsUser }}
-fsGroup: {{ .runAsUser }}
+runAsUser: {{ .runAsUser | int }}
+runAsGroup: {{ .runAsUser | int }}
+fsGroup: {{ .runAsUser | int }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
@@ -75,7 +90,7 @@ seccompProfile:
 {{- define "customer-instance.containerSecurityContext" -}}
 runAsNonRoot: true
 allowPrivilegeEscalation: false
-readOnlyRootFilesystem: {{ .readOnlyRootFilesystem }}
+readOnlyRootFilesystem: {{ .readOnlyRootFilesystem | toJson }}
 capabilities:
   drop: [ALL]
 {{- end -}}
@@ -86,20 +101,16 @@ serviceAccountName: {{ include "customer-instance.fullname" . }}
 automountServiceAccountToken: false
 enableServiceLinks: false
 {{- with .Values.imagePullSecrets }}
-imagePullSecrets:
-  {{- toYaml . | nindent 2 }}
+imagePullSecrets: {{ include "customer-instance.json" . }}
 {{- end }}
 {{- with .Values.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
+nodeSelector: {{ include "customer-instance.json" . }}
 {{- end }}
 {{- with .Values.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
+tolerations: {{ include "customer-instance.json" . }}
 {{- end }}
 {{- with .Values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
+affinity: {{ include "customer-instance.json" . }}
 {{- end }}
 {{- end -}}
 
@@ -114,7 +125,7 @@ affinity:
 {{- define "customer-instance.writableMounts" -}}
 {{- range $index, $path := .writablePaths }}
 - name: writable-{{ $index }}
-  mountPath: {{ $path }}
+  mountPath: {{ $path | quote }}
 {{- end }}
 {{- end -}}
 
@@ -141,12 +152,12 @@ affinity:
 - name: IOTISTIC_LICENSE_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.license.secretName }}
+      name: {{ .Values.license.secretName | quote }}
       key: license.jwt
 - name: IOTISTIC_LICENSE_PUBLIC_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.license.secretName }}
+      name: {{ .Values.license.secretName | quote }}
       key: public-key.pem
 # The mounted copy follows a renewed licence without a restart.
 - name: IOTISTIC_LICENSE_FILE
@@ -172,10 +183,29 @@ affinity:
 {{- define "customer-instance.licenseVolume" -}}
 - name: license
   secret:
-    secretName: {{ .Values.license.secretName }}
+    secretName: {{ .Values.license.secretName | quote }}
     items:
       - key: license.jwt
         path: license.jwt
       - key: public-key.pem
         path: public-key.pem
+{{- end -}}
+
+{{/* Mosquitto's configuration file, extraConfig's lines last: (the mosquitto values). */}}
+{{- define "customer-instance.mosquittoConf" -}}
+listener {{ .port | int }}
+protocol mqtt
+persistence true
+persistence_location /mosquitto/data/
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+allow_anonymous {{ .allowAnonymous | toJson }}
+{{- if not .allowAnonymous }}
+password_file /mosquitto/auth/passwd
+{{- end }}
+{{- with .extraConfig }}
+{{ trimSuffix "\n" . }}
+{{- end }}
 {{- end -}}
