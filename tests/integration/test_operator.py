@@ -413,6 +413,33 @@ def test_chart_failure_is_reported_and_not_retried_hot(cluster: Cluster) -> None
     assert (cluster.condition(name, "Stalled") or {}).get("status") == "False"
 
 
+def test_instance_values_that_would_write_an_object_elsewhere_stall_naming_the_value(
+    cluster: Cluster,
+) -> None:
+    """Found in review: a storageClass with a line break in spec.instance.values was written bare into
+    the chart's StatefulSet and rendered a Secret of its own in kube-system, which the operator (allowed
+    to create Secrets anywhere) applied. The schema refuses it: Stalled, naming the value, nothing made."""
+    name = unique_name("inject")
+    planted = f"pwned-{name}"
+    storage_class = (
+        f"standard\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {planted}\n"
+        "  namespace: kube-system\nstringData:\n  a: |1"
+    )
+    values = {"postgresql": {"persistence": {"enabled": True, "storageClass": storage_class}}}
+    cluster.create(customer_manifest(name, plan="starter", instance={"values": values}))
+
+    stalled = cluster.stalled(name)
+    deployed = cluster.condition(name, "ReleaseDeployed")
+    assert deployed is not None and deployed["reason"] == "InstallFailed"
+    assert "/postgresql/persistence/storageClass" in deployed["message"], deployed["message"]
+    assert "/postgresql/persistence/storageClass" in stalled["message"], stalled["message"]
+    assert (
+        cluster.core.list_namespaced_secret("kube-system", field_selector=f"metadata.name={planted}").items
+        == []
+    )
+    assert cluster.release(name) is None or cluster.release(name)["status"] == "failed"  # type: ignore[index]
+
+
 def _handled(body: dict[str, Any] | None) -> dict[str, Any] | None:
     """The Customer once its pass has stalled: phase Failed written and no handler's progress left in the
     annotations (Kopf writes them only for a handler it is going to retry)."""

@@ -504,3 +504,39 @@ def test_no_value_can_write_yaml_of_its_own(helm: Path, tmp_path: Path, payload:
     config = one(objects, "ConfigMap", "instance-mosquitto")["data"]["mosquitto.conf"]
     assert config.endswith("\nlog_type all" + payload + "\n")
     assert component(objects, "api")["spec"]["template"]["spec"]["nodeSelector"] == {"disk": "ssd" + payload}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        *(
+            (nested(path, start + NEWLINE_OBJECT), schema_path(path))
+            for path, start in CUSTOMER_STRINGS.items()
+            if path != "mosquitto.extraConfig"
+        ),
+        *(
+            (nested("mosquitto.extraConfig", "log_type all" + payload), "/mosquitto/extraConfig")
+            for payload in OTHER_BREAKS.values()
+        ),
+        *(
+            (nested(path, [start + NEWLINE_OBJECT]), schema_path(path) + "/0")
+            for path, start in CUSTOMER_LIST_STRINGS.items()
+        ),
+        ({"imagePullSecrets": [{"name": "pull" + NEWLINE_OBJECT}]}, "/imagePullSecrets/0/name"),
+        # A path with a space, and names and images that Kubernetes would refuse anyway.
+        (nested("api.healthPath", "/he alth"), "/api/healthPath"),
+        (nested("ingress.className", "Nginx"), "/ingress/className"),
+        (nested("api.image.repository", "iotistic/API"), "/api/image/repository"),
+        (nested("api.image.tag", ":latest"), "/api/image/tag"),
+    ],
+)
+def test_a_value_that_would_write_yaml_fails_the_render_naming_it(
+    helm: Path, tmp_path: Path, override: dict[str, Any], named: str
+) -> None:
+    """Found in review: the schema let these strings hold line breaks (a path was only "^/"), so a bad
+    value rendered instead of being refused naming its field (the Customer Stalled with helm's message)."""
+    result = render_result(helm, tmp_path, deep_merge(OPERATOR_VALUES, override))
+
+    assert result.returncode != 0, f"{named} rendered"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert f"at '{named}'" in result.stderr, result.stderr
