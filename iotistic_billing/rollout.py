@@ -140,6 +140,10 @@ class StepStatus(StatusModel):
     # When the Customers the bake waits for (and any left over from the steps before) were first healthy,
     # or failed below healthGate.maxFailures: the bake starts.
     healthy_at: AwareDatetime | None = None
+    # When its bake was over (healthyAt plus bakeSeconds as they were then), written as the step ends:
+    # the Customers it moved after it, the next step judges (rollout_plan._Tick._carried); from the
+    # spec as it is now, a bakeSeconds raised since put the end after the step's and carried nobody.
+    baked_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
 
 

@@ -613,14 +613,15 @@ class _Tick:
         return leftovers + own + strays
 
     def _carried(self, current: int) -> Callable[[Member], bool]:
-        """Whether the step before moved a Customer after its bake was over (its updated-at, on this
-        operator's clock like the step's times in the status): a step ends without waiting for those
-        (with a signup more often than an upgrade takes, one is always upgrading), so the next judges
-        them wherever the fleet puts them now, from their annotations alone: recomputed from the fleet
-        as it is, a deletion moved a failing one out of every step's reach."""
+        """Whether the step before moved a Customer after its bake was over (status.steps[].bakedAt,
+        against its updated-at, on this operator's clock like the step's times in the status): a step
+        ends without waiting for those (with a signup more often than an upgrade takes, one is always
+        upgrading), so the next judges them wherever the fleet puts them now, from their annotations
+        alone: recomputed from the fleet as it is, a deletion moved a failing one out of every step's
+        reach."""
         steps = self.status.steps or []
         before = steps[current - 1] if 0 < current <= len(steps) else None
-        baked_at = self._baked_at(current - 1)
+        baked_at = _bake_end(before) if before is not None else None
         ended = before.completed_at if before is not None else None
         if baked_at is None or ended is None:
             return lambda m: False
@@ -630,13 +631,6 @@ class _Tick:
             return moved_at is not None and baked_at < moved_at <= ended
 
         return carried
-
-    def _baked_at(self, index: int) -> datetime | None:
-        steps = self.status.steps or []
-        healthy_at = steps[index].healthy_at if 0 <= index < len(steps) else None
-        if healthy_at is None or index >= len(self.spec.steps):
-            return None
-        return healthy_at + timedelta(seconds=self.spec.steps[index].bake_seconds)
 
     def _moved_by(self, watched: list[Member], until: datetime) -> list[Member]:
         """The Customers of `watched` moved by `until`: all but those this run moved later and those
@@ -702,7 +696,7 @@ class _Tick:
             status.current_step = current + 1
             again = steps[current]
             again.started_at = (running and running.started_at) or again.started_at
-            again.all_moved_at = again.healthy_at = again.completed_at = None
+            again.all_moved_at = again.healthy_at = again.baked_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now
         # Each step's Customers judged from that step's start (a next step started in this tick judges its
@@ -780,7 +774,7 @@ class _Tick:
             message = f"{self._progress(groups, current, watched, held)}; baked"
             self._progressing(reason, message, True)
             return self._decision()
-        step_status.completed_at = now
+        step_status.baked_at, step_status.completed_at = baked_at, now
         self.events.append(("Normal", "StepCompleted", f"step {current + 1}/{len(groups)} completed"))
         if current + 1 >= len(groups):
             status.current_step = len(groups)
@@ -914,6 +908,16 @@ class _Tick:
             # rollout.settled_version: no Customer has run it healthy, so new ones do not start on it.
             message += f"; new Customers do not start on {version}"
         return self.finish(RolloutPhase.SUCCEEDED, "Succeeded", message)
+
+
+def _bake_end(step: StepStatus) -> datetime | None:
+    """When a finished step's bake was over, as it wrote it (status.steps[].bakedAt: worked out from
+    bakeSeconds as the spec is now, one raised since put it after the step's end); for a step an
+    operator before bakedAt ended, its bake's start, a wider window (those moved during the bake, judged
+    when it ended, are judged again). None for a step not finished."""
+    if step.completed_at is None:
+        return None
+    return step.baked_at or step.healthy_at
 
 
 def _few(names: Sequence[str], total: int, shown: int = 10) -> str:

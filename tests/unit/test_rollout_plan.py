@@ -2234,3 +2234,63 @@ def test_a_restarted_operator_goes_on_from_the_status_it_wrote() -> None:
         assert status.phase == RolloutPhase.SUCCEEDED
         decisions.append((seen, status.model_dump(mode="json")))
     assert decisions[0] == decisions[1]
+
+
+def c02_moved_after_step_1_s_bake(
+    broken: bool, edit: Callable[[RolloutSpec], None]
+) -> tuple[RolloutStatus, int]:
+    """c02, which 50% takes once n1 signs up after step 1's bake (healthy at 10 s, 25 s) was over, is
+    moved by step 1 at 40 s and ends its upgrade 120 s later (refused when `broken`); at 60 s, with
+    step 2 running, the spec is edited. The status, and the most upgrading at once after step 1."""
+    fleet = Fleet(4, broken={"c02"} if broken else ())
+    operate = upgrades_taking(fleet, 10, slow={"c02"})
+    rollout_spec = spec(
+        steps=[{"percent": 50, "bakeSeconds": 25}, {"rest": True, "maxParallel": 1}],
+        healthGate={"maxFailures": 1},
+    )
+    upgrading: list[int] = []
+
+    def before_tick(tick: int) -> None:
+        if tick > 5:  # what the tick before left upgrading
+            upgrading.append(fleet.upgrading("2.0.0"))
+        operate(T0 + timedelta(seconds=tick * 10))
+        if tick == 4:
+            body = customer("n1")
+            body["metadata"]["creationTimestamp"] = (T0 + timedelta(seconds=tick * 10)).isoformat()
+            fleet.customers["n1"] = body
+        if tick == 6:
+            edit(rollout_spec)
+
+    status, decisions = run(
+        fleet, rollout_spec, ticks=500, seconds=10, operate_every=10**6, before_tick=before_tick
+    )
+    moved_at = next(i for i, d in enumerate(decisions) if any(m.customer == "c02" for m in d.moves))
+    assert moved_at == 4 and decisions[5].status.current_step == 2
+    if not broken:
+        assert status.phase == RolloutPhase.SUCCEEDED, status.conditions
+        assert "c02" in fleet.on("2.0.0")
+    return status, max(upgrading)
+
+
+def raise_every_bake(rollout_spec: RolloutSpec) -> None:
+    for step in rollout_spec.steps:
+        step.bake_seconds = 3600
+
+
+@pytest.mark.parametrize("broken", [True, False], ids=["refused", "slow"])
+def test_a_finished_step_s_bake_raised_later_still_carries_what_it_moved_after_its_bake(broken: bool) -> None:
+    """Found in review of c5deebc: the Customers the step before moved after its bake the next step
+    judged from that step's bakeSeconds as the spec is now: raised after the step ended, its bake
+    ended after the step, nobody was carried, and the refused c02 went uncounted (Succeeded, 0
+    failed). The bake's end is the step's status (bakedAt)."""
+    status, most_upgrading = c02_moved_after_step_1_s_bake(broken, raise_every_bake)
+
+    if broken:
+        assert status.phase == RolloutPhase.HALTED
+        assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [
+            ("c02", "UpgradeFailed", 2)
+        ]
+    # c02 held step 2's one slot (maxParallel 1) until it was judged.
+    assert most_upgrading == 1
+    step_1 = (status.steps or [])[0]
+    assert step_1.baked_at == T0 + timedelta(seconds=35) and step_1.completed_at == T0 + timedelta(seconds=50)
