@@ -683,19 +683,24 @@ class _Tick:
             status.current_step = 1
             self._step_started(0, groups)
         running = (status.steps or [])[current] if current < len(status.steps or []) else None
+        # Read before _steps drops the steps edited away (below).
+        known = status.steps or []
+        before_running = _bake_end(known[current - 1]) if 0 < current <= len(known) else None
         steps = self._steps(groups)
         everyone = [m for group in groups for m in group] + departed
         if status.phase == RolloutPhase.ROLLING_BACK:
             self._count(groups, total, [], current)
             return self._rolling_back(everyone, pinned)
         if current >= len(groups):
-            # The running step was edited away: the last one left runs again from when that step
-            # started, so the Customers moved since are judged before the rollout can succeed, and its
-            # own, judged when it ended, are not judged again (_watched).
+            # The running step was edited away: the last one left runs again from the end of the bake
+            # of the step before the running one, so the Customers moved since are judged before the
+            # rollout can succeed (those the running step moved, and those it carried: from its start,
+            # one this step moved after its own bake was judged by no step), and those moved before,
+            # judged when their step ended, are not judged again (_watched).
             current = len(groups) - 1
             status.current_step = current + 1
             again = steps[current]
-            again.started_at = (running and running.started_at) or again.started_at
+            again.started_at = before_running or (running and running.started_at) or again.started_at
             again.all_moved_at = again.healthy_at = again.baked_at = again.completed_at = None
         if steps[current].started_at is None:
             steps[current].started_at = now

@@ -2294,3 +2294,24 @@ def test_a_finished_step_s_bake_raised_later_still_carries_what_it_moved_after_i
     assert most_upgrading == 1
     step_1 = (status.steps or [])[0]
     assert step_1.baked_at == T0 + timedelta(seconds=35) and step_1.completed_at == T0 + timedelta(seconds=50)
+
+
+def remove_step_2(rollout_spec: RolloutSpec) -> None:
+    rollout_spec.steps = rollout_spec.steps[:1]
+
+
+@pytest.mark.parametrize("broken", [True, False], ids=["refused", "slow"])
+def test_a_step_running_again_judges_what_it_moved_after_its_bake(broken: bool) -> None:
+    """Found in review of c5deebc: with the running step 2 edited away, step 1 ran again from step 2's
+    start: c02, which it moved after its bake was over and step 2 carried, was neither its move since
+    then nor carried (the step before step 1 is none), and step 1's own were not judged again: the
+    rollout Succeeded with c02 upgrading, and refused it went uncounted. It runs again from the end of
+    the bake of the step before the running one."""
+    status, _ = c02_moved_after_step_1_s_bake(broken, remove_step_2)
+
+    assert status.current_step == 1 and len(status.steps or []) == 1
+    if broken:
+        assert status.phase == RolloutPhase.HALTED
+        assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [
+            ("c02", "UpgradeFailed", 1)
+        ]
