@@ -742,8 +742,13 @@ class _Tick:
         step_status = steps[current]
         if step_status.all_moved_at is None and not unmoved:
             # From the Customers this tick read, not from its moves: the status is written before them,
-            # and moves a crash lost in between were made again as a signup's.
-            step_status.all_moved_at = now
+            # and moves a crash lost in between were made again as a signup's. No earlier than the newest
+            # move read: after a restart on a node whose clock is behind, the step's own moves (the old
+            # clock's updated-at) were later than now, and the bake waited for none of them. (A clock
+            # behind by more than CLOCK_SKEW reads them as no time, _moved_at, until it catches up.)
+            run_started = status.started_at or now
+            times = [self._moved_since(m, run_started) for m in watched if m.health != "pending"]
+            step_status.all_moved_at = max([now, *(t for t in times if t is not None)])
         # A failure below maxFailures does not hold the step: the Customer stays on the version, listed.
         listed = {f.customer for f in status.failures or ()}
 

@@ -2315,3 +2315,35 @@ def test_a_step_running_again_judges_what_it_moved_after_its_bake(broken: bool) 
         assert [(f.customer, f.reason, f.step) for f in status.failures or ()] == [
             ("c02", "UpgradeFailed", 1)
         ]
+
+
+def test_a_bake_after_a_restart_on_a_clock_behind_still_waits_for_the_step_s_moves() -> None:
+    """Found in review of c5deebc: the operator restarted on a node whose clock is 20 s behind, after
+    the canary's move and before the first tick that found nothing left to move: allMovedAt (the new
+    clock's now) was before the canary's updated-at (the old clock's), so the bake waited for nobody,
+    and step 2 started 76 s after the canary was healthy, of bakeSeconds 300. allMovedAt is no earlier
+    than the newest move the tick read."""
+    fleet = Fleet(5)
+    operate = upgrades_taking(fleet, 240)
+    rollout = Rollout("r1", 1, T0.isoformat(), {})
+    rollout_spec = spec(
+        steps=[{"customers": ["c00"], "bakeSeconds": 300}, {"rest": True}], healthGate={"timeoutSeconds": 900}
+    )
+    status, canary_healthy = RolloutStatus(), None
+    for tick in range(400):
+        real = T0 + timedelta(seconds=tick * 2)
+        if 1 <= tick <= 7:  # the operator restarting, 14 s
+            continue
+        operate(real)
+        if canary_healthy is None and fleet.on("2.0.0") == {"c00"}:
+            canary_healthy = real
+        clock = real - timedelta(seconds=20 if tick else 0)
+        decision = decide(rollout, rollout_spec, status, list(fleet.customers.values()), [], clock)
+        fleet.apply(decision)
+        status = decision.status
+        if status.current_step == 2:
+            break
+
+    assert canary_healthy == T0 + timedelta(seconds=240)
+    assert real - canary_healthy >= timedelta(seconds=300)
+    assert annotated(fleet) - {"c00"}
