@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     # Webhook server rate limits, per client address and per API key: a token bucket.
     rate_limit_per_second: Annotated[float, Field(gt=0)] = 50.0
     rate_limit_burst: Annotated[int, Field(ge=1)] = 500
+    # Wrong tokens (a console sign-in, a bearer that is not the admin token) a client address may send a
+    # minute, and every address together: past either, no token is checked (429) until a try is back.
+    wrong_tokens_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    wrong_tokens_per_minute_total: Annotated[int, Field(ge=1, le=1_000_000)] = 100
     # Proxies in front of the webhook server (the ingress controller's pod range), as a JSON list of
     # CIDRs: for a request from one of them the client address is read from X-Forwarded-For.
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)

@@ -50,9 +50,11 @@ from iotistic_billing.webhook_server.context import (
     SESSIONS,
     SETTINGS,
     STRIPE,
+    TOKEN_GUESSES,
     USAGE,
     USAGE_KEYS,
     address_wait,
+    client_bucket,
 )
 from iotistic_billing.webhook_server.errors import Handler, error_middleware, method_not_allowed
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
@@ -64,6 +66,7 @@ from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.route_table import INBOX_ROUTES, ROUTES
 from iotistic_billing.webhook_server.security import (
     RateLimiter,
+    TokenGuesses,
     UsageKeyCache,
     add_security_headers,
     authenticate,
@@ -79,7 +82,8 @@ def utc_now() -> datetime:
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Rate limit per address, authenticate as the route's entry demands, then rate limit per principal."""
+    """Rate limit per address, authenticate as the route's entry demands (a wrong token costs a try of the
+    address's few: TokenGuesses), then rate limit per principal."""
     app = request.app
     entry = app[ROUTE_ENTRIES].get(request.match_info.route)
     if entry is None:
@@ -90,7 +94,12 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise throttled(wait, "address")
     if entry.access in ("admin", "instance"):
         principal = await authenticate(
-            request, app[SETTINGS], app[USAGE_KEYS], allow_instance=entry.access == "instance"
+            request,
+            app[SETTINGS],
+            app[USAGE_KEYS],
+            allow_instance=entry.access == "instance",
+            guesses=app[TOKEN_GUESSES],
+            address=client_bucket(request),
         )
         request[PRINCIPAL] = principal
         wait = app[KEY_LIMITER].take(principal.rate_key)
@@ -129,6 +138,7 @@ def create_app(
     app[KEYRING] = LicenseKeyring.from_settings(settings)
     app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
+    app[TOKEN_GUESSES] = TokenGuesses(options.wrong_tokens_per_address, options.wrong_tokens)
     app[READINESS] = ReadinessChecks()
 
     served = INBOX_ROUTES if options.probes_only else ROUTES

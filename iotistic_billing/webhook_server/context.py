@@ -28,6 +28,7 @@ from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.security import (
     Principal,
     RateLimiter,
+    TokenGuesses,
     UsageKeyCache,
     address_bucket,
     client_address,
@@ -41,6 +42,8 @@ KEYRING = web.AppKey("keyring", LicenseKeyring)
 METRICS = web.AppKey("metrics", Metrics)
 ADDRESS_LIMITER = web.AppKey("address_limiter", RateLimiter)
 KEY_LIMITER = web.AppKey("key_limiter", RateLimiter)
+# Wrong tokens per client address and for the server: the console's sign-in and the API's bearers.
+TOKEN_GUESSES = web.AppKey("token_guesses", TokenGuesses)
 ROUTE_ENTRIES: web.AppKey[dict[web.AbstractRoute, Route]] = web.AppKey("route_entries")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Opened in cleanup_ctx, so they exist only while the app runs.
@@ -78,7 +81,12 @@ def request_address(request: web.Request) -> str:
     )
 
 
+def client_bucket(request: web.Request) -> str:
+    """The key of the request's client in the limits per address: its address, an IPv6 client's /64."""
+    return address_bucket(request_address(request))
+
+
 def address_wait(request: web.Request) -> float | None:
     """Spend a token of the limit per client address (an IPv6 client's /64): None when allowed, else the
     seconds until a token is there again."""
-    return request.app[ADDRESS_LIMITER].take(address_bucket(request_address(request)))
+    return request.app[ADDRESS_LIMITER].take(client_bucket(request))

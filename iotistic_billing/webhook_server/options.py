@@ -20,6 +20,11 @@ class RateLimit:
         if self.per_second <= 0 or self.burst < 1:
             raise ValueError(f"rate limit needs per_second > 0 and burst >= 1, got {self}")
 
+    @classmethod
+    def per_minute(cls, count: int) -> RateLimit:
+        """`count` at once, and as many again each minute."""
+        return cls(per_second=count / 60, burst=count)
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -28,6 +33,12 @@ class ServerOptions:
     # Generous: a busy admin script or Stripe's retries after an outage are not throttled.
     rate_per_address: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
     rate_per_key: RateLimit = field(default_factory=lambda: RateLimit(per_second=50.0, burst=500))
+    # Wrong tokens (a console sign-in, a bearer that is not the admin token) per client address, and from
+    # every address together (WRONG_TOKENS_PER_MINUTE, WRONG_TOKENS_PER_MINUTE_TOTAL). A person mistyping
+    # is not throttled; a script guessing ADMIN_API_TOKEN or ADMIN_VIEWER_TOKEN tries 14,400 a day from one
+    # address instead of the request limit's 4 million. A right token costs no try.
+    wrong_tokens_per_address: RateLimit = field(default_factory=lambda: RateLimit.per_minute(10))
+    wrong_tokens: RateLimit = field(default_factory=lambda: RateLimit.per_minute(100))
     # Behind an ingress every request comes from the ingress controller: the limit per address applies
     # to the client that X-Forwarded-For names when the request comes from one of these networks.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()

@@ -5,7 +5,8 @@
   (api_keys), so lookup is by hash. Lookups are cached for a short TTL (UsageKeyCache): a revoked key
   keeps working until its cache entry expires (30 s by default); a replaced one, ROTATION_GRACE longer.
 - Rate limits: an in-memory token bucket per client address (an IPv6 client's /64) and per
-  authenticated principal.
+  authenticated principal; wrong tokens (console sign-ins, bearers) have far smaller buckets of their own
+  (TokenGuesses), per client address and for the server as a whole.
 """
 
 from __future__ import annotations
@@ -163,30 +164,45 @@ async def authenticate(
     settings: Settings,
     usage_keys: UsageKeyCache,
     allow_instance: bool,
+    guesses: TokenGuesses,
+    address: str,
 ) -> Principal:
-    """The caller of an admin route (or, where `allow_instance`, of an instance route), or 401/403.
+    """The caller of an admin route (or, where `allow_instance`, of an instance route), or 401/403, or
+    429 when `address` (a client address's bucket) or the server is out of tries for wrong tokens.
 
     A usage key comes in X-API-Key or, as instances with a generic HTTP client prefer, as the bearer
-    token: a bearer that is not the admin token is looked up as a usage key.
+    token: on an instance route a bearer that is not the admin token is looked up as a usage key. An
+    admin route looks up no bearer (a query per guess of the admin token): only the admin token opens it.
     """
-    if is_admin(request, settings):
-        return ADMIN
     header_key = request.headers.get(API_KEY_HEADER)
     bearer = _bearer(request)
-    key = header_key or bearer
+    # A bearer is a try of the admin token only where one is set (else it could not be right).
+    tried = bearer is not None and settings.admin_api_token is not None
+    refusal = guesses.attempt(address) if tried else None
+    if tried and refusal is None and is_admin(request, settings):
+        guesses.proved_right(address)
+        return ADMIN
+    key = header_key or (bearer if allow_instance else None)
     if key:
         customer_id = await usage_keys.customer_for(key)
-        if customer_id is None:
-            if header_key:
-                raise Unauthorized("the X-API-Key is not a known usage key")
-            if settings.admin_api_token is None and not allow_instance:
-                raise admin_not_configured()
-            raise Unauthorized("the bearer token is neither the admin token nor a known usage key")
-        if not allow_instance:
-            raise Forbidden("this route needs the admin token; a usage key may only reach its own customer")
-        return Principal("instance", customer_id)
+        if customer_id is not None:
+            if tried and refusal is None and not header_key:
+                guesses.proved_right(address)  # the instance's key, not a guess of the admin token
+            if not allow_instance:
+                raise Forbidden(
+                    "this route needs the admin token; a usage key may only reach its own customer"
+                )
+            return Principal("instance", customer_id)
+    if refusal is not None:
+        raise refusal
+    if header_key:
+        raise Unauthorized("the X-API-Key is not a known usage key")
     if settings.admin_api_token is None and not allow_instance:
         raise admin_not_configured()
+    if bearer is not None and allow_instance:
+        raise Unauthorized("the bearer token is neither the admin token nor a known usage key")
+    if bearer is not None:
+        raise Unauthorized("the bearer token is not the admin token, which this route needs")
     raise Unauthorized("send Authorization: Bearer <ADMIN_API_TOKEN>, or a usage key in X-API-Key")
 
 
@@ -273,6 +289,55 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return None if allowed else (1.0 - tokens) / self.limit.per_second
 
+    def give_back(self, key: str) -> None:
+        """The token a `take` that was allowed spent, returned: what it was spent on did not count."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:  # dropped meanwhile: it comes back full anyway
+            tokens, updated = bucket
+            self._buckets[key] = (min(float(self.limit.burst), tokens + 1.0), updated)
+
+
+# The key of TokenGuesses' bucket for the whole server.
+_EVERY_ADDRESS: Final = ""
+
+
+class TokenGuesses:
+    """Tries of a token (a console sign-in, a bearer compared with the admin token) per client address and
+    for the whole server, in buckets far smaller than the request limits: a right token costs no try, a
+    wrong one costs one of its address's and one of the server's. The server's bucket bounds guesses
+    from many addresses (and from addresses the buckets per address forgot), at the price of refusing
+    every token, the right one too, while they go on.
+
+    A try is spent before its token is compared and given back once it proves right, so that guesses
+    sent at once are not all compared before the first of them has failed."""
+
+    def __init__(
+        self,
+        per_address: RateLimit,
+        overall: RateLimit,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        self.per_address = RateLimiter(per_address, clock, max_keys)
+        self.overall = RateLimiter(overall, clock, max_keys=1)
+
+    def attempt(self, address: str) -> TooManyRequests | None:
+        """Spend a try from `address` (a client address's bucket): None when the token may be compared,
+        else the 429 to answer, without comparing it."""
+        wait = self.per_address.take(address)
+        if wait is not None:
+            return wrong_tokens(wait, "address")
+        wait = self.overall.take(_EVERY_ADDRESS)
+        if wait is not None:
+            self.per_address.give_back(address)
+            return wrong_tokens(wait, "server")
+        return None
+
+    def proved_right(self, address: str) -> None:
+        """The try `attempt` spent gives way: its token was right."""
+        self.per_address.give_back(address)
+        self.overall.give_back(_EVERY_ADDRESS)
+
 
 def throttled(retry_after: float, scope: str) -> TooManyRequests:
     seconds = max(1, math.ceil(retry_after))
@@ -280,6 +345,22 @@ def throttled(retry_after: float, scope: str) -> TooManyRequests:
         "Too many requests",
         f"rate limit per {scope} exceeded; retry in {seconds} s",
         {"scope": scope, "retry_after": seconds},
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def wrong_tokens(retry_after: float, scope: Literal["address", "server"]) -> TooManyRequests:
+    """The 429 of TokenGuesses: it says that no token, the right one included, is compared until then."""
+    seconds = max(1, math.ceil(retry_after))
+    where, named = (
+        ("from this address", "wrong tokens per address")
+        if scope == "address"
+        else ("on this server", "wrong tokens on this server")
+    )
+    return TooManyRequests(
+        "Too many requests",
+        f"too many wrong tokens {where}; retry in {seconds} s (no token is checked until then)",
+        {"scope": named, "retry_after": seconds},
         headers={"Retry-After": str(seconds)},
     )
 
@@ -310,6 +391,7 @@ __all__ = [
     "SECURITY_HEADERS",
     "Principal",
     "RateLimiter",
+    "TokenGuesses",
     "UsageKeyCache",
     "add_security_headers",
     "address_bucket",
@@ -320,4 +402,5 @@ __all__ = [
     "is_trusted_proxy",
     "throttled",
     "usage_key_customer",
+    "wrong_tokens",
 ]

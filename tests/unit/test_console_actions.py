@@ -34,10 +34,11 @@ from iotistic_billing.webhook_server.context import (
     OPTIONS,
     SESSIONS,
     SETTINGS,
+    TOKEN_GUESSES,
 )
 from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.options import ServerOptions
-from iotistic_billing.webhook_server.security import RateLimiter
+from iotistic_billing.webhook_server.security import RateLimiter, TokenGuesses
 
 ADMIN = "admin-token-" + "a" * 20
 VIEWER = "viewer-token-" + "b" * 20
@@ -222,6 +223,7 @@ def console_app(settings: Settings) -> tuple[web.Application, FakeKube, FakeData
     app[SETTINGS] = settings
     app[OPTIONS] = ServerOptions()
     app[ADDRESS_LIMITER] = RateLimiter(app[OPTIONS].rate_per_address)
+    app[TOKEN_GUESSES] = TokenGuesses(app[OPTIONS].wrong_tokens_per_address, app[OPTIONS].wrong_tokens)
     app[CLOCK] = lambda: datetime(2026, 6, 1, tzinfo=UTC)
     app[DIRECTORY] = directory  # type: ignore[misc]
     app[KUBE] = kube  # type: ignore[misc]

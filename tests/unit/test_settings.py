@@ -28,6 +28,7 @@ def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.usage_close_grace == 3600
     assert settings.notice_retention_days == 90
     assert settings.stripe_event_retention_days == 90
+    assert (settings.wrong_tokens_per_minute, settings.wrong_tokens_per_minute_total) == (10, 100)
 
 
 def test_trusted_proxies_are_a_json_list_of_networks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +140,17 @@ def test_metered_prices_are_a_json_list_apart_from_the_plans(monkeypatch: pytest
         ("USAGE_CLOSE_GRACE", "inf", "USAGE_CLOSE_GRACE: Input should be a finite number"),
         ("USAGE_CLOSE_GRACE", "nan", "USAGE_CLOSE_GRACE: Input should be a finite number"),
         ("SIGNUP_LICENSE_WAIT", "nan", "SIGNUP_LICENSE_WAIT: Input should be a finite number"),
+        # No wrong token at all would lock every token out.
+        (
+            "WRONG_TOKENS_PER_MINUTE",
+            "0",
+            "WRONG_TOKENS_PER_MINUTE: Input should be greater than or equal to 1",
+        ),
+        (
+            "WRONG_TOKENS_PER_MINUTE_TOTAL",
+            "0.5",
+            "WRONG_TOKENS_PER_MINUTE_TOTAL: Input should be a valid integer",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(

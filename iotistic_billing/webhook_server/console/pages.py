@@ -64,7 +64,9 @@ from iotistic_billing.webhook_server.context import (
     OPTIONS,
     SESSIONS,
     SETTINGS,
+    TOKEN_GUESSES,
     address_wait,
+    client_bucket,
     request_address,
 )
 from iotistic_billing.webhook_server.errors import problem_of
@@ -246,14 +248,21 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
-    """A token opens a session: the admin token may act, the viewer token may look."""
+    """A token opens a session: the admin token may act, the viewer token may look. A wrong one costs a
+    try of the client address's (and the server's) few, shared with the API's bearers; out of tries, no
+    token is compared: a 429 saying when to try again."""
     sessions = request.app[SESSIONS_KEY]
     form = await read_form(request)
     back = return_to(form.get(NEXT_FIELD))
+    address, guesses = client_bucket(request), request.app[TOKEN_GUESSES]
+    refusal = guesses.attempt(address)
+    if refusal is not None:
+        raise refusal
     session = sessions.sign_in(str(form.get("token", "")))
     if session is None:
         log.warning("console: a sign-in from %s failed: the token opens no session", request_address(request))
         return render(request, "login.html.j2", status=401, failed=True, next=back)
+    guesses.proved_right(address)
     response = see_other(back or "/admin/")
     # Lax, not Strict: a link from another site (a ticket, a chat) opens the page signed in. It gives
     # nothing up: no GET of the console writes, and a POST from another site carries no Lax cookie (each
