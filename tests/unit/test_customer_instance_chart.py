@@ -523,8 +523,7 @@ def test_no_value_can_write_yaml_of_its_own(helm: Path, tmp_path: Path, payload:
             for path, start in CUSTOMER_LIST_STRINGS.items()
         ),
         ({"imagePullSecrets": [{"name": "pull" + NEWLINE_OBJECT}]}, "/imagePullSecrets/0/name"),
-        # A path with a space, and names and images that Kubernetes would refuse anyway.
-        (nested("api.healthPath", "/he alth"), "/api/healthPath"),
+        # Names and images that Kubernetes would refuse anyway.
         (nested("ingress.className", "Nginx"), "/ingress/className"),
         (nested("api.image.repository", "iotistic/API"), "/api/image/repository"),
         (nested("api.image.tag", ":latest"), "/api/image/tag"),
@@ -540,3 +539,31 @@ def test_a_value_that_would_write_yaml_fails_the_render_naming_it(
     assert result.returncode != 0, f"{named} rendered"
     assert "values don't meet the specifications of the schema" in result.stderr
     assert f"at '{named}'" in result.stderr, result.stderr
+
+
+def test_values_users_set_today_still_render_as_they_did(helm: Path, tmp_path: Path) -> None:
+    """Found in review of the quoting: the schema refused an image tag pinned by digest (Renovate's
+    `1.4.0@sha256:...`) and a path with a space, which rendered before, and a value set null to drop
+    the chart's default (an OpenShift SCC's uid, the API server's replicas) rendered 0: a pod refused
+    as root beside runAsNonRoot, a component scaled to zero. Each renders as before the quoting."""
+    digest = "1.4.0@sha256:" + "0" * 64
+    values = deep_merge(
+        OPERATOR_VALUES,
+        {
+            "api": {
+                "image": {"repository": "registry.local:5000/iotistic/api", "tag": digest},
+                "writablePaths": ["/app/My Data"],
+                "runAsUser": None,
+                "replicas": None,
+            }
+        },
+    )
+    api = component(render(helm, tmp_path, values), "api")
+
+    [container] = containers(api)
+    assert container["image"] == f"registry.local:5000/iotistic/api:{digest}"
+    assert "/app/My Data" in [mount["mountPath"] for mount in container["volumeMounts"]]
+    assert api["spec"]["replicas"] is None  # null: the API server's default, as before the quoting
+    context = api["spec"]["template"]["spec"]["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context)

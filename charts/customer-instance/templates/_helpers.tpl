@@ -52,9 +52,10 @@ iotistic.io/customer-id: {{ . | quote }}
 iotistic.io/plan: {{ .root.Values.plan | quote }}
 {{- end -}}
 
-{{/* Replicas of a workload: its own count, or 0 when the instance is disabled. */}}
+{{/* Replicas of a workload: its own count (none when a Customer's values set it null: the API server's
+default), or 0 when the instance is disabled. */}}
 {{- define "customer-instance.replicas" -}}
-{{- if .root.Values.enabled -}}{{ .replicas | int }}{{- else -}}0{{- end -}}
+{{- if not .root.Values.enabled -}}0{{- else if not (kindIs "invalid" .replicas) -}}{{ .replicas | int }}{{- end -}}
 {{- end -}}
 
 {{- define "customer-instance.preset" -}}
@@ -80,9 +81,11 @@ iotistic.io/plan: {{ .root.Values.plan | quote }}
 {{/* Pod-level security: non-root with the image's own uid, RuntimeDefault seccomp. */}}
 {{- define "customer-instance.podSecurityContext" -}}
 runAsNonRoot: true
+{{- if not (kindIs "invalid" .runAsUser) }}
 runAsUser: {{ .runAsUser | int }}
 runAsGroup: {{ .runAsUser | int }}
 fsGroup: {{ .runAsUser | int }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
