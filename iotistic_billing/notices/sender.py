@@ -534,7 +534,7 @@ class NoticeSender:
         A copy counts only when labelled with the notice's customer id: the name, and so the namespace,
         may already be another customer's (a company signed up again), whose key would sign the old
         customer's notice for a receiver that is not the new customer's."""
-        kept, running = await self._kept_key(notice)
+        kept, running = await self.kept_key(notice)
         if kept is not None and not running:
             return _Signer(kept, None)
         holder = await self._holder(notice)
@@ -609,14 +609,11 @@ class NoticeSender:
         signer = await self._signer(notice)
         return _webhook_key(signer.key) if signer.key is not None else None
 
-    async def kept_key(self, notice: StoredNotice) -> bytes | None:
+    async def kept_key(self, notice: StoredNotice) -> tuple[bytes | None, bool]:
         """The copy of the signing secret a deletion of the notice's Customer kept, when it signs this
         notice (kept_key_signs: not one written after the deletion ended, a Customer's created again
-        under the id); None when none does. DeliveryFailed when the Secret cannot be read."""
-        return (await self._kept_key(notice))[0]
-
-    async def _kept_key(self, notice: StoredNotice) -> tuple[bytes | None, bool]:
-        """kept_key, and whether the deletion that kept it still runs (its mark is on)."""
+        under the id), else None; and whether that deletion still runs (its mark is on), when the key
+        yields to a Customer holding the id (_signer). DeliveryFailed when the Secret cannot be read."""
         namespace = self.options.billing_namespace
         kept = await self._read_secret(namespace, DELETED_NOTIFICATIONS_SECRET_NAME)
         value = kept.data.get(notice.customer_id) if kept is not None else None

@@ -96,7 +96,8 @@ async def resend_notice(request: web.Request) -> web.Response:
             # Written before the commit, so that PostgreSQL lost until here changed nothing, as the 503
             # says; only the commit's own answer, once lost, leaves the resend in doubt.
             await session.flush()
-            committing = notice.customer_id
+            if logged.resent:  # nothing made pending: a commit lost changed nothing
+                committing = notice.customer_id
     except Exception as error:
         if committing is None or not database_unreachable(error):
             raise
@@ -126,7 +127,9 @@ async def _kept_key_signs(session: AsyncSession, sender: NoticeSender, notice: S
     commit); False when that cannot be read (the Customer's URL, as before the check)."""
     await hold_kept_keys(session)
     try:
-        return await sender.kept_key(notice) is not None
+        # As the sender's tries decide (_signer): not a key whose deletion still runs.
+        kept, running = await sender.kept_key(notice)
+        return kept is not None and not running
     except DeliveryFailed as error:
         log.warning("resend of a notice of %s: its kept key not read (%s)", notice.customer_id, error)
         return False

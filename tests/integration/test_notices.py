@@ -1613,6 +1613,57 @@ async def test_a_resend_of_a_deleted_customer_s_webhook_goes_where_its_kept_key_
     assert not newer.refused
 
 
+async def test_a_resend_while_the_deletion_that_kept_the_key_runs_goes_to_the_id_s_holder(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    receivers: tuple[Receiver, Receiver],
+    k8s_client: kubernetes.client.ApiClient,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+    operator: OperatorProcess,
+) -> None:
+    """Found in review: while the deletion that kept a key still ran (its mark on) and a Customer held
+    the id again (a rename whose old Customer went first), the sender's tries went to the holder with its
+    key, but a resend still took the kept key's side: its answer named the old URL the delivery never
+    went to. Both decide alike: the resend shows, and the try posts to, the holder's URL with its key."""
+    from iotistic_billing.notices.log import recent_notices
+
+    newer, receiver = receivers  # the platform team's endpoint stands in for the new Customer's receiver
+    one, name, customer_id = await deleted_with_a_dying_webhook(sessions, kube, mailpit, k8s_client, receiver)
+    create_hooked_customer(k8s_client, unique_name("newhook"), customer_id, newer)
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await one.send_due()
+            async with sessions() as session:
+                logged = await recent_notices(session, customer_id=customer_id, status=None, limit=10)
+            (revoked,) = [entry for entry in logged if entry.notice.customer_name == name]
+            assert ("webhook", "dead") in {(d.channel, d.status) for d in revoked.deliveries}
+            # The deletion's mark put back on, its time taken off: as while the deletion ran.
+            kubernetes.client.CoreV1Api(k8s_client).patch_namespaced_secret(
+                DELETED_NOTIFICATIONS_SECRET_NAME,
+                "default",
+                {
+                    "metadata": {
+                        "annotations": {
+                            deletion_running_annotation(customer_id): f"{name}/u-gone",
+                            signs_until_annotation(customer_id): None,
+                        }
+                    }
+                },
+            )
+
+            answer = await resend_by_api(api, sessions, revoked.notice.key)
+            assert answer.status == 202, await answer.text()
+            assert ("webhook", "pending", newer.url) in shown(await answer.json())
+            await one.send_due()
+    finally:
+        await one.stop()
+    assert len(receiver.seen) == 1  # the dead try alone
+    assert len(newer.seen) == 1 and not newer.refused  # verified with the holder's key
+
+
 async def test_a_gone_customer_s_unsignable_webhook_stays_dead_while_its_mail_is_resent(
     sessions: async_sessionmaker[AsyncSession],
     kube: Kube,
