@@ -41,6 +41,9 @@ class NotificationsOutcome:
     ready: bool
     reason: str
     message: str
+    # The copy of a key the customer withdrew (its Secret or the webhook gone) could not be deleted: the
+    # sender still signs with it, so a Warning Event says so and the housekeeping tries again.
+    copy_kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ class NamespaceRefused:
     reason: str
     message: str
     permanent: bool
-    # The namespace and what runs there are as they were (a write refused), so an instance that served is
-    # Degraded meanwhile, not Provisioning as for a namespace going away.
+    # The namespace and what runs there are as they were (a read of it refused), so an instance that
+    # served is Degraded meanwhile; not for a create refused (none there), Provisioning as for one going.
     runs_on: bool = False
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -46,7 +46,7 @@ from iotistic_billing.operator.metrics import (
     report_stall,
 )
 from iotistic_billing.operator.outcomes import NamespaceRefused, NotificationsOutcome, PassOutcome
-from iotistic_billing.operator.refusals import Refused, refused_as
+from iotistic_billing.operator.refusals import NamespaceGoing, Refused, refused_as
 from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import (
     PassTarget,
@@ -105,6 +105,9 @@ class PassResult:
     previous_ready_message: str | None = None
     # The Customer's, for the Events of a pass no Kopf handler ran (`kubectl describe` matches the uid).
     uid: str | None = None
+    # Warning Events of what the pass went on without (reason, message): a refused apply of the
+    # Customer's own namespace, a copy of a withdrawn signing key that could not be deleted.
+    warnings: tuple[tuple[str, str], ...] = ()
 
     @property
     def payment_step_changed(self) -> bool:
@@ -141,6 +144,7 @@ class PassResult:
             )
         ):
             events.append(("Warning", ready.reason, f"{self.temporary_error} (retried)"))
+        events.extend(("Warning", reason, message) for reason, message in self.warnings)
         return events
 
 
@@ -256,38 +260,35 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         timedelta(days=ctx.settings.dunning_restrict_days),
     )
 
+    warnings: list[tuple[str, str]] = []
     try:
-        secret = await _namespace_and_secret(ctx, target, made_before=previous.instance is not None)
+        secret = await _namespace_and_secret(
+            ctx, target, made_before=previous.instance is not None, warnings=warnings
+        )
+        if not isinstance(secret, NamespaceRefused):
+            outcome = await _licence_and_notifications(ctx, target, secret)
     except Refused as refused:
-        # An admission policy, RBAC: said in Ready and Reconciling, retried (it raised into the handler's
-        # traceback, and a new Customer had no status and no Event at all).
+        # A read of the namespace or its Secret refused (an admission policy, RBAC): said in Ready and
+        # Reconciling, retried (it raised into the handler's traceback, and a new Customer had no status
+        # and no Event at all). The namespace is there, and an instance that served runs on: Degraded.
         secret = NamespaceRefused(c.NAMESPACE_REFUSED, str(refused), permanent=False, runs_on=True)
+    except NamespaceGoing as going:
+        # A write into a namespace being deleted or gone (403 NamespaceTerminating, 404): no policy's
+        # refusal. The next pass reads the namespace (not trusted as applied) and waits or makes it again.
+        ctx.applied_namespaces.pop(target.namespace, None)
+        secret = NamespaceRefused(c.NAMESPACE_TERMINATING, str(going), permanent=False)
     if isinstance(secret, NamespaceRefused):
         status = answered_request(
             refused_status(previous, target, secret, generation), meta.get("annotations") or {}
         )
         if secret.permanent:
             return await write_status(ctx, body, previous, status, permanent=secret.message)
-        return await write_status(ctx, body, previous, status, temporary=secret.message)
-    try:
-        outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
-    except MintingError as error:
-        outcome = PassOutcome(license_error=str(error))
-    except Refused as refused:
-        # The licence in force stays in status.license; LicenseIssued and Ready say the new one is not
-        # written (a refused renewal left them True with the old expiry until it ran out).
-        outcome = PassOutcome(license_refused=str(refused))
-    except Exception as error:
-        if not database_unreachable(error):
-            raise
-        # A dependency away, not a bug: said in LicenseIssued and by one line of Kopf's retry, no traceback.
-        outcome = PassOutcome(license_unavailable=license_unrecorded(error))
-    try:
-        notifications = await ensure_webhook_secret(ctx, target)
-    except Refused as refused:
-        # Ready does not wait on it; the housekeeping looks again every minute while it is False.
-        notifications = NotificationsOutcome(False, c.NOTIFICATIONS_SECRET_REFUSED, str(refused))
-    outcome = replace(outcome, notifications=notifications)
+        return await write_status(ctx, body, previous, status, temporary=secret.message, warnings=warnings)
+    notifications = outcome.notifications
+    if notifications is not None and notifications.copy_kept:
+        was = previous.condition(ConditionType.NOTIFICATIONS_READY)
+        if was is None or (was.reason, was.message) != (notifications.reason, notifications.message):
+            warnings.append((notifications.reason, notifications.message))  # once a cause, as Ready's
 
     read_at: int | None = None
     if outcome.license is not None:
@@ -306,12 +307,37 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         next_status(previous, target, outcome, generation), meta.get("annotations") or {}
     )
     if outcome.stalled_reason is not None:
-        result = await write_status(ctx, body, previous, status, permanent=outcome.failure)
+        result = await write_status(ctx, body, previous, status, permanent=outcome.failure, warnings=warnings)
     else:
-        result = await write_status(ctx, body, previous, status, temporary=outcome.failure)
+        result = await write_status(ctx, body, previous, status, temporary=outcome.failure, warnings=warnings)
     if read_at is not None:
         ctx.deployments.judged(target.namespace, read_at)
     return result
+
+
+async def _licence_and_notifications(
+    ctx: OperatorContext, target: PassTarget, secret: SecretData | None
+) -> PassOutcome:
+    """The licence step, then the notifications step, each failure its condition's."""
+    try:
+        outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
+    except MintingError as error:
+        outcome = PassOutcome(license_error=str(error))
+    except Refused as refused:
+        # The licence in force stays in status.license; LicenseIssued and Ready say the new one is not
+        # written (a refused renewal left them True with the old expiry until it ran out).
+        outcome = PassOutcome(license_refused=str(refused))
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        # A dependency away, not a bug: said in LicenseIssued and by one line of Kopf's retry, no traceback.
+        outcome = PassOutcome(license_unavailable=license_unrecorded(error))
+    try:
+        notifications = await ensure_webhook_secret(ctx, target)
+    except Refused as refused:
+        # Ready does not wait on it; the housekeeping looks again every minute while it is False.
+        notifications = NotificationsOutcome(False, c.NOTIFICATIONS_SECRET_REFUSED, str(refused))
+    return replace(outcome, notifications=notifications)
 
 
 def license_unrecorded(error: BaseException) -> str:
@@ -324,7 +350,10 @@ def license_unrecorded(error: BaseException) -> str:
 
 
 async def _namespace_and_secret(
-    ctx: OperatorContext, target: PassTarget, made_before: bool
+    ctx: OperatorContext,
+    target: PassTarget,
+    made_before: bool,
+    warnings: list[tuple[str, str]] | None = None,
 ) -> SecretData | NamespaceRefused | None:
     """The Customer's namespace made, or found to be its own, and its licence Secret read (None: none
     yet); or why the pass may not work there (manifests.namespace_holder): someone else's namespace is
@@ -338,11 +367,14 @@ async def _namespace_and_secret(
     calls of every pass a Deployment event starts. Labels someone edits on the namespace are therefore
     put back at the operator's next start, not at the next pass.
 
-    A request the API server refuses (4xx) raises Refused naming it."""
+    A read the API server refuses (4xx) raises Refused naming it; a create it refuses is NamespaceRefused
+    (none there, so nothing runs on: not runs_on). Its refusal of the apply of the Customer's own
+    namespace (a policy on UPDATE the operator's labels do not pass) is a Warning Event in `warnings`
+    and the pass goes on: the namespace is usable as it is, and ending there left the licence unrenewed
+    until it ran out. It is tried again at the operator's next start, as labels someone edits are."""
     namespace = target.namespace
     manifest = namespace_manifest(namespace, target.name, target.customer_id, target.owner)
     read_secret = partial(_asked, f"to read Secret {namespace}/{LICENSE_SECRET_NAME}")
-    create = partial(_asked, f"to create namespace {namespace}")
     if ctx.applied_namespaces.get(namespace) == manifest:
         secret = await read_secret(ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME))
         if secret is not None:
@@ -350,15 +382,22 @@ async def _namespace_and_secret(
         # The Secret deleted, or the namespace with it (and someone else's made since): looked at again.
         del ctx.applied_namespaces[namespace]
         made_before = True
-    if not made_before and await create(ctx.kube.create_namespace(manifest)):
-        ctx.applied_namespaces[namespace] = manifest
-        return None
+    if not made_before:
+        created = await _created(ctx, manifest)
+        if isinstance(created, NamespaceRefused):
+            return created
+        if created:
+            ctx.applied_namespaces[namespace] = manifest
+            return None
     existing, secret = await together(
         _asked(f"to read namespace {namespace}", ctx.kube.read_namespace(namespace)),
         read_secret(ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)),
     )
     if existing is None:  # gone since the Customer's last pass
-        if await create(ctx.kube.create_namespace(manifest)):
+        created = await _created(ctx, manifest)
+        if isinstance(created, NamespaceRefused):
+            return created
+        if created:
             ctx.applied_namespaces[namespace] = manifest
             return None
         return NamespaceRefused(  # by someone else between the read and the create: judged next time
@@ -369,9 +408,25 @@ async def _namespace_and_secret(
     if (refused := namespace_refusal(existing, target)) is not None:
         return refused
     if not namespace_as_applied(existing, manifest):
-        await _asked(f"to apply namespace {namespace}", ctx.kube.apply(manifest))
+        try:
+            await _asked(f"to apply namespace {namespace}", ctx.kube.apply(manifest))
+        except Refused as refused:
+            said = f"{refused}; the namespace is used as it is"
+            log.warning("Customer %s: %s", target.name, said, extra={"customer": target.name})
+            if warnings is not None:
+                warnings.append((c.NAMESPACE_REFUSED, said))
     ctx.applied_namespaces[namespace] = manifest
     return secret
+
+
+async def _created(ctx: OperatorContext, manifest: dict[str, Any]) -> bool | NamespaceRefused:
+    """The namespace created (False: one of its name exists), or the API server's refusal of it."""
+    try:
+        return await _asked(
+            f"to create namespace {manifest['metadata']['name']}", ctx.kube.create_namespace(manifest)
+        )
+    except Refused as refused:
+        return NamespaceRefused(c.NAMESPACE_REFUSED, str(refused), permanent=False)
 
 
 async def _asked(doing: str, request: Awaitable[A]) -> A:
@@ -404,6 +459,7 @@ async def write_status(
     status: CustomerStatus,
     permanent: str | None = None,
     temporary: str | None = None,
+    warnings: Sequence[tuple[str, str]] = (),
 ) -> PassResult:
     """The one status patch of the pass, only when something changed.
 
@@ -424,6 +480,7 @@ async def write_status(
         previous_ready_reason=ready.reason if (ready := previous.condition(ConditionType.READY)) else None,
         previous_ready_message=ready.message if ready is not None else None,
         uid=body["metadata"].get("uid"),
+        warnings=tuple(warnings),
     )
     if status.to_k8s() != previous.to_k8s():
         log.info(

@@ -3,6 +3,7 @@ missing), raised as one error naming the object, for the pass to turn into the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,14 +22,44 @@ class Refused(Exception):
         self.status = error.status
 
 
+class NamespaceGoing(Exception):
+    """A write into the Customer's namespace answered as one being deleted or gone (403 whose cause is
+    NamespaceTerminating, 404): no policy's refusal, so no Refused and no Event blaming one; the pass
+    looks at the namespace again."""
+
+    def __init__(self, doing: str, error: ApiException) -> None:
+        super().__init__(f"{doing}: {refusal_message(error)}; the namespace is looked at again")
+
+
 @contextmanager
 def refused_as(doing: str) -> Iterator[None]:
     """The API server's refusal of a request inside as Refused, saying `doing` ("to create namespace
-    customer-acme")."""
+    customer-acme"); a namespace being deleted or gone as NamespaceGoing. A 409 stays the ApiException:
+    a conditional write's object changed since it was read, for the caller to read again."""
     try:
         yield
     except ApiException as error:
+        if error.status == 409:
+            raise
+        if error.status == 404 or _namespace_terminating(error):
+            raise NamespaceGoing(doing, error) from error
         raise Refused(doing, error) from error
 
 
-__all__ = ["Refused", "refused_as"]
+def _namespace_terminating(error: ApiException) -> bool:
+    """A write refused because its namespace is being deleted: the API server's 403 whose
+    details.causes[].reason is NamespaceTerminating (a policy's 403 has none)."""
+    if error.status != 403:
+        return False
+    try:
+        status = json.loads(error.body or "{}")
+    except ValueError:
+        return False
+    details = status.get("details") if isinstance(status, dict) else None
+    causes = details.get("causes") if isinstance(details, dict) else None
+    return isinstance(causes, list) and any(
+        isinstance(cause, dict) and cause.get("reason") == "NamespaceTerminating" for cause in causes
+    )
+
+
+__all__ = ["NamespaceGoing", "Refused", "refused_as"]

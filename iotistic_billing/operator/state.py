@@ -430,12 +430,14 @@ def housekeeping_due(
         notifications is not None
         and notifications.status == "False"
         and notifications.reason != c.INVALID_WEBHOOK_URL
-        and spec.notifications.webhook is not None
+        and (spec.notifications.webhook is not None or notifications.reason == c.NOTIFICATIONS_SECRET_REFUSED)
         and stall is None
     ):
         # The Secret it names may have been created since: a pass looks again (no watch sees it). Not
         # for a Stalled Customer: that pass ran helm again on the values that failed, every minute; nor
         # for a URL refused, which only a spec change (a pass of its own) mends: a pass each minute.
+        # With the webhook removed, only while the copy of its key could not be deleted (refused): it
+        # still signs, and nothing else looked again (the pass that found it so counted as a success).
         return notifications.reason
     license = status.license
     if license is None or license.issued_at is None or license.expires_at is None:

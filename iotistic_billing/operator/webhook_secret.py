@@ -7,7 +7,10 @@ the webhooks still to be sent."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
+
+from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.customer import (
     DELETED_NOTIFICATIONS_SECRET_NAME,
@@ -26,7 +29,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.manifests import notifications_secret_manifest
 from iotistic_billing.operator.outcomes import NotificationsOutcome
-from iotistic_billing.operator.refusals import refused_as
+from iotistic_billing.operator.refusals import Refused, refused_as
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.settings import webhook_secret_bytes
 
@@ -42,13 +45,13 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     that leaked); the sender's deliveries fail, retried, until the Secret is back and copied again. So
     does the webhook removed from the spec (its NotificationsReady still on the status): the deliveries
     still pending are not signed with the key and posted to the URL the customer withdrew. A request the
-    API server refuses (an admission policy, RBAC) raises refusals.Refused naming the Secret."""
+    API server refuses (an admission policy, RBAC) raises refusals.Refused naming the Secret, except the
+    copy's removal: that is NotificationsReady False with copy_kept, with or without a webhook, so that
+    the housekeeping keeps trying (state.housekeeping_due) and an Event says the key still signs."""
     webhook = target.spec.notifications.webhook
     if webhook is None:
         if target.customer.status.condition(ConditionType.NOTIFICATIONS_READY) is not None:
-            with refused_as(f"to read Secret {target.namespace}/{NOTIFICATIONS_SECRET_NAME}"):
-                copied = await ctx.kube.read_secret_data(target.namespace, NOTIFICATIONS_SECRET_NAME)
-            await _delete_copy(ctx, target.namespace, _customers_copy(copied, target.customer_id))
+            return await _copy_removed(ctx, target.namespace, target.customer_id)
         return None
     problem = webhook_url_problem(webhook.url)
     if problem is not None:
@@ -59,13 +62,13 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     with refused_as(f"to read Secret {namespace}/{ref.name}"):
         source = await ctx.kube.read_secret_data(namespace, ref.name)
     value = _signing_secret(source, ref, namespace)
+    if isinstance(value, NotificationsOutcome):
+        kept = await _copy_removed(ctx, namespace, target.customer_id)
+        return replace(kept, message=f"{value.message}; {kept.message}") if kept is not None else value
     with refused_as(f"to read Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
         copied = _customers_copy(
             await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), target.customer_id
         )
-    if isinstance(value, NotificationsOutcome):
-        await _delete_copy(ctx, namespace, copied)
-        return value
     if copied is None or copied.data.get(NOTIFICATIONS_SECRET_KEY) != value:
         with refused_as(f"to apply Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
             await ctx.kube.apply(
@@ -82,14 +85,42 @@ async def ensure_webhook_secret(ctx: OperatorContext, target: PassTarget) -> Not
     )
 
 
-async def _delete_copy(ctx: OperatorContext, namespace: str, copied: SecretData | None) -> None:
-    """The customer's copy of its signing secret (`copied`, _customers_copy's read: None for none, or
-    another customer id's, left alone) deleted at the resourceVersion read."""
-    if copied is not None:
-        with refused_as(f"to delete Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
-            await ctx.kube.delete_secret(
-                namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
-            )
+# Deletes of the copy that found it changed since its read (409) before the pass fails and is retried.
+COPY_DELETE_CONFLICTS = 3
+
+
+async def _copy_removed(
+    ctx: OperatorContext, namespace: str, customer_id: str
+) -> NotificationsOutcome | None:
+    """The customer's copy of its signing secret deleted (none, or another customer id's, left alone),
+    at the resourceVersion read, and read again when it changed since (the 409 is no refusal); None once
+    done. Its read or delete refused (an admission policy, RBAC): NotificationsReady False, copy_kept."""
+    conflicts = 0
+    try:
+        while True:
+            with refused_as(f"to read Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+                copied = _customers_copy(
+                    await ctx.kube.read_secret_data(namespace, NOTIFICATIONS_SECRET_NAME), customer_id
+                )
+            if copied is None:
+                return None
+            try:
+                with refused_as(f"to delete Secret {namespace}/{NOTIFICATIONS_SECRET_NAME}"):
+                    await ctx.kube.delete_secret(
+                        namespace, NOTIFICATIONS_SECRET_NAME, resource_version=copied.resource_version or None
+                    )
+                return None
+            except ApiException as error:
+                conflicts += 1
+                if error.status != 409 or conflicts == COPY_DELETE_CONFLICTS:
+                    raise
+    except Refused as refused:
+        return NotificationsOutcome(
+            False,
+            c.NOTIFICATIONS_SECRET_REFUSED,
+            f"{refused}; the customer's notices are still signed with the copy, tried again every minute",
+            copy_kept=True,
+        )
 
 
 def _signing_secret(

@@ -4,6 +4,7 @@ for while it is being deleted, and deleted with the Customer only when it is the
 from __future__ import annotations
 
 import copy
+import json
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -201,6 +202,56 @@ async def test_a_restarted_operator_reads_its_customers_namespace_and_applies_it
     assert await _namespace_and_secret(ctx, target_of(body), made_before=True) == SECRET
     assert ("APPLY namespaces", "customer-acme") in cluster.requests
     assert cluster.namespaces["customer-acme"]["metadata"]["labels"][c.LABEL_CUSTOMER_ID] == "cust_acme0001"
+
+
+GATEKEEPER = (
+    'admission webhook "validation.gatekeeper.sh" denied the request: [ns-must-have-team] you must provide'
+    ' labels: {"team"}'
+)
+
+
+class Policed(Cluster):
+    """A policy, made after the Customer's namespace, that refuses every namespace without a team label
+    on UPDATE: the apply of the operator's labels as well."""
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        self.requests.append((f"APPLY {body['kind'].lower()}s", body["metadata"]["name"]))
+        answer = SimpleNamespace(
+            status=403,
+            reason="Forbidden",
+            data=json.dumps({"kind": "Status", "message": GATEKEEPER}).encode(),
+            headers={},
+        )
+        raise ApiException(http_resp=answer)
+
+
+async def test_a_refused_apply_of_the_customers_own_namespace_is_a_warning_and_the_pass_goes_on() -> None:
+    """Found in review: after an operator restart the apply of the Customer's own namespace (a label
+    someone removed put back) refused by a policy made since ended every pass as NamespaceRefused: no
+    licence step, no release step, until the licence ran out, though the namespace was usable. The pass
+    goes on with the Secret it read, a warning said once this process (tried again at its next start)."""
+    cluster = Policed()
+    body = customer()
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    del cluster.namespaces["customer-acme"]["metadata"]["labels"][c.LABEL_CUSTOMER_ID]
+    cluster.secrets["customer-acme"] = SECRET
+    ctx = context(cluster)  # a new process: nothing applied yet
+    warnings: list[tuple[str, str]] = []
+
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True, warnings=warnings) == SECRET
+    assert ("APPLY namespaces", "customer-acme") in cluster.requests
+    assert warnings == [
+        (
+            c.NAMESPACE_REFUSED,
+            f"the API server refused to apply namespace customer-acme (403): {GATEKEEPER}; the namespace"
+            " is used as it is",
+        )
+    ]
+
+    cluster.requests.clear()
+    warnings.clear()
+    assert await _namespace_and_secret(ctx, target_of(body), made_before=True, warnings=warnings) == SECRET
+    assert cluster.requests == [("GET secrets", "customer-acme")] and warnings == []
 
 
 @pytest.mark.parametrize("made_before", [False, True])

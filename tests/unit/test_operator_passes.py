@@ -19,7 +19,13 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
-from iotistic_billing.customer import Customer, CustomerStatus, LicenseStatus, ReleaseStatus
+from iotistic_billing.customer import (
+    NOTIFICATIONS_SECRET_NAME,
+    Customer,
+    CustomerStatus,
+    LicenseStatus,
+    ReleaseStatus,
+)
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
@@ -50,13 +56,24 @@ from iotistic_billing.operator.reconcile import (
     reconcile,
     write_status,
 )
-from iotistic_billing.operator.refusals import Refused
-from iotistic_billing.operator.state import PassTarget, next_status, pass_target, stall_of, stalled_status
+from iotistic_billing.operator.refusals import Refused, refused_as
+from iotistic_billing.operator.state import (
+    PassTarget,
+    housekeeping_due,
+    next_status,
+    pass_target,
+    stall_of,
+    stalled_status,
+)
+from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 from iotistic_billing.workers import to_the_end
 from tests.conftest import Retries
+from tests.unit.test_operator_namespace import customer
+from tests.unit.test_operator_namespace import target_of as hook_target_of
 from tests.unit.test_operator_state import CREATED, NOW, LicenceStepParts, _target_of
 from tests.unit.test_operator_status_patch import StatusServer, context
+from tests.unit.test_operator_webhook_secret import CustomerNamespace, hooked, signed
 
 
 class GoneCustomers:
@@ -768,7 +785,7 @@ async def test_a_rollout_annotation_that_is_no_chart_version_stalls_the_release_
         )
         return minted[-1]
 
-    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
         return None
 
     monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
@@ -915,7 +932,7 @@ async def test_a_licence_step_postgresql_refuses_is_a_database_unavailable_condi
     async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
         raise error  # the history row's transaction: the Secret may be written already
 
-    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
         return None
 
     monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
@@ -957,7 +974,7 @@ async def test_a_licence_step_that_fails_for_a_bug_still_raises_it(monkeypatch: 
     async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
         raise KeyError("a bug")
 
-    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
         return None
 
     monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
@@ -1137,7 +1154,7 @@ async def test_a_renewal_whose_secret_the_api_server_refuses_is_no_licence_issue
         setattr(ctx, part, getattr(licensing, part))
     ctx.deployments = SimpleNamespace(mark=lambda: 1, of=partial(nothing), judged=lambda *args: None)
 
-    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> Any:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> Any:
         return parts.secret
 
     async def ensure_release(*args: Any, **kwargs: Any) -> ReleaseOutcome:
@@ -1206,7 +1223,7 @@ async def test_a_webhook_secret_copy_the_api_server_refuses_is_said_in_notificat
     async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
         raise Refused("to apply Secret customer-acme/iotistic-license", refusal(403, "no"))
 
-    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool) -> None:
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
         return None
 
     monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
@@ -1235,3 +1252,284 @@ async def test_a_webhook_secret_copy_the_api_server_refuses_is_said_in_notificat
         " secrets is forbidden: namespaces need label team",
     )
     assert status.condition("LicenseIssued").reason == c.LICENSE_SECRET_REFUSED  # type: ignore[union-attr]
+
+
+def terminating(doing: str) -> ApiException:
+    """The API server's answer to a write into a namespace being deleted: a 403 with no policy in it."""
+    message = (
+        f"{doing} is forbidden: unable to create new content in namespace customer-acme because it is"
+        " being terminated"
+    )
+    cause = {"reason": "NamespaceTerminating", "message": message, "field": "metadata.namespace"}
+    answer = SimpleNamespace(
+        status=403,
+        reason="Forbidden",
+        data=json.dumps({"kind": "Status", "message": message, "details": {"causes": [cause]}}).encode(),
+        headers={},
+    )
+    return ApiException(http_resp=answer)
+
+
+def namespace_gone() -> ApiException:
+    answer = SimpleNamespace(
+        status=404,
+        reason="Not Found",
+        data=json.dumps({"kind": "Status", "message": 'namespaces "customer-acme" not found'}).encode(),
+        headers={},
+    )
+    return ApiException(http_resp=answer)
+
+
+HOOKED: dict[str, Any] = {
+    "email": "a@b.cd",
+    "companyName": "x",
+    "customerId": "cust_acme0001",
+    "plan": "starter",
+    "instance": {"chartVersion": "0.1.0"},
+    "notifications": {
+        "webhook": {"url": "https://hooks.acme.example/iotistic", "secretRef": {"name": "hook", "key": "k"}}
+    },
+}
+
+
+def served(monkeypatch: pytest.MonkeyPatch, ctx: Any) -> None:
+    """Every step of the pass but the notifications' as for a Customer licensed and served: Ready."""
+    available = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    deployed = ReleaseOutcome(
+        "unchanged", c.RELEASE_UNCHANGED, "revision 1 is current", ReleaseStatus(revision=1)
+    )
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
+        return None
+
+    async def ensure_license(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+        return licence
+
+    async def ensure_release(*args: Any, **kwargs: Any) -> ReleaseOutcome:
+        return deployed
+
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "ensure_release", ensure_release)
+    monkeypatch.setattr(reconcile_module, "instance_health", lambda *args: available)
+    ctx.deployments = SimpleNamespace(mark=lambda: 1, of=partial(nothing), judged=lambda *args: None)
+
+
+class PolicedCopies(StatusServer, CustomerNamespace):
+    """The Customer's status and customer-acme's Secrets, an admission policy refusing the deletion of
+    the webhook signing secret's copy until mended."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        StatusServer.__init__(self, document, resource_version=7)
+        CustomerNamespace.__init__(self, copy_of="cust_acme0001")
+        self.mended = False
+
+    async def delete_secret(self, namespace: str, name: str, resource_version: str | None = None) -> bool:
+        if not self.mended:
+            raise refusal(403, "secrets in customer namespaces may not be deleted")
+        return await CustomerNamespace.delete_secret(self, namespace, name, resource_version)
+
+
+# Ready, its webhook signed with the copy (NotificationsReady True).
+SIGNED_READY = {**signed(customer())["status"], "phase": "Ready"}
+
+COPY_REFUSED = (
+    "the API server refused to delete Secret customer-acme/iotistic-notifications (403): secrets in"
+    " customer namespaces may not be deleted; the customer's notices are still signed with the copy, tried"
+    " again every minute"
+)
+
+
+async def test_a_copy_whose_webhook_was_removed_and_whose_delete_is_refused_is_looked_at_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the webhook removed from the spec and the delete of its key's copy refused, the
+    pass said NotificationsSecretRefused on a Customer with no webhook and counted as a success, and the
+    housekeeping looked only at Customers with a webhook: nobody tried again and the copy of the
+    withdrawn key stayed, signing. Now a Warning Event says so, once, and the housekeeping is due until
+    the copy is gone (the condition with it)."""
+    spec = {**HOOKED, "notifications": {}}
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": spec,
+    }
+    server = PolicedCopies(SIGNED_READY)
+    ctx = housekeeping_context(server)
+    served(monkeypatch, ctx)
+
+    refused = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    notifications = status.condition("NotificationsReady")
+    assert notifications is not None
+    assert (notifications.status, notifications.reason, notifications.message) == (
+        "False",
+        c.NOTIFICATIONS_SECRET_REFUSED,
+        COPY_REFUSED,
+    )
+    assert status.phase == "Ready" and NOTIFICATIONS_SECRET_NAME in server.secrets
+    assert ("Warning", c.NOTIFICATIONS_SECRET_REFUSED, COPY_REFUSED) in refused.events
+    customer_now = Customer.model_validate(as_now(body, server))
+    assert housekeeping_due(customer_now.spec, status, CREATED, NOW) == c.NOTIFICATIONS_SECRET_REFUSED
+
+    again = await _reconcile(ctx, as_now(body, server), NOW)  # the housekeeping's pass: the same cause
+    assert again.events == []
+
+    server.mended = True
+    await _reconcile(ctx, as_now(body, server), NOW)
+    status = CustomerStatus.model_validate(server.document)
+    assert NOTIFICATIONS_SECRET_NAME not in server.secrets and status.condition("NotificationsReady") is None
+    assert housekeeping_due(customer_now.spec, status, CREATED, NOW) is None
+
+
+async def test_a_withdrawn_signing_secret_whose_copy_the_api_server_keeps_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the customer deleted its webhook's Secret to withdraw a leaked key, a policy
+    refused the delete of the copy, and Ready stayed True with no Event while the sender kept signing
+    with the leaked key. Now a Warning Event says so (once a cause) and the pass is tried again."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": HOOKED,
+    }
+    server = PolicedCopies(SIGNED_READY)
+    del server.secrets["hook"]
+    ctx = housekeeping_context(server)
+    served(monkeypatch, ctx)
+    said = f"spec.notifications.webhook.secretRef.name: no Secret hook in customer-acme; {COPY_REFUSED}"
+
+    refused = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    notifications = status.condition("NotificationsReady")
+    assert notifications is not None and (notifications.reason, notifications.message) == (
+        c.NOTIFICATIONS_SECRET_REFUSED,
+        said,
+    )
+    assert refused.events == [("Warning", c.NOTIFICATIONS_SECRET_REFUSED, said)]
+    customer_now = Customer.model_validate(as_now(body, server))
+    assert housekeeping_due(customer_now.spec, status, CREATED, NOW) == c.NOTIFICATIONS_SECRET_REFUSED
+    assert (await _reconcile(ctx, as_now(body, server), NOW)).events == []
+
+
+async def test_a_copy_changed_since_its_read_is_read_again_and_deleted_not_refused() -> None:
+    """Found in review: the copy's delete, conditional on the resourceVersion read, answered 409 when
+    the copy had changed since, and that conflict was reported as NotificationsSecretRefused (409), a
+    policy blamed. It is read again and deleted."""
+
+    class Changing(CustomerNamespace):
+        async def read_secret_data(self, namespace: str, name: str) -> SecretData | None:
+            read = await super().read_secret_data(namespace, name)
+            if name == NOTIFICATIONS_SECRET_NAME and self.reads.count(name) == 1 and read is not None:
+                # Written again right after this first read.
+                self.secrets[name] = SecretData(read.data, {}, read.labels, "9")
+            return read
+
+    namespace = Changing(copy_of="cust_acme0001")
+    del namespace.secrets["hook"]
+    outcome = await ensure_webhook_secret(
+        cast(OperatorContext, SimpleNamespace(kube=namespace)), hook_target_of(hooked(customer()))
+    )
+    assert outcome is not None and outcome.reason == c.SECRET_NOT_FOUND
+    assert NOTIFICATIONS_SECRET_NAME not in namespace.secrets
+    assert namespace.writes == [f"DELETE {NOTIFICATIONS_SECRET_NAME}"] * 2
+
+
+@pytest.mark.parametrize("step", ["licence", "notifications"])
+@pytest.mark.parametrize("answer", ["terminating", "gone"])
+async def test_a_write_into_a_namespace_going_away_is_no_policys_refusal(
+    monkeypatch: pytest.MonkeyPatch, step: str, answer: str
+) -> None:
+    """Found in review: the licence Secret's or the webhook copy's write into a namespace being deleted
+    (403, cause NamespaceTerminating) or gone (404) was reported as LicenseSecretRefused or
+    NotificationsSecretRefused, a Warning Event blaming a policy, and the namespace cached as applied
+    kept the namespace step from looking. It is NamespaceTerminating, retried, no Warning, and the next
+    pass reads the namespace."""
+    error = terminating("secrets") if answer == "terminating" else namespace_gone()
+
+    class Going(PolicedCopies):
+        async def apply(self, body: dict[str, Any]) -> None:
+            raise error
+
+    server = Going(SIGNED_READY)
+    server.secrets["hook"] = SecretData({"k": b"whsec_" + base64.b64encode(b"k" * 32)}, {}, {}, "1")
+    ctx = housekeeping_context(server)
+    served(monkeypatch, ctx)
+    ctx.applied_namespaces = {"customer-acme": {"as": "applied"}}
+    if step == "licence":
+
+        async def renewal(ctx: Any, target: Any, existing: Any) -> LicenseStatus:
+            # As license.ensure_license writes a renewal's Secret.
+            with refused_as("to apply Secret customer-acme/iotistic-license"):
+                await ctx.kube.apply({})
+            raise AssertionError
+
+        monkeypatch.setattr(reconcile_module, "ensure_license", renewal)
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": HOOKED,
+    }
+    going = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    ready = status.condition("Ready")
+    assert ready is not None and ready.reason == c.NAMESPACE_TERMINATING
+    assert going.temporary_error is not None and "looked at again" in going.temporary_error
+    assert [event for event in going.events if event[0] == "Warning"] == []
+    assert status.phase == "Provisioning" and "customer-acme" not in ctx.applied_namespaces
+    for kind in ("LicenseIssued", "NotificationsReady"):
+        condition = status.condition(kind)
+        assert condition is None or "Refused" not in condition.reason
+
+
+async def test_a_refused_create_of_a_served_customers_namespace_gone_is_provisioning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: every refusal of the namespace step said the instance runs on (Degraded), also a
+    refused create of the namespace that is gone: nothing runs there. Provisioning, as while a namespace
+    is being deleted; a refused read of one that is there stays Degraded."""
+
+    class Gone(PolicedNamespaces):
+        async def read_namespace(self, name: str) -> None:
+            return None
+
+        async def read_secret_data(self, namespace: str, name: str) -> None:
+            return None
+
+    server = Gone()
+    server.document = {"phase": "Ready", "instance": {"namespace": "customer-acme"}}
+    ctx = housekeeping_context(server)
+    ctx.applied_namespaces = {}
+    body: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "generation": 1,
+            "creationTimestamp": CREATED.isoformat(),
+        },
+        "spec": HOOKED,
+    }
+
+    refused = await _reconcile(ctx, as_now(body, server), NOW)
+
+    status = CustomerStatus.model_validate(server.document)
+    ready = status.condition("Ready")
+    assert ready is not None and ready.reason == c.NAMESPACE_REFUSED
+    assert ready.message.startswith("the API server refused to create namespace customer-acme (403)")
+    assert status.phase == "Provisioning" and refused.temporary_error == ready.message
