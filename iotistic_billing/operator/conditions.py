@@ -90,8 +90,9 @@ def subscription_condition(entitlement: Entitlement) -> ConditionValue:
 
 
 def notifications_condition(outcome: PassOutcome) -> ConditionValue | NoCondition:
-    """Only for a Customer with a webhook: whether its notices can be signed (Ready does not wait on it).
-    The step's outcome is None without a webhook."""
+    """Whether a Customer's notices can be signed (Ready does not wait on it): for one with a webhook, and
+    for one whose withdrawn key's copy the API server kept (its removal refused). The step's outcome is
+    None otherwise."""
     notifications = outcome.notifications
     if notifications is None:
         return NoCondition(ConditionType.NOTIFICATIONS_READY)

@@ -55,7 +55,8 @@ NAMESPACE_TAKEN: Final = "NamespaceTaken"
 NAMESPACE_TERMINATING: Final = "NamespaceTerminating"
 # The API server refused a request of a pass's step with a 4xx (an admission policy, an RBAC verb missing)
 # (refusals.Refused): the step's condition names the object and the server's words. The namespace's (its
-# create or apply, or its read and the licence Secret's) and the licence Secret's apply are Ready's reason
+# create, or its read and the licence Secret's; a refused apply of the Customer's own namespace is a Warning
+# Event alone, the pass going on) and the licence Secret's apply are Ready's reason
 # too, a Warning Event once a cause, the pass retried with the passes' backoff (the policy may be mended);
 # the webhook signing secret's copy is NotificationsReady's alone, looked at again every minute.
 NAMESPACE_REFUSED: Final = "NamespaceRefused"
