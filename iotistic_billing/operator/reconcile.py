@@ -368,10 +368,11 @@ async def _namespace_and_secret(
     put back at the operator's next start, not at the next pass.
 
     A read the API server refuses (4xx) raises Refused naming it; a create it refuses is NamespaceRefused
-    (none there, so nothing runs on: not runs_on). Its refusal of the apply of the Customer's own
-    namespace (a policy on UPDATE the operator's labels do not pass) is a Warning Event in `warnings`
-    and the pass goes on: the namespace is usable as it is, and ending there left the licence unrenewed
-    until it ran out. It is tried again at the operator's next start, as labels someone edits are."""
+    when no namespace of the name is there (so nothing runs on: not runs_on). Its refusal of the apply of
+    the Customer's own namespace (a policy on UPDATE the operator's labels do not pass) is a Warning
+    Event in `warnings` and the pass goes on: the namespace is usable as it is, and ending there left the
+    licence unrenewed until it ran out. It is tried again at the operator's next start, as labels someone
+    edits are."""
     namespace = target.namespace
     manifest = namespace_manifest(namespace, target.name, target.customer_id, target.owner)
     read_secret = partial(_asked, f"to read Secret {namespace}/{LICENSE_SECRET_NAME}")
@@ -382,17 +383,22 @@ async def _namespace_and_secret(
         # The Secret deleted, or the namespace with it (and someone else's made since): looked at again.
         del ctx.applied_namespaces[namespace]
         made_before = True
+    refused_create: NamespaceRefused | None = None
     if not made_before:
         created = await _created(ctx, manifest)
         if isinstance(created, NamespaceRefused):
-            return created
-        if created:
+            # RBAC and admission answer before the API server finds one of the name exists: a namespace
+            # handed over (made by GitOps with the labels a policy on create asks for) is read all the same.
+            refused_create = created
+        elif created:
             ctx.applied_namespaces[namespace] = manifest
             return None
     existing, secret = await together(
         _asked(f"to read namespace {namespace}", ctx.kube.read_namespace(namespace)),
         read_secret(ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME)),
     )
+    if existing is None and refused_create is not None:
+        return refused_create
     if existing is None:  # gone since the Customer's last pass
         created = await _created(ctx, manifest)
         if isinstance(created, NamespaceRefused):

@@ -254,6 +254,44 @@ async def test_a_refused_apply_of_the_customers_own_namespace_is_a_warning_and_t
     assert cluster.requests == [("GET secrets", "customer-acme")] and warnings == []
 
 
+class PolicedOnCreate(Cluster):
+    """The policy on CREATE too, which admission applies before the API server finds one of the name
+    exists: the operator's create, without the team label, is refused whether or not there is one."""
+
+    async def create_namespace(self, body: dict[str, Any]) -> bool:
+        self.requests.append(("POST namespaces", body["metadata"]["name"]))
+        answer = SimpleNamespace(
+            status=403,
+            reason="Forbidden",
+            data=json.dumps({"kind": "Status", "message": GATEKEEPER}).encode(),
+            headers={},
+        )
+        raise ApiException(http_resp=answer)
+
+
+async def test_a_namespace_handed_over_under_a_policy_on_create_is_read_and_taken_over() -> None:
+    """Found in review: GitOps made customer-acme with the team label a policy on create asks for, for
+    the Customer to take over; the operator's first create, without that label, was refused, which was
+    read as no namespace there: the Customer stayed Pending, no licence, no release, the namespace never
+    read. A refused create reads the namespace, and only none there is NamespaceRefused."""
+    cluster = PolicedOnCreate()
+    body = customer()
+    handed = {"metadata": {"name": "customer-acme", "labels": {c.LABEL_CUSTOMER: "acme", "team": "payments"}}}
+    cluster.namespaces["customer-acme"] = copy.deepcopy(handed)
+
+    assert await _namespace_and_secret(context(cluster), target_of(body), made_before=False) is None
+    meta = cluster.namespaces["customer-acme"]["metadata"]
+    assert meta["labels"]["team"] == "payments" and meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
+
+    empty = PolicedOnCreate()  # none there: the create's refusal is the answer, the create not sent again
+    refused = await _namespace_and_secret(context(empty), target_of(body), made_before=False)
+    assert isinstance(refused, NamespaceRefused) and refused.reason == c.NAMESPACE_REFUSED
+    assert GATEKEEPER in refused.message and not refused.runs_on
+    assert [request for request in empty.requests if request[0] == "POST namespaces"] == [
+        ("POST namespaces", "customer-acme")
+    ]
+
+
 @pytest.mark.parametrize("made_before", [False, True])
 async def test_a_namespace_someone_else_made_is_never_written_to_and_outlives_the_customer(
     revocations: list[str], made_before: bool

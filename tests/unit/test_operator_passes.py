@@ -1045,6 +1045,13 @@ class PolicedNamespaces(StatusServer):
         self.created.append(body["metadata"]["name"])
         return True
 
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        """None until mended: the refused create is read after (one of the name may be there)."""
+        return {"metadata": {"name": name}} if name in self.created else None
+
+    async def read_secret_data(self, namespace: str, name: str) -> None:
+        return None
+
 
 def as_now(body: dict[str, Any], server: StatusServer) -> dict[str, Any]:
     """`body` as the API server has it now: its status and resourceVersion."""
@@ -1337,7 +1344,7 @@ SIGNED_READY = {**signed(customer())["status"], "phase": "Ready"}
 COPY_REFUSED = (
     "the API server refused to delete Secret customer-acme/iotistic-notifications (403): secrets in"
     " customer namespaces may not be deleted; the customer's notices are still signed with the copy, tried"
-    " again every minute"
+    " again every minute (a Stalled Customer's at its next pass)"
 )
 
 
