@@ -118,7 +118,8 @@ async def _copy_removed(
         return NotificationsOutcome(
             False,
             c.NOTIFICATIONS_SECRET_REFUSED,
-            f"{refused}; the customer's notices are still signed with the copy, tried again every minute",
+            f"{refused}; the customer's notices are still signed with the copy, tried again every minute"
+            " (a Stalled Customer's at its next pass)",
             copy_kept=True,
         )
 
