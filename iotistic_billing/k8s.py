@@ -187,20 +187,22 @@ def refusal_message(error: ApiException) -> str:
     return str(message or error.reason or f"HTTP {error.status}")
 
 
-def refused_for_its_uid(error: ApiException) -> bool:
-    """A write naming metadata.uid refused because the object of its name has another uid: deleted and
-    made again since it was read (the API server's 422, a uid being immutable)."""
-    if error.status != 422:
-        return False
+def refusal_causes(error: ApiException) -> list[dict[str, Any]]:
+    """The details.causes of the API server's Status in a refusal; none when its body holds no Status."""
     try:
         status = json.loads(error.body or "{}")
     except ValueError:
-        return False
+        return []
     details = status.get("details") if isinstance(status, dict) else None
     causes = details.get("causes") if isinstance(details, dict) else None
-    return isinstance(causes, list) and any(
-        isinstance(cause, dict) and cause.get("field") == "metadata.uid" for cause in causes
-    )
+    return [cause for cause in causes if isinstance(cause, dict)] if isinstance(causes, list) else []
+
+
+def refused_for_its_uid(error: ApiException) -> bool:
+    """A write naming metadata.uid refused because the object of its name has another uid: deleted and
+    made again since it was read (the API server's 422, a uid being immutable)."""
+    causes = refusal_causes(error)
+    return error.status == 422 and any(cause.get("field") == "metadata.uid" for cause in causes)
 
 
 def resource_version(body: Mapping[str, Any]) -> int:
@@ -852,6 +854,7 @@ __all__ = [
     "api_client",
     "customer_body",
     "not_found_as_none",
+    "refusal_causes",
     "refusal_message",
     "refused_for_its_uid",
     "resource_version",

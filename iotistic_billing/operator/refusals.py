@@ -3,13 +3,12 @@ missing), raised as one error naming the object, for the pass to turn into the s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.k8s import refusal_message
+from iotistic_billing.k8s import refusal_causes, refusal_message
 
 
 class Refused(Exception):
@@ -49,16 +48,8 @@ def refused_as(doing: str) -> Iterator[None]:
 def _namespace_terminating(error: ApiException) -> bool:
     """A write refused because its namespace is being deleted: the API server's 403 whose
     details.causes[].reason is NamespaceTerminating (a policy's 403 has none)."""
-    if error.status != 403:
-        return False
-    try:
-        status = json.loads(error.body or "{}")
-    except ValueError:
-        return False
-    details = status.get("details") if isinstance(status, dict) else None
-    causes = details.get("causes") if isinstance(details, dict) else None
-    return isinstance(causes, list) and any(
-        isinstance(cause, dict) and cause.get("reason") == "NamespaceTerminating" for cause in causes
+    return error.status == 403 and any(
+        cause.get("reason") == "NamespaceTerminating" for cause in refusal_causes(error)
     )
 
 

@@ -210,19 +210,24 @@ GATEKEEPER = (
 )
 
 
+def gatekeeper_refusal() -> ApiException:
+    """The API server's 403 for GATEKEEPER's denial, as the client raises it."""
+    answer = SimpleNamespace(
+        status=403,
+        reason="Forbidden",
+        data=json.dumps({"kind": "Status", "message": GATEKEEPER}).encode(),
+        headers={},
+    )
+    return ApiException(http_resp=answer)
+
+
 class Policed(Cluster):
     """A policy, made after the Customer's namespace, that refuses every namespace without a team label
     on UPDATE: the apply of the operator's labels as well."""
 
     async def apply(self, body: dict[str, Any]) -> None:
         self.requests.append((f"APPLY {body['kind'].lower()}s", body["metadata"]["name"]))
-        answer = SimpleNamespace(
-            status=403,
-            reason="Forbidden",
-            data=json.dumps({"kind": "Status", "message": GATEKEEPER}).encode(),
-            headers={},
-        )
-        raise ApiException(http_resp=answer)
+        raise gatekeeper_refusal()
 
 
 async def test_a_refused_apply_of_the_customers_own_namespace_is_a_warning_and_the_pass_goes_on() -> None:
@@ -260,13 +265,7 @@ class PolicedOnCreate(Cluster):
 
     async def create_namespace(self, body: dict[str, Any]) -> bool:
         self.requests.append(("POST namespaces", body["metadata"]["name"]))
-        answer = SimpleNamespace(
-            status=403,
-            reason="Forbidden",
-            data=json.dumps({"kind": "Status", "message": GATEKEEPER}).encode(),
-            headers={},
-        )
-        raise ApiException(http_resp=answer)
+        raise gatekeeper_refusal()
 
 
 async def test_a_namespace_handed_over_under_a_policy_on_create_is_read_and_taken_over() -> None:

@@ -1512,14 +1512,7 @@ async def test_a_refused_create_of_a_served_customers_namespace_gone_is_provisio
     refused create of the namespace that is gone: nothing runs there. Provisioning, as while a namespace
     is being deleted; a refused read of one that is there stays Degraded."""
 
-    class Gone(PolicedNamespaces):
-        async def read_namespace(self, name: str) -> None:
-            return None
-
-        async def read_secret_data(self, namespace: str, name: str) -> None:
-            return None
-
-    server = Gone()
+    server = PolicedNamespaces()  # the namespace gone: none to read
     server.document = {"phase": "Ready", "instance": {"namespace": "customer-acme"}}
     ctx = housekeeping_context(server)
     ctx.applied_namespaces = {}
