@@ -65,13 +65,17 @@ async def listen(
 
 async def _until_lost(listener: Any, lost: asyncio.Event) -> None:
     """Returns when asyncpg says the connection closed; raises TimeoutError when a check goes unanswered
-    (the connection died silently)."""
+    (the connection died silently). Timed with asyncio.timeout, not wait_for: Python 3.11's wait_for
+    returns an answer that came in with the task's cancellation and drops the cancellation, and the
+    listener, stopped just as a check was answered, listened on for ever (a stop that never ended)."""
     while True:
         try:
-            await asyncio.wait_for(lost.wait(), CHECK_EVERY)
+            async with asyncio.timeout(CHECK_EVERY):
+                await lost.wait()
             return
         except TimeoutError:
-            await asyncio.wait_for(listener.fetchval("SELECT 1"), CHECK_TIMEOUT)
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await listener.fetchval("SELECT 1")
 
 
 __all__ = ["listen"]

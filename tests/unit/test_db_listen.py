@@ -170,7 +170,31 @@ async def test_a_connection_that_died_silently_is_found_by_its_check_and_replace
     assert (silent.checks, silent.closed, replacement.closed, wakes) == (1, True, False, 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_listener_stopped_as_its_check_is_answered_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a CI run (a full run's worker hung 300 s on the test above): Python 3.11's wait_for
+    returned a check's answer that came in with the task's cancellation and dropped the cancellation, so
+    a listener stopped just then listened on for ever."""
+    task: asyncio.Task[None] | None = None
+
+    class StoppedAtItsCheck(Connection):
+        async def fetchval(self, query: str) -> int:
+            assert task is not None
+            task.cancel()  # the stop arrives as the answer does
+            return 1
+
+    connections = [StoppedAtItsCheck(None)]
+
+    async def connect(*args: Any, **kwargs: Any) -> Connection:
+        return connections.pop(0)
+
+    monkeypatch.setattr(listen_module.asyncpg, "connect", connect)
+    monkeypatch.setattr(listen_module, "CHECK_EVERY", 0.01)
+    task = asyncio.create_task(listen_module.listen("postgresql://x/y", "inbox", lambda: None))
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
 
 
 async def test_each_notify_s_payload_is_passed_on_before_the_wake(monkeypatch: pytest.MonkeyPatch) -> None:
