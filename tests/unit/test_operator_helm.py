@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
@@ -433,24 +433,36 @@ def test_helm_s_other_failures_are_no_missing_kind() -> None:
     assert refused.message.endswith("connect: connection refused") and not refused.missing_kind
 
 
+def started_helms(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a helm's process was started and handed to the call (asyncio's subprocess start, cancelled
+    itself, kills the child it just made: a helm that cannot yet have touched a release)."""
+    handed = asyncio.Event()
+    start = asyncio.create_subprocess_exec
+
+    async def started(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        process = await start(*args, **kwargs)
+        handed.set()
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", started)
+    return handed
+
+
 async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_stop_goes_on(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by the CI failure's follow-up: Kopf cancels its handlers 2 s after SIGTERM, the cancelled
     pass left its helm to be killed as the process exited, and the release stayed pending-* until the
     next operator, in a new Pod, waited out HELM_TIMEOUT (6 min) to recover it. A cancelled helm call
     now waits for its helm (cancelled again meanwhile, as stop_tasks does), then raises the cancellation."""
-    began, done = tmp_path / "began", tmp_path / "done"
+    done = tmp_path / "done"
     binary = tmp_path / "helm"
-    binary.write_text(f'#!/bin/sh\ntouch "{began}"\nsleep 1\ntouch "{done}"\necho ok\n')
+    binary.write_text(f'#!/bin/sh\nsleep 1\ntouch "{done}"\necho ok\n')
     binary.chmod(0o755)
     helm = Helm(str(binary), None, 1, timeout=GUARD_SECONDS)
+    handed = started_helms(monkeypatch)
     call = asyncio.ensure_future(helm._run("status", doing="status"))
-
-    async def running() -> bool:
-        return began.exists()
-
-    await eventually(running, within=10, interval=0.01)  # cancelled once the helm runs, not before
+    await asyncio.wait_for(handed.wait(), 10)  # cancelled once the helm runs, not before
     call.cancel()
     await asyncio.sleep(0.2)
     call.cancel()  # cancelled again: still waits
@@ -460,10 +472,14 @@ async def test_a_helm_running_when_the_operator_stops_runs_to_its_end_then_the_s
     assert helm.in_flight == 0
 
 
-async def test_a_cancelled_helm_past_the_timeout_is_killed_with_its_children(stand_in: StandIn) -> None:
+async def test_a_cancelled_helm_past_the_timeout_is_killed_with_its_children(
+    stand_in: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the stop waits for is bounded by HELM_TIMEOUT: a helm that never ends is killed then."""
     helm = Helm(str(stand_in.binary), None, 1, timeout=0.5)
+    handed = started_helms(monkeypatch)
     call = asyncio.ensure_future(helm._run("upgrade", doing="upgrade"))
+    await asyncio.wait_for(handed.wait(), 10)
 
     async def running() -> bool:  # the helm and its child
         return stand_in.pids.exists() and len(stand_in.pids.read_text().split()) == 2
