@@ -1341,6 +1341,13 @@ class PolicedCopies(StatusServer, CustomerNamespace):
 # Ready, its webhook signed with the copy (NotificationsReady True).
 SIGNED_READY = {**signed(customer())["status"], "phase": "Ready"}
 
+
+def hooked_body() -> dict[str, Any]:
+    """Customer acme as first applied, its webhook signed (HOOKED)."""
+    meta = {"name": "acme", "uid": "uid-acme", "generation": 1, "creationTimestamp": CREATED.isoformat()}
+    return {"metadata": meta, "spec": HOOKED}
+
+
 COPY_REFUSED = (
     "the API server refused to delete Secret customer-acme/iotistic-notifications (403): secrets in"
     " customer namespaces may not be deleted; the customer's notices are still signed with the copy, tried"
@@ -1401,15 +1408,7 @@ async def test_a_withdrawn_signing_secret_whose_copy_the_api_server_keeps_is_a_w
     """Found in review: the customer deleted its webhook's Secret to withdraw a leaked key, a policy
     refused the delete of the copy, and Ready stayed True with no Event while the sender kept signing
     with the leaked key. Now a Warning Event says so (once a cause) and the pass is tried again."""
-    body: dict[str, Any] = {
-        "metadata": {
-            "name": "acme",
-            "uid": "uid-acme",
-            "generation": 1,
-            "creationTimestamp": CREATED.isoformat(),
-        },
-        "spec": HOOKED,
-    }
+    body = hooked_body()
     server = PolicedCopies(SIGNED_READY)
     del server.secrets["hook"]
     ctx = housekeeping_context(server)
@@ -1483,15 +1482,7 @@ async def test_a_write_into_a_namespace_going_away_is_no_policys_refusal(
             raise AssertionError
 
         monkeypatch.setattr(reconcile_module, "ensure_license", renewal)
-    body: dict[str, Any] = {
-        "metadata": {
-            "name": "acme",
-            "uid": "uid-acme",
-            "generation": 1,
-            "creationTimestamp": CREATED.isoformat(),
-        },
-        "spec": HOOKED,
-    }
+    body = hooked_body()
     going = await _reconcile(ctx, as_now(body, server), NOW)
 
     status = CustomerStatus.model_validate(server.document)
@@ -1516,15 +1507,7 @@ async def test_a_refused_create_of_a_served_customers_namespace_gone_is_provisio
     server.document = {"phase": "Ready", "instance": {"namespace": "customer-acme"}}
     ctx = housekeeping_context(server)
     ctx.applied_namespaces = {}
-    body: dict[str, Any] = {
-        "metadata": {
-            "name": "acme",
-            "uid": "uid-acme",
-            "generation": 1,
-            "creationTimestamp": CREATED.isoformat(),
-        },
-        "spec": HOOKED,
-    }
+    body = hooked_body()
 
     refused = await _reconcile(ctx, as_now(body, server), NOW)
 
