@@ -24,7 +24,8 @@ def desired_release_values(
     target: PassTarget, billing_url: str, license_sha256: str | None
 ) -> dict[str, Any]:
     """spec.instance.values first, then the values the operator owns on top: a user override can tune
-    the chart but cannot lift the plan's limits or switch a suspended instance back on."""
+    the chart but cannot lift the plan's limits or switch a suspended instance back on. The CRD refuses
+    those keys in spec.instance.values; a Customer applied before that refusal may still hold one."""
     spec, entitlement = target.spec, target.entitlement
     plan = plan_by_name(entitlement.plan, allow_unlicensed=True)
     managed: dict[str, Any] = {

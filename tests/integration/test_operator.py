@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import subprocess
 import time
@@ -15,6 +16,7 @@ from typing import Any, cast
 import jwt
 import kubernetes
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -37,7 +39,7 @@ from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.reconcile import write_status
 from iotistic_billing.webhook_server.security import usage_key_customer
-from tests.conftest import OperatorProcess, eventually, unique_name, wait_until
+from tests.conftest import REPO, OperatorProcess, eventually, unique_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -314,6 +316,13 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
         ({"email": "not-an-address"}, "spec.email"),
         # Go's \s is ASCII only: a pasted no-break space would pass a pattern written with \s alone.
         ({"email": "jane@acme.example\u00a0"}, "spec.email"),
+        # The operator's own values were dropped in silence: a plan or device limit written here did nothing.
+        ({"instance": {"values": {"plan": "enterprise"}}}, "spec.instance.values.plan: Forbidden"),
+        (
+            {"instance": {"values": {"license": {"maxDevices": 10000}}}},
+            "spec.instance.values.license.maxDevices",
+        ),
+        ({"instance": {"values": {"enabled": True}}}, "spec.instance.values.enabled: Forbidden"),
     ],
 )
 def test_invalid_specs_are_refused_by_the_api_server(
@@ -323,6 +332,69 @@ def test_invalid_specs_are_refused_by_the_api_server(
         cluster.create(customer_manifest(unique_name("bad"), **spec))
     assert refused.value.status == 422
     assert field in refused.value.body
+
+
+def test_a_customer_holding_an_operator_value_from_before_the_refusal_stays_writable(
+    k8s_client: kubernetes.client.ApiClient,
+) -> None:
+    """The refusal of the operator's own values must not lock out a Customer written before it: the
+    Customer CRD as it was, then as it is, under a group of the test's own (a shared control plane)."""
+    group = f"{unique_name('ratchet')}.example.com"
+    crd = yaml.safe_load((REPO / "crds" / "customers.iotistic.io.yaml").read_text())
+    crd["metadata"]["name"], crd["spec"]["group"] = f"customers.{group}", group
+    values = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "instance"
+    ]["properties"]["values"]
+    before = copy.deepcopy(crd)
+    del before["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "instance"
+    ]["properties"]["values"]["properties"]
+    assert values["properties"]["plan"]["x-kubernetes-validations"]
+    extensions = kubernetes.client.ApiextensionsV1Api(k8s_client)
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    extensions.create_custom_resource_definition(before)
+    body = customer_manifest("old", instance={"values": {"plan": "enterprise", "api": {"replicas": 2}}})
+    body["apiVersion"] = f"{group}/{VERSION}"
+
+    def created() -> bool:
+        try:
+            objects.create_cluster_custom_object(group, VERSION, PLURAL, body)
+        except ApiException as error:  # 404 until the CRD is served
+            if error.status != 404:
+                raise
+            return False
+        return True
+
+    wait_until(created, message="the CRD as it was served")
+    current = extensions.read_custom_resource_definition(f"customers.{group}")
+    crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+    extensions.replace_custom_resource_definition(f"customers.{group}", crd)
+
+    held = ["enterprise"]  # the plan the Customer holds: a patch the old CRD took changed it
+
+    def refuses_a_new_plan() -> bool:
+        plan = f"p{time.monotonic_ns()}"
+        change = {"spec": {"instance": {"values": {"plan": plan}}}}
+        try:
+            objects.patch_cluster_custom_object(group, VERSION, PLURAL, "old", change)
+        except ApiException as refused:
+            assert refused.status == 422, refused
+            return "spec.instance.values.plan: Forbidden" in refused.body
+        held[0] = plan  # the CRD as it was, still served
+        return False
+
+    wait_until(refuses_a_new_plan, message="the CRD as it is served")
+    objects.patch_cluster_custom_object(
+        group,
+        VERSION,
+        PLURAL,
+        "old",
+        {"spec": {"companyName": "Acme", "instance": {"values": {"api": {"replicas": 3}}}}},
+    )
+    kept = objects.get_cluster_custom_object(group, VERSION, PLURAL, "old")["spec"]
+    assert kept["companyName"] == "Acme"
+    assert kept["instance"]["values"] == {"plan": held[0], "api": {"replicas": 3}}
+    extensions.delete_custom_resource_definition(f"customers.{group}")
 
 
 @pytest.mark.parametrize("name", ["acme.corp", "n" * 55])
