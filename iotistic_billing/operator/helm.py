@@ -271,7 +271,7 @@ class Helm:
                     # Run to its end through a cancellation (the operator stopping: Kopf cancels its
                     # handlers 2 s after SIGTERM): a helm cut off leaves its release pending-*, which the
                     # next operator in another Pod recovers only after HELM_TIMEOUT (release.py).
-                    stdout, stderr = await to_the_end(asyncio.wait_for(process.communicate(), self.timeout))
+                    stdout, stderr = await to_the_end(_communicate(process, self.timeout))
                 except asyncio.CancelledError:
                     # Still running: HELM_TIMEOUT came first, or the wait itself was cancelled.
                     if process.returncode is None:
@@ -441,6 +441,14 @@ def helm_pod_gone(labels: dict[str, str], pod: dict[str, Any] | None) -> bool:
     return bool(uid) and (pod.get("metadata") or {}).get("uid") != uid
 
 
+async def _communicate(process: asyncio.subprocess.Process, within: float) -> tuple[bytes, bytes]:
+    """helm's output at its end; TimeoutError when it runs past `within` seconds (HELM_TIMEOUT). Timed
+    with asyncio.timeout like every wait of the package (see workers.py), though to_the_end's task,
+    which runs it, is one nobody cancels."""
+    async with asyncio.timeout(within):
+        return await process.communicate()
+
+
 async def _kill(process: asyncio.subprocess.Process) -> None:
     """SIGKILL to helm and to whatever it started (a plugin, a post-renderer): one left holding helm's
     output pipes would keep the wait for helm's end from returning. helm stays in the operator's process
@@ -449,7 +457,11 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     try:
-        await asyncio.wait_for(process.wait(), 10)
+        # Not wait_for, which dropped a stop that came in as the killed helm's end did (see workers.py): the
+        # helm that timed out was then a HelmError to a pass the operator had cancelled, which went on to
+        # patch its Customer's status.
+        async with asyncio.timeout(10):
+            await process.wait()
     except TimeoutError:
         log.warning("helm (pid %d) killed, its output still open after 10 s", process.pid)
 

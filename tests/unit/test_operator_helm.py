@@ -490,3 +490,36 @@ async def test_a_cancelled_helm_past_the_timeout_is_killed_with_its_children(
         await asyncio.wait_for(call, GUARD_SECONDS)
     started = stand_in.started()
     assert len(started) == 2 and gone(started), started
+
+
+async def test_a_pass_stopped_as_its_timed_out_helm_is_reaped_stops(
+    stand_in: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: Python 3.11's wait_for returned the killed helm's end that came in with the
+    operator's stop and dropped the stop, so a pass whose helm ran past HELM_TIMEOUT, stopped as that helm
+    was reaped, went on with its failure (UpgradeFailed) to patch the Customer's status."""
+    task: asyncio.Task[Any] | None = None
+    start = asyncio.create_subprocess_exec
+
+    async def started(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        process = await start(*args, **kwargs)
+        wait = process.wait
+
+        async def reaped() -> int:
+            code = await wait()
+            assert task is not None
+            task.cancel()  # the stop arrives as the killed helm's end does
+            return code
+
+        monkeypatch.setattr(process, "wait", reaped)
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", started)
+    step = release_step(Helm(str(stand_in.binary), None, 1, timeout=0.5), tmp_path)
+    running = step.release(deployments=list(INSTANCE_DEPLOYMENTS))
+    renewed = LICENCE.model_copy(update={"sha256": "b" * 64})  # new values: an upgrade is due
+    task = asyncio.create_task(ensure_release(step.ctx, step.aim, renewed, running, may_exist=True))
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(GUARD_SECONDS):
+            await task
+    assert gone(stand_in.started())
