@@ -560,7 +560,10 @@ class UsageMetering:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         try:
-            await asyncio.wait_for(self.flush(), SHUTDOWN_FLUSH_TIMEOUT)
+            # Not wait_for, which dropped a cancellation of the shutdown that came in as the flush ended
+            # (see workers.py): the stop returned as if it had not been cancelled.
+            async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT):
+                await self.flush()
         except Exception as error:
             log.warning(
                 "usage flush at shutdown failed (%s): status.usage catches up with the next report, the"

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Select
@@ -148,3 +149,29 @@ async def test_a_flush_the_stop_cancels_leaves_its_customers_to_the_final_flush(
     finally:
         directory.release.set()
     assert kube.patched == ["acme"]
+
+
+async def test_a_shutdown_stopped_as_its_final_flush_ends_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: Python 3.11's wait_for returned a final flush that ended as the shutdown was
+    cancelled and dropped the cancellation, so stop() returned as if nothing had cancelled it."""
+    usage = UsageMetering(
+        pool=cast(Pool, FakePool()),
+        options=UsageOptions(flush_interval=None, meter_interval=None, partition_interval=None),
+        session_factory=lambda: cast(AsyncSession, FakeSession()),
+        directory=cast(Directory, SlowDirectory()),
+        kube=cast(Kube, FakeKube()),
+        stripe=None,
+        metrics=UsageMetrics(CollectorRegistry()),
+        clock=lambda: NOW,
+    )
+    task: asyncio.Task[None] | None = None
+
+    async def flush() -> None:
+        assert task is not None
+        task.cancel()  # the cancellation arrives as the flush ends
+
+    monkeypatch.setattr(usage, "flush", flush)
+    task = asyncio.create_task(usage.stop())
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await task
