@@ -310,6 +310,23 @@ async def test_a_sign_out_during_a_read_is_kept_and_no_request_waits_on_a_read()
     assert await asyncio.wait_for(sign_outs.includes("elsewhere"), 0.05)  # not read again at once
 
 
+async def test_a_request_cancelled_as_its_sign_out_read_ends_is_cancelled() -> None:
+    """Found in review: Python 3.11's wait_for returned a read of the sign-outs that came in with the
+    request's cancellation (its client gone) and dropped the cancellation, so the page went on."""
+    task: asyncio.Task[bool] | None = None
+
+    async def load() -> set[str]:
+        assert task is not None
+        task.cancel()  # the cancellation arrives as the read's answer does
+        return {"elsewhere"}
+
+    sign_outs = SignOuts(load, max_age=5.0, clock=lambda: 0.0)
+    task = asyncio.create_task(sign_outs.includes("elsewhere"))
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await task
+
+
 def origin_request(headers: dict[str, str]) -> bool:
     request = make_mocked_request("POST", "/admin/logout", headers={"Host": "billing.example", **headers})
     request.app[OPTIONS] = ServerOptions()

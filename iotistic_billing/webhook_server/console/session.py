@@ -166,7 +166,10 @@ class SignOuts:
         before = set(self._ids)
         try:
             # Bounded: a PostgreSQL that does not answer (failed over, its address silent) is away too.
-            ids = await asyncio.wait_for(self._load(), self._timeout)
+            # Not by wait_for, which kept a read that came in with the request's cancellation and dropped
+            # the cancellation (see workers.py): the page of a request gone away went on being served.
+            async with asyncio.timeout(self._timeout):
+                ids = await self._load()
         except Exception as error:
             if not database_unreachable(error):
                 raise
