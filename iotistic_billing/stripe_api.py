@@ -181,9 +181,8 @@ class StripeApi:
     async def probe(self) -> str:
         """One read-only call (the balance), for the start-up line: whether Stripe takes our key."""
         try:
-            await asyncio.wait_for(
-                _stripe(self.client.v1.balance.retrieve_async(), "read the balance"), PROBE_TIMEOUT
-            )
+            async with asyncio.timeout(PROBE_TIMEOUT):  # not wait_for: see workers.py
+                await _stripe(self.client.v1.balance.retrieve_async(), "read the balance")
         except ApiError as error:
             return f"a first call failed: {error.message}"
         except TimeoutError:

@@ -31,7 +31,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def _check(name: str, probe: Any) -> tuple[str, bool]:
     try:
-        await asyncio.wait_for(probe, READINESS_TIMEOUT)
+        async with asyncio.timeout(READINESS_TIMEOUT):  # not wait_for: see workers.py
+            await probe
     except asyncio.CancelledError:
         raise
     except Exception as error:
