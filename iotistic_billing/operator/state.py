@@ -118,7 +118,13 @@ def chart_target(
     if immediate:
         return None, "Fleet"
     rollout = customer.metadata.annotations.get(ROLLOUT_CHART_VERSION)
-    runs = previous.chart_version if previous is not None and previous.version_source == "Fleet" else None
+    # No versionSource: a status from an operator before rollouts, whose unpinned Customers ran the
+    # fleet's version (a pin there is in the spec still, or was lifted since: then it stays too).
+    runs = (
+        previous.chart_version
+        if previous is not None and previous.version_source in ("Fleet", None)
+        else None
+    )
     # Without previous-chart-version (moved before it ran a version, or returned by a rollback of an
     # operator that did not write it) nothing says the fleet's version came later: the annotation applies.
     moved_from = customer.metadata.annotations.get(ROLLOUT_PREVIOUS_VERSION)

@@ -523,6 +523,10 @@ def test_a_customer_s_chart_version_pin_then_rollout_then_what_it_runs_then_the_
     pinned = ReleaseStatus(chart_version="0.9.0", version_source="Pinned")
     assert chart_target(of({}), pinned, immediate=False) == (None, "Fleet")
     assert chart_target(of({}), None, immediate=False) == (None, "Fleet")
+    # Found in review: a status written before rollouts (no versionSource) was read as no version at all,
+    # so the chart upgrade that brought rollouts moved every Customer to the new INSTANCE_CHART_VERSION.
+    before_rollouts = ReleaseStatus(chart_version="1.0.0")
+    assert chart_target(of({}), before_rollouts, immediate=False) == ("1.0.0", "Fleet")
     # INSTANCE_CHART_UPGRADE=immediate: the setting for every unpinned Customer, rollouts ignored.
     assert chart_target(of({ROLLOUT_CHART_VERSION: "2.0.0"}), runs, immediate=True) == (None, "Fleet")
     assert chart_target(of({}, chartVersion="0.9.0"), runs, immediate=True) == ("0.9.0", "Pinned")
