@@ -323,6 +323,8 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
             "spec.instance.values.license.maxDevices",
         ),
         ({"instance": {"values": {"enabled": True}}}, "spec.instance.values.enabled: Forbidden"),
+        # Found in review: the pattern took an IP address, which the Ingress's API refused at helm's install.
+        ({"instance": {"domain": "10.0.0.1"}}, "spec.instance.domain: Invalid value"),
     ],
 )
 def test_invalid_specs_are_refused_by_the_api_server(
