@@ -91,6 +91,15 @@ def customer_not_found(customer_id: str) -> NotFound:
     )
 
 
+def re_created_since_shown(kind: str, name: str) -> Conflict:
+    """An action of a page on an object deleted and made again under its name since (another uid)."""
+    return Conflict(
+        f"{kind} re-created",
+        f"{kind} {name} was deleted and re-created since this page was shown (another uid): nothing was"
+        " done; look at the new one before acting on it",
+    )
+
+
 def stripe_not_configured(what: str = "STRIPE_SECRET_KEY") -> Unavailable:
     return Unavailable("Stripe is not configured", f"{what} is not set on this server", {"setting": what})
 

@@ -41,6 +41,7 @@ from iotistic_billing.errors import (
     Unavailable,
     ValidationFailed,
     customer_not_found,
+    re_created_since_shown,
 )
 from iotistic_billing.k8s import Kube, KubernetesUnavailable
 from iotistic_billing.licensing.minting import LicenseRecord, MintingError
@@ -264,8 +265,12 @@ async def revoke_and_suspend(
     now = CustomerRecord.from_body(body) if body is not None else None
     if now is None or now.customer_id != customer_id:
         raise customer_not_found(customer_id)
-    # The licence of the Customer the caller read (its uid): one made again since under the name is not
-    # revoked for it (the console's patch, on that uid, is refused: "re-created since this page was shown").
+    if uid is not None and now.customer.metadata.uid != uid:
+        raise re_created_since_shown("Customer", record.name)
+    # Decided on the Customer as it is: one made again under the name since the caller read it (GitOps,
+    # keeping its customer id) holds the customer id's licence now, owned by it, which the caller's read
+    # was answered "No licence to revoke" for.
+    record = now
     token = await license_token(app[KUBE], record.namespace, customer_id, record.customer.metadata.uid)
     if token is None:
         raise Conflict(

@@ -502,6 +502,63 @@ async def test_a_revoke_decides_on_the_customer_as_it_is_once_it_holds_the_revoc
         customers.core.delete_namespace(namespace)
 
 
+async def test_a_revoke_of_a_customer_made_again_since_it_was_read_revokes_the_new_one_s_licence(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer deleted and made again under its name (GitOps, its customer id kept)
+    between the revoke's read and its lock was answered "No licence to revoke: the operator has not
+    issued a licence yet": the licence, owned by the new Customer, was looked up for the old one's uid."""
+    name = unique_name("remade")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    keys = SigningKeys.from_pem_files(license_keys[0])
+    token = licence_of(keys, customer_id, webhook_settings)
+    put_handmade_licence(customers, name, token)
+    directory = api.app[DIRECTORY]
+    existing = directory.existing
+
+    async def read_then_made_again(*args: Any, **kwargs: Any) -> Any:
+        record = await existing(*args, **kwargs)
+        # The finalizer of an operator of the session, if one took it, is the test's to lift.
+        await asyncio.to_thread(customers.kube.patch_customer, name, {"metadata": {"finalizers": None}})
+        await asyncio.to_thread(customers.delete, name)
+        made = await asyncio.to_thread(customers.create, name, customerId=customer_id)
+        owner = {
+            "apiVersion": made["apiVersion"],
+            "kind": "Customer",
+            "name": name,
+            "uid": made["metadata"]["uid"],
+        }
+        await asyncio.to_thread(
+            customers.core.patch_namespaced_secret,
+            LICENSE_SECRET_NAME,
+            namespace,
+            {"metadata": {"ownerReferences": [owner]}},
+        )
+        return record
+
+    monkeypatch.setattr(directory, "existing", read_then_made_again)
+    try:
+        response = await api.post(
+            f"/api/licenses/{customer_id}/revoke", json={"reason": "chargeback"}, headers=admin_headers()
+        )
+        monkeypatch.undo()
+        answer = await response.json()
+        assert response.status == 200, answer
+        assert (answer["revoked_jti"], answer["already_revoked"]) == (
+            LicenseRecord.from_token(token).jti,
+            False,
+        )
+        customer = customers.get(name)
+        assert customer is not None and customer["spec"]["suspended"] is True
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+
+
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])
 async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_revoke(
     api: TestClient[Any, Any],

@@ -38,6 +38,7 @@ from iotistic_billing.errors import (
     Forbidden,
     NotFound,
     ValidationFailed,
+    re_created_since_shown,
 )
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable, refused_for_its_uid
 from iotistic_billing.notices.log import recent_notices
@@ -687,16 +688,8 @@ def as_shown(kind: str, name: str, form: Mapping[str, object], uid: str) -> str:
     if not isinstance(shown, str) or not shown:
         raise ValidationFailed.single(UID_FIELD, f"must be the uid of the {kind} the page showed")
     if shown != uid:
-        raise _re_created(kind, name)
+        raise re_created_since_shown(kind, name)
     return uid
-
-
-def _re_created(kind: str, name: str) -> Conflict:
-    return Conflict(
-        f"{kind} re-created",
-        f"{kind} {name} was deleted and re-created since this page was shown (another uid): nothing was"
-        " done; look at the new one before acting on it",
-    )
 
 
 def on_uid(patch: dict[str, Any], uid: str) -> dict[str, Any]:
@@ -723,7 +716,7 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
             await _patch_customer(request, record, action, patch, detail, uid)
     except ApiException as error:
         if refused_for_its_uid(error):  # made again between the read and the patch
-            raise _re_created(KIND, record.name) from None
+            raise re_created_since_shown(KIND, record.name) from None
         raise
     return see_other(f"/admin/customers/{record.name}?" + urlencode({"done": done}))
 
@@ -847,7 +840,7 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
             if error.status == 404:
                 raise _no_rollout(name) from None
             if refused_for_its_uid(error):  # made again between the read and the patch
-                raise _re_created(ROLLOUT_KIND, name) from None
+                raise re_created_since_shown(ROLLOUT_KIND, name) from None
             raise
 
     await _recorded_write(request, f"rollout-{action}", f"InstanceRollout {name} {done}", write, target=name)
