@@ -6,7 +6,6 @@ import base64
 import copy
 import json
 import subprocess
-import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -458,8 +457,27 @@ def test_lapsed_trial_is_expired_with_the_unlicensed_feature_set(cluster: Cluste
     }
 
 
-def test_chart_failure_is_reported_and_not_retried_hot(cluster: Cluster) -> None:
+def logged_since(operator: OperatorProcess, offset: int) -> list[dict[str, Any]]:
+    """The operator's JSON log records since `offset` in its log (a line still being written is left
+    for the next look)."""
+    with operator.log.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+
+
+def kopf_logged(records: list[dict[str, Any]], name: str, start: str) -> list[str]:
+    """The messages among `records` that Kopf logged of Customer `name` and that start with `start`."""
+    return [
+        record["message"]
+        for record in records
+        if (record.get("object") or {}).get("name") == name and record.get("message", "").startswith(start)
+    ]
+
+
+def test_chart_failure_is_reported_and_not_retried_hot(cluster: Cluster, operator: OperatorProcess) -> None:
     name = unique_name("broken")
+    logged_from = operator.log.stat().st_size
     # values.schema.json allows at most 20 API replicas: helm refuses the install.
     cluster.create(customer_manifest(name, plan="starter", instance={"values": {"api": {"replicas": 50}}}))
     deployed = wait_until(
@@ -474,10 +492,20 @@ def test_chart_failure_is_reported_and_not_retried_hot(cluster: Cluster) -> None
     body = wait_until(lambda: _handled(cluster.customer(name)), message="Kopf's handling cycle finished")
     assert "iotistic.io/last-handled-configuration" not in body["metadata"].get("annotations", {})
     assert body["status"]["phase"] == "Failed"
-    version = body["metadata"]["resourceVersion"]
-    time.sleep(3)  # a hot loop would rewrite the object (Kopf's progress annotations) within this time
-    again = cluster.customer(name)
-    assert again is not None and again["metadata"]["resourceVersion"] == version
+    # Kopf says a creation is processed once no handler of it is left to retry; the operator's own retry
+    # of a pass (retry_if_failed) is logged as the pass ends, before its handler does.
+    records = wait_until(
+        lambda: (
+            kopf_logged(found := logged_since(operator, logged_from), name, "Creation is processed") and found
+        ),
+        message=f"Kopf's creation processed; log: {operator.log}",
+    )
+    assert kopf_logged(records, name, "Creation is processed") == [
+        "Creation is processed: 0 succeeded; 1 failed."
+    ]
+    assert kopf_logged(records, name, "Handler 'reconcile_customer' failed permanently: ")
+    retries = [r["message"] for r in records if r.get("message", "").startswith(f"pass of Customer {name} ")]
+    assert retries == []
     assert cluster.release(name) is None or cluster.release(name)["status"] == "failed"  # type: ignore[index]
 
     cluster.patch_spec(name, {"instance": {"values": {"api": {"replicas": 2}}}})

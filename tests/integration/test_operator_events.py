@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,13 +13,13 @@ from typing import Any
 import kubernetes
 import pytest
 
-from iotistic_billing.customer import GROUP, KIND, VERSION
+from iotistic_billing.customer import GROUP, KIND, PLURAL, RECONCILE_REQUESTED_AT, VERSION
 from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 from tests.conftest import REPO, OperatorProcess, unique_name, wait_until
 from tests.integration.test_helm import remove_kind, widget, widget_kind
-from tests.integration.test_operator import Cluster, customer_manifest
+from tests.integration.test_operator import Cluster, customer_manifest, kopf_logged, logged_since
 from tests.integration.test_operator_recovery import (  # noqa: F401 - fixtures
     cluster_fixture,
     paused_operator_fixture,
@@ -57,7 +56,7 @@ def describe(cluster: Cluster, kubectl_binary: Path, resource: str, name: str) -
 
 
 def test_a_failing_customers_events_are_listed_by_kubectl_describe_once_each(
-    cluster: Cluster, kubectl_binary: Path
+    cluster: Cluster, operator: OperatorProcess, kubectl_binary: Path
 ) -> None:
     """Found in review: Kopf posted ReconcileFailed (and every handler's Event) with involvedObject.namespace
     `default`, and `kubectl describe customer` said `Events: <none>`."""
@@ -71,7 +70,18 @@ def test_a_failing_customers_events_are_listed_by_kubectl_describe_once_each(
             lambda: reasons(cluster, KIND, name, uid)["ReconcileFailed"],
             message="ReconcileFailed listed as kubectl describe lists Events",
         )
-        time.sleep(2)  # a second copy of an Event (Kopf's beside the operator's) is posted by now
+        # A pass asked for now runs after the creation's handlers have returned (Kopf runs one object's
+        # handlers one at a time), so a second copy of their Events is posted by the time its handler
+        # has returned; it finds the same stall and posts nothing.
+        logged_from = operator.log.stat().st_size
+        cluster.objects.patch_cluster_custom_object(
+            GROUP, VERSION, PLURAL, name, {"metadata": {"annotations": {RECONCILE_REQUESTED_AT: "once"}}}
+        )
+        wait_until(
+            lambda: kopf_logged(logged_since(operator, logged_from), name, "Handler 'reconcile_requested"),
+            message=f"the asked-for pass's handler returned; log: {operator.log}",
+        )
+        assert cluster.customer(name)["status"]["lastHandledReconcileAt"] == "once"  # type: ignore[index]
         assert reasons(cluster, KIND, name, uid) == Counter({"Failed": 1, "ReconcileFailed": 1})
         section = describe(cluster, kubectl_binary, "customer", name)
         assert "ReconcileFailed" in section and f"metadata.name: namespace {namespace} exists" in section
@@ -100,7 +110,21 @@ def test_a_rollouts_events_are_listed_by_kubectl_describe_once_each(
             lambda: reasons(cluster, ROLLOUT_KIND, name, uid)["RolloutsDisabled"],
             message="RolloutsDisabled listed as kubectl describe lists Events",
         )
-        time.sleep(2)
+        # An edit of the spec is observed by the daemon's next tick, which starts once this one's Events
+        # are posted (a second copy among them); it finds the same stall and posts nothing.
+        edited = cluster.objects.patch_cluster_custom_object(
+            GROUP, VERSION, ROLLOUT_PLURAL, name, {"spec": {"steps": [{"rest": True, "bakeSeconds": 1}]}}
+        )
+        generation = edited["metadata"]["generation"]
+        wait_until(
+            lambda: (
+                cluster.objects.get_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
+                .get("status", {})
+                .get("observedGeneration")
+                == generation
+            ),
+            message=f"generation {generation} observed by a later tick",
+        )
         assert reasons(cluster, ROLLOUT_KIND, name, uid) == Counter({"RolloutsDisabled": 1})
         assert "RolloutsDisabled" in describe(cluster, kubectl_binary, "instancerollout", name)
     finally:
