@@ -437,6 +437,25 @@ async def test_a_claim_reads_the_due_index_s_first_entry_among_thousands_of_one_
     assert '"Node Type": "Sort"' not in plan, plan
 
 
+class WatchedPrecedence(Precedence):
+    """Precedence, saying when a worker came to wait for its turn and when its turns were given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+        self.given: list[tuple[datetime, bool]] = []  # when, and whether the inbox was idle by then
+        self.idle_since: datetime | None = None
+
+    def idle(self) -> None:
+        self.idle_since = datetime.now(UTC)
+        super().idle()
+
+    async def wait_turn(self) -> None:
+        self.waiting.set()
+        await super().wait_turn()
+        self.given.append((datetime.now(UTC), self.idle_since is not None))
+
+
 async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_send(
     sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
 ) -> None:
@@ -445,12 +464,12 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
     name = unique_name("burst")
     notice = suspended_notice(name)
     await enqueue(sessions, Outbox(), notice, customer_spec(name))
-    precedence = Precedence()
+    precedence = WatchedPrecedence()
     precedence.busy()
     working = one_worker(sessions, kube, mailpit.smtp_url, precedence)
     await working.start()
     try:
-        await asyncio.sleep(0.5)  # what the worker would have taken to mail it (a few ms here)
+        await asyncio.wait_for(precedence.waiting.wait(), 30)  # the worker waits for its first turn
         assert {d.status for d in await deliveries(sessions, notice.key)} == {"pending"}
         precedence.idle()
 
@@ -461,6 +480,11 @@ async def test_the_sender_s_workers_wait_while_the_inbox_applies_a_burst_then_se
         assert len(mails_to(mailpit, f"ops@{name}.example")) == 1
     finally:
         await working.stop()
+    # Sent after the worker's first turn, which it was given once the inbox was idle.
+    (first_turn, idle), *_ = precedence.given
+    assert idle
+    sent_at = [d.sent_at for d in await deliveries(sessions, notice.key)]
+    assert all(at is not None and at >= first_turn for at in sent_at), (first_turn, sent_at)
 
 
 class SmtpTap:
