@@ -152,11 +152,17 @@ async def connect(database_url: str) -> Connection:
     return conn
 
 
+# How long a request waits for a free pooled connection before it is DatabaseUnavailable (a 503 to
+# retry); read at each call, so a test sets it short rather than waiting for it.
+POOL_WAIT_SECONDS = 5.0
+
+
 @asynccontextmanager
 async def connection(pool: Pool) -> AsyncIterator[Connection]:
-    """A pooled connection; connection failures become DatabaseUnavailable."""
+    """A pooled connection, waited for POOL_WAIT_SECONDS at most; connection failures become
+    DatabaseUnavailable."""
     try:
-        async with pool.acquire(timeout=5) as conn:
+        async with pool.acquire(timeout=POOL_WAIT_SECONDS) as conn:
             yield conn
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(type(error).__name__) from None
@@ -197,6 +203,7 @@ async def _release(conn: Connection, key: int, *, quiet: bool = False) -> None:
 __all__ = [
     "CONNECTION_ERRORS",
     "DATABASE_UNREACHABLE",
+    "POOL_WAIT_SECONDS",
     "Connection",
     "DatabaseUnavailable",
     "Pool",
