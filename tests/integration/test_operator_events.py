@@ -8,7 +8,7 @@ import subprocess
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 import pytest
@@ -112,18 +112,23 @@ def test_a_rollouts_events_are_listed_by_kubectl_describe_once_each(
         )
         # An edit of the spec is observed by the daemon's next tick, which starts once this one's Events
         # are posted (a second copy among them); it finds the same stall and posts nothing.
-        edited = cluster.objects.patch_cluster_custom_object(
-            GROUP, VERSION, ROLLOUT_PLURAL, name, {"spec": {"steps": [{"rest": True, "bakeSeconds": 1}]}}
+        edited = cast(
+            dict[str, Any],
+            cluster.objects.patch_cluster_custom_object(
+                GROUP, VERSION, ROLLOUT_PLURAL, name, {"spec": {"steps": [{"rest": True, "bakeSeconds": 1}]}}
+            ),
         )
         generation = edited["metadata"]["generation"]
+
+        def observed() -> Any:
+            found = cast(
+                dict[str, Any],
+                cluster.objects.get_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name),
+            )
+            return found.get("status", {}).get("observedGeneration")
+
         wait_until(
-            lambda: (
-                cluster.objects.get_cluster_custom_object(GROUP, VERSION, ROLLOUT_PLURAL, name)
-                .get("status", {})
-                .get("observedGeneration")
-                == generation
-            ),
-            message=f"generation {generation} observed by a later tick",
+            lambda: observed() == generation, message=f"generation {generation} observed by a later tick"
         )
         assert reasons(cluster, ROLLOUT_KIND, name, uid) == Counter({"RolloutsDisabled": 1})
         assert "RolloutsDisabled" in describe(cluster, kubectl_binary, "instancerollout", name)
