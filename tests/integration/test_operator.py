@@ -374,7 +374,7 @@ def test_a_customer_holding_an_operator_value_from_before_the_refusal_stays_writ
     held = ["enterprise"]  # the plan the Customer holds: a patch the old CRD took changed it
 
     def refuses_a_new_plan() -> bool:
-        plan = f"p{time.monotonic_ns()}"
+        plan = unique_name("plan")
         change = {"spec": {"instance": {"values": {"plan": plan}}}}
         try:
             objects.patch_cluster_custom_object(group, VERSION, PLURAL, "old", change)
