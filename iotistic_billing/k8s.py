@@ -234,6 +234,9 @@ _WATCHED_PATHS: Final = {
 }
 
 
+_CRDS_PATH: Final = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
 def customer_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
 
@@ -697,6 +700,15 @@ class KubeApi:
     def server_version(self) -> dict[str, Any]:
         found: dict[str, Any] = self.call("GET", "/version/")
         return found
+
+    def read_crd(self, name: str) -> dict[str, Any] | None:
+        """A CustomResourceDefinition as the API server serves it, None when it is not installed. A list
+        narrowed to its name, not a get: the operator's ClusterRole lists CRDs (Kopf's discovery does),
+        and the webhook server's lists this one name alone (RBAC's resourceNames with the field selector).
+        """
+        page = self.call("GET", _CRDS_PATH, {"fieldSelector": f"metadata.name={name}"})
+        items: list[dict[str, Any]] = page.get("items") or []
+        return items[0] if items else None
 
     def close(self) -> None:
         close: Any = self.client.close  # untyped in the client

@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from ipaddress import IPv6Address
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -25,7 +26,14 @@ from kubernetes.client.exceptions import ApiException
 
 from iotistic_billing.db import migrate
 from iotistic_billing.db.engine import create_engine, session_factory
-from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
+from iotistic_billing.k8s import (
+    FieldManager,
+    Kube,
+    KubeApi,
+    KubernetesUnavailable,
+    api_client,
+    refusal_message,
+)
 from iotistic_billing.licensing.keys import LicenseKeyError, SigningKeys
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.operator import handlers  # registers the Kopf handlers (rollouts: register_rollouts)
@@ -35,6 +43,7 @@ from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.deployments import InstanceDeployments
 from iotistic_billing.operator.helm import Helm, helm_runner
 from iotistic_billing.operator.sharding import Shard
+from iotistic_billing.served_crds import CUSTOMERS_CRD, ROLLOUTS_CRD, StaleCrds, WrittenCrd, check_served_crds
 from iotistic_billing.settings import OCI_PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger("iotistic_billing.operator")
@@ -165,7 +174,8 @@ def serve_metrics(port: int) -> None:
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
-def main() -> int:
+def main(crds: Sequence[WrittenCrd] = (CUSTOMERS_CRD, ROLLOUTS_CRD)) -> int:
+    """`crds`: the CRDs checked before anything runs (the tests name a stale copy)."""
     tune_malloc()
     try:
         settings = load_settings()
@@ -181,6 +191,19 @@ def main() -> int:
     except SettingsError as error:
         print(f"iotistic-billing operator: {error}", file=sys.stderr)
         return 2
+    # Helm never upgrades the chart's CRDs: on older ones every pass would write fields the API server
+    # drops (a rollout step that never ends, a licence not renewed without the InstanceRollout CRD).
+    try:
+        check_served_crds(context.kube.api, crds)
+    except StaleCrds as error:
+        print(f"iotistic-billing operator: {error}", file=sys.stderr)
+        return 1
+    except KubernetesUnavailable as error:
+        print(f"iotistic-billing operator: cannot read the CRDs: {error}", file=sys.stderr)
+        return 1
+    except ApiException as error:
+        print(f"iotistic-billing operator: cannot read the CRDs: {refusal_message(error)}", file=sys.stderr)
+        return 1
     if settings.operator_metrics_port:
         serve_metrics(settings.operator_metrics_port)
     if context.shard.runs_rollouts:

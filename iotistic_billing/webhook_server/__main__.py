@@ -15,12 +15,15 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
+from kubernetes.client.exceptions import ApiException
 
+from iotistic_billing.k8s import FieldManager, KubeApi, KubernetesUnavailable, api_client, refusal_message
 from iotistic_billing.logs import configure_logging
 from iotistic_billing.processes import ManagedProcess
+from iotistic_billing.served_crds import CUSTOMERS_CRD, StaleCrds, WrittenCrd, check_served_crds
 from iotistic_billing.settings import Settings, SettingsError, load_settings
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.webhook_server.app import create_app
@@ -78,7 +81,26 @@ async def freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def main(argv: list[str] | None = None) -> int:
+def stale_crds(crds: Sequence[WrittenCrd], timeout: float) -> str | None:
+    """Why not to start: a Customer CRD older than this version, which would drop what the server
+    writes (spec.subscription, status.usage) in silence. An API server that cannot be read is no reason,
+    only logged: Stripe's events and usage reports need PostgreSQL alone."""
+    api = KubeApi(api_client("webhook-server"), FieldManager.SIGNUP, timeout=timeout)
+    try:
+        check_served_crds(api, crds)
+    except StaleCrds as error:
+        return str(error)
+    except KubernetesUnavailable as error:
+        log.warning("CRDs not checked: %s", error)
+    except ApiException as error:
+        log.warning("CRDs not checked: %s", refusal_message(error))
+    finally:
+        api.close()
+    return None
+
+
+def main(argv: list[str] | None = None, crds: Sequence[WrittenCrd] = (CUSTOMERS_CRD,)) -> int:
+    """`crds`: the CRDs the server checks before it starts (the tests name a stale copy)."""
     parser = argparse.ArgumentParser(prog="python -m iotistic_billing.webhook_server")
     parser.add_argument("--role", choices=("server", "inbox"), default="server")
     role = parser.parse_args(argv).role
@@ -119,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"iotistic-billing webhook server: {error}", file=sys.stderr)
         return 2
+    # The server's alone: the inbox process it starts runs after this check.
+    stale = stale_crds(crds, options.kube_timeout) if role == "server" else None
+    if stale is not None:
+        print(f"iotistic-billing webhook server: {stale}", file=sys.stderr)
+        return 1
     log.info(
         "%s listening on :%d (Stripe %s, admin API %s)",
         role,

@@ -39,6 +39,7 @@ from iotistic_billing.operator.__main__ import build_context
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.reconcile import reconcile
+from iotistic_billing.served_crds import CUSTOMERS_CRD, check_served_crds
 from iotistic_billing.settings import load_settings
 from tests.conftest import REPO, OperatorProcess, eventually, unique_name, wait_until
 
@@ -363,6 +364,9 @@ OPERATOR_REFUSED = [
 ]
 
 WEBHOOK_SERVER_REFUSED = [
+    # The Customer CRD alone, by its name (served_crds).
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", None, None),
+    ("get", "customresourcedefinitions.apiextensions.k8s.io", None, None),
     ("delete", "customers.iotistic.io", None, None),
     ("update", "customers.iotistic.io", None, None),
     ("watch", "customers.iotistic.io", None, None),
@@ -432,6 +436,8 @@ async def test_webhook_server_account_makes_every_cluster_call(installed: Instal
     kube = Kube(api, concurrency=4)
     try:
         await kube.server_version()
+        # Its start's check of the Customer CRD: listed by its name alone.
+        check_served_crds(api, (CUSTOMERS_CRD,))
         created = await kube.create_customer(customer_manifest(name, plan="trial"))
         assert created["metadata"]["name"] == name
         assert (await kube.read_customer(name) or {})["spec"]["plan"] == "trial"

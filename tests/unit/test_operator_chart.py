@@ -1050,6 +1050,13 @@ def test_webhook_server_role_is_exactly_what_its_calls_need(
             "resourceNames": ["iotistic-license", "iotistic-notifications"],
             "verbs": ["get"],
         },
+        # Its start's check of the served Customer CRD (served_crds), listed by that name alone.
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": ["customers.iotistic.io"],
+            "verbs": ["list"],
+        },
     ]
     # In its own namespace only, and that one Secret: the deleted Customers' kept signing secrets.
     role = one(default_objects, "Role", WEBHOOK_SERVER)
