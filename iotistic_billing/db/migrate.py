@@ -23,6 +23,12 @@ from iotistic_billing.settings import SettingsError, load_settings
 _HERE = Path(__file__).parent
 # The advisory lock every migration run holds (db/migrations/env.py); any bigint no other lock uses.
 MIGRATION_LOCK = 0x10715_0001
+# How long a migration's statement waits for a table's lock. Without a bound an ALTER queued behind an
+# open transaction (an idle psql session) waited for ever, and every write to the table queued behind
+# it: the servers' inserts timed out as "database unavailable" while the migration said nothing. Past
+# it the migration fails and is rolled back; the init container's next start tries again.
+MIGRATION_LOCK_TIMEOUT = "60s"
+LOCK_NOT_AVAILABLE = "55P03"
 PROGRAM = "iotistic-billing migrate"
 
 
@@ -32,19 +38,20 @@ def compared(name: str | None, type_: str, parent_names: object) -> bool:
     return not (type_ == "table" and name is not None and USAGE_REPORT_PARTITION.fullmatch(name))
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(database_url: str, lock_timeout: str | None = None) -> Config:
     config = Config(str(_HERE / "alembic.ini"))
     config.set_main_option("script_location", str(_HERE / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["lock_timeout"] = lock_timeout or MIGRATION_LOCK_TIMEOUT  # read by migrations/env.py
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(database_url: str, revision: str = "head", lock_timeout: str | None = None) -> None:
+    command.upgrade(alembic_config(database_url, lock_timeout), revision)
 
 
-def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+def downgrade(database_url: str, revision: str, lock_timeout: str | None = None) -> None:
+    command.downgrade(alembic_config(database_url, lock_timeout), revision)
 
 
 def migration_order() -> list[str]:
@@ -82,6 +89,11 @@ def current_revision(database_url: str) -> str | None:
 def _reason(error: BaseException) -> str:
     """The driver's own message when SQLAlchemy wraps one (its wrapper adds a link and the statement)."""
     return str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+
+
+def _lock_not_available(error: BaseException) -> bool:
+    """A statement that waited MIGRATION_LOCK_TIMEOUT for a lock (PostgreSQL's lock_not_available)."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def previous_revision(revision: str) -> str | None:
@@ -155,9 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             downgrade(url, target)
     except Exception as error:
         traceback.print_exc()
+        waited = (
+            f": a table it changes was held by another session for over {MIGRATION_LOCK_TIMEOUT} (an open"
+            " transaction: see pg_stat_activity, pg_locks); the next start tries again"
+            if _lock_not_available(error)
+            else ""
+        )
         print(
             f"{PROGRAM}: the migration from {before or 'empty'} to {target} failed and was rolled back:"
-            f" {_reason(error)}",
+            f" {_reason(error)}{waited}",
             file=sys.stderr,
         )
         return 1

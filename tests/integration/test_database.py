@@ -425,6 +425,36 @@ def test_a_rollback_below_a_migration_takes_the_database_back_with_migrate_to(
     assert migrate.current_revision(url) == head
 
 
+async def test_a_migration_kept_waiting_for_a_table_fails_at_its_lock_timeout_naming_why(
+    postgres: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: a migration's statement queued behind an open transaction (an idle psql session)
+    waited for ever, saying nothing, while every write to the table queued behind it."""
+    url = postgres.create_database(f"locked_{uuid.uuid4().hex[:10]}")
+    head = migrate.head_revision()
+    previous = migrate.previous_revision(head)
+    assert previous is not None
+    await asyncio.to_thread(migrate.upgrade, url, previous)
+    monkeypatch.setattr(migrate, "MIGRATION_LOCK_TIMEOUT", "1s")
+    monkeypatch.setenv("DATABASE_URL", url)
+    holder = await connect(url)
+    try:
+        async with holder.transaction():
+            # Every migration ends by writing its revision: held here, the migration cannot finish.
+            await holder.execute("LOCK TABLE alembic_version IN SHARE MODE")
+            assert await asyncio.to_thread(migrate.main, []) == 1
+    finally:
+        await holder.close()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"{migrate.PROGRAM}: the migration from {previous} to {head} failed and was rolled"
+    )
+    assert "lock timeout" in last and "was held by another session for over 1s" in last
+    assert await asyncio.to_thread(migrate.current_revision, url) == previous
+    assert await asyncio.to_thread(migrate.main, []) == 0
+    assert await asyncio.to_thread(migrate.current_revision, url) == head
+
+
 async def test_the_migrations_make_the_models_tables_indexes_and_constraints(db_engine: AsyncEngine) -> None:
     """What autogenerate would write is nothing: every table, column, index and constraint of the
     models, as the migrations made them (the partitions of usage_reports are usage metering's)."""

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from iotistic_billing.db.engine import create_engine
-from iotistic_billing.db.migrate import MIGRATION_LOCK, compared
+from iotistic_billing.db.migrate import MIGRATION_LOCK, MIGRATION_LOCK_TIMEOUT, compared
 from iotistic_billing.db.models import Base
 
 config = context.config
@@ -24,6 +24,12 @@ def _run(connection: Connection) -> None:
         # The operator shards' pods that start together each upgrade the database (their migrate init
         # containers): one at a time, the later ones finding it at head (without it, all but one crashed).
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        # After the lock above, which waits for another shard's whole migration: each statement of this
+        # one waits for a table's lock that long at most (migrate.MIGRATION_LOCK_TIMEOUT).
+        lock_timeout = str(config.attributes.get("lock_timeout") or MIGRATION_LOCK_TIMEOUT)
+        connection.execute(
+            text("SELECT set_config('lock_timeout', :timeout, true)"), {"timeout": lock_timeout}
+        )
         context.run_migrations()
 
 
