@@ -22,7 +22,8 @@ class UsageMetrics:
         self.meter_events = Counter(
             "iotistic_usage_meter_events",
             "Stripe meter events, by result (sent: accepted and recorded; failed: refused, tried again by a"
-            " later run; expired: past Stripe's 35 days, given up, billed in no invoice; late: periods sent"
+            " later run, a run cut short by Stripe away counting one, whatever it left; expired: past"
+            " Stripe's 35 days, given up, billed in no invoice; late: periods sent"
             " past Stripe's invoice grace of 72 hours, taken but on no invoice).",
             ["result"],
             registry=registry,
