@@ -13,8 +13,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from iotistic_billing.db.engine import create_engine
 from iotistic_billing.db.models import USAGE_REPORT_PARTITION
@@ -70,16 +71,32 @@ def known_revisions() -> frozenset[str]:
     return frozenset(migration_order())
 
 
+def schema_current(at: str | None, head: str, known: frozenset[str]) -> bool:
+    """Whether a database at revision `at` has the schema this version's code needs: `head`, its newest
+    migration, or a revision not among `known`, a newer version's (migrated before this replica was
+    replaced, or kept by a rollback), which keeps what this one reads and writes (docs/architecture.md,
+    "Tables"); not an older one, nor none. Readiness and the background work's wait (db/schema.py) ask
+    this one question."""
+    return at is not None and (at == head or at not in known)
+
+
+async def database_revision(connection: AsyncConnection) -> str | None:
+    """The revision the database is at; None when it was never migrated (no alembic_version: the first
+    migration not committed yet)."""
+    if not await connection.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL")):
+        return None
+    revision: str | None = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    return revision
+
+
 def current_revision(database_url: str) -> str | None:
-    """The revision the database is at; None when it was never migrated."""
+    """The revision the database of `database_url` is at; None when it was never migrated."""
 
     async def read() -> str | None:
         engine = create_engine(database_url, pool_size=1)
         try:
             async with engine.connect() as connection:
-                return await connection.run_sync(
-                    lambda sync: MigrationContext.configure(sync).get_current_revision()
-                )
+                return await database_revision(connection)
         finally:
             await engine.dispose()
 

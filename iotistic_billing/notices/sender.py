@@ -64,6 +64,7 @@ from iotistic_billing.db import models
 from iotistic_billing.db.listen import listen
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
+from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel, webhook_url
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
@@ -210,8 +211,11 @@ class NoticeSender:
         clock: Callable[[], datetime],
         database_url: str = "",
         precedence: Precedence | None = None,
+        schema: SchemaGate | None = None,
     ) -> None:
         self.sessions = sessions
+        # What the workers, the drop of settled keys and the prunes wait for before their first query.
+        self.schema = schema
         self.precedence = precedence  # what the workers wait for before each delivery
         self.kube = kube
         self.options = options
@@ -241,12 +245,16 @@ class NoticeSender:
             # review), and the notices' mail is left to NOTIFY_MAX_ATTEMPTS with no word at start.
             log.warning("notice sender: SMTP_URL is not set: mail notices fail until it is")
         self._tasks = [
-            asyncio.create_task(self._work(), name=f"notice-sender-{i}") for i in range(self.options.workers)
+            asyncio.create_task(after_schema(self.schema, self._work), name=f"notice-sender-{i}")
+            for i in range(self.options.workers)
         ]
-        self._tasks.append(asyncio.create_task(self._forget_settled(), name="notice-sender-forget"))
+        self._tasks.append(
+            asyncio.create_task(after_schema(self.schema, self._forget_settled), name="notice-sender-forget")
+        )
         self._tasks.append(
             asyncio.create_task(
-                prune_every("finished notices", self.prune_finished), name="notice-sender-prune"
+                after_schema(self.schema, lambda: prune_every("finished notices", self.prune_finished)),
+                name="notice-sender-prune",
             )
         )
         if self.database_url:

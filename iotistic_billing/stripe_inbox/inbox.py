@@ -48,6 +48,7 @@ from iotistic_billing.db.pool import (
     database_unreachable,
 )
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
+from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
@@ -131,8 +132,11 @@ class EventInbox:
         retention: timedelta = timedelta(days=90),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         restore_interval: float = RESTORE_SECONDS,
+        schema: SchemaGate | None = None,
     ) -> None:
         self.sessions = sessions
+        # What the claims, the prunes and the restores wait for before their first query (db/schema.py).
+        self.schema = schema
         # Seconds between the looks for Customers made again without their subscription (restore.py).
         self.restore_interval = restore_interval
         # STRIPE_EVENT_RETENTION_DAYS, and the wall clock the prune counts it on (retention.py).
@@ -178,13 +182,16 @@ class EventInbox:
             self._tasks.append(asyncio.create_task(self._notify(), name="stripe-inbox-notify"))
         if self.workers == 0:
             return
-        self._tasks.append(asyncio.create_task(self._work(), name="stripe-inbox"))
+        self._tasks.append(asyncio.create_task(after_schema(self.schema, self._work), name="stripe-inbox"))
         self._tasks.append(
             asyncio.create_task(
-                prune_every("finished Stripe events", self.prune_finished), name="stripe-inbox-prune"
+                after_schema(self.schema, lambda: prune_every("finished Stripe events", self.prune_finished)),
+                name="stripe-inbox-prune",
             )
         )
-        self._tasks.append(asyncio.create_task(self._restore_every(), name="stripe-inbox-restore"))
+        self._tasks.append(
+            asyncio.create_task(after_schema(self.schema, self._restore_every), name="stripe-inbox-restore")
+        )
         if self.database_url:
             self._tasks.append(
                 asyncio.create_task(

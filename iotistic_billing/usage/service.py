@@ -16,6 +16,7 @@ The flush runs once more when the server stops.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from iotistic_billing.customer import Customer
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import Connection, DatabaseUnavailable, Pool, Queryable, connection
+from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.directory import CustomerRecord, Directory, remember
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable
@@ -160,8 +162,12 @@ class UsageMetering:
         metrics: UsageMetrics,
         clock: Callable[[], datetime],
         outbox: Outbox | None = None,
+        schema: SchemaGate | None = None,
     ) -> None:
         self.pool = pool
+        # What the timers' first runs wait for (db/schema.py); the flush at shutdown does not: nothing
+        # was reported to this server before its schema was current (readiness).
+        self.schema = schema
         self.options = options
         self.session_factory = session_factory
         self.directory = directory
@@ -526,31 +532,23 @@ class UsageMetering:
     # ----- the background tasks -----
 
     def start(self) -> None:
+        def timer(
+            interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, name: str
+        ) -> None:
+            every = functools.partial(self._every, interval, job, initial_delay, name)
+            self._tasks.append(asyncio.create_task(after_schema(self.schema, every)))
+
         if self.options.flush_interval is not None:
-            self._tasks.append(
-                asyncio.create_task(
-                    self._every(self.options.flush_interval, self.flush, self.options.flush_interval, "flush")
-                )
-            )
+            timer(self.options.flush_interval, self.flush, self.options.flush_interval, "flush")
         if self.options.meter_interval is not None:
-            self._tasks.append(
-                asyncio.create_task(
-                    self._every(
-                        self.options.meter_interval,
-                        self.send_meter_events,
-                        self.options.meter_initial_delay,
-                        "meter run",
-                    )
-                )
+            timer(
+                self.options.meter_interval,
+                self.send_meter_events,
+                self.options.meter_initial_delay,
+                "meter run",
             )
         if self.options.partition_interval is not None:
-            self._tasks.append(
-                asyncio.create_task(
-                    self._every(
-                        self.options.partition_interval, self.maintain_partitions, 0.0, "partition run"
-                    )
-                )
-            )
+            timer(self.options.partition_interval, self.maintain_partitions, 0.0, "partition run")
 
     async def stop(self) -> None:
         """Stop the timers, then flush what the last requests reported (bounded: a dead API server must

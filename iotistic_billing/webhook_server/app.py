@@ -15,6 +15,7 @@ import kubernetes
 from aiohttp import hdrs, web
 
 from iotistic_billing.db.engine import create_engine, session_factory
+from iotistic_billing.db.schema import SchemaGate
 from iotistic_billing.directory import Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, api_client
 from iotistic_billing.notices.outbox import Outbox
@@ -47,6 +48,7 @@ from iotistic_billing.webhook_server.context import (
     POOL,
     PRINCIPAL,
     ROUTE_ENTRIES,
+    SCHEMA,
     SESSIONS,
     SETTINGS,
     STRIPE,
@@ -115,9 +117,12 @@ def create_app(
     clock: Callable[[], datetime] | None = None,
     options: ServerOptions | None = None,
     usage: UsageOptions | None = None,
+    schema: SchemaGate | None = None,
 ) -> web.Application:
     """The webhook server. `kube`, when given, is used and left open (its owner closes it); otherwise a
-    client is built from the service account or KUBECONFIG when the app starts, and closed with it."""
+    client is built from the service account or KUBECONFIG when the app starts, and closed with it.
+    The background work waits at `schema` when given (tests time its looks), else at a gate of the app's
+    engine."""
     if settings.database_url is None:
         raise ValueError("DATABASE_URL is required by the webhook server")
     database_url = settings.database_url
@@ -163,6 +168,7 @@ def create_app(
         engine = create_engine(database_url)
         app[ENGINE] = engine
         app[SESSIONS] = session_factory(engine)
+        app[SCHEMA] = schema or SchemaGate.of(engine)
         app[POOL] = await open_pool(database_url, usage_options.pool_size)
         yield
         await app[POOL].close()
@@ -199,6 +205,7 @@ def create_app(
         )
         inbox = EventInbox(
             sessions=app[SESSIONS],
+            schema=app[SCHEMA],
             applier=applier,
             count=metrics.webhook_event,
             workers=options.inbox_workers,
@@ -215,6 +222,7 @@ def create_app(
         # Beside the inbox: the server process, which runs no inbox workers, sends nothing either.
         sender = NoticeSender(
             sessions=app[SESSIONS],
+            schema=app[SCHEMA],
             kube=app[KUBE],
             options=SenderOptions(
                 smtp_url=settings.smtp_url.get_secret_value() if settings.smtp_url else None,
@@ -256,6 +264,7 @@ def create_app(
             metrics=metrics.usage,
             outbox=app[OUTBOX],
             clock=app[CLOCK],
+            schema=app[SCHEMA],
         )
         app[USAGE] = metering
         metering.start()

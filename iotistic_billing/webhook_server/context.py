@@ -11,6 +11,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iotistic_billing.db.pool import Pool
+from iotistic_billing.db.schema import SchemaGate
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import stripe_not_configured
 from iotistic_billing.k8s import Kube
@@ -49,6 +50,8 @@ OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Opened in cleanup_ctx, so they exist only while the app runs.
 ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+# What the background work (the inbox, the notice sender, usage metering) waits at (db/schema.py).
+SCHEMA = web.AppKey("schema", SchemaGate)
 # The hot paths' asyncpg pool (db.pool): Stripe deliveries, usage reports and the usage queries.
 POOL = web.AppKey("pool", Pool)
 KUBE = web.AppKey("kube", Kube)

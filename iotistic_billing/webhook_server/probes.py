@@ -9,9 +9,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
-from sqlalchemy import text
 
-from iotistic_billing.db.migrate import head_revision, known_revisions
+from iotistic_billing.db.migrate import database_revision, head_revision, known_revisions, schema_current
 from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
 from iotistic_billing.webhook_server.messages import json_model
 from iotistic_billing.webhook_server.schemas import Health, Readiness
@@ -51,7 +50,10 @@ class ReadinessChecks:
     operator's init container migrates during an upgrade, and a new replica serving an older schema
     failed every write of a new column). The API server is checked and reported, but does
     not make the server unready: Stripe events, usage reports and the keys need PostgreSQL alone, and
-    every replica leaving the Service while the control plane was away refused them all."""
+    every replica leaving the Service while the control plane was away refused them all.
+
+    Readiness holds back requests only: the background work (the Stripe inbox, the notice sender, usage
+    metering) waits for the same schema itself before its first query (db/schema.py, SchemaGate)."""
 
     def __init__(
         self,
@@ -77,11 +79,8 @@ class ReadinessChecks:
 
         async def database() -> None:
             async with app[ENGINE].connect() as connection:
-                # No table yet (the first migration not committed): PostgreSQL answers, the schema is not.
-                if await connection.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL")):
-                    revision.append(await connection.scalar(text("SELECT version_num FROM alembic_version")))
-                else:
-                    revision.append(None)
+                # None (the first migration not committed): PostgreSQL answers, the schema is not there.
+                revision.append(await database_revision(connection))
 
         results = list(
             await asyncio.gather(
@@ -91,9 +90,7 @@ class ReadinessChecks:
         head = self._head = self._head or head_revision()
         known = self._known = self._known or known_revisions()
         at = revision[0] if revision else None
-        # This version's newest, or a newer version's (its migration ran before this replica was
-        # replaced; a rollback's): not an older one, nor none.
-        current = at is not None and (at == head or at not in known)
+        current = schema_current(at, head, known)
         if revision and not current:
             log.warning("readiness: the database is at %s, this version needs %s (migrating?)", at, head)
         results.insert(1, ("schema", current))
