@@ -14,7 +14,8 @@ The upgrade moves the rows inside the migration's transaction: the old table ste
 partitioned one is made with a partition for every month that holds rows, for this month and the next
 two, and the default one; the rows are copied, counted against the old table, and the old table is
 dropped. Reports wait for its commit (the usage pool's statements give up after 10 s: a 503, which
-instances retry); the webhook server's inserts name no key, so they work before and after it. The
+instances retry); the webhook server's inserts name no key since this migration, so they work before and
+after it (a server from before it named the old constraint: docs/architecture.md). The
 downgrade does the reverse, and refuses (changing nothing) while reports share a (customer, instance,
 report id) in different periods, which 0006's key holds once: it would have to discard billed reports.
 """
