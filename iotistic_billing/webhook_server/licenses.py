@@ -43,7 +43,7 @@ from iotistic_billing.errors import (
     customer_not_found,
     re_created_since_shown,
 )
-from iotistic_billing.k8s import Kube, KubernetesUnavailable
+from iotistic_billing.k8s import Kube, KubernetesUnavailable, refused_for_its_uid
 from iotistic_billing.licensing.minting import LicenseRecord, MintingError
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.notices.content import NoticeKind, license_changed
@@ -263,10 +263,11 @@ async def revoke_and_suspend(
     await hold_revocations(session, customer_id)
     body = await app[KUBE].read_customer(record.name)
     now = CustomerRecord.from_body(body) if body is not None else None
+    # The uid first: one made again without a pinned customerId has another id, derived from its uid.
+    if now is not None and uid is not None and now.customer.metadata.uid != uid:
+        raise re_created_since_shown("Customer", record.name)
     if now is None or now.customer_id != customer_id:
         raise customer_not_found(customer_id)
-    if uid is not None and now.customer.metadata.uid != uid:
-        raise re_created_since_shown("Customer", record.name)
     # Decided on the Customer as it is: one made again under the name since the caller read it (GitOps,
     # keeping its customer id) holds the customer id's licence now, owned by it, which the caller's read
     # was answered "No licence to revoke" for.
@@ -315,14 +316,20 @@ async def revoke_and_suspend(
     )
     await app[OUTBOX].enqueue(session, notice, record.customer.spec)
     # Before the commit: if the patch fails, the history row is rolled back with it.
-    metadata: dict[str, object] = {"annotations": {REVOKED_LICENSE: revoked.jti}}
-    if uid is not None:
-        metadata["uid"] = uid
+    # On the Customer decided on only (the API server refuses the patch on another uid of the name).
+    metadata = {"annotations": {REVOKED_LICENSE: revoked.jti}, "uid": record.customer.metadata.uid}
     try:
         await app[KUBE].patch_customer(record.name, {"metadata": metadata, "spec": {"suspended": True}})
     except ApiException as error:
         if error.status == 404:
             raise customer_not_found(customer_id) from None
+        if uid is None and refused_for_its_uid(error):  # the console's caller says "re-created" itself
+            raise Conflict(
+                "Customer re-created",
+                f"Customer {record.name} was deleted and made again during the revoke (another uid):"
+                " nothing was done; revoke again to revoke the licence of the new one",
+                {"customer_id": customer_id},
+            ) from None
         raise
     except KubernetesUnavailable as error:
         if not error.maybe_applied:

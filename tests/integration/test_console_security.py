@@ -50,6 +50,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     deliver,
     event,
     eventually,
+    made_again,
     random_id,
     running_app,
     subscription_object,
@@ -448,14 +449,6 @@ async def customer_forms(api: TestClient[Any, Any], name: str) -> dict[str, dict
     forms["resume"] = forms["suspend"]
     forms["revoke"]["reason"] = "fraud"
     return forms
-
-
-async def made_again(customers: Customers, name: str, customer_id: str) -> dict[str, Any]:
-    """The Customer deleted and applied again under its name (from Git): another uid. Its deletion's
-    finalizer has run by then (the operator's revocation of its licence, and that notice, among it)."""
-    customers.delete(name)
-    await eventually(lambda: customers.get(name) is None, message=f"{name} deleted")
-    return customers.create(name, customerId=customer_id)
 
 
 async def revocations_and_notices(db_engine: AsyncEngine, customer_id: str) -> tuple[int, int]:

@@ -18,9 +18,11 @@ from uuid import uuid4
 import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
+from iotistic_billing.db.models import LicenseHistory
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
 from iotistic_billing.licensing.minting import (
@@ -32,6 +34,7 @@ from iotistic_billing.licensing.minting import (
 )
 from iotistic_billing.licensing.plans import PLANS, UNLICENSED, Plan
 from iotistic_billing.settings import Settings
+from iotistic_billing.webhook_server import licenses
 from iotistic_billing.webhook_server.context import DIRECTORY
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 from iotistic_billing.webhook_server.route_table import ROUTES
@@ -47,6 +50,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     customers_fixture,
     deliver,
     event,
+    made_again,
     random_id,
     running_app,
     stripe_mock_plan_price,
@@ -522,22 +526,7 @@ async def test_a_revoke_of_a_customer_made_again_since_it_was_read_revokes_the_n
 
     async def read_then_made_again(*args: Any, **kwargs: Any) -> Any:
         record = await existing(*args, **kwargs)
-        # The finalizer of an operator of the session, if one took it, is the test's to lift.
-        await asyncio.to_thread(customers.kube.patch_customer, name, {"metadata": {"finalizers": None}})
-        await asyncio.to_thread(customers.delete, name)
-        made = await asyncio.to_thread(customers.create, name, customerId=customer_id)
-        owner = {
-            "apiVersion": made["apiVersion"],
-            "kind": "Customer",
-            "name": name,
-            "uid": made["metadata"]["uid"],
-        }
-        await asyncio.to_thread(
-            customers.core.patch_namespaced_secret,
-            LICENSE_SECRET_NAME,
-            namespace,
-            {"metadata": {"ownerReferences": [owner]}},
-        )
+        await owned_by(customers, name, await made_again(customers, name, customer_id))
         return record
 
     monkeypatch.setattr(directory, "existing", read_then_made_again)
@@ -554,6 +543,65 @@ async def test_a_revoke_of_a_customer_made_again_since_it_was_read_revokes_the_n
         )
         customer = customers.get(name)
         assert customer is not None and customer["spec"]["suspended"] is True
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+
+
+async def owned_by(customers: Customers, name: str, made: dict[str, Any]) -> None:
+    """The licence Secret of Customer `name` owned by `made`, as the operator writes it."""
+    owner = {
+        "apiVersion": made["apiVersion"],
+        "kind": "Customer",
+        "name": name,
+        "uid": made["metadata"]["uid"],
+    }
+    await asyncio.to_thread(
+        customers.core.patch_namespaced_secret,
+        LICENSE_SECRET_NAME,
+        namespace_for(name),
+        {"metadata": {"ownerReferences": [owner]}},
+    )
+
+
+async def test_a_revoke_whose_customer_is_made_again_before_its_patch_suspends_neither(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the revoke's patch named no uid, so a Customer deleted and made again between
+    the read under the lock and the patch was suspended for its predecessor's licence."""
+    name = unique_name("between")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    keys = SigningKeys.from_pem_files(license_keys[0])
+    put_handmade_licence(customers, name, licence_of(keys, customer_id, webhook_settings))
+    read_licence = licenses.license_token
+
+    async def licence_then_made_again(*args: Any, **kwargs: Any) -> str | None:
+        token = await read_licence(*args, **kwargs)
+        await made_again(customers, name, customer_id)
+        return token
+
+    monkeypatch.setattr(licenses, "license_token", licence_then_made_again)
+    try:
+        response = await api.post(
+            f"/api/licenses/{customer_id}/revoke", json={"reason": "chargeback"}, headers=admin_headers()
+        )
+        monkeypatch.undo()
+        answer = await response.json()
+        assert (response.status, answer["error"]) == (409, "Customer re-created"), answer
+        customer = customers.get(name)
+        assert customer is not None and not customer["spec"].get("suspended"), customer
+        async with db_engine.connect() as connection:
+            revoked = await connection.scalar(
+                select(func.count()).where(
+                    LicenseHistory.customer_id == customer_id, LicenseHistory.action == "revoked"
+                )
+            )
+        assert revoked == 0
     finally:
         customers.delete(name)
         customers.core.delete_namespace(namespace)

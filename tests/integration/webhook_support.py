@@ -434,6 +434,14 @@ async def eventually(probe: Callable[[], Awaitable[T] | T], within: float = 60, 
     raise AssertionError(f"timed out after {within}s: {message} (last: {last!r})")
 
 
+async def made_again(customers: Customers, name: str, customer_id: str) -> dict[str, Any]:
+    """The Customer deleted and applied again under its name (from Git): another uid. Its deletion's
+    finalizer has run by then (the operator's revocation of its licence, and that notice, among it)."""
+    customers.delete(name)
+    await eventually(lambda: customers.get(name) is None, message=f"{name} deleted")
+    return customers.create(name, customerId=customer_id)
+
+
 async def event_rows(engine: AsyncEngine, event_id: str) -> list[tuple[str, str, str | None]]:
     async with engine.connect() as connection:
         rows = await connection.execute(
