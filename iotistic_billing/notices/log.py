@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import CustomerSpec
 from iotistic_billing.db import models
-from iotistic_billing.notices.content import Channel, webhook_url
+from iotistic_billing.notices.content import Channel, Target, message_id, targets_for, webhook_url
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,14 @@ async def resend(
     The customer's webhook goes to the URL its Customer names now (`spec_now`), as a dead one's URL may
     have been fixed since; one whose Customer names no webhook any more is left as it is; with no
     Customer (None: deleted) the stored URL stands; one no key signs any more (`webhook_signs` False: a
-    deleted Customer's, its kept key dropped) is left as it is, its tries failing for ever otherwise. One
-    that was not sent when the resend came but is by the time its lock is free (a sender was sending it)
-    is what was asked for: nothing is sent again. The caller holds `notice` (notice_to_resend), so no prune
-    deletes it under the deliveries made pending."""
+    deleted Customer's, its kept key dropped) is left as it is, its tries failing for ever otherwise. Mail
+    goes to the addresses the Customer names now (`targets_for`), as a dead one's may have been a typo
+    fixed since: a delivery to an address it no longer names is left as it is (the customer took that
+    address away), and an address it names that has no delivery of the notice gets a new one, pending;
+    with no Customer the stored addresses stand. One that was not sent when the resend came but is by the
+    time its lock is free (a sender was sending it) is what was asked for: nothing is sent again (an
+    address with no delivery still gets its first). The caller holds `notice` (notice_to_resend), so no
+    prune deletes it under the deliveries made pending."""
     of_notice = (
         select(models.NoticeDelivery)
         .where(models.NoticeDelivery.notice_id == notice.id)
@@ -101,12 +106,12 @@ async def resend(
         ).all()
     )
     webhook_now = webhook_url(spec_now.notifications) if spec_now is not None else None
+    mail_now = _mail_targets(spec_now) if spec_now is not None else None
     undelivered = [delivery for delivery in deliveries if delivery.status != "sent"]
     resent: list[models.NoticeDelivery] = []
     unsigned: list[models.NoticeDelivery] = []
-    if asked and not undelivered:
-        return ResentNotice(notice, deliveries, resent, unsigned)
-    for delivery in undelivered or deliveries:
+    sent_meanwhile = asked and not undelivered  # by a sender while the resend waited: what was asked for
+    for delivery in [] if sent_meanwhile else undelivered or deliveries:
         if delivery.channel == Channel.WEBHOOK and not webhook_signs:
             unsigned.append(delivery)
             continue
@@ -114,6 +119,12 @@ async def resend(
             if webhook_now is None:
                 continue  # the customer took its webhook away: no URL it still wants posted to
             delivery.target = webhook_now
+        if (
+            delivery.channel == Channel.EMAIL
+            and mail_now is not None
+            and delivery.target.lower() not in mail_now
+        ):
+            continue  # the customer took that address away (or fixed it): no copy it no longer wants
         if delivery.channel == Channel.EMAIL and delivery.status == "sent":
             delivery.message_id = resent_message_id(delivery.message_id, now)
         delivery.status = "pending"
@@ -121,7 +132,44 @@ async def resend(
         delivery.next_attempt_at = now
         delivery.last_error = None
         resent.append(delivery)
+    if mail_now is None:
+        return ResentNotice(notice, deliveries, resent, unsigned)
+    mailed = {delivery.target.lower() for delivery in deliveries if delivery.channel == Channel.EMAIL}
+    new = [target for address, target in mail_now.items() if address not in mailed]
+    if new:
+        added = await session.scalars(
+            insert(models.NoticeDelivery)
+            .values(
+                [
+                    {
+                        "notice_id": notice.id,
+                        "channel": str(target.channel),
+                        "target": target.target,
+                        "message_id": message_id(notice.key, target),
+                        "status": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                    }
+                    for target in new
+                ]
+            )
+            # A resend of the same notice at the same time (its FOR SHARE lets one in) may have written it.
+            .on_conflict_do_nothing()
+            .returning(models.NoticeDelivery)
+        )
+        resent.extend(added.all())
+        # Those written by the other resend too, as the answer lists the notice's deliveries.
+        deliveries = list((await session.scalars(of_notice)).all())
     return ResentNotice(notice, deliveries, resent, unsigned)
+
+
+def _mail_targets(spec: CustomerSpec) -> dict[str, Target]:
+    """The mail targets of the notice's Customer now, by address (lowercased, as `targets_for` writes)."""
+    return {
+        target.target: target
+        for target in targets_for(spec, platform_webhook_url=None)
+        if target.channel == Channel.EMAIL
+    }
 
 
 def resent_message_id(message_id: str, now: datetime) -> str:

@@ -317,11 +317,13 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors=(404, 409),
         description=(
             "The deliveries that did not arrive (dead, pending) are due again, or all when all arrived;"
-            " the customer's webhook goes to its URL now. A delivery that did not arrive keeps its Message-ID"
-            " and webhook-id; when all arrived, a mail gets a Message-ID of its own, a webhook keeps its"
-            " webhook-id (a receiver that drops ids it has seen drops it). A deleted Customer's webhook"
-            " that no signing secret kept for it signs any more is left as it is; when nothing else is"
-            " sent again, 409 `Webhook cannot be signed`, naming the customer and the Secret"
+            " the customer's webhook goes to its URL now, the mail to the addresses its Customer names now"
+            " (a new delivery for one added or fixed since; one it no longer names is not mailed again;"
+            " a deleted Customer's stored addresses stand). A delivery that did not arrive keeps its"
+            " Message-ID and webhook-id; when all arrived, a mail gets a Message-ID of its own, a webhook"
+            " keeps its webhook-id (a receiver that drops ids it has seen drops it). A deleted Customer's"
+            " webhook that no signing secret kept for it signs any more is left as it is; when nothing else"
+            " is sent again, 409 `Webhook cannot be signed`, naming the customer and the Secret"
             " (iotistic-notifications-deleted in the billing namespace). PostgreSQL lost at the commit is a"
             " 503 saying the resend may have been made: look at the notice's deliveries before asking again."
         ),

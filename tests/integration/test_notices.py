@@ -47,7 +47,7 @@ from iotistic_billing.db.retention import prune_batch, retention_cutoff
 from iotistic_billing.devenv.mailpit import Mailpit
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.notices import outbox as outbox_module
-from iotistic_billing.notices.content import NoticeKind, license_changed
+from iotistic_billing.notices.content import Channel, NoticeKind, Target, license_changed, message_id
 from iotistic_billing.notices.log import notice_to_resend, resend
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.notices.retention import expired
@@ -1237,6 +1237,116 @@ async def test_a_resent_webhook_goes_to_the_url_its_customer_names_now(
     for address in (f"ops@{name}.example", f"finance@{name}.example"):
         assert len(mails_to(mailpit, address)) == 2  # all of it asked for again: the mails
     assert len(customer.bodies) == 1  # not the webhook its customer took away
+
+
+async def test_a_resend_mails_the_address_its_customer_fixed_and_leaves_the_typo_s_dead(
+    sessions: async_sessionmaker[AsyncSession],
+    kube: Kube,
+    mailpit: Mailpit,
+    k8s_client: kubernetes.client.ApiClient,
+    webhook_settings: Settings,
+    kubeconfig: Path,
+) -> None:
+    """Found in review: a customer's spec.email had a typo and its notice's mail died there; the admin
+    fixed spec.email and pressed resend, and the mail went to the typo again, to die again. The resend
+    mails the address the Customer names now, a new delivery its answer lists, and leaves the typo's."""
+    objects = kubernetes.client.CustomObjectsApi(k8s_client)
+    name = unique_name("typo")
+    typo, fixed, finance = f"ops@{name}.exmaple", f"ops@{name}.example", f"finance@{name}.example"
+    spec = customer_spec(name, email=typo)
+    body = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    create_customer(objects, name, {**body, "customerId": customer_id_of(name)})
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, spec)
+    clock = Clock()
+    nomail = sender(sessions, kube, clock, None, max_attempts=1)  # every mail fails: SMTP_URL not set
+    mailer = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await nomail.start()
+    await mailer.start()
+    app = running_app(webhook_settings, kubeconfig, ServerOptions(license_wait=0, inbox_workers=0))
+    try:
+        async with app as api:
+            await nomail.send_due()
+            assert {d.status for d in await deliveries(sessions, notice.key)} == {"dead"}
+            objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": {"email": fixed}})
+
+            answer = await resend_by_api(api, sessions, notice.key)
+            assert answer.status == 202, await answer.text()
+            assert shown(await answer.json()) == [
+                ("email", "dead", typo),
+                ("email", "pending", finance),
+                ("email", "pending", fixed),
+            ]
+            await mailer.send_due()
+    finally:
+        await nomail.stop()
+        await mailer.stop()
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    after = {d.target: d for d in await deliveries(sessions, notice.key)}
+    assert (after[fixed].status, after[typo].status, after[finance].status) == ("sent", "dead", "sent")
+    assert after[fixed].message_id == message_id(notice.key, Target(Channel.EMAIL, fixed))
+    assert len(mails_to(mailpit, fixed)) == 1 and not mails_to(mailpit, typo)
+
+
+async def test_a_resend_does_not_mail_an_address_its_customer_removed(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
+) -> None:
+    """Found in review: a resend mailed every address the notice was written for, one the customer had
+    taken out of spec.notifications.emails since too (someone who left, a list closed). That delivery is
+    left as it is; the addresses the Customer still names are mailed."""
+    name = unique_name("leftlist")
+    ops, finance = f"ops@{name}.example", f"finance@{name}.example"
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name))
+    clock = Clock()
+    nomail = sender(sessions, kube, clock, None, max_attempts=1)
+    mailer = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await nomail.start()
+    await mailer.start()
+    try:
+        await nomail.send_due()
+        assert {d.status for d in await deliveries(sessions, notice.key)} == {"dead"}
+        now_named = customer_spec(name, notifications={"emails": []})
+        logged = await resend_at(sessions, notice, clock(), now_named)
+        assert [(d.target, d.status) for d in logged.resent] == [(ops, "pending")]
+        await mailer.send_due()
+    finally:
+        await nomail.stop()
+        await mailer.stop()
+    assert {d.target: d.status for d in await deliveries(sessions, notice.key)} == {
+        ops: "sent",
+        finance: "dead",
+    }
+    assert len(mails_to(mailpit, ops)) == 1 and not mails_to(mailpit, finance)
+
+
+async def test_a_resend_of_a_deleted_customer_s_notice_mails_the_stored_addresses(
+    sessions: async_sessionmaker[AsyncSession], kube: Kube, mailpit: Mailpit
+) -> None:
+    """With no Customer (deleted: no spec now) there are no addresses it names now: a resend mails those
+    the notice was written for, as before, and writes no delivery."""
+    name = unique_name("goneaddr")
+    typo, finance = f"ops@{name}.exmaple", f"finance@{name}.example"
+    notice = suspended_notice(name)
+    await enqueue(sessions, Outbox(), notice, customer_spec(name, email=typo))
+    clock = Clock()
+    nomail = sender(sessions, kube, clock, None, max_attempts=1)
+    mailer = sender(sessions, kube, clock, mailpit.smtp_url, max_attempts=1)
+    await nomail.start()
+    await mailer.start()
+    try:
+        await nomail.send_due()
+        logged = await resend_at(sessions, notice, clock(), None)
+        assert sorted(d.target for d in logged.resent) == [finance, typo]
+        await mailer.send_due()
+    finally:
+        await nomail.stop()
+        await mailer.stop()
+    assert {d.target: d.status for d in await deliveries(sessions, notice.key)} == {
+        typo: "sent",
+        finance: "sent",
+    }
+    assert len(mails_to(mailpit, typo)) == 1 and len(mails_to(mailpit, finance)) == 1
 
 
 def create_customer(objects: kubernetes.client.CustomObjectsApi, name: str, spec: dict[str, Any]) -> None:
