@@ -40,7 +40,11 @@ class Outage:
     away, `problem` says which) is one warning line without a traceback, and the ones after it are
     quiet; an error nobody expected (`problem` None) is logged with its traceback each time. Either waits
     `backoff` of the failures so far, and a success logs `back` once an outage has been told and starts
-    again from none: a PostgreSQL outage logged a traceback per try, three a second."""
+    again from none: a PostgreSQL outage logged a traceback per try, three a second.
+
+    Work its caller tries again on a clock of its own (each notice delivery after its own backoff, each
+    Customer's trial notice at its next check) says how in `retried`, which its lines say instead of this
+    backoff; the warning then quotes `problem` as given, the caller naming the error in it."""
 
     def __init__(
         self,
@@ -49,10 +53,12 @@ class Outage:
         back: str,
         first: float = RETRY_SECONDS,
         most: float = MAX_RETRY_SECONDS,
+        retried: str | None = None,
     ) -> None:
         self.log = logger
         self.what, self.back = what, back
         self.first, self.most = first, most
+        self.retried = retried
         self.failures = 0
         self._told = False  # this outage's warning is logged
 
@@ -61,7 +67,12 @@ class Outage:
         self.failures += 1
         delay = backoff(self.failures, self.first, self.most)
         if problem is None:
-            self.log.error("%s; trying again in %.0f s", self.what, delay, exc_info=error)
+            self.log.error(
+                "%s; %s", self.what, self.retried or f"trying again in {delay:.0f} s", exc_info=error
+            )
+        elif not self._told and self.retried is not None:
+            self._told = True
+            self.log.warning("%s: %s; %s", self.what, problem, self.retried)
         elif not self._told:
             self._told = True
             self.log.warning(

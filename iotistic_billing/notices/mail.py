@@ -19,6 +19,13 @@ import aiosmtplib
 
 # Raised by a send that reached no server or broke off: the delivery's failure (sender.py).
 MAIL_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# A refusal of one message by a server that took the connection, the sender and the login (a recipient
+# it does not know, content it will not take): that delivery's failure, not an outage of the server.
+MESSAGE_REFUSALS = (
+    aiosmtplib.SMTPRecipientsRefused,
+    aiosmtplib.SMTPRecipientRefused,
+    aiosmtplib.SMTPDataError,
+)
 # 421: the server closes the connection (RFC 5321 3.8), as one that limits the messages of a connection does.
 SERVICE_CLOSING = 421
 # A server that does not answer QUIT holds a stopping sender no longer than this a connection.
@@ -40,6 +47,11 @@ class MailRelay:
             "timeout": timeout,
         }
         self._idle: list[aiosmtplib.SMTP] = []  # connected, between two messages
+
+    @property
+    def server(self) -> str:
+        """The server's host and port, as logs name it (never the URL, which may hold a password)."""
+        return f"{self._options['hostname']}:{self._options['port']}"
 
     async def send(self, message: EmailMessage) -> None:
         """Over a kept connection, or a new one; raises one of MAIL_ERRORS when the server did not take it."""
@@ -95,4 +107,4 @@ def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipien
     return refused.code == SERVICE_CLOSING
 
 
-__all__ = ["MAIL_ERRORS", "MailRelay"]
+__all__ = ["MAIL_ERRORS", "MESSAGE_REFUSALS", "MailRelay"]

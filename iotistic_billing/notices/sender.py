@@ -68,7 +68,7 @@ from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel, webhook_url
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
-from iotistic_billing.notices.mail import MAIL_ERRORS, MailRelay
+from iotistic_billing.notices.mail import MAIL_ERRORS, MESSAGE_REFUSALS, MailRelay
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.retention import expired
@@ -154,6 +154,12 @@ class DeliveryFailed(Exception):
         self.detail = detail
 
 
+class ChannelDown(DeliveryFailed):
+    """The server every delivery of its channel goes to failed the try, not this delivery (the SMTP server
+    unreachable, or refusing the sender or the login; the platform team's endpoint): counted as any try,
+    and the channel's outage is told once (NoticeSender._outage), not once a delivery."""
+
+
 class DeliveryWithdrawn(DeliveryFailed):
     """Its target is gone from the Customer (the webhook removed from the spec): no later try has anywhere
     to go, so the delivery is dead at once, whatever tries it has left."""
@@ -230,6 +236,9 @@ class NoticeSender:
         self._claims = Outage(
             log, "notice sender: cannot claim a delivery", "notice sender: claiming deliveries again"
         )
+        # The outages of the SMTP server and of the platform team's endpoint, by server: found in review,
+        # a relay that was down logged each try at INFO, and its first WARNING came 3.7 hours later.
+        self._outages: dict[str, Outage] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -447,8 +456,10 @@ class NoticeSender:
             try:
                 await self._deliver(delivery, notice, now)
             except Exception as error:  # any error is this delivery's failure: it must never block the others
-                self._count_failure(delivery, error, now)
+                self._count_failure(delivery, notice, error, now)
                 return True
+            if (outage := self._outage(delivery)) is not None:
+                outage.succeeded()
             delivery.status = "sent"
             delivery.sent_at = now
             delivery.last_error = None
@@ -462,10 +473,13 @@ class NoticeSender:
             )
         return True
 
-    def _count_failure(self, delivery: models.NoticeDelivery, error: Exception, now: datetime) -> None:
+    def _count_failure(
+        self, delivery: models.NoticeDelivery, notice: StoredNotice, error: Exception, now: datetime
+    ) -> None:
         """The try counts: its error kept, the next try after the backoff, dead after the last. Logged
-        once, with the traceback when the error is not one the sender expects (a bug, or a URL the
-        client cannot even resolve)."""
+        once, under its notice's customer id, with the traceback when the error is not one the sender
+        expects (a bug, or a URL the client cannot even resolve); a try its channel's server failed
+        (ChannelDown) is also a warning, once that server's outage (_outage)."""
         expected = isinstance(error, DeliveryFailed)
         reason = str(error) if expected else f"{type(error).__name__}: {error}"
         # PostgreSQL's text holds no NUL: an error quoting one must not fail the commit of this row.
@@ -476,6 +490,8 @@ class NoticeSender:
         else:
             delivery.next_attempt_at = now + backoff(delivery.attempts)
         detail = error.detail if isinstance(error, DeliveryFailed) else None
+        if isinstance(error, ChannelDown) and (outage := self._outage(delivery)) is not None:
+            outage.failed(error, f"{reason} ({detail})" if detail else reason)
         log.log(
             logging.WARNING if dead or not expected else logging.INFO,
             "notice %s to %s %s: %s",
@@ -484,7 +500,39 @@ class NoticeSender:
             f"is dead after {delivery.attempts} tries" if dead else "failed, retried later",
             f"{reason} ({detail})" if detail else reason,
             exc_info=None if expected else error,
+            extra={"customer_id": notice.customer_id},
         )
+
+    def _outage(self, delivery: models.NoticeDelivery) -> Outage | None:
+        """The outage a failed try of `delivery` is part of when its channel is one server (the SMTP
+        server, the platform team's endpoint): one WARNING when its first try fails, however many
+        deliveries are due, and a line once one goes through. None for a customer's webhook: its
+        receiver failing is that customer's, logged with each delivery."""
+        if delivery.channel == Channel.EMAIL and self._mail_relay is not None:
+            server = self._mail_relay.server
+            what, back = (
+                f"mail to the SMTP server {server} fails",
+                f"the SMTP server {server} takes mail again",
+            )
+        elif delivery.channel == Channel.PLATFORM:
+            # Its host and port alone: NOTIFY_WEBHOOK_URL's path or query may hold a token.
+            server = urlsplit(delivery.target).netloc.rpartition("@")[2]
+            what = f"posts to the platform team's webhook {server} fail"
+            back = f"the platform team's webhook {server} takes notices again"
+        else:
+            return None
+        key = f"{delivery.channel} {server}"
+        if key not in self._outages:
+            self._outages[key] = Outage(
+                log,
+                f"notice sender: {what}",
+                f"notice sender: {back}",
+                retried=(
+                    "each delivery is retried after its own backoff (its tries logged at INFO) and dead "
+                    f"after NOTIFY_MAX_ATTEMPTS ({self.options.max_attempts}) tries"
+                ),
+            )
+        return self._outages[key]
 
     async def _deliver(self, delivery: models.NoticeDelivery, notice: StoredNotice, now: datetime) -> None:
         if delivery.channel == Channel.EMAIL:
@@ -497,7 +545,10 @@ class NoticeSender:
                 raise DeliveryFailed("NOTIFY_WEBHOOK_SECRET is not set")
             assert self._platform_http is not None, "start() first"
             secret = webhook_secret_bytes(self.options.platform_webhook_secret)
-            await self._post(self._platform_http, delivery, notice, secret, now)
+            try:
+                await self._post(self._platform_http, delivery, notice, secret, now)
+            except DeliveryFailed as failed:  # the one endpoint every platform notice goes to
+                raise ChannelDown(str(failed), failed.detail) from None
         else:
             raise DeliveryFailed(f"unknown channel {delivery.channel!r}")
 
@@ -516,8 +567,10 @@ class NoticeSender:
             raise DeliveryFailed(str(error)) from None
         try:
             await self._mail_relay.send(message)
-        except MAIL_ERRORS as error:
+        except MESSAGE_REFUSALS as error:  # this message's: the server answers
             raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
+        except MAIL_ERRORS as error:
+            raise ChannelDown(f"SMTP: {type(error).__name__}: {error}") from None
 
     async def _customer_key(self, delivery: models.NoticeDelivery, notice: StoredNotice) -> bytes:
         """signing_secret's key (_signer) for the customer's webhook `delivery`, retargeted here to the URL
@@ -709,6 +762,7 @@ class NoticeSender:
 
 __all__ = [
     "BACKOFF",
+    "ChannelDown",
     "DeliveryFailed",
     "DeliveryWithdrawn",
     "NoticeSender",

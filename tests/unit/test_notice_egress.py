@@ -258,6 +258,6 @@ async def test_a_failed_connection_keeps_a_last_error_that_tells_no_port_state(
     )
     with caplog.at_level(logging.INFO, logger="iotistic_billing.notices.sender"):
         for target, error in zip((closed, not_http), errors, strict=True):
-            sender._count_failure(target, error, NOW)
+            sender._count_failure(target, notice(), error, NOW)
             assert target.last_error == generic
     assert "ClientConnectorError" in caplog.text  # the closed port, in the log only

@@ -10,12 +10,16 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from email.message import EmailMessage
+from ipaddress import ip_network
 from types import SimpleNamespace
 from typing import Any, cast
 
 import aiosmtplib
 import aiosmtplib.email
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from iotistic_billing.customer import (
@@ -908,7 +912,7 @@ async def test_a_customer_s_webhook_its_customer_no_longer_names_is_dead_at_its_
         await sender._customer_key(delivery, stored())
     assert str(withdrawn.value).startswith("spec.notifications.webhook was removed from Customer acme")
     delivery.attempts = 1
-    sender._count_failure(delivery, withdrawn.value, NOW)
+    sender._count_failure(delivery, stored(), withdrawn.value, NOW)
     assert (delivery.status, delivery.last_error) == ("dead", str(withdrawn.value))
 
 
@@ -1066,3 +1070,212 @@ async def test_an_abandoned_deletion_mark_is_one_whose_customer_is_gone_or_repla
         "cust_acme01": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         "cust_gone01": None,
     }
+
+
+class Claims:
+    """send_one's sessions: each claim hands out the next of `due` (a delivery, its notice row and the
+    claim's time), then finds nothing."""
+
+    def __init__(self) -> None:
+        self.due: list[tuple[models.NoticeDelivery, models.Notice, datetime]] = []
+
+    def __call__(self) -> Claims:
+        return self
+
+    async def __aenter__(self) -> Claims:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def begin(self) -> Claims:
+        return self
+
+    async def execute(self, statement: object) -> SimpleNamespace:
+        row = self.due.pop(0) if self.due else None
+        return SimpleNamespace(first=lambda: row)
+
+    def add(self, channel: str, target: str, customer: str, attempts: int = 0) -> models.NoticeDelivery:
+        """A delivery due now of `customer`'s payment.failed."""
+        notice = failed_payment(customer_id=f"cust_{customer}01", customer_name=customer)
+        row = models.Notice(
+            kind=notice.kind,
+            customer_id=notice.customer_id,
+            customer_name=notice.customer_name,
+            subject=notice.subject,
+            facts=notice.to_facts(),
+            created_at=NOW,
+        )
+        delivery = models.NoticeDelivery(
+            channel=channel,
+            target=target,
+            message_id=f"msg_{len(self.due)}_{customer}_{channel}",
+            attempts=attempts,
+            status="pending",
+        )
+        self.due.append((delivery, row, NOW))
+        return delivery
+
+
+class Relay(MailRelay):
+    """SMTP_URL's server, refusing every connection while `down`, as a relay that is stopped does."""
+
+    def __init__(self) -> None:
+        super().__init__("smtp://notices:secret@mail.example:587", 1.0)
+        self.down = True
+        self.refused: str | None = None  # a recipient it does not know
+        self.sent: list[str] = []
+
+    async def send(self, message: EmailMessage) -> None:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connect call failed ('192.0.2.25', 587)")
+        if self.refused is not None:
+            unknown = aiosmtplib.SMTPRecipientRefused(550, "5.1.1 no such user", self.refused)
+            raise aiosmtplib.SMTPRecipientsRefused([unknown])
+        self.sent.append(str(message["Message-ID"]))
+
+
+def sender_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == sender_module.__name__ and r.levelno == level]
+
+
+async def test_an_smtp_server_that_refuses_connections_is_one_warning_an_outage_and_a_line_once_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: each mail try of a relay that was down logged at INFO, so the first WARNING of an
+    SMTP outage came ~3.7 hours later, when the deliveries were dead (NOTIFY_MAX_ATTEMPTS 8). Its first
+    failure is one warning naming the server, however many mails fail; a mail it takes says it is back."""
+    claims = Claims()
+    sender = NoticeSender(
+        sessions=cast(Any, claims),
+        kube=cast(Any, None),
+        options=SenderOptions("smtp://notices:secret@mail.example:587", "billing@x.example", None),
+        clock=lambda: NOW,
+    )
+    relay = sender._mail_relay = Relay()
+    customers = ["acme", "globex", "initech", "umbrella", "hooli"]
+    with caplog.at_level(logging.INFO, logger=sender_module.__name__):
+        mails = [claims.add("email", f"ops@{name}.example", name) for name in customers]
+        assert await sender.send_due() == 5
+        for delivery in mails:  # each retried after its own backoff, as before
+            assert (delivery.status, delivery.attempts) == ("pending", 1)
+        assert delivery.last_error is not None and "ConnectionRefusedError" in delivery.last_error
+        mails = [claims.add("email", f"ops@{name}.example", name, attempts=1) for name in customers[:3]]
+        assert await sender.send_due() == 3  # their second tries, still refused
+
+        warned = sender_records(caplog, logging.WARNING)
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert warned[0].exc_info is None
+        said = warned[0].getMessage()
+        assert said.startswith("notice sender: mail to the SMTP server mail.example:587 fails: SMTP: ")
+        assert "ConnectionRefusedError" in said and "dead after NOTIFY_MAX_ATTEMPTS (8) tries" in said
+        assert "secret" not in said  # SMTP_URL's password
+        # Each try is still a line of its own customer's, at INFO.
+        tries = [r for r in sender_records(caplog, logging.INFO) if "failed, retried later" in r.getMessage()]
+        assert [getattr(r, "customer_id", None) for r in tries] == [
+            f"cust_{name}01" for name in customers + customers[:3]
+        ]
+
+        caplog.clear()
+        relay.down = False
+        claims.add("email", "ops@acme.example", "acme", attempts=2)
+        claims.add("email", "ops@globex.example", "globex", attempts=2)
+        assert await sender.send_due() == 2
+        assert len(relay.sent) == 2
+        back = [r.getMessage() for r in sender_records(caplog, logging.INFO) if "again" in r.getMessage()]
+        assert back == [
+            "notice sender: the SMTP server mail.example:587 takes mail again after 8 failed tries"
+        ]
+
+        caplog.clear()
+        relay.refused = "gone@initech.example"  # the server answers: that mail's failure alone
+        claims.add("email", "gone@initech.example", "initech")
+        assert await sender.send_due() == 1
+        assert sender_records(caplog, logging.WARNING) == []
+
+        caplog.clear()
+        relay.down = True  # a new outage: told again
+        claims.add("email", "ops@acme.example", "acme")
+        assert await sender.send_due() == 1
+        assert len(sender_records(caplog, logging.WARNING)) == 1
+
+
+async def test_the_platform_webhook_s_outage_is_one_warning_and_a_customer_s_receiver_failing_is_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: the platform team's endpoint (NOTIFY_WEBHOOK_URL) answering 503 logged at INFO per
+    try, as an SMTP outage did; it is one warning naming its host. A customer's receiver failing is that
+    customer's alone, no outage of ours: its lines stay per delivery, but they lacked `customer_id`
+    (only the "sent" line had it), so a search of the logs by customer found only the successes."""
+    answers = [503]
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=answers[0])
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", answer)
+    claims = Claims()
+    deleted = ("billing", DELETED_NOTIFICATIONS_SECRET_NAME)
+    # Their deletions kept the keys: each webhook goes to the URL it was written for, no Customer read.
+    kept = {f"cust_{name}01": SECRET.encode() for name in ("acme", "globex", "initech")}
+    sender = NoticeSender(
+        sessions=cast(Any, claims),
+        kube=cast(Any, SecretsKube({deleted: (kept, None)})),
+        options=SenderOptions(
+            None,
+            "billing@x.example",
+            SECRET,
+            workers=0,
+            billing_namespace="billing",
+            webhook_allowed_networks=(ip_network("127.0.0.0/8"),),
+        ),
+        clock=lambda: NOW,
+    )
+    async with TestServer(app, host="127.0.0.1") as server:
+        await sender.start()
+        try:
+            platform = f"http://127.0.0.1:{server.port}/platform?token=t0ken"
+            hook = f"http://127.0.0.1:{server.port}/customer"
+            with caplog.at_level(logging.INFO, logger=sender_module.__name__):
+                for name in ("acme", "globex", "initech"):
+                    claims.add("platform", platform, name)
+                assert await sender.send_due() == 3
+                warned = [r.getMessage() for r in sender_records(caplog, logging.WARNING)]
+                assert len(warned) == 1, warned
+                endpoint = f"127.0.0.1:{server.port}"
+                assert warned[0].startswith(
+                    f"notice sender: posts to the platform team's webhook {endpoint} fail: HTTP 503"
+                )
+                assert "t0ken" not in warned[0]
+
+                caplog.clear()
+                claims.add("webhook", hook, "acme")
+                dying = claims.add("webhook", hook, "globex", attempts=7)
+                assert await sender.send_due() == 2
+                lines = [r for r in caplog.records if r.name == sender_module.__name__]
+                assert [
+                    (r.levelname, r.getMessage().split(": ")[0], getattr(r, "customer_id", None))
+                    for r in lines
+                ] == [
+                    ("INFO", "notice msg_0_acme_webhook to webhook failed, retried later", "cust_acme01"),
+                    (
+                        "WARNING",
+                        "notice msg_1_globex_webhook to webhook is dead after 8 tries",
+                        "cust_globex01",
+                    ),
+                ]
+                assert dying.status == "dead"
+
+                caplog.clear()
+                answers[0] = 204
+                claims.add("platform", platform, "initech", attempts=1)
+                assert await sender.send_due() == 1
+                back = [
+                    r.getMessage() for r in sender_records(caplog, logging.INFO) if "again" in r.getMessage()
+                ]
+                assert back == [
+                    f"notice sender: the platform team's webhook 127.0.0.1:{server.port} takes notices"
+                    " again after 3 failed tries"
+                ]
+        finally:
+            await sender.stop()
