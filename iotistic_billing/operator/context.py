@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,11 +22,24 @@ from iotistic_billing.operator.helm import Helm
 from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.operator.watches import LoopFollower
 from iotistic_billing.settings import Settings
-from iotistic_billing.workers import stop_tasks
+from iotistic_billing.workers import Outage, stop_tasks
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def trial_notices_outage() -> Outage:
+    """The housekeeping's writes of the "trial ends soon" notices while PostgreSQL is away
+    (operator/notices.py): each trial Customer's next check writes its own."""
+    return Outage(
+        log,
+        "trial-ending notices not written",
+        "trial-ending notices written again",
+        retried="each trial Customer's next housekeeping check (OPERATOR_TIMER_INTERVAL) writes its own",
+    )
 
 
 class PassRequests:
@@ -188,6 +202,9 @@ class OperatorContext:
     webhook_secrets_checked: dict[str, datetime] = field(default_factory=dict)
     # Keys of the notices the housekeeping wrote since the start: not written (or tried) again.
     noticed: set[str] = field(default_factory=set)
+    # Those writes failing while PostgreSQL is away, one warning an outage: found in review, a traceback
+    # for each trial Customer at each check (50 trials, 50 a minute).
+    trial_notices: Outage = field(default_factory=trial_notices_outage)
     # One per running InstanceRollout's daemon: set when a pass wrote a Customer's status, so the
     # rollout looks again now rather than at its next tick.
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)

@@ -278,7 +278,7 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     created = customer.metadata.creation_timestamp or now
     try:
         await write_trial_ending(ctx, customer, dict(body), now)
-    except Exception:  # PostgreSQL away: the next check writes it
+    except Exception:  # a bug (PostgreSQL away is one warning an outage, write_trial_ending's)
         log.exception("trial notice of Customer %s not written", name)
     restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
     due = housekeeping_due(customer.spec, customer.status, created, now, restricted_for)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from iotistic_billing.customer import Customer, customer_id_in_use
+from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.notices.content import Notice, trial_ending
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan
@@ -39,12 +40,20 @@ async def write_trial_ending(
     ctx: OperatorContext, customer: Customer, body: dict[str, object], now: datetime
 ) -> bool:
     """Write the notice once (its key makes a second write a no-op; `ctx.noticed` spares the database
-    the checks of a process that wrote it already). True when it was written now."""
+    the checks of a process that wrote it already). True when it was written now; False too while
+    PostgreSQL is away, said once an outage (`ctx.trial_notices`), as the next check writes it."""
     notice = trial_ending_notice(customer, body, now, ctx.settings.trial_notice_days)
     if notice is None or notice.key in ctx.noticed:
         return False
-    async with ctx.sessions() as session, session.begin():
-        written = await ctx.outbox.enqueue(session, notice, customer.spec)
+    try:
+        async with ctx.sessions() as session, session.begin():
+            written = await ctx.outbox.enqueue(session, notice, customer.spec)
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        ctx.trial_notices.failed(error, f"{DATABASE_UNREACHABLE} ({type(error).__name__})")
+        return False
+    ctx.trial_notices.succeeded()
     ctx.noticed.add(notice.key)
     return written
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
 import asyncpg
+import kopf
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -28,6 +30,8 @@ from iotistic_billing.db.pool import DatabaseUnavailable, Pool, connect, databas
 from iotistic_billing.devenv.pki import CertificateAuthority
 from iotistic_billing.notices import sender as sender_module
 from iotistic_billing.notices.sender import NoticeSender, SenderOptions
+from iotistic_billing.operator import handlers
+from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import SettingsError, load_settings
 from iotistic_billing.stripe_inbox import inbox as inbox_module
@@ -51,6 +55,11 @@ class Nothing:
 
     def all(self) -> list[Any]:
         return []
+
+    def __iter__(
+        self,
+    ) -> Iterator[Any]:  # an insert's RETURNING that wrote nothing (a notice written already)
+        return iter([])
 
 
 class Session:
@@ -407,3 +416,67 @@ async def test_a_lock_call_that_times_out_ends_its_connection_rather_than_pool_i
         else:
             await maintain_partitions(pool, NOW, ahead=1, retention_months=1200)
     assert conn.terminated
+
+
+def housekeeping_context(sessions: Sessions) -> SimpleNamespace:
+    """The operator's context as it starts (each default of OperatorContext), on `sessions`."""
+    defaults = {
+        field.name: field.default_factory()
+        for field in dataclasses.fields(OperatorContext)
+        if field.default_factory is not dataclasses.MISSING
+    }
+    settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
+    return SimpleNamespace(**defaults | {"clock": lambda: NOW, "settings": settings, "sessions": sessions})
+
+
+def trial_customer(name: str) -> kopf.Body:
+    """A Customer on the operator's own trial, which ends in 2 days: its "trial ends soon" notice is due."""
+    created = (NOW - timedelta(days=12)).isoformat()
+    return kopf.Body(
+        {
+            "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created},
+            "spec": {"email": f"ops@{name}.example", "companyName": name.title(), "trial": {"days": 14}},
+        }
+    )
+
+
+async def test_postgresql_away_is_one_warning_for_the_trial_notices_not_a_traceback_a_customer_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: with PostgreSQL away the housekeeping logged a traceback for each trial Customer
+    whose "trial ends soon" notice it could not write, every OPERATOR_TIMER_INTERVAL (50 trials, 50
+    tracebacks a minute), though the next check writes it. One warning an outage, without a traceback,
+    and a line once one is written; an error nobody expected keeps its traceback."""
+
+    async def no_pass(ctx: Any, name: str, deployment_event: int | None = None) -> None:
+        return None  # the passes a check starts (its licence is due): not this test's
+
+    monkeypatch.setattr(handlers, "_refresh", no_pass)
+    trials = [trial_customer(name) for name in ("acme", "globex", "initech")]
+    # Two checks of each trial with PostgreSQL away, then one with it back, which writes the notice.
+    ctx = housekeeping_context(Sessions([refused() for _ in range(6)] + [None, None, None]))
+    memo = kopf.Memo(context=ctx)
+    with caplog.at_level(logging.INFO):
+        for _check in range(2):
+            for body in trials:
+                await handlers.housekeeping(name=body["metadata"]["name"], body=body, memo=memo)
+        told = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [(r.levelname, r.exc_info) for r in told] == [("WARNING", None)], [
+            r.getMessage() for r in told
+        ]
+        assert "PostgreSQL cannot be reached (ConnectionRefusedError)" in told[0].getMessage()
+
+        caplog.clear()
+        for body in trials:
+            await handlers.housekeeping(name=body["metadata"]["name"], body=body, memo=memo)
+        back = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+        assert len(back) == 1 and back[0].endswith("again after 6 failed tries"), back
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    ctx = housekeeping_context(Sessions([RuntimeError("a bug")]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        await handlers.housekeeping(name="acme", body=trials[0], memo=kopf.Memo(context=ctx))
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in errors] == ["trial notice of Customer acme not written"]
+    assert errors[0].exc_info is not None and isinstance(errors[0].exc_info[1], RuntimeError)
