@@ -178,8 +178,9 @@ class StripeApi:
         self.catalog = PriceCatalog.from_settings(settings)
         self.clock = clock
 
-    async def probe(self) -> str:
-        """One read-only call (the balance), for the start-up line: whether Stripe takes our key."""
+    async def probe(self) -> str | None:
+        """One read-only call (the balance), for the start-up line: None when Stripe took our key, else
+        what went wrong (refused, no answer)."""
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):  # not wait_for: see workers.py
                 await _stripe(self.client.v1.balance.retrieve_async(), "read the balance")
@@ -187,7 +188,7 @@ class StripeApi:
             return f"a first call failed: {error.message}"
         except TimeoutError:
             return f"a first call got no answer in {PROBE_TIMEOUT:g} s"
-        return "a first call succeeded"
+        return None
 
     async def close(self) -> None:
         http: Any = self._http  # the SDK's transports are untyped

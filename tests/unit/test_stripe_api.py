@@ -4,18 +4,21 @@ become our errors."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from iotistic_billing import stripe_api
 from iotistic_billing.errors import ApiError
 from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi
+from iotistic_billing.webhook_server import app as app_module
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 # What an answer lost costs the SDK before its next try: its 30 s timeout and its back-off, at most 0.5 s
@@ -58,6 +61,8 @@ class FakeStripe:
         self.lose_creates = 0
         self.rate_limited: dict[tuple[str, str], int] = {}
         self.lists_wait_for = 0
+        # Every request answered 401, as for a key Stripe refuses (revoked, or another account's).
+        self.key_refused = False
         self.made = asyncio.Event()
         self.now = NOW
         self.page_size = 1
@@ -80,6 +85,9 @@ class FakeStripe:
         # A GET's parameters are its query.
         form = dict(request.query) if request.method == "GET" else dict(parse_qsl(await request.text()))
         self.requests.append((request.method, request.path, form))
+        if self.key_refused:
+            invalid = {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_***123"}
+            return web.json_response({"error": invalid}, status=401)
         creates = request.method == "POST" and request.path == "/v1/checkout/sessions"
         if self.lose_answers or self.lose_next or (creates and self.lose_creates):
             if creates and self.lose_creates:
@@ -656,3 +664,43 @@ async def test_a_refused_parameter_that_is_no_request_field_stays_a_409(
 
     assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
     assert raised.value.details == {"stripe_code": "invalid_request_error", "stripe_param": "customer"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "level", "said"),
+    [
+        ("key taken", logging.INFO, "a first call succeeded"),
+        ("key refused", logging.WARNING, "a first call failed: Stripe answered 401"),
+        ("no answer", logging.WARNING, "a first call got no answer in 0 s"),
+    ],
+)
+async def test_the_start_up_line_of_a_key_stripe_refuses_or_no_answer_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, answer: str, level: int, said: str
+) -> None:
+    """Found in review: `Stripe at <base>: a first call failed: ...` was logged at INFO, so a key refused
+    or revoked at start was invisible to alerting at WARNING, though the README points at that line."""
+    stripe = FakeStripe()
+    stripe.key_refused = answer == "key refused"
+    if answer == "no answer":
+        monkeypatch.setattr(stripe_api, "PROBE_TIMEOUT", 0.0)  # over before any answer: no wait
+    fake = web.Application()
+    fake.router.add_route("*", "/{tail:.*}", stripe.handle)
+    async with TestServer(fake) as server:
+        base = f"http://{server.host}:{server.port}"
+        settings = load_settings(
+            database_url="postgresql://nobody@127.0.0.1:1/none",
+            stripe_webhook_secret="whsec_test",
+            stripe_secret_key="sk_test_123",
+            stripe_api_base=base,
+        )
+        app = app_module.create_app(settings)
+        # The server's start-up opens the Stripe client alone: no database or API server here.
+        (opens_stripe,) = [ctx for ctx in app.cleanup_ctx if getattr(ctx, "__name__", "") == "stripe_client"]
+        with caplog.at_level(logging.INFO, logger=app_module.__name__):
+            started = cast(AsyncIterator[None], opens_stripe(app))  # a generator, as cleanup_ctx takes
+            await anext(started)
+            await anext(started, None)  # closes the client
+
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == app_module.__name__]
+    assert len(lines) == 1 and lines[0][0] == level, lines
+    assert lines[0][1].startswith(f"Stripe at {base}: {said}"), lines
