@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from iotistic_billing.stripe_inbox.events import HANDLED_EVENT_TYPES
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -40,6 +47,14 @@ class Metrics:
             ["type", "result"],
             registry=self.registry,
         )
+        self.readiness = Gauge(
+            "iotistic_readiness_check",
+            "The readiness checks' last results, by check (1 passed, 0 failed): database and schema make"
+            " /readyz fail, kubernetes is reported only. Checked at each scrape: an outage that takes every"
+            " replica out of the Service leaves the requests' metrics still and `up` at 1.",
+            ["check"],
+            registry=self.registry,
+        )
         self.usage = UsageMetrics(self.registry)
         # Set once the app shuts down (on_shutdown runs before aiohttp cancels the requests still in
         # progress, closing their connections itself): such a request is the server's failure, not 499.
@@ -51,6 +66,10 @@ class Metrics:
     def webhook_event(self, event_type: str, result: str) -> None:
         # Only types we know become labels: a label per arbitrary string would grow without bound.
         self.webhook_events.labels(event_type if event_type in HANDLED_EVENT_TYPES else "other", result).inc()
+
+    def readiness_checked(self, results: Iterable[tuple[str, bool]]) -> None:
+        for check, passed in results:
+            self.readiness.labels(check).set(1 if passed else 0)
 
     def exposition(self) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))

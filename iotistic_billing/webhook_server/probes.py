@@ -101,10 +101,18 @@ class ReadinessChecks:
 READINESS = web.AppKey("readiness", ReadinessChecks)
 
 
+async def readiness(app: web.Application) -> list[tuple[str, bool]]:
+    """The checks' results (ReadinessChecks), also set on /metrics (iotistic_readiness_check): the alert
+    on PostgreSQL down reads them there, since no request reaches a replica out of the Service."""
+    results = await app[READINESS].results(app)
+    app[METRICS].readiness_checked(results)
+    return results
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready when PostgreSQL answers at this version's schema (as checked at most READINESS_TTL ago); the
     API server's answer is reported beside (see ReadinessChecks)."""
-    results = await request.app[READINESS].results(request.app)
+    results = await readiness(request.app)
     checks = {name: "ok" if ok else "unavailable" for name, ok in results}
     ready = all(ok for name, ok in results if name in GATING)
     return json_model(
@@ -114,8 +122,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics of this process."""
+    """Prometheus metrics of this process, the readiness checks' checked at the scrape: kubelet probes the
+    server's /readyz alone, not its Stripe inbox process's, which its own metrics report."""
+    await readiness(request.app)
     return request.app[METRICS].exposition()
 
 
-__all__ = ["READINESS", "READINESS_TTL", "ReadinessChecks", "healthz", "metrics", "readyz"]
+__all__ = ["READINESS", "READINESS_TTL", "ReadinessChecks", "healthz", "metrics", "readiness", "readyz"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import prometheus_client
 import pytest
@@ -1492,6 +1492,7 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
         "iotistic_operator_license_expiry_timestamp_seconds",
         "iotistic_http_requests_total",
         "iotistic_stripe_webhook_events_total",
+        "iotistic_readiness_check",
     } <= used
     for alert in alerts:
         assert alert["labels"]["severity"] in {"warning", "critical"}
@@ -1596,6 +1597,31 @@ def test_the_webhook_server_and_its_stripe_inbox_each_raise_their_own_down_alert
     assert firing({"http"}) == {"IotisticWebhookServerDown"}
     assert firing({"inbox"}) == {"IotisticStripeInboxDown"}
     assert firing({"http", "inbox"}) == {"IotisticWebhookServerDown", "IotisticStripeInboxDown"}
+
+
+def webhook_alerts(objects: list[Manifest]) -> list[dict[str, Any]]:
+    rule = one(objects, "PrometheusRule", RELEASE)
+    [group] = [g for g in rule["spec"]["groups"] if g["name"] == "iotistic-billing.webhook-server"]
+    return cast(list[dict[str, Any]], group["rules"])
+
+
+def test_each_readiness_check_that_takes_replicas_out_raises_a_critical_alert_naming_it(
+    monitored_objects: list[Manifest],
+) -> None:
+    """Found in review: a PostgreSQL outage fired no alert. Every replica failed /readyz and left the
+    Service, so no request reached the server: its 5xx alerts saw nothing (the error rate 0/0), and
+    `up` stayed 1 (the ServiceMonitor scrapes unready endpoints). The alerts read the checks themselves
+    (iotistic_readiness_check, set at each scrape), one per check that makes /readyz fail."""
+    from iotistic_billing.webhook_server.probes import GATING
+
+    alerts = webhook_alerts(monitored_objects)
+    for check in GATING:
+        [alert] = [a for a in alerts if a["labels"].get("check") == check]
+        assert f'iotistic_readiness_check{{check="{check}", namespace="{NAMESPACE}"}}' in alert["expr"]
+        assert alert["labels"]["severity"] == "critical", alert["alert"]
+        assert "up{" not in alert["expr"] and "iotistic_http_requests" not in alert["expr"]
+    by_check = {a["labels"]["check"]: a["alert"] for a in alerts if "check" in a["labels"]}
+    assert by_check == {"database": "IotisticDatabaseUnavailable", "schema": "IotisticDatabaseSchemaBehind"}
 
 
 # ----- the kustomize base -----

@@ -10,10 +10,12 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from iotistic_billing.k8s import KubernetesUnavailable
-from iotistic_billing.webhook_server.context import ENGINE, KUBE
-from iotistic_billing.webhook_server.probes import READINESS, READINESS_TTL, ReadinessChecks, readyz
+from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
+from iotistic_billing.webhook_server.metrics import Metrics
+from iotistic_billing.webhook_server.probes import READINESS, READINESS_TTL, ReadinessChecks, metrics, readyz
 
 
 class Dependencies:
@@ -58,7 +60,9 @@ async def probed(dependencies: Dependencies, now: list[float]) -> AsyncIterator[
     app[ENGINE] = dependencies  # type: ignore[misc]
     app[KUBE] = dependencies  # type: ignore[misc]
     app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD, known=frozenset({"0010", HEAD}))
+    app[METRICS] = Metrics()
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     async with TestClient(TestServer(app)) as client:
         yield client
 
@@ -128,3 +132,34 @@ async def test_ready_needs_the_schema_of_this_version_and_not_the_api_server() -
             "status": "ready",
             "checks": {"database": "ok", "schema": "ok", "kubernetes": "unavailable"},
         }
+
+
+async def scraped_checks(client: TestClient[Any, Any]) -> dict[str, float]:
+    """iotistic_readiness_check of a scrape of /metrics, by check."""
+    text = await (await client.get("/metrics")).text()
+    return {
+        sample.labels["check"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "iotistic_readiness_check"
+        for sample in family.samples
+    }
+
+
+async def test_metrics_say_which_readiness_check_fails_without_a_readiness_probe() -> None:
+    """Found in review: a PostgreSQL outage fired no alert. Every replica failed /readyz and left the
+    Service, so no request reached the server (its 5xx alerts saw nothing), and `up` stayed 1 (the
+    ServiceMonitor scrapes unready endpoints). The checks are on /metrics now, checked at the scrape
+    itself: nobody probes the Stripe inbox process's /readyz."""
+    now = [100.0]
+    dependencies = Dependencies()
+    async with probed(dependencies, now) as client:
+        dependencies.up = False
+        assert await scraped_checks(client) == {"database": 0.0, "schema": 0.0, "kubernetes": 1.0}
+        assert dependencies.queries == 1
+
+        # Back: the next round, whoever asks for it, sets them again.
+        dependencies.up, dependencies.kube_up = True, False
+        now[0] += READINESS_TTL
+        assert (await client.get("/readyz")).status == 200
+        assert await scraped_checks(client) == {"database": 1.0, "schema": 1.0, "kubernetes": 0.0}
+        assert dependencies.queries == 2  # the scrape within READINESS_TTL reused the probe's round
