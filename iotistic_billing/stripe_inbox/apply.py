@@ -78,10 +78,12 @@ class Outcome:
 class Failure:
     """An event left pending for a retry: the error, and what waits with it (`held_back` of the next
     batches): its Customer's name; for an event whose lookup failed, the ids it names (`LookupHints.ids`)
-    and the Customers found for the batch's events that name one of them."""
+    and the Customers found for the batch's events that name one of them. `customer`: the name of the
+    Customer it was found to be of, for the log; None when its lookup failed."""
 
     error: Exception
     holds: frozenset[str] = frozenset()
+    customer: str | None = None
 
 
 # Per event id: the result to record, or the failure that leaves it pending for a retry. An event of the
@@ -116,7 +118,7 @@ class _CustomerEvents:
 
     def failed(self, error: Exception) -> dict[str, Failure]:
         """Each of the group's events left pending by `error`; its newer events wait with them."""
-        return {event.id: Failure(error, frozenset({self.name})) for event in self.events}
+        return {event.id: Failure(error, frozenset({self.name}), self.name) for event in self.events}
 
 
 async def apply_events(
@@ -167,7 +169,7 @@ async def apply_events(
         if isinstance(name, Exception):
             results[event.id] = Failure(name, hints.ids() | _customers_naming(found, hints.ids()))
         elif isinstance(record, Exception):
-            results[event.id] = Failure(record, frozenset({cast(str, name)}))
+            results[event.id] = Failure(record, frozenset({cast(str, name)}), cast(str, name))
         elif name is None or record is None:
             log.warning(
                 "stripe event %s (%s) matches no Customer; acknowledged and recorded as unmatched",

@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from sqlalchemy import Text, all_, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -49,7 +50,7 @@ from iotistic_billing.db.pool import (
 )
 from iotistic_billing.db.retention import PRUNE_BATCH, prune_every, prune_expired, retention_cutoff
 from iotistic_billing.db.schema import SchemaGate, after_schema
-from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.k8s import KubernetesUnavailable, refusal_message
 from iotistic_billing.stripe_inbox.apply import EventApplier, Failure, Outcome, Results, apply_events
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.restore import RESTORE_SECONDS, restore, tell, to_restore
@@ -63,6 +64,8 @@ Sessions = async_sessionmaker[AsyncSession]
 ResultCounter = Callable[[str, str], None]
 
 PENDING: Final = "pending"
+# The result an event left pending for a retry is counted under (iotistic_stripe_webhook_events_total).
+RETRY: Final = "retry"
 INBOX_CHANNEL: Final = "stripe_inbox"
 # The advisory lock one batch at a time holds, in every replica (any bigint; this one spells "inbox").
 BATCH_LOCK: Final = 0x696E626F78
@@ -171,6 +174,7 @@ class EventInbox:
         self._restores = Outage(
             log, "stripe inbox: cannot restore subscriptions", "stripe inbox: restoring subscriptions again"
         )
+        self._retries = RetryCauses()
 
     def wake(self) -> None:
         """Events were stored: this process's loop, if it runs one, and every inbox LISTENing."""
@@ -258,6 +262,7 @@ class EventInbox:
         waiting, held_back = self._events_backoff.waiting(), self._held_back.waiting()
         # Those the backoff forgot (recorded by another replica, or due long ago) are no one's failures now.
         self._failed_of = {k: v for k, v in self._failed_of.items() if k in self._events_backoff}
+        self._retries.keep(self._events_backoff)
         async with self.sessions() as session, session.begin():
             await session.execute(select(func.pg_advisory_xact_lock(BATCH_LOCK)))
             started = time.monotonic()  # the wait for another replica's batch is not this one's work
@@ -314,8 +319,7 @@ class EventInbox:
             await _record_failures(session, {k: failure.error for k, failure in failures.items()})
         self.last_batch_seconds = time.monotonic() - started
         for event_id, outcome in outcomes.items():
-            self._events_backoff.forget(event_id)
-            self._failed_of.pop(event_id, None)
+            self.applied(event_id)
             self.count(types[event_id], outcome.result)
             log.info(
                 "stripe event %s (%s): %s",
@@ -325,20 +329,22 @@ class EventInbox:
                 extra={"event_id": event_id, "customer_id": outcome.customer_id, "result": outcome.result},
             )
         for event_id, failure in failures.items():
-            self.failed(event_id, failure)
-            self.count(types[event_id], "retry")
-            log.warning(
-                "stripe event %s (%s) not applied yet, will retry: %s",
-                event_id,
-                types[event_id],
-                type(failure.error).__name__,
-            )
+            self.failed(event_id, failure, types[event_id])
+            self.count(types[event_id], RETRY)
         return len(outcomes) + len(failures)
 
-    def failed(self, event_id: str, failure: Failure) -> None:
+    def applied(self, event_id: str) -> None:
+        """The event recorded: no backoff of its own, and its cause of failure over for it."""
+        self._events_backoff.forget(event_id)
+        self._failed_of.pop(event_id, None)
+        self._retries.settled(event_id)
+
+    def failed(self, event_id: str, failure: Failure, event_type: str) -> None:
         """The event left out of the claims for its backoff, and what it holds back until its retry at
         least: held back by another failure before, a key may be due earlier (one attempt's lookup
-        failed, the next one's Customer read), and the event's newer events would go first."""
+        failed, the next one's Customer read), and the event's newer events would go first. Its cause is
+        logged once for all the events it fails (RetryCauses)."""
+        self._retries.failed(event_id, event_type, failure)
         due = self._events_backoff.failed(event_id)
         for key in failure.holds:
             self._held_back.hold(key, due)
@@ -395,6 +401,73 @@ class EventInbox:
             if not await self.apply_pending():
                 return
         raise TimeoutError("stripe inbox not drained")
+
+
+def retry_cause(error: Exception) -> tuple[str, str]:
+    """Why an event was left pending: the cause the events failing alike share (an API server's refusal
+    by its status and reason: its message names one object), and what the first of them logs of it."""
+    if isinstance(error, ApiException):
+        cause = f"the API server refused it: {error.status} {error.reason}"
+        return cause, f"{cause} ({refusal_message(error)})"
+    if isinstance(error, KubernetesUnavailable):
+        return str(error), str(error)
+    if database_unreachable(error):
+        return DATABASE_UNREACHABLE, DATABASE_UNREACHABLE
+    return type(error).__name__, f"{type(error).__name__}: {error}"
+
+
+class RetryCauses:
+    """The causes of the events left pending, each an outage (workers.Outage) of its own: the first event
+    it fails is one warning naming the cause, the event and its Customer; the same cause's next failures,
+    of any event and any retry, are counted (RETRY), not logged; a line says when no event fails of it
+    any more. An event per line and per retry, the retries capped at a minute, made 2,000 warnings a
+    minute of 2,000 events refused alike, none saying more than the error's class."""
+
+    def __init__(self) -> None:
+        self._outages: dict[str, Outage] = {}
+        self._cause_of: dict[str, str] = {}  # each failing event's last cause
+
+    def failed(self, event_id: str, event_type: str, failure: Failure) -> None:
+        cause, told = retry_cause(failure.error)
+        if failure.customer is not None:
+            whose = f"Customer {failure.customer}"
+        else:  # its lookup failed: the ids it names
+            whose = f"no Customer found yet ({', '.join(sorted(failure.holds)) or 'no id'})"
+        log.debug(
+            "stripe event %s (%s) of %s not applied yet, will retry: %s",
+            event_id,
+            event_type,
+            whose,
+            told,
+            extra={"event_id": event_id, "customer": failure.customer},
+        )
+        self._cause_of[event_id] = cause
+        if cause not in self._outages:
+            self._outages[cause] = Outage(
+                log,
+                "stripe inbox: events not applied",
+                f'stripe inbox: no event fails any more with "{cause}"',
+                first=RETRY_BACKOFF[0],
+                most=RETRY_BACKOFF[-1],
+            )
+        problem = f"{told}; the first, {event_id} ({event_type}) of {whose}; the others counted as {RETRY}"
+        self._outages[cause].failed(failure.error, problem)
+        self._end_over()
+
+    def settled(self, event_id: str) -> None:
+        """The event was recorded (applied, or by another replica)."""
+        self._cause_of.pop(event_id, None)
+        self._end_over()
+
+    def keep(self, failing: Container[str]) -> None:
+        """Only the events still `failing` (those the backoff keeps): the others are no one's failures."""
+        self._cause_of = {k: v for k, v in self._cause_of.items() if k in failing}
+        self._end_over()
+
+    def _end_over(self) -> None:
+        left = set(self._cause_of.values())
+        for cause in [cause for cause in self._outages if cause not in left]:
+            self._outages.pop(cause).succeeded()
 
 
 class RetryBackoff:
@@ -520,4 +593,4 @@ async def _record_failures(session: AsyncSession, failures: dict[str, Exception]
     )
 
 
-__all__ = ["INBOX_CHANNEL", "PENDING", "EventInbox", "pause_after", "store_event"]
+__all__ = ["INBOX_CHANNEL", "PENDING", "RETRY", "EventInbox", "pause_after", "store_event"]

@@ -23,7 +23,7 @@ def failing_inbox() -> EventInbox:
         ("evt_l1", {"stripe-customer:cus_1", "gamma"}),
         ("evt_g1", {"gamma"}),
     ):
-        inbox.failed(event_id, Failure(RuntimeError("failed"), frozenset(holds)))
+        inbox.failed(event_id, Failure(RuntimeError("failed"), frozenset(holds)), "invoice.paid")
     return inbox
 
 
@@ -61,9 +61,9 @@ def test_what_a_failed_event_holds_back_waits_until_its_retry_whatever_held_it_b
     inbox = EventInbox(
         sessions=cast(Any, None), applier=cast(Any, None), count=lambda *_: None, clock=lambda: now[0]
     )
-    inbox.failed("evt_a", Failure(RuntimeError("read"), frozenset({"acme"})))
+    inbox.failed("evt_a", Failure(RuntimeError("read"), frozenset({"acme"})), "invoice.paid")
     now[0] = 1.0
-    inbox.failed("evt_a", Failure(RuntimeError("lookup"), frozenset({"subscription:sub_1"})))
+    inbox.failed("evt_a", Failure(RuntimeError("lookup"), frozenset({"subscription:sub_1"})), "invoice.paid")
     now[0] = 2.5  # the event is due at 3 (its second failure)
     assert waiting(inbox) == ({"evt_a"}, {"subscription:sub_1"})
     now[0] = 3.5

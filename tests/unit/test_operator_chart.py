@@ -1624,6 +1624,18 @@ def test_each_readiness_check_that_takes_replicas_out_raises_a_critical_alert_na
     assert by_check == {"database": "IotisticDatabaseUnavailable", "schema": "IotisticDatabaseSchemaBehind"}
 
 
+def test_events_the_inbox_keeps_retrying_raise_an_alert(monitored_objects: list[Manifest]) -> None:
+    """Found in review: an inbox that ran but applied nothing (its ClusterRole without patch, every
+    write refused 403) retried each event for ever and fired no alert: it was up, and answered Stripe."""
+    from iotistic_billing.stripe_inbox.inbox import RETRY
+
+    [alert] = [a for a in webhook_alerts(monitored_objects) if a["alert"] == "IotisticStripeEventsNotApplied"]
+    assert (
+        f'iotistic_stripe_webhook_events_total{{result="{RETRY}", namespace="{NAMESPACE}"}}' in alert["expr"]
+    )
+    assert alert["for"] == "30m"
+
+
 # ----- the kustomize base -----
 
 
