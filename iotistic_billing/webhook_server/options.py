@@ -56,3 +56,6 @@ class ServerOptions:
     probes_only: bool = False
     # In-flight requests get this long to finish after SIGTERM.
     shutdown_timeout: float = 30.0
+    # Seconds between a refreshing console page's answer handled and its next refresh (its main part
+    # fetched again): a phase change shows within this. The browser tests refresh faster.
+    console_refresh: float = 2.0

@@ -24,9 +24,18 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
 from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager, matching
-from iotistic_billing.webhook_server.console.pages import ago, epoch, pairs, same_origin, usage_charts
+from iotistic_billing.webhook_server.console.pages import (
+    TEMPLATES,
+    ago,
+    epoch,
+    pairs,
+    render,
+    same_origin,
+    templates,
+    usage_charts,
+)
 from iotistic_billing.webhook_server.console.session import ConsoleSession, Sessions, SignOuts
-from iotistic_billing.webhook_server.context import OPTIONS
+from iotistic_billing.webhook_server.context import CLOCK, OPTIONS
 from iotistic_billing.webhook_server.options import ServerOptions
 
 ADMIN = "admin-token-" + "a" * 20
@@ -325,6 +334,23 @@ async def test_a_request_cancelled_as_its_sign_out_read_ends_is_cancelled() -> N
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
             await task
+
+
+def rollouts_page(options: ServerOptions) -> str:
+    request = make_mocked_request("GET", "/admin/rollouts")
+    request.app[OPTIONS] = options
+    request.app[TEMPLATES] = templates()
+    request.app[CLOCK] = lambda: datetime(2026, 12, 1, tzinfo=UTC)
+    text = render(request, "rollouts.html.j2", rollouts=[], audit=[]).text
+    assert text is not None
+    return text
+
+
+def test_a_refreshing_page_refreshes_at_the_server_s_interval() -> None:
+    """Found in review: every refreshing page said data-refresh="2000" in its own template, so the browser
+    tests of the refresh waited a real 2 s for each one."""
+    assert '<main id="main" data-refresh="2000">' in rollouts_page(ServerOptions())
+    assert '<main id="main" data-refresh="200">' in rollouts_page(ServerOptions(console_refresh=0.2))
 
 
 def origin_request(headers: dict[str, str]) -> bool:

@@ -176,6 +176,8 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
             session=session,
             csrf=session.csrf if session else "",
             fragment=fragment,
+            # A refreshing page's data-refresh, in milliseconds as console.js reads it.
+            refresh_ms=round(request.app[OPTIONS].console_refresh * 1000),
             now=request.app[CLOCK](),
             # Only for a session: an action's banner has no place on the sign-in page.
             done=DONE.get(request.query.get("done", "")) if session else None,
