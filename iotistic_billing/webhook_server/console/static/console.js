@@ -5,6 +5,7 @@
   var main = document.getElementById("main");
   if (!main || !main.dataset.refresh) { return; }
   var every = parseInt(main.dataset.refresh, 10) || 2000;
+  var handled = 0;
   // Someone at work in the page: a form being filled, a link or button reached with the keyboard, text
   // selected to copy, or a field typed in and left (a Revoke reason half written while the person reads
   // the page). The swap would take it from under them, so it waits for them (WCAG 2.2.2). A link a
@@ -44,7 +45,12 @@
       })
       .then(function (html) { if (html !== null && !busy()) { swap(html); } })
       .catch(function () { /* the next tick tries again */ })
-      .finally(function () { window.setTimeout(refresh, every); });
+      .finally(function () {
+        // How many answers were handled (swapped in or not), for a test to wait on instead of a sleep.
+        handled += 1;
+        main.dataset.refreshed = String(handled);
+        window.setTimeout(refresh, every);
+      });
   }
   window.setTimeout(refresh, every);
 }());
