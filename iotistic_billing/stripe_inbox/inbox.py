@@ -404,16 +404,20 @@ class EventInbox:
 
 
 def retry_cause(error: Exception) -> tuple[str, str]:
-    """Why an event was left pending: the cause the events failing alike share (an API server's refusal
-    by its status and reason: its message names one object), and what the first of them logs of it."""
+    """Why an event was left pending: the cause the events failing alike share, and what the first of
+    them logs of it. A permission missing (401, 403) refuses every Customer alike, so it is one cause by
+    its status and reason (its message names one object); any other refusal (a value, an admission
+    policy) or error is one by its message: keyed by its status alone, a second Customer's other 422
+    stayed unlogged for as long as the first one's lasted."""
     if isinstance(error, ApiException):
         cause = f"the API server refused it: {error.status} {error.reason}"
-        return cause, f"{cause} ({refusal_message(error)})"
+        told = f"{cause} ({refusal_message(error)})"
+        return (cause if error.status in (401, 403) else told), told
     if isinstance(error, KubernetesUnavailable):
         return str(error), str(error)
     if database_unreachable(error):
         return DATABASE_UNREACHABLE, DATABASE_UNREACHABLE
-    return type(error).__name__, f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {error}", f"{type(error).__name__}: {error}"
 
 
 class RetryCauses:

@@ -24,10 +24,14 @@ FORBIDDEN = (
 
 def forbidden() -> ApiException:
     """The API server's 403 for a patch the ClusterRole no longer grants, as the client raises it."""
+    return refused(403, "Forbidden", FORBIDDEN)
+
+
+def refused(status: int, reason: str, message: str) -> ApiException:
     answer = SimpleNamespace(
-        status=403,
-        reason="Forbidden",
-        data=json.dumps({"kind": "Status", "status": "Failure", "message": FORBIDDEN, "code": 403}).encode(),
+        status=status,
+        reason=reason,
+        data=json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status}).encode(),
         headers={},
     )
     return ApiException(http_resp=answer)
@@ -89,3 +93,33 @@ def test_a_cause_is_told_over_once_no_event_fails_of_it(caplog: pytest.LogCaptur
     assert len(lines(caplog, logging.INFO)) == 2
     events.failed("evt_3", Failure(forbidden(), frozenset({"acme"}), "acme"), UPDATED)
     assert len(lines(caplog, logging.WARNING)) == 3
+
+
+def test_another_customer_s_other_refusal_of_the_same_status_is_told_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: causes were keyed by the status alone, so a second Customer's 422 (an admission
+    policy) stayed at DEBUG for as long as the first one's 422 (a value refused) lasted; an unexpected
+    error hid another of its class the same way."""
+    events = inbox()
+    caplog.set_level(logging.INFO, logger="iotistic_billing.stripe_inbox")
+    value = 'Customer.iotistic.io "acme" is invalid: spec.subscription.status: Unsupported value: "paused"'
+    policy = "customers.iotistic.io \"globex\" is forbidden: ValidatingAdmissionPolicy 'no-billing' denied it"
+    for _retry in range(2):
+        events.failed(
+            "evt_a",
+            Failure(refused(422, "Unprocessable Entity", value), frozenset({"acme"}), "acme"),
+            UPDATED,
+        )
+        events.failed(
+            "evt_g",
+            Failure(refused(422, "Unprocessable Entity", policy), frozenset({"globex"}), "globex"),
+            UPDATED,
+        )
+        events.failed("evt_k", Failure(KeyError("items"), frozenset({"initech"}), "initech"), UPDATED)
+        events.failed("evt_l", Failure(KeyError("customer"), frozenset({"hooli"}), "hooli"), UPDATED)
+    warnings = lines(caplog, logging.WARNING)
+    assert len(warnings) == 4, warnings
+    assert [value in w for w in warnings] == [True, False, False, False]
+    assert policy in warnings[1] and "of Customer globex" in warnings[1]
+    assert "KeyError: 'items'" in warnings[2] and "KeyError: 'customer'" in warnings[3]
