@@ -26,9 +26,10 @@ _HERE = Path(__file__).parent
 MIGRATION_LOCK = 0x10715_0001
 # How long a migration's statement waits for a table's lock. Without a bound an ALTER queued behind an
 # open transaction (an idle psql session) waited for ever, and every write to the table queued behind
-# it: the servers' inserts timed out as "database unavailable" while the migration said nothing. Past
-# it the migration fails and is rolled back; the init container's next start tries again.
-MIGRATION_LOCK_TIMEOUT = "60s"
+# it: the servers' inserts timed out as "database unavailable" while the migration said nothing. Below
+# their statement timeout (db/pool.py, 10 s), so the writes queued behind a waiting ALTER wait less than
+# that. Past it the migration fails and is rolled back; the init container's next start tries again.
+MIGRATION_LOCK_TIMEOUT = "5s"
 LOCK_NOT_AVAILABLE = "55P03"
 PROGRAM = "iotistic-billing migrate"
 
