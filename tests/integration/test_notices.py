@@ -52,7 +52,7 @@ from iotistic_billing.notices.log import notice_to_resend, resend
 from iotistic_billing.notices.outbox import Outbox
 from iotistic_billing.notices.retention import expired
 from iotistic_billing.notices.sender import BACKOFF, NoticeSender, SenderOptions, claim
-from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.context import OperatorContext, trial_notices_outage
 from iotistic_billing.operator.notices import write_trial_ending
 from iotistic_billing.processes import free_port
 from iotistic_billing.settings import Settings
@@ -2153,6 +2153,7 @@ async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_r
                 sessions=sessions,
                 outbox=Outbox(platform.url),
                 noticed=set(),
+                trial_notices=trial_notices_outage(),
             ),
         )
 
