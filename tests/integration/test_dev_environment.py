@@ -358,11 +358,13 @@ def _check_cli(out: str, dev: DevRun) -> None:
 
 
 def _check_usage(out: str, dev: DevRun) -> None:
-    ack, history, *_ = _json_documents(out)
+    ack, again, history, *_ = _json_documents(out)
     # The block's first run against this module's fresh dev environment (nothing else reports for acme
-    # there): its report is new, and the only one (found in review: a duplicate passed as well).
+    # there): its report is new, and the only one (found in review: a duplicate passed as well); sent
+    # again, it is a duplicate, as the README says (found in review: that was not checked).
     assert dev.runs["usage"] == 1, dev.runs
     assert ack == {"accepted": 1, "duplicate": 0}, ack
+    assert again == {"accepted": 0, "duplicate": 1}, again
     assert history["report_count"] == 1, history
     (report,) = history["reports"]
     assert (report["instance_id"], report["active_devices"]) == ("prod-1", 42), report
