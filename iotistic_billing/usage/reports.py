@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from operator import attrgetter
 from typing import Annotated, Any, Final
 
@@ -70,7 +70,9 @@ class UsageReport(BaseModel):
         PrintableId,
         Field(
             description=(
-                "The idempotency key: a report sent again with it (and the same period_start) is stored once."
+                "The idempotency key: a report sent again with it (and the same period_start) is stored"
+                " once, and must repeat the report stored: one that differs in any field is a 409 naming"
+                " them, and the stored report is kept."
             )
         ),
     ]
@@ -299,6 +301,64 @@ def report_rows(reports: Sequence[UsageReport]) -> list[tuple[Any, ...]]:
     ]
 
 
+# A report's key (usage_reports' primary key), and what a report sent again under it must repeat.
+KEY_COLUMNS: Final = COLUMNS[:4]
+REPORTED_COLUMNS: Final = COLUMNS[4:]
+_STORED_SIZE: Final = Decimal("0.001")  # NUMERIC(14, 3): what a size is once stored
+
+
+def as_stored(column: str, value: Any) -> Any:
+    """A row's value as usage_reports keeps it: the size (text, report_rows) rounded to the thousandth
+    as the column rounds it (half away from zero), so that 0.1 + 0.2 sent again as 0.3 is the same."""
+    return (
+        Decimal(value).quantize(_STORED_SIZE, rounding=ROUND_HALF_UP)
+        if column == "postgres_size_mb"
+        else value
+    )
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A field of report `index` sent under the key of a report stored (or of report `earlier` of the
+    same request) with another value."""
+
+    index: int
+    column: str
+    stored: Any
+    sent: Any
+    earlier: int | None = None
+
+
+class ResentReportsDiffer(Exception):
+    """Reports sent again under their key with other numbers: refused, as the stored report is kept
+    (a retry must repeat it; a correction sent under the same key would otherwise be dropped as a
+    duplicate while the wrong numbers stay billed)."""
+
+    def __init__(self, differences: Sequence[Difference]) -> None:
+        super().__init__(", ".join(f"report {d.index}: {d.column}" for d in differences))
+        self.differences = list(differences)
+
+
+def repeats_within(rows: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], list[Difference]]:
+    """The rows (report_rows) with each key once, its first, and the fields in which a later row under
+    a key differs from its first."""
+    first: dict[tuple[Any, ...], int] = {}
+    kept = []
+    differences: list[Difference] = []
+    for index, row in enumerate(rows):
+        at = first.setdefault(row[: len(KEY_COLUMNS)], index)
+        if at == index:
+            kept.append(row)
+            continue
+        earlier = rows[at]
+        differences.extend(
+            Difference(index, column, earlier[position], row[position], earlier=at)
+            for position, column in enumerate(REPORTED_COLUMNS, len(KEY_COLUMNS))
+            if as_stored(column, row[position]) != as_stored(column, earlier[position])
+        )
+    return kept, differences
+
+
 @dataclass(frozen=True)
 class Accepted:
     accepted: int
@@ -308,21 +368,27 @@ class Accepted:
 __all__ = [
     "BATCH",
     "COLUMNS",
+    "KEY_COLUMNS",
     "MAX_BATCH",
     "REPORT",
+    "REPORTED_COLUMNS",
     "Accepted",
+    "Difference",
     "InvalidReports",
     "ParsedReports",
     "Problem",
     "ReportBody",
+    "ResentReportsDiffer",
     "UsageReport",
     "UsageReportBatch",
+    "as_stored",
     "earliest_start_reaching",
     "earliest_starts",
     "field_path",
     "foreign_report",
     "parse_reports",
     "period_problems",
+    "repeats_within",
     "report_rows",
     "retention_problems",
 ]

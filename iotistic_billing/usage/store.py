@@ -27,7 +27,15 @@ from iotistic_billing.db.pool import (
 from iotistic_billing.db.pool import open_pool as open_asyncpg_pool
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import PeriodTotals, UsageSample, device_hours, totals_from_sums
-from iotistic_billing.usage.reports import COLUMNS, earliest_start_reaching
+from iotistic_billing.usage.reports import (
+    COLUMNS,
+    KEY_COLUMNS,
+    REPORTED_COLUMNS,
+    Difference,
+    ResentReportsDiffer,
+    earliest_start_reaching,
+    repeats_within,
+)
 
 # The counters not listed are bigint; the size comes as text (reports.report_rows) and is cast.
 _TYPES: Final = {
@@ -60,30 +68,70 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE}
 """
 # Rows are inserted in key order (usage_reports' primary key: customer, instance, report id, period
 # start), so that two batches sharing reports take their row locks in the same order and cannot
-# deadlock; a report already stored (or twice in the batch) is skipped by the key, and only the rows
-# really inserted are counted. ON CONFLICT names no key: the statements work on the table before
-# migration 0007 (a unique key without the period start) as after it.
-INSERT_REPORTS: Final = f"""
-WITH inserted AS (
-    INSERT INTO usage_reports ({", ".join(COLUMNS)})
-    SELECT {", ".join(_as_column(c, c) for c in COLUMNS)} FROM {STAGING_TABLE}
-    ORDER BY customer_id COLLATE "C", instance_id COLLATE "C", report_id COLLATE "C", period_start
-    ON CONFLICT DO NOTHING
-    RETURNING 1
+# deadlock; a report already stored is skipped by the key, and only the rows really inserted are
+# counted. ON CONFLICT names no key: the statements work on the table before migration 0007 (a unique
+# key without the period start) as after it.
+#
+# A report skipped is compared in the same statement with the stored one (a retry must repeat it):
+# the rows answered are those whose stored report differs, naming the columns, and those whose stored
+# report the statement did not see (stored by a transaction that committed after it began), which
+# COMPARE_* looks at again. One row with no key when every report was new or repeated its stored one.
+_IN_KEY_ORDER: Final = 'customer_id COLLATE "C", instance_id COLLATE "C", report_id COLLATE "C", period_start'
+_SAME_KEY: Final = " AND ".join(f"{{stored}}.{c} = {{sent}}.{c}" for c in KEY_COLUMNS)
+# The size as the column keeps it (NUMERIC(14, 3) rounds), so that 0.1 + 0.2 sent again is the same.
+_AS_STORED: Final = {"postgres_size_mb": "{}::numeric(14, 3)"}
+_DIFFERING: Final = (
+    "array_remove(ARRAY["
+    + ", ".join(
+        f"CASE WHEN s.{c} IS DISTINCT FROM {_AS_STORED.get(c, '{}').format(f'k.{c}')} THEN '{c}' END"
+        for c in REPORTED_COLUMNS
+    )
+    + "]::text[], NULL)"
 )
-SELECT count(*) FROM inserted
+_COMPARED: Final = f"""
+SELECT {", ".join(f"k.{c}" for c in KEY_COLUMNS)}, s.customer_id IS NOT NULL AS seen,
+       {_DIFFERING} AS differing, {", ".join(f"s.{c} AS stored_{c}" for c in REPORTED_COLUMNS)}
+FROM {{source}} k {{join}} JOIN usage_reports s ON {_SAME_KEY.format(stored="s", sent="k")}
 """  # noqa: S608 - built from constant column names
 
-# The commonest request, one report: one statement with a plain row.
-INSERT_REPORT: Final = f"""
-WITH inserted AS (
+
+def _insert_comparing(source: str, prelude: str = "") -> str:
+    return f"""
+WITH {prelude}inserted AS (
     INSERT INTO usage_reports ({", ".join(COLUMNS)})
-    VALUES ({", ".join(_as_column(c, f"${i}::{_TYPES.get(c, 'bigint')}") for i, c in enumerate(COLUMNS, 1))})
+    SELECT {", ".join(_as_column(c, c) for c in COLUMNS)} FROM {source}
+    ORDER BY {_IN_KEY_ORDER}
     ON CONFLICT DO NOTHING
-    RETURNING 1
+    RETURNING {", ".join(KEY_COLUMNS)}
+), compared AS (
+    {_COMPARED.format(source=source, join="LEFT")}
+    WHERE NOT EXISTS (SELECT FROM inserted n WHERE {_SAME_KEY.format(stored="n", sent="k")})
 )
-SELECT count(*) FROM inserted
+SELECT (SELECT count(*) FROM inserted) AS inserted, d.*
+FROM (VALUES (1)) AS one (x)
+LEFT JOIN (SELECT * FROM compared WHERE NOT seen OR cardinality(differing) > 0) d ON true
 """  # noqa: S608 - built from constant column names
+
+
+def _compare(source: str, prelude: str = "") -> str:
+    return f"""
+{f"WITH {prelude.rstrip(', ')}" if prelude else ""}
+SELECT * FROM ({_COMPARED.format(source=source, join="")}) compared WHERE cardinality(differing) > 0
+"""  # noqa: S608 - built from constant column names
+
+
+INSERT_REPORTS: Final = _insert_comparing(STAGING_TABLE)
+COMPARE_REPORTS: Final = _compare(STAGING_TABLE)
+
+# The commonest request, one report: one statement with the report as its parameters.
+_ONE_REPORT: Final = (
+    "incoming AS (SELECT "
+    + ", ".join(f"${i}::{_TYPES.get(c, 'bigint')} AS {c}" for i, c in enumerate(COLUMNS, 1))
+    + "), "
+)
+INSERT_REPORT: Final = _insert_comparing("incoming", _ONE_REPORT)
+COMPARE_REPORT: Final = _compare("incoming", _ONE_REPORT)
+
 
 # The sums `pricing.roll_up` makes, made by PostgreSQL: counters belong to the reports that end in
 # the period (after its start, as all rows here do, and by its end, the FILTERs: a report is sent once
@@ -171,11 +219,48 @@ async def open_pool(database_url: str, max_size: int = 10) -> Pool:
     return await open_asyncpg_pool(database_url, max_size, init=prepare_session)
 
 
+def _differences(rows: Sequence[tuple[Any, ...]], compared: Sequence[Record]) -> list[Difference]:
+    """The compared rows of INSERT_REPORT(S) or COMPARE_REPORT(S) whose stored report differs, as
+    differences of the reports (their index among `rows`) sent."""
+    differing = [row for row in compared if row["differing"]]
+    if not differing:
+        return []
+    index: dict[tuple[Any, ...], int] = {}
+    for position, sent in enumerate(rows):
+        index.setdefault(sent[: len(KEY_COLUMNS)], position)
+    differences: list[Difference] = []
+    for stored in differing:
+        position = index[tuple(stored[c] for c in KEY_COLUMNS)]
+        differences.extend(
+            Difference(position, column, stored[f"stored_{column}"], rows[position][COLUMNS.index(column)])
+            for column in stored["differing"]
+        )
+    return sorted(differences, key=lambda difference: difference.index)
+
+
+async def _insert_compared(
+    conn: Connection, insert: str, compare: str, rows: Sequence[tuple[Any, ...]], *args: Any
+) -> int:
+    """Run `insert` (INSERT_REPORT(S)); how many it stored, or ResentReportsDiffer naming the fields of
+    reports sent again with other values. A skipped report whose stored one the statement did not see
+    (a racing request stored it meanwhile) is compared again by `compare`, which sees it: one more
+    round trip for the whole request, only in that race."""
+    answer = await conn.fetch(insert, *args)
+    compared = [row for row in answer if row["customer_id"] is not None]
+    if any(not row["seen"] for row in compared):
+        compared = [row for row in compared if row["seen"]] + list(await conn.fetch(compare, *args))
+    differences = _differences(rows, compared)
+    if differences:
+        raise ResentReportsDiffer(differences)
+    return int(answer[0]["inserted"])
+
+
 async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
     """A batch of new reports (the common case) is copied straight into usage_reports, as PostgreSQL's
-    cheapest write; one holding a report stored before (a retry) fails that COPY as a whole on the
-    unique key and goes through the staging table, which skips the stored ones. Sorted first, the rows
-    take their locks in key order like INSERT_REPORTS, so overlapping batches wait, never deadlock."""
+    cheapest write; one holding a report stored before (a retry), or a report twice, fails that COPY as
+    a whole on the unique key and goes through the staging table, which skips the stored ones after
+    comparing them. Sorted first, the rows take their locks in key order like INSERT_REPORTS, so
+    overlapping batches wait, never deadlock."""
     in_key_order = sorted(rows)
     async with connection(pool) as conn:
         try:
@@ -184,21 +269,26 @@ async def _insert_batch(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
             return len(rows)
         except asyncpg.UniqueViolationError:
             pass  # PostgreSQL logs the duplicate key as an ERROR; nothing of the COPY was kept
+        once, repeated = repeats_within(rows)
+        if repeated:
+            raise ResentReportsDiffer(repeated)
+        # All or nothing: a difference raised inside the transaction rolls back the reports it stored.
         async with conn.transaction():
-            await conn.copy_records_to_table(STAGING_TABLE, records=rows, columns=COLUMNS)
-            return int(await conn.fetchval(INSERT_REPORTS))
+            await conn.copy_records_to_table(STAGING_TABLE, records=once, columns=COLUMNS)
+            return await _insert_compared(conn, INSERT_REPORTS, COMPARE_REPORTS, rows)
 
 
 async def _insert(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
     if len(rows) == 1:
         # Through connection(), as a batch: the pool's own fetchval waits for a free connection for ever.
         async with connection(pool) as conn:
-            return int(await conn.fetchval(INSERT_REPORT, *rows[0]))
+            return await _insert_compared(conn, INSERT_REPORT, COMPARE_REPORT, rows, *rows[0])
     return await _insert_batch(pool, rows)
 
 
 async def insert_reports(pool: Pool, rows: Sequence[tuple[Any, ...]]) -> int:
-    """Store the rows of `reports.report_rows` (one transaction); how many were new (not duplicates)."""
+    """Store the rows of `reports.report_rows` (one transaction); how many were new (not duplicates).
+    Reports sent again with other values than those stored raise ResentReportsDiffer, nothing stored."""
     try:
         try:
             return await _insert(pool, rows)
@@ -404,6 +494,8 @@ async def current_rollups(conn: Queryable, customer_ids: Sequence[str], now: dat
 
 
 __all__ = [
+    "COMPARE_REPORT",
+    "COMPARE_REPORTS",
     "CREATE_STAGING_TABLE",
     "INSERT_REPORT",
     "INSERT_REPORTS",

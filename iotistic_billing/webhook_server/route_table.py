@@ -261,14 +261,16 @@ ROUTES: Final[tuple[Route, ...]] = (
         "instance",
         {202: UsageReportAck},
         body=UsageReportRequest,
-        errors=(403, 413),
+        errors=(403, 409, 413),
         description=(
             "The instance's usage key in X-API-Key or as the bearer token (the admin token may report for "
             "any customer). Counters are deltas over [period_start, period_end) (at most 31 days, not in "
             "the future, not before the raw reports kept: USAGE_RAW_RETENTION months, a 400 naming "
             "period_start); active_devices and total_devices are levels. Each (customer_id, instance_id, "
             "report_id, period_start) is stored once: a repeat counts as duplicate (send a retry with the "
-            "same period_start). Every report must be the key's "
+            "same period_start), and must repeat the report stored: one that differs in any field is a 409 "
+            "naming each (reports[i].<field> in a batch, with the stored and sent values), and nothing of "
+            "the request is stored. Every report must be the key's "
             "customer's (403 naming the first that is not), and a batch is stored whole or not at all. "
             "Usage keys are cached for USAGE_KEY_CACHE_TTL seconds (30 by default), so a revoked key works "
             "that much longer."

@@ -451,13 +451,16 @@ class WebhookAck(Response):
 class UsageReportRequest(RootModel[ReportBody]):
     """One report, or {"reports": [...]} with 1 to 1,000 of them. Counters are deltas over
     [period_start, period_end); a report is stored once per customer, instance, report_id and
-    period_start (a retry must send the same period_start)."""
+    period_start (a retry must send the same period_start, and the same values: other ones are a 409)."""
 
 
 class UsageReportAck(Response):
     accepted: int = Field(description="Reports stored by this request.")
     duplicate: int = Field(
-        description="Reports already stored earlier (same customer, instance, report_id and period_start)."
+        description=(
+            "Reports already stored earlier (same customer, instance, report_id and period_start) with the"
+            " same values; one with other values is a 409, not a duplicate."
+        )
     )
 
 

@@ -11,6 +11,7 @@ follows through the coalescer and the flusher (usage.service), never from the re
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -19,6 +20,7 @@ from iotistic_billing.db.pool import DatabaseUnavailable, connection
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
     ApiError,
+    Conflict,
     DependencyUnavailable,
     Forbidden,
     ValidationFailed,
@@ -28,9 +30,12 @@ from iotistic_billing.usage.partitions import kept_since, retention_cutoff
 from iotistic_billing.usage.periods import utc_days, window_start
 from iotistic_billing.usage.pricing import Overage, PeriodTotals
 from iotistic_billing.usage.reports import (
+    Difference,
     InvalidReports,
     ParsedReports,
     Problem,
+    ResentReportsDiffer,
+    as_stored,
     foreign_report,
     parse_reports,
     period_problems,
@@ -113,8 +118,41 @@ async def past_retention(usage: UsageMetering, parsed: ParsedReports, now: datet
     return retention_problems(parsed, cutoff, months)
 
 
+def _shown(value: Any) -> Any:
+    """A stored or sent value as JSON: times in RFC 3339, sizes as decimal strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def resent_differs(parsed: ParsedReports, differences: list[Difference]) -> Conflict:
+    """The 409 of reports sent again under their key with other values, naming each field."""
+    problems = []
+    for difference in differences:
+        field = parsed.field(difference.index, difference.column)
+        sent = _shown(difference.sent)
+        if difference.earlier is None:
+            stored = _shown(difference.stored)
+            message = f"sent {sent}, but the report stored under this report_id and period_start has {stored}"
+        else:
+            stored = _shown(as_stored(difference.column, difference.stored))
+            earlier = parsed.field(difference.earlier, "report_id")
+            message = f"sent {sent}, but {earlier} is the same report with {stored}"
+        problems.append(
+            {"field": field, "message": message, "type": "report_differs", "stored": stored, "sent": sent}
+        )
+    return Conflict(
+        "Report differs from the one stored",
+        "a report sent again must repeat the one stored under its report_id and period_start, which is"
+        " kept; nothing of the request was stored: "
+        + "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems),
+        problems,
+    )
+
+
 async def report_usage(request: web.Request) -> web.Response:
-    """Store one report or a batch, each exactly once; 202 with how many were new."""
+    """Store one report or a batch, each exactly once; 202 with how many were new, 409 naming the fields of
+    a report sent again with other values than those stored."""
     usage = request.app[USAGE]
     raw = await read_limited(request, usage.options.max_body)
     now = request.app[CLOCK]()
@@ -145,6 +183,10 @@ async def report_usage(request: web.Request) -> web.Response:
         stored = await usage.store(parsed, now)
     except DatabaseUnavailable:
         raise DependencyUnavailable("Database") from None
+    except ResentReportsDiffer as differing:
+        # A correction under the same key would otherwise read as a duplicate, while the stored numbers
+        # stay billed: refused, all or nothing as every other problem of a batch.
+        raise resent_differs(parsed, differing.differences) from None
     return web.json_response({"accepted": stored.accepted, "duplicate": stored.duplicate}, status=202)
 
 
@@ -284,4 +326,5 @@ __all__ = [
     "read_limited",
     "report_usage",
     "report_view",
+    "resent_differs",
 ]

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import kubernetes
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -28,12 +29,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from iotistic_billing.db import migrate
 from iotistic_billing.db import pool as db_pool
 from iotistic_billing.db.embedded import EmbeddedPostgres
-from iotistic_billing.db.engine import create_engine
+from iotistic_billing.db.engine import create_engine, plain_url
 from iotistic_billing.db.models import Notice
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.settings import Settings
+from iotistic_billing.usage import store
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun
+from iotistic_billing.usage.reports import ResentReportsDiffer, parse_reports, report_rows
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.context import USAGE
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
@@ -202,6 +205,109 @@ async def test_a_partly_repeated_batch_stores_only_the_new_reports(
     twice = [report(customer_id, "r-x", mqtt_bytes_sent=5)] * 2
     assert await post(usage_api, {"reports": twice}, headers) == (202, {"accepted": 1, "duplicate": 1})
     assert await stored(db_engine, customer_id) == (1001, 1001, sum(range(1000)) + 5)
+
+
+TB = 10**12
+
+
+async def test_a_report_sent_again_with_other_numbers_is_a_409_naming_them_and_the_stored_one_stays(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: a report sent again under its report_id with other numbers (10 GB for the 10 TB
+    of a unit bug) answered {"accepted": 0, "duplicate": 1}, a success, and the 10 TB stayed billed."""
+    customer_id = customer_id_for(unique_name("differs"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    wrong = report(customer_id, "r-1", mqtt_bytes_sent=10 * TB)
+    assert await post(usage_api, wrong, headers) == (202, {"accepted": 1, "duplicate": 0})
+    corrected = {**wrong, "mqtt_bytes_sent": 10 * GB, "active_devices": 4}
+    status, answer = await post(usage_api, corrected, headers)
+    assert status == 409 and answer["error"] == "Report differs from the one stored"
+    assert [(d["field"], d["stored"], d["sent"]) for d in answer["details"]] == [
+        ("active_devices", 5, 4),
+        ("mqtt_bytes_sent", 10 * TB, 10 * GB),
+    ]
+    assert "mqtt_bytes_sent: sent 10000000000, but the report stored" in answer["message"]
+    # The same report again, its size as the column keeps it (125.5 stored as 125.500), is a duplicate.
+    assert await post(usage_api, {**wrong, "postgres_size_mb": 125.5001}, headers) == (
+        202,
+        {"accepted": 0, "duplicate": 1},
+    )
+    assert await stored(db_engine, customer_id) == (1, 1, 10 * TB)
+
+
+async def test_a_batch_holding_a_report_sent_again_with_other_numbers_is_refused_whole(
+    usage_api: TestClient[Any, Any], db_engine: AsyncEngine
+) -> None:
+    """Found in review: a batch re-sending a stored report with other numbers stored its new reports and
+    counted the changed one a duplicate; like any bad report of a batch, it now refuses the batch."""
+    customer_id = customer_id_for(unique_name("differs-batch"))
+    headers = {"X-API-Key": await add_usage_key(db_engine, customer_id)}
+    first = [report(customer_id, f"r-{i}", mqtt_bytes_sent=i) for i in range(3)]
+    assert await post(usage_api, {"reports": first}, headers) == (202, {"accepted": 3, "duplicate": 0})
+    later = (NOW - timedelta(hours=1, minutes=30)).isoformat()
+    again = [
+        report(customer_id, "r-new"),
+        first[0],
+        {**first[1], "http_requests": 4, "period_end": later},
+        *(report(customer_id, f"r-new-{i}") for i in range(100)),
+    ]
+    status, answer = await post(usage_api, {"reports": again}, headers)
+    assert status == 409
+    assert [d["field"] for d in answer["details"]] == ["reports[2].period_end", "reports[2].http_requests"]
+    assert answer["details"][0]["stored"] == (NOW - timedelta(hours=1)).isoformat()
+    # A report twice in one batch with other numbers is refused too, naming the second.
+    twice = [report(customer_id, "r-x", mqtt_bytes_sent=5), report(customer_id, "r-x", mqtt_bytes_sent=6)]
+    status, answer = await post(usage_api, {"reports": twice}, headers)
+    assert status == 409 and [(d["field"], d["stored"], d["sent"]) for d in answer["details"]] == [
+        ("reports[1].mqtt_bytes_sent", 5, 6)
+    ]
+    assert "reports[0].report_id is the same report" in answer["details"][0]["message"]
+    assert await stored(db_engine, customer_id) == (3, 3, 0 + 1 + 2)
+    # The batch sent again as stored is accepted: its new reports stored, the others duplicates.
+    again[2] = first[1]
+    assert await post(usage_api, {"reports": again}, headers) == (202, {"accepted": 101, "duplicate": 2})
+
+
+async def test_a_report_stored_by_a_racing_request_is_compared_once_that_one_commits(
+    webhook_settings: Settings, db_engine: AsyncEngine
+) -> None:
+    """Found in review: the insert's comparison reads the statement's snapshot, which does not hold a
+    report another transaction committed while the insert waited for its row lock; compared again."""
+    customer_id = customer_id_for(unique_name("differs-race"))
+    assert webhook_settings.database_url is not None
+    pool = await store.open_pool(webhook_settings.database_url, max_size=1)
+    # Connected before the race: a backend that starts while the holder's insert is open waits for it.
+    async with pool.acquire():
+        pass
+    holder = await asyncpg.connect(plain_url(webhook_settings.database_url))
+    try:
+        parsed = parse_reports(json.dumps(report(customer_id, "r-1", mqtt_bytes_sent=10 * TB)).encode())
+        held = holder.transaction()
+        await held.start()
+        await holder.fetchval(store.INSERT_REPORT, *report_rows(parsed.reports)[0])
+        corrected = parse_reports(json.dumps(report(customer_id, "r-1", mqtt_bytes_sent=10 * GB)).encode())
+        racing = asyncio.create_task(store.insert_reports(pool, report_rows(corrected.reports)))
+
+        async def waiting_for_the_row_lock() -> bool:
+            # Done already: the assertions below say how.
+            return racing.done() or bool(
+                await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%INSERT INTO usage_reports%' AND pid <> pg_backend_pid()"
+                )
+            )
+
+        await eventually(waiting_for_the_row_lock, within=10, message="the racing insert waits")
+        await held.commit()
+        with pytest.raises(ResentReportsDiffer) as differing:
+            await racing
+        assert [(d.column, d.stored, d.sent) for d in differing.value.differences] == [
+            ("mqtt_bytes_sent", 10 * TB, 10 * GB)
+        ]
+    finally:
+        await holder.close()
+        await pool.close()
+    assert await stored(db_engine, customer_id) == (1, 1, 10 * TB)
 
 
 async def test_racing_reporters_count_every_report_once(

@@ -13,12 +13,15 @@ import pytest
 from iotistic_billing.usage.reports import (
     COLUMNS,
     INT64_MAX,
+    Difference,
     InvalidReports,
+    as_stored,
     earliest_starts,
     field_path,
     foreign_report,
     parse_reports,
     period_problems,
+    repeats_within,
     report_rows,
     retention_problems,
 )
@@ -276,3 +279,30 @@ def test_a_batch_is_validated_with_the_collector_paused_and_left_as_it_was() -> 
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_report_twice_in_a_batch_is_kept_once_and_its_other_numbers_are_named() -> None:
+    """Found in review: a report sent twice under one key with other numbers was dropped as a duplicate,
+    whichever of the two PostgreSQL happened to keep."""
+    parsed = parse_reports(
+        body(
+            {
+                "reports": [
+                    report(report_id="a", mqtt_bytes_sent=10**13),
+                    report(report_id="b"),
+                    # The same instant in another zone, and a size the column keeps as the same 125.500.
+                    report(report_id="b", period_end="2026-11-17T12:00:00+01:00", postgres_size_mb=125.5001),
+                    report(report_id="a", mqtt_bytes_sent=10**10, postgres_size_mb=125.4),
+                ]
+            }
+        )
+    )
+    rows = report_rows(parsed.reports)
+    kept, differences = repeats_within(rows)
+    assert kept == rows[:2]
+    assert differences == [
+        Difference(3, "mqtt_bytes_sent", 10**13, 10**10, earlier=0),
+        Difference(3, "postgres_size_mb", "125.5", "125.4", earlier=0),
+    ]
+    assert as_stored("postgres_size_mb", "0.30000000000000004") == Decimal("0.300")
+    assert as_stored("postgres_size_mb", "0.0005") == Decimal("0.001")  # half away from zero, as NUMERIC

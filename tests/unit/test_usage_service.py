@@ -49,6 +49,8 @@ class FakeConnection:
     """PostgreSQL for one flush of a customer with no rollups and no usage yet."""
 
     async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "INSERT INTO usage_reports" in query:  # a report stored, none compared with a stored one
+            return [{"inserted": 1, "customer_id": None}]
         return []
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
