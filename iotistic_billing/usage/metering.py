@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import stripe
@@ -37,6 +37,7 @@ import stripe
 from iotistic_billing.db.pool import Connection, Pool, Queryable, connection, session_lock
 from iotistic_billing.settings import STRIPE_METER_WINDOW_SECONDS
 from iotistic_billing.usage.periods import BillingPeriod
+from iotistic_billing.usage.pricing import billed_quantity
 from iotistic_billing.usage.rollups import (
     BILLED_MANUALLY,
     BILLED_PLANS,
@@ -51,10 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENT_NAME_PREFIX: Final = "iotistic_"
-# Stripe refuses meter values with more than 15 significant digits; quantities keep at most 6 decimals
-# (a kilobyte of a GB), fewer when the integer part is long.
-MAX_DIGITS: Final = 15
-MAX_DECIMALS: Final = 6
 # Any constant of ours: pg_try_advisory_lock keys are one bigint per purpose.
 METER_LOCK_KEY: Final = 0x10715_0006
 # Stripe refuses a meter event whose timestamp is more than 35 days old.
@@ -79,9 +76,7 @@ def meter_value(quantity: Decimal) -> str | None:
     when it rounds to nothing."""
     if quantity <= 0:
         return None
-    integer_digits = max(1, quantity.adjusted() + 1)
-    decimals = max(0, min(MAX_DECIMALS, MAX_DIGITS - integer_digits))
-    rounded = quantity.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    rounded = billed_quantity(quantity)  # the quantity the overage's amount is priced from
     if rounded <= 0:
         return None
     text = f"{rounded:f}"

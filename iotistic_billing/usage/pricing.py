@@ -1,8 +1,9 @@
 """Consumption billing (the earlier system's "Pricing Model"): usage of a billing period against the plan's
 included quotas, and the overage in exact decimal dollars.
 
-Pure: every input is a value, every amount a Decimal; rounding happens once per line, to the cent,
-half up, and the total is the sum of the rounded lines (what an invoice shows).
+Pure: every input is a value, every amount a Decimal; a line is priced from its quantity as billed
+(`billed_quantity`, the value Stripe's meter is sent) and rounded once, to the cent, half up, and the
+total is the sum of the rounded lines (what an invoice shows).
 
 Units: a billing period (Stripe's, about a month) counts as one month; a GB is 10^9 bytes; storage is
 charged in GB-months, the time-weighted average database size over the period (each report weighted by
@@ -35,6 +36,11 @@ PRICE_PER_GB_MONTH_STORAGE: Final = Decimal("0.20")
 PRICE_PER_1000_API_CALLS: Final = Decimal("0.50")
 
 METRICS: Final = ("devices", "mqtt_traffic_gb", "http_traffic_gb", "storage_gb_months", "api_calls")
+
+# Stripe refuses meter values with more than 15 significant digits; quantities keep at most 6 decimals
+# (a kilobyte of a GB), fewer when the integer part is long.
+MAX_DIGITS: Final = 15
+MAX_DECIMALS: Final = 6
 
 
 @dataclass(frozen=True)
@@ -174,8 +180,19 @@ def _over(used: Decimal, included: int) -> Decimal:
     return max(Decimal(0), used - Decimal(included))
 
 
+def billed_quantity(quantity: Decimal) -> Decimal:
+    """The quantity as billed: what Stripe is sent (usage.metering.meter_value), at most MAX_DECIMALS
+    decimals and MAX_DIGITS digits, half up; a line's amount is priced from it, so that what the API,
+    the console and the CLI show is what Stripe invoices."""
+    integer_digits = max(1, quantity.adjusted() + 1)
+    decimals = max(0, min(MAX_DECIMALS, MAX_DIGITS - integer_digits))
+    return quantity.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+
+
 def _line(metric: str, quantity: Decimal, unit_price: Decimal, per: int = 1) -> OverageLine:
-    amount = (quantity * unit_price / per).quantize(CENT, rounding=ROUND_HALF_UP)
+    # Priced from the quantity as billed: 0.0249996 GB-months over is sent as 0.025, $0.005, which
+    # rounds to a cent, where the unrounded quantity's $0.0049999 showed $0.00.
+    amount = (billed_quantity(quantity) * unit_price / per).quantize(CENT, rounding=ROUND_HALF_UP)
     return OverageLine(metric, quantity, unit_price, per, amount)
 
 

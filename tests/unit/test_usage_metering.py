@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from itertools import pairwise
 
 import pytest
@@ -13,7 +13,7 @@ from iotistic_billing.licensing.plans import plan_by_name
 from iotistic_billing.usage.metering import meter_events_for, meter_identifier, meter_value
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
-from iotistic_billing.usage.pricing import PeriodTotals, overage
+from iotistic_billing.usage.pricing import CENT, OverageLine, PeriodTotals, overage
 from iotistic_billing.usage.rollups import (
     PlanHistory,
     catch_up_spans,
@@ -46,6 +46,34 @@ def test_two_periods_that_start_on_one_day_have_their_own_identifiers() -> None:
     assert meter_identifier("cust_abc123", START, "devices") != meter_identifier(
         "cust_abc123", later, "devices"
     )
+
+
+def stripe_amount(line: OverageLine) -> Decimal:
+    """What Stripe invoices for a line: the meter value it is sent, at the metered price, to the cent."""
+    value = meter_value(line.quantity)
+    sent = Decimal(value) if value is not None else Decimal(0)
+    return (sent * line.unit_price / line.per).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+@pytest.mark.parametrize(
+    ("totals", "metric", "amount"),
+    [
+        # 0.0249996 GB-months over starter's 5 is sent as 0.025: $0.005, a cent.
+        (PeriodTotals(START, END, storage_gb_months=Decimal("5.0249996")), "storage_gb_months", "0.01"),
+        # 10 GB included, 0.0499996 GB over, all MQTT: sent as 0.05, $0.005.
+        (PeriodTotals(START, END, mqtt_bytes=10 * GB + 49_999_600), "mqtt_traffic_gb", "0.01"),
+        # 0.0999996 GB of HTTP over, sent as 0.1: $0.015, two cents (the unrounded $0.01499994 was one).
+        (PeriodTotals(START, END, http_bytes=10 * GB + 99_999_600), "http_traffic_gb", "0.02"),
+    ],
+)
+def test_a_line_s_amount_is_what_stripe_invoices_for_the_value_it_is_sent(
+    totals: PeriodTotals, metric: str, amount: str
+) -> None:
+    """Found in review: a line's amount was priced from the unrounded quantity, Stripe's from the meter
+    value rounded to 6 decimals: 0.0249996 GB-months over showed $0.00 and Stripe billed $0.01."""
+    line = overage(totals, plan_by_name("starter").included).line(metric)
+    assert line is not None
+    assert line.amount == stripe_amount(line) == Decimal(amount)
 
 
 def test_values_are_plain_decimals_of_at_most_15_digits() -> None:
