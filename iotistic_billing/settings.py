@@ -457,6 +457,24 @@ class Settings(BaseSettings):
     def stripe_configured(self) -> bool:
         return self.stripe_secret_key is not None
 
+    def start_warnings(self) -> list[str]:
+        """Settings that are valid, and may be meant, but that a server logs as a WARNING at its start
+        for what they do (found in review: none was said, and the overage looked billed)."""
+        warnings = []
+        plan_prices = (
+            self.stripe_price_starter,
+            self.stripe_price_professional,
+            self.stripe_price_enterprise,
+        )
+        if self.stripe_configured and any(plan_prices) and not self.stripe_metered_prices:
+            warnings.append(
+                "STRIPE_METERED_PRICES is empty: checkouts make subscriptions without the metered prices of"
+                " the usage overage, so Stripe takes every overage meter event (marked metered) and invoices"
+                " none of it, while the API and console show it billed; list the overage's metered prices,"
+                " unless the plans are meant to bill no overage"
+            )
+        return warnings
+
     def key_path_setting(self, path: Path | None) -> str:
         """The variable a licence key file came from, to name it in an error about that file."""
         if path is not None and path == self.license_public_key_path:

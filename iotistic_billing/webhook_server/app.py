@@ -139,6 +139,9 @@ def create_app(
     app[METRICS] = metrics
     app.on_shutdown.append(metrics.mark_shutdown)
     app[CATALOG] = PriceCatalog.from_settings(settings)
+    if not options.probes_only:  # the server's; its inbox process would say it again
+        for warning in settings.start_warnings():
+            log.warning("%s", warning)
     app[OUTBOX] = Outbox(settings.notify_webhook_url)
     app[KEYRING] = LicenseKeyring.from_settings(settings)
     app[ADDRESS_LIMITER] = RateLimiter(options.rate_per_address)

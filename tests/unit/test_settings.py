@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from iotistic_billing.customer import DNS_NAME_PATTERN
 from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.settings import SettingsError, load_settings
+from iotistic_billing.webhook_server.app import create_app
+from iotistic_billing.webhook_server.options import ServerOptions
 
 
 def test_defaults_and_earlier_system_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,3 +420,32 @@ def test_every_shard_s_peering_is_a_name_the_api_server_takes(peering: str, shar
     for index in range(shards):
         name = Shard(index, shards).peering(settings.operator_peering)
         assert name == "" or (re.fullmatch(DNS_NAME_PATTERN, name) and len(name) <= 253), name
+
+
+def test_stripe_with_plan_prices_and_no_metered_ones_is_warned_at_the_start_not_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: with STRIPE_METERED_PRICES left empty, checkouts made subscriptions without metered
+    items, Stripe took every overage meter event and invoiced none, the API said billed, and nothing
+    said so."""
+    unmetered = load_settings(
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        stripe_secret_key="sk_test_" + "a" * 24,
+        stripe_price_starter="price_starter",
+    )
+    (warning,) = unmetered.start_warnings()
+    assert warning.startswith("STRIPE_METERED_PRICES is empty:") and "invoices none" in warning
+    with caplog.at_level(logging.WARNING, logger="iotistic_billing.webhook_server.app"):
+        create_app(unmetered, options=ServerOptions())
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING] == [
+        warning
+    ]
+    # Metered prices listed, or no Stripe, or no plan price (nothing checked out): nothing to say.
+    assert unmetered.model_copy(update={"stripe_metered_prices": ["price_overage"]}).start_warnings() == []
+    assert unmetered.model_copy(update={"stripe_secret_key": None}).start_warnings() == []
+    assert unmetered.model_copy(update={"stripe_price_starter": None}).start_warnings() == []
+    # The inbox process (probes only) leaves it to its server.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="iotistic_billing.webhook_server.app"):
+        create_app(unmetered, options=ServerOptions(probes_only=True))
+    assert not [record for record in caplog.records if "STRIPE_METERED_PRICES" in record.getMessage()]
