@@ -128,10 +128,13 @@ async def create_partition(conn: Connection, month: datetime) -> str:
     bounds = f"FROM ({_bound(month)}) TO ({_bound(shift_months(month, 1))})"
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-        # Inserts wait at the parent until the commit (reads go on): an insert that had already seen
-        # the parent's partitions would route a report of this month to the default partition and
-        # then fail its new constraint ("violates partition constraint"), as ATTACH alone allows.
-        await conn.execute("LOCK TABLE usage_reports IN SHARE ROW EXCLUSIVE MODE")
+        # Inserts and reads wait at the parent until the commit. An insert that had already seen the
+        # parent's partitions would route a report of this month to the default partition and then fail
+        # its new constraint ("violates partition constraint"), as ATTACH alone allows; a read planned
+        # before the attach, then waiting for the default partition below, read it empty once the
+        # month's reports had moved out (a meter run closing a period would have billed nothing). ONLY:
+        # the other months' partitions stay free for whoever reads them alone.
+        await conn.execute("LOCK TABLE ONLY usage_reports IN ACCESS EXCLUSIVE MODE")
         # Then no report reaches the default partition between the move and the attach.
         await conn.execute(f"LOCK TABLE {DEFAULT_PARTITION} IN ACCESS EXCLUSIVE MODE")
         await conn.execute(f"CREATE TABLE {name} (LIKE usage_reports INCLUDING DEFAULTS)")

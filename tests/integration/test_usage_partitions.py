@@ -375,6 +375,25 @@ async def waiting_for_locks(pool: Pool, backends: int) -> bool:
     return bool(waiting >= backends)
 
 
+async def test_a_read_while_its_month_is_made_sees_the_month_s_reports(pool: Pool) -> None:
+    """Found in a full run (a test counted 0 of its 2 reports): a read of the parent planned before the
+    month's partition was attached, then waited for the default partition the making held, and read it
+    empty once the reports had moved out: a status flush or a meter run closing a period read nothing."""
+    march = month(2031, 3)
+    late = [report("cust_readmonth1", f"r-{day}", march + timedelta(days=day)) for day in (1, 2)]
+    assert await insert_reports(pool, report_rows(late)) == 2
+    count = "SELECT count(*) FROM usage_reports WHERE customer_id = 'cust_readmonth1'"
+    async with pool.acquire() as holder, pool.acquire() as maker, pool.acquire() as reader:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE usage_reports_default IN ACCESS SHARE MODE")  # a long read
+            making = asyncio.create_task(create_partition(maker, march))
+            await eventually(lambda: waiting_for_locks(pool, 1), within=5, message="the maker waits")
+            reading = asyncio.create_task(reader.fetchval(count))
+            await eventually(lambda: waiting_for_locks(pool, 2), within=5, message="the read waits")
+        assert await making == "usage_reports_2031_03"
+        assert await reading == 2
+
+
 async def test_a_report_sent_while_its_month_is_made_goes_into_that_month(pool: Pool) -> None:
     # The order that broke it: the month's partition is being made (waiting here for the default
     # partition, which another transaction holds) when a report of that month arrives; the report must
