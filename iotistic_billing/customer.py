@@ -336,6 +336,10 @@ class SubscriptionSpec(CustomerModel):
     current_period_start: AwareDatetime | None = None
     current_period_end: AwareDatetime | None = None
     cancel_at_period_end: bool | None = None
+    # Stripe's ended_at, once it ended the subscription (canceled, incomplete_expired): cancelled
+    # immediately (ours, or dunning's "cancel after all retries fail") it ends inside its period, and the
+    # usage period is cut there (usage.service.customer_period).
+    ended_at: AwareDatetime | None = None
     # When the payment first failed (the event's time), while the status is past_due or unpaid: the
     # dunning ladder counts from it. Kept when the subscription is canceled so, until that payment is made.
     past_due_since: AwareDatetime | None = None
@@ -347,6 +351,13 @@ class SubscriptionSpec(CustomerModel):
         Stripe's deletion is applied (its retries take days while the webhook server is down)."""
         end = self.current_period_end
         return bool(self.cancel_at_period_end) and end is not None and end <= at
+
+    def ended_by(self, at: datetime) -> datetime | None:
+        """When it ended, if Stripe ended it by `at` (its endedAt); None while it is live, or for an
+        ending recorded without that time."""
+        if self.status not in ("canceled", "incomplete_expired") or self.ended_at is None:
+            return None
+        return self.ended_at if self.ended_at <= at else None
 
     def grace_started(self, now: datetime) -> datetime:
         """Where a past_due subscription's grace (PAST_DUE_GRACE, then the restricted licence) counts

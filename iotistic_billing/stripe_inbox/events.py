@@ -140,6 +140,8 @@ class SubscriptionFacts:
     # early): Stripe's pending updates leave the subscription as it was, and without them its own event
     # says past_due, so it says nothing of the status (`decide`).
     update_declined: bool = False
+    # Stripe's ended_at of an ended subscription's own event: where its usage period is cut.
+    ended_at: datetime | None = None
 
     @property
     def says_nothing(self) -> bool:
@@ -295,6 +297,7 @@ def facts_of_subscription(
     period_start, period_end = _period(holder.get("current_period_start"), holder.get("current_period_end"))
     cancel = subscription.get("cancel_at_period_end")
     started = subscription.get("created")
+    ended_at = _timestamp(subscription.get("ended_at")) if status in ENDED_STATUSES else None
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
@@ -305,6 +308,7 @@ def facts_of_subscription(
         if isinstance(started, int) and not isinstance(started, bool) and started > 0
         else None,
         current_period_start=period_start,
+        ended_at=ended_at,
     )
 
 
@@ -521,6 +525,10 @@ def decide(
         ),
         past_due_since=past_due_since(base, facts.status, created, paid=facts.settles_ended),
         last_event_created=created,
+        # Kept while it stays ended (an invoice that settles it says no time of its own).
+        ended_at=(facts.ended_at or (base.ended_at if base else None))
+        if facts.status in ENDED_STATUSES
+        else None,
     )
     return Decision("apply", merged, record_row=True)
 

@@ -44,6 +44,7 @@ from iotistic_billing.usage.rollups import (
     ManualBilling,
     close_periods,
     overage_quantities,
+    roll_up_period,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ EVENT_NAME_PREFIX: Final = "iotistic_"
 METER_LOCK_KEY: Final = 0x10715_0006
 # Stripe refuses a meter event whose timestamp is more than 35 days old.
 STRIPE_METER_WINDOW: Final = timedelta(seconds=STRIPE_METER_WINDOW_SECONDS)
+# Of the customer ids given, when the Stripe subscription of each that one ended early (cancelled inside
+# its period: usage.service.ended_early); the others are left out.
+SubscriptionEnds = Callable[[Collection[str]], Awaitable[Mapping[str, datetime]]]
 # Stripe finalizes a period's invoice at most this long after the period (its invoice finalization grace
 # period): usage sent later is taken but billed on no invoice.
 STRIPE_INVOICE_GRACE: Final = timedelta(hours=72)
@@ -191,6 +195,7 @@ class MeterRun:
     expired: int = 0  # events given up: past Stripe's 35 days, billed in no invoice
     late: int = 0  # periods sent past Stripe's invoice grace: taken, on no invoice
     manual: int = 0  # periods closed in Stripe billing, left unsent to manual billing
+    not_invoiced: int = 0  # periods whose subscription ended before their events could be sent
     skipped: bool = False  # another replica holds the lock
 
 
@@ -238,8 +243,21 @@ async def record_meter_event(conn: Queryable, event: MeterEvent, stripe_identifi
     )
 
 
+def not_invoiced(ended: datetime, metrics: Collection[str]) -> str:
+    """The meter_refusal of a period whose events would come after its subscription ended."""
+    return (
+        f"not invoiced: the subscription ended at {ended.isoformat()}, before this period's meter events"
+        f" were sent, and Stripe invoices usage only on a live subscription: {', '.join(metrics)};"
+        " invoice it by hand"
+    )
+
+
 async def _meter_period(
-    conn: Connection, row: Mapping[str, Any], sender: MeterSender, now: datetime
+    conn: Connection,
+    row: Mapping[str, Any],
+    sender: MeterSender,
+    now: datetime,
+    ended: datetime | None = None,
 ) -> MeterRun:
     period = BillingPeriod(row["period_start"], row["period_end"])
     quantities = overage_quantities(json.loads(row["overage"]))
@@ -260,6 +278,14 @@ async def _meter_period(
         log.warning("%s, given up: %s", where, reason)
         await conn.execute(_GIVEN_UP, customer_id, period.start, now, reason)
         return MeterRun(expired=len(owed))
+    # The subscription ended (`ended`: cancelled inside its period) by the end of this period: Stripe
+    # takes the events (meters are the customer's) but no invoice is left to carry them, so the period is
+    # said not invoiced, once, instead of metered as billed.
+    if owed and ended is not None and period.end >= ended:
+        reason = not_invoiced(ended, [event.metric for event in owed])
+        log.warning("%s: %s", where, reason)
+        await conn.execute(_GIVEN_UP, customer_id, period.start, now, reason)
+        return MeterRun(not_invoiced=1)
     sent = 0
     refusals: list[str] = []
     unexpected: Exception | None = None
@@ -320,6 +346,24 @@ def once_per_run(manual_billing: ManualBilling | None) -> ManualBilling:
     return billed_manually
 
 
+def ends_once_per_run(subscription_ends: SubscriptionEnds | None) -> SubscriptionEnds:
+    """`subscription_ends` asked once per customer in a run; without one, no subscription ended early."""
+    known: dict[str, datetime | None] = {}
+
+    async def ends(customer_ids: Collection[str]) -> Mapping[str, datetime]:
+        unknown = set(customer_ids) - known.keys()
+        if unknown and subscription_ends is not None:
+            found = await subscription_ends(unknown)
+            known.update((customer_id, found.get(customer_id)) for customer_id in unknown)
+        return {
+            customer_id: ended
+            for customer_id in customer_ids
+            if (ended := known.get(customer_id)) is not None
+        }
+
+    return ends
+
+
 _SENT_METRICS: Final = (
     "SELECT metric FROM usage_meter_events WHERE customer_id = $1 AND period_start = $2 ORDER BY metric"
 )
@@ -356,6 +400,7 @@ async def send_meter_events(
     limit: int = 500,
     before_close: Callable[[Connection], Awaitable[object]] | None = None,
     manual_billing: ManualBilling | None = None,
+    subscription_ends: SubscriptionEnds | None = None,
 ) -> MeterRun:
     """Run `before_close` (the rollups a flush still owes: UsageMetering.flush_unheld), close the
     periods that ended at least `close_grace` ago (rollups.close_periods), then send the meter events
@@ -365,9 +410,12 @@ async def send_meter_events(
     A Customer `manual_billing` names is sent nothing: a period closed while it is billed manually is
     closed as metered, and one closed before and still unsent is marked metered (`BILLED_MANUALLY`); so
     is a period whose row a flush marked billed manually, whatever the Customer's mode now.
+    A period that ends once its customer's subscription had ended early (`subscription_ends`) is not
+    sent: it is marked metered as not invoiced (`not_invoiced`), as no invoice would carry it.
     Without a sender (Stripe not configured) periods are still closed; their events wait for Stripe.
     """
     billed_manually = once_per_run(manual_billing)
+    ended_early = ends_once_per_run(subscription_ends)
     async with connection(pool) as conn, session_lock(conn, METER_LOCK_KEY) as held:
         if not held:
             return MeterRun(skipped=True)
@@ -389,6 +437,7 @@ async def send_meter_events(
             if not batch:
                 return run
             manual = await billed_manually({row["customer_id"] for row in batch})
+            ends = await ended_early({row["customer_id"] for row in batch if row["plan"] in BILLED_PLANS})
             for row in batch:
                 tried.add((row["customer_id"], row["period_start"]))
                 if row["billed_manually"] or row["customer_id"] in manual:
@@ -396,7 +445,7 @@ async def send_meter_events(
                     run = replace(run, manual=run.manual + 1)
                     continue
                 try:
-                    result = await _meter_period(conn, row, sender, now)
+                    result = await _meter_period(conn, row, sender, now, ends.get(row["customer_id"]))
                 except StripeUnavailable as error:
                     log.warning("Stripe unavailable (%s): meter events wait for the next run", error)
                     return replace(run, failed=run.failed + 1)
@@ -406,7 +455,52 @@ async def send_meter_events(
                     failed=run.failed + result.failed,
                     expired=run.expired + result.expired,
                     late=run.late + result.late,
+                    not_invoiced=run.not_invoiced + result.not_invoiced,
                 )
+
+
+class MeterRunBusy(Exception):
+    """A meter run holds the lock: a period cut now would race it; the caller tries again shortly."""
+
+
+_CUT_ROW: Final = """
+SELECT r.customer_id, r.period_start, r.period_end, r.plan, r.overage::text AS overage,
+       r.meter_refusal, r.billed_manually, c.stripe_customer_id
+FROM usage_rollups r JOIN customers c ON c.customer_id = r.customer_id
+WHERE r.customer_id = $1 AND r.period_start = $2 AND r.metered_at IS NULL AND r.closed_at IS NOT NULL
+  AND NOT r.billed_manually
+  AND c.stripe_customer_id IS NOT NULL
+"""
+
+
+async def meter_cut_period(
+    pool: Pool,
+    sender: MeterSender,
+    customer_id: str,
+    period: BillingPeriod,
+    plan: str,
+    now: datetime,
+    *,
+    billed_manually: bool,
+) -> MeterRun:
+    """Roll `period` up, close it at `now` (no close grace: it is cut where the subscription is about to
+    end) and send the meter events it owes at once, under the meter run's lock: what an immediate cancel
+    does before it asks Stripe to cancel, so that the final invoice (invoice_now) carries the usage. A
+    report of the period that comes after this is kept, billed in no period (`reports_after_close`).
+    Stripe unavailable raises StripeUnavailable; a refusal is the run's `failed` (the row stays for the
+    meter runs, as any refused period); a running meter run raises MeterRunBusy."""
+    async with connection(pool) as conn, session_lock(conn, METER_LOCK_KEY) as held:
+        if not held:
+            raise MeterRunBusy()
+        rollup = await roll_up_period(
+            conn, customer_id, period, plan, close_at=now, billed_manually=billed_manually
+        )
+        row = await conn.fetchrow(_CUT_ROW, customer_id, period.start)
+        if row is None or not rollup.billed or billed_manually:
+            # Nothing owed (marked metered as it closed), or no Stripe customer to send it for.
+            return MeterRun(closed=1)
+        result = await _meter_period(conn, row, sender, now)
+        return replace(result, closed=1)
 
 
 __all__ = [
@@ -414,12 +508,16 @@ __all__ = [
     "STRIPE_METER_WINDOW",
     "MeterEvent",
     "MeterRun",
+    "MeterRunBusy",
     "MeterSender",
     "StripeMeterSender",
     "StripeUnavailable",
+    "SubscriptionEnds",
+    "meter_cut_period",
     "meter_events_for",
     "meter_identifier",
     "meter_value",
+    "not_invoiced",
     "record_meter_event",
     "refusal_reason",
     "send_meter_events",

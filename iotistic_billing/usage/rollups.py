@@ -58,11 +58,15 @@ class Rollup:
         return self.plan in BILLED_PLANS and bool(self.overage.lines)
 
 
-def period_plan(effective: str, recorded: str | None) -> str:
+def period_plan(effective: str, recorded: str | None, *, lapsed: bool = False) -> str:
     """The plan a period is priced against: the Customer's `effective` plan, unless that is not a paid
     one and the period's open row `recorded` a paid plan (the last it held in the period): a lapse to
     the unlicensed fallback (dunning, a suspension, a cancellation) must not erase the overage it
-    consumed while paying. A period never on a paid plan stays unbilled."""
+    consumed while paying. A period never on a paid plan stays unbilled, and so does one that starts
+    once the subscription had ended (`lapsed`): a flush before the ending was applied recorded the paid
+    plan for usage no subscription pays."""
+    if lapsed:
+        return effective
     if effective not in BILLED_PLANS and recorded in BILLED_PLANS:
         return recorded
     return effective
@@ -256,12 +260,18 @@ SELECT plan FROM usage_rollups WHERE customer_id = $1 AND period_start = $2 AND 
 
 
 async def priced_plan(
-    conn: Queryable, customer_id: str, period: BillingPeriod, effective: str, *, lock: bool = False
+    conn: Queryable,
+    customer_id: str,
+    period: BillingPeriod,
+    effective: str,
+    *,
+    lock: bool = False,
+    lapsed: bool = False,
 ) -> str:
     """`period_plan` of the customer's open row of `period`; `lock` holds the row until the transaction
     ends, so that a concurrent flush reads the plan this one writes."""
     query = _RECORDED_PLAN + " FOR UPDATE" if lock else _RECORDED_PLAN
-    return period_plan(effective, await conn.fetchval(query, customer_id, period.start))
+    return period_plan(effective, await conn.fetchval(query, customer_id, period.start), lapsed=lapsed)
 
 
 async def save_open_rollup(
@@ -272,14 +282,16 @@ async def save_open_rollup(
     totals: PeriodTotals,
     *,
     billed_manually: bool,
+    lapsed: bool = False,
 ) -> Rollup:
     """The current period's row, refreshed, priced against `period_plan` (the Customer's `effective`
-    plan, or the paid plan the row holds), marked `billed_manually` when the Customer is now; overlapping
-    open rows of an older period definition fixed."""
+    plan, or the paid plan the row holds unless the period starts once the subscription had ended:
+    `lapsed`), marked `billed_manually` when the Customer is now; overlapping open rows of an older
+    period definition fixed (a subscription ended early cuts its period's row at its end)."""
     async with conn.transaction():
         await conn.execute(_CUT_EARLIER, customer_id, period.start)
         await conn.execute(_DROP_LATER, customer_id, period.start, period.end)
-        plan = await priced_plan(conn, customer_id, period, effective, lock=True)
+        plan = await priced_plan(conn, customer_id, period, effective, lock=True, lapsed=lapsed)
         rollup = compute_rollup(customer_id, period, plan, totals)
         await save_rollup(conn, rollup, billed_manually=billed_manually)
     return rollup

@@ -44,12 +44,19 @@ from iotistic_billing.usage.metering import (
     MeterRun,
     MeterSender,
     StripeMeterSender,
+    meter_cut_period,
     send_meter_events,
 )
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun, maintain_partitions
-from iotistic_billing.usage.periods import LONGEST_PERIOD, BillingPeriod, billing_period
+from iotistic_billing.usage.periods import (
+    LONGEST_PERIOD,
+    BillingPeriod,
+    billing_period,
+    period_containing,
+    period_ending_at,
+)
 from iotistic_billing.usage.pricing import PeriodTotals
 from iotistic_billing.usage.reports import Accepted, ParsedReports, earliest_starts, report_rows
 from iotistic_billing.usage.rollups import (
@@ -58,6 +65,7 @@ from iotistic_billing.usage.rollups import (
     included_usage,
     note_caught_up,
     open_missing_rollups,
+    priced_plan,
     reports_after_close,
     save_open_rollup,
     unheld_arrivals,
@@ -80,11 +88,39 @@ CATCH_UP_LIMIT: Final = LONGEST_PERIOD + STRIPE_METER_WINDOW
 
 
 def customer_period(customer: Customer, now: datetime) -> BillingPeriod:
-    """The billing period `now` falls in for this Customer (see usage.periods)."""
+    """The billing period `now` falls in for this Customer (see usage.periods).
+
+    A subscription Stripe ended inside its period (cancelled immediately: by us, or by dunning once every
+    retry failed) cuts that period at its endedAt: usage until then is the subscription's, metered for
+    its last second inside it; from then on the months anchored at that end, on no paid plan
+    (`cancelled_by`). Without the cut the period ran on to its old end on the paid plan, and its meter
+    events, stamped then, fell after the subscription and on no invoice."""
     subscription = customer.spec.subscription
     if customer.spec.billing.mode != "stripe" or subscription is None:
         return billing_period(now, None)
-    return billing_period(now, subscription.current_period_end, subscription.current_period_start)
+    period = billing_period(now, subscription.current_period_end, subscription.current_period_start)
+    ended = ended_early(customer)
+    if ended is None:
+        return period
+    if now >= ended:
+        return period_containing(now, ended)
+    if period.start < ended < period.end:
+        return BillingPeriod(period.start, ended)
+    return period
+
+
+def ended_early(customer: Customer) -> datetime | None:
+    """When the Customer's Stripe subscription ended before its period's end (spec.subscription.endedAt
+    inside currentPeriodStart .. currentPeriodEnd); None for one live, or ended at its period's end."""
+    subscription = customer.spec.subscription
+    if customer.spec.billing.mode != "stripe" or subscription is None:
+        return None
+    ended = subscription.ended_at
+    end = subscription.current_period_end
+    if ended is None or end is None or subscription.status not in ("canceled", "incomplete_expired"):
+        return None
+    start = subscription.current_period_start or period_ending_at(end).start
+    return ended if start < ended < end else None
 
 
 async def open_period(conn: Queryable, customer_id: str, customer: Customer, now: datetime) -> BillingPeriod:
@@ -114,12 +150,13 @@ def customer_plan(customer: Customer, period: BillingPeriod | None = None) -> st
 
 def cancelled_by(customer: Customer, moment: datetime) -> bool:
     """Whether the Customer's Stripe subscription was set to cancel at its period's end and that end had
-    come by `moment`: a period starting then holds no paid plan."""
+    come by `moment`, or Stripe had ended it by `moment` (spec.subscription.endedAt): a period starting
+    then holds no paid plan, not even one a flush recorded for it before the ending was applied."""
     subscription = customer.spec.subscription
     return (
         customer.spec.billing.mode == "stripe"
         and subscription is not None
-        and subscription.ended_at_period_end(moment)
+        and (subscription.ended_at_period_end(moment) or subscription.ended_by(moment) is not None)
     )
 
 
@@ -299,6 +336,7 @@ class UsageMetering:
                     current,
                     totals,
                     billed_manually=bills_manually(customer),
+                    lapsed=cancelled_by(customer, period.start),
                 )
                 # Once a flush: a retry after a conflict logged each missed period again. Only a
                 # report starting before the period can end before it, in an ended period.
@@ -432,6 +470,7 @@ class UsageMetering:
             close_grace=timedelta(seconds=self.options.close_grace),
             before_close=flush_unheld,
             manual_billing=self.billed_manually,
+            subscription_ends=self.subscription_ends,
         )
         if run.sent:
             self.metrics.meter_events.labels("sent").inc(run.sent)
@@ -441,16 +480,18 @@ class UsageMetering:
             self.metrics.meter_events.labels("expired").inc(run.expired)
         if run.late:
             self.metrics.meter_events.labels("late").inc(run.late)
-        if run.closed or run.sent or run.failed or run.expired or run.manual:
+        if run.closed or run.sent or run.failed or run.expired or run.manual or run.not_invoiced:
             log.info(
                 "meter run: %d periods closed, %d events sent (%d periods past Stripe's invoice grace),"
-                " %d failed, %d given up, %d periods left unsent to manual billing",
+                " %d failed, %d given up, %d periods left unsent to manual billing, %d not invoiced"
+                " (their subscription ended first)",
                 run.closed,
                 run.sent,
                 run.late,
                 run.failed,
                 run.expired,
                 run.manual,
+                run.not_invoiced,
             )
         return run
 
@@ -461,6 +502,39 @@ class UsageMetering:
         read fails the meter run, which closes and sends nothing; the next run asks again."""
         records = await self._records(customer_ids)
         return {customer_id for customer_id, record in records.items() if bills_manually(record.customer)}
+
+    async def subscription_ends(self, customer_ids: Collection[str]) -> dict[str, datetime]:
+        """Of `customer_ids`, when the Stripe subscription of those whose Customer says it ended early
+        (`ended_early`) ended: a period ending from then on is invoiced by no subscription. A Customer
+        that cannot be read fails the meter run, as `billed_manually`."""
+        records = await self._records(customer_ids)
+        return {
+            customer_id: ended
+            for customer_id, record in records.items()
+            if (ended := ended_early(record.customer)) is not None
+        }
+
+    async def meter_before_cancel(self, record: CustomerRecord, now: datetime) -> MeterRun:
+        """Cut the Customer's running period at `now`, close it and send its meter events
+        (metering.meter_cut_period), before its subscription is cancelled immediately with invoice_now:
+        Stripe's final invoice then carries the overage, which meter events stamped at the period's old
+        end put on no invoice. Without Stripe (no sender) or in manual billing, nothing is cut."""
+        if self.meter_sender is None or bills_manually(record.customer):
+            return MeterRun()
+        async with connection(self.pool) as conn:
+            period = await open_period(conn, record.customer_id, record.customer, now)
+            plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
+        if not period.start < now:
+            return MeterRun()
+        return await meter_cut_period(
+            self.pool,
+            self.meter_sender,
+            record.customer_id,
+            BillingPeriod(period.start, now),
+            plan,
+            now,
+            billed_manually=False,
+        )
 
     async def flush_unheld(self, conn: Queryable, now: datetime) -> FlushResult:
         """Flush the customers with reports stored in the last `catch_up_window` that no rollup holds, as
@@ -592,6 +666,7 @@ __all__ = [
     "cancelled_by",
     "customer_period",
     "customer_plan",
+    "ended_early",
     "ended_period_plan",
     "open_period",
 ]

@@ -186,6 +186,10 @@ class SubscriptionView(Response):
     current_period_start: datetime | None = None
     current_period_end: datetime | None = None
     cancel_at_period_end: bool | None = None
+    ended_at: datetime | None = Field(
+        default=None,
+        description="When Stripe ended it (canceled): inside its period, usage from then on is not billed.",
+    )
     past_due_since: datetime | None = Field(
         default=None,
         description=(
@@ -595,6 +599,11 @@ class BillingPeriodUsage(Response):
     billed: bool = Field(
         description="Whether the overage is charged: a trial's, or the unlicensed plan's, is shown and not "
         "billed (its lines say what a paid plan would owe)."
+    )
+    not_billed_reason: str | None = Field(
+        default=None,
+        description="Why the overage is not billed (a plan that is not paid, a subscription that ended); "
+        "null when it is.",
     )
     within_limits: bool
     exceeded: list[str] = Field(description="What is over the included usage, for a person.")

@@ -48,7 +48,13 @@ from iotistic_billing.usage.rollups import (
     overage_json,
     priced_plan,
 )
-from iotistic_billing.usage.service import UsageMetering, customer_plan, open_period
+from iotistic_billing.usage.service import (
+    UsageMetering,
+    cancelled_by,
+    customer_plan,
+    ended_early,
+    open_period,
+)
 from iotistic_billing.usage.status import exceeded
 from iotistic_billing.usage.store import (
     DailyUsage,
@@ -221,7 +227,21 @@ def daily_views(days: list[date], rows: list[DailyUsage]) -> list[UsageDay]:
     return views
 
 
-def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriodUsage:
+def not_billed_reason(plan: str, period_start: datetime, ended: datetime | None) -> str | None:
+    """Why the period's overage is not billed, for a person; None when it is."""
+    if plan in BILLED_PLANS:
+        return None
+    if ended is not None and period_start >= ended:
+        return (
+            f"the subscription ended at {ended.isoformat()}: usage from then on is on no paid plan, and"
+            " the overage before it was the ended period's"
+        )
+    return f"plan {plan}: only paid plans are billed"
+
+
+def period_view(
+    plan: str, totals: PeriodTotals, bill: Overage, ended: datetime | None = None
+) -> BillingPeriodUsage:
     included = included_usage(plan)
     over = exceeded(totals, included)
     return BillingPeriodUsage(
@@ -246,6 +266,7 @@ def period_view(plan: str, totals: PeriodTotals, bill: Overage) -> BillingPeriod
         overage=OverageView.model_validate(overage_json(bill)),
         # As the meter run has it (Rollup.billed): the totals stay, so that a trial sees what it would owe.
         billed=plan in BILLED_PLANS,
+        not_billed_reason=not_billed_reason(plan, totals.period_start, ended),
         within_limits=not over,
         exceeded=over,
     )
@@ -267,7 +288,13 @@ async def usage_history(
         # The period the flush and the rollups use (never reaching back into an ended one).
         period = await open_period(conn, record.customer_id, record.customer, now)
         # Priced as the flush prices it: a lapse keeps the paid plan the period held.
-        plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
+        plan = await priced_plan(
+            conn,
+            record.customer_id,
+            period,
+            customer_plan(record.customer, period),
+            lapsed=cancelled_by(record.customer, period.start),
+        )
         daily = await daily_usage(conn, record.customer_id, start, end)
         page = await recent_reports(
             conn,
@@ -290,7 +317,7 @@ async def usage_history(
         reports_truncated=page.more_after is not None,
         reports_next_cursor=page.more_after,
         daily=daily_views(utc_days(start, end - timedelta(microseconds=1)), daily),
-        billing_period=period_view(plan, totals, rollup.overage),
+        billing_period=period_view(plan, totals, rollup.overage, ended_early(record.customer)),
     )
 
 
@@ -321,6 +348,7 @@ async def get_usage(request: web.Request) -> web.Response:
 __all__ = [
     "daily_views",
     "get_usage",
+    "not_billed_reason",
     "past_retention",
     "period_view",
     "read_limited",

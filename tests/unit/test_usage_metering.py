@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from itertools import pairwise
+from typing import cast
 
 import pytest
 
 from iotistic_billing.customer import Customer
+from iotistic_billing.db.pool import Pool
 from iotistic_billing.licensing.plans import plan_by_name
-from iotistic_billing.usage.metering import meter_events_for, meter_identifier, meter_value
+from iotistic_billing.usage.metering import MeterEvent, meter_events_for, meter_identifier, meter_value
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.periods import BillingPeriod
 from iotistic_billing.usage.pricing import CENT, OverageLine, PeriodTotals, overage
@@ -23,7 +28,13 @@ from iotistic_billing.usage.rollups import (
     period_plan,
     totals_json,
 )
-from iotistic_billing.usage.service import customer_plan, ended_period_plan
+from iotistic_billing.usage.service import (
+    cancelled_by,
+    customer_period,
+    customer_plan,
+    ended_early,
+    ended_period_plan,
+)
 
 START = datetime(2026, 11, 15, 9, 30, tzinfo=UTC)
 END = datetime(2026, 12, 15, 9, 30, tzinfo=UTC)
@@ -326,3 +337,160 @@ async def test_an_identifier_stripe_already_holds_is_an_event_sent() -> None:
     assert await sender(held)(event) == event.identifier
     with pytest.raises(stripe.InvalidRequestError):
         await sender("No active meter was found for event_name iotistic_devices.")(event)
+
+
+# The review's scenario: a starter subscription of Jan 20 10:00 .. Feb 20 10:00, cancelled immediately on
+# Jan 25 at 10:00 (by an admin, or by Stripe's dunning).
+JAN_20, FEB_20 = datetime(2027, 1, 20, 10, tzinfo=UTC), datetime(2027, 2, 20, 10, tzinfo=UTC)
+CANCELLED = datetime(2027, 1, 25, 10, tzinfo=UTC)
+
+
+def starter_cancelled(ended_at: datetime | None, status: str = "canceled") -> Customer:
+    """A Stripe-billed starter Customer whose subscription Stripe ended at `ended_at`; the operator's
+    pass has not lapsed the status yet."""
+    return Customer.model_validate(
+        {
+            "metadata": {"name": "acme"},
+            "spec": {
+                "email": "a@b.cd",
+                "companyName": "Acme",
+                "billing": {"mode": "stripe"},
+                "subscription": {
+                    "status": status,
+                    "plan": "starter",
+                    "currentPeriodStart": JAN_20.isoformat(),
+                    "currentPeriodEnd": FEB_20.isoformat(),
+                    **({"endedAt": ended_at.isoformat()} if ended_at else {}),
+                },
+            },
+            "status": {"plan": "starter"},
+        }
+    )
+
+
+def test_a_subscription_ended_inside_its_period_cuts_the_period_there() -> None:
+    """Found in review: a subscription cancelled immediately on Jan 25 left its usage period running to
+    Feb 20 on starter: its overage was metered for Feb 20 09:59:59, when no subscription bills the
+    customer (on no invoice, yet shown billed), and the usage after the cancellation was priced on
+    starter too."""
+    customer = starter_cancelled(CANCELLED)
+
+    cut = BillingPeriod(JAN_20, CANCELLED)
+    assert customer_period(customer, datetime(2027, 1, 24, tzinfo=UTC)) == cut
+    assert customer_plan(customer, cut) == "starter"
+    # Its meter events carry the last second before the cancellation, inside the subscription.
+    (event,) = meter_events_for("cust_acme", "cus_acme", cut, {"mqtt_traffic_gb": Decimal(80)})
+    assert event.timestamp == int(CANCELLED.timestamp()) - 1
+    # From the cancellation on: months from it, on no paid plan, whatever the status still says and
+    # whatever a flush before the deletion was applied recorded for the period.
+    after = customer_period(customer, CANCELLED)
+    assert after == BillingPeriod(CANCELLED, datetime(2027, 2, 25, 10, tzinfo=UTC))
+    assert customer_period(customer, datetime(2027, 2, 21, tzinfo=UTC)) == after
+    assert customer_plan(customer, after) == "unlicensed"
+    assert cancelled_by(customer, after.start)
+    assert period_plan(customer_plan(customer, after), "starter", lapsed=True) == "unlicensed"
+    assert ended_early(customer) == CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("ended_at", "status"),
+    [
+        (FEB_20, "canceled"),  # ended at its period's end: the period stands
+        (None, "canceled"),  # an ending recorded without Stripe's time: as before
+        (CANCELLED, "active"),  # live (an endedAt of an earlier life is not read)
+    ],
+)
+def test_a_subscription_not_ended_early_keeps_its_period(ended_at: datetime | None, status: str) -> None:
+    customer = starter_cancelled(ended_at, status)
+    assert ended_early(customer) is None
+    assert customer_period(customer, datetime(2027, 1, 26, tzinfo=UTC)) == BillingPeriod(JAN_20, FEB_20)
+
+
+class MeterConnection:
+    """PostgreSQL for a meter run with one closed, unmetered period of `row`: records the updates."""
+
+    def __init__(self, row: dict[str, object]) -> None:
+        self.rows = [row]
+        self.executed: list[tuple[str, tuple[object, ...]]] = []
+
+    async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
+        if "FROM usage_rollups r JOIN customers" in query:
+            rows, self.rows = self.rows, []
+            return rows
+        return []  # nothing due to close, no event recorded yet
+
+    async def fetchval(self, query: str, *args: object) -> object:
+        return True  # the meter run's lock
+
+    async def execute(self, query: str, *args: object) -> str:
+        self.executed.append((query, args))
+        return "OK"
+
+    @asynccontextmanager
+    async def acquire(self, **options: object) -> AsyncIterator[MeterConnection]:
+        yield self
+
+
+def closed_row(period: BillingPeriod) -> dict[str, object]:
+    bill = overage_json(
+        overage(
+            PeriodTotals(period.start, period.end, mqtt_bytes=90 * GB, reports=1),
+            plan_by_name("starter").included,
+        )
+    )
+    return {
+        "customer_id": "cust_acme",
+        "period_start": period.start,
+        "period_end": period.end,
+        "plan": "starter",
+        "overage": json.dumps(bill),
+        "meter_refusal": None,
+        "billed_manually": False,
+        "stripe_customer_id": "cus_acme",
+    }
+
+
+@pytest.mark.parametrize(
+    ("period", "invoiced"),
+    [
+        (BillingPeriod(JAN_20, FEB_20), False),  # uncut (closed before the ending was known): after it
+        (BillingPeriod(JAN_20, CANCELLED), False),  # cut at the ending, not metered before it
+        (BillingPeriod(JAN_20 - timedelta(days=31), JAN_20), True),  # the period before: its own invoice
+    ],
+)
+async def test_a_period_whose_subscription_ended_first_is_not_metered_as_billed(
+    period: BillingPeriod, invoiced: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: the meter run sent the events of a period whose subscription Stripe had ended
+    (dunning's cancel, or an immediate one) and marked it metered: Stripe took them (meters are the
+    customer's), no invoice carried them, and the API, console and CLI said billed."""
+    from iotistic_billing.usage.metering import send_meter_events
+
+    conn = MeterConnection(closed_row(period))
+    sent: list[MeterEvent] = []
+
+    async def sender(event: MeterEvent) -> str:
+        sent.append(event)
+        return event.identifier
+
+    async def ends(customer_ids: Collection[str]) -> Mapping[str, datetime]:
+        return dict.fromkeys(customer_ids, CANCELLED)
+
+    now = FEB_20 + timedelta(hours=1)
+    run = await send_meter_events(
+        cast(Pool, conn), sender, now, close_grace=timedelta(hours=1), subscription_ends=ends
+    )
+
+    (update, args), *_ = [(q, a) for q, a in conn.executed if "UPDATE usage_rollups" in q]
+    if invoiced:
+        assert [event.metric for event in sent] == ["mqtt_traffic_gb"] and run.not_invoiced == 0
+        return
+    assert sent == [] and run.not_invoiced == 1
+    # Marked metered (never sent again), its meter_refusal saying why it is not billed.
+    assert "metered_at" in update and args[2] == now
+    reason = str(args[3])
+    assert reason.startswith("not invoiced: the subscription ended at 2027-01-25T10:00:00+00:00")
+    assert "mqtt_traffic_gb" in reason
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"meter events of cust_acme, period {period.start.isoformat()} .. {period.end.isoformat()}: {reason}"
+    ]

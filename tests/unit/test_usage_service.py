@@ -177,3 +177,23 @@ async def test_a_shutdown_stopped_as_its_final_flush_ends_stops(monkeypatch: pyt
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
             await task
+
+
+def test_usage_after_an_ended_subscription_is_shown_not_billed_and_why() -> None:
+    """Found in review: after an immediate cancel, GET /api/usage/{id} and the console showed the period
+    running on to its old end on starter, billed: true, though no subscription would invoice it; from
+    the ending on it is on no paid plan and says so."""
+    from iotistic_billing.usage.pricing import PeriodTotals, overage
+    from iotistic_billing.usage.rollups import included_usage
+    from iotistic_billing.webhook_server.usage import period_view
+
+    ended = datetime(2027, 1, 25, 10, tzinfo=UTC)
+    totals = PeriodTotals(ended, datetime(2027, 2, 25, 10, tzinfo=UTC), mqtt_bytes=90 * 10**9, reports=1)
+    view = period_view("unlicensed", totals, overage(totals, included_usage("unlicensed")), ended)
+    assert not view.billed
+    assert view.not_billed_reason is not None
+    assert view.not_billed_reason.startswith("the subscription ended at 2027-01-25T10:00:00+00:00")
+    trial = period_view("trial", totals, overage(totals, included_usage("trial")))
+    assert trial.not_billed_reason == "plan trial: only paid plans are billed"
+    paid = period_view("starter", totals, overage(totals, included_usage("starter")), ended)
+    assert paid.billed and paid.not_billed_reason is None

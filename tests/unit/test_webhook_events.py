@@ -143,6 +143,26 @@ def test_subscription_facts_read_the_period_from_the_items() -> None:
     assert facts == SubscriptionFacts("sub_1", "active", "professional", AT_PERIOD_END, False)
 
 
+def test_a_subscription_ended_inside_its_period_keeps_when_it_ended() -> None:
+    """Found in review: a deletion's ended_at was not read, so a subscription cancelled immediately (by
+    an admin, or by Stripe's dunning) held its period to the old end, and the usage period ran on there
+    on the paid plan (usage.service.customer_period cuts it at spec.subscription.endedAt now)."""
+    ended = PERIOD_END - 20 * 86400
+    live = SubscriptionSpec(status="active", plan="professional", stripe_subscription_id="sub_1")
+    deleted = subscription_facts("customer.subscription.deleted", subscription(ended_at=ended), CATALOG)
+    assert deleted is not None and deleted.ended_at == datetime.fromtimestamp(ended, UTC)
+
+    decision = decide(live, None, deleted, created=ended + 1)
+
+    assert decision.subscription is not None
+    assert decision.subscription.status == "canceled"
+    assert decision.subscription.ended_at == datetime.fromtimestamp(ended, UTC)
+    assert "endedAt" in decision.subscription.to_k8s()
+    # A live subscription's own ended_at (none; a stray one) is not kept: only an ending has one.
+    updated = subscription_facts("customer.subscription.updated", subscription(ended_at=ended), CATALOG)
+    assert updated is not None and updated.ended_at is None
+
+
 def test_subscription_facts_fall_back_to_the_period_on_the_subscription() -> None:
     legacy = subscription(
         items={"data": [{"price": {"id": "price_s"}}]},
