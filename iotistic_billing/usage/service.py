@@ -524,7 +524,9 @@ class UsageMetering:
         async with connection(self.pool) as conn:
             period = await open_period(conn, record.customer_id, record.customer, now)
             plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
-        if not period.start < now:
+        # Under a second (a subscription that started just now) holds nothing to bill, and pricing
+        # averages storage over the period's whole seconds.
+        if now - period.start < timedelta(seconds=1):
             return MeterRun()
         return await meter_cut_period(
             self.pool,
