@@ -5,8 +5,8 @@
 and the total of every customer's current period, billed plans only (a trial's overage is not billed).
 The billing period is the one the webhook server last rolled up (it knows the Stripe subscription);
 once that one has ended, the month anchored at its end, under the plan it was rolled up with (as the
-server's next period); for a customer it never rolled up, the UTC calendar month and the plan in the
-customers table.
+server's next period; no paid plan once the customer's subscription has ended); for a customer it never
+rolled up, the UTC calendar month and the plan in the customers table.
 `-o json` has the values, not the table's text: counts are numbers; decimals and dollars are decimal
 strings, as in the API's usage JSON; `--all`'s is `{"customers": [...], "currentPeriods": {...}}`, the
 total's sums and the customers it counts that are not listed.
@@ -196,9 +196,38 @@ async def _show(url: str, args: argparse.Namespace, now: datetime) -> int:
         await conn.close()
 
 
+# The customer's newest Stripe subscription by its events, when it has ended: no period after its
+# rollups holds a paid plan (the server's customer_plan, from spec.subscription, says the same).
+_ENDED_SUBSCRIPTION: Final = """
+SELECT status FROM subscriptions WHERE customer_id = $1 AND status IN ('canceled', 'incomplete_expired')
+  AND last_event_created = (SELECT max(last_event_created) FROM subscriptions WHERE customer_id = $1)
+"""
+# The customer's latest period the meter run found ended with its subscription (metering.not_invoiced).
+_NOT_INVOICED: Final = """
+SELECT period_start, period_end, meter_refusal FROM usage_rollups
+WHERE customer_id = $1 AND meter_refusal LIKE 'not invoiced:%'
+ORDER BY period_start DESC LIMIT 1
+"""
+
+
 async def _period(conn: Connection, customer_id: str, plan: str | None, now: datetime) -> dict[str, Any]:
     """The billing period holding `now` as the server rolled it up; after that rollup ended, the month
-    anchored at its end under its plan; for a customer never rolled up, the calendar month."""
+    anchored at its end under its plan (no paid plan once the customer's subscription has ended); for a
+    customer never rolled up, the calendar month. `not_invoiced` names the latest period whose meter
+    events came after its subscription ended, which no invoice carries."""
+    period = await _current_period(conn, customer_id, plan, now)
+    for row in await conn.fetch(_NOT_INVOICED, customer_id):
+        period["not_invoiced"] = {
+            "period_start": row["period_start"].isoformat(),
+            "period_end": row["period_end"].isoformat(),
+            "reason": row["meter_refusal"],
+        }
+    return period
+
+
+async def _current_period(
+    conn: Connection, customer_id: str, plan: str | None, now: datetime
+) -> dict[str, Any]:
     from iotistic_billing.usage.periods import billing_period
     from iotistic_billing.usage.rollups import BILLED_PLANS, compute_rollup, overage_json
     from iotistic_billing.usage.store import current_rollups, period_totals
@@ -223,6 +252,8 @@ async def _period(conn: Connection, customer_id: str, plan: str | None, now: dat
         period = billing_period(now, row["period_end"])
         chosen = row["plan"] or plan or "trial"
         source = "following the last rollup, computed now"
+        if await conn.fetch(_ENDED_SUBSCRIPTION, customer_id):
+            chosen, source = "unlicensed", f"{source}; the subscription has ended"
     rollup = compute_rollup(customer_id, period, chosen, await period_totals(conn, customer_id, period))
     return {
         "period_start": period.start.isoformat(),
@@ -308,6 +339,9 @@ async def _customer(conn: Connection, args: argparse.Namespace, now: datetime) -
         if period["billed"]
         else f"Overage: {overage}, not billed ({why_not_billed(period['plan'])})"
     )
+    if "not_invoiced" in period:
+        missed = period["not_invoiced"]
+        print(f"Period {missed['period_start'][:10]} .. {missed['period_end'][:10]}: {missed['reason']}")
     return 0
 
 

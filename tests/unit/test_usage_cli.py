@@ -227,6 +227,47 @@ def test_after_a_rollup_ended_the_cli_prices_the_next_period_against_the_plan_th
     assert (period["plan"], period["overage"]["total"]) == ("professional", "0.00")
 
 
+class CancelledConnection(RollupsConnection):
+    """acme's starter subscription ended on Apr 10, inside its Mar 20 .. Apr 20 period: the server cut
+    its period there, and the meter run found that period's events would come after the ending."""
+
+    REASON = (
+        "not invoiced: the subscription ended at 2025-04-10T00:00:00+00:00, before this period's meter"
+        " events were sent, and Stripe invoices usage only on a live subscription: devices;"
+        " invoice it by hand"
+    )
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "FROM subscriptions" in query:
+            return [{"status": "canceled"}]
+        if "not invoiced" in query:
+            return [{"period_start": at(3, 20), "period_end": at(4, 10), "meter_refusal": self.REASON}]
+        return await super().fetch(query, *args)
+
+
+def test_after_a_subscription_ended_the_cli_bills_no_plan_and_names_the_period_not_invoiced(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: after a subscription was cancelled immediately (no report since), the CLI priced
+    the period after the ended rollup on its starter plan, billed, and said nothing of the period whose
+    meter events no invoice carried."""
+    reports = [(at(4, 9), at(4, 9) + timedelta(hours=1), 13)]
+    conn = CancelledConnection("starter", [(at(3, 20), at(4, 10), "starter", True)], reports)
+
+    period = usage_json(conn, monkeypatch, capsys, "--customer", "acme")["billing_period"]
+
+    assert (period["period_start"], period["plan"], period["billed"]) == (
+        "2025-04-10T00:00:00+00:00",
+        "unlicensed",
+        False,
+    )
+    assert period["not_invoiced"] == {
+        "period_start": "2025-03-20T00:00:00+00:00",
+        "period_end": "2025-04-10T00:00:00+00:00",
+        "reason": CancelledConnection.REASON,
+    }
+
+
 def test_json_decimals_are_never_in_exponent_notation(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
