@@ -403,11 +403,8 @@ class StripeApi:
 
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
         if immediately:
-            # invoice_now: the final invoice carries the usage metered before the cancel
-            # (UsageMetering.meter_before_cancel); without it Stripe invoices that usage never. Prorating
-            # stays Stripe's default (false): no credit for the unused rest of the period, as before.
             cancelled = await _stripe(
-                self.client.v1.subscriptions.cancel_async(subscription_id, params={"invoice_now": True}),
+                self.client.v1.subscriptions.cancel_async(subscription_id),
                 "cancel the subscription",
                 writes=True,
             )

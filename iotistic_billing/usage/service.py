@@ -524,9 +524,7 @@ class UsageMetering:
         async with connection(self.pool) as conn:
             period = await open_period(conn, record.customer_id, record.customer, now)
             plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
-        # Under a second (a subscription that started just now) holds nothing to bill, and pricing
-        # averages storage over the period's whole seconds.
-        if now - period.start < timedelta(seconds=1):
+        if not period.start < now:
             return MeterRun()
         return await meter_cut_period(
             self.pool,

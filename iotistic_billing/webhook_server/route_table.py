@@ -171,14 +171,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         {200: SubscriptionChangeResponse},
         body=CancelRequest,
         errors=(404, 409),
-        description=(
-            "At the period's end, or now with `immediately: true`: the running usage period is then cut"
-            " now, closed and its overage sent to Stripe as meter events before Stripe cancels with"
-            " `invoice_now`, so that the final invoice carries it. 409 `Usage not sent` when Stripe"
-            " refuses those meter events, and a 503 (`Stripe unavailable`, `Meter run under way`) when"
-            " they cannot be sent now: the subscription is not cancelled (the cut period is sent by the"
-            " meter runs onto its next invoice). 409 `No active subscription` without one."
-        ),
     ),
     Route(
         "POST",

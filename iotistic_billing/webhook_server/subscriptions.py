@@ -15,19 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
-from iotistic_billing.db.pool import DatabaseUnavailable, database_unreachable
+from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
-from iotistic_billing.errors import (
-    Conflict,
-    DependencyUnavailable,
-    Unavailable,
-    ValidationFailed,
-    stripe_not_configured,
-)
+from iotistic_billing.errors import Conflict, Unavailable, ValidationFailed, stripe_not_configured
 from iotistic_billing.stripe_api import CustomerSubscribed
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
-from iotistic_billing.usage.metering import MeterRunBusy, StripeUnavailable
-from iotistic_billing.webhook_server.context import CATALOG, CLOCK, DIRECTORY, SESSIONS, USAGE, stripe_api
+from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
@@ -237,17 +230,13 @@ async def upgrade_subscription(request: web.Request) -> web.Response:
 
 
 async def cancel_subscription(request: web.Request) -> web.Response:
-    """Cancel at the period end, or now with `immediately: true`: then the running usage period is cut
-    now and its overage metered first (`_meter_before_cancel`), and Stripe cancels with a final invoice
-    that carries it."""
+    """Cancel at the period end, or now with `immediately: true`."""
     billing = stripe_api(request)
     body = await read_body(request, CancelRequest)
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].existing(session, body.customer_id)
         # Unpaid or paused too: Stripe keeps billing an unpaid one's drafts, and resumes a paused one.
         subscription_id = await _live_subscription(session, record, OPEN_STATUSES)
-    if body.immediately:
-        await _meter_before_cancel(request, record)
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(
         SubscriptionChangeResponse(
@@ -259,41 +248,6 @@ async def cancel_subscription(request: web.Request) -> web.Response:
             canceled_immediately=body.immediately,
         )
     )
-
-
-async def _meter_before_cancel(request: web.Request, record: CustomerRecord) -> None:
-    """Meter the period an immediate cancel ends (UsageMetering.meter_before_cancel), or refuse the
-    cancel: its meter events sent after it land on no invoice. The period stays cut when the send fails;
-    the subscription is live, so the meter runs send it onto its next invoice, and a retry cuts anew."""
-    usage = request.app[USAGE]
-    try:
-        run = await usage.meter_before_cancel(record, request.app[CLOCK]())
-    except MeterRunBusy:
-        raise Unavailable(
-            "Meter run under way",
-            f"a meter run is sending usage to Stripe; the subscription of {record.customer_id} was not "
-            "cancelled, retry in a few seconds",
-            {"customer_id": record.customer_id},
-            headers={"Retry-After": "5"},
-        ) from None
-    except StripeUnavailable as error:
-        raise Unavailable(
-            "Stripe unavailable",
-            f"the usage of {record.customer_id}'s period could not be sent to Stripe ({error}); the "
-            "subscription was not cancelled, retry later",
-            {"dependency": "Stripe", "customer_id": record.customer_id},
-            headers={"Retry-After": "30"},
-        ) from None
-    except DatabaseUnavailable:
-        raise DependencyUnavailable("Database") from None
-    if run.failed:
-        raise Conflict(
-            "Usage not sent",
-            f"Stripe refused the meter events of {record.customer_id}'s period, so an immediate cancel "
-            "would invoice none of its overage; the subscription was not cancelled. Mend what the "
-            "meter run logs (a meter, the Stripe customer) and retry, or cancel at the period's end",
-            {"customer_id": record.customer_id},
-        )
 
 
 async def create_portal_session(request: web.Request) -> web.Response:

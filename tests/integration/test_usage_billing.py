@@ -45,7 +45,7 @@ from iotistic_billing.usage.rollups import close_periods, compute_rollup, roll_u
 from iotistic_billing.usage.service import UsageMetering
 from iotistic_billing.usage.store import period_samples, period_totals
 from iotistic_billing.webhook_server.app import create_app
-from iotistic_billing.webhook_server.context import STRIPE, USAGE
+from iotistic_billing.webhook_server.context import USAGE
 from tests.conftest import unique_name
 from tests.integration.test_usage_reports import (  # noqa: F401 - fixtures
     GB,
@@ -62,10 +62,7 @@ from tests.integration.webhook_support import (  # noqa: F401 - fixtures
     admin_headers,
     customer_id_for,
     customers_fixture,
-    deliver,
-    event,
     stripe_customer,
-    subscription_object,
     webhook_settings_fixture,
 )
 
@@ -2002,119 +1999,3 @@ async def test_a_period_whose_reports_came_past_its_grace_is_not_billed_for_anot
     assert [(start, end) for start, end, *_ in await rollup_periods(db_engine, customer_id)] == [
         (april.start, april.end)
     ]
-
-
-async def test_an_immediate_cancel_meters_the_period_it_cuts_before_stripe_cancels_and_bills_none_after(
-    usage_api: TestClient[Any, Any],
-    db_engine: AsyncEngine,
-    customers: Customers,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Found in review: an immediate cancel asked Stripe to cancel without invoice_now and left the usage
-    period running to its old end on starter: its overage was metered a month later, stamped when no
-    subscription billed the customer (on no invoice, yet shown billed), and the usage after the cancel
-    was priced on starter. Now the period is cut at the cancel, closed and metered before Stripe's
-    cancel; Stripe's deletion (ended_at) keeps the cut, and the usage after it holds no paid plan."""
-    start, end = NOW - 7 * DAY, NOW + 23 * DAY  # Apr 10 12:00 .. May 10 12:00
-    name = unique_name("cancelled")
-    customer_id = customer_id_for(name)
-    subscription_id = f"sub_{uuid.uuid4().hex[:14]}"
-    customers.create(
-        name,
-        customerId=customer_id,
-        billing={"mode": "stripe"},
-        plan="starter",
-        subscription={
-            "status": "active",
-            "plan": "starter",
-            "stripeSubscriptionId": subscription_id,
-            "currentPeriodStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "currentPeriodEnd": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        },
-    )
-    try:
-        usage, recorder = await server_at(usage_api, db_engine, customer_id, NOW)
-        stripe_customer_id = await link_stripe_customer(db_engine, customer_id)
-        before = report(
-            customer_id,
-            "before",
-            start=start + DAY,
-            hours=24,
-            mqtt_bytes_sent=60 * GB,
-            mqtt_bytes_received=30 * GB,
-            http_bytes_sent=0,
-            http_bytes_received=0,
-        )
-        await flushed_at(usage, NOW, before)
-        cut = BillingPeriod(start, NOW)
-        # What Stripe's cancel found already sent: the meter events recorded when it was asked.
-        billing = usage_api.app[STRIPE]
-        assert billing is not None
-        cancel = billing.cancel
-        seen_at_cancel: list[list[tuple[str, str, str, str | None]]] = []
-
-        async def cancel_after_metering(subscription: str, *, immediately: bool) -> Any:
-            seen_at_cancel.append(await recorded(db_engine, customer_id))
-            return await cancel(subscription, immediately=immediately)
-
-        monkeypatch.setattr(billing, "cancel", cancel_after_metering)
-
-        answer = await usage_api.post(
-            "/api/subscriptions/cancel",
-            json={"customer_id": customer_id, "immediately": True},
-            headers=admin_headers(),
-        )
-
-        assert answer.status == 200, await answer.text()
-        row = await rollup_row(db_engine, customer_id, cut)
-        assert (row["period_end"], row["plan"], row["closed_at"], row["metered_at"]) == (
-            NOW,
-            "starter",
-            NOW,
-            NOW,
-        )
-        assert row["overage_amount_cents"] > 0
-        (sent,) = seen_at_cancel
-        assert [(metric, identifier) for metric, identifier, _, _ in sent] == [
-            ("mqtt_traffic_gb", f"{customer_id}:{start:%Y%m%dT%H%M%SZ}:mqtt_traffic_gb")
-        ]
-        assert [identifier for identifier, _, _ in recorder.sent] == [sent[0][1]]
-
-        # Stripe's deletion, ended at the cancel.
-        deleted = subscription_object(
-            subscription_id,
-            customer=stripe_customer_id,
-            price="price_not_listed",
-            status="canceled",
-            period_end=int(end.timestamp()),
-            metadata={"customerId": customer_id},
-        ) | {"ended_at": int(NOW.timestamp())}
-        assert (await deliver(usage_api, event("customer.subscription.deleted", deleted)))[0] == 200
-        assert (customers.subscription(name) or {}).get("endedAt") == NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
-        # Usage after the cancel: a period from it, on no paid plan, shown not billed and why.
-        after = report(customer_id, "after", start=NOW, hours=2, mqtt_bytes_sent=50 * GB)
-        await flushed_at(usage, NOW + timedelta(hours=3), after)
-        assert [(s, e, plan) for s, e, plan, _ in await rollup_plans(db_engine, customer_id)] == [
-            (start, NOW, "starter"),
-            (NOW, NOW + timedelta(days=30), "unlicensed"),
-        ]
-        shown = await (await usage_api.get(f"/api/usage/{customer_id}", headers=admin_headers())).json()
-        assert shown["billing_period"]["billed"] is False
-        assert shown["billing_period"]["not_billed_reason"].startswith("the subscription ended at")
-        # The meter runs after it send nothing more.
-        await meter_run_at(usage, NOW + timedelta(days=31))
-        assert len(recorder.sent) == 1
-    finally:
-        customers.delete(name)
-
-
-async def rollup_plans(engine: AsyncEngine, customer_id: str) -> list[tuple[datetime, datetime, str, bool]]:
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            text(
-                "SELECT period_start, period_end, plan, closed_at IS NOT NULL FROM usage_rollups"
-                " WHERE customer_id = :c ORDER BY period_start"
-            ),
-            {"c": customer_id},
-        )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
