@@ -44,7 +44,6 @@ from iotistic_billing.usage.rollups import (
     ManualBilling,
     close_periods,
     overage_quantities,
-    roll_up_period,
 )
 
 if TYPE_CHECKING:
@@ -459,61 +458,15 @@ async def send_meter_events(
                 )
 
 
-class MeterRunBusy(Exception):
-    """A meter run holds the lock: a period cut now would race it; the caller tries again shortly."""
-
-
-_CUT_ROW: Final = """
-SELECT r.customer_id, r.period_start, r.period_end, r.plan, r.overage::text AS overage,
-       r.meter_refusal, r.billed_manually, c.stripe_customer_id
-FROM usage_rollups r JOIN customers c ON c.customer_id = r.customer_id
-WHERE r.customer_id = $1 AND r.period_start = $2 AND r.metered_at IS NULL AND r.closed_at IS NOT NULL
-  AND NOT r.billed_manually
-  AND c.stripe_customer_id IS NOT NULL
-"""
-
-
-async def meter_cut_period(
-    pool: Pool,
-    sender: MeterSender,
-    customer_id: str,
-    period: BillingPeriod,
-    plan: str,
-    now: datetime,
-    *,
-    billed_manually: bool,
-) -> MeterRun:
-    """Roll `period` up, close it at `now` (no close grace: it is cut where the subscription is about to
-    end) and send the meter events it owes at once, under the meter run's lock: what an immediate cancel
-    does before it asks Stripe to cancel, so that the final invoice (invoice_now) carries the usage. A
-    report of the period that comes after this is kept, billed in no period (`reports_after_close`).
-    Stripe unavailable raises StripeUnavailable; a refusal is the run's `failed` (the row stays for the
-    meter runs, as any refused period); a running meter run raises MeterRunBusy."""
-    async with connection(pool) as conn, session_lock(conn, METER_LOCK_KEY) as held:
-        if not held:
-            raise MeterRunBusy()
-        rollup = await roll_up_period(
-            conn, customer_id, period, plan, close_at=now, billed_manually=billed_manually
-        )
-        row = await conn.fetchrow(_CUT_ROW, customer_id, period.start)
-        if row is None or not rollup.billed or billed_manually:
-            # Nothing owed (marked metered as it closed), or no Stripe customer to send it for.
-            return MeterRun(closed=1)
-        result = await _meter_period(conn, row, sender, now)
-        return replace(result, closed=1)
-
-
 __all__ = [
     "EVENT_NAME_PREFIX",
     "STRIPE_METER_WINDOW",
     "MeterEvent",
     "MeterRun",
-    "MeterRunBusy",
     "MeterSender",
     "StripeMeterSender",
     "StripeUnavailable",
     "SubscriptionEnds",
-    "meter_cut_period",
     "meter_events_for",
     "meter_identifier",
     "meter_value",

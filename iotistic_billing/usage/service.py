@@ -44,7 +44,6 @@ from iotistic_billing.usage.metering import (
     MeterRun,
     MeterSender,
     StripeMeterSender,
-    meter_cut_period,
     send_meter_events,
 )
 from iotistic_billing.usage.metrics import UsageMetrics
@@ -65,7 +64,6 @@ from iotistic_billing.usage.rollups import (
     included_usage,
     note_caught_up,
     open_missing_rollups,
-    priced_plan,
     reports_after_close,
     save_open_rollup,
     unheld_arrivals,
@@ -513,28 +511,6 @@ class UsageMetering:
             for customer_id, record in records.items()
             if (ended := ended_early(record.customer)) is not None
         }
-
-    async def meter_before_cancel(self, record: CustomerRecord, now: datetime) -> MeterRun:
-        """Cut the Customer's running period at `now`, close it and send its meter events
-        (metering.meter_cut_period), before its subscription is cancelled immediately with invoice_now:
-        Stripe's final invoice then carries the overage, which meter events stamped at the period's old
-        end put on no invoice. Without Stripe (no sender) or in manual billing, nothing is cut."""
-        if self.meter_sender is None or bills_manually(record.customer):
-            return MeterRun()
-        async with connection(self.pool) as conn:
-            period = await open_period(conn, record.customer_id, record.customer, now)
-            plan = await priced_plan(conn, record.customer_id, period, customer_plan(record.customer, period))
-        if not period.start < now:
-            return MeterRun()
-        return await meter_cut_period(
-            self.pool,
-            self.meter_sender,
-            record.customer_id,
-            BillingPeriod(period.start, now),
-            plan,
-            now,
-            billed_manually=False,
-        )
 
     async def flush_unheld(self, conn: Queryable, now: datetime) -> FlushResult:
         """Flush the customers with reports stored in the last `catch_up_window` that no rollup holds, as
