@@ -311,6 +311,14 @@ async def test_public_keys_are_published(api: TestClient[Any, Any], license_keys
     assert jwks["keys"][0]["alg"] == "RS256"
 
 
+async def revoke(api: TestClient[Any, Any], customer_id: str, reason: str = "chargeback") -> tuple[int, Any]:
+    """The admin API's revoke of the customer's licence: its status and body."""
+    response = await api.post(
+        f"/api/licenses/{customer_id}/revoke", json={"reason": reason}, headers=admin_headers()
+    )
+    return response.status, await response.json()
+
+
 def put_handmade_licence(customers: Customers, name: str, token: str) -> None:
     """The Customer `name` with its licence Secret holding `token`. The namespace is made before the
     Customer: an operator of the session, when it runs, takes it for someone else's (NamespaceTaken) and
@@ -407,11 +415,8 @@ async def test_a_deleted_predecessor_s_licence_is_not_the_customer_s_made_again_
         response = await api.get(f"/api/licenses/{customer_id}", headers=admin_headers())
         body = await response.json()
         assert (response.status, body["error"]) == (404, "Licence not issued yet"), body
-        response = await api.post(
-            f"/api/licenses/{customer_id}/revoke", json={"reason": "test"}, headers=admin_headers()
-        )
-        body = await response.json()
-        assert (response.status, body["error"]) == (409, "No licence to revoke"), body
+        status, body = await revoke(api, customer_id, "test")
+        assert (status, body["error"]) == (409, "No licence to revoke"), body
         customer = customers.get(name)
         assert customer is not None and not customer["spec"].get("suspended", False)
         # The operator's own Secret, owned by this Customer, is its licence.
@@ -531,12 +536,9 @@ async def test_a_revoke_of_a_customer_made_again_since_it_was_read_revokes_the_n
 
     monkeypatch.setattr(directory, "existing", read_then_made_again)
     try:
-        response = await api.post(
-            f"/api/licenses/{customer_id}/revoke", json={"reason": "chargeback"}, headers=admin_headers()
-        )
+        status, answer = await revoke(api, customer_id)
         monkeypatch.undo()
-        answer = await response.json()
-        assert response.status == 200, answer
+        assert status == 200, answer
         assert (answer["revoked_jti"], answer["already_revoked"]) == (
             LicenseRecord.from_token(token).jti,
             False,
@@ -587,12 +589,9 @@ async def test_a_revoke_whose_customer_is_made_again_before_its_patch_suspends_n
 
     monkeypatch.setattr(licenses, "license_token", licence_then_made_again)
     try:
-        response = await api.post(
-            f"/api/licenses/{customer_id}/revoke", json={"reason": "chargeback"}, headers=admin_headers()
-        )
+        status, answer = await revoke(api, customer_id)
         monkeypatch.undo()
-        answer = await response.json()
-        assert (response.status, answer["error"]) == (409, "Customer re-created"), answer
+        assert (status, answer["error"]) == (409, "Customer re-created"), answer
         customer = customers.get(name)
         assert customer is not None and not customer["spec"].get("suspended"), customer
         async with db_engine.connect() as connection:
@@ -624,11 +623,8 @@ async def test_revoking_a_licence_whose_times_are_out_of_range_is_no_licence_to_
         customers, name, with_payload(licence_of(ours, customer_id, webhook_settings), **{claim: seconds})
     )
     try:
-        response = await api.post(
-            f"/api/licenses/{customer_id}/revoke", json={"reason": "test"}, headers=admin_headers()
-        )
-        body = await response.json()
-        assert (response.status, body["error"]) == (409, "No licence to revoke"), body
+        status, body = await revoke(api, customer_id, "test")
+        assert (status, body["error"]) == (409, "No licence to revoke"), body
         assert body["message"] == "the licence Secret holds no readable licence"
         customer = customers.get(name)
         assert customer is not None and not customer["spec"].get("suspended", False)
