@@ -47,6 +47,14 @@ class Metrics:
             ["type", "result"],
             registry=self.registry,
         )
+        self.signature_refusals = Counter(
+            "iotistic_stripe_webhook_rejections",
+            "Stripe deliveries refused for their Stripe-Signature, by reason: missing, malformed, mismatch"
+            " (no signature matches STRIPE_WEBHOOK_SECRET), stale or ahead (signed more than 300 s before"
+            " or after this server's clock).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.readiness = Gauge(
             "iotistic_readiness_check",
             "The readiness checks' last results, by check (1 passed, 0 failed): database and schema make"
@@ -66,6 +74,9 @@ class Metrics:
     def webhook_event(self, event_type: str, result: str) -> None:
         # Only types we know become labels: a label per arbitrary string would grow without bound.
         self.webhook_events.labels(event_type if event_type in HANDLED_EVENT_TYPES else "other", result).inc()
+
+    def signature_refused(self, reason: str) -> None:
+        self.signature_refusals.labels(reason).inc()
 
     def readiness_checked(self, results: Iterable[tuple[str, bool]]) -> None:
         for check, passed in results:

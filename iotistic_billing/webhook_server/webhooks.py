@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Literal
 
 import stripe
 from aiohttp import web
@@ -30,28 +31,64 @@ SIGNATURE_HEADER: Final = "Stripe-Signature"
 SIGNATURE_TOLERANCE: Final = 300
 
 
-def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent:
-    """The event, once its Stripe-Signature checks out against `secret`; otherwise 400."""
+# Which check refused a delivery's Stripe-Signature: the metric's label and the advice on-call reads.
+SignatureReason = Literal["missing", "malformed", "mismatch", "stale", "ahead"]
+SIGNATURE_ADVICE: Final[dict[SignatureReason, str]] = {
+    "missing": "not a delivery of Stripe's, or a proxy in front of this server drops the header",
+    "malformed": "not a delivery of Stripe's (Stripe writes t=<seconds>,v1=<hex digest>)",
+    "mismatch": (
+        "the endpoint's signing secret in Stripe and STRIPE_WEBHOOK_SECRET differ (rolled in the"
+        " Dashboard?), or the post is not Stripe's"
+    ),
+    "stale": "this server's clock is ahead of Stripe's (check NTP), or the delivery is a replay",
+    "ahead": "this server's clock is behind Stripe's (check NTP)",
+}
+# A reason's warning is logged once in this many seconds; the refusals between are counted in the next.
+REFUSAL_LOG_SECONDS: Final = 300.0
+
+
+class SignatureRefused(BadRequest):
+    """A delivery whose Stripe-Signature does not check out (400 "Invalid signature"); `reason` is which
+    check refused it."""
+
+    def __init__(self, reason: SignatureReason, message: str) -> None:
+        super().__init__("Invalid signature", message)
+        self.reason: SignatureReason = reason
+
+
+def verify_event(payload: bytes, header: str | None, secret: str, now: float | None = None) -> StripeEvent:
+    """The event, once its Stripe-Signature checks out against `secret` (at `now`, seconds since the
+    epoch); otherwise 400."""
     if not header:
-        raise BadRequest("Invalid signature", f"the {SIGNATURE_HEADER} header is missing")
+        raise SignatureRefused("missing", f"the {SIGNATURE_HEADER} header is missing")
     if not header.isascii():
         # Stripe writes hex digests and digits only; stripe's compare_digest raises TypeError on others.
-        raise BadRequest("Invalid signature", f"the {SIGNATURE_HEADER} header is not ASCII")
+        raise SignatureRefused("malformed", f"the {SIGNATURE_HEADER} header is not ASCII")
+    signed_at = _signed_at(header)
+    if signed_at is None:
+        raise SignatureRefused(
+            "malformed", f"the {SIGNATURE_HEADER} header has no t=<seconds> and v1=<signature>"
+        )
     try:
         text = payload.decode("utf-8")
-        stripe.WebhookSignature.verify_header(text, header, secret, SIGNATURE_TOLERANCE)
     except UnicodeDecodeError:
         raise BadRequest("Invalid payload", "the body is not UTF-8") from None
-    except stripe.SignatureVerificationError as error:
-        # Stripe's messages ("No signatures found matching...", "Timestamp outside the tolerance zone")
-        # name no secret.
-        raise BadRequest(
-            "Invalid signature", str(error.user_message or "signature verification failed")
+    try:
+        # The times are checked below, both ways, so that a refusal says which way the clocks differ.
+        stripe.WebhookSignature.verify_header(text, header, secret, tolerance=None)
+    except stripe.SignatureVerificationError:
+        raise SignatureRefused(
+            "mismatch", "No signatures found matching the expected signature for payload"
         ) from None
-    signed_at = _signed_at(header)
-    if signed_at > time.time() + SIGNATURE_TOLERANCE:
+    age = round((time.time() if now is None else now) - signed_at)
+    if abs(age) > SIGNATURE_TOLERANCE:
         # Stripe's check bounds the past only: a header dated ahead would stay replayable until then.
-        raise BadRequest("Invalid signature", f"Timestamp outside the tolerance zone ({signed_at})")
+        when = f"{age} s before" if age > 0 else f"{-age} s after"
+        raise SignatureRefused(
+            "stale" if age > 0 else "ahead",
+            f"Timestamp outside the tolerance zone ({signed_at}): signed {when} this server's clock,"
+            f" more than {SIGNATURE_TOLERANCE} s",
+        )
     data = parse_json(text)
     try:
         event = StripeEvent.model_validate(data)
@@ -64,9 +101,49 @@ def verify_event(payload: bytes, header: str | None, secret: str) -> StripeEvent
     return event
 
 
-def _signed_at(header: str) -> int:
-    """The `t=` of a header verify_header accepted, read as Stripe's SDK reads it (its first `t`)."""
-    return int(next(item.split("=", 2)[1] for item in header.split(",") if item.split("=", 2)[0] == "t"))
+def _signed_at(header: str) -> int | None:
+    """The `t=` of a header as Stripe's SDK reads it (its first `t`), when the header also has a `v1=`;
+    else None."""
+    items = [item.split("=", 2) for item in header.split(",")]
+    times = [item[1] for item in items if item[0] == "t" and len(item) > 1]
+    if not times or not any(item[0] == "v1" and len(item) > 1 for item in items):
+        return None
+    try:
+        return int(times[0])
+    except ValueError:
+        return None
+
+
+class SignatureRefusals:
+    """What the log says of refused deliveries: a warning with the reason's advice, once in
+    REFUSAL_LOG_SECONDS a reason, the next one counting the refusals in between. The 400 alone told
+    on-call nothing: a clock 5 minutes off and a rolled signing secret raised the same alert."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._logged_at: dict[SignatureReason, float] = {}
+        self._quiet: dict[SignatureReason, int] = {}
+
+    def refused(self, refusal: SignatureRefused) -> None:
+        now, reason = self.clock(), refusal.reason
+        logged_at = self._logged_at.get(reason)
+        if logged_at is not None and now - logged_at < REFUSAL_LOG_SECONDS:
+            self._quiet[reason] = self._quiet.get(reason, 0) + 1
+            return
+        between = self._quiet.pop(reason, 0)
+        self._logged_at[reason] = now
+        log.warning(
+            "Stripe delivery refused (%s): %s: %s%s",
+            reason,
+            refusal.message,
+            SIGNATURE_ADVICE[reason],
+            f" ({between} more refused so since the last line)" if between else "",
+            extra={"reason": reason},
+        )
+
+
+# The app's SignatureRefusals (set in app.create_app; here, as its class is this module's).
+SIGNATURE_REFUSALS = web.AppKey("signature_refusals", SignatureRefusals)
 
 
 async def receive_stripe_event(request: web.Request) -> web.Response:
@@ -79,6 +156,11 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         event = verify_event(
             payload, request.headers.get(SIGNATURE_HEADER), settings.stripe_webhook_secret.get_secret_value()
         )
+    except SignatureRefused as refusal:
+        metrics.webhook_event("unverified", "rejected")
+        metrics.signature_refused(refusal.reason)
+        request.app[SIGNATURE_REFUSALS].refused(refusal)
+        raise
     except BadRequest:
         metrics.webhook_event("unverified", "rejected")
         raise
@@ -94,4 +176,12 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
     return json_model(WebhookAck(duplicate=not stored, result="queued" if stored else None))
 
 
-__all__ = ["SIGNATURE_HEADER", "receive_stripe_event", "verify_event"]
+__all__ = [
+    "SIGNATURE_HEADER",
+    "SIGNATURE_REFUSALS",
+    "SignatureReason",
+    "SignatureRefusals",
+    "SignatureRefused",
+    "receive_stripe_event",
+    "verify_event",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,12 @@ from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_s
 from iotistic_billing.stripe_inbox.retention import FINAL_RESULTS, expired
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.console.pages import replayable
-from iotistic_billing.webhook_server.webhooks import verify_event
+from iotistic_billing.webhook_server.webhooks import (
+    REFUSAL_LOG_SECONDS,
+    SignatureRefusals,
+    SignatureRefused,
+    verify_event,
+)
 
 CATALOG = PriceCatalog({"starter": "price_s", "professional": "price_p", "enterprise": "price_e"})
 PERIOD_END = 1_900_000_000
@@ -77,6 +83,67 @@ def test_a_signature_dated_ahead_is_refused_beyond_the_tolerance(ahead: int, acc
         verify_event(payload, header, SECRET)
     assert refused.value.error == "Invalid signature"
     assert refused.value.message.startswith("Timestamp outside the tolerance zone")
+
+
+SIGNED_AT = 1_800_000_000
+
+
+@pytest.mark.parametrize(
+    ("header", "now", "reason"),
+    [
+        (None, SIGNED_AT, "missing"),
+        ("t=abc,v1=def", SIGNED_AT, "malformed"),
+        (f"t={SIGNED_AT},v2=def", SIGNED_AT, "malformed"),
+        ("v1=def", SIGNED_AT, "malformed"),
+        ("signed:wrong-secret", SIGNED_AT, "mismatch"),
+        ("signed:wrong-secret", SIGNED_AT + 3600, "mismatch"),  # the signature first, as Stripe's SDK
+        ("signed", SIGNED_AT + 301, "stale"),
+        ("signed", SIGNED_AT - 301, "ahead"),
+    ],
+)
+def test_a_refused_signature_says_which_check_refused_it(header: str | None, now: int, reason: str) -> None:
+    """Found in review: a clock 5 minutes off and a rolled signing secret were the same 400 and the same
+    alert; the refusal names its reason (the metric's label)."""
+    payload = envelope()
+    if header is not None and header.startswith("signed"):
+        secret = "whsec_other" if header.endswith("wrong-secret") else SECRET
+        header = stripe.WebhookSignature.generate_signature_header(
+            payload.decode(), secret, timestamp=SIGNED_AT
+        )
+    with pytest.raises(SignatureRefused) as refused:
+        verify_event(payload, header, SECRET, now=now)
+    assert refused.value.reason == reason and refused.value.error == "Invalid signature"
+
+
+@pytest.mark.parametrize("offset", [-300, 0, 300])
+def test_a_signature_within_the_tolerance_either_way_is_accepted(offset: int) -> None:
+    payload = envelope()
+    header = stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET, timestamp=SIGNED_AT)
+    assert verify_event(payload, header, SECRET, now=SIGNED_AT + offset).id == "evt_1"
+
+
+def test_refusals_of_a_reason_are_one_warning_in_a_while_that_counts_the_ones_between(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a forged post a second would be a warning a second; a reason's warning comes once
+    in REFUSAL_LOG_SECONDS, with the advice for it, and the next one counts what it left out."""
+    now = [0.0]
+    refusals = SignatureRefusals(clock=lambda: now[0])
+    mismatch = SignatureRefused("mismatch", "No signatures found matching the expected signature for payload")
+    stale = SignatureRefused("stale", "Timestamp outside the tolerance zone (1)")
+    with caplog.at_level(logging.WARNING):
+        refusals.refused(mismatch)
+        refusals.refused(stale)  # another reason has a line of its own
+        for _ in range(3):
+            now[0] += 60
+            refusals.refused(mismatch)
+        now[0] = REFUSAL_LOG_SECONDS
+        refusals.refused(mismatch)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3
+    assert "(mismatch)" in lines[0] and "STRIPE_WEBHOOK_SECRET" in lines[0] and "more refused" not in lines[0]
+    assert "(stale)" in lines[1] and "clock" in lines[1]
+    assert "(mismatch)" in lines[2] and "(3 more refused so since the last line)" in lines[2]
 
 
 def test_a_signed_body_nested_deeper_than_the_parser_recurses_is_not_json() -> None:
