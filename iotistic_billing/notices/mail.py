@@ -28,6 +28,8 @@ MESSAGE_REFUSALS = (
 )
 # 421: the server closes the connection (RFC 5321 3.8), as one that limits the messages of a connection does.
 SERVICE_CLOSING = 421
+# 530: the server wants a login SMTP_URL does not give (RFC 4954).
+AUTHENTICATION_REQUIRED = 530
 # A server that does not answer QUIT holds a stopping sender no longer than this a connection.
 QUIT_SECONDS = 2.0
 
@@ -98,6 +100,17 @@ class MailRelay:
         self._idle.append(client)
 
 
+def refuses_the_sender(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) -> bool:
+    """Whether a refusal is of this sender rather than of the message: every recipient refused as one
+    the server will not relay to (Postfix's "554 5.7.1 Relay access denied", Exchange's "550 5.7.1
+    Unable to relay") or without a login (530). Found in review: such a server refused every mail as a
+    mail of its own, so nothing was said until they were dead, 3.7 hours later."""
+    replies = refused.recipients if isinstance(refused, aiosmtplib.SMTPRecipientsRefused) else [refused]
+    return bool(replies) and all(
+        reply.code == AUTHENTICATION_REQUIRED or "relay" in reply.message.lower() for reply in replies
+    )
+
+
 def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) -> bool:
     """Whether the server answered 421, closing the connection: at any command, or at RCPT, where
     aiosmtplib gathers the refusals into SMTPRecipientsRefused (found in review: that one cost the mail
@@ -107,4 +120,4 @@ def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipien
     return refused.code == SERVICE_CLOSING
 
 
-__all__ = ["MAIL_ERRORS", "MESSAGE_REFUSALS", "MailRelay"]
+__all__ = ["MAIL_ERRORS", "MESSAGE_REFUSALS", "MailRelay", "refuses_the_sender"]

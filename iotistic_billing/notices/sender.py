@@ -68,7 +68,7 @@ from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel, webhook_url
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
-from iotistic_billing.notices.mail import MAIL_ERRORS, MESSAGE_REFUSALS, MailRelay
+from iotistic_billing.notices.mail import MAIL_ERRORS, MESSAGE_REFUSALS, MailRelay, refuses_the_sender
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.retention import expired
@@ -567,8 +567,9 @@ class NoticeSender:
             raise DeliveryFailed(str(error)) from None
         try:
             await self._mail_relay.send(message)
-        except MESSAGE_REFUSALS as error:  # this message's: the server answers
-            raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
+        except MESSAGE_REFUSALS as error:  # this message's, unless the server refuses any mail of ours
+            failed = ChannelDown if refuses_the_sender(error) else DeliveryFailed
+            raise failed(f"SMTP: {type(error).__name__}: {error}") from None
         except MAIL_ERRORS as error:
             raise ChannelDown(f"SMTP: {type(error).__name__}: {error}") from None
 

@@ -52,7 +52,7 @@ from iotistic_billing.notices.content import (
     trial_ending,
     usage_threshold,
 )
-from iotistic_billing.notices.mail import MailRelay
+from iotistic_billing.notices.mail import MailRelay, refuses_the_sender
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.sender import (
     BACKOFF,
@@ -1124,6 +1124,7 @@ class Relay(MailRelay):
         super().__init__("smtp://notices:secret@mail.example:587", 1.0)
         self.down = True
         self.refused: str | None = None  # a recipient it does not know
+        self.relay_denied = False  # a relay that takes no mail of ours to other domains
         self.sent: list[str] = []
 
     async def send(self, message: EmailMessage) -> None:
@@ -1132,6 +1133,10 @@ class Relay(MailRelay):
         if self.refused is not None:
             unknown = aiosmtplib.SMTPRecipientRefused(550, "5.1.1 no such user", self.refused)
             raise aiosmtplib.SMTPRecipientsRefused([unknown])
+        if self.relay_denied:
+            to = str(message["To"])
+            denied = aiosmtplib.SMTPRecipientRefused(554, f"5.7.1 <{to}>: Relay access denied", to)
+            raise aiosmtplib.SMTPRecipientsRefused([denied])
         self.sent.append(str(message["Message-ID"]))
 
 
@@ -1198,6 +1203,53 @@ async def test_an_smtp_server_that_refuses_connections_is_one_warning_an_outage_
         claims.add("email", "ops@acme.example", "acme")
         assert await sender.send_due() == 1
         assert len(sender_records(caplog, logging.WARNING)) == 1
+
+
+async def test_a_relay_that_refuses_every_recipient_of_ours_is_an_outage_not_each_mail_s_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a relay that would not relay for us ("554 5.7.1 Relay access denied": a network
+    it does not know, a login it wants) refused each mail's recipient, which counted as each mail's own
+    failure at INFO, so nothing was said until the mails were dead 3.7 hours later. It is one warning
+    naming the server and the reply; each mail is retried as before."""
+    claims = Claims()
+    sender = NoticeSender(
+        sessions=cast(Any, claims),
+        kube=cast(Any, None),
+        options=SenderOptions("smtp://notices:secret@mail.example:587", "billing@x.example", None),
+        clock=lambda: NOW,
+    )
+    relay = sender._mail_relay = Relay()
+    relay.down, relay.relay_denied = False, True
+    with caplog.at_level(logging.INFO, logger=sender_module.__name__):
+        mails = [claims.add("email", f"ops@{name}.example", name) for name in ("acme", "globex", "initech")]
+        assert await sender.send_due() == 3
+        assert [(m.status, m.attempts) for m in mails] == [("pending", 1)] * 3
+        warned = [r.getMessage() for r in sender_records(caplog, logging.WARNING)]
+        assert len(warned) == 1, warned
+        assert warned[0].startswith("notice sender: mail to the SMTP server mail.example:587 fails: SMTP: ")
+        assert "Relay access denied" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("code", "reply", "ours"),
+    [
+        (554, "5.7.1 <ops@acme.example>: Relay access denied", True),
+        (550, "5.7.1 Unable to relay", True),
+        (530, "5.7.0 Authentication required", True),
+        (550, "5.1.1 no such user", False),
+        (552, "5.2.2 mailbox full", False),
+        (550, "5.7.1 message refused as spam", False),  # the message's: another one may go through
+    ],
+)
+def test_a_refusal_is_of_the_sender_only_when_the_server_refuses_to_relay_or_wants_a_login(
+    code: int, reply: str, ours: bool
+) -> None:
+    refused = aiosmtplib.SMTPRecipientsRefused(
+        [aiosmtplib.SMTPRecipientRefused(code, reply, "ops@acme.example")]
+    )
+    assert refuses_the_sender(refused) is ours
+    assert refuses_the_sender(aiosmtplib.SMTPDataError(code, reply)) is ours
 
 
 async def test_the_platform_webhook_s_outage_is_one_warning_and_a_customer_s_receiver_failing_is_its_own(
