@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter
+
+if TYPE_CHECKING:
+    from iotistic_billing.usage.metering import MeterRun
 
 
 class UsageMetrics:
@@ -24,10 +29,24 @@ class UsageMetrics:
             "Stripe meter events, by result (sent: accepted and recorded; failed: refused, tried again by a"
             " later run, a run cut short by Stripe away counting one, whatever it left; expired: past"
             " Stripe's 35 days, given up, billed in no invoice; late: periods sent"
-            " past Stripe's invoice grace of 72 hours, taken but on no invoice).",
+            " past Stripe's invoice grace of 72 hours, taken but on no invoice; not_invoiced: periods whose"
+            " subscription had ended before their events, which no invoice carries, to invoice by hand).",
             ["result"],
             registry=registry,
         )
+
+    def meter_run(self, run: MeterRun) -> None:
+        """Count what a meter run did: what was sent, and what no invoice carries (expired, late,
+        not_invoiced), which IotisticUsageNotBilled alerts on."""
+        for result, count in (
+            ("sent", run.sent),
+            ("failed", run.failed),
+            ("expired", run.expired),
+            ("late", run.late),
+            ("not_invoiced", run.not_invoiced),
+        ):
+            if count:
+                self.meter_events.labels(result).inc(count)
 
 
 __all__ = ["UsageMetrics"]

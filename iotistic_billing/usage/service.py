@@ -470,14 +470,7 @@ class UsageMetering:
             manual_billing=self.billed_manually,
             subscription_ends=self.subscription_ends,
         )
-        if run.sent:
-            self.metrics.meter_events.labels("sent").inc(run.sent)
-        if run.failed:
-            self.metrics.meter_events.labels("failed").inc(run.failed)
-        if run.expired:
-            self.metrics.meter_events.labels("expired").inc(run.expired)
-        if run.late:
-            self.metrics.meter_events.labels("late").inc(run.late)
+        self.metrics.meter_run(run)
         if run.closed or run.sent or run.failed or run.expired or run.manual or run.not_invoiced:
             log.info(
                 "meter run: %d periods closed, %d events sent (%d periods past Stripe's invoice grace),"

@@ -17,6 +17,7 @@ from sqlalchemy.sql import Select
 from iotistic_billing.db.pool import Pool
 from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.k8s import Kube
+from iotistic_billing.usage.metering import MeterRun
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.reports import parse_reports
@@ -197,3 +198,13 @@ def test_usage_after_an_ended_subscription_is_shown_not_billed_and_why() -> None
     assert trial.not_billed_reason == "plan trial: only paid plans are billed"
     paid = period_view("starter", totals, overage(totals, included_usage("starter")), ended)
     assert paid.billed and paid.not_billed_reason is None
+
+
+@pytest.mark.parametrize("result", ["expired", "late", "not_invoiced"])
+def test_a_meter_run_counts_what_no_invoice_carries(result: str) -> None:
+    """Found in review: a period said not invoiced (its subscription ended first) was a log line only, no
+    metric, so nothing alerted the billing team to invoice it by hand."""
+    registry = CollectorRegistry()
+    UsageMetrics(registry).meter_run(MeterRun(sent=2, **{result: 1}))
+    assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": result}) == 1
+    assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": "sent"}) == 2
