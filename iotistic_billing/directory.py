@@ -46,14 +46,60 @@ class CustomerRecord:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> CustomerRecord | None:
-        try:
-            customer = Customer.model_validate(body)
-        except ValidationError:
+        read = read_customer(body)
+        if isinstance(read, UnreadableCustomer):
             # The API server validated it against the CRD; a resource our models refuse is skipped,
             # not fatal for every lookup.
-            log.warning("Customer %s does not parse; skipped", (body.get("metadata") or {}).get("name"))
+            log.warning("Customer %s does not parse; skipped: %s", read.name, "; ".join(read.problems))
             return None
-        return cls(customer, body, customer_id_in_use(body))
+        return read
+
+
+@dataclass(frozen=True)
+class UnreadableCustomer:
+    """A Customer resource this version's models refuse: a spec a later CRD rule refuses, kept by the
+    API server's validation ratcheting, or a status a newer operator wrote during an upgrade. The
+    console lists it from its raw body, as one that needs a look: found in review, it vanished from the
+    overview, the list and its own page (a 404), the Customers that most need one."""
+
+    body: dict[str, Any]
+    problems: list[str]  # "spec.trial.endsAt: ...", as a 400 names a field
+
+    @property
+    def name(self) -> str:
+        return str((self.body.get("metadata") or {}).get("name") or "")
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        status = self.body.get("status")
+        conditions = status.get("conditions") if isinstance(status, dict) else None
+        return [c for c in conditions if isinstance(c, dict)] if isinstance(conditions, list) else []
+
+    @property
+    def phase(self) -> str:
+        status = self.body.get("status")
+        phase = status.get("phase") if isinstance(status, dict) else None
+        return phase if isinstance(phase, str) and phase else "Unreadable"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every Customer: those our models read, and those they refuse."""
+
+    records: list[CustomerRecord]
+    unreadable: list[UnreadableCustomer]
+
+
+def read_customer(body: dict[str, Any]) -> CustomerRecord | UnreadableCustomer:
+    """A Customer resource as a record, or, when our models refuse it, as unreadable, naming why."""
+    try:
+        customer = Customer.model_validate(body)
+    except ValidationError as error:
+        problems = [
+            f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
+        ]
+        return UnreadableCustomer(body, problems)
+    return CustomerRecord(customer, body, customer_id_in_use(body))
 
 
 def _records(bodies: Iterable[dict[str, Any]]) -> list[CustomerRecord]:
@@ -67,6 +113,17 @@ class Directory:
     async def all(self) -> list[CustomerRecord]:
         return _records(await self.kube.list_customers())
 
+    async def listing(self) -> Listing:
+        """Every Customer, those our models refuse too (the console's lists)."""
+        listing = Listing([], [])
+        for body in await self.kube.list_customers():
+            read = read_customer(body)
+            if isinstance(read, UnreadableCustomer):
+                listing.unreadable.append(read)
+            else:
+                listing.records.append(read)
+        return listing
+
     def for_batch(self) -> Directory:
         """This directory for one batch of lookups: a lookup the mirror cannot answer lists the fleet,
         and here the first such lookup lists it for all the others (a batch naming a thousand Customers
@@ -76,6 +133,11 @@ class Directory:
     async def by_name(self, name: str) -> CustomerRecord | None:
         body = await self.kube.read_customer(name)
         return CustomerRecord.from_body(body) if body is not None else None
+
+    async def named(self, name: str) -> CustomerRecord | UnreadableCustomer | None:
+        """The Customer `name`, read, or unreadable; None when there is none (the console's page)."""
+        body = await self.kube.read_customer(name)
+        return read_customer(body) if body is not None else None
 
     async def by_customer_id(self, session: AsyncSession, customer_id: str) -> CustomerRecord | None:
         name = await session.scalar(
@@ -238,4 +300,13 @@ class _BatchDirectory(Directory):
         return await asyncio.shield(self._fleet)
 
 
-__all__ = ["CustomerRecord", "Directory", "remember", "remember_all", "stripe_customer_of"]
+__all__ = [
+    "CustomerRecord",
+    "Directory",
+    "Listing",
+    "UnreadableCustomer",
+    "read_customer",
+    "remember",
+    "remember_all",
+    "stripe_customer_of",
+]

@@ -19,11 +19,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS
-from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord, UnreadableCustomer, read_customer
 from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
-from iotistic_billing.webhook_server.console.data import PeriodDay, failing, gitops_manager, matching
+from iotistic_billing.webhook_server.console.data import (
+    PeriodDay,
+    failing,
+    gitops_manager,
+    matching,
+    unreadable_failing,
+)
 from iotistic_billing.webhook_server.console.pages import (
     TEMPLATES,
     ago,
@@ -409,6 +415,39 @@ def test_a_customer_whose_step_fails_and_is_retried_needs_a_look() -> None:
     assert [(f.name, f.reason) for f in listed] == [("noreg", "ChartPullFailed")]
     retried = {c.CHART_PULL_FAILED, c.INSTALL_FAILED, c.UPGRADE_FAILED}
     assert retried | {c.NAMESPACE_REFUSED, c.LICENSE_SECRET_REFUSED} == RETRIED_FAILURE_REASONS
+
+
+def test_a_customer_our_models_refuse_needs_a_look_with_the_operator_s_reason_and_the_field() -> None:
+    """Found in review: a Customer our models refuse (a spec a later CRD rule refuses, kept by the API
+    server's ratcheting) was skipped by every console list, so the overview said "Nothing failing" while
+    the operator had it Stalled as InvalidSpec."""
+    body = {
+        "metadata": {"name": "old", "uid": "uid-old", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"email": "ops@old.example", "companyName": "Old", "trial": {"days": 120}},
+        "status": {
+            "phase": "Failed",
+            "conditions": [
+                {
+                    "type": "Stalled",
+                    "status": "True",
+                    "reason": "InvalidSpec",
+                    "message": "spec.trial.days: at most 90",
+                    "lastTransitionTime": "2026-01-02T00:00:00Z",
+                }
+            ],
+        },
+    }
+    unreadable = read_customer(body)
+    assert isinstance(unreadable, UnreadableCustomer)
+    (listed,) = unreadable_failing([unreadable])
+    assert (listed.name, listed.phase, listed.reason) == ("old", "Failed", "InvalidSpec")
+    assert listed.message == (
+        "this console's version cannot read it: spec.trial.days: Input should be less than or equal to 90"
+    )
+    assert listed.since == datetime(2026, 1, 2, tzinfo=UTC)
+    # One without a status yet: unreadable, not failing for a reason it was never given.
+    (fresh,) = unreadable_failing([UnreadableCustomer({"metadata": {"name": "new"}}, ["spec: ..."])])
+    assert (fresh.phase, fresh.reason, fresh.since) == ("Unreadable", "Unreadable", None)
 
 
 def test_search_finds_a_customer_by_company_name() -> None:

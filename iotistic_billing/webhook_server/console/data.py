@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord
+from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
 from iotistic_billing.usage.periods import INSTANT, BillingPeriod
 from iotistic_billing.usage.reports import earliest_start_reaching
@@ -113,6 +113,31 @@ def failing(records: Iterable[CustomerRecord]) -> list[FailingCustomer]:
     return sorted(found, key=lambda f: (f.since is None, f.since or datetime.max))
 
 
+def unreadable_failing(unreadable: Iterable[UnreadableCustomer]) -> list[FailingCustomer]:
+    """Customers this version's models refuse, as ones that need a look: the operator's Stalled
+    condition when it wrote one (InvalidSpec), and what the console cannot read."""
+    found = []
+    for customer in unreadable:
+        stalled = next(
+            (c for c in customer.conditions if c.get("type") == "Stalled" and c.get("status") == "True"), {}
+        )
+        since = stalled.get("lastTransitionTime")
+        try:
+            at = datetime.fromisoformat(since) if isinstance(since, str) else None
+        except ValueError:
+            at = None
+        found.append(
+            FailingCustomer(
+                name=customer.name,
+                phase=customer.phase,
+                reason=str(stalled.get("reason") or "Unreadable"),
+                message="this console's version cannot read it: " + "; ".join(customer.problems),
+                since=at,
+            )
+        )
+    return found
+
+
 async def inbox_stats(session: AsyncSession) -> InboxStats:
     pending = models.StripeEvent.result == "pending"
     row = (
@@ -128,7 +153,12 @@ async def inbox_stats(session: AsyncSession) -> InboxStats:
     return InboxStats(int(row[0]), int(row[1]), int(row[2]), row[3])
 
 
-async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now: datetime) -> Overview:
+async def overview(
+    records: Sequence[CustomerRecord],
+    session: AsyncSession,
+    now: datetime,
+    unreadable: Sequence[UnreadableCustomer] = (),
+) -> Overview:
     soon = now + timedelta(days=7)
     trials = sorted(
         (ends, r.name)
@@ -165,9 +195,12 @@ async def overview(records: Sequence[CustomerRecord], session: AsyncSession, now
         )
     ).one()
     return Overview(
-        customers=len(records),
-        phases=dict(Counter(phase_of(r) for r in records)),
-        failing=failing(records),
+        customers=len(records) + len(unreadable),
+        phases=dict(Counter([*(phase_of(r) for r in records), *(u.phase for u in unreadable)])),
+        failing=sorted(
+            failing(records) + unreadable_failing(unreadable),
+            key=lambda f: (f.since is None, f.since or datetime.max),
+        ),
         inbox=await inbox_stats(session),
         trials_ending=[(name, ends) for ends, name in trials],
         licences_expiring=[(name, expires) for expires, name in licences],
