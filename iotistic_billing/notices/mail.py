@@ -11,6 +11,7 @@ a new connection.
 from __future__ import annotations
 
 import contextlib
+import re
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,8 +29,15 @@ MESSAGE_REFUSALS = (
 )
 # 421: the server closes the connection (RFC 5321 3.8), as one that limits the messages of a connection does.
 SERVICE_CLOSING = 421
-# 530: the server wants a login SMTP_URL does not give (RFC 4954).
+# 530: the server wants a login (RFC 4954) or STARTTLS (RFC 3207) SMTP_URL does not give.
 AUTHENTICATION_REQUIRED = 530
+# How relays say they will not relay for this client: Postfix, Exchange, Sendmail, Exim.
+_RELAY_REFUSED = re.compile(
+    r"relay(ing)? (access )?(denied|not permitted|prohibited|not allowed)|unable to relay|"
+    r"not permitted to relay",
+    re.IGNORECASE,
+)
+_QUOTED_ADDRESS = re.compile(r"<[^<>]*>")
 # A server that does not answer QUIT holds a stopping sender no longer than this a connection.
 QUIT_SECONDS = 2.0
 
@@ -103,12 +111,20 @@ class MailRelay:
 def refuses_the_sender(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) -> bool:
     """Whether a refusal is of this sender rather than of the message: every recipient refused as one
     the server will not relay to (Postfix's "554 5.7.1 Relay access denied", Exchange's "550 5.7.1
-    Unable to relay") or without a login (530). Found in review: such a server refused every mail as a
-    mail of its own, so nothing was said until they were dead, 3.7 hours later."""
+    Unable to relay", Sendmail's "550 5.7.1 Relaying denied") or without a login or STARTTLS it wants
+    (530). Found in review: such a server refused every mail as a mail of its own, so nothing was said
+    until they were dead, 3.7 hours later. The phrase is looked for outside the quoted addresses
+    (`<ops@relayhub.example>` is a recipient's)."""
     replies = refused.recipients if isinstance(refused, aiosmtplib.SMTPRecipientsRefused) else [refused]
     return bool(replies) and all(
-        reply.code == AUTHENTICATION_REQUIRED or "relay" in reply.message.lower() for reply in replies
+        reply.code == AUTHENTICATION_REQUIRED or _RELAY_REFUSED.search(without_addresses(reply.message))
+        for reply in replies
     )
+
+
+def without_addresses(reply: str) -> str:
+    """A server's reply without the addresses it quotes (`<ops@acme.example>`), which are customers'."""
+    return _QUOTED_ADDRESS.sub("<...>", reply)
 
 
 def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) -> bool:
@@ -120,4 +136,4 @@ def _closing(refused: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipien
     return refused.code == SERVICE_CLOSING
 
 
-__all__ = ["MAIL_ERRORS", "MESSAGE_REFUSALS", "MailRelay", "refuses_the_sender"]
+__all__ = ["MAIL_ERRORS", "MESSAGE_REFUSALS", "MailRelay", "refuses_the_sender", "without_addresses"]

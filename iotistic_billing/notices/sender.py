@@ -42,6 +42,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiosmtplib
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from sqlalchemy import DateTime, Select, func, literal, select
@@ -68,7 +69,13 @@ from iotistic_billing.db.schema import SchemaGate, after_schema
 from iotistic_billing.k8s import FieldManager, Kube, KubernetesUnavailable, SecretData
 from iotistic_billing.notices.content import Channel, webhook_url
 from iotistic_billing.notices.egress import AddressRefused, Network, webhook_session
-from iotistic_billing.notices.mail import MAIL_ERRORS, MESSAGE_REFUSALS, MailRelay, refuses_the_sender
+from iotistic_billing.notices.mail import (
+    MAIL_ERRORS,
+    MESSAGE_REFUSALS,
+    MailRelay,
+    refuses_the_sender,
+    without_addresses,
+)
 from iotistic_billing.notices.outbox import NOTICES_CHANNEL, notices_written_until
 from iotistic_billing.notices.render import StoredNotice, email_message, webhook_body
 from iotistic_billing.notices.retention import expired
@@ -568,8 +575,11 @@ class NoticeSender:
         try:
             await self._mail_relay.send(message)
         except MESSAGE_REFUSALS as error:  # this message's, unless the server refuses any mail of ours
-            failed = ChannelDown if refuses_the_sender(error) else DeliveryFailed
-            raise failed(f"SMTP: {type(error).__name__}: {error}") from None
+            if refuses_the_sender(error):
+                # The server's outage line names no customer's address.
+                reply = error.recipients[0] if isinstance(error, aiosmtplib.SMTPRecipientsRefused) else error
+                raise ChannelDown(f"SMTP: {reply.code} {without_addresses(reply.message)}") from None
+            raise DeliveryFailed(f"SMTP: {type(error).__name__}: {error}") from None
         except MAIL_ERRORS as error:
             raise ChannelDown(f"SMTP: {type(error).__name__}: {error}") from None
 

@@ -10,6 +10,10 @@ if TYPE_CHECKING:
     from iotistic_billing.usage.metering import MeterRun
 
 
+# The meter events counter's results, each a count of MeterRun's of the same name.
+METER_RESULTS = ("sent", "failed", "expired", "late", "not_invoiced")
+
+
 class UsageMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reports = Counter(
@@ -34,18 +38,16 @@ class UsageMetrics:
             ["result"],
             registry=registry,
         )
+        # Each series from 0: one born at 1 is no increase to Prometheus, and IotisticUsageNotBilled's
+        # results are rare (a pod's first is often its only one).
+        for result in METER_RESULTS:
+            self.meter_events.labels(result)
 
     def meter_run(self, run: MeterRun) -> None:
         """Count what a meter run did: what was sent, and what no invoice carries (expired, late,
         not_invoiced), which IotisticUsageNotBilled alerts on."""
-        for result, count in (
-            ("sent", run.sent),
-            ("failed", run.failed),
-            ("expired", run.expired),
-            ("late", run.late),
-            ("not_invoiced", run.not_invoiced),
-        ):
-            if count:
+        for result in METER_RESULTS:
+            if count := getattr(run, result):
                 self.meter_events.labels(result).inc(count)
 
 

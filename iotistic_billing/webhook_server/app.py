@@ -74,7 +74,7 @@ from iotistic_billing.webhook_server.security import (
     authenticate,
     throttled,
 )
-from iotistic_billing.webhook_server.webhooks import SIGNATURE_REFUSALS, SignatureRefusals
+from iotistic_billing.webhook_server.webhooks import DELIVERY_REFUSALS, DeliveryRefusals
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def create_app(
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
     app[TOKEN_GUESSES] = TokenGuesses(options.wrong_tokens_per_address, options.wrong_tokens)
     app[READINESS] = ReadinessChecks()
-    app[SIGNATURE_REFUSALS] = SignatureRefusals()
+    app[DELIVERY_REFUSALS] = DeliveryRefusals()
 
     served = INBOX_ROUTES if options.probes_only else ROUTES
     entries: dict[web.AbstractRoute, Route] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal, get_args
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -20,6 +21,10 @@ from prometheus_client import (
 from iotistic_billing.stripe_inbox.events import HANDLED_EVENT_TYPES
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.webhook_server.errors import CLIENT_CLOSED_REQUEST
+
+# Why a Stripe delivery was refused (400): which check of its Stripe-Signature, or its body ("payload":
+# signed, but not an event this version reads). The rejections metric's label (webhooks.py).
+RefusalReason = Literal["missing", "malformed", "mismatch", "stale", "ahead", "payload"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,14 +52,17 @@ class Metrics:
             ["type", "result"],
             registry=self.registry,
         )
-        self.signature_refusals = Counter(
+        self.delivery_refusals = Counter(
             "iotistic_stripe_webhook_rejections",
-            "Stripe deliveries refused for their Stripe-Signature, by reason: missing, malformed, mismatch"
-            " (no signature matches STRIPE_WEBHOOK_SECRET), stale or ahead (signed more than 300 s before"
-            " or after this server's clock).",
+            "Stripe deliveries refused (400), by reason: their Stripe-Signature missing, malformed,"
+            " mismatch (no signature matches STRIPE_WEBHOOK_SECRET), stale or ahead (signed more than 300 s"
+            " before or after this server's clock); payload (signed, not an event this version reads).",
             ["reason"],
             registry=self.registry,
         )
+        # Each series from 0: one born at 1 is no increase to Prometheus (a first refusal may be the only).
+        for reason in get_args(RefusalReason):
+            self.delivery_refusals.labels(reason)
         self.readiness = Gauge(
             "iotistic_readiness_check",
             "The readiness checks' last results, by check (1 passed, 0 failed): database and schema make"
@@ -75,8 +83,8 @@ class Metrics:
         # Only types we know become labels: a label per arbitrary string would grow without bound.
         self.webhook_events.labels(event_type if event_type in HANDLED_EVENT_TYPES else "other", result).inc()
 
-    def signature_refused(self, reason: str) -> None:
-        self.signature_refusals.labels(reason).inc()
+    def delivery_refused(self, reason: RefusalReason) -> None:
+        self.delivery_refusals.labels(reason).inc()
 
     def readiness_checked(self, results: Iterable[tuple[str, bool]]) -> None:
         for check, passed in results:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final
 
 import stripe
 from aiohttp import web
@@ -22,6 +22,7 @@ from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import store_event
 from iotistic_billing.webhook_server.context import INBOX, METRICS, POOL, SETTINGS
 from iotistic_billing.webhook_server.messages import json_model, parse_json
+from iotistic_billing.webhook_server.metrics import RefusalReason
 from iotistic_billing.webhook_server.schemas import WebhookAck, unstorable_text
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,8 @@ SIGNATURE_HEADER: Final = "Stripe-Signature"
 SIGNATURE_TOLERANCE: Final = 300
 
 
-# Which check refused a delivery's Stripe-Signature: the metric's label and the advice on-call reads.
-SignatureReason = Literal["missing", "malformed", "mismatch", "stale", "ahead"]
-SIGNATURE_ADVICE: Final[dict[SignatureReason, str]] = {
+# What on-call reads of each reason a delivery was refused for.
+REFUSAL_ADVICE: Final[dict[RefusalReason, str]] = {
     "missing": "not a delivery of Stripe's, or a proxy in front of this server drops the header",
     "malformed": "not a delivery of Stripe's (Stripe writes t=<seconds>,v1=<hex digest>)",
     "mismatch": (
@@ -42,6 +42,10 @@ SIGNATURE_ADVICE: Final[dict[SignatureReason, str]] = {
     ),
     "stale": "this server's clock is ahead of Stripe's (check NTP), or the delivery is a replay",
     "ahead": "this server's clock is behind Stripe's (check NTP)",
+    "payload": (
+        "Stripe's event is not one this version reads (the 400 names the field): Stripe retries it for"
+        " 3 days, then may disable the endpoint"
+    ),
 }
 # A reason's warning is logged once in this many seconds; the refusals between are counted in the next.
 REFUSAL_LOG_SECONDS: Final = 300.0
@@ -51,9 +55,9 @@ class SignatureRefused(BadRequest):
     """A delivery whose Stripe-Signature does not check out (400 "Invalid signature"); `reason` is which
     check refused it."""
 
-    def __init__(self, reason: SignatureReason, message: str) -> None:
+    def __init__(self, reason: RefusalReason, message: str) -> None:
         super().__init__("Invalid signature", message)
-        self.reason: SignatureReason = reason
+        self.reason: RefusalReason = reason
 
 
 def verify_event(payload: bytes, header: str | None, secret: str, now: float | None = None) -> StripeEvent:
@@ -80,10 +84,10 @@ def verify_event(payload: bytes, header: str | None, secret: str, now: float | N
         raise SignatureRefused(
             "mismatch", "No signatures found matching the expected signature for payload"
         ) from None
-    age = round((time.time() if now is None else now) - signed_at)
+    age = (time.time() if now is None else now) - signed_at
     if abs(age) > SIGNATURE_TOLERANCE:
         # Stripe's check bounds the past only: a header dated ahead would stay replayable until then.
-        when = f"{age} s before" if age > 0 else f"{-age} s after"
+        when = f"{age:.0f} s before" if age > 0 else f"{-age:.0f} s after"
         raise SignatureRefused(
             "stale" if age > 0 else "ahead",
             f"Timestamp outside the tolerance zone ({signed_at}): signed {when} this server's clock,"
@@ -103,10 +107,12 @@ def verify_event(payload: bytes, header: str | None, secret: str, now: float | N
 
 def _signed_at(header: str) -> int | None:
     """The `t=` of a header as Stripe's SDK reads it (its first `t`), when the header also has a `v1=`;
-    else None."""
+    else None, as for a bare `t` or `v1` item, which the SDK cannot read either."""
     items = [item.split("=", 2) for item in header.split(",")]
-    times = [item[1] for item in items if item[0] == "t" and len(item) > 1]
-    if not times or not any(item[0] == "v1" and len(item) > 1 for item in items):
+    if any(len(item) < 2 and item[0] in ("t", "v1") for item in items):
+        return None
+    times = [item[1] for item in items if item[0] == "t"]
+    if not times or not any(item[0] == "v1" for item in items):
         return None
     try:
         return int(times[0])
@@ -114,18 +120,18 @@ def _signed_at(header: str) -> int | None:
         return None
 
 
-class SignatureRefusals:
+class DeliveryRefusals:
     """What the log says of refused deliveries: a warning with the reason's advice, once in
     REFUSAL_LOG_SECONDS a reason, the next one counting the refusals in between. The 400 alone told
     on-call nothing: a clock 5 minutes off and a rolled signing secret raised the same alert."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._logged_at: dict[SignatureReason, float] = {}
-        self._quiet: dict[SignatureReason, int] = {}
+        self._logged_at: dict[RefusalReason, float] = {}
+        self._quiet: dict[RefusalReason, int] = {}
 
-    def refused(self, refusal: SignatureRefused) -> None:
-        now, reason = self.clock(), refusal.reason
+    def refused(self, reason: RefusalReason, message: str) -> None:
+        now = self.clock()
         logged_at = self._logged_at.get(reason)
         if logged_at is not None and now - logged_at < REFUSAL_LOG_SECONDS:
             self._quiet[reason] = self._quiet.get(reason, 0) + 1
@@ -135,15 +141,15 @@ class SignatureRefusals:
         log.warning(
             "Stripe delivery refused (%s): %s: %s%s",
             reason,
-            refusal.message,
-            SIGNATURE_ADVICE[reason],
+            message,
+            REFUSAL_ADVICE[reason],
             f" ({between} more refused so since the last line)" if between else "",
             extra={"reason": reason},
         )
 
 
-# The app's SignatureRefusals (set in app.create_app; here, as its class is this module's).
-SIGNATURE_REFUSALS = web.AppKey("signature_refusals", SignatureRefusals)
+# The app's DeliveryRefusals (set in app.create_app; here, as its class is this module's).
+DELIVERY_REFUSALS = web.AppKey("delivery_refusals", DeliveryRefusals)
 
 
 async def receive_stripe_event(request: web.Request) -> web.Response:
@@ -156,13 +162,11 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
         event = verify_event(
             payload, request.headers.get(SIGNATURE_HEADER), settings.stripe_webhook_secret.get_secret_value()
         )
-    except SignatureRefused as refusal:
+    except BadRequest as refusal:  # ValidationFailed too: a signed event this version cannot read
+        reason: RefusalReason = refusal.reason if isinstance(refusal, SignatureRefused) else "payload"
         metrics.webhook_event("unverified", "rejected")
-        metrics.signature_refused(refusal.reason)
-        request.app[SIGNATURE_REFUSALS].refused(refusal)
-        raise
-    except BadRequest:
-        metrics.webhook_event("unverified", "rejected")
+        metrics.delivery_refused(reason)
+        request.app[DELIVERY_REFUSALS].refused(reason, refusal.message)
         raise
     try:
         stored = await store_event(request.app[POOL], event, payload)
@@ -177,10 +181,10 @@ async def receive_stripe_event(request: web.Request) -> web.Response:
 
 
 __all__ = [
+    "DELIVERY_REFUSALS",
+    "REFUSAL_ADVICE",
     "SIGNATURE_HEADER",
-    "SIGNATURE_REFUSALS",
-    "SignatureReason",
-    "SignatureRefusals",
+    "DeliveryRefusals",
     "SignatureRefused",
     "receive_stripe_event",
     "verify_event",

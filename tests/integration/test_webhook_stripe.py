@@ -406,6 +406,11 @@ async def test_invalid_event_bodies_are_refused_with_the_field_named(api: TestCl
     answer = await response.json()
     assert response.status == 400
     assert answer["error"] == "Validation failed" and answer["details"][0]["field"] == "created"
+    # Found in review: the rejection alert read the signature's refusals only, so a signed event this
+    # version cannot read (Stripe retries it for days, then disables the endpoint) raised none.
+    metrics = await (await api.get("/metrics")).text()
+    assert 'iotistic_stripe_webhook_rejections_total{reason="payload"} 1.0' in metrics
+    assert 'iotistic_stripe_webhook_rejections_total{reason="mismatch"} 0.0' in metrics  # from 0
 
 
 @pytest.mark.parametrize(

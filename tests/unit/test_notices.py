@@ -1229,6 +1229,7 @@ async def test_a_relay_that_refuses_every_recipient_of_ours_is_an_outage_not_eac
         assert len(warned) == 1, warned
         assert warned[0].startswith("notice sender: mail to the SMTP server mail.example:587 fails: SMTP: ")
         assert "Relay access denied" in warned[0]
+        assert "@" not in warned[0]  # a customer's address is no part of the server's outage line
 
 
 @pytest.mark.parametrize(
@@ -1240,6 +1241,11 @@ async def test_a_relay_that_refuses_every_recipient_of_ours_is_an_outage_not_eac
         (550, "5.1.1 no such user", False),
         (552, "5.2.2 mailbox full", False),
         (550, "5.7.1 message refused as spam", False),  # the message's: another one may go through
+        (550, "5.7.1 Relaying denied", True),  # Sendmail
+        (530, "5.7.0 Must issue a STARTTLS command first", True),
+        # Found in review: "relay" in a recipient's quoted address made its refusal the server's.
+        (550, "5.1.1 <ops@relayhub.example>: Recipient address rejected: User unknown", False),
+        (552, "5.2.2 <billing@acme-relay.com>: Mailbox full", False),
     ],
 )
 def test_a_refusal_is_of_the_sender_only_when_the_server_refuses_to_relay_or_wants_a_login(

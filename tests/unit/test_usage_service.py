@@ -208,3 +208,12 @@ def test_a_meter_run_counts_what_no_invoice_carries(result: str) -> None:
     UsageMetrics(registry).meter_run(MeterRun(sent=2, **{result: 1}))
     assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": result}) == 1
     assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": "sent"}) == 2
+
+
+def test_the_meter_results_are_series_from_zero() -> None:
+    """Found in review: a `not_invoiced` series born at 1 is no increase to Prometheus, so a pod's first
+    such period (often its only one) raised no IotisticUsageNotBilled."""
+    registry = CollectorRegistry()
+    UsageMetrics(registry)
+    for result in ("sent", "failed", "expired", "late", "not_invoiced"):
+        assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": result}) == 0

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import stripe
@@ -36,9 +36,11 @@ from iotistic_billing.stripe_inbox.inbox import MAX_PAUSE, pause_after, within_s
 from iotistic_billing.stripe_inbox.retention import FINAL_RESULTS, expired
 from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.console.pages import replayable
+from iotistic_billing.webhook_server.metrics import Metrics, RefusalReason
 from iotistic_billing.webhook_server.webhooks import (
+    REFUSAL_ADVICE,
     REFUSAL_LOG_SECONDS,
-    SignatureRefusals,
+    DeliveryRefusals,
     SignatureRefused,
     verify_event,
 )
@@ -95,21 +97,28 @@ SIGNED_AT = 1_800_000_000
         ("t=abc,v1=def", SIGNED_AT, "malformed"),
         (f"t={SIGNED_AT},v2=def", SIGNED_AT, "malformed"),
         ("v1=def", SIGNED_AT, "malformed"),
+        # Bare items Stripe's SDK cannot read either: its error must not read as a rolled secret.
+        ("signed-with:t", SIGNED_AT, "malformed"),
+        ("signed-with:v1", SIGNED_AT, "malformed"),
+        ("signed", SIGNED_AT + 300.4, "stale"),  # Stripe's own check refuses past 300.0 s
         ("signed:wrong-secret", SIGNED_AT, "mismatch"),
         ("signed:wrong-secret", SIGNED_AT + 3600, "mismatch"),  # the signature first, as Stripe's SDK
         ("signed", SIGNED_AT + 301, "stale"),
         ("signed", SIGNED_AT - 301, "ahead"),
     ],
 )
-def test_a_refused_signature_says_which_check_refused_it(header: str | None, now: int, reason: str) -> None:
+def test_a_refused_signature_says_which_check_refused_it(header: str | None, now: float, reason: str) -> None:
     """Found in review: a clock 5 minutes off and a rolled signing secret were the same 400 and the same
     alert; the refusal names its reason (the metric's label)."""
     payload = envelope()
     if header is not None and header.startswith("signed"):
         secret = "whsec_other" if header.endswith("wrong-secret") else SECRET
+        bare = header.partition("signed-with:")[2]
         header = stripe.WebhookSignature.generate_signature_header(
             payload.decode(), secret, timestamp=SIGNED_AT
         )
+        if bare:
+            header = f"{bare},{header}"
     with pytest.raises(SignatureRefused) as refused:
         verify_event(payload, header, SECRET, now=now)
     assert refused.value.reason == reason and refused.value.error == "Invalid signature"
@@ -128,17 +137,17 @@ def test_refusals_of_a_reason_are_one_warning_in_a_while_that_counts_the_ones_be
     """Found in review: a forged post a second would be a warning a second; a reason's warning comes once
     in REFUSAL_LOG_SECONDS, with the advice for it, and the next one counts what it left out."""
     now = [0.0]
-    refusals = SignatureRefusals(clock=lambda: now[0])
-    mismatch = SignatureRefused("mismatch", "No signatures found matching the expected signature for payload")
-    stale = SignatureRefused("stale", "Timestamp outside the tolerance zone (1)")
+    refusals = DeliveryRefusals(clock=lambda: now[0])
+    mismatch = ("mismatch", "No signatures found matching the expected signature for payload")
+    stale = ("stale", "Timestamp outside the tolerance zone (1)")
     with caplog.at_level(logging.WARNING):
-        refusals.refused(mismatch)
-        refusals.refused(stale)  # another reason has a line of its own
+        refusals.refused(*mismatch)
+        refusals.refused(*stale)  # another reason has a line of its own
         for _ in range(3):
             now[0] += 60
-            refusals.refused(mismatch)
+            refusals.refused(*mismatch)
         now[0] = REFUSAL_LOG_SECONDS
-        refusals.refused(mismatch)
+        refusals.refused(*mismatch)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 3
     assert "(mismatch)" in lines[0] and "STRIPE_WEBHOOK_SECRET" in lines[0] and "more refused" not in lines[0]
@@ -1542,3 +1551,15 @@ def test_the_prune_s_cutoff_holds_stripe_s_time_and_ours_and_outlives_stripe_s_r
     )
     # Stripe delivers an event again (its retries, a resend) only within the 30 days it keeps it.
     assert timedelta(days=STRIPE_EVENT_RETENTION_MIN_DAYS) > timedelta(days=30)
+
+
+def test_every_refusal_reason_is_a_series_from_zero_with_advice() -> None:
+    """Found in review: a series born at 1 is no increase to Prometheus, so a pod's first refusal of a
+    reason (often its only one) raised no alert."""
+    metrics = Metrics()
+    for reason in get_args(RefusalReason):
+        assert (
+            metrics.registry.get_sample_value("iotistic_stripe_webhook_rejections_total", {"reason": reason})
+            == 0
+        )
+        assert REFUSAL_ADVICE[reason]

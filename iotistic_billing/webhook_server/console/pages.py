@@ -315,9 +315,9 @@ async def overview_page(request: web.Request) -> web.Response:
     listing = await request.app[DIRECTORY].listing()
     async with request.app[SESSIONS]() as session:
         summary = await data.overview(listing.records, session, now, listing.unreadable)
-    return render(
-        request, "overview.html.j2", overview=summary, phases=list(Phase), ago=lambda t: ago(t, now)
-    )
+    # A Customer this version cannot read, and whose status names no phase, is counted as Unreadable.
+    phases = [*Phase, *(["Unreadable"] if "Unreadable" in summary.phases else [])]
+    return render(request, "overview.html.j2", overview=summary, phases=phases, ago=lambda t: ago(t, now))
 
 
 def page_number(text: str, pages: int) -> int:
@@ -333,9 +333,12 @@ async def customers_page(request: web.Request) -> web.Response:
     search, phase, plan = query.get("q", ""), query.get("phase", ""), query.get("plan", "")
     listing = await request.app[DIRECTORY].listing()
     found = data.matching(listing.records, search=search, phase=phase, plan=plan)
-    # Those this version cannot read, above the table: by name, and only when no phase or plan is asked.
+    # Those this version cannot read, above the table: by name and phase as the overview counts them (no
+    # plan is read of them).
     needle = search.strip().lower()
-    unreadable = [u for u in listing.unreadable if not phase and not plan and needle in u.name.lower()]
+    unreadable = [
+        u for u in listing.unreadable if needle in u.name.lower() and phase in ("", u.phase) and not plan
+    ]
     pages = max(1, -(-len(found) // data.PAGE_SIZE))
     page = page_number(query.get("page", ""), pages)
     shown = found[(page - 1) * data.PAGE_SIZE : page * data.PAGE_SIZE]
