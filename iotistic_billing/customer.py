@@ -484,6 +484,15 @@ class Customer(CustomerModel):
     status: CustomerStatus = Field(default_factory=CustomerStatus)
 
 
+# ----- as people are shown it (the console, the CLI) -----
+
+
+def shown_phase(phase: str | None) -> str:
+    """A Customer's phase as the console and `customer list` show it: Pending until the operator's first
+    pass reports one."""
+    return str(phase or Phase.PENDING)
+
+
 # ----- identity -----
 
 

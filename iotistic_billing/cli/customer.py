@@ -19,6 +19,7 @@ from iotistic_billing.customer import (
     name_errors,
     parse_spec,
     resource_name_for,
+    shown_phase,
 )
 from iotistic_billing.k8s import (
     FieldManager,
@@ -266,7 +267,7 @@ def _list(args: argparse.Namespace) -> int:
             "company": item["spec"].get("companyName", ""),
             "email": item["spec"].get("email", ""),
             "plan": item.get("status", {}).get("plan") or item["spec"].get("plan", ""),
-            "phase": item.get("status", {}).get("phase", ""),
+            "phase": shown_phase(item.get("status", {}).get("phase")),
             "trialEnds": (item.get("status", {}).get("trial") or {}).get("endsAt", ""),
         }
         for item in sorted(items, key=lambda i: i["metadata"]["name"])

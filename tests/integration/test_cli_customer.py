@@ -13,6 +13,7 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from iotistic_billing.cli import main
 from iotistic_billing.cli.tables import format_table
 from iotistic_billing.customer import GROUP, PLURAL, VERSION, resource_name_for
 from iotistic_billing.k8s import FieldManager, KubeApi, customer_body
@@ -277,6 +278,26 @@ def test_an_id_two_customers_hold_is_refused_and_a_customer_being_deleted_is_not
     finally:
         hold(kube, old, held=False)
         hold(kube, new, held=False)
+
+
+def test_a_customer_with_no_status_yet_is_listed_pending_as_the_console_shows_it(
+    kubeconfig: Path,
+    k8s_client: kubernetes.client.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found in review: `customer list` showed `phase: ""` for a Customer the operator had not reported
+    on yet, where the console says Pending."""
+    name = unique_name("no-status")
+    spec = {"email": f"ops@{name}.example", "companyName": "No Status"}
+    # As the API server answered its creation: before the operator's first pass, no status.
+    created = KubeApi(k8s_client, FieldManager.CLI).create_customer(customer_body(name, spec))
+    assert "status" not in created
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(KubeApi, "list_customers", lambda self: [created])
+    assert main(["customer", "list", "-o", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["phase"]) == (name, "Pending")
 
 
 def test_table_format() -> None:

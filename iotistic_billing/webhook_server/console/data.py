@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, Date, and_, cast, delete, func, or_, selec
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase
+from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase, shown_phase
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
@@ -85,7 +85,7 @@ class Overview:
 
 
 def phase_of(record: CustomerRecord) -> str:
-    return str(record.customer.status.phase or Phase.PENDING)
+    return shown_phase(record.customer.status.phase)
 
 
 def failing(records: Iterable[CustomerRecord]) -> list[FailingCustomer]:
