@@ -493,6 +493,48 @@ def shown_phase(phase: str | None) -> str:
     return str(phase or Phase.PENDING)
 
 
+# Field managers of people and of this system: any other manager of spec fields is a GitOps controller
+# (Flux's kustomize-controller and helm-controller, Argo CD's application controller, ...).
+OWN_MANAGERS: Final = frozenset(
+    {
+        "kubectl",
+        "kubectl-client-side-apply",
+        "kubectl-create",
+        "kubectl-edit",
+        "kubectl-patch",
+        "kubectl-label",
+        "kubectl-annotate",
+        "iotistic-console",
+        "iotistic-billing-api",
+        "iotistic-billing-cli",
+        "iotistic-webhooks",
+        "iotistic-operator",
+        "iotistic-usage",
+        "OpenAPI-Generator",
+    }
+)
+GITOPS_LABELS: Final = (
+    "kustomize.toolkit.fluxcd.io/name",
+    "helm.toolkit.fluxcd.io/name",
+    "argocd.argoproj.io/instance",
+)
+
+
+def gitops_manager(body: Mapping[str, Any]) -> str | None:
+    """The controller that owns the Customer's spec when Git does (Git would revert a spec action)."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    for label in GITOPS_LABELS:
+        if label in labels:
+            return f"{label}={labels[label]}"
+    for entry in meta.get("managedFields") or []:
+        manager = entry.get("manager", "")
+        owns_spec = "f:spec" in (entry.get("fieldsV1") or {})
+        if owns_spec and manager not in OWN_MANAGERS and not manager.startswith("kubectl"):
+            return str(manager)
+    return None
+
+
 # ----- identity -----
 
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.cli import CommandError, ServiceUnavailable, given_option
+from iotistic_billing.cli import PROGRAM, CommandError, ServiceUnavailable, given_option
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
     PLAN_NAMES,
     CustomerSpec,
     InvalidSpecError,
     customer_id_in_use,
+    gitops_manager,
     name_errors,
     parse_spec,
     resource_name_for,
@@ -238,6 +241,19 @@ def _patch_spec(kube: KubeApi, customer: dict[str, Any], spec: dict[str, Any]) -
     return name
 
 
+def _warn(message: str) -> None:
+    print(f"{PROGRAM}: warning: {message}", file=sys.stderr)
+
+
+def _warn_if_git_reverts(customer: Mapping[str, Any], field: str) -> None:
+    """As the console's customer page: Git (Flux, Argo CD) puts back a spec it owns."""
+    if (manager := gitops_manager(customer)) is not None:
+        _warn(
+            f"customer/{customer['metadata']['name']}'s spec is managed by GitOps ({manager}): Git reverts"
+            f" this change of {field}; change it in Git"
+        )
+
+
 def _upgrade(args: argparse.Namespace) -> int:
     kube = _kube()
     customer = find_customer(kube, args.id)
@@ -245,13 +261,16 @@ def _upgrade(args: argparse.Namespace) -> int:
         raise CommandError(f"--plan: customer/{customer['metadata']['name']}: {STRIPE_PLAN_CHANGE}")
     name = _patch_spec(kube, customer, {"plan": args.plan})
     print(f"customer/{name}: spec.plan is now {args.plan}; the operator re-mints its licence")
+    _warn_if_git_reverts(customer, "spec.plan")
     return 0
 
 
 def _deactivate(args: argparse.Namespace) -> int:
     kube = _kube()
-    name = _patch_spec(kube, find_customer(kube, args.id), {"suspended": not args.reactivate})
+    customer = find_customer(kube, args.id)
+    name = _patch_spec(kube, customer, {"suspended": not args.reactivate})
     print(f"customer/{name} {'reactivated' if args.reactivate else 'suspended'}")
+    _warn_if_git_reverts(customer, "spec.suspended")
     return 0
 
 

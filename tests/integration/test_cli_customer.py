@@ -300,6 +300,26 @@ def test_a_customer_with_no_status_yet_is_listed_pending_as_the_console_shows_it
     assert (row["name"], row["phase"]) == (name, "Pending")
 
 
+def test_a_change_git_reverts_is_warned_of(kubeconfig: Path, k8s_client: kubernetes.client.ApiClient) -> None:
+    """Found in review: the console warns that Git (Flux, Argo CD) reverts a suspension of a Customer
+    whose spec it owns; `customer deactivate` and `upgrade` said only that they were done."""
+    name = unique_name("from-git")
+    body = customer_body(name, {"email": f"ops@{name}.example", "companyName": "From Git", "plan": "starter"})
+    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "tenants"}
+    KubeApi(k8s_client, FieldManager.CLI).create_customer(body)
+    owner = "kustomize.toolkit.fluxcd.io/name=tenants"
+    for command, field in (
+        (["upgrade", "--id", name, "--plan", "professional"], "spec.plan"),
+        (["deactivate", "--id", name], "spec.suspended"),
+    ):
+        done = cli(kubeconfig, "customer", *command)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == (
+            f"iotistic-billing: warning: customer/{name}'s spec is managed by GitOps ({owner}): Git"
+            f" reverts this change of {field}; change it in Git\n"
+        )
+
+
 def test_table_format() -> None:
     text = format_table(
         [{"name": "acme", "plan": "trial"}, {"name": "globex-corp", "plan": None}], ["name", "plan"]

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, Date, and_, cast, delete, func, or_, selec
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase, shown_phase
+from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase, gitops_manager, shown_phase
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
@@ -22,31 +22,6 @@ from iotistic_billing.usage.reports import earliest_start_reaching
 
 # The phases a person should look at first, and the condition that says why.
 FAILING_PHASES: Final = (Phase.FAILED, Phase.DEGRADED)
-# Field managers of people and of this system: any other manager of spec fields is a GitOps controller
-# (Flux's kustomize-controller and helm-controller, Argo CD's application controller, ...).
-OWN_MANAGERS: Final = frozenset(
-    {
-        "kubectl",
-        "kubectl-client-side-apply",
-        "kubectl-create",
-        "kubectl-edit",
-        "kubectl-patch",
-        "kubectl-label",
-        "kubectl-annotate",
-        "iotistic-console",
-        "iotistic-billing-api",
-        "iotistic-billing-cli",
-        "iotistic-webhooks",
-        "iotistic-operator",
-        "iotistic-usage",
-        "OpenAPI-Generator",
-    }
-)
-GITOPS_LABELS: Final = (
-    "kustomize.toolkit.fluxcd.io/name",
-    "helm.toolkit.fluxcd.io/name",
-    "argocd.argoproj.io/instance",
-)
 PAGE_SIZE: Final = 50
 # What the Stripe events page filters by: the results the inbox records, and "failed" (pending after a
 # failed try).
@@ -229,21 +204,6 @@ def matching(
             continue
         found.append(record)
     return sorted(found, key=lambda r: r.name)
-
-
-def gitops_manager(body: dict[str, Any]) -> str | None:
-    """The controller that owns the Customer's spec when Git does (Git would revert a spec action)."""
-    meta = body.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    for label in GITOPS_LABELS:
-        if label in labels:
-            return f"{label}={labels[label]}"
-    for entry in meta.get("managedFields") or []:
-        manager = entry.get("manager", "")
-        owns_spec = "f:spec" in (entry.get("fieldsV1") or {})
-        if owns_spec and manager not in OWN_MANAGERS and not manager.startswith("kubectl"):
-            return str(manager)
-    return None
 
 
 def _stripe_event_filters(result: str, event_type: str, customer_id: str) -> list[ColumnElement[bool]]:
