@@ -4,7 +4,9 @@ customer manager, on the Kubernetes API instead of the database)."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
 from collections.abc import Mapping
 from typing import Any, Final
@@ -14,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from iotistic_billing.cli import PROGRAM, CommandError, ServiceUnavailable, given_option
 from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
+    KIND,
     PLAN_NAMES,
     CustomerSpec,
     InvalidSpecError,
@@ -265,11 +268,30 @@ def _upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _who() -> str:
+    """Who ran the command, for its Event: the login name and host (the API server's audit log has the
+    Kubernetes user)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, no passwd entry (a container's arbitrary uid)
+        user = "an unknown user"
+    return f"{user} on {socket.gethostname()}"
+
+
 def _deactivate(args: argparse.Namespace) -> int:
     kube = _kube()
     customer = find_customer(kube, args.id)
     name = _patch_spec(kube, customer, {"suspended": not args.reactivate})
     print(f"customer/{name} {'reactivated' if args.reactivate else 'suspended'}")
+    # The Event the console's Suspend and Resume post (ConsoleSuspend, ConsoleResume), best effort as
+    # theirs: the suspension is done, an Event that cannot be posted is said, not an error.
+    action, done = ("Resume", "suspension lifted") if args.reactivate else ("Suspend", "suspended")
+    command = f"{PROGRAM} customer deactivate" + (" --reactivate" if args.reactivate else "")
+    try:
+        kube.create_event(KIND, customer, reason=f"Cli{action}", message=f"{done} (by `{command}`, {_who()})")
+    except (ApiException, KubernetesUnavailable) as error:
+        why = refusal_message(error) if isinstance(error, ApiException) else str(error)
+        _warn(f"customer/{name} {done}, but its Event was not posted ({why})")
     _warn_if_git_reverts(customer, "spec.suspended")
     return 0
 

@@ -39,7 +39,9 @@ def listed(kubeconfig: Path, name: str) -> dict[str, Any] | None:
     return next((row for row in rows if row["name"] == name), None)
 
 
-def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorProcess) -> None:
+def test_add_upgrade_deactivate_and_list(
+    kubeconfig: Path, k8s_client: kubernetes.client.ApiClient, operator: OperatorProcess
+) -> None:
     company = unique_name("Wayne Enterprises")
     email = f"bruce@{company.lower().replace(' ', '-')}.example"
     added = cli(
@@ -71,8 +73,15 @@ def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorPro
     )
 
     deactivated = cli(kubeconfig, "customer", "deactivate", "--id", name)
-    assert deactivated.returncode == 0, deactivated.stderr
+    assert (deactivated.returncode, deactivated.stderr) == (0, "")
     wait_until(lambda: (listed(kubeconfig, name) or {}).get("phase") == "Suspended", message="suspended")
+    # Found in review: the console's Suspend posts an Event on the Customer (`kubectl describe` says who
+    # suspended it), `customer deactivate` posted none.
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    events = kube.list_customer_events(name)
+    suspension = next(event for event in events if event["reason"] == "CliSuspend")
+    assert suspension["message"].startswith("suspended (by `iotistic-billing customer deactivate`, ")
+    assert suspension["reportingComponent"] == FieldManager.CLI
 
     table = cli(kubeconfig, "customer", "list").stdout.splitlines()
     assert table[0].split() == [
@@ -87,6 +96,11 @@ def test_add_upgrade_deactivate_and_list(kubeconfig: Path, operator: OperatorPro
         "ENDS",
     ]
     assert any(line.startswith(name + " ") and "Suspended" in line for line in table)
+
+    reactivated = cli(kubeconfig, "customer", "deactivate", "--id", name, "--reactivate")
+    assert (reactivated.returncode, reactivated.stderr) == (0, "")
+    lifted = [event for event in kube.list_customer_events(name) if event["reason"] == "CliResume"]
+    assert [event["message"].split(" (")[0] for event in lifted] == ["suspension lifted"]
 
 
 def test_bad_input_names_the_field_and_changes_nothing(kubeconfig: Path) -> None:
@@ -298,6 +312,32 @@ def test_a_customer_with_no_status_yet_is_listed_pending_as_the_console_shows_it
     assert main(["customer", "list", "-o", "json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert (row["name"], row["phase"]) == (name, "Pending")
+
+
+def test_a_suspension_stays_done_when_its_event_cannot_be_posted(
+    kubeconfig: Path,
+    k8s_client: kubernetes.client.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The Event is best effort, as the console's: a refusal to post it (RBAC without events' create)
+    neither undoes nor fails the suspension, and is said on stderr."""
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    name = unique_name("no-event")
+    kube.create_customer(customer_body(name, {"email": f"ops@{name}.example", "companyName": "No Event"}))
+
+    def refused(*_: object, **__: object) -> None:
+        raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(KubeApi, "create_event", refused)
+    assert main(["customer", "deactivate", "--id", name]) == 0
+    said = capsys.readouterr()
+    assert said.out == f"customer/{name} suspended\n"
+    assert said.err.startswith(
+        f"iotistic-billing: warning: customer/{name} suspended, but its Event was not posted"
+    )
+    assert (kube.read_customer(name) or {})["spec"]["suspended"] is True
 
 
 def test_a_change_git_reverts_is_warned_of(kubeconfig: Path, k8s_client: kubernetes.client.ApiClient) -> None:
