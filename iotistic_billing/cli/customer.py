@@ -9,6 +9,7 @@ import json
 import socket
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
@@ -18,6 +19,7 @@ from iotistic_billing.cli.tables import print_table
 from iotistic_billing.customer import (
     KIND,
     PLAN_NAMES,
+    CustomerMetadata,
     CustomerSpec,
     InvalidSpecError,
     customer_id_in_use,
@@ -35,6 +37,7 @@ from iotistic_billing.k8s import (
     customer_body,
     refusal_message,
 )
+from iotistic_billing.operator.entitlement import effective_plan
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -244,6 +247,20 @@ def _patch_spec(kube: KubeApi, customer: dict[str, Any], spec: dict[str, Any]) -
     return name
 
 
+def trial_ended(customer: Mapping[str, Any], now: datetime) -> datetime | None:
+    """When the trial that spec.plan trial gives the manually billed `customer` ended, if it has by `now`
+    (the operator's rule, operator/entitlement.py: from its creation or at spec.trial.endsAt); None while
+    it runs, or when the spec does not validate (the operator's condition says why)."""
+    try:
+        spec = parse_spec(customer.get("spec") or {})
+    except InvalidSpecError:
+        return None
+    created = CustomerMetadata.model_validate(customer["metadata"]).creation_timestamp or now
+    # Not suspended: the trial's clock runs under a suspension, which would only hide whether it ended.
+    trial = effective_plan(spec.model_copy(update={"plan": "trial", "suspended": False}), created, now)
+    return None if trial.trial_active else trial.trial_ends_at
+
+
 def _warn(message: str) -> None:
     print(f"{PROGRAM}: warning: {message}", file=sys.stderr)
 
@@ -260,9 +277,18 @@ def _warn_if_git_reverts(customer: Mapping[str, Any], field: str) -> None:
 def _upgrade(args: argparse.Namespace) -> int:
     kube = _kube()
     customer = find_customer(kube, args.id)
+    name = customer["metadata"]["name"]
     if (customer.get("spec", {}).get("billing") or {}).get("mode") == "stripe":
-        raise CommandError(f"--plan: customer/{customer['metadata']['name']}: {STRIPE_PLAN_CHANGE}")
-    name = _patch_spec(kube, customer, {"plan": args.plan})
+        raise CommandError(f"--plan: customer/{name}: {STRIPE_PLAN_CHANGE}")
+    if args.plan == "trial" and (ended := trial_ended(customer, datetime.now(UTC))) is not None:
+        # The CLI has no option for a trial's end: a patch of spec.trial.endsAt gives one (README.md).
+        new_end = '{"spec":{"trial":{"endsAt":"<RFC 3339 time>"}}}'
+        raise CommandError(
+            f"--plan: customer/{name}'s trial ended {ended.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}, so spec.plan"
+            f" trial would leave it Expired and unlicensed; give it a new end first: kubectl patch cust"
+            f" {name} --type merge -p '{new_end}'"
+        )
+    _patch_spec(kube, customer, {"plan": args.plan})
     print(f"customer/{name}: spec.plan is now {args.plan}; the operator re-mints its licence")
     _warn_if_git_reverts(customer, "spec.plan")
     return 0

@@ -294,6 +294,42 @@ def test_an_id_two_customers_hold_is_refused_and_a_customer_being_deleted_is_not
         hold(kube, new, held=False)
 
 
+def test_upgrade_to_trial_once_the_trial_ended_is_refused_and_nothing_patched(
+    kubeconfig: Path, k8s_client: kubernetes.client.ApiClient
+) -> None:
+    """Found in review: `customer upgrade --plan trial` of a Customer whose trial had ended (from its
+    creation, or spec.trial.endsAt) said "spec.plan is now trial; the operator re-mints its licence",
+    and the Customer was Expired and unlicensed at once."""
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    ended, from_creation, running = (
+        unique_name("trial-ended"),
+        unique_name("trial-none"),
+        unique_name("trial-on"),
+    )
+    trials = {ended: {"endsAt": "2020-01-02T03:04:05Z"}, from_creation: {"days": 0}, running: {"days": 14}}
+    created = {}
+    for name, trial in trials.items():
+        spec = {"email": f"ops@{name}.example", "companyName": "Trials", "plan": "starter", "trial": trial}
+        created[name] = kube.create_customer(customer_body(name, spec))
+
+    for name, ends in (
+        (ended, "2020-01-02T03:04:05Z"),
+        (from_creation, created[from_creation]["metadata"]["creationTimestamp"]),
+    ):
+        refused = cli(kubeconfig, "customer", "upgrade", "--id", name, "--plan", "trial")
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            f"iotistic-billing: error: --plan: customer/{name}'s trial ended {ends}, so spec.plan trial"
+            " would leave it Expired and unlicensed; give it a new end first: kubectl patch cust"
+            f' {name} --type merge -p \'{{"spec":{{"trial":{{"endsAt":"<RFC 3339 time>"}}}}}}\''
+        )
+        assert (kube.read_customer(name) or {})["spec"]["plan"] == "starter"
+
+    upgraded = cli(kubeconfig, "customer", "upgrade", "--id", running, "--plan", "trial")
+    assert (upgraded.returncode, upgraded.stderr) == (0, "")
+    assert (kube.read_customer(running) or {})["spec"]["plan"] == "trial"
+
+
 def test_a_customer_with_no_status_yet_is_listed_pending_as_the_console_shows_it(
     kubeconfig: Path,
     k8s_client: kubernetes.client.ApiClient,
