@@ -24,10 +24,13 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
 from iotistic_billing.webhook_server.console.data import (
+    InboxStats,
+    Overview,
     PeriodDay,
     failing,
     gitops_manager,
     matching,
+    phase_of,
     unreadable_failing,
 )
 from iotistic_billing.webhook_server.console.pages import (
@@ -357,6 +360,65 @@ def test_a_refreshing_page_refreshes_at_the_server_s_interval() -> None:
     tests of the refresh waited a real 2 s for each one."""
     assert '<main id="main" data-refresh="2000">' in rollouts_page(ServerOptions())
     assert '<main id="main" data-refresh="200">' in rollouts_page(ServerOptions(console_refresh=0.2))
+
+
+def page_of(template: str, **context: Any) -> str:
+    """A console page as `render` makes it for a request at 2026-02-27 00:00 UTC."""
+    request = make_mocked_request("GET", "/admin/")
+    request.app[OPTIONS] = ServerOptions()
+    request.app[TEMPLATES] = templates()
+    request.app[CLOCK] = lambda: datetime(2026, 2, 27, tzinfo=UTC)
+    text = render(request, template, **context).text
+    assert text is not None
+    return text
+
+
+def test_a_trial_s_end_given_with_an_offset_is_shown_in_utc() -> None:
+    """Found in review: status.trial.endsAt keeps spec.trial.endsAt's offset, and the overview printed
+    2026-03-01T02:00:00+05:00 as "2026-03-01 02:00 UTC" (it is 2026-02-28 21:00 UTC), the Customers
+    list as 2026-03-01; a licence's expiry the same."""
+    body = {
+        "metadata": {"name": "acme", "uid": "uid-acme", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"email": "ops@acme.example", "companyName": "Acme"},
+        "status": {
+            "trial": {"isTrialMode": True, "endsAt": "2026-03-01T02:00:00+05:00"},
+            "license": {"expiresAt": "2026-03-02T01:30:00+04:00"},
+        },
+    }
+    record = CustomerRecord.from_body(body)
+    assert record is not None and record.customer.status.trial and record.customer.status.license
+    ends, expires = record.customer.status.trial.ends_at, record.customer.status.license.expires_at
+    assert ends is not None and expires is not None
+    summary = Overview(
+        customers=1,
+        phases={},
+        failing=[],
+        inbox=InboxStats(0, 0, 0, None),
+        trials_ending=[("acme", ends)],
+        licences_expiring=[("acme", expires)],
+        reports_last_hour=0,
+        customers_reporting=0,
+        notices_pending=0,
+        notices_dead=0,
+    )
+    overview = page_of("overview.html.j2", overview=summary, phases=[], ago=str)
+    assert '<a href="/admin/customers/acme">acme</a> 2026-02-28 21:00:00 UTC</li>' in overview
+    assert '<a href="/admin/customers/acme">acme</a> 2026-03-01 21:30:00 UTC</li>' in overview
+    listed = page_of(
+        "customers.html.j2",
+        customers=[record],
+        total=1,
+        page=1,
+        pages=1,
+        link=str,
+        search="",
+        phase="",
+        plan="",
+        phases=[],
+        plans=[],
+        phase_of=phase_of,
+    )
+    assert "<td>2026-02-28 21:00:00 UTC</td>" in listed, listed
 
 
 def origin_request(headers: dict[str, str]) -> bool:

@@ -24,6 +24,7 @@ from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Listing, UnreadableCustomer, read_customer
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.settings import Settings, load_settings
+from iotistic_billing.webhook_server.console import pages
 from iotistic_billing.webhook_server.console.pages import console_guard, register
 from iotistic_billing.webhook_server.console.session import COOKIE
 from iotistic_billing.webhook_server.context import (
@@ -124,6 +125,13 @@ class FakeKube:
         """A rollout of every name, running (no status)."""
         return {"metadata": {"name": name, "uid": f"uid-{name}"}, "spec": {"chartVersion": "1.0.0"}}
 
+    async def list_customer_events(self, name: str, uid: str | None) -> list[dict[str, Any]]:
+        return []
+
+    async def read_secret_data(self, namespace: str, name: str) -> None:
+        """No licence Secret yet."""
+        return None
+
     async def create_event(self, kind: str, involved: dict[str, Any], *, reason: str, message: str) -> None:
         assert kind == "Customer"
         if self.refuse_events is not None:
@@ -134,13 +142,15 @@ class FakeKube:
 class FakeDatabase:
     """PostgreSQL as the console uses it: rows added in a transaction are kept when it commits; while
     `up` is False every statement fails as a refused connection does; `lose_commit`: the connection is
-    lost at the commit, after every statement went through. `stripe_events`: the inbox's rows by id."""
+    lost at the commit, after every statement went through. `stripe_events`: the inbox's rows by id;
+    `rows`: the notices, their deliveries and the licence history rows a customer's page reads."""
 
     def __init__(self) -> None:
         self.up = True
         self.lose_commit = False
         self.committed: list[Any] = []
         self.stripe_events: dict[str, models.StripeEvent] = {}
+        self.rows: list[Any] = []
         self.ids = itertools.count(1)
         self.calls: list[str] = []  # reads of a Stripe event ("get", "lock") and Customer lookups
 
@@ -173,23 +183,53 @@ class FakeSession:
         self.database.calls.append("lock" if options.get("with_for_update") else "get")
         return self.database.stripe_events.get(key)
 
-    async def scalars(self, statement: Select[Any]) -> Any:
-        """The console's actions on a target (data.audit), newest first; the sign-outs (none)."""
-        await self.flush()
-        if statement.column_descriptions[0]["entity"] is models.ConsoleSignout:
-            return SimpleNamespace(all=list)
-        target = statement.compile().params["target_1"]
-        actions = [row for row in self.database.committed if isinstance(row, models.ConsoleAction)]
-        return SimpleNamespace(all=lambda: [row for row in reversed(actions) if row.target == target])
+    def _selected(self, statement: Select[Any], entity: type[Any] | None = None) -> list[Any]:
+        """The rows of `statement`'s entity that its equality filters (`column == value`, `notice_id IN`)
+        keep, newest first; no sign-outs."""
+        entity = entity or statement.column_descriptions[0]["entity"]
+        rows: list[Any]
+        if entity is models.StripeEvent:
+            rows = sorted(
+                self.database.stripe_events.values(),
+                key=lambda e: (e.received_at or datetime.min.replace(tzinfo=UTC), e.event_id),
+                reverse=True,
+            )
+        elif entity is models.ConsoleAction:
+            rows = list(reversed([row for row in self.database.committed if isinstance(row, entity)]))
+        else:
+            rows = [row for row in self.database.rows if isinstance(row, entity)]
+        params = statement.compile().params
+        for column in ("target", "customer_name", "customer_id", "result", "type"):
+            if f"{column}_1" in params:
+                rows = [row for row in rows if getattr(row, column) == params[f"{column}_1"]]
+        if "notice_id_1" in params:
+            rows = [row for row in rows if row.notice_id in params["notice_id_1"]]
+        return rows
 
-    async def execute(self, statement: Any) -> None:
-        """An UPDATE of a Stripe event sets its columns; anything else (the NOTIFY) is only sent."""
+    async def scalars(self, statement: Select[Any]) -> Any:
+        """The rows selected (a Stripe event's type: the types of all)."""
+        await self.flush()
+        if statement.column_descriptions[0]["name"] == "type":
+            types = sorted({event.type for event in self.database.stripe_events.values()})
+            return SimpleNamespace(all=lambda: types)
+        rows = self._selected(statement)
+        return SimpleNamespace(all=lambda: rows)
+
+    async def scalar(self, statement: Select[Any]) -> int:
+        """The count of Stripe events the filters keep (data.count_stripe_events)."""
+        await self.flush()
+        return len(self._selected(statement, models.StripeEvent))
+
+    async def execute(self, statement: Any) -> list[Any]:
+        """An UPDATE of a Stripe event sets its columns; anything else (the NOTIFY, the sums and counts
+        of a customer's page) is only sent, and finds nothing."""
         await self.flush()
         if isinstance(statement, Update):
             values = statement.compile().params
             row = self.database.stripe_events[values.pop("event_id_1")]
             for column, value in values.items():
                 setattr(row, column, value)
+        return []
 
     async def flush(self) -> None:
         if not self.database.up:
@@ -757,3 +797,73 @@ async def test_a_browser_gone_while_its_form_is_read_is_no_database_outage(
 
     assert not [record for record in caplog.records if "database unavailable" in record.getMessage()]
     assert kube.patches == []
+
+
+@pytest.fixture
+def customer_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A customer's page over the fakes: its usage (read from the usage store's pool, which these fakes
+    do not have) is an empty period."""
+
+    async def no_usage(request: web.Request, record: CustomerRecord, days: int, now: datetime) -> Any:
+        period = SimpleNamespace(
+            plan="starter",
+            period_start=datetime(2026, 6, 1, tzinfo=UTC),
+            period_end=datetime(2026, 7, 1, tzinfo=UTC),
+            included=SimpleNamespace(devices=10, traffic_gb=1, api_calls=1000, storage_gb=1),
+            overage=SimpleNamespace(total="0.00"),
+            billed=True,
+            not_billed_reason=None,
+            exceeded=[],
+        )
+        return SimpleNamespace(daily=[], billing_period=period, report_count=0)
+
+    monkeypatch.setattr(pages, "usage_history", no_usage)
+
+
+def cells(page: str, heading: str) -> list[list[str]]:
+    """The rows of the table after `heading` on `page`, each as its cells' text."""
+    table = page.partition(heading)[2].partition("</table>")[0].partition("<tbody>")[2]
+    return [
+        [html.unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td>(.*?)</td>", row)]
+        for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)
+    ]
+
+
+async def test_a_customer_s_page_says_its_times_are_utc(console: Console, customer_pages: None) -> None:
+    """Found in review: the customer's licence history, Stripe events, notices and console actions showed
+    their times with no zone, as did the Stripe events list and an event's and a rollout's console
+    actions, where the rollouts page's steps say UTC."""
+    at = datetime(2026, 5, 31, 22, 5, 7, tzinfo=UTC)
+    console.database.rows += [
+        models.LicenseHistory(
+            customer_id="cust_acme000001", action="issued", plan="starter", jti="jti-1", generated_at=at
+        ),
+        models.Notice(id=1, customer_id="cust_acme000001", subject="Trial ends", created_at=at),
+    ]
+    console.database.stripe_events["evt_1"] = models.StripeEvent(
+        event_id="evt_1",
+        type="invoice.paid",
+        customer_id="cust_acme000001",
+        result="unmatched",
+        received_at=at,
+    )
+    await console.act("/admin/customers/acme/reconcile")  # the console action, at 2026-06-01 00:00 UTC
+    page = await (await console.client.get("/admin/customers/acme")).text()
+    assert cells(page, "<h3>History</h3>")[0][0] == "2026-05-31 22:05:07 UTC", page
+    assert cells(page, "<h3>Events from Stripe</h3>")[0][0] == "2026-05-31 22:05:07 UTC"
+    assert cells(page, "<h2>Notices</h2>")[0][0] == "2026-05-31 22:05:07 UTC"
+    assert cells(page, "<h3>Console actions</h3>")[0][0] == "2026-06-01 00:00:00 UTC"
+    listed = await (await console.client.get("/admin/stripe-events")).text()
+    assert cells(listed, '<table class="events">')[0][0] == "2026-05-31 22:05:07 UTC", listed
+    await console.post("/admin/stripe-events/evt_1/replay", {"csrf": await console.sign_in()})
+    shown = await (await console.client.get("/admin/stripe-events/evt_1")).text()
+    assert cells(shown, "<h2>Console actions</h2>")[0][0] == "2026-06-01 00:00:00 UTC", shown
+    console.kube.rollouts = [
+        {
+            "metadata": {"name": "wave-1", "creationTimestamp": "2026-05-01T00:00:00Z"},
+            "spec": {"chartVersion": "0.9.0", "steps": [{"rest": True}]},
+        }
+    ]
+    await console.act("/admin/rollouts/wave-1/pause")
+    rollouts = await (await console.client.get("/admin/rollouts")).text()
+    assert cells(rollouts, '<table class="console-actions">')[0][0] == "2026-06-01 00:00:00 UTC", rollouts
