@@ -867,3 +867,53 @@ async def test_a_customer_s_page_says_its_times_are_utc(console: Console, custom
     await console.act("/admin/rollouts/wave-1/pause")
     rollouts = await (await console.client.get("/admin/rollouts")).text()
     assert cells(rollouts, '<table class="console-actions">')[0][0] == "2026-06-01 00:00:00 UTC", rollouts
+
+
+async def test_a_customer_s_page_shows_each_delivery_of_a_notice(
+    console: Console, customer_pages: None
+) -> None:
+    """Found in review: a notice's deliveries showed "email sent, email dead": not to which address, how
+    many tries, when it was sent or why it died, so "did the mail go out?" had no answer on the page."""
+    sent_at = datetime(2026, 5, 30, 8, 0, tzinfo=UTC)
+    console.database.rows += [
+        models.Notice(id=1, customer_id="cust_acme000001", subject="Trial ends", created_at=sent_at),
+        models.NoticeDelivery(
+            notice_id=1,
+            channel="email",
+            target="ops@acme.example",
+            status="sent",
+            attempts=1,
+            sent_at=sent_at,
+        ),
+        models.NoticeDelivery(
+            notice_id=1,
+            channel="email",
+            target="billing@acme.example",
+            status="dead",
+            attempts=8,
+            last_error="550 5.1.1 <billing@acme.example>: mailbox unknown",
+        ),
+        models.NoticeDelivery(
+            notice_id=1,
+            channel="webhook",
+            target="https://user:secret@hooks.acme.example:8443/notify?token=t0ken",
+            status="pending",
+            attempts=2,
+            last_error="HTTP 503",
+        ),
+        # A URL urlsplit cannot read: nothing of it shown, and no 500 for the page.
+        models.NoticeDelivery(
+            notice_id=1, channel="platform", target="https://[::1/hook?t0ken", status="pending", attempts=0
+        ),
+    ]
+    await console.sign_in(VIEWER)
+    page = await (await console.client.get("/admin/customers/acme")).text()
+    deliveries = cells(page, "<h2>Notices</h2>")[0][2]
+    assert "email ops@acme.example: sent, 1 try, sent 2026-05-30 08:00:00 UTC" in deliveries, deliveries
+    assert "email billing@acme.example: dead, 8 tries: 550 5.1.1 <billing@acme.example>: mailbox unknown" in (
+        deliveries
+    )
+    assert "webhook hooks.acme.example:8443: pending, 2 tries: HTTP 503" in deliveries
+    assert "platform (not a readable URL): pending, 0 tries" in deliveries
+    # Never the webhook URL's credentials, path or query (a token may be there).
+    assert "secret" not in page and "notify" not in page and "t0ken" not in page

@@ -41,6 +41,7 @@ from iotistic_billing.errors import (
     re_created_since_shown,
 )
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable, refused_for_its_uid
+from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_KIND
 from iotistic_billing.settings import Settings
@@ -137,6 +138,7 @@ def templates() -> Environment:
     environment.filters["epoch"] = epoch
     environment.filters["pairs"] = pairs
     environment.filters["when"] = when
+    environment.filters["delivery_target"] = delivery_target
     return environment
 
 
@@ -155,6 +157,17 @@ def when(moment: datetime | None) -> str:
     """A moment as the console shows it: date, time and zone (a step's start showed 14:02:11, which
     read as today's though it began yesterday)."""
     return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def delivery_target(delivery: models.NoticeDelivery) -> str:
+    """Where a notice's delivery goes, as the console shows it: the address, or a webhook's host and port
+    only, as the notice sender logs the platform's (a URL's credentials, path or query may hold a token)."""
+    if delivery.channel == Channel.EMAIL:
+        return delivery.target
+    try:
+        return urlsplit(delivery.target).netloc.rpartition("@")[2]
+    except ValueError:  # not a URL urlsplit reads ("https://[::1"): nothing of it is shown
+        return "(not a readable URL)"
 
 
 def pairs(value: Any) -> str:
