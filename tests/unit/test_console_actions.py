@@ -917,3 +917,34 @@ async def test_a_customer_s_page_shows_each_delivery_of_a_notice(
     assert "platform (not a readable URL): pending, 0 tries" in deliveries
     # Never the webhook URL's credentials, path or query (a token may be there).
     assert "secret" not in page and "notify" not in page and "t0ken" not in page
+
+
+async def test_a_customer_s_licence_history_shows_a_revoke_s_reason_and_who_revoked(
+    console: Console, customer_pages: None
+) -> None:
+    """Found in review: a revoke's reason and who made it (the API or the console), kept in its history
+    row's metadata, were shown nowhere: the History table said only "revoked"."""
+    console.database.rows += [
+        models.LicenseHistory(
+            customer_id="cust_acme000001",
+            action="revoked",
+            plan="starter",
+            jti="jti-2",
+            generated_at=datetime(2026, 5, 31, tzinfo=UTC),
+            metadata_={"reason": "chargeback <b>fraud</b>", "by": "console"},
+        ),
+        models.LicenseHistory(
+            customer_id="cust_acme000001",
+            action="issued",
+            plan="starter",
+            jti="jti-1",
+            generated_at=datetime(2026, 5, 1, tzinfo=UTC),
+            metadata_={},
+        ),
+    ]
+    await console.sign_in(VIEWER)
+    page = await (await console.client.get("/admin/customers/acme")).text()
+    revoked, issued = cells(page, "<h3>History</h3>")
+    assert revoked[1:] == ["revoked", "starter", "jti-2", "chargeback <b>fraud</b> (by console)"], revoked
+    assert issued[1:] == ["issued", "starter", "jti-1", ""]
+    assert "<b>fraud</b>" not in page  # the admin's words, escaped
