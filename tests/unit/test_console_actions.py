@@ -185,7 +185,7 @@ class FakeSession:
 
     def _selected(self, statement: Select[Any], entity: type[Any] | None = None) -> list[Any]:
         """The rows of `statement`'s entity that its equality filters (`column == value`, `notice_id IN`)
-        keep, newest first; no sign-outs."""
+        keep, newest first, within its LIMIT and OFFSET; no sign-outs."""
         entity = entity or statement.column_descriptions[0]["entity"]
         rows: list[Any]
         if entity is models.StripeEvent:
@@ -204,7 +204,8 @@ class FakeSession:
                 rows = [row for row in rows if getattr(row, column) == params[f"{column}_1"]]
         if "notice_id_1" in params:
             rows = [row for row in rows if row.notice_id in params["notice_id_1"]]
-        return rows
+        start = statement._offset or 0
+        return rows[start : None if statement._limit is None else start + statement._limit]
 
     async def scalars(self, statement: Select[Any]) -> Any:
         """The rows selected (a Stripe event's type: the types of all)."""
@@ -948,3 +949,57 @@ async def test_a_customer_s_licence_history_shows_a_revoke_s_reason_and_who_revo
     assert revoked[1:] == ["revoked", "starter", "jti-2", "chargeback <b>fraud</b> (by console)"], revoked
     assert issued[1:] == ["issued", "starter", "jti-1", ""]
     assert "<b>fraud</b>" not in page  # the admin's words, escaped
+
+
+def seed_stripe_events(console: Console, customer_id: str, count: int) -> list[str]:
+    """`count` events of the customer, newest last; their ids."""
+    ids = [f"evt_{customer_id}_{index:03}" for index in range(count)]
+    for index, event_id in enumerate(ids):
+        console.database.stripe_events[event_id] = models.StripeEvent(
+            event_id=event_id,
+            type="invoice.paid",
+            customer_id=customer_id,
+            result="applied",
+            attempts=1,
+            received_at=datetime(2026, 5, 1, 0, index, tzinfo=UTC),
+        )
+    return ids
+
+
+async def test_a_customer_s_capped_stripe_events_link_to_all_of_its_events(
+    console: Console, customer_pages: None
+) -> None:
+    """Found in review: the customer page shows its 20 newest Stripe events with no way to older ones,
+    and the Stripe events page could not be filtered by customer."""
+    acme = seed_stripe_events(console, "cust_acme000001", 51)
+    globex = seed_stripe_events(console, "cust_globex000001", 1)
+    await console.sign_in(VIEWER)
+    page = await (await console.client.get("/admin/customers/acme")).text()
+    assert len(cells(page, "<h3>Events from Stripe</h3>")) == 20
+    link = re.search(r'<a href="([^"]+)">all events</a>', page)
+    assert link, page
+    listed = await (await console.client.get(html.unescape(link.group(1)))).text()
+    assert "51 events, page 1 of 2, newest first." in listed, listed
+    assert 'name="customer" value="cust_acme000001"' in listed  # the filter shown, kept by Filter
+    older = re.search(r'<a href="([^"]+)">older</a>', listed)
+    assert older, listed
+    rest = await (await console.client.get("/admin/stripe-events" + html.unescape(older.group(1)))).text()
+    shown = re.findall(r"<code>(evt_[^<]+)</code>", listed + rest)
+    assert sorted(shown) == acme and globex[0] not in shown
+
+    # Not capped, nothing to link to.
+    for event_id in acme[:31]:
+        del console.database.stripe_events[event_id]
+    page = await (await console.client.get("/admin/customers/acme")).text()
+    assert len(cells(page, "<h3>Events from Stripe</h3>")) == 20 and "all events" not in page
+
+
+@pytest.mark.parametrize("customer", ["acme", "cust_ACME000001", "cust_acme000001\n", "cust_a\x00bcdefg"])
+async def test_a_stripe_events_customer_that_is_no_customer_id_is_a_400_naming_it(
+    console: Console, customer: str
+) -> None:
+    await console.sign_in(VIEWER)
+    answer = await console.client.get("/admin/stripe-events", params={"customer": customer}, headers=BROWSER)
+    page = await answer.text()
+    assert (answer.status, answer.content_type) == (400, "text/html"), page
+    assert problem_on(page)[1].startswith("customer: must be a customer id"), page

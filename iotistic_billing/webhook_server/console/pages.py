@@ -26,7 +26,14 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import DNS_NAME_PATTERN, KIND, PLAN_NAMES, RECONCILE_REQUESTED_AT, Phase
+from iotistic_billing.customer import (
+    CUSTOMER_ID_PATTERN,
+    DNS_NAME_PATTERN,
+    KIND,
+    PLAN_NAMES,
+    RECONCILE_REQUESTED_AT,
+    Phase,
+)
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
 from iotistic_billing.db.pool import database_unreachable
@@ -112,6 +119,8 @@ DONE: Final = {
 }
 # An action's audit row and Event when the API server's answer to its write was lost.
 UNANSWERED: Final = " (the API server's answer was lost: it may not have been made)"
+# The customer page's newest Stripe events; the rest are on the Stripe events page (?customer=).
+CUSTOMER_STRIPE_EVENTS: Final = 20
 SESSION = web.RequestKey("console_session", ConsoleSession)
 SIGN_OUTS = web.AppKey("console_sign_outs", SignOuts)
 TEMPLATES = web.AppKey("console_templates", Environment)
@@ -488,7 +497,10 @@ async def customer_page(request: web.Request) -> web.Response:
                 .order_by(models.Subscription.updated_at.desc())
             )
         ).all()
-        stripe = await data.stripe_events(session, customer_id=record.customer_id, limit=20)
+        # One more than shown: whether the table links to the rest (the Stripe events page, ?customer=).
+        stripe = await data.stripe_events(
+            session, customer_id=record.customer_id, limit=CUSTOMER_STRIPE_EVENTS + 1
+        )
         notices = await recent_notices(session, customer_id=record.customer_id, status=None, limit=20)
         audit = await data.audit(session, record.name, since=record.customer.metadata.creation_timestamp)
     return render(
@@ -501,7 +513,8 @@ async def customer_page(request: web.Request) -> web.Response:
         history=history.history,
         subscriptions=subscriptions,
         events=events,
-        stripe_events=stripe,
+        stripe_events=stripe[:CUSTOMER_STRIPE_EVENTS],
+        more_stripe_events=len(stripe) > CUSTOMER_STRIPE_EVENTS,
         notices=notices,
         audit=audit,
         usage=usage,
@@ -513,30 +526,29 @@ async def customer_page(request: web.Request) -> web.Response:
 
 
 async def stripe_events_page(request: web.Request) -> web.Response:
-    """The Stripe inbox's log, filtered by result and type, newest first, a page at a time (as the
-    Customers list: past the last page shows the last)."""
-    result, event_type = request.query.get("result", ""), request.query.get("type", "")
+    """The Stripe inbox's log, filtered by result, type and customer id, newest first, a page at a time
+    (as the Customers list: past the last page shows the last)."""
+    query = request.query
+    result, event_type, customer = query.get("result", ""), query.get("type", ""), query.get("customer", "")
     if result and result not in data.EVENT_RESULTS:
         raise ValidationFailed.single("result", f"must be one of {', '.join(data.EVENT_RESULTS)}")
     if "\x00" in event_type:  # PostgreSQL text cannot hold NUL: no event has such a type
         raise ValidationFailed.single("type", NUL_MESSAGE)
+    if customer and not re.fullmatch(CUSTOMER_ID_PATTERN, customer):
+        raise ValidationFailed.single("customer", "must be a customer id (cust_ and 6 to 32 a-z or 0-9)")
+    filters = {"result": result, "event_type": event_type, "customer_id": customer}
     async with request.app[SESSIONS]() as session:
-        total = await data.count_stripe_events(session, result=result, event_type=event_type)
+        total = await data.count_stripe_events(session, **filters)
         pages = max(1, -(-total // data.PAGE_SIZE))
-        page = page_number(request.query.get("page", ""), pages)
+        page = page_number(query.get("page", ""), pages)
         rows = await data.stripe_events(
-            session,
-            result=result,
-            event_type=event_type,
-            limit=data.PAGE_SIZE,
-            offset=(page - 1) * data.PAGE_SIZE,
+            session, **filters, limit=data.PAGE_SIZE, offset=(page - 1) * data.PAGE_SIZE
         )
         types = await data.event_types(session)
 
     def link(to: int) -> str:
-        return "?" + urlencode(
-            {k: v for k, v in (("result", result), ("type", event_type), ("page", to)) if v}
-        )
+        shown = (("result", result), ("type", event_type), ("customer", customer), ("page", to))
+        return "?" + urlencode({k: v for k, v in shown if v})
 
     return render(
         request,
@@ -548,6 +560,7 @@ async def stripe_events_page(request: web.Request) -> web.Response:
         link=link,
         result=result,
         event_type=event_type,
+        customer=customer,
         types=types,
         results=data.EVENT_RESULTS,
     )
