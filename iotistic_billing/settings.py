@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     ) = None
     # json (structured, with the object and customer id) or text.
     log_format: Literal["json", "text"] = "json"
+    # The webhook server's line a request at INFO (the probes and scrapes only when they fail): false
+    # turns them off, as usage reports and console refreshes make hundreds of thousands a day.
+    access_log: bool = True
     operator_peering: str = "iotistic-billing"
     operator_priority: int = 0
     # Sharding (docs/architecture.md, "Shards"): OPERATOR_SHARDS operators, this one owning the Customers

@@ -26,6 +26,7 @@ from iotistic_billing.processes import ManagedProcess
 from iotistic_billing.served_crds import CUSTOMERS_CRD, StaleCrds, WrittenCrd, check_served_crds
 from iotistic_billing.settings import Settings, SettingsError, load_settings
 from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.webhook_server.access_log import access_log_arguments
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import RateLimit, ServerOptions
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None, crds: Sequence[WrittenCrd] = (CUSTOMERS_
         shutdown_timeout=options.shutdown_timeout,
         handle_signals=True,
         print=None,
+        # A line a request, less the probes and scrapes that succeed; none with ACCESS_LOG=false.
+        **access_log_arguments(settings),
     )
     return 0
 

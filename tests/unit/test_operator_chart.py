@@ -1795,6 +1795,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
             "stripe": {"prices": {"starter": "price_s"}, "meteredPrices": ["price_m1", "price_m2"]},
             "notices": {"webhookAllowedCidrs": ["10.20.0.0/16"]},
         },
+        "webhookServer": {"accessLog": False},
     }
     env = env_of(one(render(helm, tmp_path, values), "Deployment", name))
     unknown = {var for var in env.keys() - NOT_SETTINGS if var.lower() not in Settings.model_fields}
@@ -1842,3 +1843,4 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.stripe_price_starter == "price_s"
         assert settings.stripe_metered_prices == ["price_m1", "price_m2"]
         assert [str(network) for network in settings.notify_webhook_allowed_cidrs] == ["10.20.0.0/16"]
+        assert settings.access_log is False
