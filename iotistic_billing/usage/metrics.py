@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter
 
 if TYPE_CHECKING:
     from iotistic_billing.usage.metering import MeterRun
 
-
+# The results of a run of usage metering's timers (usage.service: flush, meter, partitions).
+RUN_RESULTS: Final = ("ok", "failed", "skipped")
 # The meter events counter's results, each a count of MeterRun's of the same name.
-METER_RESULTS = ("sent", "failed", "expired", "late", "not_invoiced")
+METER_RESULTS: Final = ("sent", "failed", "expired", "late", "not_invoiced", "not_closed")
 
 
 class UsageMetrics:
@@ -43,12 +44,30 @@ class UsageMetrics:
         for result in METER_RESULTS:
             self.meter_events.labels(result)
 
+        self.runs = Counter(
+            "iotistic_usage_runs",
+            "Runs of usage metering's timers, by run (flush, meter, partitions) and result (ok; failed: it"
+            " raised, or a partition run left this month or the next without its partition; skipped:"
+            " another replica held the run's lock). IotisticUsageRunsFailing alerts on no ok.",
+            ["run", "result"],
+            registry=registry,
+        )
+
+    def timer_started(self, run: str) -> None:
+        """Export the run's series at 0 from its timer's start: an increase() misses a series that first
+        appears at 1, and an alert on no ok run needs the series before any."""
+        for result in RUN_RESULTS:
+            self.runs.labels(run, result)
+
+    def usage_run(self, run: str, result: str) -> None:
+        self.runs.labels(run, result).inc()
+
     def meter_run(self, run: MeterRun) -> None:
         """Count what a meter run did: what was sent, and what no invoice carries (expired, late,
-        not_invoiced), which IotisticUsageNotBilled alerts on."""
+        not_invoiced) or nothing sends yet (not_closed), which IotisticUsageNotBilled alerts on."""
         for result in METER_RESULTS:
             if count := getattr(run, result):
                 self.meter_events.labels(result).inc(count)
 
 
-__all__ = ["UsageMetrics"]
+__all__ = ["RUN_RESULTS", "UsageMetrics"]

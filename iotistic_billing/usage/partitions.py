@@ -88,12 +88,22 @@ def plan_partitions(
     )
 
 
+def unmade(existing: Iterable[datetime], now: datetime) -> tuple[str, ...]:
+    """The partitions of `now`'s month and the next that `existing` (months) lacks: a run whose DDL never
+    had its lock in time (LOCK_TIMEOUT) leaves them so, and their reports go to the default partition,
+    which no retention drops by the month."""
+    have = set(existing)
+    current = month_of(now)
+    return tuple(partition_name(month) for month in (current, shift_months(current, 1)) if month not in have)
+
+
 @dataclass(frozen=True)
 class PartitionRun:
     created: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     deleted: int = 0  # reports of the default partition past the cutoff
     skipped: bool = False  # another replica holds the lock
+    missing: tuple[str, ...] = ()  # this month's or the next's partition, still not made (`unmade`)
 
 
 _PARTITIONS: Final = """
@@ -186,13 +196,18 @@ async def maintain_partitions(
             retention_months=retention_months,
             oldest_open_start=await oldest_open_start(conn),
         )
-        created = [name for month in plan.create if (name := await _locked(create_partition, conn, month))]
+        made = [month for month in plan.create if await _locked(create_partition, conn, month)]
         dropped = [name for month in plan.drop if (name := await _locked(drop_partition, conn, month))]
         status = await conn.execute(
             f"DELETE FROM {DEFAULT_PARTITION} WHERE period_start < $1",  # noqa: S608 - a constant name
             plan.cutoff,
         )
-        return PartitionRun(tuple(created), tuple(dropped), int(status.split()[-1]))
+        return PartitionRun(
+            tuple(map(partition_name, made)),
+            tuple(dropped),
+            int(status.split()[-1]),
+            missing=unmade([*existing, *made], now),
+        )
 
 
 __all__ = [
@@ -209,4 +224,5 @@ __all__ = [
     "partition_name",
     "plan_partitions",
     "retention_cutoff",
+    "unmade",
 ]

@@ -570,15 +570,22 @@ class UsageMetering:
                 ", ".join(run.dropped) or "none",
                 run.deleted,
             )
+        if run.missing:
+            log.warning(
+                "partition run: no partition for %s after the run (its lock not had in time): their"
+                " reports go to the default partition; tried again next run",
+                ", ".join(run.missing),
+            )
         return run
 
     # ----- the background tasks -----
 
     def start(self) -> None:
         def timer(
-            interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, name: str
+            interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, run: str
         ) -> None:
-            every = functools.partial(self._every, interval, job, initial_delay, name)
+            self.metrics.timer_started(run)
+            every = functools.partial(self._every, interval, job, initial_delay, run)
             self._tasks.append(asyncio.create_task(after_schema(self.schema, every)))
 
         if self.options.flush_interval is not None:
@@ -588,10 +595,10 @@ class UsageMetering:
                 self.options.meter_interval,
                 self.send_meter_events,
                 self.options.meter_initial_delay,
-                "meter run",
+                "meter",
             )
         if self.options.partition_interval is not None:
-            timer(self.options.partition_interval, self.maintain_partitions, 0.0, "partition run")
+            timer(self.options.partition_interval, self.maintain_partitions, 0.0, "partitions")
 
     async def stop(self) -> None:
         """Stop the timers, then flush what the last requests reported (bounded: a dead API server must
@@ -612,20 +619,40 @@ class UsageMetering:
                 type(error).__name__,
             )
 
-    @staticmethod
     async def _every(
-        interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, name: str
+        self, interval: float, job: Callable[[], Awaitable[object]], initial_delay: float, run: str
     ) -> None:
         await asyncio.sleep(initial_delay)
         while True:
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A failed run is logged and the next one tries again: the timer must outlive any error.
-                log.exception("usage %s failed", name)
+            await self.run_once(job, run)
             await asyncio.sleep(interval)
+
+    async def run_once(self, job: Callable[[], Awaitable[object]], run: str) -> str:
+        """One run of a timer's `job`, counted by its result (iotistic_usage_runs_total, `run_result`):
+        a run failing every time was one traceback an interval, and no alert, while no period closed."""
+        try:
+            outcome = await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A failed run is logged and the next one tries again: the timer must outlive any error.
+            log.exception("usage %s run failed", run)
+            result = "failed"
+        else:
+            result = run_result(outcome)
+        self.metrics.usage_run(run, result)
+        return result
+
+
+def run_result(outcome: object) -> str:
+    """How a timer's run that returned `outcome` is counted: skipped while another replica held its lock
+    (no failure: that replica ran it), failed when a partition run left this month or the next without
+    its partition, else ok."""
+    if isinstance(outcome, MeterRun | PartitionRun) and outcome.skipped:
+        return "skipped"
+    if isinstance(outcome, PartitionRun) and outcome.missing:
+        return "failed"
+    return "ok"
 
 
 __all__ = [
@@ -638,4 +665,5 @@ __all__ = [
     "ended_early",
     "ended_period_plan",
     "open_period",
+    "run_result",
 ]

@@ -1636,6 +1636,37 @@ def test_events_the_inbox_keeps_retrying_raise_an_alert(monitored_objects: list[
     assert alert["for"] == "30m"
 
 
+def test_usage_runs_that_never_succeed_raise_an_alert_by_run(
+    helm: Path, tmp_path: Path, monitored_objects: list[Manifest]
+) -> None:
+    """Found in review: a meter run that raised every time was one traceback an hour and no alert
+    (IotisticUsageNotBilled counts only runs that complete): no period closed, nothing went to Stripe,
+    partitions stopped being dropped, and after 35 days Stripe took no more events. The alert fires on
+    no ok run in 3 meter intervals of the setting's default, over every replica (one runs under the lock,
+    the others skip, which is no failure), by run."""
+    from iotistic_billing.settings import Settings
+
+    [alert] = [a for a in webhook_alerts(monitored_objects) if a["alert"] == "IotisticUsageRunsFailing"]
+    window = f"{3 * Settings.model_fields['usage_meter_interval'].default / 3600:g}h"
+    assert window == "3h"
+    ok_runs = f'iotistic_usage_runs_total{{result="ok", namespace="{NAMESPACE}"}}[{window}]'
+    assert alert["expr"] == f"sum by (run) (increase({ok_runs})) == 0"
+    assert "{{ $labels.run }}" in alert["annotations"]["summary"]
+
+    longer = render(
+        helm,
+        tmp_path,
+        {
+            "monitoring": {
+                **MONITORING["monitoring"],
+                "prometheusRule": {"enabled": True, "usageRunWindow": "36h"},
+            }
+        },
+    )
+    [alert] = [a for a in webhook_alerts(longer) if a["alert"] == "IotisticUsageRunsFailing"]
+    assert "[36h]" in alert["expr"] and "36h" in alert["annotations"]["summary"]
+
+
 # ----- the kustomize base -----
 
 

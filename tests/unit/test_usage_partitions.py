@@ -15,6 +15,7 @@ from iotistic_billing.usage.partitions import (
     partition_name,
     plan_partitions,
     retention_cutoff,
+    unmade,
 )
 from iotistic_billing.usage.periods import shift_months
 
@@ -41,6 +42,15 @@ def test_a_partition_is_named_after_its_utc_month() -> None:
     assert month_of_partition("usage_reports_2026_03") == month(2026, 3)
     for other in ("usage_reports_default", "usage_reports", "usage_rollups", "usage_reports_2026_3"):
         assert month_of_partition(other) is None
+
+
+def test_a_partition_run_names_this_month_or_the_next_left_without_its_partition() -> None:
+    """Found in review: a partition run whose DDL waited past LOCK_TIMEOUT left the month unmade, said
+    so in a warning per try, and counted as done; a later month unmade is the next runs' to make."""
+    assert unmade(months(month(2026, 12), month(2027, 2)), NOW) == ()
+    assert unmade([month(2026, 12), month(2027, 2)], NOW) == ("usage_reports_2027_01",)
+    assert unmade([month(2027, 1)], NOW) == ("usage_reports_2026_12",)
+    assert unmade([], month(2027, 1)) == ("usage_reports_2027_01", "usage_reports_2027_02")
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from iotistic_billing.k8s import Kube
 from iotistic_billing.usage.metering import MeterRun
 from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
+from iotistic_billing.usage.partitions import PartitionRun
 from iotistic_billing.usage.reports import parse_reports
 from iotistic_billing.usage.service import UsageMetering
 
@@ -215,5 +216,74 @@ def test_the_meter_results_are_series_from_zero() -> None:
     such period (often its only one) raised no IotisticUsageNotBilled."""
     registry = CollectorRegistry()
     UsageMetrics(registry)
-    for result in ("sent", "failed", "expired", "late", "not_invoiced"):
+    for result in ("sent", "failed", "expired", "late", "not_invoiced", "not_closed"):
         assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": result}) == 0
+
+
+def metering(registry: CollectorRegistry) -> UsageMetering:
+    return UsageMetering(
+        pool=cast(Pool, FakePool()),
+        options=UsageOptions(flush_interval=None, meter_interval=None, partition_interval=None),
+        session_factory=lambda: cast(AsyncSession, FakeSession()),
+        directory=cast(Directory, SlowDirectory()),
+        kube=cast(Kube, FakeKube()),
+        stripe=None,
+        metrics=UsageMetrics(registry),
+        clock=lambda: NOW,
+    )
+
+
+async def test_a_usage_run_that_raises_is_counted_failed_not_only_logged() -> None:
+    """Found in review: a meter run that raised every time (a Customer it could not read) was one
+    traceback an hour and nothing else: no period closed, nothing went to Stripe, and no alert fired
+    (IotisticUsageNotBilled counts only runs that complete)."""
+    registry = CollectorRegistry()
+    usage = metering(registry)
+    usage.metrics.timer_started("meter")
+
+    def runs(result: str) -> float | None:
+        return registry.get_sample_value("iotistic_usage_runs_total", {"run": "meter", "result": result})
+
+    assert (runs("ok"), runs("failed"), runs("skipped")) == (0, 0, 0)  # exported before any run
+
+    async def unreadable() -> MeterRun:
+        raise RuntimeError("the Customer cannot be read")
+
+    async def done() -> MeterRun:
+        return MeterRun(closed=1)
+
+    async def locked_elsewhere() -> MeterRun:
+        return MeterRun(skipped=True)
+
+    assert await usage.run_once(unreadable, "meter") == "failed"
+    assert await usage.run_once(unreadable, "meter") == "failed"
+    assert await usage.run_once(locked_elsewhere, "meter") == "skipped"
+    assert await usage.run_once(done, "meter") == "ok"
+    assert (runs("ok"), runs("failed"), runs("skipped")) == (1, 2, 1)
+
+
+async def test_a_partition_run_that_leaves_this_month_or_the_next_unmade_is_counted_failed() -> None:
+    """Found in review: a partition run whose DDL never had its lock in time (LOCK_TIMEOUT) was a warning
+    per month and a run done: the month's reports went to the default partition with nothing counted."""
+    registry = CollectorRegistry()
+    usage = metering(registry)
+
+    async def unmade_month() -> PartitionRun:
+        return PartitionRun(missing=("usage_reports_2026_12",))
+
+    async def made() -> PartitionRun:
+        return PartitionRun(created=("usage_reports_2026_12",))
+
+    async def locked_elsewhere() -> PartitionRun:
+        return PartitionRun(skipped=True)
+
+    assert await usage.run_once(unmade_month, "partitions") == "failed"
+    assert await usage.run_once(made, "partitions") == "ok"
+    assert await usage.run_once(locked_elsewhere, "partitions") == "skipped"
+    counted = {
+        result: registry.get_sample_value(
+            "iotistic_usage_runs_total", {"run": "partitions", "result": result}
+        )
+        for result in ("ok", "failed", "skipped")
+    }
+    assert counted == {"ok": 1, "failed": 1, "skipped": 1}
