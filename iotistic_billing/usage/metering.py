@@ -195,6 +195,7 @@ class MeterRun:
     late: int = 0  # periods sent past Stripe's invoice grace: taken, on no invoice
     manual: int = 0  # periods closed in Stripe billing, left unsent to manual billing
     not_invoiced: int = 0  # periods whose subscription ended before their events could be sent
+    not_closed: int = 0  # open periods whose close raised: left open with why (meter_refusal)
     skipped: bool = False  # another replica holds the lock
 
 
@@ -420,10 +421,10 @@ async def send_meter_events(
             return MeterRun(skipped=True)
         if before_close is not None:
             await before_close(conn)
-        closed = await close_periods(conn, now, grace=close_grace, manual_billing=billed_manually)
+        closing = await close_periods(conn, now, grace=close_grace, manual_billing=billed_manually)
+        run = MeterRun(closed=closing.closed, not_closed=closing.not_closed)
         if sender is None:
-            return MeterRun(closed=closed)
-        run = MeterRun(closed=closed)
+            return run
         # `limit` periods at a time until each owed one was tried once: one batch a run left a
         # month-end's rest an interval later. Those refused now sort after any not tried yet.
         tried: set[tuple[str, datetime]] = set()

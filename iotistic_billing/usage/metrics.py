@@ -35,7 +35,9 @@ class UsageMetrics:
             " later run, a run cut short by Stripe away counting one, whatever it left; expired: past"
             " Stripe's 35 days, given up, billed in no invoice; late: periods sent"
             " past Stripe's invoice grace of 72 hours, taken but on no invoice; not_invoiced: periods whose"
-            " subscription had ended before their events, which no invoice carries, to invoice by hand).",
+            " subscription had ended before their events, which no invoice carries, to invoice by hand;"
+            " not_closed: open periods whose close raised, counted each run they stay open, their events"
+            " unsent).",
             ["result"],
             registry=registry,
         )

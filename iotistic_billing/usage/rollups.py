@@ -20,7 +20,8 @@ decimals.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,6 +35,8 @@ from iotistic_billing.usage.periods import INSTANT, LONGEST_PERIOD, BillingPerio
 from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
 from iotistic_billing.usage.reports import MAX_PERIOD, earliest_start_reaching
 from iotistic_billing.usage.store import period_samples, period_totals
+
+log = logging.getLogger(__name__)
 
 # Overage is billed on paid plans only: a trial is free, and the unlicensed fallback is never billed.
 BILLED_PLANS: Final = frozenset(PAID_PLAN_NAMES)
@@ -529,12 +532,26 @@ async def roll_up_period(
     return rollup
 
 
+# Rows never refused a close first, then the one refused longest ago (as metering's work list): a row
+# that keeps failing must not fill every batch, and one refused in this run sorts after those not tried.
 _DUE: Final = """
-SELECT customer_id, period_start, period_end, plan, billed_manually FROM usage_rollups
+SELECT customer_id, period_start, period_end, plan, billed_manually, meter_refusal FROM usage_rollups
 WHERE closed_at IS NULL AND period_end <= $1
-ORDER BY period_end
+ORDER BY meter_refused_at NULLS FIRST, period_end
 LIMIT $2
 """
+# Why an open row could not close, where a closed one says why it was not billed; the close that succeeds
+# writes its own meter_refusal over it.
+_NOT_CLOSED: Final = """
+UPDATE usage_rollups SET meter_refused_at = $3, meter_refusal = $4
+WHERE customer_id = $1 AND period_start = $2 AND closed_at IS NULL
+"""
+
+
+@dataclass(frozen=True)
+class Closed:
+    closed: int = 0  # periods closed
+    not_closed: int = 0  # periods whose last roll-up raised: left open with why, tried again by later runs
 
 
 async def close_periods(
@@ -545,44 +562,75 @@ async def close_periods(
     default_plan: str = "trial",
     limit: int = 1000,
     manual_billing: ManualBilling | None = None,
-) -> int:
+) -> Closed:
     """Close every open rollup whose period ended at least `grace` before `now`, with a last roll-up
-    from the stored reports; how many were closed. A billed period of a Customer `manual_billing`
-    names, or whose row a flush marked billed manually (the Customer moved to Stripe since: a checkout
-    cut its manual-era row short), is closed as metered (`BILLED_MANUALLY`): no meter event is ever
-    sent for it. A report ending in a period that arrives within the grace (its instance reports late,
-    or retries after an outage) is billed with it, even when no row held the period before
-    (`open_missing_rollups`); one that arrives after the period closed is kept but not billed
-    (`reports_after_close`). The counters of a report across the period's end are the next period's,
-    open when the report can arrive (it is sent once it has ended)."""
+    from the stored reports; how many were closed, and how many could not be (`Closed`): a row whose
+    roll-up raises is left open, saying why in its meter_refusal, and the others close. A billed period
+    of a Customer `manual_billing` names, or whose row a flush marked billed manually (the Customer
+    moved to Stripe since: a checkout cut its manual-era row short), is closed as metered
+    (`BILLED_MANUALLY`): no meter event is ever sent for it. A report ending in a period that arrives
+    within the grace (its instance reports late, or retries after an outage) is billed with it, even
+    when no row held the period before (`open_missing_rollups`); one that arrives after the period
+    closed is kept but not billed (`reports_after_close`). The counters of a report across the period's
+    end are the next period's, open when the report can arrive (it is sent once it has ended)."""
     if grace < timedelta(0):
         raise ValueError(f"grace must not be negative, got {grace}")
     # `limit` at a time until none is left: a month-end of more periods than one batch left the rest
     # for the next run, an interval later, and their meter events past Stripe's finalisation grace.
-    closed = 0
+    closed, not_closed = 0, 0
+    tried: set[tuple[str, datetime]] = set()
     while True:
-        rows = await conn.fetch(_DUE, now - grace, limit)
+        fetched = await conn.fetch(_DUE, now - grace, limit)
+        rows = [row for row in fetched if (row["customer_id"], row["period_start"]) not in tried]
         billed = {row["customer_id"] for row in rows if row["plan"] in BILLED_PLANS}
         manual = await manual_billing(billed) if manual_billing is not None and billed else frozenset()
         for row in rows:
+            tried.add((row["customer_id"], row["period_start"]))
             period = BillingPeriod(row["period_start"], row["period_end"])
-            await roll_up_period(
-                conn,
-                row["customer_id"],
-                period,
-                row["plan"] or default_plan,
-                close_at=now,
-                billed_manually=row["billed_manually"] or row["customer_id"] in manual,
-            )
-        closed += len(rows)
-        if len(rows) < limit:
-            return closed
+            try:
+                await roll_up_period(
+                    conn,
+                    row["customer_id"],
+                    period,
+                    row["plan"] or default_plan,
+                    close_at=now,
+                    billed_manually=row["billed_manually"] or row["customer_id"] in manual,
+                )
+            except Exception as error:
+                # One row that cannot close (a plan a later release renamed: plan_by_name's ValueError)
+                # failed the run there, before every row after it, in every run for good.
+                await _not_closed(conn, row, period, error, now)
+                not_closed += 1
+                continue
+            closed += 1
+        if not rows or len(fetched) < limit:
+            return Closed(closed, not_closed)
+
+
+async def _not_closed(
+    conn: Queryable, row: Mapping[str, Any], period: BillingPeriod, error: Exception, now: datetime
+) -> None:
+    """Leave the row open, saying why on it (meter_refusal) and when (meter_refused_at, which sorts it
+    after the others): a warning once per reason, not once per run, as a refused meter event."""
+    reason = f"not closed: {type(error).__name__}: {error}"
+    where = f"usage period of {row['customer_id']}, {period.start.isoformat()} .. {period.end.isoformat()}"
+    if reason != row["meter_refusal"]:
+        log.warning(
+            "%s, %s; left open, tried again by later runs",
+            where,
+            reason,
+            exc_info=None if isinstance(error, ValueError) else error,
+        )
+    else:
+        log.debug("%s, %s again", where, reason)
+    await conn.execute(_NOT_CLOSED, row["customer_id"], period.start, now, reason)
 
 
 __all__ = [
     "BILLED_MANUALLY",
     "BILLED_PLANS",
     "CATCH_UP_OVERLAP",
+    "Closed",
     "ManualBilling",
     "PlanHistory",
     "Rollup",

@@ -471,12 +471,21 @@ class UsageMetering:
             subscription_ends=self.subscription_ends,
         )
         self.metrics.meter_run(run)
-        if run.closed or run.sent or run.failed or run.expired or run.manual or run.not_invoiced:
+        if (
+            run.closed
+            or run.not_closed
+            or run.sent
+            or run.failed
+            or run.expired
+            or run.manual
+            or run.not_invoiced
+        ):
             log.info(
-                "meter run: %d periods closed, %d events sent (%d periods past Stripe's invoice grace),"
-                " %d failed, %d given up, %d periods left unsent to manual billing, %d not invoiced"
-                " (their subscription ended first)",
+                "meter run: %d periods closed (%d could not be, left open), %d events sent (%d periods"
+                " past Stripe's invoice grace), %d failed, %d given up, %d periods left unsent to manual"
+                " billing, %d not invoiced (their subscription ended first)",
                 run.closed,
+                run.not_closed,
                 run.sent,
                 run.late,
                 run.failed,

@@ -201,7 +201,7 @@ def test_usage_after_an_ended_subscription_is_shown_not_billed_and_why() -> None
     assert paid.billed and paid.not_billed_reason is None
 
 
-@pytest.mark.parametrize("result", ["expired", "late", "not_invoiced"])
+@pytest.mark.parametrize("result", ["expired", "late", "not_invoiced", "not_closed"])
 def test_a_meter_run_counts_what_no_invoice_carries(result: str) -> None:
     """Found in review: a period said not invoiced (its subscription ended first) was a log line only, no
     metric, so nothing alerted the billing team to invoice it by hand."""
