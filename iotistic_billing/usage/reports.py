@@ -22,9 +22,10 @@ from operator import attrgetter
 from typing import Annotated, Any, Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, from_json, to_json
 
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
+from iotistic_billing.errors import MAX_PROBLEMS
 
 MAX_BATCH: Final = 1000
 MAX_PERIOD: Final = timedelta(days=31)
@@ -111,6 +112,14 @@ class UsageReportBatch(BaseModel):
     reports: Annotated[list[UsageReport], Field(min_length=1, max_length=MAX_BATCH)]
 
 
+class _BatchShell(BaseModel):
+    """A batch with its reports unread: what is wrong around them (InvalidReports' first problems)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reports: Annotated[list[Any], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 # The body is one report or {"reports": [...]}. What the OpenAPI document shows:
 ReportBody = UsageReportBatch | UsageReport
 # Built once; validate_json parses and validates the raw body in one pass in pydantic-core, without
@@ -120,6 +129,8 @@ REPORT: Final = TypeAdapter(UsageReport)
 # How batches are serialised in practice: the "reports" key first. Only a shortcut: any other body is
 # tried as one report, and becomes a batch too when it turns out to have a "reports" key.
 _BATCH_START: Final = re.compile(rb'\A\s*\{\s*"reports"\s*:')
+_SHELL: Final = TypeAdapter(_BatchShell)
+_REPORT_FIELDS: Final = frozenset(UsageReport.model_fields)
 
 
 @dataclass(frozen=True)
@@ -135,9 +146,12 @@ class Problem:
 
 
 class InvalidReports(ValueError):
-    def __init__(self, problems: Sequence[Problem]) -> None:
+    """The first MAX_PROBLEMS bad fields, and how many `more` there are."""
+
+    def __init__(self, problems: Sequence[Problem], more: int = 0) -> None:
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
         self.problems = list(problems)
+        self.more = more
 
 
 @dataclass(frozen=True)
@@ -189,26 +203,87 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _errors(adapter: TypeAdapter[Any], value: object) -> list[ErrorDetails]:
+    try:
+        adapter.validate_json(to_json(value))
+    except ValidationError as invalid:
+        return invalid.errors(include_url=False)
+    return []
+
+
+def _trimmed(value: object, known: frozenset[str]) -> object:
+    """An object with its known fields and its first MAX_PROBLEMS unknown ones: what its first problems
+    need."""
+    if not isinstance(value, dict):
+        return value
+    unknown = [key for key in value if key not in known][:MAX_PROBLEMS]
+    return {key: value[key] for key in (*(key for key in value if key in known), *unknown)}
+
+
+def _first_errors(raw: bytes, batch: bool) -> list[ErrorDetails]:
+    """The first bad fields of a body with more than MAX_PROBLEMS, found again on trimmed copies of its
+    parts, report by report until there are enough: pydantic-core counts all of a body's errors cheaply,
+    but makes each a Python dict only all at once (200,000 of them for a batch of unknown keys, seconds
+    of the event loop)."""
+    data = from_json(raw)
+    if not batch:
+        return _errors(REPORT, _trimmed(data, _REPORT_FIELDS))
+    reports = data.get("reports") if isinstance(data, dict) else None
+    shell = _trimmed(data, frozenset({"reports"}))
+    if isinstance(reports, list):
+        # Only its length matters to the shell: the reports themselves are checked one by one below.
+        shell = {**shell, "reports": [0] * len(reports)}  # type: ignore[dict-item]
+    errors = _errors(_SHELL, shell)
+    if any(error["loc"] == ("reports",) for error in errors):
+        return errors  # as pydantic does, reports too many (or not a list) are not looked into
+    for index, report in enumerate(reports if isinstance(reports, list) else ()):
+        if len(errors) >= MAX_PROBLEMS:
+            break
+        errors += [
+            {**error, "loc": ("reports", index, *error["loc"])}
+            for error in _errors(REPORT, _trimmed(report, _REPORT_FIELDS))
+        ]
+    return errors
+
+
+def _invalid(raw: bytes, invalid: ValidationError, batch: bool) -> InvalidReports:
+    count = invalid.error_count()
+    errors = invalid.errors(include_url=False) if count <= MAX_PROBLEMS else _first_errors(raw, batch)
+    problems = [_problem(error) for error in errors[:MAX_PROBLEMS]]
+    return InvalidReports(problems, count - len(problems))
+
+
+def _has_reports_key(raw: bytes, invalid: ValidationError) -> bool:
+    """Whether a body tried as one report is a batch after all, its "reports" key not the first."""
+    if invalid.error_count() > MAX_PROBLEMS:  # valid JSON: a body that is not has one error
+        data = from_json(raw)
+        return isinstance(data, dict) and "reports" in data
+    return any(
+        error["type"] == "extra_forbidden" and error["loc"] == ("reports",)
+        for error in invalid.errors(include_url=False)
+    )
+
+
 def _batch(raw: bytes) -> ParsedReports:
     try:
         with _collector_paused():
             return ParsedReports(BATCH.validate_json(raw).reports, batch=True)
     except ValidationError as invalid:
-        raise InvalidReports([_problem(error) for error in invalid.errors()]) from None
+        raise _invalid(raw, invalid, batch=True) from None
 
 
 def parse_reports(raw: bytes) -> ParsedReports:
-    """The reports of a request body, or InvalidReports naming every bad field. A body with a
-    "reports" key is a batch; any other is one report."""
+    """The reports of a request body, or InvalidReports naming its first MAX_PROBLEMS bad fields. A
+    body with a "reports" key is a batch; any other is one report."""
     if _BATCH_START.match(raw):
         return _batch(raw)
     try:
         return ParsedReports([REPORT.validate_json(raw)], batch=False)
     except ValidationError as invalid:
-        errors = invalid.errors()
-    if any(error["type"] == "extra_forbidden" and error["loc"] == ("reports",) for error in errors):
+        single = invalid
+    if _has_reports_key(raw, single):
         return _batch(raw)
-    raise InvalidReports([_problem(error) for error in errors])
+    raise _invalid(raw, single, batch=False)
 
 
 def period_problems(parsed: ParsedReports, now: datetime, skew: timedelta) -> list[Problem]:

@@ -105,8 +105,8 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _invalid(problems: list[Problem]) -> ValidationFailed:
-    return ValidationFailed([problem.to_json() for problem in problems])
+def _invalid(problems: list[Problem], more: int = 0) -> ValidationFailed:
+    return ValidationFailed([problem.to_json() for problem in problems], more)
 
 
 async def past_retention(usage: UsageMetering, parsed: ParsedReports, now: datetime) -> list[Problem]:
@@ -165,7 +165,7 @@ async def report_usage(request: web.Request) -> web.Response:
     try:
         parsed = parse_reports(raw)
     except InvalidReports as invalid:
-        raise _invalid(invalid.problems) from None
+        raise _invalid(invalid.problems, invalid.more) from None
     problems = period_problems(parsed, now, usage.options.clock_skew) or await past_retention(
         usage, parsed, now
     )

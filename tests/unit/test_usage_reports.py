@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
+from iotistic_billing.errors import MAX_PROBLEMS, ValidationFailed
 from iotistic_billing.usage.reports import (
     COLUMNS,
     INT64_MAX,
     Difference,
     InvalidReports,
+    Problem,
     as_stored,
     earliest_starts,
     field_path,
@@ -95,6 +97,33 @@ def test_errors_name_the_field_inside_the_batch() -> None:
         "reports[4].colour": "unknown field",
         "reports[2].instance_id": "field required",
     }
+
+
+def test_a_batch_full_of_bad_fields_names_the_first_hundred_and_counts_the_rest() -> None:
+    """Found in review: a batch of 1,000 reports of 200 unknown keys each was refused naming every one
+    of its 200,000 bad fields, a 24 MB answer built in 3.4 s of the event loop."""
+    unknown = {f"colour_{key}": key for key in range(200)}
+    batch = body({"reports": [report(report_id=f"r-{i}", **unknown) for i in range(1000)]})
+    with pytest.raises(InvalidReports) as caught:
+        parse_reports(batch)
+    assert len(caught.value.problems) == MAX_PROBLEMS
+    assert caught.value.more == 200_000 - MAX_PROBLEMS
+    assert caught.value.problems[0] == Problem("reports[0].colour_0", "unknown field", "extra_forbidden")
+    refused = ValidationFailed([problem.to_json() for problem in caught.value.problems], caught.value.more)
+    assert len(refused.details) == MAX_PROBLEMS
+    assert refused.message.endswith("reports[0].colour_99: unknown field; ... and 199,900 more problems")
+    # Every route's 400 is held to it.
+    many = ValidationFailed([{"field": "x", "message": "unknown field", "type": "extra_forbidden"}] * 150)
+    assert len(many.details) == MAX_PROBLEMS and many.message.endswith("; ... and 50 more problems")
+    # One report of them is as bounded, and so is a batch whose own keys are the bad ones.
+    with pytest.raises(InvalidReports) as caught:
+        parse_reports(body(report(**{f"colour_{key}": key for key in range(100_000)})))
+    assert (len(caught.value.problems), caught.value.more) == (MAX_PROBLEMS, 100_000 - MAX_PROBLEMS)
+    with pytest.raises(InvalidReports) as caught:
+        parse_reports(body({"reports": [report(active_devices=-1)] * 1001, **unknown}))
+    # Too long, said first; pydantic looks no further into the reports.
+    assert caught.value.problems[0].field == "reports"
+    assert (len(caught.value.problems), caught.value.more) == (MAX_PROBLEMS, 1 + 200 - MAX_PROBLEMS)
 
 
 def test_a_single_report_names_its_fields_without_a_prefix() -> None:
