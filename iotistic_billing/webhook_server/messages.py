@@ -35,13 +35,15 @@ def parse_json(raw: str | bytes) -> object:
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:
-    """The JSON body as `model`, or a 400 naming each bad field (413 beyond client_max_size)."""
+    """The JSON body as `model`, or a 400 naming each bad field (413 beyond client_max_size). Validated
+    as JSON, where a strict model (schemas.Request) takes each type as JSON writes it: an RFC 3339
+    string for a time, only true and false for a boolean."""
     raw = await request.read()
     data = parse_json(raw) if raw else None
     if not isinstance(data, dict):
         raise ValidationFailed.single("body", "must be a JSON object")
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw)
     except ValidationError as invalid:
         raise ValidationFailed.from_pydantic(invalid) from None
 

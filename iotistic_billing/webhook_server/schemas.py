@@ -114,9 +114,11 @@ def unstorable_text(value: object) -> dict[str, str] | None:
 
 
 class Request(BaseModel):
-    """Unknown fields are refused, so a misspelt field is a 400 rather than silently ignored."""
+    """Unknown fields are refused, so a misspelt field is a 400 rather than silently ignored. Strict, and
+    read as JSON (messages.read_body): a value is of the type the document says, as JSON spells it, not
+    one pydantic could make of it ("yes" a true, 1.0 a 1, " cust_abc123 " stripped to an id)."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Before the field's own checks, whose patterns refuse NUL too but name no reason.
     @field_validator("*", mode="before")
@@ -130,9 +132,9 @@ class Request(BaseModel):
 # Free text: a Request refuses NUL in every string (PostgreSQL text holds none), and the pattern says so
 # in the OpenAPI document, where a client generating from it would send one.
 NO_NUL = Field(pattern=r"^[^\x00]*$")
-# Text a person writes: a Request strips it, so blank text is refused; the pattern says so too, where a
-# minimum length alone let " " pass for valid. Blank as the CRD says (a BOM alone passed here, then the
-# API server refused the Customer after its Stripe customer was made).
+# Text a person writes, not blank: the pattern says so, where a minimum length alone let " " pass for
+# valid. Blank as the CRD says (a BOM alone passed here, then the API server refused the Customer after
+# its Stripe customer was made).
 NOT_BLANK = Field(min_length=1, pattern=rf"^[^\x00]*[^\x00{BLANK_CHARACTERS}][^\x00]*$")
 
 

@@ -10,12 +10,12 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import (
@@ -45,12 +45,13 @@ from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
 from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
-from iotistic_billing.webhook_server.messages import read_customer_id, read_notice_id
+from iotistic_billing.webhook_server.messages import read_body, read_customer_id, read_notice_id
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
 from iotistic_billing.webhook_server.schemas import (
+    CancelRequest,
     ReportsCursor,
     Request,
     SignupRequest,
@@ -380,6 +381,47 @@ def test_signup_validation_messages_name_the_field() -> None:
         "email: value is not a valid email address; company_name: String should have at least 1 character"
     )
     assert [problem["field"] for problem in failed.details] == ["email", "company_name"]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Body:
+    """What read_body reads of a request: its bytes."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    async def read(self) -> bytes:
+        return self.raw
+
+
+async def read_request(model: type[M], body: dict[str, Any]) -> M:
+    return await read_body(cast(web.Request, _Body(json.dumps(body).encode())), model)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"immediately": "yes"}, "immediately"),
+        ({"immediately": "t"}, "immediately"),
+        ({"immediately": "on"}, "immediately"),
+        ({"immediately": "1"}, "immediately"),
+        ({"immediately": 1}, "immediately"),
+        ({"immediately": 1.0}, "immediately"),
+        ({"customer_id": " cust_abc123xyz789 "}, "customer_id"),
+    ],
+)
+async def test_request_bodies_are_read_strictly_as_json_types_them(body: dict[str, Any], field: str) -> None:
+    """Found in review: bodies were validated loosely, so {"immediately": "yes"} (or "t", "on", "1", 1,
+    1.0) cancelled a subscription at once, though the document says boolean, and " cust_abc123xyz789 "
+    was stripped and taken despite the id's pattern."""
+    with pytest.raises(ValidationFailed) as refused:
+        await read_request(CancelRequest, {"customer_id": "cust_abc123xyz789", **body})
+    assert [problem["field"] for problem in refused.value.details] == [field]
+    assert refused.value.message.startswith(f"{field}: ")
+    cancel = await read_request(CancelRequest, {"customer_id": "cust_abc123xyz789", "immediately": True})
+    assert cancel.immediately is True
 
 
 def record(name: str, phase: str | None = None, **spec: Any) -> CustomerRecord:
