@@ -21,8 +21,18 @@ from decimal import ROUND_HALF_UP, Decimal
 from operator import attrgetter
 from typing import Annotated, Any, Final
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails, from_json, to_json
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import CoreSchema, ErrorDetails, core_schema, from_json, to_json
 
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.errors import MAX_PROBLEMS
@@ -42,15 +52,34 @@ PRINTABLE_ID_PATTERN: Final = r"^[!-~]+$"
 # Every check below is a constraint pydantic-core runs itself: a Python validator per field would make
 # a batch of 1,000 reports three times slower to validate.
 _TIMESTAMP = "RFC 3339 with a zone, e.g. 2026-11-01T10:00:00Z; from 2000-01-01T00:00:00Z, before 9000"
+# RFC 3339's date-time (upper case T and Z, an offset with its colon): pydantic alone also reads
+# "1767225600" (Unix seconds as a string), "2026-01-01 00:00:00Z" and "+0100" as times.
+RFC3339_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def _rfc3339(_source: Any, _handler: GetCoreSchemaHandler) -> CoreSchema:
+    """A string of RFC 3339's shape, then a time: both checked by pydantic-core, one regex match more
+    a timestamp."""
+    return core_schema.chain_schema(
+        [
+            core_schema.custom_error_schema(
+                core_schema.str_schema(pattern=RFC3339_PATTERN, strict=True),
+                custom_error_type="datetime_format",
+                custom_error_message=f"must be {_TIMESTAMP.split(';')[0]}",
+            ),
+            # Bounded, so that times far outside ours never reach arithmetic that would overflow.
+            core_schema.datetime_schema(ge=EARLIEST, lt=LATEST, tz_constraint="aware"),
+        ]
+    )
+
+
 Timestamp = Annotated[
     AwareDatetime,
-    # Bounded, so that times far outside ours never reach arithmetic that would overflow.
-    Field(
-        strict=True,
-        ge=EARLIEST,
-        lt=LATEST,
-        description=_TIMESTAMP,
-    ),
+    GetPydanticSchema(_rfc3339),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}),
+    Field(description=_TIMESTAMP),
 ]
 # Strict: "42" is refused as the document says, and so is 42.0, which JSON Schema calls an integer too.
 _WHOLE = "A whole number written without a fraction (42, not 42.0)."

@@ -142,6 +142,16 @@ def test_a_single_report_names_its_fields_without_a_prefix() -> None:
         ("http_requests", 10.0),  # counters are integers, not floats that happen to be whole
         ("period_start", "2026-11-17T10:00:00"),  # no zone
         ("period_start", 1763373600),  # RFC 3339 strings only, not Unix seconds
+        # Found in review: pydantic read these as times, though RFC 3339 spells none of them so.
+        ("period_start", "1763373600"),  # Unix seconds as a string
+        ("period_start", "1763373600000"),  # milliseconds
+        ("period_end", "2026-11-17 11:00:00Z"),  # a space for the T
+        ("period_start", "2026-11-17t10:00:00z"),
+        ("period_start", "2026-11-17T10:00:00+0100"),  # an offset without its colon
+        ("period_start", "2026-11-17T10:00Z"),  # no seconds
+        ("period_start", "2026-11-17T10:00:00.Z"),
+        ("period_start", "\uff12\uff10\uff12\uff16-11-17T10:00:00Z"),  # fullwidth digits
+        ("period_start", "2026-11-17"),
         ("period_start", "1999-12-31T23:00:00Z"),  # out of range
         ("postgres_size_mb", -0.5),
         ("postgres_size_mb", "NaN"),
