@@ -49,6 +49,13 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 
 
 def read_query(request: web.Request, model: type[M]) -> M:
+    """The query as `model`, or a 400 naming each bad parameter. One the model reads given twice is
+    refused, rather than its first taken (?limit=1&limit=500); unknown ones are ignored."""
+    repeated = [name for name in model.model_fields if len(request.query.getall(name, [])) > 1]
+    if repeated:
+        raise ValidationFailed(
+            [{"field": name, "message": "must be given once", "type": "query_repeated"} for name in repeated]
+        )
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as invalid:

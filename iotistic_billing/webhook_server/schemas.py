@@ -20,6 +20,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     RootModel,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
@@ -139,9 +140,19 @@ NOT_BLANK = Field(min_length=1, pattern=rf"^[^\x00]*[^\x00{BLANK_CHARACTERS}][^\
 
 
 class Query(BaseModel):
-    """Query strings: unknown parameters are ignored (cache busters and the like)."""
+    """Query strings: unknown parameters are ignored (cache busters and the like); one read given twice
+    is refused (messages.read_query)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    # pydantic reads "5.0", "+5", " 5" and "1_0" as numbers: a query's number is its digits alone.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_digits(cls, value: object, info: ValidationInfo) -> object:
+        number = info.field_name is not None and cls.model_fields[info.field_name].annotation is int
+        if number and isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise PydanticCustomError("int_parsing", "must be a whole number in plain digits (0-9)")
+        return value
 
 
 class Response(BaseModel):

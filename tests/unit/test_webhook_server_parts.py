@@ -45,13 +45,14 @@ from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
 from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
-from iotistic_billing.webhook_server.messages import read_body, read_customer_id, read_notice_id
+from iotistic_billing.webhook_server.messages import read_body, read_customer_id, read_notice_id, read_query
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
 from iotistic_billing.webhook_server.route_table import ROUTES
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
+    NoticeQuery,
     ReportsCursor,
     Request,
     SignupRequest,
@@ -323,6 +324,28 @@ def test_a_notice_id_off_the_range_is_a_400_naming_it(notice_id: str) -> None:
         read_notice_id(request)
     assert refused.value.status == 400
     assert refused.value.details[0]["field"] == "noticeId"
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=1&limit=500", "limit"),  # which one counted was the first
+        ("limit=5.0", "limit"),
+        ("limit=%2B5", "limit"),  # +5
+        ("limit=%205", "limit"),  # " 5"
+        ("limit=1_0", "limit"),
+        ("limit=%D9%A3", "limit"),  # an Arabic-Indic three
+        ("status=sent&status=dead", "status"),
+    ],
+)
+def test_a_query_parameter_repeated_or_not_in_plain_digits_is_a_400_naming_it(query: str, field: str) -> None:
+    """Found in review: ?limit=1&limit=500 read the first and ignored the other, and 5.0, +5, " 5" and
+    1_0 were read as numbers."""
+    with pytest.raises(ValidationFailed) as refused:
+        read_query(make_mocked_request("GET", f"/api/notices?{query}"), NoticeQuery)
+    assert [problem["field"] for problem in refused.value.details] == [field]
+    read = read_query(make_mocked_request("GET", "/api/notices?limit=05&cache=1&cache=2"), NoticeQuery)
+    assert read.limit == 5  # plain digits, and unknown parameters (repeated too) ignored
 
 
 @pytest.mark.parametrize(
