@@ -26,7 +26,18 @@ def _not_json(constant: str) -> object:
 
 def parse_json(raw: str | bytes) -> object:
     """A request body as JSON (RFC 8259: NaN and Infinity, which json.loads takes and neither the
-    models nor JSONB do, refused), or a 400 naming the body."""
+    models nor JSONB do, refused), or a 400 naming the body. UTF-8 without a byte order mark only, as
+    the usage reports' parser reads them: json.loads takes UTF-16 and UTF-32 bytes too, and drops a
+    BOM."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationFailed.single("body", "is not valid JSON: not UTF-8") from None
+    if raw.startswith("\ufeff"):
+        raise ValidationFailed.single(
+            "body", "is not valid JSON: a byte order mark before it (UTF-8 without one only)"
+        )
     try:
         return json.loads(raw, parse_constant=_not_json)
     # RecursionError: nested deeper than the parser's recursion limit (~1,000 levels).

@@ -15,9 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from iotistic_billing.settings import load_settings
+from iotistic_billing.usage.reports import InvalidReports, parse_reports
 from iotistic_billing.webhook_server.app import create_app
-from iotistic_billing.webhook_server.context import METRICS
+from iotistic_billing.webhook_server.context import METRICS, USAGE_KEYS
 from iotistic_billing.webhook_server.options import ServerOptions
+from iotistic_billing.webhook_server.security import UsageKeyCache
 from tests.conftest import eventually
 
 ADMIN = "admin-token-" + "a" * 20
@@ -154,3 +156,35 @@ async def serving(app: web.Application, handler_cancellation: bool) -> AsyncIter
         yield listener.getsockname()[1]
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('{"reason": "lost laptop"}'.encode("utf-16"), "body: is not valid JSON: not UTF-8"),
+        ('{"reason": "lost laptop"}'.encode("utf-32"), "body: is not valid JSON: not UTF-8"),
+        (
+            b"\xef\xbb\xbf" + b'{"reason": "lost laptop"}',
+            "body: is not valid JSON: a byte order mark before it (UTF-8 without one only)",
+        ),
+    ],
+    ids=["utf-16", "utf-32", "utf-8-bom"],
+)
+async def test_a_body_is_utf_8_without_a_byte_order_mark_on_every_route(raw: bytes, message: str) -> None:
+    """Found in review: json.loads took UTF-16 and UTF-32 bodies, and UTF-8 with a byte order mark, on
+    most routes, while the usage reports and Stripe's events refused them."""
+    app = app_without_dependencies()
+    app[USAGE_KEYS] = UsageKeyCache(None)  # an admin bearer is never looked up in it
+    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.post("/api/licenses/cust_abcdef/revoke", data=raw, headers=headers)
+        assert answer.status == 400
+        problem = await answer.json()
+        assert problem["message"] == message, problem
+        assert [detail["field"] for detail in problem["details"]] == ["body"]
+    # The rule the usage reports' parser (pydantic-core's) had.
+    with pytest.raises(InvalidReports) as refused:
+        parse_reports(raw)
+    assert [(problem.field, problem.message) for problem in refused.value.problems] == [
+        ("body", "is not valid JSON")
+    ]
