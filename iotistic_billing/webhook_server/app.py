@@ -159,6 +159,11 @@ def create_app(
         entries[route] = entry
         assert isinstance(route.resource, web.Resource)  # add_route always makes one
         methods.setdefault(route.resource, []).append(entry.method)
+        if entry.method == hdrs.METH_GET:
+            # As aiohttp's add_get does: HEAD answered as the GET, without its body (a load balancer's
+            # or an uptime check's HEAD /healthz was a 405). The document lists the GETs alone.
+            entries[route.resource.add_route(hdrs.METH_HEAD, entry.handler)] = entry
+            methods[route.resource].append(hdrs.METH_HEAD)
     for resource, allowed in methods.items():
         # Without it aiohttp goes on to the next resource: `GET /api/subscriptions/checkout` was read as
         # `GET /api/subscriptions/{customerId}`, and other methods got an Allow of both paths' methods.

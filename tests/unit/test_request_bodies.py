@@ -188,3 +188,18 @@ async def test_a_body_is_utf_8_without_a_byte_order_mark_on_every_route(raw: byt
     assert [(problem.field, problem.message) for problem in refused.value.problems] == [
         ("body", "is not valid JSON")
     ]
+
+
+async def test_head_is_answered_wherever_get_is() -> None:
+    """Found in review: the GET routes were added without HEAD, so `HEAD /healthz` (a load balancer's or
+    an uptime checker's probe) was a 405."""
+    app = app_without_dependencies()
+    async with TestClient(TestServer(app)) as client:
+        # /readyz is registered the same way; its checks need the dependencies this app is without.
+        for path in ("/healthz", "/api/licenses/public-key", "/api/openapi.json"):
+            got = await client.get(path)
+            head = await client.head(path)
+            assert head.status == got.status != 405, path
+            assert await head.read() == b""
+        refused = await client.put("/healthz")
+        assert refused.status == 405 and refused.headers["Allow"] == "GET,HEAD"
