@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import stripe
 
+from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.errors import (
     NOTHING_CHANGED,
     ApiError,
@@ -63,6 +64,8 @@ class SubscriptionChange:
     cancel_at_period_end: bool
     # False: the subscription was as asked already (a plan change to the price it is on), nothing sent.
     changed: bool = True
+    # The plan of its plan item, as Stripe answered (set by cancel): None when it has none of ours.
+    plan: PaidPlanName | None = None
 
 
 async def _stripe(
@@ -402,19 +405,25 @@ class StripeApi:
         )
 
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
+        """The subscription cancelled, with its plan as Stripe has it (the Customer's spec.subscription
+        may be another subscription of the customer's)."""
         if immediately:
             cancelled = await _stripe(
                 self.client.v1.subscriptions.cancel_async(subscription_id),
                 "cancel the subscription",
                 writes=True,
             )
-            return _sub_fields(cancelled)
-        updated = await _stripe(
-            self.client.v1.subscriptions.update_async(subscription_id, params={"cancel_at_period_end": True}),
-            "cancel the subscription at the period end",
-            writes=True,
-        )
-        return _sub_fields(updated)
+        else:
+            cancelled = await _stripe(
+                self.client.v1.subscriptions.update_async(
+                    subscription_id, params={"cancel_at_period_end": True}
+                ),
+                "cancel the subscription at the period end",
+                writes=True,
+            )
+        item = self.catalog.plan_item(cancelled.to_dict())
+        plan = self.catalog.plan_for(item_price(item)) if item is not None else None
+        return replace(_sub_fields(cancelled), plan=plan)
 
     async def portal_session(self, *, stripe_customer_id: str, return_url: str) -> str:
         session = await _stripe(

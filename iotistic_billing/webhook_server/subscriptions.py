@@ -243,7 +243,9 @@ async def cancel_subscription(request: web.Request) -> web.Response:
             customer_id=record.customer_id,
             subscription_id=change.subscription_id,
             status=change.status,
-            plan=record.customer.spec.subscription.plan if record.customer.spec.subscription else None,
+            # The cancelled subscription's, not spec.subscription's: the newest live one of the
+            # customer's records when spec.subscription's is not live.
+            plan=change.plan,
             cancel_at_period_end=change.cancel_at_period_end,
             canceled_immediately=body.immediately,
         )

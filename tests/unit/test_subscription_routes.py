@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.prices import PriceCatalog
@@ -20,7 +21,12 @@ from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
 
-PRICES = {"starter": "price_starter", "professional": "price_pro", "enterprise": "price_ent"}
+PRICES: dict[PaidPlanName, str] = {
+    "starter": "price_starter",
+    "professional": "price_pro",
+    "enterprise": "price_ent",
+}
+PLANS_BY_PRICE = {price: plan for plan, price in PRICES.items()}
 CHECKOUT = {"success_url": "https://a.example/ok", "cancel_url": "https://a.example/no"}
 LIVE = {"status": "active", "plan": "starter", "stripeSubscriptionId": "sub_live1", "lastEventCreated": 1}
 
@@ -114,6 +120,11 @@ class FakeStripe:
         self.prices[subscription_id] = price_id
         return SubscriptionChange(subscription_id, "active", False, changed=changed)
 
+    async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
+        self.calls.append(("cancel", {"subscription_id": subscription_id, "immediately": immediately}))
+        plan = PLANS_BY_PRICE[self.prices.get(subscription_id, PRICES["starter"])]
+        return SubscriptionChange(subscription_id, "canceled", False, plan=plan)
+
     async def portal_session(self, **kw: Any) -> str:
         self.calls.append(("portal", kw))
         return "https://billing.stripe.com/p/session/x"
@@ -137,13 +148,14 @@ async def routes() -> AsyncIterator[Routes]:
     kube, db = FakeKube(), FakeDatabase([])
     stripe = FakeStripe(db)
     app[SETTINGS] = load_settings(admin_api_token="admin-token-" + "a" * 20)
-    app[CATALOG] = PriceCatalog(PRICES)  # type: ignore[arg-type]
+    app[CATALOG] = PriceCatalog(PRICES)
     app[DIRECTORY] = Directory(kube)  # type: ignore[arg-type]
     app[STRIPE] = stripe  # type: ignore[assignment]
     app[SESSIONS] = db  # type: ignore[assignment]
     for path, handler in [
         ("checkout", subscriptions.create_checkout),
         ("upgrade", subscriptions.upgrade_subscription),
+        ("cancel", subscriptions.cancel_subscription),
         ("portal", subscriptions.create_portal_session),
     ]:
         app.router.add_post(f"/api/subscriptions/{path}", handler)
@@ -167,6 +179,23 @@ async def test_a_plan_change_right_after_another_is_decided_by_stripe_not_the_la
     assert again[0] == 409 and again[1]["error"] == "Plan unchanged", again
     assert again[1]["details"] == [{"field": "new_plan", "message": "equals the current plan"}]
     assert routes.stripe.prices == {"sub_live1": "price_starter"}
+
+
+async def test_a_cancel_answers_with_the_plan_of_the_subscription_it_cancelled(routes: Routes) -> None:
+    """Found in review: the answer's plan was spec.subscription's even when the cancel chose another,
+    newer subscription of the customer's records (spec.subscription's had ended)."""
+    ended = {**LIVE, "status": "canceled", "stripeSubscriptionId": "sub_old1"}
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=ended
+    )
+    routes.db.stored = "sub_newer1"  # the newest live row of the subscriptions table
+    routes.stripe.prices["sub_newer1"] = PRICES["professional"]
+
+    status, answer = await routes.post("cancel", {"customer_id": "cust_acme01", "immediately": True})
+
+    assert status == 200, answer
+    assert routes.stripe.made("cancel") == [{"subscription_id": "sub_newer1", "immediately": True}]
+    assert (answer["subscription_id"], answer["plan"]) == ("sub_newer1", "professional")
 
 
 @pytest.mark.parametrize(
