@@ -28,8 +28,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
+import asyncpg
+
 from iotistic_billing.customer import PAID_PLAN_NAMES
-from iotistic_billing.db.pool import Connection, Queryable
+from iotistic_billing.db.pool import Connection, Queryable, database_unreachable
 from iotistic_billing.licensing.plans import IncludedUsage, plan_by_name
 from iotistic_billing.usage.periods import INSTANT, LONGEST_PERIOD, BillingPeriod
 from iotistic_billing.usage.pricing import Overage, PeriodTotals, overage, roll_up
@@ -597,6 +599,10 @@ async def close_periods(
                     billed_manually=row["billed_manually"] or row["customer_id"] in manual,
                 )
             except Exception as error:
+                # PostgreSQL away or timing out is the run's failure (IotisticUsageRunsFailing), not this
+                # row's: said of every row, it hid an outage as periods that "cannot close".
+                if database_unreachable(error) or isinstance(error, asyncpg.QueryCanceledError):
+                    raise
                 # One row that cannot close (a plan a later release renamed: plan_by_name's ValueError)
                 # failed the run there, before every row after it, in every run for good.
                 await _not_closed(conn, row, period, error, now)

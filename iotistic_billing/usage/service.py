@@ -655,12 +655,20 @@ class UsageMetering:
 
 def run_result(outcome: object) -> str:
     """How a timer's run that returned `outcome` is counted: skipped while another replica held its lock
-    (no failure: that replica ran it), failed when a partition run left this month or the next without
-    its partition, else ok."""
+    (no failure: that replica ran it) or a flush had nothing to write, failed when a partition run left
+    this month or the next without its partition or a flush wrote none of its Customers, else ok."""
     if isinstance(outcome, MeterRun | PartitionRun) and outcome.skipped:
         return "skipped"
     if isinstance(outcome, PartitionRun) and outcome.missing:
         return "failed"
+    if isinstance(outcome, FlushResult):
+        # A flush catches its errors itself, so each failed as a whole is said by its result: every
+        # Customer failed, none written. One with nothing to flush (no report since the last, the inbox
+        # process's always) is skipped: counted ok, it hid the server's failing flushes.
+        if not (outcome.patched or outcome.unchanged or outcome.missing or outcome.failed):
+            return "skipped"
+        if outcome.failed and not (outcome.patched or outcome.unchanged):
+            return "failed"
     return "ok"
 
 

@@ -19,10 +19,11 @@ QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestLog(AccessLogger):
-    """aiohttp's access log (its format and fields), without a successful GET of QUIET_PATHS."""
+    """aiohttp's access log (its format and fields), without a successful GET or HEAD (a load
+    balancer's check) of QUIET_PATHS."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.method == "GET" and request.path in QUIET_PATHS and response.status < 400:
+        if request.method in ("GET", "HEAD") and request.path in QUIET_PATHS and response.status < 400:
             return
         super().log(request, response, time)
 

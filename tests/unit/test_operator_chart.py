@@ -1649,8 +1649,16 @@ def test_usage_runs_that_never_succeed_raise_an_alert_by_run(
     [alert] = [a for a in webhook_alerts(monitored_objects) if a["alert"] == "IotisticUsageRunsFailing"]
     window = f"{3 * Settings.model_fields['usage_meter_interval'].default / 3600:g}h"
     assert window == "3h"
-    ok_runs = f'iotistic_usage_runs_total{{result="ok", namespace="{NAMESPACE}"}}[{window}]'
-    assert alert["expr"] == f"sum by (run) (increase({ok_runs})) == 0"
+
+    def runs(which: str, result: str) -> str:
+        selector = f'{which}, result="{result}", namespace="{NAMESPACE}"'
+        return f"sum by (run) (increase(iotistic_usage_runs_total{{{selector}}}[{window}]))"
+
+    # A flush runs only when reports came: it alerts on failures without a success, not on a quiet hour.
+    flush, others = 'run="flush"', 'run!="flush"'
+    assert alert["expr"] == (
+        f"{runs(others, 'ok')} == 0 or ({runs(flush, 'failed')} > 0 and {runs(flush, 'ok')} == 0)"
+    )
     assert "{{ $labels.run }}" in alert["annotations"]["summary"]
 
     longer = render(

@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from itertools import pairwise
-from typing import cast
+from typing import Any, cast
 
+import asyncpg
 import pytest
 
 from iotistic_billing.customer import Customer
@@ -494,3 +495,52 @@ async def test_a_period_whose_subscription_ended_first_is_not_metered_as_billed(
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"meter events of cust_acme, period {period.start.isoformat()} .. {period.end.isoformat()}: {reason}"
     ]
+
+
+class DueRows:
+    """The open rollups close_periods fetches: one row, due; what it executed."""
+
+    def __init__(self) -> None:
+        self.executed: list[str] = []
+
+    async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
+        return [
+            {
+                "customer_id": "cust_acme",
+                "period_start": JAN_20,
+                "period_end": FEB_20,
+                "plan": "starter",
+                "billed_manually": False,
+                "meter_refusal": None,
+            }
+        ]
+
+    async def execute(self, query: str, *args: object) -> str:
+        self.executed.append(query)
+        return "UPDATE 1"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TimeoutError(),
+        ConnectionResetError(),
+        asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+    ],
+)
+async def test_postgresql_away_or_timing_out_fails_the_close_not_the_row(
+    error: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: every error of a row's close marked it "not closed", so PostgreSQL timing out
+    at a month-end said its periods cannot close (an alert to mend a plan), and an outage of every row
+    left the run counted ok."""
+    from iotistic_billing.usage import rollups
+
+    async def failing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(rollups, "roll_up_period", failing)
+    conn = DueRows()
+    with pytest.raises(type(error)):
+        await rollups.close_periods(cast(Any, conn), FEB_20 + timedelta(hours=2), grace=timedelta(hours=1))
+    assert conn.executed == []  # nothing said of the row

@@ -22,7 +22,7 @@ from iotistic_billing.usage.metrics import UsageMetrics
 from iotistic_billing.usage.options import UsageOptions
 from iotistic_billing.usage.partitions import PartitionRun
 from iotistic_billing.usage.reports import parse_reports
-from iotistic_billing.usage.service import UsageMetering
+from iotistic_billing.usage.service import FlushResult, UsageMetering, run_result
 
 NOW = datetime(2026, 11, 17, 12, tzinfo=UTC)
 CUSTOMER_ID = "cust_acme00000001"
@@ -231,6 +231,22 @@ def metering(registry: CollectorRegistry) -> UsageMetering:
         metrics=UsageMetrics(registry),
         clock=lambda: NOW,
     )
+
+
+@pytest.mark.parametrize(
+    ("flushed", "result"),
+    [
+        (FlushResult(), "skipped"),  # nothing reported since the last: the inbox process's, always
+        (FlushResult(failed=3), "failed"),  # every Customer refused: no write at all
+        (FlushResult(patched=2, failed=1), "ok"),
+        (FlushResult(unchanged=1), "ok"),
+    ],
+)
+def test_a_flush_is_counted_by_what_it_wrote(flushed: FlushResult, result: str) -> None:
+    """Found in review: a flush catches its errors itself, so every flush counted ok, the inbox process's
+    empty ones every 10 s too: IotisticUsageRunsFailing could never fire for a flush the API server
+    refused for hours."""
+    assert run_result(flushed) == result
 
 
 async def test_a_usage_run_that_raises_is_counted_failed_not_only_logged() -> None:

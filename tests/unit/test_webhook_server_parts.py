@@ -672,7 +672,7 @@ async def _access_lines(settings: Settings, caplog: pytest.LogCaptureFixture) ->
 
     app = web.Application()
     for path in ("/healthz", "/readyz", "/metrics"):
-        app.router.add_get(path, answer)
+        app.router.add_get(path, answer)  # HEAD too, as the app answers it
     app.router.add_post("/api/usage/report", answer)
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     server = TestServer(app)
@@ -680,6 +680,8 @@ async def _access_lines(settings: Settings, caplog: pytest.LogCaptureFixture) ->
     async with TestClient(server) as client:
         for path in ("/healthz", "/readyz", "/metrics", "/readyz?fail=1"):
             (await client.get(path)).release()
+        # Found in review: a load balancer's HEAD check was logged each time.
+        (await client.head("/healthz")).release()
         (await client.post("/api/usage/report", json={})).release()
     return [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
 
