@@ -1883,3 +1883,23 @@ def test_every_variable_the_chart_sets_is_a_setting_the_code_reads(
         assert settings.stripe_metered_prices == ["price_m1", "price_m2"]
         assert [str(network) for network in settings.notify_webhook_allowed_cidrs] == ["10.20.0.0/16"]
         assert settings.access_log is False
+
+
+def test_values_this_chart_added_default_for_a_release_upgraded_with_its_old_values(
+    helm: Path, tmp_path: Path
+) -> None:
+    """Found in review: `helm upgrade --reuse-values` of a release installed before webhookServer.accessLog
+    and monitoring.prometheusRule.usageRunWindow renders them as nothing: ACCESS_LOG="" stopped the new
+    webhook-server pods (not a boolean), and the alert's range was empty PromQL. Null removes a default
+    as the old release's values lack it."""
+    values = {
+        "webhookServer": {"accessLog": None},
+        "monitoring": {
+            **MONITORING["monitoring"],
+            "prometheusRule": {"enabled": True, "usageRunWindow": None},
+        },
+    }
+    objects = render(helm, tmp_path, values)
+    assert env_of(one(objects, "Deployment", WEBHOOK_SERVER))["ACCESS_LOG"]["value"] == "true"
+    [alert] = [a for a in webhook_alerts(objects) if a["alert"] == "IotisticUsageRunsFailing"]
+    assert "[3h]" in alert["expr"] and "[]" not in alert["expr"]

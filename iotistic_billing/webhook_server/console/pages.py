@@ -174,9 +174,16 @@ def delivery_target(delivery: models.NoticeDelivery) -> str:
     if delivery.channel == Channel.EMAIL:
         return delivery.target
     try:
-        return urlsplit(delivery.target).netloc.rpartition("@")[2]
+        url = urlsplit(delivery.target)
+        # The host and port as parsed, not the netloc's text: a password with "/" or "?" ends the netloc
+        # early, and its start read as a host ("user:pa"); there the port is no number (ValueError).
+        host, port = url.hostname or "", url.port
     except ValueError:  # not a URL urlsplit reads ("https://[::1"): nothing of it is shown
         return "(not a readable URL)"
+    if not host:
+        return "(not a readable URL)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port is not None else host
 
 
 def pairs(value: Any) -> str:
