@@ -61,17 +61,26 @@ RFC3339_PATTERN: Final = (
 
 def _rfc3339(_source: Any, _handler: GetCoreSchemaHandler) -> CoreSchema:
     """A string of RFC 3339's shape, then a time: both checked by pydantic-core, one regex match more
-    a timestamp."""
-    return core_schema.chain_schema(
+    a timestamp. A report the code builds (the tests', the benches') may give a datetime itself."""
+    must_be = f"must be {_TIMESTAMP.split(';')[0]}"
+    # Bounded, so that times far outside ours never reach arithmetic that would overflow.
+    bounded = core_schema.datetime_schema(ge=EARLIEST, lt=LATEST, tz_constraint="aware")
+    text = core_schema.chain_schema(
         [
             core_schema.custom_error_schema(
                 core_schema.str_schema(pattern=RFC3339_PATTERN, strict=True),
                 custom_error_type="datetime_format",
-                custom_error_message=f"must be {_TIMESTAMP.split(';')[0]}",
+                custom_error_message=must_be,
             ),
-            # Bounded, so that times far outside ours never reach arithmetic that would overflow.
-            core_schema.datetime_schema(ge=EARLIEST, lt=LATEST, tz_constraint="aware"),
+            bounded,
         ]
+    )
+    instance = core_schema.datetime_schema(ge=EARLIEST, lt=LATEST, tz_constraint="aware", strict=True)
+    return core_schema.json_or_python_schema(
+        json_schema=text,
+        python_schema=core_schema.union_schema(
+            [instance, text], custom_error_type="datetime_format", custom_error_message=must_be
+        ),
     )
 
 
