@@ -57,6 +57,12 @@ class CustomerSubscribed(Exception):
         self.subscription_id = subscription_id
 
 
+class StripeCustomerMissing(Conflict):
+    """Stripe has no customer of the id a request named (deleted in Stripe, whose `customer.deleted` the
+    inbox records and does not apply): the 409 of any other refusal, which a checkout answers by making
+    the Customer a new Stripe customer."""
+
+
 @dataclass(frozen=True)
 class SubscriptionChange:
     subscription_id: str
@@ -110,7 +116,8 @@ async def _stripe(
                 ]
             ) from None
         details = {"stripe_code": code} | ({"stripe_param": param} if param else {})
-        raise Conflict(
+        kind = StripeCustomerMissing if (code, param) == ("resource_missing", "customer") else Conflict
+        raise kind(
             "Stripe refused the request",
             f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
             details,
@@ -197,15 +204,19 @@ class StripeApi:
         http: Any = self._http  # the SDK's transports are untyped
         await http.close_async()
 
-    async def create_customer(self, *, email: str, company_name: str, customer_id: str) -> str:
+    async def create_customer(
+        self, *, email: str, company_name: str, customer_id: str, replacing: str | None = None
+    ) -> str:
         """A Stripe customer; a refused email or name is a 400 naming `email` or `company_name`, as a
-        signup's body does."""
+        signup's body does. `replacing`: the Stripe customer of the customer id that Stripe no longer has
+        (checkout's), which this one takes the place of."""
+        # A retried create for the same customer id (checkout's, of a Customer applied by GitOps) makes no
+        # second Stripe customer; one replacing a deleted one is another create, under a key of its own.
+        key = f"signup-{customer_id}" + (f"-replacing-{replacing}" if replacing else "")
         customer = await _stripe(
             self.client.v1.customers.create_async(
                 params={"email": email, "name": company_name, "metadata": {"customerId": customer_id}},
-                # A retried create for the same customer id (checkout's, of a Customer applied by GitOps)
-                # makes no second Stripe customer.
-                options={"idempotency_key": f"signup-{customer_id}"},
+                options={"idempotency_key": key},
             ),
             "create a customer",
             writes=True,
@@ -437,4 +448,10 @@ class StripeApi:
         return str(session.url)
 
 
-__all__ = ["CheckoutSession", "CustomerSubscribed", "StripeApi", "SubscriptionChange"]
+__all__ = [
+    "CheckoutSession",
+    "CustomerSubscribed",
+    "StripeApi",
+    "StripeCustomerMissing",
+    "SubscriptionChange",
+]

@@ -11,14 +11,14 @@ from typing import Final
 
 from aiohttp import web
 from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import Conflict, Unavailable, ValidationFailed, stripe_not_configured
-from iotistic_billing.stripe_api import CustomerSubscribed
+from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, StripeApi, StripeCustomerMissing
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
@@ -136,58 +136,102 @@ async def create_checkout(request: web.Request) -> web.Response:
     if live is not None:
         raise _already_subscribed(record.customer_id, live)
     if stripe_customer_id is None:
-        # A Customer applied by GitOps has no Stripe customer yet: make it, and remember it at once, so a
-        # retry after a failed session finds it (another create under its idempotency key, with an email
-        # corrected meanwhile, is refused by Stripe).
-        try:
-            stripe_customer_id = await billing.create_customer(
-                email=record.customer.spec.email,
-                company_name=record.customer.spec.company_name,
-                customer_id=record.customer_id,
-            )
-        except ValidationFailed as refused:
-            # The fields Stripe refused are the Customer's spec, not this request's: mend the Customer.
-            problems = [
-                {**problem, "field": _SPEC_FIELDS.get(problem["field"], problem["field"])}
-                for problem in refused.details
-            ]
-            raise Conflict(
-                "Stripe refused the Customer's spec",
-                f"customer {record.customer_id}: "
-                + "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
-                + "; correct the Customer, then check out again",
-                problems,
-            ) from None
-        try:
-            async with sessions() as session, session.begin():
-                await remember(session, record.customer, record.customer_id, stripe_customer_id)
-        except Exception as error:
-            if not database_unreachable(error):
-                raise
-            # Not "nothing was changed": the Stripe customer exists, and a retry finds it again only
-            # under the same idempotency key, which Stripe refuses once spec.email is edited.
-            raise Unavailable(
-                "Database unavailable",
-                f"Stripe customer {stripe_customer_id} was made for customer {record.customer_id} but not"
-                " recorded: check out again soon, without editing spec.email or spec.companyName meanwhile"
-                " (a retry within 24 hours finds the same Stripe customer)",
-                {"dependency": "Database", "stripe_customer_id": stripe_customer_id},
-                headers={"Retry-After": "5"},
-            ) from None
+        # A Customer applied by GitOps has no Stripe customer yet.
+        stripe_customer_id = await _new_stripe_customer(billing, sessions, record)
     try:
-        # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
-        checkout = await billing.create_checkout_session(
-            stripe_customer_id=stripe_customer_id,
-            customer_id=record.customer_id,
-            plan=body.plan,
-            price_id=price,
-            success_url=body.success_url,
-            cancel_url=body.cancel_url,
-            live_statuses=OPEN_STATUSES,
-        )
+        try:
+            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id)
+        except StripeCustomerMissing:
+            # Deleted in Stripe: a returning customer gets a new one, unless its spec names the dead one.
+            named = record.customer.spec.billing.stripe_customer_id
+            if named is not None:
+                raise _spec_names_a_missing_customer(record.customer_id, named) from None
+            stripe_customer_id = await _new_stripe_customer(
+                billing, sessions, record, replacing=stripe_customer_id
+            )
+            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id)
     except CustomerSubscribed as subscribed:
         raise _already_subscribed(record.customer_id, subscribed.subscription_id) from None
     return json_model(CheckoutResponse(session_id=checkout.session_id, checkout_url=checkout.checkout_url))
+
+
+async def _checkout_session(
+    billing: StripeApi, record: CustomerRecord, body: CheckoutRequest, price: str, stripe_customer_id: str
+) -> CheckoutSession:
+    # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
+    return await billing.create_checkout_session(
+        stripe_customer_id=stripe_customer_id,
+        customer_id=record.customer_id,
+        plan=body.plan,
+        price_id=price,
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
+        live_statuses=OPEN_STATUSES,
+    )
+
+
+async def _new_stripe_customer(
+    billing: StripeApi,
+    sessions: async_sessionmaker[AsyncSession],
+    record: CustomerRecord,
+    replacing: str | None = None,
+) -> str:
+    """A Stripe customer made for the Customer (in place of `replacing`, which Stripe no longer has) and
+    remembered at once, so a retry after a failed session finds it (another create under its idempotency
+    key, with an email corrected meanwhile, is refused by Stripe)."""
+    try:
+        stripe_customer_id = await billing.create_customer(
+            email=record.customer.spec.email,
+            company_name=record.customer.spec.company_name,
+            customer_id=record.customer_id,
+            replacing=replacing,
+        )
+    except ValidationFailed as refused:
+        # The fields Stripe refused are the Customer's spec, not this request's: mend the Customer.
+        problems = [
+            {**problem, "field": _SPEC_FIELDS.get(problem["field"], problem["field"])}
+            for problem in refused.details
+        ]
+        raise Conflict(
+            "Stripe refused the Customer's spec",
+            f"customer {record.customer_id}: "
+            + "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
+            + "; correct the Customer, then check out again",
+            problems,
+        ) from None
+    try:
+        async with sessions() as session, session.begin():
+            await remember(session, record.customer, record.customer_id, stripe_customer_id)
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        # Not "nothing was changed": the Stripe customer exists, and a retry finds it again only
+        # under the same idempotency key, which Stripe refuses once spec.email is edited.
+        raise Unavailable(
+            "Database unavailable",
+            f"Stripe customer {stripe_customer_id} was made for customer {record.customer_id} but not"
+            " recorded: check out again soon, without editing spec.email or spec.companyName meanwhile"
+            " (a retry within 24 hours finds the same Stripe customer)",
+            {"dependency": "Database", "stripe_customer_id": stripe_customer_id},
+            headers={"Retry-After": "5"},
+        ) from None
+    return stripe_customer_id
+
+
+def _spec_names_a_missing_customer(customer_id: str, stripe_customer_id: str) -> Conflict:
+    """GitOps owns spec.billing.stripeCustomerId: a new Stripe customer would not be the Customer's."""
+    return Conflict(
+        "Stripe customer missing",
+        f"customer {customer_id}'s spec.billing.stripeCustomerId names Stripe customer {stripe_customer_id},"
+        " which Stripe does not have (deleted?); set it to a live one, or remove it and check out again"
+        " (a checkout then makes a new Stripe customer)",
+        [
+            {
+                "field": "spec.billing.stripeCustomerId",
+                "message": f"Stripe has no customer {stripe_customer_id}",
+            }
+        ],
+    )
 
 
 def _already_subscribed(customer_id: str, subscription_id: str) -> Conflict:

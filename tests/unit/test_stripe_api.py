@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from iotistic_billing import stripe_api
 from iotistic_billing.errors import ApiError
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi
+from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi, StripeCustomerMissing
 from iotistic_billing.webhook_server import app as app_module
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -80,11 +80,15 @@ class FakeStripe:
         # The customers' subscriptions Stripe lists (GET /v1/subscriptions), newest first.
         self.subscriptions: list[dict[str, Any]] = []
         self.sessions: dict[str, dict[str, Any]] = {}
+        # The Idempotency-Key of each customer's create.
+        self.idempotency_keys: list[str | None] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         # A GET's parameters are its query.
         form = dict(request.query) if request.method == "GET" else dict(parse_qsl(await request.text()))
         self.requests.append((request.method, request.path, form))
+        if request.path == "/v1/customers":
+            self.idempotency_keys.append(request.headers.get("Idempotency-Key"))
         if self.key_refused:
             invalid = {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_***123"}
             return web.json_response({"error": invalid}, status=401)
@@ -664,6 +668,39 @@ async def test_a_refused_parameter_that_is_no_request_field_stays_a_409(
 
     assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
     assert raised.value.details == {"stripe_code": "invalid_request_error", "stripe_param": "customer"}
+
+
+async def test_a_stripe_customer_stripe_does_not_have_is_said_so_and_replaced_under_a_key_of_its_own(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: a checkout of a customer whose Stripe customer was deleted in Stripe was a 409
+    like any other refusal, so the route could not tell it to make a new one; and a new one made under
+    signup's idempotency key would be Stripe's answer to the first create again."""
+    stripe, api = fake
+    stripe.refuse_creates = (
+        400,
+        {
+            "error": {
+                "type": "invalid_request_error",
+                "code": "resource_missing",
+                "param": "customer",
+                "message": "No such customer: 'cus_1'",
+            }
+        },
+    )
+
+    with pytest.raises(StripeCustomerMissing) as raised:
+        await api.create_checkout_session(**CHECKOUT)
+    stripe.refuse_creates = None
+    first = await api.create_customer(email="ops@a.example", company_name="A", customer_id="cust_acme01")
+    again = await api.create_customer(
+        email="ops@a.example", company_name="A", customer_id="cust_acme01", replacing="cus_1"
+    )
+
+    assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
+    assert raised.value.details == {"stripe_code": "resource_missing", "stripe_param": "customer"}
+    assert (first, again) == ("x", "x")
+    assert stripe.idempotency_keys[-2:] == ["signup-cust_acme01", "signup-cust_acme01-replacing-cus_1"]
 
 
 @pytest.mark.parametrize(

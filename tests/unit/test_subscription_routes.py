@@ -16,7 +16,12 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, SubscriptionChange
+from iotistic_billing.stripe_api import (
+    CheckoutSession,
+    CustomerSubscribed,
+    StripeCustomerMissing,
+    SubscriptionChange,
+)
 from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
@@ -57,6 +62,8 @@ class FakeDatabase:
 
     def __init__(self, log: list[str]) -> None:
         self.stored: Any = None
+        # The mirror row's Stripe customer, when set (else `stored` too).
+        self.link: Any = None
         self.open = 0
         self.log = log
         # Raised by a commit (PostgreSQL away).
@@ -81,6 +88,8 @@ class FakeDatabase:
         return None
 
     async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        if self.link is not None and "customers.stripe_customer_id" in str(args[0]):
+            return self.link
         return self.stored
 
 
@@ -96,6 +105,8 @@ class FakeStripe:
         self.refuse_customer: Exception | None = None
         # Raised by a session's create (Stripe has a live subscription of the customer).
         self.refuse_checkout: Exception | None = None
+        # The Stripe customers Stripe does not have (deleted): a session's create for one is refused.
+        self.deleted: set[str] = set()
 
     def _call(self, name: str, kw: dict[str, Any]) -> None:
         self.calls.append((name, kw))
@@ -112,6 +123,12 @@ class FakeStripe:
         self._call("checkout", kw)
         if self.refuse_checkout is not None:
             raise self.refuse_checkout
+        if kw["stripe_customer_id"] in self.deleted:
+            raise StripeCustomerMissing(
+                "Stripe refused the request",
+                f"Stripe refused to create a checkout session: No such customer: {kw['stripe_customer_id']}",
+                {"stripe_code": "resource_missing", "stripe_param": "customer"},
+            )
         return CheckoutSession("cs_test_1", "https://checkout.stripe.com/c/pay/cs_test_1")
 
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
@@ -334,3 +351,46 @@ async def test_a_checkout_stripe_finds_subscribed_is_refused_naming_the_live_sub
     (asked,) = routes.stripe.made("checkout")
     # Unpaid and paused too (a later review): paid or resumed, they would bill beside a new one.
     assert asked["live_statuses"] == {"active", "trialing", "past_due", "unpaid", "paused"}
+
+
+async def test_a_returning_customer_whose_stripe_customer_was_deleted_checks_out_with_a_new_one(
+    routes: Routes,
+) -> None:
+    """Found in review: the mirror kept the link to a Stripe customer deleted in Stripe (its
+    customer.deleted is not applied), so the returning customer's checkout was a 409 "No such customer"
+    with no remedy but SQL; removing spec.billing.stripeCustomerId changed nothing. A new Stripe customer
+    is made in its place, under an idempotency key of its own (signup's made the deleted one)."""
+    routes.kube.customers["acme"] = customer("acme", billing={"mode": "stripe"})
+    routes.db.link = "cus_gone"
+    routes.stripe.deleted.add("cus_gone")
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_acme01", "plan": "starter", **CHECKOUT}
+    )
+
+    assert status == 200, answer
+    assert [kw["stripe_customer_id"] for kw in routes.stripe.made("checkout")] == ["cus_gone", "cus_new"]
+    (made,) = routes.stripe.made("create_customer")
+    assert (made["customer_id"], made["replacing"]) == ("cust_acme01", "cus_gone")
+    # Remembered before the session is asked for, as a first Stripe customer is.
+    assert routes.db.log[-3:] == ["create_customer (0 open)", "commit", "checkout (0 open)"]
+
+
+async def test_a_spec_naming_a_deleted_stripe_customer_is_a_409_naming_the_field(routes: Routes) -> None:
+    """Found in review: the 409 said Stripe's "No such customer" alone. GitOps owns the spec's link, so no
+    new Stripe customer is made; the answer says which field to mend."""
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_gone"}
+    )
+    routes.stripe.deleted.add("cus_gone")
+
+    status, answer = await routes.post(
+        "checkout", {"customer_id": "cust_acme01", "plan": "starter", **CHECKOUT}
+    )
+
+    assert (status, answer["error"]) == (409, "Stripe customer missing"), answer
+    assert answer["details"] == [
+        {"field": "spec.billing.stripeCustomerId", "message": "Stripe has no customer cus_gone"}
+    ]
+    assert "remove it and check out again" in answer["message"]
+    assert routes.stripe.made("create_customer") == []
