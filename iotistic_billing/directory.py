@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -160,9 +160,11 @@ class Directory:
         self, session: AsyncSession, stripe_customer_id: str
     ) -> CustomerRecord | None:
         customer_id = await session.scalar(
-            select(models.Customer.customer_id).where(
-                models.Customer.stripe_customer_id == stripe_customer_id
-            )
+            select(models.Customer.customer_id)
+            .where(models.Customer.stripe_customer_id == stripe_customer_id)
+            # A deleted Customer's row (its name freed) last: one made again may have the same link.
+            .order_by(models.Customer.resource_name.is_(None))
+            .limit(1)
         )
         if customer_id is not None:
             record = await self.by_customer_id(session, customer_id)
@@ -266,13 +268,16 @@ async def remember_all(session: AsyncSession, entries: Iterable[tuple[Customer, 
         }
     if not rows:
         return
-    # A resource name moves to the new customer id when a Customer was deleted and created again.
+    # A resource name moves to the new customer id when a Customer was deleted and created again. The old
+    # id's row stays, its name freed: the meter run reads its Stripe customer for the periods still owed.
     held = [(row["resource_name"], row["customer_id"]) for row in rows.values()]
     await session.execute(
-        delete(models.Customer).where(
+        update(models.Customer)
+        .where(
             models.Customer.resource_name.in_(list(rows)),
             tuple_(models.Customer.resource_name, models.Customer.customer_id).not_in(held),
         )
+        .values(resource_name=None, updated_at=func.now())
     )
     statement = insert(models.Customer).values(list(rows.values()))
     columns = next(iter(rows.values())).keys() - {"customer_id", "stripe_customer_id"}

@@ -46,7 +46,9 @@ class Customer(Base):
     __tablename__ = "customers"
 
     customer_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    resource_name: Mapped[str] = mapped_column(String(253), unique=True)
+    # NULL: the Customer was deleted and its name is another customer id's now; the row stays, as the
+    # meter run reads its Stripe customer for the periods still owed (migration 0018).
+    resource_name: Mapped[str | None] = mapped_column(String(253), unique=True)
     email: Mapped[str] = mapped_column(String(320))
     company_name: Mapped[str] = mapped_column(String(200))
     contact_name: Mapped[str | None] = mapped_column(String(200))

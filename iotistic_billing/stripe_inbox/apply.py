@@ -341,7 +341,8 @@ async def _find_and_lock(
                 models.Customer.customer_id.in_(sorted(ids))
             )
         )
-        mirrored = {row.customer_id: row.resource_name for row in rows}
+        # A row without a name (a Customer deleted, its name reused) is the directory's to look up.
+        mirrored = {row.customer_id: row.resource_name for row in rows if row.resource_name is not None}
     found: dict[LookupHints, str | Exception | None] = {
         hints: mirrored[hints.customer_id] for hints in wanted if hints.customer_id in mirrored
     }

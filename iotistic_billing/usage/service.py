@@ -302,7 +302,8 @@ class UsageMetering:
                     models.Customer.customer_id.in_(wanted)
                 )
             )
-            names = {customer_id: name for customer_id, name in rows}
+            # No name: the Customer was deleted and its name reused (its reports are late ones).
+            names = {customer_id: name for customer_id, name in rows if name is not None}
         records: dict[str, CustomerRecord] = {}
         for customer_id, name in names.items():
             record = await self.directory.by_name(name)

@@ -780,3 +780,41 @@ def test_migration_0017_reads_the_rollups_before_it_as_stripe_billed_and_its_dow
     ]
     migrate.upgrade(url)
     assert [row["billed_manually"] for row in _rollup_rows(url)] == [False, False]
+
+
+def _customer_rows(url: str, *statements: str) -> list[tuple[str, str | None]]:
+    """The statements run, then each customers row's (customer id, resource name)."""
+
+    async def run() -> list[tuple[str, str | None]]:
+        engine = create_engine(url, pool_size=1)
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+            rows = await connection.execute(
+                text("SELECT customer_id, resource_name FROM customers ORDER BY customer_id")
+            )
+            found = [(row.customer_id, row.resource_name) for row in rows]
+        await engine.dispose()
+        return found
+
+    return asyncio.run(run())
+
+
+def test_migration_0018_keeps_a_freed_name_s_row_and_its_downgrade_deletes_it(
+    postgres: EmbeddedPostgres,
+) -> None:
+    """A row whose name another customer id took stays, its name NULL (the meter run reads its Stripe
+    customer); two such rows are not a clash. The downgrade deletes them, as a server before it did."""
+    url = postgres.create_database(f"freedname_{uuid.uuid4().hex[:10]}")
+    migrate.upgrade(url)
+    row = "INSERT INTO customers (customer_id, resource_name, email, company_name, plan) VALUES"
+    assert _customer_rows(
+        url,
+        f"{row} ('cust_old01', NULL, 'a@a.example', 'A', 'starter'),"
+        " ('cust_old02', NULL, 'a@a.example', 'A', 'starter'),"
+        " ('cust_new01', 'acme', 'a@a.example', 'A', 'starter')",
+    ) == [("cust_new01", "acme"), ("cust_old01", None), ("cust_old02", None)]
+
+    migrate.downgrade(url, "0017")
+    assert _customer_rows(url) == [("cust_new01", "acme")]
+    migrate.upgrade(url)

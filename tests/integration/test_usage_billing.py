@@ -24,14 +24,16 @@ import stripe
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from iotistic_billing.customer import GROUP, PLURAL, VERSION
-from iotistic_billing.db import migrate
+from iotistic_billing.customer import GROUP, PLURAL, VERSION, Customer
+from iotistic_billing.db import migrate, models
 from iotistic_billing.db.embedded import EmbeddedPostgres
+from iotistic_billing.db.engine import create_engine, session_factory
 from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.pool import Pool, connection, open_pool
+from iotistic_billing.directory import remember
 from iotistic_billing.k8s import FieldManager, KubernetesUnavailable
 from iotistic_billing.licensing.minting import LicenseRecord
 from iotistic_billing.licensing.plans import plan_by_name
@@ -556,12 +558,17 @@ async def test_a_refused_event_is_retried_by_the_next_run_and_the_others_are_not
 
 
 @pytest.fixture
-async def meter_pool(postgres: EmbeddedPostgres) -> AsyncIterator[Pool]:
+async def meter_database(postgres: EmbeddedPostgres) -> str:
     """A database of the test's own: a meter run takes every customer's periods, and a test of which
     ones it takes must see no other test's."""
     url = postgres.create_database(f"meter_{uuid.uuid4().hex[:12]}")
     await asyncio.to_thread(migrate.upgrade, url)
-    pool = await open_pool(url)
+    return url
+
+
+@pytest.fixture
+async def meter_pool(meter_database: str) -> AsyncIterator[Pool]:
+    pool = await open_pool(meter_database)
     yield pool
     await pool.close()
 
@@ -654,6 +661,42 @@ async def test_periods_stripe_keeps_refusing_do_not_starve_newer_periods(
         )
     ]
     assert all(r.exc_info is None for r in warnings)
+
+
+async def test_a_deleted_customer_s_period_is_sent_after_its_name_is_reused(
+    meter_pool: Pool, meter_database: str
+) -> None:
+    """Found in review: a Customer deleted and applied again (a new uid, so a new customer id), or a
+    signup given its name, deleted the old customer id's mirror row when the new one was remembered, and
+    the meter run, which reads the Stripe customer from that row, never selected the old id's last
+    period: no meter event, no refusal, nothing said. The old row stays, its name freed."""
+    old, new = customer_id_for(unique_name("reused")), customer_id_for(unique_name("reused"))
+    period = BillingPeriod(at(2025, 3, 16), at(2025, 4, 16))
+    await closed_period(meter_pool, old, period)
+    name = old.replace("_", "-")  # closed_period's resource name
+    again = Customer.model_validate(
+        {
+            "apiVersion": "iotistic.io/v1alpha1",
+            "kind": "Customer",
+            "metadata": {"name": name, "uid": "uid-again", "creationTimestamp": "2025-04-16T02:00:00Z"},
+            "spec": {"customerId": new, "email": "ops@example.com", "companyName": "Metered Inc"},
+        }
+    )
+    engine = create_engine(meter_database, pool_size=1)
+    try:
+        async with session_factory(engine)() as session, session.begin():
+            await remember(session, again, new)
+            rows = await session.execute(select(models.Customer.customer_id, models.Customer.resource_name))
+            names = {customer_id: name for customer_id, name in rows}
+    finally:
+        await engine.dispose()
+    sender = StripeLike(NOW)
+
+    run = await send_meter_events(meter_pool, sender, NOW, close_grace=timedelta(hours=1))
+
+    assert run.sent == 1 and sender.accepted == [f"{old}:20250316:api_calls"]
+    assert names == {old: None, new: name}  # a lookup by the name finds the new customer only
+    assert await meter_state(meter_pool, old) == [(period.start, True, None)]
 
 
 async def test_a_meter_run_closes_and_sends_every_owed_period_not_one_batch(meter_pool: Pool) -> None:
