@@ -867,6 +867,32 @@ def test_extra_env_cannot_repeat_a_variable_the_chart_sets_for_both(
     assert f"{component}.extraEnv: {variable} is set by the chart" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("component", ["operator", "webhookServer"])
+@pytest.mark.parametrize("variable", ["BILLING_NAMESPACE", "billing_namespace"])
+@pytest.mark.parametrize(
+    "given", [("value", "x"), ("valueFrom.fieldRef.fieldPath", "metadata.name")], ids=["value", "fieldRef"]
+)
+def test_extra_env_cannot_repeat_the_billing_namespace(
+    helm: Path, component: str, variable: str, given: tuple[str, str]
+) -> None:
+    """Found in review: BILLING_NAMESPACE, which the chart gives both components from the Pod's
+    namespace, was not refused (the check took the chart's entries with a value only): with
+    webhookServer.extraEnv BILLING_NAMESPACE=x the operator kept deleted Customers' signing secrets in
+    its namespace while the webhook server looked for them in x."""
+    key, value = given
+    result = template(
+        helm,
+        "--set",
+        f"{component}.extraEnv[0].name={variable}",
+        "--set-string",
+        f"{component}.extraEnv[0].{key}={value}",
+    )
+
+    assert result.returncode != 0, "rendered the variable twice"
+    assert f"{component}.extraEnv: {variable} is set by the chart" in result.stderr, result.stderr
+    assert "metadata.namespace" in result.stderr, result.stderr
+
+
 def test_without_stripe_and_admin_secrets_those_variables_are_absent(helm: Path, tmp_path: Path) -> None:
     objects = render(helm, tmp_path, {"secrets": {"stripe": {"name": ""}, "admin": {"name": ""}}})
 

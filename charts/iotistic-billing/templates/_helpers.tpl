@@ -217,21 +217,25 @@ once at start, and mail was dead without a word (found in review). Without a mai
 {{- end -}}
 
 {{/* A component's extraEnv (dict "root" "extraEnv" "component"), refused when it names a setting
-commonEnv gives both components a value of (from config): the later entry wins, so that component
-alone would read another value than the other (found in review: DUNNING_RESTRICT_DAYS told customers a
-date the operator did not keep). A credential from another Secret (valueFrom) stays possible. Names
-compare in upper case, as the settings read them (case_sensitive=False): dunning_restrict_days is
-DUNNING_RESTRICT_DAYS to them (found in review: it rendered, and won over the chart's value). */}}
+commonEnv gives both components a value of (from config, or from the Pod: BILLING_NAMESPACE): the later
+entry wins, so that component alone would read another value than the other (found in review:
+DUNNING_RESTRICT_DAYS told customers a date the operator did not keep; BILLING_NAMESPACE had the webhook
+server look for deleted Customers' signing secrets where the operator kept none). A credential from
+another Secret (valueFrom.secretKeyRef) stays possible. Names compare in upper case, as the settings read
+them (case_sensitive=False): dunning_restrict_days is DUNNING_RESTRICT_DAYS to them (found in review: it
+rendered, and won over the chart's value). */}}
 {{- define "iotistic-billing.extraEnv" -}}
 {{- $common := dict -}}
 {{- range (include "iotistic-billing.commonEnv" .root | fromYamlArray) -}}
 {{- if hasKey . "value" -}}
-{{- $_ := set $common (upper .name) true -}}
+{{- $_ := set $common (upper .name) "set it through the chart's value for it (values.yaml, config and secrets)" -}}
+{{- else if dig "valueFrom" "fieldRef" "fieldPath" "" . -}}
+{{- $_ := set $common (upper .name) (printf "the chart sets it from the Pod's %s" .valueFrom.fieldRef.fieldPath) -}}
 {{- end -}}
 {{- end -}}
-{{- range .extraEnv -}}
-{{- if hasKey $common (upper .name) -}}
-{{- fail (printf "%s.extraEnv: %s is set by the chart for both components; set it through the chart's value for it (values.yaml, config and secrets)" $.component .name) -}}
+{{- range $entry := .extraEnv -}}
+{{- with get $common (upper $entry.name) -}}
+{{- fail (printf "%s.extraEnv: %s is set by the chart for both components; %s" $.component $entry.name .) -}}
 {{- end -}}
 {{- end -}}
 {{- with .extraEnv }}{{ toYaml . }}{{ end -}}
