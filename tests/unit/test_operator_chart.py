@@ -1741,6 +1741,25 @@ def test_chart_readme_names_every_crd() -> None:
     assert names and not [name for name in names if f"`{name}`" not in intro]
 
 
+def test_chart_readme_names_every_setting_the_chart_has_no_value_for() -> None:
+    """Found in review: the list left out WRONG_TOKENS_PER_MINUTE and WRONG_TOKENS_PER_MINUTE_TOTAL,
+    which no template sets, so it did not say that webhookServer.extraEnv is where they go."""
+    from iotistic_billing.settings import Settings
+
+    templates = "".join(path.read_text() for path in (CHART / "templates").iterdir())
+    # The plans' prices are set in a loop over config.stripe.prices (STRIPE_PRICE_{{ upper $plan }}).
+    looped = "STRIPE_PRICE_{{ upper $plan }}" in templates
+    unset = {
+        name.upper()
+        for name in Settings.model_fields
+        if name.upper() not in templates and not (looped and name.upper().startswith("STRIPE_PRICE_"))
+    }
+    text = " ".join((CHART / "README.md").read_text().split())
+    listed = text.split("Settings the chart has no value for", 1)[1].split(" are set through ", 1)[0]
+
+    assert set(re.findall(r"`([A-Z_]+)`", listed)) == unset
+
+
 def test_chart_readme_rbac_says_what_each_component_is_granted(default_objects: list[Manifest]) -> None:
     """Every resource and Secret name the roles grant is in the component's bullet, and where the bullet
     gives a resource's verbs (`resource` `verb, verb`) they are those granted."""
