@@ -247,6 +247,14 @@ class Settings(BaseSettings):
         _refuse_edge_white_space(value)
         return value
 
+    @field_validator("license_private_key_path", "license_public_key_path", mode="before")
+    @classmethod
+    def _key_path(cls, value: object) -> object:
+        # Set but empty was Path("."), the working directory, refused only when the key was read.
+        if value == "":
+            raise ValueError("must not be empty (leave it unset for no key file)")
+        return value
+
     @field_validator("console_session_key")
     @classmethod
     def _session_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:

@@ -11,7 +11,7 @@ import pytest
 
 from iotistic_billing.customer import DNS_NAME_PATTERN
 from iotistic_billing.operator.sharding import Shard
-from iotistic_billing.settings import SettingsError, load_settings
+from iotistic_billing.settings import Settings, SettingsError, load_settings
 from iotistic_billing.webhook_server.app import create_app
 from iotistic_billing.webhook_server.options import ServerOptions
 
@@ -202,6 +202,42 @@ def test_a_stripe_secret_set_empty_is_refused_not_taken_for_a_key(
     with pytest.raises(SettingsError, match=re.escape(f"{variable}: {problem}")) as refused:
         load_settings()
     assert "sk_test_abc" not in str(refused.value)
+
+
+@pytest.mark.parametrize("variable", ["LICENSE_PRIVATE_KEY_PATH", "LICENSE_PUBLIC_KEY_PATH"])
+def test_a_licence_key_path_set_empty_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Found in review: `LICENSE_PRIVATE_KEY_PATH=` loaded as Path('.'), the working directory, and failed
+    only when the key was read ("LICENSE_PRIVATE_KEY_PATH: .: cannot read (Is a directory)"), though
+    the README says an empty value stops the start naming its variable."""
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(SettingsError, match=re.escape(f"{variable}: must not be empty (leave it unset")):
+        load_settings()
+
+
+def test_the_readme_names_every_setting_an_empty_value_of_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the README said an empty value stops the start, while STRIPE_PRICE_*, POD_IP,
+    OPERATOR_PEERING and the licence key paths loaded set empty."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    sentence = " ".join(readme.split("\n## Configuration\n", 1)[1].strip().split("\n\n", 1)[0].split())
+    loaded = set()
+    for name in Settings.model_fields:
+        with monkeypatch.context() as env:
+            env.setenv(name.upper(), "")
+            try:
+                load_settings()
+            except SettingsError:
+                continue
+        loaded.add(name.upper())
+
+    # The plans' prices are named once, then by their ends (`_PROFESSIONAL`).
+    unnamed = {
+        name
+        for name in loaded
+        if f"`{name}`" not in sentence and f"`{name.removeprefix('STRIPE_PRICE')}`" not in sentence
+    }
+    assert "POD_IP" in loaded and not unnamed, sentence
 
 
 @pytest.mark.parametrize("variable", ["admin_api_token", "admin_viewer_token"])
