@@ -94,8 +94,10 @@ INVALID_WEBHOOK_URL: Final = "InvalidWebhookUrl"
 # Why the housekeeping ran a pass: the Secret a webhook's secretRef names no longer holds what was copied.
 WEBHOOK_SECRET_CHANGED: Final = "WebhookSecretChanged"  # noqa: S105
 
-# Event reasons of a deletion (the finalizer, handlers.delete_customer): done, a step that failed, and
-# a release helm could not uninstall, left to the namespace's deletion (delete.release_left_to_namespace).
+# Event reasons of a deletion (the finalizer, handlers.delete_customer): done, a step that failed, a
+# release helm could not uninstall, left to the namespace's deletion (delete.release_left_to_namespace),
+# and a Stripe subscription left billing (delete.subscription_left_billing).
 DELETED: Final = "Deleted"
 DELETION_FAILED: Final = "DeletionFailed"
 UNINSTALL_FAILED: Final = "UninstallFailed"
+SUBSCRIPTION_LEFT_ACTIVE: Final = "SubscriptionLeftActive"

@@ -1,6 +1,8 @@
 """Deletion behind the finalizer: mark the Customer Terminating, keep the webhook signing secret for the
 pending webhooks (read first: a foreground deletion has it deleted meanwhile), uninstall the release,
-revoke the licence and the usage keys, request the namespace's deletion. A step that fails raises
+revoke the licence and the usage keys, request the namespace's deletion. A Stripe subscription the Customer
+leaves billing is not cancelled (Stripe is asked nothing here) but said, in a Warning, with how to cancel
+it (subscription_left_billing). A step that fails raises
 DeletionFailed, which names it; an uninstall that cannot succeed (an object of the release of a kind whose
 CRD is gone: helm cannot build the release's objects) leaves the release to the namespace's deletion.
 
@@ -12,8 +14,9 @@ release and everything in it, and an earlier Customer's of the same name is that
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ from iotistic_billing.customer import (
     USAGE_API_KEY_KEY,
     CustomerStatus,
     InvalidSpecError,
+    SubscriptionSpec,
     customer_id_in_use,
     deletion_mark,
     namespace_for,
@@ -47,6 +51,7 @@ from iotistic_billing.operator.webhook_secret import (
     keep_webhook_secret,
     signing_secret_copy,
 )
+from iotistic_billing.stripe_inbox.events import OPEN_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,9 @@ class Deletion:
     namespace_terminating: bool  # found already being deleted: no uninstall ran
     # Why helm could not uninstall the release, left to the namespace's deletion (release_left_to_namespace).
     uninstall_failed: str | None = None
+    # The Stripe subscription left billing (subscription_left_billing) and the customer id it bills.
+    subscription_left: SubscriptionSpec | None = None
+    customer_id: str = ""
 
     def message(self) -> str:
         deleting = self.own_namespace and not self.namespace_terminating
@@ -94,6 +102,18 @@ class Deletion:
         else:
             left = "not the Customer's own (or gone): left as it is"
         return f"{', '.join(done)}; namespace {self.namespace} {left}"
+
+    def subscription_warning(self) -> str | None:
+        """What its Warning says of the subscription left billing; None when there is none."""
+        left = self.subscription_left
+        if left is None:
+            return None
+        cancel = json.dumps({"customer_id": self.customer_id, "immediately": True})
+        return (
+            f"Stripe subscription {left.stripe_subscription_id} ({left.status}) of customer id"
+            f" {self.customer_id} was not cancelled and Stripe goes on billing it: cancel it with POST"
+            f" /api/subscriptions/cancel {cancel} or in the Stripe Dashboard"
+        )
 
 
 @contextmanager
@@ -183,6 +203,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
             # every later notice (nothing when nothing was kept).
             with _step("keeping the webhook signing secret"):
                 await keep_webhook_secret(ctx, customer_id, signing, running_deletion=None)
+            left = subscription_left_billing(body)
         else:
             # A rename that kept spec.customerId (GitOps applies the new Customer before it prunes the
             # old): the customer goes on under `holder`, so only this Customer's own licence and usage
@@ -205,6 +226,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
             if own_key:
                 with _step("revoking the usage key"):
                     await revoke_usage_keys(ctx, customer_id, only=own_key.decode(errors="replace"))
+            left = None  # the holder's now, billed for its instance
         ctx.applied_namespaces.pop(namespace, None)
         ctx.mirrored.discard(customer_id)
         if ours:
@@ -220,7 +242,25 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         license_revoked=revoked,
         namespace_terminating=terminating,
         uninstall_failed=uninstall_failed,
+        subscription_left=left,
+        customer_id=customer_id,
     )
+
+
+def subscription_left_billing(body: Mapping[str, Any]) -> SubscriptionSpec | None:
+    """The Stripe subscription a deleted Customer leaves billing: spec.subscription while it is open
+    (OPEN_STATUSES, as a cancel finds it), not an active or trialing one set to cancel at its period's end,
+    which Stripe ends then (an unpaid or paused one it ends only when cancelled). Stripe bills it until it
+    is cancelled, and a GitOps prune cannot cancel first. Read alone: a spec we refuse still leaves it."""
+    try:
+        subscription = SubscriptionSpec.model_validate((body.get("spec") or {}).get("subscription"))
+    except ValidationError:
+        return None
+    if subscription.stripe_subscription_id is None or subscription.status not in OPEN_STATUSES:
+        return None
+    if subscription.status in ("active", "trialing") and subscription.cancel_at_period_end:
+        return None
+    return subscription
 
 
 def release_left_to_namespace(error: HelmError) -> bool:

@@ -259,6 +259,10 @@ async def delete_customer(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any
         # What was done first: an Event is cut at 1 KiB, and helm says a line per object it cannot build.
         left = f"left to the deletion of namespace {deletion.namespace}: {deletion.uninstall_failed}"
         events.insert(0, ("Warning", c.UNINSTALL_FAILED, left))
+    # After the Deleted Event, on the completed deletion only: once, not again for each failed try.
+    billing = deletion.subscription_warning()
+    if billing is not None:
+        events.append(("Warning", c.SUBSCRIPTION_LEFT_ACTIVE, billing))
     await post_events(ctx.kube, KIND, body, events)
 
 

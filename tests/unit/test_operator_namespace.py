@@ -550,6 +550,99 @@ async def test_deleting_a_customer_with_its_release_says_it_was_uninstalled(revo
     )
 
 
+def subscribed(status: str, **subscription: Any) -> dict[str, Any]:
+    """The Customer with a Stripe subscription of `status` (the webhook server's spec.subscription)."""
+    body = customer()
+    body["spec"]["billing"] = {"mode": "stripe", "stripeCustomerId": "cus_acme"}
+    body["spec"]["subscription"] = {
+        "status": status,
+        "plan": "starter",
+        "stripeSubscriptionId": "sub_acme1",
+        "lastEventCreated": 1,
+        **subscription,
+    }
+    return body
+
+
+@pytest.mark.parametrize("status", ["active", "trialing", "past_due", "unpaid", "paused"])
+async def test_deleting_a_customer_with_a_live_subscription_warns_that_stripe_still_bills_it(
+    revocations: list[str], status: str
+) -> None:
+    """Found in review: the deletion left the Customer's Stripe subscription billing with no word of it, and
+    the Deleted Event named only the release, the licence and the namespace: a GitOps prune (which cannot
+    cancel first) left the customer paying for an instance that was gone."""
+    cluster = Cluster()
+    body = subscribed(status)
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+    ctx.helm = HelmRefusing(cluster, "Error: uninstall: Kubernetes cluster unreachable")
+
+    # A failed try, then the one that completes: the Warning once, with the Deleted Event.
+    with pytest.raises(kopf.TemporaryError):
+        await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+    ctx.helm = Helm(cluster)
+    body["metadata"]["resourceVersion"] = "2"  # as Kopf hands it over again: with its status marked
+    body["status"] = cluster.statuses["acme"]
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=1)
+
+    assert [reason for reason, _ in cluster.messages] == [
+        "Terminating",
+        "DeletionFailed",
+        "Deleted",
+        "SubscriptionLeftActive",
+    ]
+    assert cluster.events[-1][2] == "Warning"
+    assert cluster.messages[-1][1] == (
+        f"Stripe subscription sub_acme1 ({status}) of customer id cust_acme0001 was not cancelled and Stripe"
+        ' goes on billing it: cancel it with POST /api/subscriptions/cancel {"customer_id": "cust_acme0001",'
+        ' "immediately": true} or in the Stripe Dashboard'
+    )
+
+
+@pytest.mark.parametrize(
+    "subscription",
+    [
+        {"status": "canceled"},
+        {"status": "incomplete_expired"},
+        {"status": "incomplete"},
+        # Stripe ends it at its period's end: nothing is billed again.
+        {"status": "active", "cancelAtPeriodEnd": True},
+    ],
+    ids=["canceled", "incomplete_expired", "incomplete", "active, cancelled at its period's end"],
+)
+async def test_deleting_a_customer_whose_subscription_bills_no_more_posts_no_warning(
+    revocations: list[str], subscription: dict[str, Any]
+) -> None:
+    cluster = Cluster()
+    body = subscribed(**subscription)
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    ctx = context(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert [reason for reason, _ in cluster.messages] == ["Terminating", "Deleted"]
+
+
+async def test_a_renamed_customer_s_subscription_goes_on_with_the_holder_of_its_id_unwarned(
+    revocations: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename that kept spec.customerId: the customer goes on, subscription and all, under the holder."""
+
+    async def nothing_kept(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    monkeypatch.setattr(delete_module, "drop_marked_webhook_secret", nothing_kept)
+    cluster = Cluster()
+    body = subscribed("active")
+    cluster.namespaces["customer-acme"] = namespace_of(body)
+    cluster.customers.append(customer("acme-renamed", uid="uid-renamed"))
+    ctx = context(cluster)
+
+    await handlers.delete_customer(body=kopf.Body(body), memo=deletion_memo(ctx), retry=0)
+
+    assert [reason for reason, _ in cluster.messages] == ["Terminating", "Deleted"]
+
+
 # helm 4.3.1's uninstall of a release holding a ServiceMonitor after its CRD was removed, as
 # helm.helm_error_text reads it (its cause from the --debug log line).
 UNBUILDABLE = (
