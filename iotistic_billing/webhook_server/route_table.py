@@ -171,6 +171,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         {200: SubscriptionChangeResponse},
         body=CancelRequest,
         errors=(404, 409),
+        description=(
+            "The customer's live subscription (open: unpaid and paused too), at its period's end or now. A "
+            "customer id no Customer holds any more (deleted with its subscription open) is cancelled by the "
+            "newest open subscription recorded for it; 404 when there is none."
+        ),
     ),
     Route(
         "POST",

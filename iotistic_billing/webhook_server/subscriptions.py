@@ -17,7 +17,13 @@ from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
-from iotistic_billing.errors import Conflict, Unavailable, ValidationFailed, stripe_not_configured
+from iotistic_billing.errors import (
+    Conflict,
+    Unavailable,
+    ValidationFailed,
+    customer_not_found,
+    stripe_not_configured,
+)
 from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, StripeApi, StripeCustomerMissing
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
@@ -79,11 +85,17 @@ async def _live_subscription_id(
         and not (current.status in _LAPSING_STATUSES and current.ended_at_period_end(now))
     ):
         return current.stripe_subscription_id
+    return await _newest_live_row(session, record.customer_id, statuses)
+
+
+async def _newest_live_row(session: AsyncSession, customer_id: str, statuses: frozenset[str]) -> str | None:
+    """The id of the customer's newest subscription row in `statuses`, not one ended at its period's end."""
     row = models.Subscription
+    now = datetime.now(UTC)
     return await session.scalar(
         select(row.stripe_subscription_id)
         .where(
-            row.customer_id == record.customer_id,
+            row.customer_id == customer_id,
             row.status.in_(sorted(statuses)),
             # The row's state is the spec's: not one ended at its period's end either.
             or_(
@@ -278,13 +290,22 @@ async def cancel_subscription(request: web.Request) -> web.Response:
     billing = stripe_api(request)
     body = await read_body(request, CancelRequest)
     async with request.app[SESSIONS]() as session:
-        record = await request.app[DIRECTORY].existing(session, body.customer_id)
+        record = await request.app[DIRECTORY].by_customer_id(session, body.customer_id)
         # Unpaid or paused too: Stripe keeps billing an unpaid one's drafts, and resumes a paused one.
-        subscription_id = await _live_subscription(session, record, OPEN_STATUSES)
+        if record is not None:
+            subscription_id = await _live_subscription(session, record, OPEN_STATUSES)
+        else:
+            # A Customer deleted with its subscription open (a GitOps prune cannot cancel first): Stripe
+            # bills it until it is cancelled, here by its row. The inbox records Stripe's deletion of it
+            # unmatched, and moves the row on.
+            found = await _newest_live_row(session, body.customer_id, OPEN_STATUSES)
+            if found is None:
+                raise customer_not_found(body.customer_id)
+            subscription_id = found
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(
         SubscriptionChangeResponse(
-            customer_id=record.customer_id,
+            customer_id=body.customer_id,
             subscription_id=change.subscription_id,
             status=change.status,
             # The cancelled subscription's, not spec.subscription's: the newest live one of the

@@ -394,3 +394,34 @@ async def test_a_spec_naming_a_deleted_stripe_customer_is_a_409_naming_the_field
     ]
     assert "remove it and check out again" in answer["message"]
     assert routes.stripe.made("create_customer") == []
+
+
+async def test_a_deleted_customer_s_live_subscription_is_cancelled_by_its_customer_id(routes: Routes) -> None:
+    """Found in review: a Customer deleted with its subscription live (a GitOps prune, which cannot cancel
+    first) left Stripe billing it, and the cancel answered 404 "Customer not found": no way to end it
+    through us. The subscriptions table still has it."""
+    routes.db.stored = "sub_gone1"  # its newest open row (the mirror has no Customer for it)
+    routes.stripe.prices["sub_gone1"] = PRICES["professional"]
+
+    status, answer = await routes.post("cancel", {"customer_id": "cust_gone01", "immediately": True})
+
+    assert status == 200, answer
+    assert routes.stripe.made("cancel") == [{"subscription_id": "sub_gone1", "immediately": True}]
+    assert answer == {
+        "customer_id": "cust_gone01",
+        "subscription_id": "sub_gone1",
+        "status": "canceled",
+        "plan": "professional",
+        "cancel_at_period_end": False,
+        "canceled_immediately": True,
+    }
+    assert routes.db.log == []  # nothing written: no Customer, and the inbox records Stripe's deletion
+
+
+async def test_a_cancel_of_a_customer_id_neither_a_customer_nor_a_subscription_has_is_a_404(
+    routes: Routes,
+) -> None:
+    status, answer = await routes.post("cancel", {"customer_id": "cust_nobody01"})
+
+    assert (status, answer["error"]) == (404, "Customer not found"), answer
+    assert routes.stripe.calls == []
