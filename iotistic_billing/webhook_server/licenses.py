@@ -10,6 +10,11 @@ whose answer was lost (RevokeUnanswered) rolls the row and its notice back too: 
 revocation that may not have been made; the retry records them as it does after a lost commit. A licence
 revoked already (a revoke sent twice, or again after the operator's unlicensed licence) is revoked once:
 the revoke after it writes, sends and patches nothing, and says so (Revoked.recorded).
+
+A customer id no Customer holds any more (deleted with its finalizer removed by hand, which revokes
+nothing: README) is revoked by its records alone (revoke_left_behind): its usage keys, and a `revoked`
+row for the last licence its history knows, as the finalizer would have; no Customer is patched and no
+notice sent (no Customer, no addresses).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 import jwt
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, REVOKED_LICENSE
@@ -31,6 +37,7 @@ from iotistic_billing.db.license_history import (
     record_license,
     recorded_license,
 )
+from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.errors import (
@@ -148,7 +155,20 @@ async def revoke_license(request: web.Request) -> web.Response:
     customer_id = read_customer_id(request)
     body = await read_body(request, RevokeRequest)
     async with revocation(request.app) as revoking:
-        record = await request.app[DIRECTORY].existing(revoking.session, customer_id)
+        try:
+            record = await request.app[DIRECTORY].existing(revoking.session, customer_id)
+        except NotFound:
+            left = await revoke_left_behind(revoking.session, customer_id, body.reason, by="admin")
+            return json_model(
+                RevokeResponse(
+                    customer_id=customer_id,
+                    revoked_jti=left.license.jti if left is not None else None,
+                    reason=body.reason,
+                    suspended=False,
+                    already_revoked=left is not None and not left.recorded,
+                    customer_deleted=True,
+                )
+            )
         revoked = await revoking.revoke(record, body.reason, by="admin")
     return json_model(
         RevokeResponse(
@@ -160,6 +180,44 @@ async def revoke_license(request: web.Request) -> web.Response:
             already_revoked=not revoked.recorded,
         )
     )
+
+
+async def revoke_left_behind(session: AsyncSession, customer_id: str, reason: str, by: str) -> Revoked | None:
+    """The revoke of a customer id no Customer holds (see the module's note), in `session`'s transaction:
+    its live usage keys revoked, and a `revoked` row for the last licence its history knows, unless that
+    one is revoked already (Revoked.recorded False); None when the history knows no licence of it. A 404
+    "Customer not found" when neither its history nor its usage keys know the id. The row ends the
+    licence as the finalizer's does, for the usage billed under the id (docs/architecture.md, Tables)."""
+    await hold_revocations(session, customer_id)
+    keys = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.customer_id == customer_id, ApiKey.purpose == "usage", ApiKey.live())
+        .values(revoked_at=func.now())
+    )
+    last = await session.scalar(
+        select(LicenseHistory)
+        .where(LicenseHistory.customer_id == customer_id)
+        .order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc())
+        .limit(1)
+    )
+    if last is None:
+        known = await session.scalar(select(ApiKey.id).where(ApiKey.customer_id == customer_id).limit(1))
+        if known is None:
+            raise customer_not_found(customer_id)
+        log.info("usage keys of %s revoked (%s); no Customer holds it, no licence recorded", customer_id, by)
+        return None
+    license = last.record()
+    try:
+        recorded = await record_license(session, license, "revoked", {"reason": reason, "by": by})
+    except ValueError as refused:  # a reason shaped like a token or a key is refused by the history
+        raise ValidationFailed.single("reason", str(refused)) from None
+    log.info(
+        "licence %s of %s revoked with %d usage keys; no Customer holds it, none suspended",
+        license.jti,
+        customer_id,
+        int(getattr(keys, "rowcount", 0) or 0),
+    )
+    return Revoked(license, recorded=recorded)
 
 
 class RevokeUnanswered(KubernetesUnavailable):
@@ -378,5 +436,6 @@ __all__ = [
     "license_token",
     "revocation",
     "revoke_and_suspend",
+    "revoke_left_behind",
     "revoke_license",
 ]

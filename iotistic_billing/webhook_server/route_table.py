@@ -253,7 +253,10 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors=(404, 409),
         description=(
             "Records a revoked history row for the licence in force and sets spec.suspended: true, so the "
-            "operator re-mints an unlicensed licence. Reinstate by setting spec.suspended: false."
+            "operator re-mints an unlicensed licence. Reinstate by setting spec.suspended: false. A customer "
+            "id no Customer holds any more (deleted with its finalizer removed by hand) has its usage keys "
+            "and the last licence its history knows revoked, nothing patched (customer_deleted: true); 404 "
+            "when neither its history nor its usage keys know it."
         ),
     ),
     # ----- usage -----

@@ -394,15 +394,24 @@ class RevokeRequest(Request):
 
 class RevokeResponse(Response):
     customer_id: str
-    revoked_jti: str
+    revoked_jti: str | None = Field(
+        description="The licence revoked; null only when customer_deleted and the licence history knows no"
+        " licence of the customer id (its usage keys alone were revoked)."
+    )
     reason: str
     suspended: bool = Field(
         description="spec.suspended is set (by this revoke, or the earlier one when already_revoked): the"
-        " operator re-mints an unlicensed licence."
+        " operator re-mints an unlicensed licence. False when customer_deleted."
     )
     already_revoked: bool = Field(
         description="The licence was revoked already (a revoke sent again): nothing was recorded, sent or"
         " changed, and `reason` is this request's, not the one the licence history recorded."
+    )
+    customer_deleted: bool = Field(
+        default=False,
+        description="No Customer holds the customer id (deleted with its finalizer removed by hand): no"
+        " Customer was patched and no notice sent; its usage keys were revoked and the last licence its"
+        " history knows recorded revoked.",
     )
 
 

@@ -19,9 +19,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
+from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import LicenseHistory
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
@@ -604,6 +605,53 @@ async def test_a_revoke_whose_customer_is_made_again_before_its_patch_suspends_n
     finally:
         customers.delete(name)
         customers.core.delete_namespace(namespace)
+
+
+async def test_a_revoke_of_a_customer_deleted_without_its_finalizer_revokes_its_licence_and_usage_keys(
+    api: TestClient[Any, Any],
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    db_engine: AsyncEngine,
+) -> None:
+    """Found in review: after the README's way out of a stuck deletion (its finalizer removed by hand, "the
+    licence and usage key are not revoked") the revoke answered 404 "Customer not found", so the licence
+    and the usage key of the deleted Customer could never be revoked."""
+    customer_id = customer_id_for(unique_name("dropped"))
+    token = licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings)
+    async with AsyncSession(db_engine) as session, session.begin():
+        await record_license(session, LicenseRecord.from_token(token), "generated")
+    key = await add_usage_key(db_engine, customer_id)
+
+    status, answer = await revoke(api, customer_id, "finalizer removed by hand")
+
+    assert status == 200, answer
+    assert answer == {
+        "customer_id": customer_id,
+        "revoked_jti": LicenseRecord.from_token(token).jti,
+        "reason": "finalizer removed by hand",
+        "suspended": False,
+        "already_revoked": False,
+        "customer_deleted": True,
+    }
+    async with db_engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                select(LicenseHistory.action, LicenseHistory.metadata_).where(
+                    LicenseHistory.customer_id == customer_id
+                )
+            )
+        ).all()
+    assert sorted(rows) == [
+        ("generated", {}),
+        ("revoked", {"reason": "finalizer removed by hand", "by": "admin"}),
+    ]
+    refused = await api.get(f"/api/licenses/{customer_id}", headers={"X-API-Key": key})
+    assert refused.status == 401  # the deleted instance's usage key is no key any more
+
+    again = await revoke(api, customer_id, "finalizer removed by hand")
+    assert again[0] == 200 and again[1]["already_revoked"] is True, again
+    unknown = await revoke(api, customer_id_for(unique_name("nobody")))
+    assert (unknown[0], unknown[1]["error"]) == (404, "Customer not found"), unknown
 
 
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])
