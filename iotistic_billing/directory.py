@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import Customer, customer_id_in_use, namespace_for
 from iotistic_billing.db import models
-from iotistic_billing.errors import customer_not_found
+from iotistic_billing.errors import customer_not_found, customer_not_gone
 from iotistic_billing.k8s import Kube
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,19 @@ class Directory:
         and here the first such lookup lists it for all the others (a batch naming a thousand Customers
         never mirrored, created by GitOps, lists the fleet once, not a thousand times)."""
         return _BatchDirectory(self.kube)
+
+    async def confirm_gone(self, customer_id: str) -> None:
+        """A 409 unless no Customer the API server lists holds `customer_id`, one our models refuse too:
+        the routes that act on a deleted customer's id (its cancel, its revoke) took an unreadable
+        Customer for a gone one, and revoked a running instance's keys (found in review)."""
+        listing = await self.listing()
+        for record in listing.records:
+            if record.customer_id == customer_id:
+                raise customer_not_gone(customer_id, record.name, "made since it was looked up")
+        for unreadable in listing.unreadable:
+            if customer_id_in_use(unreadable.body) == customer_id:
+                why = "this version cannot read it: " + "; ".join(unreadable.problems)
+                raise customer_not_gone(customer_id, unreadable.name, why)
 
     async def by_name(self, name: str) -> CustomerRecord | None:
         body = await self.kube.read_customer(name)

@@ -91,6 +91,16 @@ def customer_not_found(customer_id: str) -> NotFound:
     )
 
 
+def customer_not_gone(customer_id: str, name: str, why: str) -> Conflict:
+    """An action on a customer id no Customer we read holds, which a Customer the API server lists still
+    (or again) holds: one this version's models refuse, or one applied since the lookup."""
+    return Conflict(
+        "Customer not gone",
+        f"Customer {name} holds {customer_id} ({why}): nothing was done; it is no deleted customer's",
+        {"customer_id": customer_id, "resource_name": name},
+    )
+
+
 def re_created_since_shown(kind: str, name: str) -> Conflict:
     """An action of a page on an object deleted and made again under its name since (another uid)."""
     return Conflict(

@@ -111,8 +111,10 @@ class Deletion:
         cancel = json.dumps({"customer_id": self.customer_id, "immediately": True})
         return (
             f"Stripe subscription {left.stripe_subscription_id} ({left.status}) of customer id"
-            f" {self.customer_id} was not cancelled and Stripe goes on billing it: cancel it with POST"
-            f" /api/subscriptions/cancel {cancel} or in the Stripe Dashboard"
+            f" {self.customer_id} was open when the Customer was deleted, and Stripe bills it until it is"
+            f" cancelled: cancel it in the Stripe Dashboard, or with POST /api/subscriptions/cancel"
+            f" {cancel} (the id's newest open subscription; not once a Customer holds the id again)."
+            " A cancel sent moments before the deletion may not have reached this Customer yet"
         )
 
 

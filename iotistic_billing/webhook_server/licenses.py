@@ -158,6 +158,9 @@ async def revoke_license(request: web.Request) -> web.Response:
         try:
             record = await request.app[DIRECTORY].existing(revoking.session, customer_id)
         except NotFound:
+            # Under the revocation lock, as the finalizer looks right before its revocations.
+            await hold_revocations(revoking.session, customer_id)
+            await request.app[DIRECTORY].confirm_gone(customer_id)
             left = await revoke_left_behind(revoking.session, customer_id, body.reason, by="admin")
             return json_model(
                 RevokeResponse(

@@ -301,6 +301,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
             found = await _newest_live_row(session, body.customer_id, OPEN_STATUSES)
             if found is None:
                 raise customer_not_found(body.customer_id)
+            await request.app[DIRECTORY].confirm_gone(body.customer_id)
             subscription_id = found
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(

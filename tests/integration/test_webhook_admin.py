@@ -21,10 +21,13 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from iotistic_billing import directory as directory_module
+from iotistic_billing.api_keys import usage_key_hash
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
 from iotistic_billing.db.license_history import record_license
-from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.devenv.stripe_mock import StripeMock
+from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
@@ -652,6 +655,48 @@ async def test_a_revoke_of_a_customer_deleted_without_its_finalizer_revokes_its_
     assert again[0] == 200 and again[1]["already_revoked"] is True, again
     unknown = await revoke(api, customer_id_for(unique_name("nobody")))
     assert (unknown[0], unknown[1]["error"]) == (404, "Customer not found"), unknown
+
+
+async def test_a_revoke_of_a_customer_this_version_cannot_read_is_refused_not_taken_for_a_deleted_one(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer our models refuse (a newer operator's status during an upgrade) is no
+    Customer to the lookups, so its revoke was taken for a deleted customer's: its running instance's
+    usage keys revoked and its licence recorded revoked, nothing suspended. It is a 409 naming it."""
+    name = unique_name("unread")
+    customer_id = customer_id_for(name)
+    customers.create(name, customerId=customer_id)
+    token = licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings)
+    async with AsyncSession(db_engine) as session, session.begin():
+        await record_license(session, LicenseRecord.from_token(token), "generated")
+    key = await add_usage_key(db_engine, customer_id)
+    read = directory_module.read_customer
+
+    def unreadable(body: dict[str, Any]) -> CustomerRecord | UnreadableCustomer:
+        if (body.get("metadata") or {}).get("name") == name:
+            return UnreadableCustomer(body, ["status.phase: Input should be 'Pending', ..."])
+        return read(body)
+
+    monkeypatch.setattr(directory_module, "read_customer", unreadable)
+    status, answer = await revoke(api, customer_id, "suspected abuse")
+    assert (status, answer["error"]) == (409, "Customer not gone"), answer
+    assert name in answer["message"] and "cannot read it" in answer["message"]
+    customers.delete(name)
+    async with db_engine.connect() as connection:
+        actions = (
+            await connection.scalars(
+                select(LicenseHistory.action).where(LicenseHistory.customer_id == customer_id)
+            )
+        ).all()
+        revoked = await connection.scalar(
+            select(ApiKey.revoked_at).where(ApiKey.key_hash == usage_key_hash(key))
+        )
+    assert actions == ["generated"] and revoked is None  # the instance's key stands
 
 
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])

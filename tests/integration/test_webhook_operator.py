@@ -246,6 +246,7 @@ async def test_revoke_records_history_and_suspends_until_the_licence_is_unlicens
         "reason": "chargeback",
         "suspended": True,
         "already_revoked": False,
+        "customer_deleted": False,
     }
     assert (customers.get(name) or {})["spec"]["suspended"] is True
 

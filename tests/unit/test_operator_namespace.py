@@ -593,9 +593,11 @@ async def test_deleting_a_customer_with_a_live_subscription_warns_that_stripe_st
     ]
     assert cluster.events[-1][2] == "Warning"
     assert cluster.messages[-1][1] == (
-        f"Stripe subscription sub_acme1 ({status}) of customer id cust_acme0001 was not cancelled and Stripe"
-        ' goes on billing it: cancel it with POST /api/subscriptions/cancel {"customer_id": "cust_acme0001",'
-        ' "immediately": true} or in the Stripe Dashboard'
+        f"Stripe subscription sub_acme1 ({status}) of customer id cust_acme0001 was open when the Customer"
+        " was deleted, and Stripe bills it until it is cancelled: cancel it in the Stripe Dashboard, or with"
+        ' POST /api/subscriptions/cancel {"customer_id": "cust_acme0001", "immediately": true} (the id\'s'
+        " newest open subscription; not once a Customer holds the id again). A cancel sent moments before"
+        " the deletion may not have reached this Customer yet"
     )
 
 

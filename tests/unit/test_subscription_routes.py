@@ -425,3 +425,16 @@ async def test_a_cancel_of_a_customer_id_neither_a_customer_nor_a_subscription_h
 
     assert (status, answer["error"]) == (404, "Customer not found"), answer
     assert routes.stripe.calls == []
+
+
+async def test_a_cancel_of_a_customer_this_version_cannot_read_is_refused_not_taken_for_a_deleted_one(
+    routes: Routes,
+) -> None:
+    """Found in review: a Customer our models refuse is no Customer to the lookups, so its cancel took the
+    deleted customer's path and cancelled the newest open subscription row, at once."""
+    routes.kube.customers["acme"] = customer("acme", plan="bogus-plan")  # a spec our models refuse
+    routes.db.stored = "sub_live9"
+    status, answer = await routes.post("cancel", {"customer_id": "cust_acme01", "immediately": True})
+    assert (status, answer["error"]) == (409, "Customer not gone"), answer
+    assert "acme" in answer["message"] and "cannot read it" in answer["message"]
+    assert routes.stripe.calls == []
