@@ -231,18 +231,39 @@ def _invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
 def _invoice_line(invoice: Mapping[str, Any], catalog: PriceCatalog) -> Mapping[str, Any]:
     """The invoice line of the subscription's plan price: prorations of a plan change come first on an
     upgrade invoice and name the old price, and a renewal's metered lines (the overage of the period
-    before, its period) may come first too, so both are passed over. An invoice of prorations only (an
-    upgrade invoiced at once) names no plan: the subscription's own events say it."""
+    before, its period) may come first too, so both are passed over. A subscription on a price no
+    plan's (one the team replaced in STRIPE_PRICE_*, kept by older subscriptions) still bills its
+    period: its first line of the subscription that is neither, whatever its price. An invoice of
+    prorations only (an upgrade invoiced at once) names no plan: the subscription's own events say it."""
     data = _mapping(invoice.get("lines")).get("data")
-    lines = [_mapping(line) for line in data] if isinstance(data, list) else []
-
-    def is_proration(line: Mapping[str, Any]) -> bool:
-        item_details = _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
-        return bool(line.get("proration") or item_details.get("proration"))
-
-    return next(
-        (line for line in lines if not is_proration(line) and catalog.plan_for(_line_price_id(line))), {}
+    lines = (
+        [_mapping(line) for line in data if not _is_proration(_mapping(line))]
+        if isinstance(data, list)
+        else []
     )
+    on_plan = (line for line in lines if catalog.plan_for(_line_price_id(line)))
+    of_subscription = (line for line in lines if _of_subscription(line) and not _is_metered(line, catalog))
+    return next(on_plan, None) or next(of_subscription, {})
+
+
+def _is_proration(line: Mapping[str, Any]) -> bool:
+    item_details = _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
+    return bool(line.get("proration") or item_details.get("proration"))
+
+
+def _of_subscription(line: Mapping[str, Any]) -> bool:
+    """A line of a subscription item (older API versions: type subscription; newer: its parent's
+    subscription_item_details), not a one-off invoice item."""
+    return line.get("type") == "subscription" or bool(
+        _mapping(_mapping(line.get("parent")).get("subscription_item_details"))
+    )
+
+
+def _is_metered(line: Mapping[str, Any], catalog: PriceCatalog) -> bool:
+    """A line of usage billed in arrears: a price of STRIPE_METERED_PRICES, or (older API versions, the
+    price expanded) one whose usage is metered."""
+    recurring = _mapping(_mapping(line.get("price")).get("recurring"))
+    return _line_price_id(line) in catalog.metered or recurring.get("usage_type") == "metered"
 
 
 def _line_price_id(line: Mapping[str, Any]) -> str | None:

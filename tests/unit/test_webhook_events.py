@@ -611,7 +611,7 @@ def invoice_facts(
         "id": "in_1",
         "subscription": "sub_1",
         "billing_reason": billing_reason,
-        "lines": {"data": [{"price": {"id": price}, "period": {"end": period_end}}]},
+        "lines": {"data": [{"type": "subscription", "price": {"id": price}, "period": {"end": period_end}}]},
     }
     facts = subscription_facts(event_type, body, CATALOG)
     assert facts is not None
@@ -807,6 +807,84 @@ def test_paying_an_older_invoice_keeps_the_subscription_overdue() -> None:
     latest = coalesce("cust_a", overdue, {}, [(invoice_facts("invoice.paid"), 300)])
     assert latest.subscription is not None
     assert (latest.subscription.status, latest.subscription.past_due_since) == ("active", None)
+
+
+@pytest.mark.parametrize("overdue_status", ["past_due", "unpaid"])
+def test_paying_an_older_invoice_on_a_price_no_plan_s_now_keeps_the_subscription_overdue(
+    overdue_status: str,
+) -> None:
+    """Found in review: the period an invoice bills was read off a line on a plan's price (STRIPE_PRICE_*)
+    alone, so an invoice of a subscription kept on a price the team has since replaced (grandfathered)
+    billed no known period and counted as the latest: paying the older of two open invoices made a
+    past_due subscription active (pastDueSince cleared, payment.recovered) and an unpaid one active,
+    access not paid for. The period is its plan line's, a price of the catalog or not."""
+    since = datetime.fromtimestamp(50, UTC)
+    overdue = current(status=overdue_status, past_due_since=since)
+    older = invoice_facts("invoice.paid", price="price_s_old", period_end=PERIOD_END - MONTH)
+    assert older.billed_until == AT_PERIOD_END - timedelta(seconds=MONTH) and older.plan is None
+    for rows in (row(status=overdue_status, past_due_since=since), {}):
+        paid = coalesce("cust_a", overdue, rows, [(older, 300)])
+        assert paid.subscription == current(
+            status=overdue_status, past_due_since=since, last_event_created=300
+        )
+    # The latest invoice paid ends it, its plan the one held.
+    latest = coalesce("cust_a", overdue, {}, [(invoice_facts("invoice.paid", price="price_s_old"), 300)])
+    assert latest.subscription == current(last_event_created=300)
+
+
+def test_the_invoice_an_ending_left_owed_on_a_price_no_plan_s_now_settles_it() -> None:
+    """Found in review: a subscription canceled with its renewal unpaid, on a grandfathered price: the
+    invoice billed no known period, so paying it never settled what was owed (PaymentOverdue for good)."""
+    since = datetime.fromtimestamp(150, UTC)
+    ended = current(status="canceled", last_event_created=200, past_due_since=since)
+    paid = coalesce("cust_a", ended, {}, [(invoice_facts("invoice.paid", price="price_s_old"), 300)])
+    assert actions(paid) == ["apply"]
+    assert paid.subscription == current(status="canceled", last_event_created=300)
+
+
+@pytest.mark.parametrize("api", ["2025", "legacy"])
+def test_an_invoice_s_period_is_its_plan_line_s_whatever_its_price_and_the_metered_lines_before_it(
+    api: str,
+) -> None:
+    """Found in review: with no line on a plan's price, an invoice billed no period. The plan line is the
+    first of the subscription's lines that is neither a proration nor a metered price's (the overage of
+    the period before, STRIPE_METERED_PRICES or a price whose usage is metered); one-off invoice items
+    bill no period of the subscription."""
+    catalog = PriceCatalog(dict(CATALOG.prices), ("price_meter_devices",))
+    earlier = PERIOD_END - MONTH
+
+    def line(price: str, end: int, *, item: bool = True, **extra: Any) -> dict[str, Any]:
+        if api == "2025":
+            kind = "subscription_item_details" if item else "invoice_item_details"
+            return {
+                "parent": {"type": kind, kind: {"proration": False}},
+                "pricing": {"price_details": {"price": price}},
+                "period": {"end": end},
+            }
+        return {
+            "type": "subscription" if item else "invoiceitem",
+            "price": {"id": price, **extra},
+            "period": {"end": end},
+        }
+
+    lines = [
+        line("price_meter_devices", earlier),
+        line("price_meter_old", earlier, recurring={"usage_type": "metered"}),
+        line("price_setup", earlier + 1, item=False),
+        line("price_s_old", PERIOD_END),
+    ]
+    if api == "2025":
+        lines.pop(1)  # a line's price is its id alone: only STRIPE_METERED_PRICES says it is metered
+    invoice = {"subscription": "sub_1", "billing_reason": "subscription_cycle", "lines": {"data": lines}}
+    paid = subscription_facts("invoice.payment_succeeded", invoice, catalog)
+    assert paid == SubscriptionFacts(
+        "sub_1", "active", None, AT_PERIOD_END, from_invoice=True, billed_until=AT_PERIOD_END
+    )
+    # The final usage invoice (metered lines alone) still bills no plan period.
+    usage_only = {**invoice, "lines": {"data": lines[:1]}}
+    assert subscription_facts("invoice.payment_succeeded", usage_only, catalog) == SubscriptionFacts(
+        "sub_1", "active", from_invoice=True
+    )
 
 
 def test_a_failed_retry_of_an_older_invoice_after_the_latest_was_paid_starts_no_dunning() -> None:
