@@ -47,6 +47,7 @@ from iotistic_billing.stripe_inbox.events import (
     coalesce,
     lookup_hints,
     newest_live,
+    previous_attributes,
     subscription_facts,
     unmatched_row,
 )
@@ -183,7 +184,7 @@ async def apply_events(
     for name in sorted(groups):
         group = groups[name]
         try:
-            group.facts = [subscription_facts(e.type, e.data.object, deps.catalog) for e in group.events]
+            group.facts = [read_facts(e, deps.catalog, name) for e in group.events]
         except Exception as error:  # an event no rule foresaw: its Customer's events wait, not the batch's
             results.update(group.failed(error))
         else:
@@ -240,6 +241,23 @@ async def apply_events(
     return results
 
 
+def read_facts(event: StripeEvent, catalog: PriceCatalog, customer: str) -> SubscriptionFacts | None:
+    """The subscription facts of a Customer's event (`customer`: its name, for the log). One that moves
+    its subscription off a plan's price is a warning: the Customer loses its plan (the trial decides)
+    until the billing team maps the price in STRIPE_PRICE_* or moves the subscription back."""
+    facts = subscription_facts(event.type, event.data.object, catalog, previous_attributes(event))
+    if facts is not None and facts.off_plan:
+        log.warning(
+            "stripe event %s: subscription %s of Customer %s moved to a price that is no plan's (%s);"
+            " it holds no plan now: set the price in STRIPE_PRICE_* or move the subscription back",
+            event.id,
+            facts.subscription_id,
+            customer,
+            ", ".join(facts.off_plan),
+        )
+    return facts
+
+
 async def _move_unmatched_rows(
     deps: EventApplier,
     session: AsyncSession,
@@ -255,7 +273,9 @@ async def _move_unmatched_rows(
     for event, hints in unmatched:
         results[event.id] = Outcome("unmatched")
         try:
-            facts = subscription_facts(event.type, event.data.object, deps.catalog)
+            facts = subscription_facts(
+                event.type, event.data.object, deps.catalog, previous_attributes(event)
+            )
         except Exception as error:  # an event no rule foresaw: unmatched as it is, for the console
             log.warning("stripe event %s moves no row: its facts cannot be read (%s)", event.id, error)
             continue

@@ -142,6 +142,10 @@ class SubscriptionFacts:
     update_declined: bool = False
     # Stripe's ended_at of an ended subscription's own event: where its usage period is cut.
     ended_at: datetime | None = None
+    # The prices of an update that moved the subscription off a plan's price (its previous items had one,
+    # its items have none: a swap in Stripe's Dashboard to a custom price): its plan is none now, not
+    # unsaid. A subscription on no plan's price all along (one kept on a replaced price) keeps its row's.
+    off_plan: tuple[str, ...] = ()
 
     @property
     def says_nothing(self) -> bool:
@@ -277,6 +281,11 @@ def event_object(event: Mapping[str, Any]) -> Mapping[str, Any]:
     return _mapping(_mapping(event.get("data")).get("object"))
 
 
+def previous_attributes(event: StripeEvent) -> Mapping[str, Any]:
+    """What an update event changed, as it was before (Stripe's data.previous_attributes)."""
+    return _mapping((event.data.model_extra or {}).get("previous_attributes"))
+
+
 # ----- what an event says -----
 
 
@@ -302,9 +311,14 @@ def lookup_hints(event_type: str, obj: Mapping[str, Any]) -> LookupHints:
 
 
 def facts_of_subscription(
-    subscription: Mapping[str, Any], catalog: PriceCatalog, *, deleted: bool = False
+    subscription: Mapping[str, Any],
+    catalog: PriceCatalog,
+    *,
+    deleted: bool = False,
+    previous: Mapping[str, Any] | None = None,
 ) -> SubscriptionFacts | None:
-    """A Stripe subscription object as facts; None when it has no usable id or status."""
+    """A Stripe subscription object as facts; None when it has no usable id or status. `previous`: what
+    an update changed, as it was (the event's data.previous_attributes)."""
     subscription_id = _matching(_ref_id(subscription.get("id")), _SUBSCRIPTION_ID)
     status: SubscriptionStatus | None = "canceled" if deleted else _status(subscription.get("status"))
     if subscription_id is None or status is None:
@@ -319,6 +333,10 @@ def facts_of_subscription(
     cancel = subscription.get("cancel_at_period_end")
     started = subscription.get("created")
     ended_at = _timestamp(subscription.get("ended_at")) if status in ENDED_STATUSES else None
+    prices = _item_prices(subscription)
+    moved_off = (
+        bool(prices) and not catalog.plan_items(subscription) and bool(catalog.plan_items(previous or {}))
+    )
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status=status,
@@ -330,7 +348,14 @@ def facts_of_subscription(
         else None,
         current_period_start=period_start,
         ended_at=ended_at,
+        off_plan=prices if moved_off else (),
     )
+
+
+def _item_prices(subscription: Mapping[str, Any]) -> tuple[str, ...]:
+    data = _mapping(subscription.get("items")).get("data")
+    items = [_mapping(item) for item in data] if isinstance(data, list) else []
+    return tuple(price for item in items if (price := item_price(item)) is not None)
 
 
 def _facts_of_checkout(session: Mapping[str, Any], catalog: PriceCatalog) -> SubscriptionFacts | None:
@@ -382,13 +407,19 @@ def _facts_of_invoice(
 
 
 def subscription_facts(
-    event_type: str, obj: Mapping[str, Any], catalog: PriceCatalog
+    event_type: str,
+    obj: Mapping[str, Any],
+    catalog: PriceCatalog,
+    previous: Mapping[str, Any] | None = None,
 ) -> SubscriptionFacts | None:
-    """The subscription facts a handled event carries; None when it carries none (nothing to apply)."""
+    """The subscription facts a handled event carries; None when it carries none (nothing to apply).
+    `previous`: the event's data.previous_attributes, what an update changed."""
     if event_type == CHECKOUT_COMPLETED:
         return _facts_of_checkout(obj, catalog)
     if event_type in SUBSCRIPTION_EVENTS:
-        return facts_of_subscription(obj, catalog, deleted=event_type == SUBSCRIPTION_DELETED)
+        return facts_of_subscription(
+            obj, catalog, deleted=event_type == SUBSCRIPTION_DELETED, previous=previous
+        )
     if event_type in INVOICE_EVENTS:
         return _facts_of_invoice(
             obj, catalog, paid=event_type in INVOICE_PAID_EVENTS, voided=event_type == INVOICE_VOIDED
@@ -535,7 +566,7 @@ def decide(
         period_start = base.current_period_start
     merged = SubscriptionSpec(
         status=facts.status,
-        plan=facts.plan or (base.plan if base else None),
+        plan=facts.plan or (base.plan if base and not facts.off_plan else None),
         stripe_subscription_id=facts.subscription_id,
         current_period_start=period_start,
         current_period_end=period_end,
@@ -602,7 +633,7 @@ def stored_after(
     return StoredSubscription(
         customer_id=customer_id,
         status=facts.status,
-        plan=applied.plan if applied else (facts.plan or (row.plan if row else None)),
+        plan=applied.plan if applied else (facts.plan or (row.plan if row and not facts.off_plan else None)),
         current_period_end=(
             applied.current_period_end
             if applied
@@ -758,7 +789,7 @@ def coalesce(
             replace(
                 facts,
                 started=facts.started or (row.stripe_created if row else None),
-                plan=facts.plan or (_plan(row.plan) if row else None),
+                plan=facts.plan or (_plan(row.plan) if row and not facts.off_plan else None),
             ),
             created,
             stored_status=row.status if row else None,
@@ -985,6 +1016,7 @@ __all__ = [
     "newest_live",
     "object_id",
     "past_due_since",
+    "previous_attributes",
     "stored_after",
     "subscription_facts",
     "trial_end",

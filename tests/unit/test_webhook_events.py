@@ -18,11 +18,14 @@ from iotistic_billing.db.retention import retention_cutoff
 from iotistic_billing.errors import BadRequest, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import STRIPE_EVENT_RETENTION_MIN_DAYS
+from iotistic_billing.stripe_inbox.apply import read_facts
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
     Coalesced,
     LookupHints,
     StoredSubscription,
+    StripeEvent,
+    StripeEventObject,
     SubscriptionFacts,
     coalesce,
     committed_subscription,
@@ -319,6 +322,44 @@ def test_a_deleted_subscription_is_canceled_and_an_unknown_price_has_no_plan() -
         CATALOG,
     )
     assert facts is not None and (facts.status, facts.plan) == ("canceled", None)
+
+
+def test_a_subscription_moved_to_a_price_no_plan_s_holds_no_plan_any_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a subscription's own event whose items are on no plan's price named no plan, as an
+    event that does not say, so the row's plan was kept: a swap in Stripe's Dashboard from professional
+    to a custom cheaper price kept professional, silently. An update that moves it off a plan's price
+    (its previous items had one) leaves it on none (the trial decides, and the Customer says its price is
+    no plan's), with a warning naming the subscription and the price; one that was on no plan's price
+    already (kept on a replaced, grandfathered price) keeps the plan its record has."""
+    custom = subscription(
+        items={"data": [{"price": {"id": "price_custom"}, "current_period_end": PERIOD_END}]}
+    )
+    swap = StripeEvent.model_validate(
+        {
+            "id": "evt_swap",
+            "type": "customer.subscription.updated",
+            "created": 300,
+            "data": {"object": custom, "previous_attributes": {"items": subscription()["items"]}},
+        }
+    )
+    caplog.set_level(logging.WARNING, logger="iotistic_billing.stripe_inbox")
+    moved = read_facts(swap, CATALOG, "acme")
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "sub_1" in warning and "price_custom" in warning and "acme" in warning
+    held, rows = current(plan="professional"), row(plan="professional")
+    result = coalesce("cust_a", held, rows, [(moved, 300)])
+    assert result.subscription == current(plan=None, last_event_created=300)
+    assert result.rows["sub_1"].plan is None
+    # Its renewal (no previous items) on the custom price keeps it on none; it names no plan either.
+    renewal = read_facts(swap.model_copy(update={"data": StripeEventObject(object=custom)}), CATALOG, "acme")
+    again = coalesce("cust_a", result.subscription, result.rows, [(renewal, 400)])
+    assert again.subscription is not None and again.subscription.plan is None
+    # A grandfathered subscription's event (on no plan's price all along): its record's plan is kept.
+    kept = coalesce("cust_a", held, rows, [(renewal, 400)])
+    assert kept.subscription == current(plan="professional", last_event_created=400)
+    assert len(caplog.records) == 1
 
 
 def test_checkout_sessions_carry_the_subscription_and_the_plan_of_their_metadata() -> None:
