@@ -166,7 +166,7 @@ class Decision:
     one that would revive an ended subscription, or an invoice that says nothing
     (`SubscriptionFacts.says_nothing`); recorded and acknowledged, nothing written.
     `superseded`: the event is the newest for its own subscription (so its row is written) but the
-    Customer holds another, live subscription."""
+    Customer holds another, live subscription, or holds none and the event's is on no plan's price."""
 
     action: Literal["apply", "stale", "superseded"]
     subscription: SubscriptionSpec | None
@@ -489,7 +489,8 @@ def decide(
     final `deleted` of a replaced subscription must not cancel its successor), and never a newer live
     subscription with an older live one (`current_started`: when Stripe created the Customer's; the
     newest live subscription wins, an older one's events are recorded, not applied), but for one on a
-    plan over one on no plan's price (an add-on), in either order. A voided invoice
+    plan over one on no plan's price (an add-on), in either order; one on no plan's price is not held
+    by a Customer holding none (another product sold to the same Stripe customer). A voided invoice
     applies only where it settles what an ended subscription owed (`SubscriptionFacts.settles_ended`); a
     declined invoice of an update never does (`SubscriptionFacts.update_declined`).
     """
@@ -556,6 +557,12 @@ def decide(
             or (live and facts.status not in LIVE_STATUSES)
         ):
             return Decision("superseded", None, record_row=True)
+
+    if facts.plan is None and (current is None or current.stripe_subscription_id is None):
+        # On no plan's price (another product sold to the same Stripe customer): not the Customer's to
+        # hold, whose licence would be the trial's all the same, while the cancel route and the dunning
+        # would act on it. A subscription of ours names its plan (the checkout's metadata, its row).
+        return Decision("superseded", None, record_row=True)
 
     base = current if same else None
     period_end = facts.current_period_end or (base.current_period_end if base else None)

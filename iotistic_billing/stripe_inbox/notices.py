@@ -61,7 +61,7 @@ def event_notices(
     notices = payment_notices(
         previous, applied, about, invoice_id(event_type, obj), when, portal_url, restricted_for
     )
-    if event_type == SUBSCRIPTION_DELETED:
+    if event_type == SUBSCRIPTION_DELETED and applied.plan is not None:
         notices.append(
             subscription_canceled(
                 **about, subscription_id=applied.stripe_subscription_id or identifier, status=applied.status
@@ -105,9 +105,10 @@ def payment_notices(
     past_due, "payment recovered" when it leaves past_due or unpaid for active. Both are keyed by the
     subscription and its pastDueSince, so one failure gives one of each, and a retried event, deciding
     from the same state, the same key. (Going straight to unpaid, the licence is suspended at once: the
-    operator's `license.suspended` says so.)"""
+    operator's `license.suspended` says so.) A subscription on no plan's price tells neither: the trial
+    decides the licence whatever its payments (operator/entitlement.py), so no ladder runs."""
     subscription_id = applied.stripe_subscription_id
-    if subscription_id is None:
+    if subscription_id is None or applied.plan is None:
         return []
     overdue = (
         previous

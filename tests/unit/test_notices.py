@@ -538,6 +538,28 @@ def test_stripe_events_notice_payment_failed_recovered_canceled_and_a_trial_endi
     assert event_notices("invoice.payment_failed", {"id": "in_1"}, record(), None, stale, created, None) == []
 
 
+def test_a_subscription_on_no_plan_s_price_notices_no_payment_and_no_ending() -> None:
+    """Found in review: a subscription on no plan's price (another product sold to the same Stripe
+    customer, or one moved off STRIPE_PRICE_*) grants no plan, the trial decides the licence, yet its
+    failed invoice sent payment.failed ("your licence is suspended on ...", of the unlicensed plan) and
+    its ending subscription.canceled, for something that was not sold as a plan."""
+    created = int(NOW.timestamp())
+
+    def planless(status: str) -> Decision:
+        decision = applied(status, past_due_since=NOW if status == "past_due" else None)
+        assert decision.subscription is not None
+        return replace(decision, subscription=decision.subscription.model_copy(update={"plan": None}))
+
+    was_past_due = SubscriptionSpec(status="past_due", stripe_subscription_id="sub_1", past_due_since=NOW)
+    quiet = [
+        ("invoice.payment_failed", {"id": "in_1"}, None, planless("past_due")),
+        ("invoice.paid", {"id": "in_2"}, was_past_due, planless("active")),
+        ("customer.subscription.deleted", {"id": "sub_1"}, None, planless("canceled")),
+    ]
+    for event_type, obj, previous, decision in quiet:
+        assert event_notices(event_type, obj, record(), previous, decision, created, None) == []
+
+
 def subscription_event(kind: str, status: str, created: int) -> tuple[str, dict[str, object], int]:
     """A customer.subscription.updated, or an invoice event, of sub_1 at `created`."""
     if kind == "subscription":

@@ -1063,10 +1063,12 @@ def test_events_whose_apply_was_lost_after_the_customer_was_written_are_decided_
     assert committed_subscription(written, row(), events[:1]) == written
     # The row caught up (a committed apply): the Customer's state stands.
     assert committed_subscription(written, row(last_event_created=160), events) == written
-    # No row at all: the lost apply was the subscription's first; it is decided again from nothing.
+    # No row at all: the lost apply was the subscription's first; it is decided again from nothing (its
+    # events name its plan: one on no plan's price is not held over none).
     assert committed_subscription(written, {}, events) is None
+    named = [(replace(facts, plan="starter"), created) for facts, created in events]
     assert [
-        step.decision.action for step in coalesce("cust_a", written, {}, events).steps if step.decision
+        step.decision.action for step in coalesce("cust_a", written, {}, named).steps if step.decision
     ] == [
         "apply",
         "apply",
@@ -1463,6 +1465,29 @@ def test_a_live_subscription_on_no_plan_s_price_does_not_take_over_one_on_a_plan
     entitlement = effective_plan(spec, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC))
     assert entitlement.plan == "unlicensed"
     assert "Stripe subscription active is on no plan's price (STRIPE_PRICE_*)" in entitlement.message
+
+
+def test_a_subscription_on_no_plan_s_price_is_not_held_by_a_customer_holding_none() -> None:
+    """Found in review: a subscription of another product (no customerId, no plan's price) on a trial
+    Customer's Stripe customer became the Customer's, so the cancel route would cancel it and its failed
+    invoice started a dunning the Customer was told of. A subscription on no plan's price is recorded
+    `superseded` by a Customer holding none (its licence is the trial's either way); one on a plan's
+    price, named by its row when the event does not say, is held as before."""
+    other = subscription(id="sub_9", metadata={}, items={"data": [{"price": {"id": "price_support"}}]})
+    created = subscription_facts("customer.subscription.created", other, CATALOG)
+    recorded = coalesce("cust_a", None, {}, [(created, 100)])
+    assert actions(recorded) == ["superseded"] and recorded.subscription is None
+    assert (recorded.rows["sub_9"].status, recorded.rows["sub_9"].plan) == ("active", None)
+    failed = invoice_facts("invoice.payment_failed", price="price_support")
+    failed = replace(failed, subscription_id="sub_9")
+    overdue = coalesce("cust_a", None, recorded.rows, [(failed, 200)])
+    assert actions(overdue) == ["superseded"] and overdue.subscription is None
+    assert overdue.rows["sub_9"].status == "past_due"
+    # A trial Customer's own checkout (its plan in the session's metadata, or on its row) is held.
+    ours = SubscriptionFacts("sub_1", "active")
+    held = coalesce("cust_a", None, row(), [(ours, 200)])
+    assert actions(held) == ["apply"] and held.subscription is not None
+    assert (held.subscription.stripe_subscription_id, held.subscription.plan) == ("sub_1", "starter")
 
 
 def plan_and_add_on_rows(**main: Any) -> dict[str, StoredSubscription]:
