@@ -468,6 +468,14 @@ class Settings(BaseSettings):
     def stripe_configured(self) -> bool:
         return self.stripe_secret_key is not None
 
+    @property
+    def stripe_livemode(self) -> bool | None:
+        """The Stripe mode of STRIPE_SECRET_KEY (sk_live_/rk_live_: live; sk_test_/rk_test_: test), whose
+        events alone the inbox applies; None (no key, or one of no known kind): every event."""
+        key = self.stripe_secret_key.get_secret_value() if self.stripe_secret_key else ""
+        modes = {"sk_live_": True, "rk_live_": True, "sk_test_": False, "rk_test_": False}
+        return next((live for prefix, live in modes.items() if key.startswith(prefix)), None)
+
     def start_warnings(self) -> list[str]:
         """Settings that are valid, and may be meant, but that a server logs as a WARNING at its start
         for what they do (found in review: none was said, and the overage looked billed)."""

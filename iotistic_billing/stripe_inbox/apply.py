@@ -47,6 +47,7 @@ from iotistic_billing.stripe_inbox.events import (
     coalesce,
     lookup_hints,
     newest_live,
+    other_mode,
     previous_attributes,
     subscription_facts,
     unmatched_row,
@@ -104,6 +105,8 @@ class EventApplier:
     # (DUNNING_RESTRICT_DAYS) whose dates it names.
     portal_url: str | None = None
     restricted_for: timedelta = RESTRICTED_FOR
+    # The Stripe mode of STRIPE_SECRET_KEY (Settings.stripe_livemode): an event of the other is ignored.
+    livemode: bool | None = None
 
 
 @dataclass
@@ -144,7 +147,11 @@ async def apply_events(
     results: Results = {}
     handled: list[tuple[StripeEvent, LookupHints]] = []
     for event in events:
-        if event.type in HANDLED_EVENT_TYPES:
+        if (other := other_mode(event, deps.livemode)) is not None:
+            # Recorded, not refused: the route answered Stripe 200, and a refusal would be retried for days.
+            log.warning("stripe event %s (%s) is %s; recorded as ignored", event.id, event.type, other)
+            results[event.id] = Outcome("ignored")
+        elif event.type in HANDLED_EVENT_TYPES:
             handled.append((event, lookup_hints(event.type, event.data.object)))
         else:
             log.info("stripe event %s: type %s is not handled; recorded", event.id, event.type)

@@ -281,6 +281,18 @@ def event_object(event: Mapping[str, Any]) -> Mapping[str, Any]:
     return _mapping(_mapping(event.get("data")).get("object"))
 
 
+def other_mode(event: StripeEvent, livemode: bool | None) -> str | None:
+    """Why an event is of the other Stripe mode than STRIPE_SECRET_KEY's (`livemode`; None: no key, every
+    event accepted), or None: a test-mode event reaching a live deployment, or the reverse (a staging
+    cluster sharing customer ids), would change a Customer billed in the other mode. An event that does
+    not say its mode is taken."""
+    said = (event.model_extra or {}).get("livemode")
+    if livemode is None or not isinstance(said, bool) or said == livemode:
+        return None
+    event_mode, key_mode, flag = ("live", "test", "true") if said else ("test", "live", "false")
+    return f"a {event_mode}-mode event (livemode {flag}) while STRIPE_SECRET_KEY is a {key_mode} key"
+
+
 def previous_attributes(event: StripeEvent) -> Mapping[str, Any]:
     """What an update event changed, as it was before (Stripe's data.previous_attributes)."""
     return _mapping((event.data.model_extra or {}).get("previous_attributes"))
@@ -1022,6 +1034,7 @@ __all__ = [
     "lookup_hints",
     "newest_live",
     "object_id",
+    "other_mode",
     "past_due_since",
     "previous_attributes",
     "stored_after",

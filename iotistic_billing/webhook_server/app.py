@@ -216,6 +216,7 @@ def create_app(
             outbox=app[OUTBOX],
             portal_url=settings.customer_portal_url,
             restricted_for=timedelta(days=settings.dunning_restrict_days),
+            livemode=settings.stripe_livemode,
         )
         inbox = EventInbox(
             sessions=app[SESSIONS],

@@ -235,6 +235,7 @@ async def inbox_in_process(
     workers: int = 0,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     restore_interval: float = 60.0,
+    livemode: bool | None = None,
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
     `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes. With
@@ -242,7 +243,8 @@ async def inbox_in_process(
     LISTENing when it has `database_url`, as the inbox process does."""
     client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     kube = Kube(KubeApi(client, FieldManager.SIGNUP), 8)
-    applier = EventApplier(kube=kube, directory=Directory(kube), catalog=PriceCatalog(PRICES))  # type: ignore[arg-type]
+    catalog = PriceCatalog(PRICES)  # type: ignore[arg-type]
+    applier = EventApplier(kube=kube, directory=Directory(kube), catalog=catalog, livemode=livemode)
     inbox = EventInbox(
         sessions=session_factory(engine),
         applier=applier,
@@ -380,6 +382,27 @@ async def test_a_deletion_stripe_retried_after_the_final_invoice_ends_the_subscr
     assert await notice_keys(inbox_engine, [subscriber.customer_id]) == {
         f"subscription-canceled:{subscriber.customer_id}:{subscriber.subscription}": 1
     }
+
+
+async def test_an_event_of_the_other_stripe_mode_than_the_key_s_is_recorded_ignored(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: livemode was never read, so a test-mode event reaching a live deployment (a
+    staging cluster sharing customer ids) was applied to the Customer. It is recorded `ignored`, the
+    Customer left as it is; an event of the key's mode applies."""
+    subscriber = Subscriber(customers, "livemode")
+    base = int(time.time()) - 60
+    test_mode = subscriber.updated(base)  # livemode false, as Stripe's test mode sends it
+    live = {**subscriber.updated(base + 1), "livemode": True}
+    async with inbox_in_process(inbox_engine, kubeconfig, livemode=True) as inbox:
+        await store(inbox_pool, inbox, [test_mode])
+        assert await inbox.apply_pending() == 1
+        assert await results(inbox_engine, [test_mode]) == {test_mode["id"]: "ignored"}
+        assert customers.subscription(subscriber.name) is None
+        await store(inbox_pool, inbox, [live])
+        assert await inbox.apply_pending() == 1
+    assert await results(inbox_engine, [live]) == {live["id"]: "applied"}
+    assert (customers.subscription(subscriber.name) or {})["status"] == "active"
 
 
 async def test_a_late_plan_change_applies_and_an_older_live_subscription_takes_over_from_an_ended_one(

@@ -299,6 +299,28 @@ def test_the_console_session_key_is_a_long_secret_of_its_own(
 
 
 @pytest.mark.parametrize(
+    ("key", "livemode"),
+    [
+        ("sk_live_abc", True),
+        ("rk_live_abc", True),
+        ("sk_test_abc", False),
+        ("rk_test_abc", False),
+        ("sk_other_abc", None),
+        (None, None),
+    ],
+)
+def test_the_stripe_key_says_which_mode_s_events_are_applied(
+    monkeypatch: pytest.MonkeyPatch, key: str | None, livemode: bool | None
+) -> None:
+    """Found in review: an event's livemode was never checked, so a test-mode event reaching a live
+    deployment (a staging cluster sharing customer ids) was applied. The key's mode is the one whose
+    events apply; with no key (or one of no known kind) every event is, as before."""
+    if key is not None:
+        monkeypatch.setenv("STRIPE_SECRET_KEY", key)
+    assert load_settings().stripe_livemode is livemode
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         (

@@ -32,6 +32,7 @@ from iotistic_billing.stripe_inbox.events import (
     decide,
     lookup_hints,
     newest_live,
+    other_mode,
     subscription_facts,
     unmatched_row,
 )
@@ -360,6 +361,28 @@ def test_a_subscription_moved_to_a_price_no_plan_s_holds_no_plan_any_more(
     kept = coalesce("cust_a", held, rows, [(renewal, 400)])
     assert kept.subscription == current(plan="professional", last_event_created=400)
     assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("livemode", "event_livemode", "other"),
+    [
+        (True, False, "a test-mode event (livemode false) while STRIPE_SECRET_KEY is a live key"),
+        (False, True, "a live-mode event (livemode true) while STRIPE_SECRET_KEY is a test key"),
+        (True, True, None),
+        (False, False, None),
+        (None, True, None),  # no key: every event, as before
+        (True, None, None),  # an event that does not say
+    ],
+)
+def test_an_event_of_the_other_stripe_mode_than_the_key_s_is_told_apart(
+    livemode: bool | None, event_livemode: bool | None, other: str | None
+) -> None:
+    """Found in review: livemode was never read, so a test-mode event reaching a live deployment (or the
+    reverse: a staging cluster sharing customer ids) was applied; it is recorded ignored, saying why."""
+    body: dict[str, Any] = {"id": "evt_1", "type": "invoice.paid", "created": 100, "data": {"object": {}}}
+    if event_livemode is not None:
+        body["livemode"] = event_livemode
+    assert other_mode(StripeEvent.model_validate(body), livemode) == other
 
 
 def test_checkout_sessions_carry_the_subscription_and_the_plan_of_their_metadata() -> None:
