@@ -250,13 +250,15 @@ async def apply_events(
 
 def read_facts(event: StripeEvent, catalog: PriceCatalog, customer: str) -> SubscriptionFacts | None:
     """The subscription facts of a Customer's event (`customer`: its name, for the log). One that moves
-    its subscription off a plan's price is a warning: the Customer loses its plan (the trial decides)
-    until the billing team maps the price in STRIPE_PRICE_* or moves the subscription back."""
+    its subscription off a plan's price is a warning: the Customer keeps the plan it had while Stripe
+    bills another price, which the billing team maps in STRIPE_PRICE_* (a plan's new price) or moves
+    back (found in review: a custom price in the Dashboard kept professional in silence)."""
     facts = subscription_facts(event.type, event.data.object, catalog, previous_attributes(event))
     if facts is not None and facts.off_plan:
         log.warning(
             "stripe event %s: subscription %s of Customer %s moved to a price that is no plan's (%s);"
-            " it holds no plan now: set the price in STRIPE_PRICE_* or move the subscription back",
+            " it keeps the plan it had: set the price in STRIPE_PRICE_* if it is a plan's, or move the"
+            " subscription back",
             event.id,
             facts.subscription_id,
             customer,

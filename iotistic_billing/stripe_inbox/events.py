@@ -143,8 +143,9 @@ class SubscriptionFacts:
     # Stripe's ended_at of an ended subscription's own event: where its usage period is cut.
     ended_at: datetime | None = None
     # The prices of an update that moved the subscription off a plan's price (its previous items had one,
-    # its items have none: a swap in Stripe's Dashboard to a custom price): its plan is none now, not
-    # unsaid. A subscription on no plan's price all along (one kept on a replaced price) keeps its row's.
+    # its items have none: a swap in Stripe's Dashboard to a custom price, or to a plan's new price before
+    # STRIPE_PRICE_* names it): a warning (apply.read_facts). The subscription keeps its row's plan, as one
+    # on a replaced price does: dropping it left a paying customer unlicensed until its next event.
     off_plan: tuple[str, ...] = ()
 
     @property
@@ -585,7 +586,7 @@ def decide(
         period_start = base.current_period_start
     merged = SubscriptionSpec(
         status=facts.status,
-        plan=facts.plan or (base.plan if base and not facts.off_plan else None),
+        plan=facts.plan or (base.plan if base else None),
         stripe_subscription_id=facts.subscription_id,
         current_period_start=period_start,
         current_period_end=period_end,
@@ -652,7 +653,7 @@ def stored_after(
     return StoredSubscription(
         customer_id=customer_id,
         status=facts.status,
-        plan=applied.plan if applied else (facts.plan or (row.plan if row and not facts.off_plan else None)),
+        plan=applied.plan if applied else (facts.plan or (row.plan if row else None)),
         current_period_end=(
             applied.current_period_end
             if applied
@@ -808,7 +809,7 @@ def coalesce(
             replace(
                 facts,
                 started=facts.started or (row.stripe_created if row else None),
-                plan=facts.plan or (_plan(row.plan) if row and not facts.off_plan else None),
+                plan=facts.plan or (_plan(row.plan) if row else None),
             ),
             created,
             stored_status=row.status if row else None,

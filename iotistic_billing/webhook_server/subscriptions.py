@@ -89,7 +89,8 @@ async def _live_subscription_id(
 
 
 async def _newest_live_row(session: AsyncSession, customer_id: str, statuses: frozenset[str]) -> str | None:
-    """The id of the customer's newest subscription row in `statuses`, not one ended at its period's end."""
+    """The id of the customer's newest subscription row on a plan in `statuses`, not one ended at its
+    period's end."""
     row = models.Subscription
     now = datetime.now(UTC)
     return await session.scalar(
@@ -97,6 +98,9 @@ async def _newest_live_row(session: AsyncSession, customer_id: str, statuses: fr
         .where(
             row.customer_id == customer_id,
             row.status.in_(sorted(statuses)),
+            # Not another product's subscription on the customer's Stripe customer, on no plan's price
+            # (the inbox records it superseded, never held): found in review, the cancel cancelled it.
+            row.plan.is_not(None),
             # The row's state is the spec's: not one ended at its period's end either.
             or_(
                 row.status.not_in(_LAPSING_STATUSES),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.directory import Directory
@@ -438,3 +439,22 @@ async def test_a_cancel_of_a_customer_this_version_cannot_read_is_refused_not_ta
     assert (status, answer["error"]) == (409, "Customer not gone"), answer
     assert "acme" in answer["message"] and "cannot read it" in answer["message"]
     assert routes.stripe.calls == []
+
+
+async def test_the_newest_live_row_is_never_one_on_no_plan() -> None:
+    """Found in review: another product's subscription on the customer's Stripe customer (no plan's price,
+    recorded superseded by the inbox) was the newest open row, so a cancel with no held subscription (or
+    of a deleted Customer's id) cancelled it in Stripe."""
+    from sqlalchemy.dialects import postgresql
+
+    from iotistic_billing.webhook_server.subscriptions import _newest_live_row
+
+    asked: list[Any] = []
+
+    class Session:
+        async def scalar(self, statement: Any) -> None:
+            asked.append(statement)
+
+    await _newest_live_row(cast(AsyncSession, Session()), "cust_acme01", frozenset({"active"}))
+    (statement,) = asked
+    assert "subscriptions.plan IS NOT NULL" in str(statement.compile(dialect=postgresql.dialect()))

@@ -325,15 +325,15 @@ def test_a_deleted_subscription_is_canceled_and_an_unknown_price_has_no_plan() -
     assert facts is not None and (facts.status, facts.plan) == ("canceled", None)
 
 
-def test_a_subscription_moved_to_a_price_no_plan_s_holds_no_plan_any_more(
+def test_a_subscription_moved_to_a_price_no_plan_s_is_a_warning_and_keeps_its_plan(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Found in review: a subscription's own event whose items are on no plan's price named no plan, as an
-    event that does not say, so the row's plan was kept: a swap in Stripe's Dashboard from professional
-    to a custom cheaper price kept professional, silently. An update that moves it off a plan's price
-    (its previous items had one) leaves it on none (the trial decides, and the Customer says its price is
-    no plan's), with a warning naming the subscription and the price; one that was on no plan's price
-    already (kept on a replaced, grandfathered price) keeps the plan its record has."""
+    event that does not say, so a swap in Stripe's Dashboard from professional to a custom price kept
+    professional in silence. An update that moves it off a plan's price (its previous items had one) is
+    a warning naming the subscription, the Customer and the price. It keeps its plan: dropping it (this
+    stop's first fix) left a paying customer unlicensed when the team moved subscriptions to a plan's new
+    price before STRIPE_PRICE_* named it, until each one's next event."""
     custom = subscription(
         items={"data": [{"price": {"id": "price_custom"}, "current_period_end": PERIOD_END}]}
     )
@@ -349,17 +349,15 @@ def test_a_subscription_moved_to_a_price_no_plan_s_holds_no_plan_any_more(
     moved = read_facts(swap, CATALOG, "acme")
     [warning] = [r.getMessage() for r in caplog.records]
     assert "sub_1" in warning and "price_custom" in warning and "acme" in warning
+    assert "keeps the plan it had" in warning
     held, rows = current(plan="professional"), row(plan="professional")
     result = coalesce("cust_a", held, rows, [(moved, 300)])
-    assert result.subscription == current(plan=None, last_event_created=300)
-    assert result.rows["sub_1"].plan is None
-    # Its renewal (no previous items) on the custom price keeps it on none; it names no plan either.
+    assert result.subscription == current(plan="professional", last_event_created=300)
+    assert result.rows["sub_1"].plan == "professional"
+    # Its renewal (no previous items) on the custom price: no warning again, the plan still kept.
     renewal = read_facts(swap.model_copy(update={"data": StripeEventObject(object=custom)}), CATALOG, "acme")
     again = coalesce("cust_a", result.subscription, result.rows, [(renewal, 400)])
-    assert again.subscription is not None and again.subscription.plan is None
-    # A grandfathered subscription's event (on no plan's price all along): its record's plan is kept.
-    kept = coalesce("cust_a", held, rows, [(renewal, 400)])
-    assert kept.subscription == current(plan="professional", last_event_created=400)
+    assert again.subscription == current(plan="professional", last_event_created=400)
     assert len(caplog.records) == 1
 
 
