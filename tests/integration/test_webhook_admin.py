@@ -696,7 +696,8 @@ async def test_a_revoke_of_a_customer_this_version_cannot_read_is_refused_not_ta
         revoked = await connection.scalar(
             select(ApiKey.revoked_at).where(ApiKey.key_hash == usage_key_hash(key))
         )
-    assert actions == ["generated"] and revoked is None  # the instance's key stands
+    # The session operator may have minted the Customer a licence of its own meanwhile: none is revoked.
+    assert "revoked" not in actions and revoked is None  # the instance's key stands
 
 
 @pytest.mark.parametrize(("claim", "seconds"), [("iat", 10**20), ("exp", -(10**13))])
