@@ -1166,13 +1166,8 @@ def sender_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging
     return [r for r in caplog.records if r.name == sender_module.__name__ and r.levelno == level]
 
 
-async def test_an_smtp_server_that_refuses_connections_is_one_warning_an_outage_and_a_line_once_back(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Found in review: each mail try of a relay that was down logged at INFO, so the first WARNING of an
-    SMTP outage came ~3.7 hours later, when the deliveries were dead (NOTIFY_MAX_ATTEMPTS 8). Its first
-    failure is one warning naming the server, however many mails fail; a mail it takes says it is back."""
-    claims = Claims()
+def relayed(claims: Claims) -> tuple[NoticeSender, Relay]:
+    """A sender of `claims`' deliveries, its mail to a Relay (down until told otherwise)."""
     sender = NoticeSender(
         sessions=cast(Any, claims),
         kube=cast(Any, None),
@@ -1180,6 +1175,17 @@ async def test_an_smtp_server_that_refuses_connections_is_one_warning_an_outage_
         clock=lambda: NOW,
     )
     relay = sender._mail_relay = Relay()
+    return sender, relay
+
+
+async def test_an_smtp_server_that_refuses_connections_is_one_warning_an_outage_and_a_line_once_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: each mail try of a relay that was down logged at INFO, so the first WARNING of an
+    SMTP outage came ~3.7 hours later, when the deliveries were dead (NOTIFY_MAX_ATTEMPTS 8). Its first
+    failure is one warning naming the server, however many mails fail; a mail it takes says it is back."""
+    claims = Claims()
+    sender, relay = relayed(claims)
     customers = ["acme", "globex", "initech", "umbrella", "hooli"]
     with caplog.at_level(logging.INFO, logger=sender_module.__name__):
         mails = [claims.add("email", f"ops@{name}.example", name) for name in customers]
@@ -1235,13 +1241,7 @@ async def test_a_relay_that_refuses_every_recipient_of_ours_is_an_outage_not_eac
     failure at INFO, so nothing was said until the mails were dead 3.7 hours later. It is one warning
     naming the server and the reply; each mail is retried as before."""
     claims = Claims()
-    sender = NoticeSender(
-        sessions=cast(Any, claims),
-        kube=cast(Any, None),
-        options=SenderOptions("smtp://notices:secret@mail.example:587", "billing@x.example", None),
-        clock=lambda: NOW,
-    )
-    relay = sender._mail_relay = Relay()
+    sender, relay = relayed(claims)
     relay.down, relay.relay_denied = False, True
     with caplog.at_level(logging.INFO, logger=sender_module.__name__):
         mails = [claims.add("email", f"ops@{name}.example", name) for name in ("acme", "globex", "initech")]

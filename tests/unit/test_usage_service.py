@@ -155,19 +155,24 @@ async def test_a_flush_the_stop_cancels_leaves_its_customers_to_the_final_flush(
     assert kube.patched == ["acme"]
 
 
-async def test_a_shutdown_stopped_as_its_final_flush_ends_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found in review: Python 3.11's wait_for returned a final flush that ended as the shutdown was
-    cancelled and dropped the cancellation, so stop() returned as if nothing had cancelled it."""
-    usage = UsageMetering(
+def metering(registry: CollectorRegistry) -> UsageMetering:
+    """The usage service on fakes, its timers off."""
+    return UsageMetering(
         pool=cast(Pool, FakePool()),
         options=UsageOptions(flush_interval=None, meter_interval=None, partition_interval=None),
         session_factory=lambda: cast(AsyncSession, FakeSession()),
         directory=cast(Directory, SlowDirectory()),
         kube=cast(Kube, FakeKube()),
         stripe=None,
-        metrics=UsageMetrics(CollectorRegistry()),
+        metrics=UsageMetrics(registry),
         clock=lambda: NOW,
     )
+
+
+async def test_a_shutdown_stopped_as_its_final_flush_ends_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: Python 3.11's wait_for returned a final flush that ended as the shutdown was
+    cancelled and dropped the cancellation, so stop() returned as if nothing had cancelled it."""
+    usage = metering(CollectorRegistry())
     task: asyncio.Task[None] | None = None
 
     async def flush() -> None:
@@ -218,19 +223,6 @@ def test_the_meter_results_are_series_from_zero() -> None:
     UsageMetrics(registry)
     for result in ("sent", "failed", "expired", "late", "not_invoiced", "not_closed"):
         assert registry.get_sample_value("iotistic_usage_meter_events_total", {"result": result}) == 0
-
-
-def metering(registry: CollectorRegistry) -> UsageMetering:
-    return UsageMetering(
-        pool=cast(Pool, FakePool()),
-        options=UsageOptions(flush_interval=None, meter_interval=None, partition_interval=None),
-        session_factory=lambda: cast(AsyncSession, FakeSession()),
-        directory=cast(Directory, SlowDirectory()),
-        kube=cast(Kube, FakeKube()),
-        stripe=None,
-        metrics=UsageMetrics(registry),
-        clock=lambda: NOW,
-    )
 
 
 @pytest.mark.parametrize(
