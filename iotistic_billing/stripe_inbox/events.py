@@ -238,7 +238,7 @@ def _invoice_line(invoice: Mapping[str, Any], catalog: PriceCatalog) -> Mapping[
     upgrade invoice and name the old price, and a renewal's metered lines (the overage of the period
     before, its period) may come first too, so both are passed over. A subscription on a price no
     plan's (one the team replaced in STRIPE_PRICE_*, kept by older subscriptions) still bills its
-    period: its first line of the subscription that is neither, whatever its price. An invoice of
+    period, read off its other lines of the subscription (`_unnamed_plan_line`). An invoice of
     prorations only (an upgrade invoiced at once) names no plan: the subscription's own events say it."""
     data = _mapping(invoice.get("lines")).get("data")
     lines = (
@@ -246,9 +246,31 @@ def _invoice_line(invoice: Mapping[str, Any], catalog: PriceCatalog) -> Mapping[
         if isinstance(data, list)
         else []
     )
-    on_plan = (line for line in lines if catalog.plan_for(_line_price_id(line)))
-    of_subscription = (line for line in lines if _of_subscription(line) and not _is_metered(line, catalog))
-    return next(on_plan, None) or next(of_subscription, {})
+    on_plan = next((line for line in lines if catalog.plan_for(_line_price_id(line))), None)
+    if on_plan is not None:
+        return on_plan
+    return _unnamed_plan_line(
+        invoice, [line for line in lines if _of_subscription(line) and not _is_metered(line, catalog)]
+    )
+
+
+def _unnamed_plan_line(invoice: Mapping[str, Any], lines: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Of the subscription's lines on no price the catalog knows, the plan's, or none (`{}`) when they
+    cannot be told apart: a wrong period lifts past_due for the wrong period or records a wrong end,
+    while none leaves the period to the subscription's own events. Where the invoice says its own
+    period, a line billed in advance starts at its end (Stripe's invoice period looks back: the first
+    invoice's is a moment, a renewal's the period before) and a line billed in arrears ends there (a
+    metered price not in STRIPE_METERED_PRICES, which newer API versions name by its id alone), so only
+    the lines starting there count. Of those, an add-on on another interval (an annual one beside a
+    monthly plan) bills another period: lines that disagree on it are no line."""
+    billed_from = invoice.get("period_end")
+    if _timestamp(billed_from) is not None:
+        lines = [line for line in lines if _mapping(line.get("period")).get("start") == billed_from]
+    periods = {
+        _period(_mapping(line.get("period")).get("start"), _mapping(line.get("period")).get("end"))
+        for line in lines
+    }
+    return lines[0] if len(periods) == 1 else {}
 
 
 def _is_proration(line: Mapping[str, Any]) -> bool:

@@ -949,6 +949,81 @@ def test_an_invoice_s_period_is_its_plan_line_s_whatever_its_price_and_the_meter
     )
 
 
+def line_2025(price: str, start: int, end: int) -> dict[str, Any]:
+    """A line of a subscription item as API versions from 2025-03 send it: its price by id alone."""
+    return {
+        "parent": {"type": "subscription_item_details", "subscription_item_details": {"proration": False}},
+        "pricing": {"price_details": {"price": price}},
+        "period": {"start": start, "end": end},
+    }
+
+
+def test_a_renewal_s_metered_line_on_a_price_not_in_stripe_metered_prices_is_not_its_plan_line() -> None:
+    """Found in review: with no line on a plan's price, the first line of the subscription that was not
+    metered was taken as the plan's; a metered price rotated out of STRIPE_METERED_PRICES, named by its
+    id alone (newer API versions carry no usage_type), is not known to be metered, so a renewal listing
+    its overage first billed the period before: paying the latest invoice of an overdue subscription
+    read as paying an older one and left it past_due, and the final usage invoice billed a plan period.
+    The invoice's own period looks back (Stripe): the plan line starts where it ends, usage ends there."""
+    billed_from = PERIOD_END - MONTH
+    invoice = {
+        "subscription": "sub_1",
+        "billing_reason": "subscription_cycle",
+        "period_start": billed_from - MONTH,
+        "period_end": billed_from,
+        "lines": {
+            "data": [
+                line_2025("price_meter_rotated", billed_from - MONTH, billed_from),
+                line_2025("price_s_old", billed_from, PERIOD_END),
+            ]
+        },
+    }
+    paid = subscription_facts("invoice.paid", invoice, CATALOG)
+    assert paid == SubscriptionFacts(
+        "sub_1",
+        "active",
+        None,
+        AT_PERIOD_END,
+        from_invoice=True,
+        current_period_start=datetime.fromtimestamp(billed_from, UTC),
+        billed_until=AT_PERIOD_END,
+    )
+    since = datetime.fromtimestamp(50, UTC)
+    overdue = current(status="past_due", past_due_since=since)
+    recovered = coalesce("cust_a", overdue, row(status="past_due", past_due_since=since), [(paid, 300)])
+    assert recovered.subscription is not None
+    assert (recovered.subscription.status, recovered.subscription.past_due_since) == ("active", None)
+    # The final usage invoice (its rotated metered line alone, ending where the invoice does) bills no
+    # plan period.
+    usage_only = {**invoice, "lines": {"data": invoice["lines"]["data"][:1]}}  # type: ignore[index]
+    assert subscription_facts("invoice.paid", usage_only, CATALOG) == SubscriptionFacts(
+        "sub_1", "active", from_invoice=True
+    )
+
+
+@pytest.mark.parametrize("says_its_period", [True, False])
+def test_an_add_on_on_another_interval_is_not_taken_for_the_plan_line(says_its_period: bool) -> None:
+    """Found in review: an annual add-on sold beside a monthly plan on a replaced price, listed first,
+    was taken as the plan line: the first invoice recorded the plan's period as ending a year out (the
+    Customer's currentPeriodEnd, and every later monthly invoice read as older, paid or not). Lines
+    that bill different periods cannot be told apart: the invoice bills none, and the subscription's
+    own events say it. An add-on billed on the plan's interval bills the plan's period."""
+    start = PERIOD_END - MONTH
+    invoice: dict[str, Any] = {"subscription": "sub_1", "billing_reason": "subscription_create"}
+    if says_its_period:
+        invoice |= {"period_start": start, "period_end": start}
+    annual = line_2025("price_support_annual", start, start + 365 * 86400)
+    monthly = line_2025("price_s_old", start, PERIOD_END)
+    invoice["lines"] = {"data": [annual, monthly]}
+    assert subscription_facts("invoice.paid", invoice, CATALOG) == SubscriptionFacts(
+        "sub_1", "active", from_invoice=True
+    )
+    same_interval = line_2025("price_support_monthly", start, PERIOD_END)
+    invoice["lines"] = {"data": [same_interval, monthly]}
+    paid = subscription_facts("invoice.paid", invoice, CATALOG)
+    assert paid is not None and paid.billed_until == AT_PERIOD_END
+
+
 def test_a_failed_retry_of_an_older_invoice_after_the_latest_was_paid_starts_no_dunning() -> None:
     """Found in review: the latest invoice paid (Stripe: active), then a retry of an older one failed and
     started the ladder (payment.failed, the licence restricted on day 7) against an active subscription."""
