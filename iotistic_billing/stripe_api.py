@@ -376,6 +376,15 @@ class StripeApi:
                 return str(subscription.id)
         return None
 
+    async def invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
+        """Every line of an invoice, every page (an invoice event carries its first lines alone, saying
+        `has_more`); a failure is our error, as any read's."""
+        return await _stripe(self._invoice_lines(invoice_id), "list the invoice's lines")
+
+    async def _invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
+        page = await self.client.v1.invoices.line_items.list_async(invoice_id, params={"limit": 100})
+        return [line.to_dict() async for line in page.auto_paging_iter()]
+
     async def change_price(self, subscription_id: str, price_id: str) -> SubscriptionChange:
         """Move the subscription's plan item (not a metered one) to `price_id`, prorated; nothing is
         sent when it is on that price already (`changed` False). Stripe's item says so, not the

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import Text, bindparam, func, select
@@ -39,6 +39,7 @@ from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.stripe_inbox.events import (
     CHECKOUT_COMPLETED,
     HANDLED_EVENT_TYPES,
+    INVOICE_EVENTS,
     Coalesced,
     LookupHints,
     StoredSubscription,
@@ -47,6 +48,7 @@ from iotistic_billing.stripe_inbox.events import (
     coalesce,
     lookup_hints,
     newest_live,
+    object_id,
     other_mode,
     previous_attributes,
     subscription_facts,
@@ -68,6 +70,11 @@ MAX_CUSTOMERS = 100
 # the create the apply tries, refused by the CRD's required fields), 403 (no right to create), 404 (a
 # plain PATCH's answer).
 GONE_REFUSALS = frozenset({403, 404, 409, 422})
+# Every line of an invoice, listed from Stripe (`StripeApi.invoice_lines`).
+InvoiceLines = Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]]
+# How long listing an invoice's lines may take: it runs under the batch lock, which every replica's
+# batches wait for.
+INVOICE_LINES_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,9 @@ class EventApplier:
     restricted_for: timedelta = RESTRICTED_FOR
     # The Stripe mode of STRIPE_SECRET_KEY (Settings.stripe_livemode): an event of the other is ignored.
     livemode: bool | None = None
+    # Lists an invoice's lines when its event carries the first ones alone (the Stripe client's; None
+    # without STRIPE_SECRET_KEY).
+    invoice_lines: InvoiceLines | None = None
 
 
 @dataclass
@@ -188,8 +198,14 @@ async def apply_events(
         else:
             groups.setdefault(name, _CustomerEvents(name, [], [], record)).events.append(event)
     ready: list[_CustomerEvents] = []
-    for name in sorted(groups):
+    listed = await asyncio.gather(
+        *(_bounded(slots, _with_all_lines(deps.invoice_lines, groups[name])) for name in sorted(groups))
+    )
+    for name, unlisted in zip(sorted(groups), listed, strict=True):
         group = groups[name]
+        if unlisted is not None:  # its Customer's events wait for a retry, not recorded without them
+            results.update(group.failed(unlisted))
+            continue
         try:
             group.facts = [read_facts(e, deps.catalog, name) for e in group.events]
         except Exception as error:  # an event no rule foresaw: its Customer's events wait, not the batch's
@@ -246,6 +262,44 @@ async def apply_events(
         except Exception as error:  # that Customer's events stay pending; the others are recorded
             results.update(one[0].failed(error))
     return results
+
+
+async def _with_all_lines(invoice_lines: InvoiceLines | None, group: _CustomerEvents) -> Exception | None:
+    """The group's invoice events given every line of their invoices (`with_all_lines`), or what failed."""
+    try:
+        group.events = [await with_all_lines(event, invoice_lines) for event in group.events]
+    except Exception as error:
+        return error
+    return None
+
+
+async def with_all_lines(event: StripeEvent, invoice_lines: InvoiceLines | None) -> StripeEvent:
+    """The event with every line of its invoice: Stripe sends an invoice's first lines alone (saying
+    `has_more`), and a plan line past them read as an invoice billing no period (paying an older one
+    lifted past_due). Listed from Stripe, within INVOICE_LINES_TIMEOUT; a failure raises, so that the
+    event stays pending for a retry (recorded, it would be decided on part of its invoice for good).
+    Without STRIPE_SECRET_KEY nothing can list them: a warning naming the invoice, and its first lines."""
+    invoice = event.data.object
+    lines = invoice.get("lines")
+    if (
+        event.type not in INVOICE_EVENTS
+        or not isinstance(lines, Mapping)
+        or lines.get("has_more") is not True
+    ):
+        return event
+    invoice_id = object_id(invoice)
+    if invoice_lines is None or invoice_id is None:
+        log.warning(
+            "stripe event %s: invoice %s has more lines than the event carries, and without"
+            " STRIPE_SECRET_KEY they cannot be listed; read from the ones it carries",
+            event.id,
+            invoice_id,
+        )
+        return event
+    async with asyncio.timeout(INVOICE_LINES_TIMEOUT):  # not wait_for: see workers.py
+        listed = await invoice_lines(invoice_id)
+    whole = {**invoice, "lines": {**lines, "data": [dict(line) for line in listed], "has_more": False}}
+    return event.model_copy(update={"data": event.data.model_copy(update={"object": whole})})
 
 
 def read_facts(event: StripeEvent, catalog: PriceCatalog, customer: str) -> SubscriptionFacts | None:

@@ -209,6 +209,7 @@ def create_app(
             await stripe.close()
 
     async def stripe_inbox(app: web.Application) -> AsyncIterator[None]:
+        stripe = app[STRIPE]
         applier = EventApplier(
             kube=app[KUBE],
             directory=app[DIRECTORY],
@@ -217,6 +218,7 @@ def create_app(
             portal_url=settings.customer_portal_url,
             restricted_for=timedelta(days=settings.dunning_restrict_days),
             livemode=settings.stripe_livemode,
+            invoice_lines=stripe.invoice_lines if stripe is not None else None,
         )
         inbox = EventInbox(
             sessions=app[SESSIONS],

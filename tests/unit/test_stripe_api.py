@@ -82,6 +82,8 @@ class FakeStripe:
         self.sessions: dict[str, dict[str, Any]] = {}
         # The Idempotency-Key of each customer's create.
         self.idempotency_keys: list[str | None] = []
+        # Each invoice's lines (GET /v1/invoices/{id}/lines), `page_size` a page.
+        self.invoice_lines: dict[str, list[dict[str, Any]]] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         # A GET's parameters are its query.
@@ -122,6 +124,8 @@ class FakeStripe:
             return web.json_response(self._page(request, found))
         if request.path.startswith("/v1/subscriptions/"):
             return web.json_response(self.subscription)
+        if request.path.startswith("/v1/invoices/") and request.path.endswith("/lines"):
+            return web.json_response(self._page(request, self.invoice_lines[request.path.split("/")[3]]))
         if request.path == "/v1/checkout/sessions" and request.method == "GET":
             return self._list_sessions(request)
         if creates:
@@ -282,6 +286,24 @@ async def test_a_checkout_puts_the_metered_prices_on_the_subscription(
         "line_items[1][price]": "price_devices_overage",
         "line_items[2][price]": "price_api_calls_overage",
     }
+
+
+async def test_an_invoice_s_lines_are_listed_every_page(fake: tuple[FakeStripe, StripeApi]) -> None:
+    """An invoice event carries its first lines alone (has_more): the inbox lists the rest, every page."""
+    stripe, api = fake
+    stripe.invoice_lines["in_1"] = [
+        {"id": f"il_{n}", "object": "line_item", "period": {"start": n, "end": n + 1}} for n in range(3)
+    ]
+    lines = await api.invoice_lines("in_1")
+    assert [(line["id"], line["period"]["start"]) for line in lines] == [
+        ("il_0", 0),
+        ("il_1", 1),
+        ("il_2", 2),
+    ]
+    assert [path for method, path, _ in stripe.requests if method == "GET"] == ["/v1/invoices/in_1/lines"] * 3
+    stripe.key_refused = True
+    with pytest.raises(ApiError):
+        await api.invoice_lines("in_1")
 
 
 async def test_a_plan_change_moves_the_plan_item_wherever_stripe_lists_it(

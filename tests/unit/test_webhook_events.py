@@ -15,10 +15,10 @@ import stripe
 from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.db.retention import retention_cutoff
-from iotistic_billing.errors import BadRequest, ValidationFailed
+from iotistic_billing.errors import BadRequest, DependencyUnavailable, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import STRIPE_EVENT_RETENTION_MIN_DAYS
-from iotistic_billing.stripe_inbox.apply import read_facts
+from iotistic_billing.stripe_inbox.apply import read_facts, with_all_lines
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
     Coalesced,
@@ -1022,6 +1022,60 @@ def test_an_add_on_on_another_interval_is_not_taken_for_the_plan_line(says_its_p
     invoice["lines"] = {"data": [same_interval, monthly]}
     paid = subscription_facts("invoice.paid", invoice, CATALOG)
     assert paid is not None and paid.billed_until == AT_PERIOD_END
+
+
+def invoice_event(lines: list[dict[str, Any]], *, has_more: bool) -> StripeEvent:
+    """An invoice.paid event of sub_1's invoice in_1 carrying `lines` (Stripe sends 10 at most)."""
+    invoice = {
+        "id": "in_1",
+        "object": "invoice",
+        "subscription": "sub_1",
+        "billing_reason": "subscription_cycle",
+        "lines": {"object": "list", "data": lines, "has_more": has_more, "url": "/v1/invoices/in_1/lines"},
+    }
+    return StripeEvent.model_validate(
+        {"id": "evt_1", "type": "invoice.paid", "created": 300, "data": {"object": invoice}}
+    )
+
+
+async def test_an_invoice_event_carrying_its_first_lines_alone_is_read_with_every_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: an invoice event carries its first lines alone (has_more), so one whose plan line
+    came after them (an upgrade's many prorations first) read as billing no period, and paying an older
+    invoice of an overdue subscription made it active. Its lines are listed from Stripe; a listing that
+    fails raises (the apply step leaves the Customer's events pending for a retry: recorded, the event
+    would be decided on part of its invoice for good); without STRIPE_SECRET_KEY, a warning naming it."""
+    prorations = [{"proration": True, "price": {"id": "price_p"}} for _ in range(10)]
+    plan = {"type": "subscription", "price": {"id": "price_s"}, "period": {"end": PERIOD_END - MONTH}}
+    asked: list[str] = []
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        asked.append(invoice_id)
+        return [*prorations, plan]
+
+    event = invoice_event(prorations, has_more=True)
+    whole = await with_all_lines(event, invoice_lines)
+    facts = read_facts(whole, CATALOG, "acme")
+    assert asked == ["in_1"] and facts is not None
+    assert facts.billed_until == AT_PERIOD_END - timedelta(seconds=MONTH)
+    since = datetime.fromtimestamp(50, UTC)
+    overdue = current(status="past_due", past_due_since=since)
+    assert coalesce("cust_a", overdue, {}, [(facts, 300)]).subscription == current(
+        status="past_due", past_due_since=since, last_event_created=300
+    )
+    # All its lines carried: nothing is asked.
+    carried = invoice_event([*prorations[:9], plan], has_more=False)
+    assert await with_all_lines(carried, invoice_lines) is carried and asked == ["in_1"]
+
+    async def unreachable(invoice_id: str) -> list[dict[str, Any]]:
+        raise DependencyUnavailable("Stripe")
+
+    with pytest.raises(DependencyUnavailable):
+        await with_all_lines(event, unreachable)
+    with caplog.at_level(logging.WARNING, logger="iotistic_billing.stripe_inbox"):
+        assert await with_all_lines(event, None) is event
+    assert "stripe event evt_1: invoice in_1 has more lines than the event carries" in caplog.text
 
 
 def test_a_failed_retry_of_an_older_invoice_after_the_latest_was_paid_starts_no_dunning() -> None:
