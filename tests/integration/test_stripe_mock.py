@@ -212,3 +212,16 @@ async def test_an_earlier_checkout_paid_before_its_expire_expires_the_new_one_ag
         ("GET", "cs_test_earlier", 200),
         ("POST", "expire", 200),  # the new session's
     ]
+
+
+async def test_our_client_lists_an_invoice_s_lines_as_stripe_serves_them(stripe_mock: StripeMock) -> None:
+    """The inbox reads an invoice's lines past the first ones its event carries (has_more) through
+    StripeApi.invoice_lines: the SDK's path and paging against stripe-mock's shapes."""
+    billing = StripeApi(load_settings(stripe_secret_key="sk_test_123", stripe_api_base=stripe_mock.url))
+    try:
+        lines = await billing.invoice_lines("in_123")
+    finally:
+        await billing.close()
+    assert lines
+    assert {line["object"] for line in lines} == {"line_item"}
+    assert all(isinstance(line["period"]["start"], int) for line in lines)
