@@ -174,6 +174,8 @@ def overage_quantities(stored: dict[str, Any]) -> dict[str, Decimal]:
 
 # A closed row is final: the WHERE of the DO UPDATE leaves it as it is. billed_manually is only ever
 # set: a period some flush saw billed manually is the manual invoice's, whatever the later flushes saw.
+# The close clears meter_refused_at, which an open row holds only for a close that raised (_NOT_CLOSED):
+# kept, it sorted the closed row after every other in the meter run's work list, as one Stripe refused.
 _UPSERT: Final = """
 INSERT INTO usage_rollups
     (customer_id, period_start, period_end, totals, overage, overage_amount_cents, plan, closed_at,
@@ -188,6 +190,7 @@ ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     closed_at = EXCLUDED.closed_at,
     metered_at = EXCLUDED.metered_at,
     meter_refusal = EXCLUDED.meter_refusal,
+    meter_refused_at = CASE WHEN EXCLUDED.closed_at IS NULL THEN usage_rollups.meter_refused_at END,
     billed_manually = usage_rollups.billed_manually OR EXCLUDED.billed_manually,
     updated_at = now()
 WHERE usage_rollups.closed_at IS NULL
@@ -543,7 +546,7 @@ ORDER BY meter_refused_at NULLS FIRST, period_end
 LIMIT $2
 """
 # Why an open row could not close, where a closed one says why it was not billed; the close that succeeds
-# writes its own meter_refusal over it.
+# writes its own meter_refusal over it and clears meter_refused_at (_UPSERT).
 _NOT_CLOSED: Final = """
 UPDATE usage_rollups SET meter_refused_at = $3, meter_refusal = $4
 WHERE customer_id = $1 AND period_start = $2 AND closed_at IS NULL

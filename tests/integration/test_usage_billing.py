@@ -775,6 +775,48 @@ async def test_an_open_period_that_cannot_close_is_said_so_and_holds_up_no_other
     assert await meter_state(meter_pool, bad) == [(early.start, True, None)]
 
 
+async def test_a_period_closed_once_mended_loses_its_refusal_and_is_sent_in_its_turn(
+    meter_pool: Pool,
+) -> None:
+    """Found in review: a row that could not close kept its meter_refused_at once a later run closed
+    it, so the meter run's work list (never refused first) took its events after every other period's,
+    as if Stripe had refused them. Closed, it is no refusal's: it is sent in period order."""
+    mended, other = customer_id_for(unique_name("mended")), customer_id_for(unique_name("other"))
+    early, late = (
+        BillingPeriod(at(2025, 3, 1), at(2025, 4, 1)),
+        BillingPeriod(at(2025, 3, 16), at(2025, 4, 16)),
+    )
+    await closed_period(meter_pool, mended, early)  # its customers row; the period reopened below
+    await closed_period(meter_pool, other, late)
+    async with connection(meter_pool) as conn:
+        await conn.execute(
+            "UPDATE usage_rollups SET closed_at = NULL, plan = 'retired' WHERE customer_id = $1", mended
+        )
+        # The reports its close rolls up: 2,500 API calls over the quota, one meter event owed.
+        counters = ", ".join("102500" if column == "http_requests" else "0" for column in COLUMNS[5:])
+        await conn.execute(
+            f"INSERT INTO usage_reports ({', '.join(COLUMNS)}, reported_at)"  # noqa: S608 - constant
+            f" VALUES ($1, 'i-1', 'r-1', $2, $3, {counters}, $3)",
+            mended,
+            early.start,
+            early.start + timedelta(hours=1),
+        )
+        assert await close_periods(conn, NOW, grace=timedelta(hours=1)) == Closed(not_closed=1)
+        await conn.execute("UPDATE usage_rollups SET plan = 'starter' WHERE customer_id = $1", mended)
+    sender = StripeLike(NOW)
+
+    run = await send_meter_events(meter_pool, sender, NOW, close_grace=timedelta(hours=1))
+
+    assert (run.closed, run.sent) == (1, 2)
+    assert sender.calls == [f"{mended}:20250301:api_calls", f"{other}:20250316:api_calls"]
+    async with connection(meter_pool) as conn:
+        refused = await conn.fetchrow(
+            "SELECT meter_refused_at, meter_refusal FROM usage_rollups WHERE customer_id = $1", mended
+        )
+    assert refused is not None and refused["meter_refused_at"] is None
+    assert refused["meter_refusal"] is None or not refused["meter_refusal"].startswith("not closed")
+
+
 async def test_a_period_past_stripes_35_days_is_given_up_once_and_said_so(
     meter_pool: Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
