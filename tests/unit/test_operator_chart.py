@@ -1701,6 +1701,78 @@ def test_usage_runs_that_never_succeed_raise_an_alert_by_run(
     assert "[36h]" in alert["expr"] and "36h" in alert["annotations"]["summary"]
 
 
+def usage_run_values(window: str | None, *interval: dict[str, Any]) -> dict[str, Any]:
+    """The alerts on, with usageRunWindow `window` and webhookServer.extraEnv `interval`'s entries."""
+    rule = {"enabled": True, "usageRunWindow": window}
+    return {
+        "monitoring": {**MONITORING["monitoring"], "prometheusRule": rule},
+        "webhookServer": {"extraEnv": list(interval)},
+    }
+
+
+@pytest.mark.parametrize(
+    ("interval", "window"),
+    [
+        ("21600", "18h"),  # 6 h runs: 3 of them
+        ("43200", "36h"),
+        ("5400", "270m"),
+        ("3600.5", "181m"),  # whole minutes, rounded up
+        ("1800", "3h"),  # never below 3h
+        ("3.6e+3", "3h"),
+    ],
+)
+def test_the_usage_run_window_follows_the_meter_interval(
+    helm: Path, tmp_path: Path, interval: str, window: str
+) -> None:
+    """Found in review: IotisticUsageRunsFailing looked back a fixed 3h (usageRunWindow), so a webhook
+    server given USAGE_METER_INTERVAL=21600 (webhookServer.extraEnv, the README's way) fired it between
+    every two healthy meter runs unless usageRunWindow was raised too, which only a comment said. Left
+    empty it is 3 x the interval, at least 3h; the settings read the name in any case."""
+    env = {"name": "usage_meter_interval", "value": interval}
+    for values in (usage_run_values("", env), usage_run_values(None, env)):
+        [alert] = [
+            a
+            for a in webhook_alerts(render(helm, tmp_path, values))
+            if a["alert"] == "IotisticUsageRunsFailing"
+        ]
+        assert alert["expr"].count(f"[{window}]") == 3, alert["expr"]
+        assert alert["annotations"]["summary"].endswith(f"in the last {window}.")
+
+
+def test_a_usage_run_window_shorter_than_two_meter_runs_is_refused(helm: Path, tmp_path: Path) -> None:
+    """Found in review: a usageRunWindow kept at 3h (a release upgraded with --reuse-values holds its
+    old default) under USAGE_METER_INTERVAL=21600 rendered, and alerted between healthy runs. A window
+    that holds two meter runs renders; one that cannot be checked (the interval from valueFrom) renders
+    only when given."""
+    six_hours = {"name": "USAGE_METER_INTERVAL", "value": "21600"}
+    refused = template(helm, *values_args(tmp_path, usage_run_values("3h", six_hours)))
+    assert refused.returncode != 0
+    assert (
+        "monitoring.prometheusRule.usageRunWindow: 3h holds fewer than two meter runs at"
+        " USAGE_METER_INTERVAL 21600 s" in refused.stderr
+    ), refused.stderr
+    assert "give at least 12h" in refused.stderr
+    # The chart's default interval: 2 runs of 3600 s.
+    assert template(helm, *values_args(tmp_path, usage_run_values("119m"))).returncode != 0
+    for window in ("12h", "720m"):
+        objects = render(helm, tmp_path, usage_run_values(window, six_hours))
+        [alert] = [a for a in webhook_alerts(objects) if a["alert"] == "IotisticUsageRunsFailing"]
+        assert f"[{window}]" in alert["expr"]
+
+    from_config_map = {
+        "name": "USAGE_METER_INTERVAL",
+        "valueFrom": {"configMapKeyRef": {"name": "usage", "key": "meter-interval"}},
+    }
+    unread = template(helm, *values_args(tmp_path, usage_run_values("", six_hours, from_config_map)))
+    assert unread.returncode != 0
+    assert "USAGE_METER_INTERVAL through valueFrom, which the chart cannot read" in unread.stderr
+    given = render(helm, tmp_path, usage_run_values("3h", six_hours, from_config_map))
+    assert [a for a in webhook_alerts(given) if a["alert"] == "IotisticUsageRunsFailing"]
+    bad = template(helm, *values_args(tmp_path, usage_run_values("", {**six_hours, "value": "6h"})))
+    assert bad.returncode != 0
+    assert "USAGE_METER_INTERVAL must be a number of seconds" in bad.stderr, bad.stderr
+
+
 # ----- the kustomize base -----
 
 
@@ -1749,10 +1821,12 @@ def test_chart_readme_names_every_setting_the_chart_has_no_value_for() -> None:
     templates = "".join(path.read_text() for path in (CHART / "templates").iterdir())
     # The plans' prices are set in a loop over config.stripe.prices (STRIPE_PRICE_{{ upper $plan }}).
     looped = "STRIPE_PRICE_{{ upper $plan }}" in templates
+    # Set: an env entry's name. The PrometheusRule reads USAGE_METER_INTERVAL from extraEnv, not sets it.
     unset = {
         name.upper()
         for name in Settings.model_fields
-        if name.upper() not in templates and not (looped and name.upper().startswith("STRIPE_PRICE_"))
+        if f"name: {name.upper()}\n" not in templates
+        and not (looped and name.upper().startswith("STRIPE_PRICE_"))
     }
     text = " ".join((CHART / "README.md").read_text().split())
     listed = text.split("Settings the chart has no value for", 1)[1].split(" are set through ", 1)[0]

@@ -381,3 +381,8 @@ ipFamilyPolicy: {{ . }}
 ipFamilies: {{ toJson . }}
 {{- end }}
 {{- end -}}
+
+{{/* A whole number of minutes as a duration Prometheus and usageRunWindow read: 180 is 3h, 90 is 90m. */}}
+{{- define "iotistic-billing.minutes" -}}
+{{- if eq (mod . 60) 0 -}}{{ div . 60 }}h{{- else -}}{{ . }}m{{- end -}}
+{{- end -}}
