@@ -288,8 +288,13 @@ def _upgrade(args: argparse.Namespace) -> int:
             f" trial would leave it Expired and unlicensed; give it a new end first: kubectl patch cust"
             f" {name} --type merge -p '{new_end}'"
         )
+    was = (customer.get("spec") or {}).get("plan") or "trial"  # CustomerSpec's default
     _patch_spec(kube, customer, {"plan": args.plan})
     print(f"customer/{name}: spec.plan is now {args.plan}; the operator re-mints its licence")
+    command = f"{PROGRAM} customer upgrade --plan {args.plan}"
+    _post_event(
+        kube, customer, "CliUpgrade", f"plan {was} -> {args.plan}", command, f"moved to plan {args.plan}"
+    )
     _warn_if_git_reverts(customer, "spec.plan")
     return 0
 
@@ -304,20 +309,27 @@ def _who() -> str:
     return f"{user} on {socket.gethostname()}"
 
 
+def _post_event(
+    kube: KubeApi, customer: Mapping[str, Any], reason: str, what: str, command: str, done: str
+) -> None:
+    """The Event of a change the CLI made to `customer`, as the console's actions post theirs
+    (ConsoleSuspend, ConsoleResume): `what` by `command` and who ran it. Best effort as theirs: the change
+    is made, an Event that cannot be posted (no `create events`) is a warning saying it was `done`."""
+    try:
+        kube.create_event(KIND, customer, reason=reason, message=f"{what} (by `{command}`, {_who()})")
+    except (ApiException, KubernetesUnavailable) as error:
+        why = refusal_message(error) if isinstance(error, ApiException) else str(error)
+        _warn(f"customer/{customer['metadata']['name']} {done}, but its Event was not posted ({why})")
+
+
 def _deactivate(args: argparse.Namespace) -> int:
     kube = _kube()
     customer = find_customer(kube, args.id)
     name = _patch_spec(kube, customer, {"suspended": not args.reactivate})
     print(f"customer/{name} {'reactivated' if args.reactivate else 'suspended'}")
-    # The Event the console's Suspend and Resume post (ConsoleSuspend, ConsoleResume), best effort as
-    # theirs: the suspension is done, an Event that cannot be posted is said, not an error.
     action, done = ("Resume", "suspension lifted") if args.reactivate else ("Suspend", "suspended")
     command = f"{PROGRAM} customer deactivate" + (" --reactivate" if args.reactivate else "")
-    try:
-        kube.create_event(KIND, customer, reason=f"Cli{action}", message=f"{done} (by `{command}`, {_who()})")
-    except (ApiException, KubernetesUnavailable) as error:
-        why = refusal_message(error) if isinstance(error, ApiException) else str(error)
-        _warn(f"customer/{name} {done}, but its Event was not posted ({why})")
+    _post_event(kube, customer, f"Cli{action}", done, command, done)
     _warn_if_git_reverts(customer, "spec.suspended")
     return 0
 

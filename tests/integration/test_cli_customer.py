@@ -67,17 +67,24 @@ def test_add_upgrade_deactivate_and_list(
     assert (row["plan"], row["company"]) == ("starter", company)
 
     upgraded = cli(kubeconfig, "customer", "upgrade", "--id", row["customerId"], "--plan", "professional")
-    assert upgraded.returncode == 0, upgraded.stderr
+    assert (upgraded.returncode, upgraded.stderr) == (0, "")
     wait_until(
         lambda: (listed(kubeconfig, name) or {}).get("plan") == "professional", message="plan upgraded"
     )
+    # Found in review: `customer deactivate` posts an Event, `customer upgrade` posted none, so
+    # `kubectl describe` did not say who moved the Customer to another plan, or from which.
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    [plan_change] = [event for event in kube.list_customer_events(name) if event["reason"] == "CliUpgrade"]
+    assert plan_change["message"].startswith(
+        "plan starter -> professional (by `iotistic-billing customer upgrade --plan professional`, "
+    )
+    assert plan_change["reportingComponent"] == FieldManager.CLI
 
     deactivated = cli(kubeconfig, "customer", "deactivate", "--id", name)
     assert (deactivated.returncode, deactivated.stderr) == (0, "")
     wait_until(lambda: (listed(kubeconfig, name) or {}).get("phase") == "Suspended", message="suspended")
     # Found in review: the console's Suspend posts an Event on the Customer (`kubectl describe` says who
     # suspended it), `customer deactivate` posted none.
-    kube = KubeApi(k8s_client, FieldManager.CLI)
     events = kube.list_customer_events(name)
     suspension = next(event for event in events if event["reason"] == "CliSuspend")
     assert suspension["message"].startswith("suspended (by `iotistic-billing customer deactivate`, ")
@@ -374,6 +381,37 @@ def test_a_suspension_stays_done_when_its_event_cannot_be_posted(
         f"iotistic-billing: warning: customer/{name} suspended, but its Event was not posted"
     )
     assert (kube.read_customer(name) or {})["spec"]["suspended"] is True
+
+
+def test_a_plan_change_stays_made_when_its_event_cannot_be_posted(
+    kubeconfig: Path,
+    k8s_client: kubernetes.client.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found in review: `customer upgrade` posted no Event; its Event is best effort as `deactivate`'s:
+    a refusal to post it (RBAC without events' create) neither undoes nor fails the plan change, and is
+    said on stderr."""
+    kube = KubeApi(k8s_client, FieldManager.CLI)
+    name = unique_name("no-upgrade-event")
+    spec = {"email": f"ops@{name}.example", "companyName": "No Event", "plan": "starter"}
+    kube.create_customer(customer_body(name, spec))
+    posted: list[dict[str, Any]] = []
+
+    def refused(*_: object, **event: Any) -> None:
+        posted.append(event)
+        raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(KubeApi, "create_event", refused)
+    assert main(["customer", "upgrade", "--id", name, "--plan", "professional"]) == 0
+    said = capsys.readouterr()
+    assert said.out == f"customer/{name}: spec.plan is now professional; the operator re-mints its licence\n"
+    assert said.err.startswith(
+        f"iotistic-billing: warning: customer/{name} moved to plan professional, but its Event was not posted"
+    )
+    assert [event["reason"] for event in posted] == ["CliUpgrade"]
+    assert (kube.read_customer(name) or {})["spec"]["plan"] == "professional"
 
 
 def test_a_change_git_reverts_is_warned_of(kubeconfig: Path, k8s_client: kubernetes.client.ApiClient) -> None:
