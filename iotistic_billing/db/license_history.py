@@ -6,9 +6,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -81,17 +82,24 @@ async def record_license(
     return result.scalar_one_or_none() is not None
 
 
-async def license_history(session: AsyncSession, customer_id: str, limit: int = 100) -> LicenseHistoryReport:
-    """The newest `limit` rows of a customer, and the earlier system's statistics over all of its rows."""
+async def license_history(
+    session: AsyncSession,
+    customer_id: str,
+    limit: int = 100,
+    before: tuple[datetime, int] | None = None,
+) -> LicenseHistoryReport:
+    """The newest `limit` rows of a customer, those after the row at `before` (its generated_at and id:
+    a keyset, which rows written since do not move) when given, and the earlier system's statistics
+    over all of its rows."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    query = select(LicenseHistory).where(LicenseHistory.customer_id == customer_id)
+    if before is not None:
+        query = query.where(tuple_(LicenseHistory.generated_at, LicenseHistory.id) < before)
     rows = (
         await session.scalars(
-            select(LicenseHistory)
-            .where(LicenseHistory.customer_id == customer_id)
             # Rows written in one transaction share now(): the id breaks the tie in insertion order.
-            .order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc())
-            .limit(limit)
+            query.order_by(LicenseHistory.generated_at.desc(), LicenseHistory.id.desc()).limit(limit)
         )
     ).all()
     counts = await session.execute(

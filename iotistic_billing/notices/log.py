@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,10 +30,21 @@ class ResentNotice(LoggedNotice):
 
 
 async def recent_notices(
-    session: AsyncSession, *, customer_id: str | None, status: str | None, limit: int
+    session: AsyncSession,
+    *,
+    customer_id: str | None,
+    status: str | None,
+    limit: int,
+    before: tuple[datetime, int] | None = None,
 ) -> list[LoggedNotice]:
-    """The newest notices first, with their deliveries; `status`: notices with a delivery in it."""
-    query = select(models.Notice).order_by(models.Notice.id.desc()).limit(limit)
+    """The newest notices first, with their deliveries; `status`: notices with a delivery in it;
+    `before`: those after the notice of that created_at and id (a keyset, which notices written since
+    do not move)."""
+    notice = models.Notice
+    # By the time it was written, as a person reads them; one transaction's share it: the id breaks ties.
+    query = select(notice).order_by(notice.created_at.desc(), notice.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(tuple_(notice.created_at, notice.id) < before)
     if customer_id is not None:
         query = query.where(models.Notice.customer_id == customer_id)
     if status is not None:

@@ -494,32 +494,41 @@ class UsageReportAck(Response):
 REPORTS_CURSOR: Final = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
-def reports_cursor(position: ReportPosition) -> str:
-    """The opaque text of a position in the usage reports' order (`reports_next_cursor`)."""
-    text = f"{position.period_end.astimezone(UTC).isoformat()},{position.id}"
+def position_cursor(at: datetime, row_id: int) -> str:
+    """The opaque text of a row's place in a newest-first order by (time, id), a keyset: the usage
+    reports' `reports_next_cursor`, and the older links of the console's customer page."""
+    text = f"{at.astimezone(UTC).isoformat()},{row_id}"
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+def read_position_cursor(value: str) -> tuple[datetime, int] | None:
+    """A cursor back as its (time, id); None unless it is the exact text `position_cursor` writes, so
+    that one made up is refused naming its parameter, rather than a page from a place no answer named
+    or an id past bigint (a 500)."""
+    if not REPORTS_CURSOR.fullmatch(value):
+        return None
+    try:
+        text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        at, _, row_id = text.partition(",")
+        position = datetime.fromisoformat(at), int(row_id)
+    except ValueError:  # not base64 (binascii.Error), not UTF-8, not a time, not an integer
+        return None
+    if position[0].utcoffset() != timedelta(0) or not 1 <= position[1] <= INT64_MAX:
+        return None
+    return position if position_cursor(*position) == value else None
+
+
+def reports_cursor(position: ReportPosition) -> str:
+    """The opaque text of a position in the usage reports' order (`reports_next_cursor`)."""
+    return position_cursor(position.period_end, position.id)
+
+
 def _read_reports_cursor(value: object) -> ReportPosition:
-    """A cursor back as its position. Only the exact text `reports_cursor` writes is one, so a cursor
-    made up is a 400 naming the parameter, rather than a page from a place no answer named or an id
-    past bigint (a 500)."""
+    """A cursor back as its position (read_position_cursor)."""
     if isinstance(value, ReportPosition):  # an answer's, built by the server
         return value
-    if isinstance(value, str) and REPORTS_CURSOR.fullmatch(value):
-        try:
-            text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
-            end, _, report_id = text.partition(",")
-            position = ReportPosition(datetime.fromisoformat(end), int(report_id))
-        except ValueError:  # not base64 (binascii.Error), not UTF-8, not a time, not an integer
-            pass
-        else:
-            if (
-                position.period_end.utcoffset() == timedelta(0)
-                and 1 <= position.id <= INT64_MAX
-                and reports_cursor(position) == value
-            ):
-                return position
+    if isinstance(value, str) and (position := read_position_cursor(value)) is not None:
+        return ReportPosition(*position)
     raise PydanticCustomError("reports_cursor", "must be the reports_next_cursor of an earlier answer")
 
 
@@ -737,6 +746,8 @@ __all__ = [
     "UsageReportRequest",
     "UsageReportView",
     "WebhookAck",
+    "position_cursor",
+    "read_position_cursor",
     "reports_cursor",
     "unstorable_text",
 ]

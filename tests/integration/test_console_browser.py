@@ -745,6 +745,129 @@ async def test_the_stripe_events_list_says_or_pages_past_200(
     assert sorted(shown) == ids and len(shown) == 250
 
 
+# Each capped list of the customer page: its Older link's parameter, how many rows a page shows, and
+# the pattern of one of the test's rows as the page shows it (its index).
+CUSTOMER_LISTS = {
+    "history_before": (20, re.compile(r"<code>hist(\d{3})")),
+    "notices_before": (20, re.compile(r"paged notice (\d{3})")),
+    "actions_before": (50, re.compile(r"paged action (\d{3})")),
+}
+
+
+async def write_list_rows(
+    engine: AsyncEngine, customer_id: str, name: str, index: int, at: datetime | None
+) -> dict[str, int]:
+    """A licence history row, a notice and a console action of the Customer, marked `index`, written at
+    `at` (None: now, as the server writes them); the id of each by its list's parameter."""
+    when = {} if at is None else {"generated_at": at}
+    async with engine.begin() as connection:
+        history = (
+            await connection.execute(
+                LicenseHistory.__table__.insert()
+                .values(
+                    customer_id=customer_id,
+                    action="renewed",
+                    plan="starter",
+                    max_devices=10,
+                    license_hash="0" * 64,
+                    jti=f"hist{index:03}-{random_id('', 12)}",
+                    kid="test",
+                    issued_at=datetime.now(UTC),
+                    expires_at=datetime.now(UTC) + timedelta(days=30),
+                    features={},
+                    limits={},
+                    metadata={},
+                    **when,
+                )
+                .returning(LicenseHistory.id)
+            )
+        ).scalar_one()
+        notice = (
+            await connection.execute(
+                Notice.__table__.insert()
+                .values(
+                    key=random_id("test:"),
+                    kind="license.suspended",
+                    customer_id=customer_id,
+                    customer_name=name,
+                    subject=f"paged notice {index:03}",
+                    facts={},
+                    **({} if at is None else {"created_at": at}),
+                )
+                .returning(Notice.id)
+            )
+        ).scalar_one()
+        action = (
+            await connection.execute(
+                ConsoleAction.__table__.insert()
+                .values(
+                    role="admin",
+                    action="reconcile",
+                    customer_name=name,
+                    detail=f"paged action {index:03}",
+                    **({} if at is None else {"at": at}),
+                )
+                .returning(ConsoleAction.id)
+            )
+        ).scalar_one()
+    return {"history_before": history, "notices_before": notice, "actions_before": action}
+
+
+async def test_the_customer_page_s_capped_lists_page_back_to_their_first_row(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: the customer page showed the newest 20 licence history rows, 20 notices and 50
+    console actions with no way to older ones, so what happened to a customer months ago could not be
+    read there. Each list's older link goes on after its last row by (time, id): rows written while a
+    person pages neither repeat a row nor skip one, rows of one moment included."""
+    name = unique_name("paged")
+    customer_id = customer_id_for(name)
+    created = customers.create(name, customerId=customer_id)
+    born = datetime.fromisoformat(created["metadata"]["creationTimestamp"])
+    # Written out of time order (ids do not follow the times), three rows to a moment; after the
+    # Customer's creation (its actions since then are its own), before now.
+    written = [(step * 37) % 130 for step in range(130)]
+    place: dict[str, dict[int, tuple[datetime, int]]] = {field: {} for field in CUSTOMER_LISTS}
+    for index in written:
+        at = born + timedelta(microseconds=index // 3)
+        for field, row_id in (await write_list_rows(db_engine, customer_id, name, index, at)).items():
+            place[field][index] = (at, row_id)
+    await sign_in(api, ADMIN_TOKEN)
+
+    first = await api.get(f"/admin/customers/{name}")
+    assert first.status == 200
+    first_page = await first.text()
+    # Rows written after the first page are newer than every page after it: none of them is listed.
+    await write_list_rows(db_engine, customer_id, name, 999, None)
+    for field, (shown, row) in CUSTOMER_LISTS.items():
+        expected = sorted(place[field], key=lambda index: place[field][index], reverse=True)
+        page, pages = first_page, 0
+        read: list[int] = []
+        while True:
+            listed = [int(found) for found in row.findall(page)]
+            # At most a page's rows of ours: the session operator's licence of the Customer is its own.
+            assert 0 < len(listed) <= shown, (field, pages, listed)
+            read += listed
+            pages += 1
+            # The list's own older link: the others' keep its place, its own names its position last.
+            older = re.search(rf'<a href="(\?(?:[^"]*&amp;)?{field}=[^"&]+)">older</a>', page)
+            if older is None:
+                break
+            answer = await api.get(f"/admin/customers/{name}" + older.group(1).replace("&amp;", "&"))
+            page = await answer.text()
+            assert answer.status == 200, (field, page)
+        assert read == expected, field
+        assert pages >= -(-len(expected) // shown), field
+
+    # A value no older link gave is a 400 naming the parameter, as the Stripe events page's filters.
+    for field in CUSTOMER_LISTS:
+        for value in ("bogus", "MjAyNi0wMy0wMVQwMDowMDowMCswMDowMCwx=", "eA", "%00"):
+            answer = await api.get(f"/admin/customers/{name}?{field}={value}", allow_redirects=False)
+            page = await answer.text()
+            assert (answer.status, answer.content_type) == (400, "text/html"), (field, value, page)
+            assert f'<p class="error" role="alert">{field}: ' in page, (field, value, page)
+
+
 async def refreshed(page: Any, times: int = 1) -> None:
     """The page's refresh answered `times` times more, each answer's swap made or not: console.js counts
     the answers it handled in #main's data-refreshed once it swapped one in or left it."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Date, and_, cast, delete, func, or_, select
+from sqlalchemy import ColumnElement, Date, and_, cast, delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -268,11 +268,19 @@ async def audit(
     limit: int = 50,
     *,
     target: str | None = None,
+    before: tuple[datetime, int] | None = None,
 ) -> list[models.ConsoleAction]:
     """The newest actions first, on a Customer or on a `target` (a Stripe event's id, an InstanceRollout's
     name); `since`: none before it. A row names its object only, so a Customer's or a rollout's page
-    passes its creationTimestamp: what came before was done to a deleted one of the same name."""
-    query = select(models.ConsoleAction).order_by(models.ConsoleAction.id.desc()).limit(limit)
+    passes its creationTimestamp: what came before was done to a deleted one of the same name. `before`:
+    those after the action of that time and id (a keyset, which actions recorded since do not move)."""
+    action = models.ConsoleAction
+    # By the time of each, as the page shows them; one transaction's share it: the id breaks ties. A
+    # replay's row is written holding its event's lock, after the page its form came from: the newest
+    # replay of an event (replay_event's check) is the newest by either.
+    query = select(action).order_by(action.at.desc(), action.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(tuple_(action.at, action.id) < before)
     if customer_name is not None:
         query = query.where(models.ConsoleAction.customer_name == customer_name)
     if target is not None:

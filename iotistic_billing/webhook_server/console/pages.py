@@ -81,7 +81,12 @@ from iotistic_billing.webhook_server.context import (
 from iotistic_billing.webhook_server.errors import problem_of
 from iotistic_billing.webhook_server.licenses import Revoked, RevokeUnanswered, license_token, revocation
 from iotistic_billing.webhook_server.messages import read_decimal
-from iotistic_billing.webhook_server.schemas import NUL_MESSAGE, RevokeRequest
+from iotistic_billing.webhook_server.schemas import (
+    NUL_MESSAGE,
+    RevokeRequest,
+    position_cursor,
+    read_position_cursor,
+)
 from iotistic_billing.webhook_server.security import admin_not_configured, is_trusted_proxy, throttled
 from iotistic_billing.webhook_server.usage import usage_history
 
@@ -121,6 +126,9 @@ DONE: Final = {
 UNANSWERED: Final = " (the API server's answer was lost: it may not have been made)"
 # The customer page's newest Stripe events; the rest are on the Stripe events page (?customer=).
 CUSTOMER_STRIPE_EVENTS: Final = 20
+# The customer page's other capped lists: the query parameter of each one's older link (the position of
+# its last row shown, position_cursor) and the rows it shows at a time.
+CUSTOMER_LISTS: Final = {"history_before": 20, "notices_before": 20, "actions_before": 50}
 SESSION = web.RequestKey("console_session", ConsoleSession)
 SIGN_OUTS = web.AppKey("console_sign_outs", SignOuts)
 TEMPLATES = web.AppKey("console_templates", Environment)
@@ -395,6 +403,35 @@ async def customers_page(request: web.Request) -> web.Response:
     )
 
 
+def older_than(request: web.Request, field: str) -> tuple[datetime, int] | None:
+    """Where the list of `field` (CUSTOMER_LISTS) goes on: after the row its older link named; None, from
+    the newest. A value no older link gave is a 400 naming the parameter."""
+    value = request.query.get(field)
+    if value is None:
+        return None
+    position = read_position_cursor(value)
+    if position is None:
+        raise ValidationFailed.single(field, "must be the value an older link of this page gave")
+    return position
+
+
+def older_links(request: web.Request, last: Mapping[str, tuple[datetime, int] | None]) -> dict[str, str]:
+    """The older link of each list that goes on past its last row shown (`last`: that row's position,
+    None when none follows), keeping the place of the others; and each paged list's link back to its
+    newest rows (`newest:` the parameter). As the Stripe events page's links: a query of this page."""
+    kept = {field: value for field in CUSTOMER_LISTS if (value := request.query.get(field)) is not None}
+
+    def link(field: str, position: tuple[datetime, int] | None) -> str:
+        query = {name: value for name, value in kept.items() if name != field}
+        if position is not None:
+            query[field] = position_cursor(*position)
+        return "?" + urlencode(query)
+
+    links = {field: link(field, position) for field, position in last.items() if position is not None}
+    links |= {f"newest:{field}": link(field, None) for field in kept}
+    return links
+
+
 def _no_customer(name: str) -> NotFound:
     return NotFound("Customer not found", f"no Customer named {name!r}")
 
@@ -483,6 +520,7 @@ async def customer_page(request: web.Request) -> web.Response:
             body=json.dumps(read.body.get("spec"), indent=2, sort_keys=True, default=str),
         )
     record = read
+    before = {field: older_than(request, field) for field in CUSTOMER_LISTS}
     now = request.app[CLOCK]()
     kube = request.app[KUBE]
     try:
@@ -496,7 +534,14 @@ async def customer_page(request: web.Request) -> web.Response:
     period = BillingPeriod(usage.billing_period.period_start, usage.billing_period.period_end)
     async with request.app[SESSIONS]() as session:
         counted = await data.period_days(session, record.customer_id, period)
-        history = await license_history(session, record.customer_id, limit=20)
+        # One more of each list than shown: whether an older link goes on past it.
+        shown = CUSTOMER_LISTS
+        history = await license_history(
+            session,
+            record.customer_id,
+            limit=shown["history_before"] + 1,
+            before=before["history_before"],
+        )
         subscriptions = (
             await session.scalars(
                 select(models.Subscription)
@@ -508,8 +553,29 @@ async def customer_page(request: web.Request) -> web.Response:
         stripe = await data.stripe_events(
             session, customer_id=record.customer_id, limit=CUSTOMER_STRIPE_EVENTS + 1
         )
-        notices = await recent_notices(session, customer_id=record.customer_id, status=None, limit=20)
-        audit = await data.audit(session, record.name, since=record.customer.metadata.creation_timestamp)
+        notices = await recent_notices(
+            session,
+            customer_id=record.customer_id,
+            status=None,
+            limit=shown["notices_before"] + 1,
+            before=before["notices_before"],
+        )
+        audit = await data.audit(
+            session,
+            record.name,
+            since=record.customer.metadata.creation_timestamp,
+            limit=shown["actions_before"] + 1,
+            before=before["actions_before"],
+        )
+
+    def last(rows: Sequence[Any], field: str, position: Callable[[Any], tuple[datetime, int]]) -> Any:
+        """The list's rows shown, and the position its older link names (None: none follows)."""
+        page = rows[: shown[field]]
+        return page, position(page[-1]) if len(rows) > shown[field] else None
+
+    history_rows, history_last = last(history.history, "history_before", lambda h: (h.generated_at, h.id))
+    notice_rows, notices_last = last(notices, "notices_before", lambda n: (n.notice.created_at, n.notice.id))
+    audit_rows, actions_last = last(audit, "actions_before", lambda a: (a.at, a.id))
     return render(
         request,
         "customer.html.j2",
@@ -517,13 +583,17 @@ async def customer_page(request: web.Request) -> web.Response:
         spec=json.dumps(record.customer.spec.to_k8s(), indent=2, sort_keys=True),
         conditions=record.customer.status.conditions or [],
         claims=claims,
-        history=history.history,
+        history=history_rows,
         subscriptions=subscriptions,
         events=events,
         stripe_events=stripe[:CUSTOMER_STRIPE_EVENTS],
         more_stripe_events=len(stripe) > CUSTOMER_STRIPE_EVENTS,
-        notices=notices,
-        audit=audit,
+        notices=notice_rows,
+        audit=audit_rows,
+        older=older_links(
+            request,
+            {"history_before": history_last, "notices_before": notices_last, "actions_before": actions_last},
+        ),
         usage=usage,
         charts=usage_charts(usage, counted, now),
         gitops=data.gitops_manager(record.body),
