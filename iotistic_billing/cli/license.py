@@ -64,7 +64,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify = commands.add_parser(
         "verify",
         help="verify a licence; exit 1 when it is invalid",
-        description="Verify signature, validity window and audience; print valid or invalid and the reason.",
+        description=(
+            "Verify signature, validity window, audience and, with --customer-id, the customer; print valid"
+            " or invalid and the reason."
+        ),
     )
     verify.add_argument("token", metavar="TOKEN", help="the JWT, or - to read it from standard input")
     source = verify.add_mutually_exclusive_group()
@@ -79,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     source.add_argument("--jwks", type=Path, metavar="FILE", help="JWKS document of the public keys")
     verify.add_argument("--audience", help="default LICENSE_AUDIENCE")
     verify.add_argument("--issuer", help="also require this issuer")
+    verify.add_argument(
+        "--customer-id",
+        help="also require this customer (claims customerId and sub): the instance's CUSTOMER_ID",
+    )
     verify.set_defaults(handler=_verify)
 
     show = commands.add_parser("show", help="decode a licence WITHOUT verifying it; print header and claims")
@@ -185,8 +192,13 @@ def _verifier(args: argparse.Namespace) -> LicenseVerifier:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    customer_id = given_option(args.customer_id, "--customer-id")
+    if customer_id is not None and not re.fullmatch(CUSTOMER_ID_PATTERN, customer_id):
+        raise CommandError(
+            f"--customer-id: must match {CUSTOMER_ID_PATTERN} as spec.customerId does, got {customer_id!r}"
+        )
     verifier = _verifier(args)
-    license = verifier.verify(_token(args.token))
+    license = verifier.verify(_token(args.token), customer_id=customer_id)
     if not license.valid:
         print(f"invalid: {license.reason}")
         return 1

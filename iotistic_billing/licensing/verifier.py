@@ -1,4 +1,5 @@
-"""Offline licence verification for customer instances: signature, validity window, audience, typed grants.
+"""Offline licence verification for customer instances: signature, validity window, audience, customer,
+typed grants.
 
 Needs nothing but cryptography (a test runs it where only pyjwt and cryptography can be imported; orjson
 and pybase64 speed it up when present), so it imports nothing from the rest of the package but `plans`
@@ -135,6 +136,16 @@ def _optional_time(section: Mapping[str, Any], key: str, where: str) -> datetime
     except ValueError:
         raise InvalidLicense(f"claim '{where}.{key}' is not an ISO 8601 time: {value!r}") from None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _check_customer(claims: Mapping[str, Any], customer_id: str) -> None:
+    """Refuses a licence of another customer than `customer_id`. Checked on each call, not kept with the
+    cached licence, as one verifier may be asked for several; a licence without `sub` (minted elsewhere)
+    is judged by its `customerId` alone, which every licence has."""
+    holders = (("customerId", claims.get("customerId")), ("sub", claims.get("sub", customer_id)))
+    for claim, holder in holders:
+        if holder != customer_id:
+            raise InvalidLicense(f"licence is for customer {holder!r} (claim {claim!r}), not {customer_id!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +290,11 @@ class LicenseVerifier:
         audience: str,
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        customer_id: str | None = None,
     ) -> None:
+        """`customer_id`: the customer the instance serves (the chart's CUSTOMER_ID); a licence of any
+        other is refused. Every licence is signed by the same key for the same audience, so without it a
+        licence copied from another customer's instance verifies here with that customer's grants."""
         keys = (
             dict(public_keys)
             if isinstance(public_keys, Mapping)
@@ -291,7 +306,10 @@ class LicenseVerifier:
             raise ValueError("licences are RS256: every key that verifies them must be an RSA public key")
         if not audience:
             raise ValueError("audience must not be empty")
+        if customer_id is not None and not customer_id:
+            raise ValueError("customer_id must not be empty (None verifies a licence of any customer)")
         self._keys = keys
+        self._customer_id = customer_id
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway.total_seconds()
@@ -311,12 +329,13 @@ class LicenseVerifier:
         audience: str,
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        customer_id: str | None = None,
     ) -> LicenseVerifier:
         keys = [
             load_public_key(pem.encode("ascii") if isinstance(pem, str) else pem, f"public key {index + 1}")
             for index, pem in enumerate(pems)
         ]
-        return cls(keys, audience=audience, issuer=issuer, leeway=leeway)
+        return cls(keys, audience=audience, issuer=issuer, leeway=leeway, customer_id=customer_id)
 
     @classmethod
     def from_pem_files(
@@ -325,6 +344,7 @@ class LicenseVerifier:
         audience: str,
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        customer_id: str | None = None,
     ) -> LicenseVerifier:
         keys = []
         for path in paths:
@@ -333,7 +353,7 @@ class LicenseVerifier:
             except OSError as exc:
                 raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
             keys.append(load_public_key(pem, str(path)))
-        return cls(keys, audience=audience, issuer=issuer, leeway=leeway)
+        return cls(keys, audience=audience, issuer=issuer, leeway=leeway, customer_id=customer_id)
 
     @classmethod
     def from_jwks(
@@ -343,6 +363,7 @@ class LicenseVerifier:
         audience: str,
         issuer: str | None = None,
         leeway: timedelta = DEFAULT_LEEWAY,
+        customer_id: str | None = None,
     ) -> LicenseVerifier:
         if isinstance(document, str | bytes):
             try:
@@ -351,11 +372,20 @@ class LicenseVerifier:
                 raise ValueError(f"JWKS document is not JSON ({exc})") from None
             if not isinstance(document, Mapping):
                 raise ValueError("JWKS document must be a JSON object")
-        return cls(public_keys_from_jwks(document), audience=audience, issuer=issuer, leeway=leeway)
+        return cls(
+            public_keys_from_jwks(document),
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            customer_id=customer_id,
+        )
 
-    def verify(self, token: str | bytes | None, *, now: datetime | None = None) -> License:
+    def verify(
+        self, token: str | bytes | None, *, now: datetime | None = None, customer_id: str | None = None
+    ) -> License:
         """The licence's grants, or the unlicensed fallback with the reason it was refused; `token` as
-        text or as the bytes of a file or an environment read raw (a JWT is ASCII)."""
+        text or as the bytes of a file or an environment read raw (a JWT is ASCII). `customer_id`: the
+        customer the licence must be for (its `customerId` and `sub`), default the verifier's own."""
         if not token:
             return unlicensed("no licence")
         if isinstance(token, bytes):
@@ -366,7 +396,11 @@ class LicenseVerifier:
         if not isinstance(token, str):
             return unlicensed("malformed licence")
         try:
-            return self._verify(token.strip(), time.time() if now is None else now.timestamp())
+            license = self._verify(token.strip(), time.time() if now is None else now.timestamp())
+            expected = self._customer_id if customer_id is None else customer_id
+            if expected is not None:
+                _check_customer(license.claims, expected)
+            return license
         except InvalidLicense as exc:
             return unlicensed(str(exc))
         except (ValueError, TypeError, binascii.Error, RecursionError):

@@ -234,6 +234,32 @@ def test_license_verify_valid_and_invalid(capsys: pytest.CaptureFixture[str], ke
     assert "invalid: licence is for audience 'iotistic-instance', not 'other'" in out
 
 
+def test_license_verify_refuses_a_licence_of_another_customer(
+    capsys: pytest.CaptureFixture[str], key_dir: Path
+) -> None:
+    """Found in review: `license verify` could not be told which customer the licence should be for, so
+    a licence copied from another customer's instance showed as valid when support checked it."""
+    token = mint(capsys, key_dir, "--plan", "enterprise")
+    public = str(key_dir / "public-key.pem")
+    code, out, _ = run(
+        capsys, "license", "verify", token, "--public-key", public, "--customer-id", "cust_xyz789"
+    )
+    assert (code, out.strip()) == (
+        1,
+        "invalid: licence is for customer 'cust_abc123' (claim 'customerId'), not 'cust_xyz789'",
+    )
+    code, out, _ = run(
+        capsys, "license", "verify", token, "--public-key", public, "--customer-id", "cust_abc123"
+    )
+    assert code == 0
+    assert out.startswith("valid: customer cust_abc123 (Acme Corp), plan enterprise")
+    for refused, said in (("", "must not be empty"), ("acme", "must match")):
+        code, _, err = run(
+            capsys, "license", "verify", token, "--public-key", public, "--customer-id", refused
+        )
+        assert (code, f"--customer-id: {said}" in err) == (2, True), err
+
+
 def test_license_verify_reads_stdin_and_jwks(
     capsys: pytest.CaptureFixture[str], key_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -304,6 +304,54 @@ def test_cached_licence_is_still_checked_against_the_clock(
     assert_fallback(verifier.verify(f"{header}.{payload}.{foreign_signature}", now=NOW), "signature")
 
 
+def test_a_licence_of_another_customer_is_refused_for_this_one(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    """Found in review: verify() could not be told whose instance it runs in, and every licence is
+    signed by one key for one audience, so an enterprise licence minted for cust_otherco1, copied into
+    another customer's instance, verified there as valid with its grants."""
+    theirs = mint(keys, PLANS["enterprise"], customer=LicenseCustomer("cust_otherco1", "Other Co")).token
+    assert_fallback(
+        verifier.verify(theirs, now=NOW, customer_id="cust_abc123"),
+        "licence is for customer 'cust_otherco1' (claim 'customerId'), not 'cust_abc123'",
+    )
+    ours = verifier.verify(mint(keys).token, now=NOW, customer_id="cust_abc123")
+    assert (ours.valid, ours.customer_id) == (True, "cust_abc123")
+    # The same licence, checked and cached, is still refused for another customer on the next call.
+    assert verifier.verify(theirs, now=NOW, customer_id="cust_otherco1").valid
+    assert_fallback(verifier.verify(theirs, now=NOW, customer_id="cust_abc123"), "'cust_otherco1'")
+    # A verifier built for the instance's customer (the chart's CUSTOMER_ID) refuses it on every call.
+    instance = LicenseVerifier.from_pem(
+        keys.public_key_pem(), audience=AUDIENCE, issuer=ISSUER, customer_id="cust_abc123"
+    )
+    assert_fallback(instance.verify(theirs, now=NOW), "claim 'customerId'")
+    assert instance.verify(mint(keys).token, now=NOW).valid
+    for built in (
+        LicenseVerifier([keys.public_key], audience=AUDIENCE, customer_id="cust_abc123"),
+        LicenseVerifier.from_jwks(keys.jwks(), audience=AUDIENCE, customer_id="cust_abc123"),
+    ):
+        assert_fallback(built.verify(theirs, now=NOW), "not 'cust_abc123'")
+    with pytest.raises(ValueError, match="customer_id must not be empty"):
+        LicenseVerifier([keys.public_key], audience=AUDIENCE, customer_id="")
+
+
+def test_a_licence_whose_subject_is_another_customer_is_refused(
+    keys: SigningKeys, verifier: LicenseVerifier
+) -> None:
+    """Found in review: a licence names its customer twice (customerId and sub); one signed with ours in
+    customerId and another's in sub is not ours either, and one without sub (minted elsewhere) is
+    judged by customerId alone."""
+    claims = dict(mint(keys).claims)
+    mixed = keys.sign_jwt({**claims, "sub": "cust_otherco1"})
+    assert_fallback(
+        verifier.verify(mixed, now=NOW, customer_id="cust_abc123"),
+        "licence is for customer 'cust_otherco1' (claim 'sub'), not 'cust_abc123'",
+    )
+    without_subject = keys.sign_jwt({k: v for k, v in claims.items() if k != "sub"})
+    assert verifier.verify(without_subject, now=NOW, customer_id="cust_abc123").valid
+    assert_fallback(verifier.verify(without_subject, now=NOW, customer_id="cust_zzz999"), "'customerId'")
+
+
 def test_licence_from_an_unknown_key_is_refused(other_keys: SigningKeys, verifier: LicenseVerifier) -> None:
     token = mint(other_keys).token
     assert_fallback(verifier.verify(token, now=NOW), f"licence signed with an unknown key '{other_keys.kid}'")
