@@ -69,6 +69,8 @@ NO_TRIAL: Final = TrialTerms(is_trial_mode=False)
 class SubscriptionTerms:
     status: str
     current_period_ends_at: datetime | None = None
+    # Set to cancel at its period's end (Stripe's cancel_at_period_end): the licence ends with the period.
+    cancel_at_period_end: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,21 @@ def license_claims(
     if subscription.current_period_ends_at is not None:
         period_end = _aware(subscription.current_period_ends_at, "subscription.current_period_ends_at")
         subscription_claim["currentPeriodEndsAt"] = _iso(period_end)
+    if subscription.cancel_at_period_end:
+        if subscription.current_period_ends_at is None:
+            raise MintingError("subscription.current_period_ends_at is required when it cancels at its end")
+        subscription_end = _seconds(subscription.current_period_ends_at)
+        if subscription_end <= issued:
+            raise MintingError(
+                f"subscription.current_period_ends_at ({_iso(subscription.current_period_ends_at)}) is not "
+                f"after now ({_iso(now)}): a subscription ended at its period's end gets the unlicensed plan"
+            )
+        # As a trial's: with no pass at the period's end (the operator down, the Customer stalled) the last
+        # licence, and every offline copy of it, ran up to a lifetime past the subscription's end. The
+        # claim makes a licence minted before the cancellation, or one capped before it was undone,
+        # differ from the desired one (claims_differ), so either is minted again at once.
+        expires = min(expires, subscription_end)
+        subscription_claim["cancelAtPeriodEnd"] = True
 
     return {
         "iss": issuer,

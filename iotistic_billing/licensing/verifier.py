@@ -158,6 +158,8 @@ class TrialStatus:
 class SubscriptionStatus:
     status: str | None
     current_period_ends_at: datetime | None = None
+    # Set to cancel at current_period_ends_at: the licence expires then, and no renewal follows.
+    cancel_at_period_end: bool = False
 
 
 class _Grants(NamedTuple):
@@ -486,6 +488,7 @@ class LicenseVerifier:
                 SubscriptionStatus(
                     subscription.get("status"),
                     _optional_time(subscription, "currentPeriodEndsAt", "subscription"),
+                    subscription.get("cancelAtPeriodEnd", False),
                 ),
             )
             if key is not None and len(self._grants_made) < _GRANTS_CACHE_SIZE:
@@ -530,6 +533,8 @@ class LicenseVerifier:
             raise InvalidLicense("claim 'trial' must be an object with a boolean isTrialMode")
         if not isinstance(subscription, dict) or not isinstance(subscription.get("status", ""), str):
             raise InvalidLicense("claim 'subscription' must be an object with a string status")
+        if not isinstance(subscription.get("cancelAtPeriodEnd", False), bool):
+            raise InvalidLicense("claim 'subscription.cancelAtPeriodEnd' must be a boolean")
         grants = self._grants(claims.get("features"), claims.get("limits"), trial, subscription)
         return License(
             valid=True,

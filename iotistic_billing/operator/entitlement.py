@@ -29,6 +29,8 @@ class Entitlement:
     # Stripe's status for the licence's subscription claim; a manual paid plan is "active".
     subscription_status: str
     subscription_period_end: datetime | None = None
+    # Set to cancel at subscription_period_end (and not ended yet): the licence ends then (license_end).
+    cancel_at_period_end: bool = False
     suspended: bool = False
     lapsed: bool = False  # a lapsed trial or a cancelled/unpaid subscription
     # The dunning ladder: a failed payment's step (GracePeriod, Restricted, Suspended) and when the next
@@ -117,7 +119,10 @@ def _billed(
         return replace(trial, message=f"{trial.message}; {why}")
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):
-        if subscription.ended_at_period_end(now) and period_end is not None:
+        cancels = bool(subscription.cancel_at_period_end) and period_end is not None
+        # Ended on the whole second, as a trial: the licence capped at the period's end is whole seconds,
+        # and one judged active in the second's last fraction would end before it was issued.
+        if cancels and period_end is not None and period_end.replace(microsecond=0) <= now:
             # The licence the deletion gives, and the housekeeping's check runs the pass as the plan
             # changes (state.housekeeping_due).
             return Entitlement(
@@ -137,6 +142,7 @@ def _billed(
             message=f"Stripe subscription {subscription.status}",
             subscription_status=subscription.status,
             subscription_period_end=period_end,
+            cancel_at_period_end=cancels,
         )
     if subscription.status == "past_due":
         since = subscription.grace_started(now)
@@ -198,13 +204,21 @@ def _day(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-def capped_by_trial(entitlement: Entitlement, expires_at: datetime) -> bool:
-    """A trial licence that already ends with the trial: renewing it cannot give it more time."""
-    return (
-        entitlement.trial_active
-        and entitlement.trial_ends_at is not None
-        and expires_at >= entitlement.trial_ends_at.replace(microsecond=0)
-    )
+def license_end(entitlement: Entitlement) -> datetime | None:
+    """When the entitlement's licence stops working whatever its lifetime (minting caps `exp` there): the
+    trial's end, or the end of a subscription's period set to cancel at it; None when nothing caps it."""
+    if entitlement.trial_active:
+        return entitlement.trial_ends_at
+    if entitlement.cancel_at_period_end:
+        return entitlement.subscription_period_end
+    return None
+
+
+def capped_at_end(entitlement: Entitlement, expires_at: datetime) -> bool:
+    """A licence that already ends when its entitlement does (license_end): renewing it cannot give it
+    more time, so it is not renewed as its last third begins."""
+    end = license_end(entitlement)
+    return end is not None and expires_at >= end.replace(microsecond=0)
 
 
 def license_action(
@@ -238,7 +252,8 @@ __all__ = [
     "PLAN_RANK",
     "RESTRICTED_FOR",
     "Entitlement",
-    "capped_by_trial",
+    "capped_at_end",
     "effective_plan",
     "license_action",
+    "license_end",
 ]

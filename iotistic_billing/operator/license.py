@@ -55,7 +55,7 @@ from iotistic_billing.notices.content import (
 )
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.entitlement import Entitlement, capped_by_trial, license_action
+from iotistic_billing.operator.entitlement import Entitlement, capped_at_end, license_action
 from iotistic_billing.operator.manifests import license_secret_manifest
 from iotistic_billing.operator.metrics import LICENSES_MINTED
 from iotistic_billing.operator.refusals import refused_as
@@ -67,7 +67,11 @@ log = logging.getLogger(__name__)
 def _terms(entitlement: Entitlement) -> tuple[TrialTerms, SubscriptionTerms]:
     return (
         TrialTerms(entitlement.trial_active, entitlement.trial_ends_at if entitlement.trial_active else None),
-        SubscriptionTerms(entitlement.subscription_status, entitlement.subscription_period_end),
+        SubscriptionTerms(
+            entitlement.subscription_status,
+            entitlement.subscription_period_end,
+            entitlement.cancel_at_period_end,
+        ),
     )
 
 
@@ -123,7 +127,7 @@ def needs_new_license(
     issued, expires = (datetime.fromtimestamp(current[k], now.tzinfo) for k in ("iat", "exp"))
     if issued_ahead(issued, now):
         return True
-    return renewal_due(expires, issued, now) and not capped_by_trial(entitlement, expires)
+    return renewal_due(expires, issued, now) and not capped_at_end(entitlement, expires)
 
 
 def _status(record: LicenseRecord) -> LicenseStatus:

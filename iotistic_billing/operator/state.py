@@ -42,7 +42,7 @@ from iotistic_billing.operator.conditions import (
     waiting,
     with_conditions,
 )
-from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_by_trial, effective_plan
+from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_at_end, effective_plan
 from iotistic_billing.operator.manifests import namespace_holder, owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, NamespaceRefused, PassOutcome, ReleaseOutcome
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_PREVIOUS_VERSION, ROLLOUT_UPDATED_AT
@@ -449,7 +449,7 @@ def housekeeping_due(
     if license is None or license.issued_at is None or license.expires_at is None:
         return None
     if issued_ahead(license.issued_at, now) or (
-        not capped_by_trial(entitlement, license.expires_at)
+        not capped_at_end(entitlement, license.expires_at)
         and renewal_due(license.expires_at, license.issued_at, now)
     ):
         return "LicenseRenewal"

@@ -219,9 +219,45 @@ def test_trial_longer_than_the_lifetime_keeps_the_lifetime(keys: SigningKeys) ->
     assert minted.expires_at == NOW + timedelta(days=30)
 
 
+def test_a_subscription_set_to_cancel_gives_a_licence_that_ends_with_its_period(keys: SigningKeys) -> None:
+    """Found in review: only a trial capped the licence's exp. A subscription set to cancel at its
+    period's end (known since the cancellation) got 30 days whatever, so with no operator pass at that
+    end (operator down, Customer stalled) the last licence, and every offline copy, ran up to 30 days
+    past the subscription's end."""
+    period_end = NOW + timedelta(days=5, hours=3, microseconds=500)
+    minted = mint(keys, subscription=SubscriptionTerms("active", period_end, cancel_at_period_end=True))
+    assert minted.expires_at == NOW + timedelta(days=5, hours=3)
+    assert minted.claims["exp"] == minted.claims["expiresAt"] <= period_end.timestamp()
+    assert minted.claims["subscription"] == {
+        "status": "active",
+        "currentPeriodEndsAt": "2025-10-26T13:30:00Z",
+        "cancelAtPeriodEnd": True,
+    }
+    instance = LicenseVerifier([keys.public_key], audience=AUDIENCE, issuer=ISSUER)
+    held = instance.verify(minted.token, now=period_end - timedelta(minutes=1))
+    assert (held.valid, held.subscription.cancel_at_period_end) == (True, True)
+    gone = instance.verify(minted.token, now=period_end + timedelta(minutes=2))
+    assert (gone.valid, gone.reason) == (False, "licence expired at 2025-10-26T13:30:00+00:00")
+    # Not set to cancel, or ending after the lifetime: the lifetime, and no claim of it.
+    renewing = mint(keys, subscription=SubscriptionTerms("active", period_end))
+    assert renewing.expires_at == NOW + timedelta(days=30)
+    assert "cancelAtPeriodEnd" not in renewing.claims["subscription"]
+    assert instance.verify(renewing.token, now=NOW).subscription.cancel_at_period_end is False
+    later = SubscriptionTerms("active", NOW + timedelta(days=60), cancel_at_period_end=True)
+    assert mint(keys, subscription=later).expires_at == NOW + timedelta(days=30)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            {"subscription": SubscriptionTerms("active", NOW, cancel_at_period_end=True)},
+            r"subscription.current_period_ends_at \(2025-10-21T10:30:00Z\) is not after now",
+        ),
+        (
+            {"subscription": SubscriptionTerms("active", cancel_at_period_end=True)},
+            "subscription.current_period_ends_at is required when it cancels at its end",
+        ),
         ({"trial": TrialTerms(True, NOW)}, r"trial.ends_at \(2025-10-21T10:30:00Z\) is not after now"),
         ({"trial": TrialTerms(True, None)}, "trial.ends_at is required in trial mode"),
         ({"trial": TrialTerms(True, datetime(2025, 12, 1))}, "trial.ends_at must be timezone-aware"),

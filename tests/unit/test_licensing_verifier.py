@@ -401,6 +401,9 @@ def test_bad_claim_types_are_refused(keys: SigningKeys, verifier: LicenseVerifie
         signed(trial={"isTrialMode": "no"}): "claim 'trial' must be an object",
         signed(trial={"isTrialMode": True, "endsAt": "soon"}): "'trial.endsAt' is not an ISO 8601 time",
         signed(subscription={"status": 3}): "claim 'subscription' must be an object",
+        signed(
+            subscription={"status": "active", "cancelAtPeriodEnd": 1}
+        ): "claim 'subscription.cancelAtPeriodEnd' must be a boolean",
     }
     for token, reason in cases.items():
         assert_fallback(verifier.verify(token, now=NOW), reason)

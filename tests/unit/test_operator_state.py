@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from iotistic_billing.customer import (
+    LICENSE_JWT_KEY,
     RECONCILE_REQUESTED_AT,
     USAGE_API_KEY_KEY,
     Customer,
@@ -1159,3 +1160,74 @@ def test_housekeeping_looks_again_for_a_webhook_secret_but_not_at_a_refused_url(
 
     assert housekeeping_due(hooked, status_with("SecretNotFound"), CREATED, NOW) == "SecretNotFound"
     assert housekeeping_due(hooked, status_with("InvalidWebhookUrl"), CREATED, NOW) is None
+
+
+def _cancelling(period_end: datetime, cancels: bool = True) -> dict[str, Any]:
+    """A Stripe-billed Customer whose active subscription is set to cancel at its period's end (or not)."""
+    return {
+        "billing": {"mode": "stripe"},
+        "subscription": {**subscription("active", period_end=period_end), "cancelAtPeriodEnd": cancels},
+    }
+
+
+def _held(parts: LicenceStepParts, ctx: OperatorContext) -> dict[str, Any]:
+    """The claims of the licence in the fake Secret."""
+    assert parts.secret is not None
+    claims = license_step.verified_claims(ctx, parts.secret.data[LICENSE_JWT_KEY].decode())
+    assert claims is not None
+    return claims
+
+
+async def test_a_subscription_set_to_cancel_is_licensed_to_its_period_end_and_in_full_once_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the licence of a subscription set to cancel at its period's end ran its 30 days
+    past that end when no pass came then (operator down, Customer stalled). Capped there now, it must
+    not be renewed as its last third begins (no later end to give), and a cancellation undone, or one
+    made after a full licence was minted, must get its licence minted again at once, not at the old
+    one's renewal: the reactivated customer's instance would stop at the old period's end."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    ctx = parts.context()
+    period_end = NOW + timedelta(days=5)
+    cancelling = _cancelling(period_end)
+    first = await ensure_license(ctx, _target_of(cancelling), None)
+    assert first.expires_at == period_end
+    assert _held(parts, ctx)["subscription"]["cancelAtPeriodEnd"] is True
+
+    # Four days on, a fifth of its lifetime left: renewing cannot give it more time, so it stays.
+    later = NOW + timedelta(days=4)
+    target = _reported(_target_of(cancelling, now=later), first.jti)
+    assert not needs_new_license(_held(parts, ctx), desired_claims(ctx, target), target.entitlement, later)
+    assert (await ensure_license(ctx, target, parts.secret)).jti == first.jti
+    capped = CustomerStatus(plan="professional", license=LicenseStatus(issued_at=NOW, expires_at=period_end))
+    assert housekeeping_due(spec(**cancelling), capped, CREATED, later) is None
+    # At the period's end the plan lapses, and the housekeeping runs the pass that says so.
+    assert housekeeping_due(spec(**cancelling), capped, CREATED, period_end) == c.SUBSCRIPTION_LAPSED
+
+    # The cancellation undone a day in: a full licence at once, with no cancelAtPeriodEnd claim.
+    day = NOW + timedelta(days=1)
+    reactivated = await ensure_license(
+        ctx, _reported(_target_of(_cancelling(period_end, cancels=False), now=day), first.jti), parts.secret
+    )
+    assert reactivated.jti != first.jti
+    assert reactivated.expires_at == day + timedelta(days=30)
+    assert "cancelAtPeriodEnd" not in _held(parts, ctx)["subscription"]
+    # And set again: capped at once, not left to run its 30 days.
+    again = await ensure_license(
+        ctx, _reported(_target_of(cancelling, now=day), reactivated.jti), parts.secret
+    )
+    assert (again.jti != reactivated.jti, again.expires_at) == (True, period_end)
+
+
+def test_a_subscription_ending_in_a_fraction_of_a_second_has_lapsed_on_the_whole_second() -> None:
+    """Found in review: with the licence capped at the period's end, a Customer judged active in the last
+    fraction of its end's second (an end like 12:00:00.5Z) would need a licence ending before it was
+    issued: its pass failed. It lapses on the whole second, as a trial does."""
+    ending = _cancelling(NOW + timedelta(milliseconds=500))
+    entitlement = effective_plan(spec(**ending), CREATED, NOW)
+    assert (entitlement.plan, entitlement.reason) == ("unlicensed", c.SUBSCRIPTION_LAPSED)
+    claims = desired_claims(cast(OperatorContext, SimpleNamespace(settings=Settings())), _target_of(ending))
+    assert claims["plan"] == "unlicensed"
+    active = effective_plan(spec(**_cancelling(NOW + timedelta(seconds=1))), CREATED, NOW)
+    assert (active.plan, active.cancel_at_period_end) == ("professional", True)
