@@ -461,7 +461,8 @@ class Settings(BaseSettings):
 
     @property
     def lifetime(self) -> timedelta:
-        """Lifetime of a licence (a trial licence ends with its trial, sooner)."""
+        """Lifetime of a licence (a trial licence ends with its trial, sooner, and that of a subscription set
+        to cancel at its period's end with the period)."""
         return timedelta(days=self.license_lifetime_days)
 
     @property
