@@ -5,7 +5,8 @@ STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe
 errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry; after a write,
 one that may have been made: check first), rate limited (429) a 503 saying the request was not made
 (for a write: unless an earlier try of it went unanswered), a refused field of the request is 400 naming
-it, any other refused request 409 with Stripe's message and code.
+it, any other refused request 409 with Stripe's message and code; but an immediate cancel Stripe refuses
+of a subscription it has canceled (the SDK's retry of one whose answer was lost) is answered cancelled.
 """
 
 from __future__ import annotations
@@ -426,13 +427,9 @@ class StripeApi:
 
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
         """The subscription cancelled, with its plan as Stripe has it (the Customer's spec.subscription
-        may be another subscription of the customer's)."""
+        may be another subscription of the customer's); cancelled now, one Stripe has canceled already."""
         if immediately:
-            cancelled = await _stripe(
-                self.client.v1.subscriptions.cancel_async(subscription_id),
-                "cancel the subscription",
-                writes=True,
-            )
+            cancelled = await self._cancel_now(subscription_id)
         else:
             cancelled = await _stripe(
                 self.client.v1.subscriptions.update_async(
@@ -444,6 +441,39 @@ class StripeApi:
         item = self.catalog.plan_item(cancelled.to_dict())
         plan = self.catalog.plan_for(item_price(item)) if item is not None else None
         return replace(_sub_fields(cancelled), plan=plan)
+
+    async def _cancel_now(self, subscription_id: str) -> Any:
+        """The subscription cancelled now, as Stripe has it. The cancel is a v1 DELETE, which the SDK
+        retries after a lost answer or a 5xx with no idempotency key (it sends one with a POST or a v2
+        DELETE only): Stripe refuses the retry of a first try that cancelled ("No such subscription", or a
+        400 about a canceled subscription), so a refusal is read back, and one canceled is the answer."""
+        action = "cancel the subscription"
+        try:
+            return await _stripe(
+                self.client.v1.subscriptions.cancel_async(subscription_id), action, writes=True
+            )
+        except Conflict as refused:
+            try:
+                subscription = await _stripe(
+                    self.client.v1.subscriptions.retrieve_async(subscription_id), "read the subscription"
+                )
+            except Conflict:
+                raise refused from None
+            except ApiError:
+                # Unread, the refusal may be of a retry whose first try cancelled: not "nothing was changed".
+                code = refused.details.get("stripe_code") if isinstance(refused.details, dict) else None
+                raise DependencyUnavailable(
+                    "Stripe",
+                    f"Stripe refused to {action} ({code or 'no code'}) and the subscription could not be "
+                    "read back: an earlier try of it may have been made; check before retrying",
+                ) from None
+            if subscription.status != "canceled":
+                raise refused from None
+            log.info(
+                "Stripe refused to cancel subscription %s, which it has canceled: answered as cancelled",
+                subscription_id,
+            )
+            return subscription
 
     async def portal_session(self, *, stripe_customer_id: str, return_url: str) -> str:
         session = await _stripe(

@@ -564,11 +564,75 @@ async def test_a_cancel_whose_answer_is_lost_does_not_say_nothing_was_changed(
     with pytest.raises(ApiError) as raised:
         await api.cancel("sub_1", immediately=True)
 
-    # Sent, each retry under the same idempotency key: Stripe may have acted on any of them.
+    # Sent, each retry a DELETE with no idempotency key (stripe-python sends one with a POST or a v2
+    # DELETE only): Stripe may have acted on any of them.
     assert {(method, path) for method, path, _ in stripe.requests} == {("DELETE", "/v1/subscriptions/sub_1")}
     assert (raised.value.status, raised.value.error) == (503, "Stripe unavailable")
     assert "nothing was changed" not in raised.value.message
     assert "may have been made" in raised.value.message and "before retrying" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, {"code": "resource_missing", "param": "id", "message": "No such subscription: 'sub_1'"}),
+        (400, {"message": "A canceled subscription can only update its cancellation_details."}),
+    ],
+)
+async def test_a_cancel_whose_retry_stripe_refuses_as_already_canceled_is_answered_cancelled(
+    fake: tuple[FakeStripe, StripeApi], status: int, error: dict[str, Any]
+) -> None:
+    """Found in review: the SDK retries a lost DELETE (which carries no idempotency key), and Stripe
+    refuses the retry of the cancel its first try made ("No such subscription", or for some API versions
+    a 400 about a canceled subscription): answered 409 "Stripe refused the request" for a subscription
+    cancelled as asked. Read back, it is canceled: answered as a first cancel is."""
+    stripe, api = fake
+    stripe.lose_next = 1  # the first DELETE cancels, its answer lost
+    stripe.answer = (status, {"error": {"type": "invalid_request_error", **error}})
+    stripe.subscription.update(
+        status="canceled", items={"object": "list", "data": [item("si_1", "price_starter")]}
+    )
+
+    change = await api.cancel("sub_1", immediately=True)
+
+    assert change == stripe_api.SubscriptionChange("sub_1", "canceled", False, plan="starter")
+    assert [(method, path) for method, path, _ in stripe.requests] == [
+        ("DELETE", "/v1/subscriptions/sub_1"),
+        ("DELETE", "/v1/subscriptions/sub_1"),
+        ("GET", "/v1/subscriptions/sub_1"),
+    ]
+
+
+async def test_a_cancel_stripe_refuses_of_a_subscription_still_live_stays_refused(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Read back and not canceled (nor missing): Stripe's refusal is the answer.
+    stripe, api = fake
+    refused = {"type": "invalid_request_error", "code": "resource_missing", "message": "No such thing"}
+    stripe.answer = (404, {"error": refused})
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True)
+
+    assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
+    assert raised.value.details == {"stripe_code": "resource_missing"}
+    assert [method for method, _, _ in stripe.requests] == ["DELETE", "GET"]
+
+
+async def test_a_cancel_refused_whose_subscription_cannot_be_read_back_does_not_say_nothing_was_changed(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # Its refusal may be of a retry whose first try cancelled: unread, the outcome is in doubt.
+    stripe, api = fake
+    stripe.answer = (404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
+    stripe.rate_limited = {("GET", "/v1/subscriptions/sub_1"): 1}
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True)
+
+    assert (raised.value.status, raised.value.error) == (503, "Stripe unavailable")
+    assert "nothing was changed" not in raised.value.message
+    assert "may have been made" in raised.value.message and "resource_missing" in raised.value.message
 
 
 async def test_a_read_whose_answer_is_lost_still_says_nothing_was_changed(
