@@ -5,8 +5,8 @@ STRIPE_API_BASE points the client at stripe-mock in tests and `make dev`. Stripe
 errors: unreachable, overloaded or busy with the same idempotency key (409) is 503 (retry; after a write,
 one that may have been made: check first), rate limited (429) a 503 saying the request was not made
 (for a write: unless an earlier try of it went unanswered), a refused field of the request is 400 naming
-it, any other refused request 409 with Stripe's message and code; but an immediate cancel Stripe refuses
-of a subscription it has canceled (the SDK's retry of one whose answer was lost) is answered cancelled.
+it, any other refused request 409 with Stripe's message and code; but a cancel Stripe refuses of a
+subscription it has canceled (the SDK's retry of one whose answer was lost) is answered cancelled.
 """
 
 from __future__ import annotations
@@ -427,31 +427,28 @@ class StripeApi:
 
     async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
         """The subscription cancelled, with its plan as Stripe has it (the Customer's spec.subscription
-        may be another subscription of the customer's); cancelled now, one Stripe has canceled already."""
+        may be another subscription of the customer's); one Stripe has canceled already, as cancelled."""
         if immediately:
-            cancelled = await self._cancel_now(subscription_id)
+            action = "cancel the subscription"
+            call = self.client.v1.subscriptions.cancel_async(subscription_id)
         else:
-            cancelled = await _stripe(
-                self.client.v1.subscriptions.update_async(
-                    subscription_id, params={"cancel_at_period_end": True}
-                ),
-                "cancel the subscription at the period end",
-                writes=True,
+            action = "cancel the subscription at the period end"
+            call = self.client.v1.subscriptions.update_async(
+                subscription_id, params={"cancel_at_period_end": True}
             )
+        cancelled = await self._cancelled(subscription_id, call, action)
         item = self.catalog.plan_item(cancelled.to_dict())
         plan = self.catalog.plan_for(item_price(item)) if item is not None else None
         return replace(_sub_fields(cancelled), plan=plan)
 
-    async def _cancel_now(self, subscription_id: str) -> Any:
-        """The subscription cancelled now, as Stripe has it. The cancel is a v1 DELETE, which the SDK
-        retries after a lost answer or a 5xx with no idempotency key (it sends one with a POST or a v2
-        DELETE only): Stripe refuses the retry of a first try that cancelled ("No such subscription", or a
-        400 about a canceled subscription), so a refusal is read back, and one canceled is the answer."""
-        action = "cancel the subscription"
+    async def _cancelled(self, subscription_id: str, call: Awaitable[Any], action: str) -> Any:
+        """The subscription as `call` (a cancel) left it. Stripe refuses to cancel one it has canceled ("No
+        such subscription" to a DELETE, or a 400 about a canceled subscription): the SDK's retry of an
+        immediate cancel whose answer was lost (a v1 DELETE, which it retries after a lost answer or a 5xx
+        with no idempotency key: it sends one with a POST or a v2 DELETE only), or a client's retry once
+        Stripe ended it. So a refusal is read back, and one canceled is the answer."""
         try:
-            return await _stripe(
-                self.client.v1.subscriptions.cancel_async(subscription_id), action, writes=True
-            )
+            return await _stripe(call, action, writes=True)
         except Conflict as refused:
             try:
                 subscription = await _stripe(
@@ -470,7 +467,8 @@ class StripeApi:
             if subscription.status != "canceled":
                 raise refused from None
             log.info(
-                "Stripe refused to cancel subscription %s, which it has canceled: answered as cancelled",
+                "Stripe refused to %s %s, which it has canceled: answered as cancelled",
+                action,
                 subscription_id,
             )
             return subscription

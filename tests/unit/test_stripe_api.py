@@ -603,6 +603,21 @@ async def test_a_cancel_whose_retry_stripe_refuses_as_already_canceled_is_answer
     ]
 
 
+async def test_a_cancel_at_the_period_end_of_a_subscription_stripe_has_ended_is_answered_cancelled(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    # A client's retry once Stripe ended the subscription (its period over, its deletion not applied yet).
+    stripe, api = fake
+    refused = "A canceled subscription can only update its cancellation_details."
+    stripe.answer = (400, {"error": {"type": "invalid_request_error", "message": refused}})
+    stripe.subscription.update(status="canceled", cancel_at_period_end=True)
+
+    change = await api.cancel("sub_1", immediately=False)
+
+    assert change == stripe_api.SubscriptionChange("sub_1", "canceled", True, plan=None)
+    assert [method for method, _, _ in stripe.requests] == ["POST", "GET"]
+
+
 async def test_a_cancel_stripe_refuses_of_a_subscription_still_live_stays_refused(
     fake: tuple[FakeStripe, StripeApi],
 ) -> None:
