@@ -174,7 +174,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         description=(
             "The customer's live subscription (open: unpaid and paused too), at its period's end or now. A "
             "customer id no Customer holds any more (deleted with its subscription open) is cancelled by the "
-            "newest open subscription recorded for it; 404 when there is none."
+            "newest open subscription recorded for it; 404 when there is none. With `subscription_id`, that "
+            "subscription of the customer's and no other: one canceled already is answered 200 with its "
+            "status, nothing sent to Stripe (a retry after a lost answer), and 404 `Subscription not found` "
+            "when the customer has none of that id on a plan. A cancel Stripe refuses of a subscription it "
+            "has canceled is answered as cancelled too."
         ),
     ),
     Route(

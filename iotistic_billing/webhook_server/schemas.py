@@ -30,6 +30,7 @@ from iotistic_billing.customer import (
     BLANK_CHARACTERS,
     CUSTOMER_ID_PATTERN,
     EMAIL_PATTERN,
+    STRIPE_SUBSCRIPTION_ID_PATTERN,
     URL_PATTERN,
     BillingMode,
     EffectivePlanName,
@@ -314,6 +315,22 @@ class UpgradeRequest(Request):
 class CancelRequest(Request):
     customer_id: CustomerIdField
     immediately: bool = Field(default=False, description="Cancel now rather than at the period end.")
+    # A retry cannot say which subscription it meant otherwise: once the first cancel's deletion is
+    # applied, the customer's current subscription is its other one (found in review).
+    subscription_id: (
+        Annotated[str, Field(pattern=STRIPE_SUBSCRIPTION_ID_PATTERN, max_length=255, examples=["sub_1abc"])]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "The subscription meant (an earlier answer's `subscription_id`, or GET /api/subscriptions/"
+            "{customerId}'s `subscription.stripe_subscription_id`): "
+            "that one is cancelled, not the customer's current one, and one of the customer's canceled "
+            "already is answered 200 with its status (`canceled`), nothing sent to Stripe, so a retry "
+            "after a lost answer cancels nothing else. 404 `Subscription not found` when the customer has "
+            "no subscription of that id on a plan. Without it: the customer's current subscription."
+        ),
+    )
 
 
 class PortalRequest(Request):

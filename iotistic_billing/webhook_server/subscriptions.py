@@ -13,19 +13,20 @@ from aiohttp import web
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import PaidPlanName
+from iotistic_billing.customer import PAID_PLAN_NAMES, PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import (
     Conflict,
+    NotFound,
     Unavailable,
     ValidationFailed,
     customer_not_found,
     stripe_not_configured,
 )
 from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, StripeApi, StripeCustomerMissing
-from iotistic_billing.stripe_inbox.events import LIVE_STATUSES, OPEN_STATUSES
+from iotistic_billing.stripe_inbox.events import ENDED_STATUSES, LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
 from iotistic_billing.webhook_server.schemas import (
@@ -120,12 +121,16 @@ async def _live_subscription(
     """`_live_subscription_id`, or a 409 "No active subscription"."""
     subscription_id = await _live_subscription_id(session, record, statuses)
     if subscription_id is None:
-        raise Conflict(
-            "No active subscription",
-            f"customer {record.customer_id} has no active subscription; start one with a checkout",
-            {"customer_id": record.customer_id},
-        )
+        raise _no_active_subscription(record.customer_id)
     return subscription_id
+
+
+def _no_active_subscription(customer_id: str) -> Conflict:
+    return Conflict(
+        "No active subscription",
+        f"customer {customer_id} has no active subscription; start one with a checkout",
+        {"customer_id": customer_id},
+    )
 
 
 async def get_subscription(request: web.Request) -> web.Response:
@@ -290,23 +295,33 @@ async def upgrade_subscription(request: web.Request) -> web.Response:
 
 
 async def cancel_subscription(request: web.Request) -> web.Response:
-    """Cancel at the period end, or now with `immediately: true`."""
+    """Cancel at the period end, or now with `immediately: true`; the subscription `subscription_id`
+    names when given, else the customer's current one."""
     billing = stripe_api(request)
     body = await read_body(request, CancelRequest)
+    named = body.subscription_id
     async with request.app[SESSIONS]() as session:
         record = await request.app[DIRECTORY].by_customer_id(session, body.customer_id)
         # Unpaid or paused too: Stripe keeps billing an unpaid one's drafts, and resumes a paused one.
         if record is not None:
-            subscription_id = await _live_subscription(session, record, OPEN_STATUSES)
+            current = await _live_subscription_id(session, record, OPEN_STATUSES)
         else:
             # A Customer deleted with its subscription open (a GitOps prune cannot cancel first): Stripe
             # bills it until it is cancelled, here by its row. The inbox records Stripe's deletion of it
             # unmatched, and moves the row on.
-            found = await _newest_live_row(session, body.customer_id, OPEN_STATUSES)
-            if found is None:
+            current = await _newest_live_row(session, body.customer_id, OPEN_STATUSES)
+        if named is not None and named != current:
+            # A retry of a cancel whose deletion is applied finds the customer's other subscription current.
+            row = await _customer_s_subscription(session, body.customer_id, named)
+            if row.status in ENDED_STATUSES:
+                return _cancelled_already(body, row)
+        subscription_id = named or current
+        if subscription_id is None:
+            if record is None:
                 raise customer_not_found(body.customer_id)
+            raise _no_active_subscription(record.customer_id)
+        if record is None:
             await request.app[DIRECTORY].confirm_gone(body.customer_id)
-            subscription_id = found
     change = await billing.cancel(subscription_id, immediately=body.immediately)
     return json_model(
         SubscriptionChangeResponse(
@@ -317,6 +332,44 @@ async def cancel_subscription(request: web.Request) -> web.Response:
             # customer's records when spec.subscription's is not live.
             plan=change.plan,
             cancel_at_period_end=change.cancel_at_period_end,
+            canceled_immediately=body.immediately,
+        )
+    )
+
+
+async def _customer_s_subscription(
+    session: AsyncSession, customer_id: str, subscription_id: str
+) -> models.Subscription:
+    """The customer's subscription row of `subscription_id` on a plan, or a 404 naming the field: another
+    customer's, or another product's on the customer's Stripe customer, is not this cancel's."""
+    row = await session.scalar(
+        select(models.Subscription).where(models.Subscription.stripe_subscription_id == subscription_id)
+    )
+    if row is None or row.customer_id != customer_id or row.plan is None:
+        raise NotFound(
+            "Subscription not found",
+            f"customer {customer_id} has no subscription {subscription_id} on a plan (its checkout's events "
+            "may not be applied yet): nothing was cancelled",
+            [
+                {
+                    "field": "subscription_id",
+                    "message": f"customer {customer_id} has no subscription {subscription_id} on a plan",
+                }
+            ],
+        )
+    return row
+
+
+def _cancelled_already(body: CancelRequest, row: models.Subscription) -> web.Response:
+    """The answer of a first cancel, from the row of a subscription ended already (a retry's, whose first
+    try's deletion the inbox has applied): nothing is sent to Stripe."""
+    return json_model(
+        SubscriptionChangeResponse(
+            customer_id=body.customer_id,
+            subscription_id=row.stripe_subscription_id,
+            status=row.status,
+            plan=next((plan for plan in PAID_PLAN_NAMES if plan == row.plan), None),
+            cancel_at_period_end=row.cancel_at_period_end,
             canceled_immediately=body.immediately,
         )
     )

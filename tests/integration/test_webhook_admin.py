@@ -912,6 +912,32 @@ async def _subscription_routes(api: TestClient[Any, Any], customers: Customers, 
         headers=admin_headers(),
     )
     assert now.status == 200 and (await now.json())["canceled_immediately"] is True
+    # Stripe's deletion applied, a retry naming the subscription is answered from its row, as cancelled;
+    # one naming no subscription of the customer's is a 404 naming the field.
+    deleted = event(
+        "customer.subscription.deleted",
+        subscription_object(
+            subscription_id,
+            customer=stripe_customer,
+            price=starter,
+            status="canceled",
+            metadata={"customerId": customer_id},
+        ),
+        created=int(time.time()) + 1,
+    )
+    assert (await deliver(api, deleted))[0] == 200
+    for named, answered in [(subscription_id, 200), (random_id("sub_"), 404)]:
+        retried = await api.post(
+            "/api/subscriptions/cancel",
+            json={"customer_id": customer_id, "immediately": True, "subscription_id": named},
+            headers=admin_headers(),
+        )
+        answer = await retried.json()
+        assert retried.status == answered, answer
+        if answered == 200:
+            assert (answer["subscription_id"], answer["status"]) == (subscription_id, "canceled")
+        else:
+            assert answer["details"][0]["field"] == "subscription_id"
 
     portal = await api.post(
         "/api/subscriptions/portal",

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PaidPlanName
+from iotistic_billing.db import models
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import ValidationFailed
 from iotistic_billing.prices import PriceCatalog
@@ -69,6 +70,8 @@ class FakeDatabase:
         self.log = log
         # Raised by a commit (PostgreSQL away).
         self.refuse_commit: Exception | None = None
+        # The subscriptions table's rows by Stripe id, for a lookup of one by its id.
+        self.rows: dict[str, models.Subscription] = {}
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[FakeDatabase]:
@@ -89,6 +92,9 @@ class FakeDatabase:
         return None
 
     async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        named = args[0].compile().params.get("stripe_subscription_id_1")
+        if named is not None:
+            return self.rows.get(named)
         if self.link is not None and "customers.stripe_customer_id" in str(args[0]):
             return self.link
         return self.stored
@@ -214,6 +220,119 @@ async def test_a_cancel_answers_with_the_plan_of_the_subscription_it_cancelled(r
     assert status == 200, answer
     assert routes.stripe.made("cancel") == [{"subscription_id": "sub_newer1", "immediately": True}]
     assert (answer["subscription_id"], answer["plan"]) == ("sub_newer1", "professional")
+
+
+def row(subscription_id: str, customer_id: str = "cust_acme01", **fields: Any) -> models.Subscription:
+    """A subscriptions table row, canceled on starter unless told."""
+    values: dict[str, Any] = {"status": "canceled", "plan": "starter", "cancel_at_period_end": False}
+    return models.Subscription(
+        stripe_subscription_id=subscription_id, customer_id=customer_id, **(values | fields)
+    )
+
+
+@pytest.mark.parametrize(
+    ("held", "other"),
+    [
+        # Stripe's deletion applied: spec.subscription canceled, the customer's other paid one live.
+        ("acme", "sub_paid2"),
+        # ... and no other: without subscription_id, 409 "No active subscription".
+        ("acme", None),
+        # A Customer deleted with its subscription open, whose cancel a client retries.
+        (None, "sub_paid2"),
+    ],
+)
+async def test_a_retried_cancel_naming_its_subscription_canceled_already_is_answered_cancelled(
+    routes: Routes, held: str | None, other: str | None
+) -> None:
+    """Found in review: a cancel retried after a timeout (or a double click on two replicas) could not say
+    which subscription it meant; once the inbox had applied the first one's deletion, the retry cancelled
+    the customer's other, paid subscription (spec.subscription moved to it, or the newest live row). Named
+    by `subscription_id`, one canceled already is answered as cancelled, and nothing else is."""
+    cust_id = "cust_acme01" if held else "cust_gone01"
+    if held:
+        ended = {**LIVE, "status": "canceled", "stripeSubscriptionId": "sub_live1"}
+        routes.kube.customers[held] = customer(
+            held, billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=ended
+        )
+    routes.db.stored = other  # the newest open row of the subscriptions table
+    routes.db.rows["sub_live1"] = row("sub_live1", cust_id, plan="professional")
+
+    status, answer = await routes.post(
+        "cancel", {"customer_id": cust_id, "immediately": True, "subscription_id": "sub_live1"}
+    )
+
+    assert status == 200, answer
+    assert answer == {
+        "customer_id": cust_id,
+        "subscription_id": "sub_live1",
+        "status": "canceled",
+        "plan": "professional",
+        "cancel_at_period_end": False,
+        "canceled_immediately": True,
+    }
+    assert routes.stripe.calls == []
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        None,  # no subscription_id: as before, the current one
+        "sub_live1",  # the current one, named
+        "sub_older1",  # an older open one of the customer's: the one named, not the current one
+    ],
+)
+async def test_a_cancel_naming_an_open_subscription_of_the_customer_s_cancels_that_one(
+    routes: Routes, named: str | None
+) -> None:
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=LIVE
+    )
+    routes.db.rows["sub_older1"] = row("sub_older1", status="past_due")
+    naming = {"subscription_id": named} if named else {}
+
+    status, answer = await routes.post("cancel", {"customer_id": "cust_acme01", **naming})
+
+    assert status == 200, answer
+    cancelled = named or "sub_live1"
+    assert routes.stripe.made("cancel") == [{"subscription_id": cancelled, "immediately": False}]
+    assert answer["subscription_id"] == cancelled
+
+
+@pytest.mark.parametrize(
+    ("named", "stored"),
+    [
+        ("sub_unknown1", None),  # no row of it
+        ("sub_globex1", row("sub_globex1", "cust_globex01", status="active")),  # another customer's
+        ("sub_addon1", row("sub_addon1", status="active", plan=None)),  # another product's, on no plan
+    ],
+)
+async def test_a_cancel_naming_no_subscription_of_the_customer_s_is_a_404_naming_it(
+    routes: Routes, named: str, stored: models.Subscription | None
+) -> None:
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=LIVE
+    )
+    if stored is not None:
+        routes.db.rows[named] = stored
+
+    status, answer = await routes.post(
+        "cancel", {"customer_id": "cust_acme01", "immediately": True, "subscription_id": named}
+    )
+
+    assert (status, answer["error"]) == (404, "Subscription not found"), answer
+    assert answer["details"] == [
+        {"field": "subscription_id", "message": f"customer cust_acme01 has no subscription {named} on a plan"}
+    ]
+    assert routes.stripe.calls == []
+
+
+@pytest.mark.parametrize("named", [1, "cus_acme", "sub_", "sub_a b"])
+async def test_a_cancel_s_subscription_id_is_a_stripe_subscription_id(routes: Routes, named: Any) -> None:
+    status, answer = await routes.post("cancel", {"customer_id": "cust_acme01", "subscription_id": named})
+
+    assert status == 400, answer
+    assert [problem["field"] for problem in answer["details"]] == ["subscription_id"]
+    assert routes.stripe.calls == []
 
 
 @pytest.mark.parametrize(
