@@ -7,6 +7,7 @@ the same defaults, enums, patterns and bounds), and tests/unit/test_crd_schema.p
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -513,6 +514,8 @@ OWN_MANAGERS: Final = frozenset(
         "OpenAPI-Generator",
     }
 )
+# kubectl's client-side apply (Argo CD's by default) keeps what it applied here and diffs against it.
+LAST_APPLIED: Final = "kubectl.kubernetes.io/last-applied-configuration"
 GITOPS_LABELS: Final = (
     "kustomize.toolkit.fluxcd.io/name",
     "helm.toolkit.fluxcd.io/name",
@@ -520,19 +523,59 @@ GITOPS_LABELS: Final = (
 )
 
 
-def gitops_manager(body: Mapping[str, Any]) -> str | None:
-    """The controller that owns the Customer's spec when Git does (Git would revert a spec action)."""
+def gitops_manager(body: Mapping[str, Any], field: str | None = None) -> str | None:
+    """The controller that owns the Customer's spec when Git does (Git would revert a spec action).
+
+    With `field` (a spec field: `suspended`, `plan`), only when Git owns that field: Flux's server-side
+    apply and Argo CD's diff put back the fields Git sets, not the others, so a Customer whose Git
+    manifest leaves spec.suspended out keeps a suspension made by hand. Told by the managedFields of the
+    controller (Flux's and Argo CD's server-side apply own what Git sets), or by kubectl's
+    last-applied-configuration (Argo CD's client-side apply diffs on it); a GitOps label with neither
+    (managedFields not read) cannot say which fields, and is taken to own them all."""
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
-    for label in GITOPS_LABELS:
-        if label in labels:
-            return f"{label}={labels[label]}"
-    for entry in meta.get("managedFields") or []:
-        manager = entry.get("manager", "")
-        owns_spec = "f:spec" in (entry.get("fieldsV1") or {})
-        if owns_spec and manager not in OWN_MANAGERS and not manager.startswith("kubectl"):
-            return str(manager)
-    return None
+    label = next((f"{name}={labels[name]}" for name in GITOPS_LABELS if name in labels), None)
+    controllers = [
+        (str(entry.get("manager", "")), (entry.get("fieldsV1") or {})["f:spec"] or {})
+        for entry in meta.get("managedFields") or []
+        if "f:spec" in (entry.get("fieldsV1") or {}) and _gitops_controller(str(entry.get("manager", "")))
+    ]
+    if field is None:
+        return label or next((manager for manager, _ in controllers), None)
+    owner = next((manager for manager, spec in controllers if f"f:{field}" in spec), None)
+    if owner is not None:
+        return owner
+    applied = _last_applied_spec(meta)
+    if (label or controllers) and applied is not None and field in applied:
+        return label or controllers[0][0]
+    return None if controllers or applied is not None else label
+
+
+def _gitops_controller(manager: str) -> bool:
+    return manager not in OWN_MANAGERS and not manager.startswith("kubectl")
+
+
+def _last_applied_spec(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The spec of kubectl's (and Argo CD's client-side) last apply, if the annotation holds one."""
+    text = (meta.get("annotations") or {}).get(LAST_APPLIED)
+    try:
+        spec = json.loads(text).get("spec") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return spec if isinstance(spec, Mapping) else None
+
+
+def git_reverts(body: Mapping[str, Any], field: str) -> str | None:
+    """The warning for a change of spec.`field` made outside Git (the console, the CLI, the admin API)
+    on a Customer whose Git owns that field (gitops_manager): Flux or Argo CD puts it back within
+    seconds, and the operator follows. None when Git does not own it."""
+    if (manager := gitops_manager(body, field)) is None:
+        return None
+    name = (body.get("metadata") or {}).get("name", "")
+    return (
+        f"customer/{name}'s spec is managed by GitOps ({manager}): Git reverts this change of"
+        f" spec.{field}; change it in Git"
+    )
 
 
 # ----- identity -----

@@ -23,7 +23,7 @@ from iotistic_billing.customer import (
     CustomerSpec,
     InvalidSpecError,
     customer_id_in_use,
-    gitops_manager,
+    git_reverts,
     name_errors,
     parse_spec,
     resource_name_for,
@@ -266,12 +266,10 @@ def _warn(message: str) -> None:
 
 
 def _warn_if_git_reverts(customer: Mapping[str, Any], field: str) -> None:
-    """As the console's customer page: Git (Flux, Argo CD) puts back a spec it owns."""
-    if (manager := gitops_manager(customer)) is not None:
-        _warn(
-            f"customer/{customer['metadata']['name']}'s spec is managed by GitOps ({manager}): Git reverts"
-            f" this change of {field}; change it in Git"
-        )
+    """As the console's customer page and the admin API's revoke: Git (Flux, Argo CD) puts back a spec
+    field it owns."""
+    if (warning := git_reverts(customer, field)) is not None:
+        _warn(warning)
 
 
 def _upgrade(args: argparse.Namespace) -> int:
@@ -295,7 +293,7 @@ def _upgrade(args: argparse.Namespace) -> int:
     _post_event(
         kube, customer, "CliUpgrade", f"plan {was} -> {args.plan}", command, f"moved to plan {args.plan}"
     )
-    _warn_if_git_reverts(customer, "spec.plan")
+    _warn_if_git_reverts(customer, "plan")
     return 0
 
 
@@ -330,7 +328,7 @@ def _deactivate(args: argparse.Namespace) -> int:
     action, done = ("Resume", "suspension lifted") if args.reactivate else ("Suspend", "suspended")
     command = f"{PROGRAM} customer deactivate" + (" --reactivate" if args.reactivate else "")
     _post_event(kube, customer, f"Cli{action}", done, command, done)
-    _warn_if_git_reverts(customer, "spec.suspended")
+    _warn_if_git_reverts(customer, "suspended")
     return 0
 
 

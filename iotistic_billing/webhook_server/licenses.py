@@ -3,7 +3,8 @@ revocation, and the public keys (PEM and JWKS) anyone may fetch to verify licenc
 
 Revocation records a `revoked` history row for the licence in force AND sets spec.suspended: true by a
 merge patch, so the operator re-mints the licence with the unlicensed feature set and scales the instance
-down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it. The patch is made
+down. A Customer kept in Git must be suspended in Git as well, or GitOps will undo it: when Git owns
+spec.suspended the answer names its controller and says so (RevokeResponse.warning). The patch is made
 before the commit (a refused patch rolls the row back); should the commit then be lost, the answer says
 the Customer was suspended, and the retry records the licence the patch named (REVOKED_LICENSE). A patch
 whose answer was lost (RevokeUnanswered) rolls the row and its notice back too: they would tell of a
@@ -30,7 +31,13 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, REVOKED_LICENSE
+from iotistic_billing.customer import (
+    LICENSE_JWT_KEY,
+    LICENSE_SECRET_NAME,
+    REVOKED_LICENSE,
+    git_reverts,
+    gitops_manager,
+)
 from iotistic_billing.db.license_history import (
     hold_revocations,
     license_history,
@@ -181,6 +188,8 @@ async def revoke_license(request: web.Request) -> web.Response:
             # Already revoked: only while its revoke still suspends the Customer (revoke_and_suspend).
             suspended=True,
             already_revoked=not revoked.recorded,
+            gitops_manager=revoked.gitops_manager,
+            warning=revoked.git_reverts,
         )
     )
 
@@ -240,6 +249,10 @@ class Revoked:
 
     license: LicenseRecord
     recorded: bool = True
+    # Git's controller owning spec.suspended, and the warning that it puts the suspension back: read on
+    # the Customer the revoke decided on (git_reverts), before its patch moved the field's owner to us.
+    gitops_manager: str | None = None
+    git_reverts: str | None = None
 
 
 @dataclass
@@ -333,6 +346,7 @@ async def revoke_and_suspend(
     # keeping its customer id) holds the customer id's licence now, owned by it, which the caller's read
     # was answered "No licence to revoke" for.
     record = now
+    git_owner, git_warning = gitops_manager(record.body, "suspended"), git_reverts(record.body, "suspended")
     token = await license_token(app[KUBE], record.namespace, customer_id, record.customer.metadata.uid)
     if token is None:
         raise Conflict(
@@ -357,7 +371,7 @@ async def revoke_and_suspend(
                 # still or replaced by the operator's unlicensed one (not revoked, nor noticed), nothing
                 # twice. One resumed before the operator replaced the licence holds it in force again:
                 # revoked anew.
-                return Revoked(license, recorded=False)
+                return Revoked(license, recorded=False, gitops_manager=git_owner, git_reverts=git_warning)
     # A savepoint, rolled back only when the patch's answer is lost: the history row and the notice go,
     # the caller's transaction stays (the console's audit row says the revoke may have been made). Left
     # open otherwise, the commit releases it: PostgreSQL lost after the patch is lost at the commit.
@@ -407,7 +421,7 @@ async def revoke_and_suspend(
         )
         raise RevokeUnanswered(error, revoked) from None
     log.info("licence %s of %s revoked; Customer %s suspended", revoked.jti, customer_id, record.name)
-    return Revoked(revoked)
+    return Revoked(revoked, gitops_manager=git_owner, git_reverts=git_warning)
 
 
 async def get_public_key(request: web.Request) -> web.Response:

@@ -430,6 +430,17 @@ class RevokeResponse(Response):
         " Customer was patched and no notice sent; its usage keys were revoked and the last licence its"
         " history knows recorded revoked.",
     )
+    gitops_manager: str | None = Field(
+        default=None,
+        description="The GitOps controller (Flux, Argo CD) that owns the Customer's spec.suspended, from its"
+        " managedFields, kubectl's last-applied-configuration or a Flux or Argo CD label: it puts"
+        " `suspended: false` back within seconds, and the operator then reinstates the licence and sends"
+        " license.reinstated. Null when Git does not own the field (or no Customer holds the id).",
+    )
+    warning: str | None = Field(
+        default=None,
+        description="Set with gitops_manager: that Git reverts this suspension; suspend the Customer in Git.",
+    )
 
 
 class Jwk(Response):

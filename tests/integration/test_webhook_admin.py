@@ -23,11 +23,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing import directory as directory_module
 from iotistic_billing.api_keys import ROTATION_GRACE, usage_key_hash
-from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, namespace_for
+from iotistic_billing.customer import (
+    GROUP,
+    LICENSE_JWT_KEY,
+    LICENSE_SECRET_NAME,
+    PLURAL,
+    VERSION,
+    namespace_for,
+)
 from iotistic_billing.db.license_history import record_license
 from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
+from iotistic_billing.k8s import APPLY_PATCH, customer_body
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, jwk_thumbprint, read_public_key
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
@@ -467,6 +475,43 @@ async def test_a_revoke_of_a_licence_back_in_force_suspends_its_customer_again(
         customers.core.delete_namespace(namespace)
 
 
+async def test_a_revoke_of_a_customer_whose_suspension_git_owns_says_git_reverts_it(
+    api: TestClient[Any, Any],
+    customers: Customers,
+    webhook_settings: Settings,
+    license_keys: tuple[Path, Path],
+) -> None:
+    """Found in review: a revoke of a Customer whose Git manifest sets spec.suspended (Flux's
+    kustomize-controller applies it) was undone within seconds by Flux, the operator reinstating the
+    licence, and the answer said only "suspended"; the console and the CLI warn of it."""
+    name = unique_name("from-git")
+    customer_id, namespace = customer_id_for(name), namespace_for(name)
+    put_handmade_licence(
+        customers,
+        name,
+        licence_of(SigningKeys.from_pem_files(license_keys[0]), customer_id, webhook_settings),
+    )
+    revoke = f"/api/licenses/{customer_id}/revoke"
+    try:
+        # As Flux applies a Customer: server-side, its own field manager owning what the manifest sets.
+        customers.kube.call(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/{PLURAL}/{name}",
+            {"fieldManager": "kustomize-controller", "force": True},
+            customer_body(name, {"customerId": customer_id, "suspended": False}),
+            content_type=APPLY_PATCH,
+        )
+        answer = await (await api.post(revoke, json={"reason": "chargeback"}, headers=admin_headers())).json()
+        assert (answer["suspended"], answer["gitops_manager"]) == (True, "kustomize-controller"), answer
+        assert answer["warning"] == (
+            f"customer/{name}'s spec is managed by GitOps (kustomize-controller): Git reverts this change of"
+            " spec.suspended; change it in Git"
+        )
+    finally:
+        customers.delete(name)
+        customers.core.delete_namespace(namespace)
+
+
 async def test_a_revoke_decides_on_the_customer_as_it_is_once_it_holds_the_revocation_lock(
     api: TestClient[Any, Any],
     customers: Customers,
@@ -635,6 +680,8 @@ async def test_a_revoke_of_a_customer_deleted_without_its_finalizer_revokes_its_
         "suspended": False,
         "already_revoked": False,
         "customer_deleted": True,
+        "gitops_manager": None,
+        "warning": None,
     }
     async with db_engine.connect() as connection:
         rows = (

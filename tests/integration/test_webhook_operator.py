@@ -247,6 +247,8 @@ async def test_revoke_records_history_and_suspends_until_the_licence_is_unlicens
         "suspended": True,
         "already_revoked": False,
         "customer_deleted": False,
+        "gitops_manager": None,
+        "warning": None,
     }
     assert (customers.get(name) or {})["spec"]["suspended"] is True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -18,7 +19,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from iotistic_billing.customer import RETRIED_FAILURE_REASONS
+from iotistic_billing.customer import LAST_APPLIED, RETRIED_FAILURE_REASONS, git_reverts
 from iotistic_billing.directory import CustomerRecord, UnreadableCustomer, read_customer
 from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
@@ -150,6 +151,63 @@ def test_gitops_ownership_is_read_from_labels_and_field_managers(
     metadata: dict[str, object], expected: str | None
 ) -> None:
     assert gitops_manager({"metadata": metadata}) == expected
+
+
+def owning(manager: str, *fields: str, operation: str = "Apply") -> dict[str, object]:
+    """A managedFields entry of `manager` owning spec.`fields`."""
+    spec = {f"f:{field}": {} for field in fields}
+    return {"manager": manager, "operation": operation, "fieldsV1": {"f:spec": spec}}
+
+
+FLUX = {"kustomize.toolkit.fluxcd.io/name": "tenants"}
+APPLIED_SUSPENDED = {LAST_APPLIED: json.dumps({"spec": {"email": "ops@acme.example", "suspended": False}})}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"managedFields": [owning("kustomize-controller", "email", "suspended")]}, "kustomize-controller"),
+        ({"labels": FLUX, "managedFields": [owning("kustomize-controller", "email")]}, None),
+        (
+            {"managedFields": [owning("argocd-controller", "suspended", operation="Update")]},
+            "argocd-controller",
+        ),
+        # Argo CD's client-side apply: what Git sets is in the annotation it diffs on, owned or not.
+        (
+            {"annotations": APPLIED_SUSPENDED, "managedFields": [owning("argocd-controller", "email")]},
+            "argocd-controller",
+        ),
+        ({"annotations": APPLIED_SUSPENDED, "managedFields": [owning("kubectl-client-side-apply")]}, None),
+        # Someone's suspension, owned by them, is not Git's.
+        (
+            {
+                "managedFields": [
+                    owning("argocd-controller", "email"),
+                    owning("iotistic-console", "suspended"),
+                ]
+            },
+            None,
+        ),
+        # A label alone (managedFields not read) cannot say which fields Git sets.
+        ({"labels": FLUX}, "kustomize.toolkit.fluxcd.io/name=tenants"),
+    ],
+)
+def test_git_reverts_a_spec_field_only_when_git_owns_that_field(
+    metadata: dict[str, object], expected: str | None
+) -> None:
+    """Found in review: Git was taken to revert any spec action on a Customer it applies, but Flux's
+    server-side apply and Argo CD's diff put back only the fields the Git manifest sets: a Customer whose
+    manifest leaves spec.suspended out keeps a suspension, and warning otherwise cries wolf."""
+    assert gitops_manager({"metadata": metadata}, "suspended") == expected
+
+
+def test_the_warning_that_git_reverts_a_change_names_the_customer_the_controller_and_the_field() -> None:
+    body = {"metadata": {"name": "acme", "managedFields": [owning("kustomize-controller", "plan")]}}
+    assert git_reverts(body, "plan") == (
+        "customer/acme's spec is managed by GitOps (kustomize-controller): Git reverts this change of"
+        " spec.plan; change it in Git"
+    )
+    assert git_reverts(body, "suspended") is None
 
 
 def test_times_read_as_a_person_says_them() -> None:

@@ -596,7 +596,7 @@ async def customer_page(request: web.Request) -> web.Response:
         ),
         usage=usage,
         charts=usage_charts(usage, counted, now),
-        gitops=data.gitops_manager(record.body),
+        gitops=data.gitops_manager(record.body, "suspended"),
         phase=data.phase_of(record),
         ago=lambda t: ago(t, now),
     )
