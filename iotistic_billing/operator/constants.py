@@ -93,6 +93,9 @@ INVALID_SECRET: Final = "InvalidSecret"  # noqa: S105
 INVALID_WEBHOOK_URL: Final = "InvalidWebhookUrl"
 # Why the housekeeping ran a pass: the Secret a webhook's secretRef names no longer holds what was copied.
 WEBHOOK_SECRET_CHANGED: Final = "WebhookSecretChanged"  # noqa: S105
+# Why the housekeeping ran a pass: metadata.generation moved past status.observedGeneration with no pass
+# (edits that cancelled out while the Customer's Kopf worker was busy leave Kopf no spec change).
+GENERATION_NOT_OBSERVED: Final = "GenerationNotObserved"
 
 # Event reasons of a deletion (the finalizer, handlers.delete_customer): done, a step that failed, a
 # release helm could not uninstall, left to the namespace's deletion (delete.release_left_to_namespace),

@@ -285,7 +285,9 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     except Exception:  # a bug (PostgreSQL away is one warning an outage, write_trial_ending's)
         log.exception("trial notice of Customer %s not written", name)
     restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
-    due = housekeeping_due(customer.spec, customer.status, created, now, restricted_for)
+    due = housekeeping_due(
+        customer.spec, customer.status, created, now, restricted_for, customer.metadata.generation
+    )
     if due is None and stalled_on_namespace(customer.status):
         due = await _taken_namespace_freed(ctx, name, customer.metadata.uid or "")
     if due is None and await _webhook_secret_changed(ctx, customer, now):

@@ -415,13 +415,28 @@ def housekeeping_due(
     created_at: datetime,
     now: datetime,
     restricted_for: timedelta = RESTRICTED_FOR,
+    generation: int | None = None,
 ) -> str | None:
     """Why the periodic check should run a pass now (a timer's whole cost when nothing is due).
 
-    Nothing for a Customer stalled before its licence: that pass can neither renew it nor write the
-    plan, so the reason stayed and a failing pass ran every minute; the spec's change runs one (or, for
-    a namespace someone else's, its hand-over: namespace_freed)."""
+    A `generation` (metadata.generation) past status.observedGeneration of a Customer whose last pass
+    ended Ready or Stalled: a pass ends so with observedGeneration moved (next_status, stalled_status),
+    and Kopf runs none when the spec came back to the one it last handled (a console Suspend and Git's
+    revert while its worker was busy), which left kstatus readers (Flux's wait, Argo CD) seeing it in
+    progress for days. Not while Ready is False and nothing stalls it: that pass leaves
+    observedGeneration behind, and is retried or followed (PassRetries, the instance's watch) anyway.
+
+    Otherwise nothing for a Customer stalled before its licence: that pass can neither renew it nor
+    write the plan, so the reason stayed and a failing pass ran every minute; the spec's change runs one
+    (or, for a namespace someone else's, its hand-over: namespace_freed)."""
     stall = stall_of(status)
+    ready = status.condition(ConditionType.READY)
+    if (
+        generation is not None
+        and generation > (status.observed_generation or 0)
+        and (stall is not None or (ready is not None and ready.status == "True"))
+    ):
+        return c.GENERATION_NOT_OBSERVED
     if stall is not None and stall[0] in _STALLED_BEFORE_LICENSE:
         return None
     entitlement = effective_plan(spec, created_at, now, restricted_for)

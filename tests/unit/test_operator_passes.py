@@ -638,6 +638,40 @@ async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_
     assert passes == ["acme"]
 
 
+async def test_the_housekeeping_passes_a_ready_customer_whose_generation_no_pass_observed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: an edit and its revert while the Customer's Kopf worker was busy (a console
+    Suspend, Argo CD's self-heal) left Kopf no spec change and the housekeeping nothing due: generation
+    N+2 against observedGeneration N, in progress for kstatus until an unrelated pass days later."""
+    body: dict[str, Any] = {
+        "metadata": {"name": "acme", "uid": "uid-acme", "creationTimestamp": CREATED.isoformat()},
+        "spec": {"email": "ops@acme.example", "companyName": "Acme", "plan": "starter"},
+    }
+    licence = LicenseStatus(jti="j1", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    deployed = ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 3 is current")
+    health = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    ready = PassOutcome(license=licence, release=deployed, health=health)
+    aimed = pass_target(body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Fleet"))
+    passes: list[str] = []
+
+    async def refresh(ctx: Any, name: str, deployment_event: int | None = None) -> None:
+        passes.append(name)
+
+    monkeypatch.setattr(handlers, "_refresh", refresh)
+    settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
+    memo = kopf.Memo(
+        context=SimpleNamespace(
+            clock=lambda: NOW, settings=settings, noticed=set(), background_passes=BackgroundPasses()
+        )
+    )
+    for observed, generation in ((4, 4), (2, 4)):
+        status = next_status(CustomerStatus(), aimed, ready, generation=observed).to_k8s()
+        live = {**body, "metadata": {**body["metadata"], "generation": generation}, "status": status}
+        await handlers.housekeeping(name="acme", body=kopf.Body(live), memo=memo)
+    assert passes == ["acme"]
+
+
 def reconcile_errors(reason: str) -> float:
     return REGISTRY.get_sample_value("iotistic_operator_reconcile_errors_total", {"reason": reason}) or 0
 

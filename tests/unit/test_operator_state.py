@@ -14,6 +14,7 @@ from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
     RECONCILE_REQUESTED_AT,
     USAGE_API_KEY_KEY,
+    ConditionType,
     Customer,
     CustomerSpec,
     CustomerStatus,
@@ -29,7 +30,12 @@ from iotistic_billing.licensing.minting import LicenseRecord
 from iotistic_billing.notices.content import Notice, NoticeKind
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import license as license_step
-from iotistic_billing.operator.conditions import NoCondition, subscription_condition
+from iotistic_billing.operator.conditions import (
+    ConditionValue,
+    NoCondition,
+    subscription_condition,
+    with_conditions,
+)
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, license_action
@@ -600,6 +606,34 @@ def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_
         housekeeping_due(trial, trial_status, CREATED, CREATED + timedelta(days=5, seconds=1))
         == "TrialExpired"
     )
+
+
+def _ended(ready: bool, observed: int) -> CustomerStatus:
+    """The status of a pass of generation `observed` that ended Ready (or, `ready` False, progressing)."""
+    value = ConditionValue(ConditionType.READY, ready, "Succeeded" if ready else "Progressing", "as it ended")
+    conditions = with_conditions(None, [value], generation=observed, now=NOW)
+    return CustomerStatus(plan="starter", observed_generation=observed, conditions=conditions)
+
+
+def test_housekeeping_runs_a_pass_for_a_generation_no_pass_observed() -> None:
+    """Found in review: observedGeneration moved only on a pass, and passes ran only on a Kopf spec diff
+    or when something was due: a console Suspend and Git's revert while the Customer's Kopf worker was
+    busy left generation N+2 with the spec Kopf last handled, and kstatus (Flux's wait, Argo CD) read
+    the Customer as in progress until an unrelated pass some ten days later."""
+    starter = spec(plan="starter")
+    ready = _ended(True, observed=3)
+    assert housekeeping_due(starter, ready, CREATED, NOW, generation=3) is None
+    assert housekeeping_due(starter, ready, CREATED, NOW, generation=5) == c.GENERATION_NOT_OBSERVED
+    # A Stalled Customer's pass moves observedGeneration as well (stalled_status): one pass, cheap, even
+    # for a stall before the licence, whose pass renews nothing.
+    for stall in (c.INVALID_SPEC, c.NAMESPACE_TAKEN, c.UPGRADE_FAILED):
+        stuck = stalled_status(ready, 3, stall, "it failed", NOW)
+        assert housekeeping_due(starter, stuck, CREATED, NOW, generation=5) == c.GENERATION_NOT_OBSERVED
+        passed = stalled_status(stuck, 5, stall, "it failed", NOW)
+        assert housekeeping_due(starter, passed, CREATED, NOW, generation=5) is None, stall
+    # Ready False and nothing stalling it: the pass it ends leaves observedGeneration behind, and would
+    # run every check; its retry or the instance's watch moves it.
+    assert housekeeping_due(starter, _ended(False, observed=3), CREATED, NOW, generation=5) is None
 
 
 @pytest.mark.parametrize(
