@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import NamedTuple
 
 from kubernetes.client.exceptions import ApiException
@@ -20,7 +21,7 @@ from iotistic_billing.operator.helm import (
 )
 from iotistic_billing.operator.outcomes import ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
-from iotistic_billing.operator.values import desired_release_values, values_hash
+from iotistic_billing.operator.values import desired_release_values, refused_env, values_hash
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,25 @@ async def ensure_release(
     *,
     may_exist: bool,
 ) -> ReleaseOutcome:
+    """The release step's outcome (_ensure_release), saying in ReleaseDeployed which extraEnv entries of
+    spec.instance.values were left out as the operator's (a Customer stored before the CRD refused them):
+    left out in silence, its owner would go on thinking they applied."""
+    outcome = await _ensure_release(ctx, target, license, previous, may_exist=may_exist)
+    if not (left_out := refused_env(target.spec.instance.values)):
+        return outcome
+    said = f"{', '.join(left_out)}: the operator's variables, left out (remove them)"
+    log.warning("Customer %s: %s", target.name, said, extra={"customer": target.name})
+    return replace(outcome, message=f"{outcome.message}; {said}")
+
+
+async def _ensure_release(
+    ctx: OperatorContext,
+    target: PassTarget,
+    license: LicenseStatus,
+    previous: ReleaseStatus | None,
+    *,
+    may_exist: bool,
+) -> ReleaseOutcome:
     """`previous`: the release the last pass reported (status.release). `may_exist`: False when no
     release can be there yet, as the licence Secret, which helm runs only after, was not.
 
@@ -184,7 +204,7 @@ async def ensure_release(
     ):  # here, not before the licence: a bad annotation must not stop renewal
         return ReleaseOutcome("failed", c.CHART_VERSION_INVALID, problem, permanent=True)
     namespace = target.namespace
-    values = desired_release_values(target, ctx.settings.billing_url, license.sha256)
+    values = desired_release_values(target, ctx.settings, license.sha256)
     # The version string is enough for the digest: ChartStore.get serves a version only as its chart's own.
     version = target.chart_version
     digest = values_hash(values, version)

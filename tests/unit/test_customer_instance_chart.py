@@ -12,7 +12,12 @@ import pytest
 import yaml
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, USAGE_API_KEY_KEY
-from iotistic_billing.operator.values import deep_merge
+from iotistic_billing.operator.values import (
+    LICENSED_COMPONENTS,
+    OPERATOR_ENV_NAMES,
+    deep_merge,
+    operator_env_name,
+)
 
 REPO = Path(__file__).parents[2]
 CHART = REPO / "charts" / "customer-instance"
@@ -28,7 +33,13 @@ OPERATOR_VALUES: dict[str, Any] = {
     "plan": "professional",
     "domain": "globex.iotistic.cloud",
     "billingUrl": "http://iotistic-billing.iotistic-system.svc:3100",
-    "license": {"secretName": "iotistic-license", "maxDevices": 50, "sha256": "ab" * 32},
+    "license": {
+        "secretName": "iotistic-license",
+        "issuer": "https://billing.staging.example",
+        "audience": "staging-instance",
+        "maxDevices": 50,
+        "sha256": "ab" * 32,
+    },
     "retention": {"days": 365},
     "ingress": {"className": "nginx", "tls": {"enabled": True}},
 }
@@ -232,6 +243,85 @@ def test_plan_limits_reach_the_api(operator_objects: list[Manifest]) -> None:
 
     assert env["LICENSE_MAX_DEVICES"]["value"] == "50"
     assert env["DATA_RETENTION_DAYS"]["value"] == "365"
+
+
+def test_the_instance_is_given_the_licence_s_issuer_and_audience(operator_objects: list[Manifest]) -> None:
+    """Found in review: the chart passed neither, while the verifier needs the audience: a LICENSE_AUDIENCE
+    of the environment's (charts/iotistic-billing's license.audience) made every instance refuse every
+    licence."""
+    for name in ("api", "exporter"):
+        env = env_of(containers(component(operator_objects, name))[0])
+
+        assert env["IOTISTIC_LICENSE_ISSUER"]["value"] == "https://billing.staging.example", name
+        assert env["IOTISTIC_LICENSE_AUDIENCE"]["value"] == "staging-instance", name
+
+
+# Every value the operator sets (operator/values.py), each changed.
+OTHER_OPERATOR_VALUES: dict[str, Any] = {
+    "customerId": "cust_other0001",
+    "plan": "starter",
+    "billingUrl": "http://elsewhere.example",
+    "license": {
+        "secretName": "other-license",
+        "issuer": "https://other.example",
+        "audience": "other",
+        "maxDevices": 10,
+        "sha256": "cd" * 32,
+    },
+    "retention": {"days": 30},
+}
+
+
+def test_every_variable_the_operator_s_values_set_is_one_extra_env_may_not_set(
+    helm: Path, tmp_path: Path, operator_objects: list[Manifest]
+) -> None:
+    """The CRD refuses, and the operator leaves out, extraEnv entries named as operator_env_name says:
+    each variable of the API and the exporter that changes with the operator's values is one of them, and
+    each name it lists is set by the chart (a renamed variable left out of the list was the Customer's to
+    override, the licence's among them)."""
+    other = render(helm, tmp_path, deep_merge(OPERATOR_VALUES, OTHER_OPERATOR_VALUES))
+    given: set[str] = set()
+    for name in LICENSED_COMPONENTS:
+        ours = containers(component(operator_objects, name))[0]["env"]
+        theirs = containers(component(other, name))[0]["env"]
+        assert [e["name"] for e in ours] == [e["name"] for e in theirs], name
+        given |= {mine["name"] for mine, changed in zip(ours, theirs, strict=True) if mine != changed}
+        # The operator's last, after extraEnv: Kubernetes keeps the last entry of a name.
+        operators = [operator_env_name(e["name"]) for e in ours]
+        assert operators == sorted(operators), name
+    assert {"IOTISTIC_LICENSE_KEY", "IOTISTIC_LICENSE_AUDIENCE", "BILLING_URL", "USAGE_API_KEY"} <= given
+    assert [name for name in sorted(given) if not operator_env_name(name)] == []
+    assert set(OPERATOR_ENV_NAMES) <= given
+
+
+def test_extra_env_cannot_override_the_operator_s_variables(helm: Path, tmp_path: Path) -> None:
+    """Found in review: extraEnv was rendered after the operator's variables, and Kubernetes keeps the last
+    entry of a name, so api.extraEnv's IOTISTIC_LICENSE_KEY (the old system's way to pass the licence)
+    pinned a literal licence past every renewal, suspension and revocation, and exporter.extraEnv's
+    BILLING_URL or USAGE_API_KEY sent usage nowhere. The CRD refuses them and the operator leaves them out;
+    one that slips past both still loses to the operator's, while the chart's other variables stay the
+    Customer's to override."""
+    pinned = [
+        {"name": "IOTISTIC_LICENSE_KEY", "value": "eyJhbGc"},
+        {"name": "BILLING_URL", "value": "http://nowhere"},
+        {"name": "USAGE_API_KEY", "value": "stolen"},
+        {"name": "DB_HOST", "value": "external-db"},
+    ]
+    values = deep_merge(OPERATOR_VALUES, {"api": {"extraEnv": pinned}, "exporter": {"extraEnv": pinned}})
+
+    objects = render(helm, tmp_path, values)
+
+    for name in LICENSED_COMPONENTS:
+        env = env_of(containers(component(objects, name))[0])  # the last of a name, as Kubernetes keeps
+        assert env["IOTISTIC_LICENSE_KEY"]["valueFrom"] == {
+            "secretKeyRef": {"name": LICENSE_SECRET_NAME, "key": LICENSE_JWT_KEY}
+        }, name
+        assert env["DB_HOST"]["value"] == "external-db", name
+    exporter = env_of(containers(component(objects, "exporter"))[0])
+    assert exporter["BILLING_URL"]["value"] == "http://iotistic-billing.iotistic-system.svc:3100"
+    assert exporter["USAGE_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": LICENSE_SECRET_NAME, "key": USAGE_API_KEY_KEY}
+    }
 
 
 def test_a_renewed_licence_rolls_the_pods_that_read_it(operator_objects: list[Manifest]) -> None:

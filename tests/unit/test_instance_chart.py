@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, cast
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import LicenseStatus, ReleaseStatus
+from iotistic_billing.customer import InstanceSpec, LicenseStatus, ReleaseStatus
 from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
@@ -126,7 +126,7 @@ async def test_a_registry_away_after_a_restart_leaves_a_current_release_as_it_is
     helm = RegistryAway()
     licence = LICENCE
     aim = target()
-    digest = values_hash(desired_release_values(aim, settings.billing_url, licence.sha256), "0.1.0")
+    digest = values_hash(desired_release_values(aim, settings, licence.sha256), "0.1.0")
     kube = DeployedRevisions({3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}})
     ctx = cast(
         OperatorContext,
@@ -238,7 +238,7 @@ def release_step(helm: Helm, tmp_path: Path) -> ReleaseStep:
     wants."""
     settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
     aim = target()
-    digest = values_hash(desired_release_values(aim, settings.billing_url, LICENCE.sha256), "0.1.0")
+    digest = values_hash(desired_release_values(aim, settings, LICENCE.sha256), "0.1.0")
     revisions = {3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}
     kept = KeptDeployments(list(INSTANCE_DEPLOYMENTS))
     ctx = cast(
@@ -276,6 +276,41 @@ async def test_a_deleted_deployment_of_a_current_release_is_put_back_by_an_upgra
     assert (outcome.result, outcome.reason, helm.upgrades) == ("upgraded", c.UPGRADE_SUCCEEDED, 1)
     assert outcome.message == "upgraded to revision 4 (instance-api had been deleted)"
     assert outcome.release is not None and outcome.release.deployments == list(INSTANCE_DEPLOYMENTS)
+
+
+class ValuesKept(Upgrading):
+    """helm that keeps the values of each upgrade."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[dict[str, Any]] = []
+
+    async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
+        self.values.append(args[1])
+        return await super().upgrade_install(name, namespace, *args, **kwargs)
+
+
+async def test_a_customer_s_extra_env_of_the_operator_s_variables_is_left_out_and_said(
+    tmp_path: Path,
+) -> None:
+    """Found in review: a Customer stored before the CRD refused the operator's variables in extraEnv
+    (IOTISTIC_LICENSE_KEY pinned to a literal licence) overrode the licence Secret's; the release is
+    installed without them, and ReleaseDeployed's message names each one for its owner to remove."""
+    helm = ValuesKept()
+    step = release_step(helm, tmp_path)
+    pinned = {"name": "IOTISTIC_LICENSE_KEY", "value": "eyJhbGc"}
+    values = {"api": {"extraEnv": [{"name": "LOG_LEVEL", "value": "debug"}, pinned]}}
+    customer = step.aim.spec.model_copy(update={"instance": InstanceSpec(values=values)})
+    aim = target(customer_spec=customer)
+
+    outcome = await ensure_release(step.ctx, aim, LICENCE, step.release(), may_exist=True)
+
+    assert (outcome.result, helm.upgrades) == ("upgraded", 1)
+    assert helm.values[0]["api"]["extraEnv"] == [{"name": "LOG_LEVEL", "value": "debug"}]
+    assert outcome.message == (
+        "upgraded to revision 4; spec.instance.values.api.extraEnv[1].name IOTISTIC_LICENSE_KEY:"
+        " the operator's variables, left out (remove them)"
+    )
 
 
 class Manifests(Upgrading):
@@ -614,9 +649,7 @@ async def test_a_stuck_upgrade_whose_other_helm_deployed_the_same_values_is_not_
     step = release_step(Upgrading(), tmp_path)
     # The wanted values, not revision 3's: a new licence.
     renewed = LICENCE.model_copy(update={"sha256": "b" * 64})
-    wanted = values_hash(
-        desired_release_values(step.aim, step.ctx.settings.billing_url, renewed.sha256), "0.1.0"
-    )
+    wanted = values_hash(desired_release_values(step.aim, step.ctx.settings, renewed.sha256), "0.1.0")
     helm = FinishedMeanwhile(step.revisions, wanted)
     step.ctx.helm = helm  # type: ignore[misc]
     outcome = await ensure_release(step.ctx, step.aim, renewed, step.release(), may_exist=True)

@@ -12,6 +12,7 @@ import pytest
 
 from iotistic_billing.customer import (
     LICENSE_JWT_KEY,
+    LICENSE_SECRET_NAME,
     RECONCILE_REQUESTED_AT,
     USAGE_API_KEY_KEY,
     ConditionType,
@@ -68,7 +69,13 @@ from iotistic_billing.operator.state import (
     stalled_status,
     terminating_status,
 )
-from iotistic_billing.operator.values import desired_release_values, values_hash
+from iotistic_billing.operator.values import (
+    OPERATOR_ENV_NAMES,
+    desired_release_values,
+    operator_env_name,
+    refused_env,
+    values_hash,
+)
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_UPDATED_AT
 from iotistic_billing.settings import Settings
 
@@ -575,18 +582,82 @@ def test_release_values_keep_plan_limits_over_user_overrides() -> None:
         instance={"values": {"plan": "enterprise", "api": {"replicas": 3}, "license": {"maxDevices": 9999}}},
     )
     values = desired_release_values(
-        target(_entitlement("professional"), customer_spec=customer), "https://billing.example", "ab" * 32
+        target(_entitlement("professional"), customer_spec=customer), Settings(), "ab" * 32
     )
     assert values["plan"] == "professional" and values["license"]["maxDevices"] == 50
     assert values["api"] == {"replicas": 3} and values["retention"] == {"days": 365}
     assert values["enabled"] is True
     suspended = desired_release_values(
         target(_entitlement("unlicensed", True), customer_spec=spec(plan="professional", suspended=True)),
-        "b",
+        Settings(),
         None,
     )
     assert suspended["enabled"] is False
     assert values_hash(values, "0.1.0") == values_hash(dict(values), "0.1.0") != values_hash(values, "0.1.1")
+
+
+def test_the_instance_verifies_its_licence_with_the_operator_s_issuer_audience_and_secret() -> None:
+    """Found in review: the instance was never given the licence's issuer and audience (the chart passed
+    neither), so a LICENSE_AUDIENCE of the environment's made every instance refuse every licence; and
+    license.secretName was the Customer's to point at a Secret of its own."""
+    settings = Settings(license_issuer="https://billing.staging.example", license_audience="staging-instance")
+    customer = spec(
+        instance={"values": {"license": {"secretName": "mine", "issuer": "me", "audience": "anyone"}}}
+    )
+
+    values = desired_release_values(target(_entitlement("starter"), customer_spec=customer), settings, None)
+
+    assert (values["license"]["secretName"], values["license"]["issuer"], values["license"]["audience"]) == (
+        LICENSE_SECRET_NAME,
+        "https://billing.staging.example",
+        "staging-instance",
+    )
+
+
+def test_extra_env_of_the_operator_s_variables_is_left_out_and_named() -> None:
+    """Found in review: api.extraEnv and exporter.extraEnv were rendered after the operator's variables,
+    and Kubernetes keeps the last of a name: IOTISTIC_LICENSE_KEY there (the old system's way to pass the
+    licence) pinned a literal licence that no renewal, suspension or revocation reached, BILLING_URL or
+    USAGE_API_KEY sent usage nowhere. The CRD refuses them now; a Customer stored before holds them still."""
+    mine = {"name": "LOG_LEVEL", "value": "debug"}
+    customer = spec(
+        instance={
+            "values": {
+                "api": {"replicas": 2, "extraEnv": [{"name": "IOTISTIC_LICENSE_KEY", "value": "eyJ"}, mine]},
+                "exporter": {"extraEnv": [mine, {"name": "BILLING_URL", "value": "http://nowhere"}]},
+                "dashboard": {"extraEnv": [{"name": "CUSTOMER_ID", "value": "shown"}]},
+            }
+        }
+    )
+
+    values = desired_release_values(target(_entitlement("starter"), customer_spec=customer), Settings(), None)
+
+    assert values["api"] == {"replicas": 2, "extraEnv": [mine]}
+    assert values["exporter"] == {"extraEnv": [mine]}
+    # The dashboard is given none of them: its own to set.
+    assert values["dashboard"] == {"extraEnv": [{"name": "CUSTOMER_ID", "value": "shown"}]}
+    assert refused_env(customer.instance.values) == [
+        "spec.instance.values.api.extraEnv[0].name IOTISTIC_LICENSE_KEY",
+        "spec.instance.values.exporter.extraEnv[1].name BILLING_URL",
+    ]
+    assert refused_env({"api": {"extraEnv": "not a list"}, "exporter": None}) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        *((name, True) for name in OPERATOR_ENV_NAMES),
+        ("IOTISTIC_LICENSE_PUBLIC_KEY", True),
+        ("IOTISTIC_LICENSE_AUDIENCE", True),
+        ("LICENSE_PUBLIC_KEY_PATH", True),
+        ("LOG_LEVEL", False),
+        ("DB_HOST", False),
+        ("customer_id", False),
+        (None, False),
+    ],
+)
+def test_operator_env_names(name: str | None, refused: bool) -> None:
+    assert operator_env_name(name) is refused
 
 
 def test_housekeeping_runs_a_pass_only_when_renewal_or_an_entitlement_change_is_due() -> None:

@@ -146,7 +146,10 @@ affinity: {{ include "customer-instance.json" . }}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment shared by the API and the exporter: identity, licence, database. */}}
+{{/* Environment shared by the API and the exporter: identity and licence, all of it from the operator's
+values. Written after a component's extraEnv, so that the operator's entry is the one Kubernetes keeps
+(the last of a name): the CRD refuses these names in extraEnv, and the operator leaves them out of a
+Customer stored before that (operator/values.py). */}}
 {{- define "customer-instance.licenseEnv" -}}
 - name: CUSTOMER_ID
   value: {{ .Values.customerId | quote }}
@@ -165,6 +168,11 @@ affinity: {{ include "customer-instance.json" . }}
 # The mounted copy follows a renewed licence without a restart.
 - name: IOTISTIC_LICENSE_FILE
   value: /etc/iotistic/license/license.jwt
+# The licence's iss and aud to verify: the operator's LICENSE_ISSUER and LICENSE_AUDIENCE.
+- name: IOTISTIC_LICENSE_ISSUER
+  value: {{ .Values.license.issuer | quote }}
+- name: IOTISTIC_LICENSE_AUDIENCE
+  value: {{ .Values.license.audience | quote }}
 {{- end -}}
 
 {{- define "customer-instance.databaseEnv" -}}
