@@ -322,6 +322,25 @@ def test_an_upgrade_of_a_ready_customer_is_not_ready_until_its_deployments_roll_
             "spec.instance.values.license.maxDevices",
         ),
         ({"instance": {"values": {"enabled": True}}}, "spec.instance.values.enabled: Forbidden"),
+        # Found in review: a literal licence pinned in extraEnv outlived every renewal, suspension and
+        # revocation; a billing URL there sent usage nowhere; the licence's Secret was the Customer's to name.
+        (
+            {
+                "instance": {
+                    "values": {"api": {"extraEnv": [{"name": "IOTISTIC_LICENSE_KEY", "value": "eyJ"}]}}
+                }
+            },
+            "spec.instance.values.api.extraEnv[0].name: Forbidden: IOTISTIC_LICENSE_KEY is the operator's",
+        ),
+        (
+            {"instance": {"values": {"exporter": {"extraEnv": [{"name": "X"}, {"name": "BILLING_URL"}]}}}},
+            "spec.instance.values.exporter.extraEnv[1].name: Forbidden: BILLING_URL is the operator's",
+        ),
+        (
+            {"instance": {"values": {"license": {"secretName": "mine"}}}},
+            "spec.instance.values.license.secretName",
+        ),
+        ({"instance": {"values": {"license": {"audience": "any"}}}}, "spec.instance.values.license.audience"),
         # Found in review: the pattern took an IP address, which the Ingress's API refused at helm's install.
         ({"instance": {"domain": "10.0.0.1"}}, "spec.instance.domain: Invalid value"),
     ],
@@ -333,6 +352,21 @@ def test_invalid_specs_are_refused_by_the_api_server(
         cluster.create(customer_manifest(unique_name("bad"), **spec))
     assert refused.value.status == 422
     assert field in refused.value.body
+
+
+def test_extra_env_of_the_customer_s_own_variables_is_kept_whole(cluster: Cluster) -> None:
+    """The CRD declares extraEnv's entries to refuse the operator's names: their value and valueFrom, not
+    declared, must not be pruned."""
+    name = unique_name("env")
+    extra_env = [
+        {"name": "LOG_LEVEL", "value": "debug"},
+        {"name": "SMTP_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "smtp", "key": "password"}}},
+    ]
+    values = {"api": {"replicas": 2, "extraEnv": extra_env}, "exporter": {"extraEnv": extra_env[:1]}}
+
+    created = cluster.create(customer_manifest(name, instance={"values": values}))
+
+    assert created["spec"]["instance"]["values"] == values
 
 
 def test_a_customer_holding_an_operator_value_from_before_the_refusal_stays_writable(
@@ -354,7 +388,10 @@ def test_a_customer_holding_an_operator_value_from_before_the_refusal_stays_writ
     extensions = kubernetes.client.ApiextensionsV1Api(k8s_client)
     objects = kubernetes.client.CustomObjectsApi(k8s_client)
     extensions.create_custom_resource_definition(before)
-    body = customer_manifest("old", instance={"values": {"plan": "enterprise", "api": {"replicas": 2}}})
+    pinned = [{"name": "IOTISTIC_LICENSE_KEY", "value": "eyJ"}]
+    body = customer_manifest(
+        "old", instance={"values": {"plan": "enterprise", "api": {"replicas": 2, "extraEnv": pinned}}}
+    )
     body["apiVersion"] = f"{group}/{VERSION}"
 
     def created() -> bool:
@@ -394,7 +431,7 @@ def test_a_customer_holding_an_operator_value_from_before_the_refusal_stays_writ
     )
     kept = objects.get_cluster_custom_object(group, VERSION, PLURAL, "old")["spec"]
     assert kept["companyName"] == "Acme"
-    assert kept["instance"]["values"] == {"plan": held[0], "api": {"replicas": 3}}
+    assert kept["instance"]["values"] == {"plan": held[0], "api": {"replicas": 3, "extraEnv": pinned}}
     extensions.delete_custom_resource_definition(f"customers.{group}")
 
 

@@ -19,6 +19,7 @@ from pydantic_core import to_jsonable_python
 
 from iotistic_billing import customer
 from iotistic_billing.k8s import FieldManager
+from iotistic_billing.operator.values import LICENSED_COMPONENTS, OPERATOR_ENV_NAMES, OPERATOR_ENV_PREFIXES
 
 CRD_PATH = Path(__file__).parents[2] / "crds" / "customers.iotistic.io.yaml"
 
@@ -256,13 +257,60 @@ def test_unknown_fields_are_kept_only_in_instance_values_and_kopf_bookkeeping(cr
         for path, node in walk(openapi_schema(crd), "")
         if node.get("x-kubernetes-preserve-unknown-fields")
     ]
-    # license and retention inside the values: the chart's other keys there stay the user's.
+    # license, retention, api and exporter inside the values, and extraEnv's entries: the chart's other
+    # keys there stay the user's.
     assert preserving == [
         "spec.instance.values",
         "spec.instance.values.license",
+        "spec.instance.values.api",
+        "spec.instance.values.api.extraEnv[]",
+        "spec.instance.values.exporter",
+        "spec.instance.values.exporter.extraEnv[]",
         "spec.instance.values.retention",
         "status.kopf",
     ]
+
+
+def instance_values(crd: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = openapi_schema(crd)["properties"]["spec"]["properties"]["instance"][
+        "properties"
+    ]["values"]
+    return values
+
+
+def test_the_operator_s_values_are_refused_in_the_customer_s(crd: dict[str, Any]) -> None:
+    """Found in review: license.secretName was not refused (the Customer's to point at a Secret of its
+    own), and the licence's issuer and audience, the operator's now, were not either."""
+    values = instance_values(crd)["properties"]
+    refused = {
+        f"{parent}.{name}" if parent else name
+        for parent, node in [("", values)]
+        + [(key, values[key]["properties"]) for key in ("license", "retention")]
+        for name, child in node.items()
+        if [rule["rule"] for rule in child.get("x-kubernetes-validations", [])] == ["false"]
+    }
+    owned = {"enabled", "customerId", "plan", "domain", "billingUrl", "retention.days"} | {
+        f"license.{name}" for name in ("secretName", "issuer", "audience", "maxDevices", "sha256")
+    }
+    assert refused == owned
+
+
+def test_extra_env_refuses_every_variable_the_operator_s_values_set(crd: dict[str, Any]) -> None:
+    """Found in review: api.extraEnv's IOTISTIC_LICENSE_KEY pinned a literal licence and exporter.extraEnv's
+    BILLING_URL sent usage nowhere; the CRD's rule names the variables operator/values.py leaves out, in
+    both components that get them, bounded for the API server's CEL cost estimate."""
+    values = instance_values(crd)["properties"]
+    for component in LICENSED_COMPONENTS:
+        extra_env = values[component]["properties"]["extraEnv"]
+        name = extra_env["items"]["properties"]["name"]
+        [rule] = name["x-kubernetes-validations"]
+        listed = re.fullmatch(r"!\(self in \[(.*)\] \|\| (.*)\)", rule["rule"])
+        assert listed is not None, rule["rule"]
+        names, prefixes = listed.groups()
+        assert names.split(", ") == [f"'{name}'" for name in OPERATOR_ENV_NAMES], component
+        assert prefixes.split(" || ") == [f"self.startsWith('{p}')" for p in OPERATOR_ENV_PREFIXES], component
+        assert rule["reason"] == "FieldValueForbidden" and rule["messageExpression"].startswith("self + ")
+        assert (extra_env["maxItems"], name["maxLength"]) == (100, 256)
 
 
 def test_names_scope_and_version(crd: dict[str, Any]) -> None:
