@@ -41,6 +41,13 @@ PROBE_TIMEOUT = 5.0
 # and up to 1.5 s of back-off) can arrive 61.5 s later: 35 minutes keeps that try above the least with
 # over 3 minutes to spare for a clock behind Stripe's.
 CHECKOUT_LIFETIME: Final = timedelta(minutes=35)
+# A checkout with a client's idempotency key rounds its session's `expires_at` up to this step, so that a
+# retry within the step sends Stripe the same parameters under the same key (Stripe refuses a key reused
+# with others) and gets the same session back.
+CHECKOUT_EXPIRY_STEP: Final = 300
+# The session metadata naming the client's request (a digest of its Idempotency-Key): sessions carrying
+# the same one are one checkout, made again by a retry.
+CHECKOUT_KEY_METADATA: Final = "checkoutKey"
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,27 @@ def _stripe_code(error: stripe.StripeError) -> str | None:
     return str(found) if found else None
 
 
+def _checkout_key(session: Any) -> str | None:
+    metadata = session.to_dict().get("metadata") or {}
+    key = metadata.get(CHECKOUT_KEY_METADATA)
+    return str(key) if key else None
+
+
+def _payable(sessions: Collection[Any]) -> Any:
+    """The one of a customer's open sessions to keep: the first session (Stripe's `created`, ties broken
+    by id) of the newest checkout, a checkout being the sessions of one client's key (a retry's are made
+    after its first, which it answers) or a session made without one. Found in review: "the newest
+    session" was a retry's abandoned first request's, made after the retry's answer, which it expired."""
+    first: dict[str, Any] = {}
+    for session in sorted(sessions, key=_made_at):
+        first.setdefault(_checkout_key(session) or f"session {session.id}", session)
+    return max(first.values(), key=_made_at)
+
+
+def _made_at(session: Any) -> tuple[int, str]:
+    return int(session.created), str(session.id)
+
+
 def _sub_fields(subscription: Any, *, changed: bool = True) -> SubscriptionChange:
     return SubscriptionChange(
         subscription_id=str(subscription.id),
@@ -253,6 +281,7 @@ class StripeApi:
         success_url: str,
         cancel_url: str,
         live_statuses: Collection[str],
+        request_key: str | None = None,
     ) -> CheckoutSession:
         """A session that subscribes the customer, payable for CHECKOUT_LIFETIME; once it is made the
         customer's open subscription sessions but the newest are expired (a create Stripe refuses leaves
@@ -260,7 +289,12 @@ class StripeApi:
         CustomerSubscribed, and no session payable, when Stripe has a subscription of the customer in
         `live_statuses` before the create or once the others are expired; a 409 naming the newest when
         another checkout's session, made at the same moment, is newer (this one's is expired). A failure
-        once the session is made says so: earlier sessions may have been expired by then."""
+        once the session is made says so: earlier sessions may have been expired by then.
+
+        `request_key`: the digest of the client's Idempotency-Key (with the customer and the request it
+        was sent for). The session carries it, and the sessions carrying one are one checkout, whose
+        first session is the payable one: a retry (of a client, or the SDK's of an abandoned request
+        still running on another replica) answers that session, and makes none the others must expire."""
         subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
@@ -268,20 +302,27 @@ class StripeApi:
         # The metered prices bill the usage overage's meter events (no quantity: Stripe sums the usage).
         line_items: list[Any] = [{"price": price_id, "quantity": 1}]
         line_items += [{"price": metered} for metered in self.catalog.metered]
+        expires_at = int((self.clock() + CHECKOUT_LIFETIME).timestamp())
+        options: stripe.RequestOptions = {}
+        if request_key is not None:
+            expires_at = -(-expires_at // CHECKOUT_EXPIRY_STEP) * CHECKOUT_EXPIRY_STEP
+            options["idempotency_key"] = f"checkout-{stripe_customer_id}-{request_key[:64]}-{expires_at}"
         session = await _stripe(
             self.client.v1.checkout.sessions.create_async(
                 params={
                     "mode": "subscription",
                     "customer": stripe_customer_id,
                     "client_reference_id": customer_id,
-                    "metadata": metadata,
+                    "metadata": metadata
+                    | ({CHECKOUT_KEY_METADATA: request_key} if request_key is not None else {}),
                     # Copied onto the subscription, so its own events name the customer too.
                     "subscription_data": {"metadata": metadata},
                     "line_items": line_items,
                     "success_url": success_url,
                     "cancel_url": cancel_url,
-                    "expires_at": int((self.clock() + CHECKOUT_LIFETIME).timestamp()),
-                }
+                    "expires_at": expires_at,
+                },
+                options=options,
             ),
             "create a checkout session",
             writes=True,
@@ -291,10 +332,14 @@ class StripeApi:
             # Asked again once no other session can be paid: one paid since the first ask (and listed as
             # open no more) has left its subscription.
             newest, subscribed = await self._keep_newest_checkout(stripe_customer_id, session)
+            # This checkout's own: its session, or the first one of its key (made by an earlier try).
+            ours = newest.id == session.id or (
+                request_key is not None and _checkout_key(newest) == request_key
+            )
             if subscribed is None:
                 subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
-            if subscribed is not None and newest.id == session.id:
-                await self._expire_checkout(str(session.id), "the new checkout session")
+            if subscribed is not None and ours:
+                await self._expire_checkout(str(newest.id), "the new checkout session")
         except ApiError as failed:
             # Its own sentence may say nothing was changed, but the session is made and the earlier links
             # may be dead: a new checkout (which expires this session) is what gets a payable one.
@@ -310,27 +355,29 @@ class StripeApi:
             raise
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
-        if newest.id != session.id:
+        if not ours:
             raise Conflict(
                 "Checkout started twice",
                 f"another checkout of customer {customer_id} made a session at the same moment: its session "
                 f"{newest.id} is the one payable, this one's ({session.id}) is expired",
                 {"customer_id": customer_id, "session_id": str(newest.id), "checkout_url": str(newest.url)},
             )
-        return CheckoutSession(session_id=str(session.id), checkout_url=str(session.url or ""))
+        return CheckoutSession(session_id=str(newest.id), checkout_url=str(newest.url or ""))
 
     async def _keep_newest_checkout(self, stripe_customer_id: str, made: Any) -> tuple[Any, str | None]:
-        """Expire the customer's open subscription sessions but the newest (Stripe's `created`, ties broken
-        by id), `made` too when it is not the newest; the newest, and the subscription of one paid before
-        its expire arrived (else None). Every checkout agrees on which is the newest, whatever the order of
-        their steps (two at the same moment, or one finished within the same second of Stripe's clock, its
-        id sorting after), so exactly one stays payable; expiring all but `made` left none."""
+        """Expire the customer's open subscription sessions but the newest checkout's (`_payable`), `made`
+        too when it is not that one; that one, and the subscription of one paid before its expire arrived
+        (else None). Every checkout agrees on which is the newest, whatever the order of their steps (two
+        at the same moment, or one finished within the same second of Stripe's clock, its id sorting
+        after), so exactly one stays payable; expiring all but `made` left none."""
         open_sessions = await _stripe(
             self._open_checkouts(stripe_customer_id), "list the customer's open checkout sessions"
         )
-        newest = max([made, *open_sessions], key=lambda session: (int(session.created), str(session.id)))
+        listed = {str(session.id) for session in open_sessions}
+        sessions = [*open_sessions, *([] if str(made.id) in listed else [made])]
+        newest = _payable(sessions)
         subscribed = None
-        for session in open_sessions:
+        for session in sessions:
             if session.id == newest.id:
                 continue
             try:

@@ -3,7 +3,9 @@ how it answers in JSON; a bad input is a 400 naming the field."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -18,6 +20,14 @@ CUSTOMER_ID_PARAMETER = "customerId"
 NOTICE_ID_PARAMETER = "noticeId"
 NOTICE_ID_MAX = 2**63 - 1
 _CUSTOMER_ID: TypeAdapter[str] = TypeAdapter(CustomerId)
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+# Stripe's own limit of its Idempotency-Key: a client's key made for Stripe fits ours.
+IDEMPOTENCY_KEY_MAX = 255
+# The draft "The Idempotency-Key HTTP Header Field" sends a structured-field String (quoted, `\"` and
+# `\\` escaped); Stripe's clients send the bare key. Either is read, as printable ASCII; one starting
+# with a quote is a String.
+_QUOTED_KEY = re.compile(r'"((?:[ !#-\[\]-~]|\\["\\])*)"')
+_BARE_KEY = re.compile(r"[!#-~](?:[ -~]*[!-~])?")
 
 
 def _not_json(constant: str) -> object:
@@ -82,6 +92,33 @@ def read_customer_id(request: web.Request) -> str:
         raise ValidationFailed.from_pydantic(invalid, prefix=CUSTOMER_ID_PARAMETER) from None
 
 
+def read_idempotency_key(request: web.Request) -> str | None:
+    """The client's Idempotency-Key, or None without one; a 400 naming the header when it is given twice,
+    empty, longer than IDEMPOTENCY_KEY_MAX or not printable ASCII. A retry sending the same key is the
+    same request: what it makes is derived from the key (see `key_digest`)."""
+    given = request.headers.getall(IDEMPOTENCY_KEY_HEADER, [])
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValidationFailed.single(IDEMPOTENCY_KEY_HEADER, "must be given once")
+    raw = given[0].strip(" \t")
+    quoted = _QUOTED_KEY.fullmatch(raw)
+    key = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else raw
+    if not (quoted or _BARE_KEY.fullmatch(raw)) or not key or len(key) > IDEMPOTENCY_KEY_MAX:
+        raise ValidationFailed.single(
+            IDEMPOTENCY_KEY_HEADER,
+            f"must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, bare or as a quoted string",
+        )
+    return key
+
+
+def key_digest(*scope: str) -> str:
+    """A digest of a client's idempotency key with the route and customer it was sent for (`scope`, the
+    key last): what is sent to Stripe or named in a Customer, never the client's key itself, and one
+    client's key cannot stand for another customer's or another route's request."""
+    return hashlib.sha256("\0".join(scope).encode()).hexdigest()
+
+
 def read_decimal(text: str, limit: int) -> int | None:
     """A path's or query's number: None unless `text` is ASCII digits alone (str.isdigit takes "²"); a
     number past `limit` reads as limit + 1, as int() refuses 4,300 digits and more (a ValueError)."""
@@ -109,12 +146,16 @@ def json_model(model: BaseModel, status: int = 200, headers: Mapping[str, str] |
 
 __all__ = [
     "CUSTOMER_ID_PARAMETER",
+    "IDEMPOTENCY_KEY_HEADER",
+    "IDEMPOTENCY_KEY_MAX",
     "NOTICE_ID_MAX",
     "NOTICE_ID_PARAMETER",
     "json_model",
+    "key_digest",
     "read_body",
     "read_customer_id",
     "read_decimal",
+    "read_idempotency_key",
     "read_notice_id",
     "read_query",
 ]

@@ -28,7 +28,13 @@ from iotistic_billing.errors import (
 from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, StripeApi, StripeCustomerMissing
 from iotistic_billing.stripe_inbox.events import ENDED_STATUSES, LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
-from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id
+from iotistic_billing.webhook_server.messages import (
+    json_model,
+    key_digest,
+    read_body,
+    read_customer_id,
+    read_idempotency_key,
+)
 from iotistic_billing.webhook_server.schemas import (
     CancelRequest,
     CheckoutRequest,
@@ -144,8 +150,22 @@ async def get_subscription(request: web.Request) -> web.Response:
 async def create_checkout(request: web.Request) -> web.Response:
     """A Stripe Checkout session that subscribes the customer to a plan."""
     billing = stripe_api(request)
+    key = read_idempotency_key(request)
     body = await read_body(request, CheckoutRequest)
     price = _price(request, body.plan)
+    # A retry of this checkout (the same key, customer and body) answers the session its first try made.
+    request_key = (
+        key_digest(
+            "POST /api/subscriptions/checkout",
+            body.customer_id,
+            body.plan,
+            body.success_url,
+            body.cancel_url,
+            key,
+        )
+        if key is not None
+        else None
+    )
     directory, sessions = request.app[DIRECTORY], request.app[SESSIONS]
     # No connection is held while Stripe answers (as upgrade, cancel and portal do).
     async with sessions() as session:
@@ -161,7 +181,7 @@ async def create_checkout(request: web.Request) -> web.Response:
         stripe_customer_id = await _new_stripe_customer(billing, sessions, record)
     try:
         try:
-            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id)
+            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id, request_key)
         except StripeCustomerMissing:
             # Deleted in Stripe: a returning customer gets a new one, unless its spec names the dead one.
             named = record.customer.spec.billing.stripe_customer_id
@@ -170,14 +190,19 @@ async def create_checkout(request: web.Request) -> web.Response:
             stripe_customer_id = await _new_stripe_customer(
                 billing, sessions, record, replacing=stripe_customer_id
             )
-            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id)
+            checkout = await _checkout_session(billing, record, body, price, stripe_customer_id, request_key)
     except CustomerSubscribed as subscribed:
         raise _already_subscribed(record.customer_id, subscribed.subscription_id) from None
     return json_model(CheckoutResponse(session_id=checkout.session_id, checkout_url=checkout.checkout_url))
 
 
 async def _checkout_session(
-    billing: StripeApi, record: CustomerRecord, body: CheckoutRequest, price: str, stripe_customer_id: str
+    billing: StripeApi,
+    record: CustomerRecord,
+    body: CheckoutRequest,
+    price: str,
+    stripe_customer_id: str,
+    request_key: str | None,
 ) -> CheckoutSession:
     # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
     return await billing.create_checkout_session(
@@ -188,6 +213,7 @@ async def _checkout_session(
         success_url=body.success_url,
         cancel_url=body.cancel_url,
         live_statuses=OPEN_STATUSES,
+        request_key=request_key,
     )
 
 

@@ -80,6 +80,8 @@ class FakeStripe:
         # The customers' subscriptions Stripe lists (GET /v1/subscriptions), newest first.
         self.subscriptions: list[dict[str, Any]] = []
         self.sessions: dict[str, dict[str, Any]] = {}
+        # The form and session of each session create's Idempotency-Key.
+        self.session_keys: dict[str, tuple[dict[str, str], str]] = {}
         # The Idempotency-Key of each customer's create.
         self.idempotency_keys: list[str | None] = []
         # Each invoice's lines (GET /v1/invoices/{id}/lines), `page_size` a page.
@@ -129,16 +131,25 @@ class FakeStripe:
         if request.path == "/v1/checkout/sessions" and request.method == "GET":
             return self._list_sessions(request)
         if creates:
-            return self._open_session(form)
+            return self._open_session(form, request.headers.get("Idempotency-Key"))
         if request.path.startswith("/v1/checkout/sessions/"):
             return self._session(request.path.split("/")[4], expire=request.path.endswith("/expire"))
         return web.json_response({"id": "x", "object": "unknown"})
 
-    def _open_session(self, form: dict[str, str]) -> web.Response:
+    def _open_session(self, form: dict[str, str], key: str | None) -> web.Response:
+        if key is not None and key in self.session_keys:
+            # Stripe's idempotency: the first answer again, for the same parameters only.
+            first_form, session_id = self.session_keys[key]
+            if first_form != form:
+                error = {"type": "idempotency_error", "message": "Keys for idempotent requests can only be"}
+                return web.json_response({"error": error}, status=400)
+            return web.json_response(self.sessions[session_id])
         expires_at = int(form["expires_at"]) if "expires_at" in form else None
         if expires_at is not None and expires_at < (self.now + timedelta(minutes=30)).timestamp():
             return refusal("expires_at", "The `expires_at` timestamp must be at least 30 minutes from now.")
         session_id = f"cs_{len(self.sessions) + 1}"
+        if key is not None:
+            self.session_keys[key] = (form, session_id)
         self.sessions[session_id] = {
             "id": session_id,
             "object": "checkout.session",
@@ -149,6 +160,11 @@ class FakeStripe:
             "subscription": None,
             "expires_at": expires_at,
             "created": int(self.now.timestamp()),
+            "metadata": {
+                name.removeprefix("metadata[").removesuffix("]"): value
+                for name, value in form.items()
+                if name.startswith("metadata[")
+            },
         }
         if len(self.sessions) >= self.lists_wait_for:
             self.made.set()
@@ -515,6 +531,61 @@ async def test_a_checkout_made_in_the_same_second_as_a_finished_one_leaves_one_s
 
     assert stripe.payable("cus_1") == ["cs_z"]
     assert (raised.value.status, raised.value.details["session_id"]) == (409, "cs_z")
+
+
+async def test_a_retried_checkout_s_session_stays_payable_when_its_abandoned_first_try_lands_after_it(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: a checkout retried after the client's timeout (two replicas) answered 200 with the
+    retry's session, then the abandoned first request, still running (aiohttp runs a handler after its
+    client left) and its SDK retry getting through, made a newer session and expired the retry's as not
+    the newest: the customer's link said "session expired". Under one Idempotency-Key they are one
+    checkout, and its first session is the one kept and answered."""
+    stripe, api = fake
+    # The retry, two minutes on (another step of expires_at: Stripe's key for it differs from the first's).
+    api.clock = lambda: NOW + timedelta(minutes=2)
+    stripe.now = NOW + timedelta(minutes=2)
+    retried = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+    # The first request's create (its expires_at read at NOW) lands after the retry's answer.
+    api.clock = lambda: NOW
+    stripe.now += timedelta(seconds=40)
+    abandoned = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+
+    assert len(stripe.sessions) == 2  # two creates, under two Stripe keys
+    assert stripe.payable("cus_1") == [retried.session_id]
+    assert abandoned == retried
+
+
+async def test_a_checkout_retried_within_its_expiry_step_gets_stripe_s_same_session(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    stripe, api = fake
+    api.clock = lambda: NOW + timedelta(seconds=30)
+    first = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+    api.clock = lambda: NOW + timedelta(seconds=120)  # expires_at in the same step of 5 minutes
+    again = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+
+    assert again == first and list(stripe.sessions) == [first.session_id]
+    assert stripe.payable("cus_1") == [first.session_id]
+    # Rounded up to the step, at least CHECKOUT_LIFETIME on, and Stripe's key hashes the client's.
+    (key, (form, _)), *_ = stripe.session_keys.items()
+    assert int(form["expires_at"]) % stripe_api.CHECKOUT_EXPIRY_STEP == 0
+    assert int(form["expires_at"]) >= (NOW + stripe_api.CHECKOUT_LIFETIME).timestamp() + 30
+    assert key.startswith("checkout-cus_1-digest-of-k1-")
+    assert form["metadata[checkoutKey]"] == "digest-of-k1"
+    assert "subscription_data[metadata][checkoutKey]" not in form
+
+
+async def test_a_new_checkout_under_another_key_is_the_newest_and_expires_the_earlier(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    stripe, api = fake
+    earlier = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+    stripe.now += timedelta(seconds=5)
+    later = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k2")
+
+    assert stripe.payable("cus_1") == [later.session_id]
+    assert stripe.sessions[earlier.session_id]["status"] == "expired"
 
 
 async def test_a_checkout_failing_after_its_session_was_made_says_what_may_have_changed(

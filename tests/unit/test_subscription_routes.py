@@ -161,8 +161,10 @@ class Routes:
     def __init__(self, client: TestClient[Any, Any], kube: FakeKube, stripe: FakeStripe, db: FakeDatabase):
         self.client, self.kube, self.stripe, self.db = client, kube, stripe, db
 
-    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        answer = await self.client.post(f"/api/subscriptions/{path}", json=payload)
+    async def post(
+        self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        answer = await self.client.post(f"/api/subscriptions/{path}", json=payload, headers=headers)
         return answer.status, await answer.json()
 
 
@@ -390,6 +392,56 @@ async def test_a_checkout_after_the_subscription_ended_starts_a_new_one(routes: 
 
     assert status == 200, answer
     assert [kw["price_id"] for kw in routes.stripe.made("checkout")] == ["price_ent"]
+
+
+async def test_a_checkout_s_idempotency_key_reaches_stripe_hashed_and_scoped_to_its_customer_and_body(
+    routes: Routes,
+) -> None:
+    """Found in review: a checkout retried after a timeout could not be told from a new one, so the
+    abandoned first request expired the session its retry answered. The client's Idempotency-Key names
+    the checkout: its digest with the customer and the body (not the key itself) goes to Stripe."""
+    for name in ("acme", "initech"):
+        routes.kube.customers[name] = customer(
+            name, billing={"mode": "stripe", "stripeCustomerId": f"cus_{name}"}
+        )
+    sent = {"plan": "starter", **CHECKOUT}
+    key = {"Idempotency-Key": "order-7"}
+
+    for customer_id, body, headers in [
+        ("cust_acme01", sent, key),
+        ("cust_acme01", sent, {"Idempotency-Key": '"order-7"'}),  # the draft's quoted String
+        ("cust_initech01", sent, key),
+        ("cust_acme01", {**sent, "plan": "enterprise"}, key),
+        ("cust_acme01", sent, None),
+    ]:
+        status, answer = await routes.post("checkout", {"customer_id": customer_id, **body}, headers)
+        assert status == 200, answer
+
+    first, retry, other_customer, other_plan, without = [
+        kw["request_key"] for kw in routes.stripe.made("checkout")
+    ]
+    assert first == retry and without is None
+    assert len({first, other_customer, other_plan}) == 3
+    assert "order-7" not in first and len(first) == 64
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["", " ", "k" * 256, "café", "a\tb", '"open', '"a"b"'],
+)
+async def test_a_bad_idempotency_key_is_a_400_naming_the_header(routes: Routes, header: str) -> None:
+    routes.kube.customers["acme"] = customer("acme", billing={"mode": "stripe", "stripeCustomerId": "cus_a"})
+
+    answer = await routes.client.post(
+        "/api/subscriptions/checkout",
+        json={"customer_id": "cust_acme01", "plan": "starter", **CHECKOUT},
+        headers={"Idempotency-Key": header},
+    )
+
+    body = await answer.json()
+    assert answer.status == 400, body
+    assert [problem["field"] for problem in body["details"]] == ["Idempotency-Key"]
+    assert routes.stripe.calls == []
 
 
 async def test_a_checkout_commits_the_stripe_customer_it_made_before_the_session_and_holds_no_connection(
