@@ -48,6 +48,8 @@ CHECKOUT_EXPIRY_STEP: Final = 300
 # The session metadata naming the client's request (a digest of its Idempotency-Key): sessions carrying
 # the same one are one checkout, made again by a retry.
 CHECKOUT_KEY_METADATA: Final = "checkoutKey"
+# How many deleted Stripe customers of one signup key are made again before the signup gives up.
+_REMADE_AT_MOST: Final = 5
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,12 @@ def _made_at(session: Any) -> tuple[int, str]:
     return int(session.created), str(session.id)
 
 
+def _replayed(answer: Any) -> bool:
+    """Stripe's answer is its first answer to the idempotency key, sent again."""
+    response = answer.last_response
+    return response is not None and response.headers.get("Idempotent-Replayed") == "true"
+
+
 def _sub_fields(subscription: Any, *, changed: bool = True) -> SubscriptionChange:
     return SubscriptionChange(
         subscription_id=str(subscription.id),
@@ -242,7 +250,32 @@ class StripeApi:
         # A retried create for the same customer id (checkout's, of a Customer applied by GitOps) makes no
         # second Stripe customer; one replacing a deleted one is another create, under a key of its own.
         key = f"signup-{customer_id}" + (f"-replacing-{replacing}" if replacing else "")
-        customer = await _stripe(
+        customer = await self._create_customer(key, email, company_name, customer_id)
+        # Stripe answers a key it had within 24 h with its first answer, though that customer is deleted
+        # since: a signup's retry under the client's Idempotency-Key (one customer id) after its first try
+        # failed and deleted the Stripe customer it made. A replayed answer is read back, and a deleted
+        # customer is made again under a key naming it, as a retry of that retry finds it.
+        for _ in range(_REMADE_AT_MOST):
+            if not _replayed(customer):
+                break
+            current = await _stripe(
+                self.client.v1.customers.retrieve_async(str(customer.id)), "read the customer back"
+            )
+            if current.to_dict().get("deleted") is not True:
+                break
+            key = f"{key}-after-{customer.id}"
+            customer = await self._create_customer(key, email, company_name, customer_id)
+        else:
+            raise Conflict(
+                "Stripe customer deleted",
+                f"Stripe's customers of customer {customer_id} made under this idempotency key were deleted"
+                f" {_REMADE_AT_MOST} times over: sign up again with another Idempotency-Key",
+                {"customer_id": customer_id},
+            )
+        return str(customer.id)
+
+    async def _create_customer(self, key: str, email: str, company_name: str, customer_id: str) -> Any:
+        return await _stripe(
             self.client.v1.customers.create_async(
                 params={"email": email, "name": company_name, "metadata": {"customerId": customer_id}},
                 options={"idempotency_key": key},
@@ -251,7 +284,6 @@ class StripeApi:
             writes=True,
             fields={"email": "email", "name": "company_name"},
         )
-        return str(customer.id)
 
     async def delete_customer(self, stripe_customer_id: str) -> str:
         """Delete a Stripe customer: a signup's, when the signup failed before its Customer existed; the

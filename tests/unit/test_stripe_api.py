@@ -84,6 +84,9 @@ class FakeStripe:
         self.session_keys: dict[str, tuple[dict[str, str], str]] = {}
         # The Idempotency-Key of each customer's create.
         self.idempotency_keys: list[str | None] = []
+        # The customer each key made, and those deleted since.
+        self.customer_keys: dict[str, str] = {}
+        self.deleted_customers: set[str] = set()
         # Each invoice's lines (GET /v1/invoices/{id}/lines), `page_size` a page.
         self.invoice_lines: dict[str, list[dict[str, Any]]] = {}
 
@@ -124,6 +127,8 @@ class FakeStripe:
             customer = request.query.get("customer")
             found = [each for each in self.subscriptions if customer in (None, each["customer"])]
             return web.json_response(self._page(request, found))
+        if request.path.startswith("/v1/customers"):
+            return self._customer(request, request.headers.get("Idempotency-Key"))
         if request.path.startswith("/v1/subscriptions/"):
             return web.json_response(self.subscription)
         if request.path.startswith("/v1/invoices/") and request.path.endswith("/lines"):
@@ -135,6 +140,23 @@ class FakeStripe:
         if request.path.startswith("/v1/checkout/sessions/"):
             return self._session(request.path.split("/")[4], expire=request.path.endswith("/expire"))
         return web.json_response({"id": "x", "object": "unknown"})
+
+    def _customer(self, request: web.Request, key: str | None) -> web.Response:
+        """A customer made (the first answer again, `Idempotent-Replayed`, for a key seen), read or
+        deleted; a deleted one reads as Stripe's `deleted: true`."""
+        if request.method == "POST" and key in self.customer_keys:
+            made = {"id": self.customer_keys[key], "object": "customer"}
+            return web.json_response(made, headers={"Idempotent-Replayed": "true"})
+        if request.method == "POST":
+            customer_id = f"cus_{len(self.customer_keys) + 1}"
+            self.customer_keys[key or customer_id] = customer_id
+            return web.json_response({"id": customer_id, "object": "customer"})
+        customer_id = request.path.split("/")[3]
+        if request.method == "DELETE":
+            self.deleted_customers.add(customer_id)
+        if customer_id in self.deleted_customers:
+            return web.json_response({"id": customer_id, "object": "customer", "deleted": True})
+        return web.json_response({"id": customer_id, "object": "customer"})
 
     def _open_session(self, form: dict[str, str], key: str | None) -> web.Response:
         if key is not None and key in self.session_keys:
@@ -871,8 +893,33 @@ async def test_a_stripe_customer_stripe_does_not_have_is_said_so_and_replaced_un
 
     assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
     assert raised.value.details == {"stripe_code": "resource_missing", "stripe_param": "customer"}
-    assert (first, again) == ("x", "x")
+    assert (first, again) == ("cus_1", "cus_2")
     assert stripe.idempotency_keys[-2:] == ["signup-cust_acme01", "signup-cust_acme01-replacing-cus_1"]
+
+
+async def test_a_signup_retried_after_its_stripe_customer_was_deleted_gets_a_live_one(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: a signup's customer id is its Idempotency-Key's, so its retry sends Stripe the same
+    key; after a first try whose Customer the API server refused (its Stripe customer deleted), Stripe
+    answered the deleted customer again, and the Customer was made linked to it."""
+    stripe, api = fake
+    signup = {"email": "ops@a.example", "company_name": "A", "customer_id": "cust_keyed01"}
+    first = await api.create_customer(**signup)
+    await api.delete_customer(first)
+    retried = await api.create_customer(**signup)
+    await api.delete_customer(retried)
+    again = await api.create_customer(**signup)
+    kept = await api.create_customer(**signup)  # a retry of a signup whose Customer was made
+
+    assert (first, retried, again, kept) == ("cus_1", "cus_2", "cus_3", "cus_3")
+    assert stripe.deleted_customers == {"cus_1", "cus_2"}
+    # The last retry's creates, each replayed: the deleted two, then the live one.
+    assert stripe.idempotency_keys[-3:] == [
+        "signup-cust_keyed01",
+        "signup-cust_keyed01-after-cus_1",
+        "signup-cust_keyed01-after-cus_1-after-cus_2",
+    ]
 
 
 @pytest.mark.parametrize(
