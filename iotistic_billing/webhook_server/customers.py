@@ -32,7 +32,15 @@ from iotistic_billing.webhook_server.context import (
     STRIPE,
 )
 from iotistic_billing.webhook_server.licenses import license_token
-from iotistic_billing.webhook_server.messages import json_model, read_body, read_customer_id, read_query
+from iotistic_billing.webhook_server.messages import (
+    IDEMPOTENCY_KEY_HEADER,
+    json_model,
+    key_digest,
+    read_body,
+    read_customer_id,
+    read_idempotency_key,
+    read_query,
+)
 from iotistic_billing.webhook_server.schemas import (
     CustomerList,
     LicenseToken,
@@ -64,8 +72,9 @@ async def create_customer(request: web.Request) -> web.Response:
     """Sign up a customer: a Customer resource in trial, and its licence once the operator issued it."""
     app = request.app
     settings, kube, directory, billing = app[SETTINGS], app[KUBE], app[DIRECTORY], app[STRIPE]
+    key = read_idempotency_key(request)
     body = await read_body(request, SignupRequest)
-    customer_id = new_customer_id()
+    customer_id = keyed_customer_id(body.email, key) if key is not None else new_customer_id()
     record: CustomerRecord | None = None
     stripe_customer_id: str | None = None
     try:
@@ -85,6 +94,21 @@ async def create_customer(request: web.Request) -> web.Response:
                 )
             existing = await directory.all()
             holder = next((o for o in existing if o.customer.spec.email.lower() == body.email.lower()), None)
+            keyed = next((o for o in existing if o.customer_id == customer_id), None)
+            if holder is None and keyed is not None:
+                # A retry of a keyed signup whose Customer's spec.email was edited since: its customer.
+                raise Conflict(
+                    "Customer already exists",
+                    f"customer {customer_id} (Customer {keyed.name}) was signed up with this Idempotency-Key",
+                    [
+                        {
+                            "field": IDEMPOTENCY_KEY_HEADER,
+                            "message": "already signed up",
+                            "customer_id": customer_id,
+                            "resource_name": keyed.name,
+                        }
+                    ],
+                )
             if holder is not None:
                 # Named: a retry of a signup whose answer was lost finds its customer here, and no query
                 # finds a customer by email.
@@ -101,9 +125,12 @@ async def create_customer(request: web.Request) -> web.Response:
                     ],
                 )
             if billing is not None:
-                stripe_customer_id = await billing.create_customer(
-                    email=body.email, company_name=body.company_name, customer_id=customer_id
-                )
+                try:
+                    stripe_customer_id = await billing.create_customer(
+                        email=body.email, company_name=body.company_name, customer_id=customer_id
+                    )
+                except Unavailable as away:
+                    raise _stripe_maybe_made(away, customer_id, keyed=key is not None) from None
             try:
                 created = await _create_resource(
                     kube,
@@ -172,6 +199,25 @@ async def create_customer(request: web.Request) -> web.Response:
     )
     location = f"/api/customers/{customer_id}"
     return json_model(response, status=201 if token else 202, headers={"Location": location})
+
+
+def keyed_customer_id(email: str, key: str) -> str:
+    """The customer id of a signup sent with an Idempotency-Key: the same for its retries (one Customer,
+    one Stripe customer under Stripe's key of the id), another for the same key with another email."""
+    return "cust_" + key_digest("POST /api/customers", email.lower(), key)[:16]
+
+
+def _stripe_maybe_made(away: Unavailable, customer_id: str, *, keyed: bool) -> Unavailable:
+    """Stripe's 503 to the signup's Stripe customer, naming the customer id it was made for: no Customer
+    exists (its GET is a 404), and a Stripe customer whose metadata names the id may."""
+    away.details = {**(away.details or {}), "customer_id": customer_id}
+    away.message += f"; no Customer was created (GET /api/customers/{customer_id} is a 404): " + (
+        "a retry with the same Idempotency-Key takes up the Stripe customer it may have made"
+        if keyed
+        else f"a Stripe customer with metadata customerId {customer_id} may be left in Stripe"
+    )
+    away.args = (away.message,)
+    return away
 
 
 def _maybe_created(customer_id: str, stripe_customer_id: str | None) -> Unavailable:
@@ -290,4 +336,4 @@ async def get_queue_stats(request: web.Request) -> web.Response:
     return json_model(queue_stats(await request.app[DIRECTORY].all()))
 
 
-__all__ = ["create_customer", "get_customer", "get_queue_stats", "list_customers"]
+__all__ = ["create_customer", "get_customer", "get_queue_stats", "keyed_customer_id", "list_customers"]

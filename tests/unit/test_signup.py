@@ -5,6 +5,7 @@ exists leaves no Stripe customer behind."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -16,10 +17,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kubernetes.client.exceptions import ApiException
 
+from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.directory import Directory
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.settings import load_settings
+from iotistic_billing.stripe_api import _maybe_made
 from iotistic_billing.webhook_server.context import (
     CLOCK,
     DIRECTORY,
@@ -78,10 +81,14 @@ class FakeStripe:
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.refuse_delete: Exception | None = None
+        # Raised by a create once it was made (its answer lost after the SDK's retries).
+        self.lose_create: Exception | None = None
 
     async def create_customer(self, *, email: str, company_name: str, customer_id: str) -> str:
         self.calls.append({"email": email, "company_name": company_name, "customer_id": customer_id})
         self.created.append(f"cus_{len(self.created) + 1}")
+        if self.lose_create is not None:
+            raise self.lose_create
         return self.created[-1]
 
     async def delete_customer(self, stripe_customer_id: str) -> None:
@@ -128,8 +135,9 @@ class Signup:
     ) -> None:
         self.client, self.kube, self.stripe, self.database = client, kube, stripe, database
 
-    async def post(self, body: dict[str, str] = SIGNUP) -> tuple[int, dict[str, Any]]:
-        answer = await self.client.post("/api/customers", json=body)
+    async def post(self, body: dict[str, str] = SIGNUP, key: str | None = None) -> tuple[int, dict[str, Any]]:
+        headers = {"Idempotency-Key": key} if key is not None else None
+        answer = await self.client.post("/api/customers", json=body, headers=headers)
         return answer.status, await answer.json()
 
 
@@ -288,3 +296,72 @@ async def test_a_licence_of_a_deleted_customer_of_the_same_name_is_not_the_new_o
     status, body = await signup.post()
     assert status == 202, body
     assert body["license"] is None
+
+
+async def test_a_stripe_customer_create_without_an_answer_is_a_503_naming_the_customer_id(
+    signup: Signup,
+) -> None:
+    """Found in review: Stripe's "the change may have been made: check before retrying" carried no
+    customer id, so the client had nothing to check (the Kubernetes create's 503 names it)."""
+    signup.stripe.lose_create = _maybe_made("create a customer", "APIConnectionError")
+    status, body = await signup.post()
+
+    (customer_id,) = {call["customer_id"] for call in signup.stripe.calls}
+    assert (status, body["error"]) == (503, "Stripe unavailable"), body
+    assert body["details"] == {"dependency": "Stripe", "customer_id": customer_id}
+    assert f"GET /api/customers/{customer_id} is a 404" in body["message"]
+    assert signup.kube.customers == {}
+
+
+async def test_a_signup_retried_with_its_idempotency_key_makes_one_customer(signup: Signup) -> None:
+    """Found in review: each try of a signup drew a new customer id, so Stripe's idempotency key
+    (`signup-<customer id>`) changed with every client retry: a create whose answer was lost (a 503 "may
+    have been made") and its retry made two Stripe customers, one orphaned naming a Customer that never
+    existed. Under one Idempotency-Key the tries share the customer id, so Stripe's key too."""
+    signup.stripe.lose_create = _maybe_made("create a customer", "APIConnectionError")
+    lost, lost_body = await signup.post(key="signup-42")
+    signup.stripe.lose_create = None
+    made, made_body = await signup.post(key="signup-42")
+    again, again_body = await signup.post(key="signup-42")  # its answer lost too: the retry after it
+
+    first_id, retry_id = [call["customer_id"] for call in signup.stripe.calls]
+    assert (lost, made) == (503, 202), (lost_body, made_body)
+    assert first_id == retry_id == lost_body["details"]["customer_id"]
+    assert "a retry with the same Idempotency-Key takes up" in lost_body["message"]
+    (created,) = signup.kube.customers.values()
+    assert created["spec"]["customerId"] == made_body["customer"]["customer_id"] == first_id
+    # As a retry without a key after a lost answer: the 409 naming the customer it made.
+    assert (again, again_body["error"]) == (409, "Customer already exists"), again_body
+    assert again_body["details"][0]["customer_id"] == first_id
+    assert len(signup.stripe.calls) == 2
+
+
+async def test_one_idempotency_key_of_two_emails_is_two_customers(signup: Signup) -> None:
+    _, first = await signup.post(key="k-1")
+    _, other = await signup.post({"email": "it@globex.example", "company_name": "Globex"}, key="k-1")
+    _, without = await signup.post({"email": "it@hooli.example", "company_name": "Hooli"})
+
+    ids = [body["customer"]["customer_id"] for body in (first, other, without)]
+    assert len(set(ids)) == 3 and "k-1" not in ids[0]
+    assert all(re.fullmatch(CUSTOMER_ID_PATTERN, customer_id) for customer_id in ids)
+
+
+async def test_a_keyed_signup_retried_after_its_customer_s_email_was_edited_is_409_naming_it(
+    signup: Signup,
+) -> None:
+    _, first = await signup.post(key="k-1")
+    (created,) = signup.kube.customers.values()
+    created["spec"]["email"] = "billing@initech.example"
+
+    status, body = await signup.post(key="k-1")
+
+    assert (status, body["error"]) == (409, "Customer already exists"), body
+    assert body["details"][0]["field"] == "Idempotency-Key"
+    assert body["details"][0]["customer_id"] == first["customer"]["customer_id"]
+    assert len(signup.kube.customers) == 1 and signup.stripe.created == ["cus_1"]
+
+
+async def test_a_signup_with_a_bad_idempotency_key_is_a_400_naming_it(signup: Signup) -> None:
+    status, body = await signup.post(key="k" * 256)
+    assert (status, body["details"][0]["field"]) == (400, "Idempotency-Key"), body
+    assert signup.stripe.calls == [] and signup.kube.customers == {}
