@@ -17,7 +17,12 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.webhook_server.context import OPENAPI
-from iotistic_billing.webhook_server.messages import NOTICE_ID_MAX, NOTICE_ID_PARAMETER
+from iotistic_billing.webhook_server.messages import (
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_MAX,
+    NOTICE_ID_MAX,
+    NOTICE_ID_PARAMETER,
+)
 from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.schemas import ErrorBody
 
@@ -149,6 +154,20 @@ def build_document(operations: Iterable[Route]) -> dict[str, Any]:
                     "required": True,
                     "schema": {"type": "string"},
                     "description": "t=<unix time>,v1=<HMAC-SHA256 of '<t>.<body>' with the endpoint secret>",
+                }
+            )
+        if operation.idempotency_key:
+            parameters.append(
+                {
+                    "name": IDEMPOTENCY_KEY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1},
+                    "description": (
+                        f"1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, bare (as Stripe's) or a"
+                        ' quoted String (the IETF draft\'s, `"..."`); a retry sending the same key is the'
+                        " same request. Any other value is a 400 naming the header."
+                    ),
                 }
             )
         if parameters:

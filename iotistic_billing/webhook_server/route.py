@@ -36,6 +36,8 @@ class Route:
     errors: tuple[int, ...] = ()
     description: str = ""
     headers: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    # Takes a client's Idempotency-Key (messages.read_idempotency_key): its retries are one request.
+    idempotency_key: bool = False
     # Probes and metrics must answer whatever the load.
     rate_limited: bool = True
 

@@ -92,9 +92,13 @@ ROUTES: Final[tuple[Route, ...]] = (
             "license null. "
             "An email already registered is a 409, also for the second of two signups at once on any "
             "replicas. A signup refused before its Customer exists deletes the Stripe customer it made; "
-            "one whose create got no answer keeps it and is a 503 naming the customer id to read. "
+            "one whose create got no answer keeps it and is a 503 naming the customer id to read, as is "
+            "one whose Stripe customer's create got none (`details.customer_id`). With an Idempotency-Key "
+            "the customer id is derived from it and the email, so a retry makes the same Customer and "
+            "Stripe customer, and one once it exists is the 409 naming it. "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
+        idempotency_key=True,
     ),
     Route(
         "GET",
@@ -139,8 +143,12 @@ ROUTES: Final[tuple[Route, ...]] = (
             " subscribed`. Each session is payable for 35 minutes; once made, the customer's open"
             " subscription sessions but the newest are expired (409 `Checkout started twice`, naming the"
             " payable session, for a checkout whose session is not the newest; a create Stripe refuses"
-            " leaves them payable)."
+            " leaves them payable). With an Idempotency-Key, the sessions of one key, customer and body"
+            " are one checkout: a retry answers its first session (Stripe's same one within the 5 minutes"
+            " its expiry is rounded up to), and no session of a retry or of the abandoned first try"
+            " expires it."
         ),
+        idempotency_key=True,
     ),
     Route(
         "POST",

@@ -574,6 +574,17 @@ def test_the_usage_route_documents_its_pages() -> None:
     assert "reports_before" in history["properties"]["reports_next_cursor"]["description"]
 
 
+def test_the_routes_a_client_retries_document_their_idempotency_key() -> None:
+    document = build_document(ROUTES)
+    keyed = {
+        (method.upper(), path)
+        for path, methods in document["paths"].items()
+        for method, entry in methods.items()
+        if any(parameter["name"] == "Idempotency-Key" for parameter in entry.get("parameters", []))
+    }
+    assert keyed == {("POST", "/api/customers"), ("POST", "/api/subscriptions/checkout")}
+
+
 def test_a_usage_report_s_period_start_states_its_format_bounds_and_retention() -> None:
     """Found in review: the retention's description replaced the timestamp's, so the document no longer
     said period_start's format and bounds (which the Schemathesis hooks forgive as said in words)."""
