@@ -42,6 +42,15 @@ class Entitlement:
     restricted: bool = False
 
 
+def trial_started(created_at: datetime, first_licensed: datetime | None) -> datetime:
+    """When the trial of a Customer created at `created_at` started (trial.days count from it): at the
+    first licence its customer id was issued (the licence history's) when that came before, so a
+    Customer deleted and made again from Git under its customer id keeps its trial's end, not a new one."""
+    if first_licensed is not None and first_licensed < created_at:
+        return first_licensed
+    return created_at
+
+
 def _trial(spec: CustomerSpec, created_at: datetime, now: datetime) -> Entitlement:
     # On the whole second: a licence's times are whole seconds, and a trial judged active in the fraction
     # of a second before an endsAt like 12:00:00.5Z would need a licence ending before it was issued.
@@ -256,4 +265,5 @@ __all__ = [
     "effective_plan",
     "license_action",
     "license_end",
+    "trial_started",
 ]

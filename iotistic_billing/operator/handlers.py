@@ -29,6 +29,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
 from iotistic_billing.operator.delete import DeletionFailed, finalize, other_holder
+from iotistic_billing.operator.entitlement import trial_started
 from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
@@ -279,7 +280,9 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     except (ValueError, InvalidSpecError):
         return
     now: datetime = ctx.clock()
-    created = customer.metadata.creation_timestamp or now
+    # The trial's start its passes read from the licence history (none read here: a check costs nothing).
+    first_licensed = ctx.first_licences.get(customer_id_in_use(dict(body)))
+    created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
     try:
         await write_trial_ending(ctx, customer, dict(body), now)
     except Exception:  # a bug (PostgreSQL away is one warning an outage, write_trial_ending's)

@@ -9,7 +9,7 @@ from iotistic_billing.customer import Customer, customer_id_in_use
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.notices.content import Notice, trial_ending
 from iotistic_billing.operator.context import OperatorContext
-from iotistic_billing.operator.entitlement import Entitlement, effective_plan
+from iotistic_billing.operator.entitlement import Entitlement, effective_plan, trial_started
 
 
 def trial_ending_due(entitlement: Entitlement, now: datetime, days: int) -> bool:
@@ -21,9 +21,16 @@ def trial_ending_due(entitlement: Entitlement, now: datetime, days: int) -> bool
 
 
 def trial_ending_notice(
-    customer: Customer, body: dict[str, object], now: datetime, days: int
+    customer: Customer,
+    body: dict[str, object],
+    now: datetime,
+    days: int,
+    first_licensed: datetime | None = None,
 ) -> Notice | None:
-    entitlement = effective_plan(customer.spec, customer.metadata.creation_timestamp or now, now)
+    """`first_licensed`: the first licence of its customer id, where a Customer made again started its
+    trial (entitlement.trial_started)."""
+    created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
+    entitlement = effective_plan(customer.spec, created, now)
     if not trial_ending_due(entitlement, now, days) or entitlement.trial_ends_at is None:
         return None
     return trial_ending(
@@ -42,7 +49,8 @@ async def write_trial_ending(
     """Write the notice once (its key makes a second write a no-op; `ctx.noticed` spares the database
     the checks of a process that wrote it already). True when it was written now; False too while
     PostgreSQL is away, said once an outage (`ctx.trial_notices`), as the next check writes it."""
-    notice = trial_ending_notice(customer, body, now, ctx.settings.trial_notice_days)
+    first_licensed = ctx.first_licences.get(customer_id_in_use(body))
+    notice = trial_ending_notice(customer, body, now, ctx.settings.trial_notice_days, first_licensed)
     if notice is None or notice.key in ctx.noticed:
         return False
     try:

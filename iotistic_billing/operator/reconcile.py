@@ -25,6 +25,7 @@ from iotistic_billing.customer import (
     CustomerStatus,
     InvalidSpecError,
     Phase,
+    customer_id_in_use,
     name_errors,
     namespace_for,
     parse_spec,
@@ -35,7 +36,7 @@ from iotistic_billing.licensing.minting import MintingError
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import instance_health
-from iotistic_billing.operator.entitlement import effective_plan
+from iotistic_billing.operator.entitlement import effective_plan, trial_started
 from iotistic_billing.operator.license import ensure_license
 from iotistic_billing.operator.manifests import namespace_as_applied, namespace_manifest
 from iotistic_billing.operator.metrics import (
@@ -60,6 +61,7 @@ from iotistic_billing.operator.state import (
     stall_of,
     stalled_status,
 )
+from iotistic_billing.operator.trial_history import first_licensed_at, trial_counts
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
 
@@ -250,14 +252,17 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         status = stalled_status(previous, generation, c.INVALID_SPEC, str(invalid), now)
         status = answered_request(status, meta.get("annotations") or {})
         return await write_status(ctx, body, previous, status, permanent=str(invalid))
+    restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
+    first_licensed, unread = await _first_licensed(ctx, customer, customer_id_in_use(body), now)
     version, source = chart_target(customer, previous.release, ctx.fleet_moves_at_once)
     target = pass_target(
         body,
         customer,
         ctx.settings.base_domain,
         now,
-        (version or await fleet_version(ctx, body, customer, now), source),
-        timedelta(days=ctx.settings.dunning_restrict_days),
+        (version or await fleet_version(ctx, body, customer, now, first_licensed), source),
+        restricted_for,
+        first_licensed,
     )
 
     warnings: list[tuple[str, str]] = []
@@ -266,7 +271,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             ctx, target, made_before=previous.instance is not None, warnings=warnings
         )
         if not isinstance(secret, NamespaceRefused):
-            outcome = await _licence_and_notifications(ctx, target, secret)
+            outcome = await _licence_and_notifications(ctx, target, secret, unread)
     except Refused as refused:
         # A read of the namespace or its Secret refused (an admission policy, RBAC): said in Ready and
         # Reconciling, retried (it raised into the handler's traceback, and a new Customer had no status
@@ -315,12 +320,35 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     return result
 
 
-async def _licence_and_notifications(
-    ctx: OperatorContext, target: PassTarget, secret: SecretData | None
-) -> PassOutcome:
-    """The licence step, then the notifications step, each failure its condition's."""
+async def _first_licensed(
+    ctx: OperatorContext, customer: Customer, customer_id: str, now: datetime
+) -> tuple[datetime | None, str | None]:
+    """The first licence the history holds of the Customer's customer id (trial_history.py), read only
+    when trial.days decides its licence; with PostgreSQL away, None and why, for the licence step to
+    issue none: a trial counted from the object's creation would be a new one for a Customer made again."""
+    if not trial_counts(customer, now, timedelta(days=ctx.settings.dunning_restrict_days)):
+        return None, None
     try:
-        outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
+        return await first_licensed_at(ctx, customer_id), None
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        return None, (
+            f"{DATABASE_UNREACHABLE} ({type(error).__name__}): the licence history, where a Customer"
+            " made again finds its trial's start, cannot be read; retried until it is back"
+        )
+
+
+async def _licence_and_notifications(
+    ctx: OperatorContext, target: PassTarget, secret: SecretData | None, unread: str | None = None
+) -> PassOutcome:
+    """The licence step, then the notifications step, each failure its condition's. `unread`: why the
+    trial's start is not known (_first_licensed), and so no licence is issued."""
+    try:
+        if unread is not None:
+            outcome = PassOutcome(license_unavailable=unread)
+        else:
+            outcome = PassOutcome(license=await ensure_license(ctx, target, secret))
     except MintingError as error:
         outcome = PassOutcome(license_error=str(error))
     except Refused as refused:
@@ -441,7 +469,13 @@ async def _asked(doing: str, request: Awaitable[A]) -> A:
         return await request
 
 
-async def fleet_version(ctx: OperatorContext, body: dict[str, Any], customer: Customer, now: datetime) -> str:
+async def fleet_version(
+    ctx: OperatorContext,
+    body: dict[str, Any],
+    customer: Customer,
+    now: datetime,
+    first_licensed: datetime | None = None,
+) -> str:
     """The version the fleet has settled on for a Customer that runs none of its own yet: the newest
     Succeeded InstanceRollout selecting it, else INSTANCE_CHART_VERSION. Listed only for such
     Customers (new ones), so a thousand Ready Customers list no rollouts.
@@ -451,7 +485,7 @@ async def fleet_version(ctx: OperatorContext, body: dict[str, Any], customer: Cu
     started on the trial fleet's version."""
     if ctx.fleet_moves_at_once:
         return ctx.charts.fleet_version
-    created = customer.metadata.creation_timestamp or now
+    created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
     restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
     plan = effective_plan(customer.spec, created, now, restricted_for).plan
     as_passed = {**body, "status": {**(body.get("status") or {}), "plan": plan}}

@@ -42,7 +42,13 @@ from iotistic_billing.operator.conditions import (
     waiting,
     with_conditions,
 )
-from iotistic_billing.operator.entitlement import RESTRICTED_FOR, Entitlement, capped_at_end, effective_plan
+from iotistic_billing.operator.entitlement import (
+    RESTRICTED_FOR,
+    Entitlement,
+    capped_at_end,
+    effective_plan,
+    trial_started,
+)
 from iotistic_billing.operator.manifests import namespace_holder, owner_reference
 from iotistic_billing.operator.outcomes import InstanceHealth, NamespaceRefused, PassOutcome, ReleaseOutcome
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION, ROLLOUT_PREVIOUS_VERSION, ROLLOUT_UPDATED_AT
@@ -143,9 +149,12 @@ def pass_target(
     now: datetime,
     chart: tuple[str, VersionSource],
     restricted_for: timedelta = RESTRICTED_FOR,
+    first_licensed: datetime | None = None,
 ) -> PassTarget:
+    """`first_licensed`: the first licence the history holds of the Customer's customer id (None: none
+    read), where its trial started when that came before the Customer (entitlement.trial_started)."""
     name = customer.metadata.name
-    created = customer.metadata.creation_timestamp or now
+    created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
     return PassTarget(
         customer=customer,
         customer_id=customer_id_in_use(body),

@@ -618,7 +618,11 @@ async def test_a_stalled_customer_whose_webhook_secret_is_missing_is_left_alone_
     settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
     memo = kopf.Memo(
         context=SimpleNamespace(
-            clock=lambda: clock[0], settings=settings, noticed=set(), background_passes=BackgroundPasses()
+            clock=lambda: clock[0],
+            settings=settings,
+            noticed=set(),
+            first_licences={},
+            background_passes=BackgroundPasses(),
         )
     )
     for _check in range(5):
@@ -762,11 +766,36 @@ async def housekeeping_checks(
     return passes
 
 
-def housekeeping_context(server: StatusServer) -> Any:
+class LicenceHistory:
+    """The licence history as a pass reads the trial's start from it: `first`, the issue of the first
+    licence of the (one) customer id asked for; PostgreSQL away when `error` is given."""
+
+    def __init__(self, first: datetime | None = None, error: Exception | None = None) -> None:
+        self.first, self.error, self.reads = first, error, 0
+
+    def sessions(self) -> LicenceHistory:
+        return self
+
+    async def __aenter__(self) -> LicenceHistory:
+        if self.error is not None:
+            raise self.error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def scalar(self, statement: Any) -> datetime | None:
+        self.reads += 1
+        return self.first
+
+
+def housekeeping_context(server: StatusServer, history: LicenceHistory | None = None) -> Any:
     ctx: Any = context(server)
     ctx.fleet_moves_at_once = False
     ctx.clock = lambda: NOW
     ctx.noticed = set()
+    ctx.first_licences = {}
+    ctx.sessions = (history or LicenceHistory()).sessions
     ctx.settings = SimpleNamespace(
         dunning_restrict_days=14, trial_notice_days=3, base_domain="iotistic.cloud", billing_url="b"
     )
@@ -919,7 +948,11 @@ async def test_a_subscription_set_to_cancel_lapses_at_the_housekeeping_check_aft
     settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
     memo = kopf.Memo(
         context=SimpleNamespace(
-            clock=lambda: clock[0], settings=settings, noticed=set(), background_passes=BackgroundPasses()
+            clock=lambda: clock[0],
+            settings=settings,
+            noticed=set(),
+            first_licences={},
+            background_passes=BackgroundPasses(),
         )
     )
     for _check in range(5):
@@ -1550,3 +1583,115 @@ async def test_a_refused_create_of_a_served_customers_namespace_gone_is_provisio
     assert ready is not None and ready.reason == c.NAMESPACE_REFUSED
     assert ready.message.startswith("the API server refused to create namespace customer-acme (403)")
     assert status.phase == "Provisioning" and refused.temporary_error == ready.message
+
+
+def made_again_from_git() -> dict[str, Any]:
+    """A trial Customer (trial.days, as the GitOps sample has it) made again an hour ago under its
+    customer id, its status gone with the object it replaced."""
+    return {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme-2",
+            "generation": 1,
+            "resourceVersion": "7",
+            "creationTimestamp": (NOW - timedelta(hours=1)).isoformat(),
+        },
+        "spec": {
+            "email": "a@b.cd",
+            "companyName": "x",
+            "customerId": "cust_acme01",
+            "trial": {"days": 14},
+            "instance": {"chartVersion": "0.1.0"},
+        },
+    }
+
+
+def licence_and_release_steps(monkeypatch: pytest.MonkeyPatch) -> list[PassTarget]:
+    """The licence step as the targets it was given (each gets a licence), a release step that leaves the
+    release as it is, and a namespace made just now (no Secret)."""
+    licensed: list[PassTarget] = []
+
+    async def ensure_license(ctx: Any, target: PassTarget, existing: Any) -> LicenseStatus:
+        licensed.append(target)
+        return LicenseStatus(
+            jti=f"j{len(licensed)}", issued_at=target.now, expires_at=target.now + timedelta(days=30)
+        )
+
+    async def ensure_release(
+        ctx: Any, target: Any, licence: Any, previous: Any, may_exist: bool
+    ) -> ReleaseOutcome:
+        return ReleaseOutcome("failed", c.INSTALL_FAILED, "no helm here")
+
+    async def namespace_and_secret(ctx: Any, target: Any, made_before: bool, **_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(reconcile_module, "ensure_license", ensure_license)
+    monkeypatch.setattr(reconcile_module, "ensure_release", ensure_release)
+    monkeypatch.setattr(reconcile_module, "_namespace_and_secret", namespace_and_secret)
+    return licensed
+
+
+async def test_a_trial_customer_made_again_from_git_keeps_the_end_of_its_first_trial(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer deleted and made again from Git (a cluster rebuilt, Argo CD's or
+    Flux's delete and create) with trial.days counted its trial from the new object's creation: an
+    Expired trial, never subscribed, was licensed 14 more days of a full trial. Its pass reads where
+    its customer id's trial started from the licence history (once a process), and the housekeeping
+    checks after it start no pass to hand it the trial again."""
+    licensed = licence_and_release_steps(monkeypatch)
+    first = NOW - timedelta(days=40)
+    history = LicenceHistory(first)
+    server = StatusServer({}, resource_version=7)
+    ctx = housekeeping_context(server, history)
+
+    await _reconcile(ctx, made_again_from_git(), NOW)
+
+    assert [(t.entitlement.plan, t.entitlement.reason) for t in licensed] == [("unlicensed", c.TRIAL_EXPIRED)]
+    status = CustomerStatus.model_validate(server.document)
+    assert (status.phase, status.plan) == ("Expired", "unlicensed")
+    assert status.trial is not None and status.trial.ends_at == first + timedelta(days=14)
+    passes = await housekeeping_checks(monkeypatch, made_again_from_git(), server, ctx, minutes=3)
+    assert passes == [] and len(licensed) == 1 and history.reads == 1
+
+
+async def test_a_trial_customer_whose_first_licence_cannot_be_read_is_issued_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review (with the trial counted from its customer id's first licence): with PostgreSQL
+    away, a pass that took the new object's creation for the trial's start would license a Customer
+    made again with a new trial. It issues no licence (LicenseIssued False, DatabaseUnavailable) and
+    is retried as any pass PostgreSQL fails, without a traceback."""
+    licensed = licence_and_release_steps(monkeypatch)
+    history = LicenceHistory(error=ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"))
+    server = StatusServer({}, resource_version=7)
+
+    result = await _reconcile(housekeeping_context(server, history), made_again_from_git(), NOW)
+
+    assert licensed == []
+    assert result.permanent_error is None and result.temporary_error is not None
+    assert result.temporary_error.startswith("PostgreSQL cannot be reached (ConnectionRefusedError)")
+    issued = CustomerStatus.model_validate(server.document).condition("LicenseIssued")
+    assert issued is not None and (issued.status, issued.reason) == ("False", "DatabaseUnavailable")
+
+    # Back, the pass reads it and licenses the Customer as what it is: an expired trial.
+    history.error = None
+    history.first = NOW - timedelta(days=40)
+    read = {
+        **made_again_from_git(),
+        "metadata": {**made_again_from_git()["metadata"], "resourceVersion": "8"},
+    }
+    await _reconcile(housekeeping_context(server, history), {**read, "status": server.document}, NOW)
+    assert [t.entitlement.plan for t in licensed] == ["unlicensed"]
+
+
+async def test_a_paid_customer_s_pass_reads_no_licence_history() -> None:
+    """The trial's start is read only where trial.days decides the licence: a Customer on a paid plan,
+    or one whose trial.endsAt is given, costs its passes no query and goes on with PostgreSQL away."""
+    away = LicenceHistory(error=ConnectionRefusedError(111, "refused"))
+    for spec in ({"plan": "starter"}, {"trial": {"endsAt": (NOW + timedelta(days=3)).isoformat()}}):
+        body = made_again_from_git()
+        body["spec"] = {**body["spec"], **spec}
+        ctx = housekeeping_context(StatusServer({}, resource_version=7), away)
+        customer = Customer.model_validate(body)
+        assert await reconcile_module._first_licensed(ctx, customer, "cust_acme01", NOW) == (None, None)

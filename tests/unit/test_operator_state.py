@@ -187,6 +187,42 @@ def test_trial_ends_days_after_creation_unless_ends_at_is_given() -> None:
     )
 
 
+def test_a_customer_made_again_counts_its_trial_from_its_customer_ids_first_licence() -> None:
+    """Found in review: a Customer deleted and made again from Git (a cluster rebuilt, a tool's delete
+    and create) with trial.days and no endsAt counted its trial from the new object's creation: an
+    Expired trial got trial.days more of a full trial licence. Its customer id's first licence (the
+    licence history's) is where its trial started."""
+    made_again = NOW - timedelta(hours=1)
+    body = {
+        "metadata": {"name": "acme", "uid": "u-2", "creationTimestamp": made_again.isoformat()},
+        "spec": {"email": "a@b.cd", "companyName": "x", "customerId": "cust_acme01", "trial": {"days": 14}},
+    }
+    customer = Customer.model_validate(body)
+    first = NOW - timedelta(days=40)
+    aimed = pass_target(body, customer, "iotistic.cloud", NOW, ("0.1.0", "Fleet"), first_licensed=first)
+    assert (aimed.entitlement.plan, aimed.entitlement.reason) == ("unlicensed", c.TRIAL_EXPIRED)
+    assert aimed.entitlement.trial_ends_at == first + timedelta(days=14) and aimed.entitlement.lapsed
+    # Its first licence came after the object it was issued to: the trial counts from the creation.
+    after = pass_target(
+        body, customer, "iotistic.cloud", NOW, ("0.1.0", "Fleet"), first_licensed=NOW - timedelta(minutes=5)
+    )
+    assert after.entitlement.trial_active and after.entitlement.trial_ends_at == made_again + timedelta(
+        days=14
+    )
+    # trial.endsAt (an API signup's) is the trial's end whatever its customer id's history.
+    ends = NOW + timedelta(days=2)
+    signed_up = {**body, "spec": {**body["spec"], "trial": {"endsAt": ends.isoformat()}}}
+    kept = pass_target(
+        signed_up,
+        Customer.model_validate(signed_up),
+        "iotistic.cloud",
+        NOW,
+        ("0.1.0", "Fleet"),
+        first_licensed=first,
+    )
+    assert kept.entitlement.trial_active and kept.entitlement.trial_ends_at == ends
+
+
 def test_a_trial_end_with_a_fraction_of_a_second_ends_on_the_whole_second() -> None:
     # Judged active 0.2 s before 12:00:00.5, the trial would need a licence ending (12:00:00, times are
     # whole seconds) at or before its issue time (12:00:00): minting refused, the Customer Failed.

@@ -101,6 +101,7 @@ async def test_a_rotated_webhook_secret_is_copied_without_a_spec_change(
         clock=lambda: clock[0],
         settings=settings,
         noticed=set(),
+        first_licences={},
         kube=secrets,
         webhook_secrets_checked={},
         background_passes=BackgroundPasses(),

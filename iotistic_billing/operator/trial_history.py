@@ -1,0 +1,41 @@
+"""Where a Customer's trial started, read from the licence history: a Customer deleted and made again
+under its customer id (a cluster rebuilt from Git, a tool's delete and create) is not a new customer,
+and its trial.days count from its customer id's first licence, not from the new object's creation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from iotistic_billing.customer import Customer
+from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.operator.context import OperatorContext
+from iotistic_billing.operator.entitlement import effective_plan
+
+
+def trial_counts(customer: Customer, now: datetime, restricted_for: timedelta) -> bool:
+    """Whether the Customer's licence depends on where its trial started: trial.days decides its plan
+    (trial.endsAt, an API signup's, is where it ends whatever the object's age; a paid plan has no trial)."""
+    if customer.spec.trial.ends_at is not None:
+        return False
+    created = customer.metadata.creation_timestamp or now
+    return effective_plan(customer.spec, created, now, restricted_for).trial_ends_at is not None
+
+
+async def first_licensed_at(ctx: OperatorContext, customer_id: str) -> datetime | None:
+    """When the first licence the history holds of `customer_id` was issued; None when it holds none.
+    Kept once found (it never moves later), so a Customer's passes read it once a process; PostgreSQL's
+    errors are raised (reconcile.py: a pass that cannot read it issues no licence)."""
+    if (known := ctx.first_licences.get(customer_id)) is not None:
+        return known
+    async with ctx.sessions() as session:
+        first: datetime | None = await session.scalar(
+            select(func.min(LicenseHistory.issued_at)).where(LicenseHistory.customer_id == customer_id)
+        )
+    if first is not None:
+        ctx.first_licences[customer_id] = first
+    return first
+
+
+__all__ = ["first_licensed_at", "trial_counts"]
