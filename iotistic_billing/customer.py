@@ -578,6 +578,23 @@ def git_reverts(body: Mapping[str, Any], field: str) -> str | None:
     )
 
 
+def unpinned_customer_id(body: Mapping[str, Any]) -> str | None:
+    """Why a Customer that Git manages should pin spec.customerId; None when it does, or nothing manages
+    it. Without it the id is derived from the object's uid: deleted and made again from Git (a cluster
+    rebuilt, a tool's delete and create), the Customer is a new customer id, and the Stripe subscription,
+    licence history and trial of the old one are not found again (Stripe keeps billing the old one)."""
+    manager = gitops_manager(body)
+    if manager is None or (body.get("spec") or {}).get("customerId"):
+        return None
+    name = (body.get("metadata") or {}).get("name", "")
+    return (
+        f"spec.customerId is not set and {manager} manages this Customer: made again from Git it would"
+        f" get a new customer id and lose its Stripe subscription, licence history and trial; write its"
+        f" id ({customer_id_in_use(body)}) into the manifest in Git as spec.customerId"
+        f" (kubectl get customer {name} -o jsonpath='{{.status.customerId}}')"
+    )
+
+
 # ----- identity -----
 
 

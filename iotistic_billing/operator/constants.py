@@ -104,3 +104,5 @@ DELETED: Final = "Deleted"
 DELETION_FAILED: Final = "DeletionFailed"
 UNINSTALL_FAILED: Final = "UninstallFailed"
 SUBSCRIPTION_LEFT_ACTIVE: Final = "SubscriptionLeftActive"
+# A Customer that Git manages goes by a customer id derived from its uid (customer.unpinned_customer_id).
+CUSTOMER_ID_NOT_PINNED: Final = "CustomerIdNotPinned"

@@ -198,6 +198,8 @@ class OperatorContext:
     written: dict[str, int] = field(default_factory=dict)
     # The customer ids whose directory mirror row this process wrote (license.py).
     mirrored: set[str] = field(default_factory=set)
+    # The uids of the Customers Git manages without spec.customerId whose Warning was posted (reconcile.py).
+    told_unpinned: set[str] = field(default_factory=set)
     # customer id -> when the licence history's first licence of it was issued (trial_history.py).
     first_licences: dict[str, datetime] = field(default_factory=dict)
     # uid -> when the housekeeping last compared the Customer's webhook Secret with its copy.

@@ -421,6 +421,7 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     housekeeper = ctx.housekeepers.pop(uid, None)
     if housekeeper is not None:
         housekeeper.cancel()
+    ctx.told_unpinned.discard(uid)
     cast(HandledSpecs, memo["handled"]).forget(body)
     name, customer_id = body.metadata.name or "", customer_id_in_use(body)
     # Kopf handles each object's events in a worker of its own, in no order between objects: a Customer

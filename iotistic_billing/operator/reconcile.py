@@ -29,6 +29,7 @@ from iotistic_billing.customer import (
     name_errors,
     namespace_for,
     parse_spec,
+    unpinned_customer_id,
 )
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import SecretData, resource_version
@@ -266,6 +267,11 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     )
 
     warnings: list[tuple[str, str]] = []
+    uid = str(meta.get("uid") or "")
+    if uid not in ctx.told_unpinned and (unpinned := unpinned_customer_id(body)) is not None:
+        # Once a process (not each pass): what it says holds until Git pins the id, which ends it.
+        ctx.told_unpinned.add(uid)
+        warnings.append((c.CUSTOMER_ID_NOT_PINNED, unpinned))
     try:
         secret = await _namespace_and_secret(
             ctx, target, made_before=previous.instance is not None, warnings=warnings

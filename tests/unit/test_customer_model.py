@@ -340,6 +340,11 @@ def test_samples_are_valid_customers_ready_for_gitops(sample: Path) -> None:
     )
     assert "status" not in manifest
     assert parsed.spec.subscription is None
+    # Found in review: a Stripe-billed sample without spec.customerId went by an id derived from its uid;
+    # deleted and made again from Git it was a new customer, whose subscription the restore did not find
+    # (Stripe's events name the old id), and a checkout made it a second Stripe customer.
+    if parsed.spec.billing.mode == "stripe":
+        assert parsed.spec.customer_id is not None, "a Stripe-billed GitOps Customer pins spec.customerId"
 
 
 def test_there_are_samples_for_a_stripe_trial_and_a_paid_manual_customer() -> None:

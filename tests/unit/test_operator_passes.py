@@ -183,6 +183,7 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     ctx = SimpleNamespace(
         kube=Customers(moved, listed=False),  # still there, another shard's now
         housekeepers={},
+        told_unpinned=set(),
         applied_namespaces={},
         written={},
         pass_retries=PassRetries(retries.later),
@@ -222,7 +223,11 @@ async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_
     """Found in review: the finalizer kept the customer id's expiry series for the Customer that holds the
     id after a rename, and the old name's DELETED dropped it anyway, blind until the holder's next pass."""
     ctx = SimpleNamespace(
-        housekeepers={}, applied_namespaces={}, written={}, pass_retries=PassRetries(Retries().later)
+        housekeepers={},
+        told_unpinned=set(),
+        applied_namespaces={},
+        written={},
+        pass_retries=PassRetries(Retries().later),
     )
     holder = {"metadata": {"name": "acme-new", "uid": "uid-new"}, "spec": {"customerId": "cust_held0001"}}
     ctx.kube = Customers(holder)
@@ -248,6 +253,7 @@ async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_
     retries = Retries()
     ctx = SimpleNamespace(
         housekeepers={},
+        told_unpinned=set(),
         applied_namespaces={"customer-acme": {"metadata": {"ownerReferences": [{"uid": "uid-new"}]}}},
         written={"acme": 42},
         pass_retries=PassRetries(retries.later),
@@ -467,6 +473,7 @@ class ScriptedPasses:
                 pass_requests=PassRequests(),
                 pass_retries=PassRetries(self.retries.later),
                 housekeepers=self.housekeepers,
+                told_unpinned=set(),
                 background_passes=BackgroundPasses(),
             ),
         )
@@ -795,6 +802,7 @@ def housekeeping_context(server: StatusServer, history: LicenceHistory | None = 
     ctx.clock = lambda: NOW
     ctx.noticed = set()
     ctx.first_licences = {}
+    ctx.told_unpinned = set()
     ctx.sessions = (history or LicenceHistory()).sessions
     ctx.settings = SimpleNamespace(
         dunning_restrict_days=14, trial_notice_days=3, base_domain="iotistic.cloud", billing_url="b"
@@ -1695,3 +1703,38 @@ async def test_a_paid_customer_s_pass_reads_no_licence_history() -> None:
         ctx = housekeeping_context(StatusServer({}, resource_version=7), away)
         customer = Customer.model_validate(body)
         assert await reconcile_module._first_licensed(ctx, customer, "cust_acme01", NOW) == (None, None)
+
+
+async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer applied from Git without spec.customerId goes by an id derived from
+    its uid; deleted and made again from Git it is a new customer id, whose restore finds no Stripe
+    subscription (Stripe's events name the old id and match nothing: the instance drops to the trial
+    while Stripe keeps billing, and a checkout makes a second Stripe customer), and nothing said so.
+    A Warning Event CustomerIdNotPinned says how to pin it, once, not at every pass."""
+    licence_and_release_steps(monkeypatch)
+    body = made_again_from_git()
+    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
+    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
+    del body["spec"]["customerId"]
+    server = StatusServer({}, resource_version=7)
+    ctx = housekeeping_context(server)
+
+    events: list[tuple[str, str, str]] = []
+    for _pass in range(3):
+        read = {**body, "metadata": {**body["metadata"], "resourceVersion": str(server.resource_version)}}
+        events += (await _reconcile(ctx, {**read, "status": server.document}, NOW)).events
+    told = [(kind, message) for kind, reason, message in events if reason == "CustomerIdNotPinned"]
+    assert len(told) == 1 and told[0][0] == "Warning"
+    derived = server.document["customerId"]
+    assert "kustomize.toolkit.fluxcd.io/name=customers manages this Customer" in told[0][1]
+    assert f"({derived})" in told[0][1] and "jsonpath='{.status.customerId}'" in told[0][1]
+
+    # Pinned, or not managed by Git (kubectl apply by hand), nothing is said.
+    pinned = {**body, "spec": {**body["spec"], "customerId": derived}}
+    by_hand = {**body, "metadata": {**body["metadata"], "labels": {}, "uid": "uid-acme-3"}}
+    for manifest in (pinned, by_hand):
+        fresh = housekeeping_context(StatusServer({}, resource_version=7))
+        result = await _reconcile(fresh, manifest, NOW)
+        assert "CustomerIdNotPinned" not in [reason for _, reason, _ in result.events]
