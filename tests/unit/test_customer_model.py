@@ -347,6 +347,21 @@ def test_samples_are_valid_customers_ready_for_gitops(sample: Path) -> None:
         assert parsed.spec.customer_id is not None, "a Stripe-billed GitOps Customer pins spec.customerId"
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=[path.name for path in SAMPLES])
+def test_samples_do_not_ask_gitops_to_delete_and_recreate_them(sample: Path) -> None:
+    """Found in review: Flux's force (spec.force, or this annotation set to enabled) deletes and creates
+    again an object whose apply the API server refuses as Invalid (fluxcd/pkg ssa takes any 422 for an
+    immutable field), and Argo CD's Replace=true,Force=true does the same: a typo one of the CRD's rules
+    refuses would uninstall the instance (the finalizer deletes its namespace, volumes and licence). No
+    sample asks for it (README, "GitOps": keep Customers out of a forced Kustomization or Application)."""
+    annotations = (yaml.safe_load(sample.read_text())["metadata"].get("annotations")) or {}
+    labels = (yaml.safe_load(sample.read_text())["metadata"].get("labels")) or {}
+    for held in (annotations, labels):
+        assert held.get("kustomize.toolkit.fluxcd.io/force") != "enabled"
+    options = {option.strip() for option in annotations.get("argocd.argoproj.io/sync-options", "").split(",")}
+    assert not options & {"Force=true", "Replace=true"}
+
+
 def test_there_are_samples_for_a_stripe_trial_and_a_paid_manual_customer() -> None:
     plans = {
         (spec.plan, spec.billing.mode)
