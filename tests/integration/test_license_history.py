@@ -176,3 +176,33 @@ async def test_bad_action_and_secret_metadata_are_refused(
     with pytest.raises(ValueError, match="limit must be at least 1"):
         await license_history(db_session, customer_id, limit=0)
     assert await rows_of(db_session, customer_id) == []
+
+
+async def test_a_customer_ids_first_licence_is_read_where_its_trial_started(
+    db_session: AsyncSession, keys: SigningKeys, customer_id: str
+) -> None:
+    """The operator's read of where a Customer made again started its trial (trial_history.py), on the
+    real table: the earliest issue of its customer id's licences, whatever their order of recording
+    (a licence recorded after a crash comes after a later one); None for an id the history lacks."""
+    from types import SimpleNamespace
+
+    from iotistic_billing.operator.trial_history import first_licensed_at
+
+    class Sessions:
+        def __call__(self) -> Sessions:
+            return self
+
+        async def __aenter__(self) -> AsyncSession:
+            return db_session
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    later, first = mint(keys, customer_id, "trial", days=30), mint(keys, customer_id, "trial", days=2)
+    for minted, action in ((later, "renewed"), (first, "generated")):
+        assert await record_license(db_session, minted, action)
+    ctx: Any = SimpleNamespace(sessions=Sessions(), first_licences={})
+
+    assert await first_licensed_at(ctx, customer_id) == first.issued_at == NOW + timedelta(days=2)
+    assert ctx.first_licences == {customer_id: first.issued_at}
+    assert await first_licensed_at(ctx, f"cust_{uuid.uuid4().hex[:12]}") is None
