@@ -673,7 +673,11 @@ async def test_the_housekeeping_passes_a_ready_customer_whose_generation_no_pass
     settings = SimpleNamespace(dunning_restrict_days=14, trial_notice_days=3)
     memo = kopf.Memo(
         context=SimpleNamespace(
-            clock=lambda: NOW, settings=settings, noticed=set(), background_passes=BackgroundPasses()
+            clock=lambda: NOW,
+            settings=settings,
+            noticed=set(),
+            first_licences={},
+            background_passes=BackgroundPasses(),
         )
     )
     for observed, generation in ((4, 4), (2, 4)):
