@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from iotistic_billing.customer import RESTRICTED_FOR, CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.directory import CustomerRecord, Directory, remember_all
+from iotistic_billing.errors import ApiError, Conflict, DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube
 from iotistic_billing.notices.content import Notice
 from iotistic_billing.notices.outbox import Outbox
@@ -198,8 +199,9 @@ async def apply_events(
         else:
             groups.setdefault(name, _CustomerEvents(name, [], [], record)).events.append(event)
     ready: list[_CustomerEvents] = []
+    invoice_lines = listed_once(deps.invoice_lines) if deps.invoice_lines is not None else None
     listed = await asyncio.gather(
-        *(_bounded(slots, _with_all_lines(deps.invoice_lines, groups[name])) for name in sorted(groups))
+        *(_bounded(slots, _with_all_lines(invoice_lines, groups[name])) for name in sorted(groups))
     )
     for name, unlisted in zip(sorted(groups), listed, strict=True):
         group = groups[name]
@@ -276,9 +278,12 @@ async def _with_all_lines(invoice_lines: InvoiceLines | None, group: _CustomerEv
 async def with_all_lines(event: StripeEvent, invoice_lines: InvoiceLines | None) -> StripeEvent:
     """The event with every line of its invoice: Stripe sends an invoice's first lines alone (saying
     `has_more`), and a plan line past them read as an invoice billing no period (paying an older one
-    lifted past_due). Listed from Stripe, within INVOICE_LINES_TIMEOUT; a failure raises, so that the
-    event stays pending for a retry (recorded, it would be decided on part of its invoice for good).
-    Without STRIPE_SECRET_KEY nothing can list them: a warning naming the invoice, and its first lines."""
+    lifted past_due). Listed from Stripe (`listed_once`: within INVOICE_LINES_TIMEOUT); a failure a retry
+    may clear (no answer, 5xx, 429, a key Stripe refuses altogether) raises, so that the event stays
+    pending (recorded, it would be decided on part of its invoice for good). A refusal no retry clears
+    (403: a restricted key without "Invoices: read"; a 404 or other 4xx: an invoice Stripe does not
+    have), or no STRIPE_SECRET_KEY to list them with: a warning naming the invoice, and its first lines
+    (left pending, the event held every newer one of its Customer, a cancellation, a failed payment)."""
     invoice = event.data.object
     lines = invoice.get("lines")
     if (
@@ -296,10 +301,64 @@ async def with_all_lines(event: StripeEvent, invoice_lines: InvoiceLines | None)
             invoice_id,
         )
         return event
-    async with asyncio.timeout(INVOICE_LINES_TIMEOUT):  # not wait_for: see workers.py
+    try:
         listed = await invoice_lines(invoice_id)
+    except Exception as error:
+        refusal = _refused_for_good(error)
+        if refusal is None:
+            raise
+        log.warning(
+            "stripe event %s: invoice %s has more lines than the event carries, and Stripe refused to list"
+            " them (%s); read from the ones it carries",
+            event.id,
+            invoice_id,
+            refusal,
+        )
+        return event
     whole = {**invoice, "lines": {**lines, "data": [dict(line) for line in listed], "has_more": False}}
     return event.model_copy(update={"data": event.data.model_copy(update={"object": whole})})
+
+
+def listed_once(invoice_lines: InvoiceLines) -> InvoiceLines:
+    """`invoice_lines` for one batch: within INVOICE_LINES_TIMEOUT (it runs under the batch lock, which
+    every replica's batches wait for), and each invoice once, its failure too: two events of one invoice
+    (invoice.paid and invoice.payment_succeeded) come together, and each listing may take that long."""
+    listed: dict[str, Sequence[Mapping[str, Any]] | Exception] = {}
+
+    async def once(invoice_id: str) -> Sequence[Mapping[str, Any]]:
+        if invoice_id not in listed:
+            try:
+                async with asyncio.timeout(INVOICE_LINES_TIMEOUT):  # not wait_for: see workers.py
+                    listed[invoice_id] = await invoice_lines(invoice_id)
+            except TimeoutError:
+                # Named: a TimeoutError says nothing (its str is empty) in the event's last_error and log.
+                listed[invoice_id] = DependencyUnavailable(
+                    "Stripe",
+                    f"Stripe did not list the lines of invoice {invoice_id} within"
+                    f" {INVOICE_LINES_TIMEOUT:g} s; retry later",
+                )
+            except Exception as error:
+                listed[invoice_id] = error
+        found = listed[invoice_id]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    return once
+
+
+def _refused_for_good(error: Exception) -> str | None:
+    """What a refusal of an invoice's listing that no retry clears says (None: another failure): a 403
+    (the key may not read invoices; every other call may work) or Stripe's other refusals of the request
+    (`Conflict`: a 404 resource_missing, an invoice of deleted test data or another account). A 401 is
+    not: the key is refused altogether, and the events wait for it to be mended."""
+    details = error.details if isinstance(error, ApiError) else None
+    if isinstance(details, Mapping) and details.get("stripe_status") == 403:
+        return "403: the key may not read invoices; a restricted key needs Invoices: read"
+    if isinstance(error, Conflict):
+        code = details.get("stripe_code") if isinstance(details, Mapping) else None
+        return f"{error.message} ({code})" if code else error.message
+    return None
 
 
 def read_facts(event: StripeEvent, catalog: PriceCatalog, customer: str) -> SubscriptionFacts | None:

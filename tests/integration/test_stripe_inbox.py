@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import kubernetes
 import pytest
+import stripe
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, null, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -39,7 +40,8 @@ from iotistic_billing.directory import CustomerRecord, Directory
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.processes import free_port
-from iotistic_billing.stripe_inbox.apply import EventApplier
+from iotistic_billing.stripe_api import _stripe
+from iotistic_billing.stripe_inbox.apply import EventApplier, InvoiceLines
 from iotistic_billing.stripe_inbox.events import StripeEvent
 from iotistic_billing.stripe_inbox.inbox import BATCH_LOCK, INBOX_CHANNEL, PENDING, EventInbox, store_event
 from iotistic_billing.stripe_inbox.retention import expired
@@ -167,6 +169,22 @@ class Subscriber:
         )
 
 
+def first_lines_alone(body: dict[str, Any], prorations: int = 10) -> list[dict[str, Any]]:
+    """An invoice event made to carry its first lines alone (`has_more`), as Stripe sends an invoice of
+    more than 10: `prorations` proration lines first (an upgrade's), its plan line past them. Every
+    line of it, as GET /v1/invoices/{id}/lines lists them."""
+    lines = body["data"]["object"]["lines"]
+    [plan] = lines["data"]
+    details = plan["parent"]["subscription_item_details"]
+    proration = {
+        **plan,
+        "parent": {**plan["parent"], "subscription_item_details": {**details, "proration": True}},
+    }
+    every = [{**proration, "id": f"{plan['id']}_{n}"} for n in range(prorations)] + [plan]
+    lines.update(data=every[:10], has_more=True)
+    return every
+
+
 async def store(pool: Pool, inbox: EventInbox, bodies: list[dict[str, Any]]) -> None:
     """Each event as the webhook route stores it (its own statement), then the route's wake."""
     for body in bodies:
@@ -236,15 +254,23 @@ async def inbox_in_process(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     restore_interval: float = 60.0,
     livemode: bool | None = None,
+    invoice_lines: InvoiceLines | None = None,
 ) -> AsyncIterator[EventInbox]:
     """An inbox with no loop of its own, as in the webhook server's process: the test calls
     `apply_pending`; with `database_url`, its `wake` NOTIFYs the inboxes of other processes. With
     `workers`, it runs its loops too (looking for Customers to restore every `restore_interval`),
-    LISTENing when it has `database_url`, as the inbox process does."""
+    LISTENing when it has `database_url`, as the inbox process does. `invoice_lines`: Stripe's listing
+    of an invoice's lines (None: no STRIPE_SECRET_KEY)."""
     client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     kube = Kube(KubeApi(client, FieldManager.SIGNUP), 8)
     catalog = PriceCatalog(PRICES)  # type: ignore[arg-type]
-    applier = EventApplier(kube=kube, directory=Directory(kube), catalog=catalog, livemode=livemode)
+    applier = EventApplier(
+        kube=kube,
+        directory=Directory(kube),
+        catalog=catalog,
+        livemode=livemode,
+        invoice_lines=invoice_lines,
+    )
     inbox = EventInbox(
         sessions=session_factory(engine),
         applier=applier,
@@ -1620,3 +1646,37 @@ async def test_the_inbox_restores_at_its_start_and_every_interval(
         assert await eventually(restored, within=10, message="at its start") == without_period_start(before)
         made_again(customers, subscriber)
         assert await eventually(restored, within=10, message="later") == without_period_start(before)
+
+
+async def test_an_invoice_event_whose_lines_stripe_refuses_to_list_does_not_hold_its_customer(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: with a restricted key without "Invoices: read" (the README accepts restricted
+    keys), Stripe answers the listing of an invoice's lines 403; the event carrying its first lines
+    alone stayed pending, retried with backoff without end, and every newer event of its Customer, its
+    cancellation too, waited behind it. A refusal no retry clears reads it from the lines it carries
+    (a warning naming it), and the Customer's events go on."""
+    subscriber = Subscriber(customers, "linesrefused")
+    base = int(time.time()) - 3600
+    asked: list[str] = []
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        async def forbidden() -> list[dict[str, Any]]:
+            raise stripe.PermissionError(
+                "The provided key does not have the required permissions", http_status=403
+            )
+
+        asked.append(invoice_id)
+        return await _stripe(forbidden(), "list the invoice's lines")
+
+    async with inbox_in_process(inbox_engine, kubeconfig, invoice_lines=invoice_lines) as inbox:
+        await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        paid = subscriber.invoice(base + 10, paid=True, plan="professional")
+        first_lines_alone(paid)
+        ended = subscriber.deleted(base + 20, plan="professional")
+        await store(inbox_pool, inbox, [paid, ended])
+        assert await inbox.apply_pending() == 2
+    assert asked == [paid["data"]["object"]["id"]]
+    assert await results(inbox_engine, [paid, ended]) == {paid["id"]: "applied", ended["id"]: "applied"}
+    held = customers.subscription(subscriber.name) or {}
+    assert (held.get("status"), held.get("lastEventCreated")) == ("canceled", base + 20)

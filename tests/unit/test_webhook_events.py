@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,10 +16,12 @@ import stripe
 from iotistic_billing.customer import CustomerSpec, SubscriptionSpec
 from iotistic_billing.db import models
 from iotistic_billing.db.retention import retention_cutoff
-from iotistic_billing.errors import BadRequest, DependencyUnavailable, ValidationFailed
+from iotistic_billing.errors import BadRequest, DependencyUnavailable, Unavailable, ValidationFailed
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import STRIPE_EVENT_RETENTION_MIN_DAYS
-from iotistic_billing.stripe_inbox.apply import read_facts, with_all_lines
+from iotistic_billing.stripe_api import _stripe
+from iotistic_billing.stripe_inbox import apply
+from iotistic_billing.stripe_inbox.apply import InvoiceLines, listed_once, read_facts, with_all_lines
 from iotistic_billing.stripe_inbox.events import (
     MAX_TIMESTAMP,
     Coalesced,
@@ -1076,6 +1079,98 @@ async def test_an_invoice_event_carrying_its_first_lines_alone_is_read_with_ever
     with caplog.at_level(logging.WARNING, logger="iotistic_billing.stripe_inbox"):
         assert await with_all_lines(event, None) is event
     assert "stripe event evt_1: invoice in_1 has more lines than the event carries" in caplog.text
+
+
+def answering(error: stripe.StripeError) -> InvoiceLines:
+    """StripeApi.invoice_lines as Stripe's `error` leaves it: our error (stripe_api._stripe)."""
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        async def refused() -> list[dict[str, Any]]:
+            raise error
+
+        return await _stripe(refused(), "list the invoice's lines")
+
+    return invoice_lines
+
+
+def not_found(invoice_id: str) -> stripe.InvalidRequestError:
+    message = f"No such invoice: '{invoice_id}'"
+    body = {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": message}}
+    return stripe.InvalidRequestError(message, "id", code="resource_missing", http_status=404, json_body=body)
+
+
+async def test_an_invoice_s_lines_stripe_refuses_for_good_are_read_from_those_the_event_carries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a listing Stripe refused in a way no retry clears (a restricted key without
+    "Invoices: read", 403; an invoice Stripe does not have, 404 resource_missing: deleted test data,
+    another account's) left the event pending for ever, retried with backoff, and every newer event of
+    its Customer (a cancellation, a failed payment) held behind it; the warning said the key was
+    revoked or another account's while every other call worked. The event is read from the lines it
+    carries, with a warning naming it, its invoice and the refusal; a failure a retry may clear (no
+    answer, 5xx, 429, a key refused altogether) still leaves it pending."""
+    event = invoice_event([{"proration": True, "price": {"id": "price_p"}}] * 10, has_more=True)
+    forbidden = stripe.PermissionError(
+        "The provided key does not have the required permissions", http_status=403
+    )
+    caplog.set_level(logging.WARNING, logger="iotistic_billing.stripe_inbox")
+    assert await with_all_lines(event, listed_once(answering(forbidden))) is event
+    [warning] = [r.getMessage() for r in caplog.records if r.name.startswith("iotistic_billing.stripe_inbox")]
+    assert warning.startswith("stripe event evt_1: invoice in_1 has more lines than the event carries")
+    assert "403" in warning and "Invoices: read" in warning and "revoked" not in warning
+
+    caplog.clear()
+    assert await with_all_lines(event, listed_once(answering(not_found("in_1")))) is event
+    assert "No such invoice: 'in_1' (resource_missing)" in caplog.text and "evt_1" in caplog.text
+
+    for passing in (
+        stripe.APIConnectionError("Connection reset"),
+        stripe.APIError("Internal error", http_status=500),
+        stripe.RateLimitError("Too many requests", http_status=429),
+        stripe.AuthenticationError("Invalid API Key provided", http_status=401),
+    ):
+        with pytest.raises(Unavailable):
+            await with_all_lines(event, listed_once(answering(passing)))
+
+
+async def test_a_batch_lists_an_invoice_once_and_names_a_listing_that_took_too_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: two events of one invoice (invoice.paid and invoice.payment_succeeded) listed it
+    twice under the batch lock, each listing up to 10 s; and one that took too long was recorded as a
+    bare "TimeoutError" (its str is empty) in the event's last_error and the warning."""
+    asked: list[str] = []
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        asked.append(invoice_id)
+        if len(asked) == 1:
+            raise DependencyUnavailable("Stripe")
+        return [{"type": "subscription", "price": {"id": "price_s"}, "period": {"end": PERIOD_END}}]
+
+    paid = invoice_event([{"proration": True, "price": {"id": "price_p"}}] * 10, has_more=True)
+    succeeded = paid.model_copy(update={"id": "evt_2", "type": "invoice.payment_succeeded"})
+    batch = listed_once(invoice_lines)
+    for each in (paid, succeeded):  # its failure too: the second event does not ask again
+        with pytest.raises(DependencyUnavailable):
+            await with_all_lines(each, batch)
+    assert asked == ["in_1"]
+    batch = listed_once(invoice_lines)  # the next batch
+    whole = [await with_all_lines(each, batch) for each in (paid, succeeded)]
+    assert asked == ["in_1", "in_1"]
+    for each in whole:
+        facts = read_facts(each, CATALOG, "acme")
+        assert facts is not None and facts.billed_until == AT_PERIOD_END
+
+    never = asyncio.Event()
+
+    async def no_answer(invoice_id: str) -> list[dict[str, Any]]:
+        await never.wait()
+        return []
+
+    monkeypatch.setattr(apply, "INVOICE_LINES_TIMEOUT", 0)  # expired at once: no time waited for
+    with pytest.raises(DependencyUnavailable) as raised:
+        await with_all_lines(paid, listed_once(no_answer))
+    assert str(raised.value) == "Stripe did not list the lines of invoice in_1 within 0 s; retry later"
 
 
 def test_a_failed_retry_of_an_older_invoice_after_the_latest_was_paid_starts_no_dunning() -> None:
