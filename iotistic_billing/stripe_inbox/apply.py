@@ -238,7 +238,7 @@ async def apply_events(
             )
         except Exception as error:  # a state the models refuse: this Customer's events stay pending
             results.update(group.failed(error))
-    results.update(await _move_unmatched_rows(deps, session, unmatched, owner))
+    results.update(await _move_unmatched_rows(deps, session, unmatched, owner, invoice_lines))
     planned = [group for group in ready if group.plan is not None]
     patched = await asyncio.gather(
         *(_bounded(slots, _apply_to_customer(deps.kube, group)) for group in planned)
@@ -385,14 +385,28 @@ async def _move_unmatched_rows(
     session: AsyncSession,
     unmatched: Sequence[tuple[StripeEvent, LookupHints]],
     owner: Mapping[str, str],
+    invoice_lines: InvoiceLines | None = None,
 ) -> Results:
     """Each event that matched no Customer recorded `unmatched` (the console replays it), its
     subscription's row, when there is one, moved on by it (`events.unmatched_row`; no Customer written, no
-    notice). One whose row a Customer of the batch reads too is left pending for the next batch (a row is
-    decided from one state), and those whose row is refused stay pending, retried."""
+    notice), read with every line of its invoice as a Customer's is (`with_all_lines`). One whose row a
+    Customer of the batch reads too is left pending for the next batch (a row is decided from one state),
+    and those whose row is refused, or whose lines could not be listed yet, stay pending, retried (with
+    the batch's others naming the same ids, so that the row moves in Stripe's order)."""
     results: Results = {}
     by_subscription: dict[str, list[tuple[StripeEvent, LookupHints, SubscriptionFacts]]] = {}
+    unlisted: dict[str, Exception] = {}
     for event, hints in unmatched:
+        failed = next((unlisted[key] for key in hints.ids() if key in unlisted), None)
+        if failed is None:
+            try:
+                event = await with_all_lines(event, invoice_lines)
+            except Exception as error:
+                failed = error
+        if failed is not None:
+            results[event.id] = Failure(failed, hints.ids())
+            unlisted.update(dict.fromkeys(hints.ids(), failed))
+            continue
         results[event.id] = Outcome("unmatched")
         try:
             facts = subscription_facts(

@@ -1680,3 +1680,34 @@ async def test_an_invoice_event_whose_lines_stripe_refuses_to_list_does_not_hold
     assert await results(inbox_engine, [paid, ended]) == {paid["id"]: "applied", ended["id"]: "applied"}
     held = customers.subscription(subscriber.name) or {}
     assert (held.get("status"), held.get("lastEventCreated")) == ("canceled", base + 20)
+
+
+async def test_an_unmatched_invoice_event_carrying_its_first_lines_alone_is_read_with_every_line(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: an invoice event no Customer matched was read from the lines it carried (the
+    listing ran for Customers' events alone): Stripe retried an older invoice of a deleted Customer's
+    overdue subscription, its plan line past an upgrade's 10 prorations, which read as billing no
+    period, so its row was made active and its pastDueSince cleared, and a Customer made again under
+    its customer id was given back an active subscription. It is read with every line, as a
+    Customer's is: older, it leaves the row overdue."""
+    subscriber = Subscriber(customers, "unmatchedlines")
+    base = int(time.time()) - 3600
+    every: dict[str, list[dict[str, Any]]] = {}
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        return every[invoice_id]
+
+    async with inbox_in_process(inbox_engine, kubeconfig, invoice_lines=invoice_lines) as inbox:
+        await subscribed(inbox, inbox_pool, customers, subscriber, base)
+        customers.delete(subscriber.name)
+        # The period before the one whose payment failed (that one began at base + 2), paid late.
+        older = subscriber.invoice(base + 10, paid=True, plan="professional")
+        plan_line = older["data"]["object"]["lines"]["data"][0]
+        plan_line["period"] = {"start": base + 2 - 30 * 86400, "end": base + 2}
+        every[older["data"]["object"]["id"]] = first_lines_alone(older)
+        await store(inbox_pool, inbox, [older])
+        assert await inbox.apply_pending() == 1
+    assert await results(inbox_engine, [older]) == {older["id"]: "unmatched"}
+    row = await subscription_row(inbox_engine, subscriber.subscription)
+    assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))
