@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, cast
@@ -34,7 +35,7 @@ from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import write_trial_ending
-from iotistic_billing.operator.reconcile import PassResult, StatusConflict, reconcile
+from iotistic_billing.operator.reconcile import LeftShard, PassResult, StatusConflict, reconcile
 from iotistic_billing.operator.state import (
     handled_mark,
     housekeeping_due,
@@ -130,7 +131,10 @@ async def _kopf_pass(ctx: OperatorContext, name: str, body: kopf.Body) -> None:
     except Exception as error:  # the API server or PostgreSQL away, a conflict that went on, a bug
         retry_if_failed(ctx, name, error)
         return
-    if result is None:  # gone, being deleted or another shard's: nothing to retry
+    if isinstance(result, LeftShard):
+        await _left_shard(ctx, result)
+        return
+    if result is None:  # gone or being deleted: nothing to retry
         return
     retry_if_failed(ctx, name, result)
     await post_events(ctx.kube, KIND, body, result.events)
@@ -371,8 +375,11 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
     except Exception as error:  # the API server or PostgreSQL away, a conflict that went on
         retry_if_failed(ctx, name, error)
         return
+    if isinstance(result, LeftShard):  # its retries and housekeeping end here with the rest
+        await _left_shard(ctx, result)
+        return
     if result is None:
-        if deployment_event is None:  # gone, being deleted or another shard's: nothing to retry
+        if deployment_event is None:  # gone or being deleted: nothing to retry
             ctx.pass_retries.forget(name)
         return  # a Deployment event's pass that a later pass covered: a retry pending stays
     retry_if_failed(ctx, name, result)
@@ -413,24 +420,59 @@ async def customer_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, uid:
     """A Customer deleted, or relabelled to another shard (the watch's label selector no longer matches:
     the API server says DELETED). Kopf forgets it but does not stop its daemon then (only a deletion
     does), so the housekeeping of a Customer another shard now owns is stopped here, and what this
-    process kept of it dropped, its licence expiry metric too (the new shard reports it): coming back, it
-    is new here and gets a pass."""
+    process kept of it dropped (drop_customer), its licence expiry metric too (the new shard reports it):
+    coming back, it is new here and gets a pass."""
     if type != "DELETED":
         return
     ctx = _context(memo)
-    housekeeper = ctx.housekeepers.pop(uid, None)
+    # Kopf's diff base, forgotten with Kopf's own memory of the object (a pass that finds the Customer
+    # another shard's leaves it: Kopf, not having seen it go, keeps its memory too).
+    cast(HandledSpecs, memo["handled"]).forget(body)
+    try:
+        now = await ctx.kube.read_customer(body.metadata.name or "")
+    except KubernetesUnavailable:
+        now = None  # forgotten as before: with the API server away, a new one's may go with it
+    await drop_customer(ctx, body, uid, now)
+
+
+async def drop_customer(
+    ctx: OperatorContext,
+    body: Mapping[str, Any],
+    uid: str,
+    now: Mapping[str, Any] | None,
+    *,
+    stop_housekeeping: bool = True,
+) -> None:
+    """What this process keeps of Customer `body` (of `uid`) dropped, as it has left this shard: deleted,
+    or another shard's now. `now`: the Customer read since (None: gone, or not read). Once any pass of it
+    under way has ended: a pass no Kopf worker runs (a housekeeping check's, a watch's, a retry) that
+    ended after this set the licence expiry again, and the expiry alert fired weeks later for a licence
+    the new shard renews. Its housekeeper is stopped last, as it may be the caller; not when Kopf has not
+    seen the Customer go (`stop_housekeeping` False): Kopf starts no daemon again for an object it still
+    holds, so a Customer moved back before a restart would get no licence renewal here, while an idle
+    housekeeper's checks only read it (its notices and passes are judged on the Customer read fresh)."""
+    housekeeper = ctx.housekeepers.pop(uid, None) if stop_housekeeping else None
+    ctx.told_unpinned.discard(uid)
+    async with ctx.locks.held(body["metadata"].get("name") or ""):
+        await _forget_kept(ctx, body, uid, now)
     if housekeeper is not None:
         housekeeper.cancel()
-    ctx.told_unpinned.discard(uid)
-    cast(HandledSpecs, memo["handled"]).forget(body)
-    name, customer_id = body.metadata.name or "", customer_id_in_use(body)
+
+
+async def _left_shard(ctx: OperatorContext, left: LeftShard) -> None:
+    """A pass found its Customer another shard's (its DELETED not handled yet, or never to come after a
+    watch outage): dropped here as customer_gone drops it, its housekeeper kept (drop_customer)."""
+    uid = left.body["metadata"].get("uid") or ""
+    await drop_customer(ctx, left.body, uid, left.body, stop_housekeeping=False)
+
+
+async def _forget_kept(
+    ctx: OperatorContext, body: Mapping[str, Any], uid: str, now: Mapping[str, Any] | None
+) -> None:
+    name, customer_id = body["metadata"].get("name") or "", customer_id_in_use(body)
     # Kopf handles each object's events in a worker of its own, in no order between objects: a Customer
     # made again under the name may have had its passes before this old one's DELETED is handled, and
     # what the process keeps by name (and by customer id, when it kept that) is then the new one's.
-    try:
-        now = await ctx.kube.read_customer(name)
-    except KubernetesUnavailable:
-        now = None  # forgotten as before: with the API server away, a new one's may go with it
     if now is not None and now["metadata"].get("uid") != uid:
         forget_customer(None, customer_id if customer_id_in_use(now) != customer_id else None)
         return

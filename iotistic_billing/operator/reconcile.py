@@ -111,6 +111,9 @@ class PassResult:
     # Warning Events of what the pass went on without (reason, message): a refused apply of the
     # Customer's own namespace, a copy of a withdrawn signing key that could not be deleted.
     warnings: tuple[tuple[str, str], ...] = ()
+    # The Customer's labels as its status patch answered them (None: nothing patched, or gone), so that a
+    # relabel to another shard while the pass ran is seen before the pass's metrics are set (reconcile).
+    labels: Mapping[str, str] | None = None
 
     @property
     def payment_step_changed(self) -> bool:
@@ -157,16 +160,25 @@ class PassResult:
 REFUSED_ONCE_A_MESSAGE = frozenset({c.NAMESPACE_REFUSED, c.LICENSE_SECRET_REFUSED})
 
 
+@dataclass(frozen=True)
+class LeftShard:
+    """How a pass ends when the Customer is another shard's now: `body`, the Customer as the pass read
+    it, for the handler to drop what this process keeps of it (handlers.drop_customer)."""
+
+    body: dict[str, Any]
+
+
 async def reconcile(
     ctx: OperatorContext,
     name: str,
     now: datetime | None = None,
     deployment_event: int | None = None,
     handed: Mapping[str, Any] | None = None,
-) -> PassResult | None:
-    """Bring Customer `name` to its desired state; None when it is gone, being deleted or another
-    shard's, or when the pass was asked for by the Deployment event of tick `deployment_event` and a
-    pass since saw it. `handed`: the Customer as Kopf handed it to the handler starting the pass."""
+) -> PassResult | LeftShard | None:
+    """Bring Customer `name` to its desired state; None when it is gone or being deleted, or when the
+    pass was asked for by the Deployment event of tick `deployment_event` and a pass since saw it;
+    LeftShard when it is another shard's, found so at the start or in the status patch's answer.
+    `handed`: the Customer as Kopf handed it to the handler starting the pass."""
     # Kopf's copy is as new as the last event Kopf saw only if the pass starts at once: one that waited
     # behind another pass or for a slot (a thousand Customers applied together) reads the Customer, or
     # a spec changed meanwhile would be licensed and installed twice, once as it was.
@@ -182,7 +194,9 @@ async def reconcile(
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             if not ctx.shard.owns(body["metadata"].get("labels")):
-                return None  # a Deployment or Secret event of another shard's Customer
+                # A Deployment or Secret event of another shard's Customer, or a Customer relabelled away
+                # whose DELETED this shard missed (a re-list after a watch outage makes none).
+                return LeftShard(body)
             with RECONCILE_DURATION.time():
                 try:
                     result = await _reconcile(ctx, body, now or ctx.clock())
@@ -190,6 +204,10 @@ async def reconcile(
                     RECONCILES.labels("error").inc()
                     RECONCILE_ERRORS.labels(type(error).__name__).inc()
                     raise
+            if result.labels is not None and not ctx.shard.owns(result.labels):
+                # Relabelled while the pass ran: its licence expiry and stall are the new shard's to
+                # export, and set here they outlived customer_gone's removal (a false expiry alert weeks on).
+                return LeftShard(body)
             _count(name, result)
             return result
 
@@ -539,10 +557,11 @@ async def write_status(
     for _attempt in range(STATUS_CONFLICT_RETRIES):
         if status.to_k8s() == previous.to_k8s():
             return ended(status)
-        if await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), read_version):
+        patched = await _patched(ctx, name, merge_patch(previous.to_k8s(), status.to_k8s()), read_version)
+        if patched is not None:
             for wakeup in ctx.rollout_wakeups:
                 wakeup.set()
-            return ended(status)
+            return ended(status, labels=(patched["metadata"].get("labels") or {}) if patched else None)
         current = await ctx.kube.read_customer(name)
         if current is None or current["metadata"].get("uid") != body["metadata"].get("uid"):
             # Gone, or deleted and created again under its name: the new Customer's status is not this
@@ -567,18 +586,21 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-async def _patched(ctx: OperatorContext, name: str, patch: dict[str, Any], read_version: str) -> bool:
-    """False when the Customer changed since `read_version` (409); a Customer gone counts as done.
-    The patched Customer goes into the Customer view at once: the rollout tick this write wakes reads
-    the view, and the watch's copy of the write can come after the tick (it then waited a whole tick)."""
+async def _patched(
+    ctx: OperatorContext, name: str, patch: dict[str, Any], read_version: str
+) -> dict[str, Any] | None:
+    """The Customer as patched; None when it changed since `read_version` (409); a Customer gone counts
+    as done ({}). The patched Customer goes into the Customer view at once: the rollout tick this write
+    wakes reads the view, and the watch's copy of the write can come after the tick (it then waited a
+    whole tick)."""
     try:
         patched = await ctx.kube.patch_customer_status(name, patch, read_version)
     except ApiException as error:
         if error.status == 409:
-            return False
+            return None
         if error.status != 404:
             raise
-        return True
+        return {}
     ctx.written[name] = resource_version(patched)
     ctx.customer_view.saw(patched)
-    return True
+    return patched

@@ -57,6 +57,7 @@ from iotistic_billing.operator.reconcile import (
     write_status,
 )
 from iotistic_billing.operator.refusals import Refused, refused_as
+from iotistic_billing.operator.sharding import Shard
 from iotistic_billing.operator.state import (
     PassTarget,
     housekeeping_due,
@@ -182,6 +183,7 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
     }
     ctx = SimpleNamespace(
         kube=Customers(moved, listed=False),  # still there, another shard's now
+        locks=CustomerLocks(),
         housekeepers={},
         told_unpinned=set(),
         applied_namespaces={},
@@ -219,10 +221,115 @@ class Customers:
         return list(self.bodies.values())
 
 
+def licensed(customer_id: str) -> CustomerStatus:
+    """The status of a pass that issued the customer a licence."""
+    licence = LicenseStatus(jti="j2", issued_at=NOW, expires_at=NOW + timedelta(days=30))
+    return CustomerStatus(customer_id=customer_id, license=licence)
+
+
+async def test_a_pass_that_ends_after_its_customer_left_this_shard_does_not_export_its_licence_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a pass no Kopf worker runs (a housekeeping renewal, a Deployment event's, a retry)
+    was under way when its Customer was relabelled to another shard; customer_gone dropped its licence
+    expiry series, then the pass ended and set it again, exported here until a restart, and
+    IotisticLicenseExpired fired weeks later for a licence the new shard renews. customer_gone drops
+    what the process keeps of the Customer once the pass in flight has ended."""
+    moved: dict[str, Any] = {
+        "metadata": {"name": "moved", "uid": "uid-moved", "labels": {"iotistic.io/shard": "1"}},
+        "spec": {"customerId": "cust_moved0001"},
+        "status": {"customerId": "cust_moved0001"},
+    }
+    renewing, released = asyncio.Event(), asyncio.Event()
+
+    async def renewal(ctx: Any, body: dict[str, Any], now: datetime) -> PassResult:
+        renewing.set()
+        await released.wait()  # in helm, say
+        return PassResult(licensed("cust_moved0001"), "Ready")
+
+    monkeypatch.setattr(reconcile_module, "_reconcile", renewal)
+    ctx = SimpleNamespace(
+        kube=Customers(moved, listed=False),
+        locks=CustomerLocks(),
+        pass_slots=asyncio.Semaphore(4),
+        shard=Shard(1, 3),
+        clock=lambda: NOW,
+        housekeepers={},
+        told_unpinned=set(),
+        applied_namespaces={},
+        written={},
+        pass_retries=PassRetries(Retries().later),
+    )
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
+
+    pass_ = asyncio.create_task(reconcile(cast(OperatorContext, ctx), "moved"))
+    await asyncio.wait_for(renewing.wait(), 5)
+    relabelled = {**moved, "metadata": {**moved["metadata"], "labels": {"iotistic.io/shard": "2"}}}
+    ctx.kube.bodies["moved"] = relabelled
+    gone = asyncio.create_task(
+        handlers.customer_gone(type="DELETED", body=kopf.Body(relabelled), memo=memo, uid="uid-moved")
+    )
+    await asyncio.sleep(0)
+    released.set()
+    await asyncio.wait_for(asyncio.gather(pass_, gone), 5)
+    assert licence_expiry("cust_moved0001") is None
+
+
+class RelabelledServer(StatusServer):
+    """A Customer labelled for `shard`, which the test moves to another shard while a pass runs."""
+
+    shard = "1"
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        return {**super().metadata(name), "labels": {"iotistic.io/shard": self.shard}}
+
+
+async def test_a_pass_whose_status_patch_finds_its_customer_relabelled_drops_it_from_this_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: relabelled to another shard while this shard's watch was down (an API server
+    restart: Kopf re-lists and makes no DELETED of what the list lacks), a Customer never had
+    customer_gone run here; a renewal pass under way at the relabel exported its expiry until a restart
+    (a false IotisticLicenseExpired a month on) and kept its housekeeping and retries. The status patch
+    answers with the Customer's labels: another shard's, it is dropped here as customer_gone drops it (its
+    housekeeper kept: Kopf would start none again for it)."""
+    server = RelabelledServer({"customerId": "cust_left0001"}, resource_version=7, uid="uid-left")
+
+    async def renewal(ctx: Any, body: dict[str, Any], now: datetime) -> PassResult:
+        server.shard = "2"  # relabelled while the pass ran
+        return await write_status(
+            ctx, body, CustomerStatus.model_validate(body["status"]), licensed("cust_left0001")
+        )
+
+    monkeypatch.setattr(reconcile_module, "_reconcile", renewal)
+    retries = Retries()
+    ctx: Any = context(server)
+    ctx.locks, ctx.pass_slots, ctx.shard, ctx.clock = (
+        CustomerLocks(),
+        asyncio.Semaphore(4),
+        Shard(1, 3),
+        lambda: NOW,
+    )
+    housekeeper = asyncio.get_running_loop().create_future()
+    ctx.housekeepers = {"uid-left": housekeeper}
+    ctx.told_unpinned = set()
+    ctx.applied_namespaces = {"customer-left": {"kind": "Namespace"}}
+    ctx.pass_retries = PassRetries(retries.later)
+    ctx.pass_retries.failed("left", lambda: None)
+
+    await handlers._refresh(ctx, "left")
+    assert server.document["license"]["jti"] == "j2"  # written, as the API server took it
+    assert licence_expiry("cust_left0001") is None
+    # Its housekeeper stays: Kopf, not having seen it go, would start none again were it moved back.
+    assert not housekeeper.done() and ctx.housekeepers == {"uid-left": housekeeper}
+    assert ctx.applied_namespaces == {} and ctx.written == {} and retries.scheduled == []
+
+
 async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_customer_holding_it() -> None:
     """Found in review: the finalizer kept the customer id's expiry series for the Customer that holds the
     id after a rename, and the old name's DELETED dropped it anyway, blind until the holder's next pass."""
     ctx = SimpleNamespace(
+        locks=CustomerLocks(),
         housekeepers={},
         told_unpinned=set(),
         applied_namespaces={},
@@ -252,6 +359,7 @@ async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_
     the name: the new one's stall series (no further pass brings it back), its pending retry."""
     retries = Retries()
     ctx = SimpleNamespace(
+        locks=CustomerLocks(),
         housekeepers={},
         told_unpinned=set(),
         applied_namespaces={"customer-acme": {"metadata": {"ownerReferences": [{"uid": "uid-new"}]}}},
