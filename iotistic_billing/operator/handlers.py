@@ -34,7 +34,7 @@ from iotistic_billing.operator.entitlement import trial_started
 from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
-from iotistic_billing.operator.notices import write_trial_ending
+from iotistic_billing.operator.notices import trial_ending_notice, write_trial_ending
 from iotistic_billing.operator.reconcile import LeftShard, PassResult, StatusConflict, reconcile
 from iotistic_billing.operator.state import (
     handled_mark,
@@ -287,10 +287,8 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     # The trial's start its passes read from the licence history (none read here: a check costs nothing).
     first_licensed = ctx.first_licences.get(customer_id_in_use(dict(body)))
     created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
-    try:
-        await write_trial_ending(ctx, customer, dict(body), now)
-    except Exception:  # a bug (PostgreSQL away is one warning an outage, write_trial_ending's)
-        log.exception("trial notice of Customer %s not written", name)
+    if not await _trial_notice(ctx, name, customer, body, now, first_licensed):
+        return  # another shard's now: dropped here
     restricted_for = timedelta(days=ctx.settings.dunning_restrict_days)
     due = housekeeping_due(
         customer.spec, customer.status, created, now, restricted_for, customer.metadata.generation
@@ -303,6 +301,43 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     if due:
         # A pass the check started finishes even when Kopf stops the daemon meanwhile.
         await asyncio.shield(ctx.background_passes.start(_refresh(ctx, name)))
+
+
+async def _trial_notice(
+    ctx: OperatorContext,
+    name: str,
+    customer: Customer,
+    body: kopf.Body,
+    now: datetime,
+    first_licensed: datetime | None,
+) -> bool:
+    """The "trial ends soon" notice, when Kopf's body says it is due, written from the Customer read
+    fresh and only while it is this shard's: Kopf's body is as new as the last event Kopf saw, for good
+    once the Customer was relabelled away while the watch was down (the re-list makes no DELETED), and a
+    trial extended or paid for since was told it ends on the old date by a shard that had left it.
+    False when the Customer is another shard's now (dropped here, its housekeeper idle: drop_customer)."""
+    notice = trial_ending_notice(customer, dict(body), now, ctx.settings.trial_notice_days, first_licensed)
+    if notice is None or notice.key in ctx.noticed:
+        return True
+    uid = customer.metadata.uid or ""
+    try:
+        fresh = await ctx.kube.read_customer(name)
+    except KubernetesUnavailable as error:  # the next check reads it
+        log.warning("Customer %s not read for its trial notice: %s", name, error)
+        return True
+    meta = fresh["metadata"] if fresh is not None else {}
+    if fresh is None or meta.get("uid") != uid or meta.get("deletionTimestamp"):
+        return True  # gone or going: its deletion's to handle
+    if not ctx.shard.owns(meta.get("labels")):
+        await drop_customer(ctx, fresh, uid, fresh, stop_housekeeping=False)
+        return False
+    try:
+        await write_trial_ending(ctx, Customer.model_validate(fresh), fresh, now)
+    except (ValueError, InvalidSpecError):
+        pass  # a spec refused since: its pass says so
+    except Exception:  # a bug (PostgreSQL away is one warning an outage, write_trial_ending's)
+        log.exception("trial notice of Customer %s not written", name)
+    return True
 
 
 async def _webhook_secret_changed(ctx: OperatorContext, customer: Customer, now: datetime) -> bool:

@@ -38,6 +38,7 @@ from iotistic_billing.stripe_inbox import inbox as inbox_module
 from iotistic_billing.stripe_inbox.inbox import EventInbox
 from iotistic_billing.usage.metering import send_meter_events
 from iotistic_billing.usage.partitions import maintain_partitions
+from tests.unit.test_operator_passes import Customers
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -455,6 +456,7 @@ async def test_postgresql_away_is_one_warning_for_the_trial_notices_not_a_traceb
     trials = [trial_customer(name) for name in ("acme", "globex", "initech")]
     # Two checks of each trial with PostgreSQL away, then one with it back, which writes the notice.
     ctx = housekeeping_context(Sessions([refused() for _ in range(6)] + [None, None, None]))
+    ctx.kube = Customers(*map(dict, trials))  # each notice written from the Customer read fresh
     memo = kopf.Memo(context=ctx)
     with caplog.at_level(logging.INFO):
         for _check in range(2):
@@ -474,6 +476,7 @@ async def test_postgresql_away_is_one_warning_for_the_trial_notices_not_a_traceb
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     ctx = housekeeping_context(Sessions([RuntimeError("a bug")]))
+    ctx.kube = Customers(*map(dict, trials))
     caplog.clear()
     with caplog.at_level(logging.INFO):
         await handlers.housekeeping(name="acme", body=trials[0], memo=kopf.Memo(context=ctx))

@@ -38,6 +38,7 @@ from iotistic_billing.operator.context import (
     PassRequests,
     PassRetries,
     retry_delay,
+    trial_notices_outage,
 )
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
 from iotistic_billing.operator.license import ensure_license
@@ -323,6 +324,55 @@ async def test_a_pass_whose_status_patch_finds_its_customer_relabelled_drops_it_
     # Its housekeeper stays: Kopf, not having seen it go, would start none again were it moved back.
     assert not housekeeper.done() and ctx.housekeepers == {"uid-left": housekeeper}
     assert ctx.applied_namespaces == {} and ctx.written == {} and retries.scheduled == []
+
+
+async def test_the_housekeeping_of_a_customer_that_left_while_the_watch_was_down_sends_no_trial_notice() -> (
+    None
+):
+    """Found in review: relabelled to another shard while this shard's watch was down, a Customer kept its
+    housekeeping here on Kopf's last body, for good, which wrote "trial ends on <old date>" before any
+    look at the Customer: one paid for since was sent it, from a shard that had left it (another notice
+    key than the new shard's, so no dedupe). The notice is written from the Customer read fresh and only
+    while it is this shard's; found another shard's, the Customer is dropped here, its housekeeping
+    idle."""
+    old: dict[str, Any] = {
+        "metadata": {
+            "name": "acme",
+            "uid": "uid-acme",
+            "creationTimestamp": CREATED.isoformat(),
+            "labels": {"iotistic.io/shard": "1"},
+        },
+        "spec": {"email": "ops@acme.example", "companyName": "Acme", "trial": {"days": 14}},
+    }
+    paid = {
+        "metadata": {**old["metadata"], "labels": {"iotistic.io/shard": "2"}},
+        "spec": {"email": "ops@acme.example", "companyName": "Acme", "plan": "starter"},
+    }
+    parts = LicenceStepParts()
+    ctx: Any = parts.context()
+    housekeeper = asyncio.get_running_loop().create_future()
+    day_12 = NOW + timedelta(days=9)  # the trial ends in two days, by the old body
+    for part, value in {
+        "kube": Customers(paid, listed=False),
+        "shard": Shard(1, 3),
+        "clock": lambda: day_12,
+        "noticed": set(),
+        "first_licences": {},
+        "told_unpinned": set(),
+        "trial_notices": trial_notices_outage(),
+        "locks": CustomerLocks(),
+        "housekeepers": {"uid-acme": housekeeper},
+        "applied_namespaces": {},
+        "written": {},
+        "pass_retries": PassRetries(Retries().later),
+        "background_passes": BackgroundPasses(),
+    }.items():
+        setattr(ctx, part, value)
+
+    await handlers.housekeeping(name="acme", body=kopf.Body(old), memo=kopf.Memo(context=ctx))
+    assert parts.notices == []
+    # Kept idle: Kopf, not having seen it go, would start no housekeeping again were it moved back.
+    assert not housekeeper.done() and ctx.housekeepers == {"uid-acme": housekeeper}
 
 
 async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_customer_holding_it() -> None:
