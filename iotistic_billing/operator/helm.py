@@ -151,6 +151,26 @@ def _chart_version(chart_file: Path, _mtime_ns: int) -> str:
     return str(yaml.safe_load(chart_file.read_text())["version"])
 
 
+def chart_values_schema(chart: Path) -> dict[str, Any] | None:
+    """The chart's values.schema.json, read once per change of it; None when the chart has none (helm
+    then checks no value) or it is not a JSON object (helm says why when it installs)."""
+    schema_file = chart / "values.schema.json"
+    try:
+        mtime_ns = schema_file.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+    return _chart_values_schema(schema_file, mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _chart_values_schema(schema_file: Path, _mtime_ns: int) -> dict[str, Any] | None:
+    try:
+        schema = json.loads(schema_file.read_text())
+    except ValueError:
+        return None
+    return schema if isinstance(schema, dict) else None
+
+
 def helm_environment() -> dict[str, str]:
     """The environment of every helm process (the reconcile benchmark's baseline uses it too).
 

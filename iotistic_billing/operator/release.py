@@ -16,6 +16,7 @@ from iotistic_billing.operator.helm import (
     LABELLED_BY_ITS_HELM,
     HelmError,
     HelmRelease,
+    chart_values_schema,
     helm_pod,
     helm_pod_gone,
 )
@@ -206,6 +207,8 @@ async def _ensure_release(
     namespace = target.namespace
     values = desired_release_values(target, ctx.settings, license.sha256)
     # The version string is enough for the digest: ChartStore.get serves a version only as its chart's own.
+    # So is it for the values of the operator's the version's schema leaves out (below): the digest is of
+    # every value the operator wants, known before the chart is pulled.
     version = target.chart_version
     digest = values_hash(values, version)
     missing: list[str] = []
@@ -219,6 +222,9 @@ async def _ensure_release(
         return ReleaseOutcome("failed", c.CHART_VERSION_UNAVAILABLE, str(error), permanent=True)
     except HelmError as error:  # the registry is away: the next pass tries again
         return ReleaseOutcome("failed", c.CHART_PULL_FAILED, error.message)
+    # An older version (pinned, rolled back, the fleet's in a registry) declares fewer of the operator's
+    # values, and its schema refuses the others.
+    values = desired_release_values(target, ctx.settings, license.sha256, chart_values_schema(chart.path))
 
     recovery = Recovery()
     for attempt in (1, 2):

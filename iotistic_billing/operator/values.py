@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -57,12 +58,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def desired_release_values(
-    target: PassTarget, settings: Settings, license_sha256: str | None
+    target: PassTarget,
+    settings: Settings,
+    license_sha256: str | None,
+    schema: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """spec.instance.values first, then the values the operator owns on top: a user override can tune
     the chart but cannot lift the plan's limits or switch a suspended instance back on. The CRD refuses
     those keys in spec.instance.values (and extraEnv entries of the environment they make, refused_env);
-    a Customer applied before that refusal may still hold one, and it is left out."""
+    a Customer applied before that refusal may still hold one, and it is left out.
+
+    `schema`: the chart version's values.schema.json, when known; the operator's values it does not
+    accept are left out (accepted_by_schema), so a version published before one of them still installs."""
     spec, entitlement = target.spec, target.entitlement
     plan = plan_by_name(entitlement.plan, allow_unlicensed=True)
     managed: dict[str, Any] = {
@@ -80,7 +87,56 @@ def desired_release_values(
         },
         "retention": {"days": plan.features.data_retention_days},
     }
+    if schema is not None:
+        managed = accepted_by_schema(managed, schema)
     return deep_merge(_without_refused_env(spec.instance.values or {}), managed)
+
+
+def accepted_by_schema(values: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` without the keys `schema` (a chart's values.schema.json) refuses as undeclared: a key of
+    an object whose schema says additionalProperties false, lists no such property and has no
+    patternProperties matching it. Every chart version published before license.issuer and
+    license.audience closed `license` so, and helm refused the whole release (`at '/license': additional
+    properties 'audience', 'issuer' not allowed`), a suspension's enabled: false with it. Only for the
+    operator's values: a misspelt key of spec.instance.values still fails the install, naming it."""
+    return _accepted(values, schema, schema)
+
+
+def _accepted(values: dict[str, Any], node: Mapping[str, Any], document: Mapping[str, Any]) -> dict[str, Any]:
+    node = _resolved(node, document)
+    declared = node.get("properties")
+    declared = declared if isinstance(declared, Mapping) else {}
+    patterns = node.get("patternProperties")
+    patterns = patterns if isinstance(patterns, Mapping) else {}
+    closed = node.get("additionalProperties") is False
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        own = declared.get(key)
+        if own is None and closed and not any(re.search(pattern, key) for pattern in patterns):
+            continue
+        if isinstance(value, dict) and isinstance(own, Mapping):
+            value = _accepted(value, own, document)
+        kept[key] = value
+    return kept
+
+
+def _resolved(node: Mapping[str, Any], document: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`node` with its local `$ref` (`#/definitions/...`) followed; a reference this cannot follow (to
+    another document) is read as a schema that refuses nothing."""
+    for _ in range(32):  # a chain of references, not a loop of them
+        ref = node.get("$ref")
+        if not isinstance(ref, str):
+            return node
+        if not ref.startswith("#"):
+            return {}
+        found: Any = document
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            found = found.get(part) if isinstance(found, Mapping) else None
+        if not isinstance(found, Mapping):
+            return {}
+        node = found
+    return {}
 
 
 def _without_refused_env(values: dict[str, Any]) -> dict[str, Any]:

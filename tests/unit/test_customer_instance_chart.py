@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,12 +13,16 @@ import pytest
 import yaml
 
 from iotistic_billing.customer import LICENSE_JWT_KEY, LICENSE_SECRET_NAME, USAGE_API_KEY_KEY
+from iotistic_billing.operator.helm import chart_values_schema
 from iotistic_billing.operator.values import (
     LICENSED_COMPONENTS,
     OPERATOR_ENV_NAMES,
     deep_merge,
+    desired_release_values,
     operator_env_name,
 )
+from iotistic_billing.settings import Settings
+from tests.unit.test_operator_state import _entitlement, spec, target
 
 REPO = Path(__file__).parents[2]
 CHART = REPO / "charts" / "customer-instance"
@@ -254,6 +259,66 @@ def test_the_instance_is_given_the_licence_s_issuer_and_audience(operator_object
 
         assert env["IOTISTIC_LICENSE_ISSUER"]["value"] == "https://billing.staging.example", name
         assert env["IOTISTIC_LICENSE_AUDIENCE"]["value"] == "staging-instance", name
+
+
+# The last commit whose chart declares no license.issuer nor license.audience, its `license` closed
+# (additionalProperties false), as in every version published before them.
+CHART_BEFORE_ISSUER = "0b235f6"
+
+
+def chart_at(commit: str, into: Path) -> Path:
+    """The chart as it was at `commit`, taken from git into the directory `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "charts/customer-instance"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    return into / "charts" / "customer-instance"
+
+
+@pytest.fixture(scope="module")
+def chart_before_issuer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chart_at(CHART_BEFORE_ISSUER, tmp_path_factory.mktemp("chart-before-issuer"))
+
+
+@pytest.mark.parametrize("suspended", [False, True])
+def test_a_chart_version_from_before_an_operator_value_still_installs(
+    helm: Path, tmp_path: Path, chart_before_issuer: Path, suspended: bool
+) -> None:
+    """Found in review: the operator sent license.issuer and license.audience to every chart version, and
+    each one published before them refuses both (`at '/license': additional properties 'audience',
+    'issuer' not allowed`, a permanent failure): after an operator upgrade every Customer on an older
+    version (pinned, rolled back, an OCI registry's) stalled in UpgradeFailed, and no value reached it, a
+    suspension's enabled: false neither. The operator's values a version's schema does not declare are
+    left out for it; the chart of today is given them all."""
+    settings = Settings(license_issuer="https://billing.staging.example", license_audience="staging-instance")
+    aim = target(
+        _entitlement("unlicensed", True) if suspended else _entitlement("starter"),
+        customer_spec=spec(plan="starter", suspended=suspended),
+    )
+    values_file = tmp_path / "values.json"
+    for chart in (chart_before_issuer, CHART):
+        values = desired_release_values(aim, settings, "ab" * 32, chart_values_schema(chart))
+        values_file.write_text(json.dumps(values))
+        result = run_helm(
+            helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--values", str(values_file)
+        )
+        assert result.returncode == 0, result.stderr
+        objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        replicas = {w["spec"]["replicas"] for w in workloads(objects)}
+        assert replicas == ({0} if suspended else {1}), chart
+        env = env_of(containers(component(objects, "api"))[0])
+        assert env["CUSTOMER_ID"]["value"] == "cust_acme0001"
+        if chart == CHART:
+            assert env["IOTISTIC_LICENSE_ISSUER"]["value"] == "https://billing.staging.example"
+            assert env["IOTISTIC_LICENSE_AUDIENCE"]["value"] == "staging-instance"
+        else:
+            assert "IOTISTIC_LICENSE_ISSUER" not in env
+            assert sorted(values["license"]) == ["maxDevices", "secretName", "sha256"]
+            assert values["license"]["secretName"] == LICENSE_SECRET_NAME
 
 
 # Every value the operator sets (operator/values.py), each changed.

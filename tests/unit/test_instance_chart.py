@@ -27,6 +27,7 @@ from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.settings import load_settings
+from tests.unit.test_customer_instance_chart import CHART_BEFORE_ISSUER, chart_at
 from tests.unit.test_operator_state import NOW, target
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "customer-instance"
@@ -233,10 +234,10 @@ class ReleaseStep(NamedTuple):
         )
 
 
-def release_step(helm: Helm, tmp_path: Path) -> ReleaseStep:
+def release_step(helm: Helm, tmp_path: Path, chart: Path = CHART) -> ReleaseStep:
     """The release step over the chart directory, its release deployed at revision 3 with the values it
     wants."""
-    settings = load_settings(instance_chart=str(CHART), billing_url="http://billing.example")
+    settings = load_settings(instance_chart=str(chart), billing_url="http://billing.example")
     aim = target()
     digest = values_hash(desired_release_values(aim, settings, LICENCE.sha256), "0.1.0")
     revisions = {3: {"status": "deployed", c.LABEL_VALUES_HASH: digest}}
@@ -284,9 +285,11 @@ class ValuesKept(Upgrading):
     def __init__(self) -> None:
         super().__init__()
         self.values: list[dict[str, Any]] = []
+        self.digests: list[str] = []
 
     async def upgrade_install(self, name: str, namespace: str, *args: Any, **kwargs: Any) -> HelmRelease:
         self.values.append(args[1])
+        self.digests.append(args[2])
         return await super().upgrade_install(name, namespace, *args, **kwargs)
 
 
@@ -311,6 +314,29 @@ async def test_a_customer_s_extra_env_of_the_operator_s_variables_is_left_out_an
         "upgraded to revision 4; spec.instance.values.api.extraEnv[1].name IOTISTIC_LICENSE_KEY:"
         " the operator's variables, left out (remove them)"
     )
+
+
+async def test_a_chart_version_from_before_an_operator_value_is_sent_only_the_values_it_declares(
+    tmp_path: Path,
+) -> None:
+    """Found in review: the operator sent license.issuer and license.audience to every chart version, and
+    each one published before them refuses both (its `license` closed by additionalProperties false):
+    after an operator upgrade every Customer on such a version stalled in UpgradeFailed. The release step
+    reads the version's values.schema.json and leaves out the operator's values it does not declare; the
+    digest stays the one of every value the operator wants, known before the chart is pulled."""
+    helm = ValuesKept()
+    step = release_step(helm, tmp_path / "cache", chart_at(CHART_BEFORE_ISSUER, tmp_path / "chart"))
+    step.revisions[3][c.LABEL_VALUES_HASH] = "of the operator before"
+
+    outcome = await ensure_release(step.ctx, step.aim, LICENCE, None, may_exist=True)
+
+    assert (outcome.result, helm.upgrades) == ("upgraded", 1)
+    assert sorted(helm.values[0]["license"]) == ["maxDevices", "secretName", "sha256"]
+    assert helm.digests == [step.digest]
+    step.revisions[3]["status"] = "superseded"
+    step.revisions[4] = {"status": "deployed", c.LABEL_VALUES_HASH: step.digest}
+    again = await ensure_release(step.ctx, step.aim, LICENCE, outcome.release, may_exist=True)
+    assert (again.result, helm.upgrades) == ("unchanged", 1)
 
 
 class Manifests(Upgrading):

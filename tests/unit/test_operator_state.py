@@ -71,6 +71,7 @@ from iotistic_billing.operator.state import (
 )
 from iotistic_billing.operator.values import (
     OPERATOR_ENV_NAMES,
+    accepted_by_schema,
     desired_release_values,
     operator_env_name,
     refused_env,
@@ -677,6 +678,40 @@ def test_extra_env_of_the_operator_s_variables_is_left_out_and_named() -> None:
         "spec.instance.values.exporter.extraEnv[1].name BILLING_URL",
     ]
     assert refused_env({"api": {"extraEnv": "not a list"}, "exporter": None}) == []
+
+
+def test_the_operator_s_values_a_chart_s_schema_does_not_declare_are_left_out() -> None:
+    """A key is left out only where its object's schema is closed (additionalProperties false), lacks the
+    property and has no patternProperties taking it; local $refs are followed, an open object keeps all."""
+    schema = {
+        "additionalProperties": False,
+        "definitions": {
+            "licence": {"$ref": "#/definitions/closed"},
+            "closed": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"secretName": {"type": "string"}},
+                "patternProperties": {"^max": {"type": "integer"}},
+            },
+        },
+        "properties": {"enabled": {}, "license": {"$ref": "#/definitions/licence"}, "retention": {}},
+    }
+    values = {
+        "enabled": False,
+        "domain": "a.example",
+        "license": {"secretName": "s", "issuer": "i", "maxDevices": 5},
+        "retention": {"days": 30, "anything": 1},
+    }
+
+    assert accepted_by_schema(values, schema) == {
+        "enabled": False,
+        "license": {"secretName": "s", "maxDevices": 5},
+        "retention": {"days": 30, "anything": 1},
+    }
+    assert accepted_by_schema(values, {}) == values
+    # A reference to another document, or one that leads nowhere: nothing refused there.
+    elsewhere = {"properties": {"license": {"$ref": "other.json#/x"}, "retention": {"$ref": "#/nowhere"}}}
+    assert accepted_by_schema(values, elsewhere) == values
 
 
 @pytest.mark.parametrize(
