@@ -10,7 +10,7 @@ from datetime import datetime
 from iotistic_billing.customer import Condition, ConditionStatus, ConditionType, find_condition, set_condition
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.entitlement import Entitlement
-from iotistic_billing.operator.outcomes import PassOutcome, ReleaseOutcome
+from iotistic_billing.operator.outcomes import LEFT_OUT_NOTE, PassOutcome, ReleaseOutcome
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,10 @@ def release_condition(release: ReleaseOutcome | None, previous: Sequence[Conditi
     last = find_condition(previous, ConditionType.RELEASE_DEPLOYED)
     if release.result == "unchanged" and last is not None and last.status == ConditionStatus.TRUE:
         # Keep what the last install or upgrade said: rewriting it to "unchanged" on the next pass was
-        # a status patch (and a watch event) per Customer that told nobody anything.
-        reason, message = last.reason, last.message
+        # a status patch (and a watch event) per Customer that told nobody anything. Not its note of the
+        # extraEnv entries left out, which is this pass's: their removal leaves the values as they were
+        # (left out already), so the release unchanged, and the note kept asked to remove them for ever.
+        reason, message = last.reason, last.message.partition(LEFT_OUT_NOTE)[0] + release.note
     return ConditionValue(ConditionType.RELEASE_DEPLOYED, release.deployed, reason, message)
 
 

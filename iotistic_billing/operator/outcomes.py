@@ -8,6 +8,10 @@ from typing import Literal
 from iotistic_billing.customer import LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
 
+# How ReleaseDeployed's message goes on when extraEnv entries of spec.instance.values were left out as the
+# operator's (release.ensure_release), naming them after it.
+LEFT_OUT_NOTE = "; left out as the operator's variables (remove them): "
+
 
 @dataclass(frozen=True)
 class ReleaseOutcome:
@@ -16,6 +20,8 @@ class ReleaseOutcome:
     message: str
     release: ReleaseStatus | None = None
     permanent: bool = False
+    # The end of `message` from LEFT_OUT_NOTE on; "" when nothing was left out.
+    note: str = ""
 
     @property
     def deployed(self) -> bool:

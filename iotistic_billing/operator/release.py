@@ -20,7 +20,7 @@ from iotistic_billing.operator.helm import (
     helm_pod,
     helm_pod_gone,
 )
-from iotistic_billing.operator.outcomes import ReleaseOutcome
+from iotistic_billing.operator.outcomes import LEFT_OUT_NOTE, ReleaseOutcome
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, refused_env, values_hash
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
@@ -179,9 +179,9 @@ async def ensure_release(
     outcome = await _ensure_release(ctx, target, license, previous, may_exist=may_exist)
     if not (left_out := refused_env(target.spec.instance.values)):
         return outcome
-    said = f"{', '.join(left_out)}: the operator's variables, left out (remove them)"
-    log.warning("Customer %s: %s", target.name, said, extra={"customer": target.name})
-    return replace(outcome, message=f"{outcome.message}; {said}")
+    note = f"{LEFT_OUT_NOTE}{', '.join(left_out)}"
+    log.warning("Customer %s: %s", target.name, note[2:], extra={"customer": target.name})
+    return replace(outcome, message=f"{outcome.message}{note}", note=note)
 
 
 async def _ensure_release(

@@ -15,10 +15,18 @@ from typing import Any, NamedTuple, cast
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import InstanceSpec, LicenseStatus, ReleaseStatus
+from iotistic_billing.customer import (
+    ConditionStatus,
+    ConditionType,
+    InstanceSpec,
+    LicenseStatus,
+    ReleaseStatus,
+    set_condition,
+)
 from iotistic_billing.devenv.controlplane import find_binary
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartStore, ChartUnavailable
+from iotistic_billing.operator.conditions import release_condition
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.deployments import DeploymentState, instance_health
 from iotistic_billing.operator.helm import Helm, HelmError, HelmRelease, _release, manifest_deployments
@@ -311,8 +319,8 @@ async def test_a_customer_s_extra_env_of_the_operator_s_variables_is_left_out_an
     assert (outcome.result, helm.upgrades) == ("upgraded", 1)
     assert helm.values[0]["api"]["extraEnv"] == [{"name": "LOG_LEVEL", "value": "debug"}]
     assert outcome.message == (
-        "upgraded to revision 4; spec.instance.values.api.extraEnv[1].name IOTISTIC_LICENSE_KEY:"
-        " the operator's variables, left out (remove them)"
+        "upgraded to revision 4; left out as the operator's variables (remove them):"
+        " spec.instance.values.api.extraEnv[1].name IOTISTIC_LICENSE_KEY"
     )
 
 
@@ -337,6 +345,47 @@ async def test_a_chart_version_from_before_an_operator_value_is_sent_only_the_va
     step.revisions[4] = {"status": "deployed", c.LABEL_VALUES_HASH: step.digest}
     again = await ensure_release(step.ctx, step.aim, LICENCE, outcome.release, may_exist=True)
     assert (again.result, helm.upgrades) == ("unchanged", 1)
+
+
+async def test_the_note_of_extra_env_left_out_goes_once_its_entries_are_removed(tmp_path: Path) -> None:
+    """Found in review: ReleaseDeployed kept saying the entries were left out (remove them) after they
+    were removed: their removal leaves the values the operator sends as they were (left out already), so
+    the release was unchanged, and the condition kept the last upgrade's message, note and all."""
+    helm = ValuesKept()
+    step = release_step(helm, tmp_path)
+    mine = {"name": "LOG_LEVEL", "value": "debug"}
+    pinned = {"name": "IOTISTIC_LICENSE_KEY", "value": "eyJhbGc"}
+
+    def with_env(*entries: dict[str, str]) -> PassTarget:
+        values = {"api": {"extraEnv": list(entries)}}
+        return target(
+            customer_spec=step.aim.spec.model_copy(update={"instance": InstanceSpec(values=values)})
+        )
+
+    with_pin = with_env(mine, pinned)
+    first = await ensure_release(step.ctx, with_pin, LICENCE, None, may_exist=True)
+    assert first.result == "upgraded"
+    said = set_condition(
+        None,
+        type_=ConditionType.RELEASE_DEPLOYED,
+        status=ConditionStatus.TRUE,
+        reason=first.reason,
+        message=first.message,
+        observed_generation=1,
+        now=NOW,
+    )
+    assert "IOTISTIC_LICENSE_KEY" in first.message
+    step.revisions[3]["status"] = "superseded"
+    step.revisions[4] = {"status": "deployed", c.LABEL_VALUES_HASH: helm.digests[0]}
+
+    kept = await ensure_release(step.ctx, with_pin, LICENCE, first.release, may_exist=True)
+    removed = await ensure_release(step.ctx, with_env(mine), LICENCE, first.release, may_exist=True)
+
+    assert (kept.result, removed.result, helm.upgrades) == ("unchanged", "unchanged", 1)
+    still = release_condition(kept, said)
+    assert still is not None and still.message == first.message
+    gone = release_condition(removed, said)
+    assert gone is not None and (gone.reason, gone.message) == (c.UPGRADE_SUCCEEDED, "upgraded to revision 4")
 
 
 class Manifests(Upgrading):
