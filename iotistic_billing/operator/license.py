@@ -57,7 +57,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import Entitlement, capped_at_end, license_action
 from iotistic_billing.operator.manifests import license_secret_manifest
-from iotistic_billing.operator.metrics import LICENSES_MINTED
+from iotistic_billing.operator.metrics import LICENSE_ENDS_BY_DESIGN, LICENSES_MINTED
 from iotistic_billing.operator.refusals import refused_as
 from iotistic_billing.operator.state import PassTarget
 
@@ -180,7 +180,7 @@ async def ensure_license(
                     await _record_usage_key(session, target.customer_id, target.name, stored_key)
         if target.customer_id not in ctx.mirrored:
             await _mirror(ctx, target)
-        return _status(previous)
+        return _reported(target, _status(previous))
 
     if unrecorded:
         assert previous is not None
@@ -233,7 +233,15 @@ async def ensure_license(
         # kubectl or GitOps by its ids with one GET, not a list of the fleet (directory.py).
         await remember(session, target.customer, target.customer_id)
     ctx.mirrored.add(target.customer_id)
-    return _status(minted.record())
+    return _reported(target, _status(minted.record()))
+
+
+def _reported(target: PassTarget, status: LicenseStatus) -> LicenseStatus:
+    """`status`, its licence's end exported as by design or not: the expiry alert is for a licence the
+    operator failed to renew, not one that ends with a trial or a subscription set to cancel."""
+    capped = status.expires_at is not None and capped_at_end(target.entitlement, status.expires_at)
+    LICENSE_ENDS_BY_DESIGN.labels(target.customer_id).set(1 if capped else 0)
+    return status
 
 
 def previous_suspended(annotations: Mapping[str, str]) -> bool:

@@ -32,6 +32,12 @@ LICENSE_EXPIRY = Gauge(
     "Expiry (Unix time) of each customer's current licence",
     ["customer_id"],
 )
+LICENSE_ENDS_BY_DESIGN = Gauge(
+    "iotistic_operator_license_ends_by_design",
+    "1 for each customer whose current licence ends where its entitlement does (a trial's end, the end of a"
+    " subscription's period set to cancel), not renewed by design; else 0",
+    ["customer_id"],
+)
 CUSTOMER_STALLED = Gauge(
     "iotistic_operator_customer_stalled",
     "1 for each Customer whose last pass stalled (it waits for its spec to change), by the Stalled"
@@ -67,5 +73,6 @@ def forget_customer(name: str | None, customer_id: str | None) -> None:
     if name is not None:
         report_stall(name, None)
     if customer_id is not None:
-        with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
-            LICENSE_EXPIRY.remove(customer_id)
+        for gauge in (LICENSE_EXPIRY, LICENSE_ENDS_BY_DESIGN):
+            with contextlib.suppress(KeyError):  # never reported here: the 0.21 our pin allows raises
+                gauge.remove(customer_id)

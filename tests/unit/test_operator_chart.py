@@ -1546,6 +1546,20 @@ def test_a_helm_call_killed_at_its_timeout_raises_an_alert(monitored_objects: li
     assert exposed >= {"pull", "upgrade", "uninstall", "rollback", "status", "get"}
 
 
+def test_a_licence_that_ends_by_design_raises_no_expiring_alert(monitored_objects: list[Manifest]) -> None:
+    """Found in review: IotisticLicenseExpiringSoon paged for every subscription set to cancel at its
+    period's end (its licence capped there, not renewed by design) and for every trial's last licence.
+    It leaves out the customers whose licence the operator exports as ending by design."""
+    rule = one(monitored_objects, "PrometheusRule", RELEASE)
+    [alert] = [
+        r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "IotisticLicenseExpiringSoon"
+    ]
+    assert alert["expr"].endswith(
+        f' unless on (customer_id) iotistic_operator_license_ends_by_design{{namespace="{NAMESPACE}"}} == 1'
+    )
+    assert "trial" not in alert["annotations"]["description"]
+
+
 def scraped_up(objects: list[Manifest], down: set[str]) -> list[tuple[dict[str, str], float]]:
     """The `up` series of the operator's pods as the ServiceMonitor has Prometheus label them (job: the
     Service; the pod labels podTargetLabels names, "." and "/" as "_"): 0 for the Deployments in `down`."""

@@ -7,6 +7,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import prometheus_client
 import pytest
 
 from iotistic_billing.customer import REVOKED_LICENSE, Customer, CustomerStatus, LicenseStatus, TrialStatus
@@ -15,6 +16,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import license as license_step
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.license import desired_claims, ensure_license
+from iotistic_billing.operator.metrics import forget_customer
 from iotistic_billing.operator.notices import trial_ending_notice
 from iotistic_billing.operator.outcomes import InstanceHealth, PassOutcome
 from iotistic_billing.operator.state import PassTarget, next_status
@@ -257,3 +259,46 @@ def test_a_subscription_set_to_cancel_at_its_period_end_lapses_then_as_its_delet
     assert before.entitlement.plan == "professional"
     renewing = _target_of({**stripe, "subscription": {**ending, "cancelAtPeriodEnd": False}})
     assert renewing.entitlement.plan == "professional"
+
+
+def _ends_by_design(customer_id: str) -> float | None:
+    return prometheus_client.REGISTRY.get_sample_value(
+        "iotistic_operator_license_ends_by_design", {"customer_id": customer_id}
+    )
+
+
+async def test_a_licence_that_ends_by_design_is_exported_so_and_raises_no_expiry_alert(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a licence capped at the end of a subscription's period set to cancel (as a
+    trial's last one at the trial's end) is not renewed by design, and IotisticLicenseExpiringSoon paged
+    for each such customer in its last days. The licence step exports whether it ends by design, which
+    the alert leaves out; one renewed as usual, and one whose cancellation was undone, are 0."""
+    parts = LicenceStepParts()
+    monkeypatch.setattr(license_step, "record_license", parts.record_license)
+    monkeypatch.setattr(license_step, "revoke_recorded", parts.revoke_recorded)
+    ctx = parts.context()
+    ending = {
+        "status": "active",
+        "plan": "professional",
+        "currentPeriodEnd": (NOW + timedelta(days=10)).isoformat(),
+    }
+    stripe = {"billing": {"mode": "stripe"}}
+    cancelling = _target_of({**stripe, "subscription": {**ending, "cancelAtPeriodEnd": True}})
+
+    capped = await ensure_license(ctx, cancelling, None)
+    assert capped.expires_at == NOW + timedelta(days=10)
+    assert _ends_by_design(cancelling.customer_id) == 1
+    held = await ensure_license(ctx, _reported(cancelling, capped.jti), parts.secret)
+    assert held.jti == capped.jti and _ends_by_design(cancelling.customer_id) == 1
+
+    renewing = _target_of({**stripe, "subscription": {**ending, "cancelAtPeriodEnd": False}})
+    await ensure_license(ctx, _reported(renewing, capped.jti), parts.secret)
+    assert _ends_by_design(renewing.customer_id) == 0
+    # A trial's licence, capped at the trial's end.
+    trial = _target_of({"trial": {"days": 14}})
+    assert (await ensure_license(ctx, trial, None)).expires_at == trial.entitlement.trial_ends_at
+    assert _ends_by_design(trial.customer_id) == 1
+
+    forget_customer(None, cancelling.customer_id)
+    assert _ends_by_design(cancelling.customer_id) is None
