@@ -261,27 +261,39 @@ def test_the_instance_is_given_the_licence_s_issuer_and_audience(operator_object
         assert env["IOTISTIC_LICENSE_AUDIENCE"]["value"] == "staging-instance", name
 
 
-# The last commit whose chart declares no license.issuer nor license.audience, its `license` closed
-# (additionalProperties false), as in every version published before them.
-CHART_BEFORE_ISSUER = "0b235f6"
-
-
-def chart_at(commit: str, into: Path) -> Path:
-    """The chart as it was at `commit`, taken from git into the directory `into`."""
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", commit, "charts/customer-instance"],
-        capture_output=True,
-        check=True,
-        timeout=60,
+def chart_before_issuer_at(into: Path) -> Path:
+    """The chart as every version published before license.issuer and license.audience was: this one
+    without them (its `license` closed, additionalProperties false, as it was), copied into `into`.
+    Made from the chart of today, not taken from git, so that a clone without history tests it too."""
+    chart = Path(shutil.copytree(CHART, into / "customer-instance"))
+    schema_file = chart / "values.schema.json"
+    schema = json.loads(schema_file.read_text())
+    closed = schema["properties"]["license"]
+    for key in ("issuer", "audience"):
+        del closed["properties"][key]
+        closed["required"].remove(key)
+    schema_file.write_text(json.dumps(schema, indent=2))
+    values_file = chart / "values.yaml"
+    values_file.write_text(
+        "".join(
+            line
+            for line in values_file.read_text().splitlines(keepends=True)
+            if not line.startswith(("  issuer:", "  audience:"))
+        )
     )
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
-    return into / "charts" / "customer-instance"
+    helpers = chart / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+    for name, key in (("IOTISTIC_LICENSE_ISSUER", "issuer"), ("IOTISTIC_LICENSE_AUDIENCE", "audience")):
+        entry = f"- name: {name}\n  value: {{{{ .Values.license.{key} | quote }}}}\n"
+        assert entry in text, f"{name} is no longer rendered as the test expects"
+        text = text.replace(entry, "")
+    helpers.write_text(text)
+    return chart
 
 
 @pytest.fixture(scope="module")
 def chart_before_issuer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chart_at(CHART_BEFORE_ISSUER, tmp_path_factory.mktemp("chart-before-issuer"))
+    return chart_before_issuer_at(tmp_path_factory.mktemp("chart-before-issuer"))
 
 
 @pytest.mark.parametrize("suspended", [False, True])

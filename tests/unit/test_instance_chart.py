@@ -35,7 +35,7 @@ from iotistic_billing.operator.release import ensure_release
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, values_hash
 from iotistic_billing.settings import load_settings
-from tests.unit.test_customer_instance_chart import CHART_BEFORE_ISSUER, chart_at
+from tests.unit.test_customer_instance_chart import chart_before_issuer_at
 from tests.unit.test_operator_state import NOW, target
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "customer-instance"
@@ -333,7 +333,7 @@ async def test_a_chart_version_from_before_an_operator_value_is_sent_only_the_va
     reads the version's values.schema.json and leaves out the operator's values it does not declare; the
     digest stays the one of every value the operator wants, known before the chart is pulled."""
     helm = ValuesKept()
-    step = release_step(helm, tmp_path / "cache", chart_at(CHART_BEFORE_ISSUER, tmp_path / "chart"))
+    step = release_step(helm, tmp_path / "cache", chart_before_issuer_at(tmp_path / "chart"))
     step.revisions[3][c.LABEL_VALUES_HASH] = "of the operator before"
 
     outcome = await ensure_release(step.ctx, step.aim, LICENCE, None, may_exist=True)
