@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Final
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import Customer, customer_id_in_use, namespace_for
 from iotistic_billing.db import models
+from iotistic_billing.db.license_history import deleted_at
 from iotistic_billing.errors import customer_not_found, customer_not_gone
 from iotistic_billing.k8s import Kube
 
@@ -90,6 +92,26 @@ class Listing:
     unreadable: list[UnreadableCustomer]
 
 
+@dataclass(frozen=True)
+class LeftBilling:
+    """A Stripe subscription still billing a customer id no Customer holds any more (its Customer deleted
+    with the subscription open: a GitOps prune cannot cancel first), until someone cancels it."""
+
+    customer_id: str
+    subscription_id: str
+    plan: str | None
+    status: str
+    # When the id's last Customer was deleted (its licence's revocation); None when no licence was
+    # revoked then (none was minted), so the row's last change is all that is known.
+    deleted_at: datetime | None
+    updated_at: datetime
+
+
+# The statuses Stripe ends by itself at the period's end of a cancellation set for then (as the
+# operator's subscription_left_billing reads a deleted Customer's spec.subscription).
+_ENDING_AT_PERIOD_END: Final = ("active", "trialing")
+
+
 def read_customer(body: dict[str, Any]) -> CustomerRecord | UnreadableCustomer:
     """A Customer resource as a record, or, when our models refuse it, as unreadable, naming why."""
     try:
@@ -142,6 +164,51 @@ class Directory:
             if customer_id_in_use(unreadable.body) == customer_id:
                 why = "this version cannot read it: " + "; ".join(unreadable.problems)
                 raise customer_not_gone(customer_id, unreadable.name, why)
+
+    async def subscriptions_left_billing(
+        self, session: AsyncSession, statuses: Set[str]
+    ) -> tuple[list[LeftBilling], Listing]:
+        """The subscriptions in `statuses` (the open ones, stripe_inbox.events.OPEN_STATUSES) on a plan
+        whose customer id no Customer holds, oldest deletion first, and the listing they were read against.
+        Not one an active or trialing subscription set to cancel at its period's end (Stripe ends it).
+        A Customer holds an id as confirm_gone reads it: one this version cannot read holds its id too,
+        and one naming the subscription in spec.subscription holds the subscription (found in review: an
+        unreadable Customer's was taken for a gone one). The rows are read before the Customers are
+        listed, so a Customer applied meanwhile is listed, not taken for gone."""
+        row = models.Subscription
+        rows = (
+            await session.scalars(
+                select(row)
+                .where(
+                    row.status.in_(sorted(statuses)),
+                    # Another product's subscription on the Stripe customer (no plan's price) is not ours.
+                    row.plan.is_not(None),
+                    or_(row.status.not_in(_ENDING_AT_PERIOD_END), ~row.cancel_at_period_end),
+                )
+                .order_by(row.customer_id, row.stripe_subscription_id)
+            )
+        ).all()
+        listing = await self.listing()
+        if not rows:
+            return [], listing
+        bodies = [*(r.body for r in listing.records), *(u.body for u in listing.unreadable)]
+        held = {customer_id_in_use(body) for body in bodies}
+        named = {subscription_named(body) for body in bodies}
+        left = [r for r in rows if r.customer_id not in held and r.stripe_subscription_id not in named]
+        deleted = await deleted_at(session, (r.customer_id for r in left))
+        found = [
+            LeftBilling(
+                customer_id=r.customer_id,
+                subscription_id=r.stripe_subscription_id,
+                plan=r.plan,
+                status=r.status,
+                deleted_at=deleted.get(r.customer_id),
+                updated_at=r.updated_at,
+            )
+            for r in left
+        ]
+        found.sort(key=lambda f: (f.deleted_at or f.updated_at, f.subscription_id))
+        return found, listing
 
     async def by_name(self, name: str) -> CustomerRecord | None:
         body = await self.kube.read_customer(name)
@@ -246,6 +313,15 @@ class Directory:
         }
 
 
+def subscription_named(body: dict[str, Any]) -> str | None:
+    """The Stripe subscription a Customer's spec.subscription names, read from the raw object (a spec
+    this version refuses names one too)."""
+    spec = body.get("spec")
+    subscription = spec.get("subscription") if isinstance(spec, dict) else None
+    named = subscription.get("stripeSubscriptionId") if isinstance(subscription, dict) else None
+    return named if isinstance(named, str) else None
+
+
 def stripe_customer_of(customer: Customer, stored: str | None) -> str | None:
     """A Customer's Stripe customer: spec.billing.stripeCustomerId when set (GitOps may move it to
     another), else `stored`, the link a signup, a checkout or a webhook left in the mirror."""
@@ -321,10 +397,12 @@ class _BatchDirectory(Directory):
 __all__ = [
     "CustomerRecord",
     "Directory",
+    "LeftBilling",
     "Listing",
     "UnreadableCustomer",
     "read_customer",
     "remember",
     "remember_all",
     "stripe_customer_of",
+    "subscription_named",
 ]

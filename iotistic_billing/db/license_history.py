@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -20,6 +20,10 @@ from iotistic_billing.licensing.minting import LicenseRecord, MintedLicense
 # key could slip into a row.
 _SECRET_SHAPES: Final = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN [A-Z ]+-----")
 
+
+# The reason of the revocation a Customer's deletion records when no other Customer holds its customer id
+# (operator/delete.py): when the id was left, for a subscription still billing it (deleted_at).
+DELETION_REASON: Final = "Customer deleted"
 
 # Held by a revoke from its history row to its commit (webhook_server/licenses.py), and by the operator
 # deciding the notice of the suspension the revoke's patch starts: that decision waits for the revoke's
@@ -46,6 +50,24 @@ async def revoke_recorded(session: AsyncSession, customer_id: str, jti: str) -> 
         .limit(1)
     )
     return found is not None
+
+
+async def deleted_at(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, datetime]:
+    """When each customer id's last Customer was deleted, as its licence's revocation recorded it
+    (DELETION_REASON), by customer id; an id whose deletion revoked no licence (none was minted) is absent."""
+    wanted = sorted(set(customer_ids))
+    if not wanted:
+        return {}
+    found = await session.execute(
+        select(LicenseHistory.customer_id, func.max(LicenseHistory.generated_at))
+        .where(
+            LicenseHistory.customer_id.in_(wanted),
+            LicenseHistory.action == "revoked",
+            LicenseHistory.metadata_["reason"].astext == DELETION_REASON,
+        )
+        .group_by(LicenseHistory.customer_id)
+    )
+    return {customer_id: at for customer_id, at in found}
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,4 +166,11 @@ async def recorded_license(
     return rows[0].record(), any(row.action == "revoked" for row in rows)
 
 
-__all__ = ["LicenseHistoryReport", "license_history", "record_license", "recorded_license"]
+__all__ = [
+    "DELETION_REASON",
+    "LicenseHistoryReport",
+    "deleted_at",
+    "license_history",
+    "record_license",
+    "recorded_license",
+]

@@ -42,6 +42,7 @@ from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import CheckoutSession
+from iotistic_billing.stripe_inbox.events import OPEN_STATUSES
 from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
@@ -818,3 +819,99 @@ def test_migration_0018_keeps_a_freed_name_s_row_and_its_downgrade_deletes_it(
     migrate.downgrade(url, "0017")
     assert _customer_rows(url) == [("cust_new01", "acme")]
     migrate.upgrade(url)
+
+
+def _subscription_row(customer_id: str, subscription_id: str, status: str, **row: Any) -> models.Subscription:
+    columns: dict[str, Any] = {"plan": "starter", "cancel_at_period_end": False, "last_event_created": 1}
+    return models.Subscription(
+        customer_id=customer_id,
+        stripe_subscription_id=subscription_id,
+        status=status,
+        **(columns | row),
+    )
+
+
+async def test_subscriptions_still_billing_a_customer_id_no_customer_holds_are_listed(
+    db_session: AsyncSession,
+) -> None:
+    """Found in review: a Customer deleted with its Stripe subscription open (pruned by GitOps at night)
+    left one Warning Event, gone from the API server within the hour, while Stripe billed on for an
+    instance that no longer existed. The subscriptions table still says so: an open subscription (unpaid
+    and paused too, not one Stripe ends at its period's end) on a plan whose customer id no Customer
+    holds, neither one this version reads nor one it refuses, nor one that names it in spec.subscription."""
+    tag = uuid.uuid4().hex[:8]
+    gone, left = f"cust_g{tag}", f"cust_l{tag}"
+    kube = FakeKube()
+    kube.customers["held"] = customer("held", customerId=f"cust_h{tag}")
+    kube.customers["unreadable"] = customer("unreadable", customerId=f"cust_u{tag}", plan="bogus-plan")
+    kube.customers["renamed"] = customer(
+        "renamed",
+        customerId=f"cust_r{tag}",
+        subscription={"status": "active", "stripeSubscriptionId": f"sub_moved{tag}", "lastEventCreated": 1},
+    )
+    db_session.add_all(
+        [
+            _subscription_row(gone, f"sub_active{tag}", "active", plan="professional"),
+            _subscription_row(gone, f"sub_unpaid{tag}", "unpaid", cancel_at_period_end=True),
+            _subscription_row(left, f"sub_paused{tag}", "paused"),
+            _subscription_row(left, f"sub_pastdue{tag}", "past_due"),
+            _subscription_row(gone, f"sub_ending{tag}", "trialing", cancel_at_period_end=True),
+            _subscription_row(gone, f"sub_canceled{tag}", "canceled"),
+            _subscription_row(gone, f"sub_product{tag}", "active", plan=None),
+            _subscription_row(f"cust_h{tag}", f"sub_held{tag}", "active"),
+            _subscription_row(f"cust_u{tag}", f"sub_unreadable{tag}", "active"),
+            _subscription_row(f"cust_old{tag}", f"sub_moved{tag}", "active"),
+        ]
+    )
+    deleted = datetime(2026, 6, 2, 3, 0, tzinfo=UTC)
+    db_session.add(
+        models.LicenseHistory(
+            customer_id=gone,
+            action="revoked",
+            plan="professional",
+            max_devices=50,
+            license_hash="0" * 64,
+            jti=f"jti-{tag}",
+            kid="kid-1",
+            issued_at=datetime(2026, 6, 1, tzinfo=UTC),
+            expires_at=datetime(2026, 7, 1, tzinfo=UTC),
+            features={},
+            limits={},
+            metadata_={"reason": "Customer deleted"},
+            generated_at=deleted,
+        )
+    )
+    await db_session.flush()
+
+    found, listing = await Directory(kube).subscriptions_left_billing(db_session, OPEN_STATUSES)  # type: ignore[arg-type]
+
+    ours = [f for f in found if f.customer_id in (gone, left)]
+    assert [(f.customer_id, f.subscription_id, f.plan, f.status, f.deleted_at) for f in ours] == [
+        (gone, f"sub_active{tag}", "professional", "active", deleted),
+        (gone, f"sub_unpaid{tag}", "starter", "unpaid", deleted),
+        (left, f"sub_pastdue{tag}", "starter", "past_due", None),
+        (left, f"sub_paused{tag}", "starter", "paused", None),
+    ]
+    assert not [f for f in found if tag in f.customer_id and f.customer_id not in (gone, left)]
+    assert {r.name for r in listing.records} == {"held", "renamed"}
+    assert [u.name for u in listing.unreadable] == ["unreadable"]
+
+
+async def test_a_customer_applied_while_the_subscriptions_left_billing_are_read_is_not_taken_for_gone(
+    db_session: AsyncSession,
+) -> None:
+    """Found in review: the Customers listed before the subscription rows were read took one applied and
+    checked out in between (its row there, itself not listed) for a deleted customer still billed."""
+    tag = uuid.uuid4().hex[:8]
+
+    class ApplyingKube(FakeKube):
+        async def list_customers(self) -> list[dict[str, Any]]:
+            listed = await super().list_customers()
+            # Applied, and its checkout's events recorded, right after the API server answered.
+            db_session.add(_subscription_row(f"cust_new{tag}", f"sub_new{tag}", "active"))
+            await db_session.flush()
+            return listed
+
+    found, _ = await Directory(ApplyingKube()).subscriptions_left_billing(db_session, OPEN_STATUSES)  # type: ignore[arg-type]
+
+    assert not [f for f in found if f.customer_id == f"cust_new{tag}"]
