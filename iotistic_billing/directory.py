@@ -10,6 +10,7 @@ missing or stale falls back to listing the Customers (spec.customerId, status.cu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
@@ -105,6 +106,16 @@ class LeftBilling:
     # revoked then (none was minted), so the row's last change is all that is known.
     deleted_at: datetime | None
     updated_at: datetime
+
+    @property
+    def cancel_body(self) -> str:
+        return cancel_body(self.customer_id, self.subscription_id)
+
+
+def cancel_body(customer_id: str, subscription_id: str) -> str:
+    """The body of the POST /api/subscriptions/cancel that ends a deleted customer's subscription now:
+    naming it (subscription_id), a retry cancels no other subscription of the id."""
+    return json.dumps({"customer_id": customer_id, "subscription_id": subscription_id, "immediately": True})
 
 
 # The statuses Stripe ends by itself at the period's end of a cancellation set for then (as the
@@ -400,6 +411,7 @@ __all__ = [
     "LeftBilling",
     "Listing",
     "UnreadableCustomer",
+    "cancel_body",
     "read_customer",
     "remember",
     "remember_all",

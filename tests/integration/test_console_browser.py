@@ -23,7 +23,14 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iotistic_billing.customer import REVOKED_LICENSE
-from iotistic_billing.db.models import ConsoleAction, LicenseHistory, Notice, NoticeDelivery, StripeEvent
+from iotistic_billing.db.models import (
+    ConsoleAction,
+    LicenseHistory,
+    Notice,
+    NoticeDelivery,
+    StripeEvent,
+    Subscription,
+)
 from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.settings import Settings
 from iotistic_billing.usage.periods import period_containing, shift_months
@@ -714,6 +721,44 @@ async def test_overview_counts_one_pending_notice_once(
 
     # A notice is pending while a delivery is, and dead once one is: the last one is both.
     assert await eventually(counted_change, within=30, message="no other notice meanwhile") == (2, 2)
+
+
+async def test_the_overview_lists_a_subscription_still_billing_a_deleted_customer_and_not_a_held_one(
+    api: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
+) -> None:
+    """Found in review: a Customer deleted with its subscription open (a GitOps prune at night) left a
+    Warning Event the API server dropped within the hour, and Stripe billed on with nothing to say so."""
+    gone, held = "cust_" + random_id("", 12), unique_name("held")
+    held_id = customer_id_for(held)
+    customers.create(held, customerId=held_id, billing={"mode": "stripe"})
+    gone_subscription, held_subscription = (f"sub_{random_id('', 14)}" for _ in range(2))
+    ours = {gone_subscription: gone, held_subscription: held_id}
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            Subscription.__table__.insert(),
+            [
+                {
+                    "customer_id": customer_id,
+                    "stripe_subscription_id": subscription_id,
+                    "status": "active",
+                    "plan": "starter",
+                    "cancel_at_period_end": False,
+                    "last_event_created": 1,
+                }
+                for subscription_id, customer_id in ours.items()
+            ],
+        )
+    try:
+        await sign_in(api, ADMIN_TOKEN)
+        page = await (await api.get("/admin/?fragment=1")).text()
+        listed = re.findall(r'<tr data-subscription="([^"]+)"><td>([^<]*)</td>', page)
+        assert [(s, c) for s, c in listed if s in ours] == [(gone_subscription, gone)]
+        assert f"&#34;subscription_id&#34;: &#34;{gone_subscription}&#34;" in page
+    finally:
+        async with db_engine.begin() as connection:
+            await connection.execute(
+                Subscription.__table__.delete().where(Subscription.stripe_subscription_id.in_(list(ours)))
+            )
 
 
 async def test_the_stripe_events_list_says_or_pages_past_200(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import json
 import logging
+import re
 import time
 from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from iotistic_billing.customer import LAST_APPLIED, RETRIED_FAILURE_REASONS, git_reverts
-from iotistic_billing.directory import CustomerRecord, UnreadableCustomer, read_customer
+from iotistic_billing.directory import CustomerRecord, LeftBilling, UnreadableCustomer, read_customer
 from iotistic_billing.operator import constants as c
 from iotistic_billing.settings import load_settings
 from iotistic_billing.webhook_server.console.charts import Series, running_total, svg_chart
@@ -477,6 +479,69 @@ def test_a_trial_s_end_given_with_an_offset_is_shown_in_utc() -> None:
         phase_of=phase_of,
     )
     assert "<td>2026-02-28 21:00:00 UTC</td>" in listed, listed
+
+
+def overview_with(**fields: Any) -> Overview:
+    return Overview(
+        **{
+            "customers": 0,
+            "phases": {},
+            "failing": [],
+            "inbox": InboxStats(0, 0, 0, None),
+            "trials_ending": [],
+            "licences_expiring": [],
+            "reports_last_hour": 0,
+            "customers_reporting": 0,
+            "notices_pending": 0,
+            "notices_dead": 0,
+            **fields,
+        }
+    )
+
+
+def test_the_overview_lists_subscriptions_still_billing_a_deleted_customer_with_the_cancel_to_send() -> None:
+    """Found in review: a Customer deleted with its Stripe subscription open (a GitOps prune at night) left
+    one Warning Event, dropped by the API server within the hour, and nothing else: Stripe billed on for
+    an instance that was gone, and no page said so. Each is listed with the cancel naming it."""
+    updated = datetime(2026, 2, 20, 8, 0, tzinfo=UTC)
+    left = [
+        LeftBilling(
+            "cust_gone01",
+            "sub_gone1",
+            "professional",
+            "past_due",
+            datetime(2026, 2, 26, 3, 0, tzinfo=UTC),
+            updated,
+        ),
+        LeftBilling("cust_old01", "sub_old1", "starter", "paused", None, updated),
+    ]
+
+    page = page_of("overview.html.j2", overview=overview_with(left_billing=left), phases=[], ago=str)
+
+    assert "<h2>Subscriptions still billing a deleted customer</h2>" in page
+    words = " ".join(page.split())
+    assert "cancel it in Stripe's Dashboard, or with <code>POST /api/subscriptions/cancel</code>" in words
+    rows = re.findall(r'<tr data-subscription="([^"]+)">(.*?)</tr>', page, re.S)
+    cells = {sub: re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for sub, row in rows}
+    assert cells["sub_gone1"] == [
+        "cust_gone01",
+        "sub_gone1",
+        "professional",
+        "past_due",
+        "deleted 2026-02-26 03:00:00 UTC",
+        "<code>{&#34;customer_id&#34;: &#34;cust_gone01&#34;, &#34;subscription_id&#34;: &#34;sub_gone1&#34;,"
+        " &#34;immediately&#34;: true}</code>",
+    ]
+    assert cells["sub_old1"][4] == "unknown (last Stripe change 2026-02-20 08:00:00 UTC)"
+    assert json.loads(html.unescape(cells["sub_old1"][5]).removeprefix("<code>").removesuffix("</code>")) == {
+        "customer_id": "cust_old01",
+        "subscription_id": "sub_old1",
+        "immediately": True,
+    }
+
+    none = page_of("overview.html.j2", overview=overview_with(), phases=[], ago=str)
+    words = " ".join(none.split())
+    assert '<h2>Subscriptions still billing a deleted customer</h2> <p class="ok">None.</p>' in words
 
 
 def origin_request(headers: dict[str, str]) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import RETRIED_FAILURE_REASONS, Phase, gitops_manager, shown_phase
 from iotistic_billing.db import models
-from iotistic_billing.directory import CustomerRecord, UnreadableCustomer
+from iotistic_billing.directory import CustomerRecord, LeftBilling, UnreadableCustomer
 from iotistic_billing.rollout import TERMINAL_PHASES, RolloutSpec, RolloutStatus, StepStatus
 from iotistic_billing.usage.periods import INSTANT, BillingPeriod
 from iotistic_billing.usage.reports import earliest_start_reaching
@@ -57,6 +57,8 @@ class Overview:
     customers_reporting: int
     notices_pending: int
     notices_dead: int
+    # Subscriptions Stripe bills for a deleted Customer (Directory.subscriptions_left_billing).
+    left_billing: Sequence[LeftBilling] = ()
 
 
 def phase_of(record: CustomerRecord) -> str:
@@ -133,6 +135,7 @@ async def overview(
     session: AsyncSession,
     now: datetime,
     unreadable: Sequence[UnreadableCustomer] = (),
+    left_billing: Sequence[LeftBilling] = (),
 ) -> Overview:
     soon = now + timedelta(days=7)
     trials = sorted(
@@ -183,6 +186,7 @@ async def overview(
         customers_reporting=int(reports[1]),
         notices_pending=int(notices[0]),
         notices_dead=int(notices[1]),
+        left_billing=left_billing,
     )
 
 

@@ -52,6 +52,7 @@ from iotistic_billing.notices.content import Channel
 from iotistic_billing.notices.log import recent_notices
 from iotistic_billing.rollout import ROLLOUT_ABORT, ROLLOUT_KIND
 from iotistic_billing.settings import Settings
+from iotistic_billing.stripe_inbox.events import OPEN_STATUSES
 from iotistic_billing.stripe_inbox.inbox import INBOX_CHANNEL, PENDING
 from iotistic_billing.usage.periods import INSTANT, BillingPeriod, utc_days
 from iotistic_billing.usage.reports import INT64_MAX
@@ -347,11 +348,14 @@ def _secure(request: web.Request) -> bool:
 
 
 async def overview_page(request: web.Request) -> web.Response:
-    """Customers by phase, the failing ones first, the Stripe inbox, trials and licences ending soon."""
+    """Customers by phase, the failing ones first, subscriptions still billing a deleted customer, the
+    Stripe inbox, trials and licences ending soon."""
     now = request.app[CLOCK]()
-    listing = await request.app[DIRECTORY].listing()
     async with request.app[SESSIONS]() as session:
-        summary = await data.overview(listing.records, session, now, listing.unreadable)
+        # The Customers listed once, after the subscriptions were read (a Customer applied meanwhile holds
+        # its id), for the counts too.
+        left, listing = await request.app[DIRECTORY].subscriptions_left_billing(session, OPEN_STATUSES)
+        summary = await data.overview(listing.records, session, now, listing.unreadable, left)
     # A Customer this version cannot read, and whose status names no phase, is counted as Unreadable.
     phases = [*Phase, *(["Unreadable"] if "Unreadable" in summary.phases else [])]
     return render(request, "overview.html.j2", overview=summary, phases=phases, ago=lambda t: ago(t, now))
