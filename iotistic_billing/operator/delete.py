@@ -14,7 +14,6 @@ release and everything in it, and an earlier Customer's of the same name is that
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +35,8 @@ from iotistic_billing.customer import (
     namespace_for,
     parse_spec,
 )
+from iotistic_billing.db.license_history import DELETION_REASON
+from iotistic_billing.directory import cancel_body
 from iotistic_billing.k8s import refusal_message
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.context import OperatorContext
@@ -108,13 +109,15 @@ class Deletion:
         left = self.subscription_left
         if left is None:
             return None
-        cancel = json.dumps({"customer_id": self.customer_id, "immediately": True})
+        subscription_id = left.stripe_subscription_id or ""  # subscription_left_billing: never None
         return (
-            f"Stripe subscription {left.stripe_subscription_id} ({left.status}) of customer id"
-            f" {self.customer_id} was open when the Customer was deleted, and Stripe bills it until it is"
-            f" cancelled: cancel it in the Stripe Dashboard, or with POST /api/subscriptions/cancel"
-            f" {cancel} (the id's newest open subscription; not once a Customer holds the id again)."
-            " A cancel sent moments before the deletion may not have reached this Customer yet"
+            f"Stripe subscription {subscription_id} ({left.status}) of customer id {self.customer_id} was"
+            " open when the Customer was deleted, and Stripe bills it until it is cancelled: cancel it in"
+            " the Stripe Dashboard, or with POST /api/subscriptions/cancel"
+            f" {cancel_body(self.customer_id, subscription_id)} (naming it, a retry cancels no other"
+            " subscription). The console's overview lists it, and iotistic_subscriptions_left_billing counts"
+            " it, until it is cancelled. A cancel sent moments before the deletion may not have reached this"
+            " Customer yet"
         )
 
 
@@ -194,7 +197,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
                 notify = None  # a spec we refuse has no addresses we trust
             with _step("revoking the licence"):
                 revoked = await revoke_license(
-                    ctx, customer_id, secret, reason="Customer deleted", notify=notify
+                    ctx, customer_id, secret, reason=DELETION_REASON, notify=notify
                 )
             with _step("revoking the usage keys"):
                 await revoke_usage_keys(ctx, customer_id)

@@ -570,7 +570,8 @@ async def test_deleting_a_customer_with_a_live_subscription_warns_that_stripe_st
 ) -> None:
     """Found in review: the deletion left the Customer's Stripe subscription billing with no word of it, and
     the Deleted Event named only the release, the licence and the namespace: a GitOps prune (which cannot
-    cancel first) left the customer paying for an instance that was gone."""
+    cancel first) left the customer paying for an instance that was gone. Its cancel named no subscription
+    (the id's newest open one), so a retry once the first was applied could cancel another."""
     cluster = Cluster()
     body = subscribed(status)
     cluster.namespaces["customer-acme"] = namespace_of(body)
@@ -595,9 +596,10 @@ async def test_deleting_a_customer_with_a_live_subscription_warns_that_stripe_st
     assert cluster.messages[-1][1] == (
         f"Stripe subscription sub_acme1 ({status}) of customer id cust_acme0001 was open when the Customer"
         " was deleted, and Stripe bills it until it is cancelled: cancel it in the Stripe Dashboard, or with"
-        ' POST /api/subscriptions/cancel {"customer_id": "cust_acme0001", "immediately": true} (the id\'s'
-        " newest open subscription; not once a Customer holds the id again). A cancel sent moments before"
-        " the deletion may not have reached this Customer yet"
+        ' POST /api/subscriptions/cancel {"customer_id": "cust_acme0001", "subscription_id": "sub_acme1",'
+        ' "immediately": true} (naming it, a retry cancels no other subscription). The console\'s overview'
+        " lists it, and iotistic_subscriptions_left_billing counts it, until it is cancelled. A cancel sent"
+        " moments before the deletion may not have reached this Customer yet"
     )
 
 
