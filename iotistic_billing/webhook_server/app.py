@@ -63,7 +63,7 @@ from iotistic_billing.webhook_server.keyring import LicenseKeyring
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import ServerOptions
-from iotistic_billing.webhook_server.probes import READINESS, ReadinessChecks
+from iotistic_billing.webhook_server.probes import LEFT_BILLING, READINESS, LeftBillingCount, ReadinessChecks
 from iotistic_billing.webhook_server.route import Route
 from iotistic_billing.webhook_server.route_table import INBOX_ROUTES, ROUTES
 from iotistic_billing.webhook_server.security import (
@@ -149,6 +149,8 @@ def create_app(
     app[KEY_LIMITER] = RateLimiter(options.rate_per_key)
     app[TOKEN_GUESSES] = TokenGuesses(options.wrong_tokens_per_address, options.wrong_tokens)
     app[READINESS] = ReadinessChecks()
+    if not options.probes_only:  # the server's count; its inbox process would make it again
+        app[LEFT_BILLING] = LeftBillingCount()
     app[DELIVERY_REFUSALS] = DeliveryRefusals()
 
     served = INBOX_ROUTES if options.probes_only else ROUTES

@@ -71,6 +71,15 @@ class Metrics:
             ["check"],
             registry=self.registry,
         )
+        self.left_billing = Gauge(
+            "iotistic_subscriptions_left_billing",
+            "Stripe subscriptions still billing a deleted customer: open (active, trialing, past_due, unpaid,"
+            " paused; not one set to end at its period's end) on a plan, their customer id held by no"
+            " Customer. Stripe bills each until it is cancelled; the console's overview lists them. Counted"
+            " from the database and the Customers at a scrape of the webhook server (not its Stripe inbox),"
+            " at most once a minute; a count that fails keeps the last.",
+            registry=self.registry,
+        )
         self.usage = UsageMetrics(self.registry)
         # Set once the app shuts down (on_shutdown runs before aiohttp cancels the requests still in
         # progress, closing their connections itself): such a request is the server's failure, not 499.

@@ -11,7 +11,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from iotistic_billing.db.migrate import database_revision, head_revision, known_revisions, schema_current
-from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
+from iotistic_billing.stripe_inbox.events import OPEN_STATUSES
+from iotistic_billing.webhook_server.context import DIRECTORY, ENGINE, KUBE, METRICS, SESSIONS
 from iotistic_billing.webhook_server.messages import json_model
 from iotistic_billing.webhook_server.schemas import Health, Readiness
 
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 READINESS_TIMEOUT: Final = 3.0
 # How long a readiness answer is reused (kubelet probes every 10 s).
 READINESS_TTL: Final = 1.0
+# How long a count of the subscriptions left billing is reused, and how long one may take: each is a
+# query and a LIST of every Customer, and each scrape of each replica would make one.
+LEFT_BILLING_TTL: Final = 60.0
+LEFT_BILLING_TIMEOUT: Final = 10.0
 # The checks readiness needs; the others are reported only.
 GATING: Final = frozenset({"database", "schema"})
 
@@ -121,11 +126,64 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+class LeftBillingCount:
+    """iotistic_subscriptions_left_billing, counted at a scrape (Directory.subscriptions_left_billing) at
+    most once a LEFT_BILLING_TTL, one count at a time, a failed one too: the state is what lasts (a
+    deletion's Warning Event is gone within the hour, and a counter would start again with each pod). A
+    count that fails or takes over LEFT_BILLING_TIMEOUT keeps the last one, and says why in the log."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._counted_at: float | None = None
+        self._round: asyncio.Future[None] | None = None
+
+    async def count(self, app: web.Application) -> None:
+        if self._counted_at is not None and self._clock() - self._counted_at < LEFT_BILLING_TTL:
+            return
+        if self._round is None or self._round.done():
+            self._round = asyncio.ensure_future(self._count(app))
+        await asyncio.shield(self._round)  # a scrape that goes away does not cancel the others'
+
+    async def _count(self, app: web.Application) -> None:
+        try:
+            async with asyncio.timeout(LEFT_BILLING_TIMEOUT), app[SESSIONS]() as session:
+                left, _ = await app[DIRECTORY].subscriptions_left_billing(session, OPEN_STATUSES)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning(
+                "subscriptions left billing not counted, iotistic_subscriptions_left_billing keeps its last"
+                " count: %s",
+                str(error) or type(error).__name__,
+            )
+        else:
+            app[METRICS].left_billing.set(len(left))
+        finally:
+            self._counted_at = self._clock()
+
+
+LEFT_BILLING = web.AppKey("left_billing", LeftBillingCount)
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics of this process, the readiness checks' checked at the scrape: kubelet probes the
-    server's /readyz alone, not its Stripe inbox process's, which its own metrics report."""
+    server's /readyz alone, not its Stripe inbox process's, which its own metrics report. The server
+    counts the subscriptions left billing too (LeftBillingCount), its inbox process not again."""
     await readiness(request.app)
+    if LEFT_BILLING in request.app:
+        await request.app[LEFT_BILLING].count(request.app)
     return request.app[METRICS].exposition()
 
 
-__all__ = ["READINESS", "READINESS_TTL", "ReadinessChecks", "healthz", "metrics", "readiness", "readyz"]
+__all__ = [
+    "LEFT_BILLING",
+    "LEFT_BILLING_TTL",
+    "READINESS",
+    "READINESS_TTL",
+    "LeftBillingCount",
+    "ReadinessChecks",
+    "healthz",
+    "metrics",
+    "readiness",
+    "readyz",
+]

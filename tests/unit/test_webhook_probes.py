@@ -4,18 +4,29 @@ this version's schema, whatever the API server says."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from iotistic_billing.k8s import KubernetesUnavailable
-from iotistic_billing.webhook_server.context import ENGINE, KUBE, METRICS
+from iotistic_billing.webhook_server.context import DIRECTORY, ENGINE, KUBE, METRICS, SESSIONS
 from iotistic_billing.webhook_server.metrics import Metrics
-from iotistic_billing.webhook_server.probes import READINESS, READINESS_TTL, ReadinessChecks, metrics, readyz
+from iotistic_billing.webhook_server.probes import (
+    LEFT_BILLING,
+    LEFT_BILLING_TTL,
+    READINESS,
+    READINESS_TTL,
+    LeftBillingCount,
+    ReadinessChecks,
+    metrics,
+    readyz,
+)
 
 
 class Dependencies:
@@ -55,8 +66,14 @@ HEAD = "0017"
 
 
 @asynccontextmanager
-async def probed(dependencies: Dependencies, now: list[float]) -> AsyncIterator[TestClient[Any, Any]]:
+async def probed(
+    dependencies: Dependencies, now: list[float], left: LeftBillingSource | None = None
+) -> AsyncIterator[TestClient[Any, Any]]:
     app = web.Application()
+    if left is not None:
+        app[SESSIONS] = left  # type: ignore[misc]
+        app[DIRECTORY] = left  # type: ignore[misc]
+        app[LEFT_BILLING] = LeftBillingCount(clock=lambda: now[0])
     app[ENGINE] = dependencies  # type: ignore[misc]
     app[KUBE] = dependencies  # type: ignore[misc]
     app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD, known=frozenset({"0010", HEAD}))
@@ -163,3 +180,76 @@ async def test_metrics_say_which_readiness_check_fails_without_a_readiness_probe
         assert (await client.get("/readyz")).status == 200
         assert await scraped_checks(client) == {"database": 1.0, "schema": 1.0, "kubernetes": 0.0}
         assert dependencies.queries == 2  # the scrape within READINESS_TTL reused the probe's round
+
+
+class LeftBillingSource:
+    """The sessions and the directory a count reads: `left` subscriptions left billing, or `refusal`
+    raised; `counts` the counts made."""
+
+    def __init__(self) -> None:
+        self.left: list[str] = []
+        self.refusal: Exception | None = None
+        self.counts = 0
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[LeftBillingSource]:
+        yield self
+
+    async def subscriptions_left_billing(self, session: Any, statuses: Any) -> tuple[list[str], Any]:
+        self.counts += 1
+        await asyncio.sleep(0.05)
+        if self.refusal is not None:
+            raise self.refusal
+        return list(self.left), None
+
+
+async def scraped_left_billing(client: TestClient[Any, Any]) -> float:
+    text = await (await client.get("/metrics")).text()
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "iotistic_subscriptions_left_billing"
+        for sample in family.samples
+    ]
+    return value
+
+
+async def test_subscriptions_left_billing_are_counted_at_a_scrape_at_most_once_a_ttl(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: a deleted Customer's subscription left billing had a Warning Event alone, which the
+    API server drops within the hour, and nothing for an alert to read. The gauge counts what the
+    database and the Customers say at a scrape, a query and a LIST at most once a LEFT_BILLING_TTL
+    however many scrape; a count that fails keeps the last, and says why."""
+    now = [100.0]
+    source = LeftBillingSource()
+    source.left = ["sub_gone1", "sub_gone2"]
+    async with probed(Dependencies(), now, source) as client:
+        assert set(await asyncio.gather(*(scraped_left_billing(client) for _ in range(20)))) == {2.0}
+        assert source.counts == 1
+
+        source.left = ["sub_gone2"]  # one cancelled
+        now[0] += LEFT_BILLING_TTL / 2
+        assert await scraped_left_billing(client) == 2.0  # the last count, still fresh
+        now[0] += LEFT_BILLING_TTL
+        assert await scraped_left_billing(client) == 1.0
+        assert source.counts == 2
+
+        source.refusal = ConnectionRefusedError("PostgreSQL is away")
+        now[0] += LEFT_BILLING_TTL
+        with caplog.at_level(logging.WARNING):
+            assert await scraped_left_billing(client) == 1.0
+            assert await scraped_left_billing(client) == 1.0  # not counted again until the TTL is past
+        assert source.counts == 3
+        assert "subscriptions left billing not counted" in caplog.text and "PostgreSQL is away" in caplog.text
+
+
+def test_the_stripe_inbox_process_does_not_count_the_subscriptions_left_billing_again() -> None:
+    """Its server counts them; each count is a query and a LIST of the Customers."""
+    from iotistic_billing.settings import load_settings
+    from iotistic_billing.webhook_server.app import create_app
+    from iotistic_billing.webhook_server.options import ServerOptions
+
+    settings = load_settings(database_url="postgresql://nobody@127.0.0.1:1/none")
+    assert LEFT_BILLING in create_app(settings, options=ServerOptions())
+    assert LEFT_BILLING not in create_app(settings, options=ServerOptions(probes_only=True))
