@@ -1519,6 +1519,7 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
         "iotistic_http_requests_total",
         "iotistic_stripe_webhook_events_total",
         "iotistic_readiness_check",
+        "iotistic_subscriptions_left_billing",
     } <= used
     for alert in alerts:
         assert alert["labels"]["severity"] in {"warning", "critical"}
@@ -1674,6 +1675,25 @@ def test_events_the_inbox_keeps_retrying_raise_an_alert(monitored_objects: list[
         f'iotistic_stripe_webhook_events_total{{result="{RETRY}", namespace="{NAMESPACE}"}}' in alert["expr"]
     )
     assert alert["for"] == "30m"
+
+
+def test_a_subscription_still_billing_a_deleted_customer_raises_an_alert_saying_how_to_cancel_it(
+    monitored_objects: list[Manifest],
+) -> None:
+    """Found in review: a Customer deleted with its subscription open (a GitOps prune at night) had one
+    Warning Event, dropped by the API server within the hour, and no alert: Stripe billed on for an
+    instance that was gone. The alert reads the gauge the server counts from the state itself."""
+    [alert] = [
+        a for a in webhook_alerts(monitored_objects) if a["alert"] == "IotisticSubscriptionLeftBilling"
+    ]
+    assert alert["expr"] == f'max(iotistic_subscriptions_left_billing{{namespace="{NAMESPACE}"}}) > 0'
+    assert (alert["labels"]["severity"], alert["for"]) == ("warning", "30m")
+    description = alert["annotations"]["description"]
+    assert "console's overview" in description and "Stripe's Dashboard" in description
+    assert (
+        'POST /api/subscriptions/cancel {"customer_id": "<customer id>",'
+        ' "subscription_id": "<subscription id>", "immediately": true}' in description
+    )
 
 
 def test_usage_runs_that_never_succeed_raise_an_alert_by_run(
