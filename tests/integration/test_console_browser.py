@@ -950,11 +950,15 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
 
         await page.goto(f"/admin/stripe-events/{early['id']}")
         payload = page.locator("pre.payload")
-        assert (
-            await payload.evaluate(
-                "box => { box.scrollTop = 120; box.dataset.shown = 'before'; return box.scrollTop; }"
-            )
-            == 120
+        # Scrolled in the page itself, the box there at that moment: a refresh that swapped it between
+        # finding the box and scrolling it left a detached box that scrolls nowhere.
+        await page.wait_for_function(
+            """() => {
+                const box = document.querySelector("pre.payload");
+                box.scrollTop = 120;
+                box.dataset.shown = "before";
+                return box.isConnected && box.scrollTop === 120;
+            }"""
         )
         await expect(page.locator("pre.payload[data-shown]")).to_have_count(0)  # swapped
         assert await payload.evaluate("box => box.scrollTop") == 120

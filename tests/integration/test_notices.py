@@ -2153,6 +2153,7 @@ async def test_a_four_day_trial_gets_one_trial_ends_notice_across_restarts_and_r
                 sessions=sessions,
                 outbox=Outbox(platform.url),
                 noticed=set(),
+                first_licences={},
                 trial_notices=trial_notices_outage(),
             ),
         )
