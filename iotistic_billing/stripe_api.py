@@ -254,24 +254,25 @@ class StripeApi:
         # Stripe answers a key it had within 24 h with its first answer, though that customer is deleted
         # since: a signup's retry under the client's Idempotency-Key (one customer id) after its first try
         # failed and deleted the Stripe customer it made. A replayed answer is read back, and a deleted
-        # customer is made again under a key naming it, as a retry of that retry finds it.
-        for _ in range(_REMADE_AT_MOST):
-            if not _replayed(customer):
-                break
+        # customer is made again under a key naming it, as a retry of that retry finds it. Every create's
+        # answer is read, the last one's too: a live customer made is the answer, never left behind.
+        remade = 0
+        while _replayed(customer):
             current = await _stripe(
                 self.client.v1.customers.retrieve_async(str(customer.id)), "read the customer back"
             )
             if current.to_dict().get("deleted") is not True:
                 break
+            if remade == _REMADE_AT_MOST:
+                raise Conflict(
+                    "Stripe customer deleted",
+                    f"Stripe's customers of customer {customer_id} made under this idempotency key were"
+                    f" deleted {_REMADE_AT_MOST + 1} times over: sign up again with another Idempotency-Key",
+                    {"customer_id": customer_id},
+                )
             key = f"{key}-after-{customer.id}"
             customer = await self._create_customer(key, email, company_name, customer_id)
-        else:
-            raise Conflict(
-                "Stripe customer deleted",
-                f"Stripe's customers of customer {customer_id} made under this idempotency key were deleted"
-                f" {_REMADE_AT_MOST} times over: sign up again with another Idempotency-Key",
-                {"customer_id": customer_id},
-            )
+            remade += 1
         return str(customer.id)
 
     async def _create_customer(self, key: str, email: str, company_name: str, customer_id: str) -> Any:

@@ -922,6 +922,29 @@ async def test_a_signup_retried_after_its_stripe_customer_was_deleted_gets_a_liv
     ]
 
 
+async def test_a_signup_remakes_its_deleted_stripe_customer_five_times_and_keeps_no_sixth_live(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: the loop made the fifth customer again and never read its create's answer, so
+    the sixth try of a signup whose tries each failed (their Stripe customers deleted) made a live
+    Stripe customer and answered 409 "deleted 5 times over", leaving it to bill no one."""
+    stripe, api = fake
+    signup = {"email": "ops@a.example", "company_name": "A", "customer_id": "cust_keyed01"}
+    made = []
+    for _ in range(6):
+        made.append(await api.create_customer(**signup))
+        await api.delete_customer(made[-1])  # its Customer refused: the signup deletes it
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_customer(**signup)
+
+    assert made == [f"cus_{n}" for n in range(1, 7)]
+    assert (raised.value.status, raised.value.error) == (409, "Stripe customer deleted")
+    # Made again five times at most: no customer made after the refusal's last read, none left live.
+    assert stripe.idempotency_keys[-1].count("-after-") == 5
+    assert set(stripe.customer_keys.values()) == stripe.deleted_customers == set(made)
+
+
 @pytest.mark.parametrize(
     ("answer", "level", "said"),
     [
