@@ -19,7 +19,9 @@ from iotistic_billing.customer import CUSTOMER_ID_PATTERN
 from iotistic_billing.webhook_server.context import OPENAPI
 from iotistic_billing.webhook_server.messages import (
     IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_HEADER_MAX,
     IDEMPOTENCY_KEY_MAX,
+    IDEMPOTENCY_KEY_PATTERN,
     NOTICE_ID_MAX,
     NOTICE_ID_PARAMETER,
 )
@@ -162,7 +164,14 @@ def build_document(operations: Iterable[Route]) -> dict[str, Any]:
                     "name": IDEMPOTENCY_KEY_HEADER,
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "minLength": 1},
+                    # The server's own rule (messages.read_idempotency_key): a client, and Schemathesis,
+                    # can tell from the document alone which keys are taken.
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": IDEMPOTENCY_KEY_HEADER_MAX,
+                        "pattern": IDEMPOTENCY_KEY_PATTERN,
+                    },
                     "description": (
                         f"1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, bare (as Stripe's) or a"
                         ' quoted String (the IETF draft\'s, `"..."`); a retry sending the same key is the'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -12,9 +13,13 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import jsonschema_rs
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from iotistic_billing.api_keys import usage_key_hash
@@ -45,7 +50,15 @@ from iotistic_billing.webhook_server.console.data import EVENT_RESULTS
 from iotistic_billing.webhook_server.context import KEYRING
 from iotistic_billing.webhook_server.errors import error_middleware
 from iotistic_billing.webhook_server.keyring import LicenseKeyring
-from iotistic_billing.webhook_server.messages import read_body, read_customer_id, read_notice_id, read_query
+from iotistic_billing.webhook_server.messages import (
+    IDEMPOTENCY_KEY_MAX,
+    IDEMPOTENCY_KEY_PATTERN,
+    read_body,
+    read_customer_id,
+    read_idempotency_key,
+    read_notice_id,
+    read_query,
+)
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.openapi import build_document
 from iotistic_billing.webhook_server.options import RateLimit
@@ -583,6 +596,65 @@ def test_the_routes_a_client_retries_document_their_idempotency_key() -> None:
         if any(parameter["name"] == "Idempotency-Key" for parameter in entry.get("parameters", []))
     }
     assert keyed == {("POST", "/api/customers"), ("POST", "/api/subscriptions/checkout")}
+
+
+@functools.cache
+def _idempotency_key_schema() -> dict[str, Any]:
+    entry = build_document(ROUTES)["paths"]["/api/subscriptions/checkout"]["post"]
+    (schema,) = [each["schema"] for each in entry["parameters"] if each["name"] == "Idempotency-Key"]
+    return cast(dict[str, Any], schema)
+
+
+def _key_taken(header: str) -> bool:
+    try:
+        read_idempotency_key(make_mocked_request("POST", "/", headers={"Idempotency-Key": header}))
+    except ValidationFailed:
+        return False
+    return True
+
+
+# Any text a header can carry (latin-1), and the keys the document's pattern draws, as Schemathesis does.
+_HEADERS = st.text(st.characters(codec="latin-1"), max_size=2 * IDEMPOTENCY_KEY_MAX + 10)
+
+
+@hypothesis_settings(
+    database=None, derandomize=True, max_examples=200, deadline=None, suppress_health_check=list(HealthCheck)
+)
+@given(
+    header=st.one_of(
+        st.from_regex(IDEMPOTENCY_KEY_PATTERN, fullmatch=True),
+        _HEADERS,
+        st.builds("".join, st.lists(st.sampled_from(['"', "\\", "k", " ", "\t"]), max_size=12)),
+    )
+)
+def test_the_document_s_idempotency_key_schema_is_the_server_s_rule(header: str) -> None:
+    """Found in review: the document said any non-empty string, and the server refused a tab, an open
+    quote or 256 characters: Schemathesis's positive phase draws such keys and fails as its valid data
+    refused. Whatever the schema admits (judged by jsonschema_rs, Schemathesis's validator) is taken,
+    and nothing else is."""
+    schema = _idempotency_key_schema()
+    assert _key_taken(header) == jsonschema_rs.is_valid(schema, header), repr(header)
+
+
+@pytest.mark.parametrize(
+    ("header", "taken"),
+    [
+        ("k" * IDEMPOTENCY_KEY_MAX, True),
+        ("k" * (IDEMPOTENCY_KEY_MAX + 1), False),
+        ('"' + "k" * IDEMPOTENCY_KEY_MAX + '"', True),
+        ('"' + "k" * (IDEMPOTENCY_KEY_MAX + 1) + '"', False),
+        ('"' + '\\"' * IDEMPOTENCY_KEY_MAX + '"', True),  # an escape is one character of the key
+        ("a b", True),
+        ('a"b', True),
+        ("a\tb", False),
+        ('"open', False),
+        ('"a"b"', False),
+        ('""', False),
+        ("", False),
+    ],
+)
+def test_an_idempotency_key_s_edges_agree_with_the_document(header: str, taken: bool) -> None:
+    assert (_key_taken(header), jsonschema_rs.is_valid(_idempotency_key_schema(), header)) == (taken, taken)
 
 
 def test_a_usage_report_s_period_start_states_its_format_bounds_and_retention() -> None:
