@@ -87,6 +87,8 @@ async def create_customer(request: web.Request) -> web.Response:
             if not await session.scalar(
                 select(func.pg_try_advisory_xact_lock(SIGNUP_LOCK, func.hashtext(func.lower(body.email))))
             ):
+                if key is not None:
+                    raise _signup_in_progress(customer_id)
                 raise Conflict(
                     "Customer already exists",
                     "a signup with this email address is in progress",
@@ -205,6 +207,20 @@ def keyed_customer_id(email: str, key: str) -> str:
     """The customer id of a signup sent with an Idempotency-Key: the same for its retries (one Customer,
     one Stripe customer under Stripe's key of the id), another for the same key with another email."""
     return "cust_" + key_digest("POST /api/customers", email.lower(), key)[:16]
+
+
+def _signup_in_progress(customer_id: str) -> Conflict:
+    """A keyed signup of an email whose lock another try holds (this key's first, still waiting on Stripe
+    or the API server, or another key's): no customer exists yet, and that try may still fail, so the
+    client retries under its key, as the IETF draft answers a key whose request is in progress."""
+    return Conflict(
+        "Signup in progress",
+        "a signup with this email address is in progress (this Idempotency-Key's first try, or another"
+        f" one's): retry with the same Idempotency-Key; the customer this key signs up is {customer_id}"
+        f" (GET /api/customers/{customer_id} finds it once made)",
+        {"field": IDEMPOTENCY_KEY_HEADER, "message": "signup in progress", "customer_id": customer_id},
+        headers={"Retry-After": "5"},
+    )
 
 
 def _stripe_maybe_made(away: Unavailable, customer_id: str, *, keyed: bool) -> Unavailable:

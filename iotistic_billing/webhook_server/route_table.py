@@ -95,7 +95,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             "one whose create got no answer keeps it and is a 503 naming the customer id to read, as is "
             "one whose Stripe customer's create got none (`details.customer_id`). With an Idempotency-Key "
             "the customer id is derived from it and the email, so a retry makes the same Customer and "
-            "Stripe customer, and one once it exists is the 409 naming it. "
+            "Stripe customer, and one once it exists is the 409 naming it; one while a try of the email is "
+            "in progress is 409 `Signup in progress` with Retry-After and `details.customer_id`. "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
         idempotency_key=True,

@@ -248,6 +248,31 @@ async def test_an_email_being_signed_up_is_409_without_waiting(signup: Signup) -
     assert signup.stripe.created == [] and signup.kube.customers == {}
 
 
+async def test_a_keyed_signup_retried_while_its_first_try_runs_is_told_to_retry_and_its_customer_id(
+    signup: Signup,
+) -> None:
+    """Found in review: a keyed signup retried while its first try still held the email's lock (Stripe
+    and the Kubernetes create can take over 30 s) was 409 "Customer already exists" with no customer id,
+    so the client was told one exists, though the first try could still fail. With a key the answer is a
+    409 to retry (the IETF draft's answer to a key whose request is in progress), naming the header and
+    the customer id the key makes."""
+    _, made = await signup.post({"email": "it@globex.example", "company_name": "Globex"}, key="k-1")
+    signup.database.locked = True
+
+    answer = await signup.client.post("/api/customers", json=SIGNUP, headers={"Idempotency-Key": "k-1"})
+    body = await answer.json()
+
+    assert (answer.status, body["error"]) == (409, "Signup in progress"), body
+    assert answer.headers["Retry-After"] == "5"
+    customer_id = body["details"]["customer_id"]
+    assert body["details"]["field"] == "Idempotency-Key"
+    assert f"GET /api/customers/{customer_id}" in body["message"], body
+    # The id the key makes for this email, not another email's under the same key.
+    signup.database.locked = False
+    _, retried = await signup.post(key="k-1")
+    assert customer_id == retried["customer"]["customer_id"] != made["customer"]["customer_id"]
+
+
 async def test_an_email_taken_is_409_before_stripe_naming_its_customer(signup: Signup) -> None:
     """Found in review: the 409 did not say whose the email was, and a retry of a signup whose answer
     was lost had no way to find its customer but paging through all of them."""
