@@ -6,7 +6,8 @@ errors: unreachable, overloaded or busy with the same idempotency key (409) is 5
 one that may have been made: check first), rate limited (429) a 503 saying the request was not made
 (for a write: unless an earlier try of it went unanswered), a refused field of the request is 400 naming
 it, any other refused request 409 with Stripe's message and code; but a cancel Stripe refuses of a
-subscription it has canceled (the SDK's retry of one whose answer was lost) is answered cancelled.
+subscription it has canceled within CANCELLED_BY_A_RETRY (the SDK's retry of one whose answer was lost)
+is answered cancelled.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ CHECKOUT_EXPIRY_STEP: Final = 300
 CHECKOUT_KEY_METADATA: Final = "checkoutKey"
 # How many deleted Stripe customers of one signup key are made again before the signup gives up.
 _REMADE_AT_MOST: Final = 5
+# A cancel Stripe refuses of a subscription it has canceled is answered cancelled only when Stripe's
+# canceled_at (the time of the request that cancelled it) is this recent: the SDK's retry of a cancel
+# whose answer was lost comes within 61.5 s of its first try, and a client's retry after its own timeout
+# (the SDK's three 30 s tries) and a back-off of a few minutes within 10, with a clock apart from
+# Stripe's by seconds. A subscription cancelled earlier (by dunning days ago, its events not applied to
+# spec.subscription yet) was cancelled by no try of this request: its refusal prompts a look for the
+# customer's live one, which a "cancelled" would hide while it bills.
+CANCELLED_BY_A_RETRY: Final = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,11 @@ def _payable(sessions: Collection[Any]) -> Any:
     for session in sorted(sessions, key=_made_at):
         first.setdefault(_checkout_key(session) or f"session {session.id}", session)
     return max(first.values(), key=_made_at)
+
+
+def _at(timestamp: Any) -> datetime:
+    """A Stripe timestamp (Unix seconds) as a time."""
+    return datetime.fromtimestamp(int(timestamp), UTC)
 
 
 def _made_at(session: Any) -> tuple[int, str]:
@@ -505,9 +519,13 @@ class StripeApi:
             {"subscription_id": subscription_id, "prices": prices},
         )
 
-    async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
+    async def cancel(
+        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str] = ()
+    ) -> SubscriptionChange:
         """The subscription cancelled, with its plan as Stripe has it (the Customer's spec.subscription
-        may be another subscription of the customer's); one Stripe has canceled already, as cancelled."""
+        may be another subscription of the customer's); one Stripe has canceled within
+        CANCELLED_BY_A_RETRY, as cancelled. `live_statuses`: the statuses that bill, for the refusal of
+        one cancelled earlier to name the customer's newest such subscription."""
         if immediately:
             action = "cancel the subscription"
             call = self.client.v1.subscriptions.cancel_async(subscription_id)
@@ -516,17 +534,20 @@ class StripeApi:
             call = self.client.v1.subscriptions.update_async(
                 subscription_id, params={"cancel_at_period_end": True}
             )
-        cancelled = await self._cancelled(subscription_id, call, action)
+        cancelled = await self._cancelled(subscription_id, call, action, live_statuses)
         item = self.catalog.plan_item(cancelled.to_dict())
         plan = self.catalog.plan_for(item_price(item)) if item is not None else None
         return replace(_sub_fields(cancelled), plan=plan)
 
-    async def _cancelled(self, subscription_id: str, call: Awaitable[Any], action: str) -> Any:
+    async def _cancelled(
+        self, subscription_id: str, call: Awaitable[Any], action: str, live_statuses: Collection[str]
+    ) -> Any:
         """The subscription as `call` (a cancel) left it. Stripe refuses to cancel one it has canceled ("No
         such subscription" to a DELETE, or a 400 about a canceled subscription): the SDK's retry of an
         immediate cancel whose answer was lost (a v1 DELETE, which it retries after a lost answer or a 5xx
         with no idempotency key: it sends one with a POST or a v2 DELETE only), or a client's retry once
-        Stripe ended it. So a refusal is read back, and one canceled is the answer."""
+        Stripe ended it. So a refusal is read back, and one canceled within CANCELLED_BY_A_RETRY is the
+        answer; one canceled before keeps the refusal, saying when it ended."""
         try:
             return await _stripe(call, action, writes=True)
         except Conflict as refused:
@@ -546,12 +567,45 @@ class StripeApi:
                 ) from None
             if subscription.status != "canceled":
                 raise refused from None
+            read = subscription.to_dict()
+            canceled_at = read.get("canceled_at") or read.get("ended_at")
+            if canceled_at is None or self.clock() - _at(canceled_at) > CANCELLED_BY_A_RETRY:
+                raise await self._ended_before(refused, subscription, live_statuses) from None
             log.info(
                 "Stripe refused to %s %s, which it has canceled: answered as cancelled",
                 action,
                 subscription_id,
             )
             return subscription
+
+    async def _ended_before(
+        self, refused: Conflict, subscription: Any, live_statuses: Collection[str]
+    ) -> Conflict:
+        """Stripe's refusal to cancel a subscription it ended before this request, saying when, and naming
+        the customer's newest subscription in `live_statuses` when Stripe lists one (not read: not named)."""
+        read = subscription.to_dict()
+        ended = read.get("ended_at") or read.get("canceled_at")
+        when = _at(ended).strftime("%Y-%m-%dT%H:%M:%SZ") if ended is not None else None
+        live = None
+        customer = read.get("customer")
+        if live_statuses and isinstance(customer, str):
+            try:
+                live = await self._live_subscription(customer, live_statuses)
+            except ApiError as unread:
+                log.warning("the customer's live subscription could not be listed: %s", unread.message)
+        refused.message += (
+            f"; subscription {subscription.id} ended at {when or 'an unknown time'} ({subscription.status}),"
+            " before this request"
+            + (
+                f": the customer's live subscription {live} bills (cancel it with subscription_id)"
+                if live is not None
+                else ""
+            )
+        )
+        refused.args = (refused.message,)
+        if isinstance(refused.details, dict):
+            refused.details = {**refused.details, "ended_at": when, "live_subscription_id": live}
+        return refused
 
     async def portal_session(self, *, stripe_customer_id: str, return_url: str) -> str:
         session = await _stripe(

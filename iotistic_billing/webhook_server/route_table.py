@@ -187,7 +187,9 @@ ROUTES: Final[tuple[Route, ...]] = (
             "subscription of the customer's and no other: one canceled already is answered 200 with its "
             "status, nothing sent to Stripe (a retry after a lost answer), and 404 `Subscription not found` "
             "when the customer has none of that id on a plan. A cancel Stripe refuses of a subscription it "
-            "has canceled is answered as cancelled too."
+            "has canceled within 10 minutes (an earlier try's) is answered as cancelled too; one it ended "
+            "before stays the 409, with `details.ended_at` and the customer's live subscription in Stripe "
+            "(`details.live_subscription_id`)."
         ),
     ),
     Route(

@@ -348,7 +348,8 @@ async def cancel_subscription(request: web.Request) -> web.Response:
             raise _no_active_subscription(record.customer_id)
         if record is None:
             await request.app[DIRECTORY].confirm_gone(body.customer_id)
-    change = await billing.cancel(subscription_id, immediately=body.immediately)
+    # OPEN_STATUSES: a refusal of one Stripe ended before names the customer's subscription that bills.
+    change = await billing.cancel(subscription_id, immediately=body.immediately, live_statuses=OPEN_STATUSES)
     return json_model(
         SubscriptionChangeResponse(
             customer_id=body.customer_id,

@@ -683,7 +683,9 @@ async def test_a_cancel_whose_retry_stripe_refuses_as_already_canceled_is_answer
     stripe.lose_next = 1  # the first DELETE cancels, its answer lost
     stripe.answer = (status, {"error": {"type": "invalid_request_error", **error}})
     stripe.subscription.update(
-        status="canceled", items={"object": "list", "data": [item("si_1", "price_starter")]}
+        status="canceled",
+        canceled_at=int(NOW.timestamp()),
+        items={"object": "list", "data": [item("si_1", "price_starter")]},
     )
 
     change = await api.cancel("sub_1", immediately=True)
@@ -703,12 +705,52 @@ async def test_a_cancel_at_the_period_end_of_a_subscription_stripe_has_ended_is_
     stripe, api = fake
     refused = "A canceled subscription can only update its cancellation_details."
     stripe.answer = (400, {"error": {"type": "invalid_request_error", "message": refused}})
-    stripe.subscription.update(status="canceled", cancel_at_period_end=True)
+    # Its first try set the cancel (canceled_at) two minutes ago; the period ended since.
+    canceled_at = int((NOW - timedelta(minutes=2)).timestamp())
+    stripe.subscription.update(status="canceled", cancel_at_period_end=True, canceled_at=canceled_at)
 
     change = await api.cancel("sub_1", immediately=False)
 
     assert change == stripe_api.SubscriptionChange("sub_1", "canceled", True, plan=None)
     assert [method for method, _, _ in stripe.requests] == ["POST", "GET"]
+
+
+@pytest.mark.parametrize("other", [None, "sub_2"])
+async def test_a_cancel_stripe_refuses_of_a_subscription_it_ended_long_ago_stays_refused_saying_when(
+    fake: tuple[FakeStripe, StripeApi], other: str | None
+) -> None:
+    """Found in review: with the webhooks behind, spec.subscription still named a subscription Stripe's
+    dunning ended a day ago while the customer's new one billed; a cancel without subscription_id went to
+    the old one, Stripe refused it, and the read-back (canceled) answered 200 cancelled, so no one looked
+    for the live one. Ended long before this request, it was cancelled by no try of it: the refusal
+    stays, saying when it ended and naming the customer's live subscription when Stripe lists one."""
+    stripe, api = fake
+    stripe.answer = (404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
+    day_ago = int((NOW - timedelta(days=1)).timestamp())
+    stripe.subscription.update(status="canceled", canceled_at=day_ago, ended_at=day_ago, customer="cus_1")
+    stripe.subscriptions = [
+        {"id": "sub_3", "object": "subscription", "status": "active", "customer": "cus_other"},
+        *(
+            [{"id": other, "object": "subscription", "status": "active", "customer": "cus_1"}]
+            if other
+            else []
+        ),
+    ]
+
+    # The statuses that bill, for the customer's live subscription to be looked up (none: not looked up).
+    looked_up: dict[str, Any] = {"live_statuses": {"active", "past_due"}} if other else {}
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True, **looked_up)
+
+    assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
+    assert "sub_1 ended at 2026-05-31T12:00:00Z (canceled)" in raised.value.message, raised.value.message
+    assert (f"live subscription {other}" in raised.value.message) == (other is not None)
+    assert raised.value.details == {
+        "stripe_code": "resource_missing",
+        "ended_at": "2026-05-31T12:00:00Z",
+        "live_subscription_id": other,
+    }
 
 
 async def test_a_cancel_stripe_refuses_of_a_subscription_still_live_stays_refused(

@@ -3,7 +3,7 @@ out or change plan, and what is asked of Stripe."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -144,7 +144,9 @@ class FakeStripe:
         self.prices[subscription_id] = price_id
         return SubscriptionChange(subscription_id, "active", False, changed=changed)
 
-    async def cancel(self, subscription_id: str, *, immediately: bool) -> SubscriptionChange:
+    async def cancel(
+        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str] = ()
+    ) -> SubscriptionChange:
         self.calls.append(("cancel", {"subscription_id": subscription_id, "immediately": immediately}))
         plan = PLANS_BY_PRICE[self.prices.get(subscription_id, PRICES["starter"])]
         return SubscriptionChange(subscription_id, "canceled", False, plan=plan)
