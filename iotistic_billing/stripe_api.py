@@ -209,6 +209,21 @@ def _made_at(session: Any) -> tuple[int, str]:
     return int(session.created), str(session.id)
 
 
+def _checkout_ended(customer_id: str, session: Any, *, keyed: bool) -> Conflict:
+    """The 409 of a checkout whose session Stripe answered is not open (expired, or paid) while the
+    customer has none open: Stripe's first session of a retry's key, ended since (its first try found
+    the customer subscribed and expired it, or it was paid and that subscription cancelled). Its link pays
+    nothing, and a new session under its key would take the place of the ended one's checkout unseen."""
+    return Conflict(
+        "Checkout session ended",
+        f"checkout session {session.id} of customer {customer_id}, "
+        + ("made by an earlier try of this Idempotency-Key, " if keyed else "")
+        + f"is {session.status} and cannot be paid: check out again"
+        + (" with a new Idempotency-Key" if keyed else ""),
+        {"customer_id": customer_id, "session_id": str(session.id), "status": str(session.status)},
+    )
+
+
 def _replayed(answer: Any) -> bool:
     """Stripe's answer is its first answer to the idempotency key, sent again."""
     response = answer.last_response
@@ -341,7 +356,8 @@ class StripeApi:
         `request_key`: the digest of the client's Idempotency-Key (with the customer and the request it
         was sent for). The session carries it, and the sessions carrying one are one checkout, whose
         first session is the payable one: a retry (of a client, or the SDK's of an abandoned request
-        still running on another replica) answers that session, and makes none the others must expire."""
+        still running on another replica) answers that session, and makes none the others must expire;
+        once it is not open (expired, or paid), a 409 "Checkout session ended" asks for a new key."""
         subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
@@ -378,14 +394,14 @@ class StripeApi:
         try:
             # Asked again once no other session can be paid: one paid since the first ask (and listed as
             # open no more) has left its subscription.
-            newest, subscribed = await self._keep_newest_checkout(stripe_customer_id, session)
+            newest, subscribed, session = await self._keep_newest_checkout(stripe_customer_id, session)
             # This checkout's own: its session, or the first one of its key (made by an earlier try).
-            ours = newest.id == session.id or (
-                request_key is not None and _checkout_key(newest) == request_key
+            ours = newest is not None and (
+                newest.id == session.id or (request_key is not None and _checkout_key(newest) == request_key)
             )
             if subscribed is None:
                 subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
-            if subscribed is not None and ours:
+            if subscribed is not None and ours and newest is not None:
                 await self._expire_checkout(str(newest.id), "the new checkout session")
         except ApiError as failed:
             # Its own sentence may say nothing was changed, but the session is made and the earlier links
@@ -402,6 +418,8 @@ class StripeApi:
             raise
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
+        if newest is None:
+            raise _checkout_ended(customer_id, session, keyed=request_key is not None)
         if not ours:
             raise Conflict(
                 "Checkout started twice",
@@ -411,17 +429,28 @@ class StripeApi:
             )
         return CheckoutSession(session_id=str(newest.id), checkout_url=str(newest.url or ""))
 
-    async def _keep_newest_checkout(self, stripe_customer_id: str, made: Any) -> tuple[Any, str | None]:
+    async def _keep_newest_checkout(
+        self, stripe_customer_id: str, made: Any
+    ) -> tuple[Any | None, str | None, Any]:
         """Expire the customer's open subscription sessions but the newest checkout's (`_payable`), `made`
-        too when it is not that one; that one, and the subscription of one paid before its expire arrived
-        (else None). Every checkout agrees on which is the newest, whatever the order of their steps (two
-        at the same moment, or one finished within the same second of Stripe's clock, its id sorting
-        after), so exactly one stays payable; expiring all but `made` left none."""
+        too when it is not that one; that one (None when none is open), the subscription of one paid
+        before its expire arrived (else None), and `made` as read. Every checkout agrees on which is the
+        newest, whatever the order of their steps (two at the same moment, or one finished within the
+        same second of Stripe's clock, its id sorting after), so exactly one stays payable; expiring all
+        but `made` left none. `made` not listed open is read: a retry's, under its key, is Stripe's
+        first session again, which may have been expired or paid since, and is then no checkout's."""
         open_sessions = await _stripe(
             self._open_checkouts(stripe_customer_id), "list the customer's open checkout sessions"
         )
         listed = {str(session.id) for session in open_sessions}
-        sessions = [*open_sessions, *([] if str(made.id) in listed else [made])]
+        if str(made.id) not in listed:
+            made = await _stripe(
+                self.client.v1.checkout.sessions.retrieve_async(str(made.id)),
+                f"read checkout session {made.id}",
+            )
+        sessions = [*open_sessions, *([made] if str(made.id) not in listed and made.status == "open" else [])]
+        if not sessions:
+            return None, None, made
         newest = _payable(sessions)
         subscribed = None
         for session in sessions:
@@ -439,7 +468,7 @@ class StripeApi:
                     raise
                 if ended.status == "complete" and ended.subscription:
                     subscribed = str(ended.subscription)
-        return newest, subscribed
+        return newest, subscribed, made
 
     async def _expire_checkout(self, session_id: str, which: str) -> None:
         await _stripe(

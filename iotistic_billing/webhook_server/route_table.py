@@ -147,7 +147,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             " leaves them payable). With an Idempotency-Key, the sessions of one key, customer and body"
             " are one checkout: a retry answers its first session (Stripe's same one within the 5 minutes"
             " its expiry is rounded up to), and no session of a retry or of the abandoned first try"
-            " expires it."
+            " expires it; one whose session is no longer open (expired, or paid) is 409 `Checkout session"
+            " ended`: a new key makes a new session."
         ),
         idempotency_key=True,
     ),

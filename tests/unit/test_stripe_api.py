@@ -598,6 +598,36 @@ async def test_a_checkout_retried_within_its_expiry_step_gets_stripe_s_same_sess
     assert "subscription_data[metadata][checkoutKey]" not in form
 
 
+@pytest.mark.parametrize("ended", ["expired", "complete"])
+async def test_a_keyed_checkout_retried_after_its_session_ended_is_a_409_not_its_dead_link(
+    fake: tuple[FakeStripe, StripeApi], ended: str
+) -> None:
+    """Found in review: a retry within the 5-minute step is answered Stripe's first session again, and
+    it was answered payable though Stripe no longer listed it open: a first try that found the customer
+    subscribed expired its session (409 Already subscribed), the admin cancelled that subscription, the
+    page retried under its key and got 200 with the expired session's link. A session of this key that
+    is not open is read, neither answered nor expired again: a 409 asking for a new key."""
+    stripe, api = fake
+    first = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+    if ended == "expired":
+        stripe.sessions[first.session_id]["status"] = "expired"
+    else:
+        stripe.pay(first.session_id)
+        stripe.subscriptions[0]["status"] = "canceled"  # paid, then cancelled since
+    sent = len(stripe.requests)
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+
+    assert (raised.value.status, raised.value.error) == (409, "Checkout session ended"), raised.value
+    assert raised.value.details["session_id"] == first.session_id
+    assert raised.value.details["status"] == ended
+    assert "a new Idempotency-Key" in raised.value.message
+    # Stripe's same session again: nothing made, nothing expired.
+    assert list(stripe.sessions) == [first.session_id]
+    assert not [path for _, path, _ in stripe.requests[sent:] if path.endswith("/expire")]
+
+
 async def test_a_new_checkout_under_another_key_is_the_newest_and_expires_the_earlier(
     fake: tuple[FakeStripe, StripeApi],
 ) -> None:
