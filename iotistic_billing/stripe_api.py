@@ -82,6 +82,12 @@ class StripeCustomerMissing(Conflict):
     the Customer a new Stripe customer."""
 
 
+class IdempotencyKeyReused(Conflict):
+    """Stripe refused a request's idempotency key as one it had within 24 hours with other parameters
+    (`idempotency_error`): the 409 of any other refusal, which a route whose key is derived from the
+    client's Idempotency-Key answers as that key reused with another request."""
+
+
 @dataclass(frozen=True)
 class SubscriptionChange:
     subscription_id: str
@@ -135,7 +141,13 @@ async def _stripe(
                 ]
             ) from None
         details = {"stripe_code": code} | ({"stripe_param": param} if param else {})
-        kind = StripeCustomerMissing if (code, param) == ("resource_missing", "customer") else Conflict
+        kind = (
+            StripeCustomerMissing
+            if (code, param) == ("resource_missing", "customer")
+            else IdempotencyKeyReused
+            if code == "idempotency_error"
+            else Conflict
+        )
         raise kind(
             "Stripe refused the request",
             f"Stripe refused to {action}: {error.user_message or 'no reason given'}",
@@ -651,6 +663,7 @@ class StripeApi:
 __all__ = [
     "CheckoutSession",
     "CustomerSubscribed",
+    "IdempotencyKeyReused",
     "StripeApi",
     "StripeCustomerMissing",
     "SubscriptionChange",

@@ -21,7 +21,7 @@ from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
 from iotistic_billing.errors import ApiError, Conflict, Unavailable
 from iotistic_billing.k8s import Kube, KubernetesUnavailable
-from iotistic_billing.stripe_api import StripeApi
+from iotistic_billing.stripe_api import IdempotencyKeyReused, StripeApi
 from iotistic_billing.webhook_server.context import (
     CLOCK,
     DIRECTORY,
@@ -34,6 +34,7 @@ from iotistic_billing.webhook_server.context import (
 from iotistic_billing.webhook_server.licenses import license_token
 from iotistic_billing.webhook_server.messages import (
     IDEMPOTENCY_KEY_HEADER,
+    idempotency_key_reused,
     json_model,
     key_digest,
     read_body,
@@ -133,6 +134,10 @@ async def create_customer(request: web.Request) -> web.Response:
                     )
                 except Unavailable as away:
                     raise _stripe_maybe_made(away, customer_id, keyed=key is not None) from None
+                except IdempotencyKeyReused:
+                    if key is None:
+                        raise
+                    raise _key_reused(customer_id) from None
             try:
                 created = await _create_resource(
                     kube,
@@ -220,6 +225,18 @@ def _signup_in_progress(customer_id: str) -> Conflict:
         f" (GET /api/customers/{customer_id} finds it once made)",
         {"field": IDEMPOTENCY_KEY_HEADER, "message": "signup in progress", "customer_id": customer_id},
         headers={"Retry-After": "5"},
+    )
+
+
+def _key_reused(customer_id: str) -> ApiError:
+    """Stripe's idempotency_error to a keyed signup's Stripe customer: an earlier try of the key, within
+    Stripe's 24 hours, sent another company_name or the email in another case (one customer id)."""
+    return idempotency_key_reused(
+        f"this Idempotency-Key signed up this email (customer {customer_id}) within 24 hours with another"
+        " company_name or the email in another case, and Stripe refused the change: send the first try's"
+        " body again under this key, or sign up with a new Idempotency-Key (a Stripe customer with metadata"
+        f" customerId {customer_id} that an earlier try made may then be left in Stripe)",
+        customer_id=customer_id,
     )
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from iotistic_billing.customer import CustomerId
-from iotistic_billing.errors import ValidationFailed
+from iotistic_billing.errors import ApiError, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 CUSTOMER_ID_PARAMETER = "customerId"
@@ -117,6 +117,24 @@ def read_idempotency_key(request: web.Request) -> str | None:
     return re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
 
 
+def idempotency_key_reused(message: str, **facts: str) -> ApiError:
+    """The IETF draft's answer to an Idempotency-Key sent again with another request: 422 naming it (here
+    Stripe's idempotency_error, to the key derived from it, surfaced as the client's)."""
+    return ApiError(
+        "Idempotency-Key reused",
+        message,
+        [
+            {
+                "field": IDEMPOTENCY_KEY_HEADER,
+                "message": "was sent with another request",
+                "type": "idempotency_key_reused",
+                **facts,
+            }
+        ],
+        status=422,
+    )
+
+
 def key_digest(*scope: str) -> str:
     """A digest of a client's idempotency key with the route and customer it was sent for (`scope`, the
     key last): what is sent to Stripe or named in a Customer, never the client's key itself, and one
@@ -157,6 +175,7 @@ __all__ = [
     "IDEMPOTENCY_KEY_PATTERN",
     "NOTICE_ID_MAX",
     "NOTICE_ID_PARAMETER",
+    "idempotency_key_reused",
     "json_model",
     "key_digest",
     "read_body",

@@ -41,6 +41,7 @@ _DESCRIPTIONS: Final = {
     404: "Not found",
     409: "Conflict with the current state",
     413: "Request body too large",
+    422: "The Idempotency-Key was sent before with another request; send a new one",
     429: "Rate limited; see Retry-After",
     503: "A dependency is down or not configured; retry later",
 }

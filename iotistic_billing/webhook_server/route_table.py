@@ -84,7 +84,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         "admin",
         {201: SignupResponse, 202: SignupResponse},
         body=SignupRequest,
-        errors=(409,),
+        errors=(409, 422),
         headers=_LOCATION,
         description=(
             "Creates a Customer resource in trial (a Stripe customer too when Stripe is configured) and "
@@ -96,7 +96,9 @@ ROUTES: Final[tuple[Route, ...]] = (
             "one whose Stripe customer's create got none (`details.customer_id`). With an Idempotency-Key "
             "the customer id is derived from it and the email, so a retry makes the same Customer and "
             "Stripe customer, and one once it exists is the 409 naming it; one while a try of the email is "
-            "in progress is 409 `Signup in progress` with Retry-After and `details.customer_id`. "
+            "in progress is 409 `Signup in progress` with Retry-After and `details.customer_id`; one Stripe "
+            "refuses as the key's earlier try with another company_name or email case is 422 "
+            "`Idempotency-Key reused`. "
             "The password of the earlier system's payload is accepted and discarded, never stored."
         ),
         idempotency_key=True,
@@ -131,7 +133,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         "admin",
         {200: CheckoutResponse},
         body=CheckoutRequest,
-        errors=(404, 409),
+        errors=(404, 409, 422),
         description=(
             "A Stripe Checkout session that subscribes the customer to the plan's price and the metered"
             " prices of its usage overage (STRIPE_METERED_PRICES); a Customer without a Stripe customer"
@@ -148,7 +150,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             " are one checkout: a retry answers its first session (Stripe's same one within the 5 minutes"
             " its expiry is rounded up to), and no session of a retry or of the abandoned first try"
             " expires it; one whose session is no longer open (expired, or paid) is 409 `Checkout session"
-            " ended`: a new key makes a new session."
+            " ended`: a new key makes a new session; one Stripe refuses as sent before with other"
+            " parameters (a price setting changed between the tries) is 422 `Idempotency-Key reused`."
         ),
         idempotency_key=True,
     ),

@@ -25,10 +25,17 @@ from iotistic_billing.errors import (
     customer_not_found,
     stripe_not_configured,
 )
-from iotistic_billing.stripe_api import CheckoutSession, CustomerSubscribed, StripeApi, StripeCustomerMissing
+from iotistic_billing.stripe_api import (
+    CheckoutSession,
+    CustomerSubscribed,
+    IdempotencyKeyReused,
+    StripeApi,
+    StripeCustomerMissing,
+)
 from iotistic_billing.stripe_inbox.events import ENDED_STATUSES, LIVE_STATUSES, OPEN_STATUSES
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import (
+    idempotency_key_reused,
     json_model,
     key_digest,
     read_body,
@@ -205,16 +212,27 @@ async def _checkout_session(
     request_key: str | None,
 ) -> CheckoutSession:
     # Stripe is asked too: a session paid whose events the Customer has not had yet is live there.
-    return await billing.create_checkout_session(
-        stripe_customer_id=stripe_customer_id,
-        customer_id=record.customer_id,
-        plan=body.plan,
-        price_id=price,
-        success_url=body.success_url,
-        cancel_url=body.cancel_url,
-        live_statuses=OPEN_STATUSES,
-        request_key=request_key,
-    )
+    try:
+        return await billing.create_checkout_session(
+            stripe_customer_id=stripe_customer_id,
+            customer_id=record.customer_id,
+            plan=body.plan,
+            price_id=price,
+            success_url=body.success_url,
+            cancel_url=body.cancel_url,
+            live_statuses=OPEN_STATUSES,
+            request_key=request_key,
+        )
+    except IdempotencyKeyReused:
+        # The session's Stripe key is the client's key's (its body is in it): an earlier try sent Stripe
+        # other parameters, the server's (a plan's or a metered price changed between the tries).
+        if request_key is None:
+            raise
+        raise idempotency_key_reused(
+            f"Stripe refused the checkout session of customer {record.customer_id}: an earlier try of this"
+            " Idempotency-Key within 24 hours sent it other parameters (a price setting changed between"
+            " the tries); check out again with a new Idempotency-Key"
+        ) from None
 
 
 async def _new_stripe_customer(

@@ -22,7 +22,7 @@ from iotistic_billing.directory import Directory
 from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import _maybe_made
+from iotistic_billing.stripe_api import IdempotencyKeyReused, _maybe_made
 from iotistic_billing.webhook_server.context import (
     CLOCK,
     DIRECTORY,
@@ -384,6 +384,33 @@ async def test_a_keyed_signup_retried_after_its_customer_s_email_was_edited_is_4
     assert body["details"][0]["field"] == "Idempotency-Key"
     assert body["details"][0]["customer_id"] == first["customer"]["customer_id"]
     assert len(signup.kube.customers) == 1 and signup.stripe.created == ["cus_1"]
+
+
+async def test_a_keyed_signup_whose_key_stripe_refuses_as_reused_is_a_422_naming_the_header(
+    signup: Signup,
+) -> None:
+    """Found in review: a retry under the same key within 24 hours with another company_name, or the
+    email in another case (one customer id), sends Stripe other parameters under its key: Stripe's
+    idempotency_error came back as an opaque 409 naming our key `signup-cust_...`. It is the key reused
+    with another body, the IETF draft's 422, naming Idempotency-Key."""
+    signup.stripe.lose_create = IdempotencyKeyReused(
+        "Stripe refused the request",
+        "Stripe refused to create a customer: Keys for idempotent requests can only be used with the same"
+        " parameters they were first used with. Try using a key other than 'signup-cust_0123456789abcdef'",
+        {"stripe_code": "idempotency_error"},
+    )
+
+    status, body = await signup.post({**SIGNUP, "company_name": "Initech Inc."}, key="k-1")
+    unkeyed, unkeyed_body = await signup.post()
+
+    assert (status, body["error"]) == (422, "Idempotency-Key reused"), body
+    (problem,) = body["details"]
+    assert problem["field"] == "Idempotency-Key"
+    assert problem["customer_id"] == signup.stripe.calls[0]["customer_id"]
+    assert "signup-cust_" not in body["message"] and "company_name" in body["message"]
+    # Without a key the customer id is new each time: no key of the client's to name.
+    assert (unkeyed, unkeyed_body["error"]) == (409, "Stripe refused the request")
+    assert signup.kube.customers == {}
 
 
 async def test_a_signup_with_a_bad_idempotency_key_is_a_400_naming_it(signup: Signup) -> None:

@@ -17,7 +17,12 @@ from aiohttp.test_utils import TestServer
 from iotistic_billing import stripe_api
 from iotistic_billing.errors import ApiError
 from iotistic_billing.settings import load_settings
-from iotistic_billing.stripe_api import CustomerSubscribed, StripeApi, StripeCustomerMissing
+from iotistic_billing.stripe_api import (
+    CustomerSubscribed,
+    IdempotencyKeyReused,
+    StripeApi,
+    StripeCustomerMissing,
+)
 from iotistic_billing.webhook_server import app as app_module
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -304,6 +309,8 @@ async def test_stripe_s_refusals_become_our_errors_with_its_code(
     if answer == 409:
         assert raised.value.error == "Stripe refused the request"
         assert raised.value.details == {"stripe_code": code}
+        # The routes whose key is the client's answer it as that key reused.
+        assert isinstance(raised.value, IdempotencyKeyReused) == (code == "idempotency_error")
     else:
         assert raised.value.error == "Stripe unavailable"
         assert raised.value.headers == {"Retry-After": "5"}

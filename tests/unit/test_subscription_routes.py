@@ -21,6 +21,7 @@ from iotistic_billing.settings import load_settings
 from iotistic_billing.stripe_api import (
     CheckoutSession,
     CustomerSubscribed,
+    IdempotencyKeyReused,
     StripeCustomerMissing,
     SubscriptionChange,
 )
@@ -444,6 +445,28 @@ async def test_a_bad_idempotency_key_is_a_400_naming_the_header(routes: Routes, 
     assert answer.status == 400, body
     assert [problem["field"] for problem in body["details"]] == ["Idempotency-Key"]
     assert routes.stripe.calls == []
+
+
+async def test_a_keyed_checkout_whose_key_stripe_refuses_as_reused_is_a_422_naming_the_header(
+    routes: Routes,
+) -> None:
+    """Found in review: Stripe's idempotency_error (the session's key sent within 24 hours with other
+    parameters: a price setting changed between a try and its retry) came back as an opaque 409 naming
+    our key. It is the client's key reused, the IETF draft's 422, naming Idempotency-Key."""
+    routes.kube.customers["acme"] = customer("acme", billing={"mode": "stripe", "stripeCustomerId": "cus_a"})
+    routes.stripe.refuse_checkout = IdempotencyKeyReused(
+        "Stripe refused the request",
+        "Stripe refused to create a checkout session: Keys for idempotent requests can only be used with"
+        " the same parameters they were first used with. Try using a key other than 'checkout-cus_a-...'",
+        {"stripe_code": "idempotency_error"},
+    )
+    sent = {"customer_id": "cust_acme01", "plan": "starter", **CHECKOUT}
+
+    status, body = await routes.post("checkout", sent, {"Idempotency-Key": "order-7"})
+
+    assert (status, body["error"]) == (422, "Idempotency-Key reused"), body
+    assert [problem["field"] for problem in body["details"]] == ["Idempotency-Key"]
+    assert "checkout-cus_a" not in body["message"] and "a new Idempotency-Key" in body["message"]
 
 
 async def test_a_checkout_commits_the_stripe_customer_it_made_before_the_session_and_holds_no_connection(
