@@ -341,7 +341,14 @@ class PortalRequest(Request):
 class SubscriptionChangeResponse(Response):
     customer_id: str
     subscription_id: str
-    status: str
+    status: str = Field(
+        description=(
+            "Stripe's status of the subscription once asked: canceled when cancelled now; its status until"
+            " then (active, ...) when cancelled at the period's end (cancel_at_period_end true). A cancel"
+            " naming a subscription ended already answers the status it ended in: canceled, or"
+            " incomplete_expired (its first payment never made: it never billed)."
+        )
+    )
     plan: PaidPlanName | None = None
     cancel_at_period_end: bool
     canceled_immediately: bool = False

@@ -28,6 +28,7 @@ from iotistic_billing.stripe_api import (
 from iotistic_billing.webhook_server import subscriptions
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, SETTINGS, STRIPE
 from iotistic_billing.webhook_server.errors import error_middleware
+from iotistic_billing.webhook_server.schemas import SubscriptionChangeResponse
 
 PRICES: dict[PaidPlanName, str] = {
     "starter": "price_starter",
@@ -276,6 +277,28 @@ async def test_a_retried_cancel_naming_its_subscription_canceled_already_is_answ
         "canceled_immediately": True,
     }
     assert routes.stripe.calls == []
+
+
+async def test_a_cancel_naming_a_subscription_that_expired_unpaid_answers_the_status_it_ended_in(
+    routes: Routes,
+) -> None:
+    """Found in review: README said a named subscription ended already is 200 with status canceled, and
+    one whose first payment never came (Stripe's incomplete_expired) answered that status instead. Its
+    status is the one it ended in, as README and the schema now say: it never billed."""
+    routes.kube.customers["acme"] = customer(
+        "acme", billing={"mode": "stripe", "stripeCustomerId": "cus_acme"}, subscription=LIVE
+    )
+    routes.db.rows["sub_tried1"] = row("sub_tried1", status="incomplete_expired")
+
+    status, answer = await routes.post(
+        "cancel", {"customer_id": "cust_acme01", "subscription_id": "sub_tried1"}
+    )
+
+    assert status == 200, answer
+    assert (answer["subscription_id"], answer["status"]) == ("sub_tried1", "incomplete_expired")
+    assert routes.stripe.calls == []
+    described = SubscriptionChangeResponse.model_json_schema()["properties"]["status"]["description"]
+    assert "incomplete_expired" in described
 
 
 @pytest.mark.parametrize(
