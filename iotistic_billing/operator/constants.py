@@ -106,3 +106,5 @@ UNINSTALL_FAILED: Final = "UninstallFailed"
 SUBSCRIPTION_LEFT_ACTIVE: Final = "SubscriptionLeftActive"
 # A Customer that Git manages goes by a customer id derived from its uid (customer.unpinned_customer_id).
 CUSTOMER_ID_NOT_PINNED: Final = "CustomerIdNotPinned"
+# A Stripe-billed Customer made again, its pass waiting for the inbox to give its subscription back.
+SUBSCRIPTION_RESTORE_PENDING: Final = "SubscriptionRestorePending"

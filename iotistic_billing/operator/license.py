@@ -360,6 +360,11 @@ def license_notice(
     ends_at = entitlement.trial_ends_at
     if entitlement.reason != c.TRIAL_EXPIRED or ends_at is None:
         return None
+    created = target.customer.metadata.creation_timestamp
+    if created is not None and ends_at < created:
+        # Ended before this Customer was made (one made again, its trial counted from its customer id's
+        # first licence): the object it replaced told it, or it was paid for before its end.
+        return None
     # The trial ends from the trial's licence: not from a paid one whose subscription went over to one
     # never paid (the expired trial is then what is left), nor from a renewal months after.
     from_trial = replaced is None or replaced.plan == "trial"

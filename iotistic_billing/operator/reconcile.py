@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
 
 from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
@@ -31,6 +32,7 @@ from iotistic_billing.customer import (
     parse_spec,
     unpinned_customer_id,
 )
+from iotistic_billing.db.models import Subscription
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import SecretData, resource_version
 from iotistic_billing.licensing.minting import MintingError
@@ -61,10 +63,12 @@ from iotistic_billing.operator.state import (
     refused_status,
     stall_of,
     stalled_status,
+    waiting_status,
 )
 from iotistic_billing.operator.trial_history import first_licensed_at, trial_counts
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
+from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +256,8 @@ def _count(name: str, result: PassResult) -> None:
 
 def _waiting_reason(status: CustomerStatus) -> str:
     reconciling = status.condition(ConditionType.RECONCILING)
-    if reconciling is not None and reconciling.reason in (c.NAMESPACE_TERMINATING, c.NAMESPACE_REFUSED):
+    waits = (c.NAMESPACE_TERMINATING, c.NAMESPACE_REFUSED, c.SUBSCRIPTION_RESTORE_PENDING)
+    if reconciling is not None and reconciling.reason in waits:
         return reconciling.reason
     return "Unknown"
 
@@ -290,6 +295,20 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         # Once a process (not each pass): what it says holds until Git pins the id, which ends it.
         ctx.told_unpinned.add(uid)
         warnings.append((c.CUSTOMER_ID_NOT_PINNED, unpinned))
+    if (pending := await _subscription_to_restore(ctx, target, first_licensed)) is not None:
+        status = answered_request(
+            # In the phase it had (Pending, new): Expired would say the lapse it waits to learn is none.
+            waiting_status(
+                previous,
+                target,
+                c.SUBSCRIPTION_RESTORE_PENDING,
+                pending,
+                generation,
+                phase=Phase(previous.phase) if previous.phase else Phase.PENDING,
+            ),
+            meta.get("annotations") or {},
+        )
+        return await write_status(ctx, body, previous, status, temporary=pending, warnings=warnings)
     try:
         secret = await _namespace_and_secret(
             ctx, target, made_before=previous.instance is not None, warnings=warnings
@@ -361,6 +380,50 @@ async def _first_licensed(
             f"{DATABASE_UNREACHABLE} ({type(error).__name__}): the licence history, where a Customer"
             " made again finds its trial's start, cannot be read; retried until it is back"
         )
+
+
+# How long after its creation a Stripe-billed Customer made again waits for the inbox to give its
+# subscription back (every RESTORE_SECONDS, a minute), rather than be installed on what its trial left.
+# Bounded: a restore that never comes (its customer id another Customer's too) leaves it waiting no longer.
+SUBSCRIPTION_RESTORE_WAIT = timedelta(minutes=10)
+
+
+async def _subscription_to_restore(
+    ctx: OperatorContext, target: PassTarget, first_licensed: datetime | None
+) -> str | None:
+    """Why the pass waits for the inbox's restore (stripe_inbox/restore.py), or None: a Stripe-billed
+    Customer without spec.subscription (a manifest never has it), made within SUBSCRIPTION_RESTORE_WAIT,
+    whose trial ended, while a live subscription row on a plan names its customer id. Its first pass
+    installed it unlicensed (a paying customer whose trial, counted from its first licence, ended months
+    ago), up to a minute before the restore upgraded it. A PostgreSQL error is the pass's (retried)."""
+    customer = target.customer
+    created = customer.metadata.creation_timestamp
+    if (
+        target.spec.billing.mode != "stripe"
+        or target.spec.subscription is not None
+        or not target.entitlement.lapsed
+        or first_licensed is None
+        or created is None
+        or target.now - created > SUBSCRIPTION_RESTORE_WAIT
+    ):
+        return None
+    async with ctx.sessions() as session:
+        live = await session.scalar(
+            select(Subscription.stripe_subscription_id)
+            .where(
+                Subscription.customer_id == target.customer_id,
+                Subscription.status.in_(sorted(LIVE_STATUSES)),
+                Subscription.plan.is_not(None),
+            )
+            .limit(1)
+        )
+    if live is None:
+        return None
+    return (
+        f"customer id {target.customer_id} has live Stripe subscription {live}, which the Stripe inbox"
+        " gives back to a Customer made again within a minute; waiting for it rather than installing the"
+        " instance on the unlicensed plan its trial left"
+    )
 
 
 async def _licence_and_notifications(

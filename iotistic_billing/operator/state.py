@@ -349,27 +349,43 @@ def refused_status(
     once served: the instance runs on, its licence not renewed); the conditions of the steps as they were."""
     if refusal.permanent:
         status = stalled_status(previous, generation, refusal.reason, refusal.message, target.now)
-    else:
-        status = previous.model_copy(
-            update={
-                "phase": phase_for(
-                    target.entitlement,
-                    None,
-                    None,
-                    previous.phase,
-                    stalled=False,
-                    retrying=refusal.runs_on,
-                    served=has_served(previous),
-                ),
-                "conditions": with_conditions(
-                    previous.conditions,
-                    waiting(refusal.reason, refusal.message),
-                    generation=generation,
-                    now=target.now,
-                ),
-            }
-        )
-    return status.model_copy(update={"customer_id": target.customer_id})
+        return status.model_copy(update={"customer_id": target.customer_id})
+    return waiting_status(
+        previous, target, refusal.reason, refusal.message, generation, runs_on=refusal.runs_on
+    )
+
+
+def waiting_status(
+    previous: CustomerStatus,
+    target: PassTarget,
+    reason: str,
+    message: str,
+    generation: int,
+    runs_on: bool = False,
+    phase: Phase | None = None,
+) -> CustomerStatus:
+    """The status of a pass that waits, before any step, for what comes by itself (`reason`): Reconciling
+    and Ready say so, the steps' conditions as they were. `runs_on`: an instance that served runs on
+    meanwhile (Degraded). `phase`: the phase it waits in, when not the target's (a lapse it waits to
+    learn is none)."""
+    return previous.model_copy(
+        update={
+            "customer_id": target.customer_id,
+            "phase": phase
+            or phase_for(
+                target.entitlement,
+                None,
+                None,
+                previous.phase,
+                stalled=False,
+                retrying=runs_on,
+                served=has_served(previous),
+            ),
+            "conditions": with_conditions(
+                previous.conditions, waiting(reason, message), generation=generation, now=target.now
+            ),
+        }
+    )
 
 
 def answered_request(status: CustomerStatus, annotations: Mapping[str, str]) -> CustomerStatus:
@@ -518,4 +534,5 @@ __all__ = [
     "stalled_on_namespace",
     "stalled_status",
     "terminating_status",
+    "waiting_status",
 ]

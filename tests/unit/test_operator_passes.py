@@ -27,6 +27,7 @@ from iotistic_billing.customer import (
     ReleaseStatus,
 )
 from iotistic_billing.k8s import KubernetesUnavailable, SecretData
+from iotistic_billing.notices.content import NoticeKind
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator import license as license_step
@@ -50,6 +51,7 @@ from iotistic_billing.operator.outcomes import (
     ReleaseOutcome,
 )
 from iotistic_billing.operator.reconcile import (
+    SUBSCRIPTION_RESTORE_WAIT,
     PassResult,
     StatusConflict,
     _count,
@@ -73,7 +75,7 @@ from iotistic_billing.workers import to_the_end
 from tests.conftest import Retries
 from tests.unit.test_operator_namespace import customer
 from tests.unit.test_operator_namespace import target_of as hook_target_of
-from tests.unit.test_operator_state import CREATED, NOW, LicenceStepParts, _target_of
+from tests.unit.test_operator_state import CREATED, NOW, LicenceStepParts, _licence, _target_of
 from tests.unit.test_operator_status_patch import StatusServer, context
 from tests.unit.test_operator_webhook_secret import CustomerNamespace, hooked, signed
 
@@ -953,7 +955,12 @@ class LicenceHistory:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def scalar(self, statement: Any) -> datetime | None:
+    # The customer id's live subscription rows on a plan (the inbox's restore gives the newest back).
+    live_subscription: str | None = None
+
+    async def scalar(self, statement: Any) -> Any:
+        if "subscriptions" in str(statement):
+            return self.live_subscription
         self.reads += 1
         return self.first
 
@@ -1900,3 +1907,71 @@ async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_onc
         fresh = housekeeping_context(StatusServer({}, resource_version=7))
         result = await _reconcile(fresh, manifest, NOW)
         assert "CustomerIdNotPinned" not in [reason for _, reason, _ in result.events]
+
+
+def paying_customer_made_again_from_git() -> dict[str, Any]:
+    """made_again_from_git a minute ago, billed through Stripe: its spec.subscription (never in a
+    manifest) not yet given back by the inbox's restore."""
+    body = made_again_from_git()
+    body["metadata"]["creationTimestamp"] = (NOW - timedelta(minutes=1)).isoformat()
+    body["spec"] = {**body["spec"], "billing": {"mode": "stripe"}}
+    return body
+
+
+def test_a_customer_made_again_is_not_told_its_trial_ended_before_it_was_made() -> None:
+    """Found in review: a paying Stripe customer made again from Git (it paid during its trial, months
+    ago), its first pass before the inbox's restore, anchored its trial at its first licence, found it
+    expired and queued "Your trial has ended" (trial-ended:<id>:<old end>, a key never written before, as
+    it converted before the end). A trial that ended before the Customer was made was told, or paid for,
+    by the object it replaced: the new one says nothing of it."""
+    body = paying_customer_made_again_from_git()
+    first = NOW - timedelta(days=40)
+    aimed = pass_target(
+        body, Customer.model_validate(body), "iotistic.cloud", NOW, ("0.1.0", "Pinned"), first_licensed=first
+    )
+    assert aimed.entitlement.reason == c.TRIAL_EXPIRED
+    assert license_step.license_notice(aimed, _licence("unlicensed", "j-new"), "generated", None) is None
+    # A trial of the Customer that ends after it was made is told its end, once, as before.
+    ended = pass_target(
+        body, Customer.model_validate(body), "iotistic.cloud", NOW + timedelta(days=15), ("0.1.0", "Pinned")
+    )
+    notice = license_step.license_notice(ended, _licence("unlicensed", "j-new"), "generated", None)
+    assert notice is not None and notice.kind == NoticeKind.TRIAL_ENDED
+
+
+async def test_a_paying_customer_made_again_waits_for_its_subscription_instead_of_the_unlicensed_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the same Customer's first pass, up to a minute before the inbox's restore
+    (RESTORE_SECONDS) gives its subscription back, licensed and installed its instance unlicensed (its
+    trial anchored months ago), then upgraded it. While a live subscription row of its customer id is
+    there to restore, a Customer made within SUBSCRIPTION_RESTORE_WAIT waits for it: no licence, no
+    release, Ready False SubscriptionRestorePending, retried (the restore's write of the spec runs a
+    pass anyway)."""
+    licensed = licence_and_release_steps(monkeypatch)
+    history = LicenceHistory(NOW - timedelta(days=40))
+    history.live_subscription = "cust_acme01"
+    server = StatusServer({}, resource_version=7)
+
+    result = await _reconcile(
+        housekeeping_context(server, history), paying_customer_made_again_from_git(), NOW
+    )
+
+    assert licensed == [] and result.temporary_error is not None
+    status = CustomerStatus.model_validate(server.document)
+    ready = status.condition("Ready")
+    assert ready is not None and (ready.status, ready.reason) == ("False", c.SUBSCRIPTION_RESTORE_PENDING)
+    assert status.phase == "Pending" and status.license is None
+
+    # No live subscription (cancelled since), or made long enough ago that no restore is coming: the
+    # expired trial is what it has.
+    history.live_subscription = None
+    read = {**paying_customer_made_again_from_git(), "status": server.document}
+    read["metadata"] = {**read["metadata"], "resourceVersion": str(server.resource_version)}
+    await _reconcile(housekeeping_context(server, history), read, NOW)
+    assert [(t.entitlement.plan, t.entitlement.reason) for t in licensed] == [("unlicensed", c.TRIAL_EXPIRED)]
+    history.live_subscription = "cust_acme01"
+    later = NOW + SUBSCRIPTION_RESTORE_WAIT + timedelta(hours=1)
+    fresh = housekeeping_context(StatusServer({}, resource_version=7), history)
+    await _reconcile(fresh, paying_customer_made_again_from_git(), later)
+    assert len(licensed) == 2
