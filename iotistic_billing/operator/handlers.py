@@ -42,6 +42,7 @@ from iotistic_billing.operator.state import (
     namespace_freed,
     stalled_on_namespace,
 )
+from iotistic_billing.operator.trial_history import known_trial_start
 from iotistic_billing.operator.watches import (
     INSTANCE_DEPLOYMENTS,
     MANAGED_SECRETS,
@@ -284,8 +285,9 @@ async def housekeeping(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
     except (ValueError, InvalidSpecError):
         return
     now: datetime = ctx.clock()
-    # The trial's start its passes read from the licence history (none read here: a check costs nothing).
-    first_licensed = ctx.first_licences.get(customer_id_in_use(dict(body)))
+    # The trial's start its passes read from the licence history, else its status's (none read here: a
+    # check costs nothing).
+    first_licensed = known_trial_start(ctx, customer, customer_id_in_use(dict(body)))
     created = trial_started(customer.metadata.creation_timestamp or now, first_licensed)
     if not await _trial_notice(ctx, name, customer, body, now, first_licensed):
         return  # another shard's now: dropped here

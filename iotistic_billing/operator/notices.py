@@ -10,6 +10,7 @@ from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.notices.content import Notice, trial_ending
 from iotistic_billing.operator.context import OperatorContext
 from iotistic_billing.operator.entitlement import Entitlement, effective_plan, trial_started
+from iotistic_billing.operator.trial_history import known_trial_start
 
 
 def trial_ending_due(entitlement: Entitlement, now: datetime, days: int) -> bool:
@@ -49,7 +50,7 @@ async def write_trial_ending(
     """Write the notice once (its key makes a second write a no-op; `ctx.noticed` spares the database
     the checks of a process that wrote it already). True when it was written now; False too while
     PostgreSQL is away, said once an outage (`ctx.trial_notices`), as the next check writes it."""
-    first_licensed = ctx.first_licences.get(customer_id_in_use(body))
+    first_licensed = known_trial_start(ctx, customer, customer_id_in_use(body))
     notice = trial_ending_notice(customer, body, now, ctx.settings.trial_notice_days, first_licensed)
     if notice is None or notice.key in ctx.noticed:
         return False

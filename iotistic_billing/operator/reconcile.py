@@ -65,7 +65,7 @@ from iotistic_billing.operator.state import (
     stalled_status,
     waiting_status,
 )
-from iotistic_billing.operator.trial_history import first_licensed_at, trial_counts
+from iotistic_billing.operator.trial_history import first_licensed_at, started_as_passed, trial_counts
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
 from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
@@ -367,8 +367,11 @@ async def _first_licensed(
     ctx: OperatorContext, customer: Customer, customer_id: str, now: datetime
 ) -> tuple[datetime | None, str | None]:
     """The first licence the history holds of the Customer's customer id (trial_history.py), read only
-    when trial.days decides its licence; with PostgreSQL away, None and why, for the licence step to
-    issue none: a trial counted from the object's creation would be a new one for a Customer made again."""
+    when trial.days decides its licence. With PostgreSQL away, where an earlier pass of the object
+    counted from (its status.trial.endsAt: after a restart every trial's first pass reads the history,
+    and failing it left current licences LicenseIssued False for the whole outage); without one, None
+    and why, for the licence step to issue none: a trial counted from the object's creation would be a
+    new one for a Customer made again."""
     if not trial_counts(customer, now, timedelta(days=ctx.settings.dunning_restrict_days)):
         return None, None
     try:
@@ -376,6 +379,8 @@ async def _first_licensed(
     except Exception as error:
         if not database_unreachable(error):
             raise
+        if (counted := started_as_passed(customer)) is not None:
+            return counted, None
         return None, (
             f"{DATABASE_UNREACHABLE} ({type(error).__name__}): the licence history, where a Customer"
             " made again finds its trial's start, cannot be read; retried until it is back"

@@ -23,6 +23,24 @@ def trial_counts(customer: Customer, now: datetime, restricted_for: timedelta) -
     return effective_plan(customer.spec, created, now, restricted_for).trial_ends_at is not None
 
 
+def started_as_passed(customer: Customer) -> datetime | None:
+    """Where the Customer's last pass counted its trial.days from: status.trial.endsAt less trial.days
+    (None without one). The status is the object's own, so a Customer made again has none until its
+    first pass has read the history. trial.days changed since, it keeps the end that pass wrote."""
+    trial = customer.status.trial
+    if trial is None or trial.ends_at is None or customer.spec.trial.ends_at is not None:
+        return None
+    return trial.ends_at - timedelta(days=customer.spec.trial.days)
+
+
+def known_trial_start(ctx: OperatorContext, customer: Customer, customer_id: str) -> datetime | None:
+    """The trial's start as known without a read (the housekeeping's checks): what this process's passes
+    read from the history, else what the Customer's last pass counted from (a process restarted knows
+    nothing of its own, and counting from the object's creation told one made again its old trial ends
+    soon)."""
+    return ctx.first_licences.get(customer_id) or started_as_passed(customer)
+
+
 async def first_licensed_at(ctx: OperatorContext, customer_id: str) -> datetime | None:
     """When the first licence the history holds of `customer_id` was issued; None when it holds none.
     Kept once found (it never moves later), so a Customer's passes read it once a process; PostgreSQL's
@@ -33,9 +51,9 @@ async def first_licensed_at(ctx: OperatorContext, customer_id: str) -> datetime 
         first: datetime | None = await session.scalar(
             select(func.min(LicenseHistory.issued_at)).where(LicenseHistory.customer_id == customer_id)
         )
-    if first is not None:
+    if first is not None:  # none yet (a new Customer's first pass) is read again: its licence comes
         ctx.first_licences[customer_id] = first
     return first
 
 
-__all__ = ["first_licensed_at", "trial_counts"]
+__all__ = ["first_licensed_at", "known_trial_start", "started_as_passed", "trial_counts"]

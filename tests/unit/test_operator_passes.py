@@ -1975,3 +1975,98 @@ async def test_a_paying_customer_made_again_waits_for_its_subscription_instead_o
     fresh = housekeeping_context(StatusServer({}, resource_version=7), history)
     await _reconcile(fresh, paying_customer_made_again_from_git(), later)
     assert len(licensed) == 2
+
+
+def trial_as_last_passed(created: datetime, days: int, ends_at: datetime, plan: str) -> dict[str, Any]:
+    """A trial Customer (trial.days `days`) made at `created`, its status as its last pass left it: its
+    trial ending `ends_at` (counted from its customer id's first licence), a licence current now."""
+    body = made_again_from_git()
+    body["metadata"]["creationTimestamp"] = created.isoformat()
+    body["spec"] = {**body["spec"], "trial": {"days": days}}
+    issued = NOW - timedelta(days=1)
+    body["status"] = {
+        "phase": "Ready" if plan == "trial" else "Expired",
+        "plan": plan,
+        "customerId": "cust_acme01",
+        "trial": {"isTrialMode": plan == "trial", "endsAt": ends_at.isoformat()},
+        "license": {
+            "jti": "j1",
+            "issuedAt": issued.isoformat(),
+            "expiresAt": (issued + timedelta(days=30) if ends_at < issued else ends_at).isoformat(),
+        },
+        "conditions": [
+            {
+                "type": "LicenseIssued",
+                "status": "True",
+                "reason": "LicenseCurrent",
+                "message": "",
+                "lastTransitionTime": issued.isoformat(),
+            }
+        ],
+    }
+    return body
+
+
+async def test_a_trial_s_pass_after_a_restart_with_postgresql_away_goes_by_the_end_its_status_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the trial's start is kept a process, so the first pass of every trial (active,
+    expired, or a Stripe Customer with no subscription) after an operator restart during a PostgreSQL
+    outage read the licence history, failed, and issued no licence: LicenseIssued False
+    DatabaseUnavailable, Degraded for the whole outage, though the licence in force was current (a
+    current licence needs no row written). The end an earlier pass of the object wrote
+    (status.trial.endsAt) says where it counted the trial from: the pass goes by it."""
+    licensed = licence_and_release_steps(monkeypatch)
+    away = LicenceHistory(error=ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"))
+    created = NOW - timedelta(days=5)
+    body = trial_as_last_passed(created, 14, created + timedelta(days=14), "trial")
+    server = StatusServer(body["status"], resource_version=7)
+
+    result = await _reconcile(housekeeping_context(server, away), body, NOW)
+
+    assert [(t.entitlement.plan, t.entitlement.trial_ends_at) for t in licensed] == [
+        ("trial", created + timedelta(days=14))
+    ]
+    issued = CustomerStatus.model_validate(server.document).condition("LicenseIssued")
+    assert issued is not None and issued.status == "True"
+    assert result.temporary_error != reconcile_module.license_unrecorded(away.error)  # type: ignore[arg-type]
+
+    # Made again an hour ago, its trial anchored 40 days back: its status keeps the anchored end.
+    first = NOW - timedelta(days=40)
+    again = trial_as_last_passed(NOW - timedelta(hours=1), 14, first + timedelta(days=14), "unlicensed")
+    server = StatusServer(again["status"], resource_version=7)
+    await _reconcile(housekeeping_context(server, away), again, NOW)
+    assert [(t.entitlement.plan, t.entitlement.reason) for t in licensed[1:]] == [
+        ("unlicensed", c.TRIAL_EXPIRED)
+    ]
+
+
+async def test_housekeeping_after_a_restart_counts_a_made_again_trial_from_the_end_its_status_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: after a restart the housekeeping knew no trial's start (a process keeps what its
+    passes read) and counted from the object's creation: a Customer made again two days ago whose
+    anchored trial ended weeks ago was told "your trial ends in 2 days", and a pass was started as if
+    its plan were the trial. It counts from the end its status holds until a pass has read the history."""
+    written: list[str] = []
+
+    async def write_trial_ending(ctx: Any, customer: Customer, body: Any, now: datetime) -> bool:
+        written.append(customer.metadata.name)
+        return True
+
+    monkeypatch.setattr(handlers, "write_trial_ending", write_trial_ending)
+    licence_and_release_steps(monkeypatch)
+    first = NOW - timedelta(days=40)
+    body = trial_as_last_passed(NOW - timedelta(days=2), 4, first + timedelta(days=4), "unlicensed")
+    server = StatusServer(body["status"], resource_version=7, uid="uid-acme-2")
+
+    async def read_customer(name: str) -> dict[str, Any]:  # read fresh for the notice: as it is
+        return {**body, "status": server.document}
+
+    server.read_customer = read_customer  # type: ignore[method-assign]
+    ctx = housekeeping_context(server, LicenceHistory(first))
+    ctx.shard = Shard()
+
+    passes = await housekeeping_checks(monkeypatch, body, server, ctx, minutes=2)
+
+    assert written == [] and passes == []
