@@ -21,9 +21,10 @@ Event = tuple[str, str, str]
 
 async def post_events(
     kube: Kube, kind: EventKind, involved: Mapping[str, Any], events: Iterable[Event]
-) -> None:
+) -> list[Event]:
     """`events` on the Customer or InstanceRollout `involved` (its body, or its metadata's name and uid),
-    in order."""
+    in order; those posted, for a caller that says one only once (handlers.post_pass_events)."""
+    posted: list[Event] = []
     for event_type, reason, message in events:
         try:
             await kube.create_event(kind, involved, reason=reason, message=message, event_type=event_type)
@@ -33,6 +34,9 @@ async def post_events(
             log.warning(
                 "Event %s of %s %s not posted", reason, kind, involved["metadata"]["name"], exc_info=True
             )
+        else:
+            posted.append((event_type, reason, message))
+    return posted
 
 
 __all__ = ["Event", "post_events"]

@@ -138,7 +138,7 @@ async def _kopf_pass(ctx: OperatorContext, name: str, body: kopf.Body) -> None:
     if result is None:  # gone or being deleted: nothing to retry
         return
     retry_if_failed(ctx, name, result)
-    await post_events(ctx.kube, KIND, body, result.events)
+    await post_pass_events(ctx, body, result)
     if result.permanent_error is not None:
         raise kopf.PermanentError(result.permanent_error)
 
@@ -420,7 +420,16 @@ async def _refresh(ctx: OperatorContext, name: str, deployment_event: int | None
             ctx.pass_retries.forget(name)
         return  # a Deployment event's pass that a later pass covered: a retry pending stays
     retry_if_failed(ctx, name, result)
-    await post_events(ctx.kube, KIND, {"metadata": {"name": name, "uid": result.uid}}, result.events)
+    await post_pass_events(ctx, {"metadata": {"name": name, "uid": result.uid}}, result)
+
+
+async def post_pass_events(ctx: OperatorContext, involved: Mapping[str, Any], result: PassResult) -> None:
+    """A pass's Events on its Customer `involved`; its CustomerIdNotPinned is counted told (once a
+    process) only once posted: counted when the pass found it, a pass that failed after (its status
+    patch, the API server away) or an Event refused lost it for the process's life."""
+    posted = await post_events(ctx.kube, KIND, involved, result.events)
+    if result.uid and any(reason == c.CUSTOMER_ID_NOT_PINNED for _, reason, _ in posted):
+        ctx.told_unpinned.add(result.uid)
 
 
 def _retry_pass(ctx: OperatorContext, name: str) -> None:

@@ -292,8 +292,8 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
     warnings: list[tuple[str, str]] = []
     uid = str(meta.get("uid") or "")
     if uid not in ctx.told_unpinned and (unpinned := unpinned_customer_id(body)) is not None:
-        # Once a process (not each pass): what it says holds until Git pins the id, which ends it.
-        ctx.told_unpinned.add(uid)
+        # Once a process (not each pass): what it says holds until Git pins the id, which ends it. Counted
+        # told once its Event is posted (handlers.post_pass_events): a pass that fails drops it.
         warnings.append((c.CUSTOMER_ID_NOT_PINNED, unpinned))
     if (pending := await _subscription_to_restore(ctx, target, first_licensed)) is not None:
         status = answered_request(
@@ -330,7 +330,9 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
             refused_status(previous, target, secret, generation), meta.get("annotations") or {}
         )
         if secret.permanent:
-            return await write_status(ctx, body, previous, status, permanent=secret.message)
+            return await write_status(
+                ctx, body, previous, status, permanent=secret.message, warnings=warnings
+            )
         return await write_status(ctx, body, previous, status, temporary=secret.message, warnings=warnings)
     notifications = outcome.notifications
     if notifications is not None and notifications.copy_kept:

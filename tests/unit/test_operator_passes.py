@@ -1890,11 +1890,14 @@ async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_onc
     server = StatusServer({}, resource_version=7)
     ctx = housekeeping_context(server)
 
-    events: list[tuple[str, str, str]] = []
+    events = EventsPosted(server)
+    ctx.kube = events
     for _pass in range(3):
         read = {**body, "metadata": {**body["metadata"], "resourceVersion": str(server.resource_version)}}
-        events += (await _reconcile(ctx, {**read, "status": server.document}, NOW)).events
-    told = [(kind, message) for kind, reason, message in events if reason == "CustomerIdNotPinned"]
+        await handlers.post_pass_events(
+            ctx, read, await _reconcile(ctx, {**read, "status": server.document}, NOW)
+        )
+    told = [(kind, message) for kind, reason, message in events.posted if reason == "CustomerIdNotPinned"]
     assert len(told) == 1 and told[0][0] == "Warning"
     derived = server.document["customerId"]
     assert "kustomize.toolkit.fluxcd.io/name=customers manages this Customer" in told[0][1]
@@ -2070,3 +2073,63 @@ async def test_housekeeping_after_a_restart_counts_a_made_again_trial_from_the_e
     passes = await housekeeping_checks(monkeypatch, body, server, ctx, minutes=2)
 
     assert written == [] and passes == []
+
+
+class EventsPosted:
+    """`server`, and the Events posted (type, reason, message); the first `refused` CustomerIdNotPinned
+    refused."""
+
+    def __init__(self, server: StatusServer, refused: int = 0) -> None:
+        self.server, self.refused = server, refused
+        self.posted: list[tuple[str, str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+    async def create_event(self, kind: str, involved: Any, **event: Any) -> None:
+        if self.refused and event["reason"] == "CustomerIdNotPinned":
+            self.refused -= 1
+            raise KubernetesUnavailable("the API server cannot be reached")
+        self.posted.append((event["event_type"], event["reason"], event["message"]))
+
+
+class FailingOnce(StatusServer):
+    """A status patch that fails once, as a pass raising StatusConflict or KubernetesUnavailable."""
+
+    async def patch_customer_status(
+        self, name: str, patch: dict[str, Any], resource_version: str
+    ) -> dict[str, Any]:
+        if not self.patches:
+            self.patches.append((resource_version, patch))
+            raise KubernetesUnavailable("the API server cannot be reached")
+        return await super().patch_customer_status(name, patch, resource_version)
+
+
+async def test_the_customer_id_not_pinned_warning_of_a_pass_that_failed_is_posted_by_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the CustomerIdNotPinned warning was counted told (once a process) before its Event
+    existed; a pass that raised (its status patch failing, the API server away), ended LeftShard or
+    stalled on someone else's namespace dropped it, or its Event was not posted, and it was never said
+    while the process lived. It is counted told once its Event is posted."""
+    licence_and_release_steps(monkeypatch)
+    body = made_again_from_git()
+    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
+    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
+    del body["spec"]["customerId"]
+    server = FailingOnce({}, resource_version=7)
+    ctx = housekeeping_context(server)
+    events = EventsPosted(server, refused=1)
+    ctx.kube = events
+
+    def read() -> dict[str, Any]:
+        meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
+        return {**body, "metadata": meta, "status": server.document}
+
+    with pytest.raises(KubernetesUnavailable):
+        await _reconcile(ctx, read(), NOW)
+    await handlers.post_pass_events(ctx, read(), await _reconcile(ctx, read(), NOW))  # its Event refused
+    assert "CustomerIdNotPinned" not in [reason for _, reason, _ in events.posted]
+    for _pass in range(2):
+        await handlers.post_pass_events(ctx, read(), await _reconcile(ctx, read(), NOW))
+    assert [reason for _, reason, _ in events.posted].count("CustomerIdNotPinned") == 1
