@@ -249,12 +249,22 @@ def _patch_spec(kube: KubeApi, customer: dict[str, Any], spec: dict[str, Any]) -
 
 def trial_ended(customer: Mapping[str, Any], now: datetime) -> datetime | None:
     """When the trial that spec.plan trial gives the manually billed `customer` ended, if it has by `now`
-    (the operator's rule, operator/entitlement.py: from its creation or at spec.trial.endsAt); None while
-    it runs, or when the spec does not validate (the operator's condition says why)."""
+    (the operator's rule, operator/entitlement.py: at spec.trial.endsAt, else trial.days from its customer
+    id's first licence, which status.trial.endsAt holds as the operator counted it, else from its
+    creation); None while it runs, or when the spec does not validate (the operator's condition says why).
+    A Customer made again under its customer id counts from its first licence, not its creation."""
     try:
         spec = parse_spec(customer.get("spec") or {})
     except InvalidSpecError:
         return None
+    counted = ((customer.get("status") or {}).get("trial") or {}).get("endsAt")
+    if spec.trial.ends_at is None and isinstance(counted, str):
+        try:
+            ends_at = datetime.fromisoformat(counted)
+        except ValueError:
+            ends_at = None
+        if ends_at is not None and ends_at.tzinfo is not None:
+            return ends_at if ends_at <= now else None
     created = CustomerMetadata.model_validate(customer["metadata"]).creation_timestamp or now
     # Not suspended: the trial's clock runs under a suspension, which would only hide whether it ended.
     trial = effective_plan(spec.model_copy(update={"plan": "trial", "suspended": False}), created, now)
