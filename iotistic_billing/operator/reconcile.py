@@ -402,28 +402,36 @@ async def _subscription_to_restore(
     Customer without spec.subscription (a manifest never has it), made within SUBSCRIPTION_RESTORE_WAIT,
     whose trial ended, while a live subscription row on a plan names its customer id. Its first pass
     installed it unlicensed (a paying customer whose trial, counted from its first licence, ended months
-    ago), up to a minute before the restore upgraded it. A PostgreSQL error is the pass's (retried)."""
+    ago), up to a minute before the restore upgraded it. With PostgreSQL away, None: the inbox cannot
+    restore meanwhile either, and the pass goes on as its licence step can."""
     customer = target.customer
     created = customer.metadata.creation_timestamp
     if (
         target.spec.billing.mode != "stripe"
         or target.spec.subscription is not None
         or not target.entitlement.lapsed
-        or first_licensed is None
         or created is None
+        or first_licensed is None
+        or first_licensed >= created  # not made again: its own first licence
         or target.now - created > SUBSCRIPTION_RESTORE_WAIT
     ):
         return None
-    async with ctx.sessions() as session:
-        live = await session.scalar(
-            select(Subscription.stripe_subscription_id)
-            .where(
-                Subscription.customer_id == target.customer_id,
-                Subscription.status.in_(sorted(LIVE_STATUSES)),
-                Subscription.plan.is_not(None),
+    try:
+        async with ctx.sessions() as session:
+            live = await session.scalar(
+                select(Subscription.stripe_subscription_id)
+                .where(
+                    Subscription.customer_id == target.customer_id,
+                    Subscription.status.in_(sorted(LIVE_STATUSES)),
+                    Subscription.plan.is_not(None),
+                )
+                .limit(1)
             )
-            .limit(1)
-        )
+    except Exception as error:
+        if not database_unreachable(error):
+            raise
+        # Its start known from its status (an earlier pass licensed it so): the restore cannot run either.
+        return None
     if live is None:
         return None
     return (
