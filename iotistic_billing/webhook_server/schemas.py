@@ -227,7 +227,12 @@ class CustomerView(Response):
     billing_mode: BillingMode
     stripe_customer_id: str | None = None
     suspended: bool = False
-    trial_ends_at: datetime | None = None
+    trial_ends_at: datetime | None = Field(
+        default=None,
+        description="status.trial.endsAt, the operator's (a re-created Customer's counted from its customer"
+        " id's first licence; none: no trial); before its first pass, spec.trial's end counted from the"
+        " Customer's creation.",
+    )
     instance_url: str | None = None
     created_at: datetime | None = None
     subscription: SubscriptionView | None = None

@@ -69,11 +69,11 @@ def signup_manifest(
 
 
 def trial_ends_at(record: CustomerRecord, now: datetime) -> datetime | None:
-    """The operator's word (status.trial) once written: without an end, the Customer has no trial (a
-    Stripe subscription's plan, whatever spec.plan says), unless it is suspended (its trial's end holds
-    once the suspension is lifted); before that, the spec's."""
-    trial = record.customer.status.trial
-    if trial is not None and (trial.ends_at is not None or not record.customer.spec.suspended):
+    """The operator's word (status.trial.endsAt) once written: a re-created Customer's trial counted from
+    its customer id's first licence, and kept while it is suspended; without an end, the Customer has no
+    trial (a Stripe subscription's plan, whatever spec.plan says). Before its first pass, the spec's,
+    counted from the object's creation."""
+    if (trial := record.customer.status.trial) is not None:
         return trial.ends_at
     if record.customer.spec.plan != "trial":
         return None

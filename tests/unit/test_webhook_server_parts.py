@@ -512,16 +512,28 @@ def test_a_paying_customer_shows_no_trial_end_once_the_operator_said_so() -> Non
     paying = record("acme", trial={"days": 10}, plan="trial", billing={"mode": "stripe"})
     paying.customer.status.trial = TrialStatus(is_trial_mode=False)
     assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at is None
-    # Suspended during its trial (a later review): the trial's end holds once the suspension is lifted.
-    suspended = record("acme", trial={"days": 10}, plan="trial", suspended=True)
-    suspended.customer.status.trial = TrialStatus(is_trial_mode=False)
-    assert customer_view(suspended, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at == datetime(
-        2026, 1, 11, tzinfo=UTC
-    )
     paying.customer.status.trial = None  # not written yet: the spec's
     assert customer_view(paying, None, datetime(2026, 1, 2, tzinfo=UTC)).trial_ends_at == datetime(
         2026, 1, 11, tzinfo=UTC
     )
+
+
+def test_a_suspended_customer_shows_the_trial_end_the_operator_reported() -> None:
+    """Found in review: a suspended Customer whose status.trial had no end was shown its spec's trial end,
+    counted from the object's creation: a paying customer suspended by an admin showed its signup trial's
+    end (the operator's status.trial says it has none), though the operator keeps a suspended trial's end
+    in status.trial.endsAt, counted from its customer id's first licence when it was made again."""
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    paying = record("acme", trial={"days": 10}, plan="trial", billing={"mode": "stripe"}, suspended=True)
+    paying.customer.status.trial = TrialStatus(is_trial_mode=False)
+    assert customer_view(paying, None, now).trial_ends_at is None
+    # Made again on 2026-01-01 under a customer id first licensed on 2025-12-25: the operator's end.
+    first_licensed = datetime(2025, 12, 25, tzinfo=UTC)
+    made_again = record("acme", trial={"days": 10}, plan="trial", suspended=True)
+    made_again.customer.status.trial = TrialStatus(
+        is_trial_mode=False, ends_at=first_licensed + timedelta(days=10)
+    )
+    assert customer_view(made_again, None, now).trial_ends_at == datetime(2026, 1, 4, tzinfo=UTC)
 
 
 def test_customer_view_shows_the_spec_s_stripe_customer_over_the_mirror_s() -> None:
