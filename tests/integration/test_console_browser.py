@@ -412,6 +412,69 @@ async def test_console_actions_of_a_predecessor_are_not_shown(
     assert "suspended the deleted one" not in actions
 
 
+def flux_apply(kubectl: Path, kubeconfig: Path, manifest: dict[str, Any]) -> None:
+    """As Flux's kustomize-controller applies a manifest from Git: server-side, under its field manager."""
+    subprocess.run(
+        [
+            str(kubectl),
+            "--kubeconfig",
+            str(kubeconfig),
+            "apply",
+            "--server-side",
+            "--field-manager=kustomize-controller",
+            "-f",
+            "-",
+        ],
+        input=json.dumps(manifest).encode(),
+        check=True,
+        capture_output=True,
+    )
+
+
+async def test_a_console_suspension_git_puts_back_is_said_on_the_page_after_it(
+    api: TestClient[Any, Any], kubectl_binary: Path, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: the API server moves spec.suspended's ownership to the console once its patch
+    changes the value, so the page the Suspend redirected to found Flux owning other spec fields only and
+    said "Customer suspended." without its GitOps banner, while Flux put suspended: false back."""
+    name = unique_name("fluxed")
+    flux_apply(kubectl_binary, kubeconfig, customer_manifest(name, suspended=False))
+    csrf = await sign_in(api, ADMIN_TOKEN)
+    page = await (await api.get(f"/admin/customers/{name}")).text()
+    assert 'class="gitops"' in page and "kustomize-controller" in page, page
+    answer = await post_form(api, f"/admin/customers/{name}/suspend", {"csrf": csrf})
+    assert answer.status == 303, await answer.text()
+    # What made the banner go: the console owns spec.suspended now, Flux the rest of the spec.
+    owners = {
+        entry["manager"]: set((entry.get("fieldsV1") or {}).get("f:spec", {}))
+        for entry in (customers.get(name) or {})["metadata"]["managedFields"]
+    }
+    assert "f:suspended" in owners["iotistic-console"] and "f:suspended" not in owners["kustomize-controller"]
+    after = await (await api.get(answer.headers["Location"])).text()
+    assert "Customer suspended, but Git sets spec.suspended" in after, after
+
+
+async def test_a_console_revoke_git_puts_back_is_said_on_the_page_after_it(
+    console: TestClient[Any, Any], kubectl_binary: Path, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: as a Suspend, a revoke's suspension moved spec.suspended to the console, and the
+    page after it said nothing of Flux lifting it again (the revoke route's warning was judged before)."""
+    name = unique_name("fluxrev")
+    manifest = customer_manifest(name, customerId=customer_id_for(name), suspended=False)
+    flux_apply(kubectl_binary, kubeconfig, manifest)
+    await eventually(
+        lambda: bool(((customers.get(name) or {}).get("status") or {}).get("license")), message="licence"
+    )
+    csrf = await sign_in(console, ADMIN_TOKEN)
+    answer = await post_form(console, f"/admin/customers/{name}/revoke", {"csrf": csrf, "reason": "fraud"})
+    assert (answer.status, answer.headers["Location"]) == (
+        303,
+        f"/admin/customers/{name}?done=revoke-git-reverts",
+    ), await answer.text()
+    after = await (await console.get(answer.headers["Location"])).text()
+    assert "Licence revoked and Customer suspended, but Git sets spec.suspended" in after
+
+
 async def test_a_console_revoke_tells_the_customer_the_admins_reason(
     console: TestClient[Any, Any], customers: Customers, db_engine: AsyncEngine
 ) -> None:

@@ -574,6 +574,46 @@ async def test_an_action_s_banner_is_a_code_for_a_text_of_the_console(
     assert f'<p class="done" role="status">{banner}</p>' in page
 
 
+def owned_by_git(name: str, *fields: str) -> CustomerRecord:
+    """The Customer `name` whose spec.`fields` Flux's kustomize-controller applied (server-side)."""
+    body = customer_body(name)
+    owned: dict[str, Any] = {f"f:{field}": {} for field in fields}
+    body["metadata"]["managedFields"] = [
+        {"manager": "kustomize-controller", "operation": "Apply", "fieldsV1": {"f:spec": owned}}
+    ]
+    record = CustomerRecord.from_body(body)
+    assert record is not None
+    return record
+
+
+@pytest.mark.parametrize(
+    ("action", "banner"),
+    [
+        ("suspend", "Customer suspended, but Git sets spec.suspended"),
+        ("resume", "Suspension lifted, but Git sets spec.suspended"),
+    ],
+)
+async def test_a_suspension_git_puts_back_is_said_on_the_page_after_it(
+    console: Console, action: str, banner: str
+) -> None:
+    """Found in review: the console's patch moves spec.suspended's ownership (managedFields) from Flux to
+    the console, so the page the action redirected to judged Git's ownership on the Customer after it,
+    found none, and said "Customer suspended." with no word that Flux puts it back within seconds. It is
+    judged on the Customer as read before the patch, and its redirect names the banner that says so."""
+    console.directory.records = [owned_by_git("acme", "email", "suspended")]
+    answer = await console.post(f"/admin/customers/acme/{action}", {"csrf": await console.sign_in()})
+    code = f"{action}-git-reverts"
+    assert (answer.status, answer.headers["Location"]) == (303, f"/admin/customers/acme?done={code}")
+    page = await (await console.client.get(f"/admin/customers?done={code}")).text()
+    shown = re.search(r'<p class="done" role="status">([^<]*)</p>', page)
+    assert shown is not None and shown.group(1).startswith(banner), page
+    assert "change it in Git" in shown.group(1)
+    # Git not setting spec.suspended (its manifest leaves it out): Flux keeps the console's change.
+    console.directory.records = [owned_by_git("acme", "email")]
+    answer = await console.post(f"/admin/customers/acme/{action}", {"csrf": await console.sign_in()})
+    assert answer.headers["Location"] == f"/admin/customers/acme?done={action}"
+
+
 @pytest.mark.parametrize(
     ("path", "token"),
     [

@@ -33,6 +33,7 @@ from iotistic_billing.customer import (
     PLAN_NAMES,
     RECONCILE_REQUESTED_AT,
     Phase,
+    git_reverts,
 )
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import license_history
@@ -119,6 +120,15 @@ DONE: Final = {
     "replay": "Stripe event replayed: see its result below.",
     "replay-sent-again": "Not replayed again: this event was replayed after the page that sent this Replay"
     " was shown (a Replay sent twice is made once). See its result below.",
+    # Git sets spec.suspended (git_reverts, judged on the Customer as read before the action: the action's
+    # patch makes the console its owner, and the page after it can no longer tell).
+    "suspend-git-reverts": "Customer suspended, but Git sets spec.suspended: its GitOps controller lifts the"
+    " suspension again within seconds; change it in Git.",
+    "resume-git-reverts": "Suspension lifted, but Git sets spec.suspended: its GitOps controller suspends"
+    " the Customer again within seconds; change it in Git.",
+    "revoke-git-reverts": "Licence revoked and Customer suspended, but Git sets spec.suspended: its GitOps"
+    " controller lifts the suspension within seconds, and the operator licenses the Customer again; change"
+    " it in Git.",
     "rollout-pause": "InstanceRollout paused.",
     "rollout-resume": "InstanceRollout resumed.",
     "rollout-abort": "InstanceRollout aborted.",
@@ -839,7 +849,9 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
             done = await _revoke(request, record, revoke_reason(form), uid)
         else:
             patch, detail = change
-            done = action
+            # Judged before the patch, which moves the field's ownership from Git's controller to ours.
+            reverted = "suspended" in patch.get("spec", {}) and git_reverts(record.body, "suspended")
+            done = f"{action}-git-reverts" if reverted else action
             await _patch_customer(request, record, action, patch, detail, uid)
     except ApiException as error:
         if refused_for_its_uid(error):  # made again between the read and the patch
@@ -864,7 +876,8 @@ async def _patch_customer(
 
 async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid: str) -> str:
     """The revoke route's history row, notice and patch in its transaction, which the audit row joins;
-    what it did (`revoke`, or `already-revoked`: nothing recorded, the audit row and Event say so)."""
+    what it did (`revoke`, or `already-revoked`: nothing recorded, the audit row and Event say so), its
+    banner's code (`revoke-git-reverts` when Git sets spec.suspended, judged before the patch)."""
     action = "revoke"
     unsure: RevokeUnanswered | None = None
     detail: str | None = None
@@ -895,7 +908,7 @@ async def _revoke(request: web.Request, record: CustomerRecord, reason: str, uid
     await _tell(request, record, action, detail)
     if unsure is not None:
         raise unsure
-    return action
+    return f"{action}-git-reverts" if revoked.recorded and revoked.git_reverts else action
 
 
 def revoke_reason(form: Mapping[str, object]) -> str:
