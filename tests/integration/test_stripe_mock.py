@@ -190,6 +190,9 @@ async def test_stripe_mock_takes_the_expiry_of_a_customer_s_earlier_checkout_and
         ("GET", "subscriptions", 200),
         ("POST", "sessions", 200),
         ("GET", "sessions", 200),
+        # stripe-mock's list lacks the session it made: the checkout reads it (a retry's first session
+        # may have ended since).
+        ("GET", session.session_id, 200),
         ("POST", "expire", 200),
         ("GET", "subscriptions", 200),
     ]
@@ -204,10 +207,13 @@ async def test_an_earlier_checkout_paid_before_its_expire_expires_the_new_one_ag
             await billing.create_checkout_session(**CHECKOUT)
 
     assert raised.value.subscription_id == "sub_paid"
+    made = stand_in.answered[3][1]  # the new session, read as stripe-mock's list lacks it
+    assert made.startswith("cs_") and made != "cs_test_earlier"
     assert stand_in.answered == [
         ("GET", "subscriptions", 200),
         ("POST", "sessions", 200),
         ("GET", "sessions", 200),
+        ("GET", made, 200),
         ("POST", "expire", 400),
         ("GET", "cs_test_earlier", 200),
         ("POST", "expire", 200),  # the new session's
