@@ -915,3 +915,40 @@ async def test_a_customer_applied_while_the_subscriptions_left_billing_are_read_
     found, _ = await Directory(ApplyingKube()).subscriptions_left_billing(db_session, OPEN_STATUSES)  # type: ignore[arg-type]
 
     assert not [f for f in found if f.customer_id == f"cust_new{tag}"]
+
+
+async def test_a_subscription_whose_stripe_customer_a_customer_holds_is_not_left_billing(
+    db_session: AsyncSession,
+) -> None:
+    """Found in review: a deleted Customer's subscription was listed left billing, with a cancel body, while
+    a live Customer held its Stripe customer (spec.billing.stripeCustomerId naming it, a GitOps move, or
+    the mirror's link), to which the Stripe inbox (Directory.resolve) gives the subscription's events."""
+    tag = uuid.uuid4().hex[:8]
+    kube = FakeKube()
+    kube.customers["moved"] = customer(
+        "moved", customerId=f"cust_b{tag}", billing={"stripeCustomerId": f"cus_a{tag}"}
+    )
+    kube.customers["linked"] = customer("linked", customerId=f"cust_d{tag}")
+    mirror = {"email": "ops@example.com", "company_name": "Example", "plan": "starter"}
+    db_session.add_all(
+        [
+            models.Customer(customer_id=f"cust_a{tag}", stripe_customer_id=f"cus_a{tag}", **mirror),
+            models.Customer(customer_id=f"cust_c{tag}", stripe_customer_id=f"cus_c{tag}", **mirror),
+            models.Customer(
+                customer_id=f"cust_d{tag}",
+                resource_name=f"linked-{tag}",
+                stripe_customer_id=f"cus_c{tag}",
+                **mirror,
+            ),
+            models.Customer(customer_id=f"cust_e{tag}", stripe_customer_id=f"cus_e{tag}", **mirror),
+            _subscription_row(f"cust_a{tag}", f"sub_moved{tag}", "active"),
+            _subscription_row(f"cust_c{tag}", f"sub_linked{tag}", "active"),
+            _subscription_row(f"cust_e{tag}", f"sub_gone{tag}", "active"),
+        ]
+    )
+    await db_session.flush()
+
+    listed, _ = await Directory(kube).subscriptions_left_billing(db_session, OPEN_STATUSES)  # type: ignore[arg-type]
+    assert [f.subscription_id for f in listed if tag in f.customer_id] == [f"sub_gone{tag}"]
+    counted = await Directory(kube).left_billing(db_session, OPEN_STATUSES)  # type: ignore[arg-type]
+    assert [f.subscription_id for f in counted if tag in f.customer_id] == [f"sub_gone{tag}"]
