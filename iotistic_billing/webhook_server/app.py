@@ -151,6 +151,7 @@ def create_app(
     app[READINESS] = ReadinessChecks()
     if not options.probes_only:  # the server's count; its inbox process would make it again
         app[LEFT_BILLING] = LeftBillingCount()
+        app.on_shutdown.append(app[LEFT_BILLING].close)
     app[DELIVERY_REFUSALS] = DeliveryRefusals()
 
     served = INBOX_ROUTES if options.probes_only else ROUTES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,8 @@ READINESS_TIMEOUT: Final = 3.0
 # How long a readiness answer is reused (kubelet probes every 10 s).
 READINESS_TTL: Final = 1.0
 # How long a count of the subscriptions left billing is reused, and how long one may take: each is a
-# query and a LIST of every Customer, and each scrape of each replica would make one.
+# query, and a LIST of every Customer when a subscription is open, and each scrape of each replica would
+# make one. No scrape waits for it (LeftBillingCount).
 LEFT_BILLING_TTL: Final = 60.0
 LEFT_BILLING_TIMEOUT: Final = 10.0
 # The checks readiness needs; the others are reported only.
@@ -127,27 +129,40 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 class LeftBillingCount:
-    """iotistic_subscriptions_left_billing, counted at a scrape (Directory.subscriptions_left_billing) at
-    most once a LEFT_BILLING_TTL, one count at a time, a failed one too: the state is what lasts (a
-    deletion's Warning Event is gone within the hour, and a counter would start again with each pod). A
-    count that fails or takes over LEFT_BILLING_TIMEOUT keeps the last one, and says why in the log."""
+    """iotistic_subscriptions_left_billing, counted (Directory.left_billing) at most once a
+    LEFT_BILLING_TTL, one count at a time, a failed one too: the state is what lasts (a deletion's Warning
+    Event is gone within the hour, and a counter would start again with each pod). A scrape finding the
+    count stale starts one in the background and shows the last: found in review, a scrape waited for it,
+    up to LEFT_BILLING_TIMEOUT after the readiness checks' READINESS_TIMEOUT, past Prometheus's 10 s
+    scrape timeout with PostgreSQL or the API server away, so the target went down and with it the
+    readiness series the outage's alerts read. A count that fails or takes over LEFT_BILLING_TIMEOUT keeps
+    the last one, and says why in the log."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._counted_at: float | None = None
-        self._round: asyncio.Future[None] | None = None
+        self._round: asyncio.Task[None] | None = None
 
-    async def count(self, app: web.Application) -> None:
+    def refresh(self, app: web.Application) -> asyncio.Task[None] | None:
+        """Start a count when the last is stale and none is under way; the one under way, if any."""
+        if self._round is not None and not self._round.done():
+            return self._round
         if self._counted_at is not None and self._clock() - self._counted_at < LEFT_BILLING_TTL:
-            return
-        if self._round is None or self._round.done():
-            self._round = asyncio.ensure_future(self._count(app))
-        await asyncio.shield(self._round)  # a scrape that goes away does not cancel the others'
+            return None
+        self._round = asyncio.create_task(self._count(app))
+        return self._round
+
+    async def close(self, app: web.Application) -> None:
+        """A count under way is cancelled at shutdown, before the pools it reads are closed."""
+        if self._round is not None and not self._round.done():
+            self._round.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._round
 
     async def _count(self, app: web.Application) -> None:
         try:
             async with asyncio.timeout(LEFT_BILLING_TIMEOUT), app[SESSIONS]() as session:
-                left, _ = await app[DIRECTORY].subscriptions_left_billing(session, OPEN_STATUSES)
+                left = await app[DIRECTORY].left_billing(session, OPEN_STATUSES)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -168,15 +183,17 @@ LEFT_BILLING = web.AppKey("left_billing", LeftBillingCount)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics of this process, the readiness checks' checked at the scrape: kubelet probes the
     server's /readyz alone, not its Stripe inbox process's, which its own metrics report. The server
-    counts the subscriptions left billing too (LeftBillingCount), its inbox process not again."""
+    counts the subscriptions left billing too (LeftBillingCount, in the background: the scrape shows the
+    last count), its inbox process not again."""
     await readiness(request.app)
     if LEFT_BILLING in request.app:
-        await request.app[LEFT_BILLING].count(request.app)
+        request.app[LEFT_BILLING].refresh(request.app)
     return request.app[METRICS].exposition()
 
 
 __all__ = [
     "LEFT_BILLING",
+    "LEFT_BILLING_TIMEOUT",
     "LEFT_BILLING_TTL",
     "READINESS",
     "READINESS_TTL",

@@ -15,10 +15,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from iotistic_billing.k8s import KubernetesUnavailable
+from iotistic_billing.webhook_server import probes
 from iotistic_billing.webhook_server.context import DIRECTORY, ENGINE, KUBE, METRICS, SESSIONS
 from iotistic_billing.webhook_server.metrics import Metrics
 from iotistic_billing.webhook_server.probes import (
     LEFT_BILLING,
+    LEFT_BILLING_TIMEOUT,
     LEFT_BILLING_TTL,
     READINESS,
     READINESS_TTL,
@@ -74,6 +76,7 @@ async def probed(
         app[SESSIONS] = left  # type: ignore[misc]
         app[DIRECTORY] = left  # type: ignore[misc]
         app[LEFT_BILLING] = LeftBillingCount(clock=lambda: now[0])
+        app.on_shutdown.append(app[LEFT_BILLING].close)
     app[ENGINE] = dependencies  # type: ignore[misc]
     app[KUBE] = dependencies  # type: ignore[misc]
     app[READINESS] = ReadinessChecks(clock=lambda: now[0], head=HEAD, known=frozenset({"0010", HEAD}))
@@ -183,24 +186,25 @@ async def test_metrics_say_which_readiness_check_fails_without_a_readiness_probe
 
 
 class LeftBillingSource:
-    """The sessions and the directory a count reads: `left` subscriptions left billing, or `refusal`
-    raised; `counts` the counts made."""
+    """The sessions and the directory a count reads: `left` subscriptions left billing after `delay`, or
+    `refusal` raised; `counts` the counts made."""
 
     def __init__(self) -> None:
         self.left: list[str] = []
         self.refusal: Exception | None = None
         self.counts = 0
+        self.delay = 0.05
 
     @asynccontextmanager
     async def __call__(self) -> AsyncIterator[LeftBillingSource]:
         yield self
 
-    async def subscriptions_left_billing(self, session: Any, statuses: Any) -> tuple[list[str], Any]:
+    async def left_billing(self, session: Any, statuses: Any) -> list[str]:
         self.counts += 1
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(self.delay)
         if self.refusal is not None:
             raise self.refusal
-        return list(self.left), None
+        return list(self.left)
 
 
 async def scraped_left_billing(client: TestClient[Any, Any]) -> float:
@@ -214,24 +218,37 @@ async def scraped_left_billing(client: TestClient[Any, Any]) -> float:
     return value
 
 
-async def test_subscriptions_left_billing_are_counted_at_a_scrape_at_most_once_a_ttl(
+async def counted(client: TestClient[Any, Any]) -> None:
+    """The count a scrape started, finished (a scrape does not wait for it)."""
+    round_ = client.app[LEFT_BILLING].refresh(client.app)
+    if round_ is not None:
+        await round_
+
+
+async def test_subscriptions_left_billing_are_counted_after_a_scrape_at_most_once_a_ttl(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Found in review: a deleted Customer's subscription left billing had a Warning Event alone, which the
     API server drops within the hour, and nothing for an alert to read. The gauge counts what the
-    database and the Customers say at a scrape, a query and a LIST at most once a LEFT_BILLING_TTL
-    however many scrape; a count that fails keeps the last, and says why."""
+    database and the Customers say, a count started by a scrape at most once a LEFT_BILLING_TTL however
+    many scrape; a count that fails keeps the last, and says why."""
     now = [100.0]
     source = LeftBillingSource()
     source.left = ["sub_gone1", "sub_gone2"]
     async with probed(Dependencies(), now, source) as client:
-        assert set(await asyncio.gather(*(scraped_left_billing(client) for _ in range(20)))) == {2.0}
+        assert set(await asyncio.gather(*(scraped_left_billing(client) for _ in range(20)))) == {0.0}
+        await counted(client)
+        assert await scraped_left_billing(client) == 2.0
         assert source.counts == 1
 
         source.left = ["sub_gone2"]  # one cancelled
         now[0] += LEFT_BILLING_TTL / 2
         assert await scraped_left_billing(client) == 2.0  # the last count, still fresh
+        await counted(client)
+        assert source.counts == 1
         now[0] += LEFT_BILLING_TTL
+        assert await scraped_left_billing(client) == 2.0  # a count started, the last one shown meanwhile
+        await counted(client)
         assert await scraped_left_billing(client) == 1.0
         assert source.counts == 2
 
@@ -239,9 +256,34 @@ async def test_subscriptions_left_billing_are_counted_at_a_scrape_at_most_once_a
         now[0] += LEFT_BILLING_TTL
         with caplog.at_level(logging.WARNING):
             assert await scraped_left_billing(client) == 1.0
+            await counted(client)
             assert await scraped_left_billing(client) == 1.0  # not counted again until the TTL is past
+            await counted(client)
         assert source.counts == 3
         assert "subscriptions left billing not counted" in caplog.text and "PostgreSQL is away" in caplog.text
+
+
+async def test_a_scrape_does_not_wait_for_the_count_of_subscriptions_left_billing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: with PostgreSQL or the API server not answering, a scrape waited for the readiness
+    checks (READINESS_TIMEOUT) and then for the count (LEFT_BILLING_TIMEOUT), 13 s, past Prometheus's
+    default 10 s scrape timeout: the target went down, and with it iotistic_readiness_check, which the
+    alerts on that outage read. The scrape shows the last count; one count at a time runs behind it."""
+    monkeypatch.setattr(probes, "READINESS_TIMEOUT", 0.1)  # the readiness checks' wait is not this test's
+    now = [100.0]
+    dependencies, source = Dependencies(), LeftBillingSource()
+    source.left = ["sub_gone1"]
+    async with probed(dependencies, now, source) as client:
+        await scraped_left_billing(client)
+        await counted(client)
+        dependencies.delay = source.delay = 60.0  # neither answers any more
+        now[0] += LEFT_BILLING_TTL
+        async with asyncio.timeout(LEFT_BILLING_TIMEOUT / 2):
+            assert await scraped_checks(client) == {"database": 0.0, "schema": 0.0, "kubernetes": 0.0}
+            now[0] += READINESS_TTL
+            assert await scraped_left_billing(client) == 1.0
+        assert source.counts == 2  # the one count under way, not one per scrape
 
 
 def test_the_stripe_inbox_process_does_not_count_the_subscriptions_left_billing_again() -> None:
