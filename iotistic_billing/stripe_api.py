@@ -59,6 +59,8 @@ _REMADE_AT_MOST: Final = 5
 # spec.subscription yet) was cancelled by no try of this request: its refusal prompts a look for the
 # customer's live one, which a "cancelled" would hide while it bills.
 CANCELLED_BY_A_RETRY: Final = timedelta(minutes=10)
+# The statuses of a subscription Stripe has ended (as stripe_inbox.events reads them, a layer above).
+ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
 
 
 @dataclass(frozen=True)
@@ -221,18 +223,31 @@ def _made_at(session: Any) -> tuple[int, str]:
     return int(session.created), str(session.id)
 
 
-def _checkout_ended(customer_id: str, session: Any, *, keyed: bool) -> Conflict:
+def _checkout_ended(customer_id: str, session: Any, *, keyed: bool, paid: str | None = None) -> Conflict:
     """The 409 of a checkout whose session Stripe answered is not open (expired, or paid) while the
     customer has none open: Stripe's first session of a retry's key, ended since (its first try found
     the customer subscribed and expired it, or it was paid and that subscription cancelled). Its link pays
-    nothing, and a new session under its key would take the place of the ended one's checkout unseen."""
+    nothing, and a new session under its key would take the place of the ended one's checkout unseen.
+    `paid`: the subscription of a paid one, not ended, which the answer names (details.subscription_id),
+    asking for no new checkout: found in review, a retry of a checkout paid moments ago, its subscription
+    not listed by Stripe yet, was asked to check out again, which would bill the customer twice."""
+    details = {"customer_id": customer_id, "session_id": str(session.id), "status": str(session.status)}
+    if paid is not None:
+        return Conflict(
+            "Checkout session ended",
+            f"checkout session {session.id} of customer {customer_id}, "
+            + ("made by an earlier try of this Idempotency-Key, " if keyed else "")
+            + f"was paid: its subscription {paid} is the customer's (Stripe may not list it yet, and its"
+            " events may not be applied yet); no new checkout is needed",
+            details | {"subscription_id": paid},
+        )
     return Conflict(
         "Checkout session ended",
         f"checkout session {session.id} of customer {customer_id}, "
         + ("made by an earlier try of this Idempotency-Key, " if keyed else "")
         + f"is {session.status} and cannot be paid: check out again"
         + (" with a new Idempotency-Key" if keyed else ""),
-        {"customer_id": customer_id, "session_id": str(session.id), "status": str(session.status)},
+        details,
     )
 
 
@@ -369,7 +384,8 @@ class StripeApi:
         was sent for). The session carries it, and the sessions carrying one are one checkout, whose
         first session is the payable one: a retry (of a client, or the SDK's of an abandoned request
         still running on another replica) answers that session, and makes none the others must expire;
-        once it is not open (expired, or paid), a 409 "Checkout session ended" asks for a new key."""
+        once it is not open (expired, or paid), a 409 "Checkout session ended" asks for a new key, or, paid
+        and its subscription not ended, names that subscription and asks for no checkout."""
         subscribed = await self._live_subscription(stripe_customer_id, live_statuses)
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
@@ -431,7 +447,8 @@ class StripeApi:
         if subscribed is not None:
             raise CustomerSubscribed(subscribed)
         if newest is None:
-            raise _checkout_ended(customer_id, session, keyed=request_key is not None)
+            paid = await self._paid_subscription(session)
+            raise _checkout_ended(customer_id, session, keyed=request_key is not None, paid=paid)
         if not ours:
             raise Conflict(
                 "Checkout started twice",
@@ -482,6 +499,22 @@ class StripeApi:
                     subscribed = str(ended.subscription)
         return newest, subscribed, made
 
+    async def _paid_subscription(self, session: Any) -> str | None:
+        """The subscription a paid (complete) session made, unless Stripe says it has ended since; one it
+        cannot read is taken as live (asking for a new checkout could bill the customer twice)."""
+        if session.status != "complete" or not session.subscription:
+            return None
+        subscription_id = str(session.subscription)
+        try:
+            subscription = await _stripe(
+                self.client.v1.subscriptions.retrieve_async(subscription_id),
+                f"read subscription {subscription_id}",
+            )
+        except ApiError as unread:
+            log.warning("subscription %s of a paid checkout not read: %s", subscription_id, unread.message)
+            return subscription_id
+        return None if subscription.status in ENDED_STATUSES else subscription_id
+
     async def _expire_checkout(self, session_id: str, which: str) -> None:
         await _stripe(
             self.client.v1.checkout.sessions.expire_async(session_id), f"expire {which}", writes=True
@@ -494,22 +527,30 @@ class StripeApi:
         )
         return [session async for session in page.auto_paging_iter() if session.mode == "subscription"]
 
-    async def _live_subscription(self, stripe_customer_id: str, live_statuses: Collection[str]) -> str | None:
+    async def _live_subscription(
+        self, stripe_customer_id: str, live_statuses: Collection[str], *, on_plan: bool = False
+    ) -> str | None:
         return await _stripe(
-            self._newest_live(stripe_customer_id, live_statuses), "list the customer's subscriptions"
+            self._newest_live(stripe_customer_id, live_statuses, on_plan=on_plan),
+            "list the customer's subscriptions",
         )
 
-    async def _newest_live(self, stripe_customer_id: str, live_statuses: Collection[str]) -> str | None:
+    async def _newest_live(
+        self, stripe_customer_id: str, live_statuses: Collection[str], *, on_plan: bool = False
+    ) -> str | None:
         """The newest of the customer's subscriptions in `live_statuses`, every page (Stripe lists the
-        newest first, and no cancelled one)."""
+        newest first, and no cancelled one); `on_plan`: of those with an item on a plan's price."""
         page = await self.client.v1.subscriptions.list_async(
             params={"customer": stripe_customer_id, "limit": 100}
         )
         async for subscription in page.auto_paging_iter():
             # Another customer's is not this one's: stripe-mock (`make dev`) lists a fixture's whatever
             # the customer asked for.
-            if subscription.customer == stripe_customer_id and subscription.status in live_statuses:
-                return str(subscription.id)
+            if subscription.customer != stripe_customer_id or subscription.status not in live_statuses:
+                continue
+            if on_plan and not self.catalog.plan_items(subscription.to_dict()):
+                continue
+            return str(subscription.id)
         return None
 
     async def invoice_lines(self, invoice_id: str) -> list[dict[str, Any]]:
@@ -623,7 +664,8 @@ class StripeApi:
         self, refused: Conflict, subscription: Any, live_statuses: Collection[str]
     ) -> Conflict:
         """Stripe's refusal to cancel a subscription it ended before this request, saying when, and naming
-        the customer's newest subscription in `live_statuses` when Stripe lists one (not read: not named)."""
+        the customer's newest subscription on a plan in `live_statuses` when Stripe lists one (not read: not
+        named)."""
         read = subscription.to_dict()
         ended = read.get("ended_at") or read.get("canceled_at")
         when = _at(ended).strftime("%Y-%m-%dT%H:%M:%SZ") if ended is not None else None
@@ -631,7 +673,9 @@ class StripeApi:
         customer = read.get("customer")
         if live_statuses and isinstance(customer, str):
             try:
-                live = await self._live_subscription(customer, live_statuses)
+                # On a plan's price: another product's subscription on the Stripe customer is not the one
+                # to cancel instead (found in review: it was named).
+                live = await self._live_subscription(customer, live_statuses, on_plan=True)
             except ApiError as unread:
                 log.warning("the customer's live subscription could not be listed: %s", unread.message)
         refused.message += (

@@ -193,8 +193,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             "retry after a lost answer), and 404 `Subscription not found` "
             "when the customer has none of that id on a plan. A cancel Stripe refuses of a subscription it "
             "has canceled within 10 minutes (an earlier try's) is answered as cancelled too; one it ended "
-            "before stays the 409, with `details.ended_at` and the customer's live subscription in Stripe "
-            "(`details.live_subscription_id`)."
+            "before stays the 409, with `details.ended_at` and the customer's live subscription on a plan "
+            "in Stripe (`details.live_subscription_id`)."
         ),
     ),
     Route(

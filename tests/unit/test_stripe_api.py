@@ -135,7 +135,9 @@ class FakeStripe:
         if request.path.startswith("/v1/customers"):
             return self._customer(request, request.headers.get("Idempotency-Key"))
         if request.path.startswith("/v1/subscriptions/"):
-            return web.json_response(self.subscription)
+            # One Stripe lists is read as listed (a checkout's, paid); any other is `subscription`.
+            listed = [each for each in self.subscriptions if each["id"] == request.path.split("/")[3]]
+            return web.json_response(listed[0] if listed and request.method == "GET" else self.subscription)
         if request.path.startswith("/v1/invoices/") and request.path.endswith("/lines"):
             return web.json_response(self._page(request, self.invoice_lines[request.path.split("/")[3]]))
         if request.path == "/v1/checkout/sessions" and request.method == "GET":
@@ -635,6 +637,33 @@ async def test_a_keyed_checkout_retried_after_its_session_ended_is_a_409_not_its
     assert not [path for _, path, _ in stripe.requests[sent:] if path.endswith("/expire")]
 
 
+async def test_a_keyed_checkout_retried_after_its_session_was_paid_names_its_subscription(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: a retry of a checkout paid moments ago, its subscription not listed by Stripe yet,
+    was 409 "Checkout session ended" asking to check out again with a new Idempotency-Key, which would
+    make a second subscription. The 409 names the paid session's subscription and asks for no checkout."""
+    stripe, api = fake
+    first = await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+    paid = stripe.pay(first.session_id)
+    listed, stripe.subscriptions = stripe.subscriptions, []  # Stripe does not list it yet
+    stripe.subscription = {**listed[0], "items": {"object": "list", "data": []}}
+
+    with pytest.raises(ApiError) as raised:
+        await api.create_checkout_session(**CHECKOUT, request_key="digest-of-k1")
+
+    assert (raised.value.status, raised.value.error) == (409, "Checkout session ended"), raised.value
+    assert raised.value.details == {
+        "customer_id": "cust_acme01",
+        "session_id": first.session_id,
+        "status": "complete",
+        "subscription_id": paid,
+    }
+    assert f"was paid: its subscription {paid}" in raised.value.message, raised.value.message
+    assert "check out again" not in raised.value.message
+    assert list(stripe.sessions) == [first.session_id]
+
+
 async def test_a_new_checkout_under_another_key_is_the_newest_and_expires_the_earlier(
     fake: tuple[FakeStripe, StripeApi],
 ) -> None:
@@ -760,15 +789,25 @@ async def test_a_cancel_stripe_refuses_of_a_subscription_it_ended_long_ago_stays
     dunning ended a day ago while the customer's new one billed; a cancel without subscription_id went to
     the old one, Stripe refused it, and the read-back (canceled) answered 200 cancelled, so no one looked
     for the live one. Ended long before this request, it was cancelled by no try of it: the refusal
-    stays, saying when it ended and naming the customer's live subscription when Stripe lists one."""
+    stays, saying when it ended and naming the customer's live subscription when Stripe lists one. Found
+    in review too: the newest, another product's subscription (no plan's price), was named."""
     stripe, api = fake
     stripe.answer = (404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
     day_ago = int((NOW - timedelta(days=1)).timestamp())
     stripe.subscription.update(status="canceled", canceled_at=day_ago, ended_at=day_ago, customer="cus_1")
+    plan = {"object": "list", "data": [item("si_plan", "price_starter")]}
     stripe.subscriptions = [
-        {"id": "sub_3", "object": "subscription", "status": "active", "customer": "cus_other"},
+        {"id": "sub_3", "object": "subscription", "status": "active", "customer": "cus_other", "items": plan},
+        # Another product's, on the same Stripe customer and newer: no plan's price, not the one to cancel.
+        {
+            "id": "sub_product",
+            "object": "subscription",
+            "status": "active",
+            "customer": "cus_1",
+            "items": {"object": "list", "data": [item("si_other", "price_another_product")]},
+        },
         *(
-            [{"id": other, "object": "subscription", "status": "active", "customer": "cus_1"}]
+            [{"id": other, "object": "subscription", "status": "active", "customer": "cus_1", "items": plan}]
             if other
             else []
         ),
