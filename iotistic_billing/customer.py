@@ -162,6 +162,10 @@ BillingMode = Literal["manual", "stripe"]
 SubscriptionStatus = Literal[
     "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"
 ]
+# A subscription that ended stays so: Stripe makes a new one rather than revive it, so a later event of
+# it (the final usage invoice paid after the deletion, an open invoice paid after dunning canceled it)
+# does not bring its plan back.
+ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
 
 # Plan names; the plans themselves (features, limits, included usage) are licensing.plans.PLANS, whose
 # names tests/unit/test_customer_model.py holds equal to these.
@@ -356,7 +360,7 @@ class SubscriptionSpec(CustomerModel):
     def ended_by(self, at: datetime) -> datetime | None:
         """When it ended, if Stripe ended it by `at` (its endedAt); None while it is live, or for an
         ending recorded without that time."""
-        if self.status not in ("canceled", "incomplete_expired") or self.ended_at is None:
+        if self.status not in ENDED_STATUSES or self.ended_at is None:
             return None
         return self.ended_at if self.ended_at <= at else None
 

@@ -21,7 +21,7 @@ from typing import Any, Final, TypeVar
 
 import stripe
 
-from iotistic_billing.customer import PaidPlanName
+from iotistic_billing.customer import ENDED_STATUSES, PaidPlanName
 from iotistic_billing.errors import (
     NOTHING_CHANGED,
     ApiError,
@@ -59,8 +59,6 @@ _REMADE_AT_MOST: Final = 5
 # spec.subscription yet) was cancelled by no try of this request: its refusal prompts a look for the
 # customer's live one, which a "cancelled" would hide while it bills.
 CANCELLED_BY_A_RETRY: Final = timedelta(minutes=10)
-# The statuses of a subscription Stripe has ended (as stripe_inbox.events reads them, a layer above).
-ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
 
 
 @dataclass(frozen=True)

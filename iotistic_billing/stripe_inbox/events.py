@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
+    ENDED_STATUSES,
     PAID_PLAN_NAMES,
     STRIPE_CUSTOMER_ID_PATTERN,
     STRIPE_SUBSCRIPTION_ID_PATTERN,
@@ -64,10 +65,6 @@ LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
 OPEN_STATUSES: Final = LIVE_STATUSES | {"unpaid", "paused"}
 # A payment failed and is not paid yet: the dunning ladder's statuses.
 OVERDUE_STATUSES: Final = frozenset({"past_due", "unpaid"})
-# A subscription that ended stays so: Stripe makes a new one rather than revive it, so a later event of
-# it (the final usage invoice paid after the deletion, an open invoice paid after dunning canceled it)
-# does not bring its plan back.
-ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
 # States whose pastDueSince is a payment still owed: overdue ones, and one that ended overdue (dunning ran
 # out, or it was canceled with its renewal unpaid): an ending pays nothing.
 OWING_STATUSES: Final = OVERDUE_STATUSES | ENDED_STATUSES
