@@ -25,10 +25,14 @@ def trial_counts(customer: Customer, now: datetime, restricted_for: timedelta) -
 
 def started_as_passed(customer: Customer) -> datetime | None:
     """Where the Customer's last pass counted its trial.days from: status.trial.endsAt less trial.days
-    (None without one). The status is the object's own, so a Customer made again has none until its
-    first pass has read the history. trial.days changed since, it keeps the end that pass wrote."""
+    (None without one). Only a status holding a licence says so: a pass that could not read the history
+    issued none, yet wrote the end it counted from the object's creation (a Customer made again during
+    a PostgreSQL outage), which its next pass took for the anchored start and licensed a new trial.
+    trial.days changed since, it keeps the end that pass wrote."""
     trial = customer.status.trial
     if trial is None or trial.ends_at is None or customer.spec.trial.ends_at is not None:
+        return None
+    if customer.status.license is None:
         return None
     return trial.ends_at - timedelta(days=customer.spec.trial.days)
 

@@ -2044,6 +2044,28 @@ async def test_a_trial_s_pass_after_a_restart_with_postgresql_away_goes_by_the_e
     ]
 
 
+async def test_a_customer_made_again_during_an_outage_gets_no_new_trial_from_its_first_pass_s_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer made again while PostgreSQL was away had its first pass issue no
+    licence (the history unread) yet write status.trial counted from the new object's creation; its
+    second pass took that end for where an earlier pass had anchored the trial and handed the licence
+    step a new 14-day trial (its Secret applied before the history row, for the whole outage). Only a
+    status holding a licence says where a pass counted from: the second pass issues none either."""
+    licensed = licence_and_release_steps(monkeypatch)
+    away = LicenceHistory(error=ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"))
+    server = StatusServer({}, resource_version=7)
+
+    await _reconcile(housekeeping_context(server, away), made_again_from_git(), NOW)
+    again: dict[str, Any] = {**made_again_from_git(), "status": server.document}
+    again["metadata"] = {**again["metadata"], "resourceVersion": str(server.resource_version)}
+    await _reconcile(housekeeping_context(server, away), again, NOW)
+
+    assert licensed == []
+    issued = CustomerStatus.model_validate(server.document).condition("LicenseIssued")
+    assert issued is not None and issued.status == "False"
+
+
 async def test_housekeeping_after_a_restart_counts_a_made_again_trial_from_the_end_its_status_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -2132,4 +2154,31 @@ async def test_the_customer_id_not_pinned_warning_of_a_pass_that_failed_is_poste
     assert "CustomerIdNotPinned" not in [reason for _, reason, _ in events.posted]
     for _pass in range(2):
         await handlers.post_pass_events(ctx, read(), await _reconcile(ctx, read(), NOW))
+    assert [reason for _, reason, _ in events.posted].count("CustomerIdNotPinned") == 1
+
+
+async def test_two_passes_that_both_found_the_customer_id_not_pinned_post_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: with the warning counted told once posted, a pass that waited for the Customer's
+    lock while another posted its Events found it not told yet, and both posted CustomerIdNotPinned."""
+    licence_and_release_steps(monkeypatch)
+    body = made_again_from_git()
+    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
+    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
+    del body["spec"]["customerId"]
+    server = StatusServer({}, resource_version=7)
+    ctx = housekeeping_context(server)
+    events = EventsPosted(server, refused=0)
+    ctx.kube = events
+
+    def read() -> dict[str, Any]:
+        meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
+        return {**body, "metadata": meta, "status": server.document}
+
+    first = await _reconcile(ctx, read(), NOW)
+    second = await _reconcile(ctx, read(), NOW)  # before the first's Events are posted
+    await asyncio.gather(
+        handlers.post_pass_events(ctx, read(), first), handlers.post_pass_events(ctx, read(), second)
+    )
     assert [reason for _, reason, _ in events.posted].count("CustomerIdNotPinned") == 1
