@@ -427,9 +427,17 @@ async def post_pass_events(ctx: OperatorContext, involved: Mapping[str, Any], re
     """A pass's Events on its Customer `involved`; its CustomerIdNotPinned is counted told (once a
     process) only once posted: counted when the pass found it, a pass that failed after (its status
     patch, the API server away) or an Event refused lost it for the process's life."""
-    posted = await post_events(ctx.kube, KIND, involved, result.events)
-    if result.uid and any(reason == c.CUSTOMER_ID_NOT_PINNED for _, reason, _ in posted):
-        ctx.told_unpinned.add(result.uid)
+    events, uid = result.events, result.uid
+    claimed = False
+    if uid and any(reason == c.CUSTOMER_ID_NOT_PINNED for _, reason, _ in events):
+        if uid in ctx.told_unpinned:  # told by another pass since this one looked (it waited for the lock)
+            events = [event for event in events if event[1] != c.CUSTOMER_ID_NOT_PINNED]
+        else:  # claimed while posting, so that a pass racing it posts none
+            ctx.told_unpinned.add(uid)
+            claimed = True
+    posted = await post_events(ctx.kube, KIND, involved, events)
+    if claimed and uid and not any(reason == c.CUSTOMER_ID_NOT_PINNED for _, reason, _ in posted):
+        ctx.told_unpinned.discard(uid)  # refused: the next pass tells it
 
 
 def _retry_pass(ctx: OperatorContext, name: str) -> None:
