@@ -45,7 +45,7 @@ from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.license import revoke_license, revoke_usage_keys
 from iotistic_billing.operator.manifests import namespace_holder
 from iotistic_billing.operator.metrics import forget_customer
-from iotistic_billing.operator.reconcile import current_customer, write_status
+from iotistic_billing.operator.reconcile import current_customer, other_holder, write_status
 from iotistic_billing.operator.state import terminating_status
 from iotistic_billing.operator.webhook_secret import (
     drop_marked_webhook_secret,
@@ -292,17 +292,3 @@ async def _mark_terminating(ctx: OperatorContext, body: dict[str, Any]) -> None:
     if status is not None:
         result = await write_status(ctx, body, previous, status)
         await post_events(ctx.kube, KIND, body, result.events)
-
-
-async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: str) -> str | None:
-    """The name of another live Customer (not being deleted) whose customer id in use is `customer_id`,
-    if any. A list of the Customers, once a deletion: nothing cheaper can tell (the directory's mirror
-    keeps one name per customer id, whichever Customer minted last)."""
-    uid = body["metadata"].get("uid")
-    for other in await ctx.kube.list_customers():
-        meta = other["metadata"]
-        if meta.get("uid") == uid or meta.get("deletionTimestamp"):
-            continue
-        if customer_id_in_use(other) == customer_id:
-            return str(meta["name"])
-    return None

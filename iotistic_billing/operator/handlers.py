@@ -29,13 +29,13 @@ from iotistic_billing.k8s import KubernetesUnavailable
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import rollouts
 from iotistic_billing.operator.context import OperatorContext, retry_delay
-from iotistic_billing.operator.delete import DeletionFailed, finalize, other_holder
+from iotistic_billing.operator.delete import DeletionFailed, finalize
 from iotistic_billing.operator.entitlement import trial_started
 from iotistic_billing.operator.events import post_events
 from iotistic_billing.operator.kopf_tuning import HandledSpecs, configure_kopf
 from iotistic_billing.operator.metrics import HOUSEKEEPING_CHECKS, forget_customer
 from iotistic_billing.operator.notices import trial_ending_notice, write_trial_ending
-from iotistic_billing.operator.reconcile import LeftShard, PassResult, StatusConflict, reconcile
+from iotistic_billing.operator.reconcile import LeftShard, PassResult, StatusConflict, other_holder, reconcile
 from iotistic_billing.operator.state import (
     handled_mark,
     housekeeping_due,

@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any, TypeVar, cast
 
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import select
 
 from iotistic_billing.customer import (
     LICENSE_SECRET_NAME,
@@ -32,7 +31,6 @@ from iotistic_billing.customer import (
     parse_spec,
     unpinned_customer_id,
 )
-from iotistic_billing.db.models import Subscription
 from iotistic_billing.db.pool import DATABASE_UNREACHABLE, database_unreachable
 from iotistic_billing.k8s import SecretData, resource_version
 from iotistic_billing.licensing.minting import MintingError
@@ -68,7 +66,7 @@ from iotistic_billing.operator.state import (
 from iotistic_billing.operator.trial_history import first_licensed_at, started_as_passed, trial_counts
 from iotistic_billing.operator.webhook_secret import ensure_webhook_secret
 from iotistic_billing.rollout import settled_version
-from iotistic_billing.stripe_inbox.events import LIVE_STATUSES
+from iotistic_billing.stripe_inbox.restore import live_on_plan
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +293,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         # Once a process (not each pass): what it says holds until Git pins the id, which ends it. Counted
         # told once its Event is posted (handlers.post_pass_events): a pass that fails drops it.
         warnings.append((c.CUSTOMER_ID_NOT_PINNED, unpinned))
-    if (pending := await _subscription_to_restore(ctx, target, first_licensed)) is not None:
+    if (pending := await _subscription_to_restore(ctx, body, target, first_licensed)) is not None:
         status = answered_request(
             # In the phase it had (Pending, new): Expired would say the lapse it waits to learn is none.
             waiting_status(
@@ -395,8 +393,22 @@ async def _first_licensed(
 SUBSCRIPTION_RESTORE_WAIT = timedelta(minutes=10)
 
 
+async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: str) -> str | None:
+    """The name of another live Customer (not being deleted) whose customer id in use is `customer_id`,
+    if any. A list of the Customers, once a deletion: nothing cheaper can tell (the directory's mirror
+    keeps one name per customer id, whichever Customer minted last)."""
+    uid = body["metadata"].get("uid")
+    for other in await ctx.kube.list_customers():
+        meta = other["metadata"]
+        if meta.get("uid") == uid or meta.get("deletionTimestamp"):
+            continue
+        if customer_id_in_use(other) == customer_id:
+            return str(meta["name"])
+    return None
+
+
 async def _subscription_to_restore(
-    ctx: OperatorContext, target: PassTarget, first_licensed: datetime | None
+    ctx: OperatorContext, body: Mapping[str, Any], target: PassTarget, first_licensed: datetime | None
 ) -> str | None:
     """Why the pass waits for the inbox's restore (stripe_inbox/restore.py), or None: a Stripe-billed
     Customer without spec.subscription (a manifest never has it), made within SUBSCRIPTION_RESTORE_WAIT,
@@ -418,21 +430,14 @@ async def _subscription_to_restore(
         return None
     try:
         async with ctx.sessions() as session:
-            live = await session.scalar(
-                select(Subscription.stripe_subscription_id)
-                .where(
-                    Subscription.customer_id == target.customer_id,
-                    Subscription.status.in_(sorted(LIVE_STATUSES)),
-                    Subscription.plan.is_not(None),
-                )
-                .limit(1)
-            )
+            live = (await live_on_plan(session, [target.customer_id])).get(target.customer_id)
     except Exception as error:
         if not database_unreachable(error):
             raise
         # Its start known from its status (an earlier pass licensed it so): the restore cannot run either.
         return None
-    if live is None:
+    # The restore hands over none to a customer id two Customers hold (restore.unsubscribed).
+    if live is None or await other_holder(ctx, dict(body), target.customer_id) is not None:
         return None
     return (
         f"customer id {target.customer_id} has live Stripe subscription {live}, which the Stripe inbox"

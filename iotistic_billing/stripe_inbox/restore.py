@@ -84,19 +84,22 @@ async def to_restore(kube: Kube, sessions: async_sessionmaker[AsyncSession]) -> 
     if not customers:
         return []
     async with sessions() as session:
-        live = set(
-            await session.scalars(
-                select(models.Subscription.customer_id)
-                .where(
-                    models.Subscription.customer_id.in_(sorted(set(customers.values()))),
-                    models.Subscription.status.in_(sorted(LIVE_STATUSES)),
-                    # One on no plan's price is never handed over (`events.newest_live`).
-                    models.Subscription.plan.is_not(None),
-                )
-                .distinct()
-            )
-        )
+        live = await live_on_plan(session, customers.values())
     return sorted(name for name, customer_id in customers.items() if customer_id in live)
+
+
+async def live_on_plan(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, str]:
+    """Of `customer_ids`, those a live subscription row on a plan names, each with one such subscription
+    id: what the restore hands over (one on no plan's price never is: `events.newest_live`). The operator
+    asks it too, to wait for the restore rather than install a Customer made again unlicensed."""
+    rows = await session.execute(
+        select(models.Subscription.customer_id, models.Subscription.stripe_subscription_id).where(
+            models.Subscription.customer_id.in_(sorted(set(customer_ids))),
+            models.Subscription.status.in_(sorted(LIVE_STATUSES)),
+            models.Subscription.plan.is_not(None),
+        )
+    )
+    return {customer_id: subscription_id for customer_id, subscription_id in rows}
 
 
 async def restore(
@@ -211,4 +214,13 @@ def _why(error: str | Exception) -> str:
     return str(error) or type(error).__name__
 
 
-__all__ = ["RESTORED", "RESTORE_SECONDS", "Restored", "restore", "tell", "to_restore", "unsubscribed"]
+__all__ = [
+    "RESTORED",
+    "RESTORE_SECONDS",
+    "Restored",
+    "live_on_plan",
+    "restore",
+    "tell",
+    "to_restore",
+    "unsubscribed",
+]

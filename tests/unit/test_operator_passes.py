@@ -959,10 +959,18 @@ class LicenceHistory:
     live_subscription: str | None = None
 
     async def scalar(self, statement: Any) -> Any:
-        if "subscriptions" in str(statement):
-            return self.live_subscription
         self.reads += 1
         return self.first
+
+    async def execute(self, statement: Any) -> list[tuple[str, str]]:
+        """The live subscription rows on a plan of the customer ids asked (restore.live_on_plan)."""
+        assert "subscriptions" in str(statement)
+        asked = [value for value in statement.compile().params.values() if isinstance(value, list)]
+        return (
+            [(customer_id, self.live_subscription) for customer_id in asked[0]]
+            if self.live_subscription
+            else []
+        )
 
 
 def housekeeping_context(server: StatusServer, history: LicenceHistory | None = None) -> Any:
@@ -1954,7 +1962,7 @@ async def test_a_paying_customer_made_again_waits_for_its_subscription_instead_o
     licensed = licence_and_release_steps(monkeypatch)
     history = LicenceHistory(NOW - timedelta(days=40))
     history.live_subscription = "cust_acme01"
-    server = StatusServer({}, resource_version=7)
+    server = FleetServer({}, resource_version=7)
 
     result = await _reconcile(
         housekeeping_context(server, history), paying_customer_made_again_from_git(), NOW
@@ -1975,9 +1983,25 @@ async def test_a_paying_customer_made_again_waits_for_its_subscription_instead_o
     assert [(t.entitlement.plan, t.entitlement.reason) for t in licensed] == [("unlicensed", c.TRIAL_EXPIRED)]
     history.live_subscription = "cust_acme01"
     later = NOW + SUBSCRIPTION_RESTORE_WAIT + timedelta(hours=1)
-    fresh = housekeeping_context(StatusServer({}, resource_version=7), history)
+    fresh = housekeeping_context(FleetServer({}, resource_version=7), history)
     await _reconcile(fresh, paying_customer_made_again_from_git(), later)
     assert len(licensed) == 2
+    # A customer id another Customer holds too is given back to neither (restore.unsubscribed): no wait.
+    shared = FleetServer({}, resource_version=7)
+    shared.others = [
+        {"metadata": {"name": "acme-copy", "uid": "uid-copy"}, "spec": {"customerId": "cust_acme01"}}
+    ]
+    await _reconcile(housekeeping_context(shared, history), paying_customer_made_again_from_git(), NOW)
+    assert len(licensed) == 3
+
+
+class FleetServer(StatusServer):
+    """The status server with the fleet's other Customers (`others`) to list."""
+
+    others: list[dict[str, Any]] = []  # noqa: RUF012 (set per test)
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        return self.others
 
 
 def trial_as_last_passed(created: datetime, days: int, ends_at: datetime, plan: str) -> dict[str, Any]:
