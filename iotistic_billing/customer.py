@@ -353,9 +353,11 @@ class SubscriptionSpec(CustomerModel):
 
     def ended_at_period_end(self, at: datetime) -> bool:
         """Whether it was set to cancel at its period's end and that end has come by `at`: ended, whenever
-        Stripe's deletion is applied (its retries take days while the webhook server is down)."""
+        Stripe's deletion is applied (its retries take days while the webhook server is down). On the
+        whole second, as a trial ends: the licence capped at the period's end is whole seconds, and one
+        judged live in the second's last fraction would end before it was issued."""
         end = self.current_period_end
-        return bool(self.cancel_at_period_end) and end is not None and end <= at
+        return bool(self.cancel_at_period_end) and end is not None and end.replace(microsecond=0) <= at
 
     def ended_by(self, at: datetime) -> datetime | None:
         """When it ended, if Stripe ended it by `at` (its endedAt); None while it is live, or for an

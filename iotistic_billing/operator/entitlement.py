@@ -129,9 +129,7 @@ def _billed(
     period_end = subscription.current_period_end
     if subscription.status in ("active", "trialing"):
         cancels = bool(subscription.cancel_at_period_end) and period_end is not None
-        # Ended on the whole second, as a trial: the licence capped at the period's end is whole seconds,
-        # and one judged active in the second's last fraction would end before it was issued.
-        if cancels and period_end is not None and period_end.replace(microsecond=0) <= now:
+        if subscription.ended_at_period_end(now) and period_end is not None:
             # The licence the deletion gives, and the housekeeping's check runs the pass as the plan
             # changes (state.housekeeping_due).
             return Entitlement(
