@@ -208,7 +208,8 @@ def _status(value: object) -> SubscriptionStatus | None:
     return value if isinstance(value, str) and value in SUBSCRIPTION_STATUSES else None
 
 
-def _plan(value: object) -> PaidPlanName | None:
+def paid_plan(value: object) -> PaidPlanName | None:
+    """`value` as a paid plan's name, or None (a row or metadata naming no plan of ours)."""
     return value if isinstance(value, str) and value in PAID_PLAN_NAMES else None
 
 
@@ -405,7 +406,7 @@ def _facts_of_checkout(session: Mapping[str, Any], catalog: PriceCatalog) -> Sub
     return SubscriptionFacts(
         subscription_id=subscription_id,
         status="active" if paid else "incomplete",
-        plan=_plan(_mapping(session.get("metadata")).get("plan")),
+        plan=paid_plan(_mapping(session.get("metadata")).get("plan")),
     )
 
 
@@ -828,7 +829,7 @@ def coalesce(
             replace(
                 facts,
                 started=facts.started or (row.stripe_created if row else None),
-                plan=facts.plan or (_plan(row.plan) if row else None),
+                plan=facts.plan or (paid_plan(row.plan) if row else None),
             ),
             created,
             stored_status=row.status if row else None,
@@ -984,14 +985,14 @@ def _invoice_facts_over(
         return facts  # nothing it owed is paid: stale by the ending's own rule (`decide`)
     if held is not None and (older or held in ENDED_STATUSES):
         return replace(
-            facts, status=held, plan=_plan(known.plan), current_period_start=None, current_period_end=None
+            facts, status=held, plan=paid_plan(known.plan), current_period_start=None, current_period_end=None
         )
     status: SubscriptionStatus = (
         "unpaid" if known.status == "unpaid" and facts.status != "active" else facts.status
     )
     if held == "trialing" and facts.status == "active" and _inside_trial(facts.billed_until, known):
         status = "trialing"
-    return replace(facts, status=status, plan=_plan(known.plan) or facts.plan)
+    return replace(facts, status=status, plan=paid_plan(known.plan) or facts.plan)
 
 
 def past_due_since(
@@ -1055,6 +1056,7 @@ __all__ = [
     "newest_live",
     "object_id",
     "other_mode",
+    "paid_plan",
     "past_due_since",
     "previous_attributes",
     "stored_after",

@@ -13,7 +13,7 @@ from aiohttp import web
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import PAID_PLAN_NAMES, PaidPlanName
+from iotistic_billing.customer import PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
@@ -32,7 +32,7 @@ from iotistic_billing.stripe_api import (
     StripeApi,
     StripeCustomerMissing,
 )
-from iotistic_billing.stripe_inbox.events import ENDED_STATUSES, LIVE_STATUSES, OPEN_STATUSES
+from iotistic_billing.stripe_inbox.events import ENDED_STATUSES, LIVE_STATUSES, OPEN_STATUSES, paid_plan
 from iotistic_billing.webhook_server.context import CATALOG, DIRECTORY, SESSIONS, stripe_api
 from iotistic_billing.webhook_server.messages import (
     idempotency_key_reused,
@@ -413,7 +413,7 @@ def _cancelled_already(body: CancelRequest, row: models.Subscription) -> web.Res
             customer_id=body.customer_id,
             subscription_id=row.stripe_subscription_id,
             status=row.status,
-            plan=next((plan for plan in PAID_PLAN_NAMES if plan == row.plan), None),
+            plan=paid_plan(row.plan),
             cancel_at_period_end=row.cancel_at_period_end,
             canceled_immediately=body.immediately,
         )
