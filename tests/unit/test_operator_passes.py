@@ -1882,6 +1882,21 @@ async def test_a_paid_customer_s_pass_reads_no_licence_history() -> None:
         assert await reconcile_module._first_licensed(ctx, customer, "cust_acme01", NOW) == (None, None)
 
 
+def unpinned_from_git() -> dict[str, Any]:
+    """A manually billed Customer Flux applies without spec.customerId (its id derived from its uid)."""
+    body = made_again_from_git()
+    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
+    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
+    del body["spec"]["customerId"]
+    return body
+
+
+def as_read(body: dict[str, Any], server: StatusServer) -> dict[str, Any]:
+    """`body` as a pass reads it now: the status and resourceVersion `server` holds."""
+    meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
+    return {**body, "metadata": meta, "status": server.document}
+
+
 async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1891,20 +1906,15 @@ async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_onc
     while Stripe keeps billing, and a checkout makes a second Stripe customer), and nothing said so.
     A Warning Event CustomerIdNotPinned says how to pin it, once, not at every pass."""
     licence_and_release_steps(monkeypatch)
-    body = made_again_from_git()
-    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
-    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
-    del body["spec"]["customerId"]
+    body = unpinned_from_git()
     server = StatusServer({}, resource_version=7)
     ctx = housekeeping_context(server)
 
     events = EventsPosted(server)
     ctx.kube = events
     for _pass in range(3):
-        read = {**body, "metadata": {**body["metadata"], "resourceVersion": str(server.resource_version)}}
-        await handlers.post_pass_events(
-            ctx, read, await _reconcile(ctx, {**read, "status": server.document}, NOW)
-        )
+        read = as_read(body, server)
+        await handlers.post_pass_events(ctx, read, await _reconcile(ctx, read, NOW))
     told = [(kind, message) for kind, reason, message in events.posted if reason == "CustomerIdNotPinned"]
     assert len(told) == 1 and told[0][0] == "Warning"
     derived = server.document["customerId"]
@@ -2159,18 +2169,14 @@ async def test_the_customer_id_not_pinned_warning_of_a_pass_that_failed_is_poste
     stalled on someone else's namespace dropped it, or its Event was not posted, and it was never said
     while the process lived. It is counted told once its Event is posted."""
     licence_and_release_steps(monkeypatch)
-    body = made_again_from_git()
-    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
-    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
-    del body["spec"]["customerId"]
+    body = unpinned_from_git()
     server = FailingOnce({}, resource_version=7)
     ctx = housekeeping_context(server)
     events = EventsPosted(server, refused=1)
     ctx.kube = events
 
     def read() -> dict[str, Any]:
-        meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
-        return {**body, "metadata": meta, "status": server.document}
+        return as_read(body, server)
 
     with pytest.raises(KubernetesUnavailable):
         await _reconcile(ctx, read(), NOW)
@@ -2187,18 +2193,14 @@ async def test_two_passes_that_both_found_the_customer_id_not_pinned_post_it_onc
     """Found in review: with the warning counted told once posted, a pass that waited for the Customer's
     lock while another posted its Events found it not told yet, and both posted CustomerIdNotPinned."""
     licence_and_release_steps(monkeypatch)
-    body = made_again_from_git()
-    body["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "customers"}
-    body["spec"] = {**body["spec"], "plan": "starter", "billing": {"mode": "manual"}}
-    del body["spec"]["customerId"]
+    body = unpinned_from_git()
     server = StatusServer({}, resource_version=7)
     ctx = housekeeping_context(server)
     events = EventsPosted(server, refused=0)
     ctx.kube = events
 
     def read() -> dict[str, Any]:
-        meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
-        return {**body, "metadata": meta, "status": server.document}
+        return as_read(body, server)
 
     first = await _reconcile(ctx, read(), NOW)
     second = await _reconcile(ctx, read(), NOW)  # before the first's Events are posted
