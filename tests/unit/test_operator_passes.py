@@ -1891,12 +1891,6 @@ def unpinned_from_git() -> dict[str, Any]:
     return body
 
 
-def as_read(body: dict[str, Any], server: StatusServer) -> dict[str, Any]:
-    """`body` as a pass reads it now: the status and resourceVersion `server` holds."""
-    meta = {**body["metadata"], "resourceVersion": str(server.resource_version)}
-    return {**body, "metadata": meta, "status": server.document}
-
-
 async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1913,7 +1907,7 @@ async def test_a_customer_git_manages_without_a_pinned_customer_id_is_warned_onc
     events = EventsPosted(server)
     ctx.kube = events
     for _pass in range(3):
-        read = as_read(body, server)
+        read = as_now(body, server)
         await handlers.post_pass_events(ctx, read, await _reconcile(ctx, read, NOW))
     told = [(kind, message) for kind, reason, message in events.posted if reason == "CustomerIdNotPinned"]
     assert len(told) == 1 and told[0][0] == "Warning"
@@ -2176,7 +2170,7 @@ async def test_the_customer_id_not_pinned_warning_of_a_pass_that_failed_is_poste
     ctx.kube = events
 
     def read() -> dict[str, Any]:
-        return as_read(body, server)
+        return as_now(body, server)
 
     with pytest.raises(KubernetesUnavailable):
         await _reconcile(ctx, read(), NOW)
@@ -2200,7 +2194,7 @@ async def test_two_passes_that_both_found_the_customer_id_not_pinned_post_it_onc
     ctx.kube = events
 
     def read() -> dict[str, Any]:
-        return as_read(body, server)
+        return as_now(body, server)
 
     first = await _reconcile(ctx, read(), NOW)
     second = await _reconcile(ctx, read(), NOW)  # before the first's Events are posted
