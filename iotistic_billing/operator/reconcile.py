@@ -407,13 +407,22 @@ async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: 
     return None
 
 
+def _made_again(target: PassTarget, created: datetime, first_licensed: datetime | None) -> bool:
+    """Whether the Customer replaces an earlier object of its customer id: its first licence is older
+    than it, or, a signup's trial (trial.endsAt, for which no history is read), that trial ended first."""
+    if first_licensed is not None:
+        return first_licensed < created
+    ends_at = target.spec.trial.ends_at
+    return ends_at is not None and ends_at < created
+
+
 async def _subscription_to_restore(
     ctx: OperatorContext, body: Mapping[str, Any], target: PassTarget, first_licensed: datetime | None
 ) -> str | None:
     """Why the pass waits for the inbox's restore (stripe_inbox/restore.py), or None: a Stripe-billed
-    Customer without spec.subscription (a manifest never has it), made within SUBSCRIPTION_RESTORE_WAIT,
-    whose trial ended, while a live subscription row on a plan names its customer id. Its first pass
-    installed it unlicensed (a paying customer whose trial, counted from its first licence, ended months
+    Customer without spec.subscription (a manifest never has it), made again (_made_again) within
+    SUBSCRIPTION_RESTORE_WAIT, whose trial ended, while a live subscription row on a plan names its
+    customer id. Its first pass installed it unlicensed (a paying customer whose trial ended months
     ago), up to a minute before the restore upgraded it. With PostgreSQL away, None: the inbox cannot
     restore meanwhile either, and the pass goes on as its licence step can."""
     customer = target.customer
@@ -423,8 +432,7 @@ async def _subscription_to_restore(
         or target.spec.subscription is not None
         or not target.entitlement.lapsed
         or created is None
-        or first_licensed is None
-        or first_licensed >= created  # not made again: its own first licence
+        or not _made_again(target, created, first_licensed)
         or target.now - created > SUBSCRIPTION_RESTORE_WAIT
     ):
         return None

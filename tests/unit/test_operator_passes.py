@@ -1999,6 +1999,27 @@ async def test_a_paying_customer_made_again_waits_for_its_subscription_instead_o
     assert len(licensed) == 3
 
 
+async def test_a_signup_customer_made_again_waits_for_its_subscription_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a Customer made by signup carries its trial's end (trial.endsAt), so its pass
+    reads no licence history, and the wait above asked for the first licence it never read: made again
+    after its trial ended, it was installed unlicensed until the restore. Its ended trial and a live
+    subscription row of its customer id are enough to wait."""
+    licensed = licence_and_release_steps(monkeypatch)
+    history = LicenceHistory(NOW - timedelta(days=40))
+    history.live_subscription = "cust_acme01"
+    body = paying_customer_made_again_from_git()
+    body["spec"]["trial"] = {"days": 14, "endsAt": (NOW - timedelta(days=26)).isoformat()}
+    server = FleetServer({}, resource_version=7)
+
+    result = await _reconcile(housekeeping_context(server, history), body, NOW)
+
+    assert licensed == [] and result.temporary_error is not None
+    ready = CustomerStatus.model_validate(server.document).condition("Ready")
+    assert ready is not None and (ready.status, ready.reason) == ("False", c.SUBSCRIPTION_RESTORE_PENDING)
+
+
 class FleetServer(StatusServer):
     """The status server with the fleet's other Customers (`others`) to list."""
 
