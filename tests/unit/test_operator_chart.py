@@ -1526,6 +1526,24 @@ def test_alerts_use_only_metrics_the_code_exposes(monitored_objects: list[Manife
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
 
 
+def test_the_cli_commands_alerts_tell_on_call_to_run_parse(monitored_objects: list[Manifest]) -> None:
+    """Found in review: IotisticUsageNotBilled told on-call to run `iotistic-billing usage <customer id>`,
+    which the CLI refuses (it takes --customer or --all): each command an alert names is parsed by the
+    CLI's own parser, its <placeholders> filled in."""
+    from iotistic_billing.cli import build_parser
+
+    rule = one(monitored_objects, "PrometheusRule", RELEASE)
+    texts = [
+        text for group in rule["spec"]["groups"] for r in group["rules"] for text in r["annotations"].values()
+    ]
+    commands = [command for text in texts for command in re.findall(r"`iotistic-billing ([^`]+)`", text)]
+
+    assert commands
+    for command in commands:
+        argv = re.sub(r"<[^>]+>", "cust_x", command).split()
+        assert build_parser().parse_args(argv) is not None, command
+
+
 def test_a_helm_call_killed_at_its_timeout_raises_an_alert(monitored_objects: list[Manifest]) -> None:
     """On the result label helm.py counts a killed helm under, whose series exist from the start (an
     increase() misses a series that first appears at 1)."""
