@@ -10,7 +10,7 @@ from datetime import datetime
 from iotistic_billing.customer import Condition, ConditionStatus, ConditionType, find_condition, set_condition
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.entitlement import Entitlement
-from iotistic_billing.operator.outcomes import LEFT_OUT_NOTE, PassOutcome, ReleaseOutcome
+from iotistic_billing.operator.outcomes import PassOutcome, ReleaseOutcome, split_left_out
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def release_condition(release: ReleaseOutcome | None, previous: Sequence[Conditi
         # a status patch (and a watch event) per Customer that told nobody anything. Not its note of the
         # extraEnv entries left out, which is this pass's: their removal leaves the values as they were
         # (left out already), so the release unchanged, and the note kept asked to remove them for ever.
-        reason, message = last.reason, last.message.partition(LEFT_OUT_NOTE)[0] + release.note
+        reason, message = last.reason, split_left_out(last.message)[0] + release.note
     return ConditionValue(ConditionType.RELEASE_DEPLOYED, release.deployed, reason, message)
 
 

@@ -13,6 +13,13 @@ from iotistic_billing.operator import constants as c
 LEFT_OUT_NOTE = "; left out as the operator's variables (remove them): "
 
 
+def split_left_out(message: str) -> tuple[str, str]:
+    """A ReleaseDeployed `message` as what it says before LEFT_OUT_NOTE and its end from LEFT_OUT_NOTE on
+    ("" when it names no entry left out)."""
+    head, note, names = message.partition(LEFT_OUT_NOTE)
+    return head, note + names
+
+
 @dataclass(frozen=True)
 class ReleaseOutcome:
     result: Literal["installed", "upgraded", "unchanged", "failed", "disabled-pending"]
@@ -20,8 +27,11 @@ class ReleaseOutcome:
     message: str
     release: ReleaseStatus | None = None
     permanent: bool = False
-    # The end of `message` from LEFT_OUT_NOTE on; "" when nothing was left out.
-    note: str = ""
+
+    @property
+    def note(self) -> str:
+        """The end of `message` naming the extraEnv entries left out; "" when none was."""
+        return split_left_out(self.message)[1]
 
     @property
     def deployed(self) -> bool:

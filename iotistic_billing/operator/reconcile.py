@@ -49,7 +49,7 @@ from iotistic_billing.operator.metrics import (
 )
 from iotistic_billing.operator.outcomes import NamespaceRefused, NotificationsOutcome, PassOutcome
 from iotistic_billing.operator.refusals import NamespaceGoing, Refused, refused_as
-from iotistic_billing.operator.release import ensure_release
+from iotistic_billing.operator.release import ensure_release, log_left_out
 from iotistic_billing.operator.state import (
     PassTarget,
     answered_request,
@@ -343,6 +343,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any], now: datetime) 
         release = await ensure_release(
             ctx, target, outcome.license, previous.release, may_exist=secret is not None
         )
+        log_left_out(target.name, release, previous.condition(ConditionType.RELEASE_DEPLOYED))
         outcome = replace(outcome, release=release)
         if release.deployed:
             read_at = ctx.deployments.mark()

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from kubernetes.client.exceptions import ApiException
 
-from iotistic_billing.customer import LicenseStatus, ReleaseStatus
+from iotistic_billing.customer import Condition, LicenseStatus, ReleaseStatus
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator.charts import ChartUnavailable
 from iotistic_billing.operator.context import OperatorContext
@@ -20,7 +20,7 @@ from iotistic_billing.operator.helm import (
     helm_pod,
     helm_pod_gone,
 )
-from iotistic_billing.operator.outcomes import LEFT_OUT_NOTE, ReleaseOutcome
+from iotistic_billing.operator.outcomes import LEFT_OUT_NOTE, ReleaseOutcome, split_left_out
 from iotistic_billing.operator.state import PassTarget
 from iotistic_billing.operator.values import desired_release_values, refused_env, values_hash
 from iotistic_billing.rollout import ROLLOUT_CHART_VERSION
@@ -179,9 +179,15 @@ async def ensure_release(
     outcome = await _ensure_release(ctx, target, license, previous, may_exist=may_exist)
     if not (left_out := refused_env(target.spec.instance.values)):
         return outcome
-    note = f"{LEFT_OUT_NOTE}{', '.join(left_out)}"
-    log.warning("Customer %s: %s", target.name, note[2:], extra={"customer": target.name})
-    return replace(outcome, message=f"{outcome.message}{note}", note=note)
+    return replace(outcome, message=f"{outcome.message}{LEFT_OUT_NOTE}{', '.join(left_out)}")
+
+
+def log_left_out(name: str, release: ReleaseOutcome, said: Condition | None) -> None:
+    """Log the extraEnv entries `release` left out when they are not the ones ReleaseDeployed (`said`, as
+    the last pass wrote it) names already: logged at every pass, a Customer that kept them warned every
+    minute for as long as nobody removed them."""
+    if release.note and release.note != split_left_out(said.message if said is not None else "")[1]:
+        log.warning("Customer %s: %s", name, release.note.removeprefix("; "), extra={"customer": name})
 
 
 async def _ensure_release(

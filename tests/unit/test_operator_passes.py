@@ -32,6 +32,7 @@ from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import handlers
 from iotistic_billing.operator import license as license_step
 from iotistic_billing.operator import reconcile as reconcile_module
+from iotistic_billing.operator import release as release_module
 from iotistic_billing.operator.context import (
     BackgroundPasses,
     CustomerLocks,
@@ -2223,3 +2224,54 @@ async def test_two_passes_that_both_found_the_customer_id_not_pinned_post_it_onc
         handlers.post_pass_events(ctx, read(), first), handlers.post_pass_events(ctx, read(), second)
     )
     assert [reason for _, reason, _ in events.posted].count("CustomerIdNotPinned") == 1
+
+
+async def test_extra_env_left_out_is_logged_once_a_change_not_at_every_pass(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: the warning naming the extraEnv entries left out as the operator's was logged at
+    every pass (every minute for each such Customer) while ReleaseDeployed already named them. It is
+    logged when what is left out changes, not again while the Customer keeps them."""
+    licence_and_release_steps(monkeypatch)
+
+    async def helm_step(ctx: Any, target: Any, licence: Any, previous: Any, **_: Any) -> ReleaseOutcome:
+        if previous is None:
+            return ReleaseOutcome(
+                "installed", c.INSTALL_SUCCEEDED, "installed revision 1", ReleaseStatus(revision=1)
+            )
+        return ReleaseOutcome("unchanged", c.RELEASE_UNCHANGED, "revision 1 is current", previous)
+
+    monkeypatch.setattr(release_module, "_ensure_release", helm_step)
+    monkeypatch.setattr(reconcile_module, "ensure_release", release_module.ensure_release)
+    available = InstanceHealth(True, c.DEPLOYMENTS_AVAILABLE, "6 available")
+    monkeypatch.setattr(reconcile_module, "instance_health", lambda *args: available)
+    server = StatusServer({}, resource_version=7)
+    ctx = housekeeping_context(server)
+    ctx.deployments = SimpleNamespace(mark=lambda: 1, of=partial(nothing), judged=lambda *args: None)
+    pinned = {"name": "IOTISTIC_LICENSE_KEY", "value": "eyJhbGc"}
+    body = unpinned_from_git()
+
+    def with_env(*entries: dict[str, str]) -> dict[str, Any]:
+        instance = {**body["spec"]["instance"], "values": {"api": {"extraEnv": list(entries)}}}
+        return as_now({**body, "spec": {**body["spec"], "instance": instance}}, server)
+
+    def left_out() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "left out as the operator's variables" in r.getMessage()
+        ]
+
+    with caplog.at_level("WARNING", logger=release_module.log.name):
+        for _pass in range(3):
+            await _reconcile(ctx, with_env(pinned), NOW)
+        assert left_out() == [
+            "Customer acme: left out as the operator's variables (remove them):"
+            " spec.instance.values.api.extraEnv[0].name IOTISTIC_LICENSE_KEY"
+        ]
+        deployed = CustomerStatus.model_validate(server.document).condition("ReleaseDeployed")
+        assert deployed is not None and deployed.message.endswith("extraEnv[0].name IOTISTIC_LICENSE_KEY")
+
+        # Another entry left out is a change, said once more; none left out, nothing.
+        for _pass in range(2):
+            await _reconcile(ctx, with_env(pinned, {"name": "LICENSE_URL", "value": "x"}), NOW)
+        await _reconcile(ctx, with_env(), NOW)
+    assert len(left_out()) == 2 and left_out()[1].endswith("extraEnv[1].name LICENSE_URL")
