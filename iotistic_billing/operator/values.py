@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from iotistic_billing.customer import LICENSE_SECRET_NAME
@@ -33,18 +33,28 @@ def operator_env_name(name: object) -> bool:
 def refused_env(values: Mapping[str, Any] | None) -> list[str]:
     """The extraEnv entries of spec.instance.values that set an operator's variable, each as its field
     path and name (`spec.instance.values.api.extraEnv[0].name IOTISTIC_LICENSE_KEY`)."""
-    refused: list[str] = []
+    return [
+        f"spec.instance.values.{component}.extraEnv[{index}].name {extra[index]['name']}"
+        for component, extra, refused in _refused_extra_env(values)
+        for index in refused
+    ]
+
+
+def _refused_extra_env(values: Mapping[str, Any] | None) -> Iterator[tuple[str, list[Any], list[int]]]:
+    """Each licensed component whose extraEnv in `values` sets an operator's variable: its name, its
+    extraEnv, and the indexes of those entries (what refused_env names is what the release leaves out)."""
     for component in LICENSED_COMPONENTS:
-        for index, entry in enumerate(_extra_env(values, component)):
-            if isinstance(entry, Mapping) and operator_env_name(name := entry.get("name")):
-                refused.append(f"spec.instance.values.{component}.extraEnv[{index}].name {name}")
-    return refused
-
-
-def _extra_env(values: Mapping[str, Any] | None, component: str) -> list[Any]:
-    own = (values or {}).get(component)
-    extra = own.get("extraEnv") if isinstance(own, Mapping) else None
-    return extra if isinstance(extra, list) else []
+        own = (values or {}).get(component)
+        extra = own.get("extraEnv") if isinstance(own, Mapping) else None
+        if not isinstance(extra, list):
+            continue
+        refused = [
+            index
+            for index, entry in enumerate(extra)
+            if isinstance(entry, Mapping) and operator_env_name(entry.get("name"))
+        ]
+        if refused:
+            yield component, extra, refused
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -141,11 +151,11 @@ def _resolved(node: Mapping[str, Any], document: Mapping[str, Any]) -> Mapping[s
 
 def _without_refused_env(values: dict[str, Any]) -> dict[str, Any]:
     kept = dict(values)
-    for component in LICENSED_COMPONENTS:
-        extra = _extra_env(values, component)
-        allowed = [e for e in extra if not (isinstance(e, Mapping) and operator_env_name(e.get("name")))]
-        if len(allowed) != len(extra):
-            kept[component] = {**values[component], "extraEnv": allowed}
+    for component, extra, refused in _refused_extra_env(values):
+        kept[component] = {
+            **values[component],
+            "extraEnv": [e for i, e in enumerate(extra) if i not in refused],
+        }
     return kept
 
 
