@@ -179,6 +179,17 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _capped(expires: int, ends_at: datetime, name: str, now: datetime, lapsed: str) -> int:
+    """`expires` (seconds) capped at `ends_at`, the field `name`: the licence stops when what it ends
+    does. An end not after `now` is refused, as `lapsed` gets the unlicensed plan, not a licence."""
+    end = _seconds(_aware(ends_at, name))
+    if end <= _seconds(now):
+        raise MintingError(
+            f"{name} ({_iso(ends_at)}) is not after now ({_iso(now)}): {lapsed} gets the unlicensed plan"
+        )
+    return min(expires, end)
+
+
 def license_claims(
     *,
     customer: LicenseCustomer,
@@ -216,14 +227,8 @@ def license_claims(
     if trial.is_trial_mode:
         if trial.ends_at is None:
             raise MintingError("trial.ends_at is required in trial mode")
-        trial_end = _seconds(_aware(trial.ends_at, "trial.ends_at"))
-        if trial_end <= issued:
-            raise MintingError(
-                f"trial.ends_at ({_iso(trial.ends_at)}) is not after now ({_iso(now)}): "
-                "a lapsed trial gets the unlicensed plan"
-            )
         # A trial licence must stop working when the trial does, whatever the renewal schedule.
-        expires = min(expires, trial_end)
+        expires = _capped(expires, trial.ends_at, "trial.ends_at", now, "a lapsed trial")
         trial_claim["endsAt"] = _iso(trial.ends_at)
 
     subscription_claim: dict[str, Any] = {"status": subscription.status}
@@ -233,17 +238,17 @@ def license_claims(
     if subscription.cancel_at_period_end:
         if subscription.current_period_ends_at is None:
             raise MintingError("subscription.current_period_ends_at is required when it cancels at its end")
-        subscription_end = _seconds(subscription.current_period_ends_at)
-        if subscription_end <= issued:
-            raise MintingError(
-                f"subscription.current_period_ends_at ({_iso(subscription.current_period_ends_at)}) is not "
-                f"after now ({_iso(now)}): a subscription ended at its period's end gets the unlicensed plan"
-            )
         # As a trial's: with no pass at the period's end (the operator down, the Customer stalled) the last
         # licence, and every offline copy of it, ran up to a lifetime past the subscription's end. The
         # claim makes a licence minted before the cancellation, or one capped before it was undone,
         # differ from the desired one (claims_differ), so either is minted again at once.
-        expires = min(expires, subscription_end)
+        expires = _capped(
+            expires,
+            subscription.current_period_ends_at,
+            "subscription.current_period_ends_at",
+            now,
+            "a subscription ended at its period's end",
+        )
         subscription_claim["cancelAtPeriodEnd"] = True
 
     return {
