@@ -207,11 +207,17 @@ async def authenticate(
 
 
 def _hop_address(hop: str) -> IPv4Address | IPv6Address | None:
-    """An X-Forwarded-For entry as an address: plain, or with a port as some proxies write it
-    (`192.0.2.1:5678`, `[2001:db8::1]:5678`), an IPv4-mapped one as its IPv4 address (a dual-stack
-    proxy's spelling, which no IPv4 network contains); None when it is neither."""
+    """An X-Forwarded-For entry as an address: plain, bracketed, or with a port as some proxies write
+    it (`192.0.2.1:5678`, `[2001:db8::1]`, `[2001:db8::1]:5678`), an IPv4-mapped one as its IPv4
+    address (a dual-stack proxy's spelling, which no IPv4 network contains); None when it is neither."""
     hop = hop.strip()
-    for candidate in (hop, hop.rsplit(":", 1)[0].strip("[]") if ":" in hop else None):
+    candidates: tuple[str, ...]
+    if hop.startswith("["):
+        inside, bracket, port = hop[1:].partition("]")
+        candidates = (inside,) if bracket and (not port or port.startswith(":")) else ()
+    else:
+        candidates = (hop, hop.rsplit(":", 1)[0] if ":" in hop else "")
+    for candidate in candidates:
         if candidate:
             try:
                 address = ip_address(candidate)
@@ -257,11 +263,20 @@ def address_bucket(address: str) -> str:
     return str(parsed)
 
 
+def _unmapped_network(network: IPv4Network | IPv6Network) -> IPv4Network | IPv6Network:
+    """An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps: addresses are
+    read IPv4-mapped as IPv4 (`_hop_address`), so only that form can hold them."""
+    mapped = network.network_address.ipv4_mapped if isinstance(network, IPv6Network) else None
+    if mapped is None or network.prefixlen < 96:
+        return network
+    return IPv4Network((mapped, network.prefixlen - 96))
+
+
 def is_trusted_proxy(hop: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
     """Whether an address (a peer, an X-Forwarded-For entry) is one of the trusted proxies: only their
     X-Forwarded-* headers are believed."""
     address = _hop_address(hop) if hop else None
-    return address is not None and any(address in network for network in trusted)
+    return address is not None and any(address in _unmapped_network(network) for network in trusted)
 
 
 class RateLimiter:

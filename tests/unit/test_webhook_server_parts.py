@@ -141,6 +141,15 @@ INGRESS = (ip_network("10.244.0.0/16"), ip_network("fd00::/8"))
         # (found in review: the walk stopped there, and everyone behind it shared its bucket).
         ("10.244.1.5", ["198.51.100.1, ::ffff:10.244.2.9"], INGRESS, "198.51.100.1"),
         ("10.244.1.5", ["::ffff:198.51.100.1"], INGRESS, "198.51.100.1"),
+        # A bracketed IPv6 entry without a port is an address too (found in review: it ended the walk).
+        ("10.244.1.5", ["[2001:db8::1]"], INGRESS, "2001:db8::1"),
+        ("10.244.1.5", ["198.51.100.1, [fd00::3]"], INGRESS, "198.51.100.1"),
+        ("10.244.1.5", ["198.51.100.1, [2001:db8::1]junk"], INGRESS, "10.244.1.5"),
+        # A trusted network written IPv4-mapped holds the IPv4 peers and hops it maps (found in review:
+        # peers are read as IPv4, and no IPv6 network held them).
+        ("10.1.2.3", ["198.51.100.1, 10.2.0.1"], (ip_network("::ffff:10.0.0.0/104"),), "198.51.100.1"),
+        ("10.1.2.3", ["198.51.100.1"], (ip_network("::ffff:10.0.0.0/104"),), "198.51.100.1"),
+        ("10.1.2.3", ["198.51.100.1"], (ip_network("::ffff:192.168.0.0/112"),), "10.1.2.3"),
     ],
 )
 def test_client_address_reads_forwarded_for_only_from_trusted_proxies(
