@@ -176,6 +176,7 @@ def overage_quantities(stored: dict[str, Any]) -> dict[str, Decimal]:
 # set: a period some flush saw billed manually is the manual invoice's, whatever the later flushes saw.
 # The close clears meter_refused_at, which an open row holds only for a close that raised (_NOT_CLOSED):
 # kept, it sorted the closed row after every other in the meter run's work list, as one Stripe refused.
+# Until then a flush keeps it and its meter_refusal: cleared, the next failing close warned again.
 _UPSERT: Final = """
 INSERT INTO usage_rollups
     (customer_id, period_start, period_end, totals, overage, overage_amount_cents, plan, closed_at,
@@ -189,7 +190,8 @@ ON CONFLICT ON CONSTRAINT uq_usage_rollups_period DO UPDATE SET
     plan = EXCLUDED.plan,
     closed_at = EXCLUDED.closed_at,
     metered_at = EXCLUDED.metered_at,
-    meter_refusal = EXCLUDED.meter_refusal,
+    meter_refusal = CASE WHEN EXCLUDED.closed_at IS NULL THEN usage_rollups.meter_refusal
+                         ELSE EXCLUDED.meter_refusal END,
     meter_refused_at = CASE WHEN EXCLUDED.closed_at IS NULL THEN usage_rollups.meter_refused_at END,
     billed_manually = usage_rollups.billed_manually OR EXCLUDED.billed_manually,
     updated_at = now()

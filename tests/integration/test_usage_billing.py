@@ -48,6 +48,7 @@ from iotistic_billing.usage.rollups import (
     close_periods,
     compute_rollup,
     roll_up_period,
+    save_open_rollup,
     save_rollup,
 )
 from iotistic_billing.usage.service import UsageMetering
@@ -815,6 +816,37 @@ async def test_a_period_closed_once_mended_loses_its_refusal_and_is_sent_in_its_
         )
     assert refused is not None and refused["meter_refused_at"] is None
     assert refused["meter_refusal"] is None or not refused["meter_refusal"].startswith("not closed")
+
+
+async def test_a_flush_of_a_period_that_could_not_close_keeps_why(meter_pool: Pool) -> None:
+    """Found in review: a flush whose clock read a moment before its period's end (the close grace at 0,
+    or a replica's clock behind the meter run's) upserted the row the meter run had just failed to
+    close, and cleared its meter_refusal while keeping meter_refused_at: the next failing close warned
+    again, as for a new reason. Until a close succeeds, the row keeps both."""
+    customer = customer_id_for(unique_name("unclosed"))
+    period = BillingPeriod(NOW - timedelta(days=31), NOW)
+    totals = PeriodTotals(period.start, period.end, api_calls=10, reports=1)
+    async with connection(meter_pool) as conn:
+        await save_rollup(conn, compute_rollup(customer, period, "starter", totals))
+        await conn.execute("UPDATE usage_rollups SET plan = 'retired' WHERE customer_id = $1", customer)
+        assert await close_periods(conn, NOW, grace=timedelta(0)) == Closed(not_closed=1)
+        refused = await conn.fetchrow(
+            "SELECT meter_refused_at, meter_refusal FROM usage_rollups WHERE customer_id = $1", customer
+        )
+        assert refused is not None and refused["meter_refusal"].startswith("not closed: ValueError")
+
+        # The flush's upsert of the period holding its `now`, a second before the period's end.
+        await save_open_rollup(conn, customer, period, "starter", totals, billed_manually=False)
+
+        kept = await conn.fetchrow(
+            "SELECT closed_at, meter_refused_at, meter_refusal FROM usage_rollups WHERE customer_id = $1",
+            customer,
+        )
+    assert kept is not None and kept["closed_at"] is None
+    assert (kept["meter_refused_at"], kept["meter_refusal"]) == (
+        refused["meter_refused_at"],
+        refused["meter_refusal"],
+    )
 
 
 async def test_a_period_past_stripes_35_days_is_given_up_once_and_said_so(
