@@ -166,6 +166,9 @@ SubscriptionStatus = Literal[
 # it (the final usage invoice paid after the deletion, an open invoice paid after dunning canceled it)
 # does not bring its plan back.
 ENDED_STATUSES: Final = frozenset({"canceled", "incomplete_expired"})
+# A subscription paid up or in Stripe's trial: it grants its plan in full, and a cancellation set for its
+# period's end ends it then (Stripe deletes it itself; an unpaid or paused one only when cancelled now).
+PAID_STATUSES: Final = frozenset({"active", "trialing"})
 
 # Plan names; the plans themselves (features, limits, included usage) are licensing.plans.PLANS, whose
 # names tests/unit/test_customer_model.py holds equal to these.

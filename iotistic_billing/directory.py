@@ -15,14 +15,14 @@ import logging
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from iotistic_billing.customer import Customer, customer_id_in_use, namespace_for
+from iotistic_billing.customer import PAID_STATUSES, Customer, customer_id_in_use, namespace_for
 from iotistic_billing.db import models
 from iotistic_billing.db.license_history import deleted_at
 from iotistic_billing.errors import customer_not_found, customer_not_gone
@@ -116,11 +116,6 @@ def cancel_body(customer_id: str, subscription_id: str) -> str:
     """The body of the POST /api/subscriptions/cancel that ends a deleted customer's subscription now:
     naming it (subscription_id), a retry cancels no other subscription of the id."""
     return json.dumps({"customer_id": customer_id, "subscription_id": subscription_id, "immediately": True})
-
-
-# The statuses Stripe ends by itself at the period's end of a cancellation set for then (as the
-# operator's subscription_left_billing reads a deleted Customer's spec.subscription).
-_ENDING_AT_PERIOD_END: Final = ("active", "trialing")
 
 
 def read_customer(body: dict[str, Any]) -> CustomerRecord | UnreadableCustomer:
@@ -315,7 +310,7 @@ async def _open_subscriptions(
             row.status.in_(sorted(statuses)),
             # Another product's subscription on the Stripe customer (no plan's price) is not ours.
             row.plan.is_not(None),
-            or_(row.status.not_in(_ENDING_AT_PERIOD_END), ~row.cancel_at_period_end),
+            or_(row.status.not_in(sorted(PAID_STATUSES)), ~row.cancel_at_period_end),
         )
         .order_by(row.customer_id, row.stripe_subscription_id)
     )

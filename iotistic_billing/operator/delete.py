@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from iotistic_billing.customer import (
     KIND,
     LICENSE_SECRET_NAME,
+    PAID_STATUSES,
     USAGE_API_KEY_KEY,
     CustomerStatus,
     InvalidSpecError,
@@ -263,7 +264,7 @@ def subscription_left_billing(body: Mapping[str, Any]) -> SubscriptionSpec | Non
         return None
     if subscription.stripe_subscription_id is None or subscription.status not in OPEN_STATUSES:
         return None
-    if subscription.status in ("active", "trialing") and subscription.cancel_at_period_end:
+    if subscription.status in PAID_STATUSES and subscription.cancel_at_period_end:
         return None
     return subscription
 

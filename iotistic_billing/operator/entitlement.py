@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from iotistic_billing.customer import RESTRICTED_FOR, CustomerSpec, dunning_dates
+from iotistic_billing.customer import PAID_STATUSES, RESTRICTED_FOR, CustomerSpec, dunning_dates
 from iotistic_billing.licensing.plans import UNLICENSED_PLAN_NAME
 from iotistic_billing.operator import constants as c
 
@@ -127,7 +127,7 @@ def _billed(
         why = f"Stripe subscription {subscription.status} is on no plan's price (STRIPE_PRICE_*)"
         return replace(trial, message=f"{trial.message}; {why}")
     period_end = subscription.current_period_end
-    if subscription.status in ("active", "trialing"):
+    if subscription.status in PAID_STATUSES:
         cancels = bool(subscription.cancel_at_period_end) and period_end is not None
         if subscription.ended_at_period_end(now) and period_end is not None:
             # The licence the deletion gives, and the housekeeping's check runs the pass as the plan

@@ -21,6 +21,7 @@ from iotistic_billing.customer import (
     CUSTOMER_ID_PATTERN,
     ENDED_STATUSES,
     PAID_PLAN_NAMES,
+    PAID_STATUSES,
     STRIPE_CUSTOMER_ID_PATTERN,
     STRIPE_SUBSCRIPTION_ID_PATTERN,
     PaidPlanName,
@@ -59,7 +60,7 @@ INVOICE_EVENTS: Final = frozenset({*INVOICE_PAID_EVENTS, INVOICE_FAILED, INVOICE
 HANDLED_EVENT_TYPES: Final = frozenset({CHECKOUT_COMPLETED, *SUBSCRIPTION_EVENTS, *INVOICE_EVENTS})
 SUBSCRIPTION_STATUSES: Final[tuple[SubscriptionStatus, ...]] = get_args(SubscriptionStatus)
 # Statuses under which a subscription still grants its plan (past_due within the operator's grace).
-LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+LIVE_STATUSES: Final = PAID_STATUSES | {"past_due"}
 # Statuses of a subscription that is not over: live ones, and those that bill again once paid or resumed
 # (a cancellation finds them; a checkout beside one would make a second subscription).
 OPEN_STATUSES: Final = LIVE_STATUSES | {"unpaid", "paused"}

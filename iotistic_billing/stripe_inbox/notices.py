@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any
 
-from iotistic_billing.customer import RESTRICTED_FOR, SubscriptionSpec
+from iotistic_billing.customer import PAID_STATUSES, RESTRICTED_FOR, SubscriptionSpec
 from iotistic_billing.directory import CustomerRecord
 from iotistic_billing.notices.content import (
     Notice,
@@ -26,9 +26,6 @@ from iotistic_billing.stripe_inbox.events import (
     object_id,
     trial_end,
 )
-
-# A payment that went through: the plan is fully back.
-PAID_STATUSES: Final = frozenset({"active", "trialing"})
 
 
 def event_notices(
@@ -143,4 +140,4 @@ def payment_notices(
     return []
 
 
-__all__ = ["PAID_STATUSES", "event_notices", "payment_notices"]
+__all__ = ["event_notices", "payment_notices"]

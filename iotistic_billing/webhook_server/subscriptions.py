@@ -13,7 +13,7 @@ from aiohttp import web
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from iotistic_billing.customer import PaidPlanName
+from iotistic_billing.customer import PAID_STATUSES, PaidPlanName
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
 from iotistic_billing.directory import CustomerRecord, remember
@@ -77,11 +77,6 @@ def _billed_through_stripe(record: CustomerRecord) -> None:
         )
 
 
-# The statuses whose entitlement lapses at the period's end of a cancellation set for then
-# (operator/entitlement.py): the ones a checkout no longer finds in its way after that end.
-_LAPSING_STATUSES: Final = ("active", "trialing")
-
-
 async def _live_subscription_id(
     session: AsyncSession, record: CustomerRecord, statuses: frozenset[str] = LIVE_STATUSES
 ) -> str | None:
@@ -96,7 +91,7 @@ async def _live_subscription_id(
         current is not None
         and current.stripe_subscription_id
         and current.status in statuses
-        and not (current.status in _LAPSING_STATUSES and current.ended_at_period_end(now))
+        and not (current.status in PAID_STATUSES and current.ended_at_period_end(now))
     ):
         return current.stripe_subscription_id
     return await _newest_live_row(session, record.customer_id, statuses)
@@ -117,7 +112,7 @@ async def _newest_live_row(session: AsyncSession, customer_id: str, statuses: fr
             row.plan.is_not(None),
             # The row's state is the spec's: not one ended at its period's end either.
             or_(
-                row.status.not_in(_LAPSING_STATUSES),
+                row.status.not_in(sorted(PAID_STATUSES)),
                 ~row.cancel_at_period_end,
                 row.current_period_end.is_(None),
                 row.current_period_end > now,
