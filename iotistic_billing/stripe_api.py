@@ -600,7 +600,7 @@ class StripeApi:
         )
 
     async def cancel(
-        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str] = ()
+        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str]
     ) -> SubscriptionChange:
         """The subscription cancelled, with its plan as Stripe has it (the Customer's spec.subscription
         may be another subscription of the customer's); one Stripe has canceled within
@@ -669,7 +669,7 @@ class StripeApi:
         when = _at(ended).strftime("%Y-%m-%dT%H:%M:%SZ") if ended is not None else None
         live = None
         customer = read.get("customer")
-        if live_statuses and isinstance(customer, str):
+        if isinstance(customer, str):
             try:
                 # On a plan's price: another product's subscription on the Stripe customer is not the one
                 # to cancel instead (found in review: it was named).

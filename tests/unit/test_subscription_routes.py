@@ -147,7 +147,7 @@ class FakeStripe:
         return SubscriptionChange(subscription_id, "active", False, changed=changed)
 
     async def cancel(
-        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str] = ()
+        self, subscription_id: str, *, immediately: bool, live_statuses: Collection[str]
     ) -> SubscriptionChange:
         self.calls.append(("cancel", {"subscription_id": subscription_id, "immediately": immediately}))
         plan = PLANS_BY_PRICE[self.prices.get(subscription_id, PRICES["starter"])]
