@@ -238,7 +238,7 @@ async def apply_events(
             )
         except Exception as error:  # a state the models refuse: this Customer's events stay pending
             results.update(group.failed(error))
-    results.update(await _move_unmatched_rows(deps, session, unmatched, owner, invoice_lines))
+    results.update(await _move_unmatched_rows(deps, session, unmatched, owner, slots, invoice_lines))
     planned = [group for group in ready if group.plan is not None]
     patched = await asyncio.gather(
         *(_bounded(slots, _apply_to_customer(deps.kube, group)) for group in planned)
@@ -322,23 +322,26 @@ async def with_all_lines(event: StripeEvent, invoice_lines: InvoiceLines | None)
 def listed_once(invoice_lines: InvoiceLines) -> InvoiceLines:
     """`invoice_lines` for one batch: within INVOICE_LINES_TIMEOUT (it runs under the batch lock, which
     every replica's batches wait for), and each invoice once, its failure too: two events of one invoice
-    (invoice.paid and invoice.payment_succeeded) come together, and each listing may take that long."""
+    (invoice.paid and invoice.payment_succeeded) come together, and each listing may take that long. An
+    ask while the invoice is being listed waits for that listing (unmatched events are listed at once)."""
     listed: dict[str, Sequence[Mapping[str, Any]] | Exception] = {}
+    listing: dict[str, asyncio.Lock] = {}
 
     async def once(invoice_id: str) -> Sequence[Mapping[str, Any]]:
-        if invoice_id not in listed:
-            try:
-                async with asyncio.timeout(INVOICE_LINES_TIMEOUT):  # not wait_for: see workers.py
-                    listed[invoice_id] = await invoice_lines(invoice_id)
-            except TimeoutError:
-                # Named: a TimeoutError says nothing (its str is empty) in the event's last_error and log.
-                listed[invoice_id] = DependencyUnavailable(
-                    "Stripe",
-                    f"Stripe did not list the lines of invoice {invoice_id} within"
-                    f" {INVOICE_LINES_TIMEOUT:g} s; retry later",
-                )
-            except Exception as error:
-                listed[invoice_id] = error
+        async with listing.setdefault(invoice_id, asyncio.Lock()):
+            if invoice_id not in listed:
+                try:
+                    async with asyncio.timeout(INVOICE_LINES_TIMEOUT):  # not wait_for: see workers.py
+                        listed[invoice_id] = await invoice_lines(invoice_id)
+                except TimeoutError:
+                    # Named: a TimeoutError says nothing (its str is empty) in the event's last_error and log.
+                    listed[invoice_id] = DependencyUnavailable(
+                        "Stripe",
+                        f"Stripe did not list the lines of invoice {invoice_id} within"
+                        f" {INVOICE_LINES_TIMEOUT:g} s; retry later",
+                    )
+                except Exception as error:
+                    listed[invoice_id] = error
         found = listed[invoice_id]
         if isinstance(found, Exception):
             raise found
@@ -385,24 +388,32 @@ async def _move_unmatched_rows(
     session: AsyncSession,
     unmatched: Sequence[tuple[StripeEvent, LookupHints]],
     owner: Mapping[str, str],
+    slots: asyncio.Semaphore,
     invoice_lines: InvoiceLines | None = None,
 ) -> Results:
     """Each event that matched no Customer recorded `unmatched` (the console replays it), its
     subscription's row, when there is one, moved on by it (`events.unmatched_row`; no Customer written, no
-    notice), read with every line of its invoice as a Customer's is (`with_all_lines`). One whose row a
-    Customer of the batch reads too is left pending for the next batch (a row is decided from one state),
-    and those whose row is refused, or whose lines could not be listed yet, stay pending, retried (with
-    the batch's others naming the same ids, so that the row moves in Stripe's order)."""
+    notice), read with every line of its invoice as a Customer's is (`with_all_lines`, listed `slots` at
+    a time, as the Customers' are: under the batch lock). One whose row a Customer of the batch reads too
+    is left pending for the next batch (a row is decided from one state), and those whose row is refused,
+    or whose lines could not be listed yet, stay pending, retried (with the batch's others naming the
+    same ids, so that the row moves in Stripe's order)."""
     results: Results = {}
     by_subscription: dict[str, list[tuple[StripeEvent, LookupHints, SubscriptionFacts]]] = {}
     unlisted: dict[str, Exception] = {}
-    for event, hints in unmatched:
+    listed = await asyncio.gather(
+        *(_bounded(slots, with_all_lines(event, invoice_lines)) for event, _ in unmatched),
+        return_exceptions=True,
+    )
+    for (event, hints), whole in zip(unmatched, listed, strict=True):
+        # An earlier event naming its ids failed: it waits with that one, whatever its own listing.
         failed = next((unlisted[key] for key in hints.ids() if key in unlisted), None)
-        if failed is None:
-            try:
-                event = await with_all_lines(event, invoice_lines)
-            except Exception as error:
-                failed = error
+        if isinstance(whole, BaseException):
+            if not isinstance(whole, Exception):
+                raise whole
+            failed = failed if failed is not None else whole
+        else:
+            event = whole
         if failed is not None:
             results[event.id] = Failure(failed, hints.ids())
             unlisted.update(dict.fromkeys(hints.ids(), failed))

@@ -1711,3 +1711,58 @@ async def test_an_unmatched_invoice_event_carrying_its_first_lines_alone_is_read
     assert await results(inbox_engine, [older]) == {older["id"]: "unmatched"}
     row = await subscription_row(inbox_engine, subscriber.subscription)
     assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))
+
+
+async def test_unmatched_invoice_events_list_their_invoices_at_once_each_invoice_once(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: the invoices of events no Customer matched were listed one after another under
+    the batch lock (each listing up to INVOICE_LINES_TIMEOUT), while the Customers' are listed `workers`
+    at once. They are listed as those are, and an invoice two of them name (invoice.paid and
+    invoice.payment_succeeded) still once in the batch."""
+    base = int(time.time()) - 3600
+    every: dict[str, list[dict[str, Any]]] = {}
+    asked: list[str] = []
+    both_asked = asyncio.Event()
+    met: set[str] = set()  # the invoices whose listing was still running when the other's began
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        asked.append(invoice_id)
+        if len(set(asked)) == 2:
+            both_asked.set()
+        try:
+            async with asyncio.timeout(2):  # listed one after the other, the other never comes meanwhile
+                await both_asked.wait()
+            met.add(invoice_id)
+        except TimeoutError:
+            pass
+        return every[invoice_id]
+
+    older: list[dict[str, Any]] = []
+    subscribers = [Subscriber(customers, "unmatchedboth"), Subscriber(customers, "unmatchedboth")]
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        for subscriber in subscribers:
+            await subscribed(inbox, inbox_pool, customers, subscriber, base)
+            customers.delete(subscriber.name)
+            paid = subscriber.invoice(base + 10, paid=True, plan="professional")
+            plan_line = paid["data"]["object"]["lines"]["data"][0]
+            plan_line["period"] = {"start": base + 2 - 30 * 86400, "end": base + 2}
+            every[paid["data"]["object"]["id"]] = first_lines_alone(paid)
+            older.append(paid)
+    # Its invoice's other event, after both (with 2 workers, one waiting on its invoice's listing holds a
+    # slot: the other invoice's listing would wait for it).
+    twin = json.loads(json.dumps(older[0])) | {
+        "id": random_id("evt_", 24),
+        "type": "invoice.paid",
+        "created": base + 11,
+    }
+    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=invoice_lines):
+        await store_at_once(inbox_engine, [*older, twin])  # one claim: one batch
+        found = await eventually(
+            lambda: all_recorded(inbox_engine, [*older, twin]), within=20, message="the events recorded"
+        )
+    assert found == dict.fromkeys([older[0]["id"], older[1]["id"], twin["id"]], "unmatched")
+    assert met == set(every) and sorted(asked) == sorted(every)
+    for subscriber in subscribers:  # read with every line: older, it leaves the row overdue
+        row = await subscription_row(inbox_engine, subscriber.subscription)
+        assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))

@@ -1143,6 +1143,7 @@ async def test_a_batch_lists_an_invoice_once_and_names_a_listing_that_took_too_l
 
     async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
         asked.append(invoice_id)
+        await asyncio.sleep(0)  # an answer takes a while: an ask at once comes meanwhile
         if len(asked) == 1:
             raise DependencyUnavailable("Stripe")
         return [{"type": "subscription", "price": {"id": "price_s"}, "period": {"end": PERIOD_END}}]
@@ -1160,6 +1161,10 @@ async def test_a_batch_lists_an_invoice_once_and_names_a_listing_that_took_too_l
     for each in whole:
         facts = read_facts(each, CATALOG, "acme")
         assert facts is not None and facts.billed_until == AT_PERIOD_END
+    # Asked at once (unmatched events are listed together): the second waits for the first's listing.
+    batch = listed_once(invoice_lines)
+    await asyncio.gather(*(with_all_lines(each, batch) for each in (paid, succeeded)))
+    assert asked == ["in_1"] * 3
 
     never = asyncio.Event()
 
