@@ -51,11 +51,11 @@ CHECKOUT_EXPIRY_STEP: Final = 300
 CHECKOUT_KEY_METADATA: Final = "checkoutKey"
 # How many deleted Stripe customers of one signup key are made again before the signup gives up.
 _REMADE_AT_MOST: Final = 5
-# A cancel Stripe refuses of a subscription it has canceled is answered cancelled only when Stripe's
-# canceled_at (the time of the request that cancelled it) is this recent: the SDK's retry of a cancel
-# whose answer was lost comes within 61.5 s of its first try, and a client's retry after its own timeout
-# (the SDK's three 30 s tries) and a back-off of a few minutes within 10, with a clock apart from
-# Stripe's by seconds. A subscription cancelled earlier (by dunning days ago, its events not applied to
+# A cancel Stripe refuses of a subscription it has canceled is answered cancelled only when the later of
+# Stripe's canceled_at (the time of the request that cancelled it) and ended_at is this recent: the SDK's
+# retry of a cancel whose answer was lost comes within 61.5 s of its first try, and a client's retry after
+# its own timeout (the SDK's three 30 s tries) and a back-off of a few minutes within 10, with a clock apart
+# from Stripe's by seconds. A subscription cancelled earlier (by dunning days ago, its events not applied to
 # spec.subscription yet) was cancelled by no try of this request: its refusal prompts a look for the
 # customer's live one, which a "cancelled" would hide while it bills.
 CANCELLED_BY_A_RETRY: Final = timedelta(minutes=10)
@@ -648,8 +648,10 @@ class StripeApi:
             if subscription.status != "canceled":
                 raise refused from None
             read = subscription.to_dict()
-            canceled_at = read.get("canceled_at") or read.get("ended_at")
-            if canceled_at is None or self.clock() - _at(canceled_at) > CANCELLED_BY_A_RETRY:
+            # The later of the two: a cancel set for the period's end keeps that request's canceled_at
+            # when an immediate cancel ends it, whose time is then its ended_at.
+            moments = [_at(read[key]) for key in ("canceled_at", "ended_at") if read.get(key) is not None]
+            if not moments or self.clock() - max(moments) > CANCELLED_BY_A_RETRY:
                 raise await self._ended_before(refused, subscription, live_statuses) from None
             log.info(
                 "Stripe refused to %s %s, which it has canceled: answered as cancelled",

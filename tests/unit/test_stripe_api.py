@@ -782,6 +782,30 @@ async def test_a_cancel_at_the_period_end_of_a_subscription_stripe_has_ended_is_
     assert [method for method, _, _ in stripe.requests] == ["POST", "GET"]
 
 
+async def test_an_immediate_cancel_of_a_subscription_set_to_end_days_ago_is_answered_cancelled_on_retry(
+    fake: tuple[FakeStripe, StripeApi],
+) -> None:
+    """Found in review: a subscription set to cancel at its period's end days ago keeps that request's
+    `canceled_at` as far as we can tell (Stripe: "the time of the most recent update request"; not
+    verifiable on stripe-mock), so the retry of an immediate cancel whose first try ended it just now was
+    judged by the old request and answered 409. It ended now (`ended_at`): the latest of the two decides."""
+    stripe, api = fake
+    stripe.lose_next = 1  # the first DELETE cancels, its answer lost
+    stripe.answer = (404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
+    days_ago = int((NOW - timedelta(days=3)).timestamp())
+    stripe.subscription.update(
+        status="canceled",
+        cancel_at_period_end=True,
+        canceled_at=days_ago,
+        ended_at=int(NOW.timestamp()),
+        items={"object": "list", "data": [item("si_1", "price_starter")]},
+    )
+
+    change = await api.cancel("sub_1", immediately=True, live_statuses=OPEN_STATUSES)
+
+    assert change.status == "canceled"
+
+
 @pytest.mark.parametrize("other", [None, "sub_2"])
 async def test_a_cancel_stripe_refuses_of_a_subscription_it_ended_long_ago_stays_refused_saying_when(
     fake: tuple[FakeStripe, StripeApi], other: str | None
