@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from iotistic_billing.customer import customer_id_in_use
 from iotistic_billing.k8s import Kube, KubeApi
 from iotistic_billing.licensing.keys import SigningKeys
 from iotistic_billing.notices.outbox import Outbox
@@ -160,6 +162,88 @@ class CustomerLocks:
                 self._locks[name] = (lock, users - 1)
 
 
+# How old the list behind a best-effort answer of who holds a customer id may be (CustomerIdHolders).
+RECENT_LIST_SECONDS = 5.0
+
+# (uid, name) of each live Customer (not being deleted), by the customer id it goes by.
+Holders = dict[str, list[tuple[str | None, str]]]
+
+
+def live_holders(customers: Iterable[Mapping[str, Any]]) -> Holders:
+    """The live Customers of a list (not being deleted), as (uid, name) in its order, by customer id."""
+    holders: Holders = {}
+    for body in customers:
+        meta = body["metadata"]
+        if not meta.get("deletionTimestamp"):
+            holders.setdefault(customer_id_in_use(body), []).append((meta.get("uid"), str(meta["name"])))
+    return holders
+
+
+def holder_other_than(holders: Holders, uid: str | None, customer_id: str) -> str | None:
+    """The name of the first live Customer of `holders` other than `uid` that goes by `customer_id`."""
+    return next((name for held_by, name in holders.get(customer_id, ()) if held_by != uid), None)
+
+
+class CustomerIdHolders:
+    """Who holds each customer id, from lists of every Customer shared by the callers that ask meanwhile:
+    one list runs at a time, and each caller waits for one that answers as it needs. Found in review: a
+    pass waiting for its subscription's restore listed the fleet at each retry (a cluster rebuilt from Git
+    with a thousand paying Customers: thousands of lists), and each deletion listed it two or three times
+    (`kubectl delete customers --all`). Only the holders are kept between lists, not the bodies."""
+
+    def __init__(
+        self,
+        list_customers: Callable[[], Awaitable[list[dict[str, Any]]]],
+        clock: Callable[[], float] = time.monotonic,
+        max_age: float = RECENT_LIST_SECONDS,
+    ) -> None:
+        self._list_customers = list_customers
+        self._clock = clock
+        self._max_age = max_age
+        self._holders: Holders = {}
+        self._listed_at: float | None = None  # when the list behind _holders started
+        self._listing: asyncio.Task[Holders] | None = None
+        self._started = 0  # lists started so far: the running one is the last
+
+    async def recent_holder(self, uid: str | None, customer_id: str) -> str | None:
+        """The name of a live Customer other than `uid` going by `customer_id`, from a list started at
+        most `max_age` seconds ago (or the one running): for an answer that may be seconds stale."""
+        if self._listed_at is None or self._clock() - self._listed_at > self._max_age:
+            await self._shared(self._listing or self._start())
+        return holder_other_than(self._holders, uid, customer_id)
+
+    async def fresh_holder(self, uid: str | None, customer_id: str) -> str | None:
+        """`recent_holder` from a list started after this call, as a list of its own would be: one
+        running already may have missed a Customer applied just before, so the callers arriving while it
+        runs share the next."""
+        asked = self._started
+        while True:
+            listing = self._listing or self._start()
+            if self._started > asked:
+                return holder_other_than(await self._shared(listing), uid, customer_id)
+            with contextlib.suppress(Exception):  # its failure is its own callers'
+                await self._shared(listing)
+
+    @staticmethod
+    async def _shared(listing: asyncio.Task[Holders]) -> Holders:
+        # Shielded: a caller given up (cancelled) does not take the list away from the others waiting.
+        return await asyncio.shield(listing)
+
+    def _start(self) -> asyncio.Task[Holders]:
+        self._started += 1
+        self._listing = asyncio.get_running_loop().create_task(self._list())
+        return self._listing
+
+    async def _list(self) -> Holders:
+        started = self._clock()
+        try:
+            customers = await self._list_customers()
+        finally:
+            self._listing = None  # ended: the next caller that needs a list starts one
+        self._holders, self._listed_at = live_holders(customers), started
+        return self._holders
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
@@ -214,15 +298,23 @@ class OperatorContext:
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
     # uid -> the last DeletionFailed posted of a Customer whose finalizer is retried.
     deletion_failures: dict[str, str] = field(default_factory=dict)
+    # uid -> the Customer holding the deleted one's customer id as its completed finalizer found it (None:
+    # none), for its DELETED event (handlers.customer_gone) to go by instead of listing the fleet again.
+    deletion_holders: dict[str, str | None] = field(default_factory=dict)
     # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
     shard: Shard = field(default_factory=Shard)
     # Why a pending revision could not be judged by the Pod that ran its helm (release.py), each logged
     # once: said on every pass, it would be said for every stuck Customer until HELM_TIMEOUT.
     pod_checks_skipped: set[str] = field(default_factory=set)
+    # Who holds each customer id, from lists shared by the passes and deletions that ask meanwhile.
+    customer_id_holders: CustomerIdHolders = field(init=False)
     # The Deployment and Secret watches, started with Kopf (handlers.configure).
     watches: list[LoopFollower] = field(default_factory=list)
     # The passes no Kopf handler runs (the housekeeping's and the watches'), stopped by handlers.close.
     background_passes: BackgroundPasses = field(default_factory=BackgroundPasses)
+
+    def __post_init__(self) -> None:
+        self.customer_id_holders = CustomerIdHolders(self.kube.list_customers)
 
     @property
     def fleet_moves_at_once(self) -> bool:

@@ -155,10 +155,14 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         # the id would sign the holder's webhooks (the sender looks there first).
         with _step(f"reading the webhook signing secret of {namespace}"):
             signing = await signing_secret_copy(ctx, customer_id, namespace) if ours else None
+        # Whether `holder` is the answer of a list made since the last step that takes seconds: each list
+        # is of the whole fleet, and a thousand Customers deleted at once listed it thousands of times.
+        looked, holder = False, None
         if signing is not None:
             with _step(f"looking for another Customer with customer id {customer_id}"):
-                held = await other_holder(ctx, body, customer_id) is not None
-            if not held:
+                holder = await other_holder(ctx, body, customer_id)
+            looked = True
+            if holder is None:
                 with _step("keeping the webhook signing secret"):
                     await keep_webhook_secret(
                         ctx,
@@ -170,6 +174,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         uninstalled = False
         uninstall_failed = None
         if ours and not terminating:
+            looked = False  # an uninstall takes seconds, a Customer may be applied under the id meanwhile
             with _step(f"uninstalling release {c.RELEASE_NAME} from {namespace}"):
                 try:
                     # helm's answer, not the attempt: a Customer whose first pass failed before helm has none.
@@ -188,9 +193,11 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
             secret = await ctx.kube.read_secret_data(namespace, LICENSE_SECRET_NAME) if ours else None
         # Looked for right before the revocations, not before the uninstall (seconds): a Customer applied
         # meanwhile under the id has had its first licence and usage key, which revoking every key of the id
-        # would end, and its customer would be told the licence was revoked.
-        with _step(f"looking for another Customer with customer id {customer_id}"):
-            holder = await other_holder(ctx, body, customer_id)
+        # would end, and its customer would be told the licence was revoked. Without an uninstall since,
+        # the look above is a moment old and holds.
+        if not looked:
+            with _step(f"looking for another Customer with customer id {customer_id}"):
+                holder = await other_holder(ctx, body, customer_id)
         if holder is None:
             try:
                 notify = (name, parse_spec(body.get("spec") or {}))
@@ -241,6 +248,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
+    ctx.deletion_holders[str(meta.get("uid") or "")] = holder
     return Deletion(
         namespace,
         own_namespace=ours,

@@ -524,6 +524,8 @@ async def _forget_kept(
     ctx: OperatorContext, body: Mapping[str, Any], uid: str, now: Mapping[str, Any] | None
 ) -> None:
     name, customer_id = body["metadata"].get("name") or "", customer_id_in_use(body)
+    finalized = uid in ctx.deletion_holders
+    finalized_holder = ctx.deletion_holders.pop(uid, None)
     # Kopf handles each object's events in a worker of its own, in no order between objects: a Customer
     # made again under the name may have had its passes before this old one's DELETED is handled, and
     # what the process keeps by name (and by customer id, when it kept that) is then the new one's.
@@ -539,11 +541,17 @@ async def _forget_kept(
         forget_customer(name, customer_id)
         return
     # A rename that kept spec.customerId: the id's expiry series is the Customer holding it now (as the
-    # finalizer judged), which may get no pass for days to export it again.
-    try:
-        held = await other_holder(ctx, dict(body), customer_id) is not None
-    except KubernetesUnavailable:
-        held = False
+    # finalizer judged), which may get no pass for days to export it again. This process's finalizer
+    # looked moments ago and forgot the series by its answer: the same answer, not a list of the fleet
+    # again at each deletion (a list seconds old would not do: two Customers of an id deleted together
+    # would each find the other live in it, and neither drop the series, alerting weeks later).
+    if finalized:
+        held = finalized_holder is not None
+    else:
+        try:
+            held = await other_holder(ctx, body, customer_id) is not None
+        except KubernetesUnavailable:
+            held = False
     forget_customer(name, None if held else customer_id)
 
 

@@ -394,18 +394,12 @@ async def _first_licensed(
 SUBSCRIPTION_RESTORE_WAIT = timedelta(minutes=10)
 
 
-async def other_holder(ctx: OperatorContext, body: dict[str, Any], customer_id: str) -> str | None:
+async def other_holder(ctx: OperatorContext, body: Mapping[str, Any], customer_id: str) -> str | None:
     """The name of another live Customer (not being deleted) whose customer id in use is `customer_id`,
-    if any. A list of the Customers, once a deletion: nothing cheaper can tell (the directory's mirror
-    keeps one name per customer id, whichever Customer minted last)."""
-    uid = body["metadata"].get("uid")
-    for other in await ctx.kube.list_customers():
-        meta = other["metadata"]
-        if meta.get("uid") == uid or meta.get("deletionTimestamp"):
-            continue
-        if customer_id_in_use(other) == customer_id:
-            return str(meta["name"])
-    return None
+    if any, for a deletion, which revokes the id's licences by the answer: from a list of the Customers
+    started after this asks (shared with the deletions asking meanwhile), none older. Nothing cheaper can
+    tell: the directory's mirror keeps one name per customer id, whichever Customer minted last."""
+    return await ctx.customer_id_holders.fresh_holder(body["metadata"].get("uid"), customer_id)
 
 
 def _made_again(target: PassTarget, created: datetime, first_licensed: datetime | None) -> bool:
@@ -445,8 +439,14 @@ async def _subscription_to_restore(
             raise
         # Its start known from its status (an earlier pass licensed it so): the restore cannot run either.
         return None
-    # The restore hands over none to a customer id two Customers hold (restore.unsubscribed).
-    if live is None or await other_holder(ctx, dict(body), target.customer_id) is not None:
+    # The restore hands over none to a customer id two Customers hold (restore.unsubscribed). Asked of a
+    # list seconds old, shared: this runs at each retry of each Customer waiting, and the wait is bounded.
+    if live is None:
+        return None
+    if (
+        await ctx.customer_id_holders.recent_holder(body["metadata"].get("uid"), target.customer_id)
+        is not None
+    ):
         return None
     return (
         f"customer id {target.customer_id} has live Stripe subscription {live}, which the Stripe inbox"

@@ -3,6 +3,7 @@ for while it is being deleted, and deleted with the Customer only when it is the
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import CustomerLocks, OperatorContext
+from iotistic_billing.operator.context import CustomerIdHolders, CustomerLocks, OperatorContext, PassRetries
 from iotistic_billing.operator.delete import DeletionFailed, finalize
 from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
@@ -136,6 +137,8 @@ def context(cluster: Cluster) -> OperatorContext:
             customer_view=SimpleNamespace(saw=lambda body: None),
             rollout_wakeups=set(),
             deletion_failures={},
+            deletion_holders={},
+            customer_id_holders=CustomerIdHolders(cluster.list_customers),
         ),
     )
 
@@ -796,6 +799,49 @@ async def test_a_holder_created_during_the_uninstall_keeps_its_usage_key(
 
     # No webhook secret copy here (no webhook): nothing kept before the uninstall either.
     assert revoked == [("licence", "acme-renamed"), ("usage keys", "iuk_theirs")]
+
+
+class DeletedFleet(Cluster):
+    """The Cluster as `kubectl delete customers --all` leaves it: the Customers gone once finalized, each
+    list of them counted and taking a moment (other deletions ask meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        self.lists += 1
+        listed = list(self.customers)
+        await asyncio.sleep(0)
+        return listed
+
+    async def read_customer(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+async def test_deletions_under_way_together_share_their_lists_of_the_fleet(revocations: list[str]) -> None:
+    """Found in review: each deletion listed the whole fleet to look for another Customer holding its
+    customer id, once more at its DELETED event, and once before keeping a webhook's signing secret:
+    `kubectl delete customers --all` of 1,000 listed it 2,000 to 3,000 times. A deletion's look is from
+    a list started after it asks, shared with the deletions asking meanwhile, and its DELETED goes by
+    what its finalizer found."""
+    cluster = DeletedFleet()
+    bodies = [customer(f"acme-{index}", uid=f"uid-{index}") for index in range(5)]
+    for body in bodies:
+        body["spec"]["customerId"] = f"cust_acme{body['metadata']['uid'][-1]}000"
+        cluster.namespaces[f"customer-{body['metadata']['name']}"] = namespace_of(body)
+    ctx: Any = context(cluster)
+    ctx.housekeepers, ctx.told_unpinned, ctx.pass_retries = {}, set(), PassRetries(lambda delay, due: None)
+    memo = deletion_memo(ctx)
+
+    await asyncio.gather(*(finalize(ctx, body) for body in bodies))
+    for body in bodies:
+        uid = body["metadata"]["uid"]
+        await handlers.customer_gone(type="DELETED", body=kopf.Body(body), memo=memo, uid=uid)
+
+    assert revocations.count("revoke_license") == 5
+    assert cluster.lists == 2  # the first deletion's, and the one the others asked for while it ran
+    assert ctx.deletion_holders == {}
 
 
 class RefusingCluster(Cluster):

@@ -34,7 +34,9 @@ from iotistic_billing.operator import license as license_step
 from iotistic_billing.operator import reconcile as reconcile_module
 from iotistic_billing.operator import release as release_module
 from iotistic_billing.operator.context import (
+    RECENT_LIST_SECONDS,
     BackgroundPasses,
+    CustomerIdHolders,
     CustomerLocks,
     OperatorContext,
     PassRequests,
@@ -192,6 +194,7 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
         told_unpinned=set(),
         applied_namespaces={},
         written={},
+        deletion_holders={},
         pass_retries=PassRetries(retries.later),
     )
     ctx.pass_retries.failed("moved", lambda: None)
@@ -262,6 +265,7 @@ async def test_a_pass_that_ends_after_its_customer_left_this_shard_does_not_expo
         told_unpinned=set(),
         applied_namespaces={},
         written={},
+        deletion_holders={},
         pass_retries=PassRetries(Retries().later),
     )
     memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
@@ -318,6 +322,7 @@ async def test_a_pass_whose_status_patch_finds_its_customer_relabelled_drops_it_
     ctx.housekeepers = {"uid-left": housekeeper}
     ctx.told_unpinned = set()
     ctx.applied_namespaces = {"customer-left": {"kind": "Namespace"}}
+    ctx.deletion_holders = {}
     ctx.pass_retries = PassRetries(retries.later)
     ctx.pass_retries.failed("left", lambda: None)
 
@@ -367,6 +372,7 @@ async def test_the_housekeeping_of_a_customer_that_left_while_the_watch_was_down
         "housekeepers": {"uid-acme": housekeeper},
         "applied_namespaces": {},
         "written": {},
+        "deletion_holders": {},
         "pass_retries": PassRetries(Retries().later),
         "background_passes": BackgroundPasses(),
     }.items():
@@ -387,10 +393,12 @@ async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_
         told_unpinned=set(),
         applied_namespaces={},
         written={},
+        deletion_holders={},
         pass_retries=PassRetries(Retries().later),
     )
     holder = {"metadata": {"name": "acme-new", "uid": "uid-new"}, "spec": {"customerId": "cust_held0001"}}
     ctx.kube = Customers(holder)
+    ctx.customer_id_holders = CustomerIdHolders(ctx.kube.list_customers)
     old = {"metadata": {"name": "acme-old", "uid": "uid-old"}, "spec": {"customerId": "cust_held0001"}}
     LICENSE_EXPIRY.labels("cust_held0001").set(1_900_000_000)
     memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
@@ -417,6 +425,7 @@ async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_
         told_unpinned=set(),
         applied_namespaces={"customer-acme": {"metadata": {"ownerReferences": [{"uid": "uid-new"}]}}},
         written={"acme": 42},
+        deletion_holders={},
         pass_retries=PassRetries(retries.later),
     )
     new_id = "cust_old0001" if same_customer_id else "cust_new0001"
@@ -981,6 +990,7 @@ def housekeeping_context(server: StatusServer, history: LicenceHistory | None = 
     ctx.noticed = set()
     ctx.first_licences = {}
     ctx.told_unpinned = set()
+    ctx.customer_id_holders = CustomerIdHolders(lambda: server.list_customers())  # type: ignore[attr-defined]
     ctx.sessions = (history or LicenceHistory()).sessions
     ctx.settings = SimpleNamespace(
         dunning_restrict_days=14, trial_notice_days=3, base_domain="iotistic.cloud", billing_url="b"
@@ -2021,6 +2031,39 @@ async def test_a_signup_customer_made_again_waits_for_its_subscription_too(
     assert ready is not None and (ready.status, ready.reason) == ("False", c.SUBSCRIPTION_RESTORE_PENDING)
 
 
+async def test_customers_waiting_for_their_restores_share_one_list_of_the_fleet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: each pass of a Customer waiting for its subscription's restore (retried at 5, 10,
+    20, 40 s... while the inbox restores once a minute) listed the whole fleet to see whether another
+    Customer holds its customer id: a cluster rebuilt from Git with 1,000 paying Customers listed it some
+    4,500 times. The wait is best-effort: its passes share a list a few seconds old."""
+    licensed = licence_and_release_steps(monkeypatch)
+    history = LicenceHistory(NOW - timedelta(days=40))
+    history.live_subscription = "cust_acme01"
+    server = CountedFleet({}, resource_version=7)
+    ctx = housekeeping_context(server, history)
+    seconds = [0.0]
+    ctx.customer_id_holders = CustomerIdHolders(server.list_customers, clock=lambda: seconds[0])
+
+    for _pass in range(3):
+        read = {**paying_customer_made_again_from_git(), "status": server.document}
+        read["metadata"] = {**read["metadata"], "resourceVersion": str(server.resource_version)}
+        result = await _reconcile(ctx, read, NOW)
+        assert result.temporary_error is not None  # waiting
+        seconds[0] += 1.0
+    assert server.lists == 1
+    # A copy of it applied since, seen once the list is older than RECENT_LIST_SECONDS: no wait.
+    server.others = [
+        {"metadata": {"name": "acme-copy", "uid": "uid-copy"}, "spec": {"customerId": "cust_acme01"}}
+    ]
+    seconds[0] += RECENT_LIST_SECONDS
+    read = {**paying_customer_made_again_from_git(), "status": server.document}
+    read["metadata"] = {**read["metadata"], "resourceVersion": str(server.resource_version)}
+    await _reconcile(ctx, read, NOW)
+    assert len(licensed) == 1 and server.lists == 2
+
+
 class FleetServer(StatusServer):
     """The status server with the fleet's other Customers (`others`) to list."""
 
@@ -2028,6 +2071,16 @@ class FleetServer(StatusServer):
 
     async def list_customers(self) -> list[dict[str, Any]]:
         return self.others
+
+
+class CountedFleet(FleetServer):
+    """The fleet server counting its lists."""
+
+    lists = 0
+
+    async def list_customers(self) -> list[dict[str, Any]]:
+        self.lists += 1
+        return await super().list_customers()
 
 
 def trial_as_last_passed(created: datetime, days: int, ends_at: datetime, plan: str) -> dict[str, Any]:
