@@ -15,10 +15,10 @@ from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from sqlalchemy import func, select
 
-from iotistic_billing.customer import resource_name_for
+from iotistic_billing.customer import customer_id_in_use, resource_name_for
 from iotistic_billing.db import models
 from iotistic_billing.db.pool import database_unreachable
-from iotistic_billing.directory import CustomerRecord, remember
+from iotistic_billing.directory import CustomerRecord, email_named, remember
 from iotistic_billing.errors import ApiError, Conflict, Unavailable
 from iotistic_billing.k8s import Kube, KubernetesUnavailable
 from iotistic_billing.stripe_api import IdempotencyKeyReused, StripeApi
@@ -95,8 +95,11 @@ async def create_customer(request: web.Request) -> web.Response:
                     "a signup with this email address is in progress",
                     [{"field": "email", "message": "being registered"}],
                 )
-            existing = await directory.all()
-            holder = next((o for o in existing if o.customer.spec.email.lower() == body.email.lower()), None)
+            email = body.email.lower()
+            existing = await directory.where(
+                lambda raw: email_named(raw) == email or customer_id_in_use(raw) == customer_id
+            )
+            holder = next((o for o in existing if o.customer.spec.email.lower() == email), None)
             keyed = next((o for o in existing if o.customer_id == customer_id), None)
             if holder is None and keyed is not None:
                 # A retry of a keyed signup whose Customer's spec.email was edited since: its customer.
