@@ -201,13 +201,14 @@ async def apply_events(
     ready: list[_CustomerEvents] = []
     invoice_lines = listed_once(deps.invoice_lines) if deps.invoice_lines is not None else None
     listed = await asyncio.gather(
-        *(_bounded(slots, _with_all_lines(invoice_lines, groups[name])) for name in sorted(groups))
+        *(_bounded(slots, _all_lines_in_order(groups[name].events, invoice_lines)) for name in sorted(groups))
     )
-    for name, unlisted in zip(sorted(groups), listed, strict=True):
+    for name, (whole, unlisted) in zip(sorted(groups), listed, strict=True):
         group = groups[name]
         if unlisted is not None:  # its Customer's events wait for a retry, not recorded without them
             results.update(group.failed(unlisted))
             continue
+        group.events = whole
         try:
             group.facts = [read_facts(e, deps.catalog, name) for e in group.events]
         except Exception as error:  # an event no rule foresaw: its Customer's events wait, not the batch's
@@ -266,13 +267,20 @@ async def apply_events(
     return results
 
 
-async def _with_all_lines(invoice_lines: InvoiceLines | None, group: _CustomerEvents) -> Exception | None:
-    """The group's invoice events given every line of their invoices (`with_all_lines`), or what failed."""
-    try:
-        group.events = [await with_all_lines(event, invoice_lines) for event in group.events]
-    except Exception as error:
-        return error
-    return None
+async def _all_lines_in_order(
+    events: Sequence[StripeEvent], invoice_lines: InvoiceLines | None
+) -> tuple[list[StripeEvent], Exception | None]:
+    """Events that wait for each other (a Customer's; unmatched ones naming a common id) given every line
+    of their invoices (`with_all_lines`), one after the other in Stripe's order up to the first whose
+    listing failed, and that failure (None: all listed). The newer ones wait with it unlisted: with
+    Stripe hanging, one timeout under the batch lock, not one each, and no refusal warned again."""
+    whole: list[StripeEvent] = []
+    for event in events:
+        try:
+            whole.append(await with_all_lines(event, invoice_lines))
+        except Exception as error:
+            return whole, error
+    return whole, None
 
 
 async def with_all_lines(event: StripeEvent, invoice_lines: InvoiceLines | None) -> StripeEvent:
@@ -393,31 +401,32 @@ async def _move_unmatched_rows(
 ) -> Results:
     """Each event that matched no Customer recorded `unmatched` (the console replays it), its
     subscription's row, when there is one, moved on by it (`events.unmatched_row`; no Customer written, no
-    notice), read with every line of its invoice as a Customer's is (`with_all_lines`, listed `slots` at
-    a time, as the Customers' are: under the batch lock). One whose row a Customer of the batch reads too
-    is left pending for the next batch (a row is decided from one state), and those whose row is refused,
-    or whose lines could not be listed yet, stay pending, retried (with the batch's others naming the
-    same ids, so that the row moves in Stripe's order)."""
+    notice), read with every line of its invoice as a Customer's is (`_all_lines_in_order`: the events
+    naming a common id one after the other, the others `slots` at a time, as the Customers' are: under
+    the batch lock). One whose row a Customer of the batch reads too is left pending for the next batch
+    (a row is decided from one state), and those whose row is refused, or whose lines could not be listed
+    yet, stay pending, retried (with the batch's others naming the same ids, so that the row moves in
+    Stripe's order)."""
     results: Results = {}
     by_subscription: dict[str, list[tuple[StripeEvent, LookupHints, SubscriptionFacts]]] = {}
-    unlisted: dict[str, Exception] = {}
+    chains = _naming_a_common_id([hints for _, hints in unmatched])
     listed = await asyncio.gather(
-        *(_bounded(slots, with_all_lines(event, invoice_lines)) for event, _ in unmatched),
-        return_exceptions=True,
+        *(
+            _bounded(slots, _all_lines_in_order([unmatched[at][0] for at in chain], invoice_lines))
+            for chain in chains
+        )
     )
-    for (event, hints), whole in zip(unmatched, listed, strict=True):
-        # An earlier event naming its ids failed: it waits with that one, whatever its own listing.
-        failed = next((unlisted[key] for key in hints.ids() if key in unlisted), None)
-        if isinstance(whole, BaseException):
-            if not isinstance(whole, Exception):
-                raise whole
-            failed = failed if failed is not None else whole
-        else:
-            event = whole
-        if failed is not None:
-            results[event.id] = Failure(failed, hints.ids())
-            unlisted.update(dict.fromkeys(hints.ids(), failed))
+    read: dict[int, StripeEvent | Exception] = {}
+    for chain, (whole, failed) in zip(chains, listed, strict=True):
+        read.update(zip(chain, whole, strict=False))  # the listed ones: up to the failure
+        if failed is not None:  # it and the chain's newer events wait for a retry
+            read.update(dict.fromkeys(chain[len(whole) :], failed))
+    for at, (event, hints) in enumerate(unmatched):
+        whole_or_failure = read[at]
+        if isinstance(whole_or_failure, Exception):
+            results[event.id] = Failure(whole_or_failure, hints.ids())
             continue
+        event = whole_or_failure
         results[event.id] = Outcome("unmatched")
         try:
             facts = subscription_facts(
@@ -460,6 +469,26 @@ async def _move_unmatched_rows(
             for event, hints, _ in by_subscription[subscription_id]:
                 results[event.id] = Failure(error, hints.ids())
     return results
+
+
+def _naming_a_common_id(hints: Sequence[LookupHints]) -> list[list[int]]:
+    """The positions of `hints` in chains, each in order, of those naming an id another of it names
+    (`LookupHints.ids`, through any number of them): the events of one chain wait for each other."""
+    chain_of = list(range(len(hints)))
+
+    def first_of(at: int) -> int:
+        while chain_of[at] != at:
+            at = chain_of[at]
+        return at
+
+    first_naming: dict[str, int] = {}
+    for at, each in enumerate(hints):
+        for key in each.ids():
+            chain_of[first_of(at)] = first_of(first_naming.setdefault(key, at))
+    chains: dict[int, list[int]] = {}
+    for at in range(len(hints)):
+        chains.setdefault(first_of(at), []).append(at)
+    return list(chains.values())
 
 
 def _failed_lookup_ids(found: Mapping[LookupHints, str | Exception | None]) -> set[str]:

@@ -37,6 +37,7 @@ from iotistic_billing.db.pool import Pool, open_pool
 from iotistic_billing.db.retention import prune_batch, retention_cutoff
 from iotistic_billing.devenv.stripe_mock import StripeMock
 from iotistic_billing.directory import CustomerRecord, Directory
+from iotistic_billing.errors import DependencyUnavailable
 from iotistic_billing.k8s import FieldManager, Kube, KubeApi, KubernetesUnavailable
 from iotistic_billing.prices import PriceCatalog
 from iotistic_billing.processes import free_port
@@ -1766,3 +1767,57 @@ async def test_unmatched_invoice_events_list_their_invoices_at_once_each_invoice
     for subscriber in subscribers:  # read with every line: older, it leaves the row overdue
         row = await subscription_row(inbox_engine, subscriber.subscription)
         assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))
+
+
+async def test_unmatched_events_of_a_subscription_behind_its_failed_listing_are_not_listed(
+    inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
+) -> None:
+    """Found in review: with the unmatched events' invoices listed at once, every one was listed, also
+    those of a subscription whose earlier event's listing failed (they stay pending behind it anyway):
+    with Stripe hanging, each took INVOICE_LINES_TIMEOUT under the batch lock instead of one, and one
+    refused for good warned at every retry. A subscription's are listed in Stripe's order up to the
+    first failure; another subscription's still at once."""
+    base = int(time.time()) - 3600
+    every: dict[str, list[dict[str, Any]]] = {}
+    asked: list[str] = []
+    both_asked = asyncio.Event()
+    met: set[str] = set()  # the invoices whose listing was still running when the other's began
+    stuck, other = Subscriber(customers, "unmatchedstuck"), Subscriber(customers, "unmatchedother")
+    async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
+        for subscriber in (stuck, other):
+            await subscribed(inbox, inbox_pool, customers, subscriber, base)
+            customers.delete(subscriber.name)
+    first, behind = stuck.invoice(base + 10, paid=True), stuck.invoice(base + 12, paid=True)
+    others = other.invoice(base + 11, paid=True)
+    invoice_of = {body["id"]: body["data"]["object"]["id"] for body in (first, behind, others)}
+    for body in (first, behind, others):
+        every[invoice_of[body["id"]]] = first_lines_alone(body)
+
+    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
+        asked.append(invoice_id)
+        if {invoice_of[first["id"]], invoice_of[others["id"]]} <= set(asked):
+            both_asked.set()
+        try:
+            async with asyncio.timeout(2):  # listed one after the other, the other never comes meanwhile
+                await both_asked.wait()
+            met.add(invoice_id)
+        except TimeoutError:
+            pass
+        if invoice_id == invoice_of[first["id"]]:
+            raise DependencyUnavailable("Stripe")  # a failure a retry may clear: it stays pending
+        return every[invoice_id]
+
+    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=invoice_lines):
+        await store_at_once(inbox_engine, [first, others, behind])  # one claim: one batch
+
+        async def first_failed() -> bool:
+            return (await attempts_of(inbox_engine, first))[1] >= 1
+
+        await eventually(first_failed, within=20, message="the first event's listing failed")
+    assert await results(inbox_engine, [first, others, behind]) == {
+        first["id"]: PENDING,
+        others["id"]: "unmatched",
+        behind["id"]: PENDING,
+    }
+    assert invoice_of[behind["id"]] not in asked
+    assert met == {invoice_of[first["id"]], invoice_of[others["id"]]}
