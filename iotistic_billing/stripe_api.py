@@ -52,12 +52,13 @@ CHECKOUT_KEY_METADATA: Final = "checkoutKey"
 # How many deleted Stripe customers of one signup key are made again before the signup gives up.
 _REMADE_AT_MOST: Final = 5
 # A cancel Stripe refuses of a subscription it has canceled is answered cancelled only when the later of
-# Stripe's canceled_at (the time of the request that cancelled it) and ended_at is this recent: the SDK's
-# retry of a cancel whose answer was lost comes within 61.5 s of its first try, and a client's retry after
-# its own timeout (the SDK's three 30 s tries) and a back-off of a few minutes within 10, with a clock apart
-# from Stripe's by seconds. A subscription cancelled earlier (by dunning days ago, its events not applied to
-# spec.subscription yet) was cancelled by no try of this request: its refusal prompts a look for the
-# customer's live one, which a "cancelled" would hide while it bills.
+# Stripe's canceled_at (the time of the request that cancelled it) and ended_at (unless it ended when it
+# was set to: `_last_cancel`) is this recent: the SDK's retry of a cancel whose answer was lost comes
+# within 61.5 s of its first try, and a client's retry after its own timeout (the SDK's three 30 s tries)
+# and a back-off of a few minutes within 10, with a clock apart from Stripe's by seconds. A subscription
+# cancelled earlier (by dunning days ago, its events not applied to spec.subscription yet), or ended on its
+# schedule, was cancelled by no try of this request: its refusal prompts a look for the customer's live
+# one, which a "cancelled" would hide while it bills.
 CANCELLED_BY_A_RETRY: Final = timedelta(minutes=10)
 
 
@@ -215,6 +216,31 @@ def _payable(sessions: Collection[Any]) -> Any:
 def _at(timestamp: Any) -> datetime:
     """A Stripe timestamp (Unix seconds) as a time."""
     return datetime.fromtimestamp(int(timestamp), UTC)
+
+
+def _last_cancel(subscription: Mapping[str, Any]) -> datetime | None:
+    """When a request last cancelled the canceled subscription: the later of its canceled_at and its
+    ended_at, which counts only when it is not the end the subscription was set for (`_scheduled_ends`).
+    A cancel set for the period's end keeps that request's canceled_at when an immediate cancel ends it,
+    whose time is then its ended_at; an end Stripe reached on that schedule is no request's."""
+    moments = [subscription.get("canceled_at")]
+    ended = subscription.get("ended_at")
+    if ended is not None and ended not in _scheduled_ends(subscription):
+        moments.append(ended)
+    return max((_at(moment) for moment in moments if moment is not None), default=None)
+
+
+def _scheduled_ends(subscription: Mapping[str, Any]) -> set[Any]:
+    """When the subscription was set to end: its cancel_at, and its period's end when it was to cancel
+    then (current_period_end: on its items from API version 2025-03 on, on it before)."""
+    ends = {subscription.get("cancel_at")}
+    if subscription.get("cancel_at_period_end") is True:
+        ends.add(subscription.get("current_period_end"))
+        items = subscription.get("items")
+        for item in items.get("data", []) if isinstance(items, Mapping) else []:
+            if isinstance(item, Mapping):
+                ends.add(item.get("current_period_end"))
+    return ends - {None}
 
 
 def _made_at(session: Any) -> tuple[int, str]:
@@ -647,11 +673,8 @@ class StripeApi:
                 ) from None
             if subscription.status != "canceled":
                 raise refused from None
-            read = subscription.to_dict()
-            # The later of the two: a cancel set for the period's end keeps that request's canceled_at
-            # when an immediate cancel ends it, whose time is then its ended_at.
-            moments = [_at(read[key]) for key in ("canceled_at", "ended_at") if read.get(key) is not None]
-            if not moments or self.clock() - max(moments) > CANCELLED_BY_A_RETRY:
+            cancelled_at = _last_cancel(subscription.to_dict())
+            if cancelled_at is None or self.clock() - cancelled_at > CANCELLED_BY_A_RETRY:
                 raise await self._ended_before(refused, subscription, live_statuses) from None
             log.info(
                 "Stripe refused to %s %s, which it has canceled: answered as cancelled",

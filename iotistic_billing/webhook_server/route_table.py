@@ -192,9 +192,10 @@ ROUTES: Final[tuple[Route, ...]] = (
             "status it ended in (canceled, or incomplete_expired: never paid), nothing sent to Stripe (a "
             "retry after a lost answer), and 404 `Subscription not found` "
             "when the customer has none of that id on a plan. A cancel Stripe refuses of a subscription it "
-            "has canceled within 10 minutes (an earlier try's) is answered as cancelled too; one it ended "
-            "before stays the 409, with `details.ended_at` and the customer's live subscription on a plan "
-            "in Stripe (`details.live_subscription_id`)."
+            "has canceled within 10 minutes (an earlier try's: its `canceled_at`, or its `ended_at` when "
+            "that is not the end it was set for) is answered as cancelled too; one it ended before, or on "
+            "its schedule (`cancel_at`, the period's end), stays the 409, with `details.ended_at` and the "
+            "customer's live subscription on a plan in Stripe (`details.live_subscription_id`)."
         ),
     ),
     Route(

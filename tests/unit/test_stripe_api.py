@@ -806,6 +806,46 @@ async def test_an_immediate_cancel_of_a_subscription_set_to_end_days_ago_is_answ
     assert change.status == "canceled"
 
 
+@pytest.mark.parametrize("scheduled", ["cancel_at", "period end on its items", "period end on it"])
+async def test_a_cancel_refused_of_a_subscription_that_ended_on_its_schedule_just_now_stays_refused(
+    fake: tuple[FakeStripe, StripeApi], scheduled: str
+) -> None:
+    """Found in review: with `ended_at` deciding too, a subscription Stripe ended on its own schedule (its
+    cancel_at, or its period's end) two minutes before an immediate cancel of it was answered 200
+    "canceled immediately", and the customer's live subscription (a checkout just after) went unnamed.
+    Its scheduled end is no request's: the refusal stays, saying when it ended and naming the live one
+    (`ended_at` counts when it is not the end set, as an immediate cancel's before its period's end)."""
+    stripe, api = fake
+    stripe.answer = (404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
+    days_ago = int((NOW - timedelta(days=3)).timestamp())
+    ended = int((NOW - timedelta(minutes=2)).timestamp())
+    plan_item = item("si_1", "price_starter")
+    stripe.subscription.update(status="canceled", canceled_at=days_ago, ended_at=ended, customer="cus_1")
+    if scheduled == "cancel_at":
+        stripe.subscription["cancel_at"] = ended
+    elif scheduled == "period end on its items":  # API versions from 2025-03 on
+        stripe.subscription["cancel_at_period_end"] = True
+        plan_item["current_period_end"] = ended
+    else:
+        stripe.subscription.update(cancel_at_period_end=True, current_period_end=ended)
+    stripe.subscription["items"] = {"object": "list", "data": [plan_item]}
+    plan = {"object": "list", "data": [item("si_2", "price_starter")]}
+    stripe.subscriptions = [
+        {"id": "sub_2", "object": "subscription", "status": "active", "customer": "cus_1", "items": plan}
+    ]
+
+    with pytest.raises(ApiError) as raised:
+        await api.cancel("sub_1", immediately=True, live_statuses=OPEN_STATUSES)
+
+    assert (raised.value.status, raised.value.error) == (409, "Stripe refused the request")
+    assert "sub_1 ended at 2026-06-01T11:58:00Z (canceled)" in raised.value.message, raised.value.message
+    assert raised.value.details == {
+        "stripe_code": "resource_missing",
+        "ended_at": "2026-06-01T11:58:00Z",
+        "live_subscription_id": "sub_2",
+    }
+
+
 @pytest.mark.parametrize("other", [None, "sub_2"])
 async def test_a_cancel_stripe_refuses_of_a_subscription_it_ended_long_ago_stays_refused_saying_when(
     fake: tuple[FakeStripe, StripeApi], other: str | None
