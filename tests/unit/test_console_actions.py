@@ -788,6 +788,27 @@ async def test_a_browser_s_form_after_the_session_ended_asks_to_sign_in_again(co
     assert '<a href="/admin/login">Sign in again</a>' in page
 
 
+async def test_signing_in_again_from_a_form_refused_for_its_ended_session_returns_to_its_page(
+    console: Console,
+) -> None:
+    """Found in review: the 401 page's "Sign in again" went to the overview, not to the page the form was
+    sent from (its Referer): the person had to find the Customer again."""
+    answer = await console.client.post(
+        "/admin/customers/acme/suspend",
+        data={"csrf": "from-an-old-page"},
+        headers={**BROWSER, "Origin": console.origin, "Referer": f"{console.origin}/admin/customers/acme"},
+        allow_redirects=False,
+    )
+    page = await answer.text()
+    assert answer.status == 401, page
+    link = re.search(r'<a href="([^"]*)">Sign in again</a>', page)
+    assert link, page
+    sign_in_page = await (await console.client.get(html.unescape(link.group(1)))).text()
+    assert '<input type="hidden" name="next" value="/admin/customers/acme">' in sign_in_page, sign_in_page
+    signed_in = await console.post("/admin/login", {"token": ADMIN, "next": "/admin/customers/acme"})
+    assert (signed_in.status, signed_in.headers["Location"]) == (303, "/admin/customers/acme")
+
+
 async def test_a_script_s_post_keeps_the_api_s_json_problem(console: Console) -> None:
     csrf = await console.sign_in()
     answer = await console.post("/admin/customers/acme/revoke", {"csrf": csrf, "reason": " "})
