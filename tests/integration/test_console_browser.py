@@ -1080,6 +1080,127 @@ async def test_a_reason_typed_and_left_is_kept_by_the_refresh(
         await expect(page.locator("#main h1[data-shown]")).to_have_count(0)
 
 
+async def test_a_refreshing_page_with_nothing_new_keeps_its_nodes_and_a_pressed_link(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: the refresh replaced the content on every answer, as its "Updated 14:02:11 UTC"
+    always differs, so a screen reader's place, the browser's find and a selection went every 2 s; and a
+    click on a link was lost when a swap came between the press of the mouse button and its release."""
+    name = unique_name("still")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        # A mark that is no attribute (an attribute is a change the refresh puts right): a node replaced
+        # loses it.
+        title = page.locator("#main h1")
+        await title.evaluate("title => { title.kept = true; }")
+        clock = page.locator("#main p.updated")
+        shown = await clock.inner_text()
+        await expect(clock).not_to_have_text(shown)  # the clock goes on, in place
+        assert await title.evaluate("title => title.kept === true")
+
+        await page.goto("/admin/")
+        pending = page.locator("#main a[href='/admin/stripe-events?result=pending']")
+        await pending.hover()
+        await page.mouse.down()
+        # A change for a swap to put right, while the button is down.
+        await pending.evaluate("link => { link.dataset.shown = 'before'; }")
+        await refreshed(page, times=2)
+        await page.mouse.up()
+        await page.wait_for_url("**/admin/stripe-events?result=pending", timeout=5_000)
+
+
+async def test_live_updates_pause_for_the_tab_until_pressed_again(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: WCAG 2.2.2, which the refresh cites, asks for a way to pause the updates; there
+    was none."""
+    name = unique_name("paused")
+    customers.create(name, customerId=customer_id_for(name))
+    path = f"/admin/customers/{name}"
+    count = "() => document.getElementById('main').dataset.refreshed || '0'"
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(path)
+        toggle = page.get_by_role("button", name="Pause live updates")
+        await expect(toggle).to_have_attribute("aria-pressed", "false")
+        await toggle.focus()
+        await page.keyboard.press("Space")
+        await expect(toggle).to_have_attribute("aria-pressed", "true")
+        await page.screenshot(path=tmp_path / "paused.png", full_page=True)
+        # Another tab of the page is not paused: its refreshes tell the time that passes meanwhile.
+        witness = await page.context.new_page()
+        await witness.goto(path)
+        await refreshed(witness)
+        await page.locator("#main h1").evaluate("title => { title.dataset.shown = 'before'; }")
+        before = (await page.evaluate(count), await page.locator("#main p.updated").inner_text())
+        await refreshed(witness, times=5)
+        assert (await page.evaluate(count), await page.locator("#main p.updated").inner_text()) == before
+        await expect(page.locator("#main h1[data-shown]")).to_have_count(1)
+
+        # Kept for the tab: its pages open paused.
+        await page.reload()
+        await expect(toggle).to_have_attribute("aria-pressed", "true")
+        await refreshed(witness, times=5)
+        assert await page.evaluate(count) == "0"
+
+        await toggle.click()
+        await expect(toggle).to_have_attribute("aria-pressed", "false")
+        await refreshed(page)
+        await witness.close()
+
+
+async def test_a_form_held_when_the_session_ends_is_kept_and_sent_once_signed_in_again(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: once the session ended, the refresh reloaded the page at once (the sign-in page),
+    throwing away a Revoke reason half typed."""
+    name = unique_name("held")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        reason = page.locator("input[name=reason]")
+        await reason.fill("chargeback on inv")
+        await page.context.clear_cookies()
+        notice = page.locator("body > p[role=alert]")
+        await expect(notice).to_have_text(
+            "Your session has ended: sign in again in another tab, then submit."
+        )
+        await page.screenshot(path=tmp_path / "session-ended.png", full_page=True)
+        assert page.url.endswith(f"/admin/customers/{name}")
+        assert await reason.input_value() == "chargeback on inv"
+
+        other = await page.context.new_page()
+        await browser_sign_in(other, ADMIN_TOKEN)
+        await other.close()
+        # The page's forms take the new session's CSRF token: sent with the old one, they were refused.
+        await expect(notice).to_have_text("Signed in again: you may submit.")
+        assert await reason.input_value() == "chargeback on inv"
+        await page.click("button:has-text('Suspend')")
+        await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
+    assert (customers.get(name) or {})["spec"]["suspended"] is True
+
+
+async def test_an_action_s_banner_is_not_said_again_by_a_reload(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: the banner's code stayed in the address (`?done=suspend`), so a reload or a link
+    copied from the address bar said "Customer suspended." again, out of its moment."""
+    name = unique_name("banner")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        await page.click("button:has-text('Suspend')")
+        await expect(page.locator("p.done")).to_have_text("Customer suspended.")
+        await page.wait_for_url(re.compile(rf"/admin/customers/{name}$"), timeout=5_000)
+        await page.reload()
+        await expect(page.locator("#main h1")).to_contain_text(name)
+        await expect(page.locator("p.done")).to_have_count(0)
+
+
 async def test_a_link_from_another_site_opens_the_page_it_names(
     api: TestClient[Any, Any], customers: Customers, tmp_path: Path
 ) -> None:
