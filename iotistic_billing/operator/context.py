@@ -244,6 +244,47 @@ class CustomerIdHolders:
         return self._holders
 
 
+# How long a finalizer's answer waits for its Customer's DELETED (DeletionHolders): a foreground
+# deletion's comes once the Customer's namespace has terminated, minutes later.
+DELETION_ANSWER_SECONDS = 600.0
+
+
+class DeletionHolders:
+    """Each finalizer's answer that completed here, by the deleted Customer's uid: the Customer holding
+    its customer id then, or None. Its DELETED event (handlers.customer_gone) goes by it instead of
+    listing the fleet again. Kept `max_age` seconds: found in review, the answer of a Customer whose
+    DELETED this process never handles (a watch re-listed after a 410, the operator paused by a peer)
+    was kept for good."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_age: float = DELETION_ANSWER_SECONDS
+    ) -> None:
+        self._clock = clock
+        self._max_age = max_age
+        # Oldest first (a recorded uid moves to the end), so the pruning stops at the first young one.
+        self._answers: dict[str, tuple[str | None, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def record(self, uid: str, holder: str | None) -> None:
+        now = self._clock()
+        self._answers.pop(uid, None)
+        while self._answers:
+            oldest = next(iter(self._answers))
+            if now - self._answers[oldest][1] <= self._max_age:
+                break
+            del self._answers[oldest]
+        self._answers[uid] = (holder, now)
+
+    def take(self, uid: str) -> tuple[bool, str | None]:
+        """Whether the finalizer of `uid` answered here within `max_age` seconds, and its answer."""
+        holder, at = self._answers.pop(uid, (None, None))
+        if at is None or self._clock() - at > self._max_age:
+            return False, None
+        return True, holder
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
@@ -298,9 +339,8 @@ class OperatorContext:
     rollout_wakeups: set[asyncio.Event] = field(default_factory=set)
     # uid -> the last DeletionFailed posted of a Customer whose finalizer is retried.
     deletion_failures: dict[str, str] = field(default_factory=dict)
-    # uid -> the Customer holding the deleted one's customer id as its completed finalizer found it (None:
-    # none), for its DELETED event (handlers.customer_gone) to go by instead of listing the fleet again.
-    deletion_holders: dict[str, str | None] = field(default_factory=dict)
+    # The Customer holding a deleted one's customer id as its completed finalizer found it, for its DELETED.
+    deletion_holders: DeletionHolders = field(default_factory=DeletionHolders)
     # The Customers this operator owns (OPERATOR_SHARD of OPERATOR_SHARDS).
     shard: Shard = field(default_factory=Shard)
     # Why a pending revision could not be judged by the Pod that ran its helm (release.py), each logged

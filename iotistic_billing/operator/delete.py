@@ -248,7 +248,7 @@ async def finalize(ctx: OperatorContext, body: dict[str, Any]) -> Deletion:
         # The holder's licence expiry is exported under the same customer id: kept.
         forget_customer(name, customer_id if holder is None else None)
     ctx.written.pop(name, None)
-    ctx.deletion_holders[str(meta.get("uid") or "")] = holder
+    ctx.deletion_holders.record(str(meta.get("uid") or ""), holder)
     return Deletion(
         namespace,
         own_namespace=ours,

@@ -524,8 +524,7 @@ async def _forget_kept(
     ctx: OperatorContext, body: Mapping[str, Any], uid: str, now: Mapping[str, Any] | None
 ) -> None:
     name, customer_id = body["metadata"].get("name") or "", customer_id_in_use(body)
-    finalized = uid in ctx.deletion_holders
-    finalized_holder = ctx.deletion_holders.pop(uid, None)
+    finalized, finalized_holder = ctx.deletion_holders.take(uid)
     # Kopf handles each object's events in a worker of its own, in no order between objects: a Customer
     # made again under the name may have had its passes before this old one's DELETED is handled, and
     # what the process keeps by name (and by customer id, when it kept that) is then the new one's.

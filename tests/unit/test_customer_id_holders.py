@@ -1,4 +1,5 @@
-"""CustomerIdHolders: who holds a customer id, from lists of the fleet shared by those asking meanwhile."""
+"""CustomerIdHolders: who holds a customer id, from lists of the fleet shared by those asking meanwhile;
+DeletionHolders: what each finalizer found, for its DELETED."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from iotistic_billing.operator.context import CustomerIdHolders
+from iotistic_billing.operator.context import DELETION_ANSWER_SECONDS, CustomerIdHolders, DeletionHolders
 
 
 def held(name: str, customer_id: str, **metadata: Any) -> dict[str, Any]:
@@ -93,3 +94,23 @@ async def test_a_caller_given_up_leaves_the_list_to_the_others() -> None:
     given_up.cancel()
     fleet.release.set()
     assert await waiting == "acme" and fleet.lists == 1
+
+
+def test_finalizer_answers_whose_deleted_never_comes_are_dropped() -> None:
+    """Found in review: a finalizer's answer was kept until its Customer's DELETED took it, and this
+    process never handles the DELETED of a Customer gone while its watch re-listed (a 410) or while a
+    peer paused it: one entry more for each, for good. An answer is kept DELETION_ANSWER_SECONDS."""
+    seconds = [0.0]
+    answers = DeletionHolders(clock=lambda: seconds[0])
+    answers.record("uid-gone-unseen", "acme-new")
+    seconds[0] = DELETION_ANSWER_SECONDS / 2
+    answers.record("uid-waiting", None)  # a foreground deletion: its DELETED minutes later
+    seconds[0] = DELETION_ANSWER_SECONDS + 1
+    answers.record("uid-next", "globex")
+    assert len(answers) == 2  # the unseen DELETED's answer pruned
+    assert answers.take("uid-waiting") == (True, None)
+    assert answers.take("uid-waiting") == (False, None)  # taken once
+    assert answers.take("uid-gone-unseen") == (False, None)
+    seconds[0] += DELETION_ANSWER_SECONDS + 1
+    assert answers.take("uid-next") == (False, None)  # too old to go by: the DELETED looks itself
+    assert len(answers) == 0

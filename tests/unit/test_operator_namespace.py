@@ -18,7 +18,13 @@ from iotistic_billing.k8s import FieldManager, KubeApi
 from iotistic_billing.operator import constants as c
 from iotistic_billing.operator import delete as delete_module
 from iotistic_billing.operator import handlers
-from iotistic_billing.operator.context import CustomerIdHolders, CustomerLocks, OperatorContext, PassRetries
+from iotistic_billing.operator.context import (
+    CustomerIdHolders,
+    CustomerLocks,
+    DeletionHolders,
+    OperatorContext,
+    PassRetries,
+)
 from iotistic_billing.operator.delete import DeletionFailed, finalize
 from iotistic_billing.operator.helm import HelmError
 from iotistic_billing.operator.kopf_tuning import HandledSpecs
@@ -137,7 +143,7 @@ def context(cluster: Cluster) -> OperatorContext:
             customer_view=SimpleNamespace(saw=lambda body: None),
             rollout_wakeups=set(),
             deletion_failures={},
-            deletion_holders={},
+            deletion_holders=DeletionHolders(),
             customer_id_holders=CustomerIdHolders(cluster.list_customers),
         ),
     )
@@ -841,7 +847,7 @@ async def test_deletions_under_way_together_share_their_lists_of_the_fleet(revoc
 
     assert revocations.count("revoke_license") == 5
     assert cluster.lists == 2  # the first deletion's, and the one the others asked for while it ran
-    assert ctx.deletion_holders == {}
+    assert len(ctx.deletion_holders) == 0
 
 
 class RefusingCluster(Cluster):

@@ -38,6 +38,7 @@ from iotistic_billing.operator.context import (
     BackgroundPasses,
     CustomerIdHolders,
     CustomerLocks,
+    DeletionHolders,
     OperatorContext,
     PassRequests,
     PassRetries,
@@ -194,7 +195,7 @@ async def test_a_customer_that_left_this_shard_no_longer_exports_its_licence_exp
         told_unpinned=set(),
         applied_namespaces={},
         written={},
-        deletion_holders={},
+        deletion_holders=DeletionHolders(),
         pass_retries=PassRetries(retries.later),
     )
     ctx.pass_retries.failed("moved", lambda: None)
@@ -265,7 +266,7 @@ async def test_a_pass_that_ends_after_its_customer_left_this_shard_does_not_expo
         told_unpinned=set(),
         applied_namespaces={},
         written={},
-        deletion_holders={},
+        deletion_holders=DeletionHolders(),
         pass_retries=PassRetries(Retries().later),
     )
     memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
@@ -322,7 +323,7 @@ async def test_a_pass_whose_status_patch_finds_its_customer_relabelled_drops_it_
     ctx.housekeepers = {"uid-left": housekeeper}
     ctx.told_unpinned = set()
     ctx.applied_namespaces = {"customer-left": {"kind": "Namespace"}}
-    ctx.deletion_holders = {}
+    ctx.deletion_holders = DeletionHolders()
     ctx.pass_retries = PassRetries(retries.later)
     ctx.pass_retries.failed("left", lambda: None)
 
@@ -372,7 +373,7 @@ async def test_the_housekeeping_of_a_customer_that_left_while_the_watch_was_down
         "housekeepers": {"uid-acme": housekeeper},
         "applied_namespaces": {},
         "written": {},
-        "deletion_holders": {},
+        "deletion_holders": DeletionHolders(),
         "pass_retries": PassRetries(Retries().later),
         "background_passes": BackgroundPasses(),
     }.items():
@@ -393,7 +394,7 @@ async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_
         told_unpinned=set(),
         applied_namespaces={},
         written={},
-        deletion_holders={},
+        deletion_holders=DeletionHolders(),
         pass_retries=PassRetries(Retries().later),
     )
     holder = {"metadata": {"name": "acme-new", "uid": "uid-new"}, "spec": {"customerId": "cust_held0001"}}
@@ -425,7 +426,7 @@ async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_
         told_unpinned=set(),
         applied_namespaces={"customer-acme": {"metadata": {"ownerReferences": [{"uid": "uid-new"}]}}},
         written={"acme": 42},
-        deletion_holders={},
+        deletion_holders=DeletionHolders(),
         pass_retries=PassRetries(retries.later),
     )
     new_id = "cust_old0001" if same_customer_id else "cust_new0001"

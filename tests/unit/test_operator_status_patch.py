@@ -13,7 +13,12 @@ from kubernetes.client.exceptions import ApiException
 from iotistic_billing.customer import CustomerStatus
 from iotistic_billing.k8s import KubeApi
 from iotistic_billing.operator import delete as delete_module
-from iotistic_billing.operator.context import CustomerIdHolders, CustomerLocks, OperatorContext
+from iotistic_billing.operator.context import (
+    CustomerIdHolders,
+    CustomerLocks,
+    DeletionHolders,
+    OperatorContext,
+)
 from iotistic_billing.operator.customer_view import CustomerView
 from iotistic_billing.operator.delete import finalize
 from iotistic_billing.operator.reconcile import STATUS_CONFLICT_RETRIES, StatusConflict, write_status
@@ -188,7 +193,7 @@ async def test_marking_terminating_after_a_pass_keeps_what_the_pass_wrote(
         "applied_namespaces": {},
         "mirrored": set(),
         "settings": SimpleNamespace(billing_namespace="billing"),
-        "deletion_holders": {},
+        "deletion_holders": DeletionHolders(),
         "customer_id_holders": CustomerIdHolders(server.list_customers),
     }.items():
         setattr(ctx, part, value)
