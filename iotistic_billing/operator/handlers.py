@@ -540,15 +540,20 @@ async def _forget_kept(
         forget_customer(name, customer_id)
         return
     # A rename that kept spec.customerId: the id's expiry series is the Customer holding it now (as the
-    # finalizer judged), which may get no pass for days to export it again. This process's finalizer
-    # looked moments ago and forgot the series by its answer: the same answer, not a list of the fleet
-    # again at each deletion (a list seconds old would not do: two Customers of an id deleted together
-    # would each find the other live in it, and neither drop the series, alerting weeks later).
-    if finalized:
-        held = finalized_holder is not None
+    # finalizer judged), which may get no pass for days to export it again. A holder this process's
+    # finalizer found is taken at its word, not looked for in a list of the fleet again at each deletion.
+    # Nobody found is looked at again, in the shared list up to RECENT_LIST_SECONDS old: a foreground
+    # deletion's DELETED comes minutes later, and a Customer applied under the id meanwhile has exported
+    # its series by then. That list is the finalizer's or a later one, so two Customers of an id deleted
+    # together do not find each other live in it (and neither drop the series, alerting weeks later).
+    if finalized_holder is not None:
+        held = True
     else:
         try:
-            held = await other_holder(ctx, body, customer_id) is not None
+            if finalized:
+                held = await ctx.customer_id_holders.recent_holder(uid, customer_id) is not None
+            else:
+                held = await other_holder(ctx, body, customer_id) is not None
         except KubernetesUnavailable:
             held = False
     forget_customer(name, None if held else customer_id)

@@ -411,6 +411,40 @@ async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_
     assert licence_expiry("cust_held0001") is None
 
 
+async def test_a_deleted_event_minutes_after_its_finalizer_keeps_the_series_of_a_customer_applied_since() -> (
+    None
+):
+    """Found in review: a DELETED went by its finalizer's answer. In a foreground deletion the Customer
+    stays until its namespace has terminated (minutes); a Customer applied meanwhile under the id, whose
+    first pass exported the id's expiry, lost the series when the DELETED came, as its finalizer had
+    found nobody, and got no pass for days to export it again. None found is looked at again."""
+    seconds = [0.0]
+    ctx = SimpleNamespace(
+        locks=CustomerLocks(),
+        housekeepers={},
+        told_unpinned=set(),
+        applied_namespaces={},
+        written={},
+        deletion_holders=DeletionHolders(clock=lambda: seconds[0]),
+        pass_retries=PassRetries(Retries().later),
+    )
+    ctx.kube = Customers()
+    ctx.customer_id_holders = CustomerIdHolders(ctx.kube.list_customers, clock=lambda: seconds[0])
+    old = {"metadata": {"name": "acme", "uid": "uid-old"}, "spec": {"customerId": "cust_again0001"}}
+    # Its finalizer finds no other Customer of the id.
+    assert await ctx.customer_id_holders.fresh_holder("uid-old", "cust_again0001") is None
+    ctx.deletion_holders.record("uid-old", None)
+    seconds[0] += 120  # the namespace terminating
+    again = {"metadata": {"name": "acme-2", "uid": "uid-again"}, "spec": {"customerId": "cust_again0001"}}
+    ctx.kube.bodies["acme-2"] = again
+    LICENSE_EXPIRY.labels("cust_again0001").set(1_900_000_000)  # its first pass
+    memo = kopf.Memo(context=ctx, handled=HandledSpecs(prefix="iotistic.io", key="last-handled"))
+
+    await handlers.customer_gone(type="DELETED", body=kopf.Body(old), memo=memo, uid="uid-old")
+    assert licence_expiry("cust_again0001") == 1_900_000_000
+    forget_customer("acme-2", "cust_again0001")
+
+
 @pytest.mark.parametrize("same_customer_id", [False, True])
 async def test_an_old_customers_deletion_handled_after_its_name_was_taken_again_leaves_the_new_one_alone(
     same_customer_id: bool,
