@@ -95,9 +95,16 @@ async def create_customer(request: web.Request) -> web.Response:
                     "a signup with this email address is in progress",
                     [{"field": "email", "message": "being registered"}],
                 )
-            email = body.email.lower()
+            email, slug = body.email.lower(), resource_name_for(body.company_name)
+            # The Customer named as the company's slug too, so that a company name in use goes straight
+            # to a suffixed name, not through a create the API server refuses (a random suffix taken is
+            # left to that 409).
             existing = await directory.where(
-                lambda raw: email_named(raw) == email or customer_id_in_use(raw) == customer_id
+                lambda raw: (
+                    email_named(raw) == email
+                    or customer_id_in_use(raw) == customer_id
+                    or raw["metadata"].get("name") == slug
+                )
             )
             holder = next((o for o in existing if o.customer.spec.email.lower() == email), None)
             keyed = next((o for o in existing if o.customer_id == customer_id), None)

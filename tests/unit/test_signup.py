@@ -51,6 +51,8 @@ class FakeKube:
         # The licence JWT of each namespace's licence Secret; `refuse_secret` is raised by a read of one.
         self.licences: dict[str, str] = {}
         self.refuse_secret: Exception | None = None
+        # The creates refused because the name was taken (409 AlreadyExists).
+        self.names_refused = 0
 
     async def list_customers(self) -> list[dict[str, Any]]:
         return list(self.customers.values())
@@ -60,6 +62,7 @@ class FakeKube:
             raise self.refuse_create
         name = body["metadata"]["name"]
         if name in self.customers:
+            self.names_refused += 1
             raise ApiException(status=409, reason="AlreadyExists")
         metadata = {**body["metadata"], "uid": f"uid-{name}", "creationTimestamp": "2026-06-01T00:00:00Z"}
         self.customers[name] = {**body, "metadata": metadata}
@@ -186,6 +189,18 @@ async def test_a_signup_parses_only_the_customers_of_its_email_or_customer_id(
     status, body = await signup.post({"email": "OPS7@t.example", "company_name": "Seven"})
     assert (status, body["details"][0]["resource_name"]) == (409, "tenant-7"), body
     assert parsed == ["initech", "tenant-7"]
+
+
+async def test_a_company_name_in_use_is_suffixed_without_a_refused_create(signup: Signup) -> None:
+    """Found in review: once signup listed only the Customers of its email or customer id, the names it
+    knew were taken were always none, so a second "Acme" sent a create the API server refused (409) before
+    trying a suffixed name, holding the email's lock meanwhile. The Customer named as its slug is listed."""
+    status, body = await signup.post({"email": "ops@acme.example", "company_name": "Acme"})
+    assert (status, body["customer"]["resource_name"]) == (202, "acme"), body
+    status, body = await signup.post({"email": "billing@acme-two.example", "company_name": "ACME"})
+    assert status == 202, body
+    assert re.fullmatch(r"acme-[a-z0-9]{6}", body["customer"]["resource_name"]), body
+    assert signup.kube.names_refused == 0
 
 
 async def test_a_signup_keeps_its_stripe_customer(signup: Signup) -> None:
