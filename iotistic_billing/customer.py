@@ -131,6 +131,9 @@ EMAIL_PATTERN = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
 # the CRD and the model and then be refused by minting, which strips it, naming no field of the Customer.
 BLANK_CHARACTERS = r"\s" + _UNICODE_SPACES
 NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
+# The same rule for a request's text (the API's and the console's forms), which holds no NUL either:
+# PostgreSQL text cannot.
+NOT_BLANK_TEXT_PATTERN = rf"^[^\x00]*[^\x00{BLANK_CHARACTERS}][^\x00]*$"
 # metadata.name: the operator's namespace is customer-<name>, and a namespace name is a DNS label.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len(NAMESPACE_PREFIX)
@@ -752,6 +755,17 @@ def describe_errors(exc: ValidationError, model: type[BaseModel], *, prefix: str
         yield _describe_error(error, model, prefix)
 
 
+def pattern_rule(pattern: object) -> str | None:
+    """What a pattern of text a person writes asks, in words (`must not be blank`), for an error naming
+    its field: a Customer's (describe_errors) and a request's (errors.ValidationFailed); None for
+    another, whose pattern is the message."""
+    if pattern == EMAIL_PATTERN:
+        return "must be an email address (name@domain.tld, no spaces)"
+    if pattern in (NOT_BLANK_PATTERN, NOT_BLANK_TEXT_PATTERN):
+        return "must not be blank"
+    return None
+
+
 def _describe_error(error: ErrorDetails, model: type[BaseModel], prefix: str) -> str:
     path = ".".join([prefix, *(_path_part(part) for part in error["loc"])]).replace(".[", "[")
     kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
@@ -770,10 +784,8 @@ def _describe_error(error: ErrorDetails, model: type[BaseModel], prefix: str) ->
         return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
     if kind == "enum":
         return f"{path} must be one of {ctx.get('expected', '')}, got {got!r}"
-    if kind == "string_pattern_mismatch" and ctx.get("pattern") == EMAIL_PATTERN:
-        return f"{path} must be an email address (name@domain.tld, no spaces), got {got!r}"
-    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NOT_BLANK_PATTERN:
-        return f"{path} must not be blank, got {got!r}"
+    if kind == "string_pattern_mismatch" and (rule := pattern_rule(ctx.get("pattern"))) is not None:
+        return f"{path} {rule}, got {got!r}"
     if kind == "string_pattern_mismatch":
         return f"{path} must match {ctx.get('pattern')}, got {got!r}"
     if kind == "string_too_long":

@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from iotistic_billing.customer import pattern_rule
+
 
 class ApiError(Exception):
     """An error answer; `error` is the short title, `message` the sentence a person reads."""
@@ -164,6 +166,9 @@ def _problem(error: ErrorDetails, prefix: str) -> dict[str, Any]:
         message = "field required"
     elif error["type"] == "extra_forbidden":
         message = "unknown field"
+    elif error["type"] == "string_pattern_mismatch":
+        # The rule in words where there is one: a blank reason said `String should match pattern '...'`.
+        message = pattern_rule(error.get("ctx", {}).get("pattern")) or message
     return {"field": field, "message": message, "type": error["type"]}
 
 

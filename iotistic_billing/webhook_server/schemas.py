@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import re
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, overload
 
 from pydantic import (
     AfterValidator,
@@ -27,9 +27,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from iotistic_billing.customer import (
-    BLANK_CHARACTERS,
     CUSTOMER_ID_PATTERN,
     EMAIL_PATTERN,
+    NOT_BLANK_TEXT_PATTERN,
     STRIPE_SUBSCRIPTION_ID_PATTERN,
     URL_PATTERN,
     BillingMode,
@@ -137,7 +137,7 @@ NO_NUL = Field(pattern=r"^[^\x00]*$")
 # Text a person writes, not blank: the pattern says so, where a minimum length alone let " " pass for
 # valid. Blank as the CRD says (a BOM alone passed here, then the API server refused the Customer after
 # its Stripe customer was made).
-NOT_BLANK = Field(min_length=1, pattern=rf"^[^\x00]*[^\x00{BLANK_CHARACTERS}][^\x00]*$")
+NOT_BLANK = Field(min_length=1, pattern=NOT_BLANK_TEXT_PATTERN)
 
 
 class Query(BaseModel):
@@ -532,28 +532,40 @@ class UsageReportAck(Response):
 
 # A cursor is about 70 characters: base64url (unpadded) of its position's text.
 REPORTS_CURSOR: Final = re.compile(r"[A-Za-z0-9_-]{1,100}")
+# One whose id is a Stripe event's (255 characters at most, stripe_events.event_id) is longer.
+EVENT_CURSOR: Final = re.compile(r"[A-Za-z0-9_-]{1,1500}")
 
 
-def position_cursor(at: datetime, row_id: int) -> str:
+def position_cursor(at: datetime, row_id: int | str) -> str:
     """The opaque text of a row's place in a newest-first order by (time, id), a keyset: the usage
-    reports' `reports_next_cursor`, and the older links of the console's customer page."""
+    reports' `reports_next_cursor`, the older links of the console's customer page, and the Stripe events
+    page's (its id a Stripe event's)."""
     text = f"{at.astimezone(UTC).isoformat()},{row_id}"
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def read_position_cursor(value: str) -> tuple[datetime, int] | None:
-    """A cursor back as its (time, id); None unless it is the exact text `position_cursor` writes, so
-    that one made up is refused naming its parameter, rather than a page from a place no answer named
-    or an id past bigint (a 500)."""
-    if not REPORTS_CURSOR.fullmatch(value):
+@overload
+def read_position_cursor(value: str, of: type[int] = ...) -> tuple[datetime, int] | None: ...
+@overload
+def read_position_cursor(value: str, of: type[str]) -> tuple[datetime, str] | None: ...
+def read_position_cursor(value: str, of: type[int] | type[str] = int) -> tuple[datetime, int | str] | None:
+    """A cursor back as its (time, id), the id a row's number or (`of=str`) a Stripe event's; None unless
+    it is the exact text `position_cursor` writes, so that one made up is refused naming its parameter,
+    rather than a page from a place no answer named or an id past bigint (a 500)."""
+    if not (REPORTS_CURSOR if of is int else EVENT_CURSOR).fullmatch(value):
         return None
     try:
         text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         at, _, row_id = text.partition(",")
-        position = datetime.fromisoformat(at), int(row_id)
+        position = datetime.fromisoformat(at), of(row_id)
     except ValueError:  # not base64 (binascii.Error), not UTF-8, not a time, not an integer
         return None
-    if position[0].utcoffset() != timedelta(0) or not 1 <= position[1] <= INT64_MAX:
+    if position[0].utcoffset() != timedelta(0):
+        return None
+    key = position[1]
+    if isinstance(key, int) and not 1 <= key <= INT64_MAX:
+        return None
+    if isinstance(key, str) and (not key or "\x00" in key):  # no event's id: PostgreSQL text holds no NUL
         return None
     return position if position_cursor(*position) == value else None
 

@@ -88,7 +88,7 @@ async def test_the_admin_sees_the_steps_and_pauses_resumes_and_aborts(
     assert ">Resume<" in await (await api.get("/admin/rollouts")).text()
     resumed = await post_form(api, f"/admin/rollouts/{rollout}/resume", {"csrf": csrf})
     assert resumed.status == 303 and read(rollouts, rollout)["spec"]["paused"] is False
-    aborted = await post_form(api, f"/admin/rollouts/{rollout}/abort", {"csrf": csrf})
+    aborted = await post_form(api, f"/admin/rollouts/{rollout}/abort", {"csrf": csrf, "confirm": "yes"})
     assert aborted.status == 303 and ROLLOUT_ABORT in read(rollouts, rollout)["metadata"]["annotations"]
     assert await actions(db_engine, rollout) == ["rollout-pause", "rollout-resume", "rollout-abort"]
     fields = read(rollouts, rollout)["metadata"]["managedFields"]
@@ -160,12 +160,13 @@ async def test_the_rollouts_page_shows_each_rollout_s_console_actions(
 
 async def rollout_forms(api: TestClient[Any, Any], name: str) -> dict[str, dict[str, str]]:
     """The fields of the rollout's Pause and Abort forms on the page, as it holds them now (Resume's are
-    Pause's, sent to its action)."""
+    Pause's, sent to its action), Abort's confirmation checked."""
     forms = {
         action: await form_fields(api, "/admin/rollouts", f"/admin/rollouts/{name}/{action}")
         for action in ("pause", "abort")
     }
     forms["resume"] = forms["pause"]
+    forms["abort"]["confirm"] = "yes"
     return forms
 
 

@@ -152,7 +152,7 @@ async def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(
     assert (customers.get(customer) or {})["spec"].get("suspended") in (None, False)
     assert await audit_rows(db_engine, customer) == 0
     # The same form from the console itself goes through: the refusals were the guard's.
-    done = await post_form(api, path, {"csrf": csrf})
+    done = await post_form(api, path, {"csrf": csrf, "confirm": "yes"})
     assert done.status == 303
     assert (customers.get(customer) or {})["spec"]["suspended"] is True
     assert await audit_rows(db_engine, customer) == 1
@@ -440,13 +440,15 @@ CUSTOMER_ACTIONS = ("reconcile", "suspend", "resume", "revoke")
 
 async def customer_forms(api: TestClient[Any, Any], name: str) -> dict[str, dict[str, str]]:
     """The fields of each action's form on the Customer's page, as the page holds them now (the page
-    offers Suspend or Resume: Resume's are Suspend's, sent to its action)."""
+    offers Suspend or Resume: Resume's are Suspend's, sent to its action), Suspend's confirmation
+    checked and Revoke's reason given."""
     page = f"/admin/customers/{name}"
     forms = {
         action: await form_fields(api, page, f"{page}/{action}")
         for action in ("reconcile", "suspend", "revoke")
     }
     forms["resume"] = forms["suspend"]
+    forms["suspend"]["confirm"] = "yes"
     forms["revoke"]["reason"] = "fraud"
     return forms
 

@@ -231,18 +231,23 @@ async def stripe_events(
     event_type: str = "",
     customer_id: str = "",
     limit: int = 100,
-    offset: int = 0,
+    before: tuple[datetime, str] | None = None,
+    after: tuple[datetime, str] | None = None,
 ) -> list[models.StripeEvent]:
-    """The newest first; the event id orders those received together (one transaction), so that a page
-    of them and the next one neither repeat nor skip an event."""
+    """The newest first; the event id orders those received together (one transaction). `before`: those
+    older than that (received_at, event_id), `after`: the `limit` just newer than it (still newest first):
+    keysets, which events received or replayed meanwhile do not move, so that a page and the next one
+    neither repeat nor skip an event (an offset did: a replay on page 1 took a row out of an unmatched
+    filter, and page 2 skipped one)."""
     event = models.StripeEvent
-    query = (
-        select(event)
-        .where(*_stripe_event_filters(result, event_type, customer_id))
-        .order_by(event.received_at.desc(), event.event_id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
+    position = tuple_(event.received_at, event.event_id)
+    query = select(event).where(*_stripe_event_filters(result, event_type, customer_id)).limit(limit)
+    if after is not None:
+        query = query.where(position > after).order_by(event.received_at, event.event_id)
+        return list(reversed((await session.scalars(query)).all()))
+    if before is not None:
+        query = query.where(position < before)
+    query = query.order_by(event.received_at.desc(), event.event_id.desc())
     return list((await session.scalars(query)).all())
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, overload
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -103,6 +104,13 @@ LAST_REPLAY_FIELD: Final = "last_replay"
 UID_FIELD: Final = "uid"
 # The page a sign-in returns to (return_to).
 NEXT_FIELD: Final = "next"
+# The checkbox of an action that cannot be taken back (confirmed), and what its form's label says it does.
+CONFIRM_FIELD: Final = "confirm"
+CONFIRMED: Final = "yes"
+CANNOT_UNDO: Final = {
+    "suspend": "the customer is emailed that their licence is suspended",
+    "rollout-abort": "an aborted rollout cannot be resumed",
+}
 STATIC_FILES: Final = {
     "console.css": "text/css",
     "console.js": "text/javascript",
@@ -167,6 +175,10 @@ def templates() -> Environment:
     environment.filters["pairs"] = pairs
     environment.filters["when"] = when
     environment.filters["delivery_target"] = delivery_target
+    # The confirmation of an action that cannot be taken back, as its form's checkbox says it.
+    environment.globals["confirm_field"] = CONFIRM_FIELD
+    environment.globals["confirmed"] = CONFIRMED
+    environment.globals["cannot_undo"] = CANNOT_UNDO
     return environment
 
 
@@ -371,17 +383,36 @@ async def overview_page(request: web.Request) -> web.Response:
     return render(request, "overview.html.j2", overview=summary, phases=phases, ago=lambda t: ago(t, now))
 
 
-def page_number(text: str, pages: int) -> int:
-    """The `page` asked for, within 1..pages: past the end is the last page; anything but ASCII digits,
-    the first."""
-    page = read_decimal(text, pages)
-    return 1 if page is None else max(1, min(pages, page))
+def customer_name_cursor(request: web.Request, field: str) -> str | None:
+    """The name a Customers list's next (`after`) or previous (`before`) link gave; a value no
+    Customer's name can be is a 400 naming the parameter."""
+    value = request.query.get(field)
+    if value is not None and (len(value) > 253 or not re.fullmatch(DNS_NAME_PATTERN, value)):
+        raise ValidationFailed.single(field, "must be the name of a Customer a next or previous link gave")
+    return value
+
+
+def name_page(
+    found: Sequence[CustomerRecord], after: str | None, before: str | None
+) -> tuple[Sequence[CustomerRecord], bool, bool]:
+    """The page of `found` (by name) after the name `after`, or before the name `before`, or the first;
+    whether a previous and a next page follow. A keyset: Customers made or deleted meanwhile neither skip
+    nor repeat one on the next page, as an offset did. Back at the start, the first page, full."""
+    names = [record.name for record in found]
+    if before is not None:
+        end = bisect_left(names, before)
+        if end > data.PAGE_SIZE:
+            return found[end - data.PAGE_SIZE : end], True, len(found) > end
+        return found[: data.PAGE_SIZE], False, len(found) > data.PAGE_SIZE
+    start = 0 if after is None else bisect_right(names, after)
+    return found[start : start + data.PAGE_SIZE], start > 0, len(found) > start + data.PAGE_SIZE
 
 
 async def customers_page(request: web.Request) -> web.Response:
     """Every Customer, searched and filtered, a page at a time."""
     query = request.query
     search, phase, plan = query.get("q", ""), query.get("phase", ""), query.get("plan", "")
+    after, before = customer_name_cursor(request, "after"), customer_name_cursor(request, "before")
     listing = await request.app[DIRECTORY].listing()
     found = data.matching(listing.records, search=search, phase=phase, plan=plan)
     # Those this version cannot read, above the table: by name and phase as the overview counts them (no
@@ -390,42 +421,50 @@ async def customers_page(request: web.Request) -> web.Response:
     unreadable = [
         u for u in listing.unreadable if needle in u.name.lower() and phase in ("", u.phase) and not plan
     ]
-    pages = max(1, -(-len(found) // data.PAGE_SIZE))
-    page = page_number(query.get("page", ""), pages)
-    shown = found[(page - 1) * data.PAGE_SIZE : page * data.PAGE_SIZE]
+    shown, previous, more = name_page(found, after, before)
 
-    def link(to: int) -> str:
+    def link(**cursor: str) -> str:
         return "?" + urlencode(
-            {k: v for k, v in (("q", search), ("phase", phase), ("plan", plan), ("page", to)) if v}
+            {k: v for k, v in (("q", search), ("phase", phase), ("plan", plan), *cursor.items()) if v}
         )
 
+    # The phases the overview links to (Unreadable, one a newer operator wrote) and the one asked for,
+    # so that the next Filter keeps it.
+    asked = [phase] if phase else []
+    phases = list(dict.fromkeys([*Phase, *sorted(u.phase for u in listing.unreadable if u.phase), *asked]))
     return render(
         request,
         "customers.html.j2",
         customers=shown,
         unreadable=sorted(unreadable, key=lambda u: u.name),
         total=len(found),
-        page=page,
-        pages=pages,
-        link=link,
+        previous=link(before=shown[0].name) if previous and shown else None,
+        next=link(after=shown[-1].name) if more and shown else None,
         search=search,
         phase=phase,
         plan=plan,
-        phases=list(Phase),
+        phases=phases,
         plans=[*PLAN_NAMES, "unlicensed"],
         phase_of=data.phase_of,
     )
 
 
-def older_than(request: web.Request, field: str) -> tuple[datetime, int] | None:
-    """Where the list of `field` (CUSTOMER_LISTS) goes on: after the row its older link named; None, from
-    the newest. A value no older link gave is a 400 naming the parameter."""
+@overload
+def cursor_position(request: web.Request, field: str, of: type[int] = ...) -> tuple[datetime, int] | None: ...
+@overload
+def cursor_position(request: web.Request, field: str, of: type[str]) -> tuple[datetime, str] | None: ...
+def cursor_position(
+    request: web.Request, field: str, of: type[int] | type[str] = int
+) -> tuple[datetime, int | str] | None:
+    """Where the list of `field` (CUSTOMER_LISTS; the Stripe events page's, whose ids are `str`) goes on
+    from: the row its older (or newer) link named; None, from the newest. A value no link gave is a 400
+    naming the parameter."""
     value = request.query.get(field)
     if value is None:
         return None
-    position = read_position_cursor(value)
+    position = read_position_cursor(value, of)
     if position is None:
-        raise ValidationFailed.single(field, "must be the value an older link of this page gave")
+        raise ValidationFailed.single(field, "must be the value an older or newer link of this page gave")
     return position
 
 
@@ -534,7 +573,7 @@ async def customer_page(request: web.Request) -> web.Response:
             body=json.dumps(read.body.get("spec"), indent=2, sort_keys=True, default=str),
         )
     record = read
-    before = {field: older_than(request, field) for field in CUSTOMER_LISTS}
+    before = {field: cursor_position(request, field) for field in CUSTOMER_LISTS}
     now = request.app[CLOCK]()
     kube = request.app[KUBE]
     try:
@@ -617,38 +656,59 @@ async def customer_page(request: web.Request) -> web.Response:
 
 
 async def stripe_events_page(request: web.Request) -> web.Response:
-    """The Stripe inbox's log, filtered by result, type and customer id, newest first, a page at a time
-    (as the Customers list: past the last page shows the last)."""
+    """The Stripe inbox's log, filtered by result, type and customer id, newest first, a page at a time:
+    older and newer links by keyset (data.stripe_events), so that a replay or a new event meanwhile
+    neither skips nor repeats a row of the next page."""
     query = request.query
-    result, event_type, customer = query.get("result", ""), query.get("type", ""), query.get("customer", "")
+    result, event_type = query.get("result", ""), query.get("type", "")
+    # As the Customers search: an id pasted with a space or in capitals is the id.
+    customer = query.get("customer", "").strip().lower()
     if result and result not in data.EVENT_RESULTS:
         raise ValidationFailed.single("result", f"must be one of {', '.join(data.EVENT_RESULTS)}")
     if "\x00" in event_type:  # PostgreSQL text cannot hold NUL: no event has such a type
         raise ValidationFailed.single("type", NUL_MESSAGE)
     if customer and not re.fullmatch(CUSTOMER_ID_PATTERN, customer):
         raise ValidationFailed.single("customer", "must be a customer id (cust_ and 6 to 32 a-z or 0-9)")
+    before, after = cursor_position(request, "before", str), cursor_position(request, "after", str)
+    if before is not None and after is not None:
+        raise ValidationFailed.single("after", "must not be given with before: a link gives one of them")
     filters = {"result": result, "event_type": event_type, "customer_id": customer}
     async with request.app[SESSIONS]() as session:
         total = await data.count_stripe_events(session, **filters)
-        pages = max(1, -(-total // data.PAGE_SIZE))
-        page = page_number(query.get("page", ""), pages)
-        rows = await data.stripe_events(
-            session, **filters, limit=data.PAGE_SIZE, offset=(page - 1) * data.PAGE_SIZE
-        )
+
+        async def listed(
+            before: tuple[datetime, str] | None = None, after: tuple[datetime, str] | None = None
+        ) -> list[models.StripeEvent]:
+            # One more than shown: whether a link goes on past the page.
+            return await data.stripe_events(
+                session, **filters, limit=data.PAGE_SIZE + 1, before=before, after=after
+            )
+
+        rows = await listed(after=after) if after else []
+        newer = len(rows) > data.PAGE_SIZE
+        if newer:
+            rows, older = rows[-data.PAGE_SIZE :], True
+        else:
+            # Nothing newer past them (or no `after`): the newest page, full, rather than a short one.
+            rows = await listed(before=None if after else before)
+            newer, older = after is None and before is not None, len(rows) > data.PAGE_SIZE
+            rows = rows[: data.PAGE_SIZE]
         types = await data.event_types(session)
 
-    def link(to: int) -> str:
-        shown = (("result", result), ("type", event_type), ("customer", customer), ("page", to))
+    def link(**cursor: str) -> str:
+        shown = (("result", result), ("type", event_type), ("customer", customer), *cursor.items())
         return "?" + urlencode({k: v for k, v in shown if v})
 
+    # Past an empty page (all older than a link's row gone), newer goes back from that row.
+    first = (rows[0].received_at, rows[0].event_id) if rows else before
     return render(
         request,
         "stripe_events.html.j2",
         events=rows,
         total=total,
-        page=page,
-        pages=pages,
-        link=link,
+        newer=link(after=position_cursor(*first)) if newer and first else None,
+        newest=link() if newer else None,
+        older=link(before=position_cursor(rows[-1].received_at, rows[-1].event_id)) if older else None,
         result=result,
         event_type=event_type,
         customer=customer,
@@ -829,6 +889,15 @@ def as_shown(kind: str, name: str, form: Mapping[str, object], uid: str) -> str:
     return uid
 
 
+def confirmed(action: str, form: Mapping[str, object]) -> None:
+    """An action that cannot be taken back (CANNOT_UNDO) made only with its form's checkbox checked, as
+    Revoke only with its reason: else a 400 naming the field, before anything is written."""
+    if action in CANNOT_UNDO and form.get(CONFIRM_FIELD) != CONFIRMED:
+        raise ValidationFailed.single(
+            CONFIRM_FIELD, f"must be checked: {CANNOT_UNDO[action]}; nothing was done"
+        )
+
+
 def on_uid(patch: dict[str, Any], uid: str) -> dict[str, Any]:
     """A merge patch made on the object of `uid` only: the API server refuses it on another one of the
     name (refused_for_its_uid)."""
@@ -844,6 +913,7 @@ async def customer_action(request: web.Request) -> web.StreamResponse:
         raise NotFound("Not found", f"no action {action!r}")
     form = await read_form(request)
     uid = as_shown(KIND, record.name, form, record.customer.metadata.uid or "")
+    confirmed(action, form)
     try:
         if change is None:
             done = await _revoke(request, record, revoke_reason(form), uid)
@@ -961,7 +1031,8 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
     body = await request.app[KUBE].read_rollout(name)
     if body is None:
         raise _no_rollout(name)
-    uid = as_shown(ROLLOUT_KIND, name, await read_form(request), str(body["metadata"].get("uid", "")))
+    form = await read_form(request)
+    uid = as_shown(ROLLOUT_KIND, name, form, str(body["metadata"].get("uid", "")))
     view = data.rollout_view(body)
     if view is not None and view.finished:
         # A page shown before it finished: an abort left on it would end at once the run a new
@@ -972,6 +1043,7 @@ async def rollout_action(request: web.Request) -> web.StreamResponse:
             f"InstanceRollout {name} is {phase}: nothing was done (only a running rollout is paused, resumed"
             " or aborted; a new chartVersion runs it again)",
         )
+    confirmed(f"rollout-{action}", form)
 
     async def write() -> None:
         try:
