@@ -1248,9 +1248,81 @@ async def test_a_form_held_when_the_session_ends_is_kept_and_sent_once_signed_in
         # The page's forms take the new session's CSRF token: sent with the old one, they were refused.
         await expect(notice).to_have_text("Signed in again: you may submit.")
         assert await reason.input_value() == "chargeback on inv"
+        await page.check("form[action$='/suspend'] input[name=confirm]")
         await page.click("button:has-text('Suspend')")
         await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
     assert (customers.get(name) or {})["spec"]["suspended"] is True
+
+
+async def test_a_form_kept_through_a_sign_in_its_page_never_saw_end_takes_the_new_session_s_token(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: the new session's CSRF token went to the forms only after the page itself saw the
+    session end, and a paused page (or a background tab, whose timer runs once a minute) signed in again
+    elsewhere before its next update never did: its forms were refused as not this session's."""
+    name = unique_name("resigned")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        toggle = page.get_by_role("button", name="Pause live updates")
+        await toggle.click()
+        await expect(toggle).to_have_attribute("aria-pressed", "true")
+        reason = page.locator("input[name=reason]")
+        await reason.fill("chargeback on inv")
+        await page.context.clear_cookies()
+        other = await page.context.new_page()
+        await browser_sign_in(other, ADMIN_TOKEN)
+        await other.close()
+        await toggle.click()
+        await refreshed(page)
+        assert await reason.input_value() == "chargeback on inv"
+        await page.check("form[action$='/suspend'] input[name=confirm]")
+        await page.click("button:has-text('Suspend')")
+        await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
+    assert (customers.get(name) or {})["spec"]["suspended"] is True
+
+
+async def test_a_confirmation_ticked_and_left_is_not_unticked_by_an_update(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: a form being filled counted only text typed, not a box ticked, so Suspend's
+    confirmation ticked and left (the focus elsewhere, as Safari leaves it) was taken away by the next
+    update that changed more than texts."""
+    name = unique_name("ticked")
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(quick_console), tmp_path) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        confirm = page.locator("form[action$='/suspend'] input[name=confirm]")
+        await confirm.check()
+        await page.evaluate("() => document.activeElement.blur()")
+        # Suspended meanwhile (another admin): the page's actions change, not only its texts.
+        customers.objects.patch_cluster_custom_object(
+            "iotistic.io", "v1alpha1", "customers", name, {"spec": {"suspended": True}}
+        )
+        await refreshed(page, times=3)
+        assert await confirm.count() == 1 and await confirm.is_checked()
+
+
+async def test_a_form_held_on_a_page_that_is_gone_stays_and_says_so(
+    quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
+) -> None:
+    """Found in review: while someone typed in it, a page whose Customer was deleted answered 404 at each
+    update and said nothing, showing the old Customer until its form was sent."""
+    name = unique_name("gone")
+    customers.create(name, customerId=customer_id_for(name))
+    # Each update of the page gone is a 404, which the browser's console reports.
+    async with console_page(base_url(quick_console), tmp_path, expected=("404 (Not Found)",)) as page:
+        await browser_sign_in(page, ADMIN_TOKEN)
+        await page.goto(f"/admin/customers/{name}")
+        reason = page.locator("input[name=reason]")
+        await reason.fill("chargeback on inv")
+        customers.delete(name)
+        notice = page.locator("body > p[role=alert]")
+        await expect(notice).to_contain_text("This page is gone", timeout=60_000)
+        assert page.url.endswith(f"/admin/customers/{name}")
+        assert await reason.input_value() == "chargeback on inv"
 
 
 async def test_an_action_s_banner_is_not_said_again_by_a_reload(
@@ -1263,6 +1335,7 @@ async def test_an_action_s_banner_is_not_said_again_by_a_reload(
     async with console_page(base_url(quick_console), tmp_path) as page:
         await browser_sign_in(page, ADMIN_TOKEN)
         await page.goto(f"/admin/customers/{name}")
+        await page.check("form[action$='/suspend'] input[name=confirm]")
         await page.click("button:has-text('Suspend')")
         await expect(page.locator("p.done")).to_have_text("Customer suspended.")
         await page.wait_for_url(re.compile(rf"/admin/customers/{name}$"), timeout=5_000)

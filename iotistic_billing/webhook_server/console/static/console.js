@@ -16,7 +16,8 @@
   var every = parseInt(main.dataset.refresh, 10) || 2000;
   var handled = 0;
   var timer = null;
-  var ended = null;  // the notice that the session ended, while a form held on to keeps the page
+  var notice = null;  // what the page says while a form held on to keeps it (say)
+  var noticeKind = null;
   var pressed = false;  // a mouse button down on the page and not yet up
 
   // The person can stop the updates (WCAG 2.2.2), for the tab's pages until they press it again.
@@ -48,9 +49,10 @@
   window.addEventListener("blur", function () { pressed = false; });
 
   // Someone at work in the page: a mouse button pressed, a form being filled, a link or button reached
-  // with the keyboard, text selected to copy, or a field typed in and left (a Revoke reason half written
-  // while the person reads the page). The swap would take it from under them, so it waits for them. A
-  // link a mouse clicked keeps the focus too (one opened in a new tab): not a reason to wait.
+  // with the keyboard, text selected to copy, or a field typed in or a box ticked and left (a Revoke
+  // reason half written while the person reads the page). The swap would take it from under them, so it
+  // waits for them. A link a mouse clicked keeps the focus too (one opened in a new tab): not a reason to
+  // wait.
   function busy() {
     if (pressed) { return true; }
     var active = document.activeElement;
@@ -59,7 +61,7 @@
     var selection = window.getSelection();
     if (selection !== null && selection.toString() !== "") { return true; }
     return Array.prototype.some.call(main.querySelectorAll("input, textarea"), function (field) {
-      return field.value !== field.defaultValue;
+      return field.value !== field.defaultValue || field.checked !== field.defaultChecked;
     });
   }
 
@@ -103,32 +105,47 @@
     });
   }
 
-  // The session ended while the person was at work in the page: reloading would throw away what they
-  // typed, so the page stays and says how to keep it.
-  function sayEnded() {
-    if (ended !== null) { return; }
-    ended = document.createElement("p");
-    ended.className = "ended";
-    ended.setAttribute("role", "alert");
-    main.parentNode.insertBefore(ended, main);
-    ended.textContent = "Your session has ended: sign in again in another tab, then submit.";
+  // Said while the person is at work in the page, which a reload would throw away: the session ended
+  // ("ended": sign in elsewhere and submit), or the page is gone or closed to this session ("gone").
+  var NOTICES = {
+    ended: "Your session has ended: sign in again in another tab, then submit.",
+    gone: "This page is gone or closed to this session (a Customer deleted, say): what you typed stays here."
+  };
+  function say(kind) {
+    if (notice === null) {
+      notice = document.createElement("p");
+      notice.setAttribute("role", "alert");
+      main.parentNode.insertBefore(notice, main);
+    }
+    noticeKind = kind;
+    notice.className = "ended";
+    notice.textContent = NOTICES[kind];
   }
 
-  // Signed in again in another tab: the page's forms take the new session's CSRF token (each session has
-  // its own, so the form would be refused with the old one).
-  function sayBack(html) {
-    var fresh = document.createElement("template");
-    fresh.innerHTML = html;
+  // Each session has its own CSRF token: a form kept from before a sign-in in another tab would be refused
+  // with the old one, so every fresh answer's token goes to the page's forms (the header's Sign out too),
+  // whether or not this page saw the session end. False when the answer holds no form (a viewer's page).
+  function takeToken(fresh) {
     var token = fresh.content.querySelector("input[name=csrf]");
-    if (token !== null) {
-      Array.prototype.forEach.call(document.querySelectorAll("input[name=csrf]"), function (field) {
-        field.value = token.value;
-        field.defaultValue = token.value;
-      });
+    if (token === null) { return false; }
+    Array.prototype.forEach.call(document.querySelectorAll("input[name=csrf]"), function (field) {
+      if (field.value !== token.value) { field.value = token.value; field.defaultValue = token.value; }
+    });
+    return true;
+  }
+
+  // A fresh answer after a notice: signed in again (saying whether this session may submit), or the page
+  // is back.
+  function sayBack(tokenTaken) {
+    if (noticeKind === "ended") {
+      notice.className = "done";
+      notice.textContent = tokenTaken ? "Signed in again: you may submit."
+        : "Signed in again, as a session that may not act on this page.";
+    } else {
+      notice.remove();
     }
-    ended.className = "done";
-    ended.textContent = "Signed in again: you may submit.";
-    ended = null;
+    notice = null;
+    noticeKind = null;
   }
 
   function refresh() {
@@ -145,8 +162,8 @@
         if (answer.redirected || (answer.status >= 400 && answer.status < 500)) {
           if (!busy()) {
             window.location.reload();
-          } else if (answer.redirected || answer.status === 401) {
-            sayEnded();
+          } else {
+            say(answer.redirected || answer.status === 401 ? "ended" : "gone");
           }
           return null;
         }
@@ -154,7 +171,10 @@
       })
       .then(function (html) {
         if (html === null) { return; }
-        if (ended !== null) { sayBack(html); }
+        var fresh = document.createElement("template");
+        fresh.innerHTML = html;
+        var tokenTaken = takeToken(fresh);
+        if (notice !== null) { sayBack(tokenTaken); }
         if (!busy() && !paused()) { show(html); }
       })
       .catch(function () { /* the next tick tries again */ })
