@@ -405,6 +405,9 @@ def name_page(
             return found[end - data.PAGE_SIZE : end], True, len(found) > end
         return found[: data.PAGE_SIZE], False, len(found) > data.PAGE_SIZE
     start = 0 if after is None else bisect_right(names, after)
+    if start >= len(found) > 0:
+        # Those after `after` left meanwhile (deleted, out of the filter): the last page, not an empty one.
+        start = max(len(found) - data.PAGE_SIZE, 0)
     return found[start : start + data.PAGE_SIZE], start > 0, len(found) > start + data.PAGE_SIZE
 
 
