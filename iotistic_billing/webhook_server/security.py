@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Final, Literal
 
@@ -263,6 +264,7 @@ def address_bucket(address: str) -> str:
     return str(parsed)
 
 
+@cache  # the same few configured networks on every request: made once each
 def _unmapped_network(network: IPv4Network | IPv6Network) -> IPv4Network | IPv6Network:
     """An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps: addresses are
     read IPv4-mapped as IPv4 (`_hop_address`), so only that form can hold them."""

@@ -1221,6 +1221,20 @@ async def test_live_updates_pause_for_the_tab_until_pressed_again(
         await witness.close()
 
 
+async def sign_in_elsewhere(page: Any) -> None:
+    """Signed in again in another tab of the page's browser, which then closes."""
+    other = await page.context.new_page()
+    await browser_sign_in(other, ADMIN_TOKEN)
+    await other.close()
+
+
+async def suspend_from(page: Any) -> None:
+    """The Customer page's Suspend, its confirmation ticked, and the banner that says it was done."""
+    await page.check("form[action$='/suspend'] input[name=confirm]")
+    await page.click("button:has-text('Suspend')")
+    await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
+
+
 async def test_a_form_held_when_the_session_ends_is_kept_and_sent_once_signed_in_again(
     quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
 ) -> None:
@@ -1242,15 +1256,11 @@ async def test_a_form_held_when_the_session_ends_is_kept_and_sent_once_signed_in
         assert page.url.endswith(f"/admin/customers/{name}")
         assert await reason.input_value() == "chargeback on inv"
 
-        other = await page.context.new_page()
-        await browser_sign_in(other, ADMIN_TOKEN)
-        await other.close()
+        await sign_in_elsewhere(page)
         # The page's forms take the new session's CSRF token: sent with the old one, they were refused.
         await expect(notice).to_have_text("Signed in again: you may submit.")
         assert await reason.input_value() == "chargeback on inv"
-        await page.check("form[action$='/suspend'] input[name=confirm]")
-        await page.click("button:has-text('Suspend')")
-        await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
+        await suspend_from(page)
     assert (customers.get(name) or {})["spec"]["suspended"] is True
 
 
@@ -1271,15 +1281,11 @@ async def test_a_form_kept_through_a_sign_in_its_page_never_saw_end_takes_the_ne
         reason = page.locator("input[name=reason]")
         await reason.fill("chargeback on inv")
         await page.context.clear_cookies()
-        other = await page.context.new_page()
-        await browser_sign_in(other, ADMIN_TOKEN)
-        await other.close()
+        await sign_in_elsewhere(page)
         await toggle.click()
         await refreshed(page)
         assert await reason.input_value() == "chargeback on inv"
-        await page.check("form[action$='/suspend'] input[name=confirm]")
-        await page.click("button:has-text('Suspend')")
-        await expect(page.locator("p.done[role=status]")).to_have_text("Customer suspended.")
+        await suspend_from(page)
     assert (customers.get(name) or {})["spec"]["suspended"] is True
 
 
@@ -1335,9 +1341,7 @@ async def test_an_action_s_banner_is_not_said_again_by_a_reload(
     async with console_page(base_url(quick_console), tmp_path) as page:
         await browser_sign_in(page, ADMIN_TOKEN)
         await page.goto(f"/admin/customers/{name}")
-        await page.check("form[action$='/suspend'] input[name=confirm]")
-        await page.click("button:has-text('Suspend')")
-        await expect(page.locator("p.done")).to_have_text("Customer suspended.")
+        await suspend_from(page)
         await page.wait_for_url(re.compile(rf"/admin/customers/{name}$"), timeout=5_000)
         await page.reload()
         await expect(page.locator("#main h1")).to_contain_text(name)

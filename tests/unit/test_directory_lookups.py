@@ -9,6 +9,7 @@ import pytest
 
 from iotistic_billing import directory as directory_module
 from iotistic_billing.directory import CustomerRecord, Directory, UnreadableCustomer
+from tests.unit.test_directory_left_billing import ListingKube
 
 
 def fleet_member(index: int, stripe_customer_id: str | None = None) -> dict[str, Any]:
@@ -22,18 +23,6 @@ def fleet_member(index: int, stripe_customer_id: str | None = None) -> dict[str,
             "billing": billing,
         },
     }
-
-
-class ListingKube:
-    """The API server: `customers` listed, `lists` the LIST calls made."""
-
-    def __init__(self, customers: list[dict[str, Any]]) -> None:
-        self.customers = customers
-        self.lists = 0
-
-    async def list_customers(self) -> list[dict[str, Any]]:
-        self.lists += 1
-        return self.customers
 
 
 class UnmirroredSession:

@@ -89,9 +89,7 @@
   // The new content. Texts alone changed: each is set where it is, and every other node stays, with what a
   // screen reader, the browser's find or a selection holds of it. Else the content is replaced, with the
   // scroll of each box (a Stripe event's payload) where the person left it.
-  function show(html) {
-    var fresh = document.createElement("template");
-    fresh.innerHTML = html;
+  function show(fresh) {
     var changes = changedTexts(main.childNodes, fresh.content.childNodes, []);
     if (changes !== null) {
       changes.forEach(function (change) { change[0].nodeValue = change[1]; });
@@ -99,7 +97,7 @@
     }
     var boxes = main.querySelectorAll("pre");
     var scrolled = Array.prototype.map.call(boxes, function (box) { return [box.scrollTop, box.scrollLeft]; });
-    main.innerHTML = html;
+    main.replaceChildren(fresh.content);
     Array.prototype.forEach.call(main.querySelectorAll("pre"), function (box, index) {
       if (index < scrolled.length) { box.scrollTop = scrolled[index][0]; box.scrollLeft = scrolled[index][1]; }
     });
@@ -153,7 +151,6 @@
     if (paused()) { return; }
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
-    url.searchParams.delete("done");
     fetch(url.toString(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (answer) {
         // Sent to sign in (the session ended or was signed out), or the page is gone or closed to this
@@ -175,7 +172,7 @@
         fresh.innerHTML = html;
         var tokenTaken = takeToken(fresh);
         if (notice !== null) { sayBack(tokenTaken); }
-        if (!busy() && !paused()) { show(html); }
+        if (!busy() && !paused()) { show(fresh); }
       })
       .catch(function () { /* the next tick tries again */ })
       .finally(function () {
