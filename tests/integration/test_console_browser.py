@@ -12,6 +12,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1126,16 +1127,25 @@ async def test_a_refreshing_page_keeps_the_reader_s_place_and_leaves_once_the_se
         await page.screenshot(path=tmp_path / "signed-out-by-refresh.png", full_page=True)
 
 
+@asynccontextmanager
+async def customer_page(
+    console: TestClient[Any, Any], customers: Customers, name: str, shots: Path, **page: Any
+) -> AsyncIterator[Any]:
+    """Customer `name` made, and its console page opened by an admin signed in (console_page's checks)."""
+    customers.create(name, customerId=customer_id_for(name))
+    async with console_page(base_url(console), shots, **page) as opened:
+        await browser_sign_in(opened, ADMIN_TOKEN)
+        await opened.goto(f"/admin/customers/{name}")
+        yield opened
+
+
 async def test_a_reason_typed_and_left_is_kept_by_the_refresh(
     quick_console: TestClient[Any, Any], customers: Customers, tmp_path: Path
 ) -> None:
     """Found in review: the 2 s refresh waits while a form has the focus, so a Revoke reason half typed
     was wiped once the focus left its field (a click elsewhere on the page, to read it)."""
     name = unique_name("typed")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         reason = page.locator("input[name=reason]")
         await reason.fill("chargeback on inv")
         await page.locator("#main h1").evaluate("title => { title.dataset.shown = 'before'; }")
@@ -1157,10 +1167,7 @@ async def test_a_refreshing_page_with_nothing_new_keeps_its_nodes_and_a_pressed_
     always differs, so a screen reader's place, the browser's find and a selection went every 2 s; and a
     click on a link was lost when a swap came between the press of the mouse button and its release."""
     name = unique_name("still")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         # A mark that is no attribute (an attribute is a change the refresh puts right): a node replaced
         # loses it.
         title = page.locator("#main h1")
@@ -1241,10 +1248,7 @@ async def test_a_form_held_when_the_session_ends_is_kept_and_sent_once_signed_in
     """Found in review: once the session ended, the refresh reloaded the page at once (the sign-in page),
     throwing away a Revoke reason half typed."""
     name = unique_name("held")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         reason = page.locator("input[name=reason]")
         await reason.fill("chargeback on inv")
         await page.context.clear_cookies()
@@ -1271,10 +1275,7 @@ async def test_a_form_kept_through_a_sign_in_its_page_never_saw_end_takes_the_ne
     session end, and a paused page (or a background tab, whose timer runs once a minute) signed in again
     elsewhere before its next update never did: its forms were refused as not this session's."""
     name = unique_name("resigned")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         toggle = page.get_by_role("button", name="Pause live updates")
         await toggle.click()
         await expect(toggle).to_have_attribute("aria-pressed", "true")
@@ -1296,10 +1297,7 @@ async def test_a_confirmation_ticked_and_left_is_not_unticked_by_an_update(
     confirmation ticked and left (the focus elsewhere, as Safari leaves it) was taken away by the next
     update that changed more than texts."""
     name = unique_name("ticked")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         confirm = page.locator("form[action$='/suspend'] input[name=confirm]")
         await confirm.check()
         await page.evaluate("() => document.activeElement.blur()")
@@ -1317,11 +1315,8 @@ async def test_a_form_held_on_a_page_that_is_gone_stays_and_says_so(
     """Found in review: while someone typed in it, a page whose Customer was deleted answered 404 at each
     update and said nothing, showing the old Customer until its form was sent."""
     name = unique_name("gone")
-    customers.create(name, customerId=customer_id_for(name))
     # Each update of the page gone is a 404, which the browser's console reports.
-    async with console_page(base_url(quick_console), tmp_path, expected=("404 (Not Found)",)) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path, expected=("404 (Not Found)",)) as page:
         reason = page.locator("input[name=reason]")
         await reason.fill("chargeback on inv")
         customers.delete(name)
@@ -1337,10 +1332,7 @@ async def test_an_action_s_banner_is_not_said_again_by_a_reload(
     """Found in review: the banner's code stayed in the address (`?done=suspend`), so a reload or a link
     copied from the address bar said "Customer suspended." again, out of its moment."""
     name = unique_name("banner")
-    customers.create(name, customerId=customer_id_for(name))
-    async with console_page(base_url(quick_console), tmp_path) as page:
-        await browser_sign_in(page, ADMIN_TOKEN)
-        await page.goto(f"/admin/customers/{name}")
+    async with customer_page(quick_console, customers, name, tmp_path) as page:
         await suspend_from(page)
         await page.wait_for_url(re.compile(rf"/admin/customers/{name}$"), timeout=5_000)
         await page.reload()
