@@ -1714,6 +1714,35 @@ async def test_an_unmatched_invoice_event_carrying_its_first_lines_alone_is_read
     assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))
 
 
+class OverlappingListings:
+    """A fake `invoice_lines` over `every` (invoice id: its lines): what it was asked (`asked`), and the
+    invoices whose listing was still running once `pair` (by default any two) had been asked (`met`),
+    each waiting up to 2 s for that, so listings one after the other never meet. `failing`: an invoice
+    whose listing fails as a retry may clear."""
+
+    def __init__(
+        self, every: dict[str, list[dict[str, Any]]], pair: set[str] | None = None, failing: str | None = None
+    ) -> None:
+        self.every, self.pair, self.failing = every, pair, failing
+        self.asked: list[str] = []
+        self.met: set[str] = set()
+        self._all_asked = asyncio.Event()
+
+    async def __call__(self, invoice_id: str) -> list[dict[str, Any]]:
+        self.asked.append(invoice_id)
+        if (len(set(self.asked)) >= 2) if self.pair is None else self.pair <= set(self.asked):
+            self._all_asked.set()
+        try:
+            async with asyncio.timeout(2):
+                await self._all_asked.wait()
+            self.met.add(invoice_id)
+        except TimeoutError:
+            pass
+        if invoice_id == self.failing:
+            raise DependencyUnavailable("Stripe")
+        return self.every[invoice_id]
+
+
 async def test_unmatched_invoice_events_list_their_invoices_at_once_each_invoice_once(
     inbox_pool: Pool, inbox_engine: AsyncEngine, kubeconfig: Path, customers: Customers
 ) -> None:
@@ -1723,22 +1752,7 @@ async def test_unmatched_invoice_events_list_their_invoices_at_once_each_invoice
     invoice.payment_succeeded) still once in the batch."""
     base = int(time.time()) - 3600
     every: dict[str, list[dict[str, Any]]] = {}
-    asked: list[str] = []
-    both_asked = asyncio.Event()
-    met: set[str] = set()  # the invoices whose listing was still running when the other's began
-
-    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
-        asked.append(invoice_id)
-        if len(set(asked)) == 2:
-            both_asked.set()
-        try:
-            async with asyncio.timeout(2):  # listed one after the other, the other never comes meanwhile
-                await both_asked.wait()
-            met.add(invoice_id)
-        except TimeoutError:
-            pass
-        return every[invoice_id]
-
+    listings = OverlappingListings(every)
     older: list[dict[str, Any]] = []
     subscribers = [Subscriber(customers, "unmatchedboth"), Subscriber(customers, "unmatchedboth")]
     async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
@@ -1757,13 +1771,13 @@ async def test_unmatched_invoice_events_list_their_invoices_at_once_each_invoice
         "type": "invoice.paid",
         "created": base + 11,
     }
-    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=invoice_lines):
+    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=listings):
         await store_at_once(inbox_engine, [*older, twin])  # one claim: one batch
         found = await eventually(
             lambda: all_recorded(inbox_engine, [*older, twin]), within=20, message="the events recorded"
         )
     assert found == dict.fromkeys([older[0]["id"], older[1]["id"], twin["id"]], "unmatched")
-    assert met == set(every) and sorted(asked) == sorted(every)
+    assert listings.met == set(every) and sorted(listings.asked) == sorted(every)
     for subscriber in subscribers:  # read with every line: older, it leaves the row overdue
         row = await subscription_row(inbox_engine, subscriber.subscription)
         assert (row.status, row.past_due_since) == ("past_due", datetime.fromtimestamp(base + 2, UTC))
@@ -1779,9 +1793,6 @@ async def test_unmatched_events_of_a_subscription_behind_its_failed_listing_are_
     first failure; another subscription's still at once."""
     base = int(time.time()) - 3600
     every: dict[str, list[dict[str, Any]]] = {}
-    asked: list[str] = []
-    both_asked = asyncio.Event()
-    met: set[str] = set()  # the invoices whose listing was still running when the other's began
     stuck, other = Subscriber(customers, "unmatchedstuck"), Subscriber(customers, "unmatchedother")
     async with inbox_in_process(inbox_engine, kubeconfig) as inbox:
         for subscriber in (stuck, other):
@@ -1793,21 +1804,11 @@ async def test_unmatched_events_of_a_subscription_behind_its_failed_listing_are_
     for body in (first, behind, others):
         every[invoice_of[body["id"]]] = first_lines_alone(body)
 
-    async def invoice_lines(invoice_id: str) -> list[dict[str, Any]]:
-        asked.append(invoice_id)
-        if {invoice_of[first["id"]], invoice_of[others["id"]]} <= set(asked):
-            both_asked.set()
-        try:
-            async with asyncio.timeout(2):  # listed one after the other, the other never comes meanwhile
-                await both_asked.wait()
-            met.add(invoice_id)
-        except TimeoutError:
-            pass
-        if invoice_id == invoice_of[first["id"]]:
-            raise DependencyUnavailable("Stripe")  # a failure a retry may clear: it stays pending
-        return every[invoice_id]
-
-    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=invoice_lines):
+    # The first's listing fails as a retry may clear: it stays pending.
+    listings = OverlappingListings(
+        every, pair={invoice_of[first["id"]], invoice_of[others["id"]]}, failing=invoice_of[first["id"]]
+    )
+    async with inbox_in_process(inbox_engine, kubeconfig, workers=2, invoice_lines=listings):
         await store_at_once(inbox_engine, [first, others, behind])  # one claim: one batch
 
         async def first_failed() -> bool:
@@ -1819,5 +1820,5 @@ async def test_unmatched_events_of_a_subscription_behind_its_failed_listing_are_
         others["id"]: "unmatched",
         behind["id"]: PENDING,
     }
-    assert invoice_of[behind["id"]] not in asked
-    assert met == {invoice_of[first["id"]], invoice_of[others["id"]]}
+    assert invoice_of[behind["id"]] not in listings.asked
+    assert listings.met == {invoice_of[first["id"]], invoice_of[others["id"]]}

@@ -385,18 +385,24 @@ async def test_the_housekeeping_of_a_customer_that_left_while_the_watch_was_down
     assert not housekeeper.done() and ctx.housekeepers == {"uid-acme": housekeeper}
 
 
-async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_customer_holding_it() -> None:
-    """Found in review: the finalizer kept the customer id's expiry series for the Customer that holds the
-    id after a rename, and the old name's DELETED dropped it anyway, blind until the holder's next pass."""
-    ctx = SimpleNamespace(
+def deletion_context(holders: DeletionHolders) -> SimpleNamespace:
+    """What the DELETED handler reads of the operator's context, with `holders` for the finalizers'
+    answers; kube and customer_id_holders are the test's."""
+    return SimpleNamespace(
         locks=CustomerLocks(),
         housekeepers={},
         told_unpinned=set(),
         applied_namespaces={},
         written={},
-        deletion_holders=DeletionHolders(),
+        deletion_holders=holders,
         pass_retries=PassRetries(Retries().later),
     )
+
+
+async def test_the_deletion_of_a_renamed_customer_leaves_the_id_s_expiry_to_the_customer_holding_it() -> None:
+    """Found in review: the finalizer kept the customer id's expiry series for the Customer that holds the
+    id after a rename, and the old name's DELETED dropped it anyway, blind until the holder's next pass."""
+    ctx = deletion_context(DeletionHolders())
     holder = {"metadata": {"name": "acme-new", "uid": "uid-new"}, "spec": {"customerId": "cust_held0001"}}
     ctx.kube = Customers(holder)
     ctx.customer_id_holders = CustomerIdHolders(ctx.kube.list_customers)
@@ -419,15 +425,7 @@ async def test_a_deleted_event_minutes_after_its_finalizer_keeps_the_series_of_a
     first pass exported the id's expiry, lost the series when the DELETED came, as its finalizer had
     found nobody, and got no pass for days to export it again. None found is looked at again."""
     seconds = [0.0]
-    ctx = SimpleNamespace(
-        locks=CustomerLocks(),
-        housekeepers={},
-        told_unpinned=set(),
-        applied_namespaces={},
-        written={},
-        deletion_holders=DeletionHolders(clock=lambda: seconds[0]),
-        pass_retries=PassRetries(Retries().later),
-    )
+    ctx = deletion_context(DeletionHolders(clock=lambda: seconds[0]))
     ctx.kube = Customers()
     ctx.customer_id_holders = CustomerIdHolders(ctx.kube.list_customers, clock=lambda: seconds[0])
     old = {"metadata": {"name": "acme", "uid": "uid-old"}, "spec": {"customerId": "cust_again0001"}}
