@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
-from sqlalchemy import func, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iotistic_billing.customer import PAID_STATUSES, Customer, customer_id_in_use, namespace_for
@@ -441,29 +440,47 @@ async def remember_all(session: AsyncSession, entries: Iterable[tuple[Customer, 
         }
     if not rows:
         return
-    # A resource name moves to the new customer id when a Customer was deleted and created again. The old
-    # id's row stays, its name freed: the meter run reads its Stripe customer for the periods still owed.
-    held = [(row["resource_name"], row["customer_id"]) for row in rows.values()]
+    columns = {column: [row[column] for row in rows.values()] for column in _MIRROR_COLUMNS}
     await session.execute(
-        update(models.Customer)
-        .where(
-            models.Customer.resource_name.in_(list(rows)),
-            tuple_(models.Customer.resource_name, models.Customer.customer_id).not_in(held),
-        )
-        .values(resource_name=None, updated_at=func.now())
+        _FREE_MOVED_NAMES, {"names": columns["resource_name"], "ids": columns["customer_id"]}
     )
-    statement = insert(models.Customer).values(list(rows.values()))
-    columns = next(iter(rows.values())).keys() - {"customer_id", "stripe_customer_id"}
-    updates: dict[str, Any] = {column: statement.excluded[column] for column in columns}
-    # Nothing new learnt (no link given, none in the spec): keep the link a webhook or checkout stored.
-    updates["stripe_customer_id"] = func.coalesce(
-        statement.excluded.stripe_customer_id, models.Customer.stripe_customer_id
-    )
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[models.Customer.customer_id], set_={**updates, "updated_at": func.now()}
-        )
-    )
+    await session.execute(_UPSERT_MIRROR_ROWS, columns)
+
+
+# A resource name moves to the new customer id when a Customer was deleted and created again. The old id's
+# row stays, its name freed: the meter run reads its Stripe customer for the periods still owed.
+_FREE_MOVED_NAMES: Final = text(
+    "UPDATE customers SET resource_name = NULL, updated_at = now()"
+    " WHERE resource_name = ANY(CAST(:names AS text[]))"
+    " AND (resource_name, customer_id) NOT IN"
+    " (SELECT * FROM unnest(CAST(:names AS text[]), CAST(:ids AS text[])))"
+)
+_MIRROR_COLUMNS: Final = (
+    "customer_id",
+    "resource_name",
+    "email",
+    "company_name",
+    "contact_name",
+    "plan",
+    "phase",
+    "stripe_customer_id",
+)
+# The rows as arrays, one statement whatever their number, its text the same for every batch: built from
+# the models at each call it cost more CPU than its round trip (bench/README.md, reconcile). Nothing new
+# learnt of the Stripe customer (no link given, none in the spec) keeps the link a webhook or checkout
+# stored.
+_UPSERT_MIRROR_ROWS: Final = text(
+    "INSERT INTO customers"
+    " (customer_id, resource_name, email, company_name, contact_name, plan, phase, stripe_customer_id)"
+    " SELECT * FROM unnest(CAST(:customer_id AS text[]), CAST(:resource_name AS text[]),"
+    " CAST(:email AS text[]), CAST(:company_name AS text[]), CAST(:contact_name AS text[]),"
+    " CAST(:plan AS text[]), CAST(:phase AS text[]), CAST(:stripe_customer_id AS text[]))"
+    " ON CONFLICT (customer_id) DO UPDATE SET resource_name = excluded.resource_name,"
+    " email = excluded.email, company_name = excluded.company_name,"
+    " contact_name = excluded.contact_name, plan = excluded.plan, phase = excluded.phase,"
+    " stripe_customer_id = coalesce(excluded.stripe_customer_id, customers.stripe_customer_id),"
+    " updated_at = now()"
+)
 
 
 class _BatchDirectory(Directory):

@@ -7,9 +7,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import Table, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -70,6 +70,17 @@ async def deleted_at(session: AsyncSession, customer_ids: Iterable[str]) -> dict
     return {customer_id: at for customer_id, at in found}
 
 
+# One statement for every row, its values bound: built at each call, SQLAlchemy's statement building,
+# cache keys and ORM bulk path took most of a new Customer's database CPU in the operator
+# (bench/README.md, reconcile).
+_HISTORY = cast(Table, LicenseHistory.__table__)
+_HISTORY_ROW: Final = (
+    insert(_HISTORY)
+    .on_conflict_do_nothing(constraint="uq_license_history_jti_action")
+    .returning(_HISTORY.c.id)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LicenseHistoryReport:
     customer_id: str
@@ -94,13 +105,8 @@ async def record_license(
     if _SECRET_SHAPES.search(json.dumps(extra, default=str)):
         raise ValueError("metadata must not carry a token or a key")
     record = license.record() if isinstance(license, MintedLicense) else license
-    statement = (
-        insert(LicenseHistory)
-        .values(**LicenseHistory.columns_of(record), action=action, metadata_=extra)
-        .on_conflict_do_nothing(constraint="uq_license_history_jti_action")
-        .returning(LicenseHistory.id)
-    )
-    result = await session.execute(statement)
+    row = {**LicenseHistory.columns_of(record), "action": action, "metadata": extra}
+    result = await session.execute(_HISTORY_ROW, row)
     return result.scalar_one_or_none() is not None
 
 

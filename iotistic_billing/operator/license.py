@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, cast
 
 import jwt
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -401,37 +401,51 @@ def _readable(token: str | None) -> LicenseRecord | None:
         return None
 
 
+# Built once, their values bound (as license_history's row): built at each pass, they cost more CPU than
+# the round trips (bench/README.md, reconcile). The names are not the columns': SQLAlchemy keeps those
+# for the values of an INSERT or UPDATE.
+_KEYS = cast(Table, ApiKey.__table__)
+_STORE_USAGE_KEY: Final = (
+    insert(_KEYS)
+    .values(
+        customer_id=bindparam("owner"),
+        key_hash=bindparam("digest"),
+        key_prefix=bindparam("prefix"),
+        purpose="usage",
+        description=bindparam("about"),
+    )
+    .on_conflict_do_update(
+        index_elements=["key_hash"],
+        set_={"revoked_at": None},
+        where=(_KEYS.c.customer_id == bindparam("owner")) & _KEYS.c.revoked_at.is_not(None),
+    )
+)
+_RETIRE_OTHER_USAGE_KEYS: Final = (
+    update(_KEYS)
+    .where(
+        _KEYS.c.customer_id == bindparam("owner"),
+        _KEYS.c.purpose == "usage",
+        _KEYS.c.key_hash != bindparam("digest"),
+        _KEYS.c.revoked_at.is_(None),
+    )
+    .values(revoked_at=func.now() + ROTATION_GRACE)
+)
+
+
 async def _record_usage_key(session: AsyncSession, customer_id: str, name: str, usage_key: str) -> None:
     """The usage key of the licence Secret, stored (hashed) so that the instance's reports are accepted,
     as the customer's one key: any other stops working ROTATION_GRACE from now (a deleted Secret got a
     new key, and the old one, wherever it was copied, must not work for ever). A key already stored for
     this customer and revoked since is valid again (its licence Secret restored); a Customer made again
     under its name never reuses its predecessor's (reconcile._namespace_and_secret)."""
-    key_hash = usage_key_hash(usage_key)
-    statement = insert(ApiKey).values(
-        customer_id=customer_id,
-        key_hash=key_hash,
-        key_prefix=usage_key[:12],
-        purpose="usage",
-        description=f"usage key of {name}",
-    )
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["key_hash"],
-            set_={"revoked_at": None},
-            where=(ApiKey.customer_id == customer_id) & ApiKey.revoked_at.is_not(None),
-        )
-    )
-    await session.execute(
-        update(ApiKey)
-        .where(
-            ApiKey.customer_id == customer_id,
-            ApiKey.purpose == "usage",
-            ApiKey.key_hash != key_hash,
-            ApiKey.revoked_at.is_(None),
-        )
-        .values(revoked_at=func.now() + ROTATION_GRACE)
-    )
+    key = {
+        "owner": customer_id,
+        "digest": usage_key_hash(usage_key),
+        "prefix": usage_key[:12],
+        "about": f"usage key of {name}",
+    }
+    await session.execute(_STORE_USAGE_KEY, key)
+    await session.execute(_RETIRE_OTHER_USAGE_KEYS, key)
 
 
 async def revoke_license(

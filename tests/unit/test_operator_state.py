@@ -1087,7 +1087,7 @@ class LicenceStepParts:
             async def __aexit__(self, *exc: object) -> None:
                 return None
 
-            async def execute(self, statement: Any) -> None:
+            async def execute(self, statement: Any, parameters: Any = None) -> None:
                 return None
 
         return cast(

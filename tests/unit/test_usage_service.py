@@ -92,7 +92,7 @@ class FakeSession:
     async def begin(self) -> AsyncIterator[FakeSession]:
         yield self
 
-    async def execute(self, statement: Any) -> list[tuple[str, str]]:
+    async def execute(self, statement: Any, parameters: Any = None) -> list[tuple[str, str]]:
         return [(CUSTOMER_ID, "acme")] if isinstance(statement, Select) else []
 
 
