@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import kubernetes
+import orjson
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
@@ -33,6 +34,10 @@ from iotistic_billing.customer import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 
 APPLY_PATCH: Final = "application/apply-patch+yaml"
+# The API server's answers and watch events, parsed at twice the standard library's pace (the operator's
+# Deployment watch and lists, bench/README.md, reconcile). It reads no integer past 64 bits exactly, and
+# the API server writes none (Go's unstructured objects hold int64 or float64).
+_parse: Final = orjson.loads
 MERGE_PATCH: Final = "application/merge-patch+json"
 # Labels and names only: helm's storage Secrets carry the whole release (chart files included).
 _METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -291,7 +296,7 @@ class KubeApi:
         JSON: building the client's models was the largest single part of the operator's CPU."""
         with _unavailable_as_such(writes=method != "GET"):
             data = self.send(method, path, *args, **options).data
-        return json.loads(data) if parse else None
+        return _parse(data) if parse else None
 
     def _manager(self, manager: FieldManager | None) -> str:
         return str(manager or self.field_manager)
@@ -364,7 +369,7 @@ class KubeApi:
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     if line:
-                        event: dict[str, Any] = json.loads(line)
+                        event: dict[str, Any] = _parse(line)
                         yield event
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise KubernetesUnavailable(f"the watch of {kind.what} broke ({type(error).__name__})") from None
