@@ -5,8 +5,9 @@ and its trial.days count from its customer id's first licence, not from the new 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Final
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from iotistic_billing.customer import Customer
 from iotistic_billing.db.models import LicenseHistory
@@ -45,6 +46,12 @@ def known_trial_start(ctx: OperatorContext, customer: Customer, customer_id: str
     return ctx.first_licences.get(customer_id) or started_as_passed(customer)
 
 
+# Built once, its value bound: every new Customer's first pass reads it (as db/license_history.py's row).
+_FIRST_LICENCE: Final = select(func.min(LicenseHistory.issued_at)).where(
+    LicenseHistory.customer_id == bindparam("customer_id")
+)
+
+
 async def first_licensed_at(ctx: OperatorContext, customer_id: str) -> datetime | None:
     """When the first licence the history holds of `customer_id` was issued; None when it holds none.
     Kept once found (it never moves later), so a Customer's passes read it once a process; PostgreSQL's
@@ -52,9 +59,7 @@ async def first_licensed_at(ctx: OperatorContext, customer_id: str) -> datetime 
     if (known := ctx.first_licences.get(customer_id)) is not None:
         return known
     async with ctx.sessions() as session:
-        first: datetime | None = await session.scalar(
-            select(func.min(LicenseHistory.issued_at)).where(LicenseHistory.customer_id == customer_id)
-        )
+        first: datetime | None = await session.scalar(_FIRST_LICENCE, {"customer_id": customer_id})
     if first is not None:  # none yet (a new Customer's first pass) is read again: its licence comes
         ctx.first_licences[customer_id] = first
     return first

@@ -1001,7 +1001,7 @@ class LicenceHistory:
     # The customer id's live subscription rows on a plan (the inbox's restore gives the newest back).
     live_subscription: str | None = None
 
-    async def scalar(self, statement: Any) -> Any:
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
         self.reads += 1
         return self.first
 
