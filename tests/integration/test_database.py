@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import delete, inspect, select, text
+from sqlalchemy import delete, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from iotistic_billing.db import migrate, models
@@ -326,6 +326,52 @@ async def test_many_customers_are_remembered_at_once_as_each_alone_would_be(db_s
     )
     assert sorted(tuple(row) for row in rows) == sorted(
         (record.name, record.customer_id) for record in (linked, kept, new_made_again)
+    )
+
+
+async def test_a_mirror_row_holds_what_the_customer_says_and_a_name_given_twice_its_last_entry(
+    db_session: AsyncSession,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+
+    def described(customer_id: str, phase: str) -> CustomerRecord:
+        record = CustomerRecord.from_body(
+            {
+                "apiVersion": "iotistic.io/v1alpha1",
+                "kind": "Customer",
+                "metadata": {"name": f"described-{tag}", "uid": f"uid-{customer_id}"},
+                "spec": {
+                    "customerId": customer_id,
+                    "email": "ada@d.example",
+                    "companyName": "D",
+                    "contactName": "Ada",
+                    "plan": "professional",
+                },
+                "status": {"phase": phase},
+            }
+        )
+        assert record is not None
+        return record
+
+    earlier, later = described(f"cust_e{tag}", "Pending"), described(f"cust_l{tag}", "Ready")
+    await remember_all(db_session, [(r.customer, r.customer_id, None) for r in (earlier, later)])
+
+    rows = (
+        await db_session.execute(
+            select(
+                models.Customer.customer_id,
+                models.Customer.contact_name,
+                models.Customer.plan,
+                models.Customer.phase,
+            ).where(models.Customer.resource_name == f"described-{tag}")
+        )
+    ).all()
+    assert [tuple(row) for row in rows] == [(later.customer_id, "Ada", "professional", "Ready")]
+    assert (
+        await db_session.scalar(
+            select(func.count()).where(models.Customer.customer_id == earlier.customer_id)
+        )
+        == 0
     )
 
 

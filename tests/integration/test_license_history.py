@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iotistic_billing.api_keys import ROTATION_GRACE, new_usage_key, usage_key_hash
 from iotistic_billing.db.license_history import license_history, record_license
-from iotistic_billing.db.models import LicenseHistory
+from iotistic_billing.db.models import ApiKey, LicenseHistory
 from iotistic_billing.licensing.keys import SigningKeys, generate_private_key, private_key_pem
 from iotistic_billing.licensing.minting import (
     NO_TRIAL,
@@ -24,6 +25,7 @@ from iotistic_billing.licensing.minting import (
     mint_license,
 )
 from iotistic_billing.licensing.plans import PLANS
+from iotistic_billing.operator.license import _record_usage_key
 from iotistic_billing.webhook_server.schemas import LicenseHistoryItem
 
 pytestmark = pytest.mark.integration
@@ -206,3 +208,58 @@ async def test_a_customer_ids_first_licence_is_read_where_its_trial_started(
     assert await first_licensed_at(ctx, customer_id) == first.issued_at == NOW + timedelta(days=2)
     assert ctx.first_licences == {customer_id: first.issued_at}
     assert await first_licensed_at(ctx, f"cust_{uuid.uuid4().hex[:12]}") is None
+
+
+async def test_a_licence_secret_s_usage_key_is_the_customer_s_one_live_key(
+    db_session: AsyncSession, customer_id: str
+) -> None:
+    """The licence step stores the Secret's usage key: a new one retires the other after the grace, one
+    revoked and stored again (its Secret restored) works again, and a key another customer holds stays
+    that customer's, revoked or not."""
+    first, second = new_usage_key(), new_usage_key()
+
+    async def keys_of(owner: str) -> dict[str, bool]:
+        """Each of the owner's keys (by prefix) and whether it still works."""
+        live = await db_session.execute(
+            select(ApiKey.key_prefix, ApiKey.live()).where(ApiKey.customer_id == owner)
+        )
+        return {prefix: bool(works) for prefix, works in live.all()}
+
+    async def revoked_in(owner: str, prefix: str) -> timedelta | None:
+        until = await db_session.scalar(
+            select(ApiKey.revoked_at - func.now()).where(
+                ApiKey.customer_id == owner, ApiKey.key_prefix == prefix
+            )
+        )
+        return until
+
+    await _record_usage_key(db_session, customer_id, "acme", first)
+    assert await keys_of(customer_id) == {first[:12]: True}
+    assert await revoked_in(customer_id, first[:12]) is None
+
+    await _record_usage_key(db_session, customer_id, "acme", second)
+    assert await keys_of(customer_id) == {first[:12]: True, second[:12]: True}  # the first in its grace
+    assert await revoked_in(customer_id, first[:12]) == ROTATION_GRACE
+    assert await revoked_in(customer_id, second[:12]) is None
+
+    await revoke_usage_key(db_session, customer_id, second)
+    await _record_usage_key(db_session, customer_id, "acme", second)  # its Secret restored
+    assert await revoked_in(customer_id, second[:12]) is None
+
+    # The Customer deleted, and its key copied into another customer's Secret: not revived, not moved.
+    await revoke_usage_key(db_session, customer_id, second)
+    other = f"cust_{uuid.uuid4().hex[:12]}"
+    await _record_usage_key(db_session, other, "other", second)
+    assert await keys_of(other) == {}
+    assert await keys_of(customer_id) == {first[:12]: True, second[:12]: False}
+    description = await db_session.scalar(select(ApiKey.description).where(ApiKey.key_prefix == second[:12]))
+    assert description == "usage key of acme"
+
+
+async def revoke_usage_key(session: AsyncSession, owner: str, key: str) -> None:
+    """As a deleted Customer's finalizer does (revoke_usage_keys), within the test's transaction."""
+    await session.execute(
+        update(ApiKey)
+        .where(ApiKey.customer_id == owner, ApiKey.key_hash == usage_key_hash(key))
+        .values(revoked_at=func.now())
+    )
