@@ -34,15 +34,15 @@ from iotistic_billing.customer import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from iotistic_billing.rollout import ROLLOUT_KIND, ROLLOUT_PLURAL
 
 APPLY_PATCH: Final = "application/apply-patch+yaml"
-# The API server's answers and watch events, parsed at twice the standard library's pace (the operator's
-# Deployment watch and lists, bench/README.md, reconcile). It reads no integer past 64 bits exactly, and
-# the API server writes none (Go's unstructured objects hold int64 or float64).
-_parse: Final = orjson.loads
 MERGE_PATCH: Final = "application/merge-patch+json"
 # Labels and names only: helm's storage Secrets carry the whole release (chart files included).
 _METADATA_ONLY: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 # The same for one object: those of a watch's events, a Pod read.
 _METADATA_ONLY_OBJECT: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# The API server's answers and watch events, parsed at twice the standard library's pace (the operator's
+# Deployment watch and lists, bench/README.md, reconcile). It reads no integer past 64 bits exactly, and
+# the API server writes none (Go's unstructured objects hold int64 or float64).
+_parse: Final = orjson.loads
 # Seconds to connect to the API server and to wait for each read of its answer (the webhook server sets
 # its own): one that accepts and never answers, or a connection gone half-open, held the calling thread
 # for ever, and with it a pass's lock and slot. The API server gives up on a request itself after 60 s.
